@@ -1,0 +1,75 @@
+//! Execution events, independent of any transport. Each is one of ComfyUI's WebSocket message types
+//! with its `data` object built in ComfyUI's key order; the server decides who receives it.
+
+use serde_json::{json, Value as Json};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// ComfyUI's message types emitted while executing a prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    ExecutionStart,
+    ExecutionCached,
+    Executing,
+    Progress,
+    ProgressState,
+    Executed,
+    ExecutionSuccess,
+    ExecutionError,
+    ExecutionInterrupted,
+}
+
+impl EventKind {
+    /// The message `type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::ExecutionStart => "execution_start",
+            EventKind::ExecutionCached => "execution_cached",
+            EventKind::Executing => "executing",
+            EventKind::Progress => "progress",
+            EventKind::ProgressState => "progress_state",
+            EventKind::Executed => "executed",
+            EventKind::ExecutionSuccess => "execution_success",
+            EventKind::ExecutionError => "execution_error",
+            EventKind::ExecutionInterrupted => "execution_interrupted",
+        }
+    }
+
+    /// Whether ComfyUI broadcasts it to every socket when the prompt has no client id (marked (B)).
+    pub fn broadcast_without_client(self) -> bool {
+        matches!(self, EventKind::Progress | EventKind::ProgressState | EventKind::ExecutionInterrupted)
+    }
+}
+
+/// One event: a kind and its `data`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub data: Json,
+}
+
+impl Event {
+    pub fn new(kind: EventKind, data: Json) -> Self {
+        Event { kind, data }
+    }
+
+    /// `{"type": …, "data": …}` as sent on the WebSocket.
+    pub fn to_message(&self) -> Json {
+        json!({"type": self.kind.name(), "data": self.data})
+    }
+}
+
+/// Receives events as they happen.
+pub trait EventSink {
+    fn emit(&self, event: Event);
+}
+
+impl<F: Fn(Event)> EventSink for F {
+    fn emit(&self, event: Event) {
+        self(event)
+    }
+}
+
+/// ComfyUI's `timestamp`: `int(time.time() * 1000)`.
+pub fn timestamp_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
