@@ -61,6 +61,12 @@ impl Event {
 /// Receives events as they happen.
 pub trait EventSink {
     fn emit(&self, event: Event);
+
+    /// Whether events of `kind` are wanted at all. `progress_state` lists every node started so far,
+    /// so on huge graphs a sink that ignores it saves the executor quadratic work.
+    fn wants(&self, _kind: EventKind) -> bool {
+        true
+    }
 }
 
 impl<F: Fn(Event)> EventSink for F {

@@ -127,14 +127,14 @@ impl Executor {
                 break;
             }
             let (Some((node, schema)), Some(key)) = (classes.get(&id), keys.get(&id)) else { continue };
-            if schema.output_node {
-                if let Some(cached) = self.cache.get(key) {
-                    run.send(EventKind::Executed, json!({"node": id, "display_node": id, "output": cached.ui, "prompt_id": prompt_id}));
-                    run.finish_progress(&id, Some((json!(1), json!(1))));
-                    results.insert(id.clone(), cached.outputs);
-                    list.complete(&id);
-                    continue;
-                }
+            // Cached output nodes, and nodes an identical sub-graph of this prompt already ran, are
+            // "executed" from the cache: ComfyUI re-sends their UI and runs nothing.
+            if let Some(cached) = self.cache.get(key) {
+                run.send(EventKind::Executed, json!({"node": id, "display_node": id, "output": cached.ui, "prompt_id": prompt_id}));
+                run.finish_progress(&id, Some((json!(1), json!(1))));
+                results.insert(id.clone(), cached.outputs);
+                list.complete(&id);
+                continue;
             }
             run.start_progress(&id);
             run.send(EventKind::Executing, json!({"node": id, "display_node": id, "prompt_id": prompt_id}));
@@ -334,6 +334,9 @@ impl PromptRun<'_> {
     }
 
     fn set_progress(&self, id: &str, value: Json, max: Json, state: &str) {
+        if !self.sink.wants(EventKind::ProgressState) {
+            return;
+        }
         let entry = json!({
             "value": value, "max": max, "state": state, "node_id": id, "prompt_id": self.prompt_id,
             "display_node_id": id, "parent_node_id": null, "real_node_id": id,

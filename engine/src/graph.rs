@@ -1,5 +1,5 @@
 //! The prompt's link graph (petgraph): an edge runs from a source node to each node that reads one
-//! of its outputs.
+//! of its outputs (once per link, so a node reading two outputs of one source has two edges).
 
 use crate::prompt::{NodeId, Prompt};
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -21,7 +21,7 @@ impl PromptGraph {
         for id in prompt.node_ids() {
             for (_, source, _) in prompt.links(id) {
                 if let (Some(&from), Some(&to)) = (index.get(source), index.get(id)) {
-                    graph.update_edge(from, to, ());
+                    graph.add_edge(from, to, ());
                 }
             }
         }

@@ -6,7 +6,7 @@
 //! two links from an output node; else the first added. This is why previews appear early.
 
 use crate::prompt::{NodeId, Prompt};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// Preference classes, lowest first.
 const CLASSES: usize = 4;
@@ -87,11 +87,12 @@ impl ExecutionList {
                 links.push((source.to_string(), id.clone()));
             }
         }
+        let mut linked: HashSet<(usize, usize)> = HashSet::with_capacity(links.len());
         for (source, reader) in links {
             let (Some(&from), Some(&to)) = (self.position.get(&source), self.position.get(&reader)) else {
                 continue;
             };
-            if !self.blocks[from].contains(&to) {
+            if linked.insert((from, to)) {
                 self.blocks[from].push(to);
                 self.waiting_on[to] += 1;
             }
