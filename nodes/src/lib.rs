@@ -1,1 +1,53 @@
-//! Easel built-in nodes.
+//! Easel's built-in nodes, with ComfyUI's names, schemas and arithmetic.
+//!
+//! - [`image`]: the `IMAGE` and `MASK` values;
+//! - [`resample`]: PyTorch's and Pillow's resampling, as ComfyUI uses them;
+//! - [`image_io`]: decoding image files and writing PNGs with metadata;
+//! - [`paths`]: ComfyUI's directory layout and model folders (a service nodes look up);
+//! - [`image_nodes`], [`mask_nodes`], [`canny`]: the node classes.
+//!
+//! [`builtin_registry`] registers every node.
+
+pub mod canny;
+pub mod image;
+pub mod image_io;
+pub mod image_nodes;
+pub mod mask_nodes;
+pub mod paths;
+pub mod resample;
+
+use easel_engine::NodeRegistry;
+
+/// A registry with every built-in node.
+pub fn builtin_registry() -> NodeRegistry {
+    let mut registry = NodeRegistry::new();
+    register_builtin_nodes(&mut registry);
+    registry
+}
+
+/// Adds every built-in node to `registry`.
+pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
+    use image_nodes::*;
+    use mask_nodes::*;
+    registry.register(LoadImage);
+    registry.register(LoadImageMask);
+    registry.register(SaveImage);
+    registry.register(PreviewImage::default());
+    registry.register(ImageScale);
+    registry.register(ImageScaleBy);
+    registry.register(ImageInvert);
+    registry.register(ImageCrop);
+    registry.register(ImageBatch);
+    registry.register(ImagePadForOutpaint);
+    registry.register(ImageCompositeMasked);
+    registry.register(EmptyImage);
+    registry.register(ImageToMask);
+    registry.register(MaskToImage);
+    registry.register(SolidMask);
+    registry.register(InvertMask);
+    registry.register(GrowMask);
+    registry.register(FeatherMask);
+    registry.register(ThresholdMask);
+    registry.register(CropMask);
+    registry.register(canny::Canny);
+}

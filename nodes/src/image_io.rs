@@ -1,0 +1,129 @@
+//! Reading image files as ComfyUI's `LoadImage` does (Pillow: EXIF orientation, every frame of an
+//! animation) and writing PNGs with ComfyUI's `tEXt` metadata.
+
+use crate::image::{from_u8, to_u8, Image};
+use easel_engine::NodeError;
+use image::codecs::gif::GifDecoder;
+use image::{AnimationDecoder, DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+use std::io::{BufReader, Cursor};
+use std::path::Path;
+
+/// One decoded frame: 8-bit RGBA plus whether the file had an alpha channel.
+pub struct Frame {
+    pub rgba: image::RgbaImage,
+    pub has_alpha: bool,
+}
+
+fn read_error(path: &Path, error: impl std::fmt::Display) -> NodeError {
+    NodeError::typed("OSError", format!("cannot identify image file '{}': {error}", path.display()))
+}
+
+/// Decodes every frame of an image file, each turned upright by its EXIF orientation.
+pub fn load_frames(path: &Path) -> Result<Vec<Frame>, NodeError> {
+    let bytes = std::fs::read(path).map_err(|e| NodeError::typed("FileNotFoundError", format!("{}: {e}", path.display())))?;
+    let reader = ImageReader::new(Cursor::new(&bytes)).with_guessed_format().map_err(|e| read_error(path, e))?;
+    if reader.format() == Some(ImageFormat::Gif) {
+        let decoder = GifDecoder::new(BufReader::new(Cursor::new(&bytes))).map_err(|e| read_error(path, e))?;
+        let frames = decoder.into_frames().collect_frames().map_err(|e| read_error(path, e))?;
+        return Ok(frames.into_iter().map(|f| Frame { rgba: f.into_buffer(), has_alpha: true }).collect());
+    }
+    let mut decoder = reader.into_decoder().map_err(|e| read_error(path, e))?;
+    let orientation = decoder.orientation().map_err(|e| read_error(path, e))?;
+    let mut decoded = DynamicImage::from_decoder(decoder).map_err(|e| read_error(path, e))?;
+    decoded.apply_orientation(orientation);
+    let has_alpha = decoded.color().has_alpha();
+    Ok(vec![Frame { rgba: to_rgba8_like_pillow(&decoded), has_alpha }])
+}
+
+/// 8-bit RGBA as Pillow opens the file: 16-bit colour keeps the high byte, 16-bit grey is clipped
+/// (Pillow's `I;16` → `RGB` conversion).
+fn to_rgba8_like_pillow(decoded: &DynamicImage) -> image::RgbaImage {
+    match decoded {
+        DynamicImage::ImageRgb16(_) | DynamicImage::ImageRgba16(_) => {
+            let wide = decoded.to_rgba16();
+            image::RgbaImage::from_fn(wide.width(), wide.height(), |x, y| {
+                let p = wide.get_pixel(x, y).0;
+                image::Rgba([(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8, (p[3] >> 8) as u8])
+            })
+        }
+        DynamicImage::ImageLuma16(_) | DynamicImage::ImageLumaA16(_) => {
+            let wide = decoded.to_luma_alpha16();
+            image::RgbaImage::from_fn(wide.width(), wide.height(), |x, y| {
+                let p = wide.get_pixel(x, y).0;
+                let v = p[0].min(255) as u8;
+                image::Rgba([v, v, v, (p[1] >> 8) as u8])
+            })
+        }
+        other => other.to_rgba8(),
+    }
+}
+
+/// The RGB channels of frames as an `IMAGE` (`np.float32(v) / 255`).
+pub fn frames_to_image(frames: &[&Frame]) -> Result<Image, NodeError> {
+    let first = frames.first().ok_or_else(|| NodeError::new("image has no frames"))?;
+    let (w, h) = first.rgba.dimensions();
+    let mut data = Vec::with_capacity(frames.len() * (w * h * 3) as usize);
+    for frame in frames {
+        for pixel in frame.rgba.pixels() {
+            data.extend(pixel.0[..3].iter().map(|&v| from_u8(v)));
+        }
+    }
+    Image::new(frames.len(), h as usize, w as usize, 3, data)
+}
+
+/// 8-bit pixels of one batch item, for PNG encoding (1, 3 or 4 channels).
+pub fn image_to_u8(image: &Image, index: usize) -> Vec<u8> {
+    image.frame(index).iter().map(|&v| to_u8(v)).collect()
+}
+
+/// How hard zlib works (Pillow's `compress_level`).
+#[derive(Debug, Clone, Copy)]
+pub enum PngCompression {
+    /// `compress_level=1` (previews).
+    Fast,
+    /// `compress_level=4` (saved images).
+    Balanced,
+}
+
+/// A PNG with `tEXt` chunks before the image data, as Pillow's `PngInfo.add_text` writes them.
+pub fn encode_png(
+    pixels: &[u8],
+    width: usize,
+    height: usize,
+    channels: usize,
+    text: &[(String, String)],
+    compression: PngCompression,
+) -> Result<Vec<u8>, NodeError> {
+    let color = match channels {
+        1 => png::ColorType::Grayscale,
+        2 => png::ColorType::GrayscaleAlpha,
+        3 => png::ColorType::Rgb,
+        4 => png::ColorType::Rgba,
+        other => return Err(NodeError::typed("TypeError", format!("Cannot handle this data type: {other} channels"))),
+    };
+    let (w, h) = (
+        u32::try_from(width).map_err(|_| NodeError::value("image too wide"))?,
+        u32::try_from(height).map_err(|_| NodeError::value("image too tall"))?,
+    );
+    let mut out = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut out, w, h);
+        encoder.set_color(color);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder.set_compression(match compression {
+            PngCompression::Fast => png::Compression::Fast,
+            PngCompression::Balanced => png::Compression::Balanced,
+        });
+        for (key, value) in text {
+            encoder.add_text_chunk(key.clone(), value.clone()).map_err(png_error)?;
+        }
+        let mut writer = encoder.write_header().map_err(png_error)?;
+        writer.write_image_data(pixels).map_err(png_error)?;
+        writer.finish().map_err(png_error)?;
+    }
+    Ok(out)
+}
+
+fn png_error(error: png::EncodingError) -> NodeError {
+    NodeError::typed("OSError", format!("PNG encoding failed: {error}"))
+}
