@@ -240,3 +240,20 @@ impl NodeContext<'_> {
         self.interrupt.check()
     }
 }
+
+/// Runs one call of `node` outside any prompt (for tools and tests): node id `"0"`, an empty
+/// prompt, no interrupt, progress discarded.
+pub fn call_standalone(node: &dyn Node, services: &Services, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+    let prompt = Json::Object(Map::new());
+    let interrupt = Interrupt::new();
+    let ctx = NodeContext {
+        node_id: "0",
+        prompt_id: "",
+        prompt: &prompt,
+        extra_pnginfo: None,
+        services,
+        interrupt: &interrupt,
+        on_progress: &|_| {},
+    };
+    node.execute(&ctx, inputs)
+}

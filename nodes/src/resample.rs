@@ -3,6 +3,9 @@
 //! `nearest-exact`, `bilinear`, `bicubic` and `area` reproduce PyTorch's CPU `interpolate` kernels for
 //! float32 (`align_corners=False`, no antialias), including the order of their float operations;
 //! `lanczos` reproduces Pillow's 8-bit `Image.resize(LANCZOS)`, which ComfyUI calls per image.
+//!
+//! Reference builds: PyTorch 2.8 x86-64 wheels (compiled with FMA contraction) running more than one
+//! thread, and Pillow 13. `tests/image_ops.rs` checks every method bit for bit against them.
 
 use crate::image::{from_u8, to_u8, Image};
 use easel_engine::NodeError;
@@ -77,21 +80,21 @@ pub fn resize(image: &Image, out_h: usize, out_w: usize, method: ResizeMethod, c
             for_each_output(image, &mut out, |b, c, y, x| image.data[image.index(b, rows[y], cols[x], c)]);
         }
         ResizeMethod::Bilinear => {
-            let rows = linear_taps(image.height, out_h);
-            let cols = linear_taps(image.width, out_w);
             // PyTorch's vectorised channels-last kernel premultiplies the weights; its generic kernel
-            // interpolates rows, then columns.
+            // interpolates along rows, then columns. The two also compute source indices differently.
             let premultiplied = (channels_last && image.channels > 3) || out_h + out_w <= 128;
+            let rows = linear_taps(image.height, out_h, premultiplied);
+            let cols = linear_taps(image.width, out_w, premultiplied);
             for_each_output(image, &mut out, |b, c, y, x| {
                 let (h0, h1, hl0, hl1) = rows[y];
                 let (w0, w1, wl0, wl1) = cols[x];
                 let v = |yy: usize, xx: usize| image.data[image.index(b, yy, xx, c)];
                 if premultiplied {
-                    v(h0, w0) * (hl0 * wl0) + v(h0, w1) * (hl0 * wl1) + v(h1, w0) * (hl1 * wl0) + v(h1, w1) * (hl1 * wl1)
+                    dot(&[v(h0, w0), v(h0, w1), v(h1, w0), v(h1, w1)], &[hl0 * wl0, hl0 * wl1, hl1 * wl0, hl1 * wl1])
                 } else {
-                    let top = v(h0, w0) * wl0 + v(h0, w1) * wl1;
-                    let bottom = v(h1, w0) * wl0 + v(h1, w1) * wl1;
-                    top * hl0 + bottom * hl1
+                    let top = dot(&[v(h0, w0), v(h0, w1)], &[wl0, wl1]);
+                    let bottom = dot(&[v(h1, w0), v(h1, w1)], &[wl0, wl1]);
+                    dot(&[top, bottom], &[hl0, hl1])
                 }
             });
         }
@@ -101,18 +104,8 @@ pub fn resize(image: &Image, out_h: usize, out_w: usize, method: ResizeMethod, c
             for_each_output(image, &mut out, |b, c, y, x| {
                 let (row_idx, row_w) = &rows[y];
                 let (col_idx, col_w) = &cols[x];
-                let row = |yy: usize| {
-                    let mut acc = image.data[image.index(b, yy, col_idx[0], c)] * col_w[0];
-                    for k in 1..4 {
-                        acc += image.data[image.index(b, yy, col_idx[k], c)] * col_w[k];
-                    }
-                    acc
-                };
-                let mut acc = row(row_idx[0]) * row_w[0];
-                for k in 1..4 {
-                    acc += row(row_idx[k]) * row_w[k];
-                }
-                acc
+                let row = |yy: usize| dot(&col_idx.map(|xx| image.data[image.index(b, yy, xx, c)]), col_w);
+                dot(&row_idx.map(row), row_w)
             });
         }
         ResizeMethod::Area => {
@@ -163,15 +156,34 @@ fn guard(real: f32, input: usize) -> (i64, f32) {
     (index, lambda)
 }
 
+/// `Σ values·weights` rounded as PyTorch's compiled kernels round it: GCC contracts
+/// `v0·w0 + v1·w1 + …` into `fma(v0, w0, v1·w1)`, then `fma(vk, wk, acc)` for each further term.
+fn dot(values: &[f32], weights: &[f32]) -> f32 {
+    let mut acc = values[0].mul_add(weights[0], values[1] * weights[1]);
+    for (v, w) in values.iter().zip(weights).skip(2) {
+        acc = v.mul_add(*w, acc);
+    }
+    acc
+}
+
+/// `scale·(i + 0.5) − 0.5`, fused or not as the kernel was compiled.
+fn source_index(scale: f32, i: usize, fused: bool) -> f32 {
+    if fused {
+        scale.mul_add(i as f32 + 0.5, -0.5)
+    } else {
+        scale * (i as f32 + 0.5) - 0.5
+    }
+}
+
 /// Source rows and weights for bilinear: `(i0, i1, λ0, λ1)` per output index.
-fn linear_taps(input: usize, output: usize) -> Vec<(usize, usize, f32, f32)> {
+fn linear_taps(input: usize, output: usize, fused_index: bool) -> Vec<(usize, usize, f32, f32)> {
     let s = scale(input, output);
     (0..output)
         .map(|i| {
             if input == output {
                 return (i, i, 1.0, 0.0);
             }
-            let real = (s * (i as f32 + 0.5) - 0.5).max(0.0);
+            let real = source_index(s, i, fused_index).max(0.0);
             let (i0, l1) = guard(real, input);
             let i0 = i0.max(0) as usize;
             let i1 = if i0 < input - 1 { i0 + 1 } else { i0 };
@@ -188,9 +200,9 @@ fn cubic_taps(input: usize, output: usize) -> Vec<([usize; 4], [f32; 4])> {
     let s = scale(input, output);
     (0..output)
         .map(|i| {
-            let real = s * (i as f32 + 0.5) - 0.5;
-            let (index, t) = guard(real, input);
-            let weights = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)];
+            let (index, t) = guard(source_index(s, i, true), input);
+            let opposite = 1.0 - t;
+            let weights = [far(t + 1.0), near(t), near(opposite), far(opposite + 1.0)];
             let clamp = |k: i64| (index - 1 + k).clamp(0, input as i64 - 1) as usize;
             ([clamp(0), clamp(1), clamp(2), clamp(3)], weights)
         })
@@ -274,22 +286,28 @@ fn lanczos(image: &Image, out_h: usize, out_w: usize) -> Result<Image, NodeError
         if ch == 4 {
             premultiply(&mut pixels);
         }
-        // Pillow resizes horizontally first, then vertically, skipping a pass whose size is unchanged.
-        let (mut data, mut width) = (pixels, w);
-        if out_w != w {
-            data = lanczos_pass(&data, h, w, w * ch, ch, ch, out_w);
-            width = out_w;
-        }
-        if out_h != h {
-            // Treat columns as lines: line stride = one pixel, position stride = one row.
-            let transposed = lanczos_pass(&data, width, h, ch, width * ch, ch, out_h);
-            data = vec![0u8; out_h * width * ch];
-            for x in 0..width {
-                for y in 0..out_h {
-                    for c in 0..ch {
-                        data[(y * width + x) * ch + c] = transposed[(x * out_h + y) * ch + c];
+        // Pillow 13 runs the vertical pass first when the height shrinks by more than twice what
+        // the width shrinks (read from its `ImagingResample`), else the horizontal pass first; a
+        // pass whose size is unchanged is skipped.
+        let vertical_first = h > out_h && (h - out_h) as i64 > 2 * (w as i64 - out_w as i64);
+        let mut data = pixels;
+        let mut width = w;
+        let mut height = h;
+        for vertical in if vertical_first { [true, false] } else { [false, true] } {
+            if vertical && out_h != height {
+                // Treat columns as lines: line stride = one pixel, position stride = one row.
+                let transposed = lanczos_pass(&data, width, height, ch, width * ch, ch, out_h);
+                data = vec![0u8; out_h * width * ch];
+                for x in 0..width {
+                    for y in 0..out_h {
+                        let (to, from) = ((y * width + x) * ch, (x * out_h + y) * ch);
+                        data[to..to + ch].copy_from_slice(&transposed[from..from + ch]);
                     }
                 }
+                height = out_h;
+            } else if !vertical && out_w != width {
+                data = lanczos_pass(&data, height, width, width * ch, ch, ch, out_w);
+                width = out_w;
             }
         }
         if ch == 4 {

@@ -1,0 +1,38 @@
+//! Every built-in node's `/object_info` entry equals ComfyUI 0.3.64's, key order included. Combos
+//! filled from folders (LoadImage's file list) are compared after substituting the captured list.
+
+use easel_engine::Services;
+use easel_nodes::builtin_registry;
+use serde_json::Value as Json;
+
+fn reference() -> Json {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/object_info_image.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Inputs whose combo lists come from the disk rather than from the node.
+const FILE_COMBOS: [(&str, &str); 2] = [("LoadImage", "image"), ("LoadImageMask", "image")];
+
+#[test]
+fn every_registered_node_matches_comfyui_object_info() {
+    let reference = reference();
+    let registry = builtin_registry();
+    let ours = registry.object_info(&Services::new());
+    let mut compared = 0;
+    for name in registry.class_names() {
+        let expected = reference.get(name).unwrap_or_else(|| panic!("{name} has no reference entry"));
+        let mut actual = ours[name].clone();
+        for (class, input) in FILE_COMBOS {
+            if class == name {
+                actual["input"]["required"][input][0] = expected["input"]["required"][input][0].clone();
+            }
+        }
+        assert_eq!(
+            serde_json::to_string_pretty(&actual).unwrap(),
+            serde_json::to_string_pretty(expected).unwrap(),
+            "{name}"
+        );
+        compared += 1;
+    }
+    assert_eq!(compared, reference.as_object().unwrap().len(), "a reference node is not registered");
+}
