@@ -1,1 +1,29 @@
-fn main() {}
+//! The `easel` binary: a ComfyUI-compatible server (`easel`, `easel serve`) and a command line that
+//! runs a workflow without one (`easel run`).
+
+use clap::Parser;
+use easel_server::cli::{Cli, Command};
+use easel_server::{run, serve};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Run(args)) => run::run(args),
+        Some(Command::Serve(args)) => serve::serve(args),
+        None => serve::serve(cli.serve),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

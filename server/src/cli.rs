@@ -1,0 +1,93 @@
+//! Command-line arguments, with ComfyUI's flag names where ComfyUI has the flag.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "easel", version, about = "A ComfyUI-compatible node-graph engine and server.")]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// `easel` alone is `easel serve`.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve ComfyUI's HTTP API (the default).
+    Serve(ServeArgs),
+    /// Execute an API-format workflow without a server; prints the history `outputs` JSON last.
+    Run(RunArgs),
+}
+
+/// Where things live: ComfyUI's directory flags.
+#[derive(Args, Debug, Clone, Default)]
+pub struct DirectoryArgs {
+    /// Base for models/, input/, output/, temp/ and user/ (created if absent).
+    #[arg(long, value_name = "DIR", default_value = "easel-data")]
+    pub base_directory: PathBuf,
+    /// Output directory (default: <base>/output).
+    #[arg(long, value_name = "DIR")]
+    pub output_directory: Option<PathBuf>,
+    /// Input directory (default: <base>/input).
+    #[arg(long, value_name = "DIR")]
+    pub input_directory: Option<PathBuf>,
+    /// Temporary files go to DIR/temp (default: <base>/temp).
+    #[arg(long, value_name = "DIR")]
+    pub temp_directory: Option<PathBuf>,
+    /// User directory (default: <base>/user).
+    #[arg(long, value_name = "DIR")]
+    pub user_directory: Option<PathBuf>,
+    /// Extra model folders, in ComfyUI's extra_model_paths.yaml format (repeatable).
+    #[arg(long, value_name = "YAML", num_args = 1..)]
+    pub extra_model_paths_config: Vec<PathBuf>,
+}
+
+/// How node outputs are cached between prompts (ComfyUI's three flags).
+#[derive(Args, Debug, Clone, Default)]
+#[group(multiple = false)]
+pub struct CacheArgs {
+    /// Keep only what the next prompt reuses (the default).
+    #[arg(long)]
+    pub cache_classic: bool,
+    /// Keep up to N outputs across prompts, least recently used evicted first.
+    #[arg(long, value_name = "N")]
+    pub cache_lru: Option<usize>,
+    /// Cache nothing between prompts.
+    #[arg(long)]
+    pub cache_none: bool,
+}
+
+/// Options shared by everything that executes prompts.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ExecutionArgs {
+    #[command(flatten)]
+    pub directories: DirectoryArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// Write no prompt or workflow into saved images.
+    #[arg(long)]
+    pub disable_metadata: bool,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub listen: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8188)]
+    pub port: u16,
+    #[command(flatten)]
+    pub execution: ExecutionArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// An API-format workflow, or a `POST /prompt` body (`{"prompt": …, "extra_data": …}`).
+    pub workflow: PathBuf,
+    #[command(flatten)]
+    pub execution: ExecutionArgs,
+}

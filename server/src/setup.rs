@@ -1,0 +1,58 @@
+//! Turns command-line options into the engine's pieces: directories, services, cache mode.
+
+use crate::cli::{CacheArgs, ExecutionArgs};
+use anyhow::Context;
+use easel_engine::{CacheMode, NodeRegistry, Services};
+use easel_nodes::image_nodes::ImageMetadata;
+use easel_nodes::paths::Paths;
+use std::sync::Arc;
+
+/// Everything needed to validate and execute prompts.
+pub struct Runtime {
+    pub registry: Arc<NodeRegistry>,
+    pub services: Arc<Services>,
+    pub cache_mode: CacheMode,
+}
+
+/// Resolves the directories (reading extra model paths) and creates the missing ones.
+pub fn paths(args: &ExecutionArgs) -> anyhow::Result<Paths> {
+    let dirs = &args.directories;
+    let mut paths = Paths::new(&dirs.base_directory);
+    if let Some(dir) = &dirs.output_directory {
+        paths = paths.with_output(dir);
+    }
+    if let Some(dir) = &dirs.input_directory {
+        paths = paths.with_input(dir);
+    }
+    if let Some(dir) = &dirs.temp_directory {
+        paths = paths.with_temp_parent(dir);
+    }
+    if let Some(dir) = &dirs.user_directory {
+        paths = paths.with_user(dir);
+    }
+    for config in &dirs.extra_model_paths_config {
+        paths.load_extra_model_paths(config)?;
+    }
+    let paths = paths.finish();
+    paths.prepare().with_context(|| format!("cannot create the directories under {}", paths.base.display()))?;
+    Ok(paths)
+}
+
+pub fn cache_mode(args: &CacheArgs) -> CacheMode {
+    match (args.cache_none, args.cache_lru) {
+        (true, _) => CacheMode::None,
+        (false, Some(size)) if size > 0 => CacheMode::Lru(size),
+        _ => CacheMode::Classic,
+    }
+}
+
+pub fn runtime(args: &ExecutionArgs) -> anyhow::Result<Runtime> {
+    let mut services = Services::new();
+    services.insert(paths(args)?);
+    services.insert(ImageMetadata { enabled: !args.disable_metadata });
+    Ok(Runtime {
+        registry: Arc::new(easel_nodes::builtin_registry()),
+        services: Arc::new(services),
+        cache_mode: cache_mode(&args.cache),
+    })
+}
