@@ -4,7 +4,9 @@
 //! name) and, for each link, the signature of the linked node and the slot, so any change upstream
 //! changes every key below it, and two identical sub-graphs share entries whatever their ids. ComfyUI
 //! lists all ancestors in each key; here each key is a SHA-256 over the node's own entry and its
-//! sources' keys, which is the same equality in O(graph) instead of O(graph²).
+//! sources' keys, which costs O(graph) instead of O(graph²). (Unlike ComfyUI's, these keys do not
+//! tell a node that reads one source twice from one that reads two identical sources; both compute
+//! the same outputs.)
 //!
 //! The three cache modes of ComfyUI's `main.py` are [`CacheMode`].
 
@@ -12,7 +14,7 @@ use crate::graph::PromptGraph;
 use crate::prompt::{input_ref, InputRef, NodeId, Prompt};
 use crate::schema::{HiddenInput, NodeSchema};
 use crate::value::Value;
-use serde_json::{json, Value as Json};
+use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,7 +59,9 @@ pub fn signatures<'a>(
     let graph = PromptGraph::new(prompt);
     let mut keys: HashMap<NodeId, CacheKey> = HashMap::with_capacity(prompt.len());
     for id in graph.dependency_order() {
-        let key = describe(id).and_then(|input| sign(prompt, id, &input, &keys)).unwrap_or_else(unique_key);
+        let key = describe(id)
+            .and_then(|input| sign(prompt, id, &input, &keys))
+            .unwrap_or_else(unique_key);
         keys.insert(id.to_string(), key);
     }
     for id in prompt.node_ids() {
@@ -68,35 +72,70 @@ pub fn signatures<'a>(
     keys
 }
 
-fn sign(prompt: &Prompt, id: &str, input: &SignatureInput, keys: &HashMap<NodeId, CacheKey>) -> Option<CacheKey> {
-    let is_changed = match &input.fingerprint {
-        None => json!(false),
-        Some(Ok(value)) => value.clone(),
-        Some(Err(_)) => return None,
-    };
-    let mut inputs: Vec<(&String, Json)> = Vec::new();
-    for (name, value) in prompt.inputs(id).into_iter().flatten() {
-        let entry = match input_ref(value) {
-            InputRef::Link { node, slot } => {
-                let source = keys.get(node)?;
-                json!(["ANCESTOR", hex(source), slot])
-            }
-            InputRef::BadLink(_) => return None,
-            InputRef::Constant(constant) => constant.clone(),
-        };
-        inputs.push((name, entry));
-    }
-    inputs.sort_by(|a, b| a.0.cmp(b.0));
-    let keyed_by_id = input.schema.not_idempotent || input.schema.uses_hidden(HiddenInput::UniqueId);
-    let node_id = if keyed_by_id { json!(id) } else { Json::Null };
-    let signature = json!([input.schema.name, is_changed, node_id, inputs]);
-    let mut hasher = Sha256::new();
-    hasher.update(serde_json::to_vec(&signature).ok()?);
-    Some(hasher.finalize().into())
+/// Feeds the hash one length-prefixed field, so field boundaries cannot be confused.
+fn field(hasher: &mut Sha256, bytes: &[u8]) {
+    hasher.update((bytes.len() as u64).to_le_bytes());
+    hasher.update(bytes);
 }
 
-fn hex(key: &CacheKey) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
+/// Streams JSON text into the hash without building it in memory.
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn json_field(hasher: &mut Sha256, value: &Json) -> Option<()> {
+    // JSON text has no unescaped NUL, so a NUL terminator delimits it.
+    serde_json::to_writer(HashWriter(hasher), value).ok()?;
+    hasher.update([0]);
+    Some(())
+}
+
+fn sign(
+    prompt: &Prompt,
+    id: &str,
+    input: &SignatureInput,
+    keys: &HashMap<NodeId, CacheKey>,
+) -> Option<CacheKey> {
+    let mut hasher = Sha256::new();
+    field(&mut hasher, input.schema.name.as_bytes());
+    match &input.fingerprint {
+        None => hasher.update([0]),
+        Some(Ok(value)) => {
+            hasher.update([1]);
+            json_field(&mut hasher, value)?;
+        }
+        Some(Err(_)) => return None,
+    }
+    let keyed_by_id =
+        input.schema.not_idempotent || input.schema.uses_hidden(HiddenInput::UniqueId);
+    field(&mut hasher, if keyed_by_id { id.as_bytes() } else { &[] });
+    let mut inputs: Vec<(&String, &Json)> = prompt.inputs(id).into_iter().flatten().collect();
+    inputs.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    for (name, value) in inputs {
+        field(&mut hasher, name.as_bytes());
+        match input_ref(value) {
+            InputRef::Link { node, slot } => {
+                hasher.update([1]);
+                hasher.update(keys.get(node)?);
+                hasher.update(slot.to_le_bytes());
+            }
+            InputRef::BadLink(_) => return None,
+            InputRef::Constant(constant) => {
+                hasher.update([0]);
+                json_field(&mut hasher, constant)?;
+            }
+        }
+    }
+    Some(hasher.finalize().into())
 }
 
 /// A key no other node will ever have (ComfyUI's "unhashable" signatures).
@@ -123,7 +162,12 @@ pub struct OutputCache {
 
 impl OutputCache {
     pub fn new(mode: CacheMode) -> Self {
-        OutputCache { mode, entries: HashMap::new(), generation: 0, min_generation: 0 }
+        OutputCache {
+            mode,
+            entries: HashMap::new(),
+            generation: 0,
+            min_generation: 0,
+        }
     }
 
     pub fn mode(&self) -> CacheMode {
@@ -174,7 +218,13 @@ impl OutputCache {
     }
 
     pub fn insert(&mut self, key: CacheKey, output: CachedOutput) {
-        self.entries.insert(key, Entry { output, used_generation: self.generation });
+        self.entries.insert(
+            key,
+            Entry {
+                output,
+                used_generation: self.generation,
+            },
+        );
     }
 
     pub fn len(&self) -> usize {

@@ -36,7 +36,10 @@ impl EventKind {
 
     /// Whether ComfyUI broadcasts it to every socket when the prompt has no client id (marked (B)).
     pub fn broadcast_without_client(self) -> bool {
-        matches!(self, EventKind::Progress | EventKind::ProgressState | EventKind::ExecutionInterrupted)
+        matches!(
+            self,
+            EventKind::Progress | EventKind::ProgressState | EventKind::ExecutionInterrupted
+        )
     }
 }
 
@@ -77,5 +80,8 @@ impl<F: Fn(Event)> EventSink for F {
 
 /// ComfyUI's `timestamp`: `int(time.time() * 1000)`.
 pub fn timestamp_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

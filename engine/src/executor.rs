@@ -43,7 +43,11 @@ pub struct ExecutionOutcome {
 impl ExecutionOutcome {
     /// The history entry's `status` object.
     pub fn status_json(&self) -> Json {
-        let status_str = if self.status == ExecutionStatus::Success { "success" } else { "error" };
+        let status_str = if self.status == ExecutionStatus::Success {
+            "success"
+        } else {
+            "error"
+        };
         json!({
             "status_str": status_str,
             "completed": self.status == ExecutionStatus::Success,
@@ -61,13 +65,23 @@ pub struct Executor {
 
 /// Why a node stopped the prompt.
 enum Stop {
-    Failed { node: NodeId, error: NodeError, inputs: Json },
-    Interrupted { node: NodeId },
+    Failed {
+        node: NodeId,
+        error: NodeError,
+        inputs: Json,
+    },
+    Interrupted {
+        node: NodeId,
+    },
 }
 
 impl Executor {
     pub fn new(registry: Arc<NodeRegistry>, services: Arc<Services>, mode: CacheMode) -> Self {
-        Executor { registry, services, cache: OutputCache::new(mode) }
+        Executor {
+            registry,
+            services,
+            cache: OutputCache::new(mode),
+        }
     }
 
     pub fn registry(&self) -> &Arc<NodeRegistry> {
@@ -92,28 +106,48 @@ impl Executor {
             messages.push(json!([kind.name(), data]));
             sink.emit(Event::new(kind, data));
         };
-        record(EventKind::ExecutionStart, json!({"prompt_id": prompt_id, "timestamp": timestamp_ms()}));
+        record(
+            EventKind::ExecutionStart,
+            json!({"prompt_id": prompt_id, "timestamp": timestamp_ms()}),
+        );
 
         let mut prompt = validated.prompt.clone();
         let classes = self.node_classes(&prompt);
         let mut fingerprints = self.fingerprints(&mut prompt, &classes);
         let keys = signatures(&prompt, |id| {
             let (_, schema) = classes.get(id)?;
-            Some(SignatureInput { schema, fingerprint: fingerprints.remove(id).flatten() })
+            Some(SignatureInput {
+                schema,
+                fingerprint: fingerprints.remove(id).flatten(),
+            })
         });
         self.cache.begin_prompt(keys.values());
-        let cached: Vec<&str> = prompt.node_ids().filter(|id| keys.get(*id).is_some_and(|k| self.cache.contains(k))).collect();
-        record(EventKind::ExecutionCached, json!({"nodes": cached, "prompt_id": prompt_id, "timestamp": timestamp_ms()}));
+        let cached: Vec<&str> = prompt
+            .node_ids()
+            .filter(|id| keys.get(*id).is_some_and(|k| self.cache.contains(k)))
+            .collect();
+        record(
+            EventKind::ExecutionCached,
+            json!({"nodes": cached, "prompt_id": prompt_id, "timestamp": timestamp_ms()}),
+        );
 
-        let is_output = |id: &str| classes.get(id).is_some_and(|(_, schema)| schema.output_node);
-        let mut list = ExecutionList::new(&prompt, &validated.outputs_to_execute, is_output, |id| {
-            keys.get(id).is_some_and(|k| self.cache.contains(k))
-        });
+        let is_output = |id: &str| {
+            classes
+                .get(id)
+                .is_some_and(|(_, schema)| schema.output_node)
+        };
+        let mut list =
+            ExecutionList::new(&prompt, &validated.outputs_to_execute, is_output, |id| {
+                keys.get(id).is_some_and(|k| self.cache.contains(k))
+            });
 
         let run = PromptRun {
             prompt_id,
             prompt_json: prompt.to_json(),
-            extra_pnginfo: extra_data.get("extra_pnginfo").filter(|v| !v.is_null()).cloned(),
+            extra_pnginfo: extra_data
+                .get("extra_pnginfo")
+                .filter(|v| !v.is_null())
+                .cloned(),
             progress: RefCell::new(Map::new()),
             sink,
             interrupt,
@@ -126,7 +160,9 @@ impl Executor {
                 stop = Some(Stop::Interrupted { node: id });
                 break;
             }
-            let (Some((node, schema)), Some(key)) = (classes.get(&id), keys.get(&id)) else { continue };
+            let (Some((node, schema)), Some(key)) = (classes.get(&id), keys.get(&id)) else {
+                continue;
+            };
             // Cached output nodes, and nodes an identical sub-graph of this prompt already ran, are
             // "executed" from the cache: ComfyUI re-sends their UI and runs nothing.
             if let Some(cached) = self.cache.get(key) {
@@ -137,11 +173,18 @@ impl Executor {
                 continue;
             }
             run.start_progress(&id);
-            run.send(EventKind::Executing, json!({"node": id, "display_node": id, "prompt_id": prompt_id}));
+            run.send(
+                EventKind::Executing,
+                json!({"node": id, "display_node": id, "prompt_id": prompt_id}),
+            );
             let inputs = match self.gather_inputs(&prompt, &id, schema, &keys, &mut results) {
                 Ok(inputs) => inputs,
                 Err(error) => {
-                    stop = Some(Stop::Failed { node: id, error, inputs: json!({}) });
+                    stop = Some(Stop::Failed {
+                        node: id,
+                        error,
+                        inputs: json!({}),
+                    });
                     break;
                 }
             };
@@ -157,7 +200,13 @@ impl Executor {
             match call_mapped(node.as_ref(), schema, &ctx, &inputs) {
                 Ok((outputs, ui)) => {
                     let outputs = Arc::new(outputs);
-                    self.cache.insert(*key, CachedOutput { outputs: outputs.clone(), ui: ui.clone() });
+                    self.cache.insert(
+                        *key,
+                        CachedOutput {
+                            outputs: outputs.clone(),
+                            ui: ui.clone(),
+                        },
+                    );
                     results.insert(id.clone(), outputs);
                     if let Some(ui) = ui {
                         run.send(EventKind::Executed, json!({"node": id, "display_node": id, "output": ui, "prompt_id": prompt_id}));
@@ -171,7 +220,11 @@ impl Executor {
                     break;
                 }
                 Err(error) => {
-                    stop = Some(Stop::Failed { node: id, error, inputs: inputs_for_error(&inputs) });
+                    stop = Some(Stop::Failed {
+                        node: id,
+                        error,
+                        inputs: inputs_for_error(&inputs),
+                    });
                     break;
                 }
             }
@@ -179,13 +232,20 @@ impl Executor {
         if stop.is_none() && list.remaining() > 0 {
             let node = list.next().unwrap_or_default();
             let error = NodeError::typed("graph.DependencyCycleError", "Dependency cycle detected");
-            stop = Some(Stop::Failed { node, error, inputs: json!({}) });
+            stop = Some(Stop::Failed {
+                node,
+                error,
+                inputs: json!({}),
+            });
         }
 
         let node_type = |id: &str| prompt.class_type(id).unwrap_or_default().to_string();
         let status = match stop {
             None => {
-                record(EventKind::ExecutionSuccess, json!({"prompt_id": prompt_id, "timestamp": timestamp_ms()}));
+                record(
+                    EventKind::ExecutionSuccess,
+                    json!({"prompt_id": prompt_id, "timestamp": timestamp_ms()}),
+                );
                 ExecutionStatus::Success
             }
             Some(Stop::Interrupted { node }) => {
@@ -195,10 +255,19 @@ impl Executor {
                 );
                 ExecutionStatus::Interrupted
             }
-            Some(Stop::Failed { node, error, inputs }) => {
+            Some(Stop::Failed {
+                node,
+                error,
+                inputs,
+            }) => {
                 let (exception_type, message) = match &error {
-                    NodeError::Failed { exception_type, message } => (exception_type.clone(), message.clone()),
-                    NodeError::Interrupted => ("InterruptProcessingException".into(), error.to_string()),
+                    NodeError::Failed {
+                        exception_type,
+                        message,
+                    } => (exception_type.clone(), message.clone()),
+                    NodeError::Interrupted => {
+                        ("InterruptProcessingException".into(), error.to_string())
+                    }
                 };
                 record(
                     EventKind::ExecutionError,
@@ -232,7 +301,12 @@ impl Executor {
             }
         }
         self.cache.end_prompt();
-        ExecutionOutcome { status, messages, outputs, meta }
+        ExecutionOutcome {
+            status,
+            messages,
+            outputs,
+            meta,
+        }
     }
 
     /// Each node's class and schema (validation guarantees the classes exist).
@@ -240,9 +314,16 @@ impl Executor {
         let mut schemas: HashMap<&str, Arc<NodeSchema>> = HashMap::new();
         let mut classes = HashMap::with_capacity(prompt.len());
         for id in prompt.node_ids() {
-            let Some(class_type) = prompt.class_type(id) else { continue };
-            let Some(node) = self.registry.get(class_type) else { continue };
-            let schema = schemas.entry(class_type).or_insert_with(|| Arc::new(node.schema(&self.services))).clone();
+            let Some(class_type) = prompt.class_type(id) else {
+                continue;
+            };
+            let Some(node) = self.registry.get(class_type) else {
+                continue;
+            };
+            let schema = schemas
+                .entry(class_type)
+                .or_insert_with(|| Arc::new(node.schema(&self.services)))
+                .clone();
             classes.insert(id.to_string(), (node.clone(), schema));
         }
         classes
@@ -258,7 +339,9 @@ impl Executor {
         let mut fingerprints = HashMap::new();
         let ids: Vec<NodeId> = prompt.node_ids().map(str::to_string).collect();
         for id in ids {
-            let Some((node, schema)) = classes.get(&id) else { continue };
+            let Some((node, schema)) = classes.get(&id) else {
+                continue;
+            };
             let mut constants = Map::new();
             for (name, value) in prompt.inputs(&id).into_iter().flatten() {
                 match input_ref(value) {
@@ -295,9 +378,14 @@ impl Executor {
             match input_ref(value) {
                 InputRef::Link { node: source, slot } => {
                     if !results.contains_key(source) {
-                        let cached = keys.get(source).and_then(|k| self.cache.get(k)).ok_or_else(|| {
-                            NodeError::new(format!("Output of node {source} is not available for input '{name}'"))
-                        })?;
+                        let cached = keys
+                            .get(source)
+                            .and_then(|k| self.cache.get(k))
+                            .ok_or_else(|| {
+                                NodeError::new(format!(
+                                    "Output of node {source} is not available for input '{name}'"
+                                ))
+                            })?;
                         results.insert(source.to_string(), cached.outputs);
                     }
                     let outputs = &results[source];
@@ -346,7 +434,10 @@ impl PromptRun<'_> {
             table.insert(id.to_string(), entry);
             Json::Object(table.clone())
         };
-        self.send(EventKind::ProgressState, json!({"prompt_id": self.prompt_id, "nodes": nodes}));
+        self.send(
+            EventKind::ProgressState,
+            json!({"prompt_id": self.prompt_id, "nodes": nodes}),
+        );
     }
 
     fn start_progress(&self, id: &str) {
@@ -356,7 +447,12 @@ impl PromptRun<'_> {
     /// Marks a node finished: value = max (the last reported max, or `given`).
     fn finish_progress(&self, id: &str, given: Option<(Json, Json)>) {
         let (value, max) = given.unwrap_or_else(|| {
-            let max = self.progress.borrow().get(id).map(|e| e["max"].clone()).unwrap_or(json!(1.0));
+            let max = self
+                .progress
+                .borrow()
+                .get(id)
+                .map(|e| e["max"].clone())
+                .unwrap_or(json!(1.0));
             (max.clone(), max)
         });
         self.set_progress(id, value, max, "finished");
@@ -378,7 +474,12 @@ impl PromptRun<'_> {
 fn inputs_for_error(inputs: &IndexMap<String, Vec<Value>>) -> Json {
     let map: Map<String, Json> = inputs
         .iter()
-        .map(|(name, values)| (name.clone(), Json::Array(values.iter().map(Value::error_display).collect())))
+        .map(|(name, values)| {
+            (
+                name.clone(),
+                Json::Array(values.iter().map(Value::error_display).collect()),
+            )
+        })
         .collect();
     Json::Object(map)
 }
@@ -391,7 +492,12 @@ fn call_mapped(
     inputs: &IndexMap<String, Vec<Value>>,
 ) -> Result<(Vec<Vec<Value>>, Option<Json>), NodeError> {
     let calls: Vec<NodeInputs> = if schema.input_is_list {
-        vec![NodeInputs::new(inputs.iter().map(|(n, v)| (n.clone(), Value::List(v.clone()))).collect())]
+        vec![NodeInputs::new(
+            inputs
+                .iter()
+                .map(|(n, v)| (n.clone(), Value::List(v.clone())))
+                .collect(),
+        )]
     } else if inputs.is_empty() {
         vec![NodeInputs::default()]
     } else {
@@ -414,14 +520,18 @@ fn call_mapped(
     let mut uis: Vec<Map<String, Json>> = Vec::new();
     for call in &calls {
         ctx.check_interrupt()?;
-        let result = catch_unwind(AssertUnwindSafe(|| node.execute(ctx, call))).map_err(|panic| {
-            let reason = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            NodeError::typed("RuntimeError", format!("node {} panicked: {reason}", schema.name))
-        })??;
+        let result =
+            catch_unwind(AssertUnwindSafe(|| node.execute(ctx, call))).map_err(|panic| {
+                let reason = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                NodeError::typed(
+                    "RuntimeError",
+                    format!("node {} panicked: {reason}", schema.name),
+                )
+            })??;
         if result.outputs.len() < schema.outputs.len() {
             return Err(NodeError::new(format!(
                 "{} returned {} outputs, expected {}",
@@ -445,7 +555,9 @@ fn call_mapped(
 
 /// ComfyUI merges the UI dicts of several calls key by key (keys of the first), concatenating lists.
 fn merge_ui(uis: Vec<Map<String, Json>>) -> Result<Option<Json>, NodeError> {
-    let Some(first) = uis.first() else { return Ok(None) };
+    let Some(first) = uis.first() else {
+        return Ok(None);
+    };
     if uis.len() == 1 {
         return Ok(Some(Json::Object(first.clone())));
     }
@@ -455,7 +567,12 @@ fn merge_ui(uis: Vec<Map<String, Json>>) -> Result<Option<Json>, NodeError> {
         for ui in &uis {
             match ui.get(key) {
                 Some(Json::Array(values)) => items.extend(values.iter().cloned()),
-                _ => return Err(NodeError::typed("KeyError", format!("UI output '{key}' is not a list in every call"))),
+                _ => {
+                    return Err(NodeError::typed(
+                        "KeyError",
+                        format!("UI output '{key}' is not a list in every call"),
+                    ))
+                }
             }
         }
         merged.insert(key.clone(), Json::Array(items));

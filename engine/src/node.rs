@@ -21,13 +21,21 @@ pub trait Node: Send + Sync + 'static {
 
     /// ComfyUI's `IS_CHANGED`: `None` when the class has none. Receives constant inputs only (links
     /// are `null`). An `Err` makes the node re-run every time.
-    fn fingerprint(&self, _services: &Services, _inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+    fn fingerprint(
+        &self,
+        _services: &Services,
+        _inputs: &Map<String, Json>,
+    ) -> Option<Result<Json, String>> {
         None
     }
 
     /// ComfyUI's `VALIDATE_INPUTS`, for the inputs named by the schema's `custom_validation`.
     /// Linked inputs arrive as `null`. `Err(reason)` fails validation with `custom_validation_failed`.
-    fn validate_inputs(&self, _services: &Services, _inputs: &Map<String, Json>) -> Result<(), String> {
+    fn validate_inputs(
+        &self,
+        _services: &Services,
+        _inputs: &Map<String, Json>,
+    ) -> Result<(), String> {
         Ok(())
     }
 }
@@ -36,7 +44,10 @@ pub trait Node: Send + Sync + 'static {
 #[derive(Debug, Clone, Error, PartialEq)]
 pub enum NodeError {
     #[error("{message}")]
-    Failed { exception_type: String, message: String },
+    Failed {
+        exception_type: String,
+        message: String,
+    },
     #[error("Processing interrupted")]
     Interrupted,
 }
@@ -53,7 +64,10 @@ impl NodeError {
     }
 
     pub fn typed(exception_type: &str, message: impl Into<String>) -> Self {
-        NodeError::Failed { exception_type: exception_type.into(), message: message.into() }
+        NodeError::Failed {
+            exception_type: exception_type.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -78,7 +92,9 @@ impl Services {
 
     /// The service, or a node error naming what is missing.
     pub fn require<T: Any + Send + Sync>(&self) -> Result<&T, NodeError> {
-        self.get::<T>().ok_or_else(|| NodeError::new(format!("{} is not configured", std::any::type_name::<T>())))
+        self.get::<T>().ok_or_else(|| {
+            NodeError::new(format!("{} is not configured", std::any::type_name::<T>()))
+        })
     }
 }
 
@@ -133,14 +149,19 @@ impl NodeInputs {
     }
 
     fn require(&self, name: &str) -> Result<&Value, NodeError> {
-        self.values.get(name).ok_or_else(|| NodeError::value(format!("Required input '{name}' is missing")))
+        self.values
+            .get(name)
+            .ok_or_else(|| NodeError::value(format!("Required input '{name}' is missing")))
     }
 
     fn json(&self, name: &str) -> Result<&Json, NodeError> {
         let value = self.require(name)?;
-        value
-            .as_json()
-            .ok_or_else(|| NodeError::value(format!("Input '{name}' expects a constant, got {}", value.kind())))
+        value.as_json().ok_or_else(|| {
+            NodeError::value(format!(
+                "Input '{name}' expects a constant, got {}",
+                value.kind()
+            ))
+        })
     }
 
     pub fn int(&self, name: &str) -> Result<i64, NodeError> {
@@ -152,17 +173,21 @@ impl NodeInputs {
 
     pub fn float(&self, name: &str) -> Result<f64, NodeError> {
         let json = self.json(name)?;
-        json.as_f64().ok_or_else(|| NodeError::value(format!("Input '{name}' expects a FLOAT, got {json}")))
+        json.as_f64()
+            .ok_or_else(|| NodeError::value(format!("Input '{name}' expects a FLOAT, got {json}")))
     }
 
     pub fn bool(&self, name: &str) -> Result<bool, NodeError> {
         let json = self.json(name)?;
-        json.as_bool().ok_or_else(|| NodeError::value(format!("Input '{name}' expects a BOOLEAN, got {json}")))
+        json.as_bool().ok_or_else(|| {
+            NodeError::value(format!("Input '{name}' expects a BOOLEAN, got {json}"))
+        })
     }
 
     pub fn string(&self, name: &str) -> Result<&str, NodeError> {
         let json = self.json(name)?;
-        json.as_str().ok_or_else(|| NodeError::value(format!("Input '{name}' expects a STRING, got {json}")))
+        json.as_str()
+            .ok_or_else(|| NodeError::value(format!("Input '{name}' expects a STRING, got {json}")))
     }
 
     /// A required object input of type `T`.
@@ -183,7 +208,10 @@ impl NodeInputs {
         value.downcast::<T>().ok_or_else(|| {
             NodeError::value(format!(
                 "Input '{name}' expects {}, got {}",
-                std::any::type_name::<T>().rsplit("::").next().unwrap_or("an object"),
+                std::any::type_name::<T>()
+                    .rsplit("::")
+                    .next()
+                    .unwrap_or("an object"),
                 value.kind()
             ))
         })
@@ -203,7 +231,10 @@ impl NodeOutput {
     }
 
     pub fn ui(ui: Map<String, Json>) -> Self {
-        NodeOutput { outputs: Vec::new(), ui: Some(ui) }
+        NodeOutput {
+            outputs: Vec::new(),
+            ui: Some(ui),
+        }
     }
 }
 
@@ -231,7 +262,10 @@ impl NodeContext<'_> {
     /// Reports `value` of `max` steps; returns `Err(Interrupted)` when the prompt was interrupted.
     pub fn progress(&self, value: u64, max: u64) -> Result<(), NodeError> {
         self.interrupt.check()?;
-        (self.on_progress)(Progress { value: Json::from(value.min(max)), max: Json::from(max) });
+        (self.on_progress)(Progress {
+            value: Json::from(value.min(max)),
+            max: Json::from(max),
+        });
         Ok(())
     }
 
@@ -243,7 +277,11 @@ impl NodeContext<'_> {
 
 /// Runs one call of `node` outside any prompt (for tools and tests): node id `"0"`, an empty
 /// prompt, no interrupt, progress discarded.
-pub fn call_standalone(node: &dyn Node, services: &Services, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+pub fn call_standalone(
+    node: &dyn Node,
+    services: &Services,
+    inputs: &NodeInputs,
+) -> Result<NodeOutput, NodeError> {
     let prompt = Json::Object(Map::new());
     let interrupt = Interrupt::new();
     let ctx = NodeContext {

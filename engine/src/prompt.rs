@@ -32,9 +32,10 @@ pub enum InputRef<'a> {
 pub fn input_ref(value: &Json) -> InputRef<'_> {
     match value {
         Json::Array(items) => match items.as_slice() {
-            [Json::String(node), Json::Number(slot)] if slot.as_i64().is_some() => {
-                InputRef::Link { node, slot: slot.as_i64().unwrap_or_default() }
-            }
+            [Json::String(node), Json::Number(slot)] if slot.as_i64().is_some() => InputRef::Link {
+                node,
+                slot: slot.as_i64().unwrap_or_default(),
+            },
             _ => InputRef::BadLink(items),
         },
         other => InputRef::Constant(other),
@@ -136,7 +137,9 @@ impl Prompt {
         self.inputs(id)
             .into_iter()
             .flat_map(|inputs| inputs.iter())
-            .filter_map(|(name, value)| as_link(value).map(|(node, slot)| (name.as_str(), node, slot)))
+            .filter_map(|(name, value)| {
+                as_link(value).map(|(node, slot)| (name.as_str(), node, slot))
+            })
     }
 
     /// The prompt as JSON.
@@ -156,7 +159,10 @@ mod tests {
 
     #[test]
     fn links_are_two_element_lists_with_string_ids() {
-        assert_eq!(input_ref(&json!(["4", 1])), InputRef::Link { node: "4", slot: 1 });
+        assert_eq!(
+            input_ref(&json!(["4", 1])),
+            InputRef::Link { node: "4", slot: 1 }
+        );
         assert!(matches!(input_ref(&json!([4, 1])), InputRef::BadLink(_)));
         assert!(matches!(input_ref(&json!(["4"])), InputRef::BadLink(_)));
         assert_eq!(input_ref(&json!(5)), InputRef::Constant(&json!(5)));
@@ -164,8 +170,12 @@ mod tests {
 
     #[test]
     fn prompt_must_be_an_object() {
-        assert_eq!(Prompt::from_json(json!([])), Err(PromptError::NotAnObject("a list")));
-        let p = Prompt::from_json(json!({"1": {"class_type": "X", "inputs": {"a": ["2", 0]}}})).unwrap();
+        assert_eq!(
+            Prompt::from_json(json!([])),
+            Err(PromptError::NotAnObject("a list"))
+        );
+        let p = Prompt::from_json(json!({"1": {"class_type": "X", "inputs": {"a": ["2", 0]}}}))
+            .unwrap();
         assert_eq!(p.links("1").collect::<Vec<_>>(), vec![("a", "2", 0)]);
         assert_eq!(p.class_type("1"), Some("X"));
     }

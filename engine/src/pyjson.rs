@@ -29,7 +29,11 @@ pub fn float_repr(x: f64) -> String {
         return if x > 0.0 { "inf".into() } else { "-inf".into() };
     }
     if x == 0.0 {
-        return if x.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if x.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     // Shortest round-trip digits, as Python's repr uses: "d.ddde±x".
     let sci = format!("{:e}", x);
@@ -51,7 +55,11 @@ pub fn float_repr(x: f64) -> String {
         format!("{sign}{body}")
     } else {
         let (first, rest) = digits.split_at(1);
-        let frac = if rest.is_empty() { String::new() } else { format!(".{rest}") };
+        let frac = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
         let esign = if exp < 0 { '-' } else { '+' };
         format!("{sign}{first}{frac}e{esign}{:02}", exp.abs())
     }
@@ -59,7 +67,11 @@ pub fn float_repr(x: f64) -> String {
 
 /// `repr(s)` of a Python string.
 pub fn str_repr(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
     let mut out = String::with_capacity(s.len() + 2);
     out.push(quote);
     for c in s.chars() {
@@ -72,7 +84,9 @@ pub fn str_repr(s: &str) -> String {
                 out.push('\\');
                 out.push(c);
             }
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
             c => out.push(c),
         }
     }
@@ -101,8 +115,10 @@ pub fn py_repr(value: &Value) -> String {
             format!("[{}]", parts.join(", "))
         }
         Value::Object(map) => {
-            let parts: Vec<String> =
-                map.iter().map(|(k, v)| format!("{}: {}", str_repr(k), py_repr(v))).collect();
+            let parts: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{}: {}", str_repr(k), py_repr(v)))
+                .collect();
             format!("{{{}}}", parts.join(", "))
         }
     }
@@ -124,7 +140,11 @@ pub fn number_str(n: &serde_json::Number) -> String {
 pub struct PythonFormatter;
 
 impl Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + Write>(&mut self, writer: &mut W, first: bool) -> io::Result<()> {
+    fn begin_array_value<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
         if first {
             Ok(())
         } else {
@@ -132,7 +152,11 @@ impl Formatter for PythonFormatter {
         }
     }
 
-    fn begin_object_key<W: ?Sized + Write>(&mut self, writer: &mut W, first: bool) -> io::Result<()> {
+    fn begin_object_key<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
         if first {
             Ok(())
         } else {
@@ -159,7 +183,11 @@ impl Formatter for PythonFormatter {
         self.write_f64(writer, value as f64)
     }
 
-    fn write_string_fragment<W: ?Sized + Write>(&mut self, writer: &mut W, fragment: &str) -> io::Result<()> {
+    fn write_string_fragment<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
         if fragment.bytes().all(|b| (0x20..0x7f).contains(&b)) {
             return writer.write_all(fragment.as_bytes());
         }
@@ -176,7 +204,11 @@ impl Formatter for PythonFormatter {
         Ok(())
     }
 
-    fn write_char_escape<W: ?Sized + Write>(&mut self, writer: &mut W, escape: CharEscape) -> io::Result<()> {
+    fn write_char_escape<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        escape: CharEscape,
+    ) -> io::Result<()> {
         let text: &[u8] = match escape {
             CharEscape::Quote => b"\\\"",
             CharEscape::ReverseSolidus => b"\\\\",
@@ -217,13 +249,19 @@ mod tests {
     #[test]
     fn dumps_matches_python_spacing_and_escapes() {
         let v = json!({"a": [1, 2.0, "é\u{1F600}\u{7f}"], "b": {"c": null, "d": true}});
-        assert_eq!(dumps(&v), r#"{"a": [1, 2.0, "\u00e9\ud83d\ude00\u007f"], "b": {"c": null, "d": true}}"#);
+        assert_eq!(
+            dumps(&v),
+            r#"{"a": [1, 2.0, "\u00e9\ud83d\ude00\u007f"], "b": {"c": null, "d": true}}"#
+        );
     }
 
     #[test]
     fn repr_of_values() {
         assert_eq!(py_repr(&json!(["a", "it's"])), r#"['a', "it's"]"#);
-        assert_eq!(py_repr(&json!({"k": [null, false]})), "{'k': [None, False]}");
+        assert_eq!(
+            py_repr(&json!({"k": [null, false]})),
+            "{'k': [None, False]}"
+        );
         assert_eq!(py_str(&json!(1000.0)), "1000.0");
     }
 }

@@ -40,8 +40,11 @@ impl NodeRegistry {
 
     /// The body of `GET /object_info`.
     pub fn object_info(&self, services: &Services) -> Json {
-        let entries: Map<String, Json> =
-            self.nodes.iter().map(|(name, node)| (name.clone(), node.schema(services).to_object_info())).collect();
+        let entries: Map<String, Json> = self
+            .nodes
+            .iter()
+            .map(|(name, node)| (name.clone(), node.schema(services).to_object_info()))
+            .collect();
         Json::Object(entries)
     }
 }

@@ -47,13 +47,17 @@ impl ExecutionList {
             list.add_node(prompt, output, &is_cached);
         }
         let is_output: Vec<bool> = list.nodes.iter().map(|id| is_output(id)).collect();
-        let blocks_output = |node: usize, blocks: &Vec<Vec<usize>>| blocks[node].iter().any(|&b| is_output[b]);
+        let blocks_output =
+            |node: usize, blocks: &Vec<Vec<usize>>| blocks[node].iter().any(|&b| is_output[b]);
         for node in 0..list.nodes.len() {
             let class = if is_output[node] {
                 0
             } else if blocks_output(node, &list.blocks) {
                 1
-            } else if list.blocks[node].iter().any(|&b| blocks_output(b, &list.blocks)) {
+            } else if list.blocks[node]
+                .iter()
+                .any(|&b| blocks_output(b, &list.blocks))
+            {
                 2
             } else {
                 3
@@ -89,7 +93,8 @@ impl ExecutionList {
         }
         let mut linked: HashSet<(usize, usize)> = HashSet::with_capacity(links.len());
         for (source, reader) in links {
-            let (Some(&from), Some(&to)) = (self.position.get(&source), self.position.get(&reader)) else {
+            let (Some(&from), Some(&to)) = (self.position.get(&source), self.position.get(&reader))
+            else {
                 continue;
             };
             if linked.insert((from, to)) {
@@ -108,7 +113,9 @@ impl ExecutionList {
 
     /// Marks `id` done, releasing the nodes that waited on it.
     pub fn complete(&mut self, id: &str) {
-        let Some(&node) = self.position.get(id) else { return };
+        let Some(&node) = self.position.get(id) else {
+            return;
+        };
         self.remaining = self.remaining.saturating_sub(1);
         for i in 0..self.blocks[node].len() {
             let reader = self.blocks[node][i];

@@ -79,25 +79,39 @@ pub struct InputSpec {
 impl InputSpec {
     /// A socket or widget of a named type, with no options.
     pub fn of(type_name: &str) -> Self {
-        InputSpec { io_type: IoType::named(type_name), options: None }
+        InputSpec {
+            io_type: IoType::named(type_name),
+            options: None,
+        }
     }
 
     /// A classic combo over string values.
     pub fn combo<S: AsRef<str>>(values: &[S]) -> Self {
         InputSpec {
-            io_type: IoType::Combo(values.iter().map(|v| Json::String(v.as_ref().to_string())).collect()),
+            io_type: IoType::Combo(
+                values
+                    .iter()
+                    .map(|v| Json::String(v.as_ref().to_string()))
+                    .collect(),
+            ),
             options: None,
         }
     }
 
     /// `["INT", {"default", "min", "max"}]`.
     pub fn int(default: i64, min: i64, max: i64) -> Self {
-        Self::of("INT").opt("default", default).opt("min", min).opt("max", max)
+        Self::of("INT")
+            .opt("default", default)
+            .opt("min", min)
+            .opt("max", max)
     }
 
     /// `["FLOAT", {"default", "min", "max"}]`.
     pub fn float(default: f64, min: f64, max: f64) -> Self {
-        Self::of("FLOAT").opt("default", default).opt("min", min).opt("max", max)
+        Self::of("FLOAT")
+            .opt("default", default)
+            .opt("min", min)
+            .opt("max", max)
     }
 
     /// `["BOOLEAN", {"default"}]`.
@@ -112,7 +126,9 @@ impl InputSpec {
 
     /// Appends one option (options keep insertion order).
     pub fn opt(mut self, key: &str, value: impl Into<Json>) -> Self {
-        self.options.get_or_insert_with(Map::new).insert(key.to_string(), value.into());
+        self.options
+            .get_or_insert_with(Map::new)
+            .insert(key.to_string(), value.into());
         self
     }
 
@@ -128,7 +144,10 @@ impl InputSpec {
 
     /// `[type, options]` with `{}` for missing options: what validation errors call `input_config`.
     pub fn config_json(&self) -> Json {
-        json!([self.io_type.to_json(), Json::Object(self.options.clone().unwrap_or_default())])
+        json!([
+            self.io_type.to_json(),
+            Json::Object(self.options.clone().unwrap_or_default())
+        ])
     }
 
     fn to_json(&self) -> Json {
@@ -175,7 +194,12 @@ pub struct OutputSpec {
 impl OutputSpec {
     /// An output named after its type.
     pub fn of(type_name: &str) -> Self {
-        OutputSpec { io_type: IoType::named(type_name), name: type_name.to_string(), is_list: false, tooltip: None }
+        OutputSpec {
+            io_type: IoType::named(type_name),
+            name: type_name.to_string(),
+            is_list: false,
+            tooltip: None,
+        }
     }
 
     pub fn named(mut self, name: &str) -> Self {
@@ -258,7 +282,10 @@ impl NodeSchema {
 
     /// A V3 schema node.
     pub fn v3(name: &str, python_module: &str, category: &str) -> Self {
-        NodeSchema { style: SchemaStyle::V3, ..Self::v1(name, python_module, category) }
+        NodeSchema {
+            style: SchemaStyle::V3,
+            ..Self::v1(name, python_module, category)
+        }
     }
 
     pub fn display(mut self, display_name: &str) -> Self {
@@ -277,13 +304,21 @@ impl NodeSchema {
     }
 
     pub fn required(mut self, name: &str, spec: InputSpec) -> Self {
-        let spec = if self.style == SchemaStyle::V3 { spec.with_options() } else { spec };
+        let spec = if self.style == SchemaStyle::V3 {
+            spec.with_options()
+        } else {
+            spec
+        };
         self.required.insert(name.into(), spec);
         self
     }
 
     pub fn optional(mut self, name: &str, spec: InputSpec) -> Self {
-        let spec = if self.style == SchemaStyle::V3 { spec.with_options() } else { spec };
+        let spec = if self.style == SchemaStyle::V3 {
+            spec.with_options()
+        } else {
+            spec
+        };
         self.optional.insert(name.into(), spec);
         self
     }
@@ -308,13 +343,21 @@ impl NodeSchema {
         if let Some(spec) = self.required.get(name) {
             return Some((InputSection::Required, spec));
         }
-        self.optional.get(name).map(|spec| (InputSection::Optional, spec))
+        self.optional
+            .get(name)
+            .map(|spec| (InputSection::Optional, spec))
     }
 
     /// Declared inputs, required first, in declaration order.
     pub fn declared_inputs(&self) -> impl Iterator<Item = (&str, InputSection, &InputSpec)> {
-        let required = self.required.iter().map(|(n, s)| (n.as_str(), InputSection::Required, s));
-        let optional = self.optional.iter().map(|(n, s)| (n.as_str(), InputSection::Optional, s));
+        let required = self
+            .required
+            .iter()
+            .map(|(n, s)| (n.as_str(), InputSection::Required, s));
+        let optional = self
+            .optional
+            .iter()
+            .map(|(n, s)| (n.as_str(), InputSection::Optional, s));
         required.chain(optional)
     }
 
@@ -328,7 +371,10 @@ impl NodeSchema {
         let mut order = Map::new();
         for (section, specs) in [("required", &self.required), ("optional", &self.optional)] {
             if !specs.is_empty() {
-                let entries: Map<String, Json> = specs.iter().map(|(n, s)| (n.clone(), s.to_json())).collect();
+                let entries: Map<String, Json> = specs
+                    .iter()
+                    .map(|(n, s)| (n.clone(), s.to_json()))
+                    .collect();
                 input.insert(section.into(), Json::Object(entries));
                 order.insert(section.into(), json!(specs.keys().collect::<Vec<_>>()));
             }
@@ -346,12 +392,16 @@ impl NodeSchema {
                 })
                 .collect();
             input.insert("hidden".into(), Json::Object(entries));
-            order.insert("hidden".into(), json!(self.hidden.keys().collect::<Vec<_>>()));
+            order.insert(
+                "hidden".into(),
+                json!(self.hidden.keys().collect::<Vec<_>>()),
+            );
         }
         let output: Vec<Json> = self.outputs.iter().map(|o| o.io_type.to_json()).collect();
         let output_is_list: Vec<bool> = self.outputs.iter().map(|o| o.is_list).collect();
         let output_name: Vec<&str> = self.outputs.iter().map(|o| o.name.as_str()).collect();
-        let tooltips: Vec<Option<&str>> = self.outputs.iter().map(|o| o.tooltip.as_deref()).collect();
+        let tooltips: Vec<Option<&str>> =
+            self.outputs.iter().map(|o| o.tooltip.as_deref()).collect();
 
         let mut info = Map::new();
         info.insert("input".into(), Json::Object(input));

@@ -8,7 +8,7 @@
 //! into the prompt, which is what gets queued and stored.
 
 use crate::node::Services;
-use crate::prompt::{NodeId, Prompt};
+use crate::prompt::{as_link, NodeId, Prompt};
 use crate::pyjson::{py_repr, py_str, str_repr};
 use crate::registry::NodeRegistry;
 use crate::schema::{InputSection, InputSpec, IoType, NodeSchema};
@@ -45,7 +45,11 @@ impl ValidationFailure {
 
     /// A request body without a `"prompt"` key.
     pub fn no_prompt() -> Self {
-        Self::prompt_level("no_prompt", "No prompt provided", "No prompt provided".into())
+        Self::prompt_level(
+            "no_prompt",
+            "No prompt provided",
+            "No prompt provided".into(),
+        )
     }
 
     /// The response body.
@@ -75,7 +79,10 @@ pub fn validate_prompt(
         let Some(class_type) = class_type else {
             return Err(ValidationFailure::prompt_level(
                 "invalid_prompt",
-                &format!("Cannot execute because node {} does not exist.", py_str(class_value)),
+                &format!(
+                    "Cannot execute because node {} does not exist.",
+                    py_str(class_value)
+                ),
                 format!("Node ID '#{id}'"),
             ));
         };
@@ -87,15 +94,27 @@ pub fn validate_prompt(
                 schema
             }
         };
-        if schema.output_node && partial_execution_targets.is_none_or(|targets| targets.iter().any(|t| t == id)) {
+        if schema.output_node
+            && partial_execution_targets.is_none_or(|targets| targets.iter().any(|t| t == id))
+        {
             outputs.push(id.to_string());
         }
     }
     if outputs.is_empty() {
-        return Err(ValidationFailure::prompt_level("prompt_no_outputs", "Prompt has no outputs", String::new()));
+        return Err(ValidationFailure::prompt_level(
+            "prompt_no_outputs",
+            "Prompt has no outputs",
+            String::new(),
+        ));
     }
 
-    let mut validator = Validator { registry, services, schemas, prompt, validated: IndexMap::new() };
+    let mut validator = Validator {
+        registry,
+        services,
+        schemas,
+        prompt,
+        validated: IndexMap::new(),
+    };
     let mut good_outputs = Vec::new();
     let mut failed_outputs: Vec<(NodeId, Vec<Json>)> = Vec::new();
     let mut node_errors = Map::new();
@@ -109,7 +128,9 @@ pub fn validate_prompt(
                     "details": exception.message,
                     "extra_info": {"exception_type": exception.type_name, "traceback": []},
                 })];
-                validator.validated.insert(output.clone(), (false, reasons.clone()));
+                validator
+                    .validated
+                    .insert(output.clone(), (false, reasons.clone()));
                 (false, reasons)
             }
         };
@@ -160,7 +181,10 @@ pub fn validate_prompt(
 }
 
 fn text(value: &Json) -> String {
-    value.as_str().map(str::to_string).unwrap_or_else(|| py_str(value))
+    value
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| py_str(value))
 }
 
 /// A Python exception raised while validating a node (a broken link), caught by the caller.
@@ -173,8 +197,6 @@ struct Exception {
 /// A link input whose source is being validated.
 struct PendingLink {
     input_name: String,
-    input_config: Json,
-    link: Json,
     source: NodeId,
 }
 
@@ -210,8 +232,18 @@ impl Validator<'_> {
             .class_type(id)
             .and_then(|c| self.schemas.get(c))
             .cloned()
-            .ok_or_else(|| Exception { type_name: "KeyError", message: str_repr(id) })?;
-        Ok(Frame { id: id.to_string(), schema, next_input: 0, errors: Vec::new(), valid: true, waiting: None })
+            .ok_or_else(|| Exception {
+                type_name: "KeyError",
+                message: str_repr(id),
+            })?;
+        Ok(Frame {
+            id: id.to_string(),
+            schema,
+            next_input: 0,
+            errors: Vec::new(),
+            valid: true,
+            waiting: None,
+        })
     }
 
     /// Validates `root` and everything it links to; `Err` is an exception raised by `root` itself.
@@ -225,7 +257,10 @@ impl Validator<'_> {
         let mut returned: Option<Result<bool, Exception>> = None;
         loop {
             let Some(frame) = stack.last_mut() else {
-                return Err(Exception { type_name: "RuntimeError", message: "validation stack underflow".into() });
+                return Err(Exception {
+                    type_name: "RuntimeError",
+                    message: "validation stack underflow".into(),
+                });
             };
             if let Some(outcome) = returned.take() {
                 if let Some(pending) = frame.waiting.take() {
@@ -233,8 +268,14 @@ impl Validator<'_> {
                         Ok(valid) => frame.valid &= valid,
                         Err(exception) => {
                             frame.valid = false;
-                            let reason = inner_exception_error(&pending, &exception);
-                            self.validated.insert(pending.source.clone(), (false, vec![reason]));
+                            let config = frame
+                                .schema
+                                .input(&pending.input_name)
+                                .map(|(_, spec)| spec.config_json());
+                            let link = self.prompt.input(&frame.id, &pending.input_name).cloned();
+                            let reason = inner_exception_error(&pending, config, link, &exception);
+                            self.validated
+                                .insert(pending.source.clone(), (false, vec![reason]));
                         }
                     }
                 }
@@ -243,7 +284,9 @@ impl Validator<'_> {
             let step = self.advance(stack.len() - 1, &mut stack);
             match step {
                 None => {
-                    let Some(mut frame) = stack.pop() else { continue };
+                    let Some(mut frame) = stack.pop() else {
+                        continue;
+                    };
                     self.run_custom_validation(&mut frame);
                     let result = (frame.valid && frame.errors.is_empty(), frame.errors);
                     on_stack.remove(&frame.id);
@@ -324,8 +367,14 @@ impl Validator<'_> {
         None
     }
 
-    fn check_input(&mut self, frame: &mut Frame, name: &str, section: InputSection, spec: &InputSpec) -> Step {
-        let Some(value) = self.prompt.input(&frame.id, name).cloned() else {
+    fn check_input(
+        &mut self,
+        frame: &mut Frame,
+        name: &str,
+        section: InputSection,
+        spec: &InputSpec,
+    ) -> Step {
+        let Some(value) = self.prompt.input(&frame.id, name) else {
             if section == InputSection::Required {
                 frame.errors.push(json!({
                     "type": "required_input_missing",
@@ -336,7 +385,15 @@ impl Validator<'_> {
             }
             return Step::Next;
         };
-        match value {
+        if let Some((source, slot)) = as_link(value) {
+            if self.link_is_sound(source, slot, spec) {
+                return Step::Validate(PendingLink {
+                    input_name: name.to_string(),
+                    source: source.to_string(),
+                });
+            }
+        }
+        match value.clone() {
             Json::Array(items) => self.check_link(frame, name, spec, items),
             constant => {
                 self.check_constant(frame, name, spec, constant);
@@ -345,14 +402,35 @@ impl Validator<'_> {
         }
     }
 
-    fn check_link(&mut self, frame: &mut Frame, name: &str, spec: &InputSpec, items: Vec<Json>) -> Step {
-        let config = spec.config_json();
+    /// The common case: a link to an existing node's existing output of a matching type.
+    fn link_is_sound(&self, source: &str, slot: i64, spec: &InputSpec) -> bool {
+        let Some(schema) = self
+            .prompt
+            .class_type(source)
+            .and_then(|c| self.schemas.get(c))
+        else {
+            return false;
+        };
+        usize::try_from(slot)
+            .ok()
+            .and_then(|s| schema.outputs.get(s))
+            .is_some_and(|o| o.io_type.feeds(&spec.io_type))
+    }
+
+    /// Every other list value: ComfyUI's checks in order, each with its error.
+    fn check_link(
+        &mut self,
+        frame: &mut Frame,
+        name: &str,
+        spec: &InputSpec,
+        items: Vec<Json>,
+    ) -> Step {
         if items.len() != 2 {
             frame.errors.push(json!({
                 "type": "bad_linked_input",
                 "message": "Bad linked input, must be a length-2 list of [node_id, slot_index]",
                 "details": name,
-                "extra_info": {"input_name": name, "input_config": config, "received_value": items},
+                "extra_info": {"input_name": name, "input_config": spec.config_json(), "received_value": items},
             }));
             return Step::Next;
         }
@@ -360,11 +438,29 @@ impl Validator<'_> {
             Json::String(id) if self.prompt.contains(id) => id.clone(),
             Json::Array(_) => return Step::Raise(type_error("unhashable type: 'list'")),
             Json::Object(_) => return Step::Raise(type_error("unhashable type: 'dict'")),
-            Json::String(id) => return Step::Raise(Exception { type_name: "KeyError", message: str_repr(id) }),
-            other => return Step::Raise(Exception { type_name: "KeyError", message: py_repr(other) }),
+            Json::String(id) => {
+                return Step::Raise(Exception {
+                    type_name: "KeyError",
+                    message: str_repr(id),
+                })
+            }
+            other => {
+                return Step::Raise(Exception {
+                    type_name: "KeyError",
+                    message: py_repr(other),
+                })
+            }
         };
-        let Some(source_schema) = self.prompt.class_type(&source).and_then(|c| self.schemas.get(c)).cloned() else {
-            return Step::Raise(Exception { type_name: "KeyError", message: "'class_type'".into() });
+        let Some(source_schema) = self
+            .prompt
+            .class_type(&source)
+            .and_then(|c| self.schemas.get(c))
+            .cloned()
+        else {
+            return Step::Raise(Exception {
+                type_name: "KeyError",
+                message: "'class_type'".into(),
+            });
         };
         let slot = match &items[1] {
             Json::Number(n) if n.as_i64().is_some() => n.as_i64().unwrap_or_default(),
@@ -377,13 +473,18 @@ impl Validator<'_> {
                     Json::Array(_) => "list",
                     _ => "dict",
                 };
-                return Step::Raise(type_error(&format!("tuple indices must be integers or slices, not {kind}")));
+                return Step::Raise(type_error(&format!(
+                    "tuple indices must be integers or slices, not {kind}"
+                )));
             }
         };
         let count = source_schema.outputs.len() as i64;
         let index = if slot < 0 { slot + count } else { slot };
         if index < 0 || index >= count {
-            return Step::Raise(Exception { type_name: "IndexError", message: "tuple index out of range".into() });
+            return Step::Raise(Exception {
+                type_name: "IndexError",
+                message: "tuple index out of range".into(),
+            });
         }
         let received = &source_schema.outputs[index as usize].io_type;
         if !received.feeds(&spec.io_type) {
@@ -393,7 +494,7 @@ impl Validator<'_> {
                 "details": format!("{name}, received_type({}) mismatch input_type({})", received.display(), spec.io_type.display()),
                 "extra_info": {
                     "input_name": name,
-                    "input_config": config,
+                    "input_config": spec.config_json(),
                     "received_type": received_json(received),
                     "linked_node": items,
                 },
@@ -402,14 +503,11 @@ impl Validator<'_> {
         }
         Step::Validate(PendingLink {
             input_name: name.to_string(),
-            input_config: config,
-            link: Json::Array(items),
             source,
         })
     }
 
     fn check_constant(&mut self, frame: &mut Frame, name: &str, spec: &InputSpec, value: Json) {
-        let config = spec.config_json();
         let mut value = value;
         if let Some(inner) = value.as_object().and_then(|o| o.get("__value__")) {
             value = inner.clone();
@@ -425,8 +523,10 @@ impl Validator<'_> {
             };
             match converted {
                 Some(Ok(converted)) => {
-                    value = converted;
-                    self.prompt.set_input(&frame.id, name, value.clone());
+                    if converted != value {
+                        value = converted;
+                        self.prompt.set_input(&frame.id, name, value.clone());
+                    }
                 }
                 Some(Err(message)) => {
                     frame.errors.push(json!({
@@ -435,7 +535,7 @@ impl Validator<'_> {
                         "details": format!("{name}, {}, {message}", py_str(&value)),
                         "extra_info": {
                             "input_name": name,
-                            "input_config": config,
+                            "input_config": spec.config_json(),
                             "received_value": value,
                             "exception_message": message,
                         },
@@ -454,7 +554,7 @@ impl Validator<'_> {
                     "type": "value_smaller_than_min",
                     "message": format!("Value {} smaller than min of {}", py_str(&value), py_str(min)),
                     "details": name,
-                    "extra_info": {"input_name": name, "input_config": config, "received_value": value},
+                    "extra_info": {"input_name": name, "input_config": spec.config_json(), "received_value": value},
                 }));
                 return;
             }
@@ -465,7 +565,7 @@ impl Validator<'_> {
                     "type": "value_bigger_than_max",
                     "message": format!("Value {} bigger than max of {}", py_str(&value), py_str(max)),
                     "details": name,
-                    "extra_info": {"input_name": name, "input_config": config, "received_value": value},
+                    "extra_info": {"input_name": name, "input_config": spec.config_json(), "received_value": value},
                 }));
                 return;
             }
@@ -475,7 +575,7 @@ impl Validator<'_> {
                 let (list_info, input_config) = if options.len() > 20 {
                     (format!("(list of length {})", options.len()), Json::Null)
                 } else {
-                    (py_repr(&Json::Array(options.clone())), config)
+                    (py_repr(&Json::Array(options.clone())), spec.config_json())
                 };
                 frame.errors.push(json!({
                     "type": "value_not_in_list",
@@ -493,7 +593,9 @@ impl Validator<'_> {
         if schema.custom_validation == crate::schema::CustomValidation::None {
             return;
         }
-        let Some(inputs) = self.prompt.inputs(&frame.id) else { return };
+        let Some(inputs) = self.prompt.inputs(&frame.id) else {
+            return;
+        };
         let mut filtered = Map::new();
         for (name, value) in inputs {
             if !schema.custom_validation.covers(name) {
@@ -509,11 +611,19 @@ impl Validator<'_> {
                 _ => {}
             }
         }
-        let Some(class_type) = self.prompt.class_type(&frame.id) else { return };
-        let Some(node) = self.registry.get(class_type) else { return };
+        let Some(class_type) = self.prompt.class_type(&frame.id) else {
+            return;
+        };
+        let Some(node) = self.registry.get(class_type) else {
+            return;
+        };
         if let Err(reason) = node.validate_inputs(self.services, &filtered) {
             for name in filtered.keys() {
-                let details = if reason.is_empty() { name.clone() } else { format!("{name} - {reason}") };
+                let details = if reason.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{name} - {reason}")
+                };
                 frame.errors.push(json!({
                     "type": "custom_validation_failed",
                     "message": "Custom validation failed for node",
@@ -525,24 +635,32 @@ impl Validator<'_> {
     }
 }
 
-fn inner_exception_error(pending: &PendingLink, exception: &Exception) -> Json {
+fn inner_exception_error(
+    pending: &PendingLink,
+    input_config: Option<Json>,
+    link: Option<Json>,
+    exception: &Exception,
+) -> Json {
     json!({
         "type": "exception_during_inner_validation",
         "message": "Exception when validating inner node",
         "details": exception.message,
         "extra_info": {
             "input_name": pending.input_name,
-            "input_config": pending.input_config,
+            "input_config": input_config,
             "exception_message": exception.message,
             "exception_type": exception.type_name,
             "traceback": [],
-            "linked_node": pending.link,
+            "linked_node": link,
         },
     })
 }
 
 fn type_error(message: &str) -> Exception {
-    Exception { type_name: "TypeError", message: message.to_string() }
+    Exception {
+        type_name: "TypeError",
+        message: message.to_string(),
+    }
 }
 
 fn received_json(io_type: &IoType) -> Json {
@@ -579,7 +697,8 @@ fn to_int(value: &Json) -> Result<Json, String> {
         Json::Number(n) if !n.is_f64() => Ok(value.clone()),
         Json::Number(n) => {
             let f = n.as_f64().unwrap_or(f64::NAN);
-            int_json(f.trunc() as i128).ok_or_else(|| format!("integer {} is out of range", float_repr_int(f)))
+            int_json(f.trunc() as i128)
+                .ok_or_else(|| format!("integer {} is out of range", float_repr_int(f)))
         }
         Json::Bool(b) => Ok(Json::from(i64::from(*b))),
         Json::String(s) => parse_python_int(s)
@@ -603,7 +722,11 @@ fn parse_python_int(text: &str) -> Option<i128> {
         Some(b'+') => (false, &text[1..]),
         _ => (false, text),
     };
-    if digits.is_empty() || digits.starts_with('_') || digits.ends_with('_') || digits.contains("__") {
+    if digits.is_empty()
+        || digits.starts_with('_')
+        || digits.ends_with('_')
+        || digits.contains("__")
+    {
         return None;
     }
     let cleaned: String = digits.chars().filter(|c| *c != '_').collect();
@@ -617,15 +740,23 @@ fn parse_python_int(text: &str) -> Option<i128> {
 /// Python's `float(v)`; non-finite results are refused because JSON cannot carry them.
 fn to_float(value: &Json) -> Result<Json, String> {
     let parsed = match value {
-        Json::Number(n) => n.as_f64().ok_or_else(|| "number out of range".to_string())?,
+        Json::Number(n) => n
+            .as_f64()
+            .ok_or_else(|| "number out of range".to_string())?,
         Json::Bool(b) => f64::from(u8::from(*b)),
         Json::String(s) => {
             let trimmed = s.trim();
             let cleaned: String = trimmed.chars().filter(|c| *c != '_').collect();
-            let ok_underscores = !trimmed.starts_with('_') && !trimmed.ends_with('_') && !trimmed.contains("__");
+            let ok_underscores =
+                !trimmed.starts_with('_') && !trimmed.ends_with('_') && !trimmed.contains("__");
             match cleaned.parse::<f64>() {
                 Ok(f) if ok_underscores && !cleaned.is_empty() => f,
-                _ => return Err(format!("could not convert string to float: {}", str_repr(s))),
+                _ => {
+                    return Err(format!(
+                        "could not convert string to float: {}",
+                        str_repr(s)
+                    ))
+                }
             }
         }
         other => {
@@ -635,9 +766,12 @@ fn to_float(value: &Json) -> Result<Json, String> {
             ))
         }
     };
-    Number::from_f64(parsed)
-        .map(Json::Number)
-        .ok_or_else(|| format!("float value {} is not finite", crate::pyjson::float_repr(parsed)))
+    Number::from_f64(parsed).map(Json::Number).ok_or_else(|| {
+        format!(
+            "float value {} is not finite",
+            crate::pyjson::float_repr(parsed)
+        )
+    })
 }
 
 /// Python's `bool(v)`.
@@ -695,12 +829,21 @@ mod tests {
     fn python_conversions() {
         assert_eq!(to_int(&json!(5.7)), Ok(json!(5)));
         assert_eq!(to_int(&json!(" -1_000 ")), Ok(json!(-1000)));
-        assert_eq!(to_int(&json!("5.5")), Err("invalid literal for int() with base 10: '5.5'".into()));
+        assert_eq!(
+            to_int(&json!("5.5")),
+            Err("invalid literal for int() with base 10: '5.5'".into())
+        );
         assert_eq!(to_float(&json!(7)), Ok(json!(7.0)));
-        assert_eq!(to_float(&json!("abc")), Err("could not convert string to float: 'abc'".into()));
+        assert_eq!(
+            to_float(&json!("abc")),
+            Err("could not convert string to float: 'abc'".into())
+        );
         assert!(truthy(&json!("false")));
         assert!(!truthy(&json!(0)));
         assert!(py_eq(&json!(1), &json!(1.0)));
-        assert_eq!(compare(&json!(u64::MAX), &json!(u64::MAX)), Some(std::cmp::Ordering::Equal));
+        assert_eq!(
+            compare(&json!(u64::MAX), &json!(u64::MAX)),
+            Some(std::cmp::Ordering::Equal)
+        );
     }
 }

@@ -5,7 +5,9 @@ mod common;
 
 use common::test_nodes;
 use easel_engine::events::{Event, EventKind};
-use easel_engine::{validate_prompt, CacheMode, ExecutionStatus, Executor, Interrupt, Prompt, Services};
+use easel_engine::{
+    validate_prompt, CacheMode, ExecutionStatus, Executor, Interrupt, Prompt, Services,
+};
 use serde_json::{json, Value as Json};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -20,7 +22,11 @@ impl Harness {
     fn new(mode: CacheMode) -> Self {
         let nodes = test_nodes();
         let executor = Executor::new(Arc::new(nodes.registry), Arc::new(Services::new()), mode);
-        Harness { executor, calls: nodes.calls, interrupt: Interrupt::new() }
+        Harness {
+            executor,
+            calls: nodes.calls,
+            interrupt: Interrupt::new(),
+        }
     }
 
     fn calls(&self, class: &str) -> usize {
@@ -37,16 +43,25 @@ impl Harness {
         prompt: Json,
         on_event: impl Fn(&Event, &Interrupt),
     ) -> (easel_engine::ExecutionOutcome, Vec<(String, Json)>) {
-        let validated =
-            validate_prompt(self.executor.registry(), &Services::new(), Prompt::from_json(prompt).unwrap(), None)
-                .expect("valid prompt");
+        let validated = validate_prompt(
+            self.executor.registry(),
+            &Services::new(),
+            Prompt::from_json(prompt).unwrap(),
+            None,
+        )
+        .expect("valid prompt");
         let events = Mutex::new(Vec::new());
         let interrupt = self.interrupt.clone();
         let sink = |event: Event| {
             on_event(&event, &interrupt);
-            events.lock().unwrap().push((event.kind.name().to_string(), event.data));
+            events
+                .lock()
+                .unwrap()
+                .push((event.kind.name().to_string(), event.data));
         };
-        let outcome = self.executor.execute("p1", &validated, &json!({}), &sink, &self.interrupt);
+        let outcome = self
+            .executor
+            .execute("p1", &validated, &json!({}), &sink, &self.interrupt);
         self.interrupt.clear();
         (outcome, events.into_inner().unwrap())
     }
@@ -61,7 +76,11 @@ fn executing_order(events: &[(String, Json)]) -> Vec<String> {
 }
 
 fn of_kind<'a>(events: &'a [(String, Json)], kind: &str) -> Vec<&'a Json> {
-    events.iter().filter(|(k, _)| k == kind).map(|(_, d)| d).collect()
+    events
+        .iter()
+        .filter(|(k, _)| k == kind)
+        .map(|(_, d)| d)
+        .collect()
 }
 
 fn fan_out() -> Json {
@@ -84,10 +103,22 @@ fn runs_outputs_and_ancestors_in_comfyui_order_with_events() {
     // Node 5 is identical to node 2 (same class, same inputs): it is served from the cache.
     assert_eq!(executing_order(&events), ["1", "2", "4", "3"]);
     let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).take(5).collect();
-    assert_eq!(kinds, ["execution_start", "execution_cached", "progress_state", "executing", "progress_state"]);
+    assert_eq!(
+        kinds,
+        [
+            "execution_start",
+            "execution_cached",
+            "progress_state",
+            "executing",
+            "progress_state"
+        ]
+    );
     assert_eq!(events.last().unwrap().0, "execution_success");
     let executed = of_kind(&events, "executed");
-    assert_eq!(executed[0], &json!({"node": "2", "display_node": "2", "output": {"text": ["5"]}, "prompt_id": "p1"}));
+    assert_eq!(
+        executed[0],
+        &json!({"node": "2", "display_node": "2", "output": {"text": ["5"]}, "prompt_id": "p1"})
+    );
     assert_eq!(outcome.outputs["3"], json!({"text": ["10"]}));
     assert_eq!(
         outcome.meta["3"],
@@ -98,8 +129,15 @@ fn runs_outputs_and_ancestors_in_comfyui_order_with_events() {
         first_state["nodes"]["1"],
         json!({"value": 0.0, "max": 1.0, "state": "running", "node_id": "1", "prompt_id": "p1", "display_node_id": "1", "parent_node_id": null, "real_node_id": "1"})
     );
-    let messages: Vec<&str> = outcome.messages.iter().map(|m| m[0].as_str().unwrap()).collect();
-    assert_eq!(messages, ["execution_start", "execution_cached", "execution_success"]);
+    let messages: Vec<&str> = outcome
+        .messages
+        .iter()
+        .map(|m| m[0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        messages,
+        ["execution_start", "execution_cached", "execution_success"]
+    );
     assert_eq!(outcome.status_json()["status_str"], "success");
     assert_eq!(h.calls("Int"), 1);
 }
@@ -109,13 +147,22 @@ fn unchanged_prompt_reruns_nothing_and_resends_cached_ui() {
     let mut h = Harness::new(CacheMode::Classic);
     h.run(fan_out());
     let (outcome, events) = h.run(fan_out());
-    assert_eq!(of_kind(&events, "execution_cached")[0]["nodes"], json!(["1", "2", "3", "4", "5"]));
+    assert_eq!(
+        of_kind(&events, "execution_cached")[0]["nodes"],
+        json!(["1", "2", "3", "4", "5"])
+    );
     assert!(executing_order(&events).is_empty());
-    let executed: Vec<&Json> = of_kind(&events, "executed").iter().map(|d| &d["node"]).collect();
+    let executed: Vec<&Json> = of_kind(&events, "executed")
+        .iter()
+        .map(|d| &d["node"])
+        .collect();
     assert_eq!(executed, [&json!("2"), &json!("3"), &json!("5")]);
     assert_eq!(outcome.outputs["2"], json!({"text": ["5"]}));
     let finished = &of_kind(&events, "progress_state")[0]["nodes"]["2"];
-    assert_eq!((&finished["value"], &finished["max"]), (&json!(1), &json!(1)));
+    assert_eq!(
+        (&finished["value"], &finished["max"]),
+        (&json!(1), &json!(1))
+    );
     assert_eq!((h.calls("Int"), h.calls("Add"), h.calls("Show")), (1, 1, 2));
 
     // A changed constant re-runs only what depends on it.
@@ -205,7 +252,18 @@ fn a_failing_node_fails_its_prompt_with_execution_error() {
     let keys: Vec<&String> = error.as_object().unwrap().keys().collect();
     assert_eq!(
         keys,
-        ["prompt_id", "node_id", "node_type", "executed", "exception_message", "exception_type", "traceback", "current_inputs", "current_outputs", "timestamp"]
+        [
+            "prompt_id",
+            "node_id",
+            "node_type",
+            "executed",
+            "exception_message",
+            "exception_type",
+            "traceback",
+            "current_inputs",
+            "current_outputs",
+            "timestamp"
+        ]
     );
     assert_eq!(error["node_id"], "2");
     assert_eq!(error["node_type"], "Fail");
@@ -229,7 +287,10 @@ fn a_panicking_node_fails_its_prompt_and_the_executor_keeps_serving() {
     assert_eq!(outcome.status, ExecutionStatus::Error);
     let error = of_kind(&events, "execution_error")[0];
     assert_eq!(error["exception_type"], "RuntimeError");
-    assert!(error["exception_message"].as_str().unwrap().contains("boom"));
+    assert!(error["exception_message"]
+        .as_str()
+        .unwrap()
+        .contains("boom"));
 
     let (outcome, _) = h.run(fan_out());
     assert_eq!(outcome.status, ExecutionStatus::Success);
@@ -249,7 +310,10 @@ fn interrupt_stops_at_the_next_progress_update() {
         }
     });
     assert_eq!(outcome.status, ExecutionStatus::Interrupted);
-    let progress: Vec<&Json> = of_kind(&events, "progress").iter().map(|d| &d["value"]).collect();
+    let progress: Vec<&Json> = of_kind(&events, "progress")
+        .iter()
+        .map(|d| &d["value"])
+        .collect();
     assert_eq!(progress, [&json!(1), &json!(2)]);
     let interrupted = of_kind(&events, "execution_interrupted")[0];
     assert_eq!(interrupted["node_id"], "2");
@@ -263,7 +327,10 @@ fn interrupt_stops_at_the_next_progress_update() {
     assert_eq!(outcome.status, ExecutionStatus::Success);
     assert_eq!(executing_order(&events), ["2", "3"]);
     let steps = of_kind(&events, "progress_state").last().unwrap()["nodes"]["2"].clone();
-    assert_eq!((steps["value"].clone(), steps["state"].clone()), (json!(5), json!("finished")));
+    assert_eq!(
+        (steps["value"].clone(), steps["state"].clone()),
+        (json!(5), json!("finished"))
+    );
 }
 
 #[test]
@@ -293,14 +360,28 @@ impl easel_engine::EventSink for Quiet {
 #[test]
 fn a_100000_node_chain_executes_without_overflow() {
     let mut prompt = serde_json::Map::new();
-    prompt.insert("0".into(), json!({"class_type": "Int", "inputs": {"value": 1}}));
+    prompt.insert(
+        "0".into(),
+        json!({"class_type": "Int", "inputs": {"value": 1}}),
+    );
     for i in 1..100_000 {
-        prompt.insert(i.to_string(), json!({"class_type": "Add", "inputs": {"a": [(i - 1).to_string(), 0], "b": ["0", 0]}}));
+        prompt.insert(
+            i.to_string(),
+            json!({"class_type": "Add", "inputs": {"a": [(i - 1).to_string(), 0], "b": ["0", 0]}}),
+        );
     }
-    prompt.insert("out".into(), json!({"class_type": "Show", "inputs": {"value": ["99999", 0]}}));
+    prompt.insert(
+        "out".into(),
+        json!({"class_type": "Show", "inputs": {"value": ["99999", 0]}}),
+    );
     let h = Harness::new(CacheMode::Classic);
-    let validated =
-        validate_prompt(h.executor.registry(), &Services::new(), Prompt::from_json(Json::Object(prompt)).unwrap(), None).unwrap();
+    let validated = validate_prompt(
+        h.executor.registry(),
+        &Services::new(),
+        Prompt::from_json(Json::Object(prompt)).unwrap(),
+        None,
+    )
+    .unwrap();
     let mut executor = h.executor;
     let sink = Quiet(Mutex::new(0));
     let started = std::time::Instant::now();

@@ -57,7 +57,12 @@ fn every_captured_validation_error_matches() {
 
 fn validate(prompt: Json) -> Result<easel_engine::ValidatedPrompt, ValidationFailure> {
     let nodes = test_nodes();
-    validate_prompt(&nodes.registry, &Services::new(), Prompt::from_json(prompt).unwrap(), None)
+    validate_prompt(
+        &nodes.registry,
+        &Services::new(),
+        Prompt::from_json(prompt).unwrap(),
+        None,
+    )
 }
 
 #[test]
@@ -85,19 +90,32 @@ fn cycles_and_self_links_are_errors_not_hangs() {
     .unwrap_err();
     let errors = &err.node_errors["2"]["errors"][0];
     assert_eq!(errors["type"], "exception_during_inner_validation");
-    assert_eq!(errors["extra_info"]["exception_type"], "DependencyCycleError");
-    assert!(errors["details"].as_str().unwrap().contains("Dependency cycle detected"));
+    assert_eq!(
+        errors["extra_info"]["exception_type"],
+        "DependencyCycleError"
+    );
+    assert!(errors["details"]
+        .as_str()
+        .unwrap()
+        .contains("Dependency cycle detected"));
 
     // Show has no outputs, so its self-link fails on the slot, as in ComfyUI.
-    let err = validate(json!({"1": {"class_type": "Show", "inputs": {"value": ["1", 0]}}})).unwrap_err();
-    assert_eq!(err.node_errors["1"]["errors"][0]["extra_info"]["exception_type"], "IndexError");
+    let err =
+        validate(json!({"1": {"class_type": "Show", "inputs": {"value": ["1", 0]}}})).unwrap_err();
+    assert_eq!(
+        err.node_errors["1"]["errors"][0]["extra_info"]["exception_type"],
+        "IndexError"
+    );
 
     let err = validate(json!({
         "1": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": ["1", 0]}},
         "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}
     }))
     .unwrap_err();
-    assert_eq!(err.node_errors["1"]["errors"][0]["extra_info"]["exception_type"], "DependencyCycleError");
+    assert_eq!(
+        err.node_errors["1"]["errors"][0]["extra_info"]["exception_type"],
+        "DependencyCycleError"
+    );
 }
 
 #[test]
@@ -113,7 +131,8 @@ fn bad_links_are_reported_like_comfyui() {
     assert!(errors.iter().all(|e| e["type"] == "bad_linked_input"));
     assert_eq!(err.node_errors["2"]["dependent_outputs"], json!(["3"]));
 
-    let err = validate(json!({"3": {"class_type": "Show", "inputs": {"value": ["9", 0]}}})).unwrap_err();
+    let err =
+        validate(json!({"3": {"class_type": "Show", "inputs": {"value": ["9", 0]}}})).unwrap_err();
     let error = &err.node_errors["3"]["errors"][0];
     assert_eq!(error["type"], "exception_during_validation");
     assert_eq!(error["details"], "'9'");
@@ -124,16 +143,25 @@ fn bad_links_are_reported_like_comfyui() {
         "3": {"class_type": "Show", "inputs": {"value": ["1", 1.5]}}
     }))
     .unwrap_err();
-    assert_eq!(err.node_errors["3"]["errors"][0]["extra_info"]["exception_type"], "TypeError");
+    assert_eq!(
+        err.node_errors["3"]["errors"][0]["extra_info"]["exception_type"],
+        "TypeError"
+    );
 }
 
 #[test]
 fn prompt_level_errors() {
     let err = validate(json!({"1": {"inputs": {}}})).unwrap_err();
-    assert_eq!(err.error["message"], "Cannot execute because a node is missing the class_type property.");
+    assert_eq!(
+        err.error["message"],
+        "Cannot execute because a node is missing the class_type property."
+    );
     assert_eq!(err.error["details"], "Node ID '#1'");
     let err = validate(json!({"1": {"class_type": 5, "inputs": {}}})).unwrap_err();
-    assert_eq!(err.error["message"], "Cannot execute because node 5 does not exist.");
+    assert_eq!(
+        err.error["message"],
+        "Cannot execute because node 5 does not exist."
+    );
     let err = validate(json!({})).unwrap_err();
     assert_eq!(err.error["type"], "prompt_no_outputs");
     assert!(Prompt::from_json(json!([1, 2])).is_err());
@@ -148,16 +176,30 @@ fn partial_success_and_targets() {
     });
     let ok = validate(prompt.clone()).unwrap();
     assert_eq!(ok.outputs_to_execute, ["2"]);
-    assert_eq!(ok.node_errors["3"]["errors"][0]["type"], "required_input_missing");
+    assert_eq!(
+        ok.node_errors["3"]["errors"][0]["type"],
+        "required_input_missing"
+    );
     assert_eq!(ok.node_errors["3"]["dependent_outputs"], json!(["3"]));
 
     let nodes = test_nodes();
     let targets = vec!["3".to_string()];
-    let err = validate_prompt(&nodes.registry, &Services::new(), Prompt::from_json(prompt.clone()).unwrap(), Some(&targets))
-        .unwrap_err();
+    let err = validate_prompt(
+        &nodes.registry,
+        &Services::new(),
+        Prompt::from_json(prompt.clone()).unwrap(),
+        Some(&targets),
+    )
+    .unwrap_err();
     assert_eq!(err.error["details"], "Required input is missing: value");
     let none: Vec<String> = vec![];
-    let err = validate_prompt(&nodes.registry, &Services::new(), Prompt::from_json(prompt).unwrap(), Some(&none)).unwrap_err();
+    let err = validate_prompt(
+        &nodes.registry,
+        &Services::new(),
+        Prompt::from_json(prompt).unwrap(),
+        Some(&none),
+    )
+    .unwrap_err();
     assert_eq!(err.error["type"], "prompt_no_outputs");
 }
 
@@ -168,7 +210,10 @@ fn range_and_type_errors_use_python_formatting() {
         "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}
     }))
     .unwrap_err();
-    assert_eq!(err.node_errors["1"]["errors"][0]["message"], "Value 1000000000 bigger than max of 1000");
+    assert_eq!(
+        err.node_errors["1"]["errors"][0]["message"],
+        "Value 1000000000 bigger than max of 1000"
+    );
     let err = validate(json!({
         "1": {"class_type": "Int", "inputs": {"value": null}},
         "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}
@@ -183,15 +228,24 @@ fn range_and_type_errors_use_python_formatting() {
 #[test]
 fn a_100000_node_chain_validates_without_overflow() {
     let mut prompt = serde_json::Map::new();
-    prompt.insert("0".into(), json!({"class_type": "Int", "inputs": {"value": 1}}));
+    prompt.insert(
+        "0".into(),
+        json!({"class_type": "Int", "inputs": {"value": 1}}),
+    );
     for i in 1..100_000 {
         prompt.insert(i.to_string(), json!({"class_type": "Add", "inputs": {"a": [(i - 1).to_string(), 0], "b": [(i - 1).to_string(), 0]}}));
     }
-    prompt.insert("out".into(), json!({"class_type": "Show", "inputs": {"value": ["99999", 0]}}));
+    prompt.insert(
+        "out".into(),
+        json!({"class_type": "Show", "inputs": {"value": ["99999", 0]}}),
+    );
     let ok = validate(Json::Object(prompt.clone())).unwrap();
     assert_eq!(ok.outputs_to_execute, ["out"]);
 
     // A cycle at the bottom of the chain is still found.
-    prompt.insert("0".into(), json!({"class_type": "Add", "inputs": {"a": ["99999", 0], "b": ["1", 0]}}));
+    prompt.insert(
+        "0".into(),
+        json!({"class_type": "Add", "inputs": {"a": ["99999", 0], "b": ["1", 0]}}),
+    );
     assert!(validate(Json::Object(prompt)).is_err());
 }

@@ -17,8 +17,14 @@ impl Node for Canny {
     fn schema(&self, _: &Services) -> NodeSchema {
         NodeSchema::v3("Canny", "comfy_extras.nodes_canny", "image/preprocessors")
             .required("image", InputSpec::of("IMAGE"))
-            .required("low_threshold", InputSpec::float(0.4, 0.01, 0.99).opt("step", 0.01))
-            .required("high_threshold", InputSpec::float(0.8, 0.01, 0.99).opt("step", 0.01))
+            .required(
+                "low_threshold",
+                InputSpec::float(0.4, 0.01, 0.99).opt("step", 0.01),
+            )
+            .required(
+                "high_threshold",
+                InputSpec::float(0.8, 0.01, 0.99).opt("step", 0.01),
+            )
             .output(OutputSpec::of("IMAGE"))
     }
 
@@ -27,7 +33,10 @@ impl Node for Canny {
         let low = inputs.float("low_threshold")? as f32;
         let high = inputs.float("high_threshold")? as f32;
         if image.channels != 3 && image.channels != 1 {
-            return Err(NodeError::value(format!("Canny expects 1 or 3 channels, got {}", image.channels)));
+            return Err(NodeError::value(format!(
+                "Canny expects 1 or 3 channels, got {}",
+                image.channels
+            )));
         }
         let (h, w) = (image.height, image.width);
         let mut data = Vec::with_capacity(image.batch * h * w * 3);
@@ -36,7 +45,13 @@ impl Node for Canny {
             let gray: Vec<f32> = image
                 .frame(b)
                 .chunks(image.channels)
-                .map(|p| if p.len() == 3 { 0.299f32 * p[0] + 0.587f32 * p[1] + 0.114f32 * p[2] } else { p[0] })
+                .map(|p| {
+                    if p.len() == 3 {
+                        0.299f32 * p[0] + 0.587f32 * p[1] + 0.114f32 * p[2]
+                    } else {
+                        p[0]
+                    }
+                })
                 .collect();
             let edges = canny(&gray, h, w, low, high);
             data.extend(edges.into_iter().flat_map(|v| [v, v, v]));
@@ -98,17 +113,30 @@ fn blur(gray: &[f32], h: usize, w: usize) -> Vec<f32> {
 }
 
 /// The 8 neighbour offsets in kornia's NMS-kernel order (0° = +x, angles growing towards +y).
-const DIRECTIONS: [(isize, isize); 8] = [(0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1), (-1, 0), (-1, 1)];
+const DIRECTIONS: [(isize, isize); 8] = [
+    (0, 1),
+    (1, 1),
+    (1, 0),
+    (1, -1),
+    (0, -1),
+    (-1, -1),
+    (-1, 0),
+    (-1, 1),
+];
 
 fn canny(gray: &[f32], h: usize, w: usize, low: f32, high: f32) -> Vec<f32> {
     let blurred = blur(gray, h, w);
-    let at = |y: isize, x: isize| blurred[y.clamp(0, h as isize - 1) as usize * w + x.clamp(0, w as isize - 1) as usize];
+    let at = |y: isize, x: isize| {
+        blurred[y.clamp(0, h as isize - 1) as usize * w + x.clamp(0, w as isize - 1) as usize]
+    };
     let mut magnitude = vec![0.0f32; h * w];
     let mut direction = vec![0usize; h * w];
     for y in 0..h as isize {
         for x in 0..w as isize {
-            let gx = (at(y - 1, x + 1) + 2.0 * at(y, x + 1) + at(y + 1, x + 1)) - (at(y - 1, x - 1) + 2.0 * at(y, x - 1) + at(y + 1, x - 1));
-            let gy = (at(y + 1, x - 1) + 2.0 * at(y + 1, x) + at(y + 1, x + 1)) - (at(y - 1, x - 1) + 2.0 * at(y - 1, x) + at(y - 1, x + 1));
+            let gx = (at(y - 1, x + 1) + 2.0 * at(y, x + 1) + at(y + 1, x + 1))
+                - (at(y - 1, x - 1) + 2.0 * at(y, x - 1) + at(y + 1, x - 1));
+            let gy = (at(y + 1, x - 1) + 2.0 * at(y + 1, x) + at(y + 1, x + 1))
+                - (at(y - 1, x - 1) + 2.0 * at(y - 1, x) + at(y - 1, x + 1));
             let i = y as usize * w + x as usize;
             magnitude[i] = (gx * gx + gy * gy + 1e-6).sqrt();
             let degrees = 180.0f32 * gy.atan2(gx) / std::f32::consts::PI;
@@ -117,7 +145,10 @@ fn canny(gray: &[f32], h: usize, w: usize, low: f32, high: f32) -> Vec<f32> {
         }
     }
     let neighbour = |i: usize, d: usize| {
-        let (y, x) = ((i / w) as isize + DIRECTIONS[d].0, (i % w) as isize + DIRECTIONS[d].1);
+        let (y, x) = (
+            (i / w) as isize + DIRECTIONS[d].0,
+            (i % w) as isize + DIRECTIONS[d].1,
+        );
         if y < 0 || x < 0 || y >= h as isize || x >= w as isize {
             0.0
         } else {
@@ -128,7 +159,8 @@ fn canny(gray: &[f32], h: usize, w: usize, low: f32, high: f32) -> Vec<f32> {
     let mut class = vec![0u8; h * w];
     for i in 0..h * w {
         let d = direction[i];
-        let is_max = magnitude[i] - neighbour(i, d) > 0.0 && magnitude[i] - neighbour(i, (d + 4) % 8) > 0.0;
+        let is_max =
+            magnitude[i] - neighbour(i, d) > 0.0 && magnitude[i] - neighbour(i, (d + 4) % 8) > 0.0;
         let m = if is_max { magnitude[i] } else { 0.0 };
         class[i] = u8::from(m > low) + u8::from(m > high);
     }
@@ -160,7 +192,9 @@ mod tests {
     #[test]
     fn a_bright_line_gives_edges_on_both_sides() {
         let (h, w) = (12, 12);
-        let gray: Vec<f32> = (0..h * w).map(|i| if i % w == 6 { 1.0 } else { 0.0 }).collect();
+        let gray: Vec<f32> = (0..h * w)
+            .map(|i| if i % w == 6 { 1.0 } else { 0.0 })
+            .collect();
         let edges = canny(&gray, h, w, 0.1, 0.2);
         for y in 0..h {
             let row: Vec<usize> = (0..w).filter(|&x| edges[y * w + x] == 1.0).collect();
@@ -175,6 +209,9 @@ mod tests {
 
     #[test]
     fn reflect_padding_mirrors_without_repeating_the_edge() {
-        assert_eq!([reflect(-2, 5), reflect(-1, 5), reflect(5, 5), reflect(6, 5)], [2, 1, 3, 2]);
+        assert_eq!(
+            [reflect(-2, 5), reflect(-1, 5), reflect(5, 5), reflect(6, 5)],
+            [2, 1, 3, 2]
+        );
     }
 }

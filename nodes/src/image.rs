@@ -20,25 +20,46 @@ impl NodeObject for Image {
         "IMAGE"
     }
     fn describe(&self) -> String {
-        format!("IMAGE[{}, {}, {}, {}]", self.batch, self.height, self.width, self.channels)
+        format!(
+            "IMAGE[{}, {}, {}, {}]",
+            self.batch, self.height, self.width, self.channels
+        )
     }
 }
 
 impl Image {
     /// An image batch filled with `value`.
     pub fn filled(batch: usize, height: usize, width: usize, channels: usize, value: f32) -> Self {
-        Image { batch, height, width, channels, data: vec![value; batch * height * width * channels] }
+        Image {
+            batch,
+            height,
+            width,
+            channels,
+            data: vec![value; batch * height * width * channels],
+        }
     }
 
     /// Builds an image, checking that `data` has `batch·height·width·channels` values.
-    pub fn new(batch: usize, height: usize, width: usize, channels: usize, data: Vec<f32>) -> Result<Self, NodeError> {
+    pub fn new(
+        batch: usize,
+        height: usize,
+        width: usize,
+        channels: usize,
+        data: Vec<f32>,
+    ) -> Result<Self, NodeError> {
         if data.len() != batch * height * width * channels {
             return Err(NodeError::new(format!(
                 "image buffer has {} values, expected {batch}x{height}x{width}x{channels}",
                 data.len()
             )));
         }
-        Ok(Image { batch, height, width, channels, data })
+        Ok(Image {
+            batch,
+            height,
+            width,
+            channels,
+            data,
+        })
     }
 
     pub fn frame_len(&self) -> usize {
@@ -65,45 +86,78 @@ impl Image {
                 data.extend_from_slice(&self.data[start..start + width * self.channels]);
             }
         }
-        Image { batch: self.batch, height, width, channels: self.channels, data }
+        Image {
+            batch: self.batch,
+            height,
+            width,
+            channels: self.channels,
+            data,
+        }
     }
 
     /// ComfyUI's `repeat_to_batch_size`: truncates, or tiles then truncates.
     pub fn repeat_to_batch(&self, batch: usize) -> Image {
         let len = self.frame_len();
-        let data = (0..batch).flat_map(|b| self.frame(b % self.batch.max(1)).iter().copied()).collect::<Vec<_>>();
+        let data = (0..batch)
+            .flat_map(|b| self.frame(b % self.batch.max(1)).iter().copied())
+            .collect::<Vec<_>>();
         debug_assert_eq!(data.len(), batch * len);
-        Image { batch, data, ..self.clone() }
+        Image {
+            batch,
+            data,
+            ..self.clone()
+        }
     }
 
     /// Adds one channel set to `value` (ComfyUI's `torch.nn.functional.pad(x, (0, 1), value=…)`).
     pub fn with_extra_channel(&self, value: f32) -> Image {
-        let mut data = Vec::with_capacity(self.batch * self.height * self.width * (self.channels + 1));
+        let mut data =
+            Vec::with_capacity(self.batch * self.height * self.width * (self.channels + 1));
         for pixel in self.data.chunks(self.channels.max(1)) {
             data.extend_from_slice(pixel);
             data.push(value);
         }
-        Image { channels: self.channels + 1, data, ..self.clone() }
+        Image {
+            channels: self.channels + 1,
+            data,
+            ..self.clone()
+        }
     }
 
     /// Keeps the first `channels` channels.
     pub fn first_channels(&self, channels: usize) -> Image {
-        let data = self.data.chunks(self.channels.max(1)).flat_map(|p| p[..channels].iter().copied()).collect();
-        Image { channels, data, ..self.clone() }
+        let data = self
+            .data
+            .chunks(self.channels.max(1))
+            .flat_map(|p| p[..channels].iter().copied())
+            .collect();
+        Image {
+            channels,
+            data,
+            ..self.clone()
+        }
     }
 
     /// Concatenates batches of equal-shaped images.
     pub fn concat(images: &[Image]) -> Result<Image, NodeError> {
-        let first = images.first().ok_or_else(|| NodeError::new("no images to concatenate"))?;
+        let first = images
+            .first()
+            .ok_or_else(|| NodeError::new("no images to concatenate"))?;
         let mut data = Vec::new();
         for image in images {
-            if (image.height, image.width, image.channels) != (first.height, first.width, first.channels) {
+            if (image.height, image.width, image.channels)
+                != (first.height, first.width, first.channels)
+            {
                 return Err(NodeError::new("images to concatenate differ in size"));
             }
             data.extend_from_slice(&image.data);
         }
         let batch = images.iter().map(|i| i.batch).sum();
-        Ok(Image { batch, data, ..first.clone() })
+        Ok(Image {
+            batch,
+            data,
+            ..first.clone()
+        })
     }
 }
 
@@ -127,7 +181,12 @@ impl NodeObject for Mask {
 
 impl Mask {
     pub fn filled(batch: usize, height: usize, width: usize, value: f32) -> Self {
-        Mask { batch, height, width, data: vec![value; batch * height * width] }
+        Mask {
+            batch,
+            height,
+            width,
+            data: vec![value; batch * height * width],
+        }
     }
 
     pub fn frame(&self, index: usize) -> &[f32] {
@@ -137,12 +196,21 @@ impl Mask {
 
     /// Applies `f` to every value.
     pub fn map(&self, f: impl Fn(f32) -> f32) -> Mask {
-        Mask { data: self.data.iter().map(|&v| f(v)).collect(), ..self.clone() }
+        Mask {
+            data: self.data.iter().map(|&v| f(v)).collect(),
+            ..self.clone()
+        }
     }
 
     /// The mask as a one-channel image `[B, H, W, 1]`.
     pub fn as_image(&self) -> Image {
-        Image { batch: self.batch, height: self.height, width: self.width, channels: 1, data: self.data.clone() }
+        Image {
+            batch: self.batch,
+            height: self.height,
+            width: self.width,
+            channels: 1,
+            data: self.data.clone(),
+        }
     }
 }
 

@@ -15,24 +15,43 @@ pub struct Frame {
 }
 
 fn read_error(path: &Path, error: impl std::fmt::Display) -> NodeError {
-    NodeError::typed("OSError", format!("cannot identify image file '{}': {error}", path.display()))
+    NodeError::typed(
+        "OSError",
+        format!("cannot identify image file '{}': {error}", path.display()),
+    )
 }
 
 /// Decodes every frame of an image file, each turned upright by its EXIF orientation.
 pub fn load_frames(path: &Path) -> Result<Vec<Frame>, NodeError> {
-    let bytes = std::fs::read(path).map_err(|e| NodeError::typed("FileNotFoundError", format!("{}: {e}", path.display())))?;
-    let reader = ImageReader::new(Cursor::new(&bytes)).with_guessed_format().map_err(|e| read_error(path, e))?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| NodeError::typed("FileNotFoundError", format!("{}: {e}", path.display())))?;
+    let reader = ImageReader::new(Cursor::new(&bytes))
+        .with_guessed_format()
+        .map_err(|e| read_error(path, e))?;
     if reader.format() == Some(ImageFormat::Gif) {
-        let decoder = GifDecoder::new(BufReader::new(Cursor::new(&bytes))).map_err(|e| read_error(path, e))?;
-        let frames = decoder.into_frames().collect_frames().map_err(|e| read_error(path, e))?;
-        return Ok(frames.into_iter().map(|f| Frame { rgba: f.into_buffer(), has_alpha: true }).collect());
+        let decoder = GifDecoder::new(BufReader::new(Cursor::new(&bytes)))
+            .map_err(|e| read_error(path, e))?;
+        let frames = decoder
+            .into_frames()
+            .collect_frames()
+            .map_err(|e| read_error(path, e))?;
+        return Ok(frames
+            .into_iter()
+            .map(|f| Frame {
+                rgba: f.into_buffer(),
+                has_alpha: true,
+            })
+            .collect());
     }
     let mut decoder = reader.into_decoder().map_err(|e| read_error(path, e))?;
     let orientation = decoder.orientation().map_err(|e| read_error(path, e))?;
     let mut decoded = DynamicImage::from_decoder(decoder).map_err(|e| read_error(path, e))?;
     decoded.apply_orientation(orientation);
     let has_alpha = decoded.color().has_alpha();
-    Ok(vec![Frame { rgba: to_rgba8_like_pillow(&decoded), has_alpha }])
+    Ok(vec![Frame {
+        rgba: to_rgba8_like_pillow(&decoded),
+        has_alpha,
+    }])
 }
 
 /// 8-bit RGBA as Pillow opens the file: 16-bit colour keeps the high byte, 16-bit grey is clipped
@@ -43,7 +62,12 @@ fn to_rgba8_like_pillow(decoded: &DynamicImage) -> image::RgbaImage {
             let wide = decoded.to_rgba16();
             image::RgbaImage::from_fn(wide.width(), wide.height(), |x, y| {
                 let p = wide.get_pixel(x, y).0;
-                image::Rgba([(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8, (p[3] >> 8) as u8])
+                image::Rgba([
+                    (p[0] >> 8) as u8,
+                    (p[1] >> 8) as u8,
+                    (p[2] >> 8) as u8,
+                    (p[3] >> 8) as u8,
+                ])
             })
         }
         DynamicImage::ImageLuma16(_) | DynamicImage::ImageLumaA16(_) => {
@@ -60,7 +84,9 @@ fn to_rgba8_like_pillow(decoded: &DynamicImage) -> image::RgbaImage {
 
 /// The RGB channels of frames as an `IMAGE` (`np.float32(v) / 255`).
 pub fn frames_to_image(frames: &[&Frame]) -> Result<Image, NodeError> {
-    let first = frames.first().ok_or_else(|| NodeError::new("image has no frames"))?;
+    let first = frames
+        .first()
+        .ok_or_else(|| NodeError::new("image has no frames"))?;
     let (w, h) = first.rgba.dimensions();
     let mut data = Vec::with_capacity(frames.len() * (w * h * 3) as usize);
     for frame in frames {
@@ -99,7 +125,12 @@ pub fn encode_png(
         2 => png::ColorType::GrayscaleAlpha,
         3 => png::ColorType::Rgb,
         4 => png::ColorType::Rgba,
-        other => return Err(NodeError::typed("TypeError", format!("Cannot handle this data type: {other} channels"))),
+        other => {
+            return Err(NodeError::typed(
+                "TypeError",
+                format!("Cannot handle this data type: {other} channels"),
+            ))
+        }
     };
     let (w, h) = (
         u32::try_from(width).map_err(|_| NodeError::value("image too wide"))?,
@@ -115,7 +146,9 @@ pub fn encode_png(
             PngCompression::Balanced => png::Compression::Balanced,
         });
         for (key, value) in text {
-            encoder.add_text_chunk(key.clone(), value.clone()).map_err(png_error)?;
+            encoder
+                .add_text_chunk(key.clone(), value.clone())
+                .map_err(png_error)?;
         }
         let mut writer = encoder.write_header().map_err(png_error)?;
         writer.write_image_data(pixels).map_err(png_error)?;

@@ -7,7 +7,9 @@ use crate::paths::{normalize, Paths};
 use crate::resample::{common_upscale, resize, ResizeMethod, UPSCALE_METHODS};
 use easel_engine::pyjson::dumps;
 use easel_engine::schema::{CustomValidation, InputSpec, NodeSchema, OutputSpec, MAX_RESOLUTION};
-use easel_engine::{HiddenInput, Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
+use easel_engine::{
+    HiddenInput, Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value,
+};
 use rand::Rng;
 use serde_json::{json, Map, Value as Json};
 use sha2::{Digest, Sha256};
@@ -27,27 +29,43 @@ pub(crate) fn image_result(image: Image) -> NodeOutput {
 
 fn non_negative(inputs: &NodeInputs, name: &str) -> Result<usize, NodeError> {
     let value = inputs.int(name)?;
-    usize::try_from(value).map_err(|_| NodeError::value(format!("{name} must not be negative, got {value}")))
+    usize::try_from(value)
+        .map_err(|_| NodeError::value(format!("{name} must not be negative, got {value}")))
 }
 
 fn sha256_file(path: &Path) -> Result<String, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// The file an image input names, if it exists inside its directory.
 fn existing_image(services: &Services, name: &str) -> Option<PathBuf> {
-    services.get::<Paths>()?.annotated_filepath(name).filter(|p| p.is_file())
+    services
+        .get::<Paths>()?
+        .annotated_filepath(name)
+        .filter(|p| p.is_file())
 }
 
-fn image_name_fingerprint(services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
-    let name = inputs.get("image").and_then(Json::as_str).unwrap_or_default();
+fn image_name_fingerprint(
+    services: &Services,
+    inputs: &Map<String, Json>,
+) -> Option<Result<Json, String>> {
+    let name = inputs
+        .get("image")
+        .and_then(Json::as_str)
+        .unwrap_or_default();
     let path = existing_image(services, name).ok_or_else(|| format!("Invalid image file: {name}"));
     Some(path.and_then(|p| sha256_file(&p)).map(Json::String))
 }
 
 fn validate_image_name(services: &Services, inputs: &Map<String, Json>) -> Result<(), String> {
-    let name = inputs.get("image").map(easel_engine::pyjson::py_str).unwrap_or_default();
+    let name = inputs
+        .get("image")
+        .map(easel_engine::pyjson::py_str)
+        .unwrap_or_default();
     match existing_image(services, &name) {
         Some(_) => Ok(()),
         None => Err(format!("Invalid image file: {name}")),
@@ -56,7 +74,8 @@ fn validate_image_name(services: &Services, inputs: &Map<String, Json>) -> Resul
 
 fn image_file(ctx: &NodeContext, inputs: &NodeInputs) -> Result<PathBuf, NodeError> {
     let name = inputs.string("image")?;
-    existing_image(ctx.services, name).ok_or_else(|| NodeError::typed("FileNotFoundError", format!("Invalid image file: {name}")))
+    existing_image(ctx.services, name)
+        .ok_or_else(|| NodeError::typed("FileNotFoundError", format!("Invalid image file: {name}")))
 }
 
 /// `LoadImage`: every frame of the same size as the first, as RGB, and the inverted alpha as mask.
@@ -64,7 +83,10 @@ pub struct LoadImage;
 
 impl Node for LoadImage {
     fn schema(&self, services: &Services) -> NodeSchema {
-        let files = services.get::<Paths>().map(Paths::input_images).unwrap_or_default();
+        let files = services
+            .get::<Paths>()
+            .map(Paths::input_images)
+            .unwrap_or_default();
         NodeSchema::v1("LoadImage", "nodes", "image")
             .display("Load Image")
             .required("image", InputSpec::combo(&files).opt("image_upload", true))
@@ -75,37 +97,66 @@ impl Node for LoadImage {
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let frames = load_frames(&image_file(ctx, inputs)?)?;
-        let first_size = frames.first().map(|f| f.rgba.dimensions()).ok_or_else(|| NodeError::new("image has no frames"))?;
-        let kept: Vec<_> = frames.iter().filter(|f| f.rgba.dimensions() == first_size).collect();
+        let first_size = frames
+            .first()
+            .map(|f| f.rgba.dimensions())
+            .ok_or_else(|| NodeError::new("image has no frames"))?;
+        let kept: Vec<_> = frames
+            .iter()
+            .filter(|f| f.rgba.dimensions() == first_size)
+            .collect();
         let image = frames_to_image(&kept)?;
         let masks: Vec<Mask> = kept
             .iter()
             .map(|frame| {
                 if frame.has_alpha {
                     let (w, h) = frame.rgba.dimensions();
-                    let data = frame.rgba.pixels().map(|p| 1.0 - crate::image::from_u8(p.0[3])).collect();
-                    Mask { batch: 1, height: h as usize, width: w as usize, data }
+                    let data = frame
+                        .rgba
+                        .pixels()
+                        .map(|p| 1.0 - crate::image::from_u8(p.0[3]))
+                        .collect();
+                    Mask {
+                        batch: 1,
+                        height: h as usize,
+                        width: w as usize,
+                        data,
+                    }
                 } else {
                     Mask::filled(1, 64, 64, 0.0)
                 }
             })
             .collect();
         let mask = concat_masks(&masks)?;
-        Ok(NodeOutput::values(vec![Value::object(image), Value::object(mask)]))
+        Ok(NodeOutput::values(vec![
+            Value::object(image),
+            Value::object(mask),
+        ]))
     }
 
-    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+    fn fingerprint(
+        &self,
+        services: &Services,
+        inputs: &Map<String, Json>,
+    ) -> Option<Result<Json, String>> {
         image_name_fingerprint(services, inputs)
     }
 
-    fn validate_inputs(&self, services: &Services, inputs: &Map<String, Json>) -> Result<(), String> {
+    fn validate_inputs(
+        &self,
+        services: &Services,
+        inputs: &Map<String, Json>,
+    ) -> Result<(), String> {
         validate_image_name(services, inputs)
     }
 }
 
 fn concat_masks(masks: &[Mask]) -> Result<Mask, NodeError> {
     let first = masks.first().ok_or_else(|| NodeError::new("no masks"))?;
-    if masks.iter().any(|m| (m.height, m.width) != (first.height, first.width)) {
+    if masks
+        .iter()
+        .any(|m| (m.height, m.width) != (first.height, first.width))
+    {
         return Err(NodeError::new("masks to concatenate differ in size"));
     }
     Ok(Mask {
@@ -121,18 +172,26 @@ pub struct LoadImageMask;
 
 impl Node for LoadImageMask {
     fn schema(&self, services: &Services) -> NodeSchema {
-        let files = services.get::<Paths>().map(Paths::input_files).unwrap_or_default();
+        let files = services
+            .get::<Paths>()
+            .map(Paths::input_files)
+            .unwrap_or_default();
         NodeSchema::v1("LoadImageMask", "nodes", "mask")
             .display("Load Image (as Mask)")
             .required("image", InputSpec::combo(&files).opt("image_upload", true))
-            .required("channel", InputSpec::combo(&["alpha", "red", "green", "blue"]))
+            .required(
+                "channel",
+                InputSpec::combo(&["alpha", "red", "green", "blue"]),
+            )
             .output(OutputSpec::of("MASK"))
             .validated_by(CustomValidation::Inputs(vec!["image".into()]))
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let frames = load_frames(&image_file(ctx, inputs)?)?;
-        let frame = frames.first().ok_or_else(|| NodeError::new("image has no frames"))?;
+        let frame = frames
+            .first()
+            .ok_or_else(|| NodeError::new("image has no frames"))?;
         let channel = match inputs.string("channel")? {
             "red" => 0,
             "green" => 1,
@@ -153,14 +212,27 @@ impl Node for LoadImageMask {
                 }
             })
             .collect();
-        Ok(NodeOutput::values(vec![Value::object(Mask { batch: 1, height: h as usize, width: w as usize, data })]))
+        Ok(NodeOutput::values(vec![Value::object(Mask {
+            batch: 1,
+            height: h as usize,
+            width: w as usize,
+            data,
+        })]))
     }
 
-    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+    fn fingerprint(
+        &self,
+        services: &Services,
+        inputs: &Map<String, Json>,
+    ) -> Option<Result<Json, String>> {
         image_name_fingerprint(services, inputs)
     }
 
-    fn validate_inputs(&self, services: &Services, inputs: &Map<String, Json>) -> Result<(), String> {
+    fn validate_inputs(
+        &self,
+        services: &Services,
+        inputs: &Map<String, Json>,
+    ) -> Result<(), String> {
         validate_image_name(services, inputs)
     }
 }
@@ -173,7 +245,12 @@ pub struct SaveTarget {
     pub subfolder: String,
 }
 
-pub fn save_target(prefix: &str, output_dir: &Path, width: usize, height: usize) -> Result<SaveTarget, NodeError> {
+pub fn save_target(
+    prefix: &str,
+    output_dir: &Path,
+    width: usize,
+    height: usize,
+) -> Result<SaveTarget, NodeError> {
     let mut prefix = prefix.to_string();
     if prefix.contains('%') {
         let now = chrono::Local::now();
@@ -191,8 +268,14 @@ pub fn save_target(prefix: &str, output_dir: &Path, width: usize, height: usize)
         }
     }
     let normalized = normalize(Path::new(&prefix));
-    let filename = normalized.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    let subfolder = normalized.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    let filename = normalized
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let subfolder = normalized
+        .parent()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let folder = normalize(&output_dir.join(&subfolder));
     if !folder.starts_with(output_dir) {
         let common: PathBuf = folder
@@ -210,34 +293,61 @@ pub fn save_target(prefix: &str, output_dir: &Path, width: usize, height: usize)
     }
     // The counter: 1 + the highest `<prefix>_<number>…` in the folder (the basename of the prefix
     // as written decides how many characters are compared, as in ComfyUI).
-    let prefix_len = Path::new(&prefix).file_name().map(|f| f.to_string_lossy().chars().count()).unwrap_or(0);
+    let prefix_len = Path::new(&prefix)
+        .file_name()
+        .map(|f| f.to_string_lossy().chars().count())
+        .unwrap_or(0);
     let counter = match std::fs::read_dir(&folder) {
         Ok(entries) => entries
             .flatten()
             .filter_map(|entry| {
                 let name: Vec<char> = entry.file_name().to_string_lossy().chars().collect();
                 let head: String = name.iter().take(prefix_len + 1).collect();
-                let (stem, last) = (head.get(..head.len().saturating_sub(1))?, head.chars().last()?);
+                let (stem, last) = (
+                    head.get(..head.len().saturating_sub(1))?,
+                    head.chars().last()?,
+                );
                 if stem != filename || last != '_' {
                     return None;
                 }
                 let tail: String = name.iter().skip(prefix_len + 1).collect();
-                Some(tail.split('_').next().and_then(|d| d.trim().parse::<u64>().ok()).unwrap_or(0))
+                Some(
+                    tail.split('_')
+                        .next()
+                        .and_then(|d| d.trim().parse::<u64>().ok())
+                        .unwrap_or(0),
+                )
             })
             .max()
             .map_or(1, |highest| highest + 1),
         Err(_) => {
-            std::fs::create_dir_all(&folder).map_err(|e| NodeError::typed("OSError", e.to_string()))?;
+            std::fs::create_dir_all(&folder)
+                .map_err(|e| NodeError::typed("OSError", e.to_string()))?;
             1
         }
     };
-    Ok(SaveTarget { folder, filename, counter, subfolder })
+    Ok(SaveTarget {
+        folder,
+        filename,
+        counter,
+        subfolder,
+    })
 }
 
 /// Writes each image of the batch as a PNG and returns the UI `{"images": [...]}`.
-fn save_batch(ctx: &NodeContext, images: &Image, prefix: &str, dir: &Path, kind: &str, compression: PngCompression) -> Result<NodeOutput, NodeError> {
+fn save_batch(
+    ctx: &NodeContext,
+    images: &Image,
+    prefix: &str,
+    dir: &Path,
+    kind: &str,
+    compression: PngCompression,
+) -> Result<NodeOutput, NodeError> {
     let target = save_target(prefix, dir, images.width, images.height)?;
-    let metadata = ctx.services.get::<ImageMetadata>().is_none_or(|m| m.enabled);
+    let metadata = ctx
+        .services
+        .get::<ImageMetadata>()
+        .is_none_or(|m| m.enabled);
     let mut text = Vec::new();
     if metadata {
         text.push(("prompt".to_string(), dumps(ctx.prompt)));
@@ -251,8 +361,16 @@ fn save_batch(ctx: &NodeContext, images: &Image, prefix: &str, dir: &Path, kind:
     for index in 0..images.batch {
         let stem = target.filename.replace("%batch_num%", &index.to_string());
         let file = format!("{stem}_{:05}_.png", target.counter + index as u64);
-        let png = encode_png(&image_to_u8(images, index), images.width, images.height, images.channels, &text, compression)?;
-        std::fs::write(target.folder.join(&file), png).map_err(|e| NodeError::typed("OSError", e.to_string()))?;
+        let png = encode_png(
+            &image_to_u8(images, index),
+            images.width,
+            images.height,
+            images.channels,
+            &text,
+            compression,
+        )?;
+        std::fs::write(target.folder.join(&file), png)
+            .map_err(|e| NodeError::typed("OSError", e.to_string()))?;
         results.push(json!({"filename": file, "subfolder": target.subfolder, "type": kind}));
     }
     let mut ui = Map::new();
@@ -281,7 +399,14 @@ impl Node for SaveImage {
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let paths = ctx.services.require::<Paths>()?;
         let images = inputs.object::<Image>("images")?;
-        save_batch(ctx, images, inputs.string("filename_prefix")?, &paths.output, "output", PngCompression::Balanced)
+        save_batch(
+            ctx,
+            images,
+            inputs.string("filename_prefix")?,
+            &paths.output,
+            "output",
+            PngCompression::Balanced,
+        )
     }
 }
 
@@ -295,10 +420,15 @@ pub struct PreviewImage {
 impl PreviewImage {
     fn prefix(&self, node_id: &str) -> String {
         const ALPHABET: &[u8] = b"abcdefghijklmnopqrstupvxyz";
-        let mut suffixes = self.suffixes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut suffixes = self
+            .suffixes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let suffix = suffixes.entry(node_id.to_string()).or_insert_with(|| {
             let mut rng = rand::rng();
-            (0..5).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+            (0..5)
+                .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+                .collect()
         });
         format!("ComfyUI_temp_{suffix}")
     }
@@ -318,7 +448,14 @@ impl Node for PreviewImage {
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let paths = ctx.services.require::<Paths>()?;
         let images = inputs.object::<Image>("images")?;
-        save_batch(ctx, images, &self.prefix(ctx.node_id), &paths.temp, "temp", PngCompression::Fast)
+        save_batch(
+            ctx,
+            images,
+            &self.prefix(ctx.node_id),
+            &paths.temp,
+            "temp",
+            PngCompression::Fast,
+        )
     }
 }
 
@@ -335,26 +472,41 @@ impl Node for ImageScale {
             .display("Upscale Image")
             .required("image", InputSpec::of("IMAGE"))
             .required("upscale_method", upscale_method_input())
-            .required("width", InputSpec::int(512, 0, MAX_RESOLUTION).opt("step", 1))
-            .required("height", InputSpec::int(512, 0, MAX_RESOLUTION).opt("step", 1))
+            .required(
+                "width",
+                InputSpec::int(512, 0, MAX_RESOLUTION).opt("step", 1),
+            )
+            .required(
+                "height",
+                InputSpec::int(512, 0, MAX_RESOLUTION).opt("step", 1),
+            )
             .required("crop", InputSpec::combo(&["disabled", "center"]))
             .output(OutputSpec::of("IMAGE"))
     }
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let image = inputs.object::<Image>("image")?;
-        let (mut width, mut height) = (non_negative(inputs, "width")?, non_negative(inputs, "height")?);
+        let (mut width, mut height) = (
+            non_negative(inputs, "width")?,
+            non_negative(inputs, "height")?,
+        );
         if width == 0 && height == 0 {
             return Ok(image_result(image.clone()));
         }
         if width == 0 {
-            width = ((image.width * height) as f64 / image.height as f64).round_ties_even().max(1.0) as usize;
+            width = ((image.width * height) as f64 / image.height as f64)
+                .round_ties_even()
+                .max(1.0) as usize;
         } else if height == 0 {
-            height = ((image.height * width) as f64 / image.width as f64).round_ties_even().max(1.0) as usize;
+            height = ((image.height * width) as f64 / image.width as f64)
+                .round_ties_even()
+                .max(1.0) as usize;
         }
         let method: ResizeMethod = inputs.string("upscale_method")?.parse()?;
         let center = inputs.string("crop")? == "center";
-        Ok(image_result(common_upscale(image, width, height, method, center)?))
+        Ok(image_result(common_upscale(
+            image, width, height, method, center,
+        )?))
     }
 }
 
@@ -367,7 +519,10 @@ impl Node for ImageScaleBy {
             .display("Upscale Image By")
             .required("image", InputSpec::of("IMAGE"))
             .required("upscale_method", upscale_method_input())
-            .required("scale_by", InputSpec::float(1.0, 0.01, 8.0).opt("step", 0.01))
+            .required(
+                "scale_by",
+                InputSpec::float(1.0, 0.01, 8.0).opt("step", 0.01),
+            )
             .output(OutputSpec::of("IMAGE"))
     }
 
@@ -377,7 +532,9 @@ impl Node for ImageScaleBy {
         let width = (image.width as f64 * scale).round_ties_even() as usize;
         let height = (image.height as f64 * scale).round_ties_even() as usize;
         let method: ResizeMethod = inputs.string("upscale_method")?.parse()?;
-        Ok(image_result(common_upscale(image, width, height, method, false)?))
+        Ok(image_result(common_upscale(
+            image, width, height, method, false,
+        )?))
     }
 }
 
@@ -394,7 +551,10 @@ impl Node for ImageInvert {
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let image = inputs.object::<Image>("image")?;
-        Ok(image_result(Image { data: image.data.iter().map(|v| 1.0 - v).collect(), ..image.clone() }))
+        Ok(image_result(Image {
+            data: image.data.iter().map(|v| 1.0 - v).collect(),
+            ..image.clone()
+        }))
     }
 }
 
@@ -406,8 +566,14 @@ impl Node for ImageCrop {
         NodeSchema::v1("ImageCrop", "comfy_extras.nodes_images", "image/transform")
             .display("Image Crop")
             .required("image", InputSpec::of("IMAGE"))
-            .required("width", InputSpec::int(512, 1, MAX_RESOLUTION).opt("step", 1))
-            .required("height", InputSpec::int(512, 1, MAX_RESOLUTION).opt("step", 1))
+            .required(
+                "width",
+                InputSpec::int(512, 1, MAX_RESOLUTION).opt("step", 1),
+            )
+            .required(
+                "height",
+                InputSpec::int(512, 1, MAX_RESOLUTION).opt("step", 1),
+            )
             .required("x", InputSpec::int(0, 0, MAX_RESOLUTION).opt("step", 1))
             .required("y", InputSpec::int(0, 0, MAX_RESOLUTION).opt("step", 1))
             .output(OutputSpec::of("IMAGE"))
@@ -443,8 +609,16 @@ impl Node for ImageBatch {
         } else if first.channels < second.channels {
             first = first.with_extra_channel(1.0);
         }
-        if (first.height, first.width, first.channels) != (second.height, second.width, second.channels) {
-            second = common_upscale(&second, first.width, first.height, ResizeMethod::Bilinear, true)?;
+        if (first.height, first.width, first.channels)
+            != (second.height, second.width, second.channels)
+        {
+            second = common_upscale(
+                &second,
+                first.width,
+                first.height,
+                ResizeMethod::Bilinear,
+                true,
+            )?;
         }
         Ok(image_result(Image::concat(&[first, second])?))
     }
@@ -463,7 +637,10 @@ impl Node for ImagePadForOutpaint {
             .required("top", side())
             .required("right", side())
             .required("bottom", side())
-            .required("feathering", InputSpec::int(40, 0, MAX_RESOLUTION).opt("step", 1))
+            .required(
+                "feathering",
+                InputSpec::int(40, 0, MAX_RESOLUTION).opt("step", 1),
+            )
             .output(OutputSpec::of("IMAGE"))
             .output(OutputSpec::of("MASK"))
     }
@@ -501,7 +678,10 @@ impl Node for ImagePadForOutpaint {
                 mask.data[(i + top) * new_w + j + left] = value;
             }
         }
-        Ok(NodeOutput::values(vec![Value::object(padded), Value::object(mask)]))
+        Ok(NodeOutput::values(vec![
+            Value::object(padded),
+            Value::object(mask),
+        ]))
     }
 }
 
@@ -537,23 +717,49 @@ impl Node for ImageCompositeMasked {
         let mask = inputs.optional_object::<Mask>("mask")?;
         let x = non_negative(inputs, "x")?;
         let y = non_negative(inputs, "y")?;
-        composite(&mut destination, &source, x, y, mask, inputs.bool("resize_source")?)?;
+        composite(
+            &mut destination,
+            &source,
+            x,
+            y,
+            mask,
+            inputs.bool("resize_source")?,
+        )?;
         Ok(image_result(destination))
     }
 }
 
 /// ComfyUI's `composite(destination, source, x, y, mask, multiplier=1, resize_source)`.
-pub fn composite(destination: &mut Image, source: &Image, x: usize, y: usize, mask: Option<&Mask>, resize_source: bool) -> Result<(), NodeError> {
+pub fn composite(
+    destination: &mut Image,
+    source: &Image,
+    x: usize,
+    y: usize,
+    mask: Option<&Mask>,
+    resize_source: bool,
+) -> Result<(), NodeError> {
     let mut source = source.clone();
     if resize_source {
-        source = resize(&source, destination.height, destination.width, ResizeMethod::Bilinear, true)?;
+        source = resize(
+            &source,
+            destination.height,
+            destination.width,
+            ResizeMethod::Bilinear,
+            true,
+        )?;
     }
     let source = source.repeat_to_batch(destination.batch);
     let left = x.min(destination.width);
     let top = y.min(destination.height);
     let mask = match mask {
         Some(mask) => {
-            let resized = resize(&mask.as_image(), source.height, source.width, ResizeMethod::Bilinear, false)?;
+            let resized = resize(
+                &mask.as_image(),
+                source.height,
+                source.width,
+                ResizeMethod::Bilinear,
+                false,
+            )?;
             Some(resized.repeat_to_batch(source.batch))
         }
         None => None,
@@ -581,16 +787,30 @@ pub struct EmptyImage;
 impl Node for EmptyImage {
     fn schema(&self, _: &Services) -> NodeSchema {
         NodeSchema::v1("EmptyImage", "nodes", "image")
-            .required("width", InputSpec::int(512, 1, MAX_RESOLUTION).opt("step", 1))
-            .required("height", InputSpec::int(512, 1, MAX_RESOLUTION).opt("step", 1))
+            .required(
+                "width",
+                InputSpec::int(512, 1, MAX_RESOLUTION).opt("step", 1),
+            )
+            .required(
+                "height",
+                InputSpec::int(512, 1, MAX_RESOLUTION).opt("step", 1),
+            )
             .required("batch_size", InputSpec::int(1, 1, 4096))
-            .required("color", InputSpec::int(0, 0, 0xFFFFFF).opt("step", 1).opt("display", "color"))
+            .required(
+                "color",
+                InputSpec::int(0, 0, 0xFFFFFF)
+                    .opt("step", 1)
+                    .opt("display", "color"),
+            )
             .output(OutputSpec::of("IMAGE"))
     }
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let (width, height, batch) =
-            (non_negative(inputs, "width")?, non_negative(inputs, "height")?, non_negative(inputs, "batch_size")?);
+        let (width, height, batch) = (
+            non_negative(inputs, "width")?,
+            non_negative(inputs, "height")?,
+            non_negative(inputs, "batch_size")?,
+        );
         let color = inputs.int("color")?;
         let channel = |shift: i64| (((color >> shift) & 0xFF) as f64 / 255.0) as f32;
         let rgb = [channel(16), channel(8), channel(0)];

@@ -25,7 +25,8 @@ fn offset_input() -> InputSpec {
 
 fn count(inputs: &NodeInputs, name: &str) -> Result<usize, NodeError> {
     let value = inputs.int(name)?;
-    usize::try_from(value).map_err(|_| NodeError::value(format!("{name} must not be negative, got {value}")))
+    usize::try_from(value)
+        .map_err(|_| NodeError::value(format!("{name} must not be negative, got {value}")))
 }
 
 /// `ImageToMask`: one channel of an image.
@@ -36,7 +37,10 @@ impl Node for ImageToMask {
         mask_node("ImageToMask")
             .display("Convert Image to Mask")
             .required("image", InputSpec::of("IMAGE"))
-            .required("channel", InputSpec::combo(&["red", "green", "blue", "alpha"]))
+            .required(
+                "channel",
+                InputSpec::combo(&["red", "green", "blue", "alpha"]),
+            )
             .output(OutputSpec::of("MASK"))
     }
 
@@ -49,11 +53,23 @@ impl Node for ImageToMask {
         if channel >= image.channels {
             return Err(NodeError::typed(
                 "IndexError",
-                format!("index {channel} is out of bounds for dimension 3 with size {}", image.channels),
+                format!(
+                    "index {channel} is out of bounds for dimension 3 with size {}",
+                    image.channels
+                ),
             ));
         }
-        let data = image.data.chunks(image.channels).map(|p| p[channel]).collect();
-        Ok(mask_result(Mask { batch: image.batch, height: image.height, width: image.width, data }))
+        let data = image
+            .data
+            .chunks(image.channels)
+            .map(|p| p[channel])
+            .collect();
+        Ok(mask_result(Mask {
+            batch: image.batch,
+            height: image.height,
+            width: image.width,
+            data,
+        }))
     }
 }
 
@@ -71,7 +87,13 @@ impl Node for MaskToImage {
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let mask = inputs.object::<Mask>("mask")?;
         let data = mask.data.iter().flat_map(|&v| [v, v, v]).collect();
-        Ok(image_result(Image::new(mask.batch, mask.height, mask.width, 3, data)?))
+        Ok(image_result(Image::new(
+            mask.batch,
+            mask.height,
+            mask.width,
+            3,
+            data,
+        )?))
     }
 }
 
@@ -89,7 +111,12 @@ impl Node for SolidMask {
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let value = inputs.float("value")? as f32;
-        Ok(mask_result(Mask::filled(1, count(inputs, "height")?, count(inputs, "width")?, value)))
+        Ok(mask_result(Mask::filled(
+            1,
+            count(inputs, "height")?,
+            count(inputs, "width")?,
+            value,
+        )))
     }
 }
 
@@ -98,7 +125,9 @@ pub struct InvertMask;
 
 impl Node for InvertMask {
     fn schema(&self, _: &Services) -> NodeSchema {
-        mask_node("InvertMask").required("mask", InputSpec::of("MASK")).output(OutputSpec::of("MASK"))
+        mask_node("InvertMask")
+            .required("mask", InputSpec::of("MASK"))
+            .output(OutputSpec::of("MASK"))
     }
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
@@ -127,7 +156,12 @@ impl Node for CropMask {
         let x1 = (x0 + count(inputs, "width")?).min(mask.width);
         let y1 = (y0 + count(inputs, "height")?).min(mask.height);
         let cropped = mask.as_image().crop(y0, y1, x0, x1);
-        Ok(mask_result(Mask { batch: mask.batch, height: cropped.height, width: cropped.width, data: cropped.data }))
+        Ok(mask_result(Mask {
+            batch: mask.batch,
+            height: cropped.height,
+            width: cropped.width,
+            data: cropped.data,
+        }))
     }
 }
 
@@ -138,7 +172,10 @@ impl Node for GrowMask {
     fn schema(&self, _: &Services) -> NodeSchema {
         mask_node("GrowMask")
             .required("mask", InputSpec::of("MASK"))
-            .required("expand", InputSpec::int(0, -MAX_RESOLUTION, MAX_RESOLUTION).opt("step", 1))
+            .required(
+                "expand",
+                InputSpec::int(0, -MAX_RESOLUTION, MAX_RESOLUTION).opt("step", 1),
+            )
             .required("tapered_corners", InputSpec::boolean(true))
             .output(OutputSpec::of("MASK"))
     }
@@ -157,7 +194,10 @@ impl Node for GrowMask {
                 frame.copy_from_slice(&grown);
             }
         }
-        Ok(mask_result(Mask { data, ..mask.clone() }))
+        Ok(mask_result(Mask {
+            data,
+            ..mask.clone()
+        }))
     }
 }
 
@@ -173,7 +213,16 @@ fn morphology_step(frame: &[f32], h: usize, w: usize, corners: bool, dilate: boo
     for y in 0..h as isize {
         for x in 0..w as isize {
             let mut value = at(y, x);
-            for (dy, dx) in [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)] {
+            for (dy, dx) in [
+                (-1, -1),
+                (-1, 0),
+                (-1, 1),
+                (0, -1),
+                (0, 1),
+                (1, -1),
+                (1, 0),
+                (1, 1),
+            ] {
                 if !corners && dy != 0 && dx != 0 {
                     continue;
                 }
@@ -222,7 +271,11 @@ impl Node for FeatherMask {
             scale_column(x, ((x as f64 + 1.0) / left as f64) as f32, &mut out);
         }
         for x in 0..right {
-            scale_column(from_end(x, w), ((x as f64 + 1.0) / right as f64) as f32, &mut out);
+            scale_column(
+                from_end(x, w),
+                ((x as f64 + 1.0) / right as f64) as f32,
+                &mut out,
+            );
         }
         let scale_row = |y: usize, rate: f32, out: &mut Mask| {
             for b in 0..out.batch {
@@ -235,7 +288,11 @@ impl Node for FeatherMask {
             scale_row(y, ((y as f64 + 1.0) / top as f64) as f32, &mut out);
         }
         for y in 0..bottom {
-            scale_row(from_end(y, h), ((y as f64 + 1.0) / bottom as f64) as f32, &mut out);
+            scale_row(
+                from_end(y, h),
+                ((y as f64 + 1.0) / bottom as f64) as f32,
+                &mut out,
+            );
         }
         Ok(mask_result(out))
     }
@@ -254,7 +311,13 @@ impl Node for ThresholdMask {
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let threshold = inputs.float("value")? as f32;
-        Ok(mask_result(inputs.object::<Mask>("mask")?.map(|v| if v > threshold { 1.0 } else { 0.0 })))
+        Ok(mask_result(inputs.object::<Mask>("mask")?.map(|v| {
+            if v > threshold {
+                1.0
+            } else {
+                0.0
+            }
+        })))
     }
 }
 

@@ -9,11 +9,22 @@ use std::path::{Component, Path, PathBuf};
 use thiserror::Error;
 
 /// ComfyUI's model file extensions (`supported_pt_extensions`).
-pub const MODEL_EXTENSIONS: [&str; 8] = [".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"];
+pub const MODEL_EXTENSIONS: [&str; 8] = [
+    ".ckpt",
+    ".pt",
+    ".pt2",
+    ".bin",
+    ".pth",
+    ".safetensors",
+    ".pkl",
+    ".sft",
+];
 
 /// Extensions ComfyUI lists as images in the input directory.
-const IMAGE_EXTENSIONS: [&str; 12] =
-    [".png", ".jpg", ".jpeg", ".jpe", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ico", ".avif", ".svg"];
+const IMAGE_EXTENSIONS: [&str; 12] = [
+    ".png", ".jpg", ".jpeg", ".jpe", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ico", ".avif",
+    ".svg",
+];
 
 #[derive(Debug, Error)]
 pub enum PathsError {
@@ -41,7 +52,10 @@ impl Extensions {
         match self {
             Extensions::Any => true,
             Extensions::Only(list) => {
-                let ext = file.extension().map(|e| format!(".{}", e.to_string_lossy().to_lowercase())).unwrap_or_default();
+                let ext = file
+                    .extension()
+                    .map(|e| format!(".{}", e.to_string_lossy().to_lowercase()))
+                    .unwrap_or_default();
                 list.iter().any(|e| *e == ext)
             }
         }
@@ -105,12 +119,24 @@ impl Paths {
         ] {
             folders.insert(name.to_string(), model_folder(dirs, Extensions::models()));
         }
-        folders.insert("configs".into(), model_folder(&["configs"], Extensions::Only(vec![".yaml".into()])));
-        folders.insert("diffusers".into(), model_folder(&["diffusers"], Extensions::Only(vec!["folder".into()])));
-        folders.insert("classifiers".into(), model_folder(&["classifiers"], Extensions::Only(vec![String::new()])));
+        folders.insert(
+            "configs".into(),
+            model_folder(&["configs"], Extensions::Only(vec![".yaml".into()])),
+        );
+        folders.insert(
+            "diffusers".into(),
+            model_folder(&["diffusers"], Extensions::Only(vec!["folder".into()])),
+        );
+        folders.insert(
+            "classifiers".into(),
+            model_folder(&["classifiers"], Extensions::Only(vec![String::new()])),
+        );
         folders.insert(
             "custom_nodes".into(),
-            ModelFolder { dirs: vec![base.join("custom_nodes")], extensions: Extensions::Only(Vec::new()) },
+            ModelFolder {
+                dirs: vec![base.join("custom_nodes")],
+                extensions: Extensions::Only(Vec::new()),
+            },
         );
         Paths {
             input: base.join("input"),
@@ -195,21 +221,38 @@ impl Paths {
                 }
             }
             None => {
-                self.folders.insert(folder, ModelFolder { dirs: vec![dir], extensions: Extensions::Any });
+                self.folders.insert(
+                    folder,
+                    ModelFolder {
+                        dirs: vec![dir],
+                        extensions: Extensions::Any,
+                    },
+                );
             }
         }
     }
 
     /// Reads an `extra_model_paths.yaml` in ComfyUI's format.
     pub fn load_extra_model_paths(&mut self, yaml_path: &Path) -> Result<(), PathsError> {
-        let text = std::fs::read_to_string(yaml_path)
-            .map_err(|source| PathsError::Read { path: yaml_path.to_path_buf(), source })?;
-        let config: Yaml = serde_yaml_ng::from_str(&text)
-            .map_err(|e| PathsError::Yaml { path: yaml_path.to_path_buf(), message: e.to_string() })?;
-        let yaml_dir = absolute(yaml_path).parent().map(Path::to_path_buf).unwrap_or_default();
-        let Yaml::Mapping(sections) = config else { return Ok(()) };
+        let text = std::fs::read_to_string(yaml_path).map_err(|source| PathsError::Read {
+            path: yaml_path.to_path_buf(),
+            source,
+        })?;
+        let config: Yaml = serde_yaml_ng::from_str(&text).map_err(|e| PathsError::Yaml {
+            path: yaml_path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let yaml_dir = absolute(yaml_path)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let Yaml::Mapping(sections) = config else {
+            return Ok(());
+        };
         for (_, section) in sections {
-            let Yaml::Mapping(section) = section else { continue };
+            let Yaml::Mapping(section) = section else {
+                continue;
+            };
             let base_path = section.get("base_path").and_then(Yaml::as_str).map(|b| {
                 let expanded = PathBuf::from(expand_vars(&expand_home(b)));
                 if expanded.is_absolute() {
@@ -218,9 +261,14 @@ impl Paths {
                     normalize(&yaml_dir.join(expanded))
                 }
             });
-            let is_default = section.get("is_default").and_then(Yaml::as_bool).unwrap_or(false);
+            let is_default = section
+                .get("is_default")
+                .and_then(Yaml::as_bool)
+                .unwrap_or(false);
             for (key, value) in &section {
-                let (Some(folder), Some(lines)) = (key.as_str(), value.as_str()) else { continue };
+                let (Some(folder), Some(lines)) = (key.as_str(), value.as_str()) else {
+                    continue;
+                };
                 if folder == "base_path" || folder == "is_default" {
                     continue;
                 }
@@ -245,12 +293,16 @@ impl Paths {
     /// `folder_paths.get_filename_list`: relative paths (with `/`) of matching files under every
     /// directory of `folder`, recursively, sorted and de-duplicated.
     pub fn filename_list(&self, folder: &str) -> Vec<String> {
-        let Some(entry) = self.folders.get(canonical_folder(folder)) else { return Vec::new() };
+        let Some(entry) = self.folders.get(canonical_folder(folder)) else {
+            return Vec::new();
+        };
         let mut names = Vec::new();
         for dir in &entry.dirs {
             let mut stack = vec![dir.clone()];
             while let Some(current) = stack.pop() {
-                let Ok(entries) = std::fs::read_dir(&current) else { continue };
+                let Ok(entries) = std::fs::read_dir(&current) else {
+                    continue;
+                };
                 for item in entries.flatten() {
                     let path = item.path();
                     if path.is_dir() {
@@ -274,7 +326,11 @@ impl Paths {
     pub fn full_path(&self, folder: &str, name: &str) -> Option<PathBuf> {
         let entry = self.folders.get(canonical_folder(folder))?;
         let relative = safe_relative(name)?;
-        entry.dirs.iter().map(|dir| dir.join(&relative)).find(|p| p.is_file())
+        entry
+            .dirs
+            .iter()
+            .map(|dir| dir.join(&relative))
+            .find(|p| p.is_file())
     }
 
     /// The directory of a `type` (`input`, `output`, `temp`), as `/view` and uploads use.
@@ -346,7 +402,9 @@ fn absolute(path: &Path) -> PathBuf {
     if path.is_absolute() {
         normalize(path)
     } else {
-        std::env::current_dir().map(|cwd| normalize(&cwd.join(path))).unwrap_or_else(|_| path.to_path_buf())
+        std::env::current_dir()
+            .map(|cwd| normalize(&cwd.join(path)))
+            .unwrap_or_else(|_| path.to_path_buf())
     }
 }
 
@@ -369,7 +427,9 @@ pub fn normalize(path: &Path) -> PathBuf {
 
 fn expand_home(path: &str) -> String {
     match (path.strip_prefix('~'), std::env::var("HOME")) {
-        (Some(rest), Ok(home)) if rest.is_empty() || rest.starts_with('/') => format!("{home}{rest}"),
+        (Some(rest), Ok(home)) if rest.is_empty() || rest.starts_with('/') => {
+            format!("{home}{rest}")
+        }
         _ => path.to_string(),
     }
 }
@@ -387,7 +447,9 @@ fn expand_vars(text: &str) -> String {
                 None => ("", 0),
             }
         } else {
-            let end = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+            let end = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
             (&after[..end], end)
         };
         match std::env::var(name) {
@@ -411,8 +473,14 @@ mod tests {
         assert_eq!(safe_relative("/etc/passwd"), None);
         assert_eq!(safe_relative(""), None);
         let paths = Paths::new("/srv/easel");
-        assert_eq!(paths.annotated_filepath("x.png [output]"), Some(PathBuf::from("/srv/easel/output/x.png")));
-        assert_eq!(paths.annotated_filepath("sub/x.png"), Some(PathBuf::from("/srv/easel/input/sub/x.png")));
+        assert_eq!(
+            paths.annotated_filepath("x.png [output]"),
+            Some(PathBuf::from("/srv/easel/output/x.png"))
+        );
+        assert_eq!(
+            paths.annotated_filepath("sub/x.png"),
+            Some(PathBuf::from("/srv/easel/input/sub/x.png"))
+        );
         assert_eq!(paths.annotated_filepath("../../x.png"), None);
     }
 
@@ -433,10 +501,19 @@ mod tests {
         let ckpt = &paths.folders["checkpoints"].dirs;
         assert_eq!(ckpt[0], PathBuf::from("/abs/ckpts"));
         assert_eq!(ckpt[1], base.join("models/checkpoints"));
-        assert_eq!(ckpt[2], dir.path().join("lib/webui/models/Stable-diffusion"));
+        assert_eq!(
+            ckpt[2],
+            dir.path().join("lib/webui/models/Stable-diffusion")
+        );
         assert_eq!(ckpt[3], base.join("output/checkpoints"));
-        assert_eq!(paths.folders["loras"].dirs[2], dir.path().join("lib/webui/models/LyCORIS"));
-        assert_eq!(paths.folders["text_encoders"].dirs[2], dir.path().join("lib/webui/clip"));
+        assert_eq!(
+            paths.folders["loras"].dirs[2],
+            dir.path().join("lib/webui/models/LyCORIS")
+        );
+        assert_eq!(
+            paths.folders["text_encoders"].dirs[2],
+            dir.path().join("lib/webui/clip")
+        );
         assert_eq!(paths.folders["ipadapter"].dirs, [dir.path().join("ipa")]);
         assert_eq!(paths.folders["ipadapter"].extensions, Extensions::Any);
     }
@@ -448,11 +525,23 @@ mod tests {
         paths.prepare().unwrap();
         let ckpts = dir.path().join("models/checkpoints");
         std::fs::create_dir_all(ckpts.join("sd/.git")).unwrap();
-        for name in ["b.safetensors", "a.ckpt", "notes.txt", "sd/c.safetensors", "sd/.git/d.safetensors"] {
+        for name in [
+            "b.safetensors",
+            "a.ckpt",
+            "notes.txt",
+            "sd/c.safetensors",
+            "sd/.git/d.safetensors",
+        ] {
             std::fs::write(ckpts.join(name), b"x").unwrap();
         }
-        assert_eq!(paths.filename_list("checkpoints"), ["a.ckpt", "b.safetensors", "sd/c.safetensors"]);
-        assert_eq!(paths.full_path("checkpoints", "sd/c.safetensors"), Some(ckpts.join("sd/c.safetensors")));
+        assert_eq!(
+            paths.filename_list("checkpoints"),
+            ["a.ckpt", "b.safetensors", "sd/c.safetensors"]
+        );
+        assert_eq!(
+            paths.full_path("checkpoints", "sd/c.safetensors"),
+            Some(ckpts.join("sd/c.safetensors"))
+        );
         assert_eq!(paths.full_path("checkpoints", "../x"), None);
     }
 }

@@ -39,9 +39,17 @@ impl FromStr for ResizeMethod {
 
 /// `common_upscale(image, width, height, method, crop)`: optional centre crop to the new aspect
 /// ratio, then resampling.
-pub fn common_upscale(image: &Image, width: usize, height: usize, method: ResizeMethod, center_crop: bool) -> Result<Image, NodeError> {
+pub fn common_upscale(
+    image: &Image,
+    width: usize,
+    height: usize,
+    method: ResizeMethod,
+    center_crop: bool,
+) -> Result<Image, NodeError> {
     if width == 0 || height == 0 {
-        return Err(NodeError::value(format!("cannot resize to {width}x{height}")));
+        return Err(NodeError::value(format!(
+            "cannot resize to {width}x{height}"
+        )));
     }
     let mut source = image.clone();
     let mut cropped = false;
@@ -65,7 +73,13 @@ pub fn common_upscale(image: &Image, width: usize, height: usize, method: Resize
 
 /// Resizes every item and channel to `out_h × out_w`. `channels_last` says whether PyTorch would see
 /// the tensor as channels-last contiguous, which selects its bilinear kernel (and so its rounding).
-pub fn resize(image: &Image, out_h: usize, out_w: usize, method: ResizeMethod, channels_last: bool) -> Result<Image, NodeError> {
+pub fn resize(
+    image: &Image,
+    out_h: usize,
+    out_w: usize,
+    method: ResizeMethod,
+    channels_last: bool,
+) -> Result<Image, NodeError> {
     if image.height == 0 || image.width == 0 {
         return Err(NodeError::value("cannot resize an empty image"));
     }
@@ -77,7 +91,9 @@ pub fn resize(image: &Image, out_h: usize, out_w: usize, method: ResizeMethod, c
         ResizeMethod::NearestExact => {
             let rows = nearest_exact_indices(image.height, out_h);
             let cols = nearest_exact_indices(image.width, out_w);
-            for_each_output(image, &mut out, |b, c, y, x| image.data[image.index(b, rows[y], cols[x], c)]);
+            for_each_output(image, &mut out, |b, c, y, x| {
+                image.data[image.index(b, rows[y], cols[x], c)]
+            });
         }
         ResizeMethod::Bilinear => {
             // PyTorch's vectorised channels-last kernel premultiplies the weights; its generic kernel
@@ -90,7 +106,10 @@ pub fn resize(image: &Image, out_h: usize, out_w: usize, method: ResizeMethod, c
                 let (w0, w1, wl0, wl1) = cols[x];
                 let v = |yy: usize, xx: usize| image.data[image.index(b, yy, xx, c)];
                 if premultiplied {
-                    dot(&[v(h0, w0), v(h0, w1), v(h1, w0), v(h1, w1)], &[hl0 * wl0, hl0 * wl1, hl1 * wl0, hl1 * wl1])
+                    dot(
+                        &[v(h0, w0), v(h0, w1), v(h1, w0), v(h1, w1)],
+                        &[hl0 * wl0, hl0 * wl1, hl1 * wl0, hl1 * wl1],
+                    )
                 } else {
                     let top = dot(&[v(h0, w0), v(h0, w1)], &[wl0, wl1]);
                     let bottom = dot(&[v(h1, w0), v(h1, w1)], &[wl0, wl1]);
@@ -104,14 +123,25 @@ pub fn resize(image: &Image, out_h: usize, out_w: usize, method: ResizeMethod, c
             for_each_output(image, &mut out, |b, c, y, x| {
                 let (row_idx, row_w) = &rows[y];
                 let (col_idx, col_w) = &cols[x];
-                let row = |yy: usize| dot(&col_idx.map(|xx| image.data[image.index(b, yy, xx, c)]), col_w);
+                let row = |yy: usize| {
+                    dot(
+                        &col_idx.map(|xx| image.data[image.index(b, yy, xx, c)]),
+                        col_w,
+                    )
+                };
                 dot(&row_idx.map(row), row_w)
             });
         }
         ResizeMethod::Area => {
             for_each_output(image, &mut out, |b, c, y, x| {
-                let (y0, y1) = (y * image.height / out_h, ((y + 1) * image.height).div_ceil(out_h));
-                let (x0, x1) = (x * image.width / out_w, ((x + 1) * image.width).div_ceil(out_w));
+                let (y0, y1) = (
+                    y * image.height / out_h,
+                    ((y + 1) * image.height).div_ceil(out_h),
+                );
+                let (x0, x1) = (
+                    x * image.width / out_w,
+                    ((x + 1) * image.width).div_ceil(out_w),
+                );
                 let mut sum = 0.0f32;
                 for yy in y0..y1 {
                     for xx in x0..x1 {
@@ -126,7 +156,11 @@ pub fn resize(image: &Image, out_h: usize, out_w: usize, method: ResizeMethod, c
     Ok(out)
 }
 
-fn for_each_output(image: &Image, out: &mut Image, value: impl Fn(usize, usize, usize, usize) -> f32) {
+fn for_each_output(
+    image: &Image,
+    out: &mut Image,
+    value: impl Fn(usize, usize, usize, usize) -> f32,
+) {
     let (h, w, ch) = (out.height, out.width, out.channels);
     for b in 0..image.batch {
         for y in 0..h {
@@ -146,7 +180,9 @@ fn scale(input: usize, output: usize) -> f32 {
 
 fn nearest_exact_indices(input: usize, output: usize) -> Vec<usize> {
     let s = scale(input, output);
-    (0..output).map(|i| (((i as f32 + 0.5) * s).floor() as usize).min(input - 1)).collect()
+    (0..output)
+        .map(|i| (((i as f32 + 0.5) * s).floor() as usize).min(input - 1))
+        .collect()
 }
 
 /// PyTorch's `guard_index_and_lambda`.
@@ -223,7 +259,13 @@ fn lanczos_coefficients(input: usize, output: usize) -> Vec<(usize, Vec<i32>)> {
             x.sin() / x
         }
     }
-    let filter = |x: f64| if (-3.0..3.0).contains(&x) { sinc(x) * sinc(x / 3.0) } else { 0.0 };
+    let filter = |x: f64| {
+        if (-3.0..3.0).contains(&x) {
+            sinc(x) * sinc(x / 3.0)
+        } else {
+            0.0
+        }
+    };
     let scale = input as f64 / output as f64;
     let filterscale = scale.max(1.0);
     let support = 3.0 * filterscale;
@@ -233,8 +275,9 @@ fn lanczos_coefficients(input: usize, output: usize) -> Vec<(usize, Vec<i32>)> {
             let ss = 1.0 / filterscale;
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(input as i64) as usize;
-            let weights: Vec<f64> =
-                (0..xmax.saturating_sub(xmin)).map(|x| filter((x as f64 + xmin as f64 - center + 0.5) * ss)).collect();
+            let weights: Vec<f64> = (0..xmax.saturating_sub(xmin))
+                .map(|x| filter((x as f64 + xmin as f64 - center + 0.5) * ss))
+                .collect();
             let total: f64 = weights.iter().sum();
             let fixed = weights
                 .iter()
@@ -258,7 +301,15 @@ fn clip8(sum: i32) -> u8 {
 }
 
 /// One separable Lanczos pass over `[lines][length][channels]` u8 data along `length`.
-fn lanczos_pass(data: &[u8], lines: usize, length: usize, stride_line: usize, stride_pos: usize, channels: usize, out_len: usize) -> Vec<u8> {
+fn lanczos_pass(
+    data: &[u8],
+    lines: usize,
+    length: usize,
+    stride_line: usize,
+    stride_pos: usize,
+    channels: usize,
+    out_len: usize,
+) -> Vec<u8> {
     let coefficients = lanczos_coefficients(length, out_len);
     let mut out = vec![0u8; lines * out_len * channels];
     for line in 0..lines {
@@ -293,7 +344,11 @@ fn lanczos(image: &Image, out_h: usize, out_w: usize) -> Result<Image, NodeError
         let mut data = pixels;
         let mut width = w;
         let mut height = h;
-        for vertical in if vertical_first { [true, false] } else { [false, true] } {
+        for vertical in if vertical_first {
+            [true, false]
+        } else {
+            [false, true]
+        } {
             if vertical && out_h != height {
                 // Treat columns as lines: line stride = one pixel, position stride = one row.
                 let transposed = lanczos_pass(&data, width, height, ch, width * ch, ch, out_h);
@@ -357,7 +412,12 @@ mod tests {
     #[test]
     fn identity_sizes_keep_values() {
         let img = ramp(5, 7);
-        for method in [ResizeMethod::NearestExact, ResizeMethod::Bilinear, ResizeMethod::Area, ResizeMethod::Bicubic] {
+        for method in [
+            ResizeMethod::NearestExact,
+            ResizeMethod::Bilinear,
+            ResizeMethod::Area,
+            ResizeMethod::Bicubic,
+        ] {
             assert_eq!(resize(&img, 5, 7, method, true).unwrap(), img, "{method:?}");
         }
     }
@@ -367,16 +427,29 @@ mod tests {
         // torch.nn.functional.interpolate(torch.tensor([[[[0., 1.], [2., 3.]]]]), size=(4, 4), mode="bilinear")
         let img = Image::new(1, 2, 2, 1, vec![0.0, 1.0, 2.0, 3.0]).unwrap();
         let out = resize(&img, 4, 4, ResizeMethod::Bilinear, true).unwrap();
-        let expected = [0.0, 0.25, 0.75, 1.0, 0.5, 0.75, 1.25, 1.5, 1.5, 1.75, 2.25, 2.5, 2.0, 2.25, 2.75, 3.0];
+        let expected = [
+            0.0, 0.25, 0.75, 1.0, 0.5, 0.75, 1.25, 1.5, 1.5, 1.75, 2.25, 2.5, 2.0, 2.25, 2.75, 3.0,
+        ];
         assert_eq!(out.data, expected);
     }
 
     #[test]
     fn area_and_nearest_downsample() {
         let img = Image::new(1, 1, 4, 1, vec![0.0, 1.0, 2.0, 3.0]).unwrap();
-        assert_eq!(resize(&img, 1, 2, ResizeMethod::Area, true).unwrap().data, [0.5, 2.5]);
-        assert_eq!(resize(&img, 1, 2, ResizeMethod::NearestExact, true).unwrap().data, [1.0, 3.0]);
-        assert_eq!(resize(&img, 1, 3, ResizeMethod::Area, true).unwrap().data, [0.5, 1.5, 2.5]);
+        assert_eq!(
+            resize(&img, 1, 2, ResizeMethod::Area, true).unwrap().data,
+            [0.5, 2.5]
+        );
+        assert_eq!(
+            resize(&img, 1, 2, ResizeMethod::NearestExact, true)
+                .unwrap()
+                .data,
+            [1.0, 3.0]
+        );
+        assert_eq!(
+            resize(&img, 1, 3, ResizeMethod::Area, true).unwrap().data,
+            [0.5, 1.5, 2.5]
+        );
     }
 
     #[test]

@@ -4,7 +4,10 @@
 use base64::Engine;
 use easel_engine::events::Event;
 use easel_engine::pyjson::dumps;
-use easel_engine::{call_standalone, validate_prompt, CacheMode, ExecutionStatus, Executor, Interrupt, NodeInputs, Prompt, Services, Value};
+use easel_engine::{
+    call_standalone, validate_prompt, CacheMode, ExecutionStatus, Executor, Interrupt, NodeInputs,
+    Prompt, Services, Value,
+};
 use easel_nodes::builtin_registry;
 use easel_nodes::image::{Image, Mask};
 use easel_nodes::paths::Paths;
@@ -31,23 +34,40 @@ fn setup() -> Setup {
     }
     let mut services = Services::new();
     services.insert(paths);
-    Setup { _dir: dir, base, services: Arc::new(services) }
+    Setup {
+        _dir: dir,
+        base,
+        services: Arc::new(services),
+    }
 }
 
 fn decode(spec: &Json) -> Vec<f32> {
-    let bytes = base64::engine::general_purpose::STANDARD.decode(spec["f32_base64"].as_str().unwrap()).unwrap();
-    bytes.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(spec["f32_base64"].as_str().unwrap())
+        .unwrap();
+    bytes
+        .chunks(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 fn dims(spec: &Json) -> Vec<usize> {
-    spec["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect()
+    spec["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect()
 }
 
 #[test]
 fn load_image_matches_pillow() {
     let setup = setup();
     let registry = builtin_registry();
-    let cases: Json = serde_json::from_str(&std::fs::read_to_string(Path::new(FIXTURES).join("load_image.json")).unwrap()).unwrap();
+    let cases: Json = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(FIXTURES).join("load_image.json")).unwrap(),
+    )
+    .unwrap();
     for case in cases["cases"].as_array().unwrap() {
         let node = registry.get(case["node"].as_str().unwrap()).unwrap();
         let mut inputs = IndexMap::new();
@@ -55,29 +75,61 @@ fn load_image_matches_pillow() {
         if let Some(channel) = case.get("channel") {
             inputs.insert("channel".to_string(), Value::Json(channel.clone()));
         }
-        let output = call_standalone(node.as_ref(), &setup.services, &NodeInputs::new(inputs)).unwrap();
-        let label = format!("{} {} {:?}", case["node"], case["file"], case.get("channel"));
+        let output =
+            call_standalone(node.as_ref(), &setup.services, &NodeInputs::new(inputs)).unwrap();
+        let label = format!(
+            "{} {} {:?}",
+            case["node"],
+            case["file"],
+            case.get("channel")
+        );
         let (mask_value, image) = if output.outputs.len() == 2 {
-            (&output.outputs[1], Some(output.outputs[0].downcast::<Image>().unwrap()))
+            (
+                &output.outputs[1],
+                Some(output.outputs[0].downcast::<Image>().unwrap()),
+            )
         } else {
             (&output.outputs[0], None)
         };
         if let Some(image) = image {
-            assert_eq!(vec![image.batch, image.height, image.width, image.channels], dims(&case["image"]), "{label}");
+            assert_eq!(
+                vec![image.batch, image.height, image.width, image.channels],
+                dims(&case["image"]),
+                "{label}"
+            );
             assert_eq!(image.data, decode(&case["image"]), "{label}");
         }
         let mask = mask_value.downcast::<Mask>().unwrap();
-        assert_eq!(vec![mask.batch, mask.height, mask.width], dims(&case["mask"]), "{label}");
+        assert_eq!(
+            vec![mask.batch, mask.height, mask.width],
+            dims(&case["mask"]),
+            "{label}"
+        );
         assert_eq!(mask.data, decode(&case["mask"]), "{label}");
     }
 }
 
-fn run(executor: &mut Executor, services: &Services, prompt: Json, extra_data: Json) -> (ExecutionStatus, Json, Vec<Event>) {
-    let validated = validate_prompt(executor.registry(), services, Prompt::from_json(prompt).unwrap(), None).expect("valid");
+fn run(
+    executor: &mut Executor,
+    services: &Services,
+    prompt: Json,
+    extra_data: Json,
+) -> (ExecutionStatus, Json, Vec<Event>) {
+    let validated = validate_prompt(
+        executor.registry(),
+        services,
+        Prompt::from_json(prompt).unwrap(),
+        None,
+    )
+    .expect("valid");
     let events = Mutex::new(Vec::new());
     let sink = |e: Event| events.lock().unwrap().push(e);
     let outcome = executor.execute("p", &validated, &extra_data, &sink, &Interrupt::new());
-    (outcome.status, Json::Object(outcome.outputs), events.into_inner().unwrap())
+    (
+        outcome.status,
+        Json::Object(outcome.outputs),
+        events.into_inner().unwrap(),
+    )
 }
 
 /// PNG chunk names and `tEXt` contents, in file order.
@@ -88,8 +140,15 @@ fn png_chunks(bytes: &[u8]) -> Vec<(String, String)> {
         let len = u32::from_be_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
         let kind = String::from_utf8_lossy(&bytes[pos + 4..pos + 8]).into_owned();
         let data = &bytes[pos + 8..pos + 8 + len];
-        let text = if kind == "tEXt" { String::from_utf8_lossy(data).into_owned() } else { String::new() };
-        if chunks.last().is_none_or(|(k, _): &(String, String)| k != &kind || kind != "IDAT") {
+        let text = if kind == "tEXt" {
+            String::from_utf8_lossy(data).into_owned()
+        } else {
+            String::new()
+        };
+        if chunks
+            .last()
+            .is_none_or(|(k, _): &(String, String)| k != &kind || kind != "IDAT")
+        {
             chunks.push((kind, text));
         }
         pos += 12 + len;
@@ -100,30 +159,46 @@ fn png_chunks(bytes: &[u8]) -> Vec<(String, String)> {
 #[test]
 fn save_image_names_files_and_writes_comfyui_metadata() {
     let setup = setup();
-    let mut executor = Executor::new(Arc::new(builtin_registry()), setup.services.clone(), CacheMode::Classic);
+    let mut executor = Executor::new(
+        Arc::new(builtin_registry()),
+        setup.services.clone(),
+        CacheMode::Classic,
+    );
     let prompt = json!({
         "1": {"class_type": "EmptyImage", "inputs": {"width": 3, "height": 2, "batch_size": 2, "color": 0x80FF01}, "_meta": {"title": "Empty"}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "test/run"}}
     });
     let workflow = json!({"workflow": {"nodes": [], "links": [], "version": 0.4, "note": "é"}});
-    let (status, outputs, events) = run(&mut executor, &setup.services, prompt.clone(), json!({"extra_pnginfo": workflow}));
+    let (status, outputs, events) = run(
+        &mut executor,
+        &setup.services,
+        prompt.clone(),
+        json!({"extra_pnginfo": workflow}),
+    );
     assert_eq!(status, ExecutionStatus::Success);
     let expected_ui = json!({"images": [
         {"filename": "run_00001_.png", "subfolder": "test", "type": "output"},
         {"filename": "run_00002_.png", "subfolder": "test", "type": "output"}
     ]});
     assert_eq!(outputs["2"], expected_ui);
-    assert!(events.iter().any(|e| e.kind.name() == "executed" && e.data["output"] == expected_ui));
+    assert!(events
+        .iter()
+        .any(|e| e.kind.name() == "executed" && e.data["output"] == expected_ui));
 
     let bytes = std::fs::read(setup.base.join("output/test/run_00001_.png")).unwrap();
     let chunks = png_chunks(&bytes);
     let names: Vec<&str> = chunks.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(names, ["IHDR", "tEXt", "tEXt", "IDAT", "IEND"]);
     assert_eq!(chunks[1].1, format!("prompt\0{}", dumps(&prompt)));
-    assert_eq!(chunks[2].1, format!("workflow\0{}", dumps(&workflow["workflow"])));
+    assert_eq!(
+        chunks[2].1,
+        format!("workflow\0{}", dumps(&workflow["workflow"]))
+    );
     assert!(chunks[2].1.contains("\\u00e9"));
 
-    let decoded = image::open(setup.base.join("output/test/run_00002_.png")).unwrap().to_rgb8();
+    let decoded = image::open(setup.base.join("output/test/run_00002_.png"))
+        .unwrap()
+        .to_rgb8();
     assert_eq!(decoded.dimensions(), (3, 2));
     // EmptyImage's v/255 times 255 comes back to v in float32 before truncation, as in numpy.
     assert_eq!(decoded.get_pixel(0, 0).0, [128, 255, 1]);
@@ -136,27 +211,48 @@ fn save_image_names_files_and_writes_comfyui_metadata() {
     changed["2"]["inputs"]["filename_prefix"] = json!("../escape");
     let (status, _, events) = run(&mut executor, &setup.services, changed, json!({}));
     assert_eq!(status, ExecutionStatus::Error);
-    let error = events.iter().find(|e| e.kind.name() == "execution_error").unwrap();
-    assert!(error.data["exception_message"].as_str().unwrap().starts_with("**** ERROR: Saving image outside the output folder is not allowed."));
+    let error = events
+        .iter()
+        .find(|e| e.kind.name() == "execution_error")
+        .unwrap();
+    assert!(error.data["exception_message"]
+        .as_str()
+        .unwrap()
+        .starts_with("**** ERROR: Saving image outside the output folder is not allowed."));
     assert!(!setup.base.join("escape_00001_.png").exists());
 }
 
 #[test]
 fn preview_image_writes_temp_files_with_a_stable_random_prefix() {
     let setup = setup();
-    let mut executor = Executor::new(Arc::new(builtin_registry()), setup.services.clone(), CacheMode::None);
+    let mut executor = Executor::new(
+        Arc::new(builtin_registry()),
+        setup.services.clone(),
+        CacheMode::None,
+    );
     let prompt = json!({
         "1": {"class_type": "EmptyImage", "inputs": {"width": 4, "height": 4, "batch_size": 1, "color": 255}},
         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}
     });
     let (_, first, _) = run(&mut executor, &setup.services, prompt.clone(), json!({}));
     let (_, second, _) = run(&mut executor, &setup.services, prompt, json!({}));
-    let name = first["2"]["images"][0]["filename"].as_str().unwrap().to_string();
+    let name = first["2"]["images"][0]["filename"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(first["2"]["images"][0]["type"], "temp");
     let suffix = &name["ComfyUI_temp_".len().."ComfyUI_temp_".len() + 5];
-    assert!(suffix.chars().all(|c| "abcdefghijklmnopqrstupvxyz".contains(c)), "{name}");
+    assert!(
+        suffix
+            .chars()
+            .all(|c| "abcdefghijklmnopqrstupvxyz".contains(c)),
+        "{name}"
+    );
     assert!(name.ends_with("_00001_.png"));
-    assert_eq!(second["2"]["images"][0]["filename"], name.replace("_00001_", "_00002_"));
+    assert_eq!(
+        second["2"]["images"][0]["filename"],
+        name.replace("_00001_", "_00002_")
+    );
     assert!(setup.base.join("temp").join(&name).is_file());
 }
 
@@ -171,7 +267,13 @@ fn load_image_validation_and_fingerprint() {
         })
     };
     for name in ["zzz.png", "../input/rgba.png", "/etc/passwd"] {
-        let err = validate_prompt(&registry, &setup.services, Prompt::from_json(prompt(name)).unwrap(), None).unwrap_err();
+        let err = validate_prompt(
+            &registry,
+            &setup.services,
+            Prompt::from_json(prompt(name)).unwrap(),
+            None,
+        )
+        .unwrap_err();
         assert_eq!(
             err.node_errors["1"]["errors"][0],
             json!({"type": "custom_validation_failed", "message": "Custom validation failed for node", "details": format!("image - Invalid image file: {name}"), "extra_info": {"input_name": "image"}})
@@ -179,18 +281,45 @@ fn load_image_validation_and_fingerprint() {
     }
 
     let mut executor = Executor::new(registry, setup.services.clone(), CacheMode::Classic);
-    let (status, _, _) = run(&mut executor, &setup.services, prompt("rgba.png"), json!({}));
+    let (status, _, _) = run(
+        &mut executor,
+        &setup.services,
+        prompt("rgba.png"),
+        json!({}),
+    );
     assert_eq!(status, ExecutionStatus::Success);
     // The saved prompt carries LoadImage's fingerprint (sha256 of the file), as ComfyUI's does.
     let bytes = std::fs::read(setup.base.join("output/loaded_00001_.png")).unwrap();
     let text = &png_chunks(&bytes)[1].1;
     let saved: Json = serde_json::from_str(text.trim_start_matches("prompt\0")).unwrap();
-    assert_eq!(saved["1"]["is_changed"].as_array().unwrap()[0].as_str().unwrap().len(), 64);
+    assert_eq!(
+        saved["1"]["is_changed"].as_array().unwrap()[0]
+            .as_str()
+            .unwrap()
+            .len(),
+        64
+    );
 
     // Unchanged file: everything cached. Changed file: LoadImage runs again.
-    let (_, _, events) = run(&mut executor, &setup.services, prompt("rgba.png"), json!({}));
+    let (_, _, events) = run(
+        &mut executor,
+        &setup.services,
+        prompt("rgba.png"),
+        json!({}),
+    );
     assert!(!events.iter().any(|e| e.kind.name() == "executing"));
-    std::fs::copy(Path::new(FIXTURES).join("gray.png"), setup.base.join("input/rgba.png")).unwrap();
-    let (_, _, events) = run(&mut executor, &setup.services, prompt("rgba.png"), json!({}));
-    assert!(events.iter().any(|e| e.kind.name() == "executing" && e.data["node"] == "1"));
+    std::fs::copy(
+        Path::new(FIXTURES).join("gray.png"),
+        setup.base.join("input/rgba.png"),
+    )
+    .unwrap();
+    let (_, _, events) = run(
+        &mut executor,
+        &setup.services,
+        prompt("rgba.png"),
+        json!({}),
+    );
+    assert!(events
+        .iter()
+        .any(|e| e.kind.name() == "executing" && e.data["node"] == "1"));
 }

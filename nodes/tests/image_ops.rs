@@ -14,12 +14,19 @@ fn fixture() -> Json {
 }
 
 fn shape(spec: &Json) -> Vec<usize> {
-    spec["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect()
+    spec["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect()
 }
 
 /// The generator's `pattern_image`: `((i·7919 + seed·104729) mod 256) / 255` in float32.
 fn pattern(len: usize, seed: i64) -> Vec<f32> {
-    (0..len as i64).map(|i| ((i * 7919 + seed * 104729) % 256) as f32 / 255.0f32).collect()
+    (0..len as i64)
+        .map(|i| ((i * 7919 + seed * 104729) % 256) as f32 / 255.0f32)
+        .collect()
 }
 
 /// The generator's `smooth_image`, in float32 like numpy.
@@ -30,7 +37,11 @@ fn smooth(batch: usize, height: usize, width: usize, seed: i64) -> Vec<f32> {
             for x in 0..width {
                 let (xf, yf) = (x as f32, y as f32);
                 let base = (xf * 0.35f32 + (seed + b as i64) as f32).sin() * (yf * 0.27f32).cos();
-                let step = if xf + yf > (width as f64 * 0.8) as f32 { 1.0f32 } else { 0.0 };
+                let step = if xf + yf > (width as f64 * 0.8) as f32 {
+                    1.0f32
+                } else {
+                    0.0
+                };
                 let value = (0.5f32 + 0.25f32 * base + 0.3f32 * step).clamp(0.0, 1.0);
                 data.extend([value, value * 0.9f32, 1.0f32 - value]);
             }
@@ -47,17 +58,34 @@ fn build_input(spec: &Json) -> Value {
             let data = pattern(dims.iter().product(), seed);
             Value::object(Image::new(dims[0], dims[1], dims[2], dims[3], data).unwrap())
         }
-        "smooth" => Value::object(Image::new(dims[0], dims[1], dims[2], 3, smooth(dims[0], dims[1], dims[2], seed)).unwrap()),
-        "pattern_mask" => {
-            Value::object(Mask { batch: dims[0], height: dims[1], width: dims[2], data: pattern(dims.iter().product(), seed) })
-        }
+        "smooth" => Value::object(
+            Image::new(
+                dims[0],
+                dims[1],
+                dims[2],
+                3,
+                smooth(dims[0], dims[1], dims[2], seed),
+            )
+            .unwrap(),
+        ),
+        "pattern_mask" => Value::object(Mask {
+            batch: dims[0],
+            height: dims[1],
+            width: dims[2],
+            data: pattern(dims.iter().product(), seed),
+        }),
         other => panic!("unknown input kind {other}"),
     }
 }
 
 fn decode(output: &Json) -> Vec<f32> {
-    let bytes = base64::engine::general_purpose::STANDARD.decode(output["f32_base64"].as_str().unwrap()).unwrap();
-    bytes.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(output["f32_base64"].as_str().unwrap())
+        .unwrap();
+    bytes
+        .chunks(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 /// The node's outputs flattened in the generator's order (image values, then mask values).
@@ -88,16 +116,23 @@ fn node_outputs_match_comfyui_formulas() {
         for (key, value) in case["params"].as_object().unwrap() {
             inputs.insert(key.clone(), Value::Json(value.clone()));
         }
-        let output = call_standalone(node.as_ref(), &services, &NodeInputs::new(inputs)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let output = call_standalone(node.as_ref(), &services, &NodeInputs::new(inputs))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         let actual = flatten(&output.outputs);
         let expected = decode(&case["output"]);
         let expected_shape = shape(&case["output"]);
         if actual.len() != expected.len() {
-            failures.push(format!("{name}: {} values, expected {} {:?}", actual.len(), expected.len(), expected_shape));
+            failures.push(format!(
+                "{name}: {} values, expected {} {:?}",
+                actual.len(),
+                expected.len(),
+                expected_shape
+            ));
             continue;
         }
-        let differing: Vec<usize> =
-            (0..actual.len()).filter(|&i| actual[i].to_bits() != expected[i].to_bits()).collect();
+        let differing: Vec<usize> = (0..actual.len())
+            .filter(|&i| actual[i].to_bits() != expected[i].to_bits())
+            .collect();
         if let Some(&first) = differing.first() {
             failures.push(format!(
                 "{name}: {} of {} values differ, first at {first}: {} != {}",

@@ -6,7 +6,10 @@ use easel_nodes::builtin_registry;
 use serde_json::Value as Json;
 
 fn reference() -> Json {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/object_info_image.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/object_info_image.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -20,11 +23,14 @@ fn every_registered_node_matches_comfyui_object_info() {
     let ours = registry.object_info(&Services::new());
     let mut compared = 0;
     for name in registry.class_names() {
-        let expected = reference.get(name).unwrap_or_else(|| panic!("{name} has no reference entry"));
+        let expected = reference
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} has no reference entry"));
         let mut actual = ours[name].clone();
         for (class, input) in FILE_COMBOS {
             if class == name {
-                actual["input"]["required"][input][0] = expected["input"]["required"][input][0].clone();
+                actual["input"]["required"][input][0] =
+                    expected["input"]["required"][input][0].clone();
             }
         }
         assert_eq!(
@@ -34,5 +40,9 @@ fn every_registered_node_matches_comfyui_object_info() {
         );
         compared += 1;
     }
-    assert_eq!(compared, reference.as_object().unwrap().len(), "a reference node is not registered");
+    assert_eq!(
+        compared,
+        reference.as_object().unwrap().len(),
+        "a reference node is not registered"
+    );
 }

@@ -4,7 +4,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "easel", version, about = "A ComfyUI-compatible node-graph engine and server.")]
+#[command(
+    name = "easel",
+    version,
+    about = "A ComfyUI-compatible node-graph engine and server."
+)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]

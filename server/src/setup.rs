@@ -34,7 +34,12 @@ pub fn paths(args: &ExecutionArgs) -> anyhow::Result<Paths> {
         paths.load_extra_model_paths(config)?;
     }
     let paths = paths.finish();
-    paths.prepare().with_context(|| format!("cannot create the directories under {}", paths.base.display()))?;
+    paths.prepare().with_context(|| {
+        format!(
+            "cannot create the directories under {}",
+            paths.base.display()
+        )
+    })?;
     Ok(paths)
 }
 
@@ -49,7 +54,9 @@ pub fn cache_mode(args: &CacheArgs) -> CacheMode {
 pub fn runtime(args: &ExecutionArgs) -> anyhow::Result<Runtime> {
     let mut services = Services::new();
     services.insert(paths(args)?);
-    services.insert(ImageMetadata { enabled: !args.disable_metadata });
+    services.insert(ImageMetadata {
+        enabled: !args.disable_metadata,
+    });
     Ok(Runtime {
         registry: Arc::new(easel_nodes::builtin_registry()),
         services: Arc::new(services),

@@ -6,11 +6,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn easel(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_easel")).args(args).output().expect("easel runs")
+    Command::new(env!("CARGO_BIN_EXE_easel"))
+        .args(args)
+        .output()
+        .expect("easel runs")
 }
 
 #[test]
@@ -32,14 +38,29 @@ fn every_bundled_workflow_runs_and_writes_its_images() {
             workflows.join("input").to_str().unwrap(),
         ]);
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{}: {}\n{}", path.display(), stdout, String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}: {}\n{}",
+            path.display(),
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
         let outputs: Json = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
         let mut images = 0;
         for ui in outputs.as_object().unwrap().values() {
             for image in ui["images"].as_array().unwrap() {
-                let dir = if image["type"] == "temp" { "temp" } else { "output" };
-                let file = base.path().join(dir).join(image["subfolder"].as_str().unwrap()).join(image["filename"].as_str().unwrap());
-                let decoded = image::open(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+                let dir = if image["type"] == "temp" {
+                    "temp"
+                } else {
+                    "output"
+                };
+                let file = base
+                    .path()
+                    .join(dir)
+                    .join(image["subfolder"].as_str().unwrap())
+                    .join(image["filename"].as_str().unwrap());
+                let decoded =
+                    image::open(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
                 assert!(decoded.width() > 0 && decoded.height() > 0);
                 images += 1;
             }
@@ -61,8 +82,18 @@ fn a_request_body_with_extra_data_is_accepted_and_metadata_can_be_disabled() {
             "extra_data": {"extra_pnginfo": {"workflow": {"nodes": []}}}}"#,
     )
     .unwrap();
-    let out = easel(&["run", request.to_str().unwrap(), "--base-directory", base.path().to_str().unwrap(), "--disable-metadata"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = easel(&[
+        "run",
+        request.to_str().unwrap(),
+        "--base-directory",
+        base.path().to_str().unwrap(),
+        "--disable-metadata",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let bytes = std::fs::read(base.path().join("output/plain_00001_.png")).unwrap();
     assert!(!bytes.windows(4).any(|w| w == b"tEXt"));
 }
@@ -73,14 +104,28 @@ fn an_invalid_workflow_exits_2_with_comfyui_error_json() {
     let workflow = base.path().join("bad.json");
     std::fs::write(&workflow, r#"{"1": {"class_type": "EmptyImage", "inputs": {"width": 0, "height": 8, "batch_size": 1, "color": 0}},
                                   "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}"#).unwrap();
-    let out = easel(&["run", workflow.to_str().unwrap(), "--base-directory", base.path().to_str().unwrap()]);
+    let out = easel(&[
+        "run",
+        workflow.to_str().unwrap(),
+        "--base-directory",
+        base.path().to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(2));
-    let error: Json = serde_json::from_str(String::from_utf8_lossy(&out.stderr).lines().last().unwrap()).unwrap();
+    let error: Json =
+        serde_json::from_str(String::from_utf8_lossy(&out.stderr).lines().last().unwrap()).unwrap();
     assert_eq!(error["error"]["type"], "prompt_outputs_failed_validation");
-    assert_eq!(error["node_errors"]["1"]["errors"][0]["type"], "value_smaller_than_min");
+    assert_eq!(
+        error["node_errors"]["1"]["errors"][0]["type"],
+        "value_smaller_than_min"
+    );
 
     std::fs::write(&workflow, "{not json").unwrap();
-    let out = easel(&["run", workflow.to_str().unwrap(), "--base-directory", base.path().to_str().unwrap()]);
+    let out = easel(&[
+        "run",
+        workflow.to_str().unwrap(),
+        "--base-directory",
+        base.path().to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not JSON"));
 }

@@ -22,7 +22,10 @@ fn start() -> Server {
     let state = AppState::start(runtime);
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        let tokio = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         tokio.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             sender.send(listener.local_addr().unwrap()).unwrap();
@@ -30,15 +33,24 @@ fn start() -> Server {
         });
     });
     let address = receiver.recv_timeout(Duration::from_secs(10)).unwrap();
-    Server { url: format!("http://{address}"), _base: base }
+    Server {
+        url: format!("http://{address}"),
+        _base: base,
+    }
 }
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
 }
 
 /// (status, content type, body text)
@@ -48,14 +60,30 @@ fn post(server: &Server, path: &str, body: &str) -> (u16, String, String) {
         .header("Content-Type", "application/json")
         .send(body)
         .unwrap();
-    let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
-    (response.status().as_u16(), content_type, response.body_mut().read_to_string().unwrap())
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (
+        response.status().as_u16(),
+        content_type,
+        response.body_mut().read_to_string().unwrap(),
+    )
 }
 
 fn get(server: &Server, path: &str) -> (u16, String, Vec<u8>) {
     let mut response = agent().get(format!("{}{path}", server.url)).call().unwrap();
-    let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
-    (response.status().as_u16(), content_type, response.body_mut().read_to_vec().unwrap())
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (
+        response.status().as_u16(),
+        content_type,
+        response.body_mut().read_to_vec().unwrap(),
+    )
 }
 
 fn get_json(server: &Server, path: &str) -> Json {
@@ -67,10 +95,17 @@ fn get_json(server: &Server, path: &str) -> Json {
 #[test]
 fn a_queued_workflow_runs_and_its_images_can_be_fetched() {
     let server = start();
-    let workflow: Json = serde_json::from_str(&std::fs::read_to_string(workspace().join("workflows/load_image.json")).unwrap()).unwrap();
+    let workflow: Json = serde_json::from_str(
+        &std::fs::read_to_string(workspace().join("workflows/load_image.json")).unwrap(),
+    )
+    .unwrap();
     let body = json!({"prompt": workflow, "client_id": "test-client", "extra_data": {"extra_pnginfo": {"workflow": {"nodes": []}}}});
     let (status, content_type, text) = post(&server, "/prompt", &body.to_string());
-    assert_eq!((status, content_type.as_str()), (200, "application/json; charset=utf-8"), "{text}");
+    assert_eq!(
+        (status, content_type.as_str()),
+        (200, "application/json; charset=utf-8"),
+        "{text}"
+    );
     // Python's json.dumps spacing.
     assert!(text.starts_with("{\"prompt_id\": \""), "{text}");
     let response: Json = serde_json::from_str(&text).unwrap();
@@ -85,33 +120,60 @@ fn a_queued_workflow_runs_and_its_images_can_be_fetched() {
         if let Some(entry) = history.get(&prompt_id) {
             break entry.clone();
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "the prompt never finished");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the prompt never finished"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(entry["status"]["status_str"], "success", "{entry}");
     assert_eq!(entry["status"]["completed"], true);
-    let messages: Vec<&str> = entry["status"]["messages"].as_array().unwrap().iter().map(|m| m[0].as_str().unwrap()).collect();
-    assert_eq!(messages, ["execution_start", "execution_cached", "execution_success"]);
+    let messages: Vec<&str> = entry["status"]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m[0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        messages,
+        ["execution_start", "execution_cached", "execution_success"]
+    );
     assert_eq!(entry["prompt"][0], 0);
     assert_eq!(entry["prompt"][1], prompt_id);
     assert_eq!(entry["prompt"][3]["client_id"], "test-client");
     assert_eq!(entry["meta"]["3"]["display_node"], "3");
 
     let image = &entry["outputs"]["3"]["images"][0];
-    assert_eq!(image, &json!({"filename": "scaled_00001_.png", "subfolder": "load_image", "type": "output"}));
-    let (status, content_type, bytes) = get(&server, "/api/view?filename=scaled_00001_.png&subfolder=load_image&type=output");
+    assert_eq!(
+        image,
+        &json!({"filename": "scaled_00001_.png", "subfolder": "load_image", "type": "output"})
+    );
+    let (status, content_type, bytes) = get(
+        &server,
+        "/api/view?filename=scaled_00001_.png&subfolder=load_image&type=output",
+    );
     assert_eq!((status, content_type.as_str()), (200, "image/png"));
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
 
     let all = get_json(&server, "/api/history?max_items=1");
-    assert_eq!(all.as_object().unwrap().keys().collect::<Vec<_>>(), [&prompt_id]);
+    assert_eq!(
+        all.as_object().unwrap().keys().collect::<Vec<_>>(),
+        [&prompt_id]
+    );
 }
 
 #[test]
 fn bad_requests_get_comfyui_responses() {
     let server = start();
     let (status, content_type, text) = post(&server, "/prompt", "{not json");
-    assert_eq!((status, content_type.as_str(), text.as_str()), (500, "text/plain; charset=utf-8", "500 Internal Server Error\n\nServer got itself in trouble"));
+    assert_eq!(
+        (status, content_type.as_str(), text.as_str()),
+        (
+            500,
+            "text/plain; charset=utf-8",
+            "500 Internal Server Error\n\nServer got itself in trouble"
+        )
+    );
 
     let (status, _, text) = post(&server, "/api/prompt", "{}");
     assert_eq!(status, 400);
@@ -125,17 +187,28 @@ fn bad_requests_get_comfyui_responses() {
     let (status, _, text) = post(&server, "/prompt", &prompt.to_string());
     assert_eq!(status, 400);
     let body: Json = serde_json::from_str(&text).unwrap();
-    assert_eq!(body["node_errors"]["1"]["errors"][0]["message"], "Value 0 smaller than min of 1");
+    assert_eq!(
+        body["node_errors"]["1"]["errors"][0]["message"],
+        "Value 0 smaller than min of 1"
+    );
 
     // Every parsed POST without a number counts, valid or not (the malformed one above did not);
     // `front` queues at -number.
-    let (_, _, text) = post(&server, "/prompt", &json!({"prompt": {"1": {"class_type": "Nope", "inputs": {}}}, "front": true}).to_string());
+    let (_, _, text) = post(
+        &server,
+        "/prompt",
+        &json!({"prompt": {"1": {"class_type": "Nope", "inputs": {}}}, "front": true}).to_string(),
+    );
     assert!(text.contains("Cannot execute because node Nope does not exist."));
     let valid = json!({"prompt": {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
                                    "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}, "front": true});
     let (_, _, text) = post(&server, "/prompt", &valid.to_string());
     assert_eq!(serde_json::from_str::<Json>(&text).unwrap()["number"], -3);
-    let (_, _, text) = post(&server, "/prompt", &json!({"prompt": valid["prompt"], "number": 7}).to_string());
+    let (_, _, text) = post(
+        &server,
+        "/prompt",
+        &json!({"prompt": valid["prompt"], "number": 7}).to_string(),
+    );
     assert_eq!(serde_json::from_str::<Json>(&text).unwrap()["number"], 7.0);
 
     assert_eq!(get(&server, "/view?filename=../secret.png").0, 400);
@@ -148,7 +221,10 @@ fn object_info_lists_every_node() {
     let server = start();
     let info = get_json(&server, "/object_info");
     assert!(info.as_object().unwrap().len() >= 21);
-    assert_eq!(info["LoadImage"]["input"]["required"]["image"][0], json!(["example.png"]));
+    assert_eq!(
+        info["LoadImage"]["input"]["required"]["image"][0],
+        json!(["example.png"])
+    );
     let one = get_json(&server, "/api/object_info/SaveImage");
     assert_eq!(one["SaveImage"]["output_node"], true);
     assert_eq!(get_json(&server, "/object_info/Nope"), json!({}));

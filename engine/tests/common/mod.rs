@@ -3,14 +3,18 @@
 #![allow(dead_code)]
 
 use easel_engine::schema::{InputSpec, IoType, NodeSchema, OutputSpec, SchemaStyle};
-use easel_engine::{HiddenInput, Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeRegistry, Services, Value};
+use easel_engine::{
+    HiddenInput, Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeRegistry, Services,
+    Value,
+};
 use serde_json::{json, Map, Value as Json};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 pub fn fixture(name: &str) -> Json {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture exists")).expect("fixture is JSON")
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture exists"))
+        .expect("fixture is JSON")
 }
 
 fn input_spec(spec: &Json) -> InputSpec {
@@ -20,12 +24,19 @@ fn input_spec(spec: &Json) -> InputSpec {
         Json::Array(values) => IoType::Combo(values.clone()),
         other => panic!("unexpected type {other}"),
     };
-    InputSpec { io_type, options: items.get(1).and_then(Json::as_object).cloned() }
+    InputSpec {
+        io_type,
+        options: items.get(1).and_then(Json::as_object).cloned(),
+    }
 }
 
 /// A schema parsed back from its `/object_info` entry.
 pub fn schema_from_object_info(entry: &Json) -> NodeSchema {
-    let style = if entry.get("api_node").is_some() { SchemaStyle::V3 } else { SchemaStyle::V1 };
+    let style = if entry.get("api_node").is_some() {
+        SchemaStyle::V3
+    } else {
+        SchemaStyle::V1
+    };
     let section = |name: &str| -> Vec<(String, InputSpec)> {
         entry["input"][name]
             .as_object()
@@ -46,7 +57,11 @@ pub fn schema_from_object_info(entry: &Json) -> NodeSchema {
     schema.optional = section("optional").into_iter().collect();
     if let Some(hidden) = entry["input"]["hidden"].as_object() {
         for (name, kind) in hidden {
-            let kind = if kind.is_array() { kind[0].as_str() } else { kind.as_str() };
+            let kind = if kind.is_array() {
+                kind[0].as_str()
+            } else {
+                kind.as_str()
+            };
             let input = match kind.unwrap() {
                 "PROMPT" => HiddenInput::Prompt,
                 "EXTRA_PNGINFO" => HiddenInput::ExtraPngInfo,
@@ -67,7 +82,10 @@ pub fn schema_from_object_info(entry: &Json) -> NodeSchema {
             io_type,
             name: entry["output_name"][i].as_str().unwrap().into(),
             is_list: entry["output_is_list"][i].as_bool().unwrap(),
-            tooltip: entry.get("output_tooltips").and_then(|t| t[i].as_str()).map(String::from),
+            tooltip: entry
+                .get("output_tooltips")
+                .and_then(|t| t[i].as_str())
+                .map(String::from),
         });
     }
     schema
@@ -94,7 +112,8 @@ pub fn registry_from_object_info(info: &Json) -> NodeRegistry {
 }
 
 /// How a test node behaves.
-pub type Behaviour = Arc<dyn Fn(&NodeContext, &NodeInputs) -> Result<NodeOutput, NodeError> + Send + Sync>;
+pub type Behaviour =
+    Arc<dyn Fn(&NodeContext, &NodeInputs) -> Result<NodeOutput, NodeError> + Send + Sync>;
 
 /// A test node with a given schema and behaviour, counting its calls.
 pub struct TestNode {
@@ -105,9 +124,23 @@ pub struct TestNode {
 }
 
 impl TestNode {
-    pub fn new(schema: NodeSchema, behaviour: impl Fn(&NodeContext, &NodeInputs) -> Result<NodeOutput, NodeError> + Send + Sync + 'static) -> (Self, Arc<AtomicUsize>) {
+    pub fn new(
+        schema: NodeSchema,
+        behaviour: impl Fn(&NodeContext, &NodeInputs) -> Result<NodeOutput, NodeError>
+            + Send
+            + Sync
+            + 'static,
+    ) -> (Self, Arc<AtomicUsize>) {
         let calls = Arc::new(AtomicUsize::new(0));
-        (TestNode { schema, behaviour: Arc::new(behaviour), calls: calls.clone(), fingerprint: None }, calls)
+        (
+            TestNode {
+                schema,
+                behaviour: Arc::new(behaviour),
+                calls: calls.clone(),
+                fingerprint: None,
+            },
+            calls,
+        )
     }
 }
 
@@ -136,7 +169,11 @@ pub fn test_nodes() -> TestNodes {
     let int_schema = NodeSchema::v1("Int", "test", "test")
         .required("value", InputSpec::int(0, -1000, 1000))
         .output(OutputSpec::of("INT"));
-    let (int, c) = TestNode::new(int_schema, |_, i| Ok(NodeOutput::values(vec![Value::Json(json!(i.int("value")?))])));
+    let (int, c) = TestNode::new(int_schema, |_, i| {
+        Ok(NodeOutput::values(vec![Value::Json(
+            json!(i.int("value")?),
+        )]))
+    });
     registry.register(int);
     calls.insert("Int", c);
 
@@ -144,11 +181,17 @@ pub fn test_nodes() -> TestNodes {
         .required("a", InputSpec::of("INT"))
         .required("b", InputSpec::of("INT"))
         .output(OutputSpec::of("INT"));
-    let (add, c) = TestNode::new(add_schema, |_, i| Ok(NodeOutput::values(vec![Value::Json(json!(i.int("a")? + i.int("b")?))])));
+    let (add, c) = TestNode::new(add_schema, |_, i| {
+        Ok(NodeOutput::values(vec![Value::Json(json!(
+            i.int("a")? + i.int("b")?
+        ))]))
+    });
     registry.register(add);
     calls.insert("Add", c);
 
-    let show_schema = NodeSchema::v1("Show", "test", "test").output_node().required("value", InputSpec::of("INT"));
+    let show_schema = NodeSchema::v1("Show", "test", "test")
+        .output_node()
+        .required("value", InputSpec::of("INT"));
     let (show, c) = TestNode::new(show_schema, |_, i| {
         let mut ui = Map::new();
         ui.insert("text".into(), json!([i.int("value")?.to_string()]));
@@ -162,28 +205,42 @@ pub fn test_nodes() -> TestNodes {
         .output(OutputSpec::of("INT").list());
     let (range, c) = TestNode::new(range_schema, |_, i| {
         let n = i.int("count")?;
-        Ok(NodeOutput::values(vec![Value::List((0..n).map(|k| Value::Json(json!(k))).collect())]))
+        Ok(NodeOutput::values(vec![Value::List(
+            (0..n).map(|k| Value::Json(json!(k))).collect(),
+        )]))
     });
     registry.register(range);
     calls.insert("Range", c);
 
-    let sum_schema = NodeSchema { input_is_list: true, ..NodeSchema::v1("Sum", "test", "test") }
-        .required("values", InputSpec::of("INT"))
-        .output(OutputSpec::of("INT"));
+    let sum_schema = NodeSchema {
+        input_is_list: true,
+        ..NodeSchema::v1("Sum", "test", "test")
+    }
+    .required("values", InputSpec::of("INT"))
+    .output(OutputSpec::of("INT"));
     let (sum, c) = TestNode::new(sum_schema, |_, i| {
-        let Some(Value::List(items)) = i.get("values") else { return Err(NodeError::new("expected a list")) };
-        let total: i64 = items.iter().map(|v| v.as_json().and_then(Json::as_i64).unwrap_or(0)).sum();
+        let Some(Value::List(items)) = i.get("values") else {
+            return Err(NodeError::new("expected a list"));
+        };
+        let total: i64 = items
+            .iter()
+            .map(|v| v.as_json().and_then(Json::as_i64).unwrap_or(0))
+            .sum();
         Ok(NodeOutput::values(vec![Value::Json(json!(total))]))
     });
     registry.register(sum);
     calls.insert("Sum", c);
 
-    let panic_schema = NodeSchema::v1("Panic", "test", "test").required("value", InputSpec::of("INT")).output(OutputSpec::of("INT"));
+    let panic_schema = NodeSchema::v1("Panic", "test", "test")
+        .required("value", InputSpec::of("INT"))
+        .output(OutputSpec::of("INT"));
     let (panicking, c) = TestNode::new(panic_schema, |_, _| panic!("boom"));
     registry.register(panicking);
     calls.insert("Panic", c);
 
-    let fail_schema = NodeSchema::v1("Fail", "test", "test").required("value", InputSpec::of("INT")).output(OutputSpec::of("INT"));
+    let fail_schema = NodeSchema::v1("Fail", "test", "test")
+        .required("value", InputSpec::of("INT"))
+        .output(OutputSpec::of("INT"));
     let (fail, c) = TestNode::new(fail_schema, |_, _| Err(NodeError::value("bad value")));
     registry.register(fail);
     calls.insert("Fail", c);
@@ -197,7 +254,10 @@ pub fn test_nodes() -> TestNodes {
         for step in 1..=steps {
             ctx.progress(step, steps)?;
         }
-        Ok(NodeOutput::values(vec![i.get("value").cloned().unwrap_or(Value::Json(Json::Null))]))
+        Ok(NodeOutput::values(vec![i
+            .get("value")
+            .cloned()
+            .unwrap_or(Value::Json(Json::Null))]))
     });
     registry.register(steps);
     calls.insert("Steps", c);
