@@ -170,10 +170,6 @@ impl OutputCache {
         }
     }
 
-    pub fn mode(&self) -> CacheMode {
-        self.mode
-    }
-
     /// Starts a prompt whose nodes have `keys`: drops what the mode says to drop.
     pub fn begin_prompt<'k>(&mut self, keys: impl Iterator<Item = &'k CacheKey>) {
         self.generation += 1;
@@ -225,13 +221,5 @@ impl OutputCache {
                 used_generation: self.generation,
             },
         );
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 }

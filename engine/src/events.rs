@@ -1,7 +1,7 @@
 //! Execution events, independent of any transport. Each is one of ComfyUI's WebSocket message types
 //! with its `data` object built in ComfyUI's key order; the server decides who receives it.
 
-use serde_json::{json, Value as Json};
+use serde_json::Value as Json;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// ComfyUI's message types emitted while executing a prompt.
@@ -33,14 +33,6 @@ impl EventKind {
             EventKind::ExecutionInterrupted => "execution_interrupted",
         }
     }
-
-    /// Whether ComfyUI broadcasts it to every socket when the prompt has no client id (marked (B)).
-    pub fn broadcast_without_client(self) -> bool {
-        matches!(
-            self,
-            EventKind::Progress | EventKind::ProgressState | EventKind::ExecutionInterrupted
-        )
-    }
 }
 
 /// One event: a kind and its `data`.
@@ -53,11 +45,6 @@ pub struct Event {
 impl Event {
     pub fn new(kind: EventKind, data: Json) -> Self {
         Event { kind, data }
-    }
-
-    /// `{"type": …, "data": …}` as sent on the WebSocket.
-    pub fn to_message(&self) -> Json {
-        json!({"type": self.kind.name(), "data": self.data})
     }
 }
 

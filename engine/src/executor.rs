@@ -88,10 +88,6 @@ impl Executor {
         &self.registry
     }
 
-    pub fn services(&self) -> &Arc<Services> {
-        &self.services
-    }
-
     /// Runs the prompt's valid outputs. `extra_data` is the request's (`extra_pnginfo`, `client_id`).
     pub fn execute(
         &mut self,

@@ -144,10 +144,6 @@ impl NodeInputs {
         self.values.get(name)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &Value)> {
-        self.values.iter()
-    }
-
     fn require(&self, name: &str) -> Result<&Value, NodeError> {
         self.values
             .get(name)

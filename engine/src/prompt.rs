@@ -86,11 +86,6 @@ impl Prompt {
         self.nodes.contains_key(id)
     }
 
-    /// The raw node object.
-    pub fn node(&self, id: &str) -> Option<&Json> {
-        self.nodes.get(id)
-    }
-
     /// The node's `class_type` value, if present (any JSON type).
     pub fn class_type_value(&self, id: &str) -> Option<&Json> {
         self.nodes.get(id)?.as_object()?.get("class_type")
@@ -145,10 +140,6 @@ impl Prompt {
     /// The prompt as JSON.
     pub fn to_json(&self) -> Json {
         Json::Object(self.nodes.clone())
-    }
-
-    pub fn as_map(&self) -> &Map<String, Json> {
-        &self.nodes
     }
 }
 

@@ -458,6 +458,41 @@ mod tests {
     }
 
     #[test]
+    fn output_names_and_tooltips_serialise_like_comfyui() {
+        // Captured CheckpointLoaderSimple entry, protocol.md §5.1.
+        let schema = NodeSchema::v1("CheckpointLoaderSimple", "nodes", "loaders")
+            .display("Load Checkpoint")
+            .description(
+                "Loads a diffusion model checkpoint, diffusion models are used to denoise latents.",
+            )
+            .required(
+                "ckpt_name",
+                InputSpec::combo::<&str>(&[])
+                    .opt("tooltip", "The name of the checkpoint (model) to load."),
+            )
+            .output(OutputSpec::of("MODEL").tooltip("The model used for denoising latents."))
+            .output(
+                OutputSpec::of("CLIP").tooltip("The CLIP model used for encoding text prompts."),
+            )
+            .output(OutputSpec::of("VAE").tooltip(
+                "The VAE model used for encoding and decoding images to and from latent space.",
+            ));
+        let expected = r#"{"input":{"required":{"ckpt_name":[[],{"tooltip":"The name of the checkpoint (model) to load."}]}},"input_order":{"required":["ckpt_name"]},"output":["MODEL","CLIP","VAE"],"output_is_list":[false,false,false],"output_name":["MODEL","CLIP","VAE"],"name":"CheckpointLoaderSimple","display_name":"Load Checkpoint","description":"Loads a diffusion model checkpoint, diffusion models are used to denoise latents.","python_module":"nodes","category":"loaders","output_node":false,"output_tooltips":["The model used for denoising latents.","The CLIP model used for encoding text prompts.","The VAE model used for encoding and decoding images to and from latent space."]}"#;
+        assert_eq!(
+            serde_json::to_string(&schema.to_object_info()).unwrap(),
+            expected
+        );
+
+        let list = NodeSchema::v3("Split", "test", "test")
+            .output(OutputSpec::of("INT").named("parts").list());
+        let info = list.to_object_info();
+        assert_eq!(info["output_name"], serde_json::json!(["parts"]));
+        assert_eq!(info["output_is_list"], serde_json::json!([true]));
+        assert_eq!(info["output_tooltips"], serde_json::json!([null]));
+        assert_eq!(info["display_name"], serde_json::Value::Null);
+    }
+
+    #[test]
     fn v1_entry_has_comfyui_key_order() {
         let schema = NodeSchema::v1("ImageInvert", "nodes", "image")
             .display("Invert Image")

@@ -285,11 +285,6 @@ impl Paths {
         Ok(())
     }
 
-    /// Registered model folder names.
-    pub fn folder_names(&self) -> impl Iterator<Item = &str> {
-        self.folders.keys().map(String::as_str)
-    }
-
     /// `folder_paths.get_filename_list`: relative paths (with `/`) of matching files under every
     /// directory of `folder`, recursively, sorted and de-duplicated.
     pub fn filename_list(&self, folder: &str) -> Vec<String> {
