@@ -5,8 +5,7 @@ use easel_engine::cache::{signatures, OutputCache, SignatureInput};
 use easel_engine::schedule::ExecutionList;
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{
-    validate_prompt, CacheMode, Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeRegistry,
-    Prompt, Services,
+    validate_prompt, CacheMode, Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeRegistry, Prompt, Services,
 };
 use serde_json::{json, Map, Value as Json};
 use std::time::{Duration, Instant};
@@ -61,27 +60,18 @@ fn prompt_text(n: usize) -> String {
                 json!({"a": [(i - 1).to_string(), 0], "b": [(i / 2).to_string(), 0], "scale": 1.5}),
             )
         };
-        nodes.insert(
-            i.to_string(),
-            json!({"class_type": class, "inputs": inputs}),
-        );
+        nodes.insert(i.to_string(), json!({"class_type": class, "inputs": inputs}));
     }
     serde_json::to_string(&Json::Object(nodes)).unwrap_or_default()
 }
 
 /// Stage timings of one pass: everything the engine does before the first node runs.
-fn pass(
-    registry: &NodeRegistry,
-    services: &Services,
-    text: &str,
-    cache: &mut OutputCache,
-) -> [Duration; 4] {
+fn pass(registry: &NodeRegistry, services: &Services, text: &str, cache: &mut OutputCache) -> [Duration; 4] {
     let start = Instant::now();
     let json: Json = serde_json::from_str(text).expect("bench prompt is JSON");
     let prompt = Prompt::from_json(json).expect("bench prompt is an object");
     let parsed = Instant::now();
-    let validated =
-        validate_prompt(registry, services, prompt, None).expect("bench prompt is valid");
+    let validated = validate_prompt(registry, services, prompt, None).expect("bench prompt is valid");
     let checked = Instant::now();
     let schemas: std::collections::HashMap<String, NodeSchema> = registry
         .class_names()
@@ -105,12 +95,7 @@ fn pass(
     });
     std::hint::black_box(list.remaining());
     let scheduled = Instant::now();
-    [
-        parsed - start,
-        checked - parsed,
-        signed - checked,
-        scheduled - signed,
-    ]
+    [parsed - start, checked - parsed, signed - checked, scheduled - signed]
 }
 
 fn ms(d: Duration) -> f64 {

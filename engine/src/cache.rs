@@ -99,12 +99,7 @@ fn json_field(hasher: &mut Sha256, value: &Json) -> Option<()> {
     Some(())
 }
 
-fn sign(
-    prompt: &Prompt,
-    id: &str,
-    input: &SignatureInput,
-    keys: &HashMap<NodeId, CacheKey>,
-) -> Option<CacheKey> {
+fn sign(prompt: &Prompt, id: &str, input: &SignatureInput, keys: &HashMap<NodeId, CacheKey>) -> Option<CacheKey> {
     let mut hasher = Sha256::new();
     field(&mut hasher, input.schema.name.as_bytes());
     match &input.fingerprint {
@@ -115,8 +110,7 @@ fn sign(
         }
         Some(Err(_)) => return None,
     }
-    let keyed_by_id =
-        input.schema.not_idempotent || input.schema.uses_hidden(HiddenInput::UniqueId);
+    let keyed_by_id = input.schema.not_idempotent || input.schema.uses_hidden(HiddenInput::UniqueId);
     field(&mut hasher, if keyed_by_id { id.as_bytes() } else { &[] });
     let mut inputs: Vec<(&String, &Json)> = prompt.inputs(id).into_iter().flatten().collect();
     inputs.sort_unstable_by(|a, b| a.0.cmp(b.0));

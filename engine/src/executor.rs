@@ -127,23 +127,15 @@ impl Executor {
             json!({"nodes": cached, "prompt_id": prompt_id, "timestamp": timestamp_ms()}),
         );
 
-        let is_output = |id: &str| {
-            classes
-                .get(id)
-                .is_some_and(|(_, schema)| schema.output_node)
-        };
-        let mut list =
-            ExecutionList::new(&prompt, &validated.outputs_to_execute, is_output, |id| {
-                keys.get(id).is_some_and(|k| self.cache.contains(k))
-            });
+        let is_output = |id: &str| classes.get(id).is_some_and(|(_, schema)| schema.output_node);
+        let mut list = ExecutionList::new(&prompt, &validated.outputs_to_execute, is_output, |id| {
+            keys.get(id).is_some_and(|k| self.cache.contains(k))
+        });
 
         let run = PromptRun {
             prompt_id,
             prompt_json: prompt.to_json(),
-            extra_pnginfo: extra_data
-                .get("extra_pnginfo")
-                .filter(|v| !v.is_null())
-                .cloned(),
+            extra_pnginfo: extra_data.get("extra_pnginfo").filter(|v| !v.is_null()).cloned(),
             progress: RefCell::new(Map::new()),
             sink,
             interrupt,
@@ -162,7 +154,10 @@ impl Executor {
             // Cached output nodes, and nodes an identical sub-graph of this prompt already ran, are
             // "executed" from the cache: ComfyUI re-sends their UI and runs nothing.
             if let Some(cached) = self.cache.get(key) {
-                run.send(EventKind::Executed, json!({"node": id, "display_node": id, "output": cached.ui, "prompt_id": prompt_id}));
+                run.send(
+                    EventKind::Executed,
+                    json!({"node": id, "display_node": id, "output": cached.ui, "prompt_id": prompt_id}),
+                );
                 run.finish_progress(&id, Some((json!(1), json!(1))));
                 results.insert(id.clone(), cached.outputs);
                 list.complete(&id);
@@ -205,7 +200,10 @@ impl Executor {
                     );
                     results.insert(id.clone(), outputs);
                     if let Some(ui) = ui {
-                        run.send(EventKind::Executed, json!({"node": id, "display_node": id, "output": ui, "prompt_id": prompt_id}));
+                        run.send(
+                            EventKind::Executed,
+                            json!({"node": id, "display_node": id, "output": ui, "prompt_id": prompt_id}),
+                        );
                     }
                     run.finish_progress(&id, None);
                     executed.push(id.clone());
@@ -251,19 +249,13 @@ impl Executor {
                 );
                 ExecutionStatus::Interrupted
             }
-            Some(Stop::Failed {
-                node,
-                error,
-                inputs,
-            }) => {
+            Some(Stop::Failed { node, error, inputs }) => {
                 let (exception_type, message) = match &error {
                     NodeError::Failed {
                         exception_type,
                         message,
                     } => (exception_type.clone(), message.clone()),
-                    NodeError::Interrupted => {
-                        ("InterruptProcessingException".into(), error.to_string())
-                    }
+                    NodeError::Interrupted => ("InterruptProcessingException".into(), error.to_string()),
                 };
                 record(
                     EventKind::ExecutionError,
@@ -374,14 +366,9 @@ impl Executor {
             match input_ref(value) {
                 InputRef::Link { node: source, slot } => {
                     if !results.contains_key(source) {
-                        let cached = keys
-                            .get(source)
-                            .and_then(|k| self.cache.get(k))
-                            .ok_or_else(|| {
-                                NodeError::new(format!(
-                                    "Output of node {source} is not available for input '{name}'"
-                                ))
-                            })?;
+                        let cached = keys.get(source).and_then(|k| self.cache.get(k)).ok_or_else(|| {
+                            NodeError::new(format!("Output of node {source} is not available for input '{name}'"))
+                        })?;
                         results.insert(source.to_string(), cached.outputs);
                     }
                     let outputs = &results[source];
@@ -516,18 +503,14 @@ fn call_mapped(
     let mut uis: Vec<Map<String, Json>> = Vec::new();
     for call in &calls {
         ctx.check_interrupt()?;
-        let result =
-            catch_unwind(AssertUnwindSafe(|| node.execute(ctx, call))).map_err(|panic| {
-                let reason = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                NodeError::typed(
-                    "RuntimeError",
-                    format!("node {} panicked: {reason}", schema.name),
-                )
-            })??;
+        let result = catch_unwind(AssertUnwindSafe(|| node.execute(ctx, call))).map_err(|panic| {
+            let reason = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            NodeError::typed("RuntimeError", format!("node {} panicked: {reason}", schema.name))
+        })??;
         if result.outputs.len() < schema.outputs.len() {
             return Err(NodeError::new(format!(
                 "{} returned {} outputs, expected {}",

@@ -34,17 +34,9 @@ impl PromptGraph {
         let mut pending: Vec<usize> = self
             .graph
             .node_indices()
-            .map(|i| {
-                self.graph
-                    .neighbors_directed(i, Direction::Incoming)
-                    .count()
-            })
+            .map(|i| self.graph.neighbors_directed(i, Direction::Incoming).count())
             .collect();
-        let mut ready: VecDeque<NodeIndex> = self
-            .graph
-            .node_indices()
-            .filter(|i| pending[i.index()] == 0)
-            .collect();
+        let mut ready: VecDeque<NodeIndex> = self.graph.node_indices().filter(|i| pending[i.index()] == 0).collect();
         let mut order = Vec::with_capacity(self.graph.node_count());
         while let Some(node) = ready.pop_front() {
             order.push(self.graph[node].as_str());

@@ -21,21 +21,13 @@ pub trait Node: Send + Sync + 'static {
 
     /// ComfyUI's `IS_CHANGED`: `None` when the class has none. Receives constant inputs only (links
     /// are `null`). An `Err` makes the node re-run every time.
-    fn fingerprint(
-        &self,
-        _services: &Services,
-        _inputs: &Map<String, Json>,
-    ) -> Option<Result<Json, String>> {
+    fn fingerprint(&self, _services: &Services, _inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
         None
     }
 
     /// ComfyUI's `VALIDATE_INPUTS`, for the inputs named by the schema's `custom_validation`.
     /// Linked inputs arrive as `null`. `Err(reason)` fails validation with `custom_validation_failed`.
-    fn validate_inputs(
-        &self,
-        _services: &Services,
-        _inputs: &Map<String, Json>,
-    ) -> Result<(), String> {
+    fn validate_inputs(&self, _services: &Services, _inputs: &Map<String, Json>) -> Result<(), String> {
         Ok(())
     }
 }
@@ -44,10 +36,7 @@ pub trait Node: Send + Sync + 'static {
 #[derive(Debug, Clone, Error, PartialEq)]
 pub enum NodeError {
     #[error("{message}")]
-    Failed {
-        exception_type: String,
-        message: String,
-    },
+    Failed { exception_type: String, message: String },
     #[error("Processing interrupted")]
     Interrupted,
 }
@@ -92,9 +81,8 @@ impl Services {
 
     /// The service, or a node error naming what is missing.
     pub fn require<T: Any + Send + Sync>(&self) -> Result<&T, NodeError> {
-        self.get::<T>().ok_or_else(|| {
-            NodeError::new(format!("{} is not configured", std::any::type_name::<T>()))
-        })
+        self.get::<T>()
+            .ok_or_else(|| NodeError::new(format!("{} is not configured", std::any::type_name::<T>())))
     }
 }
 
@@ -152,12 +140,9 @@ impl NodeInputs {
 
     fn json(&self, name: &str) -> Result<&Json, NodeError> {
         let value = self.require(name)?;
-        value.as_json().ok_or_else(|| {
-            NodeError::value(format!(
-                "Input '{name}' expects a constant, got {}",
-                value.kind()
-            ))
-        })
+        value
+            .as_json()
+            .ok_or_else(|| NodeError::value(format!("Input '{name}' expects a constant, got {}", value.kind())))
     }
 
     pub fn int(&self, name: &str) -> Result<i64, NodeError> {
@@ -175,9 +160,8 @@ impl NodeInputs {
 
     pub fn bool(&self, name: &str) -> Result<bool, NodeError> {
         let json = self.json(name)?;
-        json.as_bool().ok_or_else(|| {
-            NodeError::value(format!("Input '{name}' expects a BOOLEAN, got {json}"))
-        })
+        json.as_bool()
+            .ok_or_else(|| NodeError::value(format!("Input '{name}' expects a BOOLEAN, got {json}")))
     }
 
     pub fn string(&self, name: &str) -> Result<&str, NodeError> {
@@ -204,10 +188,7 @@ impl NodeInputs {
         value.downcast::<T>().ok_or_else(|| {
             NodeError::value(format!(
                 "Input '{name}' expects {}, got {}",
-                std::any::type_name::<T>()
-                    .rsplit("::")
-                    .next()
-                    .unwrap_or("an object"),
+                std::any::type_name::<T>().rsplit("::").next().unwrap_or("an object"),
                 value.kind()
             ))
         })
@@ -273,11 +254,7 @@ impl NodeContext<'_> {
 
 /// Runs one call of `node` outside any prompt (for tools and tests): node id `"0"`, an empty
 /// prompt, no interrupt, progress discarded.
-pub fn call_standalone(
-    node: &dyn Node,
-    services: &Services,
-    inputs: &NodeInputs,
-) -> Result<NodeOutput, NodeError> {
+pub fn call_standalone(node: &dyn Node, services: &Services, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
     let prompt = Json::Object(Map::new());
     let interrupt = Interrupt::new();
     let ctx = NodeContext {

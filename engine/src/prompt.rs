@@ -132,9 +132,7 @@ impl Prompt {
         self.inputs(id)
             .into_iter()
             .flat_map(|inputs| inputs.iter())
-            .filter_map(|(name, value)| {
-                as_link(value).map(|(node, slot)| (name.as_str(), node, slot))
-            })
+            .filter_map(|(name, value)| as_link(value).map(|(node, slot)| (name.as_str(), node, slot)))
     }
 
     /// The prompt as JSON.
@@ -150,10 +148,7 @@ mod tests {
 
     #[test]
     fn links_are_two_element_lists_with_string_ids() {
-        assert_eq!(
-            input_ref(&json!(["4", 1])),
-            InputRef::Link { node: "4", slot: 1 }
-        );
+        assert_eq!(input_ref(&json!(["4", 1])), InputRef::Link { node: "4", slot: 1 });
         assert!(matches!(input_ref(&json!([4, 1])), InputRef::BadLink(_)));
         assert!(matches!(input_ref(&json!(["4"])), InputRef::BadLink(_)));
         assert_eq!(input_ref(&json!(5)), InputRef::Constant(&json!(5)));
@@ -161,12 +156,8 @@ mod tests {
 
     #[test]
     fn prompt_must_be_an_object() {
-        assert_eq!(
-            Prompt::from_json(json!([])),
-            Err(PromptError::NotAnObject("a list"))
-        );
-        let p = Prompt::from_json(json!({"1": {"class_type": "X", "inputs": {"a": ["2", 0]}}}))
-            .unwrap();
+        assert_eq!(Prompt::from_json(json!([])), Err(PromptError::NotAnObject("a list")));
+        let p = Prompt::from_json(json!({"1": {"class_type": "X", "inputs": {"a": ["2", 0]}}})).unwrap();
         assert_eq!(p.links("1").collect::<Vec<_>>(), vec![("a", "2", 0)]);
         assert_eq!(p.class_type("1"), Some("X"));
     }

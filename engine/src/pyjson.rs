@@ -84,9 +84,7 @@ pub fn str_repr(s: &str) -> String {
                 out.push('\\');
                 out.push(c);
             }
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                out.push_str(&format!("\\x{:02x}", c as u32))
-            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
             c => out.push(c),
         }
     }
@@ -140,11 +138,7 @@ pub fn number_str(n: &serde_json::Number) -> String {
 pub struct PythonFormatter;
 
 impl Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> io::Result<()> {
+    fn begin_array_value<W: ?Sized + Write>(&mut self, writer: &mut W, first: bool) -> io::Result<()> {
         if first {
             Ok(())
         } else {
@@ -152,11 +146,7 @@ impl Formatter for PythonFormatter {
         }
     }
 
-    fn begin_object_key<W: ?Sized + Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> io::Result<()> {
+    fn begin_object_key<W: ?Sized + Write>(&mut self, writer: &mut W, first: bool) -> io::Result<()> {
         if first {
             Ok(())
         } else {
@@ -183,11 +173,7 @@ impl Formatter for PythonFormatter {
         self.write_f64(writer, value as f64)
     }
 
-    fn write_string_fragment<W: ?Sized + Write>(
-        &mut self,
-        writer: &mut W,
-        fragment: &str,
-    ) -> io::Result<()> {
+    fn write_string_fragment<W: ?Sized + Write>(&mut self, writer: &mut W, fragment: &str) -> io::Result<()> {
         if fragment.bytes().all(|b| (0x20..0x7f).contains(&b)) {
             return writer.write_all(fragment.as_bytes());
         }
@@ -204,11 +190,7 @@ impl Formatter for PythonFormatter {
         Ok(())
     }
 
-    fn write_char_escape<W: ?Sized + Write>(
-        &mut self,
-        writer: &mut W,
-        escape: CharEscape,
-    ) -> io::Result<()> {
+    fn write_char_escape<W: ?Sized + Write>(&mut self, writer: &mut W, escape: CharEscape) -> io::Result<()> {
         let text: &[u8] = match escape {
             CharEscape::Quote => b"\\\"",
             CharEscape::ReverseSolidus => b"\\\\",
@@ -258,10 +240,7 @@ mod tests {
     #[test]
     fn repr_of_values() {
         assert_eq!(py_repr(&json!(["a", "it's"])), r#"['a', "it's"]"#);
-        assert_eq!(
-            py_repr(&json!({"k": [null, false]})),
-            "{'k': [None, False]}"
-        );
+        assert_eq!(py_repr(&json!({"k": [null, false]})), "{'k': [None, False]}");
         assert_eq!(py_str(&json!(1000.0)), "1000.0");
     }
 }

@@ -47,17 +47,13 @@ impl ExecutionList {
             list.add_node(prompt, output, &is_cached);
         }
         let is_output: Vec<bool> = list.nodes.iter().map(|id| is_output(id)).collect();
-        let blocks_output =
-            |node: usize, blocks: &Vec<Vec<usize>>| blocks[node].iter().any(|&b| is_output[b]);
+        let blocks_output = |node: usize, blocks: &Vec<Vec<usize>>| blocks[node].iter().any(|&b| is_output[b]);
         for node in 0..list.nodes.len() {
             let class = if is_output[node] {
                 0
             } else if blocks_output(node, &list.blocks) {
                 1
-            } else if list.blocks[node]
-                .iter()
-                .any(|&b| blocks_output(b, &list.blocks))
-            {
+            } else if list.blocks[node].iter().any(|&b| blocks_output(b, &list.blocks)) {
                 2
             } else {
                 3
@@ -93,8 +89,7 @@ impl ExecutionList {
         }
         let mut linked: HashSet<(usize, usize)> = HashSet::with_capacity(links.len());
         for (source, reader) in links {
-            let (Some(&from), Some(&to)) = (self.position.get(&source), self.position.get(&reader))
-            else {
+            let (Some(&from), Some(&to)) = (self.position.get(&source), self.position.get(&reader)) else {
                 continue;
             };
             if linked.insert((from, to)) {

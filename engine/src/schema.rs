@@ -88,22 +88,14 @@ impl InputSpec {
     /// A classic combo over string values.
     pub fn combo<S: AsRef<str>>(values: &[S]) -> Self {
         InputSpec {
-            io_type: IoType::Combo(
-                values
-                    .iter()
-                    .map(|v| Json::String(v.as_ref().to_string()))
-                    .collect(),
-            ),
+            io_type: IoType::Combo(values.iter().map(|v| Json::String(v.as_ref().to_string())).collect()),
             options: None,
         }
     }
 
     /// `["INT", {"default", "min", "max"}]`.
     pub fn int(default: i64, min: i64, max: i64) -> Self {
-        Self::of("INT")
-            .opt("default", default)
-            .opt("min", min)
-            .opt("max", max)
+        Self::of("INT").opt("default", default).opt("min", min).opt("max", max)
     }
 
     /// `["FLOAT", {"default", "min", "max"}]`.
@@ -343,9 +335,7 @@ impl NodeSchema {
         if let Some(spec) = self.required.get(name) {
             return Some((InputSection::Required, spec));
         }
-        self.optional
-            .get(name)
-            .map(|spec| (InputSection::Optional, spec))
+        self.optional.get(name).map(|spec| (InputSection::Optional, spec))
     }
 
     /// Declared inputs, required first, in declaration order.
@@ -371,10 +361,7 @@ impl NodeSchema {
         let mut order = Map::new();
         for (section, specs) in [("required", &self.required), ("optional", &self.optional)] {
             if !specs.is_empty() {
-                let entries: Map<String, Json> = specs
-                    .iter()
-                    .map(|(n, s)| (n.clone(), s.to_json()))
-                    .collect();
+                let entries: Map<String, Json> = specs.iter().map(|(n, s)| (n.clone(), s.to_json())).collect();
                 input.insert(section.into(), Json::Object(entries));
                 order.insert(section.into(), json!(specs.keys().collect::<Vec<_>>()));
             }
@@ -392,16 +379,12 @@ impl NodeSchema {
                 })
                 .collect();
             input.insert("hidden".into(), Json::Object(entries));
-            order.insert(
-                "hidden".into(),
-                json!(self.hidden.keys().collect::<Vec<_>>()),
-            );
+            order.insert("hidden".into(), json!(self.hidden.keys().collect::<Vec<_>>()));
         }
         let output: Vec<Json> = self.outputs.iter().map(|o| o.io_type.to_json()).collect();
         let output_is_list: Vec<bool> = self.outputs.iter().map(|o| o.is_list).collect();
         let output_name: Vec<&str> = self.outputs.iter().map(|o| o.name.as_str()).collect();
-        let tooltips: Vec<Option<&str>> =
-            self.outputs.iter().map(|o| o.tooltip.as_deref()).collect();
+        let tooltips: Vec<Option<&str>> = self.outputs.iter().map(|o| o.tooltip.as_deref()).collect();
 
         let mut info = Map::new();
         info.insert("input".into(), Json::Object(input));
@@ -462,29 +445,21 @@ mod tests {
         // Captured CheckpointLoaderSimple entry, protocol.md §5.1.
         let schema = NodeSchema::v1("CheckpointLoaderSimple", "nodes", "loaders")
             .display("Load Checkpoint")
-            .description(
-                "Loads a diffusion model checkpoint, diffusion models are used to denoise latents.",
-            )
+            .description("Loads a diffusion model checkpoint, diffusion models are used to denoise latents.")
             .required(
                 "ckpt_name",
-                InputSpec::combo::<&str>(&[])
-                    .opt("tooltip", "The name of the checkpoint (model) to load."),
+                InputSpec::combo::<&str>(&[]).opt("tooltip", "The name of the checkpoint (model) to load."),
             )
             .output(OutputSpec::of("MODEL").tooltip("The model used for denoising latents."))
+            .output(OutputSpec::of("CLIP").tooltip("The CLIP model used for encoding text prompts."))
             .output(
-                OutputSpec::of("CLIP").tooltip("The CLIP model used for encoding text prompts."),
-            )
-            .output(OutputSpec::of("VAE").tooltip(
-                "The VAE model used for encoding and decoding images to and from latent space.",
-            ));
+                OutputSpec::of("VAE")
+                    .tooltip("The VAE model used for encoding and decoding images to and from latent space."),
+            );
         let expected = r#"{"input":{"required":{"ckpt_name":[[],{"tooltip":"The name of the checkpoint (model) to load."}]}},"input_order":{"required":["ckpt_name"]},"output":["MODEL","CLIP","VAE"],"output_is_list":[false,false,false],"output_name":["MODEL","CLIP","VAE"],"name":"CheckpointLoaderSimple","display_name":"Load Checkpoint","description":"Loads a diffusion model checkpoint, diffusion models are used to denoise latents.","python_module":"nodes","category":"loaders","output_node":false,"output_tooltips":["The model used for denoising latents.","The CLIP model used for encoding text prompts.","The VAE model used for encoding and decoding images to and from latent space."]}"#;
-        assert_eq!(
-            serde_json::to_string(&schema.to_object_info()).unwrap(),
-            expected
-        );
+        assert_eq!(serde_json::to_string(&schema.to_object_info()).unwrap(), expected);
 
-        let list = NodeSchema::v3("Split", "test", "test")
-            .output(OutputSpec::of("INT").named("parts").list());
+        let list = NodeSchema::v3("Split", "test", "test").output(OutputSpec::of("INT").named("parts").list());
         let info = list.to_object_info();
         assert_eq!(info["output_name"], serde_json::json!(["parts"]));
         assert_eq!(info["output_is_list"], serde_json::json!([true]));

@@ -45,11 +45,7 @@ impl ValidationFailure {
 
     /// A request body without a `"prompt"` key.
     pub fn no_prompt() -> Self {
-        Self::prompt_level(
-            "no_prompt",
-            "No prompt provided",
-            "No prompt provided".into(),
-        )
+        Self::prompt_level("no_prompt", "No prompt provided", "No prompt provided".into())
     }
 
     /// The response body.
@@ -79,10 +75,7 @@ pub fn validate_prompt(
         let Some(class_type) = class_type else {
             return Err(ValidationFailure::prompt_level(
                 "invalid_prompt",
-                &format!(
-                    "Cannot execute because node {} does not exist.",
-                    py_str(class_value)
-                ),
+                &format!("Cannot execute because node {} does not exist.", py_str(class_value)),
                 format!("Node ID '#{id}'"),
             ));
         };
@@ -94,9 +87,7 @@ pub fn validate_prompt(
                 schema
             }
         };
-        if schema.output_node
-            && partial_execution_targets.is_none_or(|targets| targets.iter().any(|t| t == id))
-        {
+        if schema.output_node && partial_execution_targets.is_none_or(|targets| targets.iter().any(|t| t == id)) {
             outputs.push(id.to_string());
         }
     }
@@ -128,9 +119,7 @@ pub fn validate_prompt(
                     "details": exception.message,
                     "extra_info": {"exception_type": exception.type_name, "traceback": []},
                 })];
-                validator
-                    .validated
-                    .insert(output.clone(), (false, reasons.clone()));
+                validator.validated.insert(output.clone(), (false, reasons.clone()));
                 (false, reasons)
             }
         };
@@ -181,10 +170,7 @@ pub fn validate_prompt(
 }
 
 fn text(value: &Json) -> String {
-    value
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| py_str(value))
+    value.as_str().map(str::to_string).unwrap_or_else(|| py_str(value))
 }
 
 /// A Python exception raised while validating a node (a broken link), caught by the caller.
@@ -274,8 +260,7 @@ impl Validator<'_> {
                                 .map(|(_, spec)| spec.config_json());
                             let link = self.prompt.input(&frame.id, &pending.input_name).cloned();
                             let reason = inner_exception_error(&pending, config, link, &exception);
-                            self.validated
-                                .insert(pending.source.clone(), (false, vec![reason]));
+                            self.validated.insert(pending.source.clone(), (false, vec![reason]));
                         }
                     }
                 }
@@ -367,13 +352,7 @@ impl Validator<'_> {
         None
     }
 
-    fn check_input(
-        &mut self,
-        frame: &mut Frame,
-        name: &str,
-        section: InputSection,
-        spec: &InputSpec,
-    ) -> Step {
+    fn check_input(&mut self, frame: &mut Frame, name: &str, section: InputSection, spec: &InputSpec) -> Step {
         let Some(value) = self.prompt.input(&frame.id, name) else {
             if section == InputSection::Required {
                 frame.errors.push(json!({
@@ -404,11 +383,7 @@ impl Validator<'_> {
 
     /// The common case: a link to an existing node's existing output of a matching type.
     fn link_is_sound(&self, source: &str, slot: i64, spec: &InputSpec) -> bool {
-        let Some(schema) = self
-            .prompt
-            .class_type(source)
-            .and_then(|c| self.schemas.get(c))
-        else {
+        let Some(schema) = self.prompt.class_type(source).and_then(|c| self.schemas.get(c)) else {
             return false;
         };
         usize::try_from(slot)
@@ -418,13 +393,7 @@ impl Validator<'_> {
     }
 
     /// Every other list value: ComfyUI's checks in order, each with its error.
-    fn check_link(
-        &mut self,
-        frame: &mut Frame,
-        name: &str,
-        spec: &InputSpec,
-        items: Vec<Json>,
-    ) -> Step {
+    fn check_link(&mut self, frame: &mut Frame, name: &str, spec: &InputSpec, items: Vec<Json>) -> Step {
         if items.len() != 2 {
             frame.errors.push(json!({
                 "type": "bad_linked_input",
@@ -697,8 +666,7 @@ fn to_int(value: &Json) -> Result<Json, String> {
         Json::Number(n) if !n.is_f64() => Ok(value.clone()),
         Json::Number(n) => {
             let f = n.as_f64().unwrap_or(f64::NAN);
-            int_json(f.trunc() as i128)
-                .ok_or_else(|| format!("integer {} is out of range", float_repr_int(f)))
+            int_json(f.trunc() as i128).ok_or_else(|| format!("integer {} is out of range", float_repr_int(f)))
         }
         Json::Bool(b) => Ok(Json::from(i64::from(*b))),
         Json::String(s) => parse_python_int(s)
@@ -722,11 +690,7 @@ fn parse_python_int(text: &str) -> Option<i128> {
         Some(b'+') => (false, &text[1..]),
         _ => (false, text),
     };
-    if digits.is_empty()
-        || digits.starts_with('_')
-        || digits.ends_with('_')
-        || digits.contains("__")
-    {
+    if digits.is_empty() || digits.starts_with('_') || digits.ends_with('_') || digits.contains("__") {
         return None;
     }
     let cleaned: String = digits.chars().filter(|c| *c != '_').collect();
@@ -740,23 +704,15 @@ fn parse_python_int(text: &str) -> Option<i128> {
 /// Python's `float(v)`; non-finite results are refused because JSON cannot carry them.
 fn to_float(value: &Json) -> Result<Json, String> {
     let parsed = match value {
-        Json::Number(n) => n
-            .as_f64()
-            .ok_or_else(|| "number out of range".to_string())?,
+        Json::Number(n) => n.as_f64().ok_or_else(|| "number out of range".to_string())?,
         Json::Bool(b) => f64::from(u8::from(*b)),
         Json::String(s) => {
             let trimmed = s.trim();
             let cleaned: String = trimmed.chars().filter(|c| *c != '_').collect();
-            let ok_underscores =
-                !trimmed.starts_with('_') && !trimmed.ends_with('_') && !trimmed.contains("__");
+            let ok_underscores = !trimmed.starts_with('_') && !trimmed.ends_with('_') && !trimmed.contains("__");
             match cleaned.parse::<f64>() {
                 Ok(f) if ok_underscores && !cleaned.is_empty() => f,
-                _ => {
-                    return Err(format!(
-                        "could not convert string to float: {}",
-                        str_repr(s)
-                    ))
-                }
+                _ => return Err(format!("could not convert string to float: {}", str_repr(s))),
             }
         }
         other => {
@@ -766,12 +722,9 @@ fn to_float(value: &Json) -> Result<Json, String> {
             ))
         }
     };
-    Number::from_f64(parsed).map(Json::Number).ok_or_else(|| {
-        format!(
-            "float value {} is not finite",
-            crate::pyjson::float_repr(parsed)
-        )
-    })
+    Number::from_f64(parsed)
+        .map(Json::Number)
+        .ok_or_else(|| format!("float value {} is not finite", crate::pyjson::float_repr(parsed)))
 }
 
 /// Python's `bool(v)`.

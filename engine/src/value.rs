@@ -53,9 +53,7 @@ impl Value {
     /// The value as `execution_error.current_inputs` shows it: JSON scalars as they are, others as text.
     pub fn error_display(&self) -> Json {
         match self {
-            Value::Json(
-                json @ (Json::Null | Json::Bool(_) | Json::Number(_) | Json::String(_)),
-            ) => json.clone(),
+            Value::Json(json @ (Json::Null | Json::Bool(_) | Json::Number(_) | Json::String(_))) => json.clone(),
             Value::Json(other) => Json::String(crate::pyjson::py_repr(other)),
             Value::Object(object) => Json::String(object.describe()),
             Value::List(items) => {

@@ -5,9 +5,7 @@ mod common;
 
 use common::test_nodes;
 use easel_engine::events::{Event, EventKind};
-use easel_engine::{
-    validate_prompt, CacheMode, ExecutionStatus, Executor, Interrupt, Prompt, Services,
-};
+use easel_engine::{validate_prompt, CacheMode, ExecutionStatus, Executor, Interrupt, Prompt, Services};
 use serde_json::{json, Value as Json};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -54,10 +52,7 @@ impl Harness {
         let interrupt = self.interrupt.clone();
         let sink = |event: Event| {
             on_event(&event, &interrupt);
-            events
-                .lock()
-                .unwrap()
-                .push((event.kind.name().to_string(), event.data));
+            events.lock().unwrap().push((event.kind.name().to_string(), event.data));
         };
         let outcome = self
             .executor
@@ -76,11 +71,7 @@ fn executing_order(events: &[(String, Json)]) -> Vec<String> {
 }
 
 fn of_kind<'a>(events: &'a [(String, Json)], kind: &str) -> Vec<&'a Json> {
-    events
-        .iter()
-        .filter(|(k, _)| k == kind)
-        .map(|(_, d)| d)
-        .collect()
+    events.iter().filter(|(k, _)| k == kind).map(|(_, d)| d).collect()
 }
 
 fn fan_out() -> Json {
@@ -129,15 +120,8 @@ fn runs_outputs_and_ancestors_in_comfyui_order_with_events() {
         first_state["nodes"]["1"],
         json!({"value": 0.0, "max": 1.0, "state": "running", "node_id": "1", "prompt_id": "p1", "display_node_id": "1", "parent_node_id": null, "real_node_id": "1"})
     );
-    let messages: Vec<&str> = outcome
-        .messages
-        .iter()
-        .map(|m| m[0].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        messages,
-        ["execution_start", "execution_cached", "execution_success"]
-    );
+    let messages: Vec<&str> = outcome.messages.iter().map(|m| m[0].as_str().unwrap()).collect();
+    assert_eq!(messages, ["execution_start", "execution_cached", "execution_success"]);
     assert_eq!(outcome.status_json()["status_str"], "success");
     assert_eq!(h.calls("Int"), 1);
 }
@@ -152,17 +136,11 @@ fn unchanged_prompt_reruns_nothing_and_resends_cached_ui() {
         json!(["1", "2", "3", "4", "5"])
     );
     assert!(executing_order(&events).is_empty());
-    let executed: Vec<&Json> = of_kind(&events, "executed")
-        .iter()
-        .map(|d| &d["node"])
-        .collect();
+    let executed: Vec<&Json> = of_kind(&events, "executed").iter().map(|d| &d["node"]).collect();
     assert_eq!(executed, [&json!("2"), &json!("3"), &json!("5")]);
     assert_eq!(outcome.outputs["2"], json!({"text": ["5"]}));
     let finished = &of_kind(&events, "progress_state")[0]["nodes"]["2"];
-    assert_eq!(
-        (&finished["value"], &finished["max"]),
-        (&json!(1), &json!(1))
-    );
+    assert_eq!((&finished["value"], &finished["max"]), (&json!(1), &json!(1)));
     assert_eq!((h.calls("Int"), h.calls("Add"), h.calls("Show")), (1, 1, 2));
 
     // A changed constant re-runs only what depends on it.
@@ -287,10 +265,7 @@ fn a_panicking_node_fails_its_prompt_and_the_executor_keeps_serving() {
     assert_eq!(outcome.status, ExecutionStatus::Error);
     let error = of_kind(&events, "execution_error")[0];
     assert_eq!(error["exception_type"], "RuntimeError");
-    assert!(error["exception_message"]
-        .as_str()
-        .unwrap()
-        .contains("boom"));
+    assert!(error["exception_message"].as_str().unwrap().contains("boom"));
 
     let (outcome, _) = h.run(fan_out());
     assert_eq!(outcome.status, ExecutionStatus::Success);
@@ -310,10 +285,7 @@ fn interrupt_stops_at_the_next_progress_update() {
         }
     });
     assert_eq!(outcome.status, ExecutionStatus::Interrupted);
-    let progress: Vec<&Json> = of_kind(&events, "progress")
-        .iter()
-        .map(|d| &d["value"])
-        .collect();
+    let progress: Vec<&Json> = of_kind(&events, "progress").iter().map(|d| &d["value"]).collect();
     assert_eq!(progress, [&json!(1), &json!(2)]);
     let interrupted = of_kind(&events, "execution_interrupted")[0];
     assert_eq!(interrupted["node_id"], "2");
@@ -360,10 +332,7 @@ impl easel_engine::EventSink for Quiet {
 #[test]
 fn a_100000_node_chain_executes_without_overflow() {
     let mut prompt = serde_json::Map::new();
-    prompt.insert(
-        "0".into(),
-        json!({"class_type": "Int", "inputs": {"value": 1}}),
-    );
+    prompt.insert("0".into(), json!({"class_type": "Int", "inputs": {"value": 1}}));
     for i in 1..100_000 {
         prompt.insert(
             i.to_string(),

@@ -90,18 +90,14 @@ fn cycles_and_self_links_are_errors_not_hangs() {
     .unwrap_err();
     let errors = &err.node_errors["2"]["errors"][0];
     assert_eq!(errors["type"], "exception_during_inner_validation");
-    assert_eq!(
-        errors["extra_info"]["exception_type"],
-        "DependencyCycleError"
-    );
+    assert_eq!(errors["extra_info"]["exception_type"], "DependencyCycleError");
     assert!(errors["details"]
         .as_str()
         .unwrap()
         .contains("Dependency cycle detected"));
 
     // Show has no outputs, so its self-link fails on the slot, as in ComfyUI.
-    let err =
-        validate(json!({"1": {"class_type": "Show", "inputs": {"value": ["1", 0]}}})).unwrap_err();
+    let err = validate(json!({"1": {"class_type": "Show", "inputs": {"value": ["1", 0]}}})).unwrap_err();
     assert_eq!(
         err.node_errors["1"]["errors"][0]["extra_info"]["exception_type"],
         "IndexError"
@@ -131,8 +127,7 @@ fn bad_links_are_reported_like_comfyui() {
     assert!(errors.iter().all(|e| e["type"] == "bad_linked_input"));
     assert_eq!(err.node_errors["2"]["dependent_outputs"], json!(["3"]));
 
-    let err =
-        validate(json!({"3": {"class_type": "Show", "inputs": {"value": ["9", 0]}}})).unwrap_err();
+    let err = validate(json!({"3": {"class_type": "Show", "inputs": {"value": ["9", 0]}}})).unwrap_err();
     let error = &err.node_errors["3"]["errors"][0];
     assert_eq!(error["type"], "exception_during_validation");
     assert_eq!(error["details"], "'9'");
@@ -158,10 +153,7 @@ fn prompt_level_errors() {
     );
     assert_eq!(err.error["details"], "Node ID '#1'");
     let err = validate(json!({"1": {"class_type": 5, "inputs": {}}})).unwrap_err();
-    assert_eq!(
-        err.error["message"],
-        "Cannot execute because node 5 does not exist."
-    );
+    assert_eq!(err.error["message"], "Cannot execute because node 5 does not exist.");
     let err = validate(json!({})).unwrap_err();
     assert_eq!(err.error["type"], "prompt_no_outputs");
     assert!(Prompt::from_json(json!([1, 2])).is_err());
@@ -176,10 +168,7 @@ fn partial_success_and_targets() {
     });
     let ok = validate(prompt.clone()).unwrap();
     assert_eq!(ok.outputs_to_execute, ["2"]);
-    assert_eq!(
-        ok.node_errors["3"]["errors"][0]["type"],
-        "required_input_missing"
-    );
+    assert_eq!(ok.node_errors["3"]["errors"][0]["type"], "required_input_missing");
     assert_eq!(ok.node_errors["3"]["dependent_outputs"], json!(["3"]));
 
     let nodes = test_nodes();
@@ -228,12 +217,12 @@ fn range_and_type_errors_use_python_formatting() {
 #[test]
 fn a_100000_node_chain_validates_without_overflow() {
     let mut prompt = serde_json::Map::new();
-    prompt.insert(
-        "0".into(),
-        json!({"class_type": "Int", "inputs": {"value": 1}}),
-    );
+    prompt.insert("0".into(), json!({"class_type": "Int", "inputs": {"value": 1}}));
     for i in 1..100_000 {
-        prompt.insert(i.to_string(), json!({"class_type": "Add", "inputs": {"a": [(i - 1).to_string(), 0], "b": [(i - 1).to_string(), 0]}}));
+        prompt.insert(
+            i.to_string(),
+            json!({"class_type": "Add", "inputs": {"a": [(i - 1).to_string(), 0], "b": [(i - 1).to_string(), 0]}}),
+        );
     }
     prompt.insert(
         "out".into(),

@@ -17,14 +17,8 @@ impl Node for Canny {
     fn schema(&self, _: &Services) -> NodeSchema {
         NodeSchema::v3("Canny", "comfy_extras.nodes_canny", "image/preprocessors")
             .required("image", InputSpec::of("IMAGE"))
-            .required(
-                "low_threshold",
-                InputSpec::float(0.4, 0.01, 0.99).opt("step", 0.01),
-            )
-            .required(
-                "high_threshold",
-                InputSpec::float(0.8, 0.01, 0.99).opt("step", 0.01),
-            )
+            .required("low_threshold", InputSpec::float(0.4, 0.01, 0.99).opt("step", 0.01))
+            .required("high_threshold", InputSpec::float(0.8, 0.01, 0.99).opt("step", 0.01))
             .output(OutputSpec::of("IMAGE"))
     }
 
@@ -113,22 +107,12 @@ fn blur(gray: &[f32], h: usize, w: usize) -> Vec<f32> {
 }
 
 /// The 8 neighbour offsets in kornia's NMS-kernel order (0° = +x, angles growing towards +y).
-const DIRECTIONS: [(isize, isize); 8] = [
-    (0, 1),
-    (1, 1),
-    (1, 0),
-    (1, -1),
-    (0, -1),
-    (-1, -1),
-    (-1, 0),
-    (-1, 1),
-];
+const DIRECTIONS: [(isize, isize); 8] = [(0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1), (-1, 0), (-1, 1)];
 
 fn canny(gray: &[f32], h: usize, w: usize, low: f32, high: f32) -> Vec<f32> {
     let blurred = blur(gray, h, w);
-    let at = |y: isize, x: isize| {
-        blurred[y.clamp(0, h as isize - 1) as usize * w + x.clamp(0, w as isize - 1) as usize]
-    };
+    let at =
+        |y: isize, x: isize| blurred[y.clamp(0, h as isize - 1) as usize * w + x.clamp(0, w as isize - 1) as usize];
     let mut magnitude = vec![0.0f32; h * w];
     let mut direction = vec![0usize; h * w];
     for y in 0..h as isize {
@@ -145,10 +129,7 @@ fn canny(gray: &[f32], h: usize, w: usize, low: f32, high: f32) -> Vec<f32> {
         }
     }
     let neighbour = |i: usize, d: usize| {
-        let (y, x) = (
-            (i / w) as isize + DIRECTIONS[d].0,
-            (i % w) as isize + DIRECTIONS[d].1,
-        );
+        let (y, x) = ((i / w) as isize + DIRECTIONS[d].0, (i % w) as isize + DIRECTIONS[d].1);
         if y < 0 || x < 0 || y >= h as isize || x >= w as isize {
             0.0
         } else {
@@ -159,8 +140,7 @@ fn canny(gray: &[f32], h: usize, w: usize, low: f32, high: f32) -> Vec<f32> {
     let mut class = vec![0u8; h * w];
     for i in 0..h * w {
         let d = direction[i];
-        let is_max =
-            magnitude[i] - neighbour(i, d) > 0.0 && magnitude[i] - neighbour(i, (d + 4) % 8) > 0.0;
+        let is_max = magnitude[i] - neighbour(i, d) > 0.0 && magnitude[i] - neighbour(i, (d + 4) % 8) > 0.0;
         let m = if is_max { magnitude[i] } else { 0.0 };
         class[i] = u8::from(m > low) + u8::from(m > high);
     }
@@ -192,9 +172,7 @@ mod tests {
     #[test]
     fn a_bright_line_gives_edges_on_both_sides() {
         let (h, w) = (12, 12);
-        let gray: Vec<f32> = (0..h * w)
-            .map(|i| if i % w == 6 { 1.0 } else { 0.0 })
-            .collect();
+        let gray: Vec<f32> = (0..h * w).map(|i| if i % w == 6 { 1.0 } else { 0.0 }).collect();
         let edges = canny(&gray, h, w, 0.1, 0.2);
         for y in 0..h {
             let row: Vec<usize> = (0..w).filter(|&x| edges[y * w + x] == 1.0).collect();

@@ -40,13 +40,7 @@ impl Image {
     }
 
     /// Builds an image, checking that `data` has `batch·height·width·channels` values.
-    pub fn new(
-        batch: usize,
-        height: usize,
-        width: usize,
-        channels: usize,
-        data: Vec<f32>,
-    ) -> Result<Self, NodeError> {
+    pub fn new(batch: usize, height: usize, width: usize, channels: usize, data: Vec<f32>) -> Result<Self, NodeError> {
         if data.len() != batch * height * width * channels {
             return Err(NodeError::new(format!(
                 "image buffer has {} values, expected {batch}x{height}x{width}x{channels}",
@@ -111,8 +105,7 @@ impl Image {
 
     /// Adds one channel set to `value` (ComfyUI's `torch.nn.functional.pad(x, (0, 1), value=…)`).
     pub fn with_extra_channel(&self, value: f32) -> Image {
-        let mut data =
-            Vec::with_capacity(self.batch * self.height * self.width * (self.channels + 1));
+        let mut data = Vec::with_capacity(self.batch * self.height * self.width * (self.channels + 1));
         for pixel in self.data.chunks(self.channels.max(1)) {
             data.extend_from_slice(pixel);
             data.push(value);
@@ -145,9 +138,7 @@ impl Image {
             .ok_or_else(|| NodeError::new("no images to concatenate"))?;
         let mut data = Vec::new();
         for image in images {
-            if (image.height, image.width, image.channels)
-                != (first.height, first.width, first.channels)
-            {
+            if (image.height, image.width, image.channels) != (first.height, first.width, first.channels) {
                 return Err(NodeError::new("images to concatenate differ in size"));
             }
             data.extend_from_slice(&image.data);

@@ -23,14 +23,13 @@ fn read_error(path: &Path, error: impl std::fmt::Display) -> NodeError {
 
 /// Decodes every frame of an image file, each turned upright by its EXIF orientation.
 pub fn load_frames(path: &Path) -> Result<Vec<Frame>, NodeError> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| NodeError::typed("FileNotFoundError", format!("{}: {e}", path.display())))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| NodeError::typed("FileNotFoundError", format!("{}: {e}", path.display())))?;
     let reader = ImageReader::new(Cursor::new(&bytes))
         .with_guessed_format()
         .map_err(|e| read_error(path, e))?;
     if reader.format() == Some(ImageFormat::Gif) {
-        let decoder = GifDecoder::new(BufReader::new(Cursor::new(&bytes)))
-            .map_err(|e| read_error(path, e))?;
+        let decoder = GifDecoder::new(BufReader::new(Cursor::new(&bytes))).map_err(|e| read_error(path, e))?;
         let frames = decoder
             .into_frames()
             .collect_frames()
@@ -84,9 +83,7 @@ fn to_rgba8_like_pillow(decoded: &DynamicImage) -> image::RgbaImage {
 
 /// The RGB channels of frames as an `IMAGE` (`np.float32(v) / 255`).
 pub fn frames_to_image(frames: &[&Frame]) -> Result<Image, NodeError> {
-    let first = frames
-        .first()
-        .ok_or_else(|| NodeError::new("image has no frames"))?;
+    let first = frames.first().ok_or_else(|| NodeError::new("image has no frames"))?;
     let (w, h) = first.rgba.dimensions();
     let mut data = Vec::with_capacity(frames.len() * (w * h * 3) as usize);
     for frame in frames {
@@ -146,9 +143,7 @@ pub fn encode_png(
             PngCompression::Balanced => png::Compression::Balanced,
         });
         for (key, value) in text {
-            encoder
-                .add_text_chunk(key.clone(), value.clone())
-                .map_err(png_error)?;
+            encoder.add_text_chunk(key.clone(), value.clone()).map_err(png_error)?;
         }
         let mut writer = encoder.write_header().map_err(png_error)?;
         writer.write_image_data(pixels).map_err(png_error)?;

@@ -7,9 +7,7 @@ use crate::paths::{normalize, Paths};
 use crate::resample::{common_upscale, resize, ResizeMethod, UPSCALE_METHODS};
 use easel_engine::pyjson::dumps;
 use easel_engine::schema::{CustomValidation, InputSpec, NodeSchema, OutputSpec, MAX_RESOLUTION};
-use easel_engine::{
-    HiddenInput, Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value,
-};
+use easel_engine::{HiddenInput, Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 use rand::Rng;
 use serde_json::{json, Map, Value as Json};
 use sha2::{Digest, Sha256};
@@ -29,16 +27,12 @@ pub(crate) fn image_result(image: Image) -> NodeOutput {
 
 fn non_negative(inputs: &NodeInputs, name: &str) -> Result<usize, NodeError> {
     let value = inputs.int(name)?;
-    usize::try_from(value)
-        .map_err(|_| NodeError::value(format!("{name} must not be negative, got {value}")))
+    usize::try_from(value).map_err(|_| NodeError::value(format!("{name} must not be negative, got {value}")))
 }
 
 fn sha256_file(path: &Path) -> Result<String, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    Ok(Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The file an image input names, if it exists inside its directory.
@@ -49,14 +43,8 @@ fn existing_image(services: &Services, name: &str) -> Option<PathBuf> {
         .filter(|p| p.is_file())
 }
 
-fn image_name_fingerprint(
-    services: &Services,
-    inputs: &Map<String, Json>,
-) -> Option<Result<Json, String>> {
-    let name = inputs
-        .get("image")
-        .and_then(Json::as_str)
-        .unwrap_or_default();
+fn image_name_fingerprint(services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+    let name = inputs.get("image").and_then(Json::as_str).unwrap_or_default();
     let path = existing_image(services, name).ok_or_else(|| format!("Invalid image file: {name}"));
     Some(path.and_then(|p| sha256_file(&p)).map(Json::String))
 }
@@ -83,10 +71,7 @@ pub struct LoadImage;
 
 impl Node for LoadImage {
     fn schema(&self, services: &Services) -> NodeSchema {
-        let files = services
-            .get::<Paths>()
-            .map(Paths::input_images)
-            .unwrap_or_default();
+        let files = services.get::<Paths>().map(Paths::input_images).unwrap_or_default();
         NodeSchema::v1("LoadImage", "nodes", "image")
             .display("Load Image")
             .required("image", InputSpec::combo(&files).opt("image_upload", true))
@@ -101,10 +86,7 @@ impl Node for LoadImage {
             .first()
             .map(|f| f.rgba.dimensions())
             .ok_or_else(|| NodeError::new("image has no frames"))?;
-        let kept: Vec<_> = frames
-            .iter()
-            .filter(|f| f.rgba.dimensions() == first_size)
-            .collect();
+        let kept: Vec<_> = frames.iter().filter(|f| f.rgba.dimensions() == first_size).collect();
         let image = frames_to_image(&kept)?;
         let masks: Vec<Mask> = kept
             .iter()
@@ -128,35 +110,21 @@ impl Node for LoadImage {
             })
             .collect();
         let mask = concat_masks(&masks)?;
-        Ok(NodeOutput::values(vec![
-            Value::object(image),
-            Value::object(mask),
-        ]))
+        Ok(NodeOutput::values(vec![Value::object(image), Value::object(mask)]))
     }
 
-    fn fingerprint(
-        &self,
-        services: &Services,
-        inputs: &Map<String, Json>,
-    ) -> Option<Result<Json, String>> {
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
         image_name_fingerprint(services, inputs)
     }
 
-    fn validate_inputs(
-        &self,
-        services: &Services,
-        inputs: &Map<String, Json>,
-    ) -> Result<(), String> {
+    fn validate_inputs(&self, services: &Services, inputs: &Map<String, Json>) -> Result<(), String> {
         validate_image_name(services, inputs)
     }
 }
 
 fn concat_masks(masks: &[Mask]) -> Result<Mask, NodeError> {
     let first = masks.first().ok_or_else(|| NodeError::new("no masks"))?;
-    if masks
-        .iter()
-        .any(|m| (m.height, m.width) != (first.height, first.width))
-    {
+    if masks.iter().any(|m| (m.height, m.width) != (first.height, first.width)) {
         return Err(NodeError::new("masks to concatenate differ in size"));
     }
     Ok(Mask {
@@ -172,26 +140,18 @@ pub struct LoadImageMask;
 
 impl Node for LoadImageMask {
     fn schema(&self, services: &Services) -> NodeSchema {
-        let files = services
-            .get::<Paths>()
-            .map(Paths::input_files)
-            .unwrap_or_default();
+        let files = services.get::<Paths>().map(Paths::input_files).unwrap_or_default();
         NodeSchema::v1("LoadImageMask", "nodes", "mask")
             .display("Load Image (as Mask)")
             .required("image", InputSpec::combo(&files).opt("image_upload", true))
-            .required(
-                "channel",
-                InputSpec::combo(&["alpha", "red", "green", "blue"]),
-            )
+            .required("channel", InputSpec::combo(&["alpha", "red", "green", "blue"]))
             .output(OutputSpec::of("MASK"))
             .validated_by(CustomValidation::Inputs(vec!["image".into()]))
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let frames = load_frames(&image_file(ctx, inputs)?)?;
-        let frame = frames
-            .first()
-            .ok_or_else(|| NodeError::new("image has no frames"))?;
+        let frame = frames.first().ok_or_else(|| NodeError::new("image has no frames"))?;
         let channel = match inputs.string("channel")? {
             "red" => 0,
             "green" => 1,
@@ -220,19 +180,11 @@ impl Node for LoadImageMask {
         })]))
     }
 
-    fn fingerprint(
-        &self,
-        services: &Services,
-        inputs: &Map<String, Json>,
-    ) -> Option<Result<Json, String>> {
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
         image_name_fingerprint(services, inputs)
     }
 
-    fn validate_inputs(
-        &self,
-        services: &Services,
-        inputs: &Map<String, Json>,
-    ) -> Result<(), String> {
+    fn validate_inputs(&self, services: &Services, inputs: &Map<String, Json>) -> Result<(), String> {
         validate_image_name(services, inputs)
     }
 }
@@ -245,12 +197,7 @@ pub struct SaveTarget {
     pub subfolder: String,
 }
 
-pub fn save_target(
-    prefix: &str,
-    output_dir: &Path,
-    width: usize,
-    height: usize,
-) -> Result<SaveTarget, NodeError> {
+pub fn save_target(prefix: &str, output_dir: &Path, width: usize, height: usize) -> Result<SaveTarget, NodeError> {
     let mut prefix = prefix.to_string();
     if prefix.contains('%') {
         let now = chrono::Local::now();
@@ -303,10 +250,7 @@ pub fn save_target(
             .filter_map(|entry| {
                 let name: Vec<char> = entry.file_name().to_string_lossy().chars().collect();
                 let head: String = name.iter().take(prefix_len + 1).collect();
-                let (stem, last) = (
-                    head.get(..head.len().saturating_sub(1))?,
-                    head.chars().last()?,
-                );
+                let (stem, last) = (head.get(..head.len().saturating_sub(1))?, head.chars().last()?);
                 if stem != filename || last != '_' {
                     return None;
                 }
@@ -321,8 +265,7 @@ pub fn save_target(
             .max()
             .map_or(1, |highest| highest + 1),
         Err(_) => {
-            std::fs::create_dir_all(&folder)
-                .map_err(|e| NodeError::typed("OSError", e.to_string()))?;
+            std::fs::create_dir_all(&folder).map_err(|e| NodeError::typed("OSError", e.to_string()))?;
             1
         }
     };
@@ -344,10 +287,7 @@ fn save_batch(
     compression: PngCompression,
 ) -> Result<NodeOutput, NodeError> {
     let target = save_target(prefix, dir, images.width, images.height)?;
-    let metadata = ctx
-        .services
-        .get::<ImageMetadata>()
-        .is_none_or(|m| m.enabled);
+    let metadata = ctx.services.get::<ImageMetadata>().is_none_or(|m| m.enabled);
     let mut text = Vec::new();
     if metadata {
         text.push(("prompt".to_string(), dumps(ctx.prompt)));
@@ -369,8 +309,7 @@ fn save_batch(
             &text,
             compression,
         )?;
-        std::fs::write(target.folder.join(&file), png)
-            .map_err(|e| NodeError::typed("OSError", e.to_string()))?;
+        std::fs::write(target.folder.join(&file), png).map_err(|e| NodeError::typed("OSError", e.to_string()))?;
         results.push(json!({"filename": file, "subfolder": target.subfolder, "type": kind}));
     }
     let mut ui = Map::new();
@@ -420,10 +359,7 @@ pub struct PreviewImage {
 impl PreviewImage {
     fn prefix(&self, node_id: &str) -> String {
         const ALPHABET: &[u8] = b"abcdefghijklmnopqrstupvxyz";
-        let mut suffixes = self
-            .suffixes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut suffixes = self.suffixes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let suffix = suffixes.entry(node_id.to_string()).or_insert_with(|| {
             let mut rng = rand::rng();
             (0..5)
@@ -472,24 +408,15 @@ impl Node for ImageScale {
             .display("Upscale Image")
             .required("image", InputSpec::of("IMAGE"))
             .required("upscale_method", upscale_method_input())
-            .required(
-                "width",
-                InputSpec::int(512, 0, MAX_RESOLUTION).opt("step", 1),
-            )
-            .required(
-                "height",
-                InputSpec::int(512, 0, MAX_RESOLUTION).opt("step", 1),
-            )
+            .required("width", InputSpec::int(512, 0, MAX_RESOLUTION).opt("step", 1))
+            .required("height", InputSpec::int(512, 0, MAX_RESOLUTION).opt("step", 1))
             .required("crop", InputSpec::combo(&["disabled", "center"]))
             .output(OutputSpec::of("IMAGE"))
     }
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let image = inputs.object::<Image>("image")?;
-        let (mut width, mut height) = (
-            non_negative(inputs, "width")?,
-            non_negative(inputs, "height")?,
-        );
+        let (mut width, mut height) = (non_negative(inputs, "width")?, non_negative(inputs, "height")?);
         if width == 0 && height == 0 {
             return Ok(image_result(image.clone()));
         }
@@ -504,9 +431,7 @@ impl Node for ImageScale {
         }
         let method: ResizeMethod = inputs.string("upscale_method")?.parse()?;
         let center = inputs.string("crop")? == "center";
-        Ok(image_result(common_upscale(
-            image, width, height, method, center,
-        )?))
+        Ok(image_result(common_upscale(image, width, height, method, center)?))
     }
 }
 
@@ -519,10 +444,7 @@ impl Node for ImageScaleBy {
             .display("Upscale Image By")
             .required("image", InputSpec::of("IMAGE"))
             .required("upscale_method", upscale_method_input())
-            .required(
-                "scale_by",
-                InputSpec::float(1.0, 0.01, 8.0).opt("step", 0.01),
-            )
+            .required("scale_by", InputSpec::float(1.0, 0.01, 8.0).opt("step", 0.01))
             .output(OutputSpec::of("IMAGE"))
     }
 
@@ -532,9 +454,7 @@ impl Node for ImageScaleBy {
         let width = (image.width as f64 * scale).round_ties_even() as usize;
         let height = (image.height as f64 * scale).round_ties_even() as usize;
         let method: ResizeMethod = inputs.string("upscale_method")?.parse()?;
-        Ok(image_result(common_upscale(
-            image, width, height, method, false,
-        )?))
+        Ok(image_result(common_upscale(image, width, height, method, false)?))
     }
 }
 
@@ -566,14 +486,8 @@ impl Node for ImageCrop {
         NodeSchema::v1("ImageCrop", "comfy_extras.nodes_images", "image/transform")
             .display("Image Crop")
             .required("image", InputSpec::of("IMAGE"))
-            .required(
-                "width",
-                InputSpec::int(512, 1, MAX_RESOLUTION).opt("step", 1),
-            )
-            .required(
-                "height",
-                InputSpec::int(512, 1, MAX_RESOLUTION).opt("step", 1),
-            )
+            .required("width", InputSpec::int(512, 1, MAX_RESOLUTION).opt("step", 1))
+            .required("height", InputSpec::int(512, 1, MAX_RESOLUTION).opt("step", 1))
             .required("x", InputSpec::int(0, 0, MAX_RESOLUTION).opt("step", 1))
             .required("y", InputSpec::int(0, 0, MAX_RESOLUTION).opt("step", 1))
             .output(OutputSpec::of("IMAGE"))
@@ -609,16 +523,8 @@ impl Node for ImageBatch {
         } else if first.channels < second.channels {
             first = first.with_extra_channel(1.0);
         }
-        if (first.height, first.width, first.channels)
-            != (second.height, second.width, second.channels)
-        {
-            second = common_upscale(
-                &second,
-                first.width,
-                first.height,
-                ResizeMethod::Bilinear,
-                true,
-            )?;
+        if (first.height, first.width, first.channels) != (second.height, second.width, second.channels) {
+            second = common_upscale(&second, first.width, first.height, ResizeMethod::Bilinear, true)?;
         }
         Ok(image_result(Image::concat(&[first, second])?))
     }
@@ -637,10 +543,7 @@ impl Node for ImagePadForOutpaint {
             .required("top", side())
             .required("right", side())
             .required("bottom", side())
-            .required(
-                "feathering",
-                InputSpec::int(40, 0, MAX_RESOLUTION).opt("step", 1),
-            )
+            .required("feathering", InputSpec::int(40, 0, MAX_RESOLUTION).opt("step", 1))
             .output(OutputSpec::of("IMAGE"))
             .output(OutputSpec::of("MASK"))
     }
@@ -678,10 +581,7 @@ impl Node for ImagePadForOutpaint {
                 mask.data[(i + top) * new_w + j + left] = value;
             }
         }
-        Ok(NodeOutput::values(vec![
-            Value::object(padded),
-            Value::object(mask),
-        ]))
+        Ok(NodeOutput::values(vec![Value::object(padded), Value::object(mask)]))
     }
 }
 
@@ -717,14 +617,7 @@ impl Node for ImageCompositeMasked {
         let mask = inputs.optional_object::<Mask>("mask")?;
         let x = non_negative(inputs, "x")?;
         let y = non_negative(inputs, "y")?;
-        composite(
-            &mut destination,
-            &source,
-            x,
-            y,
-            mask,
-            inputs.bool("resize_source")?,
-        )?;
+        composite(&mut destination, &source, x, y, mask, inputs.bool("resize_source")?)?;
         Ok(image_result(destination))
     }
 }
@@ -787,20 +680,12 @@ pub struct EmptyImage;
 impl Node for EmptyImage {
     fn schema(&self, _: &Services) -> NodeSchema {
         NodeSchema::v1("EmptyImage", "nodes", "image")
-            .required(
-                "width",
-                InputSpec::int(512, 1, MAX_RESOLUTION).opt("step", 1),
-            )
-            .required(
-                "height",
-                InputSpec::int(512, 1, MAX_RESOLUTION).opt("step", 1),
-            )
+            .required("width", InputSpec::int(512, 1, MAX_RESOLUTION).opt("step", 1))
+            .required("height", InputSpec::int(512, 1, MAX_RESOLUTION).opt("step", 1))
             .required("batch_size", InputSpec::int(1, 1, 4096))
             .required(
                 "color",
-                InputSpec::int(0, 0, 0xFFFFFF)
-                    .opt("step", 1)
-                    .opt("display", "color"),
+                InputSpec::int(0, 0, 0xFFFFFF).opt("step", 1).opt("display", "color"),
             )
             .output(OutputSpec::of("IMAGE"))
     }

@@ -25,8 +25,7 @@ fn offset_input() -> InputSpec {
 
 fn count(inputs: &NodeInputs, name: &str) -> Result<usize, NodeError> {
     let value = inputs.int(name)?;
-    usize::try_from(value)
-        .map_err(|_| NodeError::value(format!("{name} must not be negative, got {value}")))
+    usize::try_from(value).map_err(|_| NodeError::value(format!("{name} must not be negative, got {value}")))
 }
 
 /// `ImageToMask`: one channel of an image.
@@ -37,10 +36,7 @@ impl Node for ImageToMask {
         mask_node("ImageToMask")
             .display("Convert Image to Mask")
             .required("image", InputSpec::of("IMAGE"))
-            .required(
-                "channel",
-                InputSpec::combo(&["red", "green", "blue", "alpha"]),
-            )
+            .required("channel", InputSpec::combo(&["red", "green", "blue", "alpha"]))
             .output(OutputSpec::of("MASK"))
     }
 
@@ -59,11 +55,7 @@ impl Node for ImageToMask {
                 ),
             ));
         }
-        let data = image
-            .data
-            .chunks(image.channels)
-            .map(|p| p[channel])
-            .collect();
+        let data = image.data.chunks(image.channels).map(|p| p[channel]).collect();
         Ok(mask_result(Mask {
             batch: image.batch,
             height: image.height,
@@ -87,13 +79,7 @@ impl Node for MaskToImage {
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let mask = inputs.object::<Mask>("mask")?;
         let data = mask.data.iter().flat_map(|&v| [v, v, v]).collect();
-        Ok(image_result(Image::new(
-            mask.batch,
-            mask.height,
-            mask.width,
-            3,
-            data,
-        )?))
+        Ok(image_result(Image::new(mask.batch, mask.height, mask.width, 3, data)?))
     }
 }
 
@@ -194,10 +180,7 @@ impl Node for GrowMask {
                 frame.copy_from_slice(&grown);
             }
         }
-        Ok(mask_result(Mask {
-            data,
-            ..mask.clone()
-        }))
+        Ok(mask_result(Mask { data, ..mask.clone() }))
     }
 }
 
@@ -213,16 +196,7 @@ fn morphology_step(frame: &[f32], h: usize, w: usize, corners: bool, dilate: boo
     for y in 0..h as isize {
         for x in 0..w as isize {
             let mut value = at(y, x);
-            for (dy, dx) in [
-                (-1, -1),
-                (-1, 0),
-                (-1, 1),
-                (0, -1),
-                (0, 1),
-                (1, -1),
-                (1, 0),
-                (1, 1),
-            ] {
+            for (dy, dx) in [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)] {
                 if !corners && dy != 0 && dx != 0 {
                     continue;
                 }
@@ -271,11 +245,7 @@ impl Node for FeatherMask {
             scale_column(x, ((x as f64 + 1.0) / left as f64) as f32, &mut out);
         }
         for x in 0..right {
-            scale_column(
-                from_end(x, w),
-                ((x as f64 + 1.0) / right as f64) as f32,
-                &mut out,
-            );
+            scale_column(from_end(x, w), ((x as f64 + 1.0) / right as f64) as f32, &mut out);
         }
         let scale_row = |y: usize, rate: f32, out: &mut Mask| {
             for b in 0..out.batch {
@@ -288,11 +258,7 @@ impl Node for FeatherMask {
             scale_row(y, ((y as f64 + 1.0) / top as f64) as f32, &mut out);
         }
         for y in 0..bottom {
-            scale_row(
-                from_end(y, h),
-                ((y as f64 + 1.0) / bottom as f64) as f32,
-                &mut out,
-            );
+            scale_row(from_end(y, h), ((y as f64 + 1.0) / bottom as f64) as f32, &mut out);
         }
         Ok(mask_result(out))
     }

@@ -9,21 +9,11 @@ use std::path::{Component, Path, PathBuf};
 use thiserror::Error;
 
 /// ComfyUI's model file extensions (`supported_pt_extensions`).
-pub const MODEL_EXTENSIONS: [&str; 8] = [
-    ".ckpt",
-    ".pt",
-    ".pt2",
-    ".bin",
-    ".pth",
-    ".safetensors",
-    ".pkl",
-    ".sft",
-];
+pub const MODEL_EXTENSIONS: [&str; 8] = [".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"];
 
 /// Extensions ComfyUI lists as images in the input directory.
 const IMAGE_EXTENSIONS: [&str; 12] = [
-    ".png", ".jpg", ".jpeg", ".jpe", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ico", ".avif",
-    ".svg",
+    ".png", ".jpg", ".jpeg", ".jpe", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ico", ".avif", ".svg",
 ];
 
 #[derive(Debug, Error)]
@@ -242,10 +232,7 @@ impl Paths {
             path: yaml_path.to_path_buf(),
             message: e.to_string(),
         })?;
-        let yaml_dir = absolute(yaml_path)
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
+        let yaml_dir = absolute(yaml_path).parent().map(Path::to_path_buf).unwrap_or_default();
         let Yaml::Mapping(sections) = config else {
             return Ok(());
         };
@@ -261,10 +248,7 @@ impl Paths {
                     normalize(&yaml_dir.join(expanded))
                 }
             });
-            let is_default = section
-                .get("is_default")
-                .and_then(Yaml::as_bool)
-                .unwrap_or(false);
+            let is_default = section.get("is_default").and_then(Yaml::as_bool).unwrap_or(false);
             for (key, value) in &section {
                 let (Some(folder), Some(lines)) = (key.as_str(), value.as_str()) else {
                     continue;
@@ -321,11 +305,7 @@ impl Paths {
     pub fn full_path(&self, folder: &str, name: &str) -> Option<PathBuf> {
         let entry = self.folders.get(canonical_folder(folder))?;
         let relative = safe_relative(name)?;
-        entry
-            .dirs
-            .iter()
-            .map(|dir| dir.join(&relative))
-            .find(|p| p.is_file())
+        entry.dirs.iter().map(|dir| dir.join(&relative)).find(|p| p.is_file())
     }
 
     /// The directory of a `type` (`input`, `output`, `temp`), as `/view` and uploads use.
@@ -496,10 +476,7 @@ mod tests {
         let ckpt = &paths.folders["checkpoints"].dirs;
         assert_eq!(ckpt[0], PathBuf::from("/abs/ckpts"));
         assert_eq!(ckpt[1], base.join("models/checkpoints"));
-        assert_eq!(
-            ckpt[2],
-            dir.path().join("lib/webui/models/Stable-diffusion")
-        );
+        assert_eq!(ckpt[2], dir.path().join("lib/webui/models/Stable-diffusion"));
         assert_eq!(ckpt[3], base.join("output/checkpoints"));
         assert_eq!(
             paths.folders["loras"].dirs[2],

@@ -47,9 +47,7 @@ pub fn common_upscale(
     center_crop: bool,
 ) -> Result<Image, NodeError> {
     if width == 0 || height == 0 {
-        return Err(NodeError::value(format!(
-            "cannot resize to {width}x{height}"
-        )));
+        return Err(NodeError::value(format!("cannot resize to {width}x{height}")));
     }
     let mut source = image.clone();
     let mut cropped = false;
@@ -123,25 +121,14 @@ pub fn resize(
             for_each_output(image, &mut out, |b, c, y, x| {
                 let (row_idx, row_w) = &rows[y];
                 let (col_idx, col_w) = &cols[x];
-                let row = |yy: usize| {
-                    dot(
-                        &col_idx.map(|xx| image.data[image.index(b, yy, xx, c)]),
-                        col_w,
-                    )
-                };
+                let row = |yy: usize| dot(&col_idx.map(|xx| image.data[image.index(b, yy, xx, c)]), col_w);
                 dot(&row_idx.map(row), row_w)
             });
         }
         ResizeMethod::Area => {
             for_each_output(image, &mut out, |b, c, y, x| {
-                let (y0, y1) = (
-                    y * image.height / out_h,
-                    ((y + 1) * image.height).div_ceil(out_h),
-                );
-                let (x0, x1) = (
-                    x * image.width / out_w,
-                    ((x + 1) * image.width).div_ceil(out_w),
-                );
+                let (y0, y1) = (y * image.height / out_h, ((y + 1) * image.height).div_ceil(out_h));
+                let (x0, x1) = (x * image.width / out_w, ((x + 1) * image.width).div_ceil(out_w));
                 let mut sum = 0.0f32;
                 for yy in y0..y1 {
                     for xx in x0..x1 {
@@ -156,11 +143,7 @@ pub fn resize(
     Ok(out)
 }
 
-fn for_each_output(
-    image: &Image,
-    out: &mut Image,
-    value: impl Fn(usize, usize, usize, usize) -> f32,
-) {
+fn for_each_output(image: &Image, out: &mut Image, value: impl Fn(usize, usize, usize, usize) -> f32) {
     let (h, w, ch) = (out.height, out.width, out.channels);
     for b in 0..image.batch {
         for y in 0..h {
@@ -344,11 +327,7 @@ fn lanczos(image: &Image, out_h: usize, out_w: usize) -> Result<Image, NodeError
         let mut data = pixels;
         let mut width = w;
         let mut height = h;
-        for vertical in if vertical_first {
-            [true, false]
-        } else {
-            [false, true]
-        } {
+        for vertical in if vertical_first { [true, false] } else { [false, true] } {
             if vertical && out_h != height {
                 // Treat columns as lines: line stride = one pixel, position stride = one row.
                 let transposed = lanczos_pass(&data, width, height, ch, width * ch, ch, out_h);
@@ -436,14 +415,9 @@ mod tests {
     #[test]
     fn area_and_nearest_downsample() {
         let img = Image::new(1, 1, 4, 1, vec![0.0, 1.0, 2.0, 3.0]).unwrap();
+        assert_eq!(resize(&img, 1, 2, ResizeMethod::Area, true).unwrap().data, [0.5, 2.5]);
         assert_eq!(
-            resize(&img, 1, 2, ResizeMethod::Area, true).unwrap().data,
-            [0.5, 2.5]
-        );
-        assert_eq!(
-            resize(&img, 1, 2, ResizeMethod::NearestExact, true)
-                .unwrap()
-                .data,
+            resize(&img, 1, 2, ResizeMethod::NearestExact, true).unwrap().data,
             [1.0, 3.0]
         );
         assert_eq!(

@@ -1,12 +1,14 @@
 //! Loading and saving files: LoadImage / LoadImageMask against Pillow's decoding, SaveImage and
 //! PreviewImage naming and PNG metadata, and file validation, through the real executor.
 
-use base64::Engine;
+mod common;
+
+use common::{f32_values, fixture_json, shape as dims, FIXTURES};
 use easel_engine::events::Event;
 use easel_engine::pyjson::dumps;
 use easel_engine::{
-    call_standalone, validate_prompt, CacheMode, ExecutionStatus, Executor, Interrupt, NodeInputs,
-    Prompt, Services, Value,
+    call_standalone, validate_prompt, CacheMode, ExecutionStatus, Executor, Interrupt, NodeInputs, Prompt, Services,
+    Value,
 };
 use easel_nodes::builtin_registry;
 use easel_nodes::image::{Image, Mask};
@@ -15,8 +17,6 @@ use indexmap::IndexMap;
 use serde_json::{json, Value as Json};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -41,33 +41,11 @@ fn setup() -> Setup {
     }
 }
 
-fn decode(spec: &Json) -> Vec<f32> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(spec["f32_base64"].as_str().unwrap())
-        .unwrap();
-    bytes
-        .chunks(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
-fn dims(spec: &Json) -> Vec<usize> {
-    spec["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as usize)
-        .collect()
-}
-
 #[test]
 fn load_image_matches_pillow() {
     let setup = setup();
     let registry = builtin_registry();
-    let cases: Json = serde_json::from_str(
-        &std::fs::read_to_string(Path::new(FIXTURES).join("load_image.json")).unwrap(),
-    )
-    .unwrap();
+    let cases = fixture_json("load_image.json");
     for case in cases["cases"].as_array().unwrap() {
         let node = registry.get(case["node"].as_str().unwrap()).unwrap();
         let mut inputs = IndexMap::new();
@@ -75,19 +53,10 @@ fn load_image_matches_pillow() {
         if let Some(channel) = case.get("channel") {
             inputs.insert("channel".to_string(), Value::Json(channel.clone()));
         }
-        let output =
-            call_standalone(node.as_ref(), &setup.services, &NodeInputs::new(inputs)).unwrap();
-        let label = format!(
-            "{} {} {:?}",
-            case["node"],
-            case["file"],
-            case.get("channel")
-        );
+        let output = call_standalone(node.as_ref(), &setup.services, &NodeInputs::new(inputs)).unwrap();
+        let label = format!("{} {} {:?}", case["node"], case["file"], case.get("channel"));
         let (mask_value, image) = if output.outputs.len() == 2 {
-            (
-                &output.outputs[1],
-                Some(output.outputs[0].downcast::<Image>().unwrap()),
-            )
+            (&output.outputs[1], Some(output.outputs[0].downcast::<Image>().unwrap()))
         } else {
             (&output.outputs[0], None)
         };
@@ -97,7 +66,7 @@ fn load_image_matches_pillow() {
                 dims(&case["image"]),
                 "{label}"
             );
-            assert_eq!(image.data, decode(&case["image"]), "{label}");
+            assert_eq!(image.data, f32_values(&case["image"]), "{label}");
         }
         let mask = mask_value.downcast::<Mask>().unwrap();
         assert_eq!(
@@ -105,7 +74,7 @@ fn load_image_matches_pillow() {
             dims(&case["mask"]),
             "{label}"
         );
-        assert_eq!(mask.data, decode(&case["mask"]), "{label}");
+        assert_eq!(mask.data, f32_values(&case["mask"]), "{label}");
     }
 }
 
@@ -115,13 +84,8 @@ fn run(
     prompt: Json,
     extra_data: Json,
 ) -> (ExecutionStatus, Json, Vec<Event>) {
-    let validated = validate_prompt(
-        executor.registry(),
-        services,
-        Prompt::from_json(prompt).unwrap(),
-        None,
-    )
-    .expect("valid");
+    let validated =
+        validate_prompt(executor.registry(), services, Prompt::from_json(prompt).unwrap(), None).expect("valid");
     let events = Mutex::new(Vec::new());
     let sink = |e: Event| events.lock().unwrap().push(e);
     let outcome = executor.execute("p", &validated, &extra_data, &sink, &Interrupt::new());
@@ -159,11 +123,7 @@ fn png_chunks(bytes: &[u8]) -> Vec<(String, String)> {
 #[test]
 fn save_image_names_files_and_writes_comfyui_metadata() {
     let setup = setup();
-    let mut executor = Executor::new(
-        Arc::new(builtin_registry()),
-        setup.services.clone(),
-        CacheMode::Classic,
-    );
+    let mut executor = Executor::new(Arc::new(builtin_registry()), setup.services.clone(), CacheMode::Classic);
     let prompt = json!({
         "1": {"class_type": "EmptyImage", "inputs": {"width": 3, "height": 2, "batch_size": 2, "color": 0x80FF01}, "_meta": {"title": "Empty"}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "test/run"}}
@@ -190,10 +150,7 @@ fn save_image_names_files_and_writes_comfyui_metadata() {
     let names: Vec<&str> = chunks.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(names, ["IHDR", "tEXt", "tEXt", "IDAT", "IEND"]);
     assert_eq!(chunks[1].1, format!("prompt\0{}", dumps(&prompt)));
-    assert_eq!(
-        chunks[2].1,
-        format!("workflow\0{}", dumps(&workflow["workflow"]))
-    );
+    assert_eq!(chunks[2].1, format!("workflow\0{}", dumps(&workflow["workflow"])));
     assert!(chunks[2].1.contains("\\u00e9"));
 
     let decoded = image::open(setup.base.join("output/test/run_00002_.png"))
@@ -211,10 +168,7 @@ fn save_image_names_files_and_writes_comfyui_metadata() {
     changed["2"]["inputs"]["filename_prefix"] = json!("../escape");
     let (status, _, events) = run(&mut executor, &setup.services, changed, json!({}));
     assert_eq!(status, ExecutionStatus::Error);
-    let error = events
-        .iter()
-        .find(|e| e.kind.name() == "execution_error")
-        .unwrap();
+    let error = events.iter().find(|e| e.kind.name() == "execution_error").unwrap();
     assert!(error.data["exception_message"]
         .as_str()
         .unwrap()
@@ -225,34 +179,22 @@ fn save_image_names_files_and_writes_comfyui_metadata() {
 #[test]
 fn preview_image_writes_temp_files_with_a_stable_random_prefix() {
     let setup = setup();
-    let mut executor = Executor::new(
-        Arc::new(builtin_registry()),
-        setup.services.clone(),
-        CacheMode::None,
-    );
+    let mut executor = Executor::new(Arc::new(builtin_registry()), setup.services.clone(), CacheMode::None);
     let prompt = json!({
         "1": {"class_type": "EmptyImage", "inputs": {"width": 4, "height": 4, "batch_size": 1, "color": 255}},
         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}
     });
     let (_, first, _) = run(&mut executor, &setup.services, prompt.clone(), json!({}));
     let (_, second, _) = run(&mut executor, &setup.services, prompt, json!({}));
-    let name = first["2"]["images"][0]["filename"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let name = first["2"]["images"][0]["filename"].as_str().unwrap().to_string();
     assert_eq!(first["2"]["images"][0]["type"], "temp");
     let suffix = &name["ComfyUI_temp_".len().."ComfyUI_temp_".len() + 5];
     assert!(
-        suffix
-            .chars()
-            .all(|c| "abcdefghijklmnopqrstupvxyz".contains(c)),
+        suffix.chars().all(|c| "abcdefghijklmnopqrstupvxyz".contains(c)),
         "{name}"
     );
     assert!(name.ends_with("_00001_.png"));
-    assert_eq!(
-        second["2"]["images"][0]["filename"],
-        name.replace("_00001_", "_00002_")
-    );
+    assert_eq!(second["2"]["images"][0]["filename"], name.replace("_00001_", "_00002_"));
     assert!(setup.base.join("temp").join(&name).is_file());
 }
 
@@ -281,44 +223,22 @@ fn load_image_validation_and_fingerprint() {
     }
 
     let mut executor = Executor::new(registry, setup.services.clone(), CacheMode::Classic);
-    let (status, _, _) = run(
-        &mut executor,
-        &setup.services,
-        prompt("rgba.png"),
-        json!({}),
-    );
+    let (status, _, _) = run(&mut executor, &setup.services, prompt("rgba.png"), json!({}));
     assert_eq!(status, ExecutionStatus::Success);
     // The saved prompt carries LoadImage's fingerprint (sha256 of the file), as ComfyUI's does.
     let bytes = std::fs::read(setup.base.join("output/loaded_00001_.png")).unwrap();
     let text = &png_chunks(&bytes)[1].1;
     let saved: Json = serde_json::from_str(text.trim_start_matches("prompt\0")).unwrap();
     assert_eq!(
-        saved["1"]["is_changed"].as_array().unwrap()[0]
-            .as_str()
-            .unwrap()
-            .len(),
+        saved["1"]["is_changed"].as_array().unwrap()[0].as_str().unwrap().len(),
         64
     );
 
     // Unchanged file: everything cached. Changed file: LoadImage runs again.
-    let (_, _, events) = run(
-        &mut executor,
-        &setup.services,
-        prompt("rgba.png"),
-        json!({}),
-    );
+    let (_, _, events) = run(&mut executor, &setup.services, prompt("rgba.png"), json!({}));
     assert!(!events.iter().any(|e| e.kind.name() == "executing"));
-    std::fs::copy(
-        Path::new(FIXTURES).join("gray.png"),
-        setup.base.join("input/rgba.png"),
-    )
-    .unwrap();
-    let (_, _, events) = run(
-        &mut executor,
-        &setup.services,
-        prompt("rgba.png"),
-        json!({}),
-    );
+    std::fs::copy(Path::new(FIXTURES).join("gray.png"), setup.base.join("input/rgba.png")).unwrap();
+    let (_, _, events) = run(&mut executor, &setup.services, prompt("rgba.png"), json!({}));
     assert!(events
         .iter()
         .any(|e| e.kind.name() == "executing" && e.data["node"] == "1"));

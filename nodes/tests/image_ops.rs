@@ -1,26 +1,14 @@
 //! Node outputs against ComfyUI's formulas run in PyTorch 2.8 / Pillow 13 / SciPy / kornia 0.9
 //! (`fixtures/generate_image_ops.py` made `fixtures/image_ops.json`): every value bit for bit.
 
-use base64::Engine;
+mod common;
+
+use common::{f32_values, fixture_json, shape};
 use easel_engine::{call_standalone, NodeInputs, Services, Value};
 use easel_nodes::builtin_registry;
 use easel_nodes::image::{Image, Mask};
 use indexmap::IndexMap;
 use serde_json::Value as Json;
-
-fn fixture() -> Json {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/image_ops.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn shape(spec: &Json) -> Vec<usize> {
-    spec["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as usize)
-        .collect()
-}
 
 /// The generator's `pattern_image`: `((i·7919 + seed·104729) mod 256) / 255` in float32.
 fn pattern(len: usize, seed: i64) -> Vec<f32> {
@@ -58,16 +46,9 @@ fn build_input(spec: &Json) -> Value {
             let data = pattern(dims.iter().product(), seed);
             Value::object(Image::new(dims[0], dims[1], dims[2], dims[3], data).unwrap())
         }
-        "smooth" => Value::object(
-            Image::new(
-                dims[0],
-                dims[1],
-                dims[2],
-                3,
-                smooth(dims[0], dims[1], dims[2], seed),
-            )
-            .unwrap(),
-        ),
+        "smooth" => {
+            Value::object(Image::new(dims[0], dims[1], dims[2], 3, smooth(dims[0], dims[1], dims[2], seed)).unwrap())
+        }
         "pattern_mask" => Value::object(Mask {
             batch: dims[0],
             height: dims[1],
@@ -76,16 +57,6 @@ fn build_input(spec: &Json) -> Value {
         }),
         other => panic!("unknown input kind {other}"),
     }
-}
-
-fn decode(output: &Json) -> Vec<f32> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(output["f32_base64"].as_str().unwrap())
-        .unwrap();
-    bytes
-        .chunks(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
 }
 
 /// The node's outputs flattened in the generator's order (image values, then mask values).
@@ -106,7 +77,7 @@ fn node_outputs_match_comfyui_formulas() {
     let registry = builtin_registry();
     let services = Services::new();
     let mut failures = Vec::new();
-    for case in fixture()["cases"].as_array().unwrap() {
+    for case in fixture_json("image_ops.json")["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let node = registry.get(case["op"].as_str().unwrap()).unwrap();
         let mut inputs = IndexMap::new();
@@ -119,7 +90,7 @@ fn node_outputs_match_comfyui_formulas() {
         let output = call_standalone(node.as_ref(), &services, &NodeInputs::new(inputs))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let actual = flatten(&output.outputs);
-        let expected = decode(&case["output"]);
+        let expected = f32_values(&case["output"]);
         let expected_shape = shape(&case["output"]);
         if actual.len() != expected.len() {
             failures.push(format!(

@@ -6,10 +6,7 @@ use easel_nodes::builtin_registry;
 use serde_json::Value as Json;
 
 fn reference() -> Json {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/object_info_image.json"
-    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/object_info_image.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -29,8 +26,7 @@ fn every_registered_node_matches_comfyui_object_info() {
         let mut actual = ours[name].clone();
         for (class, input) in FILE_COMBOS {
             if class == name {
-                actual["input"]["required"][input][0] =
-                    expected["input"]["required"][input][0].clone();
+                actual["input"]["required"][input][0] = expected["input"]["required"][input][0].clone();
             }
         }
         assert_eq!(

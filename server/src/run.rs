@@ -15,17 +15,13 @@ use std::process::ExitCode;
 const INVALID_PROMPT: u8 = 2;
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(&args.workflow)
-        .with_context(|| format!("cannot read {}", args.workflow.display()))?;
-    let body: Json = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not JSON", args.workflow.display()))?;
+    let text =
+        std::fs::read_to_string(&args.workflow).with_context(|| format!("cannot read {}", args.workflow.display()))?;
+    let body: Json = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", args.workflow.display()))?;
     let (prompt_json, extra_data) = match body {
         Json::Object(mut request) if request.get("prompt").is_some_and(Json::is_object) => {
             let prompt = request.remove("prompt").unwrap_or_default();
-            (
-                prompt,
-                request.remove("extra_data").unwrap_or_else(|| json!({})),
-            )
+            (prompt, request.remove("extra_data").unwrap_or_else(|| json!({})))
         }
         other => (other, json!({})),
     };
@@ -50,19 +46,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 
     let progress = TerminalProgress::new(validated.prompt.clone());
-    let mut executor = Executor::new(
-        runtime.registry.clone(),
-        runtime.services.clone(),
-        runtime.cache_mode,
-    );
+    let mut executor = Executor::new(runtime.registry.clone(), runtime.services.clone(), runtime.cache_mode);
     let prompt_id = uuid::Uuid::new_v4().to_string();
-    let outcome = executor.execute(
-        &prompt_id,
-        &validated,
-        &extra_data,
-        &progress,
-        &Interrupt::new(),
-    );
+    let outcome = executor.execute(&prompt_id, &validated, &extra_data, &progress, &Interrupt::new());
     progress.bar.finish_and_clear();
     if let Some(last) = outcome.messages.last() {
         if outcome.status != ExecutionStatus::Success {
@@ -86,9 +72,8 @@ struct TerminalProgress {
 impl TerminalProgress {
     fn new(prompt: Prompt) -> Self {
         let bar = ProgressBar::new(0);
-        let style =
-            ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} ({elapsed})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let style = ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style.progress_chars("=> "));
         TerminalProgress { bar, prompt }
     }
@@ -107,8 +92,7 @@ impl EventSink for TerminalProgress {
             }
             EventKind::Progress => {
                 self.bar.set_length(event.data["max"].as_u64().unwrap_or(1));
-                self.bar
-                    .set_position(event.data["value"].as_u64().unwrap_or(0));
+                self.bar.set_position(event.data["value"].as_u64().unwrap_or(0));
             }
             _ => {}
         }

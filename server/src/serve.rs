@@ -15,9 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use easel_engine::pyjson::dumps;
-use easel_engine::{
-    validate_prompt, Executor, Interrupt, Prompt, ValidatedPrompt, ValidationFailure,
-};
+use easel_engine::{validate_prompt, Executor, Interrupt, Prompt, ValidatedPrompt, ValidationFailure};
 use easel_nodes::paths::{safe_relative, Paths};
 use indexmap::IndexMap;
 use serde_json::{json, Value as Json};
@@ -33,9 +31,7 @@ const MAXIMUM_HISTORY_SIZE: usize = 10000;
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let runtime = setup::runtime(&args.execution)?;
     let state = AppState::start(runtime);
-    let tokio = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     tokio.block_on(async move {
         let address = format!("{}:{}", args.listen, args.port);
         let listener = tokio::net::TcpListener::bind(&address).await?;
@@ -115,9 +111,7 @@ struct Shared {
 pub struct AppState(Arc<Shared>);
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl AppState {
@@ -139,11 +133,7 @@ impl AppState {
 /// The worker loop: pops the lowest-numbered prompt, executes it, stores its history entry.
 fn work(shared: &Shared) {
     let runtime = &shared.runtime;
-    let mut executor = Executor::new(
-        runtime.registry.clone(),
-        runtime.services.clone(),
-        runtime.cache_mode,
-    );
+    let mut executor = Executor::new(runtime.registry.clone(), runtime.services.clone(), runtime.cache_mode);
     let interrupt = Interrupt::new();
     loop {
         let item = {
@@ -159,13 +149,7 @@ fn work(shared: &Shared) {
             }
         };
         interrupt.clear();
-        let outcome = executor.execute(
-            &item.prompt_id,
-            &item.validated,
-            &item.extra_data,
-            &|_| {},
-            &interrupt,
-        );
+        let outcome = executor.execute(&item.prompt_id, &item.validated, &item.extra_data, &|_| {}, &interrupt);
         let entry = json!({
             "prompt": [
                 item.number_json,
@@ -205,9 +189,7 @@ impl IntoResponse for ApiError {
                 "500 Internal Server Error\n\nServer got itself in trouble",
             )
                 .into_response(),
-            ApiError::Invalid(failure) => {
-                json_response(StatusCode::BAD_REQUEST, &failure.to_json())
-            }
+            ApiError::Invalid(failure) => json_response(StatusCode::BAD_REQUEST, &failure.to_json()),
             ApiError::BadRequest => StatusCode::BAD_REQUEST.into_response(),
             ApiError::Forbidden => StatusCode::FORBIDDEN.into_response(),
             ApiError::NotFound => StatusCode::NOT_FOUND.into_response(),
@@ -227,16 +209,10 @@ fn json_response(status: StatusCode, body: &Json) -> Response {
 
 async fn object_info(State(state): State<AppState>) -> Response {
     let runtime = &state.0.runtime;
-    json_response(
-        StatusCode::OK,
-        &runtime.registry.object_info(&runtime.services),
-    )
+    json_response(StatusCode::OK, &runtime.registry.object_info(&runtime.services))
 }
 
-async fn object_info_class(
-    State(state): State<AppState>,
-    Path(node_class): Path<String>,
-) -> Response {
+async fn object_info_class(State(state): State<AppState>, Path(node_class): Path<String>) -> Response {
     let runtime = &state.0.runtime;
     let mut body = serde_json::Map::new();
     if let Some(schema) = runtime.registry.schema(&node_class, &runtime.services) {
@@ -251,10 +227,7 @@ async fn post_prompt(State(state): State<AppState>, body: Bytes) -> Result<Respo
     let (number, number_json) = match request.get("number") {
         Some(value) => {
             let number = match value {
-                Json::String(text) => text
-                    .trim()
-                    .parse::<f64>()
-                    .map_err(|_| ApiError::Malformed)?,
+                Json::String(text) => text.trim().parse::<f64>().map_err(|_| ApiError::Malformed)?,
                 other => other.as_f64().ok_or(ApiError::Malformed)?,
             };
             (number, json!(number))
@@ -288,13 +261,8 @@ async fn post_prompt(State(state): State<AppState>, body: Bytes) -> Result<Respo
         .and_then(Json::as_array)
         .map(|ids| ids.iter().map(easel_engine::pyjson::py_str).collect());
     let runtime = &shared.runtime;
-    let validated = validate_prompt(
-        &runtime.registry,
-        &runtime.services,
-        prompt,
-        targets.as_deref(),
-    )
-    .map_err(ApiError::Invalid)?;
+    let validated =
+        validate_prompt(&runtime.registry, &runtime.services, prompt, targets.as_deref()).map_err(ApiError::Invalid)?;
     let mut extra_data = request
         .get("extra_data")
         .cloned()
@@ -319,21 +287,14 @@ async fn post_prompt(State(state): State<AppState>, body: Bytes) -> Result<Respo
     Ok(json_response(StatusCode::OK, &response))
 }
 
-async fn history(
-    State(state): State<AppState>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Response {
+async fn history(State(state): State<AppState>, Query(query): Query<HashMap<String, String>>) -> Response {
     let history = lock(&state.0.history);
     let max_items = query
         .get("max_items")
         .and_then(|m| m.parse::<usize>().ok())
         .unwrap_or(history.len());
     let skip = history.len().saturating_sub(max_items);
-    let body: serde_json::Map<String, Json> = history
-        .iter()
-        .skip(skip)
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let body: serde_json::Map<String, Json> = history.iter().skip(skip).map(|(k, v)| (k.clone(), v.clone())).collect();
     json_response(StatusCode::OK, &Json::Object(body))
 }
 
@@ -351,12 +312,7 @@ async fn view(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let paths = state
-        .0
-        .runtime
-        .services
-        .get::<Paths>()
-        .ok_or(ApiError::NotFound)?;
+    let paths = state.0.runtime.services.get::<Paths>().ok_or(ApiError::NotFound)?;
     let filename = query.get("filename").ok_or(ApiError::NotFound)?;
     if filename.contains("..") {
         return Err(ApiError::BadRequest);
@@ -364,17 +320,12 @@ async fn view(
     // ComfyUI drops directory parts of the filename.
     let filename = filename.rsplit(['/', '\\']).next().unwrap_or_default();
     let kind = query.get("type").map(String::as_str).unwrap_or("output");
-    let mut dir = paths
-        .directory_by_type(kind)
-        .ok_or(ApiError::NotFound)?
-        .to_path_buf();
+    let mut dir = paths.directory_by_type(kind).ok_or(ApiError::NotFound)?.to_path_buf();
     if let Some(subfolder) = query.get("subfolder").filter(|s| !s.is_empty()) {
         dir = dir.join(safe_relative(subfolder).ok_or(ApiError::Forbidden)?);
     }
     let file = dir.join(safe_relative(filename).ok_or(ApiError::NotFound)?);
-    let bytes = tokio::fs::read(&file)
-        .await
-        .map_err(|_| ApiError::NotFound)?;
+    let bytes = tokio::fs::read(&file).await.map_err(|_| ApiError::NotFound)?;
     let content_type = match file
         .extension()
         .and_then(|e| e.to_str())
@@ -391,10 +342,7 @@ async fn view(
         StatusCode::OK,
         [
             (header::CONTENT_TYPE, content_type.to_string()),
-            (
-                header::CONTENT_DISPOSITION,
-                format!("filename=\"{filename}\""),
-            ),
+            (header::CONTENT_DISPOSITION, format!("filename=\"{filename}\"")),
         ],
         bytes,
     )

@@ -34,12 +34,9 @@ pub fn paths(args: &ExecutionArgs) -> anyhow::Result<Paths> {
         paths.load_extra_model_paths(config)?;
     }
     let paths = paths.finish();
-    paths.prepare().with_context(|| {
-        format!(
-            "cannot create the directories under {}",
-            paths.base.display()
-        )
-    })?;
+    paths
+        .prepare()
+        .with_context(|| format!("cannot create the directories under {}", paths.base.display()))?;
     Ok(paths)
 }
 

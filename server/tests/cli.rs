@@ -6,10 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 fn easel(args: &[&str]) -> std::process::Output {
@@ -49,18 +46,13 @@ fn every_bundled_workflow_runs_and_writes_its_images() {
         let mut images = 0;
         for ui in outputs.as_object().unwrap().values() {
             for image in ui["images"].as_array().unwrap() {
-                let dir = if image["type"] == "temp" {
-                    "temp"
-                } else {
-                    "output"
-                };
+                let dir = if image["type"] == "temp" { "temp" } else { "output" };
                 let file = base
                     .path()
                     .join(dir)
                     .join(image["subfolder"].as_str().unwrap())
                     .join(image["filename"].as_str().unwrap());
-                let decoded =
-                    image::open(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+                let decoded = image::open(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
                 assert!(decoded.width() > 0 && decoded.height() > 0);
                 images += 1;
             }
@@ -89,11 +81,7 @@ fn a_request_body_with_extra_data_is_accepted_and_metadata_can_be_disabled() {
         base.path().to_str().unwrap(),
         "--disable-metadata",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let bytes = std::fs::read(base.path().join("output/plain_00001_.png")).unwrap();
     assert!(!bytes.windows(4).any(|w| w == b"tEXt"));
 }
@@ -111,13 +99,9 @@ fn an_invalid_workflow_exits_2_with_comfyui_error_json() {
         base.path().to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(2));
-    let error: Json =
-        serde_json::from_str(String::from_utf8_lossy(&out.stderr).lines().last().unwrap()).unwrap();
+    let error: Json = serde_json::from_str(String::from_utf8_lossy(&out.stderr).lines().last().unwrap()).unwrap();
     assert_eq!(error["error"]["type"], "prompt_outputs_failed_validation");
-    assert_eq!(
-        error["node_errors"]["1"]["errors"][0]["type"],
-        "value_smaller_than_min"
-    );
+    assert_eq!(error["node_errors"]["1"]["errors"][0]["type"], "value_smaller_than_min");
 
     std::fs::write(&workflow, "{not json").unwrap();
     let out = easel(&[

@@ -40,40 +40,21 @@ fn start() -> Server {
 }
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
+    ureq::Agent::config_builder().http_status_as_error(false).build().into()
 }
 
-/// (status, content type, body text)
-fn post(server: &Server, path: &str, body: &str) -> (u16, String, String) {
-    let mut response = agent()
-        .post(format!("{}{path}", server.url))
-        .header("Content-Type", "application/json")
-        .send(body)
-        .unwrap();
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    (
-        response.status().as_u16(),
-        content_type,
-        response.body_mut().read_to_string().unwrap(),
-    )
-}
-
-fn get(server: &Server, path: &str) -> (u16, String, Vec<u8>) {
-    let mut response = agent().get(format!("{}{path}", server.url)).call().unwrap();
+/// (status, content type, body) of a request, `body` making it a POST.
+fn request(server: &Server, path: &str, body: Option<&str>) -> (u16, String, Vec<u8>) {
+    let url = format!("{}{path}", server.url);
+    let mut response = match body {
+        Some(body) => agent().post(url).header("Content-Type", "application/json").send(body),
+        None => agent().get(url).call(),
+    }
+    .unwrap();
     let content_type = response
         .headers()
         .get("content-type")
@@ -86,6 +67,15 @@ fn get(server: &Server, path: &str) -> (u16, String, Vec<u8>) {
     )
 }
 
+fn post(server: &Server, path: &str, body: &str) -> (u16, String, String) {
+    let (status, content_type, bytes) = request(server, path, Some(body));
+    (status, content_type, String::from_utf8(bytes).unwrap())
+}
+
+fn get(server: &Server, path: &str) -> (u16, String, Vec<u8>) {
+    request(server, path, None)
+}
+
 fn get_json(server: &Server, path: &str) -> Json {
     let (status, _, body) = get(server, path);
     assert_eq!(status, 200, "{path}");
@@ -95,10 +85,8 @@ fn get_json(server: &Server, path: &str) -> Json {
 #[test]
 fn a_queued_workflow_runs_and_its_images_can_be_fetched() {
     let server = start();
-    let workflow: Json = serde_json::from_str(
-        &std::fs::read_to_string(workspace().join("workflows/load_image.json")).unwrap(),
-    )
-    .unwrap();
+    let workflow: Json =
+        serde_json::from_str(&std::fs::read_to_string(workspace().join("workflows/load_image.json")).unwrap()).unwrap();
     let body = json!({"prompt": workflow, "client_id": "test-client", "extra_data": {"extra_pnginfo": {"workflow": {"nodes": []}}}});
     let (status, content_type, text) = post(&server, "/prompt", &body.to_string());
     assert_eq!(
@@ -120,10 +108,7 @@ fn a_queued_workflow_runs_and_its_images_can_be_fetched() {
         if let Some(entry) = history.get(&prompt_id) {
             break entry.clone();
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the prompt never finished"
-        );
+        assert!(started.elapsed() < Duration::from_secs(60), "the prompt never finished");
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(entry["status"]["status_str"], "success", "{entry}");
@@ -134,10 +119,7 @@ fn a_queued_workflow_runs_and_its_images_can_be_fetched() {
         .iter()
         .map(|m| m[0].as_str().unwrap())
         .collect();
-    assert_eq!(
-        messages,
-        ["execution_start", "execution_cached", "execution_success"]
-    );
+    assert_eq!(messages, ["execution_start", "execution_cached", "execution_success"]);
     assert_eq!(entry["prompt"][0], 0);
     assert_eq!(entry["prompt"][1], prompt_id);
     assert_eq!(entry["prompt"][3]["client_id"], "test-client");
@@ -156,10 +138,7 @@ fn a_queued_workflow_runs_and_its_images_can_be_fetched() {
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
 
     let all = get_json(&server, "/api/history?max_items=1");
-    assert_eq!(
-        all.as_object().unwrap().keys().collect::<Vec<_>>(),
-        [&prompt_id]
-    );
+    assert_eq!(all.as_object().unwrap().keys().collect::<Vec<_>>(), [&prompt_id]);
 }
 
 #[test]

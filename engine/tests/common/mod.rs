@@ -3,18 +3,14 @@
 #![allow(dead_code)]
 
 use easel_engine::schema::{InputSpec, IoType, NodeSchema, OutputSpec, SchemaStyle};
-use easel_engine::{
-    HiddenInput, Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeRegistry, Services,
-    Value,
-};
+use easel_engine::{HiddenInput, Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeRegistry, Services, Value};
 use serde_json::{json, Map, Value as Json};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 pub fn fixture(name: &str) -> Json {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture exists"))
-        .expect("fixture is JSON")
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture exists")).expect("fixture is JSON")
 }
 
 fn input_spec(spec: &Json) -> InputSpec {
@@ -112,8 +108,7 @@ pub fn registry_from_object_info(info: &Json) -> NodeRegistry {
 }
 
 /// How a test node behaves.
-pub type Behaviour =
-    Arc<dyn Fn(&NodeContext, &NodeInputs) -> Result<NodeOutput, NodeError> + Send + Sync>;
+pub type Behaviour = Arc<dyn Fn(&NodeContext, &NodeInputs) -> Result<NodeOutput, NodeError> + Send + Sync>;
 
 /// A test node with a given schema and behaviour, counting its calls.
 pub struct TestNode {
@@ -126,10 +121,7 @@ pub struct TestNode {
 impl TestNode {
     pub fn new(
         schema: NodeSchema,
-        behaviour: impl Fn(&NodeContext, &NodeInputs) -> Result<NodeOutput, NodeError>
-            + Send
-            + Sync
-            + 'static,
+        behaviour: impl Fn(&NodeContext, &NodeInputs) -> Result<NodeOutput, NodeError> + Send + Sync + 'static,
     ) -> (Self, Arc<AtomicUsize>) {
         let calls = Arc::new(AtomicUsize::new(0));
         (
@@ -170,9 +162,7 @@ pub fn test_nodes() -> TestNodes {
         .required("value", InputSpec::int(0, -1000, 1000))
         .output(OutputSpec::of("INT"));
     let (int, c) = TestNode::new(int_schema, |_, i| {
-        Ok(NodeOutput::values(vec![Value::Json(
-            json!(i.int("value")?),
-        )]))
+        Ok(NodeOutput::values(vec![Value::Json(json!(i.int("value")?))]))
     });
     registry.register(int);
     calls.insert("Int", c);
@@ -182,9 +172,7 @@ pub fn test_nodes() -> TestNodes {
         .required("b", InputSpec::of("INT"))
         .output(OutputSpec::of("INT"));
     let (add, c) = TestNode::new(add_schema, |_, i| {
-        Ok(NodeOutput::values(vec![Value::Json(json!(
-            i.int("a")? + i.int("b")?
-        ))]))
+        Ok(NodeOutput::values(vec![Value::Json(json!(i.int("a")? + i.int("b")?))]))
     });
     registry.register(add);
     calls.insert("Add", c);
