@@ -149,7 +149,9 @@ impl Executor {
                 break;
             }
             let (Some((node, schema)), Some(key)) = (classes.get(&id), keys.get(&id)) else {
-                continue;
+                let error = NodeError::typed("KeyError", format!("node {id} has no registered class"));
+                stop = Some(Stop::Failed { node: id, error, inputs: json!({}) });
+                break;
             };
             // Cached output nodes, and nodes an identical sub-graph of this prompt already ran, are
             // "executed" from the cache: ComfyUI re-sends their UI and runs nothing.
