@@ -143,14 +143,18 @@ impl Executor {
         let mut results: HashMap<NodeId, Arc<Vec<Vec<Value>>>> = HashMap::new();
         let mut executed: Vec<NodeId> = Vec::new();
         let mut stop = None;
-        while let Some(id) = list.next() {
+        while let Some(id) = list.take_next() {
             if interrupt.is_set() {
                 stop = Some(Stop::Interrupted { node: id });
                 break;
             }
             let (Some((node, schema)), Some(key)) = (classes.get(&id), keys.get(&id)) else {
                 let error = NodeError::typed("KeyError", format!("node {id} has no registered class"));
-                stop = Some(Stop::Failed { node: id, error, inputs: json!({}) });
+                stop = Some(Stop::Failed {
+                    node: id,
+                    error,
+                    inputs: json!({}),
+                });
                 break;
             };
             // Cached output nodes, and nodes an identical sub-graph of this prompt already ran, are
@@ -226,7 +230,7 @@ impl Executor {
             }
         }
         if stop.is_none() && list.remaining() > 0 {
-            let node = list.next().unwrap_or_default();
+            let node = list.take_next().unwrap_or_default();
             let error = NodeError::typed("graph.DependencyCycleError", "Dependency cycle detected");
             stop = Some(Stop::Failed {
                 node,

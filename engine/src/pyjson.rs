@@ -12,7 +12,7 @@ use std::io::{self, Write};
 /// `json.dumps(value)` with Python's default options.
 pub fn dumps(value: &impl Serialize) -> String {
     let mut out = Vec::new();
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonFormatter::default());
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonFormatter);
     // Serialising a JSON value into memory cannot fail.
     if value.serialize(&mut ser).is_err() {
         return String::new();

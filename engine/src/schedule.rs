@@ -48,8 +48,8 @@ impl ExecutionList {
         }
         let is_output: Vec<bool> = list.nodes.iter().map(|id| is_output(id)).collect();
         let blocks_output = |node: usize, blocks: &Vec<Vec<usize>>| blocks[node].iter().any(|&b| is_output[b]);
-        for node in 0..list.nodes.len() {
-            let class = if is_output[node] {
+        for (node, &output) in is_output.iter().enumerate() {
+            let class = if output {
                 0
             } else if blocks_output(node, &list.blocks) {
                 1
@@ -100,7 +100,7 @@ impl ExecutionList {
     }
 
     /// The next node to run, or `None` when nothing is ready.
-    pub fn next(&mut self) -> Option<NodeId> {
+    pub fn take_next(&mut self) -> Option<NodeId> {
         let class = (0..CLASSES).find(|&c| !self.ready[c].is_empty())?;
         let node = self.ready[class].pop_first()?;
         Some(self.nodes[node].clone())
@@ -147,7 +147,7 @@ mod tests {
         .unwrap();
         let mut list = ExecutionList::new(&prompt, &["9".into()], |id| id == "9", |_| false);
         let mut order = Vec::new();
-        while let Some(id) = list.next() {
+        while let Some(id) = list.take_next() {
             list.complete(&id);
             order.push(id);
         }

@@ -55,6 +55,8 @@ impl ValidationFailure {
 }
 
 /// Validates `prompt` against the registry. `partial_execution_targets` keeps only the listed outputs.
+// The failure is a response body, built once per rejected request: not worth boxing.
+#[allow(clippy::result_large_err)]
 pub fn validate_prompt(
     registry: &NodeRegistry,
     services: &Services,
@@ -491,12 +493,11 @@ impl Validator<'_> {
                 _ => None,
             };
             match converted {
-                Some(Ok(converted)) => {
-                    if converted != value {
-                        value = converted;
-                        self.prompt.set_input(&frame.id, name, value.clone());
-                    }
+                Some(Ok(converted)) if converted != value => {
+                    value = converted;
+                    self.prompt.set_input(&frame.id, name, value.clone());
                 }
+                Some(Ok(_)) => {}
                 Some(Err(message)) => {
                     frame.errors.push(json!({
                         "type": "invalid_input_type",

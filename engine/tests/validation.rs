@@ -55,6 +55,7 @@ fn every_captured_validation_error_matches() {
     assert_eq!(checked, 12);
 }
 
+#[allow(clippy::result_large_err)]
 fn validate(prompt: Json) -> Result<easel_engine::ValidatedPrompt, ValidationFailure> {
     let nodes = test_nodes();
     validate_prompt(

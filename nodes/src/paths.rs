@@ -46,7 +46,7 @@ impl Extensions {
                     .extension()
                     .map(|e| format!(".{}", e.to_string_lossy().to_lowercase()))
                     .unwrap_or_default();
-                list.iter().any(|e| *e == ext)
+                list.contains(&ext)
             }
         }
     }
