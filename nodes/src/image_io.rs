@@ -34,11 +34,13 @@ pub fn load_frames(path: &Path) -> Result<Vec<Frame>, NodeError> {
             .into_frames()
             .collect_frames()
             .map_err(|e| read_error(path, e))?;
+        // Pillow gives GIF frames an alpha band only when the GIF has transparency.
         return Ok(frames
             .into_iter()
-            .map(|f| Frame {
-                rgba: f.into_buffer(),
-                has_alpha: true,
+            .map(|f| {
+                let rgba = f.into_buffer();
+                let has_alpha = rgba.pixels().any(|p| p.0[3] != 255);
+                Frame { rgba, has_alpha }
             })
             .collect());
     }
