@@ -14,9 +14,9 @@ use crate::graph::PromptGraph;
 use crate::prompt::{input_ref, InputRef, NodeId, Prompt};
 use crate::schema::{HiddenInput, NodeSchema};
 use crate::value::Value;
+use rustc_hash::FxHashMap as HashMap;
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -57,7 +57,7 @@ pub fn signatures<'a>(
     mut describe: impl FnMut(&str) -> Option<SignatureInput<'a>>,
 ) -> HashMap<NodeId, CacheKey> {
     let graph = PromptGraph::new(prompt);
-    let mut keys: HashMap<NodeId, CacheKey> = HashMap::with_capacity(prompt.len());
+    let mut keys: HashMap<NodeId, CacheKey> = HashMap::with_capacity_and_hasher(prompt.len(), Default::default());
     for id in graph.dependency_order() {
         let key = describe(id)
             .and_then(|input| sign(prompt, id, &input, &keys))
@@ -158,7 +158,7 @@ impl OutputCache {
     pub fn new(mode: CacheMode) -> Self {
         OutputCache {
             mode,
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             generation: 0,
             min_generation: 0,
         }
@@ -170,7 +170,7 @@ impl OutputCache {
         match self.mode {
             CacheMode::None => self.entries.clear(),
             CacheMode::Classic => {
-                let used: std::collections::HashSet<&CacheKey> = keys.collect();
+                let used: rustc_hash::FxHashSet<&CacheKey> = keys.collect();
                 self.entries.retain(|key, _| used.contains(key));
             }
             CacheMode::Lru(max_size) => {

@@ -14,9 +14,9 @@ use crate::schema::NodeSchema;
 use crate::validate::ValidatedPrompt;
 use crate::value::Value;
 use indexmap::IndexMap;
+use rustc_hash::FxHashMap as HashMap;
 use serde_json::{json, Map, Value as Json};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
@@ -140,7 +140,7 @@ impl Executor {
             sink,
             interrupt,
         };
-        let mut results: HashMap<NodeId, Arc<Vec<Vec<Value>>>> = HashMap::new();
+        let mut results: HashMap<NodeId, Arc<Vec<Vec<Value>>>> = HashMap::default();
         let mut executed: Vec<NodeId> = Vec::new();
         let mut stop = None;
         while let Some(id) = list.take_next() {
@@ -305,8 +305,8 @@ impl Executor {
 
     /// Each node's class and schema (validation guarantees the classes exist).
     fn node_classes(&self, prompt: &Prompt) -> HashMap<NodeId, (Arc<dyn Node>, Arc<NodeSchema>)> {
-        let mut schemas: HashMap<&str, Arc<NodeSchema>> = HashMap::new();
-        let mut classes = HashMap::with_capacity(prompt.len());
+        let mut schemas: HashMap<&str, Arc<NodeSchema>> = HashMap::default();
+        let mut classes = HashMap::with_capacity_and_hasher(prompt.len(), Default::default());
         for id in prompt.node_ids() {
             let Some(class_type) = prompt.class_type(id) else {
                 continue;
@@ -330,7 +330,7 @@ impl Executor {
         prompt: &mut Prompt,
         classes: &HashMap<NodeId, (Arc<dyn Node>, Arc<NodeSchema>)>,
     ) -> HashMap<NodeId, Option<Result<Json, String>>> {
-        let mut fingerprints = HashMap::new();
+        let mut fingerprints = HashMap::default();
         let ids: Vec<NodeId> = prompt.node_ids().map(str::to_string).collect();
         for id in ids {
             let Some((node, schema)) = classes.get(&id) else {

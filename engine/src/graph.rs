@@ -4,7 +4,8 @@
 use crate::prompt::{NodeId, Prompt};
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::Direction;
-use std::collections::{HashMap, VecDeque};
+use rustc_hash::FxHashMap as HashMap;
+use std::collections::VecDeque;
 
 pub struct PromptGraph {
     graph: DiGraph<NodeId, ()>,
@@ -14,7 +15,7 @@ impl PromptGraph {
     /// Builds the graph of well-formed links between nodes that exist.
     pub fn new(prompt: &Prompt) -> Self {
         let mut graph = DiGraph::with_capacity(prompt.len(), prompt.len());
-        let mut index: HashMap<&str, NodeIndex> = HashMap::with_capacity(prompt.len());
+        let mut index: HashMap<&str, NodeIndex> = HashMap::with_capacity_and_hasher(prompt.len(), Default::default());
         for id in prompt.node_ids() {
             index.insert(id, graph.add_node(id.to_string()));
         }

@@ -6,7 +6,8 @@
 //! two links from an output node; else the first added. This is why previews appear early.
 
 use crate::prompt::{NodeId, Prompt};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use std::collections::BTreeSet;
 
 /// Preference classes, lowest first.
 const CLASSES: usize = 4;
@@ -36,7 +37,7 @@ impl ExecutionList {
     ) -> Self {
         let mut list = ExecutionList {
             nodes: Vec::new(),
-            position: HashMap::new(),
+            position: HashMap::default(),
             waiting_on: Vec::new(),
             blocks: Vec::new(),
             class: Vec::new(),
@@ -87,7 +88,7 @@ impl ExecutionList {
                 links.push((source.to_string(), id.clone()));
             }
         }
-        let mut linked: HashSet<(usize, usize)> = HashSet::with_capacity(links.len());
+        let mut linked: HashSet<(usize, usize)> = HashSet::with_capacity_and_hasher(links.len(), Default::default());
         for (source, reader) in links {
             let (Some(&from), Some(&to)) = (self.position.get(&source), self.position.get(&reader)) else {
                 continue;

@@ -13,8 +13,8 @@ use crate::pyjson::{py_repr, py_str, str_repr};
 use crate::registry::NodeRegistry;
 use crate::schema::{InputSection, InputSpec, IoType, NodeSchema};
 use indexmap::IndexMap;
+use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
 use serde_json::{json, Map, Number, Value as Json};
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// A prompt that passed validation (possibly with some outputs rejected).
@@ -63,7 +63,7 @@ pub fn validate_prompt(
     prompt: Prompt,
     partial_execution_targets: Option<&[String]>,
 ) -> Result<ValidatedPrompt, ValidationFailure> {
-    let mut schemas: HashMap<String, Arc<NodeSchema>> = HashMap::new();
+    let mut schemas: FxHashMap<String, Arc<NodeSchema>> = FxHashMap::default();
     let mut outputs = Vec::new();
     for id in prompt.node_ids() {
         let Some(class_value) = prompt.class_type_value(id) else {
@@ -73,21 +73,22 @@ pub fn validate_prompt(
                 format!("Node ID '#{id}'"),
             ));
         };
-        let class_type = class_value.as_str().filter(|c| registry.contains(c));
-        let Some(class_type) = class_type else {
+        let known = class_value
+            .as_str()
+            .and_then(|class_type| match schemas.get(class_type) {
+                Some(schema) => Some(schema.clone()),
+                None => {
+                    let schema = Arc::new(registry.schema(class_type, services)?);
+                    schemas.insert(class_type.to_string(), schema.clone());
+                    Some(schema)
+                }
+            });
+        let Some(schema) = known else {
             return Err(ValidationFailure::prompt_level(
                 "invalid_prompt",
                 &format!("Cannot execute because node {} does not exist.", py_str(class_value)),
                 format!("Node ID '#{id}'"),
             ));
-        };
-        let schema = match schemas.get(class_type) {
-            Some(schema) => schema.clone(),
-            None => {
-                let schema = Arc::new(registry.schema(class_type, services).unwrap_or_default());
-                schemas.insert(class_type.to_string(), schema.clone());
-                schema
-            }
         };
         if schema.output_node && partial_execution_targets.is_none_or(|targets| targets.iter().any(|t| t == id)) {
             outputs.push(id.to_string());
@@ -106,7 +107,7 @@ pub fn validate_prompt(
         services,
         schemas,
         prompt,
-        validated: IndexMap::new(),
+        validated: IndexMap::with_hasher(FxBuildHasher),
     };
     let mut good_outputs = Vec::new();
     let mut failed_outputs: Vec<(NodeId, Vec<Json>)> = Vec::new();
@@ -208,9 +209,9 @@ enum Step {
 struct Validator<'a> {
     registry: &'a NodeRegistry,
     services: &'a Services,
-    schemas: HashMap<String, Arc<NodeSchema>>,
+    schemas: FxHashMap<String, Arc<NodeSchema>>,
     prompt: Prompt,
-    validated: IndexMap<NodeId, (bool, Vec<Json>)>,
+    validated: IndexMap<NodeId, (bool, Vec<Json>), FxBuildHasher>,
 }
 
 impl Validator<'_> {
@@ -240,7 +241,8 @@ impl Validator<'_> {
             return Ok(done.clone());
         }
         let mut stack = vec![self.frame(root)?];
-        let mut on_stack: HashSet<NodeId> = HashSet::from([root.to_string()]);
+        let mut on_stack: FxHashSet<NodeId> = FxHashSet::default();
+        on_stack.insert(root.to_string());
         // The outcome of the frame just popped, for the frame below it.
         let mut returned: Option<Result<bool, Exception>> = None;
         loop {
