@@ -164,6 +164,10 @@ impl OutputCache {
         }
     }
 
+    pub fn mode(&self) -> CacheMode {
+        self.mode
+    }
+
     /// Starts a prompt whose nodes have `keys`: drops what the mode says to drop.
     pub fn begin_prompt<'k>(&mut self, keys: impl Iterator<Item = &'k CacheKey>) {
         self.generation += 1;

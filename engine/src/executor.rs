@@ -88,6 +88,11 @@ impl Executor {
         &self.registry
     }
 
+    /// Forgets every cached output (ComfyUI's `POST /free` with `free_memory`).
+    pub fn clear_cache(&mut self) {
+        self.cache = OutputCache::new(self.cache.mode());
+    }
+
     /// Runs the prompt's valid outputs. `extra_data` is the request's (`extra_pnginfo`, `client_id`).
     pub fn execute(
         &mut self,

@@ -27,7 +27,7 @@ pub enum PathsError {
 /// Which files a model folder lists.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Extensions {
-    /// Any file (folders created only by `extra_model_paths.yaml` or custom nodes).
+    /// Any file (`custom_nodes`, and folders created by `extra_model_paths.yaml`).
     Any,
     /// Files whose lower-cased extension is one of these (`""` = no extension).
     Only(Vec<String>),
@@ -88,46 +88,38 @@ impl Paths {
             dirs: subdirs.iter().map(|d| models.join(d)).collect(),
             extensions,
         };
+        // ComfyUI's registration order, which `GET /models` shows.
+        let pt = Extensions::models;
+        let only = |extensions: &[&str]| Extensions::Only(extensions.iter().map(|e| e.to_string()).collect());
         let mut folders = IndexMap::new();
-        for (name, dirs) in [
-            ("checkpoints", &["checkpoints"][..]),
-            ("loras", &["loras"]),
-            ("vae", &["vae"]),
-            ("text_encoders", &["text_encoders", "clip"]),
-            ("diffusion_models", &["unet", "diffusion_models"]),
-            ("clip_vision", &["clip_vision"]),
-            ("style_models", &["style_models"]),
-            ("embeddings", &["embeddings"]),
-            ("vae_approx", &["vae_approx"]),
-            ("controlnet", &["controlnet", "t2i_adapter"]),
-            ("gligen", &["gligen"]),
-            ("upscale_models", &["upscale_models"]),
-            ("hypernetworks", &["hypernetworks"]),
-            ("photomaker", &["photomaker"]),
-            ("model_patches", &["model_patches"]),
-            ("audio_encoders", &["audio_encoders"]),
+        for (name, dirs, extensions) in [
+            ("checkpoints", &["checkpoints"][..], pt()),
+            ("configs", &["configs"], only(&[".yaml"])),
+            ("loras", &["loras"], pt()),
+            ("vae", &["vae"], pt()),
+            ("text_encoders", &["text_encoders", "clip"], pt()),
+            ("diffusion_models", &["unet", "diffusion_models"], pt()),
+            ("clip_vision", &["clip_vision"], pt()),
+            ("style_models", &["style_models"], pt()),
+            ("embeddings", &["embeddings"], pt()),
+            ("diffusers", &["diffusers"], only(&["folder"])),
+            ("vae_approx", &["vae_approx"], pt()),
+            ("controlnet", &["controlnet", "t2i_adapter"], pt()),
+            ("gligen", &["gligen"], pt()),
+            ("upscale_models", &["upscale_models"], pt()),
+            ("custom_nodes", &[], Extensions::Any),
+            ("hypernetworks", &["hypernetworks"], pt()),
+            ("photomaker", &["photomaker"], pt()),
+            ("classifiers", &["classifiers"], only(&[""])),
+            ("model_patches", &["model_patches"], pt()),
+            ("audio_encoders", &["audio_encoders"], pt()),
         ] {
-            folders.insert(name.to_string(), model_folder(dirs, Extensions::models()));
+            let mut folder = model_folder(dirs, extensions);
+            if name == "custom_nodes" {
+                folder.dirs = vec![base.join("custom_nodes")];
+            }
+            folders.insert(name.to_string(), folder);
         }
-        folders.insert(
-            "configs".into(),
-            model_folder(&["configs"], Extensions::Only(vec![".yaml".into()])),
-        );
-        folders.insert(
-            "diffusers".into(),
-            model_folder(&["diffusers"], Extensions::Only(vec!["folder".into()])),
-        );
-        folders.insert(
-            "classifiers".into(),
-            model_folder(&["classifiers"], Extensions::Only(vec![String::new()])),
-        );
-        folders.insert(
-            "custom_nodes".into(),
-            ModelFolder {
-                dirs: vec![base.join("custom_nodes")],
-                extensions: Extensions::Only(Vec::new()),
-            },
-        );
         Paths {
             input: base.join("input"),
             output: base.join("output"),
@@ -267,6 +259,11 @@ impl Paths {
             }
         }
         Ok(())
+    }
+
+    /// Registered model folder names, in ComfyUI's registration order (`GET /models`).
+    pub fn folder_names(&self) -> impl Iterator<Item = &str> {
+        self.folders.keys().map(String::as_str)
     }
 
     /// `folder_paths.get_filename_list`: relative paths (with `/`) of matching files under every

@@ -1,8 +1,18 @@
-//! The `easel` binary's pieces, as a library so end-to-end tests can start the server in-process:
-//! [`cli`] (arguments), [`setup`] (directories, services, cache), [`serve`] (HTTP API) and [`run`]
-//! (`easel run`).
+//! The `easel` binary's pieces, as a library so end-to-end tests can start the server in-process.
+//!
+//! - [`cli`]: arguments; [`setup`]: directories, services, cache mode; [`run`]: `easel run`;
+//! - [`serve`]: `easel serve`; [`api`]: the HTTP routes; [`ws`]: the WebSocket;
+//! - [`state`]: what the routes share; [`queue`], [`history`]: prompts waiting and done;
+//! - [`worker`]: executes queued prompts; [`hub`]: delivers messages to WebSocket clients.
 
+pub mod api;
 pub mod cli;
+pub mod history;
+pub mod hub;
+pub mod queue;
 pub mod run;
 pub mod serve;
 pub mod setup;
+pub mod state;
+pub mod worker;
+pub mod ws;

@@ -1,86 +1,10 @@
 //! The server over real HTTP: queueing a bundled workflow, reading its history, fetching its images,
 //! and ComfyUI's responses to bad requests.
 
-use easel_server::cli::ExecutionArgs;
-use easel_server::serve::{router, AppState};
+mod common;
+
+use common::{start, workspace};
 use serde_json::{json, Value as Json};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-struct Server {
-    url: String,
-    _base: tempfile::TempDir,
-}
-
-/// Starts a server on a free loopback port, with the bundled input files.
-fn start() -> Server {
-    let base = tempfile::tempdir().unwrap();
-    let mut args = ExecutionArgs::default();
-    args.directories.base_directory = base.path().to_path_buf();
-    args.directories.input_directory = Some(workspace().join("workflows/input"));
-    let runtime = easel_server::setup::runtime(&args).unwrap();
-    let state = AppState::start(runtime);
-    let (sender, receiver) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let tokio = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        tokio.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            sender.send(listener.local_addr().unwrap()).unwrap();
-            axum::serve(listener, router(state)).await.unwrap();
-        });
-    });
-    let address = receiver.recv_timeout(Duration::from_secs(10)).unwrap();
-    Server {
-        url: format!("http://{address}"),
-        _base: base,
-    }
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).build().into()
-}
-
-/// (status, content type, body) of a request, `body` making it a POST.
-fn request(server: &Server, path: &str, body: Option<&str>) -> (u16, String, Vec<u8>) {
-    let url = format!("{}{path}", server.url);
-    let mut response = match body {
-        Some(body) => agent().post(url).header("Content-Type", "application/json").send(body),
-        None => agent().get(url).call(),
-    }
-    .unwrap();
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    (
-        response.status().as_u16(),
-        content_type,
-        response.body_mut().read_to_vec().unwrap(),
-    )
-}
-
-fn post(server: &Server, path: &str, body: &str) -> (u16, String, String) {
-    let (status, content_type, bytes) = request(server, path, Some(body));
-    (status, content_type, String::from_utf8(bytes).unwrap())
-}
-
-fn get(server: &Server, path: &str) -> (u16, String, Vec<u8>) {
-    request(server, path, None)
-}
-
-fn get_json(server: &Server, path: &str) -> Json {
-    let (status, _, body) = get(server, path);
-    assert_eq!(status, 200, "{path}");
-    serde_json::from_slice(&body).unwrap()
-}
 
 #[test]
 fn a_queued_workflow_runs_and_its_images_can_be_fetched() {
@@ -88,7 +12,7 @@ fn a_queued_workflow_runs_and_its_images_can_be_fetched() {
     let workflow: Json =
         serde_json::from_str(&std::fs::read_to_string(workspace().join("workflows/load_image.json")).unwrap()).unwrap();
     let body = json!({"prompt": workflow, "client_id": "test-client", "extra_data": {"extra_pnginfo": {"workflow": {"nodes": []}}}});
-    let (status, content_type, text) = post(&server, "/prompt", &body.to_string());
+    let (status, content_type, text) = server.api.post("/prompt", &body.to_string());
     assert_eq!(
         (status, content_type.as_str()),
         (200, "application/json; charset=utf-8"),
@@ -102,15 +26,7 @@ fn a_queued_workflow_runs_and_its_images_can_be_fetched() {
     let prompt_id = response["prompt_id"].as_str().unwrap().to_string();
     assert_eq!(prompt_id.len(), 36);
 
-    let started = Instant::now();
-    let entry = loop {
-        let history = get_json(&server, &format!("/history/{prompt_id}"));
-        if let Some(entry) = history.get(&prompt_id) {
-            break entry.clone();
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "the prompt never finished");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let entry = server.api.wait_for_history(&prompt_id);
     assert_eq!(entry["status"]["status_str"], "success", "{entry}");
     assert_eq!(entry["status"]["completed"], true);
     let messages: Vec<&str> = entry["status"]["messages"]
@@ -130,21 +46,20 @@ fn a_queued_workflow_runs_and_its_images_can_be_fetched() {
         image,
         &json!({"filename": "scaled_00001_.png", "subfolder": "load_image", "type": "output"})
     );
-    let (status, content_type, bytes) = get(
-        &server,
-        "/api/view?filename=scaled_00001_.png&subfolder=load_image&type=output",
-    );
+    let (status, content_type, bytes) = server
+        .api
+        .get("/api/view?filename=scaled_00001_.png&subfolder=load_image&type=output");
     assert_eq!((status, content_type.as_str()), (200, "image/png"));
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
 
-    let all = get_json(&server, "/api/history?max_items=1");
+    let all = server.api.get_json("/api/history?max_items=1");
     assert_eq!(all.as_object().unwrap().keys().collect::<Vec<_>>(), [&prompt_id]);
 }
 
 #[test]
 fn bad_requests_get_comfyui_responses() {
     let server = start();
-    let (status, content_type, text) = post(&server, "/prompt", "{not json");
+    let (status, content_type, text) = server.api.post("/prompt", "{not json");
     assert_eq!(
         (status, content_type.as_str(), text.as_str()),
         (
@@ -154,7 +69,7 @@ fn bad_requests_get_comfyui_responses() {
         )
     );
 
-    let (status, _, text) = post(&server, "/api/prompt", "{}");
+    let (status, _, text) = server.api.post("/api/prompt", "{}");
     assert_eq!(status, 400);
     assert_eq!(
         serde_json::from_str::<Json>(&text).unwrap(),
@@ -163,7 +78,7 @@ fn bad_requests_get_comfyui_responses() {
 
     let prompt = json!({"prompt": {"1": {"class_type": "EmptyImage", "inputs": {"width": 0, "height": 8, "batch_size": 1, "color": 0}},
                                     "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}});
-    let (status, _, text) = post(&server, "/prompt", &prompt.to_string());
+    let (status, _, text) = server.api.post("/prompt", &prompt.to_string());
     assert_eq!(status, 400);
     let body: Json = serde_json::from_str(&text).unwrap();
     assert_eq!(
@@ -173,38 +88,135 @@ fn bad_requests_get_comfyui_responses() {
 
     // Every parsed POST without a number counts, valid or not (the malformed one above did not);
     // `front` queues at -number.
-    let (_, _, text) = post(
-        &server,
+    let (_, _, text) = server.api.post(
         "/prompt",
         &json!({"prompt": {"1": {"class_type": "Nope", "inputs": {}}}, "front": true}).to_string(),
     );
     assert!(text.contains("Cannot execute because node Nope does not exist."));
     let valid = json!({"prompt": {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
                                    "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}, "front": true});
-    let (_, _, text) = post(&server, "/prompt", &valid.to_string());
+    let (_, _, text) = server.api.post("/prompt", &valid.to_string());
     assert_eq!(serde_json::from_str::<Json>(&text).unwrap()["number"], -3);
-    let (_, _, text) = post(
-        &server,
-        "/prompt",
-        &json!({"prompt": valid["prompt"], "number": 7}).to_string(),
-    );
+    let (_, _, text) = server
+        .api
+        .post("/prompt", &json!({"prompt": valid["prompt"], "number": 7}).to_string());
     assert_eq!(serde_json::from_str::<Json>(&text).unwrap()["number"], 7.0);
 
-    assert_eq!(get(&server, "/view?filename=../secret.png").0, 400);
-    assert_eq!(get(&server, "/view?filename=x.png&subfolder=../..").0, 403);
-    assert_eq!(get(&server, "/view?filename=missing.png").0, 404);
+    assert_eq!(server.api.get("/view?filename=../secret.png").0, 400);
+    assert_eq!(server.api.get("/view?filename=x.png&subfolder=../..").0, 403);
+    assert_eq!(server.api.get("/view?filename=missing.png").0, 404);
 }
 
 #[test]
 fn object_info_lists_every_node() {
     let server = start();
-    let info = get_json(&server, "/object_info");
+    let info = server.api.get_json("/object_info");
     assert!(info.as_object().unwrap().len() >= 21);
     assert_eq!(
         info["LoadImage"]["input"]["required"]["image"][0],
         json!(["example.png"])
     );
-    let one = get_json(&server, "/api/object_info/SaveImage");
+    let one = server.api.get_json("/api/object_info/SaveImage");
     assert_eq!(one["SaveImage"]["output_node"], true);
-    assert_eq!(get_json(&server, "/object_info/Nope"), json!({}));
+    assert_eq!(server.api.get_json("/object_info/Nope"), json!({}));
+}
+
+#[test]
+fn information_routes_answer_like_comfyui() {
+    let server = start();
+    let api = &server.api;
+    assert_eq!(api.get_json("/prompt"), json!({"exec_info": {"queue_remaining": 0}}));
+    assert_eq!(
+        api.get_json("/api/features"),
+        json!({"supports_preview_metadata": true, "max_upload_size": 104857600})
+    );
+    assert_eq!(api.get_json("/embeddings"), json!([]));
+    assert_eq!(api.get_json("/extensions"), json!([]));
+    assert_eq!(
+        api.get_json("/models"),
+        json!([
+            "checkpoints",
+            "configs",
+            "loras",
+            "vae",
+            "text_encoders",
+            "diffusion_models",
+            "clip_vision",
+            "style_models",
+            "embeddings",
+            "diffusers",
+            "vae_approx",
+            "controlnet",
+            "gligen",
+            "upscale_models",
+            "custom_nodes",
+            "hypernetworks",
+            "photomaker",
+            "classifiers",
+            "model_patches",
+            "audio_encoders"
+        ])
+    );
+    let checkpoints = server.base.path().join("models/checkpoints/sub");
+    std::fs::create_dir_all(&checkpoints).unwrap();
+    std::fs::write(checkpoints.join("a.safetensors"), b"x").unwrap();
+    std::fs::write(server.base.path().join("models/embeddings/neg.pt"), b"x").unwrap();
+    assert_eq!(api.get_json("/models/checkpoints"), json!(["sub/a.safetensors"]));
+    assert_eq!(api.get_json("/embeddings"), json!(["neg"]));
+    assert_eq!(api.get("/models/clip").0, 404);
+    assert_eq!(api.get("/models/nope").0, 404);
+    let stats = api.get_json("/system_stats");
+    assert_eq!(stats["system"]["comfyui_version"], "0.3.64");
+    assert_eq!(stats["devices"][0]["type"], "cpu");
+    assert!(stats["system"]["ram_total"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn history_pages_and_deletes() {
+    let server = start();
+    let api = &server.api;
+    let prompt = |color: u32| {
+        json!({"prompt": {"1": {"class_type": "EmptyImage", "inputs": {"width": 4, "height": 4, "batch_size": 1, "color": color}},
+                          "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}})
+        .to_string()
+    };
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            let (_, _, text) = api.post("/prompt", &prompt(i));
+            serde_json::from_str::<Json>(&text).unwrap()["prompt_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for id in &ids {
+        api.wait_for_history(id);
+    }
+    let keys = |body: Json| body.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(api.get_json("/history")), ids);
+    assert_eq!(keys(api.get_json("/history?max_items=2")), &ids[1..]);
+    assert_eq!(keys(api.get_json("/history?offset=2")), &ids[2..]);
+    assert_eq!(keys(api.get_json("/history?offset=1&max_items=1")), &ids[1..2]);
+    assert_eq!(api.get("/history?max_items=x").0, 500);
+    api.post("/history", &json!({"delete": [ids[0]]}).to_string());
+    assert_eq!(keys(api.get_json("/history")), &ids[1..]);
+    api.post("/history", r#"{"clear": true}"#);
+    assert_eq!(api.get_json("/history"), json!({}));
+
+    // /view: a " [temp]" suffix picks the directory.
+    let (status, _, text) = api.post("/prompt", &prompt(7));
+    assert_eq!(status, 200);
+    let id = serde_json::from_str::<Json>(&text).unwrap()["prompt_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let entry = api.wait_for_history(&id);
+    let name = entry["outputs"]["2"]["images"][0]["filename"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(api.get(&format!("/view?filename={name}%20[temp]")).0, 200);
+    assert_eq!(api.get(&format!("/view?filename={name}")).0, 404);
+    assert_eq!(api.get("/view?filename=x.png&type=bogus").0, 400);
+    assert_eq!(api.get("/view?filename=/etc/passwd").0, 400);
 }

@@ -1,0 +1,115 @@
+//! What the server knows: node definitions, model folders, system and feature information
+//! (protocol §1.1–1.3, §1.8, §1.9, §1.11).
+
+use super::{json_response, ApiError};
+use crate::state::AppState;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use easel_nodes::paths::Paths;
+use serde_json::{json, Map, Value as Json};
+
+/// The ComfyUI release whose API Easel speaks, and the frontend it pins.
+const COMFYUI_VERSION: &str = "0.3.64";
+const FRONTEND_VERSION: &str = "1.27.10";
+const TEMPLATES_VERSION: &str = "0.1.95";
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/object_info", get(object_info))
+        .route("/object_info/{node_class}", get(object_info_class))
+        .route("/embeddings", get(embeddings))
+        .route("/extensions", get(extensions))
+        .route("/models", get(model_folders))
+        .route("/models/{folder}", get(model_files))
+        .route("/system_stats", get(system_stats))
+        .route("/features", get(features))
+}
+
+fn paths(state: &AppState) -> Result<&Paths, ApiError> {
+    state.runtime.services.get::<Paths>().ok_or(ApiError::NotFound)
+}
+
+async fn object_info(State(state): State<AppState>) -> Response {
+    json_response(&state.runtime.registry.object_info(&state.runtime.services))
+}
+
+async fn object_info_class(State(state): State<AppState>, Path(node_class): Path<String>) -> Response {
+    let mut body = Map::new();
+    if let Some(schema) = state.runtime.registry.schema(&node_class, &state.runtime.services) {
+        body.insert(node_class, schema.to_object_info());
+    }
+    json_response(&Json::Object(body))
+}
+
+/// Embedding names without their extensions.
+async fn embeddings(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let names: Vec<String> = paths(&state)?
+        .filename_list("embeddings")
+        .into_iter()
+        .map(|name| match name.rsplit_once('.') {
+            Some((stem, _)) if !stem.is_empty() => stem.to_string(),
+            _ => name,
+        })
+        .collect();
+    Ok(json_response(&json!(names)))
+}
+
+/// Frontend extension scripts: none until a frontend is served.
+async fn extensions() -> Response {
+    json_response(&json!([]))
+}
+
+async fn model_folders(State(state): State<AppState>) -> Result<Response, ApiError> {
+    Ok(json_response(&json!(paths(&state)?.folder_names().collect::<Vec<_>>())))
+}
+
+/// Files of one model folder; only registered names (no `clip`/`unet` aliases), as ComfyUI.
+async fn model_files(State(state): State<AppState>, Path(folder): Path<String>) -> Result<Response, ApiError> {
+    let paths = paths(&state)?;
+    if !paths.folder_names().any(|name| name == folder) {
+        return Err(ApiError::NotFound);
+    }
+    Ok(json_response(&json!(paths.filename_list(&folder))))
+}
+
+/// `(total, available)` system memory in bytes, from `/proc/meminfo` where there is one.
+fn memory() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+async fn system_stats() -> Response {
+    let (total, free) = memory();
+    let os = if cfg!(windows) { "nt" } else { "posix" };
+    json_response(&json!({
+        "system": {
+            "os": os,
+            "ram_total": total,
+            "ram_free": free,
+            "comfyui_version": COMFYUI_VERSION,
+            "required_frontend_version": FRONTEND_VERSION,
+            "installed_templates_version": Json::Null,
+            "required_templates_version": TEMPLATES_VERSION,
+            "python_version": format!("Easel {} (Rust, no Python)", env!("CARGO_PKG_VERSION")),
+            "pytorch_version": "none (candle)",
+            "embedded_python": false,
+            "argv": std::env::args().collect::<Vec<_>>(),
+        },
+        "devices": [{
+            "name": "cpu", "type": "cpu", "index": Json::Null,
+            "vram_total": total, "vram_free": free, "torch_vram_total": total, "torch_vram_free": free,
+        }],
+    }))
+}
+
+async fn features(State(state): State<AppState>) -> Response {
+    json_response(&state.features())
+}

@@ -1,0 +1,88 @@
+//! ComfyUI's HTTP routes, a `Router` per area, every route also under `/api`. Responses are
+//! shaped in one place: [`json_response`] for bodies, [`ApiError`] for failures.
+
+mod files;
+mod history;
+mod info;
+mod prompt;
+mod queue;
+
+use crate::state::AppState;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use easel_engine::pyjson::dumps;
+use easel_engine::ValidationFailure;
+use serde_json::Value as Json;
+
+/// Every route, plain and under `/api`, and the WebSocket.
+pub fn router(state: AppState) -> Router {
+    let routes = Router::new()
+        .merge(prompt::routes())
+        .merge(queue::routes())
+        .merge(history::routes())
+        .merge(files::routes())
+        .merge(info::routes())
+        .route("/ws", get(crate::ws::websocket));
+    Router::new()
+        .merge(routes.clone())
+        .nest("/api", routes)
+        .with_state(state)
+}
+
+/// A JSON body as aiohttp's `json_response` writes it (`json.dumps` spacing).
+pub fn json_response(body: &Json) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        dumps(body),
+    )
+        .into_response()
+}
+
+/// Every failure a route answers with, in ComfyUI's shape.
+pub enum ApiError {
+    /// A body or parameter ComfyUI's handler would raise on: aiohttp's plain-text 500.
+    Malformed,
+    /// A rejected prompt: 400 with ComfyUI's error body.
+    Invalid(Box<ValidationFailure>),
+    /// Bare statuses, with no body (aiohttp's `web.Response(status=N)`).
+    BadRequest,
+    Forbidden,
+    NotFound,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            ApiError::Malformed => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                "500 Internal Server Error\n\nServer got itself in trouble",
+            )
+                .into_response(),
+            ApiError::Invalid(failure) => {
+                let mut response = json_response(&failure.to_json());
+                *response.status_mut() = StatusCode::BAD_REQUEST;
+                response
+            }
+            ApiError::BadRequest => StatusCode::BAD_REQUEST.into_response(),
+            ApiError::Forbidden => StatusCode::FORBIDDEN.into_response(),
+            ApiError::NotFound => StatusCode::NOT_FOUND.into_response(),
+        }
+    }
+}
+
+/// A JSON request body, or ComfyUI's 500 for one that is not JSON.
+pub fn parse_body(body: &[u8]) -> Result<Json, ApiError> {
+    serde_json::from_slice(body).map_err(|_| ApiError::Malformed)
+}
+
+/// A list of prompt ids from a `{"delete": [...]}` body.
+pub fn ids(value: Option<&Json>) -> Vec<String> {
+    value
+        .and_then(Json::as_array)
+        .map(|ids| ids.iter().map(easel_engine::pyjson::py_str).collect())
+        .unwrap_or_default()
+}

@@ -1,0 +1,80 @@
+//! `POST /prompt` (queue a prompt, protocol §2) and `GET /prompt` (queue status).
+
+use super::{json_response, parse_body, ApiError};
+use crate::queue::QueueItem;
+use crate::state::AppState;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use easel_engine::pyjson::py_str;
+use easel_engine::{validate_prompt, Prompt, ValidationFailure};
+use serde_json::{json, Value as Json};
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/prompt", get(status).post(queue_prompt))
+}
+
+async fn status(State(state): State<AppState>) -> Response {
+    json_response(&json!({"exec_info": {"queue_remaining": state.queue.remaining()}}))
+}
+
+async fn queue_prompt(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let request = parse_body(&body)?;
+    let (number, number_json) = match request.get("number") {
+        Some(value) => {
+            let number = match value {
+                Json::String(text) => text.trim().parse::<f64>().map_err(|_| ApiError::Malformed)?,
+                other => other.as_f64().ok_or(ApiError::Malformed)?,
+            };
+            (number, json!(number))
+        }
+        None => {
+            let front = request
+                .get("front")
+                .is_some_and(|f| f.as_bool().unwrap_or(!f.is_null()));
+            let number = state.queue.next_number(front);
+            (number as f64, json!(number))
+        }
+    };
+    let Some(prompt_json) = request.get("prompt") else {
+        return Err(ApiError::Invalid(Box::new(ValidationFailure::no_prompt())));
+    };
+    let prompt_id = match request.get("prompt_id") {
+        Some(Json::String(id)) => id.clone(),
+        Some(other) => py_str(other),
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    let prompt = Prompt::from_json(prompt_json.clone()).map_err(|e| {
+        ApiError::Invalid(Box::new(ValidationFailure {
+            error: json!({"type": "invalid_prompt", "message": e.to_string(), "details": "", "extra_info": {}}),
+            node_errors: json!({}),
+        }))
+    })?;
+    let targets: Option<Vec<String>> = request
+        .get("partial_execution_targets")
+        .and_then(Json::as_array)
+        .map(|ids| ids.iter().map(py_str).collect());
+    let runtime = &state.runtime;
+    let validated = validate_prompt(&runtime.registry, &runtime.services, prompt, targets.as_deref())
+        .map_err(|failure| ApiError::Invalid(Box::new(failure)))?;
+    let mut extra_data = request
+        .get("extra_data")
+        .cloned()
+        .filter(Json::is_object)
+        .unwrap_or_else(|| json!({}));
+    if let (Some(client_id), Some(extra)) = (request.get("client_id"), extra_data.as_object_mut()) {
+        extra.insert("client_id".into(), client_id.clone());
+    }
+    let response = json!({"prompt_id": prompt_id, "number": number_json, "node_errors": validated.node_errors});
+    let item = QueueItem {
+        number,
+        number_json,
+        prompt_id,
+        validated,
+        extra_data,
+    };
+    state.queue.put(item, |remaining| state.broadcast_status(remaining));
+    Ok(json_response(&response))
+}

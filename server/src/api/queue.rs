@@ -1,0 +1,62 @@
+//! The queue's routes: `GET/POST /queue`, `POST /interrupt`, `POST /free` (protocol §1.12–1.14).
+
+use super::{ids, json_response, parse_body, ApiError};
+use crate::state::AppState;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value as Json};
+use std::sync::atomic::Ordering;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/queue", get(list).post(change))
+        .route("/interrupt", post(interrupt))
+        .route("/free", post(free))
+}
+
+async fn list(State(state): State<AppState>) -> Response {
+    let (running, pending) = state.queue.snapshot();
+    json_response(&json!({"queue_running": running, "queue_pending": pending}))
+}
+
+/// `{"clear": true}` and/or `{"delete": [ids]}` on pending prompts.
+async fn change(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let request = parse_body(&body)?;
+    if request.get("clear").is_some_and(|c| c.as_bool().unwrap_or(false)) {
+        state.queue.clear(|remaining| state.broadcast_status(remaining));
+    }
+    if request.get("delete").is_some() {
+        state.queue.delete(&ids(request.get("delete")), |remaining| {
+            state.broadcast_status(remaining)
+        });
+    }
+    Ok(StatusCode::OK.into_response())
+}
+
+/// Interrupts the running prompt; with `{"prompt_id": X}`, only if X is the one running.
+async fn interrupt(State(state): State<AppState>, body: Bytes) -> Response {
+    let request: Json = serde_json::from_slice(&body).unwrap_or_else(|_| json!({}));
+    match request.get("prompt_id").and_then(Json::as_str) {
+        Some(prompt_id) => {
+            if state.queue.running().is_some_and(|item| item.prompt_id == prompt_id) {
+                state.interrupt.trigger();
+            }
+        }
+        None => state.interrupt.trigger(),
+    }
+    StatusCode::OK.into_response()
+}
+
+/// `{"unload_models": bool, "free_memory": bool}`: `free_memory` drops the output cache before the
+/// next prompt (Easel loads no models yet, so unloading has nothing to do).
+async fn free(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let request = parse_body(&body)?;
+    if request.get("free_memory").is_some_and(|f| f.as_bool().unwrap_or(false)) {
+        state.free_memory.store(true, Ordering::SeqCst);
+    }
+    Ok(StatusCode::OK.into_response())
+}

@@ -1,0 +1,86 @@
+//! The WebSocket clients and how messages reach them.
+//!
+//! Each connected socket has a bounded outbox; a message that does not fit is dropped for that
+//! client only, so a slow or dead socket never stalls execution or other clients. A client that
+//! reconnects with the same `clientId` replaces its old socket and keeps receiving its messages.
+
+use easel_engine::pyjson::dumps;
+use serde_json::{json, Value as Json};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use tokio::sync::mpsc;
+
+/// Messages a socket may hold before it starts losing them.
+const OUTBOX_CAPACITY: usize = 4096;
+
+/// One frame for a socket.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+/// `{"type": …, "data": …}` with Python's JSON spacing, as ComfyUI sends it.
+pub fn message(kind: &str, data: &Json) -> Outgoing {
+    Outgoing::Text(dumps(&json!({"type": kind, "data": data})))
+}
+
+struct Client {
+    connection: u64,
+    outbox: mpsc::Sender<Outgoing>,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    clients: Mutex<HashMap<String, Client>>,
+    next_connection: AtomicU64,
+}
+
+impl Hub {
+    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<String, Client>> {
+        self.clients.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a socket under `sid` (replacing any older one); returns its connection number and
+    /// the receiving end of its outbox.
+    pub fn connect(&self, sid: &str) -> (u64, mpsc::Receiver<Outgoing>) {
+        let (outbox, inbox) = mpsc::channel(OUTBOX_CAPACITY);
+        let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        self.clients().insert(sid.to_string(), Client { connection, outbox });
+        (connection, inbox)
+    }
+
+    /// Forgets `sid`, unless a newer socket has taken it over.
+    pub fn disconnect(&self, sid: &str, connection: u64) {
+        let mut clients = self.clients();
+        if clients.get(sid).is_some_and(|c| c.connection == connection) {
+            clients.remove(sid);
+        }
+    }
+
+    /// Queues a frame for one client; false when it is not connected or its outbox is full.
+    pub fn send(&self, sid: &str, frame: Outgoing) -> bool {
+        self.clients()
+            .get(sid)
+            .is_some_and(|c| c.outbox.try_send(frame).is_ok())
+    }
+
+    /// Queues a frame for every client.
+    pub fn broadcast(&self, frame: Outgoing) {
+        for client in self.clients().values() {
+            // A full outbox drops this frame for that client only.
+            let _ = client.outbox.try_send(frame.clone());
+        }
+    }
+
+    /// Sends to `client` if there is one, else to everyone (ComfyUI's routing for progress events).
+    pub fn send_or_broadcast(&self, client: Option<&str>, frame: Outgoing) {
+        match client {
+            Some(sid) => {
+                self.send(sid, frame);
+            }
+            None => self.broadcast(frame),
+        }
+    }
+}

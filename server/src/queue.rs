@@ -1,0 +1,162 @@
+//! The prompt queue: ComfyUI's ordering (lowest `number` first, then `prompt_id`), the running item,
+//! and the `number` counter.
+
+use easel_engine::ValidatedPrompt;
+use serde_json::{json, Value as Json};
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// A prompt accepted by `POST /prompt`.
+pub struct QueueItem {
+    pub number: f64,
+    /// The response's `number`: an int from the counter, or the client's float.
+    pub number_json: Json,
+    pub prompt_id: String,
+    pub validated: ValidatedPrompt,
+    /// `extra_data` with `client_id`, as `/queue` shows it.
+    pub extra_data: Json,
+}
+
+impl QueueItem {
+    /// The `client_id` the prompt was posted with.
+    pub fn client_id(&self) -> Option<&str> {
+        self.extra_data.get("client_id").and_then(Json::as_str)
+    }
+
+    /// `[number, prompt_id, prompt, extra_data, outputs_to_execute]`, as `/queue` lists it.
+    pub fn to_json(&self) -> Json {
+        json!([
+            self.number_json,
+            self.prompt_id,
+            self.validated.prompt.to_json(),
+            self.extra_data,
+            self.validated.outputs_to_execute
+        ])
+    }
+}
+
+/// Heap order: the lowest `(number, prompt_id)` is the greatest, so `BinaryHeap` pops it first.
+struct Pending(QueueItem);
+
+impl PartialEq for Pending {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Pending {}
+
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other
+            .0
+            .number
+            .total_cmp(&self.0.number)
+            .then_with(|| other.0.prompt_id.cmp(&self.0.prompt_id))
+    }
+}
+
+#[derive(Default)]
+struct State {
+    pending: BinaryHeap<Pending>,
+    running: Option<Arc<QueueItem>>,
+    counter: i64,
+}
+
+impl State {
+    fn remaining(&self) -> usize {
+        self.pending.len() + usize::from(self.running.is_some())
+    }
+}
+
+#[derive(Default)]
+pub struct PromptQueue {
+    state: Mutex<State>,
+    available: Condvar,
+}
+
+impl PromptQueue {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// ComfyUI's counter: every parsed `POST /prompt` without a `number` takes the next value,
+    /// negated when queued at the front.
+    pub fn next_number(&self, front: bool) -> i64 {
+        let mut state = self.state();
+        let number = if front { -state.counter } else { state.counter };
+        state.counter += 1;
+        number
+    }
+
+    /// Queues a prompt. `announce` gets the new queue length while the queue is still locked, so
+    /// status messages go out in the order the queue changed.
+    pub fn put(&self, item: QueueItem, announce: impl FnOnce(usize)) {
+        let mut state = self.state();
+        state.pending.push(Pending(item));
+        announce(state.remaining());
+        self.available.notify_one();
+    }
+
+    /// Waits for the next prompt and marks it running (announcing the queue length, as `put`).
+    pub fn take(&self, announce: impl FnOnce(usize)) -> Arc<QueueItem> {
+        let mut state = self.state();
+        loop {
+            if let Some(Pending(item)) = state.pending.pop() {
+                let item = Arc::new(item);
+                state.running = Some(item.clone());
+                announce(state.remaining());
+                return item;
+            }
+            state = self
+                .available
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
+    /// The running prompt is done (announcing the queue length, as `put`).
+    pub fn finish(&self, announce: impl FnOnce(usize)) {
+        let mut state = self.state();
+        state.running = None;
+        announce(state.remaining());
+    }
+
+    pub fn running(&self) -> Option<Arc<QueueItem>> {
+        self.state().running.clone()
+    }
+
+    /// Pending plus running, as `status` messages count them.
+    pub fn remaining(&self) -> usize {
+        self.state().remaining()
+    }
+
+    /// Drops every pending prompt (announcing the queue length, as `put`).
+    pub fn clear(&self, announce: impl FnOnce(usize)) {
+        let mut state = self.state();
+        state.pending.clear();
+        announce(state.remaining());
+    }
+
+    /// Drops the pending prompts with these ids; running prompts are untouched.
+    pub fn delete(&self, ids: &[String], announce: impl FnOnce(usize)) {
+        let mut state = self.state();
+        state.pending.retain(|Pending(item)| !ids.contains(&item.prompt_id));
+        announce(state.remaining());
+    }
+
+    /// `(running, pending)` as `/queue` lists them; pending in heap order, the next to run first.
+    pub fn snapshot(&self) -> (Vec<Json>, Vec<Json>) {
+        let state = self.state();
+        let running = state.running.iter().map(|item| item.to_json()).collect();
+        let pending = state.pending.iter().map(|Pending(item)| item.to_json()).collect();
+        (running, pending)
+    }
+}

@@ -1,0 +1,100 @@
+//! The worker: takes prompts off the queue in order, executes them, routes their events to
+//! WebSocket clients as ComfyUI does, and records history.
+
+use crate::hub::message;
+use crate::state::Shared;
+use easel_engine::events::{Event, EventKind};
+use easel_engine::{EventSink, Executor};
+use serde_json::{json, Value as Json};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// `extra_data` keys that reach the queue but never history.
+const SENSITIVE_EXTRA_DATA_KEYS: [&str; 2] = ["auth_token_comfy_org", "api_key_comfy_org"];
+
+pub fn run(shared: &Shared) {
+    let runtime = &shared.runtime;
+    let mut executor = Executor::new(runtime.registry.clone(), runtime.services.clone(), runtime.cache_mode);
+    loop {
+        let item = shared.queue.take(|remaining| shared.broadcast_status(remaining));
+        if shared.free_memory.swap(false, Ordering::SeqCst) {
+            executor.clear_cache();
+        }
+        shared.interrupt.clear();
+        let started = Instant::now();
+        let client = item.client_id().map(str::to_string);
+        let sink = RoutedEvents {
+            shared,
+            client: client.as_deref(),
+        };
+        let outcome = executor.execute(
+            &item.prompt_id,
+            &item.validated,
+            &item.extra_data,
+            &sink,
+            &shared.interrupt,
+        );
+        shared.set_executing_node(None);
+
+        let mut extra_data = item.extra_data.clone();
+        if let Some(extra) = extra_data.as_object_mut() {
+            for key in SENSITIVE_EXTRA_DATA_KEYS {
+                extra.remove(key);
+            }
+        }
+        let cached = outcome
+            .messages
+            .get(1)
+            .and_then(|m| m[1]["nodes"].as_array())
+            .map_or(0, Vec::len);
+        tracing::info!(
+            prompt_id = %item.prompt_id,
+            nodes = item.validated.prompt.len(),
+            cached,
+            status = outcome.status_json()["status_str"].as_str().unwrap_or_default(),
+            "Prompt executed in {:.2} seconds",
+            started.elapsed().as_secs_f64()
+        );
+        let entry = json!({
+            "prompt": [item.number_json, item.prompt_id, item.validated.prompt.to_json(), extra_data, item.validated.outputs_to_execute],
+            "outputs": outcome.outputs,
+            "status": outcome.status_json(),
+            "meta": outcome.meta,
+        });
+        shared.history.insert(item.prompt_id.clone(), entry);
+        shared.queue.finish(|remaining| shared.broadcast_status(remaining));
+        if let Some(client) = &client {
+            shared.hub.send(
+                client,
+                message("executing", &json!({"node": Json::Null, "prompt_id": item.prompt_id})),
+            );
+        }
+    }
+}
+
+/// Sends execution events to the prompt's client; progress events go to everyone when the prompt
+/// has no client (ComfyUI's routing, protocol §4.3).
+struct RoutedEvents<'a> {
+    shared: &'a Shared,
+    client: Option<&'a str>,
+}
+
+impl EventSink for RoutedEvents<'_> {
+    fn emit(&self, event: Event) {
+        if event.kind == EventKind::Executing {
+            self.shared
+                .set_executing_node(event.data["display_node"].as_str().map(str::to_string));
+        }
+        let frame = message(event.kind.name(), &event.data);
+        match event.kind {
+            EventKind::Progress | EventKind::ProgressState | EventKind::ExecutionInterrupted => {
+                self.shared.hub.send_or_broadcast(self.client, frame)
+            }
+            _ => {
+                if let Some(client) = self.client {
+                    self.shared.hub.send(client, frame);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The WebSocket over a real connection: ComfyUI's messages, in ComfyUI's order and shapes, routed
+//! to the submitting client; queue control and interrupts while a prompt runs.
+
+mod common;
+
+use common::{start, workspace, Api, Server};
+use futures_util::StreamExt;
+use serde_json::{json, Value as Json};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
+
+type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(server: &Server, query: &str) -> Socket {
+    connect_async(server.api.ws_url(&format!("/ws{query}")))
+        .await
+        .expect("websocket connects")
+        .0
+}
+
+/// The next text frame, as (raw text, JSON).
+async fn next_text(socket: &mut Socket) -> (String, Json) {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(60), socket.next())
+            .await
+            .expect("a message within 60 s")
+            .expect("the socket stays open")
+            .expect("a valid frame");
+        if let Message::Text(text) = frame {
+            let json = serde_json::from_str(&text).expect("JSON message");
+            return (text.to_string(), json);
+        }
+    }
+}
+
+/// Messages until the end-of-prompt `executing {node: null}`.
+async fn until_done(socket: &mut Socket) -> Vec<Json> {
+    let mut messages = Vec::new();
+    loop {
+        let (_, message) = next_text(socket).await;
+        let done = message["type"] == "executing" && message["data"]["node"].is_null();
+        messages.push(message);
+        if done {
+            return messages;
+        }
+    }
+}
+
+/// `POST /prompt` from a blocking task; returns the response body.
+async fn post_async(api: &Api, body: Json) -> Json {
+    let api = api.clone();
+    tokio::task::spawn_blocking(move || {
+        let (status, _, text) = api.post("/prompt", &body.to_string());
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str(&text).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn keys(value: &Json) -> Vec<String> {
+    value
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Data keys of each message type in ComfyUI's captured txt2img run.
+fn reference_keys() -> std::collections::HashMap<String, Vec<String>> {
+    let text = std::fs::read_to_string(workspace().join("tests/tests/fixtures/ws_messages_sd15_t2i.jsonl")).unwrap();
+    let mut map = std::collections::HashMap::new();
+    for line in text.lines() {
+        let message: Json = serde_json::from_str(line).unwrap();
+        let kind = message["type"].as_str().unwrap().to_string();
+        if kind != "status" {
+            map.entry(kind).or_insert_with(|| keys(&message["data"]));
+        }
+    }
+    map
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_gets_comfyui_messages_for_its_prompt_and_others_only_status() {
+    let server = start();
+    let mut client = connect(&server, "?clientId=client-a").await;
+    let (text, _) = next_text(&mut client).await;
+    assert_eq!(
+        text,
+        r#"{"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "client-a"}}"#
+    );
+    let mut observer = connect(&server, "").await;
+    let (_, greeting) = next_text(&mut observer).await;
+    let sid = greeting["data"]["sid"].as_str().unwrap();
+    assert!(sid.len() == 32 && sid.chars().all(|c| c.is_ascii_hexdigit()), "{sid}");
+
+    let prompt = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 255}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "ws"}},
+        "3": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}
+    });
+    let response = post_async(&server.api, json!({"prompt": prompt, "client_id": "client-a"})).await;
+    let prompt_id = response["prompt_id"].as_str().unwrap().to_string();
+    let messages = until_done(&mut client).await;
+    let kinds: Vec<&str> = messages.iter().map(|m| m["type"].as_str().unwrap()).collect();
+    // The order of ComfyUI's run: two status, start, cached, per node progress_state → executing →
+    // (executed) → progress_state, success, status, executing null.
+    assert_eq!(
+        kinds,
+        [
+            "status",
+            "status",
+            "execution_start",
+            "execution_cached",
+            "progress_state",
+            "executing",
+            "progress_state",
+            "progress_state",
+            "executing",
+            "executed",
+            "progress_state",
+            "progress_state",
+            "executing",
+            "progress_state",
+            "progress_state",
+            "executing",
+            "executed",
+            "progress_state",
+            "execution_success",
+            "status",
+            "executing"
+        ]
+    );
+    let nodes: Vec<&str> = messages
+        .iter()
+        .filter(|m| m["type"] == "executing")
+        .filter_map(|m| m["data"]["node"].as_str())
+        .collect();
+    assert_eq!(nodes, ["1", "2", "3", "4"]);
+    assert_eq!(messages[0]["data"]["status"]["exec_info"]["queue_remaining"], 1);
+    assert_eq!(messages[19]["data"]["status"]["exec_info"]["queue_remaining"], 0);
+    assert_eq!(messages[20]["data"], json!({"node": null, "prompt_id": prompt_id}));
+    let reference = reference_keys();
+    for message in &messages[..20] {
+        let kind = message["type"].as_str().unwrap();
+        if let Some(expected) = reference.get(kind) {
+            assert_eq!(&keys(&message["data"]), expected, "{kind}");
+        }
+    }
+
+    // The observer saw only the queue's status broadcasts.
+    let mut seen = Vec::new();
+    while let Ok(Some(Ok(Message::Text(text)))) =
+        tokio::time::timeout(Duration::from_millis(300), observer.next()).await
+    {
+        seen.push(
+            serde_json::from_str::<Json>(&text).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(seen, ["status", "status", "status"]);
+
+    // The history entry has ComfyUI's shape.
+    let reference: Json = serde_json::from_str(
+        &std::fs::read_to_string(workspace().join("tests/tests/fixtures/history_sd15_t2i.json")).unwrap(),
+    )
+    .unwrap();
+    let reference_entry = reference["body"].as_object().unwrap().values().next().unwrap();
+    let api = server.api.clone();
+    let entry = tokio::task::spawn_blocking(move || api.wait_for_history(&prompt_id))
+        .await
+        .unwrap();
+    assert_eq!(keys(&entry), keys(reference_entry));
+    assert_eq!(keys(&entry["status"]), keys(&reference_entry["status"]));
+    let meta = entry["meta"].as_object().unwrap().values().next().unwrap();
+    assert_eq!(
+        keys(meta),
+        keys(reference_entry["meta"].as_object().unwrap().values().next().unwrap())
+    );
+    assert_eq!(entry["prompt"].as_array().unwrap().len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn feature_flags_are_negotiated_on_the_first_frame() {
+    use futures_util::SinkExt;
+    let server = start();
+    let mut socket = connect(&server, "?clientId=ff").await;
+    next_text(&mut socket).await;
+    let hello = r#"{"type":"feature_flags","data":{"supports_preview_metadata":true,"supports_manager_v4_ui":true}}"#;
+    socket.send(Message::Text(hello.into())).await.unwrap();
+    let (text, _) = next_text(&mut socket).await;
+    assert_eq!(
+        text,
+        r#"{"type": "feature_flags", "data": {"supports_preview_metadata": true, "max_upload_size": 104857600}}"#
+    );
+}
+
+/// A prompt that runs for minutes unless interrupted: 16 384 dilations of a 1024² mask.
+fn slow_prompt() -> Json {
+    json!({
+        "1": {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": 1024, "height": 1024}},
+        "2": {"class_type": "GrowMask", "inputs": {"mask": ["1", 0], "expand": 16384, "tapered_corners": true}},
+        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_control_and_interrupt_while_a_prompt_runs() {
+    let server = start();
+    let mut client = connect(&server, "?clientId=slow").await;
+    next_text(&mut client).await;
+    let running = post_async(&server.api, json!({"prompt": slow_prompt(), "client_id": "slow"})).await;
+    let running_id = running["prompt_id"].as_str().unwrap().to_string();
+    // Wait until the slow node runs.
+    loop {
+        let (_, message) = next_text(&mut client).await;
+        if message["type"] == "executing" && message["data"]["node"] == "2" {
+            break;
+        }
+    }
+    let later = post_async(&server.api, json!({"prompt": slow_prompt(), "prompt_id": "later"})).await;
+    assert_eq!(later["prompt_id"], "later");
+    post_async(
+        &server.api,
+        json!({"prompt": slow_prompt(), "prompt_id": "sooner", "front": true}),
+    )
+    .await;
+
+    let api = server.api.clone();
+    let (queue, after_delete, after_clear) = tokio::task::spawn_blocking(move || {
+        let queue = api.get_json("/queue");
+        api.post("/queue", r#"{"delete": ["later"]}"#);
+        let after_delete = api.get_json("/api/queue");
+        api.post("/queue", r#"{"clear": true}"#);
+        let after_clear = api.get_json("/queue");
+        api.post("/interrupt", r#"{"prompt_id": "not-running"}"#);
+        (queue, after_delete, after_clear)
+    })
+    .await
+    .unwrap();
+    assert_eq!(queue["queue_running"][0][1], running_id.as_str());
+    assert_eq!(queue["queue_pending"][0][1], "sooner");
+    assert_eq!(queue["queue_pending"].as_array().unwrap().len(), 2);
+    assert_eq!(after_delete["queue_pending"].as_array().unwrap().len(), 1);
+    assert_eq!(after_clear["queue_pending"], json!([]));
+
+    let api = server.api.clone();
+    let body = json!({"prompt_id": running_id}).to_string();
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(api.post("/interrupt", &body).0, 200);
+    })
+    .await
+    .unwrap();
+    let messages = until_done(&mut client).await;
+    let interrupted = messages
+        .iter()
+        .find(|m| m["type"] == "execution_interrupted")
+        .expect("interrupted");
+    assert_eq!(interrupted["data"]["node_id"], "2");
+    assert_eq!(interrupted["data"]["node_type"], "GrowMask");
+    let api = server.api.clone();
+    let entry = tokio::task::spawn_blocking(move || api.wait_for_history(&running_id))
+        .await
+        .unwrap();
+    assert_eq!(entry["status"]["status_str"], "error");
+    assert_eq!(entry["status"]["messages"][2][0], "execution_interrupted");
+}
