@@ -2,6 +2,7 @@
 //! with its `data` object built in ComfyUI's key order; the server decides who receives it.
 
 use serde_json::Value as Json;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// ComfyUI's message types emitted while executing a prompt.
@@ -16,6 +17,9 @@ pub enum EventKind {
     ExecutionSuccess,
     ExecutionError,
     ExecutionInterrupted,
+    /// An image shown while a node runs. Not a JSON message: the server sends the event's `image` as
+    /// a binary frame, with `data` (ComfyUI's preview metadata) when the client asked for it.
+    Preview,
 }
 
 impl EventKind {
@@ -31,20 +35,26 @@ impl EventKind {
             EventKind::ExecutionSuccess => "execution_success",
             EventKind::ExecutionError => "execution_error",
             EventKind::ExecutionInterrupted => "execution_interrupted",
+            EventKind::Preview => "preview",
         }
     }
 }
 
-/// One event: a kind and its `data`.
+/// One event: a kind, its `data`, and for previews the encoded image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     pub kind: EventKind,
     pub data: Json,
+    pub image: Option<Arc<Vec<u8>>>,
 }
 
 impl Event {
     pub fn new(kind: EventKind, data: Json) -> Self {
-        Event { kind, data }
+        Event {
+            kind,
+            data,
+            image: None,
+        }
     }
 }
 

@@ -452,11 +452,23 @@ impl PromptRun<'_> {
         self.set_progress(id, value, max, "finished");
     }
 
+    /// ComfyUI's progress hook: `progress_state`, then the preview image if any, then `progress`.
     fn report_progress(&self, id: &str, progress: Progress) {
         if self.interrupt.is_set() {
             return;
         }
         self.set_progress(id, progress.value.clone(), progress.max.clone(), "running");
+        if let Some(preview) = progress.preview {
+            let data = json!({
+                "node_id": id, "prompt_id": self.prompt_id, "display_node_id": id,
+                "parent_node_id": null, "real_node_id": id, "image_type": preview.image_type,
+            });
+            self.sink.emit(Event {
+                kind: EventKind::Preview,
+                data,
+                image: Some(Arc::new(preview.bytes)),
+            });
+        }
         self.send(
             EventKind::Progress,
             json!({"value": progress.value, "max": progress.max, "prompt_id": self.prompt_id, "node": id}),

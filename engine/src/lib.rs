@@ -27,7 +27,7 @@ pub mod value;
 pub use cache::CacheMode;
 pub use events::{Event, EventSink};
 pub use executor::{ExecutionOutcome, ExecutionStatus, Executor};
-pub use node::{call_standalone, Interrupt, Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services};
+pub use node::{call_standalone, Interrupt, Node, NodeContext, NodeError, NodeInputs, NodeOutput, Preview, Services};
 pub use prompt::{NodeId, Prompt, PromptError};
 pub use registry::NodeRegistry;
 pub use schema::{HiddenInput, InputSpec, IoType, NodeSchema, OutputSpec, SchemaStyle};

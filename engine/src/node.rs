@@ -215,11 +215,20 @@ impl NodeOutput {
     }
 }
 
+/// An encoded image a node shows while it runs (a sampler's preview, SaveImageWebsocket's output).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preview {
+    /// `image/png` or `image/jpeg`.
+    pub image_type: &'static str,
+    pub bytes: Vec<u8>,
+}
+
 /// A progress report from a node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Progress {
     pub value: Json,
     pub max: Json,
+    pub preview: Option<Preview>,
 }
 
 /// What a running node sees of the prompt and the host.
@@ -238,10 +247,20 @@ pub struct NodeContext<'a> {
 impl NodeContext<'_> {
     /// Reports `value` of `max` steps; returns `Err(Interrupted)` when the prompt was interrupted.
     pub fn progress(&self, value: u64, max: u64) -> Result<(), NodeError> {
+        self.report(value, max, None)
+    }
+
+    /// Reports progress with an image for clients to show (ComfyUI's preview hook).
+    pub fn progress_with_preview(&self, value: u64, max: u64, preview: Preview) -> Result<(), NodeError> {
+        self.report(value, max, Some(preview))
+    }
+
+    fn report(&self, value: u64, max: u64, preview: Option<Preview>) -> Result<(), NodeError> {
         self.interrupt.check()?;
         (self.on_progress)(Progress {
             value: Json::from(value.min(max)),
             max: Json::from(max),
+            preview,
         });
         Ok(())
     }

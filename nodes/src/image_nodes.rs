@@ -7,7 +7,7 @@ use crate::paths::{normalize, Paths};
 use crate::resample::{common_upscale, resize, ResizeMethod, UPSCALE_METHODS};
 use easel_engine::pyjson::dumps;
 use easel_engine::schema::{CustomValidation, InputSpec, NodeSchema, OutputSpec, MAX_RESOLUTION};
-use easel_engine::{HiddenInput, Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
+use easel_engine::{HiddenInput, Node, NodeContext, NodeError, NodeInputs, NodeOutput, Preview, Services, Value};
 use rand::Rng;
 use serde_json::{json, Map, Value as Json};
 use sha2::{Digest, Sha256};
@@ -701,5 +701,46 @@ impl Node for EmptyImage {
         let rgb = [channel(16), channel(8), channel(0)];
         let data = (0..batch * height * width).flat_map(|_| rgb).collect();
         Ok(image_result(Image::new(batch, height, width, 3, data)?))
+    }
+}
+
+/// `SaveImageWebsocket` (ComfyUI's shipped `custom_nodes/websocket_image_save.py`): sends each image
+/// as a PNG preview to the submitting client and writes nothing. Its fingerprint is the time, so it
+/// never comes from the cache.
+pub struct SaveImageWebsocket;
+
+impl Node for SaveImageWebsocket {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("SaveImageWebsocket", "custom_nodes.websocket_image_save", "api/image")
+            .output_node()
+            .required("images", InputSpec::of("IMAGE"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let images = inputs.object::<Image>("images")?;
+        for index in 0..images.batch {
+            let pixels = image_to_u8(images, index);
+            let png = encode_png(
+                &pixels,
+                images.width,
+                images.height,
+                images.channels,
+                &[],
+                PngCompression::Fast,
+            )?;
+            let preview = Preview {
+                image_type: "image/png",
+                bytes: png,
+            };
+            ctx.progress_with_preview(index as u64, images.batch as u64, preview)?;
+        }
+        Ok(NodeOutput::default())
+    }
+
+    fn fingerprint(&self, _: &Services, _: &Map<String, Json>) -> Option<Result<Json, String>> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64());
+        Some(now.map(Json::from).map_err(|e| e.to_string()))
     }
 }

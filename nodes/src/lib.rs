@@ -50,4 +50,5 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(ThresholdMask);
     registry.register(CropMask);
     registry.register(canny::Canny);
+    registry.register(SaveImageWebsocket);
 }

@@ -21,6 +21,31 @@ pub enum Outgoing {
     Binary(Vec<u8>),
 }
 
+/// ComfyUI's binary event types (a big-endian u32 opens every binary frame).
+const PREVIEW_IMAGE: u32 = 1;
+const PREVIEW_IMAGE_WITH_METADATA: u32 = 4;
+
+/// A type 1 preview frame: event type, image format (1 JPEG, 2 PNG), image bytes.
+pub fn preview_frame(image_type: &str, image: &[u8]) -> Outgoing {
+    let format: u32 = if image_type == "image/jpeg" { 1 } else { 2 };
+    let mut frame = Vec::with_capacity(8 + image.len());
+    frame.extend_from_slice(&PREVIEW_IMAGE.to_be_bytes());
+    frame.extend_from_slice(&format.to_be_bytes());
+    frame.extend_from_slice(image);
+    Outgoing::Binary(frame)
+}
+
+/// A type 4 preview frame: event type, metadata length, metadata JSON, image bytes.
+pub fn preview_frame_with_metadata(metadata: &Json, image: &[u8]) -> Outgoing {
+    let metadata = dumps(metadata).into_bytes();
+    let mut frame = Vec::with_capacity(8 + metadata.len() + image.len());
+    frame.extend_from_slice(&PREVIEW_IMAGE_WITH_METADATA.to_be_bytes());
+    frame.extend_from_slice(&(metadata.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&metadata);
+    frame.extend_from_slice(image);
+    Outgoing::Binary(frame)
+}
+
 /// `{"type": …, "data": …}` with Python's JSON spacing, as ComfyUI sends it.
 pub fn message(kind: &str, data: &Json) -> Outgoing {
     Outgoing::Text(dumps(&json!({"type": kind, "data": data})))
@@ -29,6 +54,8 @@ pub fn message(kind: &str, data: &Json) -> Outgoing {
 struct Client {
     connection: u64,
     outbox: mpsc::Sender<Outgoing>,
+    /// Negotiated `supports_preview_metadata`: previews as binary type 4 instead of 1.
+    preview_metadata: bool,
 }
 
 #[derive(Default)]
@@ -47,7 +74,14 @@ impl Hub {
     pub fn connect(&self, sid: &str) -> (u64, mpsc::Receiver<Outgoing>) {
         let (outbox, inbox) = mpsc::channel(OUTBOX_CAPACITY);
         let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
-        self.clients().insert(sid.to_string(), Client { connection, outbox });
+        self.clients().insert(
+            sid.to_string(),
+            Client {
+                connection,
+                outbox,
+                preview_metadata: false,
+            },
+        );
         (connection, inbox)
     }
 
@@ -57,6 +91,17 @@ impl Hub {
         if clients.get(sid).is_some_and(|c| c.connection == connection) {
             clients.remove(sid);
         }
+    }
+
+    /// Records the client's `feature_flags`.
+    pub fn set_preview_metadata(&self, sid: &str, connection: u64, supported: bool) {
+        if let Some(client) = self.clients().get_mut(sid).filter(|c| c.connection == connection) {
+            client.preview_metadata = supported;
+        }
+    }
+
+    pub fn supports_preview_metadata(&self, sid: &str) -> bool {
+        self.clients().get(sid).is_some_and(|c| c.preview_metadata)
     }
 
     /// Queues a frame for one client; false when it is not connected or its outbox is full.

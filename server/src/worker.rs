@@ -1,11 +1,12 @@
 //! The worker: takes prompts off the queue in order, executes them, routes their events to
 //! WebSocket clients as ComfyUI does, and records history.
 
-use crate::hub::message;
+use crate::hub::{message, preview_frame, preview_frame_with_metadata, Outgoing};
 use crate::state::Shared;
 use easel_engine::events::{Event, EventKind};
 use easel_engine::{EventSink, Executor};
 use serde_json::{json, Value as Json};
+use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -26,6 +27,7 @@ pub fn run(shared: &Shared) {
         let sink = RoutedEvents {
             shared,
             client: client.as_deref(),
+            held_preview: RefCell::new(None),
         };
         let outcome = executor.execute(
             &item.prompt_id,
@@ -73,26 +75,45 @@ pub fn run(shared: &Shared) {
 }
 
 /// Sends execution events to the prompt's client; progress events go to everyone when the prompt
-/// has no client (ComfyUI's routing, protocol §4.3).
+/// has no client (ComfyUI's routing, protocol §4.3). A preview goes as binary type 4 right away to a
+/// client that negotiated preview metadata, else as type 1 after its `progress` message.
 struct RoutedEvents<'a> {
     shared: &'a Shared,
     client: Option<&'a str>,
+    held_preview: RefCell<Option<Outgoing>>,
 }
 
 impl EventSink for RoutedEvents<'_> {
     fn emit(&self, event: Event) {
-        if event.kind == EventKind::Executing {
-            self.shared
-                .set_executing_node(event.data["display_node"].as_str().map(str::to_string));
-        }
-        let frame = message(event.kind.name(), &event.data);
+        let hub = &self.shared.hub;
         match event.kind {
-            EventKind::Progress | EventKind::ProgressState | EventKind::ExecutionInterrupted => {
-                self.shared.hub.send_or_broadcast(self.client, frame)
+            EventKind::Preview => {
+                let image = event.image.as_deref().map(Vec::as_slice).unwrap_or_default();
+                match self.client {
+                    Some(client) if hub.supports_preview_metadata(client) => {
+                        hub.send(client, preview_frame_with_metadata(&event.data, image));
+                    }
+                    _ => {
+                        let image_type = event.data["image_type"].as_str().unwrap_or_default();
+                        *self.held_preview.borrow_mut() = Some(preview_frame(image_type, image));
+                    }
+                }
             }
-            _ => {
+            EventKind::Progress | EventKind::ProgressState | EventKind::ExecutionInterrupted => {
+                hub.send_or_broadcast(self.client, message(event.kind.name(), &event.data));
+                if event.kind == EventKind::Progress {
+                    if let Some(preview) = self.held_preview.borrow_mut().take() {
+                        hub.send_or_broadcast(self.client, preview);
+                    }
+                }
+            }
+            kind => {
+                if kind == EventKind::Executing {
+                    self.shared
+                        .set_executing_node(event.data["display_node"].as_str().map(str::to_string));
+                }
                 if let Some(client) = self.client {
-                    self.shared.hub.send(client, frame);
+                    hub.send(client, message(kind.name(), &event.data));
                 }
             }
         }

@@ -64,6 +64,8 @@ async fn session(state: AppState, sid: String, socket: WebSocket) {
                     if std::mem::take(&mut first_message) {
                         let request: Json = serde_json::from_str(&text).unwrap_or_default();
                         if request["type"] == "feature_flags" {
+                            let supported = request["data"]["supports_preview_metadata"] == true;
+                            state.hub.set_preview_metadata(&sid, connection, supported);
                             let reply = message("feature_flags", &state.features());
                             if sender.send(frame(reply)).await.is_err() {
                                 break;

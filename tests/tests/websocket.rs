@@ -269,3 +269,108 @@ async fn queue_control_and_interrupt_while_a_prompt_runs() {
     assert_eq!(entry["status"]["status_str"], "error");
     assert_eq!(entry["status"]["messages"][2][0], "execution_interrupted");
 }
+
+/// Frames until the end of the prompt: JSON messages as `Ok`, binary frames as `Err`.
+async fn frames_until_done(socket: &mut Socket) -> Vec<Result<Json, Vec<u8>>> {
+    let mut frames = Vec::new();
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(60), socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match frame {
+            Message::Text(text) => {
+                let message: Json = serde_json::from_str(&text).unwrap();
+                let done = message["type"] == "executing" && message["data"]["node"].is_null();
+                frames.push(Ok(message));
+                if done {
+                    return frames;
+                }
+            }
+            Message::Binary(bytes) => frames.push(Err(bytes.to_vec())),
+            _ => {}
+        }
+    }
+}
+
+fn websocket_image_prompt() -> Json {
+    json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 6, "batch_size": 2, "color": 65280}},
+        "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn save_image_websocket_sends_png_frames_in_comfyui_order() {
+    use futures_util::SinkExt;
+    let server = start();
+
+    // A plain client: progress, then a type 1 frame (format 2 = PNG) per image.
+    let mut plain = connect(&server, "?clientId=plain").await;
+    next_text(&mut plain).await;
+    post_async(
+        &server.api,
+        json!({"prompt": websocket_image_prompt(), "client_id": "plain"}),
+    )
+    .await;
+    let frames = frames_until_done(&mut plain).await;
+    let labels: Vec<String> = frames
+        .iter()
+        .map(|f| match f {
+            Ok(m) => m["type"].as_str().unwrap().to_string(),
+            Err(b) => format!("bin{}", u32::from_be_bytes([b[0], b[1], b[2], b[3]])),
+        })
+        .skip_while(|l| l != "executing")
+        .skip(2)
+        .collect();
+    assert_eq!(
+        labels[..11],
+        [
+            "progress_state",
+            "executing",
+            "progress_state",
+            "progress",
+            "bin1",
+            "progress_state",
+            "progress",
+            "bin1",
+            "progress_state",
+            "execution_success",
+            "status"
+        ]
+    );
+    let binary: Vec<&Vec<u8>> = frames.iter().filter_map(|f| f.as_ref().err()).collect();
+    assert_eq!(binary.len(), 2);
+    assert_eq!(&binary[0][4..8], &2u32.to_be_bytes());
+    let image = image::load_from_memory(&binary[0][8..]).unwrap().to_rgb8();
+    assert_eq!((image.dimensions(), image.get_pixel(0, 0).0), ((8, 6), [0, 255, 0]));
+    assert!(!frames.iter().any(|f| f.as_ref().is_ok_and(|m| m["type"] == "executed")));
+
+    // A client that negotiated preview metadata: type 4 with ComfyUI's metadata, before `progress`;
+    // the node runs again although nothing changed (its fingerprint is the time).
+    let mut modern = connect(&server, "?clientId=modern").await;
+    next_text(&mut modern).await;
+    let hello = r#"{"type":"feature_flags","data":{"supports_preview_metadata":true}}"#;
+    modern.send(Message::Text(hello.into())).await.unwrap();
+    next_text(&mut modern).await;
+    let response = post_async(
+        &server.api,
+        json!({"prompt": websocket_image_prompt(), "client_id": "modern"}),
+    )
+    .await;
+    let prompt_id = response["prompt_id"].as_str().unwrap();
+    let frames = frames_until_done(&mut modern).await;
+    let first_binary = frames.iter().position(|f| f.is_err()).unwrap();
+    assert_eq!(frames[first_binary - 1].as_ref().unwrap()["type"], "progress_state");
+    assert_eq!(frames[first_binary + 1].as_ref().unwrap()["type"], "progress");
+    let frame = frames[first_binary].as_ref().unwrap_err();
+    assert_eq!(&frame[..4], &4u32.to_be_bytes());
+    let length = u32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]) as usize;
+    let metadata: Json = serde_json::from_slice(&frame[8..8 + length]).unwrap();
+    assert_eq!(
+        metadata,
+        json!({"node_id": "2", "prompt_id": prompt_id, "display_node_id": "2", "parent_node_id": null, "real_node_id": "2", "image_type": "image/png"})
+    );
+    assert!(image::load_from_memory(&frame[8 + length..]).is_ok());
+}
