@@ -84,6 +84,13 @@ pub struct ServeArgs {
     /// Port to listen on.
     #[arg(long, default_value_t = 8188)]
     pub port: u16,
+    /// Where queued prompts and history are kept: `sqlite:///path/to/file.db` or a path
+    /// (default: <user directory>/easel.db).
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// How many history entries `/history` shows (older ones stay on disk until deleted).
+    #[arg(long, value_name = "N", default_value_t = 10000)]
+    pub history_size: usize,
     #[command(flatten)]
     pub execution: ExecutionArgs,
 }

@@ -2,17 +2,17 @@
 //!
 //! - [`cli`]: arguments; [`setup`]: directories, services, cache mode; [`run`]: `easel run`;
 //! - [`serve`]: `easel serve`; [`api`]: the HTTP routes; [`ws`]: the WebSocket;
-//! - [`state`]: what the routes share; [`queue`], [`history`]: prompts waiting and done;
+//! - [`state`]: what the routes share; [`queue`]: prompts waiting; [`store`]: queue and history on disk;
 //! - [`worker`]: executes queued prompts; [`hub`]: delivers messages to WebSocket clients.
 
 pub mod api;
 pub mod cli;
-pub mod history;
 pub mod hub;
 pub mod queue;
 pub mod run;
 pub mod serve;
 pub mod setup;
 pub mod state;
+pub mod store;
 pub mod worker;
 pub mod ws;

@@ -1,7 +1,8 @@
 //! The prompt queue: ComfyUI's ordering (lowest `number` first, then `prompt_id`), the running item,
 //! and the `number` counter.
 
-use easel_engine::ValidatedPrompt;
+use crate::store::StoredPrompt;
+use easel_engine::{Prompt, PromptError, ValidatedPrompt};
 use serde_json::{json, Value as Json};
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -22,6 +23,35 @@ impl QueueItem {
     /// The `client_id` the prompt was posted with.
     pub fn client_id(&self) -> Option<&str> {
         self.extra_data.get("client_id").and_then(Json::as_str)
+    }
+
+    /// The item as the store keeps it.
+    pub fn to_stored(&self) -> StoredPrompt {
+        StoredPrompt {
+            prompt_id: self.prompt_id.clone(),
+            number: self.number,
+            number_json: self.number_json.clone(),
+            prompt: self.validated.prompt.to_json(),
+            extra_data: self.extra_data.clone(),
+            outputs_to_execute: self.validated.outputs_to_execute.clone(),
+            node_errors: self.validated.node_errors.clone(),
+        }
+    }
+
+    /// An item read back from the store.
+    pub fn from_stored(stored: StoredPrompt) -> Result<Self, PromptError> {
+        let validated = ValidatedPrompt {
+            prompt: Prompt::from_json(stored.prompt)?,
+            outputs_to_execute: stored.outputs_to_execute,
+            node_errors: stored.node_errors,
+        };
+        Ok(QueueItem {
+            number: stored.number,
+            number_json: stored.number_json,
+            prompt_id: stored.prompt_id,
+            validated,
+            extra_data: stored.extra_data,
+        })
     }
 
     /// `[number, prompt_id, prompt, extra_data, outputs_to_execute]`, as `/queue` lists it.
@@ -85,6 +115,12 @@ pub struct PromptQueue {
 impl PromptQueue {
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts the counter after numbers already used (prompts recovered from the store).
+    pub fn continue_counter_after(&self, highest: i64) {
+        let mut state = self.state();
+        state.counter = state.counter.max(highest + 1);
     }
 
     /// ComfyUI's counter: every parsed `POST /prompt` without a `number` takes the next value,

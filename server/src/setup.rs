@@ -5,6 +5,7 @@ use anyhow::Context;
 use easel_engine::{CacheMode, NodeRegistry, Services};
 use easel_nodes::image_nodes::ImageMetadata;
 use easel_nodes::paths::Paths;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Everything needed to validate and execute prompts.
@@ -45,6 +46,35 @@ pub fn cache_mode(args: &CacheArgs) -> CacheMode {
         (true, _) => CacheMode::None,
         (false, Some(size)) if size > 0 => CacheMode::Lru(size),
         _ => CacheMode::Classic,
+    }
+}
+
+/// The SQLite file of `--database-url` (`sqlite:///absolute/path`, `sqlite:///relative`, or a plain
+/// path); by default `easel.db` in the user directory.
+pub fn database_path(url: Option<&str>, runtime: &Runtime) -> anyhow::Result<PathBuf> {
+    match url {
+        Some(url) => {
+            let path = url.strip_prefix("sqlite:///").map(|rest| {
+                // `sqlite:////abs` and `sqlite:///abs` both mean an absolute path when it exists as one.
+                if url.starts_with("sqlite:////") {
+                    format!("/{}", rest.trim_start_matches('/'))
+                } else {
+                    rest.to_string()
+                }
+            });
+            match (path, url.contains("://")) {
+                (Some(path), _) => Ok(PathBuf::from(path)),
+                (None, false) => Ok(PathBuf::from(url)),
+                (None, true) => anyhow::bail!("unsupported --database-url {url}: use sqlite:///path or a file path"),
+            }
+        }
+        None => {
+            let paths = runtime
+                .services
+                .get::<Paths>()
+                .context("directories are not configured")?;
+            Ok(paths.user.join("easel.db"))
+        }
     }
 }
 

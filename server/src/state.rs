@@ -1,9 +1,9 @@
 //! The server's shared state: the runtime, the queue, history, WebSocket clients and the worker.
 
-use crate::history::History;
 use crate::hub::{message, Hub, Outgoing};
-use crate::queue::PromptQueue;
+use crate::queue::{PromptQueue, QueueItem};
 use crate::setup::Runtime;
+use crate::store::{Store, StoreError};
 use easel_engine::Interrupt;
 use serde_json::{json, Value as Json};
 use std::sync::atomic::AtomicBool;
@@ -28,7 +28,7 @@ pub struct Shared {
     pub runtime: Runtime,
     pub settings: ServerSettings,
     pub queue: PromptQueue,
-    pub history: History,
+    pub store: Store,
     pub hub: Hub,
     pub interrupt: Interrupt,
     /// The node the running prompt is executing (for a client that reconnects mid-prompt).
@@ -48,13 +48,40 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    /// Creates the state and starts the worker thread that executes queued prompts.
-    pub fn start(runtime: Runtime, settings: ServerSettings) -> Self {
+    /// Creates the state from the store's queue (see [`Store::recover`]) and starts the worker
+    /// thread that executes queued prompts.
+    pub fn start(runtime: Runtime, settings: ServerSettings, store: Store) -> Result<Self, StoreError> {
+        let recovery = store.recover()?;
+        let queue = PromptQueue::default();
+        if let Some(highest) = recovery.highest_number {
+            queue.continue_counter_after(highest);
+        }
+        for prompt_id in &recovery.abandoned {
+            tracing::warn!(%prompt_id, "not re-running a prompt the server stopped on twice");
+        }
+        let interrupted = recovery.interrupted.map(|stored| (stored, true));
+        for (stored, first) in interrupted
+            .into_iter()
+            .chain(recovery.pending.into_iter().map(|p| (p, false)))
+        {
+            let prompt_id = stored.prompt_id.clone();
+            match QueueItem::from_stored(stored) {
+                Ok(mut item) => {
+                    if first {
+                        // Runs before everything else; `number_json` keeps what clients saw.
+                        item.number = f64::NEG_INFINITY;
+                        tracing::warn!(%prompt_id, "re-queued the prompt that was running when the server stopped");
+                    }
+                    queue.put(item, |_| {});
+                }
+                Err(error) => tracing::error!(%prompt_id, "cannot re-queue a stored prompt: {error}"),
+            }
+        }
         let shared = Arc::new(Shared {
             runtime,
             settings,
-            queue: PromptQueue::default(),
-            history: History::default(),
+            queue,
+            store,
             hub: Hub::default(),
             interrupt: Interrupt::new(),
             executing: Mutex::new(None),
@@ -64,8 +91,8 @@ impl AppState {
         std::thread::Builder::new()
             .name("easel-worker".into())
             .spawn(move || crate::worker::run(&worker))
-            .expect("the worker thread starts");
-        AppState(shared)
+            .map_err(StoreError::Folder)?;
+        Ok(AppState(shared))
     }
 }
 
@@ -82,6 +109,13 @@ impl Shared {
     /// Tells every client the queue length (pass as a queue method's `announce`).
     pub fn broadcast_status(&self, remaining: usize) {
         self.hub.broadcast(self.status(remaining, None));
+    }
+
+    /// Accepts a prompt: on disk first, then queued.
+    pub fn enqueue(&self, item: QueueItem) -> Result<(), StoreError> {
+        self.store.enqueue(&item.to_stored())?;
+        self.queue.put(item, |remaining| self.broadcast_status(remaining));
+        Ok(())
     }
 
     /// `/features`, also the WebSocket `feature_flags` reply.

@@ -18,6 +18,9 @@ pub fn run(shared: &Shared) {
     let mut executor = Executor::new(runtime.registry.clone(), runtime.services.clone(), runtime.cache_mode);
     loop {
         let item = shared.queue.take(|remaining| shared.broadcast_status(remaining));
+        if let Err(error) = shared.store.mark_running(&item.prompt_id) {
+            tracing::error!(prompt_id = %item.prompt_id, "cannot record the prompt as running: {error}");
+        }
         if shared.free_memory.swap(false, Ordering::SeqCst) {
             executor.clear_cache();
         }
@@ -63,7 +66,9 @@ pub fn run(shared: &Shared) {
             "status": outcome.status_json(),
             "meta": outcome.meta,
         });
-        shared.history.insert(item.prompt_id.clone(), entry);
+        if let Err(error) = shared.store.complete(&item.prompt_id, &entry) {
+            tracing::error!(prompt_id = %item.prompt_id, "cannot store the history entry: {error}");
+        }
         shared.queue.finish(|remaining| shared.broadcast_status(remaining));
         if let Some(client) = &client {
             shared.hub.send(

@@ -34,21 +34,21 @@ async fn page(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let (max_items, offset) = (integer(&query, "max_items")?, integer(&query, "offset")?);
-    Ok(json_response(&state.history.page(max_items, offset)))
+    Ok(json_response(&state.store.history_page(max_items, offset)?))
 }
 
-async fn entry(State(state): State<AppState>, Path(prompt_id): Path<String>) -> Response {
-    json_response(&state.history.get(&prompt_id))
+async fn entry(State(state): State<AppState>, Path(prompt_id): Path<String>) -> Result<Response, ApiError> {
+    Ok(json_response(&state.store.history_entry(&prompt_id)?))
 }
 
 /// `{"clear": true}` and/or `{"delete": [ids]}`.
 async fn change(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let request = parse_body(&body)?;
     if request.get("clear").is_some_and(|c| c.as_bool().unwrap_or(false)) {
-        state.history.clear();
+        state.store.delete_history(None)?;
     }
     if request.get("delete").is_some() {
-        state.history.delete(&ids(request.get("delete")));
+        state.store.delete_history(Some(&ids(request.get("delete"))))?;
     }
     Ok(StatusCode::OK.into_response())
 }

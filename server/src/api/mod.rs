@@ -8,13 +8,14 @@ mod prompt;
 mod queue;
 
 use crate::state::AppState;
+use crate::store::StoreError;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use easel_engine::pyjson::dumps;
 use easel_engine::ValidationFailure;
-use serde_json::Value as Json;
+use serde_json::{json, Value as Json};
 
 /// Every route, plain and under `/api`, and the WebSocket.
 pub fn router(state: AppState) -> Router {
@@ -51,6 +52,14 @@ pub enum ApiError {
     BadRequest,
     Forbidden,
     NotFound,
+    /// The store failed: 503 with an error body in ComfyUI's shape.
+    Storage(StoreError),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        ApiError::Storage(error)
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -70,6 +79,16 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest => StatusCode::BAD_REQUEST.into_response(),
             ApiError::Forbidden => StatusCode::FORBIDDEN.into_response(),
             ApiError::NotFound => StatusCode::NOT_FOUND.into_response(),
+            ApiError::Storage(error) => {
+                tracing::error!("store failure: {error}");
+                let body = json!({
+                    "error": {"type": "storage_error", "message": "The server could not store the request", "details": error.to_string(), "extra_info": {}},
+                    "node_errors": {},
+                });
+                let mut response = json_response(&body);
+                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                response
+            }
         }
     }
 }

@@ -75,6 +75,6 @@ async fn queue_prompt(State(state): State<AppState>, body: Bytes) -> Result<Resp
         validated,
         extra_data,
     };
-    state.queue.put(item, |remaining| state.broadcast_status(remaining));
+    state.enqueue(item)?;
     Ok(json_response(&response))
 }

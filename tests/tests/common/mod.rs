@@ -4,6 +4,7 @@
 use easel_server::api::router;
 use easel_server::cli::ExecutionArgs;
 use easel_server::state::{AppState, ServerSettings};
+use easel_server::store::Store;
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -35,7 +36,8 @@ pub fn start() -> Server {
     args.directories.base_directory = base.path().to_path_buf();
     args.directories.input_directory = Some(workspace().join("workflows/input"));
     let runtime = easel_server::setup::runtime(&args).expect("runtime");
-    let state = AppState::start(runtime, ServerSettings::default());
+    let store = Store::open(&base.path().join("user/easel.db"), 10000).expect("database");
+    let state = AppState::start(runtime, ServerSettings::default(), store).expect("state");
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let tokio = tokio::runtime::Builder::new_multi_thread()

@@ -1,0 +1,153 @@
+//! The queue survives a real `kill -9` of the `easel` process: pending prompts come back, the
+//! running one is re-queued once at the front, and a prompt that kills the server twice is recorded
+//! as failed.
+
+use serde_json::{json, Value as Json};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Easel {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Easel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+fn start(base: &std::path::Path, port: u16) -> Easel {
+    let child = Command::new(env!("CARGO_BIN_EXE_easel"))
+        .args([
+            "serve",
+            "--port",
+            &port.to_string(),
+            "--base-directory",
+            base.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("easel starts");
+    let easel = Easel {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let started = Instant::now();
+    while agent().get(format!("{}/prompt", easel.url)).call().is_err() {
+        assert!(started.elapsed() < Duration::from_secs(30), "the server never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    easel
+}
+
+impl Easel {
+    fn get(&self, path: &str) -> Json {
+        let mut response = agent().get(format!("{}{path}", self.url)).call().unwrap();
+        serde_json::from_reader(response.body_mut().as_reader()).unwrap()
+    }
+
+    fn post(&self, path: &str, body: &Json) -> Json {
+        let mut response = agent()
+            .post(format!("{}{path}", self.url))
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .unwrap();
+        let text = response.body_mut().read_to_string().unwrap();
+        serde_json::from_str(&text).unwrap_or(Json::Null)
+    }
+
+    /// Waits until `/queue` shows `prompt_id` running.
+    fn wait_running(&self, prompt_id: &str) -> Json {
+        let started = Instant::now();
+        loop {
+            let queue = self.get("/queue");
+            if queue["queue_running"][0][1] == prompt_id {
+                return queue;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{prompt_id} never ran: {queue}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+/// Runs for minutes unless interrupted: 16 384 dilations of a 1024² mask.
+fn slow(prompt_id: &str) -> Json {
+    json!({"prompt_id": prompt_id, "prompt": {
+        "1": {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": 1024, "height": 1024}},
+        "2": {"class_type": "GrowMask", "inputs": {"mask": ["1", 0], "expand": 16384, "tapered_corners": true}},
+        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}
+    }})
+}
+
+#[test]
+fn the_queue_survives_kill_9() {
+    let base = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let easel = start(base.path(), port);
+    easel.post("/prompt", &slow("first"));
+    easel.wait_running("first");
+    assert_eq!(easel.post("/prompt", &slow("second"))["number"], 1);
+    easel.post("/prompt", &slow("third"));
+    easel.kill();
+
+    let easel = start(base.path(), port);
+    let queue = easel.wait_running("first");
+    let pending: Vec<&Json> = queue["queue_pending"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| &item[1])
+        .collect();
+    assert_eq!(pending.len(), 2);
+    assert_eq!(queue["queue_pending"][0][1], "second");
+    // New prompts are numbered after the recovered ones.
+    assert_eq!(easel.post("/prompt", &slow("fourth"))["number"], 3);
+    easel.kill();
+
+    // "first" stopped the server twice: recorded as failed, not run again.
+    let easel = start(base.path(), port);
+    easel.wait_running("second");
+    let entry = &easel.get("/history/first")["first"];
+    assert_eq!(entry["status"]["status_str"], "error");
+    assert_eq!(entry["status"]["messages"][0][1]["exception_type"], "ServerStopped");
+    easel.post("/queue", &json!({"clear": true}));
+    easel.post("/interrupt", &json!({}));
+    let started = Instant::now();
+    while easel.get("/history/second").get("second").is_none() {
+        assert!(started.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(easel.get("/queue"), json!({"queue_running": [], "queue_pending": []}));
+    assert_eq!(
+        easel.get("/history/second")["second"]["status"]["messages"][2][0],
+        "execution_interrupted"
+    );
+}
