@@ -91,6 +91,18 @@ pub struct ServeArgs {
     /// How many history entries `/history` shows (older ones stay on disk until deleted).
     #[arg(long, value_name = "N", default_value_t = 10000)]
     pub history_size: usize,
+    /// Require this API key on every request (repeatable; `@FILE` reads one key per line).
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Vec<String>,
+    /// Allow listening on a non-loopback address without an API key.
+    #[arg(long)]
+    pub allow_unauthenticated: bool,
+    /// Send CORS headers for ORIGIN (bare flag: `*`) instead of checking the Origin header.
+    #[arg(long, value_name = "ORIGIN", num_args = 0..=1, default_missing_value = "*")]
+    pub enable_cors_header: Option<String>,
+    /// The largest request body, in MB.
+    #[arg(long, value_name = "MB")]
+    pub max_upload_size: Option<f64>,
     #[command(flatten)]
     pub execution: ExecutionArgs,
 }

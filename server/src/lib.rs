@@ -3,13 +3,15 @@
 //! - [`cli`]: arguments; [`setup`]: directories, services, cache mode; [`run`]: `easel run`;
 //! - [`serve`]: `easel serve`; [`api`]: the HTTP routes; [`ws`]: the WebSocket;
 //! - [`state`]: what the routes share; [`queue`]: prompts waiting; [`store`]: queue and history on disk;
-//! - [`worker`]: executes queued prompts; [`hub`]: delivers messages to WebSocket clients.
+//! - [`worker`]: executes queued prompts; [`hub`]: delivers messages to WebSocket clients;
+//! - [`security`]: API keys, the origin check and CORS.
 
 pub mod api;
 pub mod cli;
 pub mod hub;
 pub mod queue;
 pub mod run;
+pub mod security;
 pub mod serve;
 pub mod setup;
 pub mod state;

@@ -8,13 +8,50 @@ use crate::store::Store;
 use anyhow::Context;
 use std::process::ExitCode;
 
+/// Server settings from the command line; `--api-key @FILE` reads keys one per line.
+fn settings(args: &ServeArgs) -> anyhow::Result<ServerSettings> {
+    let mut api_keys = Vec::new();
+    for key in &args.api_key {
+        match key.strip_prefix('@') {
+            Some(file) => {
+                let text =
+                    std::fs::read_to_string(file).with_context(|| format!("cannot read API keys from {file}"))?;
+                api_keys.extend(text.lines().map(str::trim).filter(|k| !k.is_empty()).map(String::from));
+            }
+            None => api_keys.push(key.clone()),
+        }
+    }
+    let mut settings = ServerSettings {
+        api_keys,
+        cors_origin: args.enable_cors_header.clone(),
+        ..Default::default()
+    };
+    if let Some(megabytes) = args.max_upload_size {
+        let bytes = megabytes * 1024.0 * 1024.0;
+        settings.max_upload_size = bytes.round() as usize;
+        settings.max_upload_size_json = serde_json::json!(bytes);
+    }
+    Ok(settings)
+}
+
 /// Serves until interrupted (Ctrl-C).
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let runtime = setup::runtime(&args.execution)?;
     let database = setup::database_path(args.database_url.as_deref(), &runtime)?;
     let store = Store::open(&database, args.history_size)
         .with_context(|| format!("cannot open the database {}", database.display()))?;
-    let state = AppState::start(runtime, ServerSettings::default(), store)?;
+    let settings = settings(&args)?;
+    let loopback = args
+        .listen
+        .parse::<std::net::IpAddr>()
+        .map_or(args.listen == "localhost", |ip| ip.is_loopback());
+    if !loopback && settings.api_keys.is_empty() && !args.allow_unauthenticated {
+        anyhow::bail!(
+            "refusing to listen on {} without an API key: pass --api-key KEY, or --allow-unauthenticated",
+            args.listen
+        );
+    }
+    let state = AppState::start(runtime, settings, store)?;
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     tokio.block_on(async move {
         let address = format!("{}:{}", args.listen, args.port);

@@ -12,14 +12,23 @@ use std::sync::{Arc, Mutex};
 /// Server-wide settings from the command line.
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
-    /// `--max-upload-size` in bytes (the `features` value keeps ComfyUI's int/float distinction).
-    pub max_upload_size: Json,
+    /// The request body limit in bytes (`--max-upload-size`, in MB on the command line).
+    pub max_upload_size: usize,
+    /// The limit as `/features` shows it: ComfyUI's default prints an int, a user value a float.
+    pub max_upload_size_json: Json,
+    /// `--api-key`: with any, every route needs one.
+    pub api_keys: Vec<String>,
+    /// `--enable-cors-header`: the allowed origin (CORS headers replace the origin check).
+    pub cors_origin: Option<String>,
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
-            max_upload_size: json!(100 * 1024 * 1024),
+            max_upload_size: 100 * 1024 * 1024,
+            max_upload_size_json: json!(100 * 1024 * 1024),
+            api_keys: Vec::new(),
+            cors_origin: None,
         }
     }
 }
@@ -120,7 +129,7 @@ impl Shared {
 
     /// `/features`, also the WebSocket `feature_flags` reply.
     pub fn features(&self) -> Json {
-        json!({"supports_preview_metadata": true, "max_upload_size": self.settings.max_upload_size})
+        json!({"supports_preview_metadata": true, "max_upload_size": self.settings.max_upload_size_json})
     }
 
     pub fn executing_node(&self) -> Option<String> {

@@ -113,3 +113,19 @@ fn an_invalid_workflow_exits_2_with_comfyui_error_json() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not JSON"));
 }
+
+#[test]
+fn serving_beyond_loopback_needs_a_key() {
+    let base = tempfile::tempdir().unwrap();
+    let out = easel(&[
+        "serve",
+        "--listen",
+        "0.0.0.0",
+        "--port",
+        "0",
+        "--base-directory",
+        base.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to listen on 0.0.0.0 without an API key"));
+}

@@ -7,9 +7,12 @@ mod info;
 mod prompt;
 mod queue;
 
+use crate::security;
 use crate::state::AppState;
 use crate::store::StoreError;
+use axum::extract::DefaultBodyLimit;
 use axum::http::{header, StatusCode};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -17,7 +20,7 @@ use easel_engine::pyjson::dumps;
 use easel_engine::ValidationFailure;
 use serde_json::{json, Value as Json};
 
-/// Every route, plain and under `/api`, and the WebSocket.
+/// Every route, plain and under `/api`, and the WebSocket, behind the API-key and origin checks.
 pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .merge(prompt::routes())
@@ -26,9 +29,13 @@ pub fn router(state: AppState) -> Router {
         .merge(files::routes())
         .merge(info::routes())
         .route("/ws", get(crate::ws::websocket));
+    let limit = state.settings.max_upload_size;
     Router::new()
         .merge(routes.clone())
         .nest("/api", routes)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), security::check_origin))
+        .layer(middleware::from_fn_with_state(state.clone(), security::require_key))
         .with_state(state)
 }
 

@@ -31,13 +31,18 @@ pub fn workspace() -> PathBuf {
 
 /// Starts a server with the bundled input files, on its own runtime thread.
 pub fn start() -> Server {
+    start_with(ServerSettings::default())
+}
+
+/// As [`start`], with these settings (API keys, CORS, limits).
+pub fn start_with(settings: ServerSettings) -> Server {
     let base = tempfile::tempdir().expect("temp dir");
     let mut args = ExecutionArgs::default();
     args.directories.base_directory = base.path().to_path_buf();
     args.directories.input_directory = Some(workspace().join("workflows/input"));
     let runtime = easel_server::setup::runtime(&args).expect("runtime");
     let store = Store::open(&base.path().join("user/easel.db"), 10000).expect("database");
-    let state = AppState::start(runtime, ServerSettings::default(), store).expect("state");
+    let state = AppState::start(runtime, settings, store).expect("state");
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let tokio = tokio::runtime::Builder::new_multi_thread()
