@@ -1,6 +1,7 @@
 //! Starting a server in-process on a free loopback port, and small HTTP helpers.
 #![allow(dead_code)]
 
+use easel_engine::NodeRegistry;
 use easel_server::api::router;
 use easel_server::cli::ExecutionArgs;
 use easel_server::state::{AppState, ServerSettings};
@@ -36,11 +37,23 @@ pub fn start() -> Server {
 
 /// As [`start`], with these settings (API keys, CORS, limits).
 pub fn start_with(settings: ServerSettings) -> Server {
+    start_custom(settings, None)
+}
+
+/// As [`start`], with another node registry.
+pub fn start_with_registry(registry: NodeRegistry) -> Server {
+    start_custom(ServerSettings::default(), Some(registry))
+}
+
+fn start_custom(settings: ServerSettings, registry: Option<NodeRegistry>) -> Server {
     let base = tempfile::tempdir().expect("temp dir");
     let mut args = ExecutionArgs::default();
     args.directories.base_directory = base.path().to_path_buf();
     args.directories.input_directory = Some(workspace().join("workflows/input"));
-    let runtime = easel_server::setup::runtime(&args).expect("runtime");
+    let mut runtime = easel_server::setup::runtime(&args).expect("runtime");
+    if let Some(registry) = registry {
+        runtime.registry = std::sync::Arc::new(registry);
+    }
     let store = Store::open(&base.path().join("user/easel.db"), 10000).expect("database");
     let state = AppState::start(runtime, settings, store).expect("state");
     let (sender, receiver) = std::sync::mpsc::channel();
