@@ -374,3 +374,54 @@ async fn save_image_websocket_sends_png_frames_in_comfyui_order() {
     );
     assert!(image::load_from_memory(&frame[8 + length..]).is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_clients_each_receive_exactly_their_own_messages() {
+    let server = start();
+    let mut tasks = Vec::new();
+    for index in 0..50u32 {
+        let api = server.api.clone();
+        tasks.push(tokio::spawn(async move {
+            let sid = format!("client-{index}");
+            let mut socket = connect_async(api.ws_url(&format!("/ws?clientId={sid}")))
+                .await
+                .unwrap()
+                .0;
+            next_text(&mut socket).await;
+            let prompt = json!({
+                "1": {"class_type": "EmptyImage", "inputs": {"width": 4, "height": 4, "batch_size": 1, "color": index}},
+                "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}
+            });
+            let response = post_async(&api, json!({"prompt": prompt, "client_id": sid})).await;
+            let prompt_id = response["prompt_id"].as_str().unwrap().to_string();
+            let mut messages = Vec::new();
+            loop {
+                let (_, message) = next_text(&mut socket).await;
+                let mine_done = message["type"] == "executing"
+                    && message["data"]["node"].is_null()
+                    && message["data"]["prompt_id"] == prompt_id.as_str();
+                messages.push(message);
+                if mine_done {
+                    break;
+                }
+            }
+            (prompt_id, messages)
+        }));
+    }
+    for task in tasks {
+        let (prompt_id, messages) = task.await.unwrap();
+        for message in &messages {
+            if message["type"] == "status" {
+                continue;
+            }
+            assert_eq!(message["data"]["prompt_id"], prompt_id.as_str(), "{message}");
+        }
+        let kinds: Vec<&str> = messages
+            .iter()
+            .map(|m| m["type"].as_str().unwrap())
+            .filter(|k| *k != "status")
+            .collect();
+        assert_eq!(kinds.first(), Some(&"execution_start"));
+        assert!(kinds.contains(&"executed") && kinds.contains(&"execution_success"));
+    }
+}
