@@ -157,3 +157,103 @@ pub fn encode_png(
 fn png_error(error: png::EncodingError) -> NodeError {
     NodeError::typed("OSError", format!("PNG encoding failed: {error}"))
 }
+
+/// The `tEXt`/`iTXt` chunks of a PNG, as (keyword, text) pairs (empty for other formats).
+pub fn png_text_chunks(bytes: &[u8]) -> Vec<(String, String)> {
+    let Ok(reader) = png::Decoder::new(Cursor::new(bytes)).read_info() else {
+        return Vec::new();
+    };
+    let info = reader.info();
+    let latin1 = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()));
+    let utf8 = info
+        .utf8_text
+        .iter()
+        .filter_map(|t| t.get_text().ok().map(|text| (t.keyword.clone(), text)));
+    latin1.chain(utf8).collect()
+}
+
+fn decode(bytes: &[u8]) -> Result<DynamicImage, NodeError> {
+    ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| NodeError::value(format!("unreadable image: {e}")))?
+        .decode()
+        .map_err(|e| NodeError::value(format!("unreadable image: {e}")))
+}
+
+/// ComfyUI's `/upload/mask`: the original's RGB with the mask's alpha, as PNG, keeping the
+/// original's text chunks.
+pub fn replace_alpha(original: &[u8], mask: &[u8]) -> Result<Vec<u8>, NodeError> {
+    let text = png_text_chunks(original);
+    let mut image = decode(original)?.to_rgba8();
+    let alpha = decode(mask)?.to_rgba8();
+    if image.dimensions() != alpha.dimensions() {
+        return Err(NodeError::value(format!(
+            "the mask is {:?} but the image is {:?}",
+            alpha.dimensions(),
+            image.dimensions()
+        )));
+    }
+    for (pixel, mask_pixel) in image.pixels_mut().zip(alpha.pixels()) {
+        pixel.0[3] = mask_pixel.0[3];
+    }
+    let (w, h) = image.dimensions();
+    encode_png(
+        image.as_raw(),
+        w as usize,
+        h as usize,
+        4,
+        &text,
+        PngCompression::Balanced,
+    )
+}
+
+/// What `/view` sends for `channel`: `rgb` (a PNG without alpha) or `a` (an RGBA PNG whose colour
+/// is black and whose alpha is the file's, 255 where it has none).
+pub fn view_channel(bytes: &[u8], channel: &str) -> Result<Vec<u8>, NodeError> {
+    let image = decode(bytes)?;
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    match channel {
+        "rgb" => encode_png(image.to_rgb8().as_raw(), w, h, 3, &[], PngCompression::Fast),
+        _ => {
+            let mut rgba = image.to_rgba8();
+            for pixel in rgba.pixels_mut() {
+                pixel.0 = [0, 0, 0, pixel.0[3]];
+            }
+            encode_png(rgba.as_raw(), w, h, 4, &[], PngCompression::Fast)
+        }
+    }
+}
+
+/// `/view?preview=jpeg;Q` or `webp`: the image re-encoded (JPEG at quality Q, or lossless WebP),
+/// with its MIME type. `rgb_only` drops alpha first.
+pub fn view_preview(
+    bytes: &[u8],
+    jpeg_quality: Option<u8>,
+    rgb_only: bool,
+) -> Result<(Vec<u8>, &'static str), NodeError> {
+    let image = decode(bytes)?;
+    let mut out = Vec::new();
+    let encode_error = |e: image::ImageError| NodeError::new(format!("cannot encode the preview: {e}"));
+    match jpeg_quality {
+        Some(quality) => {
+            let rgb = DynamicImage::ImageRgb8(image.to_rgb8());
+            let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100));
+            rgb.write_with_encoder(encoder).map_err(encode_error)?;
+            Ok((out, "image/jpeg"))
+        }
+        None => {
+            let image = if rgb_only {
+                DynamicImage::ImageRgb8(image.to_rgb8())
+            } else {
+                DynamicImage::ImageRgba8(image.to_rgba8())
+            };
+            image
+                .write_with_encoder(image::codecs::webp::WebPEncoder::new_lossless(&mut out))
+                .map_err(encode_error)?;
+            Ok((out, "image/webp"))
+        }
+    }
+}

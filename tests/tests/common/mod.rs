@@ -49,7 +49,13 @@ fn start_custom(settings: ServerSettings, registry: Option<NodeRegistry>) -> Ser
     let base = tempfile::tempdir().expect("temp dir");
     let mut args = ExecutionArgs::default();
     args.directories.base_directory = base.path().to_path_buf();
-    args.directories.input_directory = Some(workspace().join("workflows/input"));
+    // A copy of the bundled inputs: uploads must not touch the checkout.
+    let input = base.path().join("input");
+    std::fs::create_dir_all(&input).expect("input dir");
+    for entry in std::fs::read_dir(workspace().join("workflows/input")).expect("bundled inputs") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), input.join(entry.file_name())).expect("copy input");
+    }
     let mut runtime = easel_server::setup::runtime(&args).expect("runtime");
     if let Some(registry) = registry {
         runtime.registry = std::sync::Arc::new(registry);
