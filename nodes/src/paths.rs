@@ -266,6 +266,14 @@ impl Paths {
         self.folders.keys().map(String::as_str)
     }
 
+    /// The directories of a model folder, as strings (`/internal/folder_paths`).
+    pub fn folder_dirs(&self, folder: &str) -> Vec<String> {
+        self.folders
+            .get(canonical_folder(folder))
+            .map(|f| f.dirs.iter().map(|d| d.to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+
     /// `folder_paths.get_filename_list`: relative paths (with `/`) of matching files under every
     /// directory of `folder`, recursively, sorted and de-duplicated.
     pub fn filename_list(&self, folder: &str) -> Vec<String> {

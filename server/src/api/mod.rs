@@ -6,6 +6,7 @@ mod history;
 mod info;
 mod prompt;
 mod queue;
+mod user;
 
 use crate::security;
 use crate::state::AppState;
@@ -28,11 +29,13 @@ pub fn router(state: AppState) -> Router {
         .merge(history::routes())
         .merge(files::routes())
         .merge(info::routes())
+        .merge(user::routes())
         .route("/ws", get(crate::ws::websocket));
     let limit = state.settings.max_upload_size;
     Router::new()
         .merge(routes.clone())
         .nest("/api", routes)
+        .merge(user::internal_routes())
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), security::check_origin))
         .layer(middleware::from_fn_with_state(state.clone(), security::require_key))

@@ -1,0 +1,106 @@
+//! The requests the official frontend (1.27.10) makes at start-up (protocol §8.1), and the user data
+//! and settings routes behind them.
+
+mod common;
+
+use common::start;
+use serde_json::{json, Value as Json};
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+}
+
+#[test]
+fn the_frontend_start_up_sequence_is_answered() {
+    let server = start();
+    let api = &server.api;
+    assert_eq!(
+        api.get_json("/api/users"),
+        json!({"storage": "server", "migrated": false})
+    );
+    assert_eq!(api.get_json("/api/i18n"), json!({}));
+    assert_eq!(api.get_json("/api/settings"), json!({}));
+    assert_eq!(api.post("/api/settings/Comfy.InstalledVersion", "\"1.27.10\"").0, 200);
+    assert_eq!(api.get_json("/api/settings/Comfy.InstalledVersion"), json!("1.27.10"));
+    assert_eq!(
+        api.get_json("/api/users"),
+        json!({"storage": "server", "migrated": true})
+    );
+    assert_eq!(api.post("/api/settings", r#"{"Comfy.TutorialCompleted": true}"#).0, 200);
+    assert_eq!(
+        api.get_json("/api/settings"),
+        json!({"Comfy.InstalledVersion": "1.27.10", "Comfy.TutorialCompleted": true})
+    );
+    assert_eq!(
+        api.get("/api/userdata?dir=workflows&recurse=true&split=false&full_info=true")
+            .0,
+        404
+    );
+    assert_eq!(api.get("/api/userdata/comfy.templates.json").0, 404);
+    assert_eq!(api.get_json("/api/workflow_templates"), json!({}));
+    let models = api.get_json("/api/experiment/models");
+    assert_eq!(models[0]["name"], "checkpoints");
+    assert!(!models.as_array().unwrap().iter().any(|m| m["name"] == "configs"));
+    assert_eq!(api.get_json("/internal/files/input"), json!(["example.png"]));
+    assert_eq!(api.get("/internal/files/bogus").0, 400);
+    assert_eq!(api.get("/api/internal/folder_paths").0, 404);
+    assert!(api.get_json("/internal/folder_paths")["checkpoints"][0]
+        .as_str()
+        .unwrap()
+        .ends_with("models/checkpoints"));
+}
+
+#[test]
+fn user_data_files_are_written_listed_moved_and_deleted() {
+    let server = start();
+    let api = &server.api;
+    let (status, _, text) = api.post("/api/userdata/workflows%2Fa.json", r#"{"nodes": []}"#);
+    assert_eq!((status, text.as_str()), (200, "\"workflows/a.json\""));
+    let (status, _, text) = api.post("/api/userdata/workflows%2Fa.json?overwrite=false", "{}");
+    assert_eq!((status, text.as_str()), (409, "File already exists"));
+    api.post("/api/userdata/workflows%2Fsub%2Fb.json?full_info=true", "{}");
+
+    let mut listed: Vec<Json> = api
+        .get_json("/api/userdata?dir=workflows&recurse=true")
+        .as_array()
+        .unwrap()
+        .clone();
+    listed.sort_by_key(|v| v.to_string());
+    assert_eq!(listed, [json!("a.json"), json!("sub/b.json")]);
+    assert_eq!(api.get_json("/api/userdata?dir=workflows"), json!(["a.json"]));
+    let split = api.get_json("/api/userdata?dir=workflows/sub&split=true");
+    assert_eq!(split, json!([["b.json", "b.json"]]));
+    let full = api.get_json("/api/userdata?dir=workflows&full_info=true");
+    assert_eq!(full[0]["size"], 13);
+    let v2 = api.get_json("/api/v2/userdata");
+    let names: Vec<&str> = v2
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    // Directories first, then by lower-cased name (not path), as ComfyUI sorts.
+    assert_eq!(
+        names,
+        ["workflows/sub", "workflows", "workflows/a.json", "workflows/sub/b.json"]
+    );
+
+    let (status, _, body) = api.get("/api/userdata/workflows%2Fa.json");
+    assert_eq!((status, body.as_slice()), (200, br#"{"nodes": []}"#.as_slice()));
+    let moved = agent()
+        .post(format!(
+            "{}/api/userdata/workflows%2Fa.json/move/workflows%2Fc.json",
+            api.url
+        ))
+        .send_empty()
+        .unwrap();
+    assert_eq!(moved.status().as_u16(), 200);
+    assert_eq!(api.get("/api/userdata/workflows%2Fa.json").0, 404);
+    let deleted = agent()
+        .delete(format!("{}/api/userdata/workflows%2Fc.json", api.url))
+        .call()
+        .unwrap();
+    assert_eq!(deleted.status().as_u16(), 204);
+    assert_eq!(api.get("/api/userdata/..%2F..%2Fsecret").0, 403);
+    assert_eq!(api.get("/api/userdata?dir=..").0, 403);
+}
