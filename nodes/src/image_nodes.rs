@@ -248,13 +248,15 @@ pub fn save_target(prefix: &str, output_dir: &Path, width: usize, height: usize)
         Ok(entries) => entries
             .flatten()
             .filter_map(|entry| {
-                let name: Vec<char> = entry.file_name().to_string_lossy().chars().collect();
-                let head: String = name.iter().take(prefix_len + 1).collect();
-                let (stem, last) = (head.get(..head.len().saturating_sub(1))?, head.chars().last()?);
-                if stem != filename || last != '_' {
+                let name = entry.file_name();
+                let name = name.to_str()?;
+                // The first `prefix_len` characters must be the file name, followed by `_`.
+                let split = name.char_indices().nth(prefix_len).map(|(at, _)| at)?;
+                let (stem, rest) = name.split_at(split);
+                let tail = rest.strip_prefix('_')?;
+                if stem != filename {
                     return None;
                 }
-                let tail: String = name.iter().skip(prefix_len + 1).collect();
                 Some(
                     tail.split('_')
                         .next()

@@ -24,6 +24,27 @@ pub enum Command {
     Serve(ServeArgs),
     /// Execute an API-format workflow without a server; prints the history `outputs` JSON last.
     Run(RunArgs),
+    /// Measure the server (`easel bench server`) and print a table.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum)]
+    pub target: BenchTarget,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Requests per measurement.
+    #[arg(long, default_value_t = 6400)]
+    pub requests: usize,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum BenchTarget {
+    /// The HTTP API on loopback.
+    Server,
 }
 
 /// Where things live: ComfyUI's directory flags.

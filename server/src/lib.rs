@@ -1,12 +1,14 @@
 //! The `easel` binary's pieces, as a library so end-to-end tests can start the server in-process.
 //!
 //! - [`cli`]: arguments; [`setup`]: directories, services, cache mode; [`run`]: `easel run`;
+//! - [`bench`]: `easel bench server`;
 //! - [`serve`]: `easel serve`; [`api`]: the HTTP routes; [`ws`]: the WebSocket;
 //! - [`state`]: what the routes share; [`queue`]: prompts waiting; [`store`]: queue and history on disk;
 //! - [`worker`]: executes queued prompts; [`hub`]: delivers messages to WebSocket clients;
 //! - [`security`]: API keys, the origin check and CORS.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod hub;
 pub mod queue;

@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use easel_server::cli::{Cli, Command};
-use easel_server::{run, serve};
+use easel_server::{bench, run, serve};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -15,6 +15,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Run(args)) => run::run(args),
         Some(Command::Serve(args)) => serve::serve(args),
+        Some(Command::Bench(args)) => bench::bench(args),
         None => serve::serve(cli.serve),
     };
     match result {

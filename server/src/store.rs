@@ -63,8 +63,7 @@ CREATE TABLE IF NOT EXISTS queue (
     outputs_to_execute TEXT NOT NULL,
     node_errors TEXT NOT NULL,
     running INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    seq INTEGER NOT NULL
+    attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS history (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -95,18 +94,26 @@ impl Store {
     }
 
     pub fn enqueue(&self, prompt: &StoredPrompt) -> Result<(), StoreError> {
+        // Serialise before taking the connection: the lock is shared with the worker.
+        let values = (
+            serde_json::to_string(&prompt.number_json)?,
+            serde_json::to_string(&prompt.prompt)?,
+            serde_json::to_string(&prompt.extra_data)?,
+            serde_json::to_string(&prompt.outputs_to_execute)?,
+            serde_json::to_string(&prompt.node_errors)?,
+        );
         self.connection().execute(
             "INSERT OR REPLACE INTO queue
-             (prompt_id, number, number_json, prompt, extra_data, outputs_to_execute, node_errors, seq)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, (SELECT COALESCE(MAX(seq), 0) + 1 FROM queue))",
+             (prompt_id, number, number_json, prompt, extra_data, outputs_to_execute, node_errors)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 prompt.prompt_id,
                 prompt.number,
-                serde_json::to_string(&prompt.number_json)?,
-                serde_json::to_string(&prompt.prompt)?,
-                serde_json::to_string(&prompt.extra_data)?,
-                serde_json::to_string(&prompt.outputs_to_execute)?,
-                serde_json::to_string(&prompt.node_errors)?,
+                values.0,
+                values.1,
+                values.2,
+                values.3,
+                values.4
             ],
         )?;
         Ok(())
@@ -122,13 +129,14 @@ impl Store {
 
     /// Replaces the queued prompt by its history entry, atomically.
     pub fn complete(&self, prompt_id: &str, entry: &Json) -> Result<(), StoreError> {
+        let entry = serde_json::to_string(entry)?;
         let mut connection = self.connection();
         let transaction = connection.transaction()?;
         transaction.execute("DELETE FROM queue WHERE prompt_id = ?1", params![prompt_id])?;
         transaction.execute("DELETE FROM history WHERE prompt_id = ?1", params![prompt_id])?;
         transaction.execute(
             "INSERT INTO history (prompt_id, entry) VALUES (?1, ?2)",
-            params![prompt_id, serde_json::to_string(entry)?],
+            params![prompt_id, entry],
         )?;
         transaction.commit()?;
         Ok(())
@@ -156,7 +164,7 @@ impl Store {
             let connection = self.connection();
             let mut statement = connection.prepare(
                 "SELECT prompt_id, number, number_json, prompt, extra_data, outputs_to_execute, node_errors,
-                        running, attempts FROM queue ORDER BY seq",
+                        running, attempts FROM queue ORDER BY rowid",
             )?;
             let rows = statement.query_map([], |row| {
                 Ok((

@@ -20,8 +20,16 @@ async fn status(State(state): State<AppState>) -> Response {
     json_response(&json!({"exec_info": {"queue_remaining": state.queue.remaining()}}))
 }
 
+/// Validation and the store write block, so they run off the async workers.
 async fn queue_prompt(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let request = parse_body(&body)?;
+    tokio::task::spawn_blocking(move || accept_prompt(&state, &body))
+        .await
+        .map_err(|_| ApiError::Malformed)?
+}
+
+/// ComfyUI's `post_prompt`: number, id, validation, then the prompt is stored and queued.
+fn accept_prompt(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
+    let request = parse_body(body)?;
     let (number, number_json) = match request.get("number") {
         Some(value) => {
             let number = match value {
