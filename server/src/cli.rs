@@ -16,6 +16,9 @@ pub struct Cli {
     /// `easel` alone is `easel serve`.
     #[command(flatten)]
     pub serve: ServeArgs,
+    /// Log level (error, warn, info, debug, trace); the bare flag means debug. `RUST_LOG` overrides.
+    #[arg(long, global = true, value_name = "LEVEL", num_args = 0..=1, default_missing_value = "debug")]
+    pub verbose: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -124,6 +127,12 @@ pub struct ServeArgs {
     /// The largest request body, in MB.
     #[arg(long, value_name = "MB")]
     pub max_upload_size: Option<f64>,
+    /// Serve this directory as the web root (a built ComfyUI frontend).
+    #[arg(long, value_name = "DIR")]
+    pub front_end_root: Option<std::path::PathBuf>,
+    /// Do not print the address the server listens on.
+    #[arg(long)]
+    pub dont_print_server: bool,
     #[command(flatten)]
     pub execution: ExecutionArgs,
 }

@@ -7,11 +7,12 @@ use easel_server::{bench, run, serve};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = cli.verbose.clone().unwrap_or_else(|| "info".into()).to_lowercase();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Run(args)) => run::run(args),
         Some(Command::Serve(args)) => serve::serve(args),

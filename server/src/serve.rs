@@ -1,6 +1,6 @@
 //! `easel serve`: binds the address and serves the API until interrupted.
 
-use crate::api::router;
+use crate::api::router_with_web_root;
 use crate::cli::ServeArgs;
 use crate::setup;
 use crate::state::{AppState, ServerSettings};
@@ -56,9 +56,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     tokio.block_on(async move {
         let address = format!("{}:{}", args.listen, args.port);
         let listener = tokio::net::TcpListener::bind(&address).await?;
-        tracing::info!("Starting server");
-        tracing::info!("To see the GUI go to: http://{address}");
-        axum::serve(listener, router(state))
+        if !args.dont_print_server {
+            tracing::info!("Starting server");
+            tracing::info!("To see the GUI go to: http://{address}");
+        }
+        axum::serve(listener, router_with_web_root(state, args.front_end_root.as_deref()))
             .with_graceful_shutdown(async {
                 // Without a signal handler there is nothing to wait for: serve until killed.
                 if tokio::signal::ctrl_c().await.is_err() {

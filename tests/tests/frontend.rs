@@ -104,3 +104,54 @@ fn user_data_files_are_written_listed_moved_and_deleted() {
     assert_eq!(api.get("/api/userdata/..%2F..%2Fsecret").0, 403);
     assert_eq!(api.get("/api/userdata?dir=..").0, 403);
 }
+
+#[test]
+fn a_frontend_directory_is_served_behind_the_same_key() {
+    let web = tempfile::tempdir().unwrap();
+    std::fs::write(web.path().join("index.html"), "<html>easel</html>").unwrap();
+    std::fs::create_dir_all(web.path().join("assets")).unwrap();
+    std::fs::write(web.path().join("assets/app.js"), "console.log(1)").unwrap();
+    let settings = easel_server::state::ServerSettings {
+        api_keys: vec!["k".into()],
+        ..Default::default()
+    };
+    let server = common::start_with_web_root(settings, web.path().to_path_buf());
+    let url = &server.api.url;
+    assert_eq!(agent().get(format!("{url}/")).call().unwrap().status().as_u16(), 401);
+    let mut index = agent().get(format!("{url}/")).header("X-API-KEY", "k").call().unwrap();
+    assert_eq!(index.headers().get("cache-control").unwrap(), "no-cache");
+    assert_eq!(index.body_mut().read_to_string().unwrap(), "<html>easel</html>");
+    let script = agent()
+        .get(format!("{url}/assets/app.js"))
+        .header("X-API-KEY", "k")
+        .call()
+        .unwrap();
+    assert_eq!(script.status().as_u16(), 200);
+    let api = agent()
+        .get(format!("{url}/api/queue"))
+        .header("X-API-KEY", "k")
+        .call()
+        .unwrap();
+    assert_eq!(api.status().as_u16(), 200);
+}
+
+#[test]
+fn safetensors_metadata_is_shown() {
+    let server = start();
+    let header = br#"{"__metadata__": {"format": "pt", "ss_name": "lora"}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}"#;
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header);
+    file.extend_from_slice(&[0, 0, 0, 0]);
+    std::fs::write(server.base.path().join("models/loras/style.safetensors"), &file).unwrap();
+    assert_eq!(
+        server
+            .api
+            .get_json("/api/view_metadata/loras?filename=style.safetensors"),
+        json!({"format": "pt", "ss_name": "lora"})
+    );
+    assert_eq!(server.api.get("/view_metadata/loras?filename=style.ckpt").0, 404);
+    assert_eq!(
+        server.api.get("/view_metadata/loras?filename=missing.safetensors").0,
+        404
+    );
+}

@@ -425,3 +425,47 @@ async fn fifty_concurrent_clients_each_receive_exactly_their_own_messages() {
         assert!(kinds.contains(&"executed") && kinds.contains(&"execution_success"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconnecting_client_keeps_its_messages_and_a_silent_one_stalls_nothing() {
+    let server = start();
+    // A client that never reads its socket: its prompts still run to the end.
+    let _silent = connect(&server, "?clientId=silent").await;
+    let response = post_async(
+        &server.api,
+        json!({"prompt": slow_prompt_small(), "client_id": "silent"}),
+    )
+    .await;
+    let prompt_id = response["prompt_id"].as_str().unwrap().to_string();
+    let api = server.api.clone();
+    let entry = tokio::task::spawn_blocking(move || api.wait_for_history(&prompt_id))
+        .await
+        .unwrap();
+    assert_eq!(entry["status"]["status_str"], "success");
+
+    // The same clientId on a new socket replaces the old one; closing the old one later does not
+    // unregister the new one.
+    let old = connect(&server, "?clientId=again").await;
+    let mut new = connect(&server, "?clientId=again").await;
+    next_text(&mut new).await;
+    drop(old);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let response = post_async(
+        &server.api,
+        json!({"prompt": slow_prompt_small(), "client_id": "again"}),
+    )
+    .await;
+    let messages = until_done(&mut new).await;
+    assert!(messages
+        .iter()
+        .any(|m| m["type"] == "execution_success" && m["data"]["prompt_id"] == response["prompt_id"]));
+}
+
+fn slow_prompt_small() -> Json {
+    json!({
+        "1": {"class_type": "SolidMask", "inputs": {"value": 0.25, "width": 64, "height": 64}},
+        "2": {"class_type": "GrowMask", "inputs": {"mask": ["1", 0], "expand": 3, "tapered_corners": true}},
+        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}
+    })
+}

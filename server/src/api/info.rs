@@ -3,12 +3,13 @@
 
 use super::{json_response, ApiError};
 use crate::state::AppState;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use easel_nodes::paths::Paths;
 use serde_json::{json, Map, Value as Json};
+use std::collections::HashMap;
 
 /// The ComfyUI release whose API Easel speaks, and the frontend it pins.
 const COMFYUI_VERSION: &str = "0.3.64";
@@ -25,6 +26,7 @@ pub fn routes() -> Router<AppState> {
         .route("/models/{folder}", get(model_files))
         .route("/system_stats", get(system_stats))
         .route("/features", get(features))
+        .route("/view_metadata/{folder_name}", get(view_metadata))
 }
 
 fn paths(state: &AppState) -> Result<&Paths, ApiError> {
@@ -112,4 +114,38 @@ async fn system_stats() -> Response {
 
 async fn features(State(state): State<AppState>) -> Response {
     json_response(&state.features())
+}
+
+/// The `__metadata__` of a `.safetensors` model file (404 when there is none, or the header is over
+/// 1 MiB).
+async fn view_metadata(
+    State(state): State<AppState>,
+    Path(folder): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let filename = query
+        .get("filename")
+        .filter(|f| f.ends_with(".safetensors"))
+        .ok_or(ApiError::NotFound)?;
+    let file = paths(&state)?.full_path(&folder, filename).ok_or(ApiError::NotFound)?;
+    let metadata = tokio::task::spawn_blocking(move || safetensors_metadata(&file))
+        .await
+        .map_err(|_| ApiError::NotFound)?
+        .ok_or(ApiError::NotFound)?;
+    Ok(json_response(&metadata))
+}
+
+fn safetensors_metadata(file: &std::path::Path) -> Option<Json> {
+    use std::io::Read;
+    let mut reader = std::fs::File::open(file).ok()?;
+    let mut length = [0u8; 8];
+    reader.read_exact(&mut length).ok()?;
+    let length = u64::from_le_bytes(length);
+    if length > 1024 * 1024 {
+        return None;
+    }
+    let mut header = vec![0u8; length as usize];
+    reader.read_exact(&mut header).ok()?;
+    let header: Json = serde_json::from_slice(&header).ok()?;
+    header.get("__metadata__").cloned()
 }

@@ -20,9 +20,17 @@ use axum::Router;
 use easel_engine::pyjson::dumps;
 use easel_engine::ValidationFailure;
 use serde_json::{json, Value as Json};
+use tower_http::services::{ServeDir, ServeFile};
+use tower_http::set_header::SetResponseHeaderLayer;
 
 /// Every route, plain and under `/api`, and the WebSocket, behind the API-key and origin checks.
 pub fn router(state: AppState) -> Router {
+    router_with_web_root(state, None)
+}
+
+/// [`router`], also serving a built frontend from `web_root` (`/` is its `index.html`, not
+/// cached), behind the same checks.
+pub fn router_with_web_root(state: AppState, web_root: Option<&std::path::Path>) -> Router {
     let routes = Router::new()
         .merge(prompt::routes())
         .merge(queue::routes())
@@ -32,11 +40,20 @@ pub fn router(state: AppState) -> Router {
         .merge(user::routes())
         .route("/ws", get(crate::ws::websocket));
     let limit = state.settings.max_upload_size;
-    Router::new()
+    let mut app = Router::new()
         .merge(routes.clone())
         .nest("/api", routes)
-        .merge(user::internal_routes())
-        .layer(DefaultBodyLimit::max(limit))
+        .merge(user::internal_routes());
+    if let Some(root) = web_root {
+        let index = Router::new()
+            .route_service("/", ServeFile::new(root.join("index.html")))
+            .layer(SetResponseHeaderLayer::overriding(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-cache"),
+            ));
+        app = app.merge(index).fallback_service(ServeDir::new(root));
+    }
+    app.layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), security::check_origin))
         .layer(middleware::from_fn_with_state(state.clone(), security::require_key))
         .with_state(state)
