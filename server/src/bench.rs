@@ -1,5 +1,6 @@
-//! `easel bench server`: the HTTP API under load on loopback. 64 clients post prompts (latency
-//! p50/p99 of `POST /prompt`), then fetch history entries and images (requests per second).
+//! `easel bench server`: the HTTP API under load on loopback. 64 concurrent clients (async tasks
+//! on their own runtime) post prompts (latency p50/p99 of `POST /prompt`), then fetch history
+//! entries and images.
 
 use crate::api::router;
 use crate::cli::{BenchArgs, ExecutionArgs};
@@ -7,7 +8,13 @@ use crate::setup;
 use crate::state::{AppState, ServerSettings};
 use crate::store::Store;
 use anyhow::Context;
+use axum::body::Bytes;
 use easel_nodes::image_io::PngCompression;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value as Json};
 use std::time::{Duration, Instant};
 
@@ -37,110 +44,123 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
 
     println!("| measurement | clients | requests | p50 (ms) | p99 (ms) | requests/s |");
     println!("|---|---:|---:|---:|---:|---:|");
-    // Cheap to execute and writes nothing, so the worker barely competes with the clients.
-    let prompt = |client: usize, index: usize| {
-        json!({"client_id": format!("bench-{client}"), "prompt": {
-            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": client * 1000 + index}},
-            "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}}
-        }})
-        .to_string()
-    };
     let sample = easel_nodes::image_io::encode_png(&[128; 8 * 8 * 3], 8, 8, 3, &[], PngCompression::Fast)?;
     for index in 1..=100 {
         std::fs::write(base.path().join(format!("output/bench_{index:05}_.png")), &sample)?;
     }
-    let (posted, ids) = load(&url, args.clients, args.requests, |agent, url, client, index| {
-        let mut response = agent
-            .post(format!("{url}/prompt"))
-            .header("Content-Type", "application/json")
-            .send(prompt(client, index))?;
-        let body: Json = serde_json::from_reader(response.body_mut().as_reader())?;
-        Ok(body["prompt_id"].as_str().unwrap_or_default().to_string())
-    })?;
-    report("POST /prompt", args.clients, &posted);
+    let clients = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    clients.block_on(async {
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(args.clients)
+            .build_http();
+        let target = url.clone();
+        let (posted, ids) = load(&client, args.clients, args.requests, move |client, index| {
+            let request = Request::post(format!("{target}/prompt"))
+                .header("Content-Type", "application/json")
+                .body(Full::new(Bytes::from(prompt(client, index))));
+            request.map_err(anyhow::Error::from)
+        })
+        .await?;
+        report("POST /prompt", args.clients, &posted);
+        let ids: Vec<String> = ids
+            .iter()
+            .filter_map(|body| {
+                serde_json::from_slice::<Json>(body).ok()?["prompt_id"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect();
+        anyhow::ensure!(!ids.is_empty(), "no prompt was accepted");
 
-    // Let the queue drain, then read what the prompts left.
-    let agent = http_agent();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(120) {
-        let mut response = agent.get(format!("{url}/prompt")).call()?;
-        let status: Json = serde_json::from_reader(response.body_mut().as_reader())?;
-        if status["exec_info"]["queue_remaining"] == 0 {
-            break;
+        // Let the queue drain, then read what the prompts left.
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(120) {
+            let response = client.get(format!("{url}/prompt").parse()?).await?;
+            let body = response.into_body().collect().await?.to_bytes();
+            let status: Json = serde_json::from_slice(&body)?;
+            if status["exec_info"]["queue_remaining"] == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let (history, _) = load(&url, args.clients, args.requests, |agent, url, client, index| {
-        let id = &ids[(client * 7919 + index) % ids.len()];
-        agent
-            .get(format!("{url}/history/{id}"))
-            .call()?
-            .body_mut()
-            .read_to_vec()?;
-        Ok(String::new())
-    })?;
-    report("GET /history/{id}", args.clients, &history);
-    let (view, _) = load(&url, args.clients, args.requests, |agent, url, _, index| {
-        let name = format!("bench_{:05}_.png", index % 100 + 1);
-        agent
-            .get(format!("{url}/view?filename={name}"))
-            .call()?
-            .body_mut()
-            .read_to_vec()?;
-        Ok(String::new())
-    })?;
-    report("GET /view", args.clients, &view);
-    Ok(std::process::ExitCode::SUCCESS)
+        let target = url.clone();
+        let (history, _) = load(&client, args.clients, args.requests, move |client, index| {
+            let id = &ids[(client * 7919 + index) % ids.len()];
+            Request::get(format!("{target}/history/{id}"))
+                .body(Full::new(Bytes::new()))
+                .map_err(anyhow::Error::from)
+        })
+        .await?;
+        report("GET /history/{id}", args.clients, &history);
+        let target = url.clone();
+        let (view, _) = load(&client, args.clients, args.requests, move |_, index| {
+            let name = format!("bench_{:05}_.png", index % 100 + 1);
+            Request::get(format!("{target}/view?filename={name}"))
+                .body(Full::new(Bytes::new()))
+                .map_err(anyhow::Error::from)
+        })
+        .await?;
+        report("GET /view", args.clients, &view);
+        Ok(std::process::ExitCode::SUCCESS)
+    })
 }
 
-fn http_agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+/// A small prompt that is cheap to execute and writes nothing, so the worker barely competes with
+/// the clients.
+fn prompt(client: usize, index: usize) -> String {
+    json!({"client_id": format!("bench-{client}"), "prompt": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": client * 1000 + index}},
+        "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}}
+    }})
+    .to_string()
 }
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 struct Timings {
     latencies: Vec<Duration>,
     wall: Duration,
 }
 
-/// Latencies of `requests` calls spread over `clients` threads, and whatever the calls returned.
-fn load<F>(url: &str, clients: usize, requests: usize, call: F) -> anyhow::Result<(Timings, Vec<String>)>
+/// Sends `requests` requests from `clients` concurrent tasks; returns the latencies and bodies.
+async fn load<F>(client: &HttpClient, clients: usize, requests: usize, make: F) -> anyhow::Result<(Timings, Vec<Bytes>)>
 where
-    F: Fn(&ureq::Agent, &str, usize, usize) -> anyhow::Result<String> + Sync,
+    F: Fn(usize, usize) -> anyhow::Result<Request<Full<Bytes>>> + Send + Sync + 'static,
 {
-    let call = &call;
+    let make = std::sync::Arc::new(make);
     let per_client = requests.div_ceil(clients.max(1));
     let started = Instant::now();
-    let results: Vec<anyhow::Result<(Vec<Duration>, Vec<String>)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..clients)
-            .map(|client| {
-                scope.spawn(move || {
-                    let agent = http_agent();
-                    let mut latencies = Vec::with_capacity(per_client);
-                    let mut outputs = Vec::with_capacity(per_client);
-                    for index in 0..per_client {
-                        let start = Instant::now();
-                        outputs.push(call(&agent, url, client, index)?);
-                        latencies.push(start.elapsed());
-                    }
-                    Ok((latencies, outputs))
-                })
+    let tasks: Vec<_> = (0..clients)
+        .map(|index| {
+            let (client, make) = (client.clone(), make.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_client);
+                let mut bodies = Vec::with_capacity(per_client);
+                for request_index in 0..per_client {
+                    let request = make(index, request_index)?;
+                    let start = Instant::now();
+                    let response = client.request(request).await?;
+                    let body = response.into_body().collect().await?.to_bytes();
+                    latencies.push(start.elapsed());
+                    bodies.push(body);
+                }
+                anyhow::Ok((latencies, bodies))
             })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a client panicked"))))
-            .collect()
-    });
-    let wall = started.elapsed();
+        })
+        .collect();
     let mut latencies = Vec::new();
-    let mut outputs = Vec::new();
-    for result in results {
-        let (l, o) = result?;
+    let mut bodies = Vec::new();
+    for task in tasks {
+        let (l, b) = task.await??;
         latencies.extend(l);
-        outputs.extend(o);
+        bodies.extend(b);
     }
+    let wall = started.elapsed();
     latencies.sort();
-    Ok((Timings { latencies, wall }, outputs))
+    Ok((Timings { latencies, wall }, bodies))
 }
 
 fn report(name: &str, clients: usize, timings: &Timings) {
