@@ -445,7 +445,9 @@ async fn a_reconnecting_client_keeps_its_messages_and_a_silent_one_stalls_nothin
 
     // The same clientId on a new socket replaces the old one; closing the old one later does not
     // unregister the new one.
-    let old = connect(&server, "?clientId=again").await;
+    let mut old = connect(&server, "?clientId=again").await;
+    // The greeting comes after registration: wait for it so the sockets register in this order.
+    next_text(&mut old).await;
     let mut new = connect(&server, "?clientId=again").await;
     next_text(&mut new).await;
     drop(old);
