@@ -2,7 +2,8 @@
 //!
 //! Each connected socket has a bounded outbox; a message that does not fit is dropped for that
 //! client only, so a slow or dead socket never stalls execution or other clients. A client that
-//! reconnects with the same `clientId` replaces its old socket and keeps receiving its messages.
+//! reconnects with the same `clientId` replaces its old socket (which is then closed) and keeps
+//! receiving its messages.
 
 use easel_engine::pyjson::dumps;
 use serde_json::{json, Value as Json};
