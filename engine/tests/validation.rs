@@ -3,24 +3,10 @@
 
 mod common;
 
-use common::{fixture, registry_from_object_info, test_nodes};
+use common::{fixture, registry_from_object_info, test_nodes, without_tracebacks};
 use easel_engine::validate::ValidationFailure;
 use easel_engine::{validate_prompt, Prompt, Services};
 use serde_json::{json, Value as Json};
-
-/// Drops `traceback` (Python frames, which Easel cannot reproduce) from every error.
-fn without_tracebacks(mut body: Json) -> Json {
-    if let Some(nodes) = body["node_errors"].as_object_mut() {
-        for entry in nodes.values_mut() {
-            for error in entry["errors"].as_array_mut().into_iter().flatten() {
-                if let Some(extra) = error["extra_info"].as_object_mut() {
-                    extra.remove("traceback");
-                }
-            }
-        }
-    }
-    body
-}
 
 #[test]
 fn every_captured_validation_error_matches() {

@@ -5,7 +5,7 @@
 //! - [`serve`]: `easel serve`; [`api`]: the HTTP routes; [`ws`]: the WebSocket;
 //! - [`state`]: what the routes share; [`queue`]: prompts waiting; [`store`]: queue and history on disk;
 //! - [`worker`]: executes queued prompts; [`hub`]: delivers messages to WebSocket clients;
-//! - [`security`]: API keys, the origin check and CORS.
+//! - [`security`]: API keys, the origin check and CORS; [`url`]: percent-decoding.
 
 pub mod api;
 pub mod bench;
@@ -18,5 +18,6 @@ pub mod serve;
 pub mod setup;
 pub mod state;
 pub mod store;
+pub mod url;
 pub mod worker;
 pub mod ws;

@@ -5,6 +5,7 @@
 //! parameter, which is answered with an HttpOnly cookie so the page's later requests carry it.
 
 use crate::state::AppState;
+use crate::url::percent_decode;
 use axum::extract::{Request, State};
 use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::http::{Method, StatusCode};
@@ -41,27 +42,8 @@ fn cookie_key(headers: &HeaderMap) -> Option<&str> {
 fn query_token(query: Option<&str>) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let value = pair.strip_prefix("token=")?;
-        Some(percent_decode(value))
+        Some(percent_decode(value, true))
     })
-}
-
-/// Minimal `%XX` decoding for the `token` parameter.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(byte) = u8::from_str_radix(&text[i + 1..i + 3], 16) {
-                out.push(byte);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn unauthorized() -> Response {

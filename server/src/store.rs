@@ -144,14 +144,20 @@ impl Store {
 
     /// Forgets pending prompts: these ids, or all of them.
     pub fn remove_pending(&self, ids: Option<&[String]>) -> Result<(), StoreError> {
+        self.delete_where("DELETE FROM queue WHERE running = 0", ids)
+    }
+
+    /// Runs `delete` (a `DELETE … WHERE …` statement) for all rows, or for the rows of these ids.
+    fn delete_where(&self, delete: &str, ids: Option<&[String]>) -> Result<(), StoreError> {
         let connection = self.connection();
         match ids {
             None => {
-                connection.execute("DELETE FROM queue WHERE running = 0", [])?;
+                connection.execute(delete, [])?;
             }
             Some(ids) => {
+                let one = format!("{delete} AND prompt_id = ?1");
                 for id in ids {
-                    connection.execute("DELETE FROM queue WHERE running = 0 AND prompt_id = ?1", params![id])?;
+                    connection.execute(&one, params![id])?;
                 }
             }
         }
@@ -264,19 +270,9 @@ impl Store {
         Ok(Json::Object(body))
     }
 
+    /// Forgets history entries: these ids, or all of them.
     pub fn delete_history(&self, ids: Option<&[String]>) -> Result<(), StoreError> {
-        let connection = self.connection();
-        match ids {
-            None => {
-                connection.execute("DELETE FROM history", [])?;
-            }
-            Some(ids) => {
-                for id in ids {
-                    connection.execute("DELETE FROM history WHERE prompt_id = ?1", params![id])?;
-                }
-            }
-        }
-        Ok(())
+        self.delete_where("DELETE FROM history WHERE 1 = 1", ids)
     }
 }
 

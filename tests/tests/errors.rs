@@ -8,27 +8,12 @@ mod common;
 mod engine_common;
 
 use common::start_with_registry;
-use engine_common::{schema_from_object_info, DeclaredOnly};
+use engine_common::{schema_from_object_info, without_tracebacks, DeclaredOnly};
 use serde_json::Value as Json;
 
 fn engine_fixture(name: &str) -> Json {
     let path = common::workspace().join("engine/tests/fixtures").join(name);
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn without_tracebacks(mut body: Json) -> Json {
-    for entry in body["node_errors"]
-        .as_object_mut()
-        .into_iter()
-        .flat_map(|n| n.values_mut())
-    {
-        for error in entry["errors"].as_array_mut().into_iter().flatten() {
-            if let Some(extra) = error["extra_info"].as_object_mut() {
-                extra.remove("traceback");
-            }
-        }
-    }
-    body
 }
 
 #[test]

@@ -87,6 +87,23 @@ pub fn schema_from_object_info(entry: &Json) -> NodeSchema {
     schema
 }
 
+/// Drops `traceback` (Python frames, which Easel cannot reproduce) from every error of a
+/// `{"error", "node_errors"}` body.
+pub fn without_tracebacks(mut body: Json) -> Json {
+    for entry in body["node_errors"]
+        .as_object_mut()
+        .into_iter()
+        .flat_map(|n| n.values_mut())
+    {
+        for error in entry["errors"].as_array_mut().into_iter().flatten() {
+            if let Some(extra) = error["extra_info"].as_object_mut() {
+                extra.remove("traceback");
+            }
+        }
+    }
+    body
+}
+
 /// A node known only by its schema: it validates like the real one and fails if run.
 pub struct DeclaredOnly(pub NodeSchema);
 

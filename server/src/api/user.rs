@@ -3,6 +3,7 @@
 
 use super::{json_response, ApiError};
 use crate::state::AppState;
+use crate::url::percent_decode;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
@@ -60,7 +61,7 @@ fn text(status: StatusCode, message: &'static str) -> Response {
 /// A user-data path from a URL segment (decoded once more if it still holds `%`, as ComfyUI does).
 fn user_path(root: &std::path::Path, raw: &str) -> Option<PathBuf> {
     let decoded = if raw.contains('%') {
-        percent_decode(raw)
+        percent_decode(raw, false)
     } else {
         raw.to_string()
     };
@@ -68,24 +69,6 @@ fn user_path(root: &std::path::Path, raw: &str) -> Option<PathBuf> {
         return None;
     }
     Some(root.join(safe_relative(&decoded)?))
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(byte) = u8::from_str_radix(&text[i + 1..i + 3], 16) {
-                out.push(byte);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn seconds(time: std::io::Result<std::time::SystemTime>) -> f64 {
