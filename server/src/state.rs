@@ -100,7 +100,7 @@ impl AppState {
         std::thread::Builder::new()
             .name("easel-worker".into())
             .spawn(move || crate::worker::run(&worker))
-            .map_err(StoreError::Folder)?;
+            .map_err(StoreError::Io)?;
         Ok(AppState(shared))
     }
 }

@@ -18,8 +18,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("stored JSON is corrupt: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("cannot create the database folder: {0}")]
-    Folder(#[from] std::io::Error),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// A queued prompt as stored.
