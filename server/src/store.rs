@@ -102,11 +102,14 @@ impl Store {
             serde_json::to_string(&prompt.outputs_to_execute)?,
             serde_json::to_string(&prompt.node_errors)?,
         );
-        self.connection().execute(
-            "INSERT OR REPLACE INTO queue
-             (prompt_id, number, number_json, prompt, extra_data, outputs_to_execute, node_errors)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
+        // Statements are prepared once per connection and reused (`prepare_cached`).
+        self.connection()
+            .prepare_cached(
+                "INSERT OR REPLACE INTO queue
+                 (prompt_id, number, number_json, prompt, extra_data, outputs_to_execute, node_errors)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
                 prompt.prompt_id,
                 prompt.number,
                 values.0,
@@ -114,16 +117,14 @@ impl Store {
                 values.2,
                 values.3,
                 values.4
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 
     pub fn mark_running(&self, prompt_id: &str) -> Result<(), StoreError> {
-        self.connection().execute(
-            "UPDATE queue SET running = 1, attempts = attempts + 1 WHERE prompt_id = ?1",
-            params![prompt_id],
-        )?;
+        self.connection()
+            .prepare_cached("UPDATE queue SET running = 1, attempts = attempts + 1 WHERE prompt_id = ?1")?
+            .execute(params![prompt_id])?;
         Ok(())
     }
 
@@ -132,12 +133,15 @@ impl Store {
         let entry = serde_json::to_string(entry)?;
         let mut connection = self.connection();
         let transaction = connection.transaction()?;
-        transaction.execute("DELETE FROM queue WHERE prompt_id = ?1", params![prompt_id])?;
-        transaction.execute("DELETE FROM history WHERE prompt_id = ?1", params![prompt_id])?;
-        transaction.execute(
-            "INSERT INTO history (prompt_id, entry) VALUES (?1, ?2)",
-            params![prompt_id, entry],
-        )?;
+        transaction
+            .prepare_cached("DELETE FROM queue WHERE prompt_id = ?1")?
+            .execute(params![prompt_id])?;
+        transaction
+            .prepare_cached("DELETE FROM history WHERE prompt_id = ?1")?
+            .execute(params![prompt_id])?;
+        transaction
+            .prepare_cached("INSERT INTO history (prompt_id, entry) VALUES (?1, ?2)")?
+            .execute(params![prompt_id, entry])?;
         transaction.commit()?;
         Ok(())
     }
