@@ -155,3 +155,20 @@ fn safetensors_metadata_is_shown() {
         404
     );
 }
+
+#[test]
+fn the_model_library_lists_model_files() {
+    let server = start();
+    let loras = server.base.path().join("models/loras");
+    std::fs::create_dir_all(loras.join("styles/.hidden")).unwrap();
+    std::fs::write(loras.join("styles/ink.safetensors"), b"1234").unwrap();
+    std::fs::write(loras.join("styles/.hidden/x.safetensors"), b"1").unwrap();
+    std::fs::write(loras.join("notes.txt"), b"1").unwrap();
+    let files = server.api.get_json("/api/experiment/models/loras");
+    assert_eq!(files.as_array().unwrap().len(), 1);
+    assert_eq!(files[0]["name"], "styles/ink.safetensors");
+    assert_eq!(files[0]["pathIndex"], 0);
+    assert_eq!(files[0]["size"], 4);
+    assert_eq!(server.api.get("/api/experiment/models/configs").0, 404);
+    assert_eq!(server.api.get("/api/experiment/models/nope").0, 404);
+}

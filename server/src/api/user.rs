@@ -31,6 +31,7 @@ pub fn routes() -> Router<AppState> {
         .route("/i18n", get(empty_object))
         .route("/workflow_templates", get(empty_object))
         .route("/experiment/models", get(experiment_models))
+        .route("/experiment/models/{folder}", get(experiment_model_files))
 }
 
 /// `/internal/*`, which ComfyUI does not mirror under `/api`.
@@ -371,6 +372,52 @@ async fn experiment_models(State(state): State<AppState>) -> Result<Response, Ap
         .map(|name| json!({"name": name, "folders": paths.folder_dirs(name)}))
         .collect();
     Ok(json_response(&Json::Array(folders)))
+}
+
+/// `[{"name", "pathIndex", "modified", "created", "size"}]`: model files (ComfyUI's model
+/// extensions only) of one folder, skipping dotfiles and dot-directories.
+async fn experiment_model_files(
+    State(state): State<AppState>,
+    Path(folder): Path<String>,
+) -> Result<Response, ApiError> {
+    let paths = paths(&state)?;
+    if folder == "configs" || folder == "custom_nodes" || !paths.folder_names().any(|name| name == folder) {
+        return Err(ApiError::NotFound);
+    }
+    let mut files = Vec::new();
+    for (index, dir) in paths.folder_dirs(&folder).iter().enumerate() {
+        let dir = std::path::Path::new(dir);
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(current) = stack.pop() {
+            for entry in std::fs::read_dir(&current).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if entry.file_name().to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let extension = path
+                    .extension()
+                    .map(|e| format!(".{}", e.to_string_lossy().to_lowercase()));
+                if !extension.is_some_and(|e| easel_nodes::paths::MODEL_EXTENSIONS.contains(&e.as_str())) {
+                    continue;
+                }
+                let mut info = file_info(dir, &path);
+                if let Some(object) = info.as_object_mut() {
+                    let relative = object.remove("path").unwrap_or_default();
+                    let mut ordered = Map::new();
+                    ordered.insert("name".into(), relative);
+                    ordered.insert("pathIndex".into(), json!(index));
+                    ordered.extend(std::mem::take(object));
+                    *object = ordered;
+                }
+                files.push(info);
+            }
+        }
+    }
+    Ok(json_response(&Json::Array(files)))
 }
 
 async fn folder_paths(State(state): State<AppState>) -> Result<Response, ApiError> {
