@@ -105,6 +105,14 @@ impl Hub {
         self.clients().get(sid).is_some_and(|c| c.preview_metadata)
     }
 
+    pub fn is_connected(&self, sid: &str) -> bool {
+        self.clients().contains_key(sid)
+    }
+
+    pub fn has_clients(&self) -> bool {
+        !self.clients().is_empty()
+    }
+
     /// Queues a frame for one client; false when it is not connected or its outbox is full.
     pub fn send(&self, sid: &str, frame: Outgoing) -> bool {
         self.clients()

@@ -88,9 +88,35 @@ struct RoutedEvents<'a> {
     held_preview: RefCell<Option<Outgoing>>,
 }
 
+impl RoutedEvents<'_> {
+    /// Whether anyone would receive an event of this kind (frames are not built for nobody).
+    fn has_audience(&self, kind: EventKind) -> bool {
+        let hub = &self.shared.hub;
+        match (self.client, kind) {
+            (Some(client), _) => hub.is_connected(client),
+            (
+                None,
+                EventKind::Progress | EventKind::ProgressState | EventKind::ExecutionInterrupted | EventKind::Preview,
+            ) => hub.has_clients(),
+            (None, _) => false,
+        }
+    }
+}
+
 impl EventSink for RoutedEvents<'_> {
+    fn wants(&self, kind: EventKind) -> bool {
+        self.has_audience(kind)
+    }
+
     fn emit(&self, event: Event) {
         let hub = &self.shared.hub;
+        if event.kind == EventKind::Executing {
+            self.shared
+                .set_executing_node(event.data["display_node"].as_str().map(str::to_string));
+        }
+        if !self.has_audience(event.kind) {
+            return;
+        }
         match event.kind {
             EventKind::Preview => {
                 let image = event.image.as_deref().map(Vec::as_slice).unwrap_or_default();
@@ -113,10 +139,6 @@ impl EventSink for RoutedEvents<'_> {
                 }
             }
             kind => {
-                if kind == EventKind::Executing {
-                    self.shared
-                        .set_executing_node(event.data["display_node"].as_str().map(str::to_string));
-                }
                 if let Some(client) = self.client {
                     hub.send(client, message(kind.name(), &event.data));
                 }
