@@ -198,14 +198,19 @@ async fn feature_flags_are_negotiated_on_the_first_frame() {
     );
 }
 
-/// A prompt that runs for minutes unless interrupted: 16 384 dilations of a 1024² mask.
-fn slow_prompt() -> Json {
+/// `expand` grey dilations of a `size`² mask, then a preview: 16 384 of 1024² run for minutes
+/// unless interrupted.
+fn mask_prompt(size: u32, expand: u32) -> Json {
     json!({
-        "1": {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": 1024, "height": 1024}},
-        "2": {"class_type": "GrowMask", "inputs": {"mask": ["1", 0], "expand": 16384, "tapered_corners": true}},
+        "1": {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": size, "height": size}},
+        "2": {"class_type": "GrowMask", "inputs": {"mask": ["1", 0], "expand": expand, "tapered_corners": true}},
         "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}
     })
+}
+
+fn slow_prompt() -> Json {
+    mask_prompt(1024, 16384)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -433,7 +438,7 @@ async fn a_reconnecting_client_keeps_its_messages_and_a_silent_one_stalls_nothin
     let _silent = connect(&server, "?clientId=silent").await;
     let response = post_async(
         &server.api,
-        json!({"prompt": slow_prompt_small(), "client_id": "silent"}),
+        json!({"prompt": mask_prompt(64, 3), "client_id": "silent"}),
     )
     .await;
     let prompt_id = response["prompt_id"].as_str().unwrap().to_string();
@@ -452,22 +457,9 @@ async fn a_reconnecting_client_keeps_its_messages_and_a_silent_one_stalls_nothin
     next_text(&mut new).await;
     drop(old);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let response = post_async(
-        &server.api,
-        json!({"prompt": slow_prompt_small(), "client_id": "again"}),
-    )
-    .await;
+    let response = post_async(&server.api, json!({"prompt": mask_prompt(64, 3), "client_id": "again"})).await;
     let messages = until_done(&mut new).await;
     assert!(messages
         .iter()
         .any(|m| m["type"] == "execution_success" && m["data"]["prompt_id"] == response["prompt_id"]));
-}
-
-fn slow_prompt_small() -> Json {
-    json!({
-        "1": {"class_type": "SolidMask", "inputs": {"value": 0.25, "width": 64, "height": 64}},
-        "2": {"class_type": "GrowMask", "inputs": {"mask": ["1", 0], "expand": 3, "tapered_corners": true}},
-        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
-        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}
-    })
 }
