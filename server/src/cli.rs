@@ -130,6 +130,9 @@ pub struct ServeArgs {
     /// Serve this directory as the web root (a built ComfyUI frontend).
     #[arg(long, value_name = "DIR")]
     pub front_end_root: Option<std::path::PathBuf>,
+    /// Gzip JSON and text responses for clients that accept gzip.
+    #[arg(long)]
+    pub enable_compress_response_body: bool,
     /// Do not print the address the server listens on.
     #[arg(long)]
     pub dont_print_server: bool,

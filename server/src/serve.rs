@@ -24,6 +24,7 @@ fn settings(args: &ServeArgs) -> anyhow::Result<ServerSettings> {
     let mut settings = ServerSettings {
         api_keys,
         cors_origin: args.enable_cors_header.clone(),
+        compress_responses: args.enable_compress_response_body,
         ..Default::default()
     };
     if let Some(megabytes) = args.max_upload_size {

@@ -20,6 +20,8 @@ pub struct ServerSettings {
     pub api_keys: Vec<String>,
     /// `--enable-cors-header`: the allowed origin (CORS headers replace the origin check).
     pub cors_origin: Option<String>,
+    /// `--enable-compress-response-body`: gzip JSON and text answers for clients that accept it.
+    pub compress_responses: bool,
 }
 
 impl Default for ServerSettings {
@@ -29,6 +31,7 @@ impl Default for ServerSettings {
             max_upload_size_json: json!(100 * 1024 * 1024),
             api_keys: Vec::new(),
             cors_origin: None,
+            compress_responses: false,
         }
     }
 }

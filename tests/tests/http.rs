@@ -220,3 +220,28 @@ fn history_pages_and_deletes() {
     assert_eq!(api.get("/view?filename=x.png&type=bogus").0, 400);
     assert_eq!(api.get("/view?filename=/etc/passwd").0, 400);
 }
+
+#[test]
+fn json_is_gzipped_when_enabled_and_accepted() {
+    let settings = easel_server::state::ServerSettings {
+        compress_responses: true,
+        ..Default::default()
+    };
+    let server = common::start_with(settings);
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let json = agent
+        .get(format!("{}/object_info", server.api.url))
+        .header("Accept-Encoding", "gzip")
+        .call()
+        .unwrap();
+    assert_eq!(json.headers().get("content-encoding").unwrap(), "gzip");
+    let plain = agent.get(format!("{}/object_info", server.api.url)).call().unwrap();
+    assert!(plain.headers().get("content-encoding").is_none());
+    std::fs::write(server.base.path().join("output/x.png"), [0u8; 64]).unwrap();
+    let image = agent
+        .get(format!("{}/view?filename=x.png", server.api.url))
+        .header("Accept-Encoding", "gzip")
+        .call()
+        .unwrap();
+    assert!(image.headers().get("content-encoding").is_none());
+}

@@ -20,6 +20,7 @@ use axum::Router;
 use easel_engine::pyjson::dumps;
 use easel_engine::ValidationFailure;
 use serde_json::{json, Value as Json};
+use tower_http::compression::CompressionLayer;
 use tower_http::services::{ServeDir, ServeFile};
 use tower_http::set_header::SetResponseHeaderLayer;
 
@@ -52,6 +53,17 @@ pub fn router_with_web_root(state: AppState, web_root: Option<&std::path::Path>)
                 header::HeaderValue::from_static("no-cache"),
             ));
         app = app.merge(index).fallback_service(ServeDir::new(root));
+    }
+    if state.settings.compress_responses {
+        // As ComfyUI: only JSON and plain text are compressed.
+        let json_or_text =
+            |_: StatusCode, _: axum::http::Version, headers: &axum::http::HeaderMap, _: &axum::http::Extensions| {
+                headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|t| t.starts_with("application/json") || t.starts_with("text/plain"))
+            };
+        app = app.layer(CompressionLayer::new().gzip(true).compress_when(json_or_text));
     }
     app.layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), security::check_origin))
