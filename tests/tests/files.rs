@@ -176,3 +176,42 @@ fn view_serves_previews_channels_and_only_media_inline() {
         assert_eq!(server.api.get("/view?filename=link.png").0, 403);
     }
 }
+
+#[test]
+fn view_answers_ranges_and_conditional_requests() {
+    let server = start();
+    std::fs::write(server.base.path().join("output/data.png"), b"0123456789").unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let url = format!("{}/view?filename=data.png", server.api.url);
+    let full = agent.get(&url).call().unwrap();
+    let etag = full.headers().get("etag").unwrap().to_str().unwrap().to_string();
+    assert!(etag.starts_with('"') && etag.ends_with("-a\""), "{etag}");
+    assert_eq!(full.headers().get("accept-ranges").unwrap(), "bytes");
+    assert!(full.headers().get("last-modified").is_some());
+    assert_eq!(
+        agent
+            .get(&url)
+            .header("If-None-Match", &etag)
+            .call()
+            .unwrap()
+            .status()
+            .as_u16(),
+        304
+    );
+    let mut part = agent.get(&url).header("Range", "bytes=2-4").call().unwrap();
+    assert_eq!(part.status().as_u16(), 206);
+    assert_eq!(part.headers().get("content-range").unwrap(), "bytes 2-4/10");
+    assert_eq!(part.body_mut().read_to_string().unwrap(), "234");
+    let mut tail = agent.get(&url).header("Range", "bytes=-3").call().unwrap();
+    assert_eq!(tail.body_mut().read_to_string().unwrap(), "789");
+    assert_eq!(
+        agent
+            .get(&url)
+            .header("Range", "bytes=20-")
+            .call()
+            .unwrap()
+            .status()
+            .as_u16(),
+        416
+    );
+}

@@ -8,7 +8,7 @@
 use super::{json_response, ApiError};
 use crate::state::AppState;
 use axum::extract::{Multipart, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -95,6 +95,7 @@ fn file_response(bytes: Vec<u8>, media: &str, name: &str, inline: bool) -> Respo
 async fn view(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let paths = paths(&state)?;
     let requested = query.get("filename").ok_or(ApiError::NotFound)?;
@@ -148,7 +149,74 @@ async fn view(
         return Ok(file_response(bytes, "image/png", filename, true));
     }
     let (media, inline) = content_type(filename);
-    Ok(file_response(bytes, media, filename, inline))
+    let metadata = tokio::fs::metadata(&file).await.map_err(|_| ApiError::NotFound)?;
+    Ok(stored_file(bytes, media, filename, inline, &metadata, &headers))
+}
+
+/// A file as aiohttp's `FileResponse` sends it: `ETag` (`"<mtime ns hex>-<size hex>"`),
+/// `Last-Modified` and `Accept-Ranges`; 304 for a matching `If-None-Match`; 206 for one `Range`.
+fn stored_file(
+    bytes: Vec<u8>,
+    media: &str,
+    name: &str,
+    inline: bool,
+    metadata: &std::fs::Metadata,
+    request: &HeaderMap,
+) -> Response {
+    let modified = metadata.modified().ok();
+    let nanos = modified
+        .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let etag = format!("\"{nanos:x}-{:x}\"", bytes.len());
+    let if_none_match = request.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
+    if if_none_match.is_some_and(|tags| tags.split(',').any(|t| t.trim() == etag)) {
+        return StatusCode::NOT_MODIFIED.into_response();
+    }
+    let length = bytes.len() as u64;
+    let range = request
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|r| r.strip_prefix("bytes="));
+    let (status, body, content_range) = match range.map(|r| byte_range(r, length)) {
+        None => (StatusCode::OK, bytes, None),
+        Some(Some((start, end))) => (
+            StatusCode::PARTIAL_CONTENT,
+            bytes[start as usize..=end as usize].to_vec(),
+            Some(format!("bytes {start}-{end}/{length}")),
+        ),
+        Some(None) => (
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            Vec::new(),
+            Some(format!("bytes */{length}")),
+        ),
+    };
+    let mut response = file_response(body, media, name, inline);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    let values = [
+        (header::ETAG, Some(etag)),
+        (header::LAST_MODIFIED, modified.map(httpdate::fmt_http_date)),
+        (header::ACCEPT_RANGES, Some("bytes".to_string())),
+        (header::CONTENT_RANGE, content_range),
+    ];
+    for (name, value) in values {
+        if let Some(value) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+            headers.insert(name, value);
+        }
+    }
+    response
+}
+
+/// One `start-end`, `start-` or `-suffix` range within `length` bytes, inclusive.
+fn byte_range(range: &str, length: u64) -> Option<(u64, u64)> {
+    let last = length.checked_sub(1)?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end) = match (start.trim(), end.trim()) {
+        ("", suffix) => (length.saturating_sub(suffix.parse::<u64>().ok()?), last),
+        (start, "") => (start.parse::<u64>().ok()?, last),
+        (start, end) => (start.parse::<u64>().ok()?, end.parse::<u64>().ok()?.min(last)),
+    };
+    (start <= end).then_some((start, end))
 }
 
 /// The parts of an upload form.
