@@ -5,12 +5,14 @@
 //! - [`serve`]: `easel serve`; [`api`]: the HTTP routes; [`ws`]: the WebSocket;
 //! - [`state`]: what the routes share; [`queue`]: prompts waiting; [`store`]: queue and history on disk;
 //! - [`worker`]: executes queued prompts; [`hub`]: delivers messages to WebSocket clients;
-//! - [`security`]: API keys, the origin check and CORS; [`url`]: percent-decoding.
+//! - [`security`]: API keys, the origin check and CORS; [`url`]: percent-decoding;
+//! - [`logs`]: the log lines the frontend's log panel shows.
 
 pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod hub;
+pub mod logs;
 pub mod queue;
 pub mod run;
 pub mod security;

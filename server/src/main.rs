@@ -5,13 +5,17 @@ use clap::Parser;
 use easel_server::cli::{Cli, Command};
 use easel_server::{bench, run, serve};
 use std::process::ExitCode;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = cli.verbose.clone().unwrap_or_else(|| "info".into()).to_lowercase();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
-        .with_writer(std::io::stderr)
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(easel_server::logs::LogLayer)
         .init();
     let result = match cli.command {
         Some(Command::Run(args)) => run::run(args),

@@ -41,7 +41,7 @@ pub struct Shared {
     pub settings: ServerSettings,
     pub queue: PromptQueue,
     pub store: Store,
-    pub hub: Hub,
+    pub hub: Arc<Hub>,
     pub interrupt: Interrupt,
     /// The node the running prompt is executing (for a client that reconnects mid-prompt).
     pub executing: Mutex<Option<String>>,
@@ -89,12 +89,14 @@ impl AppState {
                 Err(error) => tracing::error!(%prompt_id, "cannot re-queue a stored prompt: {error}"),
             }
         }
+        let hub = Arc::new(Hub::default());
+        crate::logs::attach(&hub);
         let shared = Arc::new(Shared {
             runtime,
             settings,
             queue,
             store,
-            hub: Hub::default(),
+            hub,
             interrupt: Interrupt::new(),
             executing: Mutex::new(None),
             free_memory: AtomicBool::new(false),

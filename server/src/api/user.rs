@@ -2,6 +2,7 @@
 //! translations and templates (protocol §1.15–1.17). Easel serves the single user `default`.
 
 use super::{json_response, ApiError};
+use crate::logs;
 use crate::state::AppState;
 use crate::url::percent_decode;
 use axum::body::Bytes;
@@ -37,14 +38,19 @@ pub fn routes() -> Router<AppState> {
 /// `/internal/*`, which ComfyUI does not mirror under `/api`.
 pub fn internal_routes() -> Router<AppState> {
     Router::new()
-        .route("/internal/logs", get(|| async { json_response(&json!("")) }))
-        .route(
-            "/internal/logs/raw",
-            get(|| async { json_response(&json!({"entries": [], "size": {"cols": 80, "rows": 24}})) }),
-        )
-        .route("/internal/logs/subscribe", patch(|| async { StatusCode::OK }))
+        .route("/internal/logs", get(|| async { json_response(&json!(logs::text())) }))
+        .route("/internal/logs/raw", get(|| async { json_response(&logs::raw()) }))
+        .route("/internal/logs/subscribe", patch(subscribe_logs))
         .route("/internal/folder_paths", get(folder_paths))
         .route("/internal/files/{directory_type}", get(directory_files))
+}
+
+/// `{"clientId", "enabled"}`: whether that socket receives `logs` messages.
+async fn subscribe_logs(body: Bytes) -> Result<Response, ApiError> {
+    let request = super::parse_body(&body)?;
+    let sid = request["clientId"].as_str().ok_or(ApiError::BadRequest)?;
+    logs::subscribe(sid, request["enabled"].as_bool().unwrap_or(false));
+    Ok(StatusCode::OK.into_response())
 }
 
 fn paths(state: &AppState) -> Result<&Paths, ApiError> {
