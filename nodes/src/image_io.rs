@@ -21,15 +21,33 @@ fn read_error(path: &Path, error: impl std::fmt::Display) -> NodeError {
     )
 }
 
+/// The largest image side Easel decodes (ComfyUI's `MAX_RESOLUTION`).
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+
+/// What a decoder may allocate: a 16384² RGBA image with 16-bit channels.
+const MAX_DECODE_BYTES: u64 = 2 << 30;
+
+/// Limits against decompression bombs: a small file that claims an enormous image is refused
+/// before anything is allocated.
+fn decode_limits() -> image::Limits {
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    limits
+}
+
 /// Decodes every frame of an image file, each turned upright by its EXIF orientation.
 pub fn load_frames(path: &Path) -> Result<Vec<Frame>, NodeError> {
     let bytes =
         std::fs::read(path).map_err(|e| NodeError::typed("FileNotFoundError", format!("{}: {e}", path.display())))?;
-    let reader = ImageReader::new(Cursor::new(&bytes))
+    let mut reader = ImageReader::new(Cursor::new(&bytes))
         .with_guessed_format()
         .map_err(|e| read_error(path, e))?;
+    reader.limits(decode_limits());
     if reader.format() == Some(ImageFormat::Gif) {
-        let decoder = GifDecoder::new(BufReader::new(Cursor::new(&bytes))).map_err(|e| read_error(path, e))?;
+        let mut decoder = GifDecoder::new(BufReader::new(Cursor::new(&bytes))).map_err(|e| read_error(path, e))?;
+        decoder.set_limits(decode_limits()).map_err(|e| read_error(path, e))?;
         let frames = decoder
             .into_frames()
             .collect_frames()
@@ -176,9 +194,11 @@ pub fn png_text_chunks(bytes: &[u8]) -> Vec<(String, String)> {
 }
 
 fn decode(bytes: &[u8]) -> Result<DynamicImage, NodeError> {
-    ImageReader::new(Cursor::new(bytes))
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| NodeError::value(format!("unreadable image: {e}")))?
+        .map_err(|e| NodeError::value(format!("unreadable image: {e}")))?;
+    reader.limits(decode_limits());
+    reader
         .decode()
         .map_err(|e| NodeError::value(format!("unreadable image: {e}")))
 }

@@ -243,3 +243,49 @@ fn load_image_validation_and_fingerprint() {
         .iter()
         .any(|e| e.kind.name() == "executing" && e.data["node"] == "1"));
 }
+
+/// A PNG that claims `width`×`height` pixels but holds no image data.
+fn png_header_only(width: u32, height: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = 0xFFFF_FFFFu32;
+        for &byte in bytes {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut out = (data.len() as u32).to_be_bytes().to_vec();
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+        out
+    };
+    let mut ihdr = width.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    png.extend(chunk(b"IEND", &[]));
+    png
+}
+
+#[test]
+fn a_decompression_bomb_is_refused_before_decoding() {
+    let setup = setup();
+    std::fs::write(setup.base.join("input/bomb.png"), png_header_only(100_000, 100_000)).unwrap();
+    let registry = builtin_registry();
+    let node = registry.get("LoadImage").unwrap();
+    let mut inputs = IndexMap::new();
+    inputs.insert("image".to_string(), Value::Json(json!("bomb.png")));
+    let error = call_standalone(node.as_ref(), &setup.services, &NodeInputs::new(inputs)).unwrap_err();
+    assert!(error.to_string().contains("limit"), "{error}");
+    assert!(easel_nodes::image_io::replace_alpha(&png_header_only(100_000, 100_000), &png_header_only(1, 1)).is_err());
+}
