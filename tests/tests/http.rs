@@ -245,3 +245,14 @@ fn json_is_gzipped_when_enabled_and_accepted() {
         .unwrap();
     assert!(image.headers().get("content-encoding").is_none());
 }
+
+#[test]
+fn unknown_paths_answer_like_comfyuis_catch_all() {
+    let server = start();
+    assert_eq!(server.api.get("/no/such/route").0, 404);
+    let (status, content_type, text) = server.api.post("/no/such/route", "{}");
+    assert_eq!(
+        (status, content_type.as_str(), text.as_str()),
+        (405, "text/plain; charset=utf-8", "405: Method Not Allowed")
+    );
+}

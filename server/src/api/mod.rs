@@ -53,6 +53,8 @@ pub fn router_with_web_root(state: AppState, web_root: Option<&std::path::Path>)
                 header::HeaderValue::from_static("no-cache"),
             ));
         app = app.merge(index).fallback_service(ServeDir::new(root));
+    } else {
+        app = app.fallback(unknown_path);
     }
     if state.settings.compress_responses {
         // As ComfyUI: only JSON and plain text are compressed.
@@ -69,6 +71,23 @@ pub fn router_with_web_root(state: AppState, web_root: Option<&std::path::Path>)
         .layer(middleware::from_fn_with_state(state.clone(), security::check_origin))
         .layer(middleware::from_fn_with_state(state.clone(), security::require_key))
         .with_state(state)
+}
+
+/// What ComfyUI's static catch-all answers for a path without a route: 404 for GET and HEAD,
+/// 405 (`Allow: GET,HEAD`) for other methods.
+async fn unknown_path(method: axum::http::Method) -> Response {
+    if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::ALLOW, "GET,HEAD"),
+        ],
+        "405: Method Not Allowed",
+    )
+        .into_response()
 }
 
 /// A JSON body as aiohttp's `json_response` writes it (`json.dumps` spacing).
