@@ -1,6 +1,6 @@
 //! `easel serve`: binds the address and serves the API until interrupted.
 
-use crate::api::router_with_web_root;
+use crate::api::router;
 use crate::cli::ServeArgs;
 use crate::setup;
 use crate::state::{AppState, ServerSettings};
@@ -25,6 +25,7 @@ fn settings(args: &ServeArgs) -> anyhow::Result<ServerSettings> {
         api_keys,
         cors_origin: args.enable_cors_header.clone(),
         compress_responses: args.enable_compress_response_body,
+        front_end_root: args.front_end_root.clone(),
         ..Default::default()
     };
     if let Some(megabytes) = args.max_upload_size {
@@ -61,7 +62,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             tracing::info!("Starting server");
             tracing::info!("To see the GUI go to: http://{address}");
         }
-        axum::serve(listener, router_with_web_root(state, args.front_end_root.as_deref()))
+        axum::serve(listener, router(state))
             .with_graceful_shutdown(async {
                 // Without a signal handler there is nothing to wait for: serve until killed.
                 if tokio::signal::ctrl_c().await.is_err() {

@@ -22,6 +22,8 @@ pub struct ServerSettings {
     pub cors_origin: Option<String>,
     /// `--enable-compress-response-body`: gzip JSON and text answers for clients that accept it.
     pub compress_responses: bool,
+    /// `--front-end-root`: a built frontend to serve.
+    pub front_end_root: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerSettings {
@@ -32,6 +34,7 @@ impl Default for ServerSettings {
             api_keys: Vec::new(),
             cors_origin: None,
             compress_responses: false,
+            front_end_root: None,
         }
     }
 }

@@ -111,11 +111,14 @@ fn a_frontend_directory_is_served_behind_the_same_key() {
     std::fs::write(web.path().join("index.html"), "<html>easel</html>").unwrap();
     std::fs::create_dir_all(web.path().join("assets")).unwrap();
     std::fs::write(web.path().join("assets/app.js"), "console.log(1)").unwrap();
+    std::fs::create_dir_all(web.path().join("extensions/core")).unwrap();
+    std::fs::write(web.path().join("extensions/core/groupNode.js"), "").unwrap();
     let settings = easel_server::state::ServerSettings {
         api_keys: vec!["k".into()],
+        front_end_root: Some(web.path().to_path_buf()),
         ..Default::default()
     };
-    let server = common::start_with_web_root(settings, web.path().to_path_buf());
+    let server = common::start_with(settings);
     let url = &server.api.url;
     assert_eq!(agent().get(format!("{url}/")).call().unwrap().status().as_u16(), 401);
     let mut index = agent().get(format!("{url}/")).header("X-API-KEY", "k").call().unwrap();
@@ -133,6 +136,15 @@ fn a_frontend_directory_is_served_behind_the_same_key() {
         .call()
         .unwrap();
     assert_eq!(api.status().as_u16(), 200);
+    let mut extensions = agent()
+        .get(format!("{url}/api/extensions"))
+        .header("X-API-KEY", "k")
+        .call()
+        .unwrap();
+    assert_eq!(
+        extensions.body_mut().read_to_string().unwrap(),
+        r#"["/extensions/core/groupNode.js"]"#
+    );
 }
 
 #[test]

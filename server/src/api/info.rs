@@ -58,9 +58,26 @@ async fn embeddings(State(state): State<AppState>) -> Result<Response, ApiError>
     Ok(json_response(&json!(names)))
 }
 
-/// Frontend extension scripts: none until a frontend is served.
-async fn extensions() -> Response {
-    json_response(&json!([]))
+/// The frontend's extension scripts: every `*.js` under `<web root>/extensions`, as URL paths.
+async fn extensions(State(state): State<AppState>) -> Response {
+    let mut scripts = Vec::new();
+    if let Some(root) = &state.settings.front_end_root {
+        let mut stack = vec![root.join("extensions")];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.extension().is_some_and(|e| e == "js") {
+                    if let Ok(relative) = path.strip_prefix(root) {
+                        scripts.push(format!("/{}", relative.to_string_lossy().replace('\\', "/")));
+                    }
+                }
+            }
+        }
+    }
+    scripts.sort();
+    json_response(&json!(scripts))
 }
 
 async fn model_folders(State(state): State<AppState>) -> Result<Response, ApiError> {

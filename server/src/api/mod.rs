@@ -24,14 +24,9 @@ use tower_http::compression::CompressionLayer;
 use tower_http::services::{ServeDir, ServeFile};
 use tower_http::set_header::SetResponseHeaderLayer;
 
-/// Every route, plain and under `/api`, and the WebSocket, behind the API-key and origin checks.
+/// Every route, plain and under `/api`, the WebSocket, and the frontend of `--front-end-root` if
+/// any (`/` is its `index.html`, not cached), all behind the API-key and origin checks.
 pub fn router(state: AppState) -> Router {
-    router_with_web_root(state, None)
-}
-
-/// [`router`], also serving a built frontend from `web_root` (`/` is its `index.html`, not
-/// cached), behind the same checks.
-pub fn router_with_web_root(state: AppState, web_root: Option<&std::path::Path>) -> Router {
     let routes = Router::new()
         .merge(prompt::routes())
         .merge(queue::routes())
@@ -45,7 +40,7 @@ pub fn router_with_web_root(state: AppState, web_root: Option<&std::path::Path>)
         .merge(routes.clone())
         .nest("/api", routes)
         .merge(user::internal_routes());
-    if let Some(root) = web_root {
+    if let Some(root) = state.settings.front_end_root.clone() {
         let index = Router::new()
             .route_service("/", ServeFile::new(root.join("index.html")))
             .layer(SetResponseHeaderLayer::overriding(

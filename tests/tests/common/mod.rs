@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use easel_engine::NodeRegistry;
-use easel_server::api::router_with_web_root;
+use easel_server::api::router;
 use easel_server::cli::ExecutionArgs;
 use easel_server::state::{AppState, ServerSettings};
 use easel_server::store::Store;
@@ -46,15 +46,7 @@ pub fn start_with_registry(registry: NodeRegistry) -> Server {
 }
 
 /// As [`start`], also serving `web_root` as the frontend.
-pub fn start_with_web_root(settings: ServerSettings, web_root: PathBuf) -> Server {
-    start_full(settings, None, Some(web_root))
-}
-
 fn start_custom(settings: ServerSettings, registry: Option<NodeRegistry>) -> Server {
-    start_full(settings, registry, None)
-}
-
-fn start_full(settings: ServerSettings, registry: Option<NodeRegistry>, web_root: Option<PathBuf>) -> Server {
     let base = tempfile::tempdir().expect("temp dir");
     let mut args = ExecutionArgs::default();
     args.directories.base_directory = base.path().to_path_buf();
@@ -82,9 +74,7 @@ fn start_full(settings: ServerSettings, registry: Option<NodeRegistry>, web_root
             sender
                 .send(listener.local_addr().expect("address"))
                 .expect("report address");
-            axum::serve(listener, router_with_web_root(state, web_root.as_deref()))
-                .await
-                .expect("serve");
+            axum::serve(listener, router(state)).await.expect("serve");
         });
     });
     let address = receiver.recv_timeout(Duration::from_secs(10)).expect("server started");
