@@ -65,7 +65,9 @@ fn unauthorized() -> Response {
 /// Requires an API key when the server has any.
 pub async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let keys = &state.settings.api_keys;
-    if keys.is_empty() {
+    // A CORS preflight carries no credentials; the request it announces will.
+    let preflight = request.method() == Method::OPTIONS && state.settings.cors_origin.is_some();
+    if keys.is_empty() || preflight {
         return next.run(request).await;
     }
     let valid = |key: &str| keys.iter().any(|k| same_key(k, key));

@@ -149,3 +149,20 @@ fn bodies_over_the_upload_limit_are_refused() {
     let (status, _, _) = server.api.post("/prompt", &big);
     assert_eq!(status, 413);
 }
+
+#[test]
+fn cors_preflights_pass_without_a_key() {
+    let server = start_with(ServerSettings {
+        api_keys: vec!["k".into()],
+        cors_origin: Some("https://app.example".into()),
+        ..Default::default()
+    });
+    let preflight = agent().options(format!("{}/prompt", server.api.url)).call().unwrap();
+    assert_eq!(preflight.status().as_u16(), 200);
+    assert_eq!(
+        preflight.headers().get("access-control-allow-origin").unwrap(),
+        "https://app.example"
+    );
+    let without_key = agent().get(format!("{}/queue", server.api.url)).call().unwrap();
+    assert_eq!(without_key.status().as_u16(), 401);
+}
