@@ -4,7 +4,7 @@
 use crate::hub::{message, preview_frame, preview_frame_with_metadata, Outgoing};
 use crate::state::Shared;
 use easel_engine::events::{Event, EventKind};
-use easel_engine::{EventSink, Executor};
+use easel_engine::{EventSink, ExecutionOutcome, ExecutionStatus, Executor};
 use serde_json::{json, Value as Json};
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
@@ -32,13 +32,22 @@ pub fn run(shared: &Shared) {
             client: client.as_deref(),
             held_preview: RefCell::new(None),
         };
-        let outcome = executor.execute(
-            &item.prompt_id,
-            &item.validated,
-            &item.extra_data,
-            &sink,
-            &shared.interrupt,
-        );
+        // Nodes' panics are caught by the engine; this catches the engine's own, so one bad prompt
+        // never stops the worker (the executor, and so its cache, is started afresh).
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            executor.execute(
+                &item.prompt_id,
+                &item.validated,
+                &item.extra_data,
+                &sink,
+                &shared.interrupt,
+            )
+        }));
+        let outcome = run.unwrap_or_else(|_| {
+            tracing::error!(prompt_id = %item.prompt_id, "the engine failed on this prompt");
+            executor = Executor::new(runtime.registry.clone(), runtime.services.clone(), runtime.cache_mode);
+            engine_failure(&item.prompt_id)
+        });
         shared.set_executing_node(None);
 
         let mut extra_data = item.extra_data.clone();
@@ -76,6 +85,22 @@ pub fn run(shared: &Shared) {
                 message("executing", &json!({"node": Json::Null, "prompt_id": item.prompt_id})),
             );
         }
+    }
+}
+
+/// The outcome recorded when the engine itself failed on a prompt.
+fn engine_failure(prompt_id: &str) -> ExecutionOutcome {
+    let error = json!({
+        "prompt_id": prompt_id, "node_id": Json::Null, "node_type": Json::Null, "executed": [],
+        "exception_message": "Easel failed while executing this prompt; see the server log.\n",
+        "exception_type": "EngineError", "traceback": [], "current_inputs": {}, "current_outputs": [],
+        "timestamp": easel_engine::events::timestamp_ms(),
+    });
+    ExecutionOutcome {
+        status: ExecutionStatus::Error,
+        messages: vec![json!(["execution_error", error])],
+        outputs: serde_json::Map::new(),
+        meta: serde_json::Map::new(),
     }
 }
 
