@@ -326,13 +326,8 @@ impl Paths {
     /// `folder_paths.get_annotated_filepath`: `name.png`, `sub/name.png` or `name.png [output]`
     /// (`[input]`, `[temp]`), inside that directory; `None` for a name that would leave it.
     pub fn annotated_filepath(&self, name: &str) -> Option<PathBuf> {
-        let (name, dir) = if let Some(stripped) = name.strip_suffix(" [output]") {
-            (stripped, &self.output)
-        } else if let Some(stripped) = name.strip_suffix(" [temp]") {
-            (stripped, &self.temp)
-        } else {
-            (name.strip_suffix(" [input]").unwrap_or(name), &self.input)
-        };
+        let (name, kind) = split_annotation(name);
+        let dir = self.directory_by_type(kind.unwrap_or("input"))?;
         Some(dir.join(safe_relative(name)?))
     }
 
@@ -362,6 +357,21 @@ impl Paths {
         names.sort();
         names
     }
+}
+
+/// Splits ComfyUI's directory annotation off a file name: `a.png [output]` → (`a.png`,
+/// `Some("output")`); also ` [input]` and ` [temp]`.
+pub fn split_annotation(name: &str) -> (&str, Option<&'static str>) {
+    for kind in ["output", "input", "temp"] {
+        if let Some(stripped) = name
+            .strip_suffix(']')
+            .and_then(|n| n.strip_suffix(kind))
+            .and_then(|n| n.strip_suffix(" ["))
+        {
+            return (stripped, Some(kind));
+        }
+    }
+    (name, None)
 }
 
 /// A client-given relative path, if it has no root, no `..` and no drive.
@@ -448,6 +458,9 @@ mod tests {
 
     #[test]
     fn client_paths_stay_inside() {
+        assert_eq!(split_annotation("a.png [temp]"), ("a.png", Some("temp")));
+        assert_eq!(split_annotation("a.png [input]"), ("a.png", Some("input")));
+        assert_eq!(split_annotation("a.png[output]"), ("a.png[output]", None));
         assert_eq!(safe_relative("a/b.png"), Some(PathBuf::from("a/b.png")));
         assert_eq!(safe_relative("../x.png"), None);
         assert_eq!(safe_relative("/etc/passwd"), None);

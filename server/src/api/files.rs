@@ -5,7 +5,7 @@
 //! backslash or NUL) and is checked again after symlinks are resolved; only images, video and
 //! audio are served inline, with `nosniff`.
 
-use super::{json_response, ApiError};
+use super::{json_response, paths, ApiError};
 use crate::state::AppState;
 use axum::extract::{Multipart, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use easel_nodes::image_io::{replace_alpha, view_channel, view_preview};
-use easel_nodes::paths::{safe_relative, Paths};
+use easel_nodes::paths::{safe_relative, split_annotation, Paths};
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -24,10 +24,6 @@ pub fn routes() -> Router<AppState> {
         .route("/view", get(view))
         .route("/upload/image", post(upload_image))
         .route("/upload/mask", post(upload_mask))
-}
-
-fn paths(state: &AppState) -> Result<&Paths, ApiError> {
-    state.runtime.services.get::<Paths>().ok_or(ApiError::NotFound)
 }
 
 /// A relative path a client may name: no root, no `..`, no backslash, no NUL.
@@ -99,17 +95,8 @@ async fn view(
 ) -> Result<Response, ApiError> {
     let paths = paths(&state)?;
     let requested = query.get("filename").ok_or(ApiError::NotFound)?;
-    let (filename, kind) = [" [output]", " [input]", " [temp]"]
-        .iter()
-        .find_map(|suffix| {
-            requested
-                .strip_suffix(suffix)
-                .map(|name| (name, &suffix[2..suffix.len() - 1]))
-        })
-        .unwrap_or((
-            requested.as_str(),
-            query.get("type").map(String::as_str).unwrap_or("output"),
-        ));
+    let (filename, annotation) = split_annotation(requested);
+    let kind = annotation.unwrap_or_else(|| query.get("type").map(String::as_str).unwrap_or("output"));
     if filename.is_empty() || filename.starts_with('/') || filename.contains("..") || filename.contains('\0') {
         return Err(ApiError::BadRequest);
     }
@@ -297,17 +284,9 @@ async fn upload_image(State(state): State<AppState>, multipart: Multipart) -> Re
 fn original_image(paths: &Paths, original_ref: &str) -> Option<PathBuf> {
     let reference: Json = serde_json::from_str(original_ref).ok()?;
     let requested = reference["filename"].as_str()?;
-    let (filename, dir) = match [" [output]", " [input]", " [temp]"].iter().find_map(|suffix| {
-        requested
-            .strip_suffix(suffix)
-            .map(|name| (name, &suffix[2..suffix.len() - 1]))
-    }) {
-        Some((name, kind)) => (name, paths.directory_by_type(kind)?),
-        None => (
-            requested,
-            paths.directory_by_type(reference["type"].as_str().unwrap_or("output"))?,
-        ),
-    };
+    let (filename, annotation) = split_annotation(requested);
+    let kind = annotation.unwrap_or_else(|| reference["type"].as_str().unwrap_or("output"));
+    let dir = paths.directory_by_type(kind)?;
     let mut folder = dir.to_path_buf();
     if let Some(subfolder) = reference["subfolder"].as_str().filter(|s| !s.is_empty()) {
         folder = folder.join(client_path(subfolder)?);

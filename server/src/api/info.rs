@@ -1,13 +1,12 @@
 //! What the server knows: node definitions, model folders, system and feature information
 //! (protocol §1.1–1.3, §1.8, §1.9, §1.11).
 
-use super::{json_response, ApiError};
+use super::{json_response, paths, ApiError};
 use crate::state::AppState;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use easel_nodes::paths::Paths;
 use serde_json::{json, Map, Value as Json};
 use std::collections::HashMap;
 
@@ -27,10 +26,6 @@ pub fn routes() -> Router<AppState> {
         .route("/system_stats", get(system_stats))
         .route("/features", get(features))
         .route("/view_metadata/{folder_name}", get(view_metadata))
-}
-
-fn paths(state: &AppState) -> Result<&Paths, ApiError> {
-    state.runtime.services.get::<Paths>().ok_or(ApiError::NotFound)
 }
 
 async fn object_info(State(state): State<AppState>) -> Response {

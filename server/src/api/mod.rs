@@ -19,6 +19,7 @@ use axum::routing::get;
 use axum::Router;
 use easel_engine::pyjson::dumps;
 use easel_engine::ValidationFailure;
+use easel_nodes::paths::Paths;
 use serde_json::{json, Value as Json};
 use tower_http::compression::CompressionLayer;
 use tower_http::services::{ServeDir, ServeFile};
@@ -144,6 +145,11 @@ impl IntoResponse for ApiError {
             }
         }
     }
+}
+
+/// The server's directories.
+pub fn paths(state: &AppState) -> Result<&Paths, ApiError> {
+    state.runtime.services.get::<Paths>().ok_or(ApiError::NotFound)
 }
 
 /// A JSON request body, or ComfyUI's 500 for one that is not JSON.

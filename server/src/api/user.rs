@@ -1,7 +1,7 @@
 //! What the official frontend reads and writes at start-up: users, user data files, settings,
 //! translations and templates (protocol §1.15–1.17). Easel serves the single user `default`.
 
-use super::{json_response, ApiError};
+use super::{json_response, paths, ApiError};
 use crate::logs;
 use crate::state::AppState;
 use crate::url::percent_decode;
@@ -11,7 +11,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::Router;
-use easel_nodes::paths::{safe_relative, Paths};
+use easel_nodes::paths::safe_relative;
 use serde_json::{json, Map, Value as Json};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -51,10 +51,6 @@ async fn subscribe_logs(body: Bytes) -> Result<Response, ApiError> {
     let sid = request["clientId"].as_str().ok_or(ApiError::BadRequest)?;
     logs::subscribe(sid, request["enabled"].as_bool().unwrap_or(false));
     Ok(StatusCode::OK.into_response())
-}
-
-fn paths(state: &AppState) -> Result<&Paths, ApiError> {
-    state.runtime.services.get::<Paths>().ok_or(ApiError::NotFound)
 }
 
 fn user_root(state: &AppState) -> Result<PathBuf, ApiError> {
