@@ -61,18 +61,19 @@ pub fn run(shared: &Shared) {
             .get(1)
             .and_then(|m| m[1]["nodes"].as_array())
             .map_or(0, Vec::len);
+        let status = outcome.status_json();
         tracing::info!(
             prompt_id = %item.prompt_id,
             nodes = item.validated.prompt.len(),
             cached,
-            status = outcome.status_json()["status_str"].as_str().unwrap_or_default(),
+            status = status["status_str"].as_str().unwrap_or_default(),
             "Prompt executed in {:.2} seconds",
             started.elapsed().as_secs_f64()
         );
         let entry = json!({
             "prompt": [item.number_json, item.prompt_id, item.validated.prompt.to_json(), extra_data, item.validated.outputs_to_execute],
             "outputs": outcome.outputs,
-            "status": outcome.status_json(),
+            "status": status,
             "meta": outcome.meta,
         });
         if let Err(error) = shared.store.complete(&item.prompt_id, &entry) {
