@@ -26,7 +26,7 @@ fn form(filename: &str, bytes: &[u8], fields: &[(&str, &str)]) -> Vec<u8> {
 }
 
 fn upload(server: &Server, route: &str, body: Vec<u8>) -> (u16, Json) {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let agent = common::agent();
     let mut response = agent
         .post(format!("{}{route}", server.api.url))
         .header("Content-Type", format!("multipart/form-data; boundary={BOUNDARY}"))
@@ -153,7 +153,7 @@ fn view_serves_previews_channels_and_only_media_inline() {
 
     // A file a browser would run is an attachment; a symlink out of the directory is refused.
     std::fs::write(server.base.path().join("output/page.html"), "<script>alert(1)</script>").unwrap();
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let agent = common::agent();
     let response = agent
         .get(format!("{}/view?filename=page.html", server.api.url))
         .call()
@@ -181,7 +181,7 @@ fn view_serves_previews_channels_and_only_media_inline() {
 fn view_answers_ranges_and_conditional_requests() {
     let server = start();
     std::fs::write(server.base.path().join("output/data.png"), b"0123456789").unwrap();
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let agent = common::agent();
     let url = format!("{}/view?filename=data.png", server.api.url);
     let full = agent.get(&url).call().unwrap();
     let etag = full.headers().get("etag").unwrap().to_str().unwrap().to_string();

@@ -3,12 +3,8 @@
 
 mod common;
 
-use common::start;
+use common::{agent, start};
 use serde_json::{json, Value as Json};
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).build().into()
-}
 
 #[test]
 fn the_frontend_start_up_sequence_is_answered() {

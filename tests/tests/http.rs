@@ -228,7 +228,7 @@ fn json_is_gzipped_when_enabled_and_accepted() {
         ..Default::default()
     };
     let server = common::start_with(settings);
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let agent = common::agent();
     let json = agent
         .get(format!("{}/object_info", server.api.url))
         .header("Accept-Encoding", "gzip")

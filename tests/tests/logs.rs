@@ -19,7 +19,7 @@ async fn log_lines_are_kept_and_streamed_to_subscribers() {
     socket.next().await.unwrap().unwrap();
     let api = server.api.clone();
     tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let agent = common::agent();
         let body = json!({"clientId": "logger", "enabled": true}).to_string();
         let response = agent
             .patch(format!("{}/internal/logs/subscribe", api.url))

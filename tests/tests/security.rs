@@ -2,14 +2,10 @@
 
 mod common;
 
-use common::{start, start_with};
+use common::{agent, start, start_with};
 use easel_server::state::ServerSettings;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).build().into()
-}
 
 fn keyed() -> ServerSettings {
     ServerSettings {

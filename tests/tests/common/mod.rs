@@ -86,7 +86,8 @@ fn start_custom(settings: ServerSettings, registry: Option<NodeRegistry>) -> Ser
     }
 }
 
-fn agent() -> ureq::Agent {
+/// An HTTP client that returns error statuses instead of failing on them.
+pub fn agent() -> ureq::Agent {
     ureq::Agent::config_builder().http_status_as_error(false).build().into()
 }
 
