@@ -15,6 +15,7 @@ pub mod image_nodes;
 pub mod mask_nodes;
 pub mod paths;
 pub mod resample;
+pub mod sampling;
 
 use easel_engine::NodeRegistry;
 

@@ -1,0 +1,133 @@
+//! The sampling core against values recorded from ComfyUI 0.3.64 on a CPU: initial noise bit for
+//! bit (`fixtures/torch_randn.json`) and every scheduler's σ sequence (`fixtures/sigmas.json`).
+
+use easel_nodes::sampling::noise::{prepare_noise, CpuGenerator};
+use easel_nodes::sampling::schedule::{flux_shift_for_size, ksampler_sigmas, Scheduler, SigmaSchedule};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+fn fixture(name: &str) -> Value {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("fixture JSON")
+}
+
+fn floats(value: &Value) -> Vec<f32> {
+    value
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|v| match v {
+            Value::String(s) if s == "NaN" => f32::NAN,
+            v => v.as_f64().expect("number") as f32,
+        })
+        .collect()
+}
+
+fn usizes(value: &Value) -> Vec<usize> {
+    value.as_array().expect("array").iter().map(|v| v.as_u64().expect("integer") as usize).collect()
+}
+
+#[test]
+fn initial_noise_is_bit_exact_with_torch() {
+    let data = fixture("torch_randn.json");
+    for case in data["cases"].as_array().unwrap() {
+        let seed = case["seed"].as_u64().unwrap();
+        let shape = usizes(&case["shape"]);
+        let expected = floats(&case["values"]);
+        let actual = prepare_noise(seed, &shape, None);
+        let expected_bits: Vec<u32> = expected.iter().map(|v| v.to_bits()).collect();
+        let actual_bits: Vec<u32> = actual.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(actual_bits, expected_bits, "seed {seed} shape {shape:?}");
+    }
+    let large = &data["large"];
+    let values = CpuGenerator::new(large["seed"].as_u64().unwrap()).randn(large["numel"].as_u64().unwrap() as usize);
+    assert_eq!(values[..32], floats(&large["first_32"])[..]);
+    assert_eq!(values[values.len() - 32..], floats(&large["last_32"])[..]);
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let digest: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(digest, large["sha256_of_float32_le_bytes"].as_str().unwrap());
+}
+
+#[test]
+fn batch_index_noise_matches_prepare_noise() {
+    let data = fixture("torch_randn.json");
+    for case in data["noise_inds_cases"].as_array().unwrap() {
+        let indices = usizes(&case["noise_inds"]);
+        let shape = usizes(&case["latent_shape"]);
+        let actual = prepare_noise(case["seed"].as_u64().unwrap(), &shape, Some(&indices));
+        assert_eq!(actual, floats(&case["values"]), "indices {indices:?}");
+    }
+}
+
+fn schedule_for(model: &str) -> SigmaSchedule {
+    match model {
+        "SD15" | "SDXL" => SigmaSchedule::sd_discrete(),
+        "SD3" => SigmaSchedule::flow(3.0, 1000.0),
+        "FLUX_SCHNELL" => SigmaSchedule::flow(1.0, 1.0),
+        "FLUX_1024x1024" => SigmaSchedule::flux(flux_shift_for_size(1.15, 0.5, 1024.0, 1024.0)),
+        "FLUX_512x512" => SigmaSchedule::flux(flux_shift_for_size(1.15, 0.5, 512.0, 512.0)),
+        other => panic!("unknown model {other}"),
+    }
+}
+
+/// Equal within 1e-6, relative above 1 (σ up to 14.6, where one float32 step is 9.5e-7).
+fn assert_close(actual: &[f32], expected: &[f32], what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: {actual:?} vs {expected:?}");
+    for (a, e) in actual.iter().zip(expected) {
+        let same = (a.is_nan() && e.is_nan()) || (a - e).abs() <= 1e-6 * e.abs().max(1.0);
+        assert!(same, "{what}: {actual:?} vs {expected:?}");
+    }
+}
+
+#[test]
+fn model_sampling_tables_match_comfyui() {
+    let data = fixture("sigmas.json");
+    for (name, model) in data["models"].as_object().unwrap() {
+        let schedule = schedule_for(name);
+        assert_eq!(schedule.sigma_min(), model["sigma_min"].as_f64().unwrap() as f32, "{name} sigma_min");
+        assert_eq!(schedule.sigma_max(), model["sigma_max"].as_f64().unwrap() as f32, "{name} sigma_max");
+        if let Some(table) = model.get("sigmas_table") {
+            assert_close(schedule.table(), &floats(table), name);
+        }
+        if let Some(first) = model.get("sigmas_table_first_8") {
+            assert_close(&schedule.table()[..8], &floats(first), name);
+            let table = schedule.table();
+            assert_close(&table[table.len() - 8..], &floats(&model["sigmas_table_last_8"]), name);
+        }
+    }
+}
+
+#[test]
+fn every_scheduler_matches_comfyui() {
+    let data = fixture("sigmas.json");
+    for case in data["cases"].as_array().unwrap() {
+        let model = case["model"].as_str().unwrap();
+        let scheduler: Scheduler = case["scheduler"].as_str().unwrap().parse().unwrap();
+        let steps = case["steps"].as_u64().unwrap() as usize;
+        let denoise = case["denoise"].as_f64().unwrap();
+        let sigmas = ksampler_sigmas(&schedule_for(model), scheduler, steps, denoise, false);
+        assert_close(&sigmas, &floats(&case["sigmas"]), &format!("{model} {scheduler} {steps} {denoise}"));
+    }
+}
+
+#[test]
+fn samplers_that_discard_the_penultimate_sigma() {
+    let data = fixture("sigmas.json");
+    for case in data["discard_penultimate"].as_array().unwrap() {
+        let scheduler: Scheduler = case["scheduler"].as_str().unwrap().parse().unwrap();
+        let steps = case["steps"].as_u64().unwrap() as usize;
+        let denoise = case["denoise"].as_f64().unwrap();
+        let sigmas = ksampler_sigmas(&schedule_for(case["model"].as_str().unwrap()), scheduler, steps, denoise, true);
+        assert_close(&sigmas, &floats(&case["sigmas"]), &format!("{case}"));
+    }
+}
+
+#[test]
+fn discrete_schedule_conversions() {
+    let schedule = SigmaSchedule::sd_discrete();
+    assert_eq!(schedule.timestep(1.0), 354.0);
+    assert!((schedule.sigma(500.0) - 1.618_278_9).abs() < 1e-6);
+    assert!((schedule.percent_to_sigma(0.5) - 1.61558).abs() < 1e-5);
+    assert!((SigmaSchedule::flow(3.0, 1000.0).percent_to_sigma(0.5) - 0.75).abs() < 1e-12);
+    assert!((SigmaSchedule::flux(1.15).percent_to_sigma(0.5) - 0.759511).abs() < 1e-6);
+}
