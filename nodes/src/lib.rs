@@ -13,6 +13,7 @@ pub mod image;
 pub mod image_io;
 pub mod image_nodes;
 pub mod mask_nodes;
+pub mod models;
 pub mod paths;
 pub mod resample;
 pub mod sampling;

@@ -24,7 +24,12 @@ fn floats(value: &Value) -> Vec<f32> {
 }
 
 fn usizes(value: &Value) -> Vec<usize> {
-    value.as_array().expect("array").iter().map(|v| v.as_u64().expect("integer") as usize).collect()
+    value
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|v| v.as_u64().expect("integer") as usize)
+        .collect()
 }
 
 #[test]
@@ -84,8 +89,16 @@ fn model_sampling_tables_match_comfyui() {
     let data = fixture("sigmas.json");
     for (name, model) in data["models"].as_object().unwrap() {
         let schedule = schedule_for(name);
-        assert_eq!(schedule.sigma_min(), model["sigma_min"].as_f64().unwrap() as f32, "{name} sigma_min");
-        assert_eq!(schedule.sigma_max(), model["sigma_max"].as_f64().unwrap() as f32, "{name} sigma_max");
+        assert_eq!(
+            schedule.sigma_min(),
+            model["sigma_min"].as_f64().unwrap() as f32,
+            "{name} sigma_min"
+        );
+        assert_eq!(
+            schedule.sigma_max(),
+            model["sigma_max"].as_f64().unwrap() as f32,
+            "{name} sigma_max"
+        );
         if let Some(table) = model.get("sigmas_table") {
             assert_close(schedule.table(), &floats(table), name);
         }
@@ -106,7 +119,11 @@ fn every_scheduler_matches_comfyui() {
         let steps = case["steps"].as_u64().unwrap() as usize;
         let denoise = case["denoise"].as_f64().unwrap();
         let sigmas = ksampler_sigmas(&schedule_for(model), scheduler, steps, denoise, false);
-        assert_close(&sigmas, &floats(&case["sigmas"]), &format!("{model} {scheduler} {steps} {denoise}"));
+        assert_close(
+            &sigmas,
+            &floats(&case["sigmas"]),
+            &format!("{model} {scheduler} {steps} {denoise}"),
+        );
     }
 }
 
@@ -117,7 +134,13 @@ fn samplers_that_discard_the_penultimate_sigma() {
         let scheduler: Scheduler = case["scheduler"].as_str().unwrap().parse().unwrap();
         let steps = case["steps"].as_u64().unwrap() as usize;
         let denoise = case["denoise"].as_f64().unwrap();
-        let sigmas = ksampler_sigmas(&schedule_for(case["model"].as_str().unwrap()), scheduler, steps, denoise, true);
+        let sigmas = ksampler_sigmas(
+            &schedule_for(case["model"].as_str().unwrap()),
+            scheduler,
+            steps,
+            denoise,
+            true,
+        );
         assert_close(&sigmas, &floats(&case["sigmas"]), &format!("{case}"));
     }
 }

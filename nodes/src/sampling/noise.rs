@@ -20,7 +20,9 @@ impl Mt19937 {
         state[0] = seed;
         for i in 1..624 {
             let previous = state[i - 1];
-            state[i] = 1_812_433_253u32.wrapping_mul(previous ^ (previous >> 30)).wrapping_add(i as u32);
+            state[i] = 1_812_433_253u32
+                .wrapping_mul(previous ^ (previous >> 30))
+                .wrapping_add(i as u32);
         }
         Mt19937 { state, index: 624 }
     }
@@ -64,7 +66,10 @@ pub struct CpuGenerator {
 impl CpuGenerator {
     /// Seeds like `torch.manual_seed`: only the low 32 bits of the seed matter.
     pub fn new(seed: u64) -> Self {
-        CpuGenerator { engine: Mt19937::new(seed as u32), cached_normal: None }
+        CpuGenerator {
+            engine: Mt19937::new(seed as u32),
+            cached_normal: None,
+        }
     }
 
     /// `torch.randn(numel, dtype=float32, generator=self)`, values in row-major order.
@@ -200,8 +205,15 @@ fn sincos_ps(x: f32) -> (f32, f32) {
     sine = sine.mul_add(z, -1.666_665_461_1e-1);
     sine *= z;
     sine = sine.mul_add(x, x);
-    let (sin, cos) = if sine_polynomial_is_sin { (sine, cosine) } else { (cosine, sine) };
-    (if sin_negative { -sin } else { sin }, if cos_negative { -cos } else { cos })
+    let (sin, cos) = if sine_polynomial_is_sin {
+        (sine, cosine)
+    } else {
+        (cosine, sine)
+    };
+    (
+        if sin_negative { -sin } else { sin },
+        if cos_negative { -cos } else { cos },
+    )
 }
 
 #[cfg(test)]
@@ -211,7 +223,10 @@ mod tests {
     #[test]
     fn mt19937_matches_the_standard_sequence() {
         let mut engine = Mt19937::new(0);
-        assert_eq!([engine.next_u32(), engine.next_u32(), engine.next_u32()], [2357136044, 2546248239, 3071714933]);
+        assert_eq!(
+            [engine.next_u32(), engine.next_u32(), engine.next_u32()],
+            [2357136044, 2546248239, 3071714933]
+        );
     }
 
     #[test]

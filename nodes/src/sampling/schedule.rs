@@ -13,7 +13,11 @@ pub enum SigmaSchedule {
     /// with its logarithm; the network receives the integer index of the nearest σ.
     Discrete { sigmas: Vec<f32>, log_sigmas: Vec<f32> },
     /// `ModelSamplingDiscreteFlow` (SD3, FLUX schnell): σ = shift·t / (1 + (shift − 1)·t).
-    Flow { shift: f64, multiplier: f64, sigmas: Vec<f32> },
+    Flow {
+        shift: f64,
+        multiplier: f64,
+        sigmas: Vec<f32>,
+    },
     /// `ModelSamplingFlux` (FLUX dev): σ = e^μ / (e^μ + 1/t − 1), μ = `shift`.
     Flux { shift: f64, sigmas: Vec<f32> },
 }
@@ -45,12 +49,18 @@ impl SigmaSchedule {
         let sigmas = (1..=1000)
             .map(|step| flow_sigma(shift, multiplier, step as f32 / 1000.0 * multiplier32))
             .collect();
-        SigmaSchedule::Flow { shift, multiplier, sigmas }
+        SigmaSchedule::Flow {
+            shift,
+            multiplier,
+            sigmas,
+        }
     }
 
     /// FLUX dev with μ = `shift` (1.15 by default): 10000 timesteps.
     pub fn flux(shift: f64) -> Self {
-        let sigmas = (1..=10000).map(|step| flux_sigma(shift, step as f32 / 10000.0)).collect();
+        let sigmas = (1..=10000)
+            .map(|step| flux_sigma(shift, step as f32 / 10000.0))
+            .collect();
         SigmaSchedule::Flux { shift, sigmas }
     }
 
@@ -283,7 +293,9 @@ pub fn ksampler_sigmas(
 fn simple(schedule: &SigmaSchedule, steps: usize) -> Vec<f32> {
     let table = schedule.table();
     let stride = table.len() as f64 / steps as f64;
-    let mut sigmas: Vec<f32> = (0..steps).map(|x| table[table.len() - 1 - (x as f64 * stride) as usize]).collect();
+    let mut sigmas: Vec<f32> = (0..steps)
+        .map(|x| table[table.len() - 1 - (x as f64 * stride) as usize])
+        .collect();
     sigmas.push(0.0);
     sigmas
 }
@@ -314,8 +326,10 @@ fn karras(steps: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> Vec<f32> {
     let min_inv_rho = sigma_min.powf(1.0 / rho);
     let max_inv_rho = sigma_max.powf(1.0 / rho);
     let span = (min_inv_rho - max_inv_rho) as f32;
-    let mut sigmas: Vec<f32> =
-        linspace_f32(0.0, 1.0, steps).into_iter().map(|ramp| (max_inv_rho as f32 + ramp * span).powf(rho as f32)).collect();
+    let mut sigmas: Vec<f32> = linspace_f32(0.0, 1.0, steps)
+        .into_iter()
+        .map(|ramp| (max_inv_rho as f32 + ramp * span).powf(rho as f32))
+        .collect();
     sigmas.push(0.0);
     sigmas
 }

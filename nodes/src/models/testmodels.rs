@@ -1,0 +1,198 @@
+//! Random-weight models in the real file formats, for tests and `easel testmodels`: small
+//! enough that a full 64×64 workflow runs in seconds on a CPU, loaded through the same code as
+//! real checkpoints.
+//!
+//! Weights are filled as the reference SD1.5 checkpoint of ComfyUI's test run was: tensors in
+//! sorted key order, one torch CPU generator seeded with 0, `randn · 0.02` for weights, ones for
+//! normalisation weights, zeros for biases, stored as float16. The same writer therefore
+//! rebuilds that full-size checkpoint from its layout ([`write_checkpoint`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use half::f16;
+use safetensors::tensor::{Dtype as FileDtype, TensorView};
+
+use super::clip_text::{Activation, ClipTextConfig, ClipTextEncoder};
+use super::unet::{HeadLayout, UNet, UNetConfig};
+use super::vae::{Vae, VaeConfig};
+use super::{SD1_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use crate::sampling::noise::CpuGenerator;
+
+/// How a tensor is filled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    Zeros,
+    Ones,
+    /// `randn · 0.02` from the shared generator.
+    Random,
+    /// 0, 1, 2, … as int64 (CLIP's `position_ids`).
+    Arange,
+}
+
+/// One tensor of a model file to write.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub fill: Fill,
+}
+
+/// The file name `easel testmodels` gives the tiny SD1.x checkpoint.
+pub const TINY_SD1_CHECKPOINT: &str = "easel_tiny_sd1.safetensors";
+
+/// A tiny SD1.x UNet: 32/64 channels, two levels, attention everywhere, 64-wide context.
+pub fn tiny_sd1_unet() -> UNetConfig {
+    UNetConfig {
+        in_channels: 4,
+        out_channels: 4,
+        model_channels: 32,
+        channel_mult: vec![1, 2],
+        num_res_blocks: vec![1, 1],
+        input_depths: vec![1, 1],
+        middle_depth: Some(1),
+        output_depths: vec![1, 1, 1, 1],
+        context_dim: 64,
+        linear_projection: false,
+        heads: HeadLayout::Count(8),
+        adm_in_channels: None,
+    }
+}
+
+/// A tiny CLIP-L-shaped text encoder: the full vocabulary and 77 positions, 64 wide, 2 layers.
+pub fn tiny_clip_l() -> ClipTextConfig {
+    ClipTextConfig {
+        vocab_size: 49408,
+        hidden_size: 64,
+        intermediate_size: 128,
+        layers: 2,
+        heads: 1,
+        max_positions: 77,
+        activation: Activation::QuickGelu,
+    }
+}
+
+/// A tiny SD VAE: 32 channels, four levels (8× downscale), one residual block per level.
+pub fn tiny_sd_vae() -> VaeConfig {
+    VaeConfig {
+        channels: 32,
+        channel_mult: vec![1, 1, 1, 1],
+        num_res_blocks: 1,
+        latent_channels: 4,
+        image_channels: 3,
+    }
+}
+
+/// Every tensor of an SD1.x single-file checkpoint with the given parts, in ComfyUI's layout.
+pub fn sd1_checkpoint_layout(
+    unet: &UNetConfig,
+    clip: &ClipTextConfig,
+    vae: &VaeConfig,
+) -> candle_core::Result<Vec<TensorSpec>> {
+    let recorder = Recorder::default();
+    UNet::new(unet.clone(), recorder.var_builder(UNET_PREFIX))?;
+    ClipTextEncoder::new(clip.clone(), recorder.var_builder(SD1_CLIP_PREFIX))?;
+    Vae::new(vae.clone(), recorder.var_builder(VAE_PREFIX))?;
+    let mut specs = recorder.specs();
+    specs.push(TensorSpec {
+        name: format!("{SD1_CLIP_PREFIX}embeddings.position_ids"),
+        shape: vec![1, clip.max_positions],
+        fill: Fill::Arange,
+    });
+    Ok(specs)
+}
+
+/// Writes the test models under `models_dir` (ComfyUI's `models` folder) and returns their paths.
+pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let checkpoints = models_dir.join("checkpoints");
+    std::fs::create_dir_all(&checkpoints)?;
+    let layout =
+        sd1_checkpoint_layout(&tiny_sd1_unet(), &tiny_clip_l(), &tiny_sd_vae()).map_err(std::io::Error::other)?;
+    let path = checkpoints.join(TINY_SD1_CHECKPOINT);
+    write_checkpoint(&path, &layout)?;
+    Ok(vec![path])
+}
+
+/// Writes a safetensors file with the tensors of `layout`, filled as described in the module
+/// documentation (float16, int64 for [`Fill::Arange`]), metadata `{"format": "pt"}`.
+pub fn write_checkpoint(path: &Path, layout: &[TensorSpec]) -> std::io::Result<()> {
+    let mut sorted: Vec<&TensorSpec> = layout.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut generator = CpuGenerator::new(0);
+    let mut buffers: Vec<(String, FileDtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(sorted.len());
+    for spec in sorted {
+        let numel: usize = spec.shape.iter().product();
+        let (dtype, bytes) = match spec.fill {
+            Fill::Arange => (FileDtype::I64, (0..numel as i64).flat_map(i64::to_le_bytes).collect()),
+            Fill::Zeros => (FileDtype::F16, half_bytes((0..numel).map(|_| 0.0))),
+            Fill::Ones => (FileDtype::F16, half_bytes((0..numel).map(|_| 1.0))),
+            Fill::Random => (
+                FileDtype::F16,
+                half_bytes(generator.randn(numel).into_iter().map(|v| v * 0.02)),
+            ),
+        };
+        buffers.push((spec.name.clone(), dtype, spec.shape.clone(), bytes));
+    }
+    let views = buffers
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|view| (name.as_str(), view))
+                .map_err(std::io::Error::other)
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(metadata), path).map_err(std::io::Error::other)
+}
+
+fn half_bytes(values: impl Iterator<Item = f32>) -> Vec<u8> {
+    values.flat_map(|v| f16::from_f32(v).to_le_bytes()).collect()
+}
+
+/// A `VarBuilder` backend that hands out zeros and records what was asked for.
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<TensorSpec>>>);
+
+impl Recorder {
+    fn var_builder(&self, prefix: &str) -> VarBuilder<'static> {
+        let vb = VarBuilder::from_backend(Box::new(self.clone()), DType::F32, Device::Cpu);
+        vb.pp(prefix.trim_end_matches('.'))
+    }
+
+    fn specs(&self) -> Vec<TensorSpec> {
+        self.0.lock().map(|specs| specs.clone()).unwrap_or_default()
+    }
+}
+
+impl SimpleBackend for Recorder {
+    fn get(&self, shape: Shape, name: &str, hints: Init, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let fill = if name.ends_with(".bias") {
+            Fill::Zeros
+        } else if matches!(hints, Init::Const(value) if value == 1.0) {
+            Fill::Ones
+        } else {
+            Fill::Random
+        };
+        if let Ok(mut specs) = self.0.lock() {
+            specs.push(TensorSpec {
+                name: name.to_string(),
+                shape: shape.dims().to_vec(),
+                fill,
+            });
+        }
+        Tensor::zeros(shape, dtype, device)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _device: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!(
+            "the layout recorder needs a shape for '{name}'"
+        )))
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}

@@ -1,0 +1,615 @@
+//! The Stable Diffusion UNet (`openaimodel.UNetModel`) read directly from the LDM key layout of
+//! ComfyUI checkpoints (`input_blocks`, `middle_block`, `output_blocks`), for SD1.x, SD2.x and
+//! SDXL. Its shape — channels, levels, residual blocks, where attention sits and how deep, the
+//! context width, class conditioning — is inferred from the weights, so any size loads through
+//! the same code.
+//!
+//! Hook points for features that extend the network without forking it: `in_channels` follows
+//! the weights (inpainting and IC-Light models concatenate extra channels to the input),
+//! [`ControlResiduals`] are added after blocks and to skip connections (ControlNet), and a
+//! [`CrossAttentionPatch`] sees every cross-attention (IP-Adapter).
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+use super::attention::attention;
+use super::weights::TensorShapes;
+use super::DetectError;
+
+/// How attention heads are sized: a fixed count (SD1.x: 8) or a fixed width (SD2.x, SDXL: 64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadLayout {
+    Count(usize),
+    Width(usize),
+}
+
+impl HeadLayout {
+    fn heads(self, channels: usize) -> usize {
+        match self {
+            HeadLayout::Count(count) => count,
+            HeadLayout::Width(width) => (channels / width).max(1),
+        }
+    }
+}
+
+/// The architecture of one UNet, as found in its weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UNetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub model_channels: usize,
+    /// Channel multiplier of each resolution level.
+    pub channel_mult: Vec<usize>,
+    /// Residual blocks per level on the encoder side (the decoder has one more per level).
+    pub num_res_blocks: Vec<usize>,
+    /// Transformer depth after each encoder residual block, in block order (0 = no attention).
+    pub input_depths: Vec<usize>,
+    /// Transformer depth of the middle block; `None` when it has no attention.
+    pub middle_depth: Option<usize>,
+    /// Transformer depth after each decoder residual block, in block order.
+    pub output_depths: Vec<usize>,
+    /// Width of the text conditioning (`attn2.to_k` input).
+    pub context_dim: usize,
+    /// SD2.x/SDXL project into and out of transformers with linear layers, SD1.x with 1×1 convs.
+    pub linear_projection: bool,
+    pub heads: HeadLayout,
+    /// Width of the class-conditioning vector `y` (SDXL: 2816), if the model takes one.
+    pub adm_in_channels: Option<usize>,
+}
+
+impl UNetConfig {
+    /// Reads the architecture from the tensors under `prefix` (e.g. `model.diffusion_model.`).
+    pub fn infer(file: &dyn TensorShapes, prefix: &str, heads: HeadLayout) -> std::result::Result<Self, DetectError> {
+        let shape = |key: &str| file.shape(&format!("{prefix}{key}"));
+        let has = |key: &str| file.has(&format!("{prefix}{key}"));
+        let required = |key: &str| {
+            shape(key)
+                .map(<[usize]>::to_vec)
+                .ok_or_else(|| DetectError::MissingTensor(format!("{prefix}{key}")))
+        };
+        let depth_at = |block: &str| {
+            (0..)
+                .take_while(|d| has(&format!("{block}.transformer_blocks.{d}.norm1.weight")))
+                .count()
+        };
+        let conv_in = required("input_blocks.0.0.weight")?;
+        let (model_channels, in_channels) = (conv_in[0], conv_in[1]);
+        let out_channels = required("out.2.weight")?[0];
+
+        let mut channel_mult = vec![];
+        let mut num_res_blocks = vec![0];
+        let mut input_depths = vec![];
+        let mut block = 1;
+        loop {
+            if has(&format!("input_blocks.{block}.0.op.weight")) {
+                num_res_blocks.push(0);
+            } else if let Some(out) = shape(&format!("input_blocks.{block}.0.out_layers.3.weight")) {
+                let level = num_res_blocks.len() - 1;
+                if channel_mult.len() == level {
+                    channel_mult.push(out[0] / model_channels);
+                }
+                num_res_blocks[level] += 1;
+                input_depths.push(depth_at(&format!("input_blocks.{block}.1")));
+            } else {
+                break;
+            }
+            block += 1;
+        }
+        if channel_mult.len() != num_res_blocks.len() || channel_mult.is_empty() {
+            return Err(DetectError::Unrecognised(format!(
+                "the UNet under '{prefix}' has an empty resolution level"
+            )));
+        }
+        let middle_depth = has("middle_block.1.proj_in.weight").then(|| depth_at("middle_block.1"));
+        let output_blocks: usize = num_res_blocks.iter().map(|count| count + 1).sum();
+        let mut output_depths = Vec::with_capacity(output_blocks);
+        for block in 0..output_blocks {
+            if !has(&format!("output_blocks.{block}.0.out_layers.3.weight")) {
+                return Err(DetectError::MissingTensor(format!(
+                    "{prefix}output_blocks.{block}.0.out_layers.3.weight"
+                )));
+            }
+            output_depths.push(depth_at(&format!("output_blocks.{block}.1")));
+        }
+        let attention_block = (0..block)
+            .map(|b| format!("input_blocks.{b}.1"))
+            .chain(["middle_block.1".to_string()])
+            .find(|b| has(&format!("{b}.transformer_blocks.0.attn2.to_k.weight")));
+        let (context_dim, linear_projection) = match attention_block {
+            Some(b) => (
+                required(&format!("{b}.transformer_blocks.0.attn2.to_k.weight"))?[1],
+                required(&format!("{b}.proj_in.weight"))?.len() == 2,
+            ),
+            None => (0, false),
+        };
+        let adm_in_channels = shape("label_emb.0.0.weight").map(|s| s[1]);
+        Ok(UNetConfig {
+            in_channels,
+            out_channels,
+            model_channels,
+            channel_mult,
+            num_res_blocks,
+            input_depths,
+            middle_depth,
+            output_depths,
+            context_dim,
+            linear_projection,
+            heads,
+            adm_in_channels,
+        })
+    }
+}
+
+/// ControlNet-style residuals: `input[i]` is added to the output of encoder block i (block 0
+/// is the input convolution), `middle` to the middle block's output, `output[i]` to the skip
+/// connection that decoder block i consumes. Missing entries add nothing.
+#[derive(Clone, Debug, Default)]
+pub struct ControlResiduals {
+    pub input: Vec<Option<Tensor>>,
+    pub middle: Option<Tensor>,
+    pub output: Vec<Option<Tensor>>,
+}
+
+/// Where a transformer block sits, for attention patches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockPosition {
+    Input(usize),
+    Middle,
+    Output(usize),
+}
+
+/// Changes the result of a cross-attention (IP-Adapter adds image-prompt attention here).
+pub trait CrossAttentionPatch: Send + Sync {
+    /// `hidden` is the normalised block input the query was projected from, `output` the
+    /// cross-attention result before the residual addition; returns the replacement.
+    fn patch(&self, position: BlockPosition, depth: usize, hidden: &Tensor, output: Tensor) -> Result<Tensor>;
+}
+
+/// One call of the network.
+pub struct UNetInput<'a> {
+    /// Latent in model space, [B, in_channels, H, W].
+    pub x: &'a Tensor,
+    /// One timestep per batch item, [B].
+    pub timesteps: &'a Tensor,
+    /// Text conditioning, [B, tokens, context_dim].
+    pub context: &'a Tensor,
+    /// Class conditioning, [B, adm_in_channels] (SDXL).
+    pub y: Option<&'a Tensor>,
+    pub control: Option<&'a ControlResiduals>,
+    pub cross_attention_patch: Option<&'a dyn CrossAttentionPatch>,
+}
+
+pub struct UNet {
+    config: UNetConfig,
+    time_embed: (Linear, Linear),
+    label_embed: Option<(Linear, Linear)>,
+    input_blocks: Vec<Block>,
+    middle_block: Vec<Layer>,
+    output_blocks: Vec<Block>,
+    out_norm: GroupNorm,
+    out_conv: Conv2d,
+}
+
+/// One `input_blocks.N` / `output_blocks.N`: its layers in order.
+struct Block {
+    layers: Vec<Layer>,
+}
+
+enum Layer {
+    Conv(Conv2d),
+    Res(ResBlock),
+    Transformer(SpatialTransformer),
+    Downsample(Conv2d),
+    Upsample(Conv2d),
+}
+
+fn conv(in_channels: usize, out_channels: usize, kernel: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let config = Conv2dConfig {
+        padding: kernel / 2,
+        stride,
+        ..Default::default()
+    };
+    candle_nn::conv2d(in_channels, out_channels, kernel, config, vb)
+}
+
+impl UNet {
+    pub fn new(config: UNetConfig, vb: VarBuilder) -> Result<Self> {
+        let mc = config.model_channels;
+        let time_dim = mc * 4;
+        let time_embed = (
+            candle_nn::linear(mc, time_dim, vb.pp("time_embed.0"))?,
+            candle_nn::linear(time_dim, time_dim, vb.pp("time_embed.2"))?,
+        );
+        let label_embed = match config.adm_in_channels {
+            Some(adm) => Some((
+                candle_nn::linear(adm, time_dim, vb.pp("label_emb.0.0"))?,
+                candle_nn::linear(time_dim, time_dim, vb.pp("label_emb.0.2"))?,
+            )),
+            None => None,
+        };
+        let transformer = |channels: usize, depth: usize, vb: VarBuilder| {
+            SpatialTransformer::new(channels, depth, config.heads.heads(channels), &config, vb)
+        };
+
+        let mut input_blocks = vec![Block {
+            layers: vec![Layer::Conv(conv(
+                config.in_channels,
+                mc,
+                3,
+                1,
+                vb.pp("input_blocks.0.0"),
+            )?)],
+        }];
+        let mut skip_channels = vec![mc];
+        let mut channels = mc;
+        let mut depths = config.input_depths.iter();
+        let levels = config.channel_mult.len();
+        for (level, &mult) in config.channel_mult.iter().enumerate() {
+            for _ in 0..config.num_res_blocks[level] {
+                let vb = vb.pp(format!("input_blocks.{}", input_blocks.len()));
+                let out = mult * mc;
+                let mut layers = vec![Layer::Res(ResBlock::new(channels, out, time_dim, vb.pp("0"))?)];
+                channels = out;
+                let depth = depths.next().copied().unwrap_or(0);
+                if depth > 0 {
+                    layers.push(Layer::Transformer(transformer(channels, depth, vb.pp("1"))?));
+                }
+                input_blocks.push(Block { layers });
+                skip_channels.push(channels);
+            }
+            if level + 1 < levels {
+                let vb = vb.pp(format!("input_blocks.{}.0.op", input_blocks.len()));
+                input_blocks.push(Block {
+                    layers: vec![Layer::Downsample(conv(channels, channels, 3, 2, vb)?)],
+                });
+                skip_channels.push(channels);
+            }
+        }
+
+        let mut middle_block = vec![Layer::Res(ResBlock::new(
+            channels,
+            channels,
+            time_dim,
+            vb.pp("middle_block.0"),
+        )?)];
+        let last_res = match config.middle_depth {
+            Some(depth) => {
+                middle_block.push(Layer::Transformer(transformer(
+                    channels,
+                    depth,
+                    vb.pp("middle_block.1"),
+                )?));
+                "middle_block.2"
+            }
+            None => "middle_block.1",
+        };
+        middle_block.push(Layer::Res(ResBlock::new(
+            channels,
+            channels,
+            time_dim,
+            vb.pp(last_res),
+        )?));
+
+        let mut output_blocks = Vec::new();
+        let mut depths = config.output_depths.iter();
+        for (level, &mult) in config.channel_mult.iter().enumerate().rev() {
+            for index in 0..=config.num_res_blocks[level] {
+                let vb = vb.pp(format!("output_blocks.{}", output_blocks.len()));
+                let skip = skip_channels.pop().unwrap_or(mc);
+                let out = mult * mc;
+                let mut layers = vec![Layer::Res(ResBlock::new(channels + skip, out, time_dim, vb.pp("0"))?)];
+                channels = out;
+                let depth = depths.next().copied().unwrap_or(0);
+                if depth > 0 {
+                    layers.push(Layer::Transformer(transformer(channels, depth, vb.pp("1"))?));
+                }
+                if level > 0 && index == config.num_res_blocks[level] {
+                    let vb = vb.pp(format!("{}.conv", layers.len()));
+                    layers.push(Layer::Upsample(conv(channels, channels, 3, 1, vb)?));
+                }
+                output_blocks.push(Block { layers });
+            }
+        }
+        let out_norm = candle_nn::group_norm(32, channels, 1e-5, vb.pp("out.0"))?;
+        let out_conv = conv(channels, config.out_channels, 3, 1, vb.pp("out.2"))?;
+        Ok(UNet {
+            config,
+            time_embed,
+            label_embed,
+            input_blocks,
+            middle_block,
+            output_blocks,
+            out_norm,
+            out_conv,
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    pub fn forward(&self, input: &UNetInput) -> Result<Tensor> {
+        let t_emb = timestep_embedding(input.timesteps, self.config.model_channels)?.to_dtype(input.x.dtype())?;
+        let mut emb = self
+            .time_embed
+            .1
+            .forward(&candle_nn::ops::silu(&self.time_embed.0.forward(&t_emb)?)?)?;
+        if let (Some((first, second)), Some(y)) = (&self.label_embed, input.y) {
+            emb = (emb + second.forward(&candle_nn::ops::silu(&first.forward(y)?)?)?)?;
+        }
+        let context = Context {
+            emb: &emb,
+            text: input.context,
+            patch: input.cross_attention_patch,
+        };
+        let control = input.control;
+        let mut h = input.x.clone();
+        let mut skips = Vec::with_capacity(self.input_blocks.len());
+        for (index, block) in self.input_blocks.iter().enumerate() {
+            h = block.forward(h, &context, BlockPosition::Input(index), None)?;
+            if let Some(residual) = control.and_then(|c| c.input.get(index)).and_then(Option::as_ref) {
+                h = (h + residual)?;
+            }
+            skips.push(h.clone());
+        }
+        for layer in &self.middle_block {
+            h = layer.forward(h, &context, BlockPosition::Middle, None)?;
+        }
+        if let Some(residual) = control.and_then(|c| c.middle.as_ref()) {
+            h = (h + residual)?;
+        }
+        for (index, block) in self.output_blocks.iter().enumerate() {
+            let mut skip = skips
+                .pop()
+                .ok_or_else(|| candle_core::Error::Msg("UNet skip stack underflow".into()))?;
+            if let Some(residual) = control.and_then(|c| c.output.get(index)).and_then(Option::as_ref) {
+                skip = (skip + residual)?;
+            }
+            h = Tensor::cat(&[&h, &skip], 1)?;
+            let upsample_to = skips.last().map(|next| (next.dim(2), next.dim(3)));
+            let upsample_to = match upsample_to {
+                Some((Ok(height), Ok(width))) => Some((height, width)),
+                _ => None,
+            };
+            h = block.forward(h, &context, BlockPosition::Output(index), upsample_to)?;
+        }
+        let h = candle_nn::ops::silu(&self.out_norm.forward(&h)?)?;
+        self.out_conv.forward(&h)
+    }
+}
+
+/// What every layer of one forward pass shares.
+struct Context<'a> {
+    emb: &'a Tensor,
+    text: &'a Tensor,
+    patch: Option<&'a dyn CrossAttentionPatch>,
+}
+
+impl Block {
+    fn forward(
+        &self,
+        mut h: Tensor,
+        context: &Context,
+        position: BlockPosition,
+        upsample_to: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
+        for layer in &self.layers {
+            h = layer.forward(h, context, position, upsample_to)?;
+        }
+        Ok(h)
+    }
+}
+
+impl Layer {
+    fn forward(
+        &self,
+        h: Tensor,
+        context: &Context,
+        position: BlockPosition,
+        upsample_to: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
+        match self {
+            Layer::Conv(conv) | Layer::Downsample(conv) => conv.forward(&h),
+            Layer::Res(block) => block.forward(&h, context.emb),
+            Layer::Transformer(transformer) => transformer.forward(&h, context, position),
+            Layer::Upsample(conv) => {
+                let (_, _, height, width) = h.dims4()?;
+                let (height, width) = upsample_to.unwrap_or((height * 2, width * 2));
+                conv.forward(&h.upsample_nearest2d(height, width)?)
+            }
+        }
+    }
+}
+
+/// `timestep_embedding`: [cos(t·f), sin(t·f)] with f_i = exp(−ln(10000)·i/half).
+pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let factor = -(10000f64.ln()) as f32;
+    let frequencies: Vec<f32> = (0..half).map(|i| (factor * i as f32 / half as f32).exp()).collect();
+    let frequencies = Tensor::from_vec(frequencies, (1, half), timesteps.device())?;
+    let arguments = timesteps
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&frequencies)?;
+    Tensor::cat(&[arguments.cos()?, arguments.sin()?], D::Minus1)
+}
+
+struct ResBlock {
+    in_norm: GroupNorm,
+    in_conv: Conv2d,
+    emb_linear: Linear,
+    out_norm: GroupNorm,
+    out_conv: Conv2d,
+    skip: Option<Conv2d>,
+}
+
+impl ResBlock {
+    fn new(in_channels: usize, out_channels: usize, emb_channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(ResBlock {
+            in_norm: candle_nn::group_norm(32, in_channels, 1e-5, vb.pp("in_layers.0"))?,
+            in_conv: conv(in_channels, out_channels, 3, 1, vb.pp("in_layers.2"))?,
+            emb_linear: candle_nn::linear(emb_channels, out_channels, vb.pp("emb_layers.1"))?,
+            out_norm: candle_nn::group_norm(32, out_channels, 1e-5, vb.pp("out_layers.0"))?,
+            out_conv: conv(out_channels, out_channels, 3, 1, vb.pp("out_layers.3"))?,
+            skip: if in_channels == out_channels {
+                None
+            } else {
+                Some(conv(in_channels, out_channels, 1, 1, vb.pp("skip_connection"))?)
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
+        let h = self
+            .in_conv
+            .forward(&candle_nn::ops::silu(&self.in_norm.forward(x)?)?)?;
+        let emb = self
+            .emb_linear
+            .forward(&candle_nn::ops::silu(emb)?)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let h = h.broadcast_add(&emb)?;
+        let h = self
+            .out_conv
+            .forward(&candle_nn::ops::silu(&self.out_norm.forward(&h)?)?)?;
+        match &self.skip {
+            Some(skip) => skip.forward(x)? + h,
+            None => x + h,
+        }
+    }
+}
+
+/// A projection in or out of a transformer: 1×1 convolution (SD1.x) or linear (SD2.x, SDXL).
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+impl SpatialTransformer {
+    fn new(channels: usize, depth: usize, heads: usize, config: &UNetConfig, vb: VarBuilder) -> Result<Self> {
+        let projection = |vb: VarBuilder| -> Result<Projection> {
+            Ok(if config.linear_projection {
+                Projection::Linear(candle_nn::linear(channels, channels, vb)?)
+            } else {
+                Projection::Conv(conv(channels, channels, 1, 1, vb)?)
+            })
+        };
+        let blocks = (0..depth)
+            .map(|d| {
+                TransformerBlock::new(
+                    channels,
+                    heads,
+                    config.context_dim,
+                    vb.pp(format!("transformer_blocks.{d}")),
+                )
+            })
+            .collect::<Result<_>>()?;
+        Ok(SpatialTransformer {
+            norm: candle_nn::group_norm(32, channels, 1e-6, vb.pp("norm"))?,
+            proj_in: projection(vb.pp("proj_in"))?,
+            blocks,
+            proj_out: projection(vb.pp("proj_out"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Context, position: BlockPosition) -> Result<Tensor> {
+        let (batch, channels, height, width) = x.dims4()?;
+        let mut h = self.norm.forward(x)?;
+        if let Projection::Conv(conv) = &self.proj_in {
+            h = conv.forward(&h)?;
+        }
+        h = h.permute((0, 2, 3, 1))?.reshape((batch, height * width, channels))?;
+        if let Projection::Linear(linear) = &self.proj_in {
+            h = linear.forward(&h)?;
+        }
+        for (depth, block) in self.blocks.iter().enumerate() {
+            h = block.forward(&h, context, position, depth)?;
+        }
+        if let Projection::Linear(linear) = &self.proj_out {
+            h = linear.forward(&h)?;
+        }
+        h = h
+            .reshape((batch, height, width, channels))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?;
+        if let Projection::Conv(conv) = &self.proj_out {
+            h = conv.forward(&h)?;
+        }
+        h + x
+    }
+}
+
+struct TransformerBlock {
+    norm1: LayerNorm,
+    self_attention: CrossAttention,
+    norm2: LayerNorm,
+    cross_attention: CrossAttention,
+    norm3: LayerNorm,
+    geglu: Linear,
+    ff_out: Linear,
+}
+
+impl TransformerBlock {
+    fn new(channels: usize, heads: usize, context_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let inner = channels * 4;
+        Ok(TransformerBlock {
+            norm1: candle_nn::layer_norm(channels, 1e-5, vb.pp("norm1"))?,
+            self_attention: CrossAttention::new(channels, channels, heads, vb.pp("attn1"))?,
+            norm2: candle_nn::layer_norm(channels, 1e-5, vb.pp("norm2"))?,
+            cross_attention: CrossAttention::new(channels, context_dim, heads, vb.pp("attn2"))?,
+            norm3: candle_nn::layer_norm(channels, 1e-5, vb.pp("norm3"))?,
+            geglu: candle_nn::linear(channels, inner * 2, vb.pp("ff.net.0.proj"))?,
+            ff_out: candle_nn::linear(inner, channels, vb.pp("ff.net.2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Context, position: BlockPosition, depth: usize) -> Result<Tensor> {
+        let normed = self.norm1.forward(x)?;
+        let x = (x + self.self_attention.forward(&normed, &normed)?)?;
+        let normed = self.norm2.forward(&x)?;
+        let mut cross = self.cross_attention.forward(&normed, context.text)?;
+        if let Some(patch) = context.patch {
+            cross = patch.patch(position, depth, &normed, cross)?;
+        }
+        let x = (x + cross)?;
+        let projected = self.geglu.forward(&self.norm3.forward(&x)?)?;
+        let half = projected.dim(D::Minus1)? / 2;
+        let gated = (projected.narrow(D::Minus1, 0, half)? * projected.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        self.ff_out.forward(&gated)? + x
+    }
+}
+
+/// Multi-head attention with bias-free q/k/v projections and a biased output projection.
+struct CrossAttention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl CrossAttention {
+    fn new(query_dim: usize, context_dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(CrossAttention {
+            to_q: candle_nn::linear_no_bias(query_dim, query_dim, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_no_bias(context_dim, query_dim, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_no_bias(context_dim, query_dim, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(query_dim, query_dim, vb.pp("to_out.0"))?,
+            heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        self.to_out.forward(&attention(&q, &k, &v, self.heads, None)?)
+    }
+}

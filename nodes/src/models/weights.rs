@@ -1,0 +1,245 @@
+//! Weight files: safetensors read through a memory map, validated before any tensor is touched,
+//! and served to model code through candle's `VarBuilder`.
+//!
+//! A tensor is copied out of the map only when model code asks for it, converted to the dtype
+//! the model computes in. fp8 weights (e4m3fn, e5m2) are widened to f16, which holds every fp8
+//! value exactly.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use half::f16;
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as FileDtype, Metadata, TensorInfo};
+use safetensors::SafeTensors;
+
+/// Why a weight file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("cannot read '{path}': {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("'{path}' is not a valid safetensors file: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("'{path}': tensor '{name}' has dtype {dtype:?}, which Easel cannot load")]
+    UnsupportedDtype {
+        path: PathBuf,
+        name: String,
+        dtype: FileDtype,
+    },
+}
+
+/// Names and shapes of the tensors of a model, which is all architecture detection needs.
+pub trait TensorShapes {
+    fn shape(&self, name: &str) -> Option<&[usize]>;
+    fn tensor_names(&self) -> Box<dyn Iterator<Item = &str> + '_>;
+
+    fn has(&self, name: &str) -> bool {
+        self.shape(name).is_some()
+    }
+}
+
+impl TensorShapes for SafetensorsFile {
+    fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|entry| entry.shape.as_slice())
+    }
+
+    fn tensor_names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        Box::new(self.tensors.keys().map(String::as_str))
+    }
+}
+
+impl TensorShapes for HashMap<String, Vec<usize>> {
+    fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.get(name).map(Vec::as_slice)
+    }
+
+    fn tensor_names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        Box::new(self.keys().map(String::as_str))
+    }
+}
+
+/// One tensor's place in a file.
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    pub dtype: FileDtype,
+    pub shape: Vec<usize>,
+    byte_range: std::ops::Range<usize>,
+}
+
+/// A memory-mapped safetensors file with its validated header.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    map: Mmap,
+    tensors: HashMap<String, TensorEntry>,
+    metadata: HashMap<String, String>,
+}
+
+impl SafetensorsFile {
+    /// Maps the file and checks its header: header length, JSON, dtypes, and that every tensor's
+    /// bytes lie inside the file and do not overlap.
+    pub fn open(path: &Path) -> Result<Self, WeightsError> {
+        let io_error = |source| WeightsError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io_error)?;
+        // SAFETY: the map is read-only; like every safetensors reader we rely on model files not
+        // being truncated while they are in use.
+        let map = unsafe { Mmap::map(&file) }.map_err(io_error)?;
+        let (header_length, metadata) = SafeTensors::read_metadata(&map).map_err(|error| WeightsError::Invalid {
+            path: path.to_path_buf(),
+            reason: error.to_string(),
+        })?;
+        let data_start = 8 + header_length;
+        let tensors = entries(&metadata, data_start);
+        let metadata = metadata.metadata().clone().unwrap_or_default();
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            map,
+            tensors,
+            metadata,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The `__metadata__` strings of the header.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.tensors.get(name)
+    }
+
+    /// Loads one tensor in `dtype` on `device`.
+    pub fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let entry = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("'{}' has no tensor '{name}'", self.path.display())))?;
+        let bytes = &self.map[entry.byte_range.clone()];
+        let tensor = match entry.dtype {
+            FileDtype::F8_E4M3 => widen_fp8(bytes, &entry.shape, device, f8_e4m3fn_to_f16)?,
+            FileDtype::F8_E5M2 => widen_fp8(bytes, &entry.shape, device, f8_e5m2_to_f16)?,
+            file_dtype => {
+                let candle_dtype = DType::try_from(file_dtype).map_err(|_| {
+                    candle_core::Error::Msg(
+                        WeightsError::UnsupportedDtype {
+                            path: self.path.clone(),
+                            name: name.to_string(),
+                            dtype: file_dtype,
+                        }
+                        .to_string(),
+                    )
+                })?;
+                Tensor::from_raw_buffer(bytes, candle_dtype, &entry.shape, device)?
+            }
+        };
+        if tensor.dtype() == dtype {
+            Ok(tensor)
+        } else {
+            tensor.to_dtype(dtype)
+        }
+    }
+}
+
+fn entries(metadata: &Metadata, data_start: usize) -> HashMap<String, TensorEntry> {
+    metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info): (String, &TensorInfo)| {
+            let (start, end) = info.data_offsets;
+            let entry = TensorEntry {
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                byte_range: data_start + start..data_start + end,
+            };
+            (name, entry)
+        })
+        .collect()
+}
+
+fn widen_fp8(bytes: &[u8], shape: &[usize], device: &Device, widen: fn(u8) -> f16) -> candle_core::Result<Tensor> {
+    let values: Vec<f16> = bytes.iter().map(|&byte| widen(byte)).collect();
+    Tensor::from_vec(values, shape, device)
+}
+
+/// fp8 e4m3fn (bias 7, no infinities, 0x7f/0xff are NaN) to f16, exactly.
+fn f8_e4m3fn_to_f16(byte: u8) -> f16 {
+    let sign = if byte & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let exponent = i32::from((byte >> 3) & 0x0f);
+    let mantissa = f32::from(byte & 0x07);
+    let magnitude = match (exponent, byte & 0x7f) {
+        (_, 0x7f) => f32::NAN,
+        (0, _) => mantissa / 8.0 * 2f32.powi(-6),
+        _ => (1.0 + mantissa / 8.0) * 2f32.powi(exponent - 7),
+    };
+    f16::from_f32(sign * magnitude)
+}
+
+/// fp8 e5m2 is the upper byte of an f16.
+fn f8_e5m2_to_f16(byte: u8) -> f16 {
+    f16::from_bits(u16::from(byte) << 8)
+}
+
+/// A [`VarBuilder`] backend over a shared [`SafetensorsFile`].
+struct FileBackend(Arc<SafetensorsFile>);
+
+impl SimpleBackend for FileBackend {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _hints: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.get_unchecked(name, dtype, device)?;
+        if tensor.shape() != &shape {
+            return Err(candle_core::Error::Msg(format!(
+                "'{}': tensor '{name}' has shape {:?}, the model expects {:?}",
+                self.0.path.display(),
+                tensor.dims(),
+                shape.dims()
+            )));
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        self.0.load(name, dtype, device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.tensors.contains_key(name)
+    }
+}
+
+/// A `VarBuilder` reading `file`, converting every tensor to `dtype` on `device`.
+pub fn var_builder(file: Arc<SafetensorsFile>, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(FileBackend(file)), dtype, device.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fp8_values_widen_exactly() {
+        assert_eq!(f8_e4m3fn_to_f16(0x38).to_f32(), 1.0);
+        assert_eq!(f8_e4m3fn_to_f16(0x7e).to_f32(), 448.0);
+        assert_eq!(f8_e4m3fn_to_f16(0x01).to_f32(), 2f32.powi(-9));
+        assert_eq!(f8_e4m3fn_to_f16(0xb8).to_f32(), -1.0);
+        assert!(f8_e4m3fn_to_f16(0x7f).is_nan());
+        assert_eq!(f8_e5m2_to_f16(0x3c).to_f32(), 1.0);
+        assert_eq!(f8_e5m2_to_f16(0xc0).to_f32(), -2.0);
+    }
+}

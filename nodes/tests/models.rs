@@ -1,0 +1,257 @@
+//! Model files, detection and architectures: the full SD1.5 layout of ComfyUI's reference
+//! checkpoint is exactly what our networks read, tiny test models load and run through the same
+//! code, bad files are refused cleanly, and prompts tokenise as ComfyUI tokenises them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use easel_nodes::models::clip_text::{Activation, ClipTextConfig, ClipTextEncoder, OutputLayer};
+use easel_nodes::models::testmodels::{self, Fill};
+use easel_nodes::models::tokenizer::{tokenize_with_weights, NoEmbeddings, TokenItem};
+use easel_nodes::models::unet::{HeadLayout, UNet, UNetConfig, UNetInput};
+use easel_nodes::models::vae::{Vae, VaeConfig};
+use easel_nodes::models::weights::{var_builder, SafetensorsFile};
+use easel_nodes::models::{
+    detect_checkpoint, detect_layout, DetectError, Family, SD1_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
+};
+use serde_json::Value;
+
+fn fixture(name: &str) -> Value {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("fixture JSON")
+}
+
+fn sd15_unet() -> UNetConfig {
+    UNetConfig {
+        in_channels: 4,
+        out_channels: 4,
+        model_channels: 320,
+        channel_mult: vec![1, 2, 4, 4],
+        num_res_blocks: vec![2, 2, 2, 2],
+        input_depths: vec![1, 1, 1, 1, 1, 1, 0, 0],
+        middle_depth: Some(1),
+        output_depths: vec![0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        context_dim: 768,
+        linear_projection: false,
+        heads: HeadLayout::Count(8),
+        adm_in_channels: None,
+    }
+}
+
+fn clip_l() -> ClipTextConfig {
+    ClipTextConfig {
+        vocab_size: 49408,
+        hidden_size: 768,
+        intermediate_size: 3072,
+        layers: 12,
+        heads: 12,
+        max_positions: 77,
+        activation: Activation::QuickGelu,
+    }
+}
+
+fn sd_vae() -> VaeConfig {
+    VaeConfig {
+        channels: 128,
+        channel_mult: vec![1, 2, 4, 4],
+        num_res_blocks: 2,
+        latent_channels: 4,
+        image_channels: 3,
+    }
+}
+
+#[test]
+fn the_reference_sd15_layout_is_detected_and_read_exactly() {
+    let layout = fixture("sd15_random_layout.json");
+    let tensors = layout["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), 1131);
+    let shapes: HashMap<String, Vec<usize>> = tensors
+        .iter()
+        .map(|t| {
+            (
+                t[0].as_str().unwrap().to_string(),
+                serde_json::from_value(t[1].clone()).unwrap(),
+            )
+        })
+        .collect();
+    let detected = detect_layout(&shapes).unwrap();
+    assert_eq!(detected.family, Family::Sd1);
+    assert_eq!(detected.unet, sd15_unet());
+    assert_eq!(detected.clip, Some(clip_l()));
+    assert_eq!(detected.vae, Some(sd_vae()));
+
+    // Every tensor the networks read, with its shape and fill rule, is in the reference file and
+    // nothing in the file goes unread.
+    let ours: HashMap<String, (Vec<usize>, &str)> =
+        testmodels::sd1_checkpoint_layout(&sd15_unet(), &clip_l(), &sd_vae())
+            .unwrap()
+            .into_iter()
+            .map(|spec| {
+                let fill = match spec.fill {
+                    Fill::Zeros => "zeros",
+                    Fill::Ones => "ones",
+                    Fill::Random => "randn*0.02",
+                    Fill::Arange => "arange",
+                };
+                (spec.name, (spec.shape, fill))
+            })
+            .collect();
+    let reference: HashMap<String, (Vec<usize>, &str)> = tensors
+        .iter()
+        .map(|t| {
+            let shape = serde_json::from_value(t[1].clone()).unwrap();
+            (t[0].as_str().unwrap().to_string(), (shape, t[2].as_str().unwrap()))
+        })
+        .collect();
+    let mut missing: Vec<_> = reference.keys().filter(|k| !ours.contains_key(*k)).collect();
+    let mut extra: Vec<_> = ours.keys().filter(|k| !reference.contains_key(*k)).collect();
+    missing.sort();
+    extra.sort();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "unread: {missing:?}\nnot in file: {extra:?}"
+    );
+    for (name, expected) in &reference {
+        assert_eq!(&ours[name], expected, "{name}");
+    }
+}
+
+fn tiny_checkpoint() -> (tempfile::TempDir, Arc<SafetensorsFile>) {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = testmodels::write_test_models(dir.path()).unwrap();
+    let file = Arc::new(SafetensorsFile::open(&paths[0]).unwrap());
+    (dir, file)
+}
+
+#[test]
+fn tiny_models_load_and_run_through_the_real_code() {
+    let (_dir, file) = tiny_checkpoint();
+    let layout = detect_checkpoint(&file).unwrap();
+    assert_eq!(layout.family, Family::Sd1);
+    assert_eq!(layout.unet, testmodels::tiny_sd1_unet());
+    assert_eq!(layout.clip, Some(testmodels::tiny_clip_l()));
+    assert_eq!(layout.vae, Some(testmodels::tiny_sd_vae()));
+
+    let device = Device::Cpu;
+    let clip = ClipTextEncoder::new(
+        layout.clip.unwrap(),
+        var_builder(file.clone(), DType::F32, &device).pp(SD1_CLIP_PREFIX.trim_end_matches('.')),
+    )
+    .unwrap();
+    let chunks = tokenize_with_weights("a (red:1.3) cat", &NoEmbeddings);
+    let encoded = clip.encode_weighted(&chunks, OutputLayer::Last).unwrap();
+    assert_eq!(encoded.hidden.dims(), &[1, 77, 64]);
+    assert_eq!(encoded.pooled.dims(), &[1, 64]);
+
+    let unet = UNet::new(
+        layout.unet,
+        var_builder(file.clone(), DType::F32, &device).pp(UNET_PREFIX.trim_end_matches('.')),
+    )
+    .unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &device).unwrap();
+    let timesteps = Tensor::new(&[999f32, 500.0], &device).unwrap();
+    let context = Tensor::cat(&[&encoded.hidden, &encoded.hidden], 0).unwrap();
+    let input = UNetInput {
+        x: &x,
+        timesteps: &timesteps,
+        context: &context,
+        y: None,
+        control: None,
+        cross_attention_patch: None,
+    };
+    let out = unet.forward(&input).unwrap();
+    assert_eq!(out.dims(), &[2, 4, 8, 8]);
+    // Odd latent sizes: the decoder upsamples to the size of the matching skip connection.
+    let odd = Tensor::randn(0f32, 1.0, (2, 4, 7, 5), &device).unwrap();
+    let out = unet.forward(&UNetInput { x: &odd, ..input }).unwrap();
+    assert_eq!(out.dims(), &[2, 4, 7, 5]);
+
+    let vae = Vae::new(
+        layout.vae.unwrap(),
+        var_builder(file, DType::F32, &device).pp(VAE_PREFIX.trim_end_matches('.')),
+    )
+    .unwrap();
+    let image = vae
+        .decode(&Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &device).unwrap())
+        .unwrap();
+    assert_eq!(image.dims(), &[1, 3, 64, 64]);
+    let latent = vae.encode(&image).unwrap();
+    assert_eq!(latent.dims(), &[1, 4, 8, 8]);
+    let values: Vec<f32> = image.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(values.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn test_models_are_written_identically_every_time() {
+    let (_a, first) = tiny_checkpoint();
+    let (_b, second) = tiny_checkpoint();
+    assert_eq!(
+        std::fs::read(first.path()).unwrap(),
+        std::fs::read(second.path()).unwrap()
+    );
+}
+
+#[test]
+fn bad_files_are_refused_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let header_bomb = write("bomb.safetensors", &u64::MAX.to_le_bytes());
+    let short = write("short.safetensors", &[1, 2, 3]);
+    let header = br#"{"w":{"dtype":"F32","shape":[1024,1024],"data_offsets":[0,4194304]}}"#;
+    let mut past_end = (header.len() as u64).to_le_bytes().to_vec();
+    past_end.extend_from_slice(header);
+    past_end.extend_from_slice(&[0; 16]);
+    let past_end = write("past_end.safetensors", &past_end);
+    for path in [header_bomb, short, past_end] {
+        let error = SafetensorsFile::open(&path).err().expect("refused");
+        assert!(error.to_string().contains("is not a valid safetensors file"), "{error}");
+    }
+
+    let (_dir, tiny) = tiny_checkpoint();
+    let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
+    shapes.insert("some.other.weight".into(), vec![3, 3]);
+    assert!(matches!(detect_layout(&shapes), Err(DetectError::Unrecognised(_))));
+    shapes.insert(format!("{UNET_PREFIX}double_blocks.0.img_attn.qkv.weight"), vec![9, 3]);
+    assert_eq!(
+        detect_layout(&shapes).unwrap_err().to_string(),
+        "this is a FLUX.1 model, which Easel cannot run yet"
+    );
+
+    let mut partial: HashMap<String, Vec<usize>> = HashMap::new();
+    for name in ["input_blocks.0.0.weight", "input_blocks.1.0.out_layers.3.weight"] {
+        partial.insert(
+            format!("{UNET_PREFIX}{name}"),
+            tiny.entry(&format!("{UNET_PREFIX}{name}")).unwrap().shape.clone(),
+        );
+    }
+    let error = detect_layout(&partial).unwrap_err().to_string();
+    assert!(error.starts_with("missing tensor 'model.diffusion_model."), "{error}");
+}
+
+#[test]
+fn prompts_tokenise_as_in_comfyui() {
+    let data = fixture("sd15_intermediates.json");
+    for case in data["tokenizer"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let chunks = tokenize_with_weights(text, &NoEmbeddings);
+        let ours: Vec<Vec<(u32, f64)>> = chunks
+            .iter()
+            .map(|chunk| {
+                chunk
+                    .iter()
+                    .map(|(item, weight)| match item {
+                        TokenItem::Token(token) => (*token, *weight),
+                        TokenItem::Embedding(_) => panic!("no embeddings here"),
+                    })
+                    .collect()
+            })
+            .collect();
+        let expected: Vec<Vec<(u32, f64)>> = serde_json::from_value(case["chunks"].clone()).unwrap();
+        assert_eq!(ours, expected, "{text:?}");
+    }
+}
