@@ -9,10 +9,13 @@
 //! [`builtin_registry`] registers every node.
 
 pub mod canny;
+pub mod diffusion;
+pub mod diffusion_nodes;
 pub mod image;
 pub mod image_io;
 pub mod image_nodes;
 pub mod mask_nodes;
+pub mod model_cache;
 pub mod models;
 pub mod paths;
 pub mod resample;
@@ -53,4 +56,15 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(CropMask);
     registry.register(canny::Canny);
     registry.register(SaveImageWebsocket);
+    registry.register(diffusion_nodes::CheckpointLoaderSimple);
+    registry.register(diffusion_nodes::ClipTextEncode);
+    registry.register(diffusion_nodes::ClipSetLastLayer);
+    registry.register(diffusion_nodes::EmptyLatentImage);
+    registry.register(diffusion_nodes::KSampler);
+    registry.register(diffusion_nodes::KSamplerAdvanced);
+    registry.register(diffusion_nodes::VaeDecode);
+    registry.register(diffusion_nodes::VaeEncode);
+    registry.register(diffusion_nodes::ConditioningCombine);
+    registry.register(diffusion_nodes::ConditioningZeroOut);
+    registry.register(diffusion_nodes::ConditioningSetTimestepRange);
 }

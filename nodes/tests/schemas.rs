@@ -6,12 +6,16 @@ use easel_nodes::builtin_registry;
 use serde_json::Value as Json;
 
 fn reference() -> Json {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/object_info_image.json");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/object_info_nodes.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 /// Inputs whose combo lists come from the disk rather than from the node.
-const FILE_COMBOS: [(&str, &str); 2] = [("LoadImage", "image"), ("LoadImageMask", "image")];
+const FILE_COMBOS: [(&str, &str); 3] = [
+    ("LoadImage", "image"),
+    ("LoadImageMask", "image"),
+    ("CheckpointLoaderSimple", "ckpt_name"),
+];
 
 #[test]
 fn every_registered_node_matches_comfyui_object_info() {

@@ -29,6 +29,14 @@ pub enum Command {
     Run(RunArgs),
     /// Measure the server (`easel bench server`) and print a table.
     Bench(BenchArgs),
+    /// Write tiny random-weight models (real file formats) into a models directory, for tests.
+    Testmodels(TestmodelsArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TestmodelsArgs {
+    /// The models directory (ComfyUI's `models`): files go into its `checkpoints` folder.
+    pub dir: std::path::PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -98,6 +106,9 @@ pub struct ExecutionArgs {
     /// Write no prompt or workflow into saved images.
     #[arg(long)]
     pub disable_metadata: bool,
+    /// Memory for loaded models kept between prompts, in GiB (least recently used first out).
+    #[arg(long, value_name = "GIB", default_value_t = 16.0)]
+    pub model_cache_size: f64,
 }
 
 #[derive(Args, Debug, Clone, Default)]

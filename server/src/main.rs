@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run::run(args),
         Some(Command::Serve(args)) => serve::serve(args),
         Some(Command::Bench(args)) => bench::bench(args),
+        Some(Command::Testmodels(args)) => testmodels(&args.dir),
         None => serve::serve(cli.serve),
     };
     match result {
@@ -30,4 +31,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `easel testmodels DIR`: writes the tiny test models and lists them.
+fn testmodels(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    for path in easel_nodes::models::testmodels::write_test_models(dir)? {
+        println!("{}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -4,6 +4,7 @@ use crate::cli::{CacheArgs, ExecutionArgs};
 use anyhow::Context;
 use easel_engine::{CacheMode, NodeRegistry, Services};
 use easel_nodes::image_nodes::ImageMetadata;
+use easel_nodes::model_cache::ModelCache;
 use easel_nodes::paths::Paths;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -84,6 +85,10 @@ pub fn runtime(args: &ExecutionArgs) -> anyhow::Result<Runtime> {
     services.insert(ImageMetadata {
         enabled: !args.disable_metadata,
     });
+    services.insert(ModelCache::new(
+        (args.model_cache_size.max(0.0) * (1u64 << 30) as f64) as u64,
+    ));
+    services.insert(candle_core::Device::Cpu);
     Ok(Runtime {
         registry: Arc::new(easel_nodes::builtin_registry()),
         services: Arc::new(services),

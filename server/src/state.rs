@@ -50,6 +50,8 @@ pub struct Shared {
     pub executing: Mutex<Option<String>>,
     /// `POST /free` asked to drop the output cache before the next prompt.
     pub free_memory: AtomicBool,
+    /// `POST /free` asked to drop the loaded models before the next prompt.
+    pub unload_models: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -103,6 +105,7 @@ impl AppState {
             interrupt: Interrupt::new(),
             executing: Mutex::new(None),
             free_memory: AtomicBool::new(false),
+            unload_models: AtomicBool::new(false),
         });
         let worker = shared.clone();
         std::thread::Builder::new()

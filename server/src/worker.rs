@@ -5,6 +5,7 @@ use crate::hub::{message, preview_frame, preview_frame_with_metadata, Outgoing};
 use crate::state::Shared;
 use easel_engine::events::{Event, EventKind};
 use easel_engine::{EventSink, ExecutionOutcome, ExecutionStatus, Executor};
+use easel_nodes::model_cache::ModelCache;
 use serde_json::{json, Value as Json};
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
@@ -20,6 +21,11 @@ pub fn run(shared: &Shared) {
         let item = shared.queue.take(|remaining| shared.broadcast_status(remaining));
         if let Err(error) = shared.store.mark_running(&item.prompt_id) {
             tracing::error!(prompt_id = %item.prompt_id, "cannot record the prompt as running: {error}");
+        }
+        if shared.unload_models.swap(false, Ordering::SeqCst) {
+            if let Some(models) = runtime.services.get::<ModelCache>() {
+                models.clear();
+            }
         }
         if shared.free_memory.swap(false, Ordering::SeqCst) {
             executor.clear_cache();

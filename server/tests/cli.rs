@@ -1,4 +1,4 @@
-//! `easel run` on every bundled workflow: it must succeed, write the images its last stdout line
+//! `easel run` on every bundled workflow (with the models of `easel testmodels`): it must succeed, write the images its last stdout line
 //! names, and reject a bad workflow with ComfyUI's error body.
 
 use serde_json::Value as Json;
@@ -26,6 +26,9 @@ fn every_bundled_workflow_runs_and_writes_its_images() {
             continue;
         }
         let base = tempfile::tempdir().unwrap();
+        let models = base.path().join("models");
+        let written = easel(&["testmodels", models.to_str().unwrap()]);
+        assert!(written.status.success(), "{}", String::from_utf8_lossy(&written.stderr));
         let out = easel(&[
             "run",
             path.to_str().unwrap(),
@@ -60,7 +63,7 @@ fn every_bundled_workflow_runs_and_writes_its_images() {
         assert!(images > 0, "{} produced no images", path.display());
         ran += 1;
     }
-    assert!(ran >= 2);
+    assert!(ran >= 3);
 }
 
 #[test]

@@ -463,3 +463,66 @@ async fn a_reconnecting_client_keeps_its_messages_and_a_silent_one_stalls_nothin
         .iter()
         .any(|m| m["type"] == "execution_success" && m["data"]["prompt_id"] == response["prompt_id"]));
 }
+
+/// The bundled txt2img workflow on the tiny SD1.x model sends exactly the message sequence of
+/// ComfyUI's captured run: the same types in the same order, nodes in the same order, and one
+/// `progress` per sampling step.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_txt2img_workflow_sends_the_messages_of_comfyui_s_run() {
+    let server = start();
+    easel_nodes::models::testmodels::write_test_models(&server.base.path().join("models")).unwrap();
+    let mut client = connect(&server, "?clientId=reference-client-0001").await;
+    next_text(&mut client).await;
+    let workflow: Json =
+        serde_json::from_str(&std::fs::read_to_string(workspace().join("workflows/sd15_txt2img.json")).unwrap())
+            .unwrap();
+    post_async(
+        &server.api,
+        json!({"prompt": workflow, "client_id": "reference-client-0001"}),
+    )
+    .await;
+    let messages = until_done(&mut client).await;
+
+    let text = std::fs::read_to_string(workspace().join("tests/tests/fixtures/ws_messages_sd15_t2i.jsonl")).unwrap();
+    let reference: Vec<Json> = text
+        .lines()
+        .skip(1)
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let kinds = |messages: &[Json]| -> Vec<String> {
+        messages
+            .iter()
+            .map(|m| m["type"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(kinds(&messages), kinds(&reference));
+    let executing = |messages: &[Json]| -> Vec<Json> {
+        messages
+            .iter()
+            .filter(|m| m["type"] == "executing")
+            .map(|m| m["data"]["node"].clone())
+            .collect()
+    };
+    assert_eq!(executing(&messages), executing(&reference));
+    let progress = |messages: &[Json]| -> Vec<(Json, Json, Json)> {
+        messages
+            .iter()
+            .filter(|m| m["type"] == "progress")
+            .map(|m| {
+                (
+                    m["data"]["value"].clone(),
+                    m["data"]["max"].clone(),
+                    m["data"]["node"].clone(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(progress(&messages), progress(&reference));
+    let executed = messages.iter().find(|m| m["type"] == "executed").unwrap();
+    let image = &executed["data"]["output"]["images"][0];
+    assert_eq!(
+        (image["subfolder"].as_str(), image["type"].as_str()),
+        (Some(""), Some("output"))
+    );
+    assert!(image["filename"].as_str().unwrap().starts_with("sd15_txt2img_"));
+}

@@ -2,4 +2,5 @@
 //! and the samplers of ComfyUI's KSampler.
 
 pub mod noise;
+pub mod samplers;
 pub mod schedule;

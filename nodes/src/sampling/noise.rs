@@ -81,7 +81,7 @@ impl CpuGenerator {
         for start in (0..numel - 15).step_by(16) {
             box_muller_block(&mut values[start..start + 16]);
         }
-        if numel % 16 != 0 {
+        if numel & 15 != 0 {
             let tail = &mut values[numel - 16..];
             for value in tail.iter_mut() {
                 *value = self.uniform_f32();
@@ -152,7 +152,9 @@ fn box_muller_block(block: &mut [f32]) {
     }
 }
 
-/// One lane of `log256_ps` from `avx_mathfun.h`, with GCC's fused multiply-adds.
+/// One lane of `log256_ps` from `avx_mathfun.h`, with GCC's fused multiply-adds. The constants
+/// are written as published; they round to the float32 values torch uses.
+#[allow(clippy::excessive_precision)]
 fn log_ps(x: f32) -> f32 {
     const POLYNOMIAL: [f32; 8] = [
         -1.151_461_031_0E-1,
@@ -185,6 +187,7 @@ fn log_ps(x: f32) -> f32 {
 }
 
 /// One lane of `sincos256_ps` from `avx_mathfun.h` for x ≥ 0, with GCC's fused multiply-adds.
+#[allow(clippy::excessive_precision)]
 fn sincos_ps(x: f32) -> (f32, f32) {
     let mut octant = (x * 1.273_239_544_735_16) as i32;
     octant = (octant + 1) & !1;

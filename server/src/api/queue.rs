@@ -52,12 +52,16 @@ async fn interrupt(State(state): State<AppState>, body: Bytes) -> Response {
     StatusCode::OK.into_response()
 }
 
-/// `{"unload_models": bool, "free_memory": bool}`: `free_memory` drops the output cache before the
-/// next prompt (Easel loads no models yet, so unloading has nothing to do).
+/// `{"unload_models": bool, "free_memory": bool}`: before the next prompt, `unload_models` drops
+/// the loaded-model cache and `free_memory` the output cache.
 async fn free(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let request = parse_body(&body)?;
-    if request.get("free_memory").is_some_and(|f| f.as_bool().unwrap_or(false)) {
+    let flag = |name: &str| request.get(name).is_some_and(|f| f.as_bool().unwrap_or(false));
+    if flag("free_memory") {
         state.free_memory.store(true, Ordering::SeqCst);
+    }
+    if flag("unload_models") {
+        state.unload_models.store(true, Ordering::SeqCst);
     }
     Ok(StatusCode::OK.into_response())
 }

@@ -1,0 +1,369 @@
+//! The objects that flow between the diffusion nodes (MODEL, CLIP, VAE, CONDITIONING, LATENT)
+//! and the sampling pipeline of ComfyUI's `common_ksampler`: noise, σ schedule, classifier-free
+//! guidance over the conditioning entries, the sampler, and the latent scaling in and out of
+//! model space.
+
+use std::fmt;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use easel_engine::NodeObject;
+
+use crate::models::clip_text::{ClipTextEncoder, OutputLayer};
+use crate::models::unet::{UNet, UNetInput};
+use crate::models::vae::Vae;
+use crate::sampling::noise::prepare_noise;
+use crate::sampling::samplers::{self, Denoiser, SamplerError, Step};
+use crate::sampling::schedule::{ksampler_sigmas, Scheduler, SigmaSchedule};
+
+/// What the network predicts, and so how its output becomes the denoised latent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prediction {
+    /// The noise (SD1.x, SD2.x base, SDXL).
+    Epsilon,
+    /// The velocity (SD2.x 768-v).
+    Velocity,
+}
+
+/// A latent space: how VAE latents are scaled into model space and how previews colour them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LatentFormat {
+    pub channels: usize,
+    pub scale_factor: f64,
+    /// Per-channel RGB contributions for fast previews, [channels][3].
+    pub rgb_factors: Vec<[f32; 3]>,
+}
+
+impl LatentFormat {
+    /// SD1.x and SD2.x (`latent_formats.SD15`).
+    pub fn sd15() -> Self {
+        LatentFormat {
+            channels: 4,
+            scale_factor: 0.18215,
+            rgb_factors: vec![
+                [0.3512, 0.2297, 0.3227],
+                [0.3250, 0.4974, 0.2350],
+                [-0.2829, 0.1762, 0.2721],
+                [-0.2120, -0.2616, -0.7177],
+            ],
+        }
+    }
+}
+
+/// A diffusion network with its noise schedule (ComfyUI's `BaseModel` with `model_sampling`).
+pub struct DiffusionModel {
+    pub unet: UNet,
+    pub prediction: Prediction,
+    pub schedule: SigmaSchedule,
+    pub latent_format: LatentFormat,
+    pub device: Device,
+}
+
+impl DiffusionModel {
+    /// D(x, σ) for one conditioning: scale the input, run the network at σ's timestep, turn the
+    /// prediction into the denoised latent.
+    fn denoise(&self, x: &Tensor, sigma: f32, context: &Tensor) -> candle_core::Result<Tensor> {
+        let batch = x.dim(0)?;
+        let input_scale = f64::from((sigma * sigma + 1.0).sqrt());
+        let scaled = (x / input_scale)?;
+        let timestep = self.schedule.timestep(sigma);
+        let timesteps = Tensor::from_vec(vec![timestep; batch], batch, &self.device)?;
+        let context = if context.dim(0)? == batch {
+            context.clone()
+        } else {
+            context.repeat((batch, 1, 1))?
+        };
+        let input = UNetInput {
+            x: &scaled,
+            timesteps: &timesteps,
+            context: &context,
+            y: None,
+            control: None,
+            cross_attention_patch: None,
+        };
+        let out = self.unet.forward(&input)?;
+        match self.prediction {
+            Prediction::Epsilon => x - (out * f64::from(sigma))?,
+            Prediction::Velocity => {
+                let sigma2 = f64::from(sigma * sigma + 1.0);
+                (x / sigma2)? - (out * (f64::from(sigma) / sigma2.sqrt()))?
+            }
+        }
+    }
+}
+
+/// The MODEL socket.
+#[derive(Clone)]
+pub struct Model(pub Arc<DiffusionModel>);
+
+impl fmt::Debug for Model {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("<ModelPatcher>")
+    }
+}
+
+impl NodeObject for Model {
+    fn type_name(&self) -> &'static str {
+        "MODEL"
+    }
+}
+
+/// The CLIP socket: a text encoder and the layer its output is taken from.
+#[derive(Clone)]
+pub struct Clip {
+    pub encoder: Arc<ClipTextEncoder>,
+    pub output_layer: OutputLayer,
+}
+
+impl fmt::Debug for Clip {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("<comfy.sd.CLIP>")
+    }
+}
+
+impl NodeObject for Clip {
+    fn type_name(&self) -> &'static str {
+        "CLIP"
+    }
+}
+
+/// The VAE socket.
+#[derive(Clone)]
+pub struct VaeModel(pub Arc<Vae>);
+
+impl fmt::Debug for VaeModel {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("<comfy.sd.VAE>")
+    }
+}
+
+impl NodeObject for VaeModel {
+    fn type_name(&self) -> &'static str {
+        "VAE"
+    }
+}
+
+/// One conditioning entry: text embeddings and what ComfyUI keeps beside them.
+#[derive(Clone, Debug)]
+pub struct CondEntry {
+    /// [1, tokens, width].
+    pub cross_attention: Tensor,
+    /// [1, width], when the text encoder produced one.
+    pub pooled: Option<Tensor>,
+    /// The part of sampling, as (start, end) fractions, during which the entry applies.
+    pub timestep_range: Option<(f64, f64)>,
+}
+
+/// The CONDITIONING socket: a list of entries.
+#[derive(Clone, Debug)]
+pub struct Conditioning(pub Vec<CondEntry>);
+
+impl NodeObject for Conditioning {
+    fn type_name(&self) -> &'static str {
+        "CONDITIONING"
+    }
+}
+
+/// The LATENT socket: raw VAE latents [B, C, H, W] and, for latents taken from a batch, the
+/// index of each in its original batch (so that each gets the noise it would have had there).
+#[derive(Clone, Debug)]
+pub struct Latent {
+    pub samples: Tensor,
+    pub batch_index: Option<Vec<usize>>,
+}
+
+impl NodeObject for Latent {
+    fn type_name(&self) -> &'static str {
+        "LATENT"
+    }
+    fn describe(&self) -> String {
+        format!("{{'samples': tensor{:?}}}", self.samples.dims())
+    }
+}
+
+/// Classifier-free guidance over conditioning lists (ComfyUI's `CFGGuider` with
+/// `sampling_function`): each side is the strength-weighted average of its active entries'
+/// predictions, and `uncond + (cond − uncond)·cfg` combines them. At cfg = 1 the negative side is
+/// not evaluated.
+struct Guider<'a> {
+    model: &'a DiffusionModel,
+    positive: Vec<ActiveEntry>,
+    negative: Vec<ActiveEntry>,
+    cfg: f64,
+}
+
+/// A conditioning entry with its timestep range turned into σ bounds.
+struct ActiveEntry {
+    context: Tensor,
+    sigma_start: f64,
+    sigma_end: f64,
+}
+
+impl ActiveEntry {
+    fn new(entry: &CondEntry, schedule: &SigmaSchedule, device: &Device) -> candle_core::Result<Self> {
+        let (start, end) = entry.timestep_range.unwrap_or((0.0, 1.0));
+        Ok(ActiveEntry {
+            context: entry.cross_attention.to_device(device)?.to_dtype(DType::F32)?,
+            sigma_start: if entry.timestep_range.is_some() {
+                schedule.percent_to_sigma(start)
+            } else {
+                f64::INFINITY
+            },
+            sigma_end: if entry.timestep_range.is_some() {
+                schedule.percent_to_sigma(end)
+            } else {
+                f64::NEG_INFINITY
+            },
+        })
+    }
+
+    fn applies_at(&self, sigma: f32) -> bool {
+        let sigma = f64::from(sigma);
+        !(sigma > self.sigma_start || sigma < self.sigma_end)
+    }
+}
+
+impl Guider<'_> {
+    fn predict(&self, entries: &[ActiveEntry], x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+        let mut sum: Option<Tensor> = None;
+        let mut count = 1e-37f32;
+        for entry in entries.iter().filter(|entry| entry.applies_at(sigma)) {
+            let denoised = self.model.denoise(x, sigma, &entry.context)?;
+            sum = Some(match sum {
+                Some(sum) => (sum + denoised)?,
+                None => denoised,
+            });
+            count += 1.0;
+        }
+        match sum {
+            Some(sum) => sum / f64::from(count),
+            None => x.zeros_like(),
+        }
+    }
+}
+
+impl Denoiser for Guider<'_> {
+    fn denoise(&mut self, x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+        let cond = self.predict(&self.positive, x, sigma)?;
+        if (self.cfg - 1.0).abs() <= 1e-9 * self.cfg.abs().max(1.0) {
+            return Ok(cond);
+        }
+        let uncond = self.predict(&self.negative, x, sigma)?;
+        &uncond + ((cond - &uncond)? * self.cfg)?
+    }
+}
+
+/// Everything `common_ksampler` takes.
+pub struct SamplingRequest<'a> {
+    pub model: &'a DiffusionModel,
+    pub seed: u64,
+    pub steps: usize,
+    pub cfg: f64,
+    pub sampler: &'a str,
+    pub scheduler: Scheduler,
+    pub positive: &'a Conditioning,
+    pub negative: &'a Conditioning,
+    pub latent: &'a Latent,
+    pub denoise: f64,
+    /// KSamplerAdvanced: no initial noise.
+    pub disable_noise: bool,
+    pub start_step: Option<usize>,
+    pub last_step: Option<usize>,
+    pub force_full_denoise: bool,
+}
+
+/// Progress of one sampling run: (finished steps, total steps, the current denoised estimate).
+pub type ProgressCallback<'a> = dyn FnMut(usize, usize, &Tensor) -> candle_core::Result<()> + 'a;
+
+/// ComfyUI's `common_ksampler`: returns the sampled raw latent.
+pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Result<Tensor, SamplerError> {
+    let model = request.model;
+    let device = &model.device;
+    let latent = request.latent.samples.to_device(device)?.to_dtype(DType::F32)?;
+    let shape = latent.dims().to_vec();
+    let noise = if request.disable_noise {
+        latent.zeros_like()?
+    } else {
+        let values = prepare_noise(request.seed, &shape, request.latent.batch_index.as_deref());
+        Tensor::from_vec(values, shape.as_slice(), device)?
+    };
+
+    let mut sigmas = ksampler_sigmas(
+        &model.schedule,
+        request.scheduler,
+        request.steps,
+        request.denoise,
+        samplers::discards_penultimate_sigma(request.sampler),
+    );
+    if let Some(last_step) = request.last_step {
+        if last_step + 1 < sigmas.len() {
+            sigmas.truncate(last_step + 1);
+            if request.force_full_denoise {
+                if let Some(last) = sigmas.last_mut() {
+                    *last = 0.0;
+                }
+            }
+        }
+    }
+    if let Some(start_step) = request.start_step {
+        if start_step + 1 < sigmas.len() {
+            sigmas.drain(..start_step);
+        } else {
+            return Ok(latent);
+        }
+    }
+    if sigmas.is_empty() {
+        return Ok(latent);
+    }
+
+    let scale = model.latent_format.scale_factor;
+    let has_content = latent.abs()?.max_all()?.to_scalar::<f32>()? != 0.0;
+    let latent_in = if has_content {
+        (&latent * scale)?
+    } else {
+        latent.clone()
+    };
+    let positive = entries(request.positive, model)?;
+    let negative = entries(request.negative, model)?;
+    let mut guider = Guider {
+        model,
+        positive,
+        negative,
+        cfg: request.cfg,
+    };
+
+    let sigma_max = model.schedule.sigma_max();
+    let first = sigmas[0];
+    let max_denoise = (sigma_max - first).abs() <= 1e-5 * sigma_max.abs().max(first.abs()) || first > sigma_max;
+    let noise_scale = if max_denoise {
+        (1.0 + first * first).sqrt()
+    } else {
+        first
+    };
+    let x = ((noise * f64::from(noise_scale))? + latent_in)?;
+
+    let mut callback = |step: Step| progress(step.index + 1, step.total, step.denoised);
+    let sampled = samplers::sample(request.sampler, &mut guider, x, &sigmas, request.seed, &mut callback)?;
+    Ok((sampled / scale)?)
+}
+
+fn entries(conditioning: &Conditioning, model: &DiffusionModel) -> candle_core::Result<Vec<ActiveEntry>> {
+    conditioning
+        .0
+        .iter()
+        .map(|entry| ActiveEntry::new(entry, &model.schedule, &model.device))
+        .collect()
+}
+
+/// Encodes a prompt into a one-entry conditioning (CLIPTextEncode).
+pub fn encode_prompt(
+    clip: &Clip,
+    chunks: &[Vec<crate::models::tokenizer::WeightedToken>],
+) -> candle_core::Result<Conditioning> {
+    let encoded = clip.encoder.encode_weighted(chunks, clip.output_layer)?;
+    Ok(Conditioning(vec![CondEntry {
+        cross_attention: encoded.hidden,
+        pooled: Some(encoded.pooled),
+        timestep_range: None,
+    }]))
+}

@@ -1,0 +1,611 @@
+//! The Stable Diffusion nodes: checkpoint loading, text encoding, latents, sampling and VAE
+//! decoding/encoding, with ComfyUI's schemas.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
+use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
+
+use crate::diffusion::{
+    self, Clip, CondEntry, Conditioning, DiffusionModel, Latent, LatentFormat, Model, Prediction, SamplingRequest,
+    VaeModel,
+};
+use crate::image::Image;
+use crate::model_cache::ModelCache;
+use crate::models::clip_text::{ClipTextEncoder, OutputLayer};
+use crate::models::tokenizer::{tokenize_with_weights, NoEmbeddings};
+use crate::models::unet::UNet;
+use crate::models::vae::Vae;
+use crate::models::weights::{var_builder, SafetensorsFile};
+use crate::models::{detect_checkpoint, Family, SD1_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use crate::paths::Paths;
+use crate::sampling::samplers::{SamplerError, SAMPLER_NAMES};
+use crate::sampling::schedule::{Scheduler, SigmaSchedule};
+
+const MAX_RESOLUTION: i64 = 16384;
+
+/// Where models run: the registry's `Device` service, the CPU by default.
+fn device(services: &Services) -> Device {
+    services.get::<Device>().cloned().unwrap_or(Device::Cpu)
+}
+
+fn tensor_error(error: candle_core::Error) -> NodeError {
+    NodeError::typed("RuntimeError", error.to_string())
+}
+
+/// `CheckpointLoaderSimple`: MODEL, CLIP and VAE from one single-file checkpoint.
+pub struct CheckpointLoaderSimple;
+
+/// The three parts of a checkpoint, loaded together.
+struct LoadedCheckpoint {
+    model: Model,
+    clip: Option<Clip>,
+    vae: Option<VaeModel>,
+}
+
+fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(LoadedCheckpoint, u64), NodeError> {
+    let file = Arc::new(SafetensorsFile::open(path).map_err(|e| NodeError::new(e.to_string()))?);
+    let layout = detect_checkpoint(&file).map_err(|e| {
+        NodeError::new(format!(
+            "ERROR: Could not detect model type of: {}\n{e}",
+            path.display()
+        ))
+    })?;
+    let prediction = match layout.family {
+        Family::Sd2 { v_prediction: true } => Prediction::Velocity,
+        _ => Prediction::Epsilon,
+    };
+    let prefix = |p: &str| p.trim_end_matches('.').to_string();
+    let unet = UNet::new(
+        layout.unet,
+        var_builder(file.clone(), DType::F32, device).pp(prefix(UNET_PREFIX)),
+    )
+    .map_err(tensor_error)?;
+    let model = Model(Arc::new(DiffusionModel {
+        unet,
+        prediction,
+        schedule: SigmaSchedule::sd_discrete(),
+        latent_format: LatentFormat::sd15(),
+        device: device.clone(),
+    }));
+    let clip = match layout.clip {
+        Some(config) => {
+            let vb = var_builder(file.clone(), DType::F32, device).pp(prefix(SD1_CLIP_PREFIX));
+            let encoder = ClipTextEncoder::new(config, vb).map_err(tensor_error)?;
+            Some(Clip {
+                encoder: Arc::new(encoder),
+                output_layer: OutputLayer::Last,
+            })
+        }
+        None => None,
+    };
+    let vae = match layout.vae {
+        Some(config) => {
+            let vb = var_builder(file.clone(), DType::F32, device).pp(prefix(VAE_PREFIX));
+            Some(VaeModel(Arc::new(Vae::new(config, vb).map_err(tensor_error)?)))
+        }
+        None => None,
+    };
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    Ok((LoadedCheckpoint { model, clip, vae }, bytes))
+}
+
+impl Node for CheckpointLoaderSimple {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        let names = services
+            .get::<Paths>()
+            .map(|p| p.filename_list("checkpoints"))
+            .unwrap_or_default();
+        NodeSchema::v1("CheckpointLoaderSimple", "nodes", "loaders")
+            .display("Load Checkpoint")
+            .description("Loads a diffusion model checkpoint, diffusion models are used to denoise latents.")
+            .required(
+                "ckpt_name",
+                InputSpec::combo(&names).opt("tooltip", "The name of the checkpoint (model) to load."),
+            )
+            .output(OutputSpec::of("MODEL").tooltip("The model used for denoising latents."))
+            .output(OutputSpec::of("CLIP").tooltip("The CLIP model used for encoding text prompts."))
+            .output(
+                OutputSpec::of("VAE")
+                    .tooltip("The VAE model used for encoding and decoding images to and from latent space."),
+            )
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let name = inputs.string("ckpt_name")?;
+        let paths = ctx.services.require::<Paths>()?;
+        let path = paths.full_path("checkpoints", name).ok_or_else(|| {
+            NodeError::typed(
+                "FileNotFoundError",
+                format!("Model in folder 'checkpoints' with filename '{name}' not found."),
+            )
+        })?;
+        let device = device(ctx.services);
+        let loaded = match ctx.services.get::<ModelCache>() {
+            Some(cache) => cache.get_or_load(&path, "checkpoint", || load_checkpoint(&path, &device))?,
+            None => Arc::new(load_checkpoint(&path, &device)?.0),
+        };
+        let optional = |value: Option<Value>| value.unwrap_or(Value::Json(serde_json::Value::Null));
+        Ok(NodeOutput::values(vec![
+            Value::object(loaded.model.clone()),
+            optional(loaded.clip.clone().map(Value::object)),
+            optional(loaded.vae.clone().map(Value::object)),
+        ]))
+    }
+}
+
+/// `CLIPTextEncode`: a prompt to conditioning.
+pub struct ClipTextEncode;
+
+impl Node for ClipTextEncode {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("CLIPTextEncode", "nodes", "conditioning")
+            .display("CLIP Text Encode (Prompt)")
+            .description("Encodes a text prompt using a CLIP model into an embedding that can be used to guide the diffusion model towards generating specific images.")
+            .required(
+                "text",
+                InputSpec::of("STRING")
+                    .opt("multiline", true)
+                    .opt("dynamicPrompts", true)
+                    .opt("tooltip", "The text to be encoded."),
+            )
+            .required("clip", InputSpec::of("CLIP").opt("tooltip", "The CLIP model used for encoding the text."))
+            .output(
+                OutputSpec::of("CONDITIONING")
+                    .tooltip("A conditioning containing the embedded text used to guide the diffusion model."),
+            )
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let clip = inputs.optional_object::<Clip>("clip")?.ok_or_else(|| {
+            NodeError::typed(
+                "RuntimeError",
+                "ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node your checkpoint does not contain a valid clip or text encoder model.",
+            )
+        })?;
+        let chunks = tokenize_with_weights(inputs.string("text")?, &NoEmbeddings);
+        let conditioning = diffusion::encode_prompt(clip, &chunks).map_err(tensor_error)?;
+        Ok(NodeOutput::values(vec![Value::object(conditioning)]))
+    }
+}
+
+/// `CLIPSetLastLayer`: take the text encoder's output from an earlier layer (clip skip).
+pub struct ClipSetLastLayer;
+
+impl Node for ClipSetLastLayer {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("CLIPSetLastLayer", "nodes", "conditioning")
+            .display("CLIP Set Last Layer")
+            .required("clip", InputSpec::of("CLIP"))
+            .required("stop_at_clip_layer", InputSpec::int(-1, -24, -1).opt("step", 1))
+            .output(OutputSpec::of("CLIP"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let clip = inputs.object::<Clip>("clip")?;
+        let layer = inputs.int("stop_at_clip_layer")?;
+        let output_layer = OutputLayer::FromEnd(layer.unsigned_abs() as usize);
+        Ok(NodeOutput::values(vec![Value::object(Clip {
+            output_layer,
+            ..clip.clone()
+        })]))
+    }
+}
+
+/// `EmptyLatentImage`: zeros of [batch, 4, height/8, width/8].
+pub struct EmptyLatentImage;
+
+impl Node for EmptyLatentImage {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        let size = |what: &str| {
+            InputSpec::int(512, 16, MAX_RESOLUTION)
+                .opt("step", 8)
+                .opt("tooltip", format!("The {what} of the latent images in pixels."))
+        };
+        NodeSchema::v1("EmptyLatentImage", "nodes", "latent")
+            .display("Empty Latent Image")
+            .description("Create a new batch of empty latent images to be denoised via sampling.")
+            .required("width", size("width"))
+            .required("height", size("height"))
+            .required(
+                "batch_size",
+                InputSpec::int(1, 1, 4096).opt("tooltip", "The number of latent images in the batch."),
+            )
+            .output(OutputSpec::of("LATENT").tooltip("The empty latent image batch."))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let positive = |name: &str| -> Result<usize, NodeError> { Ok(inputs.int(name)?.max(0) as usize) };
+        let (width, height, batch) = (positive("width")?, positive("height")?, positive("batch_size")?);
+        let shape = (batch, 4, height / 8, width / 8);
+        let samples = Tensor::zeros(shape, DType::F32, &device(ctx.services)).map_err(tensor_error)?;
+        Ok(NodeOutput::values(vec![Value::object(Latent {
+            samples,
+            batch_index: None,
+        })]))
+    }
+}
+
+/// The sampler and scheduler inputs shared by KSampler and KSamplerAdvanced.
+fn sampler_inputs(schema: NodeSchema, tooltips: bool) -> NodeSchema {
+    let tip = |spec: InputSpec, text: &str| if tooltips { spec.opt("tooltip", text) } else { spec };
+    let schedulers: Vec<&str> = Scheduler::ALL.iter().map(|s| s.name()).collect();
+    schema
+        .required(
+            "sampler_name",
+            tip(InputSpec::combo(&SAMPLER_NAMES), "The algorithm used when sampling, this can affect the quality, speed, and style of the generated output."),
+        )
+        .required(
+            "scheduler",
+            tip(InputSpec::combo(&schedulers), "The scheduler controls how noise is gradually removed to form the image."),
+        )
+}
+
+fn seed_spec(name_tooltip: Option<&str>) -> InputSpec {
+    let spec = InputSpec::of("INT")
+        .opt("default", 0)
+        .opt("min", 0)
+        .opt("max", u64::MAX)
+        .opt("control_after_generate", true);
+    match name_tooltip {
+        Some(tooltip) => spec.opt("tooltip", tooltip),
+        None => spec,
+    }
+}
+
+/// `KSampler`.
+pub struct KSampler;
+
+impl Node for KSampler {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        let schema = NodeSchema::v1("KSampler", "nodes", "sampling")
+            .display("KSampler")
+            .description("Uses the provided model, positive and negative conditioning to denoise the latent image.")
+            .required("model", InputSpec::of("MODEL").opt("tooltip", "The model used for denoising the input latent."))
+            .required("seed", seed_spec(Some("The random seed used for creating the noise.")))
+            .required(
+                "steps",
+                InputSpec::int(20, 1, 10000).opt("tooltip", "The number of steps used in the denoising process."),
+            )
+            .required(
+                "cfg",
+                InputSpec::float(8.0, 0.0, 100.0).opt("step", 0.1).opt("round", 0.01).opt(
+                    "tooltip",
+                    "The Classifier-Free Guidance scale balances creativity and adherence to the prompt. Higher values result in images more closely matching the prompt however too high values will negatively impact quality.",
+                ),
+            );
+        sampler_inputs(schema, true)
+            .required(
+                "positive",
+                InputSpec::of("CONDITIONING").opt("tooltip", "The conditioning describing the attributes you want to include in the image."),
+            )
+            .required(
+                "negative",
+                InputSpec::of("CONDITIONING").opt("tooltip", "The conditioning describing the attributes you want to exclude from the image."),
+            )
+            .required("latent_image", InputSpec::of("LATENT").opt("tooltip", "The latent image to denoise."))
+            .required(
+                "denoise",
+                InputSpec::float(1.0, 0.0, 1.0).opt("step", 0.01).opt(
+                    "tooltip",
+                    "The amount of denoising applied, lower values will maintain the structure of the initial image allowing for image to image sampling.",
+                ),
+            )
+            .output(OutputSpec::of("LATENT").tooltip("The denoised latent."))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let settings = SamplerSettings::read(inputs, "seed")?;
+        run_sampler(
+            ctx,
+            inputs,
+            &settings,
+            inputs.float("denoise")?,
+            false,
+            None,
+            None,
+            false,
+        )
+    }
+}
+
+/// `KSamplerAdvanced`: KSampler with step ranges and optional noise.
+pub struct KSamplerAdvanced;
+
+impl Node for KSamplerAdvanced {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        let enable = || InputSpec::combo(&["enable", "disable"]);
+        let schema = NodeSchema::v1("KSamplerAdvanced", "nodes", "sampling")
+            .display("KSampler (Advanced)")
+            .required("model", InputSpec::of("MODEL"))
+            .required("add_noise", enable())
+            .required("noise_seed", seed_spec(None))
+            .required("steps", InputSpec::int(20, 1, 10000))
+            .required(
+                "cfg",
+                InputSpec::float(8.0, 0.0, 100.0).opt("step", 0.1).opt("round", 0.01),
+            );
+        sampler_inputs(schema, false)
+            .required("positive", InputSpec::of("CONDITIONING"))
+            .required("negative", InputSpec::of("CONDITIONING"))
+            .required("latent_image", InputSpec::of("LATENT"))
+            .required("start_at_step", InputSpec::int(0, 0, 10000))
+            .required("end_at_step", InputSpec::int(10000, 0, 10000))
+            .required("return_with_leftover_noise", InputSpec::combo(&["disable", "enable"]))
+            .output(OutputSpec::of("LATENT"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let settings = SamplerSettings::read(inputs, "noise_seed")?;
+        let disable_noise = inputs.string("add_noise")? == "disable";
+        let force_full_denoise = inputs.string("return_with_leftover_noise")? != "enable";
+        let start = inputs.int("start_at_step")?.max(0) as usize;
+        let end = inputs.int("end_at_step")?.max(0) as usize;
+        run_sampler(
+            ctx,
+            inputs,
+            &settings,
+            1.0,
+            disable_noise,
+            Some(start),
+            Some(end),
+            force_full_denoise,
+        )
+    }
+}
+
+/// Seed, steps, cfg, sampler and scheduler of a sampler node.
+struct SamplerSettings {
+    seed: u64,
+    steps: usize,
+    cfg: f64,
+    sampler: String,
+    scheduler: Scheduler,
+}
+
+impl SamplerSettings {
+    fn read(inputs: &NodeInputs, seed_name: &str) -> Result<Self, NodeError> {
+        let seed = match inputs.get(seed_name).and_then(Value::as_json) {
+            Some(serde_json::Value::Number(number)) => number
+                .as_u64()
+                .or_else(|| number.as_i64().map(|v| v as u64))
+                .unwrap_or(0),
+            _ => return Err(NodeError::value(format!("{seed_name} must be an integer"))),
+        };
+        let sampler = inputs.string("sampler_name")?;
+        // ComfyUI replaces an unknown name by the first entry of the list.
+        let sampler = if SAMPLER_NAMES.contains(&sampler) {
+            sampler
+        } else {
+            SAMPLER_NAMES[0]
+        };
+        Ok(SamplerSettings {
+            seed,
+            steps: inputs.int("steps")?.max(0) as usize,
+            cfg: inputs.float("cfg")?,
+            sampler: sampler.to_string(),
+            scheduler: inputs.string("scheduler")?.parse().unwrap_or(Scheduler::Simple),
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_sampler(
+    ctx: &NodeContext,
+    inputs: &NodeInputs,
+    settings: &SamplerSettings,
+    denoise: f64,
+    disable_noise: bool,
+    start_step: Option<usize>,
+    last_step: Option<usize>,
+    force_full_denoise: bool,
+) -> Result<NodeOutput, NodeError> {
+    let model = inputs.object::<Model>("model")?;
+    let latent = inputs.object::<Latent>("latent_image")?;
+    let request = SamplingRequest {
+        model: &model.0,
+        seed: settings.seed,
+        steps: settings.steps,
+        cfg: settings.cfg,
+        sampler: &settings.sampler,
+        scheduler: settings.scheduler,
+        positive: inputs.object::<Conditioning>("positive")?,
+        negative: inputs.object::<Conditioning>("negative")?,
+        latent,
+        denoise,
+        disable_noise,
+        start_step,
+        last_step,
+        force_full_denoise,
+    };
+    let mut stopped: Option<NodeError> = None;
+    let mut progress = |done: usize, total: usize, _denoised: &Tensor| {
+        ctx.progress(done as u64, total as u64).map_err(|error| {
+            stopped = Some(error);
+            candle_core::Error::Msg("sampling stopped".into())
+        })
+    };
+    let result = diffusion::sample(&request, &mut progress);
+    if let Some(error) = stopped {
+        return Err(error);
+    }
+    let samples = result.map_err(|error| match error {
+        SamplerError::NotImplemented(_) => NodeError::typed("NotImplementedError", error.to_string()),
+        SamplerError::Tensor(error) => tensor_error(error),
+    })?;
+    Ok(NodeOutput::values(vec![Value::object(Latent {
+        samples,
+        batch_index: latent.batch_index.clone(),
+    })]))
+}
+
+/// `VAEDecode`: latents to images.
+pub struct VaeDecode;
+
+impl Node for VaeDecode {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("VAEDecode", "nodes", "latent")
+            .display("VAE Decode")
+            .description("Decodes latent images back into pixel space images.")
+            .required(
+                "samples",
+                InputSpec::of("LATENT").opt("tooltip", "The latent to be decoded."),
+            )
+            .required(
+                "vae",
+                InputSpec::of("VAE").opt("tooltip", "The VAE model used for decoding the latent."),
+            )
+            .output(OutputSpec::of("IMAGE").tooltip("The decoded image."))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let latent = inputs.object::<Latent>("samples")?;
+        let vae = inputs.optional_object::<VaeModel>("vae")?.ok_or_else(|| {
+            NodeError::typed(
+                "RuntimeError",
+                "ERROR: VAE is invalid: None\n\nIf the VAE is from a checkpoint loader node your checkpoint does not contain a valid VAE.",
+            )
+        })?;
+        let decoded = vae
+            .0
+            .decode(&latent.samples.to_dtype(DType::F32).map_err(tensor_error)?)
+            .map_err(tensor_error)?;
+        Ok(NodeOutput::values(vec![Value::object(
+            tensor_to_image(&decoded).map_err(tensor_error)?,
+        )]))
+    }
+}
+
+/// `VAEEncode`: images to latents (the image is centre-cropped to a multiple of 8).
+pub struct VaeEncode;
+
+impl Node for VaeEncode {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("VAEEncode", "nodes", "latent")
+            .display("VAE Encode")
+            .required("pixels", InputSpec::of("IMAGE"))
+            .required("vae", InputSpec::of("VAE"))
+            .output(OutputSpec::of("LATENT"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let image = inputs.object::<Image>("pixels")?;
+        let vae = inputs.object::<VaeModel>("vae")?;
+        let scale = vae.0.downscale();
+        let pixels = image_to_tensor(image, scale, &device(ctx.services)).map_err(tensor_error)?;
+        let samples = vae.0.encode(&pixels).map_err(tensor_error)?;
+        Ok(NodeOutput::values(vec![Value::object(Latent {
+            samples,
+            batch_index: None,
+        })]))
+    }
+}
+
+/// VAE output [B, 3, H, W] in [-1, 1] to an IMAGE [B, H, W, 3] in [0, 1].
+fn tensor_to_image(decoded: &Tensor) -> candle_core::Result<Image> {
+    let (batch, channels, height, width) = decoded.dims4()?;
+    let image = ((decoded + 1.0)? / 2.0)?.clamp(0f32, 1f32)?.permute((0, 2, 3, 1))?;
+    let data = image.flatten_all()?.to_vec1::<f32>()?;
+    Ok(Image {
+        batch,
+        height,
+        width,
+        channels,
+        data,
+    })
+}
+
+/// IMAGE [B, H, W, C] (first three channels, centre-cropped to a multiple of `multiple`) to
+/// [B, 3, H, W] in [-1, 1].
+fn image_to_tensor(image: &Image, multiple: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let tensor = Tensor::from_slice(
+        &image.data,
+        (image.batch, image.height, image.width, image.channels),
+        device,
+    )?;
+    let tensor = tensor.narrow(3, 0, image.channels.min(3))?;
+    let height = image.height / multiple * multiple;
+    let width = image.width / multiple * multiple;
+    let tensor =
+        tensor
+            .narrow(1, (image.height % multiple) / 2, height)?
+            .narrow(2, (image.width % multiple) / 2, width)?;
+    (tensor.permute((0, 3, 1, 2))?.contiguous()? * 2.0)? - 1.0
+}
+
+/// `ConditioningCombine`: both lists, one after the other.
+pub struct ConditioningCombine;
+
+impl Node for ConditioningCombine {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("ConditioningCombine", "nodes", "conditioning")
+            .display("Conditioning (Combine)")
+            .required("conditioning_1", InputSpec::of("CONDITIONING"))
+            .required("conditioning_2", InputSpec::of("CONDITIONING"))
+            .output(OutputSpec::of("CONDITIONING"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let mut entries = inputs.object::<Conditioning>("conditioning_1")?.0.clone();
+        entries.extend(inputs.object::<Conditioning>("conditioning_2")?.0.iter().cloned());
+        Ok(NodeOutput::values(vec![Value::object(Conditioning(entries))]))
+    }
+}
+
+/// `ConditioningZeroOut`: zero embeddings and pooled vectors.
+pub struct ConditioningZeroOut;
+
+impl Node for ConditioningZeroOut {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("ConditioningZeroOut", "nodes", "advanced/conditioning")
+            .display("ConditioningZeroOut")
+            .required("conditioning", InputSpec::of("CONDITIONING"))
+            .output(OutputSpec::of("CONDITIONING"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let entries = inputs
+            .object::<Conditioning>("conditioning")?
+            .0
+            .iter()
+            .map(|entry| {
+                Ok(CondEntry {
+                    cross_attention: entry.cross_attention.zeros_like()?,
+                    pooled: entry.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+                    timestep_range: entry.timestep_range,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(tensor_error)?;
+        Ok(NodeOutput::values(vec![Value::object(Conditioning(entries))]))
+    }
+}
+
+/// `ConditioningSetTimestepRange`: the entries apply only between `start` and `end` of sampling.
+pub struct ConditioningSetTimestepRange;
+
+impl Node for ConditioningSetTimestepRange {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("ConditioningSetTimestepRange", "nodes", "advanced/conditioning")
+            .display("ConditioningSetTimestepRange")
+            .required("conditioning", InputSpec::of("CONDITIONING"))
+            .required("start", InputSpec::float(0.0, 0.0, 1.0).opt("step", 0.001))
+            .required("end", InputSpec::float(1.0, 0.0, 1.0).opt("step", 0.001))
+            .output(OutputSpec::of("CONDITIONING"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let range = Some((inputs.float("start")?, inputs.float("end")?));
+        let entries = inputs
+            .object::<Conditioning>("conditioning")?
+            .0
+            .iter()
+            .map(|entry| CondEntry {
+                timestep_range: range,
+                ..entry.clone()
+            })
+            .collect();
+        Ok(NodeOutput::values(vec![Value::object(Conditioning(entries))]))
+    }
+}
