@@ -20,6 +20,7 @@ use crate::models::vae::Vae;
 use crate::models::weights::{var_builder, SafetensorsFile};
 use crate::models::{detect_checkpoint, Family, SD1_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
 use crate::paths::Paths;
+use crate::resample::{common_upscale, ResizeMethod};
 use crate::sampling::samplers::{SamplerError, SAMPLER_NAMES};
 use crate::sampling::schedule::{Scheduler, SigmaSchedule};
 
@@ -607,5 +608,177 @@ impl Node for ConditioningSetTimestepRange {
             })
             .collect();
         Ok(NodeOutput::values(vec![Value::object(Conditioning(entries))]))
+    }
+}
+
+/// The `upscale_method` combo of the latent nodes.
+const LATENT_UPSCALE_METHODS: [&str; 5] = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"];
+
+/// Resizes latents to `width × height` latent pixels with `comfy.utils.common_upscale`.
+fn upscale_latent(latent: &Latent, method: &str, width: usize, height: usize, crop: bool) -> Result<Latent, NodeError> {
+    if method == "bislerp" {
+        return Err(NodeError::typed(
+            "NotImplementedError",
+            "upscale method 'bislerp' is not implemented in Easel yet",
+        ));
+    }
+    let method: ResizeMethod = method.parse()?;
+    let samples = &latent.samples;
+    let (batch, channels, height_in, width_in) = samples.dims4().map_err(tensor_error)?;
+    // As an [B, H, W, C] image, which is what the resampler works on.
+    let data = samples
+        .permute((0, 2, 3, 1))
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(tensor_error)?;
+    let image = Image {
+        batch,
+        height: height_in,
+        width: width_in,
+        channels,
+        data,
+    };
+    let resized = common_upscale(&image, width.max(1), height.max(1), method, crop, false)?;
+    let samples = Tensor::from_vec(
+        resized.data,
+        (batch, resized.height, resized.width, channels),
+        samples.device(),
+    )
+    .and_then(|t| t.permute((0, 3, 1, 2))?.contiguous())
+    .map_err(tensor_error)?;
+    Ok(Latent {
+        samples,
+        batch_index: latent.batch_index.clone(),
+    })
+}
+
+/// `LatentUpscale`: to a pixel size of at least 64 (a 0 keeps the aspect ratio from the other side).
+pub struct LatentUpscale;
+
+impl Node for LatentUpscale {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("LatentUpscale", "nodes", "latent")
+            .display("Upscale Latent")
+            .required("samples", InputSpec::of("LATENT"))
+            .required("upscale_method", InputSpec::combo(&LATENT_UPSCALE_METHODS))
+            .required("width", InputSpec::int(512, 0, MAX_RESOLUTION).opt("step", 8))
+            .required("height", InputSpec::int(512, 0, MAX_RESOLUTION).opt("step", 8))
+            .required("crop", InputSpec::combo(&["disabled", "center"]))
+            .output(OutputSpec::of("LATENT"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let latent = inputs.object::<Latent>("samples")?;
+        let (_, _, height_in, width_in) = latent.samples.dims4().map_err(tensor_error)?;
+        let mut width = inputs.int("width")?.max(0) as usize;
+        let mut height = inputs.int("height")?.max(0) as usize;
+        if width == 0 && height == 0 {
+            return Ok(NodeOutput::values(vec![Value::object(latent.clone())]));
+        }
+        if width == 0 {
+            height = height.max(64);
+            width = ((width_in as f64 * height as f64 / height_in as f64).round_ties_even() as usize).max(64);
+        } else if height == 0 {
+            width = width.max(64);
+            height = ((height_in as f64 * width as f64 / width_in as f64).round_ties_even() as usize).max(64);
+        } else {
+            width = width.max(64);
+            height = height.max(64);
+        }
+        let crop = inputs.string("crop")? == "center";
+        let method = inputs.string("upscale_method")?;
+        Ok(NodeOutput::values(vec![Value::object(upscale_latent(
+            latent,
+            method,
+            width / 8,
+            height / 8,
+            crop,
+        )?)]))
+    }
+}
+
+/// `LatentUpscaleBy`: by a factor, rounded to whole latent pixels.
+pub struct LatentUpscaleBy;
+
+impl Node for LatentUpscaleBy {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("LatentUpscaleBy", "nodes", "latent")
+            .display("Upscale Latent By")
+            .required("samples", InputSpec::of("LATENT"))
+            .required("upscale_method", InputSpec::combo(&LATENT_UPSCALE_METHODS))
+            .required("scale_by", InputSpec::float(1.5, 0.01, 8.0).opt("step", 0.01))
+            .output(OutputSpec::of("LATENT"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let latent = inputs.object::<Latent>("samples")?;
+        let scale = inputs.float("scale_by")?;
+        let (_, _, height, width) = latent.samples.dims4().map_err(tensor_error)?;
+        let width = (width as f64 * scale).round_ties_even() as usize;
+        let height = (height as f64 * scale).round_ties_even() as usize;
+        let method = inputs.string("upscale_method")?;
+        Ok(NodeOutput::values(vec![Value::object(upscale_latent(
+            latent, method, width, height, false,
+        )?)]))
+    }
+}
+
+/// `LatentFromBatch`: `length` latents from `batch_index`, remembering where they came from.
+pub struct LatentFromBatch;
+
+impl Node for LatentFromBatch {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("LatentFromBatch", "nodes", "latent/batch")
+            .display("Latent From Batch")
+            .required("samples", InputSpec::of("LATENT"))
+            .required("batch_index", InputSpec::int(0, 0, 63))
+            .required("length", InputSpec::int(1, 1, 64))
+            .output(OutputSpec::of("LATENT"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let latent = inputs.object::<Latent>("samples")?;
+        let batch = latent.samples.dim(0).map_err(tensor_error)?;
+        let start = (inputs.int("batch_index")?.max(0) as usize).min(batch.saturating_sub(1));
+        let length = (inputs.int("length")?.max(0) as usize).min(batch - start);
+        let samples = latent.samples.narrow(0, start, length).map_err(tensor_error)?;
+        let batch_index = match &latent.batch_index {
+            Some(indices) => indices[start..start + length].to_vec(),
+            None => (start..start + length).collect(),
+        };
+        Ok(NodeOutput::values(vec![Value::object(Latent {
+            samples,
+            batch_index: Some(batch_index),
+        })]))
+    }
+}
+
+/// `RepeatLatentBatch`: the batch `amount` times over; repeated items get new batch indices.
+pub struct RepeatLatentBatch;
+
+impl Node for RepeatLatentBatch {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("RepeatLatentBatch", "nodes", "latent/batch")
+            .display("Repeat Latent Batch")
+            .required("samples", InputSpec::of("LATENT"))
+            .required("amount", InputSpec::int(1, 1, 64))
+            .output(OutputSpec::of("LATENT"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let latent = inputs.object::<Latent>("samples")?;
+        let amount = inputs.int("amount")?.max(1) as usize;
+        let samples = latent.samples.repeat((amount, 1, 1, 1)).map_err(tensor_error)?;
+        let batch_index = latent.batch_index.as_ref().map(|indices| {
+            let (low, high) = (
+                indices.iter().min().copied().unwrap_or(0),
+                indices.iter().max().copied().unwrap_or(0),
+            );
+            let offset = high - low + 1;
+            (0..amount)
+                .flat_map(|copy| indices.iter().map(move |index| index + copy * offset))
+                .collect()
+        });
+        Ok(NodeOutput::values(vec![Value::object(Latent { samples, batch_index })]))
     }
 }

@@ -433,7 +433,9 @@ impl Node for ImageScale {
         }
         let method: ResizeMethod = inputs.string("upscale_method")?.parse()?;
         let center = inputs.string("crop")? == "center";
-        Ok(image_result(common_upscale(image, width, height, method, center)?))
+        Ok(image_result(common_upscale(
+            image, width, height, method, center, true,
+        )?))
     }
 }
 
@@ -456,7 +458,7 @@ impl Node for ImageScaleBy {
         let width = (image.width as f64 * scale).round_ties_even() as usize;
         let height = (image.height as f64 * scale).round_ties_even() as usize;
         let method: ResizeMethod = inputs.string("upscale_method")?.parse()?;
-        Ok(image_result(common_upscale(image, width, height, method, false)?))
+        Ok(image_result(common_upscale(image, width, height, method, false, true)?))
     }
 }
 
@@ -526,7 +528,7 @@ impl Node for ImageBatch {
             first = first.with_extra_channel(1.0);
         }
         if (first.height, first.width, first.channels) != (second.height, second.width, second.channels) {
-            second = common_upscale(&second, first.width, first.height, ResizeMethod::Bilinear, true)?;
+            second = common_upscale(&second, first.width, first.height, ResizeMethod::Bilinear, true, true)?;
         }
         Ok(image_result(Image::concat(&[first, second])?))
     }

@@ -67,4 +67,8 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(diffusion_nodes::ConditioningCombine);
     registry.register(diffusion_nodes::ConditioningZeroOut);
     registry.register(diffusion_nodes::ConditioningSetTimestepRange);
+    registry.register(diffusion_nodes::LatentUpscale);
+    registry.register(diffusion_nodes::LatentUpscaleBy);
+    registry.register(diffusion_nodes::LatentFromBatch);
+    registry.register(diffusion_nodes::RepeatLatentBatch);
 }

@@ -38,13 +38,15 @@ impl FromStr for ResizeMethod {
 }
 
 /// `common_upscale(image, width, height, method, crop)`: optional centre crop to the new aspect
-/// ratio, then resampling.
+/// ratio, then resampling. `channels_last` says how PyTorch holds the tensor: images (moved to
+/// NCHW from NHWC) are channels-last, latents are plain NCHW.
 pub fn common_upscale(
     image: &Image,
     width: usize,
     height: usize,
     method: ResizeMethod,
     center_crop: bool,
+    channels_last: bool,
 ) -> Result<Image, NodeError> {
     if width == 0 || height == 0 {
         return Err(NodeError::value(format!("cannot resize to {width}x{height}")));
@@ -66,7 +68,7 @@ pub fn common_upscale(
             cropped = true;
         }
     }
-    resize(&source, height, width, method, !cropped)
+    resize(&source, height, width, method, channels_last && !cropped)
 }
 
 /// Resizes every item and channel to `out_h × out_w`. `channels_last` says whether PyTorch would see

@@ -1,0 +1,308 @@
+//! The diffusion nodes on the tiny SD1.x test model: a sampler step equals the update rule
+//! computed by hand, every implemented sampler runs, latents taken from a batch get the noise
+//! they had in the batch, and the latent nodes keep ComfyUI's batch bookkeeping.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use easel_engine::{call_standalone, NodeInputs, NodeRegistry, Services, Value};
+use easel_nodes::builtin_registry;
+use easel_nodes::diffusion::{Latent, Model};
+use easel_nodes::models::testmodels::{write_test_models, TINY_SD1_CHECKPOINT};
+use easel_nodes::models::unet::UNetInput;
+use easel_nodes::paths::Paths;
+use easel_nodes::sampling::noise::prepare_noise;
+use easel_nodes::sampling::samplers::SAMPLER_NAMES;
+use serde_json::json;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    registry: NodeRegistry,
+    services: Arc<Services>,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(dir.path()).finish();
+    paths.prepare().unwrap();
+    write_test_models(&paths.models).unwrap();
+    let mut services = Services::new();
+    services.insert(paths);
+    Setup {
+        _dir: dir,
+        registry: builtin_registry(),
+        services: Arc::new(services),
+    }
+}
+
+impl Setup {
+    fn call(&self, class: &str, inputs: Vec<(&str, Value)>) -> Result<Vec<Value>, easel_engine::NodeError> {
+        let inputs = NodeInputs::new(inputs.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+        call_standalone(self.registry.get(class).unwrap().as_ref(), &self.services, &inputs).map(|o| o.outputs)
+    }
+}
+
+fn j(value: serde_json::Value) -> Value {
+    Value::Json(value)
+}
+
+fn flat(tensor: &Tensor) -> Vec<f32> {
+    tensor.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Loader, prompts and an empty latent of `batch` 64×64 images.
+fn inputs(setup: &Setup, batch: u32) -> (Vec<Value>, Value, Value, Value) {
+    let loaded = setup
+        .call(
+            "CheckpointLoaderSimple",
+            vec![("ckpt_name", j(json!(TINY_SD1_CHECKPOINT)))],
+        )
+        .unwrap();
+    let encode = |text: &str| {
+        setup
+            .call(
+                "CLIPTextEncode",
+                vec![("text", j(json!(text))), ("clip", loaded[1].clone())],
+            )
+            .unwrap()
+    };
+    let positive = encode("a (red:1.2) fox")[0].clone();
+    let negative = encode("blurry")[0].clone();
+    let latent = setup
+        .call(
+            "EmptyLatentImage",
+            vec![
+                ("width", j(json!(64))),
+                ("height", j(json!(64))),
+                ("batch_size", j(json!(batch))),
+            ],
+        )
+        .unwrap()[0]
+        .clone();
+    (loaded, positive, negative, latent)
+}
+
+fn ksampler(
+    setup: &Setup,
+    model: &Value,
+    positive: &Value,
+    negative: &Value,
+    latent: &Value,
+    sampler: &str,
+    steps: u32,
+    cfg: f64,
+) -> Result<Tensor, easel_engine::NodeError> {
+    let out = setup.call(
+        "KSampler",
+        vec![
+            ("model", model.clone()),
+            ("seed", j(json!(7))),
+            ("steps", j(json!(steps))),
+            ("cfg", j(json!(cfg))),
+            ("sampler_name", j(json!(sampler))),
+            ("scheduler", j(json!("karras"))),
+            ("positive", positive.clone()),
+            ("negative", negative.clone()),
+            ("latent_image", latent.clone()),
+            ("denoise", j(json!(1.0))),
+        ],
+    )?;
+    Ok(out[0].downcast::<Latent>().unwrap().samples.clone())
+}
+
+#[test]
+fn one_euler_step_is_the_update_rule() {
+    let setup = setup();
+    let (loaded, positive, _, latent) = inputs(&setup, 1);
+    // cfg 1: only the positive prompt is evaluated.
+    let sampled = ksampler(&setup, &loaded[0], &positive, &positive, &latent, "euler", 1, 1.0).unwrap();
+
+    let model = &loaded[0].downcast::<Model>().unwrap().0;
+    let context = positive.downcast::<easel_nodes::diffusion::Conditioning>().unwrap().0[0]
+        .cross_attention
+        .clone();
+    let sigma_max = model.schedule.sigma_max();
+    let noise = Tensor::from_vec(prepare_noise(7, &[1, 4, 8, 8], None), (1, 4, 8, 8), &Device::Cpu).unwrap();
+    // Karras with one step gives [σ_max, 0]; the empty latent is not scaled; full noise scaling.
+    let x = (&noise * f64::from((1.0 + sigma_max * sigma_max).sqrt())).unwrap();
+    let scaled = (&x / f64::from((sigma_max * sigma_max + 1.0).sqrt())).unwrap();
+    let timesteps = Tensor::new(&[999f32], &Device::Cpu).unwrap();
+    let input = UNetInput {
+        x: &scaled,
+        timesteps: &timesteps,
+        context: &context,
+        y: None,
+        control: None,
+        cross_attention_patch: None,
+    };
+    let eps = model.unet.forward(&input).unwrap();
+    let denoised = (&x - (&eps * f64::from(sigma_max)).unwrap()).unwrap();
+    let d = ((&x - &denoised).unwrap() / f64::from(sigma_max)).unwrap();
+    let expected = ((&x + (d * f64::from(-sigma_max)).unwrap()).unwrap() / 0.18215).unwrap();
+    let worst = flat(&sampled)
+        .iter()
+        .zip(flat(&expected))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-3, "max difference {worst}");
+}
+
+#[test]
+fn every_implemented_sampler_runs_and_the_others_say_so() {
+    let setup = setup();
+    let (loaded, positive, negative, latent) = inputs(&setup, 1);
+    let implemented = [
+        "euler",
+        "euler_ancestral",
+        "heun",
+        "dpm_2",
+        "dpm_2_ancestral",
+        "dpmpp_2m",
+        "dpmpp_2s_ancestral",
+        "lcm",
+        "ddpm",
+        "ipndm",
+        "ddim",
+    ];
+    for sampler in SAMPLER_NAMES {
+        let result = ksampler(&setup, &loaded[0], &positive, &negative, &latent, sampler, 3, 6.0);
+        if implemented.contains(&sampler) {
+            let samples = result.unwrap_or_else(|e| panic!("{sampler}: {e}"));
+            assert_eq!(samples.dims(), &[1, 4, 8, 8]);
+            assert!(flat(&samples).iter().all(|v| v.is_finite()), "{sampler}");
+        } else {
+            let error = result.unwrap_err().to_string();
+            assert_eq!(error, format!("sampler '{sampler}' is not implemented in Easel yet"));
+        }
+    }
+    // Ancestral samplers draw their per-step noise from the seed: the same seed gives the same latent.
+    let a = ksampler(
+        &setup,
+        &loaded[0],
+        &positive,
+        &negative,
+        &latent,
+        "euler_ancestral",
+        3,
+        6.0,
+    )
+    .unwrap();
+    let b = ksampler(
+        &setup,
+        &loaded[0],
+        &positive,
+        &negative,
+        &latent,
+        "euler_ancestral",
+        3,
+        6.0,
+    )
+    .unwrap();
+    assert_eq!(flat(&a), flat(&b));
+}
+
+#[test]
+fn a_latent_taken_from_a_batch_samples_as_it_did_in_the_batch() {
+    let setup = setup();
+    let (loaded, positive, negative, batch) = inputs(&setup, 3);
+    let whole = ksampler(&setup, &loaded[0], &positive, &negative, &batch, "euler", 2, 5.0).unwrap();
+    let second = setup
+        .call(
+            "LatentFromBatch",
+            vec![
+                ("samples", batch.clone()),
+                ("batch_index", j(json!(1))),
+                ("length", j(json!(1))),
+            ],
+        )
+        .unwrap()[0]
+        .clone();
+    assert_eq!(second.downcast::<Latent>().unwrap().batch_index, Some(vec![1]));
+    let alone = ksampler(&setup, &loaded[0], &positive, &negative, &second, "euler", 2, 5.0).unwrap();
+    let expected = flat(&whole.narrow(0, 1, 1).unwrap());
+    let worst = flat(&alone)
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-3, "max difference {worst}");
+
+    let repeated = setup
+        .call("RepeatLatentBatch", vec![("samples", second), ("amount", j(json!(3)))])
+        .unwrap()[0]
+        .clone();
+    let repeated = repeated.downcast::<Latent>().unwrap();
+    assert_eq!(repeated.samples.dims(), &[3, 4, 8, 8]);
+    assert_eq!(repeated.batch_index, Some(vec![1, 2, 3]));
+
+    let upscaled = setup
+        .call(
+            "LatentUpscale",
+            vec![
+                ("samples", batch.clone()),
+                ("upscale_method", j(json!("bilinear"))),
+                ("width", j(json!(96))),
+                ("height", j(json!(0))),
+                ("crop", j(json!("disabled"))),
+            ],
+        )
+        .unwrap()[0]
+        .clone();
+    assert_eq!(upscaled.downcast::<Latent>().unwrap().samples.dims(), &[3, 4, 12, 12]);
+    let by = setup
+        .call(
+            "LatentUpscaleBy",
+            vec![
+                ("samples", batch),
+                ("upscale_method", j(json!("nearest-exact"))),
+                ("scale_by", j(json!(1.5))),
+            ],
+        )
+        .unwrap()[0]
+        .clone();
+    assert_eq!(by.downcast::<Latent>().unwrap().samples.dims(), &[3, 4, 12, 12]);
+}
+
+#[test]
+fn decoding_and_encoding_round_trip_shapes_and_clip_skip_changes_the_prompt() {
+    let setup = setup();
+    let (loaded, positive, _, latent) = inputs(&setup, 2);
+    let images = setup
+        .call("VAEDecode", vec![("samples", latent), ("vae", loaded[2].clone())])
+        .unwrap()[0]
+        .clone();
+    let image = images.downcast::<easel_nodes::image::Image>().unwrap();
+    assert_eq!((image.batch, image.height, image.width, image.channels), (2, 64, 64, 3));
+    assert!(image.data.iter().all(|v| (0.0..=1.0).contains(v)));
+    let encoded = setup
+        .call(
+            "VAEEncode",
+            vec![("pixels", images.clone()), ("vae", loaded[2].clone())],
+        )
+        .unwrap()[0]
+        .clone();
+    assert_eq!(encoded.downcast::<Latent>().unwrap().samples.dims(), &[2, 4, 8, 8]);
+
+    let skipped = setup
+        .call(
+            "CLIPSetLastLayer",
+            vec![("clip", loaded[1].clone()), ("stop_at_clip_layer", j(json!(-2)))],
+        )
+        .unwrap()[0]
+        .clone();
+    let encode = |clip: &Value| {
+        let out = setup
+            .call(
+                "CLIPTextEncode",
+                vec![("text", j(json!("a (red:1.2) fox"))), ("clip", clip.clone())],
+            )
+            .unwrap();
+        flat(&out[0].downcast::<easel_nodes::diffusion::Conditioning>().unwrap().0[0].cross_attention)
+    };
+    let last = encode(&loaded[1]);
+    assert_eq!(
+        last,
+        flat(&positive.downcast::<easel_nodes::diffusion::Conditioning>().unwrap().0[0].cross_attention)
+    );
+    assert_ne!(encode(&skipped), last);
+}
