@@ -82,6 +82,7 @@ fn inputs(setup: &Setup, batch: u32) -> (Vec<Value>, Value, Value, Value) {
     (loaded, positive, negative, latent)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn ksampler(
     setup: &Setup,
     model: &Value,
