@@ -12,6 +12,7 @@ use crate::diffusion::{
     VaeModel,
 };
 use crate::image::Image;
+use crate::latent_preview::PreviewSettings;
 use crate::model_cache::ModelCache;
 use crate::models::clip_text::{ClipTextEncoder, OutputLayer};
 use crate::models::tokenizer::{tokenize_with_weights, NoEmbeddings};
@@ -420,9 +421,18 @@ fn run_sampler(
         last_step,
         force_full_denoise,
     };
+    let previews = ctx.services.get::<PreviewSettings>();
+    let format = &model.0.latent_format;
     let mut stopped: Option<NodeError> = None;
-    let mut progress = |done: usize, total: usize, _denoised: &Tensor| {
-        ctx.progress(done as u64, total as u64).map_err(|error| {
+    let mut progress = |done: usize, total: usize, denoised: &Tensor| {
+        let reported = match previews
+            .map(|settings| settings.preview(format, denoised))
+            .transpose()?
+        {
+            Some(Some(preview)) => ctx.progress_with_preview(done as u64, total as u64, preview),
+            _ => ctx.progress(done as u64, total as u64),
+        };
+        reported.map_err(|error| {
             stopped = Some(error);
             candle_core::Error::Msg("sampling stopped".into())
         })

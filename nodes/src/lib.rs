@@ -14,6 +14,7 @@ pub mod diffusion_nodes;
 pub mod image;
 pub mod image_io;
 pub mod image_nodes;
+pub mod latent_preview;
 pub mod mask_nodes;
 pub mod model_cache;
 pub mod models;

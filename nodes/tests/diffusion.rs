@@ -307,3 +307,50 @@ fn decoding_and_encoding_round_trip_shapes_and_clip_skip_changes_the_prompt() {
     );
     assert_ne!(encode(&skipped), last);
 }
+
+#[test]
+fn sampling_sends_a_jpeg_preview_with_each_step_when_previews_are_on() {
+    use easel_engine::events::{Event, EventKind};
+    use easel_engine::{validate_prompt, CacheMode, Executor, Interrupt, Prompt};
+    use easel_nodes::latent_preview::{PreviewMethod, PreviewSettings};
+
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(dir.path()).finish();
+    paths.prepare().unwrap();
+    write_test_models(&paths.models).unwrap();
+    let mut services = Services::new();
+    services.insert(paths);
+    services.insert(PreviewSettings {
+        method: PreviewMethod::Latent2Rgb,
+        max_size: 256,
+    });
+    let services = Arc::new(services);
+    let registry = Arc::new(builtin_registry());
+    let workflow: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../workflows/sd15_txt2img.json")).unwrap(),
+    )
+    .unwrap();
+    let validated = validate_prompt(&registry, &services, Prompt::from_json(workflow).unwrap(), None).unwrap();
+    let events = std::sync::Mutex::new(Vec::new());
+    let sink = |event: Event| events.lock().unwrap().push(event);
+    Executor::new(registry, services, CacheMode::None).execute(
+        "p",
+        &validated,
+        &serde_json::Value::Null,
+        &sink,
+        &Interrupt::new(),
+    );
+    let previews: Vec<Vec<u8>> = events
+        .into_inner()
+        .unwrap()
+        .into_iter()
+        .filter(|event| event.kind == EventKind::Preview)
+        .filter_map(|event| event.image.map(|bytes| bytes.to_vec()))
+        .collect();
+    assert_eq!(previews.len(), 4, "one preview per step");
+    for preview in previews {
+        let image = image::load_from_memory(&preview).unwrap();
+        assert_eq!(image::guess_format(&preview).unwrap(), image::ImageFormat::Jpeg);
+        assert_eq!((image.width(), image.height()), (256, 256));
+    }
+}

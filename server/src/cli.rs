@@ -106,6 +106,13 @@ pub struct ExecutionArgs {
     /// Write no prompt or workflow into saved images.
     #[arg(long)]
     pub disable_metadata: bool,
+    /// Live sampling previews sent to clients: none, auto, latent2rgb, taesd (TAESD decoders are
+    /// not supported yet: auto and taesd colour the latent as latent2rgb does).
+    #[arg(long, value_name = "METHOD", value_enum, default_value_t)]
+    pub preview_method: PreviewMethodArg,
+    /// Previews are scaled to fit this many pixels.
+    #[arg(long, value_name = "PIXELS", default_value_t = 512)]
+    pub preview_size: u32,
     /// Memory for loaded models kept between prompts, in GiB (least recently used first out).
     #[arg(long, value_name = "GIB", default_value_t = 16.0)]
     pub model_cache_size: f64,
@@ -157,4 +164,14 @@ pub struct RunArgs {
     pub workflow: PathBuf,
     #[command(flatten)]
     pub execution: ExecutionArgs,
+}
+
+/// `--preview-method` values, as ComfyUI spells them.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PreviewMethodArg {
+    #[default]
+    None,
+    Auto,
+    Latent2rgb,
+    Taesd,
 }

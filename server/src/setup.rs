@@ -1,9 +1,10 @@
 //! Turns command-line options into the engine's pieces: directories, services, cache mode.
 
-use crate::cli::{CacheArgs, ExecutionArgs};
+use crate::cli::{CacheArgs, ExecutionArgs, PreviewMethodArg};
 use anyhow::Context;
 use easel_engine::{CacheMode, NodeRegistry, Services};
 use easel_nodes::image_nodes::ImageMetadata;
+use easel_nodes::latent_preview::{PreviewMethod, PreviewSettings};
 use easel_nodes::model_cache::ModelCache;
 use easel_nodes::paths::Paths;
 use std::path::PathBuf;
@@ -89,6 +90,16 @@ pub fn runtime(args: &ExecutionArgs) -> anyhow::Result<Runtime> {
         (args.model_cache_size.max(0.0) * (1u64 << 30) as f64) as u64,
     ));
     services.insert(candle_core::Device::Cpu);
+    let method = match args.preview_method {
+        PreviewMethodArg::None => PreviewMethod::None,
+        PreviewMethodArg::Auto => PreviewMethod::Auto,
+        PreviewMethodArg::Latent2rgb => PreviewMethod::Latent2Rgb,
+        PreviewMethodArg::Taesd => PreviewMethod::Taesd,
+    };
+    services.insert(PreviewSettings {
+        method,
+        max_size: args.preview_size,
+    });
     Ok(Runtime {
         registry: Arc::new(easel_nodes::builtin_registry()),
         services: Arc::new(services),
