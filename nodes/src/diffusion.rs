@@ -21,14 +21,11 @@ use crate::sampling::schedule::{ksampler_sigmas, Scheduler, SigmaSchedule};
 pub enum Prediction {
     /// The noise (SD1.x, SD2.x base, SDXL).
     Epsilon,
-    /// The velocity (SD2.x 768-v).
-    Velocity,
 }
 
 /// A latent space: how VAE latents are scaled into model space and how previews colour them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LatentFormat {
-    pub channels: usize,
     pub scale_factor: f64,
     /// Per-channel RGB contributions for fast previews, [channels][3].
     pub rgb_factors: Vec<[f32; 3]>,
@@ -38,7 +35,6 @@ impl LatentFormat {
     /// SD1.x and SD2.x (`latent_formats.SD15`).
     pub fn sd15() -> Self {
         LatentFormat {
-            channels: 4,
             scale_factor: 0.18215,
             rgb_factors: vec![
                 [0.3512, 0.2297, 0.3227],
@@ -84,10 +80,6 @@ impl DiffusionModel {
         let out = self.unet.forward(&input)?;
         match self.prediction {
             Prediction::Epsilon => x - (out * f64::from(sigma))?,
-            Prediction::Velocity => {
-                let sigma2 = f64::from(sigma * sigma + 1.0);
-                (x / sigma2)? - (out * (f64::from(sigma) / sigma2.sqrt()))?
-            }
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::models::tokenizer::{tokenize_with_weights, NoEmbeddings};
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
 use crate::models::weights::{var_builder, SafetensorsFile};
-use crate::models::{detect_checkpoint, Family, SD1_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use crate::models::{detect_checkpoint, SD1_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
 use crate::paths::Paths;
 use crate::resample::{common_upscale, ResizeMethod};
 use crate::sampling::samplers::{SamplerError, SAMPLER_NAMES};
@@ -54,10 +54,6 @@ fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(LoadedChe
             path.display()
         ))
     })?;
-    let prediction = match layout.family {
-        Family::Sd2 { v_prediction: true } => Prediction::Velocity,
-        _ => Prediction::Epsilon,
-    };
     let prefix = |p: &str| p.trim_end_matches('.').to_string();
     let unet = UNet::new(
         layout.unet,
@@ -66,7 +62,7 @@ fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(LoadedChe
     .map_err(tensor_error)?;
     let model = Model(Arc::new(DiffusionModel {
         unet,
-        prediction,
+        prediction: Prediction::Epsilon,
         schedule: SigmaSchedule::sd_discrete(),
         latent_format: LatentFormat::sd15(),
         device: device.clone(),

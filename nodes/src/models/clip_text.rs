@@ -107,10 +107,6 @@ impl ClipTextEncoder {
         })
     }
 
-    pub fn config(&self) -> &ClipTextConfig {
-        &self.config
-    }
-
     /// Encodes chunks of weighted tokens as ComfyUI does (see the module documentation).
     pub fn encode_weighted(&self, chunks: &[Vec<WeightedToken>], output: OutputLayer) -> Result<Encoded> {
         let has_weights = chunks.iter().flatten().any(|(_, weight)| *weight != 1.0);

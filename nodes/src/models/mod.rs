@@ -113,13 +113,16 @@ fn sd2_is_v_prediction(file: &SafetensorsFile) -> bool {
     variance.sqrt() > 0.09
 }
 
-/// Recognises a checkpoint file and reads the architecture of each part it holds.
+/// Recognises a checkpoint file and reads the architecture of each part it holds (SD2.x files
+/// are told apart as v-prediction or not in the error that says they cannot run yet).
 pub fn detect_checkpoint(file: &SafetensorsFile) -> Result<CheckpointLayout, DetectError> {
-    let mut layout = detect_layout(file)?;
-    if let Family::Sd2 { v_prediction } = &mut layout.family {
-        *v_prediction = sd2_is_v_prediction(file);
+    if let Family::Sd2 { .. } = detect_family(file)? {
+        let family = Family::Sd2 {
+            v_prediction: sd2_is_v_prediction(file),
+        };
+        return Err(DetectError::NotYetSupported(family.name()));
     }
-    Ok(layout)
+    detect_layout(file)
 }
 
 /// Recognises a checkpoint from its tensor shapes alone.

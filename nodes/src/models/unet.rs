@@ -324,10 +324,6 @@ impl UNet {
         })
     }
 
-    pub fn config(&self) -> &UNetConfig {
-        &self.config
-    }
-
     pub fn forward(&self, input: &UNetInput) -> Result<Tensor> {
         let t_emb = timestep_embedding(input.timesteps, self.config.model_channels)?.to_dtype(input.x.dtype())?;
         let mut emb = self

@@ -90,10 +90,6 @@ impl Vae {
         })
     }
 
-    pub fn config(&self) -> &VaeConfig {
-        &self.config
-    }
-
     /// Pixel count per latent pixel along one side (8 for SD).
     pub fn downscale(&self) -> usize {
         1 << (self.config.channel_mult.len() - 1)

@@ -76,7 +76,6 @@ pub struct SafetensorsFile {
     path: PathBuf,
     map: Mmap,
     tensors: HashMap<String, TensorEntry>,
-    metadata: HashMap<String, String>,
 }
 
 impl SafetensorsFile {
@@ -97,22 +96,15 @@ impl SafetensorsFile {
         })?;
         let data_start = 8 + header_length;
         let tensors = entries(&metadata, data_start);
-        let metadata = metadata.metadata().clone().unwrap_or_default();
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             map,
             tensors,
-            metadata,
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// The `__metadata__` strings of the header.
-    pub fn metadata(&self) -> &HashMap<String, String> {
-        &self.metadata
     }
 
     pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
