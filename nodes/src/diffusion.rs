@@ -193,19 +193,14 @@ struct ActiveEntry {
 
 impl ActiveEntry {
     fn new(entry: &CondEntry, schedule: &SigmaSchedule, device: &Device) -> candle_core::Result<Self> {
-        let (start, end) = entry.timestep_range.unwrap_or((0.0, 1.0));
+        let (sigma_start, sigma_end) = match entry.timestep_range {
+            Some((start, end)) => (schedule.percent_to_sigma(start), schedule.percent_to_sigma(end)),
+            None => (f64::INFINITY, f64::NEG_INFINITY),
+        };
         Ok(ActiveEntry {
             context: entry.cross_attention.to_device(device)?.to_dtype(DType::F32)?,
-            sigma_start: if entry.timestep_range.is_some() {
-                schedule.percent_to_sigma(start)
-            } else {
-                f64::INFINITY
-            },
-            sigma_end: if entry.timestep_range.is_some() {
-                schedule.percent_to_sigma(end)
-            } else {
-                f64::NEG_INFINITY
-            },
+            sigma_start,
+            sigma_end,
         })
     }
 

@@ -116,18 +116,24 @@ fn sd2_is_v_prediction(file: &SafetensorsFile) -> bool {
 /// Recognises a checkpoint file and reads the architecture of each part it holds (SD2.x files
 /// are told apart as v-prediction or not in the error that says they cannot run yet).
 pub fn detect_checkpoint(file: &SafetensorsFile) -> Result<CheckpointLayout, DetectError> {
-    if let Family::Sd2 { .. } = detect_family(file)? {
-        let family = Family::Sd2 {
-            v_prediction: sd2_is_v_prediction(file),
-        };
-        return Err(DetectError::NotYetSupported(family.name()));
+    match detect_family(file)? {
+        Family::Sd2 { .. } => {
+            let family = Family::Sd2 {
+                v_prediction: sd2_is_v_prediction(file),
+            };
+            Err(DetectError::NotYetSupported(family.name()))
+        }
+        family => layout_of(family, file),
     }
-    detect_layout(file)
 }
 
 /// Recognises a checkpoint from its tensor shapes alone.
 pub fn detect_layout(file: &dyn TensorShapes) -> Result<CheckpointLayout, DetectError> {
-    let family = detect_family(file)?;
+    layout_of(detect_family(file)?, file)
+}
+
+/// The architecture of each part of a checkpoint of `family`.
+fn layout_of(family: Family, file: &dyn TensorShapes) -> Result<CheckpointLayout, DetectError> {
     match family {
         Family::Sd1 => {
             let unet = UNetConfig::infer(file, UNET_PREFIX, HeadLayout::Count(8))?;
