@@ -238,6 +238,13 @@ impl Denoiser for Guider<'_> {
         let uncond = self.predict(&self.negative, x, sigma)?;
         &uncond + ((cond - &uncond)? * self.cfg)?
     }
+
+    fn denoise_with_uncond(&mut self, x: &Tensor, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
+        let cond = self.predict(&self.positive, x, sigma)?;
+        let uncond = self.predict(&self.negative, x, sigma)?;
+        let guided = (&uncond + ((cond - &uncond)? * self.cfg)?)?;
+        Ok((guided, uncond))
+    }
 }
 
 /// Everything `common_ksampler` takes.
@@ -330,7 +337,15 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
     let x = ((noise * f64::from(noise_scale))? + latent_in)?;
 
     let mut callback = |step: Step| progress(step.index + 1, step.total, step.denoised);
-    let sampled = samplers::sample(request.sampler, &mut guider, x, &sigmas, request.seed, &mut callback)?;
+    let sampled = samplers::sample(
+        request.sampler,
+        &mut guider,
+        x,
+        &sigmas,
+        &model.schedule,
+        request.seed,
+        &mut callback,
+    )?;
     Ok((sampled / scale)?)
 }
 

@@ -438,7 +438,7 @@ fn run_sampler(
         return Err(error);
     }
     let samples = result.map_err(|error| match error {
-        SamplerError::NotImplemented(_) => NodeError::typed("NotImplementedError", error.to_string()),
+        SamplerError::Unknown(_) => NodeError::typed("ValueError", error.to_string()),
         SamplerError::Tensor(error) => tensor_error(error),
     })?;
     Ok(NodeOutput::values(vec![Value::object(Latent {

@@ -1,6 +1,7 @@
 //! The sampling core against values recorded from ComfyUI 0.3.64 on a CPU: initial noise bit for
 //! bit (`fixtures/torch_randn.json`) and every scheduler's σ sequence (`fixtures/sigmas.json`).
 
+use easel_nodes::sampling::brownian::{seed_sequence_state, BrownianNoise};
 use easel_nodes::sampling::noise::{prepare_noise, CpuGenerator};
 use easel_nodes::sampling::schedule::{flux_shift_for_size, ksampler_sigmas, Scheduler, SigmaSchedule};
 use serde_json::Value;
@@ -153,4 +154,34 @@ fn discrete_schedule_conversions() {
     assert!((schedule.percent_to_sigma(0.5) - 1.61558).abs() < 1e-5);
     assert!((SigmaSchedule::flow(3.0, 1000.0).percent_to_sigma(0.5) - 0.75).abs() < 1e-12);
     assert!((SigmaSchedule::flux(1.15).percent_to_sigma(0.5) - 0.759511).abs() < 1e-6);
+}
+
+#[test]
+fn seed_sequence_matches_numpy() {
+    assert_eq!(seed_sequence_state(0, &[], 24, 3), [4025752534, 2687548107, 2326983537]);
+}
+
+/// node-catalog §C.3: seed 0, a [1, 4, 8, 8] latent, the SD1.5 σ range, n(σ_max, 9.10293).
+#[test]
+fn brownian_tree_noise_matches_comfyui() {
+    let schedule = SigmaSchedule::sd_discrete();
+    let mut noise = BrownianNoise::new(schedule.sigma_min(), schedule.sigma_max(), 4 * 8 * 8, 0);
+    let values = noise.sample(schedule.sigma_max(), 9.10293);
+    let expected = [0.071_278_21_f32, -1.196_463_1, -0.105_975_37, 1.164_427_5];
+    for (actual, expected) in values.iter().zip(expected) {
+        assert!((actual - expected).abs() < 1e-6, "{:?} vs {expected:?}", &values[..4]);
+    }
+    let next = noise.sample(9.10293, 5.47839);
+    let reversed = noise.sample(5.47839, 9.10293);
+    assert_eq!(next.len(), 256);
+    assert!(
+        next.iter().zip(&reversed).all(|(a, b)| *a == -*b),
+        "the sign follows the order of the σ"
+    );
+    let mut again = BrownianNoise::new(schedule.sigma_min(), schedule.sigma_max(), 4 * 8 * 8, 0);
+    assert_eq!(
+        again.sample(9.10293, 5.47839),
+        next,
+        "noise depends on the seed and times only"
+    );
 }

@@ -432,7 +432,7 @@ fn kl_optimal(steps: usize, sigma_min: f64, sigma_max: f64) -> Vec<f32> {
 
 /// `torch.linspace` in float32: the first half counts up from `start`, the second half down
 /// from `end`.
-fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
+pub(crate) fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     if steps <= 1 {
         return vec![start; steps];
     }
