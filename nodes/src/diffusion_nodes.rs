@@ -28,11 +28,11 @@ use crate::sampling::schedule::{Scheduler, SigmaSchedule};
 const MAX_RESOLUTION: i64 = 16384;
 
 /// Where models run: the registry's `Device` service, the CPU by default.
-fn device(services: &Services) -> Device {
+pub(crate) fn device(services: &Services) -> Device {
     services.get::<Device>().cloned().unwrap_or(Device::Cpu)
 }
 
-fn tensor_error(error: candle_core::Error) -> NodeError {
+pub(crate) fn tensor_error(error: candle_core::Error) -> NodeError {
     NodeError::typed("RuntimeError", error.to_string())
 }
 
@@ -445,100 +445,6 @@ fn run_sampler(
         samples,
         batch_index: latent.batch_index.clone(),
     })]))
-}
-
-/// `VAEDecode`: latents to images.
-pub struct VaeDecode;
-
-impl Node for VaeDecode {
-    fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1("VAEDecode", "nodes", "latent")
-            .display("VAE Decode")
-            .description("Decodes latent images back into pixel space images.")
-            .required(
-                "samples",
-                InputSpec::of("LATENT").opt("tooltip", "The latent to be decoded."),
-            )
-            .required(
-                "vae",
-                InputSpec::of("VAE").opt("tooltip", "The VAE model used for decoding the latent."),
-            )
-            .output(OutputSpec::of("IMAGE").tooltip("The decoded image."))
-    }
-
-    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let latent = inputs.object::<Latent>("samples")?;
-        let vae = inputs.optional_object::<VaeModel>("vae")?.ok_or_else(|| {
-            NodeError::typed(
-                "RuntimeError",
-                "ERROR: VAE is invalid: None\n\nIf the VAE is from a checkpoint loader node your checkpoint does not contain a valid VAE.",
-            )
-        })?;
-        let decoded = vae
-            .0
-            .decode(&latent.samples.to_dtype(DType::F32).map_err(tensor_error)?)
-            .map_err(tensor_error)?;
-        Ok(NodeOutput::values(vec![Value::object(
-            tensor_to_image(&decoded).map_err(tensor_error)?,
-        )]))
-    }
-}
-
-/// `VAEEncode`: images to latents (the image is centre-cropped to a multiple of 8).
-pub struct VaeEncode;
-
-impl Node for VaeEncode {
-    fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1("VAEEncode", "nodes", "latent")
-            .display("VAE Encode")
-            .required("pixels", InputSpec::of("IMAGE"))
-            .required("vae", InputSpec::of("VAE"))
-            .output(OutputSpec::of("LATENT"))
-    }
-
-    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let image = inputs.object::<Image>("pixels")?;
-        let vae = inputs.object::<VaeModel>("vae")?;
-        let scale = vae.0.downscale();
-        let pixels = image_to_tensor(image, scale, &device(ctx.services)).map_err(tensor_error)?;
-        let samples = vae.0.encode(&pixels).map_err(tensor_error)?;
-        Ok(NodeOutput::values(vec![Value::object(Latent {
-            samples,
-            batch_index: None,
-        })]))
-    }
-}
-
-/// VAE output [B, 3, H, W] in [-1, 1] to an IMAGE [B, H, W, 3] in [0, 1].
-fn tensor_to_image(decoded: &Tensor) -> candle_core::Result<Image> {
-    let (batch, channels, height, width) = decoded.dims4()?;
-    let image = ((decoded + 1.0)? / 2.0)?.clamp(0f32, 1f32)?.permute((0, 2, 3, 1))?;
-    let data = image.flatten_all()?.to_vec1::<f32>()?;
-    Ok(Image {
-        batch,
-        height,
-        width,
-        channels,
-        data,
-    })
-}
-
-/// IMAGE [B, H, W, C] (first three channels, centre-cropped to a multiple of `multiple`) to
-/// [B, 3, H, W] in [-1, 1].
-fn image_to_tensor(image: &Image, multiple: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let tensor = Tensor::from_slice(
-        &image.data,
-        (image.batch, image.height, image.width, image.channels),
-        device,
-    )?;
-    let tensor = tensor.narrow(3, 0, image.channels.min(3))?;
-    let height = image.height / multiple * multiple;
-    let width = image.width / multiple * multiple;
-    let tensor =
-        tensor
-            .narrow(1, (image.height % multiple) / 2, height)?
-            .narrow(2, (image.width % multiple) / 2, width)?;
-    (tensor.permute((0, 3, 1, 2))?.contiguous()? * 2.0)? - 1.0
 }
 
 /// `ConditioningCombine`: both lists, one after the other.

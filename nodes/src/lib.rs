@@ -4,7 +4,8 @@
 //! - [`resample`]: PyTorch's and Pillow's resampling, as ComfyUI uses them;
 //! - [`image_io`]: decoding image files and writing PNGs with metadata;
 //! - [`paths`]: ComfyUI's directory layout and model folders (a service nodes look up);
-//! - [`image_nodes`], [`mask_nodes`], [`canny`]: the node classes.
+//! - [`tiling`]: ComfyUI's tiled processing with feathered blending;
+//! - [`image_nodes`], [`mask_nodes`], [`canny`], [`diffusion_nodes`], [`vae_nodes`]: the node classes.
 //!
 //! [`builtin_registry`] registers every node.
 
@@ -21,6 +22,8 @@ pub mod models;
 pub mod paths;
 pub mod resample;
 pub mod sampling;
+pub mod tiling;
+pub mod vae_nodes;
 
 use easel_engine::NodeRegistry;
 
@@ -63,8 +66,10 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(diffusion_nodes::EmptyLatentImage);
     registry.register(diffusion_nodes::KSampler);
     registry.register(diffusion_nodes::KSamplerAdvanced);
-    registry.register(diffusion_nodes::VaeDecode);
-    registry.register(diffusion_nodes::VaeEncode);
+    registry.register(vae_nodes::VaeDecode);
+    registry.register(vae_nodes::VaeEncode);
+    registry.register(vae_nodes::VaeDecodeTiled);
+    registry.register(vae_nodes::VaeEncodeTiled);
     registry.register(diffusion_nodes::ConditioningCombine);
     registry.register(diffusion_nodes::ConditioningZeroOut);
     registry.register(diffusion_nodes::ConditioningSetTimestepRange);

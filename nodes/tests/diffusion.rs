@@ -1,6 +1,7 @@
 //! The diffusion nodes on the tiny SD1.x test model: a sampler step equals the update rule
-//! computed by hand, every implemented sampler runs, latents taken from a batch get the noise
-//! they had in the batch, and the latent nodes keep ComfyUI's batch bookkeeping.
+//! computed by hand, every sampler runs, latents taken from a batch get the noise they had in
+//! the batch, the latent nodes keep ComfyUI's batch bookkeeping, and the tiled VAE nodes agree
+//! with the whole passes.
 
 use std::sync::Arc;
 
@@ -335,4 +336,77 @@ fn sampling_sends_a_jpeg_preview_with_each_step_when_previews_are_on() {
         assert_eq!(image::guess_format(&preview).unwrap(), image::ImageFormat::Jpeg);
         assert_eq!((image.width(), image.height()), (256, 256));
     }
+}
+
+fn decoded(value: &Value) -> Vec<f32> {
+    value.downcast::<easel_nodes::image::Image>().unwrap().data.clone()
+}
+
+fn max_difference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn tiled_vae_nodes_equal_the_whole_pass_when_one_tile_covers_it_and_tile_otherwise() {
+    let setup = setup();
+    let (loaded, _, _, _) = inputs(&setup, 1);
+    let vae = loaded[2].clone();
+    let samples = Tensor::randn(0f32, 1.0, (1, 4, 16, 16), &Device::Cpu).unwrap();
+    let latent = Value::object(Latent {
+        samples,
+        batch_index: None,
+    });
+    let whole = setup
+        .call("VAEDecode", vec![("samples", latent.clone()), ("vae", vae.clone())])
+        .unwrap()[0]
+        .clone();
+    let decode_tiled = |tile: i64, overlap: i64| {
+        setup
+            .call(
+                "VAEDecodeTiled",
+                vec![
+                    ("samples", latent.clone()),
+                    ("vae", vae.clone()),
+                    ("tile_size", j(json!(tile))),
+                    ("overlap", j(json!(overlap))),
+                    ("temporal_size", j(json!(64))),
+                    ("temporal_overlap", j(json!(8))),
+                ],
+            )
+            .unwrap()[0]
+            .clone()
+    };
+    assert!(max_difference(&decoded(&decode_tiled(512, 64)), &decoded(&whole)) < 1e-5);
+    let tiled = decode_tiled(64, 32);
+    let image = tiled.downcast::<easel_nodes::image::Image>().unwrap();
+    assert_eq!(
+        (image.batch, image.height, image.width, image.channels),
+        (1, 128, 128, 3)
+    );
+    assert!(image.data.iter().all(|v| (0.0..=1.0).contains(v)));
+
+    let encode = |class: &str, extra: Vec<(&str, Value)>| {
+        let mut inputs = vec![("pixels", whole.clone()), ("vae", vae.clone())];
+        inputs.extend(extra);
+        setup
+            .call(class, inputs)
+            .map(|out| flat(&out[0].downcast::<Latent>().unwrap().samples))
+    };
+    let tiled_inputs = |tile: i64, overlap: i64| {
+        vec![
+            ("tile_size", j(json!(tile))),
+            ("overlap", j(json!(overlap))),
+            ("temporal_size", j(json!(64))),
+            ("temporal_overlap", j(json!(8))),
+        ]
+    };
+    let plain = encode("VAEEncode", vec![]).unwrap();
+    assert!(max_difference(&encode("VAEEncodeTiled", tiled_inputs(512, 64)).unwrap(), &plain) < 1e-5);
+    assert_eq!(
+        encode("VAEEncodeTiled", tiled_inputs(64, 16)).unwrap().len(),
+        plain.len()
+    );
+    let error = encode("VAEEncodeTiled", tiled_inputs(64, 64)).unwrap_err();
+    assert!(error.to_string().contains("larger than the overlap"), "{error}");
 }

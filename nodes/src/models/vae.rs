@@ -11,6 +11,7 @@ use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use super::attention::attention;
 use super::weights::TensorShapes;
 use super::DetectError;
+use crate::tiling::{tiled_scale, Tiling};
 
 /// The architecture of one VAE, as found in its weights.
 #[derive(Clone, Debug, PartialEq)]
@@ -104,6 +105,55 @@ impl Vae {
     /// Raw latent → image in roughly [-1, 1].
     pub fn decode(&self, latent: &Tensor) -> Result<Tensor> {
         self.decoder.forward(&self.post_quant_conv.forward(latent)?)
+    }
+
+    /// ComfyUI's `decode_tiled_`: the mean of three tiled decodes with latent tiles of
+    /// (tile/2 wide × 2·tile high), (2·tile × tile/2) and (tile × tile), `overlap` in latent pixels.
+    pub fn decode_tiled(&self, latent: &Tensor, tile: usize, overlap: usize) -> Result<Tensor> {
+        let scale = self.downscale() as f64;
+        let channels = self.config.image_channels;
+        let mut decode = |tile: &Tensor| self.decode(tile);
+        let shapes = [(tile * 2, tile / 2), (tile / 2, tile * 2), (tile, tile)];
+        average_of_tilings(latent, &mut decode, shapes, overlap, scale, channels)
+    }
+
+    /// ComfyUI's `encode_tiled_`: the mean of three tiled encodes with pixel tiles of
+    /// (tile × tile), (2·tile wide × tile/2 high) and (tile/2 × 2·tile).
+    pub fn encode_tiled(&self, image: &Tensor, tile: usize, overlap: usize) -> Result<Tensor> {
+        let scale = 1.0 / self.downscale() as f64;
+        let channels = self.config.latent_channels;
+        let mut encode = |tile: &Tensor| self.encode(tile);
+        let shapes = [(tile, tile), (tile / 2, tile * 2), (tile * 2, tile / 2)];
+        average_of_tilings(image, &mut encode, shapes, overlap, scale, channels)
+    }
+}
+
+/// `(Σ tiled_scale over the (height, width) tile shapes) / 3`, summed in the given order.
+fn average_of_tilings(
+    input: &Tensor,
+    function: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    shapes: [(usize, usize); 3],
+    overlap: usize,
+    scale: f64,
+    channels: usize,
+) -> Result<Tensor> {
+    let mut sum: Option<Tensor> = None;
+    for (tile_height, tile_width) in shapes {
+        let tiling = Tiling {
+            tile_height,
+            tile_width,
+            overlap,
+            scale,
+        };
+        let pass = tiled_scale(input, function, tiling, channels)?;
+        sum = Some(match sum {
+            Some(sum) => (sum + pass)?,
+            None => pass,
+        });
+    }
+    match sum {
+        Some(sum) => sum / 3.0,
+        None => Err(candle_core::Error::Msg("no tiling".into())),
     }
 }
 

@@ -1,0 +1,193 @@
+//! The VAE nodes: latents to images and back, whole or in feathered tiles (ComfyUI's
+//! `VAEDecode`, `VAEEncode`, `VAEDecodeTiled`, `VAEEncodeTiled`).
+
+use candle_core::{DType, Device, Tensor};
+use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
+use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
+
+use crate::diffusion::{Latent, VaeModel};
+use crate::diffusion_nodes::{device, tensor_error};
+use crate::image::Image;
+
+/// `VAEDecode`: latents to images.
+pub struct VaeDecode;
+
+impl Node for VaeDecode {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("VAEDecode", "nodes", "latent")
+            .display("VAE Decode")
+            .description("Decodes latent images back into pixel space images.")
+            .required(
+                "samples",
+                InputSpec::of("LATENT").opt("tooltip", "The latent to be decoded."),
+            )
+            .required(
+                "vae",
+                InputSpec::of("VAE").opt("tooltip", "The VAE model used for decoding the latent."),
+            )
+            .output(OutputSpec::of("IMAGE").tooltip("The decoded image."))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let latent = inputs.object::<Latent>("samples")?;
+        let vae = inputs.optional_object::<VaeModel>("vae")?.ok_or_else(|| {
+            NodeError::typed(
+                "RuntimeError",
+                "ERROR: VAE is invalid: None\n\nIf the VAE is from a checkpoint loader node your checkpoint does not contain a valid VAE.",
+            )
+        })?;
+        let decoded = vae
+            .0
+            .decode(&latent.samples.to_dtype(DType::F32).map_err(tensor_error)?)
+            .map_err(tensor_error)?;
+        Ok(NodeOutput::values(vec![Value::object(
+            tensor_to_image(&decoded).map_err(tensor_error)?,
+        )]))
+    }
+}
+
+/// `VAEEncode`: images to latents (the image is centre-cropped to a multiple of 8).
+pub struct VaeEncode;
+
+impl Node for VaeEncode {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("VAEEncode", "nodes", "latent")
+            .display("VAE Encode")
+            .required("pixels", InputSpec::of("IMAGE"))
+            .required("vae", InputSpec::of("VAE"))
+            .output(OutputSpec::of("LATENT"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let image = inputs.object::<Image>("pixels")?;
+        let vae = inputs.object::<VaeModel>("vae")?;
+        let scale = vae.0.downscale();
+        let pixels = image_to_tensor(image, scale, &device(ctx.services)).map_err(tensor_error)?;
+        let samples = vae.0.encode(&pixels).map_err(tensor_error)?;
+        Ok(NodeOutput::values(vec![Value::object(Latent {
+            samples,
+            batch_index: None,
+        })]))
+    }
+}
+
+/// VAE output [B, 3, H, W] in [-1, 1] to an IMAGE [B, H, W, 3] in [0, 1].
+fn tensor_to_image(decoded: &Tensor) -> candle_core::Result<Image> {
+    let (batch, channels, height, width) = decoded.dims4()?;
+    let image = ((decoded + 1.0)? / 2.0)?.clamp(0f32, 1f32)?.permute((0, 2, 3, 1))?;
+    let data = image.flatten_all()?.to_vec1::<f32>()?;
+    Ok(Image {
+        batch,
+        height,
+        width,
+        channels,
+        data,
+    })
+}
+
+/// IMAGE [B, H, W, C] (first three channels, centre-cropped to a multiple of `multiple`) to
+/// [B, 3, H, W] in [-1, 1].
+fn image_to_tensor(image: &Image, multiple: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let tensor = Tensor::from_slice(
+        &image.data,
+        (image.batch, image.height, image.width, image.channels),
+        device,
+    )?;
+    let tensor = tensor.narrow(3, 0, image.channels.min(3))?;
+    let height = image.height / multiple * multiple;
+    let width = image.width / multiple * multiple;
+    let tensor =
+        tensor
+            .narrow(1, (image.height % multiple) / 2, height)?
+            .narrow(2, (image.width % multiple) / 2, width)?;
+    (tensor.permute((0, 3, 1, 2))?.contiguous()? * 2.0)? - 1.0
+}
+
+/// The temporal inputs of the tiled VAE nodes; they only matter for video VAEs.
+fn with_temporal_inputs(schema: NodeSchema, action: &str) -> NodeSchema {
+    schema
+        .required(
+            "temporal_size",
+            InputSpec::int(64, 8, 4096).opt("step", 4).opt(
+                "tooltip",
+                format!("Only used for video VAEs: Amount of frames to {action} at a time."),
+            ),
+        )
+        .required(
+            "temporal_overlap",
+            InputSpec::int(8, 4, 4096)
+                .opt("step", 4)
+                .opt("tooltip", "Only used for video VAEs: Amount of frames to overlap."),
+        )
+}
+
+/// A tile or overlap input as a size (the schema keeps them positive).
+fn size_input(inputs: &NodeInputs, name: &str) -> Result<usize, NodeError> {
+    let value = inputs.int(name)?;
+    usize::try_from(value).map_err(|_| NodeError::typed("ValueError", format!("{name} must not be negative")))
+}
+
+/// `VAEDecodeTiled`: decodes in overlapping tiles (three tilings averaged) to bound memory.
+pub struct VaeDecodeTiled;
+
+impl Node for VaeDecodeTiled {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        let schema = NodeSchema::v1("VAEDecodeTiled", "nodes", "_for_testing")
+            .display("VAE Decode (Tiled)")
+            .required("samples", InputSpec::of("LATENT"))
+            .required("vae", InputSpec::of("VAE"))
+            .required("tile_size", InputSpec::int(512, 64, 4096).opt("step", 32))
+            .required("overlap", InputSpec::int(64, 0, 4096).opt("step", 32));
+        with_temporal_inputs(schema, "decode").output(OutputSpec::of("IMAGE"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let latent = inputs.object::<Latent>("samples")?;
+        let vae = inputs.object::<VaeModel>("vae")?;
+        let tile_size = size_input(inputs, "tile_size")?;
+        let mut overlap = size_input(inputs, "overlap")?;
+        if tile_size < overlap * 4 {
+            overlap = tile_size / 4;
+        }
+        let compression = vae.0.downscale();
+        let samples = latent.samples.to_dtype(DType::F32).map_err(tensor_error)?;
+        let decoded = vae
+            .0
+            .decode_tiled(&samples, tile_size / compression, overlap / compression)
+            .map_err(tensor_error)?;
+        Ok(NodeOutput::values(vec![Value::object(
+            tensor_to_image(&decoded).map_err(tensor_error)?,
+        )]))
+    }
+}
+
+/// `VAEEncodeTiled`: encodes in overlapping pixel tiles (three tilings averaged).
+pub struct VaeEncodeTiled;
+
+impl Node for VaeEncodeTiled {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        let schema = NodeSchema::v1("VAEEncodeTiled", "nodes", "_for_testing")
+            .display("VAE Encode (Tiled)")
+            .required("pixels", InputSpec::of("IMAGE"))
+            .required("vae", InputSpec::of("VAE"))
+            .required("tile_size", InputSpec::int(512, 64, 4096).opt("step", 64))
+            .required("overlap", InputSpec::int(64, 0, 4096).opt("step", 32));
+        with_temporal_inputs(schema, "encode").output(OutputSpec::of("LATENT"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let image = inputs.object::<Image>("pixels")?;
+        let vae = inputs.object::<VaeModel>("vae")?;
+        let tile_size = size_input(inputs, "tile_size")?;
+        let overlap = size_input(inputs, "overlap")?;
+        let pixels = image_to_tensor(image, vae.0.downscale(), &device(ctx.services)).map_err(tensor_error)?;
+        let samples = vae
+            .0
+            .encode_tiled(&pixels, tile_size, overlap)
+            .map_err(|error| NodeError::typed("ValueError", error.to_string()))?;
+        Ok(NodeOutput::values(vec![Value::object(Latent {
+            samples,
+            batch_index: None,
+        })]))
+    }
+}
