@@ -94,11 +94,11 @@ pub fn tiled_scale(
                 let horizontal = feather_weights(output_width, feather);
                 let values = output.flatten_all()?.to_vec1::<f32>()?;
                 for c in 0..channels {
-                    for y in 0..output_height {
+                    for (y, row_weight) in vertical.iter().enumerate() {
                         let source = (c * output_height + y) * output_width;
                         let target = c * plane + (top + y) * out_width + left;
-                        for x in 0..output_width {
-                            let weight = vertical[y] * horizontal[x];
+                        for (x, column_weight) in horizontal.iter().enumerate() {
+                            let weight = row_weight * column_weight;
                             sum[target + x] += values[source + x] * weight;
                             weight_sum[target + x] += weight;
                         }
