@@ -528,12 +528,6 @@ const LATENT_UPSCALE_METHODS: [&str; 5] = ["nearest-exact", "bilinear", "area", 
 
 /// Resizes latents to `width × height` latent pixels with `comfy.utils.common_upscale`.
 fn upscale_latent(latent: &Latent, method: &str, width: usize, height: usize, crop: bool) -> Result<Latent, NodeError> {
-    if method == "bislerp" {
-        return Err(NodeError::typed(
-            "NotImplementedError",
-            "upscale method 'bislerp' is not implemented in Easel yet",
-        ));
-    }
     let method: ResizeMethod = method.parse()?;
     let samples = &latent.samples;
     let (batch, channels, height_in, width_in) = samples.dims4().map_err(tensor_error)?;

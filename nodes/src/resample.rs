@@ -21,6 +21,8 @@ pub enum ResizeMethod {
     Area,
     Bicubic,
     Lanczos,
+    /// Latents only: bilinear positions, spherical interpolation of the channel vectors.
+    Bislerp,
 }
 
 impl FromStr for ResizeMethod {
@@ -32,6 +34,7 @@ impl FromStr for ResizeMethod {
             "area" => ResizeMethod::Area,
             "bicubic" => ResizeMethod::Bicubic,
             "lanczos" => ResizeMethod::Lanczos,
+            "bislerp" => ResizeMethod::Bislerp,
             other => return Err(NodeError::value(format!("unknown upscale method {other}"))),
         })
     }
@@ -83,8 +86,10 @@ pub fn resize(
     if image.height == 0 || image.width == 0 {
         return Err(NodeError::value("cannot resize an empty image"));
     }
-    if method == ResizeMethod::Lanczos {
-        return lanczos(image, out_h, out_w);
+    match method {
+        ResizeMethod::Lanczos => return lanczos(image, out_h, out_w),
+        ResizeMethod::Bislerp => return bislerp(image, out_h, out_w),
+        _ => {}
     }
     let mut out = Image::filled(image.batch, out_h, out_w, image.channels, 0.0);
     match method {
@@ -140,7 +145,7 @@ pub fn resize(
                 sum / (y1 - y0) as f32 / (x1 - x0) as f32
             });
         }
-        ResizeMethod::Lanczos => unreachable!("handled above"),
+        ResizeMethod::Lanczos | ResizeMethod::Bislerp => unreachable!("handled above"),
     }
     Ok(out)
 }
@@ -155,6 +160,93 @@ fn for_each_output(image: &Image, out: &mut Image, value: impl Fn(usize, usize, 
                 }
             }
         }
+    }
+}
+
+/// ComfyUI's `bislerp`: along the width, then along the height, each output vector (over the
+/// channels) is the slerp of its two bilinear source vectors, scaled to their interpolated norm.
+fn bislerp(image: &Image, out_h: usize, out_w: usize) -> Result<Image, NodeError> {
+    let channels = image.channels;
+    let columns = bilinear_sources(image.width, out_w)?;
+    let mut wide = Image::filled(image.batch, image.height, out_w, channels, 0.0);
+    for b in 0..image.batch {
+        for y in 0..image.height {
+            for (x, (first, second, ratio)) in columns.iter().enumerate() {
+                let start = |xx: usize| image.index(b, y, xx, 0);
+                let target = wide.index(b, y, x, 0);
+                slerp(
+                    &image.data[start(*first)..start(*first) + channels],
+                    &image.data[start(*second)..start(*second) + channels],
+                    *ratio,
+                    &mut wide.data[target..target + channels],
+                );
+            }
+        }
+    }
+    let rows = bilinear_sources(image.height, out_h)?;
+    let mut out = Image::filled(image.batch, out_h, out_w, channels, 0.0);
+    for b in 0..image.batch {
+        for (y, (first, second, ratio)) in rows.iter().enumerate() {
+            for x in 0..out_w {
+                let start = |yy: usize| wide.index(b, yy, x, 0);
+                let target = out.index(b, y, x, 0);
+                slerp(
+                    &wide.data[start(*first)..start(*first) + channels],
+                    &wide.data[start(*second)..start(*second) + channels],
+                    *ratio,
+                    &mut out.data[target..target + channels],
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// bislerp's `generate_bilinear_data`: the bilinearly resized index ramps `0…n−1` and
+/// `1…n−1, n−1` give each output position its two sources and the fraction between them.
+fn bilinear_sources(input: usize, output: usize) -> Result<Vec<(usize, usize, f32)>, NodeError> {
+    let ramp = |values: Vec<f32>| {
+        let line = Image {
+            batch: 1,
+            height: 1,
+            width: input,
+            channels: 1,
+            data: values,
+        };
+        resize(&line, 1, output, ResizeMethod::Bilinear, false).map(|resized| resized.data)
+    };
+    let first = ramp((0..input).map(|i| i as f32).collect())?;
+    let second = ramp((0..input).map(|i| (i + 1).min(input - 1) as f32).collect())?;
+    Ok(first
+        .iter()
+        .zip(&second)
+        .map(|(a, b)| (*a as usize, *b as usize, a - a.floor()))
+        .collect())
+}
+
+/// bislerp's `slerp` of two channel vectors at ratio r, written to `out`.
+fn slerp(b1: &[f32], b2: &[f32], r: f32, out: &mut [f32]) {
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let (norm1, norm2) = (norm(b1), norm(b2));
+    let normalized = |v: &[f32], n: f32| -> Vec<f32> { v.iter().map(|x| if n == 0.0 { 0.0 } else { x / n }).collect() };
+    let (n1, n2) = (normalized(b1, norm1), normalized(b2, norm2));
+    let dot: f32 = n1.iter().zip(&n2).map(|(a, b)| a * b).sum();
+    if dot > 1.0 - 1e-5 {
+        out.copy_from_slice(b1);
+        return;
+    }
+    if dot < 1e-5 - 1.0 {
+        for ((o, a), b) in out.iter_mut().zip(b1).zip(b2) {
+            *o = a * (1.0 - r) + b * r;
+        }
+        return;
+    }
+    let omega = dot.acos();
+    let so = omega.sin();
+    let (w1, w2) = (((1.0 - r) * omega).sin() / so, (r * omega).sin() / so);
+    let length = norm1 * (1.0 - r) + norm2 * r;
+    for ((o, a), b) in out.iter_mut().zip(&n1).zip(&n2) {
+        *o = (w1 * a + w2 * b) * length;
     }
 }
 

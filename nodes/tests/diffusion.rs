@@ -410,3 +410,38 @@ fn tiled_vae_nodes_equal_the_whole_pass_when_one_tile_covers_it_and_tile_otherwi
     let error = encode("VAEEncodeTiled", tiled_inputs(64, 64)).unwrap_err();
     assert!(error.to_string().contains("larger than the overlap"), "{error}");
 }
+
+/// Orthogonal unit vectors e₁, e₂ side by side, doubled in width: the new positions at ¼ and ¾
+/// lie on the unit circle between them (ComfyUI's bislerp), not on the chord.
+#[test]
+fn bislerp_interpolates_channel_vectors_on_the_sphere() {
+    let setup = setup();
+    let samples = Tensor::from_vec(vec![1f32, 0.0, 0.0, 1.0], (1, 2, 1, 2), &Device::Cpu).unwrap();
+    let latent = Value::object(Latent {
+        samples,
+        batch_index: None,
+    });
+    let upscaled = setup
+        .call(
+            "LatentUpscaleBy",
+            vec![
+                ("samples", latent),
+                ("upscale_method", j(json!("bislerp"))),
+                ("scale_by", j(json!(2.0))),
+            ],
+        )
+        .unwrap()[0]
+        .clone();
+    let samples = upscaled.downcast::<Latent>().unwrap().samples.clone();
+    assert_eq!(samples.dims(), &[1, 2, 2, 4]);
+    let (c, s) = ((std::f32::consts::FRAC_PI_8 * 3.0).sin(), std::f32::consts::FRAC_PI_8.sin());
+    let expected_row = [[1.0, c, s, 0.0], [0.0, s, c, 1.0]];
+    let values = samples.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+    for (channel, expected) in expected_row.iter().enumerate() {
+        for row in &values[channel] {
+            for (actual, expected) in row.iter().zip(expected) {
+                assert!((actual - expected).abs() < 1e-6, "{values:?}");
+            }
+        }
+    }
+}
