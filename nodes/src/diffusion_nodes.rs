@@ -15,6 +15,7 @@ use crate::image::Image;
 use crate::latent_preview::PreviewSettings;
 use crate::model_cache::ModelCache;
 use crate::models::clip_text::{ClipTextEncoder, OutputLayer};
+use crate::models::embeddings::EmbeddingFolder;
 use crate::models::tokenizer::{tokenize_with_weights, NoEmbeddings};
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
@@ -155,14 +156,18 @@ impl Node for ClipTextEncode {
             )
     }
 
-    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let clip = inputs.optional_object::<Clip>("clip")?.ok_or_else(|| {
             NodeError::typed(
                 "RuntimeError",
                 "ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node your checkpoint does not contain a valid clip or text encoder model.",
             )
         })?;
-        let chunks = tokenize_with_weights(inputs.string("text")?, &NoEmbeddings);
+        let text = inputs.string("text")?;
+        let chunks = match ctx.services.get::<Paths>() {
+            Some(paths) => tokenize_with_weights(text, &EmbeddingFolder::new(paths, "clip_l", clip.encoder.width())),
+            None => tokenize_with_weights(text, &NoEmbeddings),
+        };
         let conditioning = diffusion::encode_prompt(clip, &chunks).map_err(tensor_error)?;
         Ok(NodeOutput::values(vec![Value::object(conditioning)]))
     }

@@ -434,7 +434,10 @@ fn bislerp_interpolates_channel_vectors_on_the_sphere() {
         .clone();
     let samples = upscaled.downcast::<Latent>().unwrap().samples.clone();
     assert_eq!(samples.dims(), &[1, 2, 2, 4]);
-    let (c, s) = ((std::f32::consts::FRAC_PI_8 * 3.0).sin(), std::f32::consts::FRAC_PI_8.sin());
+    let (c, s) = (
+        (std::f32::consts::FRAC_PI_8 * 3.0).sin(),
+        std::f32::consts::FRAC_PI_8.sin(),
+    );
     let expected_row = [[1.0, c, s, 0.0], [0.0, s, c, 1.0]];
     let values = samples.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
     for (channel, expected) in expected_row.iter().enumerate() {
@@ -444,4 +447,49 @@ fn bislerp_interpolates_channel_vectors_on_the_sphere() {
             }
         }
     }
+}
+
+/// `embedding:name` finds the textual inversion in `models/embeddings` (a safetensors file or an
+/// A1111 `.pt` pickle), with or without its extension; unknown names are dropped.
+#[test]
+fn textual_inversions_load_from_the_embeddings_folder() {
+    use easel_nodes::models::embeddings::EmbeddingFolder;
+    use easel_nodes::models::testmodels::{tiny_clip_l, tiny_embedding_vectors, TINY_EMBEDDING, TINY_EMBEDDING_PT};
+    use easel_nodes::models::tokenizer::{tokenize_with_weights, TokenItem};
+
+    let setup = setup();
+    let paths = setup.services.get::<Paths>().unwrap();
+    let folder = EmbeddingFolder::new(paths, "clip_l", tiny_clip_l().hidden_size);
+    let expected = tiny_embedding_vectors();
+    for prompt in [
+        format!("a embedding:{TINY_EMBEDDING} fox"),
+        format!("a embedding:{TINY_EMBEDDING}.safetensors fox"),
+        format!("a (embedding:{TINY_EMBEDDING_PT}:1.2) fox"),
+    ] {
+        let chunks = tokenize_with_weights(&prompt, &folder);
+        let vectors: Vec<Vec<f32>> = chunks[0]
+            .iter()
+            .filter_map(|(item, _)| match item {
+                TokenItem::Embedding(vector) => Some(vector.clone()),
+                TokenItem::Token(_) => None,
+            })
+            .collect();
+        assert_eq!(vectors, expected, "{prompt}");
+    }
+    let wrong_width = EmbeddingFolder::new(paths, "clip_l", 768);
+    let chunks = tokenize_with_weights(&format!("embedding:{TINY_EMBEDDING}"), &wrong_width);
+    assert!(chunks[0].iter().all(|(item, _)| matches!(item, TokenItem::Token(_))));
+
+    let (loaded, _, _, _) = inputs(&setup, 1);
+    let encode = |text: &str| {
+        let out = setup
+            .call(
+                "CLIPTextEncode",
+                vec![("text", j(json!(text))), ("clip", loaded[1].clone())],
+            )
+            .unwrap();
+        flat(&out[0].downcast::<easel_nodes::diffusion::Conditioning>().unwrap().0[0].cross_attention)
+    };
+    assert_ne!(encode(&format!("a embedding:{TINY_EMBEDDING} fox")), encode("a fox"));
+    assert_eq!(encode("a embedding:missing fox"), encode("a fox"));
 }

@@ -87,6 +87,11 @@ pub struct Encoded {
 }
 
 impl ClipTextEncoder {
+    /// The width of a token vector (768 for CLIP-L), which textual inversions must match.
+    pub fn width(&self) -> usize {
+        self.config.hidden_size
+    }
+
     pub fn new(config: ClipTextConfig, vb: VarBuilder) -> Result<Self> {
         let embeddings = vb.pp("embeddings");
         let token_embedding =
@@ -205,11 +210,7 @@ impl ClipTextEncoder {
                     let token = (*token as usize).min(self.config.vocab_size - 1);
                     self.token_embedding.embeddings().get(token)
                 }
-                TokenItem::Embedding(values) => {
-                    let mut values = values.clone();
-                    values.resize(self.config.hidden_size, 0.0);
-                    Tensor::from_vec(values, self.config.hidden_size, device)
-                }
+                TokenItem::Embedding(values) => Tensor::from_vec(values.clone(), self.config.hidden_size, device),
             })
             .collect::<Result<Vec<_>>>()?;
         Tensor::stack(&vectors, 0)?.to_dtype(DType::F32)

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod clip_text;
+pub mod embeddings;
 pub mod testmodels;
 pub mod tokenizer;
 pub mod unet;

@@ -105,15 +105,105 @@ pub fn sd1_checkpoint_layout(
     Ok(specs)
 }
 
+/// Textual inversions for the tiny CLIP-L: two vectors, as a safetensors file (key `emb_params`)
+/// and as an A1111 `.pt` (`string_to_param["*"]`).
+pub const TINY_EMBEDDING: &str = "easel_tiny_embedding";
+pub const TINY_EMBEDDING_PT: &str = "easel_tiny_embedding_a1111";
+
+/// The vectors of the tiny embeddings: `randn · 0.02` from a generator seeded with 1.
+pub fn tiny_embedding_vectors() -> Vec<Vec<f32>> {
+    let width = tiny_clip_l().hidden_size;
+    let values = CpuGenerator::new(1).randn(2 * width);
+    values
+        .chunks(width)
+        .map(|row| row.iter().map(|v| v * 0.02).collect())
+        .collect()
+}
+
 /// Writes the test models under `models_dir` (ComfyUI's `models` folder) and returns their paths.
 pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let checkpoints = models_dir.join("checkpoints");
     std::fs::create_dir_all(&checkpoints)?;
     let layout =
         sd1_checkpoint_layout(&tiny_sd1_unet(), &tiny_clip_l(), &tiny_sd_vae()).map_err(std::io::Error::other)?;
-    let path = checkpoints.join(TINY_SD1_CHECKPOINT);
-    write_checkpoint(&path, &layout)?;
-    Ok(vec![path])
+    let checkpoint = checkpoints.join(TINY_SD1_CHECKPOINT);
+    write_checkpoint(&checkpoint, &layout)?;
+
+    let embeddings = models_dir.join("embeddings");
+    std::fs::create_dir_all(&embeddings)?;
+    let vectors = tiny_embedding_vectors();
+    let shape = vec![vectors.len(), vectors[0].len()];
+    let values: Vec<f32> = vectors.concat();
+    let safetensors_path = embeddings.join(format!("{TINY_EMBEDDING}.safetensors"));
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = TensorView::new(FileDtype::F32, shape.clone(), &bytes).map_err(std::io::Error::other)?;
+    safetensors::serialize_to_file([("emb_params", view)], None, &safetensors_path).map_err(std::io::Error::other)?;
+    let pt_path = embeddings.join(format!("{TINY_EMBEDDING_PT}.pt"));
+    write_pth(&pt_path, &[("*", &shape, &values)], Some("string_to_param"))?;
+    Ok(vec![checkpoint, safetensors_path, pt_path])
+}
+
+/// Writes float32 tensors as a PyTorch zip checkpoint (`torch.save` layout: `archive/data.pkl`
+/// with a protocol-2 pickle of the dict, `archive/data/<n>` with each storage), optionally nested
+/// one dict deeper under `nested_under`.
+pub fn write_pth(path: &Path, tensors: &[(&str, &[usize], &[f32])], nested_under: Option<&str>) -> std::io::Result<()> {
+    fn unicode(pickle: &mut Vec<u8>, text: &str) {
+        pickle.push(b'X');
+        pickle.extend((text.len() as u32).to_le_bytes());
+        pickle.extend(text.as_bytes());
+    }
+    fn int(pickle: &mut Vec<u8>, value: usize) {
+        pickle.push(b'J');
+        pickle.extend((value as i32).to_le_bytes());
+    }
+    fn ints(pickle: &mut Vec<u8>, values: &[usize]) {
+        pickle.push(b'(');
+        values.iter().for_each(|v| int(pickle, *v));
+        pickle.push(b't');
+    }
+
+    let mut pickle = vec![0x80, 2, b'}'];
+    if let Some(key) = nested_under {
+        unicode(&mut pickle, key);
+        pickle.push(b'}');
+    }
+    pickle.push(b'(');
+    for (index, (name, shape, _)) in tensors.iter().enumerate() {
+        unicode(&mut pickle, name);
+        pickle.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        pickle.push(b'(');
+        unicode(&mut pickle, "storage");
+        pickle.extend(b"ctorch\nFloatStorage\n");
+        unicode(&mut pickle, &index.to_string());
+        unicode(&mut pickle, "cpu");
+        int(&mut pickle, shape.iter().product());
+        pickle.extend(b"tQK\x00");
+        ints(&mut pickle, shape);
+        let strides: Vec<usize> = (0..shape.len()).map(|d| shape[d + 1..].iter().product()).collect();
+        ints(&mut pickle, &strides);
+        pickle.push(0x89);
+        pickle.extend(b"ccollections\nOrderedDict\n)RtR");
+    }
+    pickle.push(b'u');
+    if nested_under.is_some() {
+        pickle.push(b's');
+    }
+    pickle.push(b'.');
+
+    let mut archive = zip::ZipWriter::new(std::fs::File::create(path)?);
+    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let mut add = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
+        archive.start_file(name, options).map_err(std::io::Error::other)?;
+        std::io::Write::write_all(&mut archive, bytes)
+    };
+    add("archive/data.pkl", &pickle)?;
+    for (index, (_, _, values)) in tensors.iter().enumerate() {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        add(&format!("archive/data/{index}"), &bytes)?;
+    }
+    add("archive/version", b"3\n")?;
+    archive.finish().map_err(std::io::Error::other)?;
+    Ok(())
 }
 
 /// Writes a safetensors file with the tensors of `layout`, filled as described in the module
