@@ -274,6 +274,10 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
     let model = request.model;
     let device = &model.device;
     let latent = request.latent.samples.to_device(device)?.to_dtype(DType::F32)?;
+    let (batch, _, height, width) = latent.dims4()?;
+    crate::memory::ensure_available(model.unet.working_memory(batch, height, width), || {
+        format!("sampling a {}×{} latent (batch {batch})", width * 8, height * 8)
+    })?;
     let shape = latent.dims().to_vec();
     let noise = if request.disable_noise {
         latent.zeros_like()?

@@ -13,6 +13,7 @@ use crate::diffusion::{
 };
 use crate::image::Image;
 use crate::latent_preview::PreviewSettings;
+use crate::memory::{self, OutOfMemory};
 use crate::model_cache::ModelCache;
 use crate::models::clip_text::{ClipTextEncoder, OutputLayer};
 use crate::models::embeddings::EmbeddingFolder;
@@ -35,6 +36,10 @@ pub(crate) fn device(services: &Services) -> Device {
 
 pub(crate) fn tensor_error(error: candle_core::Error) -> NodeError {
     NodeError::typed("RuntimeError", error.to_string())
+}
+
+pub(crate) fn out_of_memory(error: OutOfMemory) -> NodeError {
+    NodeError::typed("OutOfMemoryError", error.to_string())
 }
 
 /// `CheckpointLoaderSimple`: MODEL, CLIP and VAE from one single-file checkpoint.
@@ -222,6 +227,9 @@ impl Node for EmptyLatentImage {
         let positive = |name: &str| -> Result<usize, NodeError> { Ok(inputs.int(name)?.max(0) as usize) };
         let (width, height, batch) = (positive("width")?, positive("height")?, positive("batch_size")?);
         let shape = (batch, 4, height / 8, width / 8);
+        let bytes = (batch * 4 * (height / 8) * (width / 8) * 4) as u64;
+        memory::ensure_available(bytes, || format!("an empty latent of {width}×{height} (batch {batch})"))
+            .map_err(out_of_memory)?;
         let samples = Tensor::zeros(shape, DType::F32, &device(ctx.services)).map_err(tensor_error)?;
         Ok(NodeOutput::values(vec![Value::object(Latent {
             samples,
@@ -445,6 +453,7 @@ fn run_sampler(
     let samples = result.map_err(|error| match error {
         SamplerError::Unknown(_) => NodeError::typed("ValueError", error.to_string()),
         SamplerError::Tensor(error) => tensor_error(error),
+        SamplerError::OutOfMemory(error) => out_of_memory(error),
     })?;
     Ok(NodeOutput::values(vec![Value::object(Latent {
         samples,

@@ -17,6 +17,7 @@ pub mod image_io;
 pub mod image_nodes;
 pub mod latent_preview;
 pub mod mask_nodes;
+pub mod memory;
 pub mod model_cache;
 pub mod models;
 pub mod paths;

@@ -6,8 +6,10 @@ use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 
 use crate::diffusion::{Latent, VaeModel};
-use crate::diffusion_nodes::{device, tensor_error};
+use crate::diffusion_nodes::{device, out_of_memory, tensor_error};
 use crate::image::Image;
+use crate::memory;
+use crate::models::vae::Vae;
 
 /// `VAEDecode`: latents to images.
 pub struct VaeDecode;
@@ -36,10 +38,8 @@ impl Node for VaeDecode {
                 "ERROR: VAE is invalid: None\n\nIf the VAE is from a checkpoint loader node your checkpoint does not contain a valid VAE.",
             )
         })?;
-        let decoded = vae
-            .0
-            .decode(&latent.samples.to_dtype(DType::F32).map_err(tensor_error)?)
-            .map_err(tensor_error)?;
+        let samples = latent.samples.to_dtype(DType::F32).map_err(tensor_error)?;
+        let decoded = run_within_memory(&vae.0, &samples, vae.0.downscale(), Direction::Decode)?;
         Ok(NodeOutput::values(vec![Value::object(
             tensor_to_image(&decoded).map_err(tensor_error)?,
         )]))
@@ -63,12 +63,54 @@ impl Node for VaeEncode {
         let vae = inputs.object::<VaeModel>("vae")?;
         let scale = vae.0.downscale();
         let pixels = image_to_tensor(image, scale, &device(ctx.services)).map_err(tensor_error)?;
-        let samples = vae.0.encode(&pixels).map_err(tensor_error)?;
+        let samples = run_within_memory(&vae.0, &pixels, 1, Direction::Encode)?;
         Ok(NodeOutput::values(vec![Value::object(Latent {
             samples,
             batch_index: None,
         })]))
     }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Direction {
+    Decode,
+    Encode,
+}
+
+/// Decodes or encodes as ComfyUI does within its memory: as many batch items at a time as
+/// fit, and when not even one image fits, in tiles (64-latent tiles with overlap 16 to decode,
+/// 512-pixel tiles with overlap 64 to encode). `to_pixels` is the input's pixel scale.
+fn run_within_memory(vae: &Vae, input: &Tensor, to_pixels: usize, direction: Direction) -> Result<Tensor, NodeError> {
+    let (batch, _, height, width) = input.dims4().map_err(tensor_error)?;
+    let per_item = vae.working_memory(height * to_pixels, width * to_pixels);
+    let available = memory::available_bytes();
+    let run = |part: &Tensor| match direction {
+        Direction::Decode => vae.decode(part),
+        Direction::Encode => vae.encode(part),
+    };
+    if available.is_some_and(|available| per_item > available) {
+        let (tile, overlap, tile_pixels) = match direction {
+            Direction::Decode => (64, 16, 64 * vae.downscale()),
+            Direction::Encode => (512, 64, 512),
+        };
+        memory::ensure_available(vae.working_memory(tile_pixels, tile_pixels), || {
+            format!("a VAE tile of {tile_pixels}×{tile_pixels}")
+        })
+        .map_err(out_of_memory)?;
+        tracing::warn!("not enough memory for the whole image, running the VAE in tiles");
+        let tiled = match direction {
+            Direction::Decode => vae.decode_tiled(input, tile, overlap),
+            Direction::Encode => vae.encode_tiled(input, tile, overlap),
+        };
+        return tiled.map_err(tensor_error);
+    }
+    let per_run = available.map_or(batch, |available| (available / per_item.max(1)).max(1) as usize);
+    let parts = (0..batch)
+        .step_by(per_run)
+        .map(|start| run(&input.narrow(0, start, per_run.min(batch - start))?))
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map_err(tensor_error)?;
+    Tensor::cat(&parts, 0).map_err(tensor_error)
 }
 
 /// VAE output [B, 3, H, W] in [-1, 1] to an IMAGE [B, H, W, 3] in [0, 1].

@@ -493,3 +493,36 @@ fn textual_inversions_load_from_the_embeddings_folder() {
     assert_ne!(encode(&format!("a embedding:{TINY_EMBEDDING} fox")), encode("a fox"));
     assert_eq!(encode("a embedding:missing fox"), encode("a fox"));
 }
+
+/// An impossible size fails with a clear error before anything is allocated, and the memory a
+/// UNet needs grows with the latent as expected.
+#[test]
+fn oversized_latents_are_refused_before_allocation() {
+    let setup = setup();
+    let error = setup
+        .call(
+            "EmptyLatentImage",
+            vec![
+                ("width", j(json!(16384))),
+                ("height", j(json!(16384))),
+                ("batch_size", j(json!(4096))),
+            ],
+        )
+        .unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("an empty latent of 16384×16384 (batch 4096) needs about 256.0 GiB"),
+        "{text}"
+    );
+    let serialized = format!("{error:?}");
+    assert!(serialized.contains("OutOfMemoryError"), "{serialized}");
+
+    let (loaded, _, _, _) = inputs(&setup, 1);
+    let unet = &loaded[0].downcast::<Model>().unwrap().0.unet;
+    let small = unet.working_memory(1, 8, 8);
+    assert_eq!(unet.working_memory(2, 16, 16), small * 8);
+    assert!(
+        unet.working_memory(1, 2048, 2048) > 1 << 34,
+        "a 16384² image needs more than 16 GiB"
+    );
+}

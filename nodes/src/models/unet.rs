@@ -324,6 +324,16 @@ impl UNet {
         })
     }
 
+    /// Peak working memory of one forward pass on a [batch, C, height, width] latent, in bytes:
+    /// the widest convolution at full latent resolution (the first decoder block, whose input
+    /// is the skip concatenated with the level below) unfolded 3×3, plus the activations kept.
+    pub fn working_memory(&self, batch: usize, height: usize, width: usize) -> u64 {
+        let mult = &self.config.channel_mult;
+        let level_0 = self.config.model_channels * mult[0];
+        let widest = level_0 + self.config.model_channels * mult.get(1).copied().unwrap_or(mult[0]);
+        (batch * height * width * 4 * (9 * widest + 8 * level_0)) as u64
+    }
+
     pub fn forward(&self, input: &UNetInput) -> Result<Tensor> {
         let t_emb = timestep_embedding(input.timesteps, self.config.model_channels)?.to_dtype(input.x.dtype())?;
         let mut emb = self

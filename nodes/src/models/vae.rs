@@ -96,6 +96,14 @@ impl Vae {
         1 << (self.config.channel_mult.len() - 1)
     }
 
+    /// Peak working memory of decoding (or encoding) one image of `height × width` pixels, in
+    /// bytes: the widest full-resolution convolution unfolded 3×3 plus the activations kept.
+    pub fn working_memory(&self, height: usize, width: usize) -> u64 {
+        let mult = &self.config.channel_mult;
+        let widest = self.config.channels * mult.get(1).copied().unwrap_or(mult[0]);
+        (height * width * 4 * 13 * widest) as u64
+    }
+
     /// Image in [-1, 1] → the mean of the latent distribution (ComfyUI encodes deterministically).
     pub fn encode(&self, image: &Tensor) -> Result<Tensor> {
         let moments = self.quant_conv.forward(&self.encoder.forward(image)?)?;
