@@ -46,13 +46,15 @@ pub(crate) fn out_of_memory(error: OutOfMemory) -> NodeError {
 pub struct CheckpointLoaderSimple;
 
 /// The three parts of a checkpoint, loaded together.
-struct LoadedCheckpoint {
-    model: Model,
-    clip: Option<Clip>,
-    vae: Option<VaeModel>,
+pub struct LoadedCheckpoint {
+    pub model: Model,
+    pub clip: Option<Clip>,
+    pub vae: Option<VaeModel>,
 }
 
-fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(LoadedCheckpoint, u64), NodeError> {
+/// Loads a single-file checkpoint in ComfyUI's layout; also returns the file size (the cache's
+/// measure of it).
+pub fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(LoadedCheckpoint, u64), NodeError> {
     let file = Arc::new(SafetensorsFile::open(path).map_err(|e| NodeError::new(e.to_string()))?);
     let layout = detect_checkpoint(&file).map_err(|e| {
         NodeError::new(format!(

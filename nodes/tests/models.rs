@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use easel_nodes::models::clip_text::{Activation, ClipTextConfig, ClipTextEncoder, OutputLayer};
+use easel_nodes::models::clip_text::{ClipTextEncoder, OutputLayer};
 use easel_nodes::models::testmodels::{self, Fill};
 use easel_nodes::models::tokenizer::{tokenize_with_weights, NoEmbeddings, TokenItem};
-use easel_nodes::models::unet::{HeadLayout, UNet, UNetConfig, UNetInput};
-use easel_nodes::models::vae::{Vae, VaeConfig};
+use easel_nodes::models::unet::{UNet, UNetInput};
+use easel_nodes::models::vae::Vae;
 use easel_nodes::models::weights::{var_builder, SafetensorsFile};
 use easel_nodes::models::{
     detect_checkpoint, detect_layout, DetectError, Family, SD1_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
@@ -20,45 +20,6 @@ use serde_json::Value;
 fn fixture(name: &str) -> Value {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
     serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("fixture JSON")
-}
-
-fn sd15_unet() -> UNetConfig {
-    UNetConfig {
-        in_channels: 4,
-        out_channels: 4,
-        model_channels: 320,
-        channel_mult: vec![1, 2, 4, 4],
-        num_res_blocks: vec![2, 2, 2, 2],
-        input_depths: vec![1, 1, 1, 1, 1, 1, 0, 0],
-        middle_depth: Some(1),
-        output_depths: vec![0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-        context_dim: 768,
-        linear_projection: false,
-        heads: HeadLayout::Count(8),
-        adm_in_channels: None,
-    }
-}
-
-fn clip_l() -> ClipTextConfig {
-    ClipTextConfig {
-        vocab_size: 49408,
-        hidden_size: 768,
-        intermediate_size: 3072,
-        layers: 12,
-        heads: 12,
-        max_positions: 77,
-        activation: Activation::QuickGelu,
-    }
-}
-
-fn sd_vae() -> VaeConfig {
-    VaeConfig {
-        channels: 128,
-        channel_mult: vec![1, 2, 4, 4],
-        num_res_blocks: 2,
-        latent_channels: 4,
-        image_channels: 3,
-    }
 }
 
 #[test]
@@ -77,26 +38,29 @@ fn the_reference_sd15_layout_is_detected_and_read_exactly() {
         .collect();
     let detected = detect_layout(&shapes).unwrap();
     assert_eq!(detected.family, Family::Sd1);
-    assert_eq!(detected.unet, sd15_unet());
-    assert_eq!(detected.clip, Some(clip_l()));
-    assert_eq!(detected.vae, Some(sd_vae()));
+    assert_eq!(detected.unet, testmodels::sd15_unet());
+    assert_eq!(detected.clip, Some(testmodels::sd15_clip_l()));
+    assert_eq!(detected.vae, Some(testmodels::sd15_vae()));
 
     // Every tensor the networks read, with its shape and fill rule, is in the reference file and
     // nothing in the file goes unread.
-    let ours: HashMap<String, (Vec<usize>, &str)> =
-        testmodels::sd1_checkpoint_layout(&sd15_unet(), &clip_l(), &sd_vae())
-            .unwrap()
-            .into_iter()
-            .map(|spec| {
-                let fill = match spec.fill {
-                    Fill::Zeros => "zeros",
-                    Fill::Ones => "ones",
-                    Fill::Random => "randn*0.02",
-                    Fill::Arange => "arange",
-                };
-                (spec.name, (spec.shape, fill))
-            })
-            .collect();
+    let ours: HashMap<String, (Vec<usize>, &str)> = testmodels::sd1_checkpoint_layout(
+        &testmodels::sd15_unet(),
+        &testmodels::sd15_clip_l(),
+        &testmodels::sd15_vae(),
+    )
+    .unwrap()
+    .into_iter()
+    .map(|spec| {
+        let fill = match spec.fill {
+            Fill::Zeros => "zeros",
+            Fill::Ones => "ones",
+            Fill::Random => "randn*0.02",
+            Fill::Arange => "arange",
+        };
+        (spec.name, (spec.shape, fill))
+    })
+    .collect();
     let reference: HashMap<String, (Vec<usize>, &str)> = tensors
         .iter()
         .map(|t| {

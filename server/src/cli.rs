@@ -27,7 +27,7 @@ pub enum Command {
     Serve(ServeArgs),
     /// Execute an API-format workflow without a server; prints the history `outputs` JSON last.
     Run(RunArgs),
-    /// Measure the server (`easel bench server`) and print a table.
+    /// Measure the server (`easel bench server`) or SD1.x compute (`easel bench sd15`) and print a table.
     Bench(BenchArgs),
     /// Write tiny random-weight models (real file formats) into a models directory, for tests.
     Testmodels(TestmodelsArgs),
@@ -50,12 +50,20 @@ pub struct BenchArgs {
     /// Requests per measurement.
     #[arg(long, default_value_t = 6400)]
     pub requests: usize,
+    /// Timed runs per model measurement (after one warm-up run).
+    #[arg(long, default_value_t = 2)]
+    pub steps: usize,
+    /// Only the tiny test model (skips writing and running the 2.1 GB full-size checkpoint).
+    #[arg(long)]
+    pub tiny_only: bool,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
 pub enum BenchTarget {
     /// The HTTP API on loopback.
     Server,
+    /// Stable Diffusion 1.x: load, UNet step and VAE decode times, peak memory.
+    Sd15,
 }
 
 /// Where things live: ComfyUI's directory flags.

@@ -86,6 +86,48 @@ pub fn tiny_sd_vae() -> VaeConfig {
     }
 }
 
+/// The full-size SD1.5 UNet (as in ComfyUI's reference checkpoint).
+pub fn sd15_unet() -> UNetConfig {
+    UNetConfig {
+        in_channels: 4,
+        out_channels: 4,
+        model_channels: 320,
+        channel_mult: vec![1, 2, 4, 4],
+        num_res_blocks: vec![2, 2, 2, 2],
+        input_depths: vec![1, 1, 1, 1, 1, 1, 0, 0],
+        middle_depth: Some(1),
+        output_depths: vec![0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        context_dim: 768,
+        linear_projection: false,
+        heads: HeadLayout::Count(8),
+        adm_in_channels: None,
+    }
+}
+
+/// The full-size CLIP-L text encoder of SD1.x.
+pub fn sd15_clip_l() -> ClipTextConfig {
+    ClipTextConfig {
+        vocab_size: 49408,
+        hidden_size: 768,
+        intermediate_size: 3072,
+        layers: 12,
+        heads: 12,
+        max_positions: 77,
+        activation: Activation::QuickGelu,
+    }
+}
+
+/// The full-size SD VAE.
+pub fn sd15_vae() -> VaeConfig {
+    VaeConfig {
+        channels: 128,
+        channel_mult: vec![1, 2, 4, 4],
+        num_res_blocks: 2,
+        latent_channels: 4,
+        image_channels: 3,
+    }
+}
+
 /// Every tensor of an SD1.x single-file checkpoint with the given parts, in ComfyUI's layout.
 pub fn sd1_checkpoint_layout(
     unet: &UNetConfig,

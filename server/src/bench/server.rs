@@ -18,7 +18,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value as Json};
 use std::time::{Duration, Instant};
 
-pub fn bench(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let base = tempfile::tempdir()?;
     let mut execution = ExecutionArgs::default();
     execution.directories.base_directory = base.path().to_path_buf();

@@ -1,0 +1,91 @@
+//! `easel bench sd15`: load time, UNet step time (one classifier-free-guidance step: batch 2)
+//! and VAE decode time for the tiny SD1.x test model and for a full-size SD1.5 checkpoint
+//! (random weights written to a temporary directory: about 2.1 GB), then the peak RSS.
+//!
+//! The full-size step is the number to compare with PyTorch (`shared/docs/candle.md` §4: f32
+//! 10.2 s per step and 15.8 s per 512² decode on the 2-core reference machine).
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use easel_nodes::diffusion_nodes::load_checkpoint;
+use easel_nodes::models::testmodels::{
+    sd15_clip_l, sd15_unet, sd15_vae, sd1_checkpoint_layout, write_checkpoint, write_test_models, TINY_SD1_CHECKPOINT,
+};
+use easel_nodes::models::unet::UNetInput;
+
+use crate::cli::BenchArgs;
+
+pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+    let dir = tempfile::tempdir()?;
+    println!("| model | latent | load (s) | UNet step, batch 2 (s) | VAE decode (s) |");
+    println!("|---|---|---:|---:|---:|");
+    let tiny = write_test_models(dir.path())?
+        .into_iter()
+        .find(|path| path.ends_with(TINY_SD1_CHECKPOINT))
+        .context("the tiny checkpoint was not written")?;
+    measure("tiny SD1.x", &tiny, 64, args.steps)?;
+    if !args.tiny_only {
+        let full = dir.path().join("sd15_random.safetensors");
+        let layout = sd1_checkpoint_layout(&sd15_unet(), &sd15_clip_l(), &sd15_vae())?;
+        write_checkpoint(&full, &layout)?;
+        measure("SD1.5 (random weights)", &full, 512, args.steps)?;
+    }
+    if let Some(peak) = peak_rss_bytes() {
+        println!("\npeak RSS: {:.2} GiB", peak as f64 / (1u64 << 30) as f64);
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Loads `checkpoint`, then times `steps` UNet passes on a batch of two `pixels`² latents and
+/// one VAE decode (the mean of the timed runs after one warm-up pass each).
+fn measure(name: &str, checkpoint: &Path, pixels: usize, steps: usize) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let started = Instant::now();
+    let (loaded, _) = load_checkpoint(checkpoint, &device).map_err(|error| anyhow::anyhow!("{error}"))?;
+    let load = started.elapsed().as_secs_f64();
+    let clip = loaded.clip.context("the checkpoint has no text encoder")?;
+    let vae = loaded.vae.context("the checkpoint has no VAE")?;
+    let side = pixels / 8;
+
+    let x = Tensor::randn(0f32, 1.0, (2, 4, side, side), &device)?;
+    let timesteps = Tensor::new(&[500f32, 500.0], &device)?;
+    let context = Tensor::zeros((2, 77, clip.encoder.width()), DType::F32, &device)?;
+    let unet = &loaded.model.0.unet;
+    let step = || {
+        unet.forward(&UNetInput {
+            x: &x,
+            timesteps: &timesteps,
+            context: &context,
+            y: None,
+            control: None,
+            cross_attention_patch: None,
+        })
+    };
+    let step_seconds = mean_seconds(steps, step)?;
+
+    let latent = Tensor::randn(0f32, 1.0, (1, 4, side, side), &device)?;
+    let decode_seconds = mean_seconds(steps.min(2), || vae.0.decode(&latent))?;
+    println!("| {name} | {side}×{side} | {load:.2} | {step_seconds:.3} | {decode_seconds:.3} |");
+    Ok(())
+}
+
+/// One untimed warm-up run, then the mean of `runs` timed ones.
+fn mean_seconds(runs: usize, mut run: impl FnMut() -> candle_core::Result<Tensor>) -> anyhow::Result<f64> {
+    run()?;
+    let started = Instant::now();
+    for _ in 0..runs.max(1) {
+        run()?;
+    }
+    Ok(started.elapsed().as_secs_f64() / runs.max(1) as f64)
+}
+
+/// The process's peak resident set (`VmHWM`), where the platform says.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
