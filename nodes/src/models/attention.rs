@@ -1,6 +1,10 @@
-//! Multi-head scaled dot-product attention shared by the UNet, the VAE and the text encoders.
+//! Multi-head scaled dot-product attention shared by the UNet, the VAE and the text encoders:
+//! on the CPU in f32 by the fused kernel of [`super::cpu_kernels`], elsewhere with candle's
+//! operations in query blocks that keep the score matrix small.
 
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor};
+
+use super::cpu_kernels::{self, with_cpu_f32};
 
 /// Upper bound on the bytes of one block of attention scores; longer queries are processed in
 /// row blocks so that a 128×128 latent does not allocate gigabytes of scores.
@@ -19,10 +23,40 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
             .contiguous()
     };
     let q = split(q, query_length)?;
-    let k_t = split(k, key_length)?.transpose(1, 2)?.contiguous()?;
+    let k = split(k, key_length)?;
     let v = split(v, key_length)?;
     let scale = 1.0 / (head_dim as f64).sqrt();
-    let rows_per_block = (SCORE_BLOCK_BYTES / (batch * heads * key_length * 4).max(1)).clamp(1, query_length.max(1));
+    let out = match fused_on_cpu(&q, &k, &v, mask, scale as f32)? {
+        Some(out) => out,
+        None => blocked(&q, &k, &v, mask, scale)?,
+    };
+    out.reshape((batch, heads, query_length, head_dim))?
+        .transpose(1, 2)?
+        .reshape((batch, query_length, width))
+}
+
+/// The fused CPU kernel, when all inputs are CPU f32 tensors.
+fn fused_on_cpu(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f32) -> Result<Option<Tensor>> {
+    let (batch_heads, query_length, head_dim) = q.dims3()?;
+    let key_length = k.dim(1)?;
+    let run = |q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>| {
+        cpu_kernels::attention(q, k, v, mask, batch_heads, query_length, key_length, head_dim, scale)
+    };
+    let values = match mask {
+        Some(mask) => with_cpu_f32([q, k, v, mask], |[q, k, v, mask]| run(q, k, v, Some(mask)))?,
+        None => with_cpu_f32([q, k, v], |[q, k, v]| run(q, k, v, None))?,
+    };
+    values
+        .map(|values| Tensor::from_vec(values, (batch_heads, query_length, head_dim), &Device::Cpu))
+        .transpose()
+}
+
+/// Attention with candle's operations, in blocks of query rows.
+fn blocked(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let (batch_heads, query_length, _) = q.dims3()?;
+    let key_length = k.dim(1)?;
+    let k_t = k.transpose(1, 2)?.contiguous()?;
+    let rows_per_block = (SCORE_BLOCK_BYTES / (batch_heads * key_length * 4).max(1)).clamp(1, query_length.max(1));
     let mut blocks = Vec::with_capacity(query_length.div_ceil(rows_per_block));
     let mut start = 0;
     while start < query_length {
@@ -33,15 +67,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
             scores = scores.broadcast_add(&mask.narrow(0, start, rows)?)?;
         }
         let probabilities = candle_nn::ops::softmax_last_dim(&scores)?;
-        blocks.push(probabilities.matmul(&v)?);
+        blocks.push(probabilities.matmul(v)?);
         start += rows;
     }
-    let out = if blocks.len() == 1 {
-        blocks.remove(0)
+    if blocks.len() == 1 {
+        Ok(blocks.remove(0))
     } else {
-        Tensor::cat(&blocks, 1)?
-    };
-    out.reshape((batch, heads, query_length, head_dim))?
-        .transpose(1, 2)?
-        .reshape((batch, query_length, width))
+        Tensor::cat(&blocks, 1)
+    }
 }

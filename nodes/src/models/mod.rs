@@ -4,6 +4,8 @@
 
 pub mod attention;
 pub mod clip_text;
+pub mod conv;
+pub mod cpu_kernels;
 pub mod embeddings;
 pub mod testmodels;
 pub mod tokenizer;

@@ -10,9 +10,10 @@
 //! [`CrossAttentionPatch`] sees every cross-attention (IP-Adapter).
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, LayerNorm, Linear, VarBuilder};
 
 use super::attention::attention;
+use super::conv::Conv2d;
 use super::weights::TensorShapes;
 use super::DetectError;
 
@@ -203,15 +204,6 @@ enum Layer {
     Upsample(Conv2d),
 }
 
-fn conv(in_channels: usize, out_channels: usize, kernel: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let config = Conv2dConfig {
-        padding: kernel / 2,
-        stride,
-        ..Default::default()
-    };
-    candle_nn::conv2d(in_channels, out_channels, kernel, config, vb)
-}
-
 impl UNet {
     pub fn new(config: UNetConfig, vb: VarBuilder) -> Result<Self> {
         let mc = config.model_channels;
@@ -232,7 +224,7 @@ impl UNet {
         };
 
         let mut input_blocks = vec![Block {
-            layers: vec![Layer::Conv(conv(
+            layers: vec![Layer::Conv(Conv2d::same(
                 config.in_channels,
                 mc,
                 3,
@@ -260,7 +252,7 @@ impl UNet {
             if level + 1 < levels {
                 let vb = vb.pp(format!("input_blocks.{}.0.op", input_blocks.len()));
                 input_blocks.push(Block {
-                    layers: vec![Layer::Downsample(conv(channels, channels, 3, 2, vb)?)],
+                    layers: vec![Layer::Downsample(Conv2d::same(channels, channels, 3, 2, vb)?)],
                 });
                 skip_channels.push(channels);
             }
@@ -305,13 +297,13 @@ impl UNet {
                 }
                 if level > 0 && index == config.num_res_blocks[level] {
                     let vb = vb.pp(format!("{}.conv", layers.len()));
-                    layers.push(Layer::Upsample(conv(channels, channels, 3, 1, vb)?));
+                    layers.push(Layer::Upsample(Conv2d::same(channels, channels, 3, 1, vb)?));
                 }
                 output_blocks.push(Block { layers });
             }
         }
         let out_norm = candle_nn::group_norm(32, channels, 1e-5, vb.pp("out.0"))?;
-        let out_conv = conv(channels, config.out_channels, 3, 1, vb.pp("out.2"))?;
+        let out_conv = Conv2d::same(channels, config.out_channels, 3, 1, vb.pp("out.2"))?;
         Ok(UNet {
             config,
             time_embed,
@@ -453,14 +445,14 @@ impl ResBlock {
     fn new(in_channels: usize, out_channels: usize, emb_channels: usize, vb: VarBuilder) -> Result<Self> {
         Ok(ResBlock {
             in_norm: candle_nn::group_norm(32, in_channels, 1e-5, vb.pp("in_layers.0"))?,
-            in_conv: conv(in_channels, out_channels, 3, 1, vb.pp("in_layers.2"))?,
+            in_conv: Conv2d::same(in_channels, out_channels, 3, 1, vb.pp("in_layers.2"))?,
             emb_linear: candle_nn::linear(emb_channels, out_channels, vb.pp("emb_layers.1"))?,
             out_norm: candle_nn::group_norm(32, out_channels, 1e-5, vb.pp("out_layers.0"))?,
-            out_conv: conv(out_channels, out_channels, 3, 1, vb.pp("out_layers.3"))?,
+            out_conv: Conv2d::same(out_channels, out_channels, 3, 1, vb.pp("out_layers.3"))?,
             skip: if in_channels == out_channels {
                 None
             } else {
-                Some(conv(in_channels, out_channels, 1, 1, vb.pp("skip_connection"))?)
+                Some(Conv2d::same(in_channels, out_channels, 1, 1, vb.pp("skip_connection"))?)
             },
         })
     }
@@ -504,7 +496,7 @@ impl SpatialTransformer {
             Ok(if config.linear_projection {
                 Projection::Linear(candle_nn::linear(channels, channels, vb)?)
             } else {
-                Projection::Conv(conv(channels, channels, 1, 1, vb)?)
+                Projection::Conv(Conv2d::same(channels, channels, 1, 1, vb)?)
             })
         };
         let blocks = (0..depth)

@@ -6,9 +6,10 @@
 //! [B, H, W, C] images in [0, 1].
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 
 use super::attention::attention;
+use super::conv::Conv2d;
 use super::weights::TensorShapes;
 use super::DetectError;
 use crate::tiling::{tiled_scale, Tiling};
@@ -59,14 +60,6 @@ impl VaeConfig {
     }
 }
 
-fn conv(in_channels: usize, out_channels: usize, kernel: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let config = Conv2dConfig {
-        padding: kernel / 2,
-        ..Default::default()
-    };
-    candle_nn::conv2d(in_channels, out_channels, kernel, config, vb)
-}
-
 fn norm(channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
     candle_nn::group_norm(32, channels, 1e-6, vb)
 }
@@ -85,8 +78,8 @@ impl Vae {
         Ok(Vae {
             encoder: Encoder::new(&config, vb.pp("encoder"))?,
             decoder: Decoder::new(&config, vb.pp("decoder"))?,
-            quant_conv: conv(2 * latent, 2 * latent, 1, vb.pp("quant_conv"))?,
-            post_quant_conv: conv(latent, latent, 1, vb.pp("post_quant_conv"))?,
+            quant_conv: Conv2d::same(2 * latent, 2 * latent, 1, 1, vb.pp("quant_conv"))?,
+            post_quant_conv: Conv2d::same(latent, latent, 1, 1, vb.pp("post_quant_conv"))?,
             config,
         })
     }
@@ -177,13 +170,13 @@ impl ResnetBlock {
     fn new(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
         Ok(ResnetBlock {
             norm1: norm(in_channels, vb.pp("norm1"))?,
-            conv1: conv(in_channels, out_channels, 3, vb.pp("conv1"))?,
+            conv1: Conv2d::same(in_channels, out_channels, 3, 1, vb.pp("conv1"))?,
             norm2: norm(out_channels, vb.pp("norm2"))?,
-            conv2: conv(out_channels, out_channels, 3, vb.pp("conv2"))?,
+            conv2: Conv2d::same(out_channels, out_channels, 3, 1, vb.pp("conv2"))?,
             shortcut: if in_channels == out_channels {
                 None
             } else {
-                Some(conv(in_channels, out_channels, 1, vb.pp("nin_shortcut"))?)
+                Some(Conv2d::same(in_channels, out_channels, 1, 1, vb.pp("nin_shortcut"))?)
             },
         })
     }
@@ -211,10 +204,10 @@ impl AttentionBlock {
     fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
         Ok(AttentionBlock {
             norm: norm(channels, vb.pp("norm"))?,
-            q: conv(channels, channels, 1, vb.pp("q"))?,
-            k: conv(channels, channels, 1, vb.pp("k"))?,
-            v: conv(channels, channels, 1, vb.pp("v"))?,
-            proj_out: conv(channels, channels, 1, vb.pp("proj_out"))?,
+            q: Conv2d::same(channels, channels, 1, 1, vb.pp("q"))?,
+            k: Conv2d::same(channels, channels, 1, 1, vb.pp("k"))?,
+            v: Conv2d::same(channels, channels, 1, 1, vb.pp("v"))?,
+            proj_out: Conv2d::same(channels, channels, 1, 1, vb.pp("proj_out"))?,
         })
     }
 
@@ -277,28 +270,18 @@ impl Encoder {
                 channels = out;
             }
             let downsample = if level + 1 < config.channel_mult.len() {
-                let config = Conv2dConfig {
-                    stride: 2,
-                    ..Default::default()
-                };
-                Some(candle_nn::conv2d(
-                    channels,
-                    channels,
-                    3,
-                    config,
-                    vb.pp("downsample.conv"),
-                )?)
+                Some(Conv2d::new(channels, channels, 3, 2, 0, vb.pp("downsample.conv"))?)
             } else {
                 None
             };
             levels.push((blocks, downsample));
         }
         Ok(Encoder {
-            conv_in: conv(config.image_channels, config.channels, 3, vb.pp("conv_in"))?,
+            conv_in: Conv2d::same(config.image_channels, config.channels, 3, 1, vb.pp("conv_in"))?,
             levels,
             middle: MiddleBlock::new(channels, vb.pp("mid"))?,
             norm_out: norm(channels, vb.pp("norm_out"))?,
-            conv_out: conv(channels, 2 * config.latent_channels, 3, vb.pp("conv_out"))?,
+            conv_out: Conv2d::same(channels, 2 * config.latent_channels, 3, 1, vb.pp("conv_out"))?,
         })
     }
 
@@ -332,7 +315,7 @@ impl Decoder {
     fn new(config: &VaeConfig, vb: VarBuilder) -> Result<Self> {
         let last_mult = config.channel_mult.last().copied().unwrap_or(1);
         let mut channels = config.channels * last_mult;
-        let conv_in = conv(config.latent_channels, channels, 3, vb.pp("conv_in"))?;
+        let conv_in = Conv2d::same(config.latent_channels, channels, 3, 1, vb.pp("conv_in"))?;
         let middle = MiddleBlock::new(channels, vb.pp("mid"))?;
         let mut levels = Vec::new();
         for (level, &mult) in config.channel_mult.iter().enumerate().rev() {
@@ -344,7 +327,7 @@ impl Decoder {
                 channels = out;
             }
             let upsample = if level > 0 {
-                Some(conv(channels, channels, 3, vb.pp("upsample.conv"))?)
+                Some(Conv2d::same(channels, channels, 3, 1, vb.pp("upsample.conv"))?)
             } else {
                 None
             };
@@ -355,7 +338,7 @@ impl Decoder {
             middle,
             levels,
             norm_out: norm(channels, vb.pp("norm_out"))?,
-            conv_out: conv(channels, config.image_channels, 3, vb.pp("conv_out"))?,
+            conv_out: Conv2d::same(channels, config.image_channels, 3, 1, vb.pp("conv_out"))?,
         })
     }
 

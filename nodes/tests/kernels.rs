@@ -1,0 +1,111 @@
+//! The CPU kernels against candle's own operations on random data: the fused attention
+//! (with and without a mask, lengths that are not multiples of the query block) and the
+//! GEMM convolution (3×3 with padding, stride 2, 1×1, bias, odd sizes).
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use easel_nodes::models::attention::attention;
+use easel_nodes::models::conv::Conv2d;
+
+fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// softmax(q·kᵀ/√d + mask)·v with candle's operations, all heads at once.
+fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Tensor {
+    let (batch, nq, width) = q.dims3().unwrap();
+    let nk = k.dim(1).unwrap();
+    let d = width / heads;
+    let split = |t: &Tensor, n: usize| {
+        t.reshape((batch, n, heads, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let (q, k, v) = (split(q, nq), split(k, nk), split(v, nk));
+    let mut scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(mask).unwrap();
+    }
+    let p = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+    p.matmul(&v)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((batch, nq, width))
+        .unwrap()
+}
+
+#[test]
+fn fused_attention_matches_the_reference() {
+    let device = Device::Cpu;
+    for (batch, nq, nk, heads, width) in [
+        (2, 130, 77, 8, 64),
+        (1, 64, 64, 1, 32),
+        (2, 77, 77, 4, 48),
+        (1, 1, 5, 2, 8),
+    ] {
+        let q = Tensor::randn(0f32, 1.0, (batch, nq, width), &device).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (batch, nk, width), &device).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (batch, nk, width), &device).unwrap();
+        let ours = attention(&q, &k, &v, heads, None).unwrap();
+        let expected = reference_attention(&q, &k, &v, heads, None);
+        assert!(max_difference(&ours, &expected) < 1e-5, "{batch}×{nq}×{nk}×{heads}");
+        if nq == nk {
+            let mask_values: Vec<f32> = (0..nq * nk)
+                .map(|i| if i % nk > i / nk { -f32::MAX } else { 0.0 })
+                .collect();
+            let mask = Tensor::from_vec(mask_values, (nq, nk), &device).unwrap();
+            let ours = attention(&q, &k, &v, heads, Some(&mask)).unwrap();
+            let expected = reference_attention(&q, &k, &v, heads, Some(&mask));
+            assert!(max_difference(&ours, &expected) < 1e-5, "masked {batch}×{nq}×{heads}");
+        }
+    }
+}
+
+#[test]
+fn gemm_convolution_matches_candle() {
+    let device = Device::Cpu;
+    // (batch, in, out, height, width, kernel, stride, padding)
+    let cases = [
+        (2, 8, 16, 13, 11, 3, 1, 1),
+        (1, 5, 7, 16, 16, 3, 2, 0),
+        (1, 5, 7, 17, 15, 3, 2, 1),
+        (2, 12, 6, 9, 10, 1, 1, 0),
+        (1, 4, 4, 3, 3, 3, 1, 1),
+    ];
+    for (batch, in_channels, out_channels, height, width, kernel, stride, padding) in cases {
+        let weight = Tensor::randn(0f32, 0.2, (out_channels, in_channels, kernel, kernel), &device).unwrap();
+        let bias = Tensor::randn(0f32, 0.2, out_channels, &device).unwrap();
+        let tensors = std::collections::HashMap::from([
+            ("weight".to_string(), weight.clone()),
+            ("bias".to_string(), bias.clone()),
+        ]);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+        let ours = Conv2d::new(in_channels, out_channels, kernel, stride, padding, vb).unwrap();
+        let config = candle_nn::Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        let reference = candle_nn::Conv2d::new(weight, Some(bias), config);
+        let x = Tensor::randn(0f32, 1.0, (batch, in_channels, height, width), &device).unwrap();
+        let (a, b) = (ours.forward(&x).unwrap(), reference.forward(&x).unwrap());
+        assert_eq!(a.dims(), b.dims());
+        assert!(
+            max_difference(&a, &b) < 1e-4,
+            "{in_channels}→{out_channels} k{kernel} s{stride} p{padding}"
+        );
+    }
+}
