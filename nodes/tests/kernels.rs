@@ -109,3 +109,83 @@ fn gemm_convolution_matches_candle() {
         );
     }
 }
+
+/// The packed GEMM against a plain triple loop, over sizes that cross every block edge
+/// (6-row and 32-column tiles, 256-deep and 96-row and 2048-column blocks), transposed and
+/// strided operands, scaling and accumulation.
+#[test]
+fn sgemm_matches_the_definition() {
+    use easel_nodes::models::sgemm::{gemm_into, View};
+    let cases = [(1, 1, 1), (7, 33, 5), (13, 70, 257), (100, 2100, 300), (6, 32, 256)];
+    for (m, n, k) in cases {
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 17) as f32 / 17.0 - 0.5).collect();
+        // b is used transposed: stored [n, k], read as [k, n].
+        let lhs = View::row_major(&a, m, k);
+        let rhs = View {
+            data: &b,
+            rows: k,
+            cols: n,
+            row_stride: 1,
+            col_stride: k,
+        };
+        let expected: Vec<f32> = (0..m * n)
+            .map(|index| {
+                let (i, j) = (index / n, index % n);
+                (0..k).map(|p| a[i * k + p] * b[j * k + p]).sum::<f32>()
+            })
+            .collect();
+        let mut dst = vec![1.0f32; m * n];
+        gemm_into(&mut dst, n, lhs, rhs, 0.5, true);
+        for (index, (actual, expected)) in dst.iter().zip(&expected).enumerate() {
+            let wanted = 1.0 + 0.5 * expected;
+            assert!(
+                (actual - wanted).abs() < 1e-3 * (1.0 + wanted.abs()),
+                "{m}×{n}×{k} at {index}: {actual} vs {wanted}"
+            );
+        }
+        let mut dst = vec![7.0f32; m * n];
+        gemm_into(&mut dst, n, lhs, rhs, 1.0, false);
+        assert!(
+            dst.iter()
+                .zip(&expected)
+                .all(|(a, e)| (a - e).abs() < 1e-3 * (1.0 + e.abs())),
+            "{m}×{n}×{k} overwrite"
+        );
+    }
+}
+
+#[test]
+fn gemm_linear_matches_candle() {
+    use easel_nodes::models::linear::{linear, linear_no_bias};
+    let device = Device::Cpu;
+    for (shape, in_features, out_features) in [
+        (vec![2, 77, 48], 48, 40),
+        (vec![3, 5], 5, 7),
+        (vec![1, 300, 16], 16, 64),
+    ] {
+        let weight = Tensor::randn(0f32, 0.2, (out_features, in_features), &device).unwrap();
+        let bias = Tensor::randn(0f32, 0.2, out_features, &device).unwrap();
+        let vb = VarBuilder::from_tensors(
+            std::collections::HashMap::from([
+                ("weight".to_string(), weight.clone()),
+                ("bias".to_string(), bias.clone()),
+            ]),
+            DType::F32,
+            &device,
+        );
+        let x = Tensor::randn(0f32, 1.0, shape.as_slice(), &device).unwrap();
+        let with_bias = linear(in_features, out_features, vb.clone())
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        let expected = candle_nn::Linear::new(weight.clone(), Some(bias)).forward(&x).unwrap();
+        assert!(max_difference(&with_bias, &expected) < 1e-5, "{shape:?}");
+        let without = linear_no_bias(in_features, out_features, vb)
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        let expected = candle_nn::Linear::new(weight, None).forward(&x).unwrap();
+        assert!(max_difference(&without, &expected) < 1e-5, "{shape:?} without bias");
+    }
+}

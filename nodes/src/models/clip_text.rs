@@ -8,9 +8,10 @@
 //! `empty + (token − empty)·w`.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 use super::attention::attention;
+use super::linear::{linear, Linear};
 use super::tokenizer::{TokenItem, WeightedToken, CHUNK_LENGTH, END_TOKEN, START_TOKEN};
 use super::weights::TensorShapes;
 use super::DetectError;
@@ -244,13 +245,13 @@ impl EncoderLayer {
         let attention = vb.pp("self_attn");
         Ok(EncoderLayer {
             layer_norm1: candle_nn::layer_norm(hidden, 1e-5, vb.pp("layer_norm1"))?,
-            q_proj: candle_nn::linear(hidden, hidden, attention.pp("q_proj"))?,
-            k_proj: candle_nn::linear(hidden, hidden, attention.pp("k_proj"))?,
-            v_proj: candle_nn::linear(hidden, hidden, attention.pp("v_proj"))?,
-            out_proj: candle_nn::linear(hidden, hidden, attention.pp("out_proj"))?,
+            q_proj: linear(hidden, hidden, attention.pp("q_proj"))?,
+            k_proj: linear(hidden, hidden, attention.pp("k_proj"))?,
+            v_proj: linear(hidden, hidden, attention.pp("v_proj"))?,
+            out_proj: linear(hidden, hidden, attention.pp("out_proj"))?,
             layer_norm2: candle_nn::layer_norm(hidden, 1e-5, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(hidden, config.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(config.intermediate_size, hidden, vb.pp("mlp.fc2"))?,
+            fc1: linear(hidden, config.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: linear(config.intermediate_size, hidden, vb.pp("mlp.fc2"))?,
             heads: config.heads,
             activation: config.activation,
         })

@@ -7,6 +7,15 @@
 use candle_core::{DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+use std::cell::RefCell;
+
+use super::sgemm::{gemm_into, with_scratch, View};
+
+thread_local! {
+    /// Each thread's buffer for an unfolded convolution input or a block of attention scores.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
 /// Runs `f` on the elements of CPU f32 tensors (made contiguous), or returns `None` when one
 /// of them lives elsewhere or has another dtype.
 pub fn with_cpu_f32<const N: usize, R>(tensors: [&Tensor; N], f: impl FnOnce([&[f32]; N]) -> R) -> Result<Option<R>> {
@@ -33,75 +42,6 @@ pub fn with_cpu_f32<const N: usize, R>(tensors: [&Tensor; N], f: impl FnOnce([&[
         .try_into()
         .map_err(|_| candle_core::Error::Msg("tensor count mismatch".into()))?;
     Ok(Some(f(slices)))
-}
-
-/// A strided matrix inside a slice: element (r, c) is `data[r·row_stride + c·col_stride]`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl View<'_> {
-    fn fits(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < self.data.len()
-    }
-}
-
-/// `dst = scale·(lhs·rhs) (+ dst when accumulate)`, dst row-major with `dst_row_stride`.
-fn gemm_into(
-    dst: &mut [f32],
-    dst_row_stride: usize,
-    lhs: View,
-    rhs: View,
-    scale: f32,
-    accumulate: bool,
-    parallel: bool,
-) {
-    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
-    assert!(lhs.fits() && rhs.fits() && rhs.rows == k, "matrix views out of bounds");
-    assert!(
-        m == 0 || n == 0 || (m - 1) * dst_row_stride + n <= dst.len(),
-        "destination out of bounds"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    let parallelism = if parallel {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts above keep every index gemm computes from these strides and sizes
-    // inside the three slices; dst is borrowed mutably and does not alias lhs or rhs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_row_stride as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
 }
 
 /// The geometry of one convolution.
@@ -148,88 +88,97 @@ pub fn conv2d(input: &[f32], weight: &[f32], bias: Option<&[f32]>, shape: ConvSh
     let depth = in_channels * kernel * kernel;
     assert_eq!(input.len(), batch * in_channels * height * width, "input size");
     assert_eq!(weight.len(), out_channels * depth, "weight size");
-    let mut output = vec![0f32; batch * out_channels * plane];
-    if let Some(bias) = bias {
-        for (channel, values) in output.chunks_mut(plane).enumerate() {
-            values.fill(bias[channel % out_channels]);
-        }
-    }
-    let weights = View {
-        data: weight,
-        rows: out_channels,
-        cols: depth,
-        row_stride: depth,
-        col_stride: 1,
-    };
+    let weights = View::row_major(weight, out_channels, depth);
     let pointwise = kernel == 1 && stride == 1 && padding == 0;
-    let rows_per_chunk = (UNFOLDED_BYTES / (depth * out_width * 4).max(1)).clamp(1, out_height);
-    let mut unfolded = Vec::new();
-    for b in 0..batch {
-        let image = &input[b * in_channels * height * width..(b + 1) * in_channels * height * width];
-        let out = &mut output[b * out_channels * plane..(b + 1) * out_channels * plane];
-        if pointwise {
-            let pixels = View {
-                data: image,
-                rows: in_channels,
-                cols: plane,
-                row_stride: plane,
-                col_stride: 1,
-            };
-            gemm_into(out, plane, weights, pixels, 1.0, bias.is_some(), true);
-            continue;
-        }
-        let mut first_row = 0;
-        while first_row < out_height {
+    // Chunks of output rows: small enough to bound the unfolded input, and at least two per
+    // thread so that every core has work.
+    let splits_per_item = (2 * rayon::current_num_threads()).div_ceil(batch).max(1);
+    let rows_per_chunk = (UNFOLDED_BYTES / (depth * out_width * 4).max(1))
+        .min(out_height.div_ceil(splits_per_item))
+        .max(1);
+    let chunks: Vec<(usize, usize)> = (0..batch)
+        .flat_map(|b| (0..out_height).step_by(rows_per_chunk).map(move |row| (b, row)))
+        .collect();
+    let results: Vec<Vec<f32>> = chunks
+        .par_iter()
+        .map(|&(b, first_row)| {
+            let image = &input[b * in_channels * height * width..(b + 1) * in_channels * height * width];
             let rows = rows_per_chunk.min(out_height - first_row);
             let columns = rows * out_width;
-            unfolded.resize(depth * columns, 0.0);
-            unfolded.par_chunks_mut(columns).enumerate().for_each(|(index, row)| {
-                let channel = index / (kernel * kernel);
-                let ky = (index / kernel) % kernel;
-                let kx = index % kernel;
-                let source = &image[channel * height * width..(channel + 1) * height * width];
-                for (r, values) in row.chunks_mut(out_width).enumerate() {
-                    let iy = ((first_row + r) * stride + ky) as isize - padding as isize;
-                    if iy < 0 || iy >= height as isize {
-                        values.fill(0.0);
-                        continue;
-                    }
-                    let line = &source[iy as usize * width..(iy as usize + 1) * width];
-                    for (ox, value) in values.iter_mut().enumerate() {
-                        let ix = (ox * stride + kx) as isize - padding as isize;
-                        *value = if ix < 0 || ix >= width as isize {
-                            0.0
-                        } else {
-                            line[ix as usize]
-                        };
-                    }
+            let mut result = vec![0f32; out_channels * columns];
+            if let Some(bias) = bias {
+                for (values, value) in result.chunks_mut(columns).zip(bias) {
+                    values.fill(*value);
                 }
+            }
+            if pointwise {
+                let pixels = View {
+                    data: &image[first_row * out_width..],
+                    rows: in_channels,
+                    cols: columns,
+                    row_stride: plane,
+                    col_stride: 1,
+                };
+                gemm_into(&mut result, columns, weights, pixels, 1.0, bias.is_some());
+                return result;
+            }
+            with_scratch(&SCRATCH, depth * columns, |unfolded| {
+                for (index, row) in unfolded.chunks_mut(columns).enumerate() {
+                    unfold_row(row, image, shape, index, first_row);
+                }
+                let unfolded = View::row_major(unfolded, depth, columns);
+                gemm_into(&mut result, columns, weights, unfolded, 1.0, bias.is_some());
             });
-            let columns_view = View {
-                data: &unfolded,
-                rows: depth,
-                cols: columns,
-                row_stride: columns,
-                col_stride: 1,
-            };
-            let offset = first_row * out_width;
-            gemm_into(
-                &mut out[offset..],
-                plane,
-                weights,
-                columns_view,
-                1.0,
-                bias.is_some(),
-                true,
-            );
-            first_row += rows;
+            result
+        })
+        .collect();
+    let mut output = vec![0f32; batch * out_channels * plane];
+    for (&(b, first_row), result) in chunks.iter().zip(results) {
+        let columns = result.len() / out_channels;
+        for (channel, values) in result.chunks(columns).enumerate() {
+            let start = (b * out_channels + channel) * plane + first_row * out_width;
+            output[start..start + columns].copy_from_slice(values);
         }
     }
     output
 }
 
+/// Row `index` = (channel, ky, kx) of the unfolded input for output rows from `first_row`:
+/// the input pixel each output pixel sees through that kernel tap, 0 in the padding.
+fn unfold_row(row: &mut [f32], image: &[f32], shape: ConvShape, index: usize, first_row: usize) {
+    let ConvShape {
+        height,
+        width,
+        kernel,
+        stride,
+        padding,
+        ..
+    } = shape;
+    let out_width = shape.out_width();
+    let channel = index / (kernel * kernel);
+    let ky = (index / kernel) % kernel;
+    let kx = index % kernel;
+    let source = &image[channel * height * width..(channel + 1) * height * width];
+    for (r, values) in row.chunks_mut(out_width).enumerate() {
+        let iy = ((first_row + r) * stride + ky) as isize - padding as isize;
+        if iy < 0 || iy >= height as isize {
+            values.fill(0.0);
+            continue;
+        }
+        let line = &source[iy as usize * width..(iy as usize + 1) * width];
+        for (ox, value) in values.iter_mut().enumerate() {
+            let ix = (ox * stride + kx) as isize - padding as isize;
+            *value = if ix < 0 || ix >= width as isize {
+                0.0
+            } else {
+                line[ix as usize]
+            };
+        }
+    }
+}
+
 /// Queries per attention task: their scores against all keys stay within a few MB.
-const QUERY_BLOCK: usize = 64;
+const QUERY_BLOCK: usize = 128;
 
 /// Fused multi-head attention on [BH, N, D] tensors: `softmax(q·kᵀ·scale + mask)·v`, `mask`
 /// [Nq, Nk] shared by every head. Returns [BH, Nq, D].
@@ -283,35 +232,48 @@ pub fn attention(
             row_stride: 1,
             col_stride: head_dim,
         };
-        let mut scores = vec![0f32; rows * key_length];
-        gemm_into(&mut scores, key_length, queries, keys_transposed, scale, false, false);
-        let mut sums = vec![0f32; rows];
-        for (r, row) in scores.chunks_mut(key_length).enumerate() {
-            if let Some(mask) = mask {
-                let mask_row = &mask[(first + r) * key_length..(first + r + 1) * key_length];
-                row.iter_mut().zip(mask_row).for_each(|(s, m)| *s += m);
+        with_scratch(&SCRATCH, rows * key_length, |scores| {
+            gemm_into(scores, key_length, queries, keys_transposed, scale, false);
+            let mut sums = vec![0f32; rows];
+            for (r, row) in scores.chunks_mut(key_length).enumerate() {
+                if let Some(mask) = mask {
+                    let mask_row = &mask[(first + r) * key_length..(first + r + 1) * key_length];
+                    row.iter_mut().zip(mask_row).for_each(|(s, m)| *s += m);
+                }
+                sums[r] = softmax_numerator(row);
             }
-            sums[r] = softmax_numerator(row);
-        }
-        let probabilities = View {
-            data: &scores,
-            rows,
-            cols: key_length,
-            row_stride: key_length,
-            col_stride: 1,
-        };
-        let values_view = View {
-            data: values,
-            rows: key_length,
-            cols: head_dim,
-            row_stride: head_dim,
-            col_stride: 1,
-        };
-        gemm_into(out, head_dim, probabilities, values_view, 1.0, false, false);
-        for (row, sum) in out.chunks_mut(head_dim).zip(&sums) {
-            let inverse = 1.0 / sum;
-            row.iter_mut().for_each(|value| *value *= inverse);
-        }
+            // out = P·V is computed as outᵀ = Vᵀ·Pᵀ: the narrow head dimension then fills the
+            // GEMM's 6-row side instead of wasting most of a 32-column panel.
+            let values_transposed = View {
+                data: values,
+                rows: head_dim,
+                cols: key_length,
+                row_stride: 1,
+                col_stride: head_dim,
+            };
+            let probabilities_transposed = View {
+                data: scores,
+                rows: key_length,
+                cols: rows,
+                row_stride: 1,
+                col_stride: key_length,
+            };
+            let mut transposed = vec![0f32; head_dim * rows];
+            gemm_into(
+                &mut transposed,
+                rows,
+                values_transposed,
+                probabilities_transposed,
+                1.0,
+                false,
+            );
+            for (r, (row, sum)) in out.chunks_mut(head_dim).zip(&sums).enumerate() {
+                let inverse = 1.0 / sum;
+                for (d, value) in row.iter_mut().enumerate() {
+                    *value = transposed[d * rows + r] * inverse;
+                }
+            }
+        });
     });
     output
 }
@@ -365,15 +327,19 @@ fn softmax_numerator_portable(row: &mut [f32]) -> f32 {
     sum
 }
 
-/// eˣ by Cephes' `expf` (range reduction by ln 2, degree-5 polynomial), within 2 ulp for
-/// x ≤ 0 down to the underflow limit, branch-free so that it vectorises.
+/// eˣ by Cephes' `expf` (range reduction by ln 2, degree-5 polynomial), within 2 ulp down to
+/// the underflow limit. The power of two comes from the low bits of x·log₂e + 1.5·2²³ (the
+/// rounded exponent), so every step is a plain float or integer lane operation and the loop
+/// vectorises.
 #[inline(always)]
 fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const SHIFTER: f32 = 12_582_912.0;
     const LN2_HIGH: f32 = 0.693_359_4;
     const LN2_LOW: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + 0.5).floor();
+    let shifted = x * LOG2E + SHIFTER;
+    let n = shifted - SHIFTER;
     let r = x - n * LN2_HIGH - n * LN2_LOW;
     let z = r * r;
     let mut p = 1.987_569_1e-4f32;
@@ -381,8 +347,7 @@ fn fast_exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * z + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    y * scale
+    y * f32::from_bits(shifted.to_bits().wrapping_add(127) << 23)
 }

@@ -7,6 +7,8 @@ pub mod clip_text;
 pub mod conv;
 pub mod cpu_kernels;
 pub mod embeddings;
+pub mod linear;
+pub mod sgemm;
 pub mod testmodels;
 pub mod tokenizer;
 pub mod unet;

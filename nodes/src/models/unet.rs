@@ -10,10 +10,11 @@
 //! [`CrossAttentionPatch`] sees every cross-attention (IP-Adapter).
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, LayerNorm, VarBuilder};
 
 use super::attention::attention;
 use super::conv::Conv2d;
+use super::linear::{linear, linear_no_bias, Linear};
 use super::weights::TensorShapes;
 use super::DetectError;
 
@@ -209,13 +210,13 @@ impl UNet {
         let mc = config.model_channels;
         let time_dim = mc * 4;
         let time_embed = (
-            candle_nn::linear(mc, time_dim, vb.pp("time_embed.0"))?,
-            candle_nn::linear(time_dim, time_dim, vb.pp("time_embed.2"))?,
+            linear(mc, time_dim, vb.pp("time_embed.0"))?,
+            linear(time_dim, time_dim, vb.pp("time_embed.2"))?,
         );
         let label_embed = match config.adm_in_channels {
             Some(adm) => Some((
-                candle_nn::linear(adm, time_dim, vb.pp("label_emb.0.0"))?,
-                candle_nn::linear(time_dim, time_dim, vb.pp("label_emb.0.2"))?,
+                linear(adm, time_dim, vb.pp("label_emb.0.0"))?,
+                linear(time_dim, time_dim, vb.pp("label_emb.0.2"))?,
             )),
             None => None,
         };
@@ -446,7 +447,7 @@ impl ResBlock {
         Ok(ResBlock {
             in_norm: candle_nn::group_norm(32, in_channels, 1e-5, vb.pp("in_layers.0"))?,
             in_conv: Conv2d::same(in_channels, out_channels, 3, 1, vb.pp("in_layers.2"))?,
-            emb_linear: candle_nn::linear(emb_channels, out_channels, vb.pp("emb_layers.1"))?,
+            emb_linear: linear(emb_channels, out_channels, vb.pp("emb_layers.1"))?,
             out_norm: candle_nn::group_norm(32, out_channels, 1e-5, vb.pp("out_layers.0"))?,
             out_conv: Conv2d::same(out_channels, out_channels, 3, 1, vb.pp("out_layers.3"))?,
             skip: if in_channels == out_channels {
@@ -494,7 +495,7 @@ impl SpatialTransformer {
     fn new(channels: usize, depth: usize, heads: usize, config: &UNetConfig, vb: VarBuilder) -> Result<Self> {
         let projection = |vb: VarBuilder| -> Result<Projection> {
             Ok(if config.linear_projection {
-                Projection::Linear(candle_nn::linear(channels, channels, vb)?)
+                Projection::Linear(linear(channels, channels, vb)?)
             } else {
                 Projection::Conv(Conv2d::same(channels, channels, 1, 1, vb)?)
             })
@@ -563,8 +564,8 @@ impl TransformerBlock {
             norm2: candle_nn::layer_norm(channels, 1e-5, vb.pp("norm2"))?,
             cross_attention: CrossAttention::new(channels, context_dim, heads, vb.pp("attn2"))?,
             norm3: candle_nn::layer_norm(channels, 1e-5, vb.pp("norm3"))?,
-            geglu: candle_nn::linear(channels, inner * 2, vb.pp("ff.net.0.proj"))?,
-            ff_out: candle_nn::linear(inner, channels, vb.pp("ff.net.2"))?,
+            geglu: linear(channels, inner * 2, vb.pp("ff.net.0.proj"))?,
+            ff_out: linear(inner, channels, vb.pp("ff.net.2"))?,
         })
     }
 
@@ -596,10 +597,10 @@ struct CrossAttention {
 impl CrossAttention {
     fn new(query_dim: usize, context_dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
         Ok(CrossAttention {
-            to_q: candle_nn::linear_no_bias(query_dim, query_dim, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, query_dim, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, query_dim, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(query_dim, query_dim, vb.pp("to_out.0"))?,
+            to_q: linear_no_bias(query_dim, query_dim, vb.pp("to_q"))?,
+            to_k: linear_no_bias(context_dim, query_dim, vb.pp("to_k"))?,
+            to_v: linear_no_bias(context_dim, query_dim, vb.pp("to_v"))?,
+            to_out: linear(query_dim, query_dim, vb.pp("to_out.0"))?,
             heads,
         })
     }
