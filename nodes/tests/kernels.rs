@@ -84,6 +84,8 @@ fn gemm_convolution_matches_candle() {
         (1, 5, 7, 17, 15, 3, 2, 1),
         (2, 12, 6, 9, 10, 1, 1, 0),
         (1, 4, 4, 3, 3, 3, 1, 1),
+        (1, 3, 5, 7, 9, 3, 1, 0),
+        (1, 3, 5, 6, 6, 5, 1, 2),
     ];
     for (batch, in_channels, out_channels, height, width, kernel, stride, padding) in cases {
         let weight = Tensor::randn(0f32, 0.2, (out_channels, in_channels, kernel, kernel), &device).unwrap();

@@ -166,6 +166,16 @@ fn unfold_row(row: &mut [f32], image: &[f32], shape: ConvShape, index: usize, fi
             continue;
         }
         let line = &source[iy as usize * width..(iy as usize + 1) * width];
+        if stride == 1 {
+            // Output x reads input x + kx − padding: one copy between zero margins.
+            let first = padding.saturating_sub(kx).min(out_width);
+            let last = (width + padding).saturating_sub(kx).clamp(first, out_width);
+            values[..first].fill(0.0);
+            let start = first + kx - padding;
+            values[first..last].copy_from_slice(&line[start..start + (last - first)]);
+            values[last..].fill(0.0);
+            continue;
+        }
         for (ox, value) in values.iter_mut().enumerate() {
             let ix = (ox * stride + kx) as isize - padding as isize;
             *value = if ix < 0 || ix >= width as isize {

@@ -157,16 +157,13 @@ fn widen_to_f32(bytes: &[u8], dtype: FileDtype) -> Option<Vec<f32>> {
         FileDtype::BF16 => |pair| bf16::from_le_bytes(pair).to_f32(),
         _ => return None,
     };
-    let mut values = vec![0f32; bytes.len() / 2];
-    values
-        .par_chunks_mut(1 << 16)
-        .zip(bytes.par_chunks(2 << 16))
-        .for_each(|(out, pairs)| {
-            for (value, pair) in out.iter_mut().zip(pairs.chunks_exact(2)) {
-                *value = widen([pair[0], pair[1]]);
-            }
-        });
-    Some(values)
+    Some(
+        bytes
+            .par_chunks_exact(2)
+            .with_min_len(1 << 16)
+            .map(|pair| widen([pair[0], pair[1]]))
+            .collect(),
+    )
 }
 
 fn entries(metadata: &Metadata, data_start: usize) -> HashMap<String, TensorEntry> {
