@@ -229,19 +229,47 @@ impl Guider<'_> {
     }
 }
 
+impl Guider<'_> {
+    /// Both sides' predictions. When each side has one active entry and their contexts have
+    /// the same shape, they run as one batch, as ComfyUI's `calc_cond_batch` does.
+    fn predict_both(&self, x: &Tensor, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
+        let active = |entries: &[ActiveEntry]| -> Vec<usize> {
+            (0..entries.len()).filter(|i| entries[*i].applies_at(sigma)).collect()
+        };
+        if let ([positive], [negative]) = (active(&self.positive).as_slice(), active(&self.negative).as_slice()) {
+            let (positive, negative) = (&self.positive[*positive].context, &self.negative[*negative].context);
+            if positive.dims()[1..] == negative.dims()[1..] {
+                let batch = x.dim(0)?;
+                let per_item = |context: &Tensor| -> candle_core::Result<Tensor> {
+                    if context.dim(0)? == batch {
+                        Ok(context.clone())
+                    } else {
+                        context.repeat((batch, 1, 1))
+                    }
+                };
+                let contexts = Tensor::cat(&[per_item(positive)?, per_item(negative)?], 0)?;
+                let out = self.model.denoise(&Tensor::cat(&[x, x], 0)?, sigma, &contexts)?;
+                return Ok((out.narrow(0, 0, batch)?, out.narrow(0, batch, batch)?));
+            }
+        }
+        Ok((
+            self.predict(&self.positive, x, sigma)?,
+            self.predict(&self.negative, x, sigma)?,
+        ))
+    }
+}
+
 impl Denoiser for Guider<'_> {
     fn denoise(&mut self, x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
-        let cond = self.predict(&self.positive, x, sigma)?;
         if (self.cfg - 1.0).abs() <= 1e-9 * self.cfg.abs().max(1.0) {
-            return Ok(cond);
+            return self.predict(&self.positive, x, sigma);
         }
-        let uncond = self.predict(&self.negative, x, sigma)?;
+        let (cond, uncond) = self.predict_both(x, sigma)?;
         &uncond + ((cond - &uncond)? * self.cfg)?
     }
 
     fn denoise_with_uncond(&mut self, x: &Tensor, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
-        let cond = self.predict(&self.positive, x, sigma)?;
-        let uncond = self.predict(&self.negative, x, sigma)?;
+        let (cond, uncond) = self.predict_both(x, sigma)?;
         let guided = (&uncond + ((cond - &uncond)? * self.cfg)?)?;
         Ok((guided, uncond))
     }
