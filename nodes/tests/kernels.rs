@@ -4,21 +4,11 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
+mod common;
+
+use common::max_abs_difference;
 use easel_nodes::models::attention::attention;
 use easel_nodes::models::conv::Conv2d;
-
-fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 /// softmax(q·kᵀ/√d + mask)·v with candle's operations, all heads at once.
 fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Tensor {
@@ -61,7 +51,7 @@ fn fused_attention_matches_the_reference() {
         let v = Tensor::randn(0f32, 1.0, (batch, nk, width), &device).unwrap();
         let ours = attention(&q, &k, &v, heads, None).unwrap();
         let expected = reference_attention(&q, &k, &v, heads, None);
-        assert!(max_difference(&ours, &expected) < 1e-5, "{batch}×{nq}×{nk}×{heads}");
+        assert!(max_abs_difference(&ours, &expected) < 1e-5, "{batch}×{nq}×{nk}×{heads}");
         if nq == nk {
             let mask_values: Vec<f32> = (0..nq * nk)
                 .map(|i| if i % nk > i / nk { -f32::MAX } else { 0.0 })
@@ -69,7 +59,10 @@ fn fused_attention_matches_the_reference() {
             let mask = Tensor::from_vec(mask_values, (nq, nk), &device).unwrap();
             let ours = attention(&q, &k, &v, heads, Some(&mask)).unwrap();
             let expected = reference_attention(&q, &k, &v, heads, Some(&mask));
-            assert!(max_difference(&ours, &expected) < 1e-5, "masked {batch}×{nq}×{heads}");
+            assert!(
+                max_abs_difference(&ours, &expected) < 1e-5,
+                "masked {batch}×{nq}×{heads}"
+            );
         }
     }
 }
@@ -106,7 +99,7 @@ fn gemm_convolution_matches_candle() {
         let (a, b) = (ours.forward(&x).unwrap(), reference.forward(&x).unwrap());
         assert_eq!(a.dims(), b.dims());
         assert!(
-            max_difference(&a, &b) < 1e-4,
+            max_abs_difference(&a, &b) < 1e-4,
             "{in_channels}→{out_channels} k{kernel} s{stride} p{padding}"
         );
     }
@@ -182,12 +175,12 @@ fn gemm_linear_matches_candle() {
             .forward(&x)
             .unwrap();
         let expected = candle_nn::Linear::new(weight.clone(), Some(bias)).forward(&x).unwrap();
-        assert!(max_difference(&with_bias, &expected) < 1e-5, "{shape:?}");
+        assert!(max_abs_difference(&with_bias, &expected) < 1e-5, "{shape:?}");
         let without = linear_no_bias(in_features, out_features, vb)
             .unwrap()
             .forward(&x)
             .unwrap();
         let expected = candle_nn::Linear::new(weight, None).forward(&x).unwrap();
-        assert!(max_difference(&without, &expected) < 1e-5, "{shape:?} without bias");
+        assert!(max_abs_difference(&without, &expected) < 1e-5, "{shape:?} without bias");
     }
 }

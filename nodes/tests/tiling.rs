@@ -4,6 +4,10 @@
 use candle_core::{Device, Result, Tensor};
 use easel_nodes::tiling::{tiled_scale, Tiling};
 
+mod common;
+
+use common::max_abs_difference;
+
 /// Doubles each side by nearest-neighbour repetition and scales the values: the same whether
 /// applied to a tile or to the whole.
 fn double(tile: &Tensor) -> Result<Tensor> {
@@ -24,16 +28,7 @@ fn tiles_blend_back_to_the_whole_result() {
         };
         let tiled = tiled_scale(&input, &mut double, tiling, 3).unwrap();
         assert_eq!(tiled.dims(), whole.dims());
-        let worst = (&tiled - &whole)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let worst = max_abs_difference(&tiled, &whole);
         assert!(worst < 1e-5, "{tile_height}×{tile_width}/{overlap}: {worst}");
     }
 }

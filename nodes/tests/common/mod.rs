@@ -1,4 +1,4 @@
-//! Helpers shared by the node tests: reading the reference fixtures.
+//! Helpers shared by the node tests: reading the reference fixtures, comparing tensors.
 #![allow(dead_code)]
 
 use base64::Engine;
@@ -29,4 +29,14 @@ pub fn f32_values(spec: &Json) -> Vec<f32> {
         .chunks(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
+}
+
+/// The largest absolute elementwise difference of two tensors of the same shape.
+pub fn max_abs_difference(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("tensors of the same shape")
 }
