@@ -184,3 +184,19 @@ fn gemm_linear_matches_candle() {
         assert!(max_abs_difference(&without, &expected) < 1e-5, "{shape:?} without bias");
     }
 }
+
+#[test]
+fn geglu_matches_candle_gelu() {
+    let device = Device::Cpu;
+    let projected = (Tensor::randn(0f32, 1.0, (3, 7, 2 * 40), &device).unwrap() * 3.0).unwrap();
+    let values = projected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let ours = Tensor::from_vec(
+        easel_nodes::models::cpu_kernels::geglu(&values, 40),
+        (3, 7, 40),
+        &device,
+    )
+    .unwrap();
+    let expected =
+        (projected.narrow(2, 0, 40).unwrap() * projected.narrow(2, 40, 40).unwrap().gelu_erf().unwrap()).unwrap();
+    assert!(max_abs_difference(&ours, &expected) < 1e-5);
+}

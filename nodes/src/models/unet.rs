@@ -14,6 +14,7 @@ use candle_nn::{GroupNorm, LayerNorm, VarBuilder};
 
 use super::attention::attention;
 use super::conv::Conv2d;
+use super::cpu_kernels::{self, with_cpu_f32};
 use super::linear::{linear, linear_no_bias, Linear};
 use super::weights::TensorShapes;
 use super::DetectError;
@@ -580,7 +581,16 @@ impl TransformerBlock {
         let x = (x + cross)?;
         let projected = self.geglu.forward(&self.norm3.forward(&x)?)?;
         let half = projected.dim(D::Minus1)? / 2;
-        let gated = (projected.narrow(D::Minus1, 0, half)? * projected.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        let gated = match with_cpu_f32([&projected], |[values]| cpu_kernels::geglu(values, half))? {
+            Some(values) => {
+                let mut shape = projected.dims().to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = half;
+                }
+                Tensor::from_vec(values, shape, projected.device())?
+            }
+            None => (projected.narrow(D::Minus1, 0, half)? * projected.narrow(D::Minus1, half, half)?.gelu_erf()?)?,
+        };
         self.ff_out.forward(&gated)? + x
     }
 }
