@@ -104,7 +104,9 @@ pub(super) fn er_sde(run: &mut Run, mut x: Tensor) -> Result<Tensor> {
             let r = scaler(lambda_t) / scaler(lambda_s);
             x = combine(r_alpha * r, &x, alpha_t * (1.0 - r), &denoised)?;
             if stage >= 2 {
-                let old = old_denoised.as_ref().expect("stage 2 follows a step");
+                let old = old_denoised
+                    .as_ref()
+                    .ok_or_else(|| candle_core::Error::Msg("er_sde: stage 2 without a previous step".into()))?;
                 let dt = lambda_t - lambda_s;
                 let step_size = -dt / POINTS as f32;
                 let positions: Vec<f32> = (0..POINTS).map(|p| lambda_t + p as f32 * step_size).collect();
@@ -113,7 +115,9 @@ pub(super) fn er_sde(run: &mut Run, mut x: Tensor) -> Result<Tensor> {
                 let denoised_d = ((&denoised - old)? / f64::from(lambda_s - er_lambdas[i - 1]))?;
                 x = (x + (&denoised_d * f64::from(alpha_t * (dt + s * scaler(lambda_t))))?)?;
                 if stage >= 3 {
-                    let old_d = old_denoised_d.as_ref().expect("stage 3 follows stage 2");
+                    let old_d = old_denoised_d
+                        .as_ref()
+                        .ok_or_else(|| candle_core::Error::Msg("er_sde: stage 3 without stage 2".into()))?;
                     let s_u: f64 = positions
                         .iter()
                         .map(|p| f64::from(p - lambda_s) / f64::from(scaler(*p)))
