@@ -293,7 +293,7 @@ fn step(x: &Tensor, d: &Tensor, dt: f32) -> Result<Tensor> {
 
 /// `a·x + b·y` with scalar coefficients.
 fn combine(a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
-    (x * f64::from(a))? + (y * f64::from(b))?
+    weighted_sum(&[(f64::from(a), x), (f64::from(b), y)])
 }
 
 /// `get_ancestral_step(σ_from, σ_to, η)`: (σ_down, σ_up).
