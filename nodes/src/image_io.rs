@@ -247,33 +247,48 @@ pub fn view_channel(bytes: &[u8], channel: &str) -> Result<Vec<u8>, NodeError> {
     }
 }
 
-/// `/view?preview=jpeg;Q` or `webp`: the image re-encoded (JPEG at quality Q, or lossless WebP),
-/// with its MIME type. `rgb_only` drops alpha first.
+/// `/view?preview=jpeg;Q` or `webp;Q`: the image re-encoded at quality Q as PIL does it (JPEG, or
+/// lossy WebP keeping any alpha losslessly), with its MIME type. `rgb_only` drops alpha first.
 pub fn view_preview(
     bytes: &[u8],
-    jpeg_quality: Option<u8>,
+    format: PreviewFormat,
+    quality: u8,
     rgb_only: bool,
 ) -> Result<(Vec<u8>, &'static str), NodeError> {
     let image = decode(bytes)?;
-    let mut out = Vec::new();
-    let encode_error = |e: image::ImageError| NodeError::new(format!("cannot encode the preview: {e}"));
-    match jpeg_quality {
-        Some(quality) => {
+    let (width, height) = (image.width(), image.height());
+    let keep_alpha = !rgb_only && image.color().has_alpha();
+    match format {
+        PreviewFormat::Jpeg => {
+            let mut out = Vec::new();
             let rgb = DynamicImage::ImageRgb8(image.to_rgb8());
             let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100));
-            rgb.write_with_encoder(encoder).map_err(encode_error)?;
+            rgb.write_with_encoder(encoder)
+                .map_err(|e| NodeError::new(format!("cannot encode the preview: {e}")))?;
             Ok((out, "image/jpeg"))
         }
-        None => {
-            let image = if rgb_only {
-                DynamicImage::ImageRgb8(image.to_rgb8())
+        PreviewFormat::WebP => {
+            let pixels = if keep_alpha {
+                image.to_rgba8().into_raw()
             } else {
-                DynamicImage::ImageRgba8(image.to_rgba8())
+                image.to_rgb8().into_raw()
             };
-            image
-                .write_with_encoder(image::codecs::webp::WebPEncoder::new_lossless(&mut out))
-                .map_err(encode_error)?;
-            Ok((out, "image/webp"))
+            let encoder = if keep_alpha {
+                webp::Encoder::from_rgba(&pixels, width, height)
+            } else {
+                webp::Encoder::from_rgb(&pixels, width, height)
+            };
+            let encoded = encoder
+                .encode_simple(false, f32::from(quality.min(100)))
+                .map_err(|e| NodeError::new(format!("cannot encode the preview: {e:?}")))?;
+            Ok((encoded.to_vec(), "image/webp"))
         }
     }
+}
+
+/// The formats `/view?preview=` converts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreviewFormat {
+    Jpeg,
+    WebP,
 }

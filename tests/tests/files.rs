@@ -142,6 +142,36 @@ fn view_serves_previews_channels_and_only_media_inline() {
     assert_eq!(image::load_from_memory(&bytes).unwrap().width(), 5);
     let (_, content_type, _) = server.api.get("/view?filename=pic.png&preview=png");
     assert_eq!(content_type, "image/webp");
+
+    // WebP previews are lossy (a `VP8 ` chunk) at the quality asked for, and keep alpha as PIL does.
+    let (_, content_type, bytes) = server.api.get("/view?filename=pic.png&preview=webp;50");
+    assert_eq!(content_type, "image/webp");
+    assert!(bytes.windows(4).any(|w| w == b"VP8 ") && !bytes.windows(4).any(|w| w == b"VP8L"));
+    assert_eq!(
+        image::load_from_memory(&bytes).unwrap().to_rgba8().get_pixel(2, 2).0[3],
+        40
+    );
+    let noise: Vec<u8> = (0u32..64 * 64 * 3)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let mut noisy = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_raw(64, 64, noise)
+        .unwrap()
+        .write_to(&mut noisy, image::ImageFormat::Png)
+        .unwrap();
+    upload(
+        &server,
+        "/upload/image",
+        form("noise.png", &noisy.into_inner(), &[("type", "output")]),
+    );
+    let size = |quality: u8| {
+        server
+            .api
+            .get(&format!("/view?filename=noise.png&preview=webp;{quality}"))
+            .2
+            .len()
+    };
+    assert!(size(10) < size(95), "quality must change the encoding");
     let (_, content_type, bytes) = server.api.get("/view?filename=pic.png&channel=a");
     assert_eq!(content_type, "image/png");
     assert_eq!(

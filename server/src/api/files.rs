@@ -12,7 +12,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use easel_nodes::image_io::{replace_alpha, view_channel, view_preview};
+use easel_nodes::image_io::{replace_alpha, view_channel, view_preview, PreviewFormat};
 use easel_nodes::paths::{safe_relative, split_annotation, Paths};
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
@@ -126,9 +126,13 @@ async fn view(
             .unwrap_or(90);
         // ComfyUI forces WebP only when a `channel` parameter asks for alpha.
         let asks_alpha = query.get("channel").is_some_and(|c| c.contains('a'));
-        let jpeg = format == "jpeg" && !asks_alpha;
+        let format = if format == "jpeg" && !asks_alpha {
+            PreviewFormat::Jpeg
+        } else {
+            PreviewFormat::WebP
+        };
         let (bytes, media) =
-            view_preview(&bytes, jpeg.then_some(quality), channel == "rgb").map_err(|_| ApiError::BadRequest)?;
+            view_preview(&bytes, format, quality, channel == "rgb").map_err(|_| ApiError::BadRequest)?;
         return Ok(file_response(bytes, media, filename, true));
     }
     if channel == "rgb" || channel == "a" {
