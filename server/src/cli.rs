@@ -128,12 +128,21 @@ pub struct ExecutionArgs {
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Addresses to listen on, comma-separated (bare flag: every IPv4 and IPv6 address).
+    #[arg(long, value_name = "IP[,IP...]", default_value = "127.0.0.1", num_args = 0..=1, default_missing_value = "0.0.0.0,::")]
     pub listen: String,
     /// Port to listen on.
     #[arg(long, default_value_t = 8188)]
     pub port: u16,
+    /// Serve HTTPS and WSS with this PEM private key (needs --tls-certfile).
+    #[arg(long, value_name = "FILE", requires = "tls_certfile")]
+    pub tls_keyfile: Option<PathBuf>,
+    /// The PEM certificate chain for --tls-keyfile.
+    #[arg(long, value_name = "FILE", requires = "tls_keyfile")]
+    pub tls_certfile: Option<PathBuf>,
+    /// Keep user data per user, chosen by the `comfy-user` request header.
+    #[arg(long)]
+    pub multi_user: bool,
     /// Where queued prompts and history are kept: `sqlite:///path/to/file.db` or a path
     /// (default: <user directory>/easel.db).
     #[arg(long, value_name = "URL")]

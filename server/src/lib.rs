@@ -2,7 +2,7 @@
 //!
 //! - [`cli`]: arguments; [`setup`]: directories, services, cache mode; [`run`]: `easel run`;
 //! - [`bench`]: `easel bench server`;
-//! - [`serve`]: `easel serve`; [`api`]: the HTTP routes; [`ws`]: the WebSocket;
+//! - [`serve`]: `easel serve`; [`listen`]: its sockets, plain or TLS; [`api`]: the HTTP routes; [`ws`]: the WebSocket;
 //! - [`state`]: what the routes share; [`queue`]: prompts waiting; [`store`]: queue and history on disk;
 //! - [`worker`]: executes queued prompts; [`hub`]: delivers messages to WebSocket clients;
 //! - [`security`]: API keys, the origin check and CORS; [`url`]: percent-decoding;
@@ -12,6 +12,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod hub;
+pub mod listen;
 pub mod logs;
 pub mod queue;
 pub mod run;

@@ -2,6 +2,7 @@
 
 use crate::api::router;
 use crate::cli::ServeArgs;
+use crate::listen::{self, Incoming};
 use crate::setup;
 use crate::state::{AppState, ServerSettings};
 use crate::store::Store;
@@ -43,26 +44,30 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let store = Store::open(&database, args.history_size)
         .with_context(|| format!("cannot open the database {}", database.display()))?;
     let settings = settings(&args)?;
-    let loopback = args
-        .listen
-        .parse::<std::net::IpAddr>()
-        .map_or(args.listen == "localhost", |ip| ip.is_loopback());
+    let addresses = listen::addresses(&args.listen, args.port)?;
+    let loopback = addresses.iter().all(|address| address.ip().is_loopback());
     if !loopback && settings.api_keys.is_empty() && !args.allow_unauthenticated {
         anyhow::bail!(
             "refusing to listen on {} without an API key: pass --api-key KEY, or --allow-unauthenticated",
             args.listen
         );
     }
+    let tls = match (&args.tls_keyfile, &args.tls_certfile) {
+        (Some(key), Some(cert)) => Some(listen::tls_acceptor(key, cert)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let state = AppState::start(runtime, settings, store)?;
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     tokio.block_on(async move {
-        let address = format!("{}:{}", args.listen, args.port);
-        let listener = tokio::net::TcpListener::bind(&address).await?;
+        let incoming = Incoming::bind(&addresses, tls)?;
         if !args.dont_print_server {
             tracing::info!("Starting server");
-            tracing::info!("To see the GUI go to: http://{address}");
+            for address in incoming.local_addrs() {
+                tracing::info!("To see the GUI go to: {scheme}://{address}");
+            }
         }
-        axum::serve(listener, router(state))
+        axum::serve(incoming, router(state))
             .with_graceful_shutdown(async {
                 // Without a signal handler there is nothing to wait for: serve until killed.
                 if tokio::signal::ctrl_c().await.is_err() {
