@@ -6,6 +6,7 @@
 //! - [`state`]: what the routes share; [`queue`]: prompts waiting; [`store`]: queue and history on disk;
 //! - [`worker`]: executes queued prompts; [`hub`]: delivers messages to WebSocket clients;
 //! - [`security`]: API keys, the origin check and CORS; [`url`]: percent-decoding;
+//! - [`users`]: whose user data a request reads and writes (`--multi-user`);
 //! - [`logs`]: the log lines the frontend's log panel shows.
 
 pub mod api;
@@ -22,5 +23,6 @@ pub mod setup;
 pub mod state;
 pub mod store;
 pub mod url;
+pub mod users;
 pub mod worker;
 pub mod ws;

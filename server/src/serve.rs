@@ -27,6 +27,7 @@ fn settings(args: &ServeArgs) -> anyhow::Result<ServerSettings> {
         cors_origin: args.enable_cors_header.clone(),
         compress_responses: args.enable_compress_response_body,
         front_end_root: args.front_end_root.clone(),
+        multi_user: args.multi_user,
         ..Default::default()
     };
     if let Some(megabytes) = args.max_upload_size {

@@ -4,7 +4,9 @@ use crate::hub::{message, Hub, Outgoing};
 use crate::queue::{PromptQueue, QueueItem};
 use crate::setup::Runtime;
 use crate::store::{Store, StoreError};
+use crate::users::Users;
 use easel_engine::Interrupt;
+use easel_nodes::paths::Paths;
 use serde_json::{json, Value as Json};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,8 @@ pub struct ServerSettings {
     pub compress_responses: bool,
     /// `--front-end-root`: a built frontend to serve.
     pub front_end_root: Option<std::path::PathBuf>,
+    /// `--multi-user`: the `comfy-user` header picks whose user data a request reads and writes.
+    pub multi_user: bool,
 }
 
 impl Default for ServerSettings {
@@ -35,6 +39,7 @@ impl Default for ServerSettings {
             cors_origin: None,
             compress_responses: false,
             front_end_root: None,
+            multi_user: false,
         }
     }
 }
@@ -45,6 +50,8 @@ pub struct Shared {
     pub queue: PromptQueue,
     pub store: Store,
     pub hub: Arc<Hub>,
+    /// Who may use the user-data routes.
+    pub users: Users,
     pub interrupt: Interrupt,
     /// The node the running prompt is executing (for a client that reconnects mid-prompt).
     pub executing: Mutex<Option<String>>,
@@ -94,6 +101,8 @@ impl AppState {
                 Err(error) => tracing::error!(%prompt_id, "cannot re-queue a stored prompt: {error}"),
             }
         }
+        let user_directory = runtime.services.get::<Paths>().map(|paths| paths.user.as_path());
+        let users = Users::load(user_directory, settings.multi_user);
         let hub = Arc::new(Hub::default());
         crate::logs::attach(&hub);
         let shared = Arc::new(Shared {
@@ -102,6 +111,7 @@ impl AppState {
             queue,
             store,
             hub,
+            users,
             interrupt: Interrupt::new(),
             executing: Mutex::new(None),
             free_memory: AtomicBool::new(false),

@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::{agent, start};
+use common::{agent, start, start_with};
+use easel_server::state::ServerSettings;
 use serde_json::{json, Value as Json};
 
 #[test]
@@ -99,6 +100,98 @@ fn user_data_files_are_written_listed_moved_and_deleted() {
     assert_eq!(deleted.status().as_u16(), 204);
     assert_eq!(api.get("/api/userdata/..%2F..%2Fsecret").0, 403);
     assert_eq!(api.get("/api/userdata?dir=..").0, 403);
+}
+
+/// (status, body) of a request acting for `user` through the `comfy-user` header.
+fn as_user(url: &str, user: &str, body: Option<&str>) -> (u16, String) {
+    let mut response = match body {
+        Some(body) => agent().post(url).header("comfy-user", user).send(body),
+        None => agent().get(url).header("comfy-user", user).call(),
+    }
+    .unwrap();
+    (
+        response.status().as_u16(),
+        response.body_mut().read_to_string().unwrap(),
+    )
+}
+
+#[test]
+fn multi_user_keeps_each_users_data_apart() {
+    let server = start_with(ServerSettings {
+        multi_user: true,
+        ..Default::default()
+    });
+    let api = &server.api;
+    assert_eq!(api.get_json("/api/users"), json!({"storage": "server", "users": {}}));
+    let (status, _, bob) = api.post("/api/users", r#"{"username": " bob  o'neil! "}"#);
+    assert_eq!(status, 200);
+    let bob: String = serde_json::from_str(&bob).unwrap();
+    assert!(
+        bob.starts_with("bob-o-neil-_") && bob.len() == "bob-o-neil-_".len() + 36,
+        "{bob}"
+    );
+    let (_, _, ann) = api.post("/api/users", r#"{"username": "ann"}"#);
+    let ann: String = serde_json::from_str(&ann).unwrap();
+    for (name, error) in [
+        ("ann", "Duplicate username."),
+        ("  ", "username not provided"),
+        ("__system", "System User prefix not allowed"),
+    ] {
+        let (status, _, body) = api.post("/api/users", &json!({ "username": name }).to_string());
+        assert_eq!(
+            (status, serde_json::from_str::<Json>(&body).unwrap()),
+            (400, json!({ "error": error }))
+        );
+    }
+    let users = json!({"storage": "server", "users": {bob.clone(): "bob  o'neil!", ann.clone(): "ann"}});
+    assert_eq!(api.get_json("/api/users"), users);
+    let recorded: Json =
+        serde_json::from_slice(&std::fs::read(server.base.path().join("user/users.json")).unwrap()).unwrap();
+    assert_eq!(recorded, users["users"]);
+
+    // Each user reads and writes under their own directory.
+    let file = format!("{}/api/userdata/workflows%2Fa.json", api.url);
+    assert_eq!(
+        as_user(&file, &bob, Some("{}")),
+        (200, "\"workflows/a.json\"".to_string())
+    );
+    assert!(server
+        .base
+        .path()
+        .join("user")
+        .join(&bob)
+        .join("workflows/a.json")
+        .is_file());
+    assert_eq!(as_user(&file, &bob, None), (200, "{}".to_string()));
+    assert_eq!(as_user(&file, &ann, None).0, 404);
+    let settings = format!("{}/api/settings/Comfy.Theme", api.url);
+    assert_eq!(as_user(&settings, &ann, Some("\"dark\"")).0, 200);
+    assert_eq!(as_user(&settings, &ann, None), (200, "\"dark\"".to_string()));
+    assert_eq!(as_user(&settings, &bob, None), (200, "null".to_string()));
+
+    // Unknown users (no header means `default`, which is not a user here) and system ids fail as in
+    // ComfyUI: 500, 401 on settings, 403 on /v2/userdata.
+    assert_eq!(api.get("/api/userdata/workflows%2Fa.json").0, 500);
+    assert_eq!(as_user(&file, "__system", None).0, 500);
+    assert_eq!(as_user(&file, "mallory", Some("{}")).0, 500);
+    assert_eq!(
+        as_user(&settings, "mallory", None),
+        (401, "401: Unauthorized".to_string())
+    );
+    assert_eq!(
+        as_user(&format!("{}/api/v2/userdata", api.url), "mallory", None),
+        (403, "Invalid user specified in request".to_string())
+    );
+    assert!(!server.base.path().join("user/mallory").exists());
+}
+
+#[test]
+fn without_multi_user_the_user_header_is_ignored() {
+    let server = start();
+    let file = format!("{}/api/userdata/notes.txt", server.api.url);
+    assert_eq!(as_user(&file, "bob", Some("hi")).0, 200);
+    assert!(server.base.path().join("user/default/notes.txt").is_file());
+    assert_eq!(as_user(&file, "anyone", None), (200, "hi".to_string()));
 }
 
 #[test]

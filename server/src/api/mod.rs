@@ -106,6 +106,11 @@ pub enum ApiError {
     BadRequest,
     Forbidden,
     NotFound,
+    /// aiohttp's `HTTPUnauthorized`: 401 with its plain-text body.
+    Unauthorized,
+    /// A `comfy-user` that is not a known user: ComfyUI's unhandled `KeyError`, a plain-text 500
+    /// (the settings routes answer 401, `/v2/userdata` 403).
+    UnknownUser,
     /// The store failed: 503 with an error body in ComfyUI's shape.
     Storage(StoreError),
 }
@@ -130,6 +135,13 @@ impl IntoResponse for ApiError {
                 *response.status_mut() = StatusCode::BAD_REQUEST;
                 response
             }
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                "401: Unauthorized",
+            )
+                .into_response(),
+            ApiError::UnknownUser => ApiError::Malformed.into_response(),
             ApiError::BadRequest => StatusCode::BAD_REQUEST.into_response(),
             ApiError::Forbidden => StatusCode::FORBIDDEN.into_response(),
             ApiError::NotFound => StatusCode::NOT_FOUND.into_response(),

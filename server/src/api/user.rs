@@ -1,13 +1,14 @@
 //! What the official frontend reads and writes at start-up: users, user data files, settings,
-//! translations and templates (protocol §1.15–1.17). Easel serves the single user `default`.
+//! translations and templates (protocol §1.15–1.17), for the user [`crate::users`] resolves.
 
 use super::{json_response, paths, ApiError};
 use crate::logs;
 use crate::state::AppState;
 use crate::url::percent_decode;
+use crate::users::UserError;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::Router;
@@ -53,8 +54,16 @@ async fn subscribe_logs(body: Bytes) -> Result<Response, ApiError> {
     Ok(StatusCode::OK.into_response())
 }
 
-fn user_root(state: &AppState) -> Result<PathBuf, ApiError> {
-    Ok(paths(state)?.user.join("default"))
+/// The directory of the user a request acts for (`<user directory>/<id>`).
+fn user_root(state: &AppState, headers: &HeaderMap) -> Result<PathBuf, ApiError> {
+    let header = headers
+        .get("comfy-user")
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+    let user = state.users.resolve(header.as_deref()).map_err(|error| {
+        tracing::warn!("{error}");
+        ApiError::UnknownUser
+    })?;
+    Ok(paths(state)?.user.join(user))
 }
 
 fn text(status: StatusCode, message: &'static str) -> Response {
@@ -100,40 +109,29 @@ fn flag(query: &HashMap<String, String>, name: &str) -> bool {
     query.get(name).is_some_and(|v| v == "true")
 }
 
-async fn users(State(state): State<AppState>) -> Result<Response, ApiError> {
-    Ok(json_response(
-        &json!({"storage": "server", "migrated": user_root(&state)?.is_dir()}),
-    ))
+async fn users(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    Ok(json_response(&match state.users.listing() {
+        Some(users) => json!({"storage": "server", "users": users}),
+        None => json!({"storage": "server", "migrated": user_root(&state, &headers)?.is_dir()}),
+    }))
 }
 
 /// `POST /users {"username"}`: records the user in `users.json` and returns its id.
 async fn create_user(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let request = super::parse_body(&body)?;
-    let username = request["username"].as_str().unwrap_or_default().trim().to_string();
-    let file = paths(&state)?.user.join("users.json");
-    let mut users: Map<String, Json> = std::fs::read(&file)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    if users.values().any(|name| name == username.as_str()) {
-        let mut response = json_response(&json!({"error": "Duplicate username."}));
-        *response.status_mut() = StatusCode::BAD_REQUEST;
-        return Ok(response);
+    let username = request["username"].as_str().ok_or(ApiError::Malformed)?;
+    match state.users.add(username, &paths(&state)?.user) {
+        Ok(id) => Ok(json_response(&json!(id))),
+        Err(error @ (UserError::Duplicate | UserError::NoName | UserError::SystemPrefix)) => {
+            let mut response = json_response(&json!({"error": error.to_string()}));
+            *response.status_mut() = StatusCode::BAD_REQUEST;
+            Ok(response)
+        }
+        Err(error) => {
+            tracing::error!("{error}");
+            Err(ApiError::Malformed)
+        }
     }
-    let slug: String = username
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let id = format!("{slug}_{}", uuid::Uuid::new_v4());
-    users.insert(id.clone(), json!(username));
-    std::fs::write(&file, serde_json::to_vec_pretty(&users).unwrap_or_default()).map_err(|_| ApiError::BadRequest)?;
-    Ok(json_response(&json!(id)))
 }
 
 /// Files under `dir` (recursively or not), relative to `dir`, with forward slashes.
@@ -157,12 +155,13 @@ fn files_under(dir: &std::path::Path, recurse: bool) -> Vec<PathBuf> {
 
 async fn list_userdata(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let Some(dir) = query.get("dir") else {
         return Ok(text(StatusCode::BAD_REQUEST, "Directory not provided"));
     };
-    let root = user_root(&state)?;
+    let root = user_root(&state, &headers)?;
     let Some(dir) = user_path(&root, dir.trim_end_matches('/')) else {
         return Ok(text(StatusCode::FORBIDDEN, "Invalid directory"));
     };
@@ -191,21 +190,28 @@ async fn list_userdata(
 
 async fn list_userdata_v2(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let root = user_root(&state)?;
+    let root = match user_root(&state, &headers) {
+        Err(ApiError::UnknownUser) => return Ok(text(StatusCode::FORBIDDEN, "Invalid user specified in request")),
+        root => root?,
+    };
     if !root.is_dir() {
         return Ok(json_response(&json!([])));
     }
     let start = match query.get("path").filter(|p| !p.is_empty()) {
-        Some(path) => user_path(&root, path).ok_or(ApiError::BadRequest)?,
+        Some(path) => match user_path(&root, path) {
+            Some(start) => start,
+            None => return Ok(text(StatusCode::BAD_REQUEST, "Invalid path requested")),
+        },
         None => root.clone(),
     };
     if !start.exists() {
-        return Err(ApiError::NotFound);
+        return Ok(text(StatusCode::NOT_FOUND, "Requested path not found"));
     }
     if !start.is_dir() {
-        return Err(ApiError::BadRequest);
+        return Ok(text(StatusCode::BAD_REQUEST, "Requested path is not a directory"));
     }
     let mut entries: Vec<(bool, String, Json)> = Vec::new();
     let mut stack = vec![start];
@@ -242,8 +248,12 @@ async fn list_userdata_v2(
     )))
 }
 
-async fn read_file(State(state): State<AppState>, Path(file): Path<String>) -> Result<Response, ApiError> {
-    let root = user_root(&state)?;
+async fn read_file(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(file): Path<String>,
+) -> Result<Response, ApiError> {
+    let root = user_root(&state, &headers)?;
     let path = user_path(&root, &file).ok_or(ApiError::Forbidden)?;
     let bytes = tokio::fs::read(&path).await.map_err(|_| ApiError::NotFound)?;
     let media = match path.extension().and_then(|e| e.to_str()) {
@@ -271,11 +281,12 @@ fn written(root: &std::path::Path, path: &std::path::Path, query: &HashMap<Strin
 
 async fn write_file(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Path(file): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let root = user_root(&state)?;
+    let root = user_root(&state, &headers)?;
     let path = user_path(&root, &file).ok_or(ApiError::Forbidden)?;
     if query.get("overwrite").is_some_and(|o| o == "false") && path.exists() {
         return Ok(text(StatusCode::CONFLICT, "File already exists"));
@@ -287,8 +298,12 @@ async fn write_file(
     Ok(written(&root, &path, &query))
 }
 
-async fn delete_file(State(state): State<AppState>, Path(file): Path<String>) -> Result<Response, ApiError> {
-    let root = user_root(&state)?;
+async fn delete_file(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(file): Path<String>,
+) -> Result<Response, ApiError> {
+    let root = user_root(&state, &headers)?;
     let path = user_path(&root, &file).ok_or(ApiError::Forbidden)?;
     tokio::fs::remove_file(&path).await.map_err(|_| ApiError::NotFound)?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -296,10 +311,11 @@ async fn delete_file(State(state): State<AppState>, Path(file): Path<String>) ->
 
 async fn move_file(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Path((file, dest)): Path<(String, String)>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let root = user_root(&state)?;
+    let root = user_root(&state, &headers)?;
     let source = user_path(&root, &file).ok_or(ApiError::Forbidden)?;
     let target = user_path(&root, &dest).ok_or(ApiError::Forbidden)?;
     if !source.is_file() {
@@ -317,17 +333,24 @@ async fn move_file(
     Ok(written(&root, &target, &query))
 }
 
-fn read_settings(state: &AppState) -> Result<Map<String, Json>, ApiError> {
-    let file = user_root(state)?.join(SETTINGS_FILE);
-    Ok(std::fs::read(file)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default())
+/// The user directory for the settings routes, where an unknown user is 401 (ComfyUI's
+/// `HTTPUnauthorized`).
+fn settings_root(state: &AppState, headers: &HeaderMap) -> Result<PathBuf, ApiError> {
+    user_root(state, headers).map_err(|error| match error {
+        ApiError::UnknownUser => ApiError::Unauthorized,
+        other => other,
+    })
 }
 
-fn write_settings(state: &AppState, settings: &Map<String, Json>) -> Result<(), ApiError> {
-    let root = user_root(state)?;
-    std::fs::create_dir_all(&root).map_err(|_| ApiError::BadRequest)?;
+fn read_settings(root: &std::path::Path) -> Map<String, Json> {
+    std::fs::read(root.join(SETTINGS_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+fn write_settings(root: &std::path::Path, settings: &Map<String, Json>) -> Result<(), ApiError> {
+    std::fs::create_dir_all(root).map_err(|_| ApiError::BadRequest)?;
     let mut text = Vec::new();
     let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
     let mut serializer = serde_json::Serializer::with_formatter(&mut text, formatter);
@@ -335,29 +358,42 @@ fn write_settings(state: &AppState, settings: &Map<String, Json>) -> Result<(), 
     std::fs::write(root.join(SETTINGS_FILE), text).map_err(|_| ApiError::BadRequest)
 }
 
-async fn settings(State(state): State<AppState>) -> Result<Response, ApiError> {
-    Ok(json_response(&Json::Object(read_settings(&state)?)))
+async fn settings(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let root = settings_root(&state, &headers)?;
+    Ok(json_response(&Json::Object(read_settings(&root))))
 }
 
-async fn setting(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    Ok(json_response(read_settings(&state)?.get(&id).unwrap_or(&Json::Null)))
+async fn setting(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let root = settings_root(&state, &headers)?;
+    Ok(json_response(read_settings(&root).get(&id).unwrap_or(&Json::Null)))
 }
 
-async fn merge_settings(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn merge_settings(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let root = settings_root(&state, &headers)?;
     let Json::Object(update) = super::parse_body(&body)? else {
         return Err(ApiError::BadRequest);
     };
-    let mut settings = read_settings(&state)?;
+    let mut settings = read_settings(&root);
     settings.extend(update);
-    write_settings(&state, &settings)?;
+    write_settings(&root, &settings)?;
     Ok(StatusCode::OK.into_response())
 }
 
-async fn set_setting(State(state): State<AppState>, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+async fn set_setting(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let value = super::parse_body(&body)?;
-    let mut settings = read_settings(&state)?;
+    let root = settings_root(&state, &headers)?;
+    let mut settings = read_settings(&root);
     settings.insert(id, value);
-    write_settings(&state, &settings)?;
+    write_settings(&root, &settings)?;
     Ok(StatusCode::OK.into_response())
 }
 
