@@ -59,7 +59,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let state = AppState::start(runtime, settings, store)?;
-    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let tokio = setup::server_runtime()?;
     tokio.block_on(async move {
         let incoming = Incoming::bind(&addresses, tls)?;
         if !args.dont_print_server {

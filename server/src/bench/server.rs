@@ -4,6 +4,7 @@
 
 use crate::api::router;
 use crate::cli::{BenchArgs, ExecutionArgs};
+use crate::listen::Incoming;
 use crate::setup;
 use crate::state::{AppState, ServerSettings};
 use crate::store::Store;
@@ -16,6 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value as Json};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
@@ -27,11 +29,11 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let state = AppState::start(runtime, ServerSettings::default(), store)?;
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || -> anyhow::Result<()> {
-        let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let tokio = setup::server_runtime()?;
         tokio.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            sender.send(listener.local_addr()?)?;
-            axum::serve(listener, router(state)).await?;
+            let incoming = Incoming::bind(&[SocketAddr::from(([127, 0, 0, 1], 0))], None)?;
+            sender.send(axum::serve::Listener::local_addr(&incoming)?)?;
+            axum::serve(incoming, router(state)).await?;
             Ok(())
         })
     });
