@@ -13,6 +13,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -149,21 +150,63 @@ impl SafetensorsFile {
     }
 }
 
-/// f16 or bf16 file data widened to f32 on all threads (the bulk of loading a checkpoint);
-/// `None` for other dtypes.
+/// f16 or bf16 file data widened to f32 on all threads (the bulk of loading a checkpoint), with
+/// the `half` crate's vectorised slice conversion (F16C for f16); `None` for other dtypes.
 fn widen_to_f32(bytes: &[u8], dtype: FileDtype) -> Option<Vec<f32>> {
-    let widen: fn([u8; 2]) -> f32 = match dtype {
-        FileDtype::F16 => |pair| f16::from_le_bytes(pair).to_f32(),
-        FileDtype::BF16 => |pair| bf16::from_le_bytes(pair).to_f32(),
+    /// Values per parallel task: large enough to amortise scheduling, small enough to share out.
+    const CHUNK: usize = 1 << 16;
+    let mut values = vec![0f32; bytes.len() / 2];
+    match dtype {
+        FileDtype::F16 => widen_halves::<f16>(bytes, &mut values, CHUNK),
+        FileDtype::BF16 => widen_halves::<bf16>(bytes, &mut values, CHUNK),
         _ => return None,
-    };
-    Some(
-        bytes
-            .par_chunks_exact(2)
-            .with_min_len(1 << 16)
-            .map(|pair| widen([pair[0], pair[1]]))
-            .collect(),
-    )
+    }
+    Some(values)
+}
+
+/// Fills `values` from the little-endian 16-bit floats in `bytes`, `chunk` values per task.
+fn widen_halves<H: HalfFloat>(bytes: &[u8], values: &mut [f32], chunk: usize) {
+    // SAFETY: `H` is a plain 16-bit value for which every bit pattern is valid.
+    let (prefix, halves, _) = unsafe { bytes.align_to::<H>() };
+    if prefix.is_empty() && cfg!(target_endian = "little") {
+        values
+            .par_chunks_mut(chunk)
+            .zip(halves.par_chunks(chunk))
+            .for_each(|(out, input)| H::widen(input, out));
+    } else {
+        values
+            .par_chunks_mut(chunk)
+            .zip(bytes.par_chunks(2 * chunk))
+            .for_each(|(out, input)| {
+                for (value, pair) in out.iter_mut().zip(input.chunks_exact(2)) {
+                    *value = H::from_le_bytes([pair[0], pair[1]]);
+                }
+            });
+    }
+}
+
+/// f16 and bf16, widened in bulk.
+trait HalfFloat: Copy + Send + Sync {
+    fn widen(input: &[Self], out: &mut [f32]);
+    fn from_le_bytes(bytes: [u8; 2]) -> f32;
+}
+
+impl HalfFloat for f16 {
+    fn widen(input: &[Self], out: &mut [f32]) {
+        input.convert_to_f32_slice(out);
+    }
+    fn from_le_bytes(bytes: [u8; 2]) -> f32 {
+        f16::from_le_bytes(bytes).to_f32()
+    }
+}
+
+impl HalfFloat for bf16 {
+    fn widen(input: &[Self], out: &mut [f32]) {
+        input.convert_to_f32_slice(out);
+    }
+    fn from_le_bytes(bytes: [u8; 2]) -> f32 {
+        bf16::from_le_bytes(bytes).to_f32()
+    }
 }
 
 fn entries(metadata: &Metadata, data_start: usize) -> HashMap<String, TensorEntry> {
