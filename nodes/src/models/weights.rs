@@ -300,4 +300,29 @@ mod tests {
         assert_eq!(f8_e5m2_to_f16(0x3c).to_f32(), 1.0);
         assert_eq!(f8_e5m2_to_f16(0xc0).to_f32(), -2.0);
     }
+
+    #[test]
+    fn half_floats_widen_exactly_at_any_alignment() {
+        let bytes: Vec<u8> = (0..2001u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for dtype in [FileDtype::F16, FileDtype::BF16] {
+            let scalar = |pair: &[u8]| match dtype {
+                FileDtype::F16 => f16::from_le_bytes([pair[0], pair[1]]).to_f32(),
+                _ => bf16::from_le_bytes([pair[0], pair[1]]).to_f32(),
+            };
+            // Offsets 0 and 1 take the aligned (vectorised) and the unaligned path; chunks of 7
+            // values leave a partial chunk.
+            for offset in [0, 1] {
+                let slice = &bytes[offset..offset + 2000];
+                let expected: Vec<f32> = slice.chunks_exact(2).map(scalar).collect();
+                let mut widened = vec![0f32; 1000];
+                match dtype {
+                    FileDtype::F16 => widen_halves::<f16>(slice, &mut widened, 7),
+                    _ => widen_halves::<bf16>(slice, &mut widened, 7),
+                }
+                assert_eq!(bits(&widened), bits(&expected));
+                assert_eq!(widen_to_f32(slice, dtype).as_deref().map(bits), Some(bits(&expected)));
+            }
+        }
+    }
 }
