@@ -79,6 +79,10 @@ fn gemm_convolution_matches_candle() {
         (1, 4, 4, 3, 3, 3, 1, 1),
         (1, 3, 5, 7, 9, 3, 1, 0),
         (1, 3, 5, 6, 6, 5, 1, 2),
+        // Deeper than one packed block (C·k·k > 256) and wider than one (> 2048 output pixels
+        // per chunk): packing starts mid-row of the unfolded input.
+        (1, 32, 8, 40, 300, 3, 1, 1),
+        (1, 30, 4, 60, 181, 3, 2, 1),
     ];
     for (batch, in_channels, out_channels, height, width, kernel, stride, padding) in cases {
         let weight = Tensor::randn(0f32, 0.2, (out_channels, in_channels, kernel, kernel), &device).unwrap();

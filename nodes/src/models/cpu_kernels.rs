@@ -1,15 +1,15 @@
 //! CPU kernels for the two operations that dominate diffusion models, on contiguous f32 data:
-//! 2-D convolution as im2col + GEMM (in column chunks, so the unfolded input stays small) and
+//! 2-D convolution as GEMM over the unfolded (im2col) input, read in place while it is packed, and
 //! attention fused per block of queries (scores, softmax and weighted sum while the scores are
-//! still in cache). Both call the `gemm` crate — candle's own GEMM — directly; callers fall back
-//! to candle's operations on other devices and dtypes.
+//! still in cache). Both run on [`super::sgemm`]; callers fall back to candle's operations on
+//! other devices and dtypes.
 
 use candle_core::{DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 use std::cell::RefCell;
 
-use super::sgemm::{gemm_into, with_scratch, View};
+use super::sgemm::{gemm_from, gemm_into, with_scratch, RhsSource, View};
 
 thread_local! {
     /// Each thread's buffer for an unfolded convolution input or a block of attention scores.
@@ -67,7 +67,8 @@ impl ConvShape {
     }
 }
 
-/// Upper bound on the unfolded input of one GEMM call.
+/// Upper bound on the unfolded input of one GEMM call: it sizes the column chunks (and the copy
+/// written out where the GEMM cannot read it in place, without AVX-512).
 const UNFOLDED_BYTES: usize = 32 << 20;
 
 /// Convolution of `input` [B, C, H, W] with `weight` [O, C·k·k] and `bias` [O]: returns
@@ -122,13 +123,13 @@ pub fn conv2d(input: &[f32], weight: &[f32], bias: Option<&[f32]>, shape: ConvSh
                 gemm_into(&mut result, columns, weights, pixels, 1.0, bias.is_some());
                 return result;
             }
-            with_scratch(&SCRATCH, depth * columns, |unfolded| {
-                for (index, row) in unfolded.chunks_mut(columns).enumerate() {
-                    unfold_row(row, image, shape, index, first_row);
-                }
-                let unfolded = View::row_major(unfolded, depth, columns);
-                gemm_into(&mut result, columns, weights, unfolded, 1.0, bias.is_some());
-            });
+            let unfolded = UnfoldedInput {
+                image,
+                shape,
+                first_row,
+                columns,
+            };
+            gemm_from(&mut result, columns, weights, &unfolded, 1.0, bias.is_some());
             result
         })
         .collect();
@@ -143,46 +144,76 @@ pub fn conv2d(input: &[f32], weight: &[f32], bias: Option<&[f32]>, shape: ConvSh
     output
 }
 
-/// Row `index` = (channel, ky, kx) of the unfolded input for output rows from `first_row`:
-/// the input pixel each output pixel sees through that kernel tap, 0 in the padding.
-fn unfold_row(row: &mut [f32], image: &[f32], shape: ConvShape, index: usize, first_row: usize) {
-    let ConvShape {
-        height,
-        width,
-        kernel,
-        stride,
-        padding,
-        ..
-    } = shape;
-    let out_width = shape.out_width();
-    let channel = index / (kernel * kernel);
-    let ky = (index / kernel) % kernel;
-    let kx = index % kernel;
-    let source = &image[channel * height * width..(channel + 1) * height * width];
-    for (r, values) in row.chunks_mut(out_width).enumerate() {
-        let iy = ((first_row + r) * stride + ky) as isize - padding as isize;
-        if iy < 0 || iy >= height as isize {
-            values.fill(0.0);
-            continue;
-        }
-        let line = &source[iy as usize * width..(iy as usize + 1) * width];
-        if stride == 1 {
-            // Output x reads input x + kx − padding: one copy between zero margins.
-            let first = padding.saturating_sub(kx).min(out_width);
-            let last = (width + padding).saturating_sub(kx).clamp(first, out_width);
-            values[..first].fill(0.0);
-            let start = first + kx - padding;
-            values[first..last].copy_from_slice(&line[start..start + (last - first)]);
-            values[last..].fill(0.0);
-            continue;
-        }
-        for (ox, value) in values.iter_mut().enumerate() {
-            let ix = (ox * stride + kx) as isize - padding as isize;
-            *value = if ix < 0 || ix >= width as isize {
-                0.0
+/// The unfolded (im2col) input of one image for the output rows from `first_row`, read in place
+/// while the GEMM packs it: row (channel, ky, kx), one column per output pixel, holding the input
+/// pixel that output pixel sees through that kernel tap (0 in the padding).
+struct UnfoldedInput<'a> {
+    image: &'a [f32],
+    shape: ConvShape,
+    first_row: usize,
+    columns: usize,
+}
+
+impl RhsSource for UnfoldedInput<'_> {
+    fn rows(&self) -> usize {
+        self.shape.in_channels * self.shape.kernel * self.shape.kernel
+    }
+
+    fn cols(&self) -> usize {
+        self.columns
+    }
+
+    fn read_row(&self, index: usize, first_column: usize, out: &mut [f32]) {
+        let ConvShape {
+            height,
+            width,
+            kernel,
+            stride,
+            padding,
+            ..
+        } = self.shape;
+        let out_width = self.shape.out_width();
+        let channel = index / (kernel * kernel);
+        let ky = (index / kernel) % kernel;
+        let kx = index % kernel;
+        let source = &self.image[channel * height * width..(channel + 1) * height * width];
+        // Output x reads input x·stride + kx − padding; with stride 1 the valid x are first..last.
+        let first = padding.saturating_sub(kx).min(out_width);
+        let last = (width + padding).saturating_sub(kx).clamp(first, out_width);
+        let mut column = first_column;
+        let mut filled = 0;
+        while filled < out.len() {
+            // One output row at a time: from x0 to the row's end or the segment's.
+            let x0 = column % out_width;
+            let run = (out_width - x0).min(out.len() - filled);
+            let values = &mut out[filled..filled + run];
+            let iy = ((self.first_row + column / out_width) * stride + ky) as isize - padding as isize;
+            if iy < 0 || iy >= height as isize {
+                values.fill(0.0);
             } else {
-                line[ix as usize]
-            };
+                let line = &source[iy as usize * width..(iy as usize + 1) * width];
+                if stride == 1 {
+                    let lo = first.clamp(x0, x0 + run);
+                    let hi = last.clamp(lo, x0 + run);
+                    values[..lo - x0].fill(0.0);
+                    if hi > lo {
+                        let start = lo + kx - padding;
+                        values[lo - x0..hi - x0].copy_from_slice(&line[start..start + (hi - lo)]);
+                    }
+                    values[hi - x0..].fill(0.0);
+                } else {
+                    for (offset, value) in values.iter_mut().enumerate() {
+                        let ix = ((x0 + offset) * stride + kx) as isize - padding as isize;
+                        *value = if ix < 0 || ix >= width as isize {
+                            0.0
+                        } else {
+                            line[ix as usize]
+                        };
+                    }
+                }
+            }
+            filled += run;
+            column += run;
         }
     }
 }

@@ -38,17 +38,47 @@ impl View<'_> {
     }
 }
 
-/// `dst = scale·(lhs·rhs)`, or `dst += scale·(lhs·rhs)` when `accumulate`; `dst` is row-major
-/// with row stride `dst_row_stride`.
-pub fn gemm_into(dst: &mut [f32], dst_row_stride: usize, lhs: View, rhs: View, scale: f32, accumulate: bool) {
-    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
-    assert!(lhs.fits() && rhs.fits() && rhs.rows == k, "matrix views out of bounds");
+/// The right-hand matrix of [`gemm_from`], read a row segment at a time while the GEMM packs
+/// it, so that it need not exist in memory (a convolution's unfolded input).
+pub trait RhsSource {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    /// Writes row `row`, columns `col..col + out.len()`, into `out`.
+    fn read_row(&self, row: usize, col: usize, out: &mut [f32]);
+}
+
+impl RhsSource for View<'_> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn read_row(&self, row: usize, col: usize, out: &mut [f32]) {
+        if self.col_stride == 1 {
+            let start = row * self.row_stride + col;
+            out.copy_from_slice(&self.data[start..start + out.len()]);
+        } else {
+            for (c, value) in out.iter_mut().enumerate() {
+                *value = self.at(row, col + c);
+            }
+        }
+    }
+}
+
+/// Checks the shapes of `dst = lhs·rhs` and handles the empty cases; `true` when there is a
+/// product to compute.
+fn needs_product(dst: &mut [f32], dst_row_stride: usize, lhs: View, rhs: &impl RhsSource, accumulate: bool) -> bool {
+    let (m, n, k) = (lhs.rows, rhs.cols(), lhs.cols);
+    assert!(lhs.fits() && rhs.rows() == k, "matrix views out of bounds");
     assert!(
         m == 0 || n == 0 || (m - 1) * dst_row_stride + n <= dst.len(),
         "destination out of bounds"
     );
     if m == 0 || n == 0 {
-        return;
+        return false;
     }
     if k == 0 {
         if !accumulate {
@@ -56,12 +86,57 @@ pub fn gemm_into(dst: &mut [f32], dst_row_stride: usize, lhs: View, rhs: View, s
                 .take(m)
                 .for_each(|row| row[..n].fill(0.0));
         }
+        return false;
+    }
+    true
+}
+
+/// As [`gemm_into`], with the right-hand matrix read from `rhs` while it is packed. Without
+/// AVX-512 the matrix is first written out whole.
+pub fn gemm_from(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    lhs: View,
+    rhs: &impl RhsSource,
+    scale: f32,
+    accumulate: bool,
+) {
+    if !needs_product(dst, dst_row_stride, lhs, rhs, accumulate) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F; the asserts above bound every access.
+        // SAFETY: the CPU has AVX-512F; `needs_product` checked the shapes.
         unsafe { avx512::gemm(dst, dst_row_stride, lhs, rhs, scale, accumulate) };
+        return;
+    }
+    let (rows, cols) = (rhs.rows(), rhs.cols());
+    let mut matrix = vec![0f32; rows * cols];
+    for (row, values) in matrix.chunks_mut(cols).enumerate() {
+        rhs.read_row(row, 0, values);
+    }
+    gemm_into(
+        dst,
+        dst_row_stride,
+        lhs,
+        View::row_major(&matrix, rows, cols),
+        scale,
+        accumulate,
+    );
+}
+
+/// `dst = scale·(lhs·rhs)`, or `dst += scale·(lhs·rhs)` when `accumulate`; `dst` is row-major
+/// with row stride `dst_row_stride`.
+pub fn gemm_into(dst: &mut [f32], dst_row_stride: usize, lhs: View, rhs: View, scale: f32, accumulate: bool) {
+    assert!(rhs.fits(), "matrix views out of bounds");
+    if !needs_product(dst, dst_row_stride, lhs, &rhs, accumulate) {
+        return;
+    }
+    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; the checks above bound every access.
+        unsafe { avx512::gemm(dst, dst_row_stride, lhs, &rhs, scale, accumulate) };
         return;
     }
     // SAFETY: the asserts above keep every index gemm computes inside the three slices.
@@ -112,7 +187,7 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
-    use super::{with_scratch, View};
+    use super::{with_scratch, RhsSource, View};
 
     /// Register tile: 6 rows of A against 32 columns (two zmm registers) of B.
     const MR: usize = 6;
@@ -123,8 +198,15 @@ mod avx512 {
     const NC: usize = 2048;
 
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn gemm(dst: &mut [f32], ldc: usize, lhs: View, rhs: View, scale: f32, accumulate: bool) {
-        let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
+    pub(super) unsafe fn gemm(
+        dst: &mut [f32],
+        ldc: usize,
+        lhs: View,
+        rhs: &impl RhsSource,
+        scale: f32,
+        accumulate: bool,
+    ) {
+        let (m, n, k) = (lhs.rows, rhs.cols(), lhs.cols);
         let a_len = MC.min(m).div_ceil(MR) * MR * KC.min(k);
         let b_len = NC.min(n).div_ceil(NR) * NR * KC.min(k);
         with_scratch(&PACKED_A, a_len, |packed_a| {
@@ -145,13 +227,13 @@ mod avx512 {
         dst: &mut [f32],
         ldc: usize,
         lhs: View,
-        rhs: View,
+        rhs: &impl RhsSource,
         scale: f32,
         accumulate: bool,
         packed_a: &mut [f32],
         packed_b: &mut [f32],
     ) {
-        let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
+        let (m, n, k) = (lhs.rows, rhs.cols(), lhs.cols);
         let mut tile = [0f32; MR * NR];
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
@@ -188,20 +270,13 @@ mod avx512 {
 
     /// B[pc.., jc..] as column panels of NR: panel-major, then k, then the NR columns
     /// (zero-padded past the edge).
-    fn pack_b(packed: &mut [f32], rhs: View, pc: usize, kc: usize, jc: usize, nc: usize) {
+    fn pack_b(packed: &mut [f32], rhs: &impl RhsSource, pc: usize, kc: usize, jc: usize, nc: usize) {
         for (panel, j0) in (0..nc).step_by(NR).enumerate() {
             let cols = NR.min(nc - j0);
             let base = panel * NR * kc;
             for p in 0..kc {
                 let row = &mut packed[base + p * NR..base + (p + 1) * NR];
-                if rhs.col_stride == 1 {
-                    let start = (pc + p) * rhs.row_stride + jc + j0;
-                    row[..cols].copy_from_slice(&rhs.data[start..start + cols]);
-                } else {
-                    for (c, value) in row[..cols].iter_mut().enumerate() {
-                        *value = rhs.at(pc + p, jc + j0 + c);
-                    }
-                }
+                rhs.read_row(pc + p, jc + j0, &mut row[..cols]);
                 row[cols..].fill(0.0);
             }
         }

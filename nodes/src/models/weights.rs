@@ -303,7 +303,9 @@ mod tests {
 
     #[test]
     fn half_floats_widen_exactly_at_any_alignment() {
-        let bytes: Vec<u8> = (0..2001u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        let bytes: Vec<u8> = (0..2001u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
         let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         for dtype in [FileDtype::F16, FileDtype::BF16] {
             let scalar = |pair: &[u8]| match dtype {
