@@ -7,8 +7,9 @@
 //! - [`worker`]: executes queued prompts; [`hub`]: delivers messages to WebSocket clients;
 //! - [`security`]: API keys, the origin check and CORS; [`url`]: percent-decoding;
 //! - [`users`]: whose user data a request reads and writes (`--multi-user`);
-//! - [`logs`]: the log lines the frontend's log panel shows.
+//! - [`logs`]: the log lines the frontend's log panel shows; [`allocator`]: freed memory kept or returned.
 
+pub mod allocator;
 pub mod api;
 pub mod bench;
 pub mod cli;

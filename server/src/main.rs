@@ -9,11 +9,12 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// Model runs allocate and free activations of hundreds of MB per layer; mimalloc reuses them
-/// where the system allocator unmaps and re-faults them (about a quarter of a VAE decode).
+/// where the system allocator unmaps and re-faults them (see [`easel_server::allocator`]).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    easel_server::allocator::retain_freed_memory();
     let cli = Cli::parse();
     let level = cli.verbose.clone().unwrap_or_else(|| "info".into()).to_lowercase();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into());

@@ -7,6 +7,7 @@ use serde_json::{json, Value as Json};
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// A prompt accepted by `POST /prompt`.
 pub struct QueueItem {
@@ -141,20 +142,24 @@ impl PromptQueue {
         self.available.notify_one();
     }
 
-    /// Waits for the next prompt and marks it running (announcing the queue length, as `put`).
-    pub fn take(&self, announce: impl FnOnce(usize)) -> Arc<QueueItem> {
+    /// Waits up to `timeout` for the next prompt and marks it running (announcing the queue
+    /// length, as `put`); `None` when none came.
+    pub fn take_within(&self, timeout: Duration, announce: impl FnOnce(usize)) -> Option<Arc<QueueItem>> {
+        let deadline = Instant::now() + timeout;
         let mut state = self.state();
         loop {
             if let Some(Pending(item)) = state.pending.pop() {
                 let item = Arc::new(item);
                 state.running = Some(item.clone());
                 announce(state.remaining());
-                return item;
+                return Some(item);
             }
+            let left = deadline.checked_duration_since(Instant::now())?;
             state = self
                 .available
-                .wait(state)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+                .wait_timeout(state, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
         }
     }
 

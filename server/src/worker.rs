@@ -9,19 +9,19 @@ use easel_nodes::model_cache::ModelCache;
 use serde_json::{json, Value as Json};
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// `extra_data` keys that reach the queue but never history.
 const SENSITIVE_EXTRA_DATA_KEYS: [&str; 2] = ["auth_token_comfy_org", "api_key_comfy_org"];
+
+/// How long the idle worker waits for a prompt before it looks at `POST /free` requests again.
+const FREE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 pub fn run(shared: &Shared) {
     let runtime = &shared.runtime;
     let mut executor = Executor::new(runtime.registry.clone(), runtime.services.clone(), runtime.cache_mode);
     loop {
-        let item = shared.queue.take(|remaining| shared.broadcast_status(remaining));
-        if let Err(error) = shared.store.mark_running(&item.prompt_id) {
-            tracing::error!(prompt_id = %item.prompt_id, "cannot record the prompt as running: {error}");
-        }
+        // `POST /free` takes effect before the next prompt, or within a second when idle.
         if shared.unload_models.swap(false, Ordering::SeqCst) {
             if let Some(models) = runtime.services.get::<ModelCache>() {
                 models.clear();
@@ -29,6 +29,16 @@ pub fn run(shared: &Shared) {
         }
         if shared.free_memory.swap(false, Ordering::SeqCst) {
             executor.clear_cache();
+            crate::allocator::release_freed_memory();
+        }
+        let Some(item) = shared
+            .queue
+            .take_within(FREE_CHECK_INTERVAL, |remaining| shared.broadcast_status(remaining))
+        else {
+            continue;
+        };
+        if let Err(error) = shared.store.mark_running(&item.prompt_id) {
+            tracing::error!(prompt_id = %item.prompt_id, "cannot record the prompt as running: {error}");
         }
         shared.interrupt.clear();
         let started = Instant::now();
