@@ -1,6 +1,7 @@
 //! `easel bench TARGET`: measurements printed as tables — the HTTP API under load (`server`)
 //! and Stable Diffusion 1.x compute (`sd15`).
 
+mod cpu_peak;
 mod sd15;
 mod server;
 

@@ -1,6 +1,7 @@
 //! `easel bench sd15`: load time, UNet step time (one classifier-free-guidance step: batch 2)
 //! and VAE decode time for the tiny SD1.x test model and for a full-size SD1.5 checkpoint
-//! (random weights written to a temporary directory: about 2.1 GB), then the peak RSS.
+//! (random weights written to a temporary directory: about 2.1 GB), then the peak RSS and one
+//! core's f32 and bf16 arithmetic peak ([`super::cpu_peak`]).
 //!
 //! The full-size step is the number to compare with PyTorch (`shared/docs/candle.md` §4: f32
 //! 10.2 s per step and 15.8 s per 512² decode on the 2-core reference machine).
@@ -16,6 +17,7 @@ use easel_nodes::models::testmodels::{
 };
 use easel_nodes::models::unet::UNetInput;
 
+use super::cpu_peak;
 use crate::cli::BenchArgs;
 
 pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
@@ -38,6 +40,13 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     if let Some(peak) = peak_rss_bytes() {
         println!("\npeak RSS: {:.2} GiB", peak as f64 / (1u64 << 30) as f64);
     }
+    let shown = |rate: Option<f64>| rate.map_or("not available".to_string(), |r| format!("{r:.0} GFLOP/s"));
+    let (fma, bf16) = cpu_peak::measure();
+    println!(
+        "one core's peak: f32 FMA {}, bf16 dot (AVX512-BF16) {}",
+        shown(fma),
+        shown(bf16)
+    );
     Ok(std::process::ExitCode::SUCCESS)
 }
 
