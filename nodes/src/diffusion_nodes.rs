@@ -560,7 +560,7 @@ fn upscale_latent(latent: &Latent, method: &str, width: usize, height: usize, cr
         channels,
         data,
     };
-    let resized = common_upscale(&image, width.max(1), height.max(1), method, crop, false)?;
+    let resized = common_upscale(&image, width, height, method, crop, false)?;
     let samples = Tensor::from_vec(
         resized.data,
         (batch, resized.height, resized.width, channels),

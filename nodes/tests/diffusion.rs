@@ -233,18 +233,20 @@ fn a_latent_taken_from_a_batch_samples_as_it_did_in_the_batch() {
         .unwrap()[0]
         .clone();
     assert_eq!(upscaled.downcast::<Latent>().unwrap().samples.dims(), &[3, 4, 12, 12]);
-    let by = setup
-        .call(
+    let upscale_by = |scale: f64| {
+        setup.call(
             "LatentUpscaleBy",
             vec![
-                ("samples", batch),
+                ("samples", batch.clone()),
                 ("upscale_method", j(json!("nearest-exact"))),
-                ("scale_by", j(json!(1.5))),
+                ("scale_by", j(json!(scale))),
             ],
         )
-        .unwrap()[0]
-        .clone();
+    };
+    let by = upscale_by(1.5).unwrap()[0].clone();
     assert_eq!(by.downcast::<Latent>().unwrap().samples.dims(), &[3, 4, 12, 12]);
+    // A scale that rounds the size to nothing fails, as torch's interpolate does in ComfyUI.
+    assert!(upscale_by(0.01).is_err());
 }
 
 #[test]
