@@ -2,6 +2,9 @@
 //! running one is re-queued once at the front, and a prompt that kills the server twice is recorded
 //! as failed.
 
+mod common;
+
+use common::free_port;
 use serde_json::{json, Value as Json};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,14 +19,6 @@ impl Drop for Easel {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn agent() -> ureq::Agent {

@@ -1,6 +1,9 @@
 //! `easel serve`'s sockets: HTTPS and WSS with `--tls-keyfile`/`--tls-certfile`, several
 //! `--listen` addresses at once, and a client that never finishes its handshake holding up nobody.
 
+mod common;
+
+use common::free_port;
 use futures_util::StreamExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -18,14 +21,6 @@ impl Drop for Easel {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A self-signed certificate for `localhost`, its PEM files, and a client that trusts it.
