@@ -76,7 +76,9 @@ impl Users {
             }
             _ => DEFAULT_USER,
         };
-        if self.known().contains_key(user) {
+        // An id names one folder inside the user directory, whatever a hand-edited users.json says.
+        let one_folder = !matches!(user, "" | "." | "..") && !user.contains(['/', '\\', '\0']);
+        if one_folder && self.known().contains_key(user) {
             Ok(user.to_string())
         } else {
             Err(UserError::Unknown(user.to_string()))

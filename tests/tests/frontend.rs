@@ -186,6 +186,24 @@ fn multi_user_keeps_each_users_data_apart() {
 }
 
 #[test]
+fn a_user_id_never_leaves_the_user_directory() {
+    let base = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(base.path().join("user")).unwrap();
+    std::fs::write(base.path().join("user/users.json"), r#"{"..": "up", "ok": "ok"}"#).unwrap();
+    let server = common::start_in(
+        base,
+        ServerSettings {
+            multi_user: true,
+            ..Default::default()
+        },
+    );
+    let file = format!("{}/api/userdata/x.json", server.api.url);
+    assert_eq!(as_user(&file, "..", Some("{}")).0, 500);
+    assert_eq!(as_user(&file, "ok", Some("{}")).0, 200);
+    assert!(server.base.path().join("user/ok/x.json").is_file());
+}
+
+#[test]
 fn without_multi_user_the_user_header_is_ignored() {
     let server = start();
     let file = format!("{}/api/userdata/notes.txt", server.api.url);

@@ -37,17 +37,24 @@ pub fn start() -> Server {
 
 /// As [`start`], with these settings (API keys, CORS, limits).
 pub fn start_with(settings: ServerSettings) -> Server {
-    start_custom(settings, None)
+    start_custom(new_base(), settings, None)
+}
+
+/// As [`start_with`], in a base directory the test has prepared.
+pub fn start_in(base: tempfile::TempDir, settings: ServerSettings) -> Server {
+    start_custom(base, settings, None)
 }
 
 /// As [`start`], with another node registry.
 pub fn start_with_registry(registry: NodeRegistry) -> Server {
-    start_custom(ServerSettings::default(), Some(registry))
+    start_custom(new_base(), ServerSettings::default(), Some(registry))
 }
 
-/// As [`start`], also serving `web_root` as the frontend.
-fn start_custom(settings: ServerSettings, registry: Option<NodeRegistry>) -> Server {
-    let base = tempfile::tempdir().expect("temp dir");
+fn new_base() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+fn start_custom(base: tempfile::TempDir, settings: ServerSettings, registry: Option<NodeRegistry>) -> Server {
     let mut args = ExecutionArgs::default();
     args.directories.base_directory = base.path().to_path_buf();
     // A copy of the bundled inputs: uploads must not touch the checkout.
