@@ -2,6 +2,30 @@
 //! or batch fails with a clear error (or, for the VAE, falls back to tiles as ComfyUI does)
 //! instead of the process being killed by an allocation it cannot make.
 
+use std::sync::OnceLock;
+
+/// Gives memory the allocator keeps for reuse back to the system (registered by the binary).
+static RELEASE_RETAINED: OnceLock<fn()> = OnceLock::new();
+
+/// Registers how to give memory the allocator keeps for reuse back to the system, so that a run
+/// that would not fit otherwise counts it as available.
+pub fn set_release_retained(release: fn()) {
+    let _ = RELEASE_RETAINED.set(release);
+}
+
+/// Bytes available for a run that needs `needed`: [`available_bytes`], after giving retained
+/// allocator memory back when `needed` would not fit otherwise.
+pub fn available_for(needed: u64) -> Option<u64> {
+    let available = available_bytes()?;
+    match RELEASE_RETAINED.get() {
+        Some(release) if needed > available => {
+            release();
+            available_bytes()
+        }
+        _ => Some(available),
+    }
+}
+
 /// Bytes the system can still hand out (`MemAvailable`), where the platform says.
 pub fn available_bytes() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -21,7 +45,7 @@ pub struct OutOfMemory {
 
 /// Fails when `needed` bytes exceed what the system has available (passes when unknown).
 pub fn ensure_available(needed: u64, what: impl FnOnce() -> String) -> Result<(), OutOfMemory> {
-    match available_bytes() {
+    match available_for(needed) {
         Some(available) if needed > available => Err(OutOfMemory {
             what: what(),
             needed_gib: needed as f64 / GIB,
@@ -32,3 +56,25 @@ pub fn ensure_available(needed: u64, what: impl FnOnce() -> String) -> Result<()
 }
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static RELEASES: AtomicUsize = AtomicUsize::new(0);
+
+    #[test]
+    fn retained_memory_is_given_back_only_when_a_run_would_not_fit() {
+        set_release_retained(|| {
+            RELEASES.fetch_add(1, Ordering::SeqCst);
+        });
+        if available_bytes().is_none() {
+            return; // No MemAvailable on this platform: nothing is ever refused.
+        }
+        assert!(available_for(0).is_some());
+        assert_eq!(RELEASES.load(Ordering::SeqCst), 0);
+        assert!(ensure_available(u64::MAX, || "everything".into()).is_err());
+        assert_eq!(RELEASES.load(Ordering::SeqCst), 1);
+    }
+}

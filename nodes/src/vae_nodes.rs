@@ -83,7 +83,7 @@ enum Direction {
 fn run_within_memory(vae: &Vae, input: &Tensor, to_pixels: usize, direction: Direction) -> Result<Tensor, NodeError> {
     let (batch, _, height, width) = input.dims4().map_err(tensor_error)?;
     let per_item = vae.working_memory(height * to_pixels, width * to_pixels);
-    let available = memory::available_bytes();
+    let available = memory::available_for(per_item.saturating_mul(batch as u64));
     let run = |part: &Tensor| match direction {
         Direction::Decode => vae.decode(part),
         Direction::Encode => vae.encode(part),
