@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use super::sgemm::{gemm_from, gemm_into, with_scratch, RhsSource, View};
 
 thread_local! {
-    /// Each thread's buffer for an unfolded convolution input or a block of attention scores.
+    /// Each thread's buffer for a block of attention scores.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 

@@ -111,18 +111,24 @@ pub fn gemm_from(
         return;
     }
     let (rows, cols) = (rhs.rows(), rhs.cols());
-    let mut matrix = vec![0f32; rows * cols];
-    for (row, values) in matrix.chunks_mut(cols).enumerate() {
-        rhs.read_row(row, 0, values);
-    }
-    gemm_into(
-        dst,
-        dst_row_stride,
-        lhs,
-        View::row_major(&matrix, rows, cols),
-        scale,
-        accumulate,
-    );
+    with_scratch(&WRITTEN_OUT_RHS, rows * cols, |matrix| {
+        for (row, values) in matrix.chunks_mut(cols).enumerate() {
+            rhs.read_row(row, 0, values);
+        }
+        gemm_into(
+            dst,
+            dst_row_stride,
+            lhs,
+            View::row_major(matrix, rows, cols),
+            scale,
+            accumulate,
+        );
+    });
+}
+
+thread_local! {
+    /// Each thread's buffer for the right-hand matrix [`gemm_from`] writes out without AVX-512.
+    static WRITTEN_OUT_RHS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `dst = scale·(lhs·rhs)`, or `dst += scale·(lhs·rhs)` when `accumulate`; `dst` is row-major
