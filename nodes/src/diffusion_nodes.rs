@@ -20,7 +20,7 @@ use crate::models::embeddings::EmbeddingFolder;
 use crate::models::tokenizer::{tokenize_with_weights, NoEmbeddings};
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
-use crate::models::weights::{var_builder, SafetensorsFile};
+use crate::models::weights::{SafetensorsFile, Weights};
 use crate::models::{detect_checkpoint, SD1_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
 use crate::paths::Paths;
 use crate::resample::{common_upscale, ResizeMethod};
@@ -65,7 +65,7 @@ pub fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(Loade
     let prefix = |p: &str| p.trim_end_matches('.').to_string();
     let unet = UNet::new(
         layout.unet,
-        var_builder(file.clone(), DType::F32, device).pp(prefix(UNET_PREFIX)),
+        Weights::from_file(file.clone(), DType::F32, device).pp(prefix(UNET_PREFIX)),
     )
     .map_err(tensor_error)?;
     let model = Model(Arc::new(DiffusionModel {
@@ -77,7 +77,7 @@ pub fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(Loade
     }));
     let clip = match layout.clip {
         Some(config) => {
-            let vb = var_builder(file.clone(), DType::F32, device).pp(prefix(SD1_CLIP_PREFIX));
+            let vb = Weights::from_file(file.clone(), DType::F32, device).pp(prefix(SD1_CLIP_PREFIX));
             let encoder = ClipTextEncoder::new(config, vb).map_err(tensor_error)?;
             Some(Clip {
                 encoder: Arc::new(encoder),
@@ -88,7 +88,7 @@ pub fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(Loade
     };
     let vae = match layout.vae {
         Some(config) => {
-            let vb = var_builder(file.clone(), DType::F32, device).pp(prefix(VAE_PREFIX));
+            let vb = Weights::from_file(file.clone(), DType::F32, device).pp(prefix(VAE_PREFIX));
             Some(VaeModel(Arc::new(Vae::new(config, vb).map_err(tensor_error)?)))
         }
         None => None,

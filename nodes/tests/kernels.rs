@@ -92,7 +92,7 @@ fn gemm_convolution_matches_candle() {
             ("bias".to_string(), bias.clone()),
         ]);
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
-        let ours = Conv2d::new(in_channels, out_channels, kernel, stride, padding, vb).unwrap();
+        let ours = Conv2d::new(in_channels, out_channels, kernel, stride, padding, vb.into()).unwrap();
         let config = candle_nn::Conv2dConfig {
             padding,
             stride,
@@ -122,7 +122,7 @@ fn sgemm_matches_the_definition() {
         // b is used transposed: stored [n, k], read as [k, n].
         let lhs = View::row_major(&a, m, k);
         let rhs = View {
-            data: &b,
+            data: b.as_slice().into(),
             rows: k,
             cols: n,
             row_stride: 1,
@@ -135,7 +135,7 @@ fn sgemm_matches_the_definition() {
             })
             .collect();
         let mut dst = vec![1.0f32; m * n];
-        gemm_into(&mut dst, n, lhs, rhs, 0.5, true);
+        gemm_into(&mut dst, n, lhs, &rhs, 0.5, true);
         for (index, (actual, expected)) in dst.iter().zip(&expected).enumerate() {
             let wanted = 1.0 + 0.5 * expected;
             assert!(
@@ -144,13 +144,55 @@ fn sgemm_matches_the_definition() {
             );
         }
         let mut dst = vec![7.0f32; m * n];
-        gemm_into(&mut dst, n, lhs, rhs, 1.0, false);
+        gemm_into(&mut dst, n, lhs, &rhs, 1.0, false);
         assert!(
             dst.iter()
                 .zip(&expected)
                 .all(|(a, e)| (a - e).abs() < 1e-3 * (1.0 + e.abs())),
             "{m}×{n}×{k} overwrite"
         );
+    }
+}
+
+/// Operands in f16 and bf16 (weights read in place from a file) give exactly the products of
+/// their f32 widenings, whichever direction of each is contiguous.
+#[test]
+fn sgemm_on_half_precision_operands_matches_their_f32_copies() {
+    use easel_nodes::models::sgemm::{gemm_into, Elements, View};
+    use half::{bf16, f16};
+    for (m, n, k) in [(7, 33, 5), (13, 70, 257), (100, 2100, 300)] {
+        let a: Vec<f16> = (0..m * k)
+            .map(|i| f16::from_f32(((i * 7919) % 97) as f32 / 31.0 - 1.5))
+            .collect();
+        let b: Vec<bf16> = (0..k * n)
+            .map(|i| bf16::from_f32(((i * 104729) % 89) as f32 / 29.0 - 1.5))
+            .collect();
+        let a32: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
+        let b32: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+        // a is read row-major and column-major ([k, m] stored), b transposed ([n, k] stored).
+        fn view(data: Elements, rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> View {
+            View {
+                data,
+                rows,
+                cols,
+                row_stride,
+                col_stride,
+            }
+        }
+        for (row_stride, col_stride) in [(k, 1), (1, m)] {
+            let product = |lhs: Elements, rhs: Elements| {
+                let mut dst = vec![0f32; m * n];
+                let lhs = view(lhs, m, k, row_stride, col_stride);
+                gemm_into(&mut dst, n, lhs, &view(rhs, k, n, 1, k), 1.0, false);
+                dst.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let widened = product(Elements::F32(&a32), Elements::F32(&b32));
+            assert!(product(Elements::F16(&a), Elements::BF16(&b)) == widened, "{m}×{n}×{k}");
+            assert!(
+                product(Elements::F16(&a), Elements::F32(&b32)) == widened,
+                "{m}×{n}×{k}"
+            );
+        }
     }
 }
 
@@ -174,13 +216,13 @@ fn gemm_linear_matches_candle() {
             &device,
         );
         let x = Tensor::randn(0f32, 1.0, shape.as_slice(), &device).unwrap();
-        let with_bias = linear(in_features, out_features, vb.clone())
+        let with_bias = linear(in_features, out_features, vb.clone().into())
             .unwrap()
             .forward(&x)
             .unwrap();
         let expected = candle_nn::Linear::new(weight.clone(), Some(bias)).forward(&x).unwrap();
         assert!(max_abs_difference(&with_bias, &expected) < 1e-5, "{shape:?}");
-        let without = linear_no_bias(in_features, out_features, vb)
+        let without = linear_no_bias(in_features, out_features, vb.into())
             .unwrap()
             .forward(&x)
             .unwrap();

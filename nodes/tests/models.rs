@@ -11,7 +11,7 @@ use easel_nodes::models::testmodels::{self, Fill};
 use easel_nodes::models::tokenizer::{tokenize_with_weights, NoEmbeddings, TokenItem};
 use easel_nodes::models::unet::{UNet, UNetInput};
 use easel_nodes::models::vae::Vae;
-use easel_nodes::models::weights::{var_builder, SafetensorsFile};
+use easel_nodes::models::weights::{SafetensorsFile, Weights};
 use easel_nodes::models::{
     detect_checkpoint, detect_layout, DetectError, Family, SD1_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
 };
@@ -100,7 +100,7 @@ fn tiny_models_load_and_run_through_the_real_code() {
     let device = Device::Cpu;
     let clip = ClipTextEncoder::new(
         layout.clip.unwrap(),
-        var_builder(file.clone(), DType::F32, &device).pp(SD1_CLIP_PREFIX.trim_end_matches('.')),
+        Weights::from_file(file.clone(), DType::F32, &device).pp(SD1_CLIP_PREFIX.trim_end_matches('.')),
     )
     .unwrap();
     let chunks = tokenize_with_weights("a (red:1.3) cat", &NoEmbeddings);
@@ -110,7 +110,7 @@ fn tiny_models_load_and_run_through_the_real_code() {
 
     let unet = UNet::new(
         layout.unet,
-        var_builder(file.clone(), DType::F32, &device).pp(UNET_PREFIX.trim_end_matches('.')),
+        Weights::from_file(file.clone(), DType::F32, &device).pp(UNET_PREFIX.trim_end_matches('.')),
     )
     .unwrap();
     let x = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &device).unwrap();
@@ -133,7 +133,7 @@ fn tiny_models_load_and_run_through_the_real_code() {
 
     let vae = Vae::new(
         layout.vae.unwrap(),
-        var_builder(file, DType::F32, &device).pp(VAE_PREFIX.trim_end_matches('.')),
+        Weights::from_file(file, DType::F32, &device).pp(VAE_PREFIX.trim_end_matches('.')),
     )
     .unwrap();
     let image = vae

@@ -8,12 +8,12 @@
 //! `empty + (token − empty)·w`.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use candle_nn::LayerNorm;
 
 use super::attention::attention;
 use super::linear::{linear, Linear};
 use super::tokenizer::{TokenItem, WeightedToken, CHUNK_LENGTH, END_TOKEN, START_TOKEN};
-use super::weights::TensorShapes;
+use super::weights::{TensorShapes, WeightMatrix, Weights};
 use super::DetectError;
 
 /// The MLP activation: CLIP-L uses the sigmoid approximation, OpenCLIP exact GELU.
@@ -75,7 +75,7 @@ pub enum OutputLayer {
 
 pub struct ClipTextEncoder {
     config: ClipTextConfig,
-    token_embedding: Embedding,
+    token_embedding: WeightMatrix,
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
@@ -93,17 +93,18 @@ impl ClipTextEncoder {
         self.config.hidden_size
     }
 
-    pub fn new(config: ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(config: ClipTextConfig, vb: Weights) -> Result<Self> {
         let embeddings = vb.pp("embeddings");
-        let token_embedding =
-            candle_nn::embedding(config.vocab_size, config.hidden_size, embeddings.pp("token_embedding"))?;
+        let token_embedding = embeddings
+            .pp("token_embedding")
+            .matrix((config.vocab_size, config.hidden_size), "weight")?;
         let position_embedding = embeddings
             .pp("position_embedding")
             .get((config.max_positions, config.hidden_size), "weight")?;
         let layers = (0..config.layers)
             .map(|layer| EncoderLayer::new(&config, vb.pp(format!("encoder.layers.{layer}"))))
             .collect::<Result<_>>()?;
-        let final_layer_norm = candle_nn::layer_norm(config.hidden_size, 1e-5, vb.pp("final_layer_norm"))?;
+        let final_layer_norm = candle_nn::layer_norm(config.hidden_size, 1e-5, vb.pp("final_layer_norm").into())?;
         Ok(ClipTextEncoder {
             config,
             token_embedding,
@@ -209,7 +210,7 @@ impl ClipTextEncoder {
             .map(|item| match item {
                 TokenItem::Token(token) => {
                     let token = (*token as usize).min(self.config.vocab_size - 1);
-                    self.token_embedding.embeddings().get(token)
+                    self.token_embedding.row(token, device)
                 }
                 TokenItem::Embedding(values) => Tensor::from_vec(values.clone(), self.config.hidden_size, device),
             })
@@ -240,16 +241,16 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(config: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(config: &ClipTextConfig, vb: Weights) -> Result<Self> {
         let hidden = config.hidden_size;
         let attention = vb.pp("self_attn");
         Ok(EncoderLayer {
-            layer_norm1: candle_nn::layer_norm(hidden, 1e-5, vb.pp("layer_norm1"))?,
+            layer_norm1: candle_nn::layer_norm(hidden, 1e-5, vb.pp("layer_norm1").into())?,
             q_proj: linear(hidden, hidden, attention.pp("q_proj"))?,
             k_proj: linear(hidden, hidden, attention.pp("k_proj"))?,
             v_proj: linear(hidden, hidden, attention.pp("v_proj"))?,
             out_proj: linear(hidden, hidden, attention.pp("out_proj"))?,
-            layer_norm2: candle_nn::layer_norm(hidden, 1e-5, vb.pp("layer_norm2"))?,
+            layer_norm2: candle_nn::layer_norm(hidden, 1e-5, vb.pp("layer_norm2").into())?,
             fc1: linear(hidden, config.intermediate_size, vb.pp("mlp.fc1"))?,
             fc2: linear(config.intermediate_size, hidden, vb.pp("mlp.fc2"))?,
             heads: config.heads,

@@ -1,14 +1,16 @@
 //! The 2-D convolution layer of the UNet and the VAE (LDM keys `weight` [O, C, k, k] and
-//! `bias`): run by the GEMM kernel of [`super::cpu_kernels`] on the CPU in f32, by candle
-//! elsewhere. The weights are used in place, never copied.
+//! `bias`): run by the GEMM kernel of [`super::cpu_kernels`] on the CPU in f32, reading the
+//! weights in place ([`WeightMatrix`]); by candle elsewhere.
 
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, VarBuilder};
+use candle_nn::Conv2dConfig;
 
 use super::cpu_kernels::{self, with_cpu_f32, ConvShape};
+use super::weights::{WeightMatrix, Weights};
 
 pub struct Conv2d {
-    inner: candle_nn::Conv2d,
+    weight: WeightMatrix,
+    bias: Tensor,
     kernel: usize,
     stride: usize,
     padding: usize,
@@ -21,15 +23,11 @@ impl Conv2d {
         kernel: usize,
         stride: usize,
         padding: usize,
-        vb: VarBuilder,
+        weights: Weights,
     ) -> Result<Self> {
-        let config = Conv2dConfig {
-            padding,
-            stride,
-            ..Default::default()
-        };
         Ok(Conv2d {
-            inner: candle_nn::conv2d(in_channels, out_channels, kernel, config, vb)?,
+            weight: weights.matrix((out_channels, in_channels, kernel, kernel), "weight")?,
+            bias: weights.get(out_channels, "bias")?,
             kernel,
             stride,
             padding,
@@ -37,44 +35,59 @@ impl Conv2d {
     }
 
     /// A convolution that keeps the size (padding k/2) at stride `stride`.
-    pub fn same(in_channels: usize, out_channels: usize, kernel: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
-        Self::new(in_channels, out_channels, kernel, stride, kernel / 2, vb)
+    pub fn same(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        weights: Weights,
+    ) -> Result<Self> {
+        Self::new(in_channels, out_channels, kernel, stride, kernel / 2, weights)
+    }
+
+    /// candle's convolution, for other devices and dtypes.
+    fn candle_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let config = Conv2dConfig {
+            padding: self.padding,
+            stride: self.stride,
+            ..Default::default()
+        };
+        candle_nn::Conv2d::new(self.weight.tensor()?, Some(self.bias.clone()), config).forward(x)
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, in_channels, height, width) = x.dims4()?;
-        let weight = self.inner.weight();
         let shape = ConvShape {
             batch,
             in_channels,
             height,
             width,
-            out_channels: weight.dim(0)?,
+            out_channels: self.weight.dims()[0],
             kernel: self.kernel,
             stride: self.stride,
             padding: self.padding,
         };
-        if weight.dim(1)? != in_channels
+        if self.weight.dims()[1] != in_channels
             || height + 2 * self.padding < self.kernel
             || width + 2 * self.padding < self.kernel
         {
-            return self.inner.forward(x);
+            return self.candle_forward(x);
         }
-        let values = match self.inner.bias() {
-            Some(bias) => with_cpu_f32([x, weight, bias], |[x, weight, bias]| {
-                cpu_kernels::conv2d(x, weight, Some(bias), shape)
-            })?,
-            None => with_cpu_f32([x, weight], |[x, weight]| cpu_kernels::conv2d(x, weight, None, shape))?,
-        };
+        let values = with_cpu_f32([x, &self.bias], |[x, bias]| {
+            self.weight
+                .with_elements(|weight| cpu_kernels::conv2d(x, weight, bias, shape))
+        })?
+        .transpose()?
+        .flatten();
         match values {
             Some(values) => Tensor::from_vec(
                 values,
                 (batch, shape.out_channels, shape.out_height(), shape.out_width()),
                 &Device::Cpu,
             ),
-            None => self.inner.forward(x),
+            None => self.candle_forward(x),
         }
     }
 }

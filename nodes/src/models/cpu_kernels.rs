@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use std::cell::RefCell;
 
-use super::sgemm::{gemm_from, gemm_into, with_scratch, RhsSource, View};
+use super::sgemm::{gemm_into, with_scratch, Elements, RhsSource, View};
 
 thread_local! {
     /// Each thread's buffer for a block of attention scores.
@@ -73,7 +73,7 @@ const UNFOLDED_BYTES: usize = 32 << 20;
 
 /// Convolution of `input` [B, C, H, W] with `weight` [O, C·k·k] and `bias` [O]: returns
 /// [B, O, H_out, W_out] in row-major order.
-pub fn conv2d(input: &[f32], weight: &[f32], bias: Option<&[f32]>, shape: ConvShape) -> Vec<f32> {
+pub fn conv2d(input: &[f32], weight: Elements, bias: &[f32], shape: ConvShape) -> Vec<f32> {
     let ConvShape {
         batch,
         in_channels,
@@ -89,6 +89,7 @@ pub fn conv2d(input: &[f32], weight: &[f32], bias: Option<&[f32]>, shape: ConvSh
     let depth = in_channels * kernel * kernel;
     assert_eq!(input.len(), batch * in_channels * height * width, "input size");
     assert_eq!(weight.len(), out_channels * depth, "weight size");
+    assert_eq!(bias.len(), out_channels, "bias size");
     let weights = View::row_major(weight, out_channels, depth);
     let pointwise = kernel == 1 && stride == 1 && padding == 0;
     // Chunks of output rows: small enough to bound the unfolded input, and at least two per
@@ -107,20 +108,18 @@ pub fn conv2d(input: &[f32], weight: &[f32], bias: Option<&[f32]>, shape: ConvSh
             let rows = rows_per_chunk.min(out_height - first_row);
             let columns = rows * out_width;
             let mut result = vec![0f32; out_channels * columns];
-            if let Some(bias) = bias {
-                for (values, value) in result.chunks_mut(columns).zip(bias) {
-                    values.fill(*value);
-                }
+            for (values, value) in result.chunks_mut(columns).zip(bias) {
+                values.fill(*value);
             }
             if pointwise {
                 let pixels = View {
-                    data: &image[first_row * out_width..],
+                    data: image[first_row * out_width..].into(),
                     rows: in_channels,
                     cols: columns,
                     row_stride: plane,
                     col_stride: 1,
                 };
-                gemm_into(&mut result, columns, weights, pixels, 1.0, bias.is_some());
+                gemm_into(&mut result, columns, weights, &pixels, 1.0, true);
                 return result;
             }
             let unfolded = UnfoldedInput {
@@ -129,7 +128,7 @@ pub fn conv2d(input: &[f32], weight: &[f32], bias: Option<&[f32]>, shape: ConvSh
                 first_row,
                 columns,
             };
-            gemm_from(&mut result, columns, weights, &unfolded, 1.0, bias.is_some());
+            gemm_into(&mut result, columns, weights, &unfolded, 1.0, true);
             result
         })
         .collect();
@@ -258,7 +257,7 @@ pub fn attention(
         let rows = QUERY_BLOCK.min(query_length - first);
         let out = &mut out[..rows * head_dim];
         let queries = View {
-            data: &q[(head * query_length + first) * head_dim..],
+            data: q[(head * query_length + first) * head_dim..].into(),
             rows,
             cols: head_dim,
             row_stride: head_dim,
@@ -267,14 +266,14 @@ pub fn attention(
         let keys = &k[head * key_length * head_dim..(head + 1) * key_length * head_dim];
         let values = &v[head * key_length * head_dim..(head + 1) * key_length * head_dim];
         let keys_transposed = View {
-            data: keys,
+            data: keys.into(),
             rows: head_dim,
             cols: key_length,
             row_stride: 1,
             col_stride: head_dim,
         };
         with_scratch(&SCRATCH, rows * key_length, |scores| {
-            gemm_into(scores, key_length, queries, keys_transposed, scale, false);
+            gemm_into(scores, key_length, queries, &keys_transposed, scale, false);
             let mut sums = vec![0f32; rows];
             for (r, row) in scores.chunks_mut(key_length).enumerate() {
                 if let Some(mask) = mask {
@@ -286,14 +285,14 @@ pub fn attention(
             // out = P·V is computed as outᵀ = Vᵀ·Pᵀ: the narrow head dimension then fills the
             // GEMM's 6-row side instead of wasting most of a 32-column panel.
             let values_transposed = View {
-                data: values,
+                data: values.into(),
                 rows: head_dim,
                 cols: key_length,
                 row_stride: 1,
                 col_stride: head_dim,
             };
             let probabilities_transposed = View {
-                data: scores,
+                data: (&*scores).into(),
                 rows: key_length,
                 cols: rows,
                 row_stride: 1,
@@ -304,7 +303,7 @@ pub fn attention(
                 &mut transposed,
                 rows,
                 values_transposed,
-                probabilities_transposed,
+                &probabilities_transposed,
                 1.0,
                 false,
             );

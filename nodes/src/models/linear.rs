@@ -1,30 +1,45 @@
 //! The fully connected layer of the UNet and the text encoders (`weight` [out, in], optional
 //! `bias`): x·Wᵀ + b by the GEMM of [`super::sgemm`] on the CPU in f32, split into row blocks
-//! across threads; by candle elsewhere. The weights are used in place.
+//! across threads, reading the weights in place ([`WeightMatrix`]); by candle elsewhere.
 
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::cpu_kernels::with_cpu_f32;
-use super::sgemm::{gemm_into, View};
+use super::sgemm::{gemm_into, Elements, View};
+use super::weights::{WeightMatrix, Weights};
 
-pub struct Linear(candle_nn::Linear);
+pub struct Linear {
+    weight: WeightMatrix,
+    bias: Option<Tensor>,
+}
 
 /// A layer with a bias.
-pub fn linear(in_features: usize, out_features: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear(candle_nn::linear(in_features, out_features, vb)?))
+pub fn linear(in_features: usize, out_features: usize, weights: Weights) -> Result<Linear> {
+    Ok(Linear {
+        weight: weights.matrix((out_features, in_features), "weight")?,
+        bias: Some(weights.get(out_features, "bias")?),
+    })
 }
 
 /// A layer without a bias.
-pub fn linear_no_bias(in_features: usize, out_features: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear(candle_nn::linear_no_bias(in_features, out_features, vb)?))
+pub fn linear_no_bias(in_features: usize, out_features: usize, weights: Weights) -> Result<Linear> {
+    Ok(Linear {
+        weight: weights.matrix((out_features, in_features), "weight")?,
+        bias: None,
+    })
 }
 
 /// Rows per task: enough to keep the GEMM efficient.
 const MIN_ROWS_PER_TASK: usize = 32;
 
-fn forward_rows(x: &[f32], weight: &[f32], bias: Option<&[f32]>, in_features: usize, out_features: usize) -> Vec<f32> {
+fn forward_rows(
+    x: &[f32],
+    weight: Elements,
+    bias: Option<&[f32]>,
+    in_features: usize,
+    out_features: usize,
+) -> Vec<f32> {
     let rows = x.len() / in_features;
     let mut output = vec![0f32; rows * out_features];
     let tasks = 2 * rayon::current_num_threads();
@@ -45,27 +60,40 @@ fn forward_rows(x: &[f32], weight: &[f32], bias: Option<&[f32]>, in_features: us
                 out.chunks_mut(out_features).for_each(|row| row.copy_from_slice(bias));
             }
             let lhs = View::row_major(input, count, in_features);
-            gemm_into(out, out_features, lhs, weight_t, 1.0, bias.is_some());
+            gemm_into(out, out_features, lhs, &weight_t, 1.0, bias.is_some());
         });
     output
 }
 
+impl Linear {
+    /// candle's layer, for other devices and dtypes.
+    fn candle_forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::Linear::new(self.weight.tensor()?, self.bias.clone()).forward(x)
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = self.0.weight();
-        let (out_features, in_features) = weight.dims2()?;
+        let [out_features, in_features] = self.weight.dims() else {
+            return self.candle_forward(x);
+        };
+        let (out_features, in_features) = (*out_features, *in_features);
         let dims = x.dims();
         if dims.last() != Some(&in_features) {
-            return self.0.forward(x);
+            return self.candle_forward(x);
         }
-        let values = match self.0.bias() {
-            Some(bias) => with_cpu_f32([x, weight, bias], |[x, weight, bias]| {
-                forward_rows(x, weight, Some(bias), in_features, out_features)
+        let values = match &self.bias {
+            Some(bias) => with_cpu_f32([x, bias], |[x, bias]| {
+                self.weight
+                    .with_elements(|weight| forward_rows(x, weight, Some(bias), in_features, out_features))
             })?,
-            None => with_cpu_f32([x, weight], |[x, weight]| {
-                forward_rows(x, weight, None, in_features, out_features)
+            None => with_cpu_f32([x], |[x]| {
+                self.weight
+                    .with_elements(|weight| forward_rows(x, weight, None, in_features, out_features))
             })?,
-        };
+        }
+        .transpose()?
+        .flatten();
         match values {
             Some(values) => {
                 let mut shape = dims.to_vec();
@@ -74,7 +102,7 @@ impl Module for Linear {
                 }
                 Tensor::from_vec(values, shape, &Device::Cpu)
             }
-            None => self.0.forward(x),
+            None => self.candle_forward(x),
         }
     }
 }

@@ -1,25 +1,83 @@
 //! Single-precision matrix multiplication for the CPU kernels: a packed AVX-512 kernel
 //! (6×32 register tile, BLIS-style blocking) where the CPU has AVX-512F, the `gemm` crate's
 //! AVX2/portable kernels elsewhere. Single-threaded: callers split the work across threads.
+//!
+//! Operands may hold f16 or bf16 (weights read in place from a model file): they are widened to
+//! f32 while the GEMM packs them, so the arithmetic is the same as on f32 copies.
 
 use std::cell::RefCell;
 use std::thread::LocalKey;
 
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
+/// The elements of a matrix, in the precision they are stored in.
+#[derive(Clone, Copy)]
+pub enum Elements<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+impl<'a> From<&'a [f32]> for Elements<'a> {
+    fn from(values: &'a [f32]) -> Self {
+        Elements::F32(values)
+    }
+}
+
+impl<'a> From<&'a Vec<f32>> for Elements<'a> {
+    fn from(values: &'a Vec<f32>) -> Self {
+        Elements::F32(values)
+    }
+}
+
+impl Elements<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Elements::F32(values) => values.len(),
+            Elements::F16(values) => values.len(),
+            Elements::BF16(values) => values.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `out[i] = self[start + i·stride]` as f32.
+    pub fn read(&self, start: usize, stride: usize, out: &mut [f32]) {
+        match *self {
+            Elements::F32(values) if stride == 1 => out.copy_from_slice(&values[start..start + out.len()]),
+            Elements::F16(values) if stride == 1 => values[start..start + out.len()].convert_to_f32_slice(out),
+            Elements::BF16(values) if stride == 1 => values[start..start + out.len()].convert_to_f32_slice(out),
+            Elements::F32(values) => gather(values, start, stride, out, |value| value),
+            Elements::F16(values) => gather(values, start, stride, out, f16::to_f32),
+            Elements::BF16(values) => gather(values, start, stride, out, bf16::to_f32),
+        }
+    }
+}
+
+fn gather<T: Copy>(values: &[T], start: usize, stride: usize, out: &mut [f32], widen: impl Fn(T) -> f32) {
+    for (i, value) in out.iter_mut().enumerate() {
+        *value = widen(values[start + i * stride]);
+    }
+}
+
 /// A strided matrix inside a slice: element (r, c) is `data[r·row_stride + c·col_stride]`.
 #[derive(Clone, Copy)]
 pub struct View<'a> {
-    pub data: &'a [f32],
+    pub data: Elements<'a>,
     pub rows: usize,
     pub cols: usize,
     pub row_stride: usize,
     pub col_stride: usize,
 }
 
-impl View<'_> {
+impl<'a> View<'a> {
     /// A row-major matrix of `rows × cols` at the start of `data`.
-    pub fn row_major(data: &[f32], rows: usize, cols: usize) -> View<'_> {
+    pub fn row_major(data: impl Into<Elements<'a>>, rows: usize, cols: usize) -> View<'a> {
         View {
-            data,
+            data: data.into(),
             rows,
             cols,
             row_stride: cols,
@@ -33,18 +91,33 @@ impl View<'_> {
             || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < self.data.len()
     }
 
-    fn at(&self, row: usize, col: usize) -> f32 {
-        self.data[row * self.row_stride + col * self.col_stride]
+    /// Writes column `col`, rows `row..row + out.len()`, into `out`.
+    fn read_column(&self, row: usize, col: usize, out: &mut [f32]) {
+        self.data
+            .read(row * self.row_stride + col * self.col_stride, self.row_stride, out)
     }
 }
 
-/// The right-hand matrix of [`gemm_from`], read a row segment at a time while the GEMM packs
-/// it, so that it need not exist in memory (a convolution's unfolded input).
+/// The right-hand matrix of [`gemm_into`], read a block at a time while the GEMM packs it, so
+/// that it need not exist in memory (a convolution's unfolded input).
 pub trait RhsSource {
     fn rows(&self) -> usize;
     fn cols(&self) -> usize;
     /// Writes row `row`, columns `col..col + out.len()`, into `out`.
     fn read_row(&self, row: usize, col: usize, out: &mut [f32]);
+
+    /// Writes rows `row..row + rows`, columns `col..col + cols` into `block`, row p at
+    /// `block[p·width..p·width + cols]`.
+    fn read_block(&self, row: usize, rows: usize, col: usize, cols: usize, block: &mut [f32], width: usize) {
+        for p in 0..rows {
+            self.read_row(row + p, col, &mut block[p * width..p * width + cols]);
+        }
+    }
+
+    /// The matrix in place, where it is f32 data.
+    fn as_f32(&self) -> Option<F32Matrix<'_>> {
+        None
+    }
 }
 
 impl RhsSource for View<'_> {
@@ -57,16 +130,47 @@ impl RhsSource for View<'_> {
     }
 
     fn read_row(&self, row: usize, col: usize, out: &mut [f32]) {
-        if self.col_stride == 1 {
-            let start = row * self.row_stride + col;
-            out.copy_from_slice(&self.data[start..start + out.len()]);
-        } else {
-            for (c, value) in out.iter_mut().enumerate() {
-                *value = self.at(row, col + c);
+        self.data
+            .read(row * self.row_stride + col * self.col_stride, self.col_stride, out)
+    }
+
+    /// Column by column where the columns are contiguous (a transposed matrix), so that the
+    /// reads are sequential.
+    fn read_block(&self, row: usize, rows: usize, col: usize, cols: usize, block: &mut [f32], width: usize) {
+        if self.row_stride != 1 || self.col_stride == 1 {
+            for p in 0..rows {
+                self.read_row(row + p, col, &mut block[p * width..p * width + cols]);
+            }
+            return;
+        }
+        let mut column = [0f32; COLUMN_SEGMENT];
+        for first in (0..rows).step_by(COLUMN_SEGMENT) {
+            let count = COLUMN_SEGMENT.min(rows - first);
+            for c in 0..cols {
+                self.read_column(row + first, col + c, &mut column[..count]);
+                for (p, value) in column[..count].iter().enumerate() {
+                    block[(first + p) * width + c] = *value;
+                }
             }
         }
     }
+
+    fn as_f32(&self) -> Option<F32Matrix<'_>> {
+        match self.data {
+            Elements::F32(data) => Some(F32Matrix {
+                data,
+                rows: self.rows,
+                cols: self.cols,
+                row_stride: self.row_stride,
+                col_stride: self.col_stride,
+            }),
+            _ => None,
+        }
+    }
 }
+
+/// Elements of a column read at once when a transposed operand is packed.
+const COLUMN_SEGMENT: usize = 256;
 
 /// Checks the shapes of `dst = lhs·rhs` and handles the empty cases; `true` when there is a
 /// product to compute.
@@ -91,9 +195,10 @@ fn needs_product(dst: &mut [f32], dst_row_stride: usize, lhs: View, rhs: &impl R
     true
 }
 
-/// As [`gemm_into`], with the right-hand matrix read from `rhs` while it is packed. Without
-/// AVX-512 the matrix is first written out whole.
-pub fn gemm_from(
+/// `dst = scale·(lhs·rhs)`, or `dst += scale·(lhs·rhs)` when `accumulate`; `dst` is row-major
+/// with row stride `dst_row_stride`. The right-hand matrix is read from `rhs` while it is
+/// packed.
+pub fn gemm_into(
     dst: &mut [f32],
     dst_row_stride: usize,
     lhs: View,
@@ -110,47 +215,64 @@ pub fn gemm_from(
         unsafe { avx512::gemm(dst, dst_row_stride, lhs, rhs, scale, accumulate) };
         return;
     }
-    let (rows, cols) = (rhs.rows(), rhs.cols());
-    with_scratch(&WRITTEN_OUT_RHS, rows * cols, |matrix| {
-        for (row, values) in matrix.chunks_mut(cols).enumerate() {
-            rhs.read_row(row, 0, values);
-        }
-        gemm_into(
-            dst,
-            dst_row_stride,
-            lhs,
-            View::row_major(matrix, rows, cols),
-            scale,
-            accumulate,
-        );
+    in_f32(&WRITTEN_OUT_LHS, &lhs, |lhs| {
+        in_f32(&WRITTEN_OUT_RHS, rhs, |rhs| {
+            portable_gemm(dst, dst_row_stride, lhs, rhs, scale, accumulate)
+        })
     });
 }
 
 thread_local! {
-    /// Each thread's buffer for the right-hand matrix [`gemm_from`] writes out without AVX-512.
+    /// Each thread's buffers for the operands written out in f32 for the portable GEMM.
+    static WRITTEN_OUT_LHS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static WRITTEN_OUT_RHS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `dst = scale·(lhs·rhs)`, or `dst += scale·(lhs·rhs)` when `accumulate`; `dst` is row-major
-/// with row stride `dst_row_stride`.
-pub fn gemm_into(dst: &mut [f32], dst_row_stride: usize, lhs: View, rhs: View, scale: f32, accumulate: bool) {
-    assert!(rhs.fits(), "matrix views out of bounds");
-    if !needs_product(dst, dst_row_stride, lhs, &rhs, accumulate) {
-        return;
+/// An f32 matrix in place, as the `gemm` crate reads it: element (r, c) is
+/// `data[r·row_stride + c·col_stride]`.
+pub struct F32Matrix<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl F32Matrix<'_> {
+    fn fits(&self) -> bool {
+        (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < self.data.len()
     }
-    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F; the checks above bound every access.
-        unsafe { avx512::gemm(dst, dst_row_stride, lhs, &rhs, scale, accumulate) };
-        return;
+}
+
+/// Runs `f` on `source` as f32 data: in place where it is, else written out whole into the
+/// thread's buffer `key`.
+fn in_f32<R>(key: &'static LocalKey<RefCell<Vec<f32>>>, source: &impl RhsSource, f: impl FnOnce(F32Matrix) -> R) -> R {
+    if let Some(matrix) = source.as_f32() {
+        return f(matrix);
     }
-    // SAFETY: the asserts above keep every index gemm computes inside the three slices.
+    let (rows, cols) = (source.rows(), source.cols());
+    with_scratch(key, rows * cols, |data| {
+        source.read_block(0, rows, 0, cols, data, cols);
+        f(F32Matrix {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        })
+    })
+}
+
+/// The `gemm` crate's kernels on f32 operands.
+fn portable_gemm(dst: &mut [f32], dst_row_stride: usize, lhs: F32Matrix, rhs: F32Matrix, scale: f32, accumulate: bool) {
+    assert!(lhs.fits() && rhs.fits(), "matrix views out of bounds");
+    // SAFETY: `needs_product` bounded the destination and excluded empty shapes; the assert above
+    // keeps every index gemm computes inside the operands.
     unsafe {
         gemm::gemm(
-            m,
-            n,
-            k,
+            lhs.rows,
+            rhs.cols,
+            lhs.cols,
             dst.as_mut_ptr(),
             1,
             dst_row_stride as isize,
@@ -279,24 +401,36 @@ mod avx512 {
     fn pack_b(packed: &mut [f32], rhs: &impl RhsSource, pc: usize, kc: usize, jc: usize, nc: usize) {
         for (panel, j0) in (0..nc).step_by(NR).enumerate() {
             let cols = NR.min(nc - j0);
-            let base = panel * NR * kc;
-            for p in 0..kc {
-                let row = &mut packed[base + p * NR..base + (p + 1) * NR];
-                rhs.read_row(pc + p, jc + j0, &mut row[..cols]);
-                row[cols..].fill(0.0);
+            let block = &mut packed[panel * NR * kc..(panel + 1) * NR * kc];
+            rhs.read_block(pc, kc, jc + j0, cols, block, NR);
+            if cols < NR {
+                block.chunks_mut(NR).for_each(|row| row[cols..].fill(0.0));
             }
         }
     }
 
     /// A[ic.., pc..] as row panels of MR: panel-major, then k, then the MR rows (zero-padded).
+    /// Read along whichever direction is contiguous.
     fn pack_a(packed: &mut [f32], lhs: View, ic: usize, mc: usize, pc: usize, kc: usize) {
+        let mut row_segment = [0f32; KC];
         for (panel, i0) in (0..mc).step_by(MR).enumerate() {
             let rows = MR.min(mc - i0);
-            let base = panel * MR * kc;
-            for p in 0..kc {
-                let column = &mut packed[base + p * MR..base + (p + 1) * MR];
-                for (r, value) in column.iter_mut().enumerate() {
-                    *value = if r < rows { lhs.at(ic + i0 + r, pc + p) } else { 0.0 };
+            let block = &mut packed[panel * MR * kc..(panel + 1) * MR * kc];
+            if lhs.row_stride == 1 && lhs.col_stride != 1 {
+                for (p, column) in block.chunks_mut(MR).enumerate() {
+                    lhs.read_column(ic + i0, pc + p, &mut column[..rows]);
+                    column[rows..].fill(0.0);
+                }
+                continue;
+            }
+            for r in 0..MR {
+                if r < rows {
+                    lhs.read_row(ic + i0 + r, pc, &mut row_segment[..kc]);
+                    for (p, value) in row_segment[..kc].iter().enumerate() {
+                        block[p * MR + r] = *value;
+                    }
+                } else {
+                    block.chunks_mut(MR).for_each(|column| column[r] = 0.0);
                 }
             }
         }

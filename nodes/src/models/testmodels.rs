@@ -135,9 +135,9 @@ pub fn sd1_checkpoint_layout(
     vae: &VaeConfig,
 ) -> candle_core::Result<Vec<TensorSpec>> {
     let recorder = Recorder::default();
-    UNet::new(unet.clone(), recorder.var_builder(UNET_PREFIX))?;
-    ClipTextEncoder::new(clip.clone(), recorder.var_builder(SD1_CLIP_PREFIX))?;
-    Vae::new(vae.clone(), recorder.var_builder(VAE_PREFIX))?;
+    UNet::new(unet.clone(), recorder.var_builder(UNET_PREFIX).into())?;
+    ClipTextEncoder::new(clip.clone(), recorder.var_builder(SD1_CLIP_PREFIX).into())?;
+    Vae::new(vae.clone(), recorder.var_builder(VAE_PREFIX).into())?;
     let mut specs = recorder.specs();
     specs.push(TensorSpec {
         name: format!("{SD1_CLIP_PREFIX}embeddings.position_ids"),

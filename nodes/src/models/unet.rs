@@ -10,13 +10,13 @@
 //! [`CrossAttentionPatch`] sees every cross-attention (IP-Adapter).
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{GroupNorm, LayerNorm};
 
 use super::attention::attention;
 use super::conv::Conv2d;
 use super::cpu_kernels::{self, with_cpu_f32};
 use super::linear::{linear, linear_no_bias, Linear};
-use super::weights::TensorShapes;
+use super::weights::{TensorShapes, Weights};
 use super::DetectError;
 
 /// How attention heads are sized: a fixed count (SD1.x: 8) or a fixed width (SD2.x, SDXL: 64).
@@ -207,7 +207,7 @@ enum Layer {
 }
 
 impl UNet {
-    pub fn new(config: UNetConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(config: UNetConfig, vb: Weights) -> Result<Self> {
         let mc = config.model_channels;
         let time_dim = mc * 4;
         let time_embed = (
@@ -221,7 +221,7 @@ impl UNet {
             )),
             None => None,
         };
-        let transformer = |channels: usize, depth: usize, vb: VarBuilder| {
+        let transformer = |channels: usize, depth: usize, vb: Weights| {
             SpatialTransformer::new(channels, depth, config.heads.heads(channels), &config, vb)
         };
 
@@ -304,7 +304,7 @@ impl UNet {
                 output_blocks.push(Block { layers });
             }
         }
-        let out_norm = candle_nn::group_norm(32, channels, 1e-5, vb.pp("out.0"))?;
+        let out_norm = candle_nn::group_norm(32, channels, 1e-5, vb.pp("out.0").into())?;
         let out_conv = Conv2d::same(channels, config.out_channels, 3, 1, vb.pp("out.2"))?;
         Ok(UNet {
             config,
@@ -444,12 +444,12 @@ struct ResBlock {
 }
 
 impl ResBlock {
-    fn new(in_channels: usize, out_channels: usize, emb_channels: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(in_channels: usize, out_channels: usize, emb_channels: usize, vb: Weights) -> Result<Self> {
         Ok(ResBlock {
-            in_norm: candle_nn::group_norm(32, in_channels, 1e-5, vb.pp("in_layers.0"))?,
+            in_norm: candle_nn::group_norm(32, in_channels, 1e-5, vb.pp("in_layers.0").into())?,
             in_conv: Conv2d::same(in_channels, out_channels, 3, 1, vb.pp("in_layers.2"))?,
             emb_linear: linear(emb_channels, out_channels, vb.pp("emb_layers.1"))?,
-            out_norm: candle_nn::group_norm(32, out_channels, 1e-5, vb.pp("out_layers.0"))?,
+            out_norm: candle_nn::group_norm(32, out_channels, 1e-5, vb.pp("out_layers.0").into())?,
             out_conv: Conv2d::same(out_channels, out_channels, 3, 1, vb.pp("out_layers.3"))?,
             skip: if in_channels == out_channels {
                 None
@@ -493,8 +493,8 @@ struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
-    fn new(channels: usize, depth: usize, heads: usize, config: &UNetConfig, vb: VarBuilder) -> Result<Self> {
-        let projection = |vb: VarBuilder| -> Result<Projection> {
+    fn new(channels: usize, depth: usize, heads: usize, config: &UNetConfig, vb: Weights) -> Result<Self> {
+        let projection = |vb: Weights| -> Result<Projection> {
             Ok(if config.linear_projection {
                 Projection::Linear(linear(channels, channels, vb)?)
             } else {
@@ -512,7 +512,7 @@ impl SpatialTransformer {
             })
             .collect::<Result<_>>()?;
         Ok(SpatialTransformer {
-            norm: candle_nn::group_norm(32, channels, 1e-6, vb.pp("norm"))?,
+            norm: candle_nn::group_norm(32, channels, 1e-6, vb.pp("norm").into())?,
             proj_in: projection(vb.pp("proj_in"))?,
             blocks,
             proj_out: projection(vb.pp("proj_out"))?,
@@ -557,14 +557,14 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn new(channels: usize, heads: usize, context_dim: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(channels: usize, heads: usize, context_dim: usize, vb: Weights) -> Result<Self> {
         let inner = channels * 4;
         Ok(TransformerBlock {
-            norm1: candle_nn::layer_norm(channels, 1e-5, vb.pp("norm1"))?,
+            norm1: candle_nn::layer_norm(channels, 1e-5, vb.pp("norm1").into())?,
             self_attention: CrossAttention::new(channels, channels, heads, vb.pp("attn1"))?,
-            norm2: candle_nn::layer_norm(channels, 1e-5, vb.pp("norm2"))?,
+            norm2: candle_nn::layer_norm(channels, 1e-5, vb.pp("norm2").into())?,
             cross_attention: CrossAttention::new(channels, context_dim, heads, vb.pp("attn2"))?,
-            norm3: candle_nn::layer_norm(channels, 1e-5, vb.pp("norm3"))?,
+            norm3: candle_nn::layer_norm(channels, 1e-5, vb.pp("norm3").into())?,
             geglu: linear(channels, inner * 2, vb.pp("ff.net.0.proj"))?,
             ff_out: linear(inner, channels, vb.pp("ff.net.2"))?,
         })
@@ -605,7 +605,7 @@ struct CrossAttention {
 }
 
 impl CrossAttention {
-    fn new(query_dim: usize, context_dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(query_dim: usize, context_dim: usize, heads: usize, vb: Weights) -> Result<Self> {
         Ok(CrossAttention {
             to_q: linear_no_bias(query_dim, query_dim, vb.pp("to_q"))?,
             to_k: linear_no_bias(context_dim, query_dim, vb.pp("to_k"))?,

@@ -6,11 +6,11 @@
 //! [B, H, W, C] images in [0, 1].
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::GroupNorm;
 
 use super::attention::attention;
 use super::conv::Conv2d;
-use super::weights::TensorShapes;
+use super::weights::{TensorShapes, Weights};
 use super::DetectError;
 use crate::tiling::{tiled_scale, Tiling};
 
@@ -60,8 +60,8 @@ impl VaeConfig {
     }
 }
 
-fn norm(channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(32, channels, 1e-6, vb)
+fn norm(channels: usize, vb: Weights) -> Result<GroupNorm> {
+    candle_nn::group_norm(32, channels, 1e-6, vb.into())
 }
 
 pub struct Vae {
@@ -73,7 +73,7 @@ pub struct Vae {
 }
 
 impl Vae {
-    pub fn new(config: VaeConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(config: VaeConfig, vb: Weights) -> Result<Self> {
         let latent = config.latent_channels;
         Ok(Vae {
             encoder: Encoder::new(&config, vb.pp("encoder"))?,
@@ -167,7 +167,7 @@ struct ResnetBlock {
 }
 
 impl ResnetBlock {
-    fn new(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(in_channels: usize, out_channels: usize, vb: Weights) -> Result<Self> {
         Ok(ResnetBlock {
             norm1: norm(in_channels, vb.pp("norm1"))?,
             conv1: Conv2d::same(in_channels, out_channels, 3, 1, vb.pp("conv1"))?,
@@ -201,7 +201,7 @@ struct AttentionBlock {
 }
 
 impl AttentionBlock {
-    fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(channels: usize, vb: Weights) -> Result<Self> {
         Ok(AttentionBlock {
             norm: norm(channels, vb.pp("norm"))?,
             q: Conv2d::same(channels, channels, 1, 1, vb.pp("q"))?,
@@ -235,7 +235,7 @@ struct MiddleBlock {
 }
 
 impl MiddleBlock {
-    fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(channels: usize, vb: Weights) -> Result<Self> {
         Ok(MiddleBlock {
             block_1: ResnetBlock::new(channels, channels, vb.pp("block_1"))?,
             attention: AttentionBlock::new(channels, vb.pp("attn_1"))?,
@@ -258,7 +258,7 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn new(config: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(config: &VaeConfig, vb: Weights) -> Result<Self> {
         let mut channels = config.channels;
         let mut levels = Vec::new();
         for (level, &mult) in config.channel_mult.iter().enumerate() {
@@ -312,7 +312,7 @@ struct Decoder {
 }
 
 impl Decoder {
-    fn new(config: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(config: &VaeConfig, vb: Weights) -> Result<Self> {
         let last_mult = config.channel_mult.last().copied().unwrap_or(1);
         let mut channels = config.channels * last_mult;
         let conv_in = Conv2d::same(config.latent_channels, channels, 3, 1, vb.pp("conv_in"))?;

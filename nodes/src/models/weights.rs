@@ -1,9 +1,14 @@
 //! Weight files: safetensors read through a memory map, validated before any tensor is touched,
-//! and served to model code through candle's `VarBuilder`.
+//! and served to model code through [`Weights`].
 //!
-//! A tensor is copied out of the map only when model code asks for it, converted to the dtype
-//! the model computes in. fp8 weights (e4m3fn, e5m2) are widened to f16, which holds every fp8
-//! value exactly.
+//! Where a model computes in f32 on the CPU, its weight matrices (the bulk of every model) stay
+//! in the map in the file's precision and the CPU kernels read them in place ([`WeightMatrix`]):
+//! loading copies nothing but the small tensors, and the model needs no memory of its own for
+//! them. Like every reader that maps model files, this relies on a file not being rewritten in
+//! place while a model from it is in use (replacing it, as downloads and copies to a new name
+//! do, is safe). Every other tensor is copied out of the map when model code asks for it,
+//! converted to the dtype the model computes in. fp8 weights (e4m3fn, e5m2) are widened to f16,
+//! which holds every fp8 value exactly.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -15,10 +20,13 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use memmap2::Mmap;
+use memmap2::{Advice, Mmap};
 use rayon::prelude::*;
 use safetensors::tensor::{Dtype as FileDtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
+
+use super::cpu_kernels::with_cpu_f32;
+use super::sgemm::Elements;
 
 /// Why a weight file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +119,29 @@ impl SafetensorsFile {
 
     pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
         self.tensors.get(name)
+    }
+
+    /// A tensor's elements where they lie in the map: f32, f16 or bf16 data at an address
+    /// aligned for its type, on a little-endian machine; `None` otherwise.
+    fn elements(&self, name: &str) -> Option<Elements<'_>> {
+        /// `bytes` as `T` values, where they are aligned for `T`.
+        fn cast<T>(bytes: &[u8]) -> Option<&[T]> {
+            // SAFETY: only used for f32, f16 and bf16, plain values for which every bit pattern
+            // is valid.
+            let (prefix, values, suffix) = unsafe { bytes.align_to::<T>() };
+            (prefix.is_empty() && suffix.is_empty()).then_some(values)
+        }
+        let entry = self.tensors.get(name)?;
+        if cfg!(target_endian = "big") {
+            return None;
+        }
+        let bytes = &self.map[entry.byte_range.clone()];
+        match entry.dtype {
+            FileDtype::F32 => cast::<f32>(bytes).map(Elements::F32),
+            FileDtype::F16 => cast::<f16>(bytes).map(Elements::F16),
+            FileDtype::BF16 => cast::<bf16>(bytes).map(Elements::BF16),
+            _ => None,
+        }
     }
 
     /// Loads one tensor in `dtype` on `device`.
@@ -281,14 +312,250 @@ impl SimpleBackend for FileBackend {
     }
 }
 
-/// A `VarBuilder` reading `file`, converting every tensor to `dtype` on `device`.
-pub fn var_builder(file: Arc<SafetensorsFile>, dtype: DType, device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(FileBackend(file)), dtype, device.clone())
+/// What model code builds its layers from: candle's `VarBuilder` for every tensor, and the
+/// mapped file itself where the model computes in f32 on the CPU, so that weight matrices are
+/// read in place.
+#[derive(Clone)]
+pub struct Weights {
+    builder: VarBuilder<'static>,
+    mapped: Option<Arc<SafetensorsFile>>,
+}
+
+impl Weights {
+    /// The tensors of `file`, in `dtype` on `device`.
+    pub fn from_file(file: Arc<SafetensorsFile>, dtype: DType, device: &Device) -> Self {
+        let mapped = (dtype == DType::F32 && device.is_cpu()).then(|| {
+            // Start reading the file in while the model is built: its matrices are read in place
+            // from the first step on. Only a hint: a kernel that ignores it costs nothing.
+            let _ = file.map.advise(Advice::WillNeed);
+            file.clone()
+        });
+        Weights {
+            builder: VarBuilder::from_backend(Box::new(FileBackend(file)), dtype, device.clone()),
+            mapped,
+        }
+    }
+
+    /// The weights under `prefix` (joined with a dot, as `VarBuilder::pp`).
+    pub fn pp(&self, prefix: impl ToString) -> Self {
+        Weights {
+            builder: self.builder.pp(prefix),
+            mapped: self.mapped.clone(),
+        }
+    }
+
+    /// The tensor `name`, which must have `shape`, copied in the model's dtype.
+    pub fn get(&self, shape: impl Into<Shape>, name: &str) -> candle_core::Result<Tensor> {
+        self.builder.get(shape, name)
+    }
+
+    /// The weight matrix `name`, which must have `shape`: in place where the file is mapped and
+    /// holds it in f32, f16 or bf16, else a tensor in the model's dtype.
+    pub fn matrix(&self, shape: impl Into<Shape>, name: &str) -> candle_core::Result<WeightMatrix> {
+        let shape: Shape = shape.into();
+        let prefix = self.builder.prefix();
+        let full_name = if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        if let Some(file) = &self.mapped {
+            if file.elements(&full_name).is_some() {
+                if file.shape(&full_name) != Some(shape.dims()) {
+                    return Err(candle_core::Error::Msg(format!(
+                        "'{}': tensor '{full_name}' has shape {:?}, the model expects {:?}",
+                        file.path.display(),
+                        file.shape(&full_name).unwrap_or_default(),
+                        shape.dims()
+                    )));
+                }
+                return Ok(WeightMatrix {
+                    shape: shape.dims().to_vec(),
+                    storage: MatrixStorage::Mapped {
+                        file: file.clone(),
+                        name: full_name,
+                    },
+                });
+            }
+        }
+        let tensor = self.builder.get(shape, name)?;
+        Ok(WeightMatrix {
+            shape: tensor.dims().to_vec(),
+            storage: MatrixStorage::Tensor(tensor),
+        })
+    }
+}
+
+/// Weights from any `VarBuilder`, every tensor copied through it.
+impl From<VarBuilder<'static>> for Weights {
+    fn from(builder: VarBuilder<'static>) -> Self {
+        Weights { builder, mapped: None }
+    }
+}
+
+/// For candle's layers (norms), which copy their small tensors.
+impl From<Weights> for VarBuilder<'static> {
+    fn from(weights: Weights) -> Self {
+        weights.builder
+    }
+}
+
+/// A layer's weight matrix ([out, in], or a convolution's [out, in, k, k]).
+pub struct WeightMatrix {
+    shape: Vec<usize>,
+    storage: MatrixStorage,
+}
+
+enum MatrixStorage {
+    /// In the mapped file, in the file's precision.
+    Mapped { file: Arc<SafetensorsFile>, name: String },
+    /// A tensor in the model's dtype, on the model's device.
+    Tensor(Tensor),
+}
+
+impl WeightMatrix {
+    pub fn dims(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The matrix as an f32 tensor (a copy where it is mapped), for candle's operations.
+    pub fn tensor(&self) -> candle_core::Result<Tensor> {
+        match &self.storage {
+            MatrixStorage::Mapped { file, name } => file.load(name, DType::F32, &Device::Cpu),
+            MatrixStorage::Tensor(tensor) => Ok(tensor.clone()),
+        }
+    }
+
+    /// Runs `f` on the elements where the CPU kernels can read them (mapped data, or a CPU f32
+    /// tensor); `None` for other devices and dtypes.
+    pub fn with_elements<R>(&self, f: impl FnOnce(Elements) -> R) -> candle_core::Result<Option<R>> {
+        match &self.storage {
+            MatrixStorage::Mapped { file, name } => Ok(file.elements(name).map(f)),
+            MatrixStorage::Tensor(tensor) => with_cpu_f32([tensor], |[values]| f(Elements::F32(values))),
+        }
+    }
+
+    /// Row `row` of a 2-D matrix (an embedding's vector) as a tensor on `device`.
+    pub fn row(&self, row: usize, device: &Device) -> candle_core::Result<Tensor> {
+        let width = self.shape.get(1).copied().unwrap_or(0);
+        if row >= self.shape.first().copied().unwrap_or(0) {
+            return Err(candle_core::Error::Msg(format!(
+                "row {row} is out of range for a matrix of shape {:?}",
+                self.shape
+            )));
+        }
+        if let MatrixStorage::Tensor(tensor) = &self.storage {
+            return tensor.get(row);
+        }
+        let values = self.with_elements(|elements| {
+            let mut values = vec![0f32; width];
+            elements.read(row * width, 1, &mut values);
+            values
+        })?;
+        match values {
+            Some(values) => Tensor::from_vec(values, width, device),
+            None => self.tensor()?.get(row)?.to_device(device),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A safetensors file of `tensors` (name, dtype, shape, data) stored back to back in that
+    /// order, the data starting 8-byte aligned.
+    fn handmade_file(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> (tempfile::TempDir, Arc<SafetensorsFile>) {
+        let mut offset = 0;
+        let entries: Vec<String> = tensors
+            .iter()
+            .map(|(name, dtype, shape, data)| {
+                let entry = format!(
+                    "\"{name}\":{{\"dtype\":\"{dtype}\",\"shape\":{shape:?},\"data_offsets\":[{offset},{}]}}",
+                    offset + data.len()
+                );
+                offset += data.len();
+                entry
+            })
+            .collect();
+        let mut header = format!("{{{}}}", entries.join(",")).into_bytes();
+        header.resize(header.len().div_ceil(8) * 8, b' ');
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header);
+        tensors.iter().for_each(|(_, _, _, data)| bytes.extend(data));
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("weights.safetensors");
+        std::fs::write(&path, bytes).expect("file written");
+        let file = SafetensorsFile::open(&path).expect("valid file");
+        (dir, Arc::new(file))
+    }
+
+    /// Every element of `matrix` as the CPU kernels read it, with the name of its precision.
+    fn read_in_place(matrix: &WeightMatrix) -> Option<(&'static str, Vec<f32>)> {
+        matrix
+            .with_elements(|elements| {
+                let mut values = vec![0f32; elements.len()];
+                elements.read(0, 1, &mut values);
+                let precision = match elements {
+                    Elements::F32(_) => "f32",
+                    Elements::F16(_) => "f16",
+                    Elements::BF16(_) => "bf16",
+                };
+                (precision, values)
+            })
+            .expect("readable")
+    }
+
+    const VALUES: [f32; 6] = [0.5, -1.25, 3.0, 0.0, -0.375, 96.0];
+
+    #[test]
+    fn weight_matrices_are_read_in_place_in_the_files_precision() {
+        type Encode = fn(f32) -> Vec<u8>;
+        let encodings: [(&str, &str, Encode); 3] = [
+            ("F32", "f32", |v| v.to_le_bytes().to_vec()),
+            ("F16", "f16", |v| f16::from_f32(v).to_le_bytes().to_vec()),
+            ("BF16", "bf16", |v| bf16::from_f32(v).to_le_bytes().to_vec()),
+        ];
+        for (dtype, precision, encode) in encodings {
+            let data = VALUES.iter().flat_map(|&v| encode(v)).collect();
+            let (_dir, file) = handmade_file(&[("layer.weight", dtype, vec![2, 3], data)]);
+            let weights = Weights::from_file(file.clone(), DType::F32, &Device::Cpu).pp("layer");
+            let matrix = weights.matrix((2, 3), "weight").expect("matrix");
+            assert!(matches!(matrix.storage, MatrixStorage::Mapped { .. }), "{dtype}");
+            assert_eq!(read_in_place(&matrix), Some((precision, VALUES.to_vec())));
+            assert_eq!(
+                matrix.row(1, &Device::Cpu).and_then(|r| r.to_vec1::<f32>()).ok(),
+                Some(VALUES[3..].to_vec())
+            );
+            assert!(matrix.row(2, &Device::Cpu).is_err());
+            assert_eq!(
+                matrix.tensor().and_then(|t| t.flatten_all()?.to_vec1::<f32>()).ok(),
+                Some(VALUES.to_vec())
+            );
+            let error = weights
+                .matrix((3, 2), "weight")
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(error.contains("has shape [2, 3], the model expects [3, 2]"), "{error}");
+            // In f16 on the CPU, the model gets copies in its dtype.
+            let copied = Weights::from_file(file, DType::F16, &Device::Cpu)
+                .pp("layer")
+                .matrix((2, 3), "weight");
+            assert!(matches!(copied.map(|m| m.storage), Ok(MatrixStorage::Tensor(t)) if t.dtype() == DType::F16));
+        }
+    }
+
+    #[test]
+    fn misaligned_weights_are_copied_and_still_computed_on() {
+        let data = VALUES.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let (_dir, file) = handmade_file(&[("pad", "F16", vec![1], vec![0, 0]), ("weight", "F32", vec![2, 3], data)]);
+        let matrix = Weights::from_file(file, DType::F32, &Device::Cpu)
+            .matrix((2, 3), "weight")
+            .expect("matrix");
+        assert!(matches!(matrix.storage, MatrixStorage::Tensor(_)));
+        assert_eq!(read_in_place(&matrix), Some(("f32", VALUES.to_vec())));
+    }
 
     #[test]
     fn fp8_values_widen_exactly() {
