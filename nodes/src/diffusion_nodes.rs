@@ -17,6 +17,7 @@ use crate::memory::{self, OutOfMemory};
 use crate::model_cache::ModelCache;
 use crate::models::clip_text::{ClipTextEncoder, OutputLayer};
 use crate::models::embeddings::EmbeddingFolder;
+use crate::models::sgemm::Precision;
 use crate::models::tokenizer::{tokenize_with_weights, NoEmbeddings};
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
@@ -33,6 +34,11 @@ const MAX_RESOLUTION: i64 = 16384;
 pub(crate) fn device(services: &Services) -> Device {
     services.get::<Device>().cloned().unwrap_or(Device::Cpu)
 }
+
+/// How diffusion models multiply on the CPU (a registry service: ComfyUI's `--bf16-unet`);
+/// f32 by default. Text encoders and VAEs always compute in f32.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DiffusionModelPrecision(pub Precision);
 
 pub(crate) fn tensor_error(error: candle_core::Error) -> NodeError {
     NodeError::typed("RuntimeError", error.to_string())
@@ -52,9 +58,13 @@ pub struct LoadedCheckpoint {
     pub vae: Option<VaeModel>,
 }
 
-/// Loads a single-file checkpoint in ComfyUI's layout; also returns the file size (the cache's
-/// measure of it).
-pub fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(LoadedCheckpoint, u64), NodeError> {
+/// Loads a single-file checkpoint in ComfyUI's layout, the diffusion model multiplying in
+/// `precision`; also returns the file size (the cache's measure of it).
+pub fn load_checkpoint(
+    path: &std::path::Path,
+    device: &Device,
+    precision: Precision,
+) -> Result<(LoadedCheckpoint, u64), NodeError> {
     let file = Arc::new(SafetensorsFile::open(path).map_err(|e| NodeError::new(e.to_string()))?);
     let layout = detect_checkpoint(&file).map_err(|e| {
         NodeError::new(format!(
@@ -65,7 +75,9 @@ pub fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(Loade
     let prefix = |p: &str| p.trim_end_matches('.').to_string();
     let unet = UNet::new(
         layout.unet,
-        Weights::from_file(file.clone(), DType::F32, device).pp(prefix(UNET_PREFIX)),
+        Weights::from_file(file.clone(), DType::F32, device)
+            .with_precision(precision)
+            .pp(prefix(UNET_PREFIX)),
     )
     .map_err(tensor_error)?;
     let model = Model(Arc::new(DiffusionModel {
@@ -128,9 +140,16 @@ impl Node for CheckpointLoaderSimple {
             )
         })?;
         let device = device(ctx.services);
+        let precision = ctx
+            .services
+            .get::<DiffusionModelPrecision>()
+            .copied()
+            .unwrap_or_default()
+            .0;
+        let load = || load_checkpoint(&path, &device, precision);
         let loaded = match ctx.services.get::<ModelCache>() {
-            Some(cache) => cache.get_or_load(&path, "checkpoint", || load_checkpoint(&path, &device))?,
-            None => Arc::new(load_checkpoint(&path, &device)?.0),
+            Some(cache) => cache.get_or_load(&path, "checkpoint", load)?,
+            None => Arc::new(load()?.0),
         };
         let optional = |value: Option<Value>| value.unwrap_or(Value::Json(serde_json::Value::Null));
         Ok(NodeOutput::values(vec![

@@ -114,7 +114,7 @@ fn gemm_convolution_matches_candle() {
 /// strided operands, scaling and accumulation.
 #[test]
 fn sgemm_matches_the_definition() {
-    use easel_nodes::models::sgemm::{gemm_into, View};
+    use easel_nodes::models::sgemm::{gemm_into, Precision, View};
     let cases = [(1, 1, 1), (7, 33, 5), (13, 70, 257), (100, 2100, 300), (6, 32, 256)];
     for (m, n, k) in cases {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5).collect();
@@ -135,7 +135,7 @@ fn sgemm_matches_the_definition() {
             })
             .collect();
         let mut dst = vec![1.0f32; m * n];
-        gemm_into(&mut dst, n, lhs, &rhs, 0.5, true);
+        gemm_into(&mut dst, n, lhs, &rhs, 0.5, true, Precision::F32);
         for (index, (actual, expected)) in dst.iter().zip(&expected).enumerate() {
             let wanted = 1.0 + 0.5 * expected;
             assert!(
@@ -144,7 +144,7 @@ fn sgemm_matches_the_definition() {
             );
         }
         let mut dst = vec![7.0f32; m * n];
-        gemm_into(&mut dst, n, lhs, &rhs, 1.0, false);
+        gemm_into(&mut dst, n, lhs, &rhs, 1.0, false, Precision::F32);
         assert!(
             dst.iter()
                 .zip(&expected)
@@ -158,7 +158,7 @@ fn sgemm_matches_the_definition() {
 /// their f32 widenings, whichever direction of each is contiguous.
 #[test]
 fn sgemm_on_half_precision_operands_matches_their_f32_copies() {
-    use easel_nodes::models::sgemm::{gemm_into, Elements, View};
+    use easel_nodes::models::sgemm::{gemm_into, Elements, Precision, View};
     use half::{bf16, f16};
     for (m, n, k) in [(7, 33, 5), (13, 70, 257), (100, 2100, 300)] {
         let a: Vec<f16> = (0..m * k)
@@ -183,7 +183,7 @@ fn sgemm_on_half_precision_operands_matches_their_f32_copies() {
             let product = |lhs: Elements, rhs: Elements| {
                 let mut dst = vec![0f32; m * n];
                 let lhs = view(lhs, m, k, row_stride, col_stride);
-                gemm_into(&mut dst, n, lhs, &view(rhs, k, n, 1, k), 1.0, false);
+                gemm_into(&mut dst, n, lhs, &view(rhs, k, n, 1, k), 1.0, false, Precision::F32);
                 dst.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             };
             let widened = product(Elements::F32(&a32), Elements::F32(&b32));
@@ -193,6 +193,49 @@ fn sgemm_on_half_precision_operands_matches_their_f32_copies() {
                 "{m}×{n}×{k}"
             );
         }
+    }
+}
+
+/// The bf16 GEMM multiplies the operands rounded to bf16 and sums in f32: against the same
+/// sums in f64, and clearly apart from the f32 product. Odd depths leave a half pair.
+#[test]
+fn bf16_gemm_multiplies_operands_rounded_to_bf16() {
+    use easel_nodes::models::sgemm::{gemm_into, Precision, View};
+    use half::bf16;
+    if !Precision::bf16_supported() {
+        eprintln!("this CPU has no AVX512-BF16: the bf16 GEMM is the f32 one here");
+        return;
+    }
+    let round = |v: f32| f64::from(bf16::from_f32(v).to_f32());
+    for (m, n, k) in [(7, 33, 5), (13, 70, 257), (100, 2100, 301)] {
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1013) as f32 / 337.0 - 1.5).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 1019) as f32 / 331.0 - 1.5).collect();
+        let lhs = View::row_major(a.as_slice(), m, k);
+        // b is used transposed: stored [n, k], read as [k, n].
+        let rhs = View {
+            data: b.as_slice().into(),
+            rows: k,
+            cols: n,
+            row_stride: 1,
+            col_stride: k,
+        };
+        let mut dst = vec![1.0f32; m * n];
+        gemm_into(&mut dst, n, lhs, &rhs, 0.5, true, Precision::Bf16);
+        let (mut worst, mut apart) = (0f64, 0f64);
+        for (index, actual) in dst.iter().enumerate() {
+            let (i, j) = (index / n, index % n);
+            let terms = (0..k).map(|p| (a[i * k + p], b[j * k + p]));
+            let rounded: f64 = terms.clone().map(|(x, y)| round(x) * round(y)).sum();
+            let exact: f64 = terms.clone().map(|(x, y)| f64::from(x) * f64::from(y)).sum();
+            let magnitude: f64 = terms.map(|(x, y)| f64::from(x * y).abs()).sum::<f64>() + 1.0;
+            worst = worst.max((f64::from(*actual) - 1.0 - 0.5 * rounded).abs() / magnitude);
+            apart = apart.max((exact - rounded).abs() / magnitude);
+        }
+        assert!(worst < 1e-6, "{m}×{n}×{k}: {worst}");
+        assert!(
+            k < 10 || apart > 1e-4,
+            "{m}×{n}×{k}: bf16 rounding not visible ({apart})"
+        );
     }
 }
 

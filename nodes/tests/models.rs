@@ -5,8 +5,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use easel_nodes::models::clip_text::{ClipTextEncoder, OutputLayer};
+use easel_nodes::models::sgemm::Precision;
 use easel_nodes::models::testmodels::{self, Fill};
 use easel_nodes::models::tokenizer::{tokenize_with_weights, NoEmbeddings, TokenItem};
 use easel_nodes::models::unet::{UNet, UNetInput};
@@ -109,7 +112,7 @@ fn tiny_models_load_and_run_through_the_real_code() {
     assert_eq!(encoded.pooled.dims(), &[1, 64]);
 
     let unet = UNet::new(
-        layout.unet,
+        layout.unet.clone(),
         Weights::from_file(file.clone(), DType::F32, &device).pp(UNET_PREFIX.trim_end_matches('.')),
     )
     .unwrap();
@@ -126,6 +129,23 @@ fn tiny_models_load_and_run_through_the_real_code() {
     };
     let out = unet.forward(&input).unwrap();
     assert_eq!(out.dims(), &[2, 4, 8, 8]);
+    // In bf16 (where the CPU has it) the prediction moves by about bf16's rounding, no more.
+    if Precision::bf16_supported() {
+        let unet_bf16 = UNet::new(
+            layout.unet.clone(),
+            Weights::from_file(file.clone(), DType::F32, &device)
+                .with_precision(Precision::Bf16)
+                .pp(UNET_PREFIX.trim_end_matches('.')),
+        )
+        .unwrap();
+        let out_bf16 = unet_bf16.forward(&input).unwrap();
+        let scale = out.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let moved = common::max_abs_difference(&out, &out_bf16) / scale;
+        assert!(
+            moved > 1e-5 && moved < 3e-2,
+            "bf16 moved the prediction by {moved} of its scale"
+        );
+    }
     // Odd latent sizes: the decoder upsamples to the size of the matching skip connection.
     let odd = Tensor::randn(0f32, 1.0, (2, 4, 7, 5), &device).unwrap();
     let out = unet.forward(&UNetInput { x: &odd, ..input }).unwrap();

@@ -124,6 +124,10 @@ pub struct ExecutionArgs {
     /// Memory for loaded models kept between prompts, in GiB (least recently used first out).
     #[arg(long, value_name = "GIB", default_value_t = 16.0)]
     pub model_cache_size: f64,
+    /// Run the diffusion model in bf16: weights and activations rounded to bf16, sums in f32
+    /// (AVX512-BF16; on a CPU without it the model runs in f32). Images differ slightly from f32.
+    #[arg(long)]
+    pub bf16_unet: bool,
 }
 
 #[derive(Args, Debug, Clone, Default)]

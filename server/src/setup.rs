@@ -3,9 +3,11 @@
 use crate::cli::{CacheArgs, ExecutionArgs, PreviewMethodArg};
 use anyhow::Context;
 use easel_engine::{CacheMode, NodeRegistry, Services};
+use easel_nodes::diffusion_nodes::DiffusionModelPrecision;
 use easel_nodes::image_nodes::ImageMetadata;
 use easel_nodes::latent_preview::{PreviewMethod, PreviewSettings};
 use easel_nodes::model_cache::ModelCache;
+use easel_nodes::models::sgemm::Precision;
 use easel_nodes::paths::Paths;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -90,6 +92,12 @@ pub fn runtime(args: &ExecutionArgs) -> anyhow::Result<Runtime> {
         (args.model_cache_size.max(0.0) * (1u64 << 30) as f64) as u64,
     ));
     services.insert(candle_core::Device::Cpu);
+    if args.bf16_unet {
+        if !Precision::bf16_supported() {
+            tracing::warn!("--bf16-unet: this CPU has no AVX512-BF16, the diffusion model runs in f32");
+        }
+        services.insert(DiffusionModelPrecision(Precision::Bf16));
+    }
     let method = match args.preview_method {
         PreviewMethodArg::None => PreviewMethod::None,
         PreviewMethodArg::Auto => PreviewMethod::Auto,

@@ -77,7 +77,7 @@ impl Module for Conv2d {
         }
         let values = with_cpu_f32([x, &self.bias], |[x, bias]| {
             self.weight
-                .with_elements(|weight| cpu_kernels::conv2d(x, weight, bias, shape))
+                .with_elements(|weight| cpu_kernels::conv2d(x, weight, bias, shape, self.weight.precision()))
         })?
         .transpose()?
         .flatten();

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use std::cell::RefCell;
 
-use super::sgemm::{gemm_into, with_scratch, Elements, RhsSource, View};
+use super::sgemm::{gemm_into, with_scratch, Elements, Precision, RhsSource, View};
 
 thread_local! {
     /// Each thread's buffer for a block of attention scores.
@@ -71,9 +71,9 @@ impl ConvShape {
 /// written out where the GEMM cannot read it in place, without AVX-512).
 const UNFOLDED_BYTES: usize = 32 << 20;
 
-/// Convolution of `input` [B, C, H, W] with `weight` [O, C·k·k] and `bias` [O]: returns
-/// [B, O, H_out, W_out] in row-major order.
-pub fn conv2d(input: &[f32], weight: Elements, bias: &[f32], shape: ConvShape) -> Vec<f32> {
+/// Convolution of `input` [B, C, H, W] with `weight` [O, C·k·k] and `bias` [O], multiplied in
+/// `precision`: returns [B, O, H_out, W_out] in row-major order.
+pub fn conv2d(input: &[f32], weight: Elements, bias: &[f32], shape: ConvShape, precision: Precision) -> Vec<f32> {
     let ConvShape {
         batch,
         in_channels,
@@ -119,7 +119,7 @@ pub fn conv2d(input: &[f32], weight: Elements, bias: &[f32], shape: ConvShape) -
                     row_stride: plane,
                     col_stride: 1,
                 };
-                gemm_into(&mut result, columns, weights, &pixels, 1.0, true);
+                gemm_into(&mut result, columns, weights, &pixels, 1.0, true, precision);
                 return result;
             }
             let unfolded = UnfoldedInput {
@@ -128,7 +128,7 @@ pub fn conv2d(input: &[f32], weight: Elements, bias: &[f32], shape: ConvShape) -
                 first_row,
                 columns,
             };
-            gemm_into(&mut result, columns, weights, &unfolded, 1.0, true);
+            gemm_into(&mut result, columns, weights, &unfolded, 1.0, true, precision);
             result
         })
         .collect();
@@ -273,7 +273,15 @@ pub fn attention(
             col_stride: head_dim,
         };
         with_scratch(&SCRATCH, rows * key_length, |scores| {
-            gemm_into(scores, key_length, queries, &keys_transposed, scale, false);
+            gemm_into(
+                scores,
+                key_length,
+                queries,
+                &keys_transposed,
+                scale,
+                false,
+                Precision::F32,
+            );
             let mut sums = vec![0f32; rows];
             for (r, row) in scores.chunks_mut(key_length).enumerate() {
                 if let Some(mask) = mask {
@@ -306,6 +314,7 @@ pub fn attention(
                 &probabilities_transposed,
                 1.0,
                 false,
+                Precision::F32,
             );
             for (r, (row, sum)) in out.chunks_mut(head_dim).zip(&sums).enumerate() {
                 let inverse = 1.0 / sum;

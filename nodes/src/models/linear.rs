@@ -6,7 +6,7 @@ use candle_core::{Device, Module, Result, Tensor};
 use rayon::prelude::*;
 
 use super::cpu_kernels::with_cpu_f32;
-use super::sgemm::{gemm_into, Elements, View};
+use super::sgemm::{gemm_into, Elements, Precision, View};
 use super::weights::{WeightMatrix, Weights};
 
 pub struct Linear {
@@ -33,12 +33,14 @@ pub fn linear_no_bias(in_features: usize, out_features: usize, weights: Weights)
 /// Rows per task: enough to keep the GEMM efficient.
 const MIN_ROWS_PER_TASK: usize = 32;
 
+/// x·Wᵀ + b for the rows of `x`, with `weight` [out_features, in_features] multiplied in
+/// `precision`.
 fn forward_rows(
     x: &[f32],
     weight: Elements,
     bias: Option<&[f32]>,
-    in_features: usize,
-    out_features: usize,
+    (out_features, in_features): (usize, usize),
+    precision: Precision,
 ) -> Vec<f32> {
     let rows = x.len() / in_features;
     let mut output = vec![0f32; rows * out_features];
@@ -60,7 +62,7 @@ fn forward_rows(
                 out.chunks_mut(out_features).for_each(|row| row.copy_from_slice(bias));
             }
             let lhs = View::row_major(input, count, in_features);
-            gemm_into(out, out_features, lhs, &weight_t, 1.0, bias.is_some());
+            gemm_into(out, out_features, lhs, &weight_t, 1.0, bias.is_some(), precision);
         });
     output
 }
@@ -82,14 +84,15 @@ impl Module for Linear {
         if dims.last() != Some(&in_features) {
             return self.candle_forward(x);
         }
+        let (features, precision) = ((out_features, in_features), self.weight.precision());
         let values = match &self.bias {
             Some(bias) => with_cpu_f32([x, bias], |[x, bias]| {
                 self.weight
-                    .with_elements(|weight| forward_rows(x, weight, Some(bias), in_features, out_features))
+                    .with_elements(|weight| forward_rows(x, weight, Some(bias), features, precision))
             })?,
             None => with_cpu_f32([x], |[x]| {
                 self.weight
-                    .with_elements(|weight| forward_rows(x, weight, None, in_features, out_features))
+                    .with_elements(|weight| forward_rows(x, weight, None, features, precision))
             })?,
         }
         .transpose()?

@@ -1,6 +1,7 @@
 //! Single-precision matrix multiplication for the CPU kernels: a packed AVX-512 kernel
 //! (6×32 register tile, BLIS-style blocking) where the CPU has AVX-512F, the `gemm` crate's
-//! AVX2/portable kernels elsewhere. Single-threaded: callers split the work across threads.
+//! AVX2/portable kernels elsewhere; and a bf16 variant of the packed kernel (AVX512-BF16) for
+//! models run in bf16 ([`Precision`]). Single-threaded: callers split the work across threads.
 //!
 //! Operands may hold f16 or bf16 (weights read in place from a model file): they are widened to
 //! f32 while the GEMM packs them, so the arithmetic is the same as on f32 copies.
@@ -195,9 +196,32 @@ fn needs_product(dst: &mut [f32], dst_row_stride: usize, lhs: View, rhs: &impl R
     true
 }
 
+/// How the GEMM multiplies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 operands and arithmetic: the same results as PyTorch's f32 on the CPU, within
+    /// summation order.
+    #[default]
+    F32,
+    /// Operands rounded to bf16 with f32 accumulation, as PyTorch's bf16 matmul computes, where
+    /// the CPU has AVX512-BF16; f32 elsewhere.
+    Bf16,
+}
+
+impl Precision {
+    /// Whether this CPU multiplies in bf16 when asked to.
+    pub fn bf16_supported() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16");
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+}
+
 /// `dst = scale·(lhs·rhs)`, or `dst += scale·(lhs·rhs)` when `accumulate`; `dst` is row-major
 /// with row stride `dst_row_stride`. The right-hand matrix is read from `rhs` while it is
-/// packed.
+/// packed. The portable GEMM multiplies in f32 whatever the precision.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub fn gemm_into(
     dst: &mut [f32],
     dst_row_stride: usize,
@@ -205,6 +229,7 @@ pub fn gemm_into(
     rhs: &impl RhsSource,
     scale: f32,
     accumulate: bool,
+    precision: Precision,
 ) {
     if !needs_product(dst, dst_row_stride, lhs, rhs, accumulate) {
         return;
@@ -212,7 +237,7 @@ pub fn gemm_into(
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F; `needs_product` checked the shapes.
-        unsafe { avx512::gemm(dst, dst_row_stride, lhs, rhs, scale, accumulate) };
+        unsafe { avx512::gemm(dst, dst_row_stride, lhs, rhs, scale, accumulate, precision) };
         return;
     }
     in_f32(&WRITTEN_OUT_LHS, &lhs, |lhs| {
@@ -293,20 +318,20 @@ fn portable_gemm(dst: &mut [f32], dst_row_stride: usize, lhs: F32Matrix, rhs: F3
     }
 }
 
-/// Runs `f` on a thread's reusable buffer of at least `len` floats (contents unspecified).
-pub(crate) fn with_scratch<R>(
-    key: &'static LocalKey<RefCell<Vec<f32>>>,
+/// Runs `f` on a thread's reusable buffer of at least `len` values (contents unspecified).
+pub(crate) fn with_scratch<T: Copy + Default, R>(
+    key: &'static LocalKey<RefCell<Vec<T>>>,
     len: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
+    f: impl FnOnce(&mut [T]) -> R,
 ) -> R {
     key.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buffer) => {
             if buffer.len() < len {
-                buffer.resize(len, 0.0);
+                buffer.resize(len, T::default());
             }
             f(&mut buffer[..len])
         }
-        Err(_) => f(&mut vec![0f32; len]),
+        Err(_) => f(&mut vec![T::default(); len]),
     })
 }
 
@@ -314,8 +339,9 @@ pub(crate) fn with_scratch<R>(
 mod avx512 {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
+    use std::thread::LocalKey;
 
-    use super::{with_scratch, RhsSource, View};
+    use super::{with_scratch, Precision, RhsSource, View};
 
     /// Register tile: 6 rows of A against 32 columns (two zmm registers) of B.
     const MR: usize = 6;
@@ -333,33 +359,62 @@ mod avx512 {
         rhs: &impl RhsSource,
         scale: f32,
         accumulate: bool,
+        precision: Precision,
     ) {
-        let (m, n, k) = (lhs.rows, rhs.cols(), lhs.cols);
-        let a_len = MC.min(m).div_ceil(MR) * MR * KC.min(k);
-        let b_len = NC.min(n).div_ceil(NR) * NR * KC.min(k);
-        with_scratch(&PACKED_A, a_len, |packed_a| {
-            with_scratch(&PACKED_B, b_len, |packed_b| {
-                gemm_blocked(dst, ldc, lhs, rhs, scale, accumulate, packed_a, packed_b)
-            })
-        })
+        if precision == Precision::Bf16 && is_x86_feature_detected!("avx512bf16") {
+            gemm_packed::<Bf16Pairs>(dst, ldc, lhs, rhs, scale, accumulate)
+        } else {
+            gemm_packed::<F32Values>(dst, ldc, lhs, rhs, scale, accumulate)
+        }
     }
 
-    thread_local! {
-        static PACKED_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-        static PACKED_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// How blocks of A and B are packed and multiplied.
+    trait Packing {
+        type Packed: Copy + Default + 'static;
+        /// Packed elements per row (of A) or column (of B) for `kc` steps of k.
+        fn depth(kc: usize) -> usize;
+        /// Each thread's buffers for the packed A block and B panels.
+        fn buffers() -> [&'static LocalKey<RefCell<Vec<Self::Packed>>>; 2];
+        fn pack_a(packed: &mut [Self::Packed], lhs: View, ic: usize, mc: usize, pc: usize, kc: usize);
+        fn pack_b(packed: &mut [Self::Packed], rhs: &impl RhsSource, pc: usize, kc: usize, jc: usize, nc: usize);
+        /// tile = product of an MR-row panel of A and an NR-column panel of B, `depth` deep.
+        ///
+        /// # Safety
+        /// The CPU has the instructions the implementation uses; the panels hold `depth`
+        /// packed steps.
+        unsafe fn kernel(depth: usize, a: *const Self::Packed, b: *const Self::Packed, tile: &mut [f32; MR * NR]);
     }
 
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn gemm_blocked(
+    unsafe fn gemm_packed<P: Packing>(
         dst: &mut [f32],
         ldc: usize,
         lhs: View,
         rhs: &impl RhsSource,
         scale: f32,
         accumulate: bool,
-        packed_a: &mut [f32],
-        packed_b: &mut [f32],
+    ) {
+        let (m, n, k) = (lhs.rows, rhs.cols(), lhs.cols);
+        let depth = P::depth(KC.min(k));
+        let [a_buffer, b_buffer] = P::buffers();
+        with_scratch(a_buffer, MC.min(m).div_ceil(MR) * MR * depth, |packed_a| {
+            with_scratch(b_buffer, NC.min(n).div_ceil(NR) * NR * depth, |packed_b| {
+                gemm_blocked::<P>(dst, ldc, lhs, rhs, scale, accumulate, packed_a, packed_b)
+            })
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn gemm_blocked<P: Packing>(
+        dst: &mut [f32],
+        ldc: usize,
+        lhs: View,
+        rhs: &impl RhsSource,
+        scale: f32,
+        accumulate: bool,
+        packed_a: &mut [P::Packed],
+        packed_b: &mut [P::Packed],
     ) {
         let (m, n, k) = (lhs.rows, rhs.cols(), lhs.cols);
         let mut tile = [0f32; MR * NR];
@@ -367,16 +422,17 @@ mod avx512 {
             let nc = NC.min(n - jc);
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
-                pack_b(packed_b, rhs, pc, kc, jc, nc);
+                let depth = P::depth(kc);
+                P::pack_b(packed_b, rhs, pc, kc, jc, nc);
                 let add_to_dst = accumulate || pc > 0;
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
-                    pack_a(packed_a, lhs, ic, mc, pc, kc);
+                    P::pack_a(packed_a, lhs, ic, mc, pc, kc);
                     for jr in (0..nc).step_by(NR) {
-                        let b_panel = packed_b.as_ptr().add(jr / NR * NR * kc);
+                        let b_panel = packed_b.as_ptr().add(jr / NR * NR * depth);
                         for ir in (0..mc).step_by(MR) {
-                            let a_panel = packed_a.as_ptr().add(ir / MR * MR * kc);
-                            kernel(kc, a_panel, b_panel, &mut tile);
+                            let a_panel = packed_a.as_ptr().add(ir / MR * MR * depth);
+                            P::kernel(depth, a_panel, b_panel, &mut tile);
                             let rows = MR.min(mc - ir);
                             let cols = NR.min(nc - jr);
                             for r in 0..rows {
@@ -396,64 +452,177 @@ mod avx512 {
         }
     }
 
-    /// B[pc.., jc..] as column panels of NR: panel-major, then k, then the NR columns
-    /// (zero-padded past the edge).
-    fn pack_b(packed: &mut [f32], rhs: &impl RhsSource, pc: usize, kc: usize, jc: usize, nc: usize) {
-        for (panel, j0) in (0..nc).step_by(NR).enumerate() {
-            let cols = NR.min(nc - j0);
-            let block = &mut packed[panel * NR * kc..(panel + 1) * NR * kc];
-            rhs.read_block(pc, kc, jc + j0, cols, block, NR);
-            if cols < NR {
-                block.chunks_mut(NR).for_each(|row| row[cols..].fill(0.0));
-            }
-        }
+    /// f32 operands, multiplied with f32 fused multiply-adds.
+    struct F32Values;
+
+    thread_local! {
+        static PACKED_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        static PACKED_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// A[ic.., pc..] as row panels of MR: panel-major, then k, then the MR rows (zero-padded).
-    /// Read along whichever direction is contiguous.
-    fn pack_a(packed: &mut [f32], lhs: View, ic: usize, mc: usize, pc: usize, kc: usize) {
-        let mut row_segment = [0f32; KC];
-        for (panel, i0) in (0..mc).step_by(MR).enumerate() {
-            let rows = MR.min(mc - i0);
-            let block = &mut packed[panel * MR * kc..(panel + 1) * MR * kc];
-            if lhs.row_stride == 1 && lhs.col_stride != 1 {
-                for (p, column) in block.chunks_mut(MR).enumerate() {
-                    lhs.read_column(ic + i0, pc + p, &mut column[..rows]);
-                    column[rows..].fill(0.0);
-                }
-                continue;
-            }
-            for r in 0..MR {
-                if r < rows {
-                    lhs.read_row(ic + i0 + r, pc, &mut row_segment[..kc]);
-                    for (p, value) in row_segment[..kc].iter().enumerate() {
-                        block[p * MR + r] = *value;
+    impl Packing for F32Values {
+        type Packed = f32;
+
+        fn depth(kc: usize) -> usize {
+            kc
+        }
+
+        fn buffers() -> [&'static LocalKey<RefCell<Vec<f32>>>; 2] {
+            [&PACKED_A, &PACKED_B]
+        }
+
+        /// A[ic.., pc..] as row panels of MR: panel-major, then k, then the MR rows
+        /// (zero-padded). Read along whichever direction is contiguous.
+        fn pack_a(packed: &mut [f32], lhs: View, ic: usize, mc: usize, pc: usize, kc: usize) {
+            let mut row_segment = [0f32; KC];
+            for (panel, i0) in (0..mc).step_by(MR).enumerate() {
+                let rows = MR.min(mc - i0);
+                let block = &mut packed[panel * MR * kc..(panel + 1) * MR * kc];
+                if lhs.row_stride == 1 && lhs.col_stride != 1 {
+                    for (p, column) in block.chunks_mut(MR).enumerate() {
+                        lhs.read_column(ic + i0, pc + p, &mut column[..rows]);
+                        column[rows..].fill(0.0);
                     }
-                } else {
-                    block.chunks_mut(MR).for_each(|column| column[r] = 0.0);
+                    continue;
+                }
+                for r in 0..MR {
+                    if r < rows {
+                        lhs.read_row(ic + i0 + r, pc, &mut row_segment[..kc]);
+                        for (p, value) in row_segment[..kc].iter().enumerate() {
+                            block[p * MR + r] = *value;
+                        }
+                    } else {
+                        block.chunks_mut(MR).for_each(|column| column[r] = 0.0);
+                    }
+                }
+            }
+        }
+
+        /// B[pc.., jc..] as column panels of NR: panel-major, then k, then the NR columns
+        /// (zero-padded past the edge).
+        fn pack_b(packed: &mut [f32], rhs: &impl RhsSource, pc: usize, kc: usize, jc: usize, nc: usize) {
+            for (panel, j0) in (0..nc).step_by(NR).enumerate() {
+                let cols = NR.min(nc - j0);
+                let block = &mut packed[panel * NR * kc..(panel + 1) * NR * kc];
+                rhs.read_block(pc, kc, jc + j0, cols, block, NR);
+                if cols < NR {
+                    block.chunks_mut(NR).for_each(|row| row[cols..].fill(0.0));
+                }
+            }
+        }
+
+        /// Σₚ a[p]·b[p] over the steps: 12 accumulators, two loads of B and six broadcasts of
+        /// A per step.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, tile: &mut [f32; MR * NR]) {
+            let mut c = [_mm512_setzero_ps(); 2 * MR];
+            for p in 0..kc {
+                let b0 = _mm512_loadu_ps(b.add(p * NR));
+                let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+                let a_column = a.add(p * MR);
+                for r in 0..MR {
+                    let broadcast = _mm512_set1_ps(*a_column.add(r));
+                    c[2 * r] = _mm512_fmadd_ps(broadcast, b0, c[2 * r]);
+                    c[2 * r + 1] = _mm512_fmadd_ps(broadcast, b1, c[2 * r + 1]);
+                }
+            }
+            for r in 0..MR {
+                _mm512_storeu_ps(tile.as_mut_ptr().add(r * NR), c[2 * r]);
+                _mm512_storeu_ps(tile.as_mut_ptr().add(r * NR + 16), c[2 * r + 1]);
+            }
+        }
+    }
+
+    /// Operands rounded to bf16 (to nearest even), multiplied in pairs of k steps with f32
+    /// accumulation by AVX512-BF16's `vdpbf16ps`. A packed element holds two consecutive k steps
+    /// of one row or column: the earlier in the low half.
+    struct Bf16Pairs;
+
+    thread_local! {
+        static PACKED_PAIRS_A: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+        static PACKED_PAIRS_B: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Interleaves the k steps of a packed f32 panel (`width` values per step) into bf16 pairs;
+    /// an odd last step is paired with 0.
+    fn pair_steps(values: &[f32], width: usize, kc: usize, pairs: &mut [u32]) {
+        let bits = |value: f32| u32::from(half::bf16::from_f32(value).to_bits());
+        for (p, out) in pairs.chunks_mut(width).take(kc.div_ceil(2)).enumerate() {
+            let low = &values[2 * p * width..(2 * p + 1) * width];
+            if 2 * p + 1 < kc {
+                let high = &values[(2 * p + 1) * width..(2 * p + 2) * width];
+                for ((pair, low), high) in out.iter_mut().zip(low).zip(high) {
+                    *pair = bits(*low) | bits(*high) << 16;
+                }
+            } else {
+                for (pair, low) in out.iter_mut().zip(low) {
+                    *pair = bits(*low);
                 }
             }
         }
     }
 
-    /// tile = Σₚ a[p]·b[p] over kc steps: 12 accumulators, two loads of B and six broadcasts
-    /// of A per step.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, tile: &mut [f32; MR * NR]) {
-        let mut c = [_mm512_setzero_ps(); 2 * MR];
-        for p in 0..kc {
-            let b0 = _mm512_loadu_ps(b.add(p * NR));
-            let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
-            let a_column = a.add(p * MR);
-            for r in 0..MR {
-                let broadcast = _mm512_set1_ps(*a_column.add(r));
-                c[2 * r] = _mm512_fmadd_ps(broadcast, b0, c[2 * r]);
-                c[2 * r + 1] = _mm512_fmadd_ps(broadcast, b1, c[2 * r + 1]);
+    impl Packing for Bf16Pairs {
+        type Packed = u32;
+
+        fn depth(kc: usize) -> usize {
+            kc.div_ceil(2)
+        }
+
+        fn buffers() -> [&'static LocalKey<RefCell<Vec<u32>>>; 2] {
+            [&PACKED_PAIRS_A, &PACKED_PAIRS_B]
+        }
+
+        /// As f32 (one MR-row panel at a time), then paired.
+        fn pack_a(packed: &mut [u32], lhs: View, ic: usize, mc: usize, pc: usize, kc: usize) {
+            let mut panel = [0f32; MR * KC];
+            let depth = Self::depth(kc);
+            for (index, i0) in (0..mc).step_by(MR).enumerate() {
+                let rows = MR.min(mc - i0);
+                F32Values::pack_a(&mut panel[..MR * kc], lhs, ic + i0, rows, pc, kc);
+                pair_steps(
+                    &panel,
+                    MR,
+                    kc,
+                    &mut packed[index * MR * depth..(index + 1) * MR * depth],
+                );
             }
         }
-        for r in 0..MR {
-            _mm512_storeu_ps(tile.as_mut_ptr().add(r * NR), c[2 * r]);
-            _mm512_storeu_ps(tile.as_mut_ptr().add(r * NR + 16), c[2 * r + 1]);
+
+        /// As f32 (one NR-column panel at a time), then paired.
+        fn pack_b(packed: &mut [u32], rhs: &impl RhsSource, pc: usize, kc: usize, jc: usize, nc: usize) {
+            let mut panel = [0f32; NR * KC];
+            let depth = Self::depth(kc);
+            for (index, j0) in (0..nc).step_by(NR).enumerate() {
+                let cols = NR.min(nc - j0);
+                F32Values::pack_b(&mut panel[..NR * kc], rhs, pc, kc, jc + j0, cols);
+                pair_steps(
+                    &panel,
+                    NR,
+                    kc,
+                    &mut packed[index * NR * depth..(index + 1) * NR * depth],
+                );
+            }
+        }
+
+        /// As [`F32Values::kernel`], two k steps per instruction.
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        unsafe fn kernel(depth: usize, a: *const u32, b: *const u32, tile: &mut [f32; MR * NR]) {
+            let mut c = [_mm512_setzero_ps(); 2 * MR];
+            for p in 0..depth {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR).cast()));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16).cast()));
+                let a_pairs = a.add(p * MR);
+                for r in 0..MR {
+                    let broadcast: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a_pairs.add(r) as i32));
+                    c[2 * r] = _mm512_dpbf16_ps(c[2 * r], broadcast, b0);
+                    c[2 * r + 1] = _mm512_dpbf16_ps(c[2 * r + 1], broadcast, b1);
+                }
+            }
+            for r in 0..MR {
+                _mm512_storeu_ps(tile.as_mut_ptr().add(r * NR), c[2 * r]);
+                _mm512_storeu_ps(tile.as_mut_ptr().add(r * NR + 16), c[2 * r + 1]);
+            }
         }
     }
 }

@@ -26,7 +26,7 @@ use safetensors::tensor::{Dtype as FileDtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
 
 use super::cpu_kernels::with_cpu_f32;
-use super::sgemm::Elements;
+use super::sgemm::{Elements, Precision};
 
 /// Why a weight file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -314,11 +314,12 @@ impl SimpleBackend for FileBackend {
 
 /// What model code builds its layers from: candle's `VarBuilder` for every tensor, and the
 /// mapped file itself where the model computes in f32 on the CPU, so that weight matrices are
-/// read in place.
+/// read in place; with the precision the CPU kernels multiply them in.
 #[derive(Clone)]
 pub struct Weights {
     builder: VarBuilder<'static>,
     mapped: Option<Arc<SafetensorsFile>>,
+    precision: Precision,
 }
 
 impl Weights {
@@ -333,7 +334,13 @@ impl Weights {
         Weights {
             builder: VarBuilder::from_backend(Box::new(FileBackend(file)), dtype, device.clone()),
             mapped,
+            precision: Precision::F32,
         }
+    }
+
+    /// The same weights, their matrices multiplied in `precision` by the CPU kernels.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        Weights { precision, ..self }
     }
 
     /// The weights under `prefix` (joined with a dot, as `VarBuilder::pp`).
@@ -341,6 +348,7 @@ impl Weights {
         Weights {
             builder: self.builder.pp(prefix),
             mapped: self.mapped.clone(),
+            precision: self.precision,
         }
     }
 
@@ -375,6 +383,7 @@ impl Weights {
                         file: file.clone(),
                         name: full_name,
                     },
+                    precision: self.precision,
                 });
             }
         }
@@ -382,6 +391,7 @@ impl Weights {
         Ok(WeightMatrix {
             shape: tensor.dims().to_vec(),
             storage: MatrixStorage::Tensor(tensor),
+            precision: self.precision,
         })
     }
 }
@@ -389,7 +399,11 @@ impl Weights {
 /// Weights from any `VarBuilder`, every tensor copied through it.
 impl From<VarBuilder<'static>> for Weights {
     fn from(builder: VarBuilder<'static>) -> Self {
-        Weights { builder, mapped: None }
+        Weights {
+            builder,
+            mapped: None,
+            precision: Precision::F32,
+        }
     }
 }
 
@@ -400,10 +414,12 @@ impl From<Weights> for VarBuilder<'static> {
     }
 }
 
-/// A layer's weight matrix ([out, in], or a convolution's [out, in, k, k]).
+/// A layer's weight matrix ([out, in], or a convolution's [out, in, k, k]) and the precision
+/// the CPU kernels multiply it in.
 pub struct WeightMatrix {
     shape: Vec<usize>,
     storage: MatrixStorage,
+    precision: Precision,
 }
 
 enum MatrixStorage {
@@ -416,6 +432,10 @@ enum MatrixStorage {
 impl WeightMatrix {
     pub fn dims(&self) -> &[usize] {
         &self.shape
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The matrix as an f32 tensor (a copy where it is mapped), for candle's operations.

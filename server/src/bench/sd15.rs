@@ -3,8 +3,10 @@
 //! (random weights written to a temporary directory: about 2.1 GB), then the peak RSS and one
 //! core's f32 and bf16 arithmetic peak ([`super::cpu_peak`]).
 //!
+//! Where the CPU has AVX512-BF16, the full-size UNet step is timed in bf16 too (`--bf16-unet`).
+//!
 //! The full-size step is the number to compare with PyTorch (`shared/docs/candle.md` §4: f32
-//! 10.2 s per step and 15.8 s per 512² decode on the 2-core reference machine).
+//! 10.2 s per step, bf16 6.3 s, and 15.8 s per 512² decode on the 2-core reference machine).
 
 use std::path::Path;
 use std::time::Instant;
@@ -12,6 +14,7 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use easel_nodes::diffusion_nodes::load_checkpoint;
+use easel_nodes::models::sgemm::Precision;
 use easel_nodes::models::testmodels::{
     sd15_clip_l, sd15_unet, sd15_vae, sd1_checkpoint_layout, write_checkpoint, write_test_models, TINY_SD1_CHECKPOINT,
 };
@@ -28,14 +31,17 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         .into_iter()
         .find(|path| path.ends_with(TINY_SD1_CHECKPOINT))
         .context("the tiny checkpoint was not written")?;
-    measure("tiny SD1.x", &tiny, 64, args.steps)?;
+    measure("tiny SD1.x", &tiny, 64, args.steps, Precision::F32)?;
     if !args.tiny_only {
         let full = dir.path().join("sd15_random.safetensors");
         let layout = sd1_checkpoint_layout(&sd15_unet(), &sd15_clip_l(), &sd15_vae())?;
         write_checkpoint(&full, &layout)?;
         // Timed loads read a file at rest, as a user's checkpoint is, not one still being written back.
         std::fs::File::open(&full)?.sync_all()?;
-        measure("SD1.5 (random weights)", &full, 512, args.steps)?;
+        measure("SD1.5 (random weights)", &full, 512, args.steps, Precision::F32)?;
+        if Precision::bf16_supported() {
+            measure("SD1.5, UNet in bf16", &full, 512, args.steps, Precision::Bf16)?;
+        }
     }
     if let Some(peak) = peak_rss_bytes() {
         println!("\npeak RSS: {:.2} GiB", peak as f64 / (1u64 << 30) as f64);
@@ -50,13 +56,14 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// Loads `checkpoint`, then times `steps` UNet passes on a batch of two `pixels`² latents and
-/// one VAE decode (the mean of the timed runs after one warm-up pass each). The first UNet pass
-/// is shown too: it also reads in the weight matrices, which loading leaves in the file's map.
-fn measure(name: &str, checkpoint: &Path, pixels: usize, steps: usize) -> anyhow::Result<()> {
+/// Loads `checkpoint` with the UNet in `precision`, then times `steps` UNet passes on a batch of
+/// two `pixels`² latents and one VAE decode (the mean of the timed runs after one warm-up pass
+/// each; the VAE is not timed again for bf16, in which it does not run). The first UNet pass is
+/// shown too: it also reads in the weight matrices, which loading leaves in the file's map.
+fn measure(name: &str, checkpoint: &Path, pixels: usize, steps: usize, precision: Precision) -> anyhow::Result<()> {
     let device = Device::Cpu;
     let started = Instant::now();
-    let (loaded, _) = load_checkpoint(checkpoint, &device).map_err(|error| anyhow::anyhow!("{error}"))?;
+    let (loaded, _) = load_checkpoint(checkpoint, &device, precision).map_err(|error| anyhow::anyhow!("{error}"))?;
     let load = started.elapsed().as_secs_f64();
     let clip = loaded.clip.context("the checkpoint has no text encoder")?;
     let vae = loaded.vae.context("the checkpoint has no VAE")?;
@@ -79,10 +86,11 @@ fn measure(name: &str, checkpoint: &Path, pixels: usize, steps: usize) -> anyhow
     let (first_step_seconds, step_seconds) = mean_seconds(steps, step)?;
 
     let latent = Tensor::randn(0f32, 1.0, (1, 4, side, side), &device)?;
-    let (_, decode_seconds) = mean_seconds(steps.min(2), || vae.0.decode(&latent))?;
-    println!(
-        "| {name} | {side}×{side} | {load:.2} | {first_step_seconds:.3} | {step_seconds:.3} | {decode_seconds:.3} |"
-    );
+    let decode = match precision {
+        Precision::F32 => format!("{:.3}", mean_seconds(steps.min(2), || vae.0.decode(&latent))?.1),
+        Precision::Bf16 => "–".to_string(),
+    };
+    println!("| {name} | {side}×{side} | {load:.2} | {first_step_seconds:.3} | {step_seconds:.3} | {decode} |");
     Ok(())
 }
 
