@@ -259,6 +259,9 @@ pub struct NodeSchema {
     /// ComfyUI's `NOT_IDEMPOTENT`: the node id is part of the cache key.
     pub not_idempotent: bool,
     pub custom_validation: CustomValidation,
+    /// `OUTPUT_TOOLTIPS` where it is not the outputs' own: a V1 subclass keeps its parent's
+    /// (`LoraLoaderModelOnly` lists `LoraLoader`'s two).
+    pub output_tooltips: Option<Vec<String>>,
 }
 
 impl NodeSchema {
@@ -292,6 +295,12 @@ impl NodeSchema {
 
     pub fn output_node(mut self) -> Self {
         self.output_node = true;
+        self
+    }
+
+    /// Lists `tooltips` as the V1 node's `output_tooltips`, whatever its outputs say.
+    pub fn output_tooltips(mut self, tooltips: &[&str]) -> Self {
+        self.output_tooltips = Some(tooltips.iter().map(|tooltip| tooltip.to_string()).collect());
         self
     }
 
@@ -413,7 +422,9 @@ impl NodeSchema {
                 info.insert("api_node".into(), json!(false));
             }
             SchemaStyle::V1 => {
-                if tooltips.iter().any(Option::is_some) {
+                if let Some(inherited) = &self.output_tooltips {
+                    info.insert("output_tooltips".into(), json!(inherited));
+                } else if tooltips.iter().any(Option::is_some) {
                     info.insert("output_tooltips".into(), json!(tooltips));
                 }
                 if self.deprecated {

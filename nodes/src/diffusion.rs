@@ -12,6 +12,7 @@ use easel_engine::NodeObject;
 use crate::models::clip_text::{ClipTextEncoder, OutputLayer};
 use crate::models::unet::{UNet, UNetInput};
 use crate::models::vae::Vae;
+use crate::models::weights::WeightSource;
 use crate::sampling::noise::prepare_noise;
 use crate::sampling::samplers::{self, Denoiser, SamplerError, Step};
 use crate::sampling::schedule::{ksampler_sigmas, Scheduler, SigmaSchedule};
@@ -49,6 +50,8 @@ impl LatentFormat {
 /// A diffusion network with its noise schedule (ComfyUI's `BaseModel` with `model_sampling`).
 pub struct DiffusionModel {
     pub unet: UNet,
+    /// What the UNet was built from (LoRA nodes build it again with their patches).
+    pub source: WeightSource,
     pub prediction: Prediction,
     pub schedule: SigmaSchedule,
     pub latent_format: LatentFormat,
@@ -105,6 +108,8 @@ impl NodeObject for Model {
 pub struct Clip {
     pub encoder: Arc<ClipTextEncoder>,
     pub output_layer: OutputLayer,
+    /// What the encoder was built from (LoRA nodes build it again with their patches).
+    pub source: WeightSource,
 }
 
 impl fmt::Debug for Clip {

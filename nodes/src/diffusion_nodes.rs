@@ -17,11 +17,12 @@ use crate::memory::{self, OutOfMemory};
 use crate::model_cache::ModelCache;
 use crate::models::clip_text::{ClipTextEncoder, OutputLayer};
 use crate::models::embeddings::EmbeddingFolder;
+use crate::models::lora::WeightPatches;
 use crate::models::sgemm::Precision;
 use crate::models::tokenizer::{tokenize_with_weights, NoEmbeddings};
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
-use crate::models::weights::{SafetensorsFile, Weights};
+use crate::models::weights::{SafetensorsFile, WeightSource, Weights};
 use crate::models::{detect_checkpoint, SD1_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
 use crate::paths::Paths;
 use crate::resample::{common_upscale, ResizeMethod};
@@ -73,15 +74,18 @@ pub fn load_checkpoint(
         ))
     })?;
     let prefix = |p: &str| p.trim_end_matches('.').to_string();
-    let unet = UNet::new(
-        layout.unet,
-        Weights::from_file(file.clone(), DType::F32, device)
-            .with_precision(precision)
-            .pp(prefix(UNET_PREFIX)),
-    )
-    .map_err(tensor_error)?;
+    let source = |prefix: String, precision: Precision| WeightSource {
+        file: file.clone(),
+        prefix,
+        device: device.clone(),
+        precision,
+        patches: WeightPatches::default(),
+    };
+    let unet_source = source(prefix(UNET_PREFIX), precision);
+    let unet = UNet::new(layout.unet, unet_source.weights()).map_err(tensor_error)?;
     let model = Model(Arc::new(DiffusionModel {
         unet,
+        source: unet_source,
         prediction: Prediction::Epsilon,
         schedule: SigmaSchedule::sd_discrete(),
         latent_format: LatentFormat::sd15(),
@@ -89,11 +93,12 @@ pub fn load_checkpoint(
     }));
     let clip = match layout.clip {
         Some(config) => {
-            let vb = Weights::from_file(file.clone(), DType::F32, device).pp(prefix(SD1_CLIP_PREFIX));
-            let encoder = ClipTextEncoder::new(config, vb).map_err(tensor_error)?;
+            let clip_source = source(prefix(SD1_CLIP_PREFIX), Precision::F32);
+            let encoder = ClipTextEncoder::new(config, clip_source.weights()).map_err(tensor_error)?;
             Some(Clip {
                 encoder: Arc::new(encoder),
                 output_layer: OutputLayer::Last,
+                source: clip_source,
             })
         }
         None => None,

@@ -16,6 +16,7 @@ pub mod image;
 pub mod image_io;
 pub mod image_nodes;
 pub mod latent_preview;
+pub mod lora_nodes;
 pub mod mask_nodes;
 pub mod memory;
 pub mod model_cache;
@@ -62,6 +63,8 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(canny::Canny);
     registry.register(SaveImageWebsocket);
     registry.register(diffusion_nodes::CheckpointLoaderSimple);
+    registry.register(lora_nodes::LoraLoader);
+    registry.register(lora_nodes::LoraLoaderModelOnly);
     registry.register(diffusion_nodes::ClipTextEncode);
     registry.register(diffusion_nodes::ClipSetLastLayer);
     registry.register(diffusion_nodes::EmptyLatentImage);

@@ -5,8 +5,11 @@
 
 use std::sync::Arc;
 
+mod common;
+
 use candle_core::{Device, Tensor};
-use easel_engine::{call_standalone, NodeInputs, NodeRegistry, Services, Value};
+use common::{flat, j, setup, Setup};
+use easel_engine::{Services, Value};
 use easel_nodes::builtin_registry;
 use easel_nodes::diffusion::{Latent, Model};
 use easel_nodes::models::testmodels::{write_test_models, TINY_SD1_CHECKPOINT};
@@ -15,41 +18,6 @@ use easel_nodes::paths::Paths;
 use easel_nodes::sampling::noise::prepare_noise;
 use easel_nodes::sampling::samplers::SAMPLER_NAMES;
 use serde_json::json;
-
-struct Setup {
-    _dir: tempfile::TempDir,
-    registry: NodeRegistry,
-    services: Arc<Services>,
-}
-
-fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path()).finish();
-    paths.prepare().unwrap();
-    write_test_models(&paths.models).unwrap();
-    let mut services = Services::new();
-    services.insert(paths);
-    Setup {
-        _dir: dir,
-        registry: builtin_registry(),
-        services: Arc::new(services),
-    }
-}
-
-impl Setup {
-    fn call(&self, class: &str, inputs: Vec<(&str, Value)>) -> Result<Vec<Value>, easel_engine::NodeError> {
-        let inputs = NodeInputs::new(inputs.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
-        call_standalone(self.registry.get(class).unwrap().as_ref(), &self.services, &inputs).map(|o| o.outputs)
-    }
-}
-
-fn j(value: serde_json::Value) -> Value {
-    Value::Json(value)
-}
-
-fn flat(tensor: &Tensor) -> Vec<f32> {
-    tensor.flatten_all().unwrap().to_vec1().unwrap()
-}
 
 /// Loader, prompts and an empty latent of `batch` 64×64 images.
 fn inputs(setup: &Setup, batch: u32) -> (Vec<Value>, Value, Value, Value) {

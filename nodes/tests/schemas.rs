@@ -11,10 +11,12 @@ fn reference() -> Json {
 }
 
 /// Inputs whose combo lists come from the disk rather than from the node.
-const FILE_COMBOS: [(&str, &str); 3] = [
+const FILE_COMBOS: [(&str, &str); 5] = [
     ("LoadImage", "image"),
     ("LoadImageMask", "image"),
     ("CheckpointLoaderSimple", "ckpt_name"),
+    ("LoraLoader", "lora_name"),
+    ("LoraLoaderModelOnly", "lora_name"),
 ];
 
 #[test]

@@ -93,6 +93,10 @@ impl ClipTextEncoder {
         self.config.hidden_size
     }
 
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
     pub fn new(config: ClipTextConfig, vb: Weights) -> Result<Self> {
         let embeddings = vb.pp("embeddings");
         let token_embedding = embeddings

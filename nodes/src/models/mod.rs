@@ -8,6 +8,7 @@ pub mod conv;
 pub mod cpu_kernels;
 pub mod embeddings;
 pub mod linear;
+pub mod lora;
 pub mod sgemm;
 pub mod testmodels;
 pub mod tokenizer;

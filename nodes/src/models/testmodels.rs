@@ -182,7 +182,140 @@ pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     safetensors::serialize_to_file([("emb_params", view)], None, &safetensors_path).map_err(std::io::Error::other)?;
     let pt_path = embeddings.join(format!("{TINY_EMBEDDING_PT}.pt"));
     write_pth(&pt_path, &[("*", &shape, &values)], Some("string_to_param"))?;
-    Ok(vec![checkpoint, safetensors_path, pt_path])
+
+    let loras = models_dir.join("loras");
+    std::fs::create_dir_all(&loras)?;
+    let lora = loras.join(TINY_SD1_LORA);
+    write_tiny_lora(&lora, &layout)?;
+    Ok(vec![checkpoint, safetensors_path, pt_path, lora])
+}
+
+/// A LoRA for the tiny SD1.x checkpoint, in the `loras` folder.
+pub const TINY_SD1_LORA: &str = "easel_tiny_sd1_lora.safetensors";
+
+/// The rank and alpha of every layer of the tiny LoRA: scale alpha/rank = 0.5.
+pub const TINY_LORA_RANK: usize = 4;
+pub const TINY_LORA_ALPHA: f32 = 2.0;
+
+/// How a LoRA file names a layer's two factors.
+#[derive(Clone, Copy, Debug)]
+pub enum LoraNaming {
+    /// `.lora_up.weight` / `.lora_down.weight` (kohya, LyCORIS LoCon).
+    Kohya,
+    /// `.lora_B.weight` / `.lora_A.weight` (PEFT).
+    Peft,
+    /// `.lora_linear_layer.up.weight` / `.down.weight` (diffusers).
+    Diffusers,
+}
+
+impl LoraNaming {
+    /// The (up, down) tensor names for layer `name`.
+    pub fn factor_names(self, name: &str) -> (String, String) {
+        match self {
+            LoraNaming::Kohya => (format!("{name}.lora_up.weight"), format!("{name}.lora_down.weight")),
+            LoraNaming::Peft => (format!("{name}.lora_B.weight"), format!("{name}.lora_A.weight")),
+            LoraNaming::Diffusers => (
+                format!("{name}.lora_linear_layer.up.weight"),
+                format!("{name}.lora_linear_layer.down.weight"),
+            ),
+        }
+    }
+}
+
+/// The tiny LoRA's layers: the name in the LoRA file (in the schemes real LoRAs use), how its
+/// factors are named, and the checkpoint tensor ComfyUI patches with it.
+pub const TINY_LORA_LAYERS: &[(&str, LoraNaming, &str)] = &[
+    (
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+        LoraNaming::Kohya,
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+    ),
+    (
+        "lora_unet_down_blocks_1_resnets_0_conv1",
+        LoraNaming::Kohya,
+        "model.diffusion_model.input_blocks.3.0.in_layers.2.weight",
+    ),
+    (
+        "lora_unet_down_blocks_0_downsamplers_0_conv",
+        LoraNaming::Kohya,
+        "model.diffusion_model.input_blocks.2.0.op.weight",
+    ),
+    (
+        "lora_unet_mid_block_attentions_0_proj_in",
+        LoraNaming::Kohya,
+        "model.diffusion_model.middle_block.1.proj_in.weight",
+    ),
+    (
+        "lora_unet_up_blocks_0_upsamplers_0_conv",
+        LoraNaming::Kohya,
+        "model.diffusion_model.output_blocks.1.2.conv.weight",
+    ),
+    (
+        "lora_unet_up_blocks_1_resnets_1_conv_shortcut",
+        LoraNaming::Kohya,
+        "model.diffusion_model.output_blocks.3.0.skip_connection.weight",
+    ),
+    (
+        "lora_unet_output_blocks_2_1_proj_out",
+        LoraNaming::Kohya,
+        "model.diffusion_model.output_blocks.2.1.proj_out.weight",
+    ),
+    (
+        "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn2.processor.to_out",
+        LoraNaming::Peft,
+        "model.diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_out.0.weight",
+    ),
+    (
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+        LoraNaming::Kohya,
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+    ),
+    (
+        "text_encoder.text_model.encoder.layers.1.mlp.fc2",
+        LoraNaming::Diffusers,
+        "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc2.weight",
+    ),
+];
+
+/// A tensor of the tiny LoRA that matches no layer (ComfyUI logs it as not loaded).
+pub const TINY_LORA_UNMATCHED: &str = "lora_unet_no_such_layer.lora_up.weight";
+
+/// Writes the tiny LoRA for the checkpoint `layout`: for each of [`TINY_LORA_LAYERS`], random
+/// f16 factors of rank [`TINY_LORA_RANK`] shaped as LoCon does for convolutions (down
+/// [r, C, k, k], up [O, r, 1, 1]), and an f32 alpha.
+pub fn write_tiny_lora(path: &Path, layout: &[TensorSpec]) -> std::io::Result<()> {
+    let mut generator = CpuGenerator::new(7);
+    let mut buffers: Vec<(String, FileDtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, naming, target) in TINY_LORA_LAYERS {
+        let shape = &layout
+            .iter()
+            .find(|spec| spec.name == *target)
+            .ok_or_else(|| std::io::Error::other(format!("the tiny checkpoint has no '{target}'")))?
+            .shape;
+        let (up_shape, down_shape) = match shape.as_slice() {
+            [out, input] => (vec![*out, TINY_LORA_RANK], vec![TINY_LORA_RANK, *input]),
+            [out, input, kh, kw] => (vec![*out, TINY_LORA_RANK, 1, 1], vec![TINY_LORA_RANK, *input, *kh, *kw]),
+            other => return Err(std::io::Error::other(format!("'{target}' has shape {other:?}"))),
+        };
+        let (up_name, down_name) = naming.factor_names(name);
+        for (tensor, shape) in [(up_name, up_shape), (down_name, down_shape)] {
+            let values = generator.randn(shape.iter().product()).into_iter().map(|v| v * 0.5);
+            buffers.push((tensor, FileDtype::F16, shape, half_bytes(values)));
+        }
+        buffers.push((
+            format!("{name}.alpha"),
+            FileDtype::F32,
+            vec![],
+            TINY_LORA_ALPHA.to_le_bytes().to_vec(),
+        ));
+    }
+    buffers.push((
+        TINY_LORA_UNMATCHED.to_string(),
+        FileDtype::F16,
+        vec![1, 1],
+        half_bytes([1.0].into_iter()),
+    ));
+    write_safetensors(path, &buffers, None)
 }
 
 /// Writes float32 tensors as a PyTorch zip checkpoint (`torch.save` layout: `archive/data.pkl`
@@ -268,7 +401,17 @@ pub fn write_checkpoint(path: &Path, layout: &[TensorSpec]) -> std::io::Result<(
         };
         buffers.push((spec.name.clone(), dtype, spec.shape.clone(), bytes));
     }
-    let views = buffers
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_safetensors(path, &buffers, Some(metadata))
+}
+
+/// Writes tensors given as (name, dtype, shape, little-endian data) as a safetensors file.
+fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, FileDtype, Vec<usize>, Vec<u8>)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> std::io::Result<()> {
+    let views = tensors
         .iter()
         .map(|(name, dtype, shape, bytes)| {
             TensorView::new(*dtype, shape.clone(), bytes)
@@ -276,8 +419,7 @@ pub fn write_checkpoint(path: &Path, layout: &[TensorSpec]) -> std::io::Result<(
                 .map_err(std::io::Error::other)
         })
         .collect::<std::io::Result<Vec<_>>>()?;
-    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(metadata), path).map_err(std::io::Error::other)
+    safetensors::serialize_to_file(views, metadata, path).map_err(std::io::Error::other)
 }
 
 fn half_bytes(values: impl Iterator<Item = f32>) -> Vec<u8> {

@@ -207,6 +207,10 @@ enum Layer {
 }
 
 impl UNet {
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
     pub fn new(config: UNetConfig, vb: Weights) -> Result<Self> {
         let mc = config.model_channels;
         let time_dim = mc * 4;

@@ -26,6 +26,7 @@ use safetensors::tensor::{Dtype as FileDtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
 
 use super::cpu_kernels::with_cpu_f32;
+use super::lora::WeightPatches;
 use super::sgemm::{Elements, Precision};
 
 /// Why a weight file could not be used.
@@ -314,12 +315,14 @@ impl SimpleBackend for FileBackend {
 
 /// What model code builds its layers from: candle's `VarBuilder` for every tensor, and the
 /// mapped file itself where the model computes in f32 on the CPU, so that weight matrices are
-/// read in place; with the precision the CPU kernels multiply them in.
+/// read in place; with the precision the CPU kernels multiply them in and the LoRA patches
+/// applied to the matrices.
 #[derive(Clone)]
 pub struct Weights {
     builder: VarBuilder<'static>,
     mapped: Option<Arc<SafetensorsFile>>,
     precision: Precision,
+    patches: WeightPatches,
 }
 
 impl Weights {
@@ -335,6 +338,7 @@ impl Weights {
             builder: VarBuilder::from_backend(Box::new(FileBackend(file)), dtype, device.clone()),
             mapped,
             precision: Precision::F32,
+            patches: WeightPatches::default(),
         }
     }
 
@@ -343,30 +347,51 @@ impl Weights {
         Weights { precision, ..self }
     }
 
+    /// The same weights with `patches` applied to the matrices (a copy of each matrix patched).
+    pub fn with_patches(self, patches: WeightPatches) -> Self {
+        Weights { patches, ..self }
+    }
+
     /// The weights under `prefix` (joined with a dot, as `VarBuilder::pp`).
     pub fn pp(&self, prefix: impl ToString) -> Self {
         Weights {
             builder: self.builder.pp(prefix),
             mapped: self.mapped.clone(),
             precision: self.precision,
+            patches: self.patches.clone(),
         }
     }
 
-    /// The tensor `name`, which must have `shape`, copied in the model's dtype.
+    /// The tensor `name`, which must have `shape`, copied in the model's dtype (patched where
+    /// patches change it).
     pub fn get(&self, shape: impl Into<Shape>, name: &str) -> candle_core::Result<Tensor> {
-        self.builder.get(shape, name)
+        self.patches
+            .apply(&self.full_name(name), self.builder.get(shape, name)?)
     }
 
-    /// The weight matrix `name`, which must have `shape`: in place where the file is mapped and
-    /// holds it in f32, f16 or bf16, else a tensor in the model's dtype.
-    pub fn matrix(&self, shape: impl Into<Shape>, name: &str) -> candle_core::Result<WeightMatrix> {
-        let shape: Shape = shape.into();
+    /// `name` with the prefix, as the file names it.
+    fn full_name(&self, name: &str) -> String {
         let prefix = self.builder.prefix();
-        let full_name = if prefix.is_empty() {
+        if prefix.is_empty() {
             name.to_string()
         } else {
             format!("{prefix}.{name}")
-        };
+        }
+    }
+
+    /// The weight matrix `name`, which must have `shape`: in place where the file is mapped and
+    /// holds it in f32, f16 or bf16 and no patch changes it, else a tensor in the model's dtype.
+    pub fn matrix(&self, shape: impl Into<Shape>, name: &str) -> candle_core::Result<WeightMatrix> {
+        let shape: Shape = shape.into();
+        let full_name = self.full_name(name);
+        if self.patches.touches(&full_name) {
+            let tensor = self.get(shape, name)?;
+            return Ok(WeightMatrix {
+                shape: tensor.dims().to_vec(),
+                storage: MatrixStorage::Tensor(tensor),
+                precision: self.precision,
+            });
+        }
         if let Some(file) = &self.mapped {
             if file.elements(&full_name).is_some() {
                 if file.shape(&full_name) != Some(shape.dims()) {
@@ -396,6 +421,29 @@ impl Weights {
     }
 }
 
+/// Where a network's weights come from, kept with the network so that it can be built again
+/// with more LoRA patches without reading its file again: the mapped file, the prefix of the
+/// network's tensors there, and how the network computes.
+#[derive(Clone)]
+pub struct WeightSource {
+    pub file: Arc<SafetensorsFile>,
+    /// The tensor name prefix, without its final dot (`model.diffusion_model`).
+    pub prefix: String,
+    pub device: Device,
+    pub precision: Precision,
+    pub patches: WeightPatches,
+}
+
+impl WeightSource {
+    /// The network's weights, computing in f32.
+    pub fn weights(&self) -> Weights {
+        Weights::from_file(self.file.clone(), DType::F32, &self.device)
+            .with_precision(self.precision)
+            .with_patches(self.patches.clone())
+            .pp(&self.prefix)
+    }
+}
+
 /// Weights from any `VarBuilder`, every tensor copied through it.
 impl From<VarBuilder<'static>> for Weights {
     fn from(builder: VarBuilder<'static>) -> Self {
@@ -403,6 +451,7 @@ impl From<VarBuilder<'static>> for Weights {
             builder,
             mapped: None,
             precision: Precision::F32,
+            patches: WeightPatches::default(),
         }
     }
 }

@@ -1,7 +1,14 @@
 //! Helpers shared by the node tests: reading the reference fixtures, comparing tensors.
 #![allow(dead_code)]
 
+use std::sync::Arc;
+
 use base64::Engine;
+use candle_core::Tensor;
+use easel_engine::{call_standalone, NodeInputs, NodeRegistry, Services, Value};
+use easel_nodes::builtin_registry;
+use easel_nodes::models::testmodels::write_test_models;
+use easel_nodes::paths::Paths;
 use serde_json::Value as Json;
 
 pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -39,4 +46,43 @@ pub fn max_abs_difference(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f
         .and_then(|d| d.max(0))
         .and_then(|d| d.to_scalar::<f32>())
         .expect("tensors of the same shape")
+}
+
+/// A models directory with the tiny test models, and the built-in nodes.
+pub struct Setup {
+    _dir: tempfile::TempDir,
+    pub registry: NodeRegistry,
+    pub services: Arc<Services>,
+}
+
+pub fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(dir.path()).finish();
+    paths.prepare().unwrap();
+    write_test_models(&paths.models).unwrap();
+    let mut services = Services::new();
+    services.insert(paths);
+    Setup {
+        _dir: dir,
+        registry: builtin_registry(),
+        services: Arc::new(services),
+    }
+}
+
+impl Setup {
+    /// Runs node `class` on `inputs` outside a prompt.
+    pub fn call(&self, class: &str, inputs: Vec<(&str, Value)>) -> Result<Vec<Value>, easel_engine::NodeError> {
+        let inputs = NodeInputs::new(inputs.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+        call_standalone(self.registry.get(class).unwrap().as_ref(), &self.services, &inputs).map(|o| o.outputs)
+    }
+}
+
+/// A JSON input value.
+pub fn j(value: serde_json::Value) -> Value {
+    Value::Json(value)
+}
+
+/// Every element of a tensor, in order.
+pub fn flat(tensor: &Tensor) -> Vec<f32> {
+    tensor.flatten_all().unwrap().to_vec1().unwrap()
 }

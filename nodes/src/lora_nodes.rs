@@ -1,0 +1,195 @@
+//! `LoraLoader` and `LoraLoaderModelOnly`: a LoRA applied to a MODEL and a CLIP, which are
+//! built again from their (mapped) files with the LoRA's patches added to theirs
+//! ([`crate::models::lora`]). The base models are not read again: only the patched matrices
+//! are copies, the rest stays in the file's map.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
+use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
+
+use crate::diffusion::{Clip, DiffusionModel, Model};
+use crate::diffusion_nodes::tensor_error;
+use crate::models::clip_text::ClipTextEncoder;
+use crate::models::lora::{load_lora, LoraKeyMap};
+use crate::models::unet::UNet;
+use crate::models::weights::{SafetensorsFile, TensorShapes, WeightSource};
+use crate::paths::Paths;
+
+const MODEL_TOOLTIP: &str = "The modified diffusion model.";
+const CLIP_TOOLTIP: &str = "The modified CLIP model.";
+const DESCRIPTION: &str = "LoRAs are used to modify diffusion and CLIP models, altering the way in which latents are denoised such as applying styles. Multiple LoRA nodes can be linked together.";
+
+fn strength(tooltip: Option<&str>) -> InputSpec {
+    let spec = InputSpec::float(1.0, -100.0, 100.0).opt("step", 0.01);
+    match tooltip {
+        Some(tooltip) => spec.opt("tooltip", tooltip),
+        None => spec,
+    }
+}
+
+fn lora_names(services: &Services) -> Vec<String> {
+    services
+        .get::<Paths>()
+        .map(|paths| paths.filename_list("loras"))
+        .unwrap_or_default()
+}
+
+/// `LoraLoader`: MODEL and CLIP with a LoRA applied at separate strengths.
+pub struct LoraLoader;
+
+impl Node for LoraLoader {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        NodeSchema::v1("LoraLoader", "nodes", "loaders")
+            .display("Load LoRA")
+            .description(DESCRIPTION)
+            .required(
+                "model",
+                InputSpec::of("MODEL").opt("tooltip", "The diffusion model the LoRA will be applied to."),
+            )
+            .required(
+                "clip",
+                InputSpec::of("CLIP").opt("tooltip", "The CLIP model the LoRA will be applied to."),
+            )
+            .required(
+                "lora_name",
+                InputSpec::combo(&lora_names(services)).opt("tooltip", "The name of the LoRA."),
+            )
+            .required(
+                "strength_model",
+                strength(Some(
+                    "How strongly to modify the diffusion model. This value can be negative.",
+                )),
+            )
+            .required(
+                "strength_clip",
+                strength(Some(
+                    "How strongly to modify the CLIP model. This value can be negative.",
+                )),
+            )
+            .output(OutputSpec::of("MODEL").tooltip(MODEL_TOOLTIP))
+            .output(OutputSpec::of("CLIP").tooltip(CLIP_TOOLTIP))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let model = inputs.object::<Model>("model")?;
+        let clip = inputs.object::<Clip>("clip")?;
+        let (strength_model, strength_clip) = (inputs.float("strength_model")?, inputs.float("strength_clip")?);
+        if strength_model == 0.0 && strength_clip == 0.0 {
+            return Ok(NodeOutput::values(vec![
+                Value::object(model.clone()),
+                Value::object(clip.clone()),
+            ]));
+        }
+        let lora = open_lora(ctx, inputs.string("lora_name")?)?;
+        let (model, clip) = apply_lora(&lora, model, strength_model as f32, Some((clip, strength_clip as f32)))?;
+        let clip = clip.ok_or_else(|| NodeError::new("the LoRA was not applied to the CLIP model"))?;
+        Ok(NodeOutput::values(vec![Value::object(model), Value::object(clip)]))
+    }
+}
+
+/// `LoraLoaderModelOnly`: MODEL with a LoRA applied.
+pub struct LoraLoaderModelOnly;
+
+impl Node for LoraLoaderModelOnly {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        NodeSchema::v1("LoraLoaderModelOnly", "nodes", "loaders")
+            .display("LoraLoaderModelOnly")
+            .description(DESCRIPTION)
+            .required("model", InputSpec::of("MODEL"))
+            .required("lora_name", InputSpec::combo(&lora_names(services)))
+            .required("strength_model", strength(None))
+            .output(OutputSpec::of("MODEL"))
+            .output_tooltips(&[MODEL_TOOLTIP, CLIP_TOOLTIP])
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let model = inputs.object::<Model>("model")?;
+        let strength_model = inputs.float("strength_model")?;
+        if strength_model == 0.0 {
+            return Ok(NodeOutput::values(vec![Value::object(model.clone())]));
+        }
+        let lora = open_lora(ctx, inputs.string("lora_name")?)?;
+        let (model, _) = apply_lora(&lora, model, strength_model as f32, None)?;
+        Ok(NodeOutput::values(vec![Value::object(model)]))
+    }
+}
+
+fn open_lora(ctx: &NodeContext, name: &str) -> Result<SafetensorsFile, NodeError> {
+    let paths = ctx.services.require::<Paths>()?;
+    let path = paths.full_path("loras", name).ok_or_else(|| {
+        NodeError::typed(
+            "FileNotFoundError",
+            format!("Model in folder 'loras' with filename '{name}' not found."),
+        )
+    })?;
+    SafetensorsFile::open(&path).map_err(|error| NodeError::new(error.to_string()))
+}
+
+/// `model` (and `clip`) with `lora`'s patches added at their strengths; logs the LoRA's tensors
+/// neither took, as ComfyUI does.
+fn apply_lora(
+    lora: &SafetensorsFile,
+    model: &Model,
+    strength_model: f32,
+    clip: Option<(&Clip, f32)>,
+) -> Result<(Model, Option<Clip>), NodeError> {
+    let mut used = HashSet::new();
+    let base = &model.0;
+    let mut unet_keys = LoraKeyMap::default();
+    unet_keys.add_unet(
+        &base.source.file,
+        &format!("{}.", base.source.prefix),
+        base.unet.config(),
+    );
+    let loaded = load_lora(lora, &unet_keys, strength_model).map_err(tensor_error)?;
+    used.extend(loaded.used);
+    let model = if strength_model == 0.0 || loaded.patches.is_empty() {
+        model.clone()
+    } else {
+        let source = WeightSource {
+            patches: base.source.patches.and(loaded.patches),
+            ..base.source.clone()
+        };
+        let unet = UNet::new(base.unet.config().clone(), source.weights()).map_err(tensor_error)?;
+        Model(Arc::new(DiffusionModel {
+            unet,
+            source,
+            prediction: base.prediction,
+            schedule: base.schedule.clone(),
+            latent_format: base.latent_format.clone(),
+            device: base.device.clone(),
+        }))
+    };
+    let clip = match clip {
+        Some((clip, strength_clip)) => {
+            let mut clip_keys = LoraKeyMap::default();
+            clip_keys.add_clip(&clip.source.file, &format!("{}.", clip.source.prefix));
+            let loaded = load_lora(lora, &clip_keys, strength_clip).map_err(tensor_error)?;
+            used.extend(loaded.used);
+            if strength_clip == 0.0 || loaded.patches.is_empty() {
+                Some(clip.clone())
+            } else {
+                let source = WeightSource {
+                    patches: clip.source.patches.and(loaded.patches),
+                    ..clip.source.clone()
+                };
+                let encoder =
+                    ClipTextEncoder::new(clip.encoder.config().clone(), source.weights()).map_err(tensor_error)?;
+                Some(Clip {
+                    encoder: Arc::new(encoder),
+                    output_layer: clip.output_layer,
+                    source,
+                })
+            }
+        }
+        None => None,
+    };
+    let mut unused: Vec<&str> = lora.tensor_names().filter(|name| !used.contains(*name)).collect();
+    unused.sort_unstable();
+    for name in unused {
+        tracing::warn!("lora key not loaded: {name}");
+    }
+    Ok((model, clip))
+}

@@ -1,0 +1,353 @@
+//! LoRA: low-rank (and full) weight differences applied to a model's weight matrices when the
+//! model is built, as ComfyUI patches them (`node-catalog.md` §F): `W ← W + strength·scale·ΔW`
+//! in f32, with `ΔW = up·down` (flattened, reshaped to W) and `scale = alpha / rank` (1 without
+//! alpha), several LoRAs applied in the order they were added.
+//!
+//! A LoRA file names its layers in one of several schemes; [`LoraKeyMap`] lists, for a model,
+//! every name ComfyUI accepts for each of its weights: kohya's names over the LDM keys
+//! (`lora_unet_input_blocks_1_1_proj_in`) and over diffusers' (`lora_unet_down_blocks_0_…`),
+//! the raw keys, diffusers/PEFT names, and the text encoder's (`lora_te_text_model_…`,
+//! `text_encoder.text_model.…`). Tensors found for a name: `.lora_up/.lora_down` (kohya,
+//! LoCon), `_lora.up/.down`, `.lora.up/.down`, `.lora_linear_layer.up/.down` (diffusers),
+//! `.lora_B/.lora_A` (PEFT, also `.default`), with an optional `.alpha`; or `.diff` (a full
+//! difference).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::unet::UNetConfig;
+use super::weights::{SafetensorsFile, TensorShapes};
+
+/// One weight difference, with the strength it is applied at.
+#[derive(Clone)]
+pub struct Patch {
+    strength: f32,
+    difference: Difference,
+}
+
+#[derive(Clone)]
+enum Difference {
+    /// `scale · up·down` (up [out, rank, …], down [rank, in, …]).
+    LowRank { up: Tensor, down: Tensor, scale: f32 },
+    /// A difference of W's shape.
+    Full(Tensor),
+}
+
+impl Patch {
+    /// `strength·ΔW` in f32, shaped as `base`.
+    fn weighted_difference(&self, base: &Tensor) -> Result<Tensor> {
+        let difference = match &self.difference {
+            Difference::LowRank { up, down, scale } => {
+                (up.flatten_from(1)?.matmul(&down.flatten_from(1)?)? * f64::from(*scale))?
+            }
+            Difference::Full(difference) => difference.clone(),
+        };
+        if difference.elem_count() != base.elem_count() {
+            return Err(candle_core::Error::Msg(format!(
+                "a LoRA difference of shape {:?} does not fit a weight of shape {:?}",
+                difference.dims(),
+                base.dims()
+            )));
+        }
+        difference.reshape(base.shape())?.to_device(base.device())? * f64::from(self.strength)
+    }
+}
+
+/// The patches of a model, by full tensor name in its file, each list in the order added.
+#[derive(Clone, Default)]
+pub struct WeightPatches(Arc<HashMap<String, Vec<Patch>>>);
+
+impl WeightPatches {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// These patches followed by `more`.
+    pub fn and(&self, more: HashMap<String, Patch>) -> WeightPatches {
+        let mut all = (*self.0).clone();
+        for (name, patch) in more {
+            all.entry(name).or_default().push(patch);
+        }
+        WeightPatches(Arc::new(all))
+    }
+
+    /// Whether the tensor `name` has patches.
+    pub fn touches(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+
+    /// `base` (the tensor `name`) with its patches applied, computed in f32 and returned in
+    /// `base`'s dtype.
+    pub fn apply(&self, name: &str, base: Tensor) -> Result<Tensor> {
+        let Some(patches) = self.0.get(name) else {
+            return Ok(base);
+        };
+        let dtype = base.dtype();
+        let mut weight = base.to_dtype(DType::F32)?;
+        for patch in patches {
+            weight = (&weight + patch.weighted_difference(&weight)?)?;
+        }
+        weight.to_dtype(dtype)
+    }
+}
+
+/// For each name a LoRA may give a weight, the full name of that weight in the model's file.
+#[derive(Default)]
+pub struct LoraKeyMap(HashMap<String, String>);
+
+impl LoraKeyMap {
+    /// The names of a UNet's weight matrices, whose tensors lie under `prefix` in `file`.
+    pub fn add_unet(&mut self, file: &SafetensorsFile, prefix: &str, config: &UNetConfig) {
+        let diffusers = diffusers_unet_names(config);
+        for name in file.tensor_names() {
+            let Some(key) = name.strip_prefix(prefix).and_then(|k| k.strip_suffix(".weight")) else {
+                continue;
+            };
+            let target = name.to_string();
+            self.insert(format!("lora_unet_{}", key.replace('.', "_")), &target);
+            self.insert(format!("diffusion_model.{key}"), &target);
+            if let Some(diffusers_key) = diffusers.get(key) {
+                let underscored = diffusers_key.replace('.', "_");
+                self.insert(format!("lora_unet_{underscored}"), &target);
+                self.insert(format!("lycoris_{underscored}"), &target);
+                // diffusers' own LoRAs name attention processors.
+                let processor = diffusers_key.replace(".to_", ".processor.to_");
+                let processor = match processor.strip_suffix(".to_out.0") {
+                    Some(stem) => format!("{stem}.to_out"),
+                    None => processor,
+                };
+                self.insert(format!("unet.{processor}"), &target);
+                self.insert(processor, &target);
+            }
+        }
+    }
+
+    /// The names of a CLIP text encoder's attention and MLP matrices, whose tensors lie under
+    /// `prefix` (ending `text_model.`) in `file`: kohya's `lora_te_` (and SDXL's `lora_te1_`,
+    /// which ComfyUI also accepts for CLIP-L) and diffusers' `text_encoder.` names.
+    pub fn add_clip(&mut self, file: &SafetensorsFile, prefix: &str) {
+        const MATRICES: [&str; 6] = [
+            "mlp.fc1",
+            "mlp.fc2",
+            "self_attn.k_proj",
+            "self_attn.q_proj",
+            "self_attn.v_proj",
+            "self_attn.out_proj",
+        ];
+        for name in file.tensor_names() {
+            let Some(key) = name.strip_prefix(prefix).and_then(|k| k.strip_suffix(".weight")) else {
+                continue;
+            };
+            let Some((layer, matrix)) = key
+                .strip_prefix("encoder.layers.")
+                .and_then(|rest| rest.split_once('.'))
+            else {
+                continue;
+            };
+            if !MATRICES.contains(&matrix) {
+                continue;
+            }
+            let target = name.to_string();
+            let underscored = matrix.replace('.', "_");
+            self.insert(
+                format!("lora_te_text_model_encoder_layers_{layer}_{underscored}"),
+                &target,
+            );
+            self.insert(
+                format!("lora_te1_text_model_encoder_layers_{layer}_{underscored}"),
+                &target,
+            );
+            self.insert(format!("text_encoder.text_model.{key}"), &target);
+        }
+    }
+
+    fn insert(&mut self, lora_name: String, target: &str) {
+        self.0.entry(lora_name).or_insert_with(|| target.to_string());
+    }
+}
+
+/// The patches a LoRA file makes, at `strength`, by full tensor name; and the file's tensors
+/// they were made from (ComfyUI logs the others as "lora key not loaded").
+pub struct LoadedLora {
+    pub patches: HashMap<String, Patch>,
+    pub used: HashSet<String>,
+}
+
+/// The (up, down) tensor name pairs a LoRA may store for layer `name`.
+fn low_rank_names(name: &str) -> [(String, String); 6] {
+    [
+        (format!("{name}.lora_up.weight"), format!("{name}.lora_down.weight")),
+        (format!("{name}_lora.up.weight"), format!("{name}_lora.down.weight")),
+        (format!("{name}.lora.up.weight"), format!("{name}.lora.down.weight")),
+        (
+            format!("{name}.lora_linear_layer.up.weight"),
+            format!("{name}.lora_linear_layer.down.weight"),
+        ),
+        (format!("{name}.lora_B.weight"), format!("{name}.lora_A.weight")),
+        (
+            format!("{name}.lora_B.default.weight"),
+            format!("{name}.lora_A.default.weight"),
+        ),
+    ]
+}
+
+/// Reads the patches `lora` makes to a model with `keys`, each at `strength`.
+pub fn load_lora(lora: &SafetensorsFile, keys: &LoraKeyMap, strength: f32) -> Result<LoadedLora> {
+    let load = |name: &str| lora.load(name, DType::F32, &Device::Cpu);
+    let mut used = HashSet::new();
+    let mut patches = HashMap::new();
+    for (lora_name, target) in &keys.0 {
+        let alpha_name = format!("{lora_name}.alpha");
+        let low_rank = low_rank_names(lora_name)
+            .into_iter()
+            .find(|(up, down)| lora.has(up) && lora.has(down));
+        let difference = if let Some((up_name, down_name)) = low_rank {
+            let (up, down) = (load(&up_name)?, load(&down_name)?);
+            let rank = down.dim(0)?;
+            let scale = if lora.has(&alpha_name) {
+                used.insert(alpha_name.clone());
+                load(&alpha_name)?.flatten_all()?.get(0)?.to_scalar::<f32>()? / rank.max(1) as f32
+            } else {
+                1.0
+            };
+            used.insert(up_name);
+            used.insert(down_name);
+            Difference::LowRank { up, down, scale }
+        } else if lora.has(&format!("{lora_name}.diff")) {
+            let diff_name = format!("{lora_name}.diff");
+            let difference = load(&diff_name)?;
+            used.insert(diff_name);
+            Difference::Full(difference)
+        } else {
+            continue;
+        };
+        patches.insert(target.clone(), Patch { strength, difference });
+    }
+    Ok(LoadedLora { patches, used })
+}
+
+/// diffusers' names for a UNet's blocks, by LDM key (without `.weight`), for the weight
+/// matrices LoRAs patch: convolutions and linear layers of the residual blocks, transformers,
+/// resamplers and the stem and head.
+fn diffusers_unet_names(config: &UNetConfig) -> HashMap<String, String> {
+    /// LDM names inside a residual block, and diffusers'.
+    const RESNET: [(&str, &str); 4] = [
+        ("in_layers.2", "conv1"),
+        ("emb_layers.1", "time_emb_proj"),
+        ("out_layers.3", "conv2"),
+        ("skip_connection", "conv_shortcut"),
+    ];
+    fn resnet(ldm: String, diffusers: String, names: &mut HashMap<String, String>) {
+        for (inner_ldm, inner_diffusers) in RESNET {
+            names.insert(format!("{ldm}.{inner_ldm}"), format!("{diffusers}.{inner_diffusers}"));
+        }
+    }
+    let mut names = HashMap::new();
+    // Transformer contents keep their names; they are matched by prefix below.
+    let mut transformers: Vec<(String, String)> = Vec::new();
+    let levels = config.channel_mult.len();
+    let mut block = 1;
+    let mut input_attention = config.input_depths.iter();
+    for level in 0..levels {
+        for j in 0..config.num_res_blocks[level] {
+            resnet(
+                format!("input_blocks.{block}.0"),
+                format!("down_blocks.{level}.resnets.{j}"),
+                &mut names,
+            );
+            if input_attention.next().is_some_and(|depth| *depth > 0) {
+                transformers.push((
+                    format!("input_blocks.{block}.1"),
+                    format!("down_blocks.{level}.attentions.{j}"),
+                ));
+            }
+            block += 1;
+        }
+        if level + 1 < levels {
+            names.insert(
+                format!("input_blocks.{block}.0.op"),
+                format!("down_blocks.{level}.downsamplers.0.conv"),
+            );
+            block += 1;
+        }
+    }
+    resnet("middle_block.0".into(), "mid_block.resnets.0".into(), &mut names);
+    if config.middle_depth.is_some() {
+        transformers.push(("middle_block.1".into(), "mid_block.attentions.0".into()));
+        resnet("middle_block.2".into(), "mid_block.resnets.1".into(), &mut names);
+    } else {
+        resnet("middle_block.1".into(), "mid_block.resnets.1".into(), &mut names);
+    }
+    let mut block = 0;
+    for up in 0..levels {
+        let level = levels - 1 - up;
+        let count = config.num_res_blocks[level] + 1;
+        for j in 0..count {
+            resnet(
+                format!("output_blocks.{block}.0"),
+                format!("up_blocks.{up}.resnets.{j}"),
+                &mut names,
+            );
+            let attention = config.output_depths.get(block).is_some_and(|depth| *depth > 0);
+            if attention {
+                transformers.push((
+                    format!("output_blocks.{block}.1"),
+                    format!("up_blocks.{up}.attentions.{j}"),
+                ));
+            }
+            if j + 1 == count && level > 0 {
+                let index = if attention { 2 } else { 1 };
+                names.insert(
+                    format!("output_blocks.{block}.{index}.conv"),
+                    format!("up_blocks.{up}.upsamplers.0.conv"),
+                );
+            }
+            block += 1;
+        }
+    }
+    for (ldm, diffusers) in [
+        ("input_blocks.0.0", "conv_in"),
+        ("time_embed.0", "time_embedding.linear_1"),
+        ("time_embed.2", "time_embedding.linear_2"),
+        ("label_emb.0.0", "add_embedding.linear_1"),
+        ("label_emb.0.2", "add_embedding.linear_2"),
+        ("out.2", "conv_out"),
+    ] {
+        names.insert(ldm.to_string(), diffusers.to_string());
+    }
+    for (ldm, diffusers) in transformers {
+        for inner in ["proj_in", "proj_out"] {
+            names.insert(format!("{ldm}.{inner}"), format!("{diffusers}.{inner}"));
+        }
+        let depth = config
+            .input_depths
+            .iter()
+            .chain(&config.output_depths)
+            .chain(&config.middle_depth)
+            .max()
+            .copied()
+            .unwrap_or(0);
+        for d in 0..depth {
+            for inner in [
+                "attn1.to_q",
+                "attn1.to_k",
+                "attn1.to_v",
+                "attn1.to_out.0",
+                "attn2.to_q",
+                "attn2.to_k",
+                "attn2.to_v",
+                "attn2.to_out.0",
+                "ff.net.0.proj",
+                "ff.net.2",
+            ] {
+                names.insert(
+                    format!("{ldm}.transformer_blocks.{d}.{inner}"),
+                    format!("{diffusers}.transformer_blocks.{d}.{inner}"),
+                );
+            }
+        }
+    }
+    names
+}
