@@ -9,6 +9,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use easel_engine::NodeObject;
 
+use crate::image::Mask;
 use crate::models::clip_text::{ClipTextEncoder, OutputLayer};
 use crate::models::unet::{UNet, UNetInput};
 use crate::models::vae::Vae;
@@ -161,12 +162,25 @@ impl NodeObject for Conditioning {
     }
 }
 
-/// The LATENT socket: raw VAE latents [B, C, H, W] and, for latents taken from a batch, the
-/// index of each in its original batch (so that each gets the noise it would have had there).
+/// The LATENT socket: raw VAE latents [B, C, H, W]; for latents taken from a batch, the index
+/// of each in its original batch (so that each gets the noise it would have had there); and the
+/// inpainting mask that limits sampling to part of the latent (`SetLatentNoiseMask`).
 #[derive(Clone, Debug)]
 pub struct Latent {
     pub samples: Tensor,
     pub batch_index: Option<Vec<usize>>,
+    pub noise_mask: Option<Mask>,
+}
+
+impl Latent {
+    /// Latents of their own: no batch indices, no mask.
+    pub fn new(samples: Tensor) -> Self {
+        Latent {
+            samples,
+            batch_index: None,
+            noise_mask: None,
+        }
+    }
 }
 
 impl NodeObject for Latent {
@@ -297,6 +311,9 @@ pub struct SamplingRequest<'a> {
     pub start_step: Option<usize>,
     pub last_step: Option<usize>,
     pub force_full_denoise: bool,
+    /// Where sampling may change the latent (1) and where it keeps it (0), [B, C, H, W] at the
+    /// latent's size (ComfyUI's `prepare_mask` of the latent's noise mask).
+    pub denoise_mask: Option<Tensor>,
 }
 
 /// Progress of one sampling run: (finished steps, total steps, the current denoised estimate).
@@ -371,12 +388,27 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
     } else {
         first
     };
-    let x = ((noise * f64::from(noise_scale))? + latent_in)?;
+    let x = ((&noise * f64::from(noise_scale))? + &latent_in)?;
 
     let mut callback = |step: Step| progress(step.index + 1, step.total, step.denoised);
+    let mut inpainting;
+    let denoiser: &mut dyn Denoiser = match &request.denoise_mask {
+        Some(mask) => {
+            let mask = mask.to_device(device)?.to_dtype(DType::F32)?;
+            inpainting = Inpainting {
+                keep: (1.0 - &mask)?,
+                mask,
+                inner: &mut guider,
+                latent: latent_in,
+                noise,
+            };
+            &mut inpainting
+        }
+        None => &mut guider,
+    };
     let sampled = samplers::sample(
         request.sampler,
-        &mut guider,
+        denoiser,
         x,
         &sigmas,
         &model.schedule,
@@ -384,6 +416,45 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
         &mut callback,
     )?;
     Ok((sampled / scale)?)
+}
+
+/// ComfyUI's `KSamplerX0Inpaint`: where the denoise mask is 0 the network sees the original
+/// latent noised to the current σ, and its prediction is replaced by the original latent, so
+/// that sampling changes only the masked part.
+struct Inpainting<'a> {
+    inner: &'a mut dyn Denoiser,
+    mask: Tensor,
+    /// 1 − mask.
+    keep: Tensor,
+    /// The original latent, in model space.
+    latent: Tensor,
+    /// The initial noise, before scaling.
+    noise: Tensor,
+}
+
+impl Inpainting<'_> {
+    fn network_input(&self, x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+        let noised = ((&self.noise * f64::from(sigma))? + &self.latent)?;
+        (x * &self.mask)? + (noised * &self.keep)?
+    }
+
+    fn kept(&self, denoised: &Tensor) -> candle_core::Result<Tensor> {
+        (denoised * &self.mask)? + (&self.latent * &self.keep)?
+    }
+}
+
+impl Denoiser for Inpainting<'_> {
+    fn denoise(&mut self, x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+        let input = self.network_input(x, sigma)?;
+        let denoised = self.inner.denoise(&input, sigma)?;
+        self.kept(&denoised)
+    }
+
+    fn denoise_with_uncond(&mut self, x: &Tensor, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
+        let input = self.network_input(x, sigma)?;
+        let (guided, uncond) = self.inner.denoise_with_uncond(&input, sigma)?;
+        Ok((self.kept(&guided)?, uncond))
+    }
 }
 
 fn entries(conditioning: &Conditioning, model: &DiffusionModel) -> candle_core::Result<Vec<ActiveEntry>> {

@@ -11,7 +11,7 @@ use crate::diffusion::{
     self, Clip, CondEntry, Conditioning, DiffusionModel, Latent, LatentFormat, Model, Prediction, SamplingRequest,
     VaeModel,
 };
-use crate::image::Image;
+use crate::image::{Image, Mask};
 use crate::latent_preview::PreviewSettings;
 use crate::memory::{self, OutOfMemory};
 use crate::model_cache::ModelCache;
@@ -25,7 +25,7 @@ use crate::models::vae::Vae;
 use crate::models::weights::{SafetensorsFile, WeightSource, Weights};
 use crate::models::{detect_checkpoint, SD1_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
 use crate::paths::Paths;
-use crate::resample::{common_upscale, ResizeMethod};
+use crate::resample::{common_upscale, resize, ResizeMethod};
 use crate::sampling::samplers::{SamplerError, SAMPLER_NAMES};
 use crate::sampling::schedule::{Scheduler, SigmaSchedule};
 
@@ -257,10 +257,7 @@ impl Node for EmptyLatentImage {
         memory::ensure_available(bytes, || format!("an empty latent of {width}×{height} (batch {batch})"))
             .map_err(out_of_memory)?;
         let samples = Tensor::zeros(shape, DType::F32, &device(ctx.services)).map_err(tensor_error)?;
-        Ok(NodeOutput::values(vec![Value::object(Latent {
-            samples,
-            batch_index: None,
-        })]))
+        Ok(NodeOutput::values(vec![Value::object(Latent::new(samples))]))
     }
 }
 
@@ -427,6 +424,20 @@ impl SamplerSettings {
     }
 }
 
+/// ComfyUI's `prepare_mask`: a latent's noise mask resized (bilinear, as `interpolate`) to the
+/// latent's size, on every channel, tiled or cut to its batch.
+fn denoise_mask(mask: &Mask, shape: &[usize]) -> Result<Tensor, NodeError> {
+    let &[batch, channels, height, width] = shape else {
+        return Err(NodeError::new(format!(
+            "a latent of shape {shape:?} cannot take a noise mask"
+        )));
+    };
+    let resized = resize(&mask.as_image(), height, width, ResizeMethod::Bilinear, false)?.repeat_to_batch(batch);
+    Tensor::from_vec(resized.data, (batch, 1, height, width), &Device::Cpu)
+        .and_then(|mask| mask.repeat((1, channels, 1, 1)))
+        .map_err(tensor_error)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_sampler(
     ctx: &NodeContext,
@@ -440,6 +451,10 @@ fn run_sampler(
 ) -> Result<NodeOutput, NodeError> {
     let model = inputs.object::<Model>("model")?;
     let latent = inputs.object::<Latent>("latent_image")?;
+    let denoise_mask = match &latent.noise_mask {
+        Some(mask) => Some(denoise_mask(mask, latent.samples.dims())?),
+        None => None,
+    };
     let request = SamplingRequest {
         model: &model.0,
         seed: settings.seed,
@@ -455,6 +470,7 @@ fn run_sampler(
         start_step,
         last_step,
         force_full_denoise,
+        denoise_mask,
     };
     let previews = ctx.services.get::<PreviewSettings>();
     let format = &model.0.latent_format;
@@ -484,6 +500,7 @@ fn run_sampler(
     Ok(NodeOutput::values(vec![Value::object(Latent {
         samples,
         batch_index: latent.batch_index.clone(),
+        noise_mask: latent.noise_mask.clone(),
     })]))
 }
 
@@ -595,6 +612,7 @@ fn upscale_latent(latent: &Latent, method: &str, width: usize, height: usize, cr
     Ok(Latent {
         samples,
         batch_index: latent.batch_index.clone(),
+        noise_mask: latent.noise_mask.clone(),
     })
 }
 
@@ -692,9 +710,39 @@ impl Node for LatentFromBatch {
             Some(indices) => indices[start..start + length].to_vec(),
             None => (start..start + length).collect(),
         };
+        // A mask of several items follows the latents (tiled to their count first).
+        let noise_mask = latent.noise_mask.as_ref().map(|mask| match mask.batch {
+            1 => mask.clone(),
+            items if items < batch => mask.repeat_to_batch(batch).items(start, length),
+            _ => mask.items(start, length),
+        });
         Ok(NodeOutput::values(vec![Value::object(Latent {
             samples,
             batch_index: Some(batch_index),
+            noise_mask,
+        })]))
+    }
+}
+
+/// `SetLatentNoiseMask`: limits sampling to the masked part of the latent (inpainting with a
+/// regular model).
+pub struct SetLatentNoiseMask;
+
+impl Node for SetLatentNoiseMask {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("SetLatentNoiseMask", "nodes", "latent/inpaint")
+            .display("Set Latent Noise Mask")
+            .required("samples", InputSpec::of("LATENT"))
+            .required("mask", InputSpec::of("MASK"))
+            .output(OutputSpec::of("LATENT"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let latent = inputs.object::<Latent>("samples")?;
+        let mask = inputs.object::<Mask>("mask")?;
+        Ok(NodeOutput::values(vec![Value::object(Latent {
+            noise_mask: Some(mask.clone()),
+            ..latent.clone()
         })]))
     }
 }
@@ -725,6 +773,15 @@ impl Node for RepeatLatentBatch {
                 .flat_map(|copy| indices.iter().map(move |index| index + copy * offset))
                 .collect()
         });
-        Ok(NodeOutput::values(vec![Value::object(Latent { samples, batch_index })]))
+        // As ComfyUI: a mask of several items is repeated as it is; a single one is kept.
+        let noise_mask = latent.noise_mask.as_ref().map(|mask| match mask.batch {
+            1 => mask.clone(),
+            items => mask.repeat_to_batch(items * amount),
+        });
+        Ok(NodeOutput::values(vec![Value::object(Latent {
+            samples,
+            batch_index,
+            noise_mask,
+        })]))
     }
 }

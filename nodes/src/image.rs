@@ -193,6 +193,27 @@ impl Mask {
         }
     }
 
+    /// Items `start..start + count`, as far as the mask has them.
+    pub fn items(&self, start: usize, count: usize) -> Mask {
+        let len = self.height * self.width;
+        let start = start.min(self.batch);
+        let end = (start + count).min(self.batch);
+        Mask {
+            batch: end - start,
+            data: self.data[start * len..end * len].to_vec(),
+            ..self.clone()
+        }
+    }
+
+    /// ComfyUI's `repeat_to_batch_size`: truncates, or tiles then truncates.
+    pub fn repeat_to_batch(&self, batch: usize) -> Mask {
+        Mask {
+            batch,
+            data: self.as_image().repeat_to_batch(batch).data,
+            ..self.clone()
+        }
+    }
+
     /// The mask as a one-channel image `[B, H, W, 1]`.
     pub fn as_image(&self) -> Image {
         Image {

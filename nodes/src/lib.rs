@@ -81,4 +81,5 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(diffusion_nodes::LatentUpscaleBy);
     registry.register(diffusion_nodes::LatentFromBatch);
     registry.register(diffusion_nodes::RepeatLatentBatch);
+    registry.register(diffusion_nodes::SetLatentNoiseMask);
 }

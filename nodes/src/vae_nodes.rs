@@ -64,10 +64,7 @@ impl Node for VaeEncode {
         let scale = vae.0.downscale();
         let pixels = image_to_tensor(image, scale, &device(ctx.services)).map_err(tensor_error)?;
         let samples = run_within_memory(&vae.0, &pixels, 1, Direction::Encode)?;
-        Ok(NodeOutput::values(vec![Value::object(Latent {
-            samples,
-            batch_index: None,
-        })]))
+        Ok(NodeOutput::values(vec![Value::object(Latent::new(samples))]))
     }
 }
 
@@ -227,9 +224,6 @@ impl Node for VaeEncodeTiled {
             .0
             .encode_tiled(&pixels, tile_size, overlap)
             .map_err(|error| NodeError::typed("ValueError", error.to_string()))?;
-        Ok(NodeOutput::values(vec![Value::object(Latent {
-            samples,
-            batch_index: None,
-        })]))
+        Ok(NodeOutput::values(vec![Value::object(Latent::new(samples))]))
     }
 }

@@ -117,6 +117,131 @@ fn one_euler_step_is_the_update_rule() {
     assert!(worst < 1e-3, "max difference {worst}");
 }
 
+/// Inpainting as ComfyUI's `KSamplerX0Inpaint`: outside the mask the network sees the original
+/// latent noised to σ and its prediction is replaced by the original, so one Euler step keeps
+/// the unmasked half and changes the other, exactly as computed here by hand.
+#[test]
+fn one_masked_euler_step_changes_only_the_masked_half() {
+    let setup = setup();
+    let (loaded, positive, _, _) = inputs(&setup, 1);
+    let original = (Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &Device::Cpu).unwrap() * 3.0).unwrap();
+    // Left half of the 64×64 image: exactly the left four latent columns after resizing.
+    let mask_values: Vec<f32> = (0..64 * 64).map(|i| if i % 64 < 32 { 1.0 } else { 0.0 }).collect();
+    let mask = easel_nodes::image::Mask {
+        batch: 1,
+        height: 64,
+        width: 64,
+        data: mask_values,
+    };
+    let masked = setup
+        .call(
+            "SetLatentNoiseMask",
+            vec![
+                ("samples", Value::object(Latent::new(original.clone()))),
+                ("mask", Value::object(mask)),
+            ],
+        )
+        .unwrap();
+    let sampled = ksampler(&setup, &loaded[0], &positive, &positive, &masked[0], "euler", 1, 1.0).unwrap();
+    assert!(sampled.dims() == [1, 4, 8, 8]);
+
+    let model = &loaded[0].downcast::<Model>().unwrap().0;
+    let context = positive.downcast::<easel_nodes::diffusion::Conditioning>().unwrap().0[0]
+        .cross_attention
+        .clone();
+    let sigma = f64::from(model.schedule.sigma_max());
+    let noise = Tensor::from_vec(prepare_noise(7, &[1, 4, 8, 8], None), (1, 4, 8, 8), &Device::Cpu).unwrap();
+    let columns: Vec<f32> = (0..4 * 8 * 8).map(|i| if i % 8 < 4 { 1.0 } else { 0.0 }).collect();
+    let m = Tensor::from_vec(columns, (1, 4, 8, 8), &Device::Cpu).unwrap();
+    let keep = (1.0 - &m).unwrap();
+    let latent_in = (&original * 0.18215).unwrap();
+    let x = ((&noise * (1.0 + sigma * sigma).sqrt()).unwrap() + &latent_in).unwrap();
+    let noised = ((&noise * sigma).unwrap() + &latent_in).unwrap();
+    let input = ((&x * &m).unwrap() + (&noised * &keep).unwrap()).unwrap();
+    let scaled = (&input / (sigma * sigma + 1.0).sqrt()).unwrap();
+    let timesteps = Tensor::new(&[999f32], &Device::Cpu).unwrap();
+    let eps = model
+        .unet
+        .forward(&UNetInput {
+            x: &scaled,
+            timesteps: &timesteps,
+            context: &context,
+            y: None,
+            control: None,
+            cross_attention_patch: None,
+        })
+        .unwrap();
+    let denoised = (&input - (&eps * sigma).unwrap()).unwrap();
+    let kept = ((&denoised * &m).unwrap() + (&latent_in * &keep).unwrap()).unwrap();
+    let d = ((&x - &kept).unwrap() / sigma).unwrap();
+    let expected = ((&x + (d * -sigma).unwrap()).unwrap() / 0.18215).unwrap();
+    let (sampled, expected, original) = (flat(&sampled), flat(&expected), flat(&original));
+    let worst = sampled
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-3, "max difference {worst}");
+    for (index, (value, before)) in sampled.iter().zip(&original).enumerate() {
+        if index % 8 < 4 {
+            assert!((value - before).abs() > 1e-3, "masked value {index} kept");
+        } else {
+            assert!(
+                (value - before).abs() < 1e-3,
+                "unmasked value {index} changed: {before} → {value}"
+            );
+        }
+    }
+}
+
+/// The batch nodes carry a noise mask as ComfyUI does: one item is shared, several follow the
+/// latents (tiled to their count first), and repeating a batch repeats the mask.
+#[test]
+fn batch_nodes_carry_the_noise_mask() {
+    let setup = setup();
+    let mask = |batch: usize| easel_nodes::image::Mask {
+        batch,
+        height: 2,
+        width: 2,
+        data: (0..batch * 4).map(|i| (i / 4) as f32).collect(),
+    };
+    let latent = |batch: usize, mask_batch: usize| {
+        let samples = Tensor::zeros((batch, 4, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        Value::object(Latent {
+            noise_mask: Some(mask(mask_batch)),
+            ..Latent::new(samples)
+        })
+    };
+    let items = |value: &Value| {
+        let mask = value.downcast::<Latent>().unwrap().noise_mask.clone().unwrap();
+        mask.data.chunks(4).map(|item| item[0]).collect::<Vec<f32>>()
+    };
+    let from_batch = |latent: Value, start: i64, length: i64| {
+        setup
+            .call(
+                "LatentFromBatch",
+                vec![
+                    ("samples", latent),
+                    ("batch_index", j(json!(start))),
+                    ("length", j(json!(length))),
+                ],
+            )
+            .unwrap()
+            .remove(0)
+    };
+    assert_eq!(items(&from_batch(latent(4, 4), 1, 2)), vec![1.0, 2.0]);
+    assert_eq!(items(&from_batch(latent(4, 1), 2, 2)), vec![0.0]);
+    assert_eq!(items(&from_batch(latent(4, 3), 2, 2)), vec![2.0, 0.0]);
+    let repeat = |latent: Value| {
+        setup
+            .call("RepeatLatentBatch", vec![("samples", latent), ("amount", j(json!(2)))])
+            .unwrap()
+            .remove(0)
+    };
+    assert_eq!(items(&repeat(latent(2, 2))), vec![0.0, 1.0, 0.0, 1.0]);
+    assert_eq!(items(&repeat(latent(2, 1))), vec![0.0]);
+}
+
 #[test]
 fn every_sampler_runs_on_the_tiny_model() {
     let setup = setup();
@@ -323,10 +448,7 @@ fn tiled_vae_nodes_equal_the_whole_pass_when_one_tile_covers_it_and_tile_otherwi
     let (loaded, _, _, _) = inputs(&setup, 1);
     let vae = loaded[2].clone();
     let samples = Tensor::randn(0f32, 1.0, (1, 4, 16, 16), &Device::Cpu).unwrap();
-    let latent = Value::object(Latent {
-        samples,
-        batch_index: None,
-    });
+    let latent = Value::object(Latent::new(samples));
     let whole = setup
         .call("VAEDecode", vec![("samples", latent.clone()), ("vae", vae.clone())])
         .unwrap()[0]
@@ -387,10 +509,7 @@ fn tiled_vae_nodes_equal_the_whole_pass_when_one_tile_covers_it_and_tile_otherwi
 fn bislerp_interpolates_channel_vectors_on_the_sphere() {
     let setup = setup();
     let samples = Tensor::from_vec(vec![1f32, 0.0, 0.0, 1.0], (1, 2, 1, 2), &Device::Cpu).unwrap();
-    let latent = Value::object(Latent {
-        samples,
-        batch_index: None,
-    });
+    let latent = Value::object(Latent::new(samples));
     let upscaled = setup
         .call(
             "LatentUpscaleBy",

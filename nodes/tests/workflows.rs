@@ -1,0 +1,73 @@
+//! Every bundled workflow (`workflows/*.json`) runs on the tiny test models and the bundled input
+//! images, and saves what its `SaveImage` nodes name.
+
+use std::sync::Arc;
+
+mod common;
+
+use common::setup;
+use easel_engine::events::{Event, EventKind};
+use easel_engine::{validate_prompt, CacheMode, Executor, Interrupt, Prompt};
+use easel_nodes::paths::Paths;
+
+const WORKFLOWS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../workflows");
+
+#[test]
+fn every_bundled_workflow_runs_and_saves_its_images() {
+    let setup = setup();
+    let paths = setup.services.get::<Paths>().unwrap();
+    for entry in std::fs::read_dir(format!("{WORKFLOWS}/input")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), paths.input.join(entry.file_name())).unwrap();
+    }
+    let registry = Arc::new(easel_nodes::builtin_registry());
+    let mut workflows: Vec<_> = std::fs::read_dir(WORKFLOWS)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "json"))
+        .collect();
+    workflows.sort();
+    assert!(workflows.len() >= 5, "{workflows:?}");
+    for path in workflows {
+        let workflow: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let prefixes: Vec<String> = workflow
+            .as_object()
+            .unwrap()
+            .values()
+            .filter(|node| node["class_type"] == "SaveImage")
+            .map(|node| node["inputs"]["filename_prefix"].as_str().unwrap().to_string())
+            .collect();
+        let validated = validate_prompt(&registry, &setup.services, Prompt::from_json(workflow).unwrap(), None)
+            .unwrap_or_else(|error| panic!("{}: {error:?}", path.display()));
+        let events = std::sync::Mutex::new(Vec::new());
+        let sink = |event: Event| events.lock().unwrap().push(event);
+        Executor::new(registry.clone(), setup.services.clone(), CacheMode::None).execute(
+            "p",
+            &validated,
+            &serde_json::Value::Null,
+            &sink,
+            &Interrupt::new(),
+        );
+        let events = events.into_inner().unwrap();
+        let errors: Vec<_> = events
+            .iter()
+            .filter(|event| event.kind == EventKind::ExecutionError)
+            .map(|event| event.data.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{}: {errors:?}", path.display());
+        assert!(events.iter().any(|event| event.kind == EventKind::ExecutionSuccess));
+        for prefix in prefixes {
+            // A prefix may name a subfolder of the output directory.
+            let target = paths.output.join(&prefix);
+            let stem = target.file_name().unwrap().to_string_lossy().into_owned();
+            let saved = std::fs::read_dir(target.parent().unwrap()).unwrap().any(|entry| {
+                entry
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{stem}_"))
+            });
+            assert!(saved, "{}: nothing saved as {prefix}", path.display());
+        }
+    }
+}
