@@ -73,14 +73,7 @@ impl DiffusionModel {
         } else {
             context.repeat((batch, 1, 1))?
         };
-        let input = UNetInput {
-            x: &scaled,
-            timesteps: &timesteps,
-            context: &context,
-            y: None,
-            control: None,
-            cross_attention_patch: None,
-        };
+        let input = UNetInput::new(&scaled, &timesteps, &context);
         let out = self.unet.forward(&input)?;
         match self.prediction {
             Prediction::Epsilon => x - (out * f64::from(sigma))?,

@@ -8,11 +8,11 @@ use std::sync::Arc;
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{flat, j, setup, Setup};
-use easel_engine::{Services, Value};
+use common::{flat, j, setup, setup_with, Setup};
+use easel_engine::Value;
 use easel_nodes::builtin_registry;
 use easel_nodes::diffusion::{Latent, Model};
-use easel_nodes::models::testmodels::{write_test_models, TINY_SD1_CHECKPOINT};
+use easel_nodes::models::testmodels::TINY_SD1_CHECKPOINT;
 use easel_nodes::models::unet::UNetInput;
 use easel_nodes::paths::Paths;
 use easel_nodes::sampling::noise::prepare_noise;
@@ -97,14 +97,7 @@ fn one_euler_step_is_the_update_rule() {
     let x = (&noise * f64::from((1.0 + sigma_max * sigma_max).sqrt())).unwrap();
     let scaled = (&x / f64::from((sigma_max * sigma_max + 1.0).sqrt())).unwrap();
     let timesteps = Tensor::new(&[999f32], &Device::Cpu).unwrap();
-    let input = UNetInput {
-        x: &scaled,
-        timesteps: &timesteps,
-        context: &context,
-        y: None,
-        control: None,
-        cross_attention_patch: None,
-    };
+    let input = UNetInput::new(&scaled, &timesteps, &context);
     let eps = model.unet.forward(&input).unwrap();
     let denoised = (&x - (&eps * f64::from(sigma_max)).unwrap()).unwrap();
     let d = ((&x - &denoised).unwrap() / f64::from(sigma_max)).unwrap();
@@ -162,14 +155,7 @@ fn one_masked_euler_step_changes_only_the_masked_half() {
     let timesteps = Tensor::new(&[999f32], &Device::Cpu).unwrap();
     let eps = model
         .unet
-        .forward(&UNetInput {
-            x: &scaled,
-            timesteps: &timesteps,
-            context: &context,
-            y: None,
-            control: None,
-            cross_attention_patch: None,
-        })
+        .forward(&UNetInput::new(&scaled, &timesteps, &context))
         .unwrap();
     let denoised = (&input - (&eps * sigma).unwrap()).unwrap();
     let kept = ((&denoised * &m).unwrap() + (&latent_in * &keep).unwrap()).unwrap();
@@ -392,17 +378,13 @@ fn sampling_sends_a_jpeg_preview_with_each_step_when_previews_are_on() {
     use easel_engine::{validate_prompt, CacheMode, Executor, Interrupt, Prompt};
     use easel_nodes::latent_preview::{PreviewMethod, PreviewSettings};
 
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path()).finish();
-    paths.prepare().unwrap();
-    write_test_models(&paths.models).unwrap();
-    let mut services = Services::new();
-    services.insert(paths);
-    services.insert(PreviewSettings {
-        method: PreviewMethod::Latent2Rgb,
-        max_size: 256,
+    let setup = setup_with(|services| {
+        services.insert(PreviewSettings {
+            method: PreviewMethod::Latent2Rgb,
+            max_size: 256,
+        })
     });
-    let services = Arc::new(services);
+    let services = setup.services.clone();
     let registry = Arc::new(builtin_registry());
     let workflow: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../workflows/sd15_txt2img.json")).unwrap(),

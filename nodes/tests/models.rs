@@ -119,14 +119,7 @@ fn tiny_models_load_and_run_through_the_real_code() {
     let x = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &device).unwrap();
     let timesteps = Tensor::new(&[999f32, 500.0], &device).unwrap();
     let context = Tensor::cat(&[&encoded.hidden, &encoded.hidden], 0).unwrap();
-    let input = UNetInput {
-        x: &x,
-        timesteps: &timesteps,
-        context: &context,
-        y: None,
-        control: None,
-        cross_attention_patch: None,
-    };
+    let input = UNetInput::new(&x, &timesteps, &context);
     let out = unet.forward(&input).unwrap();
     assert_eq!(out.dims(), &[2, 4, 8, 8]);
     // In bf16 (where the CPU has it) the prediction moves by about bf16's rounding, no more.

@@ -182,6 +182,20 @@ pub struct UNetInput<'a> {
     pub cross_attention_patch: Option<&'a dyn CrossAttentionPatch>,
 }
 
+impl<'a> UNetInput<'a> {
+    /// Text conditioning only: no class conditioning, control or attention patch.
+    pub fn new(x: &'a Tensor, timesteps: &'a Tensor, context: &'a Tensor) -> Self {
+        UNetInput {
+            x,
+            timesteps,
+            context,
+            y: None,
+            control: None,
+            cross_attention_patch: None,
+        }
+    }
+}
+
 pub struct UNet {
     config: UNetConfig,
     time_embed: (Linear, Linear),

@@ -56,12 +56,18 @@ pub struct Setup {
 }
 
 pub fn setup() -> Setup {
+    setup_with(|_| {})
+}
+
+/// As [`setup`], with more services added by `configure`.
+pub fn setup_with(configure: impl FnOnce(&mut Services)) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let paths = Paths::new(dir.path()).finish();
     paths.prepare().unwrap();
     write_test_models(&paths.models).unwrap();
     let mut services = Services::new();
     services.insert(paths);
+    configure(&mut services);
     Setup {
         _dir: dir,
         registry: builtin_registry(),

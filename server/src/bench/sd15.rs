@@ -73,16 +73,7 @@ fn measure(name: &str, checkpoint: &Path, pixels: usize, steps: usize, precision
     let timesteps = Tensor::new(&[500f32, 500.0], &device)?;
     let context = Tensor::zeros((2, 77, clip.encoder.width()), DType::F32, &device)?;
     let unet = &loaded.model.0.unet;
-    let step = || {
-        unet.forward(&UNetInput {
-            x: &x,
-            timesteps: &timesteps,
-            context: &context,
-            y: None,
-            control: None,
-            cross_attention_patch: None,
-        })
-    };
+    let step = || unet.forward(&UNetInput::new(&x, &timesteps, &context));
     let (first_step_seconds, step_seconds) = mean_seconds(steps, step)?;
 
     let latent = Tensor::randn(0f32, 1.0, (1, 4, side, side), &device)?;
