@@ -7,9 +7,10 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Service
 
 use crate::diffusion::{Latent, VaeModel};
 use crate::diffusion_nodes::{device, out_of_memory, tensor_error};
-use crate::image::Image;
+use crate::image::{Image, Mask};
 use crate::memory;
 use crate::models::vae::Vae;
+use crate::resample::{resize, ResizeMethod};
 
 /// `VAEDecode`: latents to images.
 pub struct VaeDecode;
@@ -66,6 +67,110 @@ impl Node for VaeEncode {
         let samples = run_within_memory(&vae.0, &pixels, 1, Direction::Encode)?;
         Ok(NodeOutput::values(vec![Value::object(Latent::new(samples))]))
     }
+}
+
+/// `VAEEncodeForInpaint`: images to latents for inpainting with a regular model: the masked
+/// pixels are set to grey before encoding, and the mask, grown by `grow_mask_by` pixels, becomes
+/// the latent's noise mask.
+pub struct VaeEncodeForInpaint;
+
+impl Node for VaeEncodeForInpaint {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("VAEEncodeForInpaint", "nodes", "latent/inpaint")
+            .display("VAE Encode (for Inpainting)")
+            .required("pixels", InputSpec::of("IMAGE"))
+            .required("vae", InputSpec::of("VAE"))
+            .required("mask", InputSpec::of("MASK"))
+            .required("grow_mask_by", InputSpec::int(6, 0, 64).opt("step", 1))
+            .output(OutputSpec::of("LATENT"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let image = inputs.object::<Image>("pixels")?;
+        let vae = inputs.object::<VaeModel>("vae")?;
+        let mask = inputs.object::<Mask>("mask")?;
+        let grow = inputs.int("grow_mask_by")?.max(0) as usize;
+        let scale = vae.0.downscale();
+        let (pixels, noise_mask) = grey_out_masked(image, mask, grow, scale)?;
+        let pixels = image_to_tensor(&pixels, scale, &device(ctx.services)).map_err(tensor_error)?;
+        let samples = run_within_memory(&vae.0, &pixels, 1, Direction::Encode)?;
+        Ok(NodeOutput::values(vec![Value::object(Latent {
+            noise_mask: Some(noise_mask),
+            ..Latent::new(samples)
+        })]))
+    }
+}
+
+/// The pixel side of `VAEEncodeForInpaint`: the mask resized (bilinear) to the image, both
+/// centre-cropped to a multiple of `multiple`; pixels under the rounded mask set to 0.5; and the
+/// noise mask: the rounded mask grown by a `grow`×`grow` box (clamped to 1), rounded.
+fn grey_out_masked(image: &Image, mask: &Mask, grow: usize, multiple: usize) -> Result<(Image, Mask), NodeError> {
+    if mask.batch != 1 && mask.batch != image.batch {
+        return Err(NodeError::typed(
+            "RuntimeError",
+            format!(
+                "The size of tensor a ({}) must match the size of tensor b ({}) at non-singleton dimension 0",
+                image.batch, mask.batch
+            ),
+        ));
+    }
+    let (height, width) = (image.height / multiple * multiple, image.width / multiple * multiple);
+    let (top, left) = ((image.height % multiple) / 2, (image.width % multiple) / 2);
+    let resized = resize(
+        &mask.as_image(),
+        image.height,
+        image.width,
+        ResizeMethod::Bilinear,
+        false,
+    )?
+    .crop(top, top + height, left, left + width);
+    let mut pixels = image.crop(top, top + height, left, left + width);
+    let rounded: Vec<f32> = resized.data.iter().map(|v| v.round_ties_even()).collect();
+    let plane = height * width;
+    for b in 0..pixels.batch {
+        let item = if mask.batch == 1 { 0 } else { b };
+        for (pixel, m) in rounded[item * plane..(item + 1) * plane].iter().enumerate() {
+            let keep = 1.0 - m;
+            let start = (b * plane + pixel) * pixels.channels;
+            for value in &mut pixels.data[start..start + pixels.channels.min(3)] {
+                *value = (*value - 0.5) * keep + 0.5;
+            }
+        }
+    }
+    let grown = if grow == 0 {
+        resized.data
+    } else {
+        // conv2d with a box of ones, padding ⌈(grow − 1)/2⌉, cut to the image's size.
+        let padding = grow / 2;
+        let mut grown = vec![0f32; rounded.len()];
+        for (item, out) in grown.chunks_mut(plane).enumerate() {
+            let source = &rounded[item * plane..(item + 1) * plane];
+            for y in 0..height {
+                for x in 0..width {
+                    let mut sum = 0f32;
+                    for dy in 0..grow {
+                        let Some(sy) = (y + dy).checked_sub(padding).filter(|sy| *sy < height) else {
+                            continue;
+                        };
+                        for dx in 0..grow {
+                            if let Some(sx) = (x + dx).checked_sub(padding).filter(|sx| *sx < width) {
+                                sum += source[sy * width + sx];
+                            }
+                        }
+                    }
+                    out[y * width + x] = sum.clamp(0.0, 1.0);
+                }
+            }
+        }
+        grown
+    };
+    let noise_mask = Mask {
+        batch: mask.batch,
+        height,
+        width,
+        data: grown.iter().map(|v| v.round_ties_even()).collect(),
+    };
+    Ok((pixels, noise_mask))
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -225,5 +330,41 @@ impl Node for VaeEncodeTiled {
             .encode_tiled(&pixels, tile_size, overlap)
             .map_err(|error| NodeError::typed("ValueError", error.to_string()))?;
         Ok(NodeOutput::values(vec![Value::object(Latent::new(samples))]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inpaint_pixels_turn_grey_under_the_mask_and_even_boxes_grow_as_torch_pads_them() {
+        let (height, width) = (18, 20);
+        let data: Vec<f32> = (0..height * width * 4).map(|i| (i % 11) as f32 / 11.0).collect();
+        let image = Image::new(1, height, width, 4, data).expect("image");
+        let mut mask = Mask::filled(1, height, width, 0.0);
+        mask.data[6 * width + 8] = 1.0;
+        let (pixels, noise_mask) = grey_out_masked(&image, &mask, 6, 8).expect("greyed");
+        let cropped = image.crop(1, 17, 2, 18);
+        for y in 0..16 {
+            for x in 0..16 {
+                for c in 0..4 {
+                    let index = pixels.index(0, y, x, c);
+                    let expected = if (y, x) == (5, 6) && c < 3 {
+                        0.5
+                    } else {
+                        cropped.data[index]
+                    };
+                    assert_eq!(pixels.data[index], expected, "({y}, {x}, {c})");
+                }
+                // A 6-wide box with padding 3 reaches from 3 before to 2 after.
+                let grown = (3..=8).contains(&y) && (4..=9).contains(&x);
+                assert_eq!(noise_mask.data[y * 16 + x], if grown { 1.0 } else { 0.0 }, "({y}, {x})");
+            }
+        }
+        let (_, unchanged) = grey_out_masked(&image, &mask, 0, 8).expect("greyed");
+        assert_eq!(unchanged.data.iter().filter(|v| **v == 1.0).count(), 1);
+        let two = Mask::filled(2, height, width, 0.0);
+        assert!(grey_out_masked(&image, &two, 6, 8).is_err());
     }
 }

@@ -228,6 +228,46 @@ fn batch_nodes_carry_the_noise_mask() {
     assert_eq!(items(&repeat(latent(2, 1))), vec![0.0]);
 }
 
+/// VAEEncodeForInpaint: the image is cropped to a multiple of 8 around its centre, the masked
+/// pixels turn grey, and the noise mask is the mask grown by a box of `grow_mask_by` pixels.
+#[test]
+fn encode_for_inpaint_greys_the_mask_and_grows_it() {
+    use easel_nodes::image::{Image, Mask};
+    let setup = setup();
+    let (loaded, _, _, _) = inputs(&setup, 1);
+    // 18×20 crops to 16×16 from row 1, column 2.
+    let (height, width) = (18, 20);
+    let data: Vec<f32> = (0..height * width * 3).map(|i| (i % 7) as f32 / 7.0).collect();
+    let image = Image::new(1, height, width, 3, data.clone()).unwrap();
+    let mut mask = Mask::filled(1, height, width, 0.0);
+    mask.data[6 * width + 8] = 1.0; // (5, 6) after cropping
+    let out = setup
+        .call(
+            "VAEEncodeForInpaint",
+            vec![
+                ("pixels", Value::object(image)),
+                ("vae", loaded[2].clone()),
+                ("mask", Value::object(mask)),
+                ("grow_mask_by", j(json!(3))),
+            ],
+        )
+        .unwrap();
+    let latent = out[0].downcast::<Latent>().unwrap();
+    assert_eq!(latent.samples.dims(), &[1, 4, 2, 2]);
+    let noise_mask = latent.noise_mask.as_ref().unwrap();
+    assert_eq!((noise_mask.batch, noise_mask.height, noise_mask.width), (1, 16, 16));
+    for y in 0..16 {
+        for x in 0..16 {
+            let inside = (4..=6).contains(&y) && (5..=7).contains(&x);
+            assert_eq!(
+                noise_mask.data[y * 16 + x],
+                if inside { 1.0 } else { 0.0 },
+                "({y}, {x})"
+            );
+        }
+    }
+}
+
 #[test]
 fn every_sampler_runs_on_the_tiny_model() {
     let setup = setup();
