@@ -29,7 +29,7 @@ use crate::resample::{common_upscale, resize, ResizeMethod};
 use crate::sampling::samplers::{SamplerError, SAMPLER_NAMES};
 use crate::sampling::schedule::{Scheduler, SigmaSchedule};
 
-const MAX_RESOLUTION: i64 = 16384;
+pub(crate) const MAX_RESOLUTION: i64 = 16384;
 
 /// Where models run: the registry's `Device` service, the CPU by default.
 pub(crate) fn device(services: &Services) -> Device {
@@ -584,7 +584,13 @@ impl Node for ConditioningSetTimestepRange {
 const LATENT_UPSCALE_METHODS: [&str; 5] = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"];
 
 /// Resizes latents to `width × height` latent pixels with `comfy.utils.common_upscale`.
-fn upscale_latent(latent: &Latent, method: &str, width: usize, height: usize, crop: bool) -> Result<Latent, NodeError> {
+pub(crate) fn upscale_latent(
+    latent: &Latent,
+    method: &str,
+    width: usize,
+    height: usize,
+    crop: bool,
+) -> Result<Latent, NodeError> {
     let method: ResizeMethod = method.parse()?;
     let samples = &latent.samples;
     let (batch, channels, height_in, width_in) = samples.dims4().map_err(tensor_error)?;

@@ -15,6 +15,7 @@ pub mod diffusion_nodes;
 pub mod image;
 pub mod image_io;
 pub mod image_nodes;
+pub mod latent_nodes;
 pub mod latent_preview;
 pub mod lora_nodes;
 pub mod mask_nodes;
@@ -83,4 +84,9 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(diffusion_nodes::LatentFromBatch);
     registry.register(diffusion_nodes::RepeatLatentBatch);
     registry.register(diffusion_nodes::SetLatentNoiseMask);
+    registry.register(latent_nodes::LatentFlip);
+    registry.register(latent_nodes::LatentRotate);
+    registry.register(latent_nodes::LatentCrop);
+    registry.register(latent_nodes::LatentComposite);
+    registry.register(latent_nodes::LatentBlend);
 }

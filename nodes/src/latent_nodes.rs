@@ -1,0 +1,254 @@
+//! Latent transforms and compositing, as ComfyUI's `LatentFlip`, `LatentRotate`, `LatentCrop`,
+//! `LatentComposite` and `LatentBlend`. Positions and sizes are in pixels and divided by 8, as
+//! ComfyUI does; every other field of the LATENT (batch indices, noise mask) is kept as it was.
+
+use candle_core::{DType, Device, Tensor};
+use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
+use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
+
+use crate::diffusion::Latent;
+use crate::diffusion_nodes::{tensor_error, upscale_latent, MAX_RESOLUTION};
+
+fn with_samples(latent: &Latent, samples: Tensor) -> NodeOutput {
+    NodeOutput::values(vec![Value::object(Latent {
+        samples,
+        ..latent.clone()
+    })])
+}
+
+/// `t` reversed along `dim`.
+fn flip(t: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
+    let size = t.dim(dim)?;
+    let reversed: Vec<u32> = (0..size as u32).rev().collect();
+    t.index_select(&Tensor::new(reversed.as_slice(), t.device())?, dim)
+}
+
+/// A pixel position or size input as latent pixels.
+fn in_latent_pixels(inputs: &NodeInputs, name: &str) -> Result<usize, NodeError> {
+    Ok((inputs.int(name)?.max(0) / 8) as usize)
+}
+
+fn position(default: i64) -> InputSpec {
+    InputSpec::int(default, 0, MAX_RESOLUTION).opt("step", 8)
+}
+
+/// `LatentFlip`: upside down (x-axis) or mirrored (y-axis).
+pub struct LatentFlip;
+
+impl Node for LatentFlip {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("LatentFlip", "nodes", "latent/transform")
+            .display("Flip Latent")
+            .required("samples", InputSpec::of("LATENT"))
+            .required(
+                "flip_method",
+                InputSpec::combo(&["x-axis: vertically", "y-axis: horizontally"]),
+            )
+            .output(OutputSpec::of("LATENT"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let latent = inputs.object::<Latent>("samples")?;
+        let dim = if inputs.string("flip_method")?.starts_with("x-axis") {
+            2
+        } else {
+            3
+        };
+        let samples = flip(&latent.samples, dim).map_err(tensor_error)?;
+        Ok(with_samples(latent, samples))
+    }
+}
+
+/// `LatentRotate`: clockwise by quarter turns (`torch.rot90(x, k, dims=[3, 2])`).
+pub struct LatentRotate;
+
+impl Node for LatentRotate {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("LatentRotate", "nodes", "latent/transform")
+            .display("Rotate Latent")
+            .required("samples", InputSpec::of("LATENT"))
+            .required(
+                "rotation",
+                InputSpec::combo(&["none", "90 degrees", "180 degrees", "270 degrees"]),
+            )
+            .output(OutputSpec::of("LATENT"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let latent = inputs.object::<Latent>("samples")?;
+        let samples = &latent.samples;
+        let rotated = match inputs.string("rotation")? {
+            "90 degrees" => flip(samples, 2).and_then(|t| t.transpose(2, 3)?.contiguous()),
+            "180 degrees" => flip(samples, 2).and_then(|t| flip(&t, 3)),
+            "270 degrees" => flip(samples, 3).and_then(|t| t.transpose(2, 3)?.contiguous()),
+            _ => Ok(samples.clone()),
+        }
+        .map_err(tensor_error)?;
+        Ok(with_samples(latent, rotated))
+    }
+}
+
+/// `LatentCrop`: a `width`×`height` window at (`x`, `y`), kept at least 8 latent pixels from the
+/// right and bottom edges as ComfyUI does.
+pub struct LatentCrop;
+
+impl Node for LatentCrop {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("LatentCrop", "nodes", "latent/transform")
+            .display("Crop Latent")
+            .required("samples", InputSpec::of("LATENT"))
+            .required("width", InputSpec::int(512, 64, MAX_RESOLUTION).opt("step", 8))
+            .required("height", InputSpec::int(512, 64, MAX_RESOLUTION).opt("step", 8))
+            .required("x", position(0))
+            .required("y", position(0))
+            .output(OutputSpec::of("LATENT"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let latent = inputs.object::<Latent>("samples")?;
+        let (_, _, height, width) = latent.samples.dims4().map_err(tensor_error)?;
+        // ComfyUI moves a start closer than 8 to the edge back to size − 8 (0 for smaller latents).
+        let start = |value: usize, size: usize| -> usize {
+            if value + 8 > size {
+                size.saturating_sub(8)
+            } else {
+                value
+            }
+        };
+        let x = start(in_latent_pixels(inputs, "x")?, width);
+        let y = start(in_latent_pixels(inputs, "y")?, height);
+        let new_width = in_latent_pixels(inputs, "width")?.min(width - x);
+        let new_height = in_latent_pixels(inputs, "height")?.min(height - y);
+        let samples = latent
+            .samples
+            .narrow(2, y, new_height)
+            .and_then(|t| t.narrow(3, x, new_width))
+            .map_err(tensor_error)?;
+        Ok(with_samples(latent, samples))
+    }
+}
+
+/// `LatentComposite`: `samples_from` pasted into `samples_to` at (`x`, `y`), its inner edges
+/// faded over `feather` pixels where it does not touch the border.
+pub struct LatentComposite;
+
+impl Node for LatentComposite {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("LatentComposite", "nodes", "latent")
+            .display("Latent Composite")
+            .required("samples_to", InputSpec::of("LATENT"))
+            .required("samples_from", InputSpec::of("LATENT"))
+            .required("x", position(0))
+            .required("y", position(0))
+            .required("feather", position(0))
+            .output(OutputSpec::of("LATENT"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let to = inputs.object::<Latent>("samples_to")?;
+        let from = inputs.object::<Latent>("samples_from")?;
+        let (x, y) = (in_latent_pixels(inputs, "x")?, in_latent_pixels(inputs, "y")?);
+        let feather = in_latent_pixels(inputs, "feather")?;
+        let samples = composite(&to.samples, &from.samples, x, y, feather).map_err(tensor_error)?;
+        Ok(with_samples(to, samples))
+    }
+}
+
+fn composite(to: &Tensor, from: &Tensor, x: usize, y: usize, feather: usize) -> candle_core::Result<Tensor> {
+    let (batch, channels, height, width) = to.dims4()?;
+    let (from_batch, from_channels, from_height, from_width) = from.dims4()?;
+    if (from_batch != batch && from_batch != 1) || from_channels != channels {
+        return Err(candle_core::Error::Msg(format!(
+            "cannot paste latents of shape {:?} into latents of shape {:?}",
+            from.dims(),
+            to.dims()
+        )));
+    }
+    // The pasted part: what fits below and right of (x, y).
+    let rows = from_height.min(height.saturating_sub(y));
+    let cols = from_width.min(width.saturating_sub(x));
+    let mut mask = vec![1f32; rows * cols];
+    for t in 0..feather {
+        let factor = (1.0 / feather as f64 * (t + 1) as f64) as f32;
+        let mut scale_row = |r: usize| mask[r * cols..(r + 1) * cols].iter_mut().for_each(|m| *m *= factor);
+        if t < rows {
+            if y != 0 {
+                scale_row(t);
+            }
+            if y + from_height < height {
+                scale_row(rows - 1 - t);
+            }
+        }
+        if t < cols {
+            for r in 0..rows {
+                if x != 0 {
+                    mask[r * cols + t] *= factor;
+                }
+                if x + from_width < width {
+                    mask[r * cols + cols - 1 - t] *= factor;
+                }
+            }
+        }
+    }
+    let to_values: Vec<f32> = to.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let from_values: Vec<f32> = from.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut out = to_values;
+    for b in 0..batch {
+        let source_item = if from_batch == 1 { 0 } else { b };
+        for c in 0..channels {
+            for r in 0..rows {
+                for col in 0..cols {
+                    let target = ((b * channels + c) * height + y + r) * width + x + col;
+                    let source = ((source_item * channels + c) * from_height + r) * from_width + col;
+                    out[target] = if feather == 0 {
+                        from_values[source]
+                    } else {
+                        let m = mask[r * cols + col];
+                        from_values[source] * m + out[target] * (1.0 - m)
+                    };
+                }
+            }
+        }
+    }
+    Tensor::from_vec(out, (batch, channels, height, width), &Device::Cpu)?
+        .to_device(to.device())?
+        .to_dtype(to.dtype())
+}
+
+/// `LatentBlend`: `samples1·f + samples2·(1 − f)`, `samples2` resized (bicubic, centre crop) to
+/// `samples1`'s size first when they differ.
+pub struct LatentBlend;
+
+impl Node for LatentBlend {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("LatentBlend", "nodes", "_for_testing")
+            .display("Latent Blend")
+            .required("samples1", InputSpec::of("LATENT"))
+            .required("samples2", InputSpec::of("LATENT"))
+            .required(
+                "blend_factor",
+                InputSpec::of("FLOAT")
+                    .opt("default", 0.5)
+                    .opt("min", 0)
+                    .opt("max", 1)
+                    .opt("step", 0.01),
+            )
+            .output(OutputSpec::of("LATENT"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let first = inputs.object::<Latent>("samples1")?;
+        let second = inputs.object::<Latent>("samples2")?;
+        let factor = inputs.float("blend_factor")?;
+        let (_, _, height, width) = first.samples.dims4().map_err(tensor_error)?;
+        let second = if second.samples.dims() == first.samples.dims() {
+            second.samples.clone()
+        } else {
+            upscale_latent(second, "bicubic", width, height, true)?.samples
+        };
+        let blended = (&first.samples * factor)
+            .and_then(|a| a.broadcast_add(&(second * (1.0 - factor))?))
+            .map_err(tensor_error)?;
+        Ok(with_samples(first, blended))
+    }
+}

@@ -1,0 +1,132 @@
+//! The latent transform and compositing nodes on small hand-made latents, against results worked
+//! out from ComfyUI's code (`torch.rot90(x, k, dims=[3, 2])`, its crop clamps and feathering).
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::{flat, j, setup, Setup};
+use easel_engine::Value;
+use easel_nodes::diffusion::Latent;
+use serde_json::json;
+
+fn latent(values: Vec<f32>, shape: (usize, usize, usize, usize)) -> Value {
+    Value::object(Latent::new(Tensor::from_vec(values, shape, &Device::Cpu).unwrap()))
+}
+
+fn run(setup: &Setup, class: &str, inputs: Vec<(&str, Value)>) -> Tensor {
+    let out = setup.call(class, inputs).unwrap();
+    out[0].downcast::<Latent>().unwrap().samples.clone()
+}
+
+#[test]
+fn flips_and_rotations_move_values_as_torch_does() {
+    let setup = setup();
+    // [[0, 1, 2], [3, 4, 5]]
+    let source = latent((0..6).map(|v| v as f32).collect(), (1, 1, 2, 3));
+    let flip = |method: &str| {
+        run(
+            &setup,
+            "LatentFlip",
+            vec![("samples", source.clone()), ("flip_method", j(json!(method)))],
+        )
+    };
+    assert_eq!(flat(&flip("x-axis: vertically")), vec![3.0, 4.0, 5.0, 0.0, 1.0, 2.0]);
+    assert_eq!(flat(&flip("y-axis: horizontally")), vec![2.0, 1.0, 0.0, 5.0, 4.0, 3.0]);
+    let rotate = |rotation: &str| {
+        run(
+            &setup,
+            "LatentRotate",
+            vec![("samples", source.clone()), ("rotation", j(json!(rotation)))],
+        )
+    };
+    let quarter = rotate("90 degrees");
+    assert_eq!(quarter.dims(), &[1, 1, 3, 2]);
+    assert_eq!(flat(&quarter), vec![3.0, 0.0, 4.0, 1.0, 5.0, 2.0]);
+    assert_eq!(flat(&rotate("180 degrees")), vec![5.0, 4.0, 3.0, 2.0, 1.0, 0.0]);
+    assert_eq!(flat(&rotate("270 degrees")), vec![2.0, 5.0, 1.0, 4.0, 0.0, 3.0]);
+    assert_eq!(flat(&rotate("none")), (0..6).map(|v| v as f32).collect::<Vec<_>>());
+}
+
+#[test]
+fn crops_stay_eight_latent_pixels_inside() {
+    let setup = setup();
+    let source = latent((0..256).map(|v| v as f32).collect(), (1, 1, 16, 16));
+    let cropped = run(
+        &setup,
+        "LatentCrop",
+        vec![
+            ("samples", source),
+            ("width", j(json!(64))),
+            ("height", j(json!(64))),
+            ("x", j(json!(120))),
+            ("y", j(json!(8))),
+        ],
+    );
+    assert_eq!(cropped.dims(), &[1, 1, 8, 8]);
+    // x 120/8 = 15 is moved back to 16 − 8; y = 1.
+    let expected: Vec<f32> = (1..9)
+        .flat_map(|row| (8..16).map(move |col| (row * 16 + col) as f32))
+        .collect();
+    assert_eq!(flat(&cropped), expected);
+}
+
+#[test]
+fn composites_paste_and_feather_inner_edges() {
+    let setup = setup();
+    let to = latent(vec![0.0; 64], (1, 1, 8, 8));
+    let from = latent(vec![1.0; 16], (1, 1, 4, 4));
+    let paste = |feather: i64| {
+        flat(&run(
+            &setup,
+            "LatentComposite",
+            vec![
+                ("samples_to", to.clone()),
+                ("samples_from", from.clone()),
+                ("x", j(json!(16))),
+                ("y", j(json!(0))),
+                ("feather", j(json!(feather))),
+            ],
+        ))
+    };
+    let at = |values: &[f32], row: usize, col: usize| values[row * 8 + col];
+    let sharp = paste(0);
+    for row in 0..8 {
+        for col in 0..8 {
+            let inside = row < 4 && (2..6).contains(&col);
+            assert_eq!(at(&sharp, row, col), if inside { 1.0 } else { 0.0 });
+        }
+    }
+    // Feather 16 px = 2 latent pixels: no fade along the top border (y = 0); the bottom row and
+    // the outer columns at half, the ones inside them at full.
+    let feathered = paste(16);
+    let (rows, cols) = ([1.0, 1.0, 1.0, 0.5], [0.5, 1.0, 1.0, 0.5]);
+    for row in 0..4 {
+        for col in 0..4 {
+            assert_eq!(at(&feathered, row, col + 2), rows[row] * cols[col], "({row}, {col})");
+        }
+    }
+}
+
+#[test]
+fn blends_weigh_the_first_latent_by_the_factor() {
+    let setup = setup();
+    let first = latent(vec![2.0; 64], (1, 1, 8, 8));
+    let blend = |second: Value| {
+        run(
+            &setup,
+            "LatentBlend",
+            vec![
+                ("samples1", first.clone()),
+                ("samples2", second),
+                ("blend_factor", j(json!(0.25))),
+            ],
+        )
+    };
+    assert!(flat(&blend(latent(vec![4.0; 64], (1, 1, 8, 8))))
+        .iter()
+        .all(|v| *v == 3.5));
+    // Another size is resized to the first's before blending.
+    let resized = blend(latent(vec![4.0; 16], (1, 1, 4, 4)));
+    assert_eq!(resized.dims(), &[1, 1, 8, 8]);
+    assert!(flat(&resized).iter().all(|v| (v - 3.5).abs() < 1e-5));
+}
