@@ -100,9 +100,9 @@ fn composites_paste_and_feather_inner_edges() {
     // the outer columns at half, the ones inside them at full.
     let feathered = paste(16);
     let (rows, cols) = ([1.0, 1.0, 1.0, 0.5], [0.5, 1.0, 1.0, 0.5]);
-    for row in 0..4 {
-        for col in 0..4 {
-            assert_eq!(at(&feathered, row, col + 2), rows[row] * cols[col], "({row}, {col})");
+    for (row, row_factor) in rows.iter().enumerate() {
+        for (col, col_factor) in cols.iter().enumerate() {
+            assert_eq!(at(&feathered, row, col + 2), row_factor * col_factor, "({row}, {col})");
         }
     }
 }
