@@ -523,6 +523,101 @@ impl Node for ConditioningCombine {
     }
 }
 
+/// The first entry of `conditioning_from`, which ComfyUI's Average and Concat nodes apply (they
+/// warn when there are more).
+fn first_from<'a>(inputs: &'a NodeInputs, node: &str) -> Result<&'a CondEntry, NodeError> {
+    let from = &inputs.object::<Conditioning>("conditioning_from")?.0;
+    if from.len() > 1 {
+        tracing::warn!(
+            "Warning: {node} conditioning_from contains more than 1 cond, only the first one will actually be applied to conditioning_to."
+        );
+    }
+    from.first()
+        .ok_or_else(|| NodeError::typed("IndexError", "list index out of range"))
+}
+
+/// `ConditioningAverage`: each entry of `conditioning_to` weighted by the strength against the
+/// first of `conditioning_from` (cut or zero-padded to its token count), pooled vectors too.
+pub struct ConditioningAverage;
+
+impl Node for ConditioningAverage {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("ConditioningAverage", "nodes", "conditioning")
+            .required("conditioning_to", InputSpec::of("CONDITIONING"))
+            .required("conditioning_from", InputSpec::of("CONDITIONING"))
+            .required(
+                "conditioning_to_strength",
+                InputSpec::float(1.0, 0.0, 1.0).opt("step", 0.01),
+            )
+            .output(OutputSpec::of("CONDITIONING"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let from = first_from(inputs, "ConditioningAverage")?;
+        let strength = inputs.float("conditioning_to_strength")?;
+        let weighted = |to: &Tensor, from: &Tensor| (to * strength)? + (from * (1.0 - strength))?;
+        let entries = inputs
+            .object::<Conditioning>("conditioning_to")?
+            .0
+            .iter()
+            .map(|to| {
+                let (_, tokens, width) = to.cross_attention.dims3()?;
+                let from_tokens = from.cross_attention.dim(1)?;
+                let mut source = from.cross_attention.narrow(1, 0, from_tokens.min(tokens))?;
+                if from_tokens < tokens {
+                    let padding = Tensor::zeros((1, tokens - from_tokens, width), source.dtype(), source.device())?;
+                    source = Tensor::cat(&[&source, &padding], 1)?;
+                }
+                // An entry without a pooled vector averages the source's with itself, as ComfyUI.
+                let pooled = match (&to.pooled, &from.pooled) {
+                    (to_pooled, Some(from_pooled)) => {
+                        Some(weighted(to_pooled.as_ref().unwrap_or(from_pooled), from_pooled)?)
+                    }
+                    (to_pooled, None) => to_pooled.clone(),
+                };
+                Ok(CondEntry {
+                    cross_attention: weighted(&to.cross_attention, &source)?,
+                    pooled,
+                    ..to.clone()
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(tensor_error)?;
+        Ok(NodeOutput::values(vec![Value::object(Conditioning(entries))]))
+    }
+}
+
+/// `ConditioningConcat`: the first entry of `conditioning_from`'s tokens appended to each entry
+/// of `conditioning_to`.
+pub struct ConditioningConcat;
+
+impl Node for ConditioningConcat {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("ConditioningConcat", "nodes", "conditioning")
+            .display("Conditioning (Concat)")
+            .required("conditioning_to", InputSpec::of("CONDITIONING"))
+            .required("conditioning_from", InputSpec::of("CONDITIONING"))
+            .output(OutputSpec::of("CONDITIONING"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let from = first_from(inputs, "ConditioningConcat")?;
+        let entries = inputs
+            .object::<Conditioning>("conditioning_to")?
+            .0
+            .iter()
+            .map(|to| {
+                Ok(CondEntry {
+                    cross_attention: Tensor::cat(&[&to.cross_attention, &from.cross_attention], 1)?,
+                    ..to.clone()
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(tensor_error)?;
+        Ok(NodeOutput::values(vec![Value::object(Conditioning(entries))]))
+    }
+}
+
 /// `ConditioningZeroOut`: zero embeddings and pooled vectors.
 pub struct ConditioningZeroOut;
 

@@ -77,6 +77,8 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(vae_nodes::VaeDecodeTiled);
     registry.register(vae_nodes::VaeEncodeTiled);
     registry.register(diffusion_nodes::ConditioningCombine);
+    registry.register(diffusion_nodes::ConditioningAverage);
+    registry.register(diffusion_nodes::ConditioningConcat);
     registry.register(diffusion_nodes::ConditioningZeroOut);
     registry.register(diffusion_nodes::ConditioningSetTimestepRange);
     registry.register(diffusion_nodes::LatentUpscale);

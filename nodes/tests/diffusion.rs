@@ -268,6 +268,62 @@ fn encode_for_inpaint_greys_the_mask_and_grows_it() {
     }
 }
 
+/// ConditioningAverage weighs each entry against the source cut or zero-padded to its tokens,
+/// pooled vectors too; ConditioningConcat appends the source's tokens.
+#[test]
+fn conditioning_average_and_concat_combine_tokens_as_comfyui() {
+    use easel_nodes::diffusion::{CondEntry, Conditioning};
+    let setup = setup();
+    let entry = |tokens: usize, value: f32, pooled: Option<f32>| CondEntry {
+        cross_attention: Tensor::full(value, (1, tokens, 2), &Device::Cpu).unwrap(),
+        pooled: pooled.map(|p| Tensor::full(p, (1, 2), &Device::Cpu).unwrap()),
+        timestep_range: Some((0.0, 0.5)),
+    };
+    let to = Value::object(Conditioning(vec![entry(3, 4.0, Some(8.0)), entry(1, 2.0, None)]));
+    let from = Value::object(Conditioning(vec![entry(2, 1.0, Some(0.0))]));
+    let out = setup
+        .call(
+            "ConditioningAverage",
+            vec![
+                ("conditioning_to", to.clone()),
+                ("conditioning_from", from.clone()),
+                ("conditioning_to_strength", j(json!(0.25))),
+            ],
+        )
+        .unwrap();
+    let averaged = &out[0].downcast::<Conditioning>().unwrap().0;
+    assert_eq!(
+        flat(&averaged[0].cross_attention),
+        vec![1.75, 1.75, 1.75, 1.75, 1.0, 1.0]
+    );
+    assert_eq!(flat(averaged[0].pooled.as_ref().unwrap()), vec![2.0, 2.0]);
+    assert_eq!(averaged[0].timestep_range, Some((0.0, 0.5)));
+    assert_eq!(flat(&averaged[1].cross_attention), vec![1.25, 1.25]);
+    assert_eq!(flat(averaged[1].pooled.as_ref().unwrap()), vec![0.0, 0.0]);
+    let out = setup
+        .call(
+            "ConditioningConcat",
+            vec![("conditioning_to", to), ("conditioning_from", from)],
+        )
+        .unwrap();
+    let joined = &out[0].downcast::<Conditioning>().unwrap().0;
+    assert_eq!(
+        flat(&joined[0].cross_attention),
+        vec![4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 1.0, 1.0, 1.0, 1.0]
+    );
+    assert_eq!(joined[1].cross_attention.dims(), &[1, 3, 2]);
+    let empty = Value::object(Conditioning(vec![]));
+    let error = setup
+        .call(
+            "ConditioningConcat",
+            vec![("conditioning_to", empty.clone()), ("conditioning_from", empty)],
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(error.contains("list index out of range"), "{error}");
+}
+
 #[test]
 fn every_sampler_runs_on_the_tiny_model() {
     let setup = setup();
