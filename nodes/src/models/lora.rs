@@ -9,8 +9,8 @@
 //! the raw keys, diffusers/PEFT names, and the text encoder's (`lora_te_text_model_…`,
 //! `text_encoder.text_model.…`). Tensors found for a name: `.lora_up/.lora_down` (kohya,
 //! LoCon), `_lora.up/.down`, `.lora.up/.down`, `.lora_linear_layer.up/.down` (diffusers),
-//! `.lora_B/.lora_A` (PEFT, also `.default`), with an optional `.alpha`; or `.diff` (a full
-//! difference).
+//! `.lora_B/.lora_A` (PEFT, also `.default`), with an optional `.alpha`, LoCon's Tucker
+//! `.lora_mid` and DoRA's `.dora_scale`; or `.diff` (a full difference).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -25,6 +25,8 @@ use super::weights::{SafetensorsFile, TensorShapes};
 pub struct Patch {
     strength: f32,
     difference: Difference,
+    /// DoRA's magnitudes: the patched weight is renormalised to them.
+    dora_scale: Option<Tensor>,
 }
 
 #[derive(Clone)]
@@ -36,22 +38,57 @@ enum Difference {
 }
 
 impl Patch {
-    /// `strength·ΔW` in f32, shaped as `base`.
-    fn weighted_difference(&self, base: &Tensor) -> Result<Tensor> {
+    /// `scale·ΔW` in f32, shaped as `weight`.
+    fn difference(&self, weight: &Tensor) -> Result<Tensor> {
         let difference = match &self.difference {
             Difference::LowRank { up, down, scale } => {
                 (up.flatten_from(1)?.matmul(&down.flatten_from(1)?)? * f64::from(*scale))?
             }
             Difference::Full(difference) => difference.clone(),
         };
-        if difference.elem_count() != base.elem_count() {
+        if difference.elem_count() != weight.elem_count() {
             return Err(candle_core::Error::Msg(format!(
                 "a LoRA difference of shape {:?} does not fit a weight of shape {:?}",
                 difference.dims(),
-                base.dims()
+                weight.dims()
             )));
         }
-        difference.reshape(base.shape())?.to_device(base.device())? * f64::from(self.strength)
+        difference.reshape(weight.shape())?.to_device(weight.device())
+    }
+
+    /// `weight` (f32) with this patch applied: `W + strength·ΔW`; with DoRA, `W + ΔW` scaled to
+    /// the DoRA magnitudes (over W's output rows when the magnitudes are per output, else over
+    /// the patched weight's input columns) and then weighed against W by the strength.
+    fn apply_to(&self, weight: &Tensor) -> Result<Tensor> {
+        let difference = self.difference(weight)?;
+        let strength = f64::from(self.strength);
+        let Some(dora_scale) = &self.dora_scale else {
+            return weight + (difference * strength)?;
+        };
+        let patched = (weight + difference)?;
+        let outputs = weight.dim(0)?;
+        let mut norm_shape = vec![1; weight.rank()];
+        let norm = if dora_scale.dim(0)? == outputs {
+            norm_shape[0] = outputs;
+            weight.reshape((outputs, ()))?.sqr()?.sum_keepdim(1)?.sqrt()?
+        } else {
+            let inputs = weight.dim(1)?;
+            norm_shape[1] = inputs;
+            patched
+                .transpose(0, 1)?
+                .reshape((inputs, ()))?
+                .sqr()?
+                .sum_keepdim(1)?
+                .sqrt()?
+        };
+        let norm = (norm.reshape(norm_shape.as_slice())? + f64::from(f32::EPSILON))?;
+        let magnitude = dora_scale.to_device(weight.device())?.reshape(norm.shape())?;
+        let renormalised = patched.broadcast_mul(&(magnitude / norm)?)?;
+        if self.strength == 1.0 {
+            Ok(renormalised)
+        } else {
+            weight + ((renormalised - weight)? * strength)?
+        }
     }
 }
 
@@ -60,10 +97,6 @@ impl Patch {
 pub struct WeightPatches(Arc<HashMap<String, Vec<Patch>>>);
 
 impl WeightPatches {
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// These patches followed by `more`.
     pub fn and(&self, more: HashMap<String, Patch>) -> WeightPatches {
         let mut all = (*self.0).clone();
@@ -87,7 +120,7 @@ impl WeightPatches {
         let dtype = base.dtype();
         let mut weight = base.to_dtype(DType::F32)?;
         for patch in patches {
-            weight = (&weight + patch.weighted_difference(&weight)?)?;
+            weight = patch.apply_to(&weight)?;
         }
         weight.to_dtype(dtype)
     }
@@ -204,8 +237,13 @@ pub fn load_lora(lora: &SafetensorsFile, keys: &LoraKeyMap, strength: f32) -> Re
             .into_iter()
             .find(|(up, down)| lora.has(up) && lora.has(down));
         let difference = if let Some((up_name, down_name)) = low_rank {
-            let (up, down) = (load(&up_name)?, load(&down_name)?);
+            let (up, mut down) = (load(&up_name)?, load(&down_name)?);
             let rank = down.dim(0)?;
+            let mid_name = format!("{lora_name}.lora_mid.weight");
+            if lora.has(&mid_name) {
+                down = tucker_down(&down, &load(&mid_name)?)?;
+                used.insert(mid_name);
+            }
             let scale = if lora.has(&alpha_name) {
                 used.insert(alpha_name.clone());
                 load(&alpha_name)?.flatten_all()?.get(0)?.to_scalar::<f32>()? / rank.max(1) as f32
@@ -223,9 +261,37 @@ pub fn load_lora(lora: &SafetensorsFile, keys: &LoraKeyMap, strength: f32) -> Re
         } else {
             continue;
         };
-        patches.insert(target.clone(), Patch { strength, difference });
+        let dora_name = format!("{lora_name}.dora_scale");
+        let dora_scale = if lora.has(&dora_name) {
+            let scale = load(&dora_name)?;
+            used.insert(dora_name);
+            Some(scale)
+        } else {
+            None
+        };
+        patches.insert(
+            target.clone(),
+            Patch {
+                strength,
+                difference,
+                dora_scale,
+            },
+        );
     }
     Ok(LoadedLora { patches, used })
+}
+
+/// LoCon's Tucker form: the 1×1 `down` [r, C, 1, 1] and the core `mid` [r, r, k, k] made into
+/// one `down` [r, C, k, k].
+fn tucker_down(down: &Tensor, mid: &Tensor) -> Result<Tensor> {
+    let (rank, inputs) = (down.dim(0)?, down.dim(1)?);
+    let (_, _, kh, kw) = mid.dims4()?;
+    down.transpose(0, 1)?
+        .flatten_from(1)?
+        .matmul(&mid.transpose(0, 1)?.flatten_from(1)?)?
+        .reshape((inputs, rank, kh, kw))?
+        .transpose(0, 1)?
+        .contiguous()
 }
 
 /// diffusers' names for a UNet's blocks, by LDM key (without `.weight`), for the weight
@@ -350,4 +416,77 @@ fn diffusers_unet_names(config: &UNetConfig) -> HashMap<String, String> {
         }
     }
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(values: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(values, shape, &Device::Cpu).expect("tensor")
+    }
+
+    fn values(tensor: &Tensor) -> Vec<f32> {
+        tensor.flatten_all().and_then(|t| t.to_vec1()).expect("values")
+    }
+
+    #[test]
+    fn tucker_cores_compose_with_the_down_projection() {
+        let down_values: Vec<f32> = (0..6).map(|i| i as f32 - 2.5).collect();
+        let mid_values: Vec<f32> = (0..36).map(|i| ((i * 7) % 11) as f32 / 5.0 - 1.0).collect();
+        let composed = values(
+            &tucker_down(
+                &tensor(&down_values, &[2, 3, 1, 1]),
+                &tensor(&mid_values, &[2, 2, 3, 3]),
+            )
+            .expect("composed"),
+        );
+        for i in 0..2 {
+            for c in 0..3 {
+                for tap in 0..9 {
+                    let expected: f32 = (0..2)
+                        .map(|j| mid_values[(i * 2 + j) * 9 + tap] * down_values[j * 3 + c])
+                        .sum();
+                    assert!((composed[(i * 3 + c) * 9 + tap] - expected).abs() < 1e-6);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dora_renormalises_the_patched_weight_per_output_or_input() {
+        let weight = [1.0f32, 2.0, 2.0, 0.0, 3.0, 4.0];
+        let (up, down) = ([1.0f32, -1.0], [0.5f32, 0.0, 1.0]);
+        let patched: Vec<f32> = (0..6).map(|i| weight[i] + 2.0 * up[i / 3] * down[i % 3]).collect();
+        let patch = |dora: &[f32], shape: &[usize]| Patch {
+            strength: 0.5,
+            difference: Difference::LowRank {
+                up: tensor(&up, &[2, 1]),
+                down: tensor(&down, &[1, 3]),
+                scale: 2.0,
+            },
+            dora_scale: Some(tensor(dora, shape)),
+        };
+        let base = tensor(&weight, &[2, 3]);
+        let blend = |renormalised: Vec<f32>| -> Vec<f32> {
+            (0..6)
+                .map(|i| weight[i] + 0.5 * (renormalised[i] - weight[i]))
+                .collect()
+        };
+        // Per output row: the norms of W's rows (3 and 5).
+        let per_row = values(&patch(&[6.0, 10.0], &[2, 1]).apply_to(&base).expect("patched"));
+        let expected = blend((0..6).map(|i| patched[i] * 2.0).collect());
+        assert!(
+            per_row.iter().zip(&expected).all(|(a, b)| (a - b).abs() < 1e-5),
+            "{per_row:?}"
+        );
+        // Per input column: the norms of the patched weight's columns.
+        let column_norm = |c: usize| (patched[c].powi(2) + patched[3 + c].powi(2)).sqrt();
+        let per_column = values(&patch(&[1.0, 1.0, 1.0], &[1, 3]).apply_to(&base).expect("patched"));
+        let expected = blend((0..6).map(|i| patched[i] / column_norm(i % 3)).collect());
+        assert!(
+            per_column.iter().zip(&expected).all(|(a, b)| (a - b).abs() < 1e-5),
+            "{per_column:?}"
+        );
+    }
 }
