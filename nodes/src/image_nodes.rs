@@ -621,17 +621,27 @@ impl Node for ImageCompositeMasked {
         let mask = inputs.optional_object::<Mask>("mask")?;
         let x = non_negative(inputs, "x")?;
         let y = non_negative(inputs, "y")?;
-        composite(&mut destination, &source, x, y, mask, inputs.bool("resize_source")?)?;
+        composite(
+            &mut destination,
+            &source,
+            (x, y),
+            1,
+            mask,
+            inputs.bool("resize_source")?,
+        )?;
         Ok(image_result(destination))
     }
 }
 
-/// ComfyUI's `composite(destination, source, x, y, mask, multiplier=1, resize_source)`.
+/// ComfyUI's `composite(destination, source, x, y, mask, multiplier, resize_source)`: `x` and
+/// `y` are in units of `multiplier` destination pixels (8 for latents). Images reach ComfyUI's
+/// function channels-last (their channels moved to dimension 1), latents in plain NCHW, which
+/// picks PyTorch's bilinear kernel when the source is resized.
 pub fn composite(
     destination: &mut Image,
     source: &Image,
-    x: usize,
-    y: usize,
+    (x, y): (usize, usize),
+    multiplier: usize,
     mask: Option<&Mask>,
     resize_source: bool,
 ) -> Result<(), NodeError> {
@@ -642,12 +652,12 @@ pub fn composite(
             destination.height,
             destination.width,
             ResizeMethod::Bilinear,
-            true,
+            multiplier == 1,
         )?;
     }
     let source = source.repeat_to_batch(destination.batch);
-    let left = x.min(destination.width);
-    let top = y.min(destination.height);
+    let left = x.min(destination.width * multiplier) / multiplier;
+    let top = y.min(destination.height * multiplier) / multiplier;
     let mask = match mask {
         Some(mask) => {
             let resized = resize(

@@ -90,5 +90,6 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(latent_nodes::LatentRotate);
     registry.register(latent_nodes::LatentCrop);
     registry.register(latent_nodes::LatentComposite);
+    registry.register(latent_nodes::LatentCompositeMasked);
     registry.register(latent_nodes::LatentBlend);
 }

@@ -130,3 +130,42 @@ fn blends_weigh_the_first_latent_by_the_factor() {
     assert_eq!(resized.dims(), &[1, 1, 8, 8]);
     assert!(flat(&resized).iter().all(|v| (v - 3.5).abs() < 1e-5));
 }
+
+#[test]
+fn masked_composites_paste_through_the_mask_in_latent_pixels() {
+    let setup = setup();
+    let destination = latent(vec![0.0; 64], (1, 1, 8, 8));
+    let source = latent(vec![2.0; 16], (1, 1, 4, 4));
+    // A 4×4 mask, already the source's size: its left half.
+    let mask = easel_nodes::image::Mask {
+        batch: 1,
+        height: 4,
+        width: 4,
+        data: (0..16).map(|i| if i % 4 < 2 { 1.0 } else { 0.0 }).collect(),
+    };
+    let paste = |x: i64, with_mask: bool| {
+        let mut inputs = vec![
+            ("destination", destination.clone()),
+            ("source", source.clone()),
+            ("x", j(json!(x))),
+            ("y", j(json!(8))),
+            ("resize_source", j(json!(false))),
+        ];
+        if with_mask {
+            inputs.push(("mask", Value::object(mask.clone())));
+        }
+        flat(&run(&setup, "LatentCompositeMasked", inputs))
+    };
+    // x 16 → column 2, y 8 → row 1.
+    let masked = paste(16, true);
+    for row in 0..8 {
+        for col in 0..8 {
+            let inside = (1..5).contains(&row) && (2..4).contains(&col);
+            assert_eq!(masked[row * 8 + col], if inside { 2.0 } else { 0.0 }, "({row}, {col})");
+        }
+    }
+    let whole = paste(16, false);
+    assert_eq!(whole.iter().filter(|v| **v == 2.0).count(), 16);
+    // Past the right edge nothing is pasted.
+    assert!(paste(1000, false).iter().all(|v| *v == 0.0));
+}
