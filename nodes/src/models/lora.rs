@@ -10,7 +10,8 @@
 //! `text_encoder.text_model.…`). Tensors found for a name: `.lora_up/.lora_down` (kohya,
 //! LoCon), `_lora.up/.down`, `.lora.up/.down`, `.lora_linear_layer.up/.down` (diffusers),
 //! `.lora_B/.lora_A` (PEFT, also `.default`), with an optional `.alpha`, LoCon's Tucker
-//! `.lora_mid` and DoRA's `.dora_scale`; or `.diff` (a full difference).
+//! `.lora_mid` and DoRA's `.dora_scale`; LyCORIS LoHa (`.hada_w1_a` …) and LoKr (`.lokr_w1` or
+//! `.lokr_w1_a/_b`, `.lokr_w2` …); or `.diff` (a full difference).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -33,6 +34,10 @@ pub struct Patch {
 enum Difference {
     /// `scale · up·down` (up [out, rank, …], down [rank, in, …]).
     LowRank { up: Tensor, down: Tensor, scale: f32 },
+    /// LoHa: `scale · (first ⊙ second)`, each the product of its two factors.
+    Hadamard { first: Tensor, second: Tensor, scale: f32 },
+    /// LoKr: `scale · kron(first, second)`, `first` 2-D and `second` 2-D or a convolution's 4-D.
+    Kronecker { first: Tensor, second: Tensor, scale: f32 },
     /// A difference of W's shape.
     Full(Tensor),
 }
@@ -44,6 +49,8 @@ impl Patch {
             Difference::LowRank { up, down, scale } => {
                 (up.flatten_from(1)?.matmul(&down.flatten_from(1)?)? * f64::from(*scale))?
             }
+            Difference::Hadamard { first, second, scale } => ((first * second)? * f64::from(*scale))?,
+            Difference::Kronecker { first, second, scale } => (kronecker(first, second)? * f64::from(*scale))?,
             Difference::Full(difference) => difference.clone(),
         };
         if difference.elem_count() != weight.elem_count() {
@@ -228,44 +235,15 @@ fn low_rank_names(name: &str) -> [(String, String); 6] {
 
 /// Reads the patches `lora` makes to a model with `keys`, each at `strength`.
 pub fn load_lora(lora: &SafetensorsFile, keys: &LoraKeyMap, strength: f32) -> Result<LoadedLora> {
-    let load = |name: &str| lora.load(name, DType::F32, &Device::Cpu);
     let mut used = HashSet::new();
     let mut patches = HashMap::new();
     for (lora_name, target) in &keys.0 {
-        let alpha_name = format!("{lora_name}.alpha");
-        let low_rank = low_rank_names(lora_name)
-            .into_iter()
-            .find(|(up, down)| lora.has(up) && lora.has(down));
-        let difference = if let Some((up_name, down_name)) = low_rank {
-            let (up, mut down) = (load(&up_name)?, load(&down_name)?);
-            let rank = down.dim(0)?;
-            let mid_name = format!("{lora_name}.lora_mid.weight");
-            if lora.has(&mid_name) {
-                down = tucker_down(&down, &load(&mid_name)?)?;
-                used.insert(mid_name);
-            }
-            let scale = if lora.has(&alpha_name) {
-                used.insert(alpha_name.clone());
-                load(&alpha_name)?.flatten_all()?.get(0)?.to_scalar::<f32>()? / rank.max(1) as f32
-            } else {
-                1.0
-            };
-            used.insert(up_name);
-            used.insert(down_name);
-            Difference::LowRank { up, down, scale }
-        } else if lora.has(&format!("{lora_name}.diff")) {
-            let diff_name = format!("{lora_name}.diff");
-            let difference = load(&diff_name)?;
-            used.insert(diff_name);
-            Difference::Full(difference)
-        } else {
+        let Some(difference) = read_difference(lora, lora_name, &mut used)? else {
             continue;
         };
         let dora_name = format!("{lora_name}.dora_scale");
         let dora_scale = if lora.has(&dora_name) {
-            let scale = load(&dora_name)?;
-            used.insert(dora_name);
-            Some(scale)
+            Some(take(lora, &mut used, dora_name)?)
         } else {
             None
         };
@@ -279,6 +257,94 @@ pub fn load_lora(lora: &SafetensorsFile, keys: &LoraKeyMap, strength: f32) -> Re
         );
     }
     Ok(LoadedLora { patches, used })
+}
+
+/// Loads tensor `name` in f32 and records it as used.
+fn take(lora: &SafetensorsFile, used: &mut HashSet<String>, name: String) -> Result<Tensor> {
+    let tensor = lora.load(&name, DType::F32, &Device::Cpu)?;
+    used.insert(name);
+    Ok(tensor)
+}
+
+/// The difference `lora` stores for layer `name`, in whichever format it uses; `None` when it
+/// has none Easel reads (LyCORIS's CP-decomposed LoHa and LoKr are left unread, and so logged).
+fn read_difference(lora: &SafetensorsFile, name: &str, used: &mut HashSet<String>) -> Result<Option<Difference>> {
+    let key = |suffix: &str| format!("{name}.{suffix}");
+    let has = |suffix: &str| lora.has(&key(suffix));
+    // alpha / dim where the file has an alpha and the format a dimension, else 1.
+    let scale = |dim: Option<usize>, used: &mut HashSet<String>| -> Result<f32> {
+        if !has("alpha") {
+            return Ok(1.0);
+        }
+        let alpha = take(lora, used, key("alpha"))?
+            .flatten_all()?
+            .get(0)?
+            .to_scalar::<f32>()?;
+        Ok(dim.map_or(1.0, |dim| alpha / dim.max(1) as f32))
+    };
+    if let Some((up_name, down_name)) = low_rank_names(name)
+        .into_iter()
+        .find(|(up, down)| lora.has(up) && lora.has(down))
+    {
+        let up = take(lora, used, up_name)?;
+        let mut down = take(lora, used, down_name)?;
+        let rank = down.dim(0)?;
+        if has("lora_mid.weight") {
+            down = tucker_down(&down, &take(lora, used, key("lora_mid.weight"))?)?;
+        }
+        let scale = scale(Some(rank), used)?;
+        return Ok(Some(Difference::LowRank { up, down, scale }));
+    }
+    const HADAMARD: [&str; 4] = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"];
+    if HADAMARD.iter().all(|suffix| has(suffix)) && !has("hada_t1") && !has("hada_t2") {
+        let [w1a, w1b, w2a, w2b] = HADAMARD.map(|suffix| take(lora, used, key(suffix)));
+        let (w1b, w2b) = (w1b?.flatten_from(1)?, w2b?.flatten_from(1)?);
+        let scale = scale(Some(w1b.dim(0)?), used)?;
+        return Ok(Some(Difference::Hadamard {
+            first: w1a?.flatten_from(1)?.matmul(&w1b)?,
+            second: w2a?.flatten_from(1)?.matmul(&w2b)?,
+            scale,
+        }));
+    }
+    let factor = |whole: &str, used: &mut HashSet<String>| -> Result<Option<(Tensor, Option<usize>)>> {
+        if has(whole) {
+            return Ok(Some((take(lora, used, key(whole))?, None)));
+        }
+        let (a, b) = (format!("{whole}_a"), format!("{whole}_b"));
+        if !has(&a) || !has(&b) {
+            return Ok(None);
+        }
+        let b = take(lora, used, key(&b))?;
+        let dim = b.dim(0)?;
+        Ok(Some((take(lora, used, key(&a))?.matmul(&b)?, Some(dim))))
+    };
+    if !has("lokr_t2") && (has("lokr_w1") || has("lokr_w1_a")) && (has("lokr_w2") || has("lokr_w2_a")) {
+        if let (Some((first, first_dim)), Some((second, second_dim))) =
+            (factor("lokr_w1", used)?, factor("lokr_w2", used)?)
+        {
+            let scale = scale(second_dim.or(first_dim), used)?;
+            return Ok(Some(Difference::Kronecker { first, second, scale }));
+        }
+    }
+    if has("diff") {
+        return Ok(Some(Difference::Full(take(lora, used, key("diff"))?)));
+    }
+    Ok(None)
+}
+
+/// `torch.kron` of a 2-D `first` [m, n] (or [m, n, 1, 1]) and `second` [p, q, …]: [m·p, n·q, …],
+/// element (i·p + j, c·q + d, …) = first[i, c] · second[j, d, …].
+fn kronecker(first: &Tensor, second: &Tensor) -> Result<Tensor> {
+    let (m, n) = (first.dim(0)?, first.dim(1)?);
+    let (p, q) = (second.dim(0)?, second.dim(1)?);
+    let rest: Vec<usize> = second.dims()[2..].to_vec();
+    let inner: usize = rest.iter().product();
+    let product = first
+        .reshape((m, 1, n, 1, 1))?
+        .broadcast_mul(&second.reshape((1, p, 1, q, inner))?)?;
+    let mut shape = vec![m * p, n * q];
+    shape.extend(rest);
+    product.reshape(shape)
 }
 
 /// LoCon's Tucker form: the 1×1 `down` [r, C, 1, 1] and the core `mid` [r, r, k, k] made into
@@ -428,6 +494,72 @@ mod tests {
 
     fn values(tensor: &Tensor) -> Vec<f32> {
         tensor.flatten_all().and_then(|t| t.to_vec1()).expect("values")
+    }
+
+    /// A LoRA file of f32 tensors.
+    fn lora_file(tensors: &[(&str, &[usize], &[f32])]) -> (tempfile::TempDir, SafetensorsFile) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("lora.safetensors");
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, _, values)| values.iter().flat_map(|v| v.to_le_bytes()).collect())
+            .collect();
+        let views: Vec<(&str, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((name, shape, _), data)| {
+                let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), data);
+                (*name, view.expect("view"))
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &path).expect("written");
+        let file = SafetensorsFile::open(&path).expect("opened");
+        (dir, file)
+    }
+
+    #[test]
+    fn loha_and_lokr_differences_are_hadamard_and_kronecker_products() {
+        let (a, b, c, d) = ([1.0f32, 2.0], [3.0f32, -1.0, 0.5], [0.5f32, -2.0], [1.0f32, 1.0, 2.0]);
+        let (_dir, lora) = lora_file(&[
+            ("loha.hada_w1_a", &[2, 1], &a),
+            ("loha.hada_w1_b", &[1, 3], &b),
+            ("loha.hada_w2_a", &[2, 1], &c),
+            ("loha.hada_w2_b", &[1, 3], &d),
+            ("loha.alpha", &[], &[2.0]),
+            ("lokr.lokr_w1", &[1, 2], &[2.0, -1.0]),
+            ("lokr.lokr_w2_a", &[2, 1], &[1.0, 3.0]),
+            ("lokr.lokr_w2_b", &[1, 1], &[0.5]),
+            ("lokr.alpha", &[], &[4.0]),
+        ]);
+        let mut keys = LoraKeyMap::default();
+        keys.insert("loha".into(), "w_loha");
+        keys.insert("lokr".into(), "w_lokr");
+        let loaded = load_lora(&lora, &keys, 1.0).expect("loaded");
+        assert_eq!(loaded.used.len(), 9);
+        // LoHa: alpha / rank 1 = 2; (a⊗b) ⊙ (c⊗d).
+        let zeros = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).expect("zeros");
+        let loha = values(&loaded.patches["w_loha"].apply_to(&zeros).expect("patched"));
+        let expected: Vec<f32> = (0..6)
+            .map(|i| 2.0 * a[i / 3] * b[i % 3] * c[i / 3] * d[i % 3])
+            .collect();
+        assert_eq!(loha, expected);
+        // LoKr: w2 = w2_a·w2_b = [0.5, 1.5]ᵀ, alpha / dim 1 = 4; kron([[2, −1]], w2) is 2×2.
+        let zeros = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).expect("zeros");
+        let lokr = values(&loaded.patches["w_lokr"].apply_to(&zeros).expect("patched"));
+        assert_eq!(lokr, vec![4.0, -2.0, 12.0, -6.0]);
+    }
+
+    #[test]
+    fn kronecker_products_of_convolution_factors_keep_the_kernel() {
+        let first = tensor(&[1.0, 2.0], &[1, 2]);
+        let second = tensor(&(0..8).map(|v| v as f32).collect::<Vec<_>>(), &[1, 2, 2, 2]);
+        let product = kronecker(&first, &second).expect("kron");
+        assert_eq!(product.dims(), &[1, 4, 2, 2]);
+        let expected: Vec<f32> = [1.0f32, 2.0]
+            .iter()
+            .flat_map(|f| (0..8).map(move |v| f * v as f32))
+            .collect();
+        assert_eq!(values(&product), expected);
     }
 
     #[test]
