@@ -25,7 +25,7 @@ use crate::models::vae::Vae;
 use crate::models::weights::{SafetensorsFile, WeightSource, Weights};
 use crate::models::{detect_checkpoint, SD1_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
 use crate::paths::Paths;
-use crate::resample::{common_upscale, resize, ResizeMethod};
+use crate::resample::{common_upscale, interpolate_mask, ResizeMethod};
 use crate::sampling::samplers::{SamplerError, SAMPLER_NAMES};
 use crate::sampling::schedule::{Scheduler, SigmaSchedule};
 
@@ -432,7 +432,7 @@ fn denoise_mask(mask: &Mask, shape: &[usize]) -> Result<Tensor, NodeError> {
             "a latent of shape {shape:?} cannot take a noise mask"
         )));
     };
-    let resized = resize(&mask.as_image(), height, width, ResizeMethod::Bilinear, false)?.repeat_to_batch(batch);
+    let resized = interpolate_mask(mask, height, width)?.repeat_to_batch(batch);
     Tensor::from_vec(resized.data, (batch, 1, height, width), &Device::Cpu)
         .and_then(|mask| mask.repeat((1, channels, 1, 1)))
         .map_err(tensor_error)

@@ -4,7 +4,7 @@
 use crate::image::{Image, Mask};
 use crate::image_io::{encode_png, frames_to_image, image_to_u8, load_frames, PngCompression};
 use crate::paths::{normalize, Paths};
-use crate::resample::{common_upscale, resize, ResizeMethod, UPSCALE_METHODS};
+use crate::resample::{common_upscale, interpolate_mask, resize, ResizeMethod, UPSCALE_METHODS};
 use easel_engine::pyjson::dumps;
 use easel_engine::schema::{CustomValidation, InputSpec, NodeSchema, OutputSpec, MAX_RESOLUTION};
 use easel_engine::{HiddenInput, Node, NodeContext, NodeError, NodeInputs, NodeOutput, Preview, Services, Value};
@@ -659,16 +659,7 @@ pub fn composite(
     let left = x.min(destination.width * multiplier) / multiplier;
     let top = y.min(destination.height * multiplier) / multiplier;
     let mask = match mask {
-        Some(mask) => {
-            let resized = resize(
-                &mask.as_image(),
-                source.height,
-                source.width,
-                ResizeMethod::Bilinear,
-                false,
-            )?;
-            Some(resized.repeat_to_batch(source.batch))
-        }
+        Some(mask) => Some(interpolate_mask(mask, source.height, source.width)?.repeat_to_batch(source.batch)),
         None => None,
     };
     let visible_w = (destination.width - left).min(source.width);

@@ -7,7 +7,7 @@
 //! Reference builds: PyTorch 2.8 x86-64 wheels (compiled with FMA contraction) running more than one
 //! thread, and Pillow 13. `tests/image_ops.rs` checks every method bit for bit against them.
 
-use crate::image::{from_u8, to_u8, Image};
+use crate::image::{from_u8, to_u8, Image, Mask};
 use easel_engine::NodeError;
 use std::str::FromStr;
 
@@ -72,6 +72,12 @@ pub fn common_upscale(
         }
     }
     resize(&source, height, width, method, channels_last && !cropped)
+}
+
+/// ComfyUI's `interpolate(mask.reshape((-1, 1, h, w)), size, mode="bilinear")`: a mask resized
+/// as the plain NCHW tensor PyTorch sees, returned as a one-channel image.
+pub fn interpolate_mask(mask: &Mask, height: usize, width: usize) -> Result<Image, NodeError> {
+    resize(&mask.as_image(), height, width, ResizeMethod::Bilinear, false)
 }
 
 /// Resizes every item and channel to `out_h × out_w`. `channels_last` says whether PyTorch would see

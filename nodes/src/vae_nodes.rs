@@ -10,7 +10,7 @@ use crate::diffusion_nodes::{device, out_of_memory, tensor_error};
 use crate::image::{Image, Mask};
 use crate::memory;
 use crate::models::vae::Vae;
-use crate::resample::{resize, ResizeMethod};
+use crate::resample::interpolate_mask;
 
 /// `VAEDecode`: latents to images.
 pub struct VaeDecode;
@@ -116,14 +116,7 @@ fn grey_out_masked(image: &Image, mask: &Mask, grow: usize, multiple: usize) -> 
     }
     let (height, width) = (image.height / multiple * multiple, image.width / multiple * multiple);
     let (top, left) = ((image.height % multiple) / 2, (image.width % multiple) / 2);
-    let resized = resize(
-        &mask.as_image(),
-        image.height,
-        image.width,
-        ResizeMethod::Bilinear,
-        false,
-    )?
-    .crop(top, top + height, left, left + width);
+    let resized = interpolate_mask(mask, image.height, image.width)?.crop(top, top + height, left, left + width);
     let mut pixels = image.crop(top, top + height, left, left + width);
     let rounded: Vec<f32> = resized.data.iter().map(|v| v.round_ties_even()).collect();
     let plane = height * width;
