@@ -678,6 +678,28 @@ impl Node for ConditioningSetTimestepRange {
 /// The `upscale_method` combo of the latent nodes.
 const LATENT_UPSCALE_METHODS: [&str; 5] = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"];
 
+/// Latents [B, C, H, W] as an image [B, H, W, C], the layout the resampling and compositing
+/// code works on.
+pub(crate) fn latents_as_image(samples: &Tensor) -> Result<Image, NodeError> {
+    let (batch, channels, height, width) = samples.dims4().map_err(tensor_error)?;
+    let data = samples
+        .to_dtype(DType::F32)
+        .and_then(|t| t.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1())
+        .map_err(tensor_error)?;
+    Image::new(batch, height, width, channels, data)
+}
+
+/// An image [B, H, W, C] back as latents [B, C, H, W] on `device`.
+pub(crate) fn image_as_latents(image: Image, device: &Device) -> Result<Tensor, NodeError> {
+    Tensor::from_vec(
+        image.data,
+        (image.batch, image.height, image.width, image.channels),
+        device,
+    )
+    .and_then(|t| t.permute((0, 3, 1, 2))?.contiguous())
+    .map_err(tensor_error)
+}
+
 /// Resizes latents to `width × height` latent pixels with `comfy.utils.common_upscale`.
 pub(crate) fn upscale_latent(
     latent: &Latent,
@@ -687,29 +709,9 @@ pub(crate) fn upscale_latent(
     crop: bool,
 ) -> Result<Latent, NodeError> {
     let method: ResizeMethod = method.parse()?;
-    let samples = &latent.samples;
-    let (batch, channels, height_in, width_in) = samples.dims4().map_err(tensor_error)?;
-    // As an [B, H, W, C] image, which is what the resampler works on.
-    let data = samples
-        .permute((0, 2, 3, 1))
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(tensor_error)?;
-    let image = Image {
-        batch,
-        height: height_in,
-        width: width_in,
-        channels,
-        data,
-    };
+    let image = latents_as_image(&latent.samples)?;
     let resized = common_upscale(&image, width, height, method, crop, false)?;
-    let samples = Tensor::from_vec(
-        resized.data,
-        (batch, resized.height, resized.width, channels),
-        samples.device(),
-    )
-    .and_then(|t| t.permute((0, 3, 1, 2))?.contiguous())
-    .map_err(tensor_error)?;
+    let samples = image_as_latents(resized, latent.samples.device())?;
     Ok(Latent {
         samples,
         batch_index: latent.batch_index.clone(),

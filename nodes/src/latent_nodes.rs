@@ -8,8 +8,8 @@ use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 
 use crate::diffusion::Latent;
-use crate::diffusion_nodes::{tensor_error, upscale_latent, MAX_RESOLUTION};
-use crate::image::{Image, Mask};
+use crate::diffusion_nodes::{image_as_latents, latents_as_image, tensor_error, upscale_latent, MAX_RESOLUTION};
+use crate::image::Mask;
 use crate::image_nodes;
 
 fn with_samples(latent: &Latent, samples: Tensor) -> NodeOutput {
@@ -239,8 +239,8 @@ impl Node for LatentCompositeMasked {
         let source = inputs.object::<Latent>("source")?;
         let position = (inputs.int("x")?.max(0) as usize, inputs.int("y")?.max(0) as usize);
         let mask = inputs.optional_object::<Mask>("mask")?;
-        let mut pasted = channels_last(&destination.samples)?;
-        let source_image = channels_last(&source.samples)?;
+        let mut pasted = latents_as_image(&destination.samples)?;
+        let source_image = latents_as_image(&source.samples)?;
         if source_image.channels != pasted.channels {
             return Err(NodeError::new(format!(
                 "cannot paste latents with {} channels into latents with {}",
@@ -255,29 +255,9 @@ impl Node for LatentCompositeMasked {
             mask,
             inputs.bool("resize_source")?,
         )?;
-        let samples = Tensor::from_vec(
-            pasted.data,
-            (pasted.batch, pasted.height, pasted.width, pasted.channels),
-            &Device::Cpu,
-        )
-        .and_then(|t| {
-            t.permute((0, 3, 1, 2))?
-                .contiguous()?
-                .to_device(destination.samples.device())
-        })
-        .map_err(tensor_error)?;
+        let samples = image_as_latents(pasted, destination.samples.device())?;
         Ok(with_samples(destination, samples))
     }
-}
-
-/// Latents [B, C, H, W] as an image [B, H, W, C], for the image compositing code.
-fn channels_last(samples: &Tensor) -> Result<Image, NodeError> {
-    let (batch, channels, height, width) = samples.dims4().map_err(tensor_error)?;
-    let data = samples
-        .to_dtype(DType::F32)
-        .and_then(|t| t.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1())
-        .map_err(tensor_error)?;
-    Image::new(batch, height, width, channels, data)
 }
 
 /// `LatentBlend`: `samples1·f + samples2·(1 − f)`, `samples2` resized (bicubic, centre crop) to
