@@ -14,7 +14,7 @@ use crate::diffusion_nodes::tensor_error;
 use crate::models::clip_text::ClipTextEncoder;
 use crate::models::lora::{load_lora, LoraKeyMap};
 use crate::models::unet::UNet;
-use crate::models::weights::{SafetensorsFile, TensorShapes, WeightSource};
+use crate::models::weights::{SafetensorsFile, TensorShapes};
 use crate::paths::Paths;
 
 const MODEL_TOOLTIP: &str = "The modified diffusion model.";
@@ -148,10 +148,7 @@ fn apply_lora(
     let model = if strength_model == 0.0 || loaded.patches.is_empty() {
         model.clone()
     } else {
-        let source = WeightSource {
-            patches: base.source.patches.and(loaded.patches),
-            ..base.source.clone()
-        };
+        let source = base.source.patched(loaded.patches);
         let unet = UNet::new(base.unet.config().clone(), source.weights()).map_err(tensor_error)?;
         Model(Arc::new(DiffusionModel {
             unet,
@@ -171,10 +168,7 @@ fn apply_lora(
             if strength_clip == 0.0 || loaded.patches.is_empty() {
                 Some(clip.clone())
             } else {
-                let source = WeightSource {
-                    patches: clip.source.patches.and(loaded.patches),
-                    ..clip.source.clone()
-                };
+                let source = clip.source.patched(loaded.patches);
                 let encoder =
                     ClipTextEncoder::new(clip.encoder.config().clone(), source.weights()).map_err(tensor_error)?;
                 Some(Clip {

@@ -26,7 +26,7 @@ use safetensors::tensor::{Dtype as FileDtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
 
 use super::cpu_kernels::with_cpu_f32;
-use super::lora::WeightPatches;
+use super::lora::{Patch, WeightPatches};
 use super::sgemm::{Elements, Precision};
 
 /// Why a weight file could not be used.
@@ -435,6 +435,14 @@ pub struct WeightSource {
 }
 
 impl WeightSource {
+    /// The same source with `more` patches after its own.
+    pub fn patched(&self, more: HashMap<String, Patch>) -> WeightSource {
+        WeightSource {
+            patches: self.patches.and(more),
+            ..self.clone()
+        }
+    }
+
     /// The network's weights, computing in f32.
     pub fn weights(&self) -> Weights {
         Weights::from_file(self.file.clone(), DType::F32, &self.device)
