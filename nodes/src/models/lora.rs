@@ -377,8 +377,8 @@ fn diffusers_unet_names(config: &UNetConfig) -> HashMap<String, String> {
         }
     }
     let mut names = HashMap::new();
-    // Transformer contents keep their names; they are matched by prefix below.
-    let mut transformers: Vec<(String, String)> = Vec::new();
+    // Transformers (LDM name, diffusers name, depth): their contents keep their names.
+    let mut transformers: Vec<(String, String, usize)> = Vec::new();
     let levels = config.channel_mult.len();
     let mut block = 1;
     let mut input_attention = config.input_depths.iter();
@@ -389,10 +389,11 @@ fn diffusers_unet_names(config: &UNetConfig) -> HashMap<String, String> {
                 format!("down_blocks.{level}.resnets.{j}"),
                 &mut names,
             );
-            if input_attention.next().is_some_and(|depth| *depth > 0) {
+            if let Some(&depth) = input_attention.next().filter(|depth| **depth > 0) {
                 transformers.push((
                     format!("input_blocks.{block}.1"),
                     format!("down_blocks.{level}.attentions.{j}"),
+                    depth,
                 ));
             }
             block += 1;
@@ -406,8 +407,8 @@ fn diffusers_unet_names(config: &UNetConfig) -> HashMap<String, String> {
         }
     }
     resnet("middle_block.0".into(), "mid_block.resnets.0".into(), &mut names);
-    if config.middle_depth.is_some() {
-        transformers.push(("middle_block.1".into(), "mid_block.attentions.0".into()));
+    if let Some(depth) = config.middle_depth {
+        transformers.push(("middle_block.1".into(), "mid_block.attentions.0".into(), depth));
         resnet("middle_block.2".into(), "mid_block.resnets.1".into(), &mut names);
     } else {
         resnet("middle_block.1".into(), "mid_block.resnets.1".into(), &mut names);
@@ -422,11 +423,13 @@ fn diffusers_unet_names(config: &UNetConfig) -> HashMap<String, String> {
                 format!("up_blocks.{up}.resnets.{j}"),
                 &mut names,
             );
-            let attention = config.output_depths.get(block).is_some_and(|depth| *depth > 0);
+            let depth = config.output_depths.get(block).copied().unwrap_or(0);
+            let attention = depth > 0;
             if attention {
                 transformers.push((
                     format!("output_blocks.{block}.1"),
                     format!("up_blocks.{up}.attentions.{j}"),
+                    depth,
                 ));
             }
             if j + 1 == count && level > 0 {
@@ -449,18 +452,10 @@ fn diffusers_unet_names(config: &UNetConfig) -> HashMap<String, String> {
     ] {
         names.insert(ldm.to_string(), diffusers.to_string());
     }
-    for (ldm, diffusers) in transformers {
+    for (ldm, diffusers, depth) in transformers {
         for inner in ["proj_in", "proj_out"] {
             names.insert(format!("{ldm}.{inner}"), format!("{diffusers}.{inner}"));
         }
-        let depth = config
-            .input_depths
-            .iter()
-            .chain(&config.output_depths)
-            .chain(&config.middle_depth)
-            .max()
-            .copied()
-            .unwrap_or(0);
         for d in 0..depth {
             for inner in [
                 "attn1.to_q",
