@@ -107,6 +107,9 @@ impl SafetensorsFile {
         })?;
         let data_start = 8 + header_length;
         let tensors = entries(&metadata, data_start);
+        // Start reading the tensors in while the caller builds its model: they are copied or
+        // read in place soon after. Only a hint: a kernel that ignores it costs nothing.
+        let _ = map.advise(Advice::WillNeed);
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             map,
@@ -328,12 +331,7 @@ pub struct Weights {
 impl Weights {
     /// The tensors of `file`, in `dtype` on `device`.
     pub fn from_file(file: Arc<SafetensorsFile>, dtype: DType, device: &Device) -> Self {
-        let mapped = (dtype == DType::F32 && device.is_cpu()).then(|| {
-            // Start reading the file in while the model is built: its matrices are read in place
-            // from the first step on. Only a hint: a kernel that ignores it costs nothing.
-            let _ = file.map.advise(Advice::WillNeed);
-            file.clone()
-        });
+        let mapped = (dtype == DType::F32 && device.is_cpu()).then(|| file.clone());
         Weights {
             builder: VarBuilder::from_backend(Box::new(FileBackend(file)), dtype, device.clone()),
             mapped,
