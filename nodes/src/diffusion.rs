@@ -6,12 +6,16 @@
 use std::fmt;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 use easel_engine::NodeObject;
 
 use crate::image::Mask;
-use crate::models::clip_text::{ClipTextEncoder, OutputLayer};
-use crate::models::unet::{UNet, UNetInput};
+use crate::models::clip_text::{ClipTextEncoder, EncodeOptions, OutputLayer};
+use crate::models::embeddings::EmbeddingFolder;
+use crate::models::tokenizer::{tokenize_with_weights, NoEmbeddings, WeightedToken, END_TOKEN};
+use crate::models::unet::{timestep_embedding, UNet, UNetInput};
+use crate::models::{Family, TextEncoderKind};
+use crate::paths::Paths;
 use crate::models::vae::Vae;
 use crate::models::weights::WeightSource;
 use crate::sampling::noise::prepare_noise;
@@ -23,14 +27,31 @@ use crate::sampling::schedule::{ksampler_sigmas, Scheduler, SigmaSchedule};
 pub enum Prediction {
     /// The noise (SD1.x, SD2.x base, SDXL).
     Epsilon,
+    /// The velocity `α·ε − σ·x₀` (SD2.x 768-v, v-prediction SDXL fine-tunes).
+    V,
+}
+
+impl Prediction {
+    /// ComfyUI's `calculate_denoised` with σ_data = 1: the denoised latent from the network's
+    /// output `out` for the noisy latent `x` at `sigma`.
+    pub fn denoised(self, x: &Tensor, out: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+        match self {
+            Prediction::Epsilon => x - (out * f64::from(sigma))?,
+            Prediction::V => {
+                let variance = sigma * sigma + 1.0;
+                (x / f64::from(variance))? - (out * f64::from(sigma))? / f64::from(variance.sqrt())
+            }
+        }
+    }
 }
 
 /// A latent space: how VAE latents are scaled into model space and how previews colour them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LatentFormat {
     pub scale_factor: f64,
-    /// Per-channel RGB contributions for fast previews, [channels][3].
+    /// Per-channel RGB contributions for fast previews, [channels][3], and the bias added.
     pub rgb_factors: Vec<[f32; 3]>,
+    pub rgb_bias: [f32; 3],
 }
 
 impl LatentFormat {
@@ -44,12 +65,37 @@ impl LatentFormat {
                 [-0.2829, 0.1762, 0.2721],
                 [-0.2120, -0.2616, -0.7177],
             ],
+            rgb_bias: [0.0; 3],
+        }
+    }
+
+    /// SDXL and its refiner (`latent_formats.SDXL`).
+    pub fn sdxl() -> Self {
+        LatentFormat {
+            scale_factor: 0.13025,
+            rgb_factors: vec![
+                [0.3651, 0.4232, 0.4341],
+                [-0.2533, -0.0042, 0.1068],
+                [0.1076, 0.1111, -0.0362],
+                [-0.3165, -0.2492, -0.2188],
+            ],
+            rgb_bias: [0.1084, -0.0175, -0.0011],
+        }
+    }
+
+    /// The latent format of a model family.
+    pub fn of(family: Family) -> Self {
+        match family {
+            Family::Sdxl | Family::SdxlRefiner => LatentFormat::sdxl(),
+            _ => LatentFormat::sd15(),
         }
     }
 }
 
 /// A diffusion network with its noise schedule (ComfyUI's `BaseModel` with `model_sampling`).
 pub struct DiffusionModel {
+    /// The family, which decides the class conditioning (SDXL's size vector) among others.
+    pub family: Family,
     pub unet: UNet,
     /// What the UNet was built from (LoRA nodes build it again with their patches).
     pub source: WeightSource,
@@ -62,23 +108,102 @@ pub struct DiffusionModel {
 impl DiffusionModel {
     /// D(x, σ) for one conditioning: scale the input, run the network at σ's timestep, turn the
     /// prediction into the denoised latent.
-    fn denoise(&self, x: &Tensor, sigma: f32, context: &Tensor) -> candle_core::Result<Tensor> {
+    fn denoise(&self, x: &Tensor, sigma: f32, context: &Tensor, y: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let batch = x.dim(0)?;
         let input_scale = f64::from((sigma * sigma + 1.0).sqrt());
         let scaled = (x / input_scale)?;
         let timestep = self.schedule.timestep(sigma);
         let timesteps = Tensor::from_vec(vec![timestep; batch], batch, &self.device)?;
-        let context = if context.dim(0)? == batch {
-            context.clone()
-        } else {
-            context.repeat((batch, 1, 1))?
+        let context = repeat_to_batch(context, batch)?;
+        let y = y.map(|y| repeat_to_batch(y, batch)).transpose()?;
+        let input = UNetInput {
+            y: y.as_ref(),
+            ..UNetInput::new(&scaled, &timesteps, &context)
         };
-        let input = UNetInput::new(&scaled, &timesteps, &context);
         let out = self.unet.forward(&input)?;
-        match self.prediction {
-            Prediction::Epsilon => x - (out * f64::from(sigma))?,
-        }
+        self.prediction.denoised(x, &out, sigma)
     }
+
+    /// The class-conditioning vector `y` of an entry, [1, adm] (ComfyUI's `encode_adm`): for SDXL
+    /// the pooled text vector and the embedded sizes, for the refiner the sizes and the
+    /// aesthetic score (6 on the positive side, 2.5 on the negative one by default); `None` for
+    /// models without class conditioning. `latent_size` is the latent's (height, width).
+    fn class_conditioning(
+        &self,
+        entry: &CondEntry,
+        negative: bool,
+        latent_size: (usize, usize),
+    ) -> Result<Option<Tensor>, ConditioningError> {
+        let Some(adm_width) = self.unet.config().adm_in_channels else {
+            return Ok(None);
+        };
+        let sizes = &entry.sdxl;
+        let height = sizes.height.unwrap_or((latent_size.0 * 8) as f64);
+        let width = sizes.width.unwrap_or((latent_size.1 * 8) as f64);
+        let (crop_w, crop_h) = (sizes.crop_w.unwrap_or(0.0), sizes.crop_h.unwrap_or(0.0));
+        let values = match self.family {
+            Family::SdxlRefiner => {
+                let aesthetic = sizes.aesthetic_score.unwrap_or(if negative { 2.5 } else { 6.0 });
+                vec![height, width, crop_h, crop_w, aesthetic]
+            }
+            _ => vec![
+                height,
+                width,
+                crop_h,
+                crop_w,
+                sizes.target_height.unwrap_or(height),
+                sizes.target_width.unwrap_or(width),
+            ],
+        };
+        let pooled = entry.pooled.as_ref().ok_or(ConditioningError::NoPooledOutput)?;
+        let pooled_width = pooled.dim(D::Minus1)?;
+        let expected = adm_width.saturating_sub(values.len() * SIZE_EMBEDDING_WIDTH);
+        if pooled_width != expected {
+            return Err(ConditioningError::PooledWidth {
+                family: self.family.name(),
+                found: pooled_width,
+                expected,
+            });
+        }
+        let values: Vec<f32> = values.into_iter().map(|v| v as f32).collect();
+        let count = values.len();
+        let sizes = Tensor::from_vec(values, count, &self.device)?;
+        let embedded = timestep_embedding(&sizes, SIZE_EMBEDDING_WIDTH)?.reshape((1, count * SIZE_EMBEDDING_WIDTH))?;
+        let pooled = pooled.to_device(&self.device)?.to_dtype(DType::F32)?.reshape((1, pooled_width))?;
+        Ok(Some(Tensor::cat(&[&pooled, &embedded], 1)?))
+    }
+}
+
+/// `t` ([1, …] or [batch, …]) with `batch` items.
+fn repeat_to_batch(t: &Tensor, batch: usize) -> candle_core::Result<Tensor> {
+    if t.dim(0)? == batch {
+        return Ok(t.clone());
+    }
+    let mut repeats = vec![1; t.rank()];
+    repeats[0] = batch;
+    t.repeat(repeats)
+}
+
+/// Width of each embedded size in SDXL's class-conditioning vector.
+const SIZE_EMBEDDING_WIDTH: usize = 256;
+
+/// Why a conditioning cannot drive a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ConditioningError {
+    #[error("the conditioning has no pooled output, which this model needs ('pooled_output')")]
+    NoPooledOutput,
+    #[error(
+        "the conditioning's pooled output is {found} wide but this {family} model needs {expected}: \
+         was it encoded by another model family's text encoder (or is a refiner used as a base \
+         model, or the other way round)?"
+    )]
+    PooledWidth {
+        family: &'static str,
+        found: usize,
+        expected: usize,
+    },
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
 }
 
 /// The MODEL socket.
@@ -97,13 +222,90 @@ impl NodeObject for Model {
     }
 }
 
-/// The CLIP socket: a text encoder and the layer its output is taken from.
+/// One text encoder of a CLIP.
 #[derive(Clone)]
-pub struct Clip {
-    pub encoder: Arc<ClipTextEncoder>,
-    pub output_layer: OutputLayer,
+pub struct TextEncoder {
+    pub kind: TextEncoderKind,
+    pub network: Arc<ClipTextEncoder>,
     /// What the encoder was built from (LoRA nodes build it again with their patches).
     pub source: WeightSource,
+}
+
+/// The CLIP socket: the text encoders of a model family (SDXL: CLIP-L then CLIP-G) and the
+/// layer CLIPSetLastLayer chose.
+#[derive(Clone)]
+pub struct Clip {
+    pub family: Family,
+    pub encoders: Vec<TextEncoder>,
+    /// `stop_at_clip_layer` counted from the end (1 = the last layer), when it was set.
+    pub layer_from_end: Option<usize>,
+}
+
+/// One list of chunks per text encoder of a CLIP, in its order.
+pub type ClipTokens = Vec<Vec<Vec<WeightedToken>>>;
+
+impl Clip {
+    /// How ComfyUI reads encoder `kind`'s output in this family: SD1.x the last layer's
+    /// (CLIP-L padded with the end token); SD2.x the penultimate layer's, normed; SDXL and its
+    /// refiner the penultimate layer's without the final norm, CLIP-G's pooled vector projected
+    /// and its chunks padded with 0. A layer set by CLIPSetLastLayer replaces the default.
+    pub fn options(&self, kind: TextEncoderKind) -> EncodeOptions {
+        let (default_layer, layer_norm_hidden) = match self.family {
+            Family::Sd1 => (OutputLayer::Last, true),
+            Family::Sd2 => (OutputLayer::FromEnd(2), true),
+            _ => (OutputLayer::FromEnd(2), false),
+        };
+        let open_clip = kind != TextEncoderKind::ClipL;
+        EncodeOptions {
+            layer: self.layer_from_end.map_or(default_layer, OutputLayer::FromEnd),
+            layer_norm_hidden,
+            project_pooled: open_clip,
+            pad_token: if open_clip { 0 } else { END_TOKEN },
+        }
+    }
+
+    /// `text` tokenized for every encoder (textual inversions from `paths`' embeddings folders).
+    pub fn tokenize(&self, text: &str, paths: Option<&Paths>) -> ClipTokens {
+        self.encoders
+            .iter()
+            .map(|encoder| {
+                let pad = self.options(encoder.kind).pad_token;
+                match paths {
+                    Some(paths) => {
+                        let folder =
+                            EmbeddingFolder::new(paths, encoder.kind.embedding_key(), encoder.network.width());
+                        tokenize_with_weights(text, &folder, pad)
+                    }
+                    None => tokenize_with_weights(text, &NoEmbeddings, pad),
+                }
+            })
+            .collect()
+    }
+
+    /// Encodes tokens into a one-entry conditioning: each encoder's hidden states, cut to the
+    /// shortest and joined along the channels (SDXL: CLIP-L ⧺ CLIP-G), and the last encoder's
+    /// pooled vector.
+    pub fn encode(&self, tokens: &ClipTokens) -> candle_core::Result<Conditioning> {
+        let mut hidden = Vec::with_capacity(self.encoders.len());
+        let mut pooled = None;
+        for (encoder, chunks) in self.encoders.iter().zip(tokens) {
+            let encoded = encoder
+                .network
+                .encode_weighted(chunks, self.options(encoder.kind))?;
+            hidden.push(encoded.hidden);
+            pooled = Some(encoded.pooled);
+        }
+        let tokens = hidden.iter().map(|h| h.dim(1)).collect::<candle_core::Result<Vec<_>>>()?;
+        let cut_to = tokens.into_iter().min().unwrap_or(0);
+        let hidden = hidden
+            .iter()
+            .map(|h| h.narrow(1, 0, cut_to))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Conditioning(vec![CondEntry::new(
+            Tensor::cat(&hidden, D::Minus1)?,
+            pooled,
+        )]))
+    }
 }
 
 impl fmt::Debug for Clip {
@@ -143,6 +345,34 @@ pub struct CondEntry {
     pub pooled: Option<Tensor>,
     /// The part of sampling, as (start, end) fractions, during which the entry applies.
     pub timestep_range: Option<(f64, f64)>,
+    /// The sizes SDXL's class conditioning embeds (CLIPTextEncodeSDXL and its refiner twin).
+    pub sdxl: SdxlSizes,
+}
+
+impl CondEntry {
+    /// An entry of text embeddings with nothing else set.
+    pub fn new(cross_attention: Tensor, pooled: Option<Tensor>) -> Self {
+        CondEntry {
+            cross_attention,
+            pooled,
+            timestep_range: None,
+            sdxl: SdxlSizes::default(),
+        }
+    }
+}
+
+/// The keys of a conditioning entry SDXL's class conditioning reads; a missing one takes its
+/// default when sampling (the latent's size, no crop, the size as target, the refiner's
+/// aesthetic score 6 or 2.5).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SdxlSizes {
+    pub width: Option<f64>,
+    pub height: Option<f64>,
+    pub crop_w: Option<f64>,
+    pub crop_h: Option<f64>,
+    pub target_width: Option<f64>,
+    pub target_height: Option<f64>,
+    pub aesthetic_score: Option<f64>,
 }
 
 /// The CONDITIONING socket: a list of entries.
@@ -196,21 +426,32 @@ struct Guider<'a> {
     cfg: f64,
 }
 
-/// A conditioning entry with its timestep range turned into σ bounds.
+/// A conditioning entry ready for the model: its inputs on the model's device and its timestep
+/// range turned into σ bounds.
 struct ActiveEntry {
     context: Tensor,
+    /// The class conditioning (SDXL).
+    y: Option<Tensor>,
     sigma_start: f64,
     sigma_end: f64,
 }
 
 impl ActiveEntry {
-    fn new(entry: &CondEntry, schedule: &SigmaSchedule, device: &Device) -> candle_core::Result<Self> {
+    /// `entry` for `model`, on the negative side or not, for a latent of `latent_size`.
+    fn new(
+        entry: &CondEntry,
+        model: &DiffusionModel,
+        negative: bool,
+        latent_size: (usize, usize),
+    ) -> Result<Self, ConditioningError> {
+        let schedule = &model.schedule;
         let (sigma_start, sigma_end) = match entry.timestep_range {
             Some((start, end)) => (schedule.percent_to_sigma(start), schedule.percent_to_sigma(end)),
             None => (f64::INFINITY, f64::NEG_INFINITY),
         };
         Ok(ActiveEntry {
-            context: entry.cross_attention.to_device(device)?.to_dtype(DType::F32)?,
+            context: entry.cross_attention.to_device(&model.device)?.to_dtype(DType::F32)?,
+            y: model.class_conditioning(entry, negative, latent_size)?,
             sigma_start,
             sigma_end,
         })
@@ -227,7 +468,7 @@ impl Guider<'_> {
         let mut sum: Option<Tensor> = None;
         let mut count = 1e-37f32;
         for entry in entries.iter().filter(|entry| entry.applies_at(sigma)) {
-            let denoised = self.model.denoise(x, sigma, &entry.context)?;
+            let denoised = self.model.denoise(x, sigma, &entry.context, entry.y.as_ref())?;
             sum = Some(match sum {
                 Some(sum) => (sum + denoised)?,
                 None => denoised,
@@ -249,18 +490,25 @@ impl Guider<'_> {
             (0..entries.len()).filter(|i| entries[*i].applies_at(sigma)).collect()
         };
         if let ([positive], [negative]) = (active(&self.positive).as_slice(), active(&self.negative).as_slice()) {
-            let (positive, negative) = (&self.positive[*positive].context, &self.negative[*negative].context);
-            if positive.dims()[1..] == negative.dims()[1..] {
+            let (positive, negative) = (&self.positive[*positive], &self.negative[*negative]);
+            let same_y_shape = match (&positive.y, &negative.y) {
+                (Some(p), Some(n)) => p.dims() == n.dims(),
+                (None, None) => true,
+                _ => false,
+            };
+            if positive.context.dims()[1..] == negative.context.dims()[1..] && same_y_shape {
                 let batch = x.dim(0)?;
-                let per_item = |context: &Tensor| -> candle_core::Result<Tensor> {
-                    if context.dim(0)? == batch {
-                        Ok(context.clone())
-                    } else {
-                        context.repeat((batch, 1, 1))
-                    }
+                let both = |p: &Tensor, n: &Tensor| {
+                    Tensor::cat(&[repeat_to_batch(p, batch)?, repeat_to_batch(n, batch)?], 0)
                 };
-                let contexts = Tensor::cat(&[per_item(positive)?, per_item(negative)?], 0)?;
-                let out = self.model.denoise(&Tensor::cat(&[x, x], 0)?, sigma, &contexts)?;
+                let contexts = both(&positive.context, &negative.context)?;
+                let y = match (&positive.y, &negative.y) {
+                    (Some(p), Some(n)) => Some(both(p, n)?),
+                    _ => None,
+                };
+                let out = self
+                    .model
+                    .denoise(&Tensor::cat(&[x, x], 0)?, sigma, &contexts, y.as_ref())?;
                 return Ok((out.narrow(0, 0, batch)?, out.narrow(0, batch, batch)?));
             }
         }
@@ -364,8 +612,8 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
     } else {
         latent.clone()
     };
-    let positive = entries(request.positive, model)?;
-    let negative = entries(request.negative, model)?;
+    let positive = entries(request.positive, model, false, (height, width))?;
+    let negative = entries(request.negative, model, true, (height, width))?;
     let mut guider = Guider {
         model,
         positive,
@@ -450,23 +698,17 @@ impl Denoiser for Inpainting<'_> {
     }
 }
 
-fn entries(conditioning: &Conditioning, model: &DiffusionModel) -> candle_core::Result<Vec<ActiveEntry>> {
+/// The entries of one side of guidance, ready for `model`.
+fn entries(
+    conditioning: &Conditioning,
+    model: &DiffusionModel,
+    negative: bool,
+    latent_size: (usize, usize),
+) -> Result<Vec<ActiveEntry>, ConditioningError> {
     conditioning
         .0
         .iter()
-        .map(|entry| ActiveEntry::new(entry, &model.schedule, &model.device))
+        .map(|entry| ActiveEntry::new(entry, model, negative, latent_size))
         .collect()
 }
 
-/// Encodes a prompt into a one-entry conditioning (CLIPTextEncode).
-pub fn encode_prompt(
-    clip: &Clip,
-    chunks: &[Vec<crate::models::tokenizer::WeightedToken>],
-) -> candle_core::Result<Conditioning> {
-    let encoded = clip.encoder.encode_weighted(chunks, clip.output_layer)?;
-    Ok(Conditioning(vec![CondEntry {
-        cross_attention: encoded.hidden,
-        pooled: Some(encoded.pooled),
-        timestep_range: None,
-    }]))
-}

@@ -1,33 +1,21 @@
-//! The Stable Diffusion nodes: checkpoint loading, text encoding, latents, sampling and VAE
-//! decoding/encoding, with ComfyUI's schemas.
-
-use std::sync::Arc;
+//! The Stable Diffusion nodes: text encoding, conditioning, latents and sampling, with
+//! ComfyUI's schemas (the loaders are in [`crate::loader_nodes`], the VAE nodes in
+//! [`crate::vae_nodes`]).
 
 use candle_core::{DType, Device, Tensor};
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 
-use crate::diffusion::{
-    self, Clip, CondEntry, Conditioning, DiffusionModel, Latent, LatentFormat, Model, Prediction, SamplingRequest,
-    VaeModel,
-};
+use crate::diffusion::{self, Clip, ClipTokens, CondEntry, Conditioning, Latent, Model, SamplingRequest, SdxlSizes};
 use crate::image::{Image, Mask};
 use crate::latent_preview::PreviewSettings;
 use crate::memory::{self, OutOfMemory};
-use crate::model_cache::ModelCache;
-use crate::models::clip_text::{ClipTextEncoder, OutputLayer};
-use crate::models::embeddings::EmbeddingFolder;
-use crate::models::lora::WeightPatches;
 use crate::models::sgemm::Precision;
-use crate::models::tokenizer::{tokenize_with_weights, NoEmbeddings};
-use crate::models::unet::UNet;
-use crate::models::vae::Vae;
-use crate::models::weights::{SafetensorsFile, WeightSource, Weights};
-use crate::models::{detect_checkpoint, SD1_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use crate::models::TextEncoderKind;
 use crate::paths::Paths;
 use crate::resample::{common_upscale, interpolate_mask, ResizeMethod};
 use crate::sampling::samplers::{SamplerError, SAMPLER_NAMES};
-use crate::sampling::schedule::{Scheduler, SigmaSchedule};
+use crate::sampling::schedule::Scheduler;
 
 pub(crate) const MAX_RESOLUTION: i64 = 16384;
 
@@ -47,122 +35,6 @@ pub(crate) fn tensor_error(error: candle_core::Error) -> NodeError {
 
 pub(crate) fn out_of_memory(error: OutOfMemory) -> NodeError {
     NodeError::typed("OutOfMemoryError", error.to_string())
-}
-
-/// `CheckpointLoaderSimple`: MODEL, CLIP and VAE from one single-file checkpoint.
-pub struct CheckpointLoaderSimple;
-
-/// The three parts of a checkpoint, loaded together.
-pub struct LoadedCheckpoint {
-    pub model: Model,
-    pub clip: Option<Clip>,
-    pub vae: Option<VaeModel>,
-}
-
-/// Loads a single-file checkpoint in ComfyUI's layout, the diffusion model multiplying in
-/// `precision`; also returns the file size (the cache's measure of it).
-pub fn load_checkpoint(
-    path: &std::path::Path,
-    device: &Device,
-    precision: Precision,
-) -> Result<(LoadedCheckpoint, u64), NodeError> {
-    let file = Arc::new(SafetensorsFile::open(path).map_err(|e| NodeError::new(e.to_string()))?);
-    let layout = detect_checkpoint(&file).map_err(|e| {
-        NodeError::new(format!(
-            "ERROR: Could not detect model type of: {}\n{e}",
-            path.display()
-        ))
-    })?;
-    let prefix = |p: &str| p.trim_end_matches('.').to_string();
-    let source = |prefix: String, precision: Precision| WeightSource {
-        file: file.clone(),
-        prefix,
-        device: device.clone(),
-        precision,
-        patches: WeightPatches::default(),
-    };
-    let unet_source = source(prefix(UNET_PREFIX), precision);
-    let unet = UNet::new(layout.unet, unet_source.weights()).map_err(tensor_error)?;
-    let model = Model(Arc::new(DiffusionModel {
-        unet,
-        source: unet_source,
-        prediction: Prediction::Epsilon,
-        schedule: SigmaSchedule::sd_discrete(),
-        latent_format: LatentFormat::sd15(),
-        device: device.clone(),
-    }));
-    let clip = match layout.clip {
-        Some(config) => {
-            let clip_source = source(prefix(SD1_CLIP_PREFIX), Precision::F32);
-            let encoder = ClipTextEncoder::new(config, clip_source.weights()).map_err(tensor_error)?;
-            Some(Clip {
-                encoder: Arc::new(encoder),
-                output_layer: OutputLayer::Last,
-                source: clip_source,
-            })
-        }
-        None => None,
-    };
-    let vae = match layout.vae {
-        Some(config) => {
-            let vb = Weights::from_file(file.clone(), DType::F32, device).pp(prefix(VAE_PREFIX));
-            Some(VaeModel(Arc::new(Vae::new(config, vb).map_err(tensor_error)?)))
-        }
-        None => None,
-    };
-    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    Ok((LoadedCheckpoint { model, clip, vae }, bytes))
-}
-
-impl Node for CheckpointLoaderSimple {
-    fn schema(&self, services: &Services) -> NodeSchema {
-        let names = services
-            .get::<Paths>()
-            .map(|p| p.filename_list("checkpoints"))
-            .unwrap_or_default();
-        NodeSchema::v1("CheckpointLoaderSimple", "nodes", "loaders")
-            .display("Load Checkpoint")
-            .description("Loads a diffusion model checkpoint, diffusion models are used to denoise latents.")
-            .required(
-                "ckpt_name",
-                InputSpec::combo(&names).opt("tooltip", "The name of the checkpoint (model) to load."),
-            )
-            .output(OutputSpec::of("MODEL").tooltip("The model used for denoising latents."))
-            .output(OutputSpec::of("CLIP").tooltip("The CLIP model used for encoding text prompts."))
-            .output(
-                OutputSpec::of("VAE")
-                    .tooltip("The VAE model used for encoding and decoding images to and from latent space."),
-            )
-    }
-
-    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let name = inputs.string("ckpt_name")?;
-        let paths = ctx.services.require::<Paths>()?;
-        let path = paths.full_path("checkpoints", name).ok_or_else(|| {
-            NodeError::typed(
-                "FileNotFoundError",
-                format!("Model in folder 'checkpoints' with filename '{name}' not found."),
-            )
-        })?;
-        let device = device(ctx.services);
-        let precision = ctx
-            .services
-            .get::<DiffusionModelPrecision>()
-            .copied()
-            .unwrap_or_default()
-            .0;
-        let load = || load_checkpoint(&path, &device, precision);
-        let loaded = match ctx.services.get::<ModelCache>() {
-            Some(cache) => cache.get_or_load(&path, "checkpoint", load)?,
-            None => Arc::new(load()?.0),
-        };
-        let optional = |value: Option<Value>| value.unwrap_or(Value::Json(serde_json::Value::Null));
-        Ok(NodeOutput::values(vec![
-            Value::object(loaded.model.clone()),
-            optional(loaded.clip.clone().map(Value::object)),
-            optional(loaded.vae.clone().map(Value::object)),
-        ]))
-    }
 }
 
 /// `CLIPTextEncode`: a prompt to conditioning.
@@ -188,19 +60,143 @@ impl Node for ClipTextEncode {
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let clip = inputs.optional_object::<Clip>("clip")?.ok_or_else(|| {
-            NodeError::typed(
-                "RuntimeError",
-                "ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node your checkpoint does not contain a valid clip or text encoder model.",
-            )
-        })?;
+        let clip = clip_input(inputs)?;
         let text = inputs.string("text")?;
-        let chunks = match ctx.services.get::<Paths>() {
-            Some(paths) => tokenize_with_weights(text, &EmbeddingFolder::new(paths, "clip_l", clip.encoder.width())),
-            None => tokenize_with_weights(text, &NoEmbeddings),
-        };
-        let conditioning = diffusion::encode_prompt(clip, &chunks).map_err(tensor_error)?;
+        let tokens = clip.tokenize(text, ctx.services.get::<Paths>());
+        let conditioning = clip.encode(&tokens).map_err(tensor_error)?;
         Ok(NodeOutput::values(vec![Value::object(conditioning)]))
+    }
+}
+
+/// The CLIP input of a text-encode node, with ComfyUI's error when a checkpoint had none.
+fn clip_input(inputs: &NodeInputs) -> Result<&Clip, NodeError> {
+    inputs.optional_object::<Clip>("clip")?.ok_or_else(|| {
+        NodeError::typed(
+            "RuntimeError",
+            "ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node your checkpoint does not contain a valid clip or text encoder model.",
+        )
+    })
+}
+
+/// A multiline prompt input with dynamic prompts, as the text-encode nodes declare them.
+fn prompt_spec() -> InputSpec {
+    InputSpec::of("STRING").opt("multiline", true).opt("dynamicPrompts", true)
+}
+
+/// A size input of the SDXL text-encode nodes: 0 to the maximum resolution.
+fn sdxl_size_spec(default: i64) -> InputSpec {
+    InputSpec::int(default, 0, MAX_RESOLUTION)
+}
+
+/// `conditioning`'s entries with SDXL's size keys set from `sizes` (keys left `None` stay as
+/// they were).
+fn with_sdxl_sizes(conditioning: Conditioning, sizes: SdxlSizes) -> Conditioning {
+    let entries = conditioning
+        .0
+        .into_iter()
+        .map(|entry| CondEntry { sdxl: sizes, ..entry })
+        .collect();
+    Conditioning(entries)
+}
+
+/// `CLIPTextEncodeSDXL`: `text_g` for CLIP-G and `text_l` for CLIP-L (the shorter padded with
+/// empty-prompt chunks to the other's chunk count), with the sizes SDXL's class conditioning
+/// embeds.
+pub struct ClipTextEncodeSdxl;
+
+impl Node for ClipTextEncodeSdxl {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v3("CLIPTextEncodeSDXL", "comfy_extras.nodes_clip_sdxl", "advanced/conditioning")
+            .required("clip", InputSpec::of("CLIP"))
+            .required("width", sdxl_size_spec(1024))
+            .required("height", sdxl_size_spec(1024))
+            .required("crop_w", sdxl_size_spec(0))
+            .required("crop_h", sdxl_size_spec(0))
+            .required("target_width", sdxl_size_spec(1024))
+            .required("target_height", sdxl_size_spec(1024))
+            .required("text_g", prompt_spec())
+            .required("text_l", prompt_spec())
+            .output(OutputSpec::of("CONDITIONING"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let clip = clip_input(inputs)?;
+        let kinds: Vec<TextEncoderKind> = clip.encoders.iter().map(|encoder| encoder.kind).collect();
+        if !(kinds.contains(&TextEncoderKind::ClipL) && kinds.contains(&TextEncoderKind::ClipG)) {
+            return Err(NodeError::typed(
+                "KeyError",
+                "'g': CLIPTextEncodeSDXL needs an SDXL CLIP (CLIP-L and CLIP-G); this CLIP has another family's encoders",
+            ));
+        }
+        let paths = ctx.services.get::<Paths>();
+        let text_g = clip.tokenize(inputs.string("text_g")?, paths);
+        let text_l = clip.tokenize(inputs.string("text_l")?, paths);
+        let empty = clip.tokenize("", paths);
+        let mut tokens: ClipTokens = kinds
+            .iter()
+            .enumerate()
+            .map(|(index, kind)| match kind {
+                TextEncoderKind::ClipL => text_l[index].clone(),
+                _ => text_g[index].clone(),
+            })
+            .collect();
+        let chunks = tokens.iter().map(Vec::len).max().unwrap_or(1);
+        for (encoder_tokens, empty) in tokens.iter_mut().zip(&empty) {
+            while encoder_tokens.len() < chunks {
+                encoder_tokens.extend(empty.iter().cloned());
+            }
+        }
+        let conditioning = clip.encode(&tokens).map_err(tensor_error)?;
+        let size = |name: &str| -> Result<Option<f64>, NodeError> { Ok(Some(inputs.int(name)? as f64)) };
+        let sizes = SdxlSizes {
+            width: size("width")?,
+            height: size("height")?,
+            crop_w: size("crop_w")?,
+            crop_h: size("crop_h")?,
+            target_width: size("target_width")?,
+            target_height: size("target_height")?,
+            aesthetic_score: None,
+        };
+        Ok(NodeOutput::values(vec![Value::object(with_sdxl_sizes(
+            conditioning,
+            sizes,
+        ))]))
+    }
+}
+
+/// `CLIPTextEncodeSDXLRefiner`: a prompt with the aesthetic score and size the refiner's class
+/// conditioning embeds.
+pub struct ClipTextEncodeSdxlRefiner;
+
+impl Node for ClipTextEncodeSdxlRefiner {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v3(
+            "CLIPTextEncodeSDXLRefiner",
+            "comfy_extras.nodes_clip_sdxl",
+            "advanced/conditioning",
+        )
+        .required("ascore", InputSpec::float(6.0, 0.0, 1000.0).opt("step", 0.01))
+        .required("width", sdxl_size_spec(1024))
+        .required("height", sdxl_size_spec(1024))
+        .required("text", prompt_spec())
+        .required("clip", InputSpec::of("CLIP"))
+        .output(OutputSpec::of("CONDITIONING"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let clip = clip_input(inputs)?;
+        let tokens = clip.tokenize(inputs.string("text")?, ctx.services.get::<Paths>());
+        let conditioning = clip.encode(&tokens).map_err(tensor_error)?;
+        let sizes = SdxlSizes {
+            width: Some(inputs.int("width")? as f64),
+            height: Some(inputs.int("height")? as f64),
+            aesthetic_score: Some(inputs.float("ascore")?),
+            ..SdxlSizes::default()
+        };
+        Ok(NodeOutput::values(vec![Value::object(with_sdxl_sizes(
+            conditioning,
+            sizes,
+        ))]))
     }
 }
 
@@ -219,9 +215,8 @@ impl Node for ClipSetLastLayer {
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let clip = inputs.object::<Clip>("clip")?;
         let layer = inputs.int("stop_at_clip_layer")?;
-        let output_layer = OutputLayer::FromEnd(layer.unsigned_abs() as usize);
         Ok(NodeOutput::values(vec![Value::object(Clip {
-            output_layer,
+            layer_from_end: Some(layer.unsigned_abs() as usize),
             ..clip.clone()
         })]))
     }
@@ -496,6 +491,7 @@ fn run_sampler(
         SamplerError::Unknown(_) => NodeError::typed("ValueError", error.to_string()),
         SamplerError::Tensor(error) => tensor_error(error),
         SamplerError::OutOfMemory(error) => out_of_memory(error),
+        SamplerError::Conditioning(error) => NodeError::typed("RuntimeError", error.to_string()),
     })?;
     Ok(NodeOutput::values(vec![Value::object(Latent {
         samples,
@@ -638,7 +634,7 @@ impl Node for ConditioningZeroOut {
                 Ok(CondEntry {
                     cross_attention: entry.cross_attention.zeros_like()?,
                     pooled: entry.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
-                    timestep_range: entry.timestep_range,
+                    ..entry.clone()
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()

@@ -40,7 +40,11 @@ impl PreviewSettings {
         let (height, width, channels) = first.dims3()?;
         let factors: Vec<f32> = format.rgb_factors.iter().take(channels).flatten().copied().collect();
         let factors = Tensor::from_vec(factors, (channels, 3), first.device())?;
-        let rgb = first.reshape((height * width, channels))?.matmul(&factors)?;
+        let bias = Tensor::new(&format.rgb_bias, first.device())?;
+        let rgb = first
+            .reshape((height * width, channels))?
+            .matmul(&factors)?
+            .broadcast_add(&bias)?;
         let rgb = ((rgb + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
         let bytes: Vec<u8> = (rgb * 255.0)?
             .flatten_all()?

@@ -5,7 +5,8 @@
 //! - [`image_io`]: decoding image files and writing PNGs with metadata;
 //! - [`paths`]: ComfyUI's directory layout and model folders (a service nodes look up);
 //! - [`tiling`]: ComfyUI's tiled processing with feathered blending;
-//! - [`image_nodes`], [`mask_nodes`], [`canny`], [`diffusion_nodes`], [`vae_nodes`]: the node classes.
+//! - [`image_nodes`], [`mask_nodes`], [`canny`], [`loader_nodes`], [`lora_nodes`], [`diffusion_nodes`],
+//!   [`latent_nodes`], [`vae_nodes`]: the node classes.
 //!
 //! [`builtin_registry`] registers every node.
 
@@ -17,6 +18,7 @@ pub mod image_io;
 pub mod image_nodes;
 pub mod latent_nodes;
 pub mod latent_preview;
+pub mod loader_nodes;
 pub mod lora_nodes;
 pub mod mask_nodes;
 pub mod memory;
@@ -63,10 +65,16 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(CropMask);
     registry.register(canny::Canny);
     registry.register(SaveImageWebsocket);
-    registry.register(diffusion_nodes::CheckpointLoaderSimple);
+    registry.register(loader_nodes::CheckpointLoaderSimple);
+    registry.register(loader_nodes::UnetLoader);
+    registry.register(loader_nodes::ClipLoader);
+    registry.register(loader_nodes::DualClipLoader);
+    registry.register(loader_nodes::VaeLoader);
     registry.register(lora_nodes::LoraLoader);
     registry.register(lora_nodes::LoraLoaderModelOnly);
     registry.register(diffusion_nodes::ClipTextEncode);
+    registry.register(diffusion_nodes::ClipTextEncodeSdxl);
+    registry.register(diffusion_nodes::ClipTextEncodeSdxlRefiner);
     registry.register(diffusion_nodes::ClipSetLastLayer);
     registry.register(diffusion_nodes::EmptyLatentImage);
     registry.register(diffusion_nodes::KSampler);

@@ -9,12 +9,13 @@ use std::sync::Arc;
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 
-use crate::diffusion::{Clip, DiffusionModel, Model};
+use crate::diffusion::{Clip, DiffusionModel, Model, TextEncoder};
 use crate::diffusion_nodes::tensor_error;
 use crate::models::clip_text::ClipTextEncoder;
-use crate::models::lora::{load_lora, LoraKeyMap};
+use crate::models::lora::{load_lora, ClipLoraNames, LoraKeyMap};
 use crate::models::unet::UNet;
 use crate::models::weights::{SafetensorsFile, TensorShapes};
+use crate::models::{Family, TextEncoderKind};
 use crate::paths::Paths;
 
 const MODEL_TOOLTIP: &str = "The modified diffusion model.";
@@ -127,6 +128,20 @@ fn open_lora(ctx: &NodeContext, name: &str) -> Result<SafetensorsFile, NodeError
     SafetensorsFile::open(&path).map_err(|error| NodeError::new(error.to_string()))
 }
 
+/// How LoRA files name a text encoder of `family` (ComfyUI's `model_lora_keys_clip`): SDXL's
+/// CLIP-L is `lora_te1`, its CLIP-G `lora_te2` / `text_encoder_2`; a lone encoder is
+/// `lora_te` / `text_encoder` (CLIP-L also `lora_te1`, the refiner's CLIP-G also
+/// `lora_prior_te`).
+fn clip_lora_names(family: Family, kind: TextEncoderKind) -> ClipLoraNames {
+    let (kohya, diffusers): (&'static [&'static str], _) = match (family, kind) {
+        (_, TextEncoderKind::ClipL) => (&["lora_te", "lora_te1"], "text_encoder"),
+        (Family::Sdxl, TextEncoderKind::ClipG) => (&["lora_te2"], "text_encoder_2"),
+        (_, TextEncoderKind::ClipG) => (&["lora_te", "lora_prior_te"], "text_encoder"),
+        (_, TextEncoderKind::ClipH) => (&["lora_te"], "text_encoder"),
+    };
+    ClipLoraNames { kohya, diffusers }
+}
+
 /// `model` (and `clip`) with `lora`'s patches added at their strengths; logs the LoRA's tensors
 /// neither took, as ComfyUI does.
 fn apply_lora(
@@ -138,11 +153,7 @@ fn apply_lora(
     let mut used = HashSet::new();
     let base = &model.0;
     let mut unet_keys = LoraKeyMap::default();
-    unet_keys.add_unet(
-        &base.source.file,
-        &format!("{}.", base.source.prefix),
-        base.unet.config(),
-    );
+    unet_keys.add_unet(&base.source.file, &base.source.name_prefix(), base.unet.config());
     let loaded = load_lora(lora, &unet_keys, strength_model).map_err(tensor_error)?;
     used.extend(loaded.used);
     let model = if strength_model == 0.0 || loaded.patches.is_empty() {
@@ -151,6 +162,7 @@ fn apply_lora(
         let source = base.source.patched(loaded.patches);
         let unet = UNet::new(base.unet.config().clone(), source.weights()).map_err(tensor_error)?;
         Model(Arc::new(DiffusionModel {
+            family: base.family,
             unet,
             source,
             prediction: base.prediction,
@@ -161,22 +173,34 @@ fn apply_lora(
     };
     let clip = match clip {
         Some((clip, strength_clip)) => {
-            let mut clip_keys = LoraKeyMap::default();
-            clip_keys.add_clip(&clip.source.file, &format!("{}.", clip.source.prefix));
-            let loaded = load_lora(lora, &clip_keys, strength_clip).map_err(tensor_error)?;
-            used.extend(loaded.used);
-            if strength_clip == 0.0 || loaded.patches.is_empty() {
-                Some(clip.clone())
-            } else {
-                let source = clip.source.patched(loaded.patches);
-                let encoder =
-                    ClipTextEncoder::new(clip.encoder.config().clone(), source.weights()).map_err(tensor_error)?;
-                Some(Clip {
-                    encoder: Arc::new(encoder),
-                    output_layer: clip.output_layer,
+            let mut encoders = Vec::with_capacity(clip.encoders.len());
+            for encoder in &clip.encoders {
+                let mut clip_keys = LoraKeyMap::default();
+                clip_keys.add_clip(
+                    &encoder.source.file,
+                    &encoder.source.name_prefix(),
+                    encoder.network.config().naming,
+                    clip_lora_names(clip.family, encoder.kind),
+                );
+                let loaded = load_lora(lora, &clip_keys, strength_clip).map_err(tensor_error)?;
+                used.extend(loaded.used);
+                if strength_clip == 0.0 || loaded.patches.is_empty() {
+                    encoders.push(encoder.clone());
+                    continue;
+                }
+                let source = encoder.source.patched(loaded.patches);
+                let network = ClipTextEncoder::new(encoder.network.config().clone(), source.weights())
+                    .map_err(tensor_error)?;
+                encoders.push(TextEncoder {
+                    kind: encoder.kind,
+                    network: Arc::new(network),
                     source,
-                })
+                });
             }
+            Some(Clip {
+                encoders,
+                ..clip.clone()
+            })
         }
         None => None,
     };

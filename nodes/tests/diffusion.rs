@@ -278,6 +278,7 @@ fn conditioning_average_and_concat_combine_tokens_as_comfyui() {
         cross_attention: Tensor::full(value, (1, tokens, 2), &Device::Cpu).unwrap(),
         pooled: pooled.map(|p| Tensor::full(p, (1, 2), &Device::Cpu).unwrap()),
         timestep_range: Some((0.0, 0.5)),
+        sdxl: Default::default(),
     };
     let to = Value::object(Conditioning(vec![entry(3, 4.0, Some(8.0)), entry(1, 2.0, None)]));
     let from = Value::object(Conditioning(vec![entry(2, 1.0, Some(0.0))]));
@@ -622,7 +623,7 @@ fn bislerp_interpolates_channel_vectors_on_the_sphere() {
 fn textual_inversions_load_from_the_embeddings_folder() {
     use easel_nodes::models::embeddings::EmbeddingFolder;
     use easel_nodes::models::testmodels::{tiny_clip_l, tiny_embedding_vectors, TINY_EMBEDDING, TINY_EMBEDDING_PT};
-    use easel_nodes::models::tokenizer::{tokenize_with_weights, TokenItem};
+    use easel_nodes::models::tokenizer::{tokenize_with_weights, TokenItem, END_TOKEN};
 
     let setup = setup();
     let paths = setup.services.get::<Paths>().unwrap();
@@ -633,7 +634,7 @@ fn textual_inversions_load_from_the_embeddings_folder() {
         format!("a embedding:{TINY_EMBEDDING}.safetensors fox"),
         format!("a (embedding:{TINY_EMBEDDING_PT}:1.2) fox"),
     ] {
-        let chunks = tokenize_with_weights(&prompt, &folder);
+        let chunks = tokenize_with_weights(&prompt, &folder, END_TOKEN);
         let vectors: Vec<Vec<f32>> = chunks[0]
             .iter()
             .filter_map(|(item, _)| match item {
@@ -644,7 +645,7 @@ fn textual_inversions_load_from_the_embeddings_folder() {
         assert_eq!(vectors, expected, "{prompt}");
     }
     let wrong_width = EmbeddingFolder::new(paths, "clip_l", 768);
-    let chunks = tokenize_with_weights(&format!("embedding:{TINY_EMBEDDING}"), &wrong_width);
+    let chunks = tokenize_with_weights(&format!("embedding:{TINY_EMBEDDING}"), &wrong_width, END_TOKEN);
     assert!(chunks[0].iter().all(|(item, _)| matches!(item, TokenItem::Token(_))));
 
     let (loaded, _, _, _) = inputs(&setup, 1);

@@ -12,7 +12,8 @@ use candle_core::{DType, Device, Tensor};
 use common::{flat, j, setup, Setup};
 use easel_engine::Value;
 use easel_nodes::diffusion::Model;
-use easel_nodes::models::lora::{load_lora, LoraKeyMap, WeightPatches};
+use easel_nodes::models::clip_text::ClipNaming;
+use easel_nodes::models::lora::{load_lora, ClipLoraNames, LoraKeyMap, WeightPatches};
 use easel_nodes::models::testmodels::{
     self, TINY_LORA_ALPHA, TINY_LORA_LAYERS, TINY_LORA_RANK, TINY_LORA_UNMATCHED, TINY_SD1_CHECKPOINT, TINY_SD1_LORA,
 };
@@ -34,7 +35,11 @@ fn every_layer_of_the_tiny_lora_patches_the_weight_comfyui_patches() {
     let mut unet_keys = LoraKeyMap::default();
     unet_keys.add_unet(&checkpoint, UNET_PREFIX, &testmodels::tiny_sd1_unet());
     let mut clip_keys = LoraKeyMap::default();
-    clip_keys.add_clip(&checkpoint, SD1_CLIP_PREFIX);
+    let sd1_names = ClipLoraNames {
+        kohya: &["lora_te", "lora_te1"],
+        diffusers: "text_encoder",
+    };
+    clip_keys.add_clip(&checkpoint, SD1_CLIP_PREFIX, ClipNaming::Transformers, sd1_names);
     let strength = 0.8f32;
     let unet = load_lora(&lora, &unet_keys, strength).unwrap();
     let clip = load_lora(&lora, &clip_keys, strength).unwrap();

@@ -8,10 +8,10 @@ use std::sync::Arc;
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use easel_nodes::models::clip_text::{ClipTextEncoder, OutputLayer};
+use easel_nodes::models::clip_text::{ClipTextEncoder, EncodeOptions, OutputLayer};
 use easel_nodes::models::sgemm::Precision;
 use easel_nodes::models::testmodels::{self, Fill};
-use easel_nodes::models::tokenizer::{tokenize_with_weights, NoEmbeddings, TokenItem};
+use easel_nodes::models::tokenizer::{tokenize_with_weights, NoEmbeddings, TokenItem, END_TOKEN};
 use easel_nodes::models::unet::{UNet, UNetInput};
 use easel_nodes::models::vae::Vae;
 use easel_nodes::models::weights::{SafetensorsFile, Weights};
@@ -42,7 +42,8 @@ fn the_reference_sd15_layout_is_detected_and_read_exactly() {
     let detected = detect_layout(&shapes).unwrap();
     assert_eq!(detected.family, Family::Sd1);
     assert_eq!(detected.unet, testmodels::sd15_unet());
-    assert_eq!(detected.clip, Some(testmodels::sd15_clip_l()));
+    let clips: Vec<_> = detected.text_encoders.iter().map(|e| e.config.clone()).collect();
+    assert_eq!(clips, vec![testmodels::sd15_clip_l()]);
     assert_eq!(detected.vae, Some(testmodels::sd15_vae()));
 
     // Every tensor the networks read, with its shape and fill rule, is in the reference file and
@@ -97,17 +98,24 @@ fn tiny_models_load_and_run_through_the_real_code() {
     let layout = detect_checkpoint(&file).unwrap();
     assert_eq!(layout.family, Family::Sd1);
     assert_eq!(layout.unet, testmodels::tiny_sd1_unet());
-    assert_eq!(layout.clip, Some(testmodels::tiny_clip_l()));
+    let clips: Vec<_> = layout.text_encoders.iter().map(|e| e.config.clone()).collect();
+    assert_eq!(clips, vec![testmodels::tiny_clip_l()]);
     assert_eq!(layout.vae, Some(testmodels::tiny_sd_vae()));
 
     let device = Device::Cpu;
     let clip = ClipTextEncoder::new(
-        layout.clip.unwrap(),
+        testmodels::tiny_clip_l(),
         Weights::from_file(file.clone(), DType::F32, &device).pp(SD1_CLIP_PREFIX.trim_end_matches('.')),
     )
     .unwrap();
-    let chunks = tokenize_with_weights("a (red:1.3) cat", &NoEmbeddings);
-    let encoded = clip.encode_weighted(&chunks, OutputLayer::Last).unwrap();
+    let chunks = tokenize_with_weights("a (red:1.3) cat", &NoEmbeddings, END_TOKEN);
+    let options = EncodeOptions {
+        layer: OutputLayer::Last,
+        layer_norm_hidden: true,
+        project_pooled: false,
+        pad_token: END_TOKEN,
+    };
+    let encoded = clip.encode_weighted(&chunks, options).unwrap();
     assert_eq!(encoded.hidden.dims(), &[1, 77, 64]);
     assert_eq!(encoded.pooled.dims(), &[1, 64]);
 
@@ -215,7 +223,7 @@ fn prompts_tokenise_as_in_comfyui() {
     let data = fixture("sd15_intermediates.json");
     for case in data["tokenizer"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let chunks = tokenize_with_weights(text, &NoEmbeddings);
+        let chunks = tokenize_with_weights(text, &NoEmbeddings, END_TOKEN);
         let ours: Vec<Vec<(u32, f64)>> = chunks
             .iter()
             .map(|chunk| {

@@ -11,12 +11,17 @@ fn reference() -> Json {
 }
 
 /// Inputs whose combo lists come from the disk rather than from the node.
-const FILE_COMBOS: [(&str, &str); 5] = [
+const FILE_COMBOS: [(&str, &str); 10] = [
     ("LoadImage", "image"),
     ("LoadImageMask", "image"),
     ("CheckpointLoaderSimple", "ckpt_name"),
     ("LoraLoader", "lora_name"),
     ("LoraLoaderModelOnly", "lora_name"),
+    ("UNETLoader", "unet_name"),
+    ("CLIPLoader", "clip_name"),
+    ("DualCLIPLoader", "clip_name1"),
+    ("DualCLIPLoader", "clip_name2"),
+    ("VAELoader", "vae_name"),
 ];
 
 #[test]

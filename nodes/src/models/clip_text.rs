@@ -1,17 +1,20 @@
-//! CLIP text encoders in the transformers key layout (`text_model.embeddings`,
-//! `text_model.encoder.layers.N`, `text_model.final_layer_norm`): CLIP-L of SD1.x and, with the
-//! GELU activation, the OpenCLIP encoders that ComfyUI converts to this layout. Width, depth and
-//! MLP size come from the weights; heads are 64 wide, as in every released CLIP.
+//! CLIP text encoders, read in either key layout ComfyUI accepts: transformers'
+//! (`text_model.embeddings`, `text_model.encoder.layers.N`, `text_model.final_layer_norm`,
+//! `text_projection.weight`) — CLIP-L of SD1.x/SDXL and the standalone text-encoder files — and
+//! OpenCLIP's (`token_embedding`, `transformer.resblocks.N` with fused `attn.in_proj_weight`,
+//! `ln_final`, `text_projection`), which SD2.x (OpenCLIP-H) and SDXL (OpenCLIP-bigG) checkpoints
+//! use and which ComfyUI converts at load: here it is read as it lies. Width, depth and MLP size
+//! come from the weights; heads are 64 wide, as in every released CLIP.
 //!
 //! [`ClipTextEncoder::encode_weighted`] is ComfyUI's `ClipTokenWeightEncoder`: chunks are encoded
 //! in one batch together with an empty prompt, and a token of weight w becomes
 //! `empty + (token − empty)·w`.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::LayerNorm;
 
 use super::attention::attention;
-use super::linear::{linear, Linear};
+use super::linear::{linear, linear_named, Linear};
 use super::tokenizer::{TokenItem, WeightedToken, CHUNK_LENGTH, END_TOKEN, START_TOKEN};
 use super::weights::{TensorShapes, WeightMatrix, Weights};
 use super::DetectError;
@@ -23,6 +26,15 @@ pub enum Activation {
     Gelu,
 }
 
+/// How a file names the encoder's tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClipNaming {
+    /// transformers' `CLIPTextModel` layout, under `text_model.`.
+    Transformers,
+    /// OpenCLIP's layout, with query, key and value in one `in_proj` matrix.
+    OpenClip,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClipTextConfig {
     pub vocab_size: usize,
@@ -32,25 +44,35 @@ pub struct ClipTextConfig {
     pub heads: usize,
     pub max_positions: usize,
     pub activation: Activation,
+    pub naming: ClipNaming,
+    /// Whether the file has the projection of the pooled vector (`text_projection`).
+    pub projection: bool,
 }
 
 impl ClipTextConfig {
-    /// Reads the architecture from the tensors under `prefix` (ending in `text_model.`).
+    /// Reads the architecture from the tensors under `prefix`, the encoder's root (the part
+    /// before `text_model.` or before OpenCLIP's `token_embedding`).
     pub fn infer(
         file: &dyn TensorShapes,
         prefix: &str,
         activation: Activation,
     ) -> std::result::Result<Self, DetectError> {
-        let required = |key: &str| {
+        let naming = if file.has(&format!("{prefix}token_embedding.weight")) {
+            ClipNaming::OpenClip
+        } else {
+            ClipNaming::Transformers
+        };
+        let names = TensorNames(naming);
+        let required = |key: String| {
             file.shape(&format!("{prefix}{key}"))
                 .map(<[usize]>::to_vec)
                 .ok_or_else(|| DetectError::MissingTensor(format!("{prefix}{key}")))
         };
-        let token_embedding = required("embeddings.token_embedding.weight")?;
-        let positions = required("embeddings.position_embedding.weight")?;
-        let fc1 = required("encoder.layers.0.mlp.fc1.weight")?;
+        let token_embedding = required(names.token_embedding())?;
+        let positions = required(names.position_embedding())?;
+        let fc1 = required(format!("{}.weight", names.layer(0, LayerTensor::Fc1)))?;
         let layers = (0..)
-            .take_while(|layer| file.has(&format!("{prefix}encoder.layers.{layer}.mlp.fc1.weight")))
+            .take_while(|&layer| file.has(&format!("{prefix}{}.weight", names.layer(layer, LayerTensor::Fc1))))
             .count();
         let hidden_size = token_embedding[1];
         Ok(ClipTextConfig {
@@ -61,7 +83,81 @@ impl ClipTextConfig {
             heads: (hidden_size / 64).max(1),
             max_positions: positions[0],
             activation,
+            naming,
+            projection: file.has(&format!("{prefix}{}", names.projection())),
         })
+    }
+}
+
+/// The tensors of one encoder layer, named by [`TensorNames::layer`].
+#[derive(Clone, Copy)]
+enum LayerTensor {
+    Norm1,
+    Norm2,
+    Fc1,
+    Fc2,
+    OutProj,
+}
+
+/// Tensor names in one [`ClipNaming`].
+#[derive(Clone, Copy)]
+struct TensorNames(ClipNaming);
+
+impl TensorNames {
+    fn token_embedding(self) -> String {
+        match self.0 {
+            ClipNaming::Transformers => "text_model.embeddings.token_embedding.weight".into(),
+            ClipNaming::OpenClip => "token_embedding.weight".into(),
+        }
+    }
+
+    fn position_embedding(self) -> String {
+        match self.0 {
+            ClipNaming::Transformers => "text_model.embeddings.position_embedding.weight".into(),
+            ClipNaming::OpenClip => "positional_embedding".into(),
+        }
+    }
+
+    fn final_layer_norm(self) -> &'static str {
+        match self.0 {
+            ClipNaming::Transformers => "text_model.final_layer_norm",
+            ClipNaming::OpenClip => "ln_final",
+        }
+    }
+
+    /// The pooled projection: a [out, in] `weight` (transformers) or an [in, out] matrix.
+    fn projection(self) -> &'static str {
+        match self.0 {
+            ClipNaming::Transformers => "text_projection.weight",
+            ClipNaming::OpenClip => "text_projection",
+        }
+    }
+
+    /// The module of `tensor` in layer `layer` (without `.weight`/`.bias`).
+    fn layer(self, layer: usize, tensor: LayerTensor) -> String {
+        let (root, name) = match self.0 {
+            ClipNaming::Transformers => (
+                "text_model.encoder.layers",
+                match tensor {
+                    LayerTensor::Norm1 => "layer_norm1",
+                    LayerTensor::Norm2 => "layer_norm2",
+                    LayerTensor::Fc1 => "mlp.fc1",
+                    LayerTensor::Fc2 => "mlp.fc2",
+                    LayerTensor::OutProj => "self_attn.out_proj",
+                },
+            ),
+            ClipNaming::OpenClip => (
+                "transformer.resblocks",
+                match tensor {
+                    LayerTensor::Norm1 => "ln_1",
+                    LayerTensor::Norm2 => "ln_2",
+                    LayerTensor::Fc1 => "mlp.c_fc",
+                    LayerTensor::Fc2 => "mlp.c_proj",
+                    LayerTensor::OutProj => "attn.out_proj",
+                },
+            ),
+        };
+        format!("{root}.{layer}.{name}")
     }
 }
 
@@ -73,15 +169,28 @@ pub enum OutputLayer {
     FromEnd(usize),
 }
 
+/// How ComfyUI reads an encoder's output (`SDClipModel`'s options, which differ per model
+/// family): the hidden state taken, whether the final layer norm applies to an earlier layer's,
+/// whether the pooled vector is projected, and the token that pads chunks and the empty prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EncodeOptions {
+    pub layer: OutputLayer,
+    pub layer_norm_hidden: bool,
+    pub project_pooled: bool,
+    pub pad_token: u32,
+}
+
 pub struct ClipTextEncoder {
     config: ClipTextConfig,
     token_embedding: WeightMatrix,
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// [hidden, projection] (OpenCLIP's orientation), when the file has it.
+    text_projection: Option<Tensor>,
 }
 
-/// An encoded prompt: [1, 77·chunks, hidden] and the pooled vector of the first chunk [1, hidden].
+/// An encoded prompt: [1, 77·chunks, hidden] and the pooled vector of the first chunk [1, width].
 pub struct Encoded {
     pub hidden: Tensor,
     pub pooled: Tensor,
@@ -97,29 +206,33 @@ impl ClipTextEncoder {
         &self.config
     }
 
+    /// The encoder whose tensors lie under `vb` (its root, see [`ClipTextConfig::infer`]).
     pub fn new(config: ClipTextConfig, vb: Weights) -> Result<Self> {
-        let embeddings = vb.pp("embeddings");
-        let token_embedding = embeddings
-            .pp("token_embedding")
-            .matrix((config.vocab_size, config.hidden_size), "weight")?;
-        let position_embedding = embeddings
-            .pp("position_embedding")
-            .get((config.max_positions, config.hidden_size), "weight")?;
+        let names = TensorNames(config.naming);
+        let hidden = config.hidden_size;
+        let token_embedding = vb.matrix((config.vocab_size, hidden), &names.token_embedding())?;
+        let position_embedding = vb.get((config.max_positions, hidden), &names.position_embedding())?;
         let layers = (0..config.layers)
-            .map(|layer| EncoderLayer::new(&config, vb.pp(format!("encoder.layers.{layer}"))))
+            .map(|layer| EncoderLayer::new(&config, layer, &vb))
             .collect::<Result<_>>()?;
-        let final_layer_norm = candle_nn::layer_norm(config.hidden_size, 1e-5, vb.pp("final_layer_norm").into())?;
+        let final_layer_norm = candle_nn::layer_norm(hidden, 1e-5, vb.pp(names.final_layer_norm()).into())?;
+        let text_projection = match (config.projection, config.naming) {
+            (false, _) => None,
+            (true, ClipNaming::OpenClip) => Some(vb.get((hidden, hidden), names.projection())?),
+            (true, ClipNaming::Transformers) => Some(vb.get((hidden, hidden), names.projection())?.t()?.contiguous()?),
+        };
         Ok(ClipTextEncoder {
             config,
             token_embedding,
             position_embedding,
             layers,
             final_layer_norm,
+            text_projection,
         })
     }
 
     /// Encodes chunks of weighted tokens as ComfyUI does (see the module documentation).
-    pub fn encode_weighted(&self, chunks: &[Vec<WeightedToken>], output: OutputLayer) -> Result<Encoded> {
+    pub fn encode_weighted(&self, chunks: &[Vec<WeightedToken>], options: EncodeOptions) -> Result<Encoded> {
         let has_weights = chunks.iter().flatten().any(|(_, weight)| *weight != 1.0);
         let mut batch: Vec<Vec<TokenItem>> = chunks
             .iter()
@@ -128,10 +241,10 @@ impl ClipTextEncoder {
         let longest = batch.iter().map(Vec::len).max().unwrap_or(CHUNK_LENGTH);
         if has_weights || batch.is_empty() {
             let mut empty = vec![TokenItem::Token(START_TOKEN), TokenItem::Token(END_TOKEN)];
-            empty.resize(longest.max(2), TokenItem::Token(END_TOKEN));
+            empty.resize(longest.max(2), TokenItem::Token(options.pad_token));
             batch.push(empty);
         }
-        let (hidden, pooled) = self.forward(&batch, output)?;
+        let (hidden, pooled) = self.forward(&batch, options)?;
         let pooled = pooled.narrow(0, 0, 1)?;
         if chunks.is_empty() {
             let last = hidden.dim(0)? - 1;
@@ -164,9 +277,10 @@ impl ClipTextEncoder {
     }
 
     /// Runs the transformer on a batch of token rows of equal length; returns the selected hidden
-    /// states [B, N, hidden] (after the final layer norm) and the pooled vectors [B, hidden] taken
-    /// at each row's first end token.
-    pub fn forward(&self, batch: &[Vec<TokenItem>], output: OutputLayer) -> Result<(Tensor, Tensor)> {
+    /// states [B, N, hidden] and the pooled vectors [B, width] taken from the final layer norm's
+    /// output at each row's first end token (projected when the options ask and the file has
+    /// the projection).
+    pub fn forward(&self, batch: &[Vec<TokenItem>], options: EncodeOptions) -> Result<(Tensor, Tensor)> {
         let device = self.position_embedding.device().clone();
         let length = batch.first().map_or(0, Vec::len);
         let rows = batch
@@ -175,7 +289,7 @@ impl ClipTextEncoder {
             .collect::<Result<Vec<_>>>()?;
         let mut x = Tensor::stack(&rows, 0)?.broadcast_add(&self.position_embedding.narrow(0, 0, length)?)?;
         let mask = causal_mask(length, &device)?;
-        let keep = match output {
+        let keep = match options.layer {
             OutputLayer::Last => None,
             OutputLayer::FromEnd(from_end) if from_end >= 1 && from_end <= self.layers.len() => {
                 Some(self.layers.len() - from_end)
@@ -191,21 +305,27 @@ impl ClipTextEncoder {
         }
         let x = self.final_layer_norm.forward(&x)?;
         let hidden = match intermediate {
-            Some(intermediate) => self.final_layer_norm.forward(&intermediate)?,
+            Some(intermediate) if options.layer_norm_hidden => self.final_layer_norm.forward(&intermediate)?,
+            Some(intermediate) => intermediate,
             None => x.clone(),
         };
-        let end_positions: Vec<u32> = batch
+        let end_positions: Vec<usize> = batch
             .iter()
             .map(|row| {
                 row.iter()
                     .position(|item| *item == TokenItem::Token(END_TOKEN))
-                    .unwrap_or(row.len() - 1) as u32
+                    .unwrap_or(row.len() - 1)
             })
             .collect();
         let pooled = (0..batch.len())
-            .map(|row| x.get(row)?.get(end_positions[row] as usize))
+            .map(|row| x.get(row)?.get(end_positions[row]))
             .collect::<Result<Vec<_>>>()?;
-        Ok((hidden, Tensor::stack(&pooled, 0)?))
+        let pooled = Tensor::stack(&pooled, 0)?;
+        let pooled = match &self.text_projection {
+            Some(projection) if options.project_pooled => pooled.matmul(projection)?,
+            _ => pooled,
+        };
+        Ok((hidden, pooled))
     }
 
     fn embed_row(&self, row: &[TokenItem], device: &Device) -> Result<Tensor> {
@@ -231,11 +351,49 @@ fn causal_mask(length: usize, device: &Device) -> Result<Tensor> {
     Tensor::from_vec(values, (length, length), device)
 }
 
+/// The query, key and value projections: three layers, or OpenCLIP's one fused layer.
+enum QkvProjection {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+impl QkvProjection {
+    fn new(config: &ClipTextConfig, layer: usize, vb: &Weights) -> Result<Self> {
+        let hidden = config.hidden_size;
+        Ok(match config.naming {
+            ClipNaming::Transformers => {
+                let attention = vb.pp(format!("text_model.encoder.layers.{layer}.self_attn"));
+                QkvProjection::Separate {
+                    q: linear(hidden, hidden, attention.pp("q_proj"))?,
+                    k: linear(hidden, hidden, attention.pp("k_proj"))?,
+                    v: linear(hidden, hidden, attention.pp("v_proj"))?,
+                }
+            }
+            ClipNaming::OpenClip => QkvProjection::Fused(linear_named(
+                hidden,
+                3 * hidden,
+                vb.pp(format!("transformer.resblocks.{layer}.attn")),
+                ("in_proj_weight", "in_proj_bias"),
+            )?),
+        })
+    }
+
+    fn forward(&self, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        match self {
+            QkvProjection::Separate { q, k, v } => Ok((q.forward(h)?, k.forward(h)?, v.forward(h)?)),
+            QkvProjection::Fused(qkv) => {
+                let fused = qkv.forward(h)?;
+                let hidden = fused.dim(D::Minus1)? / 3;
+                let part = |index: usize| fused.narrow(D::Minus1, index * hidden, hidden);
+                Ok((part(0)?, part(1)?, part(2)?))
+            }
+        }
+    }
+}
+
 struct EncoderLayer {
     layer_norm1: LayerNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: QkvProjection,
     out_proj: Linear,
     layer_norm2: LayerNorm,
     fc1: Linear,
@@ -245,18 +403,17 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(config: &ClipTextConfig, vb: Weights) -> Result<Self> {
+    fn new(config: &ClipTextConfig, layer: usize, vb: &Weights) -> Result<Self> {
         let hidden = config.hidden_size;
-        let attention = vb.pp("self_attn");
+        let names = TensorNames(config.naming);
+        let module = |tensor: LayerTensor| vb.pp(names.layer(layer, tensor));
         Ok(EncoderLayer {
-            layer_norm1: candle_nn::layer_norm(hidden, 1e-5, vb.pp("layer_norm1").into())?,
-            q_proj: linear(hidden, hidden, attention.pp("q_proj"))?,
-            k_proj: linear(hidden, hidden, attention.pp("k_proj"))?,
-            v_proj: linear(hidden, hidden, attention.pp("v_proj"))?,
-            out_proj: linear(hidden, hidden, attention.pp("out_proj"))?,
-            layer_norm2: candle_nn::layer_norm(hidden, 1e-5, vb.pp("layer_norm2").into())?,
-            fc1: linear(hidden, config.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: linear(config.intermediate_size, hidden, vb.pp("mlp.fc2"))?,
+            layer_norm1: candle_nn::layer_norm(hidden, 1e-5, module(LayerTensor::Norm1).into())?,
+            qkv: QkvProjection::new(config, layer, vb)?,
+            out_proj: linear(hidden, hidden, module(LayerTensor::OutProj))?,
+            layer_norm2: candle_nn::layer_norm(hidden, 1e-5, module(LayerTensor::Norm2).into())?,
+            fc1: linear(hidden, config.intermediate_size, module(LayerTensor::Fc1))?,
+            fc2: linear(config.intermediate_size, hidden, module(LayerTensor::Fc2))?,
             heads: config.heads,
             activation: config.activation,
         })
@@ -264,13 +421,8 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let h = self.layer_norm1.forward(x)?;
-        let attended = attention(
-            &self.q_proj.forward(&h)?,
-            &self.k_proj.forward(&h)?,
-            &self.v_proj.forward(&h)?,
-            self.heads,
-            Some(mask),
-        )?;
+        let (q, k, v) = self.qkv.forward(&h)?;
+        let attended = attention(&q, &k, &v, self.heads, Some(mask))?;
         let x = (x + self.out_proj.forward(&attended)?)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         let h = match self.activation {

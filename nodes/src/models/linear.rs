@@ -16,9 +16,20 @@ pub struct Linear {
 
 /// A layer with a bias.
 pub fn linear(in_features: usize, out_features: usize, weights: Weights) -> Result<Linear> {
+    linear_named(in_features, out_features, weights, ("weight", "bias"))
+}
+
+/// A layer with a bias whose tensors have other names than `weight` and `bias` (OpenCLIP's
+/// fused `in_proj_weight` / `in_proj_bias`).
+pub fn linear_named(
+    in_features: usize,
+    out_features: usize,
+    weights: Weights,
+    (weight, bias): (&str, &str),
+) -> Result<Linear> {
     Ok(Linear {
-        weight: weights.matrix((out_features, in_features), "weight")?,
-        bias: Some(weights.get(out_features, "bias")?),
+        weight: weights.matrix((out_features, in_features), weight)?,
+        bias: Some(weights.get(out_features, bias)?),
     })
 }
 

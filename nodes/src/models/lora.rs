@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::clip_text::ClipNaming;
 use super::unet::UNetConfig;
 use super::weights::{SafetensorsFile, TensorShapes};
 
@@ -133,6 +134,14 @@ impl WeightPatches {
     }
 }
 
+/// How LoRA files name one text-encoder slot: the kohya prefixes (`lora_te`, `lora_te1`,
+/// `lora_te2`, …) and the diffusers module (`text_encoder`, `text_encoder_2`).
+#[derive(Clone, Copy, Debug)]
+pub struct ClipLoraNames {
+    pub kohya: &'static [&'static str],
+    pub diffusers: &'static str,
+}
+
 /// For each name a LoRA may give a weight, the full name of that weight in the model's file.
 #[derive(Default)]
 pub struct LoraKeyMap(HashMap<String, String>);
@@ -166,40 +175,52 @@ impl LoraKeyMap {
 
     /// The names of a CLIP text encoder's attention and MLP matrices, whose tensors lie under
     /// `prefix` (ending `text_model.`) in `file`: kohya's `lora_te_` (and SDXL's `lora_te1_`,
-    /// which ComfyUI also accepts for CLIP-L) and diffusers' `text_encoder.` names.
-    pub fn add_clip(&mut self, file: &SafetensorsFile, prefix: &str) {
-        const MATRICES: [&str; 6] = [
-            "mlp.fc1",
-            "mlp.fc2",
-            "self_attn.k_proj",
-            "self_attn.q_proj",
-            "self_attn.v_proj",
-            "self_attn.out_proj",
+    /// The names of a text encoder's layer matrices, whose tensors lie under `prefix` (the
+    /// encoder's root) in `file` in `naming`'s layout, under the LoRA names of its slot
+    /// (`names`). In OpenCLIP's layout query, key and value share one fused matrix, which a
+    /// LoRA of one of them does not reach yet: those LoRA tensors stay unmatched (and logged).
+    pub fn add_clip(&mut self, file: &SafetensorsFile, prefix: &str, naming: ClipNaming, names: ClipLoraNames) {
+        /// Each matrix's name in the transformers layout and in OpenCLIP's.
+        const MATRICES: [(&str, Option<&str>); 6] = [
+            ("mlp.fc1", Some("mlp.c_fc")),
+            ("mlp.fc2", Some("mlp.c_proj")),
+            ("self_attn.k_proj", None),
+            ("self_attn.q_proj", None),
+            ("self_attn.v_proj", None),
+            ("self_attn.out_proj", Some("attn.out_proj")),
         ];
+        let layers_root = match naming {
+            ClipNaming::Transformers => "text_model.encoder.layers.",
+            ClipNaming::OpenClip => "transformer.resblocks.",
+        };
         for name in file.tensor_names() {
-            let Some(key) = name.strip_prefix(prefix).and_then(|k| k.strip_suffix(".weight")) else {
-                continue;
-            };
-            let Some((layer, matrix)) = key
-                .strip_prefix("encoder.layers.")
+            let Some((layer, matrix)) = name
+                .strip_prefix(prefix)
+                .and_then(|k| k.strip_suffix(".weight"))
+                .and_then(|k| k.strip_prefix(layers_root))
                 .and_then(|rest| rest.split_once('.'))
             else {
                 continue;
             };
-            if !MATRICES.contains(&matrix) {
+            let found = MATRICES.iter().find(|(transformers, open_clip)| match naming {
+                ClipNaming::Transformers => *transformers == matrix,
+                ClipNaming::OpenClip => *open_clip == Some(matrix),
+            });
+            let Some((matrix, _)) = found else {
                 continue;
-            }
+            };
             let target = name.to_string();
             let underscored = matrix.replace('.', "_");
+            for kohya in names.kohya {
+                self.insert(
+                    format!("{kohya}_text_model_encoder_layers_{layer}_{underscored}"),
+                    &target,
+                );
+            }
             self.insert(
-                format!("lora_te_text_model_encoder_layers_{layer}_{underscored}"),
+                format!("{}.text_model.encoder.layers.{layer}.{matrix}", names.diffusers),
                 &target,
             );
-            self.insert(
-                format!("lora_te1_text_model_encoder_layers_{layer}_{underscored}"),
-                &target,
-            );
-            self.insert(format!("text_encoder.text_model.{key}"), &target);
         }
     }
 

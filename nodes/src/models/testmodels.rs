@@ -16,10 +16,13 @@ use candle_nn::{Init, VarBuilder};
 use half::f16;
 use safetensors::tensor::{Dtype as FileDtype, TensorView};
 
-use super::clip_text::{Activation, ClipTextConfig, ClipTextEncoder};
+use super::clip_text::{Activation, ClipNaming, ClipTextConfig, ClipTextEncoder};
 use super::unet::{HeadLayout, UNet, UNetConfig};
 use super::vae::{Vae, VaeConfig};
-use super::{SD1_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use super::{
+    SD1_CLIP_PREFIX, SD2_CLIP_PREFIX, SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, SDXL_REFINER_CLIP_G_PREFIX, UNET_PREFIX,
+    VAE_PREFIX,
+};
 use crate::sampling::noise::CpuGenerator;
 
 /// How a tensor is filled.
@@ -72,6 +75,8 @@ pub fn tiny_clip_l() -> ClipTextConfig {
         heads: 1,
         max_positions: 77,
         activation: Activation::QuickGelu,
+        naming: ClipNaming::Transformers,
+        projection: false,
     }
 }
 
@@ -114,6 +119,8 @@ pub fn sd15_clip_l() -> ClipTextConfig {
         heads: 12,
         max_positions: 77,
         activation: Activation::QuickGelu,
+        naming: ClipNaming::Transformers,
+        projection: false,
     }
 }
 
@@ -134,16 +141,88 @@ pub fn sd1_checkpoint_layout(
     clip: &ClipTextConfig,
     vae: &VaeConfig,
 ) -> candle_core::Result<Vec<TensorSpec>> {
+    checkpoint_layout(unet, &[(SD1_CLIP_PREFIX, clip)], vae)
+}
+
+/// The file names `easel testmodels` gives the tiny SD2.x, SDXL and SDXL refiner checkpoints.
+pub const TINY_SD2_CHECKPOINT: &str = "easel_tiny_sd2.safetensors";
+pub const TINY_SDXL_CHECKPOINT: &str = "easel_tiny_sdxl.safetensors";
+pub const TINY_SDXL_REFINER_CHECKPOINT: &str = "easel_tiny_sdxl_refiner.safetensors";
+
+/// A tiny OpenCLIP-shaped text encoder `width` wide (OpenCLIP's layout, GELU, a projection).
+pub fn tiny_open_clip(width: usize) -> ClipTextConfig {
+    ClipTextConfig {
+        vocab_size: 49408,
+        hidden_size: width,
+        intermediate_size: 2 * width,
+        layers: 3,
+        heads: (width / 64).max(1),
+        max_positions: 77,
+        activation: Activation::Gelu,
+        naming: ClipNaming::OpenClip,
+        projection: true,
+    }
+}
+
+/// The tiny OpenCLIP-bigG stand-in of the SDXL test models: 96 wide.
+pub fn tiny_clip_g() -> ClipTextConfig {
+    tiny_open_clip(96)
+}
+
+/// A tiny SD2.x UNet: the SD1.x one with linear projections and 64-wide heads, for a 64-wide
+/// OpenCLIP-H stand-in.
+pub fn tiny_sd2_unet() -> UNetConfig {
+    UNetConfig {
+        linear_projection: true,
+        heads: HeadLayout::Width(64),
+        ..tiny_sd1_unet()
+    }
+}
+
+/// A tiny SDXL-shaped UNet: no attention on the first level, transformers two deep below it,
+/// class conditioning of the pooled CLIP-G vector and six embedded sizes (`adm_sizes` = 6; the
+/// refiner's has 5, and a context of CLIP-G alone).
+pub fn tiny_sdxl_unet(context_dim: usize, adm_sizes: usize) -> UNetConfig {
+    UNetConfig {
+        in_channels: 4,
+        out_channels: 4,
+        model_channels: 32,
+        channel_mult: vec![1, 2],
+        num_res_blocks: vec![1, 1],
+        input_depths: vec![0, 2],
+        middle_depth: Some(2),
+        output_depths: vec![2, 2, 0, 0],
+        context_dim,
+        linear_projection: true,
+        heads: HeadLayout::Width(64),
+        adm_in_channels: Some(tiny_clip_g().hidden_size + adm_sizes * 256),
+    }
+}
+
+/// Every tensor of a single-file checkpoint: the UNet, the text encoders (each with the root
+/// it lies under) and the VAE, in ComfyUI's layout; transformers-layout encoders get their
+/// `position_ids`.
+pub fn checkpoint_layout(
+    unet: &UNetConfig,
+    text_encoders: &[(&str, &ClipTextConfig)],
+    vae: &VaeConfig,
+) -> candle_core::Result<Vec<TensorSpec>> {
     let recorder = Recorder::default();
     UNet::new(unet.clone(), recorder.var_builder(UNET_PREFIX).into())?;
-    ClipTextEncoder::new(clip.clone(), recorder.var_builder(SD1_CLIP_PREFIX).into())?;
+    for (prefix, config) in text_encoders {
+        ClipTextEncoder::new((*config).clone(), recorder.var_builder(prefix).into())?;
+    }
     Vae::new(vae.clone(), recorder.var_builder(VAE_PREFIX).into())?;
     let mut specs = recorder.specs();
-    specs.push(TensorSpec {
-        name: format!("{SD1_CLIP_PREFIX}embeddings.position_ids"),
-        shape: vec![1, clip.max_positions],
-        fill: Fill::Arange,
-    });
+    for (prefix, config) in text_encoders {
+        if config.naming == ClipNaming::Transformers {
+            specs.push(TensorSpec {
+                name: format!("{prefix}text_model.embeddings.position_ids"),
+                shape: vec![1, config.max_positions],
+                fill: Fill::Arange,
+            });
+        }
+    }
     Ok(specs)
 }
 
@@ -171,6 +250,29 @@ pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let checkpoint = checkpoints.join(TINY_SD1_CHECKPOINT);
     write_checkpoint(&checkpoint, &layout)?;
 
+    let mut written = vec![checkpoint];
+    let open_clip_h = tiny_open_clip(64);
+    let (clip_l, clip_g, vae) = (tiny_clip_l(), tiny_clip_g(), tiny_sd_vae());
+    let sdxl_context = clip_l.hidden_size + clip_g.hidden_size;
+    let others: [(&str, UNetConfig, Vec<(&str, &ClipTextConfig)>); 3] = [
+        (TINY_SD2_CHECKPOINT, tiny_sd2_unet(), vec![(SD2_CLIP_PREFIX, &open_clip_h)]),
+        (
+            TINY_SDXL_CHECKPOINT,
+            tiny_sdxl_unet(sdxl_context, 6),
+            vec![(SDXL_CLIP_L_PREFIX, &clip_l), (SDXL_CLIP_G_PREFIX, &clip_g)],
+        ),
+        (
+            TINY_SDXL_REFINER_CHECKPOINT,
+            tiny_sdxl_unet(clip_g.hidden_size, 5),
+            vec![(SDXL_REFINER_CLIP_G_PREFIX, &clip_g)],
+        ),
+    ];
+    for (name, unet, encoders) in others {
+        let path = checkpoints.join(name);
+        write_checkpoint(&path, &checkpoint_layout(&unet, &encoders, &vae).map_err(std::io::Error::other)?)?;
+        written.push(path);
+    }
+
     let embeddings = models_dir.join("embeddings");
     std::fs::create_dir_all(&embeddings)?;
     let vectors = tiny_embedding_vectors();
@@ -187,7 +289,8 @@ pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(&loras)?;
     let lora = loras.join(TINY_SD1_LORA);
     write_tiny_lora(&lora, &layout)?;
-    Ok(vec![checkpoint, safetensors_path, pt_path, lora])
+    written.extend([safetensors_path, pt_path, lora]);
+    Ok(written)
 }
 
 /// A LoRA for the tiny SD1.x checkpoint, in the `loras` folder.

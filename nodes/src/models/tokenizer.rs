@@ -151,7 +151,7 @@ fn split_parentheses(text: &str) -> Vec<String> {
 
 /// `SDTokenizer.tokenize_with_weights`: the prompt as chunks of [`CHUNK_LENGTH`] weighted
 /// tokens. Unknown `embedding:` names are dropped with a warning, as ComfyUI does.
-pub fn tokenize_with_weights(text: &str, embeddings: &dyn EmbeddingLookup) -> Vec<Vec<WeightedToken>> {
+pub fn tokenize_with_weights(text: &str, embeddings: &dyn EmbeddingLookup, pad_token: u32) -> Vec<Vec<WeightedToken>> {
     let escaped = text.replace("\\)", "\0\u{1}").replace("\\(", "\0\u{2}");
     let mut groups: Vec<Vec<WeightedToken>> = Vec::new();
     for (segment, weight) in parse_weights(&escaped, 1.0) {
@@ -180,7 +180,7 @@ pub fn tokenize_with_weights(text: &str, embeddings: &dyn EmbeddingLookup) -> Ve
             );
         }
     }
-    chunk(groups)
+    chunk(groups, pad_token)
 }
 
 /// Splits before every `embedding:` that follows a space or newline (ComfyUI's
@@ -235,9 +235,10 @@ fn find_embedding(text: &str, embeddings: &dyn EmbeddingLookup) -> (Option<Vec<V
 
 /// Packs token groups (one per word) into chunks; a short word that does not fit moves whole
 /// to the next chunk, a long one (≥ 8 tokens) is split.
-fn chunk(groups: Vec<Vec<WeightedToken>>) -> Vec<Vec<WeightedToken>> {
+fn chunk(groups: Vec<Vec<WeightedToken>>, pad_token: u32) -> Vec<Vec<WeightedToken>> {
     let start = || vec![(TokenItem::Token(START_TOKEN), 1.0)];
     let end = (TokenItem::Token(END_TOKEN), 1.0);
+    let pad = (TokenItem::Token(pad_token), 1.0);
     let mut chunks = Vec::new();
     let mut batch = start();
     for mut group in groups {
@@ -252,7 +253,7 @@ fn chunk(groups: Vec<Vec<WeightedToken>>) -> Vec<Vec<WeightedToken>> {
                     batch.push(end.clone());
                 } else {
                     batch.push(end.clone());
-                    batch.extend(std::iter::repeat_n(end.clone(), remaining));
+                    batch.extend(std::iter::repeat_n(pad.clone(), remaining));
                 }
                 chunks.push(std::mem::replace(&mut batch, start()));
             } else {
@@ -260,9 +261,9 @@ fn chunk(groups: Vec<Vec<WeightedToken>>) -> Vec<Vec<WeightedToken>> {
             }
         }
     }
-    batch.push(end.clone());
+    batch.push(end);
     let padding = CHUNK_LENGTH.saturating_sub(batch.len());
-    batch.extend(std::iter::repeat_n(end, padding));
+    batch.extend(std::iter::repeat_n(pad, padding));
     chunks.push(batch);
     chunks
 }

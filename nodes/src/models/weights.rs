@@ -443,10 +443,24 @@ impl WeightSource {
 
     /// The network's weights, computing in f32.
     pub fn weights(&self) -> Weights {
-        Weights::from_file(self.file.clone(), DType::F32, &self.device)
+        let weights = Weights::from_file(self.file.clone(), DType::F32, &self.device)
             .with_precision(self.precision)
-            .with_patches(self.patches.clone())
-            .pp(&self.prefix)
+            .with_patches(self.patches.clone());
+        if self.prefix.is_empty() {
+            weights
+        } else {
+            weights.pp(&self.prefix)
+        }
+    }
+
+    /// What the network's tensor names start with: the prefix and its dot, or nothing for a
+    /// network at the root of its file.
+    pub fn name_prefix(&self) -> String {
+        if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}.", self.prefix)
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use easel_nodes::diffusion_nodes::load_checkpoint;
+use easel_nodes::loader_nodes::load_checkpoint;
 use easel_nodes::models::sgemm::Precision;
 use easel_nodes::models::testmodels::{
     sd15_clip_l, sd15_unet, sd15_vae, sd1_checkpoint_layout, write_checkpoint, write_test_models, TINY_SD1_CHECKPOINT,
@@ -65,14 +65,13 @@ fn measure(name: &str, checkpoint: &Path, pixels: usize, steps: usize, precision
     let started = Instant::now();
     let (loaded, _) = load_checkpoint(checkpoint, &device, precision).map_err(|error| anyhow::anyhow!("{error}"))?;
     let load = started.elapsed().as_secs_f64();
-    let clip = loaded.clip.context("the checkpoint has no text encoder")?;
     let vae = loaded.vae.context("the checkpoint has no VAE")?;
     let side = pixels / 8;
 
     let x = Tensor::randn(0f32, 1.0, (2, 4, side, side), &device)?;
     let timesteps = Tensor::new(&[500f32, 500.0], &device)?;
-    let context = Tensor::zeros((2, 77, clip.encoder.width()), DType::F32, &device)?;
     let unet = &loaded.model.0.unet;
+    let context = Tensor::zeros((2, 77, unet.config().context_dim), DType::F32, &device)?;
     let step = || unet.forward(&UNetInput::new(&x, &timesteps, &context));
     let (first_step_seconds, step_seconds) = mean_seconds(steps, step)?;
 

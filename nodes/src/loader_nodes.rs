@@ -1,0 +1,484 @@
+//! The model loaders: whole checkpoints (`CheckpointLoaderSimple`) and the parts people keep in
+//! separate files (`UNETLoader`, `CLIPLoader`, `DualCLIPLoader`, `VAELoader`), recognised from
+//! their tensors and built over the files' memory maps. Loaded parts are shared through the
+//! [`ModelCache`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
+use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
+
+use crate::diffusion::{Clip, DiffusionModel, LatentFormat, Model, Prediction, TextEncoder, VaeModel};
+use crate::diffusion_nodes::{device, tensor_error, DiffusionModelPrecision};
+use crate::model_cache::ModelCache;
+use crate::models::clip_text::ClipTextEncoder;
+use crate::models::lora::WeightPatches;
+use crate::models::sgemm::Precision;
+use crate::models::unet::{UNet, UNetConfig};
+use crate::models::vae::{Vae, VaeConfig};
+use crate::models::weights::{SafetensorsFile, TensorShapes, WeightSource, Weights};
+use crate::models::{
+    detect_checkpoint, detect_unet_family, is_v_prediction, DetectError, Family, TextEncoderKind, TextEncoderLayout,
+    UNET_PREFIX, VAE_PREFIX,
+};
+use crate::paths::Paths;
+use crate::sampling::schedule::SigmaSchedule;
+
+/// The three parts of a checkpoint, loaded together.
+pub struct LoadedCheckpoint {
+    pub model: Model,
+    pub clip: Option<Clip>,
+    pub vae: Option<VaeModel>,
+}
+
+/// The file `name` in model folder `folder`, or ComfyUI's error for a missing one.
+fn model_file(ctx: &NodeContext, folder: &str, name: &str) -> Result<PathBuf, NodeError> {
+    let paths = ctx.services.require::<Paths>()?;
+    paths.full_path(folder, name).ok_or_else(|| {
+        NodeError::typed(
+            "FileNotFoundError",
+            format!("Model in folder '{folder}' with filename '{name}' not found."),
+        )
+    })
+}
+
+fn file_names(services: &Services, folder: &str) -> Vec<String> {
+    services
+        .get::<Paths>()
+        .map(|paths| paths.filename_list(folder))
+        .unwrap_or_default()
+}
+
+fn open(path: &Path) -> Result<Arc<SafetensorsFile>, NodeError> {
+    SafetensorsFile::open(path)
+        .map(Arc::new)
+        .map_err(|error| NodeError::new(error.to_string()))
+}
+
+fn file_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// ComfyUI's message for a file whose model type it cannot tell.
+fn undetected(path: &Path, error: DetectError) -> NodeError {
+    NodeError::new(format!(
+        "ERROR: Could not detect model type of: {}\n{error}",
+        path.display()
+    ))
+}
+
+/// Runs `load` through the registry's model cache when there is one.
+fn cached<T: Send + Sync + 'static>(
+    ctx: &NodeContext,
+    path: &Path,
+    part: &'static str,
+    load: impl FnOnce() -> Result<(T, u64), NodeError>,
+) -> Result<Arc<T>, NodeError> {
+    match ctx.services.get::<ModelCache>() {
+        Some(cache) => cache.get_or_load(path, part, load),
+        None => Ok(Arc::new(load()?.0)),
+    }
+}
+
+/// The diffusion model of `family` whose UNet lies under `prefix` (with its final dot) in `file`.
+fn build_model(
+    file: &Arc<SafetensorsFile>,
+    prefix: &str,
+    family: Family,
+    unet: UNetConfig,
+    v_prediction: bool,
+    device: &Device,
+    precision: Precision,
+) -> Result<Model, NodeError> {
+    let source = WeightSource {
+        file: file.clone(),
+        prefix: prefix.trim_end_matches('.').to_string(),
+        device: device.clone(),
+        precision,
+        patches: WeightPatches::default(),
+    };
+    let unet = UNet::new(unet, source.weights()).map_err(tensor_error)?;
+    Ok(Model(Arc::new(DiffusionModel {
+        family,
+        unet,
+        source,
+        prediction: if v_prediction {
+            Prediction::V
+        } else {
+            Prediction::Epsilon
+        },
+        schedule: SigmaSchedule::sd_discrete(),
+        latent_format: LatentFormat::of(family),
+        device: device.clone(),
+    })))
+}
+
+/// The text encoder `layout` describes in `file`; encoders compute in f32.
+fn build_text_encoder(
+    file: &Arc<SafetensorsFile>,
+    layout: TextEncoderLayout,
+    device: &Device,
+) -> Result<TextEncoder, NodeError> {
+    let source = WeightSource {
+        file: file.clone(),
+        prefix: layout.prefix.trim_end_matches('.').to_string(),
+        device: device.clone(),
+        precision: Precision::F32,
+        patches: WeightPatches::default(),
+    };
+    let network = ClipTextEncoder::new(layout.config, source.weights()).map_err(tensor_error)?;
+    Ok(TextEncoder {
+        kind: layout.kind,
+        network: Arc::new(network),
+        source,
+    })
+}
+
+/// The VAE under `prefix` in `file`; VAEs compute in f32.
+fn build_vae(file: &Arc<SafetensorsFile>, prefix: &str, config: VaeConfig, device: &Device) -> Result<VaeModel, NodeError> {
+    let weights = Weights::from_file(file.clone(), DType::F32, device);
+    let weights = match prefix.trim_end_matches('.') {
+        "" => weights,
+        prefix => weights.pp(prefix),
+    };
+    Ok(VaeModel(Arc::new(Vae::new(config, weights).map_err(tensor_error)?)))
+}
+
+/// Loads a single-file checkpoint in ComfyUI's layout, the diffusion model multiplying in
+/// `precision`; also returns the file size (the cache's measure of it).
+pub fn load_checkpoint(path: &Path, device: &Device, precision: Precision) -> Result<(LoadedCheckpoint, u64), NodeError> {
+    let file = open(path)?;
+    let layout = detect_checkpoint(&file).map_err(|error| undetected(path, error))?;
+    let model = build_model(
+        &file,
+        UNET_PREFIX,
+        layout.family,
+        layout.unet,
+        layout.v_prediction,
+        device,
+        precision,
+    )?;
+    let encoders = layout
+        .text_encoders
+        .into_iter()
+        .map(|encoder| build_text_encoder(&file, encoder, device))
+        .collect::<Result<Vec<_>, _>>()?;
+    let clip = (!encoders.is_empty()).then_some(Clip {
+        family: layout.family,
+        encoders,
+        layer_from_end: None,
+    });
+    let vae = match layout.vae {
+        Some(config) => Some(build_vae(&file, VAE_PREFIX, config, device)?),
+        None => None,
+    };
+    Ok((LoadedCheckpoint { model, clip, vae }, file_size(path)))
+}
+
+fn diffusion_precision(services: &Services) -> Precision {
+    services.get::<DiffusionModelPrecision>().copied().unwrap_or_default().0
+}
+
+/// `CheckpointLoaderSimple`: MODEL, CLIP and VAE from one single-file checkpoint.
+pub struct CheckpointLoaderSimple;
+
+impl Node for CheckpointLoaderSimple {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        NodeSchema::v1("CheckpointLoaderSimple", "nodes", "loaders")
+            .display("Load Checkpoint")
+            .description("Loads a diffusion model checkpoint, diffusion models are used to denoise latents.")
+            .required(
+                "ckpt_name",
+                InputSpec::combo(&file_names(services, "checkpoints"))
+                    .opt("tooltip", "The name of the checkpoint (model) to load."),
+            )
+            .output(OutputSpec::of("MODEL").tooltip("The model used for denoising latents."))
+            .output(OutputSpec::of("CLIP").tooltip("The CLIP model used for encoding text prompts."))
+            .output(
+                OutputSpec::of("VAE")
+                    .tooltip("The VAE model used for encoding and decoding images to and from latent space."),
+            )
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let path = model_file(ctx, "checkpoints", inputs.string("ckpt_name")?)?;
+        let device = device(ctx.services);
+        let precision = diffusion_precision(ctx.services);
+        let loaded = cached(ctx, &path, "checkpoint", || load_checkpoint(&path, &device, precision))?;
+        let optional = |value: Option<Value>| value.unwrap_or(Value::Json(serde_json::Value::Null));
+        Ok(NodeOutput::values(vec![
+            Value::object(loaded.model.clone()),
+            optional(loaded.clip.clone().map(Value::object)),
+            optional(loaded.vae.clone().map(Value::object)),
+        ]))
+    }
+}
+
+/// Where the UNet of a diffusion-model file lies: under ComfyUI's checkpoint prefix or at the
+/// root.
+fn unet_prefix(file: &dyn TensorShapes) -> Option<&'static str> {
+    [UNET_PREFIX, ""]
+        .into_iter()
+        .find(|prefix| file.has(&format!("{prefix}input_blocks.0.0.weight")))
+}
+
+/// Loads a diffusion-model file (the UNet alone); returns it and the file size.
+pub fn load_diffusion_model(path: &Path, device: &Device, precision: Precision) -> Result<(Model, u64), NodeError> {
+    let file = open(path)?;
+    let prefix = unet_prefix(file.as_ref()).ok_or_else(|| {
+        undetected(
+            path,
+            DetectError::Unrecognised(
+                "no UNet in the LDM layout ('input_blocks.0.0.weight', at the root or under \
+                 'model.diffusion_model.'); diffusers-layout UNets are not read yet"
+                    .into(),
+            ),
+        )
+    })?;
+    let family = detect_unet_family(file.as_ref(), prefix).map_err(|error| undetected(path, error))?;
+    if matches!(family, Family::Sd3 | Family::Flux) {
+        return Err(undetected(path, DetectError::NotYetSupported(family.name())));
+    }
+    let unet = UNetConfig::infer(file.as_ref(), prefix, family.heads()).map_err(|error| undetected(path, error))?;
+    let v_prediction = is_v_prediction(&file, family, prefix);
+    let model = build_model(&file, prefix, family, unet, v_prediction, device, precision)?;
+    Ok((model, file_size(path)))
+}
+
+/// `UNETLoader` ("Load Diffusion Model"): a diffusion model from `diffusion_models`.
+pub struct UnetLoader;
+
+impl Node for UnetLoader {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        NodeSchema::v1("UNETLoader", "nodes", "advanced/loaders")
+            .display("Load Diffusion Model")
+            .required("unet_name", InputSpec::combo(&file_names(services, "diffusion_models")))
+            .required(
+                "weight_dtype",
+                InputSpec::combo(&["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]),
+            )
+            .output(OutputSpec::of("MODEL"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let path = model_file(ctx, "diffusion_models", inputs.string("unet_name")?)?;
+        let weight_dtype = inputs.string("weight_dtype")?;
+        if weight_dtype != "default" {
+            // ComfyUI stores the weights as fp8 to save memory; Easel reads them in place from
+            // the file's map, which costs no memory of its own, in the file's precision.
+            tracing::info!("weight_dtype {weight_dtype}: the weights are read in place in the file's dtype");
+        }
+        let device = device(ctx.services);
+        let precision = diffusion_precision(ctx.services);
+        let model = cached(ctx, &path, "diffusion_model", || {
+            load_diffusion_model(&path, &device, precision)
+        })?;
+        Ok(NodeOutput::values(vec![Value::object((*model).clone())]))
+    }
+}
+
+/// The CLIP variant of a text-encoder file, told by its width as ComfyUI tells it by its
+/// depth: 1024 wide is OpenCLIP-H, 1280 OpenCLIP-bigG, anything else CLIP-L.
+fn encoder_kind_by_width(width: usize) -> TextEncoderKind {
+    match width {
+        1024 => TextEncoderKind::ClipH,
+        1280 => TextEncoderKind::ClipG,
+        _ => TextEncoderKind::ClipL,
+    }
+}
+
+/// The text encoder at the root of a standalone file, as `kind` (its activation follows it).
+fn encoder_layout(path: &Path, file: &SafetensorsFile, kind: TextEncoderKind) -> Result<TextEncoderLayout, NodeError> {
+    TextEncoderLayout::find(file, kind, "")
+        .and_then(|found| {
+            found.ok_or_else(|| DetectError::Unrecognised("the file holds no tensor".into()))
+        })
+        .map_err(|error| undetected(path, error))
+}
+
+/// The width of the text encoder at the root of `file`.
+fn encoder_width(path: &Path, file: &SafetensorsFile) -> Result<usize, NodeError> {
+    encoder_layout(path, file, TextEncoderKind::ClipL).map(|layout| layout.config.hidden_size)
+}
+
+/// Loads the text encoder of `path` as `kind` (cached per file and kind).
+fn load_text_encoder(ctx: &NodeContext, path: &Path, kind: TextEncoderKind) -> Result<TextEncoder, NodeError> {
+    let device = device(ctx.services);
+    let encoder = cached(ctx, path, kind.embedding_key(), || {
+        let file = open(path)?;
+        let layout = encoder_layout(path, &file, kind)?;
+        Ok((build_text_encoder(&file, layout, &device)?, file_size(path)))
+    })?;
+    Ok((*encoder).clone())
+}
+
+/// The `device` input of the CLIP loaders (`cpu` forces the CPU, which is where Easel's text
+/// encoders run unless a device is configured).
+fn clip_device_input(schema: NodeSchema) -> NodeSchema {
+    schema.optional(
+        "device",
+        InputSpec::combo(&["default", "cpu"]).opt("advanced", true),
+    )
+}
+
+/// `CLIPLoader` ("Load CLIP"): one text-encoder file.
+pub struct ClipLoader;
+
+const CLIP_TYPES: [&str; 16] = [
+    "stable_diffusion",
+    "stable_cascade",
+    "sd3",
+    "stable_audio",
+    "mochi",
+    "ltxv",
+    "pixart",
+    "cosmos",
+    "lumina2",
+    "wan",
+    "hidream",
+    "chroma",
+    "ace",
+    "omnigen2",
+    "qwen_image",
+    "hunyuan_image",
+];
+
+impl Node for ClipLoader {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        clip_device_input(
+            NodeSchema::v1("CLIPLoader", "nodes", "advanced/loaders")
+                .display("Load CLIP")
+                .description("[Recipes]\n\nstable_diffusion: clip-l\nstable_cascade: clip-g\nsd3: t5 xxl/ clip-g / clip-l\nstable_audio: t5 base\nmochi: t5 xxl\ncosmos: old t5 xxl\nlumina2: gemma 2 2B\nwan: umt5 xxl\n hidream: llama-3.1 (Recommend) or t5\nomnigen2: qwen vl 2.5 3B")
+                .required("clip_name", InputSpec::combo(&file_names(services, "text_encoders")))
+                .required("type", InputSpec::combo(&CLIP_TYPES)),
+        )
+        .output(OutputSpec::of("CLIP"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let path = model_file(ctx, "text_encoders", inputs.string("clip_name")?)?;
+        let clip_type = inputs.string("type")?;
+        if clip_type != "stable_diffusion" {
+            return Err(NodeError::new(format!(
+                "CLIPLoader type '{clip_type}' is not supported by Easel yet (supported: stable_diffusion)"
+            )));
+        }
+        let file = open(&path)?;
+        let kind = encoder_kind_by_width(encoder_width(&path, &file)?);
+        // As ComfyUI: CLIP-L is SD1.x's encoder, OpenCLIP-H SD2.x's, bigG alone the refiner's.
+        let family = match kind {
+            TextEncoderKind::ClipL => Family::Sd1,
+            TextEncoderKind::ClipH => Family::Sd2,
+            TextEncoderKind::ClipG => Family::SdxlRefiner,
+        };
+        let encoder = load_text_encoder(ctx, &path, kind)?;
+        Ok(NodeOutput::values(vec![Value::object(Clip {
+            family,
+            encoders: vec![encoder],
+            layer_from_end: None,
+        })]))
+    }
+}
+
+/// `DualCLIPLoader`: two text-encoder files that together make a family's CLIP.
+pub struct DualClipLoader;
+
+impl Node for DualClipLoader {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        let names = file_names(services, "text_encoders");
+        clip_device_input(
+            NodeSchema::v1("DualCLIPLoader", "nodes", "advanced/loaders")
+                .display("DualCLIPLoader")
+                .description("[Recipes]\n\nsdxl: clip-l, clip-g\nsd3: clip-l, clip-g / clip-l, t5 / clip-g, t5\nflux: clip-l, t5\nhidream: at least one of t5 or llama, recommended t5 and llama\nhunyuan_image: qwen2.5vl 7b and byt5 small")
+                .required("clip_name1", InputSpec::combo(&names))
+                .required("clip_name2", InputSpec::combo(&names))
+                .required(
+                    "type",
+                    InputSpec::combo(&["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"]),
+                ),
+        )
+        .output(OutputSpec::of("CLIP"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let clip_type = inputs.string("type")?;
+        if clip_type != "sdxl" {
+            return Err(NodeError::new(format!(
+                "DualCLIPLoader type '{clip_type}' is not supported by Easel yet (supported: sdxl)"
+            )));
+        }
+        let mut files = Vec::with_capacity(2);
+        for input in ["clip_name1", "clip_name2"] {
+            let path = model_file(ctx, "text_encoders", inputs.string(input)?)?;
+            let width = encoder_width(&path, open(&path)?.as_ref())?;
+            files.push((width, path));
+        }
+        // The file order does not matter: CLIP-L is the narrower encoder, bigG the wider.
+        files.sort_by_key(|(width, _)| *width);
+        if files[0].0 == files[1].0 {
+            return Err(NodeError::new(format!(
+                "DualCLIPLoader type 'sdxl' needs a CLIP-L and a CLIP-G text encoder; both files hold \
+                 an encoder {} wide",
+                files[0].0
+            )));
+        }
+        let encoders = vec![
+            load_text_encoder(ctx, &files[0].1, TextEncoderKind::ClipL)?,
+            load_text_encoder(ctx, &files[1].1, TextEncoderKind::ClipG)?,
+        ];
+        Ok(NodeOutput::values(vec![Value::object(Clip {
+            family: Family::Sdxl,
+            encoders,
+            layer_from_end: None,
+        })]))
+    }
+}
+
+/// `VAELoader` ("Load VAE"): a VAE from the `vae` folder.
+pub struct VaeLoader;
+
+/// The VAE of a standalone file: its tensors at the root or under the checkpoint prefix.
+pub fn load_vae(path: &Path, device: &Device) -> Result<(VaeModel, u64), NodeError> {
+    let file = open(path)?;
+    let prefix = [VAE_PREFIX, ""]
+        .into_iter()
+        .find(|prefix| file.has(&format!("{prefix}encoder.conv_in.weight")))
+        .ok_or_else(|| {
+            undetected(
+                path,
+                DetectError::Unrecognised(
+                    "no VAE in the LDM layout ('encoder.conv_in.weight'); diffusers-layout VAEs are not \
+                     read yet"
+                        .into(),
+                ),
+            )
+        })?;
+    let config = VaeConfig::infer(file.as_ref(), prefix).map_err(|error| undetected(path, error))?;
+    Ok((build_vae(&file, prefix, config, device)?, file_size(path)))
+}
+
+impl Node for VaeLoader {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        let mut names = file_names(services, "vae");
+        names.push("pixel_space".to_string());
+        NodeSchema::v1("VAELoader", "nodes", "loaders")
+            .display("Load VAE")
+            .required("vae_name", InputSpec::combo(&names))
+            .output(OutputSpec::of("VAE"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let name = inputs.string("vae_name")?;
+        if name == "pixel_space" {
+            return Err(NodeError::new(
+                "the pixel_space VAE (for pixel-space diffusion models) is not supported by Easel yet",
+            ));
+        }
+        let path = model_file(ctx, "vae", name)?;
+        let device = device(ctx.services);
+        let vae = cached(ctx, &path, "vae", || load_vae(&path, &device))?;
+        Ok(NodeOutput::values(vec![Value::object((*vae).clone())]))
+    }
+}
