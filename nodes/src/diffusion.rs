@@ -14,10 +14,10 @@ use crate::models::clip_text::{ClipTextEncoder, EncodeOptions, OutputLayer};
 use crate::models::embeddings::EmbeddingFolder;
 use crate::models::tokenizer::{tokenize_with_weights, NoEmbeddings, WeightedToken, END_TOKEN};
 use crate::models::unet::{timestep_embedding, UNet, UNetInput};
-use crate::models::{Family, TextEncoderKind};
-use crate::paths::Paths;
 use crate::models::vae::Vae;
 use crate::models::weights::WeightSource;
+use crate::models::{Family, TextEncoderKind};
+use crate::paths::Paths;
 use crate::sampling::noise::prepare_noise;
 use crate::sampling::samplers::{self, Denoiser, SamplerError, Step};
 use crate::sampling::schedule::{ksampler_sigmas, Scheduler, SigmaSchedule};
@@ -128,7 +128,7 @@ impl DiffusionModel {
     /// the pooled text vector and the embedded sizes, for the refiner the sizes and the
     /// aesthetic score (6 on the positive side, 2.5 on the negative one by default); `None` for
     /// models without class conditioning. `latent_size` is the latent's (height, width).
-    fn class_conditioning(
+    pub fn class_conditioning(
         &self,
         entry: &CondEntry,
         negative: bool,
@@ -169,7 +169,10 @@ impl DiffusionModel {
         let count = values.len();
         let sizes = Tensor::from_vec(values, count, &self.device)?;
         let embedded = timestep_embedding(&sizes, SIZE_EMBEDDING_WIDTH)?.reshape((1, count * SIZE_EMBEDDING_WIDTH))?;
-        let pooled = pooled.to_device(&self.device)?.to_dtype(DType::F32)?.reshape((1, pooled_width))?;
+        let pooled = pooled
+            .to_device(&self.device)?
+            .to_dtype(DType::F32)?
+            .reshape((1, pooled_width))?;
         Ok(Some(Tensor::cat(&[&pooled, &embedded], 1)?))
     }
 }
@@ -190,6 +193,16 @@ const SIZE_EMBEDDING_WIDTH: usize = 256;
 /// Why a conditioning cannot drive a model.
 #[derive(Debug, thiserror::Error)]
 pub enum ConditioningError {
+    #[error(
+        "the conditioning's text embeddings are {found} wide but this {family} model's cross-attention \
+         takes {expected}: was it encoded by another model family's text encoder (or is a refiner used \
+         as a base model, or the other way round)?"
+    )]
+    ContextWidth {
+        family: &'static str,
+        found: usize,
+        expected: usize,
+    },
     #[error("the conditioning has no pooled output, which this model needs ('pooled_output')")]
     NoPooledOutput,
     #[error(
@@ -272,8 +285,7 @@ impl Clip {
                 let pad = self.options(encoder.kind).pad_token;
                 match paths {
                     Some(paths) => {
-                        let folder =
-                            EmbeddingFolder::new(paths, encoder.kind.embedding_key(), encoder.network.width());
+                        let folder = EmbeddingFolder::new(paths, encoder.kind.embedding_key(), encoder.network.width());
                         tokenize_with_weights(text, &folder, pad)
                     }
                     None => tokenize_with_weights(text, &NoEmbeddings, pad),
@@ -289,13 +301,14 @@ impl Clip {
         let mut hidden = Vec::with_capacity(self.encoders.len());
         let mut pooled = None;
         for (encoder, chunks) in self.encoders.iter().zip(tokens) {
-            let encoded = encoder
-                .network
-                .encode_weighted(chunks, self.options(encoder.kind))?;
+            let encoded = encoder.network.encode_weighted(chunks, self.options(encoder.kind))?;
             hidden.push(encoded.hidden);
             pooled = Some(encoded.pooled);
         }
-        let tokens = hidden.iter().map(|h| h.dim(1)).collect::<candle_core::Result<Vec<_>>>()?;
+        let tokens = hidden
+            .iter()
+            .map(|h| h.dim(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let cut_to = tokens.into_iter().min().unwrap_or(0);
         let hidden = hidden
             .iter()
@@ -449,6 +462,15 @@ impl ActiveEntry {
             Some((start, end)) => (schedule.percent_to_sigma(start), schedule.percent_to_sigma(end)),
             None => (f64::INFINITY, f64::NEG_INFINITY),
         };
+        let width = entry.cross_attention.dim(D::Minus1)?;
+        let expected = model.unet.config().context_dim;
+        if width != expected {
+            return Err(ConditioningError::ContextWidth {
+                family: model.family.name(),
+                found: width,
+                expected,
+            });
+        }
         Ok(ActiveEntry {
             context: entry.cross_attention.to_device(&model.device)?.to_dtype(DType::F32)?,
             y: model.class_conditioning(entry, negative, latent_size)?,
@@ -498,9 +520,8 @@ impl Guider<'_> {
             };
             if positive.context.dims()[1..] == negative.context.dims()[1..] && same_y_shape {
                 let batch = x.dim(0)?;
-                let both = |p: &Tensor, n: &Tensor| {
-                    Tensor::cat(&[repeat_to_batch(p, batch)?, repeat_to_batch(n, batch)?], 0)
-                };
+                let both =
+                    |p: &Tensor, n: &Tensor| Tensor::cat(&[repeat_to_batch(p, batch)?, repeat_to_batch(n, batch)?], 0);
                 let contexts = both(&positive.context, &negative.context)?;
                 let y = match (&positive.y, &negative.y) {
                     (Some(p), Some(n)) => Some(both(p, n)?),
@@ -711,4 +732,3 @@ fn entries(
         .map(|entry| ActiveEntry::new(entry, model, negative, latent_size))
         .collect()
 }
-

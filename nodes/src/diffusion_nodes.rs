@@ -80,7 +80,9 @@ fn clip_input(inputs: &NodeInputs) -> Result<&Clip, NodeError> {
 
 /// A multiline prompt input with dynamic prompts, as the text-encode nodes declare them.
 fn prompt_spec() -> InputSpec {
-    InputSpec::of("STRING").opt("multiline", true).opt("dynamicPrompts", true)
+    InputSpec::of("STRING")
+        .opt("multiline", true)
+        .opt("dynamicPrompts", true)
 }
 
 /// A size input of the SDXL text-encode nodes: 0 to the maximum resolution.
@@ -106,17 +108,21 @@ pub struct ClipTextEncodeSdxl;
 
 impl Node for ClipTextEncodeSdxl {
     fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v3("CLIPTextEncodeSDXL", "comfy_extras.nodes_clip_sdxl", "advanced/conditioning")
-            .required("clip", InputSpec::of("CLIP"))
-            .required("width", sdxl_size_spec(1024))
-            .required("height", sdxl_size_spec(1024))
-            .required("crop_w", sdxl_size_spec(0))
-            .required("crop_h", sdxl_size_spec(0))
-            .required("target_width", sdxl_size_spec(1024))
-            .required("target_height", sdxl_size_spec(1024))
-            .required("text_g", prompt_spec())
-            .required("text_l", prompt_spec())
-            .output(OutputSpec::of("CONDITIONING"))
+        NodeSchema::v3(
+            "CLIPTextEncodeSDXL",
+            "comfy_extras.nodes_clip_sdxl",
+            "advanced/conditioning",
+        )
+        .required("clip", InputSpec::of("CLIP"))
+        .required("width", sdxl_size_spec(1024))
+        .required("height", sdxl_size_spec(1024))
+        .required("crop_w", sdxl_size_spec(0))
+        .required("crop_h", sdxl_size_spec(0))
+        .required("target_width", sdxl_size_spec(1024))
+        .required("target_height", sdxl_size_spec(1024))
+        .required("text_g", prompt_spec())
+        .required("text_l", prompt_spec())
+        .output(OutputSpec::of("CONDITIONING"))
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {

@@ -137,7 +137,12 @@ fn build_text_encoder(
 }
 
 /// The VAE under `prefix` in `file`; VAEs compute in f32.
-fn build_vae(file: &Arc<SafetensorsFile>, prefix: &str, config: VaeConfig, device: &Device) -> Result<VaeModel, NodeError> {
+fn build_vae(
+    file: &Arc<SafetensorsFile>,
+    prefix: &str,
+    config: VaeConfig,
+    device: &Device,
+) -> Result<VaeModel, NodeError> {
     let weights = Weights::from_file(file.clone(), DType::F32, device);
     let weights = match prefix.trim_end_matches('.') {
         "" => weights,
@@ -148,7 +153,11 @@ fn build_vae(file: &Arc<SafetensorsFile>, prefix: &str, config: VaeConfig, devic
 
 /// Loads a single-file checkpoint in ComfyUI's layout, the diffusion model multiplying in
 /// `precision`; also returns the file size (the cache's measure of it).
-pub fn load_checkpoint(path: &Path, device: &Device, precision: Precision) -> Result<(LoadedCheckpoint, u64), NodeError> {
+pub fn load_checkpoint(
+    path: &Path,
+    device: &Device,
+    precision: Precision,
+) -> Result<(LoadedCheckpoint, u64), NodeError> {
     let file = open(path)?;
     let layout = detect_checkpoint(&file).map_err(|error| undetected(path, error))?;
     let model = build_model(
@@ -292,9 +301,7 @@ fn encoder_kind_by_width(width: usize) -> TextEncoderKind {
 /// The text encoder at the root of a standalone file, as `kind` (its activation follows it).
 fn encoder_layout(path: &Path, file: &SafetensorsFile, kind: TextEncoderKind) -> Result<TextEncoderLayout, NodeError> {
     TextEncoderLayout::find(file, kind, "")
-        .and_then(|found| {
-            found.ok_or_else(|| DetectError::Unrecognised("the file holds no tensor".into()))
-        })
+        .and_then(|found| found.ok_or_else(|| DetectError::Unrecognised("the file holds no tensor".into())))
         .map_err(|error| undetected(path, error))
 }
 
@@ -317,10 +324,7 @@ fn load_text_encoder(ctx: &NodeContext, path: &Path, kind: TextEncoderKind) -> R
 /// The `device` input of the CLIP loaders (`cpu` forces the CPU, which is where Easel's text
 /// encoders run unless a device is configured).
 fn clip_device_input(schema: NodeSchema) -> NodeSchema {
-    schema.optional(
-        "device",
-        InputSpec::combo(&["default", "cpu"]).opt("advanced", true),
-    )
+    schema.optional("device", InputSpec::combo(&["default", "cpu"]).opt("advanced", true))
 }
 
 /// `CLIPLoader` ("Load CLIP"): one text-encoder file.

@@ -189,8 +189,8 @@ fn apply_lora(
                     continue;
                 }
                 let source = encoder.source.patched(loaded.patches);
-                let network = ClipTextEncoder::new(encoder.network.config().clone(), source.weights())
-                    .map_err(tensor_error)?;
+                let network =
+                    ClipTextEncoder::new(encoder.network.config().clone(), source.weights()).map_err(tensor_error)?;
                 encoders.push(TextEncoder {
                     kind: encoder.kind,
                     network: Arc::new(network),

@@ -70,4 +70,8 @@ fn every_bundled_workflow_runs_and_saves_its_images() {
             assert!(saved, "{}: nothing saved as {prefix}", path.display());
         }
     }
+    // The SDXL checkpoint split into separate files (UNet, CLIP-L, CLIP-G converted to the
+    // transformers layout, VAE) makes the checkpoint's image, pixel for pixel.
+    let pixels = |name: &str| image::open(paths.output.join(name)).unwrap().to_rgb8().into_raw();
+    assert_eq!(pixels("sdxl_split_files_00001_.png"), pixels("sdxl_txt2img_00001_.png"));
 }

@@ -117,11 +117,7 @@ pub struct TextEncoderLayout {
 
 impl TextEncoderLayout {
     /// The encoder of `kind` under `prefix`, if the file has one there.
-    pub fn find(
-        file: &dyn TensorShapes,
-        kind: TextEncoderKind,
-        prefix: &str,
-    ) -> Result<Option<Self>, DetectError> {
+    pub fn find(file: &dyn TensorShapes, kind: TextEncoderKind, prefix: &str) -> Result<Option<Self>, DetectError> {
         if !file.tensor_names().any(|name| name.starts_with(prefix)) {
             return Ok(None);
         }

@@ -226,6 +226,135 @@ pub fn checkpoint_layout(
     Ok(specs)
 }
 
+/// The files `easel testmodels` splits the tiny SDXL checkpoint into, in the folders
+/// ComfyUI's split loaders read: the UNet (keys at the root), CLIP-L, CLIP-G (converted to the
+/// transformers layout, as ComfyUI saves text encoders) and the VAE.
+pub const TINY_SDXL_UNET: &str = "easel_tiny_sdxl_unet.safetensors";
+pub const TINY_CLIP_L: &str = "easel_tiny_clip_l.safetensors";
+pub const TINY_CLIP_G: &str = "easel_tiny_clip_g.safetensors";
+pub const TINY_SDXL_VAE: &str = "easel_tiny_sdxl_vae.safetensors";
+
+/// A tensor read from a file: dtype, shape and little-endian data.
+type RawTensor = (FileDtype, Vec<usize>, Vec<u8>);
+
+/// The tensors of `checkpoint` under `prefix`, the prefix removed.
+fn tensors_under(checkpoint: &[u8], prefix: &str) -> std::io::Result<Vec<(String, RawTensor)>> {
+    let file = safetensors::SafeTensors::deserialize(checkpoint).map_err(std::io::Error::other)?;
+    let mut tensors: Vec<(String, RawTensor)> = file
+        .tensors()
+        .into_iter()
+        .filter_map(|(name, view)| {
+            let name = name.strip_prefix(prefix)?.to_string();
+            Some((name, (view.dtype(), view.shape().to_vec(), view.data().to_vec())))
+        })
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(tensors)
+}
+
+/// An OpenCLIP-layout text encoder in the transformers layout, as ComfyUI converts it
+/// (`clip_text_transformers_convert`): renamed modules, the fused `in_proj` split into
+/// q/k/v rows, `text_projection` transposed into a `text_projection.weight`.
+pub fn open_clip_to_transformers(tensors: Vec<(String, RawTensor)>) -> std::io::Result<Vec<(String, RawTensor)>> {
+    const RENAMES: [(&str, &str); 6] = [
+        ("ln_1.", "layer_norm1."),
+        ("ln_2.", "layer_norm2."),
+        ("mlp.c_fc.", "mlp.fc1."),
+        ("mlp.c_proj.", "mlp.fc2."),
+        ("attn.out_proj.", "self_attn.out_proj."),
+        ("attn.in_proj_", ""),
+    ];
+    let mut converted = Vec::with_capacity(tensors.len() + 8);
+    for (name, (dtype, shape, data)) in tensors {
+        let fixed = match name.as_str() {
+            "token_embedding.weight" => Some("text_model.embeddings.token_embedding.weight"),
+            "positional_embedding" => Some("text_model.embeddings.position_embedding.weight"),
+            "ln_final.weight" => Some("text_model.final_layer_norm.weight"),
+            "ln_final.bias" => Some("text_model.final_layer_norm.bias"),
+            _ => None,
+        };
+        if let Some(fixed) = fixed {
+            converted.push((fixed.to_string(), (dtype, shape, data)));
+            continue;
+        }
+        if name == "text_projection" {
+            let (rows, cols) = (shape[0], shape[1]);
+            let size = data.len() / (rows * cols);
+            let mut transposed = vec![0u8; data.len()];
+            for row in 0..rows {
+                for col in 0..cols {
+                    let from = (row * cols + col) * size;
+                    let to = (col * rows + row) * size;
+                    transposed[to..to + size].copy_from_slice(&data[from..from + size]);
+                }
+            }
+            converted.push((
+                "text_projection.weight".to_string(),
+                (dtype, vec![cols, rows], transposed),
+            ));
+            continue;
+        }
+        let Some(rest) = name.strip_prefix("transformer.resblocks.") else {
+            return Err(std::io::Error::other(format!("unexpected OpenCLIP tensor '{name}'")));
+        };
+        let Some((layer, tensor)) = rest.split_once('.') else {
+            return Err(std::io::Error::other(format!("unexpected OpenCLIP tensor '{name}'")));
+        };
+        let root = format!("text_model.encoder.layers.{layer}.");
+        if let Some(kind) = tensor.strip_prefix("attn.in_proj_") {
+            let part = data.len() / 3;
+            let mut part_shape = shape.clone();
+            part_shape[0] /= 3;
+            for (index, projection) in ["q_proj", "k_proj", "v_proj"].into_iter().enumerate() {
+                converted.push((
+                    format!("{root}self_attn.{projection}.{kind}"),
+                    (
+                        dtype,
+                        part_shape.clone(),
+                        data[index * part..(index + 1) * part].to_vec(),
+                    ),
+                ));
+            }
+            continue;
+        }
+        let renamed = RENAMES
+            .iter()
+            .find_map(|(from, to)| tensor.strip_prefix(from).map(|rest| format!("{to}{rest}")))
+            .ok_or_else(|| std::io::Error::other(format!("unexpected OpenCLIP tensor '{name}'")))?;
+        converted.push((format!("{root}{renamed}"), (dtype, shape, data)));
+    }
+    Ok(converted)
+}
+
+/// Writes the tiny SDXL checkpoint's parts as separate files under `models_dir` (see
+/// [`TINY_SDXL_UNET`]).
+fn write_split_sdxl(checkpoint: &Path, models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let bytes = std::fs::read(checkpoint)?;
+    let parts = [
+        ("diffusion_models", TINY_SDXL_UNET, tensors_under(&bytes, UNET_PREFIX)?),
+        ("text_encoders", TINY_CLIP_L, tensors_under(&bytes, SDXL_CLIP_L_PREFIX)?),
+        (
+            "text_encoders",
+            TINY_CLIP_G,
+            open_clip_to_transformers(tensors_under(&bytes, SDXL_CLIP_G_PREFIX)?)?,
+        ),
+        ("vae", TINY_SDXL_VAE, tensors_under(&bytes, VAE_PREFIX)?),
+    ];
+    let mut written = Vec::with_capacity(parts.len());
+    for (folder, name, tensors) in parts {
+        let dir = models_dir.join(folder);
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(name);
+        let tensors: Vec<_> = tensors
+            .into_iter()
+            .map(|(name, (dtype, shape, data))| (name, dtype, shape, data))
+            .collect();
+        write_safetensors(&path, &tensors, None)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
 /// Textual inversions for the tiny CLIP-L: two vectors, as a safetensors file (key `emb_params`)
 /// and as an A1111 `.pt` (`string_to_param["*"]`).
 pub const TINY_EMBEDDING: &str = "easel_tiny_embedding";
@@ -255,7 +384,11 @@ pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let (clip_l, clip_g, vae) = (tiny_clip_l(), tiny_clip_g(), tiny_sd_vae());
     let sdxl_context = clip_l.hidden_size + clip_g.hidden_size;
     let others: [(&str, UNetConfig, Vec<(&str, &ClipTextConfig)>); 3] = [
-        (TINY_SD2_CHECKPOINT, tiny_sd2_unet(), vec![(SD2_CLIP_PREFIX, &open_clip_h)]),
+        (
+            TINY_SD2_CHECKPOINT,
+            tiny_sd2_unet(),
+            vec![(SD2_CLIP_PREFIX, &open_clip_h)],
+        ),
         (
             TINY_SDXL_CHECKPOINT,
             tiny_sdxl_unet(sdxl_context, 6),
@@ -269,9 +402,14 @@ pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     ];
     for (name, unet, encoders) in others {
         let path = checkpoints.join(name);
-        write_checkpoint(&path, &checkpoint_layout(&unet, &encoders, &vae).map_err(std::io::Error::other)?)?;
+        write_checkpoint(
+            &path,
+            &checkpoint_layout(&unet, &encoders, &vae).map_err(std::io::Error::other)?,
+        )?;
         written.push(path);
     }
+    let split = write_split_sdxl(&checkpoints.join(TINY_SDXL_CHECKPOINT), models_dir)?;
+    written.extend(split);
 
     let embeddings = models_dir.join("embeddings");
     std::fs::create_dir_all(&embeddings)?;

@@ -1,0 +1,337 @@
+//! SD2.x, SDXL and the SDXL refiner on the tiny test models: what is recognised in their files,
+//! how their text encoders are read and combined, SDXL's class conditioning, v-prediction, and
+//! the errors for conditioning of the wrong family.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, D};
+use common::{j, max_abs_difference, setup, Setup};
+use easel_engine::Value;
+use easel_nodes::diffusion::{Clip, CondEntry, Conditioning, Model, Prediction, SdxlSizes};
+use easel_nodes::models::clip_text::OutputLayer;
+use easel_nodes::models::testmodels::{
+    self, TINY_CLIP_G, TINY_SD2_CHECKPOINT, TINY_SDXL_CHECKPOINT, TINY_SDXL_REFINER_CHECKPOINT,
+};
+use easel_nodes::models::tokenizer::{tokenize_with_weights, NoEmbeddings, TokenItem, END_TOKEN};
+use easel_nodes::models::weights::SafetensorsFile;
+use easel_nodes::models::{detect_checkpoint, Family, TextEncoderKind};
+use easel_nodes::paths::Paths;
+use serde_json::json;
+
+fn load(setup: &Setup, checkpoint: &str) -> (Model, Clip) {
+    let out = setup
+        .call("CheckpointLoaderSimple", vec![("ckpt_name", j(json!(checkpoint)))])
+        .unwrap();
+    (
+        out[0].downcast::<Model>().unwrap().clone(),
+        out[1].downcast::<Clip>().unwrap().clone(),
+    )
+}
+
+fn encode(setup: &Setup, clip: &Clip, text: &str) -> Conditioning {
+    let out = setup
+        .call(
+            "CLIPTextEncode",
+            vec![("text", j(json!(text))), ("clip", Value::object(clip.clone()))],
+        )
+        .unwrap();
+    out[0].downcast::<Conditioning>().unwrap().clone()
+}
+
+#[test]
+fn the_tiny_checkpoints_are_recognised_as_their_families() {
+    let setup = setup();
+    let paths = setup.services.get::<Paths>().unwrap();
+    let expected = [
+        (TINY_SD2_CHECKPOINT, Family::Sd2, vec![TextEncoderKind::ClipH]),
+        (
+            TINY_SDXL_CHECKPOINT,
+            Family::Sdxl,
+            vec![TextEncoderKind::ClipL, TextEncoderKind::ClipG],
+        ),
+        (
+            TINY_SDXL_REFINER_CHECKPOINT,
+            Family::SdxlRefiner,
+            vec![TextEncoderKind::ClipG],
+        ),
+    ];
+    for (name, family, kinds) in expected {
+        let file = SafetensorsFile::open(&paths.full_path("checkpoints", name).unwrap()).unwrap();
+        let layout = detect_checkpoint(&file).unwrap();
+        assert_eq!(layout.family, family, "{name}");
+        assert!(!layout.v_prediction, "{name}");
+        let found: Vec<_> = layout.text_encoders.iter().map(|e| e.kind).collect();
+        assert_eq!(found, kinds, "{name}");
+        assert!(layout.vae.is_some(), "{name}");
+    }
+    let sdxl = SafetensorsFile::open(&paths.full_path("checkpoints", TINY_SDXL_CHECKPOINT).unwrap()).unwrap();
+    let layout = detect_checkpoint(&sdxl).unwrap();
+    assert_eq!(layout.unet, testmodels::tiny_sdxl_unet(160, 6));
+    assert_eq!(layout.text_encoders[1].config, testmodels::tiny_clip_g());
+}
+
+/// SDXL's conditioning is CLIP-L's and CLIP-G's penultimate hidden states (without the final
+/// norm) side by side, its pooled output CLIP-G's projected one; CLIP-G pads with 0.
+#[test]
+fn sdxl_text_encoding_joins_both_encoders_as_comfyui() {
+    let setup = setup();
+    let (_, clip) = load(&setup, TINY_SDXL_CHECKPOINT);
+    let text = "a (lighthouse:1.2) at dusk";
+    let conditioning = encode(&setup, &clip, text);
+    let entry = &conditioning.0[0];
+    assert_eq!(entry.cross_attention.dims(), &[1, 77, 64 + 96]);
+
+    let [clip_l, clip_g] = [&clip.encoders[0], &clip.encoders[1]];
+    let options_l = clip.options(TextEncoderKind::ClipL);
+    let options_g = clip.options(TextEncoderKind::ClipG);
+    assert_eq!(options_l.layer, OutputLayer::FromEnd(2));
+    assert!(!options_l.layer_norm_hidden && !options_g.layer_norm_hidden);
+    assert_eq!((options_l.pad_token, options_g.pad_token), (END_TOKEN, 0));
+    let tokens_g = tokenize_with_weights(text, &NoEmbeddings, 0);
+    assert_eq!(tokens_g[0].last().unwrap().0, TokenItem::Token(0), "CLIP-G pads with 0");
+    let l = clip_l
+        .network
+        .encode_weighted(&tokenize_with_weights(text, &NoEmbeddings, END_TOKEN), options_l)
+        .unwrap();
+    let g = clip_g.network.encode_weighted(&tokens_g, options_g).unwrap();
+    let expected = Tensor::cat(&[&l.hidden, &g.hidden], D::Minus1).unwrap();
+    assert_eq!(max_abs_difference(&entry.cross_attention, &expected), 0.0);
+
+    // The pooled vector is CLIP-G's final-normed end-token state times the projection.
+    let pooled = entry.pooled.as_ref().unwrap();
+    assert_eq!(max_abs_difference(pooled, &g.pooled), 0.0);
+    let unprojected = clip_g
+        .network
+        .encode_weighted(
+            &tokens_g,
+            easel_nodes::models::clip_text::EncodeOptions {
+                project_pooled: false,
+                ..options_g
+            },
+        )
+        .unwrap()
+        .pooled;
+    let file = &clip_g.source.file;
+    let projection = file
+        .load(
+            "conditioner.embedders.1.model.text_projection",
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+    assert!(max_abs_difference(pooled, &unprojected.matmul(&projection).unwrap()) < 1e-6);
+
+    // CLIPSetLastLayer −1 takes the last layer, still without the final norm.
+    let last = setup
+        .call(
+            "CLIPSetLastLayer",
+            vec![
+                ("clip", Value::object(clip.clone())),
+                ("stop_at_clip_layer", j(json!(-1))),
+            ],
+        )
+        .unwrap()[0]
+        .downcast::<Clip>()
+        .unwrap()
+        .clone();
+    assert_eq!(last.options(TextEncoderKind::ClipG).layer, OutputLayer::FromEnd(1));
+    let changed = encode(&setup, &last, text);
+    assert!(max_abs_difference(&changed.0[0].cross_attention, &entry.cross_attention) > 0.0);
+}
+
+/// The standalone CLIP-G file (transformers layout, q/k/v split, projection transposed) encodes
+/// as the checkpoint's OpenCLIP-layout encoder.
+#[test]
+fn open_clip_and_transformers_layouts_of_one_encoder_agree() {
+    let setup = setup();
+    let (_, clip) = load(&setup, TINY_SDXL_CHECKPOINT);
+    let single = setup
+        .call(
+            "CLIPLoader",
+            vec![
+                ("clip_name", j(json!(testmodels::TINY_CLIP_L))),
+                ("type", j(json!("stable_diffusion"))),
+            ],
+        )
+        .unwrap()[0]
+        .downcast::<Clip>()
+        .unwrap()
+        .clone();
+    assert_eq!(single.family, Family::Sd1);
+    assert_eq!(encode(&setup, &single, "a").0[0].cross_attention.dims(), &[1, 77, 64]);
+    let dual = setup
+        .call(
+            "DualCLIPLoader",
+            vec![
+                ("clip_name1", j(json!(testmodels::TINY_CLIP_L))),
+                ("clip_name2", j(json!(TINY_CLIP_G))),
+                ("type", j(json!("sdxl"))),
+            ],
+        )
+        .unwrap()[0]
+        .downcast::<Clip>()
+        .unwrap()
+        .clone();
+    assert_eq!(dual.family, Family::Sdxl);
+    let text = "glass bottle, (galaxy:0.8)";
+    let from_checkpoint = &encode(&setup, &clip, text).0[0];
+    let from_files = &encode(&setup, &dual, text).0[0];
+    assert!(max_abs_difference(&from_checkpoint.cross_attention, &from_files.cross_attention) < 1e-5);
+    let pooled = |entry: &CondEntry| entry.pooled.clone().unwrap();
+    assert!(max_abs_difference(&pooled(from_checkpoint), &pooled(from_files)) < 1e-5);
+}
+
+/// `timestep_embedding(v, 256)` computed in f64: cos then sin of v·exp(−ln(10000)·i/128).
+fn embedded(value: f64) -> Vec<f32> {
+    let frequencies: Vec<f64> = (0..128).map(|i| (-(10000f64.ln()) * i as f64 / 128.0).exp()).collect();
+    let cos = frequencies.iter().map(|f| (value * f).cos() as f32);
+    let sin = frequencies.iter().map(|f| (value * f).sin() as f32);
+    cos.chain(sin).collect()
+}
+
+#[test]
+fn sdxl_class_conditioning_embeds_pooled_output_and_sizes() {
+    let setup = setup();
+    let (model, clip) = load(&setup, TINY_SDXL_CHECKPOINT);
+    let entry = encode(&setup, &clip, "a cat").0[0].clone();
+    let pooled: Vec<f32> = entry.pooled.as_ref().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+
+    // Without sizes in the entry: the latent's size in pixels, no crop, target = size.
+    let y = model.0.class_conditioning(&entry, false, (6, 10)).unwrap().unwrap();
+    let mut expected = pooled.clone();
+    for value in [48.0, 80.0, 0.0, 0.0, 48.0, 80.0] {
+        expected.extend(embedded(value));
+    }
+    let expected = Tensor::from_vec(expected, (1, 96 + 6 * 256), &Device::Cpu).unwrap();
+    assert!(
+        max_abs_difference(&y, &expected) < 2e-4,
+        "{}",
+        max_abs_difference(&y, &expected)
+    );
+
+    // CLIPTextEncodeSDXL's sizes, in ComfyUI's order (height before width, crop_h before crop_w).
+    let sized = CondEntry {
+        sdxl: SdxlSizes {
+            width: Some(1024.0),
+            height: Some(768.0),
+            crop_w: Some(16.0),
+            crop_h: Some(8.0),
+            target_width: Some(2048.0),
+            target_height: Some(1536.0),
+            aesthetic_score: None,
+        },
+        ..entry.clone()
+    };
+    let y = model.0.class_conditioning(&sized, true, (6, 10)).unwrap().unwrap();
+    let mut expected = pooled.clone();
+    for value in [768.0, 1024.0, 8.0, 16.0, 1536.0, 2048.0] {
+        expected.extend(embedded(value));
+    }
+    let expected = Tensor::from_vec(expected, (1, 96 + 6 * 256), &Device::Cpu).unwrap();
+    assert!(max_abs_difference(&y, &expected) < 2e-3);
+
+    // The refiner embeds the aesthetic score instead of the target: 6 positive, 2.5 negative.
+    let (refiner, refiner_clip) = load(&setup, TINY_SDXL_REFINER_CHECKPOINT);
+    let entry = encode(&setup, &refiner_clip, "a cat").0[0].clone();
+    let pooled: Vec<f32> = entry.pooled.as_ref().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    for (negative, score) in [(false, 6.0), (true, 2.5)] {
+        let y = refiner.0.class_conditioning(&entry, negative, (8, 8)).unwrap().unwrap();
+        let mut expected = pooled.clone();
+        for value in [64.0, 64.0, 0.0, 0.0, score] {
+            expected.extend(embedded(value));
+        }
+        let expected = Tensor::from_vec(expected, (1, 96 + 5 * 256), &Device::Cpu).unwrap();
+        assert!(max_abs_difference(&y, &expected) < 2e-4);
+    }
+}
+
+#[test]
+fn conditioning_of_another_family_is_refused_with_a_clear_error() {
+    let setup = setup();
+    let (sdxl, sdxl_clip) = load(&setup, TINY_SDXL_CHECKPOINT);
+    let (refiner, refiner_clip) = load(&setup, TINY_SDXL_REFINER_CHECKPOINT);
+    let (_, sd1_clip) = load(&setup, testmodels::TINY_SD1_CHECKPOINT);
+    let latent = setup
+        .call(
+            "EmptyLatentImage",
+            vec![
+                ("width", j(json!(64))),
+                ("height", j(json!(64))),
+                ("batch_size", j(json!(1))),
+            ],
+        )
+        .unwrap()
+        .remove(0);
+    let sample = |model: &Model, conditioning: Conditioning| {
+        let conditioning = Value::object(conditioning);
+        setup
+            .call(
+                "KSampler",
+                vec![
+                    ("model", Value::object(model.clone())),
+                    ("seed", j(json!(1))),
+                    ("steps", j(json!(1))),
+                    ("cfg", j(json!(2.0))),
+                    ("sampler_name", j(json!("euler"))),
+                    ("scheduler", j(json!("normal"))),
+                    ("positive", conditioning.clone()),
+                    ("negative", conditioning),
+                    ("latent_image", latent.clone()),
+                    ("denoise", j(json!(1.0))),
+                ],
+            )
+            .map(|_| ())
+    };
+    let cases = [
+        (&sdxl, encode(&setup, &refiner_clip, "x"), "a refiner used"),
+        (&refiner, encode(&setup, &sdxl_clip, "x"), "a refiner used"),
+        (&sdxl, encode(&setup, &sd1_clip, "x"), "another model family"),
+    ];
+    for (model, conditioning, needle) in cases {
+        let error = sample(model, conditioning).unwrap_err().to_string();
+        assert!(error.contains(needle), "{error}");
+    }
+    let mut pooled_less = encode(&setup, &sdxl_clip, "x");
+    pooled_less.0[0].pooled = None;
+    let error = sample(&sdxl, pooled_less).unwrap_err().to_string();
+    assert!(error.contains("pooled_output"), "{error}");
+    assert!(sample(&sdxl, encode(&setup, &sdxl_clip, "x")).is_ok());
+}
+
+#[test]
+fn v_prediction_turns_velocity_into_the_denoised_latent() {
+    let device = Device::Cpu;
+    let x = Tensor::new(&[1.5f32, -2.0, 0.25], &device).unwrap();
+    let out = Tensor::new(&[0.5f32, 1.0, -3.0], &device).unwrap();
+    let sigma = 2.0f32;
+    let denoised: Vec<f32> = Prediction::V.denoised(&x, &out, sigma).unwrap().to_vec1().unwrap();
+    // x·σd²/(σ² + σd²) − out·σ·σd/√(σ² + σd²) with σd = 1.
+    let expected = [
+        1.5 / 5.0 - 0.5 * 2.0 / 5f32.sqrt(),
+        -2.0 / 5.0 - 2.0 / 5f32.sqrt(),
+        0.05 + 6.0 / 5f32.sqrt(),
+    ];
+    for (ours, theirs) in denoised.iter().zip(expected) {
+        assert!((ours - theirs).abs() < 1e-6, "{ours} vs {theirs}");
+    }
+    let eps: Vec<f32> = Prediction::Epsilon
+        .denoised(&x, &out, sigma)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(eps, vec![0.5, -4.0, 6.25]);
+}
+
+#[test]
+fn sd2_reads_the_penultimate_layer_of_open_clip_h() {
+    let setup = setup();
+    let (model, clip) = load(&setup, TINY_SD2_CHECKPOINT);
+    assert_eq!(model.0.family, Family::Sd2);
+    assert_eq!(model.0.prediction, Prediction::Epsilon);
+    let options = clip.options(TextEncoderKind::ClipH);
+    assert_eq!(options.layer, OutputLayer::FromEnd(2));
+    assert!(options.layer_norm_hidden);
+    assert_eq!(options.pad_token, 0);
+    let entry = &encode(&setup, &clip, "a cabin").0[0];
+    assert_eq!(entry.cross_attention.dims(), &[1, 77, 64]);
+}
