@@ -383,7 +383,9 @@ pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let open_clip_h = tiny_open_clip(64);
     let (clip_l, clip_g, vae) = (tiny_clip_l(), tiny_clip_g(), tiny_sd_vae());
     let sdxl_context = clip_l.hidden_size + clip_g.hidden_size;
-    let others: [(&str, UNetConfig, Vec<(&str, &ClipTextConfig)>); 3] = [
+    /// A checkpoint: its file name, UNet, and text encoders with their roots.
+    type CheckpointParts<'a> = (&'a str, UNetConfig, Vec<(&'a str, &'a ClipTextConfig)>);
+    let others: [CheckpointParts; 3] = [
         (
             TINY_SD2_CHECKPOINT,
             tiny_sd2_unet(),
