@@ -22,24 +22,49 @@ use crate::sampling::noise::prepare_noise;
 use crate::sampling::samplers::{self, Denoiser, SamplerError, Step};
 use crate::sampling::schedule::{ksampler_sigmas, Scheduler, SigmaSchedule};
 
-/// What the network predicts, and so how its output becomes the denoised latent.
+/// What the network predicts, and so what it is given and how its output becomes the denoised
+/// latent (ComfyUI's model-sampling types, σ_data = 1 unless said otherwise).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prediction {
     /// The noise (SD1.x, SD2.x base, SDXL).
     Epsilon,
     /// The velocity `α·ε − σ·x₀` (SD2.x 768-v, v-prediction SDXL fine-tunes).
     V,
+    /// The clean latent itself.
+    X0,
+    /// The clean latent, from the noisy latent as it is (no input scaling).
+    ImgToImg,
+    /// A latent consistency model: the noise, turned into the denoised latent with LCM's
+    /// boundary condition (σ_data 0.5, timestep scaling 10).
+    Lcm,
 }
 
 impl Prediction {
-    /// ComfyUI's `calculate_denoised` with σ_data = 1: the denoised latent from the network's
-    /// output `out` for the noisy latent `x` at `sigma`.
-    pub fn denoised(self, x: &Tensor, out: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+    /// ComfyUI's `calculate_input`: what the network is given for the noisy latent `x` at σ.
+    pub fn network_input(self, x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+        match self {
+            Prediction::ImgToImg => Ok(x.clone()),
+            _ => x / f64::from((sigma * sigma + 1.0).sqrt()),
+        }
+    }
+
+    /// ComfyUI's `calculate_denoised`: the denoised latent from the network's output `out` for
+    /// the noisy latent `x` at σ, whose timestep was `timestep`.
+    pub fn denoised(self, x: &Tensor, out: &Tensor, sigma: f32, timestep: f32) -> candle_core::Result<Tensor> {
         match self {
             Prediction::Epsilon => x - (out * f64::from(sigma))?,
             Prediction::V => {
                 let variance = sigma * sigma + 1.0;
                 (x / f64::from(variance))? - (out * f64::from(sigma))? / f64::from(variance.sqrt())
+            }
+            Prediction::X0 | Prediction::ImgToImg => Ok(out.clone()),
+            Prediction::Lcm => {
+                const SIGMA_DATA_SQUARED: f32 = 0.25;
+                let x0 = (x - (out * f64::from(sigma))?)?;
+                let scaled = timestep * 10.0;
+                let skip = SIGMA_DATA_SQUARED / (scaled * scaled + SIGMA_DATA_SQUARED);
+                let output = scaled / (scaled * scaled + SIGMA_DATA_SQUARED).sqrt();
+                (x0 * f64::from(output))? + (x * f64::from(skip))?
             }
         }
     }
@@ -92,11 +117,13 @@ impl LatentFormat {
     }
 }
 
-/// A diffusion network with its noise schedule (ComfyUI's `BaseModel` with `model_sampling`).
+/// A diffusion network with its noise schedule (ComfyUI's `BaseModel` with `model_sampling`);
+/// clones share the network.
+#[derive(Clone)]
 pub struct DiffusionModel {
     /// The family, which decides the class conditioning (SDXL's size vector) among others.
     pub family: Family,
-    pub unet: UNet,
+    pub unet: Arc<UNet>,
     /// What the UNet was built from (LoRA nodes build it again with their patches).
     pub source: WeightSource,
     pub prediction: Prediction,
@@ -110,8 +137,7 @@ impl DiffusionModel {
     /// prediction into the denoised latent.
     fn denoise(&self, x: &Tensor, sigma: f32, context: &Tensor, y: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let batch = x.dim(0)?;
-        let input_scale = f64::from((sigma * sigma + 1.0).sqrt());
-        let scaled = (x / input_scale)?;
+        let scaled = self.prediction.network_input(x, sigma)?;
         let timestep = self.schedule.timestep(sigma);
         let timesteps = Tensor::from_vec(vec![timestep; batch], batch, &self.device)?;
         let context = repeat_to_batch(context, batch)?;
@@ -121,7 +147,7 @@ impl DiffusionModel {
             ..UNetInput::new(&scaled, &timesteps, &context)
         };
         let out = self.unet.forward(&input)?;
-        self.prediction.denoised(x, &out, sigma)
+        self.prediction.denoised(x, &out, sigma, timestep)
     }
 
     /// The class-conditioning vector `y` of an entry, [1, adm] (ComfyUI's `encode_adm`): for SDXL

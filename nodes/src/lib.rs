@@ -79,6 +79,7 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(diffusion_nodes::EmptyLatentImage);
     registry.register(diffusion_nodes::KSampler);
     registry.register(diffusion_nodes::KSamplerAdvanced);
+    registry.register(diffusion_nodes::ModelSamplingDiscrete);
     registry.register(vae_nodes::VaeDecode);
     registry.register(vae_nodes::VaeEncode);
     registry.register(vae_nodes::VaeEncodeForInpaint);

@@ -102,7 +102,7 @@ fn build_model(
     let unet = UNet::new(unet, source.weights()).map_err(tensor_error)?;
     Ok(Model(Arc::new(DiffusionModel {
         family,
-        unet,
+        unet: Arc::new(unet),
         source,
         prediction: if v_prediction {
             Prediction::V

@@ -162,13 +162,9 @@ fn apply_lora(
         let source = base.source.patched(loaded.patches);
         let unet = UNet::new(base.unet.config().clone(), source.weights()).map_err(tensor_error)?;
         Model(Arc::new(DiffusionModel {
-            family: base.family,
-            unet,
+            unet: Arc::new(unet),
             source,
-            prediction: base.prediction,
-            schedule: base.schedule.clone(),
-            latent_format: base.latent_format.clone(),
-            device: base.device.clone(),
+            ..(**base).clone()
         }))
     };
     let clip = match clip {

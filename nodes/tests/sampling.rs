@@ -156,6 +156,33 @@ fn discrete_schedule_conversions() {
     assert!((SigmaSchedule::flux(1.15).percent_to_sigma(0.5) - 0.759511).abs() < 1e-6);
 }
 
+/// Zero terminal SNR keeps σ_min and ends at ᾱ = 4.8973451890853435e-08; the LCM-distilled
+/// schedule keeps every 20th σ, ending with σ_max, and maps them to timesteps 19, 39, …, 999.
+#[test]
+fn zero_terminal_snr_and_distilled_schedules() {
+    let plain = SigmaSchedule::sd_discrete();
+    let zsnr = SigmaSchedule::discrete_linear(0.00085, 0.012, 1000, true);
+    assert!((zsnr.sigma_min() - plain.sigma_min()).abs() < 1e-7);
+    let terminal = ((1.0 - 4.8973451890853435e-08f64) / 4.8973451890853435e-08).sqrt() as f32;
+    assert_eq!(zsnr.sigma_max(), terminal);
+    // Halfway, √ᾱ is shifted down and stretched: recompute it from the plain table in f64.
+    let root = |sigma: f64| (1.0 / (sigma * sigma + 1.0)).sqrt();
+    let (first, last) = (root(f64::from(plain.table()[0])), root(f64::from(plain.table()[999])));
+    let halfway = (root(f64::from(plain.table()[500])) - last) * first / (first - last);
+    let expected = ((1.0 - halfway * halfway) / (halfway * halfway)).sqrt();
+    assert!((f64::from(zsnr.table()[500]) / expected - 1.0).abs() < 1e-5);
+
+    let distilled = plain.distilled();
+    assert_eq!(distilled.table().len(), 50);
+    assert_eq!(distilled.sigma_max(), plain.sigma_max());
+    assert_eq!(distilled.table()[0], plain.table()[19]);
+    assert_eq!(distilled.table()[1], plain.table()[39]);
+    assert_eq!(distilled.timestep(plain.sigma_max()), 999.0);
+    assert_eq!(distilled.timestep(plain.table()[19]), 19.0);
+    assert!((distilled.sigma(999.0) - plain.sigma_max()).abs() < 1e-4);
+    assert!((distilled.sigma(39.0) - plain.table()[39]).abs() < 1e-6);
+}
+
 #[test]
 fn seed_sequence_matches_numpy() {
     assert_eq!(seed_sequence_state(0, &[], 24, 3), [4025752534, 2687548107, 2326983537]);

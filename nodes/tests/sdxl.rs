@@ -304,7 +304,7 @@ fn v_prediction_turns_velocity_into_the_denoised_latent() {
     let x = Tensor::new(&[1.5f32, -2.0, 0.25], &device).unwrap();
     let out = Tensor::new(&[0.5f32, 1.0, -3.0], &device).unwrap();
     let sigma = 2.0f32;
-    let denoised: Vec<f32> = Prediction::V.denoised(&x, &out, sigma).unwrap().to_vec1().unwrap();
+    let denoised: Vec<f32> = Prediction::V.denoised(&x, &out, sigma, 0.0).unwrap().to_vec1().unwrap();
     // x·σd²/(σ² + σd²) − out·σ·σd/√(σ² + σd²) with σd = 1.
     let expected = [
         1.5 / 5.0 - 0.5 * 2.0 / 5f32.sqrt(),
@@ -315,11 +315,23 @@ fn v_prediction_turns_velocity_into_the_denoised_latent() {
         assert!((ours - theirs).abs() < 1e-6, "{ours} vs {theirs}");
     }
     let eps: Vec<f32> = Prediction::Epsilon
-        .denoised(&x, &out, sigma)
+        .denoised(&x, &out, sigma, 0.0)
         .unwrap()
         .to_vec1()
         .unwrap();
     assert_eq!(eps, vec![0.5, -4.0, 6.25]);
+    // LCM at timestep 19: x0 = x − out·σ blended by c_out = 190/√(190² + 0.25) and
+    // c_skip = 0.25/(190² + 0.25).
+    let lcm: Vec<f32> = Prediction::Lcm
+        .denoised(&x, &out, sigma, 19.0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let (c_skip, c_out) = (0.25 / (190f64.powi(2) + 0.25), 190.0 / (190f64.powi(2) + 0.25).sqrt());
+    for ((ours, x), eps) in lcm.iter().zip([1.5, -2.0, 0.25]).zip([0.5, -4.0, 6.25]) {
+        let expected = (c_out * eps + c_skip * x) as f32;
+        assert!((ours - expected).abs() < 1e-6, "{ours} vs {expected}");
+    }
 }
 
 #[test]
@@ -334,4 +346,41 @@ fn sd2_reads_the_penultimate_layer_of_open_clip_h() {
     assert_eq!(options.pad_token, 0);
     let entry = &encode(&setup, &clip, "a cabin").0[0];
     assert_eq!(entry.cross_attention.dims(), &[1, 77, 64]);
+}
+
+/// ModelSamplingDiscrete shares the network and changes only the parameterisation and schedule.
+#[test]
+fn model_sampling_discrete_reparameterises_the_model() {
+    let setup = setup();
+    let (model, _) = load(&setup, TINY_SDXL_CHECKPOINT);
+    let patch = |sampling: &str, zsnr: bool| {
+        setup
+            .call(
+                "ModelSamplingDiscrete",
+                vec![
+                    ("model", Value::object(model.clone())),
+                    ("sampling", j(json!(sampling))),
+                    ("zsnr", j(json!(zsnr))),
+                ],
+            )
+            .unwrap()[0]
+            .downcast::<Model>()
+            .unwrap()
+            .clone()
+    };
+    let v = patch("v_prediction", true);
+    assert_eq!(v.0.prediction, Prediction::V);
+    assert!(std::sync::Arc::ptr_eq(&v.0.unet, &model.0.unet));
+    assert!(v.0.schedule.sigma_max() > 4000.0, "zero terminal SNR");
+    let lcm = patch("lcm", false);
+    assert_eq!(lcm.0.prediction, Prediction::Lcm);
+    assert_eq!(lcm.0.schedule.table().len(), 50);
+    for (sampling, prediction) in [
+        ("eps", Prediction::Epsilon),
+        ("x0", Prediction::X0),
+        ("img_to_img", Prediction::ImgToImg),
+    ] {
+        assert_eq!(patch(sampling, false).0.prediction, prediction);
+    }
+    assert_eq!(model.0.prediction, Prediction::Epsilon, "the input model is unchanged");
 }

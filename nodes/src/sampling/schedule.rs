@@ -10,8 +10,14 @@ use std::str::FromStr;
 #[derive(Clone, Debug, PartialEq)]
 pub enum SigmaSchedule {
     /// `ModelSamplingDiscrete` (SD1.x, SD2.x, SDXL): σ from a DDPM beta schedule, ascending,
-    /// with its logarithm; the network receives the integer index of the nearest σ.
-    Discrete { sigmas: Vec<f32>, log_sigmas: Vec<f32> },
+    /// with its logarithm; the network receives the integer index of the nearest σ. A distilled
+    /// schedule (`ModelSamplingDiscreteDistilled`, LCM) keeps every `skip_steps`-th σ and
+    /// the network receives `index·skip_steps + skip_steps − 1`; otherwise `skip_steps` is 1.
+    Discrete {
+        sigmas: Vec<f32>,
+        log_sigmas: Vec<f32>,
+        skip_steps: usize,
+    },
     /// `ModelSamplingDiscreteFlow` (SD3, FLUX schnell): σ = shift·t / (1 + (shift − 1)·t).
     Flow {
         shift: f64,
@@ -25,22 +31,50 @@ pub enum SigmaSchedule {
 impl SigmaSchedule {
     /// SD1.x/SD2.x/SDXL: linear betas from 0.00085 to 0.012 over 1000 steps.
     pub fn sd_discrete() -> Self {
-        Self::discrete_linear(0.00085, 0.012, 1000)
+        Self::discrete_linear(0.00085, 0.012, 1000, false)
     }
 
-    /// `make_beta_schedule("linear")` then σ = √((1 − ᾱ)/ᾱ), all in float64 as ComfyUI does.
-    pub fn discrete_linear(linear_start: f64, linear_end: f64, timesteps: usize) -> Self {
+    /// `make_beta_schedule("linear")` then σ = √((1 − ᾱ)/ᾱ), all in float64 as ComfyUI does;
+    /// with `zero_terminal_snr`, ComfyUI's `rescale_zero_terminal_snr_sigmas` first.
+    pub fn discrete_linear(linear_start: f64, linear_end: f64, timesteps: usize, zero_terminal_snr: bool) -> Self {
         let roots = linspace_f64(linear_start.sqrt(), linear_end.sqrt(), timesteps);
         let mut cumulative_alpha = 1.0f64;
-        let mut sigmas = Vec::with_capacity(timesteps);
-        let mut log_sigmas = Vec::with_capacity(timesteps);
-        for root in roots {
-            cumulative_alpha *= 1.0 - root * root;
-            let sigma = ((1.0 - cumulative_alpha) / cumulative_alpha).sqrt();
-            sigmas.push(sigma as f32);
-            log_sigmas.push(sigma.ln() as f32);
+        let mut sigmas: Vec<f64> = roots
+            .into_iter()
+            .map(|root| {
+                cumulative_alpha *= 1.0 - root * root;
+                ((1.0 - cumulative_alpha) / cumulative_alpha).sqrt()
+            })
+            .collect();
+        if zero_terminal_snr {
+            sigmas = rescale_zero_terminal_snr(&sigmas);
         }
-        SigmaSchedule::Discrete { sigmas, log_sigmas }
+        SigmaSchedule::Discrete {
+            log_sigmas: sigmas.iter().map(|sigma| sigma.ln() as f32).collect(),
+            sigmas: sigmas.into_iter().map(|sigma| sigma as f32).collect(),
+            skip_steps: 1,
+        }
+    }
+
+    /// `ModelSamplingDiscreteDistilled` over this discrete schedule: the 50 timesteps an LCM was
+    /// distilled on (every 20th of 1000, ending with the last). Other schedules are returned
+    /// unchanged.
+    pub fn distilled(&self) -> Self {
+        const ORIGINAL_TIMESTEPS: usize = 50;
+        let SigmaSchedule::Discrete { sigmas, .. } = self else {
+            return self.clone();
+        };
+        let count = sigmas.len();
+        let skip_steps = (count / ORIGINAL_TIMESTEPS).max(1);
+        let kept: Vec<f32> = (0..ORIGINAL_TIMESTEPS.min(count))
+            .rev()
+            .map(|x| sigmas[count - 1 - x * skip_steps])
+            .collect();
+        SigmaSchedule::Discrete {
+            log_sigmas: kept.iter().map(|sigma| sigma.ln()).collect(),
+            sigmas: kept,
+            skip_steps,
+        }
     }
 
     /// SD3 (`shift` 3, `multiplier` 1000) and FLUX schnell (1, 1): 1000 timesteps.
@@ -85,7 +119,9 @@ impl SigmaSchedule {
     /// σ·multiplier (flow) or σ itself (FLUX).
     pub fn timestep(&self, sigma: f32) -> f32 {
         match self {
-            SigmaSchedule::Discrete { log_sigmas, .. } => {
+            SigmaSchedule::Discrete {
+                log_sigmas, skip_steps, ..
+            } => {
                 let log_sigma = sigma.ln();
                 let mut best = 0;
                 let mut best_distance = f32::INFINITY;
@@ -96,7 +132,7 @@ impl SigmaSchedule {
                         best_distance = distance;
                     }
                 }
-                best as f32
+                (best * skip_steps + skip_steps - 1) as f32
             }
             SigmaSchedule::Flow { multiplier, .. } => sigma * *multiplier as f32,
             SigmaSchedule::Flux { .. } => sigma,
@@ -106,8 +142,11 @@ impl SigmaSchedule {
     /// σ at a (possibly fractional) timestep: the inverse of [`timestep`](Self::timestep).
     pub fn sigma(&self, timestep: f32) -> f32 {
         match self {
-            SigmaSchedule::Discrete { log_sigmas, .. } => {
-                let t = timestep.clamp(0.0, (log_sigmas.len() - 1) as f32);
+            SigmaSchedule::Discrete {
+                log_sigmas, skip_steps, ..
+            } => {
+                let skip = *skip_steps as f32;
+                let t = ((timestep - (skip - 1.0)) / skip).clamp(0.0, (log_sigmas.len() - 1) as f32);
                 let weight = t.fract();
                 let low = log_sigmas[t.floor() as usize];
                 let high = log_sigmas[t.ceil() as usize];
@@ -150,6 +189,24 @@ pub fn flux_shift_for_size(max_shift: f64, base_shift: f64, width: f64, height: 
     let slope = (max_shift - base_shift) / (4096.0 - 256.0);
     let intercept = base_shift - slope * 256.0;
     (width * height / (8.0 * 8.0 * 2.0 * 2.0)) * slope + intercept
+}
+
+/// ComfyUI's `rescale_zero_terminal_snr_sigmas`: √ᾱ shifted so that the last is 0 and scaled
+/// so that the first is unchanged; the last ᾱ is then set to 4.8973451890853435e-08.
+fn rescale_zero_terminal_snr(sigmas: &[f64]) -> Vec<f64> {
+    let roots: Vec<f64> = sigmas
+        .iter()
+        .map(|sigma| (1.0 / (sigma * sigma + 1.0)).sqrt())
+        .collect();
+    let (Some(&first), Some(&last)) = (roots.first(), roots.last()) else {
+        return sigmas.to_vec();
+    };
+    let scale = first / (first - last);
+    let mut alphas: Vec<f64> = roots.iter().map(|root| ((root - last) * scale).powi(2)).collect();
+    if let Some(terminal) = alphas.last_mut() {
+        *terminal = 4.8973451890853435e-08;
+    }
+    alphas.iter().map(|alpha| ((1.0 - alpha) / alpha).sqrt()).collect()
 }
 
 fn time_snr_shift(shift: f64, t: f64) -> f64 {
