@@ -9,6 +9,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, D};
 use easel_engine::NodeObject;
 
+use crate::cond_regions::{same_area_source, CondRegion, LatentArea, RegionError, ResolvedRegion};
 use crate::image::Mask;
 use crate::models::clip_text::{ClipTextEncoder, EncodeOptions, OutputLayer};
 use crate::models::embeddings::EmbeddingFolder;
@@ -242,6 +243,8 @@ pub enum ConditioningError {
         expected: usize,
     },
     #[error(transparent)]
+    Region(#[from] RegionError),
+    #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 }
 
@@ -386,6 +389,8 @@ pub struct CondEntry {
     pub timestep_range: Option<(f64, f64)>,
     /// The sizes SDXL's class conditioning embeds (CLIPTextEncodeSDXL and its refiner twin).
     pub sdxl: SdxlSizes,
+    /// Where in the latent the entry applies, and how strongly.
+    pub region: CondRegion,
 }
 
 impl CondEntry {
@@ -396,6 +401,7 @@ impl CondEntry {
             pooled,
             timestep_range: None,
             sdxl: SdxlSizes::default(),
+            region: CondRegion::default(),
         }
     }
 }
@@ -465,23 +471,29 @@ struct Guider<'a> {
     cfg: f64,
 }
 
-/// A conditioning entry ready for the model: its inputs on the model's device and its timestep
-/// range turned into σ bounds.
+/// A conditioning entry ready for the model: its inputs on the model's device, its timestep
+/// range turned into σ bounds, and its region resolved against the latent.
+#[derive(Clone)]
 struct ActiveEntry {
     context: Tensor,
     /// The class conditioning (SDXL).
     y: Option<Tensor>,
     sigma_start: f64,
     sigma_end: f64,
+    region: ResolvedRegion,
+    /// Where the prediction is made (the area clamped to the latent; `None`: everywhere) and
+    /// its weight there, [B, C, h, w]; no weight means 1.
+    area: Option<LatentArea>,
+    weight: Option<Tensor>,
 }
 
 impl ActiveEntry {
-    /// `entry` for `model`, on the negative side or not, for a latent of `latent_size`.
+    /// `entry` for `model`, on the negative side or not, for a latent of `shape` [B, C, H, W].
     fn new(
         entry: &CondEntry,
         model: &DiffusionModel,
         negative: bool,
-        latent_size: (usize, usize),
+        shape: &[usize],
     ) -> Result<Self, ConditioningError> {
         let schedule = &model.schedule;
         let (sigma_start, sigma_end) = match entry.timestep_range {
@@ -497,11 +509,24 @@ impl ActiveEntry {
                 expected,
             });
         }
+        let (latent_height, latent_width) = (shape[2], shape[3]);
+        let region = ResolvedRegion::new(&entry.region, latent_height, latent_width, &model.device)?;
+        let (area, weight) = if region.is_whole() {
+            (None, None)
+        } else {
+            (
+                region.clamped_area(latent_height, latent_width)?,
+                Some(region.weight(shape, &model.device)?),
+            )
+        };
         Ok(ActiveEntry {
             context: entry.cross_attention.to_device(&model.device)?.to_dtype(DType::F32)?,
-            y: model.class_conditioning(entry, negative, latent_size)?,
+            y: model.class_conditioning(entry, negative, (latent_height, latent_width))?,
             sigma_start,
             sigma_end,
+            region,
+            area,
+            weight,
         })
     }
 
@@ -511,21 +536,73 @@ impl ActiveEntry {
     }
 }
 
-impl Guider<'_> {
-    fn predict(&self, entries: &[ActiveEntry], x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
-        let mut sum: Option<Tensor> = None;
-        let mut count = 1e-37f32;
-        for entry in entries.iter().filter(|entry| entry.applies_at(sigma)) {
-            let denoised = self.model.denoise(x, sigma, &entry.context, entry.y.as_ref())?;
-            sum = Some(match sum {
-                Some(sum) => (sum + denoised)?,
-                None => denoised,
-            });
-            count += 1.0;
+/// Gives every entry of `from` that has an area an entry with the same area on the `to` side,
+/// with the text conditioning of the `to` entry that contains it (ComfyUI's
+/// `create_cond_with_same_area_if_none`), so that guidance compares like with like there.
+fn add_same_areas(from: &[ActiveEntry], to: &mut Vec<ActiveEntry>) {
+    for entry in from {
+        let Some(area) = entry.region.area else {
+            continue;
+        };
+        let areas: Vec<Option<LatentArea>> = to.iter().map(|other| other.region.area).collect();
+        if let Some(source) = same_area_source(&area, &areas) {
+            let paired = ActiveEntry {
+                context: to[source].context.clone(),
+                y: to[source].y.clone(),
+                ..entry.clone()
+            };
+            to.push(paired);
         }
-        match sum {
-            Some(sum) => sum / f64::from(count),
-            None => x.zeros_like(),
+    }
+}
+
+/// `t` narrowed to `area` on its last two dimensions.
+fn crop(t: &Tensor, area: &LatentArea) -> candle_core::Result<Tensor> {
+    t.narrow(2, area.y, area.height)?.narrow(3, area.x, area.width)
+}
+
+/// `t` (over `area`) placed in zeros of `height × width`.
+fn uncrop(t: &Tensor, area: &LatentArea, height: usize, width: usize) -> candle_core::Result<Tensor> {
+    t.pad_with_zeros(2, area.y, height - area.y - area.height)?
+        .pad_with_zeros(3, area.x, width - area.x - area.width)
+}
+
+impl Guider<'_> {
+    /// One side's prediction (`calc_cond_batch` for one side): every active entry predicts on
+    /// its area, and the predictions are averaged with their weights (counts start at 1e-37).
+    fn predict(&self, entries: &[ActiveEntry], x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+        let (_, _, height, width) = x.dims4()?;
+        let mut sum: Option<Tensor> = None;
+        let mut count: Option<Tensor> = None;
+        for entry in entries.iter().filter(|entry| entry.applies_at(sigma)) {
+            let input = match &entry.area {
+                Some(area) => crop(x, area)?,
+                None => x.clone(),
+            };
+            let denoised = self.model.denoise(&input, sigma, &entry.context, entry.y.as_ref())?;
+            let (weighted, weight) = match &entry.weight {
+                Some(weight) => ((denoised * weight)?, weight.clone()),
+                None => (denoised, input.ones_like()?),
+            };
+            let (weighted, weight) = match &entry.area {
+                Some(area) => (
+                    uncrop(&weighted, area, height, width)?,
+                    uncrop(&weight, area, height, width)?,
+                ),
+                None => (weighted, weight),
+            };
+            sum = Some(match sum {
+                Some(sum) => (sum + weighted)?,
+                None => weighted,
+            });
+            count = Some(match count {
+                Some(count) => (count + weight)?,
+                None => weight,
+            });
+        }
+        match (sum, count) {
+            (Some(sum), Some(count)) => sum / (count + 1e-37)?,
+            _ => x.zeros_like(),
         }
     }
 }
@@ -539,12 +616,13 @@ impl Guider<'_> {
         };
         if let ([positive], [negative]) = (active(&self.positive).as_slice(), active(&self.negative).as_slice()) {
             let (positive, negative) = (&self.positive[*positive], &self.negative[*negative]);
+            let whole = positive.weight.is_none() && negative.weight.is_none();
             let same_y_shape = match (&positive.y, &negative.y) {
                 (Some(p), Some(n)) => p.dims() == n.dims(),
                 (None, None) => true,
                 _ => false,
             };
-            if positive.context.dims()[1..] == negative.context.dims()[1..] && same_y_shape {
+            if whole && positive.context.dims()[1..] == negative.context.dims()[1..] && same_y_shape {
                 let batch = x.dim(0)?;
                 let both =
                     |p: &Tensor, n: &Tensor| Tensor::cat(&[repeat_to_batch(p, batch)?, repeat_to_batch(n, batch)?], 0);
@@ -659,8 +737,10 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
     } else {
         latent.clone()
     };
-    let positive = entries(request.positive, model, false, (height, width))?;
-    let negative = entries(request.negative, model, true, (height, width))?;
+    let mut positive = entries(request.positive, model, false, &shape)?;
+    let mut negative = entries(request.negative, model, true, &shape)?;
+    add_same_areas(&positive, &mut negative);
+    add_same_areas(&negative.clone(), &mut positive);
     let mut guider = Guider {
         model,
         positive,
@@ -745,16 +825,16 @@ impl Denoiser for Inpainting<'_> {
     }
 }
 
-/// The entries of one side of guidance, ready for `model`.
+/// The entries of one side of guidance, ready for `model` and a latent of `shape`.
 fn entries(
     conditioning: &Conditioning,
     model: &DiffusionModel,
     negative: bool,
-    latent_size: (usize, usize),
+    shape: &[usize],
 ) -> Result<Vec<ActiveEntry>, ConditioningError> {
     conditioning
         .0
         .iter()
-        .map(|entry| ActiveEntry::new(entry, model, negative, latent_size))
+        .map(|entry| ActiveEntry::new(entry, model, negative, shape))
         .collect()
 }

@@ -5,12 +5,14 @@
 //! - [`image_io`]: decoding image files and writing PNGs with metadata;
 //! - [`paths`]: ComfyUI's directory layout and model folders (a service nodes look up);
 //! - [`tiling`]: ComfyUI's tiled processing with feathered blending;
-//! - [`image_nodes`], [`mask_nodes`], [`canny`], [`loader_nodes`], [`lora_nodes`], [`diffusion_nodes`],
-//!   [`latent_nodes`], [`vae_nodes`]: the node classes.
+//! - [`image_nodes`], [`mask_nodes`], [`canny`], [`loader_nodes`], [`lora_nodes`],
+//!   [`conditioning_nodes`], [`diffusion_nodes`], [`latent_nodes`], [`vae_nodes`]: the node classes.
 //!
 //! [`builtin_registry`] registers every node.
 
 pub mod canny;
+pub mod cond_regions;
+pub mod conditioning_nodes;
 pub mod diffusion;
 pub mod diffusion_nodes;
 pub mod image;
@@ -72,10 +74,10 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(loader_nodes::VaeLoader);
     registry.register(lora_nodes::LoraLoader);
     registry.register(lora_nodes::LoraLoaderModelOnly);
-    registry.register(diffusion_nodes::ClipTextEncode);
-    registry.register(diffusion_nodes::ClipTextEncodeSdxl);
-    registry.register(diffusion_nodes::ClipTextEncodeSdxlRefiner);
-    registry.register(diffusion_nodes::ClipSetLastLayer);
+    registry.register(conditioning_nodes::ClipTextEncode);
+    registry.register(conditioning_nodes::ClipTextEncodeSdxl);
+    registry.register(conditioning_nodes::ClipTextEncodeSdxlRefiner);
+    registry.register(conditioning_nodes::ClipSetLastLayer);
     registry.register(diffusion_nodes::EmptyLatentImage);
     registry.register(diffusion_nodes::KSampler);
     registry.register(diffusion_nodes::KSamplerAdvanced);
@@ -85,11 +87,15 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(vae_nodes::VaeEncodeForInpaint);
     registry.register(vae_nodes::VaeDecodeTiled);
     registry.register(vae_nodes::VaeEncodeTiled);
-    registry.register(diffusion_nodes::ConditioningCombine);
-    registry.register(diffusion_nodes::ConditioningAverage);
-    registry.register(diffusion_nodes::ConditioningConcat);
-    registry.register(diffusion_nodes::ConditioningZeroOut);
-    registry.register(diffusion_nodes::ConditioningSetTimestepRange);
+    registry.register(conditioning_nodes::ConditioningCombine);
+    registry.register(conditioning_nodes::ConditioningAverage);
+    registry.register(conditioning_nodes::ConditioningConcat);
+    registry.register(conditioning_nodes::ConditioningZeroOut);
+    registry.register(conditioning_nodes::ConditioningSetTimestepRange);
+    registry.register(conditioning_nodes::ConditioningSetArea);
+    registry.register(conditioning_nodes::ConditioningSetAreaPercentage);
+    registry.register(conditioning_nodes::ConditioningSetAreaStrength);
+    registry.register(conditioning_nodes::ConditioningSetMask);
     registry.register(diffusion_nodes::LatentUpscale);
     registry.register(diffusion_nodes::LatentUpscaleBy);
     registry.register(diffusion_nodes::LatentFromBatch);

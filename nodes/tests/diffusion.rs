@@ -275,10 +275,11 @@ fn conditioning_average_and_concat_combine_tokens_as_comfyui() {
     use easel_nodes::diffusion::{CondEntry, Conditioning};
     let setup = setup();
     let entry = |tokens: usize, value: f32, pooled: Option<f32>| CondEntry {
-        cross_attention: Tensor::full(value, (1, tokens, 2), &Device::Cpu).unwrap(),
-        pooled: pooled.map(|p| Tensor::full(p, (1, 2), &Device::Cpu).unwrap()),
         timestep_range: Some((0.0, 0.5)),
-        sdxl: Default::default(),
+        ..CondEntry::new(
+            Tensor::full(value, (1, tokens, 2), &Device::Cpu).unwrap(),
+            pooled.map(|p| Tensor::full(p, (1, 2), &Device::Cpu).unwrap()),
+        )
     };
     let to = Value::object(Conditioning(vec![entry(3, 4.0, Some(8.0)), entry(1, 2.0, None)]));
     let from = Value::object(Conditioning(vec![entry(2, 1.0, Some(0.0))]));
