@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor, D};
 use easel_engine::NodeObject;
 
 use crate::cond_regions::{same_area_source, CondRegion, LatentArea, RegionError, ResolvedRegion};
+use crate::diffusion_nodes::{image_as_latents, latents_as_image};
 use crate::image::Mask;
 use crate::models::clip_text::{ClipTextEncoder, EncodeOptions, OutputLayer};
 use crate::models::embeddings::EmbeddingFolder;
@@ -19,6 +20,7 @@ use crate::models::vae::Vae;
 use crate::models::weights::WeightSource;
 use crate::models::{Family, TextEncoderKind};
 use crate::paths::Paths;
+use crate::resample::{common_upscale, ResizeMethod};
 use crate::sampling::noise::prepare_noise;
 use crate::sampling::samplers::{self, Denoiser, SamplerError, Step};
 use crate::sampling::schedule::{ksampler_sigmas, Scheduler, SigmaSchedule};
@@ -136,19 +138,69 @@ pub struct DiffusionModel {
 impl DiffusionModel {
     /// D(x, σ) for one conditioning: scale the input, run the network at σ's timestep, turn the
     /// prediction into the denoised latent.
-    fn denoise(&self, x: &Tensor, sigma: f32, context: &Tensor, y: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    fn denoise(&self, x: &Tensor, sigma: f32, inputs: &ModelInputs) -> candle_core::Result<Tensor> {
         let batch = x.dim(0)?;
         let scaled = self.prediction.network_input(x, sigma)?;
+        let scaled = match &inputs.concat {
+            Some(concat) => Tensor::cat(&[&scaled, &repeat_to_batch(concat, batch)?], 1)?,
+            None => scaled,
+        };
         let timestep = self.schedule.timestep(sigma);
         let timesteps = Tensor::from_vec(vec![timestep; batch], batch, &self.device)?;
-        let context = repeat_to_batch(context, batch)?;
-        let y = y.map(|y| repeat_to_batch(y, batch)).transpose()?;
+        let context = repeat_to_batch(&inputs.context, batch)?;
+        let y = inputs.y.as_ref().map(|y| repeat_to_batch(y, batch)).transpose()?;
         let input = UNetInput {
             y: y.as_ref(),
             ..UNetInput::new(&scaled, &timesteps, &context)
         };
         let out = self.unet.forward(&input)?;
         self.prediction.denoised(x, &out, sigma, timestep)
+    }
+
+    /// The extra input channels of an inpainting model for an entry, [B, 5, H, W] (ComfyUI's
+    /// `concat_cond` with keys mask and masked image): the entry's mask (else the sampling's
+    /// denoise mask) resized to the latent and rounded, and its image latent (else the latent
+    /// being sampled) in model space; without any mask, ones and a blank image. `None` for models
+    /// without extra channels.
+    fn inpaint_channels(&self, entry: &CondEntry, latent: &LatentInputs) -> Result<Option<Tensor>, ConditioningError> {
+        let config = self.unet.config();
+        let extra = config.in_channels.saturating_sub(config.out_channels);
+        if extra == 0 {
+            return Ok(None);
+        }
+        if extra != 5 {
+            return Err(ConditioningError::ExtraChannels(extra));
+        }
+        let (batch, channels, height, width) = latent.model_space.dims4()?;
+        let mask = match (&entry.inpaint, latent.denoise_mask) {
+            (Some(inpaint), _) => {
+                let mask = &inpaint.mask;
+                Some(Tensor::from_vec(
+                    mask.data.clone(),
+                    (mask.batch, 1, mask.height, mask.width),
+                    &self.device,
+                )?)
+            }
+            (None, Some(denoise_mask)) => Some(denoise_mask.narrow(1, 0, 1)?),
+            (None, None) => None,
+        };
+        let Some(mask) = mask else {
+            let blank = Tensor::new(&BLANK_INPAINT_IMAGE, &self.device)?.reshape((1, channels.min(4), 1, 1))?;
+            let blank = blank
+                .broadcast_as((batch, channels.min(4), height, width))?
+                .contiguous()?;
+            let ones = Tensor::ones((batch, 1, height, width), DType::F32, &self.device)?;
+            return Ok(Some(Tensor::cat(&[&ones, &blank], 1)?));
+        };
+        let mask = resize_to_batch(&resize_centered(&mask, height, width)?.round()?, batch)?;
+        let image = match &entry.inpaint {
+            Some(inpaint) => {
+                (inpaint.latent.to_device(&self.device)?.to_dtype(DType::F32)? * self.latent_format.scale_factor)?
+            }
+            None => latent.model_space.clone(),
+        };
+        let image = resize_to_batch(&resize_centered(&image, height, width)?, batch)?;
+        Ok(Some(Tensor::cat(&[&mask, &image], 1)?))
     }
 
     /// The class-conditioning vector `y` of an entry, [1, adm] (ComfyUI's `encode_adm`): for SDXL
@@ -214,6 +266,61 @@ fn repeat_to_batch(t: &Tensor, batch: usize) -> candle_core::Result<Tensor> {
     t.repeat(repeats)
 }
 
+/// ComfyUI's `blank_inpaint_image_like` for SD latents: "zero" pixels in latent space.
+const BLANK_INPAINT_IMAGE: [f32; 4] = [0.8223, -0.6876, 0.6364, 0.1380];
+
+/// `t` [B, C, h, w] resized to `height × width` as `common_upscale(…, "bilinear", "center")`
+/// does (cropped to the aspect ratio first); unchanged when it has that size.
+fn resize_centered(t: &Tensor, height: usize, width: usize) -> Result<Tensor, ConditioningError> {
+    let (_, _, h, w) = t.dims4()?;
+    if (h, w) == (height, width) {
+        return Ok(t.clone());
+    }
+    let image = latents_as_image(t).map_err(|e| ConditioningError::Inpaint(e.to_string()))?;
+    let resized = common_upscale(&image, width, height, ResizeMethod::Bilinear, true, false)
+        .map_err(|e| ConditioningError::Inpaint(e.to_string()))?;
+    image_as_latents(resized, t.device()).map_err(|e| ConditioningError::Inpaint(e.to_string()))
+}
+
+/// ComfyUI's `resize_to_batch_size`: items picked evenly to make `batch` of them.
+fn resize_to_batch(t: &Tensor, batch: usize) -> candle_core::Result<Tensor> {
+    let items = t.dim(0)?;
+    if items == batch {
+        return Ok(t.clone());
+    }
+    let indices: Vec<u32> = if batch <= 1 {
+        (0..batch.min(items) as u32).collect()
+    } else if batch < items {
+        let scale = (items - 1) as f64 / (batch - 1) as f64;
+        (0..batch)
+            .map(|i| ((i as f64 * scale).round_ties_even() as usize).min(items - 1) as u32)
+            .collect()
+    } else {
+        let scale = items as f64 / batch as f64;
+        (0..batch)
+            .map(|i| (((i as f64 + 0.5) * scale).floor() as usize).min(items - 1) as u32)
+            .collect()
+    };
+    let indices = Tensor::new(indices.as_slice(), t.device())?;
+    t.index_select(&indices, 0)
+}
+
+/// What one model call takes besides the latent: the text conditioning, the class
+/// conditioning (SDXL) and an inpainting model's extra channels.
+#[derive(Clone)]
+struct ModelInputs {
+    context: Tensor,
+    y: Option<Tensor>,
+    concat: Option<Tensor>,
+}
+
+/// The latent being sampled, as the conditioning needs it: in model space, and the denoise
+/// mask when sampling is masked.
+struct LatentInputs<'a> {
+    model_space: &'a Tensor,
+    denoise_mask: Option<&'a Tensor>,
+}
+
 /// Width of each embedded size in SDXL's class-conditioning vector.
 const SIZE_EMBEDDING_WIDTH: usize = 256;
 
@@ -230,6 +337,12 @@ pub enum ConditioningError {
         found: usize,
         expected: usize,
     },
+    #[error(
+        "a diffusion model with {0} extra input channels is not supported by Easel yet (inpainting models have 5)"
+    )]
+    ExtraChannels(usize),
+    #[error("the inpainting image cannot be used: {0}")]
+    Inpaint(String),
     #[error("the conditioning has no pooled output, which this model needs ('pooled_output')")]
     NoPooledOutput,
     #[error(
@@ -391,6 +504,17 @@ pub struct CondEntry {
     pub sdxl: SdxlSizes,
     /// Where in the latent the entry applies, and how strongly.
     pub region: CondRegion,
+    /// The image an inpainting model completes (InpaintModelConditioning).
+    pub inpaint: Option<InpaintImage>,
+}
+
+/// What InpaintModelConditioning gives inpainting models beside the noise: the image with its
+/// masked part greyed out, encoded (raw VAE latent, `concat_latent_image`), and the mask
+/// (`concat_mask`).
+#[derive(Clone, Debug)]
+pub struct InpaintImage {
+    pub latent: Tensor,
+    pub mask: Mask,
 }
 
 impl CondEntry {
@@ -402,6 +526,7 @@ impl CondEntry {
             timestep_range: None,
             sdxl: SdxlSizes::default(),
             region: CondRegion::default(),
+            inpaint: None,
         }
     }
 }
@@ -475,9 +600,7 @@ struct Guider<'a> {
 /// range turned into σ bounds, and its region resolved against the latent.
 #[derive(Clone)]
 struct ActiveEntry {
-    context: Tensor,
-    /// The class conditioning (SDXL).
-    y: Option<Tensor>,
+    inputs: ModelInputs,
     sigma_start: f64,
     sigma_end: f64,
     region: ResolvedRegion,
@@ -488,13 +611,14 @@ struct ActiveEntry {
 }
 
 impl ActiveEntry {
-    /// `entry` for `model`, on the negative side or not, for a latent of `shape` [B, C, H, W].
+    /// `entry` for `model`, on the negative side or not, for `latent`.
     fn new(
         entry: &CondEntry,
         model: &DiffusionModel,
         negative: bool,
-        shape: &[usize],
+        latent: &LatentInputs,
     ) -> Result<Self, ConditioningError> {
+        let shape = latent.model_space.dims();
         let schedule = &model.schedule;
         let (sigma_start, sigma_end) = match entry.timestep_range {
             Some((start, end)) => (schedule.percent_to_sigma(start), schedule.percent_to_sigma(end)),
@@ -519,9 +643,13 @@ impl ActiveEntry {
                 Some(region.weight(shape, &model.device)?),
             )
         };
-        Ok(ActiveEntry {
+        let inputs = ModelInputs {
             context: entry.cross_attention.to_device(&model.device)?.to_dtype(DType::F32)?,
             y: model.class_conditioning(entry, negative, (latent_height, latent_width))?,
+            concat: model.inpaint_channels(entry, latent)?,
+        };
+        Ok(ActiveEntry {
+            inputs,
             sigma_start,
             sigma_end,
             region,
@@ -547,8 +675,7 @@ fn add_same_areas(from: &[ActiveEntry], to: &mut Vec<ActiveEntry>) {
         let areas: Vec<Option<LatentArea>> = to.iter().map(|other| other.region.area).collect();
         if let Some(source) = same_area_source(&area, &areas) {
             let paired = ActiveEntry {
-                context: to[source].context.clone(),
-                y: to[source].y.clone(),
+                inputs: to[source].inputs.clone(),
                 ..entry.clone()
             };
             to.push(paired);
@@ -575,11 +702,18 @@ impl Guider<'_> {
         let mut sum: Option<Tensor> = None;
         let mut count: Option<Tensor> = None;
         for entry in entries.iter().filter(|entry| entry.applies_at(sigma)) {
-            let input = match &entry.area {
-                Some(area) => crop(x, area)?,
-                None => x.clone(),
+            let (input, denoised) = match &entry.area {
+                Some(area) => {
+                    let input = crop(x, area)?;
+                    let inputs = ModelInputs {
+                        concat: entry.inputs.concat.as_ref().map(|c| crop(c, area)).transpose()?,
+                        ..entry.inputs.clone()
+                    };
+                    let denoised = self.model.denoise(&input, sigma, &inputs)?;
+                    (input, denoised)
+                }
+                None => (x.clone(), self.model.denoise(x, sigma, &entry.inputs)?),
             };
-            let denoised = self.model.denoise(&input, sigma, &entry.context, entry.y.as_ref())?;
             let (weighted, weight) = match &entry.weight {
                 Some(weight) => ((denoised * weight)?, weight.clone()),
                 None => (denoised, input.ones_like()?),
@@ -608,8 +742,9 @@ impl Guider<'_> {
 }
 
 impl Guider<'_> {
-    /// Both sides' predictions. When each side has one active entry and their contexts have
-    /// the same shape, they run as one batch, as ComfyUI's `calc_cond_batch` does.
+    /// Both sides' predictions. When each side has one active entry over the whole latent and
+    /// their inputs have the same shapes, they run as one batch, as ComfyUI's `calc_cond_batch`
+    /// does.
     fn predict_both(&self, x: &Tensor, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
         let active = |entries: &[ActiveEntry]| -> Vec<usize> {
             (0..entries.len()).filter(|i| entries[*i].applies_at(sigma)).collect()
@@ -617,23 +752,30 @@ impl Guider<'_> {
         if let ([positive], [negative]) = (active(&self.positive).as_slice(), active(&self.negative).as_slice()) {
             let (positive, negative) = (&self.positive[*positive], &self.negative[*negative]);
             let whole = positive.weight.is_none() && negative.weight.is_none();
-            let same_y_shape = match (&positive.y, &negative.y) {
-                (Some(p), Some(n)) => p.dims() == n.dims(),
+            let (positive, negative) = (&positive.inputs, &negative.inputs);
+            let same_shape = |p: &Option<Tensor>, n: &Option<Tensor>| match (p, n) {
+                (Some(p), Some(n)) => p.dims()[1..] == n.dims()[1..],
                 (None, None) => true,
                 _ => false,
             };
-            if whole && positive.context.dims()[1..] == negative.context.dims()[1..] && same_y_shape {
+            if whole
+                && positive.context.dims()[1..] == negative.context.dims()[1..]
+                && same_shape(&positive.y, &negative.y)
+                && same_shape(&positive.concat, &negative.concat)
+            {
                 let batch = x.dim(0)?;
                 let both =
                     |p: &Tensor, n: &Tensor| Tensor::cat(&[repeat_to_batch(p, batch)?, repeat_to_batch(n, batch)?], 0);
-                let contexts = both(&positive.context, &negative.context)?;
-                let y = match (&positive.y, &negative.y) {
-                    (Some(p), Some(n)) => Some(both(p, n)?),
-                    _ => None,
+                let both_optional = |p: &Option<Tensor>, n: &Option<Tensor>| match (p, n) {
+                    (Some(p), Some(n)) => both(p, n).map(Some),
+                    _ => Ok(None),
                 };
-                let out = self
-                    .model
-                    .denoise(&Tensor::cat(&[x, x], 0)?, sigma, &contexts, y.as_ref())?;
+                let inputs = ModelInputs {
+                    context: both(&positive.context, &negative.context)?,
+                    y: both_optional(&positive.y, &negative.y)?,
+                    concat: both_optional(&positive.concat, &negative.concat)?,
+                };
+                let out = self.model.denoise(&Tensor::cat(&[x, x], 0)?, sigma, &inputs)?;
                 return Ok((out.narrow(0, 0, batch)?, out.narrow(0, batch, batch)?));
             }
         }
@@ -737,8 +879,17 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
     } else {
         latent.clone()
     };
-    let mut positive = entries(request.positive, model, false, &shape)?;
-    let mut negative = entries(request.negative, model, true, &shape)?;
+    let denoise_mask = request
+        .denoise_mask
+        .as_ref()
+        .map(|mask| mask.to_device(device)?.to_dtype(DType::F32))
+        .transpose()?;
+    let latent_inputs = LatentInputs {
+        model_space: &latent_in,
+        denoise_mask: denoise_mask.as_ref(),
+    };
+    let mut positive = entries(request.positive, model, false, &latent_inputs)?;
+    let mut negative = entries(request.negative, model, true, &latent_inputs)?;
     add_same_areas(&positive, &mut negative);
     add_same_areas(&negative.clone(), &mut positive);
     let mut guider = Guider {
@@ -760,9 +911,8 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
 
     let mut callback = |step: Step| progress(step.index + 1, step.total, step.denoised);
     let mut inpainting;
-    let denoiser: &mut dyn Denoiser = match &request.denoise_mask {
+    let denoiser: &mut dyn Denoiser = match denoise_mask {
         Some(mask) => {
-            let mask = mask.to_device(device)?.to_dtype(DType::F32)?;
             inpainting = Inpainting {
                 keep: (1.0 - &mask)?,
                 mask,
@@ -825,16 +975,16 @@ impl Denoiser for Inpainting<'_> {
     }
 }
 
-/// The entries of one side of guidance, ready for `model` and a latent of `shape`.
+/// The entries of one side of guidance, ready for `model` and `latent`.
 fn entries(
     conditioning: &Conditioning,
     model: &DiffusionModel,
     negative: bool,
-    shape: &[usize],
+    latent: &LatentInputs,
 ) -> Result<Vec<ActiveEntry>, ConditioningError> {
     conditioning
         .0
         .iter()
-        .map(|entry| ActiveEntry::new(entry, model, negative, shape))
+        .map(|entry| ActiveEntry::new(entry, model, negative, latent))
         .collect()
 }

@@ -85,6 +85,7 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(vae_nodes::VaeDecode);
     registry.register(vae_nodes::VaeEncode);
     registry.register(vae_nodes::VaeEncodeForInpaint);
+    registry.register(vae_nodes::InpaintModelConditioning);
     registry.register(vae_nodes::VaeDecodeTiled);
     registry.register(vae_nodes::VaeEncodeTiled);
     registry.register(conditioning_nodes::ConditioningCombine);

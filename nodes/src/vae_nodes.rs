@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 
-use crate::diffusion::{Latent, VaeModel};
+use crate::diffusion::{CondEntry, Conditioning, InpaintImage, Latent, VaeModel};
 use crate::diffusion_nodes::{device, out_of_memory, tensor_error};
 use crate::image::{Image, Mask};
 use crate::memory;
@@ -91,7 +91,8 @@ impl Node for VaeEncodeForInpaint {
         let mask = inputs.object::<Mask>("mask")?;
         let grow = inputs.int("grow_mask_by")?.max(0) as usize;
         let scale = vae.0.downscale();
-        let (pixels, noise_mask) = grey_out_masked(image, mask, grow, scale)?;
+        let (pixels, resized_mask) = grey_out_masked(image, mask, scale)?;
+        let noise_mask = grow_mask(&resized_mask, grow);
         let pixels = image_to_tensor(&pixels, scale, &device(ctx.services)).map_err(tensor_error)?;
         let samples = run_within_memory(&vae.0, &pixels, 1, Direction::Encode)?;
         Ok(NodeOutput::values(vec![Value::object(Latent {
@@ -101,10 +102,77 @@ impl Node for VaeEncodeForInpaint {
     }
 }
 
-/// The pixel side of `VAEEncodeForInpaint`: the mask resized (bilinear) to the image, both
-/// centre-cropped to a multiple of `multiple`; pixels under the rounded mask set to 0.5; and the
-/// noise mask: the rounded mask grown by a `grow`×`grow` box (clamped to 1), rounded.
-fn grey_out_masked(image: &Image, mask: &Mask, grow: usize, multiple: usize) -> Result<(Image, Mask), NodeError> {
+/// `InpaintModelConditioning`: the image with its masked part greyed out, encoded, and the mask
+/// become both conditionings' `concat_latent_image` / `concat_mask` (the extra input channels
+/// of inpainting models); the latent is the whole image encoded, with the mask as its noise mask
+/// when `noise_mask` is set.
+pub struct InpaintModelConditioning;
+
+impl Node for InpaintModelConditioning {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("InpaintModelConditioning", "nodes", "conditioning/inpaint")
+            .display("InpaintModelConditioning")
+            .required("positive", InputSpec::of("CONDITIONING"))
+            .required("negative", InputSpec::of("CONDITIONING"))
+            .required("vae", InputSpec::of("VAE"))
+            .required("pixels", InputSpec::of("IMAGE"))
+            .required("mask", InputSpec::of("MASK"))
+            .required(
+                "noise_mask",
+                InputSpec::of("BOOLEAN").opt("default", true).opt(
+                    "tooltip",
+                    "Add a noise mask to the latent so sampling will only happen within the mask. Might improve results or completely break things depending on the model.",
+                ),
+            )
+            .output(OutputSpec::of("CONDITIONING").named("positive"))
+            .output(OutputSpec::of("CONDITIONING").named("negative"))
+            .output(OutputSpec::of("LATENT").named("latent"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let image = inputs.object::<Image>("pixels")?;
+        let vae = inputs.object::<VaeModel>("vae")?;
+        let mask = inputs.object::<Mask>("mask")?;
+        let scale = vae.0.downscale();
+        let device = device(ctx.services);
+        let (greyed, resized_mask) = grey_out_masked(image, mask, scale)?;
+        let encode = |image: &Image| -> Result<Tensor, NodeError> {
+            let pixels = image_to_tensor(image, scale, &device).map_err(tensor_error)?;
+            run_within_memory(&vae.0, &pixels, 1, Direction::Encode)
+        };
+        let concat_latent = encode(&greyed)?;
+        let original = encode(image)?;
+        let with_image = |name: &str| -> Result<Value, NodeError> {
+            let entries = inputs
+                .object::<Conditioning>(name)?
+                .0
+                .iter()
+                .map(|entry| CondEntry {
+                    inpaint: Some(InpaintImage {
+                        latent: concat_latent.clone(),
+                        mask: resized_mask.clone(),
+                    }),
+                    ..entry.clone()
+                })
+                .collect();
+            Ok(Value::object(Conditioning(entries)))
+        };
+        let latent = Latent {
+            noise_mask: inputs.bool("noise_mask")?.then(|| resized_mask.clone()),
+            ..Latent::new(original)
+        };
+        Ok(NodeOutput::values(vec![
+            with_image("positive")?,
+            with_image("negative")?,
+            Value::object(latent),
+        ]))
+    }
+}
+
+/// The pixel side of inpainting: the mask resized (bilinear) to the image, both centre-cropped
+/// to a multiple of `multiple`, and the pixels under the rounded mask set to 0.5. Returns the
+/// pixels and the resized mask (not rounded).
+pub(crate) fn grey_out_masked(image: &Image, mask: &Mask, multiple: usize) -> Result<(Image, Mask), NodeError> {
     if mask.batch != 1 && mask.batch != image.batch {
         return Err(NodeError::typed(
             "RuntimeError",
@@ -118,20 +186,34 @@ fn grey_out_masked(image: &Image, mask: &Mask, grow: usize, multiple: usize) -> 
     let (top, left) = ((image.height % multiple) / 2, (image.width % multiple) / 2);
     let resized = interpolate_mask(mask, image.height, image.width)?.crop(top, top + height, left, left + width);
     let mut pixels = image.crop(top, top + height, left, left + width);
-    let rounded: Vec<f32> = resized.data.iter().map(|v| v.round_ties_even()).collect();
     let plane = height * width;
     for b in 0..pixels.batch {
         let item = if mask.batch == 1 { 0 } else { b };
-        for (pixel, m) in rounded[item * plane..(item + 1) * plane].iter().enumerate() {
-            let keep = 1.0 - m;
+        for (pixel, m) in resized.data[item * plane..(item + 1) * plane].iter().enumerate() {
+            let keep = 1.0 - m.round_ties_even();
             let start = (b * plane + pixel) * pixels.channels;
             for value in &mut pixels.data[start..start + pixels.channels.min(3)] {
                 *value = (*value - 0.5) * keep + 0.5;
             }
         }
     }
+    let resized = Mask {
+        batch: mask.batch,
+        height,
+        width,
+        data: resized.data,
+    };
+    Ok((pixels, resized))
+}
+
+/// `VAEEncodeForInpaint`'s noise mask: the rounded mask grown by a `grow`×`grow` box (clamped
+/// to 1), rounded.
+fn grow_mask(mask: &Mask, grow: usize) -> Mask {
+    let (height, width) = (mask.height, mask.width);
+    let plane = height * width;
+    let rounded: Vec<f32> = mask.data.iter().map(|v| v.round_ties_even()).collect();
     let grown = if grow == 0 {
-        resized.data
+        mask.data.clone()
     } else {
         // conv2d with a box of ones, padding ⌈(grow − 1)/2⌉, cut to the image's size.
         let padding = grow / 2;
@@ -157,13 +239,12 @@ fn grey_out_masked(image: &Image, mask: &Mask, grow: usize, multiple: usize) -> 
         }
         grown
     };
-    let noise_mask = Mask {
+    Mask {
         batch: mask.batch,
         height,
         width,
         data: grown.iter().map(|v| v.round_ties_even()).collect(),
-    };
-    Ok((pixels, noise_mask))
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -337,7 +418,8 @@ mod tests {
         let image = Image::new(1, height, width, 4, data).expect("image");
         let mut mask = Mask::filled(1, height, width, 0.0);
         mask.data[6 * width + 8] = 1.0;
-        let (pixels, noise_mask) = grey_out_masked(&image, &mask, 6, 8).expect("greyed");
+        let (pixels, resized) = grey_out_masked(&image, &mask, 8).expect("greyed");
+        let noise_mask = grow_mask(&resized, 6);
         let cropped = image.crop(1, 17, 2, 18);
         for y in 0..16 {
             for x in 0..16 {
@@ -355,9 +437,8 @@ mod tests {
                 assert_eq!(noise_mask.data[y * 16 + x], if grown { 1.0 } else { 0.0 }, "({y}, {x})");
             }
         }
-        let (_, unchanged) = grey_out_masked(&image, &mask, 0, 8).expect("greyed");
-        assert_eq!(unchanged.data.iter().filter(|v| **v == 1.0).count(), 1);
+        assert_eq!(grow_mask(&resized, 0).data.iter().filter(|v| **v == 1.0).count(), 1);
         let two = Mask::filled(2, height, width, 0.0);
-        assert!(grey_out_masked(&image, &two, 6, 8).is_err());
+        assert!(grey_out_masked(&image, &two, 8).is_err());
     }
 }

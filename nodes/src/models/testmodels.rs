@@ -148,6 +148,8 @@ pub fn sd1_checkpoint_layout(
 pub const TINY_SD2_CHECKPOINT: &str = "easel_tiny_sd2.safetensors";
 pub const TINY_SDXL_CHECKPOINT: &str = "easel_tiny_sdxl.safetensors";
 pub const TINY_SDXL_REFINER_CHECKPOINT: &str = "easel_tiny_sdxl_refiner.safetensors";
+/// The tiny SD1.x inpainting checkpoint: its UNet takes 9 channels (noise, mask, masked image).
+pub const TINY_SD1_INPAINTING_CHECKPOINT: &str = "easel_tiny_sd1_inpainting.safetensors";
 
 /// A tiny OpenCLIP-shaped text encoder `width` wide (OpenCLIP's layout, GELU, a projection).
 pub fn tiny_open_clip(width: usize) -> ClipTextConfig {
@@ -385,7 +387,16 @@ pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let sdxl_context = clip_l.hidden_size + clip_g.hidden_size;
     /// A checkpoint: its file name, UNet, and text encoders with their roots.
     type CheckpointParts<'a> = (&'a str, UNetConfig, Vec<(&'a str, &'a ClipTextConfig)>);
-    let others: [CheckpointParts; 3] = [
+    let inpainting_unet = UNetConfig {
+        in_channels: 9,
+        ..tiny_sd1_unet()
+    };
+    let others: [CheckpointParts; 4] = [
+        (
+            TINY_SD1_INPAINTING_CHECKPOINT,
+            inpainting_unet,
+            vec![(SD1_CLIP_PREFIX, &clip_l)],
+        ),
         (
             TINY_SD2_CHECKPOINT,
             tiny_sd2_unet(),

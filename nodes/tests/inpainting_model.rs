@@ -1,0 +1,104 @@
+//! Inpainting models on the tiny 9-channel SD1.x checkpoint: InpaintModelConditioning's image
+//! and mask reach the UNet as its extra input channels, as ComfyUI's `concat_cond` builds them.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{j, max_abs_difference, setup};
+use easel_engine::Value;
+use easel_nodes::diffusion::{Conditioning, Latent, Model};
+use easel_nodes::image::{Image, Mask};
+use easel_nodes::models::testmodels::TINY_SD1_INPAINTING_CHECKPOINT;
+use easel_nodes::models::unet::UNetInput;
+use easel_nodes::sampling::noise::prepare_noise;
+use serde_json::json;
+
+#[test]
+fn the_masked_image_and_mask_are_the_extra_input_channels() {
+    let setup = setup();
+    let loaded = setup
+        .call(
+            "CheckpointLoaderSimple",
+            vec![("ckpt_name", j(json!(TINY_SD1_INPAINTING_CHECKPOINT)))],
+        )
+        .unwrap();
+    let model = loaded[0].downcast::<Model>().unwrap().0.clone();
+    assert_eq!(model.unet.config().in_channels, 9);
+    let positive = setup
+        .call(
+            "CLIPTextEncode",
+            vec![("text", j(json!("a red balloon"))), ("clip", loaded[1].clone())],
+        )
+        .unwrap()
+        .remove(0);
+    let pixels: Vec<f32> = (0..64 * 64 * 3).map(|i| ((i * 7) % 255) as f32 / 255.0).collect();
+    let image = Image::new(1, 64, 64, 3, pixels).unwrap();
+    // The left half of the image: exactly the left four latent columns after resizing.
+    let mask = Mask {
+        batch: 1,
+        height: 64,
+        width: 64,
+        data: (0..64 * 64).map(|i| if i % 64 < 32 { 1.0 } else { 0.0 }).collect(),
+    };
+    let conditioned = setup
+        .call(
+            "InpaintModelConditioning",
+            vec![
+                ("positive", positive.clone()),
+                ("negative", positive),
+                ("vae", loaded[2].clone()),
+                ("pixels", Value::object(image)),
+                ("mask", Value::object(mask)),
+                ("noise_mask", j(json!(false))),
+            ],
+        )
+        .unwrap();
+    let latent = conditioned[2].downcast::<Latent>().unwrap().clone();
+    assert!(latent.noise_mask.is_none());
+    let entry = conditioned[0].downcast::<Conditioning>().unwrap().0[0].clone();
+    let inpaint = entry.inpaint.clone().unwrap();
+    assert!(
+        max_abs_difference(&inpaint.latent, &latent.samples) > 1e-3,
+        "the masked image differs"
+    );
+    let sampled = setup
+        .call(
+            "KSampler",
+            vec![
+                ("model", loaded[0].clone()),
+                ("seed", j(json!(5))),
+                ("steps", j(json!(1))),
+                ("cfg", j(json!(1.0))),
+                ("sampler_name", j(json!("euler"))),
+                ("scheduler", j(json!("karras"))),
+                ("positive", conditioned[0].clone()),
+                ("negative", conditioned[1].clone()),
+                ("latent_image", conditioned[2].clone()),
+                ("denoise", j(json!(1.0))),
+            ],
+        )
+        .unwrap()[0]
+        .downcast::<Latent>()
+        .unwrap()
+        .samples
+        .clone();
+
+    let sigma = model.schedule.sigma_max();
+    let noise = Tensor::from_vec(prepare_noise(5, &[1, 4, 8, 8], None), (1, 4, 8, 8), &Device::Cpu).unwrap();
+    let latent_in = (&latent.samples * 0.18215).unwrap();
+    let x = ((&noise * f64::from((1.0 + sigma * sigma).sqrt())).unwrap() + &latent_in).unwrap();
+    let mask_channel: Vec<f32> = (0..64).map(|i| if i % 8 < 4 { 1.0 } else { 0.0 }).collect();
+    let mask_channel = Tensor::from_vec(mask_channel, (1, 1, 8, 8), &Device::Cpu).unwrap();
+    let masked_image = (inpaint.latent.to_dtype(DType::F32).unwrap() * 0.18215).unwrap();
+    let scaled = (&x / f64::from((sigma * sigma + 1.0).sqrt())).unwrap();
+    let input = Tensor::cat(&[&scaled, &mask_channel, &masked_image], 1).unwrap();
+    let timesteps = Tensor::new(&[999f32], &Device::Cpu).unwrap();
+    let eps = model
+        .unet
+        .forward(&UNetInput::new(&input, &timesteps, &entry.cross_attention))
+        .unwrap();
+    let denoised = (&x - (eps * f64::from(sigma)).unwrap()).unwrap();
+    let expected = (denoised / 0.18215).unwrap();
+    let difference = max_abs_difference(&sampled, &expected);
+    assert!(difference < 1e-3, "max difference {difference}");
+}
