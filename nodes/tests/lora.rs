@@ -180,3 +180,114 @@ fn lora_nodes_patch_stack_and_keep_their_inputs() {
         "{error}"
     );
 }
+
+/// An SDXL LoRA: `lora_te1` reaches CLIP-L, `lora_te2` CLIP-G — whose query, key and value are
+/// the thirds of OpenCLIP's fused `in_proj_weight`, so a key LoRA patches the middle third only —
+/// and `lora_unet` the UNet, each at its strength.
+#[test]
+fn sdxl_loras_reach_both_text_encoders_and_the_fused_open_clip_projections() {
+    use easel_nodes::diffusion::Clip;
+    use easel_nodes::models::testmodels::TINY_SDXL_CHECKPOINT;
+    use safetensors::tensor::{Dtype, TensorView};
+
+    let setup = setup();
+    let paths = setup.services.get::<easel_nodes::paths::Paths>().unwrap();
+    let layers: [(&str, usize, usize); 4] = [
+        ("lora_te2_text_model_encoder_layers_1_self_attn_k_proj", 96, 96),
+        ("lora_te2_text_model_encoder_layers_0_mlp_fc1", 192, 96),
+        ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 64, 64),
+        ("lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k", 64, 160),
+    ];
+    let factor = |rows: usize, columns: usize, seed: usize| -> Vec<f32> {
+        (0..rows * columns)
+            .map(|i| (((i * 7 + seed * 13) % 17) as f32 - 8.0) / 16.0)
+            .collect()
+    };
+    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (index, (name, out, input)) in layers.iter().enumerate() {
+        let bytes = |values: Vec<f32>| values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        buffers.push((
+            format!("{name}.lora_up.weight"),
+            vec![*out, 2],
+            bytes(factor(*out, 2, index)),
+        ));
+        buffers.push((
+            format!("{name}.lora_down.weight"),
+            vec![2, *input],
+            bytes(factor(2, *input, index + 5)),
+        ));
+        buffers.push((format!("{name}.alpha"), vec![], bytes(vec![1.0])));
+    }
+    let views: Vec<(String, TensorView)> = buffers
+        .iter()
+        .map(|(name, shape, data)| (name.clone(), TensorView::new(Dtype::F32, shape.clone(), data).unwrap()))
+        .collect();
+    let lora_path = paths.models.join("loras").join("sdxl_test_lora.safetensors");
+    safetensors::serialize_to_file(views, None, &lora_path).unwrap();
+
+    let loaded = setup
+        .call(
+            "CheckpointLoaderSimple",
+            vec![("ckpt_name", j(json!(TINY_SDXL_CHECKPOINT)))],
+        )
+        .unwrap();
+    let patched = setup
+        .call(
+            "LoraLoader",
+            vec![
+                ("model", loaded[0].clone()),
+                ("clip", loaded[1].clone()),
+                ("lora_name", j(json!("sdxl_test_lora.safetensors"))),
+                ("strength_model", j(json!(0.7))),
+                ("strength_clip", j(json!(0.9))),
+            ],
+        )
+        .unwrap();
+    let checkpoint = open(&paths.full_path("checkpoints", TINY_SDXL_CHECKPOINT).unwrap());
+    let base = |name: &str| checkpoint.load(name, DType::F32, &Device::Cpu).unwrap();
+    // W + strength·(alpha/rank)·up·down with alpha 1, rank 2.
+    let expected = |name: &str, base: Tensor, layer: usize, strength: f64| {
+        let (_, out, input) = layers[layer];
+        let up = Tensor::from_vec(factor(out, 2, layer), (out, 2), &Device::Cpu).unwrap();
+        let down = Tensor::from_vec(factor(2, input, layer + 5), (2, input), &Device::Cpu).unwrap();
+        let difference = (up.matmul(&down).unwrap() * (strength * 0.5)).unwrap();
+        assert_eq!(base.dims(), difference.dims(), "{name}");
+        (base + difference).unwrap()
+    };
+    let clip = patched[1].downcast::<Clip>().unwrap();
+    let encoder_weight = |encoder: usize, name: &str, shape: (usize, usize)| {
+        clip.encoders[encoder].source.weights().get(shape, name).unwrap()
+    };
+    let close = |a: &Tensor, b: &Tensor| common::max_abs_difference(a, b) < 1e-6;
+
+    let in_proj = encoder_weight(1, "transformer.resblocks.1.attn.in_proj_weight", (288, 96));
+    let base_in_proj = base("conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight");
+    assert!(close(
+        &in_proj.narrow(0, 0, 96).unwrap(),
+        &base_in_proj.narrow(0, 0, 96).unwrap()
+    ));
+    assert!(close(
+        &in_proj.narrow(0, 192, 96).unwrap(),
+        &base_in_proj.narrow(0, 192, 96).unwrap()
+    ));
+    let key = expected("k", base_in_proj.narrow(0, 96, 96).unwrap(), 0, 0.9);
+    assert!(close(&in_proj.narrow(0, 96, 96).unwrap(), &key));
+
+    let fc1 = encoder_weight(1, "transformer.resblocks.0.mlp.c_fc.weight", (192, 96));
+    let base_fc1 = base("conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight");
+    assert!(close(&fc1, &expected("fc1", base_fc1, 1, 0.9)));
+
+    let q = encoder_weight(0, "text_model.encoder.layers.0.self_attn.q_proj.weight", (64, 64));
+    let base_q = base("conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight");
+    assert!(close(&q, &expected("q", base_q, 2, 0.9)));
+
+    let model = patched[0].downcast::<Model>().unwrap();
+    let to_k = model
+        .0
+        .source
+        .weights()
+        .get((64, 160), "input_blocks.3.1.transformer_blocks.1.attn2.to_k.weight")
+        .unwrap();
+    let base_to_k = base("model.diffusion_model.input_blocks.3.1.transformer_blocks.1.attn2.to_k.weight");
+    assert!(close(&to_k, &expected("to_k", base_to_k, 3, 0.7)));
+}

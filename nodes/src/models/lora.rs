@@ -29,6 +29,9 @@ pub struct Patch {
     difference: Difference,
     /// DoRA's magnitudes: the patched weight is renormalised to them.
     dora_scale: Option<Tensor>,
+    /// The rows (start, count) of the weight the difference is for, where the weight fuses
+    /// several layers (OpenCLIP's query, key and value in one `in_proj_weight`).
+    rows: Option<(usize, usize)>,
 }
 
 #[derive(Clone)]
@@ -68,6 +71,28 @@ impl Patch {
     /// the DoRA magnitudes (over W's output rows when the magnitudes are per output, else over
     /// the patched weight's input columns) and then weighed against W by the strength.
     fn apply_to(&self, weight: &Tensor) -> Result<Tensor> {
+        let Some((start, count)) = self.rows else {
+            return self.apply_to_whole(weight);
+        };
+        let rows = weight.dim(0)?;
+        if start + count > rows {
+            return Err(candle_core::Error::Msg(format!(
+                "a LoRA difference for rows {start}..{} does not fit a weight of {rows} rows",
+                start + count
+            )));
+        }
+        let patched = self.apply_to_whole(&weight.narrow(0, start, count)?)?;
+        Tensor::cat(
+            &[
+                &weight.narrow(0, 0, start)?,
+                &patched,
+                &weight.narrow(0, start + count, rows - start - count)?,
+            ],
+            0,
+        )
+    }
+
+    fn apply_to_whole(&self, weight: &Tensor) -> Result<Tensor> {
         let difference = self.difference(weight)?;
         let strength = f64::from(self.strength);
         let Some(dora_scale) = &self.dora_scale else {
@@ -106,10 +131,10 @@ pub struct WeightPatches(Arc<HashMap<String, Vec<Patch>>>);
 
 impl WeightPatches {
     /// These patches followed by `more`.
-    pub fn and(&self, more: HashMap<String, Patch>) -> WeightPatches {
+    pub fn and(&self, more: HashMap<String, Vec<Patch>>) -> WeightPatches {
         let mut all = (*self.0).clone();
-        for (name, patch) in more {
-            all.entry(name).or_default().push(patch);
+        for (name, patches) in more {
+            all.entry(name).or_default().extend(patches);
         }
         WeightPatches(Arc::new(all))
     }
@@ -144,7 +169,14 @@ pub struct ClipLoraNames {
 
 /// For each name a LoRA may give a weight, the full name of that weight in the model's file.
 #[derive(Default)]
-pub struct LoraKeyMap(HashMap<String, String>);
+pub struct LoraKeyMap(HashMap<String, PatchTarget>);
+
+/// The model tensor a LoRA layer patches, and which of its rows when it fuses several layers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PatchTarget {
+    tensor: String,
+    rows: Option<(usize, usize)>,
+}
 
 impl LoraKeyMap {
     /// The names of a UNet's weight matrices, whose tensors lie under `prefix` in `file`.
@@ -177,62 +209,79 @@ impl LoraKeyMap {
     /// `prefix` (ending `text_model.`) in `file`: kohya's `lora_te_` (and SDXL's `lora_te1_`,
     /// The names of a text encoder's layer matrices, whose tensors lie under `prefix` (the
     /// encoder's root) in `file` in `naming`'s layout, under the LoRA names of its slot
-    /// (`names`). In OpenCLIP's layout query, key and value share one fused matrix, which a
-    /// LoRA of one of them does not reach yet: those LoRA tensors stay unmatched (and logged).
+    /// (`names`). In OpenCLIP's layout query, key and value are the three thirds of one fused
+    /// `in_proj_weight`; their LoRAs patch those rows.
     pub fn add_clip(&mut self, file: &SafetensorsFile, prefix: &str, naming: ClipNaming, names: ClipLoraNames) {
-        /// Each matrix's name in the transformers layout and in OpenCLIP's.
-        const MATRICES: [(&str, Option<&str>); 6] = [
-            ("mlp.fc1", Some("mlp.c_fc")),
-            ("mlp.fc2", Some("mlp.c_proj")),
-            ("self_attn.k_proj", None),
-            ("self_attn.q_proj", None),
-            ("self_attn.v_proj", None),
-            ("self_attn.out_proj", Some("attn.out_proj")),
+        /// Each matrix's name in the transformers layout, in OpenCLIP's, and which third of
+        /// OpenCLIP's matrix it is.
+        const MATRICES: [(&str, &str, Option<usize>); 6] = [
+            ("mlp.fc1", "mlp.c_fc", None),
+            ("mlp.fc2", "mlp.c_proj", None),
+            ("self_attn.k_proj", "attn.in_proj", Some(1)),
+            ("self_attn.q_proj", "attn.in_proj", Some(0)),
+            ("self_attn.v_proj", "attn.in_proj", Some(2)),
+            ("self_attn.out_proj", "attn.out_proj", None),
         ];
         let layers_root = match naming {
             ClipNaming::Transformers => "text_model.encoder.layers.",
             ClipNaming::OpenClip => "transformer.resblocks.",
         };
         for name in file.tensor_names() {
-            let Some((layer, matrix)) = name
+            let Some((layer, tensor)) = name
                 .strip_prefix(prefix)
-                .and_then(|k| k.strip_suffix(".weight"))
                 .and_then(|k| k.strip_prefix(layers_root))
                 .and_then(|rest| rest.split_once('.'))
             else {
                 continue;
             };
-            let found = MATRICES.iter().find(|(transformers, open_clip)| match naming {
-                ClipNaming::Transformers => *transformers == matrix,
-                ClipNaming::OpenClip => *open_clip == Some(matrix),
-            });
-            let Some((matrix, _)) = found else {
+            let Some(module) = tensor
+                .strip_suffix(".weight")
+                .or_else(|| tensor.strip_suffix("_weight"))
+            else {
                 continue;
             };
-            let target = name.to_string();
-            let underscored = matrix.replace('.', "_");
-            for kohya in names.kohya {
-                self.insert(
-                    format!("{kohya}_text_model_encoder_layers_{layer}_{underscored}"),
-                    &target,
+            for (matrix, open_clip, third) in MATRICES {
+                let rows = match naming {
+                    ClipNaming::Transformers if matrix == module => None,
+                    ClipNaming::OpenClip if open_clip == module => {
+                        let fused_rows = file.shape(name).map_or(0, |shape| shape[0]);
+                        third.map(|third| (third * fused_rows / 3, fused_rows / 3))
+                    }
+                    _ => continue,
+                };
+                let underscored = matrix.replace('.', "_");
+                for kohya in names.kohya {
+                    self.insert_rows(
+                        format!("{kohya}_text_model_encoder_layers_{layer}_{underscored}"),
+                        name,
+                        rows,
+                    );
+                }
+                self.insert_rows(
+                    format!("{}.text_model.encoder.layers.{layer}.{matrix}", names.diffusers),
+                    name,
+                    rows,
                 );
             }
-            self.insert(
-                format!("{}.text_model.encoder.layers.{layer}.{matrix}", names.diffusers),
-                &target,
-            );
         }
     }
 
     fn insert(&mut self, lora_name: String, target: &str) {
-        self.0.entry(lora_name).or_insert_with(|| target.to_string());
+        self.insert_rows(lora_name, target, None);
+    }
+
+    fn insert_rows(&mut self, lora_name: String, target: &str, rows: Option<(usize, usize)>) {
+        self.0.entry(lora_name).or_insert_with(|| PatchTarget {
+            tensor: target.to_string(),
+            rows,
+        });
     }
 }
 
 /// The patches a LoRA file makes, at `strength`, by full tensor name; and the file's tensors
 /// they were made from (ComfyUI logs the others as "lora key not loaded").
 pub struct LoadedLora {
-    pub patches: HashMap<String, Patch>,
+    pub patches: HashMap<String, Vec<Patch>>,
     pub used: HashSet<String>,
 }
 
@@ -257,7 +306,7 @@ fn low_rank_names(name: &str) -> [(String, String); 6] {
 /// Reads the patches `lora` makes to a model with `keys`, each at `strength`.
 pub fn load_lora(lora: &SafetensorsFile, keys: &LoraKeyMap, strength: f32) -> Result<LoadedLora> {
     let mut used = HashSet::new();
-    let mut patches = HashMap::new();
+    let mut patches: HashMap<String, Vec<Patch>> = HashMap::new();
     for (lora_name, target) in &keys.0 {
         let Some(difference) = read_difference(lora, lora_name, &mut used)? else {
             continue;
@@ -268,14 +317,16 @@ pub fn load_lora(lora: &SafetensorsFile, keys: &LoraKeyMap, strength: f32) -> Re
         } else {
             None
         };
-        patches.insert(
-            target.clone(),
-            Patch {
-                strength,
-                difference,
-                dora_scale,
-            },
-        );
+        let patch = Patch {
+            strength,
+            difference,
+            dora_scale,
+            rows: target.rows,
+        };
+        patches
+            .entry(target.tensor.clone())
+            .or_insert_with(Vec::new)
+            .push(patch);
     }
     Ok(LoadedLora { patches, used })
 }
@@ -554,14 +605,14 @@ mod tests {
         assert_eq!(loaded.used.len(), 9);
         // LoHa: alpha / rank 1 = 2; (a⊗b) ⊙ (c⊗d).
         let zeros = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).expect("zeros");
-        let loha = values(&loaded.patches["w_loha"].apply_to(&zeros).expect("patched"));
+        let loha = values(&loaded.patches["w_loha"][0].apply_to(&zeros).expect("patched"));
         let expected: Vec<f32> = (0..6)
             .map(|i| 2.0 * a[i / 3] * b[i % 3] * c[i / 3] * d[i % 3])
             .collect();
         assert_eq!(loha, expected);
         // LoKr: w2 = w2_a·w2_b = [0.5, 1.5]ᵀ, alpha / dim 1 = 4; kron([[2, −1]], w2) is 2×2.
         let zeros = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).expect("zeros");
-        let lokr = values(&loaded.patches["w_lokr"].apply_to(&zeros).expect("patched"));
+        let lokr = values(&loaded.patches["w_lokr"][0].apply_to(&zeros).expect("patched"));
         assert_eq!(lokr, vec![4.0, -2.0, 12.0, -6.0]);
     }
 
@@ -614,6 +665,7 @@ mod tests {
                 scale: 2.0,
             },
             dora_scale: Some(tensor(dora, shape)),
+            rows: None,
         };
         let base = tensor(&weight, &[2, 3]);
         let blend = |renormalised: Vec<f32>| -> Vec<f32> {

@@ -434,7 +434,7 @@ pub struct WeightSource {
 
 impl WeightSource {
     /// The same source with `more` patches after its own.
-    pub fn patched(&self, more: HashMap<String, Patch>) -> WeightSource {
+    pub fn patched(&self, more: HashMap<String, Vec<Patch>>) -> WeightSource {
         WeightSource {
             patches: self.patches.and(more),
             ..self.clone()
