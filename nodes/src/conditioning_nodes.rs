@@ -67,8 +67,8 @@ fn sdxl_size_spec(default: i64) -> InputSpec {
     InputSpec::int(default, 0, MAX_RESOLUTION)
 }
 
-/// `conditioning`'s entries with SDXL's size keys set from `sizes` (keys left `None` stay as
-/// they were).
+/// `conditioning`'s entries (just encoded, so without sizes of their own) with SDXL's size
+/// keys `sizes`.
 fn with_sdxl_sizes(conditioning: Conditioning, sizes: SdxlSizes) -> Conditioning {
     let entries = conditioning
         .0

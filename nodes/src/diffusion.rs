@@ -171,7 +171,7 @@ impl DiffusionModel {
         if extra != 5 {
             return Err(ConditioningError::ExtraChannels(extra));
         }
-        let (batch, channels, height, width) = latent.model_space.dims4()?;
+        let (batch, _, height, width) = latent.model_space.dims4()?;
         let mask = match (&entry.inpaint, latent.denoise_mask) {
             (Some(inpaint), _) => {
                 let mask = &inpaint.mask;
@@ -185,10 +185,8 @@ impl DiffusionModel {
             (None, None) => None,
         };
         let Some(mask) = mask else {
-            let blank = Tensor::new(&BLANK_INPAINT_IMAGE, &self.device)?.reshape((1, channels.min(4), 1, 1))?;
-            let blank = blank
-                .broadcast_as((batch, channels.min(4), height, width))?
-                .contiguous()?;
+            let blank = Tensor::new(&BLANK_INPAINT_IMAGE, &self.device)?.reshape((1, 4, 1, 1))?;
+            let blank = blank.broadcast_as((batch, 4, height, width))?.contiguous()?;
             let ones = Tensor::ones((batch, 1, height, width), DType::F32, &self.device)?;
             return Ok(Some(Tensor::cat(&[&ones, &blank], 1)?));
         };

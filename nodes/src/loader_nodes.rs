@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 
@@ -14,11 +14,10 @@ use crate::diffusion::{Clip, DiffusionModel, LatentFormat, Model, Prediction, Te
 use crate::diffusion_nodes::{device, tensor_error, DiffusionModelPrecision};
 use crate::model_cache::ModelCache;
 use crate::models::clip_text::ClipTextEncoder;
-use crate::models::lora::WeightPatches;
 use crate::models::sgemm::Precision;
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
-use crate::models::weights::{SafetensorsFile, TensorShapes, WeightSource, Weights};
+use crate::models::weights::{SafetensorsFile, TensorShapes, WeightSource};
 use crate::models::{
     detect_checkpoint, detect_unet_family, is_v_prediction, DetectError, Family, TextEncoderKind, TextEncoderLayout,
     UNET_PREFIX, VAE_PREFIX,
@@ -92,13 +91,7 @@ fn build_model(
     device: &Device,
     precision: Precision,
 ) -> Result<Model, NodeError> {
-    let source = WeightSource {
-        file: file.clone(),
-        prefix: prefix.trim_end_matches('.').to_string(),
-        device: device.clone(),
-        precision,
-        patches: WeightPatches::default(),
-    };
+    let source = WeightSource::new(file.clone(), prefix, device, precision);
     let unet = UNet::new(unet, source.weights()).map_err(tensor_error)?;
     Ok(Model(Arc::new(DiffusionModel {
         family,
@@ -121,13 +114,7 @@ fn build_text_encoder(
     layout: TextEncoderLayout,
     device: &Device,
 ) -> Result<TextEncoder, NodeError> {
-    let source = WeightSource {
-        file: file.clone(),
-        prefix: layout.prefix.trim_end_matches('.').to_string(),
-        device: device.clone(),
-        precision: Precision::F32,
-        patches: WeightPatches::default(),
-    };
+    let source = WeightSource::new(file.clone(), &layout.prefix, device, Precision::F32);
     let network = ClipTextEncoder::new(layout.config, source.weights()).map_err(tensor_error)?;
     Ok(TextEncoder {
         kind: layout.kind,
@@ -143,11 +130,7 @@ fn build_vae(
     config: VaeConfig,
     device: &Device,
 ) -> Result<VaeModel, NodeError> {
-    let weights = Weights::from_file(file.clone(), DType::F32, device);
-    let weights = match prefix.trim_end_matches('.') {
-        "" => weights,
-        prefix => weights.pp(prefix),
-    };
+    let weights = WeightSource::new(file.clone(), prefix, device, Precision::F32).weights();
     Ok(VaeModel(Arc::new(Vae::new(config, weights).map_err(tensor_error)?)))
 }
 

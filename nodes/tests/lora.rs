@@ -75,12 +75,18 @@ fn every_layer_of_the_tiny_lora_patches_the_weight_comfyui_patches() {
                 let delta: f32 = (0..TINY_LORA_RANK)
                     .map(|r| up[o * TINY_LORA_RANK + r] * down[r * inputs + i])
                     .sum();
-                base[index] + scale * delta
+                // Patched in f32, kept in the file's f16 as ComfyUI rounds it.
+                half::f16::from_f32(base[index] + scale * delta).to_f32()
             })
             .collect();
         let got = flat(&weights.matrix(shape.as_slice(), target).unwrap().tensor().unwrap());
-        let worst = got.iter().zip(&wanted).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(worst < 1e-5, "{name}: {worst}");
+        // Equal, but for a sum that rounds to the neighbouring f16 (one unit in the last place).
+        let off = got
+            .iter()
+            .zip(&wanted)
+            .filter(|(a, b)| (*a - *b).abs() > b.abs() * 1e-3 + 1e-7)
+            .count();
+        assert_eq!(off, 0, "{name}");
         assert!(got != base, "{name} changed nothing");
     }
 }

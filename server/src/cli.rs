@@ -53,9 +53,14 @@ pub struct BenchArgs {
     /// Timed runs per model measurement (after one warm-up run).
     #[arg(long, default_value_t = 2)]
     pub steps: usize,
-    /// Only the tiny test model (skips writing and running the 2.1 GB full-size checkpoint).
+    /// Only the tiny test model (skips writing and running the full-size checkpoint: 2.1 GB for
+    /// SD1.5, 7 GB for SDXL).
     #[arg(long)]
     pub tiny_only: bool,
+    /// sdxl: measure this SDXL checkpoint (a real one, or the random one the benchmark writes
+    /// and measures in a fresh process) instead of writing a random one.
+    #[arg(long)]
+    pub checkpoint: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -64,6 +69,8 @@ pub enum BenchTarget {
     Server,
     /// Stable Diffusion 1.x: load, UNet step and VAE decode times, peak memory.
     Sd15,
+    /// SDXL: load, UNet step at 512² and 1024², rank-32 LoRA patch time, peak memory.
+    Sdxl,
 }
 
 /// Where things live: ComfyUI's directory flags.

@@ -18,7 +18,12 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
 use super::clip_text::ClipNaming;
+use super::sgemm::{gemm_into, Elements, Precision, View};
 use super::unet::UNetConfig;
 use super::weights::{SafetensorsFile, TensorShapes};
 
@@ -125,6 +130,50 @@ impl Patch {
     }
 }
 
+/// Rows per task when patches are applied in blocks.
+const PATCH_ROWS_PER_TASK: usize = 64;
+
+/// A precision a patched matrix is kept in.
+trait StoredFloat: Copy + Default + Send {
+    fn store(block: &[f32], out: &mut [Self]);
+}
+
+impl StoredFloat for f32 {
+    fn store(block: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(block);
+    }
+}
+
+impl StoredFloat for f16 {
+    fn store(block: &[f32], out: &mut [f16]) {
+        out.convert_from_f32_slice(block);
+    }
+}
+
+impl StoredFloat for bf16 {
+    fn store(block: &[f32], out: &mut [bf16]) {
+        out.convert_from_f32_slice(block);
+    }
+}
+
+/// A [rows, cols] matrix made block by block of rows across threads: `patch_block(first row,
+/// block)` fills an f32 block, which is stored in `T`.
+fn patched_blocks<T: StoredFloat>(
+    rows: usize,
+    cols: usize,
+    patch_block: &(dyn Fn(usize, &mut [f32]) + Sync),
+) -> Vec<T> {
+    let mut out = vec![T::default(); rows * cols];
+    out.par_chunks_mut(PATCH_ROWS_PER_TASK * cols.max(1))
+        .enumerate()
+        .for_each(|(task, out)| {
+            let mut block = vec![0f32; out.len()];
+            patch_block(task * PATCH_ROWS_PER_TASK, &mut block);
+            T::store(&block, out);
+        });
+    out
+}
+
 /// The patches of a model, by full tensor name in its file, each list in the order added.
 #[derive(Clone, Default)]
 pub struct WeightPatches(Arc<HashMap<String, Vec<Patch>>>);
@@ -142,6 +191,76 @@ impl WeightPatches {
     /// Whether the tensor `name` has patches.
     pub fn touches(&self, name: &str) -> bool {
         self.0.contains_key(name)
+    }
+
+    /// The matrix `name` ([rows, cols] `base` elements, in place in a mapped file) with its
+    /// patches applied in one pass over blocks of rows shared out across threads: each block
+    /// widened to f32, every low-rank difference added by the GEMM, then rounded back to the
+    /// base's precision, as ComfyUI rounds patched weights. `None` unless every patch of `name`
+    /// is a plain low-rank one (no DoRA, no row range), which the general path then applies.
+    pub fn apply_low_rank_in_blocks(
+        &self,
+        name: &str,
+        base: Elements,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Tensor>> {
+        let Some(patches) = self.0.get(name) else {
+            return Ok(None);
+        };
+        let mut factors = Vec::with_capacity(patches.len());
+        for patch in patches {
+            let (Difference::LowRank { up, down, scale }, None, None) =
+                (&patch.difference, &patch.dora_scale, patch.rows)
+            else {
+                return Ok(None);
+            };
+            let (up, down) = (up.flatten_from(1)?, down.flatten_from(1)?);
+            let ((up_rows, rank), (down_rank, down_cols)) = (up.dims2()?, down.dims2()?);
+            if up_rows != rows || down_rank != rank || down_cols != cols {
+                return Ok(None);
+            }
+            let up: Vec<f32> = up.flatten_all()?.to_vec1()?;
+            let down: Vec<f32> = down.flatten_all()?.to_vec1()?;
+            factors.push((up, down, rank, patch.strength * scale));
+        }
+        if base.len() != rows * cols {
+            return Ok(None);
+        }
+        let patch_block = |first: usize, block: &mut [f32]| {
+            base.read(first * cols, 1, block);
+            let block_rows = block.len() / cols;
+            for (up, down, rank, factor) in &factors {
+                let up = View::row_major(&up[first * rank..(first + block_rows) * rank], block_rows, *rank);
+                gemm_into(
+                    block,
+                    cols,
+                    up,
+                    &View::row_major(down, *rank, cols),
+                    *factor,
+                    true,
+                    Precision::F32,
+                );
+            }
+        };
+        let tensor = match base {
+            Elements::F16(_) => Tensor::from_vec(
+                patched_blocks::<f16>(rows, cols, &patch_block),
+                (rows, cols),
+                &Device::Cpu,
+            )?,
+            Elements::BF16(_) => Tensor::from_vec(
+                patched_blocks::<bf16>(rows, cols, &patch_block),
+                (rows, cols),
+                &Device::Cpu,
+            )?,
+            Elements::F32(_) => Tensor::from_vec(
+                patched_blocks::<f32>(rows, cols, &patch_block),
+                (rows, cols),
+                &Device::Cpu,
+            )?,
+        };
+        Ok(Some(tensor))
     }
 
     /// `base` (the tensor `name`) with its patches applied, computed in f32 and returned in
@@ -308,6 +427,18 @@ pub fn load_lora(lora: &SafetensorsFile, keys: &LoraKeyMap, strength: f32) -> Re
     let mut used = HashSet::new();
     let mut patches: HashMap<String, Vec<Patch>> = HashMap::new();
     for (lora_name, target) in &keys.0 {
+        // A full difference of the layer's bias (`.diff_b`), beside any of its weight.
+        let bias_name = format!("{lora_name}.diff_b");
+        let bias_target = target.tensor.strip_suffix("weight").map(|stem| format!("{stem}bias"));
+        if let (true, Some(bias_target)) = (lora.has(&bias_name), bias_target) {
+            let patch = Patch {
+                strength,
+                difference: Difference::Full(take(lora, &mut used, bias_name)?),
+                dora_scale: None,
+                rows: target.rows,
+            };
+            patches.entry(bias_target).or_default().push(patch);
+        }
         let Some(difference) = read_difference(lora, lora_name, &mut used)? else {
             continue;
         };
@@ -323,10 +454,7 @@ pub fn load_lora(lora: &SafetensorsFile, keys: &LoraKeyMap, strength: f32) -> Re
             dora_scale,
             rows: target.rows,
         };
-        patches
-            .entry(target.tensor.clone())
-            .or_insert_with(Vec::new)
-            .push(patch);
+        patches.entry(target.tensor.clone()).or_default().push(patch);
     }
     Ok(LoadedLora { patches, used })
 }
@@ -338,8 +466,8 @@ fn take(lora: &SafetensorsFile, used: &mut HashSet<String>, name: String) -> Res
     Ok(tensor)
 }
 
-/// The difference `lora` stores for layer `name`, in whichever format it uses; `None` when it
-/// has none Easel reads (LyCORIS's CP-decomposed LoHa and LoKr are left unread, and so logged).
+/// The difference `lora` stores for layer `name`, in whichever format it uses (LyCORIS's
+/// CP-decomposed LoHa and LoKr included); `None` when it has none Easel reads.
 fn read_difference(lora: &SafetensorsFile, name: &str, used: &mut HashSet<String>) -> Result<Option<Difference>> {
     let key = |suffix: &str| format!("{name}.{suffix}");
     let has = |suffix: &str| lora.has(&key(suffix));
@@ -368,15 +496,19 @@ fn read_difference(lora: &SafetensorsFile, name: &str, used: &mut HashSet<String
         return Ok(Some(Difference::LowRank { up, down, scale }));
     }
     const HADAMARD: [&str; 4] = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"];
-    if HADAMARD.iter().all(|suffix| has(suffix)) && !has("hada_t1") && !has("hada_t2") {
+    if HADAMARD.iter().all(|suffix| has(suffix)) {
         let [w1a, w1b, w2a, w2b] = HADAMARD.map(|suffix| take(lora, used, key(suffix)));
-        let (w1b, w2b) = (w1b?.flatten_from(1)?, w2b?.flatten_from(1)?);
+        let (w1a, w1b, w2a, w2b) = (w1a?, w1b?.flatten_from(1)?, w2a?, w2b?.flatten_from(1)?);
         let scale = scale(Some(w1b.dim(0)?), used)?;
-        return Ok(Some(Difference::Hadamard {
-            first: w1a?.flatten_from(1)?.matmul(&w1b)?,
-            second: w2a?.flatten_from(1)?.matmul(&w2b)?,
-            scale,
-        }));
+        let (first, second) = if has("hada_t1") && has("hada_t2") {
+            (
+                cp_product(&take(lora, used, key("hada_t1"))?, &w1b, &w1a)?,
+                cp_product(&take(lora, used, key("hada_t2"))?, &w2b, &w2a)?,
+            )
+        } else {
+            (w1a.flatten_from(1)?.matmul(&w1b)?, w2a.flatten_from(1)?.matmul(&w2b)?)
+        };
+        return Ok(Some(Difference::Hadamard { first, second, scale }));
     }
     let factor = |whole: &str, used: &mut HashSet<String>| -> Result<Option<(Tensor, Option<usize>)>> {
         if has(whole) {
@@ -388,9 +520,16 @@ fn read_difference(lora: &SafetensorsFile, name: &str, used: &mut HashSet<String
         }
         let b = take(lora, used, key(&b))?;
         let dim = b.dim(0)?;
-        Ok(Some((take(lora, used, key(&a))?.matmul(&b)?, Some(dim))))
+        let a = take(lora, used, key(&a))?;
+        // Only the second factor has a CP form (`lokr_t2`).
+        let product = if whole == "lokr_w2" && has("lokr_t2") {
+            cp_product(&take(lora, used, key("lokr_t2"))?, &b.flatten_from(1)?, &a)?
+        } else {
+            a.matmul(&b.flatten_from(1)?)?
+        };
+        Ok(Some((product, Some(dim))))
     };
-    if !has("lokr_t2") && (has("lokr_w1") || has("lokr_w1_a")) && (has("lokr_w2") || has("lokr_w2_a")) {
+    if (has("lokr_w1") || has("lokr_w1_a")) && (has("lokr_w2") || has("lokr_w2_a")) {
         if let (Some((first, first_dim)), Some((second, second_dim))) =
             (factor("lokr_w1", used)?, factor("lokr_w2", used)?)
         {
@@ -402,6 +541,20 @@ fn read_difference(lora: &SafetensorsFile, name: &str, used: &mut HashSet<String
         return Ok(Some(Difference::Full(take(lora, used, key("diff"))?)));
     }
     Ok(None)
+}
+
+/// LyCORIS's CP-decomposed factor, `einsum('i j k l, j r, i p -> p r k l', core, b, a)`: the
+/// core [R₁, R₂, k, l] taken to [out, in, k, l] by `a` [R₁, out] and `b` [R₂, in].
+fn cp_product(core: &Tensor, b: &Tensor, a: &Tensor) -> Result<Tensor> {
+    let (r1, r2, k, l) = core.dims4()?;
+    let (out, input) = (a.dim(1)?, b.dim(1)?);
+    let cores = core.permute((2, 3, 0, 1))?.reshape((k * l, r1, r2))?;
+    let product = a
+        .t()?
+        .unsqueeze(0)?
+        .broadcast_matmul(&cores)?
+        .broadcast_matmul(&b.unsqueeze(0)?)?;
+    product.permute((1, 2, 0))?.reshape((out, input, k, l))
 }
 
 /// `torch.kron` of a 2-D `first` [m, n] (or [m, n, 1, 1]) and `second` [p, q, …]: [m·p, n·q, …],
@@ -614,6 +767,77 @@ mod tests {
         let zeros = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).expect("zeros");
         let lokr = values(&loaded.patches["w_lokr"][0].apply_to(&zeros).expect("patched"));
         assert_eq!(lokr, vec![4.0, -2.0, 12.0, -6.0]);
+    }
+
+    /// `einsum('i j k l, j r, i p -> p r k l', core, b, a)` by loops.
+    fn cp_by_hand(core: &[f32], b: &[f32], a: &[f32], (r1, r2, k, l): (usize, usize, usize, usize)) -> Vec<f32> {
+        let (out, input) = (a.len() / r1, b.len() / r2);
+        let mut result = vec![0f32; out * input * k * l];
+        for p in 0..out {
+            for r in 0..input {
+                for kk in 0..k * l {
+                    let mut sum = 0f32;
+                    for i in 0..r1 {
+                        for j in 0..r2 {
+                            sum += core[(i * r2 + j) * k * l + kk] * b[j * input + r] * a[i * out + p];
+                        }
+                    }
+                    result[(p * input + r) * k * l + kk] = sum;
+                }
+            }
+        }
+        result
+    }
+
+    #[test]
+    fn cp_decomposed_loha_and_lokr_and_bias_differences_patch_as_comfyui() {
+        let dims = (2, 2, 1, 2);
+        let t1 = [1.0f32, -1.0, 0.5, 2.0, 0.0, 1.0, -0.5, 1.5];
+        let t2 = [0.5f32, 0.5, 1.0, -1.0, 2.0, 0.0, 1.0, 1.0];
+        let w1a = [1.0f32, 0.0, 2.0, -1.0, 1.0, 0.5];
+        let w1b = [0.5f32, 1.0, -1.0, 2.0];
+        let w2a = [2.0f32, 1.0, 0.0, 1.0, -1.0, 1.0];
+        let w2b = [1.0f32, 1.0, 0.5, -0.5];
+        let (_dir, lora) = lora_file(&[
+            ("loha.hada_t1", &[2, 2, 1, 2], &t1),
+            ("loha.hada_t2", &[2, 2, 1, 2], &t2),
+            ("loha.hada_w1_a", &[2, 3], &w1a),
+            ("loha.hada_w1_b", &[2, 2], &w1b),
+            ("loha.hada_w2_a", &[2, 3], &w2a),
+            ("loha.hada_w2_b", &[2, 2], &w2b),
+            ("loha.alpha", &[], &[4.0]),
+            ("lokr.lokr_w1", &[1, 1], &[3.0]),
+            ("lokr.lokr_t2", &[2, 2, 1, 2], &t1),
+            ("lokr.lokr_w2_a", &[2, 3], &w1a),
+            ("lokr.lokr_w2_b", &[2, 2], &w1b),
+            ("full.diff", &[2], &[1.0, 2.0]),
+            ("full.diff_b", &[2], &[0.25, -0.5]),
+        ]);
+        let mut keys = LoraKeyMap::default();
+        keys.insert("loha".into(), "w_loha.weight");
+        keys.insert("lokr".into(), "w_lokr.weight");
+        keys.insert("full".into(), "w_full.weight");
+        let loaded = load_lora(&lora, &keys, 1.0).expect("loaded");
+        assert_eq!(loaded.used.len(), 13);
+        let zeros = Tensor::zeros((3, 2, 1, 2), DType::F32, &Device::Cpu).expect("zeros");
+        // LoHa: alpha / rank 2 = 2; the two CP products multiplied elementwise.
+        let first = cp_by_hand(&t1, &w1b, &w1a, dims);
+        let second = cp_by_hand(&t2, &w2b, &w2a, dims);
+        let expected: Vec<f32> = first.iter().zip(&second).map(|(x, y)| 2.0 * x * y).collect();
+        let loha = values(&loaded.patches["w_loha.weight"][0].apply_to(&zeros).expect("patched"));
+        assert_eq!(loha, expected);
+        // LoKr: kron([[3]], CP(t2, w2_b, w2_a)), no alpha.
+        let lokr = values(&loaded.patches["w_lokr.weight"][0].apply_to(&zeros).expect("patched"));
+        let expected: Vec<f32> = cp_by_hand(&t1, &w1b, &w1a, dims).iter().map(|v| 3.0 * v).collect();
+        assert_eq!(lokr, expected);
+        // `.diff_b` patches the bias beside the weight's `.diff`.
+        let bias = values(
+            &loaded.patches["w_full.bias"][0]
+                .apply_to(&tensor(&[1.0, 1.0], &[2]))
+                .expect("patched"),
+        );
+        assert_eq!(bias, vec![1.25, 0.5]);
+        assert!(loaded.patches.contains_key("w_full.weight"));
     }
 
     #[test]

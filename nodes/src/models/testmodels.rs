@@ -135,6 +135,51 @@ pub fn sd15_vae() -> VaeConfig {
     }
 }
 
+/// The full-size SDXL base UNet.
+pub fn sdxl_unet() -> UNetConfig {
+    UNetConfig {
+        in_channels: 4,
+        out_channels: 4,
+        model_channels: 320,
+        channel_mult: vec![1, 2, 4],
+        num_res_blocks: vec![2, 2, 2],
+        input_depths: vec![0, 0, 2, 2, 10, 10],
+        middle_depth: Some(10),
+        output_depths: vec![10, 10, 10, 2, 2, 2, 0, 0, 0],
+        context_dim: 2048,
+        linear_projection: true,
+        heads: HeadLayout::Width(64),
+        adm_in_channels: Some(2816),
+    }
+}
+
+/// The full-size OpenCLIP ViT-bigG text encoder of SDXL, in its checkpoint (OpenCLIP) layout.
+pub fn sdxl_clip_g() -> ClipTextConfig {
+    ClipTextConfig {
+        vocab_size: 49408,
+        hidden_size: 1280,
+        intermediate_size: 5120,
+        layers: 32,
+        heads: 20,
+        max_positions: 77,
+        activation: Activation::Gelu,
+        naming: ClipNaming::OpenClip,
+        projection: true,
+    }
+}
+
+/// Every tensor of a full-size SDXL base checkpoint, in ComfyUI's layout.
+pub fn sdxl_checkpoint_layout() -> candle_core::Result<Vec<TensorSpec>> {
+    checkpoint_layout(
+        &sdxl_unet(),
+        &[
+            (SDXL_CLIP_L_PREFIX, &sd15_clip_l()),
+            (SDXL_CLIP_G_PREFIX, &sdxl_clip_g()),
+        ],
+        &sd15_vae(),
+    )
+}
+
 /// Every tensor of an SD1.x single-file checkpoint with the given parts, in ComfyUI's layout.
 pub fn sd1_checkpoint_layout(
     unet: &UNetConfig,

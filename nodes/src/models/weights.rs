@@ -25,7 +25,6 @@ use rayon::prelude::*;
 use safetensors::tensor::{Dtype as FileDtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
 
-use super::cpu_kernels::with_cpu_f32;
 use super::lora::{Patch, WeightPatches};
 use super::sgemm::{Elements, Precision};
 
@@ -383,7 +382,32 @@ impl Weights {
         let shape: Shape = shape.into();
         let full_name = self.full_name(name);
         if self.patches.touches(&full_name) {
-            let tensor = self.get(shape, name)?;
+            // Patched in f32, then kept in the file's precision, as ComfyUI rounds patched
+            // weights back to their dtype: the patched model needs no more memory than the file.
+            if let Some(file) = &self.mapped {
+                let dims = shape.dims();
+                if let (Some(elements), Some(&rows)) = (file.elements(&full_name), dims.first()) {
+                    let cols = shape.elem_count() / rows.max(1);
+                    if file.shape(&full_name) == Some(dims) {
+                        if let Some(tensor) = self
+                            .patches
+                            .apply_low_rank_in_blocks(&full_name, elements, rows, cols)?
+                        {
+                            return Ok(WeightMatrix {
+                                shape: dims.to_vec(),
+                                storage: MatrixStorage::Tensor(tensor.reshape(dims)?),
+                                precision: self.precision,
+                            });
+                        }
+                    }
+                }
+            }
+            let patched = self.get(shape, name)?;
+            let tensor = match self.mapped.as_ref().and_then(|file| file.entry(&full_name)) {
+                Some(entry) if entry.dtype == FileDtype::F16 => patched.to_dtype(DType::F16)?,
+                Some(entry) if entry.dtype == FileDtype::BF16 => patched.to_dtype(DType::BF16)?,
+                _ => patched,
+            };
             return Ok(WeightMatrix {
                 shape: tensor.dims().to_vec(),
                 storage: MatrixStorage::Tensor(tensor),
@@ -433,6 +457,18 @@ pub struct WeightSource {
 }
 
 impl WeightSource {
+    /// The tensors under `prefix` (with or without its final dot; empty for the root) of
+    /// `file`, unpatched, their matrices multiplied in `precision`.
+    pub fn new(file: Arc<SafetensorsFile>, prefix: &str, device: &Device, precision: Precision) -> Self {
+        WeightSource {
+            file,
+            prefix: prefix.trim_end_matches('.').to_string(),
+            device: device.clone(),
+            precision,
+            patches: WeightPatches::default(),
+        }
+    }
+
     /// The same source with `more` patches after its own.
     pub fn patched(&self, more: HashMap<String, Vec<Patch>>) -> WeightSource {
         WeightSource {
@@ -507,20 +543,36 @@ impl WeightMatrix {
         self.precision
     }
 
-    /// The matrix as an f32 tensor (a copy where it is mapped), for candle's operations.
+    /// The matrix as an f32 tensor (a copy where it is mapped or kept in half precision), for
+    /// candle's operations.
     pub fn tensor(&self) -> candle_core::Result<Tensor> {
         match &self.storage {
             MatrixStorage::Mapped { file, name } => file.load(name, DType::F32, &Device::Cpu),
-            MatrixStorage::Tensor(tensor) => Ok(tensor.clone()),
+            MatrixStorage::Tensor(tensor) => tensor.to_dtype(DType::F32),
         }
     }
 
-    /// Runs `f` on the elements where the CPU kernels can read them (mapped data, or a CPU f32
-    /// tensor); `None` for other devices and dtypes.
+    /// Runs `f` on the elements where the CPU kernels can read them (mapped data, or a
+    /// contiguous CPU tensor in f32, f16 or bf16); `None` for other devices and dtypes.
     pub fn with_elements<R>(&self, f: impl FnOnce(Elements) -> R) -> candle_core::Result<Option<R>> {
         match &self.storage {
             MatrixStorage::Mapped { file, name } => Ok(file.elements(name).map(f)),
-            MatrixStorage::Tensor(tensor) => with_cpu_f32([tensor], |[values]| f(Elements::F32(values))),
+            MatrixStorage::Tensor(tensor) => {
+                if !tensor.device().is_cpu() || !tensor.is_contiguous() {
+                    return Ok(None);
+                }
+                let (storage, layout) = tensor.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else {
+                    return Ok(None);
+                };
+                let range = layout.start_offset()..layout.start_offset() + tensor.elem_count();
+                Ok(match tensor.dtype() {
+                    DType::F32 => Some(f(Elements::F32(&cpu.as_slice::<f32>()?[range]))),
+                    DType::F16 => Some(f(Elements::F16(&cpu.as_slice::<f16>()?[range]))),
+                    DType::BF16 => Some(f(Elements::BF16(&cpu.as_slice::<bf16>()?[range]))),
+                    _ => None,
+                })
+            }
         }
     }
 
@@ -534,7 +586,7 @@ impl WeightMatrix {
             )));
         }
         if let MatrixStorage::Tensor(tensor) = &self.storage {
-            return tensor.get(row);
+            return tensor.get(row)?.to_dtype(DType::F32);
         }
         let values = self.with_elements(|elements| {
             let mut values = vec![0f32; width];

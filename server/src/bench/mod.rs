@@ -1,9 +1,14 @@
 //! `easel bench TARGET`: measurements printed as tables — the HTTP API under load (`server`)
-//! and Stable Diffusion 1.x compute (`sd15`).
+//! and Stable Diffusion compute (`sd15`, `sdxl`).
 
 mod cpu_peak;
 mod sd15;
+mod sdxl;
 mod server;
+
+use std::time::Instant;
+
+use candle_core::Tensor;
 
 use crate::cli::{BenchArgs, BenchTarget};
 
@@ -11,5 +16,29 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     match args.target {
         BenchTarget::Server => server::bench(&args),
         BenchTarget::Sd15 => sd15::bench(&args),
+        BenchTarget::Sdxl => sdxl::bench(&args),
     }
+}
+
+/// The time of a warm-up run, then the mean of `runs` more.
+pub(crate) fn mean_seconds(
+    runs: usize,
+    mut run: impl FnMut() -> candle_core::Result<Tensor>,
+) -> anyhow::Result<(f64, f64)> {
+    let started = Instant::now();
+    run()?;
+    let first = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for _ in 0..runs.max(1) {
+        run()?;
+    }
+    Ok((first, started.elapsed().as_secs_f64() / runs.max(1) as f64))
+}
+
+/// The process's peak resident set (`VmHWM`), where the platform says.
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

@@ -20,7 +20,7 @@ use easel_nodes::models::testmodels::{
 };
 use easel_nodes::models::unet::UNetInput;
 
-use super::cpu_peak;
+use super::{cpu_peak, mean_seconds, peak_rss_bytes};
 use crate::cli::BenchArgs;
 
 pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
@@ -82,24 +82,4 @@ fn measure(name: &str, checkpoint: &Path, pixels: usize, steps: usize, precision
     };
     println!("| {name} | {side}×{side} | {load:.2} | {first_step_seconds:.3} | {step_seconds:.3} | {decode} |");
     Ok(())
-}
-
-/// The time of a warm-up run, then the mean of `runs` more.
-fn mean_seconds(runs: usize, mut run: impl FnMut() -> candle_core::Result<Tensor>) -> anyhow::Result<(f64, f64)> {
-    let started = Instant::now();
-    run()?;
-    let first = started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    for _ in 0..runs.max(1) {
-        run()?;
-    }
-    Ok((first, started.elapsed().as_secs_f64() / runs.max(1) as f64))
-}
-
-/// The process's peak resident set (`VmHWM`), where the platform says.
-fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
