@@ -391,6 +391,16 @@ fn with_region(inputs: &NodeInputs, change: impl Fn(&mut CondRegion)) -> Result<
     Ok(NodeOutput::values(vec![Value::object(Conditioning(entries))]))
 }
 
+/// The area nodes' change: `area` at the `strength` input, not bounded by a mask.
+fn set_area(inputs: &NodeInputs, area: AreaSpec) -> Result<NodeOutput, NodeError> {
+    let strength = inputs.float("strength")?;
+    with_region(inputs, |region| {
+        region.area = Some(area);
+        region.strength = Some(strength);
+        region.set_area_to_bounds = false;
+    })
+}
+
 fn region_strength_spec() -> InputSpec {
     InputSpec::float(1.0, 0.0, 10.0).opt("step", 0.01)
 }
@@ -422,12 +432,7 @@ impl Node for ConditioningSetArea {
             y: latent("y")?,
             x: latent("x")?,
         };
-        let strength = inputs.float("strength")?;
-        with_region(inputs, |region| {
-            region.area = Some(AreaSpec::Latent(area));
-            region.strength = Some(strength);
-            region.set_area_to_bounds = false;
-        })
+        set_area(inputs, AreaSpec::Latent(area))
     }
 }
 
@@ -463,12 +468,7 @@ impl Node for ConditioningSetAreaPercentage {
             y: inputs.float("y")?,
             x: inputs.float("x")?,
         };
-        let strength = inputs.float("strength")?;
-        with_region(inputs, |region| {
-            region.area = Some(area);
-            region.strength = Some(strength);
-            region.set_area_to_bounds = false;
-        })
+        set_area(inputs, area)
     }
 }
 

@@ -2,6 +2,8 @@
 //! entry beside a whole-image one equals the weighted average ComfyUI's `calc_cond_batch` makes,
 //! computed here by hand, including the same-area entry the negative side is given.
 
+use std::sync::Arc;
+
 mod common;
 
 use candle_core::{Device, Tensor};
@@ -16,6 +18,18 @@ use serde_json::json;
 
 /// A 128×128 image's latent: 16×16.
 const SIDE: usize = 16;
+
+/// The tiny SD1.x checkpoint's outputs and its diffusion model.
+fn tiny_model(setup: &Setup) -> (Vec<Value>, Arc<DiffusionModel>) {
+    let loaded = setup
+        .call(
+            "CheckpointLoaderSimple",
+            vec![("ckpt_name", j(json!(TINY_SD1_CHECKPOINT)))],
+        )
+        .unwrap();
+    let model = loaded[0].downcast::<Model>().unwrap().0.clone();
+    (loaded, model)
+}
 
 fn encode(setup: &Setup, clip: &Value, text: &str) -> Value {
     setup
@@ -80,13 +94,7 @@ fn place(t: &Tensor, y: usize, x: usize) -> Tensor {
 #[test]
 fn an_area_entry_is_blended_with_feathered_weights() {
     let setup = setup();
-    let loaded = setup
-        .call(
-            "CheckpointLoaderSimple",
-            vec![("ckpt_name", j(json!(TINY_SD1_CHECKPOINT)))],
-        )
-        .unwrap();
-    let model = loaded[0].downcast::<Model>().unwrap().0.clone();
+    let (loaded, model) = tiny_model(&setup);
     let whole = encode(&setup, &loaded[1], "a meadow");
     let detail = encode(&setup, &loaded[1], "a red barn");
     let negative = encode(&setup, &loaded[1], "blurry");
@@ -153,13 +161,7 @@ fn an_area_entry_is_blended_with_feathered_weights() {
 #[test]
 fn a_masked_entry_weighs_its_prediction_by_the_mask() {
     let setup = setup();
-    let loaded = setup
-        .call(
-            "CheckpointLoaderSimple",
-            vec![("ckpt_name", j(json!(TINY_SD1_CHECKPOINT)))],
-        )
-        .unwrap();
-    let model = loaded[0].downcast::<Model>().unwrap().0.clone();
+    let (loaded, model) = tiny_model(&setup);
     let whole = encode(&setup, &loaded[1], "a meadow");
     let detail = encode(&setup, &loaded[1], "a red barn");
     // The left half of the latent at full weight; strength 0.8.

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use super::clip_text::ClipNaming;
 use super::sgemm::{gemm_into, Elements, Precision, View};
-use super::unet::UNetConfig;
+use super::unet::{UNetConfig, TRANSFORMER_BLOCK_MATRICES};
 use super::weights::{SafetensorsFile, TensorShapes};
 
 /// One weight difference, with the strength it is applied at.
@@ -682,18 +682,7 @@ fn diffusers_unet_names(config: &UNetConfig) -> HashMap<String, String> {
             names.insert(format!("{ldm}.{inner}"), format!("{diffusers}.{inner}"));
         }
         for d in 0..depth {
-            for inner in [
-                "attn1.to_q",
-                "attn1.to_k",
-                "attn1.to_v",
-                "attn1.to_out.0",
-                "attn2.to_q",
-                "attn2.to_k",
-                "attn2.to_v",
-                "attn2.to_out.0",
-                "ff.net.0.proj",
-                "ff.net.2",
-            ] {
+            for inner in TRANSFORMER_BLOCK_MATRICES {
                 names.insert(
                     format!("{ldm}.transformer_blocks.{d}.{inner}"),
                     format!("{diffusers}.transformer_blocks.{d}.{inner}"),

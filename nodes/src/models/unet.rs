@@ -564,6 +564,21 @@ impl SpatialTransformer {
     }
 }
 
+/// The weight matrices of a transformer block, under `transformer_blocks.N.` (the layers
+/// LoRAs patch).
+pub const TRANSFORMER_BLOCK_MATRICES: [&str; 10] = [
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+];
+
 struct TransformerBlock {
     norm1: LayerNorm,
     self_attention: CrossAttention,

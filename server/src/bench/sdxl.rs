@@ -16,7 +16,7 @@ use easel_nodes::models::sgemm::Precision;
 use easel_nodes::models::testmodels::{
     sdxl_checkpoint_layout, write_checkpoint, write_test_models, Fill, TensorSpec, TINY_SDXL_CHECKPOINT,
 };
-use easel_nodes::models::unet::{UNet, UNetInput};
+use easel_nodes::models::unet::{UNet, UNetInput, TRANSFORMER_BLOCK_MATRICES};
 use easel_nodes::models::weights::{SafetensorsFile, TensorShapes};
 use easel_nodes::models::UNET_PREFIX;
 
@@ -103,27 +103,16 @@ fn measure(name: &str, checkpoint: &Path, sizes: &[usize], steps: usize) -> anyh
 fn lora_patch_time(checkpoint: &Path) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let lora_path = &dir.path().join("sdxl_rank32_lora.safetensors");
-    const PATCHED: [&str; 8] = [
-        "attn1.to_q",
-        "attn1.to_k",
-        "attn1.to_v",
-        "attn1.to_out.0",
-        "attn2.to_q",
-        "attn2.to_k",
-        "attn2.to_v",
-        "attn2.to_out.0",
-    ];
     let file = std::sync::Arc::new(SafetensorsFile::open(checkpoint)?);
     let mut specs = Vec::new();
     for name in file.tensor_names() {
         let Some(module) = name.strip_prefix(UNET_PREFIX).and_then(|n| n.strip_suffix(".weight")) else {
             continue;
         };
-        let patched = PATCHED.iter().any(|suffix| module.ends_with(suffix))
-            || module.ends_with("ff.net.0.proj")
-            || module.ends_with("ff.net.2")
-            || module.ends_with("proj_in")
-            || module.ends_with("proj_out");
+        let patched = TRANSFORMER_BLOCK_MATRICES
+            .iter()
+            .chain(&["proj_in", "proj_out"])
+            .any(|suffix| module.ends_with(suffix));
         let Some(&[out, input]) = file.shape(name) else {
             continue;
         };
