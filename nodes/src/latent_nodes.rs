@@ -171,26 +171,31 @@ fn paste_feathered(to: &Tensor, from: &Tensor, x: usize, y: usize, feather: usiz
     let rows = from_height.min(height.saturating_sub(y));
     let cols = from_width.min(width.saturating_sub(x));
     let mut mask = vec![1f32; rows * cols];
-    for t in 0..feather {
+    // ComfyUI scales the t-th row and column from each inner edge with Python slices, whose
+    // negative bounds count from the end: a feather wider than the pasted part scales some
+    // rows or columns again from the other side.
+    for t in 0..feather as isize {
         let factor = (1.0 / feather as f64 * (t + 1) as f64) as f32;
-        let mut scale_row = |r: usize| mask[r * cols..(r + 1) * cols].iter_mut().for_each(|m| *m *= factor);
-        if t < rows {
-            if y != 0 {
-                scale_row(t);
-            }
-            if y + from_height < height {
-                scale_row(rows - 1 - t);
-            }
+        let (rows_i, cols_i) = (rows as isize, cols as isize);
+        let mut scaled_rows = Vec::new();
+        if y != 0 {
+            scaled_rows.extend(python_range(t, t + 1, rows));
         }
-        if t < cols {
-            for r in 0..rows {
-                if x != 0 {
-                    mask[r * cols + t] *= factor;
-                }
-                if x + from_width < width {
-                    mask[r * cols + cols - 1 - t] *= factor;
-                }
-            }
+        if y + from_height < height {
+            scaled_rows.extend(python_range(rows_i - 1 - t, rows_i - t, rows));
+        }
+        for r in scaled_rows {
+            mask[r * cols..(r + 1) * cols].iter_mut().for_each(|m| *m *= factor);
+        }
+        let mut scaled_cols = Vec::new();
+        if x != 0 {
+            scaled_cols.extend(python_range(t, t + 1, cols));
+        }
+        if x + from_width < width {
+            scaled_cols.extend(python_range(cols_i - 1 - t, cols_i - t, cols));
+        }
+        for c in scaled_cols {
+            (0..rows).for_each(|r| mask[r * cols + c] *= factor);
         }
     }
     let to_values: Vec<f32> = to.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -216,6 +221,15 @@ fn paste_feathered(to: &Tensor, from: &Tensor, x: usize, y: usize, feather: usiz
     Tensor::from_vec(out, (batch, channels, height, width), &Device::Cpu)?
         .to_device(to.device())?
         .to_dtype(to.dtype())
+}
+
+/// The indices Python's `sequence[start:end]` takes from a sequence of `len` items: negative
+/// bounds count from the end, bounds are clamped, a reversed range is empty.
+fn python_range(start: isize, end: isize, len: usize) -> std::ops::Range<usize> {
+    let len = len as isize;
+    let bound = |i: isize| (if i < 0 { i + len } else { i }).clamp(0, len) as usize;
+    let (start, end) = (bound(start), bound(end));
+    start..end.max(start)
 }
 
 /// `LatentCompositeMasked`: `source` pasted into `destination` at (`x`, `y`) through `mask`
@@ -295,5 +309,26 @@ impl Node for LatentBlend {
             .and_then(|a| a.broadcast_add(&(second * (1.0 - factor))?))
             .map_err(tensor_error)?;
         Ok(with_samples(first, blended))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A two-row paste feathered over five rows: t = 3 reaches back to row 0 through Python's
+    /// negative slice `[-2:-1]`, so row 0 is scaled by 0.2·0.4·0.8 and row 1 by 0.2·0.4.
+    #[test]
+    fn a_feather_wider_than_the_paste_scales_as_python_slices_do() {
+        let to = Tensor::zeros((1, 1, 6, 1), DType::F32, &Device::Cpu).expect("zeros");
+        let from = Tensor::ones((1, 1, 2, 1), DType::F32, &Device::Cpu).expect("ones");
+        let pasted = paste_feathered(&to, &from, 0, 2, 5).expect("pasted");
+        let values: Vec<f32> = pasted.flatten_all().and_then(|t| t.to_vec1()).expect("values");
+        let expected = [0.2f32 * 0.4 * 0.8, 0.2 * 0.4];
+        assert!((values[2] - expected[0]).abs() < 1e-6, "{values:?}");
+        assert!((values[3] - expected[1]).abs() < 1e-6, "{values:?}");
+        assert_eq!(python_range(-2, -1, 2), 0..1);
+        assert_eq!(python_range(-1, 0, 2), 1..1);
+        assert_eq!(python_range(3, 4, 2), 2..2);
     }
 }
