@@ -1,5 +1,5 @@
 //! Every bundled workflow (`workflows/*.json`) runs on the tiny test models and the bundled input
-//! images, and saves what its `SaveImage` nodes name.
+//! images, saves what its `SaveImage` nodes name, and saves the same bytes when run again.
 
 use std::sync::Arc;
 
@@ -28,7 +28,8 @@ fn every_bundled_workflow_runs_and_saves_its_images() {
         .collect();
     workflows.sort();
     assert!(workflows.len() >= 5, "{workflows:?}");
-    for path in workflows {
+    // Every workflow runs twice: the second run must save the same bytes.
+    for path in workflows.iter().chain(&workflows) {
         let workflow: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let prefixes: Vec<String> = workflow
             .as_object()
@@ -68,6 +69,32 @@ fn every_bundled_workflow_runs_and_saves_its_images() {
                     .starts_with(&format!("{stem}_"))
             });
             assert!(saved, "{}: nothing saved as {prefix}", path.display());
+        }
+    }
+    let mut saved: std::collections::BTreeMap<String, Vec<std::path::PathBuf>> = Default::default();
+    for entry in std::fs::read_dir(&paths.output).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        // `prefix_NNNNN_.png`: the counter goes on from the first run to the second.
+        if let Some(stem) = name
+            .strip_suffix("_.png")
+            .and_then(|n| n.rsplit_once('_'))
+            .map(|(stem, _)| stem)
+        {
+            saved.entry(stem.to_string()).or_default().push(path.clone());
+        }
+    }
+    assert!(saved.len() >= workflows.len(), "{saved:?}");
+    for (stem, mut files) in saved {
+        files.sort();
+        assert!(files.len() % 2 == 0, "{stem}: {files:?}");
+        let (first, second) = files.split_at(files.len() / 2);
+        for (a, b) in first.iter().zip(second) {
+            assert_eq!(
+                std::fs::read(a).unwrap(),
+                std::fs::read(b).unwrap(),
+                "{stem}: {a:?} vs {b:?}"
+            );
         }
     }
     // The SDXL checkpoint split into separate files (UNet, CLIP-L, CLIP-G converted to the
