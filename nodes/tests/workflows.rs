@@ -29,8 +29,9 @@ fn every_bundled_workflow_runs_and_saves_its_images() {
     workflows.sort();
     assert!(workflows.len() >= 5, "{workflows:?}");
     // Every workflow runs twice: the second run must save the same bytes.
+    let mut stems = std::collections::BTreeSet::new();
     for path in workflows.iter().chain(&workflows) {
-        let workflow: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let workflow: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let prefixes: Vec<String> = workflow
             .as_object()
             .unwrap()
@@ -58,6 +59,7 @@ fn every_bundled_workflow_runs_and_saves_its_images() {
         assert!(errors.is_empty(), "{}: {errors:?}", path.display());
         assert!(events.iter().any(|event| event.kind == EventKind::ExecutionSuccess));
         for prefix in prefixes {
+            stems.insert(prefix.rsplit('/').next().unwrap_or(&prefix).to_string());
             // A prefix may name a subfolder of the output directory.
             let target = paths.output.join(&prefix);
             let stem = target.file_name().unwrap().to_string_lossy().into_owned();
@@ -72,8 +74,19 @@ fn every_bundled_workflow_runs_and_saves_its_images() {
         }
     }
     let mut saved: std::collections::BTreeMap<String, Vec<std::path::PathBuf>> = Default::default();
-    for entry in std::fs::read_dir(&paths.output).unwrap() {
-        let path = entry.unwrap().path();
+    let mut folders = vec![paths.output.clone()];
+    let mut files = Vec::new();
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                folders.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    for path in files {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         // `prefix_NNNNN_.png`: the counter goes on from the first run to the second.
         if let Some(stem) = name
@@ -84,7 +97,7 @@ fn every_bundled_workflow_runs_and_saves_its_images() {
             saved.entry(stem.to_string()).or_default().push(path.clone());
         }
     }
-    assert!(saved.len() >= workflows.len(), "{saved:?}");
+    assert!(stems.iter().all(|stem| saved.contains_key(stem)), "{stems:?} {saved:?}");
     for (stem, mut files) in saved {
         files.sort();
         assert!(files.len() % 2 == 0, "{stem}: {files:?}");
