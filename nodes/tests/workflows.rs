@@ -94,7 +94,7 @@ fn every_bundled_workflow_runs_and_saves_its_images() {
             .and_then(|n| n.rsplit_once('_'))
             .map(|(stem, _)| stem)
         {
-            saved.entry(stem.to_string()).or_default().push(path.clone());
+            saved.entry(stem.to_string()).or_default().push(path);
         }
     }
     assert!(stems.iter().all(|stem| saved.contains_key(stem)), "{stems:?} {saved:?}");
