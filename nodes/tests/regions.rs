@@ -64,6 +64,28 @@ fn one_step(setup: &Setup, model: &Value, positive: Value, negative: Value, cfg:
     out[0].downcast::<Latent>().unwrap().samples.clone()
 }
 
+fn combine(setup: &Setup, first: Value, second: Value) -> Value {
+    setup
+        .call(
+            "ConditioningCombine",
+            vec![("conditioning_1", first), ("conditioning_2", second)],
+        )
+        .unwrap()
+        .remove(0)
+}
+
+/// The latent one_step starts from: seed 3's noise at σ_max, fully scaled (empty latent).
+fn start(model: &DiffusionModel) -> Tensor {
+    let sigma = model.schedule.sigma_max();
+    let noise = Tensor::from_vec(
+        prepare_noise(3, &[1, 4, SIDE, SIDE], None),
+        (1, 4, SIDE, SIDE),
+        &Device::Cpu,
+    )
+    .unwrap();
+    (&noise * f64::from((1.0 + sigma * sigma).sqrt())).unwrap()
+}
+
 /// D(x, σ_max) for `context` on the latent crop `x`, as the EPS model computes it.
 fn denoised(model: &DiffusionModel, x: &Tensor, context: &Tensor) -> Tensor {
     let sigma = model.schedule.sigma_max();
@@ -113,24 +135,11 @@ fn an_area_entry_is_blended_with_feathered_weights() {
         )
         .unwrap()
         .remove(0);
-    let positive = setup
-        .call(
-            "ConditioningCombine",
-            vec![("conditioning_1", whole.clone()), ("conditioning_2", area)],
-        )
-        .unwrap()
-        .remove(0);
+    let positive = combine(&setup, whole.clone(), area);
     let cfg = 2.0;
     let sampled = one_step(&setup, &loaded[0], positive, negative.clone(), cfg);
 
-    let sigma = model.schedule.sigma_max();
-    let noise = Tensor::from_vec(
-        prepare_noise(3, &[1, 4, SIDE, SIDE], None),
-        (1, 4, SIDE, SIDE),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let x = (&noise * f64::from((1.0 + sigma * sigma).sqrt())).unwrap();
+    let x = start(&model);
     let crop = x.narrow(2, 4, 8).unwrap().narrow(3, 4, 8).unwrap();
     // Weight over the area: 0.5, feathered over rr = min(8, 8/4) = 2 rows and columns on every
     // side (the area touches no border): factors 1/2 then 1 inwards.
@@ -185,24 +194,11 @@ fn a_masked_entry_weighs_its_prediction_by_the_mask() {
         )
         .unwrap()
         .remove(0);
-    let positive = setup
-        .call(
-            "ConditioningCombine",
-            vec![("conditioning_1", whole.clone()), ("conditioning_2", masked)],
-        )
-        .unwrap()
-        .remove(0);
+    let positive = combine(&setup, whole.clone(), masked);
     // cfg 1: the positive side alone.
     let sampled = one_step(&setup, &loaded[0], positive, whole.clone(), 1.0);
 
-    let sigma = model.schedule.sigma_max();
-    let noise = Tensor::from_vec(
-        prepare_noise(3, &[1, 4, SIDE, SIDE], None),
-        (1, 4, SIDE, SIDE),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let x = (&noise * f64::from((1.0 + sigma * sigma).sqrt())).unwrap();
+    let x = start(&model);
     let weight = Tensor::from_vec(
         mask.data.iter().map(|v| v * 0.8).collect::<Vec<f32>>(),
         (1, 1, SIDE, SIDE),
