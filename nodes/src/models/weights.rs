@@ -380,26 +380,31 @@ impl Weights {
     /// holds it in f32, f16 or bf16 and no patch changes it, else a tensor in the model's dtype.
     pub fn matrix(&self, shape: impl Into<Shape>, name: &str) -> candle_core::Result<WeightMatrix> {
         let shape: Shape = shape.into();
+        let dims = shape.dims();
         let full_name = self.full_name(name);
+        let in_place = self
+            .mapped
+            .as_ref()
+            .and_then(|file| file.elements(&full_name).map(|elements| (file, elements)));
+        if let Some((file, _)) = in_place {
+            if file.shape(&full_name) != Some(dims) {
+                return Err(candle_core::Error::Msg(format!(
+                    "'{}': tensor '{full_name}' has shape {:?}, the model expects {dims:?}",
+                    file.path.display(),
+                    file.shape(&full_name).unwrap_or_default(),
+                )));
+            }
+        }
         if self.patches.touches(&full_name) {
             // Patched in f32, then kept in the file's precision, as ComfyUI rounds patched
             // weights back to their dtype: the patched model needs no more memory than the file.
-            if let Some(file) = &self.mapped {
-                let dims = shape.dims();
-                if let (Some(elements), Some(&rows)) = (file.elements(&full_name), dims.first()) {
-                    let cols = shape.elem_count() / rows.max(1);
-                    if file.shape(&full_name) == Some(dims) {
-                        if let Some(tensor) = self
-                            .patches
-                            .apply_low_rank_in_blocks(&full_name, elements, rows, cols)?
-                        {
-                            return Ok(WeightMatrix {
-                                shape: dims.to_vec(),
-                                storage: MatrixStorage::Tensor(tensor.reshape(dims)?),
-                                precision: self.precision,
-                            });
-                        }
-                    }
+            if let (Some((_, elements)), Some(&rows)) = (in_place, dims.first()) {
+                let cols = shape.elem_count() / rows.max(1);
+                if let Some(tensor) = self
+                    .patches
+                    .apply_low_rank_in_blocks(&full_name, elements, rows, cols)?
+                {
+                    return Ok(self.matrix_of(tensor.reshape(dims)?));
                 }
             }
             let patched = self.get(shape, name)?;
@@ -408,38 +413,28 @@ impl Weights {
                 Some(entry) if entry.dtype == FileDtype::BF16 => patched.to_dtype(DType::BF16)?,
                 _ => patched,
             };
+            return Ok(self.matrix_of(tensor));
+        }
+        if let Some((file, _)) = in_place {
             return Ok(WeightMatrix {
-                shape: tensor.dims().to_vec(),
-                storage: MatrixStorage::Tensor(tensor),
+                shape: dims.to_vec(),
+                storage: MatrixStorage::Mapped {
+                    file: file.clone(),
+                    name: full_name,
+                },
                 precision: self.precision,
             });
         }
-        if let Some(file) = &self.mapped {
-            if file.elements(&full_name).is_some() {
-                if file.shape(&full_name) != Some(shape.dims()) {
-                    return Err(candle_core::Error::Msg(format!(
-                        "'{}': tensor '{full_name}' has shape {:?}, the model expects {:?}",
-                        file.path.display(),
-                        file.shape(&full_name).unwrap_or_default(),
-                        shape.dims()
-                    )));
-                }
-                return Ok(WeightMatrix {
-                    shape: shape.dims().to_vec(),
-                    storage: MatrixStorage::Mapped {
-                        file: file.clone(),
-                        name: full_name,
-                    },
-                    precision: self.precision,
-                });
-            }
-        }
-        let tensor = self.builder.get(shape, name)?;
-        Ok(WeightMatrix {
+        Ok(self.matrix_of(self.builder.get(shape, name)?))
+    }
+
+    /// A weight matrix held as `tensor`, multiplied in these weights' precision.
+    fn matrix_of(&self, tensor: Tensor) -> WeightMatrix {
+        WeightMatrix {
             shape: tensor.dims().to_vec(),
             storage: MatrixStorage::Tensor(tensor),
             precision: self.precision,
-        })
+        }
     }
 }
 
