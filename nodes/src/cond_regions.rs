@@ -81,7 +81,7 @@ pub struct ResolvedRegion {
 
 impl ResolvedRegion {
     /// Whether the entry covers the whole latent with weight 1 (so it can share a batch).
-    pub fn is_whole(&self) -> bool {
+    fn is_whole(&self) -> bool {
         self.area.is_none() && self.mask.is_none() && self.strength == 1.0
     }
 
@@ -123,7 +123,7 @@ impl ResolvedRegion {
     }
 
     /// The area clamped to a latent of `height × width` (ComfyUI narrows the input to it).
-    pub fn clamped_area(&self, height: usize, width: usize) -> Result<Option<LatentArea>, RegionError> {
+    fn clamped_area(&self, height: usize, width: usize) -> Result<Option<LatentArea>, RegionError> {
         let Some(area) = self.area else {
             return Ok(None);
         };
@@ -142,11 +142,19 @@ impl ResolvedRegion {
         }))
     }
 
-    /// The weight of the entry's prediction over its (clamped) area of a [batch, channels,
-    /// height, width] latent: the mask (cropped, times its strength) or ones, times the
-    /// strength; an area without a mask is feathered over up to 8 pixels on each side that does
-    /// not touch the latent's border.
-    pub fn weight(&self, shape: &[usize], device: &Device) -> Result<Tensor, RegionError> {
+    /// Where in a [batch, channels, height, width] latent the entry predicts — its area clamped
+    /// to the latent (`None`: everywhere) — and the weight of its prediction there: the mask
+    /// (cropped, times its strength) or ones, times the strength; an area without a mask is
+    /// feathered over up to 8 pixels on each side that does not touch the latent's border.
+    /// `None` for an entry over the whole latent at weight 1.
+    pub fn placement(
+        &self,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Option<(Option<LatentArea>, Tensor)>, RegionError> {
+        if self.is_whole() {
+            return Ok(None);
+        }
         let &[batch, channels, height, width] = shape else {
             return Err(RegionError::Mask(format!("a latent of shape {shape:?}")));
         };
@@ -168,10 +176,11 @@ impl ResolvedRegion {
             None => Tensor::ones((batch, channels, area_height, area_width), DType::F32, device)?,
         };
         let weight = (weight * self.strength)?;
-        match (area, &self.mask) {
-            (Some(area), None) => feather(weight, &area, height, width),
-            _ => Ok(weight),
-        }
+        let weight = match (area, &self.mask) {
+            (Some(area), None) => feather(weight, &area, height, width)?,
+            _ => weight,
+        };
+        Ok(Some((area, weight)))
     }
 }
 
@@ -293,7 +302,8 @@ mod tests {
             mask_strength: 1.0,
             strength: 0.5,
         };
-        let weight = region.weight(&[1, 1, 8, 24], &Device::Cpu).unwrap();
+        let (placed, weight) = region.placement(&[1, 1, 8, 24], &Device::Cpu).unwrap().unwrap();
+        assert_eq!(placed, Some(area(8, 16, 0, 4)));
         let rows: Vec<Vec<f32>> = weight.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
         // Width 16: rr = 4 on the left (x = 4 ≠ 0) and right (4 + 16 < 24); height 8 touches
         // both borders, so rows are not feathered.

@@ -601,7 +601,8 @@ struct ActiveEntry {
     inputs: ModelInputs,
     sigma_start: f64,
     sigma_end: f64,
-    region: ResolvedRegion,
+    /// The area as the entry asked for it, which same-area entries are matched by.
+    requested_area: Option<LatentArea>,
     /// Where the prediction is made (the area clamped to the latent; `None`: everywhere) and
     /// its weight there, [B, C, h, w]; no weight means 1.
     area: Option<LatentArea>,
@@ -633,13 +634,9 @@ impl ActiveEntry {
         }
         let (latent_height, latent_width) = (shape[2], shape[3]);
         let region = ResolvedRegion::new(&entry.region, latent_height, latent_width, &model.device)?;
-        let (area, weight) = if region.is_whole() {
-            (None, None)
-        } else {
-            (
-                region.clamped_area(latent_height, latent_width)?,
-                Some(region.weight(shape, &model.device)?),
-            )
+        let (area, weight) = match region.placement(shape, &model.device)? {
+            Some((area, weight)) => (area, Some(weight)),
+            None => (None, None),
         };
         let inputs = ModelInputs {
             context: entry.cross_attention.to_device(&model.device)?.to_dtype(DType::F32)?,
@@ -650,7 +647,7 @@ impl ActiveEntry {
             inputs,
             sigma_start,
             sigma_end,
-            region,
+            requested_area: region.area,
             area,
             weight,
         })
@@ -667,10 +664,10 @@ impl ActiveEntry {
 /// `create_cond_with_same_area_if_none`), so that guidance compares like with like there.
 fn add_same_areas(from: &[ActiveEntry], to: &mut Vec<ActiveEntry>) {
     for entry in from {
-        let Some(area) = entry.region.area else {
+        let Some(area) = entry.requested_area else {
             continue;
         };
-        let areas: Vec<Option<LatentArea>> = to.iter().map(|other| other.region.area).collect();
+        let areas: Vec<Option<LatentArea>> = to.iter().map(|other| other.requested_area).collect();
         if let Some(source) = same_area_source(&area, &areas) {
             let paired = ActiveEntry {
                 inputs: to[source].inputs.clone(),
