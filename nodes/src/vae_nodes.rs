@@ -62,9 +62,7 @@ impl Node for VaeEncode {
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let image = inputs.object::<Image>("pixels")?;
         let vae = inputs.object::<VaeModel>("vae")?;
-        let scale = vae.0.downscale();
-        let pixels = image_to_tensor(image, scale, &device(ctx.services)).map_err(tensor_error)?;
-        let samples = run_within_memory(&vae.0, &pixels, 1, Direction::Encode)?;
+        let samples = encode_image(&vae.0, image, &device(ctx.services))?;
         Ok(NodeOutput::values(vec![Value::object(Latent::new(samples))]))
     }
 }
@@ -90,11 +88,9 @@ impl Node for VaeEncodeForInpaint {
         let vae = inputs.object::<VaeModel>("vae")?;
         let mask = inputs.object::<Mask>("mask")?;
         let grow = inputs.int("grow_mask_by")?.max(0) as usize;
-        let scale = vae.0.downscale();
-        let (pixels, resized_mask) = grey_out_masked(image, mask, scale)?;
+        let (pixels, resized_mask) = grey_out_masked(image, mask, vae.0.downscale())?;
         let noise_mask = grow_mask(&resized_mask, grow);
-        let pixels = image_to_tensor(&pixels, scale, &device(ctx.services)).map_err(tensor_error)?;
-        let samples = run_within_memory(&vae.0, &pixels, 1, Direction::Encode)?;
+        let samples = encode_image(&vae.0, &pixels, &device(ctx.services))?;
         Ok(NodeOutput::values(vec![Value::object(Latent {
             noise_mask: Some(noise_mask),
             ..Latent::new(samples)
@@ -133,15 +129,10 @@ impl Node for InpaintModelConditioning {
         let image = inputs.object::<Image>("pixels")?;
         let vae = inputs.object::<VaeModel>("vae")?;
         let mask = inputs.object::<Mask>("mask")?;
-        let scale = vae.0.downscale();
         let device = device(ctx.services);
-        let (greyed, resized_mask) = grey_out_masked(image, mask, scale)?;
-        let encode = |image: &Image| -> Result<Tensor, NodeError> {
-            let pixels = image_to_tensor(image, scale, &device).map_err(tensor_error)?;
-            run_within_memory(&vae.0, &pixels, 1, Direction::Encode)
-        };
-        let concat_latent = encode(&greyed)?;
-        let original = encode(image)?;
+        let (greyed, resized_mask) = grey_out_masked(image, mask, vae.0.downscale())?;
+        let concat_latent = encode_image(&vae.0, &greyed, &device)?;
+        let original = encode_image(&vae.0, image, &device)?;
         let with_image = |name: &str| -> Result<Value, NodeError> {
             let entries = inputs
                 .object::<Conditioning>(name)?
@@ -301,6 +292,12 @@ fn tensor_to_image(decoded: &Tensor) -> candle_core::Result<Image> {
         channels,
         data,
     })
+}
+
+/// `image` encoded whole by `vae` (centre-cropped to its downscale factor), within memory.
+fn encode_image(vae: &Vae, image: &Image, device: &Device) -> Result<Tensor, NodeError> {
+    let pixels = image_to_tensor(image, vae.downscale(), device).map_err(tensor_error)?;
+    run_within_memory(vae, &pixels, 1, Direction::Encode)
 }
 
 /// IMAGE [B, H, W, C] (first three channels, centre-cropped to a multiple of `multiple`) to
