@@ -1,7 +1,9 @@
 //! How much memory a model run needs against what the machine has, so that an oversized image
 //! or batch fails with a clear error (or, for the VAE, falls back to tiles as ComfyUI does)
-//! instead of the process being killed by an allocation it cannot make.
+//! instead of the process being killed by an allocation it cannot make; and how large buffers
+//! are laid out in pages.
 
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// Gives memory the allocator keeps for reuse back to the system (registered by the binary).
@@ -56,6 +58,32 @@ pub fn ensure_available(needed: u64, what: impl FnOnce() -> String) -> Result<()
 }
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// Asks the kernel to back the untouched `buffer` with 2 MiB pages where it can (Linux's
+/// `MADV_HUGEPAGE`; a hint, nothing elsewhere). Filling gigabytes of fresh 4 KiB pages costs a
+/// page fault each, which can take longer than the arithmetic that fills them.
+pub fn advise_huge_pages<T>(buffer: &mut [MaybeUninit<T>]) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let start = buffer.as_mut_ptr() as usize;
+        let first_page = start.div_ceil(PAGE) * PAGE;
+        let end_page = (start + std::mem::size_of_val(buffer)) / PAGE * PAGE;
+        if end_page > first_page {
+            // SAFETY: the range lies inside `buffer`, which this call borrows mutably; the advice
+            // changes how its pages are backed, never their contents.
+            unsafe {
+                libc::madvise(
+                    first_page as *mut libc::c_void,
+                    end_page - first_page,
+                    libc::MADV_HUGEPAGE,
+                )
+            };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buffer;
+}
 
 #[cfg(test)]
 mod tests {
