@@ -14,6 +14,7 @@ use crate::diffusion::{Clip, DiffusionModel, LatentFormat, Model, Prediction, Te
 use crate::diffusion_nodes::{device, tensor_error, DiffusionModelPrecision};
 use crate::model_cache::ModelCache;
 use crate::models::clip_text::ClipTextEncoder;
+use crate::models::fp8::Fp8Format;
 use crate::models::sgemm::Precision;
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
@@ -81,18 +82,10 @@ fn cached<T: Send + Sync + 'static>(
     }
 }
 
-/// The diffusion model of `family` whose UNet lies under `prefix` (with its final dot) in `file`.
-fn build_model(
-    file: &Arc<SafetensorsFile>,
-    prefix: &str,
-    family: Family,
-    unet: UNetConfig,
-    v_prediction: bool,
-    device: &Device,
-    precision: Precision,
-) -> Result<Model, NodeError> {
-    let source = WeightSource::new(file.clone(), prefix, device, precision);
+/// The diffusion model of `family` whose UNet (`unet`) `source` holds.
+fn build_model(source: WeightSource, family: Family, unet: UNetConfig, v_prediction: bool) -> Result<Model, NodeError> {
     let unet = UNet::new(unet, source.weights()).map_err(tensor_error)?;
+    let device = source.device.clone();
     Ok(Model(Arc::new(DiffusionModel {
         family,
         unet: Arc::new(unet),
@@ -104,7 +97,7 @@ fn build_model(
         },
         schedule: SigmaSchedule::sd_discrete(),
         latent_format: LatentFormat::of(family),
-        device: device.clone(),
+        device,
     })))
 }
 
@@ -143,15 +136,8 @@ pub fn load_checkpoint(
 ) -> Result<(LoadedCheckpoint, u64), NodeError> {
     let file = open(path)?;
     let layout = detect_checkpoint(&file).map_err(|error| undetected(path, error))?;
-    let model = build_model(
-        &file,
-        UNET_PREFIX,
-        layout.family,
-        layout.unet,
-        layout.v_prediction,
-        device,
-        precision,
-    )?;
+    let source = WeightSource::new(file.clone(), UNET_PREFIX, device, precision);
+    let model = build_model(source, layout.family, layout.unet, layout.v_prediction)?;
     let encoders = layout
         .text_encoders
         .into_iter()
@@ -217,7 +203,14 @@ fn unet_prefix(file: &dyn TensorShapes) -> Option<&'static str> {
 }
 
 /// Loads a diffusion-model file (the UNet alone); returns it and the file size.
-pub fn load_diffusion_model(path: &Path, device: &Device, precision: Precision) -> Result<(Model, u64), NodeError> {
+/// Loads a diffusion model file (`UNETLoader`), the model multiplying in `precision` and stored
+/// in `stored_as` where given (its `weight_dtype`).
+pub fn load_diffusion_model(
+    path: &Path,
+    device: &Device,
+    precision: Precision,
+    stored_as: Option<Fp8Format>,
+) -> Result<(Model, u64), NodeError> {
     let file = open(path)?;
     let prefix = unet_prefix(file.as_ref()).ok_or_else(|| {
         undetected(
@@ -235,7 +228,11 @@ pub fn load_diffusion_model(path: &Path, device: &Device, precision: Precision) 
     }
     let unet = UNetConfig::infer(file.as_ref(), prefix, family.heads()).map_err(|error| undetected(path, error))?;
     let v_prediction = is_v_prediction(&file, family, prefix);
-    let model = build_model(&file, prefix, family, unet, v_prediction, device, precision)?;
+    let source = WeightSource {
+        stored_as,
+        ..WeightSource::new(file, prefix, device, precision)
+    };
+    let model = build_model(source, family, unet, v_prediction)?;
     Ok((model, file_size(path)))
 }
 
@@ -256,16 +253,17 @@ impl Node for UnetLoader {
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let path = model_file(ctx, "diffusion_models", inputs.string("unet_name")?)?;
-        let weight_dtype = inputs.string("weight_dtype")?;
-        if weight_dtype != "default" {
-            // ComfyUI stores the weights as fp8 to save memory; Easel reads them in place from
-            // the file's map, which costs no memory of its own, in the file's precision.
-            tracing::info!("weight_dtype {weight_dtype}: the weights are read in place in the file's dtype");
-        }
+        // As ComfyUI: every weight rounded to the fp8 format and kept in it, computed in f32
+        // on the CPU (`fp8_e4m3fn_fast` differs only where GPUs multiply in fp8).
+        let (stored_as, part) = match inputs.string("weight_dtype")? {
+            "fp8_e4m3fn" | "fp8_e4m3fn_fast" => (Some(Fp8Format::E4M3Fn), "diffusion_model fp8_e4m3fn"),
+            "fp8_e5m2" => (Some(Fp8Format::E5M2), "diffusion_model fp8_e5m2"),
+            _ => (None, "diffusion_model"),
+        };
         let device = device(ctx.services);
         let precision = diffusion_precision(ctx.services);
-        let model = cached(ctx, &path, "diffusion_model", || {
-            load_diffusion_model(&path, &device, precision)
+        let model = cached(ctx, &path, part, || {
+            load_diffusion_model(&path, &device, precision, stored_as)
         })?;
         Ok(NodeOutput::values(vec![Value::object((*model).clone())]))
     }

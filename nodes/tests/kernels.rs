@@ -154,10 +154,11 @@ fn sgemm_matches_the_definition() {
     }
 }
 
-/// Operands in f16 and bf16 (weights read in place from a file) give exactly the products of
-/// their f32 widenings, whichever direction of each is contiguous.
+/// Operands in f16, bf16 and fp8 (weights read in place from a file) give exactly the products
+/// of their f32 widenings, whichever direction of each is contiguous.
 #[test]
 fn sgemm_on_half_precision_operands_matches_their_f32_copies() {
+    use easel_nodes::models::fp8::Fp8Format;
     use easel_nodes::models::sgemm::{gemm_into, Elements, Precision, View};
     use half::{bf16, f16};
     for (m, n, k) in [(7, 33, 5), (13, 70, 257), (100, 2100, 300)] {
@@ -192,6 +193,22 @@ fn sgemm_on_half_precision_operands_matches_their_f32_copies() {
                 product(Elements::F16(&a), Elements::F32(&b32)) == widened,
                 "{m}×{n}×{k}"
             );
+            for format in [Fp8Format::E4M3Fn, Fp8Format::E5M2] {
+                let a8: Vec<u8> = a32.iter().map(|&v| format.encode(v)).collect();
+                let b8: Vec<u8> = b32.iter().map(|&v| format.encode(v)).collect();
+                let widen = |bytes: &[u8]| {
+                    bytes
+                        .iter()
+                        .map(|&b| format.values()[usize::from(b)])
+                        .collect::<Vec<f32>>()
+                };
+                let (a8_32, b8_32) = (widen(&a8), widen(&b8));
+                assert!(
+                    product(Elements::F8(&a8, format), Elements::F8(&b8, format))
+                        == product(Elements::F32(&a8_32), Elements::F32(&b8_32)),
+                    "{format:?} {m}×{n}×{k}"
+                );
+            }
         }
     }
 }

@@ -9,10 +9,12 @@ use common::{j, max_abs_difference, setup, Setup};
 use easel_engine::Value;
 use easel_nodes::diffusion::{Clip, CondEntry, Conditioning, Model, Prediction, SdxlSizes};
 use easel_nodes::models::clip_text::OutputLayer;
+use easel_nodes::models::fp8::Fp8Format;
 use easel_nodes::models::testmodels::{
-    self, TINY_CLIP_G, TINY_SD2_CHECKPOINT, TINY_SDXL_CHECKPOINT, TINY_SDXL_REFINER_CHECKPOINT,
+    self, TINY_CLIP_G, TINY_SD2_CHECKPOINT, TINY_SDXL_CHECKPOINT, TINY_SDXL_REFINER_CHECKPOINT, TINY_SDXL_UNET,
 };
 use easel_nodes::models::tokenizer::{tokenize_with_weights, NoEmbeddings, TokenItem, END_TOKEN};
+use easel_nodes::models::unet::UNetInput;
 use easel_nodes::models::weights::SafetensorsFile;
 use easel_nodes::models::{detect_checkpoint, Family, TextEncoderKind};
 use easel_nodes::paths::Paths;
@@ -383,4 +385,90 @@ fn model_sampling_discrete_reparameterises_the_model() {
         assert_eq!(patch(sampling, false).0.prediction, prediction);
     }
     assert_eq!(model.0.prediction, Prediction::Epsilon, "the input model is unchanged");
+}
+
+/// `UNETLoader` on `file` (in `diffusion_models`) with `weight_dtype`: the UNet's prediction for
+/// a fixed input.
+fn unet_prediction(setup: &Setup, file: &str, weight_dtype: &str) -> Tensor {
+    let out = setup
+        .call(
+            "UNETLoader",
+            vec![("unet_name", j(json!(file))), ("weight_dtype", j(json!(weight_dtype)))],
+        )
+        .unwrap();
+    let unet = &out[0].downcast::<Model>().unwrap().0.unet;
+    let config = unet.config();
+    let wave = |shape: &[usize]| {
+        let count = shape.iter().product::<usize>();
+        let values: Vec<f32> = (0..count).map(|i| (i as f32 * 0.37).sin()).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    };
+    let (x, context) = (wave(&[1, 4, 8, 8]), wave(&[1, 77, config.context_dim]));
+    let y = wave(&[1, config.adm_in_channels.unwrap()]);
+    let timesteps = Tensor::new(&[500f32], &Device::Cpu).unwrap();
+    let input = UNetInput {
+        y: Some(&y),
+        ..UNetInput::new(&x, &timesteps, &context)
+    };
+    unet.forward(&input).unwrap()
+}
+
+/// UNETLoader's fp8 `weight_dtype` values store every weight of the UNet rounded to fp8, as
+/// ComfyUI does: the model computes exactly what the same UNet saved as an fp8 file computes
+/// (whose matrices are read in place), and not what the f16 file computes.
+#[test]
+fn unet_loader_fp8_weight_dtype_equals_the_unet_saved_in_fp8() {
+    let setup = setup();
+    let models = &setup.services.get::<Paths>().unwrap().models;
+    let bytes = std::fs::read(models.join("diffusion_models").join(TINY_SDXL_UNET)).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let full = unet_prediction(&setup, TINY_SDXL_UNET, "default");
+    for (format, dtype, weight_dtypes) in [
+        (
+            Fp8Format::E4M3Fn,
+            safetensors::Dtype::F8_E4M3,
+            &["fp8_e4m3fn", "fp8_e4m3fn_fast"][..],
+        ),
+        (Fp8Format::E5M2, safetensors::Dtype::F8_E5M2, &["fp8_e5m2"][..]),
+    ] {
+        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = file
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                let values: Vec<f32> = match view.dtype() {
+                    safetensors::Dtype::F16 => view
+                        .data()
+                        .chunks_exact(2)
+                        .map(|pair| half::f16::from_le_bytes([pair[0], pair[1]]).to_f32())
+                        .collect(),
+                    other => panic!("the tiny UNet is f16, not {other:?}"),
+                };
+                (
+                    name,
+                    view.shape().to_vec(),
+                    values.iter().map(|&v| format.encode(v)).collect(),
+                )
+            })
+            .collect();
+        let views = encoded.iter().map(|(name, shape, data)| {
+            (
+                name.as_str(),
+                safetensors::tensor::TensorView::new(dtype, shape.clone(), data).unwrap(),
+            )
+        });
+        let fp8_file = format!("tiny_sdxl_unet_{}.safetensors", format.name());
+        safetensors::serialize_to_file(views, None, &models.join("diffusion_models").join(&fp8_file)).unwrap();
+
+        let saved_in_fp8 = unet_prediction(&setup, &fp8_file, "default");
+        for weight_dtype in weight_dtypes {
+            let rounded = unet_prediction(&setup, TINY_SDXL_UNET, weight_dtype);
+            assert_eq!(max_abs_difference(&rounded, &saved_in_fp8), 0.0, "{weight_dtype}");
+        }
+        let scale = max_abs_difference(&full, &full.zeros_like().unwrap());
+        let moved = max_abs_difference(&saved_in_fp8, &full);
+        assert!(
+            moved > 1e-4 * scale && moved < 0.5 * scale,
+            "{format:?}: {moved} of {scale}"
+        );
+    }
 }

@@ -215,7 +215,7 @@ impl ClipTextEncoder {
         let layers = (0..config.layers)
             .map(|layer| EncoderLayer::new(&config, layer, &vb))
             .collect::<Result<_>>()?;
-        let final_layer_norm = candle_nn::layer_norm(hidden, 1e-5, vb.pp(names.final_layer_norm()).into())?;
+        let final_layer_norm = vb.pp(names.final_layer_norm()).layer_norm(hidden, 1e-5)?;
         let text_projection = match (config.projection, config.naming) {
             (false, _) => None,
             (true, ClipNaming::OpenClip) => Some(vb.get((hidden, hidden), names.projection())?),
@@ -408,10 +408,10 @@ impl EncoderLayer {
         let names = TensorNames(config.naming);
         let module = |tensor: LayerTensor| vb.pp(names.layer(layer, tensor));
         Ok(EncoderLayer {
-            layer_norm1: candle_nn::layer_norm(hidden, 1e-5, module(LayerTensor::Norm1).into())?,
+            layer_norm1: module(LayerTensor::Norm1).layer_norm(hidden, 1e-5)?,
             qkv: QkvProjection::new(config, layer, vb)?,
             out_proj: linear(hidden, hidden, module(LayerTensor::OutProj))?,
-            layer_norm2: candle_nn::layer_norm(hidden, 1e-5, module(LayerTensor::Norm2).into())?,
+            layer_norm2: module(LayerTensor::Norm2).layer_norm(hidden, 1e-5)?,
             fc1: linear(hidden, config.intermediate_size, module(LayerTensor::Fc1))?,
             fc2: linear(config.intermediate_size, hidden, module(LayerTensor::Fc2))?,
             heads: config.heads,

@@ -7,6 +7,7 @@ pub mod clip_text;
 pub mod conv;
 pub mod cpu_kernels;
 pub mod embeddings;
+pub mod fp8;
 pub mod linear;
 pub mod lora;
 pub mod sgemm;

@@ -3,8 +3,8 @@
 //! AVX2/portable kernels elsewhere; and a bf16 variant of the packed kernel (AVX512-BF16) for
 //! models run in bf16 ([`Precision`]). Single-threaded: callers split the work across threads.
 //!
-//! Operands may hold f16 or bf16 (weights read in place from a model file): they are widened to
-//! f32 while the GEMM packs them, so the arithmetic is the same as on f32 copies.
+//! Operands may hold f16, bf16 or fp8 (weights read in place from a model file): they are
+//! widened to f32 while the GEMM packs them, so the arithmetic is the same as on f32 copies.
 
 use std::cell::RefCell;
 use std::thread::LocalKey;
@@ -12,12 +12,15 @@ use std::thread::LocalKey;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
+use super::fp8::Fp8Format;
+
 /// The elements of a matrix, in the precision they are stored in.
 #[derive(Clone, Copy)]
 pub enum Elements<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    F8(&'a [u8], Fp8Format),
 }
 
 impl<'a> From<&'a [f32]> for Elements<'a> {
@@ -38,6 +41,7 @@ impl Elements<'_> {
             Elements::F32(values) => values.len(),
             Elements::F16(values) => values.len(),
             Elements::BF16(values) => values.len(),
+            Elements::F8(bytes, _) => bytes.len(),
         }
     }
 
@@ -51,9 +55,14 @@ impl Elements<'_> {
             Elements::F32(values) if stride == 1 => out.copy_from_slice(&values[start..start + out.len()]),
             Elements::F16(values) if stride == 1 => values[start..start + out.len()].convert_to_f32_slice(out),
             Elements::BF16(values) if stride == 1 => values[start..start + out.len()].convert_to_f32_slice(out),
+            Elements::F8(bytes, format) if stride == 1 => format.decode(&bytes[start..start + out.len()], out),
             Elements::F32(values) => gather(values, start, stride, out, |value| value),
             Elements::F16(values) => gather(values, start, stride, out, f16::to_f32),
             Elements::BF16(values) => gather(values, start, stride, out, bf16::to_f32),
+            Elements::F8(bytes, format) => {
+                let values = format.values();
+                gather(bytes, start, stride, out, |byte| values[usize::from(byte)])
+            }
         }
     }
 }

@@ -322,7 +322,7 @@ impl UNet {
                 output_blocks.push(Block { layers });
             }
         }
-        let out_norm = candle_nn::group_norm(32, channels, 1e-5, vb.pp("out.0").into())?;
+        let out_norm = vb.pp("out.0").group_norm(32, channels, 1e-5)?;
         let out_conv = Conv2d::same(channels, config.out_channels, 3, 1, vb.pp("out.2"))?;
         Ok(UNet {
             config,
@@ -464,10 +464,10 @@ struct ResBlock {
 impl ResBlock {
     fn new(in_channels: usize, out_channels: usize, emb_channels: usize, vb: Weights) -> Result<Self> {
         Ok(ResBlock {
-            in_norm: candle_nn::group_norm(32, in_channels, 1e-5, vb.pp("in_layers.0").into())?,
+            in_norm: vb.pp("in_layers.0").group_norm(32, in_channels, 1e-5)?,
             in_conv: Conv2d::same(in_channels, out_channels, 3, 1, vb.pp("in_layers.2"))?,
             emb_linear: linear(emb_channels, out_channels, vb.pp("emb_layers.1"))?,
-            out_norm: candle_nn::group_norm(32, out_channels, 1e-5, vb.pp("out_layers.0").into())?,
+            out_norm: vb.pp("out_layers.0").group_norm(32, out_channels, 1e-5)?,
             out_conv: Conv2d::same(out_channels, out_channels, 3, 1, vb.pp("out_layers.3"))?,
             skip: if in_channels == out_channels {
                 None
@@ -530,7 +530,7 @@ impl SpatialTransformer {
             })
             .collect::<Result<_>>()?;
         Ok(SpatialTransformer {
-            norm: candle_nn::group_norm(32, channels, 1e-6, vb.pp("norm").into())?,
+            norm: vb.pp("norm").group_norm(32, channels, 1e-6)?,
             proj_in: projection(vb.pp("proj_in"))?,
             blocks,
             proj_out: projection(vb.pp("proj_out"))?,
@@ -593,11 +593,11 @@ impl TransformerBlock {
     fn new(channels: usize, heads: usize, context_dim: usize, vb: Weights) -> Result<Self> {
         let inner = channels * 4;
         Ok(TransformerBlock {
-            norm1: candle_nn::layer_norm(channels, 1e-5, vb.pp("norm1").into())?,
+            norm1: vb.pp("norm1").layer_norm(channels, 1e-5)?,
             self_attention: CrossAttention::new(channels, channels, heads, vb.pp("attn1"))?,
-            norm2: candle_nn::layer_norm(channels, 1e-5, vb.pp("norm2").into())?,
+            norm2: vb.pp("norm2").layer_norm(channels, 1e-5)?,
             cross_attention: CrossAttention::new(channels, context_dim, heads, vb.pp("attn2"))?,
-            norm3: candle_nn::layer_norm(channels, 1e-5, vb.pp("norm3").into())?,
+            norm3: vb.pp("norm3").layer_norm(channels, 1e-5)?,
             geglu: linear(channels, inner * 2, vb.pp("ff.net.0.proj"))?,
             ff_out: linear(inner, channels, vb.pp("ff.net.2"))?,
         })

@@ -61,7 +61,7 @@ impl VaeConfig {
 }
 
 fn norm(channels: usize, vb: Weights) -> Result<GroupNorm> {
-    candle_nn::group_norm(32, channels, 1e-6, vb.into())
+    vb.group_norm(32, channels, 1e-6)
 }
 
 pub struct Vae {

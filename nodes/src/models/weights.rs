@@ -7,8 +7,9 @@
 //! them. Like every reader that maps model files, this relies on a file not being rewritten in
 //! place while a model from it is in use (replacing it, as downloads and copies to a new name
 //! do, is safe). Every other tensor is copied out of the map when model code asks for it,
-//! converted to the dtype the model computes in. fp8 weights (e4m3fn, e5m2) are widened to f16,
-//! which holds every fp8 value exactly.
+//! converted to the dtype the model computes in. fp8 matrices (e4m3fn, e5m2) are read in place
+//! too; other fp8 tensors are widened, exactly. Weights can also be rounded to an fp8 format and
+//! kept so ([`Weights::stored_as`]), as ComfyUI's `weight_dtype` options store a model.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -25,6 +26,7 @@ use rayon::prelude::*;
 use safetensors::tensor::{Dtype as FileDtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
 
+use super::fp8::Fp8Format;
 use super::lora::{Patch, WeightPatches};
 use super::sgemm::{Elements, Precision};
 
@@ -124,8 +126,8 @@ impl SafetensorsFile {
         self.tensors.get(name)
     }
 
-    /// A tensor's elements where they lie in the map: f32, f16 or bf16 data at an address
-    /// aligned for its type, on a little-endian machine; `None` otherwise.
+    /// A tensor's elements where they lie in the map: fp8 data, or f32, f16 or bf16 data at an
+    /// address aligned for its type, on a little-endian machine; `None` otherwise.
     fn elements(&self, name: &str) -> Option<Elements<'_>> {
         /// `bytes` as `T` values, where they are aligned for `T`.
         fn cast<T>(bytes: &[u8]) -> Option<&[T]> {
@@ -143,7 +145,7 @@ impl SafetensorsFile {
             FileDtype::F32 => cast::<f32>(bytes).map(Elements::F32),
             FileDtype::F16 => cast::<f16>(bytes).map(Elements::F16),
             FileDtype::BF16 => cast::<bf16>(bytes).map(Elements::BF16),
-            _ => None,
+            dtype => Fp8Format::of(dtype).map(|format| Elements::F8(bytes, format)),
         }
     }
 
@@ -159,10 +161,14 @@ impl SafetensorsFile {
                 return Tensor::from_vec(values, entry.shape.as_slice(), device);
             }
         }
-        let tensor = match entry.dtype {
-            FileDtype::F8_E4M3 => widen_fp8(bytes, &entry.shape, device, f8_e4m3fn_to_f16)?,
-            FileDtype::F8_E5M2 => widen_fp8(bytes, &entry.shape, device, f8_e5m2_to_f16)?,
-            file_dtype => {
+        let tensor = match Fp8Format::of(entry.dtype) {
+            Some(format) => {
+                let mut values = vec![0f32; bytes.len()];
+                format.decode(bytes, &mut values);
+                Tensor::from_vec(values, entry.shape.as_slice(), device)?
+            }
+            None => {
+                let file_dtype = entry.dtype;
                 let candle_dtype = DType::try_from(file_dtype).map_err(|_| {
                     candle_core::Error::Msg(
                         WeightsError::UnsupportedDtype {
@@ -259,27 +265,41 @@ fn entries(metadata: &Metadata, data_start: usize) -> HashMap<String, TensorEntr
         .collect()
 }
 
-fn widen_fp8(bytes: &[u8], shape: &[usize], device: &Device, widen: fn(u8) -> f16) -> candle_core::Result<Tensor> {
-    let values: Vec<f16> = bytes.iter().map(|&byte| widen(byte)).collect();
-    Tensor::from_vec(values, shape, device)
+/// `tensor`'s values rounded to `format` (and back), in its dtype.
+fn rounded_to(tensor: &Tensor, format: Fp8Format) -> candle_core::Result<Tensor> {
+    let values: Vec<f32> = tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let table = format.values();
+    let rounded: Vec<f32> = values
+        .iter()
+        .map(|&value| table[usize::from(format.encode(value))])
+        .collect();
+    Tensor::from_vec(rounded, tensor.shape(), tensor.device())?.to_dtype(tensor.dtype())
 }
 
-/// fp8 e4m3fn (bias 7, no infinities, 0x7f/0xff are NaN) to f16, exactly.
-fn f8_e4m3fn_to_f16(byte: u8) -> f16 {
-    let sign = if byte & 0x80 != 0 { -1.0f32 } else { 1.0 };
-    let exponent = i32::from((byte >> 3) & 0x0f);
-    let mantissa = f32::from(byte & 0x07);
-    let magnitude = match (exponent, byte & 0x7f) {
-        (_, 0x7f) => f32::NAN,
-        (0, _) => mantissa / 8.0 * 2f32.powi(-6),
-        _ => (1.0 + mantissa / 8.0) * 2f32.powi(exponent - 7),
-    };
-    f16::from_f32(sign * magnitude)
-}
-
-/// fp8 e5m2 is the upper byte of an f16.
-fn f8_e5m2_to_f16(byte: u8) -> f16 {
-    f16::from_bits(u16::from(byte) << 8)
+/// `elements` rounded to `format`, on all threads.
+fn encode_elements(elements: Elements, format: Fp8Format) -> Vec<u8> {
+    /// Values per parallel task.
+    const CHUNK: usize = 1 << 16;
+    let mut bytes = vec![0u8; elements.len()];
+    bytes
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(task, out)| match elements {
+            Elements::F16(values) => {
+                let values = &values[task * CHUNK..task * CHUNK + out.len()];
+                for (byte, value) in out.iter_mut().zip(values) {
+                    *byte = format.encode_f16(*value);
+                }
+            }
+            elements => {
+                let mut values = vec![0f32; out.len()];
+                elements.read(task * CHUNK, 1, &mut values);
+                for (byte, value) in out.iter_mut().zip(&values) {
+                    *byte = format.encode(*value);
+                }
+            }
+        });
+    bytes
 }
 
 /// A [`VarBuilder`] backend over a shared [`SafetensorsFile`].
@@ -317,14 +337,15 @@ impl SimpleBackend for FileBackend {
 
 /// What model code builds its layers from: candle's `VarBuilder` for every tensor, and the
 /// mapped file itself where the model computes in f32 on the CPU, so that weight matrices are
-/// read in place; with the precision the CPU kernels multiply them in and the LoRA patches
-/// applied to the matrices.
+/// read in place; with the precision the CPU kernels multiply them in, the LoRA patches
+/// applied to the matrices, and the fp8 format the weights are stored in, if any.
 #[derive(Clone)]
 pub struct Weights {
     builder: VarBuilder<'static>,
     mapped: Option<Arc<SafetensorsFile>>,
     precision: Precision,
     patches: WeightPatches,
+    stored_as: Option<Fp8Format>,
 }
 
 impl Weights {
@@ -336,6 +357,7 @@ impl Weights {
             mapped,
             precision: Precision::F32,
             patches: WeightPatches::default(),
+            stored_as: None,
         }
     }
 
@@ -349,6 +371,16 @@ impl Weights {
         Weights { patches, ..self }
     }
 
+    /// The same weights stored in `format` where it is given: every tensor rounded to it (after
+    /// its patches) and every matrix kept in it, as ComfyUI stores a model loaded with an fp8
+    /// `weight_dtype` (a quarter of the memory of f32 copies, half of f16 ones).
+    pub fn stored_as(self, format: Option<Fp8Format>) -> Self {
+        Weights {
+            stored_as: format,
+            ..self
+        }
+    }
+
     /// The weights under `prefix` (joined with a dot, as `VarBuilder::pp`).
     pub fn pp(&self, prefix: impl ToString) -> Self {
         Weights {
@@ -356,14 +388,49 @@ impl Weights {
             mapped: self.mapped.clone(),
             precision: self.precision,
             patches: self.patches.clone(),
+            stored_as: self.stored_as,
         }
     }
 
     /// The tensor `name`, which must have `shape`, copied in the model's dtype (patched where
-    /// patches change it).
+    /// patches change it, rounded to the format the weights are stored in).
     pub fn get(&self, shape: impl Into<Shape>, name: &str) -> candle_core::Result<Tensor> {
-        self.patches
-            .apply(&self.full_name(name), self.builder.get(shape, name)?)
+        self.get_with_hints(shape, name, candle_nn::Init::Const(0.0))
+    }
+
+    /// [`Weights::get`] with the initialisation candle's layers declare (which the test-model
+    /// writer follows: norm weights are ones).
+    fn get_with_hints(
+        &self,
+        shape: impl Into<Shape>,
+        name: &str,
+        hints: candle_nn::Init,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self
+            .patches
+            .apply(&self.full_name(name), self.builder.get_with_hints(shape, name, hints)?)?;
+        match self.stored_as {
+            Some(format) => rounded_to(&tensor, format),
+            None => Ok(tensor),
+        }
+    }
+
+    /// A group norm over `channels` in `groups` with this module's `weight` and `bias`.
+    pub fn group_norm(&self, groups: usize, channels: usize, eps: f64) -> candle_core::Result<candle_nn::GroupNorm> {
+        let (weight, bias) = self.norm_parameters(channels)?;
+        candle_nn::GroupNorm::new(weight, bias, channels, groups, eps)
+    }
+
+    /// A layer norm over the last `size` values with this module's `weight` and `bias`.
+    pub fn layer_norm(&self, size: usize, eps: f64) -> candle_core::Result<candle_nn::LayerNorm> {
+        let (weight, bias) = self.norm_parameters(size)?;
+        Ok(candle_nn::LayerNorm::new(weight, bias, eps))
+    }
+
+    /// A norm's `weight` (initially ones) and `bias` (zeros) over `size` values.
+    fn norm_parameters(&self, size: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let weight = self.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?;
+        Ok((weight, self.get(size, "bias")?))
     }
 
     /// `name` with the prefix, as the file names it.
@@ -377,9 +444,19 @@ impl Weights {
     }
 
     /// The weight matrix `name`, which must have `shape`: in place where the file is mapped and
-    /// holds it in f32, f16 or bf16 and no patch changes it, else a tensor in the model's dtype.
+    /// holds it in f32, f16, bf16 or fp8 and no patch changes it, else a copy (in the file's
+    /// precision where patched on the CPU, else in the model's dtype); kept in the format the
+    /// weights are stored in, if any.
     pub fn matrix(&self, shape: impl Into<Shape>, name: &str) -> candle_core::Result<WeightMatrix> {
-        let shape: Shape = shape.into();
+        let matrix = self.matrix_as_found(shape.into(), name)?;
+        match self.stored_as {
+            Some(format) => matrix.stored_as(format),
+            None => Ok(matrix),
+        }
+    }
+
+    /// [`Weights::matrix`] before any rounding to the stored format.
+    fn matrix_as_found(&self, shape: Shape, name: &str) -> candle_core::Result<WeightMatrix> {
         let dims = shape.dims();
         let full_name = self.full_name(name);
         let in_place = self
@@ -398,6 +475,7 @@ impl Weights {
         if self.patches.touches(&full_name) {
             // Patched in f32, then kept in the file's precision, as ComfyUI rounds patched
             // weights back to their dtype: the patched model needs no more memory than the file.
+            // (fp8 weights are kept in f16: ComfyUI rounds them back to fp8 stochastically.)
             if let (Some((_, elements)), Some(&rows)) = (in_place, dims.first()) {
                 let cols = shape.elem_count() / rows.max(1);
                 if let Some(tensor) = self
@@ -411,6 +489,7 @@ impl Weights {
             let tensor = match self.mapped.as_ref().and_then(|file| file.entry(&full_name)) {
                 Some(entry) if entry.dtype == FileDtype::F16 => patched.to_dtype(DType::F16)?,
                 Some(entry) if entry.dtype == FileDtype::BF16 => patched.to_dtype(DType::BF16)?,
+                Some(entry) if Fp8Format::of(entry.dtype).is_some() => patched.to_dtype(DType::F16)?,
                 _ => patched,
             };
             return Ok(self.matrix_of(tensor));
@@ -440,7 +519,8 @@ impl Weights {
 
 /// Where a network's weights come from, kept with the network so that it can be built again
 /// with more LoRA patches without reading its file again: the mapped file, the prefix of the
-/// network's tensors there, and how the network computes.
+/// network's tensors there, how the network computes, and the fp8 format it is stored in, if
+/// any ([`Weights::stored_as`]).
 #[derive(Clone)]
 pub struct WeightSource {
     pub file: Arc<SafetensorsFile>,
@@ -449,6 +529,7 @@ pub struct WeightSource {
     pub device: Device,
     pub precision: Precision,
     pub patches: WeightPatches,
+    pub stored_as: Option<Fp8Format>,
 }
 
 impl WeightSource {
@@ -461,6 +542,7 @@ impl WeightSource {
             device: device.clone(),
             precision,
             patches: WeightPatches::default(),
+            stored_as: None,
         }
     }
 
@@ -476,7 +558,8 @@ impl WeightSource {
     pub fn weights(&self) -> Weights {
         let weights = Weights::from_file(self.file.clone(), DType::F32, &self.device)
             .with_precision(self.precision)
-            .with_patches(self.patches.clone());
+            .with_patches(self.patches.clone())
+            .stored_as(self.stored_as);
         if self.prefix.is_empty() {
             weights
         } else {
@@ -503,14 +586,8 @@ impl From<VarBuilder<'static>> for Weights {
             mapped: None,
             precision: Precision::F32,
             patches: WeightPatches::default(),
+            stored_as: None,
         }
-    }
-}
-
-/// For candle's layers (norms), which copy their small tensors.
-impl From<Weights> for VarBuilder<'static> {
-    fn from(weights: Weights) -> Self {
-        weights.builder
     }
 }
 
@@ -527,6 +604,8 @@ enum MatrixStorage {
     Mapped { file: Arc<SafetensorsFile>, name: String },
     /// A tensor in the model's dtype, on the model's device.
     Tensor(Tensor),
+    /// Rounded to an fp8 format, in memory.
+    Fp8 { bytes: Vec<u8>, format: Fp8Format },
 }
 
 impl WeightMatrix {
@@ -544,14 +623,36 @@ impl WeightMatrix {
         match &self.storage {
             MatrixStorage::Mapped { file, name } => file.load(name, DType::F32, &Device::Cpu),
             MatrixStorage::Tensor(tensor) => tensor.to_dtype(DType::F32),
+            MatrixStorage::Fp8 { bytes, format } => {
+                let mut values = vec![0f32; bytes.len()];
+                format.decode(bytes, &mut values);
+                Tensor::from_vec(values, self.shape.as_slice(), &Device::Cpu)
+            }
         }
     }
 
-    /// Runs `f` on the elements where the CPU kernels can read them (mapped data, or a
-    /// contiguous CPU tensor in f32, f16 or bf16); `None` for other devices and dtypes.
+    /// The matrix kept in `format`: where it is not already, its elements rounded to it in
+    /// memory (on the CPU), or its tensor's values rounded (other devices).
+    fn stored_as(self, format: Fp8Format) -> candle_core::Result<WeightMatrix> {
+        let bytes = self.with_elements(|elements| match elements {
+            Elements::F8(_, stored) if stored == format => None,
+            elements => Some(encode_elements(elements, format)),
+        })?;
+        let storage = match (bytes, self.storage) {
+            (Some(Some(bytes)), _) => MatrixStorage::Fp8 { bytes, format },
+            (Some(None), storage) => storage,
+            (None, MatrixStorage::Tensor(tensor)) => MatrixStorage::Tensor(rounded_to(&tensor, format)?),
+            (None, storage) => storage,
+        };
+        Ok(WeightMatrix { storage, ..self })
+    }
+
+    /// Runs `f` on the elements where the CPU kernels can read them (mapped data, fp8 bytes, or
+    /// a contiguous CPU tensor in f32, f16 or bf16); `None` for other devices and dtypes.
     pub fn with_elements<R>(&self, f: impl FnOnce(Elements) -> R) -> candle_core::Result<Option<R>> {
         match &self.storage {
             MatrixStorage::Mapped { file, name } => Ok(file.elements(name).map(f)),
+            MatrixStorage::Fp8 { bytes, format } => Ok(Some(f(Elements::F8(bytes, *format)))),
             MatrixStorage::Tensor(tensor) => {
                 if !tensor.device().is_cpu() || !tensor.is_contiguous() {
                     return Ok(None);
@@ -636,6 +737,8 @@ mod tests {
                     Elements::F32(_) => "f32",
                     Elements::F16(_) => "f16",
                     Elements::BF16(_) => "bf16",
+                    Elements::F8(_, Fp8Format::E4M3Fn) => "fp8_e4m3fn",
+                    Elements::F8(_, Fp8Format::E5M2) => "fp8_e5m2",
                 };
                 (precision, values)
             })
@@ -683,6 +786,58 @@ mod tests {
     }
 
     #[test]
+    fn fp8_matrices_are_read_in_place_and_other_fp8_tensors_widened() {
+        // 0.5, -1.25, 3, 0, -0.375, 96 in e4m3fn and e5m2.
+        for (dtype, format, bytes) in [
+            ("F8_E4M3", "fp8_e4m3fn", vec![0x30, 0xba, 0x44, 0x00, 0xac, 0x6c]),
+            ("F8_E5M2", "fp8_e5m2", vec![0x38, 0xbd, 0x42, 0x00, 0xb6, 0x56]),
+        ] {
+            let (_dir, file) = handmade_file(&[("layer.weight", dtype, vec![2, 3], bytes)]);
+            let weights = Weights::from_file(file, DType::F32, &Device::Cpu).pp("layer");
+            let matrix = weights.matrix((2, 3), "weight").expect("matrix");
+            assert!(matches!(matrix.storage, MatrixStorage::Mapped { .. }), "{dtype}");
+            assert_eq!(read_in_place(&matrix), Some((format, VALUES.to_vec())));
+            let tensor = weights
+                .get((2, 3), "weight")
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>());
+            assert_eq!(tensor.ok(), Some(VALUES.to_vec()));
+        }
+    }
+
+    /// Stored as fp8 (ComfyUI's `weight_dtype`), f16 weights are rounded to the nearest fp8
+    /// value: matrices kept as fp8 bytes, other tensors rounded in the model's dtype; weights
+    /// already in that format stay in place.
+    #[test]
+    fn weights_stored_as_fp8_are_rounded_to_it() {
+        let values = [0.3f32, -1.1, 3.0, 100.0, -0.01, 440.0];
+        let halves: Vec<u8> = values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect();
+        let (_dir, file) = handmade_file(&[
+            ("layer.weight", "F16", vec![2, 3], halves.clone()),
+            ("layer.bias", "F16", vec![6], halves),
+            ("fp8.weight", "F8_E4M3", vec![1, 2], vec![0x38, 0xb8]),
+        ]);
+        for format in [Fp8Format::E4M3Fn, Fp8Format::E5M2] {
+            let expected: Vec<f32> = values
+                .iter()
+                .map(|&v| format.values()[usize::from(format.encode(f16::from_f32(v).to_f32()))])
+                .collect();
+            let weights = Weights::from_file(file.clone(), DType::F32, &Device::Cpu).stored_as(Some(format));
+            let matrix = weights.pp("layer").matrix((2, 3), "weight").expect("matrix");
+            assert!(matches!(matrix.storage, MatrixStorage::Fp8 { .. }));
+            assert_eq!(read_in_place(&matrix), Some((format.name(), expected.clone())));
+            let bias = weights.pp("layer").get(6, "bias").and_then(|t| t.to_vec1::<f32>());
+            assert_eq!(bias.ok(), Some(expected.clone()));
+            let already = weights.pp("fp8").matrix((1, 2), "weight").expect("matrix");
+            let stays_mapped = matches!(already.storage, MatrixStorage::Mapped { .. });
+            assert_eq!(stays_mapped, format == Fp8Format::E4M3Fn, "{format:?}");
+            assert_eq!(read_in_place(&already).map(|(_, values)| values), Some(vec![1.0, -1.0]));
+        }
+        // 500 is beyond e4m3fn's range: NaN, as PyTorch's cast gives.
+        let e4m3 = Fp8Format::E4M3Fn;
+        assert!(e4m3.values()[usize::from(e4m3.encode(500.0))].is_nan());
+    }
+
+    #[test]
     fn misaligned_weights_are_copied_and_still_computed_on() {
         let data = VALUES.iter().flat_map(|v| v.to_le_bytes()).collect();
         let (_dir, file) = handmade_file(&[("pad", "F16", vec![1], vec![0, 0]), ("weight", "F32", vec![2, 3], data)]);
@@ -691,17 +846,6 @@ mod tests {
             .expect("matrix");
         assert!(matches!(matrix.storage, MatrixStorage::Tensor(_)));
         assert_eq!(read_in_place(&matrix), Some(("f32", VALUES.to_vec())));
-    }
-
-    #[test]
-    fn fp8_values_widen_exactly() {
-        assert_eq!(f8_e4m3fn_to_f16(0x38).to_f32(), 1.0);
-        assert_eq!(f8_e4m3fn_to_f16(0x7e).to_f32(), 448.0);
-        assert_eq!(f8_e4m3fn_to_f16(0x01).to_f32(), 2f32.powi(-9));
-        assert_eq!(f8_e4m3fn_to_f16(0xb8).to_f32(), -1.0);
-        assert!(f8_e4m3fn_to_f16(0x7f).is_nan());
-        assert_eq!(f8_e5m2_to_f16(0x3c).to_f32(), 1.0);
-        assert_eq!(f8_e5m2_to_f16(0xc0).to_f32(), -2.0);
     }
 
     #[test]
