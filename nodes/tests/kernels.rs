@@ -213,6 +213,56 @@ fn sgemm_on_half_precision_operands_matches_their_f32_copies() {
     }
 }
 
+/// Weights in ggml blocks (GGUF tensors in place) give exactly the products of their
+/// dequantized values: read transposed as a linear layer reads them (contiguous along k, each
+/// panel dequantized while packed), and strided.
+#[test]
+fn sgemm_on_ggml_blocks_matches_the_dequantized_weights() {
+    use easel_nodes::models::ggml_quants::{quantize::quantize, GgmlType};
+    use easel_nodes::models::sgemm::{gemm_into, Elements, Precision, View};
+    let (m, n, k) = (37, 70, 512);
+    let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 97) as f32 / 31.0 - 1.5).collect();
+    let weights: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 89) as f32 / 290.0 - 0.15).collect();
+    for kind in [GgmlType::Q8_0, GgmlType::Q4K] {
+        let blocks = quantize(kind, &weights).unwrap();
+        let mut dense = vec![0f32; n * k];
+        Elements::Ggml(&blocks, kind).read(0, 1, &mut dense);
+        let product = |rhs: Elements| {
+            // The weight matrix [n, k] read as [k, n].
+            let rhs = View {
+                data: rhs,
+                rows: k,
+                cols: n,
+                row_stride: 1,
+                col_stride: k,
+            };
+            let mut out = vec![0f32; m * n];
+            gemm_into(
+                &mut out,
+                n,
+                View::row_major(x.as_slice(), m, k),
+                &rhs,
+                1.0,
+                false,
+                Precision::F32,
+            );
+            out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        assert!(
+            product(Elements::Ggml(&blocks, kind)) == product(Elements::F32(&dense)),
+            "{kind:?}"
+        );
+        // Every 3rd element from 5, and a range starting inside a block.
+        let (mut strided, mut ranged) = (vec![0f32; 100], vec![0f32; 300]);
+        Elements::Ggml(&blocks, kind).read(5, 3, &mut strided);
+        Elements::Ggml(&blocks, kind).read(70, 1, &mut ranged);
+        assert!(strided.iter().enumerate().all(|(i, v)| *v == dense[5 + 3 * i]));
+        assert_eq!(ranged, dense[70..370]);
+        let error = dense.iter().zip(&weights).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(error < 0.02, "{kind:?} dequantizes close to the weights: {error}");
+    }
+}
+
 /// The bf16 GEMM multiplies the operands rounded to bf16 and sums in f32: against the same
 /// sums in f64, and clearly apart from the f32 product. Odd depths leave a half pair.
 #[test]

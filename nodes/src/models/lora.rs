@@ -210,8 +210,8 @@ impl WeightPatches {
     /// patches applied in one pass over blocks of rows shared out across threads: each block
     /// widened to f32, every low-rank difference added by the GEMM, then rounded back to the
     /// base's precision, as ComfyUI rounds patched weights. `None` unless every patch of `name`
-    /// is a plain low-rank one (no DoRA, no row range) and the base is f32, f16 or bf16: the
-    /// general path then applies them.
+    /// is a plain low-rank one (no DoRA, no row range) and the base is f32, f16 or bf16 (not
+    /// fp8 or ggml blocks): the general path then applies them.
     pub fn apply_low_rank_in_blocks(
         &self,
         name: &str,
@@ -273,7 +273,7 @@ impl WeightPatches {
                 (rows, cols),
                 &Device::Cpu,
             )?,
-            Elements::F8(..) => return Ok(None),
+            Elements::F8(..) | Elements::Ggml(..) => return Ok(None),
         };
         Ok(Some(tensor))
     }

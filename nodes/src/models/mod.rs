@@ -8,6 +8,8 @@ pub mod conv;
 pub mod cpu_kernels;
 pub mod embeddings;
 pub mod fp8;
+pub mod ggml_quants;
+pub mod gguf;
 pub mod linear;
 pub mod lora;
 pub mod sgemm;

@@ -3,8 +3,9 @@
 //! AVX2/portable kernels elsewhere; and a bf16 variant of the packed kernel (AVX512-BF16) for
 //! models run in bf16 ([`Precision`]). Single-threaded: callers split the work across threads.
 //!
-//! Operands may hold f16, bf16 or fp8 (weights read in place from a model file): they are
-//! widened to f32 while the GEMM packs them, so the arithmetic is the same as on f32 copies.
+//! Operands may hold f16, bf16, fp8 or ggml blocks (weights read in place from a model file):
+//! they are widened or dequantized to f32 while the GEMM packs them, so the arithmetic is the
+//! same as on f32 copies, and quantized weights are never expanded beyond a packed panel.
 
 use std::cell::RefCell;
 use std::thread::LocalKey;
@@ -13,6 +14,7 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 use super::fp8::Fp8Format;
+use super::ggml_quants::GgmlType;
 
 /// The elements of a matrix, in the precision they are stored in.
 #[derive(Clone, Copy)]
@@ -21,6 +23,8 @@ pub enum Elements<'a> {
     F16(&'a [f16]),
     BF16(&'a [bf16]),
     F8(&'a [u8], Fp8Format),
+    /// Whole blocks of a ggml type (a GGUF tensor in place).
+    Ggml(&'a [u8], GgmlType),
 }
 
 impl<'a> From<&'a [f32]> for Elements<'a> {
@@ -42,6 +46,7 @@ impl Elements<'_> {
             Elements::F16(values) => values.len(),
             Elements::BF16(values) => values.len(),
             Elements::F8(bytes, _) => bytes.len(),
+            Elements::Ggml(bytes, kind) => bytes.len() / kind.block_bytes() * kind.block_size(),
         }
     }
 
@@ -56,6 +61,7 @@ impl Elements<'_> {
             Elements::F16(values) if stride == 1 => values[start..start + out.len()].convert_to_f32_slice(out),
             Elements::BF16(values) if stride == 1 => values[start..start + out.len()].convert_to_f32_slice(out),
             Elements::F8(bytes, format) if stride == 1 => format.decode(&bytes[start..start + out.len()], out),
+            Elements::Ggml(bytes, kind) if stride == 1 => kind.dequantize_range(bytes, start, out),
             Elements::F32(values) => gather(values, start, stride, out, |value| value),
             Elements::F16(values) => gather(values, start, stride, out, f16::to_f32),
             Elements::BF16(values) => gather(values, start, stride, out, bf16::to_f32),
@@ -63,6 +69,7 @@ impl Elements<'_> {
                 let values = format.values();
                 gather(bytes, start, stride, out, |byte| values[usize::from(byte)])
             }
+            Elements::Ggml(bytes, kind) => kind.dequantize_strided(bytes, start, stride, out),
         }
     }
 }

@@ -739,6 +739,7 @@ mod tests {
                     Elements::BF16(_) => "bf16",
                     Elements::F8(_, Fp8Format::E4M3Fn) => "fp8_e4m3fn",
                     Elements::F8(_, Fp8Format::E5M2) => "fp8_e5m2",
+                    Elements::Ggml(_, kind) => kind.name(),
                 };
                 (precision, values)
             })
