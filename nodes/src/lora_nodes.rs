@@ -153,7 +153,11 @@ fn apply_lora(
     let mut used = HashSet::new();
     let base = &model.0;
     let mut unet_keys = LoraKeyMap::default();
-    unet_keys.add_unet(&base.source.file, &base.source.name_prefix(), base.unet.config());
+    unet_keys.add_unet(
+        base.source.file.as_ref(),
+        &base.source.name_prefix(),
+        base.unet.config(),
+    );
     let loaded = load_lora(lora, &unet_keys, strength_model).map_err(tensor_error)?;
     used.extend(loaded.used);
     let model = if strength_model == 0.0 || loaded.patches.is_empty() {
@@ -173,7 +177,7 @@ fn apply_lora(
             for encoder in &clip.encoders {
                 let mut clip_keys = LoraKeyMap::default();
                 clip_keys.add_clip(
-                    &encoder.source.file,
+                    encoder.source.file.as_ref(),
                     &encoder.source.name_prefix(),
                     encoder.network.config().naming,
                     clip_lora_names(clip.family, encoder.kind),

@@ -18,7 +18,7 @@ use easel_nodes::models::testmodels::{
     self, TINY_LORA_ALPHA, TINY_LORA_LAYERS, TINY_LORA_RANK, TINY_LORA_UNMATCHED, TINY_SD1_CHECKPOINT, TINY_SD1_LORA,
 };
 use easel_nodes::models::unet::UNetInput;
-use easel_nodes::models::weights::{SafetensorsFile, TensorShapes, Weights};
+use easel_nodes::models::weights::{MappedWeights, SafetensorsFile, TensorShapes, Weights};
 use easel_nodes::models::{SD1_CLIP_PREFIX, UNET_PREFIX};
 use serde_json::json;
 
@@ -33,13 +33,18 @@ fn every_layer_of_the_tiny_lora_patches_the_weight_comfyui_patches() {
     let checkpoint = Arc::new(open(&dir.path().join("checkpoints").join(TINY_SD1_CHECKPOINT)));
     let lora = open(&dir.path().join("loras").join(TINY_SD1_LORA));
     let mut unet_keys = LoraKeyMap::default();
-    unet_keys.add_unet(&checkpoint, UNET_PREFIX, &testmodels::tiny_sd1_unet());
+    unet_keys.add_unet(checkpoint.as_ref(), UNET_PREFIX, &testmodels::tiny_sd1_unet());
     let mut clip_keys = LoraKeyMap::default();
     let sd1_names = ClipLoraNames {
         kohya: &["lora_te", "lora_te1"],
         diffusers: "text_encoder",
     };
-    clip_keys.add_clip(&checkpoint, SD1_CLIP_PREFIX, ClipNaming::Transformers, sd1_names);
+    clip_keys.add_clip(
+        checkpoint.as_ref(),
+        SD1_CLIP_PREFIX,
+        ClipNaming::Transformers,
+        sd1_names,
+    );
     let strength = 0.8f32;
     let unet = load_lora(&lora, &unet_keys, strength).unwrap();
     let clip = load_lora(&lora, &clip_keys, strength).unwrap();

@@ -14,7 +14,7 @@ use easel_nodes::models::testmodels::{self, Fill};
 use easel_nodes::models::tokenizer::{tokenize_with_weights, NoEmbeddings, TokenItem, END_TOKEN};
 use easel_nodes::models::unet::{UNet, UNetInput};
 use easel_nodes::models::vae::Vae;
-use easel_nodes::models::weights::{SafetensorsFile, Weights};
+use easel_nodes::models::weights::{MappedWeights, SafetensorsFile, Weights};
 use easel_nodes::models::{
     detect_checkpoint, detect_layout, DetectError, Family, SD1_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
 };

@@ -10,7 +10,7 @@ use candle_core::pickle::{read_pth_tensor_info, PthTensors};
 use candle_core::{DType, Device, Tensor};
 
 use super::tokenizer::EmbeddingLookup;
-use super::weights::{SafetensorsFile, TensorShapes};
+use super::weights::{MappedWeights, SafetensorsFile, TensorShapes};
 use crate::paths::Paths;
 
 const EXTENSIONS: [&str; 3] = [".safetensors", ".pt", ".bin"];

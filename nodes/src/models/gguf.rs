@@ -15,10 +15,13 @@ use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
 use memmap2::{Advice, Mmap};
 
 use super::ggml_quants::GgmlType;
-use super::weights::TensorShapes;
+use super::sgemm::Elements;
+use super::weights::{cast_in_place, MappedWeights, TensorShapes};
 
 /// The first four bytes of every GGUF file.
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -191,10 +194,6 @@ impl GgufFile {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn metadata(&self, key: &str) -> Option<&MetadataValue> {
         self.metadata.get(key)
     }
@@ -217,6 +216,36 @@ impl GgufFile {
 
     pub fn tensors(&self) -> impl Iterator<Item = (&str, &GgufTensor)> {
         self.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor))
+    }
+}
+
+impl MappedWeights for GgufFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Plain floats where aligned for their type, block types as they are.
+    fn elements(&self, name: &str) -> Option<Elements<'_>> {
+        let tensor = self.tensors.get(name)?;
+        let bytes = &self.map[tensor.byte_range.clone()];
+        match tensor.kind {
+            GgmlType::F32 => cast_in_place::<f32>(bytes).map(Elements::F32),
+            GgmlType::F16 => cast_in_place::<f16>(bytes).map(Elements::F16),
+            GgmlType::BF16 => cast_in_place::<bf16>(bytes).map(Elements::BF16),
+            kind => Some(Elements::Ggml(bytes, kind)),
+        }
+    }
+
+    /// The tensor dequantized (as ComfyUI-GGUF dequantizes it), in `dtype` on `device`.
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("'{}' has no tensor '{name}'", self.path.display())))?;
+        let bytes = &self.map[tensor.byte_range.clone()];
+        let mut values = vec![0f32; tensor.shape.iter().product()];
+        tensor.kind.dequantize_range(bytes, 0, &mut values);
+        Tensor::from_vec(values, tensor.shape.as_slice(), device)?.to_dtype(dtype)
     }
 }
 
@@ -532,6 +561,32 @@ mod tests {
                 written.name
             );
         }
+    }
+
+    /// Model code reads GGUF tensors through [`Weights`] as it reads safetensors: matrices in
+    /// place in their ggml type, other tensors dequantized.
+    #[test]
+    fn weights_read_gguf_tensors_in_place() {
+        use crate::models::weights::Weights;
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("model.gguf");
+        let values: Vec<f32> = (0..4 * 64).map(|i| (i as f32 * 0.1).cos()).collect();
+        let tensors = [
+            tensor("layer.weight", &[4, 64], GgmlType::Q8_0, &values),
+            tensor("layer.bias", &[4], GgmlType::F32, &values[..4]),
+        ];
+        write_gguf(&path, &[], &tensors).expect("written");
+        let file = std::sync::Arc::new(GgufFile::open(&path).expect("opened"));
+        let weights = Weights::from_file(file.clone(), DType::F32, &Device::Cpu).pp("layer");
+        let matrix = weights.matrix((4, 64), "weight").expect("matrix");
+        let in_place = matrix.with_elements(|elements| matches!(elements, Elements::Ggml(_, GgmlType::Q8_0)));
+        assert_eq!(in_place.expect("readable"), Some(true));
+        let mut expected = vec![0f32; 256];
+        GgmlType::Q8_0.dequantize_range(&tensors[0].bytes, 0, &mut expected);
+        let copied: Vec<f32> = matrix.tensor().and_then(|t| t.flatten_all()?.to_vec1()).expect("copy");
+        assert_eq!(copied, expected);
+        let bias = weights.get(4, "bias").and_then(|t| t.to_vec1::<f32>()).expect("bias");
+        assert_eq!(bias, values[..4].to_vec());
     }
 
     fn error_of(bytes: &[u8]) -> String {

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use super::clip_text::ClipNaming;
 use super::sgemm::{gemm_into, Elements, Precision, View};
 use super::unet::{UNetConfig, TRANSFORMER_BLOCK_MATRICES};
-use super::weights::{SafetensorsFile, TensorShapes};
+use super::weights::{MappedWeights, SafetensorsFile, TensorShapes};
 use crate::memory::advise_huge_pages;
 
 /// One weight difference, with the strength it is applied at.
@@ -314,7 +314,7 @@ struct PatchTarget {
 
 impl LoraKeyMap {
     /// The names of a UNet's weight matrices, whose tensors lie under `prefix` in `file`.
-    pub fn add_unet(&mut self, file: &SafetensorsFile, prefix: &str, config: &UNetConfig) {
+    pub fn add_unet(&mut self, file: &dyn TensorShapes, prefix: &str, config: &UNetConfig) {
         let diffusers = diffusers_unet_names(config);
         for name in file.tensor_names() {
             let Some(key) = name.strip_prefix(prefix).and_then(|k| k.strip_suffix(".weight")) else {
@@ -345,7 +345,7 @@ impl LoraKeyMap {
     /// encoder's root) in `file` in `naming`'s layout, under the LoRA names of its slot
     /// (`names`). In OpenCLIP's layout query, key and value are the three thirds of one fused
     /// `in_proj_weight`; their LoRAs patch those rows.
-    pub fn add_clip(&mut self, file: &SafetensorsFile, prefix: &str, naming: ClipNaming, names: ClipLoraNames) {
+    pub fn add_clip(&mut self, file: &dyn TensorShapes, prefix: &str, naming: ClipNaming, names: ClipLoraNames) {
         /// Each matrix's name in the transformers layout, in OpenCLIP's, and which third of
         /// OpenCLIP's matrix it is.
         const MATRICES: [(&str, &str, Option<usize>); 6] = [

@@ -23,7 +23,7 @@ use candle_core::{DType, Device};
 use clip_text::{Activation, ClipTextConfig};
 use unet::{HeadLayout, UNetConfig};
 use vae::VaeConfig;
-use weights::{SafetensorsFile, TensorShapes};
+use weights::{MappedWeights, SafetensorsFile, TensorShapes};
 
 /// Prefixes of the parts of a single-file checkpoint in ComfyUI's (LDM) layout.
 pub const UNET_PREFIX: &str = "model.diffusion_model.";

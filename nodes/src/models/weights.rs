@@ -1,5 +1,5 @@
 //! Weight files: safetensors read through a memory map, validated before any tensor is touched,
-//! and served to model code through [`Weights`].
+//! and served to model code through [`Weights`] (as GGUF files are, through [`MappedWeights`]).
 //!
 //! Where a model computes in f32 on the CPU, its weight matrices (the bulk of every model) stay
 //! in the map in the file's precision and the CPU kernels read them in place ([`WeightMatrix`]):
@@ -75,6 +75,30 @@ impl TensorShapes for HashMap<String, Vec<usize>> {
     }
 }
 
+/// A weight file read through a memory map (safetensors, or GGUF in [`super::gguf`]), as
+/// [`Weights`] reads it: its tensors' elements in place where the CPU kernels can read them,
+/// every tensor copied out on request.
+pub trait MappedWeights: TensorShapes + Send + Sync {
+    fn path(&self) -> &Path;
+
+    /// A tensor's elements where they lie in the map, in a form the CPU kernels read; `None`
+    /// where they cannot be read in place.
+    fn elements(&self, name: &str) -> Option<Elements<'_>>;
+
+    /// One tensor, copied in `dtype` on `device`.
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor>;
+}
+
+/// `bytes` as `T` values, where they are aligned for `T` on a little-endian machine.
+pub(crate) fn cast_in_place<T>(bytes: &[u8]) -> Option<&[T]> {
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: only used for f32, f16 and bf16, plain values for which every bit pattern is valid.
+    let (prefix, values, suffix) = unsafe { bytes.align_to::<T>() };
+    (prefix.is_empty() && suffix.is_empty()).then_some(values)
+}
+
 /// One tensor's place in a file.
 #[derive(Clone, Debug)]
 pub struct TensorEntry {
@@ -118,39 +142,29 @@ impl SafetensorsFile {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
         self.tensors.get(name)
     }
+}
 
-    /// A tensor's elements where they lie in the map: fp8 data, or f32, f16 or bf16 data at an
-    /// address aligned for its type, on a little-endian machine; `None` otherwise.
+impl MappedWeights for SafetensorsFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// fp8 data, or f32, f16 or bf16 data at an address aligned for its type.
     fn elements(&self, name: &str) -> Option<Elements<'_>> {
-        /// `bytes` as `T` values, where they are aligned for `T`.
-        fn cast<T>(bytes: &[u8]) -> Option<&[T]> {
-            // SAFETY: only used for f32, f16 and bf16, plain values for which every bit pattern
-            // is valid.
-            let (prefix, values, suffix) = unsafe { bytes.align_to::<T>() };
-            (prefix.is_empty() && suffix.is_empty()).then_some(values)
-        }
         let entry = self.tensors.get(name)?;
-        if cfg!(target_endian = "big") {
-            return None;
-        }
         let bytes = &self.map[entry.byte_range.clone()];
         match entry.dtype {
-            FileDtype::F32 => cast::<f32>(bytes).map(Elements::F32),
-            FileDtype::F16 => cast::<f16>(bytes).map(Elements::F16),
-            FileDtype::BF16 => cast::<bf16>(bytes).map(Elements::BF16),
+            FileDtype::F32 => cast_in_place::<f32>(bytes).map(Elements::F32),
+            FileDtype::F16 => cast_in_place::<f16>(bytes).map(Elements::F16),
+            FileDtype::BF16 => cast_in_place::<bf16>(bytes).map(Elements::BF16),
             dtype => Fp8Format::of(dtype).map(|format| Elements::F8(bytes, format)),
         }
     }
 
-    /// Loads one tensor in `dtype` on `device`.
-    pub fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         let entry = self
             .tensors
             .get(name)
@@ -302,8 +316,8 @@ fn encode_elements(elements: Elements, format: Fp8Format) -> Vec<u8> {
     bytes
 }
 
-/// A [`VarBuilder`] backend over a shared [`SafetensorsFile`].
-struct FileBackend(Arc<SafetensorsFile>);
+/// A [`VarBuilder`] backend over a shared mapped file.
+struct FileBackend(Arc<dyn MappedWeights>);
 
 impl SimpleBackend for FileBackend {
     fn get(
@@ -318,7 +332,7 @@ impl SimpleBackend for FileBackend {
         if tensor.shape() != &shape {
             return Err(candle_core::Error::Msg(format!(
                 "'{}': tensor '{name}' has shape {:?}, the model expects {:?}",
-                self.0.path.display(),
+                self.0.path().display(),
                 tensor.dims(),
                 shape.dims()
             )));
@@ -331,7 +345,7 @@ impl SimpleBackend for FileBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.0.tensors.contains_key(name)
+        self.0.has(name)
     }
 }
 
@@ -342,7 +356,7 @@ impl SimpleBackend for FileBackend {
 #[derive(Clone)]
 pub struct Weights {
     builder: VarBuilder<'static>,
-    mapped: Option<Arc<SafetensorsFile>>,
+    mapped: Option<Arc<dyn MappedWeights>>,
     precision: Precision,
     patches: WeightPatches,
     stored_as: Option<Fp8Format>,
@@ -350,7 +364,7 @@ pub struct Weights {
 
 impl Weights {
     /// The tensors of `file`, in `dtype` on `device`.
-    pub fn from_file(file: Arc<SafetensorsFile>, dtype: DType, device: &Device) -> Self {
+    pub fn from_file(file: Arc<dyn MappedWeights>, dtype: DType, device: &Device) -> Self {
         let mapped = (dtype == DType::F32 && device.is_cpu()).then(|| file.clone());
         Weights {
             builder: VarBuilder::from_backend(Box::new(FileBackend(file)), dtype, device.clone()),
@@ -467,7 +481,7 @@ impl Weights {
             if file.shape(&full_name) != Some(dims) {
                 return Err(candle_core::Error::Msg(format!(
                     "'{}': tensor '{full_name}' has shape {:?}, the model expects {dims:?}",
-                    file.path.display(),
+                    file.path().display(),
                     file.shape(&full_name).unwrap_or_default(),
                 )));
             }
@@ -486,10 +500,9 @@ impl Weights {
                 }
             }
             let patched = self.get(shape, name)?;
-            let tensor = match self.mapped.as_ref().and_then(|file| file.entry(&full_name)) {
-                Some(entry) if entry.dtype == FileDtype::F16 => patched.to_dtype(DType::F16)?,
-                Some(entry) if entry.dtype == FileDtype::BF16 => patched.to_dtype(DType::BF16)?,
-                Some(entry) if Fp8Format::of(entry.dtype).is_some() => patched.to_dtype(DType::F16)?,
+            let tensor = match in_place.map(|(_, elements)| elements) {
+                Some(Elements::F16(_) | Elements::F8(..) | Elements::Ggml(..)) => patched.to_dtype(DType::F16)?,
+                Some(Elements::BF16(_)) => patched.to_dtype(DType::BF16)?,
                 _ => patched,
             };
             return Ok(self.matrix_of(tensor));
@@ -523,7 +536,7 @@ impl Weights {
 /// any ([`Weights::stored_as`]).
 #[derive(Clone)]
 pub struct WeightSource {
-    pub file: Arc<SafetensorsFile>,
+    pub file: Arc<dyn MappedWeights>,
     /// The tensor name prefix, without its final dot (`model.diffusion_model`).
     pub prefix: String,
     pub device: Device,
@@ -535,7 +548,7 @@ pub struct WeightSource {
 impl WeightSource {
     /// The tensors under `prefix` (with or without its final dot; empty for the root) of
     /// `file`, unpatched, their matrices multiplied in `precision`.
-    pub fn new(file: Arc<SafetensorsFile>, prefix: &str, device: &Device, precision: Precision) -> Self {
+    pub fn new(file: Arc<dyn MappedWeights>, prefix: &str, device: &Device, precision: Precision) -> Self {
         WeightSource {
             file,
             prefix: prefix.trim_end_matches('.').to_string(),
@@ -601,7 +614,7 @@ pub struct WeightMatrix {
 
 enum MatrixStorage {
     /// In the mapped file, in the file's precision.
-    Mapped { file: Arc<SafetensorsFile>, name: String },
+    Mapped { file: Arc<dyn MappedWeights>, name: String },
     /// A tensor in the model's dtype, on the model's device.
     Tensor(Tensor),
     /// Rounded to an fp8 format, in memory.

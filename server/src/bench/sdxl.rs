@@ -141,7 +141,11 @@ fn lora_patch_time(checkpoint: &Path) -> anyhow::Result<()> {
         let started = Instant::now();
         let lora = SafetensorsFile::open(lora_path)?;
         let mut keys = LoraKeyMap::default();
-        keys.add_unet(&base.source.file, &base.source.name_prefix(), base.unet.config());
+        keys.add_unet(
+            base.source.file.as_ref(),
+            &base.source.name_prefix(),
+            base.unet.config(),
+        );
         let patches = load_lora(&lora, &keys, 1.0)?;
         let read = started.elapsed().as_secs_f64();
         let source = base.source.patched(patches.patches);
