@@ -7,6 +7,7 @@ pub mod clip_text;
 pub mod conv;
 pub mod cpu_kernels;
 pub mod embeddings;
+pub mod flux;
 pub mod fp8;
 pub mod ggml_quants;
 pub mod gguf;

@@ -17,6 +17,7 @@ use half::f16;
 use safetensors::tensor::{Dtype as FileDtype, TensorView};
 
 use super::clip_text::{Activation, ClipNaming, ClipTextConfig, ClipTextEncoder};
+use super::flux::{Flux, FluxConfig};
 use super::unet::{HeadLayout, UNet, UNetConfig};
 use super::vae::{Vae, VaeConfig};
 use super::{
@@ -178,6 +179,38 @@ pub fn sdxl_checkpoint_layout() -> candle_core::Result<Vec<TensorSpec>> {
         ],
         &sd15_vae(),
     )
+}
+
+/// A tiny FLUX.1-dev: two heads of 128 (FLUX's head width, which its rotary embedding needs),
+/// one double and one single block, 32-wide text tokens and a 16-wide pooled vector.
+pub fn tiny_flux() -> FluxConfig {
+    FluxConfig {
+        in_channels: 64,
+        out_channels: 16,
+        hidden_size: 256,
+        heads: 2,
+        mlp_hidden: 512,
+        context_dim: 32,
+        vector_dim: 16,
+        double_blocks: 1,
+        single_blocks: 1,
+        guidance_embed: true,
+        qkv_bias: true,
+    }
+}
+
+/// Every tensor of a FLUX model in the BFL layout under `prefix`; the query and key norms'
+/// scales are ones.
+pub fn flux_layout(config: &FluxConfig, prefix: &str) -> candle_core::Result<Vec<TensorSpec>> {
+    let recorder = Recorder::default();
+    Flux::new(config.clone(), recorder.var_builder(prefix).into())?;
+    let mut specs = recorder.specs();
+    for spec in &mut specs {
+        if spec.name.ends_with("_norm.scale") {
+            spec.fill = Fill::Ones;
+        }
+    }
+    Ok(specs)
 }
 
 /// Every tensor of an SD1.x single-file checkpoint with the given parts, in ComfyUI's layout.
@@ -732,7 +765,10 @@ struct Recorder(Arc<Mutex<Vec<TensorSpec>>>);
 impl Recorder {
     fn var_builder(&self, prefix: &str) -> VarBuilder<'static> {
         let vb = VarBuilder::from_backend(Box::new(self.clone()), DType::F32, Device::Cpu);
-        vb.pp(prefix.trim_end_matches('.'))
+        match prefix.trim_end_matches('.') {
+            "" => vb,
+            prefix => vb.pp(prefix),
+        }
     }
 
     fn specs(&self) -> Vec<TensorSpec> {

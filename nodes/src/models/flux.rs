@@ -1,0 +1,512 @@
+//! FLUX.1 (dev, schnell, fill): Black Forest Labs' rectified-flow transformer, written for the
+//! BFL key layout that `flux1-dev.safetensors` and city96's GGUF files use (`img_in`,
+//! `double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`, `final_layer`, …), with the
+//! configuration inferred from the weights: width, depths, heads, guidance embedding (dev) or
+//! none (schnell), input channels (64 packed latent channels, 384 for fill).
+//!
+//! The model works on 2×2 patches of the latent, as ComfyUI's wrapper does: [`Flux::forward`]
+//! takes the latent [B, C, H, W] (odd sizes padded), the text tokens (T5) and the pooled vector
+//! (CLIP-L), and returns the velocity in the latent's shape. Hook points for later features are
+//! explicit inputs: extra latent channels ([`FluxInput::concat`], FLUX fill) and ControlNet
+//! residuals added after each double and single block ([`FluxControl`]).
+
+use candle_core::{Device, Module, Result, Tensor, D};
+
+use super::attention::attention;
+use super::linear::{linear, Linear};
+use super::unet::timestep_embedding;
+use super::weights::{TensorShapes, Weights};
+use super::DetectError;
+
+/// The RoPE axes of every FLUX.1 model: 16 frequencies' worth of the head for the (unused)
+/// text axis, 56 for rows, 56 for columns; θ = 10000.
+const AXES: [usize; 3] = [16, 56, 56];
+const THETA: f64 = 10000.0;
+/// Width of the sinusoidal embeddings of timestep and guidance.
+const TIME_EMBEDDING: usize = 256;
+
+/// A FLUX model's shape, read from its weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FluxConfig {
+    /// Channels of the packed 2×2 patches the model takes (64 = 16·4; fill: 384 = 96·4).
+    pub in_channels: usize,
+    /// Latent channels the model predicts (16).
+    pub out_channels: usize,
+    pub hidden_size: usize,
+    pub heads: usize,
+    pub mlp_hidden: usize,
+    /// Width of the text tokens (T5-XXL: 4096).
+    pub context_dim: usize,
+    /// Width of the pooled vector (CLIP-L: 768).
+    pub vector_dim: usize,
+    pub double_blocks: usize,
+    pub single_blocks: usize,
+    /// Whether the model embeds a guidance strength (dev) or not (schnell).
+    pub guidance_embed: bool,
+    pub qkv_bias: bool,
+}
+
+impl FluxConfig {
+    /// The configuration of the FLUX model under `prefix` (with its dot, or empty).
+    pub fn infer(file: &dyn TensorShapes, prefix: &str) -> std::result::Result<Self, DetectError> {
+        let shape = |key: &str| {
+            file.shape(&format!("{prefix}{key}"))
+                .map(<[usize]>::to_vec)
+                .ok_or_else(|| DetectError::MissingTensor(format!("{prefix}{key}")))
+        };
+        let has = |key: &str| file.has(&format!("{prefix}{key}"));
+        let matrix = |key: &str| -> std::result::Result<(usize, usize), DetectError> {
+            match shape(key)?.as_slice() {
+                &[rows, cols] => Ok((rows, cols)),
+                other => Err(DetectError::Unrecognised(format!(
+                    "'{prefix}{key}' has shape {other:?}"
+                ))),
+            }
+        };
+        let (hidden_size, in_channels) = matrix("img_in.weight")?;
+        let (_, context_dim) = matrix("txt_in.weight")?;
+        let (_, vector_dim) = matrix("vector_in.in_layer.weight")?;
+        let (final_outputs, _) = matrix("final_layer.linear.weight")?;
+        let (mlp_hidden, _) = matrix("double_blocks.0.img_mlp.0.weight")?;
+        let head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")?
+            .first()
+            .copied()
+            .unwrap_or(0);
+        if head_dim != AXES.iter().sum::<usize>() || hidden_size % head_dim != 0 {
+            return Err(DetectError::Unrecognised(format!(
+                "a FLUX model with heads of {head_dim} in a width of {hidden_size} (FLUX.1 has heads of 128)"
+            )));
+        }
+        let count = |block: &str, key: &str| (0..).take_while(|n| has(&format!("{block}.{n}.{key}"))).count();
+        Ok(FluxConfig {
+            in_channels,
+            out_channels: final_outputs / 4,
+            hidden_size,
+            heads: hidden_size / head_dim,
+            mlp_hidden,
+            context_dim,
+            vector_dim,
+            double_blocks: count("double_blocks", "img_attn.norm.key_norm.scale"),
+            single_blocks: count("single_blocks", "norm.key_norm.scale"),
+            guidance_embed: has("guidance_in.in_layer.weight"),
+            qkv_bias: has("double_blocks.0.img_attn.qkv.bias"),
+        })
+    }
+
+    fn head_dim(&self) -> usize {
+        self.hidden_size / self.heads
+    }
+}
+
+/// ControlNet residuals: `double[i]` is added to the image tokens after double block i,
+/// `single[i]` to the image part of the tokens after single block i (where given).
+#[derive(Default)]
+pub struct FluxControl<'a> {
+    pub double: &'a [Option<Tensor>],
+    pub single: &'a [Option<Tensor>],
+}
+
+/// One call of the model.
+pub struct FluxInput<'a> {
+    /// The latent [B, C, H, W].
+    pub x: &'a Tensor,
+    /// σ per batch item [B] (FLUX's timestep is σ itself).
+    pub timesteps: &'a Tensor,
+    /// Text tokens [B, L, context_dim].
+    pub context: &'a Tensor,
+    /// The pooled text vector [B, ≥ vector_dim].
+    pub y: &'a Tensor,
+    /// The guidance strength per item [B] (dev models; ignored by schnell).
+    pub guidance: Option<&'a Tensor>,
+    /// Channels appended to the latent before patching (FLUX fill: masked image and mask).
+    pub concat: Option<&'a Tensor>,
+    pub control: FluxControl<'a>,
+}
+
+/// The FLUX transformer.
+pub struct Flux {
+    config: FluxConfig,
+    img_in: Linear,
+    txt_in: Linear,
+    time_in: MlpEmbedder,
+    vector_in: MlpEmbedder,
+    guidance_in: Option<MlpEmbedder>,
+    double_blocks: Vec<DoubleStreamBlock>,
+    single_blocks: Vec<SingleStreamBlock>,
+    final_norm_modulation: Linear,
+    final_linear: Linear,
+}
+
+impl Flux {
+    pub fn new(config: FluxConfig, weights: Weights) -> Result<Self> {
+        let hidden = config.hidden_size;
+        let double_blocks = (0..config.double_blocks)
+            .map(|n| DoubleStreamBlock::new(&config, weights.pp(format!("double_blocks.{n}"))))
+            .collect::<Result<_>>()?;
+        let single_blocks = (0..config.single_blocks)
+            .map(|n| SingleStreamBlock::new(&config, weights.pp(format!("single_blocks.{n}"))))
+            .collect::<Result<_>>()?;
+        Ok(Flux {
+            img_in: linear(config.in_channels, hidden, weights.pp("img_in"))?,
+            txt_in: linear(config.context_dim, hidden, weights.pp("txt_in"))?,
+            time_in: MlpEmbedder::new(TIME_EMBEDDING, hidden, weights.pp("time_in"))?,
+            vector_in: MlpEmbedder::new(config.vector_dim, hidden, weights.pp("vector_in"))?,
+            guidance_in: match config.guidance_embed {
+                true => Some(MlpEmbedder::new(TIME_EMBEDDING, hidden, weights.pp("guidance_in"))?),
+                false => None,
+            },
+            double_blocks,
+            single_blocks,
+            final_norm_modulation: linear(hidden, 2 * hidden, weights.pp("final_layer.adaLN_modulation.1"))?,
+            final_linear: linear(hidden, 4 * config.out_channels, weights.pp("final_layer.linear"))?,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &FluxConfig {
+        &self.config
+    }
+
+    /// The predicted velocity [B, out_channels, H, W].
+    pub fn forward(&self, input: &FluxInput) -> Result<Tensor> {
+        let x = match input.concat {
+            Some(extra) => Tensor::cat(&[input.x, extra], 1)?,
+            None => input.x.clone(),
+        };
+        let (batch, _, height, width) = x.dims4()?;
+        let (rows, cols) = (height.div_ceil(2), width.div_ceil(2));
+        let img = patchify(&pad_circularly(&pad_circularly(&x, 2)?, 3)?)?;
+        let txt_length = input.context.dim(1)?;
+        let rope = Rope::new(txt_length, rows, cols, x.device())?;
+
+        let mut vec = self
+            .time_in
+            .forward(&timestep_embedding(&(input.timesteps * 1000.0)?, TIME_EMBEDDING)?)?;
+        if let (Some(guidance_in), Some(guidance)) = (&self.guidance_in, input.guidance) {
+            vec = (vec + guidance_in.forward(&timestep_embedding(&(guidance * 1000.0)?, TIME_EMBEDDING)?)?)?;
+        }
+        let y = input.y.narrow(1, 0, self.config.vector_dim)?;
+        let vec = (vec + self.vector_in.forward(&y)?)?;
+
+        let mut img = self.img_in.forward(&img)?;
+        let mut txt = self.txt_in.forward(input.context)?;
+        for (n, block) in self.double_blocks.iter().enumerate() {
+            (img, txt) = block.forward(&img, &txt, &vec, &rope)?;
+            if let Some(Some(residual)) = input.control.double.get(n) {
+                img = (img + residual)?;
+            }
+        }
+        let mut tokens = Tensor::cat(&[&txt, &img], 1)?;
+        for (n, block) in self.single_blocks.iter().enumerate() {
+            tokens = block.forward(&tokens, &vec, &rope)?;
+            if let Some(Some(residual)) = input.control.single.get(n) {
+                let image = (tokens.narrow(1, txt_length, rows * cols)? + residual)?;
+                tokens = Tensor::cat(&[&tokens.narrow(1, 0, txt_length)?, &image], 1)?;
+            }
+        }
+        let img = tokens.narrow(1, txt_length, rows * cols)?;
+        let modulation = self.final_norm_modulation.forward(&vec.silu()?)?.chunk(2, 1)?;
+        let (shift, scale) = (modulation[0].unsqueeze(1)?, modulation[1].unsqueeze(1)?);
+        let img = modulate(&layer_norm(&img)?, &shift, &scale)?;
+        let out = self.final_linear.forward(&img)?;
+        unpatchify(&out, batch, self.config.out_channels, rows, cols)?
+            .narrow(2, 0, height)?
+            .narrow(3, 0, width)
+    }
+}
+
+/// `x` made even along `dim` by repeating its first slice after its last (ComfyUI pads with
+/// PyTorch's circular mode).
+fn pad_circularly(x: &Tensor, dim: usize) -> Result<Tensor> {
+    if x.dim(dim)? % 2 == 0 {
+        return Ok(x.clone());
+    }
+    Tensor::cat(&[x, &x.narrow(dim, 0, 1)?], dim)
+}
+
+/// [B, C, 2R, 2C'] → [B, R·C', C·4] (channel, then patch row, then patch column).
+fn patchify(x: &Tensor) -> Result<Tensor> {
+    let (batch, channels, height, width) = x.dims4()?;
+    let (rows, cols) = (height / 2, width / 2);
+    x.reshape((batch, channels, rows, 2, cols, 2))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .reshape((batch, rows * cols, channels * 4))
+}
+
+/// The inverse of [`patchify`].
+fn unpatchify(x: &Tensor, batch: usize, channels: usize, rows: usize, cols: usize) -> Result<Tensor> {
+    x.reshape((batch, rows, cols, channels, 2, 2))?
+        .permute((0, 3, 1, 4, 2, 5))?
+        .reshape((batch, channels, rows * 2, cols * 2))
+}
+
+/// LayerNorm over the last dimension without affine parameters, ε = 1e-6.
+fn layer_norm(x: &Tensor) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    centred.broadcast_div(&(variance + 1e-6)?.sqrt()?)
+}
+
+/// `(1 + scale)·x + shift`, the modulation parameters [B, 1, hidden] broadcast over tokens.
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+}
+
+/// RMSNorm over the last dimension with a learnt `scale`, ε = 1e-6.
+struct RmsNorm {
+    scale: Tensor,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?;
+        x.broadcast_div(&rms)?.broadcast_mul(&self.scale)
+    }
+}
+
+/// Linear, SiLU, linear: the timestep, guidance and vector embedders.
+struct MlpEmbedder {
+    in_layer: Linear,
+    out_layer: Linear,
+}
+
+impl MlpEmbedder {
+    fn new(in_features: usize, hidden: usize, weights: Weights) -> Result<Self> {
+        Ok(MlpEmbedder {
+            in_layer: linear(in_features, hidden, weights.pp("in_layer"))?,
+            out_layer: linear(hidden, hidden, weights.pp("out_layer"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.out_layer.forward(&self.in_layer.forward(x)?.silu()?)
+    }
+}
+
+/// The rotary position embedding of the text tokens (all at position 0) followed by the image
+/// tokens (row, column): per token and frequency pair, cos and sin [L, head_dim / 2].
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(txt_length: usize, rows: usize, cols: usize, device: &Device) -> Result<Self> {
+        let frequencies: Vec<f64> = AXES
+            .iter()
+            .flat_map(|&dim| (0..dim / 2).map(move |i| 1.0 / THETA.powf((2 * i) as f64 / dim as f64)))
+            .collect();
+        let positions = (0..txt_length)
+            .map(|_| [0.0, 0.0, 0.0])
+            .chain((0..rows * cols).map(|p| [0.0, (p / cols) as f64, (p % cols) as f64]));
+        let pairs = frequencies.len();
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for position in positions {
+            let mut pair = 0;
+            for (axis, &dim) in AXES.iter().enumerate() {
+                for _ in 0..dim / 2 {
+                    // As PyTorch: f32 positions times f64 frequencies, cos and sin in f64.
+                    let angle = f64::from(position[axis] as f32) * frequencies[pair];
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                    pair += 1;
+                }
+            }
+        }
+        let length = txt_length + rows * cols;
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (length, pairs), device)?,
+            sin: Tensor::from_vec(sin, (length, pairs), device)?,
+        })
+    }
+
+    /// `x` [B, L, H, D] with each pair (x₀, x₁) of every head rotated by its token's angle:
+    /// (cos·x₀ − sin·x₁, sin·x₀ + cos·x₁).
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (batch, length, heads, head_dim) = x.dims4()?;
+        let pairs = x.reshape((batch, length, heads, head_dim / 2, 2))?;
+        let (x0, x1) = (pairs.narrow(4, 0, 1)?.squeeze(4)?, pairs.narrow(4, 1, 1)?.squeeze(4)?);
+        let cos = self.cos.reshape((1, length, 1, head_dim / 2))?;
+        let sin = self.sin.reshape((1, length, 1, head_dim / 2))?;
+        let out0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+        let out1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+        Tensor::stack(&[out0, out1], 4)?.reshape((batch, length, heads, head_dim))
+    }
+}
+
+/// Query/key normalisation of an attention layer (`norm.query_norm`, `norm.key_norm`).
+struct QkNorm {
+    query: RmsNorm,
+    key: RmsNorm,
+}
+
+impl QkNorm {
+    fn new(head_dim: usize, weights: &Weights) -> Result<Self> {
+        Ok(QkNorm {
+            query: RmsNorm {
+                scale: weights.get(head_dim, "norm.query_norm.scale")?,
+            },
+            key: RmsNorm {
+                scale: weights.get(head_dim, "norm.key_norm.scale")?,
+            },
+        })
+    }
+
+    /// Queries, keys and values [B, L, H, D] of `qkv` [B, L, 3·H·D] (in that order), queries and
+    /// keys normalised.
+    fn split(&self, qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let (batch, length, width) = qkv.dims3()?;
+        let head_dim = width / 3 / heads;
+        let parts = qkv.reshape((batch, length, 3, heads, head_dim))?;
+        let part = |i| parts.narrow(2, i, 1)?.squeeze(2);
+        Ok((self.query.forward(&part(0)?)?, self.key.forward(&part(1)?)?, part(2)?))
+    }
+}
+
+/// Attention of `q`, `k`, `v` [B, L, H, D] with the rotary embedding; [B, L, H·D].
+fn rope_attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Result<Tensor> {
+    let (batch, length, heads, head_dim) = q.dims4()?;
+    let flat = |t: Tensor| t.reshape((batch, length, heads * head_dim));
+    attention(
+        &flat(rope.apply(q)?)?,
+        &flat(rope.apply(k)?)?,
+        &flat(v.clone())?,
+        heads,
+        None,
+    )
+}
+
+/// The six modulation vectors of a double block's stream: shift, scale and gate of its
+/// attention and of its MLP, each [B, 1, hidden].
+fn modulation(lin: &Linear, vec: &Tensor, count: usize) -> Result<Vec<Tensor>> {
+    lin.forward(&vec.silu()?)?
+        .unsqueeze(1)?
+        .chunk(count, D::Minus1)?
+        .into_iter()
+        .map(|t| t.contiguous())
+        .collect()
+}
+
+/// One stream (image or text) of a double block.
+struct Stream {
+    modulation: Linear,
+    qkv: Linear,
+    norm: QkNorm,
+    proj: Linear,
+    mlp_in: Linear,
+    mlp_out: Linear,
+}
+
+impl Stream {
+    fn new(config: &FluxConfig, weights: Weights, name: &str) -> Result<Self> {
+        let hidden = config.hidden_size;
+        let attention = weights.pp(format!("{name}_attn"));
+        let qkv = if config.qkv_bias {
+            linear(hidden, 3 * hidden, attention.pp("qkv"))?
+        } else {
+            super::linear::linear_no_bias(hidden, 3 * hidden, attention.pp("qkv"))?
+        };
+        Ok(Stream {
+            modulation: linear(hidden, 6 * hidden, weights.pp(format!("{name}_mod.lin")))?,
+            qkv,
+            norm: QkNorm::new(config.head_dim(), &attention)?,
+            proj: linear(hidden, hidden, attention.pp("proj"))?,
+            mlp_in: linear(hidden, config.mlp_hidden, weights.pp(format!("{name}_mlp.0")))?,
+            mlp_out: linear(config.mlp_hidden, hidden, weights.pp(format!("{name}_mlp.2")))?,
+        })
+    }
+
+    /// The modulation vectors and this stream's normalised queries, keys and values.
+    fn prepare(&self, x: &Tensor, vec: &Tensor, heads: usize) -> Result<(Vec<Tensor>, (Tensor, Tensor, Tensor))> {
+        let modulation = modulation(&self.modulation, vec, 6)?;
+        let modulated = modulate(&layer_norm(x)?, &modulation[0], &modulation[1])?;
+        let qkv = self.norm.split(&self.qkv.forward(&modulated)?, heads)?;
+        Ok((modulation, qkv))
+    }
+
+    /// `x` after its attention output and its MLP, gated.
+    fn finish(&self, x: &Tensor, attention: &Tensor, modulation: &[Tensor]) -> Result<Tensor> {
+        let x = (x + self.proj.forward(attention)?.broadcast_mul(&modulation[2])?)?;
+        let hidden = modulate(&layer_norm(&x)?, &modulation[3], &modulation[4])?;
+        let mlp = self.mlp_out.forward(&self.mlp_in.forward(&hidden)?.gelu()?)?;
+        x + mlp.broadcast_mul(&modulation[5])?
+    }
+}
+
+/// Image and text tokens, each with their own weights, attending jointly (text first).
+struct DoubleStreamBlock {
+    img: Stream,
+    txt: Stream,
+    heads: usize,
+}
+
+impl DoubleStreamBlock {
+    fn new(config: &FluxConfig, weights: Weights) -> Result<Self> {
+        Ok(DoubleStreamBlock {
+            img: Stream::new(config, weights.clone(), "img")?,
+            txt: Stream::new(config, weights, "txt")?,
+            heads: config.heads,
+        })
+    }
+
+    fn forward(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, rope: &Rope) -> Result<(Tensor, Tensor)> {
+        let (img_modulation, (img_q, img_k, img_v)) = self.img.prepare(img, vec, self.heads)?;
+        let (txt_modulation, (txt_q, txt_k, txt_v)) = self.txt.prepare(txt, vec, self.heads)?;
+        let joint = |t: &Tensor, i: &Tensor| Tensor::cat(&[t, i], 1);
+        let out = rope_attention(
+            &joint(&txt_q, &img_q)?,
+            &joint(&txt_k, &img_k)?,
+            &joint(&txt_v, &img_v)?,
+            rope,
+        )?;
+        let txt_length = txt.dim(1)?;
+        let txt_attention = out.narrow(1, 0, txt_length)?;
+        let img_attention = out.narrow(1, txt_length, img.dim(1)?)?;
+        Ok((
+            self.img.finish(img, &img_attention, &img_modulation)?,
+            self.txt.finish(txt, &txt_attention, &txt_modulation)?,
+        ))
+    }
+}
+
+/// All tokens with shared weights: attention and MLP computed side by side from one
+/// projection, joined by one output projection.
+struct SingleStreamBlock {
+    modulation: Linear,
+    linear1: Linear,
+    linear2: Linear,
+    norm: QkNorm,
+    hidden: usize,
+    heads: usize,
+}
+
+impl SingleStreamBlock {
+    fn new(config: &FluxConfig, weights: Weights) -> Result<Self> {
+        let hidden = config.hidden_size;
+        Ok(SingleStreamBlock {
+            modulation: linear(hidden, 3 * hidden, weights.pp("modulation.lin"))?,
+            linear1: linear(hidden, 3 * hidden + config.mlp_hidden, weights.pp("linear1"))?,
+            linear2: linear(hidden + config.mlp_hidden, hidden, weights.pp("linear2"))?,
+            norm: QkNorm::new(config.head_dim(), &weights)?,
+            hidden,
+            heads: config.heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, vec: &Tensor, rope: &Rope) -> Result<Tensor> {
+        let modulation = modulation(&self.modulation, vec, 3)?;
+        let projected = self
+            .linear1
+            .forward(&modulate(&layer_norm(x)?, &modulation[0], &modulation[1])?)?;
+        let width = projected.dim(D::Minus1)?;
+        let qkv = projected.narrow(D::Minus1, 0, 3 * self.hidden)?;
+        let mlp = projected.narrow(D::Minus1, 3 * self.hidden, width - 3 * self.hidden)?;
+        let (q, k, v) = self.norm.split(&qkv.contiguous()?, self.heads)?;
+        let attention = rope_attention(&q, &k, &v, rope)?;
+        let out = self
+            .linear2
+            .forward(&Tensor::cat(&[&attention, &mlp.gelu()?], D::Minus1)?)?;
+        x + out.broadcast_mul(&modulation[2])?
+    }
+}

@@ -1,0 +1,427 @@
+//! The FLUX transformer against a direct f64 computation of BFL's formulas on a tiny model, and
+//! the same model read from safetensors and from GGUF.
+
+use candle_core::{DType, Device, Tensor};
+use easel_nodes::models::flux::{Flux, FluxConfig, FluxControl, FluxInput};
+use easel_nodes::models::ggml_quants::{quantize::quantize, GgmlType};
+use easel_nodes::models::gguf::{write_gguf, GgufFile, GgufTensorData};
+use easel_nodes::models::testmodels::{flux_layout, tiny_flux, write_checkpoint};
+use easel_nodes::models::weights::{MappedWeights, SafetensorsFile, Weights};
+use std::sync::Arc;
+
+/// A deterministic tensor of `shape` with values in [-1, 1].
+fn wave(shape: &[usize], step: f32) -> Tensor {
+    let count = shape.iter().product::<usize>();
+    let values: Vec<f32> = (0..count).map(|i| (i as f32 * step + 0.3).sin()).collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+fn values(tensor: &Tensor) -> Vec<f32> {
+    tensor.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// The inputs of every test: a 16×3×4 latent (odd height: padded), 3 text tokens, σ = 0.7,
+/// guidance 3.5.
+struct Inputs {
+    x: Tensor,
+    context: Tensor,
+    y: Tensor,
+    timesteps: Tensor,
+    guidance: Tensor,
+}
+
+fn inputs(config: &FluxConfig) -> Inputs {
+    Inputs {
+        x: wave(&[1, 16, 3, 4], 0.71),
+        context: wave(&[1, 3, config.context_dim], 0.37),
+        y: wave(&[1, config.vector_dim], 0.53),
+        timesteps: Tensor::new(&[0.7f32], &Device::Cpu).unwrap(),
+        guidance: Tensor::new(&[3.5f32], &Device::Cpu).unwrap(),
+    }
+}
+
+fn predict(flux: &Flux, inputs: &Inputs) -> Tensor {
+    flux.forward(&FluxInput {
+        x: &inputs.x,
+        timesteps: &inputs.timesteps,
+        context: &inputs.context,
+        y: &inputs.y,
+        guidance: Some(&inputs.guidance),
+        concat: None,
+        control: FluxControl::default(),
+    })
+    .unwrap()
+}
+
+fn load(file: Arc<dyn MappedWeights>) -> Flux {
+    let config = FluxConfig::infer(file.as_ref(), "").unwrap();
+    Flux::new(config, Weights::from_file(file, DType::F32, &Device::Cpu)).unwrap()
+}
+
+/// BFL's FLUX forward pass written out in f64 loops over the weights of `file`.
+struct Reference<'a> {
+    file: &'a SafetensorsFile,
+    config: FluxConfig,
+}
+
+type Rows = Vec<Vec<f64>>;
+
+impl Reference<'_> {
+    fn tensor(&self, name: &str) -> Vec<f64> {
+        let tensor = self.file.load(name, DType::F32, &Device::Cpu).unwrap();
+        values(&tensor).into_iter().map(f64::from).collect()
+    }
+
+    fn linear(&self, x: &Rows, name: &str) -> Rows {
+        let weight = self.tensor(&format!("{name}.weight"));
+        let bias = self.tensor(&format!("{name}.bias"));
+        x.iter()
+            .map(|row| {
+                bias.iter()
+                    .enumerate()
+                    .map(|(o, b)| {
+                        b + row
+                            .iter()
+                            .enumerate()
+                            .map(|(i, v)| weight[o * row.len() + i] * v)
+                            .sum::<f64>()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn mlp(&self, x: &[f64], name: &str) -> Vec<f64> {
+        let hidden = self.linear(&vec![x.to_vec()], &format!("{name}.in_layer"));
+        let hidden = vec![hidden[0].iter().map(|&v| silu(v)).collect()];
+        self.linear(&hidden, &format!("{name}.out_layer")).remove(0)
+    }
+
+    /// `count` modulation vectors from `vec`.
+    fn modulation(&self, vec: &[f64], name: &str, count: usize) -> Rows {
+        let activated: Vec<f64> = vec.iter().map(|&v| silu(v)).collect();
+        let out = self.linear(&vec![activated], name).remove(0);
+        out.chunks(out.len() / count).map(<[f64]>::to_vec).collect()
+    }
+
+    /// Queries (or keys) of `qkv` part `part` for every token, per head, RMS-normalised with
+    /// `scale` and rotated by each token's position.
+    fn heads(&self, qkv: &Rows, part: usize, scale: Option<&[f64]>, positions: &[[f64; 3]]) -> Vec<Rows> {
+        let hidden = self.config.hidden_size;
+        let head_dim = hidden / self.config.heads;
+        (0..self.config.heads)
+            .map(|h| {
+                qkv.iter()
+                    .zip(positions)
+                    .map(|(row, position)| {
+                        let mut x = row[part * hidden + h * head_dim..part * hidden + (h + 1) * head_dim].to_vec();
+                        if let Some(scale) = scale {
+                            let rms = (x.iter().map(|v| v * v).sum::<f64>() / head_dim as f64 + 1e-6).sqrt();
+                            x = x.iter().zip(scale).map(|(v, s)| v / rms * s).collect();
+                            for j in 0..head_dim / 2 {
+                                let (axis, i, dim) = match j {
+                                    0..8 => (0, j, 16),
+                                    8..36 => (1, j - 8, 56),
+                                    _ => (2, j - 36, 56),
+                                };
+                                let angle = position[axis] / 10000f64.powf((2 * i) as f64 / dim as f64);
+                                let (x0, x1) = (x[2 * j], x[2 * j + 1]);
+                                x[2 * j] = angle.cos() * x0 - angle.sin() * x1;
+                                x[2 * j + 1] = angle.sin() * x0 + angle.cos() * x1;
+                            }
+                        }
+                        x
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Joint attention of all tokens in `qkv` (with query/key scales under `norm`): [tokens, hidden].
+    fn attention(&self, qkv: &Rows, norm: &str, positions: &[[f64; 3]]) -> Rows {
+        let (q_scale, k_scale) = (
+            self.tensor(&format!("{norm}.query_norm.scale")),
+            self.tensor(&format!("{norm}.key_norm.scale")),
+        );
+        let q = self.heads(qkv, 0, Some(&q_scale), positions);
+        let k = self.heads(qkv, 1, Some(&k_scale), positions);
+        let v = self.heads(qkv, 2, None, positions);
+        softmax_attention(&q, &k, &v)
+    }
+
+    fn forward(&self, inputs: &Inputs) -> Vec<f64> {
+        let x: Vec<f64> = values(&inputs.x).into_iter().map(f64::from).collect();
+        let (channels, height, width) = (16, 3, 4);
+        // Rows padded circularly: row 3 is row 0.
+        let latent = |c: usize, r: usize, col: usize| x[(c * height + r % height) * width + col];
+        let (rows, cols) = (2, 2);
+        let patches: Rows = (0..rows * cols)
+            .map(|p| {
+                let (r, col) = (p / cols, p % cols);
+                (0..channels * 4)
+                    .map(|f| latent(f / 4, 2 * r + (f % 4) / 2, 2 * col + f % 2))
+                    .collect()
+            })
+            .collect();
+        let t = f64::from(values(&inputs.timesteps)[0]);
+        let g = f64::from(values(&inputs.guidance)[0]);
+        let y: Vec<f64> = values(&inputs.y).into_iter().map(f64::from).collect();
+        let vec: Vec<f64> = self
+            .mlp(&embedding(t), "time_in")
+            .iter()
+            .zip(self.mlp(&embedding(g), "guidance_in"))
+            .zip(self.mlp(&y, "vector_in"))
+            .map(|((a, b), c)| a + b + c)
+            .collect();
+        let mut img = self.linear(&patches, "img_in");
+        let context: Rows = values(&inputs.context)
+            .chunks(self.config.context_dim)
+            .map(|row| row.iter().map(|&v| f64::from(v)).collect())
+            .collect();
+        let mut txt = self.linear(&context, "txt_in");
+        let positions: Vec<[f64; 3]> = (0..txt.len())
+            .map(|_| [0.0; 3])
+            .chain((0..rows * cols).map(|p| [0.0, (p / cols) as f64, (p % cols) as f64]))
+            .collect();
+
+        // The double block.
+        let block = "double_blocks.0";
+        let img_mod = self.modulation(&vec, &format!("{block}.img_mod.lin"), 6);
+        let txt_mod = self.modulation(&vec, &format!("{block}.txt_mod.lin"), 6);
+        let img_qkv = self.linear(
+            &modulate(&img, &img_mod[0], &img_mod[1]),
+            &format!("{block}.img_attn.qkv"),
+        );
+        let txt_qkv = self.linear(
+            &modulate(&txt, &txt_mod[0], &txt_mod[1]),
+            &format!("{block}.txt_attn.qkv"),
+        );
+        let joint_txt = self.attention_two_streams(&txt_qkv, &img_qkv, block, &positions);
+        let (txt_attn, img_attn) = joint_txt.split_at(txt.len());
+        for (stream, x, attn, modulation) in [
+            ("img", &mut img, img_attn.to_vec(), &img_mod),
+            ("txt", &mut txt, txt_attn.to_vec(), &txt_mod),
+        ] {
+            let projected = self.linear(&attn, &format!("{block}.{stream}_attn.proj"));
+            add_gated(x, &projected, &modulation[2]);
+            let hidden = self.linear(
+                &modulate(x, &modulation[3], &modulation[4]),
+                &format!("{block}.{stream}_mlp.0"),
+            );
+            let hidden: Rows = hidden
+                .iter()
+                .map(|row| row.iter().map(|&v| gelu(v)).collect())
+                .collect();
+            let out = self.linear(&hidden, &format!("{block}.{stream}_mlp.2"));
+            add_gated(x, &out, &modulation[5]);
+        }
+
+        // The single block.
+        let mut tokens: Rows = txt.iter().chain(&img).cloned().collect();
+        let block = "single_blocks.0";
+        let modulation = self.modulation(&vec, &format!("{block}.modulation.lin"), 3);
+        let projected = self.linear(
+            &modulate(&tokens, &modulation[0], &modulation[1]),
+            &format!("{block}.linear1"),
+        );
+        let hidden = self.config.hidden_size;
+        let qkv: Rows = projected.iter().map(|row| row[..3 * hidden].to_vec()).collect();
+        let attention = self.attention(&qkv, &format!("{block}.norm"), &positions);
+        let joined: Rows = attention
+            .iter()
+            .zip(&projected)
+            .map(|(a, p)| {
+                a.iter()
+                    .cloned()
+                    .chain(p[3 * hidden..].iter().map(|&v| gelu(v)))
+                    .collect()
+            })
+            .collect();
+        let out = self.linear(&joined, &format!("{block}.linear2"));
+        add_gated(&mut tokens, &out, &modulation[2]);
+
+        let img: Rows = tokens[txt.len()..].to_vec();
+        let final_mod = self.modulation(&vec, "final_layer.adaLN_modulation.1", 2);
+        let out = self.linear(&modulate(&img, &final_mod[0], &final_mod[1]), "final_layer.linear");
+        let mut result = vec![0.0; channels * height * width];
+        for (p, features) in out.iter().enumerate() {
+            let (r, col) = (p / cols, p % cols);
+            for (f, value) in features.iter().enumerate() {
+                let (c, row, column) = (f / 4, 2 * r + (f % 4) / 2, 2 * col + f % 2);
+                if row < height {
+                    result[(c * height + row) * width + column] = *value;
+                }
+            }
+        }
+        result
+    }
+
+    /// The double block's joint attention: each stream's queries and keys normalised with its
+    /// own scales, then all tokens (text first) attending together.
+    fn attention_two_streams(&self, txt_qkv: &Rows, img_qkv: &Rows, block: &str, positions: &[[f64; 3]]) -> Rows {
+        let (txt_positions, img_positions) = positions.split_at(txt_qkv.len());
+        let normalised = |qkv: &Rows, stream: &str, part: usize, stream_positions: &[[f64; 3]]| {
+            let scale = match part {
+                0 => Some(self.tensor(&format!("{block}.{stream}_attn.norm.query_norm.scale"))),
+                1 => Some(self.tensor(&format!("{block}.{stream}_attn.norm.key_norm.scale"))),
+                _ => None,
+            };
+            self.heads(qkv, part, scale.as_deref(), stream_positions)
+        };
+        let joined = |part: usize| -> Vec<Rows> {
+            let txt = normalised(txt_qkv, "txt", part, txt_positions);
+            let img = normalised(img_qkv, "img", part, img_positions);
+            txt.into_iter()
+                .zip(img)
+                .map(|(t, i)| t.into_iter().chain(i).collect())
+                .collect()
+        };
+        softmax_attention(&joined(0), &joined(1), &joined(2))
+    }
+}
+
+/// softmax(q·kᵀ/√d)·v per head (`q[h][token]`), the heads joined per token.
+fn softmax_attention(q: &[Rows], k: &[Rows], v: &[Rows]) -> Rows {
+    let tokens = q[0].len();
+    let head_dim = q[0][0].len();
+    (0..tokens)
+        .map(|t| {
+            (0..q.len())
+                .flat_map(|h| {
+                    let scores: Vec<f64> = (0..tokens)
+                        .map(|s| dot(&q[h][t], &k[h][s]) / (head_dim as f64).sqrt())
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    (0..head_dim)
+                        .map(|d| (0..tokens).map(|s| weights[s] / total * v[h][s][d]).sum::<f64>())
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn silu(v: f64) -> f64 {
+    v / (1.0 + (-v).exp())
+}
+
+fn gelu(v: f64) -> f64 {
+    0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())
+}
+
+/// The 256-wide sinusoid of 1000·t, cosines first.
+fn embedding(t: f64) -> Vec<f64> {
+    let arguments: Vec<f64> = (0..128)
+        .map(|i| 1000.0 * t * (-(10000f64.ln()) * i as f64 / 128.0).exp())
+        .collect();
+    arguments
+        .iter()
+        .map(|a| a.cos())
+        .chain(arguments.iter().map(|a| a.sin()))
+        .collect()
+}
+
+/// `(1 + scale)·LayerNorm(x) + shift` per token.
+fn modulate(x: &Rows, shift: &[f64], scale: &[f64]) -> Rows {
+    x.iter()
+        .map(|row| {
+            let mean = row.iter().sum::<f64>() / row.len() as f64;
+            let variance = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / row.len() as f64;
+            row.iter()
+                .zip(shift.iter().zip(scale))
+                .map(|(v, (sh, sc))| (1.0 + sc) * (v - mean) / (variance + 1e-6).sqrt() + sh)
+                .collect()
+        })
+        .collect()
+}
+
+fn add_gated(x: &mut Rows, out: &Rows, gate: &[f64]) {
+    for (row, out) in x.iter_mut().zip(out) {
+        for ((v, o), g) in row.iter_mut().zip(out).zip(gate) {
+            *v += g * o;
+        }
+    }
+}
+
+fn write_tiny_flux(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("tiny_flux.safetensors");
+    write_checkpoint(&path, &flux_layout(&tiny_flux(), "").unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn flux_config_is_inferred_from_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = SafetensorsFile::open(&write_tiny_flux(dir.path())).unwrap();
+    assert_eq!(FluxConfig::infer(&file, "").unwrap(), tiny_flux());
+}
+
+#[test]
+fn flux_forward_matches_the_formulas_written_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = Arc::new(SafetensorsFile::open(&write_tiny_flux(dir.path())).unwrap());
+    let config = tiny_flux();
+    let inputs = inputs(&config);
+    let ours = values(&predict(&load(file.clone()), &inputs));
+    let expected = Reference { file: &file, config }.forward(&inputs);
+    let scale = expected.iter().fold(0f64, |m, v| m.max(v.abs()));
+    assert!(scale > 1e-3, "a prediction to compare: {scale}");
+    for (i, (ours, expected)) in ours.iter().zip(&expected).enumerate() {
+        assert!(
+            (f64::from(*ours) - expected).abs() < 1e-4 * scale,
+            "element {i}: {ours} vs {expected}"
+        );
+    }
+}
+
+/// The same weights as safetensors (f16) and as GGUF F16 give the same prediction; as GGUF
+/// Q8_0 (matrices quantized, small tensors F32 as city96's files keep them) a close one.
+#[test]
+fn flux_from_gguf_predicts_as_from_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = Arc::new(SafetensorsFile::open(&write_tiny_flux(dir.path())).unwrap());
+    let inputs = inputs(&tiny_flux());
+    let reference = predict(&load(file.clone()), &inputs);
+    for kind in [GgmlType::F16, GgmlType::Q8_0] {
+        let tensors: Vec<GgufTensorData> = flux_layout(&tiny_flux(), "")
+            .unwrap()
+            .iter()
+            .map(|spec| {
+                let values = values(&file.load(&spec.name, DType::F32, &Device::Cpu).unwrap());
+                let quantized = spec.shape.len() == 2 && spec.shape[1] % 32 == 0;
+                let kind = if quantized { kind } else { GgmlType::F32 };
+                GgufTensorData {
+                    name: spec.name.clone(),
+                    shape: spec.shape.clone(),
+                    kind,
+                    bytes: quantize(kind, &values).unwrap(),
+                }
+            })
+            .collect();
+        let path = dir.path().join(format!("tiny_flux_{}.gguf", kind.name()));
+        write_gguf(&path, &[], &tensors).unwrap();
+        let prediction = predict(&load(Arc::new(GgufFile::open(&path).unwrap())), &inputs);
+        let difference = (&prediction - &reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        match kind {
+            GgmlType::F16 => assert_eq!(difference, 0.0),
+            _ => assert!(
+                difference < 0.05 * scale && difference > 0.0,
+                "Q8_0: {difference} of {scale}"
+            ),
+        }
+    }
+}
