@@ -14,6 +14,7 @@ use crate::diffusion_nodes::{image_as_latents, latents_as_image};
 use crate::image::Mask;
 use crate::models::clip_text::{ClipTextEncoder, EncodeOptions, OutputLayer};
 use crate::models::embeddings::EmbeddingFolder;
+use crate::models::flux::{Flux, FluxControl, FluxInput};
 use crate::models::tokenizer::{tokenize_with_weights, NoEmbeddings, WeightedToken, END_TOKEN};
 use crate::models::unet::{timestep_embedding, UNet, UNetInput};
 use crate::models::vae::Vae;
@@ -40,13 +41,16 @@ pub enum Prediction {
     /// A latent consistency model: the noise, turned into the denoised latent with LCM's
     /// boundary condition (σ_data 0.5, timestep scaling 10).
     Lcm,
+    /// The velocity of a rectified flow from the latent to the noise (ComfyUI's `CONST`: SD3,
+    /// FLUX), whose noisy latents are `σ·noise + (1 − σ)·latent`.
+    Flow,
 }
 
 impl Prediction {
     /// ComfyUI's `calculate_input`: what the network is given for the noisy latent `x` at σ.
     pub fn network_input(self, x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
         match self {
-            Prediction::ImgToImg => Ok(x.clone()),
+            Prediction::ImgToImg | Prediction::Flow => Ok(x.clone()),
             _ => x / f64::from((sigma * sigma + 1.0).sqrt()),
         }
     }
@@ -55,7 +59,7 @@ impl Prediction {
     /// the noisy latent `x` at σ, whose timestep was `timestep`.
     pub fn denoised(self, x: &Tensor, out: &Tensor, sigma: f32, timestep: f32) -> candle_core::Result<Tensor> {
         match self {
-            Prediction::Epsilon => x - (out * f64::from(sigma))?,
+            Prediction::Epsilon | Prediction::Flow => x - (out * f64::from(sigma))?,
             Prediction::V => {
                 let variance = sigma * sigma + 1.0;
                 (x / f64::from(variance))? - (out * f64::from(sigma))? / f64::from(variance.sqrt())
@@ -71,12 +75,39 @@ impl Prediction {
             }
         }
     }
+
+    /// ComfyUI's `noise_scaling`: the latent noised to σ, `latent + σ·noise` (at the largest σ
+    /// of the schedule, `√(1 + σ²)·noise`), or `σ·noise + (1 − σ)·latent` for flows.
+    pub fn noise_scaling(
+        self,
+        sigma: f32,
+        noise: &Tensor,
+        latent: &Tensor,
+        max_denoise: bool,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Prediction::Flow => (noise * f64::from(sigma))? + (latent * f64::from(1.0 - sigma))?,
+            _ if max_denoise => (noise * f64::from((1.0 + sigma * sigma).sqrt()))? + latent,
+            _ => (noise * f64::from(sigma))? + latent,
+        }
+    }
+
+    /// ComfyUI's `inverse_noise_scaling` of the sampled latent at the last σ: a flow's latent
+    /// is divided by 1 − σ, others are kept.
+    pub fn inverse_noise_scaling(self, sigma: f32, x: Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Prediction::Flow => x / f64::from(1.0 - sigma),
+            _ => Ok(x),
+        }
+    }
 }
 
 /// A latent space: how VAE latents are scaled into model space and how previews colour them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LatentFormat {
     pub scale_factor: f64,
+    /// Subtracted before scaling into model space (FLUX).
+    pub shift_factor: f64,
     /// Per-channel RGB contributions for fast previews, [channels][3], and the bias added.
     pub rgb_factors: Vec<[f32; 3]>,
     pub rgb_bias: [f32; 3],
@@ -87,6 +118,7 @@ impl LatentFormat {
     pub fn sd15() -> Self {
         LatentFormat {
             scale_factor: 0.18215,
+            shift_factor: 0.0,
             rgb_factors: vec![
                 [0.3512, 0.2297, 0.3227],
                 [0.3250, 0.4974, 0.2350],
@@ -101,6 +133,7 @@ impl LatentFormat {
     pub fn sdxl() -> Self {
         LatentFormat {
             scale_factor: 0.13025,
+            shift_factor: 0.0,
             rgb_factors: vec![
                 [0.3651, 0.4232, 0.4341],
                 [-0.2533, -0.0042, 0.1068],
@@ -111,11 +144,98 @@ impl LatentFormat {
         }
     }
 
+    /// FLUX.1's 16-channel latents (`latent_formats.Flux`).
+    pub fn flux() -> Self {
+        LatentFormat {
+            scale_factor: 0.3611,
+            shift_factor: 0.1159,
+            rgb_factors: vec![
+                [-0.0346, 0.0244, 0.0681],
+                [0.0034, 0.0210, 0.0687],
+                [0.0275, -0.0668, -0.0433],
+                [-0.0174, 0.0160, 0.0617],
+                [0.0859, 0.0721, 0.0329],
+                [0.0004, 0.0383, 0.0115],
+                [0.0405, 0.0861, 0.0915],
+                [-0.0236, -0.0185, -0.0259],
+                [-0.0245, 0.0250, 0.1180],
+                [0.1008, 0.0755, -0.0421],
+                [-0.0515, 0.0201, 0.0011],
+                [0.0428, -0.0012, -0.0036],
+                [0.0817, 0.0765, 0.0749],
+                [-0.1264, -0.0522, -0.1103],
+                [-0.0280, -0.0881, -0.0499],
+                [-0.1262, -0.0982, -0.0778],
+            ],
+            rgb_bias: [-0.0329, -0.0718, -0.0851],
+        }
+    }
+
+    /// ComfyUI's `process_in`: a VAE latent into model space, `(x − shift)·scale`.
+    pub fn process_in(&self, latent: &Tensor) -> candle_core::Result<Tensor> {
+        (latent - self.shift_factor)? * self.scale_factor
+    }
+
+    /// ComfyUI's `process_out`: a model-space latent back for the VAE, `x/scale + shift`.
+    pub fn process_out(&self, latent: &Tensor) -> candle_core::Result<Tensor> {
+        (latent / self.scale_factor)? + self.shift_factor
+    }
+
     /// The latent format of a model family.
     pub fn of(family: Family) -> Self {
         match family {
             Family::Sdxl | Family::SdxlRefiner => LatentFormat::sdxl(),
+            Family::Flux => LatentFormat::flux(),
             _ => LatentFormat::sd15(),
+        }
+    }
+}
+
+/// The network of a diffusion model.
+#[derive(Clone)]
+pub enum DiffusionNetwork {
+    UNet(Arc<UNet>),
+    Flux(Arc<Flux>),
+}
+
+impl DiffusionNetwork {
+    /// The width of the text embeddings the network attends to.
+    pub fn context_dim(&self) -> usize {
+        match self {
+            DiffusionNetwork::UNet(unet) => unet.config().context_dim,
+            DiffusionNetwork::Flux(flux) => flux.config().context_dim,
+        }
+    }
+
+    /// Latent channels the network predicts.
+    pub fn latent_channels(&self) -> usize {
+        match self {
+            DiffusionNetwork::UNet(unet) => unet.config().out_channels,
+            DiffusionNetwork::Flux(flux) => flux.config().out_channels,
+        }
+    }
+
+    /// Channels the network takes beyond the latent's (inpainting models).
+    pub fn extra_channels(&self) -> usize {
+        match self {
+            DiffusionNetwork::UNet(unet) => unet.config().in_channels.saturating_sub(unet.config().out_channels),
+            DiffusionNetwork::Flux(flux) => (flux.config().in_channels / 4).saturating_sub(flux.config().out_channels),
+        }
+    }
+
+    /// Bytes of activations one call on a [batch, C, height, width] latent needs at most.
+    pub fn working_memory(&self, batch: usize, height: usize, width: usize) -> u64 {
+        match self {
+            DiffusionNetwork::UNet(unet) => unet.working_memory(batch, height, width),
+            DiffusionNetwork::Flux(flux) => flux.working_memory(batch, height, width),
+        }
+    }
+
+    /// The UNet, for the UNet families.
+    pub fn unet(&self) -> Option<&Arc<UNet>> {
+        match self {
+            DiffusionNetwork::UNet(unet) => Some(unet),
+            DiffusionNetwork::Flux(_) => None,
         }
     }
 }
@@ -126,8 +246,8 @@ impl LatentFormat {
 pub struct DiffusionModel {
     /// The family, which decides the class conditioning (SDXL's size vector) among others.
     pub family: Family,
-    pub unet: Arc<UNet>,
-    /// What the UNet was built from (LoRA nodes build it again with their patches).
+    pub network: DiffusionNetwork,
+    /// What the network was built from (LoRA nodes build it again with their patches).
     pub source: WeightSource,
     pub prediction: Prediction,
     pub schedule: SigmaSchedule,
@@ -149,11 +269,28 @@ impl DiffusionModel {
         let timesteps = Tensor::from_vec(vec![timestep; batch], batch, &self.device)?;
         let context = repeat_to_batch(&inputs.context, batch)?;
         let y = inputs.y.as_ref().map(|y| repeat_to_batch(y, batch)).transpose()?;
-        let input = UNetInput {
-            y: y.as_ref(),
-            ..UNetInput::new(&scaled, &timesteps, &context)
+        let out = match &self.network {
+            DiffusionNetwork::UNet(unet) => unet.forward(&UNetInput {
+                y: y.as_ref(),
+                ..UNetInput::new(&scaled, &timesteps, &context)
+            })?,
+            DiffusionNetwork::Flux(flux) => {
+                let (Some(y), Some(guidance)) = (&y, &inputs.guidance) else {
+                    return Err(candle_core::Error::Msg(
+                        "a FLUX model call needs the pooled output and the guidance".into(),
+                    ));
+                };
+                flux.forward(&FluxInput {
+                    x: &scaled,
+                    timesteps: &timesteps,
+                    context: &context,
+                    y,
+                    guidance: Some(&repeat_to_batch(guidance, batch)?),
+                    concat: None,
+                    control: FluxControl::default(),
+                })?
+            }
         };
-        let out = self.unet.forward(&input)?;
         self.prediction.denoised(x, &out, sigma, timestep)
     }
 
@@ -163,12 +300,11 @@ impl DiffusionModel {
     /// being sampled) in model space; without any mask, ones and a blank image. `None` for models
     /// without extra channels.
     fn inpaint_channels(&self, entry: &CondEntry, latent: &LatentInputs) -> Result<Option<Tensor>, ConditioningError> {
-        let config = self.unet.config();
-        let extra = config.in_channels.saturating_sub(config.out_channels);
+        let extra = self.network.extra_channels();
         if extra == 0 {
             return Ok(None);
         }
-        if extra != 5 {
+        if extra != 5 || self.network.unet().is_none() {
             return Err(ConditioningError::ExtraChannels(extra));
         }
         let (batch, _, height, width) = latent.model_space.dims4()?;
@@ -192,9 +328,9 @@ impl DiffusionModel {
         };
         let mask = resize_to_batch(&resize_centered(&mask, height, width)?.round()?, batch)?;
         let image = match &entry.inpaint {
-            Some(inpaint) => {
-                (inpaint.latent.to_device(&self.device)?.to_dtype(DType::F32)? * self.latent_format.scale_factor)?
-            }
+            Some(inpaint) => self
+                .latent_format
+                .process_in(&inpaint.latent.to_device(&self.device)?.to_dtype(DType::F32)?)?,
             None => latent.model_space.clone(),
         };
         let image = resize_to_batch(&resize_centered(&image, height, width)?, batch)?;
@@ -203,15 +339,32 @@ impl DiffusionModel {
 
     /// The class-conditioning vector `y` of an entry, [1, adm] (ComfyUI's `encode_adm`): for SDXL
     /// the pooled text vector and the embedded sizes, for the refiner the sizes and the
-    /// aesthetic score (6 on the positive side, 2.5 on the negative one by default); `None` for
-    /// models without class conditioning. `latent_size` is the latent's (height, width).
+    /// aesthetic score (6 on the positive side, 2.5 on the negative one by default), for FLUX the
+    /// pooled vector itself; `None` for models without class conditioning. `latent_size` is the
+    /// latent's (height, width).
     pub fn class_conditioning(
         &self,
         entry: &CondEntry,
         negative: bool,
         latent_size: (usize, usize),
     ) -> Result<Option<Tensor>, ConditioningError> {
-        let Some(adm_width) = self.unet.config().adm_in_channels else {
+        let unet = match &self.network {
+            DiffusionNetwork::UNet(unet) => unet,
+            DiffusionNetwork::Flux(flux) => {
+                let pooled = entry.pooled.as_ref().ok_or(ConditioningError::NoPooledOutput)?;
+                let (found, expected) = (pooled.dim(D::Minus1)?, flux.config().vector_dim);
+                if found < expected {
+                    let family = self.family.name();
+                    return Err(ConditioningError::PooledWidth {
+                        family,
+                        found,
+                        expected,
+                    });
+                }
+                return Ok(Some(pooled.to_device(&self.device)?.to_dtype(DType::F32)?));
+            }
+        };
+        let Some(adm_width) = unet.config().adm_in_channels else {
             return Ok(None);
         };
         let sizes = &entry.sdxl;
@@ -304,12 +457,14 @@ fn resize_to_batch(t: &Tensor, batch: usize) -> candle_core::Result<Tensor> {
 }
 
 /// What one model call takes besides the latent: the text conditioning, the class
-/// conditioning (SDXL) and an inpainting model's extra channels.
+/// conditioning (SDXL, FLUX), an inpainting model's extra channels and FLUX's guidance
+/// strength ([1]).
 #[derive(Clone)]
 struct ModelInputs {
     context: Tensor,
     y: Option<Tensor>,
     concat: Option<Tensor>,
+    guidance: Option<Tensor>,
 }
 
 /// The latent being sampled, as the conditioning needs it: in model space, and the denoise
@@ -504,7 +659,12 @@ pub struct CondEntry {
     pub region: CondRegion,
     /// The image an inpainting model completes (InpaintModelConditioning).
     pub inpaint: Option<InpaintImage>,
+    /// The guidance strength a FLUX dev model embeds (FluxGuidance; 3.5 when not set).
+    pub guidance: Option<f32>,
 }
+
+/// FLUX's guidance strength for conditioning that does not set one (ComfyUI's `Flux.extra_conds`).
+pub const DEFAULT_GUIDANCE: f32 = 3.5;
 
 /// What InpaintModelConditioning gives inpainting models beside the noise: the image with its
 /// masked part greyed out, encoded (raw VAE latent, `concat_latent_image`), and the mask
@@ -525,6 +685,7 @@ impl CondEntry {
             sdxl: SdxlSizes::default(),
             region: CondRegion::default(),
             inpaint: None,
+            guidance: None,
         }
     }
 }
@@ -624,7 +785,7 @@ impl ActiveEntry {
             None => (f64::INFINITY, f64::NEG_INFINITY),
         };
         let width = entry.cross_attention.dim(D::Minus1)?;
-        let expected = model.unet.config().context_dim;
+        let expected = model.network.context_dim();
         if width != expected {
             return Err(ConditioningError::ContextWidth {
                 family: model.family.name(),
@@ -642,6 +803,13 @@ impl ActiveEntry {
             context: entry.cross_attention.to_device(&model.device)?.to_dtype(DType::F32)?,
             y: model.class_conditioning(entry, negative, (latent_height, latent_width))?,
             concat: model.inpaint_channels(entry, latent)?,
+            guidance: match model.network {
+                DiffusionNetwork::Flux(_) => Some(Tensor::new(
+                    &[entry.guidance.unwrap_or(DEFAULT_GUIDANCE)],
+                    &model.device,
+                )?),
+                DiffusionNetwork::UNet(_) => None,
+            },
         };
         Ok(ActiveEntry {
             inputs,
@@ -769,6 +937,7 @@ impl Guider<'_> {
                     context: both(&positive.context, &negative.context)?,
                     y: both_optional(&positive.y, &negative.y)?,
                     concat: both_optional(&positive.concat, &negative.concat)?,
+                    guidance: both_optional(&positive.guidance, &negative.guidance)?,
                 };
                 let out = self.model.denoise(&Tensor::cat(&[x, x], 0)?, sigma, &inputs)?;
                 return Ok((out.narrow(0, 0, batch)?, out.narrow(0, batch, batch)?));
@@ -827,8 +996,17 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
     let model = request.model;
     let device = &model.device;
     let latent = request.latent.samples.to_device(device)?.to_dtype(DType::F32)?;
-    let (batch, _, height, width) = latent.dims4()?;
-    crate::memory::ensure_available(model.unet.working_memory(batch, height, width), || {
+    let has_content = latent.abs()?.max_all()?.to_scalar::<f32>()? != 0.0;
+    let (batch, channels, height, width) = latent.dims4()?;
+    // ComfyUI's `fix_empty_latent_channels`: an empty latent of another channel count (an
+    // EmptyLatentImage for FLUX) becomes an empty one of the model's.
+    let model_channels = model.network.latent_channels();
+    let latent = if !has_content && channels != model_channels {
+        Tensor::zeros((batch, model_channels, height, width), DType::F32, device)?
+    } else {
+        latent
+    };
+    crate::memory::ensure_available(model.network.working_memory(batch, height, width), || {
         format!("sampling a {}×{} latent (batch {batch})", width * 8, height * 8)
     })?;
     let shape = latent.dims().to_vec();
@@ -867,10 +1045,9 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
         return Ok(latent);
     }
 
-    let scale = model.latent_format.scale_factor;
-    let has_content = latent.abs()?.max_all()?.to_scalar::<f32>()? != 0.0;
+    // As ComfyUI: an empty latent is not shifted into model space.
     let latent_in = if has_content {
-        (&latent * scale)?
+        model.latent_format.process_in(&latent)?
     } else {
         latent.clone()
     };
@@ -897,12 +1074,7 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
     let sigma_max = model.schedule.sigma_max();
     let first = sigmas[0];
     let max_denoise = (sigma_max - first).abs() <= 1e-5 * sigma_max.abs().max(first.abs()) || first > sigma_max;
-    let noise_scale = if max_denoise {
-        (1.0 + first * first).sqrt()
-    } else {
-        first
-    };
-    let x = ((&noise * f64::from(noise_scale))? + &latent_in)?;
+    let x = model.prediction.noise_scaling(first, &noise, &latent_in, max_denoise)?;
 
     let mut callback = |step: Step| progress(step.index + 1, step.total, step.denoised);
     let mut inpainting;
@@ -914,6 +1086,7 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
                 inner: &mut guider,
                 latent: latent_in,
                 noise,
+                prediction: model.prediction,
             };
             &mut inpainting
         }
@@ -928,7 +1101,9 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
         request.seed,
         &mut callback,
     )?;
-    Ok((sampled / scale)?)
+    let last = sigmas.last().copied().unwrap_or(0.0);
+    let sampled = model.prediction.inverse_noise_scaling(last, sampled)?;
+    Ok(model.latent_format.process_out(&sampled)?)
 }
 
 /// ComfyUI's `KSamplerX0Inpaint`: where the denoise mask is 0 the network sees the original
@@ -943,11 +1118,13 @@ struct Inpainting<'a> {
     latent: Tensor,
     /// The initial noise, before scaling.
     noise: Tensor,
+    /// How the model noises latents.
+    prediction: Prediction,
 }
 
 impl Inpainting<'_> {
     fn network_input(&self, x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
-        let noised = ((&self.noise * f64::from(sigma))? + &self.latent)?;
+        let noised = self.prediction.noise_scaling(sigma, &self.noise, &self.latent, false)?;
         (x * &self.mask)? + (noised * &self.keep)?
     }
 

@@ -10,7 +10,9 @@ use candle_core::Device;
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 
-use crate::diffusion::{Clip, DiffusionModel, LatentFormat, Model, Prediction, TextEncoder, VaeModel};
+use crate::diffusion::{
+    Clip, DiffusionModel, DiffusionNetwork, LatentFormat, Model, Prediction, TextEncoder, VaeModel,
+};
 use crate::diffusion_nodes::{device, tensor_error, DiffusionModelPrecision};
 use crate::model_cache::ModelCache;
 use crate::models::clip_text::ClipTextEncoder;
@@ -88,7 +90,7 @@ fn build_model(source: WeightSource, family: Family, unet: UNetConfig, v_predict
     let device = source.device.clone();
     Ok(Model(Arc::new(DiffusionModel {
         family,
-        unet: Arc::new(unet),
+        network: DiffusionNetwork::UNet(Arc::new(unet)),
         source,
         prediction: if v_prediction {
             Prediction::V

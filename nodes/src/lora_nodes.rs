@@ -9,7 +9,7 @@ use std::sync::Arc;
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 
-use crate::diffusion::{Clip, DiffusionModel, Model, TextEncoder};
+use crate::diffusion::{Clip, DiffusionModel, DiffusionNetwork, Model, TextEncoder};
 use crate::diffusion_nodes::tensor_error;
 use crate::models::clip_text::ClipTextEncoder;
 use crate::models::lora::{load_lora, ClipLoraNames, LoraKeyMap};
@@ -152,11 +152,17 @@ fn apply_lora(
 ) -> Result<(Model, Option<Clip>), NodeError> {
     let mut used = HashSet::new();
     let base = &model.0;
+    let Some(base_unet) = base.network.unet() else {
+        return Err(NodeError::new(format!(
+            "LoRAs for {} models are not supported by Easel yet",
+            base.family.name()
+        )));
+    };
     let mut unet_keys = LoraKeyMap::default();
     unet_keys.add_unet(
         base.source.file.as_ref(),
         &base.source.name_prefix(),
-        base.unet.config(),
+        base_unet.config(),
     );
     let loaded = load_lora(lora, &unet_keys, strength_model).map_err(tensor_error)?;
     used.extend(loaded.used);
@@ -164,9 +170,9 @@ fn apply_lora(
         model.clone()
     } else {
         let source = base.source.patched(loaded.patches);
-        let unet = UNet::new(base.unet.config().clone(), source.weights()).map_err(tensor_error)?;
+        let unet = UNet::new(base_unet.config().clone(), source.weights()).map_err(tensor_error)?;
         Model(Arc::new(DiffusionModel {
-            unet: Arc::new(unet),
+            network: DiffusionNetwork::UNet(Arc::new(unet)),
             source,
             ..(**base).clone()
         }))

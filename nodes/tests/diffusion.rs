@@ -98,7 +98,7 @@ fn one_euler_step_is_the_update_rule() {
     let scaled = (&x / f64::from((sigma_max * sigma_max + 1.0).sqrt())).unwrap();
     let timesteps = Tensor::new(&[999f32], &Device::Cpu).unwrap();
     let input = UNetInput::new(&scaled, &timesteps, &context);
-    let eps = model.unet.forward(&input).unwrap();
+    let eps = model.network.unet().unwrap().forward(&input).unwrap();
     let denoised = (&x - (&eps * f64::from(sigma_max)).unwrap()).unwrap();
     let d = ((&x - &denoised).unwrap() / f64::from(sigma_max)).unwrap();
     let expected = ((&x + (d * f64::from(-sigma_max)).unwrap()).unwrap() / 0.18215).unwrap();
@@ -154,7 +154,9 @@ fn one_masked_euler_step_changes_only_the_masked_half() {
     let scaled = (&input / (sigma * sigma + 1.0).sqrt()).unwrap();
     let timesteps = Tensor::new(&[999f32], &Device::Cpu).unwrap();
     let eps = model
-        .unet
+        .network
+        .unet()
+        .unwrap()
         .forward(&UNetInput::new(&scaled, &timesteps, &context))
         .unwrap();
     let denoised = (&input - (&eps * sigma).unwrap()).unwrap();
@@ -687,7 +689,7 @@ fn oversized_latents_are_refused_before_allocation() {
     assert!(serialized.contains("OutOfMemoryError"), "{serialized}");
 
     let (loaded, _, _, _) = inputs(&setup, 1);
-    let unet = &loaded[0].downcast::<Model>().unwrap().0.unet;
+    let unet = &loaded[0].downcast::<Model>().unwrap().0.network.unet().unwrap();
     let small = unet.working_memory(1, 8, 8);
     assert_eq!(unet.working_memory(2, 16, 16), small * 8);
     assert!(

@@ -23,7 +23,7 @@ fn the_masked_image_and_mask_are_the_extra_input_channels() {
         )
         .unwrap();
     let model = loaded[0].downcast::<Model>().unwrap().0.clone();
-    assert_eq!(model.unet.config().in_channels, 9);
+    assert_eq!(model.network.unet().unwrap().config().in_channels, 9);
     let positive = setup
         .call(
             "CLIPTextEncode",
@@ -94,7 +94,9 @@ fn the_masked_image_and_mask_are_the_extra_input_channels() {
     let input = Tensor::cat(&[&scaled, &mask_channel, &masked_image], 1).unwrap();
     let timesteps = Tensor::new(&[999f32], &Device::Cpu).unwrap();
     let eps = model
-        .unet
+        .network
+        .unet()
+        .unwrap()
         .forward(&UNetInput::new(&input, &timesteps, &entry.cross_attention))
         .unwrap();
     let denoised = (&x - (eps * f64::from(sigma)).unwrap()).unwrap();

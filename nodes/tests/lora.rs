@@ -104,7 +104,13 @@ fn prediction(model: &Value) -> Vec<f32> {
     let x = Tensor::from_vec(values, (1, 4, 8, 8), &device).unwrap();
     let context = Tensor::ones((1, 77, 64), DType::F32, &device).unwrap();
     let timesteps = Tensor::new(&[500f32], &device).unwrap();
-    let out = model.0.unet.forward(&UNetInput::new(&x, &timesteps, &context)).unwrap();
+    let out = model
+        .0
+        .network
+        .unet()
+        .unwrap()
+        .forward(&UNetInput::new(&x, &timesteps, &context))
+        .unwrap();
     flat(&out)
 }
 

@@ -92,7 +92,9 @@ fn denoised(model: &DiffusionModel, x: &Tensor, context: &Tensor) -> Tensor {
     let scaled = (x / f64::from((sigma * sigma + 1.0).sqrt())).unwrap();
     let timesteps = Tensor::new(&[999f32], &Device::Cpu).unwrap();
     let eps = model
-        .unet
+        .network
+        .unet()
+        .unwrap()
         .forward(&UNetInput::new(&scaled, &timesteps, context))
         .unwrap();
     (x - (eps * f64::from(sigma)).unwrap()).unwrap()

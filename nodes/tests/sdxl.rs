@@ -372,7 +372,10 @@ fn model_sampling_discrete_reparameterises_the_model() {
     };
     let v = patch("v_prediction", true);
     assert_eq!(v.0.prediction, Prediction::V);
-    assert!(std::sync::Arc::ptr_eq(&v.0.unet, &model.0.unet));
+    assert!(std::sync::Arc::ptr_eq(
+        v.0.network.unet().unwrap(),
+        model.0.network.unet().unwrap()
+    ));
     assert!(v.0.schedule.sigma_max() > 4000.0, "zero terminal SNR");
     let lcm = patch("lcm", false);
     assert_eq!(lcm.0.prediction, Prediction::Lcm);
@@ -396,7 +399,7 @@ fn unet_prediction(setup: &Setup, file: &str, weight_dtype: &str) -> Tensor {
             vec![("unet_name", j(json!(file))), ("weight_dtype", j(json!(weight_dtype)))],
         )
         .unwrap();
-    let unet = &out[0].downcast::<Model>().unwrap().0.unet;
+    let unet = &out[0].downcast::<Model>().unwrap().0.network.unet().unwrap();
     let config = unet.config();
     let wave = |shape: &[usize]| {
         let count = shape.iter().product::<usize>();

@@ -167,6 +167,15 @@ impl Flux {
         &self.config
     }
 
+    /// Bytes of activations one call on a [batch, C, height, width] latent needs at most, with
+    /// T5's 256 or 512 tokens: the widest projection of every token, a few times over.
+    pub fn working_memory(&self, batch: usize, height: usize, width: usize) -> u64 {
+        const TEXT_TOKENS: usize = 512;
+        let tokens = height.div_ceil(2) * width.div_ceil(2) + TEXT_TOKENS;
+        let widest = 3 * self.config.hidden_size + self.config.mlp_hidden;
+        (batch * tokens * widest * 4 * 4) as u64
+    }
+
     /// The predicted velocity [B, out_channels, H, W].
     pub fn forward(&self, input: &FluxInput) -> Result<Tensor> {
         let x = match input.concat {

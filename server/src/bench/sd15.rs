@@ -70,7 +70,12 @@ fn measure(name: &str, checkpoint: &Path, pixels: usize, steps: usize, precision
 
     let x = Tensor::randn(0f32, 1.0, (2, 4, side, side), &device)?;
     let timesteps = Tensor::new(&[500f32, 500.0], &device)?;
-    let unet = &loaded.model.0.unet;
+    let unet = loaded
+        .model
+        .0
+        .network
+        .unet()
+        .context("an SD1.x checkpoint has a UNet")?;
     let context = Tensor::zeros((2, 77, unet.config().context_dim), DType::F32, &device)?;
     let step = || unet.forward(&UNetInput::new(&x, &timesteps, &context));
     let (first_step_seconds, step_seconds) = mean_seconds(steps, step)?;

@@ -73,7 +73,7 @@ fn measure(name: &str, checkpoint: &Path, sizes: &[usize], steps: usize) -> anyh
     let (loaded, file_bytes) =
         load_checkpoint(checkpoint, &device, Precision::F32).map_err(|error| anyhow::anyhow!("{error}"))?;
     let load = started.elapsed().as_secs_f64();
-    let unet = &loaded.model.0.unet;
+    let unet = loaded.model.0.network.unet().context("an SDXL checkpoint has a UNet")?;
     let config = unet.config();
     let adm = config.adm_in_channels.context("an SDXL UNet has class conditioning")?;
     let context = Tensor::zeros((2, 77, config.context_dim), DType::F32, &device)?;
@@ -133,6 +133,7 @@ fn lora_patch_time(checkpoint: &Path) -> anyhow::Result<()> {
     let (loaded, _) =
         load_checkpoint(checkpoint, &Device::Cpu, Precision::F32).map_err(|error| anyhow::anyhow!("{error}"))?;
     let base = &loaded.model.0;
+    let base_unet = base.network.unet().context("an SDXL checkpoint has a UNet")?;
     let megabytes = std::fs::metadata(lora_path)?.len() as f64 / (1u64 << 20) as f64;
     println!("\nrank-{LORA_RANK} LoRA on the SDXL UNet ({layers} layers, {megabytes:.0} MiB):");
     // The first patch also reads the patched base matrices from the file; the second finds
@@ -144,12 +145,12 @@ fn lora_patch_time(checkpoint: &Path) -> anyhow::Result<()> {
         keys.add_unet(
             base.source.file.as_ref(),
             &base.source.name_prefix(),
-            base.unet.config(),
+            base_unet.config(),
         );
         let patches = load_lora(&lora, &keys, 1.0)?;
         let read = started.elapsed().as_secs_f64();
         let source = base.source.patched(patches.patches);
-        UNet::new(base.unet.config().clone(), source.weights())?;
+        UNet::new(base_unet.config().clone(), source.weights())?;
         let total = started.elapsed().as_secs_f64();
         println!("- {pass}: LoRA read in {read:.2} s, patched UNet built in {total:.2} s in all");
     }
