@@ -60,15 +60,20 @@ impl Node for EmptyLatentImage {
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let positive = |name: &str| -> Result<usize, NodeError> { Ok(inputs.int(name)?.max(0) as usize) };
-        let (width, height, batch) = (positive("width")?, positive("height")?, positive("batch_size")?);
-        let shape = (batch, 4, height / 8, width / 8);
-        let bytes = (batch * 4 * (height / 8) * (width / 8) * 4) as u64;
-        memory::ensure_available(bytes, || format!("an empty latent of {width}×{height} (batch {batch})"))
-            .map_err(out_of_memory)?;
-        let samples = Tensor::zeros(shape, DType::F32, &device(ctx.services)).map_err(tensor_error)?;
-        Ok(NodeOutput::values(vec![Value::object(Latent::new(samples))]))
+        empty_latent(ctx, inputs, 4)
     }
+}
+
+/// A batch of zero latents of `channels` for the `width`, `height` and `batch_size` inputs.
+pub(crate) fn empty_latent(ctx: &NodeContext, inputs: &NodeInputs, channels: usize) -> Result<NodeOutput, NodeError> {
+    let positive = |name: &str| -> Result<usize, NodeError> { Ok(inputs.int(name)?.max(0) as usize) };
+    let (width, height, batch) = (positive("width")?, positive("height")?, positive("batch_size")?);
+    let shape = (batch, channels, height / 8, width / 8);
+    let bytes = (batch * channels * (height / 8) * (width / 8) * 4) as u64;
+    memory::ensure_available(bytes, || format!("an empty latent of {width}×{height} (batch {batch})"))
+        .map_err(out_of_memory)?;
+    let samples = Tensor::zeros(shape, DType::F32, &device(ctx.services)).map_err(tensor_error)?;
+    Ok(NodeOutput::values(vec![Value::object(Latent::new(samples))]))
 }
 
 /// The sampler and scheduler inputs shared by KSampler and KSamplerAdvanced.

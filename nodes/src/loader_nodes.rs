@@ -16,17 +16,19 @@ use crate::diffusion::{
 use crate::diffusion_nodes::{device, tensor_error, DiffusionModelPrecision};
 use crate::model_cache::ModelCache;
 use crate::models::clip_text::ClipTextEncoder;
+use crate::models::flux::{Flux, FluxConfig};
 use crate::models::fp8::Fp8Format;
+use crate::models::gguf::GgufFile;
 use crate::models::sgemm::Precision;
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
-use crate::models::weights::{SafetensorsFile, TensorShapes, WeightSource};
+use crate::models::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
 use crate::models::{
     detect_checkpoint, detect_unet_family, is_v_prediction, DetectError, Family, TextEncoderKind, TextEncoderLayout,
     UNET_PREFIX, VAE_PREFIX,
 };
 use crate::paths::Paths;
-use crate::sampling::schedule::SigmaSchedule;
+use crate::sampling::schedule::{SigmaSchedule, FLUX_DEV_SHIFT};
 
 /// The three parts of a checkpoint, loaded together.
 pub struct LoadedCheckpoint {
@@ -46,7 +48,7 @@ fn model_file(ctx: &NodeContext, folder: &str, name: &str) -> Result<PathBuf, No
     })
 }
 
-fn file_names(services: &Services, folder: &str) -> Vec<String> {
+pub(crate) fn file_names(services: &Services, folder: &str) -> Vec<String> {
     services
         .get::<Paths>()
         .map(|paths| paths.filename_list(folder))
@@ -204,16 +206,65 @@ fn unet_prefix(file: &dyn TensorShapes) -> Option<&'static str> {
         .find(|prefix| file.has(&format!("{prefix}input_blocks.0.0.weight")))
 }
 
-/// Loads a diffusion-model file (the UNet alone); returns it and the file size.
-/// Loads a diffusion model file (`UNETLoader`), the model multiplying in `precision` and stored
-/// in `stored_as` where given (its `weight_dtype`).
+/// Where a FLUX model in the BFL layout lies in `file`: under `model.diffusion_model.` (as
+/// ComfyUI saves models) or at the root (as BFL and city96 publish them).
+fn flux_prefix(file: &dyn TensorShapes) -> Option<&'static str> {
+    [UNET_PREFIX, ""]
+        .into_iter()
+        .find(|prefix| file.has(&format!("{prefix}double_blocks.0.img_attn.qkv.weight")))
+}
+
+/// A diffusion model file, safetensors or (by its extension) GGUF.
+fn open_weights(path: &Path) -> Result<Arc<dyn MappedWeights>, NodeError> {
+    let is_gguf = path
+        .extension()
+        .is_some_and(|extension| extension.eq_ignore_ascii_case("gguf"));
+    if is_gguf {
+        let file = GgufFile::open(path).map_err(|error| NodeError::new(error.to_string()))?;
+        Ok(Arc::new(file))
+    } else {
+        Ok(open(path)?)
+    }
+}
+
+/// A FLUX model from `source`: dev (with guidance embedding) samples on ComfyUI's
+/// `ModelSamplingFlux` with μ = 1.15, schnell on the plain flow schedule.
+fn build_flux(source: WeightSource, config: FluxConfig) -> Result<Model, NodeError> {
+    let schedule = if config.guidance_embed {
+        SigmaSchedule::flux(FLUX_DEV_SHIFT)
+    } else {
+        SigmaSchedule::flow(1.0, 1.0)
+    };
+    let flux = Flux::new(config, source.weights()).map_err(tensor_error)?;
+    Ok(Model(Arc::new(DiffusionModel {
+        family: Family::Flux,
+        network: DiffusionNetwork::Flux(Arc::new(flux)),
+        device: source.device.clone(),
+        source,
+        prediction: Prediction::Flow,
+        schedule,
+        latent_format: LatentFormat::flux(),
+    })))
+}
+
+/// Loads a diffusion model file (`UNETLoader`, `UnetLoaderGGUF`): an LDM-layout UNet or a FLUX
+/// model, multiplying in `precision` and stored in `stored_as` where given (its
+/// `weight_dtype`); also returns the file size.
 pub fn load_diffusion_model(
     path: &Path,
     device: &Device,
     precision: Precision,
     stored_as: Option<Fp8Format>,
 ) -> Result<(Model, u64), NodeError> {
-    let file = open(path)?;
+    let file = open_weights(path)?;
+    if let Some(prefix) = flux_prefix(file.as_ref()) {
+        let config = FluxConfig::infer(file.as_ref(), prefix).map_err(|error| undetected(path, error))?;
+        let source = WeightSource {
+            stored_as,
+            ..WeightSource::new(file, prefix, device, precision)
+        };
+        return Ok((build_flux(source, config)?, file_size(path)));
+    }
     let prefix = unet_prefix(file.as_ref()).ok_or_else(|| {
         undetected(
             path,
@@ -229,7 +280,7 @@ pub fn load_diffusion_model(
         return Err(undetected(path, DetectError::NotYetSupported(family.name())));
     }
     let unet = UNetConfig::infer(file.as_ref(), prefix, family.heads()).map_err(|error| undetected(path, error))?;
-    let v_prediction = is_v_prediction(&file, family, prefix);
+    let v_prediction = is_v_prediction(file.as_ref(), family, prefix);
     let source = WeightSource {
         stored_as,
         ..WeightSource::new(file, prefix, device, precision)
@@ -254,21 +305,38 @@ impl Node for UnetLoader {
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let path = model_file(ctx, "diffusion_models", inputs.string("unet_name")?)?;
         // As ComfyUI: every weight rounded to the fp8 format and kept in it, computed in f32
         // on the CPU (`fp8_e4m3fn_fast` differs only where GPUs multiply in fp8).
-        let (stored_as, part) = match inputs.string("weight_dtype")? {
-            "fp8_e4m3fn" | "fp8_e4m3fn_fast" => (Some(Fp8Format::E4M3Fn), "diffusion_model fp8_e4m3fn"),
-            "fp8_e5m2" => (Some(Fp8Format::E5M2), "diffusion_model fp8_e5m2"),
-            _ => (None, "diffusion_model"),
+        let stored_as = match inputs.string("weight_dtype")? {
+            "fp8_e4m3fn" | "fp8_e4m3fn_fast" => Some(Fp8Format::E4M3Fn),
+            "fp8_e5m2" => Some(Fp8Format::E5M2),
+            _ => None,
         };
-        let device = device(ctx.services);
-        let precision = diffusion_precision(ctx.services);
-        let model = cached(ctx, &path, part, || {
-            load_diffusion_model(&path, &device, precision, stored_as)
-        })?;
-        Ok(NodeOutput::values(vec![Value::object((*model).clone())]))
+        load_diffusion_model_node(ctx, inputs.string("unet_name")?, stored_as, |_| Ok(()))
     }
+}
+
+/// The MODEL output of a diffusion-model loader: the file `name` of `diffusion_models`, checked
+/// by `check` and loaded (stored in `stored_as` where given) unless the model cache has it.
+pub(crate) fn load_diffusion_model_node(
+    ctx: &NodeContext,
+    name: &str,
+    stored_as: Option<Fp8Format>,
+    check: impl FnOnce(&Path) -> Result<(), NodeError>,
+) -> Result<NodeOutput, NodeError> {
+    let path = model_file(ctx, "diffusion_models", name)?;
+    let part = match stored_as {
+        Some(Fp8Format::E4M3Fn) => "diffusion_model fp8_e4m3fn",
+        Some(Fp8Format::E5M2) => "diffusion_model fp8_e5m2",
+        None => "diffusion_model",
+    };
+    let device = device(ctx.services);
+    let precision = diffusion_precision(ctx.services);
+    let model = cached(ctx, &path, part, || {
+        check(&path)?;
+        load_diffusion_model(&path, &device, precision, stored_as)
+    })?;
+    Ok(NodeOutput::values(vec![Value::object((*model).clone())]))
 }
 
 /// The CLIP variant of a text-encoder file, told by its width as ComfyUI tells it by its

@@ -113,6 +113,9 @@ impl Paths {
             ("classifiers", &["classifiers"], only(&[""])),
             ("model_patches", &["model_patches"], pt()),
             ("audio_encoders", &["audio_encoders"], pt()),
+            // ComfyUI-GGUF's folders (its nodes are built in): GGUF files beside the others.
+            ("unet_gguf", &["unet", "diffusion_models"], only(&[".gguf"])),
+            ("clip_gguf", &["text_encoders", "clip"], only(&[".gguf"])),
         ] {
             let mut folder = model_folder(dirs, extensions);
             if name == "custom_nodes" {

@@ -1,12 +1,21 @@
-//! The FLUX transformer against a direct f64 computation of BFL's formulas on a tiny model, and
-//! the same model read from safetensors and from GGUF.
+//! The FLUX transformer against a direct f64 computation of BFL's formulas on a tiny model, the
+//! same model read from safetensors and from GGUF, and one flow-matching sampling step through
+//! the nodes.
+
+mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::{j, setup};
+use easel_engine::Value;
+use easel_nodes::diffusion::{CondEntry, Conditioning, Latent, Model};
 use easel_nodes::models::flux::{Flux, FluxConfig, FluxControl, FluxInput};
 use easel_nodes::models::ggml_quants::{quantize::quantize, GgmlType};
 use easel_nodes::models::gguf::{write_gguf, GgufFile, GgufTensorData};
 use easel_nodes::models::testmodels::{flux_layout, tiny_flux, write_checkpoint};
 use easel_nodes::models::weights::{MappedWeights, SafetensorsFile, Weights};
+use easel_nodes::paths::Paths;
+use easel_nodes::sampling::noise::prepare_noise;
+use serde_json::json;
 use std::sync::Arc;
 
 /// A deterministic tensor of `shape` with values in [-1, 1].
@@ -380,6 +389,123 @@ fn flux_forward_matches_the_formulas_written_out() {
     }
 }
 
+/// The tiny FLUX model in GGUF, every 2-D weight in `kind` (others F32, as city96's files keep
+/// small tensors), written from the safetensors `file`.
+fn write_gguf_copy(file: &SafetensorsFile, kind: GgmlType, path: &std::path::Path) {
+    let tensors: Vec<GgufTensorData> = flux_layout(&tiny_flux(), "")
+        .unwrap()
+        .iter()
+        .map(|spec| {
+            let values = values(&file.load(&spec.name, DType::F32, &Device::Cpu).unwrap());
+            let quantized = spec.shape.len() == 2 && spec.shape[1] % 32 == 0;
+            let kind = if quantized { kind } else { GgmlType::F32 };
+            GgufTensorData {
+                name: spec.name.clone(),
+                shape: spec.shape.clone(),
+                kind,
+                bytes: quantize(kind, &values).unwrap(),
+            }
+        })
+        .collect();
+    let metadata = [(
+        "general.architecture",
+        easel_nodes::models::gguf::MetadataValue::String("flux".into()),
+    )];
+    write_gguf(path, &metadata, &tensors).unwrap();
+}
+
+/// KSampler with one Euler step on FLUX dev (σ 1 → 0, cfg 1) from EmptySD3LatentImage: the
+/// noise is the noisy latent, the denoised latent is noise − σ·velocity at the entry's
+/// guidance, and it leaves model space as x/0.3611 + 0.1159.
+#[test]
+fn one_flow_step_through_the_nodes_follows_comfyui() {
+    let setup = setup();
+    let models = &setup.services.get::<Paths>().unwrap().models;
+    let dir = tempfile::tempdir().unwrap();
+    let file = SafetensorsFile::open(&write_tiny_flux(dir.path())).unwrap();
+    write_gguf_copy(
+        &file,
+        GgmlType::Q8_0,
+        &models.join("diffusion_models").join("tiny_flux_q8.gguf"),
+    );
+    let model = setup
+        .call("UnetLoaderGGUF", vec![("unet_name", j(json!("tiny_flux_q8.gguf")))])
+        .unwrap()
+        .remove(0);
+    let config = tiny_flux();
+    let entry = CondEntry::new(
+        wave(&[1, 3, config.context_dim], 0.37),
+        Some(wave(&[1, config.vector_dim], 0.53)),
+    );
+    let positive = setup
+        .call(
+            "FluxGuidance",
+            vec![
+                ("conditioning", Value::object(Conditioning(vec![entry.clone()]))),
+                ("guidance", j(json!(2.5))),
+            ],
+        )
+        .unwrap()
+        .remove(0);
+    let latent = setup
+        .call(
+            "EmptySD3LatentImage",
+            vec![
+                ("width", j(json!(32))),
+                ("height", j(json!(24))),
+                ("batch_size", j(json!(1))),
+            ],
+        )
+        .unwrap()
+        .remove(0);
+    assert_eq!(latent.downcast::<Latent>().unwrap().samples.dims(), &[1, 16, 3, 4]);
+    let sampled = setup
+        .call(
+            "KSampler",
+            vec![
+                ("model", model.clone()),
+                ("seed", j(json!(7))),
+                ("steps", j(json!(1))),
+                ("cfg", j(json!(1.0))),
+                ("sampler_name", j(json!("euler"))),
+                ("scheduler", j(json!("simple"))),
+                ("positive", positive),
+                ("negative", Value::object(Conditioning(vec![entry.clone()]))),
+                ("latent_image", latent),
+                ("denoise", j(json!(1.0))),
+            ],
+        )
+        .unwrap();
+    let sampled = sampled[0].downcast::<Latent>().unwrap().samples.clone();
+
+    let model = model.downcast::<Model>().unwrap();
+    let easel_nodes::diffusion::DiffusionNetwork::Flux(flux) = &model.0.network else {
+        panic!("a FLUX model");
+    };
+    let noise = Tensor::from_vec(prepare_noise(7, &[1, 16, 3, 4], None), (1, 16, 3, 4), &Device::Cpu).unwrap();
+    let velocity = flux
+        .forward(&FluxInput {
+            x: &noise,
+            timesteps: &Tensor::new(&[1f32], &Device::Cpu).unwrap(),
+            context: &entry.cross_attention,
+            y: entry.pooled.as_ref().unwrap(),
+            guidance: Some(&Tensor::new(&[2.5f32], &Device::Cpu).unwrap()),
+            concat: None,
+            control: FluxControl::default(),
+        })
+        .unwrap();
+    let expected = ((((&noise - &velocity).unwrap()) / 0.3611).unwrap() + 0.1159).unwrap();
+    let difference = (&sampled - &expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(difference < 1e-5, "{difference}");
+}
+
 /// The same weights as safetensors (f16) and as GGUF F16 give the same prediction; as GGUF
 /// Q8_0 (matrices quantized, small tensors F32 as city96's files keep them) a close one.
 #[test]
@@ -389,23 +515,8 @@ fn flux_from_gguf_predicts_as_from_safetensors() {
     let inputs = inputs(&tiny_flux());
     let reference = predict(&load(file.clone()), &inputs);
     for kind in [GgmlType::F16, GgmlType::Q8_0] {
-        let tensors: Vec<GgufTensorData> = flux_layout(&tiny_flux(), "")
-            .unwrap()
-            .iter()
-            .map(|spec| {
-                let values = values(&file.load(&spec.name, DType::F32, &Device::Cpu).unwrap());
-                let quantized = spec.shape.len() == 2 && spec.shape[1] % 32 == 0;
-                let kind = if quantized { kind } else { GgmlType::F32 };
-                GgufTensorData {
-                    name: spec.name.clone(),
-                    shape: spec.shape.clone(),
-                    kind,
-                    bytes: quantize(kind, &values).unwrap(),
-                }
-            })
-            .collect();
         let path = dir.path().join(format!("tiny_flux_{}.gguf", kind.name()));
-        write_gguf(&path, &[], &tensors).unwrap();
+        write_gguf_copy(&file, kind, &path);
         let prediction = predict(&load(Arc::new(GgufFile::open(&path).unwrap())), &inputs);
         let difference = (&prediction - &reference)
             .unwrap()

@@ -1,17 +1,28 @@
 //! Every built-in node's `/object_info` entry equals ComfyUI 0.3.64's, key order included. Combos
 //! filled from folders (LoadImage's file list) are compared after substituting the captured list.
+//! ComfyUI-GGUF's nodes were not installed in the captured run: their entries
+//! (`object_info_gguf_nodes.json`) are written from the pack's `INPUT_TYPES`, `TITLE` and
+//! `CATEGORY` as ComfyUI serialises V1 nodes.
 
 use easel_engine::Services;
 use easel_nodes::builtin_registry;
 use serde_json::Value as Json;
 
 fn reference() -> Json {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/object_info_nodes.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    let read = |name: &str| -> Json {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let mut reference = read("object_info_nodes.json");
+    let Json::Object(gguf) = read("object_info_gguf_nodes.json") else {
+        panic!("the GGUF fixture is an object");
+    };
+    reference.as_object_mut().unwrap().extend(gguf);
+    reference
 }
 
 /// Inputs whose combo lists come from the disk rather than from the node.
-const FILE_COMBOS: [(&str, &str); 10] = [
+const FILE_COMBOS: [(&str, &str); 12] = [
     ("LoadImage", "image"),
     ("LoadImageMask", "image"),
     ("CheckpointLoaderSimple", "ckpt_name"),
@@ -22,6 +33,8 @@ const FILE_COMBOS: [(&str, &str); 10] = [
     ("DualCLIPLoader", "clip_name1"),
     ("DualCLIPLoader", "clip_name2"),
     ("VAELoader", "vae_name"),
+    ("UnetLoaderGGUF", "unet_name"),
+    ("UnetLoaderGGUFAdvanced", "unet_name"),
 ];
 
 #[test]

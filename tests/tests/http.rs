@@ -154,7 +154,9 @@ fn information_routes_answer_like_comfyui() {
             "photomaker",
             "classifiers",
             "model_patches",
-            "audio_encoders"
+            "audio_encoders",
+            "unet_gguf",
+            "clip_gguf"
         ])
     );
     let checkpoints = server.base.path().join("models/checkpoints/sub");

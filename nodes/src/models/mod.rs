@@ -196,7 +196,7 @@ pub fn detect_family(file: &dyn TensorShapes) -> Result<Family, DetectError> {
 /// Whether the diffusion model under `prefix` of `family` predicts velocity, as ComfyUI decides:
 /// SDXL files say so with a `v_pred` tensor; for SD2.x ComfyUI looks at the spread of one late
 /// LayerNorm bias (population standard deviation above 0.09 means v-prediction).
-pub fn is_v_prediction(file: &SafetensorsFile, family: Family, prefix: &str) -> bool {
+pub fn is_v_prediction(file: &dyn MappedWeights, family: Family, prefix: &str) -> bool {
     match family {
         Family::Sdxl | Family::SdxlRefiner => file.has("v_pred"),
         Family::Sd2 => {

@@ -183,6 +183,9 @@ impl SigmaSchedule {
     }
 }
 
+/// FLUX dev's μ (ComfyUI's `Flux` model config), before ModelSamplingFlux changes it.
+pub const FLUX_DEV_SHIFT: f64 = 1.15;
+
 /// The μ of the ModelSamplingFlux node: linear in the image area between
 /// (256 latent patches, `base_shift`) and (4096 patches, `max_shift`).
 pub fn flux_shift_for_size(max_shift: f64, base_shift: f64, width: f64, height: f64) -> f64 {
