@@ -11,7 +11,7 @@ use easel_nodes::diffusion::{CondEntry, Conditioning, Latent, Model};
 use easel_nodes::models::flux::{Flux, FluxConfig, FluxControl, FluxInput};
 use easel_nodes::models::ggml_quants::{quantize::quantize, GgmlType};
 use easel_nodes::models::gguf::{write_gguf, GgufFile, GgufTensorData};
-use easel_nodes::models::testmodels::{flux_layout, tiny_flux, write_checkpoint};
+use easel_nodes::models::testmodels::{flux_layout, tiny_flux, tiny_flux_vae, vae_layout, write_checkpoint};
 use easel_nodes::models::weights::{MappedWeights, SafetensorsFile, Weights};
 use easel_nodes::paths::Paths;
 use easel_nodes::sampling::noise::prepare_noise;
@@ -535,4 +535,29 @@ fn flux_from_gguf_predicts_as_from_safetensors() {
             ),
         }
     }
+}
+
+/// FLUX's VAE (16 latent channels, no quant convolutions, as BFL's `ae.safetensors`) loads
+/// through VAELoader and decodes and encodes through the common nodes.
+#[test]
+fn the_flux_vae_loads_decodes_and_encodes() {
+    let setup = setup();
+    let models = &setup.services.get::<Paths>().unwrap().models;
+    let layout = vae_layout(&tiny_flux_vae(), "").unwrap();
+    assert!(layout.iter().all(|spec| !spec.name.contains("quant_conv")));
+    write_checkpoint(&models.join("vae").join("tiny_flux_ae.safetensors"), &layout).unwrap();
+    let vae = setup
+        .call("VAELoader", vec![("vae_name", j(json!("tiny_flux_ae.safetensors")))])
+        .unwrap()
+        .remove(0);
+    let latent = Value::object(Latent::new(wave(&[1, 16, 3, 4], 0.41)));
+    let image = setup
+        .call("VAEDecode", vec![("samples", latent), ("vae", vae.clone())])
+        .unwrap()
+        .remove(0);
+    let encoded = setup
+        .call("VAEEncode", vec![("pixels", image.clone()), ("vae", vae)])
+        .unwrap()
+        .remove(0);
+    assert_eq!(encoded.downcast::<Latent>().unwrap().samples.dims(), &[1, 16, 3, 4]);
 }

@@ -89,6 +89,7 @@ pub fn tiny_sd_vae() -> VaeConfig {
         num_res_blocks: 1,
         latent_channels: 4,
         image_channels: 3,
+        quant_convs: true,
     }
 }
 
@@ -133,6 +134,7 @@ pub fn sd15_vae() -> VaeConfig {
         num_res_blocks: 2,
         latent_channels: 4,
         image_channels: 3,
+        quant_convs: true,
     }
 }
 
@@ -197,6 +199,22 @@ pub fn tiny_flux() -> FluxConfig {
         guidance_embed: true,
         qkv_bias: true,
     }
+}
+
+/// A tiny FLUX VAE: the tiny SD VAE with 16 latent channels and no quant convolutions.
+pub fn tiny_flux_vae() -> VaeConfig {
+    VaeConfig {
+        latent_channels: 16,
+        quant_convs: false,
+        ..tiny_sd_vae()
+    }
+}
+
+/// Every tensor of a VAE under `prefix`.
+pub fn vae_layout(config: &VaeConfig, prefix: &str) -> candle_core::Result<Vec<TensorSpec>> {
+    let recorder = Recorder::default();
+    Vae::new(config.clone(), recorder.var_builder(prefix).into())?;
+    Ok(recorder.specs())
 }
 
 /// Every tensor of a FLUX model in the BFL layout under `prefix`; the query and key norms'

@@ -1,6 +1,7 @@
 //! The KL autoencoder (`AutoencoderKL`) of SD1.x/SD2.x/SDXL in the LDM key layout
-//! (`encoder.*`, `decoder.*`, `quant_conv`, `post_quant_conv`). Channel counts, depth and
-//! latent width come from the weights.
+//! (`encoder.*`, `decoder.*`, `quant_conv`, `post_quant_conv`), and FLUX's (16 latent
+//! channels, no quant convolutions). Channel counts, depth, latent width and the quant
+//! convolutions come from the weights.
 //!
 //! Works on raw VAE latents and on images in [-1, 1], NCHW; the nodes convert to ComfyUI's
 //! [B, H, W, C] images in [0, 1].
@@ -25,6 +26,9 @@ pub struct VaeConfig {
     pub latent_channels: usize,
     /// Image channels (3).
     pub image_channels: usize,
+    /// Whether 1×1 convolutions sit between the latent and the encoder and decoder (SD; not
+    /// FLUX).
+    pub quant_convs: bool,
 }
 
 impl VaeConfig {
@@ -56,6 +60,7 @@ impl VaeConfig {
             num_res_blocks,
             latent_channels,
             image_channels,
+            quant_convs: shape("quant_conv.weight").is_some(),
         })
     }
 }
@@ -68,8 +73,8 @@ pub struct Vae {
     config: VaeConfig,
     encoder: Encoder,
     decoder: Decoder,
-    quant_conv: Conv2d,
-    post_quant_conv: Conv2d,
+    quant_conv: Option<Conv2d>,
+    post_quant_conv: Option<Conv2d>,
 }
 
 impl Vae {
@@ -78,8 +83,14 @@ impl Vae {
         Ok(Vae {
             encoder: Encoder::new(&config, vb.pp("encoder"))?,
             decoder: Decoder::new(&config, vb.pp("decoder"))?,
-            quant_conv: Conv2d::same(2 * latent, 2 * latent, 1, 1, vb.pp("quant_conv"))?,
-            post_quant_conv: Conv2d::same(latent, latent, 1, 1, vb.pp("post_quant_conv"))?,
+            quant_conv: match config.quant_convs {
+                true => Some(Conv2d::same(2 * latent, 2 * latent, 1, 1, vb.pp("quant_conv"))?),
+                false => None,
+            },
+            post_quant_conv: match config.quant_convs {
+                true => Some(Conv2d::same(latent, latent, 1, 1, vb.pp("post_quant_conv"))?),
+                false => None,
+            },
             config,
         })
     }
@@ -99,13 +110,20 @@ impl Vae {
 
     /// Image in [-1, 1] → the mean of the latent distribution (ComfyUI encodes deterministically).
     pub fn encode(&self, image: &Tensor) -> Result<Tensor> {
-        let moments = self.quant_conv.forward(&self.encoder.forward(image)?)?;
+        let moments = self.encoder.forward(image)?;
+        let moments = match &self.quant_conv {
+            Some(conv) => conv.forward(&moments)?,
+            None => moments,
+        };
         moments.narrow(1, 0, self.config.latent_channels)
     }
 
     /// Raw latent → image in roughly [-1, 1].
     pub fn decode(&self, latent: &Tensor) -> Result<Tensor> {
-        self.decoder.forward(&self.post_quant_conv.forward(latent)?)
+        match &self.post_quant_conv {
+            Some(conv) => self.decoder.forward(&conv.forward(latent)?),
+            None => self.decoder.forward(latent),
+        }
     }
 
     /// ComfyUI's `decode_tiled_`: the mean of three tiled decodes with latent tiles of
