@@ -368,8 +368,9 @@ impl NodeSchema {
     pub fn to_object_info(&self) -> Json {
         let mut input = Map::new();
         let mut order = Map::new();
+        // ComfyUI lists "required" even when it is empty (DisableNoise); "optional" only when not.
         for (section, specs) in [("required", &self.required), ("optional", &self.optional)] {
-            if !specs.is_empty() {
+            if section == "required" || !specs.is_empty() {
                 let entries: Map<String, Json> = specs.iter().map(|(n, s)| (n.clone(), s.to_json())).collect();
                 input.insert(section.into(), Json::Object(entries));
                 order.insert(section.into(), json!(specs.keys().collect::<Vec<_>>()));

@@ -725,6 +725,15 @@ pub struct Latent {
 }
 
 impl Latent {
+    /// These latents' batch indices and mask with other `samples` (a sampler's output).
+    pub fn with_samples(&self, samples: Tensor) -> Latent {
+        Latent {
+            samples,
+            batch_index: self.batch_index.clone(),
+            noise_mask: self.noise_mask.clone(),
+        }
+    }
+
     /// Latents of their own: no batch indices, no mask.
     pub fn new(samples: Tensor) -> Self {
         Latent {
@@ -991,11 +1000,87 @@ pub struct SamplingRequest<'a> {
 /// Progress of one sampling run: (finished steps, total steps, the current denoised estimate).
 pub type ProgressCallback<'a> = dyn FnMut(usize, usize, &Tensor) -> candle_core::Result<()> + 'a;
 
+impl SamplingRequest<'_> {
+    /// KSampler's σ: the scheduler's for `steps` and `denoise`, cut to `start_step..=last_step`
+    /// (the last set to 0 with `force_full_denoise`); empty when `start_step` leaves nothing.
+    fn sigmas(&self) -> Vec<f32> {
+        let mut sigmas = ksampler_sigmas(
+            &self.model.schedule,
+            self.scheduler,
+            self.steps,
+            self.denoise,
+            samplers::discards_penultimate_sigma(self.sampler),
+        );
+        if let Some(last_step) = self.last_step {
+            if last_step + 1 < sigmas.len() {
+                sigmas.truncate(last_step + 1);
+                if self.force_full_denoise {
+                    if let Some(last) = sigmas.last_mut() {
+                        *last = 0.0;
+                    }
+                }
+            }
+        }
+        if let Some(start_step) = self.start_step {
+            if start_step + 1 < sigmas.len() {
+                sigmas.drain(..start_step);
+            } else {
+                sigmas.clear();
+            }
+        }
+        sigmas
+    }
+}
+
 /// ComfyUI's `common_ksampler`: returns the sampled raw latent.
 pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Result<Tensor, SamplerError> {
-    let model = request.model;
+    let sigmas = request.sigmas();
+    let run = GuidedSampling {
+        model: request.model,
+        positive: request.positive,
+        negative: request.negative,
+        cfg: request.cfg,
+        sampler: request.sampler,
+        sigmas: &sigmas,
+        latent: request.latent,
+        seed: request.seed,
+        add_noise: !request.disable_noise,
+        denoise_mask: request.denoise_mask.clone(),
+    };
+    Ok(sample_guided(&run, progress)?.samples)
+}
+
+/// A sampling run once its σ are chosen (ComfyUI's guider `sample`), as KSampler and the
+/// custom-sampling nodes (SamplerCustom, SamplerCustomAdvanced) make it.
+pub struct GuidedSampling<'a> {
+    pub model: &'a DiffusionModel,
+    pub positive: &'a Conditioning,
+    /// Empty for BasicGuider (with cfg 1 it is never evaluated).
+    pub negative: &'a Conditioning,
+    pub cfg: f64,
+    pub sampler: &'a str,
+    pub sigmas: &'a [f32],
+    pub latent: &'a Latent,
+    /// Seeds the initial noise (where `add_noise`) and the samplers' step noise.
+    pub seed: u64,
+    pub add_noise: bool,
+    /// Where sampling may change the latent (1) and where it keeps it (0), [B, C, H, W].
+    pub denoise_mask: Option<Tensor>,
+}
+
+/// What a sampling run gives: the sampled raw latent, and the last denoised estimate (raw),
+/// when a step ran.
+pub struct Sampled {
+    pub samples: Tensor,
+    pub denoised: Option<Tensor>,
+}
+
+/// Runs `run`: noise, the conditioning's guidance, the sampler over `run.sigmas`, and the
+/// latent scaling in and out of model space. With no σ the latent comes back as it is.
+pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> Result<Sampled, SamplerError> {
+    let model = run.model;
     let device = &model.device;
-    let latent = request.latent.samples.to_device(device)?.to_dtype(DType::F32)?;
+    let latent = run.latent.samples.to_device(device)?.to_dtype(DType::F32)?;
     let has_content = latent.abs()?.max_all()?.to_scalar::<f32>()? != 0.0;
     let (batch, channels, height, width) = latent.dims4()?;
     // ComfyUI's `fix_empty_latent_channels`: an empty latent of another channel count (an
@@ -1006,44 +1091,23 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
     } else {
         latent
     };
+    if run.sigmas.is_empty() {
+        return Ok(Sampled {
+            samples: latent,
+            denoised: None,
+        });
+    }
     crate::memory::ensure_available(model.network.working_memory(batch, height, width), || {
         format!("sampling a {}×{} latent (batch {batch})", width * 8, height * 8)
     })?;
     let shape = latent.dims().to_vec();
-    let noise = if request.disable_noise {
-        latent.zeros_like()?
-    } else {
-        let values = prepare_noise(request.seed, &shape, request.latent.batch_index.as_deref());
+    let noise = if run.add_noise {
+        let values = prepare_noise(run.seed, &shape, run.latent.batch_index.as_deref());
         Tensor::from_vec(values, shape.as_slice(), device)?
+    } else {
+        latent.zeros_like()?
     };
-
-    let mut sigmas = ksampler_sigmas(
-        &model.schedule,
-        request.scheduler,
-        request.steps,
-        request.denoise,
-        samplers::discards_penultimate_sigma(request.sampler),
-    );
-    if let Some(last_step) = request.last_step {
-        if last_step + 1 < sigmas.len() {
-            sigmas.truncate(last_step + 1);
-            if request.force_full_denoise {
-                if let Some(last) = sigmas.last_mut() {
-                    *last = 0.0;
-                }
-            }
-        }
-    }
-    if let Some(start_step) = request.start_step {
-        if start_step + 1 < sigmas.len() {
-            sigmas.drain(..start_step);
-        } else {
-            return Ok(latent);
-        }
-    }
-    if sigmas.is_empty() {
-        return Ok(latent);
-    }
+    let sigmas = run.sigmas;
 
     // As ComfyUI: an empty latent is not shifted into model space.
     let latent_in = if has_content {
@@ -1051,7 +1115,7 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
     } else {
         latent.clone()
     };
-    let denoise_mask = request
+    let denoise_mask = run
         .denoise_mask
         .as_ref()
         .map(|mask| mask.to_device(device)?.to_dtype(DType::F32))
@@ -1060,15 +1124,15 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
         model_space: &latent_in,
         denoise_mask: denoise_mask.as_ref(),
     };
-    let mut positive = entries(request.positive, model, false, &latent_inputs)?;
-    let mut negative = entries(request.negative, model, true, &latent_inputs)?;
+    let mut positive = entries(run.positive, model, false, &latent_inputs)?;
+    let mut negative = entries(run.negative, model, true, &latent_inputs)?;
     add_same_areas(&positive, &mut negative);
     add_same_areas(&negative.clone(), &mut positive);
     let mut guider = Guider {
         model,
         positive,
         negative,
-        cfg: request.cfg,
+        cfg: run.cfg,
     };
 
     let sigma_max = model.schedule.sigma_max();
@@ -1076,7 +1140,11 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
     let max_denoise = (sigma_max - first).abs() <= 1e-5 * sigma_max.abs().max(first.abs()) || first > sigma_max;
     let x = model.prediction.noise_scaling(first, &noise, &latent_in, max_denoise)?;
 
-    let mut callback = |step: Step| progress(step.index + 1, step.total, step.denoised);
+    let mut last_denoised = None;
+    let mut callback = |step: Step| {
+        last_denoised = Some(step.denoised.clone());
+        progress(step.index + 1, step.total, step.denoised)
+    };
     let mut inpainting;
     let denoiser: &mut dyn Denoiser = match denoise_mask {
         Some(mask) => {
@@ -1093,17 +1161,22 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
         None => &mut guider,
     };
     let sampled = samplers::sample(
-        request.sampler,
+        run.sampler,
         denoiser,
         x,
-        &sigmas,
+        sigmas,
         &model.schedule,
-        request.seed,
+        run.seed,
         &mut callback,
     )?;
     let last = sigmas.last().copied().unwrap_or(0.0);
     let sampled = model.prediction.inverse_noise_scaling(last, sampled)?;
-    Ok(model.latent_format.process_out(&sampled)?)
+    Ok(Sampled {
+        samples: model.latent_format.process_out(&sampled)?,
+        denoised: last_denoised
+            .map(|denoised| model.latent_format.process_out(&denoised))
+            .transpose()?,
+    })
 }
 
 /// ComfyUI's `KSamplerX0Inpaint`: where the denoise mask is 0 the network sees the original

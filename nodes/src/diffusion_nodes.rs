@@ -8,7 +8,9 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Service
 
 use std::sync::Arc;
 
-use crate::diffusion::{self, Conditioning, DiffusionModel, Latent, Model, Prediction, SamplingRequest};
+use crate::diffusion::{
+    self, Conditioning, DiffusionModel, Latent, LatentFormat, Model, Prediction, ProgressCallback, SamplingRequest,
+};
 use crate::image::{Image, Mask};
 use crate::latent_preview::PreviewSettings;
 use crate::memory::{self, OutOfMemory};
@@ -91,7 +93,7 @@ fn sampler_inputs(schema: NodeSchema, tooltips: bool) -> NodeSchema {
         )
 }
 
-fn seed_spec(name_tooltip: Option<&str>) -> InputSpec {
+pub(crate) fn seed_spec(name_tooltip: Option<&str>) -> InputSpec {
     let spec = InputSpec::of("INT")
         .opt("default", 0)
         .opt("min", 0)
@@ -215,13 +217,7 @@ struct SamplerSettings {
 
 impl SamplerSettings {
     fn read(inputs: &NodeInputs, seed_name: &str) -> Result<Self, NodeError> {
-        let seed = match inputs.get(seed_name).and_then(Value::as_json) {
-            Some(serde_json::Value::Number(number)) => number
-                .as_u64()
-                .or_else(|| number.as_i64().map(|v| v as u64))
-                .unwrap_or(0),
-            _ => return Err(NodeError::value(format!("{seed_name} must be an integer"))),
-        };
+        let seed = seed_input(inputs, seed_name)?;
         let sampler = inputs.string("sampler_name")?;
         // ComfyUI replaces an unknown name by the first entry of the list.
         let sampler = if SAMPLER_NAMES.contains(&sampler) {
@@ -239,9 +235,20 @@ impl SamplerSettings {
     }
 }
 
+/// A seed input: any integer up to 2⁶⁴ − 1.
+pub(crate) fn seed_input(inputs: &NodeInputs, name: &str) -> Result<u64, NodeError> {
+    match inputs.get(name).and_then(Value::as_json) {
+        Some(serde_json::Value::Number(number)) => Ok(number
+            .as_u64()
+            .or_else(|| number.as_i64().map(|v| v as u64))
+            .unwrap_or(0)),
+        _ => Err(NodeError::value(format!("{name} must be an integer"))),
+    }
+}
+
 /// ComfyUI's `prepare_mask`: a latent's noise mask resized (bilinear, as `interpolate`) to the
 /// latent's size, on every channel, tiled or cut to its batch.
-fn denoise_mask(mask: &Mask, shape: &[usize]) -> Result<Tensor, NodeError> {
+pub(crate) fn denoise_mask(mask: &Mask, shape: &[usize]) -> Result<Tensor, NodeError> {
     let &[batch, channels, height, width] = shape else {
         return Err(NodeError::new(format!(
             "a latent of shape {shape:?} cannot take a noise mask"
@@ -287,8 +294,20 @@ fn run_sampler(
         force_full_denoise,
         denoise_mask,
     };
+    let samples = with_progress(ctx, &model.0.latent_format, |progress| {
+        diffusion::sample(&request, progress)
+    })?;
+    Ok(NodeOutput::values(vec![Value::object(latent.with_samples(samples))]))
+}
+
+/// Runs a sampling `run` reporting each step's progress (and preview, where previews are on)
+/// to the client; a stop asked for between steps ends it with the stop's error.
+pub(crate) fn with_progress<T>(
+    ctx: &NodeContext,
+    format: &LatentFormat,
+    run: impl FnOnce(&mut ProgressCallback) -> Result<T, SamplerError>,
+) -> Result<T, NodeError> {
     let previews = ctx.services.get::<PreviewSettings>();
-    let format = &model.0.latent_format;
     let mut stopped: Option<NodeError> = None;
     let mut progress = |done: usize, total: usize, denoised: &Tensor| {
         let reported = match previews
@@ -303,21 +322,16 @@ fn run_sampler(
             candle_core::Error::Msg("sampling stopped".into())
         })
     };
-    let result = diffusion::sample(&request, &mut progress);
+    let result = run(&mut progress);
     if let Some(error) = stopped {
         return Err(error);
     }
-    let samples = result.map_err(|error| match error {
+    result.map_err(|error| match error {
         SamplerError::Unknown(_) => NodeError::typed("ValueError", error.to_string()),
         SamplerError::Tensor(error) => tensor_error(error),
         SamplerError::OutOfMemory(error) => out_of_memory(error),
         SamplerError::Conditioning(error) => NodeError::typed("RuntimeError", error.to_string()),
-    })?;
-    Ok(NodeOutput::values(vec![Value::object(Latent {
-        samples,
-        batch_index: latent.batch_index.clone(),
-        noise_mask: latent.noise_mask.clone(),
-    })]))
+    })
 }
 
 /// `ModelSamplingDiscrete`: the model with another parameterisation over the discrete σ

@@ -382,7 +382,9 @@ fn normal(schedule: &SigmaSchedule, mut steps: usize, sgm: bool) -> Vec<f32> {
     sigmas
 }
 
-fn karras(steps: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> Vec<f32> {
+/// k-diffusion's `get_sigmas_karras`: `steps` σ from `sigma_max` to `sigma_min` evenly spaced in
+/// σ^(1/ρ), then 0.
+pub fn karras(steps: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> Vec<f32> {
     let min_inv_rho = sigma_min.powf(1.0 / rho);
     let max_inv_rho = sigma_max.powf(1.0 / rho);
     let span = (min_inv_rho - max_inv_rho) as f32;
@@ -394,7 +396,8 @@ fn karras(steps: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> Vec<f32> {
     sigmas
 }
 
-fn exponential(steps: usize, sigma_min: f64, sigma_max: f64) -> Vec<f32> {
+/// k-diffusion's `get_sigmas_exponential`: `steps` σ evenly spaced in log σ, then 0.
+pub fn exponential(steps: usize, sigma_min: f64, sigma_max: f64) -> Vec<f32> {
     let mut sigmas: Vec<f32> = linspace_f32(sigma_max.ln() as f32, sigma_min.ln() as f32, steps)
         .into_iter()
         .map(f32::exp)
@@ -417,7 +420,9 @@ fn ddim_uniform(schedule: &SigmaSchedule, mut steps: usize) -> Vec<f32> {
     sigmas
 }
 
-fn beta(schedule: &SigmaSchedule, steps: usize, alpha: f64, beta: f64) -> Vec<f32> {
+/// ComfyUI's `beta_scheduler`: timesteps at the Beta(α, β) distribution's quantiles, repeats
+/// dropped, then 0.
+pub fn beta(schedule: &SigmaSchedule, steps: usize, alpha: f64, beta: f64) -> Vec<f32> {
     let table = schedule.table();
     let last_index = (table.len() - 1) as f64;
     let mut sigmas = Vec::with_capacity(steps + 1);

@@ -1,0 +1,512 @@
+//! ComfyUI's custom-sampling nodes (`comfy_extras.nodes_custom_sampler`): sampling taken apart
+//! into its pieces — a NOISE (RandomNoise, DisableNoise), a GUIDER (BasicGuider, CFGGuider), a
+//! SAMPLER (KSamplerSelect) and SIGMAS (BasicScheduler and the schedule nodes, cut and flipped
+//! by SplitSigmas, SplitSigmasDenoise, FlipSigmas) — put together by SamplerCustom and
+//! SamplerCustomAdvanced, which also return the last denoised estimate.
+
+use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
+use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeObject, NodeOutput, Services, Value};
+
+use crate::diffusion::{self, Conditioning, GuidedSampling, Latent, Model};
+use crate::diffusion_nodes::{denoise_mask, seed_input, seed_spec, with_progress};
+use crate::sampling::samplers::SAMPLER_NAMES;
+use crate::sampling::schedule::{self, ksampler_sigmas, Scheduler};
+
+/// The Python module of every node here.
+const MODULE: &str = "comfy_extras.nodes_custom_sampler";
+
+/// The SAMPLER socket: a sampler by name.
+#[derive(Clone, Debug)]
+pub struct SamplerChoice(pub String);
+
+impl NodeObject for SamplerChoice {
+    fn type_name(&self) -> &'static str {
+        "SAMPLER"
+    }
+}
+
+/// The SIGMAS socket: the σ of each step, then the last.
+#[derive(Clone, Debug)]
+pub struct Sigmas(pub Vec<f32>);
+
+impl NodeObject for Sigmas {
+    fn type_name(&self) -> &'static str {
+        "SIGMAS"
+    }
+}
+
+/// The NOISE socket: the initial noise drawn with `seed`, or none (which still seeds the
+/// samplers' step noise, with 0 as ComfyUI's empty noise does).
+#[derive(Clone, Debug)]
+pub struct NoiseChoice {
+    pub seed: u64,
+    pub enabled: bool,
+}
+
+impl NodeObject for NoiseChoice {
+    fn type_name(&self) -> &'static str {
+        "NOISE"
+    }
+}
+
+/// The GUIDER socket: the model and the conditioning it is guided by (no negative side for
+/// BasicGuider, whose cfg is 1).
+#[derive(Clone, Debug)]
+pub struct Guider {
+    pub model: Model,
+    pub positive: Conditioning,
+    pub negative: Conditioning,
+    pub cfg: f64,
+}
+
+impl NodeObject for Guider {
+    fn type_name(&self) -> &'static str {
+        "GUIDER"
+    }
+}
+
+fn sigmas_value(sigmas: Vec<f32>) -> Value {
+    Value::object(Sigmas(sigmas))
+}
+
+fn cfg_spec() -> InputSpec {
+    InputSpec::float(8.0, 0.0, 100.0).opt("step", 0.1).opt("round", 0.01)
+}
+
+/// Runs `guider` with `noise`, `sampler` and `sigmas` on `latent`: the sampled latent and the
+/// last denoised estimate (the sampled one again when no step ran).
+fn sample_custom(
+    ctx: &NodeContext,
+    guider: &Guider,
+    noise: &NoiseChoice,
+    sampler: &SamplerChoice,
+    sigmas: &Sigmas,
+    latent: &Latent,
+) -> Result<NodeOutput, NodeError> {
+    let model = &guider.model.0;
+    let mask = match &latent.noise_mask {
+        Some(mask) => Some(denoise_mask(mask, latent.samples.dims())?),
+        None => None,
+    };
+    let run = GuidedSampling {
+        model,
+        positive: &guider.positive,
+        negative: &guider.negative,
+        cfg: guider.cfg,
+        sampler: &sampler.0,
+        sigmas: &sigmas.0,
+        latent,
+        seed: noise.seed,
+        add_noise: noise.enabled,
+        denoise_mask: mask,
+    };
+    let sampled = with_progress(ctx, &model.latent_format, |progress| {
+        diffusion::sample_guided(&run, progress)
+    })?;
+    let output = latent.with_samples(sampled.samples.clone());
+    let denoised = match sampled.denoised {
+        Some(denoised) => latent.with_samples(denoised),
+        None => output.clone(),
+    };
+    Ok(NodeOutput::values(vec![Value::object(output), Value::object(denoised)]))
+}
+
+/// `SamplerCustomAdvanced`.
+pub struct SamplerCustomAdvanced;
+
+impl Node for SamplerCustomAdvanced {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("SamplerCustomAdvanced", MODULE, "sampling/custom_sampling")
+            .display("SamplerCustomAdvanced")
+            .required("noise", InputSpec::of("NOISE"))
+            .required("guider", InputSpec::of("GUIDER"))
+            .required("sampler", InputSpec::of("SAMPLER"))
+            .required("sigmas", InputSpec::of("SIGMAS"))
+            .required("latent_image", InputSpec::of("LATENT"))
+            .output(OutputSpec::of("LATENT").named("output"))
+            .output(OutputSpec::of("LATENT").named("denoised_output"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        sample_custom(
+            ctx,
+            inputs.object::<Guider>("guider")?,
+            inputs.object::<NoiseChoice>("noise")?,
+            inputs.object::<SamplerChoice>("sampler")?,
+            inputs.object::<Sigmas>("sigmas")?,
+            inputs.object::<Latent>("latent_image")?,
+        )
+    }
+}
+
+/// `SamplerCustom`: SamplerCustomAdvanced with its noise and CFG guider given as inputs.
+pub struct SamplerCustom;
+
+impl Node for SamplerCustom {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("SamplerCustom", MODULE, "sampling/custom_sampling")
+            .display("SamplerCustom")
+            .required("model", InputSpec::of("MODEL"))
+            .required("add_noise", InputSpec::boolean(true))
+            .required("noise_seed", seed_spec(None))
+            .required("cfg", cfg_spec())
+            .required("positive", InputSpec::of("CONDITIONING"))
+            .required("negative", InputSpec::of("CONDITIONING"))
+            .required("sampler", InputSpec::of("SAMPLER"))
+            .required("sigmas", InputSpec::of("SIGMAS"))
+            .required("latent_image", InputSpec::of("LATENT"))
+            .output(OutputSpec::of("LATENT").named("output"))
+            .output(OutputSpec::of("LATENT").named("denoised_output"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let guider = Guider {
+            model: inputs.object::<Model>("model")?.clone(),
+            positive: inputs.object::<Conditioning>("positive")?.clone(),
+            negative: inputs.object::<Conditioning>("negative")?.clone(),
+            cfg: inputs.float("cfg")?,
+        };
+        let noise = NoiseChoice {
+            seed: seed_input(inputs, "noise_seed")?,
+            enabled: inputs.bool("add_noise")?,
+        };
+        sample_custom(
+            ctx,
+            &guider,
+            &noise,
+            inputs.object::<SamplerChoice>("sampler")?,
+            inputs.object::<Sigmas>("sigmas")?,
+            inputs.object::<Latent>("latent_image")?,
+        )
+    }
+}
+
+/// `RandomNoise`.
+pub struct RandomNoise;
+
+impl Node for RandomNoise {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("RandomNoise", MODULE, "sampling/custom_sampling/noise")
+            .display("RandomNoise")
+            .required("noise_seed", seed_spec(None))
+            .output(OutputSpec::of("NOISE"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let noise = NoiseChoice {
+            seed: seed_input(inputs, "noise_seed")?,
+            enabled: true,
+        };
+        Ok(NodeOutput::values(vec![Value::object(noise)]))
+    }
+}
+
+/// `DisableNoise`.
+pub struct DisableNoise;
+
+impl Node for DisableNoise {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("DisableNoise", MODULE, "sampling/custom_sampling/noise")
+            .display("DisableNoise")
+            .output(OutputSpec::of("NOISE"))
+    }
+
+    fn execute(&self, _: &NodeContext, _: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let noise = NoiseChoice {
+            seed: 0,
+            enabled: false,
+        };
+        Ok(NodeOutput::values(vec![Value::object(noise)]))
+    }
+}
+
+/// `BasicGuider`: the model guided by one conditioning alone.
+pub struct BasicGuider;
+
+impl Node for BasicGuider {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("BasicGuider", MODULE, "sampling/custom_sampling/guiders")
+            .display("BasicGuider")
+            .required("model", InputSpec::of("MODEL"))
+            .required("conditioning", InputSpec::of("CONDITIONING"))
+            .output(OutputSpec::of("GUIDER"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let guider = Guider {
+            model: inputs.object::<Model>("model")?.clone(),
+            positive: inputs.object::<Conditioning>("conditioning")?.clone(),
+            negative: Conditioning(Vec::new()),
+            cfg: 1.0,
+        };
+        Ok(NodeOutput::values(vec![Value::object(guider)]))
+    }
+}
+
+/// `CFGGuider`: classifier-free guidance between `positive` and `negative`.
+pub struct CfgGuider;
+
+impl Node for CfgGuider {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("CFGGuider", MODULE, "sampling/custom_sampling/guiders")
+            .display("CFGGuider")
+            .required("model", InputSpec::of("MODEL"))
+            .required("positive", InputSpec::of("CONDITIONING"))
+            .required("negative", InputSpec::of("CONDITIONING"))
+            .required("cfg", cfg_spec())
+            .output(OutputSpec::of("GUIDER"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let guider = Guider {
+            model: inputs.object::<Model>("model")?.clone(),
+            positive: inputs.object::<Conditioning>("positive")?.clone(),
+            negative: inputs.object::<Conditioning>("negative")?.clone(),
+            cfg: inputs.float("cfg")?,
+        };
+        Ok(NodeOutput::values(vec![Value::object(guider)]))
+    }
+}
+
+/// `KSamplerSelect`.
+pub struct KSamplerSelect;
+
+impl Node for KSamplerSelect {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("KSamplerSelect", MODULE, "sampling/custom_sampling/samplers")
+            .display("KSamplerSelect")
+            .required("sampler_name", InputSpec::combo(&SAMPLER_NAMES))
+            .output(OutputSpec::of("SAMPLER"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let name = inputs.string("sampler_name")?.to_string();
+        Ok(NodeOutput::values(vec![Value::object(SamplerChoice(name))]))
+    }
+}
+
+fn steps_spec(default: i64, max: i64) -> InputSpec {
+    InputSpec::int(default, 1, max)
+}
+
+fn denoise_spec() -> InputSpec {
+    InputSpec::float(1.0, 0.0, 1.0).opt("step", 0.01)
+}
+
+/// `BasicScheduler`: the model's σ for `steps` by a scheduler; with `denoise` below 1, the last
+/// `steps` of a longer schedule (none at 0).
+pub struct BasicScheduler;
+
+impl Node for BasicScheduler {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        let schedulers: Vec<&str> = Scheduler::ALL.iter().map(|s| s.name()).collect();
+        NodeSchema::v1("BasicScheduler", MODULE, "sampling/custom_sampling/schedulers")
+            .display("BasicScheduler")
+            .required("model", InputSpec::of("MODEL"))
+            .required("scheduler", InputSpec::combo(&schedulers))
+            .required("steps", steps_spec(20, 10000))
+            .required("denoise", denoise_spec())
+            .output(OutputSpec::of("SIGMAS"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let model = inputs.object::<Model>("model")?;
+        let scheduler: Scheduler = inputs.string("scheduler")?.parse().map_err(|_| {
+            NodeError::value(format!(
+                "unknown scheduler '{}'",
+                inputs.string("scheduler").unwrap_or("")
+            ))
+        })?;
+        let steps = inputs.int("steps")?.max(0) as usize;
+        let denoise = inputs.float("denoise")?;
+        let sigmas = ksampler_sigmas(&model.0.schedule, scheduler, steps, denoise.min(1.0), false);
+        Ok(NodeOutput::values(vec![sigmas_value(sigmas)]))
+    }
+}
+
+fn sigma_spec(default: f64) -> InputSpec {
+    InputSpec::float(default, 0.0, 5000.0)
+        .opt("step", 0.01)
+        .opt("round", false)
+}
+
+/// `KarrasScheduler`: Karras et al.'s σ between the given bounds.
+pub struct KarrasScheduler;
+
+impl Node for KarrasScheduler {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("KarrasScheduler", MODULE, "sampling/custom_sampling/schedulers")
+            .display("KarrasScheduler")
+            .required("steps", steps_spec(20, 10000))
+            .required("sigma_max", sigma_spec(14.614642))
+            .required("sigma_min", sigma_spec(0.0291675))
+            .required(
+                "rho",
+                InputSpec::float(7.0, 0.0, 100.0).opt("step", 0.01).opt("round", false),
+            )
+            .output(OutputSpec::of("SIGMAS"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let sigmas = schedule::karras(
+            inputs.int("steps")?.max(0) as usize,
+            inputs.float("sigma_min")?,
+            inputs.float("sigma_max")?,
+            inputs.float("rho")?,
+        );
+        Ok(NodeOutput::values(vec![sigmas_value(sigmas)]))
+    }
+}
+
+/// `ExponentialScheduler`: σ evenly spaced in log σ between the given bounds.
+pub struct ExponentialScheduler;
+
+impl Node for ExponentialScheduler {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("ExponentialScheduler", MODULE, "sampling/custom_sampling/schedulers")
+            .display("ExponentialScheduler")
+            .required("steps", steps_spec(20, 10000))
+            .required("sigma_max", sigma_spec(14.614642))
+            .required("sigma_min", sigma_spec(0.0291675))
+            .output(OutputSpec::of("SIGMAS"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let sigmas = schedule::exponential(
+            inputs.int("steps")?.max(0) as usize,
+            inputs.float("sigma_min")?,
+            inputs.float("sigma_max")?,
+        );
+        Ok(NodeOutput::values(vec![sigmas_value(sigmas)]))
+    }
+}
+
+/// `BetaSamplingScheduler`: the model's σ at the quantiles of a Beta(α, β) distribution.
+pub struct BetaSamplingScheduler;
+
+impl Node for BetaSamplingScheduler {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        let shape = || InputSpec::float(0.6, 0.0, 50.0).opt("step", 0.01).opt("round", false);
+        NodeSchema::v1("BetaSamplingScheduler", MODULE, "sampling/custom_sampling/schedulers")
+            .display("BetaSamplingScheduler")
+            .required("model", InputSpec::of("MODEL"))
+            .required("steps", steps_spec(20, 10000))
+            .required("alpha", shape())
+            .required("beta", shape())
+            .output(OutputSpec::of("SIGMAS"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let model = inputs.object::<Model>("model")?;
+        let sigmas = schedule::beta(
+            &model.0.schedule,
+            inputs.int("steps")?.max(0) as usize,
+            inputs.float("alpha")?,
+            inputs.float("beta")?,
+        );
+        Ok(NodeOutput::values(vec![sigmas_value(sigmas)]))
+    }
+}
+
+/// `SDTurboScheduler`: timesteps 999, 899, … (from the `denoise` part of the ten), then 0.
+pub struct SdTurboScheduler;
+
+impl Node for SdTurboScheduler {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("SDTurboScheduler", MODULE, "sampling/custom_sampling/schedulers")
+            .display("SDTurboScheduler")
+            .required("model", InputSpec::of("MODEL"))
+            .required("steps", steps_spec(1, 10))
+            .required(
+                "denoise",
+                InputSpec::float(1.0, 0.0, 1.0).opt("min", 0).opt("step", 0.01),
+            )
+            .output(OutputSpec::of("SIGMAS"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let model = inputs.object::<Model>("model")?;
+        let steps = inputs.int("steps")?.max(0) as usize;
+        let start = 10 - (10.0 * inputs.float("denoise")?) as usize;
+        let mut sigmas: Vec<f32> = (1..=10)
+            .rev()
+            .map(|n| (n * 100 - 1) as f32)
+            .skip(start)
+            .take(steps)
+            .map(|timestep| model.0.schedule.sigma(timestep))
+            .collect();
+        sigmas.push(0.0);
+        Ok(NodeOutput::values(vec![sigmas_value(sigmas)]))
+    }
+}
+
+/// `SplitSigmas`: σ up to and from step `step` (which both keep).
+pub struct SplitSigmas;
+
+impl Node for SplitSigmas {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("SplitSigmas", MODULE, "sampling/custom_sampling/sigmas")
+            .display("SplitSigmas")
+            .required("sigmas", InputSpec::of("SIGMAS"))
+            .required("step", InputSpec::int(0, 0, 10000))
+            .output(OutputSpec::of("SIGMAS").named("high_sigmas"))
+            .output(OutputSpec::of("SIGMAS").named("low_sigmas"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let sigmas = &inputs.object::<Sigmas>("sigmas")?.0;
+        let step = (inputs.int("step")?.max(0) as usize).min(sigmas.len());
+        let high = sigmas[..(step + 1).min(sigmas.len())].to_vec();
+        let low = sigmas[step..].to_vec();
+        Ok(NodeOutput::values(vec![sigmas_value(high), sigmas_value(low)]))
+    }
+}
+
+/// `SplitSigmasDenoise`: the last `denoise` part of the steps apart from those before it (as
+/// Python's negative slices cut them).
+pub struct SplitSigmasDenoise;
+
+impl Node for SplitSigmasDenoise {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("SplitSigmasDenoise", MODULE, "sampling/custom_sampling/sigmas")
+            .display("SplitSigmasDenoise")
+            .required("sigmas", InputSpec::of("SIGMAS"))
+            .required("denoise", denoise_spec())
+            .output(OutputSpec::of("SIGMAS").named("high_sigmas"))
+            .output(OutputSpec::of("SIGMAS").named("low_sigmas"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let sigmas = &inputs.object::<Sigmas>("sigmas")?.0;
+        let steps = sigmas.len().saturating_sub(1);
+        let total = (steps as f64 * inputs.float("denoise")?).round_ties_even() as usize;
+        // sigmas[:-total] (empty for total 0) and sigmas[-(total + 1):].
+        let high = match total {
+            0 => Vec::new(),
+            total => sigmas[..sigmas.len().saturating_sub(total)].to_vec(),
+        };
+        let low = sigmas[sigmas.len().saturating_sub(total + 1)..].to_vec();
+        Ok(NodeOutput::values(vec![sigmas_value(high), sigmas_value(low)]))
+    }
+}
+
+/// `FlipSigmas`: σ in reverse, a leading 0 made 0.0001.
+pub struct FlipSigmas;
+
+impl Node for FlipSigmas {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("FlipSigmas", MODULE, "sampling/custom_sampling/sigmas")
+            .display("FlipSigmas")
+            .required("sigmas", InputSpec::of("SIGMAS"))
+            .output(OutputSpec::of("SIGMAS"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let mut sigmas = inputs.object::<Sigmas>("sigmas")?.0.clone();
+        sigmas.reverse();
+        if let Some(first) = sigmas.first_mut().filter(|first| **first == 0.0) {
+            *first = 0.0001;
+        }
+        Ok(NodeOutput::values(vec![sigmas_value(sigmas)]))
+    }
+}
