@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod linear;
 pub mod lora;
 pub mod sgemm;
+pub mod t5;
 pub mod testmodels;
 pub mod tokenizer;
 pub mod unet;

@@ -18,6 +18,7 @@ use safetensors::tensor::{Dtype as FileDtype, TensorView};
 
 use super::clip_text::{Activation, ClipNaming, ClipTextConfig, ClipTextEncoder};
 use super::flux::{Flux, FluxConfig};
+use super::t5::{T5Config, T5Encoder};
 use super::unet::{HeadLayout, UNet, UNetConfig};
 use super::vae::{Vae, VaeConfig};
 use super::{
@@ -199,6 +200,32 @@ pub fn tiny_flux() -> FluxConfig {
         guidance_embed: true,
         qkv_bias: true,
     }
+}
+
+/// A tiny T5 encoder: 32 wide, two layers of four 8-wide heads, a 64-token vocabulary.
+pub fn tiny_t5() -> T5Config {
+    T5Config {
+        vocab_size: 64,
+        d_model: 32,
+        layers: 2,
+        heads: 4,
+        d_kv: 8,
+        d_ff: 48,
+    }
+}
+
+/// Every tensor of a T5 encoder in the transformers layout under `prefix`; norm weights are
+/// ones.
+pub fn t5_layout(config: &T5Config, prefix: &str) -> candle_core::Result<Vec<TensorSpec>> {
+    let recorder = Recorder::default();
+    T5Encoder::new(config.clone(), recorder.var_builder(prefix).into())?;
+    let mut specs = recorder.specs();
+    for spec in &mut specs {
+        if spec.name.ends_with("layer_norm.weight") {
+            spec.fill = Fill::Ones;
+        }
+    }
+    Ok(specs)
 }
 
 /// A tiny FLUX VAE: the tiny SD VAE with 16 latent channels and no quant convolutions.
