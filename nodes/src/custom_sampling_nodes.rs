@@ -69,6 +69,20 @@ fn sigmas_value(sigmas: Vec<f32>) -> Value {
     Value::object(Sigmas(sigmas))
 }
 
+fn sigmas_output(sigmas: Vec<f32>) -> Result<NodeOutput, NodeError> {
+    Ok(NodeOutput::values(vec![sigmas_value(sigmas)]))
+}
+
+/// The schema of node `name` of this module in `category`, displayed by its class name.
+fn node_schema(name: &str, category: &str) -> NodeSchema {
+    NodeSchema::v1(name, MODULE, category).display(name)
+}
+
+/// The `steps` input, as a count.
+fn steps(inputs: &NodeInputs) -> Result<usize, NodeError> {
+    Ok(inputs.int("steps")?.max(0) as usize)
+}
+
 fn cfg_spec() -> InputSpec {
     InputSpec::float(8.0, 0.0, 100.0).opt("step", 0.1).opt("round", 0.01)
 }
@@ -116,8 +130,7 @@ pub struct SamplerCustomAdvanced;
 
 impl Node for SamplerCustomAdvanced {
     fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1("SamplerCustomAdvanced", MODULE, "sampling/custom_sampling")
-            .display("SamplerCustomAdvanced")
+        node_schema("SamplerCustomAdvanced", "sampling/custom_sampling")
             .required("noise", InputSpec::of("NOISE"))
             .required("guider", InputSpec::of("GUIDER"))
             .required("sampler", InputSpec::of("SAMPLER"))
@@ -144,8 +157,7 @@ pub struct SamplerCustom;
 
 impl Node for SamplerCustom {
     fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1("SamplerCustom", MODULE, "sampling/custom_sampling")
-            .display("SamplerCustom")
+        node_schema("SamplerCustom", "sampling/custom_sampling")
             .required("model", InputSpec::of("MODEL"))
             .required("add_noise", InputSpec::boolean(true))
             .required("noise_seed", seed_spec(None))
@@ -186,8 +198,7 @@ pub struct RandomNoise;
 
 impl Node for RandomNoise {
     fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1("RandomNoise", MODULE, "sampling/custom_sampling/noise")
-            .display("RandomNoise")
+        node_schema("RandomNoise", "sampling/custom_sampling/noise")
             .required("noise_seed", seed_spec(None))
             .output(OutputSpec::of("NOISE"))
     }
@@ -206,9 +217,7 @@ pub struct DisableNoise;
 
 impl Node for DisableNoise {
     fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1("DisableNoise", MODULE, "sampling/custom_sampling/noise")
-            .display("DisableNoise")
-            .output(OutputSpec::of("NOISE"))
+        node_schema("DisableNoise", "sampling/custom_sampling/noise").output(OutputSpec::of("NOISE"))
     }
 
     fn execute(&self, _: &NodeContext, _: &NodeInputs) -> Result<NodeOutput, NodeError> {
@@ -225,8 +234,7 @@ pub struct BasicGuider;
 
 impl Node for BasicGuider {
     fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1("BasicGuider", MODULE, "sampling/custom_sampling/guiders")
-            .display("BasicGuider")
+        node_schema("BasicGuider", "sampling/custom_sampling/guiders")
             .required("model", InputSpec::of("MODEL"))
             .required("conditioning", InputSpec::of("CONDITIONING"))
             .output(OutputSpec::of("GUIDER"))
@@ -248,8 +256,7 @@ pub struct CfgGuider;
 
 impl Node for CfgGuider {
     fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1("CFGGuider", MODULE, "sampling/custom_sampling/guiders")
-            .display("CFGGuider")
+        node_schema("CFGGuider", "sampling/custom_sampling/guiders")
             .required("model", InputSpec::of("MODEL"))
             .required("positive", InputSpec::of("CONDITIONING"))
             .required("negative", InputSpec::of("CONDITIONING"))
@@ -273,8 +280,7 @@ pub struct KSamplerSelect;
 
 impl Node for KSamplerSelect {
     fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1("KSamplerSelect", MODULE, "sampling/custom_sampling/samplers")
-            .display("KSamplerSelect")
+        node_schema("KSamplerSelect", "sampling/custom_sampling/samplers")
             .required("sampler_name", InputSpec::combo(&SAMPLER_NAMES))
             .output(OutputSpec::of("SAMPLER"))
     }
@@ -300,8 +306,7 @@ pub struct BasicScheduler;
 impl Node for BasicScheduler {
     fn schema(&self, _: &Services) -> NodeSchema {
         let schedulers: Vec<&str> = Scheduler::ALL.iter().map(|s| s.name()).collect();
-        NodeSchema::v1("BasicScheduler", MODULE, "sampling/custom_sampling/schedulers")
-            .display("BasicScheduler")
+        node_schema("BasicScheduler", "sampling/custom_sampling/schedulers")
             .required("model", InputSpec::of("MODEL"))
             .required("scheduler", InputSpec::combo(&schedulers))
             .required("steps", steps_spec(20, 10000))
@@ -317,10 +322,10 @@ impl Node for BasicScheduler {
                 inputs.string("scheduler").unwrap_or("")
             ))
         })?;
-        let steps = inputs.int("steps")?.max(0) as usize;
+        let steps = steps(inputs)?;
         let denoise = inputs.float("denoise")?;
         let sigmas = ksampler_sigmas(&model.0.schedule, scheduler, steps, denoise.min(1.0), false);
-        Ok(NodeOutput::values(vec![sigmas_value(sigmas)]))
+        sigmas_output(sigmas)
     }
 }
 
@@ -335,8 +340,7 @@ pub struct KarrasScheduler;
 
 impl Node for KarrasScheduler {
     fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1("KarrasScheduler", MODULE, "sampling/custom_sampling/schedulers")
-            .display("KarrasScheduler")
+        node_schema("KarrasScheduler", "sampling/custom_sampling/schedulers")
             .required("steps", steps_spec(20, 10000))
             .required("sigma_max", sigma_spec(14.614642))
             .required("sigma_min", sigma_spec(0.0291675))
@@ -349,12 +353,12 @@ impl Node for KarrasScheduler {
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let sigmas = schedule::karras(
-            inputs.int("steps")?.max(0) as usize,
+            steps(inputs)?,
             inputs.float("sigma_min")?,
             inputs.float("sigma_max")?,
             inputs.float("rho")?,
         );
-        Ok(NodeOutput::values(vec![sigmas_value(sigmas)]))
+        sigmas_output(sigmas)
     }
 }
 
@@ -363,8 +367,7 @@ pub struct ExponentialScheduler;
 
 impl Node for ExponentialScheduler {
     fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1("ExponentialScheduler", MODULE, "sampling/custom_sampling/schedulers")
-            .display("ExponentialScheduler")
+        node_schema("ExponentialScheduler", "sampling/custom_sampling/schedulers")
             .required("steps", steps_spec(20, 10000))
             .required("sigma_max", sigma_spec(14.614642))
             .required("sigma_min", sigma_spec(0.0291675))
@@ -372,12 +375,8 @@ impl Node for ExponentialScheduler {
     }
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let sigmas = schedule::exponential(
-            inputs.int("steps")?.max(0) as usize,
-            inputs.float("sigma_min")?,
-            inputs.float("sigma_max")?,
-        );
-        Ok(NodeOutput::values(vec![sigmas_value(sigmas)]))
+        let sigmas = schedule::exponential(steps(inputs)?, inputs.float("sigma_min")?, inputs.float("sigma_max")?);
+        sigmas_output(sigmas)
     }
 }
 
@@ -387,8 +386,7 @@ pub struct BetaSamplingScheduler;
 impl Node for BetaSamplingScheduler {
     fn schema(&self, _: &Services) -> NodeSchema {
         let shape = || InputSpec::float(0.6, 0.0, 50.0).opt("step", 0.01).opt("round", false);
-        NodeSchema::v1("BetaSamplingScheduler", MODULE, "sampling/custom_sampling/schedulers")
-            .display("BetaSamplingScheduler")
+        node_schema("BetaSamplingScheduler", "sampling/custom_sampling/schedulers")
             .required("model", InputSpec::of("MODEL"))
             .required("steps", steps_spec(20, 10000))
             .required("alpha", shape())
@@ -400,11 +398,11 @@ impl Node for BetaSamplingScheduler {
         let model = inputs.object::<Model>("model")?;
         let sigmas = schedule::beta(
             &model.0.schedule,
-            inputs.int("steps")?.max(0) as usize,
+            steps(inputs)?,
             inputs.float("alpha")?,
             inputs.float("beta")?,
         );
-        Ok(NodeOutput::values(vec![sigmas_value(sigmas)]))
+        sigmas_output(sigmas)
     }
 }
 
@@ -413,8 +411,7 @@ pub struct SdTurboScheduler;
 
 impl Node for SdTurboScheduler {
     fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1("SDTurboScheduler", MODULE, "sampling/custom_sampling/schedulers")
-            .display("SDTurboScheduler")
+        node_schema("SDTurboScheduler", "sampling/custom_sampling/schedulers")
             .required("model", InputSpec::of("MODEL"))
             .required("steps", steps_spec(1, 10))
             .required(
@@ -426,7 +423,7 @@ impl Node for SdTurboScheduler {
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let model = inputs.object::<Model>("model")?;
-        let steps = inputs.int("steps")?.max(0) as usize;
+        let steps = steps(inputs)?;
         let start = 10 - (10.0 * inputs.float("denoise")?) as usize;
         let mut sigmas: Vec<f32> = (1..=10)
             .rev()
@@ -436,7 +433,7 @@ impl Node for SdTurboScheduler {
             .map(|timestep| model.0.schedule.sigma(timestep))
             .collect();
         sigmas.push(0.0);
-        Ok(NodeOutput::values(vec![sigmas_value(sigmas)]))
+        sigmas_output(sigmas)
     }
 }
 
@@ -445,8 +442,7 @@ pub struct SplitSigmas;
 
 impl Node for SplitSigmas {
     fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1("SplitSigmas", MODULE, "sampling/custom_sampling/sigmas")
-            .display("SplitSigmas")
+        node_schema("SplitSigmas", "sampling/custom_sampling/sigmas")
             .required("sigmas", InputSpec::of("SIGMAS"))
             .required("step", InputSpec::int(0, 0, 10000))
             .output(OutputSpec::of("SIGMAS").named("high_sigmas"))
@@ -468,8 +464,7 @@ pub struct SplitSigmasDenoise;
 
 impl Node for SplitSigmasDenoise {
     fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1("SplitSigmasDenoise", MODULE, "sampling/custom_sampling/sigmas")
-            .display("SplitSigmasDenoise")
+        node_schema("SplitSigmasDenoise", "sampling/custom_sampling/sigmas")
             .required("sigmas", InputSpec::of("SIGMAS"))
             .required("denoise", denoise_spec())
             .output(OutputSpec::of("SIGMAS").named("high_sigmas"))
@@ -495,8 +490,7 @@ pub struct FlipSigmas;
 
 impl Node for FlipSigmas {
     fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1("FlipSigmas", MODULE, "sampling/custom_sampling/sigmas")
-            .display("FlipSigmas")
+        node_schema("FlipSigmas", "sampling/custom_sampling/sigmas")
             .required("sigmas", InputSpec::of("SIGMAS"))
             .output(OutputSpec::of("SIGMAS"))
     }
@@ -507,6 +501,6 @@ impl Node for FlipSigmas {
         if let Some(first) = sigmas.first_mut().filter(|first| **first == 0.0) {
             *first = 0.0001;
         }
-        Ok(NodeOutput::values(vec![sigmas_value(sigmas)]))
+        sigmas_output(sigmas)
     }
 }

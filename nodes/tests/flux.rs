@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{j, setup};
+use common::{j, max_abs_difference, setup};
 use easel_engine::Value;
 use easel_nodes::diffusion::{CondEntry, Conditioning, Latent, Model};
 use easel_nodes::models::flux::{Flux, FluxConfig, FluxControl, FluxInput};
@@ -495,14 +495,7 @@ fn one_flow_step_through_the_nodes_follows_comfyui() {
         })
         .unwrap();
     let expected = ((((&noise - &velocity).unwrap()) / 0.3611).unwrap() + 0.1159).unwrap();
-    let difference = (&sampled - &expected)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let difference = max_abs_difference(&sampled, &expected);
     assert!(difference < 1e-5, "{difference}");
 }
 
@@ -518,15 +511,8 @@ fn flux_from_gguf_predicts_as_from_safetensors() {
         let path = dir.path().join(format!("tiny_flux_{}.gguf", kind.name()));
         write_gguf_copy(&file, kind, &path);
         let prediction = predict(&load(Arc::new(GgufFile::open(&path).unwrap())), &inputs);
-        let difference = (&prediction - &reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let difference = max_abs_difference(&prediction, &reference);
+        let scale = max_abs_difference(&reference, &reference.zeros_like().unwrap());
         match kind {
             GgmlType::F16 => assert_eq!(difference, 0.0),
             _ => assert!(

@@ -219,13 +219,17 @@ pub fn tiny_t5() -> T5Config {
 pub fn t5_layout(config: &T5Config, prefix: &str) -> candle_core::Result<Vec<TensorSpec>> {
     let recorder = Recorder::default();
     T5Encoder::new(config.clone(), recorder.var_builder(prefix).into())?;
-    let mut specs = recorder.specs();
+    Ok(ones_where(recorder.specs(), "layer_norm.weight"))
+}
+
+/// `specs` with the tensors whose names end in `suffix` (norm weights) filled with ones.
+fn ones_where(mut specs: Vec<TensorSpec>, suffix: &str) -> Vec<TensorSpec> {
     for spec in &mut specs {
-        if spec.name.ends_with("layer_norm.weight") {
+        if spec.name.ends_with(suffix) {
             spec.fill = Fill::Ones;
         }
     }
-    Ok(specs)
+    specs
 }
 
 /// A tiny FLUX VAE: the tiny SD VAE with 16 latent channels and no quant convolutions.
@@ -249,13 +253,7 @@ pub fn vae_layout(config: &VaeConfig, prefix: &str) -> candle_core::Result<Vec<T
 pub fn flux_layout(config: &FluxConfig, prefix: &str) -> candle_core::Result<Vec<TensorSpec>> {
     let recorder = Recorder::default();
     Flux::new(config.clone(), recorder.var_builder(prefix).into())?;
-    let mut specs = recorder.specs();
-    for spec in &mut specs {
-        if spec.name.ends_with("_norm.scale") {
-            spec.fill = Fill::Ones;
-        }
-    }
-    Ok(specs)
+    Ok(ones_where(recorder.specs(), "_norm.scale"))
 }
 
 /// Every tensor of an SD1.x single-file checkpoint with the given parts, in ComfyUI's layout.
