@@ -15,6 +15,7 @@ pub mod linear;
 pub mod lora;
 pub mod sgemm;
 pub mod t5;
+pub mod t5_tokenizer;
 pub mod testmodels;
 pub mod tokenizer;
 pub mod unet;

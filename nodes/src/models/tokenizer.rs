@@ -152,6 +152,17 @@ fn split_parentheses(text: &str) -> Vec<String> {
 /// `SDTokenizer.tokenize_with_weights`: the prompt as chunks of [`CHUNK_LENGTH`] weighted
 /// tokens. Unknown `embedding:` names are dropped with a warning, as ComfyUI does.
 pub fn tokenize_with_weights(text: &str, embeddings: &dyn EmbeddingLookup, pad_token: u32) -> Vec<Vec<WeightedToken>> {
+    chunk(weighted_groups(text, embeddings, &encode_words), pad_token)
+}
+
+/// The first half of `SDTokenizer.tokenize_with_weights`: the prompt's weighted segments
+/// (`(word:1.2)`, escapes) split before `embedding:` names, as groups of weighted tokens — an
+/// embedding's vectors, or a segment's tokens by `encode` (without start and end tokens).
+pub fn weighted_groups(
+    text: &str,
+    embeddings: &dyn EmbeddingLookup,
+    encode: &dyn Fn(&str) -> Vec<u32>,
+) -> Vec<Vec<WeightedToken>> {
     let escaped = text.replace("\\)", "\0\u{1}").replace("\\(", "\0\u{2}");
     let mut groups: Vec<Vec<WeightedToken>> = Vec::new();
     for (segment, weight) in parse_weights(&escaped, 1.0) {
@@ -173,14 +184,14 @@ pub fn tokenize_with_weights(text: &str, embeddings: &dyn EmbeddingLookup, pad_t
                 word = leftover;
             }
             groups.push(
-                encode_words(&word)
+                encode(&word)
                     .into_iter()
                     .map(|t| (TokenItem::Token(t), weight))
                     .collect(),
             );
         }
     }
-    chunk(groups, pad_token)
+    groups
 }
 
 /// Splits before every `embedding:` that follows a space or newline (ComfyUI's

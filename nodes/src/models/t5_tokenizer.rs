@@ -1,0 +1,144 @@
+//! ComfyUI's T5 prompt tokenisation (`T5XXLTokenizer`, an `SDTokenizer` without a start token):
+//! the weighted segments of the prompt (`(word:1.2)`, escapes, `embedding:` names, as for CLIP)
+//! tokenised by T5 v1.1's SentencePiece vocabulary, joined into one sequence, ended by `</s>`
+//! (1) and padded with `<pad>` (0) to at least `min_length` tokens (256 for FLUX). The
+//! vocabulary is a `tokenizer.json` read by the `tokenizers` crate.
+
+use std::path::{Path, PathBuf};
+
+use super::tokenizer::{weighted_groups, EmbeddingLookup, TokenItem, WeightedToken};
+
+/// `</s>`.
+pub const T5_END_TOKEN: u32 = 1;
+/// `<pad>`.
+pub const T5_PAD_TOKEN: u32 = 0;
+/// FLUX pads T5 prompts to at least this many tokens.
+pub const FLUX_T5_MIN_LENGTH: usize = 256;
+
+/// Why a T5 tokenizer could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the T5 tokenizer '{path}': {reason}")]
+pub struct T5TokenizerError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// The T5 vocabulary and its normalisation (a `tokenizer.json`).
+pub struct T5Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl T5Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self, T5TokenizerError> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|error| T5TokenizerError {
+            path: path.to_path_buf(),
+            reason: error.to_string(),
+        })?;
+        Ok(T5Tokenizer { inner })
+    }
+
+    /// The tokens of `text`, without `</s>` (ComfyUI drops the tokenizer's end token from every
+    /// segment and adds one at the end of the prompt).
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        match self.inner.encode(text, false) {
+            Ok(encoding) => encoding.get_ids().to_vec(),
+            Err(error) => {
+                tracing::warn!("T5 tokenizer: cannot tokenize {text:?}: {error}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The prompt as one sequence of weighted tokens: every segment's tokens, `</s>`, then
+    /// `<pad>` up to `min_length`.
+    pub fn tokenize_with_weights(
+        &self,
+        text: &str,
+        embeddings: &dyn EmbeddingLookup,
+        min_length: usize,
+    ) -> Vec<WeightedToken> {
+        let mut tokens: Vec<WeightedToken> = weighted_groups(text, embeddings, &|segment| self.encode(segment))
+            .into_iter()
+            .flatten()
+            .collect();
+        tokens.push((TokenItem::Token(T5_END_TOKEN), 1.0));
+        if tokens.len() < min_length {
+            tokens.resize(min_length, (TokenItem::Token(T5_PAD_TOKEN), 1.0));
+        }
+        tokens
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::tokenizer::NoEmbeddings;
+    use tokenizers::models::unigram::Unigram;
+    use tokenizers::normalizers::strip::Strip;
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+
+    /// A tiny T5-like vocabulary (`<pad>`, `</s>`, `<unk>`, then pieces), saved as a
+    /// `tokenizer.json` the way T5's is laid out: trailing spaces stripped, a Metaspace split,
+    /// Unigram pieces.
+    fn tiny_tokenizer(dir: &Path) -> T5Tokenizer {
+        let pieces = [
+            "<pad>", "</s>", "<unk>", "▁", "▁a", "▁red", "▁house", "s", "▁blue", "h", "o", "u", "e",
+        ];
+        let vocab = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, piece)| (piece.to_string(), -(i as f64)))
+            .collect();
+        let model = Unigram::from(vocab, Some(2), false).expect("vocabulary");
+        let mut tokenizer = tokenizers::Tokenizer::new(model);
+        tokenizer
+            .with_normalizer(Some(Strip::new(false, true)))
+            .expect("a normalizer");
+        tokenizer.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, true)));
+        let path = dir.join("tokenizer.json");
+        tokenizer.save(&path, false).expect("saved");
+        T5Tokenizer::from_file(&path).expect("read back")
+    }
+
+    #[test]
+    fn prompts_become_one_weighted_sequence_ended_and_padded() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let tokenizer = tiny_tokenizer(dir.path());
+        assert_eq!(tokenizer.encode("a red house"), vec![4, 5, 6]);
+        let tokens = tokenizer.tokenize_with_weights("a (red houses:1.5)", &NoEmbeddings, 8);
+        let expected: Vec<WeightedToken> = [
+            (4, 1.0),
+            (5, 1.5),
+            (6, 1.5),
+            (7, 1.5),
+            (1, 1.0),
+            (0, 1.0),
+            (0, 1.0),
+            (0, 1.0),
+        ]
+        .into_iter()
+        .map(|(token, weight)| (TokenItem::Token(token), weight))
+        .collect();
+        assert_eq!(tokens, expected);
+        // Longer than the minimum: no padding, still ended.
+        let long = tokenizer.tokenize_with_weights("a red house a red house", &NoEmbeddings, 4);
+        assert_eq!(long.len(), 7);
+        assert_eq!(long.last(), Some(&(TokenItem::Token(T5_END_TOKEN), 1.0)));
+        // The empty prompt: `</s>` and padding.
+        let empty = tokenizer.tokenize_with_weights("", &NoEmbeddings, FLUX_T5_MIN_LENGTH);
+        assert_eq!(empty.len(), FLUX_T5_MIN_LENGTH);
+        assert_eq!(empty[0], (TokenItem::Token(T5_END_TOKEN), 1.0));
+        assert!(empty[1..]
+            .iter()
+            .all(|token| *token == (TokenItem::Token(T5_PAD_TOKEN), 1.0)));
+    }
+
+    #[test]
+    fn an_unreadable_tokenizer_names_its_file() {
+        let error = T5Tokenizer::from_file(Path::new("/nonexistent/tokenizer.json"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("/nonexistent/tokenizer.json"), "{error}");
+    }
+}
