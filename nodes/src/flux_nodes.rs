@@ -10,27 +10,10 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Service
 use crate::diffusion::{CondEntry, Conditioning, DiffusionModel, Model, Prediction};
 use crate::diffusion_nodes::{empty_latent, MAX_RESOLUTION};
 use crate::loader_nodes::{file_names, load_diffusion_model_node};
-use crate::models::gguf::GgufFile;
 use crate::sampling::schedule::{flux_shift_for_size, SigmaSchedule};
 
 /// ComfyUI-GGUF's module name, as ComfyUI names a custom node pack's module.
 const GGUF_MODULE: &str = "custom_nodes.ComfyUI-GGUF";
-
-/// The architectures ComfyUI-GGUF's UNet loader accepts in `general.architecture`.
-const IMAGE_ARCHITECTURES: [&str; 12] = [
-    "flux",
-    "sd1",
-    "sdxl",
-    "sd3",
-    "aura",
-    "hidream",
-    "cosmos",
-    "ltxv",
-    "hyvid",
-    "wan",
-    "lumina2",
-    "qwen_image",
-];
 
 /// `UnetLoaderGGUF` ("Unet Loader (GGUF)").
 pub struct UnetLoaderGguf;
@@ -71,28 +54,9 @@ impl Node for UnetLoaderGgufAdvanced {
     }
 }
 
-/// The GGUF model `unet_name`, after ComfyUI-GGUF's architecture check: a text model's or an
-/// unknown architecture is refused; a file without one is read by its tensor names, with a
-/// warning.
+/// The GGUF model `unet_name` (whose architecture the loader checks as ComfyUI-GGUF does).
 fn load_gguf_unet(ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-    let name = inputs.string("unet_name")?;
-    load_diffusion_model_node(ctx, name, None, |path| {
-        let file = GgufFile::open(path).map_err(|error| NodeError::new(error.to_string()))?;
-        match file.architecture() {
-            None | Some("pig") => tracing::warn!(
-                "Warning: This gguf model file is loaded in compatibility mode (no architecture in {})",
-                path.display()
-            ),
-            Some(architecture) if !IMAGE_ARCHITECTURES.contains(&architecture) => {
-                return Err(NodeError::typed(
-                    "ValueError",
-                    format!("Unexpected architecture type in GGUF file: '{architecture}'"),
-                ))
-            }
-            Some(_) => {}
-        }
-        Ok(())
-    })
+    load_diffusion_model_node(ctx, inputs.string("unet_name")?, None)
 }
 
 /// `FluxGuidance`: the guidance strength a FLUX dev model embeds, on every entry.

@@ -214,17 +214,47 @@ fn flux_prefix(file: &dyn TensorShapes) -> Option<&'static str> {
         .find(|prefix| file.has(&format!("{prefix}double_blocks.0.img_attn.qkv.weight")))
 }
 
-/// A diffusion model file, safetensors or (by its extension) GGUF.
+/// The architectures ComfyUI-GGUF's UNet loader accepts in `general.architecture`.
+const IMAGE_ARCHITECTURES: [&str; 12] = [
+    "flux",
+    "sd1",
+    "sdxl",
+    "sd3",
+    "aura",
+    "hidream",
+    "cosmos",
+    "ltxv",
+    "hyvid",
+    "wan",
+    "lumina2",
+    "qwen_image",
+];
+
+/// A diffusion model file, safetensors or (by its extension) GGUF. A GGUF file passes
+/// ComfyUI-GGUF's architecture check: a text model's or an unknown architecture is refused; a
+/// file without one is read by its tensor names, with a warning.
 fn open_weights(path: &Path) -> Result<Arc<dyn MappedWeights>, NodeError> {
     let is_gguf = path
         .extension()
         .is_some_and(|extension| extension.eq_ignore_ascii_case("gguf"));
-    if is_gguf {
-        let file = GgufFile::open(path).map_err(|error| NodeError::new(error.to_string()))?;
-        Ok(Arc::new(file))
-    } else {
-        Ok(open(path)?)
+    if !is_gguf {
+        return Ok(open(path)?);
     }
+    let file = GgufFile::open(path).map_err(|error| NodeError::new(error.to_string()))?;
+    match file.architecture() {
+        None | Some("pig") => tracing::warn!(
+            "Warning: This gguf model file is loaded in compatibility mode (no architecture in {})",
+            path.display()
+        ),
+        Some(architecture) if !IMAGE_ARCHITECTURES.contains(&architecture) => {
+            return Err(NodeError::typed(
+                "ValueError",
+                format!("Unexpected architecture type in GGUF file: '{architecture}'"),
+            ))
+        }
+        Some(_) => {}
+    }
+    Ok(Arc::new(file))
 }
 
 /// A FLUX model from `source`: dev (with guidance embedding) samples on ComfyUI's
@@ -312,17 +342,16 @@ impl Node for UnetLoader {
             "fp8_e5m2" => Some(Fp8Format::E5M2),
             _ => None,
         };
-        load_diffusion_model_node(ctx, inputs.string("unet_name")?, stored_as, |_| Ok(()))
+        load_diffusion_model_node(ctx, inputs.string("unet_name")?, stored_as)
     }
 }
 
-/// The MODEL output of a diffusion-model loader: the file `name` of `diffusion_models`, checked
-/// by `check` and loaded (stored in `stored_as` where given) unless the model cache has it.
+/// The MODEL output of a diffusion-model loader: the file `name` of `diffusion_models`, loaded
+/// (stored in `stored_as` where given) unless the model cache has it.
 pub(crate) fn load_diffusion_model_node(
     ctx: &NodeContext,
     name: &str,
     stored_as: Option<Fp8Format>,
-    check: impl FnOnce(&Path) -> Result<(), NodeError>,
 ) -> Result<NodeOutput, NodeError> {
     let path = model_file(ctx, "diffusion_models", name)?;
     let part = match stored_as {
@@ -333,7 +362,6 @@ pub(crate) fn load_diffusion_model_node(
     let device = device(ctx.services);
     let precision = diffusion_precision(ctx.services);
     let model = cached(ctx, &path, part, || {
-        check(&path)?;
         load_diffusion_model(&path, &device, precision, stored_as)
     })?;
     Ok(NodeOutput::values(vec![Value::object((*model).clone())]))
