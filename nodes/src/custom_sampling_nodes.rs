@@ -65,6 +65,19 @@ impl NodeObject for Guider {
     }
 }
 
+impl Guider {
+    /// The CFG guider of the `model`, `positive`, `negative` and `cfg` inputs (CFGGuider,
+    /// SamplerCustom).
+    fn cfg_from(inputs: &NodeInputs) -> Result<Self, NodeError> {
+        Ok(Guider {
+            model: inputs.object::<Model>("model")?.clone(),
+            positive: inputs.object::<Conditioning>("positive")?.clone(),
+            negative: inputs.object::<Conditioning>("negative")?.clone(),
+            cfg: inputs.float("cfg")?,
+        })
+    }
+}
+
 fn sigmas_value(sigmas: Vec<f32>) -> Value {
     Value::object(Sigmas(sigmas))
 }
@@ -87,16 +100,20 @@ fn cfg_spec() -> InputSpec {
     InputSpec::float(8.0, 0.0, 100.0).opt("step", 0.1).opt("round", 0.01)
 }
 
-/// Runs `guider` with `noise`, `sampler` and `sigmas` on `latent`: the sampled latent and the
-/// last denoised estimate (the sampled one again when no step ran).
+/// Runs `guider` with `noise` and the `sampler` and `sigmas` inputs on the `latent_image`
+/// input: the sampled latent and the last denoised estimate (the sampled one again when no step
+/// ran).
 fn sample_custom(
     ctx: &NodeContext,
+    inputs: &NodeInputs,
     guider: &Guider,
     noise: &NoiseChoice,
-    sampler: &SamplerChoice,
-    sigmas: &Sigmas,
-    latent: &Latent,
 ) -> Result<NodeOutput, NodeError> {
+    let (sampler, sigmas) = (
+        inputs.object::<SamplerChoice>("sampler")?,
+        inputs.object::<Sigmas>("sigmas")?,
+    );
+    let latent = inputs.object::<Latent>("latent_image")?;
     let model = &guider.model.0;
     let mask = match &latent.noise_mask {
         Some(mask) => Some(denoise_mask(mask, latent.samples.dims())?),
@@ -143,11 +160,9 @@ impl Node for SamplerCustomAdvanced {
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         sample_custom(
             ctx,
+            inputs,
             inputs.object::<Guider>("guider")?,
             inputs.object::<NoiseChoice>("noise")?,
-            inputs.object::<SamplerChoice>("sampler")?,
-            inputs.object::<Sigmas>("sigmas")?,
-            inputs.object::<Latent>("latent_image")?,
         )
     }
 }
@@ -172,24 +187,11 @@ impl Node for SamplerCustom {
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let guider = Guider {
-            model: inputs.object::<Model>("model")?.clone(),
-            positive: inputs.object::<Conditioning>("positive")?.clone(),
-            negative: inputs.object::<Conditioning>("negative")?.clone(),
-            cfg: inputs.float("cfg")?,
-        };
         let noise = NoiseChoice {
             seed: seed_input(inputs, "noise_seed")?,
             enabled: inputs.bool("add_noise")?,
         };
-        sample_custom(
-            ctx,
-            &guider,
-            &noise,
-            inputs.object::<SamplerChoice>("sampler")?,
-            inputs.object::<Sigmas>("sigmas")?,
-            inputs.object::<Latent>("latent_image")?,
-        )
+        sample_custom(ctx, inputs, &Guider::cfg_from(inputs)?, &noise)
     }
 }
 
@@ -265,13 +267,7 @@ impl Node for CfgGuider {
     }
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let guider = Guider {
-            model: inputs.object::<Model>("model")?.clone(),
-            positive: inputs.object::<Conditioning>("positive")?.clone(),
-            negative: inputs.object::<Conditioning>("negative")?.clone(),
-            cfg: inputs.float("cfg")?,
-        };
-        Ok(NodeOutput::values(vec![Value::object(guider)]))
+        Ok(NodeOutput::values(vec![Value::object(Guider::cfg_from(inputs)?)]))
     }
 }
 
