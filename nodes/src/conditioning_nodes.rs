@@ -8,7 +8,7 @@ use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 
 use crate::cond_regions::{AreaSpec, CondRegion, LatentArea};
-use crate::diffusion::{Clip, ClipTokens, CondEntry, Conditioning, SdxlSizes};
+use crate::diffusion::{Clip, ClipTokens, CondEntry, Conditioning, SdxlSizes, TextEncoder, TextNetwork};
 use crate::diffusion_nodes::{tensor_error, MAX_RESOLUTION};
 use crate::image::Mask;
 use crate::models::TextEncoderKind;
@@ -104,8 +104,8 @@ impl Node for ClipTextEncodeSdxl {
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let clip = clip_input(inputs)?;
-        let kinds: Vec<TextEncoderKind> = clip.encoders.iter().map(|encoder| encoder.kind).collect();
-        if !(kinds.contains(&TextEncoderKind::ClipL) && kinds.contains(&TextEncoderKind::ClipG)) {
+        let kinds: Vec<Option<TextEncoderKind>> = clip.encoders.iter().map(TextEncoder::clip_kind).collect();
+        if !(kinds.contains(&Some(TextEncoderKind::ClipL)) && kinds.contains(&Some(TextEncoderKind::ClipG))) {
             return Err(NodeError::typed(
                 "KeyError",
                 "'g': CLIPTextEncodeSDXL needs an SDXL CLIP (CLIP-L and CLIP-G); this CLIP has another family's encoders",
@@ -119,7 +119,7 @@ impl Node for ClipTextEncodeSdxl {
             .iter()
             .enumerate()
             .map(|(index, kind)| match kind {
-                TextEncoderKind::ClipL => text_l[index].clone(),
+                Some(TextEncoderKind::ClipL) => text_l[index].clone(),
                 _ => text_g[index].clone(),
             })
             .collect();
@@ -180,6 +180,60 @@ impl Node for ClipTextEncodeSdxlRefiner {
             conditioning,
             sizes,
         ))]))
+    }
+}
+
+/// `CLIPTextEncodeFlux`: `clip_l` for FLUX's CLIP-L (its pooled vector) and `t5xxl` for T5-XXL
+/// (the hidden states), with the guidance strength a FLUX dev model embeds.
+pub struct ClipTextEncodeFlux;
+
+impl Node for ClipTextEncodeFlux {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v3(
+            "CLIPTextEncodeFlux",
+            "comfy_extras.nodes_flux",
+            "advanced/conditioning/flux",
+        )
+        .required("clip", InputSpec::of("CLIP"))
+        .required("clip_l", prompt_spec())
+        .required("t5xxl", prompt_spec())
+        .required("guidance", InputSpec::float(3.5, 0.0, 100.0).opt("step", 0.1))
+        .output(OutputSpec::of("CONDITIONING"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let clip = clip_input(inputs)?;
+        if !clip
+            .encoders
+            .iter()
+            .any(|encoder| matches!(encoder.network, TextNetwork::T5 { .. }))
+        {
+            return Err(NodeError::typed(
+                "KeyError",
+                "'t5xxl': CLIPTextEncodeFlux needs a FLUX CLIP (CLIP-L and T5-XXL, DualCLIPLoader type flux)",
+            ));
+        }
+        let paths = ctx.services.get::<Paths>();
+        let text_l = clip.tokenize(inputs.string("clip_l")?, paths);
+        let text_t5 = clip.tokenize(inputs.string("t5xxl")?, paths);
+        let tokens: ClipTokens = clip
+            .encoders
+            .iter()
+            .enumerate()
+            .map(|(index, encoder)| match encoder.network {
+                TextNetwork::T5 { .. } => text_t5[index].clone(),
+                TextNetwork::Clip { .. } => text_l[index].clone(),
+            })
+            .collect();
+        let guidance = Some(inputs.float("guidance")? as f32);
+        let entries = clip
+            .encode(&tokens)
+            .map_err(tensor_error)?
+            .0
+            .into_iter()
+            .map(|entry| CondEntry { guidance, ..entry })
+            .collect();
+        Ok(NodeOutput::values(vec![Value::object(Conditioning(entries))]))
     }
 }
 

@@ -15,7 +15,9 @@ use crate::image::Mask;
 use crate::models::clip_text::{ClipTextEncoder, EncodeOptions, OutputLayer};
 use crate::models::embeddings::EmbeddingFolder;
 use crate::models::flux::{Flux, FluxControl, FluxInput};
-use crate::models::tokenizer::{tokenize_with_weights, NoEmbeddings, WeightedToken, END_TOKEN};
+use crate::models::t5::T5Encoder;
+use crate::models::t5_tokenizer::{T5Tokenizer, FLUX_T5_MIN_LENGTH, T5_EMBEDDING_KEY};
+use crate::models::tokenizer::{tokenize_with_weights, EmbeddingLookup, NoEmbeddings, WeightedToken, END_TOKEN};
 use crate::models::unet::{timestep_embedding, UNet, UNetInput};
 use crate::models::vae::Vae;
 use crate::models::weights::WeightSource;
@@ -253,6 +255,9 @@ pub struct DiffusionModel {
     pub schedule: SigmaSchedule,
     pub latent_format: LatentFormat,
     pub device: Device,
+    /// The strength DifferentialDiffusion set: the inpainting mask is then thresholded anew at
+    /// every step (see [`DifferentialDiffusion`]).
+    pub differential_diffusion: Option<f64>,
 }
 
 impl DiffusionModel {
@@ -261,19 +266,22 @@ impl DiffusionModel {
     fn denoise(&self, x: &Tensor, sigma: f32, inputs: &ModelInputs) -> candle_core::Result<Tensor> {
         let batch = x.dim(0)?;
         let scaled = self.prediction.network_input(x, sigma)?;
-        let scaled = match &inputs.concat {
-            Some(concat) => Tensor::cat(&[&scaled, &repeat_to_batch(concat, batch)?], 1)?,
-            None => scaled,
-        };
+        let concat = inputs.concat.as_ref().map(|c| repeat_to_batch(c, batch)).transpose()?;
         let timestep = self.schedule.timestep(sigma);
         let timesteps = Tensor::from_vec(vec![timestep; batch], batch, &self.device)?;
         let context = repeat_to_batch(&inputs.context, batch)?;
         let y = inputs.y.as_ref().map(|y| repeat_to_batch(y, batch)).transpose()?;
         let out = match &self.network {
-            DiffusionNetwork::UNet(unet) => unet.forward(&UNetInput {
-                y: y.as_ref(),
-                ..UNetInput::new(&scaled, &timesteps, &context)
-            })?,
+            DiffusionNetwork::UNet(unet) => {
+                let input = match &concat {
+                    Some(concat) => Tensor::cat(&[&scaled, concat], 1)?,
+                    None => scaled,
+                };
+                unet.forward(&UNetInput {
+                    y: y.as_ref(),
+                    ..UNetInput::new(&input, &timesteps, &context)
+                })?
+            }
             DiffusionNetwork::Flux(flux) => {
                 let (Some(y), Some(guidance)) = (&y, &inputs.guidance) else {
                     return Err(candle_core::Error::Msg(
@@ -286,7 +294,7 @@ impl DiffusionModel {
                     context: &context,
                     y,
                     guidance: Some(&repeat_to_batch(guidance, batch)?),
-                    concat: None,
+                    concat: concat.as_ref(),
                     control: FluxControl::default(),
                 })?
             }
@@ -304,7 +312,10 @@ impl DiffusionModel {
         if extra == 0 {
             return Ok(None);
         }
-        if extra != 5 || self.network.unet().is_none() {
+        if let DiffusionNetwork::Flux(_) = self.network {
+            return self.flux_concat(extra, entry, latent).map(Some);
+        }
+        if extra != 5 {
             return Err(ConditioningError::ExtraChannels(extra));
         }
         let (batch, _, height, width) = latent.model_space.dims4()?;
@@ -335,6 +346,46 @@ impl DiffusionModel {
         };
         let image = resize_to_batch(&resize_centered(&image, height, width)?, batch)?;
         Ok(Some(Tensor::cat(&[&mask, &image], 1)?))
+    }
+
+    /// The extra input channels of a FLUX model for an entry (ComfyUI's `Flux.concat_cond`):
+    /// the entry's image latent (else zeros) in model space; for fill models (`extra` = latent
+    /// channels + 64) also the mask (the entry's, else the channel mean of the sampling's denoise
+    /// mask, else ones) at pixel size, each 8×8 block of pixels made 64 channels.
+    fn flux_concat(&self, extra: usize, entry: &CondEntry, latent: &LatentInputs) -> Result<Tensor, ConditioningError> {
+        let (batch, channels, height, width) = latent.model_space.dims4()?;
+        let image = match &entry.inpaint {
+            Some(inpaint) => inpaint.latent.to_device(&self.device)?.to_dtype(DType::F32)?,
+            None => latent.model_space.zeros_like()?,
+        };
+        let image = resize_to_batch(&resize_centered(&image, height, width)?, batch)?;
+        let image = self.latent_format.process_in(&image)?;
+        if extra <= channels {
+            return Ok(image);
+        }
+        if extra != channels + FLUX_MASK_CHANNELS {
+            return Err(ConditioningError::ExtraChannels(extra));
+        }
+        let mask = match (&entry.inpaint, latent.denoise_mask) {
+            (Some(inpaint), _) => {
+                let mask = &inpaint.mask;
+                Tensor::from_vec(
+                    mask.data.clone(),
+                    (mask.batch, 1, mask.height, mask.width),
+                    &self.device,
+                )?
+            }
+            (None, Some(denoise_mask)) => denoise_mask.mean_keepdim(1)?,
+            (None, None) => Tensor::ones((batch, 1, height, width), DType::F32, &self.device)?,
+        };
+        let mask = resize_centered(&mask, height * 8, width * 8)?;
+        let mask_batch = mask.dim(0)?;
+        let mask = mask
+            .reshape((mask_batch, height, 8, width, 8))?
+            .permute((0, 2, 4, 1, 3))?
+            .reshape((mask_batch, FLUX_MASK_CHANNELS, height, width))?;
+        let mask = resize_to_batch(&mask, batch)?;
+        Ok(Tensor::cat(&[&image, &mask], 1)?)
     }
 
     /// The class-conditioning vector `y` of an entry, [1, adm] (ComfyUI's `encode_adm`): for SDXL
@@ -530,17 +581,41 @@ impl NodeObject for Model {
     }
 }
 
+/// The network of one text encoder of a CLIP.
+#[derive(Clone)]
+pub enum TextNetwork {
+    /// A CLIP text transformer of the given kind.
+    Clip {
+        kind: TextEncoderKind,
+        encoder: Arc<ClipTextEncoder>,
+    },
+    /// T5-XXL and its vocabulary (FLUX).
+    T5 {
+        encoder: Arc<T5Encoder>,
+        tokenizer: Arc<T5Tokenizer>,
+    },
+}
+
 /// One text encoder of a CLIP.
 #[derive(Clone)]
 pub struct TextEncoder {
-    pub kind: TextEncoderKind,
-    pub network: Arc<ClipTextEncoder>,
+    pub network: TextNetwork,
     /// What the encoder was built from (LoRA nodes build it again with their patches).
     pub source: WeightSource,
 }
 
-/// The CLIP socket: the text encoders of a model family (SDXL: CLIP-L then CLIP-G) and the
-/// layer CLIPSetLastLayer chose.
+impl TextEncoder {
+    /// The CLIP kind of the encoder (none for T5).
+    pub fn clip_kind(&self) -> Option<TextEncoderKind> {
+        match &self.network {
+            TextNetwork::Clip { kind, .. } => Some(*kind),
+            TextNetwork::T5 { .. } => None,
+        }
+    }
+}
+
+/// The CLIP socket: the text encoders of a model family (SDXL: CLIP-L then CLIP-G; FLUX: CLIP-L
+/// then T5-XXL) and the layer CLIPSetLastLayer chose.
 #[derive(Clone)]
 pub struct Clip {
     pub family: Family,
@@ -549,27 +624,32 @@ pub struct Clip {
     pub layer_from_end: Option<usize>,
 }
 
-/// One list of chunks per text encoder of a CLIP, in its order.
+/// One list of chunks per text encoder of a CLIP, in its order (T5: one chunk).
 pub type ClipTokens = Vec<Vec<Vec<WeightedToken>>>;
 
 impl Clip {
-    /// How ComfyUI reads encoder `kind`'s output in this family: SD1.x the last layer's
-    /// (CLIP-L padded with the end token); SD2.x the penultimate layer's, normed; SDXL and its
-    /// refiner the penultimate layer's without the final norm, CLIP-G's pooled vector projected
-    /// and its chunks padded with 0. A layer set by CLIPSetLastLayer replaces the default.
+    /// How ComfyUI reads CLIP encoder `kind`'s output in this family: SD1.x and FLUX the last
+    /// layer's (CLIP-L padded with the end token; FLUX keeps only its pooled vector, unprojected);
+    /// SD2.x the penultimate layer's, normed; SDXL and its refiner the penultimate layer's without
+    /// the final norm, CLIP-G's pooled vector projected and its chunks padded with 0. A layer set
+    /// by CLIPSetLastLayer replaces the default.
     pub fn options(&self, kind: TextEncoderKind) -> EncodeOptions {
         let (default_layer, layer_norm_hidden) = match self.family {
-            Family::Sd1 => (OutputLayer::Last, true),
+            Family::Sd1 | Family::Flux => (OutputLayer::Last, true),
             Family::Sd2 => (OutputLayer::FromEnd(2), true),
             _ => (OutputLayer::FromEnd(2), false),
         };
         let open_clip = kind != TextEncoderKind::ClipL;
         EncodeOptions {
-            layer: self.layer_from_end.map_or(default_layer, OutputLayer::FromEnd),
+            layer: self.output_layer(default_layer),
             layer_norm_hidden,
             project_pooled: open_clip,
             pad_token: if open_clip { 0 } else { END_TOKEN },
         }
+    }
+
+    fn output_layer(&self, default: OutputLayer) -> OutputLayer {
+        self.layer_from_end.map_or(default, OutputLayer::FromEnd)
     }
 
     /// `text` tokenized for every encoder (textual inversions from `paths`' embeddings folders).
@@ -577,42 +657,64 @@ impl Clip {
         self.encoders
             .iter()
             .map(|encoder| {
-                let pad = self.options(encoder.kind).pad_token;
-                match paths {
-                    Some(paths) => {
-                        let folder = EmbeddingFolder::new(paths, encoder.kind.embedding_key(), encoder.network.width());
-                        tokenize_with_weights(text, &folder, pad)
+                let (key, width) = match &encoder.network {
+                    TextNetwork::Clip { kind, encoder } => (kind.embedding_key(), encoder.width()),
+                    TextNetwork::T5 { encoder, .. } => (T5_EMBEDDING_KEY, encoder.config().d_model),
+                };
+                let folder = paths.map(|paths| EmbeddingFolder::new(paths, key, width));
+                let embeddings: &dyn EmbeddingLookup = match &folder {
+                    Some(folder) => folder,
+                    None => &NoEmbeddings,
+                };
+                match &encoder.network {
+                    TextNetwork::Clip { kind, .. } => {
+                        tokenize_with_weights(text, embeddings, self.options(*kind).pad_token)
                     }
-                    None => tokenize_with_weights(text, &NoEmbeddings, pad),
+                    TextNetwork::T5 { tokenizer, .. } => {
+                        vec![tokenizer.tokenize_with_weights(text, embeddings, FLUX_T5_MIN_LENGTH)]
+                    }
                 }
             })
             .collect()
     }
 
-    /// Encodes tokens into a one-entry conditioning: each encoder's hidden states, cut to the
-    /// shortest and joined along the channels (SDXL: CLIP-L ⧺ CLIP-G), and the last encoder's
-    /// pooled vector.
+    /// Encodes tokens into a one-entry conditioning. FLUX: T5's hidden states and CLIP-L's pooled
+    /// vector (ComfyUI's `FluxClipModel`). Otherwise each CLIP's hidden states, cut to the
+    /// shortest and joined along the channels (SDXL: CLIP-L ⧺ CLIP-G), and the last one's pooled
+    /// vector.
     pub fn encode(&self, tokens: &ClipTokens) -> candle_core::Result<Conditioning> {
-        let mut hidden = Vec::with_capacity(self.encoders.len());
+        let mut clip_hidden = Vec::with_capacity(self.encoders.len());
+        let mut t5_hidden = None;
         let mut pooled = None;
         for (encoder, chunks) in self.encoders.iter().zip(tokens) {
-            let encoded = encoder.network.encode_weighted(chunks, self.options(encoder.kind))?;
-            hidden.push(encoded.hidden);
-            pooled = Some(encoded.pooled);
+            match &encoder.network {
+                TextNetwork::Clip { kind, encoder } => {
+                    let encoded = encoder.encode_weighted(chunks, self.options(*kind))?;
+                    clip_hidden.push(encoded.hidden);
+                    pooled = Some(encoded.pooled);
+                }
+                TextNetwork::T5 { encoder, .. } => {
+                    let layer = self.output_layer(OutputLayer::Last);
+                    t5_hidden = Some(encoder.encode_weighted(chunks, layer)?);
+                }
+            }
         }
-        let tokens = hidden
-            .iter()
-            .map(|h| h.dim(1))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let cut_to = tokens.into_iter().min().unwrap_or(0);
-        let hidden = hidden
-            .iter()
-            .map(|h| h.narrow(1, 0, cut_to))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Conditioning(vec![CondEntry::new(
-            Tensor::cat(&hidden, D::Minus1)?,
-            pooled,
-        )]))
+        let hidden = match t5_hidden {
+            Some(hidden) => hidden,
+            None => {
+                let tokens = clip_hidden
+                    .iter()
+                    .map(|h| h.dim(1))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let cut_to = tokens.into_iter().min().unwrap_or(0);
+                let hidden = clip_hidden
+                    .iter()
+                    .map(|h| h.narrow(1, 0, cut_to))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&hidden, D::Minus1)?
+            }
+        };
+        Ok(Conditioning(vec![CondEntry::new(hidden, pooled)]))
     }
 }
 
@@ -662,6 +764,9 @@ pub struct CondEntry {
     /// The guidance strength a FLUX dev model embeds (FluxGuidance; 3.5 when not set).
     pub guidance: Option<f32>,
 }
+
+/// The mask channels of FLUX fill: each latent pixel's 8×8 block of mask pixels.
+const FLUX_MASK_CHANNELS: usize = 64;
 
 /// FLUX's guidance strength for conditioning that does not set one (ComfyUI's `Flux.extra_conds`).
 pub const DEFAULT_GUIDANCE: f32 = 3.5;
@@ -1155,6 +1260,9 @@ pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> R
                 latent: latent_in,
                 noise,
                 prediction: model.prediction,
+                differential: model
+                    .differential_diffusion
+                    .map(|strength| DifferentialDiffusion::new(strength, &model.schedule, sigmas)),
             };
             &mut inpainting
         }
@@ -1193,30 +1301,81 @@ struct Inpainting<'a> {
     noise: Tensor,
     /// How the model noises latents.
     prediction: Prediction,
+    differential: Option<DifferentialDiffusion<'a>>,
 }
 
 impl Inpainting<'_> {
-    fn network_input(&self, x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
-        let noised = self.prediction.noise_scaling(sigma, &self.noise, &self.latent, false)?;
-        (x * &self.mask)? + (noised * &self.keep)?
+    /// The mask at σ and its complement: the denoise mask, or DifferentialDiffusion's
+    /// thresholding of it.
+    fn masks_at(&self, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
+        match &self.differential {
+            Some(differential) => {
+                let mask = differential.mask_at(&self.mask, sigma)?;
+                let keep = (1.0 - &mask)?;
+                Ok((mask, keep))
+            }
+            None => Ok((self.mask.clone(), self.keep.clone())),
+        }
     }
 
-    fn kept(&self, denoised: &Tensor) -> candle_core::Result<Tensor> {
-        (denoised * &self.mask)? + (&self.latent * &self.keep)?
+    fn network_input(&self, x: &Tensor, sigma: f32, (mask, keep): &(Tensor, Tensor)) -> candle_core::Result<Tensor> {
+        let noised = self.prediction.noise_scaling(sigma, &self.noise, &self.latent, false)?;
+        (x * mask)? + (noised * keep)?
+    }
+
+    fn kept(&self, denoised: &Tensor, (mask, keep): &(Tensor, Tensor)) -> candle_core::Result<Tensor> {
+        (denoised * mask)? + (&self.latent * keep)?
     }
 }
 
 impl Denoiser for Inpainting<'_> {
     fn denoise(&mut self, x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
-        let input = self.network_input(x, sigma)?;
+        let masks = self.masks_at(sigma)?;
+        let input = self.network_input(x, sigma, &masks)?;
         let denoised = self.inner.denoise(&input, sigma)?;
-        self.kept(&denoised)
+        self.kept(&denoised, &masks)
     }
 
     fn denoise_with_uncond(&mut self, x: &Tensor, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
-        let input = self.network_input(x, sigma)?;
+        let masks = self.masks_at(sigma)?;
+        let input = self.network_input(x, sigma, &masks)?;
         let (guided, uncond) = self.inner.denoise_with_uncond(&input, sigma)?;
-        Ok((self.kept(&guided)?, uncond))
+        Ok((self.kept(&guided, &masks)?, uncond))
+    }
+}
+
+/// ComfyUI's DifferentialDiffusion (`denoise_mask_function`): at each step the mask keeps the
+/// parts whose value reaches the step's progress, `threshold = (t(σ) − t_to) / (t_from − t_to)`
+/// between the run's first timestep and its last (at least σ_min's); a strength below 1 blends
+/// that binary mask with the original one (a strength of 0 counts as none, as in ComfyUI).
+struct DifferentialDiffusion<'a> {
+    strength: f64,
+    schedule: &'a SigmaSchedule,
+    timestep_from: f32,
+    timestep_to: f32,
+}
+
+impl<'a> DifferentialDiffusion<'a> {
+    fn new(strength: f64, schedule: &'a SigmaSchedule, sigmas: &[f32]) -> Self {
+        let sigma_from = sigmas.first().copied().unwrap_or(0.0);
+        let sigma_to = sigmas.last().copied().unwrap_or(0.0).max(schedule.sigma_min());
+        DifferentialDiffusion {
+            strength,
+            schedule,
+            timestep_from: schedule.timestep(sigma_from),
+            timestep_to: schedule.timestep(sigma_to),
+        }
+    }
+
+    fn mask_at(&self, mask: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+        let threshold = (self.schedule.timestep(sigma) - self.timestep_to) / (self.timestep_from - self.timestep_to);
+        let threshold = Tensor::new(threshold, mask.device())?.broadcast_as(mask.shape())?;
+        let binary = mask.ge(&threshold)?.to_dtype(DType::F32)?;
+        if self.strength > 0.0 && self.strength < 1.0 {
+            (binary * self.strength)? + (mask * (1.0 - self.strength))?
+        } else {
+            Ok(binary)
+        }
     }
 }
 
@@ -1232,4 +1391,41 @@ fn entries(
         .iter()
         .map(|entry| ActiveEntry::new(entry, model, negative, latent))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// DifferentialDiffusion keeps, at each step, the parts of the mask that reach the step's
+    /// progress between the first timestep and the last (σ_min's at least); a strength below 1
+    /// blends that with the mask, 0 counts as 1 (ComfyUI's `if strength and strength < 1`).
+    #[test]
+    fn differential_diffusion_thresholds_the_mask_by_progress() {
+        let schedule = SigmaSchedule::flow(1.0, 1.0);
+        let sigma_min = schedule.sigma_min();
+        let sigmas = [1.0, 0.75, 0.5, 0.0];
+        let mask = Tensor::new(&[0.2f32, 0.5, 0.7, 0.9], &Device::Cpu).unwrap();
+        let values = |t: Tensor| t.to_vec1::<f32>().unwrap();
+        let threshold = (0.75 * 1.0 - sigma_min) / (1.0 - sigma_min);
+        assert!(threshold > 0.7 && threshold < 0.75, "{threshold}");
+        for (strength, expected) in [
+            (1.0, vec![0.0, 0.0, 0.0, 1.0]),
+            (0.0, vec![0.0, 0.0, 0.0, 1.0]),
+            (0.5, vec![0.1, 0.25, 0.35, 0.95]),
+        ] {
+            let differential = DifferentialDiffusion::new(strength, &schedule, &sigmas);
+            let got = values(differential.mask_at(&mask, 0.75).unwrap());
+            for (got, expected) in got.iter().zip(&expected) {
+                assert!(
+                    (got - expected).abs() < 1e-6,
+                    "strength {strength}: {got} vs {expected}"
+                );
+            }
+        }
+        // At the first step everything below 1 is kept; at σ_min everything is changed.
+        let differential = DifferentialDiffusion::new(1.0, &schedule, &sigmas);
+        assert_eq!(values(differential.mask_at(&mask, 1.0).unwrap()), vec![0.0; 4]);
+        assert_eq!(values(differential.mask_at(&mask, sigma_min).unwrap()), vec![1.0; 4]);
+    }
 }

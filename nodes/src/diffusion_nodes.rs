@@ -382,6 +382,40 @@ impl Node for ModelSamplingDiscrete {
     }
 }
 
+/// `DifferentialDiffusion`: the model with its inpainting mask thresholded anew at every step
+/// (soft masks fade the change in gradually; see [`crate::diffusion::DiffusionModel`]).
+pub struct DifferentialDiffusion;
+
+impl Node for DifferentialDiffusion {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        let mut schema = NodeSchema::v3(
+            "DifferentialDiffusion",
+            "comfy_extras.nodes_differential_diffusion",
+            "_for_testing",
+        )
+        .display("Differential Diffusion")
+        .required("model", InputSpec::of("MODEL"))
+        .optional("strength", InputSpec::float(1.0, 0.0, 1.0).opt("step", 0.01))
+        .output(OutputSpec::of("MODEL"));
+        schema.experimental = true;
+        schema
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let model = inputs.object::<Model>("model")?;
+        let strength = match inputs.get("strength") {
+            Some(_) => inputs.float("strength")?,
+            None => 1.0,
+        };
+        Ok(NodeOutput::values(vec![Value::object(Model(Arc::new(
+            DiffusionModel {
+                differential_diffusion: Some(strength),
+                ..(*model.0).clone()
+            },
+        )))]))
+    }
+}
+
 /// The `upscale_method` combo of the latent nodes.
 const LATENT_UPSCALE_METHODS: [&str; 5] = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"];
 

@@ -13,7 +13,7 @@ use crate::loader_nodes::{file_names, load_diffusion_model_node};
 use crate::sampling::schedule::{flux_shift_for_size, SigmaSchedule};
 
 /// ComfyUI-GGUF's module name, as ComfyUI names a custom node pack's module.
-const GGUF_MODULE: &str = "custom_nodes.ComfyUI-GGUF";
+pub(crate) const GGUF_MODULE: &str = "custom_nodes.ComfyUI-GGUF";
 
 /// `UnetLoaderGGUF` ("Unet Loader (GGUF)").
 pub struct UnetLoaderGguf;

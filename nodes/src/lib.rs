@@ -11,6 +11,7 @@
 //! [`builtin_registry`] registers every node.
 
 pub mod canny;
+pub mod clip_loader_nodes;
 pub mod cond_regions;
 pub mod conditioning_nodes;
 pub mod custom_sampling_nodes;
@@ -31,6 +32,7 @@ pub mod models;
 pub mod paths;
 pub mod resample;
 pub mod sampling;
+pub mod t5_tokenizer_files;
 pub mod tiling;
 pub mod vae_nodes;
 
@@ -71,8 +73,8 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(SaveImageWebsocket);
     registry.register(loader_nodes::CheckpointLoaderSimple);
     registry.register(loader_nodes::UnetLoader);
-    registry.register(loader_nodes::ClipLoader);
-    registry.register(loader_nodes::DualClipLoader);
+    registry.register(clip_loader_nodes::ClipLoader);
+    registry.register(clip_loader_nodes::DualClipLoader);
     registry.register(loader_nodes::VaeLoader);
     registry.register(lora_nodes::LoraLoader);
     registry.register(lora_nodes::LoraLoaderModelOnly);
@@ -84,8 +86,12 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(diffusion_nodes::KSampler);
     registry.register(diffusion_nodes::KSamplerAdvanced);
     registry.register(diffusion_nodes::ModelSamplingDiscrete);
+    registry.register(diffusion_nodes::DifferentialDiffusion);
     registry.register(flux_nodes::UnetLoaderGguf);
     registry.register(flux_nodes::UnetLoaderGgufAdvanced);
+    registry.register(clip_loader_nodes::ClipLoaderGguf);
+    registry.register(clip_loader_nodes::DualClipLoaderGguf);
+    registry.register(conditioning_nodes::ClipTextEncodeFlux);
     registry.register(flux_nodes::FluxGuidance);
     registry.register(flux_nodes::ModelSamplingFlux);
     registry.register(flux_nodes::EmptySd3LatentImage);

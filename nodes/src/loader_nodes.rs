@@ -1,7 +1,7 @@
 //! The model loaders: whole checkpoints (`CheckpointLoaderSimple`) and the parts people keep in
-//! separate files (`UNETLoader`, `CLIPLoader`, `DualCLIPLoader`, `VAELoader`), recognised from
-//! their tensors and built over the files' memory maps. Loaded parts are shared through the
-//! [`ModelCache`].
+//! separate files (`UNETLoader`, ComfyUI-GGUF's `UnetLoaderGGUF`, `VAELoader`; the text-encoder
+//! loaders are in [`crate::clip_loader_nodes`]), recognised from their tensors and built over the
+//! files' memory maps. Loaded parts are shared through the [`ModelCache`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 
 use crate::diffusion::{
-    Clip, DiffusionModel, DiffusionNetwork, LatentFormat, Model, Prediction, TextEncoder, VaeModel,
+    Clip, DiffusionModel, DiffusionNetwork, LatentFormat, Model, Prediction, TextEncoder, TextNetwork, VaeModel,
 };
 use crate::diffusion_nodes::{device, tensor_error, DiffusionModelPrecision};
 use crate::model_cache::ModelCache;
@@ -24,8 +24,8 @@ use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
 use crate::models::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
 use crate::models::{
-    detect_checkpoint, detect_unet_family, is_v_prediction, DetectError, Family, TextEncoderKind, TextEncoderLayout,
-    UNET_PREFIX, VAE_PREFIX,
+    detect_checkpoint, detect_unet_family, is_v_prediction, DetectError, Family, TextEncoderLayout, UNET_PREFIX,
+    VAE_PREFIX,
 };
 use crate::paths::Paths;
 use crate::sampling::schedule::{SigmaSchedule, FLUX_DEV_SHIFT};
@@ -38,7 +38,7 @@ pub struct LoadedCheckpoint {
 }
 
 /// The file `name` in model folder `folder`, or ComfyUI's error for a missing one.
-fn model_file(ctx: &NodeContext, folder: &str, name: &str) -> Result<PathBuf, NodeError> {
+pub(crate) fn model_file(ctx: &NodeContext, folder: &str, name: &str) -> Result<PathBuf, NodeError> {
     let paths = ctx.services.require::<Paths>()?;
     paths.full_path(folder, name).ok_or_else(|| {
         NodeError::typed(
@@ -55,18 +55,18 @@ pub(crate) fn file_names(services: &Services, folder: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn open(path: &Path) -> Result<Arc<SafetensorsFile>, NodeError> {
+pub(crate) fn open(path: &Path) -> Result<Arc<SafetensorsFile>, NodeError> {
     SafetensorsFile::open(path)
         .map(Arc::new)
         .map_err(|error| NodeError::new(error.to_string()))
 }
 
-fn file_size(path: &Path) -> u64 {
+pub(crate) fn file_size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
 /// ComfyUI's message for a file whose model type it cannot tell.
-fn undetected(path: &Path, error: DetectError) -> NodeError {
+pub(crate) fn undetected(path: &Path, error: DetectError) -> NodeError {
     NodeError::new(format!(
         "ERROR: Could not detect model type of: {}\n{error}",
         path.display()
@@ -74,7 +74,7 @@ fn undetected(path: &Path, error: DetectError) -> NodeError {
 }
 
 /// Runs `load` through the registry's model cache when there is one.
-fn cached<T: Send + Sync + 'static>(
+pub(crate) fn cached<T: Send + Sync + 'static>(
     ctx: &NodeContext,
     path: &Path,
     part: &'static str,
@@ -102,20 +102,23 @@ fn build_model(source: WeightSource, family: Family, unet: UNetConfig, v_predict
         schedule: SigmaSchedule::sd_discrete(),
         latent_format: LatentFormat::of(family),
         device,
+        differential_diffusion: None,
     })))
 }
 
 /// The text encoder `layout` describes in `file`; encoders compute in f32.
-fn build_text_encoder(
-    file: &Arc<SafetensorsFile>,
+pub(crate) fn build_text_encoder(
+    file: Arc<dyn MappedWeights>,
     layout: TextEncoderLayout,
     device: &Device,
 ) -> Result<TextEncoder, NodeError> {
-    let source = WeightSource::new(file.clone(), &layout.prefix, device, Precision::F32);
+    let source = WeightSource::new(file, &layout.prefix, device, Precision::F32);
     let network = ClipTextEncoder::new(layout.config, source.weights()).map_err(tensor_error)?;
     Ok(TextEncoder {
-        kind: layout.kind,
-        network: Arc::new(network),
+        network: TextNetwork::Clip {
+            kind: layout.kind,
+            encoder: Arc::new(network),
+        },
         source,
     })
 }
@@ -145,7 +148,7 @@ pub fn load_checkpoint(
     let encoders = layout
         .text_encoders
         .into_iter()
-        .map(|encoder| build_text_encoder(&file, encoder, device))
+        .map(|encoder| build_text_encoder(file.clone(), encoder, device))
         .collect::<Result<Vec<_>, _>>()?;
     let clip = (!encoders.is_empty()).then_some(Clip {
         family: layout.family,
@@ -274,6 +277,7 @@ fn build_flux(source: WeightSource, config: FluxConfig) -> Result<Model, NodeErr
         prediction: Prediction::Flow,
         schedule,
         latent_format: LatentFormat::flux(),
+        differential_diffusion: None,
     })))
 }
 
@@ -365,158 +369,6 @@ pub(crate) fn load_diffusion_model_node(
         load_diffusion_model(&path, &device, precision, stored_as)
     })?;
     Ok(NodeOutput::values(vec![Value::object((*model).clone())]))
-}
-
-/// The CLIP variant of a text-encoder file, told by its width as ComfyUI tells it by its
-/// depth: 1024 wide is OpenCLIP-H, 1280 OpenCLIP-bigG, anything else CLIP-L.
-fn encoder_kind_by_width(width: usize) -> TextEncoderKind {
-    match width {
-        1024 => TextEncoderKind::ClipH,
-        1280 => TextEncoderKind::ClipG,
-        _ => TextEncoderKind::ClipL,
-    }
-}
-
-/// The text encoder at the root of a standalone file, as `kind` (its activation follows it).
-fn encoder_layout(path: &Path, file: &SafetensorsFile, kind: TextEncoderKind) -> Result<TextEncoderLayout, NodeError> {
-    TextEncoderLayout::find(file, kind, "")
-        .and_then(|found| found.ok_or_else(|| DetectError::Unrecognised("the file holds no tensor".into())))
-        .map_err(|error| undetected(path, error))
-}
-
-/// The width of the text encoder at the root of `file`.
-fn encoder_width(path: &Path, file: &SafetensorsFile) -> Result<usize, NodeError> {
-    encoder_layout(path, file, TextEncoderKind::ClipL).map(|layout| layout.config.hidden_size)
-}
-
-/// Loads the text encoder of `path` as `kind` (cached per file and kind).
-fn load_text_encoder(ctx: &NodeContext, path: &Path, kind: TextEncoderKind) -> Result<TextEncoder, NodeError> {
-    let device = device(ctx.services);
-    let encoder = cached(ctx, path, kind.embedding_key(), || {
-        let file = open(path)?;
-        let layout = encoder_layout(path, &file, kind)?;
-        Ok((build_text_encoder(&file, layout, &device)?, file_size(path)))
-    })?;
-    Ok((*encoder).clone())
-}
-
-/// The `device` input of the CLIP loaders (`cpu` forces the CPU, which is where Easel's text
-/// encoders run unless a device is configured).
-fn clip_device_input(schema: NodeSchema) -> NodeSchema {
-    schema.optional("device", InputSpec::combo(&["default", "cpu"]).opt("advanced", true))
-}
-
-/// `CLIPLoader` ("Load CLIP"): one text-encoder file.
-pub struct ClipLoader;
-
-const CLIP_TYPES: [&str; 16] = [
-    "stable_diffusion",
-    "stable_cascade",
-    "sd3",
-    "stable_audio",
-    "mochi",
-    "ltxv",
-    "pixart",
-    "cosmos",
-    "lumina2",
-    "wan",
-    "hidream",
-    "chroma",
-    "ace",
-    "omnigen2",
-    "qwen_image",
-    "hunyuan_image",
-];
-
-impl Node for ClipLoader {
-    fn schema(&self, services: &Services) -> NodeSchema {
-        clip_device_input(
-            NodeSchema::v1("CLIPLoader", "nodes", "advanced/loaders")
-                .display("Load CLIP")
-                .description("[Recipes]\n\nstable_diffusion: clip-l\nstable_cascade: clip-g\nsd3: t5 xxl/ clip-g / clip-l\nstable_audio: t5 base\nmochi: t5 xxl\ncosmos: old t5 xxl\nlumina2: gemma 2 2B\nwan: umt5 xxl\n hidream: llama-3.1 (Recommend) or t5\nomnigen2: qwen vl 2.5 3B")
-                .required("clip_name", InputSpec::combo(&file_names(services, "text_encoders")))
-                .required("type", InputSpec::combo(&CLIP_TYPES)),
-        )
-        .output(OutputSpec::of("CLIP"))
-    }
-
-    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let path = model_file(ctx, "text_encoders", inputs.string("clip_name")?)?;
-        let clip_type = inputs.string("type")?;
-        if clip_type != "stable_diffusion" {
-            return Err(NodeError::new(format!(
-                "CLIPLoader type '{clip_type}' is not supported by Easel yet (supported: stable_diffusion)"
-            )));
-        }
-        let file = open(&path)?;
-        let kind = encoder_kind_by_width(encoder_width(&path, &file)?);
-        // As ComfyUI: CLIP-L is SD1.x's encoder, OpenCLIP-H SD2.x's, bigG alone the refiner's.
-        let family = match kind {
-            TextEncoderKind::ClipL => Family::Sd1,
-            TextEncoderKind::ClipH => Family::Sd2,
-            TextEncoderKind::ClipG => Family::SdxlRefiner,
-        };
-        let encoder = load_text_encoder(ctx, &path, kind)?;
-        Ok(NodeOutput::values(vec![Value::object(Clip {
-            family,
-            encoders: vec![encoder],
-            layer_from_end: None,
-        })]))
-    }
-}
-
-/// `DualCLIPLoader`: two text-encoder files that together make a family's CLIP.
-pub struct DualClipLoader;
-
-impl Node for DualClipLoader {
-    fn schema(&self, services: &Services) -> NodeSchema {
-        let names = file_names(services, "text_encoders");
-        clip_device_input(
-            NodeSchema::v1("DualCLIPLoader", "nodes", "advanced/loaders")
-                .display("DualCLIPLoader")
-                .description("[Recipes]\n\nsdxl: clip-l, clip-g\nsd3: clip-l, clip-g / clip-l, t5 / clip-g, t5\nflux: clip-l, t5\nhidream: at least one of t5 or llama, recommended t5 and llama\nhunyuan_image: qwen2.5vl 7b and byt5 small")
-                .required("clip_name1", InputSpec::combo(&names))
-                .required("clip_name2", InputSpec::combo(&names))
-                .required(
-                    "type",
-                    InputSpec::combo(&["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"]),
-                ),
-        )
-        .output(OutputSpec::of("CLIP"))
-    }
-
-    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let clip_type = inputs.string("type")?;
-        if clip_type != "sdxl" {
-            return Err(NodeError::new(format!(
-                "DualCLIPLoader type '{clip_type}' is not supported by Easel yet (supported: sdxl)"
-            )));
-        }
-        let mut files = Vec::with_capacity(2);
-        for input in ["clip_name1", "clip_name2"] {
-            let path = model_file(ctx, "text_encoders", inputs.string(input)?)?;
-            let width = encoder_width(&path, open(&path)?.as_ref())?;
-            files.push((width, path));
-        }
-        // The file order does not matter: CLIP-L is the narrower encoder, bigG the wider.
-        files.sort_by_key(|(width, _)| *width);
-        if files[0].0 == files[1].0 {
-            return Err(NodeError::new(format!(
-                "DualCLIPLoader type 'sdxl' needs a CLIP-L and a CLIP-G text encoder; both files hold \
-                 an encoder {} wide",
-                files[0].0
-            )));
-        }
-        let encoders = vec![
-            load_text_encoder(ctx, &files[0].1, TextEncoderKind::ClipL)?,
-            load_text_encoder(ctx, &files[1].1, TextEncoderKind::ClipG)?,
-        ];
-        Ok(NodeOutput::values(vec![Value::object(Clip {
-            family: Family::Sdxl,
-            encoders,
-            layer_from_end: None,
-        })]))
-    }
 }
 
 /// `VAELoader` ("Load VAE"): a VAE from the `vae` folder.

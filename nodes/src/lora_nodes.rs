@@ -9,7 +9,7 @@ use std::sync::Arc;
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 
-use crate::diffusion::{Clip, DiffusionModel, DiffusionNetwork, Model, TextEncoder};
+use crate::diffusion::{Clip, DiffusionModel, DiffusionNetwork, Model, TextEncoder, TextNetwork};
 use crate::diffusion_nodes::tensor_error;
 use crate::models::clip_text::ClipTextEncoder;
 use crate::models::lora::{load_lora, ClipLoraNames, LoraKeyMap};
@@ -181,12 +181,17 @@ fn apply_lora(
         Some((clip, strength_clip)) => {
             let mut encoders = Vec::with_capacity(clip.encoders.len());
             for encoder in &clip.encoders {
+                // LoRA patches CLIP text encoders; a T5 beside them (FLUX) is kept as it is.
+                let TextNetwork::Clip { kind, encoder: network } = &encoder.network else {
+                    encoders.push(encoder.clone());
+                    continue;
+                };
                 let mut clip_keys = LoraKeyMap::default();
                 clip_keys.add_clip(
                     encoder.source.file.as_ref(),
                     &encoder.source.name_prefix(),
-                    encoder.network.config().naming,
-                    clip_lora_names(clip.family, encoder.kind),
+                    network.config().naming,
+                    clip_lora_names(clip.family, *kind),
                 );
                 let loaded = load_lora(lora, &clip_keys, strength_clip).map_err(tensor_error)?;
                 used.extend(loaded.used);
@@ -195,11 +200,12 @@ fn apply_lora(
                     continue;
                 }
                 let source = encoder.source.patched(loaded.patches);
-                let network =
-                    ClipTextEncoder::new(encoder.network.config().clone(), source.weights()).map_err(tensor_error)?;
+                let patched = ClipTextEncoder::new(network.config().clone(), source.weights()).map_err(tensor_error)?;
                 encoders.push(TextEncoder {
-                    kind: encoder.kind,
-                    network: Arc::new(network),
+                    network: TextNetwork::Clip {
+                        kind: *kind,
+                        encoder: Arc::new(patched),
+                    },
                     source,
                 });
             }

@@ -9,11 +9,13 @@ use common::{j, max_abs_difference, setup};
 use easel_engine::Value;
 use easel_nodes::diffusion::{CondEntry, Conditioning, Latent, Model};
 use easel_nodes::models::flux::{Flux, FluxConfig, FluxControl, FluxInput};
-use easel_nodes::models::ggml_quants::{quantize::quantize, GgmlType};
-use easel_nodes::models::gguf::{write_gguf, GgufFile, GgufTensorData};
-use easel_nodes::models::testmodels::{flux_layout, tiny_flux, tiny_flux_vae, vae_layout, write_checkpoint};
+use easel_nodes::models::ggml_quants::GgmlType;
+use easel_nodes::models::gguf::GgufFile;
+use easel_nodes::models::testmodels::{
+    flux_layout, tiny_flux, tiny_flux_vae, vae_layout, write_checkpoint, write_gguf_copy, TINY_FLUX_DEV,
+    TINY_FLUX_DEV_Q4_K, TINY_FLUX_DEV_Q8_0, TINY_FLUX_FILL, TINY_FLUX_VAE,
+};
 use easel_nodes::models::weights::{MappedWeights, SafetensorsFile, Weights};
-use easel_nodes::paths::Paths;
 use easel_nodes::sampling::noise::prepare_noise;
 use serde_json::json;
 use std::sync::Arc;
@@ -391,27 +393,8 @@ fn flux_forward_matches_the_formulas_written_out() {
 
 /// The tiny FLUX model in GGUF, every 2-D weight in `kind` (others F32, as city96's files keep
 /// small tensors), written from the safetensors `file`.
-fn write_gguf_copy(file: &SafetensorsFile, kind: GgmlType, path: &std::path::Path) {
-    let tensors: Vec<GgufTensorData> = flux_layout(&tiny_flux(), "")
-        .unwrap()
-        .iter()
-        .map(|spec| {
-            let values = values(&file.load(&spec.name, DType::F32, &Device::Cpu).unwrap());
-            let quantized = spec.shape.len() == 2 && spec.shape[1] % 32 == 0;
-            let kind = if quantized { kind } else { GgmlType::F32 };
-            GgufTensorData {
-                name: spec.name.clone(),
-                shape: spec.shape.clone(),
-                kind,
-                bytes: quantize(kind, &values).unwrap(),
-            }
-        })
-        .collect();
-    let metadata = [(
-        "general.architecture",
-        easel_nodes::models::gguf::MetadataValue::String("flux".into()),
-    )];
-    write_gguf(path, &metadata, &tensors).unwrap();
+fn write_flux_gguf(file: &SafetensorsFile, kind: GgmlType, path: &std::path::Path) {
+    write_gguf_copy(file, kind, "flux", &|name: &str| name.to_string(), path).unwrap();
 }
 
 /// KSampler with one Euler step on FLUX dev (σ 1 → 0, cfg 1) from EmptySD3LatentImage: the
@@ -420,16 +403,8 @@ fn write_gguf_copy(file: &SafetensorsFile, kind: GgmlType, path: &std::path::Pat
 #[test]
 fn one_flow_step_through_the_nodes_follows_comfyui() {
     let setup = setup();
-    let models = &setup.services.get::<Paths>().unwrap().models;
-    let dir = tempfile::tempdir().unwrap();
-    let file = SafetensorsFile::open(&write_tiny_flux(dir.path())).unwrap();
-    write_gguf_copy(
-        &file,
-        GgmlType::Q8_0,
-        &models.join("diffusion_models").join("tiny_flux_q8.gguf"),
-    );
     let model = setup
-        .call("UnetLoaderGGUF", vec![("unet_name", j(json!("tiny_flux_q8.gguf")))])
+        .call("UnetLoaderGGUF", vec![("unet_name", j(json!(TINY_FLUX_DEV_Q8_0)))])
         .unwrap()
         .remove(0);
     let config = tiny_flux();
@@ -509,7 +484,7 @@ fn flux_from_gguf_predicts_as_from_safetensors() {
     let reference = predict(&load(file.clone()), &inputs);
     for kind in [GgmlType::F16, GgmlType::Q8_0] {
         let path = dir.path().join(format!("tiny_flux_{}.gguf", kind.name()));
-        write_gguf_copy(&file, kind, &path);
+        write_flux_gguf(&file, kind, &path);
         let prediction = predict(&load(Arc::new(GgufFile::open(&path).unwrap())), &inputs);
         let difference = max_abs_difference(&prediction, &reference);
         let scale = max_abs_difference(&reference, &reference.zeros_like().unwrap());
@@ -528,12 +503,10 @@ fn flux_from_gguf_predicts_as_from_safetensors() {
 #[test]
 fn the_flux_vae_loads_decodes_and_encodes() {
     let setup = setup();
-    let models = &setup.services.get::<Paths>().unwrap().models;
     let layout = vae_layout(&tiny_flux_vae(), "").unwrap();
     assert!(layout.iter().all(|spec| !spec.name.contains("quant_conv")));
-    write_checkpoint(&models.join("vae").join("tiny_flux_ae.safetensors"), &layout).unwrap();
     let vae = setup
-        .call("VAELoader", vec![("vae_name", j(json!("tiny_flux_ae.safetensors")))])
+        .call("VAELoader", vec![("vae_name", j(json!(TINY_FLUX_VAE)))])
         .unwrap()
         .remove(0);
     let latent = Value::object(Latent::new(wave(&[1, 16, 3, 4], 0.41)));
@@ -546,4 +519,189 @@ fn the_flux_vae_loads_decodes_and_encodes() {
         .unwrap()
         .remove(0);
     assert_eq!(encoded.downcast::<Latent>().unwrap().samples.dims(), &[1, 16, 3, 4]);
+}
+
+/// Runs the bundled FLUX GGUF workflow with its diffusion-model loader replaced by `loader` and
+/// returns the saved image's pixels.
+fn flux_workflow_pixels(setup: &common::Setup, loader: serde_json::Value, prefix: &str) -> Vec<u8> {
+    use easel_engine::events::{Event, EventKind};
+    use easel_engine::{validate_prompt, CacheMode, Executor, Interrupt, Prompt};
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../workflows/flux_q8_gguf_txt2img.json");
+    let mut workflow: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    workflow["10"] = loader;
+    workflow["9"]["inputs"]["filename_prefix"] = json!(prefix);
+    let registry = Arc::new(easel_nodes::builtin_registry());
+    let validated = validate_prompt(&registry, &setup.services, Prompt::from_json(workflow).unwrap(), None).unwrap();
+    let events = std::sync::Mutex::new(Vec::new());
+    let sink = |event: Event| events.lock().unwrap().push(event);
+    Executor::new(registry.clone(), setup.services.clone(), CacheMode::None).execute(
+        "p",
+        &validated,
+        &serde_json::Value::Null,
+        &sink,
+        &Interrupt::new(),
+    );
+    let events = events.into_inner().unwrap();
+    assert!(
+        events.iter().any(|event| event.kind == EventKind::ExecutionSuccess),
+        "{:?}",
+        events.iter().map(|event| event.data.to_string()).collect::<Vec<_>>()
+    );
+    let output = &setup.services.get::<easel_nodes::paths::Paths>().unwrap().output;
+    image::open(output.join(format!("{prefix}_00001_.png")))
+        .unwrap()
+        .to_rgb8()
+        .into_raw()
+}
+
+/// Peak signal-to-noise ratio of 8-bit images, in dB.
+fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    10.0 * (255.0f64.powi(2) / mse).log10()
+}
+
+/// The whole FLUX GGUF workflow (DualCLIPLoader with T5, FluxGuidance, ModelSamplingFlux,
+/// SamplerCustomAdvanced, FLUX VAE): the tiny FLUX dev as bf16 safetensors and as GGUF F16
+/// written from it make the same image; as GGUF Q8_0 and Q4_K close ones.
+#[test]
+fn flux_images_from_safetensors_and_gguf_agree() {
+    let setup = setup();
+    let models = &setup.services.get::<easel_nodes::paths::Paths>().unwrap().models;
+    let dev = SafetensorsFile::open(&models.join("diffusion_models").join(TINY_FLUX_DEV)).unwrap();
+    write_flux_gguf(&dev, GgmlType::F16, &models.join("unet").join("tiny_flux_dev-F16.gguf"));
+    let gguf = |name: &str| json!({"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": name}});
+    let bf16 = flux_workflow_pixels(
+        &setup,
+        json!({"class_type": "UNETLoader", "inputs": {"unet_name": TINY_FLUX_DEV, "weight_dtype": "default"}}),
+        "bf16",
+    );
+    let f16 = flux_workflow_pixels(&setup, gguf("tiny_flux_dev-F16.gguf"), "f16");
+    let q8 = flux_workflow_pixels(&setup, gguf(TINY_FLUX_DEV_Q8_0), "q8_0");
+    let q4 = flux_workflow_pixels(&setup, gguf(TINY_FLUX_DEV_Q4_K), "q4_k");
+    let largest_difference = |a: &[u8], b: &[u8]| a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0);
+    assert!(largest_difference(&bf16, &f16) <= 1, "bf16 vs GGUF F16");
+    let (q8_psnr, q4_psnr) = (psnr(&bf16, &q8), psnr(&bf16, &q4));
+    eprintln!("FLUX workflow: GGUF Q8_0 PSNR {q8_psnr:.1} dB, Q4_K {q4_psnr:.1} dB against bf16");
+    assert!(q8_psnr > 35.0, "Q8_0: {q8_psnr} dB");
+    assert!(q4_psnr > 20.0 && q4_psnr < q8_psnr, "Q4_K: {q4_psnr} dB");
+}
+
+/// FLUX fill through InpaintModelConditioning and KSampler (one Euler step from σ 1): the model
+/// sees, beside the noise, the masked image's latent in model space and the pixel mask with each
+/// 8×8 block of pixels as 64 channels (ComfyUI's `Flux.concat_cond`).
+#[test]
+fn flux_fill_sees_the_masked_image_and_the_mask_blocks() {
+    use easel_nodes::image::{Image, Mask};
+    let setup = setup();
+    let model = setup
+        .call(
+            "UNETLoader",
+            vec![
+                ("unet_name", j(json!(TINY_FLUX_FILL))),
+                ("weight_dtype", j(json!("default"))),
+            ],
+        )
+        .unwrap()
+        .remove(0);
+    let vae = setup
+        .call("VAELoader", vec![("vae_name", j(json!(TINY_FLUX_VAE)))])
+        .unwrap()
+        .remove(0);
+    let (height, width) = (16, 24);
+    let pixels: Vec<f32> = (0..height * width * 3)
+        .map(|i| ((i as f32) * 0.37).sin() * 0.5 + 0.5)
+        .collect();
+    let image = Image {
+        batch: 1,
+        height,
+        width,
+        channels: 3,
+        data: pixels,
+    };
+    let mask_values: Vec<f32> = (0..height * width).map(|i| ((i % 7) as f32) / 6.0).collect();
+    let mask = Mask {
+        batch: 1,
+        height,
+        width,
+        data: mask_values.clone(),
+    };
+    let config = tiny_flux();
+    let text = CondEntry::new(
+        wave(&[1, 3, config.context_dim], 0.37),
+        Some(wave(&[1, config.vector_dim], 0.53)),
+    );
+    let conditioned = setup
+        .call(
+            "InpaintModelConditioning",
+            vec![
+                ("positive", Value::object(Conditioning(vec![text.clone()]))),
+                ("negative", Value::object(Conditioning(vec![text.clone()]))),
+                ("vae", vae),
+                ("pixels", Value::object(image)),
+                ("mask", Value::object(mask)),
+                ("noise_mask", j(json!(false))),
+            ],
+        )
+        .unwrap();
+    let entry = conditioned[0].downcast::<Conditioning>().unwrap().0[0].clone();
+    let sampled = setup
+        .call(
+            "KSampler",
+            vec![
+                ("model", model.clone()),
+                ("seed", j(json!(7))),
+                ("steps", j(json!(1))),
+                ("cfg", j(json!(1.0))),
+                ("sampler_name", j(json!("euler"))),
+                ("scheduler", j(json!("simple"))),
+                ("positive", conditioned[0].clone()),
+                ("negative", conditioned[1].clone()),
+                ("latent_image", conditioned[2].clone()),
+                ("denoise", j(json!(1.0))),
+            ],
+        )
+        .unwrap();
+    let sampled = sampled[0].downcast::<Latent>().unwrap().samples.clone();
+
+    let inpaint = entry.inpaint.as_ref().unwrap();
+    let (latent_height, latent_width) = (height / 8, width / 8);
+    let image_latent = ((&inpaint.latent - 0.1159).unwrap() * 0.3611).unwrap();
+    let mut blocks = vec![0f32; 64 * latent_height * latent_width];
+    for dy in 0..8 {
+        for dx in 0..8 {
+            for y in 0..latent_height {
+                for x in 0..latent_width {
+                    blocks[((dy * 8 + dx) * latent_height + y) * latent_width + x] =
+                        inpaint.mask.data[(y * 8 + dy) * width + x * 8 + dx];
+                }
+            }
+        }
+    }
+    let blocks = Tensor::from_vec(blocks, (1, 64, latent_height, latent_width), &Device::Cpu).unwrap();
+    let concat = Tensor::cat(&[&image_latent, &blocks], 1).unwrap();
+    let model = model.downcast::<Model>().unwrap();
+    let easel_nodes::diffusion::DiffusionNetwork::Flux(flux) = &model.0.network else {
+        panic!("a FLUX model");
+    };
+    let shape = [1, 16, latent_height, latent_width];
+    let noise = Tensor::from_vec(prepare_noise(7, &shape, None), &shape, &Device::Cpu).unwrap();
+    let velocity = flux
+        .forward(&FluxInput {
+            x: &noise,
+            timesteps: &Tensor::new(&[1f32], &Device::Cpu).unwrap(),
+            context: &entry.cross_attention,
+            y: entry.pooled.as_ref().unwrap(),
+            guidance: Some(&Tensor::new(&[3.5f32], &Device::Cpu).unwrap()),
+            concat: Some(&concat),
+            control: FluxControl::default(),
+        })
+        .unwrap();
+    let expected = ((((&noise - &velocity).unwrap()) / 0.3611).unwrap() + 0.1159).unwrap();
+    let difference = max_abs_difference(&sampled, &expected);
+    assert!(difference < 1e-5, "{difference}");
 }

@@ -22,7 +22,7 @@ fn reference() -> Json {
 }
 
 /// Inputs whose combo lists come from the disk rather than from the node.
-const FILE_COMBOS: [(&str, &str); 12] = [
+const FILE_COMBOS: [(&str, &str); 15] = [
     ("LoadImage", "image"),
     ("LoadImageMask", "image"),
     ("CheckpointLoaderSimple", "ckpt_name"),
@@ -35,6 +35,9 @@ const FILE_COMBOS: [(&str, &str); 12] = [
     ("VAELoader", "vae_name"),
     ("UnetLoaderGGUF", "unet_name"),
     ("UnetLoaderGGUFAdvanced", "unet_name"),
+    ("CLIPLoaderGGUF", "clip_name"),
+    ("DualCLIPLoaderGGUF", "clip_name1"),
+    ("DualCLIPLoaderGGUF", "clip_name2"),
 ];
 
 #[test]

@@ -7,8 +7,8 @@ mod common;
 use candle_core::{DType, Device, Tensor, D};
 use common::{j, max_abs_difference, setup, Setup};
 use easel_engine::Value;
-use easel_nodes::diffusion::{Clip, CondEntry, Conditioning, Model, Prediction, SdxlSizes};
-use easel_nodes::models::clip_text::OutputLayer;
+use easel_nodes::diffusion::{Clip, CondEntry, Conditioning, Model, Prediction, SdxlSizes, TextEncoder, TextNetwork};
+use easel_nodes::models::clip_text::{ClipTextEncoder, OutputLayer};
 use easel_nodes::models::fp8::Fp8Format;
 use easel_nodes::models::testmodels::{
     self, TINY_CLIP_G, TINY_SD2_CHECKPOINT, TINY_SDXL_CHECKPOINT, TINY_SDXL_REFINER_CHECKPOINT, TINY_SDXL_UNET,
@@ -72,6 +72,13 @@ fn the_tiny_checkpoints_are_recognised_as_their_families() {
     assert_eq!(layout.text_encoders[1].config, testmodels::tiny_clip_g());
 }
 
+fn clip_network(encoder: &TextEncoder) -> &ClipTextEncoder {
+    match &encoder.network {
+        TextNetwork::Clip { encoder, .. } => encoder,
+        TextNetwork::T5 { .. } => panic!("a CLIP text encoder was expected"),
+    }
+}
+
 /// SDXL's conditioning is CLIP-L's and CLIP-G's penultimate hidden states (without the final
 /// norm) side by side, its pooled output CLIP-G's projected one; CLIP-G pads with 0.
 #[test]
@@ -91,19 +98,17 @@ fn sdxl_text_encoding_joins_both_encoders_as_comfyui() {
     assert_eq!((options_l.pad_token, options_g.pad_token), (END_TOKEN, 0));
     let tokens_g = tokenize_with_weights(text, &NoEmbeddings, 0);
     assert_eq!(tokens_g[0].last().unwrap().0, TokenItem::Token(0), "CLIP-G pads with 0");
-    let l = clip_l
-        .network
+    let l = clip_network(clip_l)
         .encode_weighted(&tokenize_with_weights(text, &NoEmbeddings, END_TOKEN), options_l)
         .unwrap();
-    let g = clip_g.network.encode_weighted(&tokens_g, options_g).unwrap();
+    let g = clip_network(clip_g).encode_weighted(&tokens_g, options_g).unwrap();
     let expected = Tensor::cat(&[&l.hidden, &g.hidden], D::Minus1).unwrap();
     assert_eq!(max_abs_difference(&entry.cross_attention, &expected), 0.0);
 
     // The pooled vector is CLIP-G's final-normed end-token state times the projection.
     let pooled = entry.pooled.as_ref().unwrap();
     assert_eq!(max_abs_difference(pooled, &g.pooled), 0.0);
-    let unprojected = clip_g
-        .network
+    let unprojected = clip_network(clip_g)
         .encode_weighted(
             &tokens_g,
             easel_nodes::models::clip_text::EncodeOptions {

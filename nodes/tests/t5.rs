@@ -1,8 +1,10 @@
 //! The T5 encoder against T5's formulas written out in f64 on a tiny model.
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
+use easel_nodes::models::clip_text::OutputLayer;
 use easel_nodes::models::t5::{relative_position_bucket, T5Config, T5Encoder};
 use easel_nodes::models::testmodels::{t5_layout, tiny_t5, write_checkpoint};
+use easel_nodes::models::tokenizer::{TokenItem, WeightedToken};
 use easel_nodes::models::weights::{MappedWeights, SafetensorsFile, Weights};
 use std::sync::Arc;
 
@@ -49,7 +51,8 @@ impl Reference<'_> {
             .collect()
     }
 
-    fn forward(&self, tokens: &[u32]) -> Rows {
+    /// The final-normed output of the first `blocks` blocks.
+    fn forward(&self, tokens: &[u32], blocks: usize) -> Rows {
         let shared = self.tensor("shared.weight");
         let d = self.config.d_model;
         let mut x: Rows = tokens
@@ -58,7 +61,7 @@ impl Reference<'_> {
             .collect();
         let bias = self.tensor("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight");
         let (heads, d_kv, length) = (self.config.heads, self.config.d_kv, tokens.len());
-        for layer in 0..self.config.layers {
+        for layer in 0..blocks {
             let block = format!("encoder.block.{layer}");
             let normed = self.norm(&x, &format!("{block}.layer.0.layer_norm.weight"));
             let attention = |name: &str| self.project(&normed, &format!("{block}.layer.0.SelfAttention.{name}.weight"));
@@ -125,19 +128,49 @@ fn t5_encoder_matches_the_formulas_written_out() {
     .unwrap();
     // Long enough for relative distances in the logarithmic buckets, with a repeated token.
     let tokens: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 64).chain([5, 5, 1]).collect();
-    let ours = encoder.forward(&tokens, &Device::Cpu).unwrap();
+    let reference = Reference { file: &file, config };
+    let row = |tokens: &[u32]| tokens.iter().map(|&t| TokenItem::Token(t)).collect::<Vec<_>>();
+    let close = |ours: &Tensor, expected: &[f64]| {
+        let ours: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(ours.len(), expected.len());
+        let scale = expected.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (i, (ours, expected)) in ours.iter().zip(expected).enumerate() {
+            assert!(
+                (f64::from(*ours) - expected).abs() < 1e-4 * scale,
+                "element {i}: {ours} vs {expected}"
+            );
+        }
+    };
+    let ours = encoder.forward(&[row(&tokens)], OutputLayer::Last).unwrap();
     assert_eq!(ours.dims(), &[1, tokens.len(), 32]);
-    let ours: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
-    let expected: Vec<f64> = Reference { file: &file, config }.forward(&tokens).concat();
-    let scale = expected.iter().fold(0f64, |m, v| m.max(v.abs()));
-    for (i, (ours, expected)) in ours.iter().zip(&expected).enumerate() {
-        assert!(
-            (f64::from(*ours) - expected).abs() < 1e-4 * scale,
-            "element {i}: {ours} vs {expected}"
-        );
-    }
+    close(&ours, &reference.forward(&tokens, 2).concat());
+    // CLIPSetLastLayer -2: the first block's output, through the final norm.
+    let ours = encoder.forward(&[row(&tokens)], OutputLayer::FromEnd(2)).unwrap();
+    close(&ours, &reference.forward(&tokens, 1).concat());
     assert!(
-        encoder.forward(&[64], &Device::Cpu).is_err(),
+        encoder.forward(&[row(&[64])], OutputLayer::Last).is_err(),
         "a token beyond the vocabulary"
     );
+
+    // Weighted tokens: empty + (z − empty)·w where w ≠ 1, the empty prompt being </s> and padding.
+    let weighted: Vec<WeightedToken> = [(7, 1.0), (9, 1.5), (11, 1.0), (1, 0.5)]
+        .into_iter()
+        .map(|(t, w)| (TokenItem::Token(t), w))
+        .collect();
+    let ours = encoder
+        .encode_weighted(std::slice::from_ref(&weighted), OutputLayer::Last)
+        .unwrap();
+    let z = reference.forward(&[7, 9, 11, 1], 2);
+    let empty = reference.forward(&[1, 0, 0, 0], 2);
+    let expected: Vec<f64> = z
+        .iter()
+        .zip(&empty)
+        .zip(&weighted)
+        .flat_map(|((z, e), (_, w))| {
+            z.iter()
+                .zip(e)
+                .map(move |(z, e)| if *w == 1.0 { *z } else { e + (z - e) * w })
+        })
+        .collect();
+    close(&ours, &expected);
 }

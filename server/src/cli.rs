@@ -135,6 +135,14 @@ pub struct ExecutionArgs {
     /// (AVX512-BF16; on a CPU without it the model runs in f32). Images differ slightly from f32.
     #[arg(long)]
     pub bf16_unet: bool,
+    /// Where files Easel downloads are kept: the T5 tokenizer, fetched once from ComfyUI's source
+    /// when none is found beside the text encoder [default: $XDG_CACHE_HOME/easel or ~/.cache/easel].
+    #[arg(long, value_name = "DIR")]
+    pub download_cache: Option<PathBuf>,
+    /// Download nothing (a T5 text encoder then needs t5_tokenizer/tokenizer.json in a
+    /// text-encoder folder).
+    #[arg(long)]
+    pub offline: bool,
 }
 
 #[derive(Args, Debug, Clone, Default)]

@@ -9,6 +9,7 @@ use easel_nodes::latent_preview::{PreviewMethod, PreviewSettings};
 use easel_nodes::model_cache::ModelCache;
 use easel_nodes::models::sgemm::Precision;
 use easel_nodes::paths::Paths;
+use easel_nodes::t5_tokenizer_files::{TokenizerDownloads, COMFYUI_T5_TOKENIZER_URL};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -107,6 +108,13 @@ pub fn runtime(args: &ExecutionArgs) -> anyhow::Result<Runtime> {
     services.insert(PreviewSettings {
         method,
         max_size: args.preview_size,
+    });
+    services.insert(TokenizerDownloads {
+        cache_dir: args
+            .download_cache
+            .clone()
+            .unwrap_or_else(TokenizerDownloads::default_cache_dir),
+        t5_url: (!args.offline).then(|| COMFYUI_T5_TOKENIZER_URL.to_string()),
     });
     Ok(Runtime {
         registry: Arc::new(easel_nodes::builtin_registry()),

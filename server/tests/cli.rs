@@ -60,7 +60,9 @@ fn every_bundled_workflow_runs_and_writes_its_images() {
                 images += 1;
             }
         }
-        assert!(images > 0, "{} produced no images", path.display());
+        // A workflow ending in SaveImageWebsocket sends its images to WebSocket clients only.
+        let websocket_only = !std::fs::read_to_string(&path).unwrap().contains("\"SaveImage\"");
+        assert!(images > 0 || websocket_only, "{} produced no images", path.display());
         ran += 1;
     }
     assert!(ran >= 3);

@@ -380,6 +380,35 @@ async fn save_image_websocket_sends_png_frames_in_comfyui_order() {
     assert!(image::load_from_memory(&frame[8 + length..]).is_ok());
 }
 
+/// The bundled FLUX GGUF workflow that ends in SaveImageWebsocket sends its image as a PNG frame.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_flux_websocket_workflow_sends_its_image_as_a_frame() {
+    let server = start();
+    easel_nodes::models::testmodels::write_test_models(&server.base.path().join("models")).unwrap();
+    let workflow: Json = serde_json::from_str(
+        &std::fs::read_to_string(workspace().join("workflows/flux_q8_gguf_txt2img_websocket.json")).unwrap(),
+    )
+    .unwrap();
+    let mut socket = connect(&server, "?clientId=flux").await;
+    next_text(&mut socket).await;
+    post_async(&server.api, json!({"prompt": workflow, "client_id": "flux"})).await;
+    let frames = frames_until_done(&mut socket).await;
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.as_ref().is_ok_and(|m| m["type"] == "execution_success")),
+        "{frames:?}"
+    );
+    let binary: Vec<&Vec<u8>> = frames.iter().filter_map(|f| f.as_ref().err()).collect();
+    let image = binary
+        .iter()
+        .filter(|frame| frame[..8] == [0, 0, 0, 1, 0, 0, 0, 2])
+        .map(|frame| image::load_from_memory(&frame[8..]).unwrap())
+        .next_back()
+        .expect("a PNG frame");
+    assert_eq!((image.width(), image.height()), (64, 64));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_concurrent_clients_each_receive_exactly_their_own_messages() {
     let server = start();

@@ -6,16 +6,16 @@
 //! use and which ComfyUI converts at load: here it is read as it lies. Width, depth and MLP size
 //! come from the weights; heads are 64 wide, as in every released CLIP.
 //!
-//! [`ClipTextEncoder::encode_weighted`] is ComfyUI's `ClipTokenWeightEncoder`: chunks are encoded
-//! in one batch together with an empty prompt, and a token of weight w becomes
-//! `empty + (token − empty)·w`.
+//! [`ClipTextEncoder::encode_weighted`] is ComfyUI's `ClipTokenWeightEncoder`
+//! ([`encode_token_weights`]) with an empty prompt of start, end and padding tokens.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::LayerNorm;
 
 use super::attention::attention;
 use super::linear::{linear, linear_named, Linear};
-use super::tokenizer::{TokenItem, WeightedToken, CHUNK_LENGTH, END_TOKEN, START_TOKEN};
+use super::token_weights::encode_token_weights;
+use super::tokenizer::{TokenItem, WeightedToken, END_TOKEN, START_TOKEN};
 use super::weights::{TensorShapes, WeightMatrix, Weights};
 use super::DetectError;
 
@@ -231,48 +231,15 @@ impl ClipTextEncoder {
         })
     }
 
-    /// Encodes chunks of weighted tokens as ComfyUI does (see the module documentation).
+    /// Encodes chunks of weighted tokens as ComfyUI does (see the module documentation); the
+    /// pooled vector is the first chunk's.
     pub fn encode_weighted(&self, chunks: &[Vec<WeightedToken>], options: EncodeOptions) -> Result<Encoded> {
-        let has_weights = chunks.iter().flatten().any(|(_, weight)| *weight != 1.0);
-        let mut batch: Vec<Vec<TokenItem>> = chunks
-            .iter()
-            .map(|chunk| chunk.iter().map(|(item, _)| item.clone()).collect())
-            .collect();
-        let longest = batch.iter().map(Vec::len).max().unwrap_or(CHUNK_LENGTH);
-        if has_weights || batch.is_empty() {
-            let mut empty = vec![TokenItem::Token(START_TOKEN), TokenItem::Token(END_TOKEN)];
-            empty.resize(longest.max(2), TokenItem::Token(options.pad_token));
-            batch.push(empty);
-        }
-        let (hidden, pooled) = self.forward(&batch, options)?;
-        let pooled = pooled.narrow(0, 0, 1)?;
-        if chunks.is_empty() {
-            let last = hidden.dim(0)? - 1;
-            return Ok(Encoded {
-                hidden: hidden.narrow(0, last, 1)?,
-                pooled,
-            });
-        }
-        let mut outputs = Vec::with_capacity(chunks.len());
-        for (index, chunk) in chunks.iter().enumerate() {
-            let z = hidden.get(index)?;
-            let z = if has_weights {
-                let empty = hidden.get(hidden.dim(0)? - 1)?;
-                let weights: Vec<f32> = chunk.iter().map(|(_, weight)| *weight as f32).collect();
-                let weights = Tensor::from_vec(weights, (chunk.len(), 1), hidden.device())?;
-                // Only positions with a weight ≠ 1 change; for the others (z − e)·1 + e is z itself.
-                let weighted = (z.broadcast_sub(&empty)?.broadcast_mul(&weights)? + &empty)?;
-                let changed: Vec<u8> = chunk.iter().map(|(_, weight)| u8::from(*weight != 1.0)).collect();
-                let changed = Tensor::from_vec(changed, (chunk.len(), 1), hidden.device())?;
-                changed.broadcast_as(z.shape())?.where_cond(&weighted, &z)?
-            } else {
-                z
-            };
-            outputs.push(z.unsqueeze(0)?);
-        }
+        let (hidden, pooled) = encode_token_weights(chunks, &[START_TOKEN, END_TOKEN], options.pad_token, |batch| {
+            self.forward(batch, options)
+        })?;
         Ok(Encoded {
-            hidden: Tensor::cat(&outputs, 1)?,
-            pooled,
+            hidden,
+            pooled: pooled.narrow(0, 0, 1)?,
         })
     }
 

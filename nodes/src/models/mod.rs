@@ -17,6 +17,7 @@ pub mod sgemm;
 pub mod t5;
 pub mod t5_tokenizer;
 pub mod testmodels;
+pub mod token_weights;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

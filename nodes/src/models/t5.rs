@@ -8,10 +8,14 @@
 //! attention scores plus the relative-position bias of the first layer, RMS norms, and the
 //! gated tanh-GELU feed-forward.
 
-use candle_core::{Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::attention::attention;
+use super::clip_text::OutputLayer;
 use super::linear::{linear_no_bias, Linear};
+use super::t5_tokenizer::{T5_END_TOKEN, T5_PAD_TOKEN};
+use super::token_weights::encode_token_weights;
+use super::tokenizer::{TokenItem, WeightedToken};
 use super::weights::{TensorShapes, WeightMatrix, Weights};
 use super::DetectError;
 
@@ -164,18 +168,49 @@ impl T5Encoder {
         &self.config
     }
 
-    /// The last hidden states [1, L, d_model] of the token ids.
-    pub fn forward(&self, tokens: &[u32], device: &Device) -> Result<Tensor> {
-        let rows = tokens
+    /// The hidden states [B, L, d_model] of a batch of equal-length token rows: the last block's,
+    /// or for `OutputLayer::FromEnd(n)` the n-th block's from the end (CLIPSetLastLayer), both
+    /// through the final norm as ComfyUI reads T5's intermediate output.
+    pub fn forward(&self, batch: &[Vec<TokenItem>], layer: OutputLayer) -> Result<Tensor> {
+        let device = self.relative_attention_bias.device();
+        let rows = batch
             .iter()
-            .map(|&token| self.shared.row(token as usize, device))
+            .map(|row| self.embed_row(row, device))
             .collect::<Result<Vec<_>>>()?;
-        let mut x = Tensor::stack(&rows, 0)?.unsqueeze(0)?;
-        let position_bias = self.position_bias(tokens.len(), device)?;
-        for block in &self.blocks {
+        let mut x = Tensor::stack(&rows, 0)?;
+        let length = batch.first().map_or(0, Vec::len);
+        let position_bias = self.position_bias(length, device)?;
+        let blocks_run = match layer {
+            OutputLayer::FromEnd(from_end) if from_end >= 1 && from_end <= self.blocks.len() => {
+                self.blocks.len() - from_end + 1
+            }
+            _ => self.blocks.len(),
+        };
+        for block in &self.blocks[..blocks_run] {
             x = block.forward(&x, &position_bias, &self.config)?;
         }
         self.final_norm.forward(&x)
+    }
+
+    /// Encodes chunks of weighted tokens as ComfyUI does ([`encode_token_weights`], with an
+    /// empty prompt of `</s>` and padding): [1, L·chunks, d_model].
+    pub fn encode_weighted(&self, chunks: &[Vec<WeightedToken>], layer: OutputLayer) -> Result<Tensor> {
+        let (hidden, ()) = encode_token_weights(chunks, &[T5_END_TOKEN], T5_PAD_TOKEN, |batch| {
+            Ok((self.forward(batch, layer)?, ()))
+        })?;
+        Ok(hidden)
+    }
+
+    /// The embeddings [L, d_model] of one row: vocabulary rows, or textual-inversion vectors.
+    fn embed_row(&self, row: &[TokenItem], device: &Device) -> Result<Tensor> {
+        let vectors = row
+            .iter()
+            .map(|item| match item {
+                TokenItem::Token(token) => self.shared.row(*token as usize, device),
+                TokenItem::Embedding(values) => Tensor::from_vec(values.clone(), self.config.d_model, device),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&vectors, 0)?.to_dtype(DType::F32)
     }
 
     /// The learnt bias of each head for each (query, key) pair, by bucketed relative position:
@@ -186,12 +221,48 @@ impl T5Encoder {
             .collect();
         let buckets = Tensor::from_vec(buckets, length * length, device)?;
         self.relative_attention_bias
-            .to_device(device)?
             .index_select(&buckets, 0)?
             .reshape((length, length, self.config.heads))?
             .permute((2, 0, 1))?
             .contiguous()
     }
+}
+
+/// llama.cpp's names of T5 tensors (GGUF files) and the transformers names they stand for, in
+/// the order ComfyUI-GGUF replaces them (`enc.blk.0.attn_q.weight` →
+/// `encoder.block.0.layer.0.SelfAttention.q.weight`).
+const LLAMA_CPP_NAMES: [(&str, &str); 14] = [
+    ("enc.", "encoder."),
+    (".blk.", ".block."),
+    ("token_embd", "shared"),
+    ("output_norm", "final_layer_norm"),
+    ("attn_q", "layer.0.SelfAttention.q"),
+    ("attn_k", "layer.0.SelfAttention.k"),
+    ("attn_v", "layer.0.SelfAttention.v"),
+    ("attn_o", "layer.0.SelfAttention.o"),
+    ("attn_norm", "layer.0.layer_norm"),
+    ("attn_rel_b", "layer.0.SelfAttention.relative_attention_bias"),
+    ("ffn_up", "layer.1.DenseReluDense.wi_1"),
+    ("ffn_down", "layer.1.DenseReluDense.wo"),
+    ("ffn_gate", "layer.1.DenseReluDense.wi_0"),
+    ("ffn_norm", "layer.1.layer_norm"),
+];
+
+/// The transformers name of a T5 tensor named as llama.cpp names it.
+pub fn t5_name_from_llama_cpp(name: &str) -> String {
+    LLAMA_CPP_NAMES
+        .iter()
+        .fold(name.to_string(), |name, (from, to)| name.replace(from, to))
+}
+
+/// The llama.cpp name of a T5 tensor (for test models written as GGUF).
+pub fn t5_name_to_llama_cpp(name: &str) -> String {
+    LLAMA_CPP_NAMES
+        .iter()
+        .rev()
+        .fold(name.to_string(), |name, (llama_cpp, transformers)| {
+            name.replace(transformers, llama_cpp)
+        })
 }
 
 /// T5's bidirectional bucket of a relative position (key − query): the sign picks the half,
@@ -213,6 +284,29 @@ pub fn relative_position_bucket(relative: i64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::testmodels::{t5_layout, tiny_t5};
+
+    #[test]
+    fn llama_cpp_names_map_to_transformers_names_and_back() {
+        assert_eq!(
+            t5_name_from_llama_cpp("enc.blk.3.attn_rel_b.weight"),
+            "encoder.block.3.layer.0.SelfAttention.relative_attention_bias.weight"
+        );
+        assert_eq!(
+            t5_name_from_llama_cpp("enc.output_norm.weight"),
+            "encoder.final_layer_norm.weight"
+        );
+        assert_eq!(t5_name_from_llama_cpp("token_embd.weight"), "shared.weight");
+        assert_eq!(
+            t5_name_from_llama_cpp("enc.blk.0.ffn_gate.weight"),
+            "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
+        );
+        for spec in t5_layout(&tiny_t5(), "").expect("layout") {
+            let llama_cpp = t5_name_to_llama_cpp(&spec.name);
+            assert!(!llama_cpp.contains("layer."), "{llama_cpp}");
+            assert_eq!(t5_name_from_llama_cpp(&llama_cpp), spec.name);
+        }
+    }
 
     #[test]
     fn relative_positions_fall_in_t5s_buckets() {

@@ -12,15 +12,26 @@ use super::tokenizer::{weighted_groups, EmbeddingLookup, TokenItem, WeightedToke
 pub const T5_END_TOKEN: u32 = 1;
 /// `<pad>`.
 pub const T5_PAD_TOKEN: u32 = 0;
+/// The key of T5's vectors in multi-encoder embedding files.
+pub const T5_EMBEDDING_KEY: &str = "t5xxl";
 /// FLUX pads T5 prompts to at least this many tokens.
 pub const FLUX_T5_MIN_LENGTH: usize = 256;
 
-/// Why a T5 tokenizer could not be read.
+/// Why a T5 text encoder has no tokenizer.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read the T5 tokenizer '{path}': {reason}")]
-pub struct T5TokenizerError {
-    pub path: PathBuf,
-    pub reason: String,
+pub enum T5TokenizerError {
+    #[error("cannot read the T5 tokenizer '{path}': {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error(
+        "the T5 text encoder '{encoder}' needs T5's tokenizer.json and none was found ({download}); \
+         looked in: {looked_in}. Put ComfyUI's comfy/text_encoders/t5_tokenizer/tokenizer.json in one of \
+         those places"
+    )]
+    NotFound {
+        encoder: PathBuf,
+        looked_in: String,
+        download: String,
+    },
 }
 
 /// The T5 vocabulary and its normalisation (a `tokenizer.json`).
@@ -30,11 +41,16 @@ pub struct T5Tokenizer {
 
 impl T5Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self, T5TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|error| T5TokenizerError {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|error| T5TokenizerError::Read {
             path: path.to_path_buf(),
             reason: error.to_string(),
         })?;
         Ok(T5Tokenizer { inner })
+    }
+
+    /// The id of a vocabulary entry.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
     }
 
     /// The tokens of `text`, without `</s>` (ComfyUI drops the tokenizer's end token from every
@@ -72,31 +88,13 @@ impl T5Tokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::testmodels::write_tiny_t5_tokenizer;
     use crate::models::tokenizer::NoEmbeddings;
-    use tokenizers::models::unigram::Unigram;
-    use tokenizers::normalizers::strip::Strip;
-    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 
-    /// A tiny T5-like vocabulary (`<pad>`, `</s>`, `<unk>`, then pieces), saved as a
-    /// `tokenizer.json` the way T5's is laid out: trailing spaces stripped, a Metaspace split,
-    /// Unigram pieces.
+    /// The tiny T5 vocabulary of the test models, read back.
     fn tiny_tokenizer(dir: &Path) -> T5Tokenizer {
-        let pieces = [
-            "<pad>", "</s>", "<unk>", "▁", "▁a", "▁red", "▁house", "s", "▁blue", "h", "o", "u", "e",
-        ];
-        let vocab = pieces
-            .iter()
-            .enumerate()
-            .map(|(i, piece)| (piece.to_string(), -(i as f64)))
-            .collect();
-        let model = Unigram::from(vocab, Some(2), false).expect("vocabulary");
-        let mut tokenizer = tokenizers::Tokenizer::new(model);
-        tokenizer
-            .with_normalizer(Some(Strip::new(false, true)))
-            .expect("a normalizer");
-        tokenizer.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, true)));
         let path = dir.join("tokenizer.json");
-        tokenizer.save(&path, false).expect("saved");
+        write_tiny_t5_tokenizer(&path).expect("written");
         T5Tokenizer::from_file(&path).expect("read back")
     }
 

@@ -13,19 +13,24 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use half::f16;
+use half::{bf16, f16};
 use safetensors::tensor::{Dtype as FileDtype, TensorView};
 
 use super::clip_text::{Activation, ClipNaming, ClipTextConfig, ClipTextEncoder};
 use super::flux::{Flux, FluxConfig};
-use super::t5::{T5Config, T5Encoder};
+use super::ggml_quants::quantize::quantize;
+use super::ggml_quants::GgmlType;
+use super::gguf::{write_gguf, GgufTensorData, MetadataValue};
+use super::t5::{t5_name_to_llama_cpp, T5Config, T5Encoder};
 use super::unet::{HeadLayout, UNet, UNetConfig};
 use super::vae::{Vae, VaeConfig};
+use super::weights::{MappedWeights, SafetensorsFile};
 use super::{
     SD1_CLIP_PREFIX, SD2_CLIP_PREFIX, SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, SDXL_REFINER_CLIP_G_PREFIX, UNET_PREFIX,
     VAE_PREFIX,
 };
 use crate::sampling::noise::CpuGenerator;
+use crate::t5_tokenizer_files::T5_TOKENIZER_FOLDER;
 
 /// How a tensor is filled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,7 +199,8 @@ pub fn tiny_flux() -> FluxConfig {
         heads: 2,
         mlp_hidden: 512,
         context_dim: 32,
-        vector_dim: 16,
+        // CLIP-L's pooled vector: the tiny CLIP-L's width.
+        vector_dim: 64,
         double_blocks: 1,
         single_blocks: 1,
         guidance_embed: true,
@@ -562,7 +568,208 @@ pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let lora = loras.join(TINY_SD1_LORA);
     write_tiny_lora(&lora, &layout)?;
     written.extend([safetensors_path, pt_path, lora]);
+    written.extend(write_flux_test_models(models_dir)?);
     Ok(written)
+}
+
+/// The tiny FLUX-shaped models `easel testmodels` writes: FLUX dev as bf16 safetensors (in
+/// `diffusion_models`) and as GGUF Q8_0 and Q4_K (in `unet`, where city96's files go), FLUX
+/// schnell and fill, the FLUX VAE, and T5-XXL as fp16 safetensors and GGUF Q8_0 with its tokenizer in
+/// `text_encoders/t5_tokenizer` (the CLIP-L is [`TINY_CLIP_L`]).
+pub const TINY_FLUX_DEV: &str = "easel_tiny_flux_dev.safetensors";
+pub const TINY_FLUX_DEV_Q8_0: &str = "easel_tiny_flux_dev-Q8_0.gguf";
+pub const TINY_FLUX_DEV_Q4_K: &str = "easel_tiny_flux_dev-Q4_K_S.gguf";
+pub const TINY_FLUX_SCHNELL: &str = "easel_tiny_flux_schnell.safetensors";
+/// FLUX fill: 384 input channels (latent, masked-image latent, 8×8 mask blocks; ×4 patches).
+pub const TINY_FLUX_FILL: &str = "easel_tiny_flux_fill.safetensors";
+pub const TINY_FLUX_VAE: &str = "easel_tiny_flux_vae.safetensors";
+pub const TINY_T5: &str = "easel_tiny_t5xxl_fp16.safetensors";
+pub const TINY_T5_Q8_0: &str = "easel_tiny_t5xxl-Q8_0.gguf";
+
+/// The pieces of the tiny T5 vocabulary, in id order (`<pad>` 0, `</s>` 1, `<unk>` 2): single
+/// letters and a few words, enough to tokenize any lower-case prompt.
+const TINY_T5_PIECES: [&str; 64] = [
+    "<pad>",
+    "</s>",
+    "<unk>",
+    "▁",
+    "▁a",
+    "▁red",
+    "▁house",
+    "s",
+    "▁blue",
+    "h",
+    "o",
+    "u",
+    "e",
+    "a",
+    "b",
+    "c",
+    "d",
+    "f",
+    "g",
+    "i",
+    "j",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "q",
+    "r",
+    "t",
+    "v",
+    "w",
+    "x",
+    "y",
+    "z",
+    "▁cat",
+    "▁photo",
+    "▁of",
+    "▁the",
+    "▁sky",
+    "▁dog",
+    "▁in",
+    "▁on",
+    "▁with",
+    "▁and",
+    "▁green",
+    "▁tree",
+    "▁lighthouse",
+    "▁at",
+    "▁dusk",
+    "▁mountain",
+    "▁lake",
+    "▁sunset",
+    "▁portrait",
+    "▁forest",
+    "▁river",
+    "▁city",
+    "▁night",
+    "▁bird",
+    "▁flower",
+    "▁garden",
+    "▁white",
+    "▁black",
+    "▁small",
+    "▁big",
+];
+
+/// Writes the tiny T5 vocabulary as a `tokenizer.json` laid out as T5's is: trailing spaces
+/// stripped, a Metaspace split, Unigram pieces scored by their order.
+pub fn write_tiny_t5_tokenizer(path: &Path) -> std::io::Result<()> {
+    use tokenizers::models::unigram::Unigram;
+    use tokenizers::normalizers::strip::Strip;
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+    let vocab = TINY_T5_PIECES
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| (piece.to_string(), -(i as f64)))
+        .collect();
+    let model = Unigram::from(vocab, Some(2), false).map_err(|error| std::io::Error::other(error.to_string()))?;
+    let mut tokenizer = tokenizers::Tokenizer::new(model);
+    tokenizer
+        .with_normalizer(Some(Strip::new(false, true)))
+        .map_err(|error| std::io::Error::other(error.to_string()))?;
+    tokenizer.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, true)));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    tokenizer
+        .save(path, false)
+        .map_err(|error| std::io::Error::other(error.to_string()))
+}
+
+/// Writes the tensors of `source` as a GGUF file of `architecture`, named by `rename`: matrices
+/// whose rows are whole `kind` blocks in `kind`, everything else (norms, biases, odd widths) in
+/// F32, as llama.cpp's and city96's converters keep them.
+pub fn write_gguf_copy(
+    source: &dyn MappedWeights,
+    kind: GgmlType,
+    architecture: &str,
+    rename: &dyn Fn(&str) -> String,
+    path: &Path,
+) -> std::io::Result<()> {
+    let mut names: Vec<&str> = source.tensor_names().collect();
+    names.sort_unstable();
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        let shape = source.shape(name).map(<[usize]>::to_vec).unwrap_or_default();
+        let values: Vec<f32> = source
+            .load(name, DType::F32, &Device::Cpu)
+            .and_then(|tensor| tensor.flatten_all()?.to_vec1())
+            .map_err(std::io::Error::other)?;
+        let quantized = shape.len() == 2 && shape[1] % kind.block_size() == 0;
+        let kind = if quantized { kind } else { GgmlType::F32 };
+        let bytes = quantize(kind, &values)
+            .ok_or_else(|| std::io::Error::other(format!("the test models cannot write {kind:?}")))?;
+        tensors.push(GgufTensorData {
+            name: rename(name),
+            shape,
+            kind,
+            bytes,
+        });
+    }
+    let metadata = [("general.architecture", MetadataValue::String(architecture.into()))];
+    write_gguf(path, &metadata, &tensors)
+}
+
+/// Writes the tiny FLUX-shaped models (see [`TINY_FLUX_DEV`]) under `models_dir`.
+fn write_flux_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let folder = |name: &str| -> std::io::Result<PathBuf> {
+        let dir = models_dir.join(name);
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    };
+    let (diffusion_models, unet, vae, text_encoders) = (
+        folder("diffusion_models")?,
+        folder("unet")?,
+        folder("vae")?,
+        folder("text_encoders")?,
+    );
+    let layout_error = std::io::Error::other;
+    let dev = diffusion_models.join(TINY_FLUX_DEV);
+    write_checkpoint_in(
+        &dev,
+        &flux_layout(&tiny_flux(), "").map_err(layout_error)?,
+        FileDtype::BF16,
+    )?;
+    let schnell_config = FluxConfig {
+        guidance_embed: false,
+        ..tiny_flux()
+    };
+    let schnell = diffusion_models.join(TINY_FLUX_SCHNELL);
+    write_checkpoint_in(
+        &schnell,
+        &flux_layout(&schnell_config, "").map_err(layout_error)?,
+        FileDtype::BF16,
+    )?;
+    let fill_config = FluxConfig {
+        in_channels: 384,
+        ..tiny_flux()
+    };
+    let fill = diffusion_models.join(TINY_FLUX_FILL);
+    write_checkpoint_in(
+        &fill,
+        &flux_layout(&fill_config, "").map_err(layout_error)?,
+        FileDtype::BF16,
+    )?;
+    let dev_file = SafetensorsFile::open(&dev).map_err(std::io::Error::other)?;
+    let keep_name = |name: &str| name.to_string();
+    let dev_q8 = unet.join(TINY_FLUX_DEV_Q8_0);
+    write_gguf_copy(&dev_file, GgmlType::Q8_0, "flux", &keep_name, &dev_q8)?;
+    let dev_q4 = unet.join(TINY_FLUX_DEV_Q4_K);
+    write_gguf_copy(&dev_file, GgmlType::Q4K, "flux", &keep_name, &dev_q4)?;
+    let flux_vae = vae.join(TINY_FLUX_VAE);
+    write_checkpoint(&flux_vae, &vae_layout(&tiny_flux_vae(), "").map_err(layout_error)?)?;
+    let t5 = text_encoders.join(TINY_T5);
+    write_checkpoint(&t5, &t5_layout(&tiny_t5(), "").map_err(layout_error)?)?;
+    let t5_file = SafetensorsFile::open(&t5).map_err(std::io::Error::other)?;
+    let t5_q8 = text_encoders.join(TINY_T5_Q8_0);
+    write_gguf_copy(&t5_file, GgmlType::Q8_0, "t5encoder", &t5_name_to_llama_cpp, &t5_q8)?;
+    let tokenizer = text_encoders.join(T5_TOKENIZER_FOLDER).join("tokenizer.json");
+    write_tiny_t5_tokenizer(&tokenizer)?;
+    Ok(vec![dev, schnell, fill, dev_q8, dev_q4, flux_vae, t5, t5_q8, tokenizer])
 }
 
 /// A LoRA for the tiny SD1.x checkpoint, in the `loras` folder.
@@ -759,20 +966,36 @@ pub fn write_pth(path: &Path, tensors: &[(&str, &[usize], &[f32])], nested_under
 /// Writes a safetensors file with the tensors of `layout`, filled as described in the module
 /// documentation (float16, int64 for [`Fill::Arange`]), metadata `{"format": "pt"}`.
 pub fn write_checkpoint(path: &Path, layout: &[TensorSpec]) -> std::io::Result<()> {
+    write_checkpoint_in(path, layout, FileDtype::F16)
+}
+
+/// [`write_checkpoint`] with floating-point weights stored as `float_dtype` (F16, BF16 or F32;
+/// the values are the float16 ones in every case, so only the storage differs).
+pub fn write_checkpoint_in(path: &Path, layout: &[TensorSpec], float_dtype: FileDtype) -> std::io::Result<()> {
     let mut sorted: Vec<&TensorSpec> = layout.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     let mut generator = CpuGenerator::new(0);
     let mut buffers: Vec<(String, FileDtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(sorted.len());
     for spec in sorted {
         let numel: usize = spec.shape.iter().product();
-        let (dtype, bytes) = match spec.fill {
-            Fill::Arange => (FileDtype::I64, (0..numel as i64).flat_map(i64::to_le_bytes).collect()),
-            Fill::Zeros => (FileDtype::F16, half_bytes((0..numel).map(|_| 0.0))),
-            Fill::Ones => (FileDtype::F16, half_bytes((0..numel).map(|_| 1.0))),
-            Fill::Random => (
-                FileDtype::F16,
-                half_bytes(generator.randn(numel).into_iter().map(|v| v * 0.02)),
+        let values: Vec<f32> = match spec.fill {
+            Fill::Arange => {
+                let bytes = (0..numel as i64).flat_map(i64::to_le_bytes).collect();
+                buffers.push((spec.name.clone(), FileDtype::I64, spec.shape.clone(), bytes));
+                continue;
+            }
+            Fill::Zeros => vec![0.0; numel],
+            Fill::Ones => vec![1.0; numel],
+            Fill::Random => generator.randn(numel).into_iter().map(|v| v * 0.02).collect(),
+        };
+        let halves = values.into_iter().map(|v| f16::from_f32(v).to_f32());
+        let (dtype, bytes) = match float_dtype {
+            FileDtype::BF16 => (
+                float_dtype,
+                halves.flat_map(|v| bf16::from_f32(v).to_le_bytes()).collect(),
             ),
+            FileDtype::F32 => (float_dtype, halves.flat_map(f32::to_le_bytes).collect()),
+            _ => (FileDtype::F16, half_bytes(halves)),
         };
         buffers.push((spec.name.clone(), dtype, spec.shape.clone(), bytes));
     }

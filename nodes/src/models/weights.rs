@@ -89,6 +89,59 @@ pub trait MappedWeights: TensorShapes + Send + Sync {
     fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor>;
 }
 
+/// A weight file whose tensors are read under other names (llama.cpp's GGUF names as the
+/// names the model code uses).
+pub struct RenamedWeights {
+    inner: Arc<dyn MappedWeights>,
+    /// New name → the file's name.
+    names: HashMap<String, String>,
+}
+
+impl RenamedWeights {
+    /// Every tensor of `inner` under the name `rename` gives it.
+    pub fn new(inner: Arc<dyn MappedWeights>, rename: impl Fn(&str) -> String) -> Self {
+        let names = inner
+            .tensor_names()
+            .map(|name| (rename(name), name.to_string()))
+            .collect();
+        RenamedWeights { inner, names }
+    }
+
+    fn original(&self, name: &str) -> Option<&str> {
+        self.names.get(name).map(String::as_str)
+    }
+}
+
+impl TensorShapes for RenamedWeights {
+    fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.inner.shape(self.original(name)?)
+    }
+
+    fn tensor_names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        Box::new(self.names.keys().map(String::as_str))
+    }
+}
+
+impl MappedWeights for RenamedWeights {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+
+    fn elements(&self, name: &str) -> Option<Elements<'_>> {
+        self.inner.elements(self.original(name)?)
+    }
+
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        match self.original(name) {
+            Some(original) => self.inner.load(original, dtype, device),
+            None => Err(candle_core::Error::Msg(format!(
+                "'{}' has no tensor '{name}'",
+                self.path().display()
+            ))),
+        }
+    }
+}
+
 /// `bytes` as `T` values, where they are aligned for `T` on a little-endian machine.
 pub(crate) fn cast_in_place<T>(bytes: &[u8]) -> Option<&[T]> {
     if cfg!(target_endian = "big") {

@@ -1,0 +1,347 @@
+//! The text-encoder loaders: `CLIPLoader`, `DualCLIPLoader` (SDXL: CLIP-L and CLIP-G; FLUX:
+//! CLIP-L and T5-XXL) and ComfyUI-GGUF's `CLIPLoaderGGUF` / `DualCLIPLoaderGGUF`, which read GGUF
+//! text encoders too (a T5's llama.cpp tensor names read as transformers' names). What a file
+//! holds is told from its tensors, so the order of the files does not matter.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
+use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
+
+use crate::diffusion::{Clip, TextEncoder, TextNetwork};
+use crate::diffusion_nodes::{device, tensor_error};
+use crate::flux_nodes::GGUF_MODULE;
+use crate::loader_nodes::{build_text_encoder, cached, file_names, file_size, model_file, open, undetected};
+use crate::models::gguf::GgufFile;
+use crate::models::sgemm::Precision;
+use crate::models::t5::{t5_name_from_llama_cpp, T5Config, T5Encoder};
+use crate::models::weights::{MappedWeights, RenamedWeights, WeightSource};
+use crate::models::{DetectError, Family, TextEncoderKind, TextEncoderLayout};
+use crate::paths::Paths;
+use crate::t5_tokenizer_files::{find_t5_tokenizer, TokenizerDownloads};
+
+/// The architectures ComfyUI-GGUF's text-encoder loaders accept in `general.architecture`.
+const TEXT_ARCHITECTURES: [&str; 4] = ["t5", "t5encoder", "llama", "qwen2vl"];
+
+/// What a text-encoder file holds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum EncoderFile {
+    /// A CLIP text transformer this wide.
+    Clip(usize),
+    T5,
+}
+
+impl EncoderFile {
+    fn describe(self) -> String {
+        match self {
+            EncoderFile::Clip(width) => format!("a CLIP text encoder {width} wide"),
+            EncoderFile::T5 => "a T5 text encoder".into(),
+        }
+    }
+}
+
+/// A text-encoder file: safetensors, or (by its extension) a GGUF that passes ComfyUI-GGUF's
+/// text-model check; a GGUF T5's tensors are read under transformers' names.
+fn open_text_encoder(path: &Path) -> Result<Arc<dyn MappedWeights>, NodeError> {
+    let is_gguf = path
+        .extension()
+        .is_some_and(|extension| extension.eq_ignore_ascii_case("gguf"));
+    if !is_gguf {
+        return Ok(open(path)?);
+    }
+    let file = GgufFile::open(path).map_err(|error| NodeError::new(error.to_string()))?;
+    match file.architecture() {
+        None | Some("pig") => Err(NodeError::typed(
+            "ValueError",
+            format!(
+                "This text model is incompatible with llama.cpp!\nConsider using the safetensors version\n({})",
+                path.display()
+            ),
+        )),
+        Some(architecture) if !TEXT_ARCHITECTURES.contains(&architecture) => Err(NodeError::typed(
+            "ValueError",
+            format!("Unexpected text model architecture type in GGUF file: '{architecture}'"),
+        )),
+        Some("t5" | "t5encoder") => Ok(Arc::new(RenamedWeights::new(Arc::new(file), t5_name_from_llama_cpp))),
+        Some(architecture) => Err(NodeError::new(format!(
+            "'{}': GGUF text encoders of architecture '{architecture}' are not supported by Easel yet \
+             (supported: t5)",
+            path.display()
+        ))),
+    }
+}
+
+/// What the file at `path` holds: a T5 encoder (it has T5's final norm) or a CLIP one.
+fn encoder_file(path: &Path, file: &dyn MappedWeights) -> Result<EncoderFile, NodeError> {
+    if file.has("encoder.final_layer_norm.weight") {
+        return Ok(EncoderFile::T5);
+    }
+    clip_layout(path, file, TextEncoderKind::ClipL).map(|layout| EncoderFile::Clip(layout.config.hidden_size))
+}
+
+/// The CLIP variant of a text-encoder file, told by its width as ComfyUI tells it by its
+/// depth: 1024 wide is OpenCLIP-H, 1280 OpenCLIP-bigG, anything else CLIP-L.
+fn clip_kind_by_width(width: usize) -> TextEncoderKind {
+    match width {
+        1024 => TextEncoderKind::ClipH,
+        1280 => TextEncoderKind::ClipG,
+        _ => TextEncoderKind::ClipL,
+    }
+}
+
+/// The CLIP text encoder at the root of a standalone file, as `kind` (its activation follows it).
+fn clip_layout(path: &Path, file: &dyn MappedWeights, kind: TextEncoderKind) -> Result<TextEncoderLayout, NodeError> {
+    TextEncoderLayout::find(file, kind, "")
+        .and_then(|found| found.ok_or_else(|| DetectError::Unrecognised("the file holds no tensor".into())))
+        .map_err(|error| undetected(path, error))
+}
+
+/// Loads the CLIP text encoder of `path` as `kind` (cached per file and kind).
+fn load_clip_encoder(ctx: &NodeContext, path: &Path, kind: TextEncoderKind) -> Result<TextEncoder, NodeError> {
+    let device = device(ctx.services);
+    let encoder = cached(ctx, path, kind.embedding_key(), || {
+        let file = open_text_encoder(path)?;
+        let layout = clip_layout(path, file.as_ref(), kind)?;
+        Ok((build_text_encoder(file, layout, &device)?, file_size(path)))
+    })?;
+    Ok((*encoder).clone())
+}
+
+/// Loads the T5 encoder of `path` with its tokenizer (cached per file).
+fn load_t5(ctx: &NodeContext, path: &Path) -> Result<TextEncoder, NodeError> {
+    let device = device(ctx.services);
+    let encoder = cached(ctx, path, "t5xxl", || {
+        let file = open_text_encoder(path)?;
+        let config = T5Config::infer(file.as_ref(), "").map_err(|error| undetected(path, error))?;
+        let tokenizer = find_t5_tokenizer(
+            path,
+            ctx.services.get::<Paths>(),
+            ctx.services.get::<TokenizerDownloads>(),
+        )
+        .map_err(|error| NodeError::new(error.to_string()))?;
+        let source = WeightSource::new(file, "", &device, Precision::F32);
+        let encoder = T5Encoder::new(config, source.weights()).map_err(tensor_error)?;
+        let network = TextNetwork::T5 {
+            encoder: Arc::new(encoder),
+            tokenizer,
+        };
+        Ok((TextEncoder { network, source }, file_size(path)))
+    })?;
+    Ok((*encoder).clone())
+}
+
+/// A CLIP of one file of `clip_type` (`CLIPLoader`, `CLIPLoaderGGUF`).
+fn single_clip(ctx: &NodeContext, node: &str, path: &Path, clip_type: &str) -> Result<Clip, NodeError> {
+    if clip_type != "stable_diffusion" {
+        return Err(NodeError::new(format!(
+            "{node} type '{clip_type}' is not supported by Easel yet (supported: stable_diffusion)"
+        )));
+    }
+    let kind = match encoder_file(path, open_text_encoder(path)?.as_ref())? {
+        EncoderFile::Clip(width) => clip_kind_by_width(width),
+        EncoderFile::T5 => {
+            return Err(NodeError::new(format!(
+                "{node}: '{}' holds a T5 text encoder, which Easel uses with DualCLIPLoader type 'flux' \
+                 (beside a CLIP-L) so far",
+                path.display()
+            )))
+        }
+    };
+    // As ComfyUI: CLIP-L is SD1.x's encoder, OpenCLIP-H SD2.x's, bigG alone the refiner's.
+    let family = match kind {
+        TextEncoderKind::ClipL => Family::Sd1,
+        TextEncoderKind::ClipH => Family::Sd2,
+        TextEncoderKind::ClipG => Family::SdxlRefiner,
+    };
+    Ok(Clip {
+        family,
+        encoders: vec![load_clip_encoder(ctx, path, kind)?],
+        layer_from_end: None,
+    })
+}
+
+/// A CLIP of two files of `clip_type` (`DualCLIPLoader`, `DualCLIPLoaderGGUF`): SDXL's CLIP-L
+/// (the narrower) and CLIP-G, or FLUX's CLIP-L and T5-XXL, in either order.
+fn dual_clip(ctx: &NodeContext, node: &str, paths: [PathBuf; 2], clip_type: &str) -> Result<Clip, NodeError> {
+    if !matches!(clip_type, "sdxl" | "flux") {
+        return Err(NodeError::new(format!(
+            "{node} type '{clip_type}' is not supported by Easel yet (supported: sdxl, flux)"
+        )));
+    }
+    let mut files = Vec::with_capacity(2);
+    for path in paths {
+        let contents = encoder_file(&path, open_text_encoder(&path)?.as_ref())?;
+        files.push((contents, path));
+    }
+    let mismatch = |needs: &str| {
+        NodeError::new(format!(
+            "{node} type '{clip_type}' needs {needs}; the files hold {} and {}",
+            files[0].0.describe(),
+            files[1].0.describe()
+        ))
+    };
+    if clip_type == "flux" {
+        let clip_l = files
+            .iter()
+            .find(|(contents, _)| matches!(contents, EncoderFile::Clip(_)));
+        let t5 = files.iter().find(|(contents, _)| *contents == EncoderFile::T5);
+        let (Some((_, clip_l)), Some((_, t5))) = (clip_l, t5) else {
+            return Err(mismatch("a CLIP-L and a T5-XXL text encoder"));
+        };
+        return Ok(Clip {
+            family: Family::Flux,
+            encoders: vec![
+                load_clip_encoder(ctx, clip_l, TextEncoderKind::ClipL)?,
+                load_t5(ctx, t5)?,
+            ],
+            layer_from_end: None,
+        });
+    }
+    let (EncoderFile::Clip(first), EncoderFile::Clip(second)) = (files[0].0, files[1].0) else {
+        return Err(mismatch("a CLIP-L and a CLIP-G text encoder"));
+    };
+    if first == second {
+        return Err(mismatch("a CLIP-L and a CLIP-G text encoder"));
+    }
+    let (clip_l, clip_g) = if first < second {
+        (&files[0].1, &files[1].1)
+    } else {
+        (&files[1].1, &files[0].1)
+    };
+    Ok(Clip {
+        family: Family::Sdxl,
+        encoders: vec![
+            load_clip_encoder(ctx, clip_l, TextEncoderKind::ClipL)?,
+            load_clip_encoder(ctx, clip_g, TextEncoderKind::ClipG)?,
+        ],
+        layer_from_end: None,
+    })
+}
+
+/// The `device` input of the CLIP loaders (`cpu` forces the CPU, which is where Easel's text
+/// encoders run unless a device is configured).
+fn clip_device_input(schema: NodeSchema) -> NodeSchema {
+    schema.optional("device", InputSpec::combo(&["default", "cpu"]).opt("advanced", true))
+}
+
+const CLIP_TYPES: [&str; 16] = [
+    "stable_diffusion",
+    "stable_cascade",
+    "sd3",
+    "stable_audio",
+    "mochi",
+    "ltxv",
+    "pixart",
+    "cosmos",
+    "lumina2",
+    "wan",
+    "hidream",
+    "chroma",
+    "ace",
+    "omnigen2",
+    "qwen_image",
+    "hunyuan_image",
+];
+
+const DUAL_CLIP_TYPES: [&str; 6] = ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"];
+
+/// The files ComfyUI-GGUF's CLIP loaders offer: the text encoders and the GGUF ones, sorted.
+fn gguf_loader_file_names(services: &Services) -> Vec<String> {
+    let mut names = file_names(services, "text_encoders");
+    names.extend(file_names(services, "clip_gguf"));
+    names.sort();
+    names
+}
+
+/// `CLIPLoader` ("Load CLIP"): one text-encoder file.
+pub struct ClipLoader;
+
+impl Node for ClipLoader {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        clip_device_input(
+            NodeSchema::v1("CLIPLoader", "nodes", "advanced/loaders")
+                .display("Load CLIP")
+                .description("[Recipes]\n\nstable_diffusion: clip-l\nstable_cascade: clip-g\nsd3: t5 xxl/ clip-g / clip-l\nstable_audio: t5 base\nmochi: t5 xxl\ncosmos: old t5 xxl\nlumina2: gemma 2 2B\nwan: umt5 xxl\n hidream: llama-3.1 (Recommend) or t5\nomnigen2: qwen vl 2.5 3B")
+                .required("clip_name", InputSpec::combo(&file_names(services, "text_encoders")))
+                .required("type", InputSpec::combo(&CLIP_TYPES)),
+        )
+        .output(OutputSpec::of("CLIP"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let path = model_file(ctx, "text_encoders", inputs.string("clip_name")?)?;
+        let clip = single_clip(ctx, "CLIPLoader", &path, inputs.string("type")?)?;
+        Ok(NodeOutput::values(vec![Value::object(clip)]))
+    }
+}
+
+/// `DualCLIPLoader`: two text-encoder files that together make a family's CLIP.
+pub struct DualClipLoader;
+
+impl Node for DualClipLoader {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        let names = file_names(services, "text_encoders");
+        clip_device_input(
+            NodeSchema::v1("DualCLIPLoader", "nodes", "advanced/loaders")
+                .display("DualCLIPLoader")
+                .description("[Recipes]\n\nsdxl: clip-l, clip-g\nsd3: clip-l, clip-g / clip-l, t5 / clip-g, t5\nflux: clip-l, t5\nhidream: at least one of t5 or llama, recommended t5 and llama\nhunyuan_image: qwen2.5vl 7b and byt5 small")
+                .required("clip_name1", InputSpec::combo(&names))
+                .required("clip_name2", InputSpec::combo(&names))
+                .required("type", InputSpec::combo(&DUAL_CLIP_TYPES)),
+        )
+        .output(OutputSpec::of("CLIP"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let paths = [
+            model_file(ctx, "text_encoders", inputs.string("clip_name1")?)?,
+            model_file(ctx, "text_encoders", inputs.string("clip_name2")?)?,
+        ];
+        let clip = dual_clip(ctx, "DualCLIPLoader", paths, inputs.string("type")?)?;
+        Ok(NodeOutput::values(vec![Value::object(clip)]))
+    }
+}
+
+/// ComfyUI-GGUF's `CLIPLoaderGGUF`: `CLIPLoader` over safetensors and GGUF text encoders.
+pub struct ClipLoaderGguf;
+
+impl Node for ClipLoaderGguf {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        NodeSchema::v1("CLIPLoaderGGUF", GGUF_MODULE, "bootleg")
+            .display("CLIPLoader (GGUF)")
+            .required("clip_name", InputSpec::combo(&gguf_loader_file_names(services)))
+            .required("type", InputSpec::combo(&CLIP_TYPES))
+            .output(OutputSpec::of("CLIP"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let path = model_file(ctx, "text_encoders", inputs.string("clip_name")?)?;
+        let clip = single_clip(ctx, "CLIPLoaderGGUF", &path, inputs.string("type")?)?;
+        Ok(NodeOutput::values(vec![Value::object(clip)]))
+    }
+}
+
+/// ComfyUI-GGUF's `DualCLIPLoaderGGUF`: `DualCLIPLoader` over safetensors and GGUF text encoders.
+pub struct DualClipLoaderGguf;
+
+impl Node for DualClipLoaderGguf {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        let names = gguf_loader_file_names(services);
+        NodeSchema::v1("DualCLIPLoaderGGUF", GGUF_MODULE, "bootleg")
+            .display("DualCLIPLoader (GGUF)")
+            .required("clip_name1", InputSpec::combo(&names))
+            .required("clip_name2", InputSpec::combo(&names))
+            .required("type", InputSpec::combo(&DUAL_CLIP_TYPES))
+            .output(OutputSpec::of("CLIP"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let paths = [
+            model_file(ctx, "text_encoders", inputs.string("clip_name1")?)?,
+            model_file(ctx, "text_encoders", inputs.string("clip_name2")?)?,
+        ];
+        let clip = dual_clip(ctx, "DualCLIPLoaderGGUF", paths, inputs.string("type")?)?;
+        Ok(NodeOutput::values(vec![Value::object(clip)]))
+    }
+}

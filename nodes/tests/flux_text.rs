@@ -1,0 +1,237 @@
+//! FLUX's text encoders through the nodes: DualCLIPLoader type flux (CLIP-L and T5-XXL, from
+//! safetensors or GGUF), CLIPTextEncode and CLIPTextEncodeFlux as ComfyUI's `FluxClipModel`
+//! encodes (T5's hidden states, CLIP-L's pooled vector), and where the T5 tokenizer is found.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use common::{j, max_abs_difference, setup, setup_with, Setup};
+use easel_engine::Value;
+use easel_nodes::diffusion::{Clip, Conditioning, TextNetwork};
+use easel_nodes::models::clip_text::OutputLayer;
+use easel_nodes::models::t5::{T5Config, T5Encoder};
+use easel_nodes::models::testmodels::{
+    t5_layout, tiny_t5, write_checkpoint, write_tiny_t5_tokenizer, TINY_CLIP_G, TINY_CLIP_L, TINY_T5, TINY_T5_Q8_0,
+};
+use easel_nodes::models::tokenizer::TokenItem;
+use easel_nodes::models::weights::{SafetensorsFile, Weights};
+use easel_nodes::paths::Paths;
+use easel_nodes::t5_tokenizer_files::{find_t5_tokenizer, TokenizerDownloads};
+use serde_json::json;
+use std::sync::Arc;
+
+fn dual_clip(setup: &Setup, loader: &str, first: &str, second: &str) -> Result<Value, String> {
+    setup
+        .call(
+            loader,
+            vec![
+                ("clip_name1", j(json!(first))),
+                ("clip_name2", j(json!(second))),
+                ("type", j(json!("flux"))),
+            ],
+        )
+        .map(|mut outputs| outputs.remove(0))
+        .map_err(|error| error.to_string())
+}
+
+fn encode(setup: &Setup, clip: &Value, text: &str) -> Conditioning {
+    let outputs = setup
+        .call("CLIPTextEncode", vec![("clip", clip.clone()), ("text", j(json!(text)))])
+        .unwrap();
+    outputs[0].downcast::<Conditioning>().unwrap().clone()
+}
+
+/// The tiny T5 read straight from its file, without the nodes.
+fn t5_encoder(setup: &Setup) -> T5Encoder {
+    let path = setup
+        .services
+        .get::<Paths>()
+        .unwrap()
+        .models
+        .join("text_encoders")
+        .join(TINY_T5);
+    let file = Arc::new(SafetensorsFile::open(&path).unwrap());
+    let config = T5Config::infer(file.as_ref(), "").unwrap();
+    T5Encoder::new(config, Weights::from_file(file, DType::F32, &Device::Cpu)).unwrap()
+}
+
+/// CLIPTextEncode on a FLUX CLIP: the context is T5's output for the prompt ended by `</s>` and
+/// padded with `<pad>` to 256 tokens; the pooled vector is CLIP-L's, unprojected, as CLIPLoader
+/// (SD1.x) gives it for the same prompt.
+#[test]
+fn flux_prompts_are_t5_hidden_states_and_clip_l_pooled() {
+    let setup = setup();
+    let clip = dual_clip(&setup, "DualCLIPLoader", TINY_T5, TINY_CLIP_L).unwrap();
+    let flux_clip = clip.downcast::<Clip>().unwrap();
+    assert!(matches!(flux_clip.encoders[0].network, TextNetwork::Clip { .. }));
+    assert!(matches!(flux_clip.encoders[1].network, TextNetwork::T5 { .. }));
+    let conditioning = encode(&setup, &clip, "a red house");
+    let entry = &conditioning.0[0];
+    assert_eq!(entry.cross_attention.dims(), &[1, 256, 32]);
+
+    let mut tokens: Vec<TokenItem> = [4, 5, 6, 1].into_iter().map(TokenItem::Token).collect();
+    tokens.resize(256, TokenItem::Token(0));
+    let expected = t5_encoder(&setup).forward(&[tokens], OutputLayer::Last).unwrap();
+    assert_eq!(max_abs_difference(&entry.cross_attention, &expected), 0.0);
+
+    let sd_clip = setup
+        .call(
+            "CLIPLoader",
+            vec![
+                ("clip_name", j(json!(TINY_CLIP_L))),
+                ("type", j(json!("stable_diffusion"))),
+            ],
+        )
+        .unwrap()
+        .remove(0);
+    let sd = encode(&setup, &sd_clip, "a red house");
+    let pooled = entry.pooled.as_ref().unwrap();
+    assert_eq!(pooled.dims(), &[1, 64]);
+    assert_eq!(max_abs_difference(pooled, sd.0[0].pooled.as_ref().unwrap()), 0.0);
+}
+
+/// CLIPTextEncodeFlux: `t5xxl` makes the context, `clip_l` the pooled vector, and the entry
+/// carries the guidance.
+#[test]
+fn clip_text_encode_flux_splits_the_prompts_and_sets_guidance() {
+    let setup = setup();
+    let clip = dual_clip(&setup, "DualCLIPLoader", TINY_CLIP_L, TINY_T5).unwrap();
+    let outputs = setup
+        .call(
+            "CLIPTextEncodeFlux",
+            vec![
+                ("clip", clip.clone()),
+                ("clip_l", j(json!("a blue house"))),
+                ("t5xxl", j(json!("a red house"))),
+                ("guidance", j(json!(2.5))),
+            ],
+        )
+        .unwrap();
+    let entry = outputs[0].downcast::<Conditioning>().unwrap().0[0].clone();
+    assert_eq!(entry.guidance, Some(2.5));
+    let red = encode(&setup, &clip, "a red house").0.remove(0);
+    let blue = encode(&setup, &clip, "a blue house").0.remove(0);
+    assert_eq!(max_abs_difference(&entry.cross_attention, &red.cross_attention), 0.0);
+    let pooled = entry.pooled.unwrap();
+    assert_eq!(max_abs_difference(&pooled, blue.pooled.as_ref().unwrap()), 0.0);
+    assert!(max_abs_difference(&pooled, red.pooled.as_ref().unwrap()) > 0.0);
+
+    // A CLIP without T5 has no `t5xxl` tokens, as in ComfyUI.
+    let sd_clip = setup
+        .call(
+            "CLIPLoader",
+            vec![
+                ("clip_name", j(json!(TINY_CLIP_L))),
+                ("type", j(json!("stable_diffusion"))),
+            ],
+        )
+        .unwrap()
+        .remove(0);
+    let error = setup
+        .call(
+            "CLIPTextEncodeFlux",
+            vec![
+                ("clip", sd_clip),
+                ("clip_l", j(json!("a"))),
+                ("t5xxl", j(json!("a"))),
+                ("guidance", j(json!(3.5))),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("'t5xxl'"), "{error}");
+}
+
+/// A T5 GGUF (llama.cpp's tensor names, Q8_0 matrices) through DualCLIPLoaderGGUF encodes close
+/// to the safetensors it was written from.
+#[test]
+fn a_gguf_t5_encodes_close_to_its_safetensors() {
+    let setup = setup();
+    let safetensors = dual_clip(&setup, "DualCLIPLoader", TINY_CLIP_L, TINY_T5).unwrap();
+    let gguf = dual_clip(&setup, "DualCLIPLoaderGGUF", TINY_T5_Q8_0, TINY_CLIP_L).unwrap();
+    let reference = encode(&setup, &safetensors, "a lighthouse at dusk").0.remove(0);
+    let quantized = encode(&setup, &gguf, "a lighthouse at dusk").0.remove(0);
+    let difference = max_abs_difference(&reference.cross_attention, &quantized.cross_attention);
+    let scale = max_abs_difference(
+        &reference.cross_attention,
+        &reference.cross_attention.zeros_like().unwrap(),
+    );
+    assert!(difference > 0.0 && difference < 0.05 * scale, "{difference} of {scale}");
+
+    // DualCLIPLoader (core) lists no GGUF files, and a CLIP pair is not FLUX's.
+    let error = dual_clip(&setup, "DualCLIPLoader", TINY_CLIP_L, TINY_CLIP_G).unwrap_err();
+    assert!(error.contains("needs a CLIP-L and a T5-XXL"), "{error}");
+    assert!(error.contains("a CLIP text encoder 96 wide"), "{error}");
+}
+
+/// A T5 with no tokenizer anywhere, downloads off: the error names the encoder file and where
+/// Easel looked.
+#[test]
+fn a_t5_without_its_tokenizer_is_a_clear_error() {
+    let setup = setup_with(|services| {
+        let paths = services.get::<Paths>().unwrap();
+        std::fs::remove_dir_all(paths.models.join("text_encoders").join("t5_tokenizer")).unwrap();
+    });
+    let error = dual_clip(&setup, "DualCLIPLoader", TINY_CLIP_L, TINY_T5).unwrap_err();
+    assert!(error.contains(TINY_T5), "{error}");
+    assert!(error.contains("t5_tokenizer/tokenizer.json"), "{error}");
+    assert!(error.contains("downloads are off"), "{error}");
+}
+
+/// Serves `body` to every request on a local port; returns the URL and a count of requests.
+fn serve(body: Vec<u8>) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/tokenizer.json", listener.local_addr().unwrap());
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = requests.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let header = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(header.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    (url, requests)
+}
+
+/// Without a tokenizer beside the encoder or in the folders, it is downloaded once into the
+/// cache and read from there afterwards; a file beside the encoder that is not T5's (a CLIP
+/// tokenizer.json) is passed over.
+#[test]
+fn the_t5_tokenizer_is_downloaded_once_into_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let encoder = dir.path().join("models").join("t5.safetensors");
+    std::fs::create_dir_all(encoder.parent().unwrap()).unwrap();
+    write_checkpoint(&encoder, &t5_layout(&tiny_t5(), "").unwrap()).unwrap();
+    std::fs::write(
+        encoder.with_file_name("tokenizer.json"),
+        br#"{"version":"1.0","model":{"type":"WordLevel","vocab":{"a":0},"unk_token":"a"}}"#,
+    )
+    .unwrap();
+    let served = dir.path().join("served.json");
+    write_tiny_t5_tokenizer(&served).unwrap();
+    let (url, requests) = serve(std::fs::read(&served).unwrap());
+    let downloads = TokenizerDownloads {
+        cache_dir: dir.path().join("cache"),
+        t5_url: Some(url),
+    };
+    for _ in 0..2 {
+        let tokenizer = find_t5_tokenizer(&encoder, None, Some(&downloads)).unwrap();
+        assert_eq!(tokenizer.encode("a red house"), vec![4, 5, 6]);
+    }
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(Path::new(&downloads.cache_dir)
+        .join("t5_tokenizer")
+        .join("tokenizer.json")
+        .is_file());
+}
