@@ -7,7 +7,7 @@
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeObject, NodeOutput, Services, Value};
 
-use crate::diffusion::{self, Conditioning, GuidedSampling, Latent, Model};
+use crate::diffusion::{self, Conditioning, DualCfg, GuidedSampling, Latent, Model};
 use crate::diffusion_nodes::{denoise_mask, seed_input, seed_spec, with_progress};
 use crate::sampling::samplers::SAMPLER_NAMES;
 use crate::sampling::schedule::{self, ksampler_sigmas, Scheduler};
@@ -57,6 +57,8 @@ pub struct Guider {
     pub positive: Conditioning,
     pub negative: Conditioning,
     pub cfg: f64,
+    /// DualCFGGuider's middle prompt (then `cfg` is its `cfg_cond2_negative`).
+    pub dual: Option<DualCfg>,
 }
 
 impl NodeObject for Guider {
@@ -74,6 +76,7 @@ impl Guider {
             positive: inputs.object::<Conditioning>("positive")?.clone(),
             negative: inputs.object::<Conditioning>("negative")?.clone(),
             cfg: inputs.float("cfg")?,
+            dual: None,
         })
     }
 }
@@ -124,6 +127,7 @@ fn sample_custom(
         positive: &guider.positive,
         negative: &guider.negative,
         cfg: guider.cfg,
+        dual: guider.dual.as_ref(),
         sampler: &sampler.0,
         sigmas: &sigmas.0,
         latent,
@@ -248,6 +252,7 @@ impl Node for BasicGuider {
             positive: inputs.object::<Conditioning>("conditioning")?.clone(),
             negative: Conditioning(Vec::new()),
             cfg: 1.0,
+            dual: None,
         };
         Ok(NodeOutput::values(vec![Value::object(guider)]))
     }
@@ -268,6 +273,39 @@ impl Node for CfgGuider {
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         Ok(NodeOutput::values(vec![Value::object(Guider::cfg_from(inputs)?)]))
+    }
+}
+
+/// `DualCFGGuider`: guidance from `negative` to `cond2` (scale `cfg_cond2_negative`) and from
+/// `cond2` to `cond1` (scale `cfg_conds`), in the regular or nested style.
+pub struct DualCfgGuider;
+
+impl Node for DualCfgGuider {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        node_schema("DualCFGGuider", "sampling/custom_sampling/guiders")
+            .required("model", InputSpec::of("MODEL"))
+            .required("cond1", InputSpec::of("CONDITIONING"))
+            .required("cond2", InputSpec::of("CONDITIONING"))
+            .required("negative", InputSpec::of("CONDITIONING"))
+            .required("cfg_conds", cfg_spec())
+            .required("cfg_cond2_negative", cfg_spec())
+            .required("style", InputSpec::combo(&["regular", "nested"]))
+            .output(OutputSpec::of("GUIDER"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let guider = Guider {
+            model: inputs.object::<Model>("model")?.clone(),
+            positive: inputs.object::<Conditioning>("cond1")?.clone(),
+            negative: inputs.object::<Conditioning>("negative")?.clone(),
+            cfg: inputs.float("cfg_cond2_negative")?,
+            dual: Some(DualCfg {
+                middle: inputs.object::<Conditioning>("cond2")?.clone(),
+                cfg_conds: inputs.float("cfg_conds")?,
+                nested: inputs.string("style")? == "nested",
+            }),
+        };
+        Ok(NodeOutput::values(vec![Value::object(guider)]))
     }
 }
 

@@ -867,6 +867,20 @@ struct Guider<'a> {
     positive: Vec<ActiveEntry>,
     negative: Vec<ActiveEntry>,
     cfg: f64,
+    /// DualCFGGuider's middle prompt and its scale.
+    dual: Option<DualSide>,
+}
+
+/// The middle side of DualCFGGuider, ready for the model.
+struct DualSide {
+    middle: Vec<ActiveEntry>,
+    cfg_conds: f64,
+    nested: bool,
+}
+
+/// Python's `math.isclose(value, 1.0)`: ComfyUI skips what a scale of 1 makes unnecessary.
+fn is_one(value: f64) -> bool {
+    (value - 1.0).abs() <= 1e-9 * value.abs().max(1.0)
 }
 
 /// A conditioning entry ready for the model: its inputs on the model's device, its timestep
@@ -1064,9 +1078,43 @@ impl Guider<'_> {
     }
 }
 
+impl Guider<'_> {
+    /// DualCFGGuider's prediction and the one its guidance treats as unconditional. Regular:
+    /// `negative + (middle − negative)·cfg + (positive − middle)·cfg_conds`, the negative side
+    /// not evaluated (zeros) when cfg is 1 and then the middle one neither when cfg_conds is 1
+    /// too; nested: `negative + cfg·(middle + (positive − middle)·cfg_conds − negative)`.
+    fn dual_guided(&self, dual: &DualSide, x: &Tensor, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
+        if dual.nested {
+            let negative = self.predict(&self.negative, x, sigma)?;
+            let middle = self.predict(&dual.middle, x, sigma)?;
+            let positive = self.predict(&self.positive, x, sigma)?;
+            let text = (&middle + ((positive - &middle)? * dual.cfg_conds)?)?;
+            let guided = (&negative + ((text - &negative)? * self.cfg)?)?;
+            return Ok((guided, middle));
+        }
+        let skip_negative = is_one(self.cfg);
+        let skip_middle = skip_negative && is_one(dual.cfg_conds);
+        let negative = match skip_negative {
+            true => x.zeros_like()?,
+            false => self.predict(&self.negative, x, sigma)?,
+        };
+        let middle = match skip_middle {
+            true => x.zeros_like()?,
+            false => self.predict(&dual.middle, x, sigma)?,
+        };
+        let positive = self.predict(&self.positive, x, sigma)?;
+        let between = (&negative + ((&middle - &negative)? * self.cfg)?)?;
+        let guided = (between + ((positive - &middle)? * dual.cfg_conds)?)?;
+        Ok((guided, negative))
+    }
+}
+
 impl Denoiser for Guider<'_> {
     fn denoise(&mut self, x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
-        if (self.cfg - 1.0).abs() <= 1e-9 * self.cfg.abs().max(1.0) {
+        if let Some(dual) = &self.dual {
+            return Ok(self.dual_guided(dual, x, sigma)?.0);
+        }
+        if is_one(self.cfg) {
             return self.predict(&self.positive, x, sigma);
         }
         let (cond, uncond) = self.predict_both(x, sigma)?;
@@ -1074,6 +1122,9 @@ impl Denoiser for Guider<'_> {
     }
 
     fn denoise_with_uncond(&mut self, x: &Tensor, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
+        if let Some(dual) = &self.dual {
+            return self.dual_guided(dual, x, sigma);
+        }
         let (cond, uncond) = self.predict_both(x, sigma)?;
         let guided = (&uncond + ((cond - &uncond)? * self.cfg)?)?;
         Ok((guided, uncond))
@@ -1145,6 +1196,7 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
         positive: request.positive,
         negative: request.negative,
         cfg: request.cfg,
+        dual: None,
         sampler: request.sampler,
         sigmas: &sigmas,
         latent: request.latent,
@@ -1162,7 +1214,11 @@ pub struct GuidedSampling<'a> {
     pub positive: &'a Conditioning,
     /// Empty for BasicGuider (with cfg 1 it is never evaluated).
     pub negative: &'a Conditioning,
+    /// The scale between the negative side and the positive one (DualCFGGuider: between the
+    /// negative side and the middle one, `cfg_cond2_negative`).
     pub cfg: f64,
+    /// DualCFGGuider's middle prompt.
+    pub dual: Option<&'a DualCfg>,
     pub sampler: &'a str,
     pub sigmas: &'a [f32],
     pub latent: &'a Latent,
@@ -1171,6 +1227,17 @@ pub struct GuidedSampling<'a> {
     pub add_noise: bool,
     /// Where sampling may change the latent (1) and where it keeps it (0), [B, C, H, W].
     pub denoise_mask: Option<Tensor>,
+}
+
+/// DualCFGGuider's second prompt (`cond2`, treated as a negative prompt by class conditioning),
+/// which sits between the negative prompt and the positive one (`cond1`), and how they combine.
+#[derive(Clone, Debug)]
+pub struct DualCfg {
+    pub middle: Conditioning,
+    /// The scale from the middle prompt to the positive one.
+    pub cfg_conds: f64,
+    /// ComfyUI's `nested` style.
+    pub nested: bool,
 }
 
 /// What a sampling run gives: the sampled raw latent, and the last denoised estimate (raw),
@@ -1229,15 +1296,32 @@ pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> R
         model_space: &latent_in,
         denoise_mask: denoise_mask.as_ref(),
     };
-    let mut positive = entries(run.positive, model, false, &latent_inputs)?;
-    let mut negative = entries(run.negative, model, true, &latent_inputs)?;
-    add_same_areas(&positive, &mut negative);
-    add_same_areas(&negative.clone(), &mut positive);
+    // The sides in ComfyUI's order (positive, middle, negative); each gets entries for the
+    // areas the others have (`process_conds`).
+    let mut sides = vec![entries(run.positive, model, false, &latent_inputs)?];
+    if let Some(dual) = run.dual {
+        sides.push(entries(&dual.middle, model, true, &latent_inputs)?);
+    }
+    sides.push(entries(run.negative, model, true, &latent_inputs)?);
+    for from in 0..sides.len() {
+        for to in (0..sides.len()).filter(|to| *to != from) {
+            let areas = sides[from].clone();
+            add_same_areas(&areas, &mut sides[to]);
+        }
+    }
+    let negative = sides.pop().unwrap_or_default();
+    let middle = run.dual.map(|_| sides.pop().unwrap_or_default());
+    let positive = sides.pop().unwrap_or_default();
     let mut guider = Guider {
         model,
         positive,
         negative,
         cfg: run.cfg,
+        dual: run.dual.zip(middle).map(|(dual, middle)| DualSide {
+            middle,
+            cfg_conds: dual.cfg_conds,
+            nested: dual.nested,
+        }),
     };
 
     let sigma_max = model.schedule.sigma_max();

@@ -101,6 +101,7 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(custom_sampling_nodes::DisableNoise);
     registry.register(custom_sampling_nodes::BasicGuider);
     registry.register(custom_sampling_nodes::CfgGuider);
+    registry.register(custom_sampling_nodes::DualCfgGuider);
     registry.register(custom_sampling_nodes::KSamplerSelect);
     registry.register(custom_sampling_nodes::BasicScheduler);
     registry.register(custom_sampling_nodes::KarrasScheduler);

@@ -300,3 +300,88 @@ fn sigma_nodes_cut_flip_and_schedule_as_comfyui() {
     .remove(0);
     assert!(sigmas(&nothing).is_empty());
 }
+
+/// DualCFGGuider against the three prompts' own predictions (each from BasicGuider, the
+/// denoised output of one step): regular `n + (m − n)·cfg2 + (p − m)·cfg1`, nested
+/// `n + (m + (p − m)·cfg1 − n)·cfg2`, and with both scales 1 the positive prediction alone.
+#[test]
+fn dual_cfg_guider_combines_three_predictions_as_comfyui() {
+    let setup = setup();
+    let (model, positive, negative) = sd1(&setup);
+    let middle = call(
+        &setup,
+        "CLIPTextEncode",
+        vec![
+            ("text", j(json!("a house"))),
+            (
+                "clip",
+                call(
+                    &setup,
+                    "CheckpointLoaderSimple",
+                    vec![("ckpt_name", j(json!(TINY_SD1_CHECKPOINT)))],
+                )[1]
+                .clone(),
+            ),
+        ],
+    )
+    .remove(0);
+    let sampler = call(&setup, "KSamplerSelect", vec![("sampler_name", j(json!("euler")))]).remove(0);
+    let sigmas = sigmas_value(&[14.6146, 0.0]);
+    let noise = call(&setup, "RandomNoise", vec![("noise_seed", j(json!(3)))]).remove(0);
+    let denoised = |guider: Value| {
+        let outputs = call(
+            &setup,
+            "SamplerCustomAdvanced",
+            vec![
+                ("noise", noise.clone()),
+                ("guider", guider),
+                ("sampler", sampler.clone()),
+                ("sigmas", sigmas.clone()),
+                ("latent_image", latent()),
+            ],
+        );
+        samples(&outputs[1])
+    };
+    let alone = |conditioning: &Value| {
+        denoised(
+            call(
+                &setup,
+                "BasicGuider",
+                vec![("model", model.clone()), ("conditioning", conditioning.clone())],
+            )
+            .remove(0),
+        )
+    };
+    let (p, m, n) = (alone(&positive), alone(&middle), alone(&negative));
+    let dual = |cfg_conds: f64, cfg_cond2_negative: f64, style: &str| {
+        denoised(
+            call(
+                &setup,
+                "DualCFGGuider",
+                vec![
+                    ("model", model.clone()),
+                    ("cond1", positive.clone()),
+                    ("cond2", middle.clone()),
+                    ("negative", negative.clone()),
+                    ("cfg_conds", j(json!(cfg_conds))),
+                    ("cfg_cond2_negative", j(json!(cfg_cond2_negative))),
+                    ("style", j(json!(style))),
+                ],
+            )
+            .remove(0),
+        )
+    };
+    // The outputs leave model space (÷ 0.18215) after the combination: equal up to rounding.
+    let close = |got: &Tensor, expected: &Tensor| {
+        let scale = max_abs_difference(expected, &expected.zeros_like().unwrap());
+        let difference = max_abs_difference(got, expected);
+        assert!(difference <= 1e-6 * scale, "{difference} of {scale}");
+    };
+    let regular = ((&n + ((&m - &n).unwrap() * 3.0).unwrap()).unwrap() + ((&p - &m).unwrap() * 2.0).unwrap()).unwrap();
+    close(&dual(2.0, 3.0, "regular"), &regular);
+    let text = (&m + ((&p - &m).unwrap() * 2.0).unwrap()).unwrap();
+    let nested = (&n + ((text - &n).unwrap() * 3.0).unwrap()).unwrap();
+    close(&dual(2.0, 3.0, "nested"), &nested);
+    assert!(max_abs_difference(&regular, &nested) > 1e-3 * max_abs_difference(&n, &p));
+    assert_eq!(max_abs_difference(&dual(1.0, 1.0, "regular"), &p), 0.0);
+}
