@@ -137,16 +137,18 @@ impl GgmlType {
             GgmlType::Q4_0 => {
                 let d = half_at(block, 0);
                 for (i, &byte) in block[2..18].iter().enumerate() {
-                    out[i] = h(d * (f32::from(byte & 0x0f) - 8.0));
-                    out[i + 16] = h(d * (f32::from(byte >> 4) - 8.0));
+                    out[i] = d * (f32::from(byte & 0x0f) - 8.0);
+                    out[i + 16] = d * (f32::from(byte >> 4) - 8.0);
                 }
+                round_to_f16(&mut out[..32]);
             }
             GgmlType::Q4_1 => {
                 let (d, m) = (half_at(block, 0), half_at(block, 2));
                 for (i, &byte) in block[4..20].iter().enumerate() {
-                    out[i] = h(h(d * f32::from(byte & 0x0f)) + m);
-                    out[i + 16] = h(h(d * f32::from(byte >> 4)) + m);
+                    out[i] = d * f32::from(byte & 0x0f);
+                    out[i + 16] = d * f32::from(byte >> 4);
                 }
+                scale_then_offset(&mut out[..32], m);
             }
             GgmlType::Q5_0 | GgmlType::Q5_1 => {
                 let with_min = self == GgmlType::Q5_1;
@@ -158,22 +160,24 @@ impl GgmlType {
                 };
                 let high_bits = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
                 let fifth = |i: usize| (((high_bits >> i) & 1) as u8) << 4;
+                let offset = if with_min { 0.0 } else { 16.0 };
                 for (i, &byte) in rest[4..20].iter().enumerate() {
                     let (low, high) = ((byte & 0x0f) | fifth(i), (byte >> 4) | fifth(i + 16));
-                    if with_min {
-                        out[i] = h(h(d * f32::from(low)) + m);
-                        out[i + 16] = h(h(d * f32::from(high)) + m);
-                    } else {
-                        out[i] = h(d * (f32::from(low) - 16.0));
-                        out[i + 16] = h(d * (f32::from(high) - 16.0));
-                    }
+                    out[i] = d * (f32::from(low) - offset);
+                    out[i + 16] = d * (f32::from(high) - offset);
+                }
+                if with_min {
+                    scale_then_offset(&mut out[..32], m);
+                } else {
+                    round_to_f16(&mut out[..32]);
                 }
             }
             GgmlType::Q8_0 => {
                 let d = half_at(block, 0);
                 for (value, &byte) in out.iter_mut().zip(&block[2..34]) {
-                    *value = h(d * f32::from(byte as i8));
+                    *value = d * f32::from(byte as i8);
                 }
+                round_to_f16(&mut out[..32]);
             }
             GgmlType::Q2K => dequantize_q2k(block, out),
             GgmlType::Q3K => dequantize_q3k(block, out),
@@ -231,6 +235,42 @@ fn h(value: f32) -> f32 {
     f16::from_f32(value).to_f32()
 }
 
+/// Every value rounded to the nearest f16 (ties to even), as each result of PyTorch's f16
+/// arithmetic is; with AVX-512 sixteen at a time.
+fn round_to_f16(values: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        unsafe { round_to_f16_avx512(values) };
+        return;
+    }
+    values.iter_mut().for_each(|value| *value = h(*value));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn round_to_f16_avx512(values: &mut [f32]) {
+    use std::arch::x86_64::{_mm512_cvtph_ps, _mm512_cvtps_ph, _mm512_loadu_ps, _mm512_storeu_ps};
+    let mut chunks = values.chunks_exact_mut(16);
+    for chunk in &mut chunks {
+        // SAFETY: the chunk holds 16 values.
+        unsafe {
+            let rounded =
+                _mm512_cvtps_ph::<{ std::arch::x86_64::_MM_FROUND_TO_NEAREST_INT }>(_mm512_loadu_ps(chunk.as_ptr()));
+            _mm512_storeu_ps(chunk.as_mut_ptr(), _mm512_cvtph_ps(rounded));
+        }
+    }
+    chunks.into_remainder().iter_mut().for_each(|value| *value = h(*value));
+}
+
+/// h(h(value) + offset) for every value: a scaled weight rounded to f16, then offset and
+/// rounded again (ggml's `d·q + m`, or `− m` with a negative offset, in f16 arithmetic).
+fn scale_then_offset(values: &mut [f32], offset: f32) {
+    round_to_f16(values);
+    values.iter_mut().for_each(|value| *value += offset);
+    round_to_f16(values);
+}
+
 /// The little-endian f16 at `offset` of `bytes`.
 fn half_at(bytes: &[u8], offset: usize) -> f32 {
     f16::from_le_bytes([bytes[offset], bytes[offset + 1]]).to_f32()
@@ -241,12 +281,16 @@ fn half_at(bytes: &[u8], offset: usize) -> f32 {
 fn dequantize_q2k(block: &[u8], out: &mut [f32]) {
     let (scales, quants) = (&block[0..16], &block[16..80]);
     let (d, dmin) = (half_at(block, 80), half_at(block, 82));
-    for (i, value) in out.iter_mut().enumerate().take(QK_K) {
-        let (half, shift, byte) = (i / 128, (i % 128) / 32, i % 32);
-        let scale = scales[i / 16];
-        let q = (quants[half * 32 + byte] >> (2 * shift)) & 3;
+    for (group, values) in out[..QK_K].chunks_mut(16).enumerate() {
+        let scale = scales[group];
         let (dl, ml) = (h(d * f32::from(scale & 0x0f)), h(dmin * f32::from(scale >> 4)));
-        *value = h(h(dl * f32::from(q)) - ml);
+        for (j, value) in values.iter_mut().enumerate() {
+            let i = group * 16 + j;
+            let (half, shift, byte) = (i / 128, (i % 128) / 32, i % 32);
+            let q = (quants[half * 32 + byte] >> (2 * shift)) & 3;
+            *value = dl * f32::from(q);
+        }
+        scale_then_offset(values, -ml);
     }
 }
 
@@ -260,12 +304,17 @@ fn dequantize_q3k(block: &[u8], out: &mut [f32]) {
         let high = (packed[8 + s % 4] >> (2 * (s / 4))) & 3;
         f32::from((low | (high << 4)) as i8 - 32)
     };
-    for (i, value) in out.iter_mut().enumerate().take(QK_K) {
-        let (half, shift, byte) = (i / 128, (i % 128) / 32, i % 32);
-        let low = (quants[half * 32 + byte] >> (2 * shift)) & 3;
-        let high_set = (mask[byte] >> (i / 32)) & 1 == 1;
-        let q = low as i8 - if high_set { 0 } else { 4 };
-        *value = h(h(d * scale(i / 16)) * f32::from(q));
+    for (group, values) in out[..QK_K].chunks_mut(16).enumerate() {
+        let dl = h(d * scale(group));
+        for (j, value) in values.iter_mut().enumerate() {
+            let i = group * 16 + j;
+            let (half, shift, byte) = (i / 128, (i % 128) / 32, i % 32);
+            let low = (quants[half * 32 + byte] >> (2 * shift)) & 3;
+            let high_set = (mask[byte] >> (i / 32)) & 1 == 1;
+            let q = low as i8 - if high_set { 0 } else { 4 };
+            *value = dl * f32::from(q);
+        }
+        round_to_f16(values);
     }
 }
 
@@ -296,8 +345,9 @@ fn dequantize_q4k_q5k(kind: GgmlType, block: &[u8], out: &mut [f32]) {
         for (l, value) in values.iter_mut().enumerate() {
             let nibble = (quants[(sub / 2) * 32 + l] >> (4 * (sub % 2))) & 0x0f;
             let fifth = fifth_bits.map_or(0, |bits| ((bits[l] >> sub) & 1) << 4);
-            *value = h(h(dl * f32::from(nibble | fifth)) - ml);
+            *value = dl * f32::from(nibble | fifth);
         }
+        scale_then_offset(values, -ml);
     }
 }
 
@@ -306,13 +356,17 @@ fn dequantize_q4k_q5k(kind: GgmlType, block: &[u8], out: &mut [f32]) {
 fn dequantize_q6k(block: &[u8], out: &mut [f32]) {
     let (low, high, scales) = (&block[0..128], &block[128..192], &block[192..208]);
     let d = half_at(block, 208);
-    for (i, value) in out.iter_mut().enumerate().take(QK_K) {
-        let (half, part, l) = (i / 128, (i % 128) / 32, i % 32);
-        let low_bits = (low[half * 64 + (part % 2) * 32 + l] >> (4 * (part / 2))) & 0x0f;
-        let high_bits = (high[half * 32 + l] >> (2 * part)) & 3;
-        let q = (low_bits | (high_bits << 4)) as i8 - 32;
-        let dl = h(d * f32::from(scales[i / 16] as i8));
-        *value = h(dl * f32::from(q));
+    for (group, values) in out[..QK_K].chunks_mut(16).enumerate() {
+        let dl = h(d * f32::from(scales[group] as i8));
+        for (j, value) in values.iter_mut().enumerate() {
+            let i = group * 16 + j;
+            let (half, part, l) = (i / 128, (i % 128) / 32, i % 32);
+            let low_bits = (low[half * 64 + (part % 2) * 32 + l] >> (4 * (part / 2))) & 0x0f;
+            let high_bits = (high[half * 32 + l] >> (2 * part)) & 3;
+            let q = (low_bits | (high_bits << 4)) as i8 - 32;
+            *value = dl * f32::from(q);
+        }
+        round_to_f16(values);
     }
 }
 
@@ -459,6 +513,31 @@ mod tests {
 
     /// Products are rounded to f16 as PyTorch's f16 arithmetic rounds them: d = 1 + 2⁻¹⁰ times
     /// q = 127 is 127.124…, which f16 holds as 127.125.
+    /// The vector rounding equals `half`'s scalar one over every f16 range: subnormals, ties,
+    /// overflow to infinity, NaN.
+    #[test]
+    fn vector_f16_rounding_equals_scalar_rounding() {
+        let mut values: Vec<f32> = (0..200_003u32)
+            .map(|i| f32::from_bits((i.wrapping_mul(2_654_435_761) % 0x7f80_0000) | ((i & 1) << 31)))
+            .filter(|value| value.abs() < 1e6)
+            .chain([
+                65519.0,
+                65520.0,
+                -65520.0,
+                1e-8,
+                2.9802322e-8,
+                5.96e-8,
+                f32::INFINITY,
+                f32::NAN,
+                1.0009766,
+            ])
+            .collect();
+        let expected: Vec<u32> = values.iter().map(|v| h(*v).to_bits()).collect();
+        round_to_f16(&mut values);
+        let got: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, expected);
+    }
+
     #[test]
     fn products_are_rounded_to_f16() {
         let mut q8 = half(1.0 + 2f32.powi(-10)).to_vec();
