@@ -57,10 +57,13 @@ pub struct BenchArgs {
     /// SD1.5, 7 GB for SDXL).
     #[arg(long)]
     pub tiny_only: bool,
-    /// sdxl: measure this SDXL checkpoint (a real one, or the random one the benchmark writes
-    /// and measures in a fresh process) instead of writing a random one.
+    /// sdxl, flux: measure this checkpoint (a real one, or a random one the benchmark writes and
+    /// measures in a fresh process) instead of writing random ones.
     #[arg(long)]
     pub checkpoint: Option<std::path::PathBuf>,
+    /// Print the table's rows without its header (the benchmark's own child processes).
+    #[arg(long, hide = true)]
+    pub rows_only: bool,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -71,6 +74,9 @@ pub enum BenchTarget {
     Sd15,
     /// SDXL: load, UNet step at 512² and 1024², rank-32 LoRA patch time, peak memory.
     Sdxl,
+    /// FLUX: a full-width FLUX-shaped model as bf16, GGUF Q8_0 and Q4_K: step at 256² and 512²,
+    /// peak memory against file size.
+    Flux,
 }
 
 /// Where things live: ComfyUI's directory flags.

@@ -1,7 +1,8 @@
 //! `easel bench TARGET`: measurements printed as tables — the HTTP API under load (`server`)
-//! and Stable Diffusion compute (`sd15`, `sdxl`).
+//! and diffusion-model compute (`sd15`, `sdxl`, `flux`).
 
 mod cpu_peak;
+mod flux;
 mod sd15;
 mod sdxl;
 mod server;
@@ -17,6 +18,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         BenchTarget::Server => server::bench(&args),
         BenchTarget::Sd15 => sd15::bench(&args),
         BenchTarget::Sdxl => sdxl::bench(&args),
+        BenchTarget::Flux => flux::bench(&args),
     }
 }
 
