@@ -12,8 +12,7 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Service
 use crate::diffusion::{Clip, TextEncoder, TextNetwork};
 use crate::diffusion_nodes::{device, tensor_error};
 use crate::flux_nodes::GGUF_MODULE;
-use crate::loader_nodes::{build_text_encoder, cached, file_names, file_size, model_file, open, undetected};
-use crate::models::gguf::GgufFile;
+use crate::loader_nodes::{build_text_encoder, cached, file_names, file_size, model_file, open, open_gguf, undetected};
 use crate::models::sgemm::Precision;
 use crate::models::t5::{t5_name_from_llama_cpp, T5Config, T5Encoder};
 use crate::models::weights::{MappedWeights, RenamedWeights, WeightSource};
@@ -44,13 +43,9 @@ impl EncoderFile {
 /// A text-encoder file: safetensors, or (by its extension) a GGUF that passes ComfyUI-GGUF's
 /// text-model check; a GGUF T5's tensors are read under transformers' names.
 fn open_text_encoder(path: &Path) -> Result<Arc<dyn MappedWeights>, NodeError> {
-    let is_gguf = path
-        .extension()
-        .is_some_and(|extension| extension.eq_ignore_ascii_case("gguf"));
-    if !is_gguf {
+    let Some(file) = open_gguf(path)? else {
         return Ok(open(path)?);
-    }
-    let file = GgufFile::open(path).map_err(|error| NodeError::new(error.to_string()))?;
+    };
     match file.architecture() {
         None | Some("pig") => Err(NodeError::typed(
             "ValueError",
@@ -219,6 +214,23 @@ fn dual_clip(ctx: &NodeContext, node: &str, paths: [PathBuf; 2], clip_type: &str
     })
 }
 
+/// A one-file CLIP loader node's work: the `clip_name` and `type` inputs.
+fn single_clip_node(ctx: &NodeContext, inputs: &NodeInputs, node: &str) -> Result<NodeOutput, NodeError> {
+    let path = model_file(ctx, "text_encoders", inputs.string("clip_name")?)?;
+    let clip = single_clip(ctx, node, &path, inputs.string("type")?)?;
+    Ok(NodeOutput::values(vec![Value::object(clip)]))
+}
+
+/// A two-file CLIP loader node's work: the `clip_name1`, `clip_name2` and `type` inputs.
+fn dual_clip_node(ctx: &NodeContext, inputs: &NodeInputs, node: &str) -> Result<NodeOutput, NodeError> {
+    let paths = [
+        model_file(ctx, "text_encoders", inputs.string("clip_name1")?)?,
+        model_file(ctx, "text_encoders", inputs.string("clip_name2")?)?,
+    ];
+    let clip = dual_clip(ctx, node, paths, inputs.string("type")?)?;
+    Ok(NodeOutput::values(vec![Value::object(clip)]))
+}
+
 /// The `device` input of the CLIP loaders (`cpu` forces the CPU, which is where Easel's text
 /// encoders run unless a device is configured).
 fn clip_device_input(schema: NodeSchema) -> NodeSchema {
@@ -270,9 +282,7 @@ impl Node for ClipLoader {
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let path = model_file(ctx, "text_encoders", inputs.string("clip_name")?)?;
-        let clip = single_clip(ctx, "CLIPLoader", &path, inputs.string("type")?)?;
-        Ok(NodeOutput::values(vec![Value::object(clip)]))
+        single_clip_node(ctx, inputs, "CLIPLoader")
     }
 }
 
@@ -294,12 +304,7 @@ impl Node for DualClipLoader {
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let paths = [
-            model_file(ctx, "text_encoders", inputs.string("clip_name1")?)?,
-            model_file(ctx, "text_encoders", inputs.string("clip_name2")?)?,
-        ];
-        let clip = dual_clip(ctx, "DualCLIPLoader", paths, inputs.string("type")?)?;
-        Ok(NodeOutput::values(vec![Value::object(clip)]))
+        dual_clip_node(ctx, inputs, "DualCLIPLoader")
     }
 }
 
@@ -316,9 +321,7 @@ impl Node for ClipLoaderGguf {
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let path = model_file(ctx, "text_encoders", inputs.string("clip_name")?)?;
-        let clip = single_clip(ctx, "CLIPLoaderGGUF", &path, inputs.string("type")?)?;
-        Ok(NodeOutput::values(vec![Value::object(clip)]))
+        single_clip_node(ctx, inputs, "CLIPLoaderGGUF")
     }
 }
 
@@ -337,11 +340,6 @@ impl Node for DualClipLoaderGguf {
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let paths = [
-            model_file(ctx, "text_encoders", inputs.string("clip_name1")?)?,
-            model_file(ctx, "text_encoders", inputs.string("clip_name2")?)?,
-        ];
-        let clip = dual_clip(ctx, "DualCLIPLoaderGGUF", paths, inputs.string("type")?)?;
-        Ok(NodeOutput::values(vec![Value::object(clip)]))
+        dual_clip_node(ctx, inputs, "DualCLIPLoaderGGUF")
     }
 }

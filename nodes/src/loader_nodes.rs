@@ -65,6 +65,19 @@ pub(crate) fn file_size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
+/// The GGUF file at `path` when its extension says it is one (`None`: another format).
+pub(crate) fn open_gguf(path: &Path) -> Result<Option<GgufFile>, NodeError> {
+    let is_gguf = path
+        .extension()
+        .is_some_and(|extension| extension.eq_ignore_ascii_case("gguf"));
+    if !is_gguf {
+        return Ok(None);
+    }
+    GgufFile::open(path)
+        .map(Some)
+        .map_err(|error| NodeError::new(error.to_string()))
+}
+
 /// ComfyUI's message for a file whose model type it cannot tell.
 pub(crate) fn undetected(path: &Path, error: DetectError) -> NodeError {
     NodeError::new(format!(
@@ -237,13 +250,9 @@ const IMAGE_ARCHITECTURES: [&str; 12] = [
 /// ComfyUI-GGUF's architecture check: a text model's or an unknown architecture is refused; a
 /// file without one is read by its tensor names, with a warning.
 fn open_weights(path: &Path) -> Result<Arc<dyn MappedWeights>, NodeError> {
-    let is_gguf = path
-        .extension()
-        .is_some_and(|extension| extension.eq_ignore_ascii_case("gguf"));
-    if !is_gguf {
+    let Some(file) = open_gguf(path)? else {
         return Ok(open(path)?);
-    }
-    let file = GgufFile::open(path).map_err(|error| NodeError::new(error.to_string()))?;
+    };
     match file.architecture() {
         None | Some("pig") => tracing::warn!(
             "Warning: This gguf model file is loaded in compatibility mode (no architecture in {})",

@@ -397,6 +397,65 @@ fn write_flux_gguf(file: &SafetensorsFile, kind: GgmlType, path: &std::path::Pat
     write_gguf_copy(file, kind, "flux", &|name: &str| name.to_string(), path).unwrap();
 }
 
+/// A text entry of the tiny FLUX's widths.
+fn text_entry() -> CondEntry {
+    let config = tiny_flux();
+    CondEntry::new(
+        wave(&[1, 3, config.context_dim], 0.37),
+        Some(wave(&[1, config.vector_dim], 0.53)),
+    )
+}
+
+/// KSampler's one Euler step (seed 7, σ 1 → 0, cfg 1): the sampled latent.
+fn one_euler_step(setup: &common::Setup, model: &Value, positive: Value, negative: Value, latent: Value) -> Tensor {
+    let sampled = setup
+        .call(
+            "KSampler",
+            vec![
+                ("model", model.clone()),
+                ("seed", j(json!(7))),
+                ("steps", j(json!(1))),
+                ("cfg", j(json!(1.0))),
+                ("sampler_name", j(json!("euler"))),
+                ("scheduler", j(json!("simple"))),
+                ("positive", positive),
+                ("negative", negative),
+                ("latent_image", latent),
+                ("denoise", j(json!(1.0))),
+            ],
+        )
+        .unwrap();
+    sampled[0].downcast::<Latent>().unwrap().samples.clone()
+}
+
+/// What that step gives on FLUX: from seed 7's noise, noise − 1·velocity at `entry`'s text and
+/// `guidance` (with the `concat` channels), out of model space as x/0.3611 + 0.1159.
+fn expected_euler_step(
+    model: &Value,
+    entry: &CondEntry,
+    guidance: f32,
+    concat: Option<&Tensor>,
+    shape: &[usize],
+) -> Tensor {
+    let model = model.downcast::<Model>().unwrap();
+    let easel_nodes::diffusion::DiffusionNetwork::Flux(flux) = &model.0.network else {
+        panic!("a FLUX model");
+    };
+    let noise = Tensor::from_vec(prepare_noise(7, shape, None), shape, &Device::Cpu).unwrap();
+    let velocity = flux
+        .forward(&FluxInput {
+            x: &noise,
+            timesteps: &Tensor::new(&[1f32], &Device::Cpu).unwrap(),
+            context: &entry.cross_attention,
+            y: entry.pooled.as_ref().unwrap(),
+            guidance: Some(&Tensor::new(&[guidance], &Device::Cpu).unwrap()),
+            concat,
+            control: FluxControl::default(),
+        })
+        .unwrap();
+    ((((&noise - &velocity).unwrap()) / 0.3611).unwrap() + 0.1159).unwrap()
+}
+
 /// KSampler with one Euler step on FLUX dev (σ 1 → 0, cfg 1) from EmptySD3LatentImage: the
 /// noise is the noisy latent, the denoised latent is noise − σ·velocity at the entry's
 /// guidance, and it leaves model space as x/0.3611 + 0.1159.
@@ -407,11 +466,7 @@ fn one_flow_step_through_the_nodes_follows_comfyui() {
         .call("UnetLoaderGGUF", vec![("unet_name", j(json!(TINY_FLUX_DEV_Q8_0)))])
         .unwrap()
         .remove(0);
-    let config = tiny_flux();
-    let entry = CondEntry::new(
-        wave(&[1, 3, config.context_dim], 0.37),
-        Some(wave(&[1, config.vector_dim], 0.53)),
-    );
+    let entry = text_entry();
     let positive = setup
         .call(
             "FluxGuidance",
@@ -434,42 +489,9 @@ fn one_flow_step_through_the_nodes_follows_comfyui() {
         .unwrap()
         .remove(0);
     assert_eq!(latent.downcast::<Latent>().unwrap().samples.dims(), &[1, 16, 3, 4]);
-    let sampled = setup
-        .call(
-            "KSampler",
-            vec![
-                ("model", model.clone()),
-                ("seed", j(json!(7))),
-                ("steps", j(json!(1))),
-                ("cfg", j(json!(1.0))),
-                ("sampler_name", j(json!("euler"))),
-                ("scheduler", j(json!("simple"))),
-                ("positive", positive),
-                ("negative", Value::object(Conditioning(vec![entry.clone()]))),
-                ("latent_image", latent),
-                ("denoise", j(json!(1.0))),
-            ],
-        )
-        .unwrap();
-    let sampled = sampled[0].downcast::<Latent>().unwrap().samples.clone();
-
-    let model = model.downcast::<Model>().unwrap();
-    let easel_nodes::diffusion::DiffusionNetwork::Flux(flux) = &model.0.network else {
-        panic!("a FLUX model");
-    };
-    let noise = Tensor::from_vec(prepare_noise(7, &[1, 16, 3, 4], None), (1, 16, 3, 4), &Device::Cpu).unwrap();
-    let velocity = flux
-        .forward(&FluxInput {
-            x: &noise,
-            timesteps: &Tensor::new(&[1f32], &Device::Cpu).unwrap(),
-            context: &entry.cross_attention,
-            y: entry.pooled.as_ref().unwrap(),
-            guidance: Some(&Tensor::new(&[2.5f32], &Device::Cpu).unwrap()),
-            concat: None,
-            control: FluxControl::default(),
-        })
-        .unwrap();
-    let expected = ((((&noise - &velocity).unwrap()) / 0.3611).unwrap() + 0.1159).unwrap();
+    let negative = Value::object(Conditioning(vec![entry.clone()]));
+    let sampled = one_euler_step(&setup, &model, positive, negative, latent);
+    let expected = expected_euler_step(&model, &entry, 2.5, None, &[1, 16, 3, 4]);
     let difference = max_abs_difference(&sampled, &expected);
     assert!(difference < 1e-5, "{difference}");
 }
@@ -524,24 +546,12 @@ fn the_flux_vae_loads_decodes_and_encodes() {
 /// Runs the bundled FLUX GGUF workflow with its diffusion-model loader replaced by `loader` and
 /// returns the saved image's pixels.
 fn flux_workflow_pixels(setup: &common::Setup, loader: serde_json::Value, prefix: &str) -> Vec<u8> {
-    use easel_engine::events::{Event, EventKind};
-    use easel_engine::{validate_prompt, CacheMode, Executor, Interrupt, Prompt};
+    use easel_engine::events::EventKind;
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../workflows/flux_q8_gguf_txt2img.json");
     let mut workflow: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     workflow["10"] = loader;
     workflow["9"]["inputs"]["filename_prefix"] = json!(prefix);
-    let registry = Arc::new(easel_nodes::builtin_registry());
-    let validated = validate_prompt(&registry, &setup.services, Prompt::from_json(workflow).unwrap(), None).unwrap();
-    let events = std::sync::Mutex::new(Vec::new());
-    let sink = |event: Event| events.lock().unwrap().push(event);
-    Executor::new(registry.clone(), setup.services.clone(), CacheMode::None).execute(
-        "p",
-        &validated,
-        &serde_json::Value::Null,
-        &sink,
-        &Interrupt::new(),
-    );
-    let events = events.into_inner().unwrap();
+    let events = common::run_prompt(setup, workflow).unwrap();
     assert!(
         events.iter().any(|event| event.kind == EventKind::ExecutionSuccess),
         "{:?}",
@@ -630,11 +640,7 @@ fn flux_fill_sees_the_masked_image_and_the_mask_blocks() {
         width,
         data: mask_values.clone(),
     };
-    let config = tiny_flux();
-    let text = CondEntry::new(
-        wave(&[1, 3, config.context_dim], 0.37),
-        Some(wave(&[1, config.vector_dim], 0.53)),
-    );
+    let text = text_entry();
     let conditioned = setup
         .call(
             "InpaintModelConditioning",
@@ -649,24 +655,8 @@ fn flux_fill_sees_the_masked_image_and_the_mask_blocks() {
         )
         .unwrap();
     let entry = conditioned[0].downcast::<Conditioning>().unwrap().0[0].clone();
-    let sampled = setup
-        .call(
-            "KSampler",
-            vec![
-                ("model", model.clone()),
-                ("seed", j(json!(7))),
-                ("steps", j(json!(1))),
-                ("cfg", j(json!(1.0))),
-                ("sampler_name", j(json!("euler"))),
-                ("scheduler", j(json!("simple"))),
-                ("positive", conditioned[0].clone()),
-                ("negative", conditioned[1].clone()),
-                ("latent_image", conditioned[2].clone()),
-                ("denoise", j(json!(1.0))),
-            ],
-        )
-        .unwrap();
-    let sampled = sampled[0].downcast::<Latent>().unwrap().samples.clone();
+    let [positive, negative, latent] = [0, 1, 2].map(|index| conditioned[index].clone());
+    let sampled = one_euler_step(&setup, &model, positive, negative, latent);
 
     let inpaint = entry.inpaint.as_ref().unwrap();
     let (latent_height, latent_width) = (height / 8, width / 8);
@@ -684,24 +674,8 @@ fn flux_fill_sees_the_masked_image_and_the_mask_blocks() {
     }
     let blocks = Tensor::from_vec(blocks, (1, 64, latent_height, latent_width), &Device::Cpu).unwrap();
     let concat = Tensor::cat(&[&image_latent, &blocks], 1).unwrap();
-    let model = model.downcast::<Model>().unwrap();
-    let easel_nodes::diffusion::DiffusionNetwork::Flux(flux) = &model.0.network else {
-        panic!("a FLUX model");
-    };
     let shape = [1, 16, latent_height, latent_width];
-    let noise = Tensor::from_vec(prepare_noise(7, &shape, None), &shape, &Device::Cpu).unwrap();
-    let velocity = flux
-        .forward(&FluxInput {
-            x: &noise,
-            timesteps: &Tensor::new(&[1f32], &Device::Cpu).unwrap(),
-            context: &entry.cross_attention,
-            y: entry.pooled.as_ref().unwrap(),
-            guidance: Some(&Tensor::new(&[3.5f32], &Device::Cpu).unwrap()),
-            concat: Some(&concat),
-            control: FluxControl::default(),
-        })
-        .unwrap();
-    let expected = ((((&noise - &velocity).unwrap()) / 0.3611).unwrap() + 0.1159).unwrap();
+    let expected = expected_euler_step(&model, &entry, 3.5, Some(&concat), &shape);
     let difference = max_abs_difference(&sampled, &expected);
     assert!(difference < 1e-5, "{difference}");
 }

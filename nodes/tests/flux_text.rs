@@ -44,6 +44,20 @@ fn encode(setup: &Setup, clip: &Value, text: &str) -> Conditioning {
     outputs[0].downcast::<Conditioning>().unwrap().clone()
 }
 
+/// CLIPLoader's SD1.x CLIP of the tiny CLIP-L.
+fn sd_clip(setup: &Setup) -> Value {
+    setup
+        .call(
+            "CLIPLoader",
+            vec![
+                ("clip_name", j(json!(TINY_CLIP_L))),
+                ("type", j(json!("stable_diffusion"))),
+            ],
+        )
+        .unwrap()
+        .remove(0)
+}
+
 /// The tiny T5 read straight from its file, without the nodes.
 fn t5_encoder(setup: &Setup) -> T5Encoder {
     let path = setup
@@ -77,16 +91,7 @@ fn flux_prompts_are_t5_hidden_states_and_clip_l_pooled() {
     let expected = t5_encoder(&setup).forward(&[tokens], OutputLayer::Last).unwrap();
     assert_eq!(max_abs_difference(&entry.cross_attention, &expected), 0.0);
 
-    let sd_clip = setup
-        .call(
-            "CLIPLoader",
-            vec![
-                ("clip_name", j(json!(TINY_CLIP_L))),
-                ("type", j(json!("stable_diffusion"))),
-            ],
-        )
-        .unwrap()
-        .remove(0);
+    let sd_clip = sd_clip(&setup);
     let sd = encode(&setup, &sd_clip, "a red house");
     let pooled = entry.pooled.as_ref().unwrap();
     assert_eq!(pooled.dims(), &[1, 64]);
@@ -120,16 +125,7 @@ fn clip_text_encode_flux_splits_the_prompts_and_sets_guidance() {
     assert!(max_abs_difference(&pooled, red.pooled.as_ref().unwrap()) > 0.0);
 
     // A CLIP without T5 has no `t5xxl` tokens, as in ComfyUI.
-    let sd_clip = setup
-        .call(
-            "CLIPLoader",
-            vec![
-                ("clip_name", j(json!(TINY_CLIP_L))),
-                ("type", j(json!("stable_diffusion"))),
-            ],
-        )
-        .unwrap()
-        .remove(0);
+    let sd_clip = sd_clip(&setup);
     let error = setup
         .call(
             "CLIPTextEncodeFlux",

@@ -1,13 +1,10 @@
 //! Every bundled workflow (`workflows/*.json`) runs on the tiny test models and the bundled input
 //! images, saves what its `SaveImage` nodes name, and saves the same bytes when run again.
 
-use std::sync::Arc;
-
 mod common;
 
-use common::setup;
-use easel_engine::events::{Event, EventKind};
-use easel_engine::{validate_prompt, CacheMode, Executor, Interrupt, Prompt};
+use common::{run_prompt, setup};
+use easel_engine::events::EventKind;
 use easel_nodes::paths::Paths;
 
 const WORKFLOWS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../workflows");
@@ -20,7 +17,6 @@ fn every_bundled_workflow_runs_and_saves_its_images() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), paths.input.join(entry.file_name())).unwrap();
     }
-    let registry = Arc::new(easel_nodes::builtin_registry());
     let mut workflows: Vec<_> = std::fs::read_dir(WORKFLOWS)
         .unwrap()
         .map(|entry| entry.unwrap().path())
@@ -39,18 +35,7 @@ fn every_bundled_workflow_runs_and_saves_its_images() {
             .filter(|node| node["class_type"] == "SaveImage")
             .map(|node| node["inputs"]["filename_prefix"].as_str().unwrap().to_string())
             .collect();
-        let validated = validate_prompt(&registry, &setup.services, Prompt::from_json(workflow).unwrap(), None)
-            .unwrap_or_else(|error| panic!("{}: {error:?}", path.display()));
-        let events = std::sync::Mutex::new(Vec::new());
-        let sink = |event: Event| events.lock().unwrap().push(event);
-        Executor::new(registry.clone(), setup.services.clone(), CacheMode::None).execute(
-            "p",
-            &validated,
-            &serde_json::Value::Null,
-            &sink,
-            &Interrupt::new(),
-        );
-        let events = events.into_inner().unwrap();
+        let events = run_prompt(&setup, workflow).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
         let errors: Vec<_> = events
             .iter()
             .filter(|event| event.kind == EventKind::ExecutionError)

@@ -575,7 +575,12 @@ mod tests {
             GgmlType::Q8_0.dequantize_block(&block, &mut out);
             let d = f16::from_f32(d).to_f32();
             for (value, &byte) in out.iter().zip(&block[2..]) {
-                assert_eq!(value.to_bits(), h(d * f32::from(byte as i8)).to_bits(), "d {d}, q {}", byte as i8);
+                assert_eq!(
+                    value.to_bits(),
+                    h(d * f32::from(byte as i8)).to_bits(),
+                    "d {d}, q {}",
+                    byte as i8
+                );
             }
         }
     }

@@ -83,6 +83,25 @@ impl Setup {
     }
 }
 
+/// Validates and runs an API-format prompt with the setup's services (no output cache); returns
+/// the events it sent, or the validation error.
+pub fn run_prompt(setup: &Setup, prompt: Json) -> Result<Vec<easel_engine::events::Event>, String> {
+    use easel_engine::{validate_prompt, CacheMode, Executor, Interrupt, Prompt};
+    let registry = Arc::new(builtin_registry());
+    let validated = validate_prompt(&registry, &setup.services, Prompt::from_json(prompt).unwrap(), None)
+        .map_err(|error| format!("{error:?}"))?;
+    let events = std::sync::Mutex::new(Vec::new());
+    let sink = |event: easel_engine::events::Event| events.lock().unwrap().push(event);
+    Executor::new(registry, setup.services.clone(), CacheMode::None).execute(
+        "p",
+        &validated,
+        &Json::Null,
+        &sink,
+        &Interrupt::new(),
+    );
+    Ok(events.into_inner().unwrap())
+}
+
 /// A JSON input value.
 pub fn j(value: serde_json::Value) -> Value {
     Value::Json(value)
