@@ -460,15 +460,19 @@ impl DoubleStreamBlock {
     }
 
     fn forward(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, rope: &Rope) -> Result<(Tensor, Tensor)> {
-        let (img_modulation, (img_q, img_k, img_v)) = self.img.prepare(img, vec, self.heads)?;
-        let (txt_modulation, (txt_q, txt_k, txt_v)) = self.txt.prepare(txt, vec, self.heads)?;
-        let joint = |t: &Tensor, i: &Tensor| Tensor::cat(&[t, i], 1);
-        let out = rope_attention(
-            &joint(&txt_q, &img_q)?,
-            &joint(&txt_k, &img_k)?,
-            &joint(&txt_v, &img_v)?,
-            rope,
-        )?;
+        let (img_modulation, img_qkv) = self.img.prepare(img, vec, self.heads)?;
+        let (txt_modulation, txt_qkv) = self.txt.prepare(txt, vec, self.heads)?;
+        // The queries, keys and values are dropped once attended (peak memory).
+        let out = {
+            let ((img_q, img_k, img_v), (txt_q, txt_k, txt_v)) = (img_qkv, txt_qkv);
+            let joint = |t: &Tensor, i: &Tensor| Tensor::cat(&[t, i], 1);
+            rope_attention(
+                &joint(&txt_q, &img_q)?,
+                &joint(&txt_k, &img_k)?,
+                &joint(&txt_v, &img_v)?,
+                rope,
+            )?
+        };
         let txt_length = txt.dim(1)?;
         let txt_attention = out.narrow(1, 0, txt_length)?;
         let img_attention = out.narrow(1, txt_length, img.dim(1)?)?;
@@ -503,19 +507,30 @@ impl SingleStreamBlock {
         })
     }
 
+    /// Intermediates are dropped as soon as they are used: the widest ones (the projection,
+    /// 3·hidden + mlp wide, and the joined attention and MLP outputs) decide the peak memory.
     fn forward(&self, x: &Tensor, vec: &Tensor, rope: &Rope) -> Result<Tensor> {
         let modulation = modulation(&self.modulation, vec, 3)?;
-        let projected = self
-            .linear1
-            .forward(&modulate(&layer_norm(x)?, &modulation[0], &modulation[1])?)?;
-        let width = projected.dim(D::Minus1)?;
-        let qkv = projected.narrow(D::Minus1, 0, 3 * self.hidden)?;
-        let mlp = projected.narrow(D::Minus1, 3 * self.hidden, width - 3 * self.hidden)?;
-        let (q, k, v) = self.norm.split(&qkv.contiguous()?, self.heads)?;
-        let attention = rope_attention(&q, &k, &v, rope)?;
-        let out = self
-            .linear2
-            .forward(&Tensor::cat(&[&attention, &mlp.gelu()?], D::Minus1)?)?;
+        let (attention, mlp) = {
+            let projected = self
+                .linear1
+                .forward(&modulate(&layer_norm(x)?, &modulation[0], &modulation[1])?)?;
+            let width = projected.dim(D::Minus1)?;
+            let attention = {
+                let (q, k, v) = self
+                    .norm
+                    .split(&projected.narrow(D::Minus1, 0, 3 * self.hidden)?.contiguous()?, self.heads)?;
+                rope_attention(&q, &k, &v, rope)?
+            };
+            let mlp = projected
+                .narrow(D::Minus1, 3 * self.hidden, width - 3 * self.hidden)?
+                .gelu()?;
+            (attention, mlp)
+        };
+        let joined = Tensor::cat(&[&attention, &mlp], D::Minus1)?;
+        drop((attention, mlp));
+        let out = self.linear2.forward(&joined)?;
+        drop(joined);
         x + out.broadcast_mul(&modulation[2])?
     }
 }
