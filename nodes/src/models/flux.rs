@@ -517,9 +517,10 @@ impl SingleStreamBlock {
                 .forward(&modulate(&layer_norm(x)?, &modulation[0], &modulation[1])?)?;
             let width = projected.dim(D::Minus1)?;
             let attention = {
-                let (q, k, v) = self
-                    .norm
-                    .split(&projected.narrow(D::Minus1, 0, 3 * self.hidden)?.contiguous()?, self.heads)?;
+                let (q, k, v) = self.norm.split(
+                    &projected.narrow(D::Minus1, 0, 3 * self.hidden)?.contiguous()?,
+                    self.heads,
+                )?;
                 rope_attention(&q, &k, &v, rope)?
             };
             let mlp = projected
