@@ -296,6 +296,7 @@ impl DiffusionModel {
                     guidance: Some(&repeat_to_batch(guidance, batch)?),
                     concat: concat.as_ref(),
                     control: FluxControl::default(),
+                    image_prompt: None,
                 })?
             }
         };

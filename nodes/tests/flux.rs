@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{j, max_abs_difference, setup};
 use easel_engine::Value;
 use easel_nodes::diffusion::{CondEntry, Conditioning, Latent, Model};
-use easel_nodes::models::flux::{Flux, FluxConfig, FluxControl, FluxInput};
+use easel_nodes::models::flux::{Flux, FluxConfig, FluxControl, FluxInput, ImagePromptAttention};
 use easel_nodes::models::ggml_quants::GgmlType;
 use easel_nodes::models::gguf::GgufFile;
 use easel_nodes::models::testmodels::{
@@ -60,6 +60,7 @@ fn predict(flux: &Flux, inputs: &Inputs) -> Tensor {
         guidance: Some(&inputs.guidance),
         concat: None,
         control: FluxControl::default(),
+        image_prompt: None,
     })
     .unwrap()
 }
@@ -160,7 +161,9 @@ impl Reference<'_> {
         softmax_attention(&q, &k, &v)
     }
 
-    fn forward(&self, inputs: &Inputs) -> Vec<f64> {
+    /// The prediction; `img_attention_residual` is added to the double block's image attention
+    /// output before its projection (the image-prompt hook).
+    fn forward(&self, inputs: &Inputs, img_attention_residual: Option<&Rows>) -> Vec<f64> {
         let x: Vec<f64> = values(&inputs.x).into_iter().map(f64::from).collect();
         let (channels, height, width) = (16, 3, 4);
         // Rows padded circularly: row 3 is row 0.
@@ -209,8 +212,14 @@ impl Reference<'_> {
         );
         let joint_txt = self.attention_two_streams(&txt_qkv, &img_qkv, block, &positions);
         let (txt_attn, img_attn) = joint_txt.split_at(txt.len());
+        let mut img_attn = img_attn.to_vec();
+        if let Some(residual) = img_attention_residual {
+            for (row, extra) in img_attn.iter_mut().zip(residual) {
+                row.iter_mut().zip(extra).for_each(|(v, e)| *v += e);
+            }
+        }
         for (stream, x, attn, modulation) in [
-            ("img", &mut img, img_attn.to_vec(), &img_mod),
+            ("img", &mut img, img_attn, &img_mod),
             ("txt", &mut txt, txt_attn.to_vec(), &txt_mod),
         ] {
             let projected = self.linear(&attn, &format!("{block}.{stream}_attn.proj"));
@@ -379,16 +388,84 @@ fn flux_forward_matches_the_formulas_written_out() {
     let file = Arc::new(SafetensorsFile::open(&write_tiny_flux(dir.path())).unwrap());
     let config = tiny_flux();
     let inputs = inputs(&config);
-    let ours = values(&predict(&load(file.clone()), &inputs));
-    let expected = Reference { file: &file, config }.forward(&inputs);
+    let ours = predict(&load(file.clone()), &inputs);
+    let expected = Reference { file: &file, config }.forward(&inputs, None);
+    assert_close_to_reference(&ours, &expected);
+}
+
+/// Each element within 1e-4 of the largest reference value.
+fn assert_close_to_reference(ours: &Tensor, expected: &[f64]) {
+    let ours = values(ours);
     let scale = expected.iter().fold(0f64, |m, v| m.max(v.abs()));
     assert!(scale > 1e-3, "a prediction to compare: {scale}");
-    for (i, (ours, expected)) in ours.iter().zip(&expected).enumerate() {
+    for (i, (ours, expected)) in ours.iter().zip(expected).enumerate() {
         assert!(
             (f64::from(*ours) - expected).abs() < 1e-4 * scale,
             "element {i}: {ours} vs {expected}"
         );
     }
+}
+
+/// An image prompt that adds a fixed residual in double block 0 and records what it was given.
+struct FixedImagePrompt {
+    residual: Tensor,
+    calls: std::sync::Mutex<Vec<(usize, Vec<usize>)>>,
+}
+
+impl ImagePromptAttention for FixedImagePrompt {
+    fn residual(&self, block: usize, image_queries: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if let Ok(mut calls) = self.calls.lock() {
+            calls.push((block, image_queries.dims().to_vec()));
+        }
+        Ok((block == 0).then(|| self.residual.clone()))
+    }
+}
+
+/// The image-prompt hook's residual joins the image stream's attention output before its
+/// projection, in the block it names; the hook sees each double block's image queries.
+#[test]
+fn the_image_prompt_hook_adds_to_the_image_attention_before_its_projection() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = Arc::new(SafetensorsFile::open(&write_tiny_flux(dir.path())).unwrap());
+    let config = tiny_flux();
+    let inputs = inputs(&config);
+    // 2×2 patches of the padded 4×4 latent: 4 image tokens.
+    let hook = FixedImagePrompt {
+        residual: wave(&[1, 4, config.hidden_size], 0.29),
+        calls: Default::default(),
+    };
+    let ours = load(file.clone())
+        .forward(&FluxInput {
+            x: &inputs.x,
+            timesteps: &inputs.timesteps,
+            context: &inputs.context,
+            y: &inputs.y,
+            guidance: Some(&inputs.guidance),
+            concat: None,
+            control: FluxControl::default(),
+            image_prompt: Some(&hook),
+        })
+        .unwrap();
+    let residual: Vec<Vec<f64>> = values(&hook.residual)
+        .chunks(config.hidden_size)
+        .map(|row| row.iter().map(|&v| f64::from(v)).collect())
+        .collect();
+    let expected = Reference {
+        file: &file,
+        config: config.clone(),
+    }
+    .forward(&inputs, Some(&residual));
+    assert_close_to_reference(&ours, &expected);
+    let without = Reference {
+        file: &file,
+        config: config.clone(),
+    }
+    .forward(&inputs, None);
+    assert!(values(&ours)
+        .iter()
+        .zip(&without)
+        .any(|(o, w)| (f64::from(*o) - w).abs() > 1e-3));
+    assert_eq!(*hook.calls.lock().unwrap(), vec![(0, vec![1, 4, config.hidden_size])]);
 }
 
 /// The tiny FLUX model in GGUF, every 2-D weight in `kind` (others F32, as city96's files keep
@@ -451,6 +528,7 @@ fn expected_euler_step(
             guidance: Some(&Tensor::new(&[guidance], &Device::Cpu).unwrap()),
             concat,
             control: FluxControl::default(),
+            image_prompt: None,
         })
         .unwrap();
     ((((&noise - &velocity).unwrap()) / 0.3611).unwrap() + 0.1159).unwrap()

@@ -7,7 +7,8 @@
 //! The model works on 2×2 patches of the latent, as ComfyUI's wrapper does: [`Flux::forward`]
 //! takes the latent [B, C, H, W] (odd sizes padded), the text tokens (T5) and the pooled vector
 //! (CLIP-L), and returns the velocity in the latent's shape. Hook points for later features are
-//! explicit inputs: extra latent channels ([`FluxInput::concat`], FLUX fill) and ControlNet
+//! explicit inputs: extra latent channels ([`FluxInput::concat`], FLUX fill), an image prompt's
+//! attention in the double blocks ([`ImagePromptAttention`], IP-Adapter) and ControlNet
 //! residuals added after each double and single block ([`FluxControl`]).
 
 use candle_core::{Device, Module, Result, Tensor, D};
@@ -106,6 +107,14 @@ pub struct FluxControl<'a> {
     pub single: &'a [Option<Tensor>],
 }
 
+/// Extra attention for the image tokens of the double blocks (an IP-Adapter's image prompt):
+/// given a block's index and its image queries [B, L_img, hidden] (normalised, before the rotary
+/// embedding), what to add to that block's image attention output before its projection; `None`
+/// leaves the block as it is.
+pub trait ImagePromptAttention: Send + Sync {
+    fn residual(&self, block: usize, image_queries: &Tensor) -> Result<Option<Tensor>>;
+}
+
 /// One call of the model.
 pub struct FluxInput<'a> {
     /// The latent [B, C, H, W].
@@ -121,6 +130,7 @@ pub struct FluxInput<'a> {
     /// Channels appended to the latent before patching (FLUX fill: masked image and mask).
     pub concat: Option<&'a Tensor>,
     pub control: FluxControl<'a>,
+    pub image_prompt: Option<&'a dyn ImagePromptAttention>,
 }
 
 /// The FLUX transformer.
@@ -200,7 +210,7 @@ impl Flux {
         let mut img = self.img_in.forward(&img)?;
         let mut txt = self.txt_in.forward(input.context)?;
         for (n, block) in self.double_blocks.iter().enumerate() {
-            (img, txt) = block.forward(&img, &txt, &vec, &rope)?;
+            (img, txt) = block.forward(&img, &txt, &vec, &rope, input.image_prompt.map(|hook| (hook, n)))?;
             if let Some(Some(residual)) = input.control.double.get(n) {
                 img = (img + residual)?;
             }
@@ -459,23 +469,43 @@ impl DoubleStreamBlock {
         })
     }
 
-    fn forward(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, rope: &Rope) -> Result<(Tensor, Tensor)> {
+    /// `image_prompt`: the image-prompt hook and this block's index.
+    fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        vec: &Tensor,
+        rope: &Rope,
+        image_prompt: Option<(&dyn ImagePromptAttention, usize)>,
+    ) -> Result<(Tensor, Tensor)> {
         let (img_modulation, img_qkv) = self.img.prepare(img, vec, self.heads)?;
         let (txt_modulation, txt_qkv) = self.txt.prepare(txt, vec, self.heads)?;
         // The queries, keys and values are dropped once attended (peak memory).
-        let out = {
+        let (out, prompt_residual) = {
             let ((img_q, img_k, img_v), (txt_q, txt_k, txt_v)) = (img_qkv, txt_qkv);
+            let prompt_residual = match image_prompt {
+                Some((hook, block)) => {
+                    let (batch, length, heads, head_dim) = img_q.dims4()?;
+                    hook.residual(block, &img_q.reshape((batch, length, heads * head_dim))?)?
+                }
+                None => None,
+            };
             let joint = |t: &Tensor, i: &Tensor| Tensor::cat(&[t, i], 1);
-            rope_attention(
+            let out = rope_attention(
                 &joint(&txt_q, &img_q)?,
                 &joint(&txt_k, &img_k)?,
                 &joint(&txt_v, &img_v)?,
                 rope,
-            )?
+            )?;
+            (out, prompt_residual)
         };
         let txt_length = txt.dim(1)?;
         let txt_attention = out.narrow(1, 0, txt_length)?;
         let img_attention = out.narrow(1, txt_length, img.dim(1)?)?;
+        let img_attention = match prompt_residual {
+            Some(residual) => (img_attention + residual)?,
+            None => img_attention,
+        };
         Ok((
             self.img.finish(img, &img_attention, &img_modulation)?,
             self.txt.finish(txt, &txt_attention, &txt_modulation)?,

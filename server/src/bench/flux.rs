@@ -132,6 +132,7 @@ fn measure(checkpoint: &Path, steps: usize) -> anyhow::Result<()> {
             guidance: config.guidance_embed.then_some(&guidance),
             concat: None,
             control: FluxControl::default(),
+            image_prompt: None,
         };
         let (first, mean) = mean_seconds(steps, || flux.forward(&input))?;
         let (peak, ratio) = match peak_rss_bytes() {
