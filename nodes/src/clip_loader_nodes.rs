@@ -9,16 +9,16 @@ use std::sync::Arc;
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 
-use crate::diffusion::{Clip, TextEncoder, TextNetwork};
-use crate::diffusion_nodes::{device, tensor_error};
+use crate::diffusion::{Clip, TextEncoder};
+use crate::diffusion_nodes::device;
 use crate::flux_nodes::GGUF_MODULE;
-use crate::loader_nodes::{build_text_encoder, cached, file_names, file_size, model_file, open, open_gguf, undetected};
-use crate::models::sgemm::Precision;
-use crate::models::t5::{t5_name_from_llama_cpp, T5Config, T5Encoder};
-use crate::models::weights::{MappedWeights, RenamedWeights, WeightSource};
+use crate::loader_nodes::{
+    build_t5, build_text_encoder, cached, file_names, file_size, model_file, open, open_gguf, undetected,
+};
+use crate::models::t5::t5_name_from_llama_cpp;
+use crate::models::weights::{MappedWeights, RenamedWeights};
 use crate::models::{DetectError, Family, TextEncoderKind, TextEncoderLayout};
-use crate::paths::Paths;
-use crate::t5_tokenizer_files::{find_t5_tokenizer, TokenizerDownloads};
+use crate::t5_tokenizer_files::TokenizerSearch;
 
 /// The architectures ComfyUI-GGUF's text-encoder loaders accept in `general.architecture`.
 const TEXT_ARCHITECTURES: [&str; 4] = ["t5", "t5encoder", "llama", "qwen2vl"];
@@ -106,22 +106,10 @@ fn load_clip_encoder(ctx: &NodeContext, path: &Path, kind: TextEncoderKind) -> R
 /// Loads the T5 encoder of `path` with its tokenizer (cached per file).
 fn load_t5(ctx: &NodeContext, path: &Path) -> Result<TextEncoder, NodeError> {
     let device = device(ctx.services);
+    let search = TokenizerSearch::of(ctx.services);
     let encoder = cached(ctx, path, "t5xxl", || {
         let file = open_text_encoder(path)?;
-        let config = T5Config::infer(file.as_ref(), "").map_err(|error| undetected(path, error))?;
-        let tokenizer = find_t5_tokenizer(
-            path,
-            ctx.services.get::<Paths>(),
-            ctx.services.get::<TokenizerDownloads>(),
-        )
-        .map_err(|error| NodeError::new(error.to_string()))?;
-        let source = WeightSource::new(file, "", &device, Precision::F32);
-        let encoder = T5Encoder::new(config, source.weights()).map_err(tensor_error)?;
-        let network = TextNetwork::T5 {
-            encoder: Arc::new(encoder),
-            tokenizer,
-        };
-        Ok((TextEncoder { network, source }, file_size(path)))
+        Ok((build_t5(path, file, "", &device, search)?, file_size(path)))
     })?;
     Ok((*encoder).clone())
 }

@@ -1,4 +1,5 @@
-//! The model loaders: whole checkpoints (`CheckpointLoaderSimple`) and the parts people keep in
+//! The model loaders: whole checkpoints (`CheckpointLoaderSimple`: SD1.x, SD2.x, SDXL and FLUX as
+//! ComfyUI saves them) and the parts people keep in
 //! separate files (`UNETLoader`, ComfyUI-GGUF's `UnetLoaderGGUF`, `VAELoader`; the text-encoder
 //! loaders are in [`crate::clip_loader_nodes`]), recognised from their tensors and built over the
 //! files' memory maps. Loaded parts are shared through the [`ModelCache`].
@@ -20,15 +21,17 @@ use crate::models::flux::{Flux, FluxConfig};
 use crate::models::fp8::Fp8Format;
 use crate::models::gguf::GgufFile;
 use crate::models::sgemm::Precision;
+use crate::models::t5::{T5Config, T5Encoder};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
 use crate::models::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
 use crate::models::{
-    detect_checkpoint, detect_unet_family, is_v_prediction, DetectError, Family, TextEncoderLayout, UNET_PREFIX,
-    VAE_PREFIX,
+    detect_checkpoint, detect_family, detect_unet_family, is_v_prediction, DetectError, Family, TextEncoderKind,
+    TextEncoderLayout, FLUX_CLIP_L_PREFIX, FLUX_T5_PREFIX, FLUX_VAE_PREFIX, UNET_PREFIX, VAE_PREFIX,
 };
 use crate::paths::Paths;
 use crate::sampling::schedule::{SigmaSchedule, FLUX_DEV_SHIFT};
+use crate::t5_tokenizer_files::{find_t5_tokenizer, TokenizerSearch};
 
 /// The three parts of a checkpoint, loaded together.
 pub struct LoadedCheckpoint {
@@ -136,6 +139,26 @@ pub(crate) fn build_text_encoder(
     })
 }
 
+/// The T5 encoder under `prefix` in `file` (of `path`), with its tokenizer found by `search`;
+/// encoders compute in f32.
+pub(crate) fn build_t5(
+    path: &Path,
+    file: Arc<dyn MappedWeights>,
+    prefix: &str,
+    device: &Device,
+    search: TokenizerSearch,
+) -> Result<TextEncoder, NodeError> {
+    let config = T5Config::infer(file.as_ref(), prefix).map_err(|error| undetected(path, error))?;
+    let tokenizer = find_t5_tokenizer(path, search).map_err(|error| NodeError::new(error.to_string()))?;
+    let source = WeightSource::new(file, prefix, device, Precision::F32);
+    let encoder = T5Encoder::new(config, source.weights()).map_err(tensor_error)?;
+    let network = TextNetwork::T5 {
+        encoder: Arc::new(encoder),
+        tokenizer,
+    };
+    Ok(TextEncoder { network, source })
+}
+
 /// The VAE under `prefix` in `file`; VAEs compute in f32.
 fn build_vae(
     file: &Arc<SafetensorsFile>,
@@ -149,12 +172,17 @@ fn build_vae(
 
 /// Loads a single-file checkpoint in ComfyUI's layout, the diffusion model multiplying in
 /// `precision`; also returns the file size (the cache's measure of it).
+/// A FLUX checkpoint's T5 finds its tokenizer through `search`.
 pub fn load_checkpoint(
     path: &Path,
     device: &Device,
     precision: Precision,
+    search: TokenizerSearch,
 ) -> Result<(LoadedCheckpoint, u64), NodeError> {
     let file = open(path)?;
+    if matches!(detect_family(file.as_ref()), Ok(Family::Flux)) {
+        return load_flux_checkpoint(path, file, device, precision, search);
+    }
     let layout = detect_checkpoint(&file).map_err(|error| undetected(path, error))?;
     let source = WeightSource::new(file.clone(), UNET_PREFIX, device, precision);
     let model = build_model(source, layout.family, layout.unet, layout.v_prediction)?;
@@ -171,6 +199,46 @@ pub fn load_checkpoint(
     let vae = match layout.vae {
         Some(config) => Some(build_vae(&file, VAE_PREFIX, config, device)?),
         None => None,
+    };
+    Ok((LoadedCheckpoint { model, clip, vae }, file_size(path)))
+}
+
+/// A FLUX checkpoint as ComfyUI saves one: the model in the BFL layout, CLIP-L and T5-XXL under
+/// `text_encoders.`, the VAE under `vae.`; a part that is absent is `None`, as in ComfyUI (the
+/// CLIP needs both encoders).
+fn load_flux_checkpoint(
+    path: &Path,
+    file: Arc<SafetensorsFile>,
+    device: &Device,
+    precision: Precision,
+    search: TokenizerSearch,
+) -> Result<(LoadedCheckpoint, u64), NodeError> {
+    let prefix = flux_prefix(file.as_ref()).ok_or_else(|| {
+        undetected(
+            path,
+            DetectError::MissingTensor(format!("{UNET_PREFIX}double_blocks.0.img_attn.qkv.weight")),
+        )
+    })?;
+    let config = FluxConfig::infer(file.as_ref(), prefix).map_err(|error| undetected(path, error))?;
+    let model = build_flux(WeightSource::new(file.clone(), prefix, device, precision), config)?;
+    let clip_l = TextEncoderLayout::find(file.as_ref(), TextEncoderKind::ClipL, FLUX_CLIP_L_PREFIX)
+        .map_err(|error| undetected(path, error))?;
+    let clip = match clip_l {
+        Some(clip_l) if file.has(&format!("{FLUX_T5_PREFIX}shared.weight")) => Some(Clip {
+            family: Family::Flux,
+            encoders: vec![
+                build_text_encoder(file.clone(), clip_l, device)?,
+                build_t5(path, file.clone(), FLUX_T5_PREFIX, device, search)?,
+            ],
+            layer_from_end: None,
+        }),
+        _ => None,
+    };
+    let vae = if file.has(&format!("{FLUX_VAE_PREFIX}encoder.conv_in.weight")) {
+        let config = VaeConfig::infer(file.as_ref(), FLUX_VAE_PREFIX).map_err(|error| undetected(path, error))?;
+        Some(build_vae(&file, FLUX_VAE_PREFIX, config, device)?)
+    } else {
+        None
     };
     Ok((LoadedCheckpoint { model, clip, vae }, file_size(path)))
 }
@@ -204,7 +272,10 @@ impl Node for CheckpointLoaderSimple {
         let path = model_file(ctx, "checkpoints", inputs.string("ckpt_name")?)?;
         let device = device(ctx.services);
         let precision = diffusion_precision(ctx.services);
-        let loaded = cached(ctx, &path, "checkpoint", || load_checkpoint(&path, &device, precision))?;
+        let search = TokenizerSearch::of(ctx.services);
+        let loaded = cached(ctx, &path, "checkpoint", || {
+            load_checkpoint(&path, &device, precision, search)
+        })?;
         let optional = |value: Option<Value>| value.unwrap_or(Value::Json(serde_json::Value::Null));
         Ok(NodeOutput::values(vec![
             Value::object(loaded.model.clone()),

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use crate::models::t5_tokenizer::{T5Tokenizer, T5TokenizerError, T5_END_TOKEN, T5_PAD_TOKEN};
 use crate::paths::Paths;
+use easel_engine::Services;
 
 /// ComfyUI 0.3.64's T5 tokenizer, the file its T5 text encoders tokenize with.
 pub const COMFYUI_T5_TOKENIZER_URL: &str =
@@ -51,12 +52,26 @@ impl TokenizerDownloads {
     }
 }
 
+/// Where T5 tokenizers are looked for (the model folders) and fetched from.
+#[derive(Clone, Copy, Default)]
+pub struct TokenizerSearch<'a> {
+    pub paths: Option<&'a Paths>,
+    pub downloads: Option<&'a TokenizerDownloads>,
+}
+
+impl<'a> TokenizerSearch<'a> {
+    /// The registry's folders and download settings.
+    pub fn of(services: &'a Services) -> Self {
+        TokenizerSearch {
+            paths: services.get::<Paths>(),
+            downloads: services.get::<TokenizerDownloads>(),
+        }
+    }
+}
+
 /// The T5 tokenizer for the text encoder at `encoder` (see the module documentation).
-pub fn find_t5_tokenizer(
-    encoder: &Path,
-    paths: Option<&Paths>,
-    downloads: Option<&TokenizerDownloads>,
-) -> Result<Arc<T5Tokenizer>, T5TokenizerError> {
+pub fn find_t5_tokenizer(encoder: &Path, search: TokenizerSearch) -> Result<Arc<T5Tokenizer>, T5TokenizerError> {
+    let TokenizerSearch { paths, downloads } = search;
     let mut candidates = Vec::new();
     if let Some(dir) = encoder.parent() {
         candidates.push(dir.join("tokenizer.json"));

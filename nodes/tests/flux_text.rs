@@ -10,16 +10,17 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use common::{j, max_abs_difference, setup, setup_with, Setup};
 use easel_engine::Value;
-use easel_nodes::diffusion::{Clip, Conditioning, TextNetwork};
+use easel_nodes::diffusion::{Clip, Conditioning, DiffusionNetwork, Model, TextNetwork, VaeModel};
 use easel_nodes::models::clip_text::OutputLayer;
 use easel_nodes::models::t5::{T5Config, T5Encoder};
 use easel_nodes::models::testmodels::{
-    t5_layout, tiny_t5, write_checkpoint, write_tiny_t5_tokenizer, TINY_CLIP_G, TINY_CLIP_L, TINY_T5, TINY_T5_Q8_0,
+    t5_layout, tiny_t5, write_checkpoint, write_tiny_t5_tokenizer, TINY_CLIP_G, TINY_CLIP_L, TINY_FLUX_CHECKPOINT,
+    TINY_T5, TINY_T5_Q8_0,
 };
 use easel_nodes::models::tokenizer::TokenItem;
 use easel_nodes::models::weights::{SafetensorsFile, Weights};
 use easel_nodes::paths::Paths;
-use easel_nodes::t5_tokenizer_files::{find_t5_tokenizer, TokenizerDownloads};
+use easel_nodes::t5_tokenizer_files::{find_t5_tokenizer, TokenizerDownloads, TokenizerSearch};
 use serde_json::json;
 use std::sync::Arc;
 
@@ -222,7 +223,11 @@ fn the_t5_tokenizer_is_downloaded_once_into_the_cache() {
         t5_url: Some(url),
     };
     for _ in 0..2 {
-        let tokenizer = find_t5_tokenizer(&encoder, None, Some(&downloads)).unwrap();
+        let search = TokenizerSearch {
+            paths: None,
+            downloads: Some(&downloads),
+        };
+        let tokenizer = find_t5_tokenizer(&encoder, search).unwrap();
         assert_eq!(tokenizer.encode("a red house"), vec![4, 5, 6]);
     }
     assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 1);
@@ -230,4 +235,29 @@ fn the_t5_tokenizer_is_downloaded_once_into_the_cache() {
         .join("t5_tokenizer")
         .join("tokenizer.json")
         .is_file());
+}
+
+/// A FLUX checkpoint as ComfyUI saves one (model, CLIP-L, T5, VAE in one file) loads through
+/// CheckpointLoaderSimple into a FLUX model, a FLUX CLIP (T5 tokenizer from the text-encoder
+/// folders) and the 16-channel VAE.
+#[test]
+fn a_flux_checkpoint_loads_its_three_parts() {
+    let setup = setup();
+    let loaded = setup
+        .call(
+            "CheckpointLoaderSimple",
+            vec![("ckpt_name", j(json!(TINY_FLUX_CHECKPOINT)))],
+        )
+        .unwrap();
+    let model = loaded[0].downcast::<Model>().unwrap();
+    assert!(matches!(model.0.network, DiffusionNetwork::Flux(_)));
+    let clip = loaded[1].downcast::<Clip>().unwrap();
+    assert!(matches!(clip.encoders[0].network, TextNetwork::Clip { .. }));
+    assert!(matches!(clip.encoders[1].network, TextNetwork::T5 { .. }));
+    let entry = encode(&setup, &loaded[1], "a red house").0.remove(0);
+    assert_eq!(entry.cross_attention.dims(), &[1, 256, 32]);
+    assert_eq!(entry.pooled.unwrap().dims(), &[1, 64]);
+    let latent = candle_core::Tensor::zeros((1, 16, 2, 2), DType::F32, &Device::Cpu).unwrap();
+    let decoded = loaded[2].downcast::<VaeModel>().unwrap().0.decode(&latent).unwrap();
+    assert_eq!(decoded.dims(), &[1, 3, 16, 16]);
 }

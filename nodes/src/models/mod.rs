@@ -39,6 +39,10 @@ pub const SD2_CLIP_PREFIX: &str = "cond_stage_model.model.";
 pub const SDXL_CLIP_L_PREFIX: &str = "conditioner.embedders.0.transformer.";
 pub const SDXL_CLIP_G_PREFIX: &str = "conditioner.embedders.1.model.";
 pub const SDXL_REFINER_CLIP_G_PREFIX: &str = "conditioner.embedders.0.model.";
+/// The parts of a FLUX checkpoint as ComfyUI saves one (the model under [`UNET_PREFIX`]).
+pub const FLUX_CLIP_L_PREFIX: &str = "text_encoders.clip_l.transformer.";
+pub const FLUX_T5_PREFIX: &str = "text_encoders.t5xxl.transformer.";
+pub const FLUX_VAE_PREFIX: &str = "vae.";
 
 /// Why a model file was not understood.
 #[derive(Debug, thiserror::Error)]

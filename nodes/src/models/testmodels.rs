@@ -26,8 +26,8 @@ use super::unet::{HeadLayout, UNet, UNetConfig};
 use super::vae::{Vae, VaeConfig};
 use super::weights::{MappedWeights, SafetensorsFile};
 use super::{
-    SD1_CLIP_PREFIX, SD2_CLIP_PREFIX, SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, SDXL_REFINER_CLIP_G_PREFIX, UNET_PREFIX,
-    VAE_PREFIX,
+    FLUX_CLIP_L_PREFIX, FLUX_T5_PREFIX, FLUX_VAE_PREFIX, SD1_CLIP_PREFIX, SD2_CLIP_PREFIX, SDXL_CLIP_G_PREFIX,
+    SDXL_CLIP_L_PREFIX, SDXL_REFINER_CLIP_G_PREFIX, UNET_PREFIX, VAE_PREFIX,
 };
 use crate::sampling::noise::CpuGenerator;
 use crate::t5_tokenizer_files::T5_TOKENIZER_FOLDER;
@@ -338,19 +338,26 @@ pub fn checkpoint_layout(
 ) -> candle_core::Result<Vec<TensorSpec>> {
     let recorder = Recorder::default();
     UNet::new(unet.clone(), recorder.var_builder(UNET_PREFIX).into())?;
-    for (prefix, config) in text_encoders {
-        ClipTextEncoder::new((*config).clone(), recorder.var_builder(prefix).into())?;
-    }
-    Vae::new(vae.clone(), recorder.var_builder(VAE_PREFIX).into())?;
     let mut specs = recorder.specs();
     for (prefix, config) in text_encoders {
-        if config.naming == ClipNaming::Transformers {
-            specs.push(TensorSpec {
-                name: format!("{prefix}text_model.embeddings.position_ids"),
-                shape: vec![1, config.max_positions],
-                fill: Fill::Arange,
-            });
-        }
+        specs.extend(clip_text_layout(config, prefix)?);
+    }
+    specs.extend(vae_layout(vae, VAE_PREFIX)?);
+    Ok(specs)
+}
+
+/// Every tensor of a CLIP text encoder under `prefix`; the transformers layout gets its
+/// `position_ids`.
+pub fn clip_text_layout(config: &ClipTextConfig, prefix: &str) -> candle_core::Result<Vec<TensorSpec>> {
+    let recorder = Recorder::default();
+    ClipTextEncoder::new(config.clone(), recorder.var_builder(prefix).into())?;
+    let mut specs = recorder.specs();
+    if config.naming == ClipNaming::Transformers {
+        specs.push(TensorSpec {
+            name: format!("{prefix}text_model.embeddings.position_ids"),
+            shape: vec![1, config.max_positions],
+            fill: Fill::Arange,
+        });
     }
     Ok(specs)
 }
@@ -582,6 +589,9 @@ pub const TINY_FLUX_DEV_Q4_K: &str = "easel_tiny_flux_dev-Q4_K_S.gguf";
 pub const TINY_FLUX_SCHNELL: &str = "easel_tiny_flux_schnell.safetensors";
 /// FLUX fill: 384 input channels (latent, masked-image latent, 8×8 mask blocks; ×4 patches).
 pub const TINY_FLUX_FILL: &str = "easel_tiny_flux_fill.safetensors";
+/// FLUX dev as one checkpoint (`checkpoints/`), laid out as ComfyUI saves one: the model, CLIP-L,
+/// T5 and the VAE.
+pub const TINY_FLUX_CHECKPOINT: &str = "easel_tiny_flux_dev_checkpoint.safetensors";
 pub const TINY_FLUX_VAE: &str = "easel_tiny_flux_vae.safetensors";
 pub const TINY_T5: &str = "easel_tiny_t5xxl_fp16.safetensors";
 pub const TINY_T5_Q8_0: &str = "easel_tiny_t5xxl-Q8_0.gguf";
@@ -754,6 +764,12 @@ fn write_flux_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         &flux_layout(&fill_config, "").map_err(layout_error)?,
         FileDtype::BF16,
     )?;
+    let checkpoint = folder("checkpoints")?.join(TINY_FLUX_CHECKPOINT);
+    let mut parts = flux_layout(&tiny_flux(), UNET_PREFIX).map_err(layout_error)?;
+    parts.extend(clip_text_layout(&tiny_clip_l(), FLUX_CLIP_L_PREFIX).map_err(layout_error)?);
+    parts.extend(t5_layout(&tiny_t5(), FLUX_T5_PREFIX).map_err(layout_error)?);
+    parts.extend(vae_layout(&tiny_flux_vae(), FLUX_VAE_PREFIX).map_err(layout_error)?);
+    write_checkpoint_in(&checkpoint, &parts, FileDtype::BF16)?;
     let dev_file = SafetensorsFile::open(&dev).map_err(std::io::Error::other)?;
     let keep_name = |name: &str| name.to_string();
     let dev_q8 = unet.join(TINY_FLUX_DEV_Q8_0);
@@ -769,7 +785,9 @@ fn write_flux_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     write_gguf_copy(&t5_file, GgmlType::Q8_0, "t5encoder", &t5_name_to_llama_cpp, &t5_q8)?;
     let tokenizer = text_encoders.join(T5_TOKENIZER_FOLDER).join("tokenizer.json");
     write_tiny_t5_tokenizer(&tokenizer)?;
-    Ok(vec![dev, schnell, fill, dev_q8, dev_q4, flux_vae, t5, t5_q8, tokenizer])
+    Ok(vec![
+        dev, schnell, fill, checkpoint, dev_q8, dev_q4, flux_vae, t5, t5_q8, tokenizer,
+    ])
 }
 
 /// A LoRA for the tiny SD1.x checkpoint, in the `loras` folder.

@@ -19,6 +19,7 @@ use easel_nodes::models::testmodels::{
     sd15_clip_l, sd15_unet, sd15_vae, sd1_checkpoint_layout, write_checkpoint, write_test_models, TINY_SD1_CHECKPOINT,
 };
 use easel_nodes::models::unet::UNetInput;
+use easel_nodes::t5_tokenizer_files::TokenizerSearch;
 
 use super::{cpu_peak, mean_seconds, peak_rss_bytes};
 use crate::cli::BenchArgs;
@@ -63,7 +64,8 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
 fn measure(name: &str, checkpoint: &Path, pixels: usize, steps: usize, precision: Precision) -> anyhow::Result<()> {
     let device = Device::Cpu;
     let started = Instant::now();
-    let (loaded, _) = load_checkpoint(checkpoint, &device, precision).map_err(|error| anyhow::anyhow!("{error}"))?;
+    let (loaded, _) = load_checkpoint(checkpoint, &device, precision, TokenizerSearch::default())
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
     let load = started.elapsed().as_secs_f64();
     let vae = loaded.vae.context("the checkpoint has no VAE")?;
     let side = pixels / 8;

@@ -19,6 +19,7 @@ use easel_nodes::models::testmodels::{
 use easel_nodes::models::unet::{UNet, UNetInput, TRANSFORMER_BLOCK_MATRICES};
 use easel_nodes::models::weights::{SafetensorsFile, TensorShapes};
 use easel_nodes::models::UNET_PREFIX;
+use easel_nodes::t5_tokenizer_files::TokenizerSearch;
 
 use super::{mean_seconds, peak_rss_bytes};
 use crate::cli::BenchArgs;
@@ -70,8 +71,8 @@ fn print_header() {
 fn measure(name: &str, checkpoint: &Path, sizes: &[usize], steps: usize) -> anyhow::Result<()> {
     let device = Device::Cpu;
     let started = Instant::now();
-    let (loaded, file_bytes) =
-        load_checkpoint(checkpoint, &device, Precision::F32).map_err(|error| anyhow::anyhow!("{error}"))?;
+    let (loaded, file_bytes) = load_checkpoint(checkpoint, &device, Precision::F32, TokenizerSearch::default())
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
     let load = started.elapsed().as_secs_f64();
     let unet = loaded.model.0.network.unet().context("an SDXL checkpoint has a UNet")?;
     let config = unet.config();
@@ -130,8 +131,8 @@ fn lora_patch_time(checkpoint: &Path) -> anyhow::Result<()> {
     write_checkpoint(lora_path, &specs)?;
     let layers = specs.len() / 2;
 
-    let (loaded, _) =
-        load_checkpoint(checkpoint, &Device::Cpu, Precision::F32).map_err(|error| anyhow::anyhow!("{error}"))?;
+    let (loaded, _) = load_checkpoint(checkpoint, &Device::Cpu, Precision::F32, TokenizerSearch::default())
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
     let base = &loaded.model.0;
     let base_unet = base.network.unet().context("an SDXL checkpoint has a UNet")?;
     let megabytes = std::fs::metadata(lora_path)?.len() as f64 / (1u64 << 20) as f64;
