@@ -52,6 +52,10 @@ fn inputs(config: &FluxConfig) -> Inputs {
 }
 
 fn predict(flux: &Flux, inputs: &Inputs) -> Tensor {
+    predict_with_image_prompt(flux, inputs, None)
+}
+
+fn predict_with_image_prompt(flux: &Flux, inputs: &Inputs, image_prompt: Option<&dyn ImagePromptAttention>) -> Tensor {
     flux.forward(&FluxInput {
         x: &inputs.x,
         timesteps: &inputs.timesteps,
@@ -60,7 +64,7 @@ fn predict(flux: &Flux, inputs: &Inputs) -> Tensor {
         guidance: Some(&inputs.guidance),
         concat: None,
         control: FluxControl::default(),
-        image_prompt: None,
+        image_prompt,
     })
     .unwrap()
 }
@@ -434,18 +438,7 @@ fn the_image_prompt_hook_adds_to_the_image_attention_before_its_projection() {
         residual: wave(&[1, 4, config.hidden_size], 0.29),
         calls: Default::default(),
     };
-    let ours = load(file.clone())
-        .forward(&FluxInput {
-            x: &inputs.x,
-            timesteps: &inputs.timesteps,
-            context: &inputs.context,
-            y: &inputs.y,
-            guidance: Some(&inputs.guidance),
-            concat: None,
-            control: FluxControl::default(),
-            image_prompt: Some(&hook),
-        })
-        .unwrap();
+    let ours = predict_with_image_prompt(&load(file.clone()), &inputs, Some(&hook));
     let residual: Vec<Vec<f64>> = values(&hook.residual)
         .chunks(config.hidden_size)
         .map(|row| row.iter().map(|&v| f64::from(v)).collect())
