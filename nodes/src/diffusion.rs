@@ -321,14 +321,7 @@ impl DiffusionModel {
         }
         let (batch, _, height, width) = latent.model_space.dims4()?;
         let mask = match (&entry.inpaint, latent.denoise_mask) {
-            (Some(inpaint), _) => {
-                let mask = &inpaint.mask;
-                Some(Tensor::from_vec(
-                    mask.data.clone(),
-                    (mask.batch, 1, mask.height, mask.width),
-                    &self.device,
-                )?)
-            }
+            (Some(inpaint), _) => Some(inpaint.mask_channel(&self.device)?),
             (None, Some(denoise_mask)) => Some(denoise_mask.narrow(1, 0, 1)?),
             (None, None) => None,
         };
@@ -368,14 +361,7 @@ impl DiffusionModel {
             return Err(ConditioningError::ExtraChannels(extra));
         }
         let mask = match (&entry.inpaint, latent.denoise_mask) {
-            (Some(inpaint), _) => {
-                let mask = &inpaint.mask;
-                Tensor::from_vec(
-                    mask.data.clone(),
-                    (mask.batch, 1, mask.height, mask.width),
-                    &self.device,
-                )?
-            }
+            (Some(inpaint), _) => inpaint.mask_channel(&self.device)?,
             (None, Some(denoise_mask)) => denoise_mask.mean_keepdim(1)?,
             (None, None) => Tensor::ones((batch, 1, height, width), DType::F32, &self.device)?,
         };
@@ -779,6 +765,14 @@ pub const DEFAULT_GUIDANCE: f32 = 3.5;
 pub struct InpaintImage {
     pub latent: Tensor,
     pub mask: Mask,
+}
+
+impl InpaintImage {
+    /// The mask as one channel, [B, 1, H, W] at its own (pixel) size.
+    fn mask_channel(&self, device: &Device) -> candle_core::Result<Tensor> {
+        let mask = &self.mask;
+        Tensor::from_vec(mask.data.clone(), (mask.batch, 1, mask.height, mask.width), device)
+    }
 }
 
 impl CondEntry {
@@ -1305,8 +1299,9 @@ pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> R
     }
     sides.push(entries(run.negative, model, true, &latent_inputs)?);
     for from in 0..sides.len() {
+        // Only the other sides grow while `from`'s areas are paired, so one copy serves them all.
+        let areas = sides[from].clone();
         for to in (0..sides.len()).filter(|to| *to != from) {
-            let areas = sides[from].clone();
             add_same_areas(&areas, &mut sides[to]);
         }
     }
