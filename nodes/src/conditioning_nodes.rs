@@ -225,15 +225,11 @@ impl Node for ClipTextEncodeFlux {
                 TextNetwork::Clip { .. } => text_l[index].clone(),
             })
             .collect();
-        let guidance = Some(inputs.float("guidance")? as f32);
-        let entries = clip
-            .encode(&tokens)
-            .map_err(tensor_error)?
-            .0
-            .into_iter()
-            .map(|entry| CondEntry { guidance, ..entry })
-            .collect();
-        Ok(NodeOutput::values(vec![Value::object(Conditioning(entries))]))
+        let conditioning = clip.encode(&tokens).map_err(tensor_error)?;
+        let guidance = inputs.float("guidance")? as f32;
+        Ok(NodeOutput::values(vec![Value::object(
+            conditioning.with_guidance(guidance),
+        )]))
     }
 }
 

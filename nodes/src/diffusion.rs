@@ -808,6 +808,22 @@ pub struct SdxlSizes {
 #[derive(Clone, Debug)]
 pub struct Conditioning(pub Vec<CondEntry>);
 
+impl Conditioning {
+    /// Every entry with the guidance strength a FLUX dev model embeds (FluxGuidance's
+    /// `conditioning_set_values`).
+    pub fn with_guidance(&self, guidance: f32) -> Conditioning {
+        let entries = self
+            .0
+            .iter()
+            .map(|entry| CondEntry {
+                guidance: Some(guidance),
+                ..entry.clone()
+            })
+            .collect();
+        Conditioning(entries)
+    }
+}
+
 impl NodeObject for Conditioning {
     fn type_name(&self) -> &'static str {
         "CONDITIONING"

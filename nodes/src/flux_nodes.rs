@@ -7,7 +7,7 @@ use std::sync::Arc;
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 
-use crate::diffusion::{CondEntry, Conditioning, DiffusionModel, Model, Prediction};
+use crate::diffusion::{Conditioning, DiffusionModel, Model, Prediction};
 use crate::diffusion_nodes::{empty_latent, MAX_RESOLUTION};
 use crate::loader_nodes::{file_names, load_diffusion_model_node};
 use crate::sampling::schedule::{flux_shift_for_size, SigmaSchedule};
@@ -71,17 +71,11 @@ impl Node for FluxGuidance {
     }
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let guidance = Some(inputs.float("guidance")? as f32);
-        let entries = inputs
-            .object::<Conditioning>("conditioning")?
-            .0
-            .iter()
-            .map(|entry| CondEntry {
-                guidance,
-                ..entry.clone()
-            })
-            .collect();
-        Ok(NodeOutput::values(vec![Value::object(Conditioning(entries))]))
+        let guidance = inputs.float("guidance")? as f32;
+        let conditioning = inputs.object::<Conditioning>("conditioning")?;
+        Ok(NodeOutput::values(vec![Value::object(
+            conditioning.with_guidance(guidance),
+        )]))
     }
 }
 
