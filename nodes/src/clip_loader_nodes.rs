@@ -67,12 +67,28 @@ fn open_text_encoder(path: &Path) -> Result<Arc<dyn MappedWeights>, NodeError> {
     }
 }
 
-/// What the file at `path` holds: a T5 encoder (it has T5's final norm) or a CLIP one.
-fn encoder_file(path: &Path, file: &dyn MappedWeights) -> Result<EncoderFile, NodeError> {
-    if file.has("encoder.final_layer_norm.weight") {
-        return Ok(EncoderFile::T5);
+/// A text-encoder file, opened once and told apart by its tensors: a T5 encoder (it has T5's
+/// final norm) or a CLIP one.
+struct OpenedEncoder {
+    path: PathBuf,
+    file: Arc<dyn MappedWeights>,
+    contents: EncoderFile,
+}
+
+impl OpenedEncoder {
+    fn open(path: PathBuf) -> Result<Self, NodeError> {
+        let file = open_text_encoder(&path)?;
+        let contents = if file.has("encoder.final_layer_norm.weight") {
+            EncoderFile::T5
+        } else {
+            EncoderFile::Clip(
+                clip_layout(&path, file.as_ref(), TextEncoderKind::ClipL)?
+                    .config
+                    .hidden_size,
+            )
+        };
+        Ok(OpenedEncoder { path, file, contents })
     }
-    clip_layout(path, file, TextEncoderKind::ClipL).map(|layout| EncoderFile::Clip(layout.config.hidden_size))
 }
 
 /// The CLIP variant of a text-encoder file, told by its width as ComfyUI tells it by its
@@ -92,42 +108,53 @@ fn clip_layout(path: &Path, file: &dyn MappedWeights, kind: TextEncoderKind) -> 
         .map_err(|error| undetected(path, error))
 }
 
-/// Loads the CLIP text encoder of `path` as `kind` (cached per file and kind).
-fn load_clip_encoder(ctx: &NodeContext, path: &Path, kind: TextEncoderKind) -> Result<TextEncoder, NodeError> {
+/// Loads the CLIP text encoder of `encoder` as `kind` (cached per file and kind).
+fn load_clip_encoder(
+    ctx: &NodeContext,
+    encoder: &OpenedEncoder,
+    kind: TextEncoderKind,
+) -> Result<TextEncoder, NodeError> {
     let device = device(ctx.services);
-    let encoder = cached(ctx, path, kind.embedding_key(), || {
-        let file = open_text_encoder(path)?;
-        let layout = clip_layout(path, file.as_ref(), kind)?;
-        Ok((build_text_encoder(file, layout, &device)?, file_size(path)))
+    let path = &encoder.path;
+    let loaded = cached(ctx, path, kind.embedding_key(), || {
+        let layout = clip_layout(path, encoder.file.as_ref(), kind)?;
+        Ok((
+            build_text_encoder(encoder.file.clone(), layout, &device)?,
+            file_size(path),
+        ))
     })?;
-    Ok((*encoder).clone())
+    Ok((*loaded).clone())
 }
 
-/// Loads the T5 encoder of `path` with its tokenizer (cached per file).
-fn load_t5(ctx: &NodeContext, path: &Path) -> Result<TextEncoder, NodeError> {
+/// Loads the T5 encoder of `encoder` with its tokenizer (cached per file).
+fn load_t5(ctx: &NodeContext, encoder: &OpenedEncoder) -> Result<TextEncoder, NodeError> {
     let device = device(ctx.services);
     let search = TokenizerSearch::of(ctx.services);
-    let encoder = cached(ctx, path, "t5xxl", || {
-        let file = open_text_encoder(path)?;
-        Ok((build_t5(path, file, "", &device, search)?, file_size(path)))
+    let path = &encoder.path;
+    let loaded = cached(ctx, path, "t5xxl", || {
+        Ok((
+            build_t5(path, encoder.file.clone(), "", &device, search)?,
+            file_size(path),
+        ))
     })?;
-    Ok((*encoder).clone())
+    Ok((*loaded).clone())
 }
 
 /// A CLIP of one file of `clip_type` (`CLIPLoader`, `CLIPLoaderGGUF`).
-fn single_clip(ctx: &NodeContext, node: &str, path: &Path, clip_type: &str) -> Result<Clip, NodeError> {
+fn single_clip(ctx: &NodeContext, node: &str, path: PathBuf, clip_type: &str) -> Result<Clip, NodeError> {
     if clip_type != "stable_diffusion" {
         return Err(NodeError::new(format!(
             "{node} type '{clip_type}' is not supported by Easel yet (supported: stable_diffusion)"
         )));
     }
-    let kind = match encoder_file(path, open_text_encoder(path)?.as_ref())? {
+    let encoder = OpenedEncoder::open(path)?;
+    let kind = match encoder.contents {
         EncoderFile::Clip(width) => clip_kind_by_width(width),
         EncoderFile::T5 => {
             return Err(NodeError::new(format!(
                 "{node}: '{}' holds a T5 text encoder, which Easel uses with DualCLIPLoader type 'flux' \
                  (beside a CLIP-L) so far",
-                path.display()
+                encoder.path.display()
             )))
         }
     };
@@ -139,7 +166,7 @@ fn single_clip(ctx: &NodeContext, node: &str, path: &Path, clip_type: &str) -> R
     };
     Ok(Clip {
         family,
-        encoders: vec![load_clip_encoder(ctx, path, kind)?],
+        encoders: vec![load_clip_encoder(ctx, &encoder, kind)?],
         layer_from_end: None,
     })
 }
@@ -152,24 +179,21 @@ fn dual_clip(ctx: &NodeContext, node: &str, paths: [PathBuf; 2], clip_type: &str
             "{node} type '{clip_type}' is not supported by Easel yet (supported: sdxl, flux)"
         )));
     }
-    let mut files = Vec::with_capacity(2);
-    for path in paths {
-        let contents = encoder_file(&path, open_text_encoder(&path)?.as_ref())?;
-        files.push((contents, path));
-    }
+    let [first, second] = paths;
+    let files = [OpenedEncoder::open(first)?, OpenedEncoder::open(second)?];
     let mismatch = |needs: &str| {
         NodeError::new(format!(
             "{node} type '{clip_type}' needs {needs}; the files hold {} and {}",
-            files[0].0.describe(),
-            files[1].0.describe()
+            files[0].contents.describe(),
+            files[1].contents.describe()
         ))
     };
     if clip_type == "flux" {
         let clip_l = files
             .iter()
-            .find(|(contents, _)| matches!(contents, EncoderFile::Clip(_)));
-        let t5 = files.iter().find(|(contents, _)| *contents == EncoderFile::T5);
-        let (Some((_, clip_l)), Some((_, t5))) = (clip_l, t5) else {
+            .find(|encoder| matches!(encoder.contents, EncoderFile::Clip(_)));
+        let t5 = files.iter().find(|encoder| encoder.contents == EncoderFile::T5);
+        let (Some(clip_l), Some(t5)) = (clip_l, t5) else {
             return Err(mismatch("a CLIP-L and a T5-XXL text encoder"));
         };
         return Ok(Clip {
@@ -181,16 +205,16 @@ fn dual_clip(ctx: &NodeContext, node: &str, paths: [PathBuf; 2], clip_type: &str
             layer_from_end: None,
         });
     }
-    let (EncoderFile::Clip(first), EncoderFile::Clip(second)) = (files[0].0, files[1].0) else {
+    let (EncoderFile::Clip(first), EncoderFile::Clip(second)) = (files[0].contents, files[1].contents) else {
         return Err(mismatch("a CLIP-L and a CLIP-G text encoder"));
     };
     if first == second {
         return Err(mismatch("a CLIP-L and a CLIP-G text encoder"));
     }
     let (clip_l, clip_g) = if first < second {
-        (&files[0].1, &files[1].1)
+        (&files[0], &files[1])
     } else {
-        (&files[1].1, &files[0].1)
+        (&files[1], &files[0])
     };
     Ok(Clip {
         family: Family::Sdxl,
@@ -205,7 +229,7 @@ fn dual_clip(ctx: &NodeContext, node: &str, paths: [PathBuf; 2], clip_type: &str
 /// A one-file CLIP loader node's work: the `clip_name` and `type` inputs.
 fn single_clip_node(ctx: &NodeContext, inputs: &NodeInputs, node: &str) -> Result<NodeOutput, NodeError> {
     let path = model_file(ctx, "text_encoders", inputs.string("clip_name")?)?;
-    let clip = single_clip(ctx, node, &path, inputs.string("type")?)?;
+    let clip = single_clip(ctx, node, path, inputs.string("type")?)?;
     Ok(NodeOutput::values(vec![Value::object(clip)]))
 }
 

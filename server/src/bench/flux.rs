@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use easel_nodes::diffusion::DiffusionNetwork;
 use easel_nodes::loader_nodes::load_diffusion_model;
 use easel_nodes::models::flux::{FluxConfig, FluxControl, FluxInput};
@@ -123,7 +123,7 @@ fn measure(checkpoint: &Path, steps: usize) -> anyhow::Result<()> {
     let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
     for pixels in SIZES {
         let side = pixels / 8;
-        let x = Tensor::randn(0f32, 1.0, (1, config.out_channels, side, side), &device)?.to_dtype(DType::F32)?;
+        let x = Tensor::randn(0f32, 1.0, (1, config.out_channels, side, side), &device)?;
         let input = FluxInput {
             x: &x,
             timesteps: &timesteps,
