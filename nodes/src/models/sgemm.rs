@@ -39,7 +39,7 @@ impl<'a> From<&'a Vec<f32>> for Elements<'a> {
     }
 }
 
-impl Elements<'_> {
+impl<'a> Elements<'a> {
     pub fn len(&self) -> usize {
         match self {
             Elements::F32(values) => values.len(),
@@ -52,6 +52,24 @@ impl Elements<'_> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Elements `start..start + count`; `None` for ggml blocks unless both are whole blocks.
+    pub fn range(&self, start: usize, count: usize) -> Option<Elements<'a>> {
+        Some(match *self {
+            Elements::F32(values) => Elements::F32(values.get(start..start + count)?),
+            Elements::F16(values) => Elements::F16(values.get(start..start + count)?),
+            Elements::BF16(values) => Elements::BF16(values.get(start..start + count)?),
+            Elements::F8(bytes, format) => Elements::F8(bytes.get(start..start + count)?, format),
+            Elements::Ggml(bytes, kind) => {
+                let (size, block_bytes) = (kind.block_size(), kind.block_bytes());
+                if !start.is_multiple_of(size) || !count.is_multiple_of(size) {
+                    return None;
+                }
+                let first = start / size * block_bytes;
+                Elements::Ggml(bytes.get(first..first + count / size * block_bytes)?, kind)
+            }
+        })
     }
 
     /// `out[i] = self[start + i·stride]` as f32.
