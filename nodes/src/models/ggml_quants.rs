@@ -134,56 +134,44 @@ impl GgmlType {
             GgmlType::F32 => out[0] = f32::from_le_bytes([block[0], block[1], block[2], block[3]]),
             GgmlType::F16 => out[0] = half_at(block, 0),
             GgmlType::BF16 => out[0] = bf16::from_le_bytes([block[0], block[1]]).to_f32(),
-            GgmlType::Q4_0 => {
-                let d = half_at(block, 0);
-                for (i, &byte) in block[2..18].iter().enumerate() {
-                    out[i] = d * (f32::from(byte & 0x0f) - 8.0);
-                    out[i + 16] = d * (f32::from(byte >> 4) - 8.0);
+            GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                let with_min = self == GgmlType::Q4_1;
+                let (offset, nibbles) = if with_min {
+                    (Some(half_at(block, 2)), &block[4..20])
+                } else {
+                    (None, &block[2..18])
+                };
+                let zero = if with_min { 0 } else { 8 };
+                let mut quants = [0i8; 32];
+                for (i, &byte) in nibbles.iter().enumerate() {
+                    quants[i] = (byte & 0x0f) as i8 - zero;
+                    quants[i + 16] = (byte >> 4) as i8 - zero;
                 }
-                round_to_f16(&mut out[..32]);
-            }
-            GgmlType::Q4_1 => {
-                let (d, m) = (half_at(block, 0), half_at(block, 2));
-                for (i, &byte) in block[4..20].iter().enumerate() {
-                    out[i] = d * f32::from(byte & 0x0f);
-                    out[i + 16] = d * f32::from(byte >> 4);
-                }
-                scale_then_offset(&mut out[..32], m);
+                scale_quants(&quants, half_at(block, 0), offset, &mut out[..32]);
             }
             GgmlType::Q5_0 | GgmlType::Q5_1 => {
                 let with_min = self == GgmlType::Q5_1;
-                let d = half_at(block, 0);
-                let (m, rest) = if with_min {
-                    (half_at(block, 2), &block[4..])
+                let (offset, rest) = if with_min {
+                    (Some(half_at(block, 2)), &block[4..])
                 } else {
-                    (0.0, &block[2..])
+                    (None, &block[2..])
                 };
                 let high_bits = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
                 let fifth = |i: usize| (((high_bits >> i) & 1) as u8) << 4;
-                let offset = if with_min { 0.0 } else { 16.0 };
+                let zero = if with_min { 0 } else { 16 };
+                let mut quants = [0i8; 32];
                 for (i, &byte) in rest[4..20].iter().enumerate() {
-                    let (low, high) = ((byte & 0x0f) | fifth(i), (byte >> 4) | fifth(i + 16));
-                    out[i] = d * (f32::from(low) - offset);
-                    out[i + 16] = d * (f32::from(high) - offset);
+                    quants[i] = ((byte & 0x0f) | fifth(i)) as i8 - zero;
+                    quants[i + 16] = ((byte >> 4) | fifth(i + 16)) as i8 - zero;
                 }
-                if with_min {
-                    scale_then_offset(&mut out[..32], m);
-                } else {
-                    round_to_f16(&mut out[..32]);
-                }
+                scale_quants(&quants, half_at(block, 0), offset, &mut out[..32]);
             }
             GgmlType::Q8_0 => {
-                let d = half_at(block, 0);
-                #[cfg(target_arch = "x86_64")]
-                if is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512F; a Q8_0 block holds 32 weights after d.
-                    unsafe { dequantize_q8_0_avx512(d, &block[2..34], &mut out[..32]) };
-                    return;
+                let mut quants = [0i8; 32];
+                for (quant, &byte) in quants.iter_mut().zip(&block[2..34]) {
+                    *quant = byte as i8;
                 }
-                for (value, &byte) in out.iter_mut().zip(&block[2..34]) {
-                    *value = d * f32::from(byte as i8);
-                }
-                round_to_f16(&mut out[..32]);
+                scale_quants(&quants, half_at(block, 0), None, &mut out[..32]);
             }
             GgmlType::Q2K => dequantize_q2k(block, out),
             GgmlType::Q3K => dequantize_q3k(block, out),
@@ -269,33 +257,50 @@ unsafe fn round_to_f16_avx512(values: &mut [f32]) {
     chunks.into_remainder().iter_mut().for_each(|value| *value = h(*value));
 }
 
-/// Q8_0's 32 weights `h(d·q)`, sixteen at a time: d·q is exact in f32 (an 11-bit d times an 8-bit
-/// q), so one rounding to f16 gives what the scalar path gives.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dequantize_q8_0_avx512(d: f32, quants: &[u8], out: &mut [f32]) {
-    use std::arch::x86_64::{
-        __m128i, _mm512_cvtepi32_ps, _mm512_cvtepi8_epi32, _mm512_cvtph_ps, _mm512_cvtps_ph, _mm512_mul_ps,
-        _mm512_set1_ps, _mm512_storeu_ps, _mm_loadu_si128, _MM_FROUND_TO_NEAREST_INT,
-    };
-    let scale = _mm512_set1_ps(d);
-    for (half, values) in out.chunks_exact_mut(16).take(2).enumerate() {
-        // SAFETY: `quants` holds 32 bytes and `values` 16 floats.
-        unsafe {
-            let bytes = _mm_loadu_si128(quants.as_ptr().add(16 * half).cast::<__m128i>());
-            let products = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), scale);
-            let rounded = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(products));
-            _mm512_storeu_ps(values.as_mut_ptr(), rounded);
-        }
+/// `out[i] = h(scale·quants[i])`, then with an offset `h(out[i] + offset)`: ggml's `d·q` and
+/// `d·q + m` in f16 arithmetic. scale·q is exact in f32 (an f16 scale times a quant of at most
+/// 8 bits), so one rounding gives PyTorch's f16 product; with AVX-512 sixteen at a time.
+fn scale_quants(quants: &[i8], scale: f32, offset: Option<f32>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if quants.len().is_multiple_of(16) && is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; the quants come in whole runs of 16.
+        unsafe { scale_quants_avx512(quants, scale, offset, out) };
+        return;
+    }
+    scale_quants_scalar(quants, scale, offset, out);
+}
+
+fn scale_quants_scalar(quants: &[i8], scale: f32, offset: Option<f32>, out: &mut [f32]) {
+    for (value, &quant) in out.iter_mut().zip(quants) {
+        *value = scale * f32::from(quant);
+    }
+    round_to_f16(out);
+    if let Some(offset) = offset {
+        out.iter_mut().for_each(|value| *value += offset);
+        round_to_f16(out);
     }
 }
 
-/// h(h(value) + offset) for every value: a scaled weight rounded to f16, then offset and
-/// rounded again (ggml's `d·q + m`, or `− m` with a negative offset, in f16 arithmetic).
-fn scale_then_offset(values: &mut [f32], offset: f32) {
-    round_to_f16(values);
-    values.iter_mut().for_each(|value| *value += offset);
-    round_to_f16(values);
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scale_quants_avx512(quants: &[i8], scale: f32, offset: Option<f32>, out: &mut [f32]) {
+    use std::arch::x86_64::{
+        __m128i, __m512, _mm512_add_ps, _mm512_cvtepi32_ps, _mm512_cvtepi8_epi32, _mm512_cvtph_ps, _mm512_cvtps_ph,
+        _mm512_mul_ps, _mm512_set1_ps, _mm512_storeu_ps, _mm_loadu_si128, _MM_FROUND_TO_NEAREST_INT,
+    };
+    let rounded = |values: __m512| _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(values));
+    let scale = _mm512_set1_ps(scale);
+    for (run, values) in quants.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
+        // SAFETY: `run` holds 16 bytes and `values` 16 floats.
+        unsafe {
+            let bytes = _mm_loadu_si128(run.as_ptr().cast::<__m128i>());
+            let mut weights = rounded(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), scale));
+            if let Some(offset) = offset {
+                weights = rounded(_mm512_add_ps(weights, _mm512_set1_ps(offset)));
+            }
+            _mm512_storeu_ps(values.as_mut_ptr(), weights);
+        }
+    }
 }
 
 /// The little-endian f16 at `offset` of `bytes`.
@@ -311,14 +316,21 @@ fn dequantize_q2k(block: &[u8], out: &mut [f32]) {
     for (group, values) in out[..QK_K].chunks_mut(16).enumerate() {
         let scale = scales[group];
         let (dl, ml) = (h(d * f32::from(scale & 0x0f)), h(dmin * f32::from(scale >> 4)));
-        for (j, value) in values.iter_mut().enumerate() {
-            let i = group * 16 + j;
-            let (half, shift, byte) = (i / 128, (i % 128) / 32, i % 32);
-            let q = (quants[half * 32 + byte] >> (2 * shift)) & 3;
-            *value = dl * f32::from(q);
+        let (bytes, shift) = two_bit_run(quants, group);
+        let mut run = [0i8; 16];
+        for (quant, &byte) in run.iter_mut().zip(bytes) {
+            *quant = ((byte >> shift) & 3) as i8;
         }
-        scale_then_offset(values, -ml);
+        scale_quants(&run, dl, Some(-ml), values);
     }
+}
+
+/// The bytes and the shift of the 2-bit weights of group `group` (16 weights) in Q2_K's and
+/// Q3_K's layout; the bytes are also the positions of Q3_K's high-bit mask bytes.
+fn two_bit_run(quants: &[u8], group: usize) -> (&[u8], usize) {
+    let first = group * 16;
+    let (half, shift) = (first / 128, (first % 128) / 32);
+    (&quants[half * 32 + first % 32..][..16], 2 * shift)
 }
 
 /// Q3_K: a high-bit mask (bit b of byte l for weight 32·b + l), 2-bit weights as Q2_K, 16 6-bit
@@ -333,15 +345,14 @@ fn dequantize_q3k(block: &[u8], out: &mut [f32]) {
     };
     for (group, values) in out[..QK_K].chunks_mut(16).enumerate() {
         let dl = h(d * scale(group));
-        for (j, value) in values.iter_mut().enumerate() {
-            let i = group * 16 + j;
-            let (half, shift, byte) = (i / 128, (i % 128) / 32, i % 32);
-            let low = (quants[half * 32 + byte] >> (2 * shift)) & 3;
-            let high_set = (mask[byte] >> (i / 32)) & 1 == 1;
-            let q = low as i8 - if high_set { 0 } else { 4 };
-            *value = dl * f32::from(q);
+        let (bytes, shift) = two_bit_run(quants, group);
+        let (mask_bytes, mask_bit) = (&mask[(group * 16) % 32..][..16], group * 16 / 32);
+        let mut run = [0i8; 16];
+        for ((quant, &byte), &mask_byte) in run.iter_mut().zip(bytes).zip(mask_bytes) {
+            let high_clear = 1 - ((mask_byte >> mask_bit) & 1);
+            *quant = ((byte >> shift) & 3) as i8 - 4 * high_clear as i8;
         }
-        round_to_f16(values);
+        scale_quants(&run, dl, None, values);
     }
 }
 
@@ -369,12 +380,17 @@ fn dequantize_q4k_q5k(kind: GgmlType, block: &[u8], out: &mut [f32]) {
     for (sub, values) in out.chunks_mut(32).take(8).enumerate() {
         let (scale, min) = scale_and_min(packed, sub);
         let (dl, ml) = (h(d * f32::from(scale)), h(dmin * f32::from(min)));
-        for (l, value) in values.iter_mut().enumerate() {
-            let nibble = (quants[(sub / 2) * 32 + l] >> (4 * (sub % 2))) & 0x0f;
-            let fifth = fifth_bits.map_or(0, |bits| ((bits[l] >> sub) & 1) << 4);
-            *value = dl * f32::from(nibble | fifth);
+        let shift = 4 * (sub % 2);
+        let mut run = [0i8; 32];
+        for (quant, &byte) in run.iter_mut().zip(&quants[(sub / 2) * 32..][..32]) {
+            *quant = ((byte >> shift) & 0x0f) as i8;
         }
-        scale_then_offset(values, -ml);
+        if let Some(bits) = fifth_bits {
+            for (quant, &byte) in run.iter_mut().zip(bits) {
+                *quant |= (((byte >> sub) & 1) << 4) as i8;
+            }
+        }
+        scale_quants(&run, dl, Some(-ml), values);
     }
 }
 
@@ -385,15 +401,17 @@ fn dequantize_q6k(block: &[u8], out: &mut [f32]) {
     let d = half_at(block, 208);
     for (group, values) in out[..QK_K].chunks_mut(16).enumerate() {
         let dl = h(d * f32::from(scales[group] as i8));
-        for (j, value) in values.iter_mut().enumerate() {
-            let i = group * 16 + j;
-            let (half, part, l) = (i / 128, (i % 128) / 32, i % 32);
-            let low_bits = (low[half * 64 + (part % 2) * 32 + l] >> (4 * (part / 2))) & 0x0f;
-            let high_bits = (high[half * 32 + l] >> (2 * part)) & 3;
-            let q = (low_bits | (high_bits << 4)) as i8 - 32;
-            *value = dl * f32::from(q);
+        let first = group * 16;
+        let (half, part, l) = (first / 128, (first % 128) / 32, first % 32);
+        let low_bytes = &low[half * 64 + (part % 2) * 32 + l..][..16];
+        let high_bytes = &high[half * 32 + l..][..16];
+        let mut run = [0i8; 16];
+        for ((quant, &low_byte), &high_byte) in run.iter_mut().zip(low_bytes).zip(high_bytes) {
+            let low_bits = (low_byte >> (4 * (part / 2))) & 0x0f;
+            let high_bits = (high_byte >> (2 * part)) & 3;
+            *quant = (low_bits | (high_bits << 4)) as i8 - 32;
         }
-        round_to_f16(values);
+        scale_quants(&run, dl, None, values);
     }
 }
 
@@ -424,6 +442,37 @@ pub mod quantize {
                 }
                 GgmlType::Q4K => quantize_q4k(block, &mut bytes),
                 _ => return None,
+            }
+        }
+        Some(bytes)
+    }
+
+    /// `count` blocks of a quantized `kind` with random quants and small scales: data for
+    /// timing the kernels of the types Easel writes no test tensors in. `None` for F32, F16
+    /// and BF16 (random bytes there would be NaNs; [`quantize`] writes them).
+    pub fn random_blocks(kind: GgmlType, count: usize, seed: u64) -> Option<Vec<u8>> {
+        // The offsets of the block's f16 scales (d, and the min or dmin where it has one).
+        let scale_offsets: &[usize] = match kind {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return None,
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+            GgmlType::Q2K => &[80, 82],
+            GgmlType::Q3K => &[108],
+            GgmlType::Q6K => &[208],
+        };
+        let mut state = seed | 1;
+        let mut bytes: Vec<u8> = (0..count * kind.block_bytes())
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 32) as u8
+            })
+            .collect();
+        for block in bytes.chunks_exact_mut(kind.block_bytes()) {
+            for &offset in scale_offsets {
+                let scale = f16::from_f32(1e-3 * f32::from(block[offset] % 16 + 1));
+                block[offset..offset + 2].copy_from_slice(&scale.to_le_bytes());
             }
         }
         Some(bytes)
@@ -563,6 +612,23 @@ mod tests {
         round_to_f16(&mut values);
         let got: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
         assert_eq!(got, expected);
+    }
+
+    /// The vector path of `scale_quants` gives the scalar path's bits for every quant, with and
+    /// without an offset, from subnormal products to overflow.
+    #[test]
+    fn vector_scaled_quants_equal_scalar_ones() {
+        let quants: Vec<i8> = (0..=255u8).map(|byte| byte as i8).collect();
+        for scale in [1e-7f32, 3.1e-5, 0.0123, 1.0009766, 77.0, 600.0] {
+            let scale = h(scale);
+            for offset in [None, Some(0.0), Some(-0.37), Some(3.5), Some(-h(scale * 9.0))] {
+                let (mut fast, mut slow) = ([0f32; 256], [0f32; 256]);
+                scale_quants(&quants, scale, offset, &mut fast);
+                scale_quants_scalar(&quants, scale, offset, &mut slow);
+                let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast), bits(&slow), "scale {scale}, offset {offset:?}");
+            }
+        }
     }
 
     /// Q8_0 blocks of every scale (subnormal products, large ones) decode to h(d·q) per weight.
