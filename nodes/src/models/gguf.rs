@@ -437,73 +437,106 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// A tensor to write: name, PyTorch shape, ggml type and its bytes in that type.
-pub struct GgufTensorData {
+/// A tensor to write: name, PyTorch shape and ggml type.
+#[derive(Clone)]
+pub struct GgufTensorEntry {
     pub name: String,
     pub shape: Vec<usize>,
     pub kind: GgmlType,
-    pub bytes: Vec<u8>,
+}
+
+impl GgufTensorEntry {
+    /// The bytes of its data, `None` unless its elements fill whole blocks.
+    fn data_bytes(&self) -> Option<usize> {
+        self.kind.bytes_of(self.shape.iter().product())
+    }
 }
 
 /// Writes a GGUF v3 file (the test models Easel writes itself): `metadata` in order, then the
-/// tensors, each aligned to 32 bytes.
-pub fn write_gguf(path: &Path, metadata: &[(&str, MetadataValue)], tensors: &[GgufTensorData]) -> std::io::Result<()> {
-    fn string(out: &mut Vec<u8>, text: &str) {
-        out.extend((text.len() as u64).to_le_bytes());
-        out.extend(text.as_bytes());
-    }
-    fn value(out: &mut Vec<u8>, entry: &MetadataValue) {
-        match entry {
-            MetadataValue::U8(v) => out.push(*v),
-            MetadataValue::I8(v) => out.push(*v as u8),
-            MetadataValue::U16(v) => out.extend(v.to_le_bytes()),
-            MetadataValue::I16(v) => out.extend(v.to_le_bytes()),
-            MetadataValue::U32(v) => out.extend(v.to_le_bytes()),
-            MetadataValue::I32(v) => out.extend(v.to_le_bytes()),
-            MetadataValue::F32(v) => out.extend(v.to_le_bytes()),
-            MetadataValue::Bool(v) => out.push(u8::from(*v)),
-            MetadataValue::String(v) => string(out, v),
-            MetadataValue::Array(values) => {
-                out.extend(values.first().map_or(0, MetadataValue::type_id).to_le_bytes());
-                out.extend((values.len() as u64).to_le_bytes());
-                values.iter().for_each(|v| value(out, v));
-            }
-            MetadataValue::U64(v) => out.extend(v.to_le_bytes()),
-            MetadataValue::I64(v) => out.extend(v.to_le_bytes()),
-            MetadataValue::F64(v) => out.extend(v.to_le_bytes()),
-        }
-    }
+/// tensors of `entries`, each aligned to 32 bytes, their bytes (in the entry's type) asked of
+/// `bytes_of` one tensor at a time, so that a model larger than memory can be written.
+pub fn write_gguf(
+    path: &Path,
+    metadata: &[(&str, MetadataValue)],
+    entries: &[GgufTensorEntry],
+    mut bytes_of: impl FnMut(&GgufTensorEntry) -> std::io::Result<Vec<u8>>,
+) -> std::io::Result<()> {
     let aligned = |n: usize| n.div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
     let mut header = MAGIC.to_vec();
     header.extend(3u32.to_le_bytes());
-    header.extend((tensors.len() as u64).to_le_bytes());
+    header.extend((entries.len() as u64).to_le_bytes());
     header.extend((metadata.len() as u64).to_le_bytes());
     for (key, entry) in metadata {
-        string(&mut header, key);
+        write_string(&mut header, key);
         header.extend(entry.type_id().to_le_bytes());
-        value(&mut header, entry);
+        write_value(&mut header, entry);
     }
     let mut offset = 0;
-    for tensor in tensors {
-        string(&mut header, &tensor.name);
-        header.extend((tensor.shape.len() as u32).to_le_bytes());
-        tensor
+    for entry in entries {
+        let bytes = entry.data_bytes().ok_or_else(|| {
+            std::io::Error::other(format!(
+                "{}: {:?} does not fill whole blocks of {}",
+                entry.name,
+                entry.shape,
+                entry.kind.name()
+            ))
+        })?;
+        write_string(&mut header, &entry.name);
+        header.extend((entry.shape.len() as u32).to_le_bytes());
+        entry
             .shape
             .iter()
             .rev()
             .for_each(|&d| header.extend((d as u64).to_le_bytes()));
-        header.extend(tensor.kind.id().to_le_bytes());
+        header.extend(entry.kind.id().to_le_bytes());
         header.extend((offset as u64).to_le_bytes());
-        offset = aligned(offset + tensor.bytes.len());
+        offset = aligned(offset + bytes);
     }
     header.resize(aligned(header.len()), 0);
     let mut file = std::io::BufWriter::new(File::create(path)?);
     file.write_all(&header)?;
-    for tensor in tensors {
-        file.write_all(&tensor.bytes)?;
-        file.write_all(&vec![0; aligned(tensor.bytes.len()) - tensor.bytes.len()])?;
+    for entry in entries {
+        let bytes = bytes_of(entry)?;
+        if Some(bytes.len()) != entry.data_bytes() {
+            return Err(std::io::Error::other(format!(
+                "{}: {} bytes given for {:?} in {}",
+                entry.name,
+                bytes.len(),
+                entry.shape,
+                entry.kind.name()
+            )));
+        }
+        file.write_all(&bytes)?;
+        file.write_all(&vec![0; aligned(bytes.len()) - bytes.len()])?;
     }
     file.flush()
+}
+
+fn write_string(out: &mut Vec<u8>, text: &str) {
+    out.extend((text.len() as u64).to_le_bytes());
+    out.extend(text.as_bytes());
+}
+
+fn write_value(out: &mut Vec<u8>, entry: &MetadataValue) {
+    match entry {
+        MetadataValue::U8(v) => out.push(*v),
+        MetadataValue::I8(v) => out.push(*v as u8),
+        MetadataValue::U16(v) => out.extend(v.to_le_bytes()),
+        MetadataValue::I16(v) => out.extend(v.to_le_bytes()),
+        MetadataValue::U32(v) => out.extend(v.to_le_bytes()),
+        MetadataValue::I32(v) => out.extend(v.to_le_bytes()),
+        MetadataValue::F32(v) => out.extend(v.to_le_bytes()),
+        MetadataValue::Bool(v) => out.push(u8::from(*v)),
+        MetadataValue::String(v) => write_string(out, v),
+        MetadataValue::Array(values) => {
+            out.extend(values.first().map_or(0, MetadataValue::type_id).to_le_bytes());
+            out.extend((values.len() as u64).to_le_bytes());
+            values.iter().for_each(|v| write_value(out, v));
+        }
+        MetadataValue::U64(v) => out.extend(v.to_le_bytes()),
+        MetadataValue::I64(v) => out.extend(v.to_le_bytes()),
+        MetadataValue::F64(v) => out.extend(v.to_le_bytes()),
+    }
 }
 
 #[cfg(test)]
@@ -511,13 +544,36 @@ mod tests {
     use super::*;
     use crate::models::ggml_quants::quantize::quantize;
 
-    fn tensor(name: &str, shape: &[usize], kind: GgmlType, values: &[f32]) -> GgufTensorData {
-        GgufTensorData {
+    /// A tensor's entry and its bytes.
+    fn tensor(name: &str, shape: &[usize], kind: GgmlType, values: &[f32]) -> (GgufTensorEntry, Vec<u8>) {
+        let entry = GgufTensorEntry {
             name: name.into(),
             shape: shape.to_vec(),
             kind,
-            bytes: quantize(kind, values).expect("a type the tests write"),
-        }
+        };
+        (entry, quantize(kind, values).expect("a type the tests write"))
+    }
+
+    fn write(path: &Path, metadata: &[(&str, MetadataValue)], tensors: Vec<(GgufTensorEntry, Vec<u8>)>) {
+        let (entries, mut data): (Vec<_>, Vec<_>) = tensors.into_iter().unzip();
+        data.reverse();
+        write_gguf(path, metadata, &entries, |_| {
+            data.pop().ok_or_else(|| std::io::Error::other("no more data"))
+        })
+        .expect("written");
+    }
+
+    /// A tensor whose bytes are not what its entry says is refused, naming it.
+    #[test]
+    fn tensor_data_of_the_wrong_size_is_refused() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (entry, mut bytes) = tensor("w", &[1, 32], GgmlType::Q8_0, &[0.5; 32]);
+        bytes.pop();
+        let error = write_gguf(&dir.path().join("short.gguf"), &[], &[entry], |_| Ok(bytes.clone()))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("w: 33 bytes given"), "{error}");
     }
 
     #[test]
@@ -537,13 +593,13 @@ mod tests {
             ),
             ("general.file_type", MetadataValue::U32(7)),
         ];
-        let tensors = [
+        let tensors = vec![
             tensor("weight", &[2, 256], GgmlType::Q8_0, &values),
             tensor("k_weight", &[1, 256], GgmlType::Q4K, &values[..256]),
             tensor("bias", &[3], GgmlType::F32, &[1.0, 2.0, 3.0]),
             tensor("reshaped", &[1, 32], GgmlType::F16, &values[..32]),
         ];
-        write_gguf(&path, &metadata, &tensors).expect("written");
+        write(&path, &metadata, tensors.clone());
         let file = GgufFile::open(&path).expect("opened");
         assert_eq!(file.architecture(), Some("flux"));
         assert_eq!(
@@ -553,13 +609,8 @@ mod tests {
         assert_eq!(file.shape("weight"), Some(&[2, 256][..]));
         assert_eq!(file.shape("reshaped"), Some(&[4, 2, 4][..]));
         assert_eq!(file.tensor("k_weight").map(|t| t.kind), Some(GgmlType::Q4K));
-        for written in &tensors {
-            assert_eq!(
-                file.tensor_bytes(&written.name),
-                Some(written.bytes.as_slice()),
-                "{}",
-                written.name
-            );
+        for (entry, bytes) in &tensors {
+            assert_eq!(file.tensor_bytes(&entry.name), Some(bytes.as_slice()), "{}", entry.name);
         }
     }
 
@@ -571,18 +622,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("temporary directory");
         let path = dir.path().join("model.gguf");
         let values: Vec<f32> = (0..4 * 64).map(|i| (i as f32 * 0.1).cos()).collect();
-        let tensors = [
+        let tensors = vec![
             tensor("layer.weight", &[4, 64], GgmlType::Q8_0, &values),
             tensor("layer.bias", &[4], GgmlType::F32, &values[..4]),
         ];
-        write_gguf(&path, &[], &tensors).expect("written");
+        write(&path, &[], tensors.clone());
         let file = std::sync::Arc::new(GgufFile::open(&path).expect("opened"));
         let weights = Weights::from_file(file.clone(), DType::F32, &Device::Cpu).pp("layer");
         let matrix = weights.matrix((4, 64), "weight").expect("matrix");
         let in_place = matrix.with_elements(|elements| matches!(elements, Elements::Ggml(_, GgmlType::Q8_0)));
         assert_eq!(in_place.expect("readable"), Some(true));
         let mut expected = vec![0f32; 256];
-        GgmlType::Q8_0.dequantize_range(&tensors[0].bytes, 0, &mut expected);
+        GgmlType::Q8_0.dequantize_range(&tensors[0].1, 0, &mut expected);
         let copied: Vec<f32> = matrix.tensor().and_then(|t| t.flatten_all()?.to_vec1()).expect("copy");
         assert_eq!(copied, expected);
         let bias = weights.get(4, "bias").and_then(|t| t.to_vec1::<f32>()).expect("bias");
@@ -601,7 +652,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temporary directory");
         let path = dir.path().join("good.gguf");
         let values = vec![0.5f32; 64];
-        write_gguf(&path, &[], &[tensor("w", &[2, 32], GgmlType::Q8_0, &values)]).expect("written");
+        write(&path, &[], vec![tensor("w", &[2, 32], GgmlType::Q8_0, &values)]);
         let good = std::fs::read(&path).expect("read");
 
         assert!(error_of(b"GGML").contains("does not start with 'GGUF'"));

@@ -20,7 +20,7 @@ use super::clip_text::{Activation, ClipNaming, ClipTextConfig, ClipTextEncoder};
 use super::flux::{Flux, FluxConfig};
 use super::ggml_quants::quantize::quantize;
 use super::ggml_quants::GgmlType;
-use super::gguf::{write_gguf, GgufTensorData, MetadataValue};
+use super::gguf::{write_gguf, GgufTensorEntry, MetadataValue};
 use super::t5::{t5_name_to_llama_cpp, T5Config, T5Encoder};
 use super::unet::{HeadLayout, UNet, UNetConfig};
 use super::vae::{Vae, VaeConfig};
@@ -702,26 +702,62 @@ pub fn write_gguf_copy(
 ) -> std::io::Result<()> {
     let mut names: Vec<&str> = source.tensor_names().collect();
     names.sort_unstable();
-    let mut tensors = Vec::with_capacity(names.len());
-    for name in names {
-        let shape = source.shape(name).map(<[usize]>::to_vec).unwrap_or_default();
+    let entries: Vec<GgufTensorEntry> = names
+        .iter()
+        .map(|name| {
+            let shape = source.shape(name).map(<[usize]>::to_vec).unwrap_or_default();
+            gguf_entry(rename(name), shape, kind)
+        })
+        .collect();
+    let mut sources = names.into_iter();
+    write_gguf(path, &architecture_metadata(architecture), &entries, |entry| {
+        let name = sources.next().unwrap_or_default();
         let values: Vec<f32> = source
             .load(name, DType::F32, &Device::Cpu)
             .and_then(|tensor| tensor.flatten_all()?.to_vec1())
             .map_err(std::io::Error::other)?;
-        let quantized = shape.len() == 2 && shape[1] % kind.block_size() == 0;
-        let kind = if quantized { kind } else { GgmlType::F32 };
-        let bytes = quantize(kind, &values)
-            .ok_or_else(|| std::io::Error::other(format!("the test models cannot write {kind:?}")))?;
-        tensors.push(GgufTensorData {
-            name: rename(name),
-            shape,
-            kind,
-            bytes,
-        });
+        quantized_bytes(entry, &values)
+    })
+}
+
+/// Writes a GGUF file of `layout` filled as [`write_checkpoint_in`] fills a checkpoint, its
+/// matrices in `kind`, one tensor in memory at a time (a full-size model for the benchmarks).
+pub fn write_gguf_in(layout: &[TensorSpec], kind: GgmlType, architecture: &str, path: &Path) -> std::io::Result<()> {
+    let mut sorted: Vec<&TensorSpec> = layout.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let entries: Vec<GgufTensorEntry> = sorted
+        .iter()
+        .map(|spec| gguf_entry(spec.name.clone(), spec.shape.clone(), kind))
+        .collect();
+    let mut generator = CpuGenerator::new(0);
+    let mut specs = sorted.into_iter();
+    write_gguf(path, &architecture_metadata(architecture), &entries, |entry| {
+        let values = specs
+            .next()
+            .and_then(|spec| spec_values(spec, &mut generator))
+            .ok_or_else(|| std::io::Error::other(format!("{}: GGUF test files hold no integer tensors", entry.name)))?;
+        quantized_bytes(entry, &values)
+    })
+}
+
+/// A GGUF entry of a test model: matrices whose rows fill whole blocks in `kind`, other tensors
+/// in F32 (as ComfyUI-GGUF's files keep biases and norms).
+fn gguf_entry(name: String, shape: Vec<usize>, kind: GgmlType) -> GgufTensorEntry {
+    let quantized = shape.len() == 2 && shape[1].is_multiple_of(kind.block_size());
+    GgufTensorEntry {
+        name,
+        shape,
+        kind: if quantized { kind } else { GgmlType::F32 },
     }
-    let metadata = [("general.architecture", MetadataValue::String(architecture.into()))];
-    write_gguf(path, &metadata, &tensors)
+}
+
+fn architecture_metadata(architecture: &str) -> [(&'static str, MetadataValue); 1] {
+    [("general.architecture", MetadataValue::String(architecture.into()))]
+}
+
+fn quantized_bytes(entry: &GgufTensorEntry, values: &[f32]) -> std::io::Result<Vec<u8>> {
+    quantize(entry.kind, values)
+        .ok_or_else(|| std::io::Error::other(format!("the test models cannot write {:?}", entry.kind)))
 }
 
 /// Writes the tiny FLUX-shaped models (see [`TINY_FLUX_DEV`]) under `models_dir`.
@@ -995,18 +1031,13 @@ pub fn write_checkpoint_in(path: &Path, layout: &[TensorSpec], float_dtype: File
     let mut generator = CpuGenerator::new(0);
     let mut buffers: Vec<(String, FileDtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(sorted.len());
     for spec in sorted {
-        let numel: usize = spec.shape.iter().product();
-        let values: Vec<f32> = match spec.fill {
-            Fill::Arange => {
-                let bytes = (0..numel as i64).flat_map(i64::to_le_bytes).collect();
-                buffers.push((spec.name.clone(), FileDtype::I64, spec.shape.clone(), bytes));
-                continue;
-            }
-            Fill::Zeros => vec![0.0; numel],
-            Fill::Ones => vec![1.0; numel],
-            Fill::Random => generator.randn(numel).into_iter().map(|v| v * 0.02).collect(),
+        let Some(values) = spec_values(spec, &mut generator) else {
+            let numel = spec.shape.iter().product::<usize>() as i64;
+            let bytes = (0..numel).flat_map(i64::to_le_bytes).collect();
+            buffers.push((spec.name.clone(), FileDtype::I64, spec.shape.clone(), bytes));
+            continue;
         };
-        let halves = values.into_iter().map(|v| f16::from_f32(v).to_f32());
+        let halves = values.into_iter();
         let (dtype, bytes) = match float_dtype {
             FileDtype::BF16 => (
                 float_dtype,
@@ -1019,6 +1050,19 @@ pub fn write_checkpoint_in(path: &Path, layout: &[TensorSpec], float_dtype: File
     }
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     write_safetensors(path, &buffers, Some(metadata))
+}
+
+/// A float tensor's values as `spec.fill` says, rounded to f16 (so that every file type holds
+/// the same values); `None` for an integer tensor ([`Fill::Arange`]).
+fn spec_values(spec: &TensorSpec, generator: &mut CpuGenerator) -> Option<Vec<f32>> {
+    let numel: usize = spec.shape.iter().product();
+    let values = match spec.fill {
+        Fill::Arange => return None,
+        Fill::Zeros => vec![0.0; numel],
+        Fill::Ones => vec![1.0; numel],
+        Fill::Random => generator.randn(numel).into_iter().map(|v| v * 0.02).collect(),
+    };
+    Some(values.into_iter().map(|v| f16::from_f32(v).to_f32()).collect())
 }
 
 /// Writes tensors given as (name, dtype, shape, little-endian data) as a safetensors file.
@@ -1076,7 +1120,8 @@ impl SimpleBackend for Recorder {
                 fill,
             });
         }
-        Tensor::zeros(shape, dtype, device)
+        // One zero seen through the shape: a full-size model's layout allocates nothing.
+        Tensor::zeros((), dtype, device)?.broadcast_as(shape)
     }
 
     fn get_unchecked(&self, name: &str, _dtype: DType, _device: &Device) -> candle_core::Result<Tensor> {

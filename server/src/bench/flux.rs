@@ -2,24 +2,30 @@
 //! widths; one double and two single blocks instead of 19 and 38, random weights) written as
 //! bf16 safetensors and as GGUF Q8_0 and Q4_K, each loaded in a fresh process and timed for one
 //! transformer step (batch 1, guidance embedded, 256 T5 tokens) at 256² and 512², with the
-//! process's peak resident memory against the file's size. `--checkpoint FILE` measures one
-//! file (a real FLUX model too).
+//! process's peak resident memory against the file's size; then a FLUX-sized linear layer with
+//! weights of every ggml type. `--full-depth` measures FLUX.1-dev's whole depth as Q8_0 (a
+//! file of its real size); `--checkpoint FILE` measures one file (a real FLUX model too).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use easel_nodes::diffusion::DiffusionNetwork;
 use easel_nodes::loader_nodes::load_diffusion_model;
 use easel_nodes::models::flux::{FluxConfig, FluxControl, FluxInput};
+use easel_nodes::models::ggml_quants::quantize::{quantize, random_blocks};
 use easel_nodes::models::ggml_quants::GgmlType;
+use easel_nodes::models::gguf::{write_gguf, GgufFile, GgufTensorEntry};
+use easel_nodes::models::linear::linear_no_bias;
 use easel_nodes::models::sgemm::Precision;
-use easel_nodes::models::testmodels::{flux_layout, write_checkpoint_in, write_gguf_copy};
+use easel_nodes::models::testmodels::{flux_layout, write_checkpoint_in, write_gguf_copy, write_gguf_in};
 use easel_nodes::models::weights::SafetensorsFile;
+use easel_nodes::models::weights::Weights;
+use easel_nodes::sampling::noise::CpuGenerator;
 use safetensors::tensor::Dtype as FileDtype;
 
-use super::{mean_seconds, peak_rss_bytes};
+use super::{fastest_seconds, peak_rss_bytes};
 use crate::cli::BenchArgs;
 
 /// T5 tokens of the prompt (ComfyUI pads FLUX prompts to 256).
@@ -53,32 +59,25 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     }
     let dir = tempfile::tempdir()?;
     let started = Instant::now();
-    let config = flux_dev_shaped(1, 2);
-    let bf16 = dir.path().join("flux_shaped-bf16.safetensors");
-    write_checkpoint_in(&bf16, &flux_layout(&config, "")?, FileDtype::BF16)?;
-    let (q8, q4) = (
-        dir.path().join("flux_shaped-Q8_0.gguf"),
-        dir.path().join("flux_shaped-Q4_K.gguf"),
-    );
-    {
-        let source = SafetensorsFile::open(&bf16)?;
-        let keep_name = |name: &str| name.to_string();
-        write_gguf_copy(&source, GgmlType::Q8_0, "flux", &keep_name, &q8)?;
-        write_gguf_copy(&source, GgmlType::Q4K, "flux", &keep_name, &q4)?;
-    }
-    for file in [&bf16, &q8, &q4] {
+    let (config, files) = if args.full_depth {
+        write_full_depth(dir.path())?
+    } else {
+        write_shaped(dir.path())?
+    };
+    for file in &files {
         std::fs::File::open(file)?.sync_all()?;
     }
     println!(
         "A FLUX.1-dev-shaped model (3072 wide, {} double and {} single blocks of FLUX's 19 and 38, random \
          weights; written in {:.0} s), each file measured in a fresh process so that its peak memory is \
-         the model's alone. One step = one transformer pass at batch 1 with {TEXT_TOKENS} text tokens.\n",
+         the model's alone. One step = one transformer pass at batch 1 with {TEXT_TOKENS} text tokens; \
+         the fastest of the timed steps is shown.\n",
         config.double_blocks,
         config.single_blocks,
         started.elapsed().as_secs_f64()
     );
     print_header();
-    for file in [&bf16, &q8, &q4] {
+    for file in &files {
         let status = std::process::Command::new(std::env::current_exe()?)
             .args([
                 "bench",
@@ -92,11 +91,37 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
             .status()?;
         anyhow::ensure!(status.success(), "measuring {} failed: {status}", file.display());
     }
+    if !args.full_depth {
+        measure_kernels(dir.path(), args.steps)?;
+    }
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// One double and two single blocks as bf16 safetensors, GGUF Q8_0 and GGUF Q4_K.
+fn write_shaped(dir: &Path) -> anyhow::Result<(FluxConfig, Vec<PathBuf>)> {
+    let config = flux_dev_shaped(1, 2);
+    let bf16 = dir.join("flux_shaped-bf16.safetensors");
+    write_checkpoint_in(&bf16, &flux_layout(&config, "")?, FileDtype::BF16)?;
+    let (q8, q4) = (dir.join("flux_shaped-Q8_0.gguf"), dir.join("flux_shaped-Q4_K.gguf"));
+    let source = SafetensorsFile::open(&bf16)?;
+    let keep_name = |name: &str| name.to_string();
+    write_gguf_copy(&source, GgmlType::Q8_0, "flux", &keep_name, &q8)?;
+    write_gguf_copy(&source, GgmlType::Q4K, "flux", &keep_name, &q4)?;
+    Ok((config, vec![bf16, q8, q4]))
+}
+
+/// FLUX.1-dev's whole depth as GGUF Q8_0, written a tensor at a time.
+fn write_full_depth(dir: &Path) -> anyhow::Result<(FluxConfig, Vec<PathBuf>)> {
+    let config = flux_dev_shaped(19, 38);
+    let q8 = dir.join("flux_dev_depth-Q8_0.gguf");
+    write_gguf_in(&flux_layout(&config, "")?, GgmlType::Q8_0, "flux", &q8)?;
+    Ok((config, vec![q8]))
+}
+
 fn print_header() {
-    println!("| file | size (GiB) | load (s) | image | first step (s) | step (s) | peak RSS (GiB) | peak RSS / file |");
+    println!(
+        "| file | size (GiB) | load (s) | image | first step (s) | fastest step (s) | peak RSS (GiB) | peak RSS / file |"
+    );
     println!("|---|---:|---:|---|---:|---:|---:|---:|");
 }
 
@@ -134,7 +159,7 @@ fn measure(checkpoint: &Path, steps: usize) -> anyhow::Result<()> {
             control: FluxControl::default(),
             image_prompt: None,
         };
-        let (first, mean) = mean_seconds(steps, || flux.forward(&input))?;
+        let (first, fastest) = fastest_seconds(steps, || flux.forward(&input))?;
         let (peak, ratio) = match peak_rss_bytes() {
             Some(peak) => (
                 format!("{:.2}", gib(peak)),
@@ -143,8 +168,87 @@ fn measure(checkpoint: &Path, steps: usize) -> anyhow::Result<()> {
             None => ("–".into(), "–".into()),
         };
         println!(
-            "| {name} | {:.2} | {load:.2} | {pixels}² | {first:.2} | {mean:.2} | {peak} | {ratio} |",
+            "| {name} | {:.2} | {load:.2} | {pixels}² | {first:.2} | {fastest:.2} | {peak} | {ratio} |",
             gib(file_bytes)
+        );
+    }
+    Ok(())
+}
+
+/// The linear layer timed per weight type: FLUX's MLP input (3072 → 12 288) over the tokens of
+/// a 512² step (1024 image + 256 text).
+const KERNEL_SHAPE: (usize, usize, usize) = (1280, 3072, 12288);
+
+/// Times the linear layer with its weights in every ggml type ComfyUI-GGUF loads, read from one
+/// GGUF file as a model reads them.
+fn measure_kernels(dir: &Path, runs: usize) -> anyhow::Result<()> {
+    const KINDS: [GgmlType; 13] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q5_1,
+        GgmlType::Q5_0,
+        GgmlType::Q4_1,
+        GgmlType::Q4_0,
+        GgmlType::Q6K,
+        GgmlType::Q5K,
+        GgmlType::Q4K,
+        GgmlType::Q3K,
+        GgmlType::Q2K,
+    ];
+    let (tokens, in_features, out_features) = KERNEL_SHAPE;
+    let path = dir.join("linear_layers.gguf");
+    let entries: Vec<GgufTensorEntry> = KINDS
+        .iter()
+        .map(|&kind| GgufTensorEntry {
+            name: format!("{}.weight", kind.name()),
+            shape: vec![out_features, in_features],
+            kind,
+        })
+        .collect();
+    let mut generator = CpuGenerator::new(1);
+    write_gguf(&path, &[], &entries, |entry| {
+        let blocks = out_features * in_features / entry.kind.block_size();
+        let bytes = random_blocks(entry.kind, blocks, 7).or_else(|| {
+            let values: Vec<f32> = generator
+                .randn(out_features * in_features)
+                .iter()
+                .map(|v| v * 0.02)
+                .collect();
+            quantize(entry.kind, &values)
+        });
+        bytes.ok_or_else(|| std::io::Error::other(format!("no data for {}", entry.kind.name())))
+    })?;
+    let file = std::sync::Arc::new(GgufFile::open(&path)?);
+    let device = Device::Cpu;
+    let weights = Weights::from_file(file, DType::F32, &device);
+    let x = Tensor::randn(0f32, 1.0, (tokens, in_features), &device)?;
+    let flop = 2.0 * (tokens * in_features * out_features) as f64;
+    println!(
+        "\nA linear layer {in_features} → {out_features} over {tokens} tokens (FLUX's MLP input at 512²), its \
+         weights in each ggml type, read in place from a GGUF file; the fastest of the timed runs; × BF16: time against the BF16 weights'.\n"
+    );
+    println!("| weights | bits per weight | time (ms) | GFLOP/s | × BF16 |");
+    println!("|---|---:|---:|---:|---:|");
+    let mut times = Vec::with_capacity(KINDS.len());
+    for kind in KINDS {
+        let layer = linear_no_bias(in_features, out_features, weights.pp(kind.name()))?;
+        let (_, seconds) = fastest_seconds(runs, || layer.forward(&x))?;
+        times.push((kind, seconds));
+    }
+    let bf16_seconds = times
+        .iter()
+        .find(|(kind, _)| *kind == GgmlType::BF16)
+        .map_or(f64::NAN, |(_, seconds)| *seconds);
+    for (kind, seconds) in times {
+        let bits = 8.0 * kind.block_bytes() as f64 / kind.block_size() as f64;
+        println!(
+            "| {} | {bits:.2} | {:.0} | {:.0} | {:.2} |",
+            kind.name(),
+            seconds * 1e3,
+            flop / seconds / 1e9,
+            seconds / bf16_seconds
         );
     }
     Ok(())

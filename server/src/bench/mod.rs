@@ -37,6 +37,22 @@ pub(crate) fn mean_seconds(
     Ok((first, started.elapsed().as_secs_f64() / runs.max(1) as f64))
 }
 
+/// The time of a warm-up run, then the fastest of `runs` more: on a shared machine the
+/// fastest is the least disturbed.
+pub(crate) fn fastest_seconds(
+    runs: usize,
+    mut run: impl FnMut() -> candle_core::Result<Tensor>,
+) -> anyhow::Result<(f64, f64)> {
+    let mut times = Vec::with_capacity(runs.max(1) + 1);
+    for _ in 0..=runs.max(1) {
+        let started = Instant::now();
+        run()?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    let fastest = times[1..].iter().copied().fold(f64::INFINITY, f64::min);
+    Ok((times[0], fastest))
+}
+
 /// The process's peak resident set (`VmHWM`), where the platform says.
 pub(crate) fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
