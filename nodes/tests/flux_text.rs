@@ -8,10 +8,11 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use common::{j, max_abs_difference, setup, setup_with, Setup};
+use common::{j, max_abs_difference, rewrite_f16_file, setup, setup_with, Setup};
 use easel_engine::Value;
 use easel_nodes::diffusion::{Clip, Conditioning, DiffusionNetwork, Model, TextNetwork, VaeModel};
 use easel_nodes::models::clip_text::OutputLayer;
+use easel_nodes::models::fp8::Fp8Format;
 use easel_nodes::models::t5::{T5Config, T5Encoder};
 use easel_nodes::models::testmodels::{
     t5_layout, tiny_t5, write_checkpoint, write_tiny_t5_tokenizer, TINY_CLIP_G, TINY_CLIP_L, TINY_FLUX_CHECKPOINT,
@@ -162,6 +163,40 @@ fn a_gguf_t5_encodes_close_to_its_safetensors() {
     let error = dual_clip(&setup, "DualCLIPLoader", TINY_CLIP_L, TINY_CLIP_G).unwrap_err();
     assert!(error.contains("needs a CLIP-L and a T5-XXL"), "{error}");
     assert!(error.contains("a CLIP text encoder 96 wide"), "{error}");
+}
+
+/// A T5 saved in fp8 (e4m3fn, as ComfyUI's `t5xxl_fp8_e4m3fn`) encodes exactly as its fp8
+/// values saved in f32 do, and close to the f16 file it was rounded from.
+#[test]
+fn an_fp8_t5_encodes_as_its_values_in_f32() {
+    let setup = setup();
+    let folder = setup.services.get::<Paths>().unwrap().models.join("text_encoders");
+    let format = Fp8Format::E4M3Fn;
+    let (fp8, widened) = ("t5_fp8_e4m3fn.safetensors", "t5_fp8_values_f32.safetensors");
+    rewrite_f16_file(
+        &folder.join(TINY_T5),
+        &folder.join(fp8),
+        safetensors::Dtype::F8_E4M3,
+        |value, out| out.push(format.encode(value)),
+    );
+    rewrite_f16_file(
+        &folder.join(TINY_T5),
+        &folder.join(widened),
+        safetensors::Dtype::F32,
+        |value, out| out.extend(format.values()[usize::from(format.encode(value))].to_le_bytes()),
+    );
+    let context = |t5: &str| {
+        let clip = dual_clip(&setup, "DualCLIPLoader", TINY_CLIP_L, t5).unwrap();
+        encode(&setup, &clip, "a lighthouse at dusk")
+            .0
+            .remove(0)
+            .cross_attention
+    };
+    let (from_fp8, from_f32, from_f16) = (context(fp8), context(widened), context(TINY_T5));
+    assert_eq!(max_abs_difference(&from_fp8, &from_f32), 0.0);
+    let scale = max_abs_difference(&from_f16, &from_f16.zeros_like().unwrap());
+    let moved = max_abs_difference(&from_fp8, &from_f16);
+    assert!(moved > 0.0 && moved < 0.2 * scale, "{moved} of {scale}");
 }
 
 /// A T5 with no tokenizer anywhere, downloads off: the error names the encoder file and where

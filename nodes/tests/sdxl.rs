@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, D};
-use common::{j, max_abs_difference, setup, Setup};
+use common::{j, max_abs_difference, rewrite_f16_file, setup, Setup};
 use easel_engine::Value;
 use easel_nodes::diffusion::{Clip, CondEntry, Conditioning, Model, Prediction, SdxlSizes, TextEncoder, TextNetwork};
 use easel_nodes::models::clip_text::{ClipTextEncoder, OutputLayer};
@@ -428,8 +428,6 @@ fn unet_prediction(setup: &Setup, file: &str, weight_dtype: &str) -> Tensor {
 fn unet_loader_fp8_weight_dtype_equals_the_unet_saved_in_fp8() {
     let setup = setup();
     let models = &setup.services.get::<Paths>().unwrap().models;
-    let bytes = std::fs::read(models.join("diffusion_models").join(TINY_SDXL_UNET)).unwrap();
-    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let full = unet_prediction(&setup, TINY_SDXL_UNET, "default");
     for (format, dtype, weight_dtypes) in [
         (
@@ -439,33 +437,14 @@ fn unet_loader_fp8_weight_dtype_equals_the_unet_saved_in_fp8() {
         ),
         (Fp8Format::E5M2, safetensors::Dtype::F8_E5M2, &["fp8_e5m2"][..]),
     ] {
-        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = file
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| {
-                let values: Vec<f32> = match view.dtype() {
-                    safetensors::Dtype::F16 => view
-                        .data()
-                        .chunks_exact(2)
-                        .map(|pair| half::f16::from_le_bytes([pair[0], pair[1]]).to_f32())
-                        .collect(),
-                    other => panic!("the tiny UNet is f16, not {other:?}"),
-                };
-                (
-                    name,
-                    view.shape().to_vec(),
-                    values.iter().map(|&v| format.encode(v)).collect(),
-                )
-            })
-            .collect();
-        let views = encoded.iter().map(|(name, shape, data)| {
-            (
-                name.as_str(),
-                safetensors::tensor::TensorView::new(dtype, shape.clone(), data).unwrap(),
-            )
-        });
         let fp8_file = format!("tiny_sdxl_unet_{}.safetensors", format.name());
-        safetensors::serialize_to_file(views, None, &models.join("diffusion_models").join(&fp8_file)).unwrap();
+        let folder = models.join("diffusion_models");
+        rewrite_f16_file(
+            &folder.join(TINY_SDXL_UNET),
+            &folder.join(&fp8_file),
+            dtype,
+            |value, out| out.push(format.encode(value)),
+        );
 
         let saved_in_fp8 = unet_prediction(&setup, &fp8_file, "default");
         for weight_dtype in weight_dtypes {

@@ -111,3 +111,32 @@ pub fn j(value: serde_json::Value) -> Value {
 pub fn flat(tensor: &Tensor) -> Vec<f32> {
     tensor.flatten_all().unwrap().to_vec1().unwrap()
 }
+
+/// Writes the f16 safetensors file `source` again as `target` with every tensor in `dtype`,
+/// each value's bytes appended by `encode` (an fp8 copy of a test model, say).
+pub fn rewrite_f16_file(
+    source: &std::path::Path,
+    target: &std::path::Path,
+    dtype: safetensors::Dtype,
+    encode: impl Fn(f32, &mut Vec<u8>),
+) {
+    let bytes = std::fs::read(source).expect("source file");
+    let file = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F16, "{name}: the test models are f16");
+            let mut data = Vec::new();
+            for pair in view.data().chunks_exact(2) {
+                encode(half::f16::from_le_bytes([pair[0], pair[1]]).to_f32(), &mut data);
+            }
+            (name, view.shape().to_vec(), data)
+        })
+        .collect();
+    let views = encoded.iter().map(|(name, shape, data)| {
+        let view = safetensors::tensor::TensorView::new(dtype, shape.clone(), data).expect("tensor view");
+        (name.as_str(), view)
+    });
+    safetensors::serialize_to_file(views, None, target).expect("written");
+}
