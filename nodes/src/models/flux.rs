@@ -538,25 +538,24 @@ impl SingleStreamBlock {
     }
 
     /// Intermediates are dropped as soon as they are used: the widest ones (the projection,
-    /// 3·hidden + mlp wide, and the joined attention and MLP outputs) decide the peak memory.
+    /// 3·hidden + mlp wide, and the joined attention and MLP outputs) decide the peak memory,
+    /// so the projection is gone before the attention runs.
     fn forward(&self, x: &Tensor, vec: &Tensor, rope: &Rope) -> Result<Tensor> {
         let modulation = modulation(&self.modulation, vec, 3)?;
-        let (attention, mlp) = {
+        let (qkv, mlp) = {
             let projected = self
                 .linear1
                 .forward(&modulate(&layer_norm(x)?, &modulation[0], &modulation[1])?)?;
             let width = projected.dim(D::Minus1)?;
-            let attention = {
-                let (q, k, v) = self.norm.split(
-                    &projected.narrow(D::Minus1, 0, 3 * self.hidden)?.contiguous()?,
-                    self.heads,
-                )?;
-                rope_attention(&q, &k, &v, rope)?
-            };
             let mlp = projected
                 .narrow(D::Minus1, 3 * self.hidden, width - 3 * self.hidden)?
                 .gelu()?;
-            (attention, mlp)
+            (projected.narrow(D::Minus1, 0, 3 * self.hidden)?.contiguous()?, mlp)
+        };
+        let attention = {
+            let (q, k, v) = self.norm.split(&qkv, self.heads)?;
+            drop(qkv);
+            rope_attention(&q, &k, &v, rope)?
         };
         let joined = Tensor::cat(&[&attention, &mlp], D::Minus1)?;
         drop((attention, mlp));
