@@ -265,13 +265,7 @@ pub fn attention(
         };
         let keys = &k[head * key_length * head_dim..(head + 1) * key_length * head_dim];
         let values = &v[head * key_length * head_dim..(head + 1) * key_length * head_dim];
-        let keys_transposed = View {
-            data: keys.into(),
-            rows: head_dim,
-            cols: key_length,
-            row_stride: 1,
-            col_stride: head_dim,
-        };
+        let keys_transposed = View::transpose_of(keys, key_length, head_dim);
         with_scratch(&SCRATCH, rows * key_length, |scores| {
             gemm_into(
                 scores,
@@ -292,20 +286,8 @@ pub fn attention(
             }
             // out = P·V is computed as outᵀ = Vᵀ·Pᵀ: the narrow head dimension then fills the
             // GEMM's 6-row side instead of wasting most of a 32-column panel.
-            let values_transposed = View {
-                data: values.into(),
-                rows: head_dim,
-                cols: key_length,
-                row_stride: 1,
-                col_stride: head_dim,
-            };
-            let probabilities_transposed = View {
-                data: (&*scores).into(),
-                rows: key_length,
-                cols: rows,
-                row_stride: 1,
-                col_stride: key_length,
-            };
+            let values_transposed = View::transpose_of(values, key_length, head_dim);
+            let probabilities_transposed = View::transpose_of(&*scores, rows, key_length);
             let mut transposed = vec![0f32; head_dim * rows];
             gemm_into(
                 &mut transposed,

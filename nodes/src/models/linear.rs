@@ -111,13 +111,7 @@ fn forward_by_columns(
                     Some(bias) => bias[first..first + columns].repeat(count),
                     None => vec![0f32; count * columns],
                 };
-                let weight_t = View {
-                    data: weight,
-                    rows: in_features,
-                    cols: columns,
-                    row_stride: 1,
-                    col_stride: in_features,
-                };
+                let weight_t = View::transpose_of(weight, columns, in_features);
                 gemm_into(&mut product, columns, lhs, &weight_t, 1.0, bias.is_some(), precision);
                 product
             })
@@ -142,13 +136,7 @@ fn forward_by_rows(
     let mut output = vec![0f32; rows * out_features];
     let tasks = 2 * rayon::current_num_threads();
     let rows_per_task = rows.div_ceil(tasks).max(MIN_ROWS_PER_TASK);
-    let weight_t = View {
-        data: weight,
-        rows: in_features,
-        cols: out_features,
-        row_stride: 1,
-        col_stride: in_features,
-    };
+    let weight_t = View::transpose_of(weight, out_features, in_features);
     output
         .par_chunks_mut(rows_per_task * out_features)
         .zip(x.par_chunks(rows_per_task * in_features))

@@ -120,6 +120,18 @@ impl<'a> View<'a> {
         }
     }
 
+    /// The transpose of a row-major `rows × cols` matrix at the start of `data` (a linear
+    /// layer's [out, in] weight seen as [in, out]).
+    pub fn transpose_of(data: impl Into<Elements<'a>>, rows: usize, cols: usize) -> View<'a> {
+        View {
+            data: data.into(),
+            rows: cols,
+            cols: rows,
+            row_stride: 1,
+            col_stride: cols,
+        }
+    }
+
     fn fits(&self) -> bool {
         self.rows == 0
             || self.cols == 0

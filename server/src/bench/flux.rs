@@ -20,8 +20,7 @@ use easel_nodes::models::gguf::{write_gguf, GgufFile, GgufTensorEntry};
 use easel_nodes::models::linear::linear_no_bias;
 use easel_nodes::models::sgemm::Precision;
 use easel_nodes::models::testmodels::{flux_layout, write_checkpoint_in, write_gguf_copy, write_gguf_in};
-use easel_nodes::models::weights::SafetensorsFile;
-use easel_nodes::models::weights::Weights;
+use easel_nodes::models::weights::{SafetensorsFile, Weights};
 use easel_nodes::sampling::noise::CpuGenerator;
 use safetensors::tensor::Dtype as FileDtype;
 
