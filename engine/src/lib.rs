@@ -2,6 +2,7 @@
 //!
 //! A ComfyUI API-format prompt goes through these stages, one module each:
 //! - [`prompt`]: the JSON prompt, kept as ComfyUI keeps it (node ids, `class_type`, `inputs`, `_meta`);
+//!   [`ui_workflow`] turns a workflow saved in the frontend's UI format into one;
 //! - [`schema`] and [`node`]: what a node declares (its `/object_info` entry) and what it runs;
 //! - [`registry`]: every known node class by name;
 //! - [`validate`]: ComfyUI's `validate_prompt`, with its exact error objects;
@@ -21,6 +22,7 @@ pub mod pyjson;
 pub mod registry;
 pub mod schedule;
 pub mod schema;
+pub mod ui_workflow;
 pub mod validate;
 pub mod value;
 

@@ -100,3 +100,25 @@ fn every_bundled_workflow_runs_and_saves_its_images() {
     let pixels = |name: &str| image::open(paths.output.join(name)).unwrap().to_rgb8().into_raw();
     assert_eq!(pixels("sdxl_split_files_00001_.png"), pixels("sdxl_txt2img_00001_.png"));
 }
+
+/// A workflow saved in the frontend's UI format becomes the API prompt of the same graph: widget
+/// values in schema order (the seed's `control_after_generate` and LoadImageMask's upload value
+/// skipped), links through a Reroute and a bypassed loader, a PrimitiveNode's value kept as its
+/// target's widget value, and the muted SaveImage, the Note and the virtual nodes left out.
+#[test]
+fn a_ui_format_workflow_converts_to_its_api_prompt() {
+    use easel_engine::ui_workflow::{is_ui_workflow, to_api_prompt};
+    let setup = setup();
+    let ui = common::fixture_json("ui_workflow_sd15_lora.json");
+    assert!(is_ui_workflow(&ui));
+    let mut converted = to_api_prompt(&ui, &setup.registry, &setup.services).unwrap();
+    let mask_loader = converted.as_object_mut().unwrap().remove("16").unwrap();
+    assert_eq!(
+        mask_loader["inputs"],
+        serde_json::json!({"image": "example.png", "channel": "alpha"})
+    );
+    let api: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{WORKFLOWS}/sd15_lora.json")).unwrap()).unwrap();
+    assert!(!is_ui_workflow(&api));
+    assert_eq!(converted, api);
+}

@@ -1,4 +1,5 @@
-//! `easel run WORKFLOW.json`: validates and executes one prompt in-process, with a progress bar on
+//! `easel run WORKFLOW.json`: validates and executes one prompt (API format, a `POST /prompt`
+//! body, or a UI-format workflow) in-process, with a progress bar on
 //! a terminal, and prints the prompt's history `outputs` as the last line of standard output.
 
 use crate::cli::RunArgs;
@@ -6,6 +7,7 @@ use crate::setup;
 use anyhow::Context;
 use easel_engine::events::{Event, EventKind};
 use easel_engine::pyjson::dumps;
+use easel_engine::ui_workflow::{embed_workflow, is_ui_workflow, to_api_prompt};
 use easel_engine::{validate_prompt, EventSink, ExecutionStatus, Executor, Interrupt, Prompt};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value as Json};
@@ -25,8 +27,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         other => (other, json!({})),
     };
-    let prompt = Prompt::from_json(prompt_json)?;
     let runtime = setup::runtime(&args.execution)?;
+    let (prompt_json, extra_data) = if is_ui_workflow(&prompt_json) {
+        let api = to_api_prompt(&prompt_json, &runtime.registry, &runtime.services)?;
+        let mut extra_data = extra_data;
+        if let Some(extra) = extra_data.as_object_mut() {
+            embed_workflow(extra, &prompt_json);
+        }
+        (api, extra_data)
+    } else {
+        (prompt_json, extra_data)
+    };
+    let prompt = Prompt::from_json(prompt_json)?;
     let validated = match validate_prompt(&runtime.registry, &runtime.services, prompt, None) {
         Ok(validated) => validated,
         Err(failure) => {

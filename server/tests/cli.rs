@@ -1,5 +1,5 @@
 //! `easel run` on every bundled workflow (with the models of `easel testmodels`): it must succeed, write the images its last stdout line
-//! names, and reject a bad workflow with ComfyUI's error body.
+//! names, and reject a bad workflow with ComfyUI's error body; it also takes UI-format workflows.
 
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
@@ -89,6 +89,30 @@ fn a_request_body_with_extra_data_is_accepted_and_metadata_can_be_disabled() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let bytes = std::fs::read(base.path().join("output/plain_00001_.png")).unwrap();
     assert!(!bytes.windows(4).any(|w| w == b"tEXt"));
+}
+
+/// `easel run` takes a workflow saved in the frontend's UI format, and the PNG embeds it.
+#[test]
+fn a_ui_format_workflow_runs() {
+    let base = tempfile::tempdir().unwrap();
+    let workflow = base.path().join("ui_workflow.json");
+    std::fs::write(
+        &workflow,
+        r#"{"nodes": [{"id": 1, "type": "EmptyImage", "mode": 0, "inputs": [], "widgets_values": [8, 8, 1, 255]},
+                      {"id": 2, "type": "SaveImage", "mode": 0, "inputs": [{"name": "images", "type": "IMAGE", "link": 1}],
+                       "widgets_values": ["from_ui"]}],
+            "links": [[1, 1, 0, 2, 0, "IMAGE"]], "version": 0.4}"#,
+    )
+    .unwrap();
+    let out = easel(&[
+        "run",
+        workflow.to_str().unwrap(),
+        "--base-directory",
+        base.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(base.path().join("output/from_ui_00001_.png")).unwrap();
+    assert!(bytes.windows(9).any(|w| w == b"workflow\0"));
 }
 
 #[test]

@@ -56,6 +56,44 @@ fn a_queued_workflow_runs_and_its_images_can_be_fetched() {
     assert_eq!(all.as_object().unwrap().keys().collect::<Vec<_>>(), [&prompt_id]);
 }
 
+/// A workflow in the frontend's UI format is queued as its API prompt (a bypassed ImageInvert
+/// and a Reroute between EmptyImage and SaveImage), and the saved PNG embeds the UI workflow as
+/// the frontend's own prompts do.
+#[test]
+fn a_ui_format_workflow_is_queued_as_its_api_prompt() {
+    let server = start();
+    let node = |id: u32, class: &str, mode: u32, inputs: Json, widgets: Json| json!({"id": id, "type": class, "mode": mode, "inputs": inputs, "outputs": [], "widgets_values": widgets});
+    let workflow = json!({
+        "last_node_id": 4, "last_link_id": 3, "version": 0.4,
+        "nodes": [
+            node(1, "EmptyImage", 0, json!([]), json!([8, 8, 1, 0])),
+            node(2, "ImageInvert", 4, json!([{"name": "image", "type": "IMAGE", "link": 1}]), json!([])),
+            node(3, "Reroute", 0, json!([{"name": "", "type": "*", "link": 2}]), json!([])),
+            node(4, "SaveImage", 0, json!([{"name": "images", "type": "IMAGE", "link": 3}]), json!(["ui_format"])),
+        ],
+        "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "IMAGE"], [3, 3, 0, 4, 0, "IMAGE"]],
+    });
+    let (status, _, text) = server.api.post("/prompt", &json!({"prompt": workflow}).to_string());
+    assert_eq!(status, 200, "{text}");
+    let prompt_id = serde_json::from_str::<Json>(&text).unwrap()["prompt_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let entry = server.api.wait_for_history(&prompt_id);
+    assert_eq!(entry["status"]["status_str"], "success", "{entry}");
+    assert_eq!(
+        entry["prompt"][2],
+        json!({
+            "1": {"inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}, "class_type": "EmptyImage", "_meta": {"title": "EmptyImage"}},
+            "4": {"inputs": {"filename_prefix": "ui_format", "images": ["1", 0]}, "class_type": "SaveImage", "_meta": {"title": "Save Image"}}
+        })
+    );
+    assert_eq!(entry["prompt"][3]["extra_pnginfo"]["workflow"], workflow);
+    let (status, _, png) = server.api.get("/view?filename=ui_format_00001_.png&type=output");
+    assert_eq!(status, 200);
+    assert!(png.windows(9).any(|w| w == b"workflow\0"));
+}
+
 #[test]
 fn bad_requests_get_comfyui_responses() {
     let server = start();

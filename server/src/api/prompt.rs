@@ -9,6 +9,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use easel_engine::pyjson::py_str;
+use easel_engine::ui_workflow::{embed_workflow, is_ui_workflow, to_api_prompt};
 use easel_engine::{validate_prompt, Prompt, ValidationFailure};
 use serde_json::{json, Value as Json};
 
@@ -27,7 +28,9 @@ async fn queue_prompt(State(state): State<AppState>, body: Bytes) -> Result<Resp
         .map_err(|_| ApiError::Malformed)?
 }
 
-/// ComfyUI's `post_prompt`: number, id, validation, then the prompt is stored and queued.
+/// ComfyUI's `post_prompt`: number, id, validation, then the prompt is stored and queued. A
+/// prompt in the frontend's UI format is converted first, and saved images embed it as the
+/// frontend's own prompts do.
 fn accept_prompt(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
     let request = parse_body(body)?;
     let (number, number_json) = match request.get("number") {
@@ -54,17 +57,25 @@ fn accept_prompt(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
         Some(other) => py_str(other),
         None => uuid::Uuid::new_v4().to_string(),
     };
-    let prompt = Prompt::from_json(prompt_json.clone()).map_err(|e| {
+    let invalid_prompt = |message: String| {
         ApiError::Invalid(Box::new(ValidationFailure {
-            error: json!({"type": "invalid_prompt", "message": e.to_string(), "details": "", "extra_info": {}}),
+            error: json!({"type": "invalid_prompt", "message": message, "details": "", "extra_info": {}}),
             node_errors: json!({}),
         }))
-    })?;
+    };
+    let runtime = &state.runtime;
+    let ui_workflow = is_ui_workflow(prompt_json).then_some(prompt_json);
+    let prompt_json = match ui_workflow {
+        Some(workflow) => {
+            to_api_prompt(workflow, &runtime.registry, &runtime.services).map_err(|e| invalid_prompt(e.to_string()))?
+        }
+        None => prompt_json.clone(),
+    };
+    let prompt = Prompt::from_json(prompt_json).map_err(|e| invalid_prompt(e.to_string()))?;
     let targets: Option<Vec<String>> = request
         .get("partial_execution_targets")
         .and_then(Json::as_array)
         .map(|ids| ids.iter().map(py_str).collect());
-    let runtime = &state.runtime;
     let validated = validate_prompt(&runtime.registry, &runtime.services, prompt, targets.as_deref())
         .map_err(|failure| ApiError::Invalid(Box::new(failure)))?;
     let mut extra_data = request
@@ -72,8 +83,13 @@ fn accept_prompt(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
         .cloned()
         .filter(Json::is_object)
         .unwrap_or_else(|| json!({}));
-    if let (Some(client_id), Some(extra)) = (request.get("client_id"), extra_data.as_object_mut()) {
-        extra.insert("client_id".into(), client_id.clone());
+    if let Some(extra) = extra_data.as_object_mut() {
+        if let Some(client_id) = request.get("client_id") {
+            extra.insert("client_id".into(), client_id.clone());
+        }
+        if let Some(workflow) = ui_workflow {
+            embed_workflow(extra, workflow);
+        }
     }
     let response = json!({"prompt_id": prompt_id, "number": number_json, "node_errors": validated.node_errors});
     let item = QueueItem {
