@@ -191,7 +191,8 @@ pub struct ServeArgs {
     /// The largest request body, in MB.
     #[arg(long, value_name = "MB")]
     pub max_upload_size: Option<f64>,
-    /// Serve this directory as the web root (a built ComfyUI frontend).
+    /// Serve this directory as the web root (a built ComfyUI frontend); without it, the frontend
+    /// of `pip install comfyui-frontend-package` is served if Python finds one.
     #[arg(long, value_name = "DIR")]
     pub front_end_root: Option<std::path::PathBuf>,
     /// Gzip JSON and text responses for clients that accept gzip.

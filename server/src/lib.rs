@@ -3,6 +3,7 @@
 //! - [`cli`]: arguments; [`setup`]: directories, services, cache mode; [`run`]: `easel run`;
 //! - [`bench`]: `easel bench server`;
 //! - [`serve`]: `easel serve`; [`listen`]: its sockets, plain or TLS; [`api`]: the HTTP routes; [`ws`]: the WebSocket;
+//! - [`frontend`]: where the official ComfyUI frontend is found;
 //! - [`state`]: what the routes share; [`queue`]: prompts waiting; [`store`]: queue and history on disk;
 //! - [`worker`]: executes queued prompts; [`hub`]: delivers messages to WebSocket clients;
 //! - [`security`]: API keys, the origin check and CORS; [`url`]: percent-decoding;
@@ -13,6 +14,7 @@ pub mod allocator;
 pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod frontend;
 pub mod hub;
 pub mod listen;
 pub mod logs;

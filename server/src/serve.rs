@@ -2,6 +2,7 @@
 
 use crate::api::router;
 use crate::cli::ServeArgs;
+use crate::frontend::front_end_root;
 use crate::listen::{self, Incoming};
 use crate::setup;
 use crate::state::{AppState, ServerSettings};
@@ -26,7 +27,7 @@ fn settings(args: &ServeArgs) -> anyhow::Result<ServerSettings> {
         api_keys,
         cors_origin: args.enable_cors_header.clone(),
         compress_responses: args.enable_compress_response_body,
-        front_end_root: args.front_end_root.clone(),
+        front_end_root: front_end_root(args.front_end_root.clone()),
         multi_user: args.multi_user,
         ..Default::default()
     };
