@@ -6,7 +6,8 @@
 //! - [`paths`]: ComfyUI's directory layout and model folders (a service nodes look up);
 //! - [`tiling`]: ComfyUI's tiled processing with feathered blending;
 //! - [`image_nodes`], [`mask_nodes`], [`canny`], [`loader_nodes`], [`lora_nodes`],
-//!   [`conditioning_nodes`], [`diffusion_nodes`], [`latent_nodes`], [`vae_nodes`]: the node classes.
+//!   [`conditioning_nodes`], [`diffusion_nodes`], [`latent_nodes`], [`vae_nodes`]: the node classes;
+//!   [`pending_loader_nodes`]: loaders of model kinds not run yet, declared for clients.
 //!
 //! [`builtin_registry`] registers every node.
 
@@ -30,6 +31,7 @@ pub mod memory;
 pub mod model_cache;
 pub mod models;
 pub mod paths;
+pub mod pending_loader_nodes;
 pub mod resample;
 pub mod sampling;
 pub mod t5_tokenizer_files;
@@ -76,6 +78,9 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     registry.register(clip_loader_nodes::ClipLoader);
     registry.register(clip_loader_nodes::DualClipLoader);
     registry.register(loader_nodes::VaeLoader);
+    for loader in &pending_loader_nodes::PENDING_LOADERS {
+        registry.register(loader);
+    }
     registry.register(lora_nodes::LoraLoader);
     registry.register(lora_nodes::LoraLoaderModelOnly);
     registry.register(conditioning_nodes::ClipTextEncode);

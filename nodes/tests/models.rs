@@ -240,3 +240,25 @@ fn prompts_tokenise_as_in_comfyui() {
         assert_eq!(ours, expected, "{text:?}");
     }
 }
+
+/// Loaders of model kinds Easel cannot run yet list their folder's files as ComfyUI does and,
+/// run, fail with an error that names what is not supported.
+#[test]
+fn pending_loaders_list_their_files_and_fail_clearly_when_run() {
+    let setup = common::setup();
+    let paths = setup.services.get::<easel_nodes::paths::Paths>().unwrap();
+    let folder = paths.models.join("controlnet");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("canny.safetensors"), b"").unwrap();
+    let schema = setup.registry.get("ControlNetLoader").unwrap().schema(&setup.services);
+    let files = schema.to_object_info()["input"]["required"]["control_net_name"][0].clone();
+    assert_eq!(files, serde_json::json!(["canny.safetensors"]));
+    let error = setup
+        .call(
+            "ControlNetLoader",
+            vec![("control_net_name", common::j(serde_json::json!("canny.safetensors")))],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("Easel cannot run ControlNet models yet"), "{error}");
+}

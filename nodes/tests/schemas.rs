@@ -22,8 +22,9 @@ fn reference() -> Json {
 }
 
 /// Inputs whose combo lists come from the disk rather than from the node.
-const FILE_COMBOS: [(&str, &str); 15] = [
+const FILE_COMBOS: [(&str, &str); 16] = [
     ("LoadImage", "image"),
+    ("ImageOnlyCheckpointLoader", "ckpt_name"),
     ("LoadImageMask", "image"),
     ("CheckpointLoaderSimple", "ckpt_name"),
     ("LoraLoader", "lora_name"),

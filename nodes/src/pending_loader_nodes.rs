@@ -1,0 +1,112 @@
+//! Loaders of model kinds Easel cannot run yet — ControlNet, upscale models, style models,
+//! GLIGEN and img2vid checkpoints — declared with ComfyUI's exact schemas and file lists, so that
+//! clients see ComfyUI's node set (the official frontend 1.27 builds its model-to-node map from
+//! these classes and fails to create any model-loading widget when one is missing); running one
+//! fails the prompt with an error that says what is not supported yet.
+
+use easel_engine::{InputSpec, Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeSchema, OutputSpec, Services};
+use serde_json::json;
+
+use crate::loader_nodes::file_names;
+
+/// One loader: its class, where it lists files from, and what it would load.
+pub struct PendingLoader {
+    class: &'static str,
+    display_name: &'static str,
+    python_module: &'static str,
+    category: &'static str,
+    input: &'static str,
+    folder: &'static str,
+    outputs: &'static [&'static str],
+    /// What the model is, for the error: "ControlNet models".
+    models: &'static str,
+    /// A schema-based (V3) node: the files as a `COMBO` with options.
+    v3: bool,
+}
+
+/// Every loader of this module.
+pub const PENDING_LOADERS: [PendingLoader; 5] = [
+    PendingLoader {
+        class: "ControlNetLoader",
+        display_name: "Load ControlNet Model",
+        python_module: "nodes",
+        category: "loaders",
+        input: "control_net_name",
+        folder: "controlnet",
+        outputs: &["CONTROL_NET"],
+        models: "ControlNet models",
+        v3: false,
+    },
+    PendingLoader {
+        class: "UpscaleModelLoader",
+        display_name: "Load Upscale Model",
+        python_module: "comfy_extras.nodes_upscale_model",
+        category: "loaders",
+        input: "model_name",
+        folder: "upscale_models",
+        outputs: &["UPSCALE_MODEL"],
+        models: "upscale models",
+        v3: true,
+    },
+    PendingLoader {
+        class: "StyleModelLoader",
+        display_name: "Load Style Model",
+        python_module: "nodes",
+        category: "loaders",
+        input: "style_model_name",
+        folder: "style_models",
+        outputs: &["STYLE_MODEL"],
+        models: "style models",
+        v3: false,
+    },
+    PendingLoader {
+        class: "GLIGENLoader",
+        display_name: "GLIGENLoader",
+        python_module: "nodes",
+        category: "loaders",
+        input: "gligen_name",
+        folder: "gligen",
+        outputs: &["GLIGEN"],
+        models: "GLIGEN models",
+        v3: false,
+    },
+    PendingLoader {
+        class: "ImageOnlyCheckpointLoader",
+        display_name: "Image Only Checkpoint Loader (img2vid model)",
+        python_module: "comfy_extras.nodes_video_model",
+        category: "loaders/video_models",
+        input: "ckpt_name",
+        folder: "checkpoints",
+        outputs: &["MODEL", "CLIP_VISION", "VAE"],
+        models: "img2vid checkpoints",
+        v3: false,
+    },
+];
+
+impl Node for &'static PendingLoader {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        let files = file_names(services, self.folder);
+        let (schema, input) = if self.v3 {
+            let files = InputSpec::of("COMBO")
+                .opt("multiselect", false)
+                .opt("options", json!(files));
+            (NodeSchema::v3(self.class, self.python_module, self.category), files)
+        } else {
+            (
+                NodeSchema::v1(self.class, self.python_module, self.category),
+                InputSpec::combo(&files),
+            )
+        };
+        let schema = schema.display(self.display_name).required(self.input, input);
+        self.outputs
+            .iter()
+            .fold(schema, |schema, output| schema.output(OutputSpec::of(output)))
+    }
+
+    fn execute(&self, _ctx: &NodeContext, _inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        Err(NodeError::new(format!(
+            "{}: Easel cannot run {} yet",
+            self.class, self.models
+        )))
+    }
+}
