@@ -134,33 +134,29 @@ impl GgmlType {
             GgmlType::F32 => out[0] = f32::from_le_bytes([block[0], block[1], block[2], block[3]]),
             GgmlType::F16 => out[0] = half_at(block, 0),
             GgmlType::BF16 => out[0] = bf16::from_le_bytes([block[0], block[1]]).to_f32(),
-            GgmlType::Q4_0 | GgmlType::Q4_1 => {
-                let with_min = self == GgmlType::Q4_1;
-                let (offset, nibbles) = if with_min {
-                    (Some(half_at(block, 2)), &block[4..20])
-                } else {
-                    (None, &block[2..18])
-                };
-                let zero = if with_min { 0 } else { 8 };
-                let mut quants = [0i8; 32];
-                for (i, &byte) in nibbles.iter().enumerate() {
-                    quants[i] = (byte & 0x0f) as i8 - zero;
-                    quants[i + 16] = (byte >> 4) as i8 - zero;
-                }
-                scale_quants(&quants, half_at(block, 0), offset, &mut out[..32]);
-            }
-            GgmlType::Q5_0 | GgmlType::Q5_1 => {
-                let with_min = self == GgmlType::Q5_1;
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                // d, (m for the _1 types), (32 fifth bits for Q5), 16 bytes of nibbles: low
+                // nibbles the first 16 weights, high the next; the _0 types are centred.
+                let with_min = matches!(self, GgmlType::Q4_1 | GgmlType::Q5_1);
                 let (offset, rest) = if with_min {
                     (Some(half_at(block, 2)), &block[4..])
                 } else {
                     (None, &block[2..])
                 };
-                let high_bits = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+                let (high_bits, nibbles) = match self {
+                    GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                        (u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]), &rest[4..20])
+                    }
+                    _ => (0, &rest[..16]),
+                };
                 let fifth = |i: usize| (((high_bits >> i) & 1) as u8) << 4;
-                let zero = if with_min { 0 } else { 16 };
+                let zero = match self {
+                    GgmlType::Q4_0 => 8,
+                    GgmlType::Q5_0 => 16,
+                    _ => 0,
+                };
                 let mut quants = [0i8; 32];
-                for (i, &byte) in rest[4..20].iter().enumerate() {
+                for (i, &byte) in nibbles.iter().enumerate() {
                     quants[i] = ((byte & 0x0f) | fifth(i)) as i8 - zero;
                     quants[i + 16] = ((byte >> 4) | fifth(i + 16)) as i8 - zero;
                 }
