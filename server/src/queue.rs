@@ -186,11 +186,14 @@ impl PromptQueue {
         announce(state.remaining());
     }
 
-    /// Drops the pending prompts with these ids; running prompts are untouched.
-    pub fn delete(&self, ids: &[String], announce: impl FnOnce(usize)) {
+    /// Drops the pending prompts with these ids; running prompts are untouched. Whether any was
+    /// pending.
+    pub fn delete(&self, ids: &[String], announce: impl FnOnce(usize)) -> bool {
         let mut state = self.state();
+        let before = state.pending.len();
         state.pending.retain(|Pending(item)| !ids.contains(&item.prompt_id));
         announce(state.remaining());
+        state.pending.len() < before
     }
 
     /// `(running, pending)` as `/queue` lists them; pending in heap order, the next to run first.

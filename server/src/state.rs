@@ -148,6 +148,21 @@ impl Shared {
         Ok(())
     }
 
+    /// Forgets pending prompts, on disk and in the queue; whether any of them was pending.
+    pub fn dequeue(&self, ids: &[String]) -> Result<bool, StoreError> {
+        self.store.remove_pending(Some(ids))?;
+        Ok(self.queue.delete(ids, |remaining| self.broadcast_status(remaining)))
+    }
+
+    /// Interrupts the running prompt if it is this one; whether it was.
+    pub fn interrupt_if_running(&self, prompt_id: &str) -> bool {
+        let running = self.queue.running().is_some_and(|item| item.prompt_id == prompt_id);
+        if running {
+            self.interrupt.trigger();
+        }
+        running
+    }
+
     /// `/features`, also the WebSocket `feature_flags` reply.
     pub fn features(&self) -> Json {
         json!({"supports_preview_metadata": true, "max_upload_size": self.settings.max_upload_size_json})

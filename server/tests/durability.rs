@@ -1,6 +1,6 @@
 //! The queue survives a real `kill -9` of the `easel` process: pending prompts come back, the
 //! running one is re-queued once at the front, and a prompt that kills the server twice is recorded
-//! as failed.
+//! as failed; a deleted one stays deleted.
 
 mod common;
 
@@ -125,11 +125,15 @@ fn the_queue_survives_kill_9() {
     assert_eq!(queue["queue_pending"][0][1], "second");
     // New prompts are numbered after the recovered ones.
     assert_eq!(easel.post("/prompt", &slow("fourth"))["number"], 3);
+    // A deleted prompt stays deleted.
+    easel.post("/queue", &json!({"delete": ["third"]}));
     easel.kill();
 
     // "first" stopped the server twice: recorded as failed, not run again.
     let easel = start(base.path(), port);
-    easel.wait_running("second");
+    let queue = easel.wait_running("second");
+    assert_eq!(queue["queue_pending"].as_array().unwrap().len(), 1);
+    assert_eq!(queue["queue_pending"][0][1], "fourth");
     let entry = &easel.get("/history/first")["first"];
     assert_eq!(entry["status"]["status_str"], "error");
     assert_eq!(entry["status"]["messages"][0][1]["exception_type"], "ServerStopped");

@@ -296,3 +296,125 @@ fn unknown_paths_answer_like_comfyuis_catch_all() {
         (405, "text/plain; charset=utf-8", "405: Method Not Allowed")
     );
 }
+
+/// The jobs API of later ComfyUI versions, which the newest frontends read for their queue and
+/// history: a finished, a running, a pending and a cancelled job, listed, filtered, paged and
+/// looked up.
+#[test]
+fn jobs_list_queue_and_history_as_one() {
+    let server = start();
+    let api = &server.api;
+    let post = |prompt: Json| {
+        let (status, _, text) = api.post("/prompt", &prompt.to_string());
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str::<Json>(&text).unwrap()["prompt_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let preview = json!({"1": {"class_type": "EmptyImage", "inputs": {"width": 4, "height": 4, "batch_size": 1, "color": 0}},
+                         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}});
+    let finished = post(json!({"prompt": preview, "extra_data": {"extra_pnginfo": {"workflow": {"id": "wf-1"}}}}));
+    api.wait_for_history(&finished);
+    // 16 384 dilations of a 1024² mask run for minutes unless cancelled.
+    let slow = json!({
+        "1": {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": 1024, "height": 1024}},
+        "2": {"class_type": "GrowMask", "inputs": {"mask": ["1", 0], "expand": 16384, "tapered_corners": true}},
+        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}
+    });
+    let running = post(json!({"prompt": slow}));
+    let pending = post(json!({"prompt": slow, "prompt_id": "0b8a3c3e-8d9f-4c57-9a44-5a1f2f0c7d11"}));
+    let ids = |body: &Json| -> Vec<String> {
+        body["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|job| job["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let started = std::time::Instant::now();
+    let active = loop {
+        let active = api.get_json("/api/jobs?status=in_progress,pending&limit=200&offset=0");
+        if active["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|job| job["status"] == "in_progress")
+        {
+            break active;
+        }
+        assert!(started.elapsed().as_secs() < 30, "{active}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // Newest first: the pending job was accepted last.
+    assert_eq!(ids(&active), [pending.clone(), running.clone()]);
+    assert_eq!(active["jobs"][0]["status"], "pending");
+    assert_eq!(active["jobs"][1]["status"], "in_progress");
+    assert_eq!(active["jobs"][0]["outputs_count"], 0);
+    assert_eq!(
+        active["pagination"],
+        json!({"offset": 0, "limit": 200, "total": 2, "has_more": false})
+    );
+
+    let all = api.get_json("/api/jobs");
+    assert_eq!(ids(&all), [pending.clone(), running.clone(), finished.clone()]);
+    assert_eq!(all["pagination"]["limit"], Json::Null);
+    let page = api.get_json("/jobs?limit=1&offset=1&sort_order=asc");
+    assert_eq!(ids(&page), [running.clone()]);
+    assert_eq!(page["pagination"]["has_more"], true);
+    assert_eq!(ids(&api.get_json("/api/jobs?workflow_id=wf-1")), [finished.clone()]);
+
+    let done = &api.get_json("/api/jobs?status=completed")["jobs"][0];
+    assert_eq!(done["id"], finished.as_str());
+    assert_eq!(done["workflow_id"], "wf-1");
+    assert_eq!(done["outputs_count"], 1);
+    assert_eq!(done["previewable_outputs_count"], 1);
+    assert_eq!(done["preview_output"]["type"], "temp");
+    assert_eq!(done["preview_output"]["nodeId"], "2");
+    assert_eq!(done["preview_output"]["mediaType"], "images");
+    assert!(done["execution_end_time"].as_i64() >= done["execution_start_time"].as_i64());
+    let detail = api.get_json(&format!("/api/jobs/{finished}"));
+    assert_eq!(detail["outputs"]["2"]["images"][0]["type"], "temp");
+    assert_eq!(detail["execution_status"]["status_str"], "success");
+    assert_eq!(detail["workflow"]["prompt"]["1"]["class_type"], "EmptyImage");
+    let waiting = api.get_json(&format!("/api/jobs/{pending}"));
+    assert_eq!(
+        (
+            waiting["status"].as_str(),
+            waiting["workflow"]["prompt"]["2"]["class_type"].as_str()
+        ),
+        (Some("pending"), Some("GrowMask"))
+    );
+    assert_eq!(api.get("/api/jobs/no-such-job").0, 404);
+
+    for bad in [
+        "status=done",
+        "sort_by=name",
+        "sort_order=up",
+        "limit=0",
+        "limit=x",
+        "offset=x",
+    ] {
+        let (status, _, body) = api.get(&format!("/api/jobs?{bad}"));
+        assert_eq!(status, 400, "{bad}");
+        assert!(
+            serde_json::from_slice::<Json>(&body).unwrap()["error"].is_string(),
+            "{bad}"
+        );
+    }
+    let (status, _, _) = api.post("/api/jobs/cancel", &json!({"job_ids": ["not-a-uuid"]}).to_string());
+    assert_eq!(status, 400);
+
+    let (status, _, body) = api.post("/api/jobs/cancel", &json!({"job_ids": [pending]}).to_string());
+    assert_eq!((status, body.as_str()), (200, r#"{"cancelled": true}"#));
+    let (_, _, body) = api.post(&format!("/api/jobs/{running}/cancel"), "");
+    assert_eq!(body, r#"{"cancelled": true}"#);
+    api.wait_for_history(&running);
+    let (_, _, body) = api.post(&format!("/api/jobs/{running}/cancel"), "");
+    assert_eq!(body, r#"{"cancelled": false}"#);
+    let history = api.get_json("/api/jobs?status=completed,failed,cancelled");
+    assert_eq!(ids(&history), [running.clone(), finished]);
+    assert_eq!(history["jobs"][0]["status"], "cancelled");
+    assert_eq!(api.get_json("/api/queue")["queue_pending"], json!([]));
+}

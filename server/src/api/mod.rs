@@ -4,6 +4,7 @@
 mod files;
 mod history;
 mod info;
+mod jobs;
 mod prompt;
 mod queue;
 mod user;
@@ -32,6 +33,7 @@ pub fn router(state: AppState) -> Router {
         .merge(prompt::routes())
         .merge(queue::routes())
         .merge(history::routes())
+        .merge(jobs::routes())
         .merge(files::routes())
         .merge(info::routes())
         .merge(user::routes())

@@ -31,9 +31,7 @@ async fn change(State(state): State<AppState>, body: Bytes) -> Result<Response, 
         state.queue.clear(|remaining| state.broadcast_status(remaining));
     }
     if request.get("delete").is_some() {
-        state.queue.delete(&ids(request.get("delete")), |remaining| {
-            state.broadcast_status(remaining)
-        });
+        state.dequeue(&ids(request.get("delete")))?;
     }
     Ok(StatusCode::OK.into_response())
 }
@@ -43,9 +41,7 @@ async fn interrupt(State(state): State<AppState>, body: Bytes) -> Response {
     let request: Json = serde_json::from_slice(&body).unwrap_or_else(|_| json!({}));
     match request.get("prompt_id").and_then(Json::as_str) {
         Some(prompt_id) => {
-            if state.queue.running().is_some_and(|item| item.prompt_id == prompt_id) {
-                state.interrupt.trigger();
-            }
+            state.interrupt_if_running(prompt_id);
         }
         None => state.interrupt.trigger(),
     }
