@@ -361,9 +361,9 @@ fn jobs_list_queue_and_history_as_one() {
     assert_eq!(ids(&all), [pending.clone(), running.clone(), finished.clone()]);
     assert_eq!(all["pagination"]["limit"], Json::Null);
     let page = api.get_json("/jobs?limit=1&offset=1&sort_order=asc");
-    assert_eq!(ids(&page), [running.clone()]);
+    assert_eq!(ids(&page), [running.as_str()]);
     assert_eq!(page["pagination"]["has_more"], true);
-    assert_eq!(ids(&api.get_json("/api/jobs?workflow_id=wf-1")), [finished.clone()]);
+    assert_eq!(ids(&api.get_json("/api/jobs?workflow_id=wf-1")), [finished.as_str()]);
 
     let done = &api.get_json("/api/jobs?status=completed")["jobs"][0];
     assert_eq!(done["id"], finished.as_str());

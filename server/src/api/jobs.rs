@@ -12,7 +12,7 @@ use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Map, Value as Json};
@@ -48,7 +48,7 @@ fn bad_request(message: impl Into<String>) -> Response {
     response
 }
 
-/// The list request's parameters, checked as ComfyUI checks them.
+/// The list request's parameters, checked as ComfyUI checks them (the error message if not).
 struct ListQuery {
     statuses: Vec<String>,
     workflow_id: Option<String>,
@@ -59,7 +59,7 @@ struct ListQuery {
 }
 
 impl ListQuery {
-    fn parse(query: &HashMap<String, String>) -> Result<ListQuery, Response> {
+    fn parse(query: &HashMap<String, String>) -> Result<ListQuery, String> {
         let statuses: Vec<String> = match query.get("status") {
             Some(list) => list
                 .split(',')
@@ -74,33 +74,33 @@ impl ListQuery {
             .filter(|s| !STATUSES.contains(s))
             .collect();
         if !invalid.is_empty() {
-            return Err(bad_request(format!(
+            return Err(format!(
                 "Invalid status value(s): {}. Valid values: {}",
                 invalid.join(", "),
                 STATUSES.join(", ")
-            )));
+            ));
         }
         let sort_by = query.get("sort_by").map_or("created_at".into(), |s| s.to_lowercase());
         if sort_by != "created_at" && sort_by != "execution_duration" {
-            return Err(bad_request("sort_by must be 'created_at' or 'execution_duration'"));
+            return Err("sort_by must be 'created_at' or 'execution_duration'".into());
         }
         let sort_order = query.get("sort_order").map_or("desc".into(), |s| s.to_lowercase());
         if sort_order != "asc" && sort_order != "desc" {
-            return Err(bad_request("sort_order must be 'asc' or 'desc'"));
+            return Err("sort_order must be 'asc' or 'desc'".into());
         }
         let limit = match query.get("limit") {
             None => None,
             Some(text) => match text.trim().parse::<i64>() {
                 Ok(n) if n > 0 => Some(n as usize),
-                Ok(_) => return Err(bad_request("limit must be a positive integer")),
-                Err(_) => return Err(bad_request("limit must be an integer")),
+                Ok(_) => return Err("limit must be a positive integer".into()),
+                Err(_) => return Err("limit must be an integer".into()),
             },
         };
         let offset = match query.get("offset") {
             None => 0,
             Some(text) => match text.trim().parse::<i64>() {
                 Ok(n) => n.max(0) as usize,
-                Err(_) => return Err(bad_request("offset must be an integer")),
+                Err(_) => return Err("offset must be an integer".into()),
             },
         };
         Ok(ListQuery {
@@ -128,7 +128,7 @@ async fn list(
 ) -> Result<Response, ApiError> {
     let query = match ListQuery::parse(&query) {
         Ok(query) => query,
-        Err(response) => return Ok(response),
+        Err(message) => return Ok(bad_request(message)),
     };
     let (running, pending) = state.queue.snapshot();
     let mut jobs = Vec::new();
