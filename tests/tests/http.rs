@@ -418,3 +418,89 @@ fn jobs_list_queue_and_history_as_one() {
     assert_eq!(history["jobs"][0]["status"], "cancelled");
     assert_eq!(api.get_json("/api/queue")["queue_pending"], json!([]));
 }
+
+/// The built-in page is served at `/easel/` and, with no frontend, at `/`; `/easel/workflows`
+/// lists the bundled workflows with a manifest, and every manifest names inputs its node has and
+/// fields the page knows.
+#[test]
+fn the_built_in_page_and_its_workflows_are_served() {
+    let server = start();
+    let api = &server.api;
+    for path in ["/", "/easel/"] {
+        let (status, content_type, body) = api.get(path);
+        assert_eq!(
+            (status, content_type.as_str()),
+            (200, "text/html; charset=utf-8"),
+            "{path}"
+        );
+        assert!(String::from_utf8(body).unwrap().contains("/easel/easel.js"));
+    }
+    let (status, content_type, _) = api.get("/easel/easel.js");
+    assert_eq!((status, content_type.as_str()), (200, "text/javascript; charset=utf-8"));
+    assert_eq!(api.get("/easel/easel.css").1, "text/css; charset=utf-8");
+    assert_eq!(api.get("/easel/missing.js").0, 404);
+
+    let listed = api.get_json("/easel/workflows");
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
+    for expected in ["sd15_txt2img", "sd15_inpaint", "sdxl_refiner", "flux_q8_gguf_txt2img"] {
+        assert!(names.contains(&expected), "{expected} in {names:?}");
+    }
+    assert!(
+        !names.contains(&"image_basics"),
+        "a workflow without a manifest is not offered"
+    );
+    let fields = [
+        "model",
+        "prompt",
+        "negative_prompt",
+        "image",
+        "mask",
+        "width",
+        "height",
+        "steps",
+        "seed",
+        "denoise",
+    ];
+    for workflow in listed.as_array().unwrap() {
+        let name = &workflow["name"];
+        let on_disk: Json = serde_json::from_str(
+            &std::fs::read_to_string(workspace().join(format!("workflows/{}.json", name.as_str().unwrap()))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(workflow["prompt"], on_disk, "{name}");
+        let mut offered = Vec::new();
+        for (node_id, node) in on_disk.as_object().unwrap() {
+            let Some(manifest) = node["_meta"].get("easel") else {
+                continue;
+            };
+            for (field, inputs) in manifest.as_object().unwrap() {
+                assert!(
+                    fields.contains(&field.as_str()),
+                    "{name} node {node_id}: unknown field {field}"
+                );
+                let inputs: Vec<&Json> = match inputs {
+                    Json::Array(list) => list.iter().collect(),
+                    one => vec![one],
+                };
+                for input in inputs {
+                    let input = input.as_str().unwrap();
+                    let value = &node["inputs"][input];
+                    assert!(
+                        !value.is_null() && !value.is_array(),
+                        "{name} node {node_id}: {field} names {input}, not a widget input of the node"
+                    );
+                }
+                offered.push(field.as_str());
+            }
+        }
+        assert!(
+            offered.contains(&"prompt") || offered.contains(&"image"),
+            "{name}: {offered:?}"
+        );
+    }
+}

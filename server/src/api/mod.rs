@@ -5,6 +5,7 @@ mod files;
 mod history;
 mod info;
 mod jobs;
+mod page;
 mod prompt;
 mod queue;
 mod user;
@@ -26,8 +27,9 @@ use tower_http::compression::CompressionLayer;
 use tower_http::services::{ServeDir, ServeFile};
 use tower_http::set_header::SetResponseHeaderLayer;
 
-/// Every route, plain and under `/api`, the WebSocket, and the frontend of `--front-end-root` if
-/// any (`/` is its `index.html`, not cached), all behind the API-key and origin checks.
+/// Every route, plain and under `/api`, the WebSocket, the built-in page at `/easel/`, and the
+/// frontend of `--front-end-root` if any (`/` is its `index.html`, not cached; without one `/` is
+/// the built-in page), all behind the API-key and origin checks.
 pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .merge(prompt::routes())
@@ -42,7 +44,8 @@ pub fn router(state: AppState) -> Router {
     let mut app = Router::new()
         .merge(routes.clone())
         .nest("/api", routes)
-        .merge(user::internal_routes());
+        .merge(user::internal_routes())
+        .merge(page::routes(state.settings.front_end_root.is_none()));
     if let Some(root) = state.settings.front_end_root.clone() {
         let index = Router::new()
             .route_service("/", ServeFile::new(root.join("index.html")))
