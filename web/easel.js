@@ -118,6 +118,7 @@ async function controlFor(field) {
   wrapper.append(label, control);
   if (field.kind === 'seed') {
     const random = document.createElement('label');
+    random.className = 'inline';
     random.innerHTML = '<input type="checkbox" id="random-seed"> New random seed each run';
     wrapper.append(random);
   }
@@ -338,7 +339,7 @@ function finishJob(message) {
     img.src = viewUrl(image);
     img.alt = `Result: ${image.filename}`;
     const link = document.createElement('a');
-    link.href = img.src;
+    link.href = viewUrl(image);
     link.download = image.filename;
     link.className = 'download';
     link.textContent = `Download ${image.filename}`;

@@ -1,0 +1,98 @@
+// The built-in page through a full generation, as a person uses it: pick a workflow, change the
+// prompt and the seed, upload an input image, run; the queue position, the node and step
+// progress, the live previews and the result with its download link appear; the history gallery
+// lists the run and deletes it.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { startEasel, withPage, workspace } from './harness.mjs';
+
+test('the built-in page makes a picture and keeps it in history', { timeout: 180000 }, async () => {
+  // latent2rgb previews are sent while the sampler runs.
+  const easel = await startEasel(['--preview-method', 'latent2rgb']);
+  try {
+    await withPage('built-in-page', async (page, problems) => {
+      await page.goto(`${easel.url}/easel/`);
+      await page.waitForSelector('#connection:text("Connected")');
+
+      // An img2img workflow: the form offers the image, the prompts, the steps, the seed, denoise.
+      await page.selectOption('#workflow', 'sdxl_img2img');
+      await page.waitForSelector('#field-image');
+      for (const field of ['model', 'prompt', 'negative_prompt', 'steps', 'seed', 'denoise']) {
+        assert.equal(await page.locator(`#field-${field}`).count(), 1, field);
+      }
+      assert.equal(await page.locator('#field-width').count(), 0);
+      assert.equal(await page.inputValue('#field-model'), 'easel_tiny_sdxl.safetensors');
+      await page.fill('#field-prompt', 'a lighthouse painted in watercolour');
+      await page.fill('#field-steps', '8');
+      await page.fill('#field-seed', '1234');
+      await page.setInputFiles('#field-image', join(workspace, 'workflows/input/example.png'));
+      // The keyboard alone runs it.
+      await page.focus('#field-denoise');
+      await page.keyboard.press('Enter');
+
+      await page.waitForSelector('#progress:not([hidden])');
+      await page.waitForSelector('#result-images img', { timeout: 120000 });
+      await page.waitForFunction(() => document.querySelector('#result-images img').naturalWidth > 0);
+      assert.equal(await page.textContent('#queue-position'), 'Done');
+      assert.match(await page.textContent('#step-label'), /KSampler: step 8 of 8/);
+      const states = await page.$$eval('#nodes li', (items) => items.map((item) => item.dataset.state));
+      assert.ok(states.length >= 6 && states.every((state) => state === 'finished'), states.join());
+      assert.ok(Number(await page.getAttribute('body', 'data-previews')) >= 1, 'no live preview was shown');
+
+      const download = page.locator('#result-images a.download');
+      const href = await download.getAttribute('href');
+      assert.match(href, /^\/view\?filename=sdxl_img2img_\d+_\.png&subfolder=&type=output$/);
+      assert.match(await download.getAttribute('download'), /^sdxl_img2img_\d+_\.png$/);
+
+      // What ran is what the form said, with the uploaded image.
+      const history = await (await fetch(`${easel.url}/history`)).json();
+      const [promptId, entry] = Object.entries(history)[0];
+      assert.equal(entry.status.status_str, 'success');
+      const prompt = entry.prompt[2];
+      assert.equal(prompt['6'].inputs.text, 'a lighthouse painted in watercolour');
+      assert.equal(prompt['3'].inputs.steps, 8);
+      assert.equal(prompt['3'].inputs.seed, 1234);
+      assert.equal(prompt['1'].inputs.image, 'example.png');
+
+      const card = page.locator(`#gallery li[data-prompt="${promptId}"]`);
+      await card.waitFor();
+      assert.equal(await card.locator('img').count(), 1);
+      await card.getByRole('button', { name: /^Delete/ }).click();
+      await card.waitFor({ state: 'detached' });
+      assert.deepEqual(await (await fetch(`${easel.url}/history`)).json(), {});
+      assert.deepEqual(problems, []);
+    });
+  } finally {
+    await easel.stop();
+  }
+});
+
+test('the built-in page checks its fields and shows why a prompt is rejected', { timeout: 60000 }, async () => {
+  const easel = await startEasel();
+  try {
+    await withPage('built-in-page-rejected', async (page, problems) => {
+      await page.goto(`${easel.url}/#sd15_inpaint`);
+      await page.waitForSelector('#field-steps');
+      // Limits come from the node's schema: the browser refuses a step count below KSampler's 1.
+      await page.fill('#field-steps', '0');
+      await page.click('#run');
+      assert.equal(await page.locator('#field-steps:invalid').count(), 1);
+      assert.equal(await page.isVisible('#progress'), false);
+
+      // No image uploaded, and the workflow's example.png is not in this server's input folder.
+      await page.fill('#field-steps', '4');
+      await page.click('#run');
+      const error = page.locator('#error');
+      await error.waitFor();
+      assert.match(await error.textContent(), /Prompt outputs failed validation[\s\S]*Load Image: .*Invalid image file: example\.png/);
+      assert.equal(await page.isEnabled('#run'), true);
+      // The rejected POST /prompt is the only failed request.
+      assert.equal(problems.length, 1, problems.join());
+      assert.match(problems[0], /HTTP 400 .*\/prompt$/);
+    });
+  } finally {
+    await easel.stop();
+  }
+});
