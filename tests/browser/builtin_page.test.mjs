@@ -96,3 +96,48 @@ test('the built-in page checks its fields and shows why a prompt is rejected', {
     await easel.stop();
   }
 });
+
+test('the built-in page turns a mask into the input image\'s alpha for inpainting', { timeout: 120000 }, async () => {
+  const easel = await startEasel();
+  try {
+    await withPage('built-in-page-mask', async (page, problems) => {
+      await page.goto(`${easel.url}/easel/#sd15_inpaint`);
+      await page.waitForSelector('#field-mask');
+      // A 64×64 mask, white (repaint) on its left half, drawn by the browser.
+      const maskPng = await page.evaluate(() => {
+        const canvas = document.createElement('canvas');
+        canvas.width = canvas.height = 64;
+        const context = canvas.getContext('2d');
+        context.fillStyle = 'black';
+        context.fillRect(0, 0, 64, 64);
+        context.fillStyle = 'white';
+        context.fillRect(0, 0, 32, 64);
+        return canvas.toDataURL('image/png').split(',')[1];
+      });
+      await page.setInputFiles('#field-image', join(workspace, 'workflows/input/example.png'));
+      await page.setInputFiles('#field-mask', { name: 'mask.png', mimeType: 'image/png', buffer: Buffer.from(maskPng, 'base64') });
+      await page.click('#run');
+      await page.waitForSelector('#result-images img', { timeout: 90000 });
+      assert.equal(await page.textContent('#queue-position'), 'Done');
+
+      const history = await (await fetch(`${easel.url}/history`)).json();
+      const uploaded = Object.values(history)[0].prompt[2]['1'].inputs.image;
+      assert.equal(uploaded, 'example_masked.png');
+      // The uploaded image: transparent where the mask is white, opaque where it is black.
+      const alphas = await page.evaluate(async (name) => {
+        const image = await createImageBitmap(await (await fetch(`/view?filename=${name}&type=input`)).blob());
+        const canvas = document.createElement('canvas');
+        canvas.width = image.width;
+        canvas.height = image.height;
+        const context = canvas.getContext('2d');
+        context.drawImage(image, 0, 0);
+        const alphaAt = (x, y) => context.getImageData(x, y, 1, 1).data[3];
+        return [alphaAt(2, image.height / 2), alphaAt(image.width - 3, image.height / 2)];
+      }, uploaded);
+      assert.deepEqual(alphas, [0, 255]);
+      assert.deepEqual(problems, []);
+    });
+  } finally {
+    await easel.stop();
+  }
+});
