@@ -389,11 +389,25 @@ function onMessage({ type, data }) {
   }
 }
 
+/** Reads the end of the prompt from history: after a reconnect its messages may have been missed. */
+async function catchUp() {
+  const job = page.job;
+  if (!job) return;
+  const history = await getJson(`/history/${job.id}`).catch(() => ({}));
+  const entry = history[job.id];
+  if (!entry || page.job !== job) return;
+  job.images = Object.values(entry.outputs ?? {}).flatMap((output) => output.images ?? []);
+  finishJob(entry.status?.status_str === 'success' ? 'Done' : 'Failed');
+}
+
 function connect() {
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
   const socket = new WebSocket(`${scheme}://${location.host}/ws?clientId=${page.clientId}`);
   socket.binaryType = 'arraybuffer';
-  socket.onopen = () => ($('#connection').textContent = 'Connected');
+  socket.onopen = () => {
+    $('#connection').textContent = 'Connected';
+    catchUp();
+  };
   socket.onmessage = (event) => {
     if (typeof event.data === 'string') onMessage(JSON.parse(event.data));
     else onBinary(event.data);
