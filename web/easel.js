@@ -122,9 +122,11 @@ async function controlFor(field) {
     random.innerHTML = '<input type="checkbox" id="random-seed"> New random seed each run';
     wrapper.append(random);
   }
-  if (kind.file && field.value) {
+  if (kind.file) {
     const note = document.createElement('small');
-    note.textContent = `Leave empty to use ${field.value} from the server's input folder; or paste an image.`;
+    note.textContent = field.kind === 'mask'
+      ? 'Optional: painted onto the input image, which it needs.'
+      : `Or paste an image. Left empty, ${field.value} from the server's input folder is used.`;
     wrapper.append(note);
   }
   return wrapper;
