@@ -126,3 +126,28 @@ fn a_ui_format_workflow_converts_to_its_api_prompt() {
     assert!(!is_ui_workflow(&api));
     assert_eq!(converted, api);
 }
+
+/// Workflows with subgraphs made by the official frontend 1.58.1 convert to what that frontend's
+/// own graphToPrompt queued for them (`*.api.json`, captured from the frontend). In the first the
+/// prompts and the KSampler became a subgraph (seed and both texts promoted to the instance,
+/// whose text was then changed; steps fed by the outer PrimitiveNode): inner nodes keyed
+/// `"17:6"`, links through the boundaries, the instance's values for promoted inputs. In the
+/// second that instance and the VAEDecode became a subgraph in turn (`"18:17:6"`, an inner
+/// instance's output leaving through the outer one's).
+#[test]
+fn ui_workflows_with_subgraphs_convert_as_the_frontend_flattens_them() {
+    use easel_engine::ui_workflow::to_api_prompt;
+    let setup = setup();
+    for name in [
+        "ui_workflow_sd15_lora_subgraph",
+        "ui_workflow_sd15_lora_nested_subgraph",
+    ] {
+        let ui = common::fixture_json(&format!("{name}.json"));
+        let converted = to_api_prompt(&ui, &setup.registry, &setup.services).unwrap();
+        assert_eq!(converted, common::fixture_json(&format!("{name}.api.json")), "{name}");
+    }
+    let ui = common::fixture_json("ui_workflow_sd15_lora_subgraph.json");
+    let converted = to_api_prompt(&ui, &setup.registry, &setup.services).unwrap();
+    assert_eq!(converted["17:6"]["inputs"]["text"], "INSTANCE TEXT");
+    assert_eq!(converted["17:3"]["inputs"]["positive"], serde_json::json!(["17:6", 0]));
+}

@@ -3,7 +3,7 @@
 // in `artifacts/` when a test fails.
 
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { cpSync, mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -33,10 +33,12 @@ async function freePort() {
   });
 }
 
-/** Starts `easel serve` with the tiny test models; `stop()` ends it and removes its directory. */
+/** Starts `easel serve` with the tiny test models and the bundled inputs; `stop()` ends it and
+ * removes its directory. */
 export async function startEasel(extraArgs = []) {
   const base = mkdtempSync(join(tmpdir(), 'easel-browser-'));
   execFileSync(easelBinary, ['testmodels', join(base, 'models')], { stdio: 'ignore' });
+  cpSync(join(workspace, 'workflows/input'), join(base, 'input'), { recursive: true });
   const port = await freePort();
   const log = [];
   const child = spawn(easelBinary, ['serve', '--port', String(port), '--base-directory', base, ...extraArgs], {

@@ -97,3 +97,50 @@ for (const version of frontendVersions) {
     }
   });
 }
+
+/** UI-format workflows saved by the frontend, and the first version that can open each. */
+const SAVED_WORKFLOWS = [
+  ['ui_workflow_sd15_lora.json', '1.0.0'],
+  ['ui_workflow_sd15_lora_subgraph.json', '1.24.0'],
+  ['ui_workflow_sd15_lora_nested_subgraph.json', '1.24.0'],
+];
+
+function atLeast(version, minimum) {
+  const [a, b] = [version, minimum].map((v) => v.split('.').map(Number));
+  for (let i = 0; i < 3; i++) if (a[i] !== b[i]) return a[i] > b[i];
+  return true;
+}
+
+for (const version of frontendVersions) {
+  test(`official frontend ${version} and Easel make the same prompt of a saved workflow`, { timeout: 180000 }, async () => {
+    const easel = await startEasel(['--front-end-root', frontendRoot(version)]);
+    try {
+      await withPage(`saved-workflows-${version}`, async (page, problems) => {
+        const settings = { 'Comfy.TutorialCompleted': true, 'Comfy.InstalledVersion': version };
+        await fetch(`${easel.url}/api/settings`, { method: 'POST', body: JSON.stringify(settings) });
+        await page.goto(easel.url);
+        await page.waitForFunction(() => window.app?.graph && window.app.api?.clientId, null, { timeout: 90000 });
+        for (const [fixture, minimum] of SAVED_WORKFLOWS.filter(([, minimum]) => atLeast(version, minimum))) {
+          const saved = readFileSync(join(workspace, 'nodes/tests/fixtures', fixture), 'utf8');
+          await page.setInputFiles('#comfy-file-input', { name: fixture, mimeType: 'application/json', buffer: Buffer.from(saved) });
+          await page.waitForFunction((count) => window.app.graph._nodes.length === count, JSON.parse(saved).nodes.length);
+          const frontendPrompt = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
+
+          const response = await fetch(`${easel.url}/prompt`, { method: 'POST', body: JSON.stringify({ prompt: JSON.parse(saved) }) });
+          const { prompt_id: promptId } = await response.json();
+          assert.equal(response.status, 200, fixture);
+          let entry;
+          for (let tries = 0; !entry && tries < 600; tries++) {
+            entry = (await (await fetch(`${easel.url}/history/${promptId}`)).json())[promptId];
+            if (!entry) await new Promise((r) => setTimeout(r, 100));
+          }
+          assert.equal(entry?.status.status_str, 'success', fixture);
+          assert.deepStrictEqual(entry.prompt[2], frontendPrompt, fixture);
+        }
+        assert.deepEqual(problems.filter((problem) => !isFrontendOwnError(version, problem)), []);
+      }, { allowedMissing: ALLOWED_MISSING });
+    } finally {
+      await easel.stop();
+    }
+  });
+}

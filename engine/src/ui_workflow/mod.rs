@@ -7,11 +7,15 @@
 //!   bypassed nodes (to the bypassed node's input of the same type, the origin slot's first);
 //! - muted (mode 2) and bypassed (mode 4) nodes, Reroutes, PrimitiveNodes (their value is
 //!   already the target's widget value) and notes are left out, and links to nodes left out
-//!   are dropped.
+//!   are dropped;
+//! - subgraphs are flattened first ([`subgraphs`]), their nodes keyed `"instance:inner"`.
+
+mod subgraphs;
 
 use std::collections::HashMap;
 
 use serde_json::{json, Map, Value as Json};
+use subgraphs::{parse_link, Link};
 
 use crate::node::Services;
 use crate::registry::NodeRegistry;
@@ -55,17 +59,15 @@ struct UiInput<'a> {
     link: Option<i64>,
 }
 
-/// A link: origin node and slot.
-#[derive(Clone, Copy)]
-struct UiLink<'a> {
-    origin: &'a Json,
-    origin_slot: i64,
-}
-
 /// The API-format prompt of a UI-format `workflow`, with widget inputs named by the schemas of
 /// `registry`'s nodes (a node of an unknown class keeps only its links, and validation names it).
 pub fn to_api_prompt(workflow: &Json, registry: &NodeRegistry, services: &Services) -> Result<Json, UiWorkflowError> {
     let malformed = |what: &str| UiWorkflowError::Malformed(what.to_string());
+    if !is_ui_workflow(workflow) {
+        return Err(malformed("no `nodes` and `links` arrays"));
+    }
+    let flattened = subgraphs::flatten(workflow)?;
+    let workflow = &flattened.workflow;
     let nodes = workflow
         .get("nodes")
         .and_then(Json::as_array)
@@ -98,6 +100,11 @@ pub fn to_api_prompt(workflow: &Json, registry: &NodeRegistry, services: &Servic
             };
             if let Some(link) = resolve_link(link, input.io_type, &by_id, &links) {
                 inputs.insert(input.name.to_string(), json!([id_text(link.origin), link.origin_slot]));
+            }
+        }
+        for (name, value) in flattened.promoted.get(&node.id).into_iter().flatten() {
+            if inputs.get(name).and_then(crate::prompt::as_link).is_none() {
+                inputs.insert(name.clone(), value.clone());
             }
         }
         let title = node
@@ -148,22 +155,6 @@ fn parse_node(value: &Json) -> Result<UiNode<'_>, UiWorkflowError> {
         inputs,
         widgets_values: value.get("widgets_values"),
     })
-}
-
-/// A link as `[id, origin, origin slot, target, target slot, type]` or as an object with
-/// those names (newer frontends).
-fn parse_link(value: &Json) -> Result<(i64, UiLink<'_>), UiWorkflowError> {
-    let (id, origin, origin_slot) = match value {
-        Json::Array(parts) => (parts.first(), parts.get(1), parts.get(2)),
-        Json::Object(fields) => (fields.get("id"), fields.get("origin_id"), fields.get("origin_slot")),
-        _ => (None, None, None),
-    };
-    match (id.and_then(Json::as_i64), origin, origin_slot.and_then(Json::as_i64)) {
-        (Some(id), Some(origin), Some(origin_slot)) => Ok((id, UiLink { origin, origin_slot })),
-        _ => Err(UiWorkflowError::Malformed(format!(
-            "a link without id, origin or slot: {value}"
-        ))),
-    }
 }
 
 /// A node id as the prompt keys it (`3`, or `"12:5"` as it is).
@@ -231,11 +222,11 @@ fn option_is_true(spec: &InputSpec, option: &str) -> bool {
 /// through bypassed nodes to their input of the same type (the origin slot's first, then in
 /// order). `None` where the chain ends unconnected (a PrimitiveNode's value, an empty Reroute).
 fn resolve_link<'a>(
-    mut link: UiLink<'a>,
+    mut link: Link<'a>,
     input_type: Option<&Json>,
     nodes: &HashMap<&str, &UiNode<'a>>,
-    links: &HashMap<i64, UiLink<'a>>,
-) -> Option<UiLink<'a>> {
+    links: &HashMap<i64, Link<'a>>,
+) -> Option<Link<'a>> {
     // A chain longer than the graph has links is a cycle.
     for _ in 0..=links.len() {
         let Some(origin) = nodes.get(id_text(link.origin).as_str()) else {
