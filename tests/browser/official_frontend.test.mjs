@@ -16,7 +16,6 @@ const ALLOWED_MISSING = [
   '/api/userdata/comfy.templates.json',
   '/api/userdata', // workflow and subgraph folders before they exist
   '/templates/index.json',
-  '/api/global_subgraphs',
   '/favicon.ico',
 ];
 

@@ -170,6 +170,7 @@ fn information_routes_answer_like_comfyui() {
     );
     assert_eq!(api.get_json("/embeddings"), json!([]));
     assert_eq!(api.get_json("/extensions"), json!([]));
+    assert_eq!(api.get_json("/api/global_subgraphs"), json!({}));
     assert_eq!(
         api.get_json("/models"),
         json!([

@@ -26,6 +26,13 @@ pub fn routes() -> Router<AppState> {
         .route("/system_stats", get(system_stats))
         .route("/features", get(features))
         .route("/view_metadata/{folder_name}", get(view_metadata))
+        .route("/global_subgraphs", get(global_subgraphs))
+}
+
+/// Subgraph blueprints that custom node packs ship (later ComfyUI versions; the newest frontends
+/// list them): Easel has no custom nodes, so none. One by id is a 404, as for an unknown id there.
+async fn global_subgraphs() -> Response {
+    json_response(&json!({}))
 }
 
 async fn object_info(State(state): State<AppState>) -> Response {
