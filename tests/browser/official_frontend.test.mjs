@@ -30,16 +30,23 @@ function isFrontendOwnError(version, problem) {
   return FRONTEND_OWN_ERRORS.some((known) => known.version.test(version) && known.error.test(problem));
 }
 
+/**
+ * Opens the frontend as a returning user of this version (no first-run template dialog over the
+ * canvas) and waits until its app is up and connected.
+ */
+async function openFrontend(page, easel, version) {
+  const settings = { 'Comfy.TutorialCompleted': true, 'Comfy.InstalledVersion': version };
+  await fetch(`${easel.url}/api/settings`, { method: 'POST', body: JSON.stringify(settings) });
+  await page.goto(easel.url);
+  await page.waitForFunction(() => window.app?.graph && window.app.api?.clientId, null, { timeout: 90000 });
+}
+
 for (const version of frontendVersions) {
   test(`official frontend ${version} runs a bundled workflow`, { timeout: 180000 }, async () => {
     const easel = await startEasel(['--front-end-root', frontendRoot(version)]);
     try {
       await withPage(`official-frontend-${version}`, async (page, problems) => {
-        // A returning user of this version: no first-run template dialog over the canvas.
-        const settings = { 'Comfy.TutorialCompleted': true, 'Comfy.InstalledVersion': version };
-        await fetch(`${easel.url}/api/settings`, { method: 'POST', body: JSON.stringify(settings) });
-        await page.goto(easel.url);
-        await page.waitForFunction(() => window.app?.graph && window.app.api?.clientId, null, { timeout: 90000 });
+        await openFrontend(page, easel, version);
 
         // Twelve steps, so the progress is seen before the image.
         const workflow = JSON.parse(readFileSync(join(workspace, 'workflows/sd15_txt2img.json'), 'utf8'));
@@ -115,10 +122,7 @@ for (const version of frontendVersions) {
     const easel = await startEasel(['--front-end-root', frontendRoot(version)]);
     try {
       await withPage(`saved-workflows-${version}`, async (page, problems) => {
-        const settings = { 'Comfy.TutorialCompleted': true, 'Comfy.InstalledVersion': version };
-        await fetch(`${easel.url}/api/settings`, { method: 'POST', body: JSON.stringify(settings) });
-        await page.goto(easel.url);
-        await page.waitForFunction(() => window.app?.graph && window.app.api?.clientId, null, { timeout: 90000 });
+        await openFrontend(page, easel, version);
         for (const [fixture, minimum] of SAVED_WORKFLOWS.filter(([, minimum]) => atLeast(version, minimum))) {
           const saved = readFileSync(join(workspace, 'nodes/tests/fixtures', fixture), 'utf8');
           await page.setInputFiles('#comfy-file-input', { name: fixture, mimeType: 'application/json', buffer: Buffer.from(saved) });

@@ -62,23 +62,13 @@ struct UiInput<'a> {
 /// The API-format prompt of a UI-format `workflow`, with widget inputs named by the schemas of
 /// `registry`'s nodes (a node of an unknown class keeps only its links, and validation names it).
 pub fn to_api_prompt(workflow: &Json, registry: &NodeRegistry, services: &Services) -> Result<Json, UiWorkflowError> {
-    let malformed = |what: &str| UiWorkflowError::Malformed(what.to_string());
     if !is_ui_workflow(workflow) {
-        return Err(malformed("no `nodes` and `links` arrays"));
+        return Err(UiWorkflowError::Malformed("no `nodes` and `links` arrays".into()));
     }
     let flattened = subgraphs::flatten(workflow)?;
-    let workflow = &flattened.workflow;
-    let nodes = workflow
-        .get("nodes")
-        .and_then(Json::as_array)
-        .ok_or_else(|| malformed("no `nodes` array"))?
-        .iter()
-        .map(parse_node)
-        .collect::<Result<Vec<_>, _>>()?;
-    let links = workflow
-        .get("links")
-        .and_then(Json::as_array)
-        .ok_or_else(|| malformed("no `links` array"))?
+    let nodes = flattened.nodes.iter().map(parse_node).collect::<Result<Vec<_>, _>>()?;
+    let links = flattened
+        .links
         .iter()
         .map(parse_link)
         .collect::<Result<HashMap<_, _>, _>>()?;

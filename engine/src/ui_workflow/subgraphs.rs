@@ -21,9 +21,12 @@ const SUBGRAPH_OUTPUT: i64 = -20;
 /// Nesting deeper than this is taken for a definition that contains itself.
 const MAX_DEPTH: usize = 32;
 
-/// A workflow in one level, and per node id the values promoted to it (input name → value).
+/// A workflow's nodes and links in one level (links as arrays), and per node id the values
+/// promoted to it (input name → value).
+#[derive(Default)]
 pub struct Flattened {
-    pub workflow: Json,
+    pub nodes: Vec<Json>,
+    pub links: Vec<Json>,
     pub promoted: HashMap<String, Map<String, Json>>,
 }
 
@@ -70,15 +73,9 @@ pub fn flatten(workflow: &Json) -> Result<Flattened, UiWorkflowError> {
     let mut definitions = HashMap::new();
     collect_definitions(workflow, &mut definitions);
     let top = Level::new(String::new(), workflow, None, 0, 0)?;
-    let mut out = Output::default();
-    top.emit(&definitions, &mut out)?;
-    let mut flat = workflow.as_object().cloned().unwrap_or_default();
-    flat.insert("nodes".into(), Json::Array(out.nodes));
-    flat.insert("links".into(), Json::Array(out.links));
-    Ok(Flattened {
-        workflow: Json::Object(flat),
-        promoted: out.promoted,
-    })
+    let mut flattened = Flattened::default();
+    top.emit(&definitions, &mut flattened)?;
+    Ok(flattened)
 }
 
 type Definitions<'a> = HashMap<&'a str, &'a Json>;
@@ -93,13 +90,6 @@ fn collect_definitions<'a>(graph: &'a Json, definitions: &mut Definitions<'a>) {
             }
         }
     }
-}
-
-#[derive(Default)]
-struct Output {
-    nodes: Vec<Json>,
-    links: Vec<Json>,
-    promoted: HashMap<String, Map<String, Json>>,
 }
 
 /// Where a link really starts in the flat graph (`None`: nowhere, an unfed instance input), and
@@ -230,7 +220,7 @@ impl<'a, 'p> Level<'a, 'p> {
     }
 
     /// Appends this level's nodes (the insides of its instances in their place) and their links.
-    fn emit(&self, definitions: &Definitions<'a>, out: &mut Output) -> Result<(), UiWorkflowError> {
+    fn emit(&self, definitions: &Definitions<'a>, out: &mut Flattened) -> Result<(), UiWorkflowError> {
         for node in &self.nodes {
             if instance_definition(node, definitions).is_some() {
                 self.enter(node, definitions)?.emit(definitions, out)?;
@@ -292,4 +282,55 @@ fn promoted_value(instance: &Json, input: &Json) -> Option<Json> {
         .filter(|candidate| candidate.get("widget").is_some())
         .position(|candidate| std::ptr::eq(candidate, input))?;
     instance.get("widgets_values")?.as_array()?.get(index).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A subgraph that contains itself is refused instead of recursing without end.
+    #[test]
+    fn a_subgraph_containing_itself_is_an_error() {
+        let workflow = json!({
+            "nodes": [{"id": 1, "type": "loop", "inputs": []}],
+            "links": [],
+            "definitions": {"subgraphs": [
+                {"id": "loop", "nodes": [{"id": 2, "type": "loop", "inputs": []}], "links": []}
+            ]}
+        });
+        let error = flatten(&workflow).err().expect("refused");
+        assert!(error.to_string().contains("nested more than 32 deep"), "{error}");
+    }
+
+    /// An instance input fed from outside reaches the inner node through the input boundary, and
+    /// an inner output leaves through the output boundary to the outer consumer.
+    #[test]
+    fn links_cross_the_boundaries() {
+        let workflow = json!({
+            "nodes": [
+                {"id": 1, "type": "Source", "inputs": []},
+                {"id": 2, "type": "inner", "inputs": [{"name": "x", "type": "IMAGE", "link": 10}]},
+                {"id": 3, "type": "Sink", "inputs": [{"name": "images", "type": "IMAGE", "link": 11}]}
+            ],
+            "links": [[10, 1, 0, 2, 0, "IMAGE"], [11, 2, 0, 3, 0, "IMAGE"]],
+            "definitions": {"subgraphs": [{"id": "inner", "nodes": [
+                {"id": 5, "type": "Invert", "inputs": [{"name": "image", "type": "IMAGE", "link": 1}]}
+            ], "links": [
+                {"id": 1, "origin_id": -10, "origin_slot": 0, "target_id": 5, "target_slot": 0, "type": "IMAGE"},
+                {"id": 2, "origin_id": 5, "origin_slot": 0, "target_id": -20, "target_slot": 0, "type": "IMAGE"}
+            ]}]}
+        });
+        let flattened = flatten(&workflow).unwrap();
+        let ids: Vec<&Json> = flattened.nodes.iter().map(|node| &node["id"]).collect();
+        assert_eq!(ids, [&json!("1"), &json!("2:5"), &json!("3")]);
+        assert_eq!(
+            flattened.links,
+            [
+                json!([1, "1", 0, "2:5", 0, "IMAGE"]),
+                json!([2, "2:5", 0, "3", 0, "IMAGE"])
+            ]
+        );
+        assert_eq!(flattened.nodes[1]["inputs"][0]["link"], 1);
+        assert_eq!(flattened.nodes[2]["inputs"][0]["link"], 2);
+    }
 }
