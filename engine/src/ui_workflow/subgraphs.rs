@@ -20,6 +20,8 @@ const SUBGRAPH_INPUT: i64 = -10;
 const SUBGRAPH_OUTPUT: i64 = -20;
 /// Nesting deeper than this is taken for a definition that contains itself.
 const MAX_DEPTH: usize = 32;
+/// Following a link across more boundaries than this is taken for a cycle through an instance.
+const MAX_HOPS: usize = 128;
 
 /// A workflow's nodes and links in one level (links as arrays), and per node id the values
 /// promoted to it (input name → value).
@@ -170,8 +172,20 @@ impl<'a, 'p> Level<'a, 'p> {
         Level::new(prefix, definition, Some((self, instance)), self.depth + 1, mode)
     }
 
-    /// Where a link from `origin`'s output `slot` at this level starts in the flat graph.
-    fn resolve(&self, origin: &'a Json, slot: i64, definitions: &Definitions<'a>) -> Result<Origin, UiWorkflowError> {
+    /// Where a link from `origin`'s output `slot` at this level starts in the flat graph, `hops`
+    /// boundaries away from the input it feeds.
+    fn resolve(
+        &self,
+        origin: &'a Json,
+        slot: i64,
+        definitions: &Definitions<'a>,
+        hops: usize,
+    ) -> Result<Origin, UiWorkflowError> {
+        if hops > MAX_HOPS {
+            return Err(UiWorkflowError::Malformed(
+                "a link that goes round through a subgraph's boundaries".into(),
+            ));
+        }
         let nowhere = Origin {
             node_slot: None,
             promoted: None,
@@ -192,7 +206,7 @@ impl<'a, 'p> Level<'a, 'p> {
                 .and_then(Json::as_i64)
                 .and_then(|id| parent.links.get(&id));
             let mut origin = match fed {
-                Some(link) => parent.resolve(link.origin, link.origin_slot, definitions)?,
+                Some(link) => parent.resolve(link.origin, link.origin_slot, definitions, hops + 1)?,
                 None => nowhere,
             };
             // The outermost instance's value is the one a person sees and edits.
@@ -208,7 +222,7 @@ impl<'a, 'p> Level<'a, 'p> {
                     .values()
                     .find(|link| link.target.as_i64() == Some(SUBGRAPH_OUTPUT) && link.target_slot == slot);
                 match output {
-                    Some(link) => inside.resolve(link.origin, link.origin_slot, definitions),
+                    Some(link) => inside.resolve(link.origin, link.origin_slot, definitions, hops + 1),
                     None => Ok(nowhere),
                 }
             }
@@ -241,7 +255,7 @@ impl<'a, 'p> Level<'a, 'p> {
                     else {
                         continue;
                     };
-                    let origin = self.resolve(link.origin, link.origin_slot, definitions)?;
+                    let origin = self.resolve(link.origin, link.origin_slot, definitions, 0)?;
                     input["link"] = match origin.node_slot {
                         Some((origin_id, origin_slot)) => {
                             let id = out.links.len() + 1;
@@ -300,6 +314,23 @@ mod tests {
         });
         let error = flatten(&workflow).err().expect("refused");
         assert!(error.to_string().contains("nested more than 32 deep"), "{error}");
+    }
+
+    /// An instance whose output feeds its own input is refused instead of followed forever.
+    #[test]
+    fn a_link_round_an_instance_is_an_error() {
+        let workflow = json!({
+            "nodes": [{"id": 1, "type": "pass", "inputs": [{"name": "x", "type": "IMAGE", "link": 7}]}],
+            "links": [[7, 1, 0, 1, 0, "IMAGE"]],
+            "definitions": {"subgraphs": [{"id": "pass", "nodes": [
+                {"id": 2, "type": "Invert", "inputs": [{"name": "image", "type": "IMAGE", "link": 1}]}
+            ], "links": [
+                {"id": 1, "origin_id": -10, "origin_slot": 0, "target_id": 2, "target_slot": 0, "type": "IMAGE"},
+                {"id": 3, "origin_id": -10, "origin_slot": 0, "target_id": -20, "target_slot": 0, "type": "IMAGE"}
+            ]}]}
+        });
+        let error = flatten(&workflow).err().expect("refused");
+        assert!(error.to_string().contains("goes round"), "{error}");
     }
 
     /// An instance input fed from outside reaches the inner node through the input boundary, and
