@@ -5,6 +5,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { startEasel, withPage, workspace } from './harness.mjs';
 
@@ -27,7 +28,8 @@ test('the built-in page makes a picture and keeps it in history', { timeout: 180
       await page.fill('#field-prompt', 'a lighthouse painted in watercolour');
       await page.fill('#field-steps', '8');
       await page.fill('#field-seed', '1234');
-      await page.setInputFiles('#field-image', join(workspace, 'workflows/input/example.png'));
+      const photo = readFileSync(join(workspace, 'workflows/input/example.png'));
+      await page.setInputFiles('#field-image', { name: 'my_photo.png', mimeType: 'image/png', buffer: photo });
       // The keyboard alone runs it.
       await page.focus('#field-denoise');
       await page.keyboard.press('Enter');
@@ -54,7 +56,7 @@ test('the built-in page makes a picture and keeps it in history', { timeout: 180
       assert.equal(prompt['6'].inputs.text, 'a lighthouse painted in watercolour');
       assert.equal(prompt['3'].inputs.steps, 8);
       assert.equal(prompt['3'].inputs.seed, 1234);
-      assert.equal(prompt['1'].inputs.image, 'example.png');
+      assert.equal(prompt['1'].inputs.image, 'my_photo.png');
 
       const card = page.locator(`#gallery li[data-prompt="${promptId}"]`);
       await card.waitFor();
@@ -81,7 +83,8 @@ test('the built-in page checks its fields and shows why a prompt is rejected', {
       assert.equal(await page.locator('#field-steps:invalid').count(), 1);
       assert.equal(await page.isVisible('#progress'), false);
 
-      // No image uploaded, and the workflow's example.png is not in this server's input folder.
+      // No image uploaded, and the workflow's example.png gone from the server's input folder.
+      rmSync(join(easel.base, 'input/example.png'));
       await page.fill('#field-steps', '4');
       await page.click('#run');
       const error = page.locator('#error');
