@@ -1,7 +1,8 @@
 // The official ComfyUI frontend (the pip wheel, each version of `frontendVersions`) against Easel:
 // it starts without errors, opens a bundled workflow through its file input as a user's "Open"
 // does, queues it with the Run button, shows the progress in the page title and the saved
-// image on the Save Image node.
+// image on the Save Image node; and a saved UI-format workflow posted to Easel runs as the prompt
+// the frontend itself makes of it (graphToPrompt), subgraphs included where the frontend has them.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
