@@ -7,7 +7,7 @@ use crate::setup;
 use anyhow::Context;
 use easel_engine::events::{Event, EventKind};
 use easel_engine::pyjson::dumps;
-use easel_engine::ui_workflow::{embed_workflow, is_ui_workflow, to_api_prompt};
+use easel_engine::ui_workflow::queued_prompt;
 use easel_engine::{validate_prompt, EventSink, ExecutionStatus, Executor, Interrupt, Prompt};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value as Json};
@@ -20,7 +20,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let text =
         std::fs::read_to_string(&args.workflow).with_context(|| format!("cannot read {}", args.workflow.display()))?;
     let body: Json = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", args.workflow.display()))?;
-    let (prompt_json, extra_data) = match body {
+    let (prompt_json, mut extra_data) = match body {
         Json::Object(mut request) if request.get("prompt").is_some_and(Json::is_object) => {
             let prompt = request.remove("prompt").unwrap_or_default();
             (prompt, request.remove("extra_data").unwrap_or_else(|| json!({})))
@@ -28,16 +28,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         other => (other, json!({})),
     };
     let runtime = setup::runtime(&args.execution)?;
-    let (prompt_json, extra_data) = if is_ui_workflow(&prompt_json) {
-        let api = to_api_prompt(&prompt_json, &runtime.registry, &runtime.services)?;
-        let mut extra_data = extra_data;
-        if let Some(extra) = extra_data.as_object_mut() {
-            embed_workflow(extra, &prompt_json);
-        }
-        (api, extra_data)
-    } else {
-        (prompt_json, extra_data)
-    };
+    let prompt_json = queued_prompt(&prompt_json, &mut extra_data, &runtime.registry, &runtime.services)?;
     let prompt = Prompt::from_json(prompt_json)?;
     let validated = match validate_prompt(&runtime.registry, &runtime.services, prompt, None) {
         Ok(validated) => validated,

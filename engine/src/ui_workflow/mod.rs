@@ -254,11 +254,25 @@ fn drop_links_to_missing_nodes(prompt: &mut Map<String, Json>) {
     }
 }
 
-/// Puts `workflow` where the frontend puts the workflow it queues (`extra_pnginfo.workflow`,
-/// which SaveImage writes into the PNG), unless the request put one there itself.
-pub fn embed_workflow(extra_data: &mut Map<String, Json>, workflow: &Json) {
-    let pnginfo = extra_data.entry("extra_pnginfo").or_insert_with(|| json!({}));
-    if let Some(pnginfo) = pnginfo.as_object_mut() {
-        pnginfo.entry("workflow").or_insert_with(|| workflow.clone());
+/// What a queued `prompt` runs as: a UI-format workflow converted ([`to_api_prompt`]) and put
+/// where the frontend puts the workflow it queues (`extra_pnginfo.workflow` of an object
+/// `extra_data`, which SaveImage writes into the PNG), unless the request put one there itself;
+/// an API-format prompt as it is.
+pub fn queued_prompt(
+    prompt: &Json,
+    extra_data: &mut Json,
+    registry: &NodeRegistry,
+    services: &Services,
+) -> Result<Json, UiWorkflowError> {
+    if !is_ui_workflow(prompt) {
+        return Ok(prompt.clone());
     }
+    let api = to_api_prompt(prompt, registry, services)?;
+    if let Some(extra_data) = extra_data.as_object_mut() {
+        let pnginfo = extra_data.entry("extra_pnginfo").or_insert_with(|| json!({}));
+        if let Some(pnginfo) = pnginfo.as_object_mut() {
+            pnginfo.entry("workflow").or_insert_with(|| prompt.clone());
+        }
+    }
+    Ok(api)
 }

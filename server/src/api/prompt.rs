@@ -9,7 +9,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use easel_engine::pyjson::py_str;
-use easel_engine::ui_workflow::{embed_workflow, is_ui_workflow, to_api_prompt};
+use easel_engine::ui_workflow::queued_prompt;
 use easel_engine::{validate_prompt, Prompt, ValidationFailure};
 use serde_json::{json, Value as Json};
 
@@ -63,14 +63,17 @@ fn accept_prompt(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
             node_errors: json!({}),
         }))
     };
+    let mut extra_data = request
+        .get("extra_data")
+        .cloned()
+        .filter(Json::is_object)
+        .unwrap_or_else(|| json!({}));
+    if let (Some(client_id), Some(extra)) = (request.get("client_id"), extra_data.as_object_mut()) {
+        extra.insert("client_id".into(), client_id.clone());
+    }
     let runtime = &state.runtime;
-    let ui_workflow = is_ui_workflow(prompt_json).then_some(prompt_json);
-    let prompt_json = match ui_workflow {
-        Some(workflow) => {
-            to_api_prompt(workflow, &runtime.registry, &runtime.services).map_err(|e| invalid_prompt(e.to_string()))?
-        }
-        None => prompt_json.clone(),
-    };
+    let prompt_json = queued_prompt(prompt_json, &mut extra_data, &runtime.registry, &runtime.services)
+        .map_err(|e| invalid_prompt(e.to_string()))?;
     let prompt = Prompt::from_json(prompt_json).map_err(|e| invalid_prompt(e.to_string()))?;
     let targets: Option<Vec<String>> = request
         .get("partial_execution_targets")
@@ -78,19 +81,6 @@ fn accept_prompt(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
         .map(|ids| ids.iter().map(py_str).collect());
     let validated = validate_prompt(&runtime.registry, &runtime.services, prompt, targets.as_deref())
         .map_err(|failure| ApiError::Invalid(Box::new(failure)))?;
-    let mut extra_data = request
-        .get("extra_data")
-        .cloned()
-        .filter(Json::is_object)
-        .unwrap_or_else(|| json!({}));
-    if let Some(extra) = extra_data.as_object_mut() {
-        if let Some(client_id) = request.get("client_id") {
-            extra.insert("client_id".into(), client_id.clone());
-        }
-        if let Some(workflow) = ui_workflow {
-            embed_workflow(extra, workflow);
-        }
-    }
     let response = json!({"prompt_id": prompt_id, "number": number_json, "node_errors": validated.node_errors});
     let item = QueueItem {
         number,
