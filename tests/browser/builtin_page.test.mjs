@@ -7,12 +7,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { startEasel, withPage, workspace } from './harness.mjs';
+import { withEasel, withPage, workspace } from './harness.mjs';
 
 test('the built-in page makes a picture and keeps it in history', { timeout: 180000 }, async () => {
   // latent2rgb previews are sent while the sampler runs.
-  const easel = await startEasel(['--preview-method', 'latent2rgb']);
-  try {
+  await withEasel(['--preview-method', 'latent2rgb'], async (easel) => {
     await withPage('built-in-page', async (page, problems) => {
       await page.goto(`${easel.url}/easel/`);
       await page.waitForSelector('#connection:text("Connected")');
@@ -66,14 +65,11 @@ test('the built-in page makes a picture and keeps it in history', { timeout: 180
       assert.deepEqual(await (await fetch(`${easel.url}/history`)).json(), {});
       assert.deepEqual(problems, []);
     });
-  } finally {
-    await easel.stop();
-  }
+  });
 });
 
 test('the built-in page checks its fields and shows why a prompt is rejected', { timeout: 60000 }, async () => {
-  const easel = await startEasel();
-  try {
+  await withEasel([], async (easel) => {
     await withPage('built-in-page-rejected', async (page, problems) => {
       await page.goto(`${easel.url}/#sd15_inpaint`);
       await page.waitForSelector('#field-steps');
@@ -95,14 +91,11 @@ test('the built-in page checks its fields and shows why a prompt is rejected', {
       assert.equal(problems.length, 1, problems.join());
       assert.match(problems[0], /HTTP 400 .*\/prompt$/);
     });
-  } finally {
-    await easel.stop();
-  }
+  });
 });
 
 test('the built-in page turns a mask into the input image\'s alpha for inpainting', { timeout: 120000 }, async () => {
-  const easel = await startEasel();
-  try {
+  await withEasel([], async (easel) => {
     await withPage('built-in-page-mask', async (page, problems) => {
       await page.goto(`${easel.url}/easel/#sd15_inpaint`);
       await page.waitForSelector('#field-mask');
@@ -140,7 +133,5 @@ test('the built-in page turns a mask into the input image\'s alpha for inpaintin
       assert.deepEqual(alphas, [0, 255]);
       assert.deepEqual(problems, []);
     });
-  } finally {
-    await easel.stop();
-  }
+  });
 });

@@ -35,7 +35,7 @@ async function freePort() {
 
 /** Starts `easel serve` with the tiny test models and the bundled inputs; `stop()` ends it and
  * removes its directory. */
-export async function startEasel(extraArgs = []) {
+async function startEasel(extraArgs) {
   const base = mkdtempSync(join(tmpdir(), 'easel-browser-'));
   execFileSync(easelBinary, ['testmodels', join(base, 'models')], { stdio: 'ignore' });
   cpSync(join(workspace, 'workflows/input'), join(base, 'input'), { recursive: true });
@@ -64,6 +64,16 @@ export async function startEasel(extraArgs = []) {
       rmSync(base, { recursive: true, force: true });
     },
   };
+}
+
+/** Runs `body(easel)` against a fresh `startEasel(extraArgs)`, which it stops afterwards. */
+export async function withEasel(extraArgs, body) {
+  const easel = await startEasel(extraArgs);
+  try {
+    return await body(easel);
+  } finally {
+    await easel.stop();
+  }
 }
 
 /**

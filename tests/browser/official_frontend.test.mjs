@@ -8,7 +8,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { frontendRoot, frontendVersions, startEasel, withPage, workspace } from './harness.mjs';
+import { frontendRoot, frontendVersions, withEasel, withPage, workspace } from './harness.mjs';
 
 /** Paths a ComfyUI server answers 404 too while the frontend starts. */
 const ALLOWED_MISSING = [
@@ -44,8 +44,7 @@ async function openFrontend(page, easel, version) {
 
 for (const version of frontendVersions) {
   test(`official frontend ${version} runs a bundled workflow`, { timeout: 180000 }, async () => {
-    const easel = await startEasel(['--front-end-root', frontendRoot(version)]);
-    try {
+    await withEasel(['--front-end-root', frontendRoot(version)], async (easel) => {
       await withPage(`official-frontend-${version}`, async (page, problems) => {
         await openFrontend(page, easel, version);
 
@@ -99,9 +98,7 @@ for (const version of frontendVersions) {
         assert.equal(entries[0].prompt[2]['3'].inputs.steps, 12);
         assert.deepEqual(problems.filter((problem) => !isFrontendOwnError(version, problem)), []);
       }, { allowedMissing: ALLOWED_MISSING });
-    } finally {
-      await easel.stop();
-    }
+    });
   });
 }
 
@@ -120,8 +117,7 @@ function atLeast(version, minimum) {
 
 for (const version of frontendVersions) {
   test(`official frontend ${version} and Easel make the same prompt of a saved workflow`, { timeout: 180000 }, async () => {
-    const easel = await startEasel(['--front-end-root', frontendRoot(version)]);
-    try {
+    await withEasel(['--front-end-root', frontendRoot(version)], async (easel) => {
       await withPage(`saved-workflows-${version}`, async (page, problems) => {
         await openFrontend(page, easel, version);
         for (const [fixture, minimum] of SAVED_WORKFLOWS.filter(([, minimum]) => atLeast(version, minimum))) {
@@ -143,8 +139,6 @@ for (const version of frontendVersions) {
         }
         assert.deepEqual(problems.filter((problem) => !isFrontendOwnError(version, problem)), []);
       }, { allowedMissing: ALLOWED_MISSING });
-    } finally {
-      await easel.stop();
-    }
+    });
   });
 }
