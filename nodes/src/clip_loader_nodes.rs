@@ -15,10 +15,10 @@ use crate::flux_nodes::GGUF_MODULE;
 use crate::loader_nodes::{
     build_t5, build_text_encoder, cached, file_names, file_size, model_file, open, open_gguf, undetected,
 };
-use crate::models::t5::t5_name_from_llama_cpp;
-use crate::models::weights::{MappedWeights, RenamedWeights};
-use crate::models::{DetectError, Family, TextEncoderKind, TextEncoderLayout};
 use crate::t5_tokenizer_files::TokenizerSearch;
+use easel_models::architectures::t5::t5_name_from_llama_cpp;
+use easel_models::checkpoint::{DetectError, Family, TextEncoderKind, TextEncoderLayout};
+use easel_models::weights::{MappedWeights, RenamedWeights};
 
 /// The architectures ComfyUI-GGUF's text-encoder loaders accept in `general.architecture`.
 const TEXT_ARCHITECTURES: [&str; 4] = ["t5", "t5encoder", "llama", "qwen2vl"];

@@ -11,8 +11,8 @@ use crate::cond_regions::{AreaSpec, CondRegion, LatentArea};
 use crate::diffusion::{Clip, ClipTokens, CondEntry, Conditioning, SdxlSizes, TextEncoder, TextNetwork};
 use crate::diffusion_nodes::{tensor_error, MAX_RESOLUTION};
 use crate::image::Mask;
-use crate::models::TextEncoderKind;
 use crate::paths::Paths;
+use easel_models::checkpoint::TextEncoderKind;
 
 /// `CLIPTextEncode`: a prompt to conditioning.
 pub struct ClipTextEncode;

@@ -9,8 +9,8 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeObject, NodeOut
 
 use crate::diffusion::{self, Conditioning, DualCfg, GuidedSampling, Latent, Model};
 use crate::diffusion_nodes::{denoise_mask, seed_input, seed_spec, with_progress};
-use crate::sampling::samplers::SAMPLER_NAMES;
-use crate::sampling::schedule::{self, ksampler_sigmas, Scheduler};
+use easel_models::sampling::samplers::SAMPLER_NAMES;
+use easel_models::sampling::schedule::{self, ksampler_sigmas, Scheduler};
 
 /// The Python module of every node here.
 const MODULE: &str = "comfy_extras.nodes_custom_sampler";

@@ -12,21 +12,22 @@ use easel_engine::NodeObject;
 use crate::cond_regions::{same_area_source, CondRegion, LatentArea, RegionError, ResolvedRegion};
 use crate::diffusion_nodes::{image_as_latents, latents_as_image};
 use crate::image::Mask;
-use crate::models::clip_text::{ClipTextEncoder, EncodeOptions, OutputLayer};
-use crate::models::embeddings::EmbeddingFolder;
-use crate::models::flux::{Flux, FluxControl, FluxInput};
-use crate::models::t5::T5Encoder;
-use crate::models::t5_tokenizer::{T5Tokenizer, FLUX_T5_MIN_LENGTH, T5_EMBEDDING_KEY};
-use crate::models::tokenizer::{tokenize_with_weights, EmbeddingLookup, NoEmbeddings, WeightedToken, END_TOKEN};
-use crate::models::unet::{timestep_embedding, UNet, UNetInput};
-use crate::models::vae::Vae;
-use crate::models::weights::WeightSource;
-use crate::models::{Family, TextEncoderKind};
 use crate::paths::Paths;
 use crate::resample::{common_upscale, ResizeMethod};
-use crate::sampling::noise::prepare_noise;
-use crate::sampling::samplers::{self, Denoiser, SamplerError, Step};
-use crate::sampling::schedule::{ksampler_sigmas, Scheduler, SigmaSchedule};
+use easel_models::architectures::clip_text::{ClipTextEncoder, EncodeOptions, OutputLayer};
+use easel_models::architectures::flux::{Flux, FluxControl, FluxInput};
+use easel_models::architectures::t5::T5Encoder;
+use easel_models::architectures::unet::{timestep_embedding, UNet, UNetInput};
+use easel_models::architectures::vae::Vae;
+use easel_models::checkpoint::{Family, TextEncoderKind};
+use easel_models::memory::{ensure_available, OutOfMemory};
+use easel_models::sampling::noise::prepare_noise;
+use easel_models::sampling::samplers::{self, Denoiser, SamplerError, Step};
+use easel_models::sampling::schedule::{ksampler_sigmas, Scheduler, SigmaSchedule};
+use easel_models::text::embeddings::EmbeddingFolder;
+use easel_models::text::t5_tokenizer::{T5Tokenizer, FLUX_T5_MIN_LENGTH, T5_EMBEDDING_KEY};
+use easel_models::text::tokenizer::{tokenize_with_weights, EmbeddingLookup, NoEmbeddings, WeightedToken, END_TOKEN};
+use easel_models::weights::WeightSource;
 
 /// What the network predicts, and so what it is given and how its output becomes the denoised
 /// latent (ComfyUI's model-sampling types, σ_data = 1 unless said otherwise).
@@ -552,6 +553,19 @@ pub enum ConditioningError {
     Tensor(#[from] candle_core::Error),
 }
 
+/// Why a sampling run failed: the sampler, the model's arithmetic, memory or the conditioning.
+#[derive(Debug, thiserror::Error)]
+pub enum SamplingError {
+    #[error(transparent)]
+    Sampler(#[from] SamplerError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    OutOfMemory(#[from] OutOfMemory),
+    #[error(transparent)]
+    Conditioning(#[from] ConditioningError),
+}
+
 /// The MODEL socket.
 #[derive(Clone)]
 pub struct Model(pub Arc<DiffusionModel>);
@@ -641,6 +655,7 @@ impl Clip {
 
     /// `text` tokenized for every encoder (textual inversions from `paths`' embeddings folders).
     pub fn tokenize(&self, text: &str, paths: Option<&Paths>) -> ClipTokens {
+        let find_embedding = paths.map(|paths| move |name: &str| paths.full_path("embeddings", name));
         self.encoders
             .iter()
             .map(|encoder| {
@@ -648,7 +663,9 @@ impl Clip {
                     TextNetwork::Clip { kind, encoder } => (kind.embedding_key(), encoder.width()),
                     TextNetwork::T5 { encoder, .. } => (T5_EMBEDDING_KEY, encoder.config().d_model),
                 };
-                let folder = paths.map(|paths| EmbeddingFolder::new(paths, key, width));
+                let folder = find_embedding
+                    .as_ref()
+                    .map(|find| EmbeddingFolder::new(find, key, width));
                 let embeddings: &dyn EmbeddingLookup = match &folder {
                     Some(folder) => folder,
                     None => &NoEmbeddings,
@@ -1200,7 +1217,7 @@ impl SamplingRequest<'_> {
 }
 
 /// ComfyUI's `common_ksampler`: returns the sampled raw latent.
-pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Result<Tensor, SamplerError> {
+pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Result<Tensor, SamplingError> {
     let sigmas = request.sigmas();
     let run = GuidedSampling {
         model: request.model,
@@ -1260,7 +1277,7 @@ pub struct Sampled {
 
 /// Runs `run`: noise, the conditioning's guidance, the sampler over `run.sigmas`, and the
 /// latent scaling in and out of model space. With no σ the latent comes back as it is.
-pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> Result<Sampled, SamplerError> {
+pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> Result<Sampled, SamplingError> {
     let model = run.model;
     let device = &model.device;
     let latent = run.latent.samples.to_device(device)?.to_dtype(DType::F32)?;
@@ -1280,7 +1297,7 @@ pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> R
             denoised: None,
         });
     }
-    crate::memory::ensure_available(model.network.working_memory(batch, height, width), || {
+    ensure_available(model.network.working_memory(batch, height, width), || {
         format!("sampling a {}×{} latent (batch {batch})", width * 8, height * 8)
     })?;
     let shape = latent.dims().to_vec();

@@ -9,15 +9,16 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Service
 use std::sync::Arc;
 
 use crate::diffusion::{
-    self, Conditioning, DiffusionModel, Latent, LatentFormat, Model, Prediction, ProgressCallback, SamplingRequest,
+    self, Conditioning, DiffusionModel, Latent, LatentFormat, Model, Prediction, ProgressCallback, SamplingError,
+    SamplingRequest,
 };
 use crate::image::{Image, Mask};
 use crate::latent_preview::PreviewSettings;
-use crate::memory::{self, OutOfMemory};
-use crate::models::sgemm::Precision;
 use crate::resample::{common_upscale, interpolate_mask, ResizeMethod};
-use crate::sampling::samplers::{SamplerError, SAMPLER_NAMES};
-use crate::sampling::schedule::{Scheduler, SigmaSchedule};
+use easel_models::kernels::sgemm::Precision;
+use easel_models::memory::{self, OutOfMemory};
+use easel_models::sampling::samplers::{SamplerError, SAMPLER_NAMES};
+use easel_models::sampling::schedule::{Scheduler, SigmaSchedule};
 
 pub(crate) const MAX_RESOLUTION: i64 = 16384;
 
@@ -305,7 +306,7 @@ fn run_sampler(
 pub(crate) fn with_progress<T>(
     ctx: &NodeContext,
     format: &LatentFormat,
-    run: impl FnOnce(&mut ProgressCallback) -> Result<T, SamplerError>,
+    run: impl FnOnce(&mut ProgressCallback) -> Result<T, SamplingError>,
 ) -> Result<T, NodeError> {
     let previews = ctx.services.get::<PreviewSettings>();
     let mut stopped: Option<NodeError> = None;
@@ -327,10 +328,10 @@ pub(crate) fn with_progress<T>(
         return Err(error);
     }
     result.map_err(|error| match error {
-        SamplerError::Unknown(_) => NodeError::typed("ValueError", error.to_string()),
-        SamplerError::Tensor(error) => tensor_error(error),
-        SamplerError::OutOfMemory(error) => out_of_memory(error),
-        SamplerError::Conditioning(error) => NodeError::typed("RuntimeError", error.to_string()),
+        SamplingError::Sampler(SamplerError::Unknown(_)) => NodeError::typed("ValueError", error.to_string()),
+        SamplingError::Sampler(SamplerError::Tensor(error)) | SamplingError::Tensor(error) => tensor_error(error),
+        SamplingError::OutOfMemory(error) => out_of_memory(error),
+        SamplingError::Conditioning(error) => NodeError::typed("RuntimeError", error.to_string()),
     })
 }
 

@@ -10,7 +10,7 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Service
 use crate::diffusion::{Conditioning, DiffusionModel, Model, Prediction};
 use crate::diffusion_nodes::{empty_latent, MAX_RESOLUTION};
 use crate::loader_nodes::{file_names, load_diffusion_model_node};
-use crate::sampling::schedule::{flux_shift_for_size, SigmaSchedule};
+use easel_models::sampling::schedule::{flux_shift_for_size, SigmaSchedule};
 
 /// ComfyUI-GGUF's module name, as ComfyUI names a custom node pack's module.
 pub(crate) const GGUF_MODULE: &str = "custom_nodes.ComfyUI-GGUF";

@@ -27,15 +27,11 @@ pub mod latent_preview;
 pub mod loader_nodes;
 pub mod lora_nodes;
 pub mod mask_nodes;
-pub mod memory;
 pub mod model_cache;
-pub mod models;
 pub mod paths;
 pub mod pending_loader_nodes;
 pub mod resample;
-pub mod sampling;
 pub mod t5_tokenizer_files;
-pub mod tiling;
 pub mod vae_nodes;
 
 use easel_engine::NodeRegistry;

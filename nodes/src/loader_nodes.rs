@@ -16,22 +16,22 @@ use crate::diffusion::{
 };
 use crate::diffusion_nodes::{device, tensor_error, DiffusionModelPrecision};
 use crate::model_cache::ModelCache;
-use crate::models::clip_text::ClipTextEncoder;
-use crate::models::flux::{Flux, FluxConfig};
-use crate::models::fp8::Fp8Format;
-use crate::models::gguf::GgufFile;
-use crate::models::sgemm::Precision;
-use crate::models::t5::{T5Config, T5Encoder};
-use crate::models::unet::{UNet, UNetConfig};
-use crate::models::vae::{Vae, VaeConfig};
-use crate::models::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
-use crate::models::{
+use crate::paths::Paths;
+use crate::t5_tokenizer_files::{find_t5_tokenizer, TokenizerSearch};
+use easel_models::architectures::clip_text::ClipTextEncoder;
+use easel_models::architectures::flux::{Flux, FluxConfig};
+use easel_models::architectures::t5::{T5Config, T5Encoder};
+use easel_models::architectures::unet::{UNet, UNetConfig};
+use easel_models::architectures::vae::{Vae, VaeConfig};
+use easel_models::checkpoint::{
     detect_checkpoint, detect_family, detect_unet_family, is_v_prediction, DetectError, Family, TextEncoderKind,
     TextEncoderLayout, FLUX_CLIP_L_PREFIX, FLUX_T5_PREFIX, FLUX_VAE_PREFIX, UNET_PREFIX, VAE_PREFIX,
 };
-use crate::paths::Paths;
-use crate::sampling::schedule::{SigmaSchedule, FLUX_DEV_SHIFT};
-use crate::t5_tokenizer_files::{find_t5_tokenizer, TokenizerSearch};
+use easel_models::formats::fp8::Fp8Format;
+use easel_models::formats::gguf::GgufFile;
+use easel_models::kernels::sgemm::Precision;
+use easel_models::sampling::schedule::{SigmaSchedule, FLUX_DEV_SHIFT};
+use easel_models::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
 
 /// The three parts of a checkpoint, loaded together.
 pub struct LoadedCheckpoint {

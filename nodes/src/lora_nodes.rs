@@ -1,6 +1,6 @@
 //! `LoraLoader` and `LoraLoaderModelOnly`: a LoRA applied to a MODEL and a CLIP, which are
 //! built again from their (mapped) files with the LoRA's patches added to theirs
-//! ([`crate::models::lora`]). The base models are not read again: only the patched matrices
+//! ([`easel_models::lora`]). The base models are not read again: only the patched matrices
 //! are copies, the rest stays in the file's map.
 
 use std::collections::HashSet;
@@ -11,12 +11,12 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Service
 
 use crate::diffusion::{Clip, DiffusionModel, DiffusionNetwork, Model, TextEncoder, TextNetwork};
 use crate::diffusion_nodes::tensor_error;
-use crate::models::clip_text::ClipTextEncoder;
-use crate::models::lora::{load_lora, ClipLoraNames, LoraKeyMap};
-use crate::models::unet::UNet;
-use crate::models::weights::{SafetensorsFile, TensorShapes};
-use crate::models::{Family, TextEncoderKind};
 use crate::paths::Paths;
+use easel_models::architectures::clip_text::ClipTextEncoder;
+use easel_models::architectures::unet::UNet;
+use easel_models::checkpoint::{Family, TextEncoderKind};
+use easel_models::lora::{load_lora, ClipLoraNames, LoraKeyMap};
+use easel_models::weights::{SafetensorsFile, TensorShapes};
 
 const MODEL_TOOLTIP: &str = "The modified diffusion model.";
 const CLIP_TOOLTIP: &str = "The modified CLIP model.";

@@ -15,15 +15,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::models::t5_tokenizer::{T5Tokenizer, T5TokenizerError, T5_END_TOKEN, T5_PAD_TOKEN};
 use crate::paths::Paths;
 use easel_engine::Services;
+use easel_models::text::t5_tokenizer::{
+    T5Tokenizer, T5TokenizerError, T5_END_TOKEN, T5_PAD_TOKEN, T5_TOKENIZER_FOLDER,
+};
 
 /// ComfyUI 0.3.64's T5 tokenizer, the file its T5 text encoders tokenize with.
 pub const COMFYUI_T5_TOKENIZER_URL: &str =
     "https://raw.githubusercontent.com/comfyanonymous/ComfyUI/v0.3.64/comfy/text_encoders/t5_tokenizer/tokenizer.json";
-/// The folder, in text-encoder folders and the cache, that holds the T5 `tokenizer.json`.
-pub const T5_TOKENIZER_FOLDER: &str = "t5_tokenizer";
 /// A tokenizer.json larger than this is not T5's (ComfyUI's is 2.4 MB).
 const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(120);

@@ -8,9 +8,9 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Service
 use crate::diffusion::{CondEntry, Conditioning, InpaintImage, Latent, VaeModel};
 use crate::diffusion_nodes::{device, out_of_memory, tensor_error};
 use crate::image::{Image, Mask};
-use crate::memory;
-use crate::models::vae::Vae;
 use crate::resample::interpolate_mask;
+use easel_models::architectures::vae::Vae;
+use easel_models::memory;
 
 /// `VAEDecode`: latents to images.
 pub struct VaeDecode;

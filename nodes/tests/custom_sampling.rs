@@ -7,9 +7,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{j, max_abs_difference, setup, Setup};
 use easel_engine::Value;
+use easel_models::testmodels::TINY_SD1_CHECKPOINT;
 use easel_nodes::custom_sampling_nodes::Sigmas;
 use easel_nodes::diffusion::Latent;
-use easel_nodes::models::testmodels::TINY_SD1_CHECKPOINT;
 use serde_json::json;
 
 fn call(setup: &Setup, class: &str, inputs: Vec<(&str, Value)>) -> Vec<Value> {

@@ -10,13 +10,13 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::{flat, j, setup, setup_with, Setup};
 use easel_engine::Value;
+use easel_models::architectures::unet::UNetInput;
+use easel_models::sampling::noise::prepare_noise;
+use easel_models::sampling::samplers::SAMPLER_NAMES;
+use easel_models::testmodels::TINY_SD1_CHECKPOINT;
 use easel_nodes::builtin_registry;
 use easel_nodes::diffusion::{Latent, Model};
-use easel_nodes::models::testmodels::TINY_SD1_CHECKPOINT;
-use easel_nodes::models::unet::UNetInput;
 use easel_nodes::paths::Paths;
-use easel_nodes::sampling::noise::prepare_noise;
-use easel_nodes::sampling::samplers::SAMPLER_NAMES;
 use serde_json::json;
 
 /// Loader, prompts and an empty latent of `batch` 64×64 images.
@@ -624,13 +624,14 @@ fn bislerp_interpolates_channel_vectors_on_the_sphere() {
 /// A1111 `.pt` pickle), with or without its extension; unknown names are dropped.
 #[test]
 fn textual_inversions_load_from_the_embeddings_folder() {
-    use easel_nodes::models::embeddings::EmbeddingFolder;
-    use easel_nodes::models::testmodels::{tiny_clip_l, tiny_embedding_vectors, TINY_EMBEDDING, TINY_EMBEDDING_PT};
-    use easel_nodes::models::tokenizer::{tokenize_with_weights, TokenItem, END_TOKEN};
+    use easel_models::testmodels::{tiny_clip_l, tiny_embedding_vectors, TINY_EMBEDDING, TINY_EMBEDDING_PT};
+    use easel_models::text::embeddings::EmbeddingFolder;
+    use easel_models::text::tokenizer::{tokenize_with_weights, TokenItem, END_TOKEN};
 
     let setup = setup();
     let paths = setup.services.get::<Paths>().unwrap();
-    let folder = EmbeddingFolder::new(paths, "clip_l", tiny_clip_l().hidden_size);
+    let find_file = |name: &str| paths.full_path("embeddings", name);
+    let folder = EmbeddingFolder::new(&find_file, "clip_l", tiny_clip_l().hidden_size);
     let expected = tiny_embedding_vectors();
     for prompt in [
         format!("a embedding:{TINY_EMBEDDING} fox"),
@@ -647,7 +648,7 @@ fn textual_inversions_load_from_the_embeddings_folder() {
             .collect();
         assert_eq!(vectors, expected, "{prompt}");
     }
-    let wrong_width = EmbeddingFolder::new(paths, "clip_l", 768);
+    let wrong_width = EmbeddingFolder::new(&find_file, "clip_l", 768);
     let chunks = tokenize_with_weights(&format!("embedding:{TINY_EMBEDDING}"), &wrong_width, END_TOKEN);
     assert!(chunks[0].iter().all(|(item, _)| matches!(item, TokenItem::Token(_))));
 

@@ -7,16 +7,16 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{j, max_abs_difference, setup};
 use easel_engine::Value;
-use easel_nodes::diffusion::{CondEntry, Conditioning, Latent, Model};
-use easel_nodes::models::flux::{Flux, FluxConfig, FluxControl, FluxInput, ImagePromptAttention};
-use easel_nodes::models::ggml_quants::GgmlType;
-use easel_nodes::models::gguf::GgufFile;
-use easel_nodes::models::testmodels::{
+use easel_models::architectures::flux::{Flux, FluxConfig, FluxControl, FluxInput, ImagePromptAttention};
+use easel_models::formats::ggml_quants::GgmlType;
+use easel_models::formats::gguf::GgufFile;
+use easel_models::sampling::noise::prepare_noise;
+use easel_models::testmodels::{
     flux_layout, tiny_flux, tiny_flux_vae, vae_layout, write_checkpoint, write_gguf_copy, TINY_FLUX_DEV,
     TINY_FLUX_DEV_Q4_K, TINY_FLUX_DEV_Q8_0, TINY_FLUX_FILL, TINY_FLUX_VAE,
 };
-use easel_nodes::models::weights::{MappedWeights, SafetensorsFile, Weights};
-use easel_nodes::sampling::noise::prepare_noise;
+use easel_models::weights::{MappedWeights, SafetensorsFile, Weights};
+use easel_nodes::diffusion::{CondEntry, Conditioning, Latent, Model};
 use serde_json::json;
 use std::sync::Arc;
 

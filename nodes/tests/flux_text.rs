@@ -10,16 +10,16 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use common::{j, max_abs_difference, rewrite_f16_file, setup, setup_with, Setup};
 use easel_engine::Value;
-use easel_nodes::diffusion::{Clip, Conditioning, DiffusionNetwork, Model, TextNetwork, VaeModel};
-use easel_nodes::models::clip_text::OutputLayer;
-use easel_nodes::models::fp8::Fp8Format;
-use easel_nodes::models::t5::{T5Config, T5Encoder};
-use easel_nodes::models::testmodels::{
+use easel_models::architectures::clip_text::OutputLayer;
+use easel_models::architectures::t5::{T5Config, T5Encoder};
+use easel_models::formats::fp8::Fp8Format;
+use easel_models::testmodels::{
     t5_layout, tiny_t5, write_checkpoint, write_tiny_t5_tokenizer, TINY_CLIP_G, TINY_CLIP_L, TINY_FLUX_CHECKPOINT,
     TINY_T5, TINY_T5_Q8_0,
 };
-use easel_nodes::models::tokenizer::TokenItem;
-use easel_nodes::models::weights::{SafetensorsFile, Weights};
+use easel_models::text::tokenizer::TokenItem;
+use easel_models::weights::{SafetensorsFile, Weights};
+use easel_nodes::diffusion::{Clip, Conditioning, DiffusionNetwork, Model, TextNetwork, VaeModel};
 use easel_nodes::paths::Paths;
 use easel_nodes::t5_tokenizer_files::{find_t5_tokenizer, TokenizerDownloads, TokenizerSearch};
 use serde_json::json;

@@ -6,11 +6,11 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{j, max_abs_difference, setup};
 use easel_engine::Value;
+use easel_models::architectures::unet::UNetInput;
+use easel_models::sampling::noise::prepare_noise;
+use easel_models::testmodels::TINY_SD1_INPAINTING_CHECKPOINT;
 use easel_nodes::diffusion::{Conditioning, Latent, Model};
 use easel_nodes::image::{Image, Mask};
-use easel_nodes::models::testmodels::TINY_SD1_INPAINTING_CHECKPOINT;
-use easel_nodes::models::unet::UNetInput;
-use easel_nodes::sampling::noise::prepare_noise;
 use serde_json::json;
 
 #[test]

@@ -7,8 +7,8 @@ use candle_nn::VarBuilder;
 mod common;
 
 use common::max_abs_difference;
-use easel_nodes::models::attention::attention;
-use easel_nodes::models::conv::Conv2d;
+use easel_models::kernels::attention::attention;
+use easel_models::kernels::conv::Conv2d;
 
 /// softmax(q·kᵀ/√d + mask)·v with candle's operations, all heads at once.
 fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Tensor {
@@ -114,7 +114,7 @@ fn gemm_convolution_matches_candle() {
 /// strided operands, scaling and accumulation.
 #[test]
 fn sgemm_matches_the_definition() {
-    use easel_nodes::models::sgemm::{gemm_into, Precision, View};
+    use easel_models::kernels::sgemm::{gemm_into, Precision, View};
     let cases = [(1, 1, 1), (7, 33, 5), (13, 70, 257), (100, 2100, 300), (6, 32, 256)];
     for (m, n, k) in cases {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5).collect();
@@ -158,8 +158,8 @@ fn sgemm_matches_the_definition() {
 /// of their f32 widenings, whichever direction of each is contiguous.
 #[test]
 fn sgemm_on_half_precision_operands_matches_their_f32_copies() {
-    use easel_nodes::models::fp8::Fp8Format;
-    use easel_nodes::models::sgemm::{gemm_into, Elements, Precision, View};
+    use easel_models::formats::fp8::Fp8Format;
+    use easel_models::kernels::sgemm::{gemm_into, Elements, Precision, View};
     use half::{bf16, f16};
     for (m, n, k) in [(7, 33, 5), (13, 70, 257), (100, 2100, 300)] {
         let a: Vec<f16> = (0..m * k)
@@ -218,8 +218,8 @@ fn sgemm_on_half_precision_operands_matches_their_f32_copies() {
 /// panel dequantized while packed), and strided.
 #[test]
 fn sgemm_on_ggml_blocks_matches_the_dequantized_weights() {
-    use easel_nodes::models::ggml_quants::{quantize::quantize, GgmlType};
-    use easel_nodes::models::sgemm::{gemm_into, Elements, Precision, View};
+    use easel_models::formats::ggml_quants::{quantize::quantize, GgmlType};
+    use easel_models::kernels::sgemm::{gemm_into, Elements, Precision, View};
     let (m, n, k) = (37, 70, 512);
     let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 97) as f32 / 31.0 - 1.5).collect();
     let weights: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 89) as f32 / 290.0 - 0.15).collect();
@@ -267,7 +267,7 @@ fn sgemm_on_ggml_blocks_matches_the_dequantized_weights() {
 /// sums in f64, and clearly apart from the f32 product. Odd depths leave a half pair.
 #[test]
 fn bf16_gemm_multiplies_operands_rounded_to_bf16() {
-    use easel_nodes::models::sgemm::{gemm_into, Precision, View};
+    use easel_models::kernels::sgemm::{gemm_into, Precision, View};
     use half::bf16;
     if !Precision::bf16_supported() {
         eprintln!("this CPU has no AVX512-BF16: the bf16 GEMM is the f32 one here");
@@ -308,7 +308,7 @@ fn bf16_gemm_multiplies_operands_rounded_to_bf16() {
 
 #[test]
 fn gemm_linear_matches_candle() {
-    use easel_nodes::models::linear::{linear, linear_no_bias};
+    use easel_models::kernels::linear::{linear, linear_no_bias};
     let device = Device::Cpu;
     for (shape, in_features, out_features) in [
         (vec![2, 77, 48], 48, 40),
@@ -346,12 +346,7 @@ fn geglu_matches_candle_gelu() {
     let device = Device::Cpu;
     let projected = (Tensor::randn(0f32, 1.0, (3, 7, 2 * 40), &device).unwrap() * 3.0).unwrap();
     let values = projected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let ours = Tensor::from_vec(
-        easel_nodes::models::cpu_kernels::geglu(&values, 40),
-        (3, 7, 40),
-        &device,
-    )
-    .unwrap();
+    let ours = Tensor::from_vec(easel_models::kernels::cpu::geglu(&values, 40), (3, 7, 40), &device).unwrap();
     let expected =
         (projected.narrow(2, 0, 40).unwrap() * projected.narrow(2, 40, 40).unwrap().gelu_erf().unwrap()).unwrap();
     assert!(max_abs_difference(&ours, &expected) < 1e-5);

@@ -11,15 +11,15 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{flat, j, setup, Setup};
 use easel_engine::Value;
-use easel_nodes::diffusion::Model;
-use easel_nodes::models::clip_text::ClipNaming;
-use easel_nodes::models::lora::{load_lora, ClipLoraNames, LoraKeyMap, WeightPatches};
-use easel_nodes::models::testmodels::{
+use easel_models::architectures::clip_text::ClipNaming;
+use easel_models::architectures::unet::UNetInput;
+use easel_models::checkpoint::{SD1_CLIP_PREFIX, UNET_PREFIX};
+use easel_models::lora::{load_lora, ClipLoraNames, LoraKeyMap, WeightPatches};
+use easel_models::testmodels::{
     self, TINY_LORA_ALPHA, TINY_LORA_LAYERS, TINY_LORA_RANK, TINY_LORA_UNMATCHED, TINY_SD1_CHECKPOINT, TINY_SD1_LORA,
 };
-use easel_nodes::models::unet::UNetInput;
-use easel_nodes::models::weights::{MappedWeights, SafetensorsFile, TensorShapes, Weights};
-use easel_nodes::models::{SD1_CLIP_PREFIX, UNET_PREFIX};
+use easel_models::weights::{MappedWeights, SafetensorsFile, TensorShapes, Weights};
+use easel_nodes::diffusion::Model;
 use serde_json::json;
 
 fn open(path: &std::path::Path) -> SafetensorsFile {
@@ -203,8 +203,8 @@ fn lora_nodes_patch_stack_and_keep_their_inputs() {
 /// and `lora_unet` the UNet, each at its strength.
 #[test]
 fn sdxl_loras_reach_both_text_encoders_and_the_fused_open_clip_projections() {
+    use easel_models::testmodels::TINY_SDXL_CHECKPOINT;
     use easel_nodes::diffusion::Clip;
-    use easel_nodes::models::testmodels::TINY_SDXL_CHECKPOINT;
     use safetensors::tensor::{Dtype, TensorView};
 
     let setup = setup();

@@ -8,16 +8,16 @@ use std::sync::Arc;
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use easel_nodes::models::clip_text::{ClipTextEncoder, EncodeOptions, OutputLayer};
-use easel_nodes::models::sgemm::Precision;
-use easel_nodes::models::testmodels::{self, Fill};
-use easel_nodes::models::tokenizer::{tokenize_with_weights, NoEmbeddings, TokenItem, END_TOKEN};
-use easel_nodes::models::unet::{UNet, UNetInput};
-use easel_nodes::models::vae::Vae;
-use easel_nodes::models::weights::{MappedWeights, SafetensorsFile, Weights};
-use easel_nodes::models::{
+use easel_models::architectures::clip_text::{ClipTextEncoder, EncodeOptions, OutputLayer};
+use easel_models::architectures::unet::{UNet, UNetInput};
+use easel_models::architectures::vae::Vae;
+use easel_models::checkpoint::{
     detect_checkpoint, detect_layout, DetectError, Family, SD1_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
 };
+use easel_models::kernels::sgemm::Precision;
+use easel_models::testmodels::{self, Fill};
+use easel_models::text::tokenizer::{tokenize_with_weights, NoEmbeddings, TokenItem, END_TOKEN};
+use easel_models::weights::{MappedWeights, SafetensorsFile, Weights};
 use serde_json::Value;
 
 fn fixture(name: &str) -> Value {

@@ -9,11 +9,11 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::{j, max_abs_difference, setup, Setup};
 use easel_engine::Value;
+use easel_models::architectures::unet::UNetInput;
+use easel_models::sampling::noise::prepare_noise;
+use easel_models::testmodels::TINY_SD1_CHECKPOINT;
 use easel_nodes::diffusion::{Conditioning, DiffusionModel, Latent, Model};
 use easel_nodes::image::Mask;
-use easel_nodes::models::testmodels::TINY_SD1_CHECKPOINT;
-use easel_nodes::models::unet::UNetInput;
-use easel_nodes::sampling::noise::prepare_noise;
 use serde_json::json;
 
 /// A 128×128 image's latent: 16×16.

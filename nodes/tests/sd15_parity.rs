@@ -19,10 +19,10 @@ use easel_engine::{
     call_standalone, validate_prompt, CacheMode, ExecutionStatus, Executor, Interrupt, NodeInputs, Prompt, Services,
     Value,
 };
+use easel_models::testmodels::{write_checkpoint, Fill, TensorSpec};
 use easel_nodes::builtin_registry;
 use easel_nodes::diffusion::{Conditioning, Latent};
 use easel_nodes::model_cache::ModelCache;
-use easel_nodes::models::testmodels::{write_checkpoint, Fill, TensorSpec};
 use easel_nodes::paths::Paths;
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};

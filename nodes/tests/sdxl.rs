@@ -7,16 +7,16 @@ mod common;
 use candle_core::{DType, Device, Tensor, D};
 use common::{j, max_abs_difference, rewrite_f16_file, setup, Setup};
 use easel_engine::Value;
-use easel_nodes::diffusion::{Clip, CondEntry, Conditioning, Model, Prediction, SdxlSizes, TextEncoder, TextNetwork};
-use easel_nodes::models::clip_text::{ClipTextEncoder, OutputLayer};
-use easel_nodes::models::fp8::Fp8Format;
-use easel_nodes::models::testmodels::{
+use easel_models::architectures::clip_text::{ClipTextEncoder, OutputLayer};
+use easel_models::architectures::unet::UNetInput;
+use easel_models::checkpoint::{detect_checkpoint, Family, TextEncoderKind};
+use easel_models::formats::fp8::Fp8Format;
+use easel_models::testmodels::{
     self, TINY_CLIP_G, TINY_SD2_CHECKPOINT, TINY_SDXL_CHECKPOINT, TINY_SDXL_REFINER_CHECKPOINT, TINY_SDXL_UNET,
 };
-use easel_nodes::models::tokenizer::{tokenize_with_weights, NoEmbeddings, TokenItem, END_TOKEN};
-use easel_nodes::models::unet::UNetInput;
-use easel_nodes::models::weights::SafetensorsFile;
-use easel_nodes::models::{detect_checkpoint, Family, TextEncoderKind};
+use easel_models::text::tokenizer::{tokenize_with_weights, NoEmbeddings, TokenItem, END_TOKEN};
+use easel_models::weights::SafetensorsFile;
+use easel_nodes::diffusion::{Clip, CondEntry, Conditioning, Model, Prediction, SdxlSizes, TextEncoder, TextNetwork};
 use easel_nodes::paths::Paths;
 use serde_json::json;
 
@@ -111,7 +111,7 @@ fn sdxl_text_encoding_joins_both_encoders_as_comfyui() {
     let unprojected = clip_network(clip_g)
         .encode_weighted(
             &tokens_g,
-            easel_nodes::models::clip_text::EncodeOptions {
+            easel_models::architectures::clip_text::EncodeOptions {
                 project_pooled: false,
                 ..options_g
             },

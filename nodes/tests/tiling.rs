@@ -2,7 +2,7 @@
 //! whole (the feathered weights sum out), and bad tile geometry is an error, not a hang.
 
 use candle_core::{Device, Result, Tensor};
-use easel_nodes::tiling::{tiled_scale, Tiling};
+use easel_models::tiling::{tiled_scale, Tiling};
 
 mod common;
 

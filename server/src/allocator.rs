@@ -3,7 +3,7 @@
 //! and faulting fresh, zeroed pages in again costs about a sixth of a VAE decode on the
 //! development machine. So freed memory is kept for a minute (mimalloc's arenas: ten) before it
 //! goes back, and goes back at once on `POST /free` with `free_memory`, or when a run would not
-//! fit in memory otherwise (see [`easel_nodes::memory`]).
+//! fit in memory otherwise (see [`easel_models::memory`]).
 
 use libmimalloc_sys::{mi_collect, mi_option_set, mi_option_t};
 
@@ -19,7 +19,7 @@ const PURGE_DELAY_MS: std::ffi::c_long = 60_000;
 pub fn retain_freed_memory() {
     // SAFETY: sets an option value; mimalloc reads options at any time.
     unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
-    easel_nodes::memory::set_release_retained(release_freed_memory);
+    easel_models::memory::set_release_retained(release_freed_memory);
 }
 
 /// Gives the memory freed so far back to the OS.

@@ -41,7 +41,7 @@ fn main() -> ExitCode {
 
 /// `easel testmodels DIR`: writes the tiny test models and lists them.
 fn testmodels(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
-    for path in easel_nodes::models::testmodels::write_test_models(dir)? {
+    for path in easel_models::testmodels::write_test_models(dir)? {
         println!("{}", path.display());
     }
     Ok(ExitCode::SUCCESS)

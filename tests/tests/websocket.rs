@@ -384,7 +384,7 @@ async fn save_image_websocket_sends_png_frames_in_comfyui_order() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_flux_websocket_workflow_sends_its_image_as_a_frame() {
     let server = start();
-    easel_nodes::models::testmodels::write_test_models(&server.base.path().join("models")).unwrap();
+    easel_models::testmodels::write_test_models(&server.base.path().join("models")).unwrap();
     let workflow: Json = serde_json::from_str(
         &std::fs::read_to_string(workspace().join("workflows/flux_q8_gguf_txt2img_websocket.json")).unwrap(),
     )
@@ -499,7 +499,7 @@ async fn a_reconnecting_client_keeps_its_messages_and_a_silent_one_stalls_nothin
 #[tokio::test(flavor = "multi_thread")]
 async fn the_txt2img_workflow_sends_the_messages_of_comfyui_s_run() {
     let server = start();
-    easel_nodes::models::testmodels::write_test_models(&server.base.path().join("models")).unwrap();
+    easel_models::testmodels::write_test_models(&server.base.path().join("models")).unwrap();
     let mut client = connect(&server, "?clientId=reference-client-0001").await;
     next_text(&mut client).await;
     let workflow: Json =

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use base64::Engine;
 use candle_core::Tensor;
 use easel_engine::{call_standalone, NodeInputs, NodeRegistry, Services, Value};
+use easel_models::testmodels::write_test_models;
 use easel_nodes::builtin_registry;
-use easel_nodes::models::testmodels::write_test_models;
 use easel_nodes::paths::Paths;
 use serde_json::Value as Json;
 

@@ -11,17 +11,17 @@ use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Module, Tensor};
+use easel_models::architectures::flux::{FluxConfig, FluxControl, FluxInput};
+use easel_models::formats::ggml_quants::quantize::{quantize, random_blocks};
+use easel_models::formats::ggml_quants::GgmlType;
+use easel_models::formats::gguf::{write_gguf, GgufFile, GgufTensorEntry};
+use easel_models::kernels::linear::linear_no_bias;
+use easel_models::kernels::sgemm::Precision;
+use easel_models::sampling::noise::CpuGenerator;
+use easel_models::testmodels::{flux_layout, write_checkpoint_in, write_gguf_copy, write_gguf_in};
+use easel_models::weights::{SafetensorsFile, Weights};
 use easel_nodes::diffusion::DiffusionNetwork;
 use easel_nodes::loader_nodes::load_diffusion_model;
-use easel_nodes::models::flux::{FluxConfig, FluxControl, FluxInput};
-use easel_nodes::models::ggml_quants::quantize::{quantize, random_blocks};
-use easel_nodes::models::ggml_quants::GgmlType;
-use easel_nodes::models::gguf::{write_gguf, GgufFile, GgufTensorEntry};
-use easel_nodes::models::linear::linear_no_bias;
-use easel_nodes::models::sgemm::Precision;
-use easel_nodes::models::testmodels::{flux_layout, write_checkpoint_in, write_gguf_copy, write_gguf_in};
-use easel_nodes::models::weights::{SafetensorsFile, Weights};
-use easel_nodes::sampling::noise::CpuGenerator;
 use safetensors::tensor::Dtype as FileDtype;
 
 use super::{fastest_seconds, peak_rss_bytes};

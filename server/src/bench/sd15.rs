@@ -13,12 +13,12 @@ use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use easel_nodes::loader_nodes::load_checkpoint;
-use easel_nodes::models::sgemm::Precision;
-use easel_nodes::models::testmodels::{
+use easel_models::architectures::unet::UNetInput;
+use easel_models::kernels::sgemm::Precision;
+use easel_models::testmodels::{
     sd15_clip_l, sd15_unet, sd15_vae, sd1_checkpoint_layout, write_checkpoint, write_test_models, TINY_SD1_CHECKPOINT,
 };
-use easel_nodes::models::unet::UNetInput;
+use easel_nodes::loader_nodes::load_checkpoint;
 use easel_nodes::t5_tokenizer_files::TokenizerSearch;
 
 use super::{cpu_peak, mean_seconds, peak_rss_bytes};

@@ -10,15 +10,15 @@ use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use easel_nodes::loader_nodes::load_checkpoint;
-use easel_nodes::models::lora::{load_lora, LoraKeyMap};
-use easel_nodes::models::sgemm::Precision;
-use easel_nodes::models::testmodels::{
+use easel_models::architectures::unet::{UNet, UNetInput, TRANSFORMER_BLOCK_MATRICES};
+use easel_models::checkpoint::UNET_PREFIX;
+use easel_models::kernels::sgemm::Precision;
+use easel_models::lora::{load_lora, LoraKeyMap};
+use easel_models::testmodels::{
     sdxl_checkpoint_layout, write_checkpoint, write_test_models, Fill, TensorSpec, TINY_SDXL_CHECKPOINT,
 };
-use easel_nodes::models::unet::{UNet, UNetInput, TRANSFORMER_BLOCK_MATRICES};
-use easel_nodes::models::weights::{SafetensorsFile, TensorShapes};
-use easel_nodes::models::UNET_PREFIX;
+use easel_models::weights::{SafetensorsFile, TensorShapes};
+use easel_nodes::loader_nodes::load_checkpoint;
 use easel_nodes::t5_tokenizer_files::TokenizerSearch;
 
 use super::{mean_seconds, peak_rss_bytes};

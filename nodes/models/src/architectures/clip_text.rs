@@ -12,12 +12,12 @@
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::LayerNorm;
 
-use super::attention::attention;
-use super::linear::{linear, linear_named, Linear};
-use super::token_weights::encode_token_weights;
-use super::tokenizer::{TokenItem, WeightedToken, END_TOKEN, START_TOKEN};
-use super::weights::{TensorShapes, WeightMatrix, Weights};
-use super::DetectError;
+use crate::checkpoint::DetectError;
+use crate::kernels::attention::attention;
+use crate::kernels::linear::{linear, linear_named, Linear};
+use crate::text::token_weights::encode_token_weights;
+use crate::text::tokenizer::{TokenItem, WeightedToken, END_TOKEN, START_TOKEN};
+use crate::weights::{TensorShapes, WeightMatrix, Weights};
 
 /// The MLP activation: CLIP-L uses the sigmoid approximation, OpenCLIP exact GELU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

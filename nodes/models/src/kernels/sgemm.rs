@@ -13,8 +13,8 @@ use std::thread::LocalKey;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use super::fp8::Fp8Format;
-use super::ggml_quants::GgmlType;
+use crate::formats::fp8::Fp8Format;
+use crate::formats::ggml_quants::GgmlType;
 
 /// The elements of a matrix, in the precision they are stored in.
 #[derive(Clone, Copy)]

@@ -26,9 +26,9 @@ use rayon::prelude::*;
 use safetensors::tensor::{Dtype as FileDtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
 
-use super::fp8::Fp8Format;
-use super::lora::{Patch, WeightPatches};
-use super::sgemm::{Elements, Precision};
+use crate::formats::fp8::Fp8Format;
+use crate::kernels::sgemm::{Elements, Precision};
+use crate::lora::{Patch, WeightPatches};
 
 /// Why a weight file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +75,7 @@ impl TensorShapes for HashMap<String, Vec<usize>> {
     }
 }
 
-/// A weight file read through a memory map (safetensors, or GGUF in [`super::gguf`]), as
+/// A weight file read through a memory map (safetensors, or GGUF in [`crate::formats::gguf`]), as
 /// [`Weights`] reads it: its tensors' elements in place where the CPU kernels can read them,
 /// every tensor copied out on request.
 pub trait MappedWeights: TensorShapes + Send + Sync {

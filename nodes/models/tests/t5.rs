@@ -1,11 +1,11 @@
 //! The T5 encoder against T5's formulas written out in f64 on a tiny model.
 
 use candle_core::{DType, Device, Tensor};
-use easel_nodes::models::clip_text::OutputLayer;
-use easel_nodes::models::t5::{relative_position_bucket, T5Config, T5Encoder};
-use easel_nodes::models::testmodels::{t5_layout, tiny_t5, write_checkpoint};
-use easel_nodes::models::tokenizer::{TokenItem, WeightedToken};
-use easel_nodes::models::weights::{MappedWeights, SafetensorsFile, Weights};
+use easel_models::architectures::clip_text::OutputLayer;
+use easel_models::architectures::t5::{relative_position_bucket, T5Config, T5Encoder};
+use easel_models::testmodels::{t5_layout, tiny_t5, write_checkpoint};
+use easel_models::text::tokenizer::{TokenItem, WeightedToken};
+use easel_models::weights::{MappedWeights, SafetensorsFile, Weights};
 use std::sync::Arc;
 
 type Rows = Vec<Vec<f64>>;

@@ -19,9 +19,9 @@ use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 use memmap2::{Advice, Mmap};
 
-use super::ggml_quants::GgmlType;
-use super::sgemm::Elements;
-use super::weights::{cast_in_place, MappedWeights, TensorShapes};
+use crate::formats::ggml_quants::GgmlType;
+use crate::kernels::sgemm::Elements;
+use crate::weights::{cast_in_place, MappedWeights, TensorShapes};
 
 /// The first four bytes of every GGUF file.
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -542,7 +542,7 @@ fn write_value(out: &mut Vec<u8>, entry: &MetadataValue) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::ggml_quants::quantize::quantize;
+    use crate::formats::ggml_quants::quantize::quantize;
 
     /// A tensor's entry and its bytes.
     fn tensor(name: &str, shape: &[usize], kind: GgmlType, values: &[f32]) -> (GgufTensorEntry, Vec<u8>) {
@@ -618,7 +618,7 @@ mod tests {
     /// place in their ggml type, other tensors dequantized.
     #[test]
     fn weights_read_gguf_tensors_in_place() {
-        use crate::models::weights::Weights;
+        use crate::weights::Weights;
         let dir = tempfile::tempdir().expect("temporary directory");
         let path = dir.path().join("model.gguf");
         let values: Vec<f32> = (0..4 * 64).map(|i| (i as f32 * 0.1).cos()).collect();

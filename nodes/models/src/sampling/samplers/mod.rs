@@ -95,10 +95,6 @@ pub enum SamplerError {
     Unknown(String),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
-    #[error(transparent)]
-    OutOfMemory(#[from] crate::memory::OutOfMemory),
-    #[error(transparent)]
-    Conditioning(#[from] crate::diffusion::ConditioningError),
 }
 
 /// Runs sampler `name` from `x` (already noised to `sigmas[0]`) along `sigmas` for a model with

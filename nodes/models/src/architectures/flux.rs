@@ -13,11 +13,11 @@
 
 use candle_core::{Device, Module, Result, Tensor, D};
 
-use super::attention::attention;
-use super::linear::{linear, Linear};
-use super::unet::timestep_embedding;
-use super::weights::{TensorShapes, Weights};
-use super::DetectError;
+use crate::architectures::unet::timestep_embedding;
+use crate::checkpoint::DetectError;
+use crate::kernels::attention::attention;
+use crate::kernels::linear::{linear, Linear};
+use crate::weights::{TensorShapes, Weights};
 
 /// The RoPE axes of every FLUX.1 model: 16 frequencies' worth of the head for the (unused)
 /// text axis, 56 for rows, 56 for columns; θ = 10000.
@@ -424,7 +424,7 @@ impl Stream {
         let qkv = if config.qkv_bias {
             linear(hidden, 3 * hidden, attention.pp("qkv"))?
         } else {
-            super::linear::linear_no_bias(hidden, 3 * hidden, attention.pp("qkv"))?
+            crate::kernels::linear::linear_no_bias(hidden, 3 * hidden, attention.pp("qkv"))?
         };
         Ok(Stream {
             modulation: linear(hidden, 6 * hidden, weights.pp(format!("{name}_mod.lin")))?,

@@ -10,14 +10,14 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
-use super::attention::attention;
-use super::clip_text::OutputLayer;
-use super::linear::{linear_no_bias, Linear};
-use super::t5_tokenizer::{T5_END_TOKEN, T5_PAD_TOKEN};
-use super::token_weights::encode_token_weights;
-use super::tokenizer::{TokenItem, WeightedToken};
-use super::weights::{TensorShapes, WeightMatrix, Weights};
-use super::DetectError;
+use crate::architectures::clip_text::OutputLayer;
+use crate::checkpoint::DetectError;
+use crate::kernels::attention::attention;
+use crate::kernels::linear::{linear_no_bias, Linear};
+use crate::text::t5_tokenizer::{T5_END_TOKEN, T5_PAD_TOKEN};
+use crate::text::token_weights::encode_token_weights;
+use crate::text::tokenizer::{TokenItem, WeightedToken};
+use crate::weights::{TensorShapes, WeightMatrix, Weights};
 
 /// Relative positions are bucketed into 32 buckets (16 per direction) up to distance 128.
 const BUCKETS: usize = 32;
@@ -284,7 +284,7 @@ pub fn relative_position_bucket(relative: i64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::testmodels::{t5_layout, tiny_t5};
+    use crate::testmodels::{t5_layout, tiny_t5};
 
     #[test]
     fn llama_cpp_names_map_to_transformers_names_and_back() {

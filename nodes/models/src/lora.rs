@@ -22,11 +22,11 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::clip_text::ClipNaming;
-use super::sgemm::{gemm_into, Elements, Precision, View};
-use super::unet::{UNetConfig, TRANSFORMER_BLOCK_MATRICES};
-use super::weights::{MappedWeights, SafetensorsFile, TensorShapes};
+use crate::architectures::clip_text::ClipNaming;
+use crate::architectures::unet::{UNetConfig, TRANSFORMER_BLOCK_MATRICES};
+use crate::kernels::sgemm::{gemm_into, Elements, Precision, View};
 use crate::memory::advise_huge_pages;
+use crate::weights::{MappedWeights, SafetensorsFile, TensorShapes};
 
 /// One weight difference, with the strength it is applied at.
 #[derive(Clone)]

@@ -1,37 +1,39 @@
 //! Textual inversions from ComfyUI's `embeddings` folders, found and read as ComfyUI's
-//! `load_embed` does: the name as given or with `.safetensors`, `.pt` or `.bin`; in a file the
+//! `load_embed` does (the folders are searched by the caller's lookup): the name as given or with `.safetensors`, `.pt` or `.bin`; in a file the
 //! text encoder's own key (`clip_l`), A1111's `string_to_param`, or else the first tensor.
 //! `.pt`/`.bin` files are PyTorch zip archives read by candle's restricted unpickler (no code
 //! runs).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::pickle::{read_pth_tensor_info, PthTensors};
 use candle_core::{DType, Device, Tensor};
 
-use super::tokenizer::EmbeddingLookup;
-use super::weights::{MappedWeights, SafetensorsFile, TensorShapes};
-use crate::paths::Paths;
+use crate::text::tokenizer::EmbeddingLookup;
+use crate::weights::{MappedWeights, SafetensorsFile, TensorShapes};
 
 const EXTENSIONS: [&str; 3] = [".safetensors", ".pt", ".bin"];
+
+/// Finds a file name in the embeddings folders: its full path, if one holds it.
+pub type FindEmbeddingFile<'a> = dyn Fn(&str) -> Option<PathBuf> + 'a;
 
 /// The embeddings of one text encoder: vectors must be `width` wide; `key` names its tensor in
 /// multi-encoder files.
 pub struct EmbeddingFolder<'a> {
-    paths: &'a Paths,
+    find_file: &'a FindEmbeddingFile<'a>,
     key: &'a str,
     width: usize,
 }
 
 impl<'a> EmbeddingFolder<'a> {
-    pub fn new(paths: &'a Paths, key: &'a str, width: usize) -> Self {
-        EmbeddingFolder { paths, key, width }
+    pub fn new(find_file: &'a FindEmbeddingFile<'a>, key: &'a str, width: usize) -> Self {
+        EmbeddingFolder { find_file, key, width }
     }
 
-    fn find(&self, name: &str) -> Option<std::path::PathBuf> {
+    fn find(&self, name: &str) -> Option<PathBuf> {
         std::iter::once(name.to_string())
             .chain(EXTENSIONS.iter().map(|extension| format!("{name}{extension}")))
-            .find_map(|candidate| self.paths.full_path("embeddings", &candidate))
+            .find_map(|candidate| (self.find_file)(&candidate))
     }
 
     fn read(&self, path: &Path) -> candle_core::Result<Tensor> {

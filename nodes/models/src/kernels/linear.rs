@@ -1,14 +1,14 @@
 //! The fully connected layer of the UNet and the text encoders (`weight` [out, in], optional
-//! `bias`): x·Wᵀ + b by the GEMM of [`super::sgemm`] on the CPU in f32, split across threads by
+//! `bias`): x·Wᵀ + b by the GEMM of [`crate::kernels::sgemm`] on the CPU in f32, split across threads by
 //! input rows or by output columns, reading the weights in place ([`WeightMatrix`]); by candle
 //! elsewhere.
 
 use candle_core::{Device, Module, Result, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_kernels::with_cpu_f32;
-use super::sgemm::{gemm_into, Elements, Precision, View};
-use super::weights::{WeightMatrix, Weights};
+use crate::kernels::cpu::with_cpu_f32;
+use crate::kernels::sgemm::{gemm_into, Elements, Precision, View};
+use crate::weights::{WeightMatrix, Weights};
 
 pub struct Linear {
     weight: WeightMatrix,
@@ -199,7 +199,7 @@ mod tests {
     use half::f16;
 
     use super::*;
-    use crate::models::ggml_quants::{quantize::quantize, GgmlType};
+    use crate::formats::ggml_quants::{quantize::quantize, GgmlType};
 
     /// Shared out by output columns, in passes of input rows, stored weights give the f32
     /// product of their decoded values as the row split does, bit for bit, with partial column

@@ -12,12 +12,12 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{GroupNorm, LayerNorm};
 
-use super::attention::attention;
-use super::conv::Conv2d;
-use super::cpu_kernels::{self, with_cpu_f32};
-use super::linear::{linear, linear_no_bias, Linear};
-use super::weights::{TensorShapes, Weights};
-use super::DetectError;
+use crate::checkpoint::DetectError;
+use crate::kernels::attention::attention;
+use crate::kernels::conv::Conv2d;
+use crate::kernels::cpu::{self, with_cpu_f32};
+use crate::kernels::linear::{linear, linear_no_bias, Linear};
+use crate::weights::{TensorShapes, Weights};
 
 /// How attention heads are sized: a fixed count (SD1.x: 8) or a fixed width (SD2.x, SDXL: 64).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -614,7 +614,7 @@ impl TransformerBlock {
         let x = (x + cross)?;
         let projected = self.geglu.forward(&self.norm3.forward(&x)?)?;
         let half = projected.dim(D::Minus1)? / 2;
-        let gated = match with_cpu_f32([&projected], |[values]| cpu_kernels::geglu(values, half))? {
+        let gated = match with_cpu_f32([&projected], |[values]| cpu::geglu(values, half))? {
             Some(values) => {
                 let mut shape = projected.dims().to_vec();
                 if let Some(last) = shape.last_mut() {

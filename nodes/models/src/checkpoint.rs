@@ -1,33 +1,12 @@
-//! Model files and architectures: safetensors weights, recognising a checkpoint's family and
-//! architecture from its tensors, the networks themselves (text encoders, UNet, VAE) and tiny
-//! random-weight models for tests.
+//! Recognising a checkpoint: its family and the architecture of each part it holds (diffusion
+//! model, text encoders, VAE), read from its tensor names and shapes, and where each part's
+//! tensors lie in ComfyUI's single-file layouts.
 
-pub mod attention;
-pub mod clip_text;
-pub mod conv;
-pub mod cpu_kernels;
-pub mod embeddings;
-pub mod flux;
-pub mod fp8;
-pub mod ggml_quants;
-pub mod gguf;
-pub mod linear;
-pub mod lora;
-pub mod sgemm;
-pub mod t5;
-pub mod t5_tokenizer;
-pub mod testmodels;
-pub mod token_weights;
-pub mod tokenizer;
-pub mod unet;
-pub mod vae;
-pub mod weights;
-
+use crate::architectures::clip_text::{Activation, ClipTextConfig};
+use crate::architectures::unet::{HeadLayout, UNetConfig};
+use crate::architectures::vae::VaeConfig;
+use crate::weights::{MappedWeights, SafetensorsFile, TensorShapes};
 use candle_core::{DType, Device};
-use clip_text::{Activation, ClipTextConfig};
-use unet::{HeadLayout, UNetConfig};
-use vae::VaeConfig;
-use weights::{MappedWeights, SafetensorsFile, TensorShapes};
 
 /// Prefixes of the parts of a single-file checkpoint in ComfyUI's (LDM) layout.
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
@@ -88,7 +67,7 @@ impl Family {
 }
 
 /// Which CLIP text encoder a model uses in a slot: it decides the activation, the padding and,
-/// with the family, how the output is read ([`crate::diffusion::Clip`]).
+/// with the family, how the output is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TextEncoderKind {
     /// OpenAI CLIP ViT-L/14 (SD1.x, SDXL).

@@ -1,7 +1,7 @@
 //! CPU kernels for the two operations that dominate diffusion models, on contiguous f32 data:
 //! 2-D convolution as GEMM over the unfolded (im2col) input, read in place while it is packed, and
 //! attention fused per block of queries (scores, softmax and weighted sum while the scores are
-//! still in cache). Both run on [`super::sgemm`]; callers fall back to candle's operations on
+//! still in cache). Both run on [`crate::kernels::sgemm`]; callers fall back to candle's operations on
 //! other devices and dtypes.
 
 use candle_core::{DType, Device, Result, Storage, Tensor};
@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use std::cell::RefCell;
 
-use super::sgemm::{gemm_into, with_scratch, Elements, Precision, RhsSource, View};
+use crate::kernels::sgemm::{gemm_into, with_scratch, Elements, Precision, RhsSource, View};
 
 thread_local! {
     /// Each thread's buffer for a block of attention scores.

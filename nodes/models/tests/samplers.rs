@@ -5,9 +5,9 @@
 //! and stochastic ones must return samples of unit variance.
 
 use candle_core::{Device, Result, Tensor};
-use easel_nodes::sampling::noise::CpuGenerator;
-use easel_nodes::sampling::samplers::{discards_penultimate_sigma, sample, Denoiser, SAMPLER_NAMES};
-use easel_nodes::sampling::schedule::{ksampler_sigmas, Scheduler, SigmaSchedule};
+use easel_models::sampling::noise::CpuGenerator;
+use easel_models::sampling::samplers::{discards_penultimate_sigma, sample, Denoiser, SAMPLER_NAMES};
+use easel_models::sampling::schedule::{ksampler_sigmas, Scheduler, SigmaSchedule};
 
 struct GaussianData {
     flow: bool,
@@ -93,7 +93,7 @@ fn run(name: &str, schedule: &SigmaSchedule, scheduler: Scheduler, steps: usize)
     let x = (Tensor::from_vec(noise.clone(), (1, 4, 32, 32), &Device::Cpu).unwrap() * f64::from(start)).unwrap();
     let mut denoiser = GaussianData { flow, calls: 0 };
     let mut steps_reported = 0;
-    let mut callback = |_step: easel_nodes::sampling::samplers::Step| {
+    let mut callback = |_step: easel_models::sampling::samplers::Step| {
         steps_reported += 1;
         Ok(())
     };

@@ -1,10 +1,10 @@
 //! Multi-head scaled dot-product attention shared by the UNet, the VAE and the text encoders:
-//! on the CPU in f32 by the fused kernel of [`super::cpu_kernels`], elsewhere with candle's
+//! on the CPU in f32 by the fused kernel of [`crate::kernels::cpu`], elsewhere with candle's
 //! operations in query blocks that keep the score matrix small.
 
 use candle_core::{Device, Result, Tensor};
 
-use super::cpu_kernels::{self, with_cpu_f32};
+use crate::kernels::cpu::{self, with_cpu_f32};
 
 /// Upper bound on the bytes of one block of attention scores; longer queries are processed in
 /// row blocks so that a 128×128 latent does not allocate gigabytes of scores.
@@ -40,7 +40,7 @@ fn fused_on_cpu(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale
     let (batch_heads, query_length, head_dim) = q.dims3()?;
     let key_length = k.dim(1)?;
     let run = |q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>| {
-        cpu_kernels::attention(q, k, v, mask, batch_heads, query_length, key_length, head_dim, scale)
+        cpu::attention(q, k, v, mask, batch_heads, query_length, key_length, head_dim, scale)
     };
     let values = match mask {
         Some(mask) => with_cpu_f32([q, k, v, mask], |[q, k, v, mask]| run(q, k, v, Some(mask)))?,

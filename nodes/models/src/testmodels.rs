@@ -16,21 +16,21 @@ use candle_nn::{Init, VarBuilder};
 use half::{bf16, f16};
 use safetensors::tensor::{Dtype as FileDtype, TensorView};
 
-use super::clip_text::{Activation, ClipNaming, ClipTextConfig, ClipTextEncoder};
-use super::flux::{Flux, FluxConfig};
-use super::ggml_quants::quantize::quantize;
-use super::ggml_quants::GgmlType;
-use super::gguf::{write_gguf, GgufTensorEntry, MetadataValue};
-use super::t5::{t5_name_to_llama_cpp, T5Config, T5Encoder};
-use super::unet::{HeadLayout, UNet, UNetConfig};
-use super::vae::{Vae, VaeConfig};
-use super::weights::{MappedWeights, SafetensorsFile};
-use super::{
+use crate::architectures::clip_text::{Activation, ClipNaming, ClipTextConfig, ClipTextEncoder};
+use crate::architectures::flux::{Flux, FluxConfig};
+use crate::architectures::t5::{t5_name_to_llama_cpp, T5Config, T5Encoder};
+use crate::architectures::unet::{HeadLayout, UNet, UNetConfig};
+use crate::architectures::vae::{Vae, VaeConfig};
+use crate::checkpoint::{
     FLUX_CLIP_L_PREFIX, FLUX_T5_PREFIX, FLUX_VAE_PREFIX, SD1_CLIP_PREFIX, SD2_CLIP_PREFIX, SDXL_CLIP_G_PREFIX,
     SDXL_CLIP_L_PREFIX, SDXL_REFINER_CLIP_G_PREFIX, UNET_PREFIX, VAE_PREFIX,
 };
+use crate::formats::ggml_quants::quantize::quantize;
+use crate::formats::ggml_quants::GgmlType;
+use crate::formats::gguf::{write_gguf, GgufTensorEntry, MetadataValue};
 use crate::sampling::noise::CpuGenerator;
-use crate::t5_tokenizer_files::T5_TOKENIZER_FOLDER;
+use crate::text::t5_tokenizer::T5_TOKENIZER_FOLDER;
+use crate::weights::{MappedWeights, SafetensorsFile};
 
 /// How a tensor is filled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

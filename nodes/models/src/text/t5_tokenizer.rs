@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::tokenizer::{weighted_groups, EmbeddingLookup, TokenItem, WeightedToken};
+use crate::text::tokenizer::{weighted_groups, EmbeddingLookup, TokenItem, WeightedToken};
 
 /// `</s>`.
 pub const T5_END_TOKEN: u32 = 1;
@@ -16,6 +16,9 @@ pub const T5_PAD_TOKEN: u32 = 0;
 pub const T5_EMBEDDING_KEY: &str = "t5xxl";
 /// FLUX pads T5 prompts to at least this many tokens.
 pub const FLUX_T5_MIN_LENGTH: usize = 256;
+/// The folder, in text-encoder folders and caches, that holds a T5 `tokenizer.json` (ComfyUI's
+/// folder name).
+pub const T5_TOKENIZER_FOLDER: &str = "t5_tokenizer";
 
 /// Why a T5 text encoder has no tokenizer.
 #[derive(Debug, thiserror::Error)]
@@ -88,8 +91,8 @@ impl T5Tokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::testmodels::write_tiny_t5_tokenizer;
-    use crate::models::tokenizer::NoEmbeddings;
+    use crate::testmodels::write_tiny_t5_tokenizer;
+    use crate::text::tokenizer::NoEmbeddings;
 
     /// The tiny T5 vocabulary of the test models, read back.
     fn tiny_tokenizer(dir: &Path) -> T5Tokenizer {

@@ -5,7 +5,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::tokenizer::{TokenItem, WeightedToken};
+use crate::text::tokenizer::{TokenItem, WeightedToken};
 
 /// Encodes `chunks` with `forward`, which maps a batch of equal-length token rows to their hidden
 /// states [B, N, width] and whatever else the encoder gives per batch (`extra`, returned as it

@@ -1,12 +1,12 @@
 //! The 2-D convolution layer of the UNet and the VAE (LDM keys `weight` [O, C, k, k] and
-//! `bias`): run by the GEMM kernel of [`super::cpu_kernels`] on the CPU in f32, reading the
+//! `bias`): run by the GEMM kernel of [`crate::kernels::cpu`] on the CPU in f32, reading the
 //! weights in place ([`WeightMatrix`]); by candle elsewhere.
 
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::Conv2dConfig;
 
-use super::cpu_kernels::{self, with_cpu_f32, ConvShape};
-use super::weights::{WeightMatrix, Weights};
+use crate::kernels::cpu::{self, with_cpu_f32, ConvShape};
+use crate::weights::{WeightMatrix, Weights};
 
 pub struct Conv2d {
     weight: WeightMatrix,
@@ -77,7 +77,7 @@ impl Module for Conv2d {
         }
         let values = with_cpu_f32([x, &self.bias], |[x, bias]| {
             self.weight
-                .with_elements(|weight| cpu_kernels::conv2d(x, weight, bias, shape, self.weight.precision()))
+                .with_elements(|weight| cpu::conv2d(x, weight, bias, shape, self.weight.precision()))
         })?
         .transpose()?
         .flatten();

@@ -9,11 +9,11 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::GroupNorm;
 
-use super::attention::attention;
-use super::conv::Conv2d;
-use super::weights::{TensorShapes, Weights};
-use super::DetectError;
+use crate::checkpoint::DetectError;
+use crate::kernels::attention::attention;
+use crate::kernels::conv::Conv2d;
 use crate::tiling::{tiled_scale, Tiling};
+use crate::weights::{TensorShapes, Weights};
 
 /// The architecture of one VAE, as found in its weights.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,9 +1,9 @@
 //! The sampling core against values recorded from ComfyUI 0.3.64 on a CPU: initial noise bit for
 //! bit (`fixtures/torch_randn.json`) and every scheduler's σ sequence (`fixtures/sigmas.json`).
 
-use easel_nodes::sampling::brownian::{seed_sequence_state, BrownianNoise};
-use easel_nodes::sampling::noise::{prepare_noise, CpuGenerator};
-use easel_nodes::sampling::schedule::{flux_shift_for_size, ksampler_sigmas, Scheduler, SigmaSchedule};
+use easel_models::sampling::brownian::{seed_sequence_state, BrownianNoise};
+use easel_models::sampling::noise::{prepare_noise, CpuGenerator};
+use easel_models::sampling::schedule::{flux_shift_for_size, ksampler_sigmas, Scheduler, SigmaSchedule};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
