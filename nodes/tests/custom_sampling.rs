@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use common::{j, max_abs_difference, setup, Setup};
 use easel_engine::Value;
 use easel_models::testmodels::TINY_SD1_CHECKPOINT;
-use easel_nodes::custom_sampling_nodes::Sigmas;
-use easel_nodes::diffusion::Latent;
+use easel_nodes::latent::Latent;
+use easel_nodes::sampling::custom::Sigmas;
 use serde_json::json;
 
 fn call(setup: &Setup, class: &str, inputs: Vec<(&str, Value)>) -> Vec<Value> {
@@ -285,7 +285,11 @@ fn sigma_nodes_cut_flip_and_schedule_as_comfyui() {
     )
     .remove(0);
     // Timesteps 499 and 399 (the last five of 999…99, two of them) on SD1's table, then 0.
-    let schedule = &model.downcast::<easel_nodes::diffusion::Model>().unwrap().0.schedule;
+    let schedule = &model
+        .downcast::<easel_nodes::model::diffusion_model::Model>()
+        .unwrap()
+        .0
+        .schedule;
     assert_eq!(sigmas(&turbo), vec![schedule.sigma(499.0), schedule.sigma(399.0), 0.0]);
     let nothing = call(
         &setup,

@@ -15,7 +15,8 @@ use easel_models::sampling::noise::prepare_noise;
 use easel_models::sampling::samplers::SAMPLER_NAMES;
 use easel_models::testmodels::TINY_SD1_CHECKPOINT;
 use easel_nodes::builtin_registry;
-use easel_nodes::diffusion::{Latent, Model};
+use easel_nodes::latent::Latent;
+use easel_nodes::model::diffusion_model::Model;
 use easel_nodes::paths::Paths;
 use serde_json::json;
 
@@ -88,7 +89,10 @@ fn one_euler_step_is_the_update_rule() {
     let sampled = ksampler(&setup, &loaded[0], &positive, &positive, &latent, "euler", 1, 1.0).unwrap();
 
     let model = &loaded[0].downcast::<Model>().unwrap().0;
-    let context = positive.downcast::<easel_nodes::diffusion::Conditioning>().unwrap().0[0]
+    let context = positive
+        .downcast::<easel_nodes::conditioning::Conditioning>()
+        .unwrap()
+        .0[0]
         .cross_attention
         .clone();
     let sigma_max = model.schedule.sigma_max();
@@ -139,7 +143,10 @@ fn one_masked_euler_step_changes_only_the_masked_half() {
     assert!(sampled.dims() == [1, 4, 8, 8]);
 
     let model = &loaded[0].downcast::<Model>().unwrap().0;
-    let context = positive.downcast::<easel_nodes::diffusion::Conditioning>().unwrap().0[0]
+    let context = positive
+        .downcast::<easel_nodes::conditioning::Conditioning>()
+        .unwrap()
+        .0[0]
         .cross_attention
         .clone();
     let sigma = f64::from(model.schedule.sigma_max());
@@ -274,7 +281,7 @@ fn encode_for_inpaint_greys_the_mask_and_grows_it() {
 /// pooled vectors too; ConditioningConcat appends the source's tokens.
 #[test]
 fn conditioning_average_and_concat_combine_tokens_as_comfyui() {
-    use easel_nodes::diffusion::{CondEntry, Conditioning};
+    use easel_nodes::conditioning::{CondEntry, Conditioning};
     let setup = setup();
     let entry = |tokens: usize, value: f32, pooled: Option<f32>| CondEntry {
         timestep_range: Some((0.0, 0.5)),
@@ -462,12 +469,18 @@ fn decoding_and_encoding_round_trip_shapes_and_clip_skip_changes_the_prompt() {
                 vec![("text", j(json!("a (red:1.2) fox"))), ("clip", clip.clone())],
             )
             .unwrap();
-        flat(&out[0].downcast::<easel_nodes::diffusion::Conditioning>().unwrap().0[0].cross_attention)
+        flat(&out[0].downcast::<easel_nodes::conditioning::Conditioning>().unwrap().0[0].cross_attention)
     };
     let last = encode(&loaded[1]);
     assert_eq!(
         last,
-        flat(&positive.downcast::<easel_nodes::diffusion::Conditioning>().unwrap().0[0].cross_attention)
+        flat(
+            &positive
+                .downcast::<easel_nodes::conditioning::Conditioning>()
+                .unwrap()
+                .0[0]
+                .cross_attention
+        )
     );
     assert_ne!(encode(&skipped), last);
 }
@@ -476,7 +489,7 @@ fn decoding_and_encoding_round_trip_shapes_and_clip_skip_changes_the_prompt() {
 fn sampling_sends_a_jpeg_preview_with_each_step_when_previews_are_on() {
     use easel_engine::events::{Event, EventKind};
     use easel_engine::{validate_prompt, CacheMode, Executor, Interrupt, Prompt};
-    use easel_nodes::latent_preview::{PreviewMethod, PreviewSettings};
+    use easel_nodes::sampling::preview::{PreviewMethod, PreviewSettings};
 
     let setup = setup_with(|services| {
         services.insert(PreviewSettings {
@@ -660,7 +673,7 @@ fn textual_inversions_load_from_the_embeddings_folder() {
                 vec![("text", j(json!(text))), ("clip", loaded[1].clone())],
             )
             .unwrap();
-        flat(&out[0].downcast::<easel_nodes::diffusion::Conditioning>().unwrap().0[0].cross_attention)
+        flat(&out[0].downcast::<easel_nodes::conditioning::Conditioning>().unwrap().0[0].cross_attention)
     };
     assert_ne!(encode(&format!("a embedding:{TINY_EMBEDDING} fox")), encode("a fox"));
     assert_eq!(encode("a embedding:missing fox"), encode("a fox"));

@@ -287,5 +287,5 @@ fn a_decompression_bomb_is_refused_before_decoding() {
     inputs.insert("image".to_string(), Value::Json(json!("bomb.png")));
     let error = call_standalone(node.as_ref(), &setup.services, &NodeInputs::new(inputs)).unwrap_err();
     assert!(error.to_string().contains("limit"), "{error}");
-    assert!(easel_nodes::image_io::replace_alpha(&png_header_only(100_000, 100_000), &png_header_only(1, 1)).is_err());
+    assert!(easel_nodes::image::io::replace_alpha(&png_header_only(100_000, 100_000), &png_header_only(1, 1)).is_err());
 }

@@ -16,7 +16,9 @@ use easel_models::testmodels::{
     TINY_FLUX_DEV_Q4_K, TINY_FLUX_DEV_Q8_0, TINY_FLUX_FILL, TINY_FLUX_VAE,
 };
 use easel_models::weights::{MappedWeights, SafetensorsFile, Weights};
-use easel_nodes::diffusion::{CondEntry, Conditioning, Latent, Model};
+use easel_nodes::conditioning::{CondEntry, Conditioning};
+use easel_nodes::latent::Latent;
+use easel_nodes::model::diffusion_model::Model;
 use serde_json::json;
 use std::sync::Arc;
 
@@ -508,7 +510,7 @@ fn expected_euler_step(
     shape: &[usize],
 ) -> Tensor {
     let model = model.downcast::<Model>().unwrap();
-    let easel_nodes::diffusion::DiffusionNetwork::Flux(flux) = &model.0.network else {
+    let easel_nodes::model::diffusion_model::DiffusionNetwork::Flux(flux) = &model.0.network else {
         panic!("a FLUX model");
     };
     let noise = Tensor::from_vec(prepare_noise(7, shape, None), shape, &Device::Cpu).unwrap();

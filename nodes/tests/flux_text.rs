@@ -19,9 +19,12 @@ use easel_models::testmodels::{
 };
 use easel_models::text::tokenizer::TokenItem;
 use easel_models::weights::{SafetensorsFile, Weights};
-use easel_nodes::diffusion::{Clip, Conditioning, DiffusionNetwork, Model, TextNetwork, VaeModel};
+use easel_nodes::conditioning::Conditioning;
+use easel_nodes::loaders::t5_tokenizer_files::{find_t5_tokenizer, TokenizerDownloads, TokenizerSearch};
+use easel_nodes::model::clip::{Clip, TextNetwork};
+use easel_nodes::model::diffusion_model::{DiffusionNetwork, Model};
+use easel_nodes::model::vae::VaeModel;
 use easel_nodes::paths::Paths;
-use easel_nodes::t5_tokenizer_files::{find_t5_tokenizer, TokenizerDownloads, TokenizerSearch};
 use serde_json::json;
 use std::sync::Arc;
 

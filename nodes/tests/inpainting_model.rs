@@ -9,8 +9,10 @@ use easel_engine::Value;
 use easel_models::architectures::unet::UNetInput;
 use easel_models::sampling::noise::prepare_noise;
 use easel_models::testmodels::TINY_SD1_INPAINTING_CHECKPOINT;
-use easel_nodes::diffusion::{Conditioning, Latent, Model};
+use easel_nodes::conditioning::Conditioning;
 use easel_nodes::image::{Image, Mask};
+use easel_nodes::latent::Latent;
+use easel_nodes::model::diffusion_model::Model;
 use serde_json::json;
 
 #[test]

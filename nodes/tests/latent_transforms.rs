@@ -6,7 +6,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::{flat, j, setup, Setup};
 use easel_engine::Value;
-use easel_nodes::diffusion::Latent;
+use easel_nodes::latent::Latent;
 use serde_json::json;
 
 fn latent(values: Vec<f32>, shape: (usize, usize, usize, usize)) -> Value {

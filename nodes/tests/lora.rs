@@ -19,7 +19,7 @@ use easel_models::testmodels::{
     self, TINY_LORA_ALPHA, TINY_LORA_LAYERS, TINY_LORA_RANK, TINY_LORA_UNMATCHED, TINY_SD1_CHECKPOINT, TINY_SD1_LORA,
 };
 use easel_models::weights::{MappedWeights, SafetensorsFile, TensorShapes, Weights};
-use easel_nodes::diffusion::Model;
+use easel_nodes::model::diffusion_model::Model;
 use serde_json::json;
 
 fn open(path: &std::path::Path) -> SafetensorsFile {
@@ -136,7 +136,7 @@ fn encoded(setup: &Setup, clip: &Value) -> Vec<f32> {
             vec![("text", j(json!("a fox"))), ("clip", clip.clone())],
         )
         .unwrap();
-    flat(&out[0].downcast::<easel_nodes::diffusion::Conditioning>().unwrap().0[0].cross_attention)
+    flat(&out[0].downcast::<easel_nodes::conditioning::Conditioning>().unwrap().0[0].cross_attention)
 }
 
 #[test]
@@ -204,7 +204,7 @@ fn lora_nodes_patch_stack_and_keep_their_inputs() {
 #[test]
 fn sdxl_loras_reach_both_text_encoders_and_the_fused_open_clip_projections() {
     use easel_models::testmodels::TINY_SDXL_CHECKPOINT;
-    use easel_nodes::diffusion::Clip;
+    use easel_nodes::model::clip::Clip;
     use safetensors::tensor::{Dtype, TensorView};
 
     let setup = setup();

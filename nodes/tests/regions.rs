@@ -12,8 +12,10 @@ use easel_engine::Value;
 use easel_models::architectures::unet::UNetInput;
 use easel_models::sampling::noise::prepare_noise;
 use easel_models::testmodels::TINY_SD1_CHECKPOINT;
-use easel_nodes::diffusion::{Conditioning, DiffusionModel, Latent, Model};
+use easel_nodes::conditioning::Conditioning;
 use easel_nodes::image::Mask;
+use easel_nodes::latent::Latent;
+use easel_nodes::model::diffusion_model::{DiffusionModel, Model};
 use serde_json::json;
 
 /// A 128×128 image's latent: 16×16.

@@ -21,7 +21,8 @@ use easel_engine::{
 };
 use easel_models::testmodels::{write_checkpoint, Fill, TensorSpec};
 use easel_nodes::builtin_registry;
-use easel_nodes::diffusion::{Conditioning, Latent};
+use easel_nodes::conditioning::Conditioning;
+use easel_nodes::latent::Latent;
 use easel_nodes::model_cache::ModelCache;
 use easel_nodes::paths::Paths;
 use serde_json::{json, Value as Json};

@@ -16,7 +16,9 @@ use easel_models::testmodels::{
 };
 use easel_models::text::tokenizer::{tokenize_with_weights, NoEmbeddings, TokenItem, END_TOKEN};
 use easel_models::weights::SafetensorsFile;
-use easel_nodes::diffusion::{Clip, CondEntry, Conditioning, Model, Prediction, SdxlSizes, TextEncoder, TextNetwork};
+use easel_nodes::conditioning::{CondEntry, Conditioning, SdxlSizes};
+use easel_nodes::model::clip::{Clip, TextEncoder, TextNetwork};
+use easel_nodes::model::diffusion_model::{Model, Prediction};
 use easel_nodes::paths::Paths;
 use serde_json::json;
 

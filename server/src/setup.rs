@@ -4,12 +4,12 @@ use crate::cli::{CacheArgs, ExecutionArgs, PreviewMethodArg};
 use anyhow::Context;
 use easel_engine::{CacheMode, NodeRegistry, Services};
 use easel_models::kernels::sgemm::Precision;
-use easel_nodes::diffusion_nodes::DiffusionModelPrecision;
-use easel_nodes::image_nodes::ImageMetadata;
-use easel_nodes::latent_preview::{PreviewMethod, PreviewSettings};
+use easel_nodes::image::nodes::ImageMetadata;
+use easel_nodes::loaders::t5_tokenizer_files::{TokenizerDownloads, COMFYUI_T5_TOKENIZER_URL};
 use easel_nodes::model_cache::ModelCache;
 use easel_nodes::paths::Paths;
-use easel_nodes::t5_tokenizer_files::{TokenizerDownloads, COMFYUI_T5_TOKENIZER_URL};
+use easel_nodes::runtime::DiffusionModelPrecision;
+use easel_nodes::sampling::preview::{PreviewMethod, PreviewSettings};
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -12,7 +12,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use easel_nodes::image_io::{replace_alpha, view_channel, view_preview, PreviewFormat};
+use easel_nodes::image::io::{replace_alpha, view_channel, view_preview, PreviewFormat};
 use easel_nodes::paths::{safe_relative, split_annotation, Paths};
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};

@@ -20,8 +20,8 @@ use easel_models::kernels::sgemm::Precision;
 use easel_models::sampling::noise::CpuGenerator;
 use easel_models::testmodels::{flux_layout, write_checkpoint_in, write_gguf_copy, write_gguf_in};
 use easel_models::weights::{SafetensorsFile, Weights};
-use easel_nodes::diffusion::DiffusionNetwork;
-use easel_nodes::loader_nodes::load_diffusion_model;
+use easel_nodes::loaders::models::load_diffusion_model;
+use easel_nodes::model::diffusion_model::DiffusionNetwork;
 use safetensors::tensor::Dtype as FileDtype;
 
 use super::{fastest_seconds, peak_rss_bytes};

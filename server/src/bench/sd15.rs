@@ -18,8 +18,8 @@ use easel_models::kernels::sgemm::Precision;
 use easel_models::testmodels::{
     sd15_clip_l, sd15_unet, sd15_vae, sd1_checkpoint_layout, write_checkpoint, write_test_models, TINY_SD1_CHECKPOINT,
 };
-use easel_nodes::loader_nodes::load_checkpoint;
-use easel_nodes::t5_tokenizer_files::TokenizerSearch;
+use easel_nodes::loaders::models::load_checkpoint;
+use easel_nodes::loaders::t5_tokenizer_files::TokenizerSearch;
 
 use super::{cpu_peak, mean_seconds, peak_rss_bytes};
 use crate::cli::BenchArgs;

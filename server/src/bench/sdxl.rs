@@ -18,8 +18,8 @@ use easel_models::testmodels::{
     sdxl_checkpoint_layout, write_checkpoint, write_test_models, Fill, TensorSpec, TINY_SDXL_CHECKPOINT,
 };
 use easel_models::weights::{SafetensorsFile, TensorShapes};
-use easel_nodes::loader_nodes::load_checkpoint;
-use easel_nodes::t5_tokenizer_files::TokenizerSearch;
+use easel_nodes::loaders::models::load_checkpoint;
+use easel_nodes::loaders::t5_tokenizer_files::TokenizerSearch;
 
 use super::{mean_seconds, peak_rss_bytes};
 use crate::cli::BenchArgs;

@@ -10,7 +10,7 @@ use crate::state::{AppState, ServerSettings};
 use crate::store::Store;
 use anyhow::Context;
 use axum::body::Bytes;
-use easel_nodes::image_io::PngCompression;
+use easel_nodes::image::io::PngCompression;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -46,7 +46,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
 
     println!("| measurement | clients | requests | p50 (ms) | p99 (ms) | requests/s |");
     println!("|---|---:|---:|---:|---:|---:|");
-    let sample = easel_nodes::image_io::encode_png(&[128; 8 * 8 * 3], 8, 8, 3, &[], PngCompression::Fast)?;
+    let sample = easel_nodes::image::io::encode_png(&[128; 8 * 8 * 3], 8, 8, 3, &[], PngCompression::Fast)?;
     for index in 1..=100 {
         std::fs::write(base.path().join(format!("output/bench_{index:05}_.png")), &sample)?;
     }

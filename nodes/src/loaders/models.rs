@@ -1,7 +1,7 @@
 //! The model loaders: whole checkpoints (`CheckpointLoaderSimple`: SD1.x, SD2.x, SDXL and FLUX as
 //! ComfyUI saves them) and the parts people keep in
 //! separate files (`UNETLoader`, ComfyUI-GGUF's `UnetLoaderGGUF`, `VAELoader`; the text-encoder
-//! loaders are in [`crate::clip_loader_nodes`]), recognised from their tensors and built over the
+//! loaders are in [`crate::loaders::text_encoders`]), recognised from their tensors and built over the
 //! files' memory maps. Loaded parts are shared through the [`ModelCache`].
 
 use std::path::{Path, PathBuf};
@@ -10,14 +10,6 @@ use std::sync::Arc;
 use candle_core::Device;
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
-
-use crate::diffusion::{
-    Clip, DiffusionModel, DiffusionNetwork, LatentFormat, Model, Prediction, TextEncoder, TextNetwork, VaeModel,
-};
-use crate::diffusion_nodes::{device, tensor_error, DiffusionModelPrecision};
-use crate::model_cache::ModelCache;
-use crate::paths::Paths;
-use crate::t5_tokenizer_files::{find_t5_tokenizer, TokenizerSearch};
 use easel_models::architectures::clip_text::ClipTextEncoder;
 use easel_models::architectures::flux::{Flux, FluxConfig};
 use easel_models::architectures::t5::{T5Config, T5Encoder};
@@ -32,6 +24,15 @@ use easel_models::formats::gguf::GgufFile;
 use easel_models::kernels::sgemm::Precision;
 use easel_models::sampling::schedule::{SigmaSchedule, FLUX_DEV_SHIFT};
 use easel_models::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
+
+use crate::latent::LatentFormat;
+use crate::loaders::t5_tokenizer_files::{find_t5_tokenizer, TokenizerSearch};
+use crate::model::clip::{Clip, TextEncoder, TextNetwork};
+use crate::model::diffusion_model::{DiffusionModel, DiffusionNetwork, Model, Prediction};
+use crate::model::vae::VaeModel;
+use crate::model_cache::ModelCache;
+use crate::paths::Paths;
+use crate::runtime::{device, tensor_error, DiffusionModelPrecision};
 
 /// The three parts of a checkpoint, loaded together.
 pub struct LoadedCheckpoint {

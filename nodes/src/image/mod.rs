@@ -1,9 +1,40 @@
-//! The `IMAGE` and `MASK` values: float32 batches in ComfyUI's layouts.
+//! The image category: ComfyUI's `IMAGE` and `MASK` values (float32 batches in ComfyUI's
+//! layouts, defined here) and the nodes that load, save, scale, crop, compose and filter images.
 //!
 //! `IMAGE` is `[B, H, W, C]` (channel-last, values 0..1); `MASK` is `[B, H, W]` (1 = masked). The
 //! nodes that build them reproduce ComfyUI's arithmetic on these plain buffers.
+//!
+//! - [`nodes`]: LoadImage, LoadImageMask, SaveImage, PreviewImage, ImageScale(By), ImageInvert,
+//!   ImageCrop, ImageBatch, ImagePadForOutpaint, ImageCompositeMasked, EmptyImage,
+//!   SaveImageWebsocket;
+//! - [`canny`]: Canny (`image/preprocessors`);
+//! - [`io`]: decoding image files and writing PNGs with metadata;
+//! - [`resample`]: PyTorch's and Pillow's resampling, as ComfyUI uses them.
 
-use easel_engine::{NodeError, NodeObject};
+pub mod canny;
+pub mod io;
+pub mod nodes;
+pub mod resample;
+
+use easel_engine::{NodeError, NodeObject, NodeRegistry};
+
+/// Adds the image nodes to `registry`.
+pub fn register(registry: &mut NodeRegistry) {
+    registry.register(nodes::LoadImage);
+    registry.register(nodes::LoadImageMask);
+    registry.register(nodes::SaveImage);
+    registry.register(nodes::PreviewImage::default());
+    registry.register(nodes::ImageScale);
+    registry.register(nodes::ImageScaleBy);
+    registry.register(nodes::ImageInvert);
+    registry.register(nodes::ImageCrop);
+    registry.register(nodes::ImageBatch);
+    registry.register(nodes::ImagePadForOutpaint);
+    registry.register(nodes::ImageCompositeMasked);
+    registry.register(nodes::EmptyImage);
+    registry.register(canny::Canny);
+    registry.register(nodes::SaveImageWebsocket);
+}
 
 /// An `IMAGE` batch, `[batch, height, width, channels]`, row-major.
 #[derive(Debug, Clone, PartialEq)]

@@ -15,11 +15,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::paths::Paths;
 use easel_engine::Services;
 use easel_models::text::t5_tokenizer::{
     T5Tokenizer, T5TokenizerError, T5_END_TOKEN, T5_PAD_TOKEN, T5_TOKENIZER_FOLDER,
 };
+
+use crate::paths::Paths;
 
 /// ComfyUI 0.3.64's T5 tokenizer, the file its T5 text encoders tokenize with.
 pub const COMFYUI_T5_TOKENIZER_URL: &str =

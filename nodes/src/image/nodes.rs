@@ -1,19 +1,21 @@
 //! ComfyUI's image nodes: loading, saving and previewing files, and the pixel operations of
 //! `nodes.py`, `comfy_extras/nodes_images.py` and `comfy_extras/nodes_mask.py`.
 
-use crate::image::{Image, Mask};
-use crate::image_io::{encode_png, frames_to_image, image_to_u8, load_frames, PngCompression};
-use crate::paths::{normalize, Paths};
-use crate::resample::{common_upscale, interpolate_mask, resize, ResizeMethod, UPSCALE_METHODS};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
 use easel_engine::pyjson::dumps;
 use easel_engine::schema::{CustomValidation, InputSpec, NodeSchema, OutputSpec, MAX_RESOLUTION};
 use easel_engine::{HiddenInput, Node, NodeContext, NodeError, NodeInputs, NodeOutput, Preview, Services, Value};
 use rand::Rng;
 use serde_json::{json, Map, Value as Json};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+
+use crate::image::io::{encode_png, frames_to_image, image_to_u8, load_frames, PngCompression};
+use crate::image::resample::{common_upscale, interpolate_mask, resize, ResizeMethod, UPSCALE_METHODS};
+use crate::image::{Image, Mask};
+use crate::paths::{normalize, Paths};
 
 /// Whether saved images carry the prompt and workflow (ComfyUI's `--disable-metadata` turns it off).
 #[derive(Debug, Clone, Copy)]

@@ -1,24 +1,24 @@
-//! The text-encoder loaders: `CLIPLoader`, `DualCLIPLoader` (SDXL: CLIP-L and CLIP-G; FLUX:
-//! CLIP-L and T5-XXL) and ComfyUI-GGUF's `CLIPLoaderGGUF` / `DualCLIPLoaderGGUF`, which read GGUF
-//! text encoders too (a T5's llama.cpp tensor names read as transformers' names). What a file
-//! holds is told from its tensors, so the order of the files does not matter.
+//! The text-encoder loaders: `CLIPLoader` and `DualCLIPLoader` (SDXL: CLIP-L and CLIP-G; FLUX:
+//! CLIP-L and T5-XXL), and what ComfyUI-GGUF's `CLIPLoaderGGUF` / `DualCLIPLoaderGGUF`
+//! ([`crate::packs::gguf`]) share with them: they read GGUF text encoders too (a T5's llama.cpp
+//! tensor names read as transformers' names). What a file holds is told from its tensors, so the
+//! order of the files does not matter.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
-
-use crate::diffusion::{Clip, TextEncoder};
-use crate::diffusion_nodes::device;
-use crate::flux_nodes::GGUF_MODULE;
-use crate::loader_nodes::{
-    build_t5, build_text_encoder, cached, file_names, file_size, model_file, open, open_gguf, undetected,
-};
-use crate::t5_tokenizer_files::TokenizerSearch;
 use easel_models::architectures::t5::t5_name_from_llama_cpp;
 use easel_models::checkpoint::{DetectError, Family, TextEncoderKind, TextEncoderLayout};
 use easel_models::weights::{MappedWeights, RenamedWeights};
+
+use crate::loaders::models::{
+    build_t5, build_text_encoder, cached, file_names, file_size, model_file, open, open_gguf, undetected,
+};
+use crate::loaders::t5_tokenizer_files::TokenizerSearch;
+use crate::model::clip::{Clip, TextEncoder};
+use crate::runtime::device;
 
 /// The architectures ComfyUI-GGUF's text-encoder loaders accept in `general.architecture`.
 const TEXT_ARCHITECTURES: [&str; 4] = ["t5", "t5encoder", "llama", "qwen2vl"];
@@ -227,14 +227,14 @@ fn dual_clip(ctx: &NodeContext, node: &str, paths: [PathBuf; 2], clip_type: &str
 }
 
 /// A one-file CLIP loader node's work: the `clip_name` and `type` inputs.
-fn single_clip_node(ctx: &NodeContext, inputs: &NodeInputs, node: &str) -> Result<NodeOutput, NodeError> {
+pub(crate) fn single_clip_node(ctx: &NodeContext, inputs: &NodeInputs, node: &str) -> Result<NodeOutput, NodeError> {
     let path = model_file(ctx, "text_encoders", inputs.string("clip_name")?)?;
     let clip = single_clip(ctx, node, path, inputs.string("type")?)?;
     Ok(NodeOutput::values(vec![Value::object(clip)]))
 }
 
 /// A two-file CLIP loader node's work: the `clip_name1`, `clip_name2` and `type` inputs.
-fn dual_clip_node(ctx: &NodeContext, inputs: &NodeInputs, node: &str) -> Result<NodeOutput, NodeError> {
+pub(crate) fn dual_clip_node(ctx: &NodeContext, inputs: &NodeInputs, node: &str) -> Result<NodeOutput, NodeError> {
     let paths = [
         model_file(ctx, "text_encoders", inputs.string("clip_name1")?)?,
         model_file(ctx, "text_encoders", inputs.string("clip_name2")?)?,
@@ -249,7 +249,7 @@ fn clip_device_input(schema: NodeSchema) -> NodeSchema {
     schema.optional("device", InputSpec::combo(&["default", "cpu"]).opt("advanced", true))
 }
 
-const CLIP_TYPES: [&str; 16] = [
+pub(crate) const CLIP_TYPES: [&str; 16] = [
     "stable_diffusion",
     "stable_cascade",
     "sd3",
@@ -268,15 +268,7 @@ const CLIP_TYPES: [&str; 16] = [
     "hunyuan_image",
 ];
 
-const DUAL_CLIP_TYPES: [&str; 6] = ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"];
-
-/// The files ComfyUI-GGUF's CLIP loaders offer: the text encoders and the GGUF ones, sorted.
-fn gguf_loader_file_names(services: &Services) -> Vec<String> {
-    let mut names = file_names(services, "text_encoders");
-    names.extend(file_names(services, "clip_gguf"));
-    names.sort();
-    names
-}
+pub(crate) const DUAL_CLIP_TYPES: [&str; 6] = ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"];
 
 /// `CLIPLoader` ("Load CLIP"): one text-encoder file.
 pub struct ClipLoader;
@@ -317,41 +309,5 @@ impl Node for DualClipLoader {
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         dual_clip_node(ctx, inputs, "DualCLIPLoader")
-    }
-}
-
-/// ComfyUI-GGUF's `CLIPLoaderGGUF`: `CLIPLoader` over safetensors and GGUF text encoders.
-pub struct ClipLoaderGguf;
-
-impl Node for ClipLoaderGguf {
-    fn schema(&self, services: &Services) -> NodeSchema {
-        NodeSchema::v1("CLIPLoaderGGUF", GGUF_MODULE, "bootleg")
-            .display("CLIPLoader (GGUF)")
-            .required("clip_name", InputSpec::combo(&gguf_loader_file_names(services)))
-            .required("type", InputSpec::combo(&CLIP_TYPES))
-            .output(OutputSpec::of("CLIP"))
-    }
-
-    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        single_clip_node(ctx, inputs, "CLIPLoaderGGUF")
-    }
-}
-
-/// ComfyUI-GGUF's `DualCLIPLoaderGGUF`: `DualCLIPLoader` over safetensors and GGUF text encoders.
-pub struct DualClipLoaderGguf;
-
-impl Node for DualClipLoaderGguf {
-    fn schema(&self, services: &Services) -> NodeSchema {
-        let names = gguf_loader_file_names(services);
-        NodeSchema::v1("DualCLIPLoaderGGUF", GGUF_MODULE, "bootleg")
-            .display("DualCLIPLoader (GGUF)")
-            .required("clip_name1", InputSpec::combo(&names))
-            .required("clip_name2", InputSpec::combo(&names))
-            .required("type", InputSpec::combo(&DUAL_CLIP_TYPES))
-            .output(OutputSpec::of("CLIP"))
-    }
-
-    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        dual_clip_node(ctx, inputs, "DualCLIPLoaderGGUF")
     }
 }

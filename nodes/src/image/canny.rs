@@ -5,11 +5,13 @@
 //! along the gradient direction rounded to 45° → strict low/high thresholds → hysteresis keeping
 //! weak edges 8-connected to strong ones. The output is the 0/1 edge map on three channels.
 
-use crate::image::Image;
-use crate::image_nodes::image_result;
+use std::collections::VecDeque;
+
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services};
-use std::collections::VecDeque;
+
+use crate::image::nodes::image_result;
+use crate::image::Image;
 
 pub struct Canny;
 

@@ -1,9 +1,24 @@
-//! ComfyUI's mask nodes (`comfy_extras/nodes_mask.py`).
+//! The mask category: ComfyUI's mask nodes (`comfy_extras/nodes_mask.py`): ImageToMask,
+//! MaskToImage, SolidMask, InvertMask, GrowMask, FeatherMask, ThresholdMask, CropMask. The `MASK`
+//! value is [`crate::image::Mask`]; LoadImageMask is with LoadImage in [`crate::image::nodes`].
 
-use crate::image::{Image, Mask};
-use crate::image_nodes::image_result;
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec, MAX_RESOLUTION};
-use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
+use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeRegistry, Services, Value};
+
+use crate::image::nodes::image_result;
+use crate::image::{Image, Mask};
+
+/// Adds the mask nodes to `registry`.
+pub fn register(registry: &mut NodeRegistry) {
+    registry.register(ImageToMask);
+    registry.register(MaskToImage);
+    registry.register(SolidMask);
+    registry.register(InvertMask);
+    registry.register(GrowMask);
+    registry.register(FeatherMask);
+    registry.register(ThresholdMask);
+    registry.register(CropMask);
+}
 
 const MODULE: &str = "comfy_extras.nodes_mask";
 

@@ -6,11 +6,14 @@
 
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeObject, NodeOutput, Services, Value};
-
-use crate::diffusion::{self, Conditioning, DualCfg, GuidedSampling, Latent, Model};
-use crate::diffusion_nodes::{denoise_mask, seed_input, seed_spec, with_progress};
 use easel_models::sampling::samplers::SAMPLER_NAMES;
 use easel_models::sampling::schedule::{self, ksampler_sigmas, Scheduler};
+
+use crate::conditioning::Conditioning;
+use crate::latent::Latent;
+use crate::model::diffusion_model::Model;
+use crate::sampling::ksampler::{denoise_mask, seed_input, seed_spec, with_progress};
+use crate::sampling::run::{sample_guided, DualCfg, GuidedSampling};
 
 /// The Python module of every node here.
 const MODULE: &str = "comfy_extras.nodes_custom_sampler";
@@ -135,9 +138,7 @@ fn sample_custom(
         add_noise: noise.enabled,
         denoise_mask: mask,
     };
-    let sampled = with_progress(ctx, &model.latent_format, |progress| {
-        diffusion::sample_guided(&run, progress)
-    })?;
+    let sampled = with_progress(ctx, &model.latent_format, |progress| sample_guided(&run, progress))?;
     let output = latent.with_samples(sampled.samples.clone());
     let denoised = match sampled.denoised {
         Some(denoised) => latent.with_samples(denoised),

@@ -4,13 +4,14 @@
 //! noise mask) is kept as it was.
 
 use candle_core::{DType, Device, Tensor};
-use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
+use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec, MAX_RESOLUTION};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 
-use crate::diffusion::Latent;
-use crate::diffusion_nodes::{image_as_latents, latents_as_image, tensor_error, upscale_latent, MAX_RESOLUTION};
+use crate::image::nodes::composite;
 use crate::image::Mask;
-use crate::image_nodes;
+use crate::latent::nodes::{image_as_latents, latents_as_image, upscale_latent};
+use crate::latent::Latent;
+use crate::runtime::tensor_error;
 
 fn with_samples(latent: &Latent, samples: Tensor) -> NodeOutput {
     NodeOutput::values(vec![Value::object(Latent {
@@ -261,7 +262,7 @@ impl Node for LatentCompositeMasked {
                 source_image.channels, pasted.channels
             )));
         }
-        image_nodes::composite(
+        composite(
             &mut pasted,
             &source_image,
             position,

@@ -7,7 +7,7 @@
 use easel_engine::{InputSpec, Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeSchema, OutputSpec, Services};
 use serde_json::json;
 
-use crate::loader_nodes::file_names;
+use crate::loaders::models::file_names;
 
 /// One loader: its class, where it lists files from, and what it would load.
 pub struct PendingLoader {

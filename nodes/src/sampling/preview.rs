@@ -9,7 +9,7 @@ use easel_engine::Preview;
 use image::imageops::FilterType;
 use image::{DynamicImage, RgbImage};
 
-use crate::diffusion::LatentFormat;
+use crate::latent::LatentFormat;
 
 /// `--preview-method`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

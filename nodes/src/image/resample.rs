@@ -7,9 +7,11 @@
 //! Reference builds: PyTorch 2.8 x86-64 wheels (compiled with FMA contraction) running more than one
 //! thread, and Pillow 13. `tests/image_ops.rs` checks every method bit for bit against them.
 
-use crate::image::{from_u8, to_u8, Image, Mask};
-use easel_engine::NodeError;
 use std::str::FromStr;
+
+use easel_engine::NodeError;
+
+use crate::image::{from_u8, to_u8, Image, Mask};
 
 /// The `upscale_method` combo of the image nodes.
 pub const UPSCALE_METHODS: [&str; 5] = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"];

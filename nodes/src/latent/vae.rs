@@ -4,13 +4,15 @@
 use candle_core::{DType, Device, Tensor};
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
-
-use crate::diffusion::{CondEntry, Conditioning, InpaintImage, Latent, VaeModel};
-use crate::diffusion_nodes::{device, out_of_memory, tensor_error};
-use crate::image::{Image, Mask};
-use crate::resample::interpolate_mask;
 use easel_models::architectures::vae::Vae;
 use easel_models::memory;
+
+use crate::conditioning::{CondEntry, Conditioning, InpaintImage};
+use crate::image::resample::interpolate_mask;
+use crate::image::{Image, Mask};
+use crate::latent::Latent;
+use crate::model::vae::VaeModel;
+use crate::runtime::{device, out_of_memory, tensor_error};
 
 /// `VAEDecode`: latents to images.
 pub struct VaeDecode;

@@ -8,15 +8,16 @@ use std::sync::Arc;
 
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
-
-use crate::diffusion::{Clip, DiffusionModel, DiffusionNetwork, Model, TextEncoder, TextNetwork};
-use crate::diffusion_nodes::tensor_error;
-use crate::paths::Paths;
 use easel_models::architectures::clip_text::ClipTextEncoder;
 use easel_models::architectures::unet::UNet;
 use easel_models::checkpoint::{Family, TextEncoderKind};
 use easel_models::lora::{load_lora, ClipLoraNames, LoraKeyMap};
 use easel_models::weights::{SafetensorsFile, TensorShapes};
+
+use crate::model::clip::{Clip, TextEncoder, TextNetwork};
+use crate::model::diffusion_model::{DiffusionModel, DiffusionNetwork, Model};
+use crate::paths::Paths;
+use crate::runtime::tensor_error;
 
 const MODEL_TOOLTIP: &str = "The modified diffusion model.";
 const CLIP_TOOLTIP: &str = "The modified CLIP model.";

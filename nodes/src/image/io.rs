@@ -1,12 +1,14 @@
 //! Reading image files as ComfyUI's `LoadImage` does (Pillow: EXIF orientation, every frame of an
 //! animation) and writing PNGs with ComfyUI's `tEXt` metadata.
 
-use crate::image::{from_u8, to_u8, Image};
+use std::io::{BufReader, Cursor};
+use std::path::Path;
+
 use easel_engine::NodeError;
 use image::codecs::gif::GifDecoder;
 use image::{AnimationDecoder, DynamicImage, ImageDecoder, ImageFormat, ImageReader};
-use std::io::{BufReader, Cursor};
-use std::path::Path;
+
+use crate::image::{from_u8, to_u8, Image};
 
 /// One decoded frame: 8-bit RGBA plus whether the file had an alpha channel.
 pub struct Frame {

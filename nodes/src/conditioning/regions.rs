@@ -5,8 +5,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::image::resample::interpolate_mask;
 use crate::image::Mask;
-use crate::resample::interpolate_mask;
 
 /// An area as the nodes set it: in latent pixels (ConditioningSetArea divides its pixel sizes by
 /// 8) or as fractions of the latent's size.

@@ -1,18 +1,19 @@
 //! The conditioning nodes: prompts encoded by a CLIP (`CLIPTextEncode`, the SDXL variants,
 //! clip skip) and the operations on CONDITIONING lists: combining, averaging, concatenating,
 //! zeroing, timestep ranges, and the areas, masks and strengths that place an entry in the
-//! latent ([`crate::cond_regions`]).
+//! latent ([`crate::conditioning::regions`]).
 
 use candle_core::Tensor;
-use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
+use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec, MAX_RESOLUTION};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
-
-use crate::cond_regions::{AreaSpec, CondRegion, LatentArea};
-use crate::diffusion::{Clip, ClipTokens, CondEntry, Conditioning, SdxlSizes, TextEncoder, TextNetwork};
-use crate::diffusion_nodes::{tensor_error, MAX_RESOLUTION};
-use crate::image::Mask;
-use crate::paths::Paths;
 use easel_models::checkpoint::TextEncoderKind;
+
+use crate::conditioning::regions::{AreaSpec, CondRegion, LatentArea};
+use crate::conditioning::{CondEntry, Conditioning, SdxlSizes};
+use crate::image::Mask;
+use crate::model::clip::{Clip, ClipTokens, TextEncoder};
+use crate::paths::Paths;
+use crate::runtime::tensor_error;
 
 /// `CLIPTextEncode`: a prompt to conditioning.
 pub struct ClipTextEncode;
@@ -46,7 +47,7 @@ impl Node for ClipTextEncode {
 }
 
 /// The CLIP input of a text-encode node, with ComfyUI's error when a checkpoint had none.
-fn clip_input(inputs: &NodeInputs) -> Result<&Clip, NodeError> {
+pub(crate) fn clip_input(inputs: &NodeInputs) -> Result<&Clip, NodeError> {
     inputs.optional_object::<Clip>("clip")?.ok_or_else(|| {
         NodeError::typed(
             "RuntimeError",
@@ -56,7 +57,7 @@ fn clip_input(inputs: &NodeInputs) -> Result<&Clip, NodeError> {
 }
 
 /// A multiline prompt input with dynamic prompts, as the text-encode nodes declare them.
-fn prompt_spec() -> InputSpec {
+pub(crate) fn prompt_spec() -> InputSpec {
     InputSpec::of("STRING")
         .opt("multiline", true)
         .opt("dynamicPrompts", true)
@@ -180,56 +181,6 @@ impl Node for ClipTextEncodeSdxlRefiner {
             conditioning,
             sizes,
         ))]))
-    }
-}
-
-/// `CLIPTextEncodeFlux`: `clip_l` for FLUX's CLIP-L (its pooled vector) and `t5xxl` for T5-XXL
-/// (the hidden states), with the guidance strength a FLUX dev model embeds.
-pub struct ClipTextEncodeFlux;
-
-impl Node for ClipTextEncodeFlux {
-    fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v3(
-            "CLIPTextEncodeFlux",
-            "comfy_extras.nodes_flux",
-            "advanced/conditioning/flux",
-        )
-        .required("clip", InputSpec::of("CLIP"))
-        .required("clip_l", prompt_spec())
-        .required("t5xxl", prompt_spec())
-        .required("guidance", InputSpec::float(3.5, 0.0, 100.0).opt("step", 0.1))
-        .output(OutputSpec::of("CONDITIONING"))
-    }
-
-    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let clip = clip_input(inputs)?;
-        if !clip
-            .encoders
-            .iter()
-            .any(|encoder| matches!(encoder.network, TextNetwork::T5 { .. }))
-        {
-            return Err(NodeError::typed(
-                "KeyError",
-                "'t5xxl': CLIPTextEncodeFlux needs a FLUX CLIP (CLIP-L and T5-XXL, DualCLIPLoader type flux)",
-            ));
-        }
-        let paths = ctx.services.get::<Paths>();
-        let text_l = clip.tokenize(inputs.string("clip_l")?, paths);
-        let text_t5 = clip.tokenize(inputs.string("t5xxl")?, paths);
-        let tokens: ClipTokens = clip
-            .encoders
-            .iter()
-            .enumerate()
-            .map(|(index, encoder)| match encoder.network {
-                TextNetwork::T5 { .. } => text_t5[index].clone(),
-                TextNetwork::Clip { .. } => text_l[index].clone(),
-            })
-            .collect();
-        let conditioning = clip.encode(&tokens).map_err(tensor_error)?;
-        let guidance = inputs.float("guidance")? as f32;
-        Ok(NodeOutput::values(vec![Value::object(
-            conditioning.with_guidance(guidance),
-        )]))
     }
 }
 

@@ -1,0 +1,167 @@
+//! The conditioning category: ComfyUI's `CONDITIONING` value ([`Conditioning`], a list of
+//! [`CondEntry`], defined here) and the nodes that encode prompts and combine, average, concatenate,
+//! time-limit and localise conditioning.
+//!
+//! - [`nodes`]: CLIPTextEncode, CLIPTextEncodeSDXL(Refiner), CLIPSetLastLayer and the
+//!   Conditioning* nodes;
+//! - [`regions`]: areas, masks and strengths of entries, resolved against a latent.
+
+pub mod nodes;
+pub mod regions;
+
+use candle_core::{Device, Tensor};
+use easel_engine::{NodeObject, NodeRegistry};
+
+use crate::conditioning::regions::{CondRegion, RegionError};
+use crate::image::Mask;
+
+/// Adds the conditioning nodes to `registry`.
+pub fn register(registry: &mut NodeRegistry) {
+    registry.register(nodes::ClipTextEncode);
+    registry.register(nodes::ClipTextEncodeSdxl);
+    registry.register(nodes::ClipTextEncodeSdxlRefiner);
+    registry.register(nodes::ClipSetLastLayer);
+    registry.register(nodes::ConditioningCombine);
+    registry.register(nodes::ConditioningAverage);
+    registry.register(nodes::ConditioningConcat);
+    registry.register(nodes::ConditioningZeroOut);
+    registry.register(nodes::ConditioningSetTimestepRange);
+    registry.register(nodes::ConditioningSetArea);
+    registry.register(nodes::ConditioningSetAreaPercentage);
+    registry.register(nodes::ConditioningSetAreaStrength);
+    registry.register(nodes::ConditioningSetMask);
+}
+
+/// Why a conditioning cannot drive a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ConditioningError {
+    #[error(
+        "the conditioning's text embeddings are {found} wide but this {family} model's cross-attention \
+         takes {expected}: was it encoded by another model family's text encoder (or is a refiner used \
+         as a base model, or the other way round)?"
+    )]
+    ContextWidth {
+        family: &'static str,
+        found: usize,
+        expected: usize,
+    },
+    #[error(
+        "a diffusion model with {0} extra input channels is not supported by Easel yet (inpainting models have 5)"
+    )]
+    ExtraChannels(usize),
+    #[error("the inpainting image cannot be used: {0}")]
+    Inpaint(String),
+    #[error("the conditioning has no pooled output, which this model needs ('pooled_output')")]
+    NoPooledOutput,
+    #[error(
+        "the conditioning's pooled output is {found} wide but this {family} model needs {expected}: \
+         was it encoded by another model family's text encoder (or is a refiner used as a base \
+         model, or the other way round)?"
+    )]
+    PooledWidth {
+        family: &'static str,
+        found: usize,
+        expected: usize,
+    },
+    #[error(transparent)]
+    Region(#[from] RegionError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// One conditioning entry: text embeddings and what ComfyUI keeps beside them.
+#[derive(Clone, Debug)]
+pub struct CondEntry {
+    /// [1, tokens, width].
+    pub cross_attention: Tensor,
+    /// [1, width], when the text encoder produced one.
+    pub pooled: Option<Tensor>,
+    /// The part of sampling, as (start, end) fractions, during which the entry applies.
+    pub timestep_range: Option<(f64, f64)>,
+    /// The sizes SDXL's class conditioning embeds (CLIPTextEncodeSDXL and its refiner twin).
+    pub sdxl: SdxlSizes,
+    /// Where in the latent the entry applies, and how strongly.
+    pub region: CondRegion,
+    /// The image an inpainting model completes (InpaintModelConditioning).
+    pub inpaint: Option<InpaintImage>,
+    /// The guidance strength a FLUX dev model embeds (FluxGuidance; 3.5 when not set).
+    pub guidance: Option<f32>,
+}
+
+/// The mask channels of FLUX fill: each latent pixel's 8×8 block of mask pixels.
+pub(crate) const FLUX_MASK_CHANNELS: usize = 64;
+
+/// FLUX's guidance strength for conditioning that does not set one (ComfyUI's `Flux.extra_conds`).
+pub const DEFAULT_GUIDANCE: f32 = 3.5;
+
+/// What InpaintModelConditioning gives inpainting models beside the noise: the image with its
+/// masked part greyed out, encoded (raw VAE latent, `concat_latent_image`), and the mask
+/// (`concat_mask`).
+#[derive(Clone, Debug)]
+pub struct InpaintImage {
+    pub latent: Tensor,
+    pub mask: Mask,
+}
+
+impl InpaintImage {
+    /// The mask as one channel, [B, 1, H, W] at its own (pixel) size.
+    pub(crate) fn mask_channel(&self, device: &Device) -> candle_core::Result<Tensor> {
+        let mask = &self.mask;
+        Tensor::from_vec(mask.data.clone(), (mask.batch, 1, mask.height, mask.width), device)
+    }
+}
+
+impl CondEntry {
+    /// An entry of text embeddings with nothing else set.
+    pub fn new(cross_attention: Tensor, pooled: Option<Tensor>) -> Self {
+        CondEntry {
+            cross_attention,
+            pooled,
+            timestep_range: None,
+            sdxl: SdxlSizes::default(),
+            region: CondRegion::default(),
+            inpaint: None,
+            guidance: None,
+        }
+    }
+}
+
+/// The keys of a conditioning entry SDXL's class conditioning reads; a missing one takes its
+/// default when sampling (the latent's size, no crop, the size as target, the refiner's
+/// aesthetic score 6 or 2.5).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SdxlSizes {
+    pub width: Option<f64>,
+    pub height: Option<f64>,
+    pub crop_w: Option<f64>,
+    pub crop_h: Option<f64>,
+    pub target_width: Option<f64>,
+    pub target_height: Option<f64>,
+    pub aesthetic_score: Option<f64>,
+}
+
+/// The CONDITIONING socket: a list of entries.
+#[derive(Clone, Debug)]
+pub struct Conditioning(pub Vec<CondEntry>);
+
+impl Conditioning {
+    /// Every entry with the guidance strength a FLUX dev model embeds (FluxGuidance's
+    /// `conditioning_set_values`).
+    pub fn with_guidance(&self, guidance: f32) -> Conditioning {
+        let entries = self
+            .0
+            .iter()
+            .map(|entry| CondEntry {
+                guidance: Some(guidance),
+                ..entry.clone()
+            })
+            .collect();
+        Conditioning(entries)
+    }
+}
+
+impl NodeObject for Conditioning {
+    fn type_name(&self) -> &'static str {
+        "CONDITIONING"
+    }
+}

@@ -1,0 +1,170 @@
+//! ComfyUI's `CLIP` value: a model's text encoders (CLIP or T5 networks with their tokenizers),
+//! the layer they are read at, and how a prompt becomes the tokens and conditioning of each.
+
+use std::fmt;
+use std::sync::Arc;
+
+use candle_core::{Tensor, D};
+use easel_engine::NodeObject;
+use easel_models::architectures::clip_text::{ClipTextEncoder, EncodeOptions, OutputLayer};
+use easel_models::architectures::t5::T5Encoder;
+use easel_models::checkpoint::{Family, TextEncoderKind};
+use easel_models::text::embeddings::EmbeddingFolder;
+use easel_models::text::t5_tokenizer::{T5Tokenizer, FLUX_T5_MIN_LENGTH, T5_EMBEDDING_KEY};
+use easel_models::text::tokenizer::{tokenize_with_weights, EmbeddingLookup, NoEmbeddings, WeightedToken, END_TOKEN};
+use easel_models::weights::WeightSource;
+
+use crate::conditioning::{CondEntry, Conditioning};
+use crate::paths::Paths;
+
+/// The network of one text encoder of a CLIP.
+#[derive(Clone)]
+pub enum TextNetwork {
+    /// A CLIP text transformer of the given kind.
+    Clip {
+        kind: TextEncoderKind,
+        encoder: Arc<ClipTextEncoder>,
+    },
+    /// T5-XXL and its vocabulary (FLUX).
+    T5 {
+        encoder: Arc<T5Encoder>,
+        tokenizer: Arc<T5Tokenizer>,
+    },
+}
+
+/// One text encoder of a CLIP.
+#[derive(Clone)]
+pub struct TextEncoder {
+    pub network: TextNetwork,
+    /// What the encoder was built from (LoRA nodes build it again with their patches).
+    pub source: WeightSource,
+}
+
+impl TextEncoder {
+    /// The CLIP kind of the encoder (none for T5).
+    pub fn clip_kind(&self) -> Option<TextEncoderKind> {
+        match &self.network {
+            TextNetwork::Clip { kind, .. } => Some(*kind),
+            TextNetwork::T5 { .. } => None,
+        }
+    }
+}
+
+/// The CLIP socket: the text encoders of a model family (SDXL: CLIP-L then CLIP-G; FLUX: CLIP-L
+/// then T5-XXL) and the layer CLIPSetLastLayer chose.
+#[derive(Clone)]
+pub struct Clip {
+    pub family: Family,
+    pub encoders: Vec<TextEncoder>,
+    /// `stop_at_clip_layer` counted from the end (1 = the last layer), when it was set.
+    pub layer_from_end: Option<usize>,
+}
+
+/// One list of chunks per text encoder of a CLIP, in its order (T5: one chunk).
+pub type ClipTokens = Vec<Vec<Vec<WeightedToken>>>;
+
+impl Clip {
+    /// How ComfyUI reads CLIP encoder `kind`'s output in this family: SD1.x and FLUX the last
+    /// layer's (CLIP-L padded with the end token; FLUX keeps only its pooled vector, unprojected);
+    /// SD2.x the penultimate layer's, normed; SDXL and its refiner the penultimate layer's without
+    /// the final norm, CLIP-G's pooled vector projected and its chunks padded with 0. A layer set
+    /// by CLIPSetLastLayer replaces the default.
+    pub fn options(&self, kind: TextEncoderKind) -> EncodeOptions {
+        let (default_layer, layer_norm_hidden) = match self.family {
+            Family::Sd1 | Family::Flux => (OutputLayer::Last, true),
+            Family::Sd2 => (OutputLayer::FromEnd(2), true),
+            _ => (OutputLayer::FromEnd(2), false),
+        };
+        let open_clip = kind != TextEncoderKind::ClipL;
+        EncodeOptions {
+            layer: self.output_layer(default_layer),
+            layer_norm_hidden,
+            project_pooled: open_clip,
+            pad_token: if open_clip { 0 } else { END_TOKEN },
+        }
+    }
+
+    fn output_layer(&self, default: OutputLayer) -> OutputLayer {
+        self.layer_from_end.map_or(default, OutputLayer::FromEnd)
+    }
+
+    /// `text` tokenized for every encoder (textual inversions from `paths`' embeddings folders).
+    pub fn tokenize(&self, text: &str, paths: Option<&Paths>) -> ClipTokens {
+        let find_embedding = paths.map(|paths| move |name: &str| paths.full_path("embeddings", name));
+        self.encoders
+            .iter()
+            .map(|encoder| {
+                let (key, width) = match &encoder.network {
+                    TextNetwork::Clip { kind, encoder } => (kind.embedding_key(), encoder.width()),
+                    TextNetwork::T5 { encoder, .. } => (T5_EMBEDDING_KEY, encoder.config().d_model),
+                };
+                let folder = find_embedding
+                    .as_ref()
+                    .map(|find| EmbeddingFolder::new(find, key, width));
+                let embeddings: &dyn EmbeddingLookup = match &folder {
+                    Some(folder) => folder,
+                    None => &NoEmbeddings,
+                };
+                match &encoder.network {
+                    TextNetwork::Clip { kind, .. } => {
+                        tokenize_with_weights(text, embeddings, self.options(*kind).pad_token)
+                    }
+                    TextNetwork::T5 { tokenizer, .. } => {
+                        vec![tokenizer.tokenize_with_weights(text, embeddings, FLUX_T5_MIN_LENGTH)]
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Encodes tokens into a one-entry conditioning. FLUX: T5's hidden states and CLIP-L's pooled
+    /// vector (ComfyUI's `FluxClipModel`). Otherwise each CLIP's hidden states, cut to the
+    /// shortest and joined along the channels (SDXL: CLIP-L ⧺ CLIP-G), and the last one's pooled
+    /// vector.
+    pub fn encode(&self, tokens: &ClipTokens) -> candle_core::Result<Conditioning> {
+        let mut clip_hidden = Vec::with_capacity(self.encoders.len());
+        let mut t5_hidden = None;
+        let mut pooled = None;
+        for (encoder, chunks) in self.encoders.iter().zip(tokens) {
+            match &encoder.network {
+                TextNetwork::Clip { kind, encoder } => {
+                    let encoded = encoder.encode_weighted(chunks, self.options(*kind))?;
+                    clip_hidden.push(encoded.hidden);
+                    pooled = Some(encoded.pooled);
+                }
+                TextNetwork::T5 { encoder, .. } => {
+                    let layer = self.output_layer(OutputLayer::Last);
+                    t5_hidden = Some(encoder.encode_weighted(chunks, layer)?);
+                }
+            }
+        }
+        let hidden = match t5_hidden {
+            Some(hidden) => hidden,
+            None => {
+                let tokens = clip_hidden
+                    .iter()
+                    .map(|h| h.dim(1))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let cut_to = tokens.into_iter().min().unwrap_or(0);
+                let hidden = clip_hidden
+                    .iter()
+                    .map(|h| h.narrow(1, 0, cut_to))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&hidden, D::Minus1)?
+            }
+        };
+        Ok(Conditioning(vec![CondEntry::new(hidden, pooled)]))
+    }
+}
+
+impl fmt::Debug for Clip {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("<comfy.sd.CLIP>")
+    }
+}
+
+impl NodeObject for Clip {
+    fn type_name(&self) -> &'static str {
+        "CLIP"
+    }
+}

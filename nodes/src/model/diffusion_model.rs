@@ -1,0 +1,437 @@
+//! ComfyUI's `MODEL` value: a diffusion network (UNet or FLUX) with its prediction type, σ schedule
+//! and latent format, and the extra inputs each family's network takes (SDXL's size embeddings,
+//! inpainting models' mask and image channels, FLUX's guidance and fill channels).
+
+use std::fmt;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+use easel_engine::NodeObject;
+use easel_models::architectures::flux::{Flux, FluxControl, FluxInput};
+use easel_models::architectures::unet::{timestep_embedding, UNet, UNetInput};
+use easel_models::checkpoint::Family;
+use easel_models::sampling::schedule::SigmaSchedule;
+use easel_models::weights::WeightSource;
+
+use crate::conditioning::{CondEntry, ConditioningError, FLUX_MASK_CHANNELS};
+use crate::image::resample::{common_upscale, ResizeMethod};
+use crate::latent::nodes::{image_as_latents, latents_as_image};
+use crate::latent::LatentFormat;
+
+/// What the network predicts, and so what it is given and how its output becomes the denoised
+/// latent (ComfyUI's model-sampling types, σ_data = 1 unless said otherwise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prediction {
+    /// The noise (SD1.x, SD2.x base, SDXL).
+    Epsilon,
+    /// The velocity `α·ε − σ·x₀` (SD2.x 768-v, v-prediction SDXL fine-tunes).
+    V,
+    /// The clean latent itself.
+    X0,
+    /// The clean latent, from the noisy latent as it is (no input scaling).
+    ImgToImg,
+    /// A latent consistency model: the noise, turned into the denoised latent with LCM's
+    /// boundary condition (σ_data 0.5, timestep scaling 10).
+    Lcm,
+    /// The velocity of a rectified flow from the latent to the noise (ComfyUI's `CONST`: SD3,
+    /// FLUX), whose noisy latents are `σ·noise + (1 − σ)·latent`.
+    Flow,
+}
+
+impl Prediction {
+    /// ComfyUI's `calculate_input`: what the network is given for the noisy latent `x` at σ.
+    pub fn network_input(self, x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+        match self {
+            Prediction::ImgToImg | Prediction::Flow => Ok(x.clone()),
+            _ => x / f64::from((sigma * sigma + 1.0).sqrt()),
+        }
+    }
+
+    /// ComfyUI's `calculate_denoised`: the denoised latent from the network's output `out` for
+    /// the noisy latent `x` at σ, whose timestep was `timestep`.
+    pub fn denoised(self, x: &Tensor, out: &Tensor, sigma: f32, timestep: f32) -> candle_core::Result<Tensor> {
+        match self {
+            Prediction::Epsilon | Prediction::Flow => x - (out * f64::from(sigma))?,
+            Prediction::V => {
+                let variance = sigma * sigma + 1.0;
+                (x / f64::from(variance))? - (out * f64::from(sigma))? / f64::from(variance.sqrt())
+            }
+            Prediction::X0 | Prediction::ImgToImg => Ok(out.clone()),
+            Prediction::Lcm => {
+                const SIGMA_DATA_SQUARED: f32 = 0.25;
+                let x0 = (x - (out * f64::from(sigma))?)?;
+                let scaled = timestep * 10.0;
+                let skip = SIGMA_DATA_SQUARED / (scaled * scaled + SIGMA_DATA_SQUARED);
+                let output = scaled / (scaled * scaled + SIGMA_DATA_SQUARED).sqrt();
+                (x0 * f64::from(output))? + (x * f64::from(skip))?
+            }
+        }
+    }
+
+    /// ComfyUI's `noise_scaling`: the latent noised to σ, `latent + σ·noise` (at the largest σ
+    /// of the schedule, `√(1 + σ²)·noise`), or `σ·noise + (1 − σ)·latent` for flows.
+    pub fn noise_scaling(
+        self,
+        sigma: f32,
+        noise: &Tensor,
+        latent: &Tensor,
+        max_denoise: bool,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Prediction::Flow => (noise * f64::from(sigma))? + (latent * f64::from(1.0 - sigma))?,
+            _ if max_denoise => (noise * f64::from((1.0 + sigma * sigma).sqrt()))? + latent,
+            _ => (noise * f64::from(sigma))? + latent,
+        }
+    }
+
+    /// ComfyUI's `inverse_noise_scaling` of the sampled latent at the last σ: a flow's latent
+    /// is divided by 1 − σ, others are kept.
+    pub fn inverse_noise_scaling(self, sigma: f32, x: Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Prediction::Flow => x / f64::from(1.0 - sigma),
+            _ => Ok(x),
+        }
+    }
+}
+
+/// The network of a diffusion model.
+#[derive(Clone)]
+pub enum DiffusionNetwork {
+    UNet(Arc<UNet>),
+    Flux(Arc<Flux>),
+}
+
+impl DiffusionNetwork {
+    /// The width of the text embeddings the network attends to.
+    pub fn context_dim(&self) -> usize {
+        match self {
+            DiffusionNetwork::UNet(unet) => unet.config().context_dim,
+            DiffusionNetwork::Flux(flux) => flux.config().context_dim,
+        }
+    }
+
+    /// Latent channels the network predicts.
+    pub fn latent_channels(&self) -> usize {
+        match self {
+            DiffusionNetwork::UNet(unet) => unet.config().out_channels,
+            DiffusionNetwork::Flux(flux) => flux.config().out_channels,
+        }
+    }
+
+    /// Channels the network takes beyond the latent's (inpainting models).
+    pub fn extra_channels(&self) -> usize {
+        match self {
+            DiffusionNetwork::UNet(unet) => unet.config().in_channels.saturating_sub(unet.config().out_channels),
+            DiffusionNetwork::Flux(flux) => (flux.config().in_channels / 4).saturating_sub(flux.config().out_channels),
+        }
+    }
+
+    /// Bytes of activations one call on a [batch, C, height, width] latent needs at most.
+    pub fn working_memory(&self, batch: usize, height: usize, width: usize) -> u64 {
+        match self {
+            DiffusionNetwork::UNet(unet) => unet.working_memory(batch, height, width),
+            DiffusionNetwork::Flux(flux) => flux.working_memory(batch, height, width),
+        }
+    }
+
+    /// The UNet, for the UNet families.
+    pub fn unet(&self) -> Option<&Arc<UNet>> {
+        match self {
+            DiffusionNetwork::UNet(unet) => Some(unet),
+            DiffusionNetwork::Flux(_) => None,
+        }
+    }
+}
+
+/// A diffusion network with its noise schedule (ComfyUI's `BaseModel` with `model_sampling`);
+/// clones share the network.
+#[derive(Clone)]
+pub struct DiffusionModel {
+    /// The family, which decides the class conditioning (SDXL's size vector) among others.
+    pub family: Family,
+    pub network: DiffusionNetwork,
+    /// What the network was built from (LoRA nodes build it again with their patches).
+    pub source: WeightSource,
+    pub prediction: Prediction,
+    pub schedule: SigmaSchedule,
+    pub latent_format: LatentFormat,
+    pub device: Device,
+    /// The strength DifferentialDiffusion set: the inpainting mask is then thresholded anew at
+    /// every step (see [`DifferentialDiffusion`]).
+    pub differential_diffusion: Option<f64>,
+}
+
+impl DiffusionModel {
+    /// D(x, σ) for one conditioning: scale the input, run the network at σ's timestep, turn the
+    /// prediction into the denoised latent.
+    pub(crate) fn denoise(&self, x: &Tensor, sigma: f32, inputs: &ModelInputs) -> candle_core::Result<Tensor> {
+        let batch = x.dim(0)?;
+        let scaled = self.prediction.network_input(x, sigma)?;
+        let concat = inputs.concat.as_ref().map(|c| repeat_to_batch(c, batch)).transpose()?;
+        let timestep = self.schedule.timestep(sigma);
+        let timesteps = Tensor::from_vec(vec![timestep; batch], batch, &self.device)?;
+        let context = repeat_to_batch(&inputs.context, batch)?;
+        let y = inputs.y.as_ref().map(|y| repeat_to_batch(y, batch)).transpose()?;
+        let out = match &self.network {
+            DiffusionNetwork::UNet(unet) => {
+                let input = match &concat {
+                    Some(concat) => Tensor::cat(&[&scaled, concat], 1)?,
+                    None => scaled,
+                };
+                unet.forward(&UNetInput {
+                    y: y.as_ref(),
+                    ..UNetInput::new(&input, &timesteps, &context)
+                })?
+            }
+            DiffusionNetwork::Flux(flux) => {
+                let (Some(y), Some(guidance)) = (&y, &inputs.guidance) else {
+                    return Err(candle_core::Error::Msg(
+                        "a FLUX model call needs the pooled output and the guidance".into(),
+                    ));
+                };
+                flux.forward(&FluxInput {
+                    x: &scaled,
+                    timesteps: &timesteps,
+                    context: &context,
+                    y,
+                    guidance: Some(&repeat_to_batch(guidance, batch)?),
+                    concat: concat.as_ref(),
+                    control: FluxControl::default(),
+                    image_prompt: None,
+                })?
+            }
+        };
+        self.prediction.denoised(x, &out, sigma, timestep)
+    }
+
+    /// The extra input channels of an inpainting model for an entry, [B, 5, H, W] (ComfyUI's
+    /// `concat_cond` with keys mask and masked image): the entry's mask (else the sampling's
+    /// denoise mask) resized to the latent and rounded, and its image latent (else the latent
+    /// being sampled) in model space; without any mask, ones and a blank image. `None` for models
+    /// without extra channels.
+    pub(crate) fn inpaint_channels(
+        &self,
+        entry: &CondEntry,
+        latent: &LatentInputs,
+    ) -> Result<Option<Tensor>, ConditioningError> {
+        let extra = self.network.extra_channels();
+        if extra == 0 {
+            return Ok(None);
+        }
+        if let DiffusionNetwork::Flux(_) = self.network {
+            return self.flux_concat(extra, entry, latent).map(Some);
+        }
+        if extra != 5 {
+            return Err(ConditioningError::ExtraChannels(extra));
+        }
+        let (batch, _, height, width) = latent.model_space.dims4()?;
+        let mask = match (&entry.inpaint, latent.denoise_mask) {
+            (Some(inpaint), _) => Some(inpaint.mask_channel(&self.device)?),
+            (None, Some(denoise_mask)) => Some(denoise_mask.narrow(1, 0, 1)?),
+            (None, None) => None,
+        };
+        let Some(mask) = mask else {
+            let blank = Tensor::new(&BLANK_INPAINT_IMAGE, &self.device)?.reshape((1, 4, 1, 1))?;
+            let blank = blank.broadcast_as((batch, 4, height, width))?.contiguous()?;
+            let ones = Tensor::ones((batch, 1, height, width), DType::F32, &self.device)?;
+            return Ok(Some(Tensor::cat(&[&ones, &blank], 1)?));
+        };
+        let mask = resize_to_batch(&resize_centered(&mask, height, width)?.round()?, batch)?;
+        let image = match &entry.inpaint {
+            Some(inpaint) => self
+                .latent_format
+                .process_in(&inpaint.latent.to_device(&self.device)?.to_dtype(DType::F32)?)?,
+            None => latent.model_space.clone(),
+        };
+        let image = resize_to_batch(&resize_centered(&image, height, width)?, batch)?;
+        Ok(Some(Tensor::cat(&[&mask, &image], 1)?))
+    }
+
+    /// The extra input channels of a FLUX model for an entry (ComfyUI's `Flux.concat_cond`):
+    /// the entry's image latent (else zeros) in model space; for fill models (`extra` = latent
+    /// channels + 64) also the mask (the entry's, else the channel mean of the sampling's denoise
+    /// mask, else ones) at pixel size, each 8×8 block of pixels made 64 channels.
+    fn flux_concat(&self, extra: usize, entry: &CondEntry, latent: &LatentInputs) -> Result<Tensor, ConditioningError> {
+        let (batch, channels, height, width) = latent.model_space.dims4()?;
+        let image = match &entry.inpaint {
+            Some(inpaint) => inpaint.latent.to_device(&self.device)?.to_dtype(DType::F32)?,
+            None => latent.model_space.zeros_like()?,
+        };
+        let image = resize_to_batch(&resize_centered(&image, height, width)?, batch)?;
+        let image = self.latent_format.process_in(&image)?;
+        if extra <= channels {
+            return Ok(image);
+        }
+        if extra != channels + FLUX_MASK_CHANNELS {
+            return Err(ConditioningError::ExtraChannels(extra));
+        }
+        let mask = match (&entry.inpaint, latent.denoise_mask) {
+            (Some(inpaint), _) => inpaint.mask_channel(&self.device)?,
+            (None, Some(denoise_mask)) => denoise_mask.mean_keepdim(1)?,
+            (None, None) => Tensor::ones((batch, 1, height, width), DType::F32, &self.device)?,
+        };
+        let mask = resize_centered(&mask, height * 8, width * 8)?;
+        let mask_batch = mask.dim(0)?;
+        let mask = mask
+            .reshape((mask_batch, height, 8, width, 8))?
+            .permute((0, 2, 4, 1, 3))?
+            .reshape((mask_batch, FLUX_MASK_CHANNELS, height, width))?;
+        let mask = resize_to_batch(&mask, batch)?;
+        Ok(Tensor::cat(&[&image, &mask], 1)?)
+    }
+
+    /// The class-conditioning vector `y` of an entry, [1, adm] (ComfyUI's `encode_adm`): for SDXL
+    /// the pooled text vector and the embedded sizes, for the refiner the sizes and the
+    /// aesthetic score (6 on the positive side, 2.5 on the negative one by default), for FLUX the
+    /// pooled vector itself; `None` for models without class conditioning. `latent_size` is the
+    /// latent's (height, width).
+    pub fn class_conditioning(
+        &self,
+        entry: &CondEntry,
+        negative: bool,
+        latent_size: (usize, usize),
+    ) -> Result<Option<Tensor>, ConditioningError> {
+        let unet = match &self.network {
+            DiffusionNetwork::UNet(unet) => unet,
+            DiffusionNetwork::Flux(flux) => {
+                let pooled = entry.pooled.as_ref().ok_or(ConditioningError::NoPooledOutput)?;
+                let (found, expected) = (pooled.dim(D::Minus1)?, flux.config().vector_dim);
+                if found < expected {
+                    let family = self.family.name();
+                    return Err(ConditioningError::PooledWidth {
+                        family,
+                        found,
+                        expected,
+                    });
+                }
+                return Ok(Some(pooled.to_device(&self.device)?.to_dtype(DType::F32)?));
+            }
+        };
+        let Some(adm_width) = unet.config().adm_in_channels else {
+            return Ok(None);
+        };
+        let sizes = &entry.sdxl;
+        let height = sizes.height.unwrap_or((latent_size.0 * 8) as f64);
+        let width = sizes.width.unwrap_or((latent_size.1 * 8) as f64);
+        let (crop_w, crop_h) = (sizes.crop_w.unwrap_or(0.0), sizes.crop_h.unwrap_or(0.0));
+        let values = match self.family {
+            Family::SdxlRefiner => {
+                let aesthetic = sizes.aesthetic_score.unwrap_or(if negative { 2.5 } else { 6.0 });
+                vec![height, width, crop_h, crop_w, aesthetic]
+            }
+            _ => vec![
+                height,
+                width,
+                crop_h,
+                crop_w,
+                sizes.target_height.unwrap_or(height),
+                sizes.target_width.unwrap_or(width),
+            ],
+        };
+        let pooled = entry.pooled.as_ref().ok_or(ConditioningError::NoPooledOutput)?;
+        let pooled_width = pooled.dim(D::Minus1)?;
+        let expected = adm_width.saturating_sub(values.len() * SIZE_EMBEDDING_WIDTH);
+        if pooled_width != expected {
+            return Err(ConditioningError::PooledWidth {
+                family: self.family.name(),
+                found: pooled_width,
+                expected,
+            });
+        }
+        let values: Vec<f32> = values.into_iter().map(|v| v as f32).collect();
+        let count = values.len();
+        let sizes = Tensor::from_vec(values, count, &self.device)?;
+        let embedded = timestep_embedding(&sizes, SIZE_EMBEDDING_WIDTH)?.reshape((1, count * SIZE_EMBEDDING_WIDTH))?;
+        let pooled = pooled
+            .to_device(&self.device)?
+            .to_dtype(DType::F32)?
+            .reshape((1, pooled_width))?;
+        Ok(Some(Tensor::cat(&[&pooled, &embedded], 1)?))
+    }
+}
+
+/// `t` ([1, …] or [batch, …]) with `batch` items.
+pub(crate) fn repeat_to_batch(t: &Tensor, batch: usize) -> candle_core::Result<Tensor> {
+    if t.dim(0)? == batch {
+        return Ok(t.clone());
+    }
+    let mut repeats = vec![1; t.rank()];
+    repeats[0] = batch;
+    t.repeat(repeats)
+}
+
+/// ComfyUI's `blank_inpaint_image_like` for SD latents: "zero" pixels in latent space.
+const BLANK_INPAINT_IMAGE: [f32; 4] = [0.8223, -0.6876, 0.6364, 0.1380];
+
+/// `t` [B, C, h, w] resized to `height × width` as `common_upscale(…, "bilinear", "center")`
+/// does (cropped to the aspect ratio first); unchanged when it has that size.
+fn resize_centered(t: &Tensor, height: usize, width: usize) -> Result<Tensor, ConditioningError> {
+    let (_, _, h, w) = t.dims4()?;
+    if (h, w) == (height, width) {
+        return Ok(t.clone());
+    }
+    let image = latents_as_image(t).map_err(|e| ConditioningError::Inpaint(e.to_string()))?;
+    let resized = common_upscale(&image, width, height, ResizeMethod::Bilinear, true, false)
+        .map_err(|e| ConditioningError::Inpaint(e.to_string()))?;
+    image_as_latents(resized, t.device()).map_err(|e| ConditioningError::Inpaint(e.to_string()))
+}
+
+/// ComfyUI's `resize_to_batch_size`: items picked evenly to make `batch` of them.
+fn resize_to_batch(t: &Tensor, batch: usize) -> candle_core::Result<Tensor> {
+    let items = t.dim(0)?;
+    if items == batch {
+        return Ok(t.clone());
+    }
+    let indices: Vec<u32> = if batch <= 1 {
+        (0..batch.min(items) as u32).collect()
+    } else if batch < items {
+        let scale = (items - 1) as f64 / (batch - 1) as f64;
+        (0..batch)
+            .map(|i| ((i as f64 * scale).round_ties_even() as usize).min(items - 1) as u32)
+            .collect()
+    } else {
+        let scale = items as f64 / batch as f64;
+        (0..batch)
+            .map(|i| (((i as f64 + 0.5) * scale).floor() as usize).min(items - 1) as u32)
+            .collect()
+    };
+    let indices = Tensor::new(indices.as_slice(), t.device())?;
+    t.index_select(&indices, 0)
+}
+
+/// What one model call takes besides the latent: the text conditioning, the class
+/// conditioning (SDXL, FLUX), an inpainting model's extra channels and FLUX's guidance
+/// strength ([1]).
+#[derive(Clone)]
+pub(crate) struct ModelInputs {
+    pub(crate) context: Tensor,
+    pub(crate) y: Option<Tensor>,
+    pub(crate) concat: Option<Tensor>,
+    pub(crate) guidance: Option<Tensor>,
+}
+
+/// The latent being sampled, as the conditioning needs it: in model space, and the denoise
+/// mask when sampling is masked.
+pub(crate) struct LatentInputs<'a> {
+    pub(crate) model_space: &'a Tensor,
+    pub(crate) denoise_mask: Option<&'a Tensor>,
+}
+
+/// Width of each embedded size in SDXL's class-conditioning vector.
+const SIZE_EMBEDDING_WIDTH: usize = 256;
+
+/// The MODEL socket.
+#[derive(Clone)]
+pub struct Model(pub Arc<DiffusionModel>);
+
+impl fmt::Debug for Model {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("<ModelPatcher>")
+    }
+}
+
+impl NodeObject for Model {
+    fn type_name(&self) -> &'static str {
+        "MODEL"
+    }
+}

@@ -1,0 +1,23 @@
+//! ComfyUI's `VAE` value: the autoencoder, shared between nodes.
+
+use std::fmt;
+use std::sync::Arc;
+
+use easel_engine::NodeObject;
+use easel_models::architectures::vae::Vae;
+
+/// The VAE socket.
+#[derive(Clone)]
+pub struct VaeModel(pub Arc<Vae>);
+
+impl fmt::Debug for VaeModel {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("<comfy.sd.VAE>")
+    }
+}
+
+impl NodeObject for VaeModel {
+    fn type_name(&self) -> &'static str {
+        "VAE"
+    }
+}

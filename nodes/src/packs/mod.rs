@@ -1,0 +1,11 @@
+//! Nodes of custom-node packs, one module each, named as ComfyUI names the pack's module
+//! (`custom_nodes.<pack>`): [`gguf`] is city96's ComfyUI-GGUF.
+
+pub mod gguf;
+
+use easel_engine::NodeRegistry;
+
+/// Adds the nodes of every pack to `registry`.
+pub fn register(registry: &mut NodeRegistry) {
+    gguf::register(registry);
+}

@@ -1,0 +1,297 @@
+//! Classifier-free guidance as ComfyUI's `CFGGuider` computes it: the conditioning entries active at
+//! each σ (timestep ranges, areas, masks and strengths), batched through the model per side, the
+//! positive and negative predictions combined by the CFG scale (DualCFGGuider's two scales too).
+
+use candle_core::{DType, Tensor, D};
+use easel_models::sampling::samplers::Denoiser;
+
+use crate::conditioning::regions::{same_area_source, LatentArea, ResolvedRegion};
+use crate::conditioning::{CondEntry, Conditioning, ConditioningError, DEFAULT_GUIDANCE};
+use crate::model::diffusion_model::{repeat_to_batch, DiffusionModel, DiffusionNetwork, LatentInputs, ModelInputs};
+
+/// Classifier-free guidance over conditioning lists (ComfyUI's `CFGGuider` with
+/// `sampling_function`): each side is the strength-weighted average of its active entries'
+/// predictions, and `uncond + (cond − uncond)·cfg` combines them. At cfg = 1 the negative side is
+/// not evaluated.
+pub(crate) struct Guider<'a> {
+    pub(crate) model: &'a DiffusionModel,
+    pub(crate) positive: Vec<ActiveEntry>,
+    pub(crate) negative: Vec<ActiveEntry>,
+    pub(crate) cfg: f64,
+    /// DualCFGGuider's middle prompt and its scale.
+    pub(crate) dual: Option<DualSide>,
+}
+
+/// The middle side of DualCFGGuider, ready for the model.
+pub(crate) struct DualSide {
+    pub(crate) middle: Vec<ActiveEntry>,
+    pub(crate) cfg_conds: f64,
+    pub(crate) nested: bool,
+}
+
+/// Python's `math.isclose(value, 1.0)`: ComfyUI skips what a scale of 1 makes unnecessary.
+fn is_one(value: f64) -> bool {
+    (value - 1.0).abs() <= 1e-9 * value.abs().max(1.0)
+}
+
+/// A conditioning entry ready for the model: its inputs on the model's device, its timestep
+/// range turned into σ bounds, and its region resolved against the latent.
+#[derive(Clone)]
+pub(crate) struct ActiveEntry {
+    pub(crate) inputs: ModelInputs,
+    pub(crate) sigma_start: f64,
+    pub(crate) sigma_end: f64,
+    /// The area as the entry asked for it, which same-area entries are matched by.
+    pub(crate) requested_area: Option<LatentArea>,
+    /// Where the prediction is made (the area clamped to the latent; `None`: everywhere) and
+    /// its weight there, [B, C, h, w]; no weight means 1.
+    pub(crate) area: Option<LatentArea>,
+    pub(crate) weight: Option<Tensor>,
+}
+
+impl ActiveEntry {
+    /// `entry` for `model`, on the negative side or not, for `latent`.
+    fn new(
+        entry: &CondEntry,
+        model: &DiffusionModel,
+        negative: bool,
+        latent: &LatentInputs,
+    ) -> Result<Self, ConditioningError> {
+        let shape = latent.model_space.dims();
+        let schedule = &model.schedule;
+        let (sigma_start, sigma_end) = match entry.timestep_range {
+            Some((start, end)) => (schedule.percent_to_sigma(start), schedule.percent_to_sigma(end)),
+            None => (f64::INFINITY, f64::NEG_INFINITY),
+        };
+        let width = entry.cross_attention.dim(D::Minus1)?;
+        let expected = model.network.context_dim();
+        if width != expected {
+            return Err(ConditioningError::ContextWidth {
+                family: model.family.name(),
+                found: width,
+                expected,
+            });
+        }
+        let (latent_height, latent_width) = (shape[2], shape[3]);
+        let region = ResolvedRegion::new(&entry.region, latent_height, latent_width, &model.device)?;
+        let (area, weight) = match region.placement(shape, &model.device)? {
+            Some((area, weight)) => (area, Some(weight)),
+            None => (None, None),
+        };
+        let inputs = ModelInputs {
+            context: entry.cross_attention.to_device(&model.device)?.to_dtype(DType::F32)?,
+            y: model.class_conditioning(entry, negative, (latent_height, latent_width))?,
+            concat: model.inpaint_channels(entry, latent)?,
+            guidance: match model.network {
+                DiffusionNetwork::Flux(_) => Some(Tensor::new(
+                    &[entry.guidance.unwrap_or(DEFAULT_GUIDANCE)],
+                    &model.device,
+                )?),
+                DiffusionNetwork::UNet(_) => None,
+            },
+        };
+        Ok(ActiveEntry {
+            inputs,
+            sigma_start,
+            sigma_end,
+            requested_area: region.area,
+            area,
+            weight,
+        })
+    }
+
+    fn applies_at(&self, sigma: f32) -> bool {
+        let sigma = f64::from(sigma);
+        !(sigma > self.sigma_start || sigma < self.sigma_end)
+    }
+}
+
+/// Gives every entry of `from` that has an area an entry with the same area on the `to` side,
+/// with the text conditioning of the `to` entry that contains it (ComfyUI's
+/// `create_cond_with_same_area_if_none`), so that guidance compares like with like there.
+pub(crate) fn add_same_areas(from: &[ActiveEntry], to: &mut Vec<ActiveEntry>) {
+    for entry in from {
+        let Some(area) = entry.requested_area else {
+            continue;
+        };
+        let areas: Vec<Option<LatentArea>> = to.iter().map(|other| other.requested_area).collect();
+        if let Some(source) = same_area_source(&area, &areas) {
+            let paired = ActiveEntry {
+                inputs: to[source].inputs.clone(),
+                ..entry.clone()
+            };
+            to.push(paired);
+        }
+    }
+}
+
+/// `t` narrowed to `area` on its last two dimensions.
+pub(crate) fn crop(t: &Tensor, area: &LatentArea) -> candle_core::Result<Tensor> {
+    t.narrow(2, area.y, area.height)?.narrow(3, area.x, area.width)
+}
+
+/// `t` (over `area`) placed in zeros of `height × width`.
+fn uncrop(t: &Tensor, area: &LatentArea, height: usize, width: usize) -> candle_core::Result<Tensor> {
+    t.pad_with_zeros(2, area.y, height - area.y - area.height)?
+        .pad_with_zeros(3, area.x, width - area.x - area.width)
+}
+
+impl Guider<'_> {
+    /// One side's prediction (`calc_cond_batch` for one side): every active entry predicts on
+    /// its area, and the predictions are averaged with their weights (counts start at 1e-37).
+    fn predict(&self, entries: &[ActiveEntry], x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+        let (_, _, height, width) = x.dims4()?;
+        let mut sum: Option<Tensor> = None;
+        let mut count: Option<Tensor> = None;
+        for entry in entries.iter().filter(|entry| entry.applies_at(sigma)) {
+            let (input, denoised) = match &entry.area {
+                Some(area) => {
+                    let input = crop(x, area)?;
+                    let inputs = ModelInputs {
+                        concat: entry.inputs.concat.as_ref().map(|c| crop(c, area)).transpose()?,
+                        ..entry.inputs.clone()
+                    };
+                    let denoised = self.model.denoise(&input, sigma, &inputs)?;
+                    (input, denoised)
+                }
+                None => (x.clone(), self.model.denoise(x, sigma, &entry.inputs)?),
+            };
+            let (weighted, weight) = match &entry.weight {
+                Some(weight) => ((denoised * weight)?, weight.clone()),
+                None => (denoised, input.ones_like()?),
+            };
+            let (weighted, weight) = match &entry.area {
+                Some(area) => (
+                    uncrop(&weighted, area, height, width)?,
+                    uncrop(&weight, area, height, width)?,
+                ),
+                None => (weighted, weight),
+            };
+            sum = Some(match sum {
+                Some(sum) => (sum + weighted)?,
+                None => weighted,
+            });
+            count = Some(match count {
+                Some(count) => (count + weight)?,
+                None => weight,
+            });
+        }
+        match (sum, count) {
+            (Some(sum), Some(count)) => sum / (count + 1e-37)?,
+            _ => x.zeros_like(),
+        }
+    }
+}
+
+impl Guider<'_> {
+    /// Both sides' predictions. When each side has one active entry over the whole latent and
+    /// their inputs have the same shapes, they run as one batch, as ComfyUI's `calc_cond_batch`
+    /// does.
+    fn predict_both(&self, x: &Tensor, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
+        let active = |entries: &[ActiveEntry]| -> Vec<usize> {
+            (0..entries.len()).filter(|i| entries[*i].applies_at(sigma)).collect()
+        };
+        if let ([positive], [negative]) = (active(&self.positive).as_slice(), active(&self.negative).as_slice()) {
+            let (positive, negative) = (&self.positive[*positive], &self.negative[*negative]);
+            let whole = positive.weight.is_none() && negative.weight.is_none();
+            let (positive, negative) = (&positive.inputs, &negative.inputs);
+            let same_shape = |p: &Option<Tensor>, n: &Option<Tensor>| match (p, n) {
+                (Some(p), Some(n)) => p.dims()[1..] == n.dims()[1..],
+                (None, None) => true,
+                _ => false,
+            };
+            if whole
+                && positive.context.dims()[1..] == negative.context.dims()[1..]
+                && same_shape(&positive.y, &negative.y)
+                && same_shape(&positive.concat, &negative.concat)
+            {
+                let batch = x.dim(0)?;
+                let both =
+                    |p: &Tensor, n: &Tensor| Tensor::cat(&[repeat_to_batch(p, batch)?, repeat_to_batch(n, batch)?], 0);
+                let both_optional = |p: &Option<Tensor>, n: &Option<Tensor>| match (p, n) {
+                    (Some(p), Some(n)) => both(p, n).map(Some),
+                    _ => Ok(None),
+                };
+                let inputs = ModelInputs {
+                    context: both(&positive.context, &negative.context)?,
+                    y: both_optional(&positive.y, &negative.y)?,
+                    concat: both_optional(&positive.concat, &negative.concat)?,
+                    guidance: both_optional(&positive.guidance, &negative.guidance)?,
+                };
+                let out = self.model.denoise(&Tensor::cat(&[x, x], 0)?, sigma, &inputs)?;
+                return Ok((out.narrow(0, 0, batch)?, out.narrow(0, batch, batch)?));
+            }
+        }
+        Ok((
+            self.predict(&self.positive, x, sigma)?,
+            self.predict(&self.negative, x, sigma)?,
+        ))
+    }
+}
+
+impl Guider<'_> {
+    /// DualCFGGuider's prediction and the one its guidance treats as unconditional. Regular:
+    /// `negative + (middle − negative)·cfg + (positive − middle)·cfg_conds`, the negative side
+    /// not evaluated (zeros) when cfg is 1 and then the middle one neither when cfg_conds is 1
+    /// too; nested: `negative + cfg·(middle + (positive − middle)·cfg_conds − negative)`.
+    fn dual_guided(&self, dual: &DualSide, x: &Tensor, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
+        if dual.nested {
+            let negative = self.predict(&self.negative, x, sigma)?;
+            let middle = self.predict(&dual.middle, x, sigma)?;
+            let positive = self.predict(&self.positive, x, sigma)?;
+            let text = (&middle + ((positive - &middle)? * dual.cfg_conds)?)?;
+            let guided = (&negative + ((text - &negative)? * self.cfg)?)?;
+            return Ok((guided, middle));
+        }
+        let skip_negative = is_one(self.cfg);
+        let skip_middle = skip_negative && is_one(dual.cfg_conds);
+        let negative = match skip_negative {
+            true => x.zeros_like()?,
+            false => self.predict(&self.negative, x, sigma)?,
+        };
+        let middle = match skip_middle {
+            true => x.zeros_like()?,
+            false => self.predict(&dual.middle, x, sigma)?,
+        };
+        let positive = self.predict(&self.positive, x, sigma)?;
+        let between = (&negative + ((&middle - &negative)? * self.cfg)?)?;
+        let guided = (between + ((positive - &middle)? * dual.cfg_conds)?)?;
+        Ok((guided, negative))
+    }
+}
+
+impl Denoiser for Guider<'_> {
+    fn denoise(&mut self, x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+        if let Some(dual) = &self.dual {
+            return Ok(self.dual_guided(dual, x, sigma)?.0);
+        }
+        if is_one(self.cfg) {
+            return self.predict(&self.positive, x, sigma);
+        }
+        let (cond, uncond) = self.predict_both(x, sigma)?;
+        &uncond + ((cond - &uncond)? * self.cfg)?
+    }
+
+    fn denoise_with_uncond(&mut self, x: &Tensor, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
+        if let Some(dual) = &self.dual {
+            return self.dual_guided(dual, x, sigma);
+        }
+        let (cond, uncond) = self.predict_both(x, sigma)?;
+        let guided = (&uncond + ((cond - &uncond)? * self.cfg)?)?;
+        Ok((guided, uncond))
+    }
+}
+
+/// The entries of one side of guidance, ready for `model` and `latent`.
+pub(crate) fn entries(
+    conditioning: &Conditioning,
+    model: &DiffusionModel,
+    negative: bool,
+    latent: &LatentInputs,
+) -> Result<Vec<ActiveEntry>, ConditioningError> {
+    conditioning
+        .0
+        .iter()
+        .map(|entry| ActiveEntry::new(entry, model, negative, latent))
+        .collect()
+}
