@@ -165,6 +165,11 @@ pub trait RhsSource {
     fn as_f32(&self) -> Option<F32Matrix<'_>> {
         None
     }
+
+    /// The matrix as a strided view of its elements, where it is one.
+    fn as_view(&self) -> Option<View<'_>> {
+        None
+    }
 }
 
 impl RhsSource for View<'_> {
@@ -200,6 +205,10 @@ impl RhsSource for View<'_> {
                 }
             }
         }
+    }
+
+    fn as_view(&self) -> Option<View<'_>> {
+        Some(*self)
     }
 
     fn as_f32(&self) -> Option<F32Matrix<'_>> {
@@ -316,12 +325,30 @@ impl F32Matrix<'_> {
 }
 
 /// Runs `f` on `source` as f32 data: in place where it is, else written out whole into the
-/// thread's buffer `key`.
+/// thread's buffer `key`. A dense strided view (row- or column-major) is widened element for
+/// element with its strides kept, so that the portable GEMM sees the layout an f32 copy of it
+/// would have and sums in the same order: half-precision operands give exactly the product of
+/// their f32 widenings.
 fn in_f32<R>(key: &'static LocalKey<RefCell<Vec<f32>>>, source: &impl RhsSource, f: impl FnOnce(F32Matrix) -> R) -> R {
     if let Some(matrix) = source.as_f32() {
         return f(matrix);
     }
     let (rows, cols) = (source.rows(), source.cols());
+    if let Some(view) = source.as_view() {
+        let span = (rows - 1) * view.row_stride + (cols - 1) * view.col_stride + 1;
+        if span == rows * cols {
+            return with_scratch(key, span, |data| {
+                view.data.read(0, 1, data);
+                f(F32Matrix {
+                    data,
+                    rows,
+                    cols,
+                    row_stride: view.row_stride,
+                    col_stride: view.col_stride,
+                })
+            });
+        }
+    }
     with_scratch(key, rows * cols, |data| {
         source.read_block(0, rows, 0, cols, data, cols);
         f(F32Matrix {
