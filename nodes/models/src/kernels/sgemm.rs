@@ -132,6 +132,17 @@ impl<'a> View<'a> {
         }
     }
 
+    /// This view's shape and strides over f32 `data` (the elements themselves, or a widened copy).
+    fn with_f32<'d>(&self, data: &'d [f32]) -> F32Matrix<'d> {
+        F32Matrix {
+            data,
+            rows: self.rows,
+            cols: self.cols,
+            row_stride: self.row_stride,
+            col_stride: self.col_stride,
+        }
+    }
+
     fn fits(&self) -> bool {
         self.rows == 0
             || self.cols == 0
@@ -159,11 +170,6 @@ pub trait RhsSource {
         for p in 0..rows {
             self.read_row(row + p, col, &mut block[p * width..p * width + cols]);
         }
-    }
-
-    /// The matrix in place, where it is f32 data.
-    fn as_f32(&self) -> Option<F32Matrix<'_>> {
-        None
     }
 
     /// The matrix as a strided view of its elements, where it is one.
@@ -209,19 +215,6 @@ impl RhsSource for View<'_> {
 
     fn as_view(&self) -> Option<View<'_>> {
         Some(*self)
-    }
-
-    fn as_f32(&self) -> Option<F32Matrix<'_>> {
-        match self.data {
-            Elements::F32(data) => Some(F32Matrix {
-                data,
-                rows: self.rows,
-                cols: self.cols,
-                row_stride: self.row_stride,
-                col_stride: self.col_stride,
-            }),
-            _ => None,
-        }
     }
 }
 
@@ -324,28 +317,22 @@ impl F32Matrix<'_> {
     }
 }
 
-/// Runs `f` on `source` as f32 data: in place where it is, else written out whole into the
-/// thread's buffer `key`. A dense strided view (row- or column-major) is widened element for
-/// element with its strides kept, so that the portable GEMM sees the layout an f32 copy of it
-/// would have and sums in the same order: half-precision operands give exactly the product of
-/// their f32 widenings.
+/// Runs `f` on `source` as f32 data: an f32 view in place; a dense view (row- or column-major)
+/// of other elements widened element for element with its strides kept, so that the portable
+/// GEMM sees the layout an f32 copy of it would have and sums in the same order (half-precision
+/// operands give exactly the product of their f32 widenings); anything else written out whole,
+/// row-major, into the thread's buffer `key`.
 fn in_f32<R>(key: &'static LocalKey<RefCell<Vec<f32>>>, source: &impl RhsSource, f: impl FnOnce(F32Matrix) -> R) -> R {
-    if let Some(matrix) = source.as_f32() {
-        return f(matrix);
-    }
     let (rows, cols) = (source.rows(), source.cols());
     if let Some(view) = source.as_view() {
+        if let Elements::F32(data) = view.data {
+            return f(view.with_f32(data));
+        }
         let span = (rows - 1) * view.row_stride + (cols - 1) * view.col_stride + 1;
         if span == rows * cols {
             return with_scratch(key, span, |data| {
                 view.data.read(0, 1, data);
-                f(F32Matrix {
-                    data,
-                    rows,
-                    cols,
-                    row_stride: view.row_stride,
-                    col_stride: view.col_stride,
-                })
+                f(view.with_f32(data))
             });
         }
     }
