@@ -3,7 +3,7 @@
 //! - [`diffusion_model`]: MODEL, a diffusion network with its prediction type, σ schedule,
 //!   latent format and the inputs each family's network takes;
 //! - [`clip`]: CLIP, the text encoders of a model with their tokenizers and options;
-//! - [`vae`]: VAE;
+//! - [`vae`]: VAE, the autoencoder;
 //! - [`nodes`]: ModelSamplingDiscrete, ModelSamplingFlux (`advanced/model`), DifferentialDiffusion.
 //!
 //! The networks themselves are in `easel_models::architectures`.
