@@ -22,7 +22,9 @@ const FIELD_KINDS = {
 const page = {
   clientId: newId(),
   workflows: [],
-  /** Input specs by node class, from /object_info. */
+  /** The workflow whose form is shown; null while a form is being built. */
+  form: null,
+  /** Promises of the input specs by node class, from /object_info. */
   schemas: {},
   /** The prompt this page queued and is following: {id, prompt, images, started}. */
   job: null,
@@ -31,6 +33,16 @@ const page = {
   /** An image pasted into the page, used where the image field is empty. */
   pastedImage: null,
 };
+
+/** How many renders of each part of the page have started. */
+const renders = {};
+
+/** Starts a render of a part of the page; the function it returns says whether it is still the
+ * latest one. A render checks it after each await and, once superseded, leaves the page alone. */
+function newRender(part) {
+  const generation = (renders[part] = (renders[part] ?? 0) + 1);
+  return () => renders[part] === generation;
+}
 
 function newId() {
   if (globalThis.crypto?.randomUUID) return crypto.randomUUID();
@@ -73,11 +85,9 @@ function fieldsOf(prompt) {
 
 /** `[type, options]` of a node input from /object_info, fetched once per class. */
 async function inputSpec(classType, input) {
-  if (!(classType in page.schemas)) {
-    const info = await getJson(`/object_info/${encodeURIComponent(classType)}`).catch(() => ({}));
-    page.schemas[classType] = info[classType]?.input ?? {};
-  }
-  const inputs = page.schemas[classType];
+  page.schemas[classType] ??= getJson(`/object_info/${encodeURIComponent(classType)}`)
+    .then((info) => info[classType]?.input ?? {}, () => ({}));
+  const inputs = await page.schemas[classType];
   return inputs.required?.[input] ?? inputs.optional?.[input] ?? [];
 }
 
@@ -132,13 +142,19 @@ async function controlFor(field) {
   return wrapper;
 }
 
+/** Shows the form of a workflow, built apart and put in place in one step, unless another
+ * workflow was chosen while its specs were being fetched. */
 async function showWorkflow(name) {
+  const current = newRender('form');
   const workflow = page.workflows.find((w) => w.name === name);
-  const container = $('#fields');
-  container.replaceChildren();
+  $('#fields').replaceChildren();
+  page.form = null;
   page.pastedImage = null;
   if (!workflow) return;
-  for (const field of fieldsOf(workflow.prompt)) container.append(await controlFor(field));
+  const controls = await Promise.all(fieldsOf(workflow.prompt).map(controlFor));
+  if (!current()) return;
+  $('#fields').replaceChildren(...controls);
+  page.form = workflow;
   const path = new URL(location);
   path.hash = name;
   history.replaceState(null, '', path);
@@ -203,14 +219,15 @@ async function buildPrompt(workflow) {
       }
       if (control.value === '' || Number.isNaN(Number(control.value))) throw new Error(`${FIELD_KINDS[field.kind].label} must be a number`);
       set(field, Number(control.value));
-    } else if (field.kind === 'image') {
-      if (imageFile) set(field, await upload(maskFile ? await withMask(imageFile, maskFile) : imageFile));
     } else if (field.kind === 'mask') {
       if (maskFile && !imageFile) throw new Error('A mask needs an input image');
-    } else {
+    } else if (field.kind !== 'image') {
       set(field, control.value);
     }
   }
+  // The upload comes after every field is read: another workflow's form may be shown by its end.
+  const imageField = fields.find((field) => field.kind === 'image');
+  if (imageField && imageFile) set(imageField, await upload(maskFile ? await withMask(imageFile, maskFile) : imageFile));
   return prompt;
 }
 
@@ -228,7 +245,7 @@ function describeRejection(body, prompt) {
 async function generate(event) {
   event.preventDefault();
   showError('');
-  const workflow = page.workflows.find((w) => w.name === $('#workflow').value);
+  const workflow = page.form;
   if (!workflow) return;
   const button = $('#run');
   button.disabled = true;
@@ -264,8 +281,9 @@ function startJob(id, prompt) {
 async function updateQueuePosition() {
   const job = page.job;
   if (!job || job.started) return;
+  const current = newRender('queue');
   const queue = await getJson('/queue').catch(() => null);
-  if (!queue || page.job !== job || job.started) return;
+  if (!queue || !current() || page.job !== job || job.started) return;
   const running = queue.queue_running.some((item) => item[1] === job.id);
   const pending = [...queue.queue_pending].sort((a, b) => a[0] - b[0]);
   const index = pending.findIndex((item) => item[1] === job.id);
@@ -423,7 +441,9 @@ function connect() {
 // ---- History ----------------------------------------------------------------------------------
 
 async function loadHistory() {
+  const current = newRender('history');
   const history = await getJson('/history?max_items=48').catch(() => ({}));
+  if (!current()) return;
   const gallery = $('#gallery');
   gallery.replaceChildren();
   for (const [id, entry] of Object.entries(history).reverse()) {

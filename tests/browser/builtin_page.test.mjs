@@ -1,7 +1,8 @@
 // The built-in page through a full generation, as a person uses it: pick a workflow, change the
 // prompt and the seed, upload an input image, run; the queue position, the node and step
 // progress, the live previews and the result with its download link appear; the history gallery
-// lists the run and deletes it.
+// lists the run and deletes it. A workflow chosen while the form of another is being built
+// replaces it.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -63,6 +64,53 @@ test('the built-in page makes a picture and keeps it in history', { timeout: 180
       await card.getByRole('button', { name: /^Delete/ }).click();
       await card.waitFor({ state: 'detached' });
       assert.deepEqual(await (await fetch(`${easel.url}/history`)).json(), {});
+      assert.deepEqual(problems, []);
+    });
+  });
+});
+
+test('the built-in page shows only the form of the workflow chosen last, however its renders interleave', { timeout: 60000 }, async () => {
+  await withEasel([], async (easel) => {
+    await withPage('built-in-page-switch', async (page, problems) => {
+      // /object_info answers wait until the test lets them through, so renders stay in flight.
+      const held = [];
+      let holding = true;
+      const inFlight = new Set();
+      page.on('request', (request) => request.url().includes('/object_info') && inFlight.add(request));
+      for (const event of ['requestfinished', 'requestfailed']) page.on(event, (request) => inFlight.delete(request));
+      await page.route('**/object_info/**', (route) => (holding ? held.push(route) : route.continue()));
+
+      // The first render (sd15_txt2img) waits for its schemas; another workflow is chosen before
+      // any of them arrives.
+      await page.goto(`${easel.url}/easel/#sd15_txt2img`);
+      while (held.length === 0) await new Promise((r) => setTimeout(r, 20));
+      await page.selectOption('#workflow', 'sdxl_img2img');
+      // One answer goes through, then a third workflow is chosen while the first two still render.
+      const first = held.shift();
+      const answered = page.waitForEvent('requestfinished', (request) => request === first.request());
+      await first.continue();
+      await answered;
+      assert.ok(held.length > 0, 'the renders are still waiting');
+      await page.selectOption('#workflow', 'flux_schnell_txt2img');
+      holding = false;
+      await Promise.all(held.splice(0).map((route) => route.continue()));
+      // Every render has had all its answers, and the time to show them.
+      await page.waitForFunction(() => location.hash === '#flux_schnell_txt2img');
+      while (inFlight.size > 0) await new Promise((r) => setTimeout(r, 50));
+      await page.waitForTimeout(300);
+
+      const kinds = ['model', 'prompt', 'negative_prompt', 'width', 'height', 'steps', 'seed', 'denoise'];
+      for (const kind of kinds) assert.equal(await page.locator(`#field-${kind}`).count(), 1, kind);
+      assert.equal(await page.locator('#fields > div').count(), kinds.length);
+      assert.equal(await page.locator('#random-seed').count(), 1);
+      assert.equal(await page.locator('#field-image').count(), 0);
+      assert.equal(await page.inputValue('#workflow'), 'flux_schnell_txt2img');
+      assert.equal(await page.inputValue('#field-model'), 'easel_tiny_flux_schnell.safetensors');
+      const models = await page.locator('#field-model option').allTextContents();
+      assert.ok(!models.includes('easel_tiny_sd1.safetensors') && !models.includes('easel_tiny_sdxl.safetensors'), models.join());
+      assert.equal(await page.inputValue('#field-prompt'), 'a (small:1.2) bird in a garden at sunset');
+      assert.equal(await page.inputValue('#field-height'), '48');
+      assert.equal(await page.inputValue('#field-seed'), '11');
       assert.deepEqual(problems, []);
     });
   });
