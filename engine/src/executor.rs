@@ -235,7 +235,7 @@ impl Executor {
             }
         }
         if stop.is_none() && list.remaining() > 0 {
-            let node = list.take_next().unwrap_or_default();
+            let node = list.first_blocked().unwrap_or_default();
             let error = NodeError::typed("graph.DependencyCycleError", "Dependency cycle detected");
             stop = Some(Stop::Failed {
                 node,

@@ -5,7 +5,7 @@
 //!   [`ui_workflow`] turns a workflow saved in the frontend's UI format into one;
 //! - [`schema`] and [`node`]: what a node declares (its `/object_info` entry) and what it runs;
 //! - [`registry`]: every known node class by name;
-//! - [`validate`]: ComfyUI's `validate_prompt`, with its exact error objects;
+//! - [`validate`]: ComfyUI's `validate_prompt`, with its exact error objects ([`node_errors`]);
 //! - [`graph`], [`schedule`] and [`cache`]: the link DAG, ComfyUI's execution order and its output cache;
 //! - [`executor`]: runs a validated prompt and reports [`events`];
 //! - [`pyjson`]: Python-compatible JSON text and value formatting, for byte-exact output.
@@ -17,6 +17,7 @@ pub mod events;
 pub mod executor;
 pub mod graph;
 pub mod node;
+pub mod node_errors;
 pub mod prompt;
 pub mod pyjson;
 pub mod registry;
@@ -30,6 +31,7 @@ pub use cache::CacheMode;
 pub use events::{Event, EventSink};
 pub use executor::{ExecutionOutcome, ExecutionStatus, Executor};
 pub use node::{call_standalone, Interrupt, Node, NodeContext, NodeError, NodeInputs, NodeOutput, Preview, Services};
+pub use node_errors::NodeErrors;
 pub use prompt::{NodeId, Prompt, PromptError};
 pub use registry::NodeRegistry;
 pub use schema::{HiddenInput, InputSpec, IoType, NodeSchema, OutputSpec, SchemaStyle};

@@ -23,6 +23,7 @@ pub struct ExecutionList {
     blocks: Vec<Vec<usize>>,
     class: Vec<usize>,
     ready: [BTreeSet<usize>; CLASSES],
+    completed: Vec<bool>,
     remaining: usize,
 }
 
@@ -42,6 +43,7 @@ impl ExecutionList {
             blocks: Vec::new(),
             class: Vec::new(),
             ready: Default::default(),
+            completed: Vec::new(),
             remaining: 0,
         };
         for output in outputs {
@@ -65,6 +67,7 @@ impl ExecutionList {
             }
         }
         list.remaining = list.nodes.len();
+        list.completed = vec![false; list.nodes.len()];
         list
     }
 
@@ -112,6 +115,7 @@ impl ExecutionList {
         let Some(&node) = self.position.get(id) else {
             return;
         };
+        self.completed[node] = true;
         self.remaining = self.remaining.saturating_sub(1);
         for i in 0..self.blocks[node].len() {
             let reader = self.blocks[node][i];
@@ -125,6 +129,14 @@ impl ExecutionList {
     /// Nodes not completed yet.
     pub fn remaining(&self) -> usize {
         self.remaining
+    }
+
+    /// The node ComfyUI blames when nothing is ready but nodes remain: the first added of those
+    /// still waiting, which lie on a dependency cycle or after one (`get_nodes_in_cycle` keeps
+    /// them all, in the order they were added).
+    pub fn first_blocked(&self) -> Option<NodeId> {
+        let blocked = (0..self.nodes.len()).find(|&node| !self.completed[node] && self.waiting_on[node] > 0)?;
+        Some(self.nodes[blocked].clone())
     }
 }
 

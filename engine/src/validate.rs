@@ -8,6 +8,7 @@
 //! into the prompt, which is what gets queued and stored.
 
 use crate::node::Services;
+use crate::node_errors::NodeErrors;
 use crate::prompt::{as_link, NodeId, Prompt};
 use crate::pyjson::{py_repr, py_str, str_repr};
 use crate::registry::NodeRegistry;
@@ -25,22 +26,27 @@ pub struct ValidatedPrompt {
     /// The output nodes that passed, in prompt order.
     pub outputs_to_execute: Vec<NodeId>,
     /// Errors of the outputs that failed, as ComfyUI reports them next to a queued prompt.
-    pub node_errors: Json,
+    pub node_errors: NodeErrors,
 }
 
-/// A rejected prompt: `400 {"error": …, "node_errors": …}`.
-#[derive(Debug, Clone, PartialEq)]
+/// A rejected prompt: `400 {"error": …, "node_errors": …}` (its serialization is the body).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ValidationFailure {
     pub error: Json,
-    pub node_errors: Json,
+    pub node_errors: NodeErrors,
 }
 
 impl ValidationFailure {
-    fn prompt_level(error_type: &str, message: &str, details: String) -> Self {
+    pub fn prompt_level(error_type: &str, message: &str, details: String) -> Self {
         ValidationFailure {
             error: json!({"type": error_type, "message": message, "details": details, "extra_info": {}}),
-            node_errors: json!({}),
+            node_errors: NodeErrors::default(),
         }
+    }
+
+    /// A prompt refused as a whole, with ComfyUI's `invalid_prompt` error.
+    pub fn invalid_prompt(message: String) -> Self {
+        Self::prompt_level("invalid_prompt", &message, String::new())
     }
 
     /// A request body without a `"prompt"` key.
@@ -48,9 +54,9 @@ impl ValidationFailure {
         Self::prompt_level("no_prompt", "No prompt provided", "No prompt provided".into())
     }
 
-    /// The response body.
+    /// The response body as a JSON value.
     pub fn to_json(&self) -> Json {
-        json!({"error": self.error, "node_errors": self.node_errors})
+        json!({"error": self.error, "node_errors": self.node_errors.to_json()})
     }
 }
 
@@ -111,7 +117,9 @@ pub fn validate_prompt(
     };
     let mut good_outputs = Vec::new();
     let mut failed_outputs: Vec<(NodeId, Vec<Json>)> = Vec::new();
-    let mut node_errors = Map::new();
+    let mut node_errors = NodeErrors::default();
+    // Nodes validated before this index have been looked at for errors of their own.
+    let mut charged_up_to = 0;
     for output in &outputs {
         let (valid, reasons) = match validator.validate_from(output) {
             Ok(result) => result,
@@ -131,22 +139,21 @@ pub fn validate_prompt(
             continue;
         }
         failed_outputs.push((output.clone(), reasons));
-        // As ComfyUI does: every node validated so far that has errors of its own is charged to this output.
-        for (node_id, (node_valid, node_reasons)) in &validator.validated {
-            if *node_valid || node_reasons.is_empty() {
-                continue;
-            }
-            let entry = node_errors.entry(node_id.clone()).or_insert_with(|| {
-                json!({
-                    "errors": node_reasons,
-                    "dependent_outputs": [],
-                    "class_type": validator.prompt.class_type_value(node_id).cloned().unwrap_or(Json::Null),
-                })
+        // As ComfyUI does: every node validated so far that has errors of its own is charged to
+        // this output (those charged before are charged again by `NodeErrors`).
+        let newly_validated = validator.validated.get_range(charged_up_to..).into_iter().flatten();
+        let new_nodes = newly_validated
+            .filter(|(_, (node_valid, node_reasons))| !*node_valid && !node_reasons.is_empty())
+            .map(|(node_id, (_, node_reasons))| {
+                let class_type = validator
+                    .prompt
+                    .class_type_value(node_id)
+                    .cloned()
+                    .unwrap_or(Json::Null);
+                (node_id.clone(), node_reasons.clone(), class_type)
             });
-            if let Some(Json::Array(dependents)) = entry.get_mut("dependent_outputs") {
-                dependents.push(json!(output));
-            }
-        }
+        node_errors.charge(output.clone(), new_nodes.collect::<Vec<_>>());
+        charged_up_to = validator.validated.len();
     }
 
     if good_outputs.is_empty() {
@@ -162,13 +169,13 @@ pub fn validate_prompt(
                 "details": lines.join("\n"),
                 "extra_info": {},
             }),
-            node_errors: Json::Object(node_errors),
+            node_errors,
         });
     }
     Ok(ValidatedPrompt {
         prompt: validator.prompt,
         outputs_to_execute: good_outputs,
-        node_errors: Json::Object(node_errors),
+        node_errors,
     })
 }
 

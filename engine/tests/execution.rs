@@ -359,3 +359,20 @@ fn a_100000_node_chain_executes_without_overflow() {
     assert_eq!(outcome.status, ExecutionStatus::Success);
     assert_eq!(outcome.outputs["out"], json!({"text": ["100000"]}));
 }
+
+#[test]
+fn a_cycle_through_an_undeclared_input_fails_naming_a_node_on_it() {
+    let mut h = Harness::new(CacheMode::Classic);
+    // `extra` is no input of Add or Int: validation does not follow it, the schedule does.
+    let (outcome, events) = h.run(json!({
+        "1": {"class_type": "Int", "inputs": {"value": 1, "extra": ["2", 0]}},
+        "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": ["1", 0]}},
+        "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}}
+    }));
+    assert_eq!(outcome.status, ExecutionStatus::Error);
+    let error = &of_kind(&events, "execution_error")[0];
+    assert_eq!(error["exception_type"], "graph.DependencyCycleError");
+    // As ComfyUI: the first node added of those left waiting (the output, after the cycle).
+    assert_eq!(error["node_id"], "3");
+    assert_eq!(error["node_type"], "Show");
+}

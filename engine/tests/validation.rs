@@ -75,7 +75,7 @@ fn cycles_and_self_links_are_errors_not_hangs() {
         "3": {"class_type": "Show", "inputs": {"value": ["1", 0]}}
     }))
     .unwrap_err();
-    let errors = &err.node_errors["2"]["errors"][0];
+    let errors = &err.node_errors.to_json()["2"]["errors"][0];
     assert_eq!(errors["type"], "exception_during_inner_validation");
     assert_eq!(errors["extra_info"]["exception_type"], "DependencyCycleError");
     assert!(errors["details"]
@@ -86,7 +86,7 @@ fn cycles_and_self_links_are_errors_not_hangs() {
     // Show has no outputs, so its self-link fails on the slot, as in ComfyUI.
     let err = validate(json!({"1": {"class_type": "Show", "inputs": {"value": ["1", 0]}}})).unwrap_err();
     assert_eq!(
-        err.node_errors["1"]["errors"][0]["extra_info"]["exception_type"],
+        err.node_errors.to_json()["1"]["errors"][0]["extra_info"]["exception_type"],
         "IndexError"
     );
 
@@ -96,7 +96,7 @@ fn cycles_and_self_links_are_errors_not_hangs() {
     }))
     .unwrap_err();
     assert_eq!(
-        err.node_errors["1"]["errors"][0]["extra_info"]["exception_type"],
+        err.node_errors.to_json()["1"]["errors"][0]["extra_info"]["exception_type"],
         "DependencyCycleError"
     );
 }
@@ -109,13 +109,14 @@ fn bad_links_are_reported_like_comfyui() {
         "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}}
     }))
     .unwrap_err();
-    let errors = err.node_errors["2"]["errors"].as_array().unwrap();
+    let node_errors = err.node_errors.to_json();
+    let errors = node_errors["2"]["errors"].as_array().unwrap();
     assert_eq!(errors.len(), 2);
     assert!(errors.iter().all(|e| e["type"] == "bad_linked_input"));
-    assert_eq!(err.node_errors["2"]["dependent_outputs"], json!(["3"]));
+    assert_eq!(err.node_errors.to_json()["2"]["dependent_outputs"], json!(["3"]));
 
     let err = validate(json!({"3": {"class_type": "Show", "inputs": {"value": ["9", 0]}}})).unwrap_err();
-    let error = &err.node_errors["3"]["errors"][0];
+    let error = &err.node_errors.to_json()["3"]["errors"][0];
     assert_eq!(error["type"], "exception_during_validation");
     assert_eq!(error["details"], "'9'");
     assert_eq!(err.error["details"], "Exception when validating node: '9'");
@@ -126,7 +127,7 @@ fn bad_links_are_reported_like_comfyui() {
     }))
     .unwrap_err();
     assert_eq!(
-        err.node_errors["3"]["errors"][0]["extra_info"]["exception_type"],
+        err.node_errors.to_json()["3"]["errors"][0]["extra_info"]["exception_type"],
         "TypeError"
     );
 }
@@ -155,8 +156,11 @@ fn partial_success_and_targets() {
     });
     let ok = validate(prompt.clone()).unwrap();
     assert_eq!(ok.outputs_to_execute, ["2"]);
-    assert_eq!(ok.node_errors["3"]["errors"][0]["type"], "required_input_missing");
-    assert_eq!(ok.node_errors["3"]["dependent_outputs"], json!(["3"]));
+    assert_eq!(
+        ok.node_errors.to_json()["3"]["errors"][0]["type"],
+        "required_input_missing"
+    );
+    assert_eq!(ok.node_errors.to_json()["3"]["dependent_outputs"], json!(["3"]));
 
     let nodes = test_nodes();
     let targets = vec!["3".to_string()];
@@ -187,7 +191,7 @@ fn range_and_type_errors_use_python_formatting() {
     }))
     .unwrap_err();
     assert_eq!(
-        err.node_errors["1"]["errors"][0]["message"],
+        err.node_errors.to_json()["1"]["errors"][0]["message"],
         "Value 1000000000 bigger than max of 1000"
     );
     let err = validate(json!({
@@ -196,7 +200,7 @@ fn range_and_type_errors_use_python_formatting() {
     }))
     .unwrap_err();
     assert_eq!(
-        err.node_errors["1"]["errors"][0]["details"],
+        err.node_errors.to_json()["1"]["errors"][0]["details"],
         "value, None, int() argument must be a string, a bytes-like object or a real number, not 'NoneType'"
     );
 }

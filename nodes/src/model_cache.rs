@@ -1,16 +1,54 @@
 //! Loaded models shared between nodes and prompts: a file is loaded once and kept while it fits
 //! in a memory budget, least recently used first out. `/free` empties it.
+//!
+//! Weights stay memory-mapped, so a model file must not be rewritten in place while a prompt uses
+//! it (reading a truncated mapping kills the process). A file replaced between prompts is noticed
+//! by its [`FileVersion`] and loaded again, here and in the loaders' fingerprints.
 
 use std::any::Any;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+/// What tells one version of a file from another: its size, modification time and inode. Copying
+/// another file over it, or renaming a new one onto its name, changes at least one of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileVersion {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+impl FileVersion {
+    /// The version of the file at `path` now (`None` when it cannot be read).
+    pub fn of(path: &Path) -> Option<Self> {
+        let metadata = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&metadata);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some(FileVersion {
+            len: metadata.len(),
+            modified: metadata.modified().ok(),
+            inode,
+        })
+    }
+
+    /// The version as JSON, for fingerprints: `[size, modified ns, inode]`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let modified = self
+            .modified
+            .and_then(|time| time.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|since| since.as_nanos().to_string());
+        serde_json::json!([self.len, modified, self.inode])
+    }
+}
+
 /// Identifies one loaded part of one file version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct CacheKey {
     path: PathBuf,
-    modified: Option<SystemTime>,
+    version: Option<FileVersion>,
     part: &'static str,
 }
 
@@ -52,10 +90,9 @@ impl ModelCache {
     where
         T: Any + Send + Sync,
     {
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
         let key = CacheKey {
             path: path.to_path_buf(),
-            modified,
+            version: FileVersion::of(path),
             part,
         };
         if let Some(found) = self.lookup::<T>(&key) {
@@ -154,5 +191,32 @@ mod tests {
         assert_eq!(*cache.get_or_load(&b, "unet", load(7)).unwrap(), 7, "b was evicted");
         cache.clear();
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn a_file_replaced_on_disk_is_loaded_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        std::fs::write(&path, "first version").unwrap();
+        let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let cache = ModelCache::new(100);
+        let load = |value: u32| move || Ok::<_, ()>((value, 10));
+        // Writes `text` to `file` with the first version's modification time, as `cp -p` keeps it.
+        let write_as_first = |file: &Path, text: &str| {
+            std::fs::write(file, text).unwrap();
+            let written = std::fs::File::options().write(true).open(file).unwrap();
+            written.set_modified(modified).unwrap();
+        };
+        assert_eq!(*cache.get_or_load(&path, "unet", load(1)).unwrap(), 1);
+        // `cp` over it: same inode, another size.
+        write_as_first(&path, "second");
+        assert_eq!(*cache.get_or_load(&path, "unet", load(2)).unwrap(), 2);
+        // A new file renamed onto the name: same size and time, another inode.
+        let other = dir.path().join("other");
+        write_as_first(&other, "second");
+        std::fs::rename(&other, &path).unwrap();
+        assert_eq!(*cache.get_or_load(&path, "unet", load(3)).unwrap(), 3);
+        assert_eq!(*cache.get_or_load(&path, "unet", load(4)).unwrap(), 3);
+        assert_eq!(cache.len(), 1, "the older versions were dropped");
     }
 }

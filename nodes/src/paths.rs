@@ -377,6 +377,48 @@ pub fn split_annotation(name: &str) -> (&str, Option<&'static str>) {
     (name, None)
 }
 
+/// Writes `bytes` to `path` through a temporary file in the same folder, renamed over the name: a
+/// full disk leaves no truncated file (the temporary one is removed), readers never see a partial
+/// one, and a symlink at `path` is replaced instead of followed out of its folder.
+pub fn write_replacing(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut file = tempfile::Builder::new()
+        .prefix(".easel-")
+        .suffix(".part")
+        .tempfile_in(folder)?;
+    file.write_all(bytes)?;
+    file.as_file().sync_data()?;
+    file.persist(path).map_err(|error| error.error)?;
+    Ok(())
+}
+
+/// Whether `path`, once created, lies inside `base` (which may not exist yet either), symlinks
+/// resolved. For checking before creating anything: both are resolved as far as they exist, the
+/// plain names below that appended.
+pub fn contained_once_created(base: &Path, path: &Path) -> bool {
+    match (resolved_as_far_as_exists(base), resolved_as_far_as_exists(path)) {
+        (Some(base), Some(path)) => path.starts_with(base),
+        _ => false,
+    }
+}
+
+/// `path` with its nearest existing ancestor resolved (symlinks, `..`) and the rest appended.
+fn resolved_as_far_as_exists(path: &Path) -> Option<PathBuf> {
+    let mut existing = path;
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(resolved) = existing.canonicalize() {
+            return Some(rest.iter().rev().fold(resolved, |path, part| path.join(part)));
+        }
+        rest.push(existing.file_name()?);
+        existing = existing.parent()?;
+    }
+}
+
 /// A client-given relative path, if it has no root, no `..` and no drive.
 pub fn safe_relative(name: &str) -> Option<PathBuf> {
     let path = Path::new(name);

@@ -217,7 +217,7 @@ fn load_image_validation_and_fingerprint() {
         )
         .unwrap_err();
         assert_eq!(
-            err.node_errors["1"]["errors"][0],
+            err.node_errors.to_json()["1"]["errors"][0],
             json!({"type": "custom_validation_failed", "message": "Custom validation failed for node", "details": format!("image - Invalid image file: {name}"), "extra_info": {"input_name": "image"}})
         );
     }

@@ -4,9 +4,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::path::Path;
-
 use candle_core::{DType, Device};
 use common::{j, max_abs_difference, rewrite_f16_file, setup, setup_with, Setup};
 use easel_engine::Value;
@@ -14,13 +11,12 @@ use easel_models::architectures::clip_text::OutputLayer;
 use easel_models::architectures::t5::{T5Config, T5Encoder};
 use easel_models::formats::fp8::Fp8Format;
 use easel_models::testmodels::{
-    t5_layout, tiny_t5, write_checkpoint, write_tiny_t5_tokenizer, TINY_CLIP_G, TINY_CLIP_L, TINY_FLUX_CHECKPOINT,
-    TINY_T5, TINY_T5_Q8_0,
+    t5_layout, tiny_t5, write_checkpoint, TINY_CLIP_G, TINY_CLIP_L, TINY_FLUX_CHECKPOINT, TINY_T5, TINY_T5_Q8_0,
 };
 use easel_models::text::tokenizer::TokenItem;
 use easel_models::weights::{SafetensorsFile, Weights};
 use easel_nodes::conditioning::Conditioning;
-use easel_nodes::loaders::t5_tokenizer_files::{find_t5_tokenizer, TokenizerDownloads, TokenizerSearch};
+use easel_nodes::loaders::t5_tokenizer_files::{find_t5_tokenizer, TokenizerSearch};
 use easel_nodes::model::clip::{Clip, TextNetwork};
 use easel_nodes::model::diffusion_model::{DiffusionNetwork, Model};
 use easel_nodes::model::vae::VaeModel;
@@ -202,77 +198,39 @@ fn an_fp8_t5_encodes_as_its_values_in_f32() {
     assert!(moved > 0.0 && moved < 0.2 * scale, "{moved} of {scale}");
 }
 
-/// A T5 with no tokenizer anywhere, downloads off: the error names the encoder file and where
-/// Easel looked.
+/// With no tokenizer beside the T5 or in the text-encoder folders, and no network, the T5 uses
+/// ComfyUI's vocabulary that ships inside Easel; a `tokenizer.json` beside the encoder that is
+/// not T5's (a CLIP one) is passed over.
 #[test]
-fn a_t5_without_its_tokenizer_is_a_clear_error() {
+fn a_t5_without_a_tokenizer_file_uses_comfyuis_built_in_vocabulary() {
     let setup = setup_with(|services| {
         let paths = services.get::<Paths>().unwrap();
-        std::fs::remove_dir_all(paths.models.join("text_encoders").join("t5_tokenizer")).unwrap();
-    });
-    let error = dual_clip(&setup, "DualCLIPLoader", TINY_CLIP_L, TINY_T5).unwrap_err();
-    assert!(error.contains(TINY_T5), "{error}");
-    assert!(error.contains("t5_tokenizer/tokenizer.json"), "{error}");
-    assert!(error.contains("downloads are off"), "{error}");
-}
-
-/// Serves `body` to every request on a local port; returns the URL and a count of requests.
-fn serve(body: Vec<u8>) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/tokenizer.json", listener.local_addr().unwrap());
-    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = requests.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut request = [0u8; 4096];
-            let _ = stream.read(&mut request);
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let header = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(header.as_bytes());
-            let _ = stream.write_all(&body);
-        }
-    });
-    (url, requests)
-}
-
-/// Without a tokenizer beside the encoder or in the folders, it is downloaded once into the
-/// cache and read from there afterwards; a file beside the encoder that is not T5's (a CLIP
-/// tokenizer.json) is passed over.
-#[test]
-fn the_t5_tokenizer_is_downloaded_once_into_the_cache() {
-    let dir = tempfile::tempdir().unwrap();
-    let encoder = dir.path().join("models").join("t5.safetensors");
-    std::fs::create_dir_all(encoder.parent().unwrap()).unwrap();
-    write_checkpoint(&encoder, &t5_layout(&tiny_t5(), "").unwrap()).unwrap();
-    std::fs::write(
-        encoder.with_file_name("tokenizer.json"),
-        br#"{"version":"1.0","model":{"type":"WordLevel","vocab":{"a":0},"unk_token":"a"}}"#,
-    )
-    .unwrap();
-    let served = dir.path().join("served.json");
-    write_tiny_t5_tokenizer(&served).unwrap();
-    let (url, requests) = serve(std::fs::read(&served).unwrap());
-    let downloads = TokenizerDownloads {
-        cache_dir: dir.path().join("cache"),
-        t5_url: Some(url),
-    };
-    for _ in 0..2 {
-        let search = TokenizerSearch {
-            paths: None,
-            downloads: Some(&downloads),
+        let text_encoders = paths.models.join("text_encoders");
+        std::fs::remove_dir_all(text_encoders.join("t5_tokenizer")).unwrap();
+        // A T5 with T5-XXL's vocabulary size, in miniature.
+        let full_vocabulary = T5Config {
+            vocab_size: 32128,
+            ..tiny_t5()
         };
-        let tokenizer = find_t5_tokenizer(&encoder, search).unwrap();
-        assert_eq!(tokenizer.encode("a red house"), vec![4, 5, 6]);
-    }
-    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 1);
-    assert!(Path::new(&downloads.cache_dir)
-        .join("t5_tokenizer")
-        .join("tokenizer.json")
-        .is_file());
+        write_checkpoint(
+            &text_encoders.join("t5_full_vocabulary.safetensors"),
+            &t5_layout(&full_vocabulary, "").unwrap(),
+        )
+        .unwrap();
+        std::fs::write(
+            text_encoders.join("tokenizer.json"),
+            br#"{"version":"1.0","model":{"type":"WordLevel","vocab":{"a":0},"unk_token":"a"}}"#,
+        )
+        .unwrap();
+    });
+    let text_encoders = setup.services.get::<Paths>().unwrap().models.join("text_encoders");
+    let search = TokenizerSearch::of(&setup.services);
+    let tokenizer = find_t5_tokenizer(&text_encoders.join("t5_full_vocabulary.safetensors"), search).unwrap();
+    assert_eq!(tokenizer.encode("red house"), vec![1131, 629]);
+
+    let clip = dual_clip(&setup, "DualCLIPLoader", TINY_CLIP_L, "t5_full_vocabulary.safetensors").unwrap();
+    let entry = encode(&setup, &clip, "a red house").0.remove(0);
+    assert_eq!(entry.cross_attention.dims(), &[1, 256, 32]);
 }
 
 /// A FLUX checkpoint as ComfyUI saves one (model, CLIP-L, T5, VAE in one file) loads through

@@ -65,6 +65,9 @@ pub struct BenchArgs {
     /// peak memory of a full-size file (12.7 GB of disk; as bf16 it would be 23.8 GB).
     #[arg(long)]
     pub full_depth: bool,
+    /// validation: how many outputs of the prompt fail.
+    #[arg(long, default_value_t = 4000)]
+    pub outputs: usize,
     /// Print the table's rows without its header (the benchmark's own child processes).
     #[arg(long, hide = true)]
     pub rows_only: bool,
@@ -81,6 +84,9 @@ pub enum BenchTarget {
     /// FLUX: a full-width FLUX-shaped model as bf16, GGUF Q8_0 and Q4_K: step at 256² and 512²,
     /// peak memory against file size.
     Flux,
+    /// Validation of a prompt whose outputs all fail (`--outputs N`): time, error body size and
+    /// peak memory.
+    Validation,
 }
 
 /// Where things live: ComfyUI's directory flags.
@@ -145,14 +151,6 @@ pub struct ExecutionArgs {
     /// (AVX512-BF16; on a CPU without it the model runs in f32). Images differ slightly from f32.
     #[arg(long)]
     pub bf16_unet: bool,
-    /// Where files Easel downloads are kept: the T5 tokenizer, fetched once from ComfyUI's source
-    /// when none is found beside the text encoder [default: $XDG_CACHE_HOME/easel or ~/.cache/easel].
-    #[arg(long, value_name = "DIR")]
-    pub download_cache: Option<PathBuf>,
-    /// Download nothing (a T5 text encoder then needs t5_tokenizer/tokenizer.json in a
-    /// text-encoder folder).
-    #[arg(long)]
-    pub offline: bool,
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -182,6 +180,9 @@ pub struct ServeArgs {
     /// Require this API key on every request (repeatable; `@FILE` reads one key per line).
     #[arg(long, value_name = "KEY")]
     pub api_key: Vec<String>,
+    /// Refuse prompts of more nodes than this (400).
+    #[arg(long, value_name = "N", default_value_t = crate::state::DEFAULT_MAX_PROMPT_NODES)]
+    pub max_prompt_nodes: usize,
     /// Allow listening on a non-loopback address without an API key.
     #[arg(long)]
     pub allow_unauthenticated: bool,

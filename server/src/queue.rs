@@ -67,8 +67,9 @@ impl QueueItem {
     }
 }
 
-/// Heap order: the lowest `(number, prompt_id)` is the greatest, so `BinaryHeap` pops it first.
-struct Pending(QueueItem);
+/// A queued prompt and when it was queued. Heap order: the lowest `(number, prompt_id)` is the
+/// greatest, so `BinaryHeap` pops it first.
+struct Pending(QueueItem, Instant);
 
 impl PartialEq for Pending {
     fn eq(&self, other: &Self) -> bool {
@@ -137,22 +138,22 @@ impl PromptQueue {
     /// status messages go out in the order the queue changed.
     pub fn put(&self, item: QueueItem, announce: impl FnOnce(usize)) {
         let mut state = self.state();
-        state.pending.push(Pending(item));
+        state.pending.push(Pending(item, Instant::now()));
         announce(state.remaining());
         self.available.notify_one();
     }
 
     /// Waits up to `timeout` for the next prompt and marks it running (announcing the queue
-    /// length, as `put`); `None` when none came.
-    pub fn take_within(&self, timeout: Duration, announce: impl FnOnce(usize)) -> Option<Arc<QueueItem>> {
+    /// length, as `put`); the prompt and when it was queued, or `None` when none came.
+    pub fn take_within(&self, timeout: Duration, announce: impl FnOnce(usize)) -> Option<(Arc<QueueItem>, Instant)> {
         let deadline = Instant::now() + timeout;
         let mut state = self.state();
         loop {
-            if let Some(Pending(item)) = state.pending.pop() {
+            if let Some(Pending(item, queued_at)) = state.pending.pop() {
                 let item = Arc::new(item);
                 state.running = Some(item.clone());
                 announce(state.remaining());
-                return Some(item);
+                return Some((item, queued_at));
             }
             let left = deadline.checked_duration_since(Instant::now())?;
             state = self
@@ -191,7 +192,7 @@ impl PromptQueue {
     pub fn delete(&self, ids: &[String], announce: impl FnOnce(usize)) -> bool {
         let mut state = self.state();
         let before = state.pending.len();
-        state.pending.retain(|Pending(item)| !ids.contains(&item.prompt_id));
+        state.pending.retain(|Pending(item, _)| !ids.contains(&item.prompt_id));
         announce(state.remaining());
         state.pending.len() < before
     }
@@ -200,7 +201,7 @@ impl PromptQueue {
     pub fn snapshot(&self) -> (Vec<Json>, Vec<Json>) {
         let state = self.state();
         let running = state.running.iter().map(|item| item.to_json()).collect();
-        let pending = state.pending.iter().map(|Pending(item)| item.to_json()).collect();
+        let pending = state.pending.iter().map(|Pending(item, _)| item.to_json()).collect();
         (running, pending)
     }
 }

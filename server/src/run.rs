@@ -33,15 +33,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let validated = match validate_prompt(&runtime.registry, &runtime.services, prompt, None) {
         Ok(validated) => validated,
         Err(failure) => {
-            eprintln!("{}", dumps(&failure.to_json()));
+            eprintln!("{}", dumps(&failure));
             return Ok(ExitCode::from(INVALID_PROMPT));
         }
     };
-    if validated
-        .node_errors
-        .as_object()
-        .is_some_and(|errors| !errors.is_empty())
-    {
+    if !validated.node_errors.is_empty() {
         eprintln!(
             "some outputs failed validation and are skipped: {}",
             dumps(&validated.node_errors)

@@ -78,7 +78,8 @@ pub async fn require_key(State(state): State<AppState>, request: Request, next: 
     match query_token(request.uri().query()) {
         Some(token) if valid(&token) => {
             let mut response = next.run(request).await;
-            let cookie = format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/");
+            let secure = if state.settings.tls { "; Secure" } else { "" };
+            let cookie = format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/{secure}");
             if let Ok(value) = HeaderValue::from_str(&cookie) {
                 response.headers_mut().append(header::SET_COOKIE, value);
             }

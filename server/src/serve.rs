@@ -10,7 +10,8 @@ use crate::store::Store;
 use anyhow::Context;
 use std::process::ExitCode;
 
-/// Server settings from the command line; `--api-key @FILE` reads keys one per line.
+/// Server settings from the command line; `--api-key @FILE` reads keys one per line. An empty
+/// key (an unset `$VAR`, a file without keys) is refused: it would read as "no key".
 fn settings(args: &ServeArgs) -> anyhow::Result<ServerSettings> {
     let mut api_keys = Vec::new();
     for key in &args.api_key {
@@ -18,7 +19,14 @@ fn settings(args: &ServeArgs) -> anyhow::Result<ServerSettings> {
             Some(file) => {
                 let text =
                     std::fs::read_to_string(file).with_context(|| format!("cannot read API keys from {file}"))?;
+                let before = api_keys.len();
                 api_keys.extend(text.lines().map(str::trim).filter(|k| !k.is_empty()).map(String::from));
+                if api_keys.len() == before {
+                    anyhow::bail!("--api-key @{file}: the file holds no key");
+                }
+            }
+            None if key.trim().is_empty() => {
+                anyhow::bail!("--api-key is empty (an unset variable?): give a key, or leave the option out")
             }
             None => api_keys.push(key.clone()),
         }
@@ -29,6 +37,8 @@ fn settings(args: &ServeArgs) -> anyhow::Result<ServerSettings> {
         compress_responses: args.enable_compress_response_body,
         front_end_root: front_end_root(args.front_end_root.clone()),
         multi_user: args.multi_user,
+        tls: args.tls_keyfile.is_some() && args.tls_certfile.is_some(),
+        max_prompt_nodes: args.max_prompt_nodes,
         ..Default::default()
     };
     if let Some(megabytes) = args.max_upload_size {

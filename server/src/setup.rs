@@ -5,7 +5,6 @@ use anyhow::Context;
 use easel_engine::{CacheMode, NodeRegistry, Services};
 use easel_models::kernels::sgemm::Precision;
 use easel_nodes::image::nodes::ImageMetadata;
-use easel_nodes::loaders::t5_tokenizer_files::{TokenizerDownloads, COMFYUI_T5_TOKENIZER_URL};
 use easel_nodes::model_cache::ModelCache;
 use easel_nodes::paths::Paths;
 use easel_nodes::runtime::DiffusionModelPrecision;
@@ -108,13 +107,6 @@ pub fn runtime(args: &ExecutionArgs) -> anyhow::Result<Runtime> {
     services.insert(PreviewSettings {
         method,
         max_size: args.preview_size,
-    });
-    services.insert(TokenizerDownloads {
-        cache_dir: args
-            .download_cache
-            .clone()
-            .unwrap_or_else(TokenizerDownloads::default_cache_dir),
-        t5_url: (!args.offline).then(|| COMFYUI_T5_TOKENIZER_URL.to_string()),
     });
     Ok(Runtime {
         registry: Arc::new(easel_nodes::builtin_registry()),

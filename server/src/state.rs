@@ -11,6 +11,10 @@ use serde_json::{json, Value as Json};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
+/// How many nodes a prompt may have unless `--max-prompt-nodes` says otherwise: several times the
+/// largest real workflows, and small enough that validating and answering any prompt stays cheap.
+pub const DEFAULT_MAX_PROMPT_NODES: usize = 5000;
+
 /// Server-wide settings from the command line.
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
@@ -28,6 +32,10 @@ pub struct ServerSettings {
     pub front_end_root: Option<std::path::PathBuf>,
     /// `--multi-user`: the `comfy-user` header picks whose user data a request reads and writes.
     pub multi_user: bool,
+    /// Served over TLS: the `?token=` cookie is `Secure`.
+    pub tls: bool,
+    /// `--max-prompt-nodes`: larger prompts are refused with a 400.
+    pub max_prompt_nodes: usize,
 }
 
 impl Default for ServerSettings {
@@ -40,6 +48,8 @@ impl Default for ServerSettings {
             compress_responses: false,
             front_end_root: None,
             multi_user: false,
+            tls: false,
+            max_prompt_nodes: DEFAULT_MAX_PROMPT_NODES,
         }
     }
 }
@@ -139,13 +149,6 @@ impl Shared {
     /// Tells every client the queue length (pass as a queue method's `announce`).
     pub fn broadcast_status(&self, remaining: usize) {
         self.hub.broadcast(self.status(remaining, None));
-    }
-
-    /// Accepts a prompt: on disk first, then queued.
-    pub fn enqueue(&self, item: QueueItem) -> Result<(), StoreError> {
-        self.store.enqueue(&item.to_stored())?;
-        self.queue.put(item, |remaining| self.broadcast_status(remaining));
-        Ok(())
     }
 
     /// Forgets pending prompts, on disk and in the queue; whether any of them was pending.

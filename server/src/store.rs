@@ -6,6 +6,7 @@
 //! again; a prompt that was running is queued once more at the front, and if the server dies on it
 //! a second time it is recorded as failed instead.
 
+use easel_engine::NodeErrors;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Map, Value as Json};
 use std::path::Path;
@@ -31,7 +32,7 @@ pub struct StoredPrompt {
     pub prompt: Json,
     pub extra_data: Json,
     pub outputs_to_execute: Vec<String>,
-    pub node_errors: Json,
+    pub node_errors: NodeErrors,
 }
 
 /// What start-up found in the queue table.
@@ -196,11 +197,11 @@ impl Store {
                 let stored = StoredPrompt {
                     prompt_id,
                     number,
-                    number_json: serde_json::from_str(&number_json)?,
-                    prompt: serde_json::from_str(&prompt)?,
-                    extra_data: serde_json::from_str(&extra_data)?,
-                    outputs_to_execute: serde_json::from_str(&outputs)?,
-                    node_errors: serde_json::from_str(&node_errors)?,
+                    number_json: read_json(&number_json)?,
+                    prompt: read_json(&prompt)?,
+                    extra_data: read_json(&extra_data)?,
+                    outputs_to_execute: read_json(&outputs)?,
+                    node_errors: read_json(&node_errors)?,
                 };
                 parsed.push((stored, running, attempts));
             }
@@ -252,7 +253,7 @@ impl Store {
         let mut page = Map::new();
         for row in rows {
             let (prompt_id, entry) = row?;
-            page.insert(prompt_id, serde_json::from_str(&entry)?);
+            page.insert(prompt_id, read_json(&entry)?);
         }
         Ok(Json::Object(page))
     }
@@ -269,7 +270,7 @@ impl Store {
             .optional()?;
         let mut body = Map::new();
         if let Some(entry) = entry {
-            body.insert(prompt_id.to_string(), serde_json::from_str(&entry)?);
+            body.insert(prompt_id.to_string(), read_json(&entry)?);
         }
         Ok(Json::Object(body))
     }
@@ -278,6 +279,17 @@ impl Store {
     pub fn delete_history(&self, ids: Option<&[String]>) -> Result<(), StoreError> {
         self.delete_where("DELETE FROM history WHERE 1 = 1", ids)
     }
+}
+
+/// Stored JSON, read without serde_json's nesting limit: a request nested as deep as `POST /prompt`
+/// accepts ends up a few levels deeper in its history entry, and what was accepted must read back.
+/// The nesting is bounded by what was accepted, so the recursion is too.
+fn read_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, serde_json::Error> {
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    deserializer.disable_recursion_limit();
+    let value = T::deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    Ok(value)
 }
 
 /// The history entry of a prompt that was given up on.
@@ -317,7 +329,7 @@ mod tests {
             prompt: json!({"1": {"class_type": "X", "inputs": {}}}),
             extra_data: json!({"client_id": "c"}),
             outputs_to_execute: vec!["1".into()],
-            node_errors: json!({}),
+            node_errors: NodeErrors::default(),
         }
     }
 

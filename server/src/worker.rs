@@ -17,10 +17,18 @@ const SENSITIVE_EXTRA_DATA_KEYS: [&str; 2] = ["auth_token_comfy_org", "api_key_c
 /// How long the idle worker waits for a prompt before it looks at `POST /free` requests again.
 const FREE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How long after it was queued a prompt starts at the earliest: its client may still be reading
+/// the `POST /prompt` answer that names it before it listens for the prompt's messages.
+const SETTLE: Duration = Duration::from_millis(25);
+
 pub fn run(shared: &Shared) {
     let runtime = &shared.runtime;
     let mut executor = Executor::new(runtime.registry.clone(), runtime.services.clone(), runtime.cache_mode);
+    // History entries the store refused (a full disk): stored again before each prompt and every
+    // idle second until they are in, so a prompt that ran still ends in its entry, run once.
+    let mut unsaved: Vec<(String, Json)> = Vec::new();
     loop {
+        unsaved.retain(|(prompt_id, entry)| !store_history(shared, prompt_id, entry));
         // `POST /free` takes effect before the next prompt, or within a second when idle.
         if shared.unload_models.swap(false, Ordering::SeqCst) {
             if let Some(models) = runtime.services.get::<ModelCache>() {
@@ -31,16 +39,20 @@ pub fn run(shared: &Shared) {
             executor.clear_cache();
             crate::allocator::release_freed_memory();
         }
-        let Some(item) = shared
+        let Some((item, queued_at)) = shared
             .queue
             .take_within(FREE_CHECK_INTERVAL, |remaining| shared.broadcast_status(remaining))
         else {
             continue;
         };
+        shared.interrupt.clear();
         if let Err(error) = shared.store.mark_running(&item.prompt_id) {
             tracing::error!(prompt_id = %item.prompt_id, "cannot record the prompt as running: {error}");
         }
-        shared.interrupt.clear();
+        // Shown as running from here on: an interrupt meanwhile stops it before its first node.
+        if let Some(wait) = SETTLE.checked_sub(queued_at.elapsed()) {
+            std::thread::sleep(wait);
+        }
         let started = Instant::now();
         let client = item.client_id().map(str::to_string);
         let sink = RoutedEvents {
@@ -92,8 +104,8 @@ pub fn run(shared: &Shared) {
             "status": status,
             "meta": outcome.meta,
         });
-        if let Err(error) = shared.store.complete(&item.prompt_id, &entry) {
-            tracing::error!(prompt_id = %item.prompt_id, "cannot store the history entry: {error}");
+        if !store_history(shared, &item.prompt_id, &entry) {
+            unsaved.push((item.prompt_id.clone(), entry));
         }
         shared.queue.finish(|remaining| shared.broadcast_status(remaining));
         if let Some(client) = &client {
@@ -101,6 +113,17 @@ pub fn run(shared: &Shared) {
                 client,
                 message("executing", &json!({"node": Json::Null, "prompt_id": item.prompt_id})),
             );
+        }
+    }
+}
+
+/// Replaces the prompt's queue row by its history entry; whether the store took it.
+fn store_history(shared: &Shared, prompt_id: &str, entry: &Json) -> bool {
+    match shared.store.complete(prompt_id, entry) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::error!(%prompt_id, "cannot store the history entry yet (tried again each second): {error}");
+            false
         }
     }
 }

@@ -158,3 +158,27 @@ fn serving_beyond_loopback_needs_a_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to listen on 0.0.0.0 without an API key"));
 }
+
+#[test]
+fn an_empty_api_key_is_refused_at_start_up() {
+    let base = tempfile::tempdir().unwrap();
+    let keys = base.path().join("keys.txt");
+    std::fs::write(&keys, "\n  \n").unwrap();
+    let from_file = format!("@{}", keys.display());
+    for key in ["", " ", from_file.as_str()] {
+        let out = easel(&[
+            "serve",
+            "--listen",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--api-key",
+            key,
+            "--base-directory",
+            base.path().to_str().unwrap(),
+        ]);
+        assert!(!out.status.success(), "{key:?} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--api-key"), "{key:?}: {stderr}");
+    }
+}

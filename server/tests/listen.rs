@@ -46,7 +46,7 @@ async fn tls_stream(
     connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await
 }
 
-/// `GET path` over HTTPS: the status line and the body.
+/// `GET path` over HTTPS: the head (status line and headers) and the body.
 async fn https_get(connector: &TlsConnector, address: &str, path: &str) -> std::io::Result<(String, String)> {
     let mut stream = tls_stream(connector, address).await?;
     stream
@@ -55,7 +55,7 @@ async fn https_get(connector: &TlsConnector, address: &str, path: &str) -> std::
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    Ok((head.lines().next().unwrap_or_default().to_string(), body.to_string()))
+    Ok((head.to_string(), body.to_string()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,6 +71,7 @@ async fn serves_https_and_wss_on_every_listen_address() {
         Command::new(env!("CARGO_BIN_EXE_easel"))
             .args(["serve", "--listen", listen, "--port", &port.to_string()])
             .args(["--tls-keyfile", &path("key.pem"), "--tls-certfile", &path("cert.pem")])
+            .args(["--api-key", "k3y"])
             .args(["--base-directory", &path("")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -79,21 +80,30 @@ async fn serves_https_and_wss_on_every_listen_address() {
     );
     let address = format!("127.0.0.1:{port}");
     let started = Instant::now();
-    while https_get(&connector, &address, "/prompt").await.is_err() {
+    while https_get(&connector, &address, "/prompt?token=k3y").await.is_err() {
         assert!(started.elapsed() < Duration::from_secs(30), "the server never answered");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     // A client that connects and says nothing does not hold up the next one.
     let _silent = TcpStream::connect(&address).await.unwrap();
-    let (status, body) = https_get(&connector, &address, "/prompt").await.unwrap();
-    assert_eq!(status, "HTTP/1.1 200 OK");
+    let (head, body) = https_get(&connector, &address, "/prompt?token=k3y").await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
     assert_eq!(body, r#"{"exec_info": {"queue_remaining": 0}}"#);
+    // The key, presented once as ?token=, comes back as a cookie only sent over TLS.
+    let cookie = head
+        .lines()
+        .find(|line| line.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_default();
+    assert!(
+        cookie.contains("easel_token=k3y") && cookie.contains("; Secure"),
+        "{head}"
+    );
     if ipv6 {
-        let (status, _) = https_get(&connector, &format!("[::1]:{port}"), "/api/prompt")
+        let (head, _) = https_get(&connector, &format!("[::1]:{port}"), "/api/prompt?token=k3y")
             .await
             .unwrap();
-        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
     }
 
     // Plain HTTP on the TLS port gets no answer; the server keeps serving.
@@ -108,10 +118,12 @@ async fn serves_https_and_wss_on_every_listen_address() {
 
     // The WebSocket over TLS opens with the status message carrying the client's id.
     let stream = tls_stream(&connector, &address).await.unwrap();
-    let (mut socket, _) =
-        tokio_tungstenite::client_async(format!("wss://localhost:{port}/ws?clientId=tls-client"), stream)
-            .await
-            .unwrap();
+    let (mut socket, _) = tokio_tungstenite::client_async(
+        format!("wss://localhost:{port}/ws?clientId=tls-client&token=k3y"),
+        stream,
+    )
+    .await
+    .unwrap();
     let first = socket.next().await.unwrap().unwrap().into_text().unwrap();
     let status: serde_json::Value = serde_json::from_str(&first).unwrap();
     assert_eq!(status["type"], "status");

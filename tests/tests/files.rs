@@ -245,3 +245,44 @@ fn view_answers_ranges_and_conditional_requests() {
         416
     );
 }
+
+/// An upload never writes through a symlink out of the input folder: a name that is a link to a
+/// file outside is replaced by the upload (the outside file is untouched), and a subfolder through
+/// a link to a folder outside is refused before anything is created there.
+#[cfg(unix)]
+#[test]
+fn uploads_never_write_through_symlinks_out_of_the_input_folder() {
+    let server = start();
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("target.png");
+    std::fs::write(&target, b"outside").unwrap();
+    let input = server.base.path().join("input");
+    std::os::unix::fs::symlink(&target, input.join("x.png")).unwrap();
+    let image = png(2, 2, [1, 2, 3, 255]);
+    let (status, body) = upload(
+        &server,
+        "/upload/image",
+        form("x.png", &image, &[("overwrite", "true")]),
+    );
+    assert_eq!((status, &body["name"]), (200, &json!("x.png")));
+    assert_eq!(std::fs::read(&target).unwrap(), b"outside");
+    let written = std::fs::symlink_metadata(input.join("x.png")).unwrap();
+    assert!(written.file_type().is_file(), "the link was replaced by the upload");
+    assert_eq!(std::fs::read(input.join("x.png")).unwrap(), image);
+
+    // A dangling link under the new name is replaced too, never followed.
+    let dangling = outside.path().join("created.png");
+    std::os::unix::fs::symlink(&dangling, input.join("y.png")).unwrap();
+    let (status, _) = upload(&server, "/upload/image", form("y.png", &image, &[]));
+    assert_eq!(status, 200);
+    assert!(!dangling.exists());
+
+    std::os::unix::fs::symlink(outside.path(), input.join("elsewhere")).unwrap();
+    let (status, _) = upload(
+        &server,
+        "/upload/image",
+        form("z.png", &image, &[("subfolder", "elsewhere/new/deeper")]),
+    );
+    assert_eq!(status, 400);
+    assert!(!outside.path().join("new").exists(), "no folder was made outside");
+}

@@ -129,6 +129,11 @@ impl<'a, 'p> Level<'a, 'p> {
             .into_iter()
             .flatten()
             .collect();
+        if let Some(node) = nodes.iter().find(|node| !node.is_object()) {
+            return Err(UiWorkflowError::Malformed(format!(
+                "a node that is not an object: {node}"
+            )));
+        }
         let by_id = nodes
             .iter()
             .filter_map(|node| Some((id_text(node.get("id")?), *node)))

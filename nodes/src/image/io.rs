@@ -29,6 +29,26 @@ pub const MAX_IMAGE_SIDE: u32 = 16384;
 /// What a decoder may allocate: a 16384² RGBA image with 16-bit channels.
 const MAX_DECODE_BYTES: u64 = 2 << 30;
 
+/// Pillow's `Image.MAX_IMAGE_PIXELS`. ComfyUI inherits Pillow's decompression-bomb check, which
+/// refuses an image of more than twice this many pixels.
+const PILLOW_MAX_IMAGE_PIXELS: u64 = 89_478_485;
+
+/// Pillow's `DecompressionBombError` for an image of more than twice [`PILLOW_MAX_IMAGE_PIXELS`],
+/// checked on the header's size before anything is decoded.
+fn check_decompression_bomb((width, height): (u32, u32)) -> Result<(), NodeError> {
+    let pixels = u64::from(width) * u64::from(height);
+    let limit = 2 * PILLOW_MAX_IMAGE_PIXELS;
+    if pixels > limit {
+        return Err(NodeError::typed(
+            "PIL.Image.DecompressionBombError",
+            format!(
+                "Image size ({pixels} pixels) exceeds limit of {limit} pixels, could be decompression bomb DOS attack."
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Limits against decompression bombs: a small file that claims an enormous image is refused
 /// before anything is allocated.
 fn decode_limits() -> image::Limits {
@@ -50,6 +70,7 @@ pub fn load_frames(path: &Path) -> Result<Vec<Frame>, NodeError> {
     if reader.format() == Some(ImageFormat::Gif) {
         let mut decoder = GifDecoder::new(BufReader::new(Cursor::new(&bytes))).map_err(|e| read_error(path, e))?;
         decoder.set_limits(decode_limits()).map_err(|e| read_error(path, e))?;
+        check_decompression_bomb(decoder.dimensions())?;
         let frames = decoder
             .into_frames()
             .collect_frames()
@@ -65,6 +86,7 @@ pub fn load_frames(path: &Path) -> Result<Vec<Frame>, NodeError> {
             .collect());
     }
     let mut decoder = reader.into_decoder().map_err(|e| read_error(path, e))?;
+    check_decompression_bomb(decoder.dimensions())?;
     let orientation = decoder.orientation().map_err(|e| read_error(path, e))?;
     let mut decoded = DynamicImage::from_decoder(decoder).map_err(|e| read_error(path, e))?;
     decoded.apply_orientation(orientation);
@@ -107,6 +129,10 @@ fn to_rgba8_like_pillow(decoded: &DynamicImage) -> image::RgbaImage {
 pub fn frames_to_image(frames: &[&Frame]) -> Result<Image, NodeError> {
     let first = frames.first().ok_or_else(|| NodeError::new("image has no frames"))?;
     let (w, h) = first.rgba.dimensions();
+    // The image and its mask, in f32.
+    crate::runtime::ensure_fits(&[frames.len(), h as usize, w as usize, 4], || {
+        format!("an image of {w}×{h} ({} frames)", frames.len())
+    })?;
     let mut data = Vec::with_capacity(frames.len() * (w * h * 3) as usize);
     for frame in frames {
         for pixel in frame.rgba.pixels() {
@@ -200,9 +226,10 @@ fn decode(bytes: &[u8]) -> Result<DynamicImage, NodeError> {
         .with_guessed_format()
         .map_err(|e| NodeError::value(format!("unreadable image: {e}")))?;
     reader.limits(decode_limits());
-    reader
-        .decode()
-        .map_err(|e| NodeError::value(format!("unreadable image: {e}")))
+    let unreadable = |e: image::ImageError| NodeError::value(format!("unreadable image: {e}"));
+    let decoder = reader.into_decoder().map_err(unreadable)?;
+    check_decompression_bomb(decoder.dimensions())?;
+    DynamicImage::from_decoder(decoder).map_err(unreadable)
 }
 
 /// ComfyUI's `/upload/mask`: the original's RGB with the mask's alpha, as PNG, keeping the

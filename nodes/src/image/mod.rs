@@ -167,6 +167,10 @@ impl Image {
         let first = images
             .first()
             .ok_or_else(|| NodeError::new("no images to concatenate"))?;
+        let batch: usize = images.iter().map(|i| i.batch).sum();
+        crate::runtime::ensure_fits(&[batch, first.height, first.width, first.channels], || {
+            format!("a batch of {batch} images of {}×{}", first.width, first.height)
+        })?;
         let mut data = Vec::new();
         for image in images {
             if (image.height, image.width, image.channels) != (first.height, first.width, first.channels) {
@@ -174,7 +178,6 @@ impl Image {
             }
             data.extend_from_slice(&image.data);
         }
-        let batch = images.iter().map(|i| i.batch).sum();
         Ok(Image {
             batch,
             data,

@@ -15,7 +15,8 @@ use sha2::{Digest, Sha256};
 use crate::image::io::{encode_png, frames_to_image, image_to_u8, load_frames, PngCompression};
 use crate::image::resample::{common_upscale, interpolate_mask, resize, ResizeMethod, UPSCALE_METHODS};
 use crate::image::{Image, Mask};
-use crate::paths::{normalize, Paths};
+use crate::paths::{normalize, write_replacing, Paths};
+use crate::runtime::ensure_fits;
 
 /// Whether saved images carry the prompt and workflow (ComfyUI's `--disable-metadata` turns it off).
 #[derive(Debug, Clone, Copy)]
@@ -313,7 +314,7 @@ fn save_batch(
             &text,
             compression,
         )?;
-        std::fs::write(target.folder.join(&file), png).map_err(|e| NodeError::typed("OSError", e.to_string()))?;
+        write_replacing(&target.folder.join(&file), &png).map_err(|e| NodeError::typed("OSError", e.to_string()))?;
         results.push(json!({"filename": file, "subfolder": target.subfolder, "type": kind}));
     }
     let mut ui = Map::new();
@@ -561,6 +562,9 @@ impl Node for ImagePadForOutpaint {
         let (left, top, right, bottom, feathering) = (left?, top?, right?, bottom?, feathering?);
         let (h, w, c) = (image.height, image.width, image.channels);
         let (new_h, new_w) = (h + top + bottom, w + left + right);
+        ensure_fits(&[image.batch + 1, new_h, new_w, c], || {
+            format!("an outpainting pad to {new_w}×{new_h} (batch {})", image.batch)
+        })?;
         let mut padded = Image::filled(image.batch, new_h, new_w, c, 0.5);
         for b in 0..image.batch {
             for y in 0..h {
@@ -706,6 +710,9 @@ impl Node for EmptyImage {
         let color = inputs.int("color")?;
         let channel = |shift: i64| (((color >> shift) & 0xFF) as f64 / 255.0) as f32;
         let rgb = [channel(16), channel(8), channel(0)];
+        ensure_fits(&[batch, height, width, 3], || {
+            format!("an empty image of {width}×{height} (batch {batch})")
+        })?;
         let data = (0..batch * height * width).flat_map(|_| rgb).collect();
         Ok(image_result(Image::new(batch, height, width, 3, data)?))
     }

@@ -12,6 +12,7 @@ use std::str::FromStr;
 use easel_engine::NodeError;
 
 use crate::image::{from_u8, to_u8, Image, Mask};
+use crate::runtime::ensure_fits;
 
 /// The `upscale_method` combo of the image nodes.
 pub const UPSCALE_METHODS: [&str; 5] = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"];
@@ -56,6 +57,9 @@ pub fn common_upscale(
     if width == 0 || height == 0 {
         return Err(NodeError::value(format!("cannot resize to {width}x{height}")));
     }
+    ensure_fits(&[image.batch, height, width, image.channels], || {
+        format!("an image of {width}×{height} (batch {})", image.batch)
+    })?;
     let mut source = image.clone();
     let mut cropped = false;
     if center_crop {

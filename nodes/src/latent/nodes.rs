@@ -5,12 +5,11 @@
 use candle_core::{DType, Device, Tensor};
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec, MAX_RESOLUTION};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
-use easel_models::memory;
 
 use crate::image::resample::{common_upscale, ResizeMethod};
 use crate::image::{Image, Mask};
 use crate::latent::Latent;
-use crate::runtime::{device, out_of_memory, tensor_error};
+use crate::runtime::{device, ensure_fits, tensor_error};
 
 /// `EmptyLatentImage`: zeros of [batch, 4, height/8, width/8].
 pub struct EmptyLatentImage;
@@ -44,9 +43,9 @@ pub(crate) fn empty_latent(ctx: &NodeContext, inputs: &NodeInputs, channels: usi
     let positive = |name: &str| -> Result<usize, NodeError> { Ok(inputs.int(name)?.max(0) as usize) };
     let (width, height, batch) = (positive("width")?, positive("height")?, positive("batch_size")?);
     let shape = (batch, channels, height / 8, width / 8);
-    let bytes = (batch * channels * (height / 8) * (width / 8) * 4) as u64;
-    memory::ensure_available(bytes, || format!("an empty latent of {width}×{height} (batch {batch})"))
-        .map_err(out_of_memory)?;
+    ensure_fits(&[batch, channels, height / 8, width / 8], || {
+        format!("an empty latent of {width}×{height} (batch {batch})")
+    })?;
     let samples = Tensor::zeros(shape, DType::F32, &device(ctx.services)).map_err(tensor_error)?;
     Ok(NodeOutput::values(vec![Value::object(Latent::new(samples))]))
 }
@@ -241,6 +240,9 @@ impl Node for RepeatLatentBatch {
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let latent = inputs.object::<Latent>("samples")?;
         let amount = inputs.int("amount")?.max(1) as usize;
+        ensure_fits(&[amount, latent.samples.elem_count()], || {
+            format!("{amount} copies of a latent batch of {:?}", latent.samples.dims())
+        })?;
         let samples = latent.samples.repeat((amount, 1, 1, 1)).map_err(tensor_error)?;
         let batch_index = latent.batch_index.as_ref().map(|indices| {
             let (low, high) = (

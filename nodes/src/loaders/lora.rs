@@ -6,6 +6,8 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use serde_json::{Map, Value as Json};
+
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 use easel_models::architectures::clip_text::ClipTextEncoder;
@@ -14,6 +16,7 @@ use easel_models::checkpoint::{Family, TextEncoderKind};
 use easel_models::lora::{load_lora, ClipLoraNames, LoraKeyMap};
 use easel_models::weights::{SafetensorsFile, TensorShapes};
 
+use crate::loaders::model_files_fingerprint;
 use crate::model::clip::{Clip, TextEncoder, TextNetwork};
 use crate::model::diffusion_model::{DiffusionModel, DiffusionNetwork, Model};
 use crate::paths::Paths;
@@ -74,6 +77,10 @@ impl Node for LoraLoader {
             .output(OutputSpec::of("CLIP").tooltip(CLIP_TOOLTIP))
     }
 
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+        model_files_fingerprint(services, inputs, &[("lora_name", "loras")])
+    }
+
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let model = inputs.object::<Model>("model")?;
         let clip = inputs.object::<Clip>("clip")?;
@@ -104,6 +111,10 @@ impl Node for LoraLoaderModelOnly {
             .required("strength_model", strength(None))
             .output(OutputSpec::of("MODEL"))
             .output_tooltips(&[MODEL_TOOLTIP, CLIP_TOOLTIP])
+    }
+
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+        model_files_fingerprint(services, inputs, &[("lora_name", "loras")])
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {

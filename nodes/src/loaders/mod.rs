@@ -13,7 +13,30 @@ pub mod pending;
 pub mod t5_tokenizer_files;
 pub mod text_encoders;
 
-use easel_engine::NodeRegistry;
+use crate::model_cache::FileVersion;
+use crate::paths::Paths;
+use easel_engine::{NodeRegistry, Services};
+use serde_json::{Map, Value as Json};
+
+/// A loader's `IS_CHANGED`: the [`FileVersion`] of each file named by the `(input, model folder)`
+/// pairs, so that a file replaced on disk is loaded again instead of being served from the output
+/// cache (whose model would read the old file's memory mapping).
+pub(crate) fn model_files_fingerprint(
+    services: &Services,
+    inputs: &Map<String, Json>,
+    files: &[(&str, &str)],
+) -> Option<Result<Json, String>> {
+    let paths = services.get::<Paths>()?;
+    let versions = files.iter().map(|(input, folder)| {
+        inputs
+            .get(*input)
+            .and_then(Json::as_str)
+            .and_then(|name| paths.full_path(folder, name))
+            .and_then(|path| FileVersion::of(&path))
+            .map_or(Json::Null, |version| version.to_json())
+    });
+    Some(Ok(Json::Array(versions.collect())))
+}
 
 /// Adds the loader nodes to `registry`.
 pub fn register(registry: &mut NodeRegistry) {

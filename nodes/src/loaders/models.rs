@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde_json::{Map, Value as Json};
+
 use candle_core::Device;
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
@@ -26,6 +28,7 @@ use easel_models::sampling::schedule::{SigmaSchedule, FLUX_DEV_SHIFT};
 use easel_models::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
 
 use crate::latent::LatentFormat;
+use crate::loaders::model_files_fingerprint;
 use crate::loaders::t5_tokenizer_files::{find_t5_tokenizer, TokenizerSearch};
 use crate::model::clip::{Clip, TextEncoder, TextNetwork};
 use crate::model::diffusion_model::{DiffusionModel, DiffusionNetwork, Model, Prediction};
@@ -269,6 +272,10 @@ impl Node for CheckpointLoaderSimple {
             )
     }
 
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+        model_files_fingerprint(services, inputs, &[("ckpt_name", "checkpoints")])
+    }
+
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let path = model_file(ctx, "checkpoints", inputs.string("ckpt_name")?)?;
         let device = device(ctx.services);
@@ -419,6 +426,10 @@ impl Node for UnetLoader {
             .output(OutputSpec::of("MODEL"))
     }
 
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+        model_files_fingerprint(services, inputs, &[("unet_name", "diffusion_models")])
+    }
+
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         // As ComfyUI: every weight rounded to the fp8 format and kept in it, computed in f32
         // on the CPU (`fp8_e4m3fn_fast` differs only where GPUs multiply in fp8).
@@ -483,6 +494,10 @@ impl Node for VaeLoader {
             .display("Load VAE")
             .required("vae_name", InputSpec::combo(&names))
             .output(OutputSpec::of("VAE"))
+    }
+
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+        model_files_fingerprint(services, inputs, &[("vae_name", "vae")])
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {

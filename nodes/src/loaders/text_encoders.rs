@@ -7,12 +7,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde_json::{Map, Value as Json};
+
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 use easel_models::architectures::t5::t5_name_from_llama_cpp;
 use easel_models::checkpoint::{DetectError, Family, TextEncoderKind, TextEncoderLayout};
 use easel_models::weights::{MappedWeights, RenamedWeights};
 
+use crate::loaders::model_files_fingerprint;
 use crate::loaders::models::{
     build_t5, build_text_encoder, cached, file_names, file_size, model_file, open, open_gguf, undetected,
 };
@@ -285,6 +288,10 @@ impl Node for ClipLoader {
         .output(OutputSpec::of("CLIP"))
     }
 
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+        model_files_fingerprint(services, inputs, &[("clip_name", "text_encoders")])
+    }
+
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         single_clip_node(ctx, inputs, "CLIPLoader")
     }
@@ -305,6 +312,14 @@ impl Node for DualClipLoader {
                 .required("type", InputSpec::combo(&DUAL_CLIP_TYPES)),
         )
         .output(OutputSpec::of("CLIP"))
+    }
+
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+        model_files_fingerprint(
+            services,
+            inputs,
+            &[("clip_name1", "text_encoders"), ("clip_name2", "text_encoders")],
+        )
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {

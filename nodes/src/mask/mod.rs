@@ -7,6 +7,7 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeReg
 
 use crate::image::nodes::image_result;
 use crate::image::{Image, Mask};
+use crate::runtime::ensure_fits;
 
 /// Adds the mask nodes to `registry`.
 pub fn register(registry: &mut NodeRegistry) {
@@ -93,6 +94,9 @@ impl Node for MaskToImage {
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let mask = inputs.object::<Mask>("mask")?;
+        ensure_fits(&[mask.batch, mask.height, mask.width, 3], || {
+            format!("an image of {}×{} (batch {})", mask.width, mask.height, mask.batch)
+        })?;
         let data = mask.data.iter().flat_map(|&v| [v, v, v]).collect();
         Ok(image_result(Image::new(mask.batch, mask.height, mask.width, 3, data)?))
     }
@@ -112,12 +116,9 @@ impl Node for SolidMask {
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let value = inputs.float("value")? as f32;
-        Ok(mask_result(Mask::filled(
-            1,
-            count(inputs, "height")?,
-            count(inputs, "width")?,
-            value,
-        )))
+        let (height, width) = (count(inputs, "height")?, count(inputs, "width")?);
+        ensure_fits(&[height, width], || format!("a mask of {width}×{height}"))?;
+        Ok(mask_result(Mask::filled(1, height, width, value)))
     }
 }
 

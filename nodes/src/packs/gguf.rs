@@ -4,7 +4,9 @@
 
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeRegistry, Services};
+use serde_json::{Map, Value as Json};
 
+use crate::loaders::model_files_fingerprint;
 use crate::loaders::models::{file_names, load_diffusion_model_node};
 use crate::loaders::text_encoders::{dual_clip_node, single_clip_node, CLIP_TYPES, DUAL_CLIP_TYPES};
 
@@ -30,6 +32,10 @@ impl Node for UnetLoaderGguf {
             .output(OutputSpec::of("MODEL"))
     }
 
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+        model_files_fingerprint(services, inputs, &[("unet_name", "diffusion_models")])
+    }
+
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         load_gguf_unet(ctx, inputs)
     }
@@ -51,6 +57,10 @@ impl Node for UnetLoaderGgufAdvanced {
             .required("patch_dtype", dtypes())
             .required("patch_on_device", InputSpec::boolean(false))
             .output(OutputSpec::of("MODEL"))
+    }
+
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+        model_files_fingerprint(services, inputs, &[("unet_name", "diffusion_models")])
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
@@ -83,6 +93,10 @@ impl Node for ClipLoaderGguf {
             .output(OutputSpec::of("CLIP"))
     }
 
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+        model_files_fingerprint(services, inputs, &[("clip_name", "text_encoders")])
+    }
+
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         single_clip_node(ctx, inputs, "CLIPLoaderGGUF")
     }
@@ -100,6 +114,14 @@ impl Node for DualClipLoaderGguf {
             .required("clip_name2", InputSpec::combo(&names))
             .required("type", InputSpec::combo(&DUAL_CLIP_TYPES))
             .output(OutputSpec::of("CLIP"))
+    }
+
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+        model_files_fingerprint(
+            services,
+            inputs,
+            &[("clip_name1", "text_encoders"), ("clip_name2", "text_encoders")],
+        )
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use easel_nodes::image::io::{replace_alpha, view_channel, view_preview, PreviewFormat};
-use easel_nodes::paths::{safe_relative, split_annotation, Paths};
+use easel_nodes::paths::{contained_once_created, safe_relative, split_annotation, write_replacing, Paths};
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -248,6 +248,10 @@ fn place_upload(paths: &Paths, form: &UploadForm) -> Result<(Json, Option<PathBu
     } else {
         base.join(client_path(&subfolder).ok_or(ApiError::BadRequest)?)
     };
+    // Checked before creating, so a symlinked subfolder cannot make folders elsewhere.
+    if !contained_once_created(base, &folder) {
+        return Err(ApiError::BadRequest);
+    }
     std::fs::create_dir_all(&folder).map_err(|_| ApiError::BadRequest)?;
     if !contained(base, &folder) {
         return Err(ApiError::BadRequest);
@@ -275,11 +279,20 @@ fn place_upload(paths: &Paths, form: &UploadForm) -> Result<(Json, Option<PathBu
     Ok((json!({"name": name, "subfolder": subfolder, "type": kind}), target))
 }
 
+/// Writes an upload with [`write_replacing`]: a symlink under the upload's name is replaced, never
+/// followed out of the folder.
+async fn write_upload(path: PathBuf, bytes: Vec<u8>) -> Result<(), ApiError> {
+    tokio::task::spawn_blocking(move || write_replacing(&path, &bytes))
+        .await
+        .map_err(|_| ApiError::Malformed)?
+        .map_err(|_| ApiError::BadRequest)
+}
+
 async fn upload_image(State(state): State<AppState>, multipart: Multipart) -> Result<Response, ApiError> {
-    let form = read_form(multipart).await?;
+    let mut form = read_form(multipart).await?;
     let (body, target) = place_upload(paths(&state)?, &form)?;
-    if let (Some(path), Some((_, bytes))) = (target, &form.file) {
-        tokio::fs::write(&path, bytes).await.map_err(|_| ApiError::BadRequest)?;
+    if let (Some(path), Some((_, bytes))) = (target, form.file.take()) {
+        write_upload(path, bytes).await?;
     }
     Ok(json_response(&body))
 }
@@ -309,9 +322,7 @@ async fn upload_mask(State(state): State<AppState>, multipart: Multipart) -> Res
     if let (Some(path), Some(original), Some((_, mask))) = (target, original, &form.file) {
         let original = tokio::fs::read(&original).await.map_err(|_| ApiError::BadRequest)?;
         let composed = replace_alpha(&original, mask).map_err(|_| ApiError::BadRequest)?;
-        tokio::fs::write(&path, composed)
-            .await
-            .map_err(|_| ApiError::BadRequest)?;
+        write_upload(path, composed).await?;
     }
     Ok(json_response(&body))
 }

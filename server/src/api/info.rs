@@ -107,6 +107,23 @@ fn memory() -> (u64, u64) {
     (field("MemTotal:"), field("MemAvailable:"))
 }
 
+/// The command line with every `--api-key` value hidden: `/system_stats` shows it to any client.
+fn redacted_argv(args: impl Iterator<Item = String>) -> Vec<String> {
+    let mut hide_next = false;
+    args.map(|arg| {
+        let hidden = if hide_next {
+            "***".to_string()
+        } else if arg.starts_with("--api-key=") {
+            "--api-key=***".to_string()
+        } else {
+            arg.clone()
+        };
+        hide_next = arg == "--api-key";
+        hidden
+    })
+    .collect()
+}
+
 async fn system_stats() -> Response {
     let (total, free) = memory();
     let os = if cfg!(windows) { "nt" } else { "posix" };
@@ -122,7 +139,7 @@ async fn system_stats() -> Response {
             "python_version": format!("Easel {} (Rust, no Python)", env!("CARGO_PKG_VERSION")),
             "pytorch_version": "none (candle)",
             "embedded_python": false,
-            "argv": std::env::args().collect::<Vec<_>>(),
+            "argv": redacted_argv(std::env::args()),
         },
         "devices": [{
             "name": "cpu", "type": "cpu", "index": Json::Null,
@@ -167,4 +184,26 @@ fn safetensors_metadata(file: &std::path::Path) -> Option<Json> {
     reader.read_exact(&mut header).ok()?;
     let header: Json = serde_json::from_slice(&header).ok()?;
     header.get("__metadata__").cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted_argv;
+
+    #[test]
+    fn system_stats_hides_api_keys_from_the_command_line() {
+        let argv = [
+            "easel",
+            "serve",
+            "--api-key",
+            "s3cret",
+            "--api-key=other",
+            "--port",
+            "8188",
+        ];
+        assert_eq!(
+            redacted_argv(argv.iter().map(|a| a.to_string())),
+            ["easel", "serve", "--api-key", "***", "--api-key=***", "--port", "8188"]
+        );
+    }
 }

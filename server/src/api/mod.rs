@@ -92,7 +92,7 @@ async fn unknown_path(method: axum::http::Method) -> Response {
 }
 
 /// A JSON body as aiohttp's `json_response` writes it (`json.dumps` spacing).
-pub fn json_response(body: &Json) -> Response {
+pub fn json_response(body: &impl serde::Serialize) -> Response {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
@@ -116,6 +116,9 @@ pub enum ApiError {
     /// A `comfy-user` that is not a known user: ComfyUI's unhandled `KeyError`, a plain-text 500
     /// (the settings routes answer 401, `/v2/userdata` 403).
     UnknownUser,
+    /// A request body Easel reads differently from ComfyUI's parser (nested deeper than
+    /// [`MAX_JSON_DEPTH`], or with `NaN`/`Infinity`), or a value it cannot keep: 400 saying why.
+    Unreadable(String),
     /// The store failed: 503 with an error body in ComfyUI's shape.
     Storage(StoreError),
 }
@@ -136,7 +139,7 @@ impl IntoResponse for ApiError {
             )
                 .into_response(),
             ApiError::Invalid(failure) => {
-                let mut response = json_response(&failure.to_json());
+                let mut response = json_response(&failure);
                 *response.status_mut() = StatusCode::BAD_REQUEST;
                 response
             }
@@ -150,6 +153,15 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest => StatusCode::BAD_REQUEST.into_response(),
             ApiError::Forbidden => StatusCode::FORBIDDEN.into_response(),
             ApiError::NotFound => StatusCode::NOT_FOUND.into_response(),
+            ApiError::Unreadable(message) => {
+                let body = json!({
+                    "error": {"type": "invalid_request", "message": message, "details": "", "extra_info": {}},
+                    "node_errors": {},
+                });
+                let mut response = json_response(&body);
+                *response.status_mut() = StatusCode::BAD_REQUEST;
+                response
+            }
             ApiError::Storage(error) => {
                 tracing::error!("store failure: {error}");
                 let body = json!({
@@ -169,9 +181,62 @@ pub fn paths(state: &AppState) -> Result<&Paths, ApiError> {
     state.runtime.services.get::<Paths>().ok_or(ApiError::NotFound)
 }
 
-/// A JSON request body, or ComfyUI's 500 for one that is not JSON.
+/// How deep a request body may nest (serde_json's limit). Python's parser goes deeper, but no
+/// workflow does; the store reads back without a limit what is nested this deep.
+pub const MAX_JSON_DEPTH: usize = 127;
+
+/// A JSON request body; ComfyUI's 500 for one that is not JSON, and a 400 saying why for JSON
+/// that Python reads but Easel does not (too deep, or `NaN`/`Infinity`).
 pub fn parse_body(body: &[u8]) -> Result<Json, ApiError> {
-    serde_json::from_slice(body).map_err(|_| ApiError::Malformed)
+    serde_json::from_slice(body).map_err(|_| {
+        let shape = JsonShape::of(body);
+        if shape.depth > MAX_JSON_DEPTH {
+            ApiError::Unreadable(format!("The request is nested deeper than {MAX_JSON_DEPTH} levels"))
+        } else if shape.non_finite {
+            ApiError::Unreadable("The request holds NaN or Infinity, which JSON has no numbers for".into())
+        } else {
+            ApiError::Malformed
+        }
+    })
+}
+
+/// What a scan of JSON text finds outside its strings: how deep it nests, and whether it has the
+/// `NaN`/`Infinity` literals of Python's parser (no JSON token outside a string has `N` or `I`).
+struct JsonShape {
+    depth: usize,
+    non_finite: bool,
+}
+
+impl JsonShape {
+    fn of(text: &[u8]) -> JsonShape {
+        let mut shape = JsonShape {
+            depth: 0,
+            non_finite: false,
+        };
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        for &byte in text {
+            if in_string {
+                match byte {
+                    _ if escaped => escaped = false,
+                    b'\\' => escaped = true,
+                    b'"' => in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match byte {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    shape.depth = shape.depth.max(depth);
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                b'N' | b'I' => shape.non_finite = true,
+                _ => {}
+            }
+        }
+        shape
+    }
 }
 
 /// A list of prompt ids from a `{"delete": [...]}` body.

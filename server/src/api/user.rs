@@ -291,10 +291,17 @@ async fn write_file(
     if query.get("overwrite").is_some_and(|o| o == "false") && path.exists() {
         return Ok(text(StatusCode::CONFLICT, "File already exists"));
     }
+    if !easel_nodes::paths::contained_once_created(&root, &path) {
+        return Err(ApiError::Forbidden);
+    }
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|_| ApiError::BadRequest)?;
     }
-    tokio::fs::write(&path, &body).await.map_err(|_| ApiError::BadRequest)?;
+    let target = path.clone();
+    tokio::task::spawn_blocking(move || easel_nodes::paths::write_replacing(&target, &body))
+        .await
+        .map_err(|_| ApiError::Malformed)?
+        .map_err(|_| ApiError::BadRequest)?;
     Ok(written(&root, &path, &query))
 }
 
@@ -355,7 +362,7 @@ fn write_settings(root: &std::path::Path, settings: &Map<String, Json>) -> Resul
     let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
     let mut serializer = serde_json::Serializer::with_formatter(&mut text, formatter);
     serde::Serialize::serialize(settings, &mut serializer).map_err(|_| ApiError::BadRequest)?;
-    std::fs::write(root.join(SETTINGS_FILE), text).map_err(|_| ApiError::BadRequest)
+    easel_nodes::paths::write_replacing(&root.join(SETTINGS_FILE), &text).map_err(|_| ApiError::BadRequest)
 }
 
 async fn settings(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {

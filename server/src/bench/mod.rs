@@ -1,11 +1,13 @@
-//! `easel bench TARGET`: measurements printed as tables — the HTTP API under load (`server`)
-//! and diffusion-model compute (`sd15`, `sdxl`, `flux`).
+//! `easel bench TARGET`: measurements printed as tables — the HTTP API under load (`server`),
+//! validation's error body for many failing outputs (`validation`) and diffusion-model compute
+//! (`sd15`, `sdxl`, `flux`).
 
 mod cpu_peak;
 mod flux;
 mod sd15;
 mod sdxl;
 mod server;
+mod validation;
 
 use std::time::Instant;
 
@@ -19,6 +21,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         BenchTarget::Sd15 => sd15::bench(&args),
         BenchTarget::Sdxl => sdxl::bench(&args),
         BenchTarget::Flux => flux::bench(&args),
+        BenchTarget::Validation => validation::bench(&args),
     }
 }
 

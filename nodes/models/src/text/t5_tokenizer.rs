@@ -2,9 +2,12 @@
 //! the weighted segments of the prompt (`(word:1.2)`, escapes, `embedding:` names, as for CLIP)
 //! tokenised by T5 v1.1's SentencePiece vocabulary, joined into one sequence, ended by `</s>`
 //! (1) and padded with `<pad>` (0) to at least `min_length` tokens (256 for FLUX). The
-//! vocabulary is a `tokenizer.json` read by the `tokenizers` crate.
+//! vocabulary is a `tokenizer.json` read by the `tokenizers` crate: ComfyUI's own, shipped inside
+//! Easel ([`T5Tokenizer::builtin`]), or another one beside the model.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use crate::text::tokenizer::{weighted_groups, EmbeddingLookup, TokenItem, WeightedToken};
 
@@ -20,21 +23,16 @@ pub const FLUX_T5_MIN_LENGTH: usize = 256;
 /// folder name).
 pub const T5_TOKENIZER_FOLDER: &str = "t5_tokenizer";
 
-/// Why a T5 text encoder has no tokenizer.
+/// ComfyUI 0.3.64's `comfy/text_encoders/t5_tokenizer/tokenizer.json` (T5 v1.1's SentencePiece
+/// vocabulary, 32 100 tokens), gzipped.
+const BUILTIN_T5_TOKENIZER: &[u8] = include_bytes!("../../data/t5_tokenizer.json.gz");
+
+/// A T5 tokenizer that cannot be read.
 #[derive(Debug, thiserror::Error)]
-pub enum T5TokenizerError {
-    #[error("cannot read the T5 tokenizer '{path}': {reason}")]
-    Read { path: PathBuf, reason: String },
-    #[error(
-        "the T5 text encoder '{encoder}' needs T5's tokenizer.json and none was found ({download}); \
-         looked in: {looked_in}. Put ComfyUI's comfy/text_encoders/t5_tokenizer/tokenizer.json in one of \
-         those places"
-    )]
-    NotFound {
-        encoder: PathBuf,
-        looked_in: String,
-        download: String,
-    },
+#[error("cannot read the T5 tokenizer '{path}': {reason}")]
+pub struct T5TokenizerError {
+    pub path: PathBuf,
+    pub reason: String,
 }
 
 /// The T5 vocabulary and its normalisation (a `tokenizer.json`).
@@ -44,11 +42,28 @@ pub struct T5Tokenizer {
 
 impl T5Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self, T5TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|error| T5TokenizerError::Read {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|error| T5TokenizerError {
             path: path.to_path_buf(),
             reason: error.to_string(),
         })?;
         Ok(T5Tokenizer { inner })
+    }
+
+    /// The tokenizer ComfyUI's T5 encoders use, from the copy inside Easel (read once).
+    pub fn builtin() -> Result<Arc<T5Tokenizer>, T5TokenizerError> {
+        static BUILTIN: OnceLock<Result<Arc<T5Tokenizer>, String>> = OnceLock::new();
+        let read = || -> Result<Arc<T5Tokenizer>, String> {
+            let mut json = Vec::new();
+            flate2::read::GzDecoder::new(BUILTIN_T5_TOKENIZER)
+                .read_to_end(&mut json)
+                .map_err(|error| error.to_string())?;
+            let inner = tokenizers::Tokenizer::from_bytes(&json).map_err(|error| error.to_string())?;
+            Ok(Arc::new(T5Tokenizer { inner }))
+        };
+        BUILTIN.get_or_init(read).clone().map_err(|reason| T5TokenizerError {
+            path: PathBuf::from("<built in>"),
+            reason,
+        })
     }
 
     /// The id of a vocabulary entry.
@@ -99,6 +114,16 @@ mod tests {
         let path = dir.join("tokenizer.json");
         write_tiny_t5_tokenizer(&path).expect("written");
         T5Tokenizer::from_file(&path).expect("read back")
+    }
+
+    /// The vocabulary inside Easel is ComfyUI's: ids as in its `tokenizer.json`'s vocabulary
+    /// table (`▁red` is entry 1131, `▁house` 629), `<pad>` 0 and `</s>` 1.
+    #[test]
+    fn the_builtin_tokenizer_is_comfyuis_t5_vocabulary() {
+        let tokenizer = T5Tokenizer::builtin().expect("built in");
+        assert_eq!(tokenizer.encode("red house"), vec![1131, 629]);
+        assert_eq!(tokenizer.token_id("<pad>"), Some(T5_PAD_TOKEN));
+        assert_eq!(tokenizer.token_id("</s>"), Some(T5_END_TOKEN));
     }
 
     #[test]
