@@ -549,12 +549,22 @@ impl Validator<'_> {
                 return;
             }
         }
-        if let IoType::Combo(options) = &spec.io_type {
+        // A classic combo lists its values as its type; a V3 one (`COMBO`) in its `options`.
+        let combo = match &spec.io_type {
+            IoType::Combo(options) => Some(options.as_slice()),
+            IoType::Named(name) if name == "COMBO" => Some(
+                spec.option("options")
+                    .and_then(Json::as_array)
+                    .map_or(&[][..], Vec::as_slice),
+            ),
+            IoType::Named(_) => None,
+        };
+        if let Some(options) = combo {
             if !options.iter().any(|option| py_eq(option, &value)) {
                 let (list_info, input_config) = if options.len() > 20 {
                     (format!("(list of length {})", options.len()), Json::Null)
                 } else {
-                    (py_repr(&Json::Array(options.clone())), spec.config_json())
+                    (py_repr(&Json::Array(options.to_vec())), spec.config_json())
                 };
                 frame.errors.push(json!({
                     "type": "value_not_in_list",

@@ -229,3 +229,29 @@ fn a_100000_node_chain_validates_without_overflow() {
     );
     assert!(validate(Json::Object(prompt)).is_err());
 }
+
+/// A V3 combo (`COMBO` with `options`) is checked against its options, with ComfyUI's error.
+#[test]
+fn a_v3_combo_value_outside_its_options_fails_validation() {
+    use easel_engine::schema::{InputSpec, NodeSchema};
+    let schema = NodeSchema::v3("Pick", "test", "test").output_node().required(
+        "mode",
+        InputSpec::of("COMBO")
+            .opt("multiselect", false)
+            .opt("options", json!(["Starts With", "Equal"])),
+    );
+    let (pick, _) = common::TestNode::new(schema, |_, _| Ok(easel_engine::NodeOutput::default()));
+    let mut registry = easel_engine::NodeRegistry::new();
+    registry.register(pick);
+    let prompt =
+        |mode: &str| Prompt::from_json(json!({"1": {"class_type": "Pick", "inputs": {"mode": mode}}})).unwrap();
+    assert!(validate_prompt(&registry, &Services::new(), prompt("Equal"), None).is_ok());
+    let failure = validate_prompt(&registry, &Services::new(), prompt("Shout"), None).unwrap_err();
+    let error = &failure.node_errors.to_json()["1"]["errors"][0];
+    assert_eq!(error["type"], "value_not_in_list");
+    assert_eq!(error["details"], "mode: 'Shout' not in ['Starts With', 'Equal']");
+    assert_eq!(
+        error["extra_info"]["input_config"],
+        json!(["COMBO", {"multiselect": false, "options": ["Starts With", "Equal"]}])
+    );
+}

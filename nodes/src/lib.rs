@@ -9,6 +9,7 @@
 //! - [`sampling`]: KSampler, the custom-sampling nodes and the sampling run under them;
 //! - [`loaders`]: checkpoint, diffusion-model, text-encoder, VAE and LoRA loaders;
 //! - [`flux`]: FLUX's own nodes; [`packs`]: nodes of custom-node packs (ComfyUI-GGUF);
+//! - [`utils`]: primitives and string operations (Python's `str` and `re` semantics);
 //! - [`paths`]: ComfyUI's directory layout and model folders, [`model_cache`]: loaded models
 //!   shared between nodes, [`runtime`]: device, precision and error conversion (services and
 //!   helpers the folders share).
@@ -27,6 +28,7 @@ pub mod packs;
 pub mod paths;
 pub mod runtime;
 pub mod sampling;
+pub mod utils;
 
 use easel_engine::NodeRegistry;
 
@@ -48,4 +50,5 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     model::register(registry);
     flux::register(registry);
     packs::register(registry);
+    utils::register(registry);
 }

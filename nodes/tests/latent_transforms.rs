@@ -169,3 +169,42 @@ fn masked_composites_paste_through_the_mask_in_latent_pixels() {
     // Past the right edge nothing is pasted.
     assert!(paste(1000, false).iter().all(|v| *v == 0.0));
 }
+
+/// LatentAdd and LatentSubtract bring the second latent to the first's shape (bilinear with a
+/// centre crop, then its batch repeated or cut) before combining; LatentMultiply scales in float32.
+#[test]
+fn latent_arithmetic_reshapes_the_second_latent_to_the_first() {
+    let setup = setup();
+    let first = latent(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], (2, 1, 2, 2));
+    let second = latent(vec![10.0, 20.0, 30.0, 40.0], (1, 1, 2, 2));
+    let added = run(
+        &setup,
+        "LatentAdd",
+        vec![("samples1", first.clone()), ("samples2", second.clone())],
+    );
+    assert_eq!(flat(&added), [11.0, 22.0, 33.0, 44.0, 15.0, 26.0, 37.0, 48.0]);
+    let subtracted = run(
+        &setup,
+        "LatentSubtract",
+        vec![("samples1", first.clone()), ("samples2", second)],
+    );
+    assert_eq!(
+        flat(&subtracted),
+        [-9.0, -18.0, -27.0, -36.0, -5.0, -14.0, -23.0, -32.0]
+    );
+    // A constant latent of another size stays constant when resized; the batch of three is cut.
+    let other_size = latent(vec![0.5; 3 * 16], (3, 1, 4, 4));
+    let added = run(
+        &setup,
+        "LatentAdd",
+        vec![("samples1", first.clone()), ("samples2", other_size)],
+    );
+    assert_eq!(flat(&added), [1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5]);
+    let scaled = run(
+        &setup,
+        "LatentMultiply",
+        vec![("samples", first), ("multiplier", j(json!(0.1)))],
+    );
+    let expected: Vec<f32> = (1..=8).map(|v| v as f32 * 0.1f32).collect();
+    assert_eq!(flat(&scaled), expected);
+}

@@ -7,6 +7,8 @@
 //! - [`nodes`]: LoadImage, LoadImageMask, SaveImage, PreviewImage, ImageScale(By), ImageInvert,
 //!   ImageCrop, ImageBatch, ImagePadForOutpaint, ImageCompositeMasked, EmptyImage,
 //!   SaveImageWebsocket;
+//! - [`transform`]: ImageRotate, ImageFlip, ImageScaleToMaxDimension, RepeatImageBatch,
+//!   ImageFromBatch, ImageAddNoise;
 //! - [`canny`]: Canny (`image/preprocessors`);
 //! - [`io`]: decoding image files and writing PNGs with metadata;
 //! - [`resample`]: PyTorch's and Pillow's resampling, as ComfyUI uses them.
@@ -15,6 +17,7 @@ pub mod canny;
 pub mod io;
 pub mod nodes;
 pub mod resample;
+pub mod transform;
 
 use easel_engine::{NodeError, NodeObject, NodeRegistry};
 
@@ -34,6 +37,12 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(nodes::EmptyImage);
     registry.register(canny::Canny);
     registry.register(nodes::SaveImageWebsocket);
+    registry.register(transform::RepeatImageBatch);
+    registry.register(transform::ImageFromBatch);
+    registry.register(transform::ImageAddNoise);
+    registry.register(transform::ImageRotate);
+    registry.register(transform::ImageFlip);
+    registry.register(transform::ImageScaleToMaxDimension);
 }
 
 /// An `IMAGE` batch, `[batch, height, width, channels]`, row-major.

@@ -4,9 +4,11 @@
 //! - [`nodes`]: EmptyLatentImage, EmptySD3LatentImage, LatentUpscale(By), LatentFromBatch,
 //!   RepeatLatentBatch, SetLatentNoiseMask;
 //! - [`transform`]: LatentFlip, LatentRotate, LatentCrop, LatentComposite(Masked), LatentBlend;
+//! - [`arithmetic`]: LatentAdd, LatentSubtract, LatentMultiply;
 //! - [`vae`]: VAEDecode, VAEEncode, VAEEncodeForInpaint, InpaintModelConditioning and the tiled
 //!   VAE nodes.
 
+pub mod arithmetic;
 pub mod nodes;
 pub mod transform;
 pub mod vae;
@@ -32,6 +34,9 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(transform::LatentComposite);
     registry.register(transform::LatentCompositeMasked);
     registry.register(transform::LatentBlend);
+    registry.register(arithmetic::LatentAdd);
+    registry.register(arithmetic::LatentSubtract);
+    registry.register(arithmetic::LatentMultiply);
     registry.register(vae::VaeDecode);
     registry.register(vae::VaeEncode);
     registry.register(vae::VaeEncodeForInpaint);
