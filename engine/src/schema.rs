@@ -93,6 +93,14 @@ impl InputSpec {
         }
     }
 
+    /// A V3 combo: `["COMBO", {"multiselect": false, "options": [...]}]`.
+    pub fn combo_v3<S: AsRef<str>>(values: &[S]) -> Self {
+        let options = values.iter().map(|v| Json::String(v.as_ref().to_string())).collect();
+        Self::of("COMBO")
+            .opt("multiselect", false)
+            .opt("options", Json::Array(options))
+    }
+
     /// `["INT", {"default", "min", "max"}]`.
     pub fn int(default: i64, min: i64, max: i64) -> Self {
         Self::of("INT").opt("default", default).opt("min", min).opt("max", max)

@@ -208,3 +208,49 @@ fn latent_arithmetic_reshapes_the_second_latent_to_the_first() {
     let expected: Vec<f32> = (1..=8).map(|v| v as f32 * 0.1f32).collect();
     assert_eq!(flat(&scaled), expected);
 }
+
+/// LatentBatch appends the second batch with both batches' indices; LatentBatchSeedBehavior
+/// fixes every index to the first or drops them; LatentCut takes a range along x, y or t, kept
+/// within the latent (a negative index counts from the end).
+#[test]
+fn latent_batches_join_fix_their_seeds_and_cut() {
+    let setup = setup();
+    let first = latent((0..8).map(|v| v as f32).collect(), (2, 1, 2, 2));
+    let second = latent(vec![9.0; 4], (1, 1, 2, 2));
+    let out = setup
+        .call("LatentBatch", vec![("samples1", first.clone()), ("samples2", second)])
+        .unwrap();
+    let joined = out[0].downcast::<Latent>().unwrap();
+    assert_eq!(joined.samples.dims(), [3, 1, 2, 2]);
+    assert_eq!(joined.batch_index, Some(vec![0, 1, 0]));
+
+    let fixed = setup
+        .call(
+            "LatentBatchSeedBehavior",
+            vec![("samples", out[0].clone()), ("seed_behavior", j(json!("fixed")))],
+        )
+        .unwrap();
+    assert_eq!(fixed[0].downcast::<Latent>().unwrap().batch_index, Some(vec![0, 0, 0]));
+    let random = setup
+        .call(
+            "LatentBatchSeedBehavior",
+            vec![("samples", out[0].clone()), ("seed_behavior", j(json!("random")))],
+        )
+        .unwrap();
+    assert_eq!(random[0].downcast::<Latent>().unwrap().batch_index, None);
+
+    let cut = |dim: &str, index: i64, amount: i64| {
+        let inputs = vec![
+            ("samples", first.clone()),
+            ("dim", j(json!(dim))),
+            ("index", j(json!(index))),
+            ("amount", j(json!(amount))),
+        ];
+        let samples = run(&setup, "LatentCut", inputs);
+        (samples.dims().to_vec(), flat(&samples))
+    };
+    assert_eq!(cut("x", 1, 5), (vec![2, 1, 2, 1], vec![1.0, 3.0, 5.0, 7.0]));
+    assert_eq!(cut("y", -1, 1), (vec![2, 1, 1, 2], vec![2.0, 3.0, 6.0, 7.0]));
+    assert_eq!(cut("x", 9, 1), (vec![2, 1, 2, 1], vec![1.0, 3.0, 5.0, 7.0]));
+    assert_eq!(cut("y", -9, 1).1, vec![0.0, 1.0, 4.0, 5.0]);
+}

@@ -34,8 +34,8 @@ fn repeat_to_batch(samples: &Tensor, batch: usize) -> Result<Tensor, NodeError> 
     Ok(tiled)
 }
 
-/// ComfyUI's `reshape_latent_to(target.shape, latent)`.
-fn reshape_to(target: &Tensor, latent: &Latent) -> Result<Tensor, NodeError> {
+/// ComfyUI's `reshape_latent_to(target.shape, latent, repeat_batch)`.
+pub(crate) fn reshape_to(target: &Tensor, latent: &Latent, repeat_batch: bool) -> Result<Tensor, NodeError> {
     let (target_dims, dims) = (target.dims(), latent.samples.dims());
     let samples = if target_dims[1..] != dims[1..] {
         let (height, width) = (target_dims[target_dims.len() - 2], target_dims[target_dims.len() - 1]);
@@ -43,6 +43,9 @@ fn reshape_to(target: &Tensor, latent: &Latent) -> Result<Tensor, NodeError> {
     } else {
         latent.samples.clone()
     };
+    if !repeat_batch {
+        return Ok(samples);
+    }
     repeat_to_batch(&samples, target_dims[0])
 }
 
@@ -52,7 +55,7 @@ fn combine(
     operation: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
 ) -> Result<NodeOutput, NodeError> {
     let first = inputs.object::<Latent>("samples1")?;
-    let second = reshape_to(&first.samples, inputs.object::<Latent>("samples2")?)?;
+    let second = reshape_to(&first.samples, inputs.object::<Latent>("samples2")?, true)?;
     let samples = operation(&first.samples, &second).map_err(tensor_error)?;
     Ok(NodeOutput::values(vec![Value::object(first.with_samples(samples))]))
 }

@@ -5,10 +5,12 @@
 //!   RepeatLatentBatch, SetLatentNoiseMask;
 //! - [`transform`]: LatentFlip, LatentRotate, LatentCrop, LatentComposite(Masked), LatentBlend;
 //! - [`arithmetic`]: LatentAdd, LatentSubtract, LatentMultiply;
+//! - [`batch`]: LatentBatch, LatentBatchSeedBehavior, LatentCut;
 //! - [`vae`]: VAEDecode, VAEEncode, VAEEncodeForInpaint, InpaintModelConditioning and the tiled
 //!   VAE nodes.
 
 pub mod arithmetic;
+pub mod batch;
 pub mod nodes;
 pub mod transform;
 pub mod vae;
@@ -37,6 +39,9 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(arithmetic::LatentAdd);
     registry.register(arithmetic::LatentSubtract);
     registry.register(arithmetic::LatentMultiply);
+    registry.register(batch::LatentBatch);
+    registry.register(batch::LatentBatchSeedBehavior);
+    registry.register(batch::LatentCut);
     registry.register(vae::VaeDecode);
     registry.register(vae::VaeEncode);
     registry.register(vae::VaeEncodeForInpaint);

@@ -5,7 +5,6 @@
 //! fails the prompt with an error that says what is not supported yet.
 
 use easel_engine::{InputSpec, Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeSchema, OutputSpec, Services};
-use serde_json::json;
 
 use crate::loaders::models::file_names;
 
@@ -87,9 +86,7 @@ impl Node for &'static PendingLoader {
     fn schema(&self, services: &Services) -> NodeSchema {
         let files = file_names(services, self.folder);
         let (schema, input) = if self.v3 {
-            let files = InputSpec::of("COMBO")
-                .opt("multiselect", false)
-                .opt("options", json!(files));
+            let files = InputSpec::combo_v3(&files);
             (NodeSchema::v3(self.class, self.python_module, self.category), files)
         } else {
             (

@@ -20,13 +20,6 @@ pub(crate) fn text(multiline: bool) -> InputSpec {
     InputSpec::of("STRING").opt("multiline", multiline)
 }
 
-/// A V3 `io.Combo.Input`.
-pub(crate) fn combo(options: &[&str]) -> InputSpec {
-    InputSpec::of("COMBO")
-        .opt("multiselect", false)
-        .opt("options", json!(options))
-}
-
 fn output(value: serde_json::Value) -> Result<NodeOutput, NodeError> {
     Ok(NodeOutput::values(vec![Value::Json(value)]))
 }
@@ -116,7 +109,10 @@ impl Node for CaseConverter {
     fn schema(&self, _: &Services) -> NodeSchema {
         schema("CaseConverter", "Case Converter")
             .required("string", text(true))
-            .required("mode", combo(&["UPPERCASE", "lowercase", "Capitalize", "Title Case"]))
+            .required(
+                "mode",
+                InputSpec::combo_v3(&["UPPERCASE", "lowercase", "Capitalize", "Title Case"]),
+            )
             .output(OutputSpec::of("STRING"))
     }
 
@@ -140,7 +136,7 @@ impl Node for StringTrim {
     fn schema(&self, _: &Services) -> NodeSchema {
         schema("StringTrim", "Trim")
             .required("string", text(true))
-            .required("mode", combo(&["Both", "Left", "Right"]))
+            .required("mode", InputSpec::combo_v3(&["Both", "Left", "Right"]))
             .output(OutputSpec::of("STRING"))
     }
 
@@ -205,7 +201,7 @@ impl Node for StringCompare {
         schema("StringCompare", "Compare")
             .required("string_a", text(true))
             .required("string_b", text(true))
-            .required("mode", combo(&["Starts With", "Ends With", "Equal"]))
+            .required("mode", InputSpec::combo_v3(&["Starts With", "Ends With", "Equal"]))
             .required("case_sensitive", InputSpec::boolean(true))
             .output(OutputSpec::of("BOOLEAN"))
     }
@@ -263,7 +259,7 @@ impl Node for RegexExtract {
                 .required("regex_pattern", text(true))
                 .required(
                     "mode",
-                    combo(&["First Match", "All Matches", "First Group", "All Groups"]),
+                    InputSpec::combo_v3(&["First Match", "All Matches", "First Group", "All Groups"]),
                 ),
         )
         .required("group_index", InputSpec::int(1, 0, 100))
