@@ -1,6 +1,9 @@
 //! The mask category: ComfyUI's mask nodes (`comfy_extras/nodes_mask.py`): ImageToMask,
-//! MaskToImage, SolidMask, InvertMask, GrowMask, FeatherMask, ThresholdMask, CropMask. The `MASK`
-//! value is [`crate::image::Mask`]; LoadImageMask is with LoadImage in [`crate::image::nodes`].
+//! MaskToImage, SolidMask, InvertMask, GrowMask, FeatherMask, ThresholdMask, CropMask, and
+//! MaskComposite and ImageColorToMask ([`composite`]). The `MASK` value is [`crate::image::Mask`];
+//! LoadImageMask is with LoadImage in [`crate::image::nodes`].
+
+pub mod composite;
 
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec, MAX_RESOLUTION};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeRegistry, Services, Value};
@@ -19,6 +22,8 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(FeatherMask);
     registry.register(ThresholdMask);
     registry.register(CropMask);
+    registry.register(composite::MaskComposite);
+    registry.register(composite::ImageColorToMask);
 }
 
 const MODULE: &str = "comfy_extras.nodes_mask";
