@@ -4,6 +4,7 @@
 //! the `X-API-KEY` header, `Authorization: Bearer <key>`, or, for browsers, a `token` query
 //! parameter, which is answered with an HttpOnly cookie so the page's later requests carry it.
 
+use crate::api::error_response;
 use crate::state::AppState;
 use crate::url::percent_decode;
 use axum::extract::{Request, State};
@@ -11,8 +12,6 @@ use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use easel_engine::pyjson::dumps;
-use serde_json::json;
 
 /// The cookie a browser gets after presenting `?token=`.
 const COOKIE: &str = "easel_token";
@@ -47,19 +46,16 @@ fn query_token(query: Option<&str>) -> Option<String> {
 }
 
 fn unauthorized() -> Response {
-    let body = json!({
-        "error": {"type": "unauthorized", "message": "An API key is required", "details": "Send it as X-API-KEY, Authorization: Bearer, or ?token=", "extra_info": {}},
-        "node_errors": {},
-    });
-    (
+    let mut response = error_response(
         StatusCode::UNAUTHORIZED,
-        [
-            (header::CONTENT_TYPE, "application/json; charset=utf-8"),
-            (header::WWW_AUTHENTICATE, "Bearer"),
-        ],
-        dumps(&body),
-    )
-        .into_response()
+        "unauthorized",
+        "An API key is required",
+        "Send it as X-API-KEY, Authorization: Bearer, or ?token=",
+    );
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
 }
 
 /// Requires an API key when the server has any.

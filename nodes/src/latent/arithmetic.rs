@@ -9,29 +9,13 @@ use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 
 use crate::latent::nodes::upscale_latent;
-use crate::latent::Latent;
+use crate::latent::{repeat_to_batch, Latent};
 use crate::runtime::tensor_error;
 
 const MODULE: &str = "comfy_extras.nodes_latent";
 
 fn schema(class: &str) -> NodeSchema {
     NodeSchema::v3(class, MODULE, "latent/advanced")
-}
-
-/// `comfy.utils.repeat_to_batch_size` on dimension 0: cut, or tiled then cut.
-fn repeat_to_batch(samples: &Tensor, batch: usize) -> Result<Tensor, NodeError> {
-    let have = samples.dim(0).map_err(tensor_error)?;
-    let tiled = if have < batch && have > 0 {
-        let mut repeats = vec![1; samples.rank()];
-        repeats[0] = batch.div_ceil(have);
-        samples.repeat(repeats).map_err(tensor_error)?
-    } else {
-        samples.clone()
-    };
-    if tiled.dim(0).map_err(tensor_error)? > batch {
-        return tiled.narrow(0, 0, batch).map_err(tensor_error);
-    }
-    Ok(tiled)
 }
 
 /// ComfyUI's `reshape_latent_to(target.shape, latent, repeat_batch)`.
@@ -46,7 +30,7 @@ pub(crate) fn reshape_to(target: &Tensor, latent: &Latent, repeat_batch: bool) -
     if !repeat_batch {
         return Ok(samples);
     }
-    repeat_to_batch(&samples, target_dims[0])
+    repeat_to_batch(&samples, target_dims[0]).map_err(tensor_error)
 }
 
 /// A pair of latents combined element by element, the second reshaped to the first.

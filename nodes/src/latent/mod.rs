@@ -50,6 +50,23 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(vae::VaeEncodeTiled);
 }
 
+/// `comfy.utils.repeat_to_batch_size` on dimension 0: `t` cut to `batch` items, or tiled and
+/// then cut (a [1, …] tensor repeated).
+pub(crate) fn repeat_to_batch(t: &Tensor, batch: usize) -> candle_core::Result<Tensor> {
+    let have = t.dim(0)?;
+    let tiled = if have < batch && have > 0 {
+        let mut repeats = vec![1; t.rank()];
+        repeats[0] = batch.div_ceil(have);
+        t.repeat(repeats)?
+    } else {
+        t.clone()
+    };
+    if tiled.dim(0)? > batch {
+        return tiled.narrow(0, 0, batch);
+    }
+    Ok(tiled)
+}
+
 /// A latent space: how VAE latents are scaled into model space and how previews colour them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LatentFormat {

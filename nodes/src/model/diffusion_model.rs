@@ -16,7 +16,7 @@ use easel_models::weights::WeightSource;
 use crate::conditioning::{CondEntry, ConditioningError, FLUX_MASK_CHANNELS};
 use crate::image::resample::{common_upscale, ResizeMethod};
 use crate::latent::nodes::{image_as_latents, latents_as_image};
-use crate::latent::LatentFormat;
+use crate::latent::{repeat_to_batch, LatentFormat};
 
 /// What the network predicts, and so what it is given and how its output becomes the denoised
 /// latent (ComfyUI's model-sampling types, σ_data = 1 unless said otherwise).
@@ -348,16 +348,6 @@ impl DiffusionModel {
             .reshape((1, pooled_width))?;
         Ok(Some(Tensor::cat(&[&pooled, &embedded], 1)?))
     }
-}
-
-/// `t` ([1, …] or [batch, …]) with `batch` items.
-pub(crate) fn repeat_to_batch(t: &Tensor, batch: usize) -> candle_core::Result<Tensor> {
-    if t.dim(0)? == batch {
-        return Ok(t.clone());
-    }
-    let mut repeats = vec![1; t.rank()];
-    repeats[0] = batch;
-    t.repeat(repeats)
 }
 
 /// ComfyUI's `blank_inpaint_image_like` for SD latents: "zero" pixels in latent space.

@@ -7,7 +7,8 @@ use easel_models::sampling::samplers::Denoiser;
 
 use crate::conditioning::regions::{same_area_source, LatentArea, ResolvedRegion};
 use crate::conditioning::{CondEntry, Conditioning, ConditioningError, DEFAULT_GUIDANCE};
-use crate::model::diffusion_model::{repeat_to_batch, DiffusionModel, DiffusionNetwork, LatentInputs, ModelInputs};
+use crate::latent::repeat_to_batch;
+use crate::model::diffusion_model::{DiffusionModel, DiffusionNetwork, LatentInputs, ModelInputs};
 
 /// Classifier-free guidance over conditioning lists (ComfyUI's `CFGGuider` with
 /// `sampling_function`): each side is the strength-weighted average of its active entries'

@@ -91,14 +91,24 @@ async fn unknown_path(method: axum::http::Method) -> Response {
         .into_response()
 }
 
+/// aiohttp's `json_response` content type.
+pub const JSON_CONTENT_TYPE: &str = "application/json; charset=utf-8";
+
 /// A JSON body as aiohttp's `json_response` writes it (`json.dumps` spacing).
 pub fn json_response(body: &impl serde::Serialize) -> Response {
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
-        dumps(body),
-    )
-        .into_response()
+    (StatusCode::OK, [(header::CONTENT_TYPE, JSON_CONTENT_TYPE)], dumps(body)).into_response()
+}
+
+/// A refusal in the shape of ComfyUI's error bodies:
+/// `{"error": {"type", "message", "details", "extra_info": {}}, "node_errors": {}}`.
+pub fn error_response(status: StatusCode, error_type: &str, message: &str, details: &str) -> Response {
+    let body = json!({
+        "error": {"type": error_type, "message": message, "details": details, "extra_info": {}},
+        "node_errors": {},
+    });
+    let mut response = json_response(&body);
+    *response.status_mut() = status;
+    response
 }
 
 /// Every failure a route answers with, in ComfyUI's shape.
@@ -153,24 +163,15 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest => StatusCode::BAD_REQUEST.into_response(),
             ApiError::Forbidden => StatusCode::FORBIDDEN.into_response(),
             ApiError::NotFound => StatusCode::NOT_FOUND.into_response(),
-            ApiError::Unreadable(message) => {
-                let body = json!({
-                    "error": {"type": "invalid_request", "message": message, "details": "", "extra_info": {}},
-                    "node_errors": {},
-                });
-                let mut response = json_response(&body);
-                *response.status_mut() = StatusCode::BAD_REQUEST;
-                response
-            }
+            ApiError::Unreadable(message) => error_response(StatusCode::BAD_REQUEST, "invalid_request", &message, ""),
             ApiError::Storage(error) => {
                 tracing::error!("store failure: {error}");
-                let body = json!({
-                    "error": {"type": "storage_error", "message": "The server could not store the request", "details": error.to_string(), "extra_info": {}},
-                    "node_errors": {},
-                });
-                let mut response = json_response(&body);
-                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-                response
+                error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_error",
+                    "The server could not store the request",
+                    &error.to_string(),
+                )
             }
         }
     }

@@ -1,6 +1,6 @@
 //! `POST /prompt` (queue a prompt, protocol §2) and `GET /prompt` (queue status).
 
-use super::{json_response, parse_body, ApiError};
+use super::{json_response, parse_body, ApiError, JSON_CONTENT_TYPE};
 use crate::queue::QueueItem;
 use crate::state::AppState;
 use axum::body::{Body, Bytes};
@@ -37,7 +37,7 @@ async fn queue_prompt(State(state): State<AppState>, body: Bytes) -> Result<Resp
     let mut response = Response::new(Body::new(hand_off));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json; charset=utf-8"),
+        header::HeaderValue::from_static(JSON_CONTENT_TYPE),
     );
     Ok(response)
 }
