@@ -8,78 +8,16 @@ use std::sync::Arc;
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{flat, j, setup, setup_with, Setup};
+use common::{flat, j, ksampler, sd1_inputs as inputs, setup, setup_with};
 use easel_engine::Value;
 use easel_models::architectures::unet::UNetInput;
 use easel_models::sampling::noise::prepare_noise;
 use easel_models::sampling::samplers::SAMPLER_NAMES;
-use easel_models::testmodels::TINY_SD1_CHECKPOINT;
 use easel_nodes::builtin_registry;
 use easel_nodes::latent::Latent;
 use easel_nodes::model::diffusion_model::Model;
 use easel_nodes::paths::Paths;
 use serde_json::json;
-
-/// Loader, prompts and an empty latent of `batch` 64×64 images.
-fn inputs(setup: &Setup, batch: u32) -> (Vec<Value>, Value, Value, Value) {
-    let loaded = setup
-        .call(
-            "CheckpointLoaderSimple",
-            vec![("ckpt_name", j(json!(TINY_SD1_CHECKPOINT)))],
-        )
-        .unwrap();
-    let encode = |text: &str| {
-        setup
-            .call(
-                "CLIPTextEncode",
-                vec![("text", j(json!(text))), ("clip", loaded[1].clone())],
-            )
-            .unwrap()
-    };
-    let positive = encode("a (red:1.2) fox")[0].clone();
-    let negative = encode("blurry")[0].clone();
-    let latent = setup
-        .call(
-            "EmptyLatentImage",
-            vec![
-                ("width", j(json!(64))),
-                ("height", j(json!(64))),
-                ("batch_size", j(json!(batch))),
-            ],
-        )
-        .unwrap()[0]
-        .clone();
-    (loaded, positive, negative, latent)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn ksampler(
-    setup: &Setup,
-    model: &Value,
-    positive: &Value,
-    negative: &Value,
-    latent: &Value,
-    sampler: &str,
-    steps: u32,
-    cfg: f64,
-) -> Result<Tensor, easel_engine::NodeError> {
-    let out = setup.call(
-        "KSampler",
-        vec![
-            ("model", model.clone()),
-            ("seed", j(json!(7))),
-            ("steps", j(json!(steps))),
-            ("cfg", j(json!(cfg))),
-            ("sampler_name", j(json!(sampler))),
-            ("scheduler", j(json!("karras"))),
-            ("positive", positive.clone()),
-            ("negative", negative.clone()),
-            ("latent_image", latent.clone()),
-            ("denoise", j(json!(1.0))),
-        ],
-    )?;
-    Ok(out[0].downcast::<Latent>().unwrap().samples.clone())
-}
 
 #[test]
 fn one_euler_step_is_the_update_rule() {

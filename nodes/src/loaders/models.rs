@@ -32,6 +32,7 @@ use crate::loaders::model_files_fingerprint;
 use crate::loaders::t5_tokenizer_files::{find_t5_tokenizer, TokenizerSearch};
 use crate::model::clip::{Clip, TextEncoder, TextNetwork};
 use crate::model::diffusion_model::{DiffusionModel, DiffusionNetwork, Model, Prediction};
+use crate::model::patches::ModelPatches;
 use crate::model::vae::VaeModel;
 use crate::model_cache::ModelCache;
 use crate::paths::Paths;
@@ -123,6 +124,7 @@ fn build_model(source: WeightSource, family: Family, unet: UNetConfig, v_predict
         latent_format: LatentFormat::of(family),
         device,
         differential_diffusion: None,
+        patches: ModelPatches::default(),
     })))
 }
 
@@ -366,6 +368,7 @@ fn build_flux(source: WeightSource, config: FluxConfig) -> Result<Model, NodeErr
         schedule,
         latent_format: LatentFormat::flux(),
         differential_diffusion: None,
+        patches: ModelPatches::default(),
     })))
 }
 

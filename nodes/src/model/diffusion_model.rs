@@ -1,6 +1,7 @@
 //! ComfyUI's `MODEL` value: a diffusion network (UNet or FLUX) with its prediction type, σ schedule
 //! and latent format, and the extra inputs each family's network takes (SDXL's size embeddings,
-//! inpainting models' mask and image channels, FLUX's guidance and fill channels).
+//! inpainting models' mask and image channels, FLUX's guidance and fill channels), and the
+//! patches nodes added to it ([`ModelPatches`]).
 
 use std::fmt;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use candle_core::{DType, Device, Tensor, D};
 use easel_engine::NodeObject;
 use easel_models::architectures::flux::{Flux, FluxControl, FluxInput};
 use easel_models::architectures::unet::{timestep_embedding, UNet, UNetInput};
+use easel_models::architectures::unet_patches::{BatchPart, CallInfo, PatchedCall, UNetPatches};
 use easel_models::checkpoint::Family;
 use easel_models::sampling::schedule::SigmaSchedule;
 use easel_models::weights::WeightSource;
@@ -17,6 +19,7 @@ use crate::conditioning::{CondEntry, ConditioningError, FLUX_MASK_CHANNELS};
 use crate::image::resample::{common_upscale, ResizeMethod};
 use crate::latent::nodes::{image_as_latents, latents_as_image};
 use crate::latent::{repeat_to_batch, LatentFormat};
+use crate::model::patches::ModelPatches;
 
 /// What the network predicts, and so what it is given and how its output becomes the denoised
 /// latent (ComfyUI's model-sampling types, σ_data = 1 unless said otherwise).
@@ -159,12 +162,19 @@ pub struct DiffusionModel {
     /// The strength DifferentialDiffusion set: the inpainting mask is then thresholded anew at
     /// every step (see [`DifferentialDiffusion`]).
     pub differential_diffusion: Option<f64>,
+    pub patches: ModelPatches,
 }
 
 impl DiffusionModel {
-    /// D(x, σ) for one conditioning: scale the input, run the network at σ's timestep, turn the
-    /// prediction into the denoised latent.
-    pub(crate) fn denoise(&self, x: &Tensor, sigma: f32, inputs: &ModelInputs) -> candle_core::Result<Tensor> {
+    /// D(x, σ) for one conditioning: scale the input, run the network at σ's timestep with the
+    /// model's patches (and `call.extra`), turn the prediction into the denoised latent.
+    pub(crate) fn denoise(
+        &self,
+        x: &Tensor,
+        sigma: f32,
+        inputs: &ModelInputs,
+        call: &ModelCall,
+    ) -> candle_core::Result<Tensor> {
         let batch = x.dim(0)?;
         let scaled = self.prediction.network_input(x, sigma)?;
         let concat = inputs.concat.as_ref().map(|c| repeat_to_batch(c, batch)).transpose()?;
@@ -178,8 +188,22 @@ impl DiffusionModel {
                     Some(concat) => Tensor::cat(&[&scaled, concat], 1)?,
                     None => scaled,
                 };
+                let (_, channels, height, width) = input.dims4()?;
+                let patches = match call.extra {
+                    Some(extra) => self.patches.unet.and(extra),
+                    None => self.patches.unet.clone(),
+                };
+                let info = CallInfo {
+                    original_shape: [batch, channels, height, width],
+                    sigma,
+                    parts: call.parts.to_vec(),
+                };
                 unet.forward(&UNetInput {
                     y: y.as_ref(),
+                    patches: (!patches.is_empty()).then_some(PatchedCall {
+                        patches: &patches,
+                        info: &info,
+                    }),
                     ..UNetInput::new(&input, &timesteps, &context)
                 })?
             }
@@ -398,6 +422,13 @@ pub(crate) struct ModelInputs {
     pub(crate) y: Option<Tensor>,
     pub(crate) concat: Option<Tensor>,
     pub(crate) guidance: Option<Tensor>,
+}
+
+/// What a model call is for: the batch's chunks (one per conditioning side it holds), and UNet
+/// patches for this call only (PerturbedAttentionGuidance's perturbed attention).
+pub(crate) struct ModelCall<'a> {
+    pub(crate) parts: &'a [BatchPart],
+    pub(crate) extra: Option<&'a UNetPatches>,
 }
 
 /// The latent being sampled, as the conditioning needs it: in model space, and the denoise

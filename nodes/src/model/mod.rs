@@ -4,13 +4,21 @@
 //!   latent format and the inputs each family's network takes;
 //! - [`clip`]: CLIP, the text encoders of a model with their tokenizers and options;
 //! - [`vae`]: VAE, the autoencoder;
-//! - [`nodes`]: ModelSamplingDiscrete, ModelSamplingFlux (`advanced/model`), DifferentialDiffusion.
+//! - [`patches`]: the patches nodes add to a MODEL (UNet hooks, guidance functions);
+//!   [`guidance`] and [`block_patches`] implement ComfyUI's, [`fourier`] their frequency filters;
+//! - [`nodes`]: ModelSamplingDiscrete, ModelSamplingFlux (`advanced/model`), DifferentialDiffusion;
+//! - [`patch_nodes`]: the nodes that add patches (RescaleCFG, CFGZeroStar, APG, FreeU, PAG, …).
 //!
 //! The networks themselves are in `easel_models::architectures`.
 
+pub mod block_patches;
 pub mod clip;
 pub mod diffusion_model;
+pub mod fourier;
+pub mod guidance;
 pub mod nodes;
+pub mod patch_nodes;
+pub mod patches;
 pub mod vae;
 
 use easel_engine::NodeRegistry;
@@ -20,4 +28,16 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(nodes::ModelSamplingDiscrete);
     registry.register(nodes::ModelSamplingFlux);
     registry.register(nodes::DifferentialDiffusion);
+    registry.register(patch_nodes::RescaleCfgNode);
+    registry.register(patch_nodes::CfgZeroStarNode);
+    registry.register(patch_nodes::CfgNormNode);
+    registry.register(patch_nodes::MahiroNode);
+    registry.register(patch_nodes::EpsilonScalingNode);
+    registry.register(patch_nodes::ApgNode);
+    registry.register(patch_nodes::TcfgNode);
+    registry.register(patch_nodes::FreScaNode);
+    registry.register(patch_nodes::PerturbedAttentionGuidanceNode);
+    registry.register(patch_nodes::FreeUNode { adaptive: false });
+    registry.register(patch_nodes::FreeUNode { adaptive: true });
+    registry.register(patch_nodes::PatchModelAddDownscale);
 }

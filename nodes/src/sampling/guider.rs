@@ -1,14 +1,18 @@
 //! Classifier-free guidance as ComfyUI's `CFGGuider` computes it: the conditioning entries active at
 //! each σ (timestep ranges, areas, masks and strengths), batched through the model per side, the
-//! positive and negative predictions combined by the CFG scale (DualCFGGuider's two scales too).
+//! positive and negative predictions combined by the CFG scale (DualCFGGuider's two scales too),
+//! with the model's guidance patches around the combination (`sampling_function`,
+//! `cfg_function`).
 
 use candle_core::{DType, Tensor, D};
+use easel_models::architectures::unet_patches::{BatchPart, UNetPatches};
 use easel_models::sampling::samplers::Denoiser;
 
 use crate::conditioning::regions::{same_area_source, LatentArea, ResolvedRegion};
 use crate::conditioning::{CondEntry, Conditioning, ConditioningError, DEFAULT_GUIDANCE};
 use crate::latent::repeat_to_batch;
-use crate::model::diffusion_model::{DiffusionModel, DiffusionNetwork, LatentInputs, ModelInputs};
+use crate::model::diffusion_model::{DiffusionModel, DiffusionNetwork, LatentInputs, ModelCall, ModelInputs};
+use crate::model::patches::{GuidanceArgs, GuidanceModel, Side};
 
 /// Classifier-free guidance over conditioning lists (ComfyUI's `CFGGuider` with
 /// `sampling_function`): each side is the strength-weighted average of its active entries'
@@ -140,7 +144,13 @@ fn uncrop(t: &Tensor, area: &LatentArea, height: usize, width: usize) -> candle_
 impl Guider<'_> {
     /// One side's prediction (`calc_cond_batch` for one side): every active entry predicts on
     /// its area, and the predictions are averaged with their weights (counts start at 1e-37).
-    fn predict(&self, entries: &[ActiveEntry], x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+    fn predict(&self, side: Side, x: &Tensor, sigma: f32, extra: Option<&UNetPatches>) -> candle_core::Result<Tensor> {
+        let entries = self.side(side);
+        let parts = [match side {
+            Side::Positive => BatchPart::Cond,
+            Side::Middle | Side::Negative => BatchPart::Uncond,
+        }];
+        let call = ModelCall { parts: &parts, extra };
         let (_, _, height, width) = x.dims4()?;
         let mut sum: Option<Tensor> = None;
         let mut count: Option<Tensor> = None;
@@ -152,10 +162,10 @@ impl Guider<'_> {
                         concat: entry.inputs.concat.as_ref().map(|c| crop(c, area)).transpose()?,
                         ..entry.inputs.clone()
                     };
-                    let denoised = self.model.denoise(&input, sigma, &inputs)?;
+                    let denoised = self.model.denoise(&input, sigma, &inputs, &call)?;
                     (input, denoised)
                 }
-                None => (x.clone(), self.model.denoise(x, sigma, &entry.inputs)?),
+                None => (x.clone(), self.model.denoise(x, sigma, &entry.inputs, &call)?),
             };
             let (weighted, weight) = match &entry.weight {
                 Some(weight) => ((denoised * weight)?, weight.clone()),
@@ -219,14 +229,60 @@ impl Guider<'_> {
                     concat: both_optional(&positive.concat, &negative.concat)?,
                     guidance: both_optional(&positive.guidance, &negative.guidance)?,
                 };
-                let out = self.model.denoise(&Tensor::cat(&[x, x], 0)?, sigma, &inputs)?;
+                let call = ModelCall {
+                    parts: &[BatchPart::Cond, BatchPart::Uncond],
+                    extra: None,
+                };
+                let out = self.model.denoise(&Tensor::cat(&[x, x], 0)?, sigma, &inputs, &call)?;
                 return Ok((out.narrow(0, 0, batch)?, out.narrow(0, batch, batch)?));
             }
         }
         Ok((
-            self.predict(&self.positive, x, sigma)?,
-            self.predict(&self.negative, x, sigma)?,
+            self.predict(Side::Positive, x, sigma, None)?,
+            self.predict(Side::Negative, x, sigma, None)?,
         ))
+    }
+
+    /// One side's entries.
+    fn side(&self, side: Side) -> &[ActiveEntry] {
+        match (side, &self.dual) {
+            (Side::Positive, _) => &self.positive,
+            (Side::Negative, _) => &self.negative,
+            (Side::Middle, Some(dual)) => &dual.middle,
+            (Side::Middle, None) => &[],
+        }
+    }
+
+    /// ComfyUI's `sampling_function`: both sides' predictions (the negative one only where cfg
+    /// is not 1, or the model asks for it), the pre-CFG functions, then [`Self::cfg_function`].
+    /// Returns the guided prediction and the negative side's.
+    fn guided(&self, x: &Tensor, sigma: f32, need_uncond: bool) -> candle_core::Result<(Tensor, Tensor)> {
+        let patches = &self.model.patches;
+        let evaluate_uncond = need_uncond || patches.disable_cfg1_optimization || !is_one(self.cfg);
+        let (cond, uncond) = if evaluate_uncond {
+            self.predict_both(x, sigma)?
+        } else {
+            let cond = self.predict(Side::Positive, x, sigma, None)?;
+            let zeros = cond.zeros_like()?;
+            (cond, zeros)
+        };
+        let args = GuidanceArgs {
+            x,
+            sigma,
+            cond_scale: self.cfg,
+            cond: Side::Positive,
+            uncond: evaluate_uncond.then_some(Side::Negative),
+            model: self,
+        };
+        let [cond, uncond] = patches.apply_pre_cfg(&args, [cond, uncond])?;
+        let guided = patches.cfg_function(&args, cond, Some(uncond.clone()))?;
+        Ok((guided, uncond))
+    }
+}
+
+impl GuidanceModel for Guider<'_> {
+    fn predict_side(&self, side: Side, x: &Tensor, sigma: f32, extra: &UNetPatches) -> candle_core::Result<Tensor> {
+        self.predict(side, x, sigma, Some(extra))
     }
 }
 
@@ -237,27 +293,48 @@ impl Guider<'_> {
     /// too; nested: `negative + cfg·(middle + (positive − middle)·cfg_conds − negative)`.
     fn dual_guided(&self, dual: &DualSide, x: &Tensor, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
         if dual.nested {
-            let negative = self.predict(&self.negative, x, sigma)?;
-            let middle = self.predict(&dual.middle, x, sigma)?;
-            let positive = self.predict(&self.positive, x, sigma)?;
-            let text = (&middle + ((positive - &middle)? * dual.cfg_conds)?)?;
+            let negative = self.predict(Side::Negative, x, sigma, None)?;
+            let middle = self.predict(Side::Middle, x, sigma, None)?;
+            let positive = self.predict(Side::Positive, x, sigma, None)?;
+            let args = GuidanceArgs {
+                x,
+                sigma,
+                cond_scale: dual.cfg_conds,
+                cond: Side::Positive,
+                uncond: Some(Side::Middle),
+                model: self,
+            };
+            let text = self.model.patches.cfg_function(&args, positive, Some(middle.clone()))?;
             let guided = (&negative + ((text - &negative)? * self.cfg)?)?;
             return Ok((guided, middle));
         }
-        let skip_negative = is_one(self.cfg);
+        let optimise = !self.model.patches.disable_cfg1_optimization;
+        let skip_negative = optimise && is_one(self.cfg);
         let skip_middle = skip_negative && is_one(dual.cfg_conds);
         let negative = match skip_negative {
-            true => x.zeros_like()?,
-            false => self.predict(&self.negative, x, sigma)?,
+            true => None,
+            false => Some(self.predict(Side::Negative, x, sigma, None)?),
         };
         let middle = match skip_middle {
             true => x.zeros_like()?,
-            false => self.predict(&dual.middle, x, sigma)?,
+            false => self.predict(Side::Middle, x, sigma, None)?,
         };
-        let positive = self.predict(&self.positive, x, sigma)?;
-        let between = (&negative + ((&middle - &negative)? * self.cfg)?)?;
+        let positive = self.predict(Side::Positive, x, sigma, None)?;
+        let args = GuidanceArgs {
+            x,
+            sigma,
+            cond_scale: self.cfg,
+            cond: Side::Middle,
+            uncond: negative.is_some().then_some(Side::Negative),
+            model: self,
+        };
+        let negative_or_zeros = match &negative {
+            Some(negative) => negative.clone(),
+            None => x.zeros_like()?,
+        };
+        let between = self.model.patches.cfg_function(&args, middle.clone(), negative)?;
         let guided = (between + ((positive - &middle)? * dual.cfg_conds)?)?;
-        Ok((guided, negative))
+        Ok((guided, negative_or_zeros))
     }
 }
 
@@ -266,20 +343,14 @@ impl Denoiser for Guider<'_> {
         if let Some(dual) = &self.dual {
             return Ok(self.dual_guided(dual, x, sigma)?.0);
         }
-        if is_one(self.cfg) {
-            return self.predict(&self.positive, x, sigma);
-        }
-        let (cond, uncond) = self.predict_both(x, sigma)?;
-        &uncond + ((cond - &uncond)? * self.cfg)?
+        Ok(self.guided(x, sigma, false)?.0)
     }
 
     fn denoise_with_uncond(&mut self, x: &Tensor, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
         if let Some(dual) = &self.dual {
             return self.dual_guided(dual, x, sigma);
         }
-        let (cond, uncond) = self.predict_both(x, sigma)?;
-        let guided = (&uncond + ((cond - &uncond)? * self.cfg)?)?;
-        Ok((guided, uncond))
+        self.guided(x, sigma, true)
     }
 }
 

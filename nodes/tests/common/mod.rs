@@ -7,8 +7,11 @@ use base64::Engine;
 use candle_core::Tensor;
 use easel_engine::{call_standalone, NodeInputs, NodeRegistry, Services, Value};
 use easel_models::testmodels::write_test_models;
+use easel_models::testmodels::TINY_SD1_CHECKPOINT;
 use easel_nodes::builtin_registry;
+use easel_nodes::latent::Latent;
 use easel_nodes::paths::Paths;
+use serde_json::json;
 use serde_json::Value as Json;
 
 pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -139,4 +142,67 @@ pub fn rewrite_f16_file(
         (name.as_str(), view)
     });
     safetensors::serialize_to_file(views, None, target).expect("written");
+}
+
+/// The tiny SD1 checkpoint's loader outputs, two prompts and an empty latent of `batch` 64×64
+/// images.
+pub fn sd1_inputs(setup: &Setup, batch: u32) -> (Vec<Value>, Value, Value, Value) {
+    let loaded = setup
+        .call(
+            "CheckpointLoaderSimple",
+            vec![("ckpt_name", j(json!(TINY_SD1_CHECKPOINT)))],
+        )
+        .unwrap();
+    let encode = |text: &str| {
+        setup
+            .call(
+                "CLIPTextEncode",
+                vec![("text", j(json!(text))), ("clip", loaded[1].clone())],
+            )
+            .unwrap()
+    };
+    let positive = encode("a (red:1.2) fox")[0].clone();
+    let negative = encode("blurry")[0].clone();
+    let latent = setup
+        .call(
+            "EmptyLatentImage",
+            vec![
+                ("width", j(json!(64))),
+                ("height", j(json!(64))),
+                ("batch_size", j(json!(batch))),
+            ],
+        )
+        .unwrap()[0]
+        .clone();
+    (loaded, positive, negative, latent)
+}
+
+/// KSampler (seed 7, karras, full denoise) on the given inputs: the sampled latent.
+#[allow(clippy::too_many_arguments)]
+pub fn ksampler(
+    setup: &Setup,
+    model: &Value,
+    positive: &Value,
+    negative: &Value,
+    latent: &Value,
+    sampler: &str,
+    steps: u32,
+    cfg: f64,
+) -> Result<Tensor, easel_engine::NodeError> {
+    let out = setup.call(
+        "KSampler",
+        vec![
+            ("model", model.clone()),
+            ("seed", j(json!(7))),
+            ("steps", j(json!(steps))),
+            ("cfg", j(json!(cfg))),
+            ("sampler_name", j(json!(sampler))),
+            ("scheduler", j(json!("karras"))),
+            ("positive", positive.clone()),
+            ("negative", negative.clone()),
+            ("latent_image", latent.clone()),
+            ("denoise", j(json!(1.0))),
+        ],
+    )?;
+    Ok(out[0].downcast::<Latent>().unwrap().samples.clone())
 }

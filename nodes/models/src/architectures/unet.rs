@@ -6,12 +6,15 @@
 //!
 //! Hook points for features that extend the network without forking it: `in_channels` follows
 //! the weights (inpainting and IC-Light models concatenate extra channels to the input),
-//! [`ControlResiduals`] are added after blocks and to skip connections (ControlNet), and a
-//! [`CrossAttentionPatch`] sees every cross-attention (IP-Adapter).
+//! [`ControlResiduals`] are added after blocks and to skip connections (ControlNet), and
+//! [`UNetPatches`] see block outputs and attentions or replace attentions (FreeU, PAG,
+//! IP-Adapter; see [`super::unet_patches`]).
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{GroupNorm, LayerNorm};
 
+pub use super::unet_patches::BlockPosition;
+use super::unet_patches::{AttentionInputs, AttentionKind, AttentionSite, PatchedCall, UNetPatches};
 use crate::checkpoint::DetectError;
 use crate::kernels::attention::attention;
 use crate::kernels::conv::Conv2d;
@@ -153,21 +156,6 @@ pub struct ControlResiduals {
     pub output: Vec<Option<Tensor>>,
 }
 
-/// Where a transformer block sits, for attention patches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BlockPosition {
-    Input(usize),
-    Middle,
-    Output(usize),
-}
-
-/// Changes the result of a cross-attention (IP-Adapter adds image-prompt attention here).
-pub trait CrossAttentionPatch: Send + Sync {
-    /// `hidden` is the normalised block input the query was projected from, `output` the
-    /// cross-attention result before the residual addition; returns the replacement.
-    fn patch(&self, position: BlockPosition, depth: usize, hidden: &Tensor, output: Tensor) -> Result<Tensor>;
-}
-
 /// One call of the network.
 pub struct UNetInput<'a> {
     /// Latent in model space, [B, in_channels, H, W].
@@ -179,11 +167,11 @@ pub struct UNetInput<'a> {
     /// Class conditioning, [B, adm_in_channels] (SDXL).
     pub y: Option<&'a Tensor>,
     pub control: Option<&'a ControlResiduals>,
-    pub cross_attention_patch: Option<&'a dyn CrossAttentionPatch>,
+    pub patches: Option<PatchedCall<'a>>,
 }
 
 impl<'a> UNetInput<'a> {
-    /// Text conditioning only: no class conditioning, control or attention patch.
+    /// Text conditioning only: no class conditioning, control or patches.
     pub fn new(x: &'a Tensor, timesteps: &'a Tensor, context: &'a Tensor) -> Self {
         UNetInput {
             x,
@@ -191,7 +179,7 @@ impl<'a> UNetInput<'a> {
             context,
             y: None,
             control: None,
-            cross_attention_patch: None,
+            patches: None,
         }
     }
 }
@@ -239,8 +227,11 @@ impl UNet {
             )),
             None => None,
         };
+        // Transformers are numbered in the order they run (ComfyUI's `transformer_index`).
+        let transformers = std::cell::Cell::new(0);
         let transformer = |channels: usize, depth: usize, vb: Weights| {
-            SpatialTransformer::new(channels, depth, config.heads.heads(channels), &config, vb)
+            let index = transformers.replace(transformers.get() + 1);
+            SpatialTransformer::new(channels, depth, config.heads.heads(channels), index, &config, vb)
         };
 
         let mut input_blocks = vec![Block {
@@ -358,7 +349,7 @@ impl UNet {
         let context = Context {
             emb: &emb,
             text: input.context,
-            patch: input.cross_attention_patch,
+            patches: input.patches,
         };
         let control = input.control;
         let mut h = input.x.clone();
@@ -368,7 +359,13 @@ impl UNet {
             if let Some(residual) = control.and_then(|c| c.input.get(index)).and_then(Option::as_ref) {
                 h = (h + residual)?;
             }
+            if let Some(call) = input.patches {
+                h = call.patches.input_block(call.info, index, h)?;
+            }
             skips.push(h.clone());
+            if let Some(call) = input.patches {
+                h = call.patches.input_block_after_skip(call.info, index, h)?;
+            }
         }
         for layer in &self.middle_block {
             h = layer.forward(h, &context, BlockPosition::Middle, None)?;
@@ -382,6 +379,9 @@ impl UNet {
                 .ok_or_else(|| candle_core::Error::Msg("UNet skip stack underflow".into()))?;
             if let Some(residual) = control.and_then(|c| c.output.get(index)).and_then(Option::as_ref) {
                 skip = (skip + residual)?;
+            }
+            if let Some(call) = input.patches {
+                (h, skip) = call.patches.output_block(call.info, index, h, skip)?;
             }
             h = Tensor::cat(&[&h, &skip], 1)?;
             let upsample_to = skips.last().map(|next| (next.dim(2), next.dim(3)));
@@ -400,7 +400,7 @@ impl UNet {
 struct Context<'a> {
     emb: &'a Tensor,
     text: &'a Tensor,
-    patch: Option<&'a dyn CrossAttentionPatch>,
+    patches: Option<PatchedCall<'a>>,
 }
 
 impl Block {
@@ -504,6 +504,8 @@ enum Projection {
 }
 
 struct SpatialTransformer {
+    /// Its place among the network's transformers, in running order.
+    index: usize,
     norm: GroupNorm,
     proj_in: Projection,
     blocks: Vec<TransformerBlock>,
@@ -511,7 +513,14 @@ struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
-    fn new(channels: usize, depth: usize, heads: usize, config: &UNetConfig, vb: Weights) -> Result<Self> {
+    fn new(
+        channels: usize,
+        depth: usize,
+        heads: usize,
+        index: usize,
+        config: &UNetConfig,
+        vb: Weights,
+    ) -> Result<Self> {
         let projection = |vb: Weights| -> Result<Projection> {
             Ok(if config.linear_projection {
                 Projection::Linear(linear(channels, channels, vb)?)
@@ -530,6 +539,7 @@ impl SpatialTransformer {
             })
             .collect::<Result<_>>()?;
         Ok(SpatialTransformer {
+            index,
             norm: vb.pp("norm").group_norm(32, channels, 1e-6)?,
             proj_in: projection(vb.pp("proj_in"))?,
             blocks,
@@ -548,7 +558,16 @@ impl SpatialTransformer {
             h = linear.forward(&h)?;
         }
         for (depth, block) in self.blocks.iter().enumerate() {
-            h = block.forward(&h, context, position, depth)?;
+            let site = context.patches.map(|call| AttentionSite {
+                call: call.info,
+                block: position,
+                block_index: depth,
+                transformer_index: self.index,
+                heads: block.self_attention.heads,
+                dim_head: channels / block.self_attention.heads,
+            });
+            let patches = context.patches.map(|call| call.patches);
+            h = block.forward(&h, context.text, patches.zip(site.as_ref()))?;
         }
         if let Projection::Linear(linear) = &self.proj_out {
             h = linear.forward(&h)?;
@@ -603,14 +622,35 @@ impl TransformerBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Context, position: BlockPosition, depth: usize) -> Result<Tensor> {
+    /// The block on `x` attending to `text`, with the model's patches where it has some.
+    fn forward(&self, x: &Tensor, text: &Tensor, patches: Option<(&UNetPatches, &AttentionSite)>) -> Result<Tensor> {
         let normed = self.norm1.forward(x)?;
-        let x = (x + self.self_attention.forward(&normed, &normed)?)?;
+        let attended = match patches {
+            Some((patches, site)) => {
+                let inputs = AttentionInputs {
+                    query: normed.clone(),
+                    context: normed.clone(),
+                    value: normed,
+                };
+                self.self_attention
+                    .forward_patched(AttentionKind::SelfAttention, patches, site, inputs)?
+            }
+            None => self.self_attention.forward(&normed, &normed)?,
+        };
+        let x = (x + attended)?;
         let normed = self.norm2.forward(&x)?;
-        let mut cross = self.cross_attention.forward(&normed, context.text)?;
-        if let Some(patch) = context.patch {
-            cross = patch.patch(position, depth, &normed, cross)?;
-        }
+        let cross = match patches {
+            Some((patches, site)) => {
+                let inputs = AttentionInputs {
+                    query: normed,
+                    context: text.clone(),
+                    value: text.clone(),
+                };
+                self.cross_attention
+                    .forward_patched(AttentionKind::CrossAttention, patches, site, inputs)?
+            }
+            None => self.cross_attention.forward(&normed, text)?,
+        };
         let x = (x + cross)?;
         let projected = self.geglu.forward(&self.norm3.forward(&x)?)?;
         let half = projected.dim(D::Minus1)? / 2;
@@ -653,5 +693,25 @@ impl CrossAttention {
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
         self.to_out.forward(&attention(&q, &k, &v, self.heads, None)?)
+    }
+
+    /// The attention with `patches`: its inputs patched, the attention itself replaced where a
+    /// replacement is set for this site, its output patched.
+    fn forward_patched(
+        &self,
+        kind: AttentionKind,
+        patches: &UNetPatches,
+        site: &AttentionSite,
+        inputs: AttentionInputs,
+    ) -> Result<Tensor> {
+        let inputs = patches.attention_inputs(kind, site, inputs)?;
+        let q = self.to_q.forward(&inputs.query)?;
+        let k = self.to_k.forward(&inputs.context)?;
+        let v = self.to_v.forward(&inputs.value)?;
+        let attended = match patches.replacement(kind, site.block, site.block_index) {
+            Some(replacement) => replacement.attend(site, &q, &k, &v)?,
+            None => attention(&q, &k, &v, self.heads, None)?,
+        };
+        patches.attention_output(kind, site, self.to_out.forward(&attended)?)
     }
 }

@@ -1,0 +1,141 @@
+//! Model patches, as ComfyUI's `ModelPatcher` keeps them in `model_options`: a MODEL is a base
+//! model plus patches, and a node that patches it clones the (cheap) [`ModelPatches`] and adds
+//! its own after the others. The base weights are never copied.
+//!
+//! - the network's hook points ([`UNetPatches`]: block patches, attention patches and
+//!   replacements), passed to every network call;
+//! - the sampler's guidance functions, around classifier-free guidance as ComfyUI's
+//!   `sampling_function` and `cfg_function` call them: [`PreCfgFunction`]s see both sides'
+//!   predictions, a [`CfgFunction`] replaces `uncond + (cond − uncond)·scale`, and
+//!   [`PostCfgFunction`]s change the guided result (they may call the model again through
+//!   [`GuidanceArgs::model`]).
+//!
+//! Weight patches (LoRA, merges) live in the model's [`easel_models::weights::WeightSource`]; the
+//! network is built again with them.
+
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor};
+use easel_models::architectures::unet_patches::{UNetPatch, UNetPatches};
+
+/// A side of guidance: ComfyUI's `cond`, DualCFGGuider's middle prompt, `uncond`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Positive,
+    Middle,
+    Negative,
+}
+
+/// The model as guidance functions may call it again: one side's prediction
+/// (`calc_cond_batch` with that side alone) for a latent at σ, with more UNet patches on top of
+/// the model's.
+pub trait GuidanceModel {
+    fn predict_side(&self, side: Side, x: &Tensor, sigma: f32, extra: &UNetPatches) -> Result<Tensor>;
+}
+
+/// What the guidance functions see of one step (ComfyUI's `args`).
+pub struct GuidanceArgs<'a> {
+    /// The noisy latent, `input`.
+    pub x: &'a Tensor,
+    pub sigma: f32,
+    /// The guidance scale, `cond_scale`.
+    pub cond_scale: f64,
+    /// The side guidance goes towards, and the one it goes away from (`None` where it was not
+    /// evaluated: cfg 1).
+    pub cond: Side,
+    pub uncond: Option<Side>,
+    pub model: &'a dyn GuidanceModel,
+}
+
+/// Changes both sides' denoised predictions before guidance (`sampler_pre_cfg_function`):
+/// `outputs` are [cond, uncond], the unevaluated side zeros.
+pub trait PreCfgFunction: Send + Sync {
+    fn apply(&self, args: &GuidanceArgs, outputs: [Tensor; 2]) -> Result<[Tensor; 2]>;
+}
+
+/// Computes the guided denoised latent from both sides' (`sampler_cfg_function`, in ComfyUI's
+/// terms on the noise `x − denoised`; here on the denoised predictions).
+pub trait CfgFunction: Send + Sync {
+    fn guide(&self, args: &GuidanceArgs, cond: &Tensor, uncond: &Tensor) -> Result<Tensor>;
+}
+
+/// Changes the guided denoised latent (`sampler_post_cfg_function`).
+pub trait PostCfgFunction: Send + Sync {
+    fn apply(&self, args: &GuidanceArgs, predictions: &GuidedPredictions, denoised: Tensor) -> Result<Tensor>;
+}
+
+/// Both sides' denoised predictions as guidance combined them (`cond_denoised`,
+/// `uncond_denoised`: zeros when not evaluated).
+pub struct GuidedPredictions {
+    pub cond: Tensor,
+    pub uncond: Tensor,
+}
+
+/// A model's patches (ComfyUI's `model_options` and `transformer_options`), cheap to clone.
+#[derive(Clone, Default)]
+pub struct ModelPatches {
+    pub unet: UNetPatches,
+    pub pre_cfg: Vec<Arc<dyn PreCfgFunction>>,
+    pub cfg: Option<Arc<dyn CfgFunction>>,
+    pub post_cfg: Vec<Arc<dyn PostCfgFunction>>,
+    /// Evaluate the negative side even at cfg 1 (`disable_cfg1_optimization`).
+    pub disable_cfg1_optimization: bool,
+}
+
+impl ModelPatches {
+    /// The pre-CFG functions in order on [cond, uncond] (`sampling_function`).
+    pub fn apply_pre_cfg(&self, args: &GuidanceArgs, outputs: [Tensor; 2]) -> Result<[Tensor; 2]> {
+        self.pre_cfg
+            .iter()
+            .try_fold(outputs, |outputs, function| function.apply(args, outputs))
+    }
+
+    /// ComfyUI's `cfg_function`: `uncond + (cond − uncond)·scale` (or the CFG function), then
+    /// the post-CFG functions in order. `uncond` is `None` where that side was not evaluated
+    /// (zeros stand for it).
+    pub fn cfg_function(&self, args: &GuidanceArgs, cond: Tensor, uncond: Option<Tensor>) -> Result<Tensor> {
+        let uncond = match uncond {
+            Some(uncond) => uncond,
+            None => cond.zeros_like()?,
+        };
+        let guided = match &self.cfg {
+            Some(function) => function.guide(args, &cond, &uncond)?,
+            None => (&uncond + ((&cond - &uncond)? * args.cond_scale)?)?,
+        };
+        if self.post_cfg.is_empty() {
+            return Ok(guided);
+        }
+        let predictions = GuidedPredictions { cond, uncond };
+        self.post_cfg
+            .iter()
+            .try_fold(guided, |guided, function| function.apply(args, &predictions, guided))
+    }
+
+    /// With a UNet patch added after the others.
+    pub fn with_unet_patch(&self, patch: Arc<dyn UNetPatch>) -> ModelPatches {
+        let mut patched = self.clone();
+        patched.unet.add(patch);
+        patched
+    }
+
+    /// With a pre-CFG function added after the others.
+    pub fn with_pre_cfg(&self, function: Arc<dyn PreCfgFunction>) -> ModelPatches {
+        let mut patched = self.clone();
+        patched.pre_cfg.push(function);
+        patched
+    }
+
+    /// With `function` as the CFG function (replacing any other).
+    pub fn with_cfg(&self, function: Arc<dyn CfgFunction>) -> ModelPatches {
+        let mut patched = self.clone();
+        patched.cfg = Some(function);
+        patched
+    }
+
+    /// With a post-CFG function added after the others.
+    pub fn with_post_cfg(&self, function: Arc<dyn PostCfgFunction>) -> ModelPatches {
+        let mut patched = self.clone();
+        patched.post_cfg.push(function);
+        patched
+    }
+}

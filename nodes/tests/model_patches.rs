@@ -1,0 +1,494 @@
+//! The model-patch system: guidance functions and UNet patches against ComfyUI's own (fixtures
+//! from `fixtures/generate_guidance.py` and `generate_unet_patches.py`), their order.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixture_json, j};
+use easel_engine::Value;
+use easel_models::architectures::unet::{HeadLayout, UNet, UNetConfig, UNetInput};
+use easel_models::architectures::unet_patches::{
+    AttentionKind, AttentionSite, BatchPart, CallInfo, PatchedCall, UNetPatch, UNetPatches,
+};
+use easel_models::weights::{SafetensorsFile, Weights};
+use easel_nodes::image::resample::ResizeMethod;
+use easel_nodes::model::block_patches::{DeepShrink, FreeU, FreeUScales};
+use easel_nodes::model::guidance::{
+    AdaptiveProjectedGuidance, CfgNorm, CfgZeroStar, EpsilonScaling, FrequencyScaling, Mahiro, PerturbedAttention,
+    RescaleCfg, TangentialDamping,
+};
+use easel_nodes::model::patches::{GuidanceArgs, GuidanceModel, ModelPatches, Side};
+use serde_json::json;
+use serde_json::Value as Json;
+
+/// The generator's `pattern(seed, scale)`.
+fn pattern(shape: &[usize], seed: i64, scale: f32) -> Tensor {
+    let count: usize = shape.iter().product();
+    let values: Vec<f32> = (0..count as i64)
+        .map(|i| (((i * 7919 + seed * 104729) % 2001) - 1000) as f32 / 1000.0 * scale)
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+/// Guidance functions here never call the model again.
+struct NoModel;
+
+impl GuidanceModel for NoModel {
+    fn predict_side(&self, _: Side, _: &Tensor, _: f32, _: &UNetPatches) -> candle_core::Result<Tensor> {
+        unreachable!("these guidance functions do not call the model")
+    }
+}
+
+fn patches_for(case: &Json) -> ModelPatches {
+    let inputs = &case["inputs"];
+    let float = |name: &str| inputs[name].as_f64().unwrap();
+    let none = ModelPatches::default();
+    match case["name"].as_str().unwrap() {
+        "none" => none,
+        "RescaleCFG" => none.with_cfg(Arc::new(RescaleCfg {
+            multiplier: float("multiplier"),
+        })),
+        "CFGZeroStar" => none.with_post_cfg(Arc::new(CfgZeroStar)),
+        "CFGNorm" => none.with_post_cfg(Arc::new(CfgNorm {
+            strength: float("strength"),
+        })),
+        "Mahiro" => none.with_post_cfg(Arc::new(Mahiro)),
+        "Epsilon Scaling" => none.with_post_cfg(Arc::new(EpsilonScaling {
+            factor: float("scaling_factor"),
+        })),
+        "APG" => none.with_pre_cfg(Arc::new(AdaptiveProjectedGuidance {
+            eta: float("eta"),
+            norm_threshold: float("norm_threshold"),
+            momentum: float("momentum"),
+            state: Mutex::new((None, None)),
+        })),
+        "TCFG" => none.with_pre_cfg(Arc::new(TangentialDamping)),
+        "FreSca" => none.with_pre_cfg(Arc::new(FrequencyScaling {
+            scale_low: float("scale_low") as f32,
+            scale_high: float("scale_high") as f32,
+            freq_cutoff: inputs["freq_cutoff"].as_u64().unwrap() as usize,
+        })),
+        "TCFG, RescaleCFG, CFGZeroStar, Epsilon Scaling" => none
+            .with_pre_cfg(Arc::new(TangentialDamping))
+            .with_cfg(Arc::new(RescaleCfg { multiplier: 0.5 }))
+            .with_post_cfg(Arc::new(CfgZeroStar))
+            .with_post_cfg(Arc::new(EpsilonScaling { factor: 1.01 })),
+        other => panic!("no patch for case {other}"),
+    }
+}
+
+#[test]
+fn guidance_functions_give_comfyuis_results() {
+    let fixture = fixture_json("guidance.json");
+    let shape: Vec<usize> = fixture["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect();
+    let input = |name: &str| {
+        let spec = &fixture["inputs"][name];
+        pattern(&shape, spec[0].as_i64().unwrap(), spec[1].as_f64().unwrap() as f32)
+    };
+    let (x, cond, uncond) = (input("x"), input("cond"), input("uncond"));
+    for case in fixture["cases"].as_array().unwrap() {
+        let patches = patches_for(case);
+        let evaluated = case["uncond_evaluated"].as_bool().unwrap();
+        let mut output = None;
+        for step in 0..case["steps"].as_u64().unwrap() {
+            let sigma = case["sigma"].as_f64().unwrap() * 0.7f64.powi(step as i32);
+            let args = GuidanceArgs {
+                x: &x,
+                sigma: sigma as f32,
+                cond_scale: case["cond_scale"].as_f64().unwrap(),
+                cond: Side::Positive,
+                uncond: evaluated.then_some(Side::Negative),
+                model: &NoModel,
+            };
+            let negative = match evaluated {
+                true => uncond.clone(),
+                false => uncond.zeros_like().unwrap(),
+            };
+            let [c, u] = patches.apply_pre_cfg(&args, [cond.clone(), negative]).unwrap();
+            output = Some(patches.cfg_function(&args, c, Some(u)).unwrap());
+        }
+        let ours = common::flat(&output.unwrap());
+        let expected: Vec<f32> = case["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let worst = ours
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+            .fold(0f32, f32::max);
+        assert!(worst < 2e-5, "{} {}: off by {worst}", case["name"], case["inputs"]);
+    }
+}
+
+/// The generator's weight formula: `pattern(count, index + 11, scale)`, matrices and kernels
+/// scaled by 1/√fan-in, vectors by 0.1, norm weights (vectors named `.weight`) around 1.
+fn pattern_values(count: usize, seed: i64, scale: f32) -> Vec<f32> {
+    (0..count as i64)
+        .map(|i| (((i * 7919 + seed * 104729) % 2001) - 1000) as f32 / 1000.0 * scale)
+        .collect()
+}
+
+/// The fixture's tiny UNet, its weights written to a safetensors file and loaded through the
+/// loader's code.
+fn fixture_unet(fixture: &Json) -> (tempfile::TempDir, UNet) {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (index, weight) in fixture["weights"].as_array().unwrap().iter().enumerate() {
+        let name = weight["name"].as_str().unwrap().to_string();
+        let shape: Vec<usize> = weight["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        let count: usize = shape.iter().product();
+        let seed = index as i64 + 11;
+        let mut values = if shape.len() >= 2 {
+            let fan_in: usize = shape[1..].iter().product();
+            pattern_values(count, seed, (1.0 / (fan_in as f64).sqrt()) as f32)
+        } else {
+            pattern_values(count, seed, 0.1f64 as f32)
+        };
+        if shape.len() == 1 && name.ends_with(".weight") {
+            values.iter_mut().for_each(|v| *v += 1.0);
+        }
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push((name, shape, bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).unwrap();
+            (name.clone(), view)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("unet.safetensors");
+    std::fs::write(&path, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+    let file = Arc::new(SafetensorsFile::open(&path).unwrap());
+    let config = UNetConfig::infer(file.as_ref(), "", HeadLayout::Count(8)).unwrap();
+    assert_eq!(config.channel_mult, vec![1, 2, 4]);
+    let unet = UNet::new(config, Weights::from_file(file, DType::F32, &Device::Cpu)).unwrap();
+    (dir, unet)
+}
+
+fn unet_patches_for(case: &Json, fixture: &Json) -> UNetPatches {
+    let shrink = |after_skip: bool, down: ResizeMethod, up: ResizeMethod| -> Arc<dyn UNetPatch> {
+        Arc::new(DeepShrink {
+            block: 1,
+            factor: 2.0,
+            sigma_start: fixture["sigma_start"].as_f64().unwrap(),
+            sigma_end: fixture["sigma_end"].as_f64().unwrap(),
+            after_skip,
+            downscale: down,
+            upscale: up,
+        })
+    };
+    let freeu = |adaptive: bool, b1: f64, b2: f64| -> Arc<dyn UNetPatch> {
+        Arc::new(FreeU {
+            model_channels: 32,
+            scales: [
+                FreeUScales {
+                    backbone: b1,
+                    skip: 0.9,
+                },
+                FreeUScales {
+                    backbone: b2,
+                    skip: 0.2,
+                },
+            ],
+            adaptive,
+        })
+    };
+    let mut patches = UNetPatches::default();
+    let index = fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|c| c == case)
+        .unwrap();
+    match (case["name"].as_str().unwrap(), index) {
+        ("none", _) => {}
+        ("FreeU", _) => patches.add(freeu(false, 1.1, 1.2)),
+        ("FreeU_V2", _) => patches.add(freeu(true, 1.3, 1.4)),
+        ("PatchModelAddDownscale", 4) => patches.add(shrink(false, ResizeMethod::Area, ResizeMethod::NearestExact)),
+        ("PatchModelAddDownscale", _) => patches.add(shrink(true, ResizeMethod::Bicubic, ResizeMethod::Bilinear)),
+        ("perturbed attention", _) => patches = PerturbedAttention::perturbed_patches(),
+        ("FreeU, PatchModelAddDownscale", _) => {
+            patches.add(freeu(false, 1.1, 1.2));
+            patches.add(shrink(true, ResizeMethod::Bicubic, ResizeMethod::Bilinear));
+        }
+        (other, _) => panic!("no patches for case {other}"),
+    }
+    patches
+}
+
+#[test]
+fn unet_patches_change_the_network_as_comfyuis_do() {
+    let fixture = fixture_json("unet_patches.json");
+    let (_dir, unet) = fixture_unet(&fixture);
+    let dims = |name: &str| -> Vec<usize> {
+        fixture[name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect()
+    };
+    let (latent, context_shape) = (dims("latent"), dims("context"));
+    let x = Tensor::from_vec(
+        pattern_values(latent.iter().product(), 1, 1.0),
+        latent.as_slice(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let context = Tensor::from_vec(
+        pattern_values(context_shape.iter().product(), 2, 1.0),
+        context_shape.as_slice(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let timesteps = Tensor::new(&[700f32, 120.0], &Device::Cpu).unwrap();
+    for case in fixture["cases"].as_array().unwrap() {
+        let patches = unet_patches_for(case, &fixture);
+        let info = CallInfo {
+            original_shape: [latent[0], latent[1], latent[2], latent[3]],
+            sigma: case["sigma"].as_f64().unwrap() as f32,
+            parts: vec![BatchPart::Cond],
+        };
+        let out = unet
+            .forward(&UNetInput {
+                patches: Some(PatchedCall {
+                    patches: &patches,
+                    info: &info,
+                }),
+                ..UNetInput::new(&x, &timesteps, &context)
+            })
+            .unwrap();
+        let expected: Vec<f32> = case["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let ours = common::flat(&out);
+        let worst = ours
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{}: off by {worst}", case["name"]);
+    }
+}
+
+/// Records the hook points it is called at.
+struct Recorder {
+    name: &'static str,
+    calls: Arc<Mutex<Vec<String>>>,
+}
+
+impl UNetPatch for Recorder {
+    fn input_block(&self, _: &CallInfo, index: usize, h: Tensor) -> candle_core::Result<Tensor> {
+        self.calls.lock().unwrap().push(format!("{} input {index}", self.name));
+        Ok(h)
+    }
+
+    fn output_block(
+        &self,
+        _: &CallInfo,
+        index: usize,
+        h: Tensor,
+        skip: Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        self.calls.lock().unwrap().push(format!("{} output {index}", self.name));
+        Ok((h, skip))
+    }
+
+    fn attention_output(
+        &self,
+        kind: AttentionKind,
+        site: &AttentionSite,
+        output: Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.calls.lock().unwrap().push(format!(
+            "{} {kind:?} {:?}.{} #{}",
+            self.name, site.block, site.block_index, site.transformer_index
+        ));
+        Ok(output)
+    }
+}
+
+#[test]
+fn unet_patches_run_in_the_order_added_at_every_hook_point() {
+    let fixture = fixture_json("unet_patches.json");
+    let (_dir, unet) = fixture_unet(&fixture);
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let mut patches = UNetPatches::default();
+    for name in ["first", "second"] {
+        patches.add(Arc::new(Recorder {
+            name,
+            calls: calls.clone(),
+        }));
+    }
+    let x = Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    let context = Tensor::zeros((1, 3, 32), DType::F32, &Device::Cpu).unwrap();
+    let timesteps = Tensor::new(&[10f32], &Device::Cpu).unwrap();
+    let info = CallInfo {
+        original_shape: [1, 4, 8, 8],
+        sigma: 1.0,
+        parts: vec![BatchPart::Uncond],
+    };
+    unet.forward(&UNetInput {
+        patches: Some(PatchedCall {
+            patches: &patches,
+            info: &info,
+        }),
+        ..UNetInput::new(&x, &timesteps, &context)
+    })
+    .unwrap();
+    let calls = calls.lock().unwrap().clone();
+    // Six input blocks, six output blocks, and 2 attentions in each of the 7 transformers, each
+    // hook point calling both patches in order.
+    assert_eq!(calls.len(), 2 * (6 + 6 + 7 * 2));
+    for pair in calls.chunks(2) {
+        assert!(
+            pair[0].starts_with("first ") && pair[1].starts_with("second "),
+            "{pair:?}"
+        );
+        assert_eq!(pair[0]["first ".len()..], pair[1]["second ".len()..]);
+    }
+    let firsts: Vec<&str> = calls.iter().step_by(2).map(|c| &c["first ".len()..]).collect();
+    assert_eq!(
+        &firsts[..5],
+        [
+            "input 0",
+            "input 1",
+            "input 2",
+            "SelfAttention Input(3).0 #0",
+            "CrossAttention Input(3).0 #0"
+        ]
+    );
+    assert!(firsts.contains(&"SelfAttention Middle.0 #2"));
+    // Output block patches run before their block: ComfyUI's `transformer_depth_output` lists
+    // the decoder from its last block, so here blocks 2 to 5 have attention.
+    assert_eq!(
+        &firsts[firsts.len() - 3..],
+        [
+            "output 5",
+            "SelfAttention Output(5).0 #6",
+            "CrossAttention Output(5).0 #6"
+        ]
+    );
+    assert!(firsts.contains(&"CrossAttention Output(3).0 #4"));
+}
+
+#[test]
+fn patch_nodes_change_sampling_without_touching_the_model_they_patch() {
+    let setup = common::setup();
+    let (loaded, positive, negative, latent) = common::sd1_inputs(&setup, 1);
+    let model = &loaded[0];
+    let sample =
+        |model: &Value| common::ksampler(&setup, model, &positive, &negative, &latent, "euler", 3, 5.0).unwrap();
+    let patched = |class: &str, inputs: Vec<(&str, Json)>| -> Value {
+        let mut all = vec![("model", model.clone())];
+        all.extend(inputs.into_iter().map(|(name, value)| (name, j(value))));
+        setup.call(class, all).unwrap()[0].clone()
+    };
+    let plain = common::flat(&sample(model));
+    let unchanged = patched("PerturbedAttentionGuidance", vec![("scale", json!(0.0))]);
+    assert_eq!(common::flat(&sample(&unchanged)), plain, "PAG at scale 0 is plain CFG");
+    let factors = || {
+        vec![
+            ("b1", json!(1.3)),
+            ("b2", json!(1.4)),
+            ("s1", json!(0.9)),
+            ("s2", json!(0.2)),
+        ]
+    };
+    let cases: Vec<(&str, Vec<(&str, Json)>)> = vec![
+        ("RescaleCFG", vec![("multiplier", json!(0.7))]),
+        ("CFGZeroStar", vec![]),
+        ("CFGNorm", vec![("strength", json!(1.0))]),
+        ("Mahiro", vec![]),
+        ("Epsilon Scaling", vec![("scaling_factor", json!(1.005))]),
+        (
+            "APG",
+            vec![
+                ("eta", json!(0.5)),
+                ("norm_threshold", json!(5.0)),
+                ("momentum", json!(0.5)),
+            ],
+        ),
+        ("TCFG", vec![]),
+        (
+            "FreSca",
+            vec![
+                ("scale_low", json!(1.0)),
+                ("scale_high", json!(1.25)),
+                ("freq_cutoff", json!(2)),
+            ],
+        ),
+        ("PerturbedAttentionGuidance", vec![("scale", json!(3.0))]),
+        ("FreeU", factors()),
+        ("FreeU_V2", factors()),
+        (
+            "PatchModelAddDownscale",
+            vec![
+                ("block_number", json!(1)),
+                ("downscale_factor", json!(2.0)),
+                ("start_percent", json!(0.0)),
+                ("end_percent", json!(0.35)),
+                ("downscale_after_skip", json!(true)),
+                ("downscale_method", json!("bicubic")),
+                ("upscale_method", json!("bicubic")),
+            ],
+        ),
+    ];
+    for (class, inputs) in cases {
+        let out = common::flat(&sample(&patched(class, inputs)));
+        assert!(out.iter().all(|v| v.is_finite()), "{class}");
+        assert_ne!(out, plain, "{class} changes the sampled latent");
+    }
+    assert_eq!(
+        common::flat(&sample(model)),
+        plain,
+        "the base model is not changed by its patches"
+    );
+}
+
+#[test]
+fn unet_patches_refuse_a_flux_model() {
+    let setup = common::setup();
+    let flux = setup
+        .call(
+            "UNETLoader",
+            vec![
+                ("unet_name", j(json!(easel_models::testmodels::TINY_FLUX_DEV))),
+                ("weight_dtype", j(json!("default"))),
+            ],
+        )
+        .unwrap()[0]
+        .clone();
+    let error = setup
+        .call(
+            "FreeU",
+            vec![
+                ("model", flux),
+                ("b1", j(json!(1.1))),
+                ("b2", j(json!(1.2))),
+                ("s1", j(json!(0.9))),
+                ("s2", j(json!(0.2))),
+            ],
+        )
+        .expect_err("FreeU refuses FLUX");
+    assert!(error.to_string().contains("no UNet"), "{error}");
+}
