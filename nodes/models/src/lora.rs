@@ -1,7 +1,10 @@
-//! LoRA: low-rank (and full) weight differences applied to a model's weight matrices when the
-//! model is built, as ComfyUI patches them (`node-catalog.md` §F): `W ← W + strength·scale·ΔW`
-//! in f32, with `ΔW = up·down` (flattened, reshaped to W) and `scale = alpha / rank` (1 without
-//! alpha), several LoRAs applied in the order they were added.
+//! Weight patches: LoRA's low-rank (and full) weight differences applied to a model's weight
+//! matrices when the model is built, as ComfyUI patches them (`node-catalog.md` §F):
+//! `W ← W + strength·scale·ΔW` in f32, with `ΔW = up·down` (flattened, reshaped to W) and
+//! `scale = alpha / rank` (1 without alpha), several LoRAs applied in the order they were added.
+//! Every patch first scales W by its `strength_model` (ComfyUI's `calculate_weight`), which
+//! model merging (`W ← ratio·W + (1 − ratio)·W₂`, [`Patch::merge`]) and attention multipliers
+//! ([`Patch::scale`]) use.
 //!
 //! A LoRA file names its layers in one of several schemes; [`LoraKeyMap`] lists, for a model,
 //! every name ComfyUI accepts for each of its weights: kohya's names over the LDM keys
@@ -26,12 +29,14 @@ use crate::architectures::clip_text::ClipNaming;
 use crate::architectures::unet::{UNetConfig, TRANSFORMER_BLOCK_MATRICES};
 use crate::kernels::sgemm::{gemm_into, Elements, Precision, View};
 use crate::memory::advise_huge_pages;
-use crate::weights::{MappedWeights, SafetensorsFile, TensorShapes};
+use crate::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
 
 /// One weight difference, with the strength it is applied at.
 #[derive(Clone)]
 pub struct Patch {
     strength: f32,
+    /// What W is multiplied by before the difference is added.
+    strength_model: f32,
     difference: Difference,
     /// DoRA's magnitudes: the patched weight is renormalised to them.
     dora_scale: Option<Tensor>,
@@ -50,11 +55,38 @@ enum Difference {
     Kronecker { first: Tensor, second: Tensor, scale: f32 },
     /// A difference of W's shape.
     Full(Tensor),
+    /// Another model's tensor `name` (under its source's prefix), with that model's own patches.
+    OtherModel { source: WeightSource, name: String },
+    /// Nothing: the patch only scales W.
+    Nothing,
 }
 
 impl Patch {
-    /// `scale·ΔW` in f32, shaped as `weight`.
-    fn difference(&self, weight: &Tensor) -> Result<Tensor> {
+    /// ComfyUI's merge patch (`add_patches(other's key patches, strength, strength_model)`):
+    /// `W ← strength_model·W + strength·W₂`, W₂ the tensor `name` of `other` with its patches.
+    pub fn merge(other: WeightSource, name: String, strength: f32, strength_model: f32) -> Patch {
+        Patch {
+            strength,
+            strength_model,
+            difference: Difference::OtherModel { source: other, name },
+            dora_scale: None,
+            rows: None,
+        }
+    }
+
+    /// `W ← factor·W` (ComfyUI's `add_patches({key: (None,)}, 0.0, factor)`).
+    pub fn scale(factor: f32) -> Patch {
+        Patch {
+            strength: 0.0,
+            strength_model: factor,
+            difference: Difference::Nothing,
+            dora_scale: None,
+            rows: None,
+        }
+    }
+
+    /// `scale·ΔW` in f32, shaped as `weight`; `None` for a patch without a difference.
+    fn difference(&self, weight: &Tensor) -> Result<Option<Tensor>> {
         let difference = match &self.difference {
             Difference::LowRank { up, down, scale } => {
                 (up.flatten_from(1)?.matmul(&down.flatten_from(1)?)? * f64::from(*scale))?
@@ -62,6 +94,10 @@ impl Patch {
             Difference::Hadamard { first, second, scale } => ((first * second)? * f64::from(*scale))?,
             Difference::Kronecker { first, second, scale } => (kronecker(first, second)? * f64::from(*scale))?,
             Difference::Full(difference) => difference.clone(),
+            Difference::OtherModel { source, name } => {
+                source.weights().get(weight.shape(), name)?.to_dtype(DType::F32)?
+            }
+            Difference::Nothing => return Ok(None),
         };
         if difference.elem_count() != weight.elem_count() {
             return Err(candle_core::Error::Msg(format!(
@@ -70,7 +106,7 @@ impl Patch {
                 weight.dims()
             )));
         }
-        difference.reshape(weight.shape())?.to_device(weight.device())
+        Ok(Some(difference.reshape(weight.shape())?.to_device(weight.device())?))
     }
 
     /// `weight` (f32) with this patch applied: `W + strength·ΔW`; with DoRA, `W + ΔW` scaled to
@@ -99,8 +135,20 @@ impl Patch {
     }
 
     fn apply_to_whole(&self, weight: &Tensor) -> Result<Tensor> {
-        let difference = self.difference(weight)?;
+        let scaled;
+        let weight = if self.strength_model == 1.0 {
+            weight
+        } else {
+            scaled = (weight * f64::from(self.strength_model))?;
+            &scaled
+        };
         let strength = f64::from(self.strength);
+        if strength == 0.0 && self.dora_scale.is_none() {
+            return Ok(weight.clone());
+        }
+        let Some(difference) = self.difference(weight)? else {
+            return Ok(weight.clone());
+        };
         let Some(dora_scale) = &self.dora_scale else {
             return weight + (difference * strength)?;
         };
@@ -224,8 +272,8 @@ impl WeightPatches {
         };
         let mut factors = Vec::with_capacity(patches.len());
         for patch in patches {
-            let (Difference::LowRank { up, down, scale }, None, None) =
-                (&patch.difference, &patch.dora_scale, patch.rows)
+            let (Difference::LowRank { up, down, scale }, None, None, 1.0) =
+                (&patch.difference, &patch.dora_scale, patch.rows, patch.strength_model)
             else {
                 return Ok(None);
             };
@@ -412,6 +460,57 @@ impl LoraKeyMap {
     }
 }
 
+/// Patches scaling the self-attention projections of a CLIP text encoder whose tensors lie under
+/// `prefix` in `file` (ComfyUI's CLIPAttentionMultiply): the query, key, value and output
+/// projections' weights and biases by `factors` in that order. OpenCLIP's fused `in_proj`
+/// tensors get one patch per third.
+pub fn clip_attention_scales(
+    file: &dyn TensorShapes,
+    prefix: &str,
+    naming: ClipNaming,
+    factors: [f32; 4],
+) -> HashMap<String, Vec<Patch>> {
+    let mut patches: HashMap<String, Vec<Patch>> = HashMap::new();
+    for name in file.tensor_names() {
+        let Some(key) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let targets: Vec<(usize, Option<usize>)> = match naming {
+            ClipNaming::Transformers => ["q_proj", "k_proj", "v_proj", "out_proj"]
+                .iter()
+                .enumerate()
+                .filter(|(_, projection)| {
+                    [".weight", ".bias"]
+                        .iter()
+                        .any(|suffix| key.ends_with(&format!("self_attn.{projection}{suffix}")))
+                })
+                .map(|(index, _)| (index, None))
+                .collect(),
+            ClipNaming::OpenClip if key.ends_with("attn.in_proj_weight") || key.ends_with("attn.in_proj_bias") => {
+                (0..3).map(|third| (third, Some(third))).collect()
+            }
+            ClipNaming::OpenClip if key.ends_with("attn.out_proj.weight") || key.ends_with("attn.out_proj.bias") => {
+                vec![(3, None)]
+            }
+            ClipNaming::OpenClip => Vec::new(),
+        };
+        for (index, third) in targets {
+            if factors[index] == 1.0 {
+                continue;
+            }
+            let rows = third.map(|third| {
+                let fused_rows = file.shape(name).map_or(0, |shape| shape[0]);
+                (third * fused_rows / 3, fused_rows / 3)
+            });
+            patches.entry(name.to_string()).or_default().push(Patch {
+                rows,
+                ..Patch::scale(factors[index])
+            });
+        }
+    }
+    patches
+}
+
 /// The patches a LoRA file makes, at `strength`, by full tensor name; and the file's tensors
 /// they were made from (ComfyUI logs the others as "lora key not loaded").
 pub struct LoadedLora {
@@ -448,6 +547,7 @@ pub fn load_lora(lora: &SafetensorsFile, keys: &LoraKeyMap, strength: f32) -> Re
         if let (true, Some(bias_target)) = (lora.has(&bias_name), bias_target) {
             let patch = Patch {
                 strength,
+                strength_model: 1.0,
                 difference: Difference::Full(take(lora, &mut used, bias_name)?),
                 dora_scale: None,
                 rows: target.rows,
@@ -465,6 +565,7 @@ pub fn load_lora(lora: &SafetensorsFile, keys: &LoraKeyMap, strength: f32) -> Re
         };
         let patch = Patch {
             strength,
+            strength_model: 1.0,
             difference,
             dora_scale,
             rows: target.rows,
@@ -747,6 +848,7 @@ mod tests {
         let wave = |count: usize, step: f32| (0..count).map(|i| (i as f32 * step).sin()).collect::<Vec<f32>>();
         let low_rank = |strength, up_step, down_step, scale| Patch {
             strength,
+            strength_model: 1.0,
             difference: Difference::LowRank {
                 up: tensor(&wave(rows * rank, up_step), &[rows, rank]),
                 down: tensor(&wave(rank * cols, down_step), &[rank, cols]),
@@ -939,6 +1041,7 @@ mod tests {
         let patched: Vec<f32> = (0..6).map(|i| weight[i] + 2.0 * up[i / 3] * down[i % 3]).collect();
         let patch = |dora: &[f32], shape: &[usize]| Patch {
             strength: 0.5,
+            strength_model: 1.0,
             difference: Difference::LowRank {
                 up: tensor(&up, &[2, 1]),
                 down: tensor(&down, &[1, 3]),

@@ -10,15 +10,13 @@ use serde_json::{Map, Value as Json};
 
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
-use easel_models::architectures::clip_text::ClipTextEncoder;
-use easel_models::architectures::unet::UNet;
 use easel_models::checkpoint::{Family, TextEncoderKind};
 use easel_models::lora::{load_lora, ClipLoraNames, LoraKeyMap};
 use easel_models::weights::{SafetensorsFile, TensorShapes};
 
 use crate::loaders::model_files_fingerprint;
-use crate::model::clip::{Clip, TextEncoder, TextNetwork};
-use crate::model::diffusion_model::{DiffusionModel, DiffusionNetwork, Model};
+use crate::model::clip::{Clip, TextNetwork};
+use crate::model::diffusion_model::Model;
 use crate::paths::Paths;
 use crate::runtime::tensor_error;
 
@@ -181,13 +179,9 @@ fn apply_lora(
     let model = if strength_model == 0.0 || loaded.patches.is_empty() {
         model.clone()
     } else {
-        let source = base.source.patched(loaded.patches);
-        let unet = UNet::new(base_unet.config().clone(), source.weights()).map_err(tensor_error)?;
-        Model(Arc::new(DiffusionModel {
-            network: DiffusionNetwork::UNet(Arc::new(unet)),
-            source,
-            ..(**base).clone()
-        }))
+        Model(Arc::new(
+            base.with_weight_patches(loaded.patches).map_err(tensor_error)?,
+        ))
     };
     let clip = match clip {
         Some((clip, strength_clip)) => {
@@ -211,15 +205,7 @@ fn apply_lora(
                     encoders.push(encoder.clone());
                     continue;
                 }
-                let source = encoder.source.patched(loaded.patches);
-                let patched = ClipTextEncoder::new(network.config().clone(), source.weights()).map_err(tensor_error)?;
-                encoders.push(TextEncoder {
-                    network: TextNetwork::Clip {
-                        kind: *kind,
-                        encoder: Arc::new(patched),
-                    },
-                    source,
-                });
+                encoders.push(encoder.with_weight_patches(loaded.patches).map_err(tensor_error)?);
             }
             Some(Clip {
                 encoders,

@@ -1,6 +1,7 @@
 //! ComfyUI's `CLIP` value: a model's text encoders (CLIP or T5 networks with their tokenizers),
 //! the layer they are read at, and how a prompt becomes the tokens and conditioning of each.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use easel_engine::NodeObject;
 use easel_models::architectures::clip_text::{ClipTextEncoder, EncodeOptions, OutputLayer};
 use easel_models::architectures::t5::T5Encoder;
 use easel_models::checkpoint::{Family, TextEncoderKind};
+use easel_models::lora::Patch;
 use easel_models::text::embeddings::EmbeddingFolder;
 use easel_models::text::t5_tokenizer::{T5Tokenizer, FLUX_T5_MIN_LENGTH, T5_EMBEDDING_KEY};
 use easel_models::text::tokenizer::{tokenize_with_weights, EmbeddingLookup, NoEmbeddings, WeightedToken, END_TOKEN};
@@ -41,6 +43,25 @@ pub struct TextEncoder {
 }
 
 impl TextEncoder {
+    /// The encoder built again with `more` weight patches after its own.
+    pub fn with_weight_patches(&self, more: HashMap<String, Vec<Patch>>) -> candle_core::Result<TextEncoder> {
+        if more.is_empty() {
+            return Ok(self.clone());
+        }
+        let source = self.source.patched(more);
+        let network = match &self.network {
+            TextNetwork::Clip { kind, encoder } => TextNetwork::Clip {
+                kind: *kind,
+                encoder: Arc::new(ClipTextEncoder::new(encoder.config().clone(), source.weights())?),
+            },
+            TextNetwork::T5 { encoder, tokenizer } => TextNetwork::T5 {
+                encoder: Arc::new(T5Encoder::new(encoder.config().clone(), source.weights())?),
+                tokenizer: tokenizer.clone(),
+            },
+        };
+        Ok(TextEncoder { network, source })
+    }
+
     /// The CLIP kind of the encoder (none for T5).
     pub fn clip_kind(&self) -> Option<TextEncoderKind> {
         match &self.network {

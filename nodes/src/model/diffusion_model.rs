@@ -3,6 +3,7 @@
 //! inpainting models' mask and image channels, FLUX's guidance and fill channels), and the
 //! patches nodes added to it ([`ModelPatches`]).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use easel_models::architectures::flux::{Flux, FluxControl, FluxInput};
 use easel_models::architectures::unet::{timestep_embedding, UNet, UNetInput};
 use easel_models::architectures::unet_patches::{BatchPart, CallInfo, PatchedCall, UNetPatches};
 use easel_models::checkpoint::Family;
+use easel_models::lora::Patch;
 use easel_models::sampling::schedule::SigmaSchedule;
 use easel_models::weights::WeightSource;
 
@@ -166,6 +168,28 @@ pub struct DiffusionModel {
 }
 
 impl DiffusionModel {
+    /// The model built again with `more` weight patches after its own (LoRA, merges, scaled
+    /// layers); the base weights stay in their file's map, only patched tensors are copies.
+    pub fn with_weight_patches(&self, more: HashMap<String, Vec<Patch>>) -> candle_core::Result<DiffusionModel> {
+        if more.is_empty() {
+            return Ok(self.clone());
+        }
+        let source = self.source.patched(more);
+        let network = match &self.network {
+            DiffusionNetwork::UNet(unet) => {
+                DiffusionNetwork::UNet(Arc::new(UNet::new(unet.config().clone(), source.weights())?))
+            }
+            DiffusionNetwork::Flux(flux) => {
+                DiffusionNetwork::Flux(Arc::new(Flux::new(flux.config().clone(), source.weights())?))
+            }
+        };
+        Ok(DiffusionModel {
+            network,
+            source,
+            ..self.clone()
+        })
+    }
+
     /// D(x, σ) for one conditioning: scale the input, run the network at σ's timestep with the
     /// model's patches (and `call.extra`), turn the prediction into the denoised latent.
     pub(crate) fn denoise(

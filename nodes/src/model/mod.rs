@@ -7,7 +7,8 @@
 //! - [`patches`]: the patches nodes add to a MODEL (UNet hooks, guidance functions);
 //!   [`guidance`] and [`block_patches`] implement ComfyUI's, [`fourier`] their frequency filters;
 //! - [`nodes`]: ModelSamplingDiscrete, ModelSamplingFlux (`advanced/model`), DifferentialDiffusion;
-//! - [`patch_nodes`]: the nodes that add patches (RescaleCFG, CFGZeroStar, APG, FreeU, PAG, …).
+//! - [`patch_nodes`]: the nodes that add patches (RescaleCFG, CFGZeroStar, APG, FreeU, PAG, …);
+//! - [`merging`]: the weight-patching nodes (model and CLIP merges, attention multipliers).
 //!
 //! The networks themselves are in `easel_models::architectures`.
 
@@ -16,6 +17,7 @@ pub mod clip;
 pub mod diffusion_model;
 pub mod fourier;
 pub mod guidance;
+pub mod merging;
 pub mod nodes;
 pub mod patch_nodes;
 pub mod patches;
@@ -40,4 +42,14 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(patch_nodes::FreeUNode { adaptive: false });
     registry.register(patch_nodes::FreeUNode { adaptive: true });
     registry.register(patch_nodes::PatchModelAddDownscale);
+    registry.register(merging::ModelMergeSimple);
+    registry.register(merging::ModelMergeBlocks);
+    registry.register(merging::ModelMergeSubtract);
+    registry.register(merging::ModelMergeAdd);
+    registry.register(merging::ClipMergeSimple);
+    registry.register(merging::ClipMergeSubtract);
+    registry.register(merging::ClipMergeAdd);
+    registry.register(merging::UNetAttentionMultiply { cross: false });
+    registry.register(merging::UNetAttentionMultiply { cross: true });
+    registry.register(merging::ClipAttentionMultiply);
 }

@@ -115,8 +115,9 @@ pub fn flat(tensor: &Tensor) -> Vec<f32> {
     tensor.flatten_all().unwrap().to_vec1().unwrap()
 }
 
-/// Writes the f16 safetensors file `source` again as `target` with every tensor in `dtype`,
-/// each value's bytes appended by `encode` (an fp8 copy of a test model, say).
+/// Writes the safetensors file `source` again as `target` with every f16 tensor in `dtype`, each
+/// value's bytes appended by `encode` (an fp8 copy of a test model, say); tensors of other dtypes
+/// (integer position ids) are copied as they are.
 pub fn rewrite_f16_file(
     source: &std::path::Path,
     target: &std::path::Path,
@@ -125,20 +126,22 @@ pub fn rewrite_f16_file(
 ) {
     let bytes = std::fs::read(source).expect("source file");
     let file = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = file
+    let encoded: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = file
         .tensors()
         .into_iter()
         .map(|(name, view)| {
-            assert_eq!(view.dtype(), safetensors::Dtype::F16, "{name}: the test models are f16");
+            if view.dtype() != safetensors::Dtype::F16 {
+                return (name, view.dtype(), view.shape().to_vec(), view.data().to_vec());
+            }
             let mut data = Vec::new();
             for pair in view.data().chunks_exact(2) {
                 encode(half::f16::from_le_bytes([pair[0], pair[1]]).to_f32(), &mut data);
             }
-            (name, view.shape().to_vec(), data)
+            (name, dtype, view.shape().to_vec(), data)
         })
         .collect();
-    let views = encoded.iter().map(|(name, shape, data)| {
-        let view = safetensors::tensor::TensorView::new(dtype, shape.clone(), data).expect("tensor view");
+    let views = encoded.iter().map(|(name, dtype, shape, data)| {
+        let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).expect("tensor view");
         (name.as_str(), view)
     });
     safetensors::serialize_to_file(views, None, target).expect("written");
