@@ -254,6 +254,6 @@ fn a_flux_checkpoint_loads_its_three_parts() {
     assert_eq!(entry.cross_attention.dims(), &[1, 256, 32]);
     assert_eq!(entry.pooled.unwrap().dims(), &[1, 64]);
     let latent = candle_core::Tensor::zeros((1, 16, 2, 2), DType::F32, &Device::Cpu).unwrap();
-    let decoded = loaded[2].downcast::<VaeModel>().unwrap().0.decode(&latent).unwrap();
+    let decoded = loaded[2].downcast::<VaeModel>().unwrap().network.decode(&latent).unwrap();
     assert_eq!(decoded.dims(), &[1, 3, 16, 16]);
 }

@@ -42,7 +42,7 @@ impl Node for VaeDecode {
             )
         })?;
         let samples = latent.samples.to_dtype(DType::F32).map_err(tensor_error)?;
-        let decoded = run_within_memory(&vae.0, &samples, vae.0.downscale(), Direction::Decode)?;
+        let decoded = run_within_memory(&vae.network, &samples, vae.network.downscale(), Direction::Decode)?;
         Ok(NodeOutput::values(vec![Value::object(
             tensor_to_image(&decoded).map_err(tensor_error)?,
         )]))
@@ -64,7 +64,7 @@ impl Node for VaeEncode {
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let image = inputs.object::<Image>("pixels")?;
         let vae = inputs.object::<VaeModel>("vae")?;
-        let samples = encode_image(&vae.0, image, &device(ctx.services))?;
+        let samples = encode_image(&vae.network, image, &device(ctx.services))?;
         Ok(NodeOutput::values(vec![Value::object(Latent::new(samples))]))
     }
 }
@@ -90,9 +90,9 @@ impl Node for VaeEncodeForInpaint {
         let vae = inputs.object::<VaeModel>("vae")?;
         let mask = inputs.object::<Mask>("mask")?;
         let grow = inputs.int("grow_mask_by")?.max(0) as usize;
-        let (pixels, resized_mask) = grey_out_masked(image, mask, vae.0.downscale())?;
+        let (pixels, resized_mask) = grey_out_masked(image, mask, vae.network.downscale())?;
         let noise_mask = grow_mask(&resized_mask, grow);
-        let samples = encode_image(&vae.0, &pixels, &device(ctx.services))?;
+        let samples = encode_image(&vae.network, &pixels, &device(ctx.services))?;
         Ok(NodeOutput::values(vec![Value::object(Latent {
             noise_mask: Some(noise_mask),
             ..Latent::new(samples)
@@ -132,9 +132,9 @@ impl Node for InpaintModelConditioning {
         let vae = inputs.object::<VaeModel>("vae")?;
         let mask = inputs.object::<Mask>("mask")?;
         let device = device(ctx.services);
-        let (greyed, resized_mask) = grey_out_masked(image, mask, vae.0.downscale())?;
-        let concat_latent = encode_image(&vae.0, &greyed, &device)?;
-        let original = encode_image(&vae.0, image, &device)?;
+        let (greyed, resized_mask) = grey_out_masked(image, mask, vae.network.downscale())?;
+        let concat_latent = encode_image(&vae.network, &greyed, &device)?;
+        let original = encode_image(&vae.network, image, &device)?;
         let with_image = |name: &str| -> Result<Value, NodeError> {
             let entries = inputs
                 .object::<Conditioning>(name)?
@@ -366,10 +366,10 @@ impl Node for VaeDecodeTiled {
         if tile_size < overlap * 4 {
             overlap = tile_size / 4;
         }
-        let compression = vae.0.downscale();
+        let compression = vae.network.downscale();
         let samples = latent.samples.to_dtype(DType::F32).map_err(tensor_error)?;
         let decoded = vae
-            .0
+            .network
             .decode_tiled(&samples, tile_size / compression, overlap / compression)
             .map_err(tensor_error)?;
         Ok(NodeOutput::values(vec![Value::object(
@@ -397,9 +397,9 @@ impl Node for VaeEncodeTiled {
         let vae = inputs.object::<VaeModel>("vae")?;
         let tile_size = size_input(inputs, "tile_size")?;
         let overlap = size_input(inputs, "overlap")?;
-        let pixels = image_to_tensor(image, vae.0.downscale(), &device(ctx.services)).map_err(tensor_error)?;
+        let pixels = image_to_tensor(image, vae.network.downscale(), &device(ctx.services)).map_err(tensor_error)?;
         let samples = vae
-            .0
+            .network
             .encode_tiled(&pixels, tile_size, overlap)
             .map_err(|error| NodeError::typed("ValueError", error.to_string()))?;
         Ok(NodeOutput::values(vec![Value::object(Latent::new(samples))]))

@@ -172,8 +172,9 @@ fn build_vae(
     config: VaeConfig,
     device: &Device,
 ) -> Result<VaeModel, NodeError> {
-    let weights = WeightSource::new(file.clone(), prefix, device, Precision::F32).weights();
-    Ok(VaeModel(Arc::new(Vae::new(config, weights).map_err(tensor_error)?)))
+    let source = WeightSource::new(file.clone(), prefix, device, Precision::F32);
+    let network = Arc::new(Vae::new(config, source.weights()).map_err(tensor_error)?);
+    Ok(VaeModel { network, source })
 }
 
 /// Loads a single-file checkpoint in ComfyUI's layout, the diffusion model multiplying in

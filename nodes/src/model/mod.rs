@@ -8,7 +8,8 @@
 //!   [`guidance`] and [`block_patches`] implement ComfyUI's, [`fourier`] their frequency filters;
 //! - [`nodes`]: ModelSamplingDiscrete, ModelSamplingFlux (`advanced/model`), DifferentialDiffusion;
 //! - [`patch_nodes`]: the nodes that add patches (RescaleCFG, CFGZeroStar, APG, FreeU, PAG, …);
-//! - [`merging`]: the weight-patching nodes (model and CLIP merges, attention multipliers).
+//! - [`merging`]: the weight-patching nodes (model and CLIP merges, attention multipliers);
+//! - [`saving`]: CheckpointSave, ModelSave, CLIPSave, VAESave.
 //!
 //! The networks themselves are in `easel_models::architectures`.
 
@@ -21,6 +22,7 @@ pub mod merging;
 pub mod nodes;
 pub mod patch_nodes;
 pub mod patches;
+pub mod saving;
 pub mod vae;
 
 use easel_engine::NodeRegistry;
@@ -52,4 +54,8 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(merging::UNetAttentionMultiply { cross: false });
     registry.register(merging::UNetAttentionMultiply { cross: true });
     registry.register(merging::ClipAttentionMultiply);
+    registry.register(saving::CheckpointSave);
+    registry.register(saving::ModelSave);
+    registry.register(saving::ClipSave);
+    registry.register(saving::VaeSave);
 }

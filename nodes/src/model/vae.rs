@@ -5,10 +5,15 @@ use std::sync::Arc;
 
 use easel_engine::NodeObject;
 use easel_models::architectures::vae::Vae;
+use easel_models::weights::WeightSource;
 
 /// The VAE socket.
 #[derive(Clone)]
-pub struct VaeModel(pub Arc<Vae>);
+pub struct VaeModel {
+    pub network: Arc<Vae>,
+    /// What the network was built from (VAESave and CheckpointSave write it out).
+    pub source: WeightSource,
+}
 
 impl fmt::Debug for VaeModel {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {

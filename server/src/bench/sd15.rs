@@ -84,7 +84,7 @@ fn measure(name: &str, checkpoint: &Path, pixels: usize, steps: usize, precision
 
     let latent = Tensor::randn(0f32, 1.0, (1, 4, side, side), &device)?;
     let decode = match precision {
-        Precision::F32 => format!("{:.3}", mean_seconds(steps.min(2), || vae.0.decode(&latent))?.1),
+        Precision::F32 => format!("{:.3}", mean_seconds(steps.min(2), || vae.network.decode(&latent))?.1),
         Precision::Bf16 => "–".to_string(),
     };
     println!("| {name} | {side}×{side} | {load:.2} | {first_step_seconds:.3} | {step_seconds:.3} | {decode} |");
