@@ -15,7 +15,7 @@ use easel_models::testmodels::{
 };
 use easel_models::text::tokenizer::TokenItem;
 use easel_models::weights::{SafetensorsFile, Weights};
-use easel_nodes::conditioning::Conditioning;
+use easel_nodes::conditioning::{Conditioning, EmbeddedGuidance};
 use easel_nodes::loaders::t5_tokenizer_files::{find_t5_tokenizer, TokenizerSearch};
 use easel_nodes::model::clip::{Clip, TextNetwork};
 use easel_nodes::model::diffusion_model::{DiffusionNetwork, Model};
@@ -117,7 +117,7 @@ fn clip_text_encode_flux_splits_the_prompts_and_sets_guidance() {
         )
         .unwrap();
     let entry = outputs[0].downcast::<Conditioning>().unwrap().0[0].clone();
-    assert_eq!(entry.guidance, Some(2.5));
+    assert_eq!(entry.guidance, EmbeddedGuidance::Strength(2.5));
     let red = encode(&setup, &clip, "a red house").0.remove(0);
     let blue = encode(&setup, &clip, "a blue house").0.remove(0);
     assert_eq!(max_abs_difference(&entry.cross_attention, &red.cross_attention), 0.0);
@@ -254,6 +254,58 @@ fn a_flux_checkpoint_loads_its_three_parts() {
     assert_eq!(entry.cross_attention.dims(), &[1, 256, 32]);
     assert_eq!(entry.pooled.unwrap().dims(), &[1, 64]);
     let latent = candle_core::Tensor::zeros((1, 16, 2, 2), DType::F32, &Device::Cpu).unwrap();
-    let decoded = loaded[2].downcast::<VaeModel>().unwrap().network.decode(&latent).unwrap();
+    let decoded = loaded[2]
+        .downcast::<VaeModel>()
+        .unwrap()
+        .network
+        .decode(&latent)
+        .unwrap();
     assert_eq!(decoded.dims(), &[1, 3, 16, 16]);
+}
+
+#[test]
+fn flux_disable_guidance_skips_the_guidance_embedding() {
+    let setup = setup();
+    let clip = dual_clip(&setup, "DualCLIPLoader", TINY_CLIP_L, TINY_T5).unwrap();
+    let model = setup
+        .call(
+            "UNETLoader",
+            vec![
+                ("unet_name", j(json!(easel_models::testmodels::TINY_FLUX_DEV))),
+                ("weight_dtype", j(json!("default"))),
+            ],
+        )
+        .unwrap()
+        .remove(0);
+    let positive = Value::object(encode(&setup, &clip, "a red house"));
+    let with = |class: &str, extra: Vec<(&str, Value)>| {
+        let mut inputs = vec![("conditioning", positive.clone())];
+        inputs.extend(extra);
+        setup.call(class, inputs).unwrap().remove(0)
+    };
+    let disabled = with("FluxDisableGuidance", vec![]);
+    assert!(disabled.downcast::<Conditioning>().unwrap().0[0].guidance == EmbeddedGuidance::Disabled);
+    let latent = setup
+        .call(
+            "EmptySD3LatentImage",
+            vec![
+                ("width", j(json!(32))),
+                ("height", j(json!(32))),
+                ("batch_size", j(json!(1))),
+            ],
+        )
+        .unwrap()
+        .remove(0);
+    let sample = |conditioning: &Value| {
+        common::flat(&common::ksampler(&setup, &model, conditioning, conditioning, &latent, "euler", 2, 1.0).unwrap())
+    };
+    let unset = sample(&positive);
+    assert_eq!(sample(&with("FluxGuidance", vec![("guidance", j(json!(3.5)))])), unset);
+    let without = sample(&disabled);
+    assert!(without.iter().all(|v| v.is_finite()));
+    assert_ne!(without, unset);
+    assert_ne!(
+        without,
+        sample(&with("FluxGuidance", vec![("guidance", j(json!(0.0)))]))
+    );
 }

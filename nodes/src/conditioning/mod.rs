@@ -84,8 +84,29 @@ pub struct CondEntry {
     pub region: CondRegion,
     /// The image an inpainting model completes (InpaintModelConditioning).
     pub inpaint: Option<InpaintImage>,
-    /// The guidance strength a FLUX dev model embeds (FluxGuidance; 3.5 when not set).
-    pub guidance: Option<f32>,
+    /// The guidance strength a FLUX dev model embeds.
+    pub guidance: EmbeddedGuidance,
+}
+
+/// The guidance strength a FLUX dev model embeds for an entry: 3.5 unless FluxGuidance set one;
+/// FluxDisableGuidance skips the embedding (ComfyUI's `"guidance": None`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum EmbeddedGuidance {
+    #[default]
+    Unset,
+    Strength(f32),
+    Disabled,
+}
+
+impl EmbeddedGuidance {
+    /// The strength embedded, if any (ComfyUI's `Flux.extra_conds`).
+    pub fn strength(self) -> Option<f32> {
+        match self {
+            EmbeddedGuidance::Unset => Some(DEFAULT_GUIDANCE),
+            EmbeddedGuidance::Strength(strength) => Some(strength),
+            EmbeddedGuidance::Disabled => None,
+        }
+    }
 }
 
 /// The mask channels of FLUX fill: each latent pixel's 8×8 block of mask pixels.
@@ -121,7 +142,7 @@ impl CondEntry {
             sdxl: SdxlSizes::default(),
             region: CondRegion::default(),
             inpaint: None,
-            guidance: None,
+            guidance: EmbeddedGuidance::Unset,
         }
     }
 }
@@ -145,14 +166,14 @@ pub struct SdxlSizes {
 pub struct Conditioning(pub Vec<CondEntry>);
 
 impl Conditioning {
-    /// Every entry with the guidance strength a FLUX dev model embeds (FluxGuidance's
-    /// `conditioning_set_values`).
-    pub fn with_guidance(&self, guidance: f32) -> Conditioning {
+    /// Every entry with `guidance` for what a FLUX dev model embeds (FluxGuidance's and
+    /// FluxDisableGuidance's `conditioning_set_values`).
+    pub fn with_guidance(&self, guidance: EmbeddedGuidance) -> Conditioning {
         let entries = self
             .0
             .iter()
             .map(|entry| CondEntry {
-                guidance: Some(guidance),
+                guidance,
                 ..entry.clone()
             })
             .collect();

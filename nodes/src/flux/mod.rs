@@ -1,5 +1,5 @@
 //! FLUX's own nodes (ComfyUI's `comfy_extras/nodes_flux.py`, `advanced/conditioning/flux`):
-//! CLIPTextEncodeFlux and FluxGuidance. FLUX models load through the common loaders
+//! CLIPTextEncodeFlux, FluxGuidance and FluxDisableGuidance. FLUX models load through the common loaders
 //! ([`crate::loaders`]) or ComfyUI-GGUF's ([`crate::packs::gguf`]); ModelSamplingFlux is with the
 //! model nodes ([`crate::model::nodes`]), EmptySD3LatentImage with the latent ones.
 
@@ -7,7 +7,7 @@ use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeRegistry, Services, Value};
 
 use crate::conditioning::nodes::{clip_input, prompt_spec};
-use crate::conditioning::Conditioning;
+use crate::conditioning::{Conditioning, EmbeddedGuidance};
 use crate::model::clip::{ClipTokens, TextNetwork};
 use crate::paths::Paths;
 use crate::runtime::tensor_error;
@@ -16,6 +16,7 @@ use crate::runtime::tensor_error;
 pub fn register(registry: &mut NodeRegistry) {
     registry.register(ClipTextEncodeFlux);
     registry.register(FluxGuidance);
+    registry.register(FluxDisableGuidance);
 }
 
 /// `FluxGuidance`: the guidance strength a FLUX dev model embeds, on every entry.
@@ -33,7 +34,30 @@ impl Node for FluxGuidance {
         let guidance = inputs.float("guidance")? as f32;
         let conditioning = inputs.object::<Conditioning>("conditioning")?;
         Ok(NodeOutput::values(vec![Value::object(
-            conditioning.with_guidance(guidance),
+            conditioning.with_guidance(EmbeddedGuidance::Strength(guidance)),
+        )]))
+    }
+}
+
+/// `FluxDisableGuidance`: no guidance embedding at all on every entry.
+pub struct FluxDisableGuidance;
+
+impl Node for FluxDisableGuidance {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v3(
+            "FluxDisableGuidance",
+            "comfy_extras.nodes_flux",
+            "advanced/conditioning/flux",
+        )
+        .description("This node completely disables the guidance embed on Flux and Flux like models")
+        .required("conditioning", InputSpec::of("CONDITIONING"))
+        .output(OutputSpec::of("CONDITIONING"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let conditioning = inputs.object::<Conditioning>("conditioning")?;
+        Ok(NodeOutput::values(vec![Value::object(
+            conditioning.with_guidance(EmbeddedGuidance::Disabled),
         )]))
     }
 }
@@ -83,7 +107,7 @@ impl Node for ClipTextEncodeFlux {
         let conditioning = clip.encode(&tokens).map_err(tensor_error)?;
         let guidance = inputs.float("guidance")? as f32;
         Ok(NodeOutput::values(vec![Value::object(
-            conditioning.with_guidance(guidance),
+            conditioning.with_guidance(EmbeddedGuidance::Strength(guidance)),
         )]))
     }
 }

@@ -232,17 +232,22 @@ impl DiffusionModel {
                 })?
             }
             DiffusionNetwork::Flux(flux) => {
-                let (Some(y), Some(guidance)) = (&y, &inputs.guidance) else {
+                let Some(y) = &y else {
                     return Err(candle_core::Error::Msg(
-                        "a FLUX model call needs the pooled output and the guidance".into(),
+                        "a FLUX model call needs the pooled output".into(),
                     ));
                 };
+                let guidance = inputs
+                    .guidance
+                    .as_ref()
+                    .map(|guidance| repeat_to_batch(guidance, batch))
+                    .transpose()?;
                 flux.forward(&FluxInput {
                     x: &scaled,
                     timesteps: &timesteps,
                     context: &context,
                     y,
-                    guidance: Some(&repeat_to_batch(guidance, batch)?),
+                    guidance: guidance.as_ref(),
                     concat: concat.as_ref(),
                     control: FluxControl::default(),
                     image_prompt: None,

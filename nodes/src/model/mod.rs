@@ -44,6 +44,7 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(patch_nodes::FreeUNode { adaptive: false });
     registry.register(patch_nodes::FreeUNode { adaptive: true });
     registry.register(patch_nodes::PatchModelAddDownscale);
+    registry.register(patch_nodes::TorchCompileModel);
     registry.register(merging::ModelMergeSimple);
     registry.register(merging::ModelMergeBlocks);
     registry.register(merging::ModelMergeSubtract);

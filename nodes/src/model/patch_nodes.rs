@@ -1,7 +1,7 @@
 //! The nodes that add a patch to a MODEL ([`crate::model::patches`]): the guidance functions
 //! (RescaleCFG, CFGZeroStar, CFGNorm, Mahiro, Epsilon Scaling, APG, TCFG, FreSca,
 //! PerturbedAttentionGuidance) and the UNet block patches (FreeU, FreeU_V2,
-//! PatchModelAddDownscale), with ComfyUI's schemas.
+//! PatchModelAddDownscale), with ComfyUI's schemas; and TorchCompileModel, which changes nothing.
 
 use std::sync::{Arc, Mutex};
 
@@ -382,5 +382,29 @@ impl Node for PatchModelAddDownscale {
             upscale: inputs.string("upscale_method")?.parse::<ResizeMethod>()?,
         };
         patched(inputs, |patches| patches.with_unet_patch(Arc::new(shrink)))
+    }
+}
+
+/// `TorchCompileModel`: accepted so that workflows using it run; Easel has no PyTorch to
+/// compile with, so the model is passed on as it is (and the log says so).
+pub struct TorchCompileModel;
+
+impl Node for TorchCompileModel {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        experimental(
+            NodeSchema::v3("TorchCompileModel", "comfy_extras.nodes_torch_compile", "_for_testing")
+                .required("model", InputSpec::of("MODEL"))
+                .required("backend", InputSpec::combo_v3(&["inductor", "cudagraphs"]))
+                .output(OutputSpec::of("MODEL")),
+        )
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let model = inputs.object::<Model>("model")?;
+        tracing::info!(
+            node = ctx.node_id,
+            "TorchCompileModel: Easel does not compile models with torch; the model runs as it is"
+        );
+        Ok(NodeOutput::values(vec![Value::object(model.clone())]))
     }
 }

@@ -9,7 +9,7 @@ use easel_models::architectures::unet_patches::{BatchPart, UNetPatches};
 use easel_models::sampling::samplers::Denoiser;
 
 use crate::conditioning::regions::{same_area_source, LatentArea, ResolvedRegion};
-use crate::conditioning::{CondEntry, Conditioning, ConditioningError, DEFAULT_GUIDANCE};
+use crate::conditioning::{CondEntry, Conditioning, ConditioningError};
 use crate::latent::repeat_to_batch;
 use crate::model::diffusion_model::{DiffusionModel, DiffusionNetwork, LatentInputs, ModelCall, ModelInputs};
 use crate::model::patches::{GuidanceArgs, GuidanceModel, Side};
@@ -87,12 +87,9 @@ impl ActiveEntry {
             context: entry.cross_attention.to_device(&model.device)?.to_dtype(DType::F32)?,
             y: model.class_conditioning(entry, negative, (latent_height, latent_width))?,
             concat: model.inpaint_channels(entry, latent)?,
-            guidance: match model.network {
-                DiffusionNetwork::Flux(_) => Some(Tensor::new(
-                    &[entry.guidance.unwrap_or(DEFAULT_GUIDANCE)],
-                    &model.device,
-                )?),
-                DiffusionNetwork::UNet(_) => None,
+            guidance: match (&model.network, entry.guidance.strength()) {
+                (DiffusionNetwork::Flux(_), Some(strength)) => Some(Tensor::new(&[strength], &model.device)?),
+                _ => None,
             },
         };
         Ok(ActiveEntry {
@@ -215,6 +212,7 @@ impl Guider<'_> {
                 && positive.context.dims()[1..] == negative.context.dims()[1..]
                 && same_shape(&positive.y, &negative.y)
                 && same_shape(&positive.concat, &negative.concat)
+                && same_shape(&positive.guidance, &negative.guidance)
             {
                 let batch = x.dim(0)?;
                 let both =
