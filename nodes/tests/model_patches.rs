@@ -1,5 +1,6 @@
-//! The model-patch system: guidance functions and UNet patches against ComfyUI's own (fixtures
-//! from `fixtures/generate_guidance.py` and `generate_unet_patches.py`), their order.
+//! The model-patch system: guidance functions, UNet patches and SelfAttentionGuidance against
+//! ComfyUI's own (fixtures from `fixtures/generate_guidance.py`, `generate_unet_patches.py` and
+//! `generate_sag.py`), their order.
 
 mod common;
 
@@ -20,6 +21,7 @@ use easel_nodes::model::guidance::{
     RescaleCfg, TangentialDamping,
 };
 use easel_nodes::model::patches::{GuidanceArgs, GuidanceModel, ModelPatches, Side};
+use easel_nodes::model::self_attention_guidance::{attention_with_map, blur_where_attended};
 use serde_json::json;
 use serde_json::Value as Json;
 
@@ -491,4 +493,77 @@ fn unet_patches_refuse_a_flux_model() {
         )
         .expect_err("FreeU refuses FLUX");
     assert!(error.to_string().contains("no UNet"), "{error}");
+}
+
+#[test]
+fn self_attention_guidance_blurs_where_comfyuis_does() {
+    let fixture = fixture_json("sag.json");
+    for case in fixture["cases"].as_array().unwrap() {
+        let number = |name: &str| case[name].as_u64().unwrap() as usize;
+        let latent: Vec<usize> = case["latent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        let (tokens, heads, width, seed) = (
+            number("tokens"),
+            number("heads"),
+            number("width"),
+            number("seed") as i64,
+        );
+        let qkv_shape = [latent[0], tokens, width];
+        let q = pattern(&qkv_shape, seed, 2.0);
+        let k = pattern(&qkv_shape, seed + 1, 2.0);
+        let v = pattern(&qkv_shape, seed + 2, 1.0);
+        let x0 = pattern(&latent, seed + 3, 1.5);
+        let (out, map) = attention_with_map(&q, &k, &v, heads).unwrap();
+        let expect = |name: &str, ours: &Tensor| {
+            let expected: Vec<f32> = case[name]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            let worst = common::flat(ours)
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{name}: off by {worst}");
+        };
+        expect("attention", &out);
+        let blurred = blur_where_attended(&x0, &map, case["sigma"].as_f64().unwrap()).unwrap();
+        expect("blurred", &blurred);
+    }
+}
+
+#[test]
+fn self_attention_guidance_changes_sampling_and_is_plain_cfg_at_scale_zero() {
+    let setup = common::setup();
+    let (loaded, positive, negative, latent) = common::sd1_inputs(&setup, 1);
+    let sample =
+        |model: &Value| common::ksampler(&setup, model, &positive, &negative, &latent, "euler", 3, 5.0).unwrap();
+    let sag = |scale: f64| {
+        setup
+            .call(
+                "SelfAttentionGuidance",
+                vec![
+                    ("model", loaded[0].clone()),
+                    ("scale", j(json!(scale))),
+                    ("blur_sigma", j(json!(2.0))),
+                ],
+            )
+            .unwrap()
+            .remove(0)
+    };
+    let plain = sample(&loaded[0]);
+    // At scale 0 only the middle attention's arithmetic differs (plain softmax, not the kernel).
+    let unscaled = sample(&sag(0.0));
+    let scale = plain.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let moved = common::max_abs_difference(&unscaled, &plain);
+    assert!(moved < 1e-5 * scale.max(1.0), "moved {moved} of {scale}");
+    let guided = sample(&sag(0.8));
+    assert!(common::flat(&guided).iter().all(|v| v.is_finite()));
+    assert!(common::max_abs_difference(&guided, &plain) > 1e-3);
 }

@@ -9,7 +9,8 @@
 //! - [`nodes`]: ModelSamplingDiscrete, ModelSamplingFlux (`advanced/model`), DifferentialDiffusion;
 //! - [`patch_nodes`]: the nodes that add patches (RescaleCFG, CFGZeroStar, APG, FreeU, PAG, …);
 //! - [`merging`]: the weight-patching nodes (model and CLIP merges, attention multipliers);
-//! - [`saving`]: CheckpointSave, ModelSave, CLIPSave, VAESave.
+//! - [`saving`]: CheckpointSave, ModelSave, CLIPSave, VAESave;
+//! - [`self_attention_guidance`]: SelfAttentionGuidance.
 //!
 //! The networks themselves are in `easel_models::architectures`.
 
@@ -23,6 +24,7 @@ pub mod nodes;
 pub mod patch_nodes;
 pub mod patches;
 pub mod saving;
+pub mod self_attention_guidance;
 pub mod vae;
 
 use easel_engine::NodeRegistry;
@@ -45,6 +47,7 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(patch_nodes::FreeUNode { adaptive: true });
     registry.register(patch_nodes::PatchModelAddDownscale);
     registry.register(patch_nodes::TorchCompileModel);
+    registry.register(self_attention_guidance::SelfAttentionGuidanceNode);
     registry.register(merging::ModelMergeSimple);
     registry.register(merging::ModelMergeBlocks);
     registry.register(merging::ModelMergeSubtract);
