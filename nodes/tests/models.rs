@@ -262,3 +262,42 @@ fn pending_loaders_list_their_files_and_fail_clearly_when_run() {
         .to_string();
     assert!(error.contains("Easel cannot run ControlNet models yet"), "{error}");
 }
+
+#[test]
+fn checkpoint_loader_takes_the_parameterization_from_its_config() {
+    use easel_nodes::model::diffusion_model::{Model, Prediction};
+    use easel_nodes::paths::Paths;
+    let setup = common::setup();
+    let configs = setup.services.get::<Paths>().unwrap().models.join("configs");
+    std::fs::create_dir_all(&configs).unwrap();
+    std::fs::write(
+        configs.join("v2-inference-v.yaml"),
+        "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    parameterization: \"v\"\n    scale_factor: 0.18215\n",
+    )
+    .unwrap();
+    std::fs::write(
+        configs.join("v1-inference.yaml"),
+        "model:\n  params:\n    scale_factor: 0.18215\n",
+    )
+    .unwrap();
+    std::fs::write(configs.join("broken.yaml"), "model: [unclosed").unwrap();
+    let load = |config: &str| {
+        setup.call(
+            "CheckpointLoader",
+            vec![
+                ("config_name", common::j(serde_json::json!(config))),
+                (
+                    "ckpt_name",
+                    common::j(serde_json::json!(testmodels::TINY_SD1_CHECKPOINT)),
+                ),
+            ],
+        )
+    };
+    let prediction = |config: &str| load(config).unwrap()[0].downcast::<Model>().unwrap().0.prediction;
+    assert_eq!(prediction("v2-inference-v.yaml"), Prediction::V);
+    assert_eq!(prediction("v1-inference.yaml"), Prediction::Epsilon);
+    let outputs = load("v1-inference.yaml").unwrap();
+    assert_eq!(outputs.len(), 3, "model, CLIP and VAE");
+    let error = load("broken.yaml").expect_err("a broken config is refused");
+    assert!(error.to_string().contains("is not a model config"), "{error}");
+}

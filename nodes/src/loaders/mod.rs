@@ -1,7 +1,7 @@
 //! The loaders category: model files into `MODEL`, `CLIP` and `VAE` values.
 //!
-//! - [`models`]: CheckpointLoaderSimple, UNETLoader, VAELoader, and the helpers every loader
-//!   shares (finding a file, opening it, recognising its family, the model cache);
+//! - [`models`]: CheckpointLoaderSimple, CheckpointLoader, UNETLoader, VAELoader, and the helpers
+//!   every loader shares (finding a file, opening it, recognising its family, the model cache);
 //! - [`text_encoders`]: CLIPLoader and DualCLIPLoader (CLIP and T5 files, safetensors or GGUF);
 //! - [`t5_tokenizer_files`]: where a T5 encoder's `tokenizer.json` is found;
 //! - [`lora`]: LoraLoader and LoraLoaderModelOnly;
@@ -41,6 +41,7 @@ pub(crate) fn model_files_fingerprint(
 /// Adds the loader nodes to `registry`.
 pub fn register(registry: &mut NodeRegistry) {
     registry.register(models::CheckpointLoaderSimple);
+    registry.register(models::CheckpointLoader);
     registry.register(models::UnetLoader);
     registry.register(text_encoders::ClipLoader);
     registry.register(text_encoders::DualClipLoader);

@@ -296,6 +296,60 @@ impl Node for CheckpointLoaderSimple {
     }
 }
 
+/// `CheckpointLoader` ("Load Checkpoint With Config (DEPRECATED)"): a checkpoint with its
+/// original `.yaml` config. The architecture is read from the weights, as CheckpointLoaderSimple
+/// reads it; the config decides the parameterization, as ComfyUI's `load_checkpoint` lets it
+/// (`model.params.parameterization: "v"` makes a v-prediction model, anything else epsilon).
+pub struct CheckpointLoader;
+
+impl Node for CheckpointLoader {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        let mut schema = NodeSchema::v1("CheckpointLoader", "nodes", "advanced/loaders")
+            .display("Load Checkpoint With Config (DEPRECATED)")
+            .required("config_name", InputSpec::combo(&file_names(services, "configs")))
+            .required("ckpt_name", InputSpec::combo(&file_names(services, "checkpoints")))
+            .output(OutputSpec::of("MODEL"))
+            .output(OutputSpec::of("CLIP"))
+            .output(OutputSpec::of("VAE"));
+        schema.deprecated = true;
+        schema
+    }
+
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+        model_files_fingerprint(
+            services,
+            inputs,
+            &[("config_name", "configs"), ("ckpt_name", "checkpoints")],
+        )
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let config_path = model_file(ctx, "configs", inputs.string("config_name")?)?;
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|error| NodeError::typed("OSError", error.to_string()))?;
+        let config: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
+            .map_err(|error| NodeError::value(format!("'{}' is not a model config: {error}", config_path.display())))?;
+        let parameterization = config
+            .get("model")
+            .and_then(|model| model.get("params"))
+            .and_then(|params| params.get("parameterization"))
+            .and_then(serde_yaml_ng::Value::as_str);
+        let prediction = match parameterization {
+            Some("v") => Prediction::V,
+            _ => Prediction::Epsilon,
+        };
+        let mut outputs = CheckpointLoaderSimple.execute(ctx, inputs)?;
+        if let Some(model) = outputs.outputs.first().and_then(|value| value.downcast::<Model>()) {
+            let configured = Model(Arc::new(DiffusionModel {
+                prediction,
+                ..(*model.0).clone()
+            }));
+            outputs.outputs[0] = Value::object(configured);
+        }
+        Ok(outputs)
+    }
+}
+
 /// Where the UNet of a diffusion-model file lies: under ComfyUI's checkpoint prefix or at the
 /// root.
 fn unet_prefix(file: &dyn TensorShapes) -> Option<&'static str> {
