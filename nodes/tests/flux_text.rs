@@ -309,3 +309,57 @@ fn flux_disable_guidance_skips_the_guidance_embedding() {
         sample(&with("FluxGuidance", vec![("guidance", j(json!(0.0)))]))
     );
 }
+
+#[test]
+fn t5_tokenizer_options_pad_t5_prompts_and_controlnet_text_rides_on_the_entries() {
+    let setup = setup();
+    let clip = dual_clip(&setup, "DualCLIPLoader", TINY_CLIP_L, TINY_T5).unwrap();
+    let tokens = |min_padding: i64, min_length: i64| {
+        let options = setup
+            .call(
+                "T5TokenizerOptions",
+                vec![
+                    ("clip", clip.clone()),
+                    ("min_padding", j(json!(min_padding))),
+                    ("min_length", j(json!(min_length))),
+                ],
+            )
+            .unwrap()
+            .remove(0);
+        encode(&setup, &options, "a red house").0[0]
+            .cross_attention
+            .dim(1)
+            .unwrap()
+    };
+    assert_eq!(
+        encode(&setup, &clip, "a red house").0[0]
+            .cross_attention
+            .dim(1)
+            .unwrap(),
+        256
+    );
+    // "a red house" is 3 tokens and the end token; no padding at all with zeros.
+    assert_eq!(tokens(0, 0), 4);
+    assert_eq!(tokens(5, 0), 9);
+    assert_eq!(tokens(2, 300), 300);
+    let base = Value::object(encode(&setup, &clip, "a red house"));
+    let with_text = setup
+        .call(
+            "CLIPTextEncodeControlnet",
+            vec![
+                ("clip", clip.clone()),
+                ("conditioning", base),
+                ("text", j(json!("edges"))),
+            ],
+        )
+        .unwrap()
+        .remove(0);
+    let entry = &with_text.downcast::<Conditioning>().unwrap().0[0];
+    let controlnet = entry.controlnet_text.as_ref().expect("the ControlNet text");
+    let edges = encode(&setup, &clip, "edges").0.remove(0);
+    assert_eq!(
+        common::flat(&controlnet.cross_attention),
+        common::flat(&edges.cross_attention)
+    );
+    assert_eq!(entry.cross_attention.dim(1).unwrap(), 256);
+}

@@ -4,10 +4,12 @@
 //!
 //! - [`nodes`]: CLIPTextEncode, CLIPTextEncodeSDXL(Refiner), CLIPSetLastLayer and the
 //!   Conditioning* nodes;
-//! - [`regions`]: areas, masks and strengths of entries, resolved against a latent.
+//! - [`regions`]: areas, masks and strengths of entries, resolved against a latent;
+//! - [`text_options`]: CLIPTextEncodeControlnet and T5TokenizerOptions.
 
 pub mod nodes;
 pub mod regions;
+pub mod text_options;
 
 use candle_core::{Device, Tensor};
 use easel_engine::{NodeObject, NodeRegistry};
@@ -30,6 +32,8 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(nodes::ConditioningSetAreaPercentage);
     registry.register(nodes::ConditioningSetAreaStrength);
     registry.register(nodes::ConditioningSetMask);
+    registry.register(text_options::ClipTextEncodeControlnet);
+    registry.register(text_options::T5TokenizerOptions);
 }
 
 /// Why a conditioning cannot drive a model.
@@ -86,6 +90,16 @@ pub struct CondEntry {
     pub inpaint: Option<InpaintImage>,
     /// The guidance strength a FLUX dev model embeds.
     pub guidance: EmbeddedGuidance,
+    /// Text conditioning meant for ControlNets instead of this entry's own
+    /// (CLIPTextEncodeControlnet's `cross_attn_controlnet` and `pooled_output_controlnet`).
+    pub controlnet_text: Option<ControlnetText>,
+}
+
+/// A prompt encoded for the ControlNets of an entry.
+#[derive(Clone, Debug)]
+pub struct ControlnetText {
+    pub cross_attention: Tensor,
+    pub pooled: Option<Tensor>,
 }
 
 /// The guidance strength a FLUX dev model embeds for an entry: 3.5 unless FluxGuidance set one;
@@ -143,6 +157,7 @@ impl CondEntry {
             region: CondRegion::default(),
             inpaint: None,
             guidance: EmbeddedGuidance::Unset,
+            controlnet_text: None,
         }
     }
 }

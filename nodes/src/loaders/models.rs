@@ -202,6 +202,7 @@ pub fn load_checkpoint(
         family: layout.family,
         encoders,
         layer_from_end: None,
+        t5_padding: None,
     });
     let vae = match layout.vae {
         Some(config) => Some(build_vae(&file, VAE_PREFIX, config, device)?),
@@ -238,6 +239,7 @@ fn load_flux_checkpoint(
                 build_t5(path, file.clone(), FLUX_T5_PREFIX, device, search)?,
             ],
             layer_from_end: None,
+            t5_padding: None,
         }),
         _ => None,
     };

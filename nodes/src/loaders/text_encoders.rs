@@ -171,6 +171,7 @@ fn single_clip(ctx: &NodeContext, node: &str, path: PathBuf, clip_type: &str) ->
         family,
         encoders: vec![load_clip_encoder(ctx, &encoder, kind)?],
         layer_from_end: None,
+        t5_padding: None,
     })
 }
 
@@ -206,6 +207,7 @@ fn dual_clip(ctx: &NodeContext, node: &str, paths: [PathBuf; 2], clip_type: &str
                 load_t5(ctx, t5)?,
             ],
             layer_from_end: None,
+            t5_padding: None,
         });
     }
     let (EncoderFile::Clip(first), EncoderFile::Clip(second)) = (files[0].contents, files[1].contents) else {
@@ -226,6 +228,7 @@ fn dual_clip(ctx: &NodeContext, node: &str, paths: [PathBuf; 2], clip_type: &str
             load_clip_encoder(ctx, clip_g, TextEncoderKind::ClipG)?,
         ],
         layer_from_end: None,
+        t5_padding: None,
     })
 }
 

@@ -12,7 +12,7 @@ use easel_models::architectures::t5::T5Encoder;
 use easel_models::checkpoint::{Family, TextEncoderKind};
 use easel_models::lora::Patch;
 use easel_models::text::embeddings::EmbeddingFolder;
-use easel_models::text::t5_tokenizer::{T5Tokenizer, FLUX_T5_MIN_LENGTH, T5_EMBEDDING_KEY};
+use easel_models::text::t5_tokenizer::{T5Padding, T5Tokenizer, T5_EMBEDDING_KEY};
 use easel_models::text::tokenizer::{tokenize_with_weights, EmbeddingLookup, NoEmbeddings, WeightedToken, END_TOKEN};
 use easel_models::weights::WeightSource;
 
@@ -79,6 +79,8 @@ pub struct Clip {
     pub encoders: Vec<TextEncoder>,
     /// `stop_at_clip_layer` counted from the end (1 = the last layer), when it was set.
     pub layer_from_end: Option<usize>,
+    /// How T5 prompts are padded, when T5TokenizerOptions set it (else the family's way).
+    pub t5_padding: Option<T5Padding>,
 }
 
 /// One list of chunks per text encoder of a CLIP, in its order (T5: one chunk).
@@ -131,7 +133,8 @@ impl Clip {
                         tokenize_with_weights(text, embeddings, self.options(*kind).pad_token)
                     }
                     TextNetwork::T5 { tokenizer, .. } => {
-                        vec![tokenizer.tokenize_with_weights(text, embeddings, FLUX_T5_MIN_LENGTH)]
+                        let padding = self.t5_padding.unwrap_or(T5Padding::FLUX);
+                        vec![tokenizer.tokenize_with_weights(text, embeddings, padding)]
                     }
                 }
             })

@@ -19,6 +19,31 @@ pub const T5_PAD_TOKEN: u32 = 0;
 pub const T5_EMBEDDING_KEY: &str = "t5xxl";
 /// FLUX pads T5 prompts to at least this many tokens.
 pub const FLUX_T5_MIN_LENGTH: usize = 256;
+
+/// How a T5 prompt is padded after its end token: `min_padding` pad tokens, then more up to
+/// `min_length` tokens in all (ComfyUI's `t5xxl_min_padding` and `t5xxl_min_length` tokenizer
+/// options, which T5TokenizerOptions sets).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct T5Padding {
+    pub min_padding: usize,
+    pub min_length: usize,
+}
+
+impl T5Padding {
+    /// FLUX's: at least 256 tokens.
+    pub const FLUX: T5Padding = T5Padding {
+        min_padding: 0,
+        min_length: FLUX_T5_MIN_LENGTH,
+    };
+
+    /// Padding up to `min_length` tokens only.
+    pub fn to_length(min_length: usize) -> T5Padding {
+        T5Padding {
+            min_padding: 0,
+            min_length,
+        }
+    }
+}
 /// The folder, in text-encoder folders and caches, that holds a T5 `tokenizer.json` (ComfyUI's
 /// folder name).
 pub const T5_TOKENIZER_FOLDER: &str = "t5_tokenizer";
@@ -89,13 +114,16 @@ impl T5Tokenizer {
         &self,
         text: &str,
         embeddings: &dyn EmbeddingLookup,
-        min_length: usize,
+        padding: T5Padding,
     ) -> Vec<WeightedToken> {
         let mut tokens: Vec<WeightedToken> = weighted_groups(text, embeddings, &|segment| self.encode(segment))
             .into_iter()
             .flatten()
             .collect();
         tokens.push((TokenItem::Token(T5_END_TOKEN), 1.0));
+        let pad = (TokenItem::Token(T5_PAD_TOKEN), 1.0);
+        tokens.extend(std::iter::repeat_n(pad, padding.min_padding));
+        let min_length = padding.min_length;
         if tokens.len() < min_length {
             tokens.resize(min_length, (TokenItem::Token(T5_PAD_TOKEN), 1.0));
         }
@@ -131,7 +159,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temporary directory");
         let tokenizer = tiny_tokenizer(dir.path());
         assert_eq!(tokenizer.encode("a red house"), vec![4, 5, 6]);
-        let tokens = tokenizer.tokenize_with_weights("a (red houses:1.5)", &NoEmbeddings, 8);
+        let tokens = tokenizer.tokenize_with_weights("a (red houses:1.5)", &NoEmbeddings, T5Padding::to_length(8));
         let expected: Vec<WeightedToken> = [
             (4, 1.0),
             (5, 1.5),
@@ -147,11 +175,11 @@ mod tests {
         .collect();
         assert_eq!(tokens, expected);
         // Longer than the minimum: no padding, still ended.
-        let long = tokenizer.tokenize_with_weights("a red house a red house", &NoEmbeddings, 4);
+        let long = tokenizer.tokenize_with_weights("a red house a red house", &NoEmbeddings, T5Padding::to_length(4));
         assert_eq!(long.len(), 7);
         assert_eq!(long.last(), Some(&(TokenItem::Token(T5_END_TOKEN), 1.0)));
         // The empty prompt: `</s>` and padding.
-        let empty = tokenizer.tokenize_with_weights("", &NoEmbeddings, FLUX_T5_MIN_LENGTH);
+        let empty = tokenizer.tokenize_with_weights("", &NoEmbeddings, T5Padding::FLUX);
         assert_eq!(empty.len(), FLUX_T5_MIN_LENGTH);
         assert_eq!(empty[0], (TokenItem::Token(T5_END_TOKEN), 1.0));
         assert!(empty[1..]
