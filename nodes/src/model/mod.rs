@@ -10,7 +10,7 @@
 //! - [`patch_nodes`]: the nodes that add patches (RescaleCFG, CFGZeroStar, APG, FreeU, PAG, …);
 //! - [`merging`]: the weight-patching nodes (model and CLIP merges, attention multipliers);
 //! - [`saving`]: CheckpointSave, ModelSave, CLIPSave, VAESave;
-//! - [`self_attention_guidance`]: SelfAttentionGuidance.
+//! - [`self_attention_guidance`]: the SelfAttentionGuidance node and its patches.
 //!
 //! The networks themselves are in `easel_models::architectures`.
 
