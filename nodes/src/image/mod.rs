@@ -9,12 +9,20 @@
 //!   SaveImageWebsocket;
 //! - [`transform`]: ImageRotate, ImageFlip, ImageScaleToMaxDimension, RepeatImageBatch,
 //!   ImageFromBatch, ImageAddNoise;
+//! - [`filters`]: ImageBlend, ImageBlur, ImageSharpen, ImageQuantize, Morphology
+//!   (`image/postprocessing`);
+//! - [`layout`]: ImageStitch, ResizeAndPadImage, ImageScaleToTotalPixels, RebatchImages;
+//! - [`alpha`]: PorterDuffImageComposite, SplitImageWithAlpha, JoinImageWithAlpha
+//!   (`mask/compositing`);
 //! - [`canny`]: Canny (`image/preprocessors`);
 //! - [`io`]: decoding image files and writing PNGs with metadata;
 //! - [`resample`]: PyTorch's and Pillow's resampling, as ComfyUI uses them.
 
+pub mod alpha;
 pub mod canny;
+pub mod filters;
 pub mod io;
+pub mod layout;
 pub mod nodes;
 pub mod resample;
 pub mod transform;
@@ -43,6 +51,18 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(transform::ImageRotate);
     registry.register(transform::ImageFlip);
     registry.register(transform::ImageScaleToMaxDimension);
+    registry.register(filters::ImageBlend);
+    registry.register(filters::ImageBlur);
+    registry.register(filters::ImageSharpen);
+    registry.register(filters::ImageQuantize);
+    registry.register(filters::Morphology);
+    registry.register(layout::ImageStitch);
+    registry.register(layout::ResizeAndPadImage);
+    registry.register(layout::ImageScaleToTotalPixels);
+    registry.register(layout::RebatchImages);
+    registry.register(alpha::PorterDuffImageComposite);
+    registry.register(alpha::SplitImageWithAlpha);
+    registry.register(alpha::JoinImageWithAlpha);
 }
 
 /// An `IMAGE` batch, `[batch, height, width, channels]`, row-major.

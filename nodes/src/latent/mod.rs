@@ -6,12 +6,16 @@
 //! - [`transform`]: LatentFlip, LatentRotate, LatentCrop, LatentComposite(Masked), LatentBlend;
 //! - [`arithmetic`]: LatentAdd, LatentSubtract, LatentMultiply;
 //! - [`batch`]: LatentBatch, LatentBatchSeedBehavior, LatentCut;
+//! - [`operations`]: LatentInterpolate, LatentConcat, RebatchLatents, and the latent operations
+//!   (LatentApplyOperation, LatentApplyOperationCFG, LatentOperationTonemapReinhard,
+//!   LatentOperationSharpen);
 //! - [`vae`]: VAEDecode, VAEEncode, VAEEncodeForInpaint, InpaintModelConditioning and the tiled
 //!   VAE nodes.
 
 pub mod arithmetic;
 pub mod batch;
 pub mod nodes;
+pub mod operations;
 pub mod transform;
 pub mod vae;
 
@@ -42,6 +46,13 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(batch::LatentBatch);
     registry.register(batch::LatentBatchSeedBehavior);
     registry.register(batch::LatentCut);
+    registry.register(operations::LatentInterpolate);
+    registry.register(operations::LatentConcat);
+    registry.register(operations::RebatchLatents);
+    registry.register(operations::LatentApplyOperation);
+    registry.register(operations::LatentApplyOperationCfg);
+    registry.register(operations::LatentOperationTonemapReinhard);
+    registry.register(operations::LatentOperationSharpen);
     registry.register(vae::VaeDecode);
     registry.register(vae::VaeEncode);
     registry.register(vae::VaeEncodeForInpaint);

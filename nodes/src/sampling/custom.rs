@@ -1,26 +1,31 @@
 //! ComfyUI's custom-sampling nodes (`comfy_extras.nodes_custom_sampler`): sampling taken apart
-//! into its pieces — a NOISE (RandomNoise, DisableNoise), a GUIDER (BasicGuider, CFGGuider), a
-//! SAMPLER (KSamplerSelect) and SIGMAS (BasicScheduler and the schedule nodes, cut and flipped
-//! by SplitSigmas, SplitSigmasDenoise, FlipSigmas) — put together by SamplerCustom and
-//! SamplerCustomAdvanced, which also return the last denoised estimate.
+//! into its pieces — a NOISE (RandomNoise, DisableNoise; AddNoise applies one), a GUIDER
+//! (BasicGuider, CFGGuider), a SAMPLER (KSamplerSelect; the sampler nodes with options are in
+//! [`custom_samplers`](super::custom_samplers)) and SIGMAS (BasicScheduler and the schedule nodes,
+//! cut and flipped by SplitSigmas, SplitSigmasDenoise, FlipSigmas; more in
+//! [`schedulers`](super::schedulers)) — put together by SamplerCustom and SamplerCustomAdvanced,
+//! which also return the last denoised estimate.
 
+use candle_core::{DType, Tensor};
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeObject, NodeOutput, Services, Value};
-use easel_models::sampling::samplers::SAMPLER_NAMES;
+use easel_models::sampling::noise::prepare_noise;
+use easel_models::sampling::samplers::{Sampler, SAMPLER_NAMES};
 use easel_models::sampling::schedule::{self, ksampler_sigmas, Scheduler};
 
 use crate::conditioning::Conditioning;
 use crate::latent::Latent;
-use crate::model::diffusion_model::Model;
+use crate::model::diffusion_model::{DiffusionModel, Model};
+use crate::runtime::tensor_error;
 use crate::sampling::ksampler::{denoise_mask, seed_input, seed_spec, with_progress};
 use crate::sampling::run::{sample_guided, DualCfg, GuidedSampling};
 
 /// The Python module of every node here.
 const MODULE: &str = "comfy_extras.nodes_custom_sampler";
 
-/// The SAMPLER socket: a sampler by name.
+/// The SAMPLER socket: a sampler and its options.
 #[derive(Clone, Debug)]
-pub struct SamplerChoice(pub String);
+pub struct SamplerChoice(pub Sampler);
 
 impl NodeObject for SamplerChoice {
     fn type_name(&self) -> &'static str {
@@ -88,17 +93,17 @@ fn sigmas_value(sigmas: Vec<f32>) -> Value {
     Value::object(Sigmas(sigmas))
 }
 
-fn sigmas_output(sigmas: Vec<f32>) -> Result<NodeOutput, NodeError> {
+pub(crate) fn sigmas_output(sigmas: Vec<f32>) -> Result<NodeOutput, NodeError> {
     Ok(NodeOutput::values(vec![sigmas_value(sigmas)]))
 }
 
 /// The schema of node `name` of this module in `category`, displayed by its class name.
-fn node_schema(name: &str, category: &str) -> NodeSchema {
+pub(crate) fn node_schema(name: &str, category: &str) -> NodeSchema {
     NodeSchema::v1(name, MODULE, category).display(name)
 }
 
 /// The `steps` input, as a count.
-fn steps(inputs: &NodeInputs) -> Result<usize, NodeError> {
+pub(crate) fn steps(inputs: &NodeInputs) -> Result<usize, NodeError> {
     Ok(inputs.int("steps")?.max(0) as usize)
 }
 
@@ -236,6 +241,62 @@ impl Node for DisableNoise {
     }
 }
 
+/// `AddNoise`: the latent noised as sampling from the first σ to the last would start (by the
+/// first σ alone when there is one), back in latent space, with non-finite values made 0.
+pub struct AddNoise;
+
+impl Node for AddNoise {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        node_schema("AddNoise", "_for_testing/custom_sampling/noise")
+            .required("model", InputSpec::of("MODEL"))
+            .required("noise", InputSpec::of("NOISE"))
+            .required("sigmas", InputSpec::of("SIGMAS"))
+            .required("latent_image", InputSpec::of("LATENT"))
+            .output(OutputSpec::of("LATENT"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let sigmas = &inputs.object::<Sigmas>("sigmas")?.0;
+        let latent = inputs.object::<Latent>("latent_image")?;
+        let (Some(&first), Some(&last)) = (sigmas.first(), sigmas.last()) else {
+            return Ok(NodeOutput::values(vec![Value::object(latent.clone())]));
+        };
+        let model = &inputs.object::<Model>("model")?.0;
+        let noise = inputs.object::<NoiseChoice>("noise")?;
+        let scale = if sigmas.len() > 1 { (first - last).abs() } else { first };
+        let noisy = add_noise(model, noise, latent, scale).map_err(tensor_error)?;
+        Ok(NodeOutput::values(vec![Value::object(latent.with_samples(noisy))]))
+    }
+}
+
+/// `noise_scaling(scale, noise, latent)` in model space (an empty latent is not shifted into
+/// it), scaled back out, NaN and infinities made 0.
+fn add_noise(model: &DiffusionModel, noise: &NoiseChoice, latent: &Latent, scale: f32) -> candle_core::Result<Tensor> {
+    let samples = latent.samples.to_dtype(DType::F32)?;
+    let shape = samples.dims().to_vec();
+    let drawn = if noise.enabled {
+        let values = prepare_noise(noise.seed, &shape, latent.batch_index.as_deref());
+        Tensor::from_vec(values, shape.as_slice(), samples.device())?
+    } else {
+        samples.zeros_like()?
+    };
+    let has_content = samples.abs()?.max_all()?.to_scalar::<f32>()? != 0.0;
+    let samples = if has_content {
+        model.latent_format.process_in(&samples)?
+    } else {
+        samples
+    };
+    let noisy = model.prediction.noise_scaling(scale, &drawn, &samples, false)?;
+    let noisy = model.latent_format.process_out(&noisy)?;
+    let finite: Vec<f32> = noisy
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|value| if value.is_finite() { value } else { 0.0 })
+        .collect();
+    Tensor::from_vec(finite, noisy.shape(), noisy.device())
+}
+
 /// `BasicGuider`: the model guided by one conditioning alone.
 pub struct BasicGuider;
 
@@ -322,15 +383,17 @@ impl Node for KSamplerSelect {
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let name = inputs.string("sampler_name")?.to_string();
-        Ok(NodeOutput::values(vec![Value::object(SamplerChoice(name))]))
+        Ok(NodeOutput::values(vec![Value::object(SamplerChoice(Sampler::Named(
+            name,
+        )))]))
     }
 }
 
-fn steps_spec(default: i64, max: i64) -> InputSpec {
+pub(crate) fn steps_spec(default: i64, max: i64) -> InputSpec {
     InputSpec::int(default, 1, max)
 }
 
-fn denoise_spec() -> InputSpec {
+pub(crate) fn denoise_spec() -> InputSpec {
     InputSpec::float(1.0, 0.0, 1.0).opt("step", 0.01)
 }
 
@@ -364,7 +427,7 @@ impl Node for BasicScheduler {
     }
 }
 
-fn sigma_spec(default: f64) -> InputSpec {
+pub(crate) fn sigma_spec(default: f64) -> InputSpec {
     InputSpec::float(default, 0.0, 5000.0)
         .opt("step", 0.01)
         .opt("round", false)

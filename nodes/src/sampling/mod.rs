@@ -4,6 +4,10 @@
 //!   every sampling node shares;
 //! - [`custom`]: SamplerCustom(Advanced), the noise, guider, sampler, scheduler and σ nodes of
 //!   `sampling/custom_sampling`;
+//! - [`custom_samplers`]: the sampler nodes that set a sampler's options (SamplerEulerAncestral,
+//!   SamplerDPMAdaptative, SamplerSASolver, SamplerLCMUpscale, …);
+//! - [`schedulers`]: more scheduler and σ nodes (Align Your Steps, GITS, OptimalSteps, Laplace,
+//!   VP, polyexponential, ExtendIntermediateSigmas, …), with their tables in [`noise_levels`];
 //! - [`run`]: one sampling run: noise, σ schedule, the guider, the sampler, latent scaling;
 //! - [`guider`]: classifier-free guidance over the active conditioning entries;
 //! - [`inpainting`]: the denoise-mask and DifferentialDiffusion wrappers around the guider;
@@ -12,11 +16,14 @@
 //! The samplers, schedules and noise themselves are in `easel_models::sampling`.
 
 pub mod custom;
+pub mod custom_samplers;
 pub mod guider;
 pub mod inpainting;
 pub mod ksampler;
+pub mod noise_levels;
 pub mod preview;
 pub mod run;
+pub mod schedulers;
 
 use easel_engine::NodeRegistry;
 
@@ -40,4 +47,26 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(custom::SplitSigmas);
     registry.register(custom::SplitSigmasDenoise);
     registry.register(custom::FlipSigmas);
+    registry.register(custom::AddNoise);
+    registry.register(custom_samplers::SamplerEulerAncestral);
+    registry.register(custom_samplers::SamplerEulerAncestralCfgPp);
+    registry.register(custom_samplers::SamplerLms);
+    registry.register(custom_samplers::SamplerDpmpp3mSde);
+    registry.register(custom_samplers::SamplerDpmpp2mSde);
+    registry.register(custom_samplers::SamplerDpmppSde);
+    registry.register(custom_samplers::SamplerDpmpp2sAncestral);
+    registry.register(custom_samplers::SamplerDpmAdaptative);
+    registry.register(custom_samplers::SamplerErSde);
+    registry.register(custom_samplers::SamplerSaSolver);
+    registry.register(custom_samplers::SamplerLcmUpscale);
+    registry.register(custom_samplers::SamplerEulerCfgPp);
+    registry.register(schedulers::PolyexponentialScheduler);
+    registry.register(schedulers::LaplaceScheduler);
+    registry.register(schedulers::VpScheduler);
+    registry.register(schedulers::AlignYourStepsScheduler);
+    registry.register(schedulers::GitsScheduler);
+    registry.register(schedulers::OptimalStepsScheduler);
+    registry.register(schedulers::SetFirstSigma);
+    registry.register(schedulers::ExtendIntermediateSigmas);
+    registry.register(schedulers::SamplingPercentToSigma);
 }

@@ -4,8 +4,8 @@
 
 use candle_core::{DType, Tensor};
 use easel_models::memory::{ensure_available, OutOfMemory};
-use easel_models::sampling::noise::prepare_noise;
-use easel_models::sampling::samplers::{self, Denoiser, SamplerError, Step};
+use easel_models::sampling::noise::{prepare_noise_and_generator, CpuGenerator};
+use easel_models::sampling::samplers::{self, Denoiser, RunSeed, Sampler, SamplerError, Step};
 use easel_models::sampling::schedule::{ksampler_sigmas, Scheduler};
 
 use crate::conditioning::{Conditioning, ConditioningError};
@@ -87,13 +87,14 @@ impl SamplingRequest<'_> {
 /// ComfyUI's `common_ksampler`: returns the sampled raw latent.
 pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Result<Tensor, SamplingError> {
     let sigmas = request.sigmas();
+    let sampler = Sampler::Named(request.sampler.to_string());
     let run = GuidedSampling {
         model: request.model,
         positive: request.positive,
         negative: request.negative,
         cfg: request.cfg,
         dual: None,
-        sampler: request.sampler,
+        sampler: &sampler,
         sigmas: &sigmas,
         latent: request.latent,
         seed: request.seed,
@@ -115,10 +116,11 @@ pub struct GuidedSampling<'a> {
     pub cfg: f64,
     /// DualCFGGuider's middle prompt.
     pub dual: Option<&'a DualCfg>,
-    pub sampler: &'a str,
+    pub sampler: &'a Sampler,
     pub sigmas: &'a [f32],
     pub latent: &'a Latent,
-    /// Seeds the initial noise (where `add_noise`) and the samplers' step noise.
+    /// Seeds the initial noise (where `add_noise`) and the samplers' step noise. Without initial
+    /// noise, torch's global generator (which ComfyUI then leaves as it was) is seeded with it.
     pub seed: u64,
     pub add_noise: bool,
     /// Where sampling may change the latent (1) and where it keeps it (0), [B, C, H, W].
@@ -169,11 +171,11 @@ pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> R
         format!("sampling a {}×{} latent (batch {batch})", width * 8, height * 8)
     })?;
     let shape = latent.dims().to_vec();
-    let noise = if run.add_noise {
-        let values = prepare_noise(run.seed, &shape, run.latent.batch_index.as_deref());
-        Tensor::from_vec(values, shape.as_slice(), device)?
+    let (noise, global_generator) = if run.add_noise {
+        let (values, generator) = prepare_noise_and_generator(run.seed, &shape, run.latent.batch_index.as_deref());
+        (Tensor::from_vec(values, shape.as_slice(), device)?, generator)
     } else {
-        latent.zeros_like()?
+        (latent.zeros_like()?, CpuGenerator::new(run.seed))
     };
     let sigmas = run.sigmas;
 
@@ -249,15 +251,11 @@ pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> R
         }
         None => &mut guider,
     };
-    let sampled = samplers::sample(
-        run.sampler,
-        denoiser,
-        x,
-        sigmas,
-        &model.schedule,
-        run.seed,
-        &mut callback,
-    )?;
+    let seed = RunSeed {
+        seed: run.seed,
+        global_generator,
+    };
+    let sampled = samplers::run_sampler(run.sampler, denoiser, x, sigmas, &model.schedule, seed, &mut callback)?;
     let last = sigmas.last().copied().unwrap_or(0.0);
     let sampled = model.prediction.inverse_noise_scaling(last, sampled)?;
     Ok(Sampled {

@@ -117,14 +117,25 @@ impl CpuGenerator {
 /// any other), flattened in row-major order. With `batch_index`, one [1, …] draw is made per
 /// index up to the largest and row k of the result is draw number `batch_index[k]`.
 pub fn prepare_noise(seed: u64, shape: &[usize], batch_index: Option<&[usize]>) -> Vec<f32> {
+    prepare_noise_and_generator(seed, shape, batch_index).0
+}
+
+/// [`prepare_noise`], and the generator as the draws leave it: `prepare_noise` seeds torch's
+/// global generator (`torch.manual_seed`), which samplers calling `torch.randn_like` go on with.
+pub fn prepare_noise_and_generator(
+    seed: u64,
+    shape: &[usize],
+    batch_index: Option<&[usize]>,
+) -> (Vec<f32>, CpuGenerator) {
     let mut generator = CpuGenerator::new(seed);
     let numel: usize = shape.iter().product();
     let Some(indices) = batch_index else {
-        return generator.randn(numel);
+        let noise = generator.randn(numel);
+        return (noise, generator);
     };
     let per_item: usize = shape.iter().skip(1).product();
     let Some(&largest) = indices.iter().max() else {
-        return Vec::new();
+        return (Vec::new(), generator);
     };
     let draws: Vec<Vec<f32>> = (0..=largest)
         .map(|draw| {
@@ -136,7 +147,8 @@ pub fn prepare_noise(seed: u64, shape: &[usize], batch_index: Option<&[usize]>) 
             }
         })
         .collect();
-    indices.iter().flat_map(|&draw| draws[draw].iter().copied()).collect()
+    let noise = indices.iter().flat_map(|&draw| draws[draw].iter().copied()).collect();
+    (noise, generator)
 }
 
 /// Box–Muller on one block of 16 uniforms: value j pairs with value j + 8.

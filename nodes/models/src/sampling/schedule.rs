@@ -1,7 +1,7 @@
 //! Noise schedules: ComfyUI's `model_sampling` objects (the σ table of a model and the maps
-//! between σ, timestep and percent) and every scheduler of `KSampler.SCHEDULERS`, computed in
-//! the same precision and order as ComfyUI's torch code so that the σ sequences agree with
-//! ComfyUI's to float32 rounding.
+//! between σ, timestep and percent), every scheduler of `KSampler.SCHEDULERS` and those of the
+//! custom-sampling scheduler nodes, computed in the same precision and order as ComfyUI's torch
+//! (or numpy) code so that the σ sequences agree with ComfyUI's to float32 rounding.
 
 use std::fmt;
 use std::str::FromStr;
@@ -406,6 +406,120 @@ pub fn exponential(steps: usize, sigma_min: f64, sigma_max: f64) -> Vec<f32> {
     sigmas
 }
 
+/// k-diffusion's `get_sigmas_polyexponential`: `steps` σ whose logarithm runs from ln σ_max to
+/// ln σ_min along a ramp from 1 to 0 raised to the power ρ, then 0.
+pub fn polyexponential(steps: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> Vec<f32> {
+    let log_min = sigma_min.ln();
+    let span = (sigma_max.ln() - log_min) as f32;
+    let mut sigmas: Vec<f32> = linspace_f32(1.0, 0.0, steps)
+        .into_iter()
+        .map(|ramp| (torch_pow(ramp, rho) * span + log_min as f32).exp())
+        .collect();
+    sigmas.push(0.0);
+    sigmas
+}
+
+/// k-diffusion's `get_sigmas_vp`: the continuous VP schedule σ(t) = √(e^{β_d·t²/2 + β_min·t} − 1)
+/// for `steps` t from 1 to ε_s, then 0.
+pub fn vp(steps: usize, beta_d: f64, beta_min: f64, eps_s: f64) -> Vec<f32> {
+    let (beta_d, beta_min) = (beta_d as f32, beta_min as f32);
+    let mut sigmas: Vec<f32> = linspace_f32(1.0, eps_s as f32, steps)
+        .into_iter()
+        .map(|t| (beta_d * (t * t) / 2.0 + beta_min * t).exp_m1().sqrt())
+        .collect();
+    sigmas.push(0.0);
+    sigmas
+}
+
+/// k-diffusion's `get_sigmas_laplace` (Tiankai et al. 2024): ln σ = μ − β·sign(½ − x)·ln(1 −
+/// 2|½ − x| + 10⁻⁵) for `steps` x from 0 to 1, clamped to [σ_min, σ_max]; no 0 is appended.
+pub fn laplace(steps: usize, sigma_min: f64, sigma_max: f64, mu: f64, beta: f64) -> Vec<f32> {
+    const EPSILON: f32 = 1e-5;
+    let (sigma_min, sigma_max) = (sigma_min as f32, sigma_max as f32);
+    linspace_f32(0.0, 1.0, steps)
+        .into_iter()
+        .map(|x| {
+            let offset = 0.5 - x;
+            let sign = if offset > 0.0 {
+                1.0
+            } else if offset < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+            let lambda = mu as f32 - beta as f32 * sign * ((1.0 - 2.0 * offset.abs()) + EPSILON).ln();
+            lambda.exp().max(sigma_min).min(sigma_max)
+        })
+        .collect()
+}
+
+/// The log-linear interpolation of a decreasing sequence to `count` values, as the Align Your
+/// Steps, GITS and OptimalSteps schedulers make it in numpy (float64): `np.interp` of the
+/// logarithms over evenly spaced positions, exponentiated.
+pub fn loglinear_interp(values: &[f64], count: usize) -> Vec<f64> {
+    let positions = numpy_linspace(0.0, 1.0, values.len());
+    let logs: Vec<f64> = values.iter().rev().map(|value| value.ln()).collect();
+    let mut interpolated: Vec<f64> = numpy_linspace(0.0, 1.0, count)
+        .into_iter()
+        .map(|x| numpy_interp(x, &positions, &logs).exp())
+        .collect();
+    interpolated.reverse();
+    interpolated
+}
+
+/// `np.interp(x, xp, fp)` for increasing `xp`: linear between the neighbouring points, the end
+/// values outside.
+fn numpy_interp(x: f64, xp: &[f64], fp: &[f64]) -> f64 {
+    let last = xp.len() - 1;
+    if x < xp[0] {
+        return fp[0];
+    }
+    if x >= xp[last] {
+        return fp[last];
+    }
+    let j = xp.partition_point(|point| *point <= x) - 1;
+    if xp[j] == x {
+        return fp[j];
+    }
+    let slope = (fp[j + 1] - fp[j]) / (xp[j + 1] - xp[j]);
+    slope * (x - xp[j]) + fp[j]
+}
+
+/// `numpy.linspace(start, stop, count)` in float64: `start + k·step`, the last exactly `stop`.
+pub(crate) fn numpy_linspace(start: f64, stop: f64, count: usize) -> Vec<f64> {
+    if count <= 1 {
+        return vec![start; count];
+    }
+    let step = (stop - start) / (count - 1) as f64;
+    (0..count)
+        .map(|k| if k + 1 == count { stop } else { k as f64 * step + start })
+        .collect()
+}
+
+/// torch's `tensor ** exponent` on one float32 value, with the special cases its CPU kernel
+/// takes (copy, square, cube, square root, reciprocals).
+pub(crate) fn torch_pow(value: f32, exponent: f64) -> f32 {
+    if exponent == 0.0 {
+        1.0
+    } else if exponent == 1.0 {
+        value
+    } else if exponent == 2.0 {
+        value * value
+    } else if exponent == 3.0 {
+        value * value * value
+    } else if exponent == 0.5 {
+        value.sqrt()
+    } else if exponent == -0.5 {
+        1.0 / value.sqrt()
+    } else if exponent == -1.0 {
+        1.0 / value
+    } else if exponent == -2.0 {
+        1.0 / (value * value)
+    } else {
+        value.powf(exponent as f32)
+    }
+}
+
 fn ddim_uniform(schedule: &SigmaSchedule, mut steps: usize) -> Vec<f32> {
     let table = schedule.table();
     let mut sigmas = Vec::new();
@@ -497,7 +611,7 @@ fn kl_optimal(steps: usize, sigma_min: f64, sigma_max: f64) -> Vec<f32> {
 
 /// `torch.linspace` in float32: the first half counts up from `start`, the second half down
 /// from `end`.
-pub(crate) fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
+pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     if steps <= 1 {
         return vec![start; steps];
     }

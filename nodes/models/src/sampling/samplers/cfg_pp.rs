@@ -1,13 +1,15 @@
 //! The CFG++ samplers: they step from the guided prediction along the direction of the
-//! unguided (negative) prediction, which the denoiser returns alongside.
+//! unguided (negative) prediction, which the denoiser returns alongside (and the `alternative`
+//! Euler CFG++ of SamplerEulerCFGpp).
 
 use candle_core::{Result, Tensor};
 
-use super::{ancestral_step, combine, flow_ancestral_step, step, to_d, NoiseSource, Run};
+use super::{ancestral_step, combine, flow_ancestral_step, step, to_d, AncestralNoise, NoiseSource, Run};
 
-/// Euler (η = 0) and Euler ancestral (η = 1) CFG++ in DDIM form.
-pub(super) fn euler_ancestral_cfg_pp(run: &mut Run, mut x: Tensor, eta: f32) -> Result<Tensor> {
+/// Euler ancestral CFG++ in DDIM form (Euler CFG++ is η = 0, s_noise = 0).
+pub(super) fn euler_ancestral_cfg_pp(run: &mut Run, mut x: Tensor, options: AncestralNoise) -> Result<Tensor> {
     let mut noise = run.step_noise(&x);
+    let (eta, s_noise) = (options.eta as f32, options.s_noise as f32);
     for i in 0..run.steps() {
         let (sigma, sigma_next) = (run.sigmas[i], run.sigmas[i + 1]);
         let (denoised, uncond) = run.denoiser.denoise_with_uncond(&x, sigma)?;
@@ -22,9 +24,23 @@ pub(super) fn euler_ancestral_cfg_pp(run: &mut Run, mut x: Tensor, eta: f32) -> 
         let (sigma_down, sigma_up) = ancestral_step(sigma / alpha_s, sigma_next / alpha_t, eta);
         let sigma_down = alpha_t * sigma_down;
         x = combine(alpha_t, &denoised, sigma_down, &d)?;
-        if eta > 0.0 {
-            x = (x + ((noise.next(sigma, sigma_next)? * f64::from(alpha_t))? * f64::from(sigma_up))?)?;
+        if options.eta > 0.0 && options.s_noise > 0.0 {
+            let fresh = ((noise.next(sigma, sigma_next)? * f64::from(alpha_t))? * f64::from(s_noise))?;
+            x = (x + (fresh * f64::from(sigma_up))?)?;
         }
+    }
+    Ok(x)
+}
+
+/// SamplerEulerCFGpp's `alternative` version (`sample_euler_pp`): Euler steps along
+/// d = (x − 2·D + D_uncond)/σ.
+pub(super) fn euler_cfg_pp_alternative(run: &mut Run, mut x: Tensor) -> Result<Tensor> {
+    for i in 0..run.steps() {
+        let (sigma, sigma_next) = (run.sigmas[i], run.sigmas[i + 1]);
+        let (denoised, uncond) = run.denoiser.denoise_with_uncond(&x, sigma)?;
+        let d = to_d(&((&x - &denoised)? + uncond)?, sigma, &denoised)?;
+        run.report(i, &x, &denoised)?;
+        x = step(&x, &d, sigma_next - sigma)?;
     }
     Ok(x)
 }

@@ -1,9 +1,11 @@
 //! First- and second-order samplers in σ: Euler (and ancestral), Heun, Heun++, DPM-2 (and
-//! ancestral), gradient estimation, LCM and DDPM.
+//! ancestral), gradient estimation, LCM (and LCM with upscaling) and DDPM.
 
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, D};
 
-use super::{ancestral_step, combine, flow_ancestral_step, step, to_d, NoiseSource, Run};
+use super::{ancestral_step, combine, flow_ancestral_step, scaled_noise, step, to_d, NoiseSource, Run};
+use super::{AncestralNoise, LcmUpscaleOptions};
+use crate::sampling::schedule::numpy_linspace;
 
 pub(super) fn euler(run: &mut Run, mut x: Tensor) -> Result<Tensor> {
     for i in 0..run.steps() {
@@ -16,9 +18,10 @@ pub(super) fn euler(run: &mut Run, mut x: Tensor) -> Result<Tensor> {
     Ok(x)
 }
 
-pub(super) fn euler_ancestral(run: &mut Run, mut x: Tensor) -> Result<Tensor> {
+pub(super) fn euler_ancestral(run: &mut Run, mut x: Tensor, options: AncestralNoise) -> Result<Tensor> {
     let mut noise = run.step_noise(&x);
     let flow = run.is_flow();
+    let (eta, s_noise) = (options.eta as f32, options.s_noise as f32);
     for i in 0..run.steps() {
         let (sigma, sigma_next) = (run.sigmas[i], run.sigmas[i + 1]);
         let denoised = run.denoise(&x, sigma)?;
@@ -27,19 +30,22 @@ pub(super) fn euler_ancestral(run: &mut Run, mut x: Tensor) -> Result<Tensor> {
             if sigma_next == 0.0 {
                 x = denoised;
             } else {
-                let (sigma_down, renoise_scale, renoise) = flow_ancestral_step(sigma, sigma_next, 1.0);
+                let (sigma_down, renoise_scale, renoise) = flow_ancestral_step(sigma, sigma_next, eta);
                 let ratio = sigma_down / sigma;
                 x = combine(ratio, &x, 1.0 - ratio, &denoised)?;
-                x = ((x * f64::from(renoise_scale))? + (noise.next(sigma, sigma_next)? * f64::from(renoise))?)?;
+                if options.eta > 0.0 {
+                    let fresh = scaled_noise(&mut noise, sigma, sigma_next, s_noise, renoise)?;
+                    x = ((x * f64::from(renoise_scale))? + fresh)?;
+                }
             }
             continue;
         }
-        let (sigma_down, sigma_up) = ancestral_step(sigma, sigma_next, 1.0);
+        let (sigma_down, sigma_up) = ancestral_step(sigma, sigma_next, eta);
         if sigma_down == 0.0 {
             x = denoised;
         } else {
             let d = to_d(&x, sigma, &denoised)?;
-            x = (step(&x, &d, sigma_down - sigma)? + (noise.next(sigma, sigma_next)? * f64::from(sigma_up))?)?;
+            x = (step(&x, &d, sigma_down - sigma)? + scaled_noise(&mut noise, sigma, sigma_next, s_noise, sigma_up)?)?;
         }
     }
     Ok(x)
@@ -205,6 +211,34 @@ pub(super) fn lcm(run: &mut Run, mut x: Tensor) -> Result<Tensor> {
         if sigma_next > 0.0 {
             let fresh = noise.next(sigma, sigma_next)?;
             x = run.noise_scaling(sigma_next, &fresh, &x)?;
+        }
+    }
+    Ok(x)
+}
+
+/// LCM steps that enlarge the latent: after each of the first steps the denoised latent is
+/// resized on a linear ramp of scales up to `total_upscale`, then re-noised with draws from
+/// torch's global generator (`torch.randn_like`).
+pub(super) fn lcm_upscale(run: &mut Run, mut x: Tensor, options: &LcmUpscaleOptions) -> Result<Tensor> {
+    let points = match options.upscale_steps {
+        None => (run.sigmas.len() / 2 + 1).max(2),
+        Some(steps) => (steps + 1).min(run.sigmas.len() + 1),
+    };
+    let upscales = numpy_linspace(1.0, options.total_upscale, points);
+    let (height, width) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
+    for i in 0..run.steps() {
+        let (sigma, sigma_next) = (run.sigmas[i], run.sigmas[i + 1]);
+        let denoised = run.denoise(&x, sigma)?;
+        run.report(i, &x, &denoised)?;
+        x = denoised;
+        if let Some(scale) = upscales.get(i + 1) {
+            let scaled = |size: usize| (size as f64 * scale).round_ties_even() as usize;
+            x = options.resize.resize(&x, scaled(width), scaled(height))?;
+        }
+        if sigma_next > 0.0 {
+            let values = run.global_generator.randn(x.elem_count());
+            let fresh = Tensor::from_vec(values, x.shape(), x.device())?.to_dtype(x.dtype())?;
+            x = (x + (fresh * f64::from(sigma_next))?)?;
         }
     }
     Ok(x)

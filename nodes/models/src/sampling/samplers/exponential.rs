@@ -1,9 +1,10 @@
 //! Exponential-integrator samplers on x₀ in the half-log-SNR λ: res_multistep (RES 2M, with
-//! ancestral and CFG++ forms), SEEDS-2/3 and ER-SDE (VP, 3 stages), with per-step CPU noise.
+//! ancestral and CFG++ forms), SEEDS-2/3 and ER-SDE (VP, up to 3 stages), with per-step CPU noise.
 
 use candle_core::{Result, Tensor};
 
-use super::{ancestral_step, combine, to_d, NoiseSource, Run};
+use super::{ancestral_step, combine, to_d, ErSdeNoiseScaler, ErSdeOptions, NoiseSource, Run};
+use crate::sampling::schedule::torch_pow;
 
 /// torch's `lerp(a, b, w)` on scalars (the two-sided form that is exact at w = 1).
 fn lerp(a: f32, b: f32, weight: f32) -> f32 {
@@ -78,12 +79,20 @@ pub(super) fn res_multistep(run: &mut Run, mut x: Tensor, eta: f32, cfg_pp: bool
     Ok(x)
 }
 
-/// ER-SDE-Solver-3 (VP, arXiv 2309.06169) with ComfyUI's noise scaler λ·(e^{λ^0.3} + 10) and
-/// 200-point integrals.
-pub(super) fn er_sde(run: &mut Run, mut x: Tensor) -> Result<Tensor> {
-    const MAX_STAGE: usize = 3;
+/// `noise_scaler(λ)` of ER-SDE, with torch's special cases of `x ** exponent`.
+fn er_sde_noise_scaler(scaler: ErSdeNoiseScaler, value: f32) -> f32 {
+    match scaler {
+        ErSdeNoiseScaler::ErSde => value * (torch_pow(value, 0.3).exp() + 10.0),
+        ErSdeNoiseScaler::Power(exponent) => torch_pow(value, exponent),
+    }
+}
+
+/// ER-SDE-Solver (VP, arXiv 2309.06169) up to `max_stage` stages, with 200-point integrals; by
+/// default ComfyUI's noise scaler λ·(e^{λ^0.3} + 10), three stages.
+pub(super) fn er_sde(run: &mut Run, mut x: Tensor, options: &ErSdeOptions) -> Result<Tensor> {
     const POINTS: usize = 200;
-    let scaler = |v: f32| v * (v.powf(0.3).exp() + 10.0);
+    let scaler = |v: f32| er_sde_noise_scaler(options.noise_scaler, v);
+    let s_noise = options.s_noise as f32;
     let mut noise = run.step_noise(&x);
     run.offset_first_sigma_for_snr();
     let er_lambdas: Vec<f32> = run.sigmas.iter().map(|s| (-run.half_log_snr(*s)).exp()).collect();
@@ -93,7 +102,7 @@ pub(super) fn er_sde(run: &mut Run, mut x: Tensor) -> Result<Tensor> {
         let (sigma, sigma_next) = (run.sigmas[i], run.sigmas[i + 1]);
         let denoised = run.denoise(&x, sigma)?;
         run.report(i, &x, &denoised)?;
-        let stage = MAX_STAGE.min(i + 1);
+        let stage = options.max_stage.min(i + 1);
         if sigma_next == 0.0 {
             x = denoised.clone();
         } else {
@@ -128,9 +137,12 @@ pub(super) fn er_sde(run: &mut Run, mut x: Tensor) -> Result<Tensor> {
                 }
                 old_denoised_d = Some(denoised_d);
             }
-            let spread = (lambda_t * lambda_t - lambda_s * lambda_s * r * r).sqrt();
-            let spread = if spread.is_nan() { 0.0 } else { spread };
-            x = (x + ((noise.next(sigma, sigma_next)? * f64::from(alpha_t))? * f64::from(spread))?)?;
+            if options.s_noise > 0.0 {
+                let spread = (lambda_t * lambda_t - lambda_s * lambda_s * r * r).sqrt();
+                let spread = if spread.is_nan() { 0.0 } else { spread };
+                let fresh = ((noise.next(sigma, sigma_next)? * f64::from(alpha_t))? * f64::from(s_noise))?;
+                x = (x + (fresh * f64::from(spread))?)?;
+            }
         }
         old_denoised = Some(denoised);
     }

@@ -4,15 +4,22 @@
 //!
 //! The families live in their own files: `euler` (Euler/Heun/DPM-2 and friends), `dpm_solver`
 //! (DPM-Solver and DPM-Solver++ incl. the SDE variants), `exponential` (res_multistep, SEEDS,
-//! ER-SDE), `multistep` (LMS, iPNDM, DEIS), `cfg_pp` (the CFG++ variants), `uni_pc`, `sa_solver`.
+//! ER-SDE), `multistep` (LMS, iPNDM, DEIS), `cfg_pp` (the CFG++ variants), `uni_pc`, `sa_solver`;
+//! `options` holds what the custom-sampling sampler nodes set on them.
 
 mod cfg_pp;
 mod dpm_solver;
 mod euler;
 mod exponential;
 mod multistep;
+mod options;
 mod sa_solver;
 mod uni_pc;
+
+pub use options::{
+    AncestralNoise, DpmAdaptiveOptions, ErSdeNoiseScaler, ErSdeOptions, LatentResize, LcmUpscaleOptions,
+    SaSolverOptions, Sampler, SolverType, TauInterval,
+};
 
 use candle_core::{Result, Tensor};
 
@@ -97,9 +104,27 @@ pub enum SamplerError {
     Tensor(#[from] candle_core::Error),
 }
 
-/// Runs sampler `name` from `x` (already noised to `sigmas[0]`) along `sigmas` for a model with
-/// σ table `schedule`. `seed` feeds the per-step noise of ancestral and SDE samplers; `callback`
-/// runs once per step and may abort sampling by returning an error.
+/// The random state a sampling run starts from, as ComfyUI's is.
+pub struct RunSeed {
+    /// `extra_args["seed"]`: seeds the step noise of ancestral samplers and the Brownian tree of
+    /// SDE samplers.
+    pub seed: u64,
+    /// torch's global CPU generator as sampling finds it (after the initial noise was drawn from
+    /// it), which samplers calling `torch.randn_like` draw from (LCM upscale).
+    pub global_generator: CpuGenerator,
+}
+
+impl RunSeed {
+    /// `seed`, with the global generator freshly seeded with it.
+    pub fn new(seed: u64) -> Self {
+        RunSeed {
+            seed,
+            global_generator: CpuGenerator::new(seed),
+        }
+    }
+}
+
+/// Runs sampler `name` with its default options; see [`run_sampler`].
 pub fn sample(
     name: &str,
     denoiser: &mut dyn Denoiser,
@@ -109,17 +134,55 @@ pub fn sample(
     seed: u64,
     callback: &mut dyn FnMut(Step) -> Result<()>,
 ) -> std::result::Result<Tensor, SamplerError> {
+    let sampler = Sampler::Named(name.to_string());
+    run_sampler(&sampler, denoiser, x, sigmas, schedule, RunSeed::new(seed), callback)
+}
+
+/// Runs `sampler` from `x` (already noised to `sigmas[0]`) along `sigmas` for a model with σ
+/// table `schedule`. `seed` feeds the per-step noise of ancestral and SDE samplers; `callback`
+/// runs once per step and may abort sampling by returning an error.
+pub fn run_sampler(
+    sampler: &Sampler,
+    denoiser: &mut dyn Denoiser,
+    x: Tensor,
+    sigmas: &[f32],
+    schedule: &SigmaSchedule,
+    seed: RunSeed,
+    callback: &mut dyn FnMut(Step) -> Result<()>,
+) -> std::result::Result<Tensor, SamplerError> {
     let mut run = Run {
         denoiser,
         sigmas: sigmas.to_vec(),
         schedule,
-        seed,
+        seed: seed.seed,
+        global_generator: seed.global_generator,
         callback,
     };
     let run = &mut run;
-    let result = match name {
+    let result = match sampler {
+        Sampler::Named(name) => run_named(run, name, x)?,
+        Sampler::EulerAncestral(noise) => euler::euler_ancestral(run, x, *noise),
+        Sampler::EulerAncestralCfgPp(noise) => cfg_pp::euler_ancestral_cfg_pp(run, x, *noise),
+        Sampler::DpmppTwoSAncestral(noise) => dpm_solver::dpmpp_2s_ancestral(run, x, *noise),
+        Sampler::DpmppSde { noise, r } => dpm_solver::dpmpp_sde(run, x, *noise, *r),
+        Sampler::DpmppTwoMSde { noise, solver } => dpm_solver::dpmpp_2m_sde(run, x, *noise, *solver),
+        Sampler::DpmppThreeMSde(noise) => dpm_solver::dpmpp_3m_sde(run, x, *noise),
+        Sampler::Lms { order } => multistep::lms(run, x, *order),
+        Sampler::DpmAdaptive(options) => dpm_solver::dpm_adaptive(run, x, options),
+        Sampler::ErSde(options) => exponential::er_sde(run, x, options),
+        Sampler::SaSolver(options) => sa_solver::sa_solver(run, x, options),
+        Sampler::LcmUpscale(options) => euler::lcm_upscale(run, x, options),
+        Sampler::EulerCfgPpAlternative => cfg_pp::euler_cfg_pp_alternative(run, x),
+    };
+    Ok(result?)
+}
+
+/// Runs one of KSampler's samplers with its default options.
+fn run_named(run: &mut Run, name: &str, x: Tensor) -> std::result::Result<Result<Tensor>, SamplerError> {
+    let ancestral = AncestralNoise::default();
+    Ok(match name {
         "euler" | "ddim" => euler::euler(run, x),
-        "euler_ancestral" => euler::euler_ancestral(run, x),
+        "euler_ancestral" => euler::euler_ancestral(run, x, ancestral),
         "heun" => euler::heun(run, x),
         "heunpp2" => euler::heunpp2(run, x),
         "dpm_2" => euler::dpm_2(run, x),
@@ -128,36 +191,42 @@ pub fn sample(
         "gradient_estimation_cfg_pp" => euler::gradient_estimation(run, x, true),
         "lcm" => euler::lcm(run, x),
         "ddpm" => euler::ddpm(run, x),
-        "lms" => multistep::lms(run, x),
+        "lms" => multistep::lms(run, x, 4),
         "ipndm" => multistep::ipndm(run, x),
         "ipndm_v" => multistep::ipndm_v(run, x),
         "deis" => multistep::deis(run, x),
         "dpm_fast" => dpm_solver::dpm_fast(run, x),
-        "dpm_adaptive" => dpm_solver::dpm_adaptive(run, x),
-        "dpmpp_2s_ancestral" => dpm_solver::dpmpp_2s_ancestral(run, x),
+        "dpm_adaptive" => dpm_solver::dpm_adaptive(run, x, &DpmAdaptiveOptions::default()),
+        "dpmpp_2s_ancestral" => dpm_solver::dpmpp_2s_ancestral(run, x, ancestral),
         "dpmpp_2m" => dpm_solver::dpmpp_2m(run, x),
-        "dpmpp_sde" | "dpmpp_sde_gpu" => dpm_solver::dpmpp_sde(run, x),
-        "dpmpp_2m_sde" | "dpmpp_2m_sde_gpu" => dpm_solver::dpmpp_2m_sde(run, x, dpm_solver::SolverType::Midpoint),
-        "dpmpp_2m_sde_heun" | "dpmpp_2m_sde_heun_gpu" => dpm_solver::dpmpp_2m_sde(run, x, dpm_solver::SolverType::Heun),
-        "dpmpp_3m_sde" | "dpmpp_3m_sde_gpu" => dpm_solver::dpmpp_3m_sde(run, x),
-        "euler_cfg_pp" => cfg_pp::euler_ancestral_cfg_pp(run, x, 0.0),
-        "euler_ancestral_cfg_pp" => cfg_pp::euler_ancestral_cfg_pp(run, x, 1.0),
+        "dpmpp_sde" | "dpmpp_sde_gpu" => dpm_solver::dpmpp_sde(run, x, ancestral, 0.5),
+        "dpmpp_2m_sde" | "dpmpp_2m_sde_gpu" => dpm_solver::dpmpp_2m_sde(run, x, ancestral, SolverType::Midpoint),
+        "dpmpp_2m_sde_heun" | "dpmpp_2m_sde_heun_gpu" => dpm_solver::dpmpp_2m_sde(run, x, ancestral, SolverType::Heun),
+        "dpmpp_3m_sde" | "dpmpp_3m_sde_gpu" => dpm_solver::dpmpp_3m_sde(run, x, ancestral),
+        "euler_cfg_pp" => cfg_pp::euler_ancestral_cfg_pp(run, x, AncestralNoise { eta: 0.0, s_noise: 0.0 }),
+        "euler_ancestral_cfg_pp" => cfg_pp::euler_ancestral_cfg_pp(run, x, ancestral),
         "dpmpp_2s_ancestral_cfg_pp" => cfg_pp::dpmpp_2s_ancestral_cfg_pp(run, x),
         "dpmpp_2m_cfg_pp" => cfg_pp::dpmpp_2m_cfg_pp(run, x),
         "res_multistep" => exponential::res_multistep(run, x, 0.0, false),
         "res_multistep_cfg_pp" => exponential::res_multistep(run, x, 0.0, true),
         "res_multistep_ancestral" => exponential::res_multistep(run, x, 1.0, false),
         "res_multistep_ancestral_cfg_pp" => exponential::res_multistep(run, x, 1.0, true),
-        "er_sde" => exponential::er_sde(run, x),
+        "er_sde" => exponential::er_sde(run, x, &ErSdeOptions::default()),
         "seeds_2" => exponential::seeds_2(run, x),
         "seeds_3" => exponential::seeds_3(run, x),
-        "sa_solver" => sa_solver::sa_solver(run, x, false),
-        "sa_solver_pece" => sa_solver::sa_solver(run, x, true),
+        "sa_solver" => sa_solver::sa_solver(run, x, &SaSolverOptions::default()),
+        "sa_solver_pece" => sa_solver::sa_solver(
+            run,
+            x,
+            &SaSolverOptions {
+                use_pece: true,
+                ..SaSolverOptions::default()
+            },
+        ),
         "uni_pc" => uni_pc::uni_pc(run, x, uni_pc::Variant::Bh1),
         "uni_pc_bh2" => uni_pc::uni_pc(run, x, uni_pc::Variant::Bh2),
         other => return Err(SamplerError::Unknown(other.to_string())),
-    };
-    Ok(result?)
+    })
 }
 
 /// One sampling run: the denoiser, the σ sequence and what the update rules need of the model.
@@ -166,6 +235,7 @@ struct Run<'a> {
     sigmas: Vec<f32>,
     schedule: &'a SigmaSchedule,
     seed: u64,
+    global_generator: CpuGenerator,
     callback: &'a mut dyn FnMut(Step) -> Result<()>,
 }
 
@@ -277,6 +347,11 @@ impl NoiseSource for TreeNoise {
         let values = self.tree.sample(sigma, sigma_next);
         Tensor::from_vec(values, self.template.shape(), self.template.device())?.to_dtype(self.template.dtype())
     }
+}
+
+/// `n(σ, σ_next)·s_noise·amount`, multiplied in ComfyUI's order.
+fn scaled_noise(noise: &mut dyn NoiseSource, sigma: f32, sigma_next: f32, s_noise: f32, amount: f32) -> Result<Tensor> {
+    (noise.next(sigma, sigma_next)? * f64::from(s_noise))? * f64::from(amount)
 }
 
 /// `(x − D) / σ`.

@@ -1,20 +1,54 @@
-//! Linear multistep samplers on the derivative d = (x − D)/σ: LMS, iPNDM (fixed and variable
+//! Linear multistep samplers on the derivative d = (x − D)/σ: LMS (of any order), iPNDM (fixed and variable
 //! step) and DEIS (tAB coefficients integrated in the VP time of the EDM σ range).
 
 use candle_core::{Result, Tensor};
 
 use super::{step, to_d, weighted_sum, Run};
 
-/// Gauss–Legendre on [a, b] with 4 nodes: exact for the cubic Lagrange bases LMS integrates.
-fn integrate_cubic(f: impl Fn(f64) -> f64, a: f64, b: f64) -> f64 {
-    const NODES: [(f64, f64); 4] = [
-        (-0.861_136_311_594_052_6, 0.347_854_845_137_453_85),
-        (-0.339_981_043_584_856_3, 0.652_145_154_862_546_1),
-        (0.339_981_043_584_856_3, 0.652_145_154_862_546_1),
-        (0.861_136_311_594_052_6, 0.347_854_845_137_453_85),
-    ];
+/// The 4-point Gauss–Legendre rule on [−1, 1] (nodes, weights): exact for polynomials up to
+/// degree 7, which covers the Lagrange bases of LMS up to order 8.
+const GAUSS_LEGENDRE_4: [(f64, f64); 4] = [
+    (-0.861_136_311_594_052_6, 0.347_854_845_137_453_85),
+    (-0.339_981_043_584_856_3, 0.652_145_154_862_546_1),
+    (0.339_981_043_584_856_3, 0.652_145_154_862_546_1),
+    (0.861_136_311_594_052_6, 0.347_854_845_137_453_85),
+];
+
+/// The `points`-point Gauss–Legendre rule on [−1, 1]: the roots of the Legendre polynomial
+/// P_points by Newton's method, with their weights. Exact for polynomials up to degree
+/// 2·points − 1.
+fn gauss_legendre(points: usize) -> Vec<(f64, f64)> {
+    if points == GAUSS_LEGENDRE_4.len() {
+        return GAUSS_LEGENDRE_4.to_vec();
+    }
+    let n = points as f64;
+    (0..points)
+        .map(|i| {
+            let mut z = (std::f64::consts::PI * (i as f64 + 0.75) / (n + 0.5)).cos();
+            let mut derivative = 1.0;
+            for _ in 0..100 {
+                let (mut p1, mut p2) = (1.0f64, 0.0f64);
+                for j in 1..=points {
+                    let p3 = p2;
+                    p2 = p1;
+                    p1 = ((2 * j - 1) as f64 * z * p2 - (j - 1) as f64 * p3) / j as f64;
+                }
+                derivative = n * (z * p1 - p2) / (z * z - 1.0);
+                let previous = z;
+                z = previous - p1 / derivative;
+                if (z - previous).abs() <= 1e-15 {
+                    break;
+                }
+            }
+            (-z, 2.0 / ((1.0 - z * z) * derivative * derivative))
+        })
+        .collect()
+}
+
+/// `∫_a^b f` by the Gauss–Legendre rule `rule`.
+fn integrate(rule: &[(f64, f64)], f: impl Fn(f64) -> f64, a: f64, b: f64) -> f64 {
     let (mid, half) = ((a + b) / 2.0, (b - a) / 2.0);
-    NODES.iter().map(|(x, w)| w * f(mid + half * x)).sum::<f64>() * half
+    rule.iter().map(|(x, w)| w * f(mid + half * x)).sum::<f64>() * half
 }
 
 /// The product of Lagrange factors `Π_{k≠j} (τ − t_k)/(t_j − t_k)` over the points `points`.
@@ -27,17 +61,18 @@ fn lagrange_basis(points: &[f64], j: usize, tau: f64) -> f64 {
         .product()
 }
 
-/// k-diffusion's LMS (order 4): coefficients are the integrals of the Lagrange bases over
-/// [σ_i, σ_{i+1}].
-pub(super) fn lms(run: &mut Run, mut x: Tensor) -> Result<Tensor> {
-    const ORDER: usize = 4;
+/// k-diffusion's LMS of the given order: coefficients are the integrals of the Lagrange bases
+/// through the last σ values over [σ_i, σ_{i+1}] (exactly, as `scipy.integrate.quad` gets them).
+pub(super) fn lms(run: &mut Run, mut x: Tensor, order: usize) -> Result<Tensor> {
+    let order = order.max(1);
+    let rule = gauss_legendre(order.div_ceil(2).max(GAUSS_LEGENDRE_4.len()));
     let sigmas: Vec<f64> = run.sigmas.iter().map(|s| f64::from(*s)).collect();
     let mut ds: Vec<Tensor> = Vec::new();
     for i in 0..run.steps() {
         let sigma = run.sigmas[i];
         let denoised = run.denoise(&x, sigma)?;
         ds.push(to_d(&x, sigma, &denoised)?);
-        if ds.len() > ORDER {
+        if ds.len() > order {
             ds.remove(0);
         }
         run.report(i, &x, &denoised)?;
@@ -45,11 +80,12 @@ pub(super) fn lms(run: &mut Run, mut x: Tensor) -> Result<Tensor> {
             x = denoised;
             continue;
         }
-        let order = ORDER.min(i + 1);
-        let points: Vec<f64> = (0..order).map(|k| sigmas[i - k]).collect();
-        let terms: Vec<(f64, &Tensor)> = (0..order)
+        let current_order = order.min(i + 1);
+        let points: Vec<f64> = (0..current_order).map(|k| sigmas[i - k]).collect();
+        let terms: Vec<(f64, &Tensor)> = (0..current_order)
             .map(|j| {
-                let coefficient = integrate_cubic(|tau| lagrange_basis(&points, j, tau), sigmas[i], sigmas[i + 1]);
+                let basis = |tau| lagrange_basis(&points, j, tau);
+                let coefficient = integrate(&rule, basis, sigmas[i], sigmas[i + 1]);
                 (f64::from(coefficient as f32), &ds[ds.len() - 1 - j])
             })
             .collect();
