@@ -20,6 +20,9 @@ pub enum EventKind {
     /// An image shown while a node runs. Not a JSON message: the server sends the event's `image` as
     /// a binary frame, with `data` (ComfyUI's preview metadata) when the client asked for it.
     Preview,
+    /// Text a node shows on itself (ComfyUI's `send_progress_text`), `data` being `{"node_id", "text"}`.
+    /// Not a JSON message: the server broadcasts it as a binary frame.
+    ProgressText,
 }
 
 impl EventKind {
@@ -36,6 +39,7 @@ impl EventKind {
             EventKind::ExecutionError => "execution_error",
             EventKind::ExecutionInterrupted => "execution_interrupted",
             EventKind::Preview => "preview",
+            EventKind::ProgressText => "progress_text",
         }
     }
 }

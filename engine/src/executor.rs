@@ -198,6 +198,7 @@ impl Executor {
                 services: &self.services,
                 interrupt,
                 on_progress: &|p: Progress| run.report_progress(&id, p),
+                on_text: &|text: &str| run.send(EventKind::ProgressText, json!({"node_id": id, "text": text})),
             };
             match call_mapped(node.as_ref(), schema, &ctx, &inputs) {
                 Ok((outputs, ui)) => {

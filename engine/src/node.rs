@@ -242,6 +242,7 @@ pub struct NodeContext<'a> {
     pub services: &'a Services,
     pub(crate) interrupt: &'a Interrupt,
     pub(crate) on_progress: &'a dyn Fn(Progress),
+    pub(crate) on_text: &'a dyn Fn(&str),
 }
 
 impl NodeContext<'_> {
@@ -265,6 +266,11 @@ impl NodeContext<'_> {
         Ok(())
     }
 
+    /// Shows `text` on this node in clients (ComfyUI's `PromptServer.send_progress_text`).
+    pub fn progress_text(&self, text: &str) {
+        (self.on_text)(text);
+    }
+
     /// `Err(Interrupted)` when the prompt was interrupted.
     pub fn check_interrupt(&self) -> Result<(), NodeError> {
         self.interrupt.check()
@@ -272,7 +278,7 @@ impl NodeContext<'_> {
 }
 
 /// Runs one call of `node` outside any prompt (for tools and tests): node id `"0"`, an empty
-/// prompt, no interrupt, progress discarded.
+/// prompt, no interrupt, progress and progress text discarded.
 pub fn call_standalone(node: &dyn Node, services: &Services, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
     let prompt = Json::Object(Map::new());
     let interrupt = Interrupt::new();
@@ -284,6 +290,7 @@ pub fn call_standalone(node: &dyn Node, services: &Services, inputs: &NodeInputs
         services,
         interrupt: &interrupt,
         on_progress: &|_| {},
+        on_text: &|_| {},
     };
     node.execute(&ctx, inputs)
 }

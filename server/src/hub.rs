@@ -24,6 +24,7 @@ pub enum Outgoing {
 
 /// ComfyUI's binary event types (a big-endian u32 opens every binary frame).
 const PREVIEW_IMAGE: u32 = 1;
+const TEXT: u32 = 3;
 const PREVIEW_IMAGE_WITH_METADATA: u32 = 4;
 
 /// A type 1 preview frame: event type, image format (1 JPEG, 2 PNG), image bytes.
@@ -44,6 +45,16 @@ pub fn preview_frame_with_metadata(metadata: &Json, image: &[u8]) -> Outgoing {
     frame.extend_from_slice(&(metadata.len() as u32).to_be_bytes());
     frame.extend_from_slice(&metadata);
     frame.extend_from_slice(image);
+    Outgoing::Binary(frame)
+}
+
+/// A type 3 text frame (`send_progress_text`): event type, node id length, node id, text, in UTF-8.
+pub fn progress_text_frame(node_id: &str, text: &str) -> Outgoing {
+    let mut frame = Vec::with_capacity(8 + node_id.len() + text.len());
+    frame.extend_from_slice(&TEXT.to_be_bytes());
+    frame.extend_from_slice(&(node_id.len() as u32).to_be_bytes());
+    frame.extend_from_slice(node_id.as_bytes());
+    frame.extend_from_slice(text.as_bytes());
     Outgoing::Binary(frame)
 }
 

@@ -1,7 +1,7 @@
 //! The worker: takes prompts off the queue in order, executes them, routes their events to
 //! WebSocket clients as ComfyUI does, and records history.
 
-use crate::hub::{message, preview_frame, preview_frame_with_metadata, Outgoing};
+use crate::hub::{message, preview_frame, preview_frame_with_metadata, progress_text_frame, Outgoing};
 use crate::state::Shared;
 use easel_engine::events::{Event, EventKind};
 use easel_engine::{EventSink, ExecutionOutcome, ExecutionStatus, Executor};
@@ -146,7 +146,8 @@ fn engine_failure(prompt_id: &str) -> ExecutionOutcome {
 
 /// Sends execution events to the prompt's client; progress events go to everyone when the prompt
 /// has no client (ComfyUI's routing, protocol §4.3). A preview goes as binary type 4 right away to a
-/// client that negotiated preview metadata, else as type 1 after its `progress` message.
+/// client that negotiated preview metadata, else as type 1 after its `progress` message. Progress
+/// text goes to everyone as binary type 3, as ComfyUI's `send_progress_text` does by default.
 struct RoutedEvents<'a> {
     shared: &'a Shared,
     client: Option<&'a str>,
@@ -158,6 +159,7 @@ impl RoutedEvents<'_> {
     fn has_audience(&self, kind: EventKind) -> bool {
         let hub = &self.shared.hub;
         match (self.client, kind) {
+            (_, EventKind::ProgressText) => hub.has_clients(),
             (Some(client), _) => hub.is_connected(client),
             (
                 None,
@@ -194,6 +196,11 @@ impl EventSink for RoutedEvents<'_> {
                         *self.held_preview.borrow_mut() = Some(preview_frame(image_type, image));
                     }
                 }
+            }
+            EventKind::ProgressText => {
+                let node_id = event.data["node_id"].as_str().unwrap_or_default();
+                let text = event.data["text"].as_str().unwrap_or_default();
+                hub.broadcast(progress_text_frame(node_id, text));
             }
             EventKind::Progress | EventKind::ProgressState | EventKind::ExecutionInterrupted => {
                 hub.send_or_broadcast(self.client, message(event.kind.name(), &event.data));

@@ -15,15 +15,19 @@
 //! - [`alpha`]: PorterDuffImageComposite, SplitImageWithAlpha, JoinImageWithAlpha
 //!   (`mask/compositing`);
 //! - [`canny`]: Canny (`image/preprocessors`);
+//! - [`animated`]: SaveAnimatedWEBP, SaveAnimatedPNG;
+//! - [`output_nodes`]: LoadImageOutput, GetImageSize, PreviewAny, MaskPreview;
 //! - [`io`]: decoding image files and writing PNGs with metadata;
 //! - [`resample`]: PyTorch's and Pillow's resampling, as ComfyUI uses them.
 
 pub mod alpha;
+pub mod animated;
 pub mod canny;
 pub mod filters;
 pub mod io;
 pub mod layout;
 pub mod nodes;
+pub mod output_nodes;
 pub mod resample;
 pub mod transform;
 
@@ -63,6 +67,12 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(alpha::PorterDuffImageComposite);
     registry.register(alpha::SplitImageWithAlpha);
     registry.register(alpha::JoinImageWithAlpha);
+    registry.register(animated::SaveAnimatedWebp);
+    registry.register(animated::SaveAnimatedPng);
+    registry.register(output_nodes::LoadImageOutput);
+    registry.register(output_nodes::GetImageSize);
+    registry.register(output_nodes::PreviewAny);
+    registry.register(output_nodes::MaskPreview::default());
 }
 
 /// An `IMAGE` batch, `[batch, height, width, channels]`, row-major.

@@ -33,7 +33,7 @@ fn non_negative(inputs: &NodeInputs, name: &str) -> Result<usize, NodeError> {
     usize::try_from(value).map_err(|_| NodeError::value(format!("{name} must not be negative, got {value}")))
 }
 
-fn sha256_file(path: &Path) -> Result<String, String> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
 }
@@ -283,7 +283,7 @@ pub fn save_target(prefix: &str, output_dir: &Path, width: usize, height: usize)
 }
 
 /// Writes each image of the batch as a PNG and returns the UI `{"images": [...]}`.
-fn save_batch(
+pub(crate) fn save_batch(
     ctx: &NodeContext,
     images: &Image,
     prefix: &str,
@@ -362,7 +362,8 @@ pub struct PreviewImage {
 }
 
 impl PreviewImage {
-    fn prefix(&self, node_id: &str) -> String {
+    /// `ComfyUI_temp_` and this node's five letters.
+    pub(crate) fn prefix(&self, node_id: &str) -> String {
         const ALPHABET: &[u8] = b"abcdefghijklmnopqrstupvxyz";
         let mut suffixes = self.suffixes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let suffix = suffixes.entry(node_id.to_string()).or_insert_with(|| {

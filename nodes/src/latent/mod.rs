@@ -9,11 +9,13 @@
 //! - [`operations`]: LatentInterpolate, LatentConcat, RebatchLatents, and the latent operations
 //!   (LatentApplyOperation, LatentApplyOperationCFG, LatentOperationTonemapReinhard,
 //!   LatentOperationSharpen);
+//! - [`files`]: LoadLatent, SaveLatent (`.latent` files);
 //! - [`vae`]: VAEDecode, VAEEncode, VAEEncodeForInpaint, InpaintModelConditioning and the tiled
 //!   VAE nodes.
 
 pub mod arithmetic;
 pub mod batch;
+pub mod files;
 pub mod nodes;
 pub mod operations;
 pub mod transform;
@@ -53,6 +55,8 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(operations::LatentApplyOperationCfg);
     registry.register(operations::LatentOperationTonemapReinhard);
     registry.register(operations::LatentOperationSharpen);
+    registry.register(files::LoadLatent);
+    registry.register(files::SaveLatent);
     registry.register(vae::VaeDecode);
     registry.register(vae::VaeEncode);
     registry.register(vae::VaeEncodeForInpaint);
