@@ -41,13 +41,19 @@ pub enum Prediction {
     /// The velocity of a rectified flow from the latent to the noise (ComfyUI's `CONST`: SD3,
     /// FLUX), whose noisy latents are `σ·noise + (1 − σ)·latent`.
     Flow,
+    /// EDM's preconditioned output with σ_data 0.5 (ModelSamplingContinuousEDM's `edm`).
+    Edm,
 }
+
+/// EDM's σ_data.
+const EDM_SIGMA_DATA: f64 = 0.5;
 
 impl Prediction {
     /// ComfyUI's `calculate_input`: what the network is given for the noisy latent `x` at σ.
     pub fn network_input(self, x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
         match self {
             Prediction::ImgToImg | Prediction::Flow => Ok(x.clone()),
+            Prediction::Edm => x / (f64::from(sigma).powi(2) + EDM_SIGMA_DATA.powi(2)).sqrt(),
             _ => x / f64::from((sigma * sigma + 1.0).sqrt()),
         }
     }
@@ -62,6 +68,11 @@ impl Prediction {
                 (x / f64::from(variance))? - (out * f64::from(sigma))? / f64::from(variance.sqrt())
             }
             Prediction::X0 | Prediction::ImgToImg => Ok(out.clone()),
+            Prediction::Edm => {
+                let (sigma, data) = (f64::from(sigma), EDM_SIGMA_DATA);
+                let variance = sigma * sigma + data * data;
+                (x * (data * data / variance))? + (out * (sigma * data / variance.sqrt()))?
+            }
             Prediction::Lcm => {
                 const SIGMA_DATA_SQUARED: f32 = 0.25;
                 let x0 = (x - (out * f64::from(sigma))?)?;

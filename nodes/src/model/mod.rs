@@ -6,7 +6,8 @@
 //! - [`vae`]: VAE, the autoencoder;
 //! - [`patches`]: the patches nodes add to a MODEL (UNet hooks, guidance functions);
 //!   [`guidance`] and [`block_patches`] implement ComfyUI's, [`fourier`] their frequency filters;
-//! - [`nodes`]: ModelSamplingDiscrete, ModelSamplingFlux (`advanced/model`), DifferentialDiffusion;
+//! - [`nodes`]: ModelSamplingDiscrete, ModelSamplingContinuousEDM/V, ModelSamplingFlux
+//!   (`advanced/model`), DifferentialDiffusion;
 //! - [`patch_nodes`]: the nodes that add patches (RescaleCFG, CFGZeroStar, APG, FreeU, PAG, …);
 //! - [`merging`]: the weight-patching nodes (model and CLIP merges, attention multipliers);
 //! - [`saving`]: CheckpointSave, ModelSave, CLIPSave, VAESave;
@@ -33,6 +34,8 @@ use easel_engine::NodeRegistry;
 pub fn register(registry: &mut NodeRegistry) {
     registry.register(nodes::ModelSamplingDiscrete);
     registry.register(nodes::ModelSamplingFlux);
+    registry.register(nodes::ModelSamplingContinuousEdm);
+    registry.register(nodes::ModelSamplingContinuousV);
     registry.register(nodes::DifferentialDiffusion);
     registry.register(patch_nodes::RescaleCfgNode);
     registry.register(patch_nodes::CfgZeroStarNode);

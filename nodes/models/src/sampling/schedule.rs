@@ -26,6 +26,21 @@ pub enum SigmaSchedule {
     },
     /// `ModelSamplingFlux` (FLUX dev): σ = e^μ / (e^μ + 1/t − 1), μ = `shift`.
     Flux { shift: f64, sigmas: Vec<f32> },
+    /// `ModelSamplingContinuousEDM` and `ModelSamplingContinuousV`: 1000 σ log-spaced from
+    /// `sigma_min` to `sigma_max`; the network receives ¼·ln σ (EDM) or 2·atan(σ)/π (V).
+    Continuous {
+        timestep: ContinuousTimestep,
+        sigmas: Vec<f32>,
+    },
+}
+
+/// How a continuous schedule's σ becomes the network's timestep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContinuousTimestep {
+    /// ¼·ln σ.
+    Edm,
+    /// 2·atan(σ)/π.
+    V,
 }
 
 impl SigmaSchedule {
@@ -98,12 +113,28 @@ impl SigmaSchedule {
         SigmaSchedule::Flux { shift, sigmas }
     }
 
+    /// A continuous schedule between `sigma_min` and `sigma_max`: `exp(linspace(ln min, ln max,
+    /// 1000))` in float32, as torch computes it.
+    pub fn continuous(timestep: ContinuousTimestep, sigma_min: f64, sigma_max: f64) -> Self {
+        let sigmas = linspace_f32(sigma_min.ln() as f32, sigma_max.ln() as f32, 1000)
+            .into_iter()
+            .map(f32::exp)
+            .collect();
+        SigmaSchedule::Continuous { timestep, sigmas }
+    }
+
+    /// Whether the model is a rectified flow (ComfyUI's `CONST` sampling: SD3, FLUX).
+    pub fn is_flow(&self) -> bool {
+        matches!(self, SigmaSchedule::Flow { .. } | SigmaSchedule::Flux { .. })
+    }
+
     /// The ascending σ table.
     pub fn table(&self) -> &[f32] {
         match self {
             SigmaSchedule::Discrete { sigmas, .. }
             | SigmaSchedule::Flow { sigmas, .. }
-            | SigmaSchedule::Flux { sigmas, .. } => sigmas,
+            | SigmaSchedule::Flux { sigmas, .. }
+            | SigmaSchedule::Continuous { sigmas, .. } => sigmas,
         }
     }
 
@@ -136,6 +167,14 @@ impl SigmaSchedule {
             }
             SigmaSchedule::Flow { multiplier, .. } => sigma * *multiplier as f32,
             SigmaSchedule::Flux { .. } => sigma,
+            SigmaSchedule::Continuous {
+                timestep: ContinuousTimestep::Edm,
+                ..
+            } => 0.25 * sigma.ln(),
+            SigmaSchedule::Continuous {
+                timestep: ContinuousTimestep::V,
+                ..
+            } => sigma.atan() / std::f32::consts::PI * 2.0,
         }
     }
 
@@ -154,6 +193,14 @@ impl SigmaSchedule {
             }
             SigmaSchedule::Flow { shift, multiplier, .. } => flow_sigma(*shift, *multiplier, timestep),
             SigmaSchedule::Flux { shift, .. } => flux_sigma(*shift, timestep),
+            SigmaSchedule::Continuous {
+                timestep: ContinuousTimestep::Edm,
+                ..
+            } => (timestep / 0.25).exp(),
+            SigmaSchedule::Continuous {
+                timestep: ContinuousTimestep::V,
+                ..
+            } => (timestep * std::f32::consts::PI / 2.0).tan(),
         }
     }
 
@@ -178,6 +225,14 @@ impl SigmaSchedule {
                 p if p <= 0.0 => 1.0,
                 p if p >= 1.0 => 0.0,
                 p => shift.exp() / (shift.exp() + (1.0 / (1.0 - p) - 1.0)),
+            },
+            SigmaSchedule::Continuous { .. } => match percent {
+                p if p <= 0.0 => 999_999_999.9,
+                p if p >= 1.0 => 0.0,
+                p => {
+                    let log_min = f64::from(self.sigma_min()).ln();
+                    ((f64::from(self.sigma_max()).ln() - log_min) * (1.0 - p) + log_min).exp()
+                }
             },
         }
     }

@@ -260,7 +260,7 @@ impl Run<'_> {
 
     /// Flow models (SD3, FLUX) use the CONST parameterization: x = (1 − σ)·x₀ + σ·ε.
     fn is_flow(&self) -> bool {
-        !matches!(self.schedule, SigmaSchedule::Discrete { .. })
+        self.schedule.is_flow()
     }
 
     /// `sigma_to_half_log_snr`: λ = ln(α/σ), i.e. −ln σ, or ln((1 − σ)/σ) for flow models.
