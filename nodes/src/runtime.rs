@@ -1,7 +1,9 @@
-//! What every model-running node shares: the device models run on, the precision diffusion models
-//! multiply in (registry services), and how the ML library's errors become ComfyUI's node errors.
+//! What nodes share: the device models run on, the precision diffusion models multiply in
+//! (registry services), how the ML library's errors become ComfyUI's node errors, memory checks,
+//! PyTorch's broadcasting rule with its error, and marking a schema experimental.
 
 use candle_core::Device;
+use easel_engine::schema::NodeSchema;
 use easel_engine::{NodeError, Services};
 use easel_models::kernels::sgemm::Precision;
 use easel_models::memory::{self, OutOfMemory};
@@ -33,4 +35,26 @@ pub(crate) fn ensure_fits(dims: &[usize], what: impl FnOnce() -> String) -> Resu
         .try_fold(4u64, |bytes, &dim| bytes.checked_mul(dim as u64))
         .unwrap_or(u64::MAX);
     memory::ensure_available(bytes, what).map_err(out_of_memory)
+}
+
+/// PyTorch's broadcasting of sizes `a` and `b` of dimension `dim`, with its error when they
+/// cannot broadcast.
+pub(crate) fn broadcast(a: usize, b: usize, dim: usize) -> Result<usize, NodeError> {
+    match (a, b) {
+        _ if a == b => Ok(a),
+        (1, _) => Ok(b),
+        (_, 1) => Ok(a),
+        _ => Err(NodeError::typed(
+            "RuntimeError",
+            format!(
+                "The size of tensor a ({a}) must match the size of tensor b ({b}) at non-singleton dimension {dim}"
+            ),
+        )),
+    }
+}
+
+/// `schema` marked experimental (a V3 node's `is_experimental`).
+pub(crate) fn experimental(mut schema: NodeSchema) -> NodeSchema {
+    schema.experimental = true;
+    schema
 }

@@ -10,15 +10,10 @@ use crate::conditioning::nodes::{clip_input, prompt_spec};
 use crate::conditioning::{CondEntry, Conditioning, ControlnetText};
 use crate::model::clip::Clip;
 use crate::paths::Paths;
-use crate::runtime::tensor_error;
+use crate::runtime::{experimental, tensor_error};
 
 const MODULE: &str = "comfy_extras.nodes_cond";
 const CATEGORY: &str = "_for_testing/conditioning";
-
-fn experimental(mut schema: NodeSchema) -> NodeSchema {
-    schema.experimental = true;
-    schema
-}
 
 /// `CLIPTextEncodeControlnet`: every entry of `conditioning` with `text` encoded by `clip` as
 /// the text its ControlNets see.

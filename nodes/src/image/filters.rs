@@ -34,6 +34,7 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Service
 use crate::image::nodes::image_result;
 use crate::image::resample::{common_upscale, ResizeMethod};
 use crate::image::{from_u8, Image};
+use crate::runtime::broadcast;
 
 const MODULE: &str = "comfy_extras.nodes_post_processing";
 const CATEGORY: &str = "image/postprocessing";
@@ -283,21 +284,6 @@ fn filter_image(image: &Image, kernel: &[f32], radius: usize) -> Result<Image, N
     Ok(map_planes(image, |plane| {
         convolve_reflect(plane, image.height, image.width, kernel, radius)
     }))
-}
-
-/// PyTorch's broadcasting of two sizes of dimension `dim`.
-fn broadcast(a: usize, b: usize, dim: usize) -> Result<usize, NodeError> {
-    match (a, b) {
-        _ if a == b => Ok(a),
-        (1, _) => Ok(b),
-        (_, 1) => Ok(a),
-        _ => Err(NodeError::typed(
-            "RuntimeError",
-            format!(
-                "The size of tensor a ({a}) must match the size of tensor b ({b}) at non-singleton dimension {dim}"
-            ),
-        )),
-    }
 }
 
 /// ImageBlend's `blend_mode`.

@@ -11,7 +11,7 @@ use crate::image::io::PngCompression;
 use crate::image::nodes::{save_batch, LoadImage, PreviewImage};
 use crate::image::{Image, Mask};
 use crate::paths::Paths;
-use crate::runtime::ensure_fits;
+use crate::runtime::{ensure_fits, experimental};
 
 /// `LoadImageOutput` ("Load Image (from Outputs)"): LoadImage with a widget the frontend fills
 /// from the output folder (`/internal/files/output`); the names it sends carry ` [output]`, which
@@ -25,7 +25,7 @@ impl Node for LoadImageOutput {
             "refresh_button": true,
             "control_after_refresh": "first",
         });
-        let mut schema = NodeSchema::v1("LoadImageOutput", "nodes", "image")
+        experimental(NodeSchema::v1("LoadImageOutput", "nodes", "image")
             .display("Load Image (from Outputs)")
             .description("Load an image from the output folder. When the refresh button is clicked, the node will update the image list and automatically select the first image, allowing for easy iteration.")
             .required(
@@ -37,9 +37,7 @@ impl Node for LoadImageOutput {
             )
             .output(OutputSpec::of("IMAGE"))
             .output(OutputSpec::of("MASK"))
-            .validated_by(CustomValidation::Inputs(vec!["image".into()]));
-        schema.experimental = true;
-        schema
+            .validated_by(CustomValidation::Inputs(vec!["image".into()])))
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {

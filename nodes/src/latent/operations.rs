@@ -21,7 +21,7 @@ use crate::latent::arithmetic::reshape_to;
 use crate::latent::{repeat_to_batch, Latent};
 use crate::model::diffusion_model::{DiffusionModel, Model};
 use crate::model::patches::{GuidanceArgs, PreCfgFunction};
-use crate::runtime::{ensure_fits, tensor_error};
+use crate::runtime::{broadcast, ensure_fits, experimental, tensor_error};
 
 const MODULE: &str = "comfy_extras.nodes_latent";
 const OPERATIONS: &str = "latent/advanced/operations";
@@ -55,21 +55,6 @@ fn channel_norms(data: &[f32], batch: usize, channels: usize, inner: usize) -> V
         }
     }
     norms
-}
-
-/// PyTorch's broadcasting of dimension `dim` of sizes `a` and `b`.
-fn broadcast(a: usize, b: usize, dim: usize) -> Result<usize, NodeError> {
-    match (a, b) {
-        _ if a == b => Ok(a),
-        (1, _) => Ok(b),
-        (_, 1) => Ok(a),
-        _ => Err(NodeError::typed(
-            "RuntimeError",
-            format!(
-                "The size of tensor a ({a}) must match the size of tensor b ({b}) at non-singleton dimension {dim}"
-            ),
-        )),
-    }
 }
 
 /// `values [batch, channels, inner] ⊙ norms [batch, inner]` as PyTorch broadcasts it: the norms
@@ -500,12 +485,6 @@ fn standard_deviation(values: &[f32], mean: f32, whole: bool) -> f32 {
         m2
     };
     (squares / divisor).sqrt() as f32
-}
-
-/// A V3 schema marked experimental (`is_experimental=True`).
-fn experimental(mut schema: NodeSchema) -> NodeSchema {
-    schema.experimental = true;
-    schema
 }
 
 /// `LatentApplyOperation`: the operation applied to the latents (batch indices and noise mask

@@ -13,7 +13,7 @@ use easel_models::weights::WeightSource;
 
 use crate::model::clip::{Clip, TextNetwork};
 use crate::model::diffusion_model::Model;
-use crate::runtime::tensor_error;
+use crate::runtime::{experimental, tensor_error};
 
 const MODULE: &str = "comfy_extras.nodes_model_merging";
 const CATEGORY: &str = "advanced/model_merging";
@@ -245,19 +245,19 @@ fn attention_factors(inputs: &NodeInputs) -> Result<[f32; 4], NodeError> {
 
 fn attention_multiply_schema(name: &str, socket: &str, input: &str) -> NodeSchema {
     let factor = || InputSpec::float(1.0, 0.0, 10.0).opt("step", 0.01);
-    let mut schema = NodeSchema::v3(
-        name,
-        "comfy_extras.nodes_attention_multiply",
-        "_for_testing/attention_experiments",
+    experimental(
+        NodeSchema::v3(
+            name,
+            "comfy_extras.nodes_attention_multiply",
+            "_for_testing/attention_experiments",
+        )
+        .required(input, InputSpec::of(socket))
+        .required("q", factor())
+        .required("k", factor())
+        .required("v", factor())
+        .required("out", factor())
+        .output(OutputSpec::of(socket)),
     )
-    .required(input, InputSpec::of(socket))
-    .required("q", factor())
-    .required("k", factor())
-    .required("v", factor())
-    .required("out", factor())
-    .output(OutputSpec::of(socket));
-    schema.experimental = true;
-    schema
 }
 
 /// `UNetSelfAttentionMultiply` (`attn1`) and `UNetCrossAttentionMultiply` (`attn2`): the

@@ -10,6 +10,7 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Service
 use easel_models::sampling::schedule::{flux_shift_for_size, ContinuousTimestep, SigmaSchedule};
 
 use crate::model::diffusion_model::{DiffusionModel, Model, Prediction};
+use crate::runtime::experimental;
 
 /// `ModelSamplingDiscrete`: the model with another parameterisation over the discrete σ
 /// schedule (LCM over its distilled 50-step schedule), optionally rescaled to zero terminal SNR.
@@ -65,17 +66,17 @@ pub struct DifferentialDiffusion;
 
 impl Node for DifferentialDiffusion {
     fn schema(&self, _: &Services) -> NodeSchema {
-        let mut schema = NodeSchema::v3(
-            "DifferentialDiffusion",
-            "comfy_extras.nodes_differential_diffusion",
-            "_for_testing",
+        experimental(
+            NodeSchema::v3(
+                "DifferentialDiffusion",
+                "comfy_extras.nodes_differential_diffusion",
+                "_for_testing",
+            )
+            .display("Differential Diffusion")
+            .required("model", InputSpec::of("MODEL"))
+            .optional("strength", InputSpec::float(1.0, 0.0, 1.0).opt("step", 0.01))
+            .output(OutputSpec::of("MODEL")),
         )
-        .display("Differential Diffusion")
-        .required("model", InputSpec::of("MODEL"))
-        .optional("strength", InputSpec::float(1.0, 0.0, 1.0).opt("step", 0.01))
-        .output(OutputSpec::of("MODEL"));
-        schema.experimental = true;
-        schema
     }
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {

@@ -16,6 +16,7 @@ use crate::model::guidance::{
     RescaleCfg, TangentialDamping,
 };
 use crate::model::patches::ModelPatches;
+use crate::runtime::experimental;
 
 /// The node's `model` input with `patch` applied to its patches.
 fn patched(inputs: &NodeInputs, patch: impl FnOnce(&ModelPatches) -> ModelPatches) -> Result<NodeOutput, NodeError> {
@@ -34,11 +35,6 @@ fn model_only_v3(name: &str, module: &str, category: &str) -> NodeSchema {
     NodeSchema::v3(name, module, category)
         .required("model", InputSpec::of("MODEL"))
         .output(OutputSpec::of("MODEL").named("patched_model"))
-}
-
-fn experimental(mut schema: NodeSchema) -> NodeSchema {
-    schema.experimental = true;
-    schema
 }
 
 /// `RescaleCFG`.

@@ -14,6 +14,7 @@ use easel_models::architectures::unet_patches::{
 
 use crate::model::diffusion_model::{DiffusionModel, Model};
 use crate::model::patches::{GuidanceArgs, GuidedPredictions, PostCfgFunction};
+use crate::runtime::experimental;
 
 /// The attention map of the negative side's last middle-block call, [B·heads, queries, keys].
 type RecordedMap = Arc<Mutex<Option<Tensor>>>;
@@ -185,14 +186,14 @@ pub struct SelfAttentionGuidanceNode;
 
 impl Node for SelfAttentionGuidanceNode {
     fn schema(&self, _: &Services) -> NodeSchema {
-        let mut schema = NodeSchema::v3("SelfAttentionGuidance", "comfy_extras.nodes_sag", "_for_testing")
-            .display("Self-Attention Guidance")
-            .required("model", InputSpec::of("MODEL"))
-            .required("scale", InputSpec::float(0.5, -2.0, 5.0).opt("step", 0.01))
-            .required("blur_sigma", InputSpec::float(2.0, 0.0, 10.0).opt("step", 0.1))
-            .output(OutputSpec::of("MODEL"));
-        schema.experimental = true;
-        schema
+        experimental(
+            NodeSchema::v3("SelfAttentionGuidance", "comfy_extras.nodes_sag", "_for_testing")
+                .display("Self-Attention Guidance")
+                .required("model", InputSpec::of("MODEL"))
+                .required("scale", InputSpec::float(0.5, -2.0, 5.0).opt("step", 0.01))
+                .required("blur_sigma", InputSpec::float(2.0, 0.0, 10.0).opt("step", 0.1))
+                .output(OutputSpec::of("MODEL")),
+        )
     }
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> std::result::Result<NodeOutput, NodeError> {

@@ -19,6 +19,7 @@ use easel_models::sampling::samplers::{
 use crate::image::resample::{common_upscale, ResizeMethod};
 use crate::latent::nodes::{image_as_latents, latents_as_image};
 use crate::model::diffusion_model::Model;
+use crate::runtime::experimental;
 use crate::sampling::custom::SamplerChoice;
 
 /// The Python module of the nodes from `nodes_custom_sampler`.
@@ -349,12 +350,12 @@ pub struct SamplerEulerCfgPp;
 
 impl Node for SamplerEulerCfgPp {
     fn schema(&self, _: &Services) -> NodeSchema {
-        let mut schema = NodeSchema::v3("SamplerEulerCFGpp", ADVANCED_MODULE, "_for_testing")
-            .display("SamplerEulerCFG++")
-            .required("version", InputSpec::combo_v3(&["regular", "alternative"]))
-            .output(OutputSpec::of("SAMPLER"));
-        schema.experimental = true;
-        schema
+        experimental(
+            NodeSchema::v3("SamplerEulerCFGpp", ADVANCED_MODULE, "_for_testing")
+                .display("SamplerEulerCFG++")
+                .required("version", InputSpec::combo_v3(&["regular", "alternative"]))
+                .output(OutputSpec::of("SAMPLER")),
+        )
     }
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
