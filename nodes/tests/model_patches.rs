@@ -34,6 +34,26 @@ fn pattern(shape: &[usize], seed: i64, scale: f32) -> Tensor {
     Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
 }
 
+/// A fixture's list of sizes.
+fn sizes(value: &Json) -> Vec<usize> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect()
+}
+
+/// A fixture's list of numbers, as f32.
+fn floats(value: &Json) -> Vec<f32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
+}
+
 /// Guidance functions here never call the model again.
 struct NoModel;
 
@@ -84,12 +104,7 @@ fn patches_for(case: &Json) -> ModelPatches {
 #[test]
 fn guidance_functions_give_comfyuis_results() {
     let fixture = fixture_json("guidance.json");
-    let shape: Vec<usize> = fixture["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_u64().unwrap() as usize)
-        .collect();
+    let shape: Vec<usize> = sizes(&fixture["shape"]);
     let input = |name: &str| {
         let spec = &fixture["inputs"][name];
         pattern(&shape, spec[0].as_i64().unwrap(), spec[1].as_f64().unwrap() as f32)
@@ -117,12 +132,7 @@ fn guidance_functions_give_comfyuis_results() {
             output = Some(patches.cfg_function(&args, c, Some(u)).unwrap());
         }
         let ours = common::flat(&output.unwrap());
-        let expected: Vec<f32> = case["output"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
+        let expected: Vec<f32> = floats(&case["output"]);
         let worst = ours
             .iter()
             .zip(&expected)
@@ -146,12 +156,7 @@ fn fixture_unet(fixture: &Json) -> (tempfile::TempDir, UNet) {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (index, weight) in fixture["weights"].as_array().unwrap().iter().enumerate() {
         let name = weight["name"].as_str().unwrap().to_string();
-        let shape: Vec<usize> = weight["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect();
+        let shape: Vec<usize> = sizes(&weight["shape"]);
         let count: usize = shape.iter().product();
         let seed = index as i64 + 11;
         let mut values = if shape.len() >= 2 {
@@ -238,15 +243,7 @@ fn unet_patches_for(case: &Json, fixture: &Json) -> UNetPatches {
 fn unet_patches_change_the_network_as_comfyuis_do() {
     let fixture = fixture_json("unet_patches.json");
     let (_dir, unet) = fixture_unet(&fixture);
-    let dims = |name: &str| -> Vec<usize> {
-        fixture[name]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect()
-    };
-    let (latent, context_shape) = (dims("latent"), dims("context"));
+    let (latent, context_shape) = (sizes(&fixture["latent"]), sizes(&fixture["context"]));
     let x = Tensor::from_vec(
         pattern_values(latent.iter().product(), 1, 1.0),
         latent.as_slice(),
@@ -276,12 +273,7 @@ fn unet_patches_change_the_network_as_comfyuis_do() {
                 ..UNetInput::new(&x, &timesteps, &context)
             })
             .unwrap();
-        let expected: Vec<f32> = case["output"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
+        let expected: Vec<f32> = floats(&case["output"]);
         let ours = common::flat(&out);
         let worst = ours
             .iter()
@@ -500,12 +492,7 @@ fn self_attention_guidance_blurs_where_comfyuis_does() {
     let fixture = fixture_json("sag.json");
     for case in fixture["cases"].as_array().unwrap() {
         let number = |name: &str| case[name].as_u64().unwrap() as usize;
-        let latent: Vec<usize> = case["latent"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect();
+        let latent: Vec<usize> = sizes(&case["latent"]);
         let (tokens, heads, width, seed) = (
             number("tokens"),
             number("heads"),
@@ -519,12 +506,7 @@ fn self_attention_guidance_blurs_where_comfyuis_does() {
         let x0 = pattern(&latent, seed + 3, 1.5);
         let (out, map) = attention_with_map(&q, &k, &v, heads).unwrap();
         let expect = |name: &str, ours: &Tensor| {
-            let expected: Vec<f32> = case[name]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect();
+            let expected: Vec<f32> = floats(&case[name]);
             let worst = common::flat(ours)
                 .iter()
                 .zip(&expected)
