@@ -426,7 +426,7 @@ impl LoraKeyMap {
                 let rows = match naming {
                     ClipNaming::Transformers if matrix == module => None,
                     ClipNaming::OpenClip if open_clip == module => {
-                        let fused_rows = file.shape(name).map_or(0, |shape| shape[0]);
+                        let fused_rows = file.shape(name).and_then(|shape| shape.first().copied()).unwrap_or(0);
                         third.map(|third| (third * fused_rows / 3, fused_rows / 3))
                     }
                     _ => continue,
@@ -499,7 +499,7 @@ pub fn clip_attention_scales(
                 continue;
             }
             let rows = third.map(|third| {
-                let fused_rows = file.shape(name).map_or(0, |shape| shape[0]);
+                let fused_rows = file.shape(name).and_then(|shape| shape.first().copied()).unwrap_or(0);
                 (third * fused_rows / 3, fused_rows / 3)
             });
             patches.entry(name.to_string()).or_default().push(Patch {
