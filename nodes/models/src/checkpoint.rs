@@ -209,11 +209,10 @@ pub fn detect_checkpoint(file: &SafetensorsFile) -> Result<CheckpointLayout, Det
     Ok(layout)
 }
 
-/// Recognises a checkpoint from its tensor shapes alone (v-prediction needs the values: see
-/// [`detect_checkpoint`]).
-pub fn detect_layout(file: &dyn TensorShapes) -> Result<CheckpointLayout, DetectError> {
-    let family = detect_family(file)?;
-    let encoders: &[(TextEncoderKind, &str)] = match family {
+/// Where a Stable Diffusion family's checkpoints keep their CLIP text encoders (CLIP-L in the
+/// transformers layout, the OpenCLIP encoders in theirs); empty for the other families.
+pub fn checkpoint_clip_prefixes(family: Family) -> &'static [(TextEncoderKind, &'static str)] {
+    match family {
         Family::Sd1 => &[(TextEncoderKind::ClipL, SD1_CLIP_PREFIX)],
         Family::Sd2 => &[(TextEncoderKind::ClipH, SD2_CLIP_PREFIX)],
         Family::Sdxl => &[
@@ -221,8 +220,18 @@ pub fn detect_layout(file: &dyn TensorShapes) -> Result<CheckpointLayout, Detect
             (TextEncoderKind::ClipG, SDXL_CLIP_G_PREFIX),
         ],
         Family::SdxlRefiner => &[(TextEncoderKind::ClipG, SDXL_REFINER_CLIP_G_PREFIX)],
-        other => return Err(DetectError::NotYetSupported(other.name())),
-    };
+        _ => &[],
+    }
+}
+
+/// Recognises a checkpoint from its tensor shapes alone (v-prediction needs the values: see
+/// [`detect_checkpoint`]).
+pub fn detect_layout(file: &dyn TensorShapes) -> Result<CheckpointLayout, DetectError> {
+    let family = detect_family(file)?;
+    let encoders = checkpoint_clip_prefixes(family);
+    if encoders.is_empty() {
+        return Err(DetectError::NotYetSupported(family.name()));
+    }
     let unet = UNetConfig::infer(file, UNET_PREFIX, family.heads())?;
     let mut text_encoders = Vec::new();
     for (kind, prefix) in encoders {

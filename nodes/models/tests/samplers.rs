@@ -82,7 +82,7 @@ struct Outcome {
 }
 
 fn run(name: &str, schedule: &SigmaSchedule, scheduler: Scheduler, steps: usize) -> Outcome {
-    let flow = !matches!(schedule, SigmaSchedule::Discrete { .. });
+    let flow = schedule.is_flow();
     let sigmas = ksampler_sigmas(schedule, scheduler, steps, 1.0, discards_penultimate_sigma(name));
     let noise = CpuGenerator::new(7).randn(4 * 32 * 32);
     let start = if flow {

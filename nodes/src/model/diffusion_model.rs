@@ -3,6 +3,7 @@
 //! inpainting models' mask and image channels, FLUX's guidance and fill channels), and the
 //! patches nodes added to it ([`ModelPatches`]).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -225,8 +226,8 @@ impl DiffusionModel {
                 };
                 let (_, channels, height, width) = input.dims4()?;
                 let patches = match call.extra {
-                    Some(extra) => self.patches.unet.and(extra),
-                    None => self.patches.unet.clone(),
+                    Some(extra) => Cow::Owned(self.patches.unet.and(extra)),
+                    None => Cow::Borrowed(&self.patches.unet),
                 };
                 let info = CallInfo {
                     original_shape: [batch, channels, height, width],
@@ -236,7 +237,7 @@ impl DiffusionModel {
                 unet.forward(&UNetInput {
                     y: y.as_ref(),
                     patches: (!patches.is_empty()).then_some(PatchedCall {
-                        patches: &patches,
+                        patches: patches.as_ref(),
                         info: &info,
                     }),
                     ..UNetInput::new(&input, &timesteps, &context)

@@ -83,6 +83,11 @@ pub struct ModelPatches {
 }
 
 impl ModelPatches {
+    /// Whether guidance is plain CFG: no function before, instead of or after it.
+    pub fn guides_plainly(&self) -> bool {
+        self.pre_cfg.is_empty() && self.cfg.is_none() && self.post_cfg.is_empty()
+    }
+
     /// The pre-CFG functions in order on [cond, uncond] (`sampling_function`).
     pub fn apply_pre_cfg(&self, args: &GuidanceArgs, outputs: [Tensor; 2]) -> Result<[Tensor; 2]> {
         self.pre_cfg

@@ -12,8 +12,8 @@ use easel_engine::schema::{HiddenInput, InputSpec, NodeSchema};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services};
 use easel_models::architectures::clip_text::ClipNaming;
 use easel_models::checkpoint::{
-    Family, TextEncoderKind, FLUX_CLIP_L_PREFIX, FLUX_T5_PREFIX, FLUX_VAE_PREFIX, SD1_CLIP_PREFIX, SD2_CLIP_PREFIX,
-    SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, SDXL_REFINER_CLIP_G_PREFIX, UNET_PREFIX, VAE_PREFIX,
+    checkpoint_clip_prefixes, Family, TextEncoderKind, FLUX_CLIP_L_PREFIX, FLUX_T5_PREFIX, FLUX_VAE_PREFIX,
+    UNET_PREFIX, VAE_PREFIX,
 };
 use easel_models::kernels::sgemm::Elements;
 use easel_models::weights::WeightSource;
@@ -169,18 +169,22 @@ fn write_file(
     write_replacing(&target.folder.join(name), &bytes).map_err(|error| NodeError::typed("OSError", error.to_string()))
 }
 
-/// Where a text encoder of `family` lies in a checkpoint, and the naming it has there.
+/// Where a text encoder of `family` lies in a checkpoint, and the naming it has there (CLIP-L
+/// in the transformers layout, CLIP-G and CLIP-H in OpenCLIP's; none for T5).
 fn checkpoint_clip_prefix(family: Family, encoder: &TextEncoder) -> Option<(&'static str, Option<ClipNaming>)> {
-    Some(match (family, encoder.clip_kind()) {
-        (Family::Sd1, Some(TextEncoderKind::ClipL)) => (SD1_CLIP_PREFIX, Some(ClipNaming::Transformers)),
-        (Family::Sd2, Some(TextEncoderKind::ClipH)) => (SD2_CLIP_PREFIX, Some(ClipNaming::OpenClip)),
-        (Family::Sdxl, Some(TextEncoderKind::ClipL)) => (SDXL_CLIP_L_PREFIX, Some(ClipNaming::Transformers)),
-        (Family::Sdxl, Some(TextEncoderKind::ClipG)) => (SDXL_CLIP_G_PREFIX, Some(ClipNaming::OpenClip)),
-        (Family::SdxlRefiner, Some(TextEncoderKind::ClipG)) => (SDXL_REFINER_CLIP_G_PREFIX, Some(ClipNaming::OpenClip)),
-        (Family::Flux, Some(TextEncoderKind::ClipL)) => (FLUX_CLIP_L_PREFIX, Some(ClipNaming::Transformers)),
-        (Family::Flux, None) => (FLUX_T5_PREFIX, None),
-        _ => return None,
-    })
+    let naming = |kind: TextEncoderKind| match kind {
+        TextEncoderKind::ClipL => ClipNaming::Transformers,
+        _ => ClipNaming::OpenClip,
+    };
+    match (family, encoder.clip_kind()) {
+        (Family::Flux, Some(TextEncoderKind::ClipL)) => Some((FLUX_CLIP_L_PREFIX, Some(ClipNaming::Transformers))),
+        (Family::Flux, None) => Some((FLUX_T5_PREFIX, None)),
+        (_, Some(kind)) => checkpoint_clip_prefixes(family)
+            .iter()
+            .find(|(found, _)| *found == kind)
+            .map(|(_, prefix)| (*prefix, Some(naming(kind)))),
+        (_, None) => None,
+    }
 }
 
 fn clip_naming(encoder: &TextEncoder) -> Option<ClipNaming> {

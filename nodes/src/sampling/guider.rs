@@ -341,6 +341,11 @@ impl Denoiser for Guider<'_> {
         if let Some(dual) = &self.dual {
             return Ok(self.dual_guided(dual, x, sigma)?.0);
         }
+        let patches = &self.model.patches;
+        if is_one(self.cfg) && !patches.disable_cfg1_optimization && patches.guides_plainly() {
+            // `0 + (cond − 0)·1` is `cond`: plain CFG at 1 is the positive prediction.
+            return self.predict(Side::Positive, x, sigma, None);
+        }
         Ok(self.guided(x, sigma, false)?.0)
     }
 
