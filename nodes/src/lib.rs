@@ -28,6 +28,7 @@ pub mod packs;
 pub mod paths;
 pub mod runtime;
 pub mod sampling;
+pub mod saved_files;
 pub mod utils;
 
 use easel_engine::NodeRegistry;

@@ -3,20 +3,20 @@
 //! as metadata; LoadLatent reads one back from the input directory. Files without the marker come
 //! from ComfyUI's first format, which stored latents scaled by 0.18215, and are scaled back.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::safetensors::Load;
-use candle_core::{DType, Device, Tensor};
-use easel_engine::pyjson::{dumps, py_str};
+use candle_core::{DType, Tensor};
+use easel_engine::pyjson::py_str;
 use easel_engine::schema::{CustomValidation, InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{HiddenInput, Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 use serde_json::{json, Map, Value as Json};
 
-use crate::image::nodes::{save_target, sha256_file, ImageMetadata};
+use crate::image::nodes::{save_target, sha256_file};
 use crate::latent::Latent;
 use crate::paths::{write_replacing, Paths};
 use crate::runtime::{device, tensor_error};
+use crate::saved_files::{prompt_metadata, tensor_bytes};
 
 /// The tensor whose presence marks a latent file of the current format.
 const VERSION_MARKER: &str = "latent_format_version_0";
@@ -100,40 +100,6 @@ impl Node for LoadLatent {
 /// metadata is off (`--disable-metadata`).
 pub struct SaveLatent;
 
-/// A tensor's little-endian bytes and safetensors type: float16, bfloat16 and float64 as they
-/// are, anything else as float32.
-fn tensor_bytes(tensor: &Tensor) -> Result<(safetensors::Dtype, Vec<u8>), candle_core::Error> {
-    let flat = tensor.to_device(&Device::Cpu)?.flatten_all()?;
-    Ok(match flat.dtype() {
-        DType::F16 => (
-            safetensors::Dtype::F16,
-            flat.to_vec1::<half::f16>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ),
-        DType::BF16 => (
-            safetensors::Dtype::BF16,
-            flat.to_vec1::<half::bf16>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ),
-        DType::F64 => (
-            safetensors::Dtype::F64,
-            flat.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ),
-        _ => (
-            safetensors::Dtype::F32,
-            flat.to_dtype(DType::F32)?
-                .to_vec1::<f32>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ),
-    })
-}
-
 impl Node for SaveLatent {
     fn schema(&self, _: &Services) -> NodeSchema {
         NodeSchema::v1("SaveLatent", "nodes", "_for_testing")
@@ -148,13 +114,7 @@ impl Node for SaveLatent {
         let paths = ctx.services.require::<Paths>()?;
         let latent = inputs.object::<Latent>("samples")?;
         let target = save_target(inputs.string("filename_prefix")?, &paths.output, 0, 0)?;
-        let metadata = ctx.services.get::<ImageMetadata>().is_none_or(|m| m.enabled).then(|| {
-            let mut metadata = HashMap::from([("prompt".to_string(), dumps(ctx.prompt))]);
-            if let Some(Json::Object(extra)) = ctx.extra_pnginfo {
-                metadata.extend(extra.iter().map(|(key, value)| (key.clone(), dumps(value))));
-            }
-            metadata
-        });
+        let metadata = prompt_metadata(ctx);
         let (dtype, data) = tensor_bytes(&latent.samples).map_err(tensor_error)?;
         let invalid = |error: safetensors::SafeTensorError| NodeError::new(error.to_string());
         let samples =

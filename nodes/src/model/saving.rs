@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
-use easel_engine::pyjson::dumps;
 use easel_engine::schema::{HiddenInput, InputSpec, NodeSchema};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services};
 use easel_models::architectures::clip_text::ClipNaming;
@@ -17,14 +16,14 @@ use easel_models::checkpoint::{
 };
 use easel_models::kernels::sgemm::Elements;
 use easel_models::weights::WeightSource;
-use serde_json::Value as Json;
 
-use crate::image::nodes::{save_target, ImageMetadata};
+use crate::image::nodes::save_target;
 use crate::model::clip::{Clip, TextEncoder, TextNetwork};
 use crate::model::diffusion_model::{DiffusionModel, Model, Prediction};
 use crate::model::vae::VaeModel;
 use crate::paths::{write_replacing, Paths};
 use crate::runtime::tensor_error;
+use crate::saved_files::{prompt_metadata, tensor_bytes};
 
 const MODULE: &str = "comfy_extras.nodes_model_merging";
 const CATEGORY: &str = "advanced/model_merging";
@@ -101,33 +100,7 @@ impl SavedFile {
         let mut encoded = Vec::with_capacity(self.tensors.len());
         for saved in &self.tensors {
             let tensor = saved.tensor.to_dtype(saved.dtype).map_err(tensor_error)?;
-            let flat = tensor.flatten_all().map_err(tensor_error)?;
-            let (dtype, bytes): (safetensors::Dtype, Vec<u8>) = match saved.dtype {
-                DType::F16 => (
-                    safetensors::Dtype::F16,
-                    flat.to_vec1::<half::f16>()
-                        .map_err(tensor_error)?
-                        .iter()
-                        .flat_map(|v| v.to_le_bytes())
-                        .collect(),
-                ),
-                DType::BF16 => (
-                    safetensors::Dtype::BF16,
-                    flat.to_vec1::<half::bf16>()
-                        .map_err(tensor_error)?
-                        .iter()
-                        .flat_map(|v| v.to_le_bytes())
-                        .collect(),
-                ),
-                _ => (
-                    safetensors::Dtype::F32,
-                    flat.to_vec1::<f32>()
-                        .map_err(tensor_error)?
-                        .iter()
-                        .flat_map(|v| v.to_le_bytes())
-                        .collect(),
-                ),
-            };
+            let (dtype, bytes) = tensor_bytes(&tensor).map_err(tensor_error)?;
             encoded.push((saved.name.as_str(), dtype, tensor.dims().to_vec(), bytes));
         }
         let mut views = Vec::with_capacity(encoded.len());
@@ -138,21 +111,6 @@ impl SavedFile {
         }
         safetensors::tensor::serialize(views, Some(metadata)).map_err(|error| NodeError::new(error.to_string()))
     }
-}
-
-/// ComfyUI's metadata of a saved file: the prompt and the workflow's entries, unless metadata
-/// is off (`--disable-metadata`).
-fn prompt_metadata(ctx: &NodeContext) -> HashMap<String, String> {
-    let mut metadata = HashMap::new();
-    if ctx.services.get::<ImageMetadata>().is_none_or(|m| m.enabled) {
-        metadata.insert("prompt".to_string(), dumps(ctx.prompt));
-        if let Some(Json::Object(extra)) = ctx.extra_pnginfo {
-            for (key, value) in extra {
-                metadata.insert(key.clone(), dumps(value));
-            }
-        }
-    }
-    metadata
 }
 
 /// Writes `file` as `<prefix>_<counter>_.safetensors` in the output folder.
@@ -261,7 +219,7 @@ fn save_checkpoint(
             }
             _ => {}
         }
-        metadata.extend(prompt_metadata(ctx));
+        metadata.extend(prompt_metadata(ctx).unwrap_or_default());
         metadata
     })
 }
@@ -392,7 +350,7 @@ impl Node for ClipSave {
                 _ => file.add_source(&encoder.source, "", keep)?,
             }
             write_file(ctx, &format!("{prefix}_{part}"), &file, |_, _| {
-                let mut metadata = prompt_metadata(ctx);
+                let mut metadata = prompt_metadata(ctx).unwrap_or_default();
                 if !metadata.is_empty() {
                     metadata.insert("format".to_string(), "pt".to_string());
                 }
@@ -421,7 +379,7 @@ impl Node for VaeSave {
         let mut file = SavedFile::default();
         file.add_source(&vae.source, "", keep)?;
         write_file(ctx, inputs.string("filename_prefix")?, &file, |_, _| {
-            prompt_metadata(ctx)
+            prompt_metadata(ctx).unwrap_or_default()
         })?;
         Ok(NodeOutput::values(Vec::new()))
     }

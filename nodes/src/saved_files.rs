@@ -1,0 +1,58 @@
+//! Files nodes save as safetensors (models, latents): tensors as safetensors bytes, and the
+//! metadata ComfyUI writes with them.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use easel_engine::pyjson::dumps;
+use easel_engine::NodeContext;
+use serde_json::Value as Json;
+
+use crate::image::nodes::ImageMetadata;
+
+/// A tensor's little-endian bytes and safetensors type: float16, bfloat16 and float64 as they
+/// are, anything else as float32.
+pub(crate) fn tensor_bytes(tensor: &Tensor) -> Result<(safetensors::Dtype, Vec<u8>), candle_core::Error> {
+    let flat = tensor.to_device(&Device::Cpu)?.flatten_all()?;
+    Ok(match flat.dtype() {
+        DType::F16 => (
+            safetensors::Dtype::F16,
+            flat.to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        DType::BF16 => (
+            safetensors::Dtype::BF16,
+            flat.to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        DType::F64 => (
+            safetensors::Dtype::F64,
+            flat.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        _ => (
+            safetensors::Dtype::F32,
+            flat.to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+    })
+}
+
+/// ComfyUI's metadata of a saved file: the prompt and the workflow's entries; `None` when
+/// metadata is off (`--disable-metadata`).
+pub(crate) fn prompt_metadata(ctx: &NodeContext) -> Option<HashMap<String, String>> {
+    if !ctx.services.get::<ImageMetadata>().is_none_or(|m| m.enabled) {
+        return None;
+    }
+    let mut metadata = HashMap::from([("prompt".to_string(), dumps(ctx.prompt))]);
+    if let Some(Json::Object(extra)) = ctx.extra_pnginfo {
+        metadata.extend(extra.iter().map(|(key, value)| (key.clone(), dumps(value))));
+    }
+    Some(metadata)
+}
