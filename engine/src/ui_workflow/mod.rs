@@ -156,12 +156,13 @@ fn id_text(id: &Json) -> String {
 }
 
 /// Widget inputs of `schema` from the saved widget values (a list in widget order, or an
-/// object by widget name).
+/// object by widget name). A widget without a saved value (a node saved with no
+/// `widgets_values`, or fewer than it has widgets) keeps the value the frontend gives a new one.
 fn widget_inputs(schema: &NodeSchema, saved: Option<&Json>) -> Map<String, Json> {
     let mut inputs = Map::new();
     match saved {
-        Some(Json::Array(values)) => {
-            let mut values = values.iter();
+        Some(Json::Array(_)) | Some(Json::Null) | None => {
+            let mut values = saved.and_then(Json::as_array).into_iter().flatten();
             let mut upload_pending = false;
             let required = schema.required.iter().map(|entry| (entry, true));
             let optional = schema.optional.iter().map(|entry| (entry, false));
@@ -173,8 +174,8 @@ fn widget_inputs(schema: &NodeSchema, saved: Option<&Json>) -> Map<String, Json>
                 if !is_widget(spec) {
                     continue;
                 }
-                if let Some(value) = values.next() {
-                    inputs.insert(name.clone(), value.clone());
+                if let Some(value) = values.next().cloned().or_else(|| new_widget_value(spec)) {
+                    inputs.insert(name.clone(), value);
                 }
                 if option_is_true(spec, "control_after_generate") {
                     values.next();
@@ -184,14 +185,29 @@ fn widget_inputs(schema: &NodeSchema, saved: Option<&Json>) -> Map<String, Json>
         }
         Some(Json::Object(values)) => {
             for (name, _, spec) in schema.declared_inputs() {
-                if let Some(value) = values.get(name).filter(|_| is_widget(spec)) {
-                    inputs.insert(name.to_string(), value.clone());
+                if !is_widget(spec) {
+                    continue;
+                }
+                if let Some(value) = values.get(name).cloned().or_else(|| new_widget_value(spec)) {
+                    inputs.insert(name.to_string(), value);
                 }
             }
         }
-        _ => {}
+        Some(_) => {}
     }
     inputs
+}
+
+/// The value the frontend gives a new widget: the input's `default`, else a combo's first
+/// option; `None` for other inputs without a default.
+fn new_widget_value(spec: &InputSpec) -> Option<Json> {
+    if let Some(default) = spec.option("default") {
+        return Some(default.clone());
+    }
+    match &spec.io_type {
+        IoType::Combo(options) => options.first().cloned(),
+        IoType::Named(_) => spec.option("options").and_then(Json::as_array)?.first().cloned(),
+    }
 }
 
 /// Whether the frontend shows `spec` as a widget: a combo, or a number, text or boolean input
