@@ -8,6 +8,7 @@
 //! - [`model`]: the `MODEL`, `CLIP` and `VAE` values and the model-patching nodes;
 //! - [`sampling`]: KSampler, the custom-sampling nodes and the sampling run under them;
 //! - [`loaders`]: checkpoint, diffusion-model, text-encoder, VAE and LoRA loaders;
+//! - [`hooks`]: scheduled LoRA (hooks on conditioning and CLIP);
 //! - [`flux`]: FLUX's own nodes; [`packs`]: nodes of custom-node packs (ComfyUI-GGUF);
 //! - [`utils`]: primitives and string operations (Python's `str` and `re` semantics);
 //! - [`paths`]: ComfyUI's directory layout and model folders, [`model_cache`]: loaded models
@@ -18,6 +19,7 @@
 
 pub mod conditioning;
 pub mod flux;
+pub mod hooks;
 pub mod image;
 pub mod latent;
 pub mod loaders;
@@ -50,6 +52,7 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     sampling::register(registry);
     model::register(registry);
     flux::register(registry);
+    hooks::register(registry);
     packs::register(registry);
     utils::register(registry);
 }

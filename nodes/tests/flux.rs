@@ -67,6 +67,7 @@ fn predict_with_image_prompt(flux: &Flux, inputs: &Inputs, image_prompt: Option<
         concat: None,
         control: FluxControl::default(),
         image_prompt,
+        patches: None,
     })
     .unwrap()
 }
@@ -524,6 +525,7 @@ fn expected_euler_step(
             concat,
             control: FluxControl::default(),
             image_prompt: None,
+            patches: None,
         })
         .unwrap();
     ((((&noise - &velocity).unwrap()) / 0.3611).unwrap() + 0.1159).unwrap()

@@ -15,14 +15,14 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use common::{f32_values, fixture_json, j, shape};
 use easel_engine::{call_standalone, NodeInputs, NodeRegistry, Services, Value};
-use easel_models::architectures::unet_patches::UNetPatches;
 use easel_models::testmodels::TINY_SD1_CHECKPOINT;
 use easel_nodes::builtin_registry;
+use easel_nodes::conditioning::Conditioning;
 use easel_nodes::image::{Image, Mask};
 use easel_nodes::latent::operations::{GuidanceOperation, LatentOperation};
 use easel_nodes::latent::Latent;
 use easel_nodes::model::diffusion_model::Model;
-use easel_nodes::model::patches::{GuidanceArgs, GuidanceModel, ModelPatches, Side};
+use easel_nodes::model::patches::{CallPatches, GuidanceArgs, GuidanceModel, ModelPatches, Side};
 use indexmap::IndexMap;
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
@@ -218,7 +218,11 @@ fn compare(path: &str, value: &Value, expected: &Json, how: Match) -> Vec<String
 struct NoModel;
 
 impl GuidanceModel for NoModel {
-    fn predict_side(&self, _: Side, _: &Tensor, _: f32, _: &UNetPatches) -> candle_core::Result<Tensor> {
+    fn predict_side(&self, _: Side, _: &Tensor, _: f32, _: &CallPatches) -> candle_core::Result<Tensor> {
+        unreachable!("latent operations do not call the model")
+    }
+
+    fn predict_conditioning(&self, _: &Conditioning, _: &Tensor, _: f32) -> candle_core::Result<Tensor> {
         unreachable!("latent operations do not call the model")
     }
 }

@@ -7,58 +7,33 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture_json, j};
+use common::{fixture_json, fixture_unet, floats, j, pattern, pattern_values, sizes};
 use easel_engine::Value;
-use easel_models::architectures::unet::{HeadLayout, UNet, UNetConfig, UNetInput};
+use easel_models::architectures::unet::UNetInput;
 use easel_models::architectures::unet_patches::{
     AttentionKind, AttentionSite, BatchPart, CallInfo, PatchedCall, UNetPatch, UNetPatches,
 };
-use easel_models::weights::{SafetensorsFile, Weights};
+use easel_nodes::conditioning::Conditioning;
 use easel_nodes::image::resample::ResizeMethod;
 use easel_nodes::model::block_patches::{DeepShrink, FreeU, FreeUScales};
 use easel_nodes::model::guidance::{
     AdaptiveProjectedGuidance, CfgNorm, CfgZeroStar, EpsilonScaling, FrequencyScaling, Mahiro, PerturbedAttention,
     RescaleCfg, TangentialDamping,
 };
-use easel_nodes::model::patches::{GuidanceArgs, GuidanceModel, ModelPatches, Side};
+use easel_nodes::model::patches::{CallPatches, GuidanceArgs, GuidanceModel, ModelPatches, Side};
 use easel_nodes::model::self_attention_guidance::{attention_with_map, blur_where_attended};
 use serde_json::json;
 use serde_json::Value as Json;
-
-/// The generator's `pattern(seed, scale)`.
-fn pattern(shape: &[usize], seed: i64, scale: f32) -> Tensor {
-    let count: usize = shape.iter().product();
-    let values: Vec<f32> = (0..count as i64)
-        .map(|i| (((i * 7919 + seed * 104729) % 2001) - 1000) as f32 / 1000.0 * scale)
-        .collect();
-    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-}
-
-/// A fixture's list of sizes.
-fn sizes(value: &Json) -> Vec<usize> {
-    value
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_u64().unwrap() as usize)
-        .collect()
-}
-
-/// A fixture's list of numbers, as f32.
-fn floats(value: &Json) -> Vec<f32> {
-    value
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect()
-}
 
 /// Guidance functions here never call the model again.
 struct NoModel;
 
 impl GuidanceModel for NoModel {
-    fn predict_side(&self, _: Side, _: &Tensor, _: f32, _: &UNetPatches) -> candle_core::Result<Tensor> {
+    fn predict_side(&self, _: Side, _: &Tensor, _: f32, _: &CallPatches) -> candle_core::Result<Tensor> {
+        unreachable!("these guidance functions do not call the model")
+    }
+
+    fn predict_conditioning(&self, _: &Conditioning, _: &Tensor, _: f32) -> candle_core::Result<Tensor> {
         unreachable!("these guidance functions do not call the model")
     }
 }
@@ -142,52 +117,6 @@ fn guidance_functions_give_comfyuis_results() {
     }
 }
 
-/// The generator's weight formula: `pattern(count, index + 11, scale)`, matrices and kernels
-/// scaled by 1/√fan-in, vectors by 0.1, norm weights (vectors named `.weight`) around 1.
-fn pattern_values(count: usize, seed: i64, scale: f32) -> Vec<f32> {
-    (0..count as i64)
-        .map(|i| (((i * 7919 + seed * 104729) % 2001) - 1000) as f32 / 1000.0 * scale)
-        .collect()
-}
-
-/// The fixture's tiny UNet, its weights written to a safetensors file and loaded through the
-/// loader's code.
-fn fixture_unet(fixture: &Json) -> (tempfile::TempDir, UNet) {
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (index, weight) in fixture["weights"].as_array().unwrap().iter().enumerate() {
-        let name = weight["name"].as_str().unwrap().to_string();
-        let shape: Vec<usize> = sizes(&weight["shape"]);
-        let count: usize = shape.iter().product();
-        let seed = index as i64 + 11;
-        let mut values = if shape.len() >= 2 {
-            let fan_in: usize = shape[1..].iter().product();
-            pattern_values(count, seed, (1.0 / (fan_in as f64).sqrt()) as f32)
-        } else {
-            pattern_values(count, seed, 0.1f64 as f32)
-        };
-        if shape.len() == 1 && name.ends_with(".weight") {
-            values.iter_mut().for_each(|v| *v += 1.0);
-        }
-        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        tensors.push((name, shape, bytes));
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(name, shape, bytes)| {
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).unwrap();
-            (name.clone(), view)
-        })
-        .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("unet.safetensors");
-    std::fs::write(&path, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
-    let file = Arc::new(SafetensorsFile::open(&path).unwrap());
-    let config = UNetConfig::infer(file.as_ref(), "", HeadLayout::Count(8)).unwrap();
-    assert_eq!(config.channel_mult, vec![1, 2, 4]);
-    let unet = UNet::new(config, Weights::from_file(file, DType::F32, &Device::Cpu)).unwrap();
-    (dir, unet)
-}
-
 fn unet_patches_for(case: &Json, fixture: &Json) -> UNetPatches {
     let shrink = |after_skip: bool, down: ResizeMethod, up: ResizeMethod| -> Arc<dyn UNetPatch> {
         Arc::new(DeepShrink {
@@ -243,6 +172,7 @@ fn unet_patches_for(case: &Json, fixture: &Json) -> UNetPatches {
 fn unet_patches_change_the_network_as_comfyuis_do() {
     let fixture = fixture_json("unet_patches.json");
     let (_dir, unet) = fixture_unet(&fixture);
+    assert_eq!(unet.config().channel_mult, vec![1, 2, 4]);
     let (latent, context_shape) = (sizes(&fixture["latent"]), sizes(&fixture["context"]));
     let x = Tensor::from_vec(
         pattern_values(latent.iter().product(), 1, 1.0),

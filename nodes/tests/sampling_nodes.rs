@@ -7,7 +7,7 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
-use common::{f32_values, fixture_json, j, sd1_inputs, setup, shape, Setup};
+use common::{f32_values, fixture_json, floats, j, sd1_inputs, setup, shape, Setup};
 use easel_engine::Value;
 use easel_models::sampling::noise::{prepare_noise, prepare_noise_and_generator};
 use easel_models::sampling::samplers::{run_sampler, Denoiser, RunSeed};
@@ -27,15 +27,6 @@ impl Denoiser for Toy {
     fn denoise_with_uncond(&mut self, x: &Tensor, sigma: f32) -> Result<(Tensor, Tensor)> {
         Ok((self.denoise(x, sigma)?, x.affine(0.8, f64::from(-(0.02f32 * sigma)))?))
     }
-}
-
-fn floats(values: &Json) -> Vec<f32> {
-    values
-        .as_array()
-        .expect("a list of numbers")
-        .iter()
-        .map(|value| value.as_f64().expect("a number") as f32)
-        .collect()
 }
 
 /// A fixture case's inputs as node inputs: `sigmas` as a SIGMAS object, the rest as constants.

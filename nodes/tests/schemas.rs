@@ -36,11 +36,16 @@ const FILE_COMBOS: &[(&str, &str)] = &[
     ("DualCLIPLoader", "clip_name1"),
     ("DualCLIPLoader", "clip_name2"),
     ("VAELoader", "vae_name"),
+    ("DiffusersLoader", "model_path"),
     ("UnetLoaderGGUF", "unet_name"),
     ("UnetLoaderGGUFAdvanced", "unet_name"),
     ("CLIPLoaderGGUF", "clip_name"),
     ("DualCLIPLoaderGGUF", "clip_name1"),
     ("DualCLIPLoaderGGUF", "clip_name2"),
+    ("CreateHookLora", "lora_name"),
+    ("CreateHookLoraModelOnly", "lora_name"),
+    ("CreateHookModelAsLora", "ckpt_name"),
+    ("CreateHookModelAsLoraModelOnly", "ckpt_name"),
 ];
 
 #[test]

@@ -87,6 +87,9 @@ pub enum BenchTarget {
     /// Validation of a prompt whose outputs all fail (`--outputs N`): time, error body size and
     /// peak memory.
     Validation,
+    /// EasyCache and LazyCache: time, network calls and difference from the uncached latent of
+    /// one sampling run on an SD1-shaped model (`--tiny-only`: the tiny test model).
+    StepCache,
 }
 
 /// Where things live: ComfyUI's directory flags.

@@ -5,8 +5,9 @@
 //! - [`weights`]: safetensors files read through a memory map and served to model code
 //!   ([`weights::Weights`]); [`formats`]: GGUF files, ggml's quantized blocks, fp8;
 //! - [`lora`]: LoRA and LyCORIS weight differences patched into weights as they are built;
+//!   [`lora_extract`]: LoRA factors extracted from a weight difference (truncated SVD);
 //! - [`checkpoint`]: a checkpoint's family and the architecture of each part, read from its
-//!   tensor shapes;
+//!   tensor shapes; [`diffusers_layout`]: diffusers-layout UNets and VAEs read under LDM names;
 //! - [`architectures`]: the networks (UNet, VAE, CLIP text, T5, FLUX), each with a `Config`
 //!   inferred from its weights;
 //! - [`kernels`]: the CPU kernels (GEMM, convolution, attention, linear layers over stored
@@ -19,9 +20,11 @@
 
 pub mod architectures;
 pub mod checkpoint;
+pub mod diffusers_layout;
 pub mod formats;
 pub mod kernels;
 pub mod lora;
+pub mod lora_extract;
 pub mod memory;
 pub mod sampling;
 pub mod testmodels;

@@ -57,6 +57,13 @@ enum Difference {
     Full(Tensor),
     /// Another model's tensor `name` (under its source's prefix), with that model's own patches.
     OtherModel { source: WeightSource, name: String },
+    /// Another model's tensor `name` less this model's before the patch (each under its source's
+    /// prefix, with its own patches).
+    OtherModelChange {
+        other: WeightSource,
+        original: WeightSource,
+        name: String,
+    },
     /// Nothing: the patch only scales W.
     Nothing,
 }
@@ -71,6 +78,27 @@ impl Patch {
             difference: Difference::OtherModel { source: other, name },
             dora_scale: None,
             rows: None,
+        }
+    }
+
+    /// ComfyUI's `model_as_lora` patch (hooks applying a checkpoint): `W ← W + strength·(W₂ − W₀)`,
+    /// W₂ the tensor `name` of `other` and W₀ that of `original`, the model being patched as it
+    /// was before (each with its own patches).
+    pub fn model_difference(other: WeightSource, original: WeightSource, name: String, strength: f32) -> Patch {
+        Patch {
+            strength,
+            strength_model: 1.0,
+            difference: Difference::OtherModelChange { other, original, name },
+            dora_scale: None,
+            rows: None,
+        }
+    }
+
+    /// The same patch applied at `strength` instead.
+    pub fn with_strength(&self, strength: f32) -> Patch {
+        Patch {
+            strength,
+            ..self.clone()
         }
     }
 
@@ -96,6 +124,11 @@ impl Patch {
             Difference::Full(difference) => difference.clone(),
             Difference::OtherModel { source, name } => {
                 source.weights().get(weight.shape(), name)?.to_dtype(DType::F32)?
+            }
+            Difference::OtherModelChange { other, original, name } => {
+                let other = other.weights().get(weight.shape(), name)?.to_dtype(DType::F32)?;
+                let original = original.weights().get(weight.shape(), name)?.to_dtype(DType::F32)?;
+                (other - original)?
             }
             Difference::Nothing => return Ok(None),
         };

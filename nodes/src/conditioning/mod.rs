@@ -15,6 +15,7 @@ use candle_core::{Device, Tensor};
 use easel_engine::{NodeObject, NodeRegistry};
 
 use crate::conditioning::regions::{CondRegion, RegionError};
+use crate::hooks::HookGroup;
 use crate::image::Mask;
 
 /// Adds the conditioning nodes to `registry`.
@@ -93,6 +94,14 @@ pub struct CondEntry {
     /// Text conditioning meant for ControlNets instead of this entry's own
     /// (CLIPTextEncodeControlnet's `cross_attn_controlnet` and `pooled_output_controlnet`).
     pub controlnet_text: Option<ControlnetText>,
+    /// The hooks the model samples this entry with (scheduled LoRA).
+    pub hooks: Option<HookGroup>,
+    /// The part of sampling a scheduled CLIP encoded the entry for (`clip_start_percent`,
+    /// `clip_end_percent`): it applies only there, within its own timestep range.
+    pub clip_range: Option<(f64, f64)>,
+    /// A default entry (ConditioningSetDefaultCombine): it applies only where the side's
+    /// other entries leave weight, with what they leave.
+    pub default: bool,
 }
 
 /// A prompt encoded for the ControlNets of an entry.
@@ -158,6 +167,9 @@ impl CondEntry {
             inpaint: None,
             guidance: EmbeddedGuidance::Unset,
             controlnet_text: None,
+            hooks: None,
+            clip_range: None,
+            default: false,
         }
     }
 }

@@ -15,6 +15,7 @@
 //! - [`alpha`]: PorterDuffImageComposite, SplitImageWithAlpha, JoinImageWithAlpha
 //!   (`mask/compositing`);
 //! - [`canny`]: Canny (`image/preprocessors`);
+//! - [`yuv`]: ImageRGBToYUV, ImageYUVToRGB (`image/batch`);
 //! - [`animated`]: SaveAnimatedWEBP, SaveAnimatedPNG;
 //! - [`output_nodes`]: LoadImageOutput, GetImageSize, PreviewAny, MaskPreview;
 //! - [`io`]: decoding image files and writing PNGs with metadata;
@@ -30,6 +31,7 @@ pub mod nodes;
 pub mod output_nodes;
 pub mod resample;
 pub mod transform;
+pub mod yuv;
 
 use easel_engine::{NodeError, NodeObject, NodeRegistry};
 
@@ -60,6 +62,8 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(filters::ImageSharpen);
     registry.register(filters::ImageQuantize);
     registry.register(filters::Morphology);
+    registry.register(yuv::ImageRgbToYuv);
+    registry.register(yuv::ImageYuvToRgb);
     registry.register(layout::ImageStitch);
     registry.register(layout::ResizeAndPadImage);
     registry.register(layout::ImageScaleToTotalPixels);

@@ -11,12 +11,12 @@ use serde_json::{Map, Value as Json};
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 use easel_models::checkpoint::{Family, TextEncoderKind};
-use easel_models::lora::{load_lora, ClipLoraNames, LoraKeyMap};
+use easel_models::lora::{load_lora, ClipLoraNames, LoadedLora, LoraKeyMap};
 use easel_models::weights::{SafetensorsFile, TensorShapes};
 
 use crate::loaders::model_files_fingerprint;
-use crate::model::clip::{Clip, TextNetwork};
-use crate::model::diffusion_model::Model;
+use crate::model::clip::{Clip, TextEncoder, TextNetwork};
+use crate::model::diffusion_model::{DiffusionModel, Model};
 use crate::paths::Paths;
 use crate::runtime::tensor_error;
 
@@ -127,7 +127,7 @@ impl Node for LoraLoaderModelOnly {
     }
 }
 
-fn open_lora(ctx: &NodeContext, name: &str) -> Result<SafetensorsFile, NodeError> {
+pub(crate) fn open_lora(ctx: &NodeContext, name: &str) -> Result<SafetensorsFile, NodeError> {
     let paths = ctx.services.require::<Paths>()?;
     let path = paths.full_path("loras", name).ok_or_else(|| {
         NodeError::typed(
@@ -152,6 +152,44 @@ fn clip_lora_names(family: Family, kind: TextEncoderKind) -> ClipLoraNames {
     ClipLoraNames { kohya, diffusers }
 }
 
+/// The patches `lora` makes to `model`'s diffusion network at `strength`.
+pub(crate) fn model_lora_patches(
+    lora: &SafetensorsFile,
+    model: &DiffusionModel,
+    strength: f32,
+) -> Result<LoadedLora, NodeError> {
+    let Some(unet) = model.network.unet() else {
+        return Err(NodeError::new(format!(
+            "LoRAs for {} models are not supported by Easel yet",
+            model.family.name()
+        )));
+    };
+    let mut keys = LoraKeyMap::default();
+    keys.add_unet(model.source.file.as_ref(), &model.source.name_prefix(), unet.config());
+    load_lora(lora, &keys, strength).map_err(tensor_error)
+}
+
+/// The patches `lora` makes to a text encoder of a `family` CLIP at `strength`; `None` for a T5
+/// (LoRA patches the CLIP encoders beside it).
+pub(crate) fn encoder_lora_patches(
+    lora: &SafetensorsFile,
+    encoder: &TextEncoder,
+    family: Family,
+    strength: f32,
+) -> Result<Option<LoadedLora>, NodeError> {
+    let TextNetwork::Clip { kind, encoder: network } = &encoder.network else {
+        return Ok(None);
+    };
+    let mut keys = LoraKeyMap::default();
+    keys.add_clip(
+        encoder.source.file.as_ref(),
+        &encoder.source.name_prefix(),
+        network.config().naming,
+        clip_lora_names(family, *kind),
+    );
+    load_lora(lora, &keys, strength).map(Some).map_err(tensor_error)
+}
+
 /// `model` (and `clip`) with `lora`'s patches added at their strengths; logs the LoRA's tensors
 /// neither took, as ComfyUI does.
 fn apply_lora(
@@ -161,45 +199,23 @@ fn apply_lora(
     clip: Option<(&Clip, f32)>,
 ) -> Result<(Model, Option<Clip>), NodeError> {
     let mut used = HashSet::new();
-    let base = &model.0;
-    let Some(base_unet) = base.network.unet() else {
-        return Err(NodeError::new(format!(
-            "LoRAs for {} models are not supported by Easel yet",
-            base.family.name()
-        )));
-    };
-    let mut unet_keys = LoraKeyMap::default();
-    unet_keys.add_unet(
-        base.source.file.as_ref(),
-        &base.source.name_prefix(),
-        base_unet.config(),
-    );
-    let loaded = load_lora(lora, &unet_keys, strength_model).map_err(tensor_error)?;
+    let loaded = model_lora_patches(lora, &model.0, strength_model)?;
     used.extend(loaded.used);
     let model = if strength_model == 0.0 || loaded.patches.is_empty() {
         model.clone()
     } else {
         Model(Arc::new(
-            base.with_weight_patches(loaded.patches).map_err(tensor_error)?,
+            model.0.with_weight_patches(loaded.patches).map_err(tensor_error)?,
         ))
     };
     let clip = match clip {
         Some((clip, strength_clip)) => {
             let mut encoders = Vec::with_capacity(clip.encoders.len());
             for encoder in &clip.encoders {
-                // LoRA patches CLIP text encoders; a T5 beside them (FLUX) is kept as it is.
-                let TextNetwork::Clip { kind, encoder: network } = &encoder.network else {
+                let Some(loaded) = encoder_lora_patches(lora, encoder, clip.family, strength_clip)? else {
                     encoders.push(encoder.clone());
                     continue;
                 };
-                let mut clip_keys = LoraKeyMap::default();
-                clip_keys.add_clip(
-                    encoder.source.file.as_ref(),
-                    &encoder.source.name_prefix(),
-                    network.config().naming,
-                    clip_lora_names(clip.family, *kind),
-                );
-                let loaded = load_lora(lora, &clip_keys, strength_clip).map_err(tensor_error)?;
                 used.extend(loaded.used);
                 if strength_clip == 0.0 || loaded.patches.is_empty() {
                     encoders.push(encoder.clone());

@@ -3,10 +3,12 @@
 //! - [`models`]: CheckpointLoaderSimple, CheckpointLoader, UNETLoader, VAELoader, and the helpers
 //!   every loader shares (finding a file, opening it, recognising its family, the model cache);
 //! - [`text_encoders`]: CLIPLoader and DualCLIPLoader (CLIP and T5 files, safetensors or GGUF);
+//! - [`diffusers`]: DiffusersLoader (a diffusers folder's UNet, text encoders and VAE);
 //! - [`t5_tokenizer_files`]: where a T5 encoder's `tokenizer.json` is found;
 //! - [`lora`]: LoraLoader and LoraLoaderModelOnly;
 //! - [`pending`]: loaders of model kinds Easel cannot run yet, declared for clients.
 
+pub mod diffusers;
 pub mod lora;
 pub mod models;
 pub mod pending;
@@ -46,6 +48,7 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(text_encoders::ClipLoader);
     registry.register(text_encoders::DualClipLoader);
     registry.register(models::VaeLoader);
+    registry.register(diffusers::DiffusersLoader);
     for loader in &pending::PENDING_LOADERS {
         registry.register(loader);
     }

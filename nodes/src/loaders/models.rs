@@ -108,7 +108,12 @@ pub(crate) fn cached<T: Send + Sync + 'static>(
 }
 
 /// The diffusion model of `family` whose UNet (`unet`) `source` holds.
-fn build_model(source: WeightSource, family: Family, unet: UNetConfig, v_prediction: bool) -> Result<Model, NodeError> {
+pub(crate) fn build_model(
+    source: WeightSource,
+    family: Family,
+    unet: UNetConfig,
+    v_prediction: bool,
+) -> Result<Model, NodeError> {
     let unet = UNet::new(unet, source.weights()).map_err(tensor_error)?;
     let device = source.device.clone();
     Ok(Model(Arc::new(DiffusionModel {
@@ -203,6 +208,7 @@ pub fn load_checkpoint(
         encoders,
         layer_from_end: None,
         t5_padding: None,
+        hooks: None,
     });
     let vae = match layout.vae {
         Some(config) => Some(build_vae(&file, VAE_PREFIX, config, device)?),
@@ -240,6 +246,7 @@ fn load_flux_checkpoint(
             ],
             layer_from_end: None,
             t5_padding: None,
+            hooks: None,
         }),
         _ => None,
     };
@@ -252,7 +259,7 @@ fn load_flux_checkpoint(
     Ok((LoadedCheckpoint { model, clip, vae }, file_size(path)))
 }
 
-fn diffusion_precision(services: &Services) -> Precision {
+pub(crate) fn diffusion_precision(services: &Services) -> Precision {
     services.get::<DiffusionModelPrecision>().copied().unwrap_or_default().0
 }
 

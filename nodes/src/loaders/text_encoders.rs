@@ -144,7 +144,7 @@ fn load_t5(ctx: &NodeContext, encoder: &OpenedEncoder) -> Result<TextEncoder, No
 }
 
 /// A CLIP of one file of `clip_type` (`CLIPLoader`, `CLIPLoaderGGUF`).
-fn single_clip(ctx: &NodeContext, node: &str, path: PathBuf, clip_type: &str) -> Result<Clip, NodeError> {
+pub(crate) fn single_clip(ctx: &NodeContext, node: &str, path: PathBuf, clip_type: &str) -> Result<Clip, NodeError> {
     if clip_type != "stable_diffusion" {
         return Err(NodeError::new(format!(
             "{node} type '{clip_type}' is not supported by Easel yet (supported: stable_diffusion)"
@@ -172,12 +172,18 @@ fn single_clip(ctx: &NodeContext, node: &str, path: PathBuf, clip_type: &str) ->
         encoders: vec![load_clip_encoder(ctx, &encoder, kind)?],
         layer_from_end: None,
         t5_padding: None,
+        hooks: None,
     })
 }
 
 /// A CLIP of two files of `clip_type` (`DualCLIPLoader`, `DualCLIPLoaderGGUF`): SDXL's CLIP-L
 /// (the narrower) and CLIP-G, or FLUX's CLIP-L and T5-XXL, in either order.
-fn dual_clip(ctx: &NodeContext, node: &str, paths: [PathBuf; 2], clip_type: &str) -> Result<Clip, NodeError> {
+pub(crate) fn dual_clip(
+    ctx: &NodeContext,
+    node: &str,
+    paths: [PathBuf; 2],
+    clip_type: &str,
+) -> Result<Clip, NodeError> {
     if !matches!(clip_type, "sdxl" | "flux") {
         return Err(NodeError::new(format!(
             "{node} type '{clip_type}' is not supported by Easel yet (supported: sdxl, flux)"
@@ -208,6 +214,7 @@ fn dual_clip(ctx: &NodeContext, node: &str, paths: [PathBuf; 2], clip_type: &str
             ],
             layer_from_end: None,
             t5_padding: None,
+            hooks: None,
         });
     }
     let (EncoderFile::Clip(first), EncoderFile::Clip(second)) = (files[0].contents, files[1].contents) else {
@@ -229,6 +236,7 @@ fn dual_clip(ctx: &NodeContext, node: &str, paths: [PathBuf; 2], clip_type: &str
         ],
         layer_from_end: None,
         t5_padding: None,
+        hooks: None,
     })
 }
 

@@ -17,6 +17,9 @@ use easel_models::text::tokenizer::{tokenize_with_weights, EmbeddingLookup, NoEm
 use easel_models::weights::WeightSource;
 
 use crate::conditioning::{CondEntry, Conditioning};
+use crate::hooks::keyframes::clip_schedule;
+use crate::hooks::patching::hooked_encoders;
+use crate::hooks::HookGroup;
 use crate::paths::Paths;
 
 /// The network of one text encoder of a CLIP.
@@ -81,7 +84,26 @@ pub struct Clip {
     pub layer_from_end: Option<usize>,
     /// How T5 prompts are padded, when T5TokenizerOptions set it (else the family's way).
     pub t5_padding: Option<T5Padding>,
+    /// The hooks SetClipHooks gave it.
+    pub hooks: Option<Arc<ClipHooks>>,
 }
+
+/// What SetClipHooks sets on a CLIP (ComfyUI's `forced_hooks`, `use_clip_schedule` and
+/// `apply_hooks_to_conds`).
+#[derive(Clone)]
+pub struct ClipHooks {
+    /// The hooks the encoders are patched with, at their CLIP strengths.
+    pub hooks: HookGroup,
+    /// Whether prompts are encoded once per range of the hooks' keyframes, each range's entries
+    /// limited to it; else once, every hook at strength 1.
+    pub scheduled: bool,
+    /// The hooks given to the conditioning entries encoded.
+    pub for_conds: Option<HookGroup>,
+}
+
+/// One encoding by a CLIP with hooks: its range of sampling (none: all of it) and the hooks'
+/// keyframe strengths there.
+type HookedEncoding = (Option<(f64, f64)>, Vec<f64>);
 
 /// One list of chunks per text encoder of a CLIP, in its order (T5: one chunk).
 pub type ClipTokens = Vec<Vec<Vec<WeightedToken>>>;
@@ -141,15 +163,53 @@ impl Clip {
             .collect()
     }
 
-    /// Encodes tokens into a one-entry conditioning. FLUX: T5's hidden states and CLIP-L's pooled
-    /// vector (ComfyUI's `FluxClipModel`). Otherwise each CLIP's hidden states, cut to the
-    /// shortest and joined along the channels (SDXL: CLIP-L ⧺ CLIP-G), and the last one's pooled
-    /// vector.
+    /// Encodes tokens into conditioning (ComfyUI's `encode_from_tokens_scheduled`): one entry,
+    /// or with scheduled hooks one per range of their keyframes, each limited to its range; the
+    /// entries carry the hooks meant for them.
     pub fn encode(&self, tokens: &ClipTokens) -> candle_core::Result<Conditioning> {
-        let mut clip_hidden = Vec::with_capacity(self.encoders.len());
+        let Some(hooks) = &self.hooks else {
+            let (hidden, pooled) = self.encode_with(&self.encoders, tokens)?;
+            return Ok(Conditioning(vec![CondEntry::new(hidden, pooled)]));
+        };
+        let group = &hooks.hooks;
+        let encodings: Vec<HookedEncoding> = if hooks.scheduled {
+            let keyframes: Vec<_> = group.hooks().iter().map(|hook| &hook.keyframes).collect();
+            clip_schedule(&keyframes)
+                .into_iter()
+                .map(|(range, keyframes)| {
+                    let strengths = keyframes.iter().map(|k| k.map_or(1.0, |k| k.strength)).collect();
+                    (Some(range), strengths)
+                })
+                .collect()
+        } else {
+            vec![(None, vec![1.0; group.hooks().len()])]
+        };
+        let mut entries = Vec::with_capacity(encodings.len());
+        for (range, strengths) in encodings {
+            let encoders = hooked_encoders(&self.encoders, self.family, group, &strengths)?;
+            let (hidden, pooled) = self.encode_with(&encoders, tokens)?;
+            entries.push(CondEntry {
+                clip_range: range,
+                hooks: hooks.for_conds.clone(),
+                ..CondEntry::new(hidden, pooled)
+            });
+        }
+        Ok(Conditioning(entries))
+    }
+
+    /// Encodes tokens with `encoders` (this CLIP's, or them patched by hooks) into hidden
+    /// states and a pooled vector. FLUX: T5's hidden states and CLIP-L's pooled vector (ComfyUI's
+    /// `FluxClipModel`). Otherwise each CLIP's hidden states, cut to the shortest and joined along
+    /// the channels (SDXL: CLIP-L ⧺ CLIP-G), and the last one's pooled vector.
+    fn encode_with(
+        &self,
+        encoders: &[TextEncoder],
+        tokens: &ClipTokens,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let mut clip_hidden = Vec::with_capacity(encoders.len());
         let mut t5_hidden = None;
         let mut pooled = None;
-        for (encoder, chunks) in self.encoders.iter().zip(tokens) {
+        for (encoder, chunks) in encoders.iter().zip(tokens) {
             match &encoder.network {
                 TextNetwork::Clip { kind, encoder } => {
                     let encoded = encoder.encode_weighted(chunks, self.options(*kind))?;
@@ -177,7 +237,7 @@ impl Clip {
                 Tensor::cat(&hidden, D::Minus1)?
             }
         };
-        Ok(Conditioning(vec![CondEntry::new(hidden, pooled)]))
+        Ok((hidden, pooled))
     }
 }
 

@@ -10,9 +10,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 use easel_engine::NodeObject;
+use easel_models::architectures::dit_patches::DitPatchedCall;
 use easel_models::architectures::flux::{Flux, FluxControl, FluxInput};
 use easel_models::architectures::unet::{timestep_embedding, UNet, UNetInput};
-use easel_models::architectures::unet_patches::{BatchPart, CallInfo, PatchedCall, UNetPatches};
+use easel_models::architectures::unet_patches::{BatchPart, CallInfo, PatchedCall};
 use easel_models::checkpoint::Family;
 use easel_models::lora::Patch;
 use easel_models::sampling::schedule::SigmaSchedule;
@@ -22,7 +23,8 @@ use crate::conditioning::{CondEntry, ConditioningError, FLUX_MASK_CHANNELS};
 use crate::image::resample::{common_upscale, ResizeMethod};
 use crate::latent::nodes::{image_as_latents, latents_as_image};
 use crate::latent::{repeat_to_batch, LatentFormat};
-use crate::model::patches::ModelPatches;
+use crate::model::patches::{CallPatches, ModelPatches};
+use crate::model::wrappers::NetworkCall;
 
 /// What the network predicts, and so what it is given and how its output becomes the denoised
 /// latent (ComfyUI's model-sampling types, σ_data = 1 unless said otherwise).
@@ -218,54 +220,79 @@ impl DiffusionModel {
         let timesteps = Tensor::from_vec(vec![timestep; batch], batch, &self.device)?;
         let context = repeat_to_batch(&inputs.context, batch)?;
         let y = inputs.y.as_ref().map(|y| repeat_to_batch(y, batch)).transpose()?;
-        let out = match &self.network {
-            DiffusionNetwork::UNet(unet) => {
-                let input = match &concat {
-                    Some(concat) => Tensor::cat(&[&scaled, concat], 1)?,
-                    None => scaled,
-                };
-                let (_, channels, height, width) = input.dims4()?;
-                let patches = match call.extra {
-                    Some(extra) => Cow::Owned(self.patches.unet.and(extra)),
-                    None => Cow::Borrowed(&self.patches.unet),
-                };
-                let info = CallInfo {
-                    original_shape: [batch, channels, height, width],
-                    sigma,
-                    parts: call.parts.to_vec(),
-                };
-                unet.forward(&UNetInput {
-                    y: y.as_ref(),
-                    patches: (!patches.is_empty()).then_some(PatchedCall {
-                        patches: patches.as_ref(),
-                        info: &info,
-                    }),
-                    ..UNetInput::new(&input, &timesteps, &context)
-                })?
-            }
-            DiffusionNetwork::Flux(flux) => {
-                let Some(y) = &y else {
-                    return Err(candle_core::Error::Msg(
-                        "a FLUX model call needs the pooled output".into(),
-                    ));
-                };
-                let guidance = inputs
-                    .guidance
-                    .as_ref()
-                    .map(|guidance| repeat_to_batch(guidance, batch))
-                    .transpose()?;
-                flux.forward(&FluxInput {
-                    x: &scaled,
-                    timesteps: &timesteps,
-                    context: &context,
-                    y,
-                    guidance: guidance.as_ref(),
-                    concat: concat.as_ref(),
-                    control: FluxControl::default(),
-                    image_prompt: None,
-                })?
-            }
+        // The network on its (scaled) input, which the network wrappers go around.
+        let network = |scaled: &Tensor| -> candle_core::Result<Tensor> {
+            Ok(match &self.network {
+                DiffusionNetwork::UNet(unet) => {
+                    let input = match &concat {
+                        Some(concat) => Tensor::cat(&[scaled, concat], 1)?,
+                        None => scaled.clone(),
+                    };
+                    let (_, channels, height, width) = input.dims4()?;
+                    let patches = match call.extra {
+                        Some(extra) => Cow::Owned(self.patches.unet.and(&extra.unet)),
+                        None => Cow::Borrowed(&self.patches.unet),
+                    };
+                    let info = CallInfo {
+                        original_shape: [batch, channels, height, width],
+                        sigma,
+                        parts: call.parts.to_vec(),
+                    };
+                    unet.forward(&UNetInput {
+                        y: y.as_ref(),
+                        patches: (!patches.is_empty()).then_some(PatchedCall {
+                            patches: patches.as_ref(),
+                            info: &info,
+                        }),
+                        ..UNetInput::new(&input, &timesteps, &context)
+                    })?
+                }
+                DiffusionNetwork::Flux(flux) => {
+                    let Some(y) = &y else {
+                        return Err(candle_core::Error::Msg(
+                            "a FLUX model call needs the pooled output".into(),
+                        ));
+                    };
+                    let guidance = inputs
+                        .guidance
+                        .as_ref()
+                        .map(|guidance| repeat_to_batch(guidance, batch))
+                        .transpose()?;
+                    let patches = match call.extra {
+                        Some(extra) => Cow::Owned(self.patches.dit.and(&extra.dit)),
+                        None => Cow::Borrowed(&self.patches.dit),
+                    };
+                    let (_, latent_channels, height, width) = scaled.dims4()?;
+                    let extra_channels = concat.as_ref().map_or(Ok(0), |concat| concat.dim(1))?;
+                    let info = CallInfo {
+                        original_shape: [batch, latent_channels + extra_channels, height, width],
+                        sigma,
+                        parts: call.parts.to_vec(),
+                    };
+                    flux.forward(&FluxInput {
+                        x: scaled,
+                        timesteps: &timesteps,
+                        context: &context,
+                        y,
+                        guidance: guidance.as_ref(),
+                        concat: concat.as_ref(),
+                        control: FluxControl::default(),
+                        image_prompt: None,
+                        patches: (!patches.is_empty()).then_some(DitPatchedCall {
+                            patches: patches.as_ref(),
+                            info: &info,
+                        }),
+                    })?
+                }
+            })
         };
+        let network_call = NetworkCall {
+            input: &scaled,
+            sigma,
+            timestep,
+            parts: call.parts,
+        };
+        let out = self.patches.call_network(&network_call, &network)?;
         self.prediction.denoised(x, &out, sigma, timestep)
     }
 
@@ -465,11 +492,12 @@ pub(crate) struct ModelInputs {
     pub(crate) guidance: Option<Tensor>,
 }
 
-/// What a model call is for: the batch's chunks (one per conditioning side it holds), and UNet
-/// patches for this call only (PerturbedAttentionGuidance's perturbed attention).
+/// What a model call is for: the batch's chunks (one per conditioning side it holds), and network
+/// patches for this call only (PerturbedAttentionGuidance's perturbed attention,
+/// SkipLayerGuidance's skipped blocks).
 pub(crate) struct ModelCall<'a> {
     pub(crate) parts: &'a [BatchPart],
-    pub(crate) extra: Option<&'a UNetPatches>,
+    pub(crate) extra: Option<&'a CallPatches>,
 }
 
 /// The latent being sampled, as the conditioning needs it: in model space, and the denoise

@@ -12,7 +12,9 @@ use easel_models::architectures::unet_patches::{
 };
 
 use crate::model::fourier::fourier_filter;
-use crate::model::patches::{CfgFunction, GuidanceArgs, GuidedPredictions, PostCfgFunction, PreCfgFunction};
+use crate::model::patches::{
+    CallPatches, CfgFunction, GuidanceArgs, GuidedPredictions, PostCfgFunction, PreCfgFunction,
+};
 
 /// `t` [B, …] as [B, N].
 fn per_item(t: &Tensor) -> Result<Tensor> {
@@ -285,7 +287,10 @@ impl PostCfgFunction for PerturbedAttention {
         if self.scale == 0.0 {
             return Ok(denoised);
         }
-        let perturbed = Self::perturbed_patches();
+        let perturbed = CallPatches {
+            unet: Self::perturbed_patches(),
+            ..CallPatches::default()
+        };
         let prediction = args.model.predict_side(args.cond, args.x, args.sigma, &perturbed)?;
         denoised + ((&predictions.cond - prediction)? * self.scale)?
     }

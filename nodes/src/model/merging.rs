@@ -57,7 +57,10 @@ fn merge_patches(
 }
 
 /// The MODEL `model1` with `model2` merged in at `strengths` per tensor.
-fn merged_model(inputs: &NodeInputs, strengths: impl Fn(&str) -> (f32, f32)) -> Result<NodeOutput, NodeError> {
+pub(crate) fn merged_model(
+    inputs: &NodeInputs,
+    strengths: impl Fn(&str) -> (f32, f32),
+) -> Result<NodeOutput, NodeError> {
     let (model1, model2) = (inputs.object::<Model>("model1")?, inputs.object::<Model>("model2")?);
     let patches = merge_patches(&model1.0.source, &model2.0.source, strengths, |_| false);
     let merged = model1.0.with_weight_patches(patches).map_err(tensor_error)?;
@@ -149,14 +152,21 @@ impl Node for ModelMergeBlocks {
             ("out", inputs.float("out")? as f32),
         ];
         merged_model(inputs, |name| {
-            let ratio = parts
-                .iter()
-                .filter(|(part, _)| name.starts_with(part))
-                .max_by_key(|(part, _)| part.len())
-                .map_or(parts[0].1, |(_, ratio)| *ratio);
+            let ratio = block_ratio(&parts, name);
             (1.0 - ratio, ratio)
         })
     }
+}
+
+/// ComfyUI's `ModelMergeBlocks.merge` choice of ratio for the tensor `name` (relative to the
+/// model's prefix): that of the longest block prefix `name` starts with, else the first block's.
+pub(crate) fn block_ratio<P: AsRef<str>>(blocks: &[(P, f32)], name: &str) -> f32 {
+    blocks
+        .iter()
+        .filter(|(prefix, _)| name.starts_with(prefix.as_ref()))
+        .max_by_key(|(prefix, _)| prefix.as_ref().len())
+        .or(blocks.first())
+        .map_or(1.0, |(_, ratio)| *ratio)
 }
 
 /// `ModelMergeSubtract`: `multiplier·(model1 − model2)`.

@@ -10,8 +10,16 @@
 //!   (`advanced/model`), DifferentialDiffusion;
 //! - [`patch_nodes`]: the nodes that add patches (RescaleCFG, CFGZeroStar, APG, FreeU, PAG, …);
 //! - [`merging`]: the weight-patching nodes (model and CLIP merges, attention multipliers);
-//! - [`saving`]: CheckpointSave, ModelSave, CLIPSave, VAESave;
-//! - [`self_attention_guidance`]: the SelfAttentionGuidance node and its patches.
+//!   [`merging_blocks`]: the model-specific block merges (ModelMergeSD1, SDXL, Flux1, …);
+//! - [`saving`]: CheckpointSave, ModelSave, CLIPSave, VAESave; [`lora_extract`]: LoraSave;
+//! - [`self_attention_guidance`]: the SelfAttentionGuidance node and its patches;
+//! - [`hypernetwork`]: HypernetworkLoader, MLPs changing the attentions' keys and values;
+//! - [`hypertile`] and [`token_merging`]: HyperTile and TomePatchModel, self-attention patches
+//!   that tile the query or merge its similar tokens;
+//! - [`skip_layer_guidance`]: SkipLayerGuidanceDiT(Simple), guidance away from a DiT's prediction
+//!   with blocks skipped;
+//! - [`wrappers`]: wrappers around the network's calls and the guided predictions, with their
+//!   per-run state; [`step_caches`]: EasyCache and LazyCache, which skip steps with them.
 //!
 //! The networks themselves are in `easel_models::architectures`.
 
@@ -20,13 +28,21 @@ pub mod clip;
 pub mod diffusion_model;
 pub mod fourier;
 pub mod guidance;
+pub mod hypernetwork;
+pub mod hypertile;
+pub mod lora_extract;
 pub mod merging;
+pub mod merging_blocks;
 pub mod nodes;
 pub mod patch_nodes;
 pub mod patches;
 pub mod saving;
 pub mod self_attention_guidance;
+pub mod skip_layer_guidance;
+pub mod step_caches;
+pub mod token_merging;
 pub mod vae;
+pub mod wrappers;
 
 use easel_engine::NodeRegistry;
 
@@ -51,6 +67,12 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(patch_nodes::PatchModelAddDownscale);
     registry.register(patch_nodes::TorchCompileModel);
     registry.register(self_attention_guidance::SelfAttentionGuidanceNode);
+    registry.register(step_caches::EasyCacheNode);
+    registry.register(step_caches::LazyCacheNode);
+    registry.register(skip_layer_guidance::SkipLayerGuidanceDitNode);
+    registry.register(skip_layer_guidance::SkipLayerGuidanceDitSimpleNode);
+    registry.register(hypertile::HyperTileNode);
+    registry.register(token_merging::TomePatchModelNode);
     registry.register(merging::ModelMergeSimple);
     registry.register(merging::ModelMergeBlocks);
     registry.register(merging::ModelMergeSubtract);
@@ -61,8 +83,18 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(merging::UNetAttentionMultiply { cross: false });
     registry.register(merging::UNetAttentionMultiply { cross: true });
     registry.register(merging::ClipAttentionMultiply);
+    for layout in [
+        merging_blocks::BlockLayout::Sd1,
+        merging_blocks::BlockLayout::Sd2,
+        merging_blocks::BlockLayout::Sdxl,
+        merging_blocks::BlockLayout::Flux1,
+    ] {
+        registry.register(merging_blocks::ModelMergeModelSpecific { layout });
+    }
     registry.register(saving::CheckpointSave);
     registry.register(saving::ModelSave);
     registry.register(saving::ClipSave);
     registry.register(saving::VaeSave);
+    registry.register(lora_extract::LoraSave);
+    registry.register(hypernetwork::HypernetworkLoader);
 }

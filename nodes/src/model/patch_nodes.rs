@@ -19,7 +19,10 @@ use crate::model::patches::ModelPatches;
 use crate::runtime::experimental;
 
 /// The node's `model` input with `patch` applied to its patches.
-fn patched(inputs: &NodeInputs, patch: impl FnOnce(&ModelPatches) -> ModelPatches) -> Result<NodeOutput, NodeError> {
+pub(crate) fn patched(
+    inputs: &NodeInputs,
+    patch: impl FnOnce(&ModelPatches) -> ModelPatches,
+) -> Result<NodeOutput, NodeError> {
     let model = inputs.object::<Model>("model")?;
     let patches = patch(&model.0.patches);
     Ok(NodeOutput::values(vec![Value::object(Model(Arc::new(

@@ -14,7 +14,6 @@ use easel_models::checkpoint::{
     checkpoint_clip_prefixes, Family, TextEncoderKind, FLUX_CLIP_L_PREFIX, FLUX_T5_PREFIX, FLUX_VAE_PREFIX,
     UNET_PREFIX, VAE_PREFIX,
 };
-use easel_models::kernels::sgemm::Elements;
 use easel_models::weights::WeightSource;
 
 use crate::image::nodes::save_target;
@@ -23,7 +22,7 @@ use crate::model::diffusion_model::{DiffusionModel, Model, Prediction};
 use crate::model::vae::VaeModel;
 use crate::paths::{write_replacing, Paths};
 use crate::runtime::tensor_error;
-use crate::saved_files::{prompt_metadata, tensor_bytes};
+use crate::saved_files::{for_each_source_tensor, prompt_metadata, tensor_bytes};
 
 const MODULE: &str = "comfy_extras.nodes_model_merging";
 const CATEGORY: &str = "advanced/model_merging";
@@ -51,28 +50,7 @@ impl SavedFile {
         prefix: &str,
         rename: impl Fn(&str, Tensor) -> candle_core::Result<Vec<(String, Tensor)>>,
     ) -> Result<(), NodeError> {
-        let weights = source.weights();
-        let source_prefix = source.name_prefix();
-        let mut names: Vec<&str> = source
-            .file
-            .tensor_names()
-            .filter(|name| name.starts_with(source_prefix.as_str()))
-            .collect();
-        names.sort_unstable();
-        for full_name in names {
-            let dtype = match source.file.elements(full_name) {
-                Some(Elements::F32(_)) => DType::F32,
-                Some(Elements::BF16(_)) => DType::BF16,
-                Some(Elements::F16(_) | Elements::F8(..) | Elements::Ggml(..)) => DType::F16,
-                None => continue,
-            };
-            let (Some(shape), Some(name)) = (
-                source.file.shape(full_name),
-                full_name.strip_prefix(source_prefix.as_str()),
-            ) else {
-                continue;
-            };
-            let tensor = weights.get(shape, name).map_err(tensor_error)?;
+        for_each_source_tensor(source, |name, tensor, dtype| {
             for (renamed, tensor) in rename(name, tensor).map_err(tensor_error)? {
                 self.tensors.push(SavedTensor {
                     name: format!("{prefix}{renamed}"),
@@ -80,8 +58,8 @@ impl SavedFile {
                     dtype,
                 });
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// An empty f32 tensor ComfyUI writes as a flag (`v_pred`).
@@ -227,7 +205,7 @@ fn save_checkpoint(
 /// An OpenCLIP text-encoder tensor under its transformers name (ComfyUI keeps CLIP-G and
 /// CLIP-H in that layout): `in_proj` split into the query, key and value projections, the
 /// projection matrix transposed.
-fn openclip_as_transformers(name: &str, tensor: Tensor) -> candle_core::Result<Vec<(String, Tensor)>> {
+pub(crate) fn openclip_as_transformers(name: &str, tensor: Tensor) -> candle_core::Result<Vec<(String, Tensor)>> {
     let renamed = match name {
         "token_embedding.weight" => "text_model.embeddings.token_embedding.weight".to_string(),
         "positional_embedding" => "text_model.embeddings.position_embedding.weight".to_string(),

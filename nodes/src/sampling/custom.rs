@@ -18,6 +18,7 @@ use crate::latent::Latent;
 use crate::model::diffusion_model::{DiffusionModel, Model};
 use crate::runtime::tensor_error;
 use crate::sampling::ksampler::{denoise_mask, seed_input, seed_spec, with_progress};
+use crate::sampling::perp_neg::PerpNegGuidance;
 use crate::sampling::run::{sample_guided, DualCfg, GuidedSampling};
 
 /// The Python module of every node here.
@@ -67,6 +68,8 @@ pub struct Guider {
     pub cfg: f64,
     /// DualCFGGuider's middle prompt (then `cfg` is its `cfg_cond2_negative`).
     pub dual: Option<DualCfg>,
+    /// PerpNegGuider's empty prompt and its scale.
+    pub perp_neg: Option<PerpNegGuidance>,
 }
 
 impl NodeObject for Guider {
@@ -85,6 +88,7 @@ impl Guider {
             negative: inputs.object::<Conditioning>("negative")?.clone(),
             cfg: inputs.float("cfg")?,
             dual: None,
+            perp_neg: None,
         })
     }
 }
@@ -136,6 +140,7 @@ fn sample_custom(
         negative: &guider.negative,
         cfg: guider.cfg,
         dual: guider.dual.as_ref(),
+        perp_neg: guider.perp_neg.as_ref(),
         sampler: &sampler.0,
         sigmas: &sigmas.0,
         latent,
@@ -315,6 +320,7 @@ impl Node for BasicGuider {
             negative: Conditioning(Vec::new()),
             cfg: 1.0,
             dual: None,
+            perp_neg: None,
         };
         Ok(NodeOutput::values(vec![Value::object(guider)]))
     }
@@ -366,6 +372,7 @@ impl Node for DualCfgGuider {
                 cfg_conds: inputs.float("cfg_conds")?,
                 nested: inputs.string("style")? == "nested",
             }),
+            perp_neg: None,
         };
         Ok(NodeOutput::values(vec![Value::object(guider)]))
     }

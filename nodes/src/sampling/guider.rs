@@ -4,15 +4,20 @@
 //! with the model's guidance patches around the combination (`sampling_function`,
 //! `cfg_function`).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor, D};
-use easel_models::architectures::unet_patches::{BatchPart, UNetPatches};
+use easel_models::architectures::unet_patches::BatchPart;
 use easel_models::sampling::samplers::Denoiser;
 
 use crate::conditioning::regions::{same_area_source, LatentArea, ResolvedRegion};
 use crate::conditioning::{CondEntry, Conditioning, ConditioningError};
+use crate::hooks::patching::HookedModels;
+use crate::hooks::HookGroup;
 use crate::latent::repeat_to_batch;
 use crate::model::diffusion_model::{DiffusionModel, DiffusionNetwork, LatentInputs, ModelCall, ModelInputs};
-use crate::model::patches::{GuidanceArgs, GuidanceModel, Side};
+use crate::model::patches::{CallPatches, GuidanceArgs, GuidanceModel, Side};
+use crate::sampling::perp_neg::PerpNegSide;
 
 /// Classifier-free guidance over conditioning lists (ComfyUI's `CFGGuider` with
 /// `sampling_function`): each side is the strength-weighted average of its active entries'
@@ -25,6 +30,14 @@ pub(crate) struct Guider<'a> {
     pub(crate) cfg: f64,
     /// DualCFGGuider's middle prompt and its scale.
     pub(crate) dual: Option<DualSide>,
+    /// PerpNegGuider's empty prompt and its scale.
+    pub(crate) perp_neg: Option<PerpNegSide>,
+    /// The latent being sampled, in model space, and the denoise mask: what conditioning outside
+    /// the sides is resolved against ([`GuidanceModel::predict_conditioning`]).
+    pub(crate) latent: Tensor,
+    pub(crate) denoise_mask: Option<Tensor>,
+    /// The models the entries' hooks patch, at their strengths of the current step.
+    pub(crate) hooked: HookedModels,
 }
 
 /// The middle side of DualCFGGuider, ready for the model.
@@ -35,7 +48,7 @@ pub(crate) struct DualSide {
 }
 
 /// Python's `math.isclose(value, 1.0)`: ComfyUI skips what a scale of 1 makes unnecessary.
-fn is_one(value: f64) -> bool {
+pub(crate) fn is_one(value: f64) -> bool {
     (value - 1.0).abs() <= 1e-9 * value.abs().max(1.0)
 }
 
@@ -52,6 +65,10 @@ pub(crate) struct ActiveEntry {
     /// its weight there, [B, C, h, w]; no weight means 1.
     pub(crate) area: Option<LatentArea>,
     pub(crate) weight: Option<Tensor>,
+    /// The hooks the entry is sampled with.
+    pub(crate) hooks: Option<HookGroup>,
+    /// A default entry: it predicts where the side's other entries leave weight.
+    pub(crate) default: bool,
 }
 
 impl ActiveEntry {
@@ -64,9 +81,17 @@ impl ActiveEntry {
     ) -> Result<Self, ConditioningError> {
         let shape = latent.model_space.dims();
         let schedule = &model.schedule;
-        let (sigma_start, sigma_end) = match entry.timestep_range {
-            Some((start, end)) => (schedule.percent_to_sigma(start), schedule.percent_to_sigma(end)),
-            None => (f64::INFINITY, f64::NEG_INFINITY),
+        // A scheduled CLIP's range narrows the entry's own (`calculate_start_end_timesteps`).
+        let (sigma_start, sigma_end) = match (entry.clip_range, entry.timestep_range) {
+            (Some((clip_start, clip_end)), range) => {
+                let (start, end) = range.unwrap_or((0.0, 1.0));
+                (
+                    schedule.percent_to_sigma(clip_start.max(start)),
+                    schedule.percent_to_sigma(clip_end.min(end)),
+                )
+            }
+            (None, Some((start, end))) => (schedule.percent_to_sigma(start), schedule.percent_to_sigma(end)),
+            (None, None) => (f64::INFINITY, f64::NEG_INFINITY),
         };
         let width = entry.cross_attention.dim(D::Minus1)?;
         let expected = model.network.context_dim();
@@ -99,6 +124,8 @@ impl ActiveEntry {
             requested_area: region.area,
             area,
             weight,
+            hooks: entry.hooks.clone(),
+            default: entry.default,
         })
     }
 
@@ -141,17 +168,43 @@ fn uncrop(t: &Tensor, area: &LatentArea, height: usize, width: usize) -> candle_
 impl Guider<'_> {
     /// One side's prediction (`calc_cond_batch` for one side): every active entry predicts on
     /// its area, and the predictions are averaged with their weights (counts start at 1e-37).
-    fn predict(&self, side: Side, x: &Tensor, sigma: f32, extra: Option<&UNetPatches>) -> candle_core::Result<Tensor> {
-        let entries = self.side(side);
-        let parts = [match side {
-            Side::Positive => BatchPart::Cond,
+    pub(crate) fn predict(
+        &self,
+        side: Side,
+        x: &Tensor,
+        sigma: f32,
+        extra: Option<&CallPatches>,
+    ) -> candle_core::Result<Tensor> {
+        // ComfyUI numbers the batch's chunks by their place in the list of sides; the empty
+        // prompt's (2 for PerpNegGuider, 0 for PerpNeg) is no patch's unconditional chunk.
+        let part = match side {
+            Side::Positive | Side::Empty => BatchPart::Cond,
             Side::Middle | Side::Negative => BatchPart::Uncond,
-        }];
+        };
+        self.predict_entries(self.side(side), part, x, sigma, extra)
+    }
+
+    /// The prediction of `entries` (a side's, or a conditioning's outside the sides).
+    fn predict_entries(
+        &self,
+        entries: &[ActiveEntry],
+        part: BatchPart,
+        x: &Tensor,
+        sigma: f32,
+        extra: Option<&CallPatches>,
+    ) -> candle_core::Result<Tensor> {
+        let parts = [part];
         let call = ModelCall { parts: &parts, extra };
         let (_, _, height, width) = x.dims4()?;
         let mut sum: Option<Tensor> = None;
         let mut count: Option<Tensor> = None;
-        for entry in entries.iter().filter(|entry| entry.applies_at(sigma)) {
+        let active = |default: bool| {
+            entries
+                .iter()
+                .filter(move |entry| entry.default == default && entry.applies_at(sigma))
+        };
+        for entry in active(false) {
+            let model = self.model_for(entry, sigma)?;
             let (input, denoised) = match &entry.area {
                 Some(area) => {
                     let input = crop(x, area)?;
@@ -159,10 +212,10 @@ impl Guider<'_> {
                         concat: entry.inputs.concat.as_ref().map(|c| crop(c, area)).transpose()?,
                         ..entry.inputs.clone()
                     };
-                    let denoised = self.model.denoise(&input, sigma, &inputs, &call)?;
+                    let denoised = model.denoise(&input, sigma, &inputs, &call)?;
                     (input, denoised)
                 }
-                None => (x.clone(), self.model.denoise(x, sigma, &entry.inputs, &call)?),
+                None => (x.clone(), model.denoise(x, sigma, &entry.inputs, &call)?),
             };
             let (weighted, weight) = match &entry.weight {
                 Some(weight) => ((denoised * weight)?, weight.clone()),
@@ -184,6 +237,29 @@ impl Guider<'_> {
                 None => weight,
             });
         }
+        // Default entries predict over the whole latent, weighted by what the others leave
+        // (`finalize_default_conds`): nothing where they cover it.
+        let mut defaults = active(true).peekable();
+        if defaults.peek().is_some() {
+            let left = match &count {
+                Some(count) => (1.0 - count)?.relu()?,
+                None => x.ones_like()?,
+            };
+            if left.max_all()?.to_scalar::<f32>()? > 0.0 {
+                for entry in defaults {
+                    let denoised = self.model_for(entry, sigma)?.denoise(x, sigma, &entry.inputs, &call)?;
+                    let weighted = (denoised * &left)?;
+                    sum = Some(match sum {
+                        Some(sum) => (sum + weighted)?,
+                        None => weighted,
+                    });
+                    count = Some(match count {
+                        Some(count) => (count + &left)?,
+                        None => left.clone(),
+                    });
+                }
+            }
+        }
         match (sum, count) {
             (Some(sum), Some(count)) => sum / (count + 1e-37)?,
             _ => x.zeros_like(),
@@ -192,16 +268,46 @@ impl Guider<'_> {
 }
 
 impl Guider<'_> {
+    /// The model `entry` is sampled with at σ: the guider's, or patched by the entry's hooks at
+    /// their strengths there.
+    fn model_for(&self, entry: &ActiveEntry, sigma: f32) -> candle_core::Result<ModelRef<'_>> {
+        match &entry.hooks {
+            None => Ok(ModelRef::Base(self.model)),
+            Some(hooks) => Ok(ModelRef::Hooked(self.hooked.model(self.model, hooks, sigma)?)),
+        }
+    }
+}
+
+/// A model borrowed from the guider or built for hooks.
+enum ModelRef<'a> {
+    Base(&'a DiffusionModel),
+    Hooked(Arc<DiffusionModel>),
+}
+
+impl std::ops::Deref for ModelRef<'_> {
+    type Target = DiffusionModel;
+
+    fn deref(&self) -> &DiffusionModel {
+        match self {
+            ModelRef::Base(model) => model,
+            ModelRef::Hooked(model) => model,
+        }
+    }
+}
+
+impl Guider<'_> {
     /// Both sides' predictions. When each side has one active entry over the whole latent and
     /// their inputs have the same shapes, they run as one batch, as ComfyUI's `calc_cond_batch`
     /// does.
-    fn predict_both(&self, x: &Tensor, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
+    pub(crate) fn predict_both(&self, x: &Tensor, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
         let active = |entries: &[ActiveEntry]| -> Vec<usize> {
             (0..entries.len()).filter(|i| entries[*i].applies_at(sigma)).collect()
         };
         if let ([positive], [negative]) = (active(&self.positive).as_slice(), active(&self.negative).as_slice()) {
             let (positive, negative) = (&self.positive[*positive], &self.negative[*negative]);
             let whole = positive.weight.is_none() && negative.weight.is_none();
+            let same_hooks = positive.hooks.as_ref().map(HookGroup::ids) == negative.hooks.as_ref().map(HookGroup::ids);
+            let model = self.model_for(positive, sigma)?;
             let (positive, negative) = (&positive.inputs, &negative.inputs);
             let same_shape = |p: &Option<Tensor>, n: &Option<Tensor>| match (p, n) {
                 (Some(p), Some(n)) => p.dims()[1..] == n.dims()[1..],
@@ -209,6 +315,7 @@ impl Guider<'_> {
                 _ => false,
             };
             if whole
+                && same_hooks
                 && positive.context.dims()[1..] == negative.context.dims()[1..]
                 && same_shape(&positive.y, &negative.y)
                 && same_shape(&positive.concat, &negative.concat)
@@ -231,7 +338,7 @@ impl Guider<'_> {
                     parts: &[BatchPart::Cond, BatchPart::Uncond],
                     extra: None,
                 };
-                let out = self.model.denoise(&Tensor::cat(&[x, x], 0)?, sigma, &inputs, &call)?;
+                let out = model.denoise(&Tensor::cat(&[x, x], 0)?, sigma, &inputs, &call)?;
                 return Ok((out.narrow(0, 0, batch)?, out.narrow(0, batch, batch)?));
             }
         }
@@ -248,6 +355,10 @@ impl Guider<'_> {
             (Side::Negative, _) => &self.negative,
             (Side::Middle, Some(dual)) => &dual.middle,
             (Side::Middle, None) => &[],
+            (Side::Empty, _) => match &self.perp_neg {
+                Some(perp_neg) => &perp_neg.empty,
+                None => &[],
+            },
         }
     }
 
@@ -257,13 +368,6 @@ impl Guider<'_> {
     fn guided(&self, x: &Tensor, sigma: f32, need_uncond: bool) -> candle_core::Result<(Tensor, Tensor)> {
         let patches = &self.model.patches;
         let evaluate_uncond = need_uncond || patches.disable_cfg1_optimization || !is_one(self.cfg);
-        let (cond, uncond) = if evaluate_uncond {
-            self.predict_both(x, sigma)?
-        } else {
-            let cond = self.predict(Side::Positive, x, sigma, None)?;
-            let zeros = cond.zeros_like()?;
-            (cond, zeros)
-        };
         let args = GuidanceArgs {
             x,
             sigma,
@@ -272,6 +376,19 @@ impl Guider<'_> {
             uncond: evaluate_uncond.then_some(Side::Negative),
             model: self,
         };
+        let predicted = match &patches.cond_batch {
+            Some(function) => function.predict(&args)?,
+            None => None,
+        };
+        let (cond, uncond) = match predicted {
+            Some([cond, uncond]) => (cond, uncond),
+            None if evaluate_uncond => self.predict_both(x, sigma)?,
+            None => {
+                let cond = self.predict(Side::Positive, x, sigma, None)?;
+                let zeros = cond.zeros_like()?;
+                (cond, zeros)
+            }
+        };
         let [cond, uncond] = patches.apply_pre_cfg(&args, [cond, uncond])?;
         let guided = patches.cfg_function(&args, cond, Some(uncond.clone()))?;
         Ok((guided, uncond))
@@ -279,8 +396,20 @@ impl Guider<'_> {
 }
 
 impl GuidanceModel for Guider<'_> {
-    fn predict_side(&self, side: Side, x: &Tensor, sigma: f32, extra: &UNetPatches) -> candle_core::Result<Tensor> {
+    fn predict_side(&self, side: Side, x: &Tensor, sigma: f32, extra: &CallPatches) -> candle_core::Result<Tensor> {
         self.predict(side, x, sigma, Some(extra))
+    }
+
+    fn predict_conditioning(&self, conditioning: &Conditioning, x: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+        let latent = LatentInputs {
+            model_space: &self.latent,
+            denoise_mask: self.denoise_mask.as_ref(),
+        };
+        let mut entries = entries(conditioning, self.model, true, &latent).map_err(candle_core::Error::wrap)?;
+        for entry in &mut entries {
+            (entry.sigma_start, entry.sigma_end) = (f64::INFINITY, f64::NEG_INFINITY);
+        }
+        self.predict_entries(&entries, BatchPart::Cond, x, sigma, None)
     }
 }
 
@@ -341,6 +470,9 @@ impl Denoiser for Guider<'_> {
         if let Some(dual) = &self.dual {
             return Ok(self.dual_guided(dual, x, sigma)?.0);
         }
+        if let Some(perp_neg) = &self.perp_neg {
+            return Ok(self.perp_neg_guided(perp_neg, x, sigma)?.0);
+        }
         let patches = &self.model.patches;
         if is_one(self.cfg) && !patches.disable_cfg1_optimization && patches.guides_plainly() {
             // `0 + (cond − 0)·1` is `cond`: plain CFG at 1 is the positive prediction.
@@ -352,6 +484,9 @@ impl Denoiser for Guider<'_> {
     fn denoise_with_uncond(&mut self, x: &Tensor, sigma: f32) -> candle_core::Result<(Tensor, Tensor)> {
         if let Some(dual) = &self.dual {
             return self.dual_guided(dual, x, sigma);
+        }
+        if let Some(perp_neg) = &self.perp_neg {
+            return self.perp_neg_guided(perp_neg, x, sigma);
         }
         self.guided(x, sigma, true)
     }

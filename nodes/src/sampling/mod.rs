@@ -10,6 +10,7 @@
 //!   VP, polyexponential, ExtendIntermediateSigmas, …), with their tables in [`noise_levels`];
 //! - [`run`]: one sampling run: noise, σ schedule, the guider, the sampler, latent scaling;
 //! - [`guider`]: classifier-free guidance over the active conditioning entries;
+//! - [`perp_neg`]: Perp-Neg guidance (the PerpNeg model patch and PerpNegGuider);
 //! - [`inpainting`]: the denoise-mask and DifferentialDiffusion wrappers around the guider;
 //! - [`preview`]: live previews of the estimate (latent2rgb).
 //!
@@ -21,6 +22,7 @@ pub mod guider;
 pub mod inpainting;
 pub mod ksampler;
 pub mod noise_levels;
+pub mod perp_neg;
 pub mod preview;
 pub mod run;
 pub mod schedulers;
@@ -38,6 +40,8 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(custom::BasicGuider);
     registry.register(custom::CfgGuider);
     registry.register(custom::DualCfgGuider);
+    registry.register(perp_neg::PerpNegNode);
+    registry.register(perp_neg::PerpNegGuiderNode);
     registry.register(custom::KSamplerSelect);
     registry.register(custom::BasicScheduler);
     registry.register(custom::KarrasScheduler);

@@ -9,10 +9,13 @@ use easel_models::sampling::samplers::{self, Denoiser, RunSeed, Sampler, Sampler
 use easel_models::sampling::schedule::{ksampler_sigmas, Scheduler};
 
 use crate::conditioning::{Conditioning, ConditioningError};
+use crate::hooks::patching::HookedModels;
 use crate::latent::Latent;
 use crate::model::diffusion_model::{DiffusionModel, LatentInputs};
+use crate::model::wrappers::{SamplingRun, WrappedDenoiser};
 use crate::sampling::guider::{add_same_areas, entries, DualSide, Guider};
 use crate::sampling::inpainting::{DifferentialDiffusion, Inpainting};
+use crate::sampling::perp_neg::{PerpNegGuidance, PerpNegSide};
 
 /// Why a sampling run failed: the sampler, the model's arithmetic, memory or the conditioning.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +97,7 @@ pub fn sample(request: &SamplingRequest, progress: &mut ProgressCallback) -> Res
         negative: request.negative,
         cfg: request.cfg,
         dual: None,
+        perp_neg: None,
         sampler: &sampler,
         sigmas: &sigmas,
         latent: request.latent,
@@ -116,6 +120,8 @@ pub struct GuidedSampling<'a> {
     pub cfg: f64,
     /// DualCFGGuider's middle prompt.
     pub dual: Option<&'a DualCfg>,
+    /// PerpNegGuider's empty prompt (then `cfg` is its scale).
+    pub perp_neg: Option<&'a PerpNegGuidance>,
     pub sampler: &'a Sampler,
     pub sigmas: &'a [f32],
     pub latent: &'a Latent,
@@ -178,6 +184,14 @@ pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> R
         (latent.zeros_like()?, CpuGenerator::new(run.seed))
     };
     let sigmas = run.sigmas;
+    // The model with its wrappers' state for this run alone (ComfyUI's OUTER_SAMPLE wrappers).
+    let run_model = DiffusionModel {
+        patches: model.patches.for_sampling_run(&SamplingRun {
+            schedule: &model.schedule,
+            sigmas,
+        }),
+        ..model.clone()
+    };
 
     // As ComfyUI: an empty latent is not shifted into model space.
     let latent_in = if has_content {
@@ -200,6 +214,9 @@ pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> R
     if let Some(dual) = run.dual {
         sides.push(entries(&dual.middle, model, true, &latent_inputs)?);
     }
+    if let Some(perp_neg) = run.perp_neg {
+        sides.push(entries(&perp_neg.empty, model, true, &latent_inputs)?);
+    }
     sides.push(entries(run.negative, model, true, &latent_inputs)?);
     for from in 0..sides.len() {
         // Only the other sides grow while `from`'s areas are paired, so one copy serves them all.
@@ -209,10 +226,11 @@ pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> R
         }
     }
     let negative = sides.pop().unwrap_or_default();
+    let empty = run.perp_neg.map(|_| sides.pop().unwrap_or_default());
     let middle = run.dual.map(|_| sides.pop().unwrap_or_default());
     let positive = sides.pop().unwrap_or_default();
     let mut guider = Guider {
-        model,
+        model: &run_model,
         positive,
         negative,
         cfg: run.cfg,
@@ -221,6 +239,13 @@ pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> R
             cfg_conds: dual.cfg_conds,
             nested: dual.nested,
         }),
+        perp_neg: run.perp_neg.zip(empty).map(|(perp_neg, empty)| PerpNegSide {
+            empty,
+            neg_scale: perp_neg.neg_scale,
+        }),
+        latent: latent_in.clone(),
+        denoise_mask: denoise_mask.clone(),
+        hooked: HookedModels::new(sigmas),
     };
 
     let sigma_max = model.schedule.sigma_max();
@@ -233,13 +258,17 @@ pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> R
         last_denoised = Some(step.denoised.clone());
         progress(step.index + 1, step.total, step.denoised)
     };
+    let mut wrapped = WrappedDenoiser {
+        inner: &mut guider,
+        patches: &run_model.patches,
+    };
     let mut inpainting;
     let denoiser: &mut dyn Denoiser = match denoise_mask {
         Some(mask) => {
             inpainting = Inpainting {
                 keep: (1.0 - &mask)?,
                 mask,
-                inner: &mut guider,
+                inner: &mut wrapped,
                 latent: latent_in,
                 noise,
                 prediction: model.prediction,
@@ -249,7 +278,7 @@ pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> R
             };
             &mut inpainting
         }
-        None => &mut guider,
+        None => &mut wrapped,
     };
     let seed = RunSeed {
         seed: run.seed,

@@ -41,6 +41,92 @@ pub fn f32_values(spec: &Json) -> Vec<f32> {
         .collect()
 }
 
+/// `pattern_values(count, seed, scale)` of `comfy_reference.py`:
+/// `((i·7919 + seed·104729) mod 2001 − 1000) / 1000 · scale`, float32.
+pub fn pattern_values(count: usize, seed: i64, scale: f32) -> Vec<f32> {
+    (0..count as i64)
+        .map(|i| (((i * 7919 + seed * 104729) % 2001) - 1000) as f32 / 1000.0 * scale)
+        .collect()
+}
+
+/// [`pattern_values`] shaped as a tensor.
+pub fn pattern(shape: &[usize], seed: i64, scale: f32) -> Tensor {
+    Tensor::from_vec(
+        pattern_values(shape.iter().product(), seed, scale),
+        shape,
+        &candle_core::Device::Cpu,
+    )
+    .expect("pattern tensor")
+}
+
+/// A fixture's list of sizes.
+pub fn sizes(value: &Json) -> Vec<usize> {
+    value
+        .as_array()
+        .expect("a list of sizes")
+        .iter()
+        .map(|v| v.as_u64().expect("a size") as usize)
+        .collect()
+}
+
+/// A fixture's list of numbers, as f32.
+pub fn floats(value: &Json) -> Vec<f32> {
+    value
+        .as_array()
+        .expect("a list of numbers")
+        .iter()
+        .map(|v| v.as_f64().expect("a number") as f32)
+        .collect()
+}
+
+/// The safetensors bytes of the tiny UNet a fixture of `generate_unet_patches.py`'s kind
+/// describes (its `weights`: names and shapes), filled by the generators' weight formula:
+/// `pattern_values(count, index + 11, scale)`, matrices and kernels scaled by 1/√fan-in,
+/// vectors by 0.1, norm weights (vectors named `.weight`) around 1.
+pub fn formula_unet_file(fixture: &Json) -> Vec<u8> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (index, weight) in fixture["weights"].as_array().expect("weights").iter().enumerate() {
+        let name = weight["name"].as_str().expect("a name").to_string();
+        let shape = sizes(&weight["shape"]);
+        let count: usize = shape.iter().product();
+        let seed = index as i64 + 11;
+        let mut values = if shape.len() >= 2 {
+            let fan_in: usize = shape[1..].iter().product();
+            pattern_values(count, seed, (1.0 / (fan_in as f64).sqrt()) as f32)
+        } else {
+            pattern_values(count, seed, 0.1f64 as f32)
+        };
+        if shape.len() == 1 && name.ends_with(".weight") {
+            values.iter_mut().for_each(|v| *v += 1.0);
+        }
+        tensors.push((name, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()));
+    }
+    let views = tensors.iter().map(|(name, shape, bytes)| {
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).expect("tensor view");
+        (name.clone(), view)
+    });
+    safetensors::tensor::serialize(views, None).expect("safetensors bytes")
+}
+
+/// The fixture's tiny UNet ([`formula_unet_file`]) loaded through the loader's code; the
+/// directory holding its file lives as long as the first value.
+pub fn fixture_unet(fixture: &Json) -> (tempfile::TempDir, easel_models::architectures::unet::UNet) {
+    use easel_models::architectures::unet::{HeadLayout, UNet, UNetConfig};
+    use easel_models::weights::{SafetensorsFile, Weights};
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("unet.safetensors");
+    std::fs::write(&path, formula_unet_file(fixture)).expect("UNet written");
+    let file = Arc::new(SafetensorsFile::open(&path).expect("UNet file"));
+    let config = UNetConfig::infer(file.as_ref(), "", HeadLayout::Count(8)).expect("UNet config");
+    let unet = UNet::new(
+        config,
+        Weights::from_file(file, candle_core::DType::F32, &candle_core::Device::Cpu),
+    )
+    .expect("UNet");
+    (dir, unet)
+}
+
 /// The largest absolute elementwise difference of two tensors of the same shape.
 pub fn max_abs_difference(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     (a - b)

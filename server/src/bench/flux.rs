@@ -157,6 +157,7 @@ fn measure(checkpoint: &Path, steps: usize) -> anyhow::Result<()> {
             concat: None,
             control: FluxControl::default(),
             image_prompt: None,
+            patches: None,
         };
         let (first, fastest) = fastest_seconds(steps, || flux.forward(&input))?;
         let (peak, ratio) = match peak_rss_bytes() {

@@ -1,12 +1,13 @@
 //! `easel bench TARGET`: measurements printed as tables — the HTTP API under load (`server`),
 //! validation's error body for many failing outputs (`validation`) and diffusion-model compute
-//! (`sd15`, `sdxl`, `flux`).
+//! (`sd15`, `sdxl`, `flux`), and what EasyCache and LazyCache save (`step-cache`).
 
 mod cpu_peak;
 mod flux;
 mod sd15;
 mod sdxl;
 mod server;
+mod step_cache;
 mod validation;
 
 use std::time::Instant;
@@ -22,6 +23,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         BenchTarget::Sdxl => sdxl::bench(&args),
         BenchTarget::Flux => flux::bench(&args),
         BenchTarget::Validation => validation::bench(&args),
+        BenchTarget::StepCache => step_cache::bench(&args),
     }
 }
 

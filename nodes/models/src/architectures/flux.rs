@@ -8,11 +8,13 @@
 //! takes the latent [B, C, H, W] (odd sizes padded), the text tokens (T5) and the pooled vector
 //! (CLIP-L), and returns the velocity in the latent's shape. Hook points for later features are
 //! explicit inputs: extra latent channels ([`FluxInput::concat`], FLUX fill), an image prompt's
-//! attention in the double blocks ([`ImagePromptAttention`], IP-Adapter) and ControlNet
-//! residuals added after each double and single block ([`FluxControl`]).
+//! attention in the double blocks ([`ImagePromptAttention`], IP-Adapter), ControlNet
+//! residuals added after each double and single block ([`FluxControl`]) and replacements of
+//! whole blocks ([`FluxInput::patches`], see [`super::dit_patches`]: SkipLayerGuidance).
 
 use candle_core::{Device, Module, Result, Tensor, D};
 
+use crate::architectures::dit_patches::{BlockInputs, BlockOutputs, BlockReplace, BlockSite, DitBlock, DitPatchedCall};
 use crate::architectures::unet::timestep_embedding;
 use crate::checkpoint::DetectError;
 use crate::kernels::attention::attention;
@@ -131,6 +133,8 @@ pub struct FluxInput<'a> {
     pub concat: Option<&'a Tensor>,
     pub control: FluxControl<'a>,
     pub image_prompt: Option<&'a dyn ImagePromptAttention>,
+    /// Replacements of double and single blocks, with the call's facts.
+    pub patches: Option<DitPatchedCall<'a>>,
 }
 
 /// The FLUX transformer.
@@ -209,15 +213,15 @@ impl Flux {
 
         let mut img = self.img_in.forward(&img)?;
         let mut txt = self.txt_in.forward(input.context)?;
-        for (n, block) in self.double_blocks.iter().enumerate() {
-            (img, txt) = block.forward(&img, &txt, &vec, &rope, input.image_prompt.map(|hook| (hook, n)))?;
+        for n in 0..self.double_blocks.len() {
+            (img, txt) = self.double_block(n, img, txt, &vec, &rope, input)?;
             if let Some(Some(residual)) = input.control.double.get(n) {
                 img = (img + residual)?;
             }
         }
         let mut tokens = Tensor::cat(&[&txt, &img], 1)?;
-        for (n, block) in self.single_blocks.iter().enumerate() {
-            tokens = block.forward(&tokens, &vec, &rope)?;
+        for n in 0..self.single_blocks.len() {
+            tokens = self.single_block(n, tokens, txt_length, &vec, &rope, input)?;
             if let Some(Some(residual)) = input.control.single.get(n) {
                 let image = (tokens.narrow(1, txt_length, rows * cols)? + residual)?;
                 tokens = Tensor::cat(&[&tokens.narrow(1, 0, txt_length)?, &image], 1)?;
@@ -232,6 +236,81 @@ impl Flux {
             .narrow(2, 0, height)?
             .narrow(3, 0, width)
     }
+
+    /// Double block `n` on the image and text tokens, or its replacement where the call has one.
+    fn double_block(
+        &self,
+        n: usize,
+        img: Tensor,
+        txt: Tensor,
+        vec: &Tensor,
+        rope: &Rope,
+        input: &FluxInput,
+    ) -> Result<(Tensor, Tensor)> {
+        let block = &self.double_blocks[n];
+        let image_prompt = input.image_prompt.map(|hook| (hook, n));
+        let Some((replacement, site)) = replacement_of(input.patches, DitBlock::Double(n), txt.dim(1)?) else {
+            return block.forward(&img, &txt, vec, rope, image_prompt);
+        };
+        let no_text = || candle_core::Error::Msg(format!("a replacement of FLUX double block {n} gave no text tokens"));
+        let original = |inputs: BlockInputs| -> Result<BlockOutputs> {
+            let txt = inputs.txt.ok_or_else(no_text)?;
+            let (img, txt) = block.forward(&inputs.img, &txt, &inputs.vec, rope, image_prompt)?;
+            Ok(BlockOutputs { img, txt: Some(txt) })
+        };
+        let inputs = BlockInputs {
+            img,
+            txt: Some(txt),
+            vec: vec.clone(),
+        };
+        let out = replacement.replace(&site, inputs, &original)?;
+        Ok((out.img, out.txt.ok_or_else(no_text)?))
+    }
+
+    /// Single block `n` on all tokens (the first `txt_length` text), or its replacement where the
+    /// call has one.
+    fn single_block(
+        &self,
+        n: usize,
+        tokens: Tensor,
+        txt_length: usize,
+        vec: &Tensor,
+        rope: &Rope,
+        input: &FluxInput,
+    ) -> Result<Tensor> {
+        let block = &self.single_blocks[n];
+        let Some((replacement, site)) = replacement_of(input.patches, DitBlock::Single(n), txt_length) else {
+            return block.forward(&tokens, vec, rope);
+        };
+        let original = |inputs: BlockInputs| -> Result<BlockOutputs> {
+            Ok(BlockOutputs {
+                img: block.forward(&inputs.img, &inputs.vec, rope)?,
+                txt: None,
+            })
+        };
+        let inputs = BlockInputs {
+            img: tokens,
+            txt: None,
+            vec: vec.clone(),
+        };
+        Ok(replacement.replace(&site, inputs, &original)?.img)
+    }
+}
+
+/// The replacement of `block` in the call's patches, with where it runs.
+fn replacement_of<'a>(
+    patches: Option<DitPatchedCall<'a>>,
+    block: DitBlock,
+    txt_tokens: usize,
+) -> Option<(&'a dyn BlockReplace, BlockSite<'a>)> {
+    let call = patches?;
+    let replacement = call.patches.replacement(block)?;
+    let site = BlockSite {
+        block,
+        txt_tokens,
+        call: call.info,
+    };
+    Some((replacement, site))
 }
 
 /// `x` made even along `dim` by repeating its first slice after its last (ComfyUI pads with

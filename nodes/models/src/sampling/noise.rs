@@ -7,8 +7,15 @@
 //! Cephes `log256_ps` / `sincos256_ps` polynomials of `avx_mathfun.h`, fused multiply-adds where
 //! GCC contracts them); this is what x86-64 machines with AVX2 or AVX-512 compute. Smaller
 //! tensors use double-precision Box–Muller with one cached value.
+//!
+//! torch's global CPU generator (`torch.default_generator`), which ComfyUI's code draws from
+//! without naming a generator (`torch.randint` in HyperTile and ToMe, `torch.randn_like` in some
+//! samplers), is kept per thread: [`set_global_generator`] and [`with_global_generator`].
+
+use std::cell::RefCell;
 
 /// Mersenne Twister MT19937, identical in output to `std::mt19937` and `at::mt19937`.
+#[derive(Clone)]
 struct Mt19937 {
     state: [u32; 624],
     index: usize,
@@ -58,6 +65,7 @@ impl Mt19937 {
 }
 
 /// torch's CPU generator (`torch.Generator("cpu")` after `manual_seed(seed)`).
+#[derive(Clone)]
 pub struct CpuGenerator {
     engine: Mt19937,
     cached_normal: Option<f64>,
@@ -89,6 +97,19 @@ impl CpuGenerator {
             box_muller_block(tail);
         }
         values
+    }
+
+    /// One value of `torch.randint(low, low + range, …)` less `low` (`random_from_to`): a 32-bit
+    /// draw modulo `range`, or a 64-bit one (two draws, the first the high half) for ranges of
+    /// 2²⁸ and more, where torch's release builds switch to keep the modulo's skew small. torch
+    /// refuses an empty range; here a range of 0 is taken as 1.
+    pub fn random_below(&mut self, range: u64) -> u64 {
+        let range = range.max(1);
+        if range >= 1 << 28 {
+            self.engine.next_u64() % range
+        } else {
+            u64::from(self.engine.next_u32()) % range
+        }
     }
 
     fn uniform_f32(&mut self) -> f32 {
@@ -149,6 +170,26 @@ pub fn prepare_noise_and_generator(
         .collect();
     let noise = indices.iter().flat_map(|&draw| draws[draw].iter().copied()).collect();
     (noise, generator)
+}
+
+/// torch's `default_rng_seed_val`: the global generator's seed until something seeds it.
+const TORCH_DEFAULT_SEED: u64 = 67_280_421_310_721;
+
+thread_local! {
+    /// This thread's stand-in for torch's global CPU generator.
+    static GLOBAL_GENERATOR: RefCell<CpuGenerator> = RefCell::new(CpuGenerator::new(TORCH_DEFAULT_SEED));
+}
+
+/// Makes `generator` torch's global CPU generator on this thread, as `torch.manual_seed` and the
+/// draws after it leave it (a sampling run sets the generator its initial noise came from).
+pub fn set_global_generator(generator: CpuGenerator) {
+    GLOBAL_GENERATOR.with(|global| *global.borrow_mut() = generator);
+}
+
+/// Draws from this thread's global generator (ComfyUI's `torch.randint(…)` or
+/// `torch.randn_like(…)` without a generator, on the CPU). `draw` must not call this again.
+pub fn with_global_generator<T>(draw: impl FnOnce(&mut CpuGenerator) -> T) -> T {
+    GLOBAL_GENERATOR.with(|global| draw(&mut global.borrow_mut()))
 }
 
 /// Box–Muller on one block of 16 uniforms: value j pairs with value j + 8.

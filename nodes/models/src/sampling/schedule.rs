@@ -665,7 +665,8 @@ fn kl_optimal(steps: usize, sigma_min: f64, sigma_max: f64) -> Vec<f32> {
 }
 
 /// `torch.linspace` in float32: the first half counts up from `start`, the second half down
-/// from `end`.
+/// from `end`, each value one fused multiply-add (as PyTorch's vectorised CPU kernel computes
+/// it).
 pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     if steps <= 1 {
         return vec![start; steps];
@@ -675,15 +676,15 @@ pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     (0..steps)
         .map(|index| {
             if index < halfway {
-                start + step * index as f32
+                step.mul_add(index as f32, start)
             } else {
-                end - step * (steps - index - 1) as f32
+                (-step).mul_add((steps - index - 1) as f32, end)
             }
         })
         .collect()
 }
 
-/// `torch.linspace` in float64.
+/// `torch.linspace` in float64, with fused multiply-adds as [`linspace_f32`].
 fn linspace_f64(start: f64, end: f64, steps: usize) -> Vec<f64> {
     if steps <= 1 {
         return vec![start; steps];
@@ -693,9 +694,9 @@ fn linspace_f64(start: f64, end: f64, steps: usize) -> Vec<f64> {
     (0..steps)
         .map(|index| {
             if index < halfway {
-                start + step * index as f64
+                step.mul_add(index as f64, start)
             } else {
-                end - step * (steps - index - 1) as f64
+                (-step).mul_add((steps - index - 1) as f64, end)
             }
         })
         .collect()

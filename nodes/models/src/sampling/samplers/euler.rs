@@ -5,6 +5,7 @@ use candle_core::{Result, Tensor, D};
 
 use super::{ancestral_step, combine, flow_ancestral_step, scaled_noise, step, to_d, NoiseSource, Run};
 use super::{AncestralNoise, LcmUpscaleOptions};
+use crate::sampling::noise::with_global_generator;
 use crate::sampling::schedule::numpy_linspace;
 
 pub(super) fn euler(run: &mut Run, mut x: Tensor) -> Result<Tensor> {
@@ -236,7 +237,7 @@ pub(super) fn lcm_upscale(run: &mut Run, mut x: Tensor, options: &LcmUpscaleOpti
             x = options.resize.resize(&x, scaled(width), scaled(height))?;
         }
         if sigma_next > 0.0 {
-            let values = run.global_generator.randn(x.elem_count());
+            let values = with_global_generator(|generator| generator.randn(x.elem_count()));
             let fresh = Tensor::from_vec(values, x.shape(), x.device())?.to_dtype(x.dtype())?;
             x = (x + (fresh * f64::from(sigma_next))?)?;
         }

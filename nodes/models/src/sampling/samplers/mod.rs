@@ -24,7 +24,7 @@ pub use options::{
 use candle_core::{Result, Tensor};
 
 use super::brownian::BrownianNoise;
-use super::noise::CpuGenerator;
+use super::noise::{set_global_generator, CpuGenerator};
 use super::schedule::SigmaSchedule;
 
 /// The sampler names of `KSampler.SAMPLERS`, in ComfyUI's order (the first is the default).
@@ -110,7 +110,9 @@ pub struct RunSeed {
     /// SDE samplers.
     pub seed: u64,
     /// torch's global CPU generator as sampling finds it (after the initial noise was drawn from
-    /// it), which samplers calling `torch.randn_like` draw from (LCM upscale).
+    /// it): [`run_sampler`] makes it this thread's global generator
+    /// ([`super::noise::set_global_generator`]), which samplers calling `torch.randn_like` (LCM
+    /// upscale) and model patches calling `torch.randint` (HyperTile, ToMe) draw from.
     pub global_generator: CpuGenerator,
 }
 
@@ -150,12 +152,12 @@ pub fn run_sampler(
     seed: RunSeed,
     callback: &mut dyn FnMut(Step) -> Result<()>,
 ) -> std::result::Result<Tensor, SamplerError> {
+    set_global_generator(seed.global_generator);
     let mut run = Run {
         denoiser,
         sigmas: sigmas.to_vec(),
         schedule,
         seed: seed.seed,
-        global_generator: seed.global_generator,
         callback,
     };
     let run = &mut run;
@@ -235,7 +237,6 @@ struct Run<'a> {
     sigmas: Vec<f32>,
     schedule: &'a SigmaSchedule,
     seed: u64,
-    global_generator: CpuGenerator,
     callback: &'a mut dyn FnMut(Step) -> Result<()>,
 }
 

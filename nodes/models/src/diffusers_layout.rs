@@ -1,0 +1,449 @@
+//! The diffusers layout of Stable Diffusion UNets and VAEs (SD1.x, SD2.x, SDXL), read under the
+//! LDM names Easel's networks use, as ComfyUI reads a diffusers folder: the UNet renamed as
+//! `comfy.utils.unet_to_diffusers` maps it, the VAE as `diffusers_convert.convert_vae_state_dict`
+//! converts it (its attention matrices, linear in diffusers, seen as 1×1 convolutions).
+//!
+//! [`ConvertedWeights`] is the view that does it: a mapped file's tensors under new names and
+//! shapes, nothing copied. The text encoders of a diffusers folder need no conversion: they are
+//! in the transformers layout the CLIP code reads.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::kernels::sgemm::Elements;
+use crate::weights::{MappedWeights, TensorShapes};
+
+/// The tensor every diffusers UNet has (ComfyUI's test in `unet_config_from_diffusers_unet`).
+pub const DIFFUSERS_UNET_MARKER: &str = "conv_in.weight";
+/// The tensor ComfyUI's `VAE` looks for to tell a diffusers VAE.
+pub const DIFFUSERS_VAE_MARKER: &str = "decoder.up_blocks.0.resnets.0.norm1.weight";
+
+/// Why a file could not be read in the diffusers layout.
+#[derive(Debug, thiserror::Error)]
+pub enum DiffusersLayoutError {
+    #[error("'{path}' is not a diffusers-layout {part}: it has no tensor '{marker}'")]
+    NotDiffusers {
+        path: String,
+        part: &'static str,
+        marker: &'static str,
+    },
+}
+
+/// One tensor of a [`ConvertedWeights`]: the file's name for it and the shape it is served in
+/// (the file's, or the same elements seen in another shape).
+struct ConvertedTensor {
+    original: String,
+    shape: Vec<usize>,
+}
+
+/// A weight file's tensors under other names, some seen in another shape with the same elements
+/// in the same order (a `[out, in]` matrix as an `[out, in, 1, 1]` convolution). Tensors the
+/// conversion has no name for are left out, as ComfyUI leaves them out.
+pub struct ConvertedWeights {
+    inner: Arc<dyn MappedWeights>,
+    /// Served name → the file's tensor.
+    tensors: HashMap<String, ConvertedTensor>,
+}
+
+impl ConvertedWeights {
+    /// A diffusers UNet (`unet/diffusion_pytorch_model.safetensors`) under ComfyUI's LDM names.
+    pub fn diffusers_unet(inner: Arc<dyn MappedWeights>) -> Result<Self, DiffusersLayoutError> {
+        if !inner.has(DIFFUSERS_UNET_MARKER) {
+            return Err(not_diffusers(inner.path(), "UNet", DIFFUSERS_UNET_MARKER));
+        }
+        let blocks = UNetBlocks::of(inner.as_ref());
+        let names = inner
+            .tensor_names()
+            .filter_map(|name| blocks.ldm_name(name).map(|ldm| (ldm, name.to_string())))
+            .collect::<Vec<_>>();
+        Ok(Self::with_names(inner, names))
+    }
+
+    /// A diffusers VAE (`vae/diffusion_pytorch_model.safetensors`) under ComfyUI's LDM names.
+    pub fn diffusers_vae(inner: Arc<dyn MappedWeights>) -> Result<Self, DiffusersLayoutError> {
+        if !inner.has(DIFFUSERS_VAE_MARKER) {
+            return Err(not_diffusers(inner.path(), "VAE", DIFFUSERS_VAE_MARKER));
+        }
+        let levels = count_indices(inner.as_ref(), "decoder.up_blocks.");
+        let names = inner
+            .tensor_names()
+            .map(|name| (vae_ldm_name(name, levels), name.to_string()))
+            .collect::<Vec<_>>();
+        let mut converted = Self::with_names(inner, names);
+        for (name, tensor) in converted.tensors.iter_mut() {
+            let attention_matrix = ["q", "k", "v", "proj_out"]
+                .iter()
+                .any(|module| name.ends_with(&format!("mid.attn_1.{module}.weight")));
+            if attention_matrix && tensor.shape.len() == 2 {
+                tensor.shape.extend([1, 1]);
+            }
+        }
+        Ok(converted)
+    }
+
+    /// `inner`'s tensors under the names of `names` (served name, file's name), in their shapes.
+    fn with_names(inner: Arc<dyn MappedWeights>, names: Vec<(String, String)>) -> Self {
+        let tensors = names
+            .into_iter()
+            .filter_map(|(name, original)| {
+                let shape = inner.shape(&original)?.to_vec();
+                Some((name, ConvertedTensor { original, shape }))
+            })
+            .collect();
+        ConvertedWeights { inner, tensors }
+    }
+}
+
+fn not_diffusers(path: &Path, part: &'static str, marker: &'static str) -> DiffusersLayoutError {
+    DiffusersLayoutError::NotDiffusers {
+        path: path.display().to_string(),
+        part,
+        marker,
+    }
+}
+
+impl TensorShapes for ConvertedWeights {
+    fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|tensor| tensor.shape.as_slice())
+    }
+
+    fn tensor_names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        Box::new(self.tensors.keys().map(String::as_str))
+    }
+}
+
+impl MappedWeights for ConvertedWeights {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+
+    fn elements(&self, name: &str) -> Option<Elements<'_>> {
+        self.inner.elements(&self.tensors.get(name)?.original)
+    }
+
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let Some(tensor) = self.tensors.get(name) else {
+            return Err(candle_core::Error::Msg(format!(
+                "'{}' has no tensor '{name}'",
+                self.path().display()
+            )));
+        };
+        self.inner
+            .load(&tensor.original, dtype, device)?
+            .reshape(tensor.shape.as_slice())
+    }
+}
+
+/// How many numbered blocks the file has under `prefix` (`prefix0.`, `prefix1.`, …): one more
+/// than the highest index found.
+fn count_indices(file: &dyn TensorShapes, prefix: &str) -> usize {
+    file.tensor_names()
+        .filter_map(|name| leading_index(name.strip_prefix(prefix)?).map(|(index, _)| index + 1))
+        .max()
+        .unwrap_or(0)
+}
+
+/// `"3.rest"` → `(3, "rest")`.
+fn leading_index(name: &str) -> Option<(usize, &str)> {
+    let (index, rest) = name.split_once('.')?;
+    Some((index.parse().ok()?, rest))
+}
+
+/// `"resnets.1.rest"` (with `kind` `"resnets"`) → `(1, "rest")`.
+fn indexed<'a>(name: &'a str, kind: &str) -> Option<(usize, &'a str)> {
+    leading_index(name.strip_prefix(kind)?.strip_prefix('.')?)
+}
+
+/// The UNet's parts whose names need no block arithmetic (ComfyUI's `UNET_MAP_BASIC`): diffusers
+/// name → LDM name.
+const UNET_BASIC: [(&str, &str); 18] = [
+    ("class_embedding.linear_1.weight", "label_emb.0.0.weight"),
+    ("class_embedding.linear_1.bias", "label_emb.0.0.bias"),
+    ("class_embedding.linear_2.weight", "label_emb.0.2.weight"),
+    ("class_embedding.linear_2.bias", "label_emb.0.2.bias"),
+    ("add_embedding.linear_1.weight", "label_emb.0.0.weight"),
+    ("add_embedding.linear_1.bias", "label_emb.0.0.bias"),
+    ("add_embedding.linear_2.weight", "label_emb.0.2.weight"),
+    ("add_embedding.linear_2.bias", "label_emb.0.2.bias"),
+    ("conv_in.weight", "input_blocks.0.0.weight"),
+    ("conv_in.bias", "input_blocks.0.0.bias"),
+    ("conv_norm_out.weight", "out.0.weight"),
+    ("conv_norm_out.bias", "out.0.bias"),
+    ("conv_out.weight", "out.2.weight"),
+    ("conv_out.bias", "out.2.bias"),
+    ("time_embedding.linear_1.weight", "time_embed.0.weight"),
+    ("time_embedding.linear_1.bias", "time_embed.0.bias"),
+    ("time_embedding.linear_2.weight", "time_embed.2.weight"),
+    ("time_embedding.linear_2.bias", "time_embed.2.bias"),
+];
+
+/// A residual block's modules (ComfyUI's `UNET_MAP_RESNET`): diffusers → LDM.
+const UNET_RESNET: [(&str, &str); 6] = [
+    ("norm1.", "in_layers.0."),
+    ("conv1.", "in_layers.2."),
+    ("time_emb_proj.", "emb_layers.1."),
+    ("norm2.", "out_layers.0."),
+    ("conv2.", "out_layers.3."),
+    ("conv_shortcut.", "skip_connection."),
+];
+
+/// A diffusers residual block's tensor (`conv1.weight`) under its LDM name (`in_layers.2.weight`).
+fn resnet_tensor(tail: &str) -> Option<String> {
+    UNET_RESNET
+        .iter()
+        .find_map(|(diffusers, ldm)| tail.strip_prefix(diffusers).map(|rest| format!("{ldm}{rest}")))
+}
+
+/// The block structure of a diffusers UNet, which numbers the LDM's `input_blocks` and
+/// `output_blocks`: per level, how many residual blocks go down and up, and which of the up
+/// ones are followed by a transformer.
+struct UNetBlocks {
+    down_resnets: Vec<usize>,
+    up_resnets: Vec<usize>,
+    up_attentions: HashSet<(usize, usize)>,
+}
+
+impl UNetBlocks {
+    fn of(file: &dyn TensorShapes) -> Self {
+        let per_level = |prefix: &str, kind: &str| {
+            let levels = count_indices(file, prefix);
+            (0..levels)
+                .map(|level| count_indices(file, &format!("{prefix}{level}.{kind}.")))
+                .collect::<Vec<_>>()
+        };
+        let up_attentions = file
+            .tensor_names()
+            .filter_map(|name| {
+                let (level, rest) = leading_index(name.strip_prefix("up_blocks.")?)?;
+                let (block, _) = indexed(rest, "attentions")?;
+                Some((level, block))
+            })
+            .collect();
+        UNetBlocks {
+            down_resnets: per_level("down_blocks.", "resnets"),
+            up_resnets: per_level("up_blocks.", "resnets"),
+            up_attentions,
+        }
+    }
+
+    /// The `input_blocks` index of level `level`'s first residual block: after `conv_in` and
+    /// every earlier level's residual blocks and downsampler.
+    fn first_input_block(&self, level: usize) -> usize {
+        1 + self.down_resnets[..level.min(self.down_resnets.len())]
+            .iter()
+            .map(|blocks| blocks + 1)
+            .sum::<usize>()
+    }
+
+    /// The `output_blocks` index of up level `level`'s first residual block.
+    fn first_output_block(&self, level: usize) -> usize {
+        self.up_resnets[..level.min(self.up_resnets.len())].iter().sum()
+    }
+
+    /// The LDM name of the diffusers tensor `name`; `None` for a tensor ComfyUI does not map.
+    fn ldm_name(&self, name: &str) -> Option<String> {
+        if let Some((_, ldm)) = UNET_BASIC.iter().find(|(diffusers, _)| *diffusers == name) {
+            return Some(ldm.to_string());
+        }
+        if let Some(rest) = name.strip_prefix("down_blocks.") {
+            let (level, rest) = leading_index(rest)?;
+            let first = self.first_input_block(level);
+            if let Some((block, tail)) = indexed(rest, "resnets") {
+                return Some(format!("input_blocks.{}.0.{}", first + block, resnet_tensor(tail)?));
+            }
+            if let Some((block, tail)) = indexed(rest, "attentions") {
+                return Some(format!("input_blocks.{}.1.{tail}", first + block));
+            }
+            let tail = rest.strip_prefix("downsamplers.0.conv.")?;
+            let downsampler = first + self.down_resnets.get(level)?;
+            return Some(format!("input_blocks.{downsampler}.0.op.{tail}"));
+        }
+        if let Some(rest) = name.strip_prefix("mid_block.") {
+            if let Some((block, tail)) = indexed(rest, "resnets") {
+                return Some(format!("middle_block.{}.{}", 2 * block, resnet_tensor(tail)?));
+            }
+            let (_, tail) = indexed(rest, "attentions").filter(|(block, _)| *block == 0)?;
+            return Some(format!("middle_block.1.{tail}"));
+        }
+        let rest = name.strip_prefix("up_blocks.")?;
+        let (level, rest) = leading_index(rest)?;
+        let first = self.first_output_block(level);
+        if let Some((block, tail)) = indexed(rest, "resnets") {
+            return Some(format!("output_blocks.{}.0.{}", first + block, resnet_tensor(tail)?));
+        }
+        if let Some((block, tail)) = indexed(rest, "attentions") {
+            return Some(format!("output_blocks.{}.1.{tail}", first + block));
+        }
+        let tail = rest.strip_prefix("upsamplers.0.conv.")?;
+        let last = self.up_resnets.get(level)?.checked_sub(1)?;
+        // The upsampler follows the level's last block: after its transformer, if it has one.
+        let position = if self.up_attentions.contains(&(level, last)) {
+            2
+        } else {
+            1
+        };
+        Some(format!("output_blocks.{}.{position}.conv.{tail}", first + last))
+    }
+}
+
+/// The mid-block attention's modules (ComfyUI's `vae_conversion_map_attn`): diffusers (both
+/// the current names and those of diffusers before 0.15) → LDM.
+const VAE_ATTENTION: [(&str, &str); 9] = [
+    ("group_norm.", "norm."),
+    ("to_q.", "q."),
+    ("to_k.", "k."),
+    ("to_v.", "v."),
+    ("to_out.0.", "proj_out."),
+    ("query.", "q."),
+    ("key.", "k."),
+    ("value.", "v."),
+    ("proj_attn.", "proj_out."),
+];
+
+/// The LDM name of a diffusers VAE tensor, in a VAE of `levels` levels (the decoder's levels are
+/// numbered from the bottom in the LDM, from the top in diffusers).
+fn vae_ldm_name(name: &str, levels: usize) -> String {
+    let Some((side, rest)) = name
+        .strip_prefix("encoder.")
+        .map(|rest| ("encoder", rest))
+        .or_else(|| name.strip_prefix("decoder.").map(|rest| ("decoder", rest)))
+    else {
+        return name.to_string();
+    };
+    let resnet = |tail: &str| tail.replace("conv_shortcut", "nin_shortcut");
+    let converted = vae_block_name(rest, levels, resnet).unwrap_or_else(|| match rest.strip_prefix("conv_norm_out.") {
+        Some(tail) => format!("norm_out.{tail}"),
+        None => rest.to_string(),
+    });
+    format!("{side}.{converted}")
+}
+
+/// The LDM name of an encoder's or decoder's tensor inside a level or the mid block (`rest`
+/// after `encoder.`/`decoder.`); `None` for the tensors outside them.
+fn vae_block_name(rest: &str, levels: usize, resnet: impl Fn(&str) -> String) -> Option<String> {
+    if let Some(rest) = rest.strip_prefix("down_blocks.") {
+        let (level, rest) = leading_index(rest)?;
+        if let Some((block, tail)) = indexed(rest, "resnets") {
+            return Some(format!("down.{level}.block.{block}.{}", resnet(tail)));
+        }
+        let tail = rest.strip_prefix("downsamplers.0.")?;
+        return Some(format!("down.{level}.downsample.{tail}"));
+    }
+    if let Some(rest) = rest.strip_prefix("up_blocks.") {
+        let (level, rest) = leading_index(rest)?;
+        let ldm_level = levels.checked_sub(level + 1)?;
+        if let Some((block, tail)) = indexed(rest, "resnets") {
+            return Some(format!("up.{ldm_level}.block.{block}.{}", resnet(tail)));
+        }
+        let tail = rest.strip_prefix("upsamplers.0.")?;
+        return Some(format!("up.{ldm_level}.upsample.{tail}"));
+    }
+    let rest = rest.strip_prefix("mid_block.")?;
+    if let Some((block, tail)) = indexed(rest, "resnets") {
+        return Some(format!("mid.block_{}.{}", block + 1, resnet(tail)));
+    }
+    let (_, tail) = indexed(rest, "attentions")?;
+    let module = VAE_ATTENTION
+        .iter()
+        .find_map(|(diffusers, ldm)| tail.strip_prefix(diffusers).map(|rest| format!("{ldm}{rest}")))?;
+    Some(format!("mid.attn_1.{module}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unet_of(names: &[&str]) -> UNetBlocks {
+        let shapes: HashMap<String, Vec<usize>> = names.iter().map(|name| (name.to_string(), vec![1])).collect();
+        UNetBlocks::of(&shapes)
+    }
+
+    #[test]
+    fn sdxl_levels_without_attention_number_their_upsamplers_after_the_resnet() {
+        // SDXL's last up level has no transformers; its first two do.
+        let mut names = Vec::new();
+        for level in 0..3 {
+            names.push(format!("down_blocks.{level}.resnets.0.conv1.weight"));
+            names.push(format!("down_blocks.{level}.resnets.1.conv1.weight"));
+            for block in 0..3 {
+                names.push(format!("up_blocks.{level}.resnets.{block}.conv1.weight"));
+                if level < 2 {
+                    names.push(format!("up_blocks.{level}.attentions.{block}.proj_in.weight"));
+                }
+            }
+        }
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let unet = unet_of(&names);
+        let ldm = |name: &str| unet.ldm_name(name);
+        assert_eq!(
+            ldm("down_blocks.2.resnets.1.conv1.weight").as_deref(),
+            Some("input_blocks.8.0.in_layers.2.weight")
+        );
+        assert_eq!(
+            ldm("down_blocks.1.downsamplers.0.conv.bias").as_deref(),
+            Some("input_blocks.6.0.op.bias")
+        );
+        assert_eq!(
+            ldm("up_blocks.0.upsamplers.0.conv.weight").as_deref(),
+            Some("output_blocks.2.2.conv.weight")
+        );
+        assert_eq!(
+            ldm("up_blocks.1.attentions.2.norm.bias").as_deref(),
+            Some("output_blocks.5.1.norm.bias")
+        );
+        assert_eq!(
+            ldm("up_blocks.2.resnets.2.conv_shortcut.weight").as_deref(),
+            Some("output_blocks.8.0.skip_connection.weight")
+        );
+        assert_eq!(
+            ldm("add_embedding.linear_2.bias").as_deref(),
+            Some("label_emb.0.2.bias")
+        );
+        assert_eq!(
+            ldm("mid_block.resnets.1.time_emb_proj.weight").as_deref(),
+            Some("middle_block.2.emb_layers.1.weight")
+        );
+        assert_eq!(ldm("unknown.weight"), None);
+    }
+
+    #[test]
+    fn vae_attention_reads_both_diffusers_namings() {
+        for (diffusers, ldm) in [
+            (
+                "encoder.mid_block.attentions.0.query.weight",
+                "encoder.mid.attn_1.q.weight",
+            ),
+            (
+                "encoder.mid_block.attentions.0.to_q.weight",
+                "encoder.mid.attn_1.q.weight",
+            ),
+            (
+                "decoder.mid_block.attentions.0.proj_attn.bias",
+                "decoder.mid.attn_1.proj_out.bias",
+            ),
+            (
+                "decoder.mid_block.attentions.0.to_out.0.bias",
+                "decoder.mid.attn_1.proj_out.bias",
+            ),
+            (
+                "decoder.mid_block.attentions.0.group_norm.weight",
+                "decoder.mid.attn_1.norm.weight",
+            ),
+            (
+                "decoder.up_blocks.0.resnets.2.conv_shortcut.weight",
+                "decoder.up.3.block.2.nin_shortcut.weight",
+            ),
+            (
+                "decoder.up_blocks.1.upsamplers.0.conv.weight",
+                "decoder.up.2.upsample.conv.weight",
+            ),
+            ("encoder.conv_norm_out.bias", "encoder.norm_out.bias"),
+            ("post_quant_conv.weight", "post_quant_conv.weight"),
+        ] {
+            assert_eq!(vae_ldm_name(diffusers, 4), ldm, "{diffusers}");
+        }
+    }
+}
