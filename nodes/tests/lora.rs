@@ -38,6 +38,7 @@ fn every_layer_of_the_tiny_lora_patches_the_weight_comfyui_patches() {
     let sd1_names = ClipLoraNames {
         kohya: &["lora_te", "lora_te1"],
         diffusers: "text_encoder",
+        comfy: "clip_l",
     };
     clip_keys.add_clip(
         checkpoint.as_ref(),

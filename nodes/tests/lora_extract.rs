@@ -12,6 +12,7 @@ use easel_models::architectures::clip_text::ClipTextConfig;
 use easel_models::checkpoint::{SD1_CLIP_PREFIX, UNET_PREFIX};
 use easel_models::lora_extract::{clamp_factors, extract_lora, quantile, truncated_svd, Matrix, CLAMP_QUANTILE};
 use easel_models::testmodels::{sd1_checkpoint_layout, tiny_clip_l, tiny_sd1_unet, tiny_sd_vae, Fill};
+use easel_nodes::conditioning::Conditioning;
 use easel_nodes::paths::Paths;
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
@@ -363,5 +364,53 @@ fn an_extracted_lora_on_model_b_predicts_what_model_a_predicts() {
     assert!(
         errors[3] < 1e-3 * apart.max(1.0),
         "full difference: within float16 rounding"
+    );
+}
+
+/// A text-encoder LoRA LoraSave writes (ComfyUI's generic `text_encoders.clip_l.transformer.…`
+/// keys) loads with LoraLoader: on CLIP B, the full difference encodes as CLIP A does.
+#[test]
+fn an_extracted_text_encoder_lora_on_clip_b_encodes_as_clip_a() {
+    let fixture = fixture_json("lora_extract.json");
+    let setup = common::setup();
+    let [a, b] = models_a_and_b(&setup, &fixture);
+    let encode = |clip: &Value| {
+        let out = setup
+            .call(
+                "CLIPTextEncode",
+                vec![("text", j(json!("a fox"))), ("clip", clip.clone())],
+            )
+            .unwrap();
+        common::flat(&out[0].downcast::<Conditioning>().unwrap().0[0].cross_attention)
+    };
+    let (from_a, from_b) = (encode(&a[1]), encode(&b[1]));
+    let difference = subtract(
+        &setup,
+        "CLIPMergeSubtract",
+        [("clip1", a[1].clone()), ("clip2", b[1].clone())],
+        1.0,
+    );
+    let inputs = json!({"filename_prefix": "clip_round_trip", "rank": 8, "lora_type": "full_diff", "bias_diff": true});
+    lora_save(&setup, &inputs, None, Some(difference));
+    let paths = setup.services.get::<Paths>().unwrap();
+    let name = "clip_round_trip_00001_.safetensors";
+    std::fs::copy(paths.output.join(name), paths.models.join("loras").join(name)).unwrap();
+    let patched = setup
+        .call(
+            "LoraLoader",
+            vec![
+                ("model", b[0].clone()),
+                ("clip", b[1].clone()),
+                ("lora_name", j(json!(name))),
+                ("strength_model", j(json!(0.0))),
+                ("strength_clip", j(json!(1.0))),
+            ],
+        )
+        .unwrap();
+    let error = relative_error(&encode(&patched[1]), &from_a);
+    let apart = relative_error(&from_b, &from_a);
+    assert!(
+        error < 1e-3 * apart.max(1.0),
+        "B + text-encoder LoRA vs A: {error} ({apart} apart)"
     );
 }

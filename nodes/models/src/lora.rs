@@ -380,6 +380,9 @@ impl WeightPatches {
 pub struct ClipLoraNames {
     pub kohya: &'static [&'static str],
     pub diffusers: &'static str,
+    /// The encoder's name in ComfyUI's CLIP state dict (`clip_l`, `clip_g`, `clip_h`), which
+    /// the generic `text_encoders.<name>.transformer.…` keys (LoraSave's) use.
+    pub comfy: &'static str,
 }
 
 /// For each name a LoRA may give a weight, the full name of that weight in the model's file.
@@ -441,6 +444,17 @@ impl LoraKeyMap {
             ClipNaming::Transformers => "text_model.encoder.layers.",
             ClipNaming::OpenClip => "transformer.resblocks.",
         };
+        let generic = format!("text_encoders.{}.transformer.", names.comfy);
+        // ComfyUI's generic keys name every weight of its state dict, which keeps the
+        // transformers layout: a transformers-layout encoder's weights all have one; an
+        // OpenCLIP-layout encoder's layer matrices get theirs below.
+        if let ClipNaming::Transformers = naming {
+            for name in file.tensor_names() {
+                if let Some(module) = name.strip_prefix(prefix).and_then(|k| k.strip_suffix(".weight")) {
+                    self.insert(format!("{generic}{module}"), name);
+                }
+            }
+        }
         for name in file.tensor_names() {
             let Some((layer, tensor)) = name
                 .strip_prefix(prefix)
@@ -474,6 +488,11 @@ impl LoraKeyMap {
                 }
                 self.insert_rows(
                     format!("{}.text_model.encoder.layers.{layer}.{matrix}", names.diffusers),
+                    name,
+                    rows,
+                );
+                self.insert_rows(
+                    format!("{generic}text_model.encoder.layers.{layer}.{matrix}"),
                     name,
                     rows,
                 );

@@ -149,7 +149,16 @@ fn clip_lora_names(family: Family, kind: TextEncoderKind) -> ClipLoraNames {
         (_, TextEncoderKind::ClipG) => (&["lora_te", "lora_prior_te"], "text_encoder"),
         (_, TextEncoderKind::ClipH) => (&["lora_te"], "text_encoder"),
     };
-    ClipLoraNames { kohya, diffusers }
+    let comfy = match kind {
+        TextEncoderKind::ClipL => "clip_l",
+        TextEncoderKind::ClipG => "clip_g",
+        TextEncoderKind::ClipH => "clip_h",
+    };
+    ClipLoraNames {
+        kohya,
+        diffusers,
+        comfy,
+    }
 }
 
 /// The patches `lora` makes to `model`'s diffusion network at `strength`.
