@@ -13,12 +13,14 @@
 //! - only the query is tiled: ComfyUI's attention reshapes the keys and values to the query's
 //!   batch, so tile i attends to the i-th contiguous run of the image's tokens, as here.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{Result, Tensor};
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services};
-use easel_models::architectures::unet_patches::{AttentionInputs, AttentionKind, AttentionSite, UNetPatch};
+use easel_models::architectures::unet_patches::{
+    AttentionInputs, AttentionKind, AttentionSite, PendingUntilOutput, UNetPatch,
+};
 use easel_models::sampling::noise::{with_global_generator, CpuGenerator};
 
 use crate::model::diffusion_model::Model;
@@ -44,7 +46,7 @@ pub struct HyperTile {
     max_depth: u32,
     /// Whether deeper levels ask for proportionally larger tiles.
     scale_depth: bool,
-    pending: Mutex<Option<Tiling>>,
+    pending: PendingUntilOutput<Tiling>,
 }
 
 impl HyperTile {
@@ -55,7 +57,7 @@ impl HyperTile {
             swap_size,
             max_depth,
             scale_depth,
-            pending: Mutex::new(None),
+            pending: PendingUntilOutput::default(),
         }
     }
 
@@ -92,12 +94,6 @@ impl HyperTile {
             rows,
             columns,
         })
-    }
-
-    fn lock_pending(&self) -> Result<std::sync::MutexGuard<'_, Option<Tiling>>> {
-        self.pending
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("HyperTile's state was poisoned".into()))
     }
 }
 
@@ -179,7 +175,7 @@ impl UNetPatch for HyperTile {
         if kind != AttentionKind::SelfAttention {
             return Ok(inputs);
         }
-        let mut pending = self.lock_pending()?;
+        let mut pending = self.pending.lock("HyperTile")?;
         *pending = None;
         let tokens = inputs.query.dim(1)?;
         let original_shape = &site.call.original_shape;
@@ -205,7 +201,7 @@ impl UNetPatch for HyperTile {
         if kind != AttentionKind::SelfAttention {
             return Ok(output);
         }
-        match self.lock_pending()?.take() {
+        match self.pending.lock("HyperTile")?.take() {
             Some(tiling) => from_tiles(&output, &tiling),
             None => Ok(output),
         }

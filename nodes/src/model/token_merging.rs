@@ -17,12 +17,14 @@
 //! varies between machines in ComfyUI; here the earlier token comes first.
 
 use std::cmp::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{Result, Tensor, D};
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services};
-use easel_models::architectures::unet_patches::{AttentionInputs, AttentionKind, AttentionSite, UNetPatch};
+use easel_models::architectures::unet_patches::{
+    AttentionInputs, AttentionKind, AttentionSite, PendingUntilOutput, UNetPatch,
+};
 use easel_models::sampling::noise::{with_global_generator, CpuGenerator};
 
 use crate::model::diffusion_model::Model;
@@ -221,7 +223,7 @@ impl TokenMatching {
 /// by the input hook, undone by the output hook, as ComfyUI's `u`).
 pub struct TokenMerging {
     ratio: f64,
-    pending: Mutex<Option<TokenMatching>>,
+    pending: PendingUntilOutput<TokenMatching>,
 }
 
 impl TokenMerging {
@@ -229,14 +231,8 @@ impl TokenMerging {
     pub fn new(ratio: f64) -> Self {
         TokenMerging {
             ratio,
-            pending: Mutex::new(None),
+            pending: PendingUntilOutput::default(),
         }
-    }
-
-    fn lock_pending(&self) -> Result<std::sync::MutexGuard<'_, Option<TokenMatching>>> {
-        self.pending
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("TomePatchModel's state was poisoned".into()))
     }
 }
 
@@ -250,7 +246,7 @@ impl UNetPatch for TokenMerging {
         if kind != AttentionKind::SelfAttention {
             return Ok(inputs);
         }
-        let mut pending = self.lock_pending()?;
+        let mut pending = self.pending.lock("TomePatchModel")?;
         *pending = None;
         let tokens = inputs.query.dim(1)?;
         let [_, _, height, width] = site.call.original_shape;
@@ -284,7 +280,7 @@ impl UNetPatch for TokenMerging {
         if kind != AttentionKind::SelfAttention {
             return Ok(output);
         }
-        match self.lock_pending()?.take() {
+        match self.pending.lock("TomePatchModel")?.take() {
             Some(matching) => matching.unmerge(&output),
             None => Ok(output),
         }

@@ -9,7 +9,7 @@
 //! facts patches depend on (the latent's shape, σ, which batch chunks are conditional) travel in
 //! [`CallInfo`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{Result, Tensor};
 
@@ -222,4 +222,23 @@ impl UNetPatches {
 pub struct PatchedCall<'a> {
     pub patches: &'a UNetPatches,
     pub info: &'a CallInfo,
+}
+
+/// What a patch's attention-input hook leaves for its attention-output hook of the same
+/// attention (ComfyUI's patches keep it on themselves: HyperTile's `temp`, ToMe's `u`).
+pub struct PendingUntilOutput<T>(Mutex<Option<T>>);
+
+impl<T> Default for PendingUntilOutput<T> {
+    fn default() -> Self {
+        PendingUntilOutput(Mutex::new(None))
+    }
+}
+
+impl<T> PendingUntilOutput<T> {
+    /// The slot, locked; `patch` names the patch when the lock was poisoned.
+    pub fn lock(&self, patch: &str) -> Result<MutexGuard<'_, Option<T>>> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{patch}'s state was poisoned")))
+    }
 }
