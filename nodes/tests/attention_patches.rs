@@ -192,16 +192,7 @@ fn sampled_with(setup: &common::Setup, patch: Option<Json>, prefix: &str) -> Vec
         .map(|event| event.data.to_string())
         .collect();
     assert!(errors.is_empty(), "{errors:?}");
-    let output = &setup.services.get::<easel_nodes::paths::Paths>().unwrap().output;
-    let bytes = std::fs::read(output.join(format!("{prefix}_00001_.latent"))).unwrap();
-    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let tensor = file.tensor("latent_tensor").unwrap();
-    assert_eq!(tensor.dtype(), safetensors::Dtype::F32);
-    tensor
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    common::saved_latent(setup, &format!("{prefix}_00001_.latent")).1
 }
 
 #[test]

@@ -392,16 +392,7 @@ fn patch_nodes_change_sampling_without_touching_the_model_they_patch() {
 #[test]
 fn unet_patches_refuse_a_flux_model() {
     let setup = common::setup();
-    let flux = setup
-        .call(
-            "UNETLoader",
-            vec![
-                ("unet_name", j(json!(easel_models::testmodels::TINY_FLUX_DEV))),
-                ("weight_dtype", j(json!("default"))),
-            ],
-        )
-        .unwrap()[0]
-        .clone();
+    let flux = common::tiny_flux_model(&setup);
     let error = setup
         .call(
             "FreeU",

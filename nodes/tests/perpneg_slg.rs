@@ -614,15 +614,7 @@ fn perp_neg_nodes_sample_alike_and_reduce_to_cfg_from_the_empty_prompt() {
 
 /// The tiny FLUX dev model and a prompt and a negative prompt encoded with CLIP-L and T5.
 fn flux(setup: &Setup) -> (Value, Value, Value) {
-    let model = call(
-        setup,
-        "UNETLoader",
-        vec![
-            ("unet_name", j(json!(TINY_FLUX_DEV))),
-            ("weight_dtype", j(json!("default"))),
-        ],
-    )
-    .remove(0);
+    let model = common::tiny_flux_model(setup);
     let clip = call(
         setup,
         "DualCLIPLoader",
@@ -786,17 +778,9 @@ fn the_nodes_run_in_a_prompt() {
         "{:?}",
         events.iter().map(|event| event.data.to_string()).collect::<Vec<_>>()
     );
-    let output = &setup.services.get::<easel_nodes::paths::Paths>().unwrap().output;
     let saved = |prefix: &str| {
-        let bytes = std::fs::read(output.join(format!("{prefix}_00001_.latent"))).unwrap();
-        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let view = file.tensor("latent_tensor").unwrap();
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        Tensor::from_vec(values, view.shape(), &Device::Cpu).unwrap()
+        let (shape, values) = common::saved_latent(&setup, &format!("{prefix}_00001_.latent"));
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
     };
     assert_close(
         &saved("perp_neg"),

@@ -265,17 +265,7 @@ fn sampled_twice(setup: &Setup, cache: Option<Json>, prefix: &str) -> [Vec<f32>;
         .map(|event| event.data.to_string())
         .collect();
     assert!(errors.is_empty(), "{errors:?}");
-    let output = &setup.services.get::<Paths>().unwrap().output;
-    ["a", "b"].map(|which| {
-        let bytes = std::fs::read(output.join(format!("{prefix}_{which}_00001_.latent"))).unwrap();
-        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let tensor = file.tensor("latent_tensor").unwrap();
-        tensor
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
-    })
+    ["a", "b"].map(|which| common::saved_latent(setup, &format!("{prefix}_{which}_00001_.latent")).1)
 }
 
 #[test]
@@ -299,16 +289,7 @@ fn a_cached_model_feeding_two_samplers_starts_each_run_afresh() {
 #[test]
 fn easycache_wraps_flux_calls_too() {
     let setup = common::setup();
-    let flux = setup
-        .call(
-            "UNETLoader",
-            vec![
-                ("unet_name", j(json!(easel_models::testmodels::TINY_FLUX_DEV))),
-                ("weight_dtype", j(json!("default"))),
-            ],
-        )
-        .unwrap()
-        .remove(0);
+    let flux = common::tiny_flux_model(&setup);
     let (context_dim, vector_dim) = match &flux.downcast::<Model>().unwrap().0.network {
         DiffusionNetwork::Flux(network) => (network.config().context_dim, network.config().vector_dim),
         DiffusionNetwork::UNet(_) => panic!("the tiny FLUX file loads as FLUX"),

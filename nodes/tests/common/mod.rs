@@ -127,6 +127,36 @@ pub fn fixture_unet(fixture: &Json) -> (tempfile::TempDir, easel_models::archite
     (dir, unet)
 }
 
+/// The float32 `latent_tensor` of a SaveLatent file `name` in the output folder: its shape and
+/// values.
+pub fn saved_latent(setup: &Setup, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let output = &setup.services.get::<Paths>().expect("paths").output;
+    let bytes = std::fs::read(output.join(name)).expect("saved latent");
+    let file = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let tensor = file.tensor("latent_tensor").expect("latent_tensor");
+    assert_eq!(tensor.dtype(), safetensors::Dtype::F32);
+    let values = tensor
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    (tensor.shape().to_vec(), values)
+}
+
+/// The tiny FLUX dev model through UNETLoader.
+pub fn tiny_flux_model(setup: &Setup) -> Value {
+    setup
+        .call(
+            "UNETLoader",
+            vec![
+                ("unet_name", j(json!(easel_models::testmodels::TINY_FLUX_DEV))),
+                ("weight_dtype", j(json!("default"))),
+            ],
+        )
+        .expect("tiny FLUX model")
+        .remove(0)
+}
+
 /// The largest absolute elementwise difference of two tensors of the same shape.
 pub fn max_abs_difference(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     (a - b)
