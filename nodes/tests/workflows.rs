@@ -1,4 +1,4 @@
-//! Every bundled workflow (`workflows/*.json`) runs on the tiny test models and the bundled input
+//! Every bundled workflow (`workflows/*.json`, `workflows/rest/v1/*.json`) runs on the tiny test models and the bundled input
 //! images, saves what its `SaveImage` nodes name, and saves the same bytes when run again.
 
 mod common;
@@ -17,8 +17,10 @@ fn every_bundled_workflow_runs_and_saves_its_images() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), paths.input.join(entry.file_name())).unwrap();
     }
-    let mut workflows: Vec<_> = std::fs::read_dir(WORKFLOWS)
-        .unwrap()
+    // The bundled workflows, and those the REST API builds its prompts from.
+    let mut workflows: Vec<_> = [WORKFLOWS.to_string(), format!("{WORKFLOWS}/rest/v1")]
+        .iter()
+        .flat_map(|folder| std::fs::read_dir(folder).unwrap())
         .map(|entry| entry.unwrap().path())
         .filter(|path| path.extension().is_some_and(|extension| extension == "json"))
         .collect();

@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve ComfyUI's HTTP API (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Execute an API-format workflow without a server; prints the history `outputs` JSON last.
     Run(RunArgs),
     /// Measure the server (`easel bench server`) or SD1.x compute (`easel bench sd15`) and print a table.
@@ -186,6 +186,29 @@ pub struct ServeArgs {
     /// Refuse prompts of more nodes than this (400).
     #[arg(long, value_name = "N", default_value_t = crate::state::DEFAULT_MAX_PROMPT_NODES)]
     pub max_prompt_nodes: usize,
+    /// The checkpoint REST requests of a family get when they name none, as FAMILY=FILE
+    /// (sd15, sdxl, sd3, flux; repeatable). Without it, the first of the family in models/checkpoints.
+    #[arg(long, value_name = "FAMILY=FILE")]
+    pub default_model: Vec<String>,
+    /// REST requests beyond this many queued or running prompts get 429 with Retry-After
+    /// (`/readyz` reports not ready).
+    #[arg(long, value_name = "N")]
+    pub max_queue: Option<usize>,
+    /// Answer `/healthz` without an API key.
+    #[arg(long)]
+    pub healthz_public: bool,
+    /// Sign webhooks with this Standard Webhooks secret (`whsec_<base64>`).
+    #[arg(long, value_name = "SECRET")]
+    pub webhook_secret: Option<String>,
+    /// Report every REST task that names no webhook here.
+    #[arg(long, value_name = "URL")]
+    pub webhook_url: Option<String>,
+    /// Retry a failed webhook for this many seconds after its task ended.
+    #[arg(long, value_name = "SECONDS", default_value_t = 86400)]
+    pub webhook_retry_for: u64,
+    /// Let webhooks go to loopback and private addresses.
+    #[arg(long)]
+    pub webhook_allow_private: bool,
     /// Allow listening on a non-loopback address without an API key.
     #[arg(long)]
     pub allow_unauthenticated: bool,

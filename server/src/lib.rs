@@ -3,6 +3,8 @@
 //! - [`cli`]: arguments; [`setup`]: directories, services, cache mode; [`run`]: `easel run`;
 //! - [`bench`]: `easel bench server`;
 //! - [`serve`]: `easel serve`; [`listen`]: its sockets, plain or TLS; [`api`]: the HTTP routes; [`ws`]: the WebSocket;
+//! - [`rest`]: the REST API for people who don't edit graphs (`/v1/…`); [`webhooks`]: its task
+//!   webhooks; [`metrics`]: `/metrics`, `/healthz`, `/readyz`;
 //! - [`frontend`]: where the official ComfyUI frontend is found;
 //! - [`state`]: what the routes share; [`queue`]: prompts waiting; [`store`]: queue and history on disk;
 //! - [`worker`]: executes queued prompts; [`hub`]: delivers messages to WebSocket clients;
@@ -18,7 +20,9 @@ pub mod frontend;
 pub mod hub;
 pub mod listen;
 pub mod logs;
+pub mod metrics;
 pub mod queue;
+pub mod rest;
 pub mod run;
 pub mod security;
 pub mod serve;
@@ -27,5 +31,6 @@ pub mod state;
 pub mod store;
 pub mod url;
 pub mod users;
+pub mod webhooks;
 pub mod worker;
 pub mod ws;

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Some(Command::Run(args)) => run::run(args),
-        Some(Command::Serve(args)) => serve::serve(args),
+        Some(Command::Serve(args)) => serve::serve(*args),
         Some(Command::Bench(args)) => bench::bench(args),
         Some(Command::Testmodels(args)) => testmodels(&args.dir),
         None => serve::serve(cli.serve),

@@ -1,5 +1,6 @@
-//! The prompt queue: ComfyUI's ordering (lowest `number` first, then `prompt_id`), the running item,
-//! and the `number` counter.
+//! The prompt queue: the highest priority first (REST tasks may set one; `POST /prompt` queues at
+//! 0), then ComfyUI's ordering (lowest `number` first, then `prompt_id`); the running item, and the
+//! `number` counter.
 
 use crate::store::StoredPrompt;
 use easel_engine::{Prompt, PromptError, ValidatedPrompt};
@@ -14,6 +15,8 @@ pub struct QueueItem {
     pub number: f64,
     /// The response's `number`: an int from the counter, or the client's float.
     pub number_json: Json,
+    /// Higher runs first; 0 for `POST /prompt`.
+    pub priority: i64,
     pub prompt_id: String,
     pub validated: ValidatedPrompt,
     /// `extra_data` with `client_id`, as `/queue` shows it.
@@ -32,6 +35,7 @@ impl QueueItem {
             prompt_id: self.prompt_id.clone(),
             number: self.number,
             number_json: self.number_json.clone(),
+            priority: self.priority,
             prompt: self.validated.prompt.to_json(),
             extra_data: self.extra_data.clone(),
             outputs_to_execute: self.validated.outputs_to_execute.clone(),
@@ -49,6 +53,7 @@ impl QueueItem {
         Ok(QueueItem {
             number: stored.number,
             number_json: stored.number_json,
+            priority: stored.priority,
             prompt_id: stored.prompt_id,
             validated,
             extra_data: stored.extra_data,
@@ -67,8 +72,8 @@ impl QueueItem {
     }
 }
 
-/// A queued prompt and when it was queued. Heap order: the lowest `(number, prompt_id)` is the
-/// greatest, so `BinaryHeap` pops it first.
+/// A queued prompt and when it was queued. Heap order: the highest priority, then the lowest
+/// `(number, prompt_id)` is the greatest, so `BinaryHeap` pops it first.
 struct Pending(QueueItem, Instant);
 
 impl PartialEq for Pending {
@@ -87,10 +92,10 @@ impl PartialOrd for Pending {
 
 impl Ord for Pending {
     fn cmp(&self, other: &Self) -> Ordering {
-        other
-            .0
-            .number
-            .total_cmp(&self.0.number)
+        self.0
+            .priority
+            .cmp(&other.0.priority)
+            .then_with(|| other.0.number.total_cmp(&self.0.number))
             .then_with(|| other.0.prompt_id.cmp(&self.0.prompt_id))
     }
 }

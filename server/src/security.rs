@@ -63,7 +63,8 @@ pub async fn require_key(State(state): State<AppState>, request: Request, next: 
     let keys = &state.settings.api_keys;
     // A CORS preflight carries no credentials; the request it announces will.
     let preflight = request.method() == Method::OPTIONS && state.settings.cors_origin.is_some();
-    if keys.is_empty() || preflight {
+    let public_health = state.settings.healthz_public && request.uri().path() == "/healthz";
+    if keys.is_empty() || preflight || public_health {
         return next.run(request).await;
     }
     let valid = |key: &str| keys.iter().any(|k| same_key(k, key));

@@ -41,6 +41,33 @@ fn settings(args: &ServeArgs) -> anyhow::Result<ServerSettings> {
         max_prompt_nodes: args.max_prompt_nodes,
         ..Default::default()
     };
+    settings.max_queue = args.max_queue;
+    settings.healthz_public = args.healthz_public;
+    settings.webhooks = crate::webhooks::WebhookSettings {
+        secret: match &args.webhook_secret {
+            Some(secret) => Some(
+                crate::webhooks::parse_secret(secret).map_err(|error| anyhow::anyhow!("--webhook-secret: {error}"))?,
+            ),
+            None => None,
+        },
+        default_url: args.webhook_url.clone(),
+        retry_for: std::time::Duration::from_secs(args.webhook_retry_for),
+        allow_private: args.webhook_allow_private,
+    };
+    if let Some(url) = &settings.webhooks.default_url {
+        crate::webhooks::check_url(url, settings.webhooks.allow_private)
+            .map_err(|error| anyhow::anyhow!("--webhook-url: {error}"))?;
+    }
+    for choice in &args.default_model {
+        let Some((family, file)) = choice.split_once('=') else {
+            anyhow::bail!("--default-model {choice}: give FAMILY=FILE, such as sdxl=sd_xl_base_1.0.safetensors");
+        };
+        let known = crate::rest::request::Family::ALL.iter().any(|f| f.name() == family);
+        if !known {
+            anyhow::bail!("--default-model {choice}: the family is one of sd15, sdxl, sd3, flux");
+        }
+        settings.default_models.insert(family.to_string(), file.to_string());
+    }
     if let Some(megabytes) = args.max_upload_size {
         let bytes = megabytes * 1024.0 * 1024.0;
         settings.max_upload_size = bytes.round() as usize;

@@ -1,15 +1,20 @@
 //! The server's shared state: the runtime, the queue, history, WebSocket clients and the worker.
 
 use crate::hub::{message, Hub, Outgoing};
+use crate::metrics::Metrics;
 use crate::queue::{PromptQueue, QueueItem};
+use crate::rest::catalog::ModelCatalog;
+use crate::rest::tasks::LiveTasks;
 use crate::setup::Runtime;
 use crate::store::{Store, StoreError};
 use crate::users::Users;
+use crate::webhooks::{WebhookSettings, WebhookWake};
 use easel_engine::Interrupt;
 use easel_nodes::paths::Paths;
 use serde_json::{json, Value as Json};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// How many nodes a prompt may have unless `--max-prompt-nodes` says otherwise: several times the
 /// largest real workflows, and small enough that validating and answering any prompt stays cheap.
@@ -36,6 +41,15 @@ pub struct ServerSettings {
     pub tls: bool,
     /// `--max-prompt-nodes`: larger prompts are refused with a 400.
     pub max_prompt_nodes: usize,
+    /// `--default-model FAMILY=FILE`: the checkpoint a REST request of that family gets when it
+    /// names none (else the first of the family in `models/checkpoints`).
+    pub default_models: std::collections::HashMap<String, String>,
+    /// `--max-queue`: REST requests beyond this many queued or running prompts get a 429.
+    pub max_queue: Option<usize>,
+    /// `--healthz-public`: `/healthz` answers without an API key.
+    pub healthz_public: bool,
+    /// The `--webhook-*` options.
+    pub webhooks: WebhookSettings,
 }
 
 impl Default for ServerSettings {
@@ -50,6 +64,10 @@ impl Default for ServerSettings {
             multi_user: false,
             tls: false,
             max_prompt_nodes: DEFAULT_MAX_PROMPT_NODES,
+            default_models: std::collections::HashMap::new(),
+            max_queue: None,
+            healthz_public: false,
+            webhooks: WebhookSettings::default(),
         }
     }
 }
@@ -69,6 +87,16 @@ pub struct Shared {
     pub free_memory: AtomicBool,
     /// `POST /free` asked to drop the loaded models before the next prompt.
     pub unload_models: AtomicBool,
+    /// The progress of running REST tasks, and the updates streams listen to.
+    pub live_tasks: LiveTasks,
+    /// The model files REST requests may name, recognised once per file.
+    pub model_catalog: ModelCatalog,
+    /// When the server started (`/v1/status`' uptime).
+    pub started: Instant,
+    /// Counters and histograms for `/metrics`.
+    pub metrics: Metrics,
+    /// Wakes the webhook thread when a task ends.
+    pub webhook_wake: WebhookWake,
 }
 
 #[derive(Clone)]
@@ -126,11 +154,21 @@ impl AppState {
             executing: Mutex::new(None),
             free_memory: AtomicBool::new(false),
             unload_models: AtomicBool::new(false),
+            live_tasks: LiveTasks::default(),
+            model_catalog: ModelCatalog::default(),
+            started: Instant::now(),
+            metrics: Metrics::default(),
+            webhook_wake: WebhookWake::default(),
         });
         let worker = shared.clone();
         std::thread::Builder::new()
             .name("easel-worker".into())
             .spawn(move || crate::worker::run(&worker))
+            .map_err(StoreError::Io)?;
+        let deliverer = shared.clone();
+        std::thread::Builder::new()
+            .name("easel-webhooks".into())
+            .spawn(move || crate::webhooks::run(&deliverer))
             .map_err(StoreError::Io)?;
         Ok(AppState(shared))
     }

@@ -6,6 +6,9 @@
 //! again; a prompt that was running is queued once more at the front, and if the server dies on it
 //! a second time it is recorded as failed instead.
 
+pub mod tasks;
+pub mod webhooks;
+
 use easel_engine::NodeErrors;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Map, Value as Json};
@@ -29,6 +32,8 @@ pub struct StoredPrompt {
     pub prompt_id: String,
     pub number: f64,
     pub number_json: Json,
+    /// Higher runs first (REST tasks); 0 for `POST /prompt`.
+    pub priority: i64,
     pub prompt: Json,
     pub extra_data: Json,
     pub outputs_to_execute: Vec<String>,
@@ -84,6 +89,9 @@ impl Store {
         connection.pragma_update(None, "synchronous", "NORMAL")?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
         connection.execute_batch(SCHEMA)?;
+        connection.execute_batch(tasks::TASKS_SCHEMA)?;
+        connection.execute_batch(webhooks::WEBHOOKS_SCHEMA)?;
+        add_priority_column(&connection)?;
         Ok(Store {
             connection: Mutex::new(connection),
             history_limit,
@@ -95,43 +103,24 @@ impl Store {
     }
 
     pub fn enqueue(&self, prompt: &StoredPrompt) -> Result<(), StoreError> {
-        // Serialise before taking the connection: the lock is shared with the worker.
-        let values = (
-            serde_json::to_string(&prompt.number_json)?,
-            serde_json::to_string(&prompt.prompt)?,
-            serde_json::to_string(&prompt.extra_data)?,
-            serde_json::to_string(&prompt.outputs_to_execute)?,
-            serde_json::to_string(&prompt.node_errors)?,
-        );
-        // Statements are prepared once per connection and reused (`prepare_cached`).
-        self.connection()
-            .prepare_cached(
-                "INSERT OR REPLACE INTO queue
-                 (prompt_id, number, number_json, prompt, extra_data, outputs_to_execute, node_errors)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                prompt.prompt_id,
-                prompt.number,
-                values.0,
-                values.1,
-                values.2,
-                values.3,
-                values.4
-            ])?;
-        Ok(())
+        enqueue_with(&self.connection(), prompt)
     }
 
-    pub fn mark_running(&self, prompt_id: &str) -> Result<(), StoreError> {
-        self.connection()
+    /// Marks a prompt running, and its task if it has one; whether it has.
+    pub fn mark_running(&self, prompt_id: &str) -> Result<bool, StoreError> {
+        let mut connection = self.connection();
+        let transaction = connection.transaction()?;
+        transaction
             .prepare_cached("UPDATE queue SET running = 1, attempts = attempts + 1 WHERE prompt_id = ?1")?
             .execute(params![prompt_id])?;
-        Ok(())
+        let is_task = tasks::start_task(&transaction, prompt_id, tasks::now_ms())?;
+        transaction.commit()?;
+        Ok(is_task)
     }
 
-    /// Replaces the queued prompt by its history entry, atomically.
+    /// Replaces the queued prompt by its history entry, and settles its task from it, atomically.
     pub fn complete(&self, prompt_id: &str, entry: &Json) -> Result<(), StoreError> {
-        let entry = serde_json::to_string(entry)?;
+        let entry_text = serde_json::to_string(entry)?;
         let mut connection = self.connection();
         let transaction = connection.transaction()?;
         transaction
@@ -142,7 +131,8 @@ impl Store {
             .execute(params![prompt_id])?;
         transaction
             .prepare_cached("INSERT INTO history (prompt_id, entry) VALUES (?1, ?2)")?
-            .execute(params![prompt_id, entry])?;
+            .execute(params![prompt_id, entry_text])?;
+        tasks::settle_task(&transaction, prompt_id, entry, tasks::now_ms())?;
         transaction.commit()?;
         Ok(())
     }
@@ -175,7 +165,7 @@ impl Store {
             let connection = self.connection();
             let mut statement = connection.prepare(
                 "SELECT prompt_id, number, number_json, prompt, extra_data, outputs_to_execute, node_errors,
-                        running, attempts FROM queue ORDER BY rowid",
+                        running, attempts, priority FROM queue ORDER BY rowid",
             )?;
             let rows = statement.query_map([], |row| {
                 Ok((
@@ -188,16 +178,28 @@ impl Store {
                     row.get::<_, String>(6)?,
                     row.get::<_, i64>(7)? != 0,
                     row.get::<_, i64>(8)?,
+                    row.get::<_, i64>(9)?,
                 ))
             })?;
             let mut parsed = Vec::new();
             for row in rows {
-                let (prompt_id, number, number_json, prompt, extra_data, outputs, node_errors, running, attempts) =
-                    row?;
+                let (
+                    prompt_id,
+                    number,
+                    number_json,
+                    prompt,
+                    extra_data,
+                    outputs,
+                    node_errors,
+                    running,
+                    attempts,
+                    priority,
+                ) = row?;
                 let stored = StoredPrompt {
                     prompt_id,
                     number,
                     number_json: read_json(&number_json)?,
+                    priority,
                     prompt: read_json(&prompt)?,
                     extra_data: read_json(&extra_data)?,
                     outputs_to_execute: read_json(&outputs)?,
@@ -215,10 +217,14 @@ impl Store {
             if !running {
                 recovery.pending.push(prompt);
             } else if attempts < 2 && recovery.interrupted.is_none() {
-                self.connection().execute(
+                let mut connection = self.connection();
+                let transaction = connection.transaction()?;
+                transaction.execute(
                     "UPDATE queue SET running = 0 WHERE prompt_id = ?1",
                     params![prompt.prompt_id],
                 )?;
+                tasks::requeue_task(&transaction, &prompt.prompt_id)?;
+                transaction.commit()?;
                 recovery.interrupted = Some(prompt);
             } else {
                 let message = format!(
@@ -281,6 +287,46 @@ impl Store {
     }
 }
 
+/// Writes a queued prompt (on the store's connection, or in a caller's transaction).
+pub fn enqueue_with(connection: &Connection, prompt: &StoredPrompt) -> Result<(), StoreError> {
+    let values = (
+        serde_json::to_string(&prompt.number_json)?,
+        serde_json::to_string(&prompt.prompt)?,
+        serde_json::to_string(&prompt.extra_data)?,
+        serde_json::to_string(&prompt.outputs_to_execute)?,
+        serde_json::to_string(&prompt.node_errors)?,
+    );
+    // Statements are prepared once per connection and reused (`prepare_cached`).
+    connection
+        .prepare_cached(
+            "INSERT OR REPLACE INTO queue
+             (prompt_id, number, number_json, prompt, extra_data, outputs_to_execute, node_errors, priority)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?
+        .execute(params![
+            prompt.prompt_id,
+            prompt.number,
+            values.0,
+            values.1,
+            values.2,
+            values.3,
+            values.4,
+            prompt.priority
+        ])?;
+    Ok(())
+}
+
+/// Databases written before priorities existed get the column (every old prompt at 0).
+fn add_priority_column(connection: &Connection) -> Result<(), StoreError> {
+    let has_priority = connection
+        .prepare("SELECT name FROM pragma_table_info('queue') WHERE name = 'priority'")?
+        .exists([])?;
+    if !has_priority {
+        connection.execute_batch("ALTER TABLE queue ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")?;
+    }
+    Ok(())
+}
+
 /// Stored JSON, read without serde_json's nesting limit: a request nested as deep as `POST /prompt`
 /// accepts ends up a few levels deeper in its history entry, and what was accepted must read back.
 /// The nesting is bounded by what was accepted, so the recursion is too.
@@ -326,6 +372,7 @@ mod tests {
             prompt_id: id.into(),
             number,
             number_json: json!(number as i64),
+            priority: 0,
             prompt: json!({"1": {"class_type": "X", "inputs": {}}}),
             extra_data: json!({"client_id": "c"}),
             outputs_to_execute: vec!["1".into()],

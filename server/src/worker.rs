@@ -7,7 +7,7 @@ use easel_engine::events::{Event, EventKind};
 use easel_engine::{EventSink, ExecutionOutcome, ExecutionStatus, Executor};
 use easel_nodes::model_cache::ModelCache;
 use serde_json::{json, Value as Json};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ const FREE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 const SETTLE: Duration = Duration::from_millis(25);
 
 pub fn run(shared: &Shared) {
+    let _alive = AliveWhileRunning(shared);
     let runtime = &shared.runtime;
     let mut executor = Executor::new(runtime.registry.clone(), runtime.services.clone(), runtime.cache_mode);
     // History entries the store refused (a full disk): stored again before each prompt and every
@@ -46,8 +47,12 @@ pub fn run(shared: &Shared) {
             continue;
         };
         shared.interrupt.clear();
-        if let Err(error) = shared.store.mark_running(&item.prompt_id) {
-            tracing::error!(prompt_id = %item.prompt_id, "cannot record the prompt as running: {error}");
+        match shared.store.mark_running(&item.prompt_id) {
+            Ok(true) => shared
+                .live_tasks
+                .begin(&item.prompt_id, &item.validated.prompt.to_json()),
+            Ok(false) => {}
+            Err(error) => tracing::error!(prompt_id = %item.prompt_id, "cannot record the prompt as running: {error}"),
         }
         // Shown as running from here on: an interrupt meanwhile stops it before its first node.
         if let Some(wait) = SETTLE.checked_sub(queued_at.elapsed()) {
@@ -58,7 +63,12 @@ pub fn run(shared: &Shared) {
         let sink = RoutedEvents {
             shared,
             client: client.as_deref(),
+            task: shared
+                .live_tasks
+                .is_tracked(&item.prompt_id)
+                .then_some(item.prompt_id.as_str()),
             held_preview: RefCell::new(None),
+            last_step: Cell::new(None),
         };
         // Nodes' panics are caught by the engine; this catches the engine's own, so one bad prompt
         // never stops the worker (the executor, and so its cache, is started afresh).
@@ -77,6 +87,7 @@ pub fn run(shared: &Shared) {
             engine_failure(&item.prompt_id)
         });
         shared.set_executing_node(None);
+        shared.metrics.prompt_finished(started.elapsed().as_secs_f64());
 
         let mut extra_data = item.extra_data.clone();
         if let Some(extra) = extra_data.as_object_mut() {
@@ -117,10 +128,24 @@ pub fn run(shared: &Shared) {
     }
 }
 
-/// Replaces the prompt's queue row by its history entry; whether the store took it.
+/// Marks the worker stopped when its thread ends (it should not: `/readyz` reports it).
+struct AliveWhileRunning<'a>(&'a Shared);
+
+impl Drop for AliveWhileRunning<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.worker_alive.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Replaces the prompt's queue row by its history entry (settling its task, if any, which
+/// streams and waiting requests then hear of); whether the store took it.
 fn store_history(shared: &Shared, prompt_id: &str, entry: &Json) -> bool {
     match shared.store.complete(prompt_id, entry) {
-        Ok(()) => true,
+        Ok(()) => {
+            shared.live_tasks.end(prompt_id);
+            shared.webhook_wake.notify();
+            true
+        }
         Err(error) => {
             tracing::error!(%prompt_id, "cannot store the history entry yet (tried again each second): {error}");
             false
@@ -151,6 +176,10 @@ fn engine_failure(prompt_id: &str) -> ExecutionOutcome {
 struct RoutedEvents<'a> {
     shared: &'a Shared,
     client: Option<&'a str>,
+    /// The REST task this prompt runs for, which follows its progress and previews.
+    task: Option<&'a str>,
+    /// When the last progress report came (for `/metrics`' step durations).
+    last_step: Cell<Option<Instant>>,
     held_preview: RefCell<Option<Outgoing>>,
 }
 
@@ -172,11 +201,22 @@ impl RoutedEvents<'_> {
 
 impl EventSink for RoutedEvents<'_> {
     fn wants(&self, kind: EventKind) -> bool {
-        self.has_audience(kind)
+        kind == EventKind::Progress || self.task.is_some() || self.has_audience(kind)
     }
 
     fn emit(&self, event: Event) {
         let hub = &self.shared.hub;
+        if event.kind == EventKind::Progress {
+            // A step's time: from the node's previous report (a node's first report has none).
+            let continues = event.data["value"].as_u64().unwrap_or(0) > 1;
+            if let Some(previous) = self.last_step.get().filter(|_| continues) {
+                self.shared.metrics.sampling_step(previous.elapsed().as_secs_f64());
+            }
+            self.last_step.set(Some(Instant::now()));
+        }
+        if let Some(task) = self.task {
+            self.shared.live_tasks.on_event(task, &event);
+        }
         if event.kind == EventKind::Executing {
             self.shared
                 .set_executing_node(event.data["display_node"].as_str().map(str::to_string));

@@ -10,6 +10,8 @@ mod prompt;
 mod queue;
 mod user;
 
+pub use page::bundled_workflow;
+
 use crate::security;
 use crate::state::AppState;
 use crate::store::StoreError;
@@ -45,6 +47,12 @@ pub fn router(state: AppState) -> Router {
         .merge(routes.clone())
         .nest("/api", routes)
         .merge(user::internal_routes())
+        .merge(crate::rest::routes())
+        .merge(crate::metrics::routes())
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::count_request,
+        ))
         .merge(page::routes(state.settings.front_end_root.is_none()));
     if let Some(root) = state.settings.front_end_root.clone() {
         let index = Router::new()

@@ -27,6 +27,12 @@ struct PageFiles;
 #[folder = "../workflows/"]
 struct BundledWorkflows;
 
+/// A bundled workflow (`workflows/NAME`, embedded in the binary) as JSON.
+pub fn bundled_workflow(name: &str) -> Option<Json> {
+    let content = BundledWorkflows::get(name)?;
+    serde_json::from_slice(&content.data).ok()
+}
+
 /// The page's routes; `at_root` also serves it at `/`.
 pub fn routes(at_root: bool) -> Router<AppState> {
     let router = Router::new()

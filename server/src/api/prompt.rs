@@ -155,6 +155,7 @@ fn accept_prompt(state: &AppState, body: &[u8]) -> Result<(Bytes, QueueItem), Ap
     let item = QueueItem {
         number,
         number_json,
+        priority: 0,
         prompt_id,
         validated,
         extra_data,

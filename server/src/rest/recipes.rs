@@ -1,0 +1,286 @@
+//! From a generation request to an API-format prompt. Each family and mode has a bundled,
+//! versioned workflow (`workflows/rest/v1/`); its nodes say in `_meta.easel` which inputs a
+//! request field sets (`{"steps": "steps"}` on a KSampler, `{"prompt": "text"}` on the positive
+//! CLIPTextEncode). Split model files replace the checkpoint loader by UNet, text-encoder and VAE
+//! loaders, and LoRAs are chained behind whatever loads the model. Which inputs each field set is
+//! kept, so a validation error on an input names the request field behind it.
+
+use super::catalog::Style;
+use super::request::{Family, GenerateRequest, Mode};
+use super::RestError;
+use serde_json::{json, Map, Value as Json};
+use std::collections::HashMap;
+
+/// The version of the workflows requests are built from (their folder), recorded on each task.
+pub const WORKFLOW_VERSION: &str = "v1";
+
+/// The bundled workflow serving a family and mode, or a 501 naming what is missing.
+pub fn workflow_for(request: &GenerateRequest) -> Result<&'static str, RestError> {
+    if request.family == Family::Sd3 {
+        return Err(RestError::not_yet("family", "SD3 generation"));
+    }
+    if !request.controlnets.is_empty() {
+        return Err(RestError::not_yet("controlnets", "ControlNet"));
+    }
+    if request.ip_adapter.is_some() {
+        return Err(RestError::not_yet("ip_adapter", "IP-Adapter"));
+    }
+    if request.family == Family::Flux && !request.loras.is_empty() {
+        return Err(RestError::not_yet("loras", "LoRA for FLUX"));
+    }
+    let flux = request.family == Family::Flux;
+    Ok(match request.mode {
+        Mode::Text2Img if request.refiner.is_some() => "sdxl_refiner_text2img",
+        Mode::Text2Img if flux => "flux_text2img",
+        Mode::Text2Img => "sd_text2img",
+        Mode::Img2Img if flux => "flux_img2img",
+        Mode::Img2Img => "sd_img2img",
+        Mode::Inpaint if flux => "flux_inpaint",
+        Mode::Inpaint => "sd_inpaint",
+        Mode::Outpaint if flux => "flux_outpaint",
+        Mode::Outpaint => "sd_outpaint",
+        Mode::Upscale => return Err(RestError::not_yet("mode", "The upscale mode (upscale models)")),
+        Mode::ObjectRemove => {
+            return Err(RestError::not_yet(
+                "mode",
+                "The object_remove mode (the Fooocus inpaint patch)",
+            ))
+        }
+        Mode::Relight => return Err(RestError::not_yet("mode", "The relight mode (IC-Light)")),
+    })
+}
+
+/// What a prompt is built from beyond the request: the resolved names and values.
+pub struct Ingredients<'a> {
+    /// The checkpoint when the request names no split files.
+    pub checkpoint: Option<&'a str>,
+    pub seed: u64,
+    /// The stored input images, as LoadImage names them.
+    pub image: Option<&'a str>,
+    pub mask: Option<&'a str>,
+    /// The styles to apply, in order.
+    pub styles: &'a [Style],
+    /// Saved images' `filename_prefix`.
+    pub output_prefix: &'a str,
+}
+
+/// A prompt built from a request, and which request field set each `(node, input)`.
+pub struct BuiltPrompt {
+    pub prompt: Json,
+    pub fields: HashMap<(String, String), &'static str>,
+}
+
+impl BuiltPrompt {
+    /// The request field behind a node's input, if a field set it.
+    pub fn field_of(&self, node: &str, input: &str) -> Option<&'static str> {
+        self.fields.get(&(node.to_string(), input.to_string())).copied()
+    }
+}
+
+/// Fills a bundled workflow in from a request.
+pub fn build(
+    request: &GenerateRequest,
+    workflow: Json,
+    ingredients: &Ingredients<'_>,
+) -> Result<BuiltPrompt, RestError> {
+    let Json::Object(mut nodes) = workflow else {
+        return Err(RestError::invalid(None, "the bundled workflow is not an API prompt"));
+    };
+    let (mut prompt, mut negative) = (request.prompt.clone(), request.negative_prompt.clone());
+    for style in ingredients.styles {
+        (prompt, negative) = style.apply(&prompt, &negative);
+    }
+    let outpaint = request.outpaint;
+    let values: Vec<(&'static str, Option<Json>)> = vec![
+        ("model", ingredients.checkpoint.map(|name| json!(name))),
+        ("refiner", request.refiner.as_ref().map(|name| json!(name))),
+        ("prompt", Some(json!(prompt))),
+        ("negative_prompt", Some(json!(negative))),
+        ("width", Some(json!(request.width))),
+        ("height", Some(json!(request.height))),
+        ("batch_size", Some(json!(request.batch_size))),
+        ("steps", Some(json!(request.steps))),
+        (
+            "base_steps",
+            Some(json!((f64::from(request.steps) * request.refine_switch).round() as u32)),
+        ),
+        ("cfg", Some(json!(request.cfg))),
+        ("sampler", Some(json!(request.sampler))),
+        ("scheduler", Some(json!(request.scheduler))),
+        ("seed", Some(json!(ingredients.seed))),
+        ("denoise", Some(json!(request.denoise))),
+        ("image", ingredients.image.map(|name| json!(name))),
+        ("mask", ingredients.mask.map(|name| json!(name))),
+        (
+            "outpaint",
+            Some(json!({
+                "left": outpaint.left, "top": outpaint.top, "right": outpaint.right,
+                "bottom": outpaint.bottom, "feathering": outpaint.feathering,
+            })),
+        ),
+        ("output", Some(json!(ingredients.output_prefix))),
+    ];
+    let mut fields = HashMap::new();
+    for (id, node) in nodes.iter_mut() {
+        let manifest = node.pointer("/_meta/easel").cloned().unwrap_or(Json::Null);
+        let Json::Object(manifest) = manifest else {
+            continue;
+        };
+        for (field, value) in &values {
+            let (Some(targets), Some(value)) = (manifest.get(*field), value) else {
+                continue;
+            };
+            let targets: Vec<&str> = match targets {
+                Json::String(one) => vec![one.as_str()],
+                Json::Array(list) => list.iter().filter_map(Json::as_str).collect(),
+                _ => Vec::new(),
+            };
+            for input in targets {
+                // An object value (outpaint) gives each input its own entry.
+                let value = match value {
+                    Json::Object(parts) => parts.get(input).cloned().unwrap_or(Json::Null),
+                    other => other.clone(),
+                };
+                node["inputs"][input] = value;
+                fields.insert((id.clone(), input.to_string()), *field);
+            }
+        }
+    }
+    let mut built = BuiltPrompt {
+        prompt: Json::Null,
+        fields,
+    };
+    let loader = nodes
+        .iter()
+        .find(|(_, node)| node.pointer("/_meta/easel/model").is_some())
+        .map(|(id, _)| id.clone())
+        .ok_or_else(|| RestError::invalid(None, "the bundled workflow has no model loader"))?;
+    let (model, clip) = match &request.unet {
+        Some(unet) => split_loaders(request, unet, &loader, &mut nodes, &mut built)?,
+        None => (json!([loader, 0]), json!([loader, 1])),
+    };
+    chain_loras(request, model, clip, &mut nodes, &mut built);
+    built.prompt = Json::Object(nodes);
+    Ok(built)
+}
+
+/// The next free numeric node id.
+fn next_id(nodes: &Map<String, Json>) -> String {
+    let highest = nodes.keys().filter_map(|id| id.parse::<u64>().ok()).max().unwrap_or(0);
+    (highest + 1).to_string()
+}
+
+/// Points every link to `from` at `to` (except in `skip`).
+fn relink(nodes: &mut Map<String, Json>, from: &Json, to: &Json, skip: &str) {
+    for (id, node) in nodes.iter_mut() {
+        if id == skip {
+            continue;
+        }
+        if let Some(inputs) = node["inputs"].as_object_mut() {
+            for value in inputs.values_mut() {
+                if value == from {
+                    *value = to.clone();
+                }
+            }
+        }
+    }
+}
+
+/// Replaces the checkpoint loader by loaders of split files; the MODEL and CLIP links they give.
+fn split_loaders(
+    request: &GenerateRequest,
+    unet: &str,
+    loader: &str,
+    nodes: &mut Map<String, Json>,
+    built: &mut BuiltPrompt,
+) -> Result<(Json, Json), RestError> {
+    let gguf = |name: &str| name.to_ascii_lowercase().ends_with(".gguf");
+    let mut add = |nodes: &mut Map<String, Json>, node: Json, field: &'static str, inputs: &[&str]| {
+        let id = next_id(nodes);
+        for input in inputs {
+            built.fields.insert((id.clone(), input.to_string()), field);
+        }
+        nodes.insert(id.clone(), node);
+        id
+    };
+    let unet_node = if gguf(unet) {
+        json!({"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": unet}, "_meta": {"title": "Unet Loader (GGUF)"}})
+    } else {
+        json!({"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}, "_meta": {"title": "Load Diffusion Model"}})
+    };
+    let unet_id = add(nodes, unet_node, "unet", &["unet_name"]);
+    let clip_node = match (request.family, request.clip.as_slice()) {
+        (Family::Sd15, [one]) => {
+            let class = if gguf(one) { "CLIPLoaderGGUF" } else { "CLIPLoader" };
+            json!({"class_type": class, "inputs": {"clip_name": one, "type": "stable_diffusion", "device": "default"}, "_meta": {"title": "Load CLIP"}})
+        }
+        (Family::Sdxl | Family::Flux, [first, second]) => {
+            let any_gguf = gguf(first) || gguf(second);
+            let kind = if request.family == Family::Flux { "flux" } else { "sdxl" };
+            let mut inputs = json!({"clip_name1": first, "clip_name2": second, "type": kind});
+            let class = if any_gguf {
+                "DualCLIPLoaderGGUF"
+            } else {
+                inputs["device"] = json!("default");
+                "DualCLIPLoader"
+            };
+            json!({"class_type": class, "inputs": inputs, "_meta": {"title": "DualCLIPLoader"}})
+        }
+        (family, _) => {
+            let wanted = if family == Family::Sd15 {
+                "one text encoder (CLIP-L)"
+            } else if family == Family::Flux {
+                "two text encoders (CLIP-L and T5-XXL)"
+            } else {
+                "two text encoders (CLIP-L and CLIP-G)"
+            };
+            return Err(RestError::field(
+                "clip",
+                format!("family {} needs {wanted}", family.name()),
+            ));
+        }
+    };
+    let clip_id = add(nodes, clip_node, "clip", &["clip_name", "clip_name1", "clip_name2"]);
+    let vae = request.vae.as_deref().unwrap_or_default();
+    let vae_id = add(
+        nodes,
+        json!({"class_type": "VAELoader", "inputs": {"vae_name": vae}, "_meta": {"title": "Load VAE"}}),
+        "vae",
+        &["vae_name"],
+    );
+    nodes.remove(loader);
+    for (output, id) in [(0, &unet_id), (1, &clip_id), (2, &vae_id)] {
+        relink(nodes, &json!([loader, output]), &json!([id, 0]), "");
+    }
+    Ok((json!([unet_id, 0]), json!([clip_id, 0])))
+}
+
+/// Puts the request's LoRAs, in order, between the model and text-encoder loaders and everything
+/// that uses them.
+fn chain_loras(
+    request: &GenerateRequest,
+    mut model: Json,
+    mut clip: Json,
+    nodes: &mut Map<String, Json>,
+    built: &mut BuiltPrompt,
+) {
+    for lora in &request.loras {
+        let id = next_id(nodes);
+        let node = json!({
+            "class_type": "LoraLoader",
+            "inputs": {
+                "lora_name": lora.name, "strength_model": lora.strength_model,
+                "strength_clip": lora.strength_clip, "model": model, "clip": clip,
+            },
+            "_meta": {"title": "Load LoRA"},
+        });
+        nodes.insert(id.clone(), node);
+        for input in ["lora_name", "strength_model", "strength_clip"] {
+            built.fields.insert((id.clone(), input.to_string()), "loras");
+        }
+        let (lora_model, lora_clip) = (json!([id, 0]), json!([id, 1]));
+        relink(nodes, &model, &lora_model, &id);
+        relink(nodes, &clip, &lora_clip, &id);
+        (model, clip) = (lora_model, lora_clip);
+    }
+}
