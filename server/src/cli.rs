@@ -209,6 +209,9 @@ pub struct ServeArgs {
     /// Let webhooks go to loopback and private addresses.
     #[arg(long)]
     pub webhook_allow_private: bool,
+    /// The drop-in REST APIs to serve: family, genserve, fooocus (comma-separated), or none.
+    #[arg(long, value_name = "LIST", default_value = "family,genserve,fooocus")]
+    pub compat: String,
     /// Allow listening on a non-loopback address without an API key.
     #[arg(long)]
     pub allow_unauthenticated: bool,

@@ -42,6 +42,8 @@ fn settings(args: &ServeArgs) -> anyhow::Result<ServerSettings> {
         ..Default::default()
     };
     settings.max_queue = args.max_queue;
+    settings.compat =
+        crate::rest::compat::Compat::parse(&args.compat).map_err(|error| anyhow::anyhow!("--compat: {error}"))?;
     settings.healthz_public = args.healthz_public;
     settings.webhooks = crate::webhooks::WebhookSettings {
         secret: match &args.webhook_secret {

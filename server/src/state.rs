@@ -4,6 +4,7 @@ use crate::hub::{message, Hub, Outgoing};
 use crate::metrics::Metrics;
 use crate::queue::{PromptQueue, QueueItem};
 use crate::rest::catalog::ModelCatalog;
+use crate::rest::compat::Compat;
 use crate::rest::tasks::LiveTasks;
 use crate::setup::Runtime;
 use crate::store::{Store, StoreError};
@@ -50,6 +51,8 @@ pub struct ServerSettings {
     pub healthz_public: bool,
     /// The `--webhook-*` options.
     pub webhooks: WebhookSettings,
+    /// `--compat`: which drop-in REST APIs are served.
+    pub compat: Compat,
 }
 
 impl Default for ServerSettings {
@@ -68,6 +71,7 @@ impl Default for ServerSettings {
             max_queue: None,
             healthz_public: false,
             webhooks: WebhookSettings::default(),
+            compat: Compat::default(),
         }
     }
 }

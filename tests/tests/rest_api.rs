@@ -624,7 +624,10 @@ fn metrics_health_readiness_queue_limit_and_keys() {
 
     let mut finished = tiny("sd15", "text2img");
     finished["steps"] = json!(3);
-    assert_eq!(with_key(api, "POST", "/v1/generate", key, Some(finished)).json()["status"], "succeeded");
+    assert_eq!(
+        with_key(api, "POST", "/v1/generate", key, Some(finished)).json()["status"],
+        "succeeded"
+    );
 
     // /metrics parses as the exposition format and counts what happened.
     let answer = with_key(api, "GET", "/metrics", key, None);

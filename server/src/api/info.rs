@@ -15,18 +15,23 @@ const COMFYUI_VERSION: &str = "0.3.64";
 const FRONTEND_VERSION: &str = "1.27.10";
 const TEMPLATES_VERSION: &str = "0.1.95";
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+/// The routes; `with_models: false` leaves `/models` out (GenServe's takes its place at the root).
+pub fn routes(with_models: bool) -> Router<AppState> {
+    let router = Router::new()
         .route("/object_info", get(object_info))
         .route("/object_info/{node_class}", get(object_info_class))
         .route("/embeddings", get(embeddings))
         .route("/extensions", get(extensions))
-        .route("/models", get(model_folders))
         .route("/models/{folder}", get(model_files))
         .route("/system_stats", get(system_stats))
         .route("/features", get(features))
         .route("/view_metadata/{folder_name}", get(view_metadata))
-        .route("/global_subgraphs", get(global_subgraphs))
+        .route("/global_subgraphs", get(global_subgraphs));
+    if with_models {
+        router.route("/models", get(model_folders))
+    } else {
+        router
+    }
 }
 
 /// Subgraph blueprints that custom node packs ship (later ComfyUI versions; the newest frontends

@@ -29,31 +29,36 @@ use tower_http::compression::CompressionLayer;
 use tower_http::services::{ServeDir, ServeFile};
 use tower_http::set_header::SetResponseHeaderLayer;
 
-/// Every route, plain and under `/api`, the WebSocket, the built-in page at `/easel/`, and the
+/// Every route, plain and under `/api`, the WebSocket, the REST API (`/v1`, the drop-in routes
+/// of `--compat`, `/metrics`, `/healthz`, `/readyz`), the built-in page at `/easel/`, and the
 /// frontend of `--front-end-root` if any (`/` is its `index.html`, not cached; without one `/` is
 /// the built-in page), all behind the API-key and origin checks.
 pub fn router(state: AppState) -> Router {
-    let routes = Router::new()
-        .merge(prompt::routes())
-        .merge(queue::routes())
-        .merge(history::routes())
-        .merge(jobs::routes())
-        .merge(files::routes())
-        .merge(info::routes())
-        .merge(user::routes())
-        .route("/ws", get(crate::ws::websocket));
+    let comfy_routes = |with_models: bool| {
+        Router::new()
+            .merge(prompt::routes())
+            .merge(queue::routes())
+            .merge(history::routes())
+            .merge(jobs::routes())
+            .merge(files::routes())
+            .merge(info::routes(with_models))
+            .merge(user::routes())
+            .route("/ws", get(crate::ws::websocket))
+    };
     let limit = state.settings.max_upload_size;
+    let compat = state.settings.compat;
     let mut app = Router::new()
-        .merge(routes.clone())
-        .nest("/api", routes)
+        .merge(comfy_routes(!compat.genserve_owns_models()))
+        .nest("/api", comfy_routes(true))
         .merge(user::internal_routes())
         .merge(crate::rest::routes())
+        .merge(crate::rest::compat::routes(compat))
         .merge(crate::metrics::routes())
+        .merge(page::routes(state.settings.front_end_root.is_none()))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             crate::metrics::count_request,
-        ))
-        .merge(page::routes(state.settings.front_end_root.is_none()));
+        ));
     if let Some(root) = state.settings.front_end_root.clone() {
         let index = Router::new()
             .route_service("/", ServeFile::new(root.join("index.html")))

@@ -6,11 +6,15 @@
 //! - [`recipes`]: which bundled workflow serves a family and mode, and how fields fill it in;
 //! - [`catalog`]: the models a request may name, styles and presets;
 //! - [`tasks`]: a task as clients see it, and the progress of running ones;
-//! - [`routes`]: the handlers.
+//! - [`generation`]: a request checked, built and queued; [`answers`]: how a task is answered;
+//! - [`routes`]: the `/v1` handlers; [`compat`]: drop-in routes of other services.
 //!
 //! Every failure answers `{"error": {"code", "message", "field"}}` ([`RestError`]).
 
+pub mod answers;
 pub mod catalog;
+pub mod compat;
+pub mod generation;
 pub mod recipes;
 pub mod request;
 pub mod routes;
@@ -142,4 +146,13 @@ pub fn parse_time(field: &str, text: &str) -> Result<i64, RestError> {
         field,
         format!("`{text}` is not an ISO 8601 time (such as 2026-12-06T09:30:00Z)"),
     ))
+}
+
+/// The server's folders.
+pub fn paths(state: &crate::state::AppState) -> Result<&easel_nodes::paths::Paths, RestError> {
+    state
+        .runtime
+        .services
+        .get::<easel_nodes::paths::Paths>()
+        .ok_or_else(|| RestError::invalid(None, "this server has no model and file folders"))
 }

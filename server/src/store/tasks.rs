@@ -80,6 +80,8 @@ pub struct TaskFilter {
     pub start_at: Option<i64>,
     /// Queued at or before (ms).
     pub end_at: Option<i64>,
+    /// Only tasks that have ended.
+    pub ended: bool,
 }
 
 /// A page of tasks, newest first, and where the next one starts.
@@ -302,6 +304,9 @@ fn filter_sql(filter: &TaskFilter) -> (Vec<String>, Vec<Box<dyn rusqlite::ToSql>
     if let Some(end) = filter.end_at {
         conditions.push("queued_at <= ?".into());
         values.push(Box::new(end));
+    }
+    if filter.ended {
+        conditions.push("status NOT IN ('pending', 'running')".into());
     }
     (conditions, values)
 }

@@ -1,0 +1,158 @@
+//! The per-family REST layer many teams put over ComfyUI: `POST /sd15/generate`,
+//! `/sdxl/generate`, `/sd3/generate`, `/flux/generate` (base64 JSON in, `{"image_base64"}` out),
+//! and `/upscale`, `/object_remove`, `/iclight/generate`, which need models Easel cannot run yet.
+
+use crate::rest::answers::{encode_as, read_output, wait_for_end};
+use crate::rest::generation::accept_generation;
+use crate::rest::request::{OutputFormat, RawRequest};
+use crate::rest::RestError;
+use crate::state::AppState;
+use crate::store::tasks::TaskStatus;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use base64::Engine;
+use serde_json::{json, Map, Value as Json};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/sd15/generate", post(|state, body| generate(state, body, "sd15")))
+        .route("/sdxl/generate", post(|state, body| generate(state, body, "sdxl")))
+        .route("/sd3/generate", post(|state, body| generate(state, body, "sd3")))
+        .route("/flux/generate", post(|state, body| generate(state, body, "flux")))
+        .route("/upscale", post(|| not_yet("The upscale route (upscale models)")))
+        .route(
+            "/object_remove",
+            post(|| not_yet("The object_remove route (the Fooocus inpaint patch)")),
+        )
+        .route("/iclight/generate", post(|| not_yet("The iclight route (IC-Light)")))
+}
+
+async fn not_yet(capability: &str) -> RestError {
+    RestError::not_yet("route", capability)
+}
+
+/// The service's defaults for a family: steps, cfg, sampler, scheduler.
+fn defaults(family: &str) -> (u32, f64, &'static str, &'static str) {
+    match family {
+        "flux" => (20, 3.5, "euler", "simple"),
+        "sd3" => (28, 4.5, "dpmpp_2m", "sgm_uniform"),
+        "sdxl" => (20, 7.0, "dpmpp_2m_sde", "karras"),
+        _ => (20, 7.0, "dpmpp_2m", "karras"),
+    }
+}
+
+/// The service's fields as Easel's request.
+pub fn to_request(family: &str, body: &Map<String, Json>) -> Result<RawRequest, RestError> {
+    let (steps, cfg, sampler, scheduler) = defaults(family);
+    let given = |name: &str| body.get(name).filter(|value| !value.is_null()).cloned();
+    let mut fields = Map::new();
+    let mut set = |name: &str, value: Option<Json>, default: Json| {
+        fields.insert(name.to_string(), value.unwrap_or(default));
+    };
+    let mode = match given("gen_type").as_ref().and_then(Json::as_str) {
+        Some("t2i") => "text2img",
+        Some("i2i") => "img2img",
+        Some("inpaint") => "inpaint",
+        Some(other) => {
+            return Err(RestError::field(
+                "gen_type",
+                format!("`gen_type` is t2i, i2i or inpaint, not `{other}`"),
+            ))
+        }
+        None if given("mask").is_some() => "inpaint",
+        None if given("init_image").is_some() => "img2img",
+        None => "text2img",
+    };
+    set("family", None, json!(family));
+    set("mode", None, json!(mode));
+    set("prompt", given("prompt_positive"), json!("high quality, 4K, expert."));
+    set(
+        "negative_prompt",
+        given("prompt_negative"),
+        json!("Low quality, Blur, artifact"),
+    );
+    set("seed", given("seed"), json!(-1));
+    set("width", given("width"), json!(1024));
+    set("height", given("height"), json!(1024));
+    set("batch_size", given("batch_size"), json!(1));
+    set("steps", given("steps"), json!(steps));
+    set("cfg", given("cfg"), json!(cfg));
+    set("sampler", given("sampler_name"), json!(sampler));
+    set("scheduler", given("scheduler"), json!(scheduler));
+    set("denoise", given("denoise"), json!(1.0));
+    for (theirs, ours) in [
+        ("checkpoint", "model"),
+        ("unet", "unet"),
+        ("clip", "clip"),
+        ("vae", "vae"),
+        ("init_image", "image"),
+        ("mask", "mask"),
+        ("refiner", "refiner"),
+        ("controlnet_requests", "controlnets"),
+        ("ipadapter_request", "ip_adapter"),
+    ] {
+        if let Some(value) = given(theirs) {
+            fields.insert(ours.into(), value);
+        }
+    }
+    if fields.contains_key("refiner") {
+        fields.insert("refine_switch".into(), given("refine_switch").unwrap_or(json!(0.4)));
+    }
+    if let Some(Json::Array(loras)) = given("lora_requests") {
+        let loras: Vec<Json> = loras
+            .iter()
+            .map(|lora| {
+                json!({"name": lora["lora"], "strength_model": lora["strength_model"], "strength_clip": lora["strength_clip"]})
+            })
+            .collect();
+        fields.insert("loras".into(), Json::Array(loras));
+    }
+    Ok(RawRequest {
+        fields,
+        files: Vec::new(),
+    })
+}
+
+async fn generate(
+    State(state): State<AppState>,
+    body: axum::body::Bytes,
+    family: &'static str,
+) -> Result<Response, RestError> {
+    let body = RawRequest::from_json(&body)?;
+    let raw = to_request(family, &body.fields)?;
+    let accepting = state.clone();
+    let (task, _) = tokio::task::spawn_blocking(move || accept_generation(&accepting, raw))
+        .await
+        .map_err(|_| RestError::invalid(None, "the request could not be handled"))??;
+    let task = wait_for_end(&state, &task.id).await?;
+    if task.status != TaskStatus::Succeeded {
+        let message = task
+            .error
+            .as_ref()
+            .and_then(|error| error["message"].as_str())
+            .unwrap_or("it was cancelled");
+        return Err(RestError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "task_failed",
+            format!("the generation failed: {message}"),
+        ));
+    }
+    let images = task
+        .images
+        .iter()
+        .map(|image| {
+            let png = encode_as(read_output(&state, image)?, OutputFormat::Png)?;
+            Ok(base64::engine::general_purpose::STANDARD.encode(png))
+        })
+        .collect::<Result<Vec<_>, RestError>>()?;
+    Ok(axum::Json(json!({
+        "image_base64": images.first(),
+        "images_base64": images,
+        "task_id": task.id,
+        "seed": task.spec["seed"],
+    }))
+    .into_response())
+}

@@ -1,0 +1,391 @@
+//! A generation request becomes a queued task: its fields read (JSON or multipart), checked,
+//! its model and styles resolved, its images stored by content hash, its prompt built from the
+//! bundled workflow and validated like `POST /prompt`, then the task and its prompt stored in one
+//! transaction and queued. The `/v1` route and the drop-in routes all come through here.
+
+use super::catalog::{default_model, presets, styles};
+use super::recipes::{build, workflow_for, BuiltPrompt, Ingredients, WORKFLOW_VERSION};
+use super::request::{parse, Family, GenerateRequest, Mode, OutputFormat, RawRequest, ReturnStyle};
+use super::tasks::view_url;
+use super::{now_ms, paths, RestError};
+use crate::queue::QueueItem;
+use crate::state::AppState;
+use crate::store::tasks::{StoredTask, TaskStatus};
+use axum::extract::{FromRequest, Multipart, Request};
+use axum::http::{header, StatusCode};
+use easel_engine::{validate_prompt, Prompt, ValidationFailure};
+use easel_nodes::paths::{write_replacing, Paths};
+use serde_json::{json, Map, Value as Json};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+
+/// How a request wants its images back.
+#[derive(Debug, Clone, Copy)]
+pub struct AnswerStyle {
+    pub stream: bool,
+    pub run_async: bool,
+    pub return_style: ReturnStyle,
+    pub output_format: OutputFormat,
+}
+
+/// The raw fields of a JSON body or a multipart form.
+pub async fn read_request(request: Request, state: &AppState) -> Result<RawRequest, RestError> {
+    let multipart = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("multipart/form-data"));
+    let too_large =
+        |error: &dyn std::fmt::Display| RestError::invalid(None, format!("the request could not be read: {error}"));
+    if !multipart {
+        let body = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|error| too_large(&error))?;
+        return RawRequest::from_json(&body);
+    }
+    let mut form = Multipart::from_request(request, state)
+        .await
+        .map_err(|error| too_large(&error))?;
+    let mut raw = RawRequest::default();
+    while let Some(field) = form.next_field().await.map_err(|error| too_large(&error))? {
+        let name = field.name().unwrap_or_default().to_string();
+        if field.file_name().is_some() {
+            let bytes = field.bytes().await.map_err(|error| too_large(&error))?;
+            raw.files.push((name, bytes.to_vec()));
+        } else {
+            let text = field.text().await.map_err(|error| too_large(&error))?;
+            raw.add_form_text(name, text);
+        }
+    }
+    Ok(raw)
+}
+
+/// Checks a request, builds and validates its prompt, stores its images and queues it as a task.
+pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(StoredTask, AnswerStyle), RestError> {
+    let paths = paths(state)?;
+    if let Some(name) = raw.fields.get("preset").filter(|value| !value.is_null()) {
+        let name = name.as_str().unwrap_or_default().to_string();
+        let presets = presets(paths);
+        let preset = presets
+            .get(&name)
+            .ok_or_else(|| RestError::field("preset", format!("no preset named `{name}` (see /v1/presets)")))?;
+        raw.apply_preset(&preset.fields);
+    }
+    let request = parse(&raw, state.settings.max_upload_size)?;
+    if let Some(limit) = state.settings.max_queue {
+        let depth = state.queue.remaining();
+        if depth >= limit {
+            return Err(RestError {
+                retry_after: Some(5),
+                ..RestError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "queue_full",
+                    format!("the queue is full ({depth} of {limit} prompts): try again shortly"),
+                )
+            });
+        }
+    }
+    let webhooks = &state.settings.webhooks;
+    let webhook_url = request.webhook_url.clone().or_else(|| webhooks.default_url.clone());
+    if let Some(url) = &request.webhook_url {
+        crate::webhooks::check_url(url, webhooks.allow_private)
+            .map_err(|error| RestError::field("webhook_url", error))?;
+    }
+    let workflow_name = workflow_for(&request)?;
+    let checkpoint = resolve_checkpoint(state, paths, &request)?;
+    let all_styles = styles(paths);
+    let chosen_styles = request
+        .styles
+        .iter()
+        .map(|name| {
+            all_styles
+                .get(name)
+                .cloned()
+                .ok_or_else(|| RestError::field("styles", format!("no style named `{name}` (see /v1/styles)")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let workflow = crate::api::bundled_workflow(&format!("rest/{WORKFLOW_VERSION}/{workflow_name}.json"))
+        .ok_or_else(|| RestError::invalid(None, format!("the bundled workflow {workflow_name} is missing")))?;
+    let seed = request.seed.unwrap_or_else(random_seed);
+    let id = uuid::Uuid::new_v4().to_string();
+    let stored_images = StoredInputs::write(paths, &request)?;
+    // A folder per day, as FooocusAPI keeps its outputs.
+    let output_prefix = format!(
+        "rest/{}/{}_{}",
+        chrono::Utc::now().format("%Y-%m-%d"),
+        request.family.name(),
+        request.mode.name()
+    );
+    let ingredients = Ingredients {
+        checkpoint: checkpoint.as_deref(),
+        seed,
+        image: stored_images.image.as_deref(),
+        mask: stored_images.mask.as_deref(),
+        styles: &chosen_styles,
+        output_prefix: &output_prefix,
+    };
+    let queued = build(&request, workflow, &ingredients).and_then(|built| {
+        let validated = validate(state, &built)?;
+        let spec = json!({
+            "request": sanitized_request(&raw, &request, checkpoint.as_deref(), &stored_images, seed),
+            "seed": seed,
+            "workflow": format!("{WORKFLOW_VERSION}/{workflow_name}"),
+        });
+        let task = StoredTask {
+            id: id.clone(),
+            status: TaskStatus::Pending,
+            priority: request.priority,
+            spec,
+            queued_at: now_ms(),
+            started_at: None,
+            finished_at: None,
+            images: Vec::new(),
+            error: None,
+            webhook_url: webhook_url.clone(),
+        };
+        let number = state.queue.next_number(false);
+        let client_id = raw.fields.get("client_id").and_then(Json::as_str);
+        let extra_data = match client_id {
+            Some(client) => json!({"client_id": client}),
+            None => json!({}),
+        };
+        let item = QueueItem {
+            number: number as f64,
+            number_json: json!(number),
+            priority: request.priority,
+            prompt_id: id.clone(),
+            validated,
+            extra_data,
+        };
+        let stored = item.to_stored();
+        state
+            .store
+            .insert_task(&task, |transaction| crate::store::enqueue_with(transaction, &stored))?;
+        Ok((task, item))
+    });
+    let (task, item) = match queued {
+        Ok(queued) => queued,
+        Err(error) => {
+            stored_images.remove_new();
+            return Err(error);
+        }
+    };
+    state.queue.put(item, |remaining| state.broadcast_status(remaining));
+    let style = AnswerStyle {
+        stream: request.stream,
+        run_async: request.run_async,
+        return_style: request.return_style,
+        output_format: request.output_format,
+    };
+    Ok((task, style))
+}
+
+/// A seed that JavaScript clients can hold exactly (below 2⁵³).
+fn random_seed() -> u64 {
+    let bytes = *uuid::Uuid::new_v4().as_bytes();
+    u64::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], 0]) & ((1 << 53) - 1)
+}
+
+/// The checkpoint to load: the request's `model`, checked against its family and mode, or the
+/// family's default; `None` when the request names split files.
+fn resolve_checkpoint(state: &AppState, paths: &Paths, request: &GenerateRequest) -> Result<Option<String>, RestError> {
+    if request.unet.is_some() {
+        return Ok(None);
+    }
+    let models = state.model_catalog.models(paths);
+    let family = request.family;
+    if let Some(name) = &request.model {
+        if let Some(entry) = models.iter().find(|entry| &entry.name == name) {
+            if entry.folder != "checkpoints" {
+                return Err(RestError::field(
+                    "model",
+                    format!("`{name}` holds only a diffusion model: name it as `unet`, with `clip` and `vae`"),
+                ));
+            }
+            if entry.family != family {
+                return Err(RestError::field(
+                    "model",
+                    format!("`{name}` is a {} model, not {}", entry.family.name(), family.name()),
+                ));
+            }
+            if !entry.modes().contains(&request.mode) {
+                return Err(RestError::field(
+                    "model",
+                    format!(
+                        "`{name}` ({} {}) cannot do {}",
+                        family.name(),
+                        entry.variant,
+                        request.mode.name()
+                    ),
+                ));
+            }
+        }
+        return Ok(Some(name.clone()));
+    }
+    let checkpoints: Vec<_> = models
+        .into_iter()
+        .filter(|entry| entry.folder == "checkpoints")
+        .collect();
+    let configured = state.settings.default_models.get(family.name()).map(String::as_str);
+    default_model(&checkpoints, family, request.mode, configured)
+        .map(|entry| Some(entry.name.clone()))
+        .ok_or_else(|| {
+            let kind = if family == Family::Flux && matches!(request.mode, Mode::Inpaint | Mode::Outpaint) {
+                "FLUX fill"
+            } else {
+                family.name()
+            };
+            RestError::field(
+                "model",
+                format!(
+                    "no {kind} checkpoint in models/checkpoints for {}: put one there or name one with `model`",
+                    request.mode.name()
+                ),
+            )
+        })
+}
+
+/// The prompt validated as `POST /prompt` validates it; a refusal names the field behind the
+/// first failing input.
+fn validate(state: &AppState, built: &BuiltPrompt) -> Result<easel_engine::ValidatedPrompt, RestError> {
+    let runtime = &state.runtime;
+    let prompt = Prompt::from_json(built.prompt.clone())
+        .map_err(|error| RestError::invalid(None, format!("the built workflow is not a prompt: {error}")))?;
+    let validated = validate_prompt(&runtime.registry, &runtime.services, prompt, None)
+        .map_err(|failure| validation_error(&failure, built))?;
+    if !validated.node_errors.is_empty() {
+        return Err(validation_error(
+            &ValidationFailure {
+                error: json!({"message": "Prompt outputs failed validation", "details": ""}),
+                node_errors: validated.node_errors.clone(),
+            },
+            built,
+        ));
+    }
+    Ok(validated)
+}
+
+fn validation_error(failure: &ValidationFailure, built: &BuiltPrompt) -> RestError {
+    let node_errors = serde_json::to_value(&failure.node_errors).unwrap_or_default();
+    let entries = node_errors.as_object().into_iter().flatten();
+    let errors = entries.flat_map(|(node, entry)| {
+        entry["errors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(move |error| (node.clone(), error.clone()))
+    });
+    let mut first = None;
+    for (node, error) in errors {
+        let input = error["extra_info"]["input_name"].as_str().unwrap_or_default();
+        let Some(field) = built.field_of(&node, input) else {
+            first.get_or_insert((node, error));
+            continue;
+        };
+        let received = &error["extra_info"]["received_value"];
+        let is_file = ["model", "unet", "clip", "vae", "refiner", "loras"].contains(&field);
+        if error["type"] == "value_not_in_list" && is_file {
+            return RestError::field(field, format!("no model file named {received} for `{field}`"))
+                .with_code("unknown_model");
+        }
+        let message = [error["message"].as_str(), error["details"].as_str()]
+            .into_iter()
+            .flatten()
+            .filter(|part| !part.is_empty())
+            .collect::<Vec<_>>()
+            .join(": ");
+        return RestError::field(field, message);
+    }
+    let message = match first {
+        Some((node, error)) => format!(
+            "node {node} of the built workflow: {} {}",
+            error["message"].as_str().unwrap_or_default(),
+            error["details"].as_str().unwrap_or_default()
+        ),
+        None => format!(
+            "{} {}",
+            failure.error["message"].as_str().unwrap_or_default(),
+            failure.error["details"].as_str().unwrap_or_default()
+        ),
+    };
+    RestError::invalid(None, message.trim().to_string()).with_code("invalid_workflow")
+}
+
+/// The request's input images, stored by content hash in `input/rest/`.
+struct StoredInputs {
+    /// LoadImage's names for them (`rest/<sha256>.<ext>`).
+    image: Option<String>,
+    mask: Option<String>,
+    /// Files this request created (removed again if it is refused).
+    created: Vec<PathBuf>,
+}
+
+impl StoredInputs {
+    fn write(paths: &Paths, request: &GenerateRequest) -> Result<StoredInputs, RestError> {
+        let mut stored = StoredInputs {
+            image: None,
+            mask: None,
+            created: Vec::new(),
+        };
+        let folder = paths.input.join("rest");
+        for (field, upload) in [("image", &request.image), ("mask", &request.mask)] {
+            let Some(upload) = upload else {
+                continue;
+            };
+            let hash = Sha256::digest(&upload.bytes);
+            let hex: String = hash.iter().map(|byte| format!("{byte:02x}")).collect();
+            let name = format!("{hex}.{}", upload.extension);
+            let path = folder.join(&name);
+            if !path.is_file() {
+                let written = std::fs::create_dir_all(&folder).and_then(|()| write_replacing(&path, &upload.bytes));
+                if let Err(error) = written {
+                    stored.remove_new();
+                    return Err(
+                        RestError::field(field, format!("the image could not be stored: {error}"))
+                            .with_status(StatusCode::SERVICE_UNAVAILABLE)
+                            .with_code("storage_error"),
+                    );
+                }
+                stored.created.push(path);
+            }
+            let slot = if field == "image" {
+                &mut stored.image
+            } else {
+                &mut stored.mask
+            };
+            *slot = Some(format!("rest/{name}"));
+        }
+        Ok(stored)
+    }
+
+    fn remove_new(&self) {
+        for path in &self.created {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The request as the task shows it: images as the URLs of their stored copies, the family,
+/// mode, model and seed it ran with.
+fn sanitized_request(
+    raw: &RawRequest,
+    request: &GenerateRequest,
+    checkpoint: Option<&str>,
+    images: &StoredInputs,
+    seed: u64,
+) -> Json {
+    let mut fields: Map<String, Json> = raw.fields.clone();
+    for (field, name) in [("image", &images.image), ("mask", &images.mask)] {
+        if let Some(name) = name {
+            let (subfolder, filename) = name.split_once('/').unwrap_or(("", name));
+            fields.insert(field.into(), json!(view_url(filename, subfolder, "input")));
+        }
+    }
+    fields.insert("family".into(), json!(request.family.name()));
+    fields.insert("mode".into(), json!(request.mode.name()));
+    if let Some(checkpoint) = checkpoint {
+        fields.insert("model".into(), json!(checkpoint));
+    }
+    fields.insert("seed".into(), json!(seed));
+    Json::Object(fields)
+}
