@@ -31,6 +31,38 @@ pub enum Command {
     Bench(BenchArgs),
     /// Write tiny random-weight models (real file formats) into a models directory, for tests.
     Testmodels(TestmodelsArgs),
+    /// Manage model files (`easel models download URL --folder checkpoints`).
+    Models(ModelsArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelsArgs {
+    #[command(subcommand)]
+    pub action: ModelsAction,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum ModelsAction {
+    /// Download a model file into its folder: resumed if interrupted, checked against --sha256,
+    /// renamed into place only when complete.
+    Download(DownloadArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DownloadArgs {
+    /// The file's http(s) URL.
+    pub url: String,
+    /// The model folder (checkpoints, loras, vae, text_encoders, diffusion_models, …).
+    #[arg(long, default_value = "checkpoints")]
+    pub folder: String,
+    /// The file name (default: the URL's last path segment).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The expected SHA-256 (64 hexadecimal digits).
+    #[arg(long)]
+    pub sha256: Option<String>,
+    #[command(flatten)]
+    pub directories: DirectoryArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -77,6 +109,8 @@ pub struct BenchArgs {
 pub enum BenchTarget {
     /// The HTTP API on loopback.
     Server,
+    /// The REST API's overhead over `POST /prompt` (request to queued).
+    Rest,
     /// Stable Diffusion 1.x: load, UNet step and VAE decode times, peak memory.
     Sd15,
     /// SDXL: load, UNet step at 512² and 1024², rank-32 LoRA patch time, peak memory.
@@ -212,6 +246,9 @@ pub struct ServeArgs {
     /// The drop-in REST APIs to serve: family, genserve, fooocus (comma-separated), or none.
     #[arg(long, value_name = "LIST", default_value = "family,genserve,fooocus")]
     pub compat: String,
+    /// Let `POST /v1/models/download` fetch from loopback and private addresses.
+    #[arg(long)]
+    pub download_allow_private: bool,
     /// Allow listening on a non-loopback address without an API key.
     #[arg(long)]
     pub allow_unauthenticated: bool,

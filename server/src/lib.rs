@@ -4,7 +4,8 @@
 //! - [`bench`]: `easel bench server`;
 //! - [`serve`]: `easel serve`; [`listen`]: its sockets, plain or TLS; [`api`]: the HTTP routes; [`ws`]: the WebSocket;
 //! - [`rest`]: the REST API for people who don't edit graphs (`/v1/…`); [`webhooks`]: its task
-//!   webhooks; [`metrics`]: `/metrics`, `/healthz`, `/readyz`;
+//!   webhooks; [`metrics`]: `/metrics`, `/healthz`, `/readyz`; [`downloads`]: model downloads;
+//! - [`outbound`]: where the server's own requests may go;
 //! - [`frontend`]: where the official ComfyUI frontend is found;
 //! - [`state`]: what the routes share; [`queue`]: prompts waiting; [`store`]: queue and history on disk;
 //! - [`worker`]: executes queued prompts; [`hub`]: delivers messages to WebSocket clients;
@@ -16,11 +17,13 @@ pub mod allocator;
 pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod downloads;
 pub mod frontend;
 pub mod hub;
 pub mod listen;
 pub mod logs;
 pub mod metrics;
+pub mod outbound;
 pub mod queue;
 pub mod rest;
 pub mod run;

@@ -28,6 +28,7 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => serve::serve(*args),
         Some(Command::Bench(args)) => bench::bench(args),
         Some(Command::Testmodels(args)) => testmodels(&args.dir),
+        Some(Command::Models(args)) => models(args),
         None => serve::serve(cli.serve),
     };
     match result {
@@ -37,6 +38,38 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `easel models download URL`: the file into its model folder, with a progress bar.
+fn models(args: easel_server::cli::ModelsArgs) -> anyhow::Result<ExitCode> {
+    let easel_server::cli::ModelsAction::Download(download) = args.action;
+    let execution = easel_server::cli::ExecutionArgs {
+        directories: download.directories.clone(),
+        ..Default::default()
+    };
+    let paths = easel_server::setup::paths(&execution)?;
+    let target = easel_server::downloads::DownloadTarget::new(
+        &paths,
+        &download.url,
+        &download.folder,
+        download.name.as_deref(),
+        download.sha256.as_deref(),
+    )?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(target.name.clone());
+    let sha256 = easel_server::downloads::download(&easel_server::downloads::agent(), &target, &mut |bytes, total| {
+        if let Some(total) = total {
+            bar.set_length(total);
+        }
+        bar.set_position(bytes);
+    })?;
+    bar.finish_and_clear();
+    println!("{} (sha256 {sha256})", target.path.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `easel testmodels DIR`: writes the tiny test models and lists them.

@@ -42,6 +42,7 @@ fn settings(args: &ServeArgs) -> anyhow::Result<ServerSettings> {
         ..Default::default()
     };
     settings.max_queue = args.max_queue;
+    settings.download_allow_private = args.download_allow_private;
     settings.compat =
         crate::rest::compat::Compat::parse(&args.compat).map_err(|error| anyhow::anyhow!("--compat: {error}"))?;
     settings.healthz_public = args.healthz_public;
@@ -57,7 +58,7 @@ fn settings(args: &ServeArgs) -> anyhow::Result<ServerSettings> {
         allow_private: args.webhook_allow_private,
     };
     if let Some(url) = &settings.webhooks.default_url {
-        crate::webhooks::check_url(url, settings.webhooks.allow_private)
+        crate::outbound::check_url(url, settings.webhooks.allow_private)
             .map_err(|error| anyhow::anyhow!("--webhook-url: {error}"))?;
     }
     for choice in &args.default_model {

@@ -5,6 +5,7 @@ use crate::metrics::Metrics;
 use crate::queue::{PromptQueue, QueueItem};
 use crate::rest::catalog::ModelCatalog;
 use crate::rest::compat::Compat;
+use crate::rest::downloads::DownloadJobs;
 use crate::rest::tasks::LiveTasks;
 use crate::setup::Runtime;
 use crate::store::{Store, StoreError};
@@ -53,6 +54,8 @@ pub struct ServerSettings {
     pub webhooks: WebhookSettings,
     /// `--compat`: which drop-in REST APIs are served.
     pub compat: Compat,
+    /// `--download-allow-private`: model downloads may come from loopback and private addresses.
+    pub download_allow_private: bool,
 }
 
 impl Default for ServerSettings {
@@ -72,6 +75,7 @@ impl Default for ServerSettings {
             healthz_public: false,
             webhooks: WebhookSettings::default(),
             compat: Compat::default(),
+            download_allow_private: false,
         }
     }
 }
@@ -101,6 +105,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Wakes the webhook thread when a task ends.
     pub webhook_wake: WebhookWake,
+    /// Model downloads started over HTTP.
+    pub downloads: DownloadJobs,
 }
 
 #[derive(Clone)]
@@ -163,6 +169,7 @@ impl AppState {
             started: Instant::now(),
             metrics: Metrics::default(),
             webhook_wake: WebhookWake::default(),
+            downloads: DownloadJobs::default(),
         });
         let worker = shared.clone();
         std::thread::Builder::new()

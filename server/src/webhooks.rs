@@ -6,6 +6,7 @@
 //! goes on where the last one stopped. Loopback and private addresses are refused unless
 //! `--webhook-allow-private`.
 
+use crate::outbound::{check_url, refuse_private_resolution};
 use crate::rest::tasks::{image_entry, task_json};
 use crate::state::Shared;
 use crate::store::tasks::now_ms;
@@ -13,7 +14,6 @@ use crate::store::webhooks::{Attempt, PendingDelivery};
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use std::net::{IpAddr, ToSocketAddrs};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -68,50 +68,6 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &str) -> String {
     mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
     let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
     format!("v1,{signature}")
-}
-
-/// Whether a URL may receive webhooks: http(s), and (unless allowed) not a loopback or private
-/// address by its literal host; names are checked again when resolved at delivery.
-pub fn check_url(url: &str, allow_private: bool) -> Result<(), String> {
-    let uri: ureq::http::Uri = url.parse().map_err(|_| format!("`{url}` is not a URL"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) {
-        return Err("a webhook URL must start with http:// or https://".into());
-    }
-    let host = uri.host().ok_or("the webhook URL has no host")?;
-    if allow_private {
-        return Ok(());
-    }
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let named_local = host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost");
-    if named_local || host.parse::<IpAddr>().is_ok_and(is_private) {
-        return Err(format!(
-            "`{host}` is a loopback or private address: webhooks go there only with --webhook-allow-private"
-        ));
-    }
-    Ok(())
-}
-
-/// Loopback, private, link-local, unspecified, shared (100.64/10) or unique-local addresses.
-fn is_private(address: IpAddr) -> bool {
-    match address {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || (a == 100 && (64..128).contains(&b))
-        }
-        IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-                || v6.to_ipv4_mapped().is_some_and(|v4| is_private(IpAddr::V4(v4)))
-        }
-    }
 }
 
 /// Wakes the delivery thread when a task ends.
@@ -246,28 +202,6 @@ fn send(agent: &ureq::Agent, settings: &WebhookSettings, delivery: &PendingDeliv
     }
 }
 
-/// Refuses a URL whose host resolves to a loopback or private address.
-fn refuse_private_resolution(url: &str) -> Result<(), String> {
-    let uri: ureq::http::Uri = url.parse().map_err(|_| format!("`{url}` is not a URL"))?;
-    let host = uri
-        .host()
-        .unwrap_or_default()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let port = uri
-        .port_u16()
-        .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
-    let addresses = (host, port)
-        .to_socket_addrs()
-        .map_err(|error| format!("cannot resolve {host}: {error}"))?;
-    for address in addresses {
-        if is_private(address.ip()) {
-            return Err(format!("{host} resolves to the private address {}", address.ip()));
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,23 +216,5 @@ mod tests {
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
         assert!(parse_secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
-    }
-
-    #[test]
-    fn private_targets_are_refused_unless_allowed() {
-        for url in [
-            "http://127.0.0.1:9000/hook",
-            "http://localhost/hook",
-            "http://10.1.2.3/",
-            "http://192.168.0.7/",
-            "http://[::1]:8080/",
-            "http://169.254.169.254/latest",
-            "http://100.100.1.1/",
-        ] {
-            assert!(check_url(url, false).is_err(), "{url}");
-            assert!(check_url(url, true).is_ok(), "{url}");
-        }
-        assert!(check_url("https://example.com/hook", false).is_ok());
-        assert!(check_url("ftp://example.com/hook", true).is_err());
     }
 }

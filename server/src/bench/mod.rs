@@ -1,9 +1,11 @@
-//! `easel bench TARGET`: measurements printed as tables — the HTTP API under load (`server`),
+//! `easel bench TARGET`: measurements printed as tables — the HTTP API under load (`server`), what
+//! the REST API adds over `POST /prompt` (`rest`),
 //! validation's error body for many failing outputs (`validation`) and diffusion-model compute
 //! (`sd15`, `sdxl`, `flux`), and what EasyCache and LazyCache save (`step-cache`).
 
 mod cpu_peak;
 mod flux;
+mod rest;
 mod sd15;
 mod sdxl;
 mod server;
@@ -19,6 +21,7 @@ use crate::cli::{BenchArgs, BenchTarget};
 pub fn bench(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     match args.target {
         BenchTarget::Server => server::bench(&args),
+        BenchTarget::Rest => rest::bench(&args),
         BenchTarget::Sd15 => sd15::bench(&args),
         BenchTarget::Sdxl => sdxl::bench(&args),
         BenchTarget::Flux => flux::bench(&args),

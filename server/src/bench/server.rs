@@ -20,12 +20,12 @@ use serde_json::{json, Value as Json};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
-    let base = tempfile::tempdir()?;
+/// Starts a server in `base` on a loopback port, on its own thread; its URL.
+pub(super) fn start_server(base: &std::path::Path) -> anyhow::Result<String> {
     let mut execution = ExecutionArgs::default();
-    execution.directories.base_directory = base.path().to_path_buf();
+    execution.directories.base_directory = base.to_path_buf();
     let runtime = setup::runtime(&execution)?;
-    let store = Store::open(&base.path().join("user/easel.db"), 10000)?;
+    let store = Store::open(&base.join("user/easel.db"), 10000)?;
     let state = AppState::start(runtime, ServerSettings::default(), store)?;
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || -> anyhow::Result<()> {
@@ -37,12 +37,17 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
             Ok(())
         })
     });
-    let url = format!(
+    Ok(format!(
         "http://{}",
         receiver
             .recv_timeout(Duration::from_secs(10))
             .context("the server did not start")?
-    );
+    ))
+}
+
+pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+    let base = tempfile::tempdir()?;
+    let url = start_server(base.path())?;
 
     println!("| measurement | clients | requests | p50 (ms) | p99 (ms) | requests/s |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -120,15 +125,28 @@ fn prompt(client: usize, index: usize) -> String {
     .to_string()
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub(super) type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
-struct Timings {
+pub(super) struct Timings {
     latencies: Vec<Duration>,
     wall: Duration,
 }
 
+impl Timings {
+    /// The latency at `p` (0–1), in milliseconds.
+    pub(super) fn percentile(&self, p: f64) -> f64 {
+        let index = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies.get(index).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    }
+}
+
 /// Sends `requests` requests from `clients` concurrent tasks; returns the latencies and bodies.
-async fn load<F>(client: &HttpClient, clients: usize, requests: usize, make: F) -> anyhow::Result<(Timings, Vec<Bytes>)>
+pub(super) async fn load<F>(
+    client: &HttpClient,
+    clients: usize,
+    requests: usize,
+    make: F,
+) -> anyhow::Result<(Timings, Vec<Bytes>)>
 where
     F: Fn(usize, usize) -> anyhow::Result<Request<Full<Bytes>>> + Send + Sync + 'static,
 {
@@ -165,16 +183,12 @@ where
     Ok((Timings { latencies, wall }, bodies))
 }
 
-fn report(name: &str, clients: usize, timings: &Timings) {
-    let percentile = |p: f64| {
-        let index = ((timings.latencies.len() as f64 - 1.0) * p).round() as usize;
-        timings.latencies.get(index).map_or(0.0, |d| d.as_secs_f64() * 1e3)
-    };
+pub(super) fn report(name: &str, clients: usize, timings: &Timings) {
     let rate = timings.latencies.len() as f64 / timings.wall.as_secs_f64();
     println!(
         "| {name} | {clients} | {} | {:.2} | {:.2} | {rate:.0} |",
         timings.latencies.len(),
-        percentile(0.5),
-        percentile(0.99)
+        timings.percentile(0.5),
+        timings.percentile(0.99)
     );
 }

@@ -83,6 +83,14 @@ impl ModelCatalog {
         models
     }
 
+    /// The model of this name (checkpoints first), if it is one Easel recognises.
+    pub fn find(&self, paths: &Paths, name: &str) -> Option<ModelEntry> {
+        ["checkpoints", "diffusion_models"].into_iter().find_map(|folder| {
+            let path = paths.full_path(folder, name)?;
+            self.recognise(&path, folder, name)
+        })
+    }
+
     fn recognise(&self, path: &Path, folder: &'static str, name: &str) -> Option<ModelEntry> {
         let metadata = std::fs::metadata(path).ok()?;
         let key = (metadata.len(), metadata.modified().ok());

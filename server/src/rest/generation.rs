@@ -88,12 +88,17 @@ pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(Store
     let webhooks = &state.settings.webhooks;
     let webhook_url = request.webhook_url.clone().or_else(|| webhooks.default_url.clone());
     if let Some(url) = &request.webhook_url {
-        crate::webhooks::check_url(url, webhooks.allow_private)
+        crate::outbound::check_url(url, webhooks.allow_private)
             .map_err(|error| RestError::field("webhook_url", error))?;
     }
     let workflow_name = workflow_for(&request)?;
     let checkpoint = resolve_checkpoint(state, paths, &request)?;
-    let all_styles = styles(paths);
+    // Read only when asked for: most requests name none.
+    let all_styles = if request.styles.is_empty() {
+        Default::default()
+    } else {
+        styles(paths)
+    };
     let chosen_styles = request
         .styles
         .iter()
@@ -192,10 +197,9 @@ fn resolve_checkpoint(state: &AppState, paths: &Paths, request: &GenerateRequest
     if request.unet.is_some() {
         return Ok(None);
     }
-    let models = state.model_catalog.models(paths);
     let family = request.family;
     if let Some(name) = &request.model {
-        if let Some(entry) = models.iter().find(|entry| &entry.name == name) {
+        if let Some(entry) = state.model_catalog.find(paths, name) {
             if entry.folder != "checkpoints" {
                 return Err(RestError::field(
                     "model",
@@ -222,7 +226,9 @@ fn resolve_checkpoint(state: &AppState, paths: &Paths, request: &GenerateRequest
         }
         return Ok(Some(name.clone()));
     }
-    let checkpoints: Vec<_> = models
+    let checkpoints: Vec<_> = state
+        .model_catalog
+        .models(paths)
         .into_iter()
         .filter(|entry| entry.folder == "checkpoints")
         .collect();

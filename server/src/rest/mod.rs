@@ -7,13 +7,15 @@
 //! - [`catalog`]: the models a request may name, styles and presets;
 //! - [`tasks`]: a task as clients see it, and the progress of running ones;
 //! - [`generation`]: a request checked, built and queued; [`answers`]: how a task is answered;
-//! - [`routes`]: the `/v1` handlers; [`compat`]: drop-in routes of other services.
+//! - [`routes`]: the `/v1` handlers; [`compat`]: drop-in routes of other services;
+//! - [`downloads`]: model downloads into the model folders.
 //!
 //! Every failure answers `{"error": {"code", "message", "field"}}` ([`RestError`]).
 
 pub mod answers;
 pub mod catalog;
 pub mod compat;
+pub mod downloads;
 pub mod generation;
 pub mod recipes;
 pub mod request;

@@ -29,6 +29,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/styles", get(list_styles))
         .route("/v1/presets", get(list_presets))
         .route("/v1/status", get(status))
+        .merge(super::downloads::routes())
 }
 
 /// How `/v1/generate` answers, in the order the request asks for it.
@@ -293,10 +294,10 @@ async fn status(State(state): State<AppState>) -> Result<Response, RestError> {
         .map(|(priority, pending)| json!({"priority": priority, "pending": pending}))
         .collect();
     let running = state.queue.running().map(|item| item.prompt_id.clone());
-    let (_, pending) = state.queue.snapshot();
+    let pending = state.queue.remaining().saturating_sub(usize::from(running.is_some()));
     Ok(axum::Json(json!({
         "status": "running",
-        "queue": {"pending": pending.len(), "running": running.is_some(), "by_priority": by_priority},
+        "queue": {"pending": pending, "running": running.is_some(), "by_priority": by_priority},
         "running_task": running,
         "workers": [{"id": 0, "device": "cpu", "busy": running.is_some()}],
         "uptime_seconds": state.started.elapsed().as_secs(),

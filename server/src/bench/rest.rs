@@ -1,0 +1,84 @@
+//! `easel bench rest`: what the REST API adds over `POST /prompt`. The same SD1.x text-to-image
+//! request on the tiny model, posted by 64 concurrent clients as the API prompt the REST API
+//! builds (`POST /prompt`) and as a `/v1/generate` request answered at once (`"async": true`):
+//! request to queued, p50 and p99 of each, and the difference.
+
+use super::server::{load, report, start_server};
+use crate::cli::BenchArgs;
+use axum::body::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+
+pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+    let base = tempfile::tempdir()?;
+    easel_models::testmodels::write_test_models(&base.path().join("models"))?;
+    let url = start_server(base.path())?;
+    let fields = json!({
+        "family": "sd15", "model": easel_models::testmodels::TINY_SD1_CHECKPOINT,
+        "prompt": "a lighthouse on a cliff", "negative_prompt": "blurry",
+        "width": 64, "height": 64, "steps": 1, "sampler": "euler", "scheduler": "normal", "seed": 1,
+        "async": true,
+    });
+    // The prompt the REST API builds for these fields (its history entry has it).
+    let workflow =
+        crate::api::bundled_workflow("rest/v1/sd_text2img.json").ok_or_else(|| anyhow::anyhow!("no workflow"))?;
+    let mut prompt = workflow;
+    for (node, input, value) in [
+        ("1", "ckpt_name", json!(easel_models::testmodels::TINY_SD1_CHECKPOINT)),
+        ("2", "text", fields["prompt"].clone()),
+        ("3", "text", fields["negative_prompt"].clone()),
+        ("4", "width", json!(64)),
+        ("4", "height", json!(64)),
+        ("5", "steps", json!(1)),
+    ] {
+        prompt[node]["inputs"][input] = value;
+    }
+    let prompt_body = json!({"prompt": prompt}).to_string();
+    let rest_body = fields.to_string();
+
+    println!("| measurement | clients | requests | p50 (ms) | p99 (ms) | requests/s |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let clients = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    clients.block_on(async {
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(args.clients)
+            .build_http();
+        let mut p50 = Vec::new();
+        for (name, path, body) in [
+            ("POST /prompt (the built prompt)", "/prompt", prompt_body),
+            ("POST /v1/generate (async)", "/v1/generate", rest_body),
+        ] {
+            let target = format!("{url}{path}");
+            let body = Bytes::from(body);
+            let (timings, answers) = load(&client, args.clients, args.requests, move |_, _| {
+                Request::post(target.as_str())
+                    .header("Content-Type", "application/json")
+                    .body(Full::new(body.clone()))
+                    .map_err(anyhow::Error::from)
+            })
+            .await?;
+            let accepted = answers
+                .iter()
+                .filter_map(|answer| serde_json::from_slice::<serde_json::Value>(answer).ok())
+                .filter(|answer| answer.get("prompt_id").or_else(|| answer.get("id")).is_some())
+                .count();
+            anyhow::ensure!(
+                accepted == answers.len(),
+                "{name}: {} of {} requests were refused",
+                answers.len() - accepted,
+                answers.len()
+            );
+            report(name, args.clients, &timings);
+            p50.push(timings.percentile(0.5));
+        }
+        println!();
+        println!("REST overhead at p50: {:+.2} ms", p50[1] - p50[0]);
+        Ok(std::process::ExitCode::SUCCESS)
+    })
+}
