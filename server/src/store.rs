@@ -103,7 +103,8 @@ impl Store {
     }
 
     pub fn enqueue(&self, prompt: &StoredPrompt) -> Result<(), StoreError> {
-        enqueue_with(&self.connection(), prompt)
+        // Serialise before taking the connection: the lock is shared with the worker.
+        QueueRow::of(prompt)?.insert(&self.connection())
     }
 
     /// Marks a prompt running, and its task if it has one; whether it has.
@@ -287,33 +288,53 @@ impl Store {
     }
 }
 
-/// Writes a queued prompt (on the store's connection, or in a caller's transaction).
-pub fn enqueue_with(connection: &Connection, prompt: &StoredPrompt) -> Result<(), StoreError> {
-    let values = (
-        serde_json::to_string(&prompt.number_json)?,
-        serde_json::to_string(&prompt.prompt)?,
-        serde_json::to_string(&prompt.extra_data)?,
-        serde_json::to_string(&prompt.outputs_to_execute)?,
-        serde_json::to_string(&prompt.node_errors)?,
-    );
-    // Statements are prepared once per connection and reused (`prepare_cached`).
-    connection
-        .prepare_cached(
-            "INSERT OR REPLACE INTO queue
-             (prompt_id, number, number_json, prompt, extra_data, outputs_to_execute, node_errors, priority)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )?
-        .execute(params![
-            prompt.prompt_id,
-            prompt.number,
-            values.0,
-            values.1,
-            values.2,
-            values.3,
-            values.4,
-            prompt.priority
-        ])?;
-    Ok(())
+/// A queued prompt serialised for its row, ready to insert (on the store's connection, or in a
+/// caller's transaction).
+pub struct QueueRow {
+    prompt_id: String,
+    number: f64,
+    priority: i64,
+    /// `number_json`, `prompt`, `extra_data`, `outputs_to_execute`, `node_errors` as JSON text.
+    texts: [String; 5],
+}
+
+impl QueueRow {
+    pub fn of(prompt: &StoredPrompt) -> Result<QueueRow, StoreError> {
+        Ok(QueueRow {
+            prompt_id: prompt.prompt_id.clone(),
+            number: prompt.number,
+            priority: prompt.priority,
+            texts: [
+                serde_json::to_string(&prompt.number_json)?,
+                serde_json::to_string(&prompt.prompt)?,
+                serde_json::to_string(&prompt.extra_data)?,
+                serde_json::to_string(&prompt.outputs_to_execute)?,
+                serde_json::to_string(&prompt.node_errors)?,
+            ],
+        })
+    }
+
+    pub fn insert(&self, connection: &Connection) -> Result<(), StoreError> {
+        let [number_json, prompt, extra_data, outputs, node_errors] = &self.texts;
+        // Statements are prepared once per connection and reused (`prepare_cached`).
+        connection
+            .prepare_cached(
+                "INSERT OR REPLACE INTO queue
+                 (prompt_id, number, number_json, prompt, extra_data, outputs_to_execute, node_errors, priority)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                self.prompt_id,
+                self.number,
+                number_json,
+                prompt,
+                extra_data,
+                outputs,
+                node_errors,
+                self.priority
+            ])?;
+        Ok(())
+    }
 }
 
 /// Databases written before priorities existed get the column (every old prompt at 0).
@@ -418,6 +439,29 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("stopped 2 times"));
+    }
+
+    #[test]
+    fn priorities_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("easel.db");
+        {
+            let store = Store::open(&path, 10).unwrap();
+            store
+                .enqueue(&StoredPrompt {
+                    priority: 5,
+                    ..prompt("urgent", 3.0)
+                })
+                .unwrap();
+            store.enqueue(&prompt("plain", 1.0)).unwrap();
+        }
+        let recovery = Store::open(&path, 10).unwrap().recover().unwrap();
+        let priorities: Vec<_> = recovery
+            .pending
+            .iter()
+            .map(|p| (p.prompt_id.as_str(), p.priority))
+            .collect();
+        assert_eq!(priorities, [("urgent", 5), ("plain", 0)]);
     }
 
     #[test]

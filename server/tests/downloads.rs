@@ -5,15 +5,15 @@
 
 mod common;
 
-use common::free_port;
+use common::{free_port, Easel};
 use futures_util::StreamExt;
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The served model: 3 MB of varied bytes.
 fn blob() -> Vec<u8> {
@@ -114,51 +114,11 @@ fn the_cli_downloads_resumes_and_checks_the_checksum() {
     assert_eq!(names, ["tiny model.safetensors"]);
 }
 
-struct Easel {
-    child: Child,
-    /// `127.0.0.1:PORT`
-    url: String,
-}
-
-impl Drop for Easel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(base: &std::path::Path, extra: &[&str]) -> Easel {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_easel"))
-        .args([
-            "serve",
-            "--port",
-            &port.to_string(),
-            "--base-directory",
-            base.to_str().unwrap(),
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let easel = Easel {
-        child,
-        url: format!("127.0.0.1:{port}"),
-    };
-    let started = Instant::now();
-    while ureq::get(format!("http://{}/healthz", easel.url)).call().is_err() {
-        assert!(started.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    easel
-}
-
-/// `POST /v1/models/download` on the server at `address`.
-fn post(address: &str, body: Json) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let mut response = agent
-        .post(format!("http://{address}/v1/models/download"))
+/// `POST /v1/models/download` on the server at `url`: the status and the body's text (a stream's
+/// events, or JSON).
+fn post(url: &str, body: Json) -> (u16, String) {
+    let mut response = common::agent()
+        .post(format!("{url}/v1/models/download"))
         .header("Content-Type", "application/json")
         .send(body.to_string())
         .unwrap();
@@ -173,10 +133,11 @@ async fn the_download_route_streams_progress_and_tells_websocket_clients() {
     let bytes = blob();
     let files = serve_file(bytes.clone());
     let base = tempfile::tempdir().unwrap();
-    let easel = start(base.path(), &["--download-allow-private"]);
-    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?clientId=watcher", easel.url))
-        .await
-        .unwrap();
+    let easel = Easel::start(base.path(), free_port(), &["--download-allow-private"]);
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(format!("{}/ws?clientId=watcher", easel.url.replacen("http", "ws", 1)))
+            .await
+            .unwrap();
     let request = json!({"url": files.url, "folder": "loras", "sha256": sha256_hex(&bytes), "stream": true});
     let address = easel.url.clone();
     let (status, text) = tokio::task::spawn_blocking(move || post(&address, request))
@@ -237,7 +198,7 @@ async fn the_download_route_streams_progress_and_tells_websocket_clients() {
     .unwrap();
 
     // Without --download-allow-private, a loopback URL is refused.
-    let strict = start(base.path(), &[]);
+    let strict = Easel::start(base.path(), free_port(), &[]);
     let address = strict.url.clone();
     let files_url = files.url.clone();
     tokio::task::spawn_blocking(move || {

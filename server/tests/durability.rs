@@ -4,91 +4,23 @@
 
 mod common;
 
-use common::free_port;
+use common::{free_port, Easel};
 use serde_json::{json, Value as Json};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Easel {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Easel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into()
-}
-
-fn start(base: &std::path::Path, port: u16) -> Easel {
-    let child = Command::new(env!("CARGO_BIN_EXE_easel"))
-        .args([
-            "serve",
-            "--port",
-            &port.to_string(),
-            "--base-directory",
-            base.to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("easel starts");
-    let easel = Easel {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    };
+/// Waits until `/queue` shows `prompt_id` running.
+fn wait_running(easel: &Easel, prompt_id: &str) -> Json {
     let started = Instant::now();
-    while agent().get(format!("{}/prompt", easel.url)).call().is_err() {
-        assert!(started.elapsed() < Duration::from_secs(30), "the server never answered");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    easel
-}
-
-impl Easel {
-    fn get(&self, path: &str) -> Json {
-        let mut response = agent().get(format!("{}{path}", self.url)).call().unwrap();
-        serde_json::from_reader(response.body_mut().as_reader()).unwrap()
-    }
-
-    fn post(&self, path: &str, body: &Json) -> Json {
-        let mut response = agent()
-            .post(format!("{}{path}", self.url))
-            .header("Content-Type", "application/json")
-            .send(body.to_string())
-            .unwrap();
-        let text = response.body_mut().read_to_string().unwrap();
-        serde_json::from_str(&text).unwrap_or(Json::Null)
-    }
-
-    /// Waits until `/queue` shows `prompt_id` running.
-    fn wait_running(&self, prompt_id: &str) -> Json {
-        let started = Instant::now();
-        loop {
-            let queue = self.get("/queue");
-            if queue["queue_running"][0][1] == prompt_id {
-                return queue;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "{prompt_id} never ran: {queue}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+    loop {
+        let queue = easel.get("/queue");
+        if queue["queue_running"][0][1] == prompt_id {
+            return queue;
         }
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{prompt_id} never ran: {queue}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -106,15 +38,15 @@ fn slow(prompt_id: &str) -> Json {
 fn the_queue_survives_kill_9() {
     let base = tempfile::tempdir().unwrap();
     let port = free_port();
-    let easel = start(base.path(), port);
+    let easel = Easel::start(base.path(), port, &[]);
     easel.post("/prompt", &slow("first"));
-    easel.wait_running("first");
-    assert_eq!(easel.post("/prompt", &slow("second"))["number"], 1);
+    wait_running(&easel, "first");
+    assert_eq!(easel.post("/prompt", &slow("second")).1["number"], 1);
     easel.post("/prompt", &slow("third"));
     easel.kill();
 
-    let easel = start(base.path(), port);
-    let queue = easel.wait_running("first");
+    let easel = Easel::start(base.path(), port, &[]);
+    let queue = wait_running(&easel, "first");
     let pending: Vec<&Json> = queue["queue_pending"]
         .as_array()
         .unwrap()
@@ -124,14 +56,14 @@ fn the_queue_survives_kill_9() {
     assert_eq!(pending.len(), 2);
     assert_eq!(queue["queue_pending"][0][1], "second");
     // New prompts are numbered after the recovered ones.
-    assert_eq!(easel.post("/prompt", &slow("fourth"))["number"], 3);
+    assert_eq!(easel.post("/prompt", &slow("fourth")).1["number"], 3);
     // A deleted prompt stays deleted.
     easel.post("/queue", &json!({"delete": ["third"]}));
     easel.kill();
 
     // "first" stopped the server twice: recorded as failed, not run again.
-    let easel = start(base.path(), port);
-    let queue = easel.wait_running("second");
+    let easel = Easel::start(base.path(), port, &[]);
+    let queue = wait_running(&easel, "second");
     assert_eq!(queue["queue_pending"].as_array().unwrap().len(), 1);
     assert_eq!(queue["queue_pending"][0][1], "fourth");
     let entry = &easel.get("/history/first")["first"];

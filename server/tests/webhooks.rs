@@ -6,23 +6,25 @@
 mod common;
 
 use base64::Engine;
-use common::free_port;
+use common::{free_port, Easel};
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value as Json};
 use sha2::Sha256;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-/// A webhook receiver: records each request (headers, body) and fails the first `failures`.
+/// A request the receiver got: its headers (names lower-cased) and body.
+type Received = (Vec<(String, String)>, String);
+
+/// A webhook receiver: records each request and fails the first `failures`.
 struct Receiver {
     port: u16,
-    received: Arc<Mutex<Vec<(Vec<(String, String)>, String)>>>,
+    received: Arc<Mutex<Vec<Received>>>,
 }
 
 impl Receiver {
@@ -66,7 +68,7 @@ impl Receiver {
         Receiver { port, received }
     }
 
-    fn wait_for(&self, count: usize, within: Duration) -> Vec<(Vec<(String, String)>, String)> {
+    fn wait_for(&self, count: usize, within: Duration) -> Vec<Received> {
         let started = Instant::now();
         loop {
             let received = self.received.lock().unwrap().clone();
@@ -110,80 +112,35 @@ fn verify(headers: &[(String, String)], body: &str) {
     assert_eq!(header(headers, "webhook-signature"), expected);
 }
 
-struct Easel {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Easel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
-}
-
+/// Starts `easel serve` signing webhooks and allowing them to loopback receivers.
 fn start(base: &std::path::Path) -> Easel {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_easel"))
-        .args([
-            "serve",
-            "--port",
-            &port.to_string(),
-            "--base-directory",
-            base.to_str().unwrap(),
-        ])
-        .args(["--webhook-secret", SECRET, "--webhook-allow-private"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("easel starts");
-    let easel = Easel {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    };
-    let started = Instant::now();
-    while agent().get(format!("{}/healthz", easel.url)).call().is_err() {
-        assert!(started.elapsed() < Duration::from_secs(30), "the server never answered");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    easel
+    Easel::start(
+        base,
+        free_port(),
+        &["--webhook-secret", SECRET, "--webhook-allow-private"],
+    )
 }
 
-impl Easel {
-    fn generate(&self, webhook_port: u16) -> String {
-        let request = json!({
-            "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "async": true,
-            "webhook_url": format!("http://127.0.0.1:{webhook_port}/hook"),
-        });
-        let mut response = agent()
-            .post(format!("{}/v1/generate", self.url))
-            .header("Content-Type", "application/json")
-            .send(request.to_string())
-            .unwrap();
-        let body: Json = serde_json::from_reader(response.body_mut().as_reader()).unwrap();
-        assert_eq!(response.status().as_u16(), 202, "{body}");
-        body["id"].as_str().unwrap().to_string()
-    }
+/// Queues an async task reporting to a webhook on `webhook_port`; its id.
+fn generate(easel: &Easel, webhook_port: u16) -> String {
+    let request = json!({
+        "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "async": true,
+        "webhook_url": format!("http://127.0.0.1:{webhook_port}/hook"),
+    });
+    let (status, body) = easel.post("/v1/generate", &request);
+    assert_eq!(status, 202, "{body}");
+    body["id"].as_str().unwrap().to_string()
+}
 
-    fn wait_until_ended(&self, id: &str) -> Json {
-        let started = Instant::now();
-        loop {
-            let mut response = agent().get(format!("{}/v1/tasks/{id}", self.url)).call().unwrap();
-            let task: Json = serde_json::from_reader(response.body_mut().as_reader()).unwrap();
-            if task["status"] != "pending" && task["status"] != "running" {
-                return task;
-            }
-            assert!(started.elapsed() < Duration::from_secs(60));
-            std::thread::sleep(Duration::from_millis(50));
+fn wait_until_ended(easel: &Easel, id: &str) -> Json {
+    let started = Instant::now();
+    loop {
+        let task = easel.get(&format!("/v1/tasks/{id}"));
+        if task["status"] != "pending" && task["status"] != "running" {
+            return task;
         }
+        assert!(started.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -198,7 +155,7 @@ fn deliveries_are_signed_and_a_failing_receiver_is_retried_with_the_same_id() {
     let base = base_with_models();
     let easel = start(base.path());
     let receiver = Receiver::start(free_port(), 1);
-    let id = easel.generate(receiver.port);
+    let id = generate(&easel, receiver.port);
     let received = receiver.wait_for(2, Duration::from_secs(60));
     let ((first_headers, first_body), (headers, body)) = (&received[0], &received[1]);
     assert_eq!(header(first_headers, "webhook-id"), header(headers, "webhook-id"));
@@ -220,13 +177,12 @@ fn deliveries_are_signed_and_a_failing_receiver_is_retried_with_the_same_id() {
 fn a_restart_between_the_end_of_a_task_and_its_delivery_delivers_it_once() {
     let base = base_with_models();
     let port = free_port();
-    let mut easel = start(base.path());
+    let easel = start(base.path());
     // Nobody listens yet: the first attempt fails, the delivery waits in the store.
-    let id = easel.generate(port);
-    assert_eq!(easel.wait_until_ended(&id)["status"], "succeeded");
+    let id = generate(&easel, port);
+    assert_eq!(wait_until_ended(&easel, &id)["status"], "succeeded");
     std::thread::sleep(Duration::from_millis(300));
-    easel.child.kill().unwrap();
-    easel.child.wait().unwrap();
+    easel.kill();
     let receiver = Receiver::start(port, 0);
     let _restarted = start(base.path());
     let received = receiver.wait_for(1, Duration::from_secs(60));

@@ -289,6 +289,15 @@ fn every_answer_style_of_generate_on_sd15() {
         (Some("succeeded"), Some(3))
     );
 
+    // Outpainting extends the image by the sides asked for.
+    let mut request = tiny("sd15", "img2img");
+    request["mode"] = json!("outpaint");
+    request["outpaint"] = json!({"right": 16, "bottom": 8, "feathering": 8});
+    let task = generate(api, request).json();
+    assert_eq!(task["status"], "succeeded", "{task}");
+    let image = first_image(&task);
+    assert_eq!((image.width(), image.height()), (80, 72));
+
     // LoRAs and styles go into the workflow.
     let mut request = tiny("sd15", "text2img");
     request["loras"] =
@@ -400,6 +409,7 @@ fn bad_requests_name_the_field_and_queue_nothing() {
     refused(with(json!({"image": b64(b"plain text, not an image")})), 400, "image");
     refused(with(json!({"mask": b64(&png(32, 32, |_, _| [255; 3]))})), 400, "mask");
     refused(with(json!({"mask": null})), 400, "mask");
+    refused(with(json!({"mode": "outpaint", "mask": null})), 400, "outpaint");
     refused(
         with(json!({"webhook_url": "ftp://example.com/hook"})),
         400,

@@ -27,10 +27,21 @@ struct PageFiles;
 #[folder = "../workflows/"]
 struct BundledWorkflows;
 
-/// A bundled workflow (`workflows/NAME`, embedded in the binary) as JSON.
+/// Every bundled workflow (`workflows/NAME`, embedded in the binary), parsed once.
+static PARSED_WORKFLOWS: std::sync::LazyLock<std::collections::HashMap<String, Json>> =
+    std::sync::LazyLock::new(|| {
+        BundledWorkflows::iter()
+            .filter(|name| name.ends_with(".json"))
+            .filter_map(|name| {
+                let content = BundledWorkflows::get(&name)?;
+                Some((name.to_string(), serde_json::from_slice(&content.data).ok()?))
+            })
+            .collect()
+    });
+
+/// A bundled workflow (`workflows/NAME`) as JSON.
 pub fn bundled_workflow(name: &str) -> Option<Json> {
-    let content = BundledWorkflows::get(name)?;
-    serde_json::from_slice(&content.data).ok()
+    PARSED_WORKFLOWS.get(name).cloned()
 }
 
 /// The page's routes; `at_root` also serves it at `/`.

@@ -1,9 +1,10 @@
 //! `easel bench rest`: what the REST API adds over `POST /prompt`. The same SD1.x text-to-image
-//! request on the tiny model, posted by 64 concurrent clients as the API prompt the REST API
+//! request on the tiny model, posted as the API prompt the REST API
 //! builds (`POST /prompt`) and as a `/v1/generate` request answered at once (`"async": true`):
-//! request to queued, p50 and p99 of each, and the difference.
+//! request to queued, p50 and p99 of each and the difference, by one client (each request's own
+//! cost) and by 64 at once (the cost under contention).
 
-use super::server::{load, report, start_server};
+use super::server::{load, print_header, report, start_server};
 use crate::cli::BenchArgs;
 use axum::body::Bytes;
 use http_body_util::Full;
@@ -39,8 +40,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let prompt_body = json!({"prompt": prompt}).to_string();
     let rest_body = fields.to_string();
 
-    println!("| measurement | clients | requests | p50 (ms) | p99 (ms) | requests/s |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    print_header();
     let clients = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -49,36 +49,48 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(args.clients)
             .build_http();
-        let mut p50 = Vec::new();
-        for (name, path, body) in [
-            ("POST /prompt (the built prompt)", "/prompt", prompt_body),
-            ("POST /v1/generate (async)", "/v1/generate", rest_body),
-        ] {
-            let target = format!("{url}{path}");
-            let body = Bytes::from(body);
-            let (timings, answers) = load(&client, args.clients, args.requests, move |_, _| {
-                Request::post(target.as_str())
-                    .header("Content-Type", "application/json")
-                    .body(Full::new(body.clone()))
-                    .map_err(anyhow::Error::from)
-            })
-            .await?;
-            let accepted = answers
-                .iter()
-                .filter_map(|answer| serde_json::from_slice::<serde_json::Value>(answer).ok())
-                .filter(|answer| answer.get("prompt_id").or_else(|| answer.get("id")).is_some())
-                .count();
-            anyhow::ensure!(
-                accepted == answers.len(),
-                "{name}: {} of {} requests were refused",
-                answers.len() - accepted,
-                answers.len()
-            );
-            report(name, args.clients, &timings);
-            p50.push(timings.percentile(0.5));
+        let mut overheads = Vec::new();
+        // One client shows each request's own cost; many show it under contention.
+        for clients in [1, args.clients] {
+            let requests = if clients == 1 {
+                args.requests.min(500)
+            } else {
+                args.requests
+            };
+            let mut p50 = Vec::new();
+            for (name, path, body) in [
+                ("POST /prompt (the built prompt)", "/prompt", &prompt_body),
+                ("POST /v1/generate (async)", "/v1/generate", &rest_body),
+            ] {
+                let target = format!("{url}{path}");
+                let body = Bytes::from(body.clone());
+                let (timings, answers) = load(&client, clients, requests, move |_, _| {
+                    Request::post(target.as_str())
+                        .header("Content-Type", "application/json")
+                        .body(Full::new(body.clone()))
+                        .map_err(anyhow::Error::from)
+                })
+                .await?;
+                let accepted = answers
+                    .iter()
+                    .filter_map(|answer| serde_json::from_slice::<serde_json::Value>(answer).ok())
+                    .filter(|answer| answer.get("prompt_id").or_else(|| answer.get("id")).is_some())
+                    .count();
+                anyhow::ensure!(
+                    accepted == answers.len(),
+                    "{name}: {} of {} requests were refused",
+                    answers.len() - accepted,
+                    answers.len()
+                );
+                report(name, clients, &timings);
+                p50.push(timings.percentile(0.5));
+            }
+            overheads.push((clients, p50[1] - p50[0]));
         }
         println!();
-        println!("REST overhead at p50: {:+.2} ms", p50[1] - p50[0]);
+        for (clients, overhead) in overheads {
+            println!("REST overhead at p50, {clients} client(s): {overhead:+.2} ms");
+        }
         Ok(std::process::ExitCode::SUCCESS)
     })
 }

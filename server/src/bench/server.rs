@@ -49,8 +49,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let base = tempfile::tempdir()?;
     let url = start_server(base.path())?;
 
-    println!("| measurement | clients | requests | p50 (ms) | p99 (ms) | requests/s |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    print_header();
     let sample = easel_nodes::image::io::encode_png(&[128; 8 * 8 * 3], 8, 8, 3, &[], PngCompression::Fast)?;
     for index in 1..=100 {
         std::fs::write(base.path().join(format!("output/bench_{index:05}_.png")), &sample)?;
@@ -181,6 +180,12 @@ where
     let wall = started.elapsed();
     latencies.sort();
     Ok((Timings { latencies, wall }, bodies))
+}
+
+/// The header of the table [`report`] prints rows of.
+pub(super) fn print_header() {
+    println!("| measurement | clients | requests | p50 (ms) | p99 (ms) | requests/s |");
+    println!("|---|---:|---:|---:|---:|---:|");
 }
 
 pub(super) fn report(name: &str, clients: usize, timings: &Timings) {

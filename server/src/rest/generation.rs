@@ -11,6 +11,7 @@ use super::{now_ms, paths, RestError};
 use crate::queue::QueueItem;
 use crate::state::AppState;
 use crate::store::tasks::{StoredTask, TaskStatus};
+use crate::store::QueueRow;
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::{header, StatusCode};
 use easel_engine::{validate_prompt, Prompt, ValidationFailure};
@@ -35,25 +36,25 @@ pub async fn read_request(request: Request, state: &AppState) -> Result<RawReque
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| value.starts_with("multipart/form-data"));
-    let too_large =
+    let unreadable =
         |error: &dyn std::fmt::Display| RestError::invalid(None, format!("the request could not be read: {error}"));
     if !multipart {
         let body = axum::body::Bytes::from_request(request, state)
             .await
-            .map_err(|error| too_large(&error))?;
+            .map_err(|error| unreadable(&error))?;
         return RawRequest::from_json(&body);
     }
     let mut form = Multipart::from_request(request, state)
         .await
-        .map_err(|error| too_large(&error))?;
+        .map_err(|error| unreadable(&error))?;
     let mut raw = RawRequest::default();
-    while let Some(field) = form.next_field().await.map_err(|error| too_large(&error))? {
+    while let Some(field) = form.next_field().await.map_err(|error| unreadable(&error))? {
         let name = field.name().unwrap_or_default().to_string();
         if field.file_name().is_some() {
-            let bytes = field.bytes().await.map_err(|error| too_large(&error))?;
+            let bytes = field.bytes().await.map_err(|error| unreadable(&error))?;
             raw.files.push((name, bytes.to_vec()));
         } else {
-            let text = field.text().await.map_err(|error| too_large(&error))?;
+            let text = field.text().await.map_err(|error| unreadable(&error))?;
             raw.add_form_text(name, text);
         }
     }
@@ -129,8 +130,8 @@ pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(Store
         styles: &chosen_styles,
         output_prefix: &output_prefix,
     };
-    let queued = build(&request, workflow, &ingredients).and_then(|built| {
-        let validated = validate(state, &built)?;
+    let queued = build(&request, workflow, &ingredients).and_then(|mut built| {
+        let validated = validate(state, &mut built)?;
         let spec = json!({
             "request": sanitized_request(&raw, &request, checkpoint.as_deref(), &stored_images, seed),
             "seed": seed,
@@ -162,10 +163,8 @@ pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(Store
             validated,
             extra_data,
         };
-        let stored = item.to_stored();
-        state
-            .store
-            .insert_task(&task, |transaction| crate::store::enqueue_with(transaction, &stored))?;
+        let row = QueueRow::of(&item.to_stored())?;
+        state.store.insert_task(&task, |transaction| row.insert(transaction))?;
         Ok((task, item))
     });
     let (task, item) = match queued {
@@ -253,9 +252,10 @@ fn resolve_checkpoint(state: &AppState, paths: &Paths, request: &GenerateRequest
 
 /// The prompt validated as `POST /prompt` validates it; a refusal names the field behind the
 /// first failing input.
-fn validate(state: &AppState, built: &BuiltPrompt) -> Result<easel_engine::ValidatedPrompt, RestError> {
+/// The prompt is taken out of `built` (only its field map is needed afterwards).
+fn validate(state: &AppState, built: &mut BuiltPrompt) -> Result<easel_engine::ValidatedPrompt, RestError> {
     let runtime = &state.runtime;
-    let prompt = Prompt::from_json(built.prompt.clone())
+    let prompt = Prompt::from_json(std::mem::take(&mut built.prompt))
         .map_err(|error| RestError::invalid(None, format!("the built workflow is not a prompt: {error}")))?;
     let validated = validate_prompt(&runtime.registry, &runtime.services, prompt, None)
         .map_err(|failure| validation_error(&failure, built))?;

@@ -129,6 +129,15 @@ pub fn iso_time(ms: i64) -> String {
         .to_string()
 }
 
+/// A query parameter holding an ISO 8601 time, as milliseconds (absent or empty: `None`).
+pub fn query_time(query: &std::collections::HashMap<String, String>, name: &str) -> Result<Option<i64>, RestError> {
+    query
+        .get(name)
+        .filter(|text| !text.is_empty())
+        .map(|text| parse_time(name, text))
+        .transpose()
+}
+
 /// An ISO 8601 time (`2026-12-06T09:00:00Z`, an offset, or a plain date) as milliseconds.
 pub fn parse_time(field: &str, text: &str) -> Result<i64, RestError> {
     if let Ok(time) = chrono::DateTime::parse_from_rfc3339(text) {

@@ -183,7 +183,7 @@ pub struct GenerateRequest {
 
 /// Every field `/v1/generate` reads; anything else is refused (a misspelt field would otherwise
 /// be silently ignored).
-pub const FIELDS: [&str; 35] = [
+pub const FIELDS: [&str; 34] = [
     "family",
     "mode",
     "model",
@@ -218,7 +218,6 @@ pub const FIELDS: [&str; 35] = [
     "return",
     "output_format",
     "client_id",
-    "metadata",
 ];
 
 /// The largest side a request may ask for (ComfyUI's `MAX_RESOLUTION` is larger, but a REST
@@ -389,6 +388,13 @@ pub fn parse(raw: &RawRequest, max_image_bytes: usize) -> Result<GenerateRequest
             ));
         }
     }
+    let outpaint = fields.outpaint()?;
+    if mode == Mode::Outpaint && outpaint.left + outpaint.top + outpaint.right + outpaint.bottom == 0 {
+        return Err(RestError::field(
+            "outpaint",
+            "mode outpaint needs `outpaint` with at least one side to extend, such as {\"right\": 256}",
+        ));
+    }
     let webhook_url = fields.string("webhook_url")?;
     let return_style = match fields.string("return")?.as_deref() {
         None | Some("base64") => ReturnStyle::Base64,
@@ -433,7 +439,7 @@ pub fn parse(raw: &RawRequest, max_image_bytes: usize) -> Result<GenerateRequest
         batch_size: fields.count("batch_size", 1, 1, MAX_BATCH)?,
         image,
         mask,
-        outpaint: fields.outpaint()?,
+        outpaint,
         loras: fields.loras()?,
         controlnets: match raw.fields.get("controlnets") {
             None | Some(Json::Null) => Vec::new(),

@@ -7,7 +7,7 @@ use super::generation::{accept_generation, read_request};
 use super::recipes::workflow_for;
 use super::request::{Family, GenerateRequest, Mode, OutputFormat};
 use super::tasks::{image_entry, task_json};
-use super::{now_ms, parse_time, paths, RestError};
+use super::{now_ms, paths, query_time, RestError};
 use crate::state::AppState;
 use crate::store::tasks::{StoredTask, TaskFilter, TaskStatus};
 use axum::extract::{Path, Query, Request, State};
@@ -109,17 +109,10 @@ fn task_filter(query: &HashMap<String, String>) -> Result<TaskFilter, RestError>
             )
         })?),
     };
-    let time = |name: &str| {
-        query
-            .get(name)
-            .filter(|text| !text.is_empty())
-            .map(|text| parse_time(name, text))
-            .transpose()
-    };
     Ok(TaskFilter {
         status,
-        start_at: time("start_at")?,
-        end_at: time("end_at")?,
+        start_at: query_time(query, "start_at")?,
+        end_at: query_time(query, "end_at")?,
         ended: false,
     })
 }
@@ -173,6 +166,7 @@ async fn cancel_task(State(state): State<AppState>, Path(id): Path<String>) -> R
     if was_pending {
         state.store.cancel_pending_task(&id, now_ms())?;
         state.live_tasks.end(&id);
+        state.webhook_wake.notify();
     } else {
         state.interrupt_if_running(&id);
     }

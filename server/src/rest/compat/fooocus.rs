@@ -8,7 +8,7 @@ use crate::rest::answers::{encode_as, image_bytes, read_output, stream, wait_for
 use crate::rest::catalog::styles;
 use crate::rest::generation::{accept_generation, read_request};
 use crate::rest::request::OutputFormat;
-use crate::rest::{parse_time, paths, RestError};
+use crate::rest::{paths, query_time, RestError};
 use crate::state::AppState;
 use crate::store::tasks::{StoredTask, TaskFilter, TaskStatus};
 use axum::extract::{Path, Query, Request, State};
@@ -153,17 +153,10 @@ async fn list_tasks(
         }
     };
     let (page, page_size) = (number("page", 0)?, number("page_size", 10)?.clamp(1, 1000));
-    let time = |name: &str| {
-        query
-            .get(name)
-            .filter(|text| !text.is_empty())
-            .map(|text| parse_time(name, text))
-            .transpose()
-    };
     let history_filter = TaskFilter {
         status: None,
-        start_at: time("start_at")?,
-        end_at: time("end_at")?,
+        start_at: query_time(&query, "start_at")?,
+        end_at: query_time(&query, "end_at")?,
         ended: true,
     };
     let delete = query.get("action").is_some_and(|action| action == "delete");
