@@ -159,6 +159,8 @@ pub async fn count_request(State(state): State<AppState>, request: Request, next
     response
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "operations", operation_id = "metrics",
+    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text")))]
 async fn metrics(State(state): State<AppState>) -> Response {
     let metrics = &state.metrics;
     metrics.queue_depth.set(state.queue.remaining() as i64);
@@ -187,11 +189,15 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "operations", operation_id = "healthz",
+    responses((status = 200, description = "OK", body = crate::rest::schemas::Health)))]
 async fn healthz() -> Response {
     axum::Json(json!({"status": "ok"})).into_response()
 }
 
 /// 200 when the server can take work, else 503 saying what is wrong.
+#[utoipa::path(get, path = "/readyz", tag = "operations", operation_id = "readyz",
+    responses((status = 200, description = "OK", body = crate::rest::schemas::Readiness), (status = 503, description = "Not ready", body = crate::rest::schemas::Readiness)))]
 async fn readyz(State(state): State<AppState>) -> Response {
     let mut problems = Vec::new();
     if let Err(error) = state.store.task_counts() {

@@ -601,7 +601,15 @@ fn metrics_health_readiness_queue_limit_and_keys() {
     let key = Some("sesame");
     // /healthz may be public; every other new route needs the key.
     assert_eq!(with_key(api, "GET", "/healthz", None, None).status, 200);
-    for path in ["/readyz", "/metrics", "/v1/tasks", "/v1/status", "/v1/models"] {
+    for path in [
+        "/readyz",
+        "/metrics",
+        "/v1/tasks",
+        "/v1/status",
+        "/v1/models",
+        "/openapi.json",
+        "/docs",
+    ] {
         assert_eq!(with_key(api, "GET", path, None, None).status, 401, "{path}");
     }
     assert_eq!(
@@ -683,4 +691,87 @@ fn metrics_health_readiness_queue_limit_and_keys() {
     assert_eq!(sample("easel_prompt_duration_seconds_count"), 2.0);
     assert_eq!(sample("easel_step_duration_seconds_count"), 2.0, "{text}");
     assert!(samples.contains_key("easel_queue_depth"), "{text}");
+}
+
+/// `/openapi.json` is valid OpenAPI 3.1, describes every REST route, and its schemas have exactly
+/// the fields real requests and answers have.
+#[test]
+fn the_openapi_document_is_valid_and_matches_the_api() {
+    use roas::validation::{Options, Validate, IGNORE_UNUSED};
+    let server = server();
+    let api = &server.api;
+    let document = api.get_json("/openapi.json");
+    assert_eq!(document["openapi"], "3.1.0");
+    let spec: roas::v3_1::spec::Spec = serde_json::from_value(document.clone()).expect("parses as OpenAPI 3.1");
+    let mut options = IGNORE_UNUSED;
+    options.insert(Options::IgnoreMissingTags);
+    if let Err(error) = spec.validate(options, None) {
+        let errors: Vec<String> = error.errors.iter().map(ToString::to_string).collect();
+        panic!("invalid OpenAPI:\n{}", errors.join("\n"));
+    }
+    let paths = document["paths"].as_object().unwrap();
+    for route in [
+        "/v1/generate",
+        "/v1/tasks",
+        "/v1/tasks/{id}",
+        "/v1/tasks/{id}/cancel",
+        "/v1/models",
+        "/v1/styles",
+        "/v1/presets",
+        "/v1/status",
+        "/v1/models/download",
+        "/metrics",
+        "/healthz",
+        "/readyz",
+        "/sd15/generate",
+        "/flux/generate",
+        "/generate",
+        "/generate/img2img",
+        "/status",
+        "/v1/engine/generate/",
+        "/tasks",
+        "/outputs/{date}/{file}",
+    ] {
+        assert!(paths.contains_key(route), "{route} is not documented");
+    }
+    let schema = |name: &str| -> std::collections::BTreeSet<String> {
+        document["components"]["schemas"][name]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no schema {name}"))
+            .keys()
+            .cloned()
+            .collect()
+    };
+    let fields: std::collections::BTreeSet<String> = easel_server::rest::request::FIELDS
+        .iter()
+        .map(|field| field.to_string())
+        .collect();
+    assert_eq!(schema("GenerateRequestBody"), fields);
+    // A real task, error and stream event have exactly (or, for events, only) the documented fields.
+    let keys = |value: &Json| {
+        value
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let task = generate(api, tiny("sd15", "text2img")).json();
+    assert_eq!(keys(&task), schema("Task"));
+    assert_eq!(keys(&task["progress"]), schema("TaskProgress"));
+    assert!(keys(&task["images"][0]).is_subset(&schema("TaskImage")));
+    let error = generate(api, json!({"prompt": ""})).json();
+    assert_eq!(
+        (keys(&error), keys(&error["error"])),
+        (schema("ErrorBody"), schema("ErrorDetail"))
+    );
+    let mut streamed = tiny("sd15", "text2img");
+    streamed["stream"] = json!(true);
+    let text = String::from_utf8(generate(api, streamed).body).unwrap();
+    for event in text.lines().filter_map(|line| line.strip_prefix("data:")) {
+        let event: Json = serde_json::from_str(event.trim()).unwrap();
+        assert!(keys(&event).is_subset(&schema("StreamEvent")), "{event}");
+    }
+    let (status, content_type, _) = api.get("/docs");
+    assert_eq!((status, content_type.starts_with("text/html")), (200, true));
 }

@@ -5,7 +5,7 @@ mod files;
 mod history;
 mod info;
 mod jobs;
-mod page;
+pub(crate) mod page;
 mod prompt;
 mod queue;
 mod user;

@@ -67,7 +67,7 @@ async fn asset(Path(name): Path<String>) -> Response {
 }
 
 /// A file of the page, not cached (the page changes with the binary).
-fn file(name: &str) -> Response {
+pub(crate) fn file(name: &str) -> Response {
     let Some(content) = PageFiles::get(name) else {
         return StatusCode::NOT_FOUND.into_response();
     };

@@ -179,7 +179,7 @@ struct BuiltIn;
 
 /// A named prompt template: `{prompt}` in `prompt` is replaced by the request's prompt, and
 /// `negative_prompt` is added to the request's.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Style {
     pub name: String,
     #[serde(default)]
@@ -208,11 +208,13 @@ impl Style {
 }
 
 /// A named set of request fields, applied under the request's own.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Preset {
     pub name: String,
     #[serde(default)]
     pub description: String,
+    /// Fields of `/v1/generate`.
+    #[schema(value_type = Object)]
     pub fields: Map<String, Json>,
 }
 

@@ -67,6 +67,12 @@ impl DownloadJobs {
     }
 }
 
+#[utoipa::path(post, path = "/v1/models/download", tag = "catalog", operation_id = "download_model",
+    request_body = crate::rest::schemas::DownloadRequest,
+    responses((status = 200, description = "Progress events (`stream`)", body = crate::rest::schemas::DownloadJob, content_type = "text/event-stream"),
+        (status = 202, description = "Started", body = crate::rest::schemas::DownloadJob),
+        (status = 400, description = "A field is wrong; nothing was queued", body = crate::rest::schemas::ErrorBody),
+        (status = 409, description = "The file exists", body = crate::rest::schemas::ErrorBody)))]
 async fn start(State(state): State<AppState>, body: axum::body::Bytes) -> Result<Response, RestError> {
     let body: Json =
         serde_json::from_slice(&body).map_err(|_| RestError::invalid(None, "the body must be a JSON object"))?;
@@ -176,11 +182,16 @@ fn stream(
     Sse::new(events).keep_alive(KeepAlive::default())
 }
 
+#[utoipa::path(get, path = "/v1/models/downloads", tag = "catalog", operation_id = "list_downloads",
+    responses((status = 200, description = "OK", body = crate::rest::schemas::DownloadList)))]
 async fn list(State(state): State<AppState>) -> Response {
     let jobs = state.downloads.jobs().clone();
     axum::Json(json!({"downloads": jobs})).into_response()
 }
 
+#[utoipa::path(get, path = "/v1/models/downloads/{id}", tag = "catalog", operation_id = "get_download",
+    params(("id" = String, Path, description = "The download id")),
+    responses((status = 200, description = "OK", body = crate::rest::schemas::DownloadJob), (status = 404, description = "No such thing", body = crate::rest::schemas::ErrorBody)))]
 async fn one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, RestError> {
     let job = state
         .downloads

@@ -8,7 +8,8 @@
 //! - [`tasks`]: a task as clients see it, and the progress of running ones;
 //! - [`generation`]: a request checked, built and queued; [`answers`]: how a task is answered;
 //! - [`routes`]: the `/v1` handlers; [`compat`]: drop-in routes of other services;
-//! - [`downloads`]: model downloads into the model folders.
+//! - [`downloads`]: model downloads into the model folders;
+//! - [`schemas`]: request and answer types; [`openapi`]: the OpenAPI document and its page.
 //!
 //! Every failure answers `{"error": {"code", "message", "field"}}` ([`RestError`]).
 
@@ -17,9 +18,11 @@ pub mod catalog;
 pub mod compat;
 pub mod downloads;
 pub mod generation;
+pub mod openapi;
 pub mod recipes;
 pub mod request;
 pub mod routes;
+pub mod schemas;
 pub mod tasks;
 
 use crate::store::StoreError;

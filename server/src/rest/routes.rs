@@ -30,6 +30,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/presets", get(list_presets))
         .route("/v1/status", get(status))
         .merge(super::downloads::routes())
+        .merge(super::openapi::routes())
 }
 
 /// How `/v1/generate` answers, in the order the request asks for it.
@@ -56,6 +57,19 @@ fn accepted_image(headers: &HeaderMap) -> Option<OutputFormat> {
     None
 }
 
+#[utoipa::path(post, path = "/v1/generate", tag = "generation", operation_id = "generate",
+    request_body(description = "JSON, or a multipart form with `image` and `mask` as files", content(
+        (crate::rest::schemas::GenerateRequestBody = "application/json"),
+        (crate::rest::schemas::GenerateRequestBody = "multipart/form-data"))),
+    responses(
+        (status = 200, description = "The finished task (default); its progress as events (`stream`); or the first image (`Accept: image/png|jpeg|webp`, the task id in `X-Task-Id`)", content(
+            (crate::rest::schemas::Task = "application/json"),
+            (crate::rest::schemas::StreamEvent = "text/event-stream"),
+            ("image/png"), ("image/jpeg"), ("image/webp"))),
+        (status = 202, description = "Queued (`async`)", body = crate::rest::schemas::Task),
+        (status = 400, description = "A field is wrong; nothing was queued", body = crate::rest::schemas::ErrorBody),
+        (status = 429, description = "The queue is full (`Retry-After`)", body = crate::rest::schemas::ErrorBody),
+        (status = 501, description = "A family, mode or add-on Easel cannot run yet", body = crate::rest::schemas::ErrorBody)))]
 async fn generate(State(state): State<AppState>, request: Request) -> Result<Response, RestError> {
     let accept_image = accepted_image(request.headers());
     let raw = read_request(request, &state).await?;
@@ -91,6 +105,9 @@ async fn generate(State(state): State<AppState>, request: Request) -> Result<Res
     }
 }
 
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks", operation_id = "get_task",
+    params(("id" = String, Path, description = "The task id")),
+    responses((status = 200, description = "OK", body = crate::rest::schemas::Task), (status = 404, description = "No such thing", body = crate::rest::schemas::ErrorBody)))]
 async fn get_task(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, RestError> {
     let task = state.store.task(&id)?.ok_or_else(|| RestError::not_found("task"))?;
     let live = state.live_tasks.progress(&id);
@@ -117,6 +134,13 @@ fn task_filter(query: &HashMap<String, String>) -> Result<TaskFilter, RestError>
     })
 }
 
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", operation_id = "list_tasks",
+    params(("status" = Option<String>, Query, description = "pending, running, succeeded, failed or cancelled"),
+        ("start_at" = Option<String>, Query, description = "Queued at or after (ISO 8601)"),
+        ("end_at" = Option<String>, Query, description = "Queued at or before (ISO 8601)"),
+        ("limit" = Option<u32>, Query, description = "1 to 1000 (default 50)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page")),
+    responses((status = 200, description = "OK", body = crate::rest::schemas::TaskList), (status = 400, description = "A field is wrong; nothing was queued", body = crate::rest::schemas::ErrorBody)))]
 async fn list_tasks(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
@@ -151,6 +175,11 @@ async fn list_tasks(
     Ok(axum::Json(json!({"tasks": tasks, "next_cursor": next_cursor})).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks", operation_id = "cancel_task",
+    params(("id" = String, Path, description = "The task id")),
+    responses((status = 200, description = "Cancelled, or being interrupted", body = crate::rest::schemas::Task),
+        (status = 404, description = "No such thing", body = crate::rest::schemas::ErrorBody),
+        (status = 409, description = "The task has ended", body = crate::rest::schemas::ErrorBody)))]
 async fn cancel_task(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, RestError> {
     let task = state.store.task(&id)?.ok_or_else(|| RestError::not_found("task"))?;
     if task.status.is_final() {
@@ -175,6 +204,11 @@ async fn cancel_task(State(state): State<AppState>, Path(id): Path<String>) -> R
     Ok(axum::Json(task_json(&task, live.as_ref(), Vec::new())).into_response())
 }
 
+#[utoipa::path(delete, path = "/v1/tasks/{id}", tag = "tasks", operation_id = "delete_task",
+    params(("id" = String, Path, description = "The task id")),
+    responses((status = 200, description = "The task, its history entry and its output files are gone", body = crate::rest::schemas::Deleted),
+        (status = 404, description = "No such thing", body = crate::rest::schemas::ErrorBody),
+        (status = 409, description = "The task is pending or running", body = crate::rest::schemas::ErrorBody)))]
 async fn delete_task(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, RestError> {
     let task = state.store.task(&id)?.ok_or_else(|| RestError::not_found("task"))?;
     if !task.status.is_final() {
@@ -190,6 +224,11 @@ async fn delete_task(State(state): State<AppState>, Path(id): Path<String>) -> R
 }
 
 /// `DELETE /v1/tasks?start_at=&end_at=&status=`: ended tasks in the range, with their files.
+#[utoipa::path(delete, path = "/v1/tasks", tag = "tasks", operation_id = "delete_tasks",
+    params(("status" = Option<String>, Query, description = "Only tasks of this status"),
+        ("start_at" = Option<String>, Query, description = "Queued at or after (ISO 8601)"),
+        ("end_at" = Option<String>, Query, description = "Queued at or before (ISO 8601)")),
+    responses((status = 200, description = "Ended tasks in the range, with their files", body = crate::rest::schemas::Deleted), (status = 400, description = "A field is wrong; nothing was queued", body = crate::rest::schemas::ErrorBody)))]
 async fn delete_tasks(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
@@ -226,6 +265,8 @@ pub(crate) fn remove_outputs(state: &AppState, tasks: &[StoredTask]) -> usize {
     removed
 }
 
+#[utoipa::path(get, path = "/v1/models", tag = "catalog", operation_id = "list_models",
+    responses((status = 200, description = "OK", body = crate::rest::schemas::ModelsAnswer)))]
 async fn models(State(state): State<AppState>) -> Result<Response, RestError> {
     let paths = paths(&state)?.clone();
     let catalog_state = state.clone();
@@ -270,16 +311,22 @@ fn family_modes(family: Family) -> Json {
     Json::Object(modes)
 }
 
+#[utoipa::path(get, path = "/v1/styles", tag = "catalog", operation_id = "list_styles",
+    responses((status = 200, description = "OK", body = crate::rest::schemas::StylesAnswer)))]
 async fn list_styles(State(state): State<AppState>) -> Result<Response, RestError> {
     let styles: Vec<_> = styles(paths(&state)?).into_values().collect();
     Ok(axum::Json(json!({"styles": styles})).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/presets", tag = "catalog", operation_id = "list_presets",
+    responses((status = 200, description = "OK", body = crate::rest::schemas::PresetsAnswer)))]
 async fn list_presets(State(state): State<AppState>) -> Result<Response, RestError> {
     let presets: Vec<_> = presets(paths(&state)?).into_values().collect();
     Ok(axum::Json(json!({"presets": presets})).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/status", tag = "operations", operation_id = "status",
+    responses((status = 200, description = "OK", body = crate::rest::schemas::StatusAnswer)))]
 async fn status(State(state): State<AppState>) -> Result<Response, RestError> {
     let by_priority: Vec<Json> = state
         .store

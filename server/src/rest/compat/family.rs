@@ -18,21 +18,53 @@ use serde_json::{json, Map, Value as Json};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/sd15/generate", post(|state, body| generate(state, body, "sd15")))
-        .route("/sdxl/generate", post(|state, body| generate(state, body, "sdxl")))
-        .route("/sd3/generate", post(|state, body| generate(state, body, "sd3")))
-        .route("/flux/generate", post(|state, body| generate(state, body, "flux")))
-        .route("/upscale", post(|| not_yet("The upscale route (upscale models)")))
-        .route(
-            "/object_remove",
-            post(|| not_yet("The object_remove route (the Fooocus inpaint patch)")),
-        )
-        .route("/iclight/generate", post(|| not_yet("The iclight route (IC-Light)")))
+        .route("/sd15/generate", post(sd15))
+        .route("/sdxl/generate", post(sdxl))
+        .route("/sd3/generate", post(sd3))
+        .route("/flux/generate", post(flux))
+        .route("/upscale", post(upscale))
+        .route("/object_remove", post(object_remove))
+        .route("/iclight/generate", post(iclight))
 }
 
-async fn not_yet(capability: &str) -> RestError {
-    RestError::not_yet("route", capability)
+/// One route per family, each documented on its own.
+macro_rules! family_route {
+    ($name:ident, $family:literal, $path:literal) => {
+        #[utoipa::path(post, path = $path, tag = "family API", operation_id = $family,
+                    request_body = crate::rest::compat::schemas::FamilyRequest,
+                    responses((status = 200, description = "OK", body = crate::rest::compat::schemas::FamilyAnswer),
+                        (status = 400, description = "Bad input: the field is named", body = crate::rest::schemas::ErrorBody),
+                        (status = 500, description = "The generation failed", body = crate::rest::schemas::ErrorBody),
+                        (status = 501, description = "Not available in Easel yet", body = crate::rest::schemas::ErrorBody)))]
+        async fn $name(state: State<AppState>, body: axum::body::Bytes) -> Result<Response, RestError> {
+            generate(state, body, $family).await
+        }
+    };
 }
+
+family_route!(sd15, "sd15", "/sd15/generate");
+family_route!(sdxl, "sdxl", "/sdxl/generate");
+family_route!(sd3, "sd3", "/sd3/generate");
+family_route!(flux, "flux", "/flux/generate");
+
+/// Routes whose models Easel cannot run yet: 501 naming what is missing.
+macro_rules! not_yet_route {
+    ($name:ident, $path:literal, $capability:literal) => {
+        #[utoipa::path(post, path = $path, tag = "family API", operation_id = stringify!($name),
+                            responses((status = 501, description = "Not available in Easel yet", body = crate::rest::schemas::ErrorBody)))]
+        async fn $name() -> RestError {
+            RestError::not_yet("route", $capability)
+        }
+    };
+}
+
+not_yet_route!(upscale, "/upscale", "The upscale route (upscale models)");
+not_yet_route!(
+    object_remove,
+    "/object_remove",
+    "The object_remove route (the Fooocus inpaint patch)"
+);
+not_yet_route!(iclight, "/iclight/generate", "The iclight route (IC-Light)");
 
 /// The service's defaults for a family: steps, cfg, sampler, scheduler.
 fn defaults(family: &str) -> (u32, f64, &'static str, &'static str) {

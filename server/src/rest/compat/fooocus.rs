@@ -77,6 +77,12 @@ fn accepted_image(headers: &HeaderMap) -> Option<OutputFormat> {
     OutputFormat::parse(first).filter(|_| first.starts_with("image/"))
 }
 
+#[utoipa::path(post, path = "/v1/engine/generate/", tag = "FooocusAPI", operation_id = "fooocus_generate",
+    request_body = crate::rest::compat::schemas::FooocusGenerate,
+    responses((status = 200, description = "The task (`async_process`, or finished), progress events (`stream_output`), or image bytes (`Accept`)", content(
+            (crate::rest::compat::schemas::FooocusTask = "application/json"),
+            (String = "text/event-stream"), ("image/png"), ("image/jpeg"), ("image/webp"))),
+        (status = 400, description = "Bad input: the field is named", body = crate::rest::schemas::ErrorBody)))]
 async fn generate(State(state): State<AppState>, request: Request) -> Result<Response, RestError> {
     let accept_image = accepted_image(request.headers());
     let mut raw = read_request(request, &state).await?;
@@ -103,6 +109,9 @@ async fn generate(State(state): State<AppState>, request: Request) -> Result<Res
 }
 
 /// `{"action": "stop" | "skip"}`: both stop the running task.
+#[utoipa::path(post, path = "/v1/engine/control/", tag = "FooocusAPI", operation_id = "fooocus_control",
+    request_body = crate::rest::compat::schemas::FooocusControl,
+    responses((status = 200, description = "OK", body = crate::rest::compat::schemas::FooocusControlAnswer), (status = 400, description = "Bad input: the field is named", body = crate::rest::schemas::ErrorBody)))]
 async fn control(State(state): State<AppState>, body: axum::body::Bytes) -> Result<Response, RestError> {
     let body: Json = serde_json::from_slice(&body).map_err(|_| RestError::invalid(None, "the body must be JSON"))?;
     let action = body["action"].as_str().unwrap_or_default();
@@ -116,6 +125,8 @@ async fn control(State(state): State<AppState>, body: axum::body::Bytes) -> Resu
     Ok(axum::Json(json!({"message": format!("{action} requested"), "task_id": running})).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/engines/all-models", tag = "FooocusAPI", operation_id = "fooocus_all_models",
+    responses((status = 200, description = "OK", body = crate::rest::compat::schemas::FooocusModels)))]
 async fn all_models(State(state): State<AppState>) -> Result<Response, RestError> {
     let paths = paths(&state)?;
     Ok(axum::Json(json!({
@@ -125,17 +136,30 @@ async fn all_models(State(state): State<AppState>) -> Result<Response, RestError
     .into_response())
 }
 
+#[utoipa::path(get, path = "/v1/engines/styles", tag = "FooocusAPI", operation_id = "fooocus_styles",
+    responses((status = 200, description = "OK", body = [String])))]
 async fn list_styles(State(state): State<AppState>) -> Result<Response, RestError> {
     let names: Vec<String> = styles(paths(&state)?).into_keys().collect();
     Ok(axum::Json(names).into_response())
 }
 
+#[utoipa::path(get, path = "/tasks/{id}", tag = "FooocusAPI", operation_id = "fooocus_task",
+    params(("id" = String, Path, description = "The task id")),
+    responses((status = 200, description = "OK", body = crate::rest::compat::schemas::FooocusTask), (status = 404, description = "No such thing", body = crate::rest::schemas::ErrorBody)))]
 async fn one_task(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, RestError> {
     let task = state.store.task(&id)?.ok_or_else(|| RestError::not_found("task"))?;
     Ok(axum::Json(task_object(&state, &task)).into_response())
 }
 
 /// `?query=all|history|current|pending&page=&page_size=&start_at=&end_at=&action=delete`.
+#[utoipa::path(get, path = "/tasks", tag = "FooocusAPI", operation_id = "fooocus_tasks",
+    params(("query" = Option<String>, Query, description = "all (default), history, current or pending"),
+        ("page" = Option<u32>, Query, description = "From 0"),
+        ("page_size" = Option<u32>, Query, description = "Default 10"),
+        ("start_at" = Option<String>, Query, description = "ISO 8601"),
+        ("end_at" = Option<String>, Query, description = "ISO 8601"),
+        ("action" = Option<String>, Query, description = "`delete`: delete the matching history and its files")),
+    responses((status = 200, description = "OK", body = crate::rest::compat::schemas::FooocusTaskLists), (status = 400, description = "Bad input: the field is named", body = crate::rest::schemas::ErrorBody)))]
 async fn list_tasks(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
@@ -193,6 +217,10 @@ async fn list_tasks(
 }
 
 /// A REST output, converted when `Accept` asks for JPEG or WebP.
+#[utoipa::path(get, path = "/outputs/{date}/{file}", tag = "FooocusAPI", operation_id = "fooocus_output",
+    params(("date" = String, Path, description = "YYYY-MM-DD"), ("file" = String, Path, description = "The file name")),
+    responses((status = 200, description = "The image, converted to the first image type `Accept` names", content(("image/png"), ("image/jpeg"), ("image/webp"))),
+        (status = 404, description = "No such thing", body = crate::rest::schemas::ErrorBody)))]
 async fn output(
     State(state): State<AppState>,
     Path((date, file)): Path<(String, String)>,

@@ -23,7 +23,7 @@ use std::time::Instant;
 pub fn routes(owns_models: bool) -> Router<AppState> {
     let router = Router::new()
         .route("/generate", post(generate))
-        .route("/generate/img2img", post(generate))
+        .route("/generate/img2img", post(generate_img2img))
         .route("/status", get(status));
     if owns_models {
         router.route("/models", get(models))
@@ -114,6 +114,11 @@ fn to_request(state: &AppState, raw: RawRequest) -> Result<RawRequest, String> {
     Ok(RawRequest { fields, files })
 }
 
+#[utoipa::path(post, path = "/generate", tag = "GenServe", operation_id = "genserve_generate",
+    request_body = crate::rest::compat::schemas::GenServeRequest,
+    responses((status = 200, description = "OK", body = crate::rest::compat::schemas::GenServeAnswer),
+        (status = 400, description = "Bad parameters", body = crate::rest::compat::schemas::GenServeAnswer),
+        (status = 500, description = "The generation failed", body = crate::rest::compat::schemas::GenServeAnswer)))]
 async fn generate(State(state): State<AppState>, request: Request) -> Response {
     let started = Instant::now();
     let raw = match read_request(request, &state).await {
@@ -186,6 +191,18 @@ async fn generate(State(state): State<AppState>, request: Request) -> Response {
     }
 }
 
+/// The same as `/generate`, as a multipart form with the images as files.
+#[utoipa::path(post, path = "/generate/img2img", tag = "GenServe", operation_id = "genserve_generate_img2img",
+    request_body(content = crate::rest::compat::schemas::GenServeRequest, content_type = "multipart/form-data"),
+    responses((status = 200, description = "OK", body = crate::rest::compat::schemas::GenServeAnswer),
+        (status = 400, description = "Bad parameters", body = crate::rest::compat::schemas::GenServeAnswer),
+        (status = 500, description = "The generation failed", body = crate::rest::compat::schemas::GenServeAnswer)))]
+async fn generate_img2img(state: State<AppState>, request: Request) -> Response {
+    generate(state, request).await
+}
+
+#[utoipa::path(get, path = "/status", tag = "GenServe", operation_id = "genserve_status",
+    responses((status = 200, description = "OK", body = crate::rest::compat::schemas::GenServeStatus)))]
 async fn status(State(state): State<AppState>) -> Response {
     let alive = state.metrics.worker_alive.load(std::sync::atomic::Ordering::SeqCst);
     axum::Json(json!({
@@ -200,6 +217,9 @@ async fn status(State(state): State<AppState>) -> Response {
     .into_response()
 }
 
+/// Served only when GenServe is the one drop-in API on (else ComfyUI's `/models`).
+#[utoipa::path(get, path = "/models", tag = "GenServe", operation_id = "genserve_models",
+    responses((status = 200, description = "OK", body = [crate::rest::compat::schemas::GenServeModel])))]
 async fn models(State(state): State<AppState>) -> Result<Response, RestError> {
     let paths = paths(&state)?.clone();
     let catalog = state.clone();

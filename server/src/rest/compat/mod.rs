@@ -8,6 +8,7 @@
 pub mod family;
 pub mod fooocus;
 pub mod genserve;
+pub mod schemas;
 
 use crate::state::AppState;
 use axum::Router;
