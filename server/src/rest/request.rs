@@ -6,7 +6,8 @@ use base64::Engine;
 use serde_json::{Map, Value as Json};
 
 /// The model families a request may name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum Family {
     Sd15,
     Sdxl,
@@ -28,9 +29,12 @@ impl Family {
 }
 
 /// What a request asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum Mode {
+    #[serde(rename = "text2img")]
     Text2Img,
+    #[serde(rename = "img2img")]
     Img2Img,
     Inpaint,
     Outpaint,

@@ -3,35 +3,12 @@
 //! and write answers as JSON; the end-to-end tests check that real requests and answers have
 //! exactly these fields.
 
+use super::request::{Family, Mode};
+use crate::store::tasks::TaskStatus;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
-
-/// A model family.
-#[derive(Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum FamilyName {
-    Sd15,
-    Sdxl,
-    Sd3,
-    Flux,
-}
-
-/// What a request asks for.
-#[derive(Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ModeName {
-    #[serde(rename = "text2img")]
-    Text2Img,
-    #[serde(rename = "img2img")]
-    Img2Img,
-    Inpaint,
-    Outpaint,
-    Upscale,
-    ObjectRemove,
-    Relight,
-}
 
 /// One file name, or a pair (two text encoders).
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -69,9 +46,9 @@ pub struct LoraEntry {
 #[schema(example = json!({"family": "sdxl", "prompt": "a lighthouse at dawn", "width": 1024, "height": 1024, "steps": 25, "seed": -1}))]
 pub struct GenerateRequestBody {
     /// Default `sd15`.
-    pub family: Option<FamilyName>,
+    pub family: Option<Family>,
     /// Default `text2img`.
-    pub mode: Option<ModeName>,
+    pub mode: Option<Mode>,
     /// A checkpoint file in `models/checkpoints`; default: `--default-model` or the family's first.
     pub model: Option<String>,
     /// Split files: the diffusion model (`.safetensors` or `.gguf`), with `clip` and `vae`.
@@ -134,17 +111,6 @@ pub struct GenerateRequestBody {
     pub client_id: Option<String>,
 }
 
-/// Where a task stands.
-#[derive(Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskStatusName {
-    Pending,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
 /// A task's progress.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct TaskProgress {
@@ -184,10 +150,10 @@ pub struct TaskError {
 pub struct Task {
     /// Also the prompt's id in `/queue`, `/history` and on `/ws`.
     pub id: String,
-    pub status: TaskStatusName,
+    pub status: TaskStatus,
     pub priority: i64,
-    pub family: FamilyName,
-    pub mode: ModeName,
+    pub family: Family,
+    pub mode: Mode,
     /// The seed it ran with.
     pub seed: u64,
     /// The bundled workflow it was built from (`v1/sd_text2img`).
@@ -217,7 +183,7 @@ pub struct TaskList {
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct StreamEvent {
     pub task_id: String,
-    pub status: TaskStatusName,
+    pub status: TaskStatus,
     pub percent: f64,
     pub node: Option<String>,
     pub node_type: Option<String>,
@@ -259,10 +225,10 @@ pub struct Deleted {
 pub struct ModelView {
     pub name: String,
     pub folder: String,
-    pub family: FamilyName,
+    pub family: Family,
     /// `base`, `refiner`, `dev`, `schnell` or `fill`.
     pub variant: String,
-    pub modes: Vec<ModeName>,
+    pub modes: Vec<Mode>,
     pub add_ons: Vec<String>,
     pub refiner: bool,
 }
