@@ -402,6 +402,18 @@ fn bad_requests_name_the_field_and_queue_nothing() {
     refused(with(json!({"mode": "paint"})), 400, "mode");
     let body = refused(with(json!({"model": "missing.safetensors"})), 400, "model");
     assert_eq!(body["error"]["code"], "unknown_model");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("models/checkpoints"),
+        "{body}"
+    );
+    let body = refused(with(json!({"loras": [{"name": "nope.safetensors"}]})), 400, "loras");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("models/loras"),
+        "{body}"
+    );
     refused(with(json!({"width": 65, "mode": "text2img"})), 400, "width");
     refused(with(json!({"steps": 0})), 400, "steps");
     refused(with(json!({"sampler": "nonsense"})), 400, "sampler");

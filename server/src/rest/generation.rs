@@ -289,10 +289,23 @@ fn validation_error(failure: &ValidationFailure, built: &BuiltPrompt) -> RestErr
             continue;
         };
         let received = &error["extra_info"]["received_value"];
-        let is_file = ["model", "unet", "clip", "vae", "refiner", "loras"].contains(&field);
-        if error["type"] == "value_not_in_list" && is_file {
-            return RestError::field(field, format!("no model file named {received} for `{field}`"))
-                .with_code("unknown_model");
+        let folder = match field {
+            "model" | "refiner" => Some("checkpoints"),
+            "unet" => Some("diffusion_models"),
+            "clip" => Some("text_encoders"),
+            "vae" => Some("vae"),
+            "loras" => Some("loras"),
+            _ => None,
+        };
+        if let Some(folder) = folder.filter(|_| error["type"] == "value_not_in_list") {
+            return RestError::field(
+                field,
+                format!(
+                    "no model file named {received} for `{field}`: it belongs in models/{folder} \
+                     (POST /v1/models/download fetches one)"
+                ),
+            )
+            .with_code("unknown_model");
         }
         let message = [error["message"].as_str(), error["details"].as_str()]
             .into_iter()
