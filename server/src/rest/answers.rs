@@ -8,13 +8,21 @@ use super::tasks::{image_entry, status_message, task_json, LiveProgress, TaskUpd
 use super::{paths, RestError};
 use crate::state::AppState;
 use crate::store::tasks::{StoredTask, TaskStatus};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use easel_nodes::image::io::{view_preview, PreviewFormat};
 use easel_nodes::paths::safe_relative;
 use serde_json::{json, Value as Json};
+
+/// The image type an `Accept` header asks for first (`image/png`, `image/jpeg`, `image/webp`),
+/// if its first entry is one: browsers' lists that merely include image types do not count.
+pub fn accepted_image(headers: &HeaderMap) -> Option<OutputFormat> {
+    let accept = headers.get(header::ACCEPT)?.to_str().ok()?;
+    let first = accept.split(',').next()?.split(';').next()?.trim();
+    OutputFormat::parse(first).filter(|_| first.starts_with("image/"))
+}
 
 /// Waits for a task to end (the client going away drops this wait, not the task).
 pub async fn wait_for_end(state: &AppState, id: &str) -> Result<StoredTask, RestError> {
@@ -30,7 +38,11 @@ pub async fn wait_for_end(state: &AppState, id: &str) -> Result<StoredTask, Rest
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                    return Err(RestError::invalid(None, "the server is shutting down"))
+                    return Err(RestError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "shutting_down",
+                        "the server is shutting down",
+                    ))
                 }
             }
         }
@@ -61,7 +73,13 @@ pub fn encode_as(png: Vec<u8>, format: OutputFormat) -> Result<Vec<u8>, RestErro
     };
     view_preview(&png, preview, 95, false)
         .map(|(bytes, _)| bytes)
-        .map_err(|error| RestError::invalid(None, format!("the image could not be converted: {error}")))
+        .map_err(|error| {
+            RestError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "conversion_failed",
+                format!("the saved image could not be converted: {error}"),
+            )
+        })
 }
 
 /// The task's images for a JSON answer: URLs, and base64 unless the request asked for URLs.

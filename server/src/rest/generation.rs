@@ -61,6 +61,20 @@ pub async fn read_request(request: Request, state: &AppState) -> Result<RawReque
     Ok(raw)
 }
 
+/// [`accept_generation`] off the async workers (it validates and writes the store).
+pub async fn submit(state: &AppState, raw: RawRequest) -> Result<(StoredTask, AnswerStyle), RestError> {
+    let accepting = state.clone();
+    tokio::task::spawn_blocking(move || accept_generation(&accepting, raw))
+        .await
+        .map_err(|_| {
+            RestError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the request could not be handled",
+            )
+        })?
+}
+
 /// Checks a request, builds and validates its prompt, stores its images and queues it as a task.
 pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(StoredTask, AnswerStyle), RestError> {
     let paths = paths(state)?;

@@ -1,9 +1,9 @@
 //! The `/v1` handlers: generate (answered as a stream, a task at once, image bytes, or the
 //! finished task), tasks (get, list, cancel, delete), models, styles, presets and status.
 
-use super::answers::{image_bytes, images_of, stream, wait_for_end, StreamShape};
+use super::answers::{accepted_image, image_bytes, images_of, stream, wait_for_end, StreamShape};
 use super::catalog::{default_model, presets, styles};
-use super::generation::{accept_generation, read_request};
+use super::generation::{read_request, submit};
 use super::recipes::workflow_for;
 use super::request::{Family, GenerateRequest, Mode, OutputFormat};
 use super::tasks::{image_entry, task_json};
@@ -11,7 +11,7 @@ use super::{now_ms, paths, query_time, RestError};
 use crate::state::AppState;
 use crate::store::tasks::{StoredTask, TaskFilter, TaskStatus};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -42,21 +42,6 @@ enum Answer {
     Finished,
 }
 
-/// The first image type an `Accept` header names before any JSON or event-stream type.
-fn accepted_image(headers: &HeaderMap) -> Option<OutputFormat> {
-    let accept = headers.get(header::ACCEPT)?.to_str().ok()?;
-    for media in accept.split(',') {
-        let media = media.split(';').next().unwrap_or_default().trim();
-        if let Some(format) = media.strip_prefix("image/").and(OutputFormat::parse(media)) {
-            return Some(format);
-        }
-        if matches!(media, "application/json" | "text/event-stream" | "*/*") {
-            return None;
-        }
-    }
-    None
-}
-
 #[utoipa::path(post, path = "/v1/generate", tag = "generation", operation_id = "generate",
     request_body(description = "JSON, or a multipart form with `image` and `mask` as files", content(
         (crate::rest::schemas::GenerateRequestBody = "application/json"),
@@ -73,10 +58,7 @@ fn accepted_image(headers: &HeaderMap) -> Option<OutputFormat> {
 async fn generate(State(state): State<AppState>, request: Request) -> Result<Response, RestError> {
     let accept_image = accepted_image(request.headers());
     let raw = read_request(request, &state).await?;
-    let accepting = state.clone();
-    let (task, answer_style) = tokio::task::spawn_blocking(move || accept_generation(&accepting, raw))
-        .await
-        .map_err(|_| RestError::invalid(None, "the request could not be handled"))??;
+    let (task, answer_style) = submit(&state, raw).await?;
     let answer = if answer_style.stream {
         Answer::Stream
     } else if answer_style.run_async {

@@ -3,7 +3,7 @@
 //! and `/upscale`, `/object_remove`, `/iclight/generate`, which need models Easel cannot run yet.
 
 use crate::rest::answers::{encode_as, read_output, wait_for_end};
-use crate::rest::generation::accept_generation;
+use crate::rest::generation::submit;
 use crate::rest::request::{OutputFormat, RawRequest};
 use crate::rest::RestError;
 use crate::state::AppState;
@@ -155,10 +155,7 @@ async fn generate(
 ) -> Result<Response, RestError> {
     let body = RawRequest::from_json(&body)?;
     let raw = to_request(family, &body.fields)?;
-    let accepting = state.clone();
-    let (task, _) = tokio::task::spawn_blocking(move || accept_generation(&accepting, raw))
-        .await
-        .map_err(|_| RestError::invalid(None, "the request could not be handled"))??;
+    let (task, _) = submit(&state, raw).await?;
     let task = wait_for_end(&state, &task.id).await?;
     if task.status != TaskStatus::Succeeded {
         let message = task

@@ -4,9 +4,9 @@
 //! pending; `action=delete`), `GET /tasks/{id}`, `POST /v1/engine/control/`,
 //! `GET /v1/engines/all-models`, `GET /v1/engines/styles` and `GET /outputs/{date}/{file}`.
 
-use crate::rest::answers::{encode_as, image_bytes, read_output, stream, wait_for_end, StreamShape};
+use crate::rest::answers::{accepted_image, encode_as, image_bytes, read_output, stream, wait_for_end, StreamShape};
 use crate::rest::catalog::styles;
-use crate::rest::generation::{accept_generation, read_request};
+use crate::rest::generation::{read_request, submit};
 use crate::rest::request::OutputFormat;
 use crate::rest::{paths, query_time, RestError};
 use crate::state::AppState;
@@ -71,12 +71,6 @@ fn task_object(state: &AppState, task: &StoredTask) -> Json {
     })
 }
 
-fn accepted_image(headers: &HeaderMap) -> Option<OutputFormat> {
-    let accept = headers.get(header::ACCEPT)?.to_str().ok()?;
-    let first = accept.split(',').next()?.split(';').next()?.trim();
-    OutputFormat::parse(first).filter(|_| first.starts_with("image/"))
-}
-
 #[utoipa::path(post, path = "/v1/engine/generate/", tag = "FooocusAPI", operation_id = "fooocus_generate",
     request_body = crate::rest::compat::schemas::FooocusGenerate,
     responses((status = 200, description = "The task (`async_process`, or finished), progress events (`stream_output`), or image bytes (`Accept`)", content(
@@ -91,10 +85,7 @@ async fn generate(State(state): State<AppState>, request: Request) -> Result<Res
             raw.fields.insert(ours.into(), value);
         }
     }
-    let accepting = state.clone();
-    let (task, style) = tokio::task::spawn_blocking(move || accept_generation(&accepting, raw))
-        .await
-        .map_err(|_| RestError::invalid(None, "the request could not be handled"))??;
+    let (task, style) = submit(&state, raw).await?;
     if style.stream {
         return Ok(stream(state, task.id, style, StreamShape::Fooocus).into_response());
     }
