@@ -4,6 +4,7 @@
 //! exactly these fields.
 
 use super::request::{Family, Mode};
+use super::tasks::LiveProgress;
 use crate::store::tasks::TaskStatus;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -111,18 +112,6 @@ pub struct GenerateRequestBody {
     pub client_id: Option<String>,
 }
 
-/// A task's progress.
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct TaskProgress {
-    /// Of the whole task; never lower than before.
-    pub percent: f64,
-    pub node: Option<String>,
-    pub node_type: Option<String>,
-    pub step: Option<u64>,
-    pub steps: Option<u64>,
-    pub message: String,
-}
-
 /// A saved image.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct TaskImage {
@@ -164,7 +153,7 @@ pub struct Task {
     pub queued_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
-    pub progress: TaskProgress,
+    pub progress: LiveProgress,
     /// The latest preview while running (base64 JPEG).
     pub preview: Option<String>,
     pub images: Vec<TaskImage>,

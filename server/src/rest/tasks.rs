@@ -15,8 +15,9 @@ use tokio::sync::broadcast;
 /// How often a running task's preview may change (previews are for people watching).
 const PREVIEW_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Where a running task is.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Where a running task is (a task's `progress`; the preview is shown beside it).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[schema(as = TaskProgress)]
 pub struct LiveProgress {
     /// Of the whole task, 0–100; it never goes down.
     pub percent: f64,
@@ -26,19 +27,18 @@ pub struct LiveProgress {
     pub steps: Option<u64>,
     pub message: String,
     /// The latest preview, base64 (JPEG unless the sampler sends PNG).
+    #[serde(skip)]
     pub preview: Option<String>,
 }
 
 impl LiveProgress {
+    /// As a task shows it: the percent to a tenth.
     pub fn to_json(&self) -> Json {
-        json!({
-            "percent": (self.percent * 10.0).round() / 10.0,
-            "node": self.node,
-            "node_type": self.node_type,
-            "step": self.step,
-            "steps": self.steps,
-            "message": self.message,
-        })
+        let shown = LiveProgress {
+            percent: (self.percent * 10.0).round() / 10.0,
+            ..self.clone()
+        };
+        serde_json::to_value(shown).unwrap_or_default()
     }
 }
 
@@ -262,14 +262,15 @@ pub fn view_url(filename: &str, subfolder: &str, kind: &str) -> String {
 /// A task as `/v1` answers it. `live` is its progress if it is running; `images` are the saved
 /// images' entries to show (with `base64` when they are inline).
 pub fn task_json(task: &StoredTask, live: Option<&LiveProgress>, images: Vec<Json>) -> Json {
+    let settled = |percent: f64, status: TaskStatus| LiveProgress {
+        percent,
+        message: status_message(status).into(),
+        ..LiveProgress::default()
+    };
     let progress = match (task.status, live) {
-        (TaskStatus::Succeeded, _) => {
-            json!({"percent": 100.0, "node": null, "node_type": null, "step": null, "steps": null, "message": "Finished"})
-        }
+        (TaskStatus::Succeeded, _) => settled(100.0, TaskStatus::Succeeded).to_json(),
         (_, Some(live)) => live.to_json(),
-        (status, None) => {
-            json!({"percent": 0.0, "node": null, "node_type": null, "step": null, "steps": null, "message": status_message(status)})
-        }
+        (status, None) => settled(0.0, status).to_json(),
     };
     json!({
         "id": task.id,
