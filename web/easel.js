@@ -231,13 +231,27 @@ async function buildPrompt(workflow) {
   return prompt;
 }
 
+/** The model folder a loader's file input lists, for saying where a missing model belongs. */
+const MODEL_FOLDERS = {
+  ckpt_name: 'checkpoints', unet_name: 'diffusion_models', vae_name: 'vae', lora_name: 'loras',
+  clip_name: 'text_encoders', clip_name1: 'text_encoders', clip_name2: 'text_encoders',
+  control_net_name: 'controlnet', style_model_name: 'style_models',
+};
+
 /** ComfyUI's error body (`error` and `node_errors`) as lines a person can read. */
 function describeRejection(body, prompt) {
   const lines = [body.error?.message ?? 'The prompt was rejected'];
   if (body.error?.details) lines.push(body.error.details);
   for (const [nodeId, errors] of Object.entries(body.node_errors ?? {})) {
     const title = prompt[nodeId]?._meta?.title ?? errors.class_type;
-    for (const error of errors.errors ?? []) lines.push(`${title}: ${error.message}${error.details ? ` (${error.details})` : ''}`);
+    for (const error of errors.errors ?? []) {
+      lines.push(`${title}: ${error.message}${error.details ? ` (${error.details})` : ''}`);
+      const folder = error.type === 'value_not_in_list' && MODEL_FOLDERS[error.extra_info?.input_name];
+      if (folder) {
+        lines.push(`Put ${error.extra_info.received_value} in models/${folder} of the server's base directory ` +
+          `(easel models download URL --folder ${folder} fetches one).`);
+      }
+    }
   }
   return lines.join('\n');
 }

@@ -6,7 +6,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync, rmSync } from 'node:fs';
+import { cpSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { withEasel, withPage, workspace } from './harness.mjs';
 
@@ -138,6 +138,13 @@ test('the built-in page checks its fields and shows why a prompt is rejected', {
       // The rejected POST /prompt is the only failed request.
       assert.equal(problems.length, 1, problems.join());
       assert.match(problems[0], /HTTP 400 .*\/prompt$/);
+
+      // A missing model: the page says which folder it belongs in.
+      cpSync(join(workspace, 'workflows/input/example.png'), join(easel.base, 'input/example.png'));
+      rmSync(join(easel.base, 'models/checkpoints/easel_tiny_sd1.safetensors'));
+      await page.click('#run');
+      await page.waitForFunction(() => document.querySelector('#error').textContent.includes('models/checkpoints'));
+      assert.match(await error.textContent(), /Load Checkpoint: Value not in list[\s\S]*Put easel_tiny_sd1\.safetensors in models\/checkpoints/);
     });
   });
 });
