@@ -52,7 +52,7 @@ pub async fn read_request(request: Request, state: &AppState) -> Result<RawReque
         let name = field.name().unwrap_or_default().to_string();
         if field.file_name().is_some() {
             let bytes = field.bytes().await.map_err(|error| unreadable(&error))?;
-            raw.files.push((name, bytes.to_vec()));
+            raw.files.push((name, bytes));
         } else {
             let text = field.text().await.map_err(|error| unreadable(&error))?;
             raw.add_form_text(name, text);

@@ -2,6 +2,7 @@
 //! one by one so that a refusal names the field, with each family's defaults filled in.
 
 use super::RestError;
+use axum::body::Bytes;
 use base64::Engine;
 use serde_json::{Map, Value as Json};
 
@@ -106,10 +107,11 @@ impl OutputFormat {
     }
 }
 
-/// An uploaded image: its bytes, its format's file extension and its size.
+/// An uploaded image: its bytes (shared with the request's own buffer, never copied), its
+/// format's file extension and its size.
 #[derive(Debug, Clone)]
 pub struct UploadedImage {
-    pub bytes: Vec<u8>,
+    pub bytes: Bytes,
     pub extension: &'static str,
     pub width: u32,
     pub height: u32,
@@ -235,7 +237,7 @@ pub const MAX_LORAS: usize = 8;
 #[derive(Debug, Default)]
 pub struct RawRequest {
     pub fields: Map<String, Json>,
-    pub files: Vec<(String, Vec<u8>)>,
+    pub files: Vec<(String, Bytes)>,
 }
 
 impl RawRequest {
@@ -718,7 +720,7 @@ impl Fields<'_> {
         &self,
         name: &str,
         max_bytes: usize,
-        files: &[(String, Vec<u8>)],
+        files: &[(String, Bytes)],
     ) -> Result<Option<UploadedImage>, RestError> {
         let bytes = match (self.get(name), files.iter().find(|(field, _)| field == name)) {
             (Some(_), Some(_)) => {
@@ -729,7 +731,7 @@ impl Fields<'_> {
             }
             (None, None) => return Ok(None),
             (None, Some((_, bytes))) => bytes.clone(),
-            (Some(Json::String(text)), None) => decode_base64(name, text)?,
+            (Some(Json::String(text)), None) => Bytes::from(decode_base64(name, text)?),
             (Some(_), None) => {
                 return Err(RestError::field(
                     name,
