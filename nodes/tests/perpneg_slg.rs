@@ -496,9 +496,9 @@ fn sd1(setup: &Setup) -> (Value, [Value; 3]) {
     (loaded[0].clone(), [encode("a red house"), encode("blurry"), encode("")])
 }
 
-/// KSampler on a 64×64 empty latent: euler, 3 karras steps, seed 7.
-fn ksampler(setup: &Setup, model: &Value, positive: &Value, negative: &Value, cfg: f64) -> Tensor {
-    let latent = call(
+/// A 64×64 empty latent.
+fn empty_latent(setup: &Setup) -> Value {
+    call(
         setup,
         "EmptyLatentImage",
         vec![
@@ -507,22 +507,18 @@ fn ksampler(setup: &Setup, model: &Value, positive: &Value, negative: &Value, cf
             ("batch_size", j(json!(1))),
         ],
     )
-    .remove(0);
+    .remove(0)
+}
+
+/// KSampler on a 64×64 empty latent: euler, 3 karras steps, seed 7.
+fn ksampler(setup: &Setup, model: &Value, positive: &Value, negative: &Value, cfg: f64) -> Tensor {
+    let latent = empty_latent(setup);
     common::ksampler(setup, model, positive, negative, &latent, "euler", 3, cfg).unwrap()
 }
 
 /// SamplerCustomAdvanced with `guider` as `ksampler` samples.
 fn sample_guided(setup: &Setup, model: &Value, guider: Value) -> Tensor {
-    let latent = call(
-        setup,
-        "EmptyLatentImage",
-        vec![
-            ("width", j(json!(64))),
-            ("height", j(json!(64))),
-            ("batch_size", j(json!(1))),
-        ],
-    )
-    .remove(0);
+    let latent = empty_latent(setup);
     let noise = call(setup, "RandomNoise", vec![("noise_seed", j(json!(7)))]).remove(0);
     let sampler = call(setup, "KSamplerSelect", vec![("sampler_name", j(json!("euler")))]).remove(0);
     let sigmas = call(

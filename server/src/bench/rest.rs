@@ -4,13 +4,11 @@
 //! request to queued, p50 and p99 of each and the difference, by one client (each request's own
 //! cost) and by 64 at once (the cost under contention).
 
-use super::server::{load, print_header, report, start_server};
+use super::server::{client_runtime, http_client, load, print_header, report, start_server};
 use crate::cli::BenchArgs;
 use axum::body::Bytes;
 use http_body_util::Full;
 use hyper::Request;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 
 pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
@@ -41,14 +39,8 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let rest_body = fields.to_string();
 
     print_header();
-    let clients = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    clients.block_on(async {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(args.clients)
-            .build_http();
+    client_runtime()?.block_on(async {
+        let client = http_client(args.clients);
         let mut overheads = Vec::new();
         // One client shows each request's own cost; many show it under contention.
         for clients in [1, args.clients] {

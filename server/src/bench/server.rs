@@ -54,14 +54,8 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     for index in 1..=100 {
         std::fs::write(base.path().join(format!("output/bench_{index:05}_.png")), &sample)?;
     }
-    let clients = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    clients.block_on(async {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(args.clients)
-            .build_http();
+    client_runtime()?.block_on(async {
+        let client = http_client(args.clients);
         let target = url.clone();
         let (posted, ids) = load(&client, args.clients, args.requests, move |client, index| {
             let request = Request::post(format!("{target}/prompt"))
@@ -125,6 +119,21 @@ fn prompt(client: usize, index: usize) -> String {
 }
 
 pub(super) type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// The clients' own runtime (two threads, beside the server's).
+pub(super) fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+/// An HTTP client keeping a connection per concurrent client.
+pub(super) fn http_client(clients: usize) -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(clients)
+        .build_http()
+}
 
 pub(super) struct Timings {
     latencies: Vec<Duration>,

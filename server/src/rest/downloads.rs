@@ -3,6 +3,7 @@
 //! /v1/models/downloads` and `GET /v1/models/downloads/{id}`. Progress also goes to every
 //! WebSocket client as `easel_download` messages.
 
+use super::schemas::{DownloadJob, DownloadList};
 use super::{iso_time, now_ms, paths, RestError};
 use crate::downloads::{agent, download, DownloadError, DownloadTarget};
 use crate::hub::message;
@@ -30,8 +31,8 @@ pub fn routes() -> Router<AppState> {
 
 /// The server's downloads, newest last, and the channel their changes go out on.
 pub struct DownloadJobs {
-    jobs: Mutex<Vec<Json>>,
-    updates: broadcast::Sender<Json>,
+    jobs: Mutex<Vec<DownloadJob>>,
+    updates: broadcast::Sender<DownloadJob>,
 }
 
 impl Default for DownloadJobs {
@@ -44,25 +45,25 @@ impl Default for DownloadJobs {
 }
 
 impl DownloadJobs {
-    fn jobs(&self) -> std::sync::MutexGuard<'_, Vec<Json>> {
+    fn jobs(&self) -> std::sync::MutexGuard<'_, Vec<DownloadJob>> {
         self.jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn get(&self, id: &str) -> Option<Json> {
-        self.jobs().iter().find(|job| job["id"] == id).cloned()
+    fn get(&self, id: &str) -> Option<DownloadJob> {
+        self.jobs().iter().find(|job| job.id == id).cloned()
     }
 
     /// Changes a job and tells WebSocket clients and streams.
-    fn update(&self, state: &AppState, id: &str, change: impl FnOnce(&mut Json)) {
+    fn update(&self, state: &AppState, id: &str, change: impl FnOnce(&mut DownloadJob)) {
         let job = {
             let mut jobs = self.jobs();
-            let Some(job) = jobs.iter_mut().find(|job| job["id"] == id) else {
+            let Some(job) = jobs.iter_mut().find(|job| job.id == id) else {
                 return;
             };
             change(job);
             job.clone()
         };
-        state.hub.broadcast(message("easel_download", &job));
+        state.hub.broadcast(message("easel_download", &json!(job)));
         let _ = self.updates.send(job);
     }
 }
@@ -100,11 +101,20 @@ async fn start(State(state): State<AppState>, body: axum::body::Bytes) -> Result
         RestError::field(field, error.to_string())
     })?;
     let id = uuid::Uuid::new_v4().to_string();
-    let job = json!({
-        "id": id, "url": target.url, "folder": target.folder, "name": target.name, "status": "downloading",
-        "bytes": 0, "total": null, "percent": null, "sha256": target.sha256, "error": null,
-        "started_at": iso_time(now_ms()), "finished_at": null,
-    });
+    let job = DownloadJob {
+        id: id.clone(),
+        url: target.url.clone(),
+        folder: target.folder.clone(),
+        name: target.name.clone(),
+        status: "downloading".into(),
+        bytes: 0,
+        total: None,
+        percent: None,
+        sha256: target.sha256.clone(),
+        error: None,
+        started_at: iso_time(now_ms()),
+        finished_at: None,
+    };
     let updates = state.downloads.updates.subscribe();
     state.downloads.jobs().push(job.clone());
     let worker_state = state.clone();
@@ -129,24 +139,24 @@ fn run(state: &AppState, id: &str, target: &DownloadTarget) {
         }
         told = Instant::now();
         jobs.update(state, id, |job| {
-            job["bytes"] = json!(bytes);
-            job["total"] = json!(total);
-            job["percent"] = json!(total.map(|total| (1000.0 * bytes as f64 / total.max(1) as f64).round() / 10.0));
+            job.bytes = bytes;
+            job.total = total;
+            job.percent = total.map(|total| (1000.0 * bytes as f64 / total.max(1) as f64).round() / 10.0);
         });
     };
     let result = download(&agent(), target, &mut progress);
     jobs.update(state, id, |job| {
-        job["finished_at"] = json!(iso_time(now_ms()));
+        job.finished_at = Some(iso_time(now_ms()));
         match result {
             Ok(sha256) => {
-                job["status"] = json!("done");
-                job["sha256"] = json!(sha256);
-                job["percent"] = json!(100.0);
+                job.status = "done".into();
+                job.sha256 = Some(sha256);
+                job.percent = Some(100.0);
             }
             Err(error) => {
                 tracing::warn!(url = %target.url, "download failed: {error}");
-                job["status"] = json!("failed");
-                job["error"] = json!(error.to_string());
+                job.status = "failed".into();
+                job.error = Some(error.to_string());
             }
         }
     });
@@ -156,7 +166,7 @@ fn run(state: &AppState, id: &str, target: &DownloadTarget) {
 fn stream(
     state: AppState,
     id: String,
-    updates: broadcast::Receiver<Json>,
+    updates: broadcast::Receiver<DownloadJob>,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
     let events = futures_util::stream::unfold(
         (state, id, updates, false),
@@ -166,14 +176,14 @@ fn stream(
             }
             loop {
                 let job = match updates.recv().await {
-                    Ok(job) if job["id"] == id => job,
+                    Ok(job) if job.id == id => job,
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(_)) => state.downloads.get(&id)?,
                     Err(broadcast::error::RecvError::Closed) => return None,
                 };
-                let finished = job["status"] != "downloading";
+                let finished = job.status != "downloading";
                 return Some((
-                    Ok(SseEvent::default().data(job.to_string())),
+                    Ok(SseEvent::default().data(json!(job).to_string())),
                     (state, id, updates, finished),
                 ));
             }
@@ -186,7 +196,7 @@ fn stream(
     responses((status = 200, description = "OK", body = crate::rest::schemas::DownloadList)))]
 async fn list(State(state): State<AppState>) -> Response {
     let jobs = state.downloads.jobs().clone();
-    axum::Json(json!({"downloads": jobs})).into_response()
+    axum::Json(DownloadList { downloads: jobs }).into_response()
 }
 
 #[utoipa::path(get, path = "/v1/models/downloads/{id}", tag = "catalog", operation_id = "get_download",

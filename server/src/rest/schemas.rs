@@ -296,7 +296,7 @@ pub struct DownloadRequest {
 }
 
 /// A download.
-#[derive(Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct DownloadJob {
     pub id: String,
     pub url: String,
