@@ -202,8 +202,27 @@ impl Shared {
 
     /// Forgets pending prompts, on disk and in the queue; whether any of them was pending.
     pub fn dequeue(&self, ids: &[String]) -> Result<bool, StoreError> {
-        self.store.remove_pending(Some(ids))?;
+        let cancelled = self.store.remove_pending(Some(ids))?;
+        self.tasks_cancelled(&cancelled);
         Ok(self.queue.delete(ids, |remaining| self.broadcast_status(remaining)))
+    }
+
+    /// Forgets every pending prompt, on disk and in the queue.
+    pub fn clear_queue(&self) -> Result<(), StoreError> {
+        let cancelled = self.store.remove_pending(None)?;
+        self.tasks_cancelled(&cancelled);
+        self.queue.clear(|remaining| self.broadcast_status(remaining));
+        Ok(())
+    }
+
+    /// Tasks taken off the queue before they ran: their watchers hear it, their webhooks go out.
+    pub fn tasks_cancelled(&self, ids: &[String]) {
+        for id in ids {
+            self.live_tasks.end(id);
+        }
+        if !ids.is_empty() {
+            self.webhook_wake.notify();
+        }
     }
 
     /// Interrupts the running prompt if it is this one; whether it was.

@@ -91,7 +91,8 @@ impl Store {
         connection.execute_batch(SCHEMA)?;
         connection.execute_batch(tasks::TASKS_SCHEMA)?;
         connection.execute_batch(webhooks::WEBHOOKS_SCHEMA)?;
-        add_priority_column(&connection)?;
+        add_queue_columns(&connection)?;
+        tasks::move_waiting_tasks_into_queue(&connection)?;
         Ok(Store {
             connection: Mutex::new(connection),
             history_limit,
@@ -105,6 +106,16 @@ impl Store {
     pub fn enqueue(&self, prompt: &StoredPrompt) -> Result<(), StoreError> {
         // Serialise before taking the connection: the lock is shared with the worker.
         QueueRow::of(prompt)?.insert(&self.connection())
+    }
+
+    /// How many prompts wait at each priority, highest first.
+    pub fn pending_by_priority(&self) -> Result<Vec<(i64, i64)>, StoreError> {
+        let connection = self.connection();
+        let mut statement = connection.prepare_cached(
+            "SELECT priority, COUNT(*) FROM queue WHERE running = 0 GROUP BY priority ORDER BY priority DESC",
+        )?;
+        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Marks a prompt running, and its task if it has one; whether it has.
@@ -124,6 +135,8 @@ impl Store {
         let entry_text = serde_json::to_string(entry)?;
         let mut connection = self.connection();
         let transaction = connection.transaction()?;
+        // The task is settled first: a task that never started still waits in the queue row.
+        tasks::settle_task(&transaction, prompt_id, entry, tasks::now_ms())?;
         transaction
             .prepare_cached("DELETE FROM queue WHERE prompt_id = ?1")?
             .execute(params![prompt_id])?;
@@ -133,14 +146,36 @@ impl Store {
         transaction
             .prepare_cached("INSERT INTO history (prompt_id, entry) VALUES (?1, ?2)")?
             .execute(params![prompt_id, entry_text])?;
-        tasks::settle_task(&transaction, prompt_id, entry, tasks::now_ms())?;
         transaction.commit()?;
         Ok(())
     }
 
-    /// Forgets pending prompts: these ids, or all of them.
-    pub fn remove_pending(&self, ids: Option<&[String]>) -> Result<(), StoreError> {
-        self.delete_where("DELETE FROM queue WHERE running = 0", ids)
+    /// Forgets pending prompts, these ids or all of them; the tasks waiting in them are
+    /// cancelled (their ids are returned, their webhooks scheduled).
+    pub fn remove_pending(&self, ids: Option<&[String]>) -> Result<Vec<String>, StoreError> {
+        let now = tasks::now_ms();
+        let mut connection = self.connection();
+        let transaction = connection.transaction()?;
+        let waiting = tasks::waiting_task_ids(&transaction)?;
+        let cancelled: Vec<String> = waiting
+            .into_iter()
+            .filter(|id| ids.is_none_or(|ids| ids.contains(id)))
+            .collect();
+        for id in &cancelled {
+            tasks::cancel_waiting_task(&transaction, id, now)?;
+        }
+        match ids {
+            None => {
+                transaction.execute("DELETE FROM queue WHERE running = 0", [])?;
+            }
+            Some(ids) => {
+                for id in ids {
+                    transaction.execute("DELETE FROM queue WHERE running = 0 AND prompt_id = ?1", params![id])?;
+                }
+            }
+        }
+        transaction.commit()?;
+        Ok(cancelled)
     }
 
     /// Runs `delete` (a `DELETE … WHERE …` statement) for all rows, or for the rows of these ids.
@@ -288,18 +323,19 @@ impl Store {
     }
 }
 
-/// A queued prompt serialised for its row, ready to insert (on the store's connection, or in a
-/// caller's transaction).
-pub struct QueueRow {
+/// A queued prompt serialised for its row, ready to insert.
+struct QueueRow {
     prompt_id: String,
     number: f64,
     priority: i64,
     /// `number_json`, `prompt`, `extra_data`, `outputs_to_execute`, `node_errors` as JSON text.
     texts: [String; 5],
+    /// The REST task waiting in this prompt, if it is one.
+    task: Option<tasks::WaitingTask>,
 }
 
 impl QueueRow {
-    pub fn of(prompt: &StoredPrompt) -> Result<QueueRow, StoreError> {
+    fn of(prompt: &StoredPrompt) -> Result<QueueRow, StoreError> {
         Ok(QueueRow {
             prompt_id: prompt.prompt_id.clone(),
             number: prompt.number,
@@ -311,17 +347,20 @@ impl QueueRow {
                 serde_json::to_string(&prompt.outputs_to_execute)?,
                 serde_json::to_string(&prompt.node_errors)?,
             ],
+            task: None,
         })
     }
 
-    pub fn insert(&self, connection: &Connection) -> Result<(), StoreError> {
+    fn insert(&self, connection: &Connection) -> Result<(), StoreError> {
         let [number_json, prompt, extra_data, outputs, node_errors] = &self.texts;
+        let task = self.task.as_ref();
         // Statements are prepared once per connection and reused (`prepare_cached`).
         connection
             .prepare_cached(
                 "INSERT OR REPLACE INTO queue
-                 (prompt_id, number, number_json, prompt, extra_data, outputs_to_execute, node_errors, priority)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 (prompt_id, number, number_json, prompt, extra_data, outputs_to_execute, node_errors, priority,
+                  task_spec, task_queued_at, task_webhook_url)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?
             .execute(params![
                 self.prompt_id,
@@ -331,19 +370,30 @@ impl QueueRow {
                 extra_data,
                 outputs,
                 node_errors,
-                self.priority
+                self.priority,
+                task.map(|task| &task.spec),
+                task.map(|task| task.queued_at),
+                task.and_then(|task| task.webhook_url.as_ref()),
             ])?;
         Ok(())
     }
 }
 
-/// Databases written before priorities existed get the column (every old prompt at 0).
-fn add_priority_column(connection: &Connection) -> Result<(), StoreError> {
-    let has_priority = connection
-        .prepare("SELECT name FROM pragma_table_info('queue') WHERE name = 'priority'")?
-        .exists([])?;
-    if !has_priority {
-        connection.execute_batch("ALTER TABLE queue ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")?;
+/// Columns the queue table gained after it was first released, added to older databases
+/// (every old prompt at priority 0, carrying no task).
+fn add_queue_columns(connection: &Connection) -> Result<(), StoreError> {
+    for (column, declaration) in [
+        ("priority", "INTEGER NOT NULL DEFAULT 0"),
+        ("task_spec", "TEXT"),
+        ("task_queued_at", "INTEGER"),
+        ("task_webhook_url", "TEXT"),
+    ] {
+        let present = connection
+            .prepare("SELECT name FROM pragma_table_info('queue') WHERE name = ?1")?
+            .exists(params![column])?;
+        if !present {
+            connection.execute_batch(&format!("ALTER TABLE queue ADD COLUMN {column} {declaration}"))?;
+        }
     }
     Ok(())
 }

@@ -137,7 +137,7 @@ fn deliver(shared: &Shared, agent: &ureq::Agent, delivery: &PendingDelivery) {
         None => match shared.store.task(&delivery.task_id) {
             Ok(Some(task)) => {
                 let images = task.images.iter().map(image_entry).collect();
-                let body = task_json(&task, None, images).to_string();
+                let body = serde_json::to_string(&task_json(&task, None, images)).unwrap_or_default();
                 if let Err(error) = shared.store.set_webhook_body(&delivery.id, &body) {
                     tracing::error!(webhook = %delivery.id, "cannot store the webhook body: {error}");
                 }

@@ -488,8 +488,9 @@ fn priorities_cancelling_listing_and_ranged_deletes() {
     let high = submit(queued(5, 2));
     let middle = submit(queued(1, 2));
     let doomed = submit(queued(0, 2));
+    let dropped = submit(queued(0, 2));
     let status = api.get_json("/v1/status");
-    assert_eq!(status["queue"]["pending"], 4, "{status}");
+    assert_eq!(status["queue"]["pending"], 5, "{status}");
     assert_eq!(status["running_task"], json!(blocker));
     assert_eq!(status["queue"]["by_priority"][0], json!({"priority": 5, "pending": 1}));
 
@@ -499,6 +500,13 @@ fn priorities_cancelling_listing_and_ranged_deletes() {
         (answer.status, answer.json()["status"].as_str()),
         (200, Some("cancelled"))
     );
+    // A ComfyUI client deleting a task's prompt from the queue cancels the task too.
+    let body = json!({"delete": [dropped]}).to_string().into_bytes();
+    assert_eq!(
+        send(api, "POST", "/queue", Some(("application/json", body)), None).status,
+        200
+    );
+    assert_eq!(api.get_json(&format!("/v1/tasks/{dropped}"))["status"], "cancelled");
     let answer = send(api, "POST", &format!("/v1/tasks/{blocker}/cancel"), None, None);
     assert_eq!(answer.status, 200);
     assert_eq!(poll_until_ended(api, &blocker)["status"], "cancelled");
@@ -530,7 +538,7 @@ fn priorities_cancelling_listing_and_ranged_deletes() {
     assert_eq!(first_page["tasks"].as_array().unwrap().len(), 2);
     let cursor = first_page["next_cursor"].as_str().unwrap();
     let rest = api.get_json(&format!("/v1/tasks?limit=10&cursor={cursor}"));
-    assert_eq!(rest["tasks"].as_array().unwrap().len(), 3);
+    assert_eq!(rest["tasks"].as_array().unwrap().len(), 4);
     assert!(rest["next_cursor"].is_null());
     let future = api.get_json("/v1/tasks?start_at=2999-01-01T00:00:00Z");
     assert_eq!(future["tasks"], json!([]));
@@ -564,7 +572,7 @@ fn priorities_cancelling_listing_and_ranged_deletes() {
         None,
         None,
     );
-    assert_eq!((answer.status, answer.json()["deleted"].as_u64()), (200, Some(4)));
+    assert_eq!((answer.status, answer.json()["deleted"].as_u64()), (200, Some(5)));
     assert!(!output_file(&ended[0]).exists());
     assert_eq!(api.get_json("/v1/tasks")["tasks"], json!([]));
 }

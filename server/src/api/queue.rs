@@ -27,8 +27,7 @@ async fn list(State(state): State<AppState>) -> Response {
 async fn change(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let request = parse_body(&body)?;
     if request.get("clear").is_some_and(|c| c.as_bool().unwrap_or(false)) {
-        state.store.remove_pending(None)?;
-        state.queue.clear(|remaining| state.broadcast_status(remaining));
+        state.clear_queue()?;
     }
     if request.get("delete").is_some() {
         state.dequeue(&ids(request.get("delete")))?;

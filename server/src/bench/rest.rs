@@ -2,14 +2,15 @@
 //! request on the tiny model, posted as the API prompt the REST API
 //! builds (`POST /prompt`) and as a `/v1/generate` request answered at once (`"async": true`):
 //! request to queued, p50 and p99 of each and the difference, by one client (each request's own
-//! cost) and by 64 at once (the cost under contention).
+//! cost) and by 64 at once (the cost under contention). Each measurement starts with an empty
+//! queue.
 
-use super::server::{client_runtime, http_client, load, print_header, report, start_server};
+use super::server::{client_runtime, http_client, load, print_header, report, start_server, wait_for_empty_queue};
 use crate::cli::BenchArgs;
 use axum::body::Bytes;
 use http_body_util::Full;
 use hyper::Request;
-use serde_json::json;
+use serde_json::{json, Value as Json};
 
 pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let base = tempfile::tempdir()?;
@@ -35,6 +36,12 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     ] {
         prompt[node]["inputs"][input] = value;
     }
+    // Built prompts leave the manifests out.
+    for node in prompt.as_object_mut().into_iter().flat_map(|nodes| nodes.values_mut()) {
+        if let Some(meta) = node.get_mut("_meta").and_then(Json::as_object_mut) {
+            meta.remove("easel");
+        }
+    }
     let prompt_body = json!({"prompt": prompt}).to_string();
     let rest_body = fields.to_string();
 
@@ -54,6 +61,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                 ("POST /prompt (the built prompt)", "/prompt", &prompt_body),
                 ("POST /v1/generate (async)", "/v1/generate", &rest_body),
             ] {
+                wait_for_empty_queue(&client, &url).await?;
                 let target = format!("{url}{path}");
                 let body = Bytes::from(body.clone());
                 let (timings, answers) = load(&client, clients, requests, move |_, _| {

@@ -191,6 +191,20 @@ where
     Ok((Timings { latencies, wall }, bodies))
 }
 
+/// Waits until the server's queue is empty, so a measurement does not share the machine with
+/// the worker running what the previous one queued.
+pub(super) async fn wait_for_empty_queue(client: &HttpClient, url: &str) -> anyhow::Result<()> {
+    loop {
+        let request = Request::get(format!("{url}/prompt")).body(Full::new(Bytes::new()))?;
+        let body = client.request(request).await?.into_body().collect().await?.to_bytes();
+        let status: serde_json::Value = serde_json::from_slice(&body)?;
+        if status["exec_info"]["queue_remaining"].as_u64() == Some(0) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The header of the table [`report`] prints rows of.
 pub(super) fn print_header() {
     println!("| measurement | clients | requests | p50 (ms) | p99 (ms) | requests/s |");

@@ -239,7 +239,7 @@ impl StreamState {
             });
             return SseEvent::default().data(body.to_string());
         }
-        let mut body = progress.to_json();
+        let mut body = serde_json::to_value(progress).unwrap_or_default();
         body["percent"] = json!((self.last_percent * 10.0).round() / 10.0);
         body["task_id"] = json!(self.id);
         body["status"] = json!(status);
@@ -278,7 +278,7 @@ impl StreamState {
             "task_id": task.id,
             "status": task.status.name(),
             "percent": (percent * 10.0).round() / 10.0,
-            "message": task_body["progress"]["message"],
+            "message": task_body.progress.message,
             "preview": null,
             "images": images,
             "error": task.error,

@@ -11,7 +11,6 @@ use super::{now_ms, paths, RestError};
 use crate::queue::QueueItem;
 use crate::state::AppState;
 use crate::store::tasks::{StoredTask, TaskStatus};
-use crate::store::QueueRow;
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::{header, StatusCode};
 use easel_engine::{validate_prompt, Prompt, ValidationFailure};
@@ -124,8 +123,6 @@ pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(Store
                 .ok_or_else(|| RestError::field("styles", format!("no style named `{name}` (see /v1/styles)")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let workflow = crate::api::bundled_workflow(&format!("rest/{WORKFLOW_VERSION}/{workflow_name}.json"))
-        .ok_or_else(|| RestError::invalid(None, format!("the bundled workflow {workflow_name} is missing")))?;
     let seed = request.seed.unwrap_or_else(random_seed);
     let id = uuid::Uuid::new_v4().to_string();
     let stored_images = StoredInputs::write(paths, &request)?;
@@ -144,7 +141,7 @@ pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(Store
         styles: &chosen_styles,
         output_prefix: &output_prefix,
     };
-    let queued = build(&request, workflow, &ingredients).and_then(|mut built| {
+    let queued = build(&request, workflow_name, &ingredients).and_then(|mut built| {
         let validated = validate(state, &mut built)?;
         let spec = json!({
             "request": sanitized_request(&raw, &request, checkpoint.as_deref(), &stored_images, seed),
@@ -177,8 +174,7 @@ pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(Store
             validated,
             extra_data,
         };
-        let row = QueueRow::of(&item.to_stored())?;
-        state.store.insert_task(&task, |transaction| row.insert(transaction))?;
+        state.store.enqueue_task(&item.to_stored(), &task)?;
         Ok((task, item))
     });
     let (task, item) = match queued {

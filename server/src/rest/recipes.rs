@@ -9,10 +9,25 @@ use super::catalog::Style;
 use super::request::{Family, GenerateRequest, Mode};
 use super::RestError;
 use serde_json::{json, Map, Value as Json};
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 /// The version of the workflows requests are built from (their folder), recorded on each task.
 pub const WORKFLOW_VERSION: &str = "v1";
+
+/// The bundled workflows requests are built from.
+const WORKFLOWS: [&str; 9] = [
+    "sd_text2img",
+    "sd_img2img",
+    "sd_inpaint",
+    "sd_outpaint",
+    "sdxl_refiner_text2img",
+    "flux_text2img",
+    "flux_img2img",
+    "flux_inpaint",
+    "flux_outpaint",
+];
 
 /// The bundled workflow serving a family and mode, or a 501 naming what is missing.
 pub fn workflow_for(request: &GenerateRequest) -> Result<&'static str, RestError> {
@@ -67,25 +82,86 @@ pub struct Ingredients<'a> {
 /// A prompt built from a request, and which request field set each `(node, input)`.
 pub struct BuiltPrompt {
     pub prompt: Json,
-    pub fields: HashMap<(String, String), &'static str>,
+    /// `(node, input, field)`.
+    fields: Vec<(Cow<'static, str>, &'static str, &'static str)>,
 }
 
 impl BuiltPrompt {
     /// The request field behind a node's input, if a field set it.
     pub fn field_of(&self, node: &str, input: &str) -> Option<&'static str> {
-        self.fields.get(&(node.to_string(), input.to_string())).copied()
+        self.fields
+            .iter()
+            .find(|(id, name, _)| id == node && *name == input)
+            .map(|(_, _, field)| *field)
     }
 }
 
-/// Fills a bundled workflow in from a request.
+/// A bundled workflow ready to fill in: its nodes without their manifests, and what the
+/// manifests said.
+struct Template {
+    nodes: Map<String, Json>,
+    /// `(field, node, input)` for each input a request field sets.
+    targets: Vec<(String, String, String)>,
+    /// The node whose manifest takes `model`.
+    loader: Option<String>,
+}
+
+impl Template {
+    fn of(workflow: Json) -> Option<Template> {
+        let Json::Object(mut nodes) = workflow else {
+            return None;
+        };
+        let mut targets = Vec::new();
+        let mut loader = None;
+        for (id, node) in nodes.iter_mut() {
+            let Some(Json::Object(manifest)) = node
+                .get_mut("_meta")
+                .and_then(|meta| meta.as_object_mut()?.remove("easel"))
+            else {
+                continue;
+            };
+            for (field, inputs) in manifest {
+                if field == "model" {
+                    loader = Some(id.clone());
+                }
+                let inputs = match inputs {
+                    Json::String(one) => vec![one],
+                    Json::Array(list) => list
+                        .into_iter()
+                        .filter_map(|input| input.as_str().map(str::to_string))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                targets.extend(inputs.into_iter().map(|input| (field.clone(), id.clone(), input)));
+            }
+        }
+        Some(Template { nodes, targets, loader })
+    }
+}
+
+/// The template of a bundled workflow (`workflows/rest/VERSION/NAME.json`), read once.
+fn template(name: &'static str) -> Option<&'static Template> {
+    static TEMPLATES: LazyLock<HashMap<&'static str, Template>> = LazyLock::new(|| {
+        WORKFLOWS
+            .into_iter()
+            .filter_map(|name| {
+                let workflow = crate::api::bundled_workflow(&format!("rest/{WORKFLOW_VERSION}/{name}.json"))?;
+                Some((name, Template::of(workflow)?))
+            })
+            .collect()
+    });
+    TEMPLATES.get(name)
+}
+
+/// Fills the bundled workflow `name` (from [`workflow_for`]) in from a request.
 pub fn build(
     request: &GenerateRequest,
-    workflow: Json,
+    name: &'static str,
     ingredients: &Ingredients<'_>,
 ) -> Result<BuiltPrompt, RestError> {
-    let Json::Object(mut nodes) = workflow else {
-        return Err(RestError::invalid(None, "the bundled workflow is not an API prompt"));
-    };
+    let template =
+        template(name).ok_or_else(|| RestError::invalid(None, format!("the bundled workflow {name} is missing")))?;
+    let mut nodes = template.nodes.clone();
     let (mut prompt, mut negative) = (request.prompt.clone(), request.negative_prompt.clone());
     for style in ingredients.styles {
         (prompt, negative) = style.apply(&prompt, &negative);
@@ -120,43 +196,30 @@ pub fn build(
         ),
         ("output", Some(json!(ingredients.output_prefix))),
     ];
-    let mut fields = HashMap::new();
-    for (id, node) in nodes.iter_mut() {
-        let manifest = node.pointer("/_meta/easel").cloned().unwrap_or(Json::Null);
-        let Json::Object(manifest) = manifest else {
-            continue;
-        };
-        for (field, value) in &values {
-            let (Some(targets), Some(value)) = (manifest.get(*field), value) else {
-                continue;
-            };
-            let targets: Vec<&str> = match targets {
-                Json::String(one) => vec![one.as_str()],
-                Json::Array(list) => list.iter().filter_map(Json::as_str).collect(),
-                _ => Vec::new(),
-            };
-            for input in targets {
-                // An object value (outpaint) gives each input its own entry.
-                let value = match value {
-                    Json::Object(parts) => parts.get(input).cloned().unwrap_or(Json::Null),
-                    other => other.clone(),
-                };
-                node["inputs"][input] = value;
-                fields.insert((id.clone(), input.to_string()), *field);
-            }
-        }
-    }
     let mut built = BuiltPrompt {
         prompt: Json::Null,
-        fields,
+        fields: Vec::with_capacity(template.targets.len()),
     };
-    let loader = nodes
-        .iter()
-        .find(|(_, node)| node.pointer("/_meta/easel/model").is_some())
-        .map(|(id, _)| id.clone())
+    for (field, id, input) in &template.targets {
+        let Some((field, Some(value))) = values.iter().find(|(name, _)| name == field) else {
+            continue;
+        };
+        // An object value (outpaint) gives each input its own entry.
+        let value = match value {
+            Json::Object(parts) => parts.get(input).cloned().unwrap_or(Json::Null),
+            other => other.clone(),
+        };
+        if let Some(node) = nodes.get_mut(id) {
+            node["inputs"][input.as_str()] = value;
+            built.fields.push((Cow::Borrowed(id.as_str()), input.as_str(), *field));
+        }
+    }
+    let loader = template
+        .loader
+        .as_deref()
         .ok_or_else(|| RestError::invalid(None, "the bundled workflow has no model loader"))?;
     let (model, clip) = match &request.unet {
-        Some(unet) => split_loaders(request, unet, &loader, &mut nodes, &mut built)?,
+        Some(unet) => split_loaders(request, unet, loader, &mut nodes, &mut built)?,
         None => (json!([loader, 0]), json!([loader, 1])),
     };
     chain_loras(request, model, clip, &mut nodes, &mut built);
@@ -195,10 +258,10 @@ fn split_loaders(
     built: &mut BuiltPrompt,
 ) -> Result<(Json, Json), RestError> {
     let gguf = |name: &str| name.to_ascii_lowercase().ends_with(".gguf");
-    let mut add = |nodes: &mut Map<String, Json>, node: Json, field: &'static str, inputs: &[&str]| {
+    let mut add = |nodes: &mut Map<String, Json>, node: Json, field: &'static str, inputs: &[&'static str]| {
         let id = next_id(nodes);
         for input in inputs {
-            built.fields.insert((id.clone(), input.to_string()), field);
+            built.fields.push((Cow::Owned(id.clone()), input, field));
         }
         nodes.insert(id.clone(), node);
         id
@@ -276,7 +339,7 @@ fn chain_loras(
         });
         nodes.insert(id.clone(), node);
         for input in ["lora_name", "strength_model", "strength_clip"] {
-            built.fields.insert((id.clone(), input.to_string()), "loras");
+            built.fields.push((Cow::Owned(id.clone()), input, "loras"));
         }
         let (lora_model, lora_clip) = (json!([id, 0]), json!([id, 1]));
         relink(nodes, &model, &lora_model, &id);

@@ -7,7 +7,7 @@ use super::generation::{read_request, submit};
 use super::recipes::workflow_for;
 use super::request::{Family, GenerateRequest, Mode, OutputFormat};
 use super::tasks::{image_entry, task_json};
-use super::{now_ms, paths, query_time, RestError};
+use super::{paths, query_time, RestError};
 use crate::state::AppState;
 use crate::store::tasks::{StoredTask, TaskFilter, TaskStatus};
 use axum::extract::{Path, Query, Request, State};
@@ -145,7 +145,7 @@ async fn list_tasks(
         ),
     };
     let page = state.store.tasks(&filter, limit, cursor.as_ref())?;
-    let tasks: Vec<Json> = page
+    let tasks: Vec<_> = page
         .tasks
         .iter()
         .map(|task| {
@@ -175,9 +175,8 @@ async fn cancel_task(State(state): State<AppState>, Path(id): Path<String>) -> R
         .queue
         .delete(std::slice::from_ref(&id), |remaining| state.broadcast_status(remaining));
     if was_pending {
-        state.store.cancel_pending_task(&id, now_ms())?;
-        state.live_tasks.end(&id);
-        state.webhook_wake.notify();
+        let cancelled = state.store.remove_pending(Some(std::slice::from_ref(&id)))?;
+        state.tasks_cancelled(&cancelled);
     } else {
         state.interrupt_if_running(&id);
     }

@@ -33,12 +33,11 @@ pub struct LiveProgress {
 
 impl LiveProgress {
     /// As a task shows it: the percent to a tenth.
-    pub fn to_json(&self) -> Json {
-        let shown = LiveProgress {
+    pub fn shown(&self) -> LiveProgress {
+        LiveProgress {
             percent: (self.percent * 10.0).round() / 10.0,
             ..self.clone()
-        };
-        serde_json::to_value(shown).unwrap_or_default()
+        }
     }
 }
 
@@ -259,36 +258,58 @@ pub fn view_url(filename: &str, subfolder: &str, kind: &str) -> String {
     )
 }
 
+/// A task as clients see it (documented by `schemas::Task`), borrowing from the stored task:
+/// answers serialise it straight to their bytes.
+#[derive(Debug, serde::Serialize)]
+pub struct TaskBody<'a> {
+    id: &'a str,
+    status: TaskStatus,
+    priority: i64,
+    family: &'a Json,
+    mode: &'a Json,
+    seed: &'a Json,
+    workflow: &'a Json,
+    request: &'a Json,
+    queued_at: String,
+    started_at: Option<String>,
+    finished_at: Option<String>,
+    pub progress: LiveProgress,
+    preview: Option<String>,
+    images: Vec<Json>,
+    error: Option<&'a Json>,
+}
+
 /// A task as `/v1` answers it. `live` is its progress if it is running; `images` are the saved
 /// images' entries to show (with `base64` when they are inline).
-pub fn task_json(task: &StoredTask, live: Option<&LiveProgress>, images: Vec<Json>) -> Json {
+pub fn task_json<'a>(task: &'a StoredTask, live: Option<&LiveProgress>, images: Vec<Json>) -> TaskBody<'a> {
     let settled = |percent: f64, status: TaskStatus| LiveProgress {
         percent,
         message: status_message(status).into(),
         ..LiveProgress::default()
     };
     let progress = match (task.status, live) {
-        (TaskStatus::Succeeded, _) => settled(100.0, TaskStatus::Succeeded).to_json(),
-        (_, Some(live)) => live.to_json(),
-        (status, None) => settled(0.0, status).to_json(),
+        (TaskStatus::Succeeded, _) => settled(100.0, TaskStatus::Succeeded),
+        (_, Some(live)) => live.shown(),
+        (status, None) => settled(0.0, status),
     };
-    json!({
-        "id": task.id,
-        "status": task.status.name(),
-        "priority": task.priority,
-        "family": task.spec["request"]["family"],
-        "mode": task.spec["request"]["mode"],
-        "seed": task.spec["seed"],
-        "workflow": task.spec["workflow"],
-        "request": task.spec["request"],
-        "queued_at": iso_time(task.queued_at),
-        "started_at": task.started_at.map(iso_time),
-        "finished_at": task.finished_at.map(iso_time),
-        "progress": progress,
-        "preview": live.and_then(|live| live.preview.clone()),
-        "images": images,
-        "error": task.error,
-    })
+    let request = &task.spec["request"];
+    TaskBody {
+        id: &task.id,
+        status: task.status,
+        priority: task.priority,
+        family: &request["family"],
+        mode: &request["mode"],
+        seed: &task.spec["seed"],
+        workflow: &task.spec["workflow"],
+        request,
+        queued_at: iso_time(task.queued_at),
+        started_at: task.started_at.map(iso_time),
+        finished_at: task.finished_at.map(iso_time),
+        progress,
+        preview: live.and_then(|live| live.preview.clone()),
+        images,
+        error: task.error.as_ref(),
+    }
 }
 
 pub fn status_message(status: TaskStatus) -> &'static str {

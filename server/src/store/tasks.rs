@@ -1,9 +1,12 @@
-//! The REST API's tasks (`/v1/tasks`): one row per generation request, keyed by the id of the
-//! prompt it queued. The row is written with the queued prompt in one transaction, marked running
-//! with it, and settled from the history entry in the transaction that stores that entry, so a
-//! task's status never disagrees with `/queue` and `/history`, however the server stops.
+//! The REST API's tasks (`/v1/tasks`), keyed by the id of the prompt each queued. A task waits
+//! inside its queued prompt's row (the `task_*` columns of `queue`), written in one insert, so
+//! queuing a task costs what queuing a prompt does. It gets its own row in `tasks` in the
+//! transaction that marks its prompt running (or cancels it), and is settled from the history
+//! entry in the transaction that stores that entry, so a task's status never disagrees with
+//! `/queue` and `/history`, however the server stops.
 
-use super::{read_json, Store, StoreError};
+use super::{read_json, QueueRow, Store, StoreError, StoredPrompt};
+use rusqlite::Connection;
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde_json::{json, Value as Json};
 
@@ -111,6 +114,18 @@ CREATE INDEX IF NOT EXISTS tasks_by_time ON tasks (queued_at, id);
 
 const TASK_COLUMNS: &str = "id, status, priority, spec, queued_at, started_at, finished_at, images, error, webhook_url";
 
+/// The tasks still waiting in the queue, with the columns of `tasks`.
+const WAITING_TASKS: &str = "(SELECT prompt_id AS id, 'pending' AS status, priority, task_spec AS spec,
+    task_queued_at AS queued_at, NULL AS started_at, NULL AS finished_at, '[]' AS images, NULL AS error,
+    task_webhook_url AS webhook_url FROM queue WHERE task_spec IS NOT NULL AND running = 0)";
+
+/// A task's columns in its queued prompt's row, serialised.
+pub(super) struct WaitingTask {
+    pub spec: String,
+    pub queued_at: i64,
+    pub webhook_url: Option<String>,
+}
+
 type TaskRow = (
     String,
     String,
@@ -156,42 +171,33 @@ fn parse_task(row: TaskRow) -> Result<StoredTask, StoreError> {
 }
 
 impl Store {
-    /// Records a new task; `queue` writes its prompt in the same transaction.
-    pub fn insert_task(
-        &self,
-        task: &StoredTask,
-        queue: impl FnOnce(&Transaction<'_>) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        let spec = serde_json::to_string(&task.spec)?;
-        let mut connection = self.connection();
-        let transaction = connection.transaction()?;
-        transaction
-            .prepare_cached(
-                "INSERT OR REPLACE INTO tasks (id, status, priority, spec, queued_at, webhook_url)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                task.id,
-                task.status.name(),
-                task.priority,
-                spec,
-                task.queued_at,
-                task.webhook_url
-            ])?;
-        queue(&transaction)?;
-        transaction.commit()?;
-        Ok(())
+    /// Queues a task's prompt, the task waiting in its row.
+    pub fn enqueue_task(&self, prompt: &StoredPrompt, task: &StoredTask) -> Result<(), StoreError> {
+        // Serialise before taking the connection: the lock is shared with the worker.
+        let row = QueueRow {
+            task: Some(WaitingTask {
+                spec: serde_json::to_string(&task.spec)?,
+                queued_at: task.queued_at,
+                webhook_url: task.webhook_url.clone(),
+            }),
+            ..QueueRow::of(prompt)?
+        };
+        row.insert(&self.connection())
     }
 
     pub fn task(&self, id: &str) -> Result<Option<StoredTask>, StoreError> {
-        let row = self
-            .connection()
-            .query_row(
-                &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"),
-                params![id],
-                task_row,
-            )
-            .optional()?;
+        let connection = self.connection();
+        let mut row = None;
+        for source in ["tasks", WAITING_TASKS] {
+            row = connection
+                .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM {source} WHERE id = ?1"))?
+                .query_row(params![id], task_row)
+                .optional()?;
+            if row.is_some() {
+                break;
+            }
+        }
+        drop(connection);
         row.map(parse_task).transpose()
     }
 
@@ -209,16 +215,31 @@ impl Store {
             values.push(Box::new(id.clone()));
         }
         values.push(Box::new(limit as i64 + 1));
-        let sql = format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE {} ORDER BY queued_at DESC, id DESC LIMIT ?",
-            conditions.join(" AND ")
-        );
-        let rows: Vec<TaskRow> = {
+        // Waiting tasks live in the queue, the others in `tasks`: the newest of each, merged.
+        let sources = [
+            ("tasks", filter.status != Some(TaskStatus::Pending)),
+            (
+                WAITING_TASKS,
+                filter.status.is_none_or(|status| status == TaskStatus::Pending) && !filter.ended,
+            ),
+        ];
+        let mut rows: Vec<TaskRow> = Vec::new();
+        {
             let connection = self.connection();
-            let mut statement = connection.prepare(&sql)?;
-            let rows = statement.query_map(rusqlite::params_from_iter(values.iter()), task_row)?;
-            rows.collect::<Result<_, _>>()?
-        };
+            for (source, _) in sources.iter().filter(|(_, wanted)| *wanted) {
+                let sql = format!(
+                    "SELECT {TASK_COLUMNS} FROM {source} WHERE {} ORDER BY queued_at DESC, id DESC LIMIT ?",
+                    conditions.join(" AND ")
+                );
+                let mut statement = connection.prepare(&sql)?;
+                let found = statement.query_map(rusqlite::params_from_iter(values.iter()), task_row)?;
+                for row in found {
+                    rows.push(row?);
+                }
+            }
+        }
+        rows.sort_by(|a, b| (b.4, &b.0).cmp(&(a.4, &a.0)));
+        rows.truncate(limit + 1);
         let mut tasks = rows.into_iter().map(parse_task).collect::<Result<Vec<_>, _>>()?;
         let next = if tasks.len() > limit {
             tasks.truncate(limit);
@@ -229,38 +250,15 @@ impl Store {
         Ok(TaskPage { tasks, next })
     }
 
-    /// How many tasks wait at each priority, highest first.
-    pub fn pending_by_priority(&self) -> Result<Vec<(i64, i64)>, StoreError> {
-        let connection = self.connection();
-        let mut statement = connection.prepare(
-            "SELECT priority, COUNT(*) FROM tasks WHERE status = 'pending' GROUP BY priority ORDER BY priority DESC",
-        )?;
-        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
     /// How many tasks there are of each status.
     pub fn task_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
         let connection = self.connection();
-        let mut statement = connection.prepare_cached("SELECT status, COUNT(*) FROM tasks GROUP BY status")?;
+        let mut statement = connection.prepare_cached(&format!(
+            "SELECT status, COUNT(*) FROM tasks GROUP BY status
+             UNION ALL SELECT 'pending', COUNT(*) FROM {WAITING_TASKS}"
+        ))?;
         let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// A pending task was taken off the queue before it ran (its webhook, if any, is scheduled).
-    pub fn cancel_pending_task(&self, id: &str, now: i64) -> Result<(), StoreError> {
-        let mut connection = self.connection();
-        let transaction = connection.transaction()?;
-        transaction.execute("DELETE FROM queue WHERE prompt_id = ?1 AND running = 0", params![id])?;
-        let cancelled = transaction.execute(
-            "UPDATE tasks SET status = 'cancelled', finished_at = ?2 WHERE id = ?1 AND status = 'pending'",
-            params![id, now],
-        )?;
-        if cancelled > 0 {
-            super::webhooks::schedule(&transaction, id, now)?;
-        }
-        transaction.commit()?;
-        Ok(())
     }
 
     /// Forgets ended tasks matching `filter` (or this one id) and their history entries; the
@@ -312,20 +310,66 @@ fn filter_sql(filter: &TaskFilter) -> (Vec<String>, Vec<Box<dyn rusqlite::ToSql>
     (conditions, values)
 }
 
-/// Marks the task of a prompt running; whether the prompt has a task.
-pub(super) fn start_task(transaction: &Transaction<'_>, prompt_id: &str, now: i64) -> Result<bool, StoreError> {
-    let changed = transaction
-        .prepare_cached("UPDATE tasks SET status = 'running', started_at = ?2 WHERE id = ?1")?
-        .execute(params![prompt_id, now])?;
-    Ok(changed > 0)
+/// Tasks written before tasks waited in the queue (pending or running in `tasks`) are moved into
+/// their queued prompts' rows; running ones keep their `tasks` row too, as now.
+pub(super) fn move_waiting_tasks_into_queue(connection: &Connection) -> Result<(), StoreError> {
+    connection.execute_batch(
+        "UPDATE queue SET
+             task_spec = (SELECT spec FROM tasks WHERE tasks.id = queue.prompt_id),
+             task_queued_at = (SELECT queued_at FROM tasks WHERE tasks.id = queue.prompt_id),
+             task_webhook_url = (SELECT webhook_url FROM tasks WHERE tasks.id = queue.prompt_id)
+         WHERE task_spec IS NULL
+           AND prompt_id IN (SELECT id FROM tasks WHERE status IN ('pending', 'running'));
+         DELETE FROM tasks WHERE status = 'pending';",
+    )?;
+    Ok(())
 }
 
-/// A task whose prompt the server stopped on, and which will run again, waits again.
+/// Copies the task waiting in a queued prompt's row into `tasks` with this status and times;
+/// `replace`: over a row already there (else that row stays). Whether the prompt has a task.
+fn copy_waiting_task(
+    transaction: &Transaction<'_>,
+    prompt_id: &str,
+    status: TaskStatus,
+    (started_at, finished_at): (Option<i64>, Option<i64>),
+    replace: bool,
+) -> Result<bool, StoreError> {
+    let conflict = if replace { "REPLACE" } else { "IGNORE" };
+    let copied = transaction
+        .prepare_cached(&format!(
+            "INSERT OR {conflict} INTO tasks (id, status, priority, spec, queued_at, started_at, finished_at, webhook_url)
+             SELECT prompt_id, ?2, priority, task_spec, task_queued_at, ?3, ?4, task_webhook_url
+             FROM queue WHERE prompt_id = ?1 AND task_spec IS NOT NULL"
+        ))?
+        .execute(params![prompt_id, status.name(), started_at, finished_at])?;
+    Ok(copied > 0)
+}
+
+/// Marks the task of a prompt running; whether the prompt has a task.
+pub(super) fn start_task(transaction: &Transaction<'_>, prompt_id: &str, now: i64) -> Result<bool, StoreError> {
+    copy_waiting_task(transaction, prompt_id, TaskStatus::Running, (Some(now), None), true)
+}
+
+/// A task whose prompt the server stopped on, and which will run again, waits again (in its
+/// queued prompt's row).
 pub(super) fn requeue_task(transaction: &Transaction<'_>, prompt_id: &str) -> Result<(), StoreError> {
-    transaction.execute(
-        "UPDATE tasks SET status = 'pending', started_at = NULL WHERE id = ?1",
-        params![prompt_id],
-    )?;
+    transaction.execute("DELETE FROM tasks WHERE id = ?1", params![prompt_id])?;
+    Ok(())
+}
+
+/// The ids of the tasks waiting in the queue.
+pub(super) fn waiting_task_ids(transaction: &Transaction<'_>) -> Result<Vec<String>, StoreError> {
+    let mut statement = transaction.prepare_cached(&format!("SELECT id FROM {WAITING_TASKS}"))?;
+    let ids = statement.query_map([], |row| row.get(0))?;
+    Ok(ids.collect::<Result<_, _>>()?)
+}
+
+/// A waiting task is cancelled before its prompt leaves the queue (its webhook, if any, is
+/// scheduled).
+pub(super) fn cancel_waiting_task(transaction: &Transaction<'_>, prompt_id: &str, now: i64) -> Result<(), StoreError> {
+    if copy_waiting_task(transaction, prompt_id, TaskStatus::Cancelled, (None, Some(now)), true)? {
+        super::webhooks::schedule(transaction, prompt_id, now)?;
+    }
     Ok(())
 }
 
@@ -337,6 +381,8 @@ pub(super) fn settle_task(
     now: i64,
 ) -> Result<(), StoreError> {
     let (status, images, error) = outcome(entry);
+    // A prompt that ends without having been marked running (its task still waiting) settles too.
+    copy_waiting_task(transaction, prompt_id, status, (None, None), false)?;
     transaction
         .prepare_cached("UPDATE tasks SET status = ?2, finished_at = ?3, images = ?4, error = ?5 WHERE id = ?1")?
         .execute(params![
@@ -385,5 +431,152 @@ fn outcome(entry: &Json) -> (TaskStatus, Vec<Json>, Option<Json>) {
             images,
             Some(json!({"message": "The prompt did not complete", "node_id": null, "node_type": null})),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use easel_engine::NodeErrors;
+
+    fn prompt(id: &str) -> StoredPrompt {
+        StoredPrompt {
+            prompt_id: id.into(),
+            number: 0.0,
+            number_json: json!(0),
+            priority: 2,
+            prompt: json!({"1": {"class_type": "X", "inputs": {}}}),
+            extra_data: json!({}),
+            outputs_to_execute: vec!["1".into()],
+            node_errors: NodeErrors::default(),
+        }
+    }
+
+    fn task(id: &str, queued_at: i64) -> StoredTask {
+        StoredTask {
+            id: id.into(),
+            status: TaskStatus::Pending,
+            priority: 2,
+            spec: json!({"request": {"prompt": id}, "seed": 1, "workflow": "v1/sd_text2img"}),
+            queued_at,
+            started_at: None,
+            finished_at: None,
+            images: Vec::new(),
+            error: None,
+            webhook_url: Some("https://example.com/hook".into()),
+        }
+    }
+
+    fn statuses(store: &Store, filter: &TaskFilter) -> Vec<(String, TaskStatus)> {
+        let page = store.tasks(filter, 10, None).unwrap();
+        page.tasks.into_iter().map(|task| (task.id, task.status)).collect()
+    }
+
+    fn success() -> Json {
+        json!({"status": {"status_str": "success", "messages": []}, "outputs": {}})
+    }
+
+    #[test]
+    fn a_task_waits_in_its_queue_row_until_it_starts_and_every_view_agrees() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("easel.db");
+        let store = Store::open(&path, 100).unwrap();
+        for (id, at) in [("a", 1), ("b", 2), ("c", 3)] {
+            store.enqueue_task(&prompt(id), &task(id, at)).unwrap();
+        }
+        assert_eq!(store.task("b").unwrap(), Some(task("b", 2)));
+        assert!(store.mark_running("a").unwrap());
+        let all = TaskFilter::default();
+        use TaskStatus::*;
+        let expected = |a| {
+            vec![
+                ("c".to_string(), Pending),
+                ("b".to_string(), Pending),
+                ("a".to_string(), a),
+            ]
+        };
+        assert_eq!(statuses(&store, &all), expected(Running));
+        let pending = TaskFilter {
+            status: Some(Pending),
+            ..TaskFilter::default()
+        };
+        assert_eq!(statuses(&store, &pending).len(), 2);
+        let page = store.tasks(&all, 2, None).unwrap();
+        assert_eq!(page.next, Some((2, "b".to_string())));
+        assert_eq!(store.tasks(&all, 2, page.next.as_ref()).unwrap().tasks[0].id, "a");
+
+        // A restart while `a` runs: it waits again.
+        drop(store);
+        let store = Store::open(&path, 100).unwrap();
+        assert_eq!(store.recover().unwrap().interrupted.unwrap().prompt_id, "a");
+        assert_eq!(statuses(&store, &all), expected(Pending));
+
+        assert!(store.mark_running("a").unwrap());
+        store.complete("a", &success()).unwrap();
+        assert_eq!(store.remove_pending(Some(&["b".to_string()])).unwrap(), ["b"]);
+        assert_eq!(
+            statuses(&store, &all),
+            [
+                ("c".to_string(), Pending),
+                ("b".to_string(), Cancelled),
+                ("a".to_string(), Succeeded)
+            ]
+        );
+        let ended = TaskFilter {
+            ended: true,
+            ..TaskFilter::default()
+        };
+        assert_eq!(statuses(&store, &ended).len(), 2);
+        // A task that ends without having started (a prompt given up on) settles too.
+        store.complete("c", &success()).unwrap();
+        assert_eq!(store.task("c").unwrap().unwrap().status, Succeeded);
+        let mut counts = store.task_counts().unwrap();
+        counts.sort();
+        assert_eq!(
+            counts,
+            [
+                ("cancelled".to_string(), 1),
+                ("pending".to_string(), 0),
+                ("succeeded".to_string(), 2)
+            ]
+        );
+        let (due, _) = store.due_webhooks(i64::MAX).unwrap();
+        let mut hooked: Vec<_> = due.into_iter().map(|delivery| delivery.task_id).collect();
+        hooked.sort();
+        assert_eq!(hooked, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn tasks_written_in_their_own_rows_while_waiting_move_into_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("easel.db");
+        {
+            let store = Store::open(&path, 100).unwrap();
+            for id in ["waiting", "running"] {
+                store.enqueue(&prompt(id)).unwrap();
+                let connection = store.connection();
+                connection
+                    .execute(
+                        "INSERT INTO tasks (id, status, priority, spec, queued_at, webhook_url)
+                         VALUES (?1, ?2, 2, ?3, 5, ?4)",
+                        params![
+                            id,
+                            if id == "running" { "running" } else { "pending" },
+                            serde_json::to_string(&task(id, 5).spec).unwrap(),
+                            task(id, 5).webhook_url
+                        ],
+                    )
+                    .unwrap();
+            }
+            store
+                .connection()
+                .execute("UPDATE queue SET running = 1 WHERE prompt_id = 'running'", [])
+                .unwrap();
+        }
+        let store = Store::open(&path, 100).unwrap();
+        assert_eq!(store.task("waiting").unwrap(), Some(task("waiting", 5)));
+        assert_eq!(store.task("running").unwrap().unwrap().status, TaskStatus::Running);
+        store.recover().unwrap();
+        assert_eq!(store.task("running").unwrap(), Some(task("running", 5)));
     }
 }
