@@ -9,9 +9,10 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// Model runs allocate and free activations of hundreds of MB per layer; mimalloc reuses them
-/// where the system allocator unmaps and re-faults them (see [`easel_server::allocator`]).
+/// where the system allocator unmaps and re-faults them (see [`easel_server::allocator`], which
+/// also counts the large blocks held, for the benchmarks).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: easel_server::allocator::CountingMiMalloc = easel_server::allocator::CountingMiMalloc;
 
 fn main() -> ExitCode {
     easel_server::allocator::retain_freed_memory();

@@ -289,6 +289,36 @@ fn every_answer_style_of_generate_on_sd15() {
         (Some("succeeded"), Some(3))
     );
 
+    // A file that arrives in many pieces is stored whole, byte for byte.
+    let large = png(512, 512, |x, y| {
+        let hash = (x * 512 + y).wrapping_mul(2_654_435_761).to_le_bytes();
+        [hash[1], hash[2], hash[3]]
+    });
+    let body = form(
+        &[
+            ("family", "sd15"),
+            ("mode", "img2img"),
+            ("model", "easel_tiny_sd1.safetensors"),
+            ("prompt", "noise"),
+            ("async", "true"),
+        ],
+        &[("image", &large)],
+    );
+    let answer = send(api, "POST", "/v1/generate", Some((&content_type, body)), None);
+    let task = answer.json();
+    assert_eq!(answer.status, 202, "{task}");
+    let stored = api.get(task["request"]["image"].as_str().unwrap()).2;
+    assert!(
+        large.len() > 500_000 && stored == large,
+        "{} bytes stored",
+        stored.len()
+    );
+    let id = task["id"].as_str().unwrap();
+    assert_eq!(
+        send(api, "POST", &format!("/v1/tasks/{id}/cancel"), None, None).status,
+        200
+    );
+
     // Outpainting extends the image by the sides asked for.
     let mut request = tiny("sd15", "img2img");
     request["mode"] = json!("outpaint");

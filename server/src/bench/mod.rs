@@ -6,6 +6,7 @@
 mod cpu_peak;
 mod flux;
 mod rest;
+mod rest_upload;
 mod sd15;
 mod sdxl;
 mod server;

@@ -3,7 +3,7 @@
 //! builds (`POST /prompt`) and as a `/v1/generate` request answered at once (`"async": true`):
 //! request to queued, p50 and p99 of each and the difference, by one client (each request's own
 //! cost) and by 64 at once (the cost under contention). Each measurement starts with an empty
-//! queue.
+//! queue. Then the memory of a request uploading a 4 MP PNG (`rest_upload`).
 
 use super::server::{client_runtime, http_client, load, print_header, report, start_server, wait_for_empty_queue};
 use crate::cli::BenchArgs;
@@ -91,6 +91,9 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         for (clients, overhead) in overheads {
             println!("REST overhead at p50, {clients} client(s): {overhead:+.2} ms");
         }
-        Ok(std::process::ExitCode::SUCCESS)
-    })
+        // Its worker's allocations would count in the memory measured next.
+        wait_for_empty_queue(&client, &url).await
+    })?;
+    super::rest_upload::measure()?;
+    Ok(std::process::ExitCode::SUCCESS)
 }

@@ -11,6 +11,8 @@ use super::{now_ms, paths, RestError};
 use crate::queue::QueueItem;
 use crate::state::AppState;
 use crate::store::tasks::{StoredTask, TaskStatus};
+use axum::body::Bytes;
+use axum::extract::multipart::{Field, MultipartError};
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::{header, StatusCode};
 use easel_engine::{validate_prompt, Prompt, ValidationFailure};
@@ -38,11 +40,18 @@ pub async fn read_request(request: Request, state: &AppState) -> Result<RawReque
     let unreadable =
         |error: &dyn std::fmt::Display| RestError::invalid(None, format!("the request could not be read: {error}"));
     if !multipart {
-        let body = axum::body::Bytes::from_request(request, state)
+        let body = Bytes::from_request(request, state)
             .await
             .map_err(|error| unreadable(&error))?;
         return RawRequest::from_json(&body);
     }
+    // The body's length bounds a file's (capped: the header is the client's word).
+    let size_hint = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(state.settings.max_upload_size);
     let mut form = Multipart::from_request(request, state)
         .await
         .map_err(|error| unreadable(&error))?;
@@ -50,7 +59,7 @@ pub async fn read_request(request: Request, state: &AppState) -> Result<RawReque
     while let Some(field) = form.next_field().await.map_err(|error| unreadable(&error))? {
         let name = field.name().unwrap_or_default().to_string();
         if field.file_name().is_some() {
-            let bytes = field.bytes().await.map_err(|error| unreadable(&error))?;
+            let bytes = read_file(field, size_hint).await.map_err(|error| unreadable(&error))?;
             raw.files.push((name, bytes));
         } else {
             let text = field.text().await.map_err(|error| unreadable(&error))?;
@@ -58,6 +67,26 @@ pub async fn read_request(request: Request, state: &AppState) -> Result<RawReque
         }
     }
     Ok(raw)
+}
+
+/// A file part's bytes. A part that arrived whole is the multipart reader's own buffer, not a
+/// copy; one in pieces is copied as they come into one buffer, sized from the request's length
+/// (`size_hint`) so it is not grown by copying again.
+async fn read_file(mut field: Field<'_>, size_hint: usize) -> Result<Bytes, MultipartError> {
+    let Some(first) = field.chunk().await? else {
+        return Ok(Bytes::new());
+    };
+    let Some(second) = field.chunk().await? else {
+        return Ok(first);
+    };
+    let mut whole = Vec::with_capacity(size_hint.max(first.len() + second.len()));
+    whole.extend_from_slice(&first);
+    whole.extend_from_slice(&second);
+    drop((first, second));
+    while let Some(piece) = field.chunk().await? {
+        whole.extend_from_slice(&piece);
+    }
+    Ok(Bytes::from(whole))
 }
 
 /// [`accept_generation`] off the async workers (it validates and writes the store).

@@ -795,7 +795,16 @@ fn decode_base64(field: &str, text: &str) -> Result<Vec<u8>, RestError> {
             .ok_or_else(|| RestError::field(field, format!("`{field}` is a data URL without base64 data")))?,
         None => text,
     };
-    let payload: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    // Line-wrapped base64 is unwrapped; the usual single line is decoded where it lies.
+    let payload: std::borrow::Cow<'_, str> = if payload.bytes().any(|byte| byte.is_ascii_whitespace()) {
+        payload
+            .chars()
+            .filter(|c| !c.is_ascii_whitespace())
+            .collect::<String>()
+            .into()
+    } else {
+        payload.into()
+    };
     base64::engine::general_purpose::STANDARD_NO_PAD
         .decode(payload.trim_end_matches('='))
         .map_err(|_| RestError::field(field, format!("`{field}` is not valid base64")))
