@@ -1,7 +1,7 @@
 // Easel's built-in page: pick a bundled workflow, change the inputs its manifest offers, run it,
 // follow the queue, node and step progress and the live previews, get the image, browse history.
 // It talks only to the public API (/easel/workflows, /object_info, /upload/image, /prompt, /queue,
-// /history, /view, /ws), like any other client.
+// /history, /view, /ws, and /v1/models/download for a missing model), like any other client.
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -231,13 +231,6 @@ async function buildPrompt(workflow) {
   return prompt;
 }
 
-/** The model folder a loader's file input lists, for saying where a missing model belongs. */
-const MODEL_FOLDERS = {
-  ckpt_name: 'checkpoints', unet_name: 'diffusion_models', vae_name: 'vae', lora_name: 'loras',
-  clip_name: 'text_encoders', clip_name1: 'text_encoders', clip_name2: 'text_encoders',
-  control_net_name: 'controlnet', style_model_name: 'style_models',
-};
-
 /** ComfyUI's error body (`error` and `node_errors`) as lines a person can read. */
 function describeRejection(body, prompt) {
   const lines = [body.error?.message ?? 'The prompt was rejected'];
@@ -246,14 +239,80 @@ function describeRejection(body, prompt) {
     const title = prompt[nodeId]?._meta?.title ?? errors.class_type;
     for (const error of errors.errors ?? []) {
       lines.push(`${title}: ${error.message}${error.details ? ` (${error.details})` : ''}`);
-      const folder = error.type === 'value_not_in_list' && MODEL_FOLDERS[error.extra_info?.input_name];
+      const folder = error.extra_info?.model_folder;
       if (folder) {
-        lines.push(`Put ${error.extra_info.received_value} in models/${folder} of the server's base directory ` +
-          `(easel models download URL --folder ${folder} fetches one).`);
+        lines.push(`Put ${error.extra_info.received_value} in models/${folder} of the server's base directory, ` +
+          'or download it below.');
       }
     }
   }
   return lines.join('\n');
+}
+
+/** The model files a rejection says are missing: {name, folder, url}, the URL where the workflow
+ * names one (`_meta.models: [{name, url, directory}]` on the loader, as the official templates
+ * carry `models`). */
+function missingModels(body, prompt) {
+  const missing = [];
+  for (const [nodeId, errors] of Object.entries(body.node_errors ?? {})) {
+    for (const error of errors.errors ?? []) {
+      const folder = error.extra_info?.model_folder;
+      if (!folder) continue;
+      const name = String(error.extra_info.received_value);
+      const named = (prompt[nodeId]?._meta?.models ?? []).find((model) => model.name === name);
+      missing.push({ name, folder: named?.directory ?? folder, url: named?.url ?? '' });
+    }
+  }
+  return missing;
+}
+
+/** Offers to download each missing model into its folder (`POST /v1/models/download`). */
+function offerDownloads(missing) {
+  const list = $('#downloads');
+  list.replaceChildren();
+  list.hidden = missing.length === 0;
+  for (const model of missing) {
+    const row = document.createElement('form');
+    row.className = 'download';
+    const id = `download-${list.children.length}`;
+    const label = document.createElement('label');
+    label.htmlFor = id;
+    label.textContent = `Download ${model.name} into models/${model.folder} from`;
+    const url = document.createElement('input');
+    Object.assign(url, { id, type: 'url', required: true, value: model.url, placeholder: 'https://…' });
+    const button = document.createElement('button');
+    button.type = 'submit';
+    button.textContent = 'Download';
+    const status = document.createElement('output');
+    status.setAttribute('aria-live', 'polite');
+    row.append(label, url, button, status);
+    row.addEventListener('submit', (event) => {
+      event.preventDefault();
+      button.disabled = true;
+      download({ url: url.value, folder: model.folder, name: model.name }, status)
+        .catch((error) => { status.textContent = error.message; })
+        .finally(() => { button.disabled = false; });
+    });
+    list.append(row);
+  }
+}
+
+/** Downloads a model, showing its progress in `status` until it is done. */
+async function download(request, status) {
+  const response = await fetch('/v1/models/download', {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify(request),
+  });
+  let job = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(job.error?.message ?? `HTTP ${response.status}`);
+  while (job.status === 'downloading') {
+    status.textContent = job.percent == null ? `${job.bytes} bytes` : `${Math.floor(job.percent)}%`;
+    await new Promise((resolve) => setTimeout(resolve, 250));
+    job = await getJson(`/v1/models/downloads/${job.id}`);
+  }
+  if (job.status !== 'done') throw new Error(`The download failed: ${job.error ?? job.status}`);
+  status.textContent = `Downloaded into models/${job.folder}: generate again.`;
 }
 
 async function generate(event) {
@@ -271,7 +330,11 @@ async function generate(event) {
       body: JSON.stringify({ prompt, client_id: page.clientId }),
     });
     const body = await response.json().catch(() => ({}));
-    if (!response.ok) throw new Error(describeRejection(body, prompt));
+    if (!response.ok) {
+      offerDownloads(missingModels(body, prompt));
+      throw new Error(describeRejection(body, prompt));
+    }
+    offerDownloads([]);
     startJob(body.prompt_id, prompt);
   } catch (error) {
     showError(error.message);

@@ -270,6 +270,10 @@ pub struct NodeSchema {
     /// `OUTPUT_TOOLTIPS` where it is not the outputs' own: a V1 subclass keeps its parent's
     /// (`LoraLoaderModelOnly` lists `LoraLoader`'s two).
     pub output_tooltips: Option<Vec<String>>,
+    /// Inputs that name a file of a model folder (`ckpt_name` → `checkpoints`): a name not in
+    /// the list gets the folder in its error's `extra_info.model_folder` (Easel's addition, so
+    /// clients can say where the file belongs). Not part of `object_info`.
+    pub model_folders: IndexMap<String, String>,
 }
 
 impl NodeSchema {
@@ -309,6 +313,12 @@ impl NodeSchema {
     /// Lists `tooltips` as the V1 node's `output_tooltips`, whatever its outputs say.
     pub fn output_tooltips(mut self, tooltips: &[&str]) -> Self {
         self.output_tooltips = Some(tooltips.iter().map(|tooltip| tooltip.to_string()).collect());
+        self
+    }
+
+    /// Records that input `name` names a file of model folder `folder` (see `model_folders`).
+    pub fn model_folder(mut self, name: &str, folder: &str) -> Self {
+        self.model_folders.insert(name.into(), folder.into());
         self
     }
 

@@ -566,12 +566,16 @@ impl Validator<'_> {
                 } else {
                     (py_repr(&Json::Array(options.to_vec())), spec.config_json())
                 };
-                frame.errors.push(json!({
+                let mut error = json!({
                     "type": "value_not_in_list",
                     "message": "Value not in list",
                     "details": format!("{name}: '{}' not in {list_info}", py_str(&value)),
                     "extra_info": {"input_name": name, "input_config": input_config, "received_value": value},
-                }));
+                });
+                if let Some(folder) = frame.schema.model_folders.get(name) {
+                    error["extra_info"]["model_folder"] = json!(folder);
+                }
+                frame.errors.push(error);
             }
         }
     }

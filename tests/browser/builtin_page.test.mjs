@@ -2,11 +2,12 @@
 // prompt and the seed, upload an input image, run; the queue position, the node and step
 // progress, the live previews and the result with its download link appear; the history gallery
 // lists the run and deletes it. A workflow chosen while the form of another is being built
-// replaces it.
+// replaces it. A rejected prompt says why; a missing model can be downloaded from the page.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { cpSync, readFileSync, rmSync } from 'node:fs';
+import { createServer } from 'node:http';
 import { join } from 'node:path';
 import { withEasel, withPage, workspace } from './harness.mjs';
 
@@ -116,8 +117,9 @@ test('the built-in page shows only the form of the workflow chosen last, however
   });
 });
 
-test('the built-in page checks its fields and shows why a prompt is rejected', { timeout: 60000 }, async () => {
-  await withEasel([], async (easel) => {
+test('the built-in page checks its fields and shows why a prompt is rejected', { timeout: 90000 }, async () => {
+  // The missing model is downloaded from a server on this machine.
+  await withEasel(['--download-allow-private'], async (easel) => {
     await withPage('built-in-page-rejected', async (page, problems) => {
       await page.goto(`${easel.url}/#sd15_inpaint`);
       await page.waitForSelector('#field-steps');
@@ -139,12 +141,28 @@ test('the built-in page checks its fields and shows why a prompt is rejected', {
       assert.equal(problems.length, 1, problems.join());
       assert.match(problems[0], /HTTP 400 .*\/prompt$/);
 
-      // A missing model: the page says which folder it belongs in.
+      // A missing model: the page says which folder it belongs in and offers to download it.
       cpSync(join(workspace, 'workflows/input/example.png'), join(easel.base, 'input/example.png'));
-      rmSync(join(easel.base, 'models/checkpoints/easel_tiny_sd1.safetensors'));
+      const checkpoint = join(easel.base, 'models/checkpoints/easel_tiny_sd1.safetensors');
+      const weights = readFileSync(checkpoint);
+      rmSync(checkpoint);
       await page.click('#run');
       await page.waitForFunction(() => document.querySelector('#error').textContent.includes('models/checkpoints'));
       assert.match(await error.textContent(), /Load Checkpoint: Value not in list[\s\S]*Put easel_tiny_sd1\.safetensors in models\/checkpoints/);
+      const files = createServer((request, response) => response.end(weights));
+      await new Promise((resolve) => files.listen(0, '127.0.0.1', resolve));
+      try {
+        assert.match(await page.textContent('#downloads label'), /easel_tiny_sd1\.safetensors into models\/checkpoints/);
+        await page.fill('#download-0', `http://127.0.0.1:${files.address().port}/weights`);
+        await page.click('#downloads button');
+        await page.waitForSelector('#downloads output:text("Downloaded into models/checkpoints")');
+      } finally {
+        files.close();
+      }
+      assert.deepEqual(readFileSync(checkpoint), weights);
+      await page.click('#run');
+      await page.waitForSelector('#result-images img', { timeout: 60000 });
+      assert.equal(await page.isVisible('#downloads'), false);
     });
   });
 });

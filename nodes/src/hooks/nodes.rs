@@ -52,6 +52,7 @@ fn create_hook_schema(
 ) -> NodeSchema {
     let schema = schema(name, display, "advanced/hooks/create")
         .required(file_input, InputSpec::combo(&file_names(services, folder)))
+        .model_folder(file_input, folder)
         .required("strength_model", hook_strength());
     let schema = match model_only {
         false => schema.required("strength_clip", hook_strength()),

@@ -219,6 +219,7 @@ impl Node for DiffusersLoader {
         NodeSchema::v1(NODE, "nodes", "advanced/loaders/deprecated")
             .display(NODE)
             .required("model_path", InputSpec::combo(&folders))
+            .model_folder("model_path", "diffusers")
             .output(OutputSpec::of("MODEL"))
             .output(OutputSpec::of("CLIP"))
             .output(OutputSpec::of("VAE"))

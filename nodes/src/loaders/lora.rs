@@ -59,6 +59,7 @@ impl Node for LoraLoader {
                 "lora_name",
                 InputSpec::combo(&lora_names(services)).opt("tooltip", "The name of the LoRA."),
             )
+            .model_folder("lora_name", "loras")
             .required(
                 "strength_model",
                 strength(Some(
@@ -106,6 +107,7 @@ impl Node for LoraLoaderModelOnly {
             .description(DESCRIPTION)
             .required("model", InputSpec::of("MODEL"))
             .required("lora_name", InputSpec::combo(&lora_names(services)))
+            .model_folder("lora_name", "loras")
             .required("strength_model", strength(None))
             .output(OutputSpec::of("MODEL"))
             .output_tooltips(&[MODEL_TOOLTIP, CLIP_TOOLTIP])

@@ -276,6 +276,7 @@ impl Node for CheckpointLoaderSimple {
                 InputSpec::combo(&file_names(services, "checkpoints"))
                     .opt("tooltip", "The name of the checkpoint (model) to load."),
             )
+            .model_folder("ckpt_name", "checkpoints")
             .output(OutputSpec::of("MODEL").tooltip("The model used for denoising latents."))
             .output(OutputSpec::of("CLIP").tooltip("The CLIP model used for encoding text prompts."))
             .output(
@@ -317,6 +318,8 @@ impl Node for CheckpointLoader {
             .display("Load Checkpoint With Config (DEPRECATED)")
             .required("config_name", InputSpec::combo(&file_names(services, "configs")))
             .required("ckpt_name", InputSpec::combo(&file_names(services, "checkpoints")))
+            .model_folder("config_name", "configs")
+            .model_folder("ckpt_name", "checkpoints")
             .output(OutputSpec::of("MODEL"))
             .output(OutputSpec::of("CLIP"))
             .output(OutputSpec::of("VAE"));
@@ -486,6 +489,7 @@ impl Node for UnetLoader {
         NodeSchema::v1("UNETLoader", "nodes", "advanced/loaders")
             .display("Load Diffusion Model")
             .required("unet_name", InputSpec::combo(&file_names(services, "diffusion_models")))
+            .model_folder("unet_name", "diffusion_models")
             .required(
                 "weight_dtype",
                 InputSpec::combo(&["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]),
@@ -560,6 +564,7 @@ impl Node for VaeLoader {
         NodeSchema::v1("VAELoader", "nodes", "loaders")
             .display("Load VAE")
             .required("vae_name", InputSpec::combo(&names))
+            .model_folder("vae_name", "vae")
             .output(OutputSpec::of("VAE"))
     }
 

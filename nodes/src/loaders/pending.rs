@@ -94,7 +94,10 @@ impl Node for &'static PendingLoader {
                 InputSpec::combo(&files),
             )
         };
-        let schema = schema.display(self.display_name).required(self.input, input);
+        let schema = schema
+            .display(self.display_name)
+            .required(self.input, input)
+            .model_folder(self.input, self.folder);
         self.outputs
             .iter()
             .fold(schema, |schema, output| schema.output(OutputSpec::of(output)))

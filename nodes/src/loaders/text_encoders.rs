@@ -294,6 +294,7 @@ impl Node for ClipLoader {
                 .display("Load CLIP")
                 .description("[Recipes]\n\nstable_diffusion: clip-l\nstable_cascade: clip-g\nsd3: t5 xxl/ clip-g / clip-l\nstable_audio: t5 base\nmochi: t5 xxl\ncosmos: old t5 xxl\nlumina2: gemma 2 2B\nwan: umt5 xxl\n hidream: llama-3.1 (Recommend) or t5\nomnigen2: qwen vl 2.5 3B")
                 .required("clip_name", InputSpec::combo(&file_names(services, "text_encoders")))
+                .model_folder("clip_name", "text_encoders")
                 .required("type", InputSpec::combo(&CLIP_TYPES)),
         )
         .output(OutputSpec::of("CLIP"))
@@ -320,6 +321,8 @@ impl Node for DualClipLoader {
                 .description("[Recipes]\n\nsdxl: clip-l, clip-g\nsd3: clip-l, clip-g / clip-l, t5 / clip-g, t5\nflux: clip-l, t5\nhidream: at least one of t5 or llama, recommended t5 and llama\nhunyuan_image: qwen2.5vl 7b and byt5 small")
                 .required("clip_name1", InputSpec::combo(&names))
                 .required("clip_name2", InputSpec::combo(&names))
+                .model_folder("clip_name1", "text_encoders")
+                .model_folder("clip_name2", "text_encoders")
                 .required("type", InputSpec::combo(&DUAL_CLIP_TYPES)),
         )
         .output(OutputSpec::of("CLIP"))

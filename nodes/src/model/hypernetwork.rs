@@ -50,6 +50,7 @@ impl Node for HypernetworkLoader {
         NodeSchema::v1("HypernetworkLoader", "comfy_extras.nodes_hypernetwork", "loaders")
             .required("model", InputSpec::of("MODEL"))
             .required("hypernetwork_name", InputSpec::combo(&file_names(services, FOLDER)))
+            .model_folder("hypernetwork_name", FOLDER)
             .required("strength", InputSpec::float(1.0, -10.0, 10.0).opt("step", 0.01))
             .output(OutputSpec::of("MODEL"))
     }

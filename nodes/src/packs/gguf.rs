@@ -29,6 +29,7 @@ impl Node for UnetLoaderGguf {
         NodeSchema::v1("UnetLoaderGGUF", GGUF_MODULE, "bootleg")
             .display("Unet Loader (GGUF)")
             .required("unet_name", InputSpec::combo(&file_names(services, "unet_gguf")))
+            .model_folder("unet_name", "diffusion_models")
             .output(OutputSpec::of("MODEL"))
     }
 
@@ -53,6 +54,7 @@ impl Node for UnetLoaderGgufAdvanced {
         NodeSchema::v1("UnetLoaderGGUFAdvanced", GGUF_MODULE, "bootleg")
             .display("Unet Loader (GGUF/Advanced)")
             .required("unet_name", InputSpec::combo(&file_names(services, "unet_gguf")))
+            .model_folder("unet_name", "diffusion_models")
             .required("dequant_dtype", dtypes())
             .required("patch_dtype", dtypes())
             .required("patch_on_device", InputSpec::boolean(false))
@@ -89,6 +91,7 @@ impl Node for ClipLoaderGguf {
         NodeSchema::v1("CLIPLoaderGGUF", GGUF_MODULE, "bootleg")
             .display("CLIPLoader (GGUF)")
             .required("clip_name", InputSpec::combo(&gguf_loader_file_names(services)))
+            .model_folder("clip_name", "text_encoders")
             .required("type", InputSpec::combo(&CLIP_TYPES))
             .output(OutputSpec::of("CLIP"))
     }
@@ -112,6 +115,8 @@ impl Node for DualClipLoaderGguf {
             .display("DualCLIPLoader (GGUF)")
             .required("clip_name1", InputSpec::combo(&names))
             .required("clip_name2", InputSpec::combo(&names))
+            .model_folder("clip_name1", "text_encoders")
+            .model_folder("clip_name2", "text_encoders")
             .required("type", InputSpec::combo(&DUAL_CLIP_TYPES))
             .output(OutputSpec::of("CLIP"))
     }

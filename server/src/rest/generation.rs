@@ -328,15 +328,7 @@ fn validation_error(failure: &ValidationFailure, built: &BuiltPrompt) -> RestErr
             continue;
         };
         let received = &error["extra_info"]["received_value"];
-        let folder = match field {
-            "model" | "refiner" => Some("checkpoints"),
-            "unet" => Some("diffusion_models"),
-            "clip" => Some("text_encoders"),
-            "vae" => Some("vae"),
-            "loras" => Some("loras"),
-            _ => None,
-        };
-        if let Some(folder) = folder.filter(|_| error["type"] == "value_not_in_list") {
+        if let Some(folder) = error["extra_info"]["model_folder"].as_str() {
             return RestError::field(
                 field,
                 format!(
