@@ -166,6 +166,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     metrics.queue_depth.set(state.queue.remaining() as i64);
     if let Ok(counts) = state.store.task_counts() {
         for (status, count) in counts {
+            let status = status.name().to_string();
             metrics.tasks.get_or_create(&StatusLabels { status }).set(count);
         }
     }

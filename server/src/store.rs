@@ -6,6 +6,7 @@
 //! again; a prompt that was running is queued once more at the front, and if the server dies on it
 //! a second time it is recorded as failed instead.
 
+mod checkpoints;
 pub mod tasks;
 pub mod webhooks;
 
@@ -57,6 +58,9 @@ pub struct Store {
     connection: Mutex<Connection>,
     /// How many history entries `/history` shows (the newest); older ones stay on disk.
     history_limit: usize,
+    /// Copies the log into the database, in its own thread (declared after the connection, so it
+    /// makes the last checkpoint once the connection is closed).
+    _checkpoints: checkpoints::Checkpointer,
 }
 
 const SCHEMA: &str = "
@@ -87,15 +91,17 @@ impl Store {
         let connection = Connection::open(path)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "NORMAL")?;
+        connection.pragma_update(None, "wal_autocheckpoint", 0)?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
         connection.execute_batch(SCHEMA)?;
         connection.execute_batch(tasks::TASKS_SCHEMA)?;
         connection.execute_batch(webhooks::WEBHOOKS_SCHEMA)?;
         add_queue_columns(&connection)?;
-        tasks::move_waiting_tasks_into_queue(&connection)?;
+        tasks::move_queued_tasks_into_queue(&connection)?;
         Ok(Store {
             connection: Mutex::new(connection),
             history_limit,
+            _checkpoints: checkpoints::Checkpointer::start(path)?,
         })
     }
 
@@ -120,14 +126,16 @@ impl Store {
 
     /// Marks a prompt running, and its task if it has one; whether it has.
     pub fn mark_running(&self, prompt_id: &str) -> Result<bool, StoreError> {
-        let mut connection = self.connection();
-        let transaction = connection.transaction()?;
-        transaction
-            .prepare_cached("UPDATE queue SET running = 1, attempts = attempts + 1 WHERE prompt_id = ?1")?
-            .execute(params![prompt_id])?;
-        let is_task = tasks::start_task(&transaction, prompt_id, tasks::now_ms())?;
-        transaction.commit()?;
-        Ok(is_task)
+        let is_task = self
+            .connection()
+            .prepare_cached(
+                "UPDATE queue SET running = 1, attempts = attempts + 1,
+                     task_started_at = CASE WHEN task_spec IS NULL THEN NULL ELSE ?2 END
+                 WHERE prompt_id = ?1 RETURNING task_spec IS NOT NULL",
+            )?
+            .query_row(params![prompt_id, tasks::now_ms()], |row| row.get::<_, bool>(0))
+            .optional()?;
+        Ok(is_task == Some(true))
     }
 
     /// Replaces the queued prompt by its history entry, and settles its task from it, atomically.
@@ -135,7 +143,7 @@ impl Store {
         let entry_text = serde_json::to_string(entry)?;
         let mut connection = self.connection();
         let transaction = connection.transaction()?;
-        // The task is settled first: a task that never started still waits in the queue row.
+        // The task is settled first: until then it lives in the queue row.
         tasks::settle_task(&transaction, prompt_id, entry, tasks::now_ms())?;
         transaction
             .prepare_cached("DELETE FROM queue WHERE prompt_id = ?1")?
@@ -253,14 +261,11 @@ impl Store {
             if !running {
                 recovery.pending.push(prompt);
             } else if attempts < 2 && recovery.interrupted.is_none() {
-                let mut connection = self.connection();
-                let transaction = connection.transaction()?;
-                transaction.execute(
-                    "UPDATE queue SET running = 0 WHERE prompt_id = ?1",
+                // Its task, if any, waits again.
+                self.connection().execute(
+                    "UPDATE queue SET running = 0, task_started_at = NULL WHERE prompt_id = ?1",
                     params![prompt.prompt_id],
                 )?;
-                tasks::requeue_task(&transaction, &prompt.prompt_id)?;
-                transaction.commit()?;
                 recovery.interrupted = Some(prompt);
             } else {
                 let message = format!(
@@ -331,7 +336,7 @@ struct QueueRow {
     /// `number_json`, `prompt`, `extra_data`, `outputs_to_execute`, `node_errors` as JSON text.
     texts: [String; 5],
     /// The REST task waiting in this prompt, if it is one.
-    task: Option<tasks::WaitingTask>,
+    task: Option<tasks::QueuedTask>,
 }
 
 impl QueueRow {
@@ -387,6 +392,7 @@ fn add_queue_columns(connection: &Connection) -> Result<(), StoreError> {
         ("task_spec", "TEXT"),
         ("task_queued_at", "INTEGER"),
         ("task_webhook_url", "TEXT"),
+        ("task_started_at", "INTEGER"),
     ] {
         let present = connection
             .prepare("SELECT name FROM pragma_table_info('queue') WHERE name = ?1")?

@@ -2,8 +2,8 @@
 //! request on the tiny model, posted as the API prompt the REST API
 //! builds (`POST /prompt`) and as a `/v1/generate` request answered at once (`"async": true`):
 //! request to queued, p50 and p99 of each and the difference, by one client (each request's own
-//! cost) and by 64 at once (the cost under contention). Each measurement starts with an empty
-//! queue. Then the memory of a request uploading a 4 MP PNG (`rest_upload`).
+//! cost) and by 64 at once (the cost under contention), five rounds of each, alternating; each
+//! measurement starts with an empty queue. Then the memory of a request uploading a 4 MP PNG (`rest_upload`).
 
 use super::server::{client_runtime, http_client, load, print_header, report, start_server, wait_for_empty_queue};
 use crate::cli::BenchArgs;
@@ -11,6 +11,14 @@ use axum::body::Bytes;
 use http_body_util::Full;
 use hyper::Request;
 use serde_json::{json, Value as Json};
+
+/// Measurements of each kind, alternating.
+const ROUNDS: usize = 5;
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or_default()
+}
 
 pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let base = tempfile::tempdir()?;
@@ -56,40 +64,47 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
             } else {
                 args.requests
             };
-            let mut p50 = Vec::new();
-            for (name, path, body) in [
-                ("POST /prompt (the built prompt)", "/prompt", &prompt_body),
-                ("POST /v1/generate (async)", "/v1/generate", &rest_body),
-            ] {
-                wait_for_empty_queue(&client, &url).await?;
-                let target = format!("{url}{path}");
-                let body = Bytes::from(body.clone());
-                let (timings, answers) = load(&client, clients, requests, move |_, _| {
-                    Request::post(target.as_str())
-                        .header("Content-Type", "application/json")
-                        .body(Full::new(body.clone()))
-                        .map_err(anyhow::Error::from)
-                })
-                .await?;
-                let accepted = answers
-                    .iter()
-                    .filter_map(|answer| serde_json::from_slice::<serde_json::Value>(answer).ok())
-                    .filter(|answer| answer.get("prompt_id").or_else(|| answer.get("id")).is_some())
-                    .count();
-                anyhow::ensure!(
-                    accepted == answers.len(),
-                    "{name}: {} of {} requests were refused",
-                    answers.len() - accepted,
-                    answers.len()
-                );
-                report(name, clients, &timings);
-                p50.push(timings.percentile(0.5));
+            // The two alternate, so a drift of the machine's speed reaches both alike.
+            let mut p50 = [Vec::new(), Vec::new()];
+            for _ in 0..ROUNDS {
+                for (kind, (name, path, body)) in [
+                    ("POST /prompt (the built prompt)", "/prompt", &prompt_body),
+                    ("POST /v1/generate (async)", "/v1/generate", &rest_body),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    wait_for_empty_queue(&client, &url).await?;
+                    let target = format!("{url}{path}");
+                    let body = Bytes::from(body.clone());
+                    let (timings, answers) = load(&client, clients, requests, move |_, _| {
+                        Request::post(target.as_str())
+                            .header("Content-Type", "application/json")
+                            .body(Full::new(body.clone()))
+                            .map_err(anyhow::Error::from)
+                    })
+                    .await?;
+                    let accepted = answers
+                        .iter()
+                        .filter_map(|answer| serde_json::from_slice::<serde_json::Value>(answer).ok())
+                        .filter(|answer| answer.get("prompt_id").or_else(|| answer.get("id")).is_some())
+                        .count();
+                    anyhow::ensure!(
+                        accepted == answers.len(),
+                        "{name}: {} of {} requests were refused",
+                        answers.len() - accepted,
+                        answers.len()
+                    );
+                    report(name, clients, &timings);
+                    p50[kind].push(timings.percentile(0.5));
+                }
             }
-            overheads.push((clients, p50[1] - p50[0]));
+            let [prompt, rest] = p50.map(median);
+            overheads.push((clients, rest - prompt));
         }
         println!();
         for (clients, overhead) in overheads {
-            println!("REST overhead at p50, {clients} client(s): {overhead:+.2} ms");
+            println!("REST overhead at p50 (median of {ROUNDS} rounds), {clients} client(s): {overhead:+.2} ms");
         }
         // Its worker's allocations would count in the memory measured next.
         wait_for_empty_queue(&client, &url).await

@@ -158,7 +158,7 @@ pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(Store
     // A folder per day, as FooocusAPI keeps its outputs.
     let output_prefix = format!(
         "rest/{}/{}_{}",
-        chrono::Utc::now().format("%Y-%m-%d"),
+        chrono::Utc::now().date_naive(),
         request.family.name(),
         request.mode.name()
     );

@@ -128,8 +128,7 @@ impl IntoResponse for RestError {
 pub fn iso_time(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .unwrap_or_default()
-        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
-        .to_string()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// A query parameter holding an ISO 8601 time, as milliseconds (absent or empty: `None`).

@@ -1,13 +1,12 @@
-//! The REST API's tasks (`/v1/tasks`), keyed by the id of the prompt each queued. A task waits
-//! inside its queued prompt's row (the `task_*` columns of `queue`), written in one insert, so
-//! queuing a task costs what queuing a prompt does. It gets its own row in `tasks` in the
-//! transaction that marks its prompt running (or cancels it), and is settled from the history
-//! entry in the transaction that stores that entry, so a task's status never disagrees with
+//! The REST API's tasks (`/v1/tasks`), keyed by the id of the prompt each queued. While its
+//! prompt is queued or running, a task lives in the prompt's row (the `task_*` columns of
+//! `queue`): queuing a task is one insert, as queuing a prompt is, and starting it one update.
+//! It gets its own row in `tasks` when it ends, in the transaction that stores its prompt's
+//! history entry (or takes the prompt off the queue), so a task's status never disagrees with
 //! `/queue` and `/history`, however the server stops.
 
 use super::{read_json, QueueRow, Store, StoreError, StoredPrompt};
-use rusqlite::Connection;
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{json, Value as Json};
 
 /// Milliseconds since the Unix epoch, as task times are kept.
@@ -37,16 +36,16 @@ impl TaskStatus {
         }
     }
 
+    pub const ALL: [TaskStatus; 5] = [
+        TaskStatus::Pending,
+        TaskStatus::Running,
+        TaskStatus::Succeeded,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+    ];
+
     pub fn parse(name: &str) -> Option<TaskStatus> {
-        [
-            TaskStatus::Pending,
-            TaskStatus::Running,
-            TaskStatus::Succeeded,
-            TaskStatus::Failed,
-            TaskStatus::Cancelled,
-        ]
-        .into_iter()
-        .find(|status| status.name() == name)
+        TaskStatus::ALL.into_iter().find(|status| status.name() == name)
     }
 
     /// Whether the task has ended (it will not change again).
@@ -114,13 +113,13 @@ CREATE INDEX IF NOT EXISTS tasks_by_time ON tasks (queued_at, id);
 
 const TASK_COLUMNS: &str = "id, status, priority, spec, queued_at, started_at, finished_at, images, error, webhook_url";
 
-/// The tasks still waiting in the queue, with the columns of `tasks`.
-const WAITING_TASKS: &str = "(SELECT prompt_id AS id, 'pending' AS status, priority, task_spec AS spec,
-    task_queued_at AS queued_at, NULL AS started_at, NULL AS finished_at, '[]' AS images, NULL AS error,
-    task_webhook_url AS webhook_url FROM queue WHERE task_spec IS NOT NULL AND running = 0)";
+/// The tasks whose prompts are queued or running, with the columns of `tasks`.
+const QUEUED_TASKS: &str = "(SELECT prompt_id AS id, CASE running WHEN 0 THEN 'pending' ELSE 'running' END AS status,
+    priority, task_spec AS spec, task_queued_at AS queued_at, task_started_at AS started_at, NULL AS finished_at,
+    '[]' AS images, NULL AS error, task_webhook_url AS webhook_url FROM queue WHERE task_spec IS NOT NULL)";
 
 /// A task's columns in its queued prompt's row, serialised.
-pub(super) struct WaitingTask {
+pub(super) struct QueuedTask {
     pub spec: String,
     pub queued_at: i64,
     pub webhook_url: Option<String>,
@@ -171,11 +170,11 @@ fn parse_task(row: TaskRow) -> Result<StoredTask, StoreError> {
 }
 
 impl Store {
-    /// Queues a task's prompt, the task waiting in its row.
+    /// Queues a task's prompt, the task in its row.
     pub fn enqueue_task(&self, prompt: &StoredPrompt, task: &StoredTask) -> Result<(), StoreError> {
         // Serialise before taking the connection: the lock is shared with the worker.
         let row = QueueRow {
-            task: Some(WaitingTask {
+            task: Some(QueuedTask {
                 spec: serde_json::to_string(&task.spec)?,
                 queued_at: task.queued_at,
                 webhook_url: task.webhook_url.clone(),
@@ -188,7 +187,7 @@ impl Store {
     pub fn task(&self, id: &str) -> Result<Option<StoredTask>, StoreError> {
         let connection = self.connection();
         let mut row = None;
-        for source in ["tasks", WAITING_TASKS] {
+        for source in ["tasks", QUEUED_TASKS] {
             row = connection
                 .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM {source} WHERE id = ?1"))?
                 .query_row(params![id], task_row)
@@ -215,12 +214,13 @@ impl Store {
             values.push(Box::new(id.clone()));
         }
         values.push(Box::new(limit as i64 + 1));
-        // Waiting tasks live in the queue, the others in `tasks`: the newest of each, merged.
+        // Tasks that have not ended live in the queue, the others in `tasks`: the newest of
+        // each, merged.
         let sources = [
-            ("tasks", filter.status != Some(TaskStatus::Pending)),
+            ("tasks", filter.status.is_none_or(TaskStatus::is_final)),
             (
-                WAITING_TASKS,
-                filter.status.is_none_or(|status| status == TaskStatus::Pending) && !filter.ended,
+                QUEUED_TASKS,
+                !filter.status.is_some_and(TaskStatus::is_final) && !filter.ended,
             ),
         ];
         let mut rows: Vec<TaskRow> = Vec::new();
@@ -250,15 +250,22 @@ impl Store {
         Ok(TaskPage { tasks, next })
     }
 
-    /// How many tasks there are of each status.
-    pub fn task_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+    /// How many tasks there are of each status (every status, none left out at 0).
+    pub fn task_counts(&self) -> Result<Vec<(TaskStatus, i64)>, StoreError> {
         let connection = self.connection();
         let mut statement = connection.prepare_cached(&format!(
             "SELECT status, COUNT(*) FROM tasks GROUP BY status
-             UNION ALL SELECT 'pending', COUNT(*) FROM {WAITING_TASKS}"
+             UNION ALL SELECT status, COUNT(*) FROM {QUEUED_TASKS} GROUP BY status"
         ))?;
-        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let rows = statement.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?;
+        let mut counts = TaskStatus::ALL.map(|status| (status, 0));
+        for row in rows {
+            let (status, count) = row?;
+            if let Some(slot) = counts.iter_mut().find(|(known, _)| known.name() == status) {
+                slot.1 += count;
+            }
+        }
+        Ok(counts.to_vec())
     }
 
     /// Forgets ended tasks matching `filter` (or this one id) and their history entries; the
@@ -310,70 +317,66 @@ fn filter_sql(filter: &TaskFilter) -> (Vec<String>, Vec<Box<dyn rusqlite::ToSql>
     (conditions, values)
 }
 
-/// Tasks written before tasks waited in the queue (pending or running in `tasks`) are moved into
-/// their queued prompts' rows; running ones keep their `tasks` row too, as now.
-pub(super) fn move_waiting_tasks_into_queue(connection: &Connection) -> Result<(), StoreError> {
+/// Tasks written before tasks lived in the queue (pending or running rows of `tasks`) move into
+/// their prompts' rows.
+pub(super) fn move_queued_tasks_into_queue(connection: &Connection) -> Result<(), StoreError> {
     connection.execute_batch(
         "UPDATE queue SET
              task_spec = (SELECT spec FROM tasks WHERE tasks.id = queue.prompt_id),
              task_queued_at = (SELECT queued_at FROM tasks WHERE tasks.id = queue.prompt_id),
+             task_started_at = (SELECT started_at FROM tasks WHERE tasks.id = queue.prompt_id),
              task_webhook_url = (SELECT webhook_url FROM tasks WHERE tasks.id = queue.prompt_id)
          WHERE task_spec IS NULL
            AND prompt_id IN (SELECT id FROM tasks WHERE status IN ('pending', 'running'));
-         DELETE FROM tasks WHERE status = 'pending';",
+         DELETE FROM tasks WHERE status IN ('pending', 'running');",
     )?;
     Ok(())
 }
 
-/// Copies the task waiting in a queued prompt's row into `tasks` with this status and times;
-/// `replace`: over a row already there (else that row stays). Whether the prompt has a task.
-fn copy_waiting_task(
+/// Ends the task in a queued prompt's row: its row in `tasks`, with this status, `now` as its
+/// end, its images and error; its webhook, if any, is scheduled. Nothing for a prompt without a
+/// task.
+fn end_task(
     transaction: &Transaction<'_>,
     prompt_id: &str,
-    status: TaskStatus,
-    (started_at, finished_at): (Option<i64>, Option<i64>),
-    replace: bool,
-) -> Result<bool, StoreError> {
-    let conflict = if replace { "REPLACE" } else { "IGNORE" };
-    let copied = transaction
-        .prepare_cached(&format!(
-            "INSERT OR {conflict} INTO tasks (id, status, priority, spec, queued_at, started_at, finished_at, webhook_url)
-             SELECT prompt_id, ?2, priority, task_spec, task_queued_at, ?3, ?4, task_webhook_url
-             FROM queue WHERE prompt_id = ?1 AND task_spec IS NOT NULL"
-        ))?
-        .execute(params![prompt_id, status.name(), started_at, finished_at])?;
-    Ok(copied > 0)
-}
-
-/// Marks the task of a prompt running; whether the prompt has a task.
-pub(super) fn start_task(transaction: &Transaction<'_>, prompt_id: &str, now: i64) -> Result<bool, StoreError> {
-    copy_waiting_task(transaction, prompt_id, TaskStatus::Running, (Some(now), None), true)
-}
-
-/// A task whose prompt the server stopped on, and which will run again, waits again (in its
-/// queued prompt's row).
-pub(super) fn requeue_task(transaction: &Transaction<'_>, prompt_id: &str) -> Result<(), StoreError> {
-    transaction.execute("DELETE FROM tasks WHERE id = ?1", params![prompt_id])?;
-    Ok(())
-}
-
-/// The ids of the tasks waiting in the queue.
-pub(super) fn waiting_task_ids(transaction: &Transaction<'_>) -> Result<Vec<String>, StoreError> {
-    let mut statement = transaction.prepare_cached(&format!("SELECT id FROM {WAITING_TASKS}"))?;
-    let ids = statement.query_map([], |row| row.get(0))?;
-    Ok(ids.collect::<Result<_, _>>()?)
-}
-
-/// A waiting task is cancelled before its prompt leaves the queue (its webhook, if any, is
-/// scheduled).
-pub(super) fn cancel_waiting_task(transaction: &Transaction<'_>, prompt_id: &str, now: i64) -> Result<(), StoreError> {
-    if copy_waiting_task(transaction, prompt_id, TaskStatus::Cancelled, (None, Some(now)), true)? {
+    (status, images, error): (TaskStatus, &[Json], Option<Json>),
+    now: i64,
+) -> Result<(), StoreError> {
+    let ended = transaction
+        .prepare_cached(
+            "INSERT OR REPLACE INTO tasks
+                 (id, status, priority, spec, queued_at, started_at, finished_at, images, error, webhook_url)
+             SELECT prompt_id, ?2, priority, task_spec, task_queued_at, task_started_at, ?3, ?4, ?5, task_webhook_url
+             FROM queue WHERE prompt_id = ?1 AND task_spec IS NOT NULL",
+        )?
+        .execute(params![
+            prompt_id,
+            status.name(),
+            now,
+            serde_json::to_string(images)?,
+            error.map(|error| error.to_string())
+        ])?;
+    if ended > 0 {
         super::webhooks::schedule(transaction, prompt_id, now)?;
     }
     Ok(())
 }
 
-/// Settles the task of a prompt from its history entry (no task: nothing happens).
+/// The ids of the tasks waiting in the queue.
+pub(super) fn waiting_task_ids(transaction: &Transaction<'_>) -> Result<Vec<String>, StoreError> {
+    let mut statement =
+        transaction.prepare_cached(&format!("SELECT id FROM {QUEUED_TASKS} WHERE status = 'pending'"))?;
+    let ids = statement.query_map([], |row| row.get(0))?;
+    Ok(ids.collect::<Result<_, _>>()?)
+}
+
+/// A waiting task is cancelled before its prompt leaves the queue.
+pub(super) fn cancel_waiting_task(transaction: &Transaction<'_>, prompt_id: &str, now: i64) -> Result<(), StoreError> {
+    end_task(transaction, prompt_id, (TaskStatus::Cancelled, &[], None), now)
+}
+
+/// Settles the task of a prompt from its history entry (no task: nothing happens), before its
+/// queue row goes.
 pub(super) fn settle_task(
     transaction: &Transaction<'_>,
     prompt_id: &str,
@@ -381,19 +384,7 @@ pub(super) fn settle_task(
     now: i64,
 ) -> Result<(), StoreError> {
     let (status, images, error) = outcome(entry);
-    // A prompt that ends without having been marked running (its task still waiting) settles too.
-    copy_waiting_task(transaction, prompt_id, status, (None, None), false)?;
-    transaction
-        .prepare_cached("UPDATE tasks SET status = ?2, finished_at = ?3, images = ?4, error = ?5 WHERE id = ?1")?
-        .execute(params![
-            prompt_id,
-            status.name(),
-            now,
-            serde_json::to_string(&images)?,
-            error.map(|error| error.to_string())
-        ])?;
-    super::webhooks::schedule(transaction, prompt_id, now)?;
-    Ok(())
+    end_task(transaction, prompt_id, (status, &images, error), now)
 }
 
 /// What a history entry says of its prompt: the status, the saved images (in node order) and
@@ -477,7 +468,7 @@ mod tests {
     }
 
     #[test]
-    fn a_task_waits_in_its_queue_row_until_it_starts_and_every_view_agrees() {
+    fn a_task_lives_in_its_queue_row_until_it_ends_and_every_view_agrees() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("easel.db");
         let store = Store::open(&path, 100).unwrap();
@@ -530,15 +521,9 @@ mod tests {
         // A task that ends without having started (a prompt given up on) settles too.
         store.complete("c", &success()).unwrap();
         assert_eq!(store.task("c").unwrap().unwrap().status, Succeeded);
-        let mut counts = store.task_counts().unwrap();
-        counts.sort();
         assert_eq!(
-            counts,
-            [
-                ("cancelled".to_string(), 1),
-                ("pending".to_string(), 0),
-                ("succeeded".to_string(), 2)
-            ]
+            store.task_counts().unwrap(),
+            [(Pending, 0), (Running, 0), (Succeeded, 2), (Failed, 0), (Cancelled, 1)]
         );
         let (due, _) = store.due_webhooks(i64::MAX).unwrap();
         let mut hooked: Vec<_> = due.into_iter().map(|delivery| delivery.task_id).collect();
@@ -547,7 +532,7 @@ mod tests {
     }
 
     #[test]
-    fn tasks_written_in_their_own_rows_while_waiting_move_into_the_queue() {
+    fn tasks_written_in_their_own_rows_before_they_ended_move_into_the_queue() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("easel.db");
         {
