@@ -48,9 +48,7 @@ pub fn run(shared: &Shared) {
         };
         shared.interrupt.clear();
         match shared.store.mark_running(&item.prompt_id) {
-            Ok(true) => shared
-                .live_tasks
-                .begin(&item.prompt_id, &item.validated.prompt.to_json()),
+            Ok(true) => shared.live_tasks.begin(&item.prompt_id, &item.validated.prompt),
             Ok(false) => {}
             Err(error) => tracing::error!(prompt_id = %item.prompt_id, "cannot record the prompt as running: {error}"),
         }

@@ -6,6 +6,7 @@ use super::iso_time;
 use crate::store::tasks::{StoredTask, TaskStatus};
 use base64::Engine;
 use easel_engine::events::{Event, EventKind};
+use easel_engine::Prompt;
 use serde_json::{json, Value as Json};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -98,16 +99,14 @@ impl LiveTasks {
         self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A task's prompt starts: `prompt` is its API prompt.
-    pub fn begin(&self, id: &str, prompt: &Json) {
+    /// A task's prompt starts.
+    pub fn begin(&self, id: &str, prompt: &Prompt) {
         let classes: HashMap<String, String> = prompt
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(node, value)| {
+            .node_ids()
+            .map(|node| {
                 (
-                    node.clone(),
-                    value["class_type"].as_str().unwrap_or_default().to_string(),
+                    node.to_string(),
+                    prompt.class_type(node).unwrap_or_default().to_string(),
                 )
             })
             .collect();
