@@ -172,35 +172,9 @@ impl Store {
         for id in &cancelled {
             tasks::cancel_waiting_task(&transaction, id, now)?;
         }
-        match ids {
-            None => {
-                transaction.execute("DELETE FROM queue WHERE running = 0", [])?;
-            }
-            Some(ids) => {
-                for id in ids {
-                    transaction.execute("DELETE FROM queue WHERE running = 0 AND prompt_id = ?1", params![id])?;
-                }
-            }
-        }
+        delete_where(&transaction, "DELETE FROM queue WHERE running = 0", ids)?;
         transaction.commit()?;
         Ok(cancelled)
-    }
-
-    /// Runs `delete` (a `DELETE … WHERE …` statement) for all rows, or for the rows of these ids.
-    fn delete_where(&self, delete: &str, ids: Option<&[String]>) -> Result<(), StoreError> {
-        let connection = self.connection();
-        match ids {
-            None => {
-                connection.execute(delete, [])?;
-            }
-            Some(ids) => {
-                let one = format!("{delete} AND prompt_id = ?1");
-                for id in ids {
-                    connection.execute(&one, params![id])?;
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Reads the queue table after a restart (see the module documentation).
@@ -324,8 +298,24 @@ impl Store {
 
     /// Forgets history entries: these ids, or all of them.
     pub fn delete_history(&self, ids: Option<&[String]>) -> Result<(), StoreError> {
-        self.delete_where("DELETE FROM history WHERE 1 = 1", ids)
+        delete_where(&self.connection(), "DELETE FROM history WHERE 1 = 1", ids)
     }
+}
+
+/// Runs `delete` (a `DELETE … WHERE …` statement) for all rows, or for the rows of these ids.
+fn delete_where(connection: &Connection, delete: &str, ids: Option<&[String]>) -> Result<(), StoreError> {
+    match ids {
+        None => {
+            connection.execute(delete, [])?;
+        }
+        Some(ids) => {
+            let one = format!("{delete} AND prompt_id = ?1");
+            for id in ids {
+                connection.execute(&one, params![id])?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A queued prompt serialised for its row, ready to insert.

@@ -10,7 +10,7 @@ mod prompt;
 mod queue;
 mod user;
 
-pub use page::bundled_workflow;
+pub use page::{bundled_workflow, bundled_workflows};
 
 use crate::security;
 use crate::state::AppState;

@@ -44,6 +44,13 @@ pub fn bundled_workflow(name: &str) -> Option<Json> {
     PARSED_WORKFLOWS.get(name).cloned()
 }
 
+/// Every bundled workflow: its path under `workflows/` and its JSON.
+pub fn bundled_workflows() -> impl Iterator<Item = (&'static str, &'static Json)> {
+    PARSED_WORKFLOWS
+        .iter()
+        .map(|(name, workflow)| (name.as_str(), workflow))
+}
+
 /// The page's routes; `at_root` also serves it at `/`.
 pub fn routes(at_root: bool) -> Router<AppState> {
     let router = Router::new()

@@ -16,19 +16,6 @@ use std::sync::LazyLock;
 /// The version of the workflows requests are built from (their folder), recorded on each task.
 pub const WORKFLOW_VERSION: &str = "v1";
 
-/// The bundled workflows requests are built from.
-const WORKFLOWS: [&str; 9] = [
-    "sd_text2img",
-    "sd_img2img",
-    "sd_inpaint",
-    "sd_outpaint",
-    "sdxl_refiner_text2img",
-    "flux_text2img",
-    "flux_img2img",
-    "flux_inpaint",
-    "flux_outpaint",
-];
-
 /// The bundled workflow serving a family and mode, or a 501 naming what is missing.
 pub fn workflow_for(request: &GenerateRequest) -> Result<&'static str, RestError> {
     if request.family == Family::Sd3 {
@@ -140,13 +127,13 @@ impl Template {
 }
 
 /// The template of a bundled workflow (`workflows/rest/VERSION/NAME.json`), read once.
-fn template(name: &'static str) -> Option<&'static Template> {
-    static TEMPLATES: LazyLock<HashMap<&'static str, Template>> = LazyLock::new(|| {
-        WORKFLOWS
-            .into_iter()
-            .filter_map(|name| {
-                let workflow = crate::api::bundled_workflow(&format!("rest/{WORKFLOW_VERSION}/{name}.json"))?;
-                Some((name, Template::of(workflow)?))
+fn template(name: &str) -> Option<&'static Template> {
+    static TEMPLATES: LazyLock<HashMap<String, Template>> = LazyLock::new(|| {
+        let folder = format!("rest/{WORKFLOW_VERSION}/");
+        crate::api::bundled_workflows()
+            .filter_map(|(path, workflow)| {
+                let name = path.strip_prefix(&folder)?.strip_suffix(".json")?;
+                Some((name.to_string(), Template::of(workflow.clone())?))
             })
             .collect()
     });
@@ -154,11 +141,7 @@ fn template(name: &'static str) -> Option<&'static Template> {
 }
 
 /// Fills the bundled workflow `name` (from [`workflow_for`]) in from a request.
-pub fn build(
-    request: &GenerateRequest,
-    name: &'static str,
-    ingredients: &Ingredients<'_>,
-) -> Result<BuiltPrompt, RestError> {
+pub fn build(request: &GenerateRequest, name: &str, ingredients: &Ingredients<'_>) -> Result<BuiltPrompt, RestError> {
     let template =
         template(name).ok_or_else(|| RestError::invalid(None, format!("the bundled workflow {name} is missing")))?;
     let mut nodes = template.nodes.clone();
