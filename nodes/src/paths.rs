@@ -311,9 +311,18 @@ impl Paths {
 
     /// The file `name` of `folder`, from the first directory that has it.
     pub fn full_path(&self, folder: &str, name: &str) -> Option<PathBuf> {
+        self.file_with_metadata(folder, name).map(|(path, _)| path)
+    }
+
+    /// [`Paths::full_path`] with the file's metadata, from the one `stat` that found it.
+    pub fn file_with_metadata(&self, folder: &str, name: &str) -> Option<(PathBuf, std::fs::Metadata)> {
         let entry = self.folders.get(canonical_folder(folder))?;
         let relative = safe_relative(name)?;
-        entry.dirs.iter().map(|dir| dir.join(&relative)).find(|p| p.is_file())
+        entry.dirs.iter().find_map(|dir| {
+            let path = dir.join(&relative);
+            let metadata = std::fs::metadata(&path).ok().filter(std::fs::Metadata::is_file)?;
+            Some((path, metadata))
+        })
     }
 
     /// The directory of a `type` (`input`, `output`, `temp`), as `/view` and uploads use.

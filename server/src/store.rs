@@ -138,13 +138,14 @@ impl Store {
         Ok(is_task == Some(true))
     }
 
-    /// Replaces the queued prompt by its history entry, and settles its task from it, atomically.
-    pub fn complete(&self, prompt_id: &str, entry: &Json) -> Result<(), StoreError> {
+    /// Replaces the queued prompt by its history entry, and settles its task from it, atomically;
+    /// whether that made a webhook delivery due.
+    pub fn complete(&self, prompt_id: &str, entry: &Json) -> Result<bool, StoreError> {
         let entry_text = serde_json::to_string(entry)?;
         let mut connection = self.connection();
         let transaction = connection.transaction()?;
         // The task is settled first: until then it lives in the queue row.
-        tasks::settle_task(&transaction, prompt_id, entry, tasks::now_ms())?;
+        let webhook_due = tasks::settle_task(&transaction, prompt_id, entry, tasks::now_ms())?;
         transaction
             .prepare_cached("DELETE FROM queue WHERE prompt_id = ?1")?
             .execute(params![prompt_id])?;
@@ -155,7 +156,7 @@ impl Store {
             .prepare_cached("INSERT INTO history (prompt_id, entry) VALUES (?1, ?2)")?
             .execute(params![prompt_id, entry_text])?;
         transaction.commit()?;
-        Ok(())
+        Ok(webhook_due)
     }
 
     /// Forgets pending prompts, these ids or all of them; the tasks waiting in them are

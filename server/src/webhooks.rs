@@ -70,7 +70,7 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &str) -> String {
     format!("v1,{signature}")
 }
 
-/// Wakes the delivery thread when a task ends.
+/// Wakes the delivery thread when an ended task has a webhook to deliver.
 #[derive(Default)]
 pub struct WebhookWake {
     pending: Mutex<bool>,
@@ -97,7 +97,7 @@ impl WebhookWake {
     }
 }
 
-/// The delivery thread: sends what is due, then sleeps until the next is due or a task ends.
+/// The delivery thread: sends what is due, then sleeps until the next is due or a task schedules one.
 pub fn run(shared: &Shared) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)

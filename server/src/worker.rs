@@ -139,9 +139,11 @@ impl Drop for AliveWhileRunning<'_> {
 /// streams and waiting requests then hear of); whether the store took it.
 fn store_history(shared: &Shared, prompt_id: &str, entry: &Json) -> bool {
     match shared.store.complete(prompt_id, entry) {
-        Ok(()) => {
+        Ok(webhook_due) => {
             shared.live_tasks.end(prompt_id);
-            shared.webhook_wake.notify();
+            if webhook_due {
+                shared.webhook_wake.notify();
+            }
             true
         }
         Err(error) => {

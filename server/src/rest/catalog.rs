@@ -1,5 +1,6 @@
 //! What a request may name: the models in the model folders (each recognised by family and
-//! variant from its tensor names, cached by file size and time), and the styles and presets —
+//! variant from its tensor names, cached by file size and time, and trusted for a second once found
+//! by name), and the styles and presets —
 //! Easel's own, built in, and the JSON files a user adds to `<base>/styles` and `<base>/presets`.
 
 use super::request::{Family, Mode};
@@ -10,9 +11,10 @@ use easel_nodes::paths::Paths;
 use rust_embed::RustEmbed;
 use serde_json::{json, Map, Value as Json};
 use std::collections::{BTreeMap, HashMap};
+use std::fs::Metadata;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 /// A model file a request may name.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,10 +62,16 @@ impl ModelEntry {
 /// A file's size and modification time, and what it was recognised as.
 type Recognised = (u64, Option<SystemTime>, Option<ModelEntry>);
 
+/// How long a model found by name is taken as it was without looking at its file again. Only a
+/// request's family and mode check rests on it: validation lists the folder itself.
+const FOUND_FRESH_FOR: Duration = Duration::from_secs(1);
+
 /// Recognised model files, kept while their size and modification time stay the same.
 #[derive(Default)]
 pub struct ModelCatalog {
     seen: Mutex<HashMap<PathBuf, Recognised>>,
+    /// Models [`ModelCatalog::find`] found lately, by name, with when it looked.
+    found: Mutex<HashMap<String, (Instant, ModelEntry)>>,
 }
 
 impl ModelCatalog {
@@ -72,10 +80,10 @@ impl ModelCatalog {
         let mut models = Vec::new();
         for folder in ["checkpoints", "diffusion_models"] {
             for name in paths.filename_list(folder) {
-                let Some(path) = paths.full_path(folder, &name) else {
+                let Some((path, metadata)) = paths.file_with_metadata(folder, &name) else {
                     continue;
                 };
-                if let Some(entry) = self.recognise(&path, folder, &name) {
+                if let Some(entry) = self.recognise(&path, &metadata, folder, &name) {
                     models.push(entry);
                 }
             }
@@ -85,14 +93,24 @@ impl ModelCatalog {
 
     /// The model of this name (checkpoints first), if it is one Easel recognises.
     pub fn find(&self, paths: &Paths, name: &str) -> Option<ModelEntry> {
-        ["checkpoints", "diffusion_models"].into_iter().find_map(|folder| {
-            let path = paths.full_path(folder, name)?;
-            self.recognise(&path, folder, name)
-        })
+        let lock = || self.found.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((looked, entry)) = lock().get(name) {
+            if looked.elapsed() < FOUND_FRESH_FOR {
+                return Some(entry.clone());
+            }
+        }
+        let entry = ["checkpoints", "diffusion_models"].into_iter().find_map(|folder| {
+            let (path, metadata) = paths.file_with_metadata(folder, name)?;
+            self.recognise(&path, &metadata, folder, name)
+        });
+        match &entry {
+            Some(found) => lock().insert(name.to_string(), (Instant::now(), found.clone())),
+            None => lock().remove(name),
+        };
+        entry
     }
 
-    fn recognise(&self, path: &Path, folder: &'static str, name: &str) -> Option<ModelEntry> {
-        let metadata = std::fs::metadata(path).ok()?;
+    fn recognise(&self, path: &Path, metadata: &Metadata, folder: &'static str, name: &str) -> Option<ModelEntry> {
         let key = (metadata.len(), metadata.modified().ok());
         let mut seen = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some((size, modified, entry)) = seen.get(path) {

@@ -170,10 +170,14 @@ pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(Store
         styles: &chosen_styles,
         output_prefix: &output_prefix,
     };
+    let extra_data = match raw.fields.get("client_id").and_then(Json::as_str) {
+        Some(client) => json!({"client_id": client}),
+        None => json!({}),
+    };
     let queued = build(&request, workflow_name, &ingredients).and_then(|mut built| {
         let validated = validate(state, &mut built)?;
         let spec = json!({
-            "request": sanitized_request(&raw, &request, checkpoint.as_deref(), &stored_images, seed),
+            "request": sanitized_request(raw.fields, &request, checkpoint.as_deref(), &stored_images, seed),
             "seed": seed,
             "workflow": format!("{WORKFLOW_VERSION}/{workflow_name}"),
         });
@@ -190,11 +194,6 @@ pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(Store
             webhook_url: webhook_url.clone(),
         };
         let number = state.queue.next_number(false);
-        let client_id = raw.fields.get("client_id").and_then(Json::as_str);
-        let extra_data = match client_id {
-            Some(client) => json!({"client_id": client}),
-            None => json!({}),
-        };
         let item = QueueItem {
             number: number as f64,
             number_json: json!(number),
@@ -418,13 +417,12 @@ impl StoredInputs {
 /// The request as the task shows it: images as the URLs of their stored copies, the family,
 /// mode, model and seed it ran with.
 fn sanitized_request(
-    raw: &RawRequest,
+    mut fields: Map<String, Json>,
     request: &GenerateRequest,
     checkpoint: Option<&str>,
     images: &StoredInputs,
     seed: u64,
 ) -> Json {
-    let mut fields: Map<String, Json> = raw.fields.clone();
     for (field, name) in [("image", &images.image), ("mask", &images.mask)] {
         if let Some(name) = name {
             let (subfolder, filename) = name.split_once('/').unwrap_or(("", name));

@@ -87,10 +87,17 @@ impl BuiltPrompt {
 /// manifests said.
 struct Template {
     nodes: Map<String, Json>,
-    /// `(field, node, input)` for each input a request field sets.
-    targets: Vec<(String, String, String)>,
+    /// Each input a request field sets, in the order of the nodes.
+    targets: Vec<Target>,
     /// The node whose manifest takes `model`.
     loader: Option<String>,
+}
+
+/// An input a request field sets.
+struct Target {
+    field: String,
+    node: String,
+    input: String,
 }
 
 impl Template {
@@ -119,7 +126,11 @@ impl Template {
                         .collect(),
                     _ => Vec::new(),
                 };
-                targets.extend(inputs.into_iter().map(|input| (field.clone(), id.clone(), input)));
+                targets.extend(inputs.into_iter().map(|input| Target {
+                    field: field.clone(),
+                    node: id.clone(),
+                    input,
+                }));
             }
         }
         Some(Template { nodes, targets, loader })
@@ -149,52 +160,32 @@ pub fn build(request: &GenerateRequest, name: &str, ingredients: &Ingredients<'_
     for style in ingredients.styles {
         (prompt, negative) = style.apply(&prompt, &negative);
     }
-    let outpaint = request.outpaint;
-    let values: Vec<(&'static str, Option<Json>)> = vec![
-        ("model", ingredients.checkpoint.map(|name| json!(name))),
-        ("refiner", request.refiner.as_ref().map(|name| json!(name))),
-        ("prompt", Some(json!(prompt))),
-        ("negative_prompt", Some(json!(negative))),
-        ("width", Some(json!(request.width))),
-        ("height", Some(json!(request.height))),
-        ("batch_size", Some(json!(request.batch_size))),
-        ("steps", Some(json!(request.steps))),
-        (
-            "base_steps",
-            Some(json!((f64::from(request.steps) * request.refine_switch).round() as u32)),
-        ),
-        ("cfg", Some(json!(request.cfg))),
-        ("sampler", Some(json!(request.sampler))),
-        ("scheduler", Some(json!(request.scheduler))),
-        ("seed", Some(json!(ingredients.seed))),
-        ("denoise", Some(json!(request.denoise))),
-        ("image", ingredients.image.map(|name| json!(name))),
-        ("mask", ingredients.mask.map(|name| json!(name))),
-        (
-            "outpaint",
-            Some(json!({
-                "left": outpaint.left, "top": outpaint.top, "right": outpaint.right,
-                "bottom": outpaint.bottom, "feathering": outpaint.feathering,
-            })),
-        ),
-        ("output", Some(json!(ingredients.output_prefix))),
-    ];
+    let texts = Texts { prompt, negative };
     let mut built = BuiltPrompt {
         prompt: Json::Null,
         fields: Vec::with_capacity(template.targets.len()),
     };
-    for (field, id, input) in &template.targets {
-        let Some((field, Some(value))) = values.iter().find(|(name, _)| name == field) else {
-            continue;
-        };
-        // An object value (outpaint) gives each input its own entry.
-        let value = match value {
-            Json::Object(parts) => parts.get(input).cloned().unwrap_or(Json::Null),
-            other => other.clone(),
-        };
-        if let Some(node) = nodes.get_mut(id) {
-            node["inputs"][input.as_str()] = value;
-            built.fields.push((Cow::Borrowed(id.as_str()), input.as_str(), *field));
+    // The targets follow the nodes' order: one pass sets them all.
+    let mut targets = template.targets.iter().peekable();
+    for (id, node) in nodes.iter_mut() {
+        while let Some(target) = targets.next_if(|target| target.node == *id) {
+            let Some(value) = field_value(&target.field, &target.input, request, ingredients, &texts) else {
+                continue;
+            };
+            let Some(inputs) = node.get_mut("inputs").and_then(Json::as_object_mut) else {
+                continue;
+            };
+            match inputs.get_mut(&target.input) {
+                Some(slot) => *slot = value,
+                None => {
+                    inputs.insert(target.input.clone(), value);
+                }
+            }
+            built.fields.push((
+                Cow::Borrowed(target.node.as_str()),
+                target.input.as_str(),
+                target.field.as_str(),
+            ));
         }
     }
     let loader = template
@@ -208,6 +199,53 @@ pub fn build(request: &GenerateRequest, name: &str, ingredients: &Ingredients<'_
     chain_loras(request, model, clip, &mut nodes, &mut built);
     built.prompt = Json::Object(nodes);
     Ok(built)
+}
+
+/// The prompt texts, with the styles applied.
+struct Texts {
+    prompt: String,
+    negative: String,
+}
+
+/// The value request field `field` gives `input`; `None` when the request leaves it to the
+/// workflow.
+fn field_value(
+    field: &str,
+    input: &str,
+    request: &GenerateRequest,
+    ingredients: &Ingredients<'_>,
+    texts: &Texts,
+) -> Option<Json> {
+    let outpaint = request.outpaint;
+    Some(match field {
+        "model" => Json::from(ingredients.checkpoint?),
+        "refiner" => Json::from(request.refiner.as_deref()?),
+        "prompt" => Json::from(texts.prompt.as_str()),
+        "negative_prompt" => Json::from(texts.negative.as_str()),
+        "width" => Json::from(request.width),
+        "height" => Json::from(request.height),
+        "batch_size" => Json::from(request.batch_size),
+        "steps" => Json::from(request.steps),
+        "base_steps" => Json::from((f64::from(request.steps) * request.refine_switch).round() as u32),
+        "cfg" => Json::from(request.cfg),
+        "sampler" => Json::from(request.sampler.as_str()),
+        "scheduler" => Json::from(request.scheduler.as_str()),
+        "seed" => Json::from(ingredients.seed),
+        "denoise" => Json::from(request.denoise),
+        "image" => Json::from(ingredients.image?),
+        "mask" => Json::from(ingredients.mask?),
+        // Each side of the extension is an input of its own.
+        "outpaint" => Json::from(match input {
+            "left" => outpaint.left,
+            "top" => outpaint.top,
+            "right" => outpaint.right,
+            "bottom" => outpaint.bottom,
+            "feathering" => outpaint.feathering,
+            _ => return None,
+        }),
+        "output" => Json::from(ingredients.output_prefix),
+        _ => return None,
+    })
 }
 
 /// The next free numeric node id.

@@ -334,32 +334,38 @@ pub(super) fn move_queued_tasks_into_queue(connection: &Connection) -> Result<()
 }
 
 /// Ends the task in a queued prompt's row: its row in `tasks`, with this status, `now` as its
-/// end, its images and error; its webhook, if any, is scheduled. Nothing for a prompt without a
-/// task.
+/// end, its images and error; its webhook, if any, is scheduled (whether one was is returned).
+/// Nothing for a prompt without a task.
 fn end_task(
     transaction: &Transaction<'_>,
     prompt_id: &str,
     (status, images, error): (TaskStatus, &[Json], Option<Json>),
     now: i64,
-) -> Result<(), StoreError> {
-    let ended = transaction
+) -> Result<bool, StoreError> {
+    // `None`: the prompt carries no task; `Some(false)`: a task without a webhook.
+    let ended: Option<bool> = transaction
         .prepare_cached(
             "INSERT OR REPLACE INTO tasks
                  (id, status, priority, spec, queued_at, started_at, finished_at, images, error, webhook_url)
              SELECT prompt_id, ?2, priority, task_spec, task_queued_at, task_started_at, ?3, ?4, ?5, task_webhook_url
-             FROM queue WHERE prompt_id = ?1 AND task_spec IS NOT NULL",
+             FROM queue WHERE prompt_id = ?1 AND task_spec IS NOT NULL
+             RETURNING webhook_url IS NOT NULL",
         )?
-        .execute(params![
-            prompt_id,
-            status.name(),
-            now,
-            serde_json::to_string(images)?,
-            error.map(|error| error.to_string())
-        ])?;
-    if ended > 0 {
-        super::webhooks::schedule(transaction, prompt_id, now)?;
+        .query_row(
+            params![
+                prompt_id,
+                status.name(),
+                now,
+                serde_json::to_string(images)?,
+                error.map(|error| error.to_string())
+            ],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if ended != Some(true) {
+        return Ok(false);
     }
-    Ok(())
+    super::webhooks::schedule(transaction, prompt_id, now)
 }
 
 /// The ids of the tasks waiting in the queue.
@@ -372,17 +378,17 @@ pub(super) fn waiting_task_ids(transaction: &Transaction<'_>) -> Result<Vec<Stri
 
 /// A waiting task is cancelled before its prompt leaves the queue.
 pub(super) fn cancel_waiting_task(transaction: &Transaction<'_>, prompt_id: &str, now: i64) -> Result<(), StoreError> {
-    end_task(transaction, prompt_id, (TaskStatus::Cancelled, &[], None), now)
+    end_task(transaction, prompt_id, (TaskStatus::Cancelled, &[], None), now).map(drop)
 }
 
 /// Settles the task of a prompt from its history entry (no task: nothing happens), before its
-/// queue row goes.
+/// queue row goes; whether a webhook delivery was scheduled.
 pub(super) fn settle_task(
     transaction: &Transaction<'_>,
     prompt_id: &str,
     entry: &Json,
     now: i64,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let (status, images, error) = outcome(entry);
     end_task(transaction, prompt_id, (status, &images, error), now)
 }

@@ -45,15 +45,16 @@ pub enum Attempt {
     GaveUp(String),
 }
 
-/// Schedules the delivery of a settled task's webhook, if it names one (at most one per task).
-pub(super) fn schedule(transaction: &Transaction<'_>, task_id: &str, now: i64) -> Result<(), StoreError> {
-    transaction
+/// Schedules the delivery of a settled task's webhook, if it names one (at most one per task);
+/// whether one was.
+pub(super) fn schedule(transaction: &Transaction<'_>, task_id: &str, now: i64) -> Result<bool, StoreError> {
+    let scheduled = transaction
         .prepare_cached(
             "INSERT OR IGNORE INTO webhooks (id, task_id, url, created_at, next_attempt_at)
              SELECT 'msg_' || id, id, webhook_url, ?2, ?2 FROM tasks WHERE id = ?1 AND webhook_url IS NOT NULL",
         )?
         .execute(params![task_id, now])?;
-    Ok(())
+    Ok(scheduled > 0)
 }
 
 impl Store {
