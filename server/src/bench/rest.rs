@@ -1,14 +1,17 @@
 //! `easel bench rest`: what the REST API adds over `POST /prompt`. The same SD1.x text-to-image
-//! request on the tiny model, posted as the API prompt the REST API
-//! builds (`POST /prompt`) and as a `/v1/generate` request answered at once (`"async": true`):
-//! request to queued, p50 and p99 of each and the difference, by one client (each request's own
-//! cost) and by 64 at once (the cost under contention), five rounds of each, alternating; each
-//! measurement starts with an empty queue. Then the memory of a request uploading a 4 MP PNG (`rest_upload`).
+//! request on the tiny model, posted as the API prompt the REST API builds (`POST /prompt`; read
+//! back from the history entry of a first request) and as a `/v1/generate` request answered at
+//! once (`"async": true`): request to queued, p50 and p99 of each and the difference, by one client
+//! (each request's own cost) and by 64 at once (the cost under contention), five rounds of each,
+//! alternating; each measurement starts with an empty queue. Then the memory of a request
+//! uploading a 4 MP PNG (`rest_upload`).
 
-use super::server::{client_runtime, http_client, load, print_header, report, start_server, wait_for_empty_queue};
+use super::server::{
+    client_runtime, http_client, load, print_header, report, start_server, wait_for_empty_queue, HttpClient,
+};
 use crate::cli::BenchArgs;
 use axum::body::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use serde_json::{json, Value as Json};
 
@@ -30,32 +33,12 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         "width": 64, "height": 64, "steps": 1, "sampler": "euler", "scheduler": "normal", "seed": 1,
         "async": true,
     });
-    // The prompt the REST API builds for these fields (its history entry has it).
-    let workflow =
-        crate::api::bundled_workflow("rest/v1/sd_text2img.json").ok_or_else(|| anyhow::anyhow!("no workflow"))?;
-    let mut prompt = workflow;
-    for (node, input, value) in [
-        ("1", "ckpt_name", json!(easel_models::testmodels::TINY_SD1_CHECKPOINT)),
-        ("2", "text", fields["prompt"].clone()),
-        ("3", "text", fields["negative_prompt"].clone()),
-        ("4", "width", json!(64)),
-        ("4", "height", json!(64)),
-        ("5", "steps", json!(1)),
-    ] {
-        prompt[node]["inputs"][input] = value;
-    }
-    // Built prompts leave the manifests out.
-    for node in prompt.as_object_mut().into_iter().flat_map(|nodes| nodes.values_mut()) {
-        if let Some(meta) = node.get_mut("_meta").and_then(Json::as_object_mut) {
-            meta.remove("easel");
-        }
-    }
-    let prompt_body = json!({"prompt": prompt}).to_string();
     let rest_body = fields.to_string();
 
     print_header();
     client_runtime()?.block_on(async {
         let client = http_client(args.clients);
+        let prompt_body = built_prompt(&client, &url, &rest_body).await?;
         let mut overheads = Vec::new();
         // One client shows each request's own cost; many show it under contention.
         for clients in [1, args.clients] {
@@ -111,4 +94,24 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     })?;
     super::rest_upload::measure()?;
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The body of a `POST /prompt` queuing exactly the prompt the REST API builds for `rest_body`:
+/// the one its history entry shows.
+async fn built_prompt(client: &HttpClient, url: &str, rest_body: &str) -> anyhow::Result<String> {
+    let request = Request::post(format!("{url}/v1/generate"))
+        .header("Content-Type", "application/json")
+        .body(Full::new(Bytes::from(rest_body.to_string())))?;
+    let answer = client.request(request).await?.into_body().collect().await?.to_bytes();
+    let task: Json = serde_json::from_slice(&answer)?;
+    let id = task["id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no task id in {task}"))?;
+    wait_for_empty_queue(client, url).await?;
+    let request = Request::get(format!("{url}/history/{id}")).body(Full::new(Bytes::new()))?;
+    let history = client.request(request).await?.into_body().collect().await?.to_bytes();
+    let history: Json = serde_json::from_slice(&history)?;
+    let prompt = &history[id]["prompt"][2];
+    anyhow::ensure!(prompt.is_object(), "no prompt in the history entry of {id}");
+    Ok(json!({"prompt": prompt}).to_string())
 }
