@@ -7,13 +7,13 @@
 //! uploading a 4 MP PNG (`rest_upload`).
 
 use super::server::{
-    client_runtime, http_client, load, print_header, report, start_server, wait_for_empty_queue, HttpClient,
+    client_runtime, http_client, load, print_header, report, send_json, start_server, wait_for_empty_queue, HttpClient,
 };
 use crate::cli::BenchArgs;
 use axum::body::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::Request;
-use serde_json::{json, Value as Json};
+use serde_json::json;
 
 /// Measurements of each kind, alternating.
 const ROUNDS: usize = 5;
@@ -99,18 +99,13 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
 /// The body of a `POST /prompt` queuing exactly the prompt the REST API builds for `rest_body`:
 /// the one its history entry shows.
 async fn built_prompt(client: &HttpClient, url: &str, rest_body: &str) -> anyhow::Result<String> {
-    let request = Request::post(format!("{url}/v1/generate"))
-        .header("Content-Type", "application/json")
-        .body(Full::new(Bytes::from(rest_body.to_string())))?;
-    let answer = client.request(request).await?.into_body().collect().await?.to_bytes();
-    let task: Json = serde_json::from_slice(&answer)?;
+    let task = super::rest_upload::post(client, url, "application/json", Bytes::from(rest_body.to_string())).await?;
     let id = task["id"]
         .as_str()
         .ok_or_else(|| anyhow::anyhow!("no task id in {task}"))?;
     wait_for_empty_queue(client, url).await?;
     let request = Request::get(format!("{url}/history/{id}")).body(Full::new(Bytes::new()))?;
-    let history = client.request(request).await?.into_body().collect().await?.to_bytes();
-    let history: Json = serde_json::from_slice(&history)?;
+    let history = send_json(client, request).await?;
     let prompt = &history[id]["prompt"][2];
     anyhow::ensure!(prompt.is_object(), "no prompt in the history entry of {id}");
     Ok(json!({"prompt": prompt}).to_string())

@@ -4,13 +4,13 @@
 //! held before (the binary's allocator counts them, [`crate::allocator`]). The worker is kept
 //! busy meanwhile, so no image is decoded for running.
 
-use super::server::{client_runtime, http_client, start_server, HttpClient};
+use super::server::{client_runtime, http_client, send_json, start_server, HttpClient};
 use crate::allocator::{large_blocks, reset_large_block_peak};
 use anyhow::Context;
 use axum::body::Bytes;
 use base64::Engine;
 use easel_nodes::image::io::PngCompression;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::Request;
 use serde_json::{json, Value as Json};
 use std::time::{Duration, Instant};
@@ -68,7 +68,7 @@ pub fn measure() -> anyhow::Result<()> {
         }
         let request = Request::get(format!("{url}/v1/tasks/{blocker}")).body(Full::new(Bytes::new()))?;
         anyhow::ensure!(
-            send(&client, request).await?["status"] == "running",
+            send_json(&client, request).await?["status"] == "running",
             "the worker was not busy the whole time: the numbers may include decoding"
         );
         Ok(())
@@ -134,26 +134,19 @@ fn multipart_body(fields: &Json, png: &[u8]) -> Bytes {
     Bytes::from(body)
 }
 
-async fn post(client: &HttpClient, url: &str, content_type: &str, body: Bytes) -> anyhow::Result<Json> {
+/// Posts a `/v1/generate` request; its JSON answer.
+pub(super) async fn post(client: &HttpClient, url: &str, content_type: &str, body: Bytes) -> anyhow::Result<Json> {
     let request = Request::post(format!("{url}/v1/generate"))
         .header("Content-Type", content_type)
         .body(Full::new(body))?;
-    send(client, request).await
-}
-
-async fn send(client: &HttpClient, request: Request<Full<Bytes>>) -> anyhow::Result<Json> {
-    let response = client.request(request).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    anyhow::ensure!(status.is_success(), "{status}: {}", String::from_utf8_lossy(&body));
-    Ok(serde_json::from_slice(&body)?)
+    send_json(client, request).await
 }
 
 async fn wait_until_running(client: &HttpClient, url: &str, id: &str) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         let request = Request::get(format!("{url}/v1/tasks/{id}")).body(Full::new(Bytes::new()))?;
-        if send(client, request).await?["status"] == "running" {
+        if send_json(client, request).await?["status"] == "running" {
             return Ok(());
         }
         anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "the task did not start");

@@ -196,13 +196,21 @@ where
 pub(super) async fn wait_for_empty_queue(client: &HttpClient, url: &str) -> anyhow::Result<()> {
     loop {
         let request = Request::get(format!("{url}/prompt")).body(Full::new(Bytes::new()))?;
-        let body = client.request(request).await?.into_body().collect().await?.to_bytes();
-        let status: serde_json::Value = serde_json::from_slice(&body)?;
+        let status = send_json(client, request).await?;
         if status["exec_info"]["queue_remaining"].as_u64() == Some(0) {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Sends a request and reads its JSON answer; a status other than success is an error.
+pub(super) async fn send_json(client: &HttpClient, request: Request<Full<Bytes>>) -> anyhow::Result<Json> {
+    let response = client.request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(status.is_success(), "{status}: {}", String::from_utf8_lossy(&body));
+    Ok(serde_json::from_slice(&body)?)
 }
 
 /// The header of the table [`report`] prints rows of.
