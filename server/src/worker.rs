@@ -2,6 +2,7 @@
 //! WebSocket clients as ComfyUI does, and records history.
 
 use crate::hub::{message, preview_frame, preview_frame_with_metadata, progress_text_frame, Outgoing};
+use crate::rest::tasks::LiveTasks;
 use crate::state::Shared;
 use easel_engine::events::{Event, EventKind};
 use easel_engine::{EventSink, ExecutionOutcome, ExecutionStatus, Executor};
@@ -201,7 +202,7 @@ impl RoutedEvents<'_> {
 
 impl EventSink for RoutedEvents<'_> {
     fn wants(&self, kind: EventKind) -> bool {
-        kind == EventKind::Progress || self.task.is_some() || self.has_audience(kind)
+        kind == EventKind::Progress || (self.task.is_some() && LiveTasks::follows(kind)) || self.has_audience(kind)
     }
 
     fn emit(&self, event: Event) {
@@ -214,7 +215,7 @@ impl EventSink for RoutedEvents<'_> {
             }
             self.last_step.set(Some(Instant::now()));
         }
-        if let Some(task) = self.task {
+        if let Some(task) = self.task.filter(|_| LiveTasks::follows(event.kind)) {
             self.shared.live_tasks.on_event(task, &event);
         }
         if event.kind == EventKind::Executing {

@@ -2,8 +2,10 @@
 //! request on the tiny model, posted as the API prompt the REST API builds (`POST /prompt`; read
 //! back from the history entry of a first request) and as a `/v1/generate` request answered at
 //! once (`"async": true`): request to queued, p50 and p99 of each and the difference, by one client
-//! (each request's own cost) and by 64 at once (the cost under contention), five rounds of each,
-//! alternating; each measurement starts with an empty queue. Then the memory of a request
+//! (each request's own cost) and by 64 at once (the cost under contention), eleven rounds of each,
+//! alternating, the overhead being the median of each round's difference (the run-to-run spread of
+//! one 64-client round is a few tenths of a millisecond); each measurement starts with an empty
+//! queue. Then the memory of a request
 //! uploading a 4 MP PNG (`rest_upload`).
 
 use super::server::{
@@ -16,7 +18,7 @@ use hyper::Request;
 use serde_json::json;
 
 /// Measurements of each kind, alternating.
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 11;
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -82,12 +84,15 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                     p50[kind].push(timings.percentile(0.5));
                 }
             }
-            let [prompt, rest] = p50.map(median);
-            overheads.push((clients, rest - prompt));
+            let [prompt, rest] = p50;
+            let differences = rest.iter().zip(&prompt).map(|(rest, prompt)| rest - prompt).collect();
+            overheads.push((clients, median(differences)));
         }
         println!();
         for (clients, overhead) in overheads {
-            println!("REST overhead at p50 (median of {ROUNDS} rounds), {clients} client(s): {overhead:+.2} ms");
+            println!(
+                "REST overhead at p50 (median of {ROUNDS} rounds' differences), {clients} client(s): {overhead:+.2} ms"
+            );
         }
         // Its worker's allocations would count in the memory measured next.
         wait_for_empty_queue(&client, &url).await

@@ -4,7 +4,7 @@
 //! WebSocket client as `easel_download` messages.
 
 use super::schemas::{DownloadJob, DownloadList};
-use super::{iso_time, now_ms, paths, RestError};
+use super::{iso_time, now_ms, paths, JsonAnswer, RestError};
 use crate::downloads::{agent, download, DownloadError, DownloadTarget};
 use crate::hub::message;
 use crate::state::AppState;
@@ -126,7 +126,7 @@ async fn start(State(state): State<AppState>, body: axum::body::Bytes) -> Result
     if body["stream"] == true {
         return Ok(stream(state, id, updates).into_response());
     }
-    Ok((StatusCode::ACCEPTED, axum::Json(job)).into_response())
+    Ok((StatusCode::ACCEPTED, JsonAnswer(job)).into_response())
 }
 
 /// The download thread: fetches the file and records how it went.
@@ -196,7 +196,7 @@ fn stream(
     responses((status = 200, description = "OK", body = crate::rest::schemas::DownloadList)))]
 async fn list(State(state): State<AppState>) -> Response {
     let jobs = state.downloads.jobs().clone();
-    axum::Json(DownloadList { downloads: jobs }).into_response()
+    JsonAnswer(DownloadList { downloads: jobs }).into_response()
 }
 
 #[utoipa::path(get, path = "/v1/models/downloads/{id}", tag = "catalog", operation_id = "get_download",
@@ -207,5 +207,5 @@ async fn one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Re
         .downloads
         .get(&id)
         .ok_or_else(|| RestError::not_found("download"))?;
-    Ok(axum::Json(job).into_response())
+    Ok(JsonAnswer(job).into_response())
 }

@@ -7,7 +7,7 @@ use super::generation::{read_request, submit};
 use super::recipes::workflow_for;
 use super::request::{Family, GenerateRequest, Mode, OutputFormat};
 use super::tasks::{image_entry, task_json};
-use super::{paths, query_time, RestError};
+use super::{paths, query_time, JsonAnswer, RestError};
 use crate::state::AppState;
 use crate::store::tasks::{StoredTask, TaskFilter, TaskStatus};
 use axum::extract::{Path, Query, Request, State};
@@ -73,7 +73,7 @@ async fn generate(State(state): State<AppState>, request: Request) -> Result<Res
         Answer::Async => {
             let body = task_json(&task, None, Vec::new());
             let location = format!("/v1/tasks/{}", task.id);
-            Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], axum::Json(body)).into_response())
+            Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], JsonAnswer(body)).into_response())
         }
         Answer::Bytes(format) => {
             let task = wait_for_end(&state, &task.id).await?;
@@ -82,7 +82,7 @@ async fn generate(State(state): State<AppState>, request: Request) -> Result<Res
         Answer::Finished => {
             let task = wait_for_end(&state, &task.id).await?;
             let images = images_of(&state, &task, answer_style)?;
-            Ok(axum::Json(task_json(&task, None, images)).into_response())
+            Ok(JsonAnswer(task_json(&task, None, images)).into_response())
         }
     }
 }
@@ -94,7 +94,7 @@ async fn get_task(State(state): State<AppState>, Path(id): Path<String>) -> Resu
     let task = state.store.task(&id)?.ok_or_else(|| RestError::not_found("task"))?;
     let live = state.live_tasks.progress(&id);
     let images = task.images.iter().map(image_entry).collect();
-    Ok(axum::Json(task_json(&task, live.as_ref(), images)).into_response())
+    Ok(JsonAnswer(task_json(&task, live.as_ref(), images)).into_response())
 }
 
 /// `?status=&start_at=&end_at=` of the listing and the ranged delete.
@@ -154,7 +154,7 @@ async fn list_tasks(
         })
         .collect();
     let next_cursor = page.next.map(|(time, id)| format!("{time}_{id}"));
-    Ok(axum::Json(json!({"tasks": tasks, "next_cursor": next_cursor})).into_response())
+    Ok(JsonAnswer(json!({"tasks": tasks, "next_cursor": next_cursor})).into_response())
 }
 
 #[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks", operation_id = "cancel_task",
@@ -182,7 +182,7 @@ async fn cancel_task(State(state): State<AppState>, Path(id): Path<String>) -> R
     }
     let task = state.store.task(&id)?.ok_or_else(|| RestError::not_found("task"))?;
     let live = state.live_tasks.progress(&id);
-    Ok(axum::Json(task_json(&task, live.as_ref(), Vec::new())).into_response())
+    Ok(JsonAnswer(task_json(&task, live.as_ref(), Vec::new())).into_response())
 }
 
 #[utoipa::path(delete, path = "/v1/tasks/{id}", tag = "tasks", operation_id = "delete_task",
@@ -201,7 +201,7 @@ async fn delete_task(State(state): State<AppState>, Path(id): Path<String>) -> R
     }
     let deleted = state.store.delete_tasks(&TaskFilter::default(), Some(&id))?;
     let files = remove_outputs(&state, &deleted);
-    Ok(axum::Json(json!({"deleted": deleted.len(), "files_deleted": files})).into_response())
+    Ok(JsonAnswer(json!({"deleted": deleted.len(), "files_deleted": files})).into_response())
 }
 
 /// `DELETE /v1/tasks?start_at=&end_at=&status=`: ended tasks in the range, with their files.
@@ -223,7 +223,7 @@ async fn delete_tasks(
     }
     let deleted = state.store.delete_tasks(&filter, None)?;
     let files = remove_outputs(&state, &deleted);
-    Ok(axum::Json(json!({"deleted": deleted.len(), "files_deleted": files})).into_response())
+    Ok(JsonAnswer(json!({"deleted": deleted.len(), "files_deleted": files})).into_response())
 }
 
 /// Removes the saved images of deleted tasks; how many files went.
@@ -273,7 +273,7 @@ async fn models(State(state): State<AppState>) -> Result<Response, RestError> {
             json!({"default": default, "modes": family_modes(family), "models": listed}),
         );
     }
-    Ok(axum::Json(json!({"families": families})).into_response())
+    Ok(JsonAnswer(json!({"families": families})).into_response())
 }
 
 /// Each mode of a family: whether Easel runs it, and if not, what it waits for.
@@ -296,14 +296,14 @@ fn family_modes(family: Family) -> Json {
     responses((status = 200, description = "OK", body = crate::rest::schemas::StylesAnswer)))]
 async fn list_styles(State(state): State<AppState>) -> Result<Response, RestError> {
     let styles: Vec<_> = styles(paths(&state)?).into_values().collect();
-    Ok(axum::Json(json!({"styles": styles})).into_response())
+    Ok(JsonAnswer(json!({"styles": styles})).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/presets", tag = "catalog", operation_id = "list_presets",
     responses((status = 200, description = "OK", body = crate::rest::schemas::PresetsAnswer)))]
 async fn list_presets(State(state): State<AppState>) -> Result<Response, RestError> {
     let presets: Vec<_> = presets(paths(&state)?).into_values().collect();
-    Ok(axum::Json(json!({"presets": presets})).into_response())
+    Ok(JsonAnswer(json!({"presets": presets})).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/status", tag = "operations", operation_id = "status",
@@ -317,7 +317,7 @@ async fn status(State(state): State<AppState>) -> Result<Response, RestError> {
         .collect();
     let running = state.queue.running().map(|item| item.prompt_id.clone());
     let pending = state.queue.remaining().saturating_sub(usize::from(running.is_some()));
-    Ok(axum::Json(json!({
+    Ok(JsonAnswer(json!({
         "status": "running",
         "queue": {"pending": pending, "running": running.is_some(), "by_priority": by_priority},
         "running_task": running,

@@ -141,6 +141,15 @@ impl LiveTasks {
         self.running().get(id).map(|tracked| tracked.progress.clone())
     }
 
+    /// Whether a task's progress follows events of this kind (the executor builds the others,
+    /// `progress_state`'s table above all, only for a WebSocket audience).
+    pub fn follows(kind: EventKind) -> bool {
+        matches!(
+            kind,
+            EventKind::ExecutionCached | EventKind::Executing | EventKind::Progress | EventKind::Preview
+        )
+    }
+
     /// An event of a task's prompt.
     pub fn on_event(&self, id: &str, event: &Event) {
         let progress = {

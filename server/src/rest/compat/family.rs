@@ -5,7 +5,7 @@
 use crate::rest::answers::{encode_as, read_output, wait_for_end};
 use crate::rest::generation::submit;
 use crate::rest::request::{OutputFormat, RawRequest};
-use crate::rest::RestError;
+use crate::rest::{JsonAnswer, RestError};
 use crate::state::AppState;
 use crate::store::tasks::TaskStatus;
 use axum::extract::State;
@@ -177,7 +177,7 @@ async fn generate(
             Ok(base64::engine::general_purpose::STANDARD.encode(png))
         })
         .collect::<Result<Vec<_>, RestError>>()?;
-    Ok(axum::Json(json!({
+    Ok(JsonAnswer(json!({
         "image_base64": images.first(),
         "images_base64": images,
         "task_id": task.id,

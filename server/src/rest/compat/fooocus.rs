@@ -8,7 +8,7 @@ use crate::rest::answers::{accepted_image, encode_as, image_bytes, read_output, 
 use crate::rest::catalog::styles;
 use crate::rest::generation::{read_request, submit};
 use crate::rest::request::OutputFormat;
-use crate::rest::{paths, query_time, RestError};
+use crate::rest::{paths, query_time, JsonAnswer, RestError};
 use crate::state::AppState;
 use crate::store::tasks::{StoredTask, TaskFilter, TaskStatus};
 use axum::extract::{Path, Query, Request, State};
@@ -90,12 +90,12 @@ async fn generate(State(state): State<AppState>, request: Request) -> Result<Res
         return Ok(stream(state, task.id, style, StreamShape::Fooocus).into_response());
     }
     if style.run_async {
-        return Ok(axum::Json(task_object(&state, &task)).into_response());
+        return Ok(JsonAnswer(task_object(&state, &task)).into_response());
     }
     let task = wait_for_end(&state, &task.id).await?;
     match accept_image {
         Some(format) => image_bytes(&state, &task, format),
-        None => Ok(axum::Json(task_object(&state, &task)).into_response()),
+        None => Ok(JsonAnswer(task_object(&state, &task)).into_response()),
     }
 }
 
@@ -113,14 +113,14 @@ async fn control(State(state): State<AppState>, body: axum::body::Bytes) -> Resu
     if let Some(id) = &running {
         state.interrupt_if_running(id);
     }
-    Ok(axum::Json(json!({"message": format!("{action} requested"), "task_id": running})).into_response())
+    Ok(JsonAnswer(json!({"message": format!("{action} requested"), "task_id": running})).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/engines/all-models", tag = "FooocusAPI", operation_id = "fooocus_all_models",
     responses((status = 200, description = "OK", body = crate::rest::compat::schemas::FooocusModels)))]
 async fn all_models(State(state): State<AppState>) -> Result<Response, RestError> {
     let paths = paths(&state)?;
-    Ok(axum::Json(json!({
+    Ok(JsonAnswer(json!({
         "model_filenames": paths.filename_list("checkpoints"),
         "lora_filenames": paths.filename_list("loras"),
     }))
@@ -131,7 +131,7 @@ async fn all_models(State(state): State<AppState>) -> Result<Response, RestError
     responses((status = 200, description = "OK", body = [String])))]
 async fn list_styles(State(state): State<AppState>) -> Result<Response, RestError> {
     let names: Vec<String> = styles(paths(&state)?).into_keys().collect();
-    Ok(axum::Json(names).into_response())
+    Ok(JsonAnswer(names).into_response())
 }
 
 #[utoipa::path(get, path = "/tasks/{id}", tag = "FooocusAPI", operation_id = "fooocus_task",
@@ -139,7 +139,7 @@ async fn list_styles(State(state): State<AppState>) -> Result<Response, RestErro
     responses((status = 200, description = "OK", body = crate::rest::compat::schemas::FooocusTask), (status = 404, description = "No such thing", body = crate::rest::schemas::ErrorBody)))]
 async fn one_task(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, RestError> {
     let task = state.store.task(&id)?.ok_or_else(|| RestError::not_found("task"))?;
-    Ok(axum::Json(task_object(&state, &task)).into_response())
+    Ok(JsonAnswer(task_object(&state, &task)).into_response())
 }
 
 /// `?query=all|history|current|pending&page=&page_size=&start_at=&end_at=&action=delete`.
@@ -204,7 +204,7 @@ async fn list_tasks(
             answer.insert(name.into(), Json::Array(listed));
         }
     }
-    Ok(axum::Json(Json::Object(answer)).into_response())
+    Ok(JsonAnswer(Json::Object(answer)).into_response())
 }
 
 /// A REST output, converted when `Accept` asks for JPEG or WebP.

@@ -8,7 +8,7 @@ use crate::rest::answers::{encode_as, read_output, wait_for_end};
 use crate::rest::catalog::ModelEntry;
 use crate::rest::generation::{accept_generation, read_request};
 use crate::rest::request::{Family, OutputFormat, RawRequest};
-use crate::rest::{paths, RestError};
+use crate::rest::{paths, JsonAnswer, RestError};
 use crate::state::AppState;
 use crate::store::tasks::TaskStatus;
 use axum::extract::{Request, State};
@@ -38,7 +38,7 @@ fn failure(status: StatusCode, model_id: &Json, mode: &Json, error: &str) -> Res
         "success": false, "task_id": null, "image_base64": null, "error": error,
         "elapsed_time": 0.0, "gpu_id": null, "model_id": model_id, "mode": mode,
     });
-    (status, axum::Json(body)).into_response()
+    (status, JsonAnswer(body)).into_response()
 }
 
 /// The model a GenServe `model_id` means: a file of that name, or the first FLUX checkpoint of
@@ -176,7 +176,7 @@ async fn generate(State(state): State<AppState>, request: Request) -> Response {
         )),
     };
     match image {
-        Ok(png) => axum::Json(json!({
+        Ok(png) => JsonAnswer(json!({
             "success": true,
             "task_id": finished.id,
             "image_base64": base64::engine::general_purpose::STANDARD.encode(png),
@@ -205,7 +205,7 @@ async fn generate_img2img(state: State<AppState>, request: Request) -> Response 
     responses((status = 200, description = "OK", body = crate::rest::compat::schemas::GenServeStatus)))]
 async fn status(State(state): State<AppState>) -> Response {
     let alive = state.metrics.worker_alive.load(std::sync::atomic::Ordering::SeqCst);
-    axum::Json(json!({
+    JsonAnswer(json!({
         "status": "running",
         "concurrent_manager": {
             "alive_processes": u8::from(alive),
@@ -246,5 +246,5 @@ async fn models(State(state): State<AppState>) -> Result<Response, RestError> {
             })
         })
         .collect();
-    Ok(axum::Json(Json::Array(listed)).into_response())
+    Ok(JsonAnswer(Json::Array(listed)).into_response())
 }
