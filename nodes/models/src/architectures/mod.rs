@@ -1,10 +1,12 @@
 //! The networks, one file each, with a `Config` inferred from a file's tensor shapes: the
-//! Stable Diffusion UNet ([`unet`]), the autoencoder ([`vae`]), CLIP's text transformer
-//! ([`clip_text`]), T5's encoder ([`t5`]) and FLUX's transformer ([`flux`]); A1111's
-//! hypernetworks, MLPs patching the UNet's attention inputs ([`hypernetwork`]); the hook points for
-//! model patches of the UNet ([`unet_patches`]) and of DiTs such as FLUX ([`dit_patches`]).
+//! Stable Diffusion UNet ([`unet`]) and the ControlNet copying its encoder ([`controlnet`]), the
+//! autoencoder ([`vae`]), CLIP's text transformer ([`clip_text`]), T5's encoder ([`t5`]) and
+//! FLUX's transformer ([`flux`]); A1111's hypernetworks, MLPs patching the UNet's attention inputs
+//! ([`hypernetwork`]); the hook points for model patches of the UNet ([`unet_patches`]) and of DiTs
+//! such as FLUX ([`dit_patches`]).
 
 pub mod clip_text;
+pub mod controlnet;
 pub mod dit_patches;
 pub mod flux;
 pub mod hypernetwork;

@@ -66,6 +66,32 @@ pub struct UNetConfig {
 impl UNetConfig {
     /// Reads the architecture from the tensors under `prefix` (e.g. `model.diffusion_model.`).
     pub fn infer(file: &dyn TensorShapes, prefix: &str, heads: HeadLayout) -> std::result::Result<Self, DetectError> {
+        let mut config = Self::infer_encoder(file, prefix, heads)?;
+        let has = |key: &str| file.has(&format!("{prefix}{key}"));
+        config.out_channels = file
+            .shape(&format!("{prefix}out.2.weight"))
+            .ok_or_else(|| DetectError::MissingTensor(format!("{prefix}out.2.weight")))?[0];
+        let output_blocks: usize = config.num_res_blocks.iter().map(|count| count + 1).sum();
+        for block in 0..output_blocks {
+            if !has(&format!("output_blocks.{block}.0.out_layers.3.weight")) {
+                return Err(DetectError::MissingTensor(format!(
+                    "{prefix}output_blocks.{block}.0.out_layers.3.weight"
+                )));
+            }
+            config
+                .output_depths
+                .push(transformer_depth(file, &format!("{prefix}output_blocks.{block}.1")));
+        }
+        Ok(config)
+    }
+
+    /// The encoder half of the architecture (what a ControlNet copies): everything but
+    /// `out_channels` (0) and `output_depths` (empty).
+    pub fn infer_encoder(
+        file: &dyn TensorShapes,
+        prefix: &str,
+        heads: HeadLayout,
+    ) -> std::result::Result<Self, DetectError> {
         let shape = |key: &str| file.shape(&format!("{prefix}{key}"));
         let has = |key: &str| file.has(&format!("{prefix}{key}"));
         let required = |key: &str| {
@@ -73,14 +99,9 @@ impl UNetConfig {
                 .map(<[usize]>::to_vec)
                 .ok_or_else(|| DetectError::MissingTensor(format!("{prefix}{key}")))
         };
-        let depth_at = |block: &str| {
-            (0..)
-                .take_while(|d| has(&format!("{block}.transformer_blocks.{d}.norm1.weight")))
-                .count()
-        };
+        let depth_at = |block: &str| transformer_depth(file, &format!("{prefix}{block}"));
         let conv_in = required("input_blocks.0.0.weight")?;
         let (model_channels, in_channels) = (conv_in[0], conv_in[1]);
-        let out_channels = required("out.2.weight")?[0];
 
         let mut channel_mult = vec![];
         let mut num_res_blocks = vec![0];
@@ -107,16 +128,6 @@ impl UNetConfig {
             )));
         }
         let middle_depth = has("middle_block.1.proj_in.weight").then(|| depth_at("middle_block.1"));
-        let output_blocks: usize = num_res_blocks.iter().map(|count| count + 1).sum();
-        let mut output_depths = Vec::with_capacity(output_blocks);
-        for block in 0..output_blocks {
-            if !has(&format!("output_blocks.{block}.0.out_layers.3.weight")) {
-                return Err(DetectError::MissingTensor(format!(
-                    "{prefix}output_blocks.{block}.0.out_layers.3.weight"
-                )));
-            }
-            output_depths.push(depth_at(&format!("output_blocks.{block}.1")));
-        }
         let attention_block = (0..block)
             .map(|b| format!("input_blocks.{b}.1"))
             .chain(["middle_block.1".to_string()])
@@ -131,19 +142,26 @@ impl UNetConfig {
         let adm_in_channels = shape("label_emb.0.0.weight").map(|s| s[1]);
         Ok(UNetConfig {
             in_channels,
-            out_channels,
+            out_channels: 0,
             model_channels,
             channel_mult,
             num_res_blocks,
             input_depths,
             middle_depth,
-            output_depths,
+            output_depths: Vec::new(),
             context_dim,
             linear_projection,
             heads,
             adm_in_channels,
         })
     }
+}
+
+/// How many transformer blocks the `SpatialTransformer` at `block` (a full key prefix) has.
+fn transformer_depth(file: &dyn TensorShapes, block: &str) -> usize {
+    (0..)
+        .take_while(|d| file.has(&format!("{block}.transformer_blocks.{d}.norm1.weight")))
+        .count()
 }
 
 /// ControlNet-style residuals: `input[i]` is added to the output of encoder block i (block 0
@@ -186,34 +204,31 @@ impl<'a> UNetInput<'a> {
 
 pub struct UNet {
     config: UNetConfig,
-    time_embed: (Linear, Linear),
-    label_embed: Option<(Linear, Linear)>,
-    input_blocks: Vec<Block>,
-    middle_block: Vec<Layer>,
+    encoder: Encoder,
     output_blocks: Vec<Block>,
     out_norm: GroupNorm,
     out_conv: Conv2d,
 }
 
-/// One `input_blocks.N` / `output_blocks.N`: its layers in order.
-struct Block {
-    layers: Vec<Layer>,
+/// The encoder half of the network, which a ControlNet copies: the time (and class) embedding,
+/// the input blocks and the middle block.
+pub(super) struct Encoder {
+    model_channels: usize,
+    time_embed: (Linear, Linear),
+    label_embed: Option<(Linear, Linear)>,
+    input_blocks: Vec<Block>,
+    middle_block: Vec<Layer>,
 }
 
-enum Layer {
-    Conv(Conv2d),
-    Res(ResBlock),
-    Transformer(SpatialTransformer),
-    Downsample(Conv2d),
-    Upsample(Conv2d),
-}
-
-impl UNet {
-    pub fn config(&self) -> &UNetConfig {
-        &self.config
-    }
-
-    pub fn new(config: UNetConfig, vb: Weights) -> Result<Self> {
+impl Encoder {
+    /// The encoder's layers; `transformers` numbers its transformers in the order they run
+    /// (ComfyUI's `transformer_index`, which the decoder's continue). Also the channels of each
+    /// input block's output (the skip connections), in block order.
+    pub(super) fn new(
+        config: &UNetConfig,
+        vb: &Weights,
+        transformers: &std::cell::Cell<usize>,
+    ) -> Result<(Self, Vec<usize>)> {
         let mc = config.model_channels;
         let time_dim = mc * 4;
         let time_embed = (
@@ -227,11 +242,9 @@ impl UNet {
             )),
             None => None,
         };
-        // Transformers are numbered in the order they run (ComfyUI's `transformer_index`).
-        let transformers = std::cell::Cell::new(0);
         let transformer = |channels: usize, depth: usize, vb: Weights| {
             let index = transformers.replace(transformers.get() + 1);
-            SpatialTransformer::new(channels, depth, config.heads.heads(channels), index, &config, vb)
+            SpatialTransformer::new(channels, depth, config.heads.heads(channels), index, config, vb)
         };
 
         let mut input_blocks = vec![Block {
@@ -292,6 +305,79 @@ impl UNet {
             time_dim,
             vb.pp(last_res),
         )?));
+        let encoder = Encoder {
+            model_channels: mc,
+            time_embed,
+            label_embed,
+            input_blocks,
+            middle_block,
+        };
+        Ok((encoder, skip_channels))
+    }
+
+    /// The embedding every residual block takes: the timesteps' (and SDXL's class vector `y`),
+    /// in `dtype`.
+    pub(super) fn embedding(&self, timesteps: &Tensor, y: Option<&Tensor>, dtype: DType) -> Result<Tensor> {
+        let t_emb = timestep_embedding(timesteps, self.model_channels)?.to_dtype(dtype)?;
+        let mut emb = self
+            .time_embed
+            .1
+            .forward(&candle_nn::ops::silu(&self.time_embed.0.forward(&t_emb)?)?)?;
+        if let (Some((first, second)), Some(y)) = (&self.label_embed, y) {
+            emb = (emb + second.forward(&candle_nn::ops::silu(&first.forward(y)?)?)?)?;
+        }
+        Ok(emb)
+    }
+
+    /// Runs the input blocks, handing each block's output to `after_block` (with its index),
+    /// which gives what the next block takes; then the middle block, whose output is returned.
+    pub(super) fn forward(
+        &self,
+        x: Tensor,
+        context: &Context,
+        mut after_block: impl FnMut(usize, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut h = x;
+        for (index, block) in self.input_blocks.iter().enumerate() {
+            h = block.forward(h, context, BlockPosition::Input(index), None)?;
+            h = after_block(index, h)?;
+        }
+        for layer in &self.middle_block {
+            h = layer.forward(h, context, BlockPosition::Middle, None)?;
+        }
+        Ok(h)
+    }
+}
+
+/// One `input_blocks.N` / `output_blocks.N`: its layers in order.
+struct Block {
+    layers: Vec<Layer>,
+}
+
+enum Layer {
+    Conv(Conv2d),
+    Res(ResBlock),
+    Transformer(SpatialTransformer),
+    Downsample(Conv2d),
+    Upsample(Conv2d),
+}
+
+impl UNet {
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    pub fn new(config: UNetConfig, vb: Weights) -> Result<Self> {
+        let mc = config.model_channels;
+        let time_dim = mc * 4;
+        // Transformers are numbered in the order they run (ComfyUI's `transformer_index`).
+        let transformers = std::cell::Cell::new(0);
+        let (encoder, mut skip_channels) = Encoder::new(&config, &vb, &transformers)?;
+        let transformer = |channels: usize, depth: usize, vb: Weights| {
+            let index = transformers.replace(transformers.get() + 1);
+            SpatialTransformer::new(channels, depth, config.heads.heads(channels), index, &config, vb)
+        };
+        let mut channels = skip_channels.last().copied().unwrap_or(mc);
 
         let mut output_blocks = Vec::new();
         let mut depths = config.output_depths.iter();
@@ -317,10 +403,7 @@ impl UNet {
         let out_conv = Conv2d::same(channels, config.out_channels, 3, 1, vb.pp("out.2"))?;
         Ok(UNet {
             config,
-            time_embed,
-            label_embed,
-            input_blocks,
-            middle_block,
+            encoder,
             output_blocks,
             out_norm,
             out_conv,
@@ -338,24 +421,15 @@ impl UNet {
     }
 
     pub fn forward(&self, input: &UNetInput) -> Result<Tensor> {
-        let t_emb = timestep_embedding(input.timesteps, self.config.model_channels)?.to_dtype(input.x.dtype())?;
-        let mut emb = self
-            .time_embed
-            .1
-            .forward(&candle_nn::ops::silu(&self.time_embed.0.forward(&t_emb)?)?)?;
-        if let (Some((first, second)), Some(y)) = (&self.label_embed, input.y) {
-            emb = (emb + second.forward(&candle_nn::ops::silu(&first.forward(y)?)?)?)?;
-        }
+        let emb = self.encoder.embedding(input.timesteps, input.y, input.x.dtype())?;
         let context = Context {
             emb: &emb,
             text: input.context,
             patches: input.patches,
         };
         let control = input.control;
-        let mut h = input.x.clone();
-        let mut skips = Vec::with_capacity(self.input_blocks.len());
-        for (index, block) in self.input_blocks.iter().enumerate() {
-            h = block.forward(h, &context, BlockPosition::Input(index), None)?;
+        let mut skips = Vec::with_capacity(self.output_blocks.len());
+        let mut h = self.encoder.forward(input.x.clone(), &context, |index, mut h| {
             if let Some(residual) = control.and_then(|c| c.input.get(index)).and_then(Option::as_ref) {
                 h = (h + residual)?;
             }
@@ -366,10 +440,8 @@ impl UNet {
             if let Some(call) = input.patches {
                 h = call.patches.input_block_after_skip(call.info, index, h)?;
             }
-        }
-        for layer in &self.middle_block {
-            h = layer.forward(h, &context, BlockPosition::Middle, None)?;
-        }
+            Ok(h)
+        })?;
         if let Some(residual) = control.and_then(|c| c.middle.as_ref()) {
             h = (h + residual)?;
         }
@@ -397,10 +469,10 @@ impl UNet {
 }
 
 /// What every layer of one forward pass shares.
-struct Context<'a> {
-    emb: &'a Tensor,
-    text: &'a Tensor,
-    patches: Option<PatchedCall<'a>>,
+pub(super) struct Context<'a> {
+    pub(super) emb: &'a Tensor,
+    pub(super) text: &'a Tensor,
+    pub(super) patches: Option<PatchedCall<'a>>,
 }
 
 impl Block {
