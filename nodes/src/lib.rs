@@ -18,6 +18,7 @@
 //! [`builtin_registry`] registers every node.
 
 pub mod conditioning;
+pub mod controlnet;
 pub mod flux;
 pub mod hooks;
 pub mod image;
@@ -48,6 +49,7 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     mask::register(registry);
     loaders::register(registry);
     conditioning::register(registry);
+    controlnet::register(registry);
     latent::register(registry);
     sampling::register(registry);
     model::register(registry);

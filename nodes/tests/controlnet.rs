@@ -1,15 +1,23 @@
 //! ControlNet: the network against ComfyUI's own `cldm.ControlNet` on tiny SD1- and
-//! SDXL-shaped models filled from a formula (fixture from `fixtures/generate_controlnet.py`).
+//! SDXL-shaped models filled from a formula (fixture from `fixtures/generate_controlnet.py`), and
+//! the loader and apply nodes steering KSampler as ComfyUI's semantics say (strength, the part of
+//! sampling, chaining, the old node's control reaching the negative side).
 
 mod common;
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture_json, floats, formula_unet_file, pattern, sizes};
+use common::{
+    fixture_json, floats, formula_unet_file, j, ksampler, max_abs_difference, pattern, sd1_inputs, setup, sizes,
+};
+use easel_engine::Value;
 use easel_models::architectures::controlnet::{ControlNet, ControlNetConfig, ControlNetInput};
 use easel_models::architectures::unet::HeadLayout;
+use easel_models::testmodels::TINY_SD1_CONTROLNET;
 use easel_models::weights::{SafetensorsFile, Weights};
+use easel_nodes::image::Image;
+use serde_json::json;
 use serde_json::Value as Json;
 
 /// The case's formula weights written to a file, with `prefix` before every name, and the
@@ -89,4 +97,127 @@ fn controlnet_residuals_match_comfyuis() {
             assert_close(&format!("{name} middle"), &outputs.middle, &case["middle"][0]);
         }
     }
+}
+
+/// ControlNetApplyAdvanced on both prompts: the new (positive, negative).
+fn apply(
+    setup: &common::Setup,
+    conditioning: (&Value, &Value),
+    control: &Value,
+    image: &Value,
+    (strength, start, end): (f64, f64, f64),
+) -> (Value, Value) {
+    let out = setup
+        .call(
+            "ControlNetApplyAdvanced",
+            vec![
+                ("positive", conditioning.0.clone()),
+                ("negative", conditioning.1.clone()),
+                ("control_net", control.clone()),
+                ("image", image.clone()),
+                ("strength", j(json!(strength))),
+                ("start_percent", j(json!(start))),
+                ("end_percent", j(json!(end))),
+            ],
+        )
+        .expect("ControlNetApplyAdvanced");
+    (out[0].clone(), out[1].clone())
+}
+
+#[test]
+fn controlnets_steer_sampling_as_the_apply_nodes_say() {
+    let setup = setup();
+    let (loaded, positive, negative, latent) = sd1_inputs(&setup, 1);
+    let model = &loaded[0];
+    let control = setup
+        .call(
+            "ControlNetLoader",
+            vec![("control_net_name", j(json!(TINY_SD1_CONTROLNET)))],
+        )
+        .expect("ControlNetLoader")
+        .remove(0);
+    // A hint at another size than the latent's ×8 (the nodes resize it) and its mirror image.
+    let hint = |seed| {
+        let data = common::pattern_values(48 * 40 * 3, seed, 0.5)
+            .iter()
+            .map(|v| v + 0.5)
+            .collect();
+        Value::object(Image {
+            batch: 1,
+            height: 48,
+            width: 40,
+            channels: 3,
+            data,
+        })
+    };
+    let (image, other_image) = (hint(5), hint(6));
+    let sample = |positive: &Value, negative: &Value| {
+        ksampler(&setup, model, positive, negative, &latent, "euler", 3, 5.0).expect("KSampler")
+    };
+    let plain = sample(&positive, &negative);
+    let sides = (&positive, &negative);
+
+    let (p, n) = apply(&setup, sides, &control, &image, (1.0, 0.0, 1.0));
+    let controlled = sample(&p, &n);
+    assert!(
+        max_abs_difference(&plain, &controlled) > 1e-3,
+        "a ControlNet changes the result"
+    );
+    let (p, n) = apply(&setup, sides, &control, &image, (0.5, 0.0, 1.0));
+    let weaker = sample(&p, &n);
+    assert!(
+        max_abs_difference(&controlled, &weaker) > 1e-4,
+        "the strength scales the residuals"
+    );
+
+    // Strength 0 and a range no step falls in leave sampling as it was.
+    for settings in [(0.0, 0.0, 1.0), (1.0, 1.0, 1.0)] {
+        let (p, n) = apply(&setup, sides, &control, &image, settings);
+        assert_eq!(max_abs_difference(&plain, &sample(&p, &n)), 0.0, "{settings:?}");
+    }
+    // A range covering only the first step changes less than the whole range.
+    let (p, n) = apply(&setup, sides, &control, &image, (1.0, 0.0, 0.3));
+    let early = sample(&p, &n);
+    assert!(max_abs_difference(&plain, &early) > 0.0);
+    assert!(max_abs_difference(&controlled, &early) > 1e-4);
+
+    // A second ControlNet chains after the first: both residuals count.
+    let (p, n) = apply(&setup, sides, &control, &image, (1.0, 0.0, 1.0));
+    let (p2, n2) = apply(&setup, (&p, &n), &control, &other_image, (0.7, 0.0, 1.0));
+    let chained = sample(&p2, &n2);
+    let (p, n) = apply(&setup, sides, &control, &other_image, (0.7, 0.0, 1.0));
+    let second_alone = sample(&p, &n);
+    assert!(max_abs_difference(&chained, &controlled) > 1e-4);
+    assert!(max_abs_difference(&chained, &second_alone) > 1e-4);
+
+    // The old node controls the positive prompt and, through it, the negative one: the same as
+    // the advanced node over the whole of sampling.
+    let old = setup
+        .call(
+            "ControlNetApply",
+            vec![
+                ("conditioning", positive.clone()),
+                ("control_net", control.clone()),
+                ("image", image.clone()),
+                ("strength", j(json!(1.0))),
+            ],
+        )
+        .expect("ControlNetApply")
+        .remove(0);
+    assert!(max_abs_difference(&controlled, &sample(&old, &negative)) < 1e-6);
+
+    // A CONTROL_NET input takes nothing else.
+    let wrong = setup.call(
+        "ControlNetApplyAdvanced",
+        vec![
+            ("positive", positive.clone()),
+            ("negative", negative.clone()),
+            ("control_net", model.clone()),
+            ("image", image.clone()),
+            ("strength", j(json!(1.0))),
+            ("start_percent", j(json!(0.0))),
+            ("end_percent", j(json!(1.0))),
+        ],
+    );
+    assert!(wrong.is_err());
 }

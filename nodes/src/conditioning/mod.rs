@@ -11,10 +11,13 @@ pub mod nodes;
 pub mod regions;
 pub mod text_options;
 
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor};
 use easel_engine::{NodeObject, NodeRegistry};
 
 use crate::conditioning::regions::{CondRegion, RegionError};
+use crate::controlnet::ControlApplication;
 use crate::hooks::HookGroup;
 use crate::image::Mask;
 
@@ -94,6 +97,11 @@ pub struct CondEntry {
     /// Text conditioning meant for ControlNets instead of this entry's own
     /// (CLIPTextEncodeControlnet's `cross_attn_controlnet` and `pooled_output_controlnet`).
     pub controlnet_text: Option<ControlnetText>,
+    /// The control networks applied to the entry, the last applied first (ComfyUI's `control`).
+    pub control: Option<Arc<ControlApplication>>,
+    /// ControlNetApply's `control_apply_to_uncond`: the negative entries of the same area that
+    /// carry no control get this entry's.
+    pub control_to_uncond: bool,
     /// The hooks the model samples this entry with (scheduled LoRA).
     pub hooks: Option<HookGroup>,
     /// The part of sampling a scheduled CLIP encoded the entry for (`clip_start_percent`,
@@ -167,6 +175,8 @@ impl CondEntry {
             inpaint: None,
             guidance: EmbeddedGuidance::Unset,
             controlnet_text: None,
+            control: None,
+            control_to_uncond: false,
             hooks: None,
             clip_range: None,
             default: false,

@@ -1,5 +1,5 @@
-//! Loaders of model kinds Easel cannot run yet — ControlNet, upscale models, style models,
-//! GLIGEN and img2vid checkpoints — declared with ComfyUI's exact schemas and file lists, so that
+//! Loaders of model kinds Easel cannot run yet — upscale models, style models, GLIGEN and
+//! img2vid checkpoints — declared with ComfyUI's exact schemas and file lists, so that
 //! clients see ComfyUI's node set (the official frontend 1.27 builds its model-to-node map from
 //! these classes and fails to create any model-loading widget when one is missing); running one
 //! fails the prompt with an error that says what is not supported yet.
@@ -17,25 +17,14 @@ pub struct PendingLoader {
     input: &'static str,
     folder: &'static str,
     outputs: &'static [&'static str],
-    /// What the model is, for the error: "ControlNet models".
+    /// What the model is, for the error: "upscale models".
     models: &'static str,
     /// A schema-based (V3) node: the files as a `COMBO` with options.
     v3: bool,
 }
 
 /// Every loader of this module.
-pub const PENDING_LOADERS: [PendingLoader; 5] = [
-    PendingLoader {
-        class: "ControlNetLoader",
-        display_name: "Load ControlNet Model",
-        python_module: "nodes",
-        category: "loaders",
-        input: "control_net_name",
-        folder: "controlnet",
-        outputs: &["CONTROL_NET"],
-        models: "ControlNet models",
-        v3: false,
-    },
+pub const PENDING_LOADERS: [PendingLoader; 4] = [
     PendingLoader {
         class: "UpscaleModelLoader",
         display_name: "Load Upscale Model",

@@ -20,6 +20,7 @@ use easel_models::sampling::schedule::SigmaSchedule;
 use easel_models::weights::WeightSource;
 
 use crate::conditioning::{CondEntry, ConditioningError, FLUX_MASK_CHANNELS};
+use crate::controlnet::{ControlApplication, ControlCall};
 use crate::image::resample::{common_upscale, ResizeMethod};
 use crate::latent::nodes::{image_as_latents, latents_as_image};
 use crate::latent::{repeat_to_batch, LatentFormat};
@@ -229,6 +230,24 @@ impl DiffusionModel {
                         None => scaled.clone(),
                     };
                     let (_, channels, height, width) = input.dims4()?;
+                    let control = match &inputs.control {
+                        Some(control) => {
+                            let control_context = match &inputs.control_context {
+                                Some(text) => repeat_to_batch(text, batch)?,
+                                None => context.clone(),
+                            };
+                            control.residuals(&ControlCall {
+                                x: scaled,
+                                sigma,
+                                timesteps: &timesteps,
+                                context: &control_context,
+                                y: y.as_ref(),
+                                batched_number: call.parts.len(),
+                                schedule: &self.schedule,
+                            })?
+                        }
+                        None => None,
+                    };
                     let patches = match call.extra {
                         Some(extra) => Cow::Owned(self.patches.unet.and(&extra.unet)),
                         None => Cow::Borrowed(&self.patches.unet),
@@ -240,6 +259,7 @@ impl DiffusionModel {
                     };
                     unet.forward(&UNetInput {
                         y: y.as_ref(),
+                        control: control.as_ref(),
                         patches: (!patches.is_empty()).then_some(PatchedCall {
                             patches: patches.as_ref(),
                             info: &info,
@@ -248,6 +268,11 @@ impl DiffusionModel {
                     })?
                 }
                 DiffusionNetwork::Flux(flux) => {
+                    if inputs.control.is_some() {
+                        return Err(candle_core::Error::Msg(
+                            "ControlNets for FLUX models are not supported by Easel yet".into(),
+                        ));
+                    }
                     let Some(y) = &y else {
                         return Err(candle_core::Error::Msg(
                             "a FLUX model call needs the pooled output".into(),
@@ -490,6 +515,10 @@ pub(crate) struct ModelInputs {
     pub(crate) y: Option<Tensor>,
     pub(crate) concat: Option<Tensor>,
     pub(crate) guidance: Option<Tensor>,
+    /// The control networks applied to the entry, and the text they see when it is not
+    /// `context` (CLIPTextEncodeControlnet's).
+    pub(crate) control: Option<Arc<ControlApplication>>,
+    pub(crate) control_context: Option<Tensor>,
 }
 
 /// What a model call is for: the batch's chunks (one per conditioning side it holds), and network

@@ -69,6 +69,9 @@ pub(crate) struct ActiveEntry {
     pub(crate) hooks: Option<HookGroup>,
     /// A default entry: it predicts where the side's other entries leave weight.
     pub(crate) default: bool,
+    /// ControlNetApply's entry: its control reaches the other sides' entries (see
+    /// [`give_controls`]).
+    pub(crate) control_to_uncond: bool,
 }
 
 impl ActiveEntry {
@@ -116,6 +119,11 @@ impl ActiveEntry {
                 (DiffusionNetwork::Flux(_), Some(strength)) => Some(Tensor::new(&[strength], &model.device)?),
                 _ => None,
             },
+            control: entry.control.clone(),
+            control_context: match (&entry.control, &entry.controlnet_text) {
+                (Some(_), Some(text)) => Some(text.cross_attention.to_device(&model.device)?.to_dtype(DType::F32)?),
+                _ => None,
+            },
         };
         Ok(ActiveEntry {
             inputs,
@@ -126,6 +134,7 @@ impl ActiveEntry {
             weight,
             hooks: entry.hooks.clone(),
             default: entry.default,
+            control_to_uncond: entry.control_to_uncond,
         })
     }
 
@@ -150,6 +159,36 @@ pub(crate) fn add_same_areas(from: &[ActiveEntry], to: &mut Vec<ActiveEntry>) {
                 ..entry.clone()
             };
             to.push(paired);
+        }
+    }
+}
+
+/// ComfyUI's `apply_empty_x_to_equal_area` for `control`: when no entry of `to` without an area
+/// has a control, the controls of `from`'s ControlNetApply entries without an area go to `to`'s
+/// entries without one, the n-th to the (n mod count)-th (a copy of it when it already got one).
+pub(crate) fn give_controls(from: &[ActiveEntry], to: &mut Vec<ActiveEntry>) {
+    let whole = |entry: &&ActiveEntry| entry.requested_area.is_none();
+    let controls: Vec<_> = from
+        .iter()
+        .filter(|entry| entry.control_to_uncond)
+        .filter(whole)
+        .filter_map(|entry| entry.inputs.control.clone())
+        .collect();
+    if to.iter().filter(whole).any(|entry| entry.inputs.control.is_some()) {
+        return;
+    }
+    let others: Vec<usize> = (0..to.len()).filter(|i| to[*i].requested_area.is_none()).collect();
+    if others.is_empty() {
+        return;
+    }
+    for (n, control) in controls.into_iter().enumerate() {
+        let index = others[n % others.len()];
+        if to[index].inputs.control.is_some() {
+            let mut copy = to[index].clone();
+            copy.inputs.control = Some(control);
+            to.push(copy);
+        } else {
+            to[index].inputs.control = Some(control);
         }
     }
 }
@@ -314,8 +353,16 @@ impl Guider<'_> {
                 (None, None) => true,
                 _ => false,
             };
+            let same_control = match (&positive.control, &negative.control) {
+                (Some(p), Some(n)) => {
+                    Arc::ptr_eq(p, n) && same_shape(&positive.control_context, &negative.control_context)
+                }
+                (None, None) => true,
+                _ => false,
+            };
             if whole
                 && same_hooks
+                && same_control
                 && positive.context.dims()[1..] == negative.context.dims()[1..]
                 && same_shape(&positive.y, &negative.y)
                 && same_shape(&positive.concat, &negative.concat)
@@ -333,6 +380,8 @@ impl Guider<'_> {
                     y: both_optional(&positive.y, &negative.y)?,
                     concat: both_optional(&positive.concat, &negative.concat)?,
                     guidance: both_optional(&positive.guidance, &negative.guidance)?,
+                    control: positive.control.clone(),
+                    control_context: both_optional(&positive.control_context, &negative.control_context)?,
                 };
                 let call = ModelCall {
                     parts: &[BatchPart::Cond, BatchPart::Uncond],

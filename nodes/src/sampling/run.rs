@@ -13,7 +13,7 @@ use crate::hooks::patching::HookedModels;
 use crate::latent::Latent;
 use crate::model::diffusion_model::{DiffusionModel, LatentInputs};
 use crate::model::wrappers::{SamplingRun, WrappedDenoiser};
-use crate::sampling::guider::{add_same_areas, entries, DualSide, Guider};
+use crate::sampling::guider::{add_same_areas, entries, give_controls, DualSide, Guider};
 use crate::sampling::inpainting::{DifferentialDiffusion, Inpainting};
 use crate::sampling::perp_neg::{PerpNegGuidance, PerpNegSide};
 
@@ -223,6 +223,11 @@ pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> R
         let areas = sides[from].clone();
         for to in (0..sides.len()).filter(|to| *to != from) {
             add_same_areas(&areas, &mut sides[to]);
+        }
+    }
+    if let Some((positive, others)) = sides.split_first_mut() {
+        for other in others {
+            give_controls(positive, other);
         }
     }
     let negative = sides.pop().unwrap_or_default();

@@ -143,7 +143,7 @@ impl ControlNet {
         let mut residuals = Vec::with_capacity(self.zero_convs.len());
         let h = self.encoder.forward(input.x.clone(), &context, |index, mut h| {
             if let Some(hint) = guided_hint.take() {
-                h = (h + hint)?;
+                h = h.broadcast_add(&hint)?;
             }
             let zero_conv = self
                 .zero_convs

@@ -1,0 +1,218 @@
+//! ControlNetLoader, ControlNetApplyAdvanced and ControlNetApply (`nodes.py`).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Device;
+use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
+use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
+use easel_models::architectures::controlnet::{ControlNet, ControlNetConfig};
+use easel_models::kernels::sgemm::Precision;
+use easel_models::weights::{SafetensorsFile, TensorShapes, WeightSource};
+use serde_json::{Map, Value as Json};
+
+use super::{ControlApplication, ControlModel, LoadedControlNet};
+use crate::conditioning::{CondEntry, Conditioning};
+use crate::image::Image;
+use crate::loaders::model_files_fingerprint;
+use crate::loaders::models::{cached, file_names, file_size, model_file, open, undetected};
+use crate::runtime::device;
+
+const FOLDER: &str = "controlnet";
+
+/// Control model layouts Easel does not run yet, by a tensor that marks them (ComfyUI's
+/// `load_controlnet_state_dict` checks), and what they are.
+const LATER_FORMATS: [(&str, &str); 7] = [
+    ("lora_controlnet", "control-LoRA"),
+    (
+        "controlnet_cond_embedding.conv_in.weight",
+        "diffusers-format ControlNet",
+    ),
+    ("controlnet_x_embedder.weight", "FLUX ControlNet (InstantX)"),
+    (
+        "double_blocks.0.img_attn.norm.key_norm.scale",
+        "FLUX ControlNet (XLabs)",
+    ),
+    ("controlnet_blocks.0.linear.weight", "FLUX ControlNet (Mistoline)"),
+    ("pos_embed_input.proj.weight", "SD3 ControlNet"),
+    ("after_proj_list.18.bias", "Hunyuan-DiT ControlNet"),
+];
+
+/// What a control model file Easel cannot load yet is, if it can tell.
+fn later_format(file: &SafetensorsFile) -> Option<&'static str> {
+    let marked = LATER_FORMATS.iter().find(|(marker, _)| file.has(marker));
+    if let Some((_, format)) = marked {
+        return Some(format);
+    }
+    // T2I-Adapters keep their blocks under `body.` (full) or `adapter.` (light, style).
+    file.tensor_names()
+        .any(|name| name.starts_with("body.") || name.starts_with("adapter."))
+        .then_some("T2I-Adapter")
+}
+
+/// Loads a ControlNet in the LDM layout (bare, or under `control_model.` as the original
+/// conversions keep it); also returns the file size.
+pub fn load_controlnet(path: &Path, device: &Device) -> Result<(LoadedControlNet, u64), NodeError> {
+    let file: Arc<SafetensorsFile> = open(path)?;
+    let prefix = ["", "control_model."]
+        .into_iter()
+        .find(|prefix| file.has(&format!("{prefix}zero_convs.0.0.weight")));
+    let Some(prefix) = prefix else {
+        let later = later_format(&file);
+        return Err(match later {
+            Some(format) => NodeError::new(format!(
+                "{}: a {format} is not supported by Easel yet (SD1.x, SD2.x and SDXL ControlNets are)",
+                path.display()
+            )),
+            None => NodeError::new(format!(
+                "ERROR: Could not detect model type of: {}\nerror could not detect control model type.",
+                path.display()
+            )),
+        });
+    };
+    let detect = |error| undetected(path, error);
+    let heads = ControlNetConfig::heads_for(file.as_ref(), prefix).map_err(detect)?;
+    let config = ControlNetConfig::infer(file.as_ref(), prefix, heads).map_err(detect)?;
+    let source = WeightSource::new(file, prefix, device, Precision::F32);
+    let network = ControlNet::new(config, source.weights()).map_err(|error| NodeError::new(error.to_string()))?;
+    Ok((
+        LoadedControlNet {
+            network,
+            compression_ratio: 8,
+        },
+        file_size(path),
+    ))
+}
+
+/// `ControlNetLoader`.
+pub struct ControlNetLoader;
+
+impl Node for ControlNetLoader {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        NodeSchema::v1("ControlNetLoader", "nodes", "loaders")
+            .display("Load ControlNet Model")
+            .required("control_net_name", InputSpec::combo(&file_names(services, FOLDER)))
+            .model_folder("control_net_name", FOLDER)
+            .output(OutputSpec::of("CONTROL_NET"))
+    }
+
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+        model_files_fingerprint(services, inputs, &[("control_net_name", FOLDER)])
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let path = model_file(ctx, FOLDER, inputs.string("control_net_name")?)?;
+        let device = device(ctx.services);
+        let model = cached(ctx, &path, "controlnet", || load_controlnet(&path, &device))?;
+        Ok(NodeOutput::values(vec![Value::object(ControlModel(model))]))
+    }
+}
+
+/// The entries of `conditioning` with `control_net` applied after what each carries; entries
+/// that carried the same application share the new one (`cnets`), across both sides.
+fn applied(
+    conditioning: &Conditioning,
+    shared: &mut HashMap<Option<usize>, Arc<ControlApplication>>,
+    new: &dyn Fn(Option<Arc<ControlApplication>>) -> ControlApplication,
+) -> Conditioning {
+    let entries = conditioning
+        .0
+        .iter()
+        .map(|entry| {
+            let key = entry.control.as_ref().map(|control| Arc::as_ptr(control) as usize);
+            let control = shared
+                .entry(key)
+                .or_insert_with(|| Arc::new(new(entry.control.clone())))
+                .clone();
+            CondEntry {
+                control: Some(control),
+                ..entry.clone()
+            }
+        })
+        .collect();
+    Conditioning(entries)
+}
+
+/// What both apply nodes read: the control model, the image, the strength.
+fn application_inputs(inputs: &NodeInputs) -> Result<(ControlModel, Image, f64), NodeError> {
+    Ok((
+        inputs.object::<ControlModel>("control_net")?.clone(),
+        inputs.object::<Image>("image")?.clone(),
+        inputs.float("strength")?,
+    ))
+}
+
+/// `ControlNetApplyAdvanced` ("Apply ControlNet").
+pub struct ControlNetApplyAdvanced;
+
+impl Node for ControlNetApplyAdvanced {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1("ControlNetApplyAdvanced", "nodes", "conditioning/controlnet")
+            .display("Apply ControlNet")
+            .required("positive", InputSpec::of("CONDITIONING"))
+            .required("negative", InputSpec::of("CONDITIONING"))
+            .required("control_net", InputSpec::of("CONTROL_NET"))
+            .required("image", InputSpec::of("IMAGE"))
+            .required("strength", InputSpec::float(1.0, 0.0, 10.0).opt("step", 0.01))
+            .required("start_percent", InputSpec::float(0.0, 0.0, 1.0).opt("step", 0.001))
+            .required("end_percent", InputSpec::float(1.0, 0.0, 1.0).opt("step", 0.001))
+            .optional("vae", InputSpec::of("VAE"))
+            .output(OutputSpec::of("CONDITIONING").named("positive"))
+            .output(OutputSpec::of("CONDITIONING").named("negative"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let positive = inputs.object::<Conditioning>("positive")?;
+        let negative = inputs.object::<Conditioning>("negative")?;
+        let (model, image, strength) = application_inputs(inputs)?;
+        if strength == 0.0 {
+            return Ok(NodeOutput::values(vec![
+                Value::object(positive.clone()),
+                Value::object(negative.clone()),
+            ]));
+        }
+        let range = (inputs.float("start_percent")?, inputs.float("end_percent")?);
+        let new = |previous| ControlApplication::new(model.clone(), image.clone(), strength, range, previous);
+        let mut shared = HashMap::new();
+        let positive = applied(positive, &mut shared, &new);
+        let negative = applied(negative, &mut shared, &new);
+        Ok(NodeOutput::values(vec![
+            Value::object(positive),
+            Value::object(negative),
+        ]))
+    }
+}
+
+/// `ControlNetApply` ("Apply ControlNet (OLD)"): one conditioning, over the whole of sampling.
+/// Its control also reaches the negative entries of the same area that carry none
+/// (`control_apply_to_uncond`).
+pub struct ControlNetApply;
+
+impl Node for ControlNetApply {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        let mut schema = NodeSchema::v1("ControlNetApply", "nodes", "conditioning/controlnet")
+            .display("Apply ControlNet (OLD)")
+            .required("conditioning", InputSpec::of("CONDITIONING"))
+            .required("control_net", InputSpec::of("CONTROL_NET"))
+            .required("image", InputSpec::of("IMAGE"))
+            .required("strength", InputSpec::float(1.0, 0.0, 10.0).opt("step", 0.01))
+            .output(OutputSpec::of("CONDITIONING"));
+        schema.deprecated = true;
+        schema
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let conditioning = inputs.object::<Conditioning>("conditioning")?;
+        let (model, image, strength) = application_inputs(inputs)?;
+        if strength == 0.0 {
+            return Ok(NodeOutput::values(vec![Value::object(conditioning.clone())]));
+        }
+        let new = |previous| ControlApplication::new(model.clone(), image.clone(), strength, (0.0, 1.0), previous);
+        let mut applied_entries = applied(conditioning, &mut HashMap::new(), &new);
+        for entry in &mut applied_entries.0 {
+            entry.control_to_uncond = true;
+        }
+        Ok(NodeOutput::values(vec![Value::object(applied_entries)]))
+    }
+}
