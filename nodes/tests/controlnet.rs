@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::{
-    fixture_json, floats, formula_unet_file, j, ksampler, max_abs_difference, pattern, sd1_inputs, setup, sizes,
+    fixture_json, fixture_unet, floats, formula_unet_file, j, ksampler, max_abs_difference, pattern, sd1_inputs, setup,
+    sizes,
 };
 use easel_engine::Value;
 use easel_models::architectures::controlnet::{ControlNet, ControlNetConfig, ControlNetInput};
-use easel_models::architectures::unet::HeadLayout;
+use easel_models::architectures::unet::{HeadLayout, UNetInput};
 use easel_models::testmodels::TINY_SD1_CONTROLNET;
 use easel_models::weights::{SafetensorsFile, Weights};
 use easel_nodes::image::Image;
@@ -96,6 +97,42 @@ fn controlnet_residuals_match_comfyuis() {
             }
             assert_close(&format!("{name} middle"), &outputs.middle, &case["middle"][0]);
         }
+    }
+}
+
+#[test]
+fn the_unet_takes_controlnet_residuals_where_comfyuis_does() {
+    let fixture = fixture_json("controlnet.json");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let case = &fixture["cases"][0];
+    let net = load(case, dir.path(), "");
+    let (_unet_dir, unet) = fixture_unet(&fixture["unet"]);
+    let x = pattern(&sizes(&fixture["latent"]), 1, 1.0);
+    let hint = ((pattern(&sizes(&fixture["hint"]), 3, 1.0) * 0.5).unwrap() + 0.5).unwrap();
+    let timesteps = Tensor::new(floats(&fixture["timesteps"]).as_slice(), &Device::Cpu).unwrap();
+    let context = pattern(&sizes(&case["context"]), 2, 1.0);
+    let outputs = net
+        .forward(&ControlNetInput {
+            x: &x,
+            hint: &hint,
+            timesteps: &timesteps,
+            context: &context,
+            y: None,
+        })
+        .expect("ControlNet");
+    let residuals = outputs
+        .residuals(fixture["unet"]["strength"].as_f64().expect("strength"))
+        .unwrap();
+    for (name, control) in [("without_control", None), ("with_control", Some(&residuals))] {
+        let out = unet
+            .forward(&UNetInput {
+                control,
+                ..UNetInput::new(&x, &timesteps, &context)
+            })
+            .expect("UNet");
+        let expected = fixture["unet"][name].clone();
+        let shape = Json::from(out.dims().to_vec());
+        assert_close(name, &out, &serde_json::json!({"shape": shape, "values": expected}));
     }
 }
 

@@ -130,18 +130,7 @@ impl ControlApplication {
             context: call.context,
             y: call.y,
         })?;
-        let strength = self.strength;
-        let mut residuals = ControlResiduals {
-            input: Vec::new(),
-            // The UNet's first decoder block takes the last encoder block's skip.
-            output: outputs
-                .encoder
-                .iter()
-                .rev()
-                .map(|residual| (residual * strength).map(Some))
-                .collect::<candle_core::Result<_>>()?,
-            middle: Some((outputs.middle * strength)?),
-        };
+        let mut residuals = outputs.residuals(self.strength)?;
         if let Some(previous) = previous {
             merge(&mut residuals, previous)?;
         }

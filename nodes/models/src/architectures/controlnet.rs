@@ -8,7 +8,7 @@
 
 use candle_core::{Module, Result, Tensor};
 
-use super::unet::{Context, Encoder, HeadLayout, UNetConfig};
+use super::unet::{Context, ControlResiduals, Encoder, HeadLayout, UNetConfig};
 use crate::checkpoint::DetectError;
 use crate::kernels::conv::Conv2d;
 use crate::weights::{TensorShapes, Weights};
@@ -68,6 +68,23 @@ pub struct ControlNetInput<'a> {
 pub struct ControlOutputs {
     pub encoder: Vec<Tensor>,
     pub middle: Tensor,
+}
+
+impl ControlOutputs {
+    /// The residuals scaled by `strength`, where the UNet adds them: the last encoder block's to
+    /// the skip its first decoder block takes (ComfyUI pops them from the end).
+    pub fn residuals(&self, strength: f64) -> Result<ControlResiduals> {
+        Ok(ControlResiduals {
+            input: Vec::new(),
+            output: self
+                .encoder
+                .iter()
+                .rev()
+                .map(|residual| (residual * strength).map(Some))
+                .collect::<Result<_>>()?,
+            middle: Some((&self.middle * strength)?),
+        })
+    }
 }
 
 pub struct ControlNet {
