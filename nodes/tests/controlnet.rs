@@ -258,3 +258,101 @@ fn controlnets_steer_sampling_as_the_apply_nodes_say() {
     );
     assert!(wrong.is_err());
 }
+
+/// The tiny SD1 ControlNet's LDM name in diffusers' layout (its two levels of one block each).
+fn diffusers_name(ldm: &str) -> String {
+    const RESNET: [(&str, &str); 6] = [
+        ("in_layers.0.", "norm1."),
+        ("in_layers.2.", "conv1."),
+        ("emb_layers.1.", "time_emb_proj."),
+        ("out_layers.0.", "norm2."),
+        ("out_layers.3.", "conv2."),
+        ("skip_connection.", "conv_shortcut."),
+    ];
+    let resnet = |tail: &str| {
+        RESNET
+            .iter()
+            .find_map(|(from, to)| tail.strip_prefix(from).map(|rest| format!("{to}{rest}")))
+            .expect("a residual block's tensor")
+    };
+    const PLAIN: [(&str, &str); 10] = [
+        ("time_embed.0.", "time_embedding.linear_1."),
+        ("time_embed.2.", "time_embedding.linear_2."),
+        ("input_blocks.0.0.", "conv_in."),
+        ("input_blocks.1.1.", "down_blocks.0.attentions.0."),
+        ("input_blocks.2.0.op.", "down_blocks.0.downsamplers.0.conv."),
+        ("input_blocks.3.1.", "down_blocks.1.attentions.0."),
+        ("middle_block.1.", "mid_block.attentions.0."),
+        ("middle_block_out.0.", "controlnet_mid_block."),
+        ("input_hint_block.0.", "controlnet_cond_embedding.conv_in."),
+        ("input_hint_block.14.", "controlnet_cond_embedding.conv_out."),
+    ];
+    const RESNETS: [(&str, &str); 4] = [
+        ("input_blocks.1.0.", "down_blocks.0.resnets.0."),
+        ("input_blocks.3.0.", "down_blocks.1.resnets.0."),
+        ("middle_block.0.", "mid_block.resnets.0."),
+        ("middle_block.2.", "mid_block.resnets.1."),
+    ];
+    if let Some(name) = PLAIN
+        .iter()
+        .find_map(|(from, to)| ldm.strip_prefix(from).map(|rest| format!("{to}{rest}")))
+    {
+        return name;
+    }
+    if let Some(name) = RESNETS
+        .iter()
+        .find_map(|(from, to)| ldm.strip_prefix(from).map(|rest| format!("{to}{}", resnet(rest))))
+    {
+        return name;
+    }
+    let (kind, rest) = ldm.split_once('.').expect("a dotted name");
+    let (index, tail) = rest.split_once('.').expect("an index");
+    let index: usize = index.parse().expect("a number");
+    match kind {
+        "zero_convs" => format!("controlnet_down_blocks.{index}.{}", tail.trim_start_matches("0.")),
+        "input_hint_block" => format!("controlnet_cond_embedding.blocks.{}.{tail}", index / 2 - 1),
+        _ => panic!("no diffusers name for {ldm}"),
+    }
+}
+
+#[test]
+fn a_diffusers_layout_controlnet_steers_sampling_as_its_ldm_twin() {
+    let setup = setup();
+    let folder = setup
+        .services
+        .get::<easel_nodes::paths::Paths>()
+        .expect("paths")
+        .models
+        .join("controlnet");
+    let bytes = std::fs::read(folder.join(TINY_SD1_CONTROLNET)).expect("the tiny ControlNet");
+    let ldm = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let renamed: Vec<(String, safetensors::tensor::TensorView)> = ldm
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (diffusers_name(&name), view))
+        .collect();
+    safetensors::serialize_to_file(renamed, None, &folder.join("diffusers_controlnet.safetensors")).expect("written");
+
+    let (loaded, positive, negative, latent) = sd1_inputs(&setup, 1);
+    let image = Value::object(Image {
+        batch: 1,
+        height: 64,
+        width: 64,
+        channels: 3,
+        data: common::pattern_values(64 * 64 * 3, 9, 0.5)
+            .iter()
+            .map(|v| v + 0.5)
+            .collect(),
+    });
+    let sample_with = |file: &str| {
+        let control = setup
+            .call("ControlNetLoader", vec![("control_net_name", j(json!(file)))])
+            .expect("ControlNetLoader")
+            .remove(0);
+        let (p, n) = apply(&setup, (&positive, &negative), &control, &image, (1.0, 0.0, 1.0));
+        ksampler(&setup, &loaded[0], &p, &n, &latent, "euler", 2, 5.0).expect("KSampler")
+    };
+    let from_ldm = sample_with(TINY_SD1_CONTROLNET);
+    let from_diffusers = sample_with("diffusers_controlnet.safetensors");
+    assert_eq!(max_abs_difference(&from_ldm, &from_diffusers), 0.0);
+}

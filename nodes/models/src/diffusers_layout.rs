@@ -18,6 +18,8 @@ use crate::weights::{MappedWeights, TensorShapes};
 
 /// The tensor every diffusers UNet has (ComfyUI's test in `unet_config_from_diffusers_unet`).
 pub const DIFFUSERS_UNET_MARKER: &str = "conv_in.weight";
+/// The tensor a diffusers ControlNet has (ComfyUI's test in `load_controlnet_state_dict`).
+pub const DIFFUSERS_CONTROLNET_MARKER: &str = "controlnet_cond_embedding.conv_in.weight";
 /// The tensor ComfyUI's `VAE` looks for to tell a diffusers VAE.
 pub const DIFFUSERS_VAE_MARKER: &str = "decoder.up_blocks.0.resnets.0.norm1.weight";
 
@@ -58,6 +60,50 @@ impl ConvertedWeights {
         let names = inner
             .tensor_names()
             .filter_map(|name| blocks.ldm_name(name).map(|ldm| (ldm, name.to_string())))
+            .collect::<Vec<_>>();
+        Ok(Self::with_names(inner, names))
+    }
+
+    /// A diffusers ControlNet under the LDM names of [`crate::architectures::controlnet`]: its
+    /// encoder as the UNet's, the conditioning embedding as `input_hint_block` (`conv_in`, then
+    /// each of `blocks`, then `conv_out`, every other index), `controlnet_down_blocks` as
+    /// `zero_convs` and `controlnet_mid_block` as `middle_block_out` (ComfyUI's renaming in
+    /// `load_controlnet_state_dict`).
+    pub fn diffusers_controlnet(inner: Arc<dyn MappedWeights>) -> Result<Self, DiffusersLayoutError> {
+        if !inner.has(DIFFUSERS_CONTROLNET_MARKER) {
+            return Err(not_diffusers(inner.path(), "ControlNet", DIFFUSERS_CONTROLNET_MARKER));
+        }
+        let blocks = UNetBlocks::of(inner.as_ref());
+        let hint_blocks = count_indices(inner.as_ref(), "controlnet_cond_embedding.blocks.");
+        let control_name = |name: &str| -> Option<String> {
+            if let Some(tail) = name.strip_prefix("controlnet_mid_block.") {
+                return Some(format!("middle_block_out.0.{tail}"));
+            }
+            if let Some((index, tail)) = leading_index(name.strip_prefix("controlnet_down_blocks.")?) {
+                return Some(format!("zero_convs.{index}.0.{tail}"));
+            }
+            None
+        };
+        let hint_name = |name: &str| -> Option<String> {
+            let rest = name.strip_prefix("controlnet_cond_embedding.")?;
+            if let Some(tail) = rest.strip_prefix("conv_in.") {
+                return Some(format!("input_hint_block.0.{tail}"));
+            }
+            if let Some(tail) = rest.strip_prefix("conv_out.") {
+                return Some(format!("input_hint_block.{}.{tail}", 2 * (hint_blocks + 1)));
+            }
+            let (index, tail) = indexed(rest, "blocks")?;
+            Some(format!("input_hint_block.{}.{tail}", 2 * (index + 1)))
+        };
+        let names = inner
+            .tensor_names()
+            .filter_map(|name| {
+                let ldm = blocks
+                    .ldm_name(name)
+                    .or_else(|| control_name(name))
+                    .or_else(|| hint_name(name))?;
+                Some((ldm, name.to_string()))
+            })
             .collect::<Vec<_>>();
         Ok(Self::with_names(inner, names))
     }

@@ -8,8 +8,9 @@ use candle_core::Device;
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 use easel_models::architectures::controlnet::{ControlNet, ControlNetConfig};
+use easel_models::diffusers_layout::{ConvertedWeights, DIFFUSERS_CONTROLNET_MARKER};
 use easel_models::kernels::sgemm::Precision;
-use easel_models::weights::{SafetensorsFile, TensorShapes, WeightSource};
+use easel_models::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
 use serde_json::{Map, Value as Json};
 
 use super::{ControlApplication, ControlModel, LoadedControlNet};
@@ -23,12 +24,8 @@ const FOLDER: &str = "controlnet";
 
 /// Control model layouts Easel does not run yet, by a tensor that marks them (ComfyUI's
 /// `load_controlnet_state_dict` checks), and what they are.
-const LATER_FORMATS: [(&str, &str); 7] = [
+const LATER_FORMATS: [(&str, &str); 6] = [
     ("lora_controlnet", "control-LoRA"),
-    (
-        "controlnet_cond_embedding.conv_in.weight",
-        "diffusers-format ControlNet",
-    ),
     ("controlnet_x_embedder.weight", "FLUX ControlNet (InstantX)"),
     (
         "double_blocks.0.img_attn.norm.key_norm.scale",
@@ -52,29 +49,35 @@ fn later_format(file: &SafetensorsFile) -> Option<&'static str> {
 }
 
 /// Loads a ControlNet in the LDM layout (bare, or under `control_model.` as the original
-/// conversions keep it); also returns the file size.
+/// conversions keep it) or in diffusers' layout; also returns the file size.
 pub fn load_controlnet(path: &Path, device: &Device) -> Result<(LoadedControlNet, u64), NodeError> {
     let file: Arc<SafetensorsFile> = open(path)?;
-    let prefix = ["", "control_model."]
-        .into_iter()
-        .find(|prefix| file.has(&format!("{prefix}zero_convs.0.0.weight")));
-    let Some(prefix) = prefix else {
-        let later = later_format(&file);
-        return Err(match later {
-            Some(format) => NodeError::new(format!(
-                "{}: a {format} is not supported by Easel yet (SD1.x, SD2.x and SDXL ControlNets are)",
-                path.display()
-            )),
-            None => NodeError::new(format!(
-                "ERROR: Could not detect model type of: {}\nerror could not detect control model type.",
-                path.display()
-            )),
-        });
+    if let Some(format) = later_format(&file) {
+        return Err(NodeError::new(format!(
+            "{}: a {format} is not supported by Easel yet (SD1.x, SD2.x and SDXL ControlNets are)",
+            path.display()
+        )));
+    }
+    let (weights, prefix): (Arc<dyn MappedWeights>, &str) = if file.has(DIFFUSERS_CONTROLNET_MARKER) {
+        let converted =
+            ConvertedWeights::diffusers_controlnet(file).map_err(|error| NodeError::new(error.to_string()))?;
+        (Arc::new(converted), "")
+    } else {
+        let prefix = ["", "control_model."]
+            .into_iter()
+            .find(|prefix| file.has(&format!("{prefix}zero_convs.0.0.weight")))
+            .ok_or_else(|| {
+                NodeError::new(format!(
+                    "ERROR: Could not detect model type of: {}\nerror could not detect control model type.",
+                    path.display()
+                ))
+            })?;
+        (file, prefix)
     };
     let detect = |error| undetected(path, error);
-    let heads = ControlNetConfig::heads_for(file.as_ref(), prefix).map_err(detect)?;
-    let config = ControlNetConfig::infer(file.as_ref(), prefix, heads).map_err(detect)?;
-    let source = WeightSource::new(file, prefix, device, Precision::F32);
+    let heads = ControlNetConfig::heads_for(weights.as_ref(), prefix).map_err(detect)?;
+    let config = ControlNetConfig::infer(weights.as_ref(), prefix, heads).map_err(detect)?;
+    let source = WeightSource::new(weights, prefix, device, Precision::F32);
     let network = ControlNet::new(config, source.weights()).map_err(|error| NodeError::new(error.to_string()))?;
     Ok((
         LoadedControlNet {
