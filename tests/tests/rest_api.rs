@@ -364,6 +364,36 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
         (Some("succeeded"), Some("v1/sdxl_refiner_text2img"))
     );
 
+    // SD1.5 with two ControlNets: canny edges of the request's image, then an image of its own
+    // (which the task shows by its URL), chained before the sampler.
+    let mut controlled = tiny("sd15", "img2img");
+    controlled["controlnets"] = json!([
+        {"model": "easel_tiny_sd1_controlnet.safetensors", "type": "canny", "strength": 0.8, "end_percent": 1.0},
+        {"controlnet": "easel_tiny_sd1_controlnet.safetensors", "image": b64(&png(48, 40, |x, y| [(x * 5) as u8, (y * 6) as u8, 0]))},
+    ]);
+    let task = generate(api, controlled).json();
+    assert_eq!(task["status"], "succeeded", "controlnets: {task}");
+    let own_image = task["request"]["controlnets"][1]["image"].as_str().unwrap();
+    assert!(own_image.starts_with("/view?filename="), "{task}");
+    let id = task["id"].as_str().unwrap();
+    let prompt = api.get_json(&format!("/history/{id}"))[id]["prompt"][2].clone();
+    let count = |class: &str| {
+        prompt
+            .as_object()
+            .unwrap()
+            .values()
+            .filter(|node| node["class_type"] == class)
+            .count()
+    };
+    assert_eq!(
+        (
+            count("ControlNetApplyAdvanced"),
+            count("Canny"),
+            count("ControlNetLoader")
+        ),
+        (2, 1, 2)
+    );
+
     for mode in ["text2img", "img2img"] {
         let task = generate(api, tiny("flux", mode)).json();
         assert_eq!(task["status"], "succeeded", "flux {mode}: {task}");
@@ -465,9 +495,30 @@ fn bad_requests_name_the_field_and_queue_nothing() {
     let body = refused(with(json!({"family": "sd3", "model": null})), 501, "family");
     assert_eq!(body["error"]["code"], "not_implemented");
     refused(with(json!({"mode": "upscale"})), 501, "mode");
+    let body = refused(
+        with(json!({"controlnets": [{"controlnet": "canny.safetensors", "type": "canny"}]})),
+        400,
+        "controlnets",
+    );
+    assert_eq!(body["error"]["code"], "unknown_model", "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("models/controlnet"),
+        "{body}"
+    );
+    let tiny_controlnet = "easel_tiny_sd1_controlnet.safetensors";
     refused(
-        with(json!({"controlnets": [{"controlnet": "canny.safetensors"}]})),
+        with(json!({"controlnets": [{"model": tiny_controlnet, "type": "depth"}]})),
         501,
+        "controlnets",
+    );
+    refused(
+        with(json!({"controlnets": [{"model": tiny_controlnet, "strength": 11}]})),
+        400,
+        "controlnets",
+    );
+    refused(
+        with(json!({"mode": "text2img", "image": null, "mask": null, "controlnets": [{"model": tiny_controlnet}]})),
+        400,
         "controlnets",
     );
     let answer = send(

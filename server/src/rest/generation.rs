@@ -5,7 +5,7 @@
 
 use super::catalog::{default_model, presets, styles};
 use super::recipes::{build, workflow_for, BuiltPrompt, Ingredients, WORKFLOW_VERSION};
-use super::request::{parse, Family, GenerateRequest, Mode, OutputFormat, RawRequest, ReturnStyle};
+use super::request::{parse, Family, GenerateRequest, Mode, OutputFormat, RawRequest, ReturnStyle, UploadedImage};
 use super::tasks::view_url;
 use super::{now_ms, paths, RestError};
 use crate::queue::QueueItem;
@@ -164,11 +164,24 @@ pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(Store
         request.family.name(),
         request.mode.name()
     );
+    let control_images = stored_images
+        .controls
+        .iter()
+        .map(|own| own.as_deref().or(stored_images.image.as_deref()))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| {
+            stored_images.remove_new();
+            RestError::field(
+                "controlnets",
+                "a ControlNet without its own `image` needs the request's `image`",
+            )
+        })?;
     let ingredients = Ingredients {
         checkpoint: checkpoint.as_deref(),
         seed,
         image: stored_images.image.as_deref(),
         mask: stored_images.mask.as_deref(),
+        control_images: &control_images,
         styles: &chosen_styles,
         output_prefix: &output_prefix,
     };
@@ -367,6 +380,8 @@ struct StoredInputs {
     /// LoadImage's names for them (`rest/<sha256>.<ext>`).
     image: Option<String>,
     mask: Option<String>,
+    /// Each ControlNet's own image, if it brought one.
+    controls: Vec<Option<String>>,
     /// Files this request created (removed again if it is refused).
     created: Vec<PathBuf>,
 }
@@ -376,37 +391,50 @@ impl StoredInputs {
         let mut stored = StoredInputs {
             image: None,
             mask: None,
+            controls: Vec::new(),
             created: Vec::new(),
         };
         let folder = paths.input.join("rest");
-        for (field, upload) in [("image", &request.image), ("mask", &request.mask)] {
+        let mut store = |field: &str, upload: &Option<UploadedImage>| -> Result<Option<String>, RestError> {
             let Some(upload) = upload else {
-                continue;
+                return Ok(None);
             };
             let hash = Sha256::digest(&upload.bytes);
             let hex: String = hash.iter().map(|byte| format!("{byte:02x}")).collect();
             let name = format!("{hex}.{}", upload.extension);
             let path = folder.join(&name);
             if !path.is_file() {
-                let written = std::fs::create_dir_all(&folder).and_then(|()| write_replacing(&path, &upload.bytes));
-                if let Err(error) = written {
-                    stored.remove_new();
-                    return Err(
+                std::fs::create_dir_all(&folder)
+                    .and_then(|()| write_replacing(&path, &upload.bytes))
+                    .map_err(|error| {
                         RestError::field(field, format!("the image could not be stored: {error}"))
                             .with_status(StatusCode::SERVICE_UNAVAILABLE)
-                            .with_code("storage_error"),
-                    );
-                }
+                            .with_code("storage_error")
+                    })?;
                 stored.created.push(path);
             }
-            let slot = if field == "image" {
-                &mut stored.image
-            } else {
-                &mut stored.mask
-            };
-            *slot = Some(format!("rest/{name}"));
+            Ok(Some(format!("rest/{name}")))
+        };
+        let written = (|| {
+            let image = store("image", &request.image)?;
+            let mask = store("mask", &request.mask)?;
+            let controls = request
+                .controlnets
+                .iter()
+                .map(|control| store("controlnets", &control.image))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((image, mask, controls))
+        })();
+        match written {
+            Ok((image, mask, controls)) => {
+                (stored.image, stored.mask, stored.controls) = (image, mask, controls);
+                Ok(stored)
+            }
+            Err(error) => {
+                stored.remove_new();
+                Err(error)
+            }
         }
-        Ok(stored)
     }
 
     fn remove_new(&self) {
@@ -429,6 +457,14 @@ fn sanitized_request(
         if let Some(name) = name {
             let (subfolder, filename) = name.split_once('/').unwrap_or(("", name));
             fields.insert(field.into(), json!(view_url(filename, subfolder, "input")));
+        }
+    }
+    if let Some(Json::Array(controls)) = fields.get_mut("controlnets") {
+        for (control, stored) in controls.iter_mut().zip(&images.controls) {
+            if let (Some(control), Some(name)) = (control.as_object_mut(), stored) {
+                let (subfolder, filename) = name.split_once('/').unwrap_or(("", name));
+                control.insert("image".into(), json!(view_url(filename, subfolder, "input")));
+            }
         }
     }
     fields.insert("family".into(), json!(request.family.name()));

@@ -6,7 +6,7 @@
 //! kept, so a validation error on an input names the request field behind it.
 
 use super::catalog::Style;
-use super::request::{Family, GenerateRequest, Mode};
+use super::request::{ControlKind, Family, GenerateRequest, Mode};
 use super::RestError;
 use serde_json::{json, Map, Value as Json};
 use std::borrow::Cow;
@@ -22,7 +22,19 @@ pub fn workflow_for(request: &GenerateRequest) -> Result<&'static str, RestError
         return Err(RestError::not_yet("family", "SD3 generation"));
     }
     if !request.controlnets.is_empty() {
-        return Err(RestError::not_yet("controlnets", "ControlNet"));
+        if request.family == Family::Flux {
+            return Err(RestError::not_yet("controlnets", "ControlNet for FLUX"));
+        }
+        if request.refiner.is_some() {
+            return Err(RestError::not_yet("controlnets", "ControlNet with a refiner"));
+        }
+        for control in &request.controlnets {
+            match control.kind {
+                ControlKind::Depth => return Err(RestError::not_yet("controlnets", "The depth preprocessor")),
+                ControlKind::Inpaint => return Err(RestError::not_yet("controlnets", "The inpaint ControlNet type")),
+                ControlKind::Canny | ControlKind::Plain => {}
+            }
+        }
     }
     if request.ip_adapter.is_some() {
         return Err(RestError::not_yet("ip_adapter", "IP-Adapter"));
@@ -64,6 +76,8 @@ pub struct Ingredients<'a> {
     pub styles: &'a [Style],
     /// Saved images' `filename_prefix`.
     pub output_prefix: &'a str,
+    /// Each ControlNet's image, as LoadImage names it.
+    pub control_images: &'a [&'a str],
 }
 
 /// A prompt built from a request, and which request field set each `(node, input)`.
@@ -197,6 +211,7 @@ pub fn build(request: &GenerateRequest, name: &str, ingredients: &Ingredients<'_
         None => (json!([loader, 0]), json!([loader, 1])),
     };
     chain_loras(request, model, clip, &mut nodes, &mut built);
+    chain_controlnets(request, ingredients.control_images, &mut nodes, &mut built);
     built.prompt = Json::Object(nodes);
     Ok(built)
 }
@@ -366,5 +381,73 @@ fn chain_loras(
         relink(nodes, &model, &lora_model, &id);
         relink(nodes, &clip, &lora_clip, &id);
         (model, clip) = (lora_model, lora_clip);
+    }
+}
+
+/// Puts the request's ControlNets, in order, between the prompts and every sampler that takes
+/// them: for each, its image loaded (and turned into Canny edges for `canny`), its model loaded
+/// and applied to both prompts (ControlNetApplyAdvanced), after the ControlNets before it.
+fn chain_controlnets(
+    request: &GenerateRequest,
+    images: &[&str],
+    nodes: &mut Map<String, Json>,
+    built: &mut BuiltPrompt,
+) {
+    const SAMPLERS: [&str; 2] = ["KSampler", "KSamplerAdvanced"];
+    let samplers: Vec<String> = nodes
+        .iter()
+        .filter(|(_, node)| SAMPLERS.iter().any(|class| node["class_type"] == *class))
+        .map(|(id, _)| id.clone())
+        .collect();
+    for sampler in samplers {
+        let (mut positive, mut negative) = (
+            nodes[&sampler]["inputs"]["positive"].clone(),
+            nodes[&sampler]["inputs"]["negative"].clone(),
+        );
+        for (control, image) in request.controlnets.iter().zip(images) {
+            let mut add = |nodes: &mut Map<String, Json>, node: Json, inputs: &[&'static str]| {
+                let id = next_id(nodes);
+                for input in inputs {
+                    built.fields.push((Cow::Owned(id.clone()), input, "controlnets"));
+                }
+                nodes.insert(id.clone(), node);
+                id
+            };
+            let loaded = add(
+                nodes,
+                json!({"class_type": "LoadImage", "inputs": {"image": image}, "_meta": {"title": "Load Image (control)"}}),
+                &["image"],
+            );
+            let hint = match control.kind {
+                ControlKind::Canny => {
+                    let canny = json!({
+                        "class_type": "Canny",
+                        "inputs": {"image": [loaded, 0], "low_threshold": 0.4, "high_threshold": 0.8},
+                        "_meta": {"title": "Canny"},
+                    });
+                    json!([add(nodes, canny, &[]), 0])
+                }
+                _ => json!([loaded, 0]),
+            };
+            let loader = add(
+                nodes,
+                json!({"class_type": "ControlNetLoader", "inputs": {"control_net_name": control.model}, "_meta": {"title": "Load ControlNet Model"}}),
+                &["control_net_name"],
+            );
+            let apply = json!({
+                "class_type": "ControlNetApplyAdvanced",
+                "inputs": {
+                    "positive": positive, "negative": negative, "control_net": [loader, 0], "image": hint,
+                    "strength": control.strength, "start_percent": control.start_percent,
+                    "end_percent": control.end_percent,
+                },
+                "_meta": {"title": "Apply ControlNet"},
+            });
+            let applied = add(nodes, apply, &["strength", "start_percent", "end_percent"]);
+            (positive, negative) = (json!([applied, 0]), json!([applied, 1]));
+        }
+        let inputs = &mut nodes[&sampler]["inputs"];
+        inputs["positive"] = positive;
+        inputs["negative"] = negative;
     }
 }

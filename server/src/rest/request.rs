@@ -125,6 +125,44 @@ pub struct LoraRequest {
     pub strength_clip: f64,
 }
 
+/// How a ControlNet's image is prepared (the family API's `type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlKind {
+    /// Canny edges of the image (ComfyUI's Canny node, thresholds 0.4 and 0.8).
+    Canny,
+    /// A depth map estimated from the image.
+    Depth,
+    /// The image with its masked part blanked (an inpainting ControlNet).
+    Inpaint,
+    /// The image as it is (already a control map).
+    Plain,
+}
+
+impl ControlKind {
+    fn parse(name: &str) -> Option<ControlKind> {
+        Some(match name {
+            "canny" => ControlKind::Canny,
+            "depth" => ControlKind::Depth,
+            "inpaint" => ControlKind::Inpaint,
+            "none" => ControlKind::Plain,
+            _ => return None,
+        })
+    }
+}
+
+/// One ControlNet of the stack, applied in order.
+#[derive(Debug, Clone)]
+pub struct ControlnetRequest {
+    /// The file in `models/controlnet`.
+    pub model: String,
+    pub kind: ControlKind,
+    /// The control image; `None`: the request's `image`.
+    pub image: Option<UploadedImage>,
+    pub strength: f64,
+    pub start_percent: f64,
+    pub end_percent: f64,
+}
+
 /// How far an outpainting extends the image on each side, and how soft the seam is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outpaint {
@@ -175,7 +213,7 @@ pub struct GenerateRequest {
     pub mask: Option<UploadedImage>,
     pub outpaint: Outpaint,
     pub loras: Vec<LoraRequest>,
-    pub controlnets: Vec<Json>,
+    pub controlnets: Vec<ControlnetRequest>,
     pub ip_adapter: Option<Json>,
     pub styles: Vec<String>,
     pub preset: Option<String>,
@@ -232,6 +270,8 @@ pub const MAX_SIDE: u32 = 8192;
 pub const MAX_BATCH: u32 = 64;
 pub const MAX_STEPS: u32 = 1000;
 pub const MAX_LORAS: usize = 8;
+/// The most ControlNets one request chains.
+pub const MAX_CONTROLNETS: usize = 4;
 
 /// A request's raw fields: JSON values, and the bytes of images sent as files.
 #[derive(Debug, Default)]
@@ -447,11 +487,7 @@ pub fn parse(raw: &RawRequest, max_image_bytes: usize) -> Result<GenerateRequest
         mask,
         outpaint,
         loras: fields.loras()?,
-        controlnets: match raw.fields.get("controlnets") {
-            None | Some(Json::Null) => Vec::new(),
-            Some(Json::Array(list)) => list.clone(),
-            Some(_) => return Err(RestError::field("controlnets", "`controlnets` is a list")),
-        },
+        controlnets: fields.controlnets(max_image_bytes)?,
         ip_adapter: raw.fields.get("ip_adapter").filter(|value| !value.is_null()).cloned(),
         styles: fields.names("styles")?,
         preset: fields.name("preset")?,
@@ -710,6 +746,71 @@ impl Fields<'_> {
                     name: name.to_string(),
                     strength_model: strength("strength_model")?,
                     strength_clip: strength("strength_clip")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The ControlNets to chain: `{"model" (or the family API's "controlnet"), "type": canny |
+    /// depth | inpaint | none, "image" (base64; absent: the request's image), "strength" [0.7],
+    /// "start_percent" [0], "end_percent" [0.4]}`.
+    fn controlnets(&self, max_image_bytes: usize) -> Result<Vec<ControlnetRequest>, RestError> {
+        const FIELD: &str = "controlnets";
+        let list = match self.get(FIELD) {
+            None => return Ok(Vec::new()),
+            Some(Json::Array(list)) if list.len() <= MAX_CONTROLNETS => list,
+            Some(_) => {
+                return Err(RestError::field(
+                    FIELD,
+                    format!(
+                        "`controlnets` is a list of up to {MAX_CONTROLNETS} {{\"model\", \"type\", \"image\", \"strength\", \"start_percent\", \"end_percent\"}}"
+                    ),
+                ))
+            }
+        };
+        list.iter()
+            .map(|entry| {
+                let entry = Fields(
+                    entry
+                        .as_object()
+                        .ok_or_else(|| RestError::field(FIELD, "each ControlNet is an object"))?,
+                );
+                let model = entry
+                    .get("model")
+                    .or_else(|| entry.get("controlnet"))
+                    .and_then(Json::as_str)
+                    .filter(|name| !name.is_empty())
+                    .ok_or_else(|| {
+                        RestError::field(FIELD, "each ControlNet needs a `model` (a file in models/controlnet)")
+                    })?;
+                let kind = match entry.get("type") {
+                    None => ControlKind::Plain,
+                    Some(kind) => kind.as_str().and_then(ControlKind::parse).ok_or_else(|| {
+                        RestError::field(FIELD, "a ControlNet's `type` is canny, depth, inpaint or none")
+                    })?,
+                };
+                let number = |key: &str, default: f64, max: f64| -> Result<f64, RestError> {
+                    entry
+                        .number(key, default, 0.0, max)
+                        .map_err(|error| RestError::field(FIELD, error.message))
+                };
+                let (start_percent, end_percent) =
+                    (number("start_percent", 0.0, 1.0)?, number("end_percent", 0.4, 1.0)?);
+                if start_percent > end_percent {
+                    return Err(RestError::field(
+                        FIELD,
+                        "a ControlNet's `start_percent` is after its `end_percent`",
+                    ));
+                }
+                Ok(ControlnetRequest {
+                    model: model.to_string(),
+                    kind,
+                    image: entry
+                        .image("image", max_image_bytes, &[])
+                        .map_err(|error| RestError::field(FIELD, error.message))?,
+                    strength: number("strength", 0.7, 10.0)?,
+                    start_percent,
+                    end_percent,
                 })
             })
             .collect()

@@ -41,6 +41,24 @@ pub struct LoraEntry {
     pub strength_clip: Option<f64>,
 }
 
+/// One ControlNet of the stack (SD1.x, SD2.x, SDXL), applied after those before it.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ControlnetEntry {
+    /// A file in `models/controlnet` (the family API calls it `controlnet`).
+    pub model: String,
+    /// How the image is prepared: `canny` (edges), `none` (already a control map; default);
+    /// `depth` and `inpaint` answer 501 for now.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Base64 or a data URL; absent: the request's `image`.
+    pub image: Option<String>,
+    /// Default 0.7.
+    pub strength: Option<f64>,
+    /// The part of sampling it steers: default 0 to 0.4.
+    pub start_percent: Option<f64>,
+    pub end_percent: Option<f64>,
+}
+
 /// `POST /v1/generate`: JSON (images as base64 or data URLs) or a multipart form (the same
 /// fields as text, `image` and `mask` as files). Only `prompt` is required.
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -86,8 +104,8 @@ pub struct GenerateRequestBody {
     pub mask: Option<String>,
     pub outpaint: Option<OutpaintSides>,
     pub loras: Option<Vec<LoraEntry>>,
-    /// Not available yet (501).
-    pub controlnets: Option<Vec<Value>>,
+    /// ControlNets, in order (up to 4; FLUX and refiner requests answer 501 for now).
+    pub controlnets: Option<Vec<ControlnetEntry>>,
     /// Not available yet (501).
     pub ip_adapter: Option<Value>,
     /// Names from `/v1/styles`, applied in order.
