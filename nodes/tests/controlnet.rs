@@ -356,3 +356,40 @@ fn a_diffusers_layout_controlnet_steers_sampling_as_its_ldm_twin() {
     let from_diffusers = sample_with("diffusers_controlnet.safetensors");
     assert_eq!(max_abs_difference(&from_ldm, &from_diffusers), 0.0);
 }
+
+#[test]
+fn control_models_easel_cannot_run_yet_are_refused_by_name() {
+    let setup = setup();
+    let folder = setup
+        .services
+        .get::<easel_nodes::paths::Paths>()
+        .expect("paths")
+        .models
+        .join("controlnet");
+    let one = 1f32.to_le_bytes();
+    for (file, tensor, expected) in [
+        (
+            "adapter.safetensors",
+            "body.0.block1.weight",
+            "a T2I-Adapter is not supported by Easel yet",
+        ),
+        (
+            "control_lora.safetensors",
+            "lora_controlnet",
+            "a control-LoRA is not supported by Easel yet",
+        ),
+        (
+            "other.safetensors",
+            "encoder.weight",
+            "could not detect control model type",
+        ),
+    ] {
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &one).expect("view");
+        safetensors::serialize_to_file([(tensor, view)], None, &folder.join(file)).expect("written");
+        let error = setup
+            .call("ControlNetLoader", vec![("control_net_name", j(json!(file)))])
+            .expect_err("refused")
+            .to_string();
+        assert!(error.contains(expected), "{file}: {error}");
+    }
+}

@@ -97,6 +97,12 @@ pub struct BenchArgs {
     /// peak memory of a full-size file (12.7 GB of disk; as bf16 it would be 23.8 GB).
     #[arg(long)]
     pub full_depth: bool,
+    /// controlnet: also time ComfyUI's own code from this checkout (v0.3.64), on PyTorch.
+    #[arg(long, value_name = "DIR")]
+    pub comfyui: Option<std::path::PathBuf>,
+    /// controlnet: the Python (with torch) that runs ComfyUI's side.
+    #[arg(long, value_name = "PATH", default_value = "python3")]
+    pub python: std::path::PathBuf,
     /// validation: how many outputs of the prompt fail.
     #[arg(long, default_value_t = 4000)]
     pub outputs: usize,
@@ -118,6 +124,9 @@ pub enum BenchTarget {
     /// FLUX: a full-width FLUX-shaped model as bf16, GGUF Q8_0 and Q4_K: step at 256² and 512²,
     /// peak memory against file size.
     Flux,
+    /// ControlNet: the SD1.5 step at 512² alone, with one ControlNet and with two chained
+    /// (`--comfyui DIR`: ComfyUI's too, on PyTorch).
+    Controlnet,
     /// Validation of a prompt whose outputs all fail (`--outputs N`): time, error body size and
     /// peak memory.
     Validation,

@@ -268,14 +268,7 @@ pub const TINY_SD1_CONTROLNET: &str = "easel_tiny_sd1_controlnet.safetensors";
 
 /// A ControlNet for the tiny SD1.x UNet: a copy of its encoder taking an RGB hint.
 pub fn tiny_sd1_controlnet() -> ControlNetConfig {
-    ControlNetConfig {
-        encoder: UNetConfig {
-            out_channels: 0,
-            output_depths: Vec::new(),
-            ..tiny_sd1_unet()
-        },
-        hint_channels: 3,
-    }
+    ControlNetConfig::copying(&tiny_sd1_unet(), 3)
 }
 
 /// Every tensor of a ControlNet in the LDM layout.

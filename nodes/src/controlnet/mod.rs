@@ -130,11 +130,11 @@ impl ControlApplication {
             context: call.context,
             y: call.y,
         })?;
-        let mut residuals = outputs.residuals(self.strength)?;
-        if let Some(previous) = previous {
-            merge(&mut residuals, previous)?;
-        }
-        Ok(Some(residuals))
+        let residuals = outputs.residuals(self.strength)?;
+        Ok(Some(match previous {
+            Some(previous) => residuals.add(previous)?,
+            None => residuals,
+        }))
     }
 
     /// The hint resized to the latent's size × the compression ratio (`common_upscale`, nearest-
@@ -189,23 +189,4 @@ fn broadcast_to_batch(hint: &Tensor, batch: usize, batched_number: usize) -> can
         return Ok(side);
     }
     Tensor::cat(&vec![&side; batched_number], 0)
-}
-
-/// `control_merge`'s sum with the residuals of the applications before.
-fn merge(residuals: &mut ControlResiduals, previous: ControlResiduals) -> candle_core::Result<()> {
-    let add = |own: &mut Option<Tensor>, before: Option<Tensor>| -> candle_core::Result<()> {
-        *own = match (own.take(), before) {
-            (Some(own), Some(before)) => Some((before + own)?),
-            (own, before) => own.or(before),
-        };
-        Ok(())
-    };
-    add(&mut residuals.middle, previous.middle)?;
-    for (index, before) in previous.output.into_iter().enumerate() {
-        match residuals.output.get_mut(index) {
-            Some(own) => add(own, before)?,
-            None => residuals.output.push(before),
-        }
-    }
-    Ok(())
 }

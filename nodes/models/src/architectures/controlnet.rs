@@ -27,6 +27,18 @@ pub struct ControlNetConfig {
 }
 
 impl ControlNetConfig {
+    /// The ControlNet of a UNet: a copy of its encoder, taking a hint of `hint_channels`.
+    pub fn copying(unet: &UNetConfig, hint_channels: usize) -> Self {
+        ControlNetConfig {
+            encoder: UNetConfig {
+                out_channels: 0,
+                output_depths: Vec::new(),
+                ..unet.clone()
+            },
+            hint_channels,
+        }
+    }
+
     /// Reads the architecture from the tensors under `prefix` (`""`, or `control_model.`).
     /// `heads` as for the UNet of the same family (SD1.x: 8 heads, else 64 channels each).
     pub fn infer(file: &dyn TensorShapes, prefix: &str, heads: HeadLayout) -> std::result::Result<Self, DetectError> {

@@ -174,6 +174,29 @@ pub struct ControlResiduals {
     pub output: Vec<Option<Tensor>>,
 }
 
+impl ControlResiduals {
+    /// These residuals plus those of the control applied `earlier` (ComfyUI's `control_merge`
+    /// with the previous ControlNet's: entry by entry, whichever exists where only one does).
+    pub fn add(mut self, earlier: ControlResiduals) -> Result<Self> {
+        fn sum(own: Option<Tensor>, earlier: Option<Tensor>) -> Result<Option<Tensor>> {
+            Ok(match (own, earlier) {
+                (Some(own), Some(earlier)) => Some((earlier + own)?),
+                (own, earlier) => own.or(earlier),
+            })
+        }
+        self.middle = sum(self.middle, earlier.middle)?;
+        for (list, earlier) in [(&mut self.input, earlier.input), (&mut self.output, earlier.output)] {
+            for (index, before) in earlier.into_iter().enumerate() {
+                match list.get_mut(index) {
+                    Some(own) => *own = sum(own.take(), before)?,
+                    None => list.push(before),
+                }
+            }
+        }
+        Ok(self)
+    }
+}
+
 /// One call of the network.
 pub struct UNetInput<'a> {
     /// Latent in model space, [B, in_channels, H, W].

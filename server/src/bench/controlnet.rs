@@ -1,0 +1,114 @@
+//! `easel bench controlnet`: what a ControlNet costs a sampling step. The full-size SD1.5 UNet
+//! (random weights) takes one classifier-free-guidance step (batch 2) on a 512² latent alone,
+//! with one SD1.5 ControlNet (random weights, its residuals computed in the same step) and with
+//! two chained; the times and their ratios to the plain step. With `--comfyui DIR`, ComfyUI's
+//! own `UNetModel` and `cldm.ControlNet` of the same shapes take the same three steps on PyTorch
+//! in the same run (`controlnet_comfyui.py`, beside this file, run by `--python`).
+
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use easel_models::architectures::controlnet::{ControlNetConfig, ControlNetInput};
+use easel_models::architectures::unet::{ControlResiduals, UNetInput};
+use easel_models::kernels::sgemm::Precision;
+use easel_models::testmodels::{
+    controlnet_layout, sd15_clip_l, sd15_unet, sd15_vae, sd1_checkpoint_layout, write_checkpoint,
+};
+use easel_nodes::controlnet::nodes::load_controlnet;
+use easel_nodes::loaders::models::load_checkpoint;
+use easel_nodes::loaders::t5_tokenizer_files::TokenizerSearch;
+
+use super::mean_seconds;
+use crate::cli::BenchArgs;
+
+/// The PyTorch side, kept beside the benchmark.
+const COMFYUI_SCRIPT: &str = include_str!("controlnet_comfyui.py");
+
+pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+    let dir = tempfile::tempdir()?;
+    let checkpoint = dir.path().join("sd15_random.safetensors");
+    write_checkpoint(
+        &checkpoint,
+        &sd1_checkpoint_layout(&sd15_unet(), &sd15_clip_l(), &sd15_vae())?,
+    )?;
+    let controlnet = dir.path().join("sd15_controlnet_random.safetensors");
+    write_checkpoint(
+        &controlnet,
+        &controlnet_layout(&ControlNetConfig::copying(&sd15_unet(), 3))?,
+    )?;
+    for file in [&checkpoint, &controlnet] {
+        std::fs::File::open(file)?.sync_all()?;
+    }
+
+    println!(
+        "| engine | UNet step, batch 2, 512² (s) | + one ControlNet (s) | ratio | + two ControlNets (s) | ratio |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    measure(&checkpoint, &controlnet, args.steps)?;
+    if let Some(comfyui) = &args.comfyui {
+        let script = dir.path().join("controlnet_comfyui.py");
+        std::fs::write(&script, COMFYUI_SCRIPT)?;
+        let status = std::process::Command::new(&args.python)
+            .arg(&script)
+            .arg(args.steps.to_string())
+            .env("COMFYUI", comfyui)
+            .status()
+            .with_context(|| format!("running {}", args.python.display()))?;
+        anyhow::ensure!(status.success(), "the ComfyUI side failed ({status})");
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Easel's row: the mean of `steps` timed steps of each kind after one warm-up.
+fn measure(checkpoint: &Path, controlnet: &Path, steps: usize) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let (loaded, _) = load_checkpoint(checkpoint, &device, Precision::F32, TokenizerSearch::default())
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    let (control, _) = load_controlnet(controlnet, &device).map_err(|error| anyhow::anyhow!("{error}"))?;
+    let unet = loaded
+        .model
+        .0
+        .network
+        .unet()
+        .context("an SD1.x checkpoint has a UNet")?;
+    let x = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &device)?;
+    let timesteps = Tensor::new(&[500f32, 500.0], &device)?;
+    let context = Tensor::zeros((2, 77, unet.config().context_dim), DType::F32, &device)?;
+    let hint = Tensor::rand(0f32, 1.0, (1, 3, 512, 512), &device)?;
+    let residuals = || -> candle_core::Result<ControlResiduals> {
+        control
+            .network
+            .forward(&ControlNetInput {
+                x: &x,
+                hint: &hint,
+                timesteps: &timesteps,
+                context: &context,
+                y: None,
+            })?
+            .residuals(1.0)
+    };
+    let step = |controls: usize| -> candle_core::Result<Tensor> {
+        let mut merged: Option<ControlResiduals> = None;
+        for _ in 0..controls {
+            let own = residuals()?;
+            merged = Some(match merged {
+                Some(earlier) => own.add(earlier)?,
+                None => own,
+            });
+        }
+        unet.forward(&UNetInput {
+            control: merged.as_ref(),
+            ..UNetInput::new(&x, &timesteps, &context)
+        })
+    };
+    let (_, plain) = mean_seconds(steps, || step(0))?;
+    let (_, one) = mean_seconds(steps, || step(1))?;
+    let (_, two) = mean_seconds(steps, || step(2))?;
+    println!(
+        "| Easel | {plain:.2} | {one:.2} | {:.2}× | {two:.2} | {:.2}× |",
+        one / plain,
+        two / plain
+    );
+    Ok(())
+}
