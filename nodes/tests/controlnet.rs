@@ -315,15 +315,16 @@ fn diffusers_name(ldm: &str) -> String {
     }
 }
 
+/// The setup's `models/controlnet`.
+fn controlnet_folder(setup: &common::Setup) -> std::path::PathBuf {
+    let paths = setup.services.get::<easel_nodes::paths::Paths>().expect("paths");
+    paths.models.join("controlnet")
+}
+
 #[test]
 fn a_diffusers_layout_controlnet_steers_sampling_as_its_ldm_twin() {
     let setup = setup();
-    let folder = setup
-        .services
-        .get::<easel_nodes::paths::Paths>()
-        .expect("paths")
-        .models
-        .join("controlnet");
+    let folder = controlnet_folder(&setup);
     let bytes = std::fs::read(folder.join(TINY_SD1_CONTROLNET)).expect("the tiny ControlNet");
     let ldm = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
     let renamed: Vec<(String, safetensors::tensor::TensorView)> = ldm
@@ -360,12 +361,7 @@ fn a_diffusers_layout_controlnet_steers_sampling_as_its_ldm_twin() {
 #[test]
 fn control_models_easel_cannot_run_yet_are_refused_by_name() {
     let setup = setup();
-    let folder = setup
-        .services
-        .get::<easel_nodes::paths::Paths>()
-        .expect("paths")
-        .models
-        .join("controlnet");
+    let folder = controlnet_folder(&setup);
     let one = 1f32.to_le_bytes();
     for (file, tensor, expected) in [
         (

@@ -132,7 +132,7 @@ impl ControlApplication {
         })?;
         let residuals = outputs.residuals(self.strength)?;
         Ok(Some(match previous {
-            Some(previous) => residuals.add(previous)?,
+            Some(previous) => residuals.merged_with(previous)?,
             None => residuals,
         }))
     }

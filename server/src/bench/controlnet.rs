@@ -93,7 +93,7 @@ fn measure(checkpoint: &Path, controlnet: &Path, steps: usize) -> anyhow::Result
         for _ in 0..controls {
             let own = residuals()?;
             merged = Some(match merged {
-                Some(earlier) => own.add(earlier)?,
+                Some(earlier) => own.merged_with(earlier)?,
                 None => own,
             });
         }

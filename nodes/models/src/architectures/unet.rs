@@ -177,7 +177,7 @@ pub struct ControlResiduals {
 impl ControlResiduals {
     /// These residuals plus those of the control applied `earlier` (ComfyUI's `control_merge`
     /// with the previous ControlNet's: entry by entry, whichever exists where only one does).
-    pub fn add(mut self, earlier: ControlResiduals) -> Result<Self> {
+    pub fn merged_with(mut self, earlier: ControlResiduals) -> Result<Self> {
         fn sum(own: Option<Tensor>, earlier: Option<Tensor>) -> Result<Option<Tensor>> {
             Ok(match (own, earlier) {
                 (Some(own), Some(earlier)) => Some((earlier + own)?),
