@@ -12,9 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use easel_models::architectures::controlnet::{ControlNetConfig, ControlNetInput};
 use easel_models::architectures::unet::{ControlResiduals, UNetInput};
 use easel_models::kernels::sgemm::Precision;
-use easel_models::testmodels::{
-    controlnet_layout, sd15_clip_l, sd15_unet, sd15_vae, sd1_checkpoint_layout, write_checkpoint,
-};
+use easel_models::testmodels::{controlnet_layout, sd15_unet, write_checkpoint};
 use easel_nodes::controlnet::nodes::load_controlnet;
 use easel_nodes::loaders::models::load_checkpoint;
 use easel_nodes::loaders::t5_tokenizer_files::TokenizerSearch;
@@ -27,19 +25,13 @@ const COMFYUI_SCRIPT: &str = include_str!("controlnet_comfyui.py");
 
 pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let dir = tempfile::tempdir()?;
-    let checkpoint = dir.path().join("sd15_random.safetensors");
-    write_checkpoint(
-        &checkpoint,
-        &sd1_checkpoint_layout(&sd15_unet(), &sd15_clip_l(), &sd15_vae())?,
-    )?;
+    let checkpoint = super::sd15::write_random_sd15(dir.path())?;
     let controlnet = dir.path().join("sd15_controlnet_random.safetensors");
     write_checkpoint(
         &controlnet,
         &controlnet_layout(&ControlNetConfig::copying(&sd15_unet(), 3))?,
     )?;
-    for file in [&checkpoint, &controlnet] {
-        std::fs::File::open(file)?.sync_all()?;
-    }
+    std::fs::File::open(&controlnet)?.sync_all()?;
 
     println!(
         "| engine | UNet step, batch 2, 512² (s) | + one ControlNet (s) | ratio | + two ControlNets (s) | ratio |"

@@ -5,8 +5,7 @@
 //! (each request's own cost) and by 64 at once (the cost under contention), eleven rounds of each,
 //! alternating, the overhead being the median of each round's difference (the run-to-run spread of
 //! one 64-client round is a few tenths of a millisecond); each measurement starts with an empty
-//! queue. Then the memory of a request
-//! uploading a 4 MP PNG (`rest_upload`).
+//! queue. Then the memory of a request uploading a 4 MP PNG (`rest_upload`).
 
 use super::server::{
     client_runtime, http_client, load, print_header, report, send_json, start_server, wait_for_empty_queue, HttpClient,

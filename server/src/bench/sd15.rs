@@ -8,7 +8,7 @@
 //! The full-size step is the number to compare with PyTorch (`shared/docs/candle.md` §4: f32
 //! 10.2 s per step, bf16 6.3 s, and 15.8 s per 512² decode on the 2-core reference machine).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -34,11 +34,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         .context("the tiny checkpoint was not written")?;
     measure("tiny SD1.x", &tiny, 64, args.steps, Precision::F32)?;
     if !args.tiny_only {
-        let full = dir.path().join("sd15_random.safetensors");
-        let layout = sd1_checkpoint_layout(&sd15_unet(), &sd15_clip_l(), &sd15_vae())?;
-        write_checkpoint(&full, &layout)?;
-        // Timed loads read a file at rest, as a user's checkpoint is, not one still being written back.
-        std::fs::File::open(&full)?.sync_all()?;
+        let full = write_random_sd15(dir.path())?;
         measure("SD1.5 (random weights)", &full, 512, args.steps, Precision::F32)?;
         if Precision::bf16_supported() {
             measure("SD1.5, UNet in bf16", &full, 512, args.steps, Precision::Bf16)?;
@@ -55,6 +51,18 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         shown(bf16)
     );
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// A full-size SD1.5 checkpoint with random weights written into `dir` (2.1 GB), synced: timed
+/// loads read a file at rest, as a user's checkpoint is, not one still being written back.
+pub(super) fn write_random_sd15(dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = dir.join("sd15_random.safetensors");
+    write_checkpoint(
+        &path,
+        &sd1_checkpoint_layout(&sd15_unet(), &sd15_clip_l(), &sd15_vae())?,
+    )?;
+    std::fs::File::open(&path)?.sync_all()?;
+    Ok(path)
 }
 
 /// Loads `checkpoint` with the UNet in `precision`, then times `steps` UNet passes on a batch of

@@ -453,17 +453,20 @@ fn sanitized_request(
     images: &StoredInputs,
     seed: u64,
 ) -> Json {
+    // A stored input (`rest/<file>`) as its `/view` URL.
+    let url = |name: &str| {
+        let (subfolder, filename) = name.split_once('/').unwrap_or(("", name));
+        json!(view_url(filename, subfolder, "input"))
+    };
     for (field, name) in [("image", &images.image), ("mask", &images.mask)] {
         if let Some(name) = name {
-            let (subfolder, filename) = name.split_once('/').unwrap_or(("", name));
-            fields.insert(field.into(), json!(view_url(filename, subfolder, "input")));
+            fields.insert(field.into(), url(name));
         }
     }
     if let Some(Json::Array(controls)) = fields.get_mut("controlnets") {
         for (control, stored) in controls.iter_mut().zip(&images.controls) {
             if let (Some(control), Some(name)) = (control.as_object_mut(), stored) {
-                let (subfolder, filename) = name.split_once('/').unwrap_or(("", name));
-                control.insert("image".into(), json!(view_url(filename, subfolder, "input")));
+                control.insert("image".into(), url(name));
             }
         }
     }

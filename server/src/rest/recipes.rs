@@ -88,6 +88,23 @@ pub struct BuiltPrompt {
 }
 
 impl BuiltPrompt {
+    /// Adds `node` to `nodes` under the next free id, its `inputs` set by request `field`;
+    /// its id.
+    fn add_node(
+        &mut self,
+        nodes: &mut Map<String, Json>,
+        node: Json,
+        field: &'static str,
+        inputs: &[&'static str],
+    ) -> String {
+        let id = next_id(nodes);
+        for input in inputs {
+            self.fields.push((Cow::Owned(id.clone()), input, field));
+        }
+        nodes.insert(id.clone(), node);
+        id
+    }
+
     /// The request field behind a node's input, if a field set it.
     pub fn field_of(&self, node: &str, input: &str) -> Option<&'static str> {
         self.fields
@@ -294,20 +311,12 @@ fn split_loaders(
     built: &mut BuiltPrompt,
 ) -> Result<(Json, Json), RestError> {
     let gguf = |name: &str| name.to_ascii_lowercase().ends_with(".gguf");
-    let mut add = |nodes: &mut Map<String, Json>, node: Json, field: &'static str, inputs: &[&'static str]| {
-        let id = next_id(nodes);
-        for input in inputs {
-            built.fields.push((Cow::Owned(id.clone()), input, field));
-        }
-        nodes.insert(id.clone(), node);
-        id
-    };
     let unet_node = if gguf(unet) {
         json!({"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": unet}, "_meta": {"title": "Unet Loader (GGUF)"}})
     } else {
         json!({"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}, "_meta": {"title": "Load Diffusion Model"}})
     };
-    let unet_id = add(nodes, unet_node, "unet", &["unet_name"]);
+    let unet_id = built.add_node(nodes, unet_node, "unet", &["unet_name"]);
     let clip_node = match (request.family, request.clip.as_slice()) {
         (Family::Sd15, [one]) => {
             let class = if gguf(one) { "CLIPLoaderGGUF" } else { "CLIPLoader" };
@@ -339,9 +348,9 @@ fn split_loaders(
             ));
         }
     };
-    let clip_id = add(nodes, clip_node, "clip", &["clip_name", "clip_name1", "clip_name2"]);
+    let clip_id = built.add_node(nodes, clip_node, "clip", &["clip_name", "clip_name1", "clip_name2"]);
     let vae = request.vae.as_deref().unwrap_or_default();
-    let vae_id = add(
+    let vae_id = built.add_node(
         nodes,
         json!({"class_type": "VAELoader", "inputs": {"vae_name": vae}, "_meta": {"title": "Load VAE"}}),
         "vae",
@@ -364,7 +373,6 @@ fn chain_loras(
     built: &mut BuiltPrompt,
 ) {
     for lora in &request.loras {
-        let id = next_id(nodes);
         let node = json!({
             "class_type": "LoraLoader",
             "inputs": {
@@ -373,10 +381,7 @@ fn chain_loras(
             },
             "_meta": {"title": "Load LoRA"},
         });
-        nodes.insert(id.clone(), node);
-        for input in ["lora_name", "strength_model", "strength_clip"] {
-            built.fields.push((Cow::Owned(id.clone()), input, "loras"));
-        }
+        let id = built.add_node(nodes, node, "loras", &["lora_name", "strength_model", "strength_clip"]);
         let (lora_model, lora_clip) = (json!([id, 0]), json!([id, 1]));
         relink(nodes, &model, &lora_model, &id);
         relink(nodes, &clip, &lora_clip, &id);
@@ -394,6 +399,7 @@ fn chain_controlnets(
     built: &mut BuiltPrompt,
 ) {
     const SAMPLERS: [&str; 2] = ["KSampler", "KSamplerAdvanced"];
+    const FIELD: &str = "controlnets";
     let samplers: Vec<String> = nodes
         .iter()
         .filter(|(_, node)| SAMPLERS.iter().any(|class| node["class_type"] == *class))
@@ -405,17 +411,10 @@ fn chain_controlnets(
             nodes[&sampler]["inputs"]["negative"].clone(),
         );
         for (control, image) in request.controlnets.iter().zip(images) {
-            let mut add = |nodes: &mut Map<String, Json>, node: Json, inputs: &[&'static str]| {
-                let id = next_id(nodes);
-                for input in inputs {
-                    built.fields.push((Cow::Owned(id.clone()), input, "controlnets"));
-                }
-                nodes.insert(id.clone(), node);
-                id
-            };
-            let loaded = add(
+            let loaded = built.add_node(
                 nodes,
                 json!({"class_type": "LoadImage", "inputs": {"image": image}, "_meta": {"title": "Load Image (control)"}}),
+                FIELD,
                 &["image"],
             );
             let hint = match control.kind {
@@ -425,13 +424,14 @@ fn chain_controlnets(
                         "inputs": {"image": [loaded, 0], "low_threshold": 0.4, "high_threshold": 0.8},
                         "_meta": {"title": "Canny"},
                     });
-                    json!([add(nodes, canny, &[]), 0])
+                    json!([built.add_node(nodes, canny, FIELD, &[]), 0])
                 }
                 _ => json!([loaded, 0]),
             };
-            let loader = add(
+            let loader = built.add_node(
                 nodes,
                 json!({"class_type": "ControlNetLoader", "inputs": {"control_net_name": control.model}, "_meta": {"title": "Load ControlNet Model"}}),
+                FIELD,
                 &["control_net_name"],
             );
             let apply = json!({
@@ -443,7 +443,7 @@ fn chain_controlnets(
                 },
                 "_meta": {"title": "Apply ControlNet"},
             });
-            let applied = add(nodes, apply, &["strength", "start_percent", "end_percent"]);
+            let applied = built.add_node(nodes, apply, FIELD, &["strength", "start_percent", "end_percent"]);
             (positive, negative) = (json!([applied, 0]), json!([applied, 1]));
         }
         let inputs = &mut nodes[&sampler]["inputs"];

@@ -265,10 +265,8 @@ impl Encoder {
             )),
             None => None,
         };
-        let transformer = |channels: usize, depth: usize, vb: Weights| {
-            let index = transformers.replace(transformers.get() + 1);
-            SpatialTransformer::new(channels, depth, config.heads.heads(channels), index, config, vb)
-        };
+        let transformer =
+            |channels: usize, depth: usize, vb: Weights| next_transformer(config, transformers, channels, depth, vb);
 
         let mut input_blocks = vec![Block {
             layers: vec![Layer::Conv(Conv2d::same(
@@ -396,10 +394,8 @@ impl UNet {
         // Transformers are numbered in the order they run (ComfyUI's `transformer_index`).
         let transformers = std::cell::Cell::new(0);
         let (encoder, mut skip_channels) = Encoder::new(&config, &vb, &transformers)?;
-        let transformer = |channels: usize, depth: usize, vb: Weights| {
-            let index = transformers.replace(transformers.get() + 1);
-            SpatialTransformer::new(channels, depth, config.heads.heads(channels), index, &config, vb)
-        };
+        let transformer =
+            |channels: usize, depth: usize, vb: Weights| next_transformer(&config, &transformers, channels, depth, vb);
         let mut channels = skip_channels.last().copied().unwrap_or(mc);
 
         let mut output_blocks = Vec::new();
@@ -489,6 +485,19 @@ impl UNet {
         let h = candle_nn::ops::silu(&self.out_norm.forward(&h)?)?;
         self.out_conv.forward(&h)
     }
+}
+
+/// The next `SpatialTransformer` of a network, numbered in the order they run (ComfyUI's
+/// `transformer_index`, which `transformers` counts across the encoder and the decoder).
+fn next_transformer(
+    config: &UNetConfig,
+    transformers: &std::cell::Cell<usize>,
+    channels: usize,
+    depth: usize,
+    vb: Weights,
+) -> Result<SpatialTransformer> {
+    let index = transformers.replace(transformers.get() + 1);
+    SpatialTransformer::new(channels, depth, config.heads.heads(channels), index, config, vb)
 }
 
 /// What every layer of one forward pass shares.
