@@ -365,9 +365,9 @@ fn control_models_easel_cannot_run_yet_are_refused_by_name() {
     let one = 1f32.to_le_bytes();
     for (file, tensor, expected) in [
         (
-            "adapter.safetensors",
-            "body.0.block1.weight",
-            "a T2I-Adapter is not supported by Easel yet",
+            "cascade.safetensors",
+            "backbone.0.0.weight",
+            "a Stable Cascade ControlNet is not supported by Easel yet",
         ),
         (
             "control_lora.safetensors",

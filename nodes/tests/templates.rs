@@ -15,7 +15,7 @@ use easel_engine::events::EventKind;
 use easel_engine::ui_workflow::to_api_prompt;
 use easel_models::testmodels::{
     TINY_CLIP_G, TINY_CLIP_L, TINY_EMBEDDING, TINY_FLUX_CHECKPOINT, TINY_FLUX_DEV, TINY_FLUX_FILL, TINY_FLUX_SCHNELL,
-    TINY_FLUX_VAE, TINY_SD1_CHECKPOINT, TINY_SD1_CONTROLNET, TINY_SD1_INPAINTING_CHECKPOINT, TINY_SD1_LORA,
+    TINY_FLUX_VAE, TINY_SD1_CHECKPOINT, TINY_SD1_CONTROLNET, TINY_SD1_T2I_ADAPTER, TINY_SD1_INPAINTING_CHECKPOINT, TINY_SD1_LORA,
     TINY_SD2_CHECKPOINT, TINY_SDXL_CHECKPOINT, TINY_SDXL_REFINER_CHECKPOINT, TINY_SDXL_VAE, TINY_T5,
 };
 use easel_nodes::paths::Paths;
@@ -70,9 +70,9 @@ fn stand_in(input: &str, value: &str) -> Option<Result<&'static str, String>> {
         // The SD VAE (SD1.x, SD2.x and SDXL share its shape).
         "vae_name" if name.starts_with("vae-ft-mse") => Ok(TINY_SDXL_VAE),
         "lora_name" => Ok(TINY_SD1_LORA),
-        // The vendored templates' ControlNets are SD1.5's (a T2I-Adapter has no stand-in).
-        "control_net_name" if !name.contains("t2i") => Ok(TINY_SD1_CONTROLNET),
-        "control_net_name" => unknown(),
+        // The vendored templates' control models are SD1.5's.
+        "control_net_name" if name.to_lowercase().contains("t2i") => Ok(TINY_SD1_T2I_ADAPTER),
+        "control_net_name" => Ok(TINY_SD1_CONTROLNET),
         "unet_name" | "clip_name" | "clip_name1" | "clip_name2" | "vae_name" => unknown(),
         _ => return None,
     };

@@ -20,6 +20,8 @@ use crate::weights::{MappedWeights, TensorShapes};
 pub const DIFFUSERS_UNET_MARKER: &str = "conv_in.weight";
 /// The tensor a diffusers ControlNet has (ComfyUI's test in `load_controlnet_state_dict`).
 pub const DIFFUSERS_CONTROLNET_MARKER: &str = "controlnet_cond_embedding.conv_in.weight";
+/// The tensor a diffusers T2I-Adapter has (ComfyUI's test in `load_t2i_adapter`).
+pub const DIFFUSERS_T2I_ADAPTER_MARKER: &str = "adapter.body.0.resnets.0.block1.weight";
 /// The tensor ComfyUI's `VAE` looks for to tell a diffusers VAE.
 pub const DIFFUSERS_VAE_MARKER: &str = "decoder.up_blocks.0.resnets.0.norm1.weight";
 
@@ -104,6 +106,35 @@ impl ConvertedWeights {
                     .or_else(|| hint_name(name))?;
                 Some((ldm, name.to_string()))
             })
+            .collect::<Vec<_>>();
+        Ok(Self::with_names(inner, names))
+    }
+
+    /// A diffusers T2I-Adapter under the names of [`crate::architectures::t2i_adapter`]: the full
+    /// adapter's `adapter.body.{i}.resnets.{j}.` as `body.{2i + j}.` (ComfyUI's renaming in
+    /// `load_t2i_adapter`); the light adapter's (which has `out_conv`s) as `body.{i}.body.{j}.`,
+    /// its extractors' own convolutions under `body.{i}.` (ComfyUI's renaming reads the light
+    /// layout into the full one's names, which its light adapter does not have).
+    pub fn diffusers_t2i_adapter(inner: Arc<dyn MappedWeights>) -> Result<Self, DiffusersLayoutError> {
+        if !inner.has(DIFFUSERS_T2I_ADAPTER_MARKER) {
+            return Err(not_diffusers(inner.path(), "T2I-Adapter", DIFFUSERS_T2I_ADAPTER_MARKER));
+        }
+        let light = inner.has("adapter.body.0.out_conv.weight");
+        let adapter_name = |name: &str| -> Option<String> {
+            let rest = name.strip_prefix("adapter.")?;
+            let Some((level, rest)) = indexed(rest, "body") else {
+                return Some(rest.to_string());
+            };
+            Some(match indexed(rest, "resnets") {
+                Some((block, tail)) if light => format!("body.{level}.body.{block}.{tail}"),
+                Some((block, tail)) => format!("body.{}.{tail}", 2 * level + block),
+                None if light => format!("body.{level}.{rest}"),
+                None => format!("body.{}.{rest}", 2 * level),
+            })
+        };
+        let names = inner
+            .tensor_names()
+            .filter_map(|name| Some((adapter_name(name)?, name.to_string())))
             .collect::<Vec<_>>();
         Ok(Self::with_names(inner, names))
     }

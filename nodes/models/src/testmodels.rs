@@ -17,7 +17,6 @@ use half::{bf16, f16};
 use safetensors::tensor::{Dtype as FileDtype, TensorView};
 
 use crate::architectures::clip_text::{Activation, ClipNaming, ClipTextConfig, ClipTextEncoder};
-use crate::architectures::controlnet::{ControlNet, ControlNetConfig};
 use crate::architectures::flux::{Flux, FluxConfig};
 use crate::architectures::t5::{t5_name_to_llama_cpp, T5Config, T5Encoder};
 use crate::architectures::unet::{HeadLayout, UNet, UNetConfig};
@@ -32,6 +31,9 @@ use crate::formats::gguf::{write_gguf, GgufTensorEntry, MetadataValue};
 use crate::sampling::noise::CpuGenerator;
 use crate::text::t5_tokenizer::T5_TOKENIZER_FOLDER;
 use crate::weights::{MappedWeights, SafetensorsFile};
+
+mod control_models;
+pub use control_models::*;
 
 /// How a tensor is filled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,21 +263,6 @@ pub fn flux_layout(config: &FluxConfig, prefix: &str) -> candle_core::Result<Vec
     let recorder = Recorder::default();
     Flux::new(config.clone(), recorder.var_builder(prefix).into())?;
     Ok(ones_where(recorder.specs(), "_norm.scale"))
-}
-
-/// The file name `easel testmodels` gives the tiny SD1.x ControlNet (in `controlnet/`).
-pub const TINY_SD1_CONTROLNET: &str = "easel_tiny_sd1_controlnet.safetensors";
-
-/// A ControlNet for the tiny SD1.x UNet: a copy of its encoder taking an RGB hint.
-pub fn tiny_sd1_controlnet() -> ControlNetConfig {
-    ControlNetConfig::copying(&tiny_sd1_unet(), 3)
-}
-
-/// Every tensor of a ControlNet in the LDM layout.
-pub fn controlnet_layout(config: &ControlNetConfig) -> candle_core::Result<Vec<TensorSpec>> {
-    let recorder = Recorder::default();
-    ControlNet::new(config.clone(), recorder.var_builder("").into())?;
-    Ok(recorder.specs())
 }
 
 /// Every tensor of an SD1.x single-file checkpoint with the given parts, in ComfyUI's layout.
@@ -540,6 +527,11 @@ pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     )?;
 
     let mut written = vec![checkpoint, controlnet];
+    for (name, config) in tiny_t2i_adapters() {
+        let path = controlnets.join(name);
+        write_checkpoint(&path, &t2i_adapter_layout(&config).map_err(std::io::Error::other)?)?;
+        written.push(path);
+    }
     let open_clip_h = tiny_open_clip(64);
     let (clip_l, clip_g, vae) = (tiny_clip_l(), tiny_clip_g(), tiny_sd_vae());
     let sdxl_context = clip_l.hidden_size + clip_g.hidden_size;

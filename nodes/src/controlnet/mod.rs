@@ -1,8 +1,10 @@
 //! ControlNet (`comfy/controlnet.py`): a CONTROL_NET value ([`ControlModel`]) and what applying
 //! one to conditioning entries leaves on them ([`ControlApplication`]): at each model call the
-//! application's network sees the latent, the hint image resized to it, the timestep and the
-//! entry's text, and gives residuals, scaled by its strength and added to those of the
-//! applications before it, that the UNet adds to its skip connections and middle block.
+//! application's network gives residuals, scaled by its strength and added to those of the
+//! applications before it, that the UNet adds to its blocks. A ControlNet sees the latent, the
+//! hint image resized to it, the timestep and the entry's text, and gives residuals for the skip
+//! connections and the middle block; a T2I-Adapter sees only the hint, once per size, and gives
+//! residuals for the encoder's blocks.
 //!
 //! - [`nodes`]: ControlNetLoader, ControlNetApplyAdvanced and ControlNetApply.
 
@@ -13,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{Device, Tensor};
 use easel_engine::{NodeObject, NodeRegistry};
 use easel_models::architectures::controlnet::{ControlNet, ControlNetInput};
+use easel_models::architectures::t2i_adapter::T2IAdapter;
 use easel_models::architectures::unet::ControlResiduals;
 use easel_models::sampling::schedule::SigmaSchedule;
 
@@ -32,9 +35,29 @@ pub struct ControlModel(pub Arc<LoadedControlNet>);
 
 /// A control network as its loader made it.
 pub struct LoadedControlNet {
-    pub network: ControlNet,
+    pub network: ControlNetwork,
     /// Pixels per latent pixel of the hint image (8).
     pub compression_ratio: usize,
+}
+
+/// The networks a CONTROL_NET can hold.
+pub enum ControlNetwork {
+    ControlNet(ControlNet),
+    T2IAdapter(T2IAdapter),
+}
+
+impl ControlNetwork {
+    /// The hint's size for a latent of `height × width` × the compression ratio: a T2I-Adapter
+    /// rounds it up to a multiple of its unshuffle factor (`scale_image_to`).
+    fn hint_size(&self, height: usize, width: usize) -> (usize, usize) {
+        match self {
+            ControlNetwork::ControlNet(_) => (height, width),
+            ControlNetwork::T2IAdapter(adapter) => {
+                let factor = adapter.config().unshuffle();
+                (height.div_ceil(factor) * factor, width.div_ceil(factor) * factor)
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for ControlModel {
@@ -60,8 +83,16 @@ pub struct ControlApplication {
     pub range: (f64, f64),
     /// The application the entries carried before this one (its residuals are added).
     pub previous: Option<Arc<ControlApplication>>,
-    /// The hint resized for the last latent size asked for ([B, C, H, W], `cond_hint`).
-    hint: Mutex<Option<Tensor>>,
+    /// The hint resized for the last latent size asked for, and what is computed from it alone.
+    cache: Mutex<Option<PreparedHint>>,
+}
+
+/// An application's hint at one size ([B, C, H, W], ComfyUI's `cond_hint`) and, for a
+/// T2I-Adapter, its features (`control_input`), before strength and batching.
+#[derive(Clone)]
+struct PreparedHint {
+    hint: Tensor,
+    features: Option<ControlResiduals>,
 }
 
 impl std::fmt::Debug for ControlApplication {
@@ -103,7 +134,7 @@ impl ControlApplication {
             strength,
             range,
             previous,
-            hint: Mutex::new(None),
+            cache: Mutex::new(None),
         }
     }
 
@@ -122,40 +153,73 @@ impl ControlApplication {
         if sigma > start || sigma < end {
             return Ok(previous);
         }
-        let hint = self.hint_for(call.x, call.batched_number)?;
-        let outputs = self.model.0.network.forward(&ControlNetInput {
-            x: call.x,
-            hint: &hint,
-            timesteps: call.timesteps,
-            context: call.context,
-            y: call.y,
-        })?;
-        let residuals = outputs.residuals(self.strength)?;
+        let residuals = match &self.model.0.network {
+            ControlNetwork::ControlNet(network) => {
+                let hint = self.prepared(call.x, |_| Ok(None))?.hint;
+                let hint = broadcast_to_batch(&hint, call.x.dim(0)?, call.batched_number)?;
+                let outputs = network.forward(&ControlNetInput {
+                    x: call.x,
+                    hint: &hint,
+                    timesteps: call.timesteps,
+                    context: call.context,
+                    y: call.y,
+                })?;
+                outputs.residuals(self.strength)?
+            }
+            ControlNetwork::T2IAdapter(adapter) => {
+                let features = self
+                    .prepared(call.x, |hint| adapter.forward(hint).map(Some))?
+                    .features
+                    .ok_or_else(|| candle_core::Error::Msg("a T2I-Adapter's features are missing".into()))?;
+                let batch = |residual: &Option<Tensor>| {
+                    residual
+                        .as_ref()
+                        .map(|r| broadcast_to_batch(r, call.x.dim(0)?, call.batched_number))
+                        .transpose()
+                };
+                ControlResiduals {
+                    input: features.input.iter().map(batch).collect::<candle_core::Result<_>>()?,
+                    middle: batch(&features.middle)?,
+                    output: Vec::new(),
+                }
+                .scaled(self.strength)?
+            }
+        };
         Ok(Some(match previous {
             Some(previous) => residuals.merged_with(previous)?,
             None => residuals,
         }))
     }
 
-    /// The hint resized to the latent's size × the compression ratio (`common_upscale`, nearest-
-    /// exact, centre crop), then matched to its batch (`broadcast_image_to`).
-    fn hint_for(&self, x: &Tensor, batched_number: usize) -> candle_core::Result<Tensor> {
-        let (batch, _, height, width) = x.dims4()?;
+    /// The hint for the latent `x` (kept until a latent of another size comes): the image
+    /// resized to the latent's size × the compression ratio (`common_upscale`, nearest-exact,
+    /// centre crop), averaged to one channel for a network that takes one, and what `compute`
+    /// makes of it.
+    fn prepared(
+        &self,
+        x: &Tensor,
+        compute: impl FnOnce(&Tensor) -> candle_core::Result<Option<ControlResiduals>>,
+    ) -> candle_core::Result<PreparedHint> {
+        let (_, _, height, width) = x.dims4()?;
+        let network = &self.model.0.network;
         let ratio = self.model.0.compression_ratio;
-        let (height, width) = (height * ratio, width * ratio);
+        let (height, width) = network.hint_size(height * ratio, width * ratio);
         let mut cached = self
-            .hint
+            .cache
             .lock()
             .map_err(|_| candle_core::Error::Msg("a ControlNet hint was poisoned".into()))?;
-        let hint = match cached.as_ref() {
-            Some(hint) if hint.dims()[2..] == [height, width] => hint.clone(),
-            _ => {
-                let hint = resized_hint(&self.image, height, width, x.device())?;
-                *cached = Some(hint.clone());
-                hint
-            }
-        };
-        broadcast_to_batch(&hint, batch, batched_number)
+        if let Some(prepared) = cached.as_ref().filter(|p| p.hint.dims()[2..] == [height, width]) {
+            return Ok(prepared.clone());
+        }
+        let mut hint = resized_hint(&self.image, height, width, x.device())?;
+        let one_channel = matches!(network, ControlNetwork::T2IAdapter(a) if a.config().hint_channels() == 1);
+        if one_channel && hint.dim(1)? > 1 {
+            hint = hint.mean_keepdim(1)?;
+        }
+        let features = compute(&hint)?;
+        let prepared = PreparedHint { hint, features };
+        *cached = Some(prepared.clone());
+        Ok(prepared)
     }
 }
 

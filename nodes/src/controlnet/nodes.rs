@@ -8,12 +8,15 @@ use candle_core::Device;
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 use easel_models::architectures::controlnet::{ControlNet, ControlNetConfig};
-use easel_models::diffusers_layout::{ConvertedWeights, DIFFUSERS_CONTROLNET_MARKER};
+use easel_models::architectures::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
+use easel_models::diffusers_layout::{
+    ConvertedWeights, DiffusersLayoutError, DIFFUSERS_CONTROLNET_MARKER, DIFFUSERS_T2I_ADAPTER_MARKER,
+};
 use easel_models::kernels::sgemm::Precision;
 use easel_models::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
 use serde_json::{Map, Value as Json};
 
-use super::{ControlApplication, ControlModel, LoadedControlNet};
+use super::{ControlApplication, ControlModel, ControlNetwork, LoadedControlNet};
 use crate::conditioning::{CondEntry, Conditioning};
 use crate::image::Image;
 use crate::loaders::model_files_fingerprint;
@@ -23,8 +26,8 @@ use crate::runtime::device;
 const FOLDER: &str = "controlnet";
 
 /// Control model layouts Easel does not run yet, by a tensor that marks them (ComfyUI's
-/// `load_controlnet_state_dict` checks), and what they are.
-const LATER_FORMATS: [(&str, &str); 6] = [
+/// `load_controlnet_state_dict` and `load_t2i_adapter` checks), and what they are.
+const LATER_FORMATS: [(&str, &str); 8] = [
     ("lora_controlnet", "control-LoRA"),
     ("controlnet_x_embedder.weight", "FLUX ControlNet (InstantX)"),
     (
@@ -34,58 +37,64 @@ const LATER_FORMATS: [(&str, &str); 6] = [
     ("controlnet_blocks.0.linear.weight", "FLUX ControlNet (Mistoline)"),
     ("pos_embed_input.proj.weight", "SD3 ControlNet"),
     ("after_proj_list.18.bias", "Hunyuan-DiT ControlNet"),
+    ("backbone.0.0.weight", "Stable Cascade ControlNet"),
+    ("backbone.10.blocks.0.weight", "Stable Cascade ControlNet"),
 ];
 
-/// What a control model file Easel cannot load yet is, if it can tell.
-fn later_format(file: &SafetensorsFile) -> Option<&'static str> {
-    let marked = LATER_FORMATS.iter().find(|(marker, _)| file.has(marker));
-    if let Some((_, format)) = marked {
-        return Some(format);
-    }
-    // T2I-Adapters keep their blocks under `body.` (full) or `adapter.` (light, style).
-    file.tensor_names()
-        .any(|name| name.starts_with("body.") || name.starts_with("adapter."))
-        .then_some("T2I-Adapter")
-}
-
-/// Loads a ControlNet in the LDM layout (bare, or under `control_model.` as the original
-/// conversions keep it) or in diffusers' layout; also returns the file size.
+/// Loads a control model, told apart by its tensors as ComfyUI's `load_controlnet` does: a
+/// ControlNet in the LDM layout (bare, or under `control_model.` as the original conversions
+/// keep it) or in diffusers' layout, else a T2I-Adapter (ComfyUI's or diffusers' names); also
+/// returns the file size.
 pub fn load_controlnet(path: &Path, device: &Device) -> Result<(LoadedControlNet, u64), NodeError> {
     let file: Arc<SafetensorsFile> = open(path)?;
-    if let Some(format) = later_format(&file) {
+    if let Some((_, format)) = LATER_FORMATS.iter().find(|(marker, _)| file.has(marker)) {
         return Err(NodeError::new(format!(
-            "{}: a {format} is not supported by Easel yet (SD1.x, SD2.x and SDXL ControlNets are)",
+            "{}: a {format} is not supported by Easel yet (SD1.x, SD2.x and SDXL ControlNets and \
+             T2I-Adapters are)",
             path.display()
         )));
     }
-    let (weights, prefix): (Arc<dyn MappedWeights>, &str) = if file.has(DIFFUSERS_CONTROLNET_MARKER) {
-        let converted =
-            ConvertedWeights::diffusers_controlnet(file).map_err(|error| NodeError::new(error.to_string()))?;
-        (Arc::new(converted), "")
-    } else {
-        let prefix = ["", "control_model."]
-            .into_iter()
-            .find(|prefix| file.has(&format!("{prefix}zero_convs.0.0.weight")))
-            .ok_or_else(|| {
+    let loading = |error: candle_core::Error| NodeError::new(error.to_string());
+    let layout = |error: DiffusersLayoutError| NodeError::new(error.to_string());
+    let detect = |error| undetected(path, error);
+    let controlnet_prefix = ["", "control_model."]
+        .into_iter()
+        .find(|prefix| file.has(&format!("{prefix}zero_convs.0.0.weight")));
+    let (weights, prefix): (Arc<dyn MappedWeights>, &str) = match controlnet_prefix {
+        _ if file.has(DIFFUSERS_CONTROLNET_MARKER) => {
+            (Arc::new(ConvertedWeights::diffusers_controlnet(file).map_err(layout)?), "")
+        }
+        Some(prefix) => (file, prefix),
+        None => {
+            let weights: Arc<dyn MappedWeights> = if file.has(DIFFUSERS_T2I_ADAPTER_MARKER) {
+                Arc::new(ConvertedWeights::diffusers_t2i_adapter(file).map_err(layout)?)
+            } else {
+                file
+            };
+            let config = T2IAdapterConfig::infer(weights.as_ref()).map_err(detect)?.ok_or_else(|| {
                 NodeError::new(format!(
                     "ERROR: Could not detect model type of: {}\nerror could not detect control model type.",
                     path.display()
                 ))
             })?;
-        (file, prefix)
+            let source = WeightSource::new(weights, "", device, Precision::F32);
+            let adapter = T2IAdapter::new(config, source.weights()).map_err(loading)?;
+            let loaded = LoadedControlNet {
+                network: ControlNetwork::T2IAdapter(adapter),
+                compression_ratio: 8,
+            };
+            return Ok((loaded, file_size(path)));
+        }
     };
-    let detect = |error| undetected(path, error);
     let heads = ControlNetConfig::heads_for(weights.as_ref(), prefix).map_err(detect)?;
     let config = ControlNetConfig::infer(weights.as_ref(), prefix, heads).map_err(detect)?;
     let source = WeightSource::new(weights, prefix, device, Precision::F32);
-    let network = ControlNet::new(config, source.weights()).map_err(|error| NodeError::new(error.to_string()))?;
-    Ok((
-        LoadedControlNet {
-            network,
-            compression_ratio: 8,
-        },
-        file_size(path),
-    ))
+    let network = ControlNet::new(config, source.weights()).map_err(loading)?;
+    let loaded = LoadedControlNet {
+        network: ControlNetwork::ControlNet(network),
+        compression_ratio: 8,
+    };
+    Ok((loaded, file_size(path)))
 }
 
 /// `ControlNetLoader`.

@@ -14,6 +14,7 @@ use easel_models::architectures::unet::{ControlResiduals, UNetInput};
 use easel_models::kernels::sgemm::Precision;
 use easel_models::testmodels::{controlnet_layout, sd15_unet, write_checkpoint};
 use easel_nodes::controlnet::nodes::load_controlnet;
+use easel_nodes::controlnet::ControlNetwork;
 use easel_nodes::loaders::models::load_checkpoint;
 use easel_nodes::loaders::t5_tokenizer_files::TokenizerSearch;
 
@@ -58,6 +59,9 @@ fn measure(checkpoint: &Path, controlnet: &Path, steps: usize) -> anyhow::Result
     let (loaded, _) = load_checkpoint(checkpoint, &device, Precision::F32, TokenizerSearch::default())
         .map_err(|error| anyhow::anyhow!("{error}"))?;
     let (control, _) = load_controlnet(controlnet, &device).map_err(|error| anyhow::anyhow!("{error}"))?;
+    let ControlNetwork::ControlNet(control) = control.network else {
+        anyhow::bail!("the benchmark's ControlNet loaded as another kind of control model");
+    };
     let unet = loaded
         .model
         .0
@@ -70,7 +74,6 @@ fn measure(checkpoint: &Path, controlnet: &Path, steps: usize) -> anyhow::Result
     let hint = Tensor::rand(0f32, 1.0, (1, 3, 512, 512), &device)?;
     let residuals = || -> candle_core::Result<ControlResiduals> {
         control
-            .network
             .forward(&ControlNetInput {
                 x: &x,
                 hint: &hint,

@@ -1,5 +1,6 @@
 //! The networks, one file each, with a `Config` inferred from a file's tensor shapes: the
-//! Stable Diffusion UNet ([`unet`]) and the ControlNet copying its encoder ([`controlnet`]), the
+//! Stable Diffusion UNet ([`unet`]), the ControlNet copying its encoder ([`controlnet`]) and the
+//! T2I-Adapter giving it features of a control image ([`t2i_adapter`]), the
 //! autoencoder ([`vae`]), CLIP's text transformer ([`clip_text`]), T5's encoder ([`t5`]) and
 //! FLUX's transformer ([`flux`]); A1111's hypernetworks, MLPs patching the UNet's attention inputs
 //! ([`hypernetwork`]); the hook points for model patches of the UNet ([`unet_patches`]) and of DiTs
@@ -10,6 +11,7 @@ pub mod controlnet;
 pub mod dit_patches;
 pub mod flux;
 pub mod hypernetwork;
+pub mod t2i_adapter;
 pub mod t5;
 pub mod unet;
 pub mod unet_patches;

@@ -166,7 +166,8 @@ fn transformer_depth(file: &dyn TensorShapes, block: &str) -> usize {
 
 /// ControlNet-style residuals: `input[i]` is added to the output of encoder block i (block 0
 /// is the input convolution), `middle` to the middle block's output, `output[i]` to the skip
-/// connection that decoder block i consumes. Missing entries add nothing.
+/// connection that decoder block i consumes. Missing entries add nothing; a residual of one
+/// batch item is added to every item.
 #[derive(Clone, Debug, Default)]
 pub struct ControlResiduals {
     pub input: Vec<Option<Tensor>>,
@@ -180,7 +181,7 @@ impl ControlResiduals {
     pub fn merged_with(mut self, earlier: ControlResiduals) -> Result<Self> {
         fn sum(own: Option<Tensor>, earlier: Option<Tensor>) -> Result<Option<Tensor>> {
             Ok(match (own, earlier) {
-                (Some(own), Some(earlier)) => Some((earlier + own)?),
+                (Some(own), Some(earlier)) => Some(earlier.broadcast_add(&own)?),
                 (own, earlier) => own.or(earlier),
             })
         }
@@ -195,6 +196,36 @@ impl ControlResiduals {
         }
         Ok(self)
     }
+
+    /// Every residual multiplied by `strength`.
+    pub fn scaled(&self, strength: f64) -> Result<Self> {
+        let scale = |list: &[Option<Tensor>]| -> Result<Vec<Option<Tensor>>> {
+            list.iter()
+                .map(|residual| residual.as_ref().map(|r| r * strength).transpose())
+                .collect()
+        };
+        Ok(ControlResiduals {
+            input: scale(&self.input)?,
+            middle: self.middle.as_ref().map(|r| r * strength).transpose()?,
+            output: scale(&self.output)?,
+        })
+    }
+}
+
+/// `h` plus a control residual (`apply_control`): one of a single item is added to every item;
+/// one of another shape is left out with a warning, as ComfyUI leaves it out.
+fn with_control(h: Tensor, residual: &Tensor) -> Result<Tensor> {
+    let fits = residual.dims().get(1..) == h.dims().get(1..)
+        && (residual.dim(0)? == 1 || residual.dim(0)? == h.dim(0)?);
+    if !fits {
+        tracing::warn!(
+            "warning control could not be applied {:?} {:?}",
+            h.dims(),
+            residual.dims()
+        );
+        return Ok(h);
+    }
+    h.broadcast_add(residual)
 }
 
 /// One call of the network.
@@ -450,7 +481,7 @@ impl UNet {
         let mut skips = Vec::with_capacity(self.output_blocks.len());
         let mut h = self.encoder.forward(input.x.clone(), &context, |index, mut h| {
             if let Some(residual) = control.and_then(|c| c.input.get(index)).and_then(Option::as_ref) {
-                h = (h + residual)?;
+                h = with_control(h, residual)?;
             }
             if let Some(call) = input.patches {
                 h = call.patches.input_block(call.info, index, h)?;
@@ -462,14 +493,14 @@ impl UNet {
             Ok(h)
         })?;
         if let Some(residual) = control.and_then(|c| c.middle.as_ref()) {
-            h = (h + residual)?;
+            h = with_control(h, residual)?;
         }
         for (index, block) in self.output_blocks.iter().enumerate() {
             let mut skip = skips
                 .pop()
                 .ok_or_else(|| candle_core::Error::Msg("UNet skip stack underflow".into()))?;
             if let Some(residual) = control.and_then(|c| c.output.get(index)).and_then(Option::as_ref) {
-                skip = (skip + residual)?;
+                skip = with_control(skip, residual)?;
             }
             if let Some(call) = input.patches {
                 (h, skip) = call.patches.output_block(call.info, index, h, skip)?;

@@ -1,0 +1,57 @@
+//! Tiny control models (in `controlnet/`): a ControlNet copying the tiny SD1.x UNet's encoder and
+//! T2I-Adapters, and the layouts their writers and the tests build other sizes from.
+
+use super::{tiny_sd1_unet, Recorder, TensorSpec};
+use crate::architectures::controlnet::{ControlNet, ControlNetConfig};
+use crate::architectures::t2i_adapter::{AdapterKind, T2IAdapter, T2IAdapterConfig};
+
+/// The file name `easel testmodels` gives the tiny SD1.x ControlNet.
+pub const TINY_SD1_CONTROLNET: &str = "easel_tiny_sd1_controlnet.safetensors";
+/// The file names `easel testmodels` gives the tiny full T2I-Adapters for SD1.x and SDXL. The
+/// SDXL one's first level lands on the tiny SDXL UNet (its last encoder block, 64 channels at
+/// half the latent's size); the tiny UNets are too shallow for the SD1.x one's levels, which the
+/// UNet leaves out with a warning, as ComfyUI does.
+pub const TINY_SD1_T2I_ADAPTER: &str = "easel_tiny_sd1_t2i_adapter.safetensors";
+pub const TINY_SDXL_T2I_ADAPTER: &str = "easel_tiny_sdxl_t2i_adapter.safetensors";
+
+/// A ControlNet for the tiny SD1.x UNet: a copy of its encoder taking an RGB hint.
+pub fn tiny_sd1_controlnet() -> ControlNetConfig {
+    ControlNetConfig::copying(&tiny_sd1_unet(), 3)
+}
+
+/// Every tensor of a ControlNet in the LDM layout.
+pub fn controlnet_layout(config: &ControlNetConfig) -> candle_core::Result<Vec<TensorSpec>> {
+    let recorder = Recorder::default();
+    ControlNet::new(config.clone(), recorder.var_builder("").into())?;
+    Ok(recorder.specs())
+}
+
+/// A full T2I-Adapter taking an RGB hint, `channel` features on its first level (its levels
+/// have channel × 1, 2, 4, 4), with convolutions downsampling; SDXL's (`xl`) unshuffles by 16.
+pub fn tiny_t2i_adapter(channel: usize, xl: bool) -> T2IAdapterConfig {
+    let unshuffle = if xl { 16 } else { 8 };
+    T2IAdapterConfig {
+        kind: AdapterKind::Full {
+            kernel: 1,
+            conv_downsample: true,
+        },
+        in_channels: 3 * unshuffle * unshuffle,
+        channels: [channel, channel * 2, channel * 4, channel * 4],
+        xl,
+    }
+}
+
+/// The tiny T2I-Adapters: file name and architecture.
+pub fn tiny_t2i_adapters() -> [(&'static str, T2IAdapterConfig); 2] {
+    [
+        (TINY_SD1_T2I_ADAPTER, tiny_t2i_adapter(32, false)),
+        (TINY_SDXL_T2I_ADAPTER, tiny_t2i_adapter(64, true)),
+    ]
+}
+
+/// Every tensor of a T2I-Adapter in ComfyUI's names.
+pub fn t2i_adapter_layout(config: &T2IAdapterConfig) -> candle_core::Result<Vec<TensorSpec>> {
+    let recorder = Recorder::default();
+    T2IAdapter::new(config.clone(), recorder.var_builder("").into())?;
+    Ok(recorder.specs())
+}
