@@ -12,8 +12,8 @@ use easel_models::formats::ggml_quants::GgmlType;
 use easel_models::formats::gguf::GgufFile;
 use easel_models::sampling::noise::prepare_noise;
 use easel_models::testmodels::{
-    flux_layout, tiny_flux, tiny_flux_vae, vae_layout, write_checkpoint, write_gguf_copy, TINY_FLUX_DEV,
-    TINY_FLUX_DEV_Q4_K, TINY_FLUX_DEV_Q8_0, TINY_FLUX_FILL, TINY_FLUX_VAE,
+    flux_layout, tiny_flux, tiny_flux_vae, vae_layout, write_checkpoint, write_gguf_copy, TINY_FLUX_CANNY,
+    TINY_FLUX_DEV, TINY_FLUX_DEV_Q4_K, TINY_FLUX_DEV_Q8_0, TINY_FLUX_FILL, TINY_FLUX_VAE,
 };
 use easel_models::weights::{MappedWeights, SafetensorsFile, Weights};
 use easel_nodes::conditioning::{CondEntry, Conditioning};
@@ -733,7 +733,7 @@ fn flux_fill_sees_the_masked_image_and_the_mask_blocks() {
     let [positive, negative, latent] = [0, 1, 2].map(|index| conditioned[index].clone());
     let sampled = one_euler_step(&setup, &model, positive, negative, latent);
 
-    let inpaint = entry.inpaint.as_ref().unwrap();
+    let inpaint = entry.concat_image.as_ref().unwrap();
     let (latent_height, latent_width) = (height / 8, width / 8);
     let image_latent = ((&inpaint.latent - 0.1159).unwrap() * 0.3611).unwrap();
     let mut blocks = vec![0f32; 64 * latent_height * latent_width];
@@ -742,7 +742,7 @@ fn flux_fill_sees_the_masked_image_and_the_mask_blocks() {
             for y in 0..latent_height {
                 for x in 0..latent_width {
                     blocks[((dy * 8 + dx) * latent_height + y) * latent_width + x] =
-                        inpaint.mask.data[(y * 8 + dy) * width + x * 8 + dx];
+                        inpaint.mask.as_ref().unwrap().data[(y * 8 + dy) * width + x * 8 + dx];
                 }
             }
         }
@@ -751,6 +751,89 @@ fn flux_fill_sees_the_masked_image_and_the_mask_blocks() {
     let concat = Tensor::cat(&[&image_latent, &blocks], 1).unwrap();
     let shape = [1, 16, latent_height, latent_width];
     let expected = expected_euler_step(&model, &entry, 3.5, Some(&concat), &shape);
+    let difference = max_abs_difference(&sampled, &expected);
+    assert!(difference < 1e-5, "{difference}");
+}
+
+/// FLUX canny/depth dev through InstructPixToPixConditioning and KSampler (one Euler step from
+/// σ 1): the image is centre-cropped to a multiple of 8 and encoded, both sides carry its latent,
+/// the latent to sample is zeros of its shape, and the model sees the image latent in model space
+/// beside the noise (ComfyUI's `Flux.concat_cond` for 2 × 16 channels).
+#[test]
+fn flux_canny_sees_the_control_images_latent() {
+    use easel_nodes::image::Image;
+    let setup = setup();
+    let model = setup
+        .call(
+            "UNETLoader",
+            vec![
+                ("unet_name", j(json!(TINY_FLUX_CANNY))),
+                ("weight_dtype", j(json!("default"))),
+            ],
+        )
+        .unwrap()
+        .remove(0);
+    let vae = setup
+        .call("VAELoader", vec![("vae_name", j(json!(TINY_FLUX_VAE)))])
+        .unwrap()
+        .remove(0);
+    let (height, width) = (19, 27);
+    let image = Image {
+        batch: 1,
+        height,
+        width,
+        channels: 3,
+        data: (0..height * width * 3)
+            .map(|i| ((i as f32) * 0.21).cos() * 0.5 + 0.5)
+            .collect(),
+    };
+    let text = text_entry();
+    let conditioned = setup
+        .call(
+            "InstructPixToPixConditioning",
+            vec![
+                ("positive", Value::object(Conditioning(vec![text.clone()]))),
+                ("negative", Value::object(Conditioning(vec![text.clone()]))),
+                ("vae", vae.clone()),
+                ("pixels", Value::object(image.clone())),
+            ],
+        )
+        .unwrap();
+    let encoded = setup
+        .call(
+            "VAEEncode",
+            vec![("pixels", Value::object(image.crop(1, 17, 1, 25))), ("vae", vae)],
+        )
+        .unwrap()[0]
+        .downcast::<Latent>()
+        .unwrap()
+        .samples
+        .clone();
+    let shape = [1, 16, 2, 3];
+    assert_eq!(encoded.dims(), shape);
+    let latent = conditioned[2].downcast::<Latent>().unwrap();
+    assert_eq!(latent.samples.dims(), shape);
+    assert_eq!(
+        latent
+            .samples
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    for side in [0, 1] {
+        let entry = &conditioned[side].downcast::<Conditioning>().unwrap().0[0];
+        let concat = entry.concat_image.as_ref().expect("the image's latent");
+        assert!(concat.mask.is_none());
+        assert_eq!(max_abs_difference(&concat.latent, &encoded), 0.0);
+    }
+    let [positive, negative, latent] = [0, 1, 2].map(|index| conditioned[index].clone());
+    let sampled = one_euler_step(&setup, &model, positive, negative, latent);
+    let image_latent = ((&encoded - 0.1159).unwrap() * 0.3611).unwrap();
+    let expected = expected_euler_step(&model, &text, 3.5, Some(&image_latent), &shape);
     let difference = max_abs_difference(&sampled, &expected);
     assert!(difference < 1e-5, "{difference}");
 }

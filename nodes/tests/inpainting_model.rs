@@ -1,14 +1,18 @@
-//! Inpainting models on the tiny 9-channel SD1.x checkpoint: InpaintModelConditioning's image
-//! and mask reach the UNet as its extra input channels, as ComfyUI's `concat_cond` builds them.
+//! Models with extra input channels: on the tiny 9-channel SD1.x inpainting checkpoint,
+//! InpaintModelConditioning's image and mask, and on an 8-channel InstructPix2Pix one,
+//! InstructPixToPixConditioning's image, reach the UNet as ComfyUI's `concat_cond` builds them.
 
 mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{j, max_abs_difference, setup};
 use easel_engine::Value;
+use easel_models::architectures::unet::UNetConfig;
 use easel_models::architectures::unet::UNetInput;
 use easel_models::sampling::noise::prepare_noise;
-use easel_models::testmodels::TINY_SD1_INPAINTING_CHECKPOINT;
+use easel_models::testmodels::{
+    sd1_checkpoint_layout, tiny_clip_l, tiny_sd1_unet, tiny_sd_vae, write_checkpoint, TINY_SD1_INPAINTING_CHECKPOINT,
+};
 use easel_nodes::conditioning::Conditioning;
 use easel_nodes::image::{Image, Mask};
 use easel_nodes::latent::Latent;
@@ -58,7 +62,7 @@ fn the_masked_image_and_mask_are_the_extra_input_channels() {
     let latent = conditioned[2].downcast::<Latent>().unwrap().clone();
     assert!(latent.noise_mask.is_none());
     let entry = conditioned[0].downcast::<Conditioning>().unwrap().0[0].clone();
-    let inpaint = entry.inpaint.clone().unwrap();
+    let inpaint = entry.concat_image.clone().unwrap();
     assert!(
         max_abs_difference(&inpaint.latent, &latent.samples) > 1e-3,
         "the masked image differs"
@@ -103,6 +107,84 @@ fn the_masked_image_and_mask_are_the_extra_input_channels() {
         .unwrap();
     let denoised = (&x - (eps * f64::from(sigma)).unwrap()).unwrap();
     let expected = (denoised / 0.18215).unwrap();
+    let difference = max_abs_difference(&sampled, &expected);
+    assert!(difference < 1e-3, "max difference {difference}");
+}
+
+#[test]
+fn instruct_pix2pix_models_see_the_raw_image_latent() {
+    let setup = setup();
+    let paths = setup.services.get::<easel_nodes::paths::Paths>().unwrap();
+    let unet = UNetConfig {
+        in_channels: 8,
+        ..tiny_sd1_unet()
+    };
+    let layout = sd1_checkpoint_layout(&unet, &tiny_clip_l(), &tiny_sd_vae()).unwrap();
+    write_checkpoint(&paths.models.join("checkpoints").join("ip2p.safetensors"), &layout).unwrap();
+    let loaded = setup
+        .call(
+            "CheckpointLoaderSimple",
+            vec![("ckpt_name", j(json!("ip2p.safetensors")))],
+        )
+        .unwrap();
+    let model = loaded[0].downcast::<Model>().unwrap().0.clone();
+    let positive = setup
+        .call(
+            "CLIPTextEncode",
+            vec![("text", j(json!("make it winter"))), ("clip", loaded[1].clone())],
+        )
+        .unwrap()
+        .remove(0);
+    let pixels: Vec<f32> = (0..64 * 64 * 3).map(|i| ((i * 5) % 251) as f32 / 251.0).collect();
+    let conditioned = setup
+        .call(
+            "InstructPixToPixConditioning",
+            vec![
+                ("positive", positive.clone()),
+                ("negative", positive),
+                ("vae", loaded[2].clone()),
+                ("pixels", Value::object(Image::new(1, 64, 64, 3, pixels).unwrap())),
+            ],
+        )
+        .unwrap();
+    let entry = conditioned[0].downcast::<Conditioning>().unwrap().0[0].clone();
+    let image_latent = entry.concat_image.clone().unwrap().latent;
+    let sampled = setup
+        .call(
+            "KSampler",
+            vec![
+                ("model", loaded[0].clone()),
+                ("seed", j(json!(5))),
+                ("steps", j(json!(1))),
+                ("cfg", j(json!(1.0))),
+                ("sampler_name", j(json!("euler"))),
+                ("scheduler", j(json!("karras"))),
+                ("positive", conditioned[0].clone()),
+                ("negative", conditioned[1].clone()),
+                ("latent_image", conditioned[2].clone()),
+                ("denoise", j(json!(1.0))),
+            ],
+        )
+        .unwrap()[0]
+        .downcast::<Latent>()
+        .unwrap()
+        .samples
+        .clone();
+
+    // The latent to sample is zeros; the image's latent goes in raw (not scaled into model space).
+    let sigma = model.schedule.sigma_max();
+    let noise = Tensor::from_vec(prepare_noise(5, &[1, 4, 8, 8], None), (1, 4, 8, 8), &Device::Cpu).unwrap();
+    let x = (&noise * f64::from((1.0 + sigma * sigma).sqrt())).unwrap();
+    let scaled = (&x / f64::from((sigma * sigma + 1.0).sqrt())).unwrap();
+    let input = Tensor::cat(&[&scaled, &image_latent.to_dtype(DType::F32).unwrap()], 1).unwrap();
+    let timesteps = Tensor::new(&[999f32], &Device::Cpu).unwrap();
+    let eps = model
+        .network
+        .unet()
+        .unwrap()
+        .forward(&UNetInput::new(&input, &timesteps, &entry.cross_attention))
+        .unwrap();
+    let expected = ((&x - (eps * f64::from(sigma)).unwrap()).unwrap() / 0.18215).unwrap();
     let difference = max_abs_difference(&sampled, &expected);
     assert!(difference < 1e-3, "max difference {difference}");
 }

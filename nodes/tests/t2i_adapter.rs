@@ -50,25 +50,37 @@ fn assert_close(name: &str, got: &Tensor, expected: &Json) {
         .zip(&expected)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    assert!(worst <= 2e-5 * scale, "{name}: differs by {worst} (values up to {scale})");
+    assert!(
+        worst <= 2e-5 * scale,
+        "{name}: differs by {worst} (values up to {scale})"
+    );
 }
 
 /// The features against ComfyUI's: its `input` list is popped from the end, one entry per
 /// encoder block, so block `b` takes the entry `b` places from the end.
 fn assert_features_match(name: &str, got: &ControlResiduals, case: &Json) {
     let expected = case["input"].as_array().expect("input");
-    assert!(got.input.len() <= expected.len(), "{name}: more blocks than ComfyUI's list");
+    assert!(
+        got.input.len() <= expected.len(),
+        "{name}: more blocks than ComfyUI's list"
+    );
     for (block, expected) in expected.iter().rev().enumerate() {
         match (got.input.get(block).and_then(Option::as_ref), expected.is_null()) {
             (None, true) => {}
             (Some(got), false) => assert_close(&format!("{name} block {block}"), got, expected),
-            (got, _) => panic!("{name} block {block}: {:?} where ComfyUI has {expected}", got.map(Tensor::dims)),
+            (got, _) => panic!(
+                "{name} block {block}: {:?} where ComfyUI has {expected}",
+                got.map(Tensor::dims)
+            ),
         }
     }
     match (&got.middle, case["middle"].as_array().and_then(|m| m.first())) {
         (None, None) => {}
         (Some(got), Some(expected)) => assert_close(&format!("{name} middle"), got, expected),
-        (got, expected) => panic!("{name} middle: {:?} where ComfyUI has {expected:?}", got.as_ref().map(Tensor::dims)),
+        (got, expected) => panic!(
+            "{name} middle: {:?} where ComfyUI has {expected:?}",
+            got.as_ref().map(Tensor::dims)
+        ),
     }
 }
 
@@ -101,7 +113,11 @@ fn t2i_adapter_features_match_comfyuis_in_both_layouts() {
         let adapter = load(case, dir.path(), &format!("{name}.safetensors"), str::to_string);
         let config = adapter.config();
         assert_eq!(config.xl, name.starts_with("xl"), "{name}: SDXL's");
-        assert_eq!(matches!(config.kind, AdapterKind::Light { .. }), name == "light", "{name}: kind");
+        assert_eq!(
+            matches!(config.kind, AdapterKind::Light { .. }),
+            name == "light",
+            "{name}: kind"
+        );
         assert_eq!(config.hint_channels(), sizes(&case["hint"])[1], "{name}: hint channels");
         let features = adapter.forward(&hint(case)).expect("features");
         assert_features_match(name, &features, case);
@@ -117,7 +133,11 @@ fn t2i_adapter_features_match_comfyuis_in_both_layouts() {
         if let Some(rename) = diffusers_name {
             let twin = load(case, dir.path(), &format!("{name}_diffusers.safetensors"), rename);
             assert_eq!(twin.config(), config, "{name}: diffusers twin's architecture");
-            assert_features_match(&format!("{name} (diffusers)"), &twin.forward(&hint(case)).unwrap(), case);
+            assert_features_match(
+                &format!("{name} (diffusers)"),
+                &twin.forward(&hint(case)).unwrap(),
+                case,
+            );
         }
     }
 }
@@ -168,7 +188,10 @@ fn a_t2i_adapter_steers_sampling_through_the_apply_node() {
         .expect("the tiny SDXL checkpoint");
     let encode = |text: &str| {
         setup
-            .call("CLIPTextEncode", vec![("text", j(json!(text))), ("clip", loaded[1].clone())])
+            .call(
+                "CLIPTextEncode",
+                vec![("text", j(json!(text))), ("clip", loaded[1].clone())],
+            )
             .expect("CLIPTextEncode")
             .remove(0)
     };
@@ -176,12 +199,19 @@ fn a_t2i_adapter_steers_sampling_through_the_apply_node() {
     let latent = setup
         .call(
             "EmptyLatentImage",
-            vec![("width", j(json!(64))), ("height", j(json!(64))), ("batch_size", j(json!(1)))],
+            vec![
+                ("width", j(json!(64))),
+                ("height", j(json!(64))),
+                ("batch_size", j(json!(1))),
+            ],
         )
         .expect("EmptyLatentImage")
         .remove(0);
     let adapter = setup
-        .call("ControlNetLoader", vec![("control_net_name", j(json!(TINY_SDXL_T2I_ADAPTER)))])
+        .call(
+            "ControlNetLoader",
+            vec![("control_net_name", j(json!(TINY_SDXL_T2I_ADAPTER)))],
+        )
         .expect("ControlNetLoader")
         .remove(0);
     // A hint whose size is no multiple of the adapter's 16 pixels (the node resizes it).
@@ -190,7 +220,10 @@ fn a_t2i_adapter_steers_sampling_through_the_apply_node() {
         height: 50,
         width: 70,
         channels: 3,
-        data: common::pattern_values(50 * 70 * 3, 4, 0.5).iter().map(|v| v + 0.5).collect(),
+        data: common::pattern_values(50 * 70 * 3, 4, 0.5)
+            .iter()
+            .map(|v| v + 0.5)
+            .collect(),
     });
     let sample = |strength: f64, end: f64| {
         let applied = setup
@@ -211,8 +244,21 @@ fn a_t2i_adapter_steers_sampling_through_the_apply_node() {
     };
     let plain = ksampler(&setup, &loaded[0], &positive, &negative, &latent, "euler", 3, 5.0).expect("KSampler");
     let full = sample(1.0, 1.0);
-    assert!(max_abs_difference(&plain, &full) > 1e-3, "the adapter changes the result");
-    assert!(max_abs_difference(&full, &sample(0.5, 1.0)) > 1e-4, "the strength scales it");
-    assert!(max_abs_difference(&full, &sample(1.0, 0.3)) > 1e-4, "the range limits it");
-    assert_eq!(max_abs_difference(&plain, &sample(1.0, 0.0)), 0.0, "an empty range leaves it out");
+    assert!(
+        max_abs_difference(&plain, &full) > 1e-3,
+        "the adapter changes the result"
+    );
+    assert!(
+        max_abs_difference(&full, &sample(0.5, 1.0)) > 1e-4,
+        "the strength scales it"
+    );
+    assert!(
+        max_abs_difference(&full, &sample(1.0, 0.3)) > 1e-4,
+        "the range limits it"
+    );
+    assert_eq!(
+        max_abs_difference(&plain, &sample(1.0, 0.0)),
+        0.0,
+        "an empty range leaves it out"
+    );
 }

@@ -14,9 +14,10 @@ use common::{run_prompt, setup, Setup};
 use easel_engine::events::EventKind;
 use easel_engine::ui_workflow::to_api_prompt;
 use easel_models::testmodels::{
-    TINY_CLIP_G, TINY_CLIP_L, TINY_EMBEDDING, TINY_FLUX_CHECKPOINT, TINY_FLUX_DEV, TINY_FLUX_FILL, TINY_FLUX_SCHNELL,
-    TINY_FLUX_VAE, TINY_SD1_CHECKPOINT, TINY_SD1_CONTROLNET, TINY_SD1_T2I_ADAPTER, TINY_SD1_INPAINTING_CHECKPOINT, TINY_SD1_LORA,
-    TINY_SD2_CHECKPOINT, TINY_SDXL_CHECKPOINT, TINY_SDXL_REFINER_CHECKPOINT, TINY_SDXL_VAE, TINY_T5,
+    TINY_CLIP_G, TINY_CLIP_L, TINY_EMBEDDING, TINY_FLUX_CANNY, TINY_FLUX_CHECKPOINT, TINY_FLUX_DEV, TINY_FLUX_FILL,
+    TINY_FLUX_SCHNELL, TINY_FLUX_VAE, TINY_SD1_CHECKPOINT, TINY_SD1_CONTROLNET, TINY_SD1_INPAINTING_CHECKPOINT,
+    TINY_SD1_LORA, TINY_SD1_T2I_ADAPTER, TINY_SD2_CHECKPOINT, TINY_SDXL_CHECKPOINT, TINY_SDXL_REFINER_CHECKPOINT,
+    TINY_SDXL_VAE, TINY_T5,
 };
 use easel_nodes::paths::Paths;
 use serde_json::{Map, Value as Json};
@@ -58,6 +59,8 @@ fn stand_in(input: &str, value: &str) -> Option<Result<&'static str, String>> {
         }),
         "unet_name" if name.starts_with("flux") => Ok(if name.contains("fill") {
             TINY_FLUX_FILL
+        } else if name.contains("canny") || name.contains("depth") {
+            TINY_FLUX_CANNY
         } else if name.contains("schnell") {
             TINY_FLUX_SCHNELL
         } else {

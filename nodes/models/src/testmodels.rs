@@ -597,7 +597,7 @@ pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// The tiny FLUX-shaped models `easel testmodels` writes: FLUX dev as bf16 safetensors (in
 /// `diffusion_models`) and as GGUF Q8_0 and Q4_K (in `unet`, where city96's files go), FLUX
-/// schnell and fill, the FLUX VAE, and T5-XXL as fp16 safetensors and GGUF Q8_0 with its tokenizer in
+/// schnell, fill and canny, the FLUX VAE, and T5-XXL as fp16 safetensors and GGUF Q8_0 with its tokenizer in
 /// `text_encoders/t5_tokenizer` (the CLIP-L is [`TINY_CLIP_L`]).
 pub const TINY_FLUX_DEV: &str = "easel_tiny_flux_dev.safetensors";
 pub const TINY_FLUX_DEV_Q8_0: &str = "easel_tiny_flux_dev-Q8_0.gguf";
@@ -605,6 +605,8 @@ pub const TINY_FLUX_DEV_Q4_K: &str = "easel_tiny_flux_dev-Q4_K_S.gguf";
 pub const TINY_FLUX_SCHNELL: &str = "easel_tiny_flux_schnell.safetensors";
 /// FLUX fill: 384 input channels (latent, masked-image latent, 8×8 mask blocks; ×4 patches).
 pub const TINY_FLUX_FILL: &str = "easel_tiny_flux_fill.safetensors";
+/// FLUX canny/depth dev: 128 input channels (latent and the control image's latent; ×4 patches).
+pub const TINY_FLUX_CANNY: &str = "easel_tiny_flux_canny_dev.safetensors";
 /// FLUX dev as one checkpoint (`checkpoints/`), laid out as ComfyUI saves one: the model, CLIP-L,
 /// T5 and the VAE.
 pub const TINY_FLUX_CHECKPOINT: &str = "easel_tiny_flux_dev_checkpoint.safetensors";
@@ -806,16 +808,17 @@ fn write_flux_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         &flux_layout(&schnell_config, "").map_err(layout_error)?,
         FileDtype::BF16,
     )?;
-    let fill_config = FluxConfig {
-        in_channels: 384,
-        ..tiny_flux()
-    };
-    let fill = diffusion_models.join(TINY_FLUX_FILL);
-    write_checkpoint_in(
-        &fill,
-        &flux_layout(&fill_config, "").map_err(layout_error)?,
-        FileDtype::BF16,
-    )?;
+    for (name, in_channels) in [(TINY_FLUX_FILL, 384), (TINY_FLUX_CANNY, 128)] {
+        let config = FluxConfig {
+            in_channels,
+            ..tiny_flux()
+        };
+        write_checkpoint_in(
+            &diffusion_models.join(name),
+            &flux_layout(&config, "").map_err(layout_error)?,
+            FileDtype::BF16,
+        )?;
+    }
     let checkpoint = folder("checkpoints")?.join(TINY_FLUX_CHECKPOINT);
     let mut parts = flux_layout(&tiny_flux(), UNET_PREFIX).map_err(layout_error)?;
     parts.extend(clip_text_layout(&tiny_clip_l(), FLUX_CLIP_L_PREFIX).map_err(layout_error)?);
@@ -838,7 +841,17 @@ fn write_flux_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let tokenizer = text_encoders.join(T5_TOKENIZER_FOLDER).join("tokenizer.json");
     write_tiny_t5_tokenizer(&tokenizer)?;
     Ok(vec![
-        dev, schnell, fill, checkpoint, dev_q8, dev_q4, flux_vae, t5, t5_q8, tokenizer,
+        dev,
+        schnell,
+        diffusion_models.join(TINY_FLUX_FILL),
+        diffusion_models.join(TINY_FLUX_CANNY),
+        checkpoint,
+        dev_q8,
+        dev_q4,
+        flux_vae,
+        t5,
+        t5_q8,
+        tokenizer,
     ])
 }
 

@@ -54,7 +54,7 @@ pub enum ConditioningError {
         expected: usize,
     },
     #[error(
-        "a diffusion model with {0} extra input channels is not supported by Easel yet (inpainting models have 5)"
+        "a diffusion model with {0} extra input channels is not supported by Easel yet (inpainting models have 5, InstructPix2Pix ones 4)"
     )]
     ExtraChannels(usize),
     #[error("the inpainting image cannot be used: {0}")]
@@ -90,8 +90,9 @@ pub struct CondEntry {
     pub sdxl: SdxlSizes,
     /// Where in the latent the entry applies, and how strongly.
     pub region: CondRegion,
-    /// The image an inpainting model completes (InpaintModelConditioning).
-    pub inpaint: Option<InpaintImage>,
+    /// The image a model with extra input channels takes beside the noise
+    /// (InpaintModelConditioning, InstructPixToPixConditioning).
+    pub concat_image: Option<ConcatImage>,
     /// The guidance strength a FLUX dev model embeds.
     pub guidance: EmbeddedGuidance,
     /// Text conditioning meant for ControlNets instead of this entry's own
@@ -146,20 +147,22 @@ pub(crate) const FLUX_MASK_CHANNELS: usize = 64;
 /// FLUX's guidance strength for conditioning that does not set one (ComfyUI's `Flux.extra_conds`).
 pub const DEFAULT_GUIDANCE: f32 = 3.5;
 
-/// What InpaintModelConditioning gives inpainting models beside the noise: the image with its
-/// masked part greyed out, encoded (raw VAE latent, `concat_latent_image`), and the mask
-/// (`concat_mask`).
+/// What a model with extra input channels takes beside the noise: an encoded image (raw VAE
+/// latent, `concat_latent_image`) and, from InpaintModelConditioning, the mask of the part to
+/// complete (`concat_mask`; the image's masked part is greyed out).
 #[derive(Clone, Debug)]
-pub struct InpaintImage {
+pub struct ConcatImage {
     pub latent: Tensor,
-    pub mask: Mask,
+    pub mask: Option<Mask>,
 }
 
-impl InpaintImage {
+impl ConcatImage {
     /// The mask as one channel, [B, 1, H, W] at its own (pixel) size.
-    pub(crate) fn mask_channel(&self, device: &Device) -> candle_core::Result<Tensor> {
-        let mask = &self.mask;
-        Tensor::from_vec(mask.data.clone(), (mask.batch, 1, mask.height, mask.width), device)
+    pub(crate) fn mask_channel(&self, device: &Device) -> candle_core::Result<Option<Tensor>> {
+        self.mask
+            .as_ref()
+            .map(|mask| Tensor::from_vec(mask.data.clone(), (mask.batch, 1, mask.height, mask.width), device))
+            .transpose()
     }
 }
 
@@ -172,7 +175,7 @@ impl CondEntry {
             timestep_range: None,
             sdxl: SdxlSizes::default(),
             region: CondRegion::default(),
-            inpaint: None,
+            concat_image: None,
             guidance: EmbeddedGuidance::Unset,
             controlnet_text: None,
             control: None,

@@ -42,7 +42,7 @@ pub struct LoadedControlNet {
 
 /// The networks a CONTROL_NET can hold.
 pub enum ControlNetwork {
-    ControlNet(ControlNet),
+    ControlNet(Box<ControlNet>),
     T2IAdapter(T2IAdapter),
 }
 

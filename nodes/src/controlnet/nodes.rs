@@ -61,9 +61,10 @@ pub fn load_controlnet(path: &Path, device: &Device) -> Result<(LoadedControlNet
         .into_iter()
         .find(|prefix| file.has(&format!("{prefix}zero_convs.0.0.weight")));
     let (weights, prefix): (Arc<dyn MappedWeights>, &str) = match controlnet_prefix {
-        _ if file.has(DIFFUSERS_CONTROLNET_MARKER) => {
-            (Arc::new(ConvertedWeights::diffusers_controlnet(file).map_err(layout)?), "")
-        }
+        _ if file.has(DIFFUSERS_CONTROLNET_MARKER) => (
+            Arc::new(ConvertedWeights::diffusers_controlnet(file).map_err(layout)?),
+            "",
+        ),
         Some(prefix) => (file, prefix),
         None => {
             let weights: Arc<dyn MappedWeights> = if file.has(DIFFUSERS_T2I_ADAPTER_MARKER) {
@@ -71,12 +72,14 @@ pub fn load_controlnet(path: &Path, device: &Device) -> Result<(LoadedControlNet
             } else {
                 file
             };
-            let config = T2IAdapterConfig::infer(weights.as_ref()).map_err(detect)?.ok_or_else(|| {
-                NodeError::new(format!(
-                    "ERROR: Could not detect model type of: {}\nerror could not detect control model type.",
-                    path.display()
-                ))
-            })?;
+            let config = T2IAdapterConfig::infer(weights.as_ref())
+                .map_err(detect)?
+                .ok_or_else(|| {
+                    NodeError::new(format!(
+                        "ERROR: Could not detect model type of: {}\nerror could not detect control model type.",
+                        path.display()
+                    ))
+                })?;
             let source = WeightSource::new(weights, "", device, Precision::F32);
             let adapter = T2IAdapter::new(config, source.weights()).map_err(loading)?;
             let loaded = LoadedControlNet {
@@ -91,7 +94,7 @@ pub fn load_controlnet(path: &Path, device: &Device) -> Result<(LoadedControlNet
     let source = WeightSource::new(weights, prefix, device, Precision::F32);
     let network = ControlNet::new(config, source.weights()).map_err(loading)?;
     let loaded = LoadedControlNet {
-        network: ControlNetwork::ControlNet(network),
+        network: ControlNetwork::ControlNet(Box::new(network)),
         compression_ratio: 8,
     };
     Ok((loaded, file_size(path)))

@@ -10,8 +10,8 @@
 //!   (LatentApplyOperation, LatentApplyOperationCFG, LatentOperationTonemapReinhard,
 //!   LatentOperationSharpen);
 //! - [`files`]: LoadLatent, SaveLatent (`.latent` files);
-//! - [`vae`]: VAEDecode, VAEEncode, VAEEncodeForInpaint, InpaintModelConditioning and the tiled
-//!   VAE nodes.
+//! - [`vae`]: VAEDecode, VAEEncode, VAEEncodeForInpaint, InpaintModelConditioning,
+//!   InstructPixToPixConditioning and the tiled VAE nodes.
 
 pub mod arithmetic;
 pub mod batch;
@@ -61,6 +61,7 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(vae::VaeEncode);
     registry.register(vae::VaeEncodeForInpaint);
     registry.register(vae::InpaintModelConditioning);
+    registry.register(vae::InstructPixToPixConditioning);
     registry.register(vae::VaeDecodeTiled);
     registry.register(vae::VaeEncodeTiled);
 }

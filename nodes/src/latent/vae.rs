@@ -7,7 +7,7 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Service
 use easel_models::architectures::vae::Vae;
 use easel_models::memory;
 
-use crate::conditioning::{CondEntry, Conditioning, InpaintImage};
+use crate::conditioning::{ConcatImage, CondEntry, Conditioning};
 use crate::image::resample::interpolate_mask;
 use crate::image::{Image, Mask};
 use crate::latent::Latent;
@@ -135,21 +135,11 @@ impl Node for InpaintModelConditioning {
         let (greyed, resized_mask) = grey_out_masked(image, mask, vae.network.downscale())?;
         let concat_latent = encode_image(&vae.network, &greyed, &device)?;
         let original = encode_image(&vae.network, image, &device)?;
-        let with_image = |name: &str| -> Result<Value, NodeError> {
-            let entries = inputs
-                .object::<Conditioning>(name)?
-                .0
-                .iter()
-                .map(|entry| CondEntry {
-                    inpaint: Some(InpaintImage {
-                        latent: concat_latent.clone(),
-                        mask: resized_mask.clone(),
-                    }),
-                    ..entry.clone()
-                })
-                .collect();
-            Ok(Value::object(Conditioning(entries)))
+        let concat = ConcatImage {
+            latent: concat_latent,
+            mask: Some(resized_mask.clone()),
         };
+        let with_image = |name: &str| with_concat_image(inputs, name, &concat);
         let latent = Latent {
             noise_mask: inputs.bool("noise_mask")?.then(|| resized_mask.clone()),
             ..Latent::new(original)
@@ -160,6 +150,59 @@ impl Node for InpaintModelConditioning {
             Value::object(latent),
         ]))
     }
+}
+
+/// `InstructPixToPixConditioning`: the image, encoded, becomes both conditionings'
+/// `concat_latent_image` (the extra input channels of InstructPix2Pix models and FLUX's canny
+/// and depth models); the latent is zeros of its shape.
+pub struct InstructPixToPixConditioning;
+
+impl Node for InstructPixToPixConditioning {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v3(
+            "InstructPixToPixConditioning",
+            "comfy_extras.nodes_ip2p",
+            "conditioning/instructpix2pix",
+        )
+        .required("positive", InputSpec::of("CONDITIONING"))
+        .required("negative", InputSpec::of("CONDITIONING"))
+        .required("vae", InputSpec::of("VAE"))
+        .required("pixels", InputSpec::of("IMAGE"))
+        .output(OutputSpec::of("CONDITIONING").named("positive"))
+        .output(OutputSpec::of("CONDITIONING").named("negative"))
+        .output(OutputSpec::of("LATENT").named("latent"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let image = inputs.object::<Image>("pixels")?;
+        let vae = inputs.object::<VaeModel>("vae")?;
+        let concat_latent = encode_image(&vae.network, image, &device(ctx.services))?;
+        let zeros = concat_latent.zeros_like().map_err(tensor_error)?;
+        let concat = ConcatImage {
+            latent: concat_latent,
+            mask: None,
+        };
+        let with_image = |name: &str| with_concat_image(inputs, name, &concat);
+        Ok(NodeOutput::values(vec![
+            with_image("positive")?,
+            with_image("negative")?,
+            Value::object(Latent::new(zeros)),
+        ]))
+    }
+}
+
+/// The conditioning input `name` with `concat` on every entry.
+fn with_concat_image(inputs: &NodeInputs, name: &str, concat: &ConcatImage) -> Result<Value, NodeError> {
+    let entries = inputs
+        .object::<Conditioning>(name)?
+        .0
+        .iter()
+        .map(|entry| CondEntry {
+            concat_image: Some(concat.clone()),
+            ..entry.clone()
+        })
+        .collect();
+    Ok(Value::object(Conditioning(entries)))
 }
 
 /// The pixel side of inpainting: the mask resized (bilinear) to the image, both centre-cropped

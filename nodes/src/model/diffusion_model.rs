@@ -338,12 +338,25 @@ impl DiffusionModel {
         if let DiffusionNetwork::Flux(_) = self.network {
             return self.flux_concat(extra, entry, latent).map(Some);
         }
+        let (batch, _, height, width) = latent.model_space.dims4()?;
+        if extra == INSTRUCT_PIX2PIX_CHANNELS {
+            // `IP2P.concat_cond`: the raw latent (no `process_in`, as ComfyUI's SD1.x and
+            // diffusers-SDXL InstructPix2Pix models take it), else zeros.
+            let image = match &entry.concat_image {
+                Some(concat) => concat.latent.to_device(&self.device)?.to_dtype(DType::F32)?,
+                None => latent.model_space.zeros_like()?,
+            };
+            return Ok(Some(resize_to_batch(&resize_centered(&image, height, width)?, batch)?));
+        }
         if extra != 5 {
             return Err(ConditioningError::ExtraChannels(extra));
         }
-        let (batch, _, height, width) = latent.model_space.dims4()?;
-        let mask = match (&entry.inpaint, latent.denoise_mask) {
-            (Some(inpaint), _) => Some(inpaint.mask_channel(&self.device)?),
+        let concat_mask = match &entry.concat_image {
+            Some(concat) => concat.mask_channel(&self.device)?,
+            None => None,
+        };
+        let mask = match (concat_mask, latent.denoise_mask) {
+            (Some(mask), _) => Some(mask),
             (None, Some(denoise_mask)) => Some(denoise_mask.narrow(1, 0, 1)?),
             (None, None) => None,
         };
@@ -354,10 +367,10 @@ impl DiffusionModel {
             return Ok(Some(Tensor::cat(&[&ones, &blank], 1)?));
         };
         let mask = resize_to_batch(&resize_centered(&mask, height, width)?.round()?, batch)?;
-        let image = match &entry.inpaint {
-            Some(inpaint) => self
+        let image = match &entry.concat_image {
+            Some(concat) => self
                 .latent_format
-                .process_in(&inpaint.latent.to_device(&self.device)?.to_dtype(DType::F32)?)?,
+                .process_in(&concat.latent.to_device(&self.device)?.to_dtype(DType::F32)?)?,
             None => latent.model_space.clone(),
         };
         let image = resize_to_batch(&resize_centered(&image, height, width)?, batch)?;
@@ -370,8 +383,8 @@ impl DiffusionModel {
     /// mask, else ones) at pixel size, each 8×8 block of pixels made 64 channels.
     fn flux_concat(&self, extra: usize, entry: &CondEntry, latent: &LatentInputs) -> Result<Tensor, ConditioningError> {
         let (batch, channels, height, width) = latent.model_space.dims4()?;
-        let image = match &entry.inpaint {
-            Some(inpaint) => inpaint.latent.to_device(&self.device)?.to_dtype(DType::F32)?,
+        let image = match &entry.concat_image {
+            Some(concat) => concat.latent.to_device(&self.device)?.to_dtype(DType::F32)?,
             None => latent.model_space.zeros_like()?,
         };
         let image = resize_to_batch(&resize_centered(&image, height, width)?, batch)?;
@@ -382,8 +395,12 @@ impl DiffusionModel {
         if extra != channels + FLUX_MASK_CHANNELS {
             return Err(ConditioningError::ExtraChannels(extra));
         }
-        let mask = match (&entry.inpaint, latent.denoise_mask) {
-            (Some(inpaint), _) => inpaint.mask_channel(&self.device)?,
+        let concat_mask = match &entry.concat_image {
+            Some(concat) => concat.mask_channel(&self.device)?,
+            None => None,
+        };
+        let mask = match (concat_mask, latent.denoise_mask) {
+            (Some(mask), _) => mask,
             (None, Some(denoise_mask)) => denoise_mask.mean_keepdim(1)?,
             (None, None) => Tensor::ones((batch, 1, height, width), DType::F32, &self.device)?,
         };
@@ -469,6 +486,9 @@ impl DiffusionModel {
 
 /// ComfyUI's `blank_inpaint_image_like` for SD latents: "zero" pixels in latent space.
 const BLANK_INPAINT_IMAGE: [f32; 4] = [0.8223, -0.6876, 0.6364, 0.1380];
+
+/// The extra input channels of an InstructPix2Pix UNet: the image's latent.
+const INSTRUCT_PIX2PIX_CHANNELS: usize = 4;
 
 /// `t` [B, C, h, w] resized to `height × width` as `common_upscale(…, "bilinear", "center")`
 /// does (cropped to the aspect ratio first); unchanged when it has that size.

@@ -164,7 +164,10 @@ impl Extractor {
 }
 
 enum Body {
-    Full { conv_in: Conv2d, blocks: Vec<ResidualBlock> },
+    Full {
+        conv_in: Conv2d,
+        blocks: Vec<ResidualBlock>,
+    },
     Light(Vec<Extractor>),
 }
 

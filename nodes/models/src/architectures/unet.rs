@@ -215,8 +215,8 @@ impl ControlResiduals {
 /// `h` plus a control residual (`apply_control`): one of a single item is added to every item;
 /// one of another shape is left out with a warning, as ComfyUI leaves it out.
 fn with_control(h: Tensor, residual: &Tensor) -> Result<Tensor> {
-    let fits = residual.dims().get(1..) == h.dims().get(1..)
-        && (residual.dim(0)? == 1 || residual.dim(0)? == h.dim(0)?);
+    let fits =
+        residual.dims().get(1..) == h.dims().get(1..) && (residual.dim(0)? == 1 || residual.dim(0)? == h.dim(0)?);
     if !fits {
         tracing::warn!(
             "warning control could not be applied {:?} {:?}",
