@@ -38,6 +38,9 @@ pub struct LoadedControlNet {
     pub network: ControlNetwork,
     /// Pixels per latent pixel of the hint image (8).
     pub compression_ratio: usize,
+    /// Each residual replaced by its mean over the image (ComfyUI sets it for ControlNet files
+    /// named `…_shuffle`, the v1.1 shuffle model).
+    pub global_average_pooling: bool,
 }
 
 /// The networks a CONTROL_NET can hold.
@@ -164,25 +167,27 @@ impl ControlApplication {
                     context: call.context,
                     y: call.y,
                 })?;
-                outputs.residuals(self.strength)?
+                let residuals = outputs.residuals(self.strength)?;
+                if self.model.0.global_average_pooling {
+                    residuals.map(|residual| {
+                        residual
+                            .mean_keepdim((2, 3))?
+                            .broadcast_as(residual.shape())?
+                            .contiguous()
+                    })?
+                } else {
+                    residuals
+                }
             }
             ControlNetwork::T2IAdapter(adapter) => {
                 let features = self
                     .prepared(call.x, |hint| adapter.forward(hint).map(Some))?
                     .features
                     .ok_or_else(|| candle_core::Error::Msg("a T2I-Adapter's features are missing".into()))?;
-                let batch = |residual: &Option<Tensor>| {
-                    residual
-                        .as_ref()
-                        .map(|r| broadcast_to_batch(r, call.x.dim(0)?, call.batched_number))
-                        .transpose()
-                };
-                ControlResiduals {
-                    input: features.input.iter().map(batch).collect::<candle_core::Result<_>>()?,
-                    middle: batch(&features.middle)?,
-                    output: Vec::new(),
-                }
-                .scaled(self.strength)?
+                let batch = call.x.dim(0)?;
+                features
+                    .map(|residual| broadcast_to_batch(residual, batch, call.batched_number))?
+                    .scaled(self.strength)?
             }
         };
         Ok(Some(match previous {
@@ -253,4 +258,63 @@ fn broadcast_to_batch(hint: &Tensor, batch: usize, batched_number: usize) -> can
         return Ok(side);
     }
     Tensor::cat(&vec![&side; batched_number], 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use easel_models::testmodels::{controlnet_layout, tiny_sd1_controlnet, write_checkpoint};
+
+    /// The tiny ControlNet's residuals for one call, loaded from a file named `file`.
+    fn residuals(dir: &std::path::Path, file: &str) -> ControlResiduals {
+        let path = dir.join(file);
+        write_checkpoint(&path, &controlnet_layout(&tiny_sd1_controlnet()).unwrap()).unwrap();
+        let (loaded, _) = nodes::load_controlnet(&path, &Device::Cpu).unwrap();
+        let pattern =
+            |count: usize, scale: f32| -> Vec<f32> { (0..count).map(|i| ((i as f32) * 0.37).sin() * scale).collect() };
+        let image = Image::new(
+            1,
+            64,
+            64,
+            3,
+            pattern(64 * 64 * 3, 0.5).iter().map(|v| v + 0.5).collect(),
+        )
+        .unwrap();
+        let application = ControlApplication::new(ControlModel(Arc::new(loaded)), image, 0.8, (0.0, 1.0), None);
+        let x = Tensor::from_vec(pattern(2 * 4 * 8 * 8, 1.0), (2, 4, 8, 8), &Device::Cpu).unwrap();
+        let context = Tensor::from_vec(pattern(2 * 77 * 64, 1.0), (2, 77, 64), &Device::Cpu).unwrap();
+        let call = ControlCall {
+            x: &x,
+            sigma: 1.0,
+            timesteps: &Tensor::new(&[500f32, 500.0], &Device::Cpu).unwrap(),
+            context: &context,
+            y: None,
+            batched_number: 2,
+            schedule: &SigmaSchedule::sd_discrete(),
+        };
+        application.residuals(&call).unwrap().expect("residuals at σ 1")
+    }
+
+    #[test]
+    fn a_shuffle_controlnets_residuals_are_their_means_over_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = residuals(dir.path(), "control_v11e_sd15_plain.safetensors");
+        let shuffle = residuals(dir.path(), "control_v11e_sd15_shuffle.safetensors");
+        let pairs = plain
+            .output
+            .iter()
+            .chain([&plain.middle])
+            .zip(shuffle.output.iter().chain([&shuffle.middle]));
+        for (plain, shuffle) in pairs {
+            let (plain, shuffle) = (plain.as_ref().unwrap(), shuffle.as_ref().unwrap());
+            let means = plain.mean_keepdim((2, 3)).unwrap().broadcast_as(plain.shape()).unwrap();
+            let difference = (shuffle - means).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(difference.to_scalar::<f32>().unwrap() < 1e-6);
+            let spread = (plain.max_all().unwrap() - plain.min_all().unwrap()).unwrap();
+            assert!(
+                spread.to_scalar::<f32>().unwrap() > 1e-4,
+                "the plain residuals vary over the image"
+            );
+        }
+    }
 }

@@ -85,6 +85,7 @@ pub fn load_controlnet(path: &Path, device: &Device) -> Result<(LoadedControlNet
             let loaded = LoadedControlNet {
                 network: ControlNetwork::T2IAdapter(adapter),
                 compression_ratio: 8,
+                global_average_pooling: false,
             };
             return Ok((loaded, file_size(path)));
         }
@@ -93,9 +94,11 @@ pub fn load_controlnet(path: &Path, device: &Device) -> Result<(LoadedControlNet
     let config = ControlNetConfig::infer(weights.as_ref(), prefix, heads).map_err(detect)?;
     let source = WeightSource::new(weights, prefix, device, Precision::F32);
     let network = ControlNet::new(config, source.weights()).map_err(loading)?;
+    let stem = path.file_stem().map(|stem| stem.to_string_lossy()).unwrap_or_default();
     let loaded = LoadedControlNet {
         network: ControlNetwork::ControlNet(Box::new(network)),
         compression_ratio: 8,
+        global_average_pooling: stem.ends_with("_shuffle") || stem.ends_with("_shuffle_fp16"),
     };
     Ok((loaded, file_size(path)))
 }

@@ -199,15 +199,20 @@ impl ControlResiduals {
 
     /// Every residual multiplied by `strength`.
     pub fn scaled(&self, strength: f64) -> Result<Self> {
-        let scale = |list: &[Option<Tensor>]| -> Result<Vec<Option<Tensor>>> {
+        self.map(|residual| residual * strength)
+    }
+
+    /// Every residual through `f`.
+    pub fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        let each = |list: &[Option<Tensor>]| -> Result<Vec<Option<Tensor>>> {
             list.iter()
-                .map(|residual| residual.as_ref().map(|r| r * strength).transpose())
+                .map(|residual| residual.as_ref().map(&f).transpose())
                 .collect()
         };
         Ok(ControlResiduals {
-            input: scale(&self.input)?,
-            middle: self.middle.as_ref().map(|r| r * strength).transpose()?,
-            output: scale(&self.output)?,
+            input: each(&self.input)?,
+            middle: self.middle.as_ref().map(&f).transpose()?,
+            output: each(&self.output)?,
         })
     }
 }
