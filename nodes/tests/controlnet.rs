@@ -389,3 +389,77 @@ fn control_models_easel_cannot_run_yet_are_refused_by_name() {
         assert!(error.contains(expected), "{file}: {error}");
     }
 }
+
+/// A "diff" ControlNet (its weights less the UNet's it was made from, under `control_model.`,
+/// marked by a `difference` tensor) loaded by DiffControlNetLoader with that model steers
+/// sampling as the whole ControlNet does.
+#[test]
+fn a_diff_controlnet_with_its_model_steers_sampling_as_the_whole_one() {
+    let setup = setup();
+    let folder = controlnet_folder(&setup);
+    let whole_bytes = std::fs::read(folder.join(TINY_SD1_CONTROLNET)).expect("the tiny ControlNet");
+    let whole = safetensors::SafeTensors::deserialize(&whole_bytes).expect("safetensors");
+    let paths = setup.services.get::<easel_nodes::paths::Paths>().expect("paths");
+    let checkpoint_bytes = std::fs::read(
+        paths
+            .models
+            .join("checkpoints")
+            .join(easel_models::testmodels::TINY_SD1_CHECKPOINT),
+    )
+    .expect("the tiny checkpoint");
+    let checkpoint = safetensors::SafeTensors::deserialize(&checkpoint_bytes).expect("safetensors");
+    let values = |view: &safetensors::tensor::TensorView| -> Vec<f32> {
+        assert_eq!(view.dtype(), safetensors::Dtype::F16);
+        view.data()
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect()
+    };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
+        vec![("difference".into(), vec![1], 0f32.to_le_bytes().to_vec())];
+    for (name, view) in whole.tensors() {
+        let mut own = values(&view);
+        if let Ok(base) = checkpoint.tensor(&format!("model.diffusion_model.{name}")) {
+            own.iter_mut().zip(values(&base)).for_each(|(v, b)| *v -= b);
+        }
+        let bytes = own.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push((format!("control_model.{name}"), view.shape().to_vec(), bytes));
+    }
+    let views = tensors.iter().map(|(name, shape, bytes)| {
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).expect("view");
+        (name.clone(), view)
+    });
+    safetensors::serialize_to_file(views, None, &folder.join("diff_controlnet.safetensors")).expect("written");
+
+    let (loaded, positive, negative, latent) = sd1_inputs(&setup, 1);
+    let image = Value::object(Image {
+        batch: 1,
+        height: 64,
+        width: 64,
+        channels: 3,
+        data: common::pattern_values(64 * 64 * 3, 8, 0.5)
+            .iter()
+            .map(|v| v + 0.5)
+            .collect(),
+    });
+    let sample_with = |control: &Value| {
+        let (p, n) = apply(&setup, (&positive, &negative), control, &image, (1.0, 0.0, 1.0));
+        ksampler(&setup, &loaded[0], &p, &n, &latent, "euler", 2, 5.0).expect("KSampler")
+    };
+    let load = |class: &str, file: &str| {
+        let mut inputs = vec![("control_net_name", j(json!(file)))];
+        if class == "DiffControlNetLoader" {
+            inputs.push(("model", loaded[0].clone()));
+        }
+        setup.call(class, inputs).expect("loaded").remove(0)
+    };
+    let from_whole = sample_with(&load("ControlNetLoader", TINY_SD1_CONTROLNET));
+    let from_diff = sample_with(&load("DiffControlNetLoader", "diff_controlnet.safetensors"));
+    assert!(max_abs_difference(&from_whole, &from_diff) < 1e-4);
+    // Without the model the differences alone steer it (ComfyUI warns and goes on).
+    let diff_alone = sample_with(&load("ControlNetLoader", "diff_controlnet.safetensors"));
+    assert!(max_abs_difference(&from_whole, &diff_alone) > 1e-3);
+    // A whole ControlNet loads through DiffControlNetLoader as through ControlNetLoader.
+    let whole_through_diff = sample_with(&load("DiffControlNetLoader", TINY_SD1_CONTROLNET));
+    assert_eq!(max_abs_difference(&from_whole, &whole_through_diff), 0.0);
+}

@@ -29,7 +29,7 @@ fn load(case: &Json, dir: &std::path::Path, file: &str, rename: impl Fn(&str) ->
     }
     let path = dir.join(file);
     std::fs::write(&path, formula_unet_file(&renamed)).expect("adapter written");
-    let (loaded, _) = load_controlnet(&path, &Device::Cpu).expect("a T2I-Adapter loads");
+    let (loaded, _) = load_controlnet(&path, None, &Device::Cpu).expect("a T2I-Adapter loads");
     match loaded.network {
         ControlNetwork::T2IAdapter(adapter) => adapter,
         ControlNetwork::ControlNet(_) => panic!("{file} loaded as a ControlNet"),

@@ -6,7 +6,8 @@
 //! connections and the middle block; a T2I-Adapter sees only the hint, once per size, and gives
 //! residuals for the encoder's blocks.
 //!
-//! - [`nodes`]: ControlNetLoader, ControlNetApplyAdvanced and ControlNetApply.
+//! - [`nodes`]: ControlNetLoader, DiffControlNetLoader, ControlNetApplyAdvanced and
+//!   ControlNetApply.
 
 pub mod nodes;
 
@@ -25,6 +26,7 @@ use crate::image::Image;
 /// Adds the ControlNet nodes to `registry`.
 pub fn register(registry: &mut NodeRegistry) {
     registry.register(nodes::ControlNetLoader);
+    registry.register(nodes::DiffControlNetLoader);
     registry.register(nodes::ControlNetApplyAdvanced);
     registry.register(nodes::ControlNetApply);
 }
@@ -269,7 +271,7 @@ mod tests {
     fn residuals(dir: &std::path::Path, file: &str) -> ControlResiduals {
         let path = dir.join(file);
         write_checkpoint(&path, &controlnet_layout(&tiny_sd1_controlnet()).unwrap()).unwrap();
-        let (loaded, _) = nodes::load_controlnet(&path, &Device::Cpu).unwrap();
+        let (loaded, _) = nodes::load_controlnet(&path, None, &Device::Cpu).unwrap();
         let pattern =
             |count: usize, scale: f32| -> Vec<f32> { (0..count).map(|i| ((i as f32) * 0.37).sin() * scale).collect() };
         let image = Image::new(

@@ -1,4 +1,5 @@
-//! ControlNetLoader, ControlNetApplyAdvanced and ControlNetApply (`nodes.py`).
+//! ControlNetLoader, DiffControlNetLoader, ControlNetApplyAdvanced and ControlNetApply
+//! (`nodes.py`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,6 +14,7 @@ use easel_models::diffusers_layout::{
     ConvertedWeights, DiffusersLayoutError, DIFFUSERS_CONTROLNET_MARKER, DIFFUSERS_T2I_ADAPTER_MARKER,
 };
 use easel_models::kernels::sgemm::Precision;
+use easel_models::lora::Patch;
 use easel_models::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
 use serde_json::{Map, Value as Json};
 
@@ -21,6 +23,7 @@ use crate::conditioning::{CondEntry, Conditioning};
 use crate::image::Image;
 use crate::loaders::model_files_fingerprint;
 use crate::loaders::models::{cached, file_names, file_size, model_file, open, undetected};
+use crate::model::diffusion_model::{DiffusionModel, Model};
 use crate::runtime::device;
 
 const FOLDER: &str = "controlnet";
@@ -44,8 +47,13 @@ const LATER_FORMATS: [(&str, &str); 8] = [
 /// Loads a control model, told apart by its tensors as ComfyUI's `load_controlnet` does: a
 /// ControlNet in the LDM layout (bare, or under `control_model.` as the original conversions
 /// keep it) or in diffusers' layout, else a T2I-Adapter (ComfyUI's or diffusers' names); also
-/// returns the file size.
-pub fn load_controlnet(path: &Path, device: &Device) -> Result<(LoadedControlNet, u64), NodeError> {
+/// returns the file size. A "diff" ControlNet (under `control_model.`, with a `difference`
+/// tensor) holds its weights less those of the UNet it was made from: `model`'s are added back.
+pub fn load_controlnet(
+    path: &Path,
+    model: Option<&DiffusionModel>,
+    device: &Device,
+) -> Result<(LoadedControlNet, u64), NodeError> {
     let file: Arc<SafetensorsFile> = open(path)?;
     if let Some((_, format)) = LATER_FORMATS.iter().find(|(marker, _)| file.has(marker)) {
         return Err(NodeError::new(format!(
@@ -92,7 +100,13 @@ pub fn load_controlnet(path: &Path, device: &Device) -> Result<(LoadedControlNet
     };
     let heads = ControlNetConfig::heads_for(weights.as_ref(), prefix).map_err(detect)?;
     let config = ControlNetConfig::infer(weights.as_ref(), prefix, heads).map_err(detect)?;
-    let source = WeightSource::new(weights, prefix, device, Precision::F32);
+    let mut source = WeightSource::new(weights, prefix, device, Precision::F32);
+    if prefix == DIFF_PREFIX && source.file.has(DIFF_MARKER) {
+        match model {
+            Some(model) => source = source.patched(model_weights_added(&source, model)),
+            None => tracing::warn!("WARNING: Loaded a diff controlnet without a model. It will very likely not work."),
+        }
+    }
     let network = ControlNet::new(config, source.weights()).map_err(loading)?;
     let stem = path.file_stem().map(|stem| stem.to_string_lossy()).unwrap_or_default();
     let loaded = LoadedControlNet {
@@ -101,6 +115,30 @@ pub fn load_controlnet(path: &Path, device: &Device) -> Result<(LoadedControlNet
         global_average_pooling: stem.ends_with("_shuffle") || stem.ends_with("_shuffle_fp16"),
     };
     Ok((loaded, file_size(path)))
+}
+
+/// Where a diff ControlNet keeps its weights, and the tensor that marks it.
+const DIFF_PREFIX: &str = "control_model.";
+const DIFF_MARKER: &str = "difference";
+
+/// Patches adding to each tensor of a diff ControlNet the model's tensor of the same name.
+fn model_weights_added(control: &WeightSource, model: &DiffusionModel) -> HashMap<String, Vec<Patch>> {
+    let model_prefix = model.source.name_prefix();
+    control
+        .file
+        .tensor_names()
+        .filter_map(|name| {
+            let name_in_model = name.strip_prefix(DIFF_PREFIX)?;
+            model
+                .source
+                .file
+                .has(&format!("{model_prefix}{name_in_model}"))
+                .then(|| {
+                    let added = Patch::merge(model.source.clone(), name_in_model.to_string(), 1.0, 1.0);
+                    (name.to_string(), vec![added])
+                })
+        })
+        .collect()
 }
 
 /// `ControlNetLoader`.
@@ -122,8 +160,35 @@ impl Node for ControlNetLoader {
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let path = model_file(ctx, FOLDER, inputs.string("control_net_name")?)?;
         let device = device(ctx.services);
-        let model = cached(ctx, &path, "controlnet", || load_controlnet(&path, &device))?;
+        let model = cached(ctx, &path, "controlnet", || load_controlnet(&path, None, &device))?;
         Ok(NodeOutput::values(vec![Value::object(ControlModel(model))]))
+    }
+}
+
+/// `DiffControlNetLoader`: a control model loaded with the model a diff ControlNet needs (any
+/// other loads as with ControlNetLoader). Not kept in the model cache: what it loads depends on
+/// the model.
+pub struct DiffControlNetLoader;
+
+impl Node for DiffControlNetLoader {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        NodeSchema::v1("DiffControlNetLoader", "nodes", "loaders")
+            .display("Load ControlNet Model (diff)")
+            .required("model", InputSpec::of("MODEL"))
+            .required("control_net_name", InputSpec::combo(&file_names(services, FOLDER)))
+            .model_folder("control_net_name", FOLDER)
+            .output(OutputSpec::of("CONTROL_NET"))
+    }
+
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+        model_files_fingerprint(services, inputs, &[("control_net_name", FOLDER)])
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let model = inputs.object::<Model>("model")?;
+        let path = model_file(ctx, FOLDER, inputs.string("control_net_name")?)?;
+        let (loaded, _) = load_controlnet(&path, Some(&model.0), &device(ctx.services))?;
+        Ok(NodeOutput::values(vec![Value::object(ControlModel(Arc::new(loaded)))]))
     }
 }
 

@@ -58,7 +58,7 @@ fn measure(checkpoint: &Path, controlnet: &Path, steps: usize) -> anyhow::Result
     let device = Device::Cpu;
     let (loaded, _) = load_checkpoint(checkpoint, &device, Precision::F32, TokenizerSearch::default())
         .map_err(|error| anyhow::anyhow!("{error}"))?;
-    let (control, _) = load_controlnet(controlnet, &device).map_err(|error| anyhow::anyhow!("{error}"))?;
+    let (control, _) = load_controlnet(controlnet, None, &device).map_err(|error| anyhow::anyhow!("{error}"))?;
     let ControlNetwork::ControlNet(control) = control.network else {
         anyhow::bail!("the benchmark's ControlNet loaded as another kind of control model");
     };
