@@ -17,6 +17,7 @@ use easel_models::architectures::controlnet::{ControlNet, ControlNetConfig, Cont
 use easel_models::architectures::unet::{HeadLayout, UNetInput};
 use easel_models::testmodels::TINY_SD1_CONTROLNET;
 use easel_models::weights::{SafetensorsFile, Weights};
+use easel_nodes::controlnet::ControlModel;
 use easel_nodes::image::Image;
 use serde_json::json;
 use serde_json::Value as Json;
@@ -84,6 +85,7 @@ fn controlnet_residuals_match_comfyuis() {
                 timesteps: &timesteps,
                 context: &context,
                 y: y.as_ref(),
+                control_type: None,
             };
             let outputs = net.forward(&input).expect("forward");
             let expected = case["output"].as_array().expect("output");
@@ -118,6 +120,7 @@ fn the_unet_takes_controlnet_residuals_where_comfyuis_does() {
             timesteps: &timesteps,
             context: &context,
             y: None,
+            control_type: None,
         })
         .expect("ControlNet");
     let residuals = outputs
@@ -462,4 +465,79 @@ fn a_diff_controlnet_with_its_model_steers_sampling_as_the_whole_one() {
     // A whole ControlNet loads through DiffControlNetLoader as through ControlNetLoader.
     let whole_through_diff = sample_with(&load("DiffControlNetLoader", TINY_SD1_CONTROLNET));
     assert_eq!(max_abs_difference(&from_whole, &whole_through_diff), 0.0);
+}
+
+/// A union ControlNet against ComfyUI's, with the control type "auto" and with one set
+/// (fixture from `fixtures/generate_controlnet_union.py`); a type beyond the model's fails with
+/// ComfyUI's message; SetUnionControlNetType sets the type on a copy of the CONTROL_NET.
+#[test]
+fn union_controlnets_embed_their_control_type_as_comfyuis() {
+    let fixture = fixture_json("controlnet_union.json");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let net = load(&json!({"name": "union", "weights": fixture["weights"]}), dir.path(), "");
+    assert_eq!(net.config().union, Some((8, 320)));
+    let x = pattern(&sizes(&fixture["latent"]), 1, 1.0);
+    let hint = ((pattern(&sizes(&fixture["hint"]), 3, 1.0) * 0.5).unwrap() + 0.5).unwrap();
+    let timesteps = Tensor::new(floats(&fixture["timesteps"]).as_slice(), &Device::Cpu).unwrap();
+    let context = pattern(&sizes(&fixture["context"]), 2, 1.0);
+    let y = pattern(&[2, fixture["adm"].as_u64().expect("adm") as usize], 4, 1.0);
+    let input = |control_type| ControlNetInput {
+        x: &x,
+        hint: &hint,
+        timesteps: &timesteps,
+        context: &context,
+        y: Some(&y),
+        control_type,
+    };
+    for case in fixture["cases"].as_array().expect("cases") {
+        let control_type = case["control_type"].as_u64().map(|t| t as usize);
+        let outputs = net.forward(&input(control_type)).expect("forward");
+        for (index, (got, expected)) in outputs
+            .encoder
+            .iter()
+            .zip(case["output"].as_array().unwrap())
+            .enumerate()
+        {
+            assert_close(&format!("type {control_type:?} output {index}"), got, expected);
+        }
+        assert_close(
+            &format!("type {control_type:?} middle"),
+            &outputs.middle,
+            &case["middle"][0],
+        );
+    }
+    let error = net
+        .forward(&input(Some(8)))
+        .expect_err("type 8 is beyond the model's")
+        .to_string();
+    assert!(
+        error.contains("is out of range for the number of control types(8) supported"),
+        "{error}"
+    );
+
+    let setup = setup();
+    let control = setup
+        .call(
+            "ControlNetLoader",
+            vec![("control_net_name", j(json!(TINY_SD1_CONTROLNET)))],
+        )
+        .expect("ControlNetLoader")
+        .remove(0);
+    let typed = |name: &str| {
+        let out = setup
+            .call(
+                "SetUnionControlNetType",
+                vec![("control_net", control.clone()), ("type", j(json!(name)))],
+            )
+            .expect("SetUnionControlNetType");
+        out[0].downcast::<ControlModel>().expect("a CONTROL_NET").control_type
+    };
+    assert_eq!(typed("canny/lineart/anime_lineart/mlsd"), Some(3));
+    assert_eq!(typed("repaint"), Some(7));
+    assert_eq!(typed("auto"), None);
+    assert_eq!(
+        control.downcast::<ControlModel>().unwrap().control_type,
+        None,
+        "the original is left as it was"
+    );
 }

@@ -25,6 +25,14 @@ pub const DIFFUSERS_T2I_ADAPTER_MARKER: &str = "adapter.body.0.resnets.0.block1.
 /// The tensor ComfyUI's `VAE` looks for to tell a diffusers VAE.
 pub const DIFFUSERS_VAE_MARKER: &str = "decoder.up_blocks.0.resnets.0.norm1.weight";
 
+/// What a union ControlNet has beside a ControlNet's tensors (ComfyUI keeps them as they are).
+const UNION_CONTROLNET_PARTS: [&str; 4] = [
+    "task_embedding",
+    "transformer_layes.",
+    "spatial_ch_projs.",
+    "control_add_embedding.",
+];
+
 /// Why a file could not be read in the diffusers layout.
 #[derive(Debug, thiserror::Error)]
 pub enum DiffusersLayoutError {
@@ -69,8 +77,8 @@ impl ConvertedWeights {
     /// A diffusers ControlNet under the LDM names of [`crate::architectures::controlnet`]: its
     /// encoder as the UNet's, the conditioning embedding as `input_hint_block` (`conv_in`, then
     /// each of `blocks`, then `conv_out`, every other index), `controlnet_down_blocks` as
-    /// `zero_convs` and `controlnet_mid_block` as `middle_block_out` (ComfyUI's renaming in
-    /// `load_controlnet_state_dict`).
+    /// `zero_convs` and `controlnet_mid_block` as `middle_block_out`, a union ControlNet's parts
+    /// as they are (ComfyUI's renaming in `load_controlnet_state_dict`).
     pub fn diffusers_controlnet(inner: Arc<dyn MappedWeights>) -> Result<Self, DiffusersLayoutError> {
         if !inner.has(DIFFUSERS_CONTROLNET_MARKER) {
             return Err(not_diffusers(inner.path(), "ControlNet", DIFFUSERS_CONTROLNET_MARKER));
@@ -97,13 +105,21 @@ impl ConvertedWeights {
             let (index, tail) = indexed(rest, "blocks")?;
             Some(format!("input_hint_block.{}.{tail}", 2 * (index + 1)))
         };
+        // A union ControlNet's own parts keep their names but for the fused attention projection.
+        let union_name = |name: &str| -> Option<String> {
+            UNION_CONTROLNET_PARTS
+                .iter()
+                .any(|part| name.starts_with(part))
+                .then(|| name.replace(".attn.in_proj_", ".attn.in_proj."))
+        };
         let names = inner
             .tensor_names()
             .filter_map(|name| {
                 let ldm = blocks
                     .ldm_name(name)
                     .or_else(|| control_name(name))
-                    .or_else(|| hint_name(name))?;
+                    .or_else(|| hint_name(name))
+                    .or_else(|| union_name(name))?;
                 Some((ldm, name.to_string()))
             })
             .collect::<Vec<_>>();

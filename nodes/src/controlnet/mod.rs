@@ -6,8 +6,8 @@
 //! connections and the middle block; a T2I-Adapter sees only the hint, once per size, and gives
 //! residuals for the encoder's blocks.
 //!
-//! - [`nodes`]: ControlNetLoader, DiffControlNetLoader, ControlNetApplyAdvanced and
-//!   ControlNetApply.
+//! - [`nodes`]: ControlNetLoader, DiffControlNetLoader, ControlNetApplyAdvanced,
+//!   ControlNetApply and SetUnionControlNetType.
 
 pub mod nodes;
 
@@ -29,11 +29,25 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(nodes::DiffControlNetLoader);
     registry.register(nodes::ControlNetApplyAdvanced);
     registry.register(nodes::ControlNetApply);
+    registry.register(nodes::SetUnionControlNetType);
 }
 
-/// The CONTROL_NET socket: a loaded control network (clones share it).
+/// The CONTROL_NET socket: a loaded control network (clones share it) and the control type a
+/// union ControlNet is told (SetUnionControlNetType; `None` is "auto").
 #[derive(Clone)]
-pub struct ControlModel(pub Arc<LoadedControlNet>);
+pub struct ControlModel {
+    pub loaded: Arc<LoadedControlNet>,
+    pub control_type: Option<usize>,
+}
+
+impl ControlModel {
+    pub fn new(loaded: Arc<LoadedControlNet>) -> Self {
+        ControlModel {
+            loaded,
+            control_type: None,
+        }
+    }
+}
 
 /// A control network as its loader made it.
 pub struct LoadedControlNet {
@@ -158,7 +172,7 @@ impl ControlApplication {
         if sigma > start || sigma < end {
             return Ok(previous);
         }
-        let residuals = match &self.model.0.network {
+        let residuals = match &self.model.loaded.network {
             ControlNetwork::ControlNet(network) => {
                 let hint = self.prepared(call.x, |_| Ok(None))?.hint;
                 let hint = broadcast_to_batch(&hint, call.x.dim(0)?, call.batched_number)?;
@@ -168,9 +182,10 @@ impl ControlApplication {
                     timesteps: call.timesteps,
                     context: call.context,
                     y: call.y,
+                    control_type: self.model.control_type,
                 })?;
                 let residuals = outputs.residuals(self.strength)?;
-                if self.model.0.global_average_pooling {
+                if self.model.loaded.global_average_pooling {
                     residuals.map(|residual| {
                         residual
                             .mean_keepdim((2, 3))?
@@ -208,8 +223,8 @@ impl ControlApplication {
         compute: impl FnOnce(&Tensor) -> candle_core::Result<Option<ControlResiduals>>,
     ) -> candle_core::Result<PreparedHint> {
         let (_, _, height, width) = x.dims4()?;
-        let network = &self.model.0.network;
-        let ratio = self.model.0.compression_ratio;
+        let network = &self.model.loaded.network;
+        let ratio = self.model.loaded.compression_ratio;
         let (height, width) = network.hint_size(height * ratio, width * ratio);
         let mut cached = self
             .cache
@@ -282,7 +297,7 @@ mod tests {
             pattern(64 * 64 * 3, 0.5).iter().map(|v| v + 0.5).collect(),
         )
         .unwrap();
-        let application = ControlApplication::new(ControlModel(Arc::new(loaded)), image, 0.8, (0.0, 1.0), None);
+        let application = ControlApplication::new(ControlModel::new(Arc::new(loaded)), image, 0.8, (0.0, 1.0), None);
         let x = Tensor::from_vec(pattern(2 * 4 * 8 * 8, 1.0), (2, 4, 8, 8), &Device::Cpu).unwrap();
         let context = Tensor::from_vec(pattern(2 * 77 * 64, 1.0), (2, 77, 64), &Device::Cpu).unwrap();
         let call = ControlCall {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
-use easel_models::architectures::controlnet::{ControlNet, ControlNetConfig};
+use easel_models::architectures::controlnet::{ControlNet, ControlNetConfig, UNION_CONTROL_TYPES};
 use easel_models::architectures::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
 use easel_models::diffusers_layout::{
     ConvertedWeights, DiffusersLayoutError, DIFFUSERS_CONTROLNET_MARKER, DIFFUSERS_T2I_ADAPTER_MARKER,
@@ -161,7 +161,7 @@ impl Node for ControlNetLoader {
         let path = model_file(ctx, FOLDER, inputs.string("control_net_name")?)?;
         let device = device(ctx.services);
         let model = cached(ctx, &path, "controlnet", || load_controlnet(&path, None, &device))?;
-        Ok(NodeOutput::values(vec![Value::object(ControlModel(model))]))
+        Ok(NodeOutput::values(vec![Value::object(ControlModel::new(model))]))
     }
 }
 
@@ -188,7 +188,9 @@ impl Node for DiffControlNetLoader {
         let model = inputs.object::<Model>("model")?;
         let path = model_file(ctx, FOLDER, inputs.string("control_net_name")?)?;
         let (loaded, _) = load_controlnet(&path, Some(&model.0), &device(ctx.services))?;
-        Ok(NodeOutput::values(vec![Value::object(ControlModel(Arc::new(loaded)))]))
+        Ok(NodeOutput::values(vec![Value::object(ControlModel::new(Arc::new(
+            loaded,
+        )))]))
     }
 }
 
@@ -297,5 +299,33 @@ impl Node for ControlNetApply {
             entry.control_to_uncond = true;
         }
         Ok(NodeOutput::values(vec![Value::object(applied_entries)]))
+    }
+}
+
+/// `SetUnionControlNetType`: the control model told which control type its hint is (read by
+/// union ControlNets, left unread by others); "auto" tells none.
+pub struct SetUnionControlNetType;
+
+impl Node for SetUnionControlNetType {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        let types: Vec<&str> = std::iter::once("auto").chain(UNION_CONTROL_TYPES).collect();
+        NodeSchema::v1(
+            "SetUnionControlNetType",
+            "comfy_extras.nodes_controlnet",
+            "conditioning/controlnet",
+        )
+        .display("SetUnionControlNetType")
+        .required("control_net", InputSpec::of("CONTROL_NET"))
+        .required("type", InputSpec::combo(&types))
+        .output(OutputSpec::of("CONTROL_NET"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let name = inputs.string("type")?;
+        let control = ControlModel {
+            control_type: UNION_CONTROL_TYPES.iter().position(|known| *known == name),
+            ..inputs.object::<ControlModel>("control_net")?.clone()
+        };
+        Ok(NodeOutput::values(vec![Value::object(control)]))
     }
 }

@@ -80,6 +80,7 @@ fn measure(checkpoint: &Path, controlnet: &Path, steps: usize) -> anyhow::Result
                 timesteps: &timesteps,
                 context: &context,
                 y: None,
+                control_type: None,
             })?
             .residuals(1.0)
     };

@@ -372,14 +372,23 @@ impl Encoder {
         Ok((encoder, skip_channels))
     }
 
-    /// The embedding every residual block takes: the timesteps' (and SDXL's class vector `y`),
-    /// in `dtype`.
-    pub(super) fn embedding(&self, timesteps: &Tensor, y: Option<&Tensor>, dtype: DType) -> Result<Tensor> {
+    /// The embedding every residual block takes: the timesteps' plus `added` (a union
+    /// ControlNet's control type), plus SDXL's class vector `y`'s, in `dtype`.
+    pub(super) fn embedding(
+        &self,
+        timesteps: &Tensor,
+        added: Option<&Tensor>,
+        y: Option<&Tensor>,
+        dtype: DType,
+    ) -> Result<Tensor> {
         let t_emb = timestep_embedding(timesteps, self.model_channels)?.to_dtype(dtype)?;
         let mut emb = self
             .time_embed
             .1
             .forward(&candle_nn::ops::silu(&self.time_embed.0.forward(&t_emb)?)?)?;
+        if let Some(added) = added {
+            emb = emb.broadcast_add(added)?;
+        }
         if let (Some((first, second)), Some(y)) = (&self.label_embed, y) {
             emb = (emb + second.forward(&candle_nn::ops::silu(&first.forward(y)?)?)?)?;
         }
@@ -476,7 +485,9 @@ impl UNet {
     }
 
     pub fn forward(&self, input: &UNetInput) -> Result<Tensor> {
-        let emb = self.encoder.embedding(input.timesteps, input.y, input.x.dtype())?;
+        let emb = self
+            .encoder
+            .embedding(input.timesteps, None, input.y, input.x.dtype())?;
         let context = Context {
             emb: &emb,
             text: input.context,
