@@ -373,9 +373,9 @@ fn control_models_easel_cannot_run_yet_are_refused_by_name() {
             "a Stable Cascade ControlNet is not supported by Easel yet",
         ),
         (
-            "control_lora.safetensors",
-            "lora_controlnet",
-            "a control-LoRA is not supported by Easel yet",
+            "sd3_controlnet.safetensors",
+            "pos_embed_input.proj.weight",
+            "a SD3 ControlNet is not supported by Easel yet",
         ),
         (
             "other.safetensors",
@@ -539,5 +539,105 @@ fn union_controlnets_embed_their_control_type_as_comfyuis() {
         control.downcast::<ControlModel>().unwrap().control_type,
         None,
         "the original is left as it was"
+    );
+}
+
+/// A control-LoRA (the changes a ControlNet makes to the encoder of the model it controls):
+/// built from the sampling model's UNet, its own full tensors over the model's and its `up`·`down`
+/// differences added, it steers sampling as the whole ControlNet it encodes.
+#[test]
+fn a_control_lora_steers_sampling_as_the_controlnet_it_encodes() {
+    let setup = setup();
+    let folder = controlnet_folder(&setup);
+    let paths = setup.services.get::<easel_nodes::paths::Paths>().expect("paths");
+    let read = |path: std::path::PathBuf| std::fs::read(path).expect("a tiny model");
+    let whole_bytes = read(folder.join(TINY_SD1_CONTROLNET));
+    let whole = safetensors::SafeTensors::deserialize(&whole_bytes).expect("safetensors");
+    let checkpoint_bytes = read(
+        paths
+            .models
+            .join("checkpoints")
+            .join(easel_models::testmodels::TINY_SD1_CHECKPOINT),
+    );
+    let checkpoint = safetensors::SafeTensors::deserialize(&checkpoint_bytes).expect("safetensors");
+    let values = |view: &safetensors::tensor::TensorView| -> Vec<f32> {
+        view.data()
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect()
+    };
+    let bytes = |values: &[f32]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    // The reference: the ControlNet with the model's time embedding, which the control-LoRA leaves
+    // to the model.
+    let mut reference = Vec::new();
+    let mut lora: Vec<(String, Vec<usize>, Vec<u8>)> = vec![("lora_controlnet".into(), vec![1], bytes(&[0.0]))];
+    for (name, view) in whole.tensors() {
+        let shape = view.shape().to_vec();
+        let base = checkpoint.tensor(&format!("model.diffusion_model.{name}")).ok();
+        if name.starts_with("time_embed.") {
+            let base = base.expect("the model's time embedding");
+            reference.push((name.clone(), shape, bytes(&values(&base))));
+            continue;
+        }
+        let own = values(&view);
+        reference.push((name.clone(), shape.clone(), bytes(&own)));
+        match (name.strip_suffix(".weight"), base) {
+            (Some(layer), Some(base)) if shape.len() >= 2 => {
+                // up = identity, down = the difference: up·down is exactly the difference.
+                let out = shape[0];
+                let identity: Vec<f32> = (0..out * out)
+                    .map(|i| if i / out == i % out { 1.0 } else { 0.0 })
+                    .collect();
+                let up_shape = if shape.len() == 4 {
+                    vec![out, out, 1, 1]
+                } else {
+                    vec![out, out]
+                };
+                let difference: Vec<f32> = own.iter().zip(values(&base)).map(|(w, b)| w - b).collect();
+                lora.push((format!("{layer}.up"), up_shape, bytes(&identity)));
+                lora.push((format!("{layer}.down"), shape, bytes(&difference)));
+            }
+            _ => lora.push((name.clone(), shape, bytes(&own))),
+        }
+    }
+    for (file, tensors) in [
+        ("reference.safetensors", &reference),
+        ("control_lora.safetensors", &lora),
+    ] {
+        let views = tensors.iter().map(|(name, shape, bytes)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).expect("view");
+            (name.clone(), view)
+        });
+        safetensors::serialize_to_file(views, None, &folder.join(file)).expect("written");
+    }
+
+    let (loaded, positive, negative, latent) = sd1_inputs(&setup, 1);
+    let image = Value::object(Image {
+        batch: 1,
+        height: 64,
+        width: 64,
+        channels: 3,
+        data: common::pattern_values(64 * 64 * 3, 12, 0.5)
+            .iter()
+            .map(|v| v + 0.5)
+            .collect(),
+    });
+    let sample_with = |file: &str| {
+        let control = setup
+            .call("ControlNetLoader", vec![("control_net_name", j(json!(file)))])
+            .expect("ControlNetLoader")
+            .remove(0);
+        let (p, n) = apply(&setup, (&positive, &negative), &control, &image, (1.0, 0.0, 1.0));
+        ksampler(&setup, &loaded[0], &p, &n, &latent, "euler", 2, 5.0).expect("KSampler")
+    };
+    let from_reference = sample_with("reference.safetensors");
+    let from_lora = sample_with("control_lora.safetensors");
+    let difference = max_abs_difference(&from_reference, &from_lora);
+    assert!(difference < 1e-4, "{difference}");
+    let plain = ksampler(&setup, &loaded[0], &positive, &negative, &latent, "euler", 2, 5.0).expect("KSampler");
+    assert!(
+        max_abs_difference(&plain, &from_lora) > 1e-3,
+        "the control-LoRA steers sampling"
     );
 }

@@ -32,7 +32,7 @@ fn load(case: &Json, dir: &std::path::Path, file: &str, rename: impl Fn(&str) ->
     let (loaded, _) = load_controlnet(&path, None, &Device::Cpu).expect("a T2I-Adapter loads");
     match loaded.network {
         ControlNetwork::T2IAdapter(adapter) => adapter,
-        ControlNetwork::ControlNet(_) => panic!("{file} loaded as a ControlNet"),
+        _ => panic!("{file} loaded as another control model"),
     }
 }
 

@@ -94,6 +94,17 @@ impl Patch {
         }
     }
 
+    /// `W ← W + scale·up·down` (a control-LoRA's `up` and `down`, ComfyUI's `ControlLoraOps`).
+    pub fn low_rank(up: Tensor, down: Tensor, scale: f32) -> Patch {
+        Patch {
+            strength: 1.0,
+            strength_model: 1.0,
+            difference: Difference::LowRank { up, down, scale },
+            dora_scale: None,
+            rows: None,
+        }
+    }
+
     /// The same patch applied at `strength` instead.
     pub fn with_strength(&self, strength: f32) -> Patch {
         Patch {

@@ -11,7 +11,7 @@
 //! too; other fp8 tensors are widened, exactly. Weights can also be rounded to an fp8 format and
 //! kept so ([`Weights::stored_as`]), as ComfyUI's `weight_dtype` options store a model.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -139,6 +139,76 @@ impl MappedWeights for RenamedWeights {
                 self.path().display()
             ))),
         }
+    }
+}
+
+/// Two weight files seen as one: the tensors `top` holds among `top_names`, and for every other
+/// name the tensor `base` holds under `base_prefix` (a control-LoRA's own tensors over the UNet
+/// of the model it controls).
+pub struct LayeredWeights {
+    top: Arc<dyn MappedWeights>,
+    top_names: HashSet<String>,
+    base: Arc<dyn MappedWeights>,
+    base_prefix: String,
+}
+
+impl LayeredWeights {
+    pub fn new(
+        top: Arc<dyn MappedWeights>,
+        top_names: HashSet<String>,
+        base: Arc<dyn MappedWeights>,
+        base_prefix: &str,
+    ) -> Self {
+        LayeredWeights {
+            top,
+            top_names,
+            base,
+            base_prefix: base_prefix.to_string(),
+        }
+    }
+
+    /// Where the tensor `name` comes from, and its name there.
+    fn source(&self, name: &str) -> (&dyn MappedWeights, String) {
+        if self.top_names.contains(name) {
+            (self.top.as_ref(), name.to_string())
+        } else {
+            (self.base.as_ref(), format!("{}{name}", self.base_prefix))
+        }
+    }
+}
+
+impl TensorShapes for LayeredWeights {
+    fn shape(&self, name: &str) -> Option<&[usize]> {
+        if self.top_names.contains(name) {
+            self.top.shape(name)
+        } else {
+            self.base.shape(&format!("{}{name}", self.base_prefix))
+        }
+    }
+
+    fn tensor_names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        let base = self
+            .base
+            .tensor_names()
+            .filter_map(|name| name.strip_prefix(self.base_prefix.as_str()))
+            .filter(|name| !self.top_names.contains(*name));
+        Box::new(self.top_names.iter().map(String::as_str).chain(base))
+    }
+}
+
+impl MappedWeights for LayeredWeights {
+    fn path(&self) -> &Path {
+        self.top.path()
+    }
+
+    fn elements(&self, name: &str) -> Option<Elements<'_>> {
+        let (file, name) = self.source(name);
+        file.elements(&name)
+    }
+
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let (file, name) = self.source(name);
+        file.load(&name, dtype, device)
     }
 }
 

@@ -6,9 +6,11 @@
 //! connections and the middle block; a T2I-Adapter sees only the hint, once per size, and gives
 //! residuals for the encoder's blocks.
 //!
+//! - [`control_lora`]: control-LoRAs, built from the model that samples with them.
 //! - [`nodes`]: ControlNetLoader, DiffControlNetLoader, ControlNetApplyAdvanced,
 //!   ControlNetApply and SetUnionControlNetType.
 
+pub mod control_lora;
 pub mod nodes;
 
 use std::sync::{Arc, Mutex};
@@ -18,10 +20,12 @@ use easel_engine::{NodeObject, NodeRegistry};
 use easel_models::architectures::controlnet::{ControlNet, ControlNetInput};
 use easel_models::architectures::t2i_adapter::T2IAdapter;
 use easel_models::architectures::unet::ControlResiduals;
-use easel_models::sampling::schedule::SigmaSchedule;
+use easel_models::architectures::unet::UNet;
 
 use crate::image::resample::{common_upscale, ResizeMethod};
 use crate::image::Image;
+use crate::model::diffusion_model::DiffusionModel;
+use control_lora::ControlLora;
 
 /// Adds the ControlNet nodes to `registry`.
 pub fn register(registry: &mut NodeRegistry) {
@@ -62,6 +66,7 @@ pub struct LoadedControlNet {
 /// The networks a CONTROL_NET can hold.
 pub enum ControlNetwork {
     ControlNet(Box<ControlNet>),
+    ControlLora(ControlLora),
     T2IAdapter(T2IAdapter),
 }
 
@@ -70,7 +75,7 @@ impl ControlNetwork {
     /// rounds it up to a multiple of its unshuffle factor (`scale_image_to`).
     fn hint_size(&self, height: usize, width: usize) -> (usize, usize) {
         match self {
-            ControlNetwork::ControlNet(_) => (height, width),
+            ControlNetwork::ControlNet(_) | ControlNetwork::ControlLora(_) => (height, width),
             ControlNetwork::T2IAdapter(adapter) => {
                 let factor = adapter.config().unshuffle();
                 (height.div_ceil(factor) * factor, width.div_ceil(factor) * factor)
@@ -104,6 +109,8 @@ pub struct ControlApplication {
     pub previous: Option<Arc<ControlApplication>>,
     /// The hint resized for the last latent size asked for, and what is computed from it alone.
     cache: Mutex<Option<PreparedHint>>,
+    /// A control-LoRA's network and the UNet it was built for.
+    control_lora: Mutex<Option<(Arc<UNet>, Arc<ControlNet>)>>,
 }
 
 /// An application's hint at one size ([B, C, H, W], ComfyUI's `cond_hint`) and, for a
@@ -136,7 +143,9 @@ pub(crate) struct ControlCall<'a> {
     pub y: Option<&'a Tensor>,
     /// How many conditioning sides the batch holds (cond and uncond: 2).
     pub batched_number: usize,
-    pub schedule: &'a SigmaSchedule,
+    /// The model sampling (its schedule places the timestep range; a control-LoRA is built
+    /// from its UNet).
+    pub model: &'a DiffusionModel,
 }
 
 impl ControlApplication {
@@ -154,6 +163,7 @@ impl ControlApplication {
             range,
             previous,
             cache: Mutex::new(None),
+            control_lora: Mutex::new(None),
         }
     }
 
@@ -165,36 +175,18 @@ impl ControlApplication {
             None => None,
         };
         let (start, end) = (
-            call.schedule.percent_to_sigma(self.range.0),
-            call.schedule.percent_to_sigma(self.range.1),
+            call.model.schedule.percent_to_sigma(self.range.0),
+            call.model.schedule.percent_to_sigma(self.range.1),
         );
         let sigma = f64::from(call.sigma);
         if sigma > start || sigma < end {
             return Ok(previous);
         }
         let residuals = match &self.model.loaded.network {
-            ControlNetwork::ControlNet(network) => {
-                let hint = self.prepared(call.x, |_| Ok(None))?.hint;
-                let hint = broadcast_to_batch(&hint, call.x.dim(0)?, call.batched_number)?;
-                let outputs = network.forward(&ControlNetInput {
-                    x: call.x,
-                    hint: &hint,
-                    timesteps: call.timesteps,
-                    context: call.context,
-                    y: call.y,
-                    control_type: self.model.control_type,
-                })?;
-                let residuals = outputs.residuals(self.strength)?;
-                if self.model.loaded.global_average_pooling {
-                    residuals.map(|residual| {
-                        residual
-                            .mean_keepdim((2, 3))?
-                            .broadcast_as(residual.shape())?
-                            .contiguous()
-                    })?
-                } else {
-                    residuals
-                }
+            ControlNetwork::ControlNet(network) => self.controlnet_residuals(network, call)?,
+            ControlNetwork::ControlLora(lora) => {
+                let network = self.control_lora_network(lora, call.model)?;
+                self.controlnet_residuals(&network, call)?
             }
             ControlNetwork::T2IAdapter(adapter) => {
                 let features = self
@@ -211,6 +203,50 @@ impl ControlApplication {
             Some(previous) => residuals.merged_with(previous)?,
             None => residuals,
         }))
+    }
+
+    /// A ControlNet's residuals for one call, scaled by the strength.
+    fn controlnet_residuals(&self, network: &ControlNet, call: &ControlCall) -> candle_core::Result<ControlResiduals> {
+        let hint = self.prepared(call.x, |_| Ok(None))?.hint;
+        let hint = broadcast_to_batch(&hint, call.x.dim(0)?, call.batched_number)?;
+        let outputs = network.forward(&ControlNetInput {
+            x: call.x,
+            hint: &hint,
+            timesteps: call.timesteps,
+            context: call.context,
+            y: call.y,
+            control_type: self.model.control_type,
+        })?;
+        let residuals = outputs.residuals(self.strength)?;
+        if !self.model.loaded.global_average_pooling {
+            return Ok(residuals);
+        }
+        residuals.map(|residual| {
+            residual
+                .mean_keepdim((2, 3))?
+                .broadcast_as(residual.shape())?
+                .contiguous()
+        })
+    }
+
+    /// A control-LoRA's network for the model sampling with it, built on its first call and
+    /// kept while that model samples.
+    fn control_lora_network(&self, lora: &ControlLora, model: &DiffusionModel) -> candle_core::Result<Arc<ControlNet>> {
+        let unet = model.network.unet().ok_or_else(|| {
+            candle_core::Error::Msg("a control-LoRA controls a UNet model (SD1.x, SD2.x, SDXL)".into())
+        })?;
+        let mut built = self
+            .control_lora
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("a control-LoRA was poisoned".into()))?;
+        if let Some((for_unet, network)) = built.as_ref() {
+            if Arc::ptr_eq(for_unet, unet) {
+                return Ok(network.clone());
+            }
+        }
+        let network = Arc::new(lora.network_for(unet.config(), &model.source, &model.device)?);
+        *built = Some((unet.clone(), network.clone()));
+        Ok(network)
     }
 
     /// The hint for the latent `x` (kept until a latent of another size comes): the image
@@ -280,10 +316,21 @@ fn broadcast_to_batch(hint: &Tensor, batch: usize, batched_number: usize) -> can
 #[cfg(test)]
 mod tests {
     use super::*;
-    use easel_models::testmodels::{controlnet_layout, tiny_sd1_controlnet, write_checkpoint};
+    use crate::loaders::models::load_checkpoint;
+    use crate::loaders::t5_tokenizer_files::TokenizerSearch;
+    use easel_models::kernels::sgemm::Precision;
+    use easel_models::testmodels::{
+        controlnet_layout, sd1_checkpoint_layout, tiny_clip_l, tiny_sd1_controlnet, tiny_sd1_unet, tiny_sd_vae,
+        write_checkpoint,
+    };
 
     /// The tiny ControlNet's residuals for one call, loaded from a file named `file`.
     fn residuals(dir: &std::path::Path, file: &str) -> ControlResiduals {
+        let checkpoint = dir.join("checkpoint.safetensors");
+        let layout = sd1_checkpoint_layout(&tiny_sd1_unet(), &tiny_clip_l(), &tiny_sd_vae()).unwrap();
+        write_checkpoint(&checkpoint, &layout).unwrap();
+        let (model, _) =
+            load_checkpoint(&checkpoint, &Device::Cpu, Precision::F32, TokenizerSearch::default()).unwrap();
         let path = dir.join(file);
         write_checkpoint(&path, &controlnet_layout(&tiny_sd1_controlnet()).unwrap()).unwrap();
         let (loaded, _) = nodes::load_controlnet(&path, None, &Device::Cpu).unwrap();
@@ -307,7 +354,7 @@ mod tests {
             context: &context,
             y: None,
             batched_number: 2,
-            schedule: &SigmaSchedule::sd_discrete(),
+            model: &model.model.0,
         };
         application.residuals(&call).unwrap().expect("residuals at σ 1")
     }

@@ -18,6 +18,7 @@ use easel_models::lora::Patch;
 use easel_models::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
 use serde_json::{Map, Value as Json};
 
+use super::control_lora::{ControlLora, CONTROL_LORA_MARKER};
 use super::{ControlApplication, ControlModel, ControlNetwork, LoadedControlNet};
 use crate::conditioning::{CondEntry, Conditioning};
 use crate::image::Image;
@@ -30,8 +31,7 @@ const FOLDER: &str = "controlnet";
 
 /// Control model layouts Easel does not run yet, by a tensor that marks them (ComfyUI's
 /// `load_controlnet_state_dict` and `load_t2i_adapter` checks), and what they are.
-const LATER_FORMATS: [(&str, &str); 8] = [
-    ("lora_controlnet", "control-LoRA"),
+const LATER_FORMATS: [(&str, &str); 7] = [
     ("controlnet_x_embedder.weight", "FLUX ControlNet (InstantX)"),
     (
         "double_blocks.0.img_attn.norm.key_norm.scale",
@@ -47,7 +47,8 @@ const LATER_FORMATS: [(&str, &str); 8] = [
 /// Loads a control model, told apart by its tensors as ComfyUI's `load_controlnet` does: a
 /// ControlNet in the LDM layout (bare, or under `control_model.` as the original conversions
 /// keep it) or in diffusers' layout, else a T2I-Adapter (ComfyUI's or diffusers' names); also
-/// returns the file size. A "diff" ControlNet (under `control_model.`, with a `difference`
+/// returns the file size. A control-LoRA is kept as its file until a model samples with it. A
+/// "diff" ControlNet (under `control_model.`, with a `difference`
 /// tensor) holds its weights less those of the UNet it was made from: `model`'s are added back.
 pub fn load_controlnet(
     path: &Path,
@@ -57,10 +58,19 @@ pub fn load_controlnet(
     let file: Arc<SafetensorsFile> = open(path)?;
     if let Some((_, format)) = LATER_FORMATS.iter().find(|(marker, _)| file.has(marker)) {
         return Err(NodeError::new(format!(
-            "{}: a {format} is not supported by Easel yet (SD1.x, SD2.x and SDXL ControlNets and \
-             T2I-Adapters are)",
+            "{}: a {format} is not supported by Easel yet (SD1.x, SD2.x and SDXL ControlNets, \
+             control-LoRAs and T2I-Adapters are)",
             path.display()
         )));
+    }
+    if file.has(CONTROL_LORA_MARKER) {
+        let lora = ControlLora::new(file).map_err(|error| NodeError::new(format!("{}: {error}", path.display())))?;
+        let loaded = LoadedControlNet {
+            network: ControlNetwork::ControlLora(lora),
+            compression_ratio: 8,
+            global_average_pooling: is_shuffle(path),
+        };
+        return Ok((loaded, file_size(path)));
     }
     let loading = |error: candle_core::Error| NodeError::new(error.to_string());
     let layout = |error: DiffusersLayoutError| NodeError::new(error.to_string());
@@ -108,13 +118,19 @@ pub fn load_controlnet(
         }
     }
     let network = ControlNet::new(config, source.weights()).map_err(loading)?;
-    let stem = path.file_stem().map(|stem| stem.to_string_lossy()).unwrap_or_default();
     let loaded = LoadedControlNet {
         network: ControlNetwork::ControlNet(Box::new(network)),
         compression_ratio: 8,
-        global_average_pooling: stem.ends_with("_shuffle") || stem.ends_with("_shuffle_fp16"),
+        global_average_pooling: is_shuffle(path),
     };
     Ok((loaded, file_size(path)))
+}
+
+/// Whether ComfyUI pools the residuals of the ControlNet at `path` over the image (it does for
+/// files named `…_shuffle`, the v1.1 shuffle model).
+fn is_shuffle(path: &Path) -> bool {
+    let stem = path.file_stem().map(|stem| stem.to_string_lossy()).unwrap_or_default();
+    stem.ends_with("_shuffle") || stem.ends_with("_shuffle_fp16")
 }
 
 /// Where a diff ControlNet keeps its weights, and the tensor that marks it.

@@ -243,7 +243,7 @@ impl DiffusionModel {
                                 context: &control_context,
                                 y: y.as_ref(),
                                 batched_number: call.parts.len(),
-                                schedule: &self.schedule,
+                                model: self,
                             })?
                         }
                         None => None,
