@@ -1,8 +1,8 @@
 //! Every built-in node's `/object_info` entry equals ComfyUI 0.3.64's, key order included. Combos
 //! filled from folders (LoadImage's file list) are compared after substituting the captured list.
-//! ComfyUI-GGUF's nodes were not installed in the captured run: their entries
-//! (`object_info_gguf_nodes.json`) are written from the pack's `INPUT_TYPES`, `TITLE` and
-//! `CATEGORY` as ComfyUI serialises V1 nodes.
+//! ComfyUI-GGUF's and comfyui_controlnet_aux's nodes were not installed in the captured run: their
+//! entries (`object_info_gguf_nodes.json`, `object_info_controlnet_aux_nodes.json`) are written
+//! from the packs' `INPUT_TYPES`, display names and `CATEGORY` as ComfyUI serialises V1 nodes.
 
 use easel_engine::Services;
 use easel_nodes::builtin_registry;
@@ -14,10 +14,12 @@ fn reference() -> Json {
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     };
     let mut reference = read("object_info_nodes.json");
-    let Json::Object(gguf) = read("object_info_gguf_nodes.json") else {
-        panic!("the GGUF fixture is an object");
-    };
-    reference.as_object_mut().unwrap().extend(gguf);
+    for pack in ["object_info_gguf_nodes.json", "object_info_controlnet_aux_nodes.json"] {
+        let Json::Object(entries) = read(pack) else {
+            panic!("{pack} is an object");
+        };
+        reference.as_object_mut().unwrap().extend(entries);
+    }
     reference
 }
 

@@ -1,6 +1,8 @@
 //! Nodes of custom-node packs, one module each, named as ComfyUI names the pack's module
-//! (`custom_nodes.<pack>`): [`gguf`] is city96's ComfyUI-GGUF.
+//! (`custom_nodes.<pack>`): [`gguf`] is city96's ComfyUI-GGUF, [`controlnet_aux`] Fannovel16's
+//! comfyui_controlnet_aux.
 
+pub mod controlnet_aux;
 pub mod gguf;
 
 use easel_engine::NodeRegistry;
@@ -8,4 +10,5 @@ use easel_engine::NodeRegistry;
 /// Adds the nodes of every pack to `registry`.
 pub fn register(registry: &mut NodeRegistry) {
     gguf::register(registry);
+    controlnet_aux::register(registry);
 }
