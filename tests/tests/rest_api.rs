@@ -394,6 +394,21 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
         (2, 1, 2)
     );
 
+    // An inpaint ControlNet: the request's image with its mask marked (InpaintPreprocessor).
+    let mut inpainting = tiny("sd15", "inpaint");
+    inpainting["controlnets"] = json!([{"model": "easel_tiny_sd1_controlnet.safetensors", "type": "inpaint"}]);
+    let task = generate(api, inpainting).json();
+    assert_eq!(task["status"], "succeeded", "inpaint ControlNet: {task}");
+    let id = task["id"].as_str().unwrap();
+    let prompt = api.get_json(&format!("/history/{id}"))[id]["prompt"][2].clone();
+    let preprocessors = prompt
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|node| node["class_type"] == "InpaintPreprocessor")
+        .count();
+    assert_eq!(preprocessors, 1);
+
     for mode in ["text2img", "img2img"] {
         let task = generate(api, tiny("flux", mode)).json();
         assert_eq!(task["status"], "succeeded", "flux {mode}: {task}");
@@ -509,6 +524,11 @@ fn bad_requests_name_the_field_and_queue_nothing() {
     refused(
         with(json!({"controlnets": [{"model": tiny_controlnet, "type": "depth"}]})),
         501,
+        "controlnets",
+    );
+    refused(
+        with(json!({"mode": "img2img", "mask": null, "controlnets": [{"model": tiny_controlnet, "type": "inpaint"}]})),
+        400,
         "controlnets",
     );
     refused(

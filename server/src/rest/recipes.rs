@@ -31,8 +31,7 @@ pub fn workflow_for(request: &GenerateRequest) -> Result<&'static str, RestError
         for control in &request.controlnets {
             match control.kind {
                 ControlKind::Depth => return Err(RestError::not_yet("controlnets", "The depth preprocessor")),
-                ControlKind::Inpaint => return Err(RestError::not_yet("controlnets", "The inpaint ControlNet type")),
-                ControlKind::Canny | ControlKind::Plain => {}
+                ControlKind::Canny | ControlKind::Inpaint | ControlKind::Plain => {}
             }
         }
     }
@@ -228,7 +227,7 @@ pub fn build(request: &GenerateRequest, name: &str, ingredients: &Ingredients<'_
         None => (json!([loader, 0]), json!([loader, 1])),
     };
     chain_loras(request, model, clip, &mut nodes, &mut built);
-    chain_controlnets(request, ingredients.control_images, &mut nodes, &mut built);
+    chain_controlnets(request, ingredients, &mut nodes, &mut built);
     built.prompt = Json::Object(nodes);
     Ok(built)
 }
@@ -390,11 +389,12 @@ fn chain_loras(
 }
 
 /// Puts the request's ControlNets, in order, between the prompts and every sampler that takes
-/// them: for each, its image loaded (and turned into Canny edges for `canny`), its model loaded
-/// and applied to both prompts (ControlNetApplyAdvanced), after the ControlNets before it.
+/// them: for each, its image loaded (and turned into Canny edges for `canny`, marked with the
+/// request's mask for `inpaint`), its model loaded and applied to both prompts
+/// (ControlNetApplyAdvanced), after the ControlNets before it.
 fn chain_controlnets(
     request: &GenerateRequest,
-    images: &[&str],
+    ingredients: &Ingredients<'_>,
     nodes: &mut Map<String, Json>,
     built: &mut BuiltPrompt,
 ) {
@@ -410,7 +410,7 @@ fn chain_controlnets(
             nodes[&sampler]["inputs"]["positive"].clone(),
             nodes[&sampler]["inputs"]["negative"].clone(),
         );
-        for (control, image) in request.controlnets.iter().zip(images) {
+        for (control, image) in request.controlnets.iter().zip(ingredients.control_images) {
             let loaded = built.add_node(
                 nodes,
                 json!({"class_type": "LoadImage", "inputs": {"image": image}, "_meta": {"title": "Load Image (control)"}}),
@@ -425,6 +425,20 @@ fn chain_controlnets(
                         "_meta": {"title": "Canny"},
                     });
                     json!([built.add_node(nodes, canny, FIELD, &[]), 0])
+                }
+                ControlKind::Inpaint => {
+                    let mask = json!({
+                        "class_type": "LoadImageMask",
+                        "inputs": {"image": ingredients.mask, "channel": "red"},
+                        "_meta": {"title": "Load Image (as Mask)"},
+                    });
+                    let mask = built.add_node(nodes, mask, "mask", &["image"]);
+                    let marked = json!({
+                        "class_type": "InpaintPreprocessor",
+                        "inputs": {"image": [loaded, 0], "mask": [mask, 0]},
+                        "_meta": {"title": "Inpaint Preprocessor"},
+                    });
+                    json!([built.add_node(nodes, marked, FIELD, &[]), 0])
                 }
                 _ => json!([loaded, 0]),
             };

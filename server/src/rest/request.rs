@@ -132,7 +132,8 @@ pub enum ControlKind {
     Canny,
     /// A depth map estimated from the image.
     Depth,
-    /// The image with its masked part blanked (an inpainting ControlNet).
+    /// The image with the request's mask marked on it (comfyui_controlnet_aux's
+    /// InpaintPreprocessor, for inpainting ControlNets).
     Inpaint,
     /// The image as it is (already a control map).
     Plain,
@@ -441,6 +442,13 @@ pub fn parse(raw: &RawRequest, max_image_bytes: usize) -> Result<GenerateRequest
             "mode outpaint needs `outpaint` with at least one side to extend, such as {\"right\": 256}",
         ));
     }
+    let controlnets = fields.controlnets(max_image_bytes)?;
+    if mask.is_none() && controlnets.iter().any(|control| control.kind == ControlKind::Inpaint) {
+        return Err(RestError::field(
+            "controlnets",
+            "an inpaint ControlNet marks the request's `mask` on its image: send a `mask` (white where to repaint)",
+        ));
+    }
     let webhook_url = fields.string("webhook_url")?;
     let return_style = match fields.string("return")?.as_deref() {
         None | Some("base64") => ReturnStyle::Base64,
@@ -487,7 +495,7 @@ pub fn parse(raw: &RawRequest, max_image_bytes: usize) -> Result<GenerateRequest
         mask,
         outpaint,
         loras: fields.loras()?,
-        controlnets: fields.controlnets(max_image_bytes)?,
+        controlnets,
         ip_adapter: raw.fields.get("ip_adapter").filter(|value| !value.is_null()).cloned(),
         styles: fields.names("styles")?,
         preset: fields.name("preset")?,
