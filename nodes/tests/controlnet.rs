@@ -18,7 +18,6 @@ use easel_models::architectures::unet::{HeadLayout, UNetInput};
 use easel_models::testmodels::TINY_SD1_CONTROLNET;
 use easel_models::weights::{SafetensorsFile, Weights};
 use easel_nodes::controlnet::ControlModel;
-use easel_nodes::image::Image;
 use serde_json::json;
 use serde_json::Value as Json;
 
@@ -177,19 +176,7 @@ fn controlnets_steer_sampling_as_the_apply_nodes_say() {
         .expect("ControlNetLoader")
         .remove(0);
     // A hint at another size than the latent's ×8 (the nodes resize it) and its mirror image.
-    let hint = |seed| {
-        let data = common::pattern_values(48 * 40 * 3, seed, 0.5)
-            .iter()
-            .map(|v| v + 0.5)
-            .collect();
-        Value::object(Image {
-            batch: 1,
-            height: 48,
-            width: 40,
-            channels: 3,
-            data,
-        })
-    };
+    let hint = |seed| Value::object(common::pattern_image(48, 40, seed));
     let (image, other_image) = (hint(5), hint(6));
     let sample = |positive: &Value, negative: &Value| {
         ksampler(&setup, model, positive, negative, &latent, "euler", 3, 5.0).expect("KSampler")
@@ -324,6 +311,61 @@ fn controlnet_folder(setup: &common::Setup) -> std::path::PathBuf {
     paths.models.join("controlnet")
 }
 
+/// The float16 tensors (all the weights) of the tiny model `file` in the setup's models folder
+/// `folder`, as f32 values.
+fn tiny_model_values(setup: &common::Setup, folder: &str, file: &str) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let paths = setup.services.get::<easel_nodes::paths::Paths>().expect("paths");
+    let bytes = std::fs::read(paths.models.join(folder).join(file)).expect("a tiny model");
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    tensors
+        .tensors()
+        .into_iter()
+        .filter(|(_, view)| view.dtype() == safetensors::Dtype::F16)
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect();
+            (name, view.shape().to_vec(), values)
+        })
+        .collect()
+}
+
+/// Writes `tensors` (name, shape, values) as an f32 safetensors file.
+fn write_f32_file(path: &std::path::Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, values)| values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let views = tensors.iter().zip(&bytes).map(|((name, shape, _), bytes)| {
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).expect("view");
+        (name.clone(), view)
+    });
+    safetensors::serialize_to_file(views, None, path).expect("written");
+}
+
+/// The control model `file` through `loader` (DiffControlNetLoader gets `model`).
+fn load_control(setup: &common::Setup, loader: &str, file: &str, model: &Value) -> Value {
+    let mut inputs = vec![("control_net_name", j(json!(file)))];
+    if loader == "DiffControlNetLoader" {
+        inputs.push(("model", model.clone()));
+    }
+    setup.call(loader, inputs).expect("a control model").remove(0)
+}
+
+/// KSampler (euler, 2 steps, cfg 5) on the tiny SD1 model's inputs (`sd1_inputs`) with `control`
+/// applied to both prompts over the whole of sampling.
+fn sample_controlled(
+    setup: &common::Setup,
+    (loaded, positive, negative, latent): &(Vec<Value>, Value, Value, Value),
+    control: &Value,
+    image: &Value,
+) -> Tensor {
+    let (p, n) = apply(setup, (positive, negative), control, image, (1.0, 0.0, 1.0));
+    ksampler(setup, &loaded[0], &p, &n, latent, "euler", 2, 5.0).expect("KSampler")
+}
+
 #[test]
 fn a_diffusers_layout_controlnet_steers_sampling_as_its_ldm_twin() {
     let setup = setup();
@@ -337,24 +379,11 @@ fn a_diffusers_layout_controlnet_steers_sampling_as_its_ldm_twin() {
         .collect();
     safetensors::serialize_to_file(renamed, None, &folder.join("diffusers_controlnet.safetensors")).expect("written");
 
-    let (loaded, positive, negative, latent) = sd1_inputs(&setup, 1);
-    let image = Value::object(Image {
-        batch: 1,
-        height: 64,
-        width: 64,
-        channels: 3,
-        data: common::pattern_values(64 * 64 * 3, 9, 0.5)
-            .iter()
-            .map(|v| v + 0.5)
-            .collect(),
-    });
+    let inputs = sd1_inputs(&setup, 1);
+    let image = Value::object(common::pattern_image(64, 64, 9));
     let sample_with = |file: &str| {
-        let control = setup
-            .call("ControlNetLoader", vec![("control_net_name", j(json!(file)))])
-            .expect("ControlNetLoader")
-            .remove(0);
-        let (p, n) = apply(&setup, (&positive, &negative), &control, &image, (1.0, 0.0, 1.0));
-        ksampler(&setup, &loaded[0], &p, &n, &latent, "euler", 2, 5.0).expect("KSampler")
+        let control = load_control(&setup, "ControlNetLoader", file, &inputs.0[0]);
+        sample_controlled(&setup, &inputs, &control, &image)
     };
     let from_ldm = sample_with(TINY_SD1_CONTROLNET);
     let from_diffusers = sample_with("diffusers_controlnet.safetensors");
@@ -400,70 +429,37 @@ fn control_models_easel_cannot_run_yet_are_refused_by_name() {
 fn a_diff_controlnet_with_its_model_steers_sampling_as_the_whole_one() {
     let setup = setup();
     let folder = controlnet_folder(&setup);
-    let whole_bytes = std::fs::read(folder.join(TINY_SD1_CONTROLNET)).expect("the tiny ControlNet");
-    let whole = safetensors::SafeTensors::deserialize(&whole_bytes).expect("safetensors");
-    let paths = setup.services.get::<easel_nodes::paths::Paths>().expect("paths");
-    let checkpoint_bytes = std::fs::read(
-        paths
-            .models
-            .join("checkpoints")
-            .join(easel_models::testmodels::TINY_SD1_CHECKPOINT),
-    )
-    .expect("the tiny checkpoint");
-    let checkpoint = safetensors::SafeTensors::deserialize(&checkpoint_bytes).expect("safetensors");
-    let values = |view: &safetensors::tensor::TensorView| -> Vec<f32> {
-        assert_eq!(view.dtype(), safetensors::Dtype::F16);
-        view.data()
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect()
-    };
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
-        vec![("difference".into(), vec![1], 0f32.to_le_bytes().to_vec())];
-    for (name, view) in whole.tensors() {
-        let mut own = values(&view);
-        if let Ok(base) = checkpoint.tensor(&format!("model.diffusion_model.{name}")) {
-            own.iter_mut().zip(values(&base)).for_each(|(v, b)| *v -= b);
-        }
-        let bytes = own.iter().flat_map(|v| v.to_le_bytes()).collect();
-        tensors.push((format!("control_model.{name}"), view.shape().to_vec(), bytes));
-    }
-    let views = tensors.iter().map(|(name, shape, bytes)| {
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).expect("view");
-        (name.clone(), view)
-    });
-    safetensors::serialize_to_file(views, None, &folder.join("diff_controlnet.safetensors")).expect("written");
-
-    let (loaded, positive, negative, latent) = sd1_inputs(&setup, 1);
-    let image = Value::object(Image {
-        batch: 1,
-        height: 64,
-        width: 64,
-        channels: 3,
-        data: common::pattern_values(64 * 64 * 3, 8, 0.5)
+    let checkpoint = tiny_model_values(&setup, "checkpoints", easel_models::testmodels::TINY_SD1_CHECKPOINT);
+    let base = |name: &str| {
+        let name = format!("model.diffusion_model.{name}");
+        checkpoint
             .iter()
-            .map(|v| v + 0.5)
-            .collect(),
-    });
-    let sample_with = |control: &Value| {
-        let (p, n) = apply(&setup, (&positive, &negative), control, &image, (1.0, 0.0, 1.0));
-        ksampler(&setup, &loaded[0], &p, &n, &latent, "euler", 2, 5.0).expect("KSampler")
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, _, values)| values)
     };
-    let load = |class: &str, file: &str| {
-        let mut inputs = vec![("control_net_name", j(json!(file)))];
-        if class == "DiffControlNetLoader" {
-            inputs.push(("model", loaded[0].clone()));
+    let mut tensors = vec![("difference".to_string(), vec![1], vec![0.0])];
+    for (name, shape, mut values) in tiny_model_values(&setup, "controlnet", TINY_SD1_CONTROLNET) {
+        if let Some(base) = base(&name) {
+            values.iter_mut().zip(base).for_each(|(v, b)| *v -= b);
         }
-        setup.call(class, inputs).expect("loaded").remove(0)
+        tensors.push((format!("control_model.{name}"), shape, values));
+    }
+    write_f32_file(&folder.join("diff_controlnet.safetensors"), &tensors);
+
+    let inputs = sd1_inputs(&setup, 1);
+    let image = Value::object(common::pattern_image(64, 64, 8));
+    let sample_with = |loader: &str, file: &str| {
+        let control = load_control(&setup, loader, file, &inputs.0[0]);
+        sample_controlled(&setup, &inputs, &control, &image)
     };
-    let from_whole = sample_with(&load("ControlNetLoader", TINY_SD1_CONTROLNET));
-    let from_diff = sample_with(&load("DiffControlNetLoader", "diff_controlnet.safetensors"));
+    let from_whole = sample_with("ControlNetLoader", TINY_SD1_CONTROLNET);
+    let from_diff = sample_with("DiffControlNetLoader", "diff_controlnet.safetensors");
     assert!(max_abs_difference(&from_whole, &from_diff) < 1e-4);
     // Without the model the differences alone steer it (ComfyUI warns and goes on).
-    let diff_alone = sample_with(&load("ControlNetLoader", "diff_controlnet.safetensors"));
+    let diff_alone = sample_with("ControlNetLoader", "diff_controlnet.safetensors");
     assert!(max_abs_difference(&from_whole, &diff_alone) > 1e-3);
     // A whole ControlNet loads through DiffControlNetLoader as through ControlNetLoader.
-    let whole_through_diff = sample_with(&load("DiffControlNetLoader", TINY_SD1_CONTROLNET));
+    let whole_through_diff = sample_with("DiffControlNetLoader", TINY_SD1_CONTROLNET);
     assert_eq!(max_abs_difference(&from_whole, &whole_through_diff), 0.0);
 }
 
@@ -549,43 +545,30 @@ fn union_controlnets_embed_their_control_type_as_comfyuis() {
 fn a_control_lora_steers_sampling_as_the_controlnet_it_encodes() {
     let setup = setup();
     let folder = controlnet_folder(&setup);
-    let paths = setup.services.get::<easel_nodes::paths::Paths>().expect("paths");
-    let read = |path: std::path::PathBuf| std::fs::read(path).expect("a tiny model");
-    let whole_bytes = read(folder.join(TINY_SD1_CONTROLNET));
-    let whole = safetensors::SafeTensors::deserialize(&whole_bytes).expect("safetensors");
-    let checkpoint_bytes = read(
-        paths
-            .models
-            .join("checkpoints")
-            .join(easel_models::testmodels::TINY_SD1_CHECKPOINT),
-    );
-    let checkpoint = safetensors::SafeTensors::deserialize(&checkpoint_bytes).expect("safetensors");
-    let values = |view: &safetensors::tensor::TensorView| -> Vec<f32> {
-        view.data()
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect()
+    let checkpoint = tiny_model_values(&setup, "checkpoints", easel_models::testmodels::TINY_SD1_CHECKPOINT);
+    let base = |name: &str| {
+        let name = format!("model.diffusion_model.{name}");
+        checkpoint
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, _, values)| values.clone())
     };
-    let bytes = |values: &[f32]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
     // The reference: the ControlNet with the model's time embedding, which the control-LoRA leaves
     // to the model.
     let mut reference = Vec::new();
-    let mut lora: Vec<(String, Vec<usize>, Vec<u8>)> = vec![("lora_controlnet".into(), vec![1], bytes(&[0.0]))];
-    for (name, view) in whole.tensors() {
-        let shape = view.shape().to_vec();
-        let base = checkpoint.tensor(&format!("model.diffusion_model.{name}")).ok();
+    let mut lora = vec![("lora_controlnet".to_string(), vec![1], vec![0.0])];
+    for (name, shape, own) in tiny_model_values(&setup, "controlnet", TINY_SD1_CONTROLNET) {
         if name.starts_with("time_embed.") {
-            let base = base.expect("the model's time embedding");
-            reference.push((name.clone(), shape, bytes(&values(&base))));
+            let base = base(&name).expect("the model's time embedding");
+            reference.push((name, shape, base));
             continue;
         }
-        let own = values(&view);
-        reference.push((name.clone(), shape.clone(), bytes(&own)));
-        match (name.strip_suffix(".weight"), base) {
+        reference.push((name.clone(), shape.clone(), own.clone()));
+        match (name.strip_suffix(".weight"), base(&name)) {
             (Some(layer), Some(base)) if shape.len() >= 2 => {
                 // up = identity, down = the difference: up·down is exactly the difference.
                 let out = shape[0];
-                let identity: Vec<f32> = (0..out * out)
+                let identity = (0..out * out)
                     .map(|i| if i / out == i % out { 1.0 } else { 0.0 })
                     .collect();
                 let up_shape = if shape.len() == 4 {
@@ -593,49 +576,28 @@ fn a_control_lora_steers_sampling_as_the_controlnet_it_encodes() {
                 } else {
                     vec![out, out]
                 };
-                let difference: Vec<f32> = own.iter().zip(values(&base)).map(|(w, b)| w - b).collect();
-                lora.push((format!("{layer}.up"), up_shape, bytes(&identity)));
-                lora.push((format!("{layer}.down"), shape, bytes(&difference)));
+                let difference = own.iter().zip(base).map(|(w, b)| w - b).collect();
+                lora.push((format!("{layer}.up"), up_shape, identity));
+                lora.push((format!("{layer}.down"), shape, difference));
             }
-            _ => lora.push((name.clone(), shape, bytes(&own))),
+            _ => lora.push((name, shape, own)),
         }
     }
-    for (file, tensors) in [
-        ("reference.safetensors", &reference),
-        ("control_lora.safetensors", &lora),
-    ] {
-        let views = tensors.iter().map(|(name, shape, bytes)| {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).expect("view");
-            (name.clone(), view)
-        });
-        safetensors::serialize_to_file(views, None, &folder.join(file)).expect("written");
-    }
+    write_f32_file(&folder.join("reference.safetensors"), &reference);
+    write_f32_file(&folder.join("control_lora.safetensors"), &lora);
 
-    let (loaded, positive, negative, latent) = sd1_inputs(&setup, 1);
-    let image = Value::object(Image {
-        batch: 1,
-        height: 64,
-        width: 64,
-        channels: 3,
-        data: common::pattern_values(64 * 64 * 3, 12, 0.5)
-            .iter()
-            .map(|v| v + 0.5)
-            .collect(),
-    });
+    let inputs = sd1_inputs(&setup, 1);
+    let image = Value::object(common::pattern_image(64, 64, 12));
     let sample_with = |file: &str| {
-        let control = setup
-            .call("ControlNetLoader", vec![("control_net_name", j(json!(file)))])
-            .expect("ControlNetLoader")
-            .remove(0);
-        let (p, n) = apply(&setup, (&positive, &negative), &control, &image, (1.0, 0.0, 1.0));
-        ksampler(&setup, &loaded[0], &p, &n, &latent, "euler", 2, 5.0).expect("KSampler")
+        let control = load_control(&setup, "ControlNetLoader", file, &inputs.0[0]);
+        sample_controlled(&setup, &inputs, &control, &image)
     };
     let from_reference = sample_with("reference.safetensors");
     let from_lora = sample_with("control_lora.safetensors");
     let difference = max_abs_difference(&from_reference, &from_lora);
     assert!(difference < 1e-4, "{difference}");
-    let plain = ksampler(&setup, &loaded[0], &positive, &negative, &latent, "euler", 2, 5.0).expect("KSampler");
+    let (loaded, positive, negative, latent) = &inputs;
+    let plain = ksampler(&setup, &loaded[0], positive, negative, latent, "euler", 2, 5.0).expect("KSampler");
     assert!(
         max_abs_difference(&plain, &from_lora) > 1e-3,
         "the control-LoRA steers sampling"

@@ -16,7 +16,6 @@ use easel_models::architectures::unet::{ControlResiduals, UNetInput};
 use easel_models::testmodels::{TINY_SDXL_CHECKPOINT, TINY_SDXL_T2I_ADAPTER};
 use easel_nodes::controlnet::nodes::load_controlnet;
 use easel_nodes::controlnet::ControlNetwork;
-use easel_nodes::image::Image;
 use serde_json::{json, Value as Json};
 
 /// The adapter of a fixture case, its formula weights written under the names `rename` gives and
@@ -215,16 +214,7 @@ fn a_t2i_adapter_steers_sampling_through_the_apply_node() {
         .expect("ControlNetLoader")
         .remove(0);
     // A hint whose size is no multiple of the adapter's 16 pixels (the node resizes it).
-    let image = Value::object(Image {
-        batch: 1,
-        height: 50,
-        width: 70,
-        channels: 3,
-        data: common::pattern_values(50 * 70 * 3, 4, 0.5)
-            .iter()
-            .map(|v| v + 0.5)
-            .collect(),
-    });
+    let image = Value::object(common::pattern_image(50, 70, 4));
     let sample = |strength: f64, end: f64| {
         let applied = setup
             .call(

@@ -3,8 +3,9 @@
 //! application's network gives residuals, scaled by its strength and added to those of the
 //! applications before it, that the UNet adds to its blocks. A ControlNet sees the latent, the
 //! hint image resized to it, the timestep and the entry's text, and gives residuals for the skip
-//! connections and the middle block; a T2I-Adapter sees only the hint, once per size, and gives
-//! residuals for the encoder's blocks.
+//! connections and the middle block (a control-LoRA is a ControlNet built from the model that
+//! samples with it); a T2I-Adapter sees only the hint, once per size, and gives residuals for
+//! the encoder's blocks.
 //!
 //! - [`control_lora`]: control-LoRAs, built from the model that samples with them.
 //! - [`nodes`]: ControlNetLoader, DiffControlNetLoader, ControlNetApplyAdvanced,

@@ -59,6 +59,16 @@ pub fn pattern(shape: &[usize], seed: i64, scale: f32) -> Tensor {
     .expect("pattern tensor")
 }
 
+/// An RGB image of `height × width` whose values are the pattern's mapped into 0..1 (a hint
+/// for control models).
+pub fn pattern_image(height: usize, width: usize, seed: i64) -> easel_nodes::image::Image {
+    let data = pattern_values(height * width * 3, seed, 0.5)
+        .iter()
+        .map(|v| v + 0.5)
+        .collect();
+    easel_nodes::image::Image::new(1, height, width, 3, data).expect("an image")
+}
+
 /// A fixture's list of sizes.
 pub fn sizes(value: &Json) -> Vec<usize> {
     value
