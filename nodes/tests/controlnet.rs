@@ -233,6 +233,35 @@ fn controlnets_steer_sampling_as_the_apply_nodes_say() {
         .remove(0);
     assert!(max_abs_difference(&controlled, &sample(&old, &negative)) < 1e-6);
 
+    // The AliMama inpainting apply node steers a ControlNet that takes no mask as the advanced
+    // node does (the mask is for control models with `concat_mask`).
+    let mask = Value::object(easel_nodes::image::Mask {
+        batch: 1,
+        height: 48,
+        width: 40,
+        data: common::pattern_values(48 * 40, 3, 0.5)
+            .iter()
+            .map(|v| v + 0.5)
+            .collect(),
+    });
+    let alimama = setup
+        .call(
+            "ControlNetInpaintingAliMamaApply",
+            vec![
+                ("positive", positive.clone()),
+                ("negative", negative.clone()),
+                ("control_net", control.clone()),
+                ("vae", loaded[2].clone()),
+                ("image", image.clone()),
+                ("mask", mask),
+                ("strength", j(json!(1.0))),
+                ("start_percent", j(json!(0.0))),
+                ("end_percent", j(json!(1.0))),
+            ],
+        )
+        .expect("ControlNetInpaintingAliMamaApply");
+    assert!(max_abs_difference(&controlled, &sample(&alimama[0], &alimama[1])) < 1e-6);
+
     // A CONTROL_NET input takes nothing else.
     let wrong = setup.call(
         "ControlNetApplyAdvanced",

@@ -9,7 +9,7 @@
 //!
 //! - [`control_lora`]: control-LoRAs, built from the model that samples with them.
 //! - [`nodes`]: ControlNetLoader, DiffControlNetLoader, ControlNetApplyAdvanced,
-//!   ControlNetApply and SetUnionControlNetType.
+//!   ControlNetApply, ControlNetInpaintingAliMamaApply and SetUnionControlNetType.
 
 pub mod control_lora;
 pub mod nodes;
@@ -34,6 +34,7 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(nodes::DiffControlNetLoader);
     registry.register(nodes::ControlNetApplyAdvanced);
     registry.register(nodes::ControlNetApply);
+    registry.register(nodes::ControlNetInpaintingAliMamaApply);
     registry.register(nodes::SetUnionControlNetType);
 }
 

@@ -21,7 +21,7 @@ use serde_json::{Map, Value as Json};
 use super::control_lora::{ControlLora, CONTROL_LORA_MARKER};
 use super::{ControlApplication, ControlModel, ControlNetwork, LoadedControlNet};
 use crate::conditioning::{CondEntry, Conditioning};
-use crate::image::Image;
+use crate::image::{Image, Mask};
 use crate::loaders::model_files_fingerprint;
 use crate::loaders::models::{cached, file_names, file_size, model_file, open, undetected};
 use crate::model::diffusion_model::{DiffusionModel, Model};
@@ -264,24 +264,63 @@ impl Node for ControlNetApplyAdvanced {
     }
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let positive = inputs.object::<Conditioning>("positive")?;
-        let negative = inputs.object::<Conditioning>("negative")?;
-        let (model, image, strength) = application_inputs(inputs)?;
-        if strength == 0.0 {
-            return Ok(NodeOutput::values(vec![
-                Value::object(positive.clone()),
-                Value::object(negative.clone()),
-            ]));
-        }
-        let range = (inputs.float("start_percent")?, inputs.float("end_percent")?);
-        let new = |previous| ControlApplication::new(model.clone(), image.clone(), strength, range, previous);
-        let mut shared = HashMap::new();
-        let positive = applied(positive, &mut shared, &new);
-        let negative = applied(negative, &mut shared, &new);
-        Ok(NodeOutput::values(vec![
-            Value::object(positive),
-            Value::object(negative),
-        ]))
+        applied_to_both(inputs)
+    }
+}
+
+/// What Apply ControlNet gives: the control applied to both prompts between its start and end
+/// percent (nothing at strength 0).
+fn applied_to_both(inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+    let positive = inputs.object::<Conditioning>("positive")?;
+    let negative = inputs.object::<Conditioning>("negative")?;
+    let (model, image, strength) = application_inputs(inputs)?;
+    if strength == 0.0 {
+        return Ok(NodeOutput::values(vec![
+            Value::object(positive.clone()),
+            Value::object(negative.clone()),
+        ]));
+    }
+    let range = (inputs.float("start_percent")?, inputs.float("end_percent")?);
+    let new = |previous| ControlApplication::new(model.clone(), image.clone(), strength, range, previous);
+    let mut shared = HashMap::new();
+    let positive = applied(positive, &mut shared, &new);
+    let negative = applied(negative, &mut shared, &new);
+    Ok(NodeOutput::values(vec![
+        Value::object(positive),
+        Value::object(negative),
+    ]))
+}
+
+/// `ControlNetInpaintingAliMamaApply`: Apply ControlNet with a mask, for AliMama's inpainting
+/// ControlNets (FLUX, SD3), which take the mask and the image with its masked part cleared as
+/// extra hint channels (`concat_mask`). No control model Easel loads takes them: each takes the
+/// image as Apply ControlNet gives it, the mask unread, as ComfyUI does for such models.
+pub struct ControlNetInpaintingAliMamaApply;
+
+impl Node for ControlNetInpaintingAliMamaApply {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1(
+            "ControlNetInpaintingAliMamaApply",
+            "comfy_extras.nodes_controlnet",
+            "conditioning/controlnet",
+        )
+        .display("ControlNetInpaintingAliMamaApply")
+        .required("positive", InputSpec::of("CONDITIONING"))
+        .required("negative", InputSpec::of("CONDITIONING"))
+        .required("control_net", InputSpec::of("CONTROL_NET"))
+        .required("vae", InputSpec::of("VAE"))
+        .required("image", InputSpec::of("IMAGE"))
+        .required("mask", InputSpec::of("MASK"))
+        .required("strength", InputSpec::float(1.0, 0.0, 10.0).opt("step", 0.01))
+        .required("start_percent", InputSpec::float(0.0, 0.0, 1.0).opt("step", 0.001))
+        .required("end_percent", InputSpec::float(1.0, 0.0, 1.0).opt("step", 0.001))
+        .output(OutputSpec::of("CONDITIONING").named("positive"))
+        .output(OutputSpec::of("CONDITIONING").named("negative"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        inputs.object::<Mask>("mask")?;
+        applied_to_both(inputs)
     }
 }
 
