@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::{
-    fixture_json, fixture_unet, floats, formula_unet_file, j, ksampler, max_abs_difference, pattern, sd1_inputs, setup,
-    sizes,
+    assert_matches_fixture, fixture_json, fixture_unet, floats, formula_unet_file, j, ksampler, max_abs_difference,
+    pattern, sd1_inputs, setup, sizes,
 };
 use easel_engine::Value;
 use easel_models::architectures::controlnet::{ControlNet, ControlNetConfig, ControlNetInput};
@@ -40,22 +40,6 @@ fn load(case: &Json, dir: &std::path::Path, prefix: &str) -> ControlNet {
         None => weights,
     };
     ControlNet::new(config, weights).expect("ControlNet")
-}
-
-fn assert_close(name: &str, got: &Tensor, expected: &Json) {
-    assert_eq!(got.dims(), sizes(&expected["shape"]).as_slice(), "{name}: shape");
-    let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-    let expected = floats(&expected["values"]);
-    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
-    let worst = got
-        .iter()
-        .zip(&expected)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        worst <= 2e-5 * scale.max(1.0),
-        "{name}: differs by {worst} (values up to {scale})"
-    );
 }
 
 #[test]
@@ -94,9 +78,9 @@ fn controlnet_residuals_match_comfyuis() {
                 "{name}: one residual per encoder block"
             );
             for (index, (got, expected)) in outputs.encoder.iter().zip(expected).enumerate() {
-                assert_close(&format!("{name} output {index}"), got, expected);
+                assert_matches_fixture(&format!("{name} output {index}"), got, expected);
             }
-            assert_close(&format!("{name} middle"), &outputs.middle, &case["middle"][0]);
+            assert_matches_fixture(&format!("{name} middle"), &outputs.middle, &case["middle"][0]);
         }
     }
 }
@@ -134,7 +118,7 @@ fn the_unet_takes_controlnet_residuals_where_comfyuis_does() {
             .expect("UNet");
         let expected = fixture["unet"][name].clone();
         let shape = Json::from(out.dims().to_vec());
-        assert_close(name, &out, &serde_json::json!({"shape": shape, "values": expected}));
+        assert_matches_fixture(name, &out, &serde_json::json!({"shape": shape, "values": expected}));
     }
 }
 
@@ -361,6 +345,14 @@ fn tiny_model_values(setup: &common::Setup, folder: &str, file: &str) -> Vec<(St
         .collect()
 }
 
+/// The tiny SD1 checkpoint's UNet tensors by their names in the UNet, as f32 values.
+fn tiny_sd1_unet_values(setup: &common::Setup) -> std::collections::HashMap<String, Vec<f32>> {
+    tiny_model_values(setup, "checkpoints", easel_models::testmodels::TINY_SD1_CHECKPOINT)
+        .into_iter()
+        .filter_map(|(name, _, values)| Some((name.strip_prefix("model.diffusion_model.")?.to_string(), values)))
+        .collect()
+}
+
 /// Writes `tensors` (name, shape, values) as an f32 safetensors file.
 fn write_f32_file(path: &std::path::Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
     let bytes: Vec<Vec<u8>> = tensors
@@ -458,14 +450,8 @@ fn control_models_easel_cannot_run_yet_are_refused_by_name() {
 fn a_diff_controlnet_with_its_model_steers_sampling_as_the_whole_one() {
     let setup = setup();
     let folder = controlnet_folder(&setup);
-    let checkpoint = tiny_model_values(&setup, "checkpoints", easel_models::testmodels::TINY_SD1_CHECKPOINT);
-    let base = |name: &str| {
-        let name = format!("model.diffusion_model.{name}");
-        checkpoint
-            .iter()
-            .find(|(n, _, _)| *n == name)
-            .map(|(_, _, values)| values)
-    };
+    let unet = tiny_sd1_unet_values(&setup);
+    let base = |name: &str| unet.get(name);
     let mut tensors = vec![("difference".to_string(), vec![1], vec![0.0])];
     for (name, shape, mut values) in tiny_model_values(&setup, "controlnet", TINY_SD1_CONTROLNET) {
         if let Some(base) = base(&name) {
@@ -523,9 +509,9 @@ fn union_controlnets_embed_their_control_type_as_comfyuis() {
             .zip(case["output"].as_array().unwrap())
             .enumerate()
         {
-            assert_close(&format!("type {control_type:?} output {index}"), got, expected);
+            assert_matches_fixture(&format!("type {control_type:?} output {index}"), got, expected);
         }
-        assert_close(
+        assert_matches_fixture(
             &format!("type {control_type:?} middle"),
             &outputs.middle,
             &case["middle"][0],
@@ -574,14 +560,8 @@ fn union_controlnets_embed_their_control_type_as_comfyuis() {
 fn a_control_lora_steers_sampling_as_the_controlnet_it_encodes() {
     let setup = setup();
     let folder = controlnet_folder(&setup);
-    let checkpoint = tiny_model_values(&setup, "checkpoints", easel_models::testmodels::TINY_SD1_CHECKPOINT);
-    let base = |name: &str| {
-        let name = format!("model.diffusion_model.{name}");
-        checkpoint
-            .iter()
-            .find(|(n, _, _)| *n == name)
-            .map(|(_, _, values)| values.clone())
-    };
+    let unet = tiny_sd1_unet_values(&setup);
+    let base = |name: &str| unet.get(name).cloned();
     // The reference: the ControlNet with the model's time embedding, which the control-LoRA leaves
     // to the model.
     let mut reference = Vec::new();

@@ -479,6 +479,25 @@ fn text_entry() -> CondEntry {
     )
 }
 
+/// The tiny FLUX model `unet_name` through UNETLoader and the tiny FLUX VAE through VAELoader.
+fn flux_model_and_vae(setup: &common::Setup, unet_name: &str) -> (Value, Value) {
+    let model = setup
+        .call(
+            "UNETLoader",
+            vec![
+                ("unet_name", j(json!(unet_name))),
+                ("weight_dtype", j(json!("default"))),
+            ],
+        )
+        .unwrap()
+        .remove(0);
+    let vae = setup
+        .call("VAELoader", vec![("vae_name", j(json!(TINY_FLUX_VAE)))])
+        .unwrap()
+        .remove(0);
+    (model, vae)
+}
+
 /// KSampler's one Euler step (seed 7, σ 1 → 0, cfg 1): the sampled latent.
 fn one_euler_step(setup: &common::Setup, model: &Value, positive: Value, negative: Value, latent: Value) -> Tensor {
     let sampled = setup
@@ -683,20 +702,7 @@ fn flux_images_from_safetensors_and_gguf_agree() {
 fn flux_fill_sees_the_masked_image_and_the_mask_blocks() {
     use easel_nodes::image::{Image, Mask};
     let setup = setup();
-    let model = setup
-        .call(
-            "UNETLoader",
-            vec![
-                ("unet_name", j(json!(TINY_FLUX_FILL))),
-                ("weight_dtype", j(json!("default"))),
-            ],
-        )
-        .unwrap()
-        .remove(0);
-    let vae = setup
-        .call("VAELoader", vec![("vae_name", j(json!(TINY_FLUX_VAE)))])
-        .unwrap()
-        .remove(0);
+    let (model, vae) = flux_model_and_vae(&setup, TINY_FLUX_FILL);
     let (height, width) = (16, 24);
     let pixels: Vec<f32> = (0..height * width * 3)
         .map(|i| ((i as f32) * 0.37).sin() * 0.5 + 0.5)
@@ -763,20 +769,7 @@ fn flux_fill_sees_the_masked_image_and_the_mask_blocks() {
 fn flux_canny_sees_the_control_images_latent() {
     use easel_nodes::image::Image;
     let setup = setup();
-    let model = setup
-        .call(
-            "UNETLoader",
-            vec![
-                ("unet_name", j(json!(TINY_FLUX_CANNY))),
-                ("weight_dtype", j(json!("default"))),
-            ],
-        )
-        .unwrap()
-        .remove(0);
-    let vae = setup
-        .call("VAELoader", vec![("vae_name", j(json!(TINY_FLUX_VAE)))])
-        .unwrap()
-        .remove(0);
+    let (model, vae) = flux_model_and_vae(&setup, TINY_FLUX_CANNY);
     let (height, width) = (19, 27);
     let image = Image {
         batch: 1,

@@ -16,8 +16,53 @@ use easel_models::testmodels::{
 use easel_nodes::conditioning::Conditioning;
 use easel_nodes::image::{Image, Mask};
 use easel_nodes::latent::Latent;
-use easel_nodes::model::diffusion_model::Model;
+use easel_nodes::model::diffusion_model::{DiffusionModel, Model};
 use serde_json::json;
+
+/// KSampler's one Euler step (seed 5, karras, cfg 1) on InpaintModelConditioning's or
+/// InstructPixToPixConditioning's outputs: the sampled latent.
+fn one_karras_step(setup: &common::Setup, model: &Value, conditioned: &[Value]) -> Tensor {
+    setup
+        .call(
+            "KSampler",
+            vec![
+                ("model", model.clone()),
+                ("seed", j(json!(5))),
+                ("steps", j(json!(1))),
+                ("cfg", j(json!(1.0))),
+                ("sampler_name", j(json!("euler"))),
+                ("scheduler", j(json!("karras"))),
+                ("positive", conditioned[0].clone()),
+                ("negative", conditioned[1].clone()),
+                ("latent_image", conditioned[2].clone()),
+                ("denoise", j(json!(1.0))),
+            ],
+        )
+        .unwrap()[0]
+        .downcast::<Latent>()
+        .unwrap()
+        .samples
+        .clone()
+}
+
+/// What that step gives from σ_max: seed 5's noise over the latent in model space, the UNet
+/// called with `extra` channels after the scaled input, the denoised latent out of model space.
+fn expected_step(model: &DiffusionModel, latent_in: &Tensor, extra: &[&Tensor], text: &Tensor) -> Tensor {
+    let sigma = model.schedule.sigma_max();
+    let shape = latent_in.dims().to_vec();
+    let noise = Tensor::from_vec(prepare_noise(5, &shape, None), shape.as_slice(), &Device::Cpu).unwrap();
+    let x = ((&noise * f64::from((1.0 + sigma * sigma).sqrt())).unwrap() + latent_in).unwrap();
+    let scaled = (&x / f64::from((sigma * sigma + 1.0).sqrt())).unwrap();
+    let input = Tensor::cat(&[&[&scaled], extra].concat(), 1).unwrap();
+    let timesteps = Tensor::new(&[999f32], &Device::Cpu).unwrap();
+    let eps = model
+        .network
+        .unet()
+        .unwrap()
+        .forward(&UNetInput::new(&input, &timesteps, text))
+        .unwrap();
+    ((&x - (eps * f64::from(sigma)).unwrap()).unwrap() / 0.18215).unwrap()
+}
 
 #[test]
 fn the_masked_image_and_mask_are_the_extra_input_channels() {
@@ -67,46 +112,18 @@ fn the_masked_image_and_mask_are_the_extra_input_channels() {
         max_abs_difference(&inpaint.latent, &latent.samples) > 1e-3,
         "the masked image differs"
     );
-    let sampled = setup
-        .call(
-            "KSampler",
-            vec![
-                ("model", loaded[0].clone()),
-                ("seed", j(json!(5))),
-                ("steps", j(json!(1))),
-                ("cfg", j(json!(1.0))),
-                ("sampler_name", j(json!("euler"))),
-                ("scheduler", j(json!("karras"))),
-                ("positive", conditioned[0].clone()),
-                ("negative", conditioned[1].clone()),
-                ("latent_image", conditioned[2].clone()),
-                ("denoise", j(json!(1.0))),
-            ],
-        )
-        .unwrap()[0]
-        .downcast::<Latent>()
-        .unwrap()
-        .samples
-        .clone();
+    let sampled = one_karras_step(&setup, &loaded[0], &conditioned);
 
-    let sigma = model.schedule.sigma_max();
-    let noise = Tensor::from_vec(prepare_noise(5, &[1, 4, 8, 8], None), (1, 4, 8, 8), &Device::Cpu).unwrap();
-    let latent_in = (&latent.samples * 0.18215).unwrap();
-    let x = ((&noise * f64::from((1.0 + sigma * sigma).sqrt())).unwrap() + &latent_in).unwrap();
     let mask_channel: Vec<f32> = (0..64).map(|i| if i % 8 < 4 { 1.0 } else { 0.0 }).collect();
     let mask_channel = Tensor::from_vec(mask_channel, (1, 1, 8, 8), &Device::Cpu).unwrap();
     let masked_image = (inpaint.latent.to_dtype(DType::F32).unwrap() * 0.18215).unwrap();
-    let scaled = (&x / f64::from((sigma * sigma + 1.0).sqrt())).unwrap();
-    let input = Tensor::cat(&[&scaled, &mask_channel, &masked_image], 1).unwrap();
-    let timesteps = Tensor::new(&[999f32], &Device::Cpu).unwrap();
-    let eps = model
-        .network
-        .unet()
-        .unwrap()
-        .forward(&UNetInput::new(&input, &timesteps, &entry.cross_attention))
-        .unwrap();
-    let denoised = (&x - (eps * f64::from(sigma)).unwrap()).unwrap();
-    let expected = (denoised / 0.18215).unwrap();
+    let latent_in = (&latent.samples * 0.18215).unwrap();
+    let expected = expected_step(
+        &model,
+        &latent_in,
+        &[&mask_channel, &masked_image],
+        &entry.cross_attention,
+    );
     let difference = max_abs_difference(&sampled, &expected);
     assert!(difference < 1e-3, "max difference {difference}");
 }
@@ -149,42 +166,12 @@ fn instruct_pix2pix_models_see_the_raw_image_latent() {
         .unwrap();
     let entry = conditioned[0].downcast::<Conditioning>().unwrap().0[0].clone();
     let image_latent = entry.concat_image.clone().unwrap().latent;
-    let sampled = setup
-        .call(
-            "KSampler",
-            vec![
-                ("model", loaded[0].clone()),
-                ("seed", j(json!(5))),
-                ("steps", j(json!(1))),
-                ("cfg", j(json!(1.0))),
-                ("sampler_name", j(json!("euler"))),
-                ("scheduler", j(json!("karras"))),
-                ("positive", conditioned[0].clone()),
-                ("negative", conditioned[1].clone()),
-                ("latent_image", conditioned[2].clone()),
-                ("denoise", j(json!(1.0))),
-            ],
-        )
-        .unwrap()[0]
-        .downcast::<Latent>()
-        .unwrap()
-        .samples
-        .clone();
+    let sampled = one_karras_step(&setup, &loaded[0], &conditioned);
 
     // The latent to sample is zeros; the image's latent goes in raw (not scaled into model space).
-    let sigma = model.schedule.sigma_max();
-    let noise = Tensor::from_vec(prepare_noise(5, &[1, 4, 8, 8], None), (1, 4, 8, 8), &Device::Cpu).unwrap();
-    let x = (&noise * f64::from((1.0 + sigma * sigma).sqrt())).unwrap();
-    let scaled = (&x / f64::from((sigma * sigma + 1.0).sqrt())).unwrap();
-    let input = Tensor::cat(&[&scaled, &image_latent.to_dtype(DType::F32).unwrap()], 1).unwrap();
-    let timesteps = Tensor::new(&[999f32], &Device::Cpu).unwrap();
-    let eps = model
-        .network
-        .unet()
-        .unwrap()
-        .forward(&UNetInput::new(&input, &timesteps, &entry.cross_attention))
-        .unwrap();
-    let expected = ((&x - (eps * f64::from(sigma)).unwrap()).unwrap() / 0.18215).unwrap();
+    let zeros = Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    let image_latent = image_latent.to_dtype(DType::F32).unwrap();
+    let expected = expected_step(&model, &zeros, &[&image_latent], &entry.cross_attention);
     let difference = max_abs_difference(&sampled, &expected);
     assert!(difference < 1e-3, "max difference {difference}");
 }

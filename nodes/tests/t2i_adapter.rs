@@ -8,7 +8,8 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::{
-    fixture_json, fixture_unet, floats, formula_unet_file, j, ksampler, max_abs_difference, pattern, setup, sizes,
+    assert_matches_fixture, fixture_json, fixture_unet, floats, formula_unet_file, j, ksampler, max_abs_difference,
+    pattern, setup, sizes,
 };
 use easel_engine::Value;
 use easel_models::architectures::t2i_adapter::{AdapterKind, T2IAdapter};
@@ -39,22 +40,6 @@ fn hint(case: &Json) -> Tensor {
     ((pattern(&sizes(&case["hint"]), 3, 1.0) * 0.5).unwrap() + 0.5).unwrap()
 }
 
-fn assert_close(name: &str, got: &Tensor, expected: &Json) {
-    assert_eq!(got.dims(), sizes(&expected["shape"]).as_slice(), "{name}: shape");
-    let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-    let expected = floats(&expected["values"]);
-    let scale = expected.iter().fold(1f32, |m, v| m.max(v.abs()));
-    let worst = got
-        .iter()
-        .zip(&expected)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        worst <= 2e-5 * scale,
-        "{name}: differs by {worst} (values up to {scale})"
-    );
-}
-
 /// The features against ComfyUI's: its `input` list is popped from the end, one entry per
 /// encoder block, so block `b` takes the entry `b` places from the end.
 fn assert_features_match(name: &str, got: &ControlResiduals, case: &Json) {
@@ -66,7 +51,7 @@ fn assert_features_match(name: &str, got: &ControlResiduals, case: &Json) {
     for (block, expected) in expected.iter().rev().enumerate() {
         match (got.input.get(block).and_then(Option::as_ref), expected.is_null()) {
             (None, true) => {}
-            (Some(got), false) => assert_close(&format!("{name} block {block}"), got, expected),
+            (Some(got), false) => assert_matches_fixture(&format!("{name} block {block}"), got, expected),
             (got, _) => panic!(
                 "{name} block {block}: {:?} where ComfyUI has {expected}",
                 got.map(Tensor::dims)
@@ -75,7 +60,7 @@ fn assert_features_match(name: &str, got: &ControlResiduals, case: &Json) {
     }
     match (&got.middle, case["middle"].as_array().and_then(|m| m.first())) {
         (None, None) => {}
-        (Some(got), Some(expected)) => assert_close(&format!("{name} middle"), got, expected),
+        (Some(got), Some(expected)) => assert_matches_fixture(&format!("{name} middle"), got, expected),
         (got, expected) => panic!(
             "{name} middle: {:?} where ComfyUI has {expected:?}",
             got.as_ref().map(Tensor::dims)
@@ -167,7 +152,7 @@ fn the_unet_takes_t2i_adapter_features_where_comfyuis_does() {
                 })
                 .expect("UNet");
             let shape = Json::from(out.dims().to_vec());
-            assert_close(
+            assert_matches_fixture(
                 &format!("{name} {output}"),
                 &out,
                 &json!({"shape": shape, "values": unet_case[output]}),

@@ -69,6 +69,24 @@ pub fn pattern_image(height: usize, width: usize, seed: i64) -> easel_nodes::ima
     easel_nodes::image::Image::new(1, height, width, 3, data).expect("an image")
 }
 
+/// `got` has the shape and, within 2e-5 of the largest value (or of 1), the values of a
+/// fixture's `{"shape", "values"}`.
+pub fn assert_matches_fixture(name: &str, got: &Tensor, expected: &Json) {
+    assert_eq!(got.dims(), sizes(&expected["shape"]).as_slice(), "{name}: shape");
+    let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+    let expected = floats(&expected["values"]);
+    let scale = expected.iter().fold(1f32, |m, v| m.max(v.abs()));
+    let worst = got
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 2e-5 * scale,
+        "{name}: differs by {worst} (values up to {scale})"
+    );
+}
+
 /// A fixture's list of sizes.
 pub fn sizes(value: &Json) -> Vec<usize> {
     value
