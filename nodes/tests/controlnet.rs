@@ -308,6 +308,16 @@ fn diffusers_name(ldm: &str) -> String {
     {
         return name;
     }
+    // A union ControlNet's own parts keep their names but for the fused attention projection.
+    let union_parts = [
+        "task_embedding",
+        "transformer_layes.",
+        "spatial_ch_projs.",
+        "control_add_embedding.",
+    ];
+    if union_parts.iter().any(|part| ldm.starts_with(part)) {
+        return ldm.replace(".attn.in_proj.", ".attn.in_proj_");
+    }
     let (kind, rest) = ldm.split_once('.').expect("a dotted name");
     let (index, tail) = rest.split_once('.').expect("an index");
     let index: usize = index.parse().expect("a number");
@@ -387,28 +397,56 @@ fn sample_controlled(
     ksampler(setup, &loaded[0], &p, &n, latent, "euler", 2, 5.0).expect("KSampler")
 }
 
+/// ControlNets in diffusers' layout steer sampling as their twins in the LDM layout: the tiny
+/// SD1 ControlNet, and a union ControlNet of its shape told a control type (its union parts keep
+/// their names but for the attention's `in_proj_weight`).
 #[test]
-fn a_diffusers_layout_controlnet_steers_sampling_as_its_ldm_twin() {
+fn diffusers_layout_controlnets_steer_sampling_as_their_ldm_twins() {
     let setup = setup();
     let folder = controlnet_folder(&setup);
-    let bytes = std::fs::read(folder.join(TINY_SD1_CONTROLNET)).expect("the tiny ControlNet");
-    let ldm = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    let renamed: Vec<(String, safetensors::tensor::TensorView)> = ldm
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| (diffusers_name(&name), view))
-        .collect();
-    safetensors::serialize_to_file(renamed, None, &folder.join("diffusers_controlnet.safetensors")).expect("written");
+    let union = ControlNetConfig {
+        union: Some((8, 32)),
+        ..easel_models::testmodels::tiny_sd1_controlnet()
+    };
+    let union_layout = easel_models::testmodels::controlnet_layout(&union).expect("layout");
+    easel_models::testmodels::write_checkpoint(&folder.join("union.safetensors"), &union_layout).expect("written");
+    for ldm_file in [TINY_SD1_CONTROLNET, "union.safetensors"] {
+        let bytes = std::fs::read(folder.join(ldm_file)).expect("a tiny ControlNet");
+        let ldm = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+        let renamed: Vec<(String, safetensors::tensor::TensorView)> = ldm
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| (diffusers_name(&name), view))
+            .collect();
+        safetensors::serialize_to_file(renamed, None, &folder.join(format!("diffusers_{ldm_file}"))).expect("written");
+    }
 
     let inputs = sd1_inputs(&setup, 1);
     let image = Value::object(common::pattern_image(64, 64, 9));
     let sample_with = |file: &str| {
         let control = load_control(&setup, "ControlNetLoader", file, &inputs.0[0]);
+        let control = setup
+            .call(
+                "SetUnionControlNetType",
+                vec![("control_net", control), ("type", j(json!("depth")))],
+            )
+            .expect("SetUnionControlNetType")
+            .remove(0);
         sample_controlled(&setup, &inputs, &control, &image)
     };
-    let from_ldm = sample_with(TINY_SD1_CONTROLNET);
-    let from_diffusers = sample_with("diffusers_controlnet.safetensors");
-    assert_eq!(max_abs_difference(&from_ldm, &from_diffusers), 0.0);
+    for ldm_file in [TINY_SD1_CONTROLNET, "union.safetensors"] {
+        let from_ldm = sample_with(ldm_file);
+        let from_diffusers = sample_with(&format!("diffusers_{ldm_file}"));
+        assert_eq!(max_abs_difference(&from_ldm, &from_diffusers), 0.0, "{ldm_file}");
+    }
+    // The union ControlNet reads its type: "depth" steers it otherwise than "auto" would.
+    let auto = sample_controlled(
+        &setup,
+        &inputs,
+        &load_control(&setup, "ControlNetLoader", "union.safetensors", &inputs.0[0]),
+        &image,
+    );
+    assert!(max_abs_difference(&auto, &sample_with("union.safetensors")) > 1e-4);
 }
 
 #[test]

@@ -525,8 +525,13 @@ pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         &controlnet,
         &controlnet_layout(&tiny_sd1_controlnet()).map_err(std::io::Error::other)?,
     )?;
+    let union = controlnets.join(TINY_SDXL_UNION_CONTROLNET);
+    write_checkpoint(
+        &union,
+        &controlnet_layout(&tiny_sdxl_union_controlnet()).map_err(std::io::Error::other)?,
+    )?;
 
-    let mut written = vec![checkpoint, controlnet];
+    let mut written = vec![checkpoint, controlnet, union];
     for (name, config) in tiny_t2i_adapters() {
         let path = controlnets.join(name);
         write_checkpoint(&path, &t2i_adapter_layout(&config).map_err(std::io::Error::other)?)?;

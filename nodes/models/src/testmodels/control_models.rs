@@ -1,12 +1,16 @@
 //! Tiny control models (in `controlnet/`): a ControlNet copying the tiny SD1.x UNet's encoder and
 //! T2I-Adapters, and the layouts their writers and the tests build other sizes from.
 
-use super::{tiny_sd1_unet, Recorder, TensorSpec};
-use crate::architectures::controlnet::{ControlNet, ControlNetConfig};
+use super::{tiny_clip_g, tiny_clip_l, tiny_sd1_unet, tiny_sdxl_unet, Recorder, TensorSpec};
+use crate::architectures::controlnet::{ControlNet, ControlNetConfig, UNION_CONTROL_TYPES};
 use crate::architectures::t2i_adapter::{AdapterKind, T2IAdapter, T2IAdapterConfig};
 
 /// The file name `easel testmodels` gives the tiny SD1.x ControlNet.
 pub const TINY_SD1_CONTROLNET: &str = "easel_tiny_sd1_controlnet.safetensors";
+/// The file name `easel testmodels` gives the tiny union ControlNet for the tiny SDXL model (in
+/// ComfyUI's names; its union parts are as wide as the tiny UNet's first level, where real ones
+/// are 320 wide as SDXL's).
+pub const TINY_SDXL_UNION_CONTROLNET: &str = "easel_tiny_sdxl_union_controlnet.safetensors";
 /// The file names `easel testmodels` gives the tiny full T2I-Adapters for SD1.x and SDXL. The
 /// SDXL one's first level lands on the tiny SDXL UNet (its last encoder block, 64 channels at
 /// half the latent's size); the tiny UNets are too shallow for the SD1.x one's levels, which the
@@ -17,6 +21,15 @@ pub const TINY_SDXL_T2I_ADAPTER: &str = "easel_tiny_sdxl_t2i_adapter.safetensors
 /// A ControlNet for the tiny SD1.x UNet: a copy of its encoder taking an RGB hint.
 pub fn tiny_sd1_controlnet() -> ControlNetConfig {
     ControlNetConfig::copying(&tiny_sd1_unet(), 3)
+}
+
+/// A union ControlNet for the tiny SDXL UNet, knowing all eight control types.
+pub fn tiny_sdxl_union_controlnet() -> ControlNetConfig {
+    let unet = tiny_sdxl_unet(tiny_clip_l().hidden_size + tiny_clip_g().hidden_size, 6);
+    ControlNetConfig {
+        union: Some((UNION_CONTROL_TYPES.len(), unet.model_channels)),
+        ..ControlNetConfig::copying(&unet, 3)
+    }
 }
 
 /// Every tensor of a ControlNet in the LDM layout.
