@@ -356,6 +356,11 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
         let image = first_image(&task);
         assert_eq!((image.width(), image.height()), (64, 64), "sdxl {mode}");
     }
+    // A union ControlNet on SDXL, told its image is canny edges.
+    let mut union = tiny("sdxl", "img2img");
+    union["controlnets"] = json!([{"model": "easel_tiny_sdxl_union_controlnet.safetensors", "type": "canny"}]);
+    let task = generate(api, union).json();
+    assert_eq!(task["status"], "succeeded", "union ControlNet: {task}");
     let mut refined = tiny("sdxl", "text2img");
     refined["refiner"] = json!("easel_tiny_sdxl_refiner.safetensors");
     let task = generate(api, refined).json();
@@ -389,9 +394,10 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
         (
             count("ControlNetApplyAdvanced"),
             count("Canny"),
-            count("ControlNetLoader")
+            count("ControlNetLoader"),
+            count("SetUnionControlNetType")
         ),
-        (2, 1, 2)
+        (2, 1, 2, 1)
     );
 
     // An inpaint ControlNet: the request's image with its mask marked (InpaintPreprocessor).

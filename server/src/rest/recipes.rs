@@ -442,12 +442,21 @@ fn chain_controlnets(
                 }
                 _ => json!([loaded, 0]),
             };
-            let loader = built.add_node(
+            let mut loader = built.add_node(
                 nodes,
                 json!({"class_type": "ControlNetLoader", "inputs": {"control_net_name": control.model}, "_meta": {"title": "Load ControlNet Model"}}),
                 FIELD,
                 &["control_net_name"],
             );
+            // A union ControlNet is told which control its image is (other models ignore it).
+            if let Some(union_type) = control.kind.union_type() {
+                let typed = json!({
+                    "class_type": "SetUnionControlNetType",
+                    "inputs": {"control_net": [loader, 0], "type": union_type},
+                    "_meta": {"title": "SetUnionControlNetType"},
+                });
+                loader = built.add_node(nodes, typed, FIELD, &[]);
+            }
             let apply = json!({
                 "class_type": "ControlNetApplyAdvanced",
                 "inputs": {

@@ -140,6 +140,17 @@ pub enum ControlKind {
 }
 
 impl ControlKind {
+    /// The control type a union ControlNet is told for images prepared this way
+    /// (SetUnionControlNetType's names); none for an image taken as it is.
+    pub fn union_type(self) -> Option<&'static str> {
+        match self {
+            ControlKind::Canny => Some("canny/lineart/anime_lineart/mlsd"),
+            ControlKind::Depth => Some("depth"),
+            ControlKind::Inpaint => Some("repaint"),
+            ControlKind::Plain => None,
+        }
+    }
+
     fn parse(name: &str) -> Option<ControlKind> {
         Some(match name {
             "canny" => ControlKind::Canny,
