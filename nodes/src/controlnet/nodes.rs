@@ -10,9 +10,7 @@ use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 use easel_models::architectures::controlnet::{ControlNet, ControlNetConfig, UNION_CONTROL_TYPES};
 use easel_models::architectures::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
-use easel_models::diffusers_layout::{
-    ConvertedWeights, DiffusersLayoutError, DIFFUSERS_CONTROLNET_MARKER, DIFFUSERS_T2I_ADAPTER_MARKER,
-};
+use easel_models::diffusers_layout::{ConvertedWeights, DIFFUSERS_CONTROLNET_MARKER, DIFFUSERS_T2I_ADAPTER_MARKER};
 use easel_models::kernels::sgemm::Precision;
 use easel_models::lora::Patch;
 use easel_models::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
@@ -48,8 +46,8 @@ const LATER_FORMATS: [(&str, &str); 7] = [
 /// ControlNet in the LDM layout (bare, or under `control_model.` as the original conversions
 /// keep it) or in diffusers' layout, else a T2I-Adapter (ComfyUI's or diffusers' names); also
 /// returns the file size. A control-LoRA is kept as its file until a model samples with it. A
-/// "diff" ControlNet (under `control_model.`, with a `difference`
-/// tensor) holds its weights less those of the UNet it was made from: `model`'s are added back.
+/// "diff" ControlNet (under `control_model.`, with a `difference` tensor) holds its weights less
+/// those of the UNet it was made from: `model`'s are added back.
 pub fn load_controlnet(
     path: &Path,
     model: Option<&DiffusionModel>,
@@ -72,41 +70,18 @@ pub fn load_controlnet(
         };
         return Ok((loaded, file_size(path)));
     }
-    let loading = |error: candle_core::Error| NodeError::new(error.to_string());
-    let layout = |error: DiffusersLayoutError| NodeError::new(error.to_string());
     let detect = |error| undetected(path, error);
     let controlnet_prefix = ["", "control_model."]
         .into_iter()
         .find(|prefix| file.has(&format!("{prefix}zero_convs.0.0.weight")));
     let (weights, prefix): (Arc<dyn MappedWeights>, &str) = match controlnet_prefix {
-        _ if file.has(DIFFUSERS_CONTROLNET_MARKER) => (
-            Arc::new(ConvertedWeights::diffusers_controlnet(file).map_err(layout)?),
-            "",
-        ),
-        Some(prefix) => (file, prefix),
-        None => {
-            let weights: Arc<dyn MappedWeights> = if file.has(DIFFUSERS_T2I_ADAPTER_MARKER) {
-                Arc::new(ConvertedWeights::diffusers_t2i_adapter(file).map_err(layout)?)
-            } else {
-                file
-            };
-            let config = T2IAdapterConfig::infer(weights.as_ref())
-                .map_err(detect)?
-                .ok_or_else(|| {
-                    NodeError::new(format!(
-                        "ERROR: Could not detect model type of: {}\nerror could not detect control model type.",
-                        path.display()
-                    ))
-                })?;
-            let source = WeightSource::new(weights, "", device, Precision::F32);
-            let adapter = T2IAdapter::new(config, source.weights()).map_err(loading)?;
-            let loaded = LoadedControlNet {
-                network: ControlNetwork::T2IAdapter(adapter),
-                compression_ratio: 8,
-                global_average_pooling: false,
-            };
-            return Ok((loaded, file_size(path)));
+        _ if file.has(DIFFUSERS_CONTROLNET_MARKER) => {
+            let converted =
+                ConvertedWeights::diffusers_controlnet(file).map_err(|error| NodeError::new(error.to_string()))?;
+            (Arc::new(converted), "")
         }
+        Some(prefix) => (file, prefix),
+        None => return Ok((load_t2i_adapter(path, file, device)?, file_size(path))),
     };
     let heads = ControlNetConfig::heads_for(weights.as_ref(), prefix).map_err(detect)?;
     let config = ControlNetConfig::infer(weights.as_ref(), prefix, heads).map_err(detect)?;
@@ -117,13 +92,40 @@ pub fn load_controlnet(
             None => tracing::warn!("WARNING: Loaded a diff controlnet without a model. It will very likely not work."),
         }
     }
-    let network = ControlNet::new(config, source.weights()).map_err(loading)?;
+    let network = ControlNet::new(config, source.weights()).map_err(|error| NodeError::new(error.to_string()))?;
     let loaded = LoadedControlNet {
         network: ControlNetwork::ControlNet(Box::new(network)),
         compression_ratio: 8,
         global_average_pooling: is_shuffle(path),
     };
     Ok((loaded, file_size(path)))
+}
+
+/// A T2I-Adapter in ComfyUI's or diffusers' names, or ComfyUI's error for a file that is no
+/// control model at all.
+fn load_t2i_adapter(path: &Path, file: Arc<SafetensorsFile>, device: &Device) -> Result<LoadedControlNet, NodeError> {
+    let weights: Arc<dyn MappedWeights> = if file.has(DIFFUSERS_T2I_ADAPTER_MARKER) {
+        let converted =
+            ConvertedWeights::diffusers_t2i_adapter(file).map_err(|error| NodeError::new(error.to_string()))?;
+        Arc::new(converted)
+    } else {
+        file
+    };
+    let config = T2IAdapterConfig::infer(weights.as_ref())
+        .map_err(|error| undetected(path, error))?
+        .ok_or_else(|| {
+            NodeError::new(format!(
+                "ERROR: Could not detect model type of: {}\nerror could not detect control model type.",
+                path.display()
+            ))
+        })?;
+    let source = WeightSource::new(weights, "", device, Precision::F32);
+    let adapter = T2IAdapter::new(config, source.weights()).map_err(|error| NodeError::new(error.to_string()))?;
+    Ok(LoadedControlNet {
+        network: ControlNetwork::T2IAdapter(adapter),
+        compression_ratio: 8,
+        global_average_pooling: false,
+    })
 }
 
 /// Whether ComfyUI pools the residuals of the ControlNet at `path` over the image (it does for
