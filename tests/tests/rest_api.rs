@@ -356,11 +356,26 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
         let image = first_image(&task);
         assert_eq!((image.width(), image.height()), (64, 64), "sdxl {mode}");
     }
-    // A union ControlNet on SDXL, told its image is canny edges.
+    // A union ControlNet on SDXL, told its image is canny edges, then an inpaint hint, whose
+    // masked pixels it takes black.
     let mut union = tiny("sdxl", "img2img");
     union["controlnets"] = json!([{"model": "easel_tiny_sdxl_union_controlnet.safetensors", "type": "canny"}]);
     let task = generate(api, union).json();
     assert_eq!(task["status"], "succeeded", "union ControlNet: {task}");
+    let mut union_inpaint = tiny("sdxl", "inpaint");
+    union_inpaint["controlnets"] =
+        json!([{"model": "easel_tiny_sdxl_union_controlnet.safetensors", "type": "inpaint"}]);
+    let task = generate(api, union_inpaint).json();
+    assert_eq!(task["status"], "succeeded", "union inpaint ControlNet: {task}");
+    let id = task["id"].as_str().unwrap();
+    let prompt = api.get_json(&format!("/history/{id}"))[id]["prompt"][2].clone();
+    let preprocessor = prompt
+        .as_object()
+        .unwrap()
+        .values()
+        .find(|node| node["class_type"] == "InpaintPreprocessor")
+        .expect("an InpaintPreprocessor");
+    assert_eq!(preprocessor["inputs"]["black_pixel_for_xinsir_cn"], true);
     let mut refined = tiny("sdxl", "text2img");
     refined["refiner"] = json!("easel_tiny_sdxl_refiner.safetensors");
     let task = generate(api, refined).json();
@@ -407,13 +422,14 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
     assert_eq!(task["status"], "succeeded", "inpaint ControlNet: {task}");
     let id = task["id"].as_str().unwrap();
     let prompt = api.get_json(&format!("/history/{id}"))[id]["prompt"][2].clone();
-    let preprocessors = prompt
+    let preprocessors: Vec<&Json> = prompt
         .as_object()
         .unwrap()
         .values()
         .filter(|node| node["class_type"] == "InpaintPreprocessor")
-        .count();
-    assert_eq!(preprocessors, 1);
+        .collect();
+    assert_eq!(preprocessors.len(), 1);
+    assert_eq!(preprocessors[0]["inputs"]["black_pixel_for_xinsir_cn"], false);
 
     for mode in ["text2img", "img2img"] {
         let task = generate(api, tiny("flux", mode)).json();

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use candle_core::Device;
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
-use easel_models::architectures::controlnet::{ControlNet, ControlNetConfig, UNION_CONTROL_TYPES};
+use easel_models::architectures::controlnet::{
+    ControlNet, ControlNetConfig, UNION_CONTROLNET_MARKER, UNION_CONTROL_TYPES,
+};
 use easel_models::architectures::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
 use easel_models::diffusers_layout::{ConvertedWeights, DIFFUSERS_CONTROLNET_MARKER, DIFFUSERS_T2I_ADAPTER_MARKER};
 use easel_models::kernels::sgemm::Precision;
@@ -126,6 +128,11 @@ fn load_t2i_adapter(path: &Path, file: Arc<SafetensorsFile>, device: &Device) ->
         compression_ratio: 8,
         global_average_pooling: false,
     })
+}
+
+/// Whether the control model file at `path` is a union ControlNet (read from its header).
+pub fn is_union_controlnet(path: &Path) -> bool {
+    SafetensorsFile::open(path).is_ok_and(|file| file.has(UNION_CONTROLNET_MARKER))
 }
 
 /// Whether ComfyUI pools the residuals of the ControlNet at `path` over the image (it does for

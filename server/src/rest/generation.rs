@@ -5,7 +5,9 @@
 
 use super::catalog::{default_model, presets, styles};
 use super::recipes::{build, workflow_for, BuiltPrompt, Ingredients, WORKFLOW_VERSION};
-use super::request::{parse, Family, GenerateRequest, Mode, OutputFormat, RawRequest, ReturnStyle, UploadedImage};
+use super::request::{
+    parse, ControlKind, Family, GenerateRequest, Mode, OutputFormat, RawRequest, ReturnStyle, UploadedImage,
+};
 use super::tasks::view_url;
 use super::{now_ms, paths, RestError};
 use crate::queue::QueueItem;
@@ -16,6 +18,7 @@ use axum::extract::multipart::{Field, MultipartError};
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::{header, StatusCode};
 use easel_engine::{validate_prompt, Prompt, ValidationFailure};
+use easel_nodes::controlnet::nodes::is_union_controlnet;
 use easel_nodes::paths::{write_replacing, Paths};
 use serde_json::{json, Map, Value as Json};
 use sha2::{Digest, Sha256};
@@ -176,12 +179,24 @@ pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(Store
                 "a ControlNet without its own `image` needs the request's `image`",
             )
         })?;
+    // Union ControlNets take an inpaint hint's masked pixels black, as xinsir's workflows mark them.
+    let union_inpaint_controls: Vec<bool> = request
+        .controlnets
+        .iter()
+        .map(|control| {
+            control.kind == ControlKind::Inpaint
+                && paths
+                    .full_path("controlnet", &control.model)
+                    .is_some_and(|path| is_union_controlnet(&path))
+        })
+        .collect();
     let ingredients = Ingredients {
         checkpoint: checkpoint.as_deref(),
         seed,
         image: stored_images.image.as_deref(),
         mask: stored_images.mask.as_deref(),
         control_images: &control_images,
+        union_inpaint_controls: &union_inpaint_controls,
         styles: &chosen_styles,
         output_prefix: &output_prefix,
     };

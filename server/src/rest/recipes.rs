@@ -77,6 +77,9 @@ pub struct Ingredients<'a> {
     pub output_prefix: &'a str,
     /// Each ControlNet's image, as LoadImage names it.
     pub control_images: &'a [&'a str],
+    /// For each ControlNet, whether it is a union ControlNet given an inpaint hint (its masked
+    /// pixels are marked black rather than -1).
+    pub union_inpaint_controls: &'a [bool],
 }
 
 /// A prompt built from a request, and which request field set each `(node, input)`.
@@ -410,7 +413,9 @@ fn chain_controlnets(
             nodes[&sampler]["inputs"]["positive"].clone(),
             nodes[&sampler]["inputs"]["negative"].clone(),
         );
-        for (control, image) in request.controlnets.iter().zip(ingredients.control_images) {
+        let controls = request.controlnets.iter().zip(ingredients.control_images).enumerate();
+        for (index, (control, image)) in controls {
+            let union_inpaint = ingredients.union_inpaint_controls.get(index).copied().unwrap_or(false);
             let loaded = built.add_node(
                 nodes,
                 json!({"class_type": "LoadImage", "inputs": {"image": image}, "_meta": {"title": "Load Image (control)"}}),
@@ -435,7 +440,7 @@ fn chain_controlnets(
                     let mask = built.add_node(nodes, mask, "mask", &["image"]);
                     let marked = json!({
                         "class_type": "InpaintPreprocessor",
-                        "inputs": {"image": [loaded, 0], "mask": [mask, 0]},
+                        "inputs": {"image": [loaded, 0], "mask": [mask, 0], "black_pixel_for_xinsir_cn": union_inpaint},
                         "_meta": {"title": "Inpaint Preprocessor"},
                     });
                     json!([built.add_node(nodes, marked, FIELD, &[]), 0])

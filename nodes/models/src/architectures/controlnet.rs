@@ -33,6 +33,8 @@ pub const UNION_CONTROL_TYPES: [&str; 8] = [
     "tile",
     "repaint",
 ];
+/// The tensor that marks a union ControlNet (ComfyUI's test in `load_controlnet_state_dict`).
+pub const UNION_CONTROLNET_MARKER: &str = "control_add_embedding.linear_1.bias";
 /// Sinusoid width a union ControlNet embeds each control type's one-hot value in.
 const UNION_TYPE_WIDTH: usize = 256;
 /// Heads of a union ControlNet's transformer block.
@@ -72,7 +74,7 @@ impl ControlNetConfig {
     pub fn infer(file: &dyn TensorShapes, prefix: &str, heads: HeadLayout) -> std::result::Result<Self, DetectError> {
         let hint = format!("{prefix}input_hint_block.0.weight");
         let hint_channels = file.shape(&hint).ok_or(DetectError::MissingTensor(hint))?[1];
-        let union = if file.has(&format!("{prefix}control_add_embedding.linear_1.bias")) {
+        let union = if file.has(&format!("{prefix}{UNION_CONTROLNET_MARKER}")) {
             let name = format!("{prefix}task_embedding");
             let shape = file.shape(&name).ok_or(DetectError::MissingTensor(name))?;
             Some((shape[0], shape[1]))
