@@ -115,12 +115,7 @@ fn load_t2i_adapter(path: &Path, file: Arc<SafetensorsFile>, device: &Device) ->
     };
     let config = T2IAdapterConfig::infer(weights.as_ref())
         .map_err(|error| undetected(path, error))?
-        .ok_or_else(|| {
-            NodeError::new(format!(
-                "ERROR: Could not detect model type of: {}\nerror could not detect control model type.",
-                path.display()
-            ))
-        })?;
+        .ok_or_else(|| undetected(path, "error could not detect control model type."))?;
     let source = WeightSource::new(weights, "", device, Precision::F32);
     let adapter = T2IAdapter::new(config, source.weights()).map_err(|error| NodeError::new(error.to_string()))?;
     Ok(LoadedControlNet {

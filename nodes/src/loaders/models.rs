@@ -87,7 +87,7 @@ pub(crate) fn open_gguf(path: &Path) -> Result<Option<GgufFile>, NodeError> {
 }
 
 /// ComfyUI's message for a file whose model type it cannot tell.
-pub(crate) fn undetected(path: &Path, error: DetectError) -> NodeError {
+pub(crate) fn undetected(path: &Path, error: impl std::fmt::Display) -> NodeError {
     NodeError::new(format!(
         "ERROR: Could not detect model type of: {}\n{error}",
         path.display()

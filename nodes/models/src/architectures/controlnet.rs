@@ -127,16 +127,12 @@ impl ControlOutputs {
     /// The residuals scaled by `strength`, where the UNet adds them: the last encoder block's to
     /// the skip its first decoder block takes (ComfyUI pops them from the end).
     pub fn residuals(&self, strength: f64) -> Result<ControlResiduals> {
-        Ok(ControlResiduals {
+        ControlResiduals {
             input: Vec::new(),
-            output: self
-                .encoder
-                .iter()
-                .rev()
-                .map(|residual| (residual * strength).map(Some))
-                .collect::<Result<_>>()?,
-            middle: Some((&self.middle * strength)?),
-        })
+            output: self.encoder.iter().rev().cloned().map(Some).collect(),
+            middle: Some(self.middle.clone()),
+        }
+        .scaled(strength)
     }
 }
 
