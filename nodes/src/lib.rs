@@ -9,7 +9,8 @@
 //! - [`sampling`]: KSampler, the custom-sampling nodes and the sampling run under them;
 //! - [`loaders`]: checkpoint, diffusion-model, text-encoder, VAE and LoRA loaders;
 //! - [`hooks`]: scheduled LoRA (hooks on conditioning and CLIP);
-//! - [`flux`]: FLUX's own nodes; [`packs`]: nodes of custom-node packs (ComfyUI-GGUF);
+//! - [`flux`]: FLUX's own nodes; [`packs`]: nodes of custom-node packs (ComfyUI-GGUF,
+//!   comfyui_controlnet_aux);
 //! - [`utils`]: primitives and string operations (Python's `str` and `re` semantics);
 //! - [`paths`]: ComfyUI's directory layout and model folders, [`model_cache`]: loaded models
 //!   shared between nodes, [`runtime`]: device, precision and error conversion (services and

@@ -518,6 +518,16 @@ impl Weights {
         }
     }
 
+    /// The device the model's tensors are copied to.
+    pub fn device(&self) -> &Device {
+        self.builder.device()
+    }
+
+    /// The dtype the model's tensors are copied in.
+    pub fn dtype(&self) -> DType {
+        self.builder.dtype()
+    }
+
     /// The weights under `prefix` (joined with a dot, as `VarBuilder::pp`).
     pub fn pp(&self, prefix: impl ToString) -> Self {
         Weights {

@@ -34,6 +34,24 @@ impl Conv2d {
         })
     }
 
+    /// A layer without a bias (`bias=False`).
+    pub fn without_bias(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        weights: Weights,
+    ) -> Result<Self> {
+        Ok(Conv2d {
+            weight: weights.matrix((out_channels, in_channels, kernel, kernel), "weight")?,
+            bias: Tensor::zeros(out_channels, weights.dtype(), weights.device())?,
+            kernel,
+            stride,
+            padding,
+        })
+    }
+
     /// A convolution that keeps the size (padding k/2) at stride `stride`.
     pub fn same(
         in_channels: usize,

@@ -1,8 +1,11 @@
 //! Tiny control models (in `controlnet/`): a ControlNet copying the tiny SD1.x UNet's encoder and
-//! T2I-Adapters, and the layouts their writers and the tests build other sizes from.
+//! T2I-Adapters, a tiny Depth Anything V2 for the depth preprocessor, and the layouts their
+//! writers and the tests build other sizes from.
 
 use super::{tiny_clip_g, tiny_clip_l, tiny_sd1_unet, tiny_sdxl_unet, Recorder, TensorSpec};
 use crate::architectures::controlnet::{ControlNet, ControlNetConfig, UNION_CONTROL_TYPES};
+use crate::architectures::depth_anything_v2::{DepthAnythingV2, DepthAnythingV2Config};
+use crate::architectures::dinov2::{Dinov2Config, FeedForward};
 use crate::architectures::t2i_adapter::{AdapterKind, T2IAdapter, T2IAdapterConfig};
 
 /// The file name `easel testmodels` gives the tiny SD1.x ControlNet.
@@ -66,5 +69,33 @@ pub fn tiny_t2i_adapters() -> [(&'static str, T2IAdapterConfig); 2] {
 pub fn t2i_adapter_layout(config: &T2IAdapterConfig) -> candle_core::Result<Vec<TensorSpec>> {
     let recorder = Recorder::default();
     T2IAdapter::new(config.clone(), recorder.var_builder("").into())?;
+    Ok(recorder.specs())
+}
+
+/// A Depth Anything V2 as small as the released block choice allows: a 12-block, 64-wide DINOv2
+/// (one head) with the learned 37×37 position grid, and a 16-wide head. The tests write it under
+/// the names the preprocessor looks for; `easel testmodels` does not, so that it can never pass
+/// for a real model.
+pub fn tiny_depth_anything_v2() -> DepthAnythingV2Config {
+    DepthAnythingV2Config {
+        encoder: Dinov2Config {
+            embed_dim: 64,
+            depth: 12,
+            heads: 1,
+            patch_size: 14,
+            position_grid: 37,
+            register_tokens: 0,
+            feed_forward: FeedForward::Mlp { hidden: 128 },
+            layer_scale: true,
+        },
+        features: 16,
+        out_channels: [8, 16, 32, 32],
+    }
+}
+
+/// Every tensor of a Depth Anything V2 in its original names.
+pub fn depth_anything_v2_layout(config: &DepthAnythingV2Config) -> candle_core::Result<Vec<TensorSpec>> {
+    let recorder = Recorder::default();
+    DepthAnythingV2::new(config.clone(), recorder.var_builder("").into())?;
     Ok(recorder.specs())
 }

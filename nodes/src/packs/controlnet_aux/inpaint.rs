@@ -1,18 +1,12 @@
-//! Fannovel16's comfyui_controlnet_aux, the preprocessors that make control images: so far its
-//! InpaintPreprocessor (the inpaint ControlNets' hint: the image with its masked pixels marked).
+//! The pack's InpaintPreprocessor: the inpaint ControlNets' hint, the image with its masked
+//! pixels marked.
 
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
-use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeRegistry, Services, Value};
+use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 
+use super::CONTROLNET_AUX_MODULE;
 use crate::image::resample::interpolate_mask;
 use crate::image::{Image, Mask};
-
-/// The pack's module name, as ComfyUI names a custom node pack's module.
-const CONTROLNET_AUX_MODULE: &str = "custom_nodes.comfyui_controlnet_aux";
-
-pub fn register(registry: &mut NodeRegistry) {
-    registry.register(InpaintPreprocessor);
-}
 
 /// `InpaintPreprocessor`: the mask resized (bilinear) to the image; every pixel where it is over
 /// 0.5 becomes -1 in its first three channels (0 with `black_pixel_for_xinsir_cn`, for xinsir's
