@@ -7,6 +7,7 @@ mod common;
 
 use base64::Engine;
 use common::{agent, start, Api, Server};
+use easel_models::testmodels::{depth_anything_v2_layout, tiny_depth_anything_v2, write_checkpoint};
 use serde_json::{json, Value as Json};
 use std::time::{Duration, Instant};
 
@@ -431,6 +432,26 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
     assert_eq!(preprocessors.len(), 1);
     assert_eq!(preprocessors[0]["inputs"]["black_pixel_for_xinsir_cn"], false);
 
+    // A depth ControlNet: a Depth Anything V2 depth map of the image, with the checkpoint that
+    // is installed (here a tiny one under the ViT-S name).
+    let depth_folder = server.base.path().join("models/depthanything");
+    std::fs::create_dir_all(&depth_folder).unwrap();
+    let layout = depth_anything_v2_layout(&tiny_depth_anything_v2()).unwrap();
+    write_checkpoint(&depth_folder.join("depth_anything_v2_vits.safetensors"), &layout).unwrap();
+    let mut depth = tiny("sd15", "img2img");
+    depth["controlnets"] = json!([{"model": "easel_tiny_sd1_controlnet.safetensors", "type": "depth"}]);
+    let task = generate(api, depth).json();
+    assert_eq!(task["status"], "succeeded", "depth ControlNet: {task}");
+    let id = task["id"].as_str().unwrap();
+    let prompt = api.get_json(&format!("/history/{id}"))[id]["prompt"][2].clone();
+    let estimator = prompt
+        .as_object()
+        .unwrap()
+        .values()
+        .find(|node| node["class_type"] == "DepthAnythingV2Preprocessor")
+        .expect("a DepthAnythingV2Preprocessor");
+    assert_eq!(estimator["inputs"]["ckpt_name"], "depth_anything_v2_vits.pth");
+
     for mode in ["text2img", "img2img"] {
         let task = generate(api, tiny("flux", mode)).json();
         assert_eq!(task["status"], "succeeded", "flux {mode}: {task}");
@@ -543,10 +564,18 @@ fn bad_requests_name_the_field_and_queue_nothing() {
         "{body}"
     );
     let tiny_controlnet = "easel_tiny_sd1_controlnet.safetensors";
-    refused(
+    let body = refused(
         with(json!({"controlnets": [{"model": tiny_controlnet, "type": "depth"}]})),
-        501,
+        400,
         "controlnets",
+    );
+    assert_eq!(body["error"]["code"], "unknown_model", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("models/depthanything"),
+        "{body}"
     );
     refused(
         with(json!({"mode": "img2img", "mask": null, "controlnets": [{"model": tiny_controlnet, "type": "inpaint"}]})),

@@ -19,6 +19,7 @@ use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::{header, StatusCode};
 use easel_engine::{validate_prompt, Prompt, ValidationFailure};
 use easel_nodes::controlnet::nodes::is_union_controlnet;
+use easel_nodes::packs::controlnet_aux::{find_depth_anything_v2, DEPTH_ANYTHING_V2_FOLDER};
 use easel_nodes::paths::{write_replacing, Paths};
 use serde_json::{json, Map, Value as Json};
 use sha2::{Digest, Sha256};
@@ -139,6 +140,15 @@ pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(Store
     }
     let workflow_name = workflow_for(&request)?;
     let checkpoint = resolve_checkpoint(state, paths, &request)?;
+    let depth_checkpoint = if request
+        .controlnets
+        .iter()
+        .any(|control| control.kind == ControlKind::Depth)
+    {
+        Some(depth_checkpoint(paths)?)
+    } else {
+        None
+    };
     // Read only when asked for: most requests name none.
     let all_styles = if request.styles.is_empty() {
         Default::default()
@@ -197,6 +207,7 @@ pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(Store
         mask: stored_images.mask.as_deref(),
         control_images: &control_images,
         union_inpaint_controls: &union_inpaint_controls,
+        depth_checkpoint,
         styles: &chosen_styles,
         output_prefix: &output_prefix,
     };
@@ -315,6 +326,31 @@ fn resolve_checkpoint(state: &AppState, paths: &Paths, request: &GenerateRequest
                     request.mode.name()
                 ),
             )
+        })
+}
+
+/// The Depth Anything V2 checkpoint `depth` ControlNets use: the first installed of the pack's
+/// (largest first, the pack's default ViT-L before ViT-B and ViT-S; ViT-G last, as it was never
+/// released), or a refusal saying where to put one.
+fn depth_checkpoint(paths: &Paths) -> Result<&'static str, RestError> {
+    const PREFERENCE: [&str; 4] = [
+        "depth_anything_v2_vitl.pth",
+        "depth_anything_v2_vitb.pth",
+        "depth_anything_v2_vits.pth",
+        "depth_anything_v2_vitg.pth",
+    ];
+    PREFERENCE
+        .into_iter()
+        .find(|name| find_depth_anything_v2(paths, name).is_ok())
+        .ok_or_else(|| {
+            RestError::field(
+                "controlnets",
+                format!(
+                    "a `depth` ControlNet needs a Depth Anything V2 checkpoint: put \
+                     depth_anything_v2_vitl.safetensors (or vitb/vits) in models/{DEPTH_ANYTHING_V2_FOLDER}"
+                ),
+            )
+            .with_code("unknown_model")
         })
 }
 

@@ -28,12 +28,6 @@ pub fn workflow_for(request: &GenerateRequest) -> Result<&'static str, RestError
         if request.refiner.is_some() {
             return Err(RestError::not_yet("controlnets", "ControlNet with a refiner"));
         }
-        for control in &request.controlnets {
-            match control.kind {
-                ControlKind::Depth => return Err(RestError::not_yet("controlnets", "The depth preprocessor")),
-                ControlKind::Canny | ControlKind::Inpaint | ControlKind::Plain => {}
-            }
-        }
     }
     if request.ip_adapter.is_some() {
         return Err(RestError::not_yet("ip_adapter", "IP-Adapter"));
@@ -80,6 +74,8 @@ pub struct Ingredients<'a> {
     /// For each ControlNet, whether it is a union ControlNet given an inpaint hint (its masked
     /// pixels are marked black rather than -1).
     pub union_inpaint_controls: &'a [bool],
+    /// The Depth Anything V2 checkpoint `depth` ControlNets estimate depth with (the pack's name).
+    pub depth_checkpoint: Option<&'a str>,
 }
 
 /// A prompt built from a request, and which request field set each `(node, input)`.
@@ -391,10 +387,14 @@ fn chain_loras(
     }
 }
 
+/// The resolution (shorter side) of the depth maps `depth` ControlNets get: the pack's default;
+/// ControlNetApplyAdvanced resizes them to the latent's size.
+const DEPTH_RESOLUTION: u32 = 512;
+
 /// Puts the request's ControlNets, in order, between the prompts and every sampler that takes
-/// them: for each, its image loaded (and turned into Canny edges for `canny`, marked with the
-/// request's mask for `inpaint`), its model loaded and applied to both prompts
-/// (ControlNetApplyAdvanced), after the ControlNets before it.
+/// them: for each, its image loaded (and turned into Canny edges for `canny`, a depth map for
+/// `depth`, marked with the request's mask for `inpaint`), its model loaded and applied to both
+/// prompts (ControlNetApplyAdvanced), after the ControlNets before it.
 fn chain_controlnets(
     request: &GenerateRequest,
     ingredients: &Ingredients<'_>,
@@ -445,7 +445,15 @@ fn chain_controlnets(
                     });
                     json!([built.add_node(nodes, marked, FIELD, &[]), 0])
                 }
-                _ => json!([loaded, 0]),
+                ControlKind::Depth => {
+                    let depth = json!({
+                        "class_type": "DepthAnythingV2Preprocessor",
+                        "inputs": {"image": [loaded, 0], "ckpt_name": ingredients.depth_checkpoint, "resolution": DEPTH_RESOLUTION},
+                        "_meta": {"title": "Depth Anything V2 - Relative"},
+                    });
+                    json!([built.add_node(nodes, depth, FIELD, &[]), 0])
+                }
+                ControlKind::Plain => json!([loaded, 0]),
             };
             let mut loader = built.add_node(
                 nodes,

@@ -130,7 +130,7 @@ pub struct LoraRequest {
 pub enum ControlKind {
     /// Canny edges of the image (ComfyUI's Canny node, thresholds 0.4 and 0.8).
     Canny,
-    /// A depth map estimated from the image.
+    /// A depth map estimated from the image (comfyui_controlnet_aux's DepthAnythingV2Preprocessor).
     Depth,
     /// The image with the request's mask marked on it (comfyui_controlnet_aux's
     /// InpaintPreprocessor, for inpainting ControlNets).

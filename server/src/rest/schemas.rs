@@ -46,8 +46,9 @@ pub struct LoraEntry {
 pub struct ControlnetEntry {
     /// A file in `models/controlnet` (the family API calls it `controlnet`).
     pub model: String,
-    /// How the image is prepared: `canny` (edges), `inpaint` (the request's `mask` marked on
-    /// it), `none` (already a control map; default); `depth` answers 501 for now.
+    /// How the image is prepared: `canny` (edges), `depth` (a Depth Anything V2 depth map; needs
+    /// a checkpoint in `models/depthanything`), `inpaint` (the request's `mask` marked on it),
+    /// `none` (already a control map; default).
     #[serde(rename = "type")]
     pub kind: Option<String>,
     /// Base64 or a data URL; absent: the request's `image`.
