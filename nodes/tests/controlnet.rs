@@ -397,6 +397,60 @@ fn sample_controlled(
     ksampler(setup, &loaded[0], &p, &n, latent, "euler", 2, 5.0).expect("KSampler")
 }
 
+/// A ControlNet saved as a PyTorch pickle (as the original `.pth` releases are) steers sampling
+/// as its safetensors twin; a pickle that would call a function is refused, not run.
+#[test]
+fn pickled_controlnets_steer_sampling_as_their_safetensors_twins() {
+    use easel_models::weights::{MappedWeights, TensorShapes};
+    let setup = setup();
+    let folder = controlnet_folder(&setup);
+    let file = SafetensorsFile::open(&folder.join(TINY_SD1_CONTROLNET)).expect("the tiny ControlNet");
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = file
+        .tensor_names()
+        .map(|name| {
+            let tensor = file.load(name, DType::F32, &Device::Cpu).expect("a tensor");
+            let values = tensor.flatten_all().unwrap().to_vec1().unwrap();
+            (name.to_string(), tensor.dims().to_vec(), values)
+        })
+        .collect();
+    let views: Vec<(&str, &[usize], &[f32])> = tensors
+        .iter()
+        .map(|(name, shape, values)| (name.as_str(), shape.as_slice(), values.as_slice()))
+        .collect();
+    easel_models::testmodels::write_pth(&folder.join("tiny_controlnet.pth"), &views, Some("state_dict"))
+        .expect("pickled");
+
+    let inputs = sd1_inputs(&setup, 1);
+    let image = Value::object(common::pattern_image(64, 64, 9));
+    let sample_with = |file: &str| {
+        let control = load_control(&setup, "ControlNetLoader", file, &inputs.0[0]);
+        sample_controlled(&setup, &inputs, &control, &image)
+    };
+    let from_safetensors = sample_with(TINY_SD1_CONTROLNET);
+    let from_pickle = sample_with("tiny_controlnet.pth");
+    assert!(max_abs_difference(&from_safetensors, &from_pickle) <= 1e-6);
+
+    // A pickle that would call os.system("echo") when unpickled by Python, and a broken file.
+    let calls_a_function = b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00echo\x85R.";
+    let mut archive = zip::ZipWriter::new(std::fs::File::create(folder.join("calls.pth")).expect("created"));
+    archive
+        .start_file("archive/data.pkl", zip::write::SimpleFileOptions::default())
+        .expect("entry");
+    std::io::Write::write_all(&mut archive, calls_a_function).expect("pickle");
+    archive.finish().expect("archive");
+    std::fs::write(folder.join("broken.pth"), b"PK\x03\x04 not a zip").expect("written");
+    for (file, expected) in [
+        ("calls.pth", "holds no tensors Easel can read"),
+        ("broken.pth", "not a PyTorch zip archive Easel can read"),
+    ] {
+        let error = setup
+            .call("ControlNetLoader", vec![("control_net_name", j(json!(file)))])
+            .expect_err("refused")
+            .to_string();
+        assert!(error.contains(expected), "{file}: {error}");
+    }
+}
+
 /// ControlNets in diffusers' layout steer sampling as their twins in the LDM layout: the tiny
 /// SD1 ControlNet, and a union ControlNet of its shape told a control type (its union parts keep
 /// their names but for the attention's `in_proj_weight`).

@@ -12,20 +12,20 @@ use easel_models::architectures::controlnet::{ControlNet, ControlNetConfig};
 use easel_models::architectures::unet::UNetConfig;
 use easel_models::kernels::sgemm::Precision;
 use easel_models::lora::Patch;
-use easel_models::weights::{LayeredWeights, MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
+use easel_models::weights::{LayeredWeights, MappedWeights, TensorShapes, WeightSource};
 
 /// The tensor that marks a control-LoRA file.
 pub const CONTROL_LORA_MARKER: &str = "lora_controlnet";
 
 /// A control-LoRA as loaded: its file, read when a model samples with it.
 pub struct ControlLora {
-    file: Arc<SafetensorsFile>,
+    file: Arc<dyn MappedWeights>,
     hint_channels: usize,
 }
 
 impl ControlLora {
     /// The control-LoRA of `file` (which has [`CONTROL_LORA_MARKER`]).
-    pub fn new(file: Arc<SafetensorsFile>) -> Result<Self, String> {
+    pub fn new(file: Arc<dyn MappedWeights>) -> Result<Self, String> {
         let hint = "input_hint_block.0.weight";
         let hint_channels = file
             .shape(hint)

@@ -15,7 +15,7 @@ use easel_models::architectures::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
 use easel_models::diffusers_layout::{ConvertedWeights, DIFFUSERS_CONTROLNET_MARKER, DIFFUSERS_T2I_ADAPTER_MARKER};
 use easel_models::kernels::sgemm::Precision;
 use easel_models::lora::Patch;
-use easel_models::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
+use easel_models::weights::{MappedWeights, WeightSource};
 use serde_json::{Map, Value as Json};
 
 use super::control_lora::{ControlLora, CONTROL_LORA_MARKER};
@@ -23,7 +23,7 @@ use super::{ControlApplication, ControlModel, ControlNetwork, LoadedControlNet};
 use crate::conditioning::{CondEntry, Conditioning};
 use crate::image::{Image, Mask};
 use crate::loaders::model_files_fingerprint;
-use crate::loaders::models::{cached, file_names, file_size, model_file, open, undetected};
+use crate::loaders::models::{cached, file_names, file_size, model_file, open_weight_file, undetected};
 use crate::model::diffusion_model::{DiffusionModel, Model};
 use crate::runtime::device;
 
@@ -44,7 +44,8 @@ const LATER_FORMATS: [(&str, &str); 7] = [
     ("backbone.10.blocks.0.weight", "Stable Cascade ControlNet"),
 ];
 
-/// Loads a control model, told apart by its tensors as ComfyUI's `load_controlnet` does: a
+/// Loads a control model (safetensors, or a PyTorch pickle such as the original `.pth` releases),
+/// told apart by its tensors as ComfyUI's `load_controlnet` does: a
 /// ControlNet in the LDM layout (bare, or under `control_model.` as the original conversions
 /// keep it) or in diffusers' layout, else a T2I-Adapter (ComfyUI's or diffusers' names); also
 /// returns the file size. A control-LoRA is kept as its file until a model samples with it. A
@@ -55,7 +56,7 @@ pub fn load_controlnet(
     model: Option<&DiffusionModel>,
     device: &Device,
 ) -> Result<(LoadedControlNet, u64), NodeError> {
-    let file: Arc<SafetensorsFile> = open(path)?;
+    let file = open_weight_file(path)?;
     if let Some((_, format)) = LATER_FORMATS.iter().find(|(marker, _)| file.has(marker)) {
         return Err(NodeError::new(format!(
             "{}: a {format} is not supported by Easel yet (SD1.x, SD2.x and SDXL ControlNets, \
@@ -105,7 +106,7 @@ pub fn load_controlnet(
 
 /// A T2I-Adapter in ComfyUI's or diffusers' names, or ComfyUI's error for a file that is no
 /// control model at all.
-fn load_t2i_adapter(path: &Path, file: Arc<SafetensorsFile>, device: &Device) -> Result<LoadedControlNet, NodeError> {
+fn load_t2i_adapter(path: &Path, file: Arc<dyn MappedWeights>, device: &Device) -> Result<LoadedControlNet, NodeError> {
     let weights: Arc<dyn MappedWeights> = if file.has(DIFFUSERS_T2I_ADAPTER_MARKER) {
         let converted =
             ConvertedWeights::diffusers_t2i_adapter(file).map_err(|error| NodeError::new(error.to_string()))?;
@@ -127,7 +128,7 @@ fn load_t2i_adapter(path: &Path, file: Arc<SafetensorsFile>, device: &Device) ->
 
 /// Whether the control model file at `path` is a union ControlNet (read from its header).
 pub fn is_union_controlnet(path: &Path) -> bool {
-    SafetensorsFile::open(path).is_ok_and(|file| file.has(UNION_CONTROLNET_MARKER))
+    open_weight_file(path).is_ok_and(|file| file.has(UNION_CONTROLNET_MARKER))
 }
 
 /// Whether ComfyUI pools the residuals of the ControlNet at `path` over the image (it does for

@@ -23,6 +23,7 @@ use easel_models::checkpoint::{
 };
 use easel_models::formats::fp8::Fp8Format;
 use easel_models::formats::gguf::GgufFile;
+use easel_models::formats::pth::{is_pth_path, PthFile};
 use easel_models::kernels::sgemm::Precision;
 use easel_models::sampling::schedule::{SigmaSchedule, FLUX_DEV_SHIFT};
 use easel_models::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
@@ -71,6 +72,16 @@ pub(crate) fn open(path: &Path) -> Result<Arc<SafetensorsFile>, NodeError> {
 
 pub(crate) fn file_size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// A control model or annotator file: a PyTorch pickle (`.pth`, `.pt`, `.ckpt`, `.bin`, read
+/// without running any of its code) or safetensors.
+pub(crate) fn open_weight_file(path: &Path) -> Result<Arc<dyn MappedWeights>, NodeError> {
+    if is_pth_path(path) {
+        let file = PthFile::open(path).map_err(|error| NodeError::new(error.to_string()))?;
+        return Ok(Arc::new(file));
+    }
+    Ok(open(path)?)
 }
 
 /// The GGUF file at `path` when its extension says it is one (`None`: another format).

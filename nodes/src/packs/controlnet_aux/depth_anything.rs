@@ -10,19 +10,17 @@
 //! conversions included), and says where to put it when it is missing.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 use easel_models::architectures::depth_anything_v2::{DepthAnythingV2, DepthAnythingV2Config};
-use easel_models::formats::pth::{is_pth_path, PthFile};
 use easel_models::kernels::interpolate::bilinear_align_corners;
-use easel_models::weights::{MappedWeights, SafetensorsFile, Weights};
+use easel_models::weights::Weights;
 
 use super::opencv::{resize_cubic_f64, Pixels};
 use super::{annotate_batch, CONTROLNET_AUX_MODULE, DEFAULT_RESOLUTION, MIN_RESOLUTION};
-use crate::loaders::models::{cached, file_size, undetected};
+use crate::loaders::models::{cached, file_size, open_weight_file, undetected};
 use crate::paths::Paths;
 use crate::runtime::{device, tensor_error};
 
@@ -134,11 +132,7 @@ pub fn find_depth_anything_v2(paths: &Paths, checkpoint: &str) -> Result<PathBuf
 
 /// Depth Anything V2 from a `.pth` or `.safetensors` file in its original tensor names.
 pub fn load_depth_anything_v2(path: &Path, device: &Device) -> Result<DepthAnythingV2, NodeError> {
-    let file: Arc<dyn MappedWeights> = if is_pth_path(path) {
-        Arc::new(PthFile::open(path).map_err(|error| NodeError::new(error.to_string()))?)
-    } else {
-        Arc::new(SafetensorsFile::open(path).map_err(|error| NodeError::new(error.to_string()))?)
-    };
+    let file = open_weight_file(path)?;
     let config = DepthAnythingV2Config::infer(file.as_ref()).map_err(|error| undetected(path, error))?;
     DepthAnythingV2::new(config, Weights::from_file(file, DType::F32, device)).map_err(tensor_error)
 }
