@@ -5,7 +5,9 @@
 //! hint image resized to it, the timestep and the entry's text, and gives residuals for the skip
 //! connections and the middle block (a control-LoRA is a ControlNet built from the model that
 //! samples with it); a T2I-Adapter sees only the hint, once per size, and gives residuals for
-//! the encoder's blocks.
+//! the encoder's blocks. A FLUX ControlNet sees the latent, the hint, the timestep, the text,
+//! the pooled text and the guidance, and gives residuals for FLUX's double and single blocks
+//! (`input` and `output`).
 //!
 //! - [`control_lora`]: control-LoRAs, built from the model that samples with them.
 //! - [`nodes`]: ControlNetLoader, DiffControlNetLoader, ControlNetApplyAdvanced,
@@ -19,6 +21,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{Device, Tensor};
 use easel_engine::{NodeObject, NodeRegistry};
 use easel_models::architectures::controlnet::{ControlNet, ControlNetInput};
+use easel_models::architectures::flux::{FluxControl, FluxInput};
+use easel_models::architectures::flux_controlnet::FluxControlNet;
 use easel_models::architectures::t2i_adapter::T2IAdapter;
 use easel_models::architectures::unet::ControlResiduals;
 use easel_models::architectures::unet::UNet;
@@ -70,6 +74,8 @@ pub enum ControlNetwork {
     ControlNet(Box<ControlNet>),
     ControlLora(ControlLora),
     T2IAdapter(T2IAdapter),
+    /// A FLUX ControlNet taking the control image (XLabs, Mistoline).
+    Flux(Box<FluxControlNet>),
 }
 
 impl ControlNetwork {
@@ -77,7 +83,7 @@ impl ControlNetwork {
     /// rounds it up to a multiple of its unshuffle factor (`scale_image_to`).
     fn hint_size(&self, height: usize, width: usize) -> (usize, usize) {
         match self {
-            ControlNetwork::ControlNet(_) | ControlNetwork::ControlLora(_) => (height, width),
+            ControlNetwork::ControlNet(_) | ControlNetwork::ControlLora(_) | ControlNetwork::Flux(_) => (height, width),
             ControlNetwork::T2IAdapter(adapter) => {
                 let factor = adapter.config().unshuffle();
                 (height.div_ceil(factor) * factor, width.div_ceil(factor) * factor)
@@ -143,6 +149,8 @@ pub(crate) struct ControlCall<'a> {
     /// The entry's text for ControlNets ([`crate::conditioning::ControlnetText`], else its own).
     pub context: &'a Tensor,
     pub y: Option<&'a Tensor>,
+    /// The guidance strength per item (FLUX dev).
+    pub guidance: Option<&'a Tensor>,
     /// How many conditioning sides the batch holds (cond and uncond: 2).
     pub batched_number: usize,
     /// The model sampling (its schedule places the timestep range; a control-LoRA is built
@@ -190,6 +198,7 @@ impl ControlApplication {
                 let network = self.control_lora_network(lora, call.model)?;
                 self.controlnet_residuals(&network, call)?
             }
+            ControlNetwork::Flux(network) => self.flux_residuals(network, call)?,
             ControlNetwork::T2IAdapter(adapter) => {
                 let features = self
                     .prepared(call.x, |hint| adapter.forward(hint).map(Some))?
@@ -229,6 +238,27 @@ impl ControlApplication {
                 .broadcast_as(residual.shape())?
                 .contiguous()
         })
+    }
+
+    /// A FLUX ControlNet's residuals for one call, scaled by the strength.
+    fn flux_residuals(&self, network: &FluxControlNet, call: &ControlCall) -> candle_core::Result<ControlResiduals> {
+        let hint = self.prepared(call.x, |_| Ok(None))?.hint;
+        let hint = broadcast_to_batch(&hint, call.x.dim(0)?, call.batched_number)?;
+        let y = call
+            .y
+            .ok_or_else(|| candle_core::Error::Msg("a FLUX ControlNet needs the pooled text".into()))?;
+        let input = FluxInput {
+            x: call.x,
+            timesteps: call.timesteps,
+            context: call.context,
+            y,
+            guidance: call.guidance,
+            concat: None,
+            control: FluxControl::default(),
+            image_prompt: None,
+            patches: None,
+        };
+        network.forward(&input, &hint)?.scaled(self.strength)
     }
 
     /// A control-LoRA's network for the model sampling with it, built on its first call and
@@ -355,6 +385,7 @@ mod tests {
             timesteps: &Tensor::new(&[500f32, 500.0], &Device::Cpu).unwrap(),
             context: &context,
             y: None,
+            guidance: None,
             batched_number: 2,
             model: &model.model.0,
         };

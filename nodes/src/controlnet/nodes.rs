@@ -11,11 +11,14 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Service
 use easel_models::architectures::controlnet::{
     ControlNet, ControlNetConfig, UNION_CONTROLNET_MARKER, UNION_CONTROL_TYPES,
 };
+use easel_models::architectures::flux_controlnet::{
+    FluxControlNet, FluxControlNetConfig, MISTOLINE_MARKER, MISTOLINE_SINGLE_PREFIX, XLABS_MARKER,
+};
 use easel_models::architectures::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
 use easel_models::diffusers_layout::{ConvertedWeights, DIFFUSERS_CONTROLNET_MARKER, DIFFUSERS_T2I_ADAPTER_MARKER};
 use easel_models::kernels::sgemm::Precision;
 use easel_models::lora::Patch;
-use easel_models::weights::{MappedWeights, WeightSource};
+use easel_models::weights::{MappedWeights, RenamedWeights, WeightSource};
 use serde_json::{Map, Value as Json};
 
 use super::control_lora::{ControlLora, CONTROL_LORA_MARKER};
@@ -31,13 +34,8 @@ const FOLDER: &str = "controlnet";
 
 /// Control model layouts Easel does not run yet, by a tensor that marks them (ComfyUI's
 /// `load_controlnet_state_dict` and `load_t2i_adapter` checks), and what they are.
-const LATER_FORMATS: [(&str, &str); 7] = [
+const LATER_FORMATS: [(&str, &str); 5] = [
     ("controlnet_x_embedder.weight", "FLUX ControlNet (InstantX)"),
-    (
-        "double_blocks.0.img_attn.norm.key_norm.scale",
-        "FLUX ControlNet (XLabs)",
-    ),
-    ("controlnet_blocks.0.linear.weight", "FLUX ControlNet (Mistoline)"),
     ("pos_embed_input.proj.weight", "SD3 ControlNet"),
     ("after_proj_list.18.bias", "Hunyuan-DiT ControlNet"),
     ("backbone.0.0.weight", "Stable Cascade ControlNet"),
@@ -57,10 +55,13 @@ pub fn load_controlnet(
     device: &Device,
 ) -> Result<(LoadedControlNet, u64), NodeError> {
     let file = open_weight_file(path)?;
+    if file.has(MISTOLINE_MARKER) || (file.has("controlnet_blocks.0.weight") && file.has(XLABS_MARKER)) {
+        return Ok((load_flux_controlnet(path, file, device)?, file_size(path)));
+    }
     if let Some((_, format)) = LATER_FORMATS.iter().find(|(marker, _)| file.has(marker)) {
         return Err(NodeError::new(format!(
             "{}: a {format} is not supported by Easel yet (SD1.x, SD2.x and SDXL ControlNets, \
-             control-LoRAs and T2I-Adapters are)",
+             control-LoRAs, T2I-Adapters and XLabs' and Mistoline's FLUX ControlNets are)",
             path.display()
         )));
     }
@@ -102,6 +103,28 @@ pub fn load_controlnet(
         global_average_pooling: is_shuffle(path),
     };
     Ok((loaded, file_size(path)))
+}
+
+/// An XLabs or Mistoline FLUX ControlNet (Mistoline's single-block layers read under ComfyUI's
+/// names).
+fn load_flux_controlnet(
+    path: &Path,
+    file: Arc<dyn MappedWeights>,
+    device: &Device,
+) -> Result<LoadedControlNet, NodeError> {
+    let (from, to) = MISTOLINE_SINGLE_PREFIX;
+    let weights: Arc<dyn MappedWeights> = Arc::new(RenamedWeights::new(file, |name| match name.strip_prefix(from) {
+        Some(rest) => format!("{to}{rest}"),
+        None => name.to_string(),
+    }));
+    let config = FluxControlNetConfig::infer(weights.as_ref()).map_err(|error| undetected(path, error))?;
+    let source = WeightSource::new(weights, "", device, Precision::F32);
+    let network = FluxControlNet::new(config, source.weights()).map_err(|error| NodeError::new(error.to_string()))?;
+    Ok(LoadedControlNet {
+        network: ControlNetwork::Flux(Box::new(network)),
+        compression_ratio: 8,
+        global_average_pooling: false,
+    })
 }
 
 /// A T2I-Adapter in ComfyUI's or diffusers' names, or ComfyUI's error for a file that is no

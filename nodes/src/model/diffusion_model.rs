@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor, D};
 use easel_engine::NodeObject;
 use easel_models::architectures::dit_patches::DitPatchedCall;
 use easel_models::architectures::flux::{Flux, FluxControl, FluxInput};
-use easel_models::architectures::unet::{timestep_embedding, UNet, UNetInput};
+use easel_models::architectures::unet::{timestep_embedding, ControlResiduals, UNet, UNetInput};
 use easel_models::architectures::unet_patches::{BatchPart, CallInfo, PatchedCall};
 use easel_models::checkpoint::Family;
 use easel_models::lora::Patch;
@@ -221,6 +221,31 @@ impl DiffusionModel {
         let timesteps = Tensor::from_vec(vec![timestep; batch], batch, &self.device)?;
         let context = repeat_to_batch(&inputs.context, batch)?;
         let y = inputs.y.as_ref().map(|y| repeat_to_batch(y, batch)).transpose()?;
+        let guidance = inputs
+            .guidance
+            .as_ref()
+            .map(|guidance| repeat_to_batch(guidance, batch))
+            .transpose()?;
+        // The residuals of the entry's control networks for the (scaled) input.
+        let control_residuals = |scaled: &Tensor| -> candle_core::Result<Option<ControlResiduals>> {
+            let Some(control) = &inputs.control else {
+                return Ok(None);
+            };
+            let control_context = match &inputs.control_context {
+                Some(text) => repeat_to_batch(text, batch)?,
+                None => context.clone(),
+            };
+            control.residuals(&ControlCall {
+                x: scaled,
+                sigma,
+                timesteps: &timesteps,
+                context: &control_context,
+                y: y.as_ref(),
+                guidance: guidance.as_ref(),
+                batched_number: call.parts.len(),
+                model: self,
+            })
+        };
         // The network on its (scaled) input, which the network wrappers go around.
         let network = |scaled: &Tensor| -> candle_core::Result<Tensor> {
             Ok(match &self.network {
@@ -230,24 +255,7 @@ impl DiffusionModel {
                         None => scaled.clone(),
                     };
                     let (_, channels, height, width) = input.dims4()?;
-                    let control = match &inputs.control {
-                        Some(control) => {
-                            let control_context = match &inputs.control_context {
-                                Some(text) => repeat_to_batch(text, batch)?,
-                                None => context.clone(),
-                            };
-                            control.residuals(&ControlCall {
-                                x: scaled,
-                                sigma,
-                                timesteps: &timesteps,
-                                context: &control_context,
-                                y: y.as_ref(),
-                                batched_number: call.parts.len(),
-                                model: self,
-                            })?
-                        }
-                        None => None,
-                    };
+                    let control = control_residuals(scaled)?;
                     let patches = match call.extra {
                         Some(extra) => Cow::Owned(self.patches.unet.and(&extra.unet)),
                         None => Cow::Borrowed(&self.patches.unet),
@@ -268,21 +276,12 @@ impl DiffusionModel {
                     })?
                 }
                 DiffusionNetwork::Flux(flux) => {
-                    if inputs.control.is_some() {
-                        return Err(candle_core::Error::Msg(
-                            "ControlNets for FLUX models are not supported by Easel yet".into(),
-                        ));
-                    }
                     let Some(y) = &y else {
                         return Err(candle_core::Error::Msg(
                             "a FLUX model call needs the pooled output".into(),
                         ));
                     };
-                    let guidance = inputs
-                        .guidance
-                        .as_ref()
-                        .map(|guidance| repeat_to_batch(guidance, batch))
-                        .transpose()?;
+                    let control = control_residuals(scaled)?.unwrap_or_default();
                     let patches = match call.extra {
                         Some(extra) => Cow::Owned(self.patches.dit.and(&extra.dit)),
                         None => Cow::Borrowed(&self.patches.dit),
@@ -301,7 +300,10 @@ impl DiffusionModel {
                         y,
                         guidance: guidance.as_ref(),
                         concat: concat.as_ref(),
-                        control: FluxControl::default(),
+                        control: FluxControl {
+                            double: &control.input,
+                            single: &control.output,
+                        },
                         image_prompt: None,
                         patches: (!patches.is_empty()).then_some(DitPatchedCall {
                             patches: patches.as_ref(),

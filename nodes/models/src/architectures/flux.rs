@@ -69,7 +69,11 @@ impl FluxConfig {
         let (hidden_size, in_channels) = matrix("img_in.weight")?;
         let (_, context_dim) = matrix("txt_in.weight")?;
         let (_, vector_dim) = matrix("vector_in.in_layer.weight")?;
-        let (final_outputs, _) = matrix("final_layer.linear.weight")?;
+        // A ControlNet built on FLUX has no final layer: it predicts nothing itself.
+        let final_outputs = match has("final_layer.linear.weight") {
+            true => matrix("final_layer.linear.weight")?.0,
+            false => in_channels,
+        };
         let (mlp_hidden, _) = matrix("double_blocks.0.img_mlp.0.weight")?;
         let head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")?
             .first()
@@ -147,19 +151,38 @@ pub struct Flux {
     guidance_in: Option<MlpEmbedder>,
     double_blocks: Vec<DoubleStreamBlock>,
     single_blocks: Vec<SingleStreamBlock>,
-    final_norm_modulation: Linear,
-    final_linear: Linear,
+    /// The final norm's modulation and projection (absent in a ControlNet's copy of FLUX).
+    final_layer: Option<(Linear, Linear)>,
+}
+
+/// A call's tokens before the blocks: the image's 2×2 patches through `img_in` (`rows` ×
+/// `cols` of them), the text through `txt_in`, and the vector of timestep, guidance and pooled
+/// text that modulates every block.
+pub struct FluxTokens {
+    pub img: Tensor,
+    pub txt: Tensor,
+    pub vec: Tensor,
+    pub rows: usize,
+    pub cols: usize,
 }
 
 impl Flux {
     pub fn new(config: FluxConfig, weights: Weights) -> Result<Self> {
         let hidden = config.hidden_size;
-        let double_blocks = (0..config.double_blocks)
-            .map(|n| DoubleStreamBlock::new(&config, weights.pp(format!("double_blocks.{n}"))))
-            .collect::<Result<_>>()?;
-        let single_blocks = (0..config.single_blocks)
-            .map(|n| SingleStreamBlock::new(&config, weights.pp(format!("single_blocks.{n}"))))
-            .collect::<Result<_>>()?;
+        let final_layer = (
+            linear(hidden, 2 * hidden, weights.pp("final_layer.adaLN_modulation.1"))?,
+            linear(hidden, 4 * config.out_channels, weights.pp("final_layer.linear"))?,
+        );
+        Ok(Flux {
+            final_layer: Some(final_layer),
+            ..Self::without_final_layer(config, weights)?
+        })
+    }
+
+    /// The transformer without its final layer, as FLUX ControlNets copy it (their depths are
+    /// the config's).
+    pub fn without_final_layer(config: FluxConfig, weights: Weights) -> Result<Self> {
+        let hidden = config.hidden_size;
         Ok(Flux {
             img_in: linear(config.in_channels, hidden, weights.pp("img_in"))?,
             txt_in: linear(config.context_dim, hidden, weights.pp("txt_in"))?,
@@ -169,10 +192,13 @@ impl Flux {
                 true => Some(MlpEmbedder::new(TIME_EMBEDDING, hidden, weights.pp("guidance_in"))?),
                 false => None,
             },
-            double_blocks,
-            single_blocks,
-            final_norm_modulation: linear(hidden, 2 * hidden, weights.pp("final_layer.adaLN_modulation.1"))?,
-            final_linear: linear(hidden, 4 * config.out_channels, weights.pp("final_layer.linear"))?,
+            double_blocks: (0..config.double_blocks)
+                .map(|n| DoubleStreamBlock::new(&config, weights.pp(format!("double_blocks.{n}"))))
+                .collect::<Result<_>>()?,
+            single_blocks: (0..config.single_blocks)
+                .map(|n| SingleStreamBlock::new(&config, weights.pp(format!("single_blocks.{n}"))))
+                .collect::<Result<_>>()?,
+            final_layer: None,
             config,
         })
     }
@@ -190,18 +216,15 @@ impl Flux {
         (batch * tokens * widest * 4 * 4) as u64
     }
 
-    /// The predicted velocity [B, out_channels, H, W].
-    pub fn forward(&self, input: &FluxInput) -> Result<Tensor> {
+    /// The tokens of a call (its latent with the extra channels, text, timestep, guidance and
+    /// pooled text) before the blocks.
+    pub fn embed(&self, input: &FluxInput) -> Result<FluxTokens> {
         let x = match input.concat {
             Some(extra) => Tensor::cat(&[input.x, extra], 1)?,
             None => input.x.clone(),
         };
-        let (batch, _, height, width) = x.dims4()?;
-        let (rows, cols) = (height.div_ceil(2), width.div_ceil(2));
+        let (_, _, height, width) = x.dims4()?;
         let img = patchify(&pad_circularly(&pad_circularly(&x, 2)?, 3)?)?;
-        let txt_length = input.context.dim(1)?;
-        let rope = Rope::new(txt_length, rows, cols, x.device())?;
-
         let mut vec = self
             .time_in
             .forward(&timestep_embedding(&(input.timesteps * 1000.0)?, TIME_EMBEDDING)?)?;
@@ -209,32 +232,78 @@ impl Flux {
             vec = (vec + guidance_in.forward(&timestep_embedding(&(guidance * 1000.0)?, TIME_EMBEDDING)?)?)?;
         }
         let y = input.y.narrow(1, 0, self.config.vector_dim)?;
-        let vec = (vec + self.vector_in.forward(&y)?)?;
+        Ok(FluxTokens {
+            img: self.img_in.forward(&img)?,
+            txt: self.txt_in.forward(input.context)?,
+            vec: (vec + self.vector_in.forward(&y)?)?,
+            rows: height.div_ceil(2),
+            cols: width.div_ceil(2),
+        })
+    }
 
-        let mut img = self.img_in.forward(&img)?;
-        let mut txt = self.txt_in.forward(input.context)?;
+    /// The predicted velocity [B, out_channels, H, W].
+    pub fn forward(&self, input: &FluxInput) -> Result<Tensor> {
+        let Some((final_modulation, final_linear)) = &self.final_layer else {
+            candle_core::bail!("this FLUX transformer has no final layer (it belongs to a ControlNet)");
+        };
+        let (batch, _, height, width) = input.x.dims4()?;
+        let FluxTokens {
+            mut img,
+            mut txt,
+            vec,
+            rows,
+            cols,
+        } = self.embed(input)?;
+        let txt_length = txt.dim(1)?;
+        let rope = Rope::new(txt_length, rows, cols, img.device())?;
         for n in 0..self.double_blocks.len() {
             (img, txt) = self.double_block(n, img, txt, &vec, &rope, input)?;
             if let Some(Some(residual)) = input.control.double.get(n) {
-                img = (img + residual)?;
+                img = img.broadcast_add(residual)?;
             }
         }
         let mut tokens = Tensor::cat(&[&txt, &img], 1)?;
         for n in 0..self.single_blocks.len() {
             tokens = self.single_block(n, tokens, txt_length, &vec, &rope, input)?;
             if let Some(Some(residual)) = input.control.single.get(n) {
-                let image = (tokens.narrow(1, txt_length, rows * cols)? + residual)?;
+                let image = tokens.narrow(1, txt_length, rows * cols)?.broadcast_add(residual)?;
                 tokens = Tensor::cat(&[&tokens.narrow(1, 0, txt_length)?, &image], 1)?;
             }
         }
         let img = tokens.narrow(1, txt_length, rows * cols)?;
-        let modulation = self.final_norm_modulation.forward(&vec.silu()?)?.chunk(2, 1)?;
+        let modulation = final_modulation.forward(&vec.silu()?)?.chunk(2, 1)?;
         let (shift, scale) = (modulation[0].unsqueeze(1)?, modulation[1].unsqueeze(1)?);
         let img = modulate(&layer_norm(&img)?, &shift, &scale)?;
-        let out = self.final_linear.forward(&img)?;
+        let out = final_linear.forward(&img)?;
         unpatchify(&out, batch, self.config.out_channels, rows, cols)?
             .narrow(2, 0, height)?
             .narrow(3, 0, width)
+    }
+
+    /// The image tokens after each double block and after each single block (their image part),
+    /// as a FLUX ControlNet reads them; no patches or image prompts apply.
+    pub fn block_outputs(&self, tokens: FluxTokens) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let FluxTokens {
+            mut img,
+            mut txt,
+            vec,
+            rows,
+            cols,
+        } = tokens;
+        let txt_length = txt.dim(1)?;
+        let rope = Rope::new(txt_length, rows, cols, img.device())?;
+        let mut doubles = Vec::with_capacity(self.double_blocks.len());
+        for block in &self.double_blocks {
+            (img, txt) = block.forward(&img, &txt, &vec, &rope, None)?;
+            doubles.push(img.clone());
+        }
+        let mut tokens = Tensor::cat(&[&txt, &img], 1)?;
+        let mut singles = Vec::with_capacity(self.single_blocks.len());
+        for block in &self.single_blocks {
+            tokens = block.forward(&tokens, &vec, &rope)?;
+            singles.push(tokens.narrow(1, txt_length, rows * cols)?);
+        }
+        Ok((doubles, singles))
     }
 
     /// Double block `n` on the image and text tokens, or its replacement where the call has one.
@@ -323,7 +392,7 @@ fn pad_circularly(x: &Tensor, dim: usize) -> Result<Tensor> {
 }
 
 /// [B, C, 2R, 2C'] → [B, R·C', C·4] (channel, then patch row, then patch column).
-fn patchify(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn patchify(x: &Tensor) -> Result<Tensor> {
     let (batch, channels, height, width) = x.dims4()?;
     let (rows, cols) = (height / 2, width / 2);
     x.reshape((batch, channels, rows, 2, cols, 2))?

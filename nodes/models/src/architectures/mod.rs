@@ -2,7 +2,7 @@
 //! Stable Diffusion UNet ([`unet`]), the ControlNet copying its encoder ([`controlnet`]) and the
 //! T2I-Adapter giving it features of a control image ([`t2i_adapter`]), the
 //! autoencoder ([`vae`]), CLIP's text transformer ([`clip_text`]), T5's encoder ([`t5`]) and
-//! FLUX's transformer ([`flux`]); DINOv2's vision transformer ([`dinov2`]) under Depth Anything
+//! FLUX's transformer ([`flux`]) and the ControlNets copying it ([`flux_controlnet`]); DINOv2's vision transformer ([`dinov2`]) under Depth Anything
 //! V2's depth head ([`depth_anything_v2`]); A1111's hypernetworks, MLPs patching the UNet's attention inputs
 //! ([`hypernetwork`]); the hook points for model patches of the UNet ([`unet_patches`]) and of DiTs
 //! such as FLUX ([`dit_patches`]).
@@ -13,6 +13,7 @@ pub mod depth_anything_v2;
 pub mod dinov2;
 pub mod dit_patches;
 pub mod flux;
+pub mod flux_controlnet;
 pub mod hypernetwork;
 pub mod t2i_adapter;
 pub mod t5;

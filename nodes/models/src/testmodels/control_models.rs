@@ -1,11 +1,12 @@
 //! Tiny control models (in `controlnet/`): a ControlNet copying the tiny SD1.x UNet's encoder and
-//! T2I-Adapters, a tiny Depth Anything V2 for the depth preprocessor, and the layouts their
+//! T2I-Adapters, FLUX ControlNets' layouts, a tiny Depth Anything V2 for the depth preprocessor, and the layouts their
 //! writers and the tests build other sizes from.
 
 use super::{tiny_clip_g, tiny_clip_l, tiny_sd1_unet, tiny_sdxl_unet, Recorder, TensorSpec};
 use crate::architectures::controlnet::{ControlNet, ControlNetConfig, UNION_CONTROL_TYPES};
 use crate::architectures::depth_anything_v2::{DepthAnythingV2, DepthAnythingV2Config};
 use crate::architectures::dinov2::{Dinov2Config, FeedForward};
+use crate::architectures::flux_controlnet::{FluxControlNet, FluxControlNetConfig};
 use crate::architectures::t2i_adapter::{AdapterKind, T2IAdapter, T2IAdapterConfig};
 
 /// The file name `easel testmodels` gives the tiny SD1.x ControlNet.
@@ -97,5 +98,12 @@ pub fn tiny_depth_anything_v2() -> DepthAnythingV2Config {
 pub fn depth_anything_v2_layout(config: &DepthAnythingV2Config) -> candle_core::Result<Vec<TensorSpec>> {
     let recorder = Recorder::default();
     DepthAnythingV2::new(config.clone(), recorder.var_builder("").into())?;
+    Ok(recorder.specs())
+}
+
+/// Every tensor of an XLabs or Mistoline FLUX ControlNet in ComfyUI's names.
+pub fn flux_controlnet_layout(config: &FluxControlNetConfig) -> candle_core::Result<Vec<TensorSpec>> {
+    let recorder = Recorder::default();
+    FluxControlNet::new(config.clone(), recorder.var_builder("").into())?;
     Ok(recorder.specs())
 }
