@@ -456,6 +456,11 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
         let task = generate(api, tiny("flux", mode)).json();
         assert_eq!(task["status"], "succeeded", "flux {mode}: {task}");
     }
+    // An XLabs FLUX ControlNet on canny edges of the request's image.
+    let mut flux_controlled = tiny("flux", "img2img");
+    flux_controlled["controlnets"] = json!([{"model": "easel_tiny_flux_controlnet.safetensors", "type": "canny"}]);
+    let task = generate(api, flux_controlled).json();
+    assert_eq!(task["status"], "succeeded", "FLUX ControlNet: {task}");
     // FLUX fill from split files; and FLUX dev kept quantized (GGUF).
     let mut fill = tiny("flux", "inpaint");
     fill.as_object_mut().unwrap().remove("model");

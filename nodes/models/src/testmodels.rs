@@ -18,6 +18,7 @@ use safetensors::tensor::{Dtype as FileDtype, TensorView};
 
 use crate::architectures::clip_text::{Activation, ClipNaming, ClipTextConfig, ClipTextEncoder};
 use crate::architectures::flux::{Flux, FluxConfig};
+use crate::architectures::flux_controlnet::{FluxControlNetConfig, FluxControlNetKind};
 use crate::architectures::t5::{t5_name_to_llama_cpp, T5Config, T5Encoder};
 use crate::architectures::unet::{HeadLayout, UNet, UNetConfig};
 use crate::architectures::vae::{Vae, VaeConfig};
@@ -602,8 +603,9 @@ pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// The tiny FLUX-shaped models `easel testmodels` writes: FLUX dev as bf16 safetensors (in
 /// `diffusion_models`) and as GGUF Q8_0 and Q4_K (in `unet`, where city96's files go), FLUX
-/// schnell, fill and canny, the FLUX VAE, and T5-XXL as fp16 safetensors and GGUF Q8_0 with its tokenizer in
-/// `text_encoders/t5_tokenizer` (the CLIP-L is [`TINY_CLIP_L`]).
+/// schnell, fill and canny, an XLabs-style ControlNet for it, the FLUX VAE, and T5-XXL as fp16
+/// safetensors and GGUF Q8_0 with its tokenizer in `text_encoders/t5_tokenizer` (the CLIP-L is
+/// [`TINY_CLIP_L`]).
 pub const TINY_FLUX_DEV: &str = "easel_tiny_flux_dev.safetensors";
 pub const TINY_FLUX_DEV_Q8_0: &str = "easel_tiny_flux_dev-Q8_0.gguf";
 pub const TINY_FLUX_DEV_Q4_K: &str = "easel_tiny_flux_dev-Q4_K_S.gguf";
@@ -612,6 +614,9 @@ pub const TINY_FLUX_SCHNELL: &str = "easel_tiny_flux_schnell.safetensors";
 pub const TINY_FLUX_FILL: &str = "easel_tiny_flux_fill.safetensors";
 /// FLUX canny/depth dev: 128 input channels (latent and the control image's latent; ×4 patches).
 pub const TINY_FLUX_CANNY: &str = "easel_tiny_flux_canny_dev.safetensors";
+/// The file name `easel testmodels` gives the tiny XLabs-style FLUX ControlNet (in `controlnet`;
+/// as deep as the tiny FLUX: one double and one single block).
+pub const TINY_FLUX_CONTROLNET: &str = "easel_tiny_flux_controlnet.safetensors";
 /// FLUX dev as one checkpoint (`checkpoints/`), laid out as ComfyUI saves one: the model, CLIP-L,
 /// T5 and the VAE.
 pub const TINY_FLUX_CHECKPOINT: &str = "easel_tiny_flux_dev_checkpoint.safetensors";
@@ -824,6 +829,16 @@ fn write_flux_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             FileDtype::BF16,
         )?;
     }
+    let controlnet = folder("controlnet")?.join(TINY_FLUX_CONTROLNET);
+    let controlnet_config = FluxControlNetConfig {
+        kind: FluxControlNetKind::XLabs,
+        flux: tiny_flux(),
+    };
+    write_checkpoint_in(
+        &controlnet,
+        &flux_controlnet_layout(&controlnet_config).map_err(layout_error)?,
+        FileDtype::BF16,
+    )?;
     let checkpoint = folder("checkpoints")?.join(TINY_FLUX_CHECKPOINT);
     let mut parts = flux_layout(&tiny_flux(), UNET_PREFIX).map_err(layout_error)?;
     parts.extend(clip_text_layout(&tiny_clip_l(), FLUX_CLIP_L_PREFIX).map_err(layout_error)?);
@@ -850,6 +865,7 @@ fn write_flux_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         schnell,
         diffusion_models.join(TINY_FLUX_FILL),
         diffusion_models.join(TINY_FLUX_CANNY),
+        controlnet,
         checkpoint,
         dev_q8,
         dev_q4,

@@ -22,9 +22,6 @@ pub fn workflow_for(request: &GenerateRequest) -> Result<&'static str, RestError
         return Err(RestError::not_yet("family", "SD3 generation"));
     }
     if !request.controlnets.is_empty() {
-        if request.family == Family::Flux {
-            return Err(RestError::not_yet("controlnets", "ControlNet for FLUX"));
-        }
         if request.refiner.is_some() {
             return Err(RestError::not_yet("controlnets", "ControlNet with a refiner"));
         }

@@ -41,7 +41,8 @@ pub struct LoraEntry {
     pub strength_clip: Option<f64>,
 }
 
-/// One ControlNet of the stack (SD1.x, SD2.x, SDXL), applied after those before it.
+/// One ControlNet of the stack (SD1.x, SD2.x, SDXL; XLabs or Mistoline on FLUX), applied after
+/// those before it.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct ControlnetEntry {
     /// A file in `models/controlnet` (the family API calls it `controlnet`).
@@ -105,7 +106,8 @@ pub struct GenerateRequestBody {
     pub mask: Option<String>,
     pub outpaint: Option<OutpaintSides>,
     pub loras: Option<Vec<LoraEntry>>,
-    /// ControlNets, in order (up to 4; FLUX and refiner requests answer 501 for now).
+    /// ControlNets, in order (up to 4; FLUX takes XLabs' and Mistoline's; refiner requests
+    /// answer 501 for now).
     pub controlnets: Option<Vec<ControlnetEntry>>,
     /// Not available yet (501).
     pub ip_adapter: Option<Value>,
