@@ -1,6 +1,7 @@
-//! FLUX ControlNets taking the control image (XLabs, Mistoline): their residuals against
+//! FLUX ControlNets: XLabs' and Mistoline's (taking the control image) and InstantX's union
+//! (diffusers' layout, taking the image's latent and a control type), their residuals against
 //! ComfyUI's own `ControlNetFlux` on a small FLUX filled from a formula (fixture from
-//! `fixtures/generate_flux_controlnet.py`), loaded from files in their own names; and one
+//! `fixtures/generate_flux_controlnet.py`), loaded from files in their own names; and ones
 //! steering FLUX sampling through ControlNetApplyAdvanced.
 
 mod common;
@@ -10,7 +11,7 @@ use common::{floats, formula_unet_file, j, max_abs_difference, setup, sizes};
 use easel_engine::Value;
 use easel_models::architectures::flux::{FluxControl, FluxInput};
 use easel_models::architectures::flux_controlnet::{FluxControlNetConfig, FluxControlNetKind};
-use easel_models::testmodels::{flux_controlnet_layout, tiny_flux, write_checkpoint, TINY_FLUX_DEV};
+use easel_models::testmodels::{flux_controlnet_layout, tiny_flux, write_checkpoint, TINY_FLUX_DEV, TINY_FLUX_VAE};
 use easel_nodes::conditioning::{CondEntry, Conditioning};
 use easel_nodes::controlnet::nodes::load_controlnet;
 use easel_nodes::controlnet::ControlNetwork;
@@ -25,13 +26,12 @@ fn tensor(value: &Json) -> Tensor {
 fn flux_controlnets_give_comfyuis_residuals() {
     let fixture = common::fixture_json("flux_controlnet.json");
     let inputs = &fixture["inputs"];
-    let (x, timesteps, context, y, guidance, hint) = (
+    let (x, timesteps, context, y, guidance) = (
         tensor(&inputs["x"]),
         tensor(&inputs["timesteps"]),
         tensor(&inputs["context"]),
         tensor(&inputs["y"]),
         tensor(&inputs["guidance"]),
-        tensor(&inputs["hint"]),
     );
     let dir = tempfile::tempdir().unwrap();
     for case in fixture["cases"].as_array().unwrap() {
@@ -53,6 +53,10 @@ fn flux_controlnets_give_comfyuis_residuals() {
         let ControlNetwork::Flux(network) = &loaded.network else {
             panic!("{name}: not loaded as a FLUX ControlNet");
         };
+        let (hint, control_type) = match name {
+            "instantx_union" => (tensor(&inputs["latent_hint"]), Some(2)),
+            _ => (tensor(&inputs["hint"]), None),
+        };
         let residuals = network
             .forward(
                 &FluxInput {
@@ -67,19 +71,17 @@ fn flux_controlnets_give_comfyuis_residuals() {
                     patches: None,
                 },
                 &hint,
+                control_type,
             )
             .expect("residuals");
-        assert_eq!(residuals.input.len(), case["double_count"].as_u64().unwrap() as usize);
-        assert_eq!(residuals.output.len(), case["single_count"].as_u64().unwrap() as usize);
-        for (list, expected) in [
-            (&residuals.input, &case["double"]),
-            (&residuals.output, &case["single"]),
-        ] {
-            let expected = expected.as_array().unwrap();
-            for (index, residual) in list.iter().enumerate() {
-                let want = tensor(&expected[index % expected.len()]);
+        for (list, key) in [(&residuals.input, "double"), (&residuals.output, "single")] {
+            let expected = case[key].as_array().unwrap();
+            let order = sizes(&case[format!("{key}_order")]);
+            assert_eq!(list.len(), order.len(), "{name} {key}");
+            for (index, (residual, which)) in list.iter().zip(order).enumerate() {
+                let want = tensor(&expected[which]);
                 let got = residual.as_ref().expect("a residual");
-                let scale = floats(&expected[index % expected.len()]["values"])
+                let scale = floats(&expected[which]["values"])
                     .iter()
                     .fold(1f32, |m, v| m.max(v.abs()));
                 assert!(
@@ -92,19 +94,29 @@ fn flux_controlnets_give_comfyuis_residuals() {
     }
 }
 
-#[test]
-fn an_xlabs_controlnet_steers_flux_sampling() {
-    let setup = setup();
+/// A tiny FLUX ControlNet of `kind` written to the setup's controlnet folder as `file`.
+fn write_tiny_controlnet(setup: &common::Setup, kind: FluxControlNetKind, file: &str) {
     let paths = setup.services.get::<easel_nodes::paths::Paths>().unwrap();
     let config = FluxControlNetConfig {
-        kind: FluxControlNetKind::XLabs,
+        kind,
         flux: tiny_flux(),
     };
     write_checkpoint(
-        &paths.models.join("controlnet/tiny_flux_controlnet.safetensors"),
+        &paths.models.join("controlnet").join(file),
         &flux_controlnet_layout(&config).unwrap(),
     )
     .unwrap();
+}
+
+/// KSampler (two Euler steps, cfg 1, seed 7) on the tiny FLUX dev at 48×32 with the ControlNet
+/// `file` applied at `strength` from 0 % to `end` (given `vae`), told `control_type` if any.
+fn sample_flux_controlled(
+    setup: &common::Setup,
+    file: &str,
+    (strength, end): (f64, f64),
+    vae: Option<&Value>,
+    control_type: Option<&str>,
+) -> Result<Tensor, easel_engine::NodeError> {
     let model = setup
         .call(
             "UNETLoader",
@@ -112,16 +124,19 @@ fn an_xlabs_controlnet_steers_flux_sampling() {
                 ("unet_name", j(json!(TINY_FLUX_DEV))),
                 ("weight_dtype", j(json!("default"))),
             ],
-        )
-        .unwrap()
+        )?
         .remove(0);
-    let control = setup
-        .call(
-            "ControlNetLoader",
-            vec![("control_net_name", j(json!("tiny_flux_controlnet.safetensors")))],
-        )
-        .unwrap()
+    let mut control = setup
+        .call("ControlNetLoader", vec![("control_net_name", j(json!(file)))])?
         .remove(0);
+    if let Some(control_type) = control_type {
+        control = setup
+            .call(
+                "SetUnionControlNetType",
+                vec![("control_net", control), ("type", j(json!(control_type)))],
+            )?
+            .remove(0);
+    }
     let flux = tiny_flux();
     let wave = |count: usize, step: f32| -> Vec<f32> { (0..count).map(|i| (i as f32 * step).sin()).collect() };
     let entry = CondEntry::new(
@@ -129,7 +144,6 @@ fn an_xlabs_controlnet_steers_flux_sampling() {
         Some(Tensor::from_vec(wave(flux.vector_dim, 0.53), (1, flux.vector_dim), &Device::Cpu).unwrap()),
     );
     let text = Value::object(Conditioning(vec![entry]));
-    let image = Value::object(common::pattern_image(32, 48, 5));
     let latent = setup
         .call(
             "EmptySD3LatentImage",
@@ -138,43 +152,45 @@ fn an_xlabs_controlnet_steers_flux_sampling() {
                 ("height", j(json!(32))),
                 ("batch_size", j(json!(1))),
             ],
-        )
-        .unwrap()
+        )?
         .remove(0);
-    let sample = |strength: f64, end: f64| -> Tensor {
-        let applied = setup
-            .call(
-                "ControlNetApplyAdvanced",
-                vec![
-                    ("positive", text.clone()),
-                    ("negative", text.clone()),
-                    ("control_net", control.clone()),
-                    ("image", image.clone()),
-                    ("strength", j(json!(strength))),
-                    ("start_percent", j(json!(0.0))),
-                    ("end_percent", j(json!(end))),
-                ],
-            )
-            .expect("ControlNetApplyAdvanced");
-        let sampled = setup
-            .call(
-                "KSampler",
-                vec![
-                    ("model", model.clone()),
-                    ("seed", j(json!(7))),
-                    ("steps", j(json!(2))),
-                    ("cfg", j(json!(1.0))),
-                    ("sampler_name", j(json!("euler"))),
-                    ("scheduler", j(json!("simple"))),
-                    ("positive", applied[0].clone()),
-                    ("negative", applied[1].clone()),
-                    ("latent_image", latent.clone()),
-                    ("denoise", j(json!(1.0))),
-                ],
-            )
-            .expect("KSampler");
-        sampled[0].downcast::<Latent>().unwrap().samples.clone()
-    };
+    let mut inputs = vec![
+        ("positive", text.clone()),
+        ("negative", text),
+        ("control_net", control),
+        ("image", Value::object(common::pattern_image(32, 48, 5))),
+        ("strength", j(json!(strength))),
+        ("start_percent", j(json!(0.0))),
+        ("end_percent", j(json!(end))),
+    ];
+    if let Some(vae) = vae {
+        inputs.push(("vae", vae.clone()));
+    }
+    let applied = setup.call("ControlNetApplyAdvanced", inputs)?;
+    let sampled = setup.call(
+        "KSampler",
+        vec![
+            ("model", model),
+            ("seed", j(json!(7))),
+            ("steps", j(json!(2))),
+            ("cfg", j(json!(1.0))),
+            ("sampler_name", j(json!("euler"))),
+            ("scheduler", j(json!("simple"))),
+            ("positive", applied[0].clone()),
+            ("negative", applied[1].clone()),
+            ("latent_image", latent),
+            ("denoise", j(json!(1.0))),
+        ],
+    )?;
+    Ok(sampled[0].downcast::<Latent>().unwrap().samples.clone())
+}
+
+#[test]
+fn an_xlabs_controlnet_steers_flux_sampling() {
+    let setup = setup();
+    let file = "tiny_xlabs.safetensors";
+    write_tiny_controlnet(&setup, FluxControlNetKind::XLabs, file);
+    let sample = |strength: f64, end: f64| sample_flux_controlled(&setup, file, (strength, end), None, None).unwrap();
     let uncontrolled = sample(0.0, 1.0);
     let controlled = sample(1.0, 1.0);
     assert!(
@@ -186,4 +202,26 @@ fn an_xlabs_controlnet_steers_flux_sampling() {
     let first_step_only = sample(1.0, 0.0);
     assert!(max_abs_difference(&first_step_only, &uncontrolled) > 1e-4);
     assert!(max_abs_difference(&first_step_only, &controlled) > 1e-6);
+}
+
+/// A union ControlNet taking latents encodes its hint with the apply node's VAE (and refuses to
+/// run without one, as ComfyUI does), and reads the control type it is told.
+#[test]
+fn a_latent_union_controlnet_encodes_its_hint_and_reads_its_type() {
+    let setup = setup();
+    let file = "tiny_union_pro.safetensors";
+    write_tiny_controlnet(&setup, FluxControlNetKind::Latent { union_modes: 8 }, file);
+    let vae = setup
+        .call("VAELoader", vec![("vae_name", j(json!(TINY_FLUX_VAE)))])
+        .unwrap()
+        .remove(0);
+    let error = sample_flux_controlled(&setup, file, (1.0, 1.0), None, None)
+        .expect_err("no VAE")
+        .to_string();
+    assert!(error.contains("This Controlnet needs a VAE"), "{error}");
+    let uncontrolled = sample_flux_controlled(&setup, file, (0.0, 1.0), Some(&vae), None).unwrap();
+    let auto = sample_flux_controlled(&setup, file, (1.0, 1.0), Some(&vae), None).unwrap();
+    let depth = sample_flux_controlled(&setup, file, (1.0, 1.0), Some(&vae), Some("depth")).unwrap();
+    assert!(max_abs_difference(&auto, &uncontrolled) > 1e-4, "the ControlNet steers");
+    assert!(max_abs_difference(&depth, &auto) > 1e-6, "the control type matters");
 }

@@ -1,7 +1,9 @@
 //! The diffusers layout of Stable Diffusion UNets and VAEs (SD1.x, SD2.x, SDXL), read under the
 //! LDM names Easel's networks use, as ComfyUI reads a diffusers folder: the UNet renamed as
 //! `comfy.utils.unet_to_diffusers` maps it, the VAE as `diffusers_convert.convert_vae_state_dict`
-//! converts it (its attention matrices, linear in diffusers, seen as 1×1 convolutions).
+//! converts it (its attention matrices, linear in diffusers, seen as 1×1 convolutions). Also
+//! the ControlNets and T2I-Adapters shipped in that layout, FLUX ControlNets among them (under
+//! BFL's names, as `comfy.utils.flux_to_diffusers` maps them).
 //!
 //! [`ConvertedWeights`] is the view that does it: a mapped file's tensors under new names and
 //! shapes, nothing copied. The text encoders of a diffusers folder need no conversion: they are
@@ -22,6 +24,8 @@ pub const DIFFUSERS_UNET_MARKER: &str = "conv_in.weight";
 pub const DIFFUSERS_CONTROLNET_MARKER: &str = "controlnet_cond_embedding.conv_in.weight";
 /// The tensor a diffusers T2I-Adapter has (ComfyUI's test in `load_t2i_adapter`).
 pub const DIFFUSERS_T2I_ADAPTER_MARKER: &str = "adapter.body.0.resnets.0.block1.weight";
+/// The tensor a diffusers FLUX ControlNet has (ComfyUI's test for InstantX's).
+pub const DIFFUSERS_FLUX_CONTROLNET_MARKER: &str = "controlnet_x_embedder.weight";
 /// The tensor ComfyUI's `VAE` looks for to tell a diffusers VAE.
 pub const DIFFUSERS_VAE_MARKER: &str = "decoder.up_blocks.0.resnets.0.norm1.weight";
 
@@ -45,9 +49,10 @@ pub enum DiffusersLayoutError {
 }
 
 /// One tensor of a [`ConvertedWeights`]: the file's name for it and the shape it is served in
-/// (the file's, or the same elements seen in another shape).
+/// (the file's, or the same elements seen in another shape), or the file's tensors it joins
+/// along the first dimension (diffusers' separate query, key and value projections as one).
 struct ConvertedTensor {
-    original: String,
+    originals: Vec<String>,
     shape: Vec<usize>,
 }
 
@@ -177,13 +182,93 @@ impl ConvertedWeights {
         Ok(converted)
     }
 
+    /// A FLUX ControlNet in diffusers' layout (InstantX's, Shakker-Labs' union) under BFL's names
+    /// (ComfyUI's `convert_diffusers_mmdit` with `flux_to_diffusers`' map): the blocks'
+    /// separate query, key and value projections joined (the single blocks' with `proj_mlp`),
+    /// `controlnet_x_embedder` as `pos_embed_input`, the ControlNet's own layers as they are.
+    pub fn diffusers_flux_controlnet(inner: Arc<dyn MappedWeights>) -> Result<Self, DiffusersLayoutError> {
+        if !inner.has(DIFFUSERS_FLUX_CONTROLNET_MARKER) {
+            return Err(not_diffusers(
+                inner.path(),
+                "FLUX ControlNet",
+                DIFFUSERS_FLUX_CONTROLNET_MARKER,
+            ));
+        }
+        let doubles = count_indices(inner.as_ref(), "transformer_blocks.");
+        let singles = count_indices(inner.as_ref(), "single_transformer_blocks.");
+        let mut names: Vec<(String, Vec<String>)> = Vec::new();
+        for end in ["weight", "bias"] {
+            for block in 0..doubles {
+                let from = format!("transformer_blocks.{block}");
+                let to = format!("double_blocks.{block}");
+                let joined = |parts: [&str; 3]| parts.map(|part| format!("{from}.attn.{part}.{end}")).to_vec();
+                names.push((format!("{to}.img_attn.qkv.{end}"), joined(["to_q", "to_k", "to_v"])));
+                names.push((
+                    format!("{to}.txt_attn.qkv.{end}"),
+                    joined(["add_q_proj", "add_k_proj", "add_v_proj"]),
+                ));
+            }
+            for block in 0..singles {
+                let from = format!("single_transformer_blocks.{block}");
+                let mut parts: Vec<String> = ["to_q", "to_k", "to_v"]
+                    .iter()
+                    .map(|part| format!("{from}.attn.{part}.{end}"))
+                    .collect();
+                parts.push(format!("{from}.proj_mlp.{end}"));
+                names.push((format!("single_blocks.{block}.linear1.{end}"), parts));
+            }
+        }
+        let renamed = |name: &str| -> Option<String> {
+            if let Some((block, rest)) = indexed(name, "transformer_blocks") {
+                let (_, bfl) = FLUX_DOUBLE_BLOCK.iter().find(|(diffusers, _)| *diffusers == rest)?;
+                return Some(format!("double_blocks.{block}.{bfl}"));
+            }
+            if let Some((block, rest)) = indexed(name, "single_transformer_blocks") {
+                let (_, bfl) = FLUX_SINGLE_BLOCK.iter().find(|(diffusers, _)| *diffusers == rest)?;
+                return Some(format!("single_blocks.{block}.{bfl}"));
+            }
+            if let Some((_, bfl)) = FLUX_BASIC.iter().find(|(diffusers, _)| *diffusers == name) {
+                return Some(bfl.to_string());
+            }
+            let own = [
+                "controlnet_blocks.",
+                "controlnet_single_blocks.",
+                "controlnet_mode_embedder.",
+            ];
+            own.iter()
+                .any(|prefix| name.starts_with(prefix))
+                .then(|| name.to_string())
+        };
+        names.extend(
+            inner
+                .tensor_names()
+                .filter_map(|name| renamed(name).map(|bfl| (bfl, vec![name.to_string()]))),
+        );
+        let tensors = names
+            .into_iter()
+            .filter_map(|(name, originals)| {
+                let shapes: Vec<&[usize]> = originals.iter().map(|o| inner.shape(o)).collect::<Option<_>>()?;
+                let mut shape = shapes[0].to_vec();
+                shape[0] = shapes.iter().map(|s| s[0]).sum();
+                Some((name, ConvertedTensor { originals, shape }))
+            })
+            .collect();
+        Ok(ConvertedWeights { inner, tensors })
+    }
+
     /// `inner`'s tensors under the names of `names` (served name, file's name), in their shapes.
     fn with_names(inner: Arc<dyn MappedWeights>, names: Vec<(String, String)>) -> Self {
         let tensors = names
             .into_iter()
             .filter_map(|(name, original)| {
                 let shape = inner.shape(&original)?.to_vec();
-                Some((name, ConvertedTensor { original, shape }))
+                Some((
+                    name,
+                    ConvertedTensor {
+                        originals: vec![original],
+                        shape,
+                    },
+                ))
             })
             .collect();
         ConvertedWeights { inner, tensors }
@@ -214,7 +299,10 @@ impl MappedWeights for ConvertedWeights {
     }
 
     fn elements(&self, name: &str) -> Option<Elements<'_>> {
-        self.inner.elements(&self.tensors.get(name)?.original)
+        match self.tensors.get(name)?.originals.as_slice() {
+            [original] => self.inner.elements(original),
+            _ => None,
+        }
     }
 
     fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
@@ -224,9 +312,12 @@ impl MappedWeights for ConvertedWeights {
                 self.path().display()
             )));
         };
-        self.inner
-            .load(&tensor.original, dtype, device)?
-            .reshape(tensor.shape.as_slice())
+        let parts = tensor
+            .originals
+            .iter()
+            .map(|original| self.inner.load(original, dtype, device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)?.reshape(tensor.shape.as_slice())
     }
 }
 
@@ -249,6 +340,96 @@ fn leading_index(name: &str) -> Option<(usize, &str)> {
 fn indexed<'a>(name: &'a str, kind: &str) -> Option<(usize, &'a str)> {
     leading_index(name.strip_prefix(kind)?.strip_prefix('.')?)
 }
+
+/// A FLUX double block's diffusers names (within `transformer_blocks.N.`) → BFL's, but for the
+/// joined attention projections.
+const FLUX_DOUBLE_BLOCK: [(&str, &str); 20] = [
+    ("attn.to_out.0.weight", "img_attn.proj.weight"),
+    ("attn.to_out.0.bias", "img_attn.proj.bias"),
+    ("norm1.linear.weight", "img_mod.lin.weight"),
+    ("norm1.linear.bias", "img_mod.lin.bias"),
+    ("norm1_context.linear.weight", "txt_mod.lin.weight"),
+    ("norm1_context.linear.bias", "txt_mod.lin.bias"),
+    ("attn.to_add_out.weight", "txt_attn.proj.weight"),
+    ("attn.to_add_out.bias", "txt_attn.proj.bias"),
+    ("ff.net.0.proj.weight", "img_mlp.0.weight"),
+    ("ff.net.0.proj.bias", "img_mlp.0.bias"),
+    ("ff.net.2.weight", "img_mlp.2.weight"),
+    ("ff.net.2.bias", "img_mlp.2.bias"),
+    ("ff_context.net.0.proj.weight", "txt_mlp.0.weight"),
+    ("ff_context.net.0.proj.bias", "txt_mlp.0.bias"),
+    ("ff_context.net.2.weight", "txt_mlp.2.weight"),
+    ("ff_context.net.2.bias", "txt_mlp.2.bias"),
+    ("attn.norm_q.weight", "img_attn.norm.query_norm.scale"),
+    ("attn.norm_k.weight", "img_attn.norm.key_norm.scale"),
+    ("attn.norm_added_q.weight", "txt_attn.norm.query_norm.scale"),
+    ("attn.norm_added_k.weight", "txt_attn.norm.key_norm.scale"),
+];
+
+/// The same for a single block (within `single_transformer_blocks.N.`).
+const FLUX_SINGLE_BLOCK: [(&str, &str); 6] = [
+    ("norm.linear.weight", "modulation.lin.weight"),
+    ("norm.linear.bias", "modulation.lin.bias"),
+    ("proj_out.weight", "linear2.weight"),
+    ("proj_out.bias", "linear2.bias"),
+    ("attn.norm_q.weight", "norm.query_norm.scale"),
+    ("attn.norm_k.weight", "norm.key_norm.scale"),
+];
+
+/// FLUX's layers outside the blocks (a ControlNet's input projection among them).
+const FLUX_BASIC: [(&str, &str); 18] = [
+    ("controlnet_x_embedder.weight", "pos_embed_input.weight"),
+    ("controlnet_x_embedder.bias", "pos_embed_input.bias"),
+    ("x_embedder.weight", "img_in.weight"),
+    ("x_embedder.bias", "img_in.bias"),
+    ("context_embedder.weight", "txt_in.weight"),
+    ("context_embedder.bias", "txt_in.bias"),
+    (
+        "time_text_embed.timestep_embedder.linear_1.weight",
+        "time_in.in_layer.weight",
+    ),
+    (
+        "time_text_embed.timestep_embedder.linear_1.bias",
+        "time_in.in_layer.bias",
+    ),
+    (
+        "time_text_embed.timestep_embedder.linear_2.weight",
+        "time_in.out_layer.weight",
+    ),
+    (
+        "time_text_embed.timestep_embedder.linear_2.bias",
+        "time_in.out_layer.bias",
+    ),
+    (
+        "time_text_embed.text_embedder.linear_1.weight",
+        "vector_in.in_layer.weight",
+    ),
+    ("time_text_embed.text_embedder.linear_1.bias", "vector_in.in_layer.bias"),
+    (
+        "time_text_embed.text_embedder.linear_2.weight",
+        "vector_in.out_layer.weight",
+    ),
+    (
+        "time_text_embed.text_embedder.linear_2.bias",
+        "vector_in.out_layer.bias",
+    ),
+    (
+        "time_text_embed.guidance_embedder.linear_1.weight",
+        "guidance_in.in_layer.weight",
+    ),
+    (
+        "time_text_embed.guidance_embedder.linear_1.bias",
+        "guidance_in.in_layer.bias",
+    ),
+    (
+        "time_text_embed.guidance_embedder.linear_2.weight",
+        "guidance_in.out_layer.weight",
+    ),
+    (
+        "time_text_embed.guidance_embedder.linear_2.bias",
+        "guidance_in.out_layer.bias",
+    ),
+];
 
 /// The UNet's parts whose names need no block arithmetic (ComfyUI's `UNET_MAP_BASIC`): diffusers
 /// name → LDM name.

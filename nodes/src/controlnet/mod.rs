@@ -18,7 +18,7 @@ pub mod nodes;
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use easel_engine::{NodeObject, NodeRegistry};
 use easel_models::architectures::controlnet::{ControlNet, ControlNetInput};
 use easel_models::architectures::flux::{FluxControl, FluxInput};
@@ -29,7 +29,10 @@ use easel_models::architectures::unet::UNet;
 
 use crate::image::resample::{common_upscale, ResizeMethod};
 use crate::image::Image;
+use crate::latent::vae::encode_image;
+use crate::latent::LatentFormat;
 use crate::model::diffusion_model::DiffusionModel;
+use crate::model::vae::VaeModel;
 use control_lora::ControlLora;
 
 /// Adds the ControlNet nodes to `registry`.
@@ -79,6 +82,11 @@ pub enum ControlNetwork {
 }
 
 impl ControlNetwork {
+    /// Whether the network takes the hint's latent (InstantX-style FLUX ControlNets).
+    fn takes_latent(&self) -> bool {
+        matches!(self, ControlNetwork::Flux(network) if network.kind().takes_latent())
+    }
+
     /// The hint's size for a latent of `height × width` × the compression ratio: a T2I-Adapter
     /// rounds it up to a multiple of its unshuffle factor (`scale_image_to`).
     fn hint_size(&self, height: usize, width: usize) -> (usize, usize) {
@@ -119,12 +127,16 @@ pub struct ControlApplication {
     cache: Mutex<Option<PreparedHint>>,
     /// A control-LoRA's network and the UNet it was built for.
     control_lora: Mutex<Option<(Arc<UNet>, Arc<ControlNet>)>>,
+    /// The VAE that encodes the hint for a network that takes latents (the apply node's `vae`).
+    vae: Option<VaeModel>,
 }
 
 /// An application's hint at one size ([B, C, H, W], ComfyUI's `cond_hint`) and, for a
 /// T2I-Adapter, its features (`control_input`), before strength and batching.
 #[derive(Clone)]
 struct PreparedHint {
+    /// The pixel size the image was resized to.
+    size: (usize, usize),
     hint: Tensor,
     features: Option<ControlResiduals>,
 }
@@ -174,6 +186,17 @@ impl ControlApplication {
             previous,
             cache: Mutex::new(None),
             control_lora: Mutex::new(None),
+            vae: None,
+        }
+    }
+
+    /// The application with the VAE a network that takes latents encodes its hint with (others
+    /// ignore it, as ComfyUI's `set_cond_hint` does).
+    pub fn with_vae(self, vae: Option<VaeModel>) -> Self {
+        let takes_latent = self.model.loaded.network.takes_latent();
+        ControlApplication {
+            vae: vae.filter(|_| takes_latent),
+            ..self
         }
     }
 
@@ -258,7 +281,9 @@ impl ControlApplication {
             image_prompt: None,
             patches: None,
         };
-        network.forward(&input, &hint)?.scaled(self.strength)
+        network
+            .forward(&input, &hint, self.model.control_type)?
+            .scaled(self.strength)
     }
 
     /// A control-LoRA's network for the model sampling with it, built on its first call and
@@ -283,8 +308,8 @@ impl ControlApplication {
 
     /// The hint for the latent `x` (kept until a latent of another size comes): the image
     /// resized to the latent's size × the compression ratio (`common_upscale`, nearest-exact,
-    /// centre crop), averaged to one channel for a network that takes one, and what `compute`
-    /// makes of it.
+    /// centre crop), averaged to one channel for a network that takes one, or encoded by the VAE
+    /// into model space for a network that takes latents; and what `compute` makes of it.
     fn prepared(
         &self,
         x: &Tensor,
@@ -292,38 +317,50 @@ impl ControlApplication {
     ) -> candle_core::Result<PreparedHint> {
         let (_, _, height, width) = x.dims4()?;
         let network = &self.model.loaded.network;
-        let ratio = self.model.loaded.compression_ratio;
-        let (height, width) = network.hint_size(height * ratio, width * ratio);
+        let vae =
+            match (network.takes_latent(), &self.vae) {
+                (true, Some(vae)) => Some(vae),
+                (true, None) => return Err(candle_core::Error::Msg(
+                    "This Controlnet needs a VAE but none was provided, please use a ControlNetApply node with a VAE \
+                     input and connect it."
+                        .into(),
+                )),
+                (false, _) => None,
+            };
+        let ratio = self.model.loaded.compression_ratio * vae.map_or(1, |vae| vae.network.downscale());
+        let size = network.hint_size(height * ratio, width * ratio);
         let mut cached = self
             .cache
             .lock()
             .map_err(|_| candle_core::Error::Msg("a ControlNet hint was poisoned".into()))?;
-        if let Some(prepared) = cached.as_ref().filter(|p| p.hint.dims()[2..] == [height, width]) {
+        if let Some(prepared) = cached.as_ref().filter(|p| p.size == size) {
             return Ok(prepared.clone());
         }
-        let mut hint = resized_hint(&self.image, height, width, x.device())?;
+        let resized = common_upscale(&self.image, size.1, size.0, ResizeMethod::NearestExact, true, true)
+            .map_err(|error| candle_core::Error::Msg(error.to_string()))?;
+        let mut hint = match vae {
+            Some(vae) => {
+                let latent = encode_image(&vae.network, &resized, x.device())
+                    .map_err(|error| candle_core::Error::Msg(error.to_string()))?;
+                LatentFormat::flux().process_in(&latent)?
+            }
+            None => Tensor::from_vec(
+                resized.data,
+                (resized.batch, resized.height, resized.width, resized.channels),
+                x.device(),
+            )?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?,
+        };
         let one_channel = matches!(network, ControlNetwork::T2IAdapter(a) if a.config().hint_channels() == 1);
         if one_channel && hint.dim(1)? > 1 {
             hint = hint.mean_keepdim(1)?;
         }
         let features = compute(&hint)?;
-        let prepared = PreparedHint { hint, features };
+        let prepared = PreparedHint { size, hint, features };
         *cached = Some(prepared.clone());
         Ok(prepared)
     }
-}
-
-/// The image [B, H, W, C] resized to `height × width` as [B, C, H, W] on `device`.
-fn resized_hint(image: &Image, height: usize, width: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let resized = common_upscale(image, width, height, ResizeMethod::NearestExact, true, true)
-        .map_err(|error| candle_core::Error::Msg(error.to_string()))?;
-    Tensor::from_vec(
-        resized.data,
-        (resized.batch, resized.height, resized.width, resized.channels),
-        device,
-    )?
-    .permute((0, 3, 1, 2))?
-    .contiguous()
 }
 
 /// ComfyUI's `broadcast_image_to`: a single hint serves every item; else each side of the
@@ -350,6 +387,7 @@ mod tests {
     use super::*;
     use crate::loaders::models::load_checkpoint;
     use crate::loaders::t5_tokenizer_files::TokenizerSearch;
+    use candle_core::Device;
     use easel_models::kernels::sgemm::Precision;
     use easel_models::testmodels::{
         controlnet_layout, sd1_checkpoint_layout, tiny_clip_l, tiny_sd1_controlnet, tiny_sd1_unet, tiny_sd_vae,

@@ -15,7 +15,9 @@ use easel_models::architectures::flux_controlnet::{
     FluxControlNet, FluxControlNetConfig, MISTOLINE_MARKER, MISTOLINE_SINGLE_PREFIX, XLABS_MARKER,
 };
 use easel_models::architectures::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
-use easel_models::diffusers_layout::{ConvertedWeights, DIFFUSERS_CONTROLNET_MARKER, DIFFUSERS_T2I_ADAPTER_MARKER};
+use easel_models::diffusers_layout::{
+    ConvertedWeights, DIFFUSERS_CONTROLNET_MARKER, DIFFUSERS_FLUX_CONTROLNET_MARKER, DIFFUSERS_T2I_ADAPTER_MARKER,
+};
 use easel_models::kernels::sgemm::Precision;
 use easel_models::lora::Patch;
 use easel_models::weights::{MappedWeights, RenamedWeights, WeightSource};
@@ -28,6 +30,7 @@ use crate::image::{Image, Mask};
 use crate::loaders::model_files_fingerprint;
 use crate::loaders::models::{cached, file_names, file_size, model_file, open_weight_file, undetected};
 use crate::model::diffusion_model::{DiffusionModel, Model};
+use crate::model::vae::VaeModel;
 use crate::runtime::device;
 
 const FOLDER: &str = "controlnet";
@@ -35,7 +38,10 @@ const FOLDER: &str = "controlnet";
 /// Control model layouts Easel does not run yet, by a tensor that marks them (ComfyUI's
 /// `load_controlnet_state_dict` and `load_t2i_adapter` checks), and what they are.
 const LATER_FORMATS: [(&str, &str); 5] = [
-    ("controlnet_x_embedder.weight", "FLUX ControlNet (InstantX)"),
+    (
+        "transformer_blocks.0.img_mlp.net.0.proj.weight",
+        "Qwen-Image ControlNet",
+    ),
     ("pos_embed_input.proj.weight", "SD3 ControlNet"),
     ("after_proj_list.18.bias", "Hunyuan-DiT ControlNet"),
     ("backbone.0.0.weight", "Stable Cascade ControlNet"),
@@ -55,15 +61,23 @@ pub fn load_controlnet(
     device: &Device,
 ) -> Result<(LoadedControlNet, u64), NodeError> {
     let file = open_weight_file(path)?;
-    if file.has(MISTOLINE_MARKER) || (file.has("controlnet_blocks.0.weight") && file.has(XLABS_MARKER)) {
-        return Ok((load_flux_controlnet(path, file, device)?, file_size(path)));
-    }
     if let Some((_, format)) = LATER_FORMATS.iter().find(|(marker, _)| file.has(marker)) {
         return Err(NodeError::new(format!(
             "{}: a {format} is not supported by Easel yet (SD1.x, SD2.x and SDXL ControlNets, \
-             control-LoRAs, T2I-Adapters and XLabs' and Mistoline's FLUX ControlNets are)",
+             control-LoRAs, T2I-Adapters and FLUX ControlNets are)",
             path.display()
         )));
+    }
+    if file.has(DIFFUSERS_FLUX_CONTROLNET_MARKER) {
+        let converted =
+            ConvertedWeights::diffusers_flux_controlnet(file).map_err(|error| NodeError::new(error.to_string()))?;
+        return Ok((
+            load_flux_controlnet(path, Arc::new(converted), device)?,
+            file_size(path),
+        ));
+    }
+    if file.has(MISTOLINE_MARKER) || (file.has("controlnet_blocks.0.weight") && file.has(XLABS_MARKER)) {
+        return Ok((load_flux_controlnet(path, file, device)?, file_size(path)));
     }
     if file.has(CONTROL_LORA_MARKER) {
         let lora = ControlLora::new(file).map_err(|error| NodeError::new(format!("{}: {error}", path.display())))?;
@@ -105,8 +119,9 @@ pub fn load_controlnet(
     Ok((loaded, file_size(path)))
 }
 
-/// An XLabs or Mistoline FLUX ControlNet (Mistoline's single-block layers read under ComfyUI's
-/// names).
+/// A FLUX ControlNet (Mistoline's single-block layers read under ComfyUI's names). One that
+/// takes latents has a compression ratio of 1: its hint is the image at the latent's size × the
+/// VAE's downscale, encoded.
 fn load_flux_controlnet(
     path: &Path,
     file: Arc<dyn MappedWeights>,
@@ -119,10 +134,11 @@ fn load_flux_controlnet(
     }));
     let config = FluxControlNetConfig::infer(weights.as_ref()).map_err(|error| undetected(path, error))?;
     let source = WeightSource::new(weights, "", device, Precision::F32);
+    let compression_ratio = if config.kind.takes_latent() { 1 } else { 8 };
     let network = FluxControlNet::new(config, source.weights()).map_err(|error| NodeError::new(error.to_string()))?;
     Ok(LoadedControlNet {
         network: ControlNetwork::Flux(Box::new(network)),
-        compression_ratio: 8,
+        compression_ratio,
         global_average_pooling: false,
     })
 }
@@ -309,7 +325,13 @@ fn applied_to_both(inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         ]));
     }
     let range = (inputs.float("start_percent")?, inputs.float("end_percent")?);
-    let new = |previous| ControlApplication::new(model.clone(), image.clone(), strength, range, previous);
+    let vae = inputs
+        .get("vae")
+        .map(|_| inputs.object::<VaeModel>("vae").cloned())
+        .transpose()?;
+    let new = |previous| {
+        ControlApplication::new(model.clone(), image.clone(), strength, range, previous).with_vae(vae.clone())
+    };
     let mut shared = HashMap::new();
     let positive = applied(positive, &mut shared, &new);
     let negative = applied(negative, &mut shared, &new);

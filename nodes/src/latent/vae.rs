@@ -340,7 +340,7 @@ fn tensor_to_image(decoded: &Tensor) -> candle_core::Result<Image> {
 }
 
 /// `image` encoded whole by `vae` (centre-cropped to its downscale factor), within memory.
-fn encode_image(vae: &Vae, image: &Image, device: &Device) -> Result<Tensor, NodeError> {
+pub(crate) fn encode_image(vae: &Vae, image: &Image, device: &Device) -> Result<Tensor, NodeError> {
     let pixels = image_to_tensor(image, vae.downscale(), device).map_err(tensor_error)?;
     run_within_memory(vae, &pixels, 1, Direction::Encode)
 }

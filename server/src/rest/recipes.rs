@@ -21,10 +21,8 @@ pub fn workflow_for(request: &GenerateRequest) -> Result<&'static str, RestError
     if request.family == Family::Sd3 {
         return Err(RestError::not_yet("family", "SD3 generation"));
     }
-    if !request.controlnets.is_empty() {
-        if request.refiner.is_some() {
-            return Err(RestError::not_yet("controlnets", "ControlNet with a refiner"));
-        }
+    if !request.controlnets.is_empty() && request.refiner.is_some() {
+        return Err(RestError::not_yet("controlnets", "ControlNet with a refiner"));
     }
     if request.ip_adapter.is_some() {
         return Err(RestError::not_yet("ip_adapter", "IP-Adapter"));

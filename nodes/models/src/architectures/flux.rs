@@ -384,7 +384,7 @@ fn replacement_of<'a>(
 
 /// `x` made even along `dim` by repeating its first slice after its last (ComfyUI pads with
 /// PyTorch's circular mode).
-fn pad_circularly(x: &Tensor, dim: usize) -> Result<Tensor> {
+pub(crate) fn pad_circularly(x: &Tensor, dim: usize) -> Result<Tensor> {
     if x.dim(dim)? % 2 == 0 {
         return Ok(x.clone());
     }
