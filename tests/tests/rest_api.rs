@@ -461,6 +461,18 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
     flux_controlled["controlnets"] = json!([{"model": "easel_tiny_flux_controlnet.safetensors", "type": "canny"}]);
     let task = generate(api, flux_controlled).json();
     assert_eq!(task["status"], "succeeded", "FLUX ControlNet: {task}");
+    let id = task["id"].as_str().unwrap();
+    let prompt = api.get_json(&format!("/history/{id}"))[id]["prompt"][2].clone();
+    let apply = prompt
+        .as_object()
+        .unwrap()
+        .values()
+        .find(|node| node["class_type"] == "ControlNetApplyAdvanced")
+        .expect("a ControlNetApplyAdvanced");
+    assert!(
+        apply["inputs"]["vae"].is_array(),
+        "the workflow's VAE, for ControlNets taking latents: {apply}"
+    );
     // FLUX fill from split files; and FLUX dev kept quantized (GGUF).
     let mut fill = tiny("flux", "inpaint");
     fill.as_object_mut().unwrap().remove("model");

@@ -389,7 +389,7 @@ const DEPTH_RESOLUTION: u32 = 512;
 /// Puts the request's ControlNets, in order, between the prompts and every sampler that takes
 /// them: for each, its image loaded (and turned into Canny edges for `canny`, a depth map for
 /// `depth`, marked with the request's mask for `inpaint`), its model loaded and applied to both
-/// prompts (ControlNetApplyAdvanced), after the ControlNets before it.
+/// prompts (ControlNetApplyAdvanced, given the workflow's VAE), after the ControlNets before it.
 fn chain_controlnets(
     request: &GenerateRequest,
     ingredients: &Ingredients<'_>,
@@ -403,6 +403,10 @@ fn chain_controlnets(
         .filter(|(_, node)| SAMPLERS.iter().any(|class| node["class_type"] == *class))
         .map(|(id, _)| id.clone())
         .collect();
+    let vae = nodes
+        .values()
+        .find(|node| node["class_type"] == "VAEDecode")
+        .map(|node| node["inputs"]["vae"].clone());
     for sampler in samplers {
         let (mut positive, mut negative) = (
             nodes[&sampler]["inputs"]["positive"].clone(),
@@ -465,7 +469,7 @@ fn chain_controlnets(
                 });
                 loader = built.add_node(nodes, typed, FIELD, &[]);
             }
-            let apply = json!({
+            let mut apply = json!({
                 "class_type": "ControlNetApplyAdvanced",
                 "inputs": {
                     "positive": positive, "negative": negative, "control_net": [loader, 0], "image": hint,
@@ -474,6 +478,10 @@ fn chain_controlnets(
                 },
                 "_meta": {"title": "Apply ControlNet"},
             });
+            // ControlNets that take latents encode their image with the workflow's VAE.
+            if let Some(vae) = &vae {
+                apply["inputs"]["vae"] = vae.clone();
+            }
             let applied = built.add_node(nodes, apply, FIELD, &["strength", "start_percent", "end_percent"]);
             (positive, negative) = (json!([applied, 0]), json!([applied, 1]));
         }
