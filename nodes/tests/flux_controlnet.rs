@@ -1,5 +1,6 @@
-//! FLUX ControlNets: XLabs' and Mistoline's (taking the control image) and InstantX's union
-//! (diffusers' layout, taking the image's latent and a control type), their residuals against
+//! FLUX ControlNets: XLabs' and Mistoline's (taking the control image), InstantX's union
+//! (diffusers' layout, taking the image's latent and a control type) and AliMama's inpainting
+//! one (the latent and a mask channel), their residuals against
 //! ComfyUI's own `ControlNetFlux` on a small FLUX filled from a formula (fixture from
 //! `fixtures/generate_flux_controlnet.py`), loaded from files in their own names; and ones
 //! steering FLUX sampling through ControlNetApplyAdvanced.
@@ -15,6 +16,7 @@ use easel_models::testmodels::{flux_controlnet_layout, tiny_flux, write_checkpoi
 use easel_nodes::conditioning::{CondEntry, Conditioning};
 use easel_nodes::controlnet::nodes::load_controlnet;
 use easel_nodes::controlnet::ControlNetwork;
+use easel_nodes::image::Mask;
 use easel_nodes::latent::Latent;
 use serde_json::{json, Value as Json};
 
@@ -55,6 +57,7 @@ fn flux_controlnets_give_comfyuis_residuals() {
         };
         let (hint, control_type) = match name {
             "instantx_union" => (tensor(&inputs["latent_hint"]), Some(2)),
+            "alimama_inpaint" => (tensor(&inputs["masked_latent_hint"]), None),
             _ => (tensor(&inputs["hint"]), None),
         };
         let residuals = network
@@ -108,15 +111,28 @@ fn write_tiny_controlnet(setup: &common::Setup, kind: FluxControlNetKind, file: 
     .unwrap();
 }
 
+/// How a test applies its ControlNet: the VAE given, a union type told, and, with a mask,
+/// through ControlNetInpaintingAliMamaApply.
+#[derive(Default)]
+struct Applied<'a> {
+    vae: Option<&'a Value>,
+    control_type: Option<&'a str>,
+    mask: Option<Mask>,
+}
+
 /// KSampler (two Euler steps, cfg 1, seed 7) on the tiny FLUX dev at 48×32 with the ControlNet
-/// `file` applied at `strength` from 0 % to `end` (given `vae`), told `control_type` if any.
+/// `file` applied at `strength` from 0 % to `end` as `how` says.
 fn sample_flux_controlled(
     setup: &common::Setup,
     file: &str,
     (strength, end): (f64, f64),
-    vae: Option<&Value>,
-    control_type: Option<&str>,
+    how: Applied,
 ) -> Result<Tensor, easel_engine::NodeError> {
+    let Applied {
+        vae,
+        control_type,
+        mask,
+    } = how;
     let model = setup
         .call(
             "UNETLoader",
@@ -166,7 +182,14 @@ fn sample_flux_controlled(
     if let Some(vae) = vae {
         inputs.push(("vae", vae.clone()));
     }
-    let applied = setup.call("ControlNetApplyAdvanced", inputs)?;
+    let node = match mask {
+        Some(mask) => {
+            inputs.push(("mask", Value::object(mask)));
+            "ControlNetInpaintingAliMamaApply"
+        }
+        None => "ControlNetApplyAdvanced",
+    };
+    let applied = setup.call(node, inputs)?;
     let sampled = setup.call(
         "KSampler",
         vec![
@@ -190,7 +213,8 @@ fn an_xlabs_controlnet_steers_flux_sampling() {
     let setup = setup();
     let file = "tiny_xlabs.safetensors";
     write_tiny_controlnet(&setup, FluxControlNetKind::XLabs, file);
-    let sample = |strength: f64, end: f64| sample_flux_controlled(&setup, file, (strength, end), None, None).unwrap();
+    let sample =
+        |strength: f64, end: f64| sample_flux_controlled(&setup, file, (strength, end), Applied::default()).unwrap();
     let uncontrolled = sample(0.0, 1.0);
     let controlled = sample(1.0, 1.0);
     assert!(
@@ -210,18 +234,68 @@ fn an_xlabs_controlnet_steers_flux_sampling() {
 fn a_latent_union_controlnet_encodes_its_hint_and_reads_its_type() {
     let setup = setup();
     let file = "tiny_union_pro.safetensors";
-    write_tiny_controlnet(&setup, FluxControlNetKind::Latent { union_modes: 8 }, file);
+    write_tiny_controlnet(
+        &setup,
+        FluxControlNetKind::Latent {
+            union_modes: 8,
+            concat_mask: false,
+        },
+        file,
+    );
     let vae = setup
         .call("VAELoader", vec![("vae_name", j(json!(TINY_FLUX_VAE)))])
         .unwrap()
         .remove(0);
-    let error = sample_flux_controlled(&setup, file, (1.0, 1.0), None, None)
+    let error = sample_flux_controlled(&setup, file, (1.0, 1.0), Applied::default())
         .expect_err("no VAE")
         .to_string();
     assert!(error.contains("This Controlnet needs a VAE"), "{error}");
-    let uncontrolled = sample_flux_controlled(&setup, file, (0.0, 1.0), Some(&vae), None).unwrap();
-    let auto = sample_flux_controlled(&setup, file, (1.0, 1.0), Some(&vae), None).unwrap();
-    let depth = sample_flux_controlled(&setup, file, (1.0, 1.0), Some(&vae), Some("depth")).unwrap();
+    let with_vae = |strength: f64, control_type: Option<&str>| {
+        let how = Applied {
+            vae: Some(&vae),
+            control_type,
+            mask: None,
+        };
+        sample_flux_controlled(&setup, file, (strength, 1.0), how).unwrap()
+    };
+    let uncontrolled = with_vae(0.0, None);
+    let auto = with_vae(1.0, None);
+    let depth = with_vae(1.0, Some("depth"));
     assert!(max_abs_difference(&auto, &uncontrolled) > 1e-4, "the ControlNet steers");
     assert!(max_abs_difference(&depth, &auto) > 1e-6, "the control type matters");
+}
+
+/// AliMama's inpainting ControlNet through its apply node: with nothing masked it sees the image
+/// and a mask channel of ones, as Apply ControlNet gives it; a mask clears part of the image and
+/// the channel.
+#[test]
+fn an_inpainting_controlnet_takes_the_kept_area_beside_the_latent() {
+    let setup = setup();
+    let file = "tiny_alimama.safetensors";
+    let kind = FluxControlNetKind::Latent {
+        union_modes: 0,
+        concat_mask: true,
+    };
+    write_tiny_controlnet(&setup, kind, file);
+    let vae = setup
+        .call("VAELoader", vec![("vae_name", j(json!(TINY_FLUX_VAE)))])
+        .unwrap()
+        .remove(0);
+    let mask = |masked: f32| Mask {
+        batch: 1,
+        height: 32,
+        width: 48,
+        data: (0..32 * 48).map(|i| if i % 48 < 24 { masked } else { 0.0 }).collect(),
+    };
+    let sample = |mask: Option<Mask>| {
+        let how = Applied {
+            vae: Some(&vae),
+            control_type: None,
+            mask,
+        };
+        sample_flux_controlled(&setup, file, (1.0, 1.0), how).unwrap()
+    };
+    let plain = sample(None);
+    assert_eq!(max_abs_difference(&sample(Some(mask(0.0))), &plain), 0.0);
+    assert!(max_abs_difference(&sample(Some(mask(1.0))), &plain) > 1e-6);
 }

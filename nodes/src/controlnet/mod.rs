@@ -87,6 +87,11 @@ impl ControlNetwork {
         matches!(self, ControlNetwork::Flux(network) if network.kind().takes_latent())
     }
 
+    /// Whether the network takes a mask after the hint's latent (AliMama's inpainting ones).
+    pub fn concat_mask(&self) -> bool {
+        matches!(self, ControlNetwork::Flux(network) if network.kind().concat_mask())
+    }
+
     /// The hint's size for a latent of `height × width` × the compression ratio: a T2I-Adapter
     /// rounds it up to a multiple of its unshuffle factor (`scale_image_to`).
     fn hint_size(&self, height: usize, width: usize) -> (usize, usize) {
@@ -129,6 +134,9 @@ pub struct ControlApplication {
     control_lora: Mutex<Option<(Arc<UNet>, Arc<ControlNet>)>>,
     /// The VAE that encodes the hint for a network that takes latents (the apply node's `vae`).
     vae: Option<VaeModel>,
+    /// Channels put after an encoded hint, each [B, 1, H, W] at any size (ComfyUI's
+    /// `extra_concat`: AliMama's inpainting ControlNets take the kept area's mask).
+    extra_concat: Vec<Image>,
 }
 
 /// An application's hint at one size ([B, C, H, W], ComfyUI's `cond_hint`) and, for a
@@ -187,7 +195,13 @@ impl ControlApplication {
             cache: Mutex::new(None),
             control_lora: Mutex::new(None),
             vae: None,
+            extra_concat: Vec::new(),
         }
+    }
+
+    /// The application with channels to put after its encoded hint (`extra_concat`).
+    pub fn with_extra_concat(self, extra_concat: Vec<Image>) -> Self {
+        ControlApplication { extra_concat, ..self }
     }
 
     /// The application with the VAE a network that takes latents encodes its hint with (others
@@ -342,7 +356,12 @@ impl ControlApplication {
             Some(vae) => {
                 let latent = encode_image(&vae.network, &resized, x.device())
                     .map_err(|error| candle_core::Error::Msg(error.to_string()))?;
-                LatentFormat::flux().process_in(&latent)?
+                let latent = LatentFormat::flux().process_in(&latent)?;
+                if network.concat_mask() {
+                    self.with_concatenated(latent)?
+                } else {
+                    latent
+                }
             }
             None => Tensor::from_vec(
                 resized.data,
@@ -360,6 +379,30 @@ impl ControlApplication {
         let prepared = PreparedHint { size, hint, features };
         *cached = Some(prepared.clone());
         Ok(prepared)
+    }
+}
+
+impl ControlApplication {
+    /// `hint` [B, C, h, w] followed by the extra channels, each resized to it (nearest-exact,
+    /// centre crop) and repeated to its batch; a network that wants a mask and was given none
+    /// gets ones (ComfyUI's default `extra_concat`).
+    fn with_concatenated(&self, hint: Tensor) -> candle_core::Result<Tensor> {
+        let (batch, _, height, width) = hint.dims4()?;
+        let ones = [Image::new(1, 1, 1, 1, vec![1.0]).map_err(|error| candle_core::Error::Msg(error.to_string()))?];
+        let extras = if self.extra_concat.is_empty() {
+            &ones[..]
+        } else {
+            &self.extra_concat[..]
+        };
+        let mut parts = vec![hint.clone()];
+        for extra in extras {
+            let resized = common_upscale(extra, width, height, ResizeMethod::NearestExact, true, false)
+                .map_err(|error| candle_core::Error::Msg(error.to_string()))?;
+            let channel = Tensor::from_vec(resized.data, (resized.batch, 1, height, width), hint.device())?;
+            let repeats = batch.div_ceil(resized.batch);
+            parts.push(channel.repeat((repeats, 1, 1, 1))?.narrow(0, 0, batch)?);
+        }
+        Tensor::cat(&parts, 1)
     }
 }
 

@@ -26,6 +26,7 @@ use serde_json::{Map, Value as Json};
 use super::control_lora::{ControlLora, CONTROL_LORA_MARKER};
 use super::{ControlApplication, ControlModel, ControlNetwork, LoadedControlNet};
 use crate::conditioning::{CondEntry, Conditioning};
+use crate::image::resample::{common_upscale, ResizeMethod};
 use crate::image::{Image, Mask};
 use crate::loaders::model_files_fingerprint;
 use crate::loaders::models::{cached, file_names, file_size, model_file, open_weight_file, undetected};
@@ -315,9 +316,15 @@ impl Node for ControlNetApplyAdvanced {
 /// What Apply ControlNet gives: the control applied to both prompts between its start and end
 /// percent (nothing at strength 0).
 fn applied_to_both(inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+    let image = inputs.object::<Image>("image")?.clone();
+    applied_to_both_with(inputs, image, Vec::new())
+}
+
+/// [`applied_to_both`] with the hint image given and channels to put after its latent.
+fn applied_to_both_with(inputs: &NodeInputs, image: Image, extra_concat: Vec<Image>) -> Result<NodeOutput, NodeError> {
     let positive = inputs.object::<Conditioning>("positive")?;
     let negative = inputs.object::<Conditioning>("negative")?;
-    let (model, image, strength) = application_inputs(inputs)?;
+    let (model, _, strength) = application_inputs(inputs)?;
     if strength == 0.0 {
         return Ok(NodeOutput::values(vec![
             Value::object(positive.clone()),
@@ -330,7 +337,9 @@ fn applied_to_both(inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         .map(|_| inputs.object::<VaeModel>("vae").cloned())
         .transpose()?;
     let new = |previous| {
-        ControlApplication::new(model.clone(), image.clone(), strength, range, previous).with_vae(vae.clone())
+        ControlApplication::new(model.clone(), image.clone(), strength, range, previous)
+            .with_vae(vae.clone())
+            .with_extra_concat(extra_concat.clone())
     };
     let mut shared = HashMap::new();
     let positive = applied(positive, &mut shared, &new);
@@ -342,9 +351,10 @@ fn applied_to_both(inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
 }
 
 /// `ControlNetInpaintingAliMamaApply`: Apply ControlNet with a mask, for AliMama's inpainting
-/// ControlNets (FLUX, SD3), which take the mask and the image with its masked part cleared as
-/// extra hint channels (`concat_mask`). No control model Easel loads takes them: each takes the
-/// image as Apply ControlNet gives it, the mask unread, as ComfyUI does for such models.
+/// ControlNets (`concat_mask`): they take the image with its masked part cleared (the kept
+/// area, 1 − mask, resized bilinearly and rounded, multiplies it) and the kept area as a channel
+/// after its latent. Other control models take the image as Apply ControlNet gives it, the mask
+/// unread, as ComfyUI does.
 pub struct ControlNetInpaintingAliMamaApply;
 
 impl Node for ControlNetInpaintingAliMamaApply {
@@ -369,8 +379,45 @@ impl Node for ControlNetInpaintingAliMamaApply {
     }
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        inputs.object::<Mask>("mask")?;
-        applied_to_both(inputs)
+        let mask = inputs.object::<Mask>("mask")?;
+        let image = inputs.object::<Image>("image")?;
+        if !inputs
+            .object::<ControlModel>("control_net")?
+            .loaded
+            .network
+            .concat_mask()
+        {
+            return applied_to_both(inputs);
+        }
+        let kept = Image::new(
+            mask.batch,
+            mask.height,
+            mask.width,
+            1,
+            mask.data.iter().map(|value| 1.0 - value).collect(),
+        )?;
+        let apply = common_upscale(&kept, image.width, image.height, ResizeMethod::Bilinear, true, false)?;
+        if apply.batch != image.batch && apply.batch != 1 && image.batch != 1 {
+            return Err(NodeError::typed(
+                "RuntimeError",
+                format!(
+                    "The size of tensor a ({}) must match the size of tensor b ({}) at non-singleton dimension 0",
+                    image.batch, apply.batch
+                ),
+            ));
+        }
+        let batch = image.batch.max(apply.batch);
+        let pixels = image.height * image.width;
+        let mut data = Vec::with_capacity(batch * pixels * image.channels);
+        for item in 0..batch {
+            let source = &image.data[(item % image.batch) * pixels * image.channels..][..pixels * image.channels];
+            let factors = &apply.data[(item % apply.batch) * pixels..][..pixels];
+            for (pixel, factor) in source.chunks_exact(image.channels).zip(factors) {
+                data.extend(pixel.iter().map(|value| value * factor.round_ties_even()));
+            }
+        }
+        let cleared = Image::new(batch, image.height, image.width, image.channels, data)?;
+        applied_to_both_with(inputs, cleared, vec![kept])
     }
 }
 

@@ -25,6 +25,8 @@ const MAIN_DOUBLE_BLOCKS: usize = 19;
 const MAIN_SINGLE_BLOCKS: usize = 38;
 /// Channels of the hint stack's convolutions.
 const HINT_CHANNELS: usize = 16;
+/// Values a channel gives a token: a 2×2 patch.
+const PATCH_AREA: usize = 4;
 /// The tensor that marks an XLabs FLUX ControlNet (with `controlnet_blocks.0.weight`).
 pub const XLABS_MARKER: &str = "double_blocks.0.img_attn.norm.key_norm.scale";
 /// The tensor that marks a Mistoline FLUX ControlNet.
@@ -39,9 +41,10 @@ pub enum FluxControlNetKind {
     XLabs,
     /// Mistoline: ten convolutions (1×1 among them), linear + SiLU residual layers.
     Mistoline,
-    /// InstantX / Shakker-Labs: the hint is the image's latent; `union_modes` control types
-    /// (0: not a union model).
-    Latent { union_modes: usize },
+    /// InstantX / Shakker-Labs / AliMama: the hint is the image's latent; `union_modes` control
+    /// types (0: not a union model); `concat_mask`: a mask channel follows the latent's
+    /// (AliMama's inpainting ControlNet).
+    Latent { union_modes: usize, concat_mask: bool },
 }
 
 impl FluxControlNetKind {
@@ -76,6 +79,11 @@ impl FluxControlNetKind {
     pub fn takes_latent(self) -> bool {
         matches!(self, FluxControlNetKind::Latent { .. })
     }
+
+    /// Whether a mask channel follows the latent's in the hint.
+    pub fn concat_mask(self) -> bool {
+        matches!(self, FluxControlNetKind::Latent { concat_mask: true, .. })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -94,15 +102,17 @@ impl FluxControlNetConfig {
         } else if file.has("input_hint_block.0.weight") {
             FluxControlNetKind::XLabs
         } else if let Some(&[_, channels]) = file.shape("pos_embed_input.weight") {
-            if channels != flux.in_channels {
-                return Err(DetectError::NotYetSupported(
-                    "FLUX ControlNet taking a mask beside the latent (AliMama's inpainting)",
-                ));
+            let concat_mask = channels == flux.in_channels + PATCH_AREA;
+            if channels != flux.in_channels && !concat_mask {
+                return Err(DetectError::Unrecognised(format!(
+                    "a FLUX ControlNet taking {channels} channels of 2×2 patches"
+                )));
             }
             FluxControlNetKind::Latent {
                 union_modes: file
                     .shape("controlnet_mode_embedder.weight")
                     .map_or(0, |shape| shape[0]),
+                concat_mask,
             }
         } else {
             return Err(DetectError::Unrecognised("not a FLUX ControlNet".into()));
@@ -169,7 +179,7 @@ impl FluxControlNet {
                 .collect::<Result<Vec<_>>>()
         };
         let mode_embeddings = match kind {
-            FluxControlNetKind::Latent { union_modes } if union_modes > 0 => {
+            FluxControlNetKind::Latent { union_modes, .. } if union_modes > 0 => {
                 Some(weights.get((union_modes, hidden), "controlnet_mode_embedder.weight")?)
             }
             _ => None,
@@ -177,7 +187,11 @@ impl FluxControlNet {
         Ok(FluxControlNet {
             kind,
             mode_embeddings,
-            hint_input: linear(config.flux.in_channels, hidden, weights.pp("pos_embed_input"))?,
+            hint_input: linear(
+                config.flux.in_channels + if kind.concat_mask() { PATCH_AREA } else { 0 },
+                hidden,
+                weights.pp("pos_embed_input"),
+            )?,
             double_layers: residual_layers("controlnet_blocks", config.flux.double_blocks)?,
             single_layers: residual_layers("controlnet_single_blocks", config.flux.single_blocks)?,
             flux: Flux::without_final_layer(config.flux, weights)?,
@@ -191,7 +205,8 @@ impl FluxControlNet {
 
     /// The residuals for one call of the model: `input` the model's call (its latent, text,
     /// timestep, guidance and pooled text), `hint` the control image [B, 3, 8h, 8w] in 0…1 or,
-    /// for a ControlNet that takes latents, the image's latent in model space [B, 16, h, w];
+    /// for a ControlNet that takes latents, the image's latent in model space [B, 16, h, w]
+    /// (and the mask, [B, 17, h, w], for one that concatenates it);
     /// `control_type` a union model's control type. `input` holds the residuals after each of
     /// FLUX's double blocks, `output` after each single block: the ControlNet's own, repeated to
     /// cover them (in turn, 1, 2, 1, 2, …; a latent ControlNet's each several times over,
