@@ -1,7 +1,7 @@
 //! comfyui_controlnet_aux's preprocessors. InpaintPreprocessor: the mask resized bilinearly to
 //! the image marks the pixels over 0.5 with -1 (0 for xinsir's ControlNet); shapes the pack
 //! cannot index fail with its error. DepthAnythingV2Preprocessor and the OpenCV resizes it
-//! relies on, against the pack's own code (fixture from `fixtures/generate_depth_anything_v2.py`).
+//! relies on, against the pack's own code (fixture from `fixtures/generate_controlnet_aux.py`).
 
 mod common;
 
@@ -11,7 +11,7 @@ use easel_engine::Value;
 use easel_models::testmodels::write_pth;
 use easel_models::weights::{SafetensorsFile, TensorShapes};
 use easel_nodes::image::{to_u8, Image, Mask};
-use easel_nodes::packs::controlnet_aux::opencv::{resize_area_u8, resize_cubic_f64, resize_cubic_u8, Pixels};
+use easel_nodes::packs::controlnet_aux::opencv::{canny_u8, resize_area_u8, resize_cubic_f64, resize_cubic_u8, Pixels};
 use easel_nodes::packs::controlnet_aux::{load_depth_anything_v2, relative_depth};
 use easel_nodes::paths::Paths;
 use serde_json::{json, Value as Json};
@@ -93,7 +93,7 @@ fn usize_of(case: &Json, key: &str) -> usize {
 
 #[test]
 fn opencv_resizes_match_cv2() {
-    let fixture = fixture_json("depth_anything_v2.json");
+    let fixture = fixture_json("controlnet_aux.json");
     for case in fixture["resizes"].as_array().expect("resizes") {
         let (channels, height, width) = (
             usize_of(case, "channels"),
@@ -199,7 +199,7 @@ fn case_image(case: &Json) -> Image {
 
 #[test]
 fn depth_anything_v2_estimates_the_packs_depth() {
-    let fixture = fixture_json("depth_anything_v2.json");
+    let fixture = fixture_json("controlnet_aux.json");
     let setup = depth_setup(&fixture, false);
     let paths = setup.services.get::<Paths>().unwrap();
     let path = paths.models.join("depthanything/depth_anything_v2_vits.safetensors");
@@ -238,7 +238,7 @@ fn depth_anything_v2_estimates_the_packs_depth() {
 
 #[test]
 fn depth_anything_v2_preprocessor_matches_the_pack() {
-    let fixture = fixture_json("depth_anything_v2.json");
+    let fixture = fixture_json("controlnet_aux.json");
     for as_pth in [false, true] {
         let setup = depth_setup(&fixture, as_pth);
         for case in fixture["cases"].as_array().unwrap() {
@@ -295,4 +295,108 @@ fn depth_anything_v2_says_where_its_checkpoint_goes() {
         .to_string();
     assert!(error.contains("depth_anything_v2_vitl.safetensors"), "{error}");
     assert!(error.contains("depthanything"), "{error}");
+}
+
+fn levels(value: &Json) -> Vec<u8> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u8)
+        .collect()
+}
+
+#[test]
+fn canny_matches_cv2() {
+    let fixture = fixture_json("controlnet_aux.json");
+    for case in fixture["canny"].as_array().expect("canny") {
+        let pixels = Pixels {
+            height: usize_of(case, "height"),
+            width: usize_of(case, "width"),
+            channels: usize_of(case, "channels"),
+            data: levels(&case["levels"]),
+        };
+        let low = case["low"].as_i64().unwrap() as i32;
+        let high = case["high"].as_i64().unwrap() as i32;
+        let edges = canny_u8(&pixels, low, high);
+        let expected = levels(&case["output"]);
+        let differ = edges.iter().zip(&expected).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differ, 0,
+            "{}x{}x{} at {low}/{high}",
+            pixels.height, pixels.width, pixels.channels
+        );
+    }
+}
+
+#[test]
+fn canny_edge_and_aio_preprocessors_match_the_pack() {
+    let fixture = fixture_json("controlnet_aux.json");
+    let setup = setup();
+    for case in fixture["canny_nodes"].as_array().expect("canny nodes") {
+        let (batch, height, width) = (
+            usize_of(case, "batch"),
+            usize_of(case, "height"),
+            usize_of(case, "width"),
+        );
+        let data = levels(&case["levels"])
+            .iter()
+            .map(|&level| f32::from(level) / 255.0)
+            .collect();
+        let image = Value::object(Image::new(batch, height, width, 3, data).unwrap());
+        let out = setup
+            .call(
+                "CannyEdgePreprocessor",
+                vec![
+                    ("image", image.clone()),
+                    ("low_threshold", j(case["low"].clone())),
+                    ("high_threshold", j(case["high"].clone())),
+                    ("resolution", j(case["resolution"].clone())),
+                ],
+            )
+            .expect("CannyEdgePreprocessor");
+        let out = out[0].downcast::<Image>().unwrap();
+        let shape: Vec<usize> = case["output_shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(vec![out.batch, out.height, out.width, out.channels], shape);
+        let got: Vec<u8> = out
+            .data
+            .chunks_exact(3)
+            .map(|pixel| (pixel[0] * 255.0).round() as u8)
+            .collect();
+        assert_eq!(
+            got,
+            levels(&case["output_levels"]),
+            "{height}x{width} at {}",
+            case["resolution"]
+        );
+        // AIO_Preprocessor runs it with its defaults (100 and 200).
+        if case["low"] == 100 && case["high"] == 200 {
+            let aio = setup
+                .call(
+                    "AIO_Preprocessor",
+                    vec![
+                        ("image", image.clone()),
+                        ("preprocessor", j(json!("CannyEdgePreprocessor"))),
+                        ("resolution", j(case["resolution"].clone())),
+                    ],
+                )
+                .expect("AIO_Preprocessor");
+            assert_eq!(aio[0].downcast::<Image>().unwrap().data, out.data);
+        }
+        let none = setup
+            .call(
+                "AIO_Preprocessor",
+                vec![("image", image.clone()), ("preprocessor", j(json!("none")))],
+            )
+            .expect("AIO_Preprocessor none");
+        assert_eq!(
+            none[0].downcast::<Image>().unwrap().data,
+            image.downcast::<Image>().unwrap().data
+        );
+    }
 }

@@ -2,7 +2,9 @@
 //! filled from folders (LoadImage's file list) are compared after substituting the captured list.
 //! ComfyUI-GGUF's and comfyui_controlnet_aux's nodes were not installed in the captured run: their
 //! entries (`object_info_gguf_nodes.json`, `object_info_controlnet_aux_nodes.json`) are written
-//! from the packs' `INPUT_TYPES`, display names and `CATEGORY` as ComfyUI serialises V1 nodes.
+//! from the packs' `INPUT_TYPES`, display names and `CATEGORY` as ComfyUI serialises V1 nodes
+//! (AIO_Preprocessor's list holding the preprocessors Easel has: the pack's holds every one it
+//! could import, which depends on the machine).
 
 use easel_engine::Services;
 use easel_nodes::builtin_registry;

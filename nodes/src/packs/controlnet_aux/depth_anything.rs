@@ -19,7 +19,11 @@ use easel_models::kernels::interpolate::bilinear_align_corners;
 use easel_models::weights::Weights;
 
 use super::opencv::{resize_cubic_f64, Pixels};
-use super::{annotate_batch, CONTROLNET_AUX_MODULE, DEFAULT_RESOLUTION, MIN_RESOLUTION};
+use super::{
+    annotate_batch, optional_int, resize_to_resolution, CONTROLNET_AUX_MODULE, DEFAULT_RESOLUTION, MAX_RESOLUTION,
+    MIN_RESOLUTION,
+};
+use crate::image::Image;
 use crate::loaders::models::{cached, file_size, open_weight_file, undetected};
 use crate::paths::Paths;
 use crate::runtime::{device, tensor_error};
@@ -32,7 +36,7 @@ pub const DEPTH_ANYTHING_V2_CHECKPOINTS: [(&str, &str); 4] = [
     ("depth_anything_v2_vitb.pth", "Depth-Anything-V2-Base"),
     ("depth_anything_v2_vits.pth", "Depth-Anything-V2-Small"),
 ];
-const DEFAULT_CHECKPOINT: &str = "depth_anything_v2_vitl.pth";
+pub(super) const DEFAULT_CHECKPOINT: &str = "depth_anything_v2_vitl.pth";
 /// The model folder Easel reads Depth Anything from (Kijai's ComfyUI-DepthAnythingV2 uses it).
 pub const DEPTH_ANYTHING_V2_FOLDER: &str = "depthanything";
 /// Where the pack keeps its downloads, under the base directory.
@@ -42,7 +46,6 @@ const PACK_CHECKPOINTS: &str = "custom_nodes/comfyui_controlnet_aux/ckpts/depth-
 const INPUT_SIZE: f64 = 518.0;
 const MEAN: [f64; 3] = [0.485, 0.456, 0.406];
 const STD: [f64; 3] = [0.229, 0.224, 0.225];
-const MAX_RESOLUTION: i64 = 16384;
 
 pub struct DepthAnythingV2Preprocessor;
 
@@ -68,24 +71,33 @@ impl Node for DepthAnythingV2Preprocessor {
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let image = inputs.object::<crate::image::Image>("image")?;
+        let image = inputs.object::<Image>("image")?;
         let checkpoint = match inputs.get("ckpt_name") {
             Some(_) => inputs.string("ckpt_name")?,
             None => DEFAULT_CHECKPOINT,
         };
-        let resolution = match inputs.get("resolution") {
-            Some(_) => inputs.int("resolution")?,
-            None => DEFAULT_RESOLUTION,
-        };
-        let paths = ctx.services.require::<Paths>()?;
-        let path = find_depth_anything_v2(paths, checkpoint)?;
-        let device = device(ctx.services);
-        let model = cached(ctx, &path, "depth_anything_v2", || {
-            Ok((load_depth_anything_v2(&path, &device)?, file_size(&path)))
-        })?;
-        let out = annotate_batch(image, resolution, |pixels| depth_map(&model, pixels, &device))?;
+        let resolution = optional_int(inputs, "resolution", DEFAULT_RESOLUTION)?;
+        let out = depth_maps(ctx, image, checkpoint, resolution)?;
         Ok(NodeOutput::values(vec![Value::object(out)]))
     }
+}
+
+/// The node's work: each image's depth map from the checkpoint, at the resolution.
+pub(super) fn depth_maps(
+    ctx: &NodeContext,
+    image: &Image,
+    checkpoint: &str,
+    resolution: i64,
+) -> Result<Image, NodeError> {
+    let paths = ctx.services.require::<Paths>()?;
+    let path = find_depth_anything_v2(paths, checkpoint)?;
+    let device = device(ctx.services);
+    let model = cached(ctx, &path, "depth_anything_v2", || {
+        Ok((load_depth_anything_v2(&path, &device)?, file_size(&path)))
+    })?;
+    annotate_batch(image, resolution, |pixels, resolution| {
+        Ok(resize_to_resolution(&depth_map(&model, pixels, &device)?, resolution))
+    })
 }
 
 /// The file of `checkpoint` (one of [`DEPTH_ANYTHING_V2_CHECKPOINTS`]): the first of its names

@@ -1,14 +1,17 @@
 //! Fannovel16's comfyui_controlnet_aux, the preprocessors that make control images: its
-//! InpaintPreprocessor ([`inpaint`]) and DepthAnythingV2Preprocessor ([`depth_anything`]), and
-//! the way the pack runs an annotator on a batch (`common_annotator_call`): each image as 8-bit
-//! pixels, the result resized so its shorter side is the node's `resolution`
-//! (`resize_image_with_pad`, with OpenCV's resizes from [`opencv`]).
+//! InpaintPreprocessor ([`inpaint`]), CannyEdgePreprocessor ([`canny`]),
+//! DepthAnythingV2Preprocessor ([`depth_anything`]) and AIO_Preprocessor running any of them
+//! ([`aio`]); and the way the pack runs an annotator on a batch (`common_annotator_call`): each
+//! image as 8-bit pixels, resized so that the shorter side is the node's `resolution`
+//! (`resize_image_with_pad`, with OpenCV's resizes and Canny from [`opencv`]).
 
+mod aio;
+mod canny;
 mod depth_anything;
 mod inpaint;
 pub mod opencv;
 
-use easel_engine::{NodeError, NodeRegistry};
+use easel_engine::{NodeError, NodeInputs, NodeRegistry};
 
 use crate::image::{from_u8, to_u8, Image};
 use opencv::{resize_area_u8, resize_cubic_u8, Pixels};
@@ -25,18 +28,31 @@ const CONTROLNET_AUX_MODULE: &str = "custom_nodes.comfyui_controlnet_aux";
 const DEFAULT_RESOLUTION: i64 = 512;
 const MIN_RESOLUTION: i64 = 64;
 
+/// `INPUT.RESOLUTION()`'s maximum (ComfyUI's `MAX_RESOLUTION`).
+const MAX_RESOLUTION: i64 = 16384;
+
 pub fn register(registry: &mut NodeRegistry) {
     registry.register(inpaint::InpaintPreprocessor);
+    registry.register(canny::CannyEdgePreprocessor);
     registry.register(depth_anything::DepthAnythingV2Preprocessor);
+    registry.register(aio::AioPreprocessor);
 }
 
-/// `common_annotator_call`: runs `annotate` on each image of the batch as 8-bit RGB pixels and
-/// stacks the 8-bit results it returns, resized to `resolution` (`resize_image_with_pad` with
-/// bicubic upscaling), as an IMAGE.
+/// An optional INT input, or its default where the prompt leaves it out.
+fn optional_int(inputs: &NodeInputs, name: &str, default: i64) -> Result<i64, NodeError> {
+    match inputs.get(name) {
+        Some(_) => inputs.int(name),
+        None => Ok(default),
+    }
+}
+
+/// `common_annotator_call`: runs `annotate` on each image of the batch as 8-bit RGB pixels, with
+/// the resolution (the shorter side its result should have; below the minimum, the default),
+/// and stacks the 8-bit results, made RGB, as an IMAGE.
 fn annotate_batch(
     image: &Image,
     resolution: i64,
-    mut annotate: impl FnMut(&Pixels<u8>) -> Result<Pixels<u8>, NodeError>,
+    mut annotate: impl FnMut(&Pixels<u8>, usize) -> Result<Pixels<u8>, NodeError>,
 ) -> Result<Image, NodeError> {
     let resolution = if resolution >= MIN_RESOLUTION {
         resolution
@@ -53,7 +69,7 @@ fn annotate_batch(
             channels: image.channels,
             data: data.iter().map(|&value| to_u8(value)).collect(),
         };
-        outputs.push(resize_to_resolution(&rgb(annotate(&rgb(pixels)?)?)?, resolution));
+        outputs.push(rgb(annotate(&rgb(pixels)?, resolution)?)?);
     }
     let first = outputs
         .first()
@@ -94,9 +110,33 @@ fn rgb(pixels: Pixels<u8>) -> Result<Pixels<u8>, NodeError> {
     })
 }
 
-/// `resize_image_with_pad(…, resolution, "INTER_CUBIC")` with its padding removed: the shorter
-/// side scaled to `resolution` (sides rounded half to even), bicubic when growing, area when
-/// shrinking.
+/// `resize_image_with_pad(…, resolution, "INTER_CUBIC")`: the shorter side scaled to
+/// `resolution` (sides rounded half to even), bicubic when growing, area when shrinking, then
+/// padded (edge pixels repeated) to multiples of 64; also the size before padding.
+fn resize_with_pad(pixels: &Pixels<u8>, resolution: usize) -> (Pixels<u8>, (usize, usize)) {
+    let resized = resize_to_resolution(pixels, resolution);
+    let (height, width) = (resized.height, resized.width);
+    let (padded_height, padded_width) = (height.div_ceil(64) * 64, width.div_ceil(64) * 64);
+    let channels = resized.channels;
+    let mut data = Vec::with_capacity(padded_height * padded_width * channels);
+    for y in 0..padded_height {
+        let row = &resized.data[y.min(height - 1) * width * channels..][..width * channels];
+        data.extend_from_slice(row);
+        let last = &row[(width - 1) * channels..];
+        for _ in width..padded_width {
+            data.extend_from_slice(last);
+        }
+    }
+    let padded = Pixels {
+        height: padded_height,
+        width: padded_width,
+        channels,
+        data,
+    };
+    (padded, (height, width))
+}
+
+/// [`resize_with_pad`] with its padding removed (`remove_pad`): just the resize.
 fn resize_to_resolution(pixels: &Pixels<u8>, resolution: usize) -> Pixels<u8> {
     let scale = resolution as f64 / pixels.height.min(pixels.width) as f64;
     let height = (pixels.height as f64 * scale).round_ties_even() as usize;

@@ -189,3 +189,97 @@ pub fn resize_area_u8(image: &Pixels<u8>, height: usize, width: usize) -> Pixels
         data,
     }
 }
+
+/// `tan(22.5°)` in OpenCV's Canny fixed point (15 fractional bits).
+const CANNY_TAN_22_5: i64 = 13573;
+const CANNY_SHIFT: u32 = 15;
+
+/// `cv2.Canny(image, low, high)` (3×3 Sobel, L1 gradient) of an 8-bit image: 255 on edges, 0
+/// elsewhere, one value a pixel. Of several channels, each pixel takes the gradient of the one
+/// whose magnitude is largest.
+pub fn canny_u8(image: &Pixels<u8>, low: i32, high: i32) -> Vec<u8> {
+    let (low, high) = if low > high { (high, low) } else { (low, high) };
+    let (height, width, channels) = (image.height, image.width, image.channels);
+    let at = |y: isize, x: isize, channel: usize| -> i32 {
+        let y = y.clamp(0, height as isize - 1) as usize;
+        let x = x.clamp(0, width as isize - 1) as usize;
+        i32::from(image.at(y, x, channel))
+    };
+    // The Sobel derivatives of the channel with the largest |dx| + |dy| at each pixel.
+    let mut dx = vec![0i32; height * width];
+    let mut dy = vec![0i32; height * width];
+    let mut magnitude = vec![0i32; height * width];
+    for y in 0..height {
+        for x in 0..width {
+            let (yi, xi) = (y as isize, x as isize);
+            for channel in 0..channels {
+                let p = |oy: isize, ox: isize| at(yi + oy, xi + ox, channel);
+                let gx = (p(-1, 1) + 2 * p(0, 1) + p(1, 1)) - (p(-1, -1) + 2 * p(0, -1) + p(1, -1));
+                let gy = (p(1, -1) + 2 * p(1, 0) + p(1, 1)) - (p(-1, -1) + 2 * p(-1, 0) + p(-1, 1));
+                let m = gx.abs() + gy.abs();
+                let index = y * width + x;
+                if channel == 0 || m > magnitude[index] {
+                    (dx[index], dy[index], magnitude[index]) = (gx, gy, m);
+                }
+            }
+        }
+    }
+    // Magnitudes outside the image are zero.
+    let mag = |y: isize, x: isize| -> i32 {
+        if y < 0 || x < 0 || y >= height as isize || x >= width as isize {
+            0
+        } else {
+            magnitude[y as usize * width + x as usize]
+        }
+    };
+    // 0: a weak edge, 1: no edge, 2: an edge.
+    let mut map = vec![1u8; height * width];
+    let mut stack = Vec::new();
+    for y in 0..height {
+        for x in 0..width {
+            let index = y * width + x;
+            let m = magnitude[index];
+            if m <= low {
+                continue;
+            }
+            let (xs, ys) = (dx[index], dy[index]);
+            let (yi, xi) = (y as isize, x as isize);
+            let ax = i64::from(xs.abs());
+            let ay = i64::from(ys.abs()) << CANNY_SHIFT;
+            let tg22x = ax * CANNY_TAN_22_5;
+            let maximum = if ay < tg22x {
+                m > mag(yi, xi - 1) && m >= mag(yi, xi + 1)
+            } else if ay > tg22x + (ax << (CANNY_SHIFT + 1)) {
+                m > mag(yi - 1, xi) && m >= mag(yi + 1, xi)
+            } else {
+                let s: isize = if (xs ^ ys) < 0 { -1 } else { 1 };
+                m > mag(yi - 1, xi - s) && m > mag(yi + 1, xi + s)
+            };
+            if !maximum {
+                continue;
+            }
+            if m > high {
+                map[index] = 2;
+                stack.push(index);
+            } else {
+                map[index] = 0;
+            }
+        }
+    }
+    // Hysteresis: weak edges touching an edge (8-connected) become edges.
+    while let Some(index) = stack.pop() {
+        let (y, x) = ((index / width) as isize, (index % width) as isize);
+        for (oy, ox) in [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)] {
+            let (ny, nx) = (y + oy, x + ox);
+            if ny < 0 || nx < 0 || ny >= height as isize || nx >= width as isize {
+                continue;
+            }
+            let neighbour = ny as usize * width + nx as usize;
+            if map[neighbour] == 0 {
+                map[neighbour] = 2;
+                stack.push(neighbour);
+            }
+        }
+    }
+    map.iter().map(|&state| if state == 2 { 255 } else { 0 }).collect()
+}
