@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::Device;
-use common::{f32_values, fixture_json, formula_unet_file, j, pattern_values, setup, Setup};
+use common::{f32_values, fixture_json, formula_unet_file, j, pattern_values, setup, sizes, Setup};
 use easel_engine::Value;
 use easel_models::testmodels::write_pth;
 use easel_models::weights::{SafetensorsFile, TensorShapes};
@@ -253,19 +253,11 @@ fn depth_anything_v2_preprocessor_matches_the_pack() {
                 )
                 .expect("DepthAnythingV2Preprocessor");
             let out = out[0].downcast::<Image>().unwrap();
-            let shape: Vec<usize> = case["output_shape"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as usize)
-                .collect();
-            assert_eq!(vec![out.batch, out.height, out.width, out.channels], shape);
-            let expected: Vec<u8> = case["output_levels"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u8)
-                .collect();
+            assert_eq!(
+                vec![out.batch, out.height, out.width, out.channels],
+                sizes(&case["output_shape"])
+            );
+            let expected = levels(&case["output_levels"]);
             let mut off = 0;
             for (pixel, &level) in out.data.chunks_exact(3).zip(&expected) {
                 assert!(pixel[0] == pixel[1] && pixel[1] == pixel[2], "grey");
@@ -356,13 +348,10 @@ fn canny_edge_and_aio_preprocessors_match_the_pack() {
             )
             .expect("CannyEdgePreprocessor");
         let out = out[0].downcast::<Image>().unwrap();
-        let shape: Vec<usize> = case["output_shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
-        assert_eq!(vec![out.batch, out.height, out.width, out.channels], shape);
+        assert_eq!(
+            vec![out.batch, out.height, out.width, out.channels],
+            sizes(&case["output_shape"])
+        );
         let got: Vec<u8> = out
             .data
             .chunks_exact(3)

@@ -35,6 +35,10 @@ use crate::model::diffusion_model::DiffusionModel;
 use crate::model::vae::VaeModel;
 use control_lora::ControlLora;
 
+/// ComfyUI's error for a ControlNet that takes latents applied without a VAE.
+const NEEDS_VAE: &str =
+    "This Controlnet needs a VAE but none was provided, please use a ControlNetApply node with a VAE input and connect it.";
+
 /// Adds the ControlNet nodes to `registry`.
 pub fn register(registry: &mut NodeRegistry) {
     registry.register(nodes::ControlNetLoader);
@@ -77,7 +81,7 @@ pub enum ControlNetwork {
     ControlNet(Box<ControlNet>),
     ControlLora(ControlLora),
     T2IAdapter(T2IAdapter),
-    /// A FLUX ControlNet taking the control image (XLabs, Mistoline).
+    /// A FLUX ControlNet (XLabs, Mistoline, InstantX and Shakker-Labs union, AliMama inpainting).
     Flux(Box<FluxControlNet>),
 }
 
@@ -331,16 +335,11 @@ impl ControlApplication {
     ) -> candle_core::Result<PreparedHint> {
         let (_, _, height, width) = x.dims4()?;
         let network = &self.model.loaded.network;
-        let vae =
-            match (network.takes_latent(), &self.vae) {
-                (true, Some(vae)) => Some(vae),
-                (true, None) => return Err(candle_core::Error::Msg(
-                    "This Controlnet needs a VAE but none was provided, please use a ControlNetApply node with a VAE \
-                     input and connect it."
-                        .into(),
-                )),
-                (false, _) => None,
-            };
+        let vae = match (network.takes_latent(), &self.vae) {
+            (true, Some(vae)) => Some(vae),
+            (true, None) => return Err(candle_core::Error::Msg(NEEDS_VAE.into())),
+            (false, _) => None,
+        };
         let ratio = self.model.loaded.compression_ratio * vae.map_or(1, |vae| vae.network.downscale());
         let size = network.hint_size(height * ratio, width * ratio);
         let mut cached = self
@@ -380,9 +379,7 @@ impl ControlApplication {
         *cached = Some(prepared.clone());
         Ok(prepared)
     }
-}
 
-impl ControlApplication {
     /// `hint` [B, C, h, w] followed by the extra channels, each resized to it (nearest-exact,
     /// centre crop) and repeated to its batch; a network that wants a mask and was given none
     /// gets ones (ComfyUI's default `extra_concat`).

@@ -25,13 +25,8 @@ impl Conv2d {
         padding: usize,
         weights: Weights,
     ) -> Result<Self> {
-        Ok(Conv2d {
-            weight: weights.matrix((out_channels, in_channels, kernel, kernel), "weight")?,
-            bias: weights.get(out_channels, "bias")?,
-            kernel,
-            stride,
-            padding,
-        })
+        let bias = weights.get(out_channels, "bias")?;
+        Self::with_bias(in_channels, kernel, stride, padding, &weights, bias)
     }
 
     /// A layer without a bias (`bias=False`).
@@ -43,9 +38,23 @@ impl Conv2d {
         padding: usize,
         weights: Weights,
     ) -> Result<Self> {
+        let bias = Tensor::zeros(out_channels, weights.dtype(), weights.device())?;
+        Self::with_bias(in_channels, kernel, stride, padding, &weights, bias)
+    }
+
+    /// The layer's `weight` with `bias` (which says how many channels come out).
+    fn with_bias(
+        in_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        weights: &Weights,
+        bias: Tensor,
+    ) -> Result<Self> {
+        let out_channels = bias.dim(0)?;
         Ok(Conv2d {
             weight: weights.matrix((out_channels, in_channels, kernel, kernel), "weight")?,
-            bias: Tensor::zeros(out_channels, weights.dtype(), weights.device())?,
+            bias,
             kernel,
             stride,
             padding,

@@ -7,7 +7,7 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Service
 
 use super::canny::{canny_edges, DEFAULT_HIGH, DEFAULT_LOW};
 use super::depth_anything::{depth_maps, DEFAULT_CHECKPOINT};
-use super::{optional_int, CONTROLNET_AUX_MODULE, DEFAULT_RESOLUTION, MAX_RESOLUTION, MIN_RESOLUTION};
+use super::{optional_int, optional_string, resolution_input, CONTROLNET_AUX_MODULE, DEFAULT_RESOLUTION};
 use crate::image::Image;
 
 /// `PREPROCESSOR_OPTIONS` as far as Easel has them, in the pack's order ("none" first).
@@ -21,20 +21,14 @@ impl Node for AioPreprocessor {
             .display("AIO Aux Preprocessor")
             .required("image", InputSpec::of("IMAGE"))
             .optional("preprocessor", InputSpec::combo(&PREPROCESSORS).opt("default", "none"))
-            .optional(
-                "resolution",
-                InputSpec::int(DEFAULT_RESOLUTION, MIN_RESOLUTION, MAX_RESOLUTION).opt("step", 64),
-            )
+            .optional("resolution", resolution_input())
             .output(OutputSpec::of("IMAGE"))
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let image = inputs.object::<Image>("image")?;
         let resolution = optional_int(inputs, "resolution", DEFAULT_RESOLUTION)?;
-        let preprocessor = match inputs.get("preprocessor") {
-            Some(_) => inputs.string("preprocessor")?,
-            None => "none",
-        };
+        let preprocessor = optional_string(inputs, "preprocessor", "none")?;
         let out = match preprocessor {
             "none" => image.clone(),
             "CannyEdgePreprocessor" => canny_edges(image, DEFAULT_LOW, DEFAULT_HIGH, resolution)?,

@@ -7,8 +7,7 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Service
 
 use super::opencv::{canny_u8, Pixels};
 use super::{
-    annotate_batch, optional_int, resize_with_pad, CONTROLNET_AUX_MODULE, DEFAULT_RESOLUTION, MAX_RESOLUTION,
-    MIN_RESOLUTION,
+    annotate_batch, optional_int, resize_with_pad, resolution_input, CONTROLNET_AUX_MODULE, DEFAULT_RESOLUTION,
 };
 use crate::image::Image;
 
@@ -30,10 +29,7 @@ impl Node for CannyEdgePreprocessor {
         .required("image", InputSpec::of("IMAGE"))
         .optional("low_threshold", threshold(DEFAULT_LOW))
         .optional("high_threshold", threshold(DEFAULT_HIGH))
-        .optional(
-            "resolution",
-            InputSpec::int(DEFAULT_RESOLUTION, MIN_RESOLUTION, MAX_RESOLUTION).opt("step", 64),
-        )
+        .optional("resolution", resolution_input())
         .output(OutputSpec::of("IMAGE"))
     }
 

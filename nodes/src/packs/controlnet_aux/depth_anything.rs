@@ -20,8 +20,8 @@ use easel_models::weights::Weights;
 
 use super::opencv::{resize_cubic_f64, Pixels};
 use super::{
-    annotate_batch, optional_int, resize_to_resolution, CONTROLNET_AUX_MODULE, DEFAULT_RESOLUTION, MAX_RESOLUTION,
-    MIN_RESOLUTION,
+    annotate_batch, optional_int, optional_string, resize_to_resolution, resolution_input, CONTROLNET_AUX_MODULE,
+    DEFAULT_RESOLUTION,
 };
 use crate::image::Image;
 use crate::loaders::models::{cached, file_size, open_weight_file, undetected};
@@ -63,19 +63,13 @@ impl Node for DepthAnythingV2Preprocessor {
             "ckpt_name",
             InputSpec::combo(&checkpoints).opt("default", DEFAULT_CHECKPOINT),
         )
-        .optional(
-            "resolution",
-            InputSpec::int(DEFAULT_RESOLUTION, MIN_RESOLUTION, MAX_RESOLUTION).opt("step", 64),
-        )
+        .optional("resolution", resolution_input())
         .output(OutputSpec::of("IMAGE"))
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         let image = inputs.object::<Image>("image")?;
-        let checkpoint = match inputs.get("ckpt_name") {
-            Some(_) => inputs.string("ckpt_name")?,
-            None => DEFAULT_CHECKPOINT,
-        };
+        let checkpoint = optional_string(inputs, "ckpt_name", DEFAULT_CHECKPOINT)?;
         let resolution = optional_int(inputs, "resolution", DEFAULT_RESOLUTION)?;
         let out = depth_maps(ctx, image, checkpoint, resolution)?;
         Ok(NodeOutput::values(vec![Value::object(out)]))

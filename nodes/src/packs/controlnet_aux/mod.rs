@@ -11,6 +11,7 @@ mod depth_anything;
 mod inpaint;
 pub mod opencv;
 
+use easel_engine::schema::InputSpec;
 use easel_engine::{NodeError, NodeInputs, NodeRegistry};
 
 use crate::image::{from_u8, to_u8, Image};
@@ -38,10 +39,23 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(aio::AioPreprocessor);
 }
 
+/// `INPUT.RESOLUTION()`: the shorter side of the control image the preprocessor makes.
+fn resolution_input() -> InputSpec {
+    InputSpec::int(DEFAULT_RESOLUTION, MIN_RESOLUTION, MAX_RESOLUTION).opt("step", 64)
+}
+
 /// An optional INT input, or its default where the prompt leaves it out.
 fn optional_int(inputs: &NodeInputs, name: &str, default: i64) -> Result<i64, NodeError> {
     match inputs.get(name) {
         Some(_) => inputs.int(name),
+        None => Ok(default),
+    }
+}
+
+/// An optional STRING or combo input, or its default where the prompt leaves it out.
+fn optional_string<'a>(inputs: &'a NodeInputs, name: &str, default: &'a str) -> Result<&'a str, NodeError> {
+    match inputs.get(name) {
+        Some(_) => inputs.string(name),
         None => Ok(default),
     }
 }
