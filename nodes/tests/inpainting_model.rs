@@ -175,3 +175,97 @@ fn instruct_pix2pix_models_see_the_raw_image_latent() {
     let difference = max_abs_difference(&sampled, &expected);
     assert!(difference < 1e-3, "max difference {difference}");
 }
+
+/// CosXL Edit (an 8-channel SDXL file with `edm_vpred.sigma_max`) takes the image's latent in
+/// model space: it samples as the same file without the key, on the same EDM v-prediction
+/// schedule, given that latent already scaled.
+#[test]
+fn cosxl_edit_sees_the_image_latent_in_model_space() {
+    use easel_models::checkpoint::{SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX};
+    use easel_models::testmodels::{checkpoint_layout, tiny_clip_g, tiny_sdxl_unet};
+    let setup = setup();
+    let folder = setup
+        .services
+        .get::<easel_nodes::paths::Paths>()
+        .unwrap()
+        .models
+        .join("checkpoints");
+    let (clip_l, clip_g) = (tiny_clip_l(), tiny_clip_g());
+    let unet = UNetConfig {
+        in_channels: 8,
+        ..tiny_sdxl_unet(clip_l.hidden_size + clip_g.hidden_size, 6)
+    };
+    let encoders = [(SDXL_CLIP_L_PREFIX, &clip_l), (SDXL_CLIP_G_PREFIX, &clip_g)];
+    let layout = checkpoint_layout(&unet, &encoders, &tiny_sd_vae()).unwrap();
+    write_checkpoint(&folder.join("sdxl_ip2p.safetensors"), &layout).unwrap();
+    let bytes = std::fs::read(folder.join("sdxl_ip2p.safetensors")).unwrap();
+    let plain_file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let sigma_max = 120f32.to_le_bytes();
+    let mut views = plain_file.tensors();
+    views.push((
+        "edm_vpred.sigma_max".to_string(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![], &sigma_max).unwrap(),
+    ));
+    safetensors::serialize_to_file(views, None, &folder.join("cosxl_edit.safetensors")).unwrap();
+
+    let load = |name: &str| {
+        setup
+            .call("CheckpointLoaderSimple", vec![("ckpt_name", j(json!(name)))])
+            .unwrap()
+    };
+    let cosxl = load("cosxl_edit.safetensors");
+    let plain = load("sdxl_ip2p.safetensors");
+    let plain_edm = setup
+        .call(
+            "ModelSamplingContinuousEDM",
+            vec![
+                ("model", plain[0].clone()),
+                ("sampling", j(json!("v_prediction"))),
+                ("sigma_max", j(json!(120.0))),
+                ("sigma_min", j(json!(0.002))),
+            ],
+        )
+        .unwrap()
+        .remove(0);
+    let positive = setup
+        .call(
+            "CLIPTextEncode",
+            vec![("text", j(json!("make it winter"))), ("clip", cosxl[1].clone())],
+        )
+        .unwrap()
+        .remove(0);
+    let pixels: Vec<f32> = (0..64 * 64 * 3).map(|i| ((i * 5) % 251) as f32 / 251.0).collect();
+    let conditioned = setup
+        .call(
+            "InstructPixToPixConditioning",
+            vec![
+                ("positive", positive.clone()),
+                ("negative", positive),
+                ("vae", cosxl[2].clone()),
+                ("pixels", Value::object(Image::new(1, 64, 64, 3, pixels).unwrap())),
+            ],
+        )
+        .unwrap();
+    let sampled = one_karras_step(&setup, &cosxl[0], &conditioned);
+    // The same entries with the image's latent scaled into model space (SDXL: × 0.13025).
+    let scaled: Vec<Value> = conditioned[..2]
+        .iter()
+        .map(|side| {
+            let mut entries = side.downcast::<Conditioning>().unwrap().0.clone();
+            for entry in &mut entries {
+                let concat = entry.concat_image.as_mut().unwrap();
+                concat.latent = (&concat.latent * 0.13025).unwrap();
+            }
+            Value::object(Conditioning(entries))
+        })
+        .collect();
+    let expected = one_karras_step(
+        &setup,
+        &plain_edm,
+        &[scaled[0].clone(), scaled[1].clone(), conditioned[2].clone()],
+    );
+    assert!(max_abs_difference(&sampled, &expected) < 1e-6);
+    // Without the scaling the plain file sees another image: the scaling matters.
+    let unscaled = one_karras_step(&setup, &plain_edm, &conditioned);
+    assert!(max_abs_difference(&sampled, &unscaled) > 1e-6);
+}

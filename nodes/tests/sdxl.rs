@@ -461,3 +461,106 @@ fn unet_loader_fp8_weight_dtype_equals_the_unet_saved_in_fp8() {
         );
     }
 }
+
+/// A CosXL file (an SDXL checkpoint with `edm_vpred.sigma_max`, and `edm_vpred.sigma_min` or
+/// 0.002) loads with v-prediction on EDM's continuous schedule: it samples as the plain
+/// checkpoint through ModelSamplingContinuousEDM (v_prediction) over the same σ range.
+#[test]
+fn cosxl_files_sample_with_edm_v_prediction() {
+    let setup = setup();
+    let folder = setup.services.get::<Paths>().unwrap().models.join("checkpoints");
+    let bytes = std::fs::read(folder.join(TINY_SDXL_CHECKPOINT)).unwrap();
+    let plain_file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let write_with = |name: &str, scalars: &[(&str, f32)]| {
+        let values: Vec<(String, [u8; 4])> = scalars
+            .iter()
+            .map(|(key, v)| (key.to_string(), v.to_le_bytes()))
+            .collect();
+        let mut views: Vec<(String, safetensors::tensor::TensorView)> = plain_file.tensors();
+        for (key, value) in &values {
+            views.push((
+                key.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![], value).unwrap(),
+            ));
+        }
+        safetensors::serialize_to_file(views, None, &folder.join(name)).unwrap();
+    };
+    write_with("cosxl.safetensors", &[("edm_vpred.sigma_max", 120.0)]);
+    write_with(
+        "cosxl_range.safetensors",
+        &[("edm_vpred.sigma_max", 80.0), ("edm_vpred.sigma_min", 0.5)],
+    );
+
+    let (cosxl, clip) = load(&setup, "cosxl.safetensors");
+    assert_eq!(cosxl.0.prediction, Prediction::V);
+    assert_eq!(cosxl.0.edm_v_prediction, Some((0.002, 120.0)));
+    let (ranged, _) = load(&setup, "cosxl_range.safetensors");
+    assert!((ranged.0.schedule.sigma_min() - 0.5).abs() < 1e-6 && (ranged.0.schedule.sigma_max() - 80.0).abs() < 1e-4);
+    let (plain, _) = load(&setup, TINY_SDXL_CHECKPOINT);
+    assert_eq!(plain.0.edm_v_prediction, None);
+    let edm = setup
+        .call(
+            "ModelSamplingContinuousEDM",
+            vec![
+                ("model", Value::object(plain)),
+                ("sampling", j(json!("v_prediction"))),
+                ("sigma_max", j(json!(120.0))),
+                ("sigma_min", j(json!(0.002))),
+            ],
+        )
+        .unwrap()
+        .remove(0);
+    let (positive, negative) = (
+        Value::object(encode(&setup, &clip, "a lighthouse")),
+        Value::object(encode(&setup, &clip, "")),
+    );
+    let latent = setup
+        .call(
+            "EmptyLatentImage",
+            vec![
+                ("width", j(json!(64))),
+                ("height", j(json!(64))),
+                ("batch_size", j(json!(1))),
+            ],
+        )
+        .unwrap()
+        .remove(0);
+    let sample =
+        |model: &Value| common::ksampler(&setup, model, &positive, &negative, &latent, "euler", 2, 5.0).unwrap();
+    assert_eq!(
+        max_abs_difference(&sample(&Value::object(cosxl.clone())), &sample(&edm)),
+        0.0
+    );
+
+    // CheckpointSave writes the σ range back (no `v_pred` flag), so the file loads as CosXL again.
+    setup
+        .call(
+            "CheckpointSave",
+            vec![
+                ("model", Value::object(cosxl)),
+                ("clip", Value::object(clip)),
+                ("vae", load_vae(&setup)),
+                ("filename_prefix", j(json!("checkpoints/cosxl_saved"))),
+            ],
+        )
+        .unwrap();
+    let paths = setup.services.get::<Paths>().unwrap();
+    let saved = paths.output.join("checkpoints/cosxl_saved_00001_.safetensors");
+    let file = SafetensorsFile::open(&saved).unwrap();
+    assert!(file.entry("edm_vpred.sigma_max").is_some() && file.entry("v_pred").is_none());
+    std::fs::copy(&saved, folder.join("cosxl_saved.safetensors")).unwrap();
+    let (reloaded, _) = load(&setup, "cosxl_saved.safetensors");
+    assert_eq!(reloaded.0.prediction, Prediction::V);
+    assert!((reloaded.0.schedule.sigma_max() - 120.0).abs() < 1e-3);
+}
+
+/// The tiny SDXL checkpoint's VAE.
+fn load_vae(setup: &Setup) -> Value {
+    setup
+        .call(
+            "CheckpointLoaderSimple",
+            vec![("ckpt_name", j(json!(TINY_SDXL_CHECKPOINT)))],
+        )
+        .unwrap()
+        .remove(2)
+}

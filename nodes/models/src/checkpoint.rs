@@ -179,6 +179,23 @@ pub fn detect_family(file: &dyn TensorShapes) -> Result<Family, DetectError> {
     Ok(family)
 }
 
+/// The σ range of an SDXL file made for v-prediction on EDM's continuous schedule (CosXL and
+/// CosXL Edit: `edm_vpred.sigma_max`, and `edm_vpred.sigma_min` or 0.002; ComfyUI's
+/// `SDXL.model_type`); `None` for any other file.
+pub fn edm_v_prediction_range(file: &dyn MappedWeights, family: Family) -> Option<(f64, f64)> {
+    const DEFAULT_SIGMA_MIN: f64 = 0.002;
+    if family != Family::Sdxl {
+        return None;
+    }
+    let scalar = |name: &str| -> Option<f64> {
+        let tensor = file.load(name, DType::F32, &Device::Cpu).ok()?;
+        let value = tensor.flatten_all().ok()?.to_vec1::<f32>().ok()?.first().copied()?;
+        Some(f64::from(value))
+    };
+    let sigma_max = scalar("edm_vpred.sigma_max")?;
+    Some((scalar("edm_vpred.sigma_min").unwrap_or(DEFAULT_SIGMA_MIN), sigma_max))
+}
+
 /// Whether the diffusion model under `prefix` of `family` predicts velocity, as ComfyUI decides:
 /// SDXL files say so with a `v_pred` tensor; for SD2.x ComfyUI looks at the spread of one late
 /// LayerNorm bias (population standard deviation above 0.09 means v-prediction).

@@ -18,14 +18,14 @@ use easel_models::architectures::t5::{T5Config, T5Encoder};
 use easel_models::architectures::unet::{UNet, UNetConfig};
 use easel_models::architectures::vae::{Vae, VaeConfig};
 use easel_models::checkpoint::{
-    detect_checkpoint, detect_family, detect_unet_family, is_v_prediction, DetectError, Family, TextEncoderKind,
-    TextEncoderLayout, FLUX_CLIP_L_PREFIX, FLUX_T5_PREFIX, FLUX_VAE_PREFIX, UNET_PREFIX, VAE_PREFIX,
+    detect_checkpoint, detect_family, detect_unet_family, edm_v_prediction_range, is_v_prediction, DetectError, Family,
+    TextEncoderKind, TextEncoderLayout, FLUX_CLIP_L_PREFIX, FLUX_T5_PREFIX, FLUX_VAE_PREFIX, UNET_PREFIX, VAE_PREFIX,
 };
 use easel_models::formats::fp8::Fp8Format;
 use easel_models::formats::gguf::GgufFile;
 use easel_models::formats::pth::{is_pth_path, PthFile};
 use easel_models::kernels::sgemm::Precision;
-use easel_models::sampling::schedule::{SigmaSchedule, FLUX_DEV_SHIFT};
+use easel_models::sampling::schedule::{ContinuousTimestep, SigmaSchedule, FLUX_DEV_SHIFT};
 use easel_models::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
 
 use crate::latent::LatentFormat;
@@ -127,19 +127,25 @@ pub(crate) fn build_model(
 ) -> Result<Model, NodeError> {
     let unet = UNet::new(unet, source.weights()).map_err(tensor_error)?;
     let device = source.device.clone();
+    let edm_v_prediction = edm_v_prediction_range(source.file.as_ref(), family);
+    let (prediction, schedule) = match edm_v_prediction {
+        Some((sigma_min, sigma_max)) => (
+            Prediction::V,
+            SigmaSchedule::continuous(ContinuousTimestep::Edm, sigma_min, sigma_max),
+        ),
+        None if v_prediction => (Prediction::V, SigmaSchedule::sd_discrete()),
+        None => (Prediction::Epsilon, SigmaSchedule::sd_discrete()),
+    };
     Ok(Model(Arc::new(DiffusionModel {
         family,
         network: DiffusionNetwork::UNet(Arc::new(unet)),
         source,
-        prediction: if v_prediction {
-            Prediction::V
-        } else {
-            Prediction::Epsilon
-        },
-        schedule: SigmaSchedule::sd_discrete(),
+        prediction,
+        schedule,
         latent_format: LatentFormat::of(family),
         device,
         differential_diffusion: None,
+        edm_v_prediction,
         patches: ModelPatches::default(),
     })))
 }
@@ -446,6 +452,7 @@ fn build_flux(source: WeightSource, config: FluxConfig) -> Result<Model, NodeErr
         schedule,
         latent_format: LatentFormat::flux(),
         differential_diffusion: None,
+        edm_v_prediction: None,
         patches: ModelPatches::default(),
     })))
 }

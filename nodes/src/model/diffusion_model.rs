@@ -179,6 +179,11 @@ pub struct DiffusionModel {
     /// The strength DifferentialDiffusion set: the inpainting mask is then thresholded anew at
     /// every step (see [`DifferentialDiffusion`]).
     pub differential_diffusion: Option<f64>,
+    /// The σ range (min, max) its file states for v-prediction on EDM's continuous schedule
+    /// (CosXL; ComfyUI's `V_PREDICTION_EDM` model type). An InstructPix2Pix UNet of such a file
+    /// (CosXL Edit) takes its image's latent in model space rather than raw
+    /// (`process_ip2p_image_in`).
+    pub edm_v_prediction: Option<(f64, f64)>,
     pub patches: ModelPatches,
 }
 
@@ -342,10 +347,17 @@ impl DiffusionModel {
         }
         let (batch, _, height, width) = latent.model_space.dims4()?;
         if extra == INSTRUCT_PIX2PIX_CHANNELS {
-            // `IP2P.concat_cond`: the raw latent (no `process_in`, as ComfyUI's SD1.x and
-            // diffusers-SDXL InstructPix2Pix models take it), else zeros.
+            // `IP2P.concat_cond`: the raw latent (as ComfyUI's SD1.x and diffusers-SDXL
+            // InstructPix2Pix models take it; in model space for CosXL Edit), else zeros.
             let image = match &entry.concat_image {
-                Some(concat) => concat.latent.to_device(&self.device)?.to_dtype(DType::F32)?,
+                Some(concat) => {
+                    let image = concat.latent.to_device(&self.device)?.to_dtype(DType::F32)?;
+                    if self.edm_v_prediction.is_some() {
+                        self.latent_format.process_in(&image)?
+                    } else {
+                        image
+                    }
+                }
                 None => latent.model_space.zeros_like()?,
             };
             return Ok(Some(resize_to_batch(&resize_centered(&image, height, width)?, batch)?));

@@ -14,6 +14,7 @@ use easel_models::checkpoint::{
     checkpoint_clip_prefixes, Family, TextEncoderKind, FLUX_CLIP_L_PREFIX, FLUX_T5_PREFIX, FLUX_VAE_PREFIX,
     UNET_PREFIX, VAE_PREFIX,
 };
+use easel_models::sampling::schedule::{ContinuousTimestep, SigmaSchedule};
 use easel_models::weights::WeightSource;
 
 use crate::image::nodes::save_target;
@@ -65,6 +66,17 @@ impl SavedFile {
     /// An empty f32 tensor ComfyUI writes as a flag (`v_pred`).
     fn add_flag(&mut self, name: &str) -> Result<(), NodeError> {
         let tensor = Tensor::zeros(0, DType::F32, &candle_core::Device::Cpu).map_err(tensor_error)?;
+        self.tensors.push(SavedTensor {
+            name: name.to_string(),
+            tensor,
+            dtype: DType::F32,
+        });
+        Ok(())
+    }
+
+    /// A float32 scalar (a 0-dimensional tensor), as `torch.tensor(x).float()` saves.
+    fn add_scalar(&mut self, name: &str, value: f32) -> Result<(), NodeError> {
+        let tensor = Tensor::new(value, &candle_core::Device::Cpu).map_err(tensor_error)?;
         self.tensors.push(SavedTensor {
             name: name.to_string(),
             tensor,
@@ -172,7 +184,23 @@ fn save_checkpoint(
         };
         file.add_source(&vae.source, vae_prefix, keep)?;
     }
-    if model.prediction == Prediction::V {
+    // What tells the sampling when the file is read back, as ComfyUI's CheckpointSave writes
+    // it: v-prediction on EDM's continuous schedule by its σ range (CosXL, or a model through
+    // ModelSamplingContinuousEDM), else a v-prediction model type by a flag.
+    let edm_v = model.prediction == Prediction::V
+        && matches!(
+            model.schedule,
+            SigmaSchedule::Continuous {
+                timestep: ContinuousTimestep::Edm,
+                ..
+            }
+        );
+    if edm_v {
+        file.add_scalar("edm_vpred.sigma_max", model.schedule.sigma_max())?;
+        file.add_scalar("edm_vpred.sigma_min", model.schedule.sigma_min())?;
+    }
+    let v_model_type = model.prediction == Prediction::V && !edm_v;
+    if v_model_type {
         file.add_flag("v_pred")?;
     }
     write_file(ctx, prefix, &file, |filename, counter| {
@@ -192,7 +220,7 @@ fn save_checkpoint(
             Prediction::Epsilon => {
                 metadata.insert("modelspec.predict_key".to_string(), "epsilon".to_string());
             }
-            Prediction::V => {
+            Prediction::V if v_model_type => {
                 metadata.insert("modelspec.predict_key".to_string(), "v".to_string());
             }
             _ => {}
