@@ -45,6 +45,30 @@ fn one_karras_step(setup: &common::Setup, model: &Value, conditioned: &[Value]) 
         .clone()
 }
 
+/// InstructPixToPixConditioning of a 64×64 test image with the checkpoint `loaded`'s CLIP and
+/// VAE ("make it winter" on both sides): positive, negative, latent.
+fn ip2p_conditioned(setup: &common::Setup, loaded: &[Value]) -> Vec<Value> {
+    let positive = setup
+        .call(
+            "CLIPTextEncode",
+            vec![("text", j(json!("make it winter"))), ("clip", loaded[1].clone())],
+        )
+        .unwrap()
+        .remove(0);
+    let pixels: Vec<f32> = (0..64 * 64 * 3).map(|i| ((i * 5) % 251) as f32 / 251.0).collect();
+    setup
+        .call(
+            "InstructPixToPixConditioning",
+            vec![
+                ("positive", positive.clone()),
+                ("negative", positive),
+                ("vae", loaded[2].clone()),
+                ("pixels", Value::object(Image::new(1, 64, 64, 3, pixels).unwrap())),
+            ],
+        )
+        .unwrap()
+}
+
 /// What that step gives from σ_max: seed 5's noise over the latent in model space, the UNet
 /// called with `extra` channels after the scaled input, the denoised latent out of model space.
 fn expected_step(model: &DiffusionModel, latent_in: &Tensor, extra: &[&Tensor], text: &Tensor) -> Tensor {
@@ -145,25 +169,7 @@ fn instruct_pix2pix_models_see_the_raw_image_latent() {
         )
         .unwrap();
     let model = loaded[0].downcast::<Model>().unwrap().0.clone();
-    let positive = setup
-        .call(
-            "CLIPTextEncode",
-            vec![("text", j(json!("make it winter"))), ("clip", loaded[1].clone())],
-        )
-        .unwrap()
-        .remove(0);
-    let pixels: Vec<f32> = (0..64 * 64 * 3).map(|i| ((i * 5) % 251) as f32 / 251.0).collect();
-    let conditioned = setup
-        .call(
-            "InstructPixToPixConditioning",
-            vec![
-                ("positive", positive.clone()),
-                ("negative", positive),
-                ("vae", loaded[2].clone()),
-                ("pixels", Value::object(Image::new(1, 64, 64, 3, pixels).unwrap())),
-            ],
-        )
-        .unwrap();
+    let conditioned = ip2p_conditioned(&setup, &loaded);
     let entry = conditioned[0].downcast::<Conditioning>().unwrap().0[0].clone();
     let image_latent = entry.concat_image.clone().unwrap().latent;
     let sampled = one_karras_step(&setup, &loaded[0], &conditioned);
@@ -198,15 +204,11 @@ fn cosxl_edit_sees_the_image_latent_in_model_space() {
     let encoders = [(SDXL_CLIP_L_PREFIX, &clip_l), (SDXL_CLIP_G_PREFIX, &clip_g)];
     let layout = checkpoint_layout(&unet, &encoders, &tiny_sd_vae()).unwrap();
     write_checkpoint(&folder.join("sdxl_ip2p.safetensors"), &layout).unwrap();
-    let bytes = std::fs::read(folder.join("sdxl_ip2p.safetensors")).unwrap();
-    let plain_file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let sigma_max = 120f32.to_le_bytes();
-    let mut views = plain_file.tensors();
-    views.push((
-        "edm_vpred.sigma_max".to_string(),
-        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![], &sigma_max).unwrap(),
-    ));
-    safetensors::serialize_to_file(views, None, &folder.join("cosxl_edit.safetensors")).unwrap();
+    common::copy_with_scalars(
+        &folder.join("sdxl_ip2p.safetensors"),
+        &folder.join("cosxl_edit.safetensors"),
+        &[("edm_vpred.sigma_max", 120.0)],
+    );
 
     let load = |name: &str| {
         setup
@@ -227,25 +229,7 @@ fn cosxl_edit_sees_the_image_latent_in_model_space() {
         )
         .unwrap()
         .remove(0);
-    let positive = setup
-        .call(
-            "CLIPTextEncode",
-            vec![("text", j(json!("make it winter"))), ("clip", cosxl[1].clone())],
-        )
-        .unwrap()
-        .remove(0);
-    let pixels: Vec<f32> = (0..64 * 64 * 3).map(|i| ((i * 5) % 251) as f32 / 251.0).collect();
-    let conditioned = setup
-        .call(
-            "InstructPixToPixConditioning",
-            vec![
-                ("positive", positive.clone()),
-                ("negative", positive),
-                ("vae", cosxl[2].clone()),
-                ("pixels", Value::object(Image::new(1, 64, 64, 3, pixels).unwrap())),
-            ],
-        )
-        .unwrap();
+    let conditioned = ip2p_conditioned(&setup, &cosxl);
     let sampled = one_karras_step(&setup, &cosxl[0], &conditioned);
     // The same entries with the image's latent scaled into model space (SDXL: × 0.13025).
     let scaled: Vec<Value> = conditioned[..2]

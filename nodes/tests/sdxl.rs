@@ -469,21 +469,8 @@ fn unet_loader_fp8_weight_dtype_equals_the_unet_saved_in_fp8() {
 fn cosxl_files_sample_with_edm_v_prediction() {
     let setup = setup();
     let folder = setup.services.get::<Paths>().unwrap().models.join("checkpoints");
-    let bytes = std::fs::read(folder.join(TINY_SDXL_CHECKPOINT)).unwrap();
-    let plain_file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let write_with = |name: &str, scalars: &[(&str, f32)]| {
-        let values: Vec<(String, [u8; 4])> = scalars
-            .iter()
-            .map(|(key, v)| (key.to_string(), v.to_le_bytes()))
-            .collect();
-        let mut views: Vec<(String, safetensors::tensor::TensorView)> = plain_file.tensors();
-        for (key, value) in &values {
-            views.push((
-                key.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![], value).unwrap(),
-            ));
-        }
-        safetensors::serialize_to_file(views, None, &folder.join(name)).unwrap();
+        common::copy_with_scalars(&folder.join(TINY_SDXL_CHECKPOINT), &folder.join(name), scalars)
     };
     write_with("cosxl.safetensors", &[("edm_vpred.sigma_max", 120.0)]);
     write_with(

@@ -262,6 +262,23 @@ pub fn flat(tensor: &Tensor) -> Vec<f32> {
 /// Writes the safetensors file `source` again as `target` with every f16 tensor in `dtype`, each
 /// value's bytes appended by `encode` (an fp8 copy of a test model, say); tensors of other dtypes
 /// (integer position ids) are copied as they are.
+/// Copies the safetensors file `source` to `target` with float32 scalars added (as a
+/// checkpoint's `edm_vpred.sigma_max`).
+pub fn copy_with_scalars(source: &std::path::Path, target: &std::path::Path, scalars: &[(&str, f32)]) {
+    let bytes = std::fs::read(source).expect("source file");
+    let file = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let values: Vec<(String, [u8; 4])> = scalars
+        .iter()
+        .map(|(name, v)| (name.to_string(), v.to_le_bytes()))
+        .collect();
+    let mut views = file.tensors();
+    for (name, value) in &values {
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![], value).expect("a scalar");
+        views.push((name.clone(), view));
+    }
+    safetensors::serialize_to_file(views, None, target).expect("written");
+}
+
 pub fn rewrite_f16_file(
     source: &std::path::Path,
     target: &std::path::Path,
