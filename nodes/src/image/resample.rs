@@ -10,6 +10,7 @@
 use std::str::FromStr;
 
 use easel_engine::NodeError;
+use easel_models::kernels::interpolate::cubic_weights;
 
 use crate::image::{from_u8, to_u8, Image, Mask};
 use crate::runtime::ensure_fits;
@@ -319,15 +320,11 @@ fn linear_taps(input: usize, output: usize, fused_index: bool) -> Vec<(usize, us
 
 /// Source indices (clamped) and weights for bicubic (A = −0.75), per output index.
 fn cubic_taps(input: usize, output: usize) -> Vec<([usize; 4], [f32; 4])> {
-    const A: f32 = -0.75;
-    let near = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
-    let far = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
     let s = scale(input, output);
     (0..output)
         .map(|i| {
             let (index, t) = guard(source_index(s, i, true), input);
-            let opposite = 1.0 - t;
-            let weights = [far(t + 1.0), near(t), near(opposite), far(opposite + 1.0)];
+            let weights = cubic_weights(t);
             let clamp = |k: i64| (index - 1 + k).clamp(0, input as i64 - 1) as usize;
             ([clamp(0), clamp(1), clamp(2), clamp(3)], weights)
         })

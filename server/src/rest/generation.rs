@@ -19,7 +19,7 @@ use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::{header, StatusCode};
 use easel_engine::{validate_prompt, Prompt, ValidationFailure};
 use easel_nodes::controlnet::nodes::is_union_controlnet;
-use easel_nodes::packs::controlnet_aux::{find_depth_anything_v2, DEPTH_ANYTHING_V2_FOLDER};
+use easel_nodes::packs::controlnet_aux::{installed_depth_anything_v2, DEPTH_ANYTHING_V2_FOLDER};
 use easel_nodes::paths::{write_replacing, Paths};
 use serde_json::{json, Map, Value as Json};
 use sha2::{Digest, Sha256};
@@ -329,29 +329,19 @@ fn resolve_checkpoint(state: &AppState, paths: &Paths, request: &GenerateRequest
         })
 }
 
-/// The Depth Anything V2 checkpoint `depth` ControlNets use: the first installed of the pack's
-/// (largest first, the pack's default ViT-L before ViT-B and ViT-S; ViT-G last, as it was never
-/// released), or a refusal saying where to put one.
+/// The Depth Anything V2 checkpoint `depth` ControlNets use (the installed one the pack module
+/// prefers), or a refusal saying where to put one.
 fn depth_checkpoint(paths: &Paths) -> Result<&'static str, RestError> {
-    const PREFERENCE: [&str; 4] = [
-        "depth_anything_v2_vitl.pth",
-        "depth_anything_v2_vitb.pth",
-        "depth_anything_v2_vits.pth",
-        "depth_anything_v2_vitg.pth",
-    ];
-    PREFERENCE
-        .into_iter()
-        .find(|name| find_depth_anything_v2(paths, name).is_ok())
-        .ok_or_else(|| {
-            RestError::field(
-                "controlnets",
-                format!(
-                    "a `depth` ControlNet needs a Depth Anything V2 checkpoint: put \
+    installed_depth_anything_v2(paths).ok_or_else(|| {
+        RestError::field(
+            "controlnets",
+            format!(
+                "a `depth` ControlNet needs a Depth Anything V2 checkpoint: put \
                      depth_anything_v2_vitl.safetensors (or vitb/vits) in models/{DEPTH_ANYTHING_V2_FOLDER}"
-                ),
-            )
-            .with_code("unknown_model")
-        })
+            ),
+        )
+        .with_code("unknown_model")
+    })
 }
 
 /// The prompt validated as `POST /prompt` validates it; a refusal names the field behind the

@@ -71,12 +71,14 @@ pub fn bilinear_align_corners(x: &Tensor, height: usize, width: usize) -> Result
     bilinear_align_corners_taps(in_height, height).apply(&x, 2)
 }
 
-/// PyTorch's cubic convolution weights (A = −0.75) of the four pixels around fraction `t`.
-fn cubic_weights(t: f32) -> [f32; 4] {
+/// PyTorch's cubic convolution weights (A = −0.75) of the four pixels around fraction `t`, in
+/// its order of operations (`get_cubic_upsample_coefficients`).
+pub fn cubic_weights(t: f32) -> [f32; 4] {
     const A: f32 = -0.75;
     let near = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
     let far = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
-    [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]
+    let opposite = 1.0 - t;
+    [far(t + 1.0), near(t), near(opposite), far(opposite + 1.0)]
 }
 
 /// Bicubic taps at scale factor `scale` (source position `(i + ½)/scale − ½`, indices clamped

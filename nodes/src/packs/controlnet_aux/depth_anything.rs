@@ -94,6 +94,18 @@ pub(super) fn depth_maps(
     })
 }
 
+/// The checkpoint to use where none is chosen (the REST API's depth maps): the first installed,
+/// largest first — the pack's default ViT-L, then ViT-B and ViT-S; ViT-G last, as it was never
+/// released.
+pub fn installed_depth_anything_v2(paths: &Paths) -> Option<&'static str> {
+    // Indices into the pack's list (ViT-G, ViT-L, ViT-B, ViT-S).
+    const PREFERENCE: [usize; 4] = [1, 2, 3, 0];
+    PREFERENCE
+        .iter()
+        .map(|&index| DEPTH_ANYTHING_V2_CHECKPOINTS[index].0)
+        .find(|name| find_depth_anything_v2(paths, name).is_ok())
+}
+
 /// The file of `checkpoint` (one of [`DEPTH_ANYTHING_V2_CHECKPOINTS`]): the first of its names
 /// (`.safetensors`, `_fp32`/`_fp16.safetensors`, the pack's `.pth`) found in the depthanything
 /// folders, then in the pack's download folder; else an error saying where to put it.

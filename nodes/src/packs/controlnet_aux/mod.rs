@@ -18,8 +18,8 @@ use crate::image::{from_u8, to_u8, Image};
 use opencv::{resize_area_u8, resize_cubic_u8, Pixels};
 
 pub use depth_anything::{
-    find_depth_anything_v2, load_depth_anything_v2, relative_depth, DEPTH_ANYTHING_V2_CHECKPOINTS,
-    DEPTH_ANYTHING_V2_FOLDER,
+    find_depth_anything_v2, installed_depth_anything_v2, load_depth_anything_v2, relative_depth,
+    DEPTH_ANYTHING_V2_CHECKPOINTS, DEPTH_ANYTHING_V2_FOLDER,
 };
 
 /// The pack's module name, as ComfyUI names a custom node pack's module.

@@ -163,19 +163,25 @@ pub fn resize_area_u8(image: &Pixels<u8>, height: usize, width: usize) -> Pixels
     } else {
         let columns = area_taps(image.width, width);
         let row_length = width * channels;
-        let mut sums = vec![0f32; row_length];
-        for taps in area_taps(image.height, height) {
-            sums.fill(0.0);
-            for (source_y, beta) in taps {
+        // Each source row averaged horizontally, once.
+        let source_rows: Vec<Vec<f32>> = (0..image.height)
+            .map(|y| {
                 let mut row = vec![0f32; row_length];
                 for (x, column_taps) in columns.iter().enumerate() {
                     for &(source_x, alpha) in column_taps {
                         for channel in 0..channels {
-                            row[x * channels + channel] += f32::from(image.at(source_y, source_x, channel)) * alpha;
+                            row[x * channels + channel] += f32::from(image.at(y, source_x, channel)) * alpha;
                         }
                     }
                 }
-                for (sum, value) in sums.iter_mut().zip(&row) {
+                row
+            })
+            .collect();
+        let mut sums = vec![0f32; row_length];
+        for taps in area_taps(image.height, height) {
+            sums.fill(0.0);
+            for (source_y, beta) in taps {
+                for (sum, value) in sums.iter_mut().zip(&source_rows[source_y]) {
                     *sum += beta * value;
                 }
             }
