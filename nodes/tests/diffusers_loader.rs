@@ -137,17 +137,7 @@ fn a_diffusers_folder_loads_what_its_checkpoint_holds_bit_for_bit() {
     let negative = encode(&setup, &checkpoint[1], "blurry");
 
     // MODEL: sampling with it gives the same latent (every UNet tensor takes part).
-    let latent = setup
-        .call(
-            "EmptyLatentImage",
-            vec![
-                ("width", j(json!(64))),
-                ("height", j(json!(64))),
-                ("batch_size", j(json!(1))),
-            ],
-        )
-        .unwrap()[0]
-        .clone();
+    let latent = common::empty_latent(&setup, 64, 64, 1);
     let sample =
         |model: &Value| common::ksampler(&setup, model, &positive, &negative, &latent, "euler", 3, 5.0).unwrap();
     let (from_checkpoint, from_diffusers) = (sample(&checkpoint[0]), sample(&diffusers[0]));

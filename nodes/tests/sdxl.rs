@@ -260,17 +260,7 @@ fn conditioning_of_another_family_is_refused_with_a_clear_error() {
     let (sdxl, sdxl_clip) = load(&setup, TINY_SDXL_CHECKPOINT);
     let (refiner, refiner_clip) = load(&setup, TINY_SDXL_REFINER_CHECKPOINT);
     let (_, sd1_clip) = load(&setup, testmodels::TINY_SD1_CHECKPOINT);
-    let latent = setup
-        .call(
-            "EmptyLatentImage",
-            vec![
-                ("width", j(json!(64))),
-                ("height", j(json!(64))),
-                ("batch_size", j(json!(1))),
-            ],
-        )
-        .unwrap()
-        .remove(0);
+    let latent = common::empty_latent(&setup, 64, 64, 1);
     let sample = |model: &Model, conditioning: Conditioning| {
         let conditioning = Value::object(conditioning);
         setup
@@ -501,17 +491,7 @@ fn cosxl_files_sample_with_edm_v_prediction() {
         Value::object(encode(&setup, &clip, "a lighthouse")),
         Value::object(encode(&setup, &clip, "")),
     );
-    let latent = setup
-        .call(
-            "EmptyLatentImage",
-            vec![
-                ("width", j(json!(64))),
-                ("height", j(json!(64))),
-                ("batch_size", j(json!(1))),
-            ],
-        )
-        .unwrap()
-        .remove(0);
+    let latent = common::empty_latent(&setup, 64, 64, 1);
     let sample =
         |model: &Value| common::ksampler(&setup, model, &positive, &negative, &latent, "euler", 2, 5.0).unwrap();
     assert_eq!(

@@ -301,17 +301,7 @@ fn easycache_wraps_flux_calls_too() {
         pattern(&[1, 4, context_dim], 5),
         Some(pattern(&[1, vector_dim], 6)),
     )]));
-    let latent = setup
-        .call(
-            "EmptyLatentImage",
-            vec![
-                ("width", j(json!(64))),
-                ("height", j(json!(64))),
-                ("batch_size", j(json!(1))),
-            ],
-        )
-        .unwrap()
-        .remove(0);
+    let latent = common::empty_latent(&setup, 64, 64, 1);
     let sample = |model: &Value| {
         let calls: CallLog = Arc::new(Mutex::new(Vec::new()));
         let model = with_wrapper(model, Arc::new(CallRecorder { calls: calls.clone() }));

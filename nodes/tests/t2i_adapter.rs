@@ -180,17 +180,7 @@ fn a_t2i_adapter_steers_sampling_through_the_apply_node() {
             .remove(0)
     };
     let (positive, negative) = (encode("a lighthouse"), encode("blurry"));
-    let latent = setup
-        .call(
-            "EmptyLatentImage",
-            vec![
-                ("width", j(json!(64))),
-                ("height", j(json!(64))),
-                ("batch_size", j(json!(1))),
-            ],
-        )
-        .expect("EmptyLatentImage")
-        .remove(0);
+    let latent = common::empty_latent(&setup, 64, 64, 1);
     let adapter = setup
         .call(
             "ControlNetLoader",

@@ -327,18 +327,23 @@ pub fn sd1_inputs(setup: &Setup, batch: u32) -> (Vec<Value>, Value, Value, Value
     };
     let positive = encode("a (red:1.2) fox")[0].clone();
     let negative = encode("blurry")[0].clone();
-    let latent = setup
+    let latent = empty_latent(setup, 64, 64, batch);
+    (loaded, positive, negative, latent)
+}
+
+/// EmptyLatentImage of `batch` `width` × `height` images.
+pub fn empty_latent(setup: &Setup, width: u32, height: u32, batch: u32) -> Value {
+    setup
         .call(
             "EmptyLatentImage",
             vec![
-                ("width", j(json!(64))),
-                ("height", j(json!(64))),
+                ("width", j(json!(width))),
+                ("height", j(json!(height))),
                 ("batch_size", j(json!(batch))),
             ],
         )
-        .unwrap()[0]
-        .clone();
-    (loaded, positive, negative, latent)
+        .expect("EmptyLatentImage")
+        .remove(0)
 }
 
 /// KSampler (seed 7, karras, full denoise) on the given inputs: the sampled latent.
