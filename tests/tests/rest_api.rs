@@ -347,6 +347,18 @@ fn every_answer_style_of_generate_on_sd15() {
         .is_some_and(|text| text.starts_with("cinematic photo of a lighthouse"))));
 }
 
+/// The nodes of class `class` in the prompt a finished task ran (from `/history`).
+fn prompt_nodes(api: &Api, task: &Json, class: &str) -> Vec<Json> {
+    let id = task["id"].as_str().expect("a task id");
+    let history = api.get_json(&format!("/history/{id}"));
+    let nodes = history[id]["prompt"][2].as_object().expect("the prompt's nodes");
+    nodes
+        .values()
+        .filter(|node| node["class_type"] == class)
+        .cloned()
+        .collect()
+}
+
 #[test]
 fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
     let server = server();
@@ -368,14 +380,8 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
         json!([{"model": "easel_tiny_sdxl_union_controlnet.safetensors", "type": "inpaint"}]);
     let task = generate(api, union_inpaint).json();
     assert_eq!(task["status"], "succeeded", "union inpaint ControlNet: {task}");
-    let id = task["id"].as_str().unwrap();
-    let prompt = api.get_json(&format!("/history/{id}"))[id]["prompt"][2].clone();
-    let preprocessor = prompt
-        .as_object()
-        .unwrap()
-        .values()
-        .find(|node| node["class_type"] == "InpaintPreprocessor")
-        .expect("an InpaintPreprocessor");
+    let preprocessors = prompt_nodes(api, &task, "InpaintPreprocessor");
+    let preprocessor = preprocessors.first().expect("an InpaintPreprocessor");
     assert_eq!(preprocessor["inputs"]["black_pixel_for_xinsir_cn"], true);
     let mut refined = tiny("sdxl", "text2img");
     refined["refiner"] = json!("easel_tiny_sdxl_refiner.safetensors");
@@ -396,16 +402,7 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
     assert_eq!(task["status"], "succeeded", "controlnets: {task}");
     let own_image = task["request"]["controlnets"][1]["image"].as_str().unwrap();
     assert!(own_image.starts_with("/view?filename="), "{task}");
-    let id = task["id"].as_str().unwrap();
-    let prompt = api.get_json(&format!("/history/{id}"))[id]["prompt"][2].clone();
-    let count = |class: &str| {
-        prompt
-            .as_object()
-            .unwrap()
-            .values()
-            .filter(|node| node["class_type"] == class)
-            .count()
-    };
+    let count = |class: &str| prompt_nodes(api, &task, class).len();
     assert_eq!(
         (
             count("ControlNetApplyAdvanced"),
@@ -421,14 +418,7 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
     inpainting["controlnets"] = json!([{"model": "easel_tiny_sd1_controlnet.safetensors", "type": "inpaint"}]);
     let task = generate(api, inpainting).json();
     assert_eq!(task["status"], "succeeded", "inpaint ControlNet: {task}");
-    let id = task["id"].as_str().unwrap();
-    let prompt = api.get_json(&format!("/history/{id}"))[id]["prompt"][2].clone();
-    let preprocessors: Vec<&Json> = prompt
-        .as_object()
-        .unwrap()
-        .values()
-        .filter(|node| node["class_type"] == "InpaintPreprocessor")
-        .collect();
+    let preprocessors = prompt_nodes(api, &task, "InpaintPreprocessor");
     assert_eq!(preprocessors.len(), 1);
     assert_eq!(preprocessors[0]["inputs"]["black_pixel_for_xinsir_cn"], false);
 
@@ -442,14 +432,8 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
     depth["controlnets"] = json!([{"model": "easel_tiny_sd1_controlnet.safetensors", "type": "depth"}]);
     let task = generate(api, depth).json();
     assert_eq!(task["status"], "succeeded", "depth ControlNet: {task}");
-    let id = task["id"].as_str().unwrap();
-    let prompt = api.get_json(&format!("/history/{id}"))[id]["prompt"][2].clone();
-    let estimator = prompt
-        .as_object()
-        .unwrap()
-        .values()
-        .find(|node| node["class_type"] == "DepthAnythingV2Preprocessor")
-        .expect("a DepthAnythingV2Preprocessor");
+    let estimators = prompt_nodes(api, &task, "DepthAnythingV2Preprocessor");
+    let estimator = estimators.first().expect("a DepthAnythingV2Preprocessor");
     assert_eq!(estimator["inputs"]["ckpt_name"], "depth_anything_v2_vits.pth");
 
     for mode in ["text2img", "img2img"] {
@@ -461,14 +445,8 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
     flux_controlled["controlnets"] = json!([{"model": "easel_tiny_flux_controlnet.safetensors", "type": "canny"}]);
     let task = generate(api, flux_controlled).json();
     assert_eq!(task["status"], "succeeded", "FLUX ControlNet: {task}");
-    let id = task["id"].as_str().unwrap();
-    let prompt = api.get_json(&format!("/history/{id}"))[id]["prompt"][2].clone();
-    let apply = prompt
-        .as_object()
-        .unwrap()
-        .values()
-        .find(|node| node["class_type"] == "ControlNetApplyAdvanced")
-        .expect("a ControlNetApplyAdvanced");
+    let applies = prompt_nodes(api, &task, "ControlNetApplyAdvanced");
+    let apply = applies.first().expect("a ControlNetApplyAdvanced");
     assert!(
         apply["inputs"]["vae"].is_array(),
         "the workflow's VAE, for ControlNets taking latents: {apply}"
