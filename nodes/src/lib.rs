@@ -5,6 +5,8 @@
 //! - [`image`]: the `IMAGE` and `MASK` values and the image nodes; [`mask`]: the mask nodes;
 //! - [`latent`]: the `LATENT` value and the latent and VAE nodes;
 //! - [`conditioning`]: the `CONDITIONING` value and the prompt and conditioning nodes;
+//! - [`controlnet`]: control models and applying them; [`clip_vision`]: CLIP vision encoders
+//!   and what reads their outputs (style models, unCLIP);
 //! - [`model`]: the `MODEL`, `CLIP` and `VAE` values and the model-patching nodes;
 //! - [`sampling`]: KSampler, the custom-sampling nodes and the sampling run under them;
 //! - [`loaders`]: checkpoint, diffusion-model, text-encoder, VAE and LoRA loaders;
@@ -18,6 +20,7 @@
 //!
 //! [`builtin_registry`] registers every node.
 
+pub mod clip_vision;
 pub mod conditioning;
 pub mod controlnet;
 pub mod flux;
@@ -51,6 +54,7 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     loaders::register(registry);
     conditioning::register(registry);
     controlnet::register(registry);
+    clip_vision::register(registry);
     latent::register(registry);
     sampling::register(registry);
     model::register(registry);

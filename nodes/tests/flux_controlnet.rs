@@ -69,6 +69,7 @@ fn flux_controlnets_give_comfyuis_residuals() {
                     y: &y,
                     guidance: Some(&guidance),
                     concat: None,
+                    attention_mask: None,
                     control: FluxControl::default(),
                     image_prompt: None,
                     patches: None,

@@ -11,7 +11,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{flat, j, setup, Setup};
 use easel_engine::Value;
-use easel_models::architectures::clip_text::ClipNaming;
+use easel_models::architectures::clip_encoder::ClipNaming;
 use easel_models::architectures::unet::UNetInput;
 use easel_models::checkpoint::{SD1_CLIP_PREFIX, UNET_PREFIX};
 use easel_models::lora::{load_lora, ClipLoraNames, LoraKeyMap, WeightPatches};

@@ -247,20 +247,29 @@ fn prompts_tokenise_as_in_comfyui() {
 fn pending_loaders_list_their_files_and_fail_clearly_when_run() {
     let setup = common::setup();
     let paths = setup.services.get::<easel_nodes::paths::Paths>().unwrap();
-    let folder = paths.models.join("style_models");
-    std::fs::create_dir_all(&folder).unwrap();
-    std::fs::write(folder.join("redux.safetensors"), b"").unwrap();
-    let schema = setup.registry.get("StyleModelLoader").unwrap().schema(&setup.services);
-    let files = schema.to_object_info()["input"]["required"]["style_model_name"][0].clone();
-    assert_eq!(files, serde_json::json!(["redux.safetensors"]));
+    let folder = paths.models.join("checkpoints");
+    std::fs::write(folder.join("svd.safetensors"), b"").unwrap();
+    let schema = setup
+        .registry
+        .get("ImageOnlyCheckpointLoader")
+        .unwrap()
+        .schema(&setup.services);
+    let files = schema.to_object_info()["input"]["required"]["ckpt_name"][0].clone();
+    assert!(
+        files
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("svd.safetensors")),
+        "{files}"
+    );
     let error = setup
         .call(
-            "StyleModelLoader",
-            vec![("style_model_name", common::j(serde_json::json!("redux.safetensors")))],
+            "ImageOnlyCheckpointLoader",
+            vec![("ckpt_name", common::j(serde_json::json!("svd.safetensors")))],
         )
         .unwrap_err()
         .to_string();
-    assert!(error.contains("Easel cannot run style models yet"), "{error}");
+    assert!(error.contains("Easel cannot run img2vid checkpoints yet"), "{error}");
 }
 
 #[test]

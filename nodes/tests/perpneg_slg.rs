@@ -428,6 +428,7 @@ fn flux_blocks_are_replaced_as_comfyuis() {
                 y: &y,
                 guidance: Some(&guidance),
                 concat: None,
+                attention_mask: None,
                 control: FluxControl::default(),
                 image_prompt: None,
                 patches: patches.map(|patches| DitPatchedCall { patches, info: &info }),

@@ -206,7 +206,7 @@ fn sdxl_class_conditioning_embeds_pooled_output_and_sizes() {
     let pooled: Vec<f32> = entry.pooled.as_ref().unwrap().flatten_all().unwrap().to_vec1().unwrap();
 
     // Without sizes in the entry: the latent's size in pixels, no crop, target = size.
-    let y = model.0.class_conditioning(&entry, false, (6, 10)).unwrap().unwrap();
+    let y = model.0.class_conditioning(&entry, false, (6, 10), 0).unwrap().unwrap();
     let mut expected = pooled.clone();
     for value in [48.0, 80.0, 0.0, 0.0, 48.0, 80.0] {
         expected.extend(embedded(value));
@@ -231,7 +231,7 @@ fn sdxl_class_conditioning_embeds_pooled_output_and_sizes() {
         },
         ..entry.clone()
     };
-    let y = model.0.class_conditioning(&sized, true, (6, 10)).unwrap().unwrap();
+    let y = model.0.class_conditioning(&sized, true, (6, 10), 0).unwrap().unwrap();
     let mut expected = pooled.clone();
     for value in [768.0, 1024.0, 8.0, 16.0, 1536.0, 2048.0] {
         expected.extend(embedded(value));
@@ -244,7 +244,11 @@ fn sdxl_class_conditioning_embeds_pooled_output_and_sizes() {
     let entry = encode(&setup, &refiner_clip, "a cat").0[0].clone();
     let pooled: Vec<f32> = entry.pooled.as_ref().unwrap().flatten_all().unwrap().to_vec1().unwrap();
     for (negative, score) in [(false, 6.0), (true, 2.5)] {
-        let y = refiner.0.class_conditioning(&entry, negative, (8, 8)).unwrap().unwrap();
+        let y = refiner
+            .0
+            .class_conditioning(&entry, negative, (8, 8), 0)
+            .unwrap()
+            .unwrap();
         let mut expected = pooled.clone();
         for value in [64.0, 64.0, 0.0, 0.0, score] {
             expected.extend(embedded(value));

@@ -14,10 +14,10 @@ use common::{run_prompt, setup, Setup};
 use easel_engine::events::EventKind;
 use easel_engine::ui_workflow::to_api_prompt;
 use easel_models::testmodels::{
-    TINY_CLIP_G, TINY_CLIP_L, TINY_EMBEDDING, TINY_FLUX_CANNY, TINY_FLUX_CHECKPOINT, TINY_FLUX_DEV, TINY_FLUX_FILL,
-    TINY_FLUX_SCHNELL, TINY_FLUX_VAE, TINY_SD1_CHECKPOINT, TINY_SD1_CONTROLNET, TINY_SD1_INPAINTING_CHECKPOINT,
-    TINY_SD1_LORA, TINY_SD1_T2I_ADAPTER, TINY_SD2_CHECKPOINT, TINY_SDXL_CHECKPOINT, TINY_SDXL_REFINER_CHECKPOINT,
-    TINY_SDXL_VAE, TINY_T5,
+    TINY_CLIP_G, TINY_CLIP_L, TINY_CLIP_VISION_G, TINY_EMBEDDING, TINY_FLUX_CANNY, TINY_FLUX_CHECKPOINT, TINY_FLUX_DEV,
+    TINY_FLUX_FILL, TINY_FLUX_REDUX, TINY_FLUX_SCHNELL, TINY_FLUX_VAE, TINY_SD1_CHECKPOINT, TINY_SD1_CONTROLNET,
+    TINY_SD1_GLIGEN, TINY_SD1_INPAINTING_CHECKPOINT, TINY_SD1_LORA, TINY_SD1_T2I_ADAPTER, TINY_SD2_CHECKPOINT,
+    TINY_SDXL_CHECKPOINT, TINY_SDXL_REFINER_CHECKPOINT, TINY_SDXL_VAE, TINY_SIGLIP, TINY_T5,
 };
 use easel_nodes::paths::Paths;
 use serde_json::{Map, Value as Json};
@@ -76,6 +76,12 @@ fn stand_in(input: &str, value: &str) -> Option<Result<&'static str, String>> {
         // The vendored templates' control models are SD1.5's.
         "control_net_name" if name.to_lowercase().contains("t2i") => Ok(TINY_SD1_T2I_ADAPTER),
         "control_net_name" => Ok(TINY_SD1_CONTROLNET),
+        // CLIP vision: SigLIP for FLUX Redux, ViT-bigG for SDXL revision.
+        "clip_name" if name.starts_with("sigclip") => Ok(TINY_SIGLIP),
+        "clip_name" if name.starts_with("clip_vision_g") => Ok(TINY_CLIP_VISION_G),
+        "style_model_name" if name.contains("redux") => Ok(TINY_FLUX_REDUX),
+        "style_model_name" => unknown(),
+        "gligen_name" => Ok(TINY_SD1_GLIGEN),
         "unet_name" | "clip_name" | "clip_name1" | "clip_name2" | "vae_name" => unknown(),
         _ => return None,
     };

@@ -2,7 +2,8 @@
 //! model, text encoders, VAE), read from its tensor names and shapes, and where each part's
 //! tensors lie in ComfyUI's single-file layouts.
 
-use crate::architectures::clip_text::{Activation, ClipTextConfig};
+use crate::architectures::clip_encoder::Activation;
+use crate::architectures::clip_text::ClipTextConfig;
 use crate::architectures::unet::{HeadLayout, UNetConfig};
 use crate::architectures::vae::VaeConfig;
 use crate::weights::{MappedWeights, SafetensorsFile, TensorShapes};
@@ -134,8 +135,9 @@ pub struct CheckpointLayout {
 }
 
 /// Recognises the family of a UNet in the LDM layout under `prefix` from its shapes: class
-/// conditioning 2560 wide is the SDXL refiner's, any other SDXL's; linear projections into the
-/// transformers are SD2.x's, convolutions SD1.x's.
+/// conditioning 2560 wide is the SDXL refiner's, any other SDXL's unless the first level has
+/// attention (SD2.1 unCLIP); linear projections into the transformers are SD2.x's, convolutions
+/// SD1.x's.
 pub fn detect_unet_family(file: &dyn TensorShapes, prefix: &str) -> Result<Family, DetectError> {
     let has_prefix = |start: &str| file.tensor_names().any(|name| name.starts_with(start));
     if has_prefix(&format!("{prefix}joint_blocks.0.")) {
@@ -153,6 +155,10 @@ pub fn detect_unet_family(file: &dyn TensorShapes, prefix: &str) -> Result<Famil
     if let Some(adm) = file.shape(&format!("{prefix}label_emb.0.0.weight")) {
         return Ok(if adm[1] == 2560 {
             Family::SdxlRefiner
+        } else if file.has(&format!("{prefix}input_blocks.1.1.proj_in.weight")) {
+            // SD2.1 unCLIP: an SD2.x UNet (attention on its first level, where SDXL has none)
+            // with class conditioning by image embeddings.
+            Family::Sd2
         } else {
             Family::Sdxl
         });

@@ -25,7 +25,7 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::architectures::clip_text::ClipNaming;
+use crate::architectures::clip_encoder::ClipNaming;
 use crate::architectures::unet::{UNetConfig, TRANSFORMER_BLOCK_MATRICES};
 use crate::kernels::sgemm::{gemm_into, Elements, Precision, View};
 use crate::memory::advise_huge_pages;

@@ -16,7 +16,8 @@ use candle_nn::{Init, VarBuilder};
 use half::{bf16, f16};
 use safetensors::tensor::{Dtype as FileDtype, TensorView};
 
-use crate::architectures::clip_text::{Activation, ClipNaming, ClipTextConfig, ClipTextEncoder};
+use crate::architectures::clip_encoder::{Activation, ClipNaming};
+use crate::architectures::clip_text::{ClipTextConfig, ClipTextEncoder};
 use crate::architectures::flux::{Flux, FluxConfig};
 use crate::architectures::flux_controlnet::{FluxControlNetConfig, FluxControlNetKind};
 use crate::architectures::t5::{t5_name_to_llama_cpp, T5Config, T5Encoder};
@@ -33,7 +34,9 @@ use crate::sampling::noise::CpuGenerator;
 use crate::text::t5_tokenizer::T5_TOKENIZER_FOLDER;
 use crate::weights::{MappedWeights, SafetensorsFile};
 
+mod conditioning_models;
 mod control_models;
+pub use conditioning_models::*;
 pub use control_models::*;
 
 /// How a tensor is filled.
@@ -598,6 +601,7 @@ pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     write_tiny_lora(&lora, &layout)?;
     written.extend([safetensors_path, pt_path, lora]);
     written.extend(write_flux_test_models(models_dir)?);
+    written.extend(write_conditioning_models(models_dir)?);
     Ok(written)
 }
 

@@ -5,8 +5,10 @@
 //! - [`nodes`]: CLIPTextEncode, CLIPTextEncodeSDXL(Refiner), CLIPSetLastLayer and the
 //!   Conditioning* nodes;
 //! - [`regions`]: areas, masks and strengths of entries, resolved against a latent;
-//! - [`text_options`]: CLIPTextEncodeControlnet and T5TokenizerOptions.
+//! - [`text_options`]: CLIPTextEncodeControlnet and T5TokenizerOptions;
+//! - [`gligen`]: GLIGENLoader and GLIGENTextBoxApply.
 
+pub mod gligen;
 pub mod nodes;
 pub mod regions;
 pub mod text_options;
@@ -16,6 +18,8 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use easel_engine::{NodeObject, NodeRegistry};
 
+use crate::clip_vision::unclip::UnclipImage;
+use crate::conditioning::gligen::GligenBoxes;
 use crate::conditioning::regions::{CondRegion, RegionError};
 use crate::controlnet::ControlApplication;
 use crate::hooks::HookGroup;
@@ -38,6 +42,8 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(nodes::ConditioningSetMask);
     registry.register(text_options::ClipTextEncodeControlnet);
     registry.register(text_options::T5TokenizerOptions);
+    registry.register(gligen::GligenLoader);
+    registry.register(gligen::GligenTextBoxApply);
 }
 
 /// Why a conditioning cannot drive a model.
@@ -111,6 +117,14 @@ pub struct CondEntry {
     /// A default entry (ConditioningSetDefaultCombine): it applies only where the side's
     /// other entries leave weight, with what they leave.
     pub default: bool,
+    /// An additive attention bias [T + 1, T + 1] over the entry's T text tokens and the image,
+    /// whose last row and column stand for every image token (ComfyUI's `attention_mask` with
+    /// `attention_mask_img_shape` 1×1, as StyleModelApply sets it); read by FLUX.
+    pub attention_mask: Option<Tensor>,
+    /// unCLIPConditioning's images, in the order they were added (`unclip_conditioning`).
+    pub unclip: Vec<UnclipImage>,
+    /// GLIGENTextBoxApply's model and boxes (`gligen`).
+    pub gligen: Option<GligenBoxes>,
 }
 
 /// A prompt encoded for the ControlNets of an entry.
@@ -183,6 +197,9 @@ impl CondEntry {
             hooks: None,
             clip_range: None,
             default: false,
+            attention_mask: None,
+            unclip: Vec::new(),
+            gligen: None,
         }
     }
 }

@@ -295,6 +295,7 @@ impl ControlApplication {
             y,
             guidance: call.guidance,
             concat: None,
+            attention_mask: None,
             control: FluxControl::default(),
             image_prompt: None,
             patches: None,

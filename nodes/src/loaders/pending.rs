@@ -1,4 +1,4 @@
-//! Loaders of model kinds Easel cannot run yet — upscale models, style models, GLIGEN and
+//! Loaders of model kinds Easel cannot run yet — upscale models and
 //! img2vid checkpoints — declared with ComfyUI's exact schemas and file lists, so that
 //! clients see ComfyUI's node set (the official frontend 1.27 builds its model-to-node map from
 //! these classes and fails to create any model-loading widget when one is missing); running one
@@ -24,7 +24,7 @@ pub struct PendingLoader {
 }
 
 /// Every loader of this module.
-pub const PENDING_LOADERS: [PendingLoader; 4] = [
+pub const PENDING_LOADERS: [PendingLoader; 2] = [
     PendingLoader {
         class: "UpscaleModelLoader",
         display_name: "Load Upscale Model",
@@ -35,28 +35,6 @@ pub const PENDING_LOADERS: [PendingLoader; 4] = [
         outputs: &["UPSCALE_MODEL"],
         models: "upscale models",
         v3: true,
-    },
-    PendingLoader {
-        class: "StyleModelLoader",
-        display_name: "Load Style Model",
-        python_module: "nodes",
-        category: "loaders",
-        input: "style_model_name",
-        folder: "style_models",
-        outputs: &["STYLE_MODEL"],
-        models: "style models",
-        v3: false,
-    },
-    PendingLoader {
-        class: "GLIGENLoader",
-        display_name: "GLIGENLoader",
-        python_module: "nodes",
-        category: "loaders",
-        input: "gligen_name",
-        folder: "gligen",
-        outputs: &["GLIGEN"],
-        models: "GLIGEN models",
-        v3: false,
     },
     PendingLoader {
         class: "ImageOnlyCheckpointLoader",

@@ -197,6 +197,22 @@ impl Clip {
         Ok(Conditioning(entries))
     }
 
+    /// The pooled vector of `tokens` without the text projection, the last CLIP encoder's
+    /// (`encode_from_tokens(…, return_pooled="unprojected")`, what GLIGEN boxes hold).
+    pub fn unprojected_pooled(&self, tokens: &ClipTokens) -> candle_core::Result<Tensor> {
+        let mut pooled = None;
+        for (encoder, chunks) in self.encoders.iter().zip(tokens) {
+            if let TextNetwork::Clip { kind, encoder } = &encoder.network {
+                let options = EncodeOptions {
+                    project_pooled: false,
+                    ..self.options(*kind)
+                };
+                pooled = Some(encoder.encode_weighted(chunks, options)?.pooled);
+            }
+        }
+        pooled.ok_or_else(|| candle_core::Error::Msg("this CLIP has no CLIP text encoder to pool with".into()))
+    }
+
     /// Encodes tokens with `encoders` (this CLIP's, or them patched by hooks) into hidden
     /// states and a pooled vector. FLUX: T5's hidden states and CLIP-L's pooled vector (ComfyUI's
     /// `FluxClipModel`). Otherwise each CLIP's hidden states, cut to the shortest and joined along

@@ -19,6 +19,8 @@ use easel_models::lora::Patch;
 use easel_models::sampling::schedule::SigmaSchedule;
 use easel_models::weights::WeightSource;
 
+use crate::clip_vision::unclip::unclip_class_vector;
+use crate::conditioning::gligen::{GligenBoxes, GligenPatch};
 use crate::conditioning::{CondEntry, ConditioningError, FLUX_MASK_CHANNELS};
 use crate::controlnet::{ControlApplication, ControlCall};
 use crate::image::resample::{common_upscale, ResizeMethod};
@@ -188,6 +190,13 @@ pub struct DiffusionModel {
 }
 
 impl DiffusionModel {
+    /// Whether this is an SD2.1 unCLIP model: an SD2.x UNet with class conditioning (image
+    /// embeddings and their noise level).
+    pub fn is_unclip(&self) -> bool {
+        self.family == Family::Sd2
+            && matches!(&self.network, DiffusionNetwork::UNet(unet) if unet.config().adm_in_channels.is_some())
+    }
+
     /// The model built again with `more` weight patches after its own (LoRA, merges, scaled
     /// layers); the base weights stay in their file's map, only patched tensors are copies.
     pub fn with_weight_patches(&self, more: HashMap<String, Vec<Patch>>) -> candle_core::Result<DiffusionModel> {
@@ -265,6 +274,14 @@ impl DiffusionModel {
                         Some(extra) => Cow::Owned(self.patches.unet.and(&extra.unet)),
                         None => Cow::Borrowed(&self.patches.unet),
                     };
+                    let patches = match &inputs.gligen {
+                        Some(gligen) => {
+                            let mut with_boxes = patches.into_owned();
+                            with_boxes.add(Arc::new(GligenPatch::new(gligen, batch, height, width)?));
+                            Cow::Owned(with_boxes)
+                        }
+                        None => patches,
+                    };
                     let info = CallInfo {
                         original_shape: [batch, channels, height, width],
                         sigma,
@@ -298,6 +315,11 @@ impl DiffusionModel {
                         sigma,
                         parts: call.parts.to_vec(),
                     };
+                    let attention_mask = inputs
+                        .attention_mask
+                        .as_ref()
+                        .map(|mask| image_token_spread(mask, height.div_ceil(2) * width.div_ceil(2)))
+                        .transpose()?;
                     flux.forward(&FluxInput {
                         x: scaled,
                         timesteps: &timesteps,
@@ -305,6 +327,7 @@ impl DiffusionModel {
                         y,
                         guidance: guidance.as_ref(),
                         concat: concat.as_ref(),
+                        attention_mask: attention_mask.as_ref(),
                         control: FluxControl {
                             double: &control.input,
                             single: &control.output,
@@ -429,15 +452,18 @@ impl DiffusionModel {
     }
 
     /// The class-conditioning vector `y` of an entry, [1, adm] (ComfyUI's `encode_adm`): for SDXL
-    /// the pooled text vector and the embedded sizes, for the refiner the sizes and the
-    /// aesthetic score (6 on the positive side, 2.5 on the negative one by default), for FLUX the
-    /// pooled vector itself; `None` for models without class conditioning. `latent_size` is the
-    /// latent's (height, width).
+    /// the pooled text vector (or the entry's unCLIP images, "revision") and the embedded sizes,
+    /// for the refiner the sizes and the aesthetic score (6 on the positive side, 2.5 on the
+    /// negative one by default), for an SD2.1 unCLIP UNet the entry's unCLIP images (zeros
+    /// without), for FLUX the pooled vector itself; `None` for models without class
+    /// conditioning. `latent_size` is the latent's (height, width); `seed` the sampling run's,
+    /// which unCLIP's noise augmentation draws from.
     pub fn class_conditioning(
         &self,
         entry: &CondEntry,
         negative: bool,
         latent_size: (usize, usize),
+        seed: u64,
     ) -> Result<Option<Tensor>, ConditioningError> {
         let unet = match &self.network {
             DiffusionNetwork::UNet(unet) => unet,
@@ -458,6 +484,12 @@ impl DiffusionModel {
         let Some(adm_width) = unet.config().adm_in_channels else {
             return Ok(None);
         };
+        if self.is_unclip() {
+            return Ok(Some(match entry.unclip.as_slice() {
+                [] => Tensor::zeros((1, adm_width), DType::F32, &self.device)?,
+                images => unclip_class_vector(images, seed, &self.device)?,
+            }));
+        }
         let sizes = &entry.sdxl;
         let height = sizes.height.unwrap_or((latent_size.0 * 8) as f64);
         let width = sizes.width.unwrap_or((latent_size.1 * 8) as f64);
@@ -476,9 +508,17 @@ impl DiffusionModel {
                 sizes.target_width.unwrap_or(width),
             ],
         };
-        let pooled = entry.pooled.as_ref().ok_or(ConditioningError::NoPooledOutput)?;
-        let pooled_width = pooled.dim(D::Minus1)?;
         let expected = adm_width.saturating_sub(values.len() * SIZE_EMBEDDING_WIDTH);
+        let revision;
+        let pooled = match (self.family, entry.unclip.as_slice()) {
+            (Family::Sdxl, images) if !images.is_empty() => {
+                let vector = unclip_class_vector(images, seed, &self.device)?;
+                revision = vector.narrow(1, 0, expected.min(vector.dim(1)?))?;
+                &revision
+            }
+            _ => entry.pooled.as_ref().ok_or(ConditioningError::NoPooledOutput)?,
+        };
+        let pooled_width = pooled.dim(D::Minus1)?;
         if pooled_width != expected {
             return Err(ConditioningError::PooledWidth {
                 family: self.family.name(),
@@ -553,6 +593,22 @@ pub(crate) struct ModelInputs {
     /// `context` (CLIPTextEncodeControlnet's).
     pub(crate) control: Option<Arc<ControlApplication>>,
     pub(crate) control_context: Option<Tensor>,
+    /// The entry's attention bias over its text tokens and one image token (see
+    /// [`crate::conditioning::CondEntry::attention_mask`]); read by FLUX.
+    pub(crate) attention_mask: Option<Tensor>,
+    /// The entry's GLIGEN boxes; read by the UNet.
+    pub(crate) gligen: Option<GligenBoxes>,
+}
+
+/// A mask over text tokens and one image token, [T + 1, T + 1], spread over `image_tokens`
+/// image tokens: ComfyUI's `upscale_dit_mask` from the 1×1 image grid StyleModelApply gives.
+fn image_token_spread(mask: &Tensor, image_tokens: usize) -> candle_core::Result<Tensor> {
+    let text_tokens = mask.dim(0)? - 1;
+    let indices: Vec<u32> = (0..text_tokens as u32)
+        .chain(std::iter::repeat_n(text_tokens as u32, image_tokens))
+        .collect();
+    let indices = Tensor::from_vec(indices, text_tokens + image_tokens, mask.device())?;
+    mask.index_select(&indices, 0)?.index_select(&indices, 1)
 }
 
 /// What a model call is for: the batch's chunks (one per conditioning side it holds), and network
@@ -564,10 +620,12 @@ pub(crate) struct ModelCall<'a> {
 }
 
 /// The latent being sampled, as the conditioning needs it: in model space, and the denoise
-/// mask when sampling is masked.
+/// mask when sampling is masked; and the run's seed.
 pub(crate) struct LatentInputs<'a> {
     pub(crate) model_space: &'a Tensor,
     pub(crate) denoise_mask: Option<&'a Tensor>,
+    /// The run's seed, which unCLIP's noise augmentation draws from.
+    pub(crate) seed: u64,
 }
 
 /// Width of each embedded size in SDXL's class-conditioning vector.

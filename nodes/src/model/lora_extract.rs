@@ -14,7 +14,7 @@
 use candle_core::{DType, Tensor};
 use easel_engine::schema::{HiddenInput, InputSpec, NodeSchema};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services};
-use easel_models::architectures::clip_text::ClipNaming;
+use easel_models::architectures::clip_encoder::ClipNaming;
 use easel_models::checkpoint::TextEncoderKind;
 use easel_models::lora_extract::extract_lora;
 use easel_models::weights::WeightSource;

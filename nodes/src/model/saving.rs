@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 use easel_engine::schema::{HiddenInput, InputSpec, NodeSchema};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services};
-use easel_models::architectures::clip_text::ClipNaming;
+use easel_models::architectures::clip_encoder::ClipNaming;
 use easel_models::checkpoint::{
     checkpoint_clip_prefixes, Family, TextEncoderKind, FLUX_CLIP_L_PREFIX, FLUX_T5_PREFIX, FLUX_VAE_PREFIX,
     UNET_PREFIX, VAE_PREFIX,

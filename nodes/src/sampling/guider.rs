@@ -36,6 +36,8 @@ pub(crate) struct Guider<'a> {
     /// the sides is resolved against ([`GuidanceModel::predict_conditioning`]).
     pub(crate) latent: Tensor,
     pub(crate) denoise_mask: Option<Tensor>,
+    /// The run's seed.
+    pub(crate) seed: u64,
     /// The models the entries' hooks patch, at their strengths of the current step.
     pub(crate) hooked: HookedModels,
 }
@@ -70,7 +72,7 @@ pub(crate) struct ActiveEntry {
     /// A default entry: it predicts where the side's other entries leave weight.
     pub(crate) default: bool,
     /// ControlNetApply's entry: its control reaches the other sides' entries (see
-    /// [`give_controls`]).
+    /// [`give_controls_and_boxes`]).
     pub(crate) control_to_uncond: bool,
 }
 
@@ -113,7 +115,7 @@ impl ActiveEntry {
         };
         let inputs = ModelInputs {
             context: entry.cross_attention.to_device(&model.device)?.to_dtype(DType::F32)?,
-            y: model.class_conditioning(entry, negative, (latent_height, latent_width))?,
+            y: model.class_conditioning(entry, negative, (latent_height, latent_width), latent.seed)?,
             concat: model.inpaint_channels(entry, latent)?,
             guidance: match (&model.network, entry.guidance.strength()) {
                 (DiffusionNetwork::Flux(_), Some(strength)) => Some(Tensor::new(&[strength], &model.device)?),
@@ -124,6 +126,12 @@ impl ActiveEntry {
                 (Some(_), Some(text)) => Some(text.cross_attention.to_device(&model.device)?.to_dtype(DType::F32)?),
                 _ => None,
             },
+            attention_mask: entry
+                .attention_mask
+                .as_ref()
+                .map(|mask| mask.to_device(&model.device)?.to_dtype(DType::F32))
+                .transpose()?,
+            gligen: entry.gligen.clone(),
         };
         Ok(ActiveEntry {
             inputs,
@@ -163,32 +171,60 @@ pub(crate) fn add_same_areas(from: &[ActiveEntry], to: &mut Vec<ActiveEntry>) {
     }
 }
 
-/// ComfyUI's `apply_empty_x_to_equal_area` for `control`: when no entry of `to` without an area
-/// has a control, the controls of `from`'s ControlNetApply entries without an area go to `to`'s
-/// entries without one, the n-th to the (n mod count)-th (a copy of it when it already got one).
-pub(crate) fn give_controls(from: &[ActiveEntry], to: &mut Vec<ActiveEntry>) {
+/// ComfyUI's `apply_empty_x_to_equal_area` for `control` and `gligen`: the controls of `from`'s
+/// ControlNetApply entries and the GLIGEN boxes of all its entries (those without an area) go to
+/// `to`'s entries without an area (see [`give_to_equal_area`]).
+pub(crate) fn give_controls_and_boxes(from: &[ActiveEntry], to: &mut Vec<ActiveEntry>) {
     let whole = |entry: &&ActiveEntry| entry.requested_area.is_none();
-    let controls: Vec<_> = from
+    let controls = from
         .iter()
         .filter(|entry| entry.control_to_uncond)
         .filter(whole)
         .filter_map(|entry| entry.inputs.control.clone())
         .collect();
-    if to.iter().filter(whole).any(|entry| entry.inputs.control.is_some()) {
+    give_to_equal_area(
+        controls,
+        to,
+        |entry| entry.inputs.control.is_some(),
+        |entry, control| entry.inputs.control = Some(control),
+    );
+    let boxes = from
+        .iter()
+        .filter(whole)
+        .filter_map(|entry| entry.inputs.gligen.clone())
+        .collect();
+    give_to_equal_area(
+        boxes,
+        to,
+        |entry| entry.inputs.gligen.is_some(),
+        |entry, boxes| entry.inputs.gligen = Some(boxes),
+    );
+}
+
+/// When no entry of `to` without an area `has` its kind of value, `values` go to `to`'s entries
+/// without one, the n-th to the (n mod count)-th (a copy of it when it already got one).
+fn give_to_equal_area<T>(
+    values: Vec<T>,
+    to: &mut Vec<ActiveEntry>,
+    has: impl Fn(&ActiveEntry) -> bool,
+    set: impl Fn(&mut ActiveEntry, T),
+) {
+    let whole = |entry: &ActiveEntry| entry.requested_area.is_none();
+    if to.iter().filter(|entry| whole(entry)).any(&has) {
         return;
     }
-    let others: Vec<usize> = (0..to.len()).filter(|i| to[*i].requested_area.is_none()).collect();
+    let others: Vec<usize> = (0..to.len()).filter(|i| whole(&to[*i])).collect();
     if others.is_empty() {
         return;
     }
-    for (n, control) in controls.into_iter().enumerate() {
+    for (n, value) in values.into_iter().enumerate() {
         let index = others[n % others.len()];
-        if to[index].inputs.control.is_some() {
+        if has(&to[index]) {
             let mut copy = to[index].clone();
-            copy.inputs.control = Some(control);
+            set(&mut copy, value);
             to.push(copy);
         } else {
-            to[index].inputs.control = Some(control);
+            set(&mut to[index], value);
         }
     }
 }
@@ -367,6 +403,10 @@ impl Guider<'_> {
                 && same_shape(&positive.y, &negative.y)
                 && same_shape(&positive.concat, &negative.concat)
                 && same_shape(&positive.guidance, &negative.guidance)
+                && positive.attention_mask.is_none()
+                && negative.attention_mask.is_none()
+                && positive.gligen.is_none()
+                && negative.gligen.is_none()
             {
                 let batch = x.dim(0)?;
                 let both =
@@ -382,6 +422,8 @@ impl Guider<'_> {
                     guidance: both_optional(&positive.guidance, &negative.guidance)?,
                     control: positive.control.clone(),
                     control_context: both_optional(&positive.control_context, &negative.control_context)?,
+                    attention_mask: None,
+                    gligen: None,
                 };
                 let call = ModelCall {
                     parts: &[BatchPart::Cond, BatchPart::Uncond],
@@ -453,6 +495,7 @@ impl GuidanceModel for Guider<'_> {
         let latent = LatentInputs {
             model_space: &self.latent,
             denoise_mask: self.denoise_mask.as_ref(),
+            seed: self.seed,
         };
         let mut entries = entries(conditioning, self.model, true, &latent).map_err(candle_core::Error::wrap)?;
         for entry in &mut entries {

@@ -13,7 +13,7 @@ use crate::hooks::patching::HookedModels;
 use crate::latent::Latent;
 use crate::model::diffusion_model::{DiffusionModel, LatentInputs};
 use crate::model::wrappers::{SamplingRun, WrappedDenoiser};
-use crate::sampling::guider::{add_same_areas, entries, give_controls, DualSide, Guider};
+use crate::sampling::guider::{add_same_areas, entries, give_controls_and_boxes, DualSide, Guider};
 use crate::sampling::inpainting::{DifferentialDiffusion, Inpainting};
 use crate::sampling::perp_neg::{PerpNegGuidance, PerpNegSide};
 
@@ -207,6 +207,7 @@ pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> R
     let latent_inputs = LatentInputs {
         model_space: &latent_in,
         denoise_mask: denoise_mask.as_ref(),
+        seed: run.seed,
     };
     // The sides in ComfyUI's order (positive, middle, negative); each gets entries for the
     // areas the others have (`process_conds`).
@@ -227,7 +228,7 @@ pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> R
     }
     if let Some((positive, others)) = sides.split_first_mut() {
         for other in others {
-            give_controls(positive, other);
+            give_controls_and_boxes(positive, other);
         }
     }
     let negative = sides.pop().unwrap_or_default();
@@ -250,6 +251,7 @@ pub fn sample_guided(run: &GuidedSampling, progress: &mut ProgressCallback) -> R
         }),
         latent: latent_in.clone(),
         denoise_mask: denoise_mask.clone(),
+        seed: run.seed,
         hooked: HookedModels::new(sigmas),
     };
 

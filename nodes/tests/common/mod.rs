@@ -110,7 +110,8 @@ pub fn floats(value: &Json) -> Vec<f32> {
 /// The safetensors bytes of the tiny UNet a fixture of `generate_unet_patches.py`'s kind
 /// describes (its `weights`: names and shapes), filled by the generators' weight formula:
 /// `pattern_values(count, index + 11, scale)`, matrices and kernels scaled by 1/√fan-in,
-/// vectors by 0.1, norm weights (vectors named `.weight`) around 1.
+/// vectors by 0.1, norm weights (vectors named `.weight`) around 1; a weight listed with a
+/// `value` is filled with it.
 pub fn formula_unet_file(fixture: &Json) -> Vec<u8> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (index, weight) in fixture["weights"].as_array().expect("weights").iter().enumerate() {
@@ -118,7 +119,9 @@ pub fn formula_unet_file(fixture: &Json) -> Vec<u8> {
         let shape = sizes(&weight["shape"]);
         let count: usize = shape.iter().product();
         let seed = index as i64 + 11;
-        let mut values = if shape.len() >= 2 {
+        let mut values = if let Some(value) = weight["value"].as_f64() {
+            vec![value as f32; count]
+        } else if shape.len() >= 2 {
             let fan_in: usize = shape[1..].iter().product();
             pattern_values(count, seed, (1.0 / (fan_in as f64).sqrt()) as f32)
         } else {

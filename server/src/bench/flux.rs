@@ -155,6 +155,7 @@ fn measure(checkpoint: &Path, steps: usize) -> anyhow::Result<()> {
             y: &y,
             guidance: config.guidance_embed.then_some(&guidance),
             concat: None,
+            attention_mask: None,
             control: FluxControl::default(),
             image_prompt: None,
             patches: None,

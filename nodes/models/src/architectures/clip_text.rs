@@ -9,31 +9,14 @@
 //! [`ClipTextEncoder::encode_weighted`] is ComfyUI's `ClipTokenWeightEncoder`
 //! ([`encode_token_weights`]) with an empty prompt of start, end and padding tokens.
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::LayerNorm;
 
+use crate::architectures::clip_encoder::{layer_tensor, Activation, ClipNaming, EncoderLayer, LayerShape, LayerTensor};
 use crate::checkpoint::DetectError;
-use crate::kernels::attention::attention;
-use crate::kernels::linear::{linear, linear_named, Linear};
 use crate::text::token_weights::encode_token_weights;
 use crate::text::tokenizer::{TokenItem, WeightedToken, END_TOKEN, START_TOKEN};
 use crate::weights::{TensorShapes, WeightMatrix, Weights};
-
-/// The MLP activation: CLIP-L uses the sigmoid approximation, OpenCLIP exact GELU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    QuickGelu,
-    Gelu,
-}
-
-/// How a file names the encoder's tensors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClipNaming {
-    /// transformers' `CLIPTextModel` layout, under `text_model.`.
-    Transformers,
-    /// OpenCLIP's layout, with query, key and value in one `in_proj` matrix.
-    OpenClip,
-}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClipTextConfig {
@@ -70,10 +53,18 @@ impl ClipTextConfig {
         };
         let token_embedding = required(names.token_embedding())?;
         let positions = required(names.position_embedding())?;
-        let fc1 = required(format!("{}.weight", names.layer(0, LayerTensor::Fc1)))?;
-        let layers = (0..)
-            .take_while(|&layer| file.has(&format!("{prefix}{}.weight", names.layer(layer, LayerTensor::Fc1))))
-            .count();
+        let fc1_of = |layer: usize| {
+            format!(
+                "{prefix}{}.{}.weight",
+                names.layer(layer),
+                layer_tensor(naming, LayerTensor::Fc1)
+            )
+        };
+        let fc1 = file
+            .shape(&fc1_of(0))
+            .map(<[usize]>::to_vec)
+            .ok_or_else(|| DetectError::MissingTensor(fc1_of(0)))?;
+        let layers = (0..).take_while(|&layer| file.has(&fc1_of(layer))).count();
         let hidden_size = token_embedding[1];
         Ok(ClipTextConfig {
             vocab_size: token_embedding[0],
@@ -87,16 +78,17 @@ impl ClipTextConfig {
             projection: file.has(&format!("{prefix}{}", names.projection())),
         })
     }
-}
 
-/// The tensors of one encoder layer, named by [`TensorNames::layer`].
-#[derive(Clone, Copy)]
-enum LayerTensor {
-    Norm1,
-    Norm2,
-    Fc1,
-    Fc2,
-    OutProj,
+    fn layer_shape(&self) -> LayerShape {
+        LayerShape {
+            width: self.hidden_size,
+            intermediate: self.intermediate_size,
+            heads: self.heads,
+            activation: self.activation,
+            naming: self.naming,
+            eps: 1e-5,
+        }
+    }
 }
 
 /// Tensor names in one [`ClipNaming`].
@@ -133,31 +125,12 @@ impl TensorNames {
         }
     }
 
-    /// The module of `tensor` in layer `layer` (without `.weight`/`.bias`).
-    fn layer(self, layer: usize, tensor: LayerTensor) -> String {
-        let (root, name) = match self.0 {
-            ClipNaming::Transformers => (
-                "text_model.encoder.layers",
-                match tensor {
-                    LayerTensor::Norm1 => "layer_norm1",
-                    LayerTensor::Norm2 => "layer_norm2",
-                    LayerTensor::Fc1 => "mlp.fc1",
-                    LayerTensor::Fc2 => "mlp.fc2",
-                    LayerTensor::OutProj => "self_attn.out_proj",
-                },
-            ),
-            ClipNaming::OpenClip => (
-                "transformer.resblocks",
-                match tensor {
-                    LayerTensor::Norm1 => "ln_1",
-                    LayerTensor::Norm2 => "ln_2",
-                    LayerTensor::Fc1 => "mlp.c_fc",
-                    LayerTensor::Fc2 => "mlp.c_proj",
-                    LayerTensor::OutProj => "attn.out_proj",
-                },
-            ),
-        };
-        format!("{root}.{layer}.{name}")
+    /// The root of layer `layer`.
+    fn layer(self, layer: usize) -> String {
+        match self.0 {
+            ClipNaming::Transformers => format!("text_model.encoder.layers.{layer}"),
+            ClipNaming::OpenClip => format!("transformer.resblocks.{layer}"),
+        }
     }
 }
 
@@ -213,7 +186,7 @@ impl ClipTextEncoder {
         let token_embedding = vb.matrix((config.vocab_size, hidden), &names.token_embedding())?;
         let position_embedding = vb.get((config.max_positions, hidden), &names.position_embedding())?;
         let layers = (0..config.layers)
-            .map(|layer| EncoderLayer::new(&config, layer, &vb))
+            .map(|layer| EncoderLayer::new(&config.layer_shape(), vb.pp(names.layer(layer))))
             .collect::<Result<_>>()?;
         let final_layer_norm = vb.pp(names.final_layer_norm()).layer_norm(hidden, 1e-5)?;
         let text_projection = match (config.projection, config.naming) {
@@ -265,7 +238,7 @@ impl ClipTextEncoder {
         };
         let mut intermediate = None;
         for (index, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x, Some(&mask))?;
             if Some(index) == keep {
                 intermediate = Some(x.clone());
             }
@@ -316,86 +289,4 @@ fn causal_mask(length: usize, device: &Device) -> Result<Tensor> {
         .flat_map(|row| (0..length).map(move |column| if column > row { -f32::MAX } else { 0.0 }))
         .collect();
     Tensor::from_vec(values, (length, length), device)
-}
-
-/// The query, key and value projections: three layers, or OpenCLIP's one fused layer.
-enum QkvProjection {
-    Separate { q: Linear, k: Linear, v: Linear },
-    Fused(Linear),
-}
-
-impl QkvProjection {
-    fn new(config: &ClipTextConfig, layer: usize, vb: &Weights) -> Result<Self> {
-        let hidden = config.hidden_size;
-        Ok(match config.naming {
-            ClipNaming::Transformers => {
-                let attention = vb.pp(format!("text_model.encoder.layers.{layer}.self_attn"));
-                QkvProjection::Separate {
-                    q: linear(hidden, hidden, attention.pp("q_proj"))?,
-                    k: linear(hidden, hidden, attention.pp("k_proj"))?,
-                    v: linear(hidden, hidden, attention.pp("v_proj"))?,
-                }
-            }
-            ClipNaming::OpenClip => QkvProjection::Fused(linear_named(
-                hidden,
-                3 * hidden,
-                vb.pp(format!("transformer.resblocks.{layer}.attn")),
-                ("in_proj_weight", "in_proj_bias"),
-            )?),
-        })
-    }
-
-    fn forward(&self, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        match self {
-            QkvProjection::Separate { q, k, v } => Ok((q.forward(h)?, k.forward(h)?, v.forward(h)?)),
-            QkvProjection::Fused(qkv) => {
-                let fused = qkv.forward(h)?;
-                let hidden = fused.dim(D::Minus1)? / 3;
-                let part = |index: usize| fused.narrow(D::Minus1, index * hidden, hidden);
-                Ok((part(0)?, part(1)?, part(2)?))
-            }
-        }
-    }
-}
-
-struct EncoderLayer {
-    layer_norm1: LayerNorm,
-    qkv: QkvProjection,
-    out_proj: Linear,
-    layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    heads: usize,
-    activation: Activation,
-}
-
-impl EncoderLayer {
-    fn new(config: &ClipTextConfig, layer: usize, vb: &Weights) -> Result<Self> {
-        let hidden = config.hidden_size;
-        let names = TensorNames(config.naming);
-        let module = |tensor: LayerTensor| vb.pp(names.layer(layer, tensor));
-        Ok(EncoderLayer {
-            layer_norm1: module(LayerTensor::Norm1).layer_norm(hidden, 1e-5)?,
-            qkv: QkvProjection::new(config, layer, vb)?,
-            out_proj: linear(hidden, hidden, module(LayerTensor::OutProj))?,
-            layer_norm2: module(LayerTensor::Norm2).layer_norm(hidden, 1e-5)?,
-            fc1: linear(hidden, config.intermediate_size, module(LayerTensor::Fc1))?,
-            fc2: linear(config.intermediate_size, hidden, module(LayerTensor::Fc2))?,
-            heads: config.heads,
-            activation: config.activation,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let h = self.layer_norm1.forward(x)?;
-        let (q, k, v) = self.qkv.forward(&h)?;
-        let attended = attention(&q, &k, &v, self.heads, Some(mask))?;
-        let x = (x + self.out_proj.forward(&attended)?)?;
-        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
-        let h = match self.activation {
-            Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
-            Activation::Gelu => h.gelu_erf()?,
-        };
-        x + self.fc2.forward(&h)?
-    }
 }

@@ -135,6 +135,9 @@ pub struct FluxInput<'a> {
     pub guidance: Option<&'a Tensor>,
     /// Channels appended to the latent before patching (FLUX fill: masked image and mask).
     pub concat: Option<&'a Tensor>,
+    /// Added to every attention's scores [L, L] over the text tokens, then the image tokens
+    /// (StyleModelApply's attention bias).
+    pub attention_mask: Option<&'a Tensor>,
     pub control: FluxControl<'a>,
     pub image_prompt: Option<&'a dyn ImagePromptAttention>,
     /// Replacements of double and single blocks, with the call's facts.
@@ -294,13 +297,13 @@ impl Flux {
         let rope = Rope::new(txt_length, rows, cols, img.device())?;
         let mut doubles = Vec::with_capacity(self.double_blocks.len());
         for block in &self.double_blocks {
-            (img, txt) = block.forward(&img, &txt, &vec, &rope, None)?;
+            (img, txt) = block.forward(&img, &txt, &vec, &rope, None, None)?;
             doubles.push(img.clone());
         }
         let mut tokens = Tensor::cat(&[&txt, &img], 1)?;
         let mut singles = Vec::with_capacity(self.single_blocks.len());
         for block in &self.single_blocks {
-            tokens = block.forward(&tokens, &vec, &rope)?;
+            tokens = block.forward(&tokens, &vec, &rope, None)?;
             singles.push(tokens.narrow(1, txt_length, rows * cols)?);
         }
         Ok((doubles, singles))
@@ -319,12 +322,12 @@ impl Flux {
         let block = &self.double_blocks[n];
         let image_prompt = input.image_prompt.map(|hook| (hook, n));
         let Some((replacement, site)) = replacement_of(input.patches, DitBlock::Double(n), txt.dim(1)?) else {
-            return block.forward(&img, &txt, vec, rope, image_prompt);
+            return block.forward(&img, &txt, vec, rope, input.attention_mask, image_prompt);
         };
         let no_text = || candle_core::Error::Msg(format!("a replacement of FLUX double block {n} gave no text tokens"));
         let original = |inputs: BlockInputs| -> Result<BlockOutputs> {
             let txt = inputs.txt.ok_or_else(no_text)?;
-            let (img, txt) = block.forward(&inputs.img, &txt, &inputs.vec, rope, image_prompt)?;
+            let (img, txt) = block.forward(&inputs.img, &txt, &inputs.vec, rope, input.attention_mask, image_prompt)?;
             Ok(BlockOutputs { img, txt: Some(txt) })
         };
         let inputs = BlockInputs {
@@ -349,11 +352,11 @@ impl Flux {
     ) -> Result<Tensor> {
         let block = &self.single_blocks[n];
         let Some((replacement, site)) = replacement_of(input.patches, DitBlock::Single(n), txt_length) else {
-            return block.forward(&tokens, vec, rope);
+            return block.forward(&tokens, vec, rope, input.attention_mask);
         };
         let original = |inputs: BlockInputs| -> Result<BlockOutputs> {
             Ok(BlockOutputs {
-                img: block.forward(&inputs.img, &inputs.vec, rope)?,
+                img: block.forward(&inputs.img, &inputs.vec, rope, input.attention_mask)?,
                 txt: None,
             })
         };
@@ -531,8 +534,9 @@ impl QkNorm {
     }
 }
 
-/// Attention of `q`, `k`, `v` [B, L, H, D] with the rotary embedding; [B, L, H·D].
-fn rope_attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Result<Tensor> {
+/// Attention of `q`, `k`, `v` [B, L, H, D] with the rotary embedding and an optional additive
+/// mask [L, L]; [B, L, H·D].
+fn rope_attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> Result<Tensor> {
     let (batch, length, heads, head_dim) = q.dims4()?;
     let flat = |t: Tensor| t.reshape((batch, length, heads * head_dim));
     attention(
@@ -540,7 +544,7 @@ fn rope_attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Result<Ten
         &flat(rope.apply(k)?)?,
         &flat(v.clone())?,
         heads,
-        None,
+        mask,
     )
 }
 
@@ -617,13 +621,15 @@ impl DoubleStreamBlock {
         })
     }
 
-    /// `image_prompt`: the image-prompt hook and this block's index.
+    /// `mask`: added to the attention scores; `image_prompt`: the image-prompt hook and this
+    /// block's index.
     fn forward(
         &self,
         img: &Tensor,
         txt: &Tensor,
         vec: &Tensor,
         rope: &Rope,
+        mask: Option<&Tensor>,
         image_prompt: Option<(&dyn ImagePromptAttention, usize)>,
     ) -> Result<(Tensor, Tensor)> {
         let (img_modulation, img_qkv) = self.img.prepare(img, vec, self.heads)?;
@@ -644,6 +650,7 @@ impl DoubleStreamBlock {
                 &joint(&txt_k, &img_k)?,
                 &joint(&txt_v, &img_v)?,
                 rope,
+                mask,
             )?;
             (out, prompt_residual)
         };
@@ -688,7 +695,7 @@ impl SingleStreamBlock {
     /// Intermediates are dropped as soon as they are used: the widest ones (the projection,
     /// 3·hidden + mlp wide, and the joined attention and MLP outputs) decide the peak memory,
     /// so the projection is gone before the attention runs.
-    fn forward(&self, x: &Tensor, vec: &Tensor, rope: &Rope) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, vec: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> Result<Tensor> {
         let modulation = modulation(&self.modulation, vec, 3)?;
         let (qkv, mlp) = {
             let projected = self
@@ -703,7 +710,7 @@ impl SingleStreamBlock {
         let attention = {
             let (q, k, v) = self.norm.split(&qkv, self.heads)?;
             drop(qkv);
-            rope_attention(&q, &k, &v, rope)?
+            rope_attention(&q, &k, &v, rope, mask)?
         };
         let joined = Tensor::cat(&[&attention, &mlp], D::Minus1)?;
         drop((attention, mlp));

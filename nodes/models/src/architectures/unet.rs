@@ -755,21 +755,18 @@ struct TransformerBlock {
     norm2: LayerNorm,
     cross_attention: CrossAttention,
     norm3: LayerNorm,
-    geglu: Linear,
-    ff_out: Linear,
+    feed_forward: GegluFeedForward,
 }
 
 impl TransformerBlock {
     fn new(channels: usize, heads: usize, context_dim: usize, vb: Weights) -> Result<Self> {
-        let inner = channels * 4;
         Ok(TransformerBlock {
             norm1: vb.pp("norm1").layer_norm(channels, 1e-5)?,
             self_attention: CrossAttention::new(channels, channels, heads, vb.pp("attn1"))?,
             norm2: vb.pp("norm2").layer_norm(channels, 1e-5)?,
             cross_attention: CrossAttention::new(channels, context_dim, heads, vb.pp("attn2"))?,
             norm3: vb.pp("norm3").layer_norm(channels, 1e-5)?,
-            geglu: linear(channels, inner * 2, vb.pp("ff.net.0.proj"))?,
-            ff_out: linear(inner, channels, vb.pp("ff.net.2"))?,
+            feed_forward: GegluFeedForward::new(channels, vb.pp("ff"))?,
         })
     }
 
@@ -789,6 +786,10 @@ impl TransformerBlock {
             None => self.self_attention.forward(&normed, &normed)?,
         };
         let x = (x + attended)?;
+        let x = match patches {
+            Some((patches, site)) => patches.after_self_attention(site, x)?,
+            None => x,
+        };
         let normed = self.norm2.forward(&x)?;
         let cross = match patches {
             Some((patches, site)) => {
@@ -803,7 +804,29 @@ impl TransformerBlock {
             None => self.cross_attention.forward(&normed, text)?,
         };
         let x = (x + cross)?;
-        let projected = self.geglu.forward(&self.norm3.forward(&x)?)?;
+        self.feed_forward.forward(&self.norm3.forward(&x)?)? + x
+    }
+}
+
+/// The transformer block's feed-forward (`FeedForward(glu=True)`): a projection to twice four
+/// times the width, one half gating the other through GELU, and a projection back.
+pub(crate) struct GegluFeedForward {
+    geglu: Linear,
+    out: Linear,
+}
+
+impl GegluFeedForward {
+    /// The layer whose `net.0.proj` and `net.2` lie under `vb`.
+    pub(crate) fn new(channels: usize, vb: Weights) -> Result<Self> {
+        let inner = channels * 4;
+        Ok(GegluFeedForward {
+            geglu: linear(channels, inner * 2, vb.pp("net.0.proj"))?,
+            out: linear(inner, channels, vb.pp("net.2"))?,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let projected = self.geglu.forward(x)?;
         let half = projected.dim(D::Minus1)? / 2;
         let gated = match with_cpu_f32([&projected], |[values]| cpu::geglu(values, half))? {
             Some(values) => {
@@ -815,12 +838,12 @@ impl TransformerBlock {
             }
             None => (projected.narrow(D::Minus1, 0, half)? * projected.narrow(D::Minus1, half, half)?.gelu_erf()?)?,
         };
-        self.ff_out.forward(&gated)? + x
+        self.out.forward(&gated)
     }
 }
 
 /// Multi-head attention with bias-free q/k/v projections and a biased output projection.
-struct CrossAttention {
+pub(crate) struct CrossAttention {
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
@@ -829,7 +852,7 @@ struct CrossAttention {
 }
 
 impl CrossAttention {
-    fn new(query_dim: usize, context_dim: usize, heads: usize, vb: Weights) -> Result<Self> {
+    pub(crate) fn new(query_dim: usize, context_dim: usize, heads: usize, vb: Weights) -> Result<Self> {
         Ok(CrossAttention {
             to_q: linear_no_bias(query_dim, query_dim, vb.pp("to_q"))?,
             to_k: linear_no_bias(context_dim, query_dim, vb.pp("to_k"))?,
@@ -839,7 +862,7 @@ impl CrossAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;

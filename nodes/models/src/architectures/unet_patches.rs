@@ -1,7 +1,8 @@
 //! The UNet's hook points, as ComfyUI's `transformer_options["patches"]` and
 //! `["patches_replace"]` define them (`openaimodel.py`, `attention.py`): patches that see a
 //! block's output (`input_block_patch`, `input_block_patch_after_skip`, `output_block_patch`),
-//! an attention's inputs and output (`attn1_patch`, `attn1_output_patch`, `attn2_…`), and
+//! an attention's inputs and output (`attn1_patch`, `attn1_output_patch`, `attn2_…`), a
+//! transformer block's tokens between its two attentions (`middle_patch`), and
 //! replacements of the attention itself at one block (`patches_replace["attn1"][("middle", 0)]`).
 //!
 //! A patch implements the hooks it needs; [`UNetPatches`] keeps them in the order they were added
@@ -97,6 +98,12 @@ pub trait UNetPatch: Send + Sync {
     /// An attention's result, after its output projection.
     fn attention_output(&self, _kind: AttentionKind, _site: &AttentionSite, output: Tensor) -> Result<Tensor> {
         Ok(output)
+    }
+
+    /// A transformer block's tokens after its self-attention and residual, before its
+    /// cross-attention (`middle_patch`).
+    fn after_self_attention(&self, _site: &AttentionSite, x: Tensor) -> Result<Tensor> {
+        Ok(x)
     }
 }
 
@@ -214,6 +221,13 @@ impl UNetPatches {
             output = patch.attention_output(kind, site, output)?;
         }
         Ok(output)
+    }
+
+    pub(crate) fn after_self_attention(&self, site: &AttentionSite, mut x: Tensor) -> Result<Tensor> {
+        for patch in &self.patches {
+            x = patch.after_self_attention(site, x)?;
+        }
+        Ok(x)
     }
 }
 

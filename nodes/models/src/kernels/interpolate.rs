@@ -1,6 +1,7 @@
 //! PyTorch's `F.interpolate` on NCHW tensors where model code calls it (vision transformers'
-//! position embeddings, DPT heads): bilinear with `align_corners=True`, and bicubic
-//! (`align_corners=False`) at a given scale factor. Each output pixel weighs a few source pixels
+//! position embeddings, DPT heads, CLIP vision's preprocessing): bilinear with
+//! `align_corners=True`, bicubic (`align_corners=False`) at a given scale factor, and antialiased
+//! bicubic to a given size. Each output pixel weighs a few source pixels
 //! along each axis, with PyTorch's source positions, clamping and weights in f32, the width first;
 //! computed with candle's gathers on any device.
 
@@ -107,6 +108,79 @@ pub fn bicubic_scaled(x: &Tensor, scale_height: f64, scale_width: f64) -> Result
     let (_, _, in_height, in_width) = x.dims4()?;
     let x = bicubic_taps(in_width, scale_width).apply(x, 3)?;
     bicubic_taps(in_height, scale_height).apply(&x, 2)
+}
+
+/// Pillow's bicubic filter (A = −0.5), which PyTorch's antialiased resampling uses (`aa_filter`),
+/// with the fused multiply-adds its x86-64 build computes it with.
+fn antialias_cubic(x: f32) -> f32 {
+    const A: f32 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0).mul_add(x, -(A + 3.0)) * x).mul_add(x, 1.0)
+    } else if x < 2.0 {
+        A.mul_add(x, -5.0 * A).mul_add(x, 8.0 * A).mul_add(x, -4.0 * A)
+    } else {
+        0.0
+    }
+}
+
+/// Antialiased bicubic taps (`_compute_indices_min_size_weights_aa`): output `i` weighs the
+/// source pixels within the filter's support, widened by the scale when shrinking, around centre
+/// `scale·(i + ½)`, with weights normalised to sum to one; positions in PyTorch's mix of float
+/// and double arithmetic. Rows with fewer pixels than the widest are padded with zero weights.
+fn antialiased_bicubic_taps(input: usize, output: usize) -> Taps {
+    let scale = input as f32 / output as f32;
+    let (support, inverse_scale) = if scale >= 1.0 {
+        ((2.0 * f64::from(scale)) as f32, (1.0 / f64::from(scale)) as f32)
+    } else {
+        (2.0, 1.0)
+    };
+    let rows: Vec<(usize, Vec<f32>)> = (0..output)
+        .map(|i| {
+            let center = (f64::from(scale) * (i as f64 + 0.5)) as f32;
+            let first = ((f64::from(center - support) + 0.5) as i64).max(0) as usize;
+            let end = ((f64::from(center + support) + 0.5) as i64).clamp(0, input as i64) as usize;
+            let weights: Vec<f32> = (first..end.max(first))
+                .map(|j| {
+                    let offset = (f64::from(j as f32 - center) + 0.5) * f64::from(inverse_scale);
+                    antialias_cubic(offset as f32)
+                })
+                .collect();
+            let total: f32 = weights.iter().sum();
+            let weights = if total != 0.0 {
+                weights.iter().map(|w| w / total).collect()
+            } else {
+                weights
+            };
+            (first, weights)
+        })
+        .collect();
+    let width = rows.iter().map(|(_, weights)| weights.len()).max().unwrap_or(0).max(1);
+    let mut taps = Taps::new(width, output);
+    for (first, weights) in rows {
+        for k in 0..width {
+            let (index, weight) = match weights.get(k) {
+                Some(&weight) => (first + k, weight),
+                None => (first.min(input - 1), 0.0),
+            };
+            taps.indices[k].push(index as u32);
+            taps.weights[k].push(weight);
+        }
+    }
+    taps
+}
+
+/// `F.interpolate(x, size=(height, width), mode="bicubic", antialias=True)` on [B, C, H, W].
+pub fn bicubic_antialiased(x: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+    let (_, _, in_height, in_width) = x.dims4()?;
+    let x = match in_width == width {
+        true => x.clone(),
+        false => antialiased_bicubic_taps(in_width, width).apply(x, 3)?,
+    };
+    match in_height == height {
+        true => Ok(x),
+        false => antialiased_bicubic_taps(in_height, height).apply(&x, 2),
+    }
 }
 
 #[cfg(test)]
