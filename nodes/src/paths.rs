@@ -116,6 +116,8 @@ impl Paths {
             // ComfyUI-GGUF's folders (its nodes are built in): GGUF files beside the others.
             ("unet_gguf", &["unet", "diffusion_models"], only(&[".gguf"])),
             ("clip_gguf", &["text_encoders", "clip"], only(&[".gguf"])),
+            // ComfyUI_IPAdapter_plus's folder.
+            ("ipadapter", &["ipadapter"], pt()),
         ] {
             let mut folder = model_folder(dirs, extensions);
             if name == "custom_nodes" {

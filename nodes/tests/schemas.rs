@@ -4,7 +4,9 @@
 //! entries (`object_info_gguf_nodes.json`, `object_info_controlnet_aux_nodes.json`) are written
 //! from the packs' `INPUT_TYPES`, display names and `CATEGORY` as ComfyUI serialises V1 nodes
 //! (AIO_Preprocessor's list holding the preprocessors Easel has: the pack's holds every one it
-//! could import, which depends on the machine).
+//! could import, which depends on the machine). ComfyUI_IPAdapter_plus's
+//! (`object_info_ipadapter_nodes.json`) are copied from `GET /object_info` of ComfyUI 0.3.64 run
+//! with the pack installed.
 
 use easel_engine::Services;
 use easel_nodes::builtin_registry;
@@ -16,7 +18,11 @@ fn reference() -> Json {
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     };
     let mut reference = read("object_info_nodes.json");
-    for pack in ["object_info_gguf_nodes.json", "object_info_controlnet_aux_nodes.json"] {
+    for pack in [
+        "object_info_gguf_nodes.json",
+        "object_info_controlnet_aux_nodes.json",
+        "object_info_ipadapter_nodes.json",
+    ] {
         let Json::Object(entries) = read(pack) else {
             panic!("{pack} is an object");
         };
@@ -35,6 +41,7 @@ const FILE_COMBOS: &[(&str, &str)] = &[
     ("CLIPVisionLoader", "clip_name"),
     ("StyleModelLoader", "style_model_name"),
     ("GLIGENLoader", "gligen_name"),
+    ("IPAdapterModelLoader", "ipadapter_file"),
     ("CheckpointLoader", "config_name"),
     ("CheckpointLoader", "ckpt_name"),
     ("LoraLoader", "lora_name"),

@@ -195,7 +195,8 @@ fn information_routes_answer_like_comfyui() {
             "model_patches",
             "audio_encoders",
             "unet_gguf",
-            "clip_gguf"
+            "clip_gguf",
+            "ipadapter"
         ])
     );
     let checkpoints = server.base.path().join("models/checkpoints/sub");

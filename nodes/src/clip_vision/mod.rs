@@ -39,6 +39,17 @@ impl ClipVisionModel {
     /// `encode_image`: the images preprocessed to the encoder's size (`crop`: the centre square,
     /// else stretched) and encoded.
     pub fn encode(&self, image: &Image, crop: bool) -> Result<ClipVisionOutput, NodeError> {
+        self.encode_masked(image, crop, None)
+    }
+
+    /// [`Self::encode`] with the preprocessed pixels multiplied by `pixel_mask` [M, size, size]
+    /// (broadcast as PyTorch does: its items against the channels), as IPAdapterEncoder masks.
+    pub fn encode_masked(
+        &self,
+        image: &Image,
+        crop: bool,
+        pixel_mask: Option<&Tensor>,
+    ) -> Result<ClipVisionOutput, NodeError> {
         let config = self.0.config();
         let device = self.0.device();
         let images = Tensor::from_slice(
@@ -49,6 +60,13 @@ impl ClipVisionModel {
         .map_err(tensor_error)?;
         let (mean, std) = config.normalisation();
         let pixels = preprocess(&images, config.image_size, mean, std, crop).map_err(tensor_error)?;
+        let pixels = match pixel_mask {
+            Some(mask) => mask
+                .unsqueeze(0)
+                .and_then(|mask| pixels.broadcast_mul(&mask))
+                .map_err(tensor_error)?,
+            None => pixels,
+        };
         Ok(ClipVisionOutput(self.0.forward(&pixels).map_err(tensor_error)?))
     }
 }

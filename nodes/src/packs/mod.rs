@@ -1,9 +1,10 @@
 //! Nodes of custom-node packs, one module each, named as ComfyUI names the pack's module
 //! (`custom_nodes.<pack>`): [`gguf`] is city96's ComfyUI-GGUF, [`controlnet_aux`] Fannovel16's
-//! comfyui_controlnet_aux.
+//! comfyui_controlnet_aux, [`ipadapter`] cubiq's ComfyUI_IPAdapter_plus.
 
 pub mod controlnet_aux;
 pub mod gguf;
+pub mod ipadapter;
 
 use easel_engine::NodeRegistry;
 
@@ -11,4 +12,5 @@ use easel_engine::NodeRegistry;
 pub fn register(registry: &mut NodeRegistry) {
     gguf::register(registry);
     controlnet_aux::register(registry);
+    ipadapter::register(registry);
 }

@@ -20,6 +20,7 @@ pub mod flux;
 pub mod flux_controlnet;
 pub mod gligen;
 pub mod hypernetwork;
+pub mod ip_adapter;
 pub mod style_model;
 pub mod t2i_adapter;
 pub mod t5;

@@ -10,6 +10,7 @@
 //! facts patches depend on (the latent's shape, σ, which batch chunks are conditional) travel in
 //! [`CallInfo`].
 
+use std::any::Any;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{Result, Tensor};
@@ -110,7 +111,7 @@ pub trait UNetPatch: Send + Sync {
 /// Computes an attention in place of the network's (a `patches_replace` entry): takes the
 /// projected q, k and v, [B, tokens, heads·dim_head], and returns the heads' values before the
 /// output projection.
-pub trait AttentionReplace: Send + Sync {
+pub trait AttentionReplace: Any + Send + Sync {
     fn attend(&self, site: &AttentionSite, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
 }
 
@@ -153,6 +154,14 @@ impl UNetPatches {
             all.replace(*key, replacement.clone());
         }
         all
+    }
+
+    /// The replacement set at exactly `key`.
+    pub fn replacement_at(&self, key: &ReplaceKey) -> Option<&dyn AttentionReplace> {
+        self.replacements
+            .iter()
+            .find(|(existing, _)| existing == key)
+            .map(|(_, replacement)| replacement.as_ref())
     }
 
     /// The replacement for an attention: the one for its transformer block, else the one for

@@ -1,8 +1,8 @@
 //! Tiny models that condition generation beside the text: CLIP vision encoders (in
 //! `clip_vision/`: CLIP for SD1.x and SD2.x, one for SDXL, SigLIP for FLUX), style models (in
 //! `style_models/`: FLUX Redux for the tiny FLUX, the SD1.5 style adapter for the tiny SD1.x
-//! model), an SD2.1 unCLIP checkpoint (in `checkpoints/`) with its image encoder, and GLIGEN for
-//! the tiny SD1.x model (in `gligen/`).
+//! model), an SD2.1 unCLIP checkpoint (in `checkpoints/`) with its image encoder, GLIGEN for
+//! the tiny SD1.x model (in `gligen/`) and an IP-Adapter for it (in `ipadapter/`).
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +13,7 @@ use super::{
 use crate::architectures::clip_encoder::{Activation, ClipNaming};
 use crate::architectures::clip_vision::{ClipVision, ClipVisionConfig, VisionKind};
 use crate::architectures::gligen::{Gligen, GligenConfig};
+use crate::architectures::ip_adapter::{IpAdapter, IpAdapterConfig, ProjectionKind};
 use crate::architectures::style_model::{StyleModel, StyleModelConfig};
 use crate::architectures::unet::{UNet, UNetConfig};
 use crate::checkpoint::SD2_CLIP_PREFIX;
@@ -34,6 +35,10 @@ pub const TINY_SD1_STYLE_ADAPTER: &str = "easel_tiny_sd1_style_adapter.safetenso
 /// A tiny GLIGEN for the tiny SD1.x UNet: a module on each of its transformer blocks, boxes of
 /// its 64-wide CLIP-L's pooled vectors.
 pub const TINY_SD1_GLIGEN: &str = "easel_tiny_sd1_gligen.safetensors";
+/// A tiny standard IP-Adapter for the tiny SD1.x model, laid out as SD1.5's (16 key/value
+/// modules, of which the tiny UNet has the blocks of modules 1 and 13), taking the tiny CLIP
+/// vision encoder's embeddings.
+pub const TINY_SD1_IP_ADAPTER: &str = "easel_tiny_sd1_ip_adapter.safetensors";
 /// A tiny SD2.1 unCLIP checkpoint: the tiny SD2.x model with class conditioning by the
 /// embeddings of its image encoder (the tiny CLIP vision encoder's shape, in OpenCLIP's layout
 /// under `embedder.model.visual.`) and their noise level.
@@ -131,6 +136,26 @@ pub fn tiny_sd1_gligen() -> candle_core::Result<GligenConfig> {
     })
 }
 
+pub fn tiny_sd1_ip_adapter() -> IpAdapterConfig {
+    let unet = tiny_sd1_unet();
+    IpAdapterConfig {
+        projection: ProjectionKind::Linear { tokens: 4 },
+        clip_width: tiny_clip_vision().projection.unwrap_or(tiny_clip_vision().width),
+        token_width: unet.context_dim,
+        layers: (0..16)
+            .map(|module| (2 * module + 1, (unet.context_dim, unet.model_channels)))
+            .collect(),
+        sdxl: false,
+    }
+}
+
+/// Every tensor of an IP-Adapter.
+pub fn ip_adapter_layout(config: &IpAdapterConfig) -> candle_core::Result<Vec<TensorSpec>> {
+    let recorder = Recorder::default();
+    IpAdapter::new(config.clone(), recorder.var_builder("").into())?;
+    Ok(recorder.specs())
+}
+
 /// Every tensor of a vision encoder under `prefix`.
 pub fn clip_vision_layout(config: &ClipVisionConfig, prefix: &str) -> candle_core::Result<Vec<TensorSpec>> {
     let recorder = Recorder::default();
@@ -159,11 +184,12 @@ pub(super) fn write_conditioning_models(models_dir: &Path) -> std::io::Result<Ve
         std::fs::create_dir_all(&path)?;
         Ok(path)
     };
-    let (clip_vision, style_models, checkpoints, gligen) = (
+    let (clip_vision, style_models, checkpoints, gligen, ipadapter) = (
         folder("clip_vision")?,
         folder("style_models")?,
         folder("checkpoints")?,
         folder("gligen")?,
+        folder("ipadapter")?,
     );
     let files = [
         (
@@ -187,6 +213,10 @@ pub(super) fn write_conditioning_models(models_dir: &Path) -> std::io::Result<Ve
         (
             gligen.join(TINY_SD1_GLIGEN),
             tiny_sd1_gligen().and_then(|config| gligen_layout(&config)),
+        ),
+        (
+            ipadapter.join(TINY_SD1_IP_ADAPTER),
+            ip_adapter_layout(&tiny_sd1_ip_adapter()),
         ),
     ];
     let mut written = Vec::new();
