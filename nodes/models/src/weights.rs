@@ -142,6 +142,61 @@ impl MappedWeights for RenamedWeights {
     }
 }
 
+/// A weight file in which some tensors read zero-padded to a larger shape, their values in the
+/// leading corner (ComfyUI's `pad_weight`: an IC-Light UNet's input convolution, wider than the
+/// model's, before the IC-Light difference is added).
+pub struct PaddedWeights {
+    inner: Arc<dyn MappedWeights>,
+    /// Name → the shape it reads as.
+    padded: HashMap<String, Vec<usize>>,
+}
+
+impl PaddedWeights {
+    pub fn new(inner: Arc<dyn MappedWeights>, padded: HashMap<String, Vec<usize>>) -> Self {
+        PaddedWeights { inner, padded }
+    }
+}
+
+impl TensorShapes for PaddedWeights {
+    fn shape(&self, name: &str) -> Option<&[usize]> {
+        match self.padded.get(name) {
+            Some(shape) => Some(shape),
+            None => self.inner.shape(name),
+        }
+    }
+
+    fn tensor_names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        self.inner.tensor_names()
+    }
+}
+
+impl MappedWeights for PaddedWeights {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+
+    fn elements(&self, name: &str) -> Option<Elements<'_>> {
+        match self.padded.contains_key(name) {
+            true => None,
+            false => self.inner.elements(name),
+        }
+    }
+
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self.inner.load(name, dtype, device)?;
+        let Some(shape) = self.padded.get(name) else {
+            return Ok(tensor);
+        };
+        if shape.len() != tensor.rank() || shape.iter().zip(tensor.dims()).any(|(padded, own)| padded < own) {
+            candle_core::bail!("'{name}' of shape {:?} cannot be padded to {shape:?}", tensor.dims());
+        }
+        shape.iter().enumerate().try_fold(tensor, |tensor, (dim, &size)| {
+            let own = tensor.dim(dim)?;
+            tensor.pad_with_zeros(dim, 0, size - own)
+        })
+    }
+}
+
 /// Two weight files seen as one: the tensors `top` holds among `top_names`, and for every other
 /// name the tensor `base` holds under `base_prefix` (a control-LoRA's own tensors over the UNet
 /// of the model it controls).

@@ -65,6 +65,8 @@ pub enum ConditioningError {
     ExtraChannels(usize),
     #[error("the inpainting image cannot be used: {0}")]
     Inpaint(String),
+    #[error("{0}")]
+    IcLight(String),
     #[error("the conditioning has no pooled output, which this model needs ('pooled_output')")]
     NoPooledOutput,
     #[error(

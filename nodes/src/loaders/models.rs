@@ -146,6 +146,7 @@ pub(crate) fn build_model(
         device,
         differential_diffusion: None,
         edm_v_prediction,
+        ic_light: false,
         patches: ModelPatches::default(),
     })))
 }
@@ -453,6 +454,7 @@ fn build_flux(source: WeightSource, config: FluxConfig) -> Result<Model, NodeErr
         latent_format: LatentFormat::flux(),
         differential_diffusion: None,
         edm_v_prediction: None,
+        ic_light: false,
         patches: ModelPatches::default(),
     })))
 }

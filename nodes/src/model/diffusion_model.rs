@@ -186,6 +186,9 @@ pub struct DiffusionModel {
     /// (CosXL Edit) takes its image's latent in model space rather than raw
     /// (`process_ip2p_image_in`).
     pub edm_v_prediction: Option<(f64, f64)>,
+    /// An IC-Light UNet (LoadAndApplyICLightUnet): its extra input channels take the entry's
+    /// concatenated latents as they are (the foreground's, and the background's for "fbc").
+    pub ic_light: bool,
     pub patches: ModelPatches,
 }
 
@@ -369,6 +372,9 @@ impl DiffusionModel {
             return self.flux_concat(extra, entry, latent).map(Some);
         }
         let (batch, _, height, width) = latent.model_space.dims4()?;
+        if self.ic_light {
+            return self.ic_light_channels(extra, entry, latent).map(Some);
+        }
         if extra == INSTRUCT_PIX2PIX_CHANNELS {
             // `IP2P.concat_cond`: the raw latent (as ComfyUI's SD1.x and diffusers-SDXL
             // InstructPix2Pix models take it; in model space for CosXL Edit), else zeros.
@@ -412,6 +418,32 @@ impl DiffusionModel {
         };
         let image = resize_to_batch(&resize_centered(&image, height, width)?, batch)?;
         Ok(Some(Tensor::cat(&[&mask, &image], 1)?))
+    }
+
+    /// The extra input channels of an IC-Light UNet for an entry (the pack's `ICLight.extra_conds`):
+    /// the entry's concatenated latents, resized to the latent and matched to its batch; they
+    /// must fill the model's extra channels.
+    fn ic_light_channels(
+        &self,
+        extra: usize,
+        entry: &CondEntry,
+        latent: &LatentInputs,
+    ) -> Result<Tensor, ConditioningError> {
+        let (batch, _, height, width) = latent.model_space.dims4()?;
+        let Some(concat) = &entry.concat_image else {
+            return Err(ConditioningError::IcLight(
+                "'NoneType' object has no attribute 'shape' (an IC-Light model needs ICLightConditioning)".into(),
+            ));
+        };
+        let image = concat.latent.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let channels = image.dim(1)?;
+        if channels != extra {
+            let (input, model) = (channels + 4, extra + 4);
+            return Err(ConditioningError::IcLight(format!(
+                "Input channels {input} does not match model in_channels {model}, 'opt_background' latent input should be used with the IC-Light 'fbc' model, and only with it"
+            )));
+        }
+        Ok(resize_to_batch(&resize_centered(&image, height, width)?, batch)?)
     }
 
     /// The extra input channels of a FLUX model for an entry (ComfyUI's `Flux.concat_cond`):

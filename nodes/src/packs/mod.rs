@@ -1,9 +1,11 @@
 //! Nodes of custom-node packs, one module each, named as ComfyUI names the pack's module
 //! (`custom_nodes.<pack>`): [`gguf`] is city96's ComfyUI-GGUF, [`controlnet_aux`] Fannovel16's
-//! comfyui_controlnet_aux, [`ipadapter`] cubiq's ComfyUI_IPAdapter_plus.
+//! comfyui_controlnet_aux, [`ipadapter`] cubiq's ComfyUI_IPAdapter_plus, [`ic_light`] kijai's
+//! ComfyUI-IC-Light.
 
 pub mod controlnet_aux;
 pub mod gguf;
+pub mod ic_light;
 pub mod ipadapter;
 
 use easel_engine::NodeRegistry;
@@ -13,4 +15,5 @@ pub fn register(registry: &mut NodeRegistry) {
     gguf::register(registry);
     controlnet_aux::register(registry);
     ipadapter::register(registry);
+    ic_light::register(registry);
 }

@@ -2,7 +2,8 @@
 //! `clip_vision/`: CLIP for SD1.x and SD2.x, one for SDXL, SigLIP for FLUX), style models (in
 //! `style_models/`: FLUX Redux for the tiny FLUX, the SD1.5 style adapter for the tiny SD1.x
 //! model), an SD2.1 unCLIP checkpoint (in `checkpoints/`) with its image encoder, GLIGEN for
-//! the tiny SD1.x model (in `gligen/`) and an IP-Adapter for it (in `ipadapter/`).
+//! the tiny SD1.x model (in `gligen/`), an IP-Adapter for it (in `ipadapter/`) and IC-Light
+//! offsets for it (in `diffusion_models/`).
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +40,10 @@ pub const TINY_SD1_GLIGEN: &str = "easel_tiny_sd1_gligen.safetensors";
 /// modules, of which the tiny UNet has the blocks of modules 1 and 13), taking the tiny CLIP
 /// vision encoder's embeddings.
 pub const TINY_SD1_IP_ADAPTER: &str = "easel_tiny_sd1_ip_adapter.safetensors";
+/// Tiny IC-Light offsets for the tiny SD1.x UNet (in `diffusion_models/`, LDM names): "fc"
+/// (8 input channels: the latent and the foreground's) and "fbc" (12: and the background's).
+pub const TINY_SD1_IC_LIGHT_FC: &str = "easel_tiny_sd1_iclight_fc.safetensors";
+pub const TINY_SD1_IC_LIGHT_FBC: &str = "easel_tiny_sd1_iclight_fbc.safetensors";
 /// A tiny SD2.1 unCLIP checkpoint: the tiny SD2.x model with class conditioning by the
 /// embeddings of its image encoder (the tiny CLIP vision encoder's shape, in OpenCLIP's layout
 /// under `embedder.model.visual.`) and their noise level.
@@ -170,6 +175,17 @@ pub fn style_model_layout(config: &StyleModelConfig) -> candle_core::Result<Vec<
     Ok(recorder.specs())
 }
 
+/// Every tensor of IC-Light offsets for the tiny SD1.x UNet taking `in_channels`.
+pub fn ic_light_layout(in_channels: usize) -> candle_core::Result<Vec<TensorSpec>> {
+    let recorder = Recorder::default();
+    let unet = UNetConfig {
+        in_channels,
+        ..tiny_sd1_unet()
+    };
+    UNet::new(unet, recorder.var_builder("").into())?;
+    Ok(recorder.specs())
+}
+
 /// Every tensor of a GLIGEN file.
 pub fn gligen_layout(config: &GligenConfig) -> candle_core::Result<Vec<TensorSpec>> {
     let recorder = Recorder::default();
@@ -184,12 +200,13 @@ pub(super) fn write_conditioning_models(models_dir: &Path) -> std::io::Result<Ve
         std::fs::create_dir_all(&path)?;
         Ok(path)
     };
-    let (clip_vision, style_models, checkpoints, gligen, ipadapter) = (
+    let (clip_vision, style_models, checkpoints, gligen, ipadapter, diffusion_models) = (
         folder("clip_vision")?,
         folder("style_models")?,
         folder("checkpoints")?,
         folder("gligen")?,
         folder("ipadapter")?,
+        folder("diffusion_models")?,
     );
     let files = [
         (
@@ -218,6 +235,8 @@ pub(super) fn write_conditioning_models(models_dir: &Path) -> std::io::Result<Ve
             ipadapter.join(TINY_SD1_IP_ADAPTER),
             ip_adapter_layout(&tiny_sd1_ip_adapter()),
         ),
+        (diffusion_models.join(TINY_SD1_IC_LIGHT_FC), ic_light_layout(8)),
+        (diffusion_models.join(TINY_SD1_IC_LIGHT_FBC), ic_light_layout(12)),
     ];
     let mut written = Vec::new();
     for (path, layout) in files {
