@@ -540,7 +540,7 @@ mod tests {
         let yaml = dir.path().join("extra.yaml");
         std::fs::write(
             &yaml,
-            "a111:\n  base_path: ${EASEL_TEST_MODELS}/webui\n  checkpoints: models/Stable-diffusion\n  loras: |\n    models/Lora\n    models/LyCORIS\n  clip: clip\nother:\n  is_default: true\n  checkpoints: /abs/ckpts\n  ipadapter: ipa\nempty:\n",
+            "a111:\n  base_path: ${EASEL_TEST_MODELS}/webui\n  checkpoints: models/Stable-diffusion\n  loras: |\n    models/Lora\n    models/LyCORIS\n  clip: clip\nother:\n  is_default: true\n  checkpoints: /abs/ckpts\n  animatediff_models: anim\nempty:\n",
         )
         .unwrap();
         let base = dir.path().join("base");
@@ -560,8 +560,8 @@ mod tests {
             paths.folders["text_encoders"].dirs[2],
             dir.path().join("lib/webui/clip")
         );
-        assert_eq!(paths.folders["ipadapter"].dirs, [dir.path().join("ipa")]);
-        assert_eq!(paths.folders["ipadapter"].extensions, Extensions::Any);
+        assert_eq!(paths.folders["animatediff_models"].dirs, [dir.path().join("anim")]);
+        assert_eq!(paths.folders["animatediff_models"].extensions, Extensions::Any);
     }
 
     #[test]

@@ -290,3 +290,59 @@ fn the_tiny_ip_adapter_steers_sd1_through_the_nodes() {
         .remove(0);
     assert_eq!(max_abs_difference(&prompted, &sample(&from_embeds)), 0.0);
 }
+
+#[test]
+fn prep_image_for_clip_vision_matches_the_pack() {
+    let fixture = fixture_json("prep_image.json");
+    let setup = setup();
+    let shape = sizes(&fixture["shape"]);
+    let landscape = common::pattern_values(shape.iter().product(), fixture["seed"].as_i64().unwrap(), 0.5)
+        .iter()
+        .map(|v| v + 0.5)
+        .collect::<Vec<f32>>();
+    let landscape = easel_nodes::image::Image::new(shape[0], shape[1], shape[2], shape[3], landscape).unwrap();
+    // The same image turned a quarter (height and width swapped).
+    let mut portrait = easel_nodes::image::Image::filled(1, shape[2], shape[1], 3, 0.0);
+    for y in 0..shape[1] {
+        for x in 0..shape[2] {
+            for c in 0..3 {
+                let to = portrait.index(0, x, y, c);
+                portrait.data[to] = landscape.data[landscape.index(0, y, x, c)];
+            }
+        }
+    }
+    let rows = sizes(&fixture["rows"]);
+    for case in fixture["cases"].as_array().expect("cases") {
+        let image = match case["image"].as_str().unwrap() {
+            "portrait" => portrait.clone(),
+            _ => landscape.clone(),
+        };
+        let prepared = setup
+            .call(
+                "PrepImageForClipVision",
+                vec![
+                    ("image", Value::object(image)),
+                    ("interpolation", j(case["interpolation"].clone())),
+                    ("crop_position", j(case["crop_position"].clone())),
+                    ("sharpening", j(case["sharpening"].clone())),
+                ],
+            )
+            .expect("prepared")
+            .remove(0);
+        let prepared = prepared.downcast::<easel_nodes::image::Image>().expect("an image");
+        let name = format!("{} {} {}", case["image"], case["interpolation"], case["crop_position"]);
+        assert_eq!((prepared.height, prepared.width), (224, 224), "{name}");
+        for (row, expected) in rows.iter().zip(case["rows"].as_array().unwrap()) {
+            let got = &prepared.data[row * 224 * 3..(row + 1) * 224 * 3];
+            let worst = got
+                .iter()
+                .zip(common::floats(expected))
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{name} row {row}: differs by {worst}");
+        }
+        let sum: f64 = prepared.data.iter().map(|&v| f64::from(v)).sum();
+        let expected = case["sum"].as_f64().unwrap();
+        assert!((sum - expected).abs() < 1e-2, "{name}: sum {sum} against {expected}");
+    }
+}

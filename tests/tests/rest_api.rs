@@ -436,6 +436,35 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
     let estimator = estimators.first().expect("a DepthAnythingV2Preprocessor");
     assert_eq!(estimator["inputs"]["ckpt_name"], "depth_anything_v2_vits.pth");
 
+    // An IP-Adapter with two image prompts (averaged) and a negative one, through the tiny SD1.5
+    // adapter and encoder; the task shows the images by their URLs.
+    let ip_adapter = json!({
+        "ipadapter": "easel_tiny_sd1_ip_adapter.safetensors", "clip_vision": "easel_tiny_clip_vision.safetensors",
+        "images": [b64(&picture()), b64(&png(48, 40, |x, y| [(x * 5) as u8, (y * 6) as u8, 90]))],
+        "image_negative": [b64(&mask())], "weight": 0.9, "combine_embeds": "average", "end_at": 1.0,
+    });
+    let mut prompted = tiny("sd15", "text2img");
+    prompted["ip_adapter"] = ip_adapter.clone();
+    let task = generate(api, prompted).json();
+    assert_eq!(task["status"], "succeeded", "ip_adapter: {task}");
+    let applies = prompt_nodes(api, &task, "IPAdapterAdvanced");
+    let apply = applies.first().expect("an IPAdapterAdvanced");
+    assert_eq!(
+        (
+            apply["inputs"]["combine_embeds"].as_str(),
+            apply["inputs"]["weight"].as_f64()
+        ),
+        (Some("average"), Some(0.9))
+    );
+    assert!(apply["inputs"]["image_negative"].is_array(), "{apply}");
+    assert_eq!(prompt_nodes(api, &task, "ImageBatch").len(), 1);
+    let shown = task["request"]["ip_adapter"]["images"][1].as_str().unwrap();
+    assert!(shown.starts_with("/view?filename="), "{task}");
+    let mut flux_prompted = tiny("flux", "text2img");
+    flux_prompted["ip_adapter"] = ip_adapter;
+    let answer = generate(api, flux_prompted);
+    assert_eq!(answer.status, 501, "IP-Adapter for FLUX");
+
     for mode in ["text2img", "img2img"] {
         let task = generate(api, tiny("flux", mode)).json();
         assert_eq!(task["status"], "succeeded", "flux {mode}: {task}");
@@ -548,6 +577,18 @@ fn bad_requests_name_the_field_and_queue_nothing() {
     let body = refused(with(json!({"family": "sd3", "model": null})), 501, "family");
     assert_eq!(body["error"]["code"], "not_implemented");
     refused(with(json!({"mode": "upscale"})), 501, "mode");
+    refused(
+        with(json!({"ip_adapter": {"clip_vision": "a.safetensors", "images": []}})),
+        400,
+        "ip_adapter",
+    );
+    refused(
+        with(
+            json!({"ip_adapter": {"ipadapter": "a.safetensors", "clip_vision": "b.safetensors", "images": [], "weight": 0.5}}),
+        ),
+        400,
+        "ip_adapter",
+    );
     let body = refused(
         with(json!({"controlnets": [{"controlnet": "canny.safetensors", "type": "canny"}]})),
         400,

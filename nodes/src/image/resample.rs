@@ -2,7 +2,8 @@
 //!
 //! `nearest-exact`, `bilinear`, `bicubic` and `area` reproduce PyTorch's CPU `interpolate` kernels for
 //! float32 (`align_corners=False`, no antialias), including the order of their float operations;
-//! `lanczos` reproduces Pillow's 8-bit `Image.resize(LANCZOS)`, which ComfyUI calls per image.
+//! `lanczos` reproduces Pillow's 8-bit `Image.resize(LANCZOS)`, which ComfyUI calls per image
+//! ([`pillow_resize`] with Pillow's other filters too).
 //!
 //! Reference builds: PyTorch 2.8 x86-64 wheels (compiled with FMA contraction) running more than one
 //! thread, and Pillow 13. `tests/image_ops.rs` checks every method bit for bit against them.
@@ -334,27 +335,89 @@ fn cubic_taps(input: usize, output: usize) -> Vec<([usize; 4], [f32; 4])> {
 /// Pillow's fixed-point precision for 8-bit resampling.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
-/// Pillow's `precompute_coeffs` for the Lanczos filter, normalised to fixed point: per output
-/// index, the first source index and the integer weights.
-fn lanczos_coefficients(input: usize, output: usize) -> Vec<(usize, Vec<i32>)> {
-    fn sinc(x: f64) -> f64 {
-        if x == 0.0 {
-            1.0
-        } else {
-            let x = x * std::f64::consts::PI;
-            x.sin() / x
+/// Pillow's resampling filters (`Image.Resampling`), by their support and kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PillowFilter {
+    Box,
+    Bilinear,
+    Hamming,
+    Bicubic,
+    Lanczos,
+}
+
+impl PillowFilter {
+    /// The filter named as Pillow names it (`LANCZOS`, `BICUBIC`, …).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "BOX" => PillowFilter::Box,
+            "BILINEAR" => PillowFilter::Bilinear,
+            "HAMMING" => PillowFilter::Hamming,
+            "BICUBIC" => PillowFilter::Bicubic,
+            "LANCZOS" => PillowFilter::Lanczos,
+            _ => return None,
+        })
+    }
+
+    fn support(self) -> f64 {
+        match self {
+            PillowFilter::Box => 0.5,
+            PillowFilter::Bilinear | PillowFilter::Hamming => 1.0,
+            PillowFilter::Bicubic => 2.0,
+            PillowFilter::Lanczos => 3.0,
         }
     }
-    let filter = |x: f64| {
-        if (-3.0..3.0).contains(&x) {
-            sinc(x) * sinc(x / 3.0)
-        } else {
-            0.0
+
+    /// The kernel at `x` (Pillow's `box_filter`, `bilinear_filter`, `hamming_filter`,
+    /// `bicubic_filter` with a = −0.5, `lanczos_filter`).
+    fn weight(self, x: f64) -> f64 {
+        fn sinc(x: f64) -> f64 {
+            if x == 0.0 {
+                1.0
+            } else {
+                let x = x * std::f64::consts::PI;
+                x.sin() / x
+            }
         }
-    };
+        match self {
+            PillowFilter::Box => f64::from(u8::from(x > -0.5 && x <= 0.5)),
+            PillowFilter::Bilinear => (1.0 - x.abs()).max(0.0),
+            PillowFilter::Hamming => {
+                let x = x.abs();
+                match x {
+                    0.0 => 1.0,
+                    x if x >= 1.0 => 0.0,
+                    x => {
+                        let x = x * std::f64::consts::PI;
+                        // Pillow writes the constants as C floats.
+                        x.sin() / x * (f64::from(0.54f32) + f64::from(0.46f32) * x.cos())
+                    }
+                }
+            }
+            PillowFilter::Bicubic => {
+                const A: f64 = -0.5;
+                let x = x.abs();
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+            PillowFilter::Lanczos => match (-3.0..3.0).contains(&x) {
+                true => sinc(x) * sinc(x / 3.0),
+                false => 0.0,
+            },
+        }
+    }
+}
+
+/// Pillow's `precompute_coeffs` for `filter`, normalised to fixed point: per output index, the
+/// first source index and the integer weights.
+fn pillow_coefficients(input: usize, output: usize, filter: PillowFilter) -> Vec<(usize, Vec<i32>)> {
     let scale = input as f64 / output as f64;
     let filterscale = scale.max(1.0);
-    let support = 3.0 * filterscale;
+    let support = filter.support() * filterscale;
     (0..output)
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
@@ -362,7 +425,7 @@ fn lanczos_coefficients(input: usize, output: usize) -> Vec<(usize, Vec<i32>)> {
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(input as i64) as usize;
             let weights: Vec<f64> = (0..xmax.saturating_sub(xmin))
-                .map(|x| filter((x as f64 + xmin as f64 - center + 0.5) * ss))
+                .map(|x| filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss))
                 .collect();
             let total: f64 = weights.iter().sum();
             let fixed = weights
@@ -386,8 +449,9 @@ fn clip8(sum: i32) -> u8 {
     (sum >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// One separable Lanczos pass over `[lines][length][channels]` u8 data along `length`.
-fn lanczos_pass(
+/// One separable pass of `filter` over `[lines][length][channels]` u8 data along `length`.
+#[allow(clippy::too_many_arguments)]
+fn pillow_pass(
     data: &[u8],
     lines: usize,
     length: usize,
@@ -395,8 +459,9 @@ fn lanczos_pass(
     stride_pos: usize,
     channels: usize,
     out_len: usize,
+    filter: PillowFilter,
 ) -> Vec<u8> {
-    let coefficients = lanczos_coefficients(length, out_len);
+    let coefficients = pillow_coefficients(length, out_len, filter);
     let mut out = vec![0u8; lines * out_len * channels];
     for line in 0..lines {
         for (o, (start, weights)) in coefficients.iter().enumerate() {
@@ -414,8 +479,14 @@ fn lanczos_pass(
 }
 
 /// Pillow's `Image.resize((w, h), LANCZOS)` on each item quantised to 8 bits, as ComfyUI's `lanczos`.
-/// RGBA is resized premultiplied, as Pillow does.
 fn lanczos(image: &Image, out_h: usize, out_w: usize) -> Result<Image, NodeError> {
+    pillow_resize(image, out_h, out_w, PillowFilter::Lanczos)
+}
+
+/// Pillow's `Image.resize((w, h), filter)` on each item quantised to 8 bits (truncated, as
+/// `Image.fromarray` of `255·x` as uint8 and torchvision's `ToPILImage` do). RGBA is resized
+/// premultiplied, as Pillow does.
+pub fn pillow_resize(image: &Image, out_h: usize, out_w: usize, filter: PillowFilter) -> Result<Image, NodeError> {
     let (h, w, ch) = (image.height, image.width, image.channels);
     let mut frames = Vec::with_capacity(image.batch);
     for b in 0..image.batch {
@@ -433,7 +504,7 @@ fn lanczos(image: &Image, out_h: usize, out_w: usize) -> Result<Image, NodeError
         for vertical in if vertical_first { [true, false] } else { [false, true] } {
             if vertical && out_h != height {
                 // Treat columns as lines: line stride = one pixel, position stride = one row.
-                let transposed = lanczos_pass(&data, width, height, ch, width * ch, ch, out_h);
+                let transposed = pillow_pass(&data, width, height, ch, width * ch, ch, out_h, filter);
                 data = vec![0u8; out_h * width * ch];
                 for x in 0..width {
                     for y in 0..out_h {
@@ -443,7 +514,7 @@ fn lanczos(image: &Image, out_h: usize, out_w: usize) -> Result<Image, NodeError
                 }
                 height = out_h;
             } else if !vertical && out_w != width {
-                data = lanczos_pass(&data, height, width, width * ch, ch, ch, out_w);
+                data = pillow_pass(&data, height, width, width * ch, ch, ch, out_w, filter);
                 width = out_w;
             }
         }
@@ -544,7 +615,7 @@ mod tests {
     #[test]
     fn lanczos_weights_sum_to_one_in_fixed_point() {
         for (input, output) in [(10, 3), (3, 10), (64, 64)] {
-            for (_, weights) in lanczos_coefficients(input, output) {
+            for (_, weights) in pillow_coefficients(input, output, PillowFilter::Lanczos) {
                 let total: i32 = weights.iter().sum();
                 assert!((total - (1 << PRECISION_BITS)).abs() <= weights.len() as i32);
             }

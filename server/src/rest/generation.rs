@@ -206,6 +206,8 @@ pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(Store
         image: stored_images.image.as_deref(),
         mask: stored_images.mask.as_deref(),
         control_images: &control_images,
+        ip_adapter_images: &stored_images.ip_adapter_images,
+        ip_adapter_negatives: &stored_images.ip_adapter_negatives,
         union_inpaint_controls: &union_inpaint_controls,
         depth_checkpoint,
         styles: &chosen_styles,
@@ -423,6 +425,9 @@ struct StoredInputs {
     mask: Option<String>,
     /// Each ControlNet's own image, if it brought one.
     controls: Vec<Option<String>>,
+    /// The IP-Adapter's image prompts and negative ones.
+    ip_adapter_images: Vec<String>,
+    ip_adapter_negatives: Vec<String>,
     /// Files this request created (removed again if it is refused).
     created: Vec<PathBuf>,
 }
@@ -433,6 +438,8 @@ impl StoredInputs {
             image: None,
             mask: None,
             controls: Vec::new(),
+            ip_adapter_images: Vec::new(),
+            ip_adapter_negatives: Vec::new(),
             created: Vec::new(),
         };
         let folder = paths.input.join("rest");
@@ -464,11 +471,22 @@ impl StoredInputs {
                 .iter()
                 .map(|control| store("controlnets", &control.image))
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok((image, mask, controls))
+            let mut ip_images = |images: &[UploadedImage]| -> Result<Vec<String>, RestError> {
+                images
+                    .iter()
+                    .map(|image| Ok(store("ip_adapter", &Some(image.clone()))?.unwrap_or_default()))
+                    .collect()
+            };
+            let (ip_adapter_images, ip_adapter_negatives) = match &request.ip_adapter {
+                Some(ip_adapter) => (ip_images(&ip_adapter.images)?, ip_images(&ip_adapter.negative_images)?),
+                None => (Vec::new(), Vec::new()),
+            };
+            Ok((image, mask, controls, ip_adapter_images, ip_adapter_negatives))
         })();
         match written {
-            Ok((image, mask, controls)) => {
+            Ok((image, mask, controls, ip_adapter_images, ip_adapter_negatives)) => {
                 (stored.image, stored.mask, stored.controls) = (image, mask, controls);
+                (stored.ip_adapter_images, stored.ip_adapter_negatives) = (ip_adapter_images, ip_adapter_negatives);
                 Ok(stored)
             }
             Err(error) => {
@@ -502,6 +520,16 @@ fn sanitized_request(
     for (field, name) in [("image", &images.image), ("mask", &images.mask)] {
         if let Some(name) = name {
             fields.insert(field.into(), url(name));
+        }
+    }
+    if let Some(Json::Object(ip_adapter)) = fields.get_mut("ip_adapter") {
+        for (key, stored) in [
+            ("images", &images.ip_adapter_images),
+            ("image_negative", &images.ip_adapter_negatives),
+        ] {
+            if ip_adapter.contains_key(key) {
+                ip_adapter.insert(key.into(), stored.iter().map(|name| url(name)).collect());
+            }
         }
     }
     if let Some(Json::Array(controls)) = fields.get_mut("controlnets") {

@@ -24,8 +24,11 @@ pub fn workflow_for(request: &GenerateRequest) -> Result<&'static str, RestError
     if !request.controlnets.is_empty() && request.refiner.is_some() {
         return Err(RestError::not_yet("controlnets", "ControlNet with a refiner"));
     }
-    if request.ip_adapter.is_some() {
-        return Err(RestError::not_yet("ip_adapter", "IP-Adapter"));
+    if request.ip_adapter.is_some() && request.family == Family::Flux {
+        return Err(RestError::not_yet("ip_adapter", "IP-Adapter for FLUX"));
+    }
+    if request.ip_adapter.is_some() && request.refiner.is_some() {
+        return Err(RestError::not_yet("ip_adapter", "IP-Adapter with a refiner"));
     }
     if request.family == Family::Flux && !request.loras.is_empty() {
         return Err(RestError::not_yet("loras", "LoRA for FLUX"));
@@ -66,6 +69,9 @@ pub struct Ingredients<'a> {
     pub output_prefix: &'a str,
     /// Each ControlNet's image, as LoadImage names it.
     pub control_images: &'a [&'a str],
+    /// The IP-Adapter's image prompts and negative ones, as LoadImage names them.
+    pub ip_adapter_images: &'a [String],
+    pub ip_adapter_negatives: &'a [String],
     /// For each ControlNet, whether it is a union ControlNet given an inpaint hint (its masked
     /// pixels are marked black rather than -1).
     pub union_inpaint_controls: &'a [bool],
@@ -221,6 +227,7 @@ pub fn build(request: &GenerateRequest, name: &str, ingredients: &Ingredients<'_
         None => (json!([loader, 0]), json!([loader, 1])),
     };
     chain_loras(request, model, clip, &mut nodes, &mut built);
+    chain_ip_adapter(request, ingredients, &mut nodes, &mut built);
     chain_controlnets(request, ingredients, &mut nodes, &mut built);
     built.prompt = Json::Object(nodes);
     Ok(built)
@@ -379,6 +386,92 @@ fn chain_loras(
         relink(nodes, &model, &lora_model, &id);
         relink(nodes, &clip, &lora_clip, &id);
         (model, clip) = (lora_model, lora_clip);
+    }
+}
+
+/// Puts the request's IP-Adapter between the model and every sampler: its model and CLIP
+/// vision encoder loaded, its images loaded and batched (ImageBatch), IPAdapterAdvanced applying
+/// them to the model the sampler took.
+fn chain_ip_adapter(
+    request: &GenerateRequest,
+    ingredients: &Ingredients<'_>,
+    nodes: &mut Map<String, Json>,
+    built: &mut BuiltPrompt,
+) {
+    const FIELD: &str = "ip_adapter";
+    let Some(ip_adapter) = &request.ip_adapter else {
+        return;
+    };
+    let samplers: Vec<String> = nodes
+        .iter()
+        .filter(|(_, node)| {
+            ["KSampler", "KSamplerAdvanced"]
+                .iter()
+                .any(|class| node["class_type"] == *class)
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    let loader = built.add_node(
+        nodes,
+        json!({"class_type": "IPAdapterModelLoader", "inputs": {"ipadapter_file": ip_adapter.model}, "_meta": {"title": "IPAdapter Model Loader"}}),
+        FIELD,
+        &["ipadapter_file"],
+    );
+    let encoder = built.add_node(
+        nodes,
+        json!({"class_type": "CLIPVisionLoader", "inputs": {"clip_name": ip_adapter.clip_vision}, "_meta": {"title": "Load CLIP Vision"}}),
+        FIELD,
+        &["clip_name"],
+    );
+    // The images loaded and joined into one batch, in order.
+    let mut batched = |names: &[String], title: &str| -> Option<Json> {
+        let mut batch: Option<Json> = None;
+        for name in names {
+            let loaded = built.add_node(
+                nodes,
+                json!({"class_type": "LoadImage", "inputs": {"image": name}, "_meta": {"title": title}}),
+                FIELD,
+                &["image"],
+            );
+            batch = Some(match batch {
+                None => json!([loaded, 0]),
+                Some(previous) => {
+                    let joined = json!({"class_type": "ImageBatch", "inputs": {"image1": previous, "image2": [loaded, 0]}, "_meta": {"title": "Batch Images"}});
+                    json!([built.add_node(nodes, joined, FIELD, &[]), 0])
+                }
+            });
+        }
+        batch
+    };
+    let Some(images) = batched(ingredients.ip_adapter_images, "Load Image (image prompt)") else {
+        return;
+    };
+    let negative = batched(ingredients.ip_adapter_negatives, "Load Image (negative image prompt)");
+    for sampler in samplers {
+        let mut apply = json!({
+            "class_type": "IPAdapterAdvanced",
+            "inputs": {
+                "model": nodes[&sampler]["inputs"]["model"].clone(), "ipadapter": [loader, 0], "image": images.clone(),
+                "weight": ip_adapter.weight, "weight_type": ip_adapter.weight_type,
+                "combine_embeds": ip_adapter.combine_embeds, "start_at": ip_adapter.start_at,
+                "end_at": ip_adapter.end_at, "embeds_scaling": ip_adapter.embeds_scaling,
+                "clip_vision": [encoder, 0],
+            },
+            "_meta": {"title": "IPAdapter Advanced"},
+        });
+        if let Some(negative) = &negative {
+            apply["inputs"]["image_negative"] = negative.clone();
+        }
+        let settings = [
+            "weight",
+            "weight_type",
+            "combine_embeds",
+            "start_at",
+            "end_at",
+            "embeds_scaling",
+        ];
+        let applied = built.add_node(nodes, apply, FIELD, &settings);
+        nodes[&sampler]["inputs"]["model"] = json!([applied, 0]);
     }
 }
 

@@ -175,6 +175,25 @@ pub struct ControlnetRequest {
     pub end_percent: f64,
 }
 
+/// The IP-Adapter to apply (SD1.x and SDXL), as IPAdapterAdvanced takes it.
+#[derive(Debug, Clone)]
+pub struct IpAdapterRequest {
+    /// The file in `models/ipadapter`.
+    pub model: String,
+    /// The CLIP vision encoder, a file in `models/clip_vision`.
+    pub clip_vision: String,
+    /// The image prompts (at least one), combined by `combine_embeds`.
+    pub images: Vec<UploadedImage>,
+    /// Negative image prompts (none: the unconditional side sees no image).
+    pub negative_images: Vec<UploadedImage>,
+    pub weight: f64,
+    pub start_at: f64,
+    pub end_at: f64,
+    pub weight_type: String,
+    pub combine_embeds: String,
+    pub embeds_scaling: String,
+}
+
 /// How far an outpainting extends the image on each side, and how soft the seam is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outpaint {
@@ -226,7 +245,7 @@ pub struct GenerateRequest {
     pub outpaint: Outpaint,
     pub loras: Vec<LoraRequest>,
     pub controlnets: Vec<ControlnetRequest>,
-    pub ip_adapter: Option<Json>,
+    pub ip_adapter: Option<IpAdapterRequest>,
     pub styles: Vec<String>,
     pub preset: Option<String>,
     pub priority: i64,
@@ -274,6 +293,27 @@ pub const FIELDS: [&str; 34] = [
     "return",
     "output_format",
     "client_id",
+];
+
+/// The most image prompts (and negative ones) an IP-Adapter request may send.
+const MAX_IP_ADAPTER_IMAGES: usize = 8;
+/// ComfyUI_IPAdapter_plus's weight types.
+const IP_ADAPTER_WEIGHT_TYPES: [&str; 15] = [
+    "linear",
+    "ease in",
+    "ease out",
+    "ease in-out",
+    "reverse in-out",
+    "weak input",
+    "weak output",
+    "weak middle",
+    "strong middle",
+    "style transfer",
+    "composition",
+    "strong style transfer",
+    "style and composition",
+    "style transfer precise",
+    "composition precise",
 ];
 
 /// The largest side a request may ask for (ComfyUI's `MAX_RESOLUTION` is larger, but a REST
@@ -507,7 +547,7 @@ pub fn parse(raw: &RawRequest, max_image_bytes: usize) -> Result<GenerateRequest
         outpaint,
         loras: fields.loras()?,
         controlnets,
-        ip_adapter: raw.fields.get("ip_adapter").filter(|value| !value.is_null()).cloned(),
+        ip_adapter: fields.ip_adapter(max_image_bytes)?,
         styles: fields.names("styles")?,
         preset: fields.name("preset")?,
         priority: match raw.fields.get("priority") {
@@ -833,6 +873,106 @@ impl Fields<'_> {
                 })
             })
             .collect()
+    }
+
+    /// The IP-Adapter: `{"ipadapter" (or "model"), "clip_vision", "images": [base64…],
+    /// "image_negative": [base64…], "weight" [0.7], "start_at" [0], "end_at" [0.4],
+    /// "weight_type" [linear], "combine_embeds" [concat], "embeds_scaling" [V only]}`.
+    fn ip_adapter(&self, max_image_bytes: usize) -> Result<Option<IpAdapterRequest>, RestError> {
+        const FIELD: &str = "ip_adapter";
+        let Some(value) = self.get(FIELD) else {
+            return Ok(None);
+        };
+        let fields = Fields(value.as_object().ok_or_else(|| {
+            RestError::field(
+                FIELD,
+                "`ip_adapter` is an object: {\"ipadapter\", \"clip_vision\", \"images\", \"weight\", …}",
+            )
+        })?);
+        let in_field = |error: RestError| RestError::field(FIELD, error.message);
+        let file = |keys: &[&str], folder: &str| -> Result<String, RestError> {
+            keys.iter()
+                .find_map(|key| fields.get(key).and_then(Json::as_str).filter(|name| !name.is_empty()))
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    RestError::field(
+                        FIELD,
+                        format!("the IP-Adapter needs `{}` (a file in models/{folder})", keys[0]),
+                    )
+                })
+        };
+        let images = |key: &str| -> Result<Vec<UploadedImage>, RestError> {
+            let list = match fields.get(key) {
+                None => return Ok(Vec::new()),
+                Some(Json::String(one)) => vec![Json::String(one.clone())],
+                Some(Json::Array(list)) if list.len() <= MAX_IP_ADAPTER_IMAGES => list.clone(),
+                Some(_) => {
+                    return Err(RestError::field(
+                        FIELD,
+                        format!("`{key}` is a list of up to {MAX_IP_ADAPTER_IMAGES} images (base64 or data URLs)"),
+                    ))
+                }
+            };
+            list.iter()
+                .map(|image| {
+                    let one = Map::from_iter([(key.to_string(), image.clone())]);
+                    Fields(&one)
+                        .image(key, max_image_bytes, &[])
+                        .map_err(in_field)?
+                        .ok_or_else(|| RestError::field(FIELD, format!("`{key}` holds an empty image")))
+                })
+                .collect()
+        };
+        let images_given = images("images")?;
+        if images_given.is_empty() {
+            return Err(RestError::field(
+                FIELD,
+                "the IP-Adapter needs `images`: at least one image prompt",
+            ));
+        }
+        let choice = |key: &str, default: &str, allowed: &[&str]| -> Result<String, RestError> {
+            let value = fields
+                .string(key)
+                .map_err(in_field)?
+                .unwrap_or_else(|| default.to_string());
+            match allowed.contains(&value.as_str()) {
+                true => Ok(value),
+                false => Err(RestError::field(
+                    FIELD,
+                    format!("`{key}` is one of {}", allowed.join(", ")),
+                )),
+            }
+        };
+        let (start_at, end_at) = (
+            fields.number("start_at", 0.0, 0.0, 1.0).map_err(in_field)?,
+            fields.number("end_at", 0.4, 0.0, 1.0).map_err(in_field)?,
+        );
+        if start_at > end_at {
+            return Err(RestError::field(
+                FIELD,
+                "the IP-Adapter's `start_at` is after its `end_at`",
+            ));
+        }
+        Ok(Some(IpAdapterRequest {
+            model: file(&["ipadapter", "model"], "ipadapter")?,
+            clip_vision: file(&["clip_vision"], "clip_vision")?,
+            images: images_given,
+            negative_images: images("image_negative")?,
+            weight: fields.number("weight", 0.7, -1.0, 5.0).map_err(in_field)?,
+            start_at,
+            end_at,
+            weight_type: choice("weight_type", "linear", &IP_ADAPTER_WEIGHT_TYPES)?,
+            combine_embeds: choice(
+                "combine_embeds",
+                "concat",
+                &["concat", "add", "subtract", "average", "norm average"],
+            )?,
+            embeds_scaling: choice(
+                "embeds_scaling",
+                "V only",
+                &["V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty"],
+            )?,
+        }))
     }
 
     /// An image given as base64, a data URL, or (multipart) a file.

@@ -61,6 +61,30 @@ pub struct ControlnetEntry {
     pub end_percent: Option<f64>,
 }
 
+/// An image prompt through ComfyUI_IPAdapter_plus's IPAdapterAdvanced.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct IpAdapterEntry {
+    /// A file in `models/ipadapter` (`model` is accepted too).
+    pub ipadapter: String,
+    /// A file in `models/clip_vision` (the family API may name it at the top of the request).
+    pub clip_vision: String,
+    /// The image prompts: base64 or data URLs (up to 8).
+    pub images: Vec<String>,
+    /// Negative image prompts.
+    pub image_negative: Option<Vec<String>>,
+    /// Default 0.7.
+    pub weight: Option<f64>,
+    /// The part of sampling it steers: default 0 to 0.4.
+    pub start_at: Option<f64>,
+    pub end_at: Option<f64>,
+    /// One of the pack's weight types (default `linear`).
+    pub weight_type: Option<String>,
+    /// `concat` (default), `add`, `subtract`, `average` or `norm average`.
+    pub combine_embeds: Option<String>,
+    /// `V only` (default), `K+V`, `K+V w/ C penalty` or `K+mean(V) w/ C penalty`.
+    pub embeds_scaling: Option<String>,
+}
+
 /// `POST /v1/generate`: JSON (images as base64 or data URLs) or a multipart form (the same
 /// fields as text, `image` and `mask` as files). Only `prompt` is required.
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -109,8 +133,8 @@ pub struct GenerateRequestBody {
     /// ControlNets, in order (up to 4; FLUX takes XLabs' and Mistoline's; refiner requests
     /// answer 501 for now).
     pub controlnets: Option<Vec<ControlnetEntry>>,
-    /// Not available yet (501).
-    pub ip_adapter: Option<Value>,
+    /// An IP-Adapter on SD1.x or SDXL (FLUX and refiner requests answer 501).
+    pub ip_adapter: Option<IpAdapterEntry>,
     /// Names from `/v1/styles`, applied in order.
     pub styles: Option<Vec<String>>,
     /// A name from `/v1/presets`: its fields under the request's own.

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod nodes;
+mod prep_image;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 //! The pack's nodes: IPAdapterModelLoader, IPAdapterUnifiedLoader, IPAdapter, IPAdapterAdvanced,
-//! IPAdapterBatch, IPAdapterEmbeds, IPAdapterEncoder and IPAdapterCombineEmbeds.
+//! IPAdapterBatch, IPAdapterEmbeds, IPAdapterEncoder and IPAdapterCombineEmbeds (and
+//! PrepImageForClipVision, in [`super::prep_image`]).
 
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeRegistry, Services, Value};
@@ -21,7 +22,7 @@ use crate::runtime::{device, tensor_error};
 use easel_models::kernels::interpolate::bicubic_antialiased;
 
 /// The pack's module name, as ComfyUI names a custom node pack's module.
-const MODULE: &str = "custom_nodes.ComfyUI_IPAdapter_plus";
+pub(super) const MODULE: &str = "custom_nodes.ComfyUI_IPAdapter_plus";
 const COMBINE_METHODS: [&str; 5] = ["concat", "add", "subtract", "average", "norm average"];
 /// The unified loader's presets.
 const PRESETS: [&str; 6] = [
@@ -42,6 +43,7 @@ pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(IpAdapterEmbeds);
     registry.register(IpAdapterEncoder);
     registry.register(IpAdapterCombineEmbeds);
+    registry.register(super::prep_image::PrepImageForClipVision);
 }
 
 /// A weight input whose range the pack writes as integers (`"min": -1, "max": 3`).

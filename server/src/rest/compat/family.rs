@@ -130,6 +130,10 @@ pub fn to_request(family: &str, body: &Map<String, Json>) -> Result<RawRequest, 
             fields.insert(ours.into(), value);
         }
     }
+    // The family API names the IP-Adapter's encoder at the top of the request.
+    if let (Some(Json::Object(ip_adapter)), Some(encoder)) = (fields.get_mut("ip_adapter"), given("clip_vision")) {
+        ip_adapter.entry("clip_vision").or_insert(encoder);
+    }
     if fields.contains_key("refiner") {
         fields.insert("refine_switch".into(), given("refine_switch").unwrap_or(json!(0.4)));
     }
