@@ -17,8 +17,8 @@ use serde_json::{Map, Value as Json};
 use super::{vision_encoder, ClipVisionModel, ClipVisionOutput};
 use crate::conditioning::{CondEntry, Conditioning};
 use crate::loaders::model_files_fingerprint;
-use crate::loaders::models::{cached, diffusion_precision, file_names, load_checkpoint, model_file, open_weight_file};
-use crate::loaders::t5_tokenizer_files::TokenizerSearch;
+use crate::loaders::models::{cached, checkpoint_outputs, file_names, open_weight_file};
+use crate::model::diffusion_model::Model;
 use crate::runtime::device;
 
 pub(super) fn register(registry: &mut NodeRegistry) {
@@ -50,33 +50,27 @@ impl Node for UnclipCheckpointLoader {
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let path = model_file(ctx, "checkpoints", inputs.string("ckpt_name")?)?;
-        let device = device(ctx.services);
-        let precision = diffusion_precision(ctx.services);
-        let search = TokenizerSearch::of(ctx.services);
-        let loaded = cached(ctx, &path, "checkpoint", || {
-            load_checkpoint(&path, &device, precision, search)
-        })?;
-        let vision = match loaded.model.0.is_unclip() {
-            true => Some(cached(ctx, &path, "clip_vision", || {
-                let file = open_weight_file(&path)?;
-                match vision_encoder(file, UNCLIP_VISION_PREFIX, &device)? {
-                    Some(encoder) => Ok((encoder, 0)),
-                    None => Err(NodeError::new(format!(
-                        "{}: an unCLIP checkpoint without its image encoder ('{UNCLIP_VISION_PREFIX}')",
-                        path.display()
-                    ))),
-                }
-            })?),
-            false => None,
+        let (path, mut outputs) = checkpoint_outputs(ctx, inputs.string("ckpt_name")?)?;
+        let unclip = outputs[0].downcast::<Model>().is_some_and(|model| model.0.is_unclip());
+        let vision = match unclip {
+            true => {
+                let device = device(ctx.services);
+                let encoder = cached(ctx, &path, "clip_vision", || {
+                    let file = open_weight_file(&path)?;
+                    match vision_encoder(file, UNCLIP_VISION_PREFIX, &device)? {
+                        Some(encoder) => Ok((encoder, 0)),
+                        None => Err(NodeError::new(format!(
+                            "{}: an unCLIP checkpoint without its image encoder ('{UNCLIP_VISION_PREFIX}')",
+                            path.display()
+                        ))),
+                    }
+                })?;
+                Value::object(ClipVisionModel(encoder))
+            }
+            false => Value::Json(Json::Null),
         };
-        let optional = |value: Option<Value>| value.unwrap_or(Value::Json(Json::Null));
-        Ok(NodeOutput::values(vec![
-            Value::object(loaded.model.clone()),
-            optional(loaded.clip.clone().map(Value::object)),
-            optional(loaded.vae.clone().map(Value::object)),
-            optional(vision.map(|encoder| Value::object(ClipVisionModel(encoder)))),
-        ]))
+        outputs.push(vision);
+        Ok(NodeOutput::values(outputs))
     }
 }
 

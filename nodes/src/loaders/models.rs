@@ -308,20 +308,29 @@ impl Node for CheckpointLoaderSimple {
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let path = model_file(ctx, "checkpoints", inputs.string("ckpt_name")?)?;
-        let device = device(ctx.services);
-        let precision = diffusion_precision(ctx.services);
-        let search = TokenizerSearch::of(ctx.services);
-        let loaded = cached(ctx, &path, "checkpoint", || {
-            load_checkpoint(&path, &device, precision, search)
-        })?;
-        let optional = |value: Option<Value>| value.unwrap_or(Value::Json(serde_json::Value::Null));
-        Ok(NodeOutput::values(vec![
-            Value::object(loaded.model.clone()),
-            optional(loaded.clip.clone().map(Value::object)),
-            optional(loaded.vae.clone().map(Value::object)),
-        ]))
+        let (_, loaded) = checkpoint_outputs(ctx, inputs.string("ckpt_name")?)?;
+        Ok(NodeOutput::values(loaded))
     }
+}
+
+/// CheckpointLoaderSimple's work: the checkpoint `name` of the checkpoints folder loaded
+/// (through the model cache); its path, and its MODEL, CLIP and VAE (None for a part the file
+/// lacks).
+pub(crate) fn checkpoint_outputs(ctx: &NodeContext, name: &str) -> Result<(PathBuf, Vec<Value>), NodeError> {
+    let path = model_file(ctx, "checkpoints", name)?;
+    let device = device(ctx.services);
+    let precision = diffusion_precision(ctx.services);
+    let search = TokenizerSearch::of(ctx.services);
+    let loaded = cached(ctx, &path, "checkpoint", || {
+        load_checkpoint(&path, &device, precision, search)
+    })?;
+    let optional = |value: Option<Value>| value.unwrap_or(Value::Json(serde_json::Value::Null));
+    let outputs = vec![
+        Value::object(loaded.model.clone()),
+        optional(loaded.clip.clone().map(Value::object)),
+        optional(loaded.vae.clone().map(Value::object)),
+    ];
+    Ok((path, outputs))
 }
 
 /// `CheckpointLoader` ("Load Checkpoint With Config (DEPRECATED)"): a checkpoint with its

@@ -4,6 +4,7 @@
 use super::RestError;
 use axum::body::Bytes;
 use base64::Engine;
+use easel_nodes::packs::ipadapter::attention::{COMBINE_METHODS, EMBEDS_SCALINGS, WEIGHT_TYPES};
 use serde_json::{Map, Value as Json};
 
 /// The model families a request may name.
@@ -297,25 +298,6 @@ pub const FIELDS: [&str; 34] = [
 
 /// The most image prompts (and negative ones) an IP-Adapter request may send.
 const MAX_IP_ADAPTER_IMAGES: usize = 8;
-/// ComfyUI_IPAdapter_plus's weight types.
-const IP_ADAPTER_WEIGHT_TYPES: [&str; 15] = [
-    "linear",
-    "ease in",
-    "ease out",
-    "ease in-out",
-    "reverse in-out",
-    "weak input",
-    "weak output",
-    "weak middle",
-    "strong middle",
-    "style transfer",
-    "composition",
-    "strong style transfer",
-    "style and composition",
-    "style transfer precise",
-    "composition precise",
-];
-
 /// The largest side a request may ask for (ComfyUI's `MAX_RESOLUTION` is larger, but a REST
 /// client asking for more is almost surely wrong).
 pub const MAX_SIDE: u32 = 8192;
@@ -961,17 +943,9 @@ impl Fields<'_> {
             weight: fields.number("weight", 0.7, -1.0, 5.0).map_err(in_field)?,
             start_at,
             end_at,
-            weight_type: choice("weight_type", "linear", &IP_ADAPTER_WEIGHT_TYPES)?,
-            combine_embeds: choice(
-                "combine_embeds",
-                "concat",
-                &["concat", "add", "subtract", "average", "norm average"],
-            )?,
-            embeds_scaling: choice(
-                "embeds_scaling",
-                "V only",
-                &["V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty"],
-            )?,
+            weight_type: choice("weight_type", "linear", &WEIGHT_TYPES)?,
+            combine_embeds: choice("combine_embeds", "concat", &COMBINE_METHODS)?,
+            embeds_scaling: choice("embeds_scaling", "V only", &EMBEDS_SCALINGS)?,
         }))
     }
 

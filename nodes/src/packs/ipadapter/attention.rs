@@ -34,6 +34,9 @@ pub const WEIGHT_TYPES: [&str; 15] = [
     "composition precise",
 ];
 
+/// How IPAdapterAdvanced can combine the embeddings of several images.
+pub const COMBINE_METHODS: [&str; 5] = ["concat", "add", "subtract", "average", "norm average"];
+
 /// The pack's `embeds_scaling` choices.
 pub const EMBEDS_SCALINGS: [&str; 4] = ["V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty"];
 

@@ -7,7 +7,7 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeReg
 use easel_models::checkpoint::Family;
 use serde_json::{Map, Value as Json};
 
-use super::attention::{EmbedsScaling, EMBEDS_SCALINGS, WEIGHT_TYPES};
+use super::attention::{EmbedsScaling, COMBINE_METHODS, EMBEDS_SCALINGS, WEIGHT_TYPES};
 use super::{
     apply_ip_adapter, black_image_encoding, combine, load_ip_adapter, ApplySettings, Embeds, ImagePrompt,
     IpAdapterPipeline, FOLDER,
@@ -23,7 +23,6 @@ use easel_models::kernels::interpolate::bicubic_antialiased;
 
 /// The pack's module name, as ComfyUI names a custom node pack's module.
 pub(super) const MODULE: &str = "custom_nodes.ComfyUI_IPAdapter_plus";
-const COMBINE_METHODS: [&str; 5] = ["concat", "add", "subtract", "average", "norm average"];
 /// The unified loader's presets.
 const PRESETS: [&str; 6] = [
     "LIGHT - SD1.5 only (low strength)",
@@ -59,17 +58,28 @@ fn fraction(default: f64) -> InputSpec {
     InputSpec::float(default, 0.0, 1.0).opt("step", 0.001)
 }
 
-/// A weight type's name as the `'static` one of [`WEIGHT_TYPES`].
-fn weight_type(name: &str) -> Result<&'static str, NodeError> {
-    WEIGHT_TYPES
-        .into_iter()
-        .find(|known| *known == name)
-        .ok_or_else(|| NodeError::value(format!("unknown weight type {name}")))
-}
-
-fn embeds_scaling(inputs: &NodeInputs) -> Result<EmbedsScaling, NodeError> {
-    let name = inputs.string("embeds_scaling")?;
-    EmbedsScaling::from_name(name).ok_or_else(|| NodeError::value(format!("unknown embeds scaling {name}")))
+/// The settings IPAdapterAdvanced, IPAdapterBatch and IPAdapterEmbeds read alike.
+fn settings<'a>(
+    inputs: &'a NodeInputs,
+    combine_embeds: &'a str,
+    unfold_batch: bool,
+) -> Result<ApplySettings<'a>, NodeError> {
+    let weight_type = inputs.string("weight_type")?;
+    let scaling = inputs.string("embeds_scaling")?;
+    Ok(ApplySettings {
+        weight: inputs.float("weight")?,
+        weight_type: WEIGHT_TYPES
+            .into_iter()
+            .find(|known| *known == weight_type)
+            .ok_or_else(|| NodeError::value(format!("unknown weight type {weight_type}")))?,
+        combine_embeds,
+        start_at: inputs.float("start_at")?,
+        end_at: inputs.float("end_at")?,
+        attn_mask: inputs.optional_object::<Mask>("attn_mask")?,
+        unfold_batch,
+        embeds_scaling: EmbedsScaling::from_name(scaling)
+            .ok_or_else(|| NodeError::value(format!("unknown embeds scaling {scaling}")))?,
+    })
 }
 
 /// The adapter and the encoder to use: the `clip_vision` input, else the pipeline's.
@@ -294,19 +304,11 @@ impl Node for IpAdapterAdvanced {
         let model = inputs.object::<Model>("model")?;
         let (pipeline, encoder) = adapter_and_encoder(inputs)?;
         let encoder = encoder.ok_or_else(|| NodeError::new("Missing CLIPVision model."))?;
-        let settings = ApplySettings {
-            weight: inputs.float("weight")?,
-            weight_type: weight_type(inputs.string("weight_type")?)?,
-            combine_embeds: match self.batch {
-                true => "concat",
-                false => inputs.string("combine_embeds")?,
-            },
-            start_at: inputs.float("start_at")?,
-            end_at: inputs.float("end_at")?,
-            attn_mask: inputs.optional_object::<Mask>("attn_mask")?,
-            unfold_batch: self.batch,
-            embeds_scaling: embeds_scaling(inputs)?,
+        let combine_embeds = match self.batch {
+            true => "concat",
+            false => inputs.string("combine_embeds")?,
         };
+        let settings = settings(inputs, combine_embeds, self.batch)?;
         let prompt = ImagePrompt::Images {
             image: inputs.object::<Image>("image")?,
             negative: inputs.optional_object::<Image>("image_negative")?,
@@ -344,16 +346,7 @@ impl Node for IpAdapterEmbeds {
         if encoder.is_none() && negative.is_none() {
             return Err(NodeError::new("Missing CLIPVision model."));
         }
-        let settings = ApplySettings {
-            weight: inputs.float("weight")?,
-            weight_type: weight_type(inputs.string("weight_type")?)?,
-            combine_embeds: "concat",
-            start_at: inputs.float("start_at")?,
-            end_at: inputs.float("end_at")?,
-            attn_mask: inputs.optional_object::<Mask>("attn_mask")?,
-            unfold_batch: false,
-            embeds_scaling: embeds_scaling(inputs)?,
-        };
+        let settings = settings(inputs, "concat", false)?;
         let prompt = ImagePrompt::Embeds {
             positive: &inputs.object::<Embeds>("pos_embed")?.0,
             negative: negative.map(|embeds| &embeds.0),
