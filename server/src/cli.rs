@@ -97,10 +97,11 @@ pub struct BenchArgs {
     /// peak memory of a full-size file (12.7 GB of disk; as bf16 it would be 23.8 GB).
     #[arg(long)]
     pub full_depth: bool,
-    /// controlnet: also time ComfyUI's own code from this checkout (v0.3.64), on PyTorch.
+    /// controlnet, ipadapter: also time ComfyUI's own code from this checkout (v0.3.64), on
+    /// PyTorch.
     #[arg(long, value_name = "DIR")]
     pub comfyui: Option<std::path::PathBuf>,
-    /// controlnet: the Python (with torch) that runs ComfyUI's side.
+    /// controlnet, ipadapter: the Python (with torch) that runs ComfyUI's side.
     #[arg(long, value_name = "PATH", default_value = "python3")]
     pub python: std::path::PathBuf,
     /// validation: how many outputs of the prompt fail.
@@ -127,6 +128,9 @@ pub enum BenchTarget {
     /// ControlNet: the SD1.5 step at 512² alone, with one ControlNet and with two chained
     /// (`--comfyui DIR`: ComfyUI's too, on PyTorch).
     Controlnet,
+    /// IP-Adapter: the SD1.5 step at 512² alone and with a standard IP-Adapter, and a ViT-H
+    /// CLIP vision encode (`--comfyui DIR`: ComfyUI's and the pack's too, on PyTorch).
+    Ipadapter,
     /// Validation of a prompt whose outputs all fail (`--outputs N`): time, error body size and
     /// peak memory.
     Validation,

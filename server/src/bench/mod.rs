@@ -1,12 +1,14 @@
 //! `easel bench TARGET`: measurements printed as tables — the HTTP API under load (`server`), what
 //! the REST API adds over `POST /prompt` (`rest`),
 //! validation's error body for many failing outputs (`validation`) and diffusion-model compute
-//! (`sd15`, `sdxl`, `flux`), what a ControlNet adds to a step (`controlnet`), and what EasyCache
+//! (`sd15`, `sdxl`, `flux`), what a ControlNet adds to a step (`controlnet`), what an IP-Adapter
+//! adds to a step and what encoding an image costs (`ipadapter`), and what EasyCache
 //! and LazyCache save (`step-cache`).
 
 mod controlnet;
 mod cpu_peak;
 mod flux;
+mod ipadapter;
 mod rest;
 mod rest_upload;
 mod sd15;
@@ -27,6 +29,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         BenchTarget::Rest => rest::bench(&args),
         BenchTarget::Sd15 => sd15::bench(&args),
         BenchTarget::Controlnet => controlnet::bench(&args),
+        BenchTarget::Ipadapter => ipadapter::bench(&args),
         BenchTarget::Sdxl => sdxl::bench(&args),
         BenchTarget::Flux => flux::bench(&args),
         BenchTarget::Validation => validation::bench(&args),

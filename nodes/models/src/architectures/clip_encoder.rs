@@ -9,6 +9,7 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::LayerNorm;
 
 use crate::kernels::attention::attention;
+use crate::kernels::cpu::{self, with_cpu_f32};
 use crate::kernels::linear::{linear, linear_named, Linear};
 use crate::weights::Weights;
 
@@ -25,7 +26,11 @@ impl Activation {
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-            Activation::Gelu => x.gelu_erf(),
+            Activation::Gelu => match with_cpu_f32([x], |[values]| cpu::gelu(values))? {
+                // The CPU kernel runs on every core (candle's is one loop of libm's erf).
+                Some(values) => Tensor::from_vec(values, x.shape(), x.device()),
+                None => x.gelu_erf(),
+            },
             Activation::GeluTanh => x.gelu(),
         }
     }

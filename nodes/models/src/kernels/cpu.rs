@@ -327,6 +327,20 @@ pub fn geglu(projected: &[f32], half: usize) -> Vec<f32> {
     output
 }
 
+/// GELU (by the error function, as torch's default) of every value, in parallel.
+pub fn gelu(values: &[f32]) -> Vec<f32> {
+    let mut output = vec![0f32; values.len()];
+    output
+        .par_chunks_mut(4096)
+        .zip(values.par_chunks(4096))
+        .for_each(|(out, values)| {
+            for (o, v) in out.iter_mut().zip(values) {
+                *o = gelu_erf(*v);
+            }
+        });
+    output
+}
+
 /// `x·Φ(x) = ½·x·(1 + erf(x/√2))`, erf by Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7).
 #[inline(always)]
 fn gelu_erf(x: f32) -> f32 {
