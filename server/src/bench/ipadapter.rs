@@ -26,7 +26,7 @@ use easel_nodes::loaders::t5_tokenizer_files::TokenizerSearch;
 use easel_nodes::packs::ipadapter::attention::EmbedsScaling;
 use easel_nodes::packs::ipadapter::{apply_ip_adapter, load_ip_adapter, ApplySettings, ImagePrompt};
 
-use super::mean_seconds;
+use super::{mean_seconds, run_comfyui_side};
 use crate::cli::BenchArgs;
 
 /// The PyTorch side, kept beside the benchmark.
@@ -79,15 +79,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     println!("|---|---:|---:|---:|---:|");
     measure(&checkpoint, &adapter, &encoder, args.steps)?;
     if let Some(comfyui) = &args.comfyui {
-        let script = dir.path().join("ipadapter_comfyui.py");
-        std::fs::write(&script, COMFYUI_SCRIPT)?;
-        let status = std::process::Command::new(&args.python)
-            .arg(&script)
-            .arg(args.steps.to_string())
-            .env("COMFYUI", comfyui)
-            .status()
-            .with_context(|| format!("running {}", args.python.display()))?;
-        anyhow::ensure!(status.success(), "the ComfyUI side failed ({status})");
+        run_comfyui_side(args, comfyui, dir.path(), "ipadapter_comfyui.py", COMFYUI_SCRIPT)?;
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

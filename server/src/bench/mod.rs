@@ -19,6 +19,8 @@ mod validation;
 
 use std::time::Instant;
 
+use anyhow::Context;
+
 use candle_core::Tensor;
 
 use crate::cli::{BenchArgs, BenchTarget};
@@ -35,6 +37,28 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         BenchTarget::Validation => validation::bench(&args),
         BenchTarget::StepCache => step_cache::bench(&args),
     }
+}
+
+/// Runs a benchmark's PyTorch side (`script`, written into `dir` as `name`) with `--python`,
+/// ComfyUI's checkout in `COMFYUI` and the number of timed steps as its argument; it prints its
+/// table row.
+pub(crate) fn run_comfyui_side(
+    args: &BenchArgs,
+    comfyui: &std::path::Path,
+    dir: &std::path::Path,
+    name: &str,
+    script: &str,
+) -> anyhow::Result<()> {
+    let path = dir.join(name);
+    std::fs::write(&path, script)?;
+    let status = std::process::Command::new(&args.python)
+        .arg(&path)
+        .arg(args.steps.to_string())
+        .env("COMFYUI", comfyui)
+        .status()
+        .with_context(|| format!("running {}", args.python.display()))?;
+    anyhow::ensure!(status.success(), "the ComfyUI side failed ({status})");
+    Ok(())
 }
 
 /// The time of a warm-up run, then the mean of `runs` more.
