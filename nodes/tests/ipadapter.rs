@@ -139,6 +139,60 @@ fn ip_adapter_attention_matches_the_pack() {
     }
 }
 
+#[test]
+fn a_pickled_ip_adapter_loads_as_its_safetensors_twin() {
+    let fixture = fixture_json("ipadapter.json");
+    let weights = fixture["adapters"]["linear"].clone();
+    let dir = tempfile::tempdir().expect("a directory");
+    let twin = dir.path().join("linear.safetensors");
+    std::fs::write(&twin, formula_unet_file(&json!({ "weights": weights }))).expect("written");
+    let file = easel_models::weights::SafetensorsFile::open(&twin).expect("opens");
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = weights
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|weight| {
+            let name = weight["name"].as_str().unwrap().to_string();
+            let values =
+                easel_models::weights::MappedWeights::load(&file, &name, candle_core::DType::F32, &Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+            (name, sizes(&weight["shape"]), values)
+        })
+        .collect();
+    let group = |prefix: &str| -> Vec<(&str, &[usize], &[f32])> {
+        tensors
+            .iter()
+            .filter_map(|(name, shape, values)| Some((name.strip_prefix(prefix)?, shape.as_slice(), values.as_slice())))
+            .collect()
+    };
+    let (projection, layers) = (group("image_proj."), group("ip_adapter."));
+    let pickled = dir.path().join("linear.bin");
+    easel_models::testmodels::write_pth_dicts(
+        &pickled,
+        &[
+            (Some("image_proj"), projection.as_slice()),
+            (Some("ip_adapter"), layers.as_slice()),
+        ],
+    )
+    .expect("pickled");
+    let (from_pickle, _) = load_ip_adapter(&pickled, &Device::Cpu).expect("the pickle loads");
+    let (from_safetensors, _) = load_ip_adapter(&twin, &Device::Cpu).expect("the twin loads");
+    assert_eq!(from_pickle.config(), from_safetensors.config());
+    let embeds = pattern(&[1, 48], 5, 1.0);
+    let tokens = from_pickle.tokens(&embeds).unwrap();
+    assert_eq!(
+        max_abs_difference(&tokens, &from_safetensors.tokens(&embeds).unwrap()),
+        0.0
+    );
+    let (k, _) = from_pickle.key_value(13, &tokens).unwrap().expect("module 13");
+    let (k_twin, _) = from_safetensors.key_value(13, &tokens).unwrap().expect("module 13");
+    assert_eq!(max_abs_difference(&k, &k_twin), 0.0);
+}
+
 /// The tiny models folder with the tiny adapter and encoder also under names the unified
 /// loader's STANDARD preset finds.
 fn with_preset_files(setup: &Setup) {

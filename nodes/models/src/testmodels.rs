@@ -1012,6 +1012,16 @@ pub fn write_tiny_lora(path: &Path, layout: &[TensorSpec]) -> std::io::Result<()
 /// with a protocol-2 pickle of the dict, `archive/data/<n>` with each storage), optionally nested
 /// one dict deeper under `nested_under`.
 pub fn write_pth(path: &Path, tensors: &[(&str, &[usize], &[f32])], nested_under: Option<&str>) -> std::io::Result<()> {
+    write_pth_dicts(path, &[(nested_under, tensors)])
+}
+
+/// Float32 tensors of a PyTorch pickle: name, shape, values.
+pub type PthTensor<'a> = (&'a str, &'a [usize], &'a [f32]);
+
+/// [`write_pth`] with several groups of tensors: each nested under its key in the top dict
+/// (`torch.save({"a": {...}, "b": {...}})`, as IP-Adapter `.bin` files are), or at the top for
+/// `None`.
+pub fn write_pth_dicts(path: &Path, groups: &[(Option<&str>, &[PthTensor])]) -> std::io::Result<()> {
     fn unicode(pickle: &mut Vec<u8>, text: &str) {
         pickle.push(b'X');
         pickle.extend((text.len() as u32).to_le_bytes());
@@ -1028,30 +1038,34 @@ pub fn write_pth(path: &Path, tensors: &[(&str, &[usize], &[f32])], nested_under
     }
 
     let mut pickle = vec![0x80, 2, b'}'];
-    if let Some(key) = nested_under {
-        unicode(&mut pickle, key);
-        pickle.push(b'}');
-    }
-    pickle.push(b'(');
-    for (index, (name, shape, _)) in tensors.iter().enumerate() {
-        unicode(&mut pickle, name);
-        pickle.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+    let mut storages: Vec<&[f32]> = Vec::new();
+    for (nested_under, tensors) in groups {
+        if let Some(key) = nested_under {
+            unicode(&mut pickle, key);
+            pickle.push(b'}');
+        }
         pickle.push(b'(');
-        unicode(&mut pickle, "storage");
-        pickle.extend(b"ctorch\nFloatStorage\n");
-        unicode(&mut pickle, &index.to_string());
-        unicode(&mut pickle, "cpu");
-        int(&mut pickle, shape.iter().product());
-        pickle.extend(b"tQK\x00");
-        ints(&mut pickle, shape);
-        let strides: Vec<usize> = (0..shape.len()).map(|d| shape[d + 1..].iter().product()).collect();
-        ints(&mut pickle, &strides);
-        pickle.push(0x89);
-        pickle.extend(b"ccollections\nOrderedDict\n)RtR");
-    }
-    pickle.push(b'u');
-    if nested_under.is_some() {
-        pickle.push(b's');
+        for (name, shape, values) in tensors.iter() {
+            unicode(&mut pickle, name);
+            pickle.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+            pickle.push(b'(');
+            unicode(&mut pickle, "storage");
+            pickle.extend(b"ctorch\nFloatStorage\n");
+            unicode(&mut pickle, &storages.len().to_string());
+            storages.push(values);
+            unicode(&mut pickle, "cpu");
+            int(&mut pickle, shape.iter().product());
+            pickle.extend(b"tQK\x00");
+            ints(&mut pickle, shape);
+            let strides: Vec<usize> = (0..shape.len()).map(|d| shape[d + 1..].iter().product()).collect();
+            ints(&mut pickle, &strides);
+            pickle.push(0x89);
+            pickle.extend(b"ccollections\nOrderedDict\n)RtR");
+        }
+        pickle.push(b'u');
+        if nested_under.is_some() {
+            pickle.push(b's');
+        }
     }
     pickle.push(b'.');
 
@@ -1062,7 +1076,7 @@ pub fn write_pth(path: &Path, tensors: &[(&str, &[usize], &[f32])], nested_under
         std::io::Write::write_all(&mut archive, bytes)
     };
     add("archive/data.pkl", &pickle)?;
-    for (index, (_, _, values)) in tensors.iter().enumerate() {
+    for (index, values) in storages.iter().enumerate() {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         add(&format!("archive/data/{index}"), &bytes)?;
     }

@@ -34,11 +34,7 @@ pub struct PthFile {
 
 impl PthFile {
     pub fn open(path: &Path) -> Result<Self, PthError> {
-        let unreadable = |error: candle_core::Error| PthError::Unreadable {
-            path: path.to_path_buf(),
-            reason: error.to_string(),
-        };
-        let top_level = read_pth_tensor_info(path, false, None).map_err(unreadable)?;
+        let top_level = read_pth_tensor_info(path, false, None).map_err(|error| unreadable(path, error))?;
         let key = if top_level.is_empty() {
             NESTED_STATE_DICT_KEYS
                 .into_iter()
@@ -46,7 +42,17 @@ impl PthFile {
         } else {
             None
         };
-        let tensors = PthTensors::new(path, key).map_err(unreadable)?;
+        Self::open_under(path, key)
+    }
+
+    /// The state dict under `key` of the file's top-level dict (a file that saves several, as
+    /// IP-Adapter's `{"image_proj": …, "ip_adapter": …}`).
+    pub fn open_nested(path: &Path, key: &str) -> Result<Self, PthError> {
+        Self::open_under(path, Some(key))
+    }
+
+    fn open_under(path: &Path, key: Option<&str>) -> Result<Self, PthError> {
+        let tensors = PthTensors::new(path, key).map_err(|error| unreadable(path, error))?;
         if tensors.tensor_infos().is_empty() {
             return Err(PthError::NoTensors {
                 path: path.to_path_buf(),
@@ -62,6 +68,13 @@ impl PthFile {
             tensors,
             shapes,
         })
+    }
+}
+
+fn unreadable(path: &Path, error: candle_core::Error) -> PthError {
+    PthError::Unreadable {
+        path: path.to_path_buf(),
+        reason: error.to_string(),
     }
 }
 

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod nodes;
 mod prep_image;
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -16,8 +17,9 @@ use candle_core::{DType, Device, Tensor};
 use easel_engine::{NodeError, NodeObject, NodeRegistry};
 use easel_models::architectures::ip_adapter::{IpAdapter, IpAdapterConfig};
 use easel_models::architectures::unet_patches::{AttentionKind, BlockPosition, ReplaceKey};
+use easel_models::formats::pth::{is_pth_path, PthFile};
 use easel_models::kernels::sgemm::Precision;
-use easel_models::weights::{MappedWeights, RenamedWeights, WeightSource};
+use easel_models::weights::{LayeredWeights, MappedWeights, RenamedWeights, WeightSource};
 
 use self::attention::{to_size, EmbedsScaling, IpAdapterApplication, IpAdapterAttention, LayerWeight};
 use crate::clip_vision::{ClipVisionModel, ClipVisionOutput};
@@ -66,9 +68,13 @@ impl NodeObject for Embeds {
 }
 
 /// `ipadapter_model_loader`: an IP-Adapter file (its tensors under `image_proj.` and
-/// `ip_adapter.`, or `adapter_modules.`), and its size.
+/// `ip_adapter.`, or `adapter_modules.`; a torch pickle nesting `image_proj` and `ip_adapter`
+/// dicts), and its size.
 pub fn load_ip_adapter(path: &Path, device: &Device) -> Result<(IpAdapter, u64), NodeError> {
-    let file = open_weight_file(path)?;
+    let file = match is_pth_path(path) {
+        true => nested_pickle(path).map_or_else(|| open_weight_file(path), Ok)?,
+        false => open_weight_file(path)?,
+    };
     let has_prefix = |prefix: &str| file.tensor_names().any(|name| name.starts_with(prefix));
     let file: Arc<dyn MappedWeights> = if has_prefix("adapter_modules.") {
         Arc::new(RenamedWeights::new(file, |name| {
@@ -87,6 +93,18 @@ pub fn load_ip_adapter(path: &Path, device: &Device) -> Result<(IpAdapter, u64),
     let source = WeightSource::new(file, "", device, Precision::F32);
     let adapter = IpAdapter::new(config, source.weights()).map_err(tensor_error)?;
     Ok((adapter, file_size(path)))
+}
+
+/// A torch pickle's `image_proj` and `ip_adapter` dicts as one file of prefixed names (how the
+/// `.bin` releases save them); `None` when the file does not nest them.
+fn nested_pickle(path: &Path) -> Option<Arc<dyn MappedWeights>> {
+    let part = |key: &'static str| -> Option<Arc<dyn MappedWeights>> {
+        let file: Arc<dyn MappedWeights> = Arc::new(PthFile::open_nested(path, key).ok()?);
+        Some(Arc::new(RenamedWeights::new(file, move |name| format!("{key}.{name}"))))
+    };
+    let (projection, layers) = (part("image_proj")?, part("ip_adapter")?);
+    let names: HashSet<String> = projection.tensor_names().map(str::to_string).collect();
+    Some(Arc::new(LayeredWeights::new(projection, names, layers, "")))
 }
 
 /// What the image prompt is made of: images (and an optional negative image), or embeddings
