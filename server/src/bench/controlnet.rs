@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use easel_models::architectures::controlnet::{ControlNetConfig, ControlNetInput};
 use easel_models::architectures::unet::{ControlResiduals, UNetInput};
 use easel_models::kernels::sgemm::Precision;
@@ -60,9 +60,7 @@ fn measure(checkpoint: &Path, controlnet: &Path, steps: usize) -> anyhow::Result
         .network
         .unet()
         .context("an SD1.x checkpoint has a UNet")?;
-    let x = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &device)?;
-    let timesteps = Tensor::new(&[500f32, 500.0], &device)?;
-    let context = Tensor::zeros((2, 77, unet.config().context_dim), DType::F32, &device)?;
+    let (x, timesteps, context) = super::sd15::guidance_step_inputs(unet, 64, &device)?;
     let hint = Tensor::rand(0f32, 1.0, (1, 3, 512, 512), &device)?;
     let residuals = || -> candle_core::Result<ControlResiduals> {
         control

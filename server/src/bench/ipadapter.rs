@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use easel_models::architectures::clip_encoder::{Activation, ClipNaming};
 use easel_models::architectures::clip_vision::{ClipVisionConfig, VisionKind};
 use easel_models::architectures::ip_adapter::{IpAdapterConfig, ProjectionKind};
@@ -114,9 +114,7 @@ fn measure(checkpoint: &Path, adapter: &Path, encoder: &Path, steps: usize) -> a
         .network
         .unet()
         .context("an SD1.x checkpoint has a UNet")?;
-    let x = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &device)?;
-    let timesteps = Tensor::new(&[500f32, 500.0], &device)?;
-    let context = Tensor::zeros((2, 77, unet.config().context_dim), DType::F32, &device)?;
+    let (x, timesteps, context) = super::sd15::guidance_step_inputs(unet, 64, &device)?;
     let info = CallInfo {
         original_shape: [2, 4, 64, 64],
         sigma: 1.0,

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use easel_models::architectures::unet::UNetInput;
+use easel_models::architectures::unet::{UNet, UNetInput};
 use easel_models::kernels::sgemm::Precision;
 use easel_models::testmodels::{
     sd15_clip_l, sd15_unet, sd15_vae, sd1_checkpoint_layout, write_checkpoint, write_test_models, TINY_SD1_CHECKPOINT,
@@ -69,6 +69,20 @@ pub(super) fn write_random_sd15(dir: &Path) -> anyhow::Result<PathBuf> {
 /// two `pixels`² latents and one VAE decode (the mean of the timed runs after one warm-up pass
 /// each; the VAE is not timed again for bf16, in which it does not run). The first UNet pass is
 /// shown too: it also reads in the weight matrices, which loading leaves in the file's map.
+/// One classifier-free-guidance step's UNet inputs (batch 2): a random latent `side` × `side`,
+/// timestep 500, an empty 77-token context.
+pub(super) fn guidance_step_inputs(
+    unet: &UNet,
+    side: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    Ok((
+        Tensor::randn(0f32, 1.0, (2, 4, side, side), device)?,
+        Tensor::new(&[500f32, 500.0], device)?,
+        Tensor::zeros((2, 77, unet.config().context_dim), DType::F32, device)?,
+    ))
+}
+
 fn measure(name: &str, checkpoint: &Path, pixels: usize, steps: usize, precision: Precision) -> anyhow::Result<()> {
     let device = Device::Cpu;
     let started = Instant::now();
@@ -78,15 +92,13 @@ fn measure(name: &str, checkpoint: &Path, pixels: usize, steps: usize, precision
     let vae = loaded.vae.context("the checkpoint has no VAE")?;
     let side = pixels / 8;
 
-    let x = Tensor::randn(0f32, 1.0, (2, 4, side, side), &device)?;
-    let timesteps = Tensor::new(&[500f32, 500.0], &device)?;
     let unet = loaded
         .model
         .0
         .network
         .unet()
         .context("an SD1.x checkpoint has a UNet")?;
-    let context = Tensor::zeros((2, 77, unet.config().context_dim), DType::F32, &device)?;
+    let (x, timesteps, context) = guidance_step_inputs(unet, side, &device)?;
     let step = || unet.forward(&UNetInput::new(&x, &timesteps, &context));
     let (first_step_seconds, step_seconds) = mean_seconds(steps, step)?;
 
