@@ -318,11 +318,6 @@ impl DiffusionModel {
                         sigma,
                         parts: call.parts.to_vec(),
                     };
-                    let attention_mask = inputs
-                        .attention_mask
-                        .as_ref()
-                        .map(|mask| image_token_spread(mask, height.div_ceil(2) * width.div_ceil(2)))
-                        .transpose()?;
                     flux.forward(&FluxInput {
                         x: scaled,
                         timesteps: &timesteps,
@@ -330,7 +325,7 @@ impl DiffusionModel {
                         y,
                         guidance: guidance.as_ref(),
                         concat: concat.as_ref(),
-                        attention_mask: attention_mask.as_ref(),
+                        attention_mask: inputs.attention_mask.as_ref(),
                         control: FluxControl {
                             double: &control.input,
                             single: &control.output,
@@ -418,6 +413,23 @@ impl DiffusionModel {
         };
         let image = resize_to_batch(&resize_centered(&image, height, width)?, batch)?;
         Ok(Some(Tensor::cat(&[&mask, &image], 1)?))
+    }
+
+    /// The attention bias an entry gives FLUX (ComfyUI's `Flux.extra_conds`): its mask
+    /// ([`CondEntry::attention_mask`]) spread over the image tokens of a latent of
+    /// `latent_size`, once per sampling run; `None` for other models, which do not read it, or
+    /// without a mask.
+    pub(crate) fn attention_bias(
+        &self,
+        entry: &CondEntry,
+        latent_size: (usize, usize),
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (DiffusionNetwork::Flux(_), Some(mask)) = (&self.network, &entry.attention_mask) else {
+            return Ok(None);
+        };
+        let mask = mask.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let image_tokens = latent_size.0.div_ceil(2) * latent_size.1.div_ceil(2);
+        image_token_spread(&mask, image_tokens).map(Some)
     }
 
     /// The extra input channels of an IC-Light UNet for an entry (the pack's `ICLight.extra_conds`):
@@ -625,8 +637,8 @@ pub(crate) struct ModelInputs {
     /// `context` (CLIPTextEncodeControlnet's).
     pub(crate) control: Option<Arc<ControlApplication>>,
     pub(crate) control_context: Option<Tensor>,
-    /// The entry's attention bias over its text tokens and one image token (see
-    /// [`crate::conditioning::CondEntry::attention_mask`]); read by FLUX.
+    /// The entry's attention bias over its text tokens and the latent's image tokens [L, L]
+    /// (FLUX's; see [`DiffusionModel::attention_bias`]).
     pub(crate) attention_mask: Option<Tensor>,
     /// The entry's GLIGEN boxes; read by the UNet.
     pub(crate) gligen: Option<GligenBoxes>,

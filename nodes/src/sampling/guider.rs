@@ -126,11 +126,7 @@ impl ActiveEntry {
                 (Some(_), Some(text)) => Some(text.cross_attention.to_device(&model.device)?.to_dtype(DType::F32)?),
                 _ => None,
             },
-            attention_mask: entry
-                .attention_mask
-                .as_ref()
-                .map(|mask| mask.to_device(&model.device)?.to_dtype(DType::F32))
-                .transpose()?,
+            attention_mask: model.attention_bias(entry, (latent_height, latent_width))?,
             gligen: entry.gligen.clone(),
         };
         Ok(ActiveEntry {
