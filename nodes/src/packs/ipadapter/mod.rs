@@ -135,9 +135,15 @@ pub struct ApplySettings<'a> {
 }
 
 /// `encode_image_masked` as the pack encodes: what the adapter takes of `images` (the
-/// penultimate hidden states for plus models, else the pooled embeddings).
-pub fn encode_for(adapter: &IpAdapter, encoder: &ClipVisionModel, images: &Image) -> Result<Tensor, NodeError> {
-    let ClipVisionOutput(output) = encoder.encode(images, true)?;
+/// penultimate hidden states for plus models, else the pooled embeddings), the preprocessed
+/// pixels multiplied by `pixel_mask` where one is given.
+pub fn encode_for(
+    adapter: &IpAdapter,
+    encoder: &ClipVisionModel,
+    images: &Image,
+    pixel_mask: Option<&Tensor>,
+) -> Result<Tensor, NodeError> {
+    let ClipVisionOutput(output) = encoder.encode_masked(images, true, pixel_mask)?;
     Ok(match adapter.config().takes_hidden_states() {
         true => output.penultimate_hidden_states,
         false => output.image_embeds,
@@ -147,7 +153,7 @@ pub fn encode_for(adapter: &IpAdapter, encoder: &ClipVisionModel, images: &Image
 /// What a plus model's unconditional side sees without a negative image: a black image encoded.
 pub fn black_image_encoding(adapter: &IpAdapter, encoder: &ClipVisionModel) -> Result<Tensor, NodeError> {
     let size = encoder.0.config().image_size;
-    encode_for(adapter, encoder, &Image::filled(1, size, size, 3, 0.0))
+    encode_for(adapter, encoder, &Image::filled(1, size, size, 3, 0.0), None)
 }
 
 /// `ipadapter_execute`: `model` with `adapter` attending to `prompt` at every cross-attention the
@@ -169,9 +175,9 @@ pub fn apply_ip_adapter(
     let (cond, uncond) = match prompt {
         ImagePrompt::Images { image, negative } => {
             let encoder = encoder.ok_or_else(missing_encoder)?;
-            let cond = encode_for(adapter, encoder, image)?;
+            let cond = encode_for(adapter, encoder, image, None)?;
             let uncond = match (negative, plus) {
-                (Some(negative), _) => encode_for(adapter, encoder, negative)?,
+                (Some(negative), _) => encode_for(adapter, encoder, negative, None)?,
                 (None, true) => black_image_encoding(adapter, encoder)?,
                 (None, false) => cond.zeros_like().map_err(tensor_error)?,
             };

@@ -9,10 +9,10 @@ use serde_json::{Map, Value as Json};
 
 use super::attention::{EmbedsScaling, COMBINE_METHODS, EMBEDS_SCALINGS, WEIGHT_TYPES};
 use super::{
-    apply_ip_adapter, black_image_encoding, combine, load_ip_adapter, ApplySettings, Embeds, ImagePrompt,
+    apply_ip_adapter, black_image_encoding, combine, encode_for, load_ip_adapter, ApplySettings, Embeds, ImagePrompt,
     IpAdapterPipeline, FOLDER,
 };
-use crate::clip_vision::{load_clip_vision, ClipVisionModel, ClipVisionOutput};
+use crate::clip_vision::{load_clip_vision, ClipVisionModel};
 use crate::image::{Image, Mask};
 use crate::loaders::model_files_fingerprint;
 use crate::loaders::models::{cached, file_names};
@@ -384,12 +384,7 @@ impl Node for IpAdapterEncoder {
             .map(|mask| pixel_mask(mask, size, encoder.0.device()))
             .transpose()
             .map_err(tensor_error)?;
-        let ClipVisionOutput(output) =
-            encoder.encode_masked(inputs.object::<Image>("image")?, true, pixel_mask.as_ref())?;
-        let cond = match adapter.config().takes_hidden_states() {
-            true => output.penultimate_hidden_states,
-            false => output.image_embeds,
-        };
+        let cond = encode_for(adapter, &encoder, inputs.object::<Image>("image")?, pixel_mask.as_ref())?;
         let uncond = match adapter.config().takes_hidden_states() {
             true => black_image_encoding(adapter, &encoder)?,
             false => cond.zeros_like().map_err(tensor_error)?,
