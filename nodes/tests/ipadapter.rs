@@ -267,43 +267,26 @@ fn the_tiny_ip_adapter_steers_sd1_through_the_nodes() {
         .call("CLIPVisionLoader", vec![("clip_name", j(json!(TINY_CLIP_VISION)))])
         .expect("loads")
         .remove(0);
+    let advanced_inputs = vec![
+        ("model", loaded[0].clone()),
+        ("ipadapter", adapter.clone()),
+        ("image", image.clone()),
+        ("weight", j(json!(1.0))),
+        ("weight_type", j(json!("linear"))),
+        ("combine_embeds", j(json!("concat"))),
+        ("start_at", j(json!(0.0))),
+        ("end_at", j(json!(1.0))),
+        ("embeds_scaling", j(json!("V only"))),
+    ];
+    let with_encoder = [advanced_inputs.clone(), vec![("clip_vision", encoder.clone())]].concat();
     let advanced = setup
-        .call(
-            "IPAdapterAdvanced",
-            vec![
-                ("model", loaded[0].clone()),
-                ("ipadapter", adapter.clone()),
-                ("image", image.clone()),
-                ("weight", j(json!(1.0))),
-                ("weight_type", j(json!("linear"))),
-                ("combine_embeds", j(json!("concat"))),
-                ("start_at", j(json!(0.0))),
-                ("end_at", j(json!(1.0))),
-                ("embeds_scaling", j(json!("V only"))),
-                ("clip_vision", encoder.clone()),
-            ],
-        )
+        .call("IPAdapterAdvanced", with_encoder)
         .expect("applies")
         .remove(0);
     assert_eq!(max_abs_difference(&prompted, &sample(&advanced)), 0.0);
 
     // Without an encoder the advanced node fails as the pack does.
-    let error = setup
-        .call(
-            "IPAdapterAdvanced",
-            vec![
-                ("model", loaded[0].clone()),
-                ("ipadapter", adapter.clone()),
-                ("image", image.clone()),
-                ("weight", j(json!(1.0))),
-                ("weight_type", j(json!("linear"))),
-                ("combine_embeds", j(json!("concat"))),
-                ("start_at", j(json!(0.0))),
-                ("end_at", j(json!(1.0))),
-                ("embeds_scaling", j(json!("V only"))),
-            ],
-        )
-        .unwrap_err();
+    let error = setup.call("IPAdapterAdvanced", advanced_inputs).unwrap_err();
     assert!(error.to_string().contains("Missing CLIPVision model."), "{error}");
 
     // Encoder → embeds → IPAdapterEmbeds equals the image path.
