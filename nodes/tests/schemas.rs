@@ -4,8 +4,9 @@
 //! entries (`object_info_gguf_nodes.json`, `object_info_controlnet_aux_nodes.json`) are written
 //! from the packs' `INPUT_TYPES`, display names and `CATEGORY` as ComfyUI serialises V1 nodes
 //! (AIO_Preprocessor's list holding the preprocessors Easel has: the pack's holds every one it
-//! could import, which depends on the machine). ComfyUI_IPAdapter_plus's and ComfyUI-IC-Light's
-//! (`object_info_ipadapter_nodes.json`, `object_info_ic_light_nodes.json`) are copied from
+//! could import, which depends on the machine). ComfyUI_IPAdapter_plus's, ComfyUI-IC-Light's and
+//! the relight nodes of ComfyUI-KJNodes and WAS Node Suite (`object_info_ipadapter_nodes.json`,
+//! `object_info_ic_light_nodes.json`, `object_info_light_map_nodes.json`) are copied from
 //! `GET /object_info` of ComfyUI 0.3.64 run with the packs installed.
 
 use easel_engine::Services;
@@ -23,6 +24,7 @@ fn reference() -> Json {
         "object_info_controlnet_aux_nodes.json",
         "object_info_ipadapter_nodes.json",
         "object_info_ic_light_nodes.json",
+        "object_info_light_map_nodes.json",
     ] {
         let Json::Object(entries) = read(pack) else {
             panic!("{pack} is an object");

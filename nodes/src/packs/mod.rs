@@ -1,12 +1,15 @@
 //! Nodes of custom-node packs, one module each, named as ComfyUI names the pack's module
 //! (`custom_nodes.<pack>`): [`gguf`] is city96's ComfyUI-GGUF, [`controlnet_aux`] Fannovel16's
 //! comfyui_controlnet_aux, [`ipadapter`] cubiq's ComfyUI_IPAdapter_plus, [`ic_light`] kijai's
-//! ComfyUI-IC-Light.
+//! ComfyUI-IC-Light, [`kjnodes`] kijai's ComfyUI-KJNodes and [`was`] WAS Node Suite (the nodes of
+//! those two that relighting workflows use).
 
 pub mod controlnet_aux;
 pub mod gguf;
 pub mod ic_light;
 pub mod ipadapter;
+pub mod kjnodes;
+pub mod was;
 
 use easel_engine::NodeRegistry;
 
@@ -16,4 +19,6 @@ pub fn register(registry: &mut NodeRegistry) {
     controlnet_aux::register(registry);
     ipadapter::register(registry);
     ic_light::register(registry);
+    kjnodes::register(registry);
+    was::register(registry);
 }
