@@ -347,6 +347,125 @@ fn every_answer_style_of_generate_on_sd15() {
         .is_some_and(|text| text.starts_with("cinematic photo of a lighthouse"))));
 }
 
+#[test]
+fn sd15_relights_with_ic_light() {
+    let server = server();
+    let api = &server.api;
+    let relit = |relight: Json| {
+        let mut request = tiny("sd15", "relight");
+        request["relight"] = relight;
+        request
+    };
+    let light = b64(&png(32, 32, |x, _| [(x * 8) as u8; 3]));
+    let fc = "easel_tiny_sd1_iclight_fc.safetensors";
+    // The defaults: the whole picture relit, the light map remapped and half of the start
+    // picture, the subject's colours blended back (color at 0.1, then hue at 0.2).
+    let task = generate(api, relit(json!({"model": fc, "light_image": light}))).json();
+    assert_eq!(
+        (task["status"].as_str(), task["workflow"].as_str()),
+        (Some("succeeded"), Some("v1/sd_relight")),
+        "{task}"
+    );
+    assert_eq!((first_image(&task).width(), first_image(&task).height()), (64, 64));
+    let blends: Vec<(Json, Json)> = prompt_nodes(api, &task, "Image Blending Mode")
+        .iter()
+        .map(|node| {
+            (
+                node["inputs"]["mode"].clone(),
+                node["inputs"]["blend_percentage"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        blends,
+        [(json!("color"), json!(0.1)), (json!("hue"), json!(0.2))],
+        "{task}"
+    );
+    let remap = &prompt_nodes(api, &task, "RemapImageRange")[0]["inputs"];
+    assert_eq!(
+        (remap["min"].as_f64(), remap["max"].as_f64()),
+        (Some(-0.15), Some(1.14))
+    );
+    assert_eq!(prompt_nodes(api, &task, "ImageBlend")[0]["inputs"]["blend_factor"], 0.5);
+    let shown = task["request"]["relight"]["light_image"].as_str().unwrap();
+    assert!(shown.starts_with("/view?filename="), "{task}");
+
+    // With a mask on the subject, the background is the original picture; a subject whose sides
+    // are not multiples of 8 is worked on at the sides below them.
+    let mut masked = relit(json!({"model": fc, "light_image": light, "blends": []}));
+    masked["mask"] = json!(b64(&mask()));
+    let task = generate(api, masked).json();
+    assert_eq!(task["status"], "succeeded", "{task}");
+    let (original, output) = (
+        image::load_from_memory(&picture()).unwrap().to_rgb8(),
+        first_image(&task).to_rgb8(),
+    );
+    let differs = |x: u32, y: u32| {
+        let (ours, theirs) = (output.get_pixel(x, y).0, original.get_pixel(x, y).0);
+        ours.iter().zip(theirs).map(|(a, b)| a.abs_diff(b)).max().unwrap_or(0)
+    };
+    assert!(
+        differs(4, 4) <= 1 && differs(60, 40) <= 1,
+        "outside the mask: the original"
+    );
+    assert!((16..48).any(|x| differs(x, 32) > 1), "inside the mask: relit");
+    let mut odd = relit(json!({"model": fc, "light_image": light}));
+    odd["image"] = json!(b64(&png(60, 52, |x, y| [(x * 4) as u8, (y * 4) as u8, 30])));
+    let task = generate(api, odd).json();
+    assert_eq!(
+        (first_image(&task).width(), first_image(&task).height()),
+        (56, 48),
+        "{task}"
+    );
+
+    // A new background around the masked subject (greyed out for the model); and the "fbc"
+    // model placing the subject on a background of the request's.
+    let mut new_background = relit(json!({"model": fc, "light_image": light, "keep_background": false}));
+    new_background["mask"] = json!(b64(&mask()));
+    new_background["batch_size"] = json!(2);
+    let task = generate(api, new_background).json();
+    assert_eq!(task["status"], "succeeded", "{task}");
+    assert_eq!(task["images"].as_array().map(Vec::len), Some(2));
+    assert_eq!(prompt_nodes(api, &task, "EmptyImage").len(), 1);
+    let background = b64(&png(40, 40, |x, y| [90, (x * 6) as u8, (y * 6) as u8]));
+    let fbc =
+        json!({"model": "easel_tiny_sd1_iclight_fbc.safetensors", "light_image": light, "background": background});
+    let task = generate(api, relit(fbc)).json();
+    assert_eq!(task["status"], "succeeded", "{task}");
+    let conditioning = &prompt_nodes(api, &task, "ICLightConditioning")[0];
+    assert!(conditioning["inputs"]["opt_background"].is_array(), "{conditioning}");
+
+    // Refusals name the field and queue nothing.
+    let refused = |request: Json, field: &str| {
+        let answer = generate(api, request);
+        let error = answer.json();
+        assert_eq!(
+            (answer.status, error["error"]["field"].as_str()),
+            (400, Some(field)),
+            "{error}"
+        );
+    };
+    refused(tiny("sd15", "relight"), "relight");
+    refused(relit(json!({"model": fc})), "relight");
+    refused(
+        relit(json!({"model": fc, "light_image": light, "keep_background": false})),
+        "mask",
+    );
+    refused(
+        relit(json!({"model": fc, "light_image": light, "blends": [{"mode": "glow", "percentage": 0.5}]})),
+        "relight",
+    );
+    let mut sdxl = relit(json!({"model": fc, "light_image": light}));
+    sdxl["family"] = json!("sdxl");
+    refused(sdxl, "family");
+    let mut img2img = tiny("sd15", "img2img");
+    img2img["relight"] = json!({"model": fc, "light_image": light});
+    refused(img2img, "relight");
+    let models = api.get_json("/v1/models");
+    assert_eq!(models["families"]["sd15"]["modes"]["relight"]["available"], true);
+    assert_eq!(models["families"]["sdxl"]["modes"]["relight"]["available"], false);
+}
+
 /// The nodes of class `class` in the prompt a finished task ran (from `/history`).
 fn prompt_nodes(api: &Api, task: &Json, class: &str) -> Vec<Json> {
     let id = task["id"].as_str().expect("a task id");

@@ -121,8 +121,43 @@ fn the_family_routes_answer_image_base64() {
     );
     assert_eq!(status, 200, "{body}");
     assert!(body["image_base64"].is_string());
+    // Relighting with the tiny IC-Light model, the service's light-map settings and defaults.
+    let (status, body) = post_json(
+        api,
+        "/iclight/generate",
+        &json!({
+            "checkpoint": "easel_tiny_sd1.safetensors", "iclight_model": "easel_tiny_sd1_iclight_fc.safetensors",
+            "init_image": png_b64(64, 64, false), "light_condition": png_b64(64, 64, true), "light_strength": 0.6,
+            "blending_mode_2": "soft_light", "remap_max_value": 1.2, "steps": 2, "seed": 4,
+        }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(decode(&body["image_base64"]).width(), 64);
+    let task = api.get_json(&format!("/v1/tasks/{}", body["task_id"].as_str().unwrap()));
+    let relight = &task["request"]["relight"];
+    assert_eq!(
+        (
+            task["mode"].as_str(),
+            relight["model"].as_str(),
+            relight["light_strength"].as_f64(),
+            relight["remap_max"].as_f64(),
+            relight["blends"].clone(),
+            task["request"]["cfg"].as_f64(),
+        ),
+        (
+            Some("relight"),
+            Some("easel_tiny_sd1_iclight_fc.safetensors"),
+            Some(0.6),
+            Some(1.2),
+            json!([{"mode": "color", "percentage": 0.1}, {"mode": "soft_light", "percentage": 0.2}]),
+            Some(1.5),
+        ),
+        "{task}"
+    );
+    let (status, body) = post_json(api, "/iclight/generate", &json!({"gen_type": "t2i"}));
+    assert_eq!((status, body["error"]["field"].as_str()), (400, Some("gen_type")));
     // What Easel cannot run yet is a 501 naming it; bad input a 400.
-    for path in ["/sd3/generate", "/upscale", "/object_remove", "/iclight/generate"] {
+    for path in ["/sd3/generate", "/upscale", "/object_remove"] {
         let (status, body) = post_json(api, path, &request(json!({"checkpoint": "x.safetensors"})));
         assert_eq!(
             (status, body["error"]["code"].as_str()),

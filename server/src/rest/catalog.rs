@@ -36,6 +36,14 @@ impl ModelEntry {
             (_, "refiner") => Vec::new(),
             (Family::Flux, "fill") => vec![Mode::Inpaint, Mode::Outpaint],
             (Family::Flux, _) => vec![Mode::Text2Img, Mode::Img2Img],
+            // IC-Light relights with SD1.5 models.
+            (Family::Sd15, _) => vec![
+                Mode::Text2Img,
+                Mode::Img2Img,
+                Mode::Inpaint,
+                Mode::Outpaint,
+                Mode::Relight,
+            ],
             _ => vec![Mode::Text2Img, Mode::Img2Img, Mode::Inpaint, Mode::Outpaint],
         }
     }

@@ -210,6 +210,8 @@ pub fn accept_generation(state: &AppState, mut raw: RawRequest) -> Result<(Store
         ip_adapter_negatives: &stored_images.ip_adapter_negatives,
         union_inpaint_controls: &union_inpaint_controls,
         depth_checkpoint,
+        light_image: stored_images.light_image.as_deref(),
+        background: stored_images.background.as_deref(),
         styles: &chosen_styles,
         output_prefix: &output_prefix,
     };
@@ -428,6 +430,9 @@ struct StoredInputs {
     /// The IP-Adapter's image prompts and negative ones.
     ip_adapter_images: Vec<String>,
     ip_adapter_negatives: Vec<String>,
+    /// The relight mode's light map and background.
+    light_image: Option<String>,
+    background: Option<String>,
     /// Files this request created (removed again if it is refused).
     created: Vec<PathBuf>,
 }
@@ -440,6 +445,8 @@ impl StoredInputs {
             controls: Vec::new(),
             ip_adapter_images: Vec::new(),
             ip_adapter_negatives: Vec::new(),
+            light_image: None,
+            background: None,
             created: Vec::new(),
         };
         let folder = paths.input.join("rest");
@@ -481,12 +488,22 @@ impl StoredInputs {
                 Some(ip_adapter) => (ip_images(&ip_adapter.images)?, ip_images(&ip_adapter.negative_images)?),
                 None => (Vec::new(), Vec::new()),
             };
-            Ok((image, mask, controls, ip_adapter_images, ip_adapter_negatives))
+            let relight = request.relight.as_ref();
+            let light_image = store("relight", &relight.map(|relight| relight.light_image.clone()))?;
+            let background = store("relight", &relight.and_then(|relight| relight.background.clone()))?;
+            Ok((
+                image,
+                mask,
+                controls,
+                [ip_adapter_images, ip_adapter_negatives],
+                [light_image, background],
+            ))
         })();
         match written {
-            Ok((image, mask, controls, ip_adapter_images, ip_adapter_negatives)) => {
+            Ok((image, mask, controls, [ip_adapter_images, ip_adapter_negatives], [light_image, background])) => {
                 (stored.image, stored.mask, stored.controls) = (image, mask, controls);
                 (stored.ip_adapter_images, stored.ip_adapter_negatives) = (ip_adapter_images, ip_adapter_negatives);
+                (stored.light_image, stored.background) = (light_image, background);
                 Ok(stored)
             }
             Err(error) => {
@@ -529,6 +546,13 @@ fn sanitized_request(
         ] {
             if ip_adapter.contains_key(key) {
                 ip_adapter.insert(key.into(), stored.iter().map(|name| url(name)).collect());
+            }
+        }
+    }
+    if let Some(Json::Object(relight)) = fields.get_mut("relight") {
+        for (key, stored) in [("light_image", &images.light_image), ("background", &images.background)] {
+            if let Some(name) = stored {
+                relight.insert(key.into(), url(name));
             }
         }
     }

@@ -51,7 +51,13 @@ pub fn workflow_for(request: &GenerateRequest) -> Result<&'static str, RestError
                 "The object_remove mode (the Fooocus inpaint patch)",
             ))
         }
-        Mode::Relight => return Err(RestError::not_yet("mode", "The relight mode (IC-Light)")),
+        Mode::Relight if request.family == Family::Sd15 => "sd_relight",
+        Mode::Relight => {
+            return Err(RestError::field(
+                "family",
+                "IC-Light relights with SD1.5 models: mode relight works with family sd15",
+            ))
+        }
     })
 }
 
@@ -77,6 +83,9 @@ pub struct Ingredients<'a> {
     pub union_inpaint_controls: &'a [bool],
     /// The Depth Anything V2 checkpoint `depth` ControlNets estimate depth with (the pack's name).
     pub depth_checkpoint: Option<&'a str>,
+    /// The relight mode's light map and "fbc" background, as LoadImage names them.
+    pub light_image: Option<&'a str>,
+    pub background: Option<&'a str>,
 }
 
 /// A prompt built from a request, and which request field set each `(node, input)`.
@@ -229,6 +238,7 @@ pub fn build(request: &GenerateRequest, name: &str, ingredients: &Ingredients<'_
     chain_loras(request, model, clip, &mut nodes, &mut built);
     chain_ip_adapter(request, ingredients, &mut nodes, &mut built);
     chain_controlnets(request, ingredients, &mut nodes, &mut built);
+    chain_relight(request, ingredients, &mut nodes, &mut built);
     built.prompt = Json::Object(nodes);
     Ok(built)
 }
@@ -276,8 +286,29 @@ fn field_value(
             _ => return None,
         }),
         "output" => Json::from(ingredients.output_prefix),
+        "relight" => {
+            let relight = request.relight.as_ref()?;
+            let (width, height) = relight_size(request)?;
+            match input {
+                "model_path" => Json::from(relight.model.as_str()),
+                "image" => Json::from(ingredients.light_image?),
+                "width" => Json::from(width),
+                "height" => Json::from(height),
+                "min" => Json::from(relight.remap_min),
+                "max" => Json::from(relight.remap_max),
+                "blend_factor" => Json::from(relight.light_strength),
+                _ => return None,
+            }
+        }
         _ => return None,
     })
+}
+
+/// The size the relight mode works at: the subject's, each side down to a multiple of 8.
+fn relight_size(request: &GenerateRequest) -> Option<(u32, u32)> {
+    let image = request.image.as_ref()?;
+    let side = |length: u32| (length / 8).max(1) * 8;
+    Some((side(image.width), side(image.height)))
 }
 
 /// The next free numeric node id.
@@ -582,4 +613,108 @@ fn chain_controlnets(
         inputs["positive"] = positive;
         inputs["negative"] = negative;
     }
+}
+
+/// What the relight workflow leaves to the request: the "fbc" background (loaded, scaled and
+/// encoded for ICLightConditioning), the subject's mask (greying the background out when it is
+/// not kept, and pasting the relit subject onto the original or the repainted background), and
+/// the colour blends (WAS Node Suite's Image Blending Mode) that carry the subject's own colours
+/// back onto the relit picture.
+fn chain_relight(
+    request: &GenerateRequest,
+    ingredients: &Ingredients<'_>,
+    nodes: &mut Map<String, Json>,
+    built: &mut BuiltPrompt,
+) {
+    const FIELD: &str = "relight";
+    let (Some(relight), Some((width, height))) = (&request.relight, relight_size(request)) else {
+        return;
+    };
+    let find = |class: &str, title: Option<&str>| {
+        nodes
+            .iter()
+            .find(|(_, node)| node["class_type"] == class && title.is_none_or(|title| node["_meta"]["title"] == title))
+            .map(|(id, _)| id.clone())
+    };
+    let (Some(subject), Some(conditioning), Some(decode), Some(save)) = (
+        find("ImageScale", Some("Upscale Image (subject)")),
+        find("ICLightConditioning", None),
+        find("VAEDecode", None),
+        find("SaveImage", None),
+    ) else {
+        return;
+    };
+    let vae = nodes[&decode]["inputs"]["vae"].clone();
+    let subject = json!([subject, 0]);
+    let relit = json!([decode, 0]);
+    // Loaded and scaled to the working size (cropping the centre, as the subject is).
+    let scaled = |nodes: &mut Map<String, Json>, built: &mut BuiltPrompt, image: Json, title: &str| {
+        let scale = json!({
+            "class_type": "ImageScale",
+            "inputs": {"image": image, "upscale_method": "lanczos", "width": width, "height": height, "crop": "center"},
+            "_meta": {"title": title},
+        });
+        json!([built.add_node(nodes, scale, FIELD, &[]), 0])
+    };
+    if let Some(background) = ingredients.background {
+        let loaded = json!({"class_type": "LoadImage", "inputs": {"image": background}, "_meta": {"title": "Load Image (background)"}});
+        let loaded = built.add_node(nodes, loaded, FIELD, &["image"]);
+        let scaled = scaled(nodes, built, json!([loaded, 0]), "Upscale Image (background)");
+        let encode = json!({"class_type": "VAEEncode", "inputs": {"pixels": scaled, "vae": vae}, "_meta": {"title": "VAE Encode (background)"}});
+        let encoded = built.add_node(nodes, encode, FIELD, &[]);
+        nodes[&conditioning]["inputs"]["opt_background"] = json!([encoded, 0]);
+    }
+    let mask = ingredients.mask.map(|mask| {
+        let loaded = json!({"class_type": "LoadImageMask", "inputs": {"image": mask, "channel": "red"}, "_meta": {"title": "Load Image (as Mask)"}});
+        let loaded = built.add_node(nodes, loaded, "mask", &["image"]);
+        let as_image = json!({"class_type": "MaskToImage", "inputs": {"mask": [loaded, 0]}, "_meta": {"title": "Convert Mask to Image"}});
+        let as_image = built.add_node(nodes, as_image, FIELD, &[]);
+        let scaled = scaled(nodes, built, json!([as_image, 0]), "Upscale Image (mask)");
+        let as_mask = json!({"class_type": "ImageToMask", "inputs": {"image": scaled, "channel": "red"}, "_meta": {"title": "Convert Image to Mask"}});
+        json!([built.add_node(nodes, as_mask, FIELD, &[]), 0])
+    });
+    // A new background: the model sees the subject on IC-Light's neutral grey.
+    if let (false, Some(mask)) = (relight.keep_background, &mask) {
+        let grey = json!({
+            "class_type": "EmptyImage",
+            "inputs": {"width": width, "height": height, "batch_size": 1, "color": 0x7F7F7F},
+            "_meta": {"title": "EmptyImage (grey)"},
+        });
+        let grey = built.add_node(nodes, grey, FIELD, &[]);
+        let cut_out = json!({
+            "class_type": "ImageCompositeMasked",
+            "inputs": {"destination": [grey, 0], "source": subject.clone(), "x": 0, "y": 0, "resize_source": false, "mask": mask.clone()},
+            "_meta": {"title": "ImageCompositeMasked (subject on grey)"},
+        });
+        let cut_out = built.add_node(nodes, cut_out, FIELD, &[]);
+        relink(nodes, &subject, &json!([cut_out, 0]), &cut_out);
+    }
+    let mut picture = relit.clone();
+    for (mode, percentage) in &relight.blends {
+        let blend = json!({
+            "class_type": "Image Blending Mode",
+            "inputs": {"image_a": picture, "image_b": subject.clone(), "mode": mode, "blend_percentage": percentage},
+            "_meta": {"title": "Image Blending Mode"},
+        });
+        picture = json!([built.add_node(nodes, blend, FIELD, &["mode", "blend_percentage"]), 0]);
+    }
+    if let Some(mask) = mask {
+        // The relit subject pasted onto the original background, or onto the repainted one.
+        let mut destination = if relight.keep_background { subject } else { relit };
+        if relight.keep_background && request.batch_size > 1 {
+            let repeat = json!({
+                "class_type": "RepeatImageBatch",
+                "inputs": {"image": destination, "amount": request.batch_size},
+                "_meta": {"title": "RepeatImageBatch"},
+            });
+            destination = json!([built.add_node(nodes, repeat, "batch_size", &["amount"]), 0]);
+        }
+        let paste = json!({
+            "class_type": "ImageCompositeMasked",
+            "inputs": {"destination": destination, "source": picture, "x": 0, "y": 0, "resize_source": false, "mask": mask},
+            "_meta": {"title": "ImageCompositeMasked (relit subject)"},
+        });
+        picture = json!([built.add_node(nodes, paste, FIELD, &[]), 0]);
+    }
+    nodes[&save]["inputs"]["images"] = picture;
 }

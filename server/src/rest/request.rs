@@ -5,6 +5,7 @@ use super::RestError;
 use axum::body::Bytes;
 use base64::Engine;
 use easel_nodes::packs::ipadapter::attention::{COMBINE_METHODS, EMBEDS_SCALINGS, WEIGHT_TYPES};
+use easel_nodes::packs::was::BLEND_MODES;
 use serde_json::{Map, Value as Json};
 
 /// The model families a request may name.
@@ -195,6 +196,33 @@ pub struct IpAdapterRequest {
     pub embeds_scaling: String,
 }
 
+/// How the relight mode relights the request's `image` (IC-Light on SD1.5).
+#[derive(Debug, Clone)]
+pub struct RelightRequest {
+    /// The IC-Light offsets ("fc", or "fbc" with a `background`), a file in
+    /// `models/diffusion_models` (LoadAndApplyICLightUnet's list).
+    pub model: String,
+    /// The light map: bright where the light comes from.
+    pub light_image: UploadedImage,
+    /// The background an "fbc" model places the subject on.
+    pub background: Option<UploadedImage>,
+    /// How much of the picture sampling starts from is the light map rather than the subject.
+    pub light_strength: f64,
+    /// Keep the picture's background: with a `mask`, everything outside it is the original
+    /// image; without one, the whole picture is relit. `false` (which needs a `mask`) greys the
+    /// background out so that the model paints a new one.
+    pub keep_background: bool,
+    /// The light map's levels stretched to `remap_min…remap_max` (then clipped to 0…1).
+    pub remap_min: f64,
+    pub remap_max: f64,
+    /// The subject's own colours blended back onto the relit picture, in order
+    /// (`(mode, percentage)` of WAS Node Suite's Image Blending Mode).
+    pub blends: Vec<(String, f64)>,
+}
+
+/// The most colour blends a relight request may chain.
+const MAX_RELIGHT_BLENDS: usize = 4;
+
 /// How far an outpainting extends the image on each side, and how soft the seam is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outpaint {
@@ -247,6 +275,7 @@ pub struct GenerateRequest {
     pub loras: Vec<LoraRequest>,
     pub controlnets: Vec<ControlnetRequest>,
     pub ip_adapter: Option<IpAdapterRequest>,
+    pub relight: Option<RelightRequest>,
     pub styles: Vec<String>,
     pub preset: Option<String>,
     pub priority: i64,
@@ -259,7 +288,7 @@ pub struct GenerateRequest {
 
 /// Every field `/v1/generate` reads; anything else is refused (a misspelt field would otherwise
 /// be silently ignored).
-pub const FIELDS: [&str; 34] = [
+pub const FIELDS: [&str; 35] = [
     "family",
     "mode",
     "model",
@@ -285,6 +314,7 @@ pub const FIELDS: [&str; 34] = [
     "loras",
     "controlnets",
     "ip_adapter",
+    "relight",
     "styles",
     "preset",
     "priority",
@@ -482,6 +512,29 @@ pub fn parse(raw: &RawRequest, max_image_bytes: usize) -> Result<GenerateRequest
             "an inpaint ControlNet marks the request's `mask` on its image: send a `mask` (white where to repaint)",
         ));
     }
+    let relight = fields.relight(max_image_bytes)?;
+    match (&relight, mode) {
+        (None, Mode::Relight) => {
+            return Err(RestError::field(
+                "relight",
+                "mode relight needs `relight`: {\"model\" (IC-Light, in models/diffusion_models), \"light_image\", …}",
+            ))
+        }
+        (Some(_), Mode::Relight) if family != Family::Sd15 => {
+            return Err(RestError::field(
+                "family",
+                "IC-Light relights with SD1.5 models: mode relight works with family sd15",
+            ))
+        }
+        (Some(relight), Mode::Relight) if !relight.keep_background && mask.is_none() => return Err(RestError::field(
+            "mask",
+            "`keep_background: false` paints a new background around the subject: send a `mask` (white on the subject)",
+        )),
+        (Some(_), mode) if mode != Mode::Relight => {
+            return Err(RestError::field("relight", "`relight` goes with mode relight"))
+        }
+        _ => {}
+    }
     let webhook_url = fields.string("webhook_url")?;
     let return_style = match fields.string("return")?.as_deref() {
         None | Some("base64") => ReturnStyle::Base64,
@@ -530,6 +583,7 @@ pub fn parse(raw: &RawRequest, max_image_bytes: usize) -> Result<GenerateRequest
         loras: fields.loras()?,
         controlnets,
         ip_adapter: fields.ip_adapter(max_image_bytes)?,
+        relight,
         styles: fields.names("styles")?,
         preset: fields.name("preset")?,
         priority: match raw.fields.get("priority") {
@@ -577,6 +631,7 @@ impl GenerateRequest {
             loras: Vec::new(),
             controlnets: Vec::new(),
             ip_adapter: None,
+            relight: None,
             styles: Vec::new(),
             preset: None,
             priority: 0,
@@ -601,6 +656,17 @@ struct Defaults {
 
 impl Defaults {
     fn of(family: Family, mode: Mode) -> Defaults {
+        // IC-Light's: a light-map start picture, sampled gently.
+        if mode == Mode::Relight {
+            return Defaults {
+                side: 512,
+                steps: 30,
+                cfg: 1.5,
+                sampler: "dpmpp_2m_sde",
+                scheduler: "karras",
+                denoise: 0.7,
+            };
+        }
         let denoise = if mode == Mode::Img2Img { 0.75 } else { 1.0 };
         match family {
             Family::Sd15 => Defaults {
@@ -897,10 +963,7 @@ impl Fields<'_> {
             };
             list.iter()
                 .map(|image| {
-                    let one = Map::from_iter([(key.to_string(), image.clone())]);
-                    Fields(&one)
-                        .image(key, max_image_bytes, &[])
-                        .map_err(in_field)?
+                    nested_image(FIELD, key, image, max_image_bytes)?
                         .ok_or_else(|| RestError::field(FIELD, format!("`{key}` holds an empty image")))
                 })
                 .collect()
@@ -946,6 +1009,82 @@ impl Fields<'_> {
             weight_type: choice("weight_type", "linear", &WEIGHT_TYPES)?,
             combine_embeds: choice("combine_embeds", "concat", &COMBINE_METHODS)?,
             embeds_scaling: choice("embeds_scaling", "V only", &EMBEDS_SCALINGS)?,
+        }))
+    }
+
+    /// The relight settings: `{"model", "light_image", "background", "light_strength" [0.5],
+    /// "keep_background" [true], "remap_min" [-0.15], "remap_max" [1.14], "blends" [color at
+    /// 0.1, then hue at 0.2]}`.
+    fn relight(&self, max_image_bytes: usize) -> Result<Option<RelightRequest>, RestError> {
+        const FIELD: &str = "relight";
+        let Some(value) = self.get(FIELD) else {
+            return Ok(None);
+        };
+        let fields = Fields(value.as_object().ok_or_else(|| {
+            RestError::field(
+                FIELD,
+                "`relight` is an object: {\"model\", \"light_image\", \"light_strength\", …}",
+            )
+        })?);
+        let in_field = |error: RestError| RestError::field(FIELD, error.message);
+        let model = fields.name("model").map_err(in_field)?.ok_or_else(|| {
+            RestError::field(
+                FIELD,
+                "relighting needs `model`: the IC-Light file in models/diffusion_models",
+            )
+        })?;
+        let image = |key: &str| match fields.get(key) {
+            None => Ok(None),
+            Some(image) => nested_image(FIELD, key, image, max_image_bytes),
+        };
+        let light_image = image("light_image")?.ok_or_else(|| {
+            RestError::field(
+                FIELD,
+                "relighting needs `light_image`: the light map, bright where the light comes from",
+            )
+        })?;
+        let blends = match fields.get("blends") {
+            None => vec![("color".to_string(), 0.1), ("hue".to_string(), 0.2)],
+            Some(Json::Array(list)) if list.len() <= MAX_RELIGHT_BLENDS => list
+                .iter()
+                .map(|blend| {
+                    let mode = blend["mode"].as_str().filter(|mode| BLEND_MODES.contains(mode));
+                    let percentage = blend["percentage"].as_f64().filter(|p| (0.0..=1.0).contains(p));
+                    match (mode, percentage) {
+                        (Some(mode), Some(percentage)) => Ok((mode.to_string(), percentage)),
+                        _ => Err(RestError::field(
+                            FIELD,
+                            format!(
+                                "each of `blends` is {{\"mode\": one of {}, \"percentage\": 0 to 1}}",
+                                BLEND_MODES.join(", ")
+                            ),
+                        )),
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => {
+                return Err(RestError::field(
+                    FIELD,
+                    format!("`blends` is a list of up to {MAX_RELIGHT_BLENDS} {{\"mode\", \"percentage\"}}"),
+                ))
+            }
+        };
+        let (remap_min, remap_max) = (
+            fields.number("remap_min", -0.15, -10.0, 1.0).map_err(in_field)?,
+            fields.number("remap_max", 1.14, 0.0, 10.0).map_err(in_field)?,
+        );
+        Ok(Some(RelightRequest {
+            model,
+            light_image,
+            background: image("background")?,
+            light_strength: fields.number("light_strength", 0.5, 0.0, 1.0).map_err(in_field)?,
+            keep_background: match fields.get("keep_background") {
+                None => true,
+                Some(_) => fields.flag("keep_background").map_err(in_field)?,
+            },
+            remap_min,
+            remap_max,
+            blends,
         }))
     }
 
@@ -1018,6 +1157,15 @@ impl Fields<'_> {
             height,
         }))
     }
+}
+
+/// An image inside an object field (`field.key`), as base64 or a data URL; a refusal names
+/// `field`.
+fn nested_image(field: &str, key: &str, image: &Json, max_bytes: usize) -> Result<Option<UploadedImage>, RestError> {
+    let one = Map::from_iter([(key.to_string(), image.clone())]);
+    Fields(&one)
+        .image(key, max_bytes, &[])
+        .map_err(|error| RestError::field(field, error.message))
 }
 
 /// The bytes of base64 text or a `data:…;base64,` URL.

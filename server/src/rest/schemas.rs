@@ -85,6 +85,37 @@ pub struct IpAdapterEntry {
     pub embeds_scaling: Option<String>,
 }
 
+/// A colour blend of the relight mode (WAS Node Suite's Image Blending Mode).
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct RelightBlend {
+    /// One of the node's modes: `color`, `hue`, `multiply`, `overlay`, `soft_light`, …
+    pub mode: String,
+    /// 0 to 1.
+    pub percentage: f64,
+}
+
+/// Relighting with IC-Light (mode `relight`, SD1.5).
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct RelightEntry {
+    /// The IC-Light model in `models/diffusion_models` ("fc"; "fbc" with `background`).
+    pub model: String,
+    /// Base64 or a data URL: the light map, bright where the light comes from.
+    pub light_image: String,
+    /// Base64 or a data URL: the background an "fbc" model places the subject on.
+    pub background: Option<String>,
+    /// Default 0.5: how much of the picture sampling starts from is the light map.
+    pub light_strength: Option<f64>,
+    /// Default true: keep the background (with a `mask`, the original outside it); false (with
+    /// a `mask`) paints a new one.
+    pub keep_background: Option<bool>,
+    /// Default −0.15 and 1.14: the light map's levels stretched to this range.
+    pub remap_min: Option<f64>,
+    pub remap_max: Option<f64>,
+    /// The subject's colours blended back onto the relit picture (default `color` at 0.1, then
+    /// `hue` at 0.2; up to 4).
+    pub blends: Option<Vec<RelightBlend>>,
+}
+
 /// `POST /v1/generate`: JSON (images as base64 or data URLs) or a multipart form (the same
 /// fields as text, `image` and `mask` as files). Only `prompt` is required.
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -126,7 +157,7 @@ pub struct GenerateRequestBody {
     pub batch_size: Option<u32>,
     /// Base64, a data URL, or (multipart) a file.
     pub image: Option<String>,
-    /// White where to repaint; the image's size.
+    /// White where to repaint (mode relight: white on the subject); the image's size.
     pub mask: Option<String>,
     pub outpaint: Option<OutpaintSides>,
     pub loras: Option<Vec<LoraEntry>>,
@@ -135,6 +166,8 @@ pub struct GenerateRequestBody {
     pub controlnets: Option<Vec<ControlnetEntry>>,
     /// An IP-Adapter on SD1.x or SDXL (FLUX and refiner requests answer 501).
     pub ip_adapter: Option<IpAdapterEntry>,
+    /// Mode `relight`: the IC-Light model, light map and blends.
+    pub relight: Option<RelightEntry>,
     /// Names from `/v1/styles`, applied in order.
     pub styles: Option<Vec<String>>,
     /// A name from `/v1/presets`: its fields under the request's own.

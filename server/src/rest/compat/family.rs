@@ -1,6 +1,7 @@
 //! The per-family REST layer many teams put over ComfyUI: `POST /sd15/generate`,
 //! `/sdxl/generate`, `/sd3/generate`, `/flux/generate` (base64 JSON in, `{"image_base64"}` out),
-//! and `/upscale`, `/object_remove`, `/iclight/generate`, which need models Easel cannot run yet.
+//! `/iclight/generate` (relighting with IC-Light on SD1.5), and `/upscale`, `/object_remove`,
+//! which need models Easel cannot run yet.
 
 use crate::rest::answers::{encode_as, read_output, wait_for_end};
 use crate::rest::generation::submit;
@@ -64,7 +65,16 @@ not_yet_route!(
     "/object_remove",
     "The object_remove route (the Fooocus inpaint patch)"
 );
-not_yet_route!(iclight, "/iclight/generate", "The iclight route (IC-Light)");
+
+#[utoipa::path(post, path = "/iclight/generate", tag = "family API", operation_id = "iclight",
+            request_body = crate::rest::compat::schemas::IcLightRequest,
+            responses((status = 200, description = "OK", body = crate::rest::compat::schemas::FamilyAnswer),
+                (status = 400, description = "Bad input: the field is named", body = crate::rest::schemas::ErrorBody),
+                (status = 500, description = "The relighting failed", body = crate::rest::schemas::ErrorBody)))]
+async fn iclight(state: State<AppState>, body: axum::body::Bytes) -> Result<Response, RestError> {
+    let body = RawRequest::from_json(&body)?;
+    answer(state, iclight_request(&body.fields)?).await
+}
 
 /// The service's defaults for a family: steps, cfg, sampler, scheduler.
 fn defaults(family: &str) -> (u32, f64, &'static str, &'static str) {
@@ -152,13 +162,83 @@ pub fn to_request(family: &str, body: &Map<String, Json>) -> Result<RawRequest, 
     })
 }
 
+/// The relight route's fields as Easel's `relight` request: SD1.5 with an IC-Light model, the
+/// service's light-map settings and its defaults (30 steps, cfg 1.5, dpmpp_2m_sde/karras,
+/// denoise 0.7).
+pub fn iclight_request(body: &Map<String, Json>) -> Result<RawRequest, RestError> {
+    match body.get("gen_type") {
+        None | Some(Json::Null) => {}
+        Some(Json::String(kind)) if kind == "iclight" => {}
+        Some(_) => return Err(RestError::field("gen_type", "`gen_type` is iclight on this route")),
+    }
+    let given = |name: &str| body.get(name).filter(|value| !value.is_null()).cloned();
+    let mut relight = Map::new();
+    for (theirs, ours) in [
+        ("iclight_model", "model"),
+        ("light_condition", "light_image"),
+        ("background", "background"),
+        ("light_strength", "light_strength"),
+        ("keep_background", "keep_background"),
+        ("remap_min_value", "remap_min"),
+        ("remap_max_value", "remap_max"),
+    ] {
+        if let Some(value) = given(theirs) {
+            relight.insert(ours.into(), value);
+        }
+    }
+    let blends: Vec<Json> = [("color", 0.1), ("hue", 0.2)]
+        .into_iter()
+        .enumerate()
+        .map(|(index, (mode, percentage))| {
+            json!({
+                "mode": given(&format!("blending_mode_{}", index + 1)).unwrap_or(json!(mode)),
+                "percentage": given(&format!("blending_percentage_{}", index + 1)).unwrap_or(json!(percentage)),
+            })
+        })
+        .collect();
+    relight.insert("blends".into(), Json::Array(blends));
+    let mut fields = Map::new();
+    let mut set = |name: &str, value: Option<Json>, default: Json| {
+        fields.insert(name.to_string(), value.unwrap_or(default));
+    };
+    set("family", None, json!("sd15"));
+    set("mode", None, json!("relight"));
+    set("prompt", given("prompt_positive"), json!("high quality, 4K, expert."));
+    set(
+        "negative_prompt",
+        given("prompt_negative"),
+        json!("Low quality, Blur, artifact"),
+    );
+    set("seed", given("seed"), json!(-1));
+    set("batch_size", given("batch_size"), json!(1));
+    set("steps", given("steps"), json!(30));
+    set("cfg", given("cfg"), json!(1.5));
+    set("sampler", given("sampler_name"), json!("dpmpp_2m_sde"));
+    set("scheduler", given("scheduler"), json!("karras"));
+    set("denoise", given("denoise"), json!(0.7));
+    set("relight", None, Json::Object(relight));
+    for (theirs, ours) in [("checkpoint", "model"), ("init_image", "image"), ("mask", "mask")] {
+        if let Some(value) = given(theirs) {
+            fields.insert(ours.into(), value);
+        }
+    }
+    Ok(RawRequest {
+        fields,
+        files: Vec::new(),
+    })
+}
+
 async fn generate(
-    State(state): State<AppState>,
+    state: State<AppState>,
     body: axum::body::Bytes,
     family: &'static str,
 ) -> Result<Response, RestError> {
     let body = RawRequest::from_json(&body)?;
-    let raw = to_request(family, &body.fields)?;
+    answer(state, to_request(family, &body.fields)?).await
+}
+
+/// Runs a request to its end and answers as the service does: the first image as PNG base64.
+async fn answer(State(state): State<AppState>, raw: RawRequest) -> Result<Response, RestError> {
     let (task, _) = submit(&state, raw).await?;
     let task = wait_for_end(&state, &task.id).await?;
     if task.status != TaskStatus::Succeeded {

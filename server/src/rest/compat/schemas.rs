@@ -52,11 +52,54 @@ pub struct FamilyRequest {
     pub refiner: Option<String>,
     /// Default 0.4: the fraction of steps on the base.
     pub refine_switch: Option<f64>,
-    /// Not available yet (501).
+    /// `[{"controlnet", "type": canny | depth | inpaint, "image", "strength", "start_percent",
+    /// "end_percent"}]`, as `/v1/generate`'s `controlnets`.
     pub controlnet_requests: Option<Vec<Value>>,
     pub lora_requests: Option<Vec<FamilyLora>>,
-    /// Not available yet (501).
+    /// As `/v1/generate`'s `ip_adapter` (the encoder may be named by `clip_vision` above).
     pub ipadapter_request: Option<Value>,
+}
+
+/// `POST /iclight/generate`: relight `init_image` (SD1.5 + IC-Light), with that service's
+/// defaults (30 steps, cfg 1.5, dpmpp_2m_sde/karras, denoise 0.7).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"checkpoint": "realisticVisionV51.safetensors", "iclight_model": "iclight_sd15_fc.safetensors", "init_image": "<base64>", "light_condition": "<base64>", "prompt_positive": "warm sunset light"}))]
+pub struct IcLightRequest {
+    /// An SD1.5 checkpoint.
+    pub checkpoint: Option<String>,
+    /// The IC-Light model (fc, or fbc with `background`), in `models/diffusion_models`.
+    pub iclight_model: String,
+    /// Base64: the subject.
+    pub init_image: String,
+    /// Base64: the light map, bright where the light comes from.
+    pub light_condition: String,
+    /// Base64: the background an fbc model places the subject on.
+    pub background: Option<String>,
+    /// Base64, white on the subject: where to relight.
+    pub mask: Option<String>,
+    /// Default 0.5: how much of the start picture is the light map.
+    pub light_strength: Option<f64>,
+    /// Default true; false (with a `mask`) paints a new background.
+    pub keep_background: Option<bool>,
+    /// Default `color` at 0.1, then `hue` at 0.2: the subject's colours blended back.
+    pub blending_mode_1: Option<String>,
+    pub blending_percentage_1: Option<f64>,
+    pub blending_mode_2: Option<String>,
+    pub blending_percentage_2: Option<f64>,
+    /// Default −0.15 and 1.14: the light map's levels stretched to this range.
+    pub remap_min_value: Option<f64>,
+    pub remap_max_value: Option<f64>,
+    pub prompt_positive: Option<String>,
+    pub prompt_negative: Option<String>,
+    pub seed: Option<i64>,
+    pub batch_size: Option<u32>,
+    pub steps: Option<u32>,
+    pub cfg: Option<f64>,
+    pub sampler_name: Option<String>,
+    pub scheduler: Option<String>,
+    pub denoise: Option<f64>,
+    /// `iclight` or absent.
+    pub gen_type: Option<String>,
 }
 
 /// The family API's answer.
