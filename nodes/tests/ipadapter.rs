@@ -383,3 +383,61 @@ fn prep_image_for_clip_vision_matches_the_pack() {
         assert!((sum - expected).abs() < 1e-2, "{name}: sum {sum} against {expected}");
     }
 }
+
+#[test]
+fn ipadapter_noise_matches_the_pack() {
+    let fixture = fixture_json("ipadapter_noise.json");
+    let setup = setup();
+    let image = |key: &str| {
+        let shape = sizes(&fixture[key]["shape"]);
+        let values = common::pattern_values(shape.iter().product(), fixture[key]["seed"].as_i64().unwrap(), 0.5)
+            .iter()
+            .map(|v| v + 0.5)
+            .collect::<Vec<f32>>();
+        easel_nodes::image::Image::new(shape[0], shape[1], shape[2], shape[3], values).unwrap()
+    };
+    let (resized, cropped) = (image("resized"), image("cropped"));
+    let rows = sizes(&fixture["rows"]);
+    let pixels = fixture["pixels"].as_u64().unwrap() as usize;
+    for case in fixture["cases"].as_array().expect("cases") {
+        let mut inputs = vec![
+            ("type", j(case["type"].clone())),
+            ("strength", j(case["strength"].clone())),
+            ("blur", j(case["blur"].clone())),
+        ];
+        match case["image"].as_str() {
+            Some("resized") => inputs.push(("image_optional", Value::object(resized.clone()))),
+            Some(_) => inputs.push(("image_optional", Value::object(cropped.clone()))),
+            None => {}
+        }
+        let noise = setup.call("IPAdapterNoise", inputs).expect("noise").remove(0);
+        let noise = noise.downcast::<easel_nodes::image::Image>().expect("an image");
+        let name = format!(
+            "{} {} {} blur {}",
+            case["image"], case["type"], case["strength"], case["blur"]
+        );
+        assert_eq!(
+            vec![noise.batch, noise.height, noise.width, noise.channels],
+            sizes(&case["shape"]),
+            "{name}"
+        );
+        // Draws in torch's order give its values; blurs and warps differ in the last bits only.
+        let exact = case["blur"] == 0 && case["type"] != "shuffle";
+        let tolerance = if exact { 1e-6 } else { 1e-4 };
+        for (row, expected) in rows.iter().zip(case["rows"].as_array().unwrap()) {
+            let got = &noise.data[row * 224 * 3..][..pixels * 3];
+            let worst = got
+                .iter()
+                .zip(common::floats(expected))
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= tolerance, "{name} row {row}: differs by {worst}");
+        }
+        let sum: f64 = noise.data.iter().map(|v| f64::from(*v)).sum();
+        let expected = case["sum"].as_f64().unwrap();
+        assert!(
+            (sum - expected).abs() < 1e-2,
+            "{name}: sum {sum}, the pack's {expected}"
+        );
+    }
+}

@@ -99,6 +99,17 @@ impl CpuGenerator {
         values
     }
 
+    /// `torch.randn` filling a tensor that is not contiguous (a permuted view's memory order):
+    /// PyTorch's serial path, one `at::normal_distribution<double>` value each.
+    pub fn randn_serial(&mut self, numel: usize) -> Vec<f32> {
+        (0..numel).map(|_| self.normal_f64() as f32).collect()
+    }
+
+    /// `torch.rand(numel, dtype=float32, generator=self)`: 24 random bits per value.
+    pub fn rand(&mut self, numel: usize) -> Vec<f32> {
+        (0..numel).map(|_| self.uniform_f32()).collect()
+    }
+
     /// One value of `torch.randint(low, low + range, …)` less `low` (`random_from_to`): a 32-bit
     /// draw modulo `range`, or a 64-bit one (two draws, the first the high half) for ranges of
     /// 2²⁸ and more, where torch's release builds switch to keep the modulo's skew small. torch

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod nodes;
+mod noise;
 mod prep_image;
 
 use std::collections::HashSet;

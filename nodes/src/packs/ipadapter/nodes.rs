@@ -43,6 +43,7 @@ pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(IpAdapterEncoder);
     registry.register(IpAdapterCombineEmbeds);
     registry.register(super::prep_image::PrepImageForClipVision);
+    registry.register(super::noise::IpAdapterNoise);
 }
 
 /// A weight input whose range the pack writes as integers (`"min": -1, "max": 3`).
@@ -401,18 +402,25 @@ impl Node for IpAdapterEncoder {
     }
 }
 
-/// The encoder's pixel mask [B, size, size] of a MASK: as it is when it has that size, else
-/// centre-cropped to a square (torchvision's rounding) and resized by antialiased bicubic.
+/// The encoder's pixel mask [B, size, size] of a MASK (see [`square_resized`]).
 fn pixel_mask(mask: &Mask, size: usize, device: &candle_core::Device) -> candle_core::Result<candle_core::Tensor> {
     let masks = candle_core::Tensor::from_slice(&mask.data, (mask.batch, 1, mask.height, mask.width), device)?;
-    if (mask.height, mask.width) == (size, size) {
-        return masks.squeeze(1);
+    square_resized(&masks, size)?.squeeze(1)
+}
+
+/// torchvision's `CenterCrop(min(H, W))` then `Resize((size, size), BICUBIC, antialias=True)` of
+/// [B, C, H, W] images: as they are when they already have that size, else the centre square
+/// (torchvision's rounding) resized by antialiased bicubic.
+pub(super) fn square_resized(images: &candle_core::Tensor, size: usize) -> candle_core::Result<candle_core::Tensor> {
+    let (_, _, height, width) = images.dims4()?;
+    if (height, width) == (size, size) {
+        return Ok(images.clone());
     }
-    let side = mask.height.min(mask.width);
-    let top = ((mask.height - side) as f64 / 2.0).round_ties_even() as usize;
-    let left = ((mask.width - side) as f64 / 2.0).round_ties_even() as usize;
-    let square = masks.narrow(2, top, side)?.narrow(3, left, side)?;
-    bicubic_antialiased(&square, size, size)?.squeeze(1)
+    let side = height.min(width);
+    let top = ((height - side) as f64 / 2.0).round_ties_even() as usize;
+    let left = ((width - side) as f64 / 2.0).round_ties_even() as usize;
+    let square = images.narrow(2, top, side)?.narrow(3, left, side)?;
+    bicubic_antialiased(&square, size, size)
 }
 
 /// `IPAdapterCombineEmbeds`: up to five embeddings joined, then combined into one.
