@@ -579,6 +579,20 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
     assert_eq!(prompt_nodes(api, &task, "ImageBatch").len(), 1);
     let shown = task["request"]["ip_adapter"]["images"][1].as_str().unwrap();
     assert!(shown.starts_with("/view?filename="), "{task}");
+    // The tiny SDXL adapter steers SDXL: the same seed gives another picture.
+    let mut sdxl_prompted = tiny("sdxl", "text2img");
+    sdxl_prompted["ip_adapter"] = json!({
+        "ipadapter": "easel_tiny_sdxl_ip_adapter.safetensors", "clip_vision": "easel_tiny_clip_vision.safetensors",
+        "images": [b64(&picture())], "weight": 1.0, "end_at": 1.0,
+    });
+    let steered = generate(api, sdxl_prompted).json();
+    assert_eq!(steered["status"], "succeeded", "SDXL ip_adapter: {steered}");
+    let plain = generate(api, tiny("sdxl", "text2img")).json();
+    assert_ne!(
+        first_image(&steered).to_rgb8().into_raw(),
+        first_image(&plain).to_rgb8().into_raw(),
+        "the SDXL IP-Adapter changes the picture"
+    );
     let mut flux_prompted = tiny("flux", "text2img");
     flux_prompted["ip_adapter"] = ip_adapter;
     let answer = generate(api, flux_prompted);

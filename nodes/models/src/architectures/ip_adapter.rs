@@ -26,6 +26,8 @@ use crate::weights::{TensorShapes, Weights};
 
 /// The context width of SDXL's IP-Adapters (the pack's `is_sdxl`).
 const SDXL_CONTEXT: usize = 2048;
+/// SD1.5's cross-attentions, one adapter module each (SDXL's adapters have 70).
+const SD15_MODULES: usize = 16;
 /// Width of the resampler's attention heads.
 const RESAMPLER_HEAD_WIDTH: usize = 64;
 /// The pack's error for FaceID models, which need InsightFace.
@@ -56,7 +58,7 @@ pub struct IpAdapterConfig {
     pub token_width: usize,
     /// The key/value projections, by module number (1, 3, 5, …): their input and output widths.
     pub layers: BTreeMap<usize, (usize, usize)>,
-    /// Whether it is made for SDXL (2048-wide context).
+    /// Whether it is made for SDXL (2048-wide context, 70 modules).
     pub sdxl: bool,
 }
 
@@ -124,12 +126,14 @@ impl IpAdapterConfig {
                 width,
             )
         };
+        // Real SDXL adapters have both; tiny test ones only SDXL's module count.
+        let sdxl = context == SDXL_CONTEXT || layers.len() > SD15_MODULES;
         Ok(IpAdapterConfig {
             projection,
             clip_width,
             token_width,
             layers,
-            sdxl: context == SDXL_CONTEXT,
+            sdxl,
         })
     }
 

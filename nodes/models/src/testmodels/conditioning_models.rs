@@ -2,14 +2,14 @@
 //! `clip_vision/`: CLIP for SD1.x and SD2.x, one for SDXL, SigLIP for FLUX), style models (in
 //! `style_models/`: FLUX Redux for the tiny FLUX, the SD1.5 style adapter for the tiny SD1.x
 //! model), an SD2.1 unCLIP checkpoint (in `checkpoints/`) with its image encoder, GLIGEN for
-//! the tiny SD1.x model (in `gligen/`), an IP-Adapter for it (in `ipadapter/`) and IC-Light
-//! offsets for it (in `diffusion_models/`).
+//! the tiny SD1.x model (in `gligen/`), IP-Adapters for it and the tiny SDXL (in `ipadapter/`)
+//! and IC-Light offsets for the tiny SD1.x model (in `diffusion_models/`).
 
 use std::path::{Path, PathBuf};
 
 use super::{
     checkpoint_layout, tiny_clip_g, tiny_clip_l, tiny_flux, tiny_open_clip, tiny_sd1_unet, tiny_sd2_unet, tiny_sd_vae,
-    write_checkpoint, Recorder, TensorSpec,
+    tiny_sdxl_unet, write_checkpoint, Recorder, TensorSpec,
 };
 use crate::architectures::clip_encoder::{Activation, ClipNaming};
 use crate::architectures::clip_vision::{ClipVision, ClipVisionConfig, VisionKind};
@@ -40,6 +40,10 @@ pub const TINY_SD1_GLIGEN: &str = "easel_tiny_sd1_gligen.safetensors";
 /// modules, of which the tiny UNet has the blocks of modules 1 and 13), taking the tiny CLIP
 /// vision encoder's embeddings.
 pub const TINY_SD1_IP_ADAPTER: &str = "easel_tiny_sd1_ip_adapter.safetensors";
+/// A tiny standard IP-Adapter for the tiny SDXL model, laid out as SDXL's (70 key/value modules,
+/// of which the tiny UNet has the transformer blocks of output blocks 0 and 1), taking the tiny
+/// CLIP vision encoder's embeddings.
+pub const TINY_SDXL_IP_ADAPTER: &str = "easel_tiny_sdxl_ip_adapter.safetensors";
 /// Tiny IC-Light offsets for the tiny SD1.x UNet (in `diffusion_models/`, LDM names): "fc"
 /// (8 input channels: the latent and the foreground's) and "fbc" (12: and the background's).
 pub const TINY_SD1_IC_LIGHT_FC: &str = "easel_tiny_sd1_iclight_fc.safetensors";
@@ -154,6 +158,18 @@ pub fn tiny_sd1_ip_adapter() -> IpAdapterConfig {
     }
 }
 
+pub fn tiny_sdxl_ip_adapter() -> IpAdapterConfig {
+    let context = tiny_clip_l().hidden_size + tiny_clip_g().hidden_size;
+    // The width of the tiny SDXL UNet's transformer blocks (its second level).
+    let width = 2 * tiny_sdxl_unet(context, 6).model_channels;
+    IpAdapterConfig {
+        token_width: context,
+        layers: (0..70).map(|module| (2 * module + 1, (context, width))).collect(),
+        sdxl: true,
+        ..tiny_sd1_ip_adapter()
+    }
+}
+
 /// Every tensor of an IP-Adapter.
 pub fn ip_adapter_layout(config: &IpAdapterConfig) -> candle_core::Result<Vec<TensorSpec>> {
     let recorder = Recorder::default();
@@ -234,6 +250,10 @@ pub(super) fn write_conditioning_models(models_dir: &Path) -> std::io::Result<Ve
         (
             ipadapter.join(TINY_SD1_IP_ADAPTER),
             ip_adapter_layout(&tiny_sd1_ip_adapter()),
+        ),
+        (
+            ipadapter.join(TINY_SDXL_IP_ADAPTER),
+            ip_adapter_layout(&tiny_sdxl_ip_adapter()),
         ),
         (diffusion_models.join(TINY_SD1_IC_LIGHT_FC), ic_light_layout(8)),
         (diffusion_models.join(TINY_SD1_IC_LIGHT_FBC), ic_light_layout(12)),
