@@ -109,7 +109,7 @@ fn the_family_routes_answer_image_base64() {
         })),
     );
     assert_eq!(status, 200, "{body}");
-    // FLUX from split files, the text encoders as a pair.
+    // FLUX from split files, the text encoders as a pair, with two LoRAs stacked.
     let (status, body) = post_json(
         api,
         "/flux/generate",
@@ -117,6 +117,10 @@ fn the_family_routes_answer_image_base64() {
             "unet": "easel_tiny_flux_dev-Q8_0.gguf", "vae": "easel_tiny_flux_vae.safetensors",
             "clip": ["easel_tiny_t5xxl_fp16.safetensors", "easel_tiny_clip_l.safetensors"],
             "prompt_positive": "a cat", "sampler_name": "euler", "scheduler": "simple",
+            "lora_requests": [
+                {"lora": "easel_tiny_flux_lora_kohya.safetensors", "strength_model": 0.8, "strength_clip": 1.0},
+                {"lora": "easel_tiny_flux_lora_diffusers.safetensors", "strength_model": 0.5, "strength_clip": 1.0},
+            ],
         })),
     );
     assert_eq!(status, 200, "{body}");

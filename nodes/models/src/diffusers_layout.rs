@@ -321,6 +321,96 @@ impl MappedWeights for ConvertedWeights {
     }
 }
 
+/// A FLUX weight matrix as diffusers names it (without `.weight`), the BFL matrix it is or is
+/// part of (without `.weight`), the rows of that matrix it takes when BFL fuses several (query,
+/// key and value; the single blocks' MLP input beside them), and whether its two halves of rows
+/// come in the other order (the final modulation's scale and shift).
+pub struct FluxDiffusersMatrix {
+    pub diffusers: String,
+    pub bfl: String,
+    pub rows: Option<(usize, usize)>,
+    pub swapped_halves: bool,
+}
+
+/// Every weight matrix of a FLUX model with `doubles` double and `singles` single blocks of
+/// `hidden` width (and `mlp_hidden` wide MLPs) under its diffusers name (ComfyUI's
+/// `flux_to_diffusers`, which its LoRA key maps use).
+pub fn flux_diffusers_matrices(
+    doubles: usize,
+    singles: usize,
+    hidden: usize,
+    mlp_hidden: usize,
+) -> Vec<FluxDiffusersMatrix> {
+    let matrix = |diffusers: String, bfl: String, rows: Option<(usize, usize)>| FluxDiffusersMatrix {
+        diffusers,
+        bfl,
+        rows,
+        swapped_halves: false,
+    };
+    let third = |index: usize| Some((index * hidden, hidden));
+    let renamed = |table: &[(&str, &str)], from: &str, to: &str| -> Vec<FluxDiffusersMatrix> {
+        table
+            .iter()
+            .filter_map(|(diffusers, bfl)| {
+                Some(matrix(
+                    format!("{from}{}", diffusers.strip_suffix(".weight")?),
+                    format!("{to}{}", bfl.strip_suffix(".weight")?),
+                    None,
+                ))
+            })
+            .collect()
+    };
+    let mut matrices = Vec::new();
+    for block in 0..doubles {
+        let (from, to) = (
+            format!("transformer_blocks.{block}."),
+            format!("double_blocks.{block}."),
+        );
+        for (index, (image, text)) in [("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj")]
+            .into_iter()
+            .enumerate()
+        {
+            matrices.push(matrix(
+                format!("{from}attn.{image}"),
+                format!("{to}img_attn.qkv"),
+                third(index),
+            ));
+            matrices.push(matrix(
+                format!("{from}attn.{text}"),
+                format!("{to}txt_attn.qkv"),
+                third(index),
+            ));
+        }
+        matrices.extend(renamed(&FLUX_DOUBLE_BLOCK, &from, &to));
+    }
+    for block in 0..singles {
+        let (from, to) = (
+            format!("single_transformer_blocks.{block}."),
+            format!("single_blocks.{block}."),
+        );
+        for (index, part) in ["to_q", "to_k", "to_v"].into_iter().enumerate() {
+            matrices.push(matrix(
+                format!("{from}attn.{part}"),
+                format!("{to}linear1"),
+                third(index),
+            ));
+        }
+        matrices.push(matrix(
+            format!("{from}proj_mlp"),
+            format!("{to}linear1"),
+            Some((3 * hidden, mlp_hidden)),
+        ));
+        matrices.extend(renamed(&FLUX_SINGLE_BLOCK, &from, &to));
+    }
+    matrices.extend(renamed(&FLUX_BASIC, "", ""));
+    matrices.push(matrix("proj_out".into(), "final_layer.linear".into(), None));
+    matrices.push(FluxDiffusersMatrix {
+        swapped_halves: true,
+        ..matrix("norm_out.linear".into(), "final_layer.adaLN_modulation.1".into(), None)
+    });
+    matrices
+}
+
 /// How many numbered blocks the file has under `prefix` (`prefix0.`, `prefix1.`, …): one more
 /// than the highest index found.
 fn count_indices(file: &dyn TensorShapes, prefix: &str) -> usize {

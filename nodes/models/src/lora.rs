@@ -10,8 +10,10 @@
 //! every name ComfyUI accepts for each of its weights: kohya's names over the LDM keys
 //! (`lora_unet_input_blocks_1_1_proj_in`) and over diffusers' (`lora_unet_down_blocks_0_…`),
 //! the raw keys, diffusers/PEFT names, and the text encoder's (`lora_te_text_model_…`,
-//! `text_encoder.text_model.…`). Tensors found for a name: `.lora_up/.lora_down` (kohya,
-//! LoCon), `_lora.up/.down`, `.lora.up/.down`, `.lora_linear_layer.up/.down` (diffusers),
+//! `text_encoder.text_model.…`); for FLUX, BFL's, kohya's, diffusers' and XLabs' names
+//! ([`LoraKeyMap::add_flux`]). Tensors found for a name: `.lora_up/.lora_down` (kohya,
+//! LoCon), `_lora.up/.down`, `.lora.up/.down`, `.up/.down` (XLabs),
+//! `.lora_linear_layer.up/.down` (diffusers),
 //! `.lora_B/.lora_A` (PEFT, also `.default`), with an optional `.alpha`, LoCon's Tucker
 //! `.lora_mid` and DoRA's `.dora_scale`; LyCORIS LoHa (`.hada_w1_a` …) and LoKr (`.lokr_w1` or
 //! `.lokr_w1_a/_b`, `.lokr_w2` …); or `.diff` (a full difference).
@@ -26,10 +28,12 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::architectures::clip_encoder::ClipNaming;
+use crate::architectures::flux::FluxConfig;
 use crate::architectures::unet::{UNetConfig, TRANSFORMER_BLOCK_MATRICES};
+use crate::diffusers_layout::flux_diffusers_matrices;
 use crate::kernels::sgemm::{gemm_into, Elements, Precision, View};
 use crate::memory::advise_huge_pages;
-use crate::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
+use crate::weights::{LowRankUpdate, MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
 
 /// One weight difference, with the strength it is applied at.
 #[derive(Clone)]
@@ -66,6 +70,50 @@ enum Difference {
     },
     /// Nothing: the patch only scales W.
     Nothing,
+    /// A difference whose first and second halves of rows are swapped before it is added
+    /// (diffusers' FLUX final modulation holds scale then shift where BFL's holds shift, scale).
+    SwappedHalves(Box<Difference>),
+}
+
+impl Difference {
+    /// The difference in f32, shaped as `weight`; `None` for [`Difference::Nothing`].
+    fn shaped_as(&self, weight: &Tensor) -> Result<Option<Tensor>> {
+        let difference = match self {
+            Difference::LowRank { up, down, scale } => {
+                (up.flatten_from(1)?.matmul(&down.flatten_from(1)?)? * f64::from(*scale))?
+            }
+            Difference::Hadamard { first, second, scale } => ((first * second)? * f64::from(*scale))?,
+            Difference::Kronecker { first, second, scale } => (kronecker(first, second)? * f64::from(*scale))?,
+            Difference::Full(difference) => difference.clone(),
+            Difference::OtherModel { source, name } => {
+                source.weights().get(weight.shape(), name)?.to_dtype(DType::F32)?
+            }
+            Difference::OtherModelChange { other, original, name } => {
+                let other = other.weights().get(weight.shape(), name)?.to_dtype(DType::F32)?;
+                let original = original.weights().get(weight.shape(), name)?.to_dtype(DType::F32)?;
+                (other - original)?
+            }
+            Difference::Nothing => return Ok(None),
+            Difference::SwappedHalves(inner) => {
+                let Some(difference) = inner.shaped_as(weight)? else {
+                    return Ok(None);
+                };
+                let (rows, half) = (difference.dim(0)?, difference.dim(0)? / 2);
+                return Ok(Some(Tensor::cat(
+                    &[difference.narrow(0, half, rows - half)?, difference.narrow(0, 0, half)?],
+                    0,
+                )?));
+            }
+        };
+        if difference.elem_count() != weight.elem_count() {
+            return Err(candle_core::Error::Msg(format!(
+                "a LoRA difference of shape {:?} does not fit a weight of shape {:?}",
+                difference.dims(),
+                weight.dims()
+            )));
+        }
+        Ok(Some(difference.reshape(weight.shape())?.to_device(weight.device())?))
+    }
 }
 
 impl Patch {
@@ -126,31 +174,7 @@ impl Patch {
 
     /// `scale·ΔW` in f32, shaped as `weight`; `None` for a patch without a difference.
     fn difference(&self, weight: &Tensor) -> Result<Option<Tensor>> {
-        let difference = match &self.difference {
-            Difference::LowRank { up, down, scale } => {
-                (up.flatten_from(1)?.matmul(&down.flatten_from(1)?)? * f64::from(*scale))?
-            }
-            Difference::Hadamard { first, second, scale } => ((first * second)? * f64::from(*scale))?,
-            Difference::Kronecker { first, second, scale } => (kronecker(first, second)? * f64::from(*scale))?,
-            Difference::Full(difference) => difference.clone(),
-            Difference::OtherModel { source, name } => {
-                source.weights().get(weight.shape(), name)?.to_dtype(DType::F32)?
-            }
-            Difference::OtherModelChange { other, original, name } => {
-                let other = other.weights().get(weight.shape(), name)?.to_dtype(DType::F32)?;
-                let original = original.weights().get(weight.shape(), name)?.to_dtype(DType::F32)?;
-                (other - original)?
-            }
-            Difference::Nothing => return Ok(None),
-        };
-        if difference.elem_count() != weight.elem_count() {
-            return Err(candle_core::Error::Msg(format!(
-                "a LoRA difference of shape {:?} does not fit a weight of shape {:?}",
-                difference.dims(),
-                weight.dims()
-            )));
-        }
-        Ok(Some(difference.reshape(weight.shape())?.to_device(weight.device())?))
+        self.difference.shaped_as(weight)
     }
 
     /// `weight` (f32) with this patch applied: `W + strength·ΔW`; with DoRA, `W + ΔW` scaled to
@@ -298,23 +322,14 @@ impl WeightPatches {
         self.0.contains_key(name)
     }
 
-    /// The matrix `name` ([rows, cols] `base` elements, in place in a mapped file) with its
-    /// patches applied in one pass over blocks of rows shared out across threads: each block
-    /// widened to f32, every low-rank difference added by the GEMM, then rounded back to the
-    /// base's precision, as ComfyUI rounds patched weights. `None` unless every patch of `name`
-    /// is a plain low-rank one (no DoRA, no row range) and the base is f32, f16 or bf16 (not
-    /// fp8 or ggml blocks): the general path then applies them.
-    pub fn apply_low_rank_in_blocks(
-        &self,
-        name: &str,
-        base: Elements,
-        rows: usize,
-        cols: usize,
-    ) -> Result<Option<Tensor>> {
+    /// The patches of the [rows, cols] matrix `name` as low-rank updates (`factor = strength ·
+    /// scale`); `None` unless every patch of `name` is a plain low-rank one (no DoRA, no row
+    /// range, no scaling of W) of the matrix's shape.
+    pub fn low_rank_updates(&self, name: &str, rows: usize, cols: usize) -> Result<Option<Vec<LowRankUpdate>>> {
         let Some(patches) = self.0.get(name) else {
             return Ok(None);
         };
-        let mut factors = Vec::with_capacity(patches.len());
+        let mut updates = Vec::with_capacity(patches.len());
         for patch in patches {
             let (Difference::LowRank { up, down, scale }, None, None, 1.0) =
                 (&patch.difference, &patch.dora_scale, patch.rows, patch.strength_model)
@@ -326,24 +341,47 @@ impl WeightPatches {
             if up_rows != rows || down_rank != rank || down_cols != cols {
                 return Ok(None);
             }
-            let up: Vec<f32> = up.flatten_all()?.to_vec1()?;
-            let down: Vec<f32> = down.flatten_all()?.to_vec1()?;
-            factors.push((up, down, rank, patch.strength * scale));
+            updates.push(LowRankUpdate {
+                up: up.flatten_all()?.to_vec1()?,
+                down: down.flatten_all()?.to_vec1()?,
+                rank,
+                factor: patch.strength * scale,
+            });
         }
+        Ok(Some(updates))
+    }
+
+    /// The matrix `name` ([rows, cols] `base` elements, in place in a mapped file) with its
+    /// patches applied in one pass over blocks of rows shared out across threads: each block
+    /// widened to f32, every low-rank difference added by the GEMM, then rounded back to the
+    /// base's precision, as ComfyUI rounds patched weights. `None` unless the patches are
+    /// [`WeightPatches::low_rank_updates`] and the base is f32, f16 or bf16 (not fp8 or ggml
+    /// blocks): the general path then applies them.
+    pub fn apply_low_rank_in_blocks(
+        &self,
+        name: &str,
+        base: Elements,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Tensor>> {
+        let Some(updates) = self.low_rank_updates(name, rows, cols)? else {
+            return Ok(None);
+        };
         if base.len() != rows * cols {
             return Ok(None);
         }
         let patch_block = |first: usize, block: &mut [f32]| {
             base.read(first * cols, 1, block);
             let block_rows = block.len() / cols;
-            for (up, down, rank, factor) in &factors {
-                let up = View::row_major(&up[first * rank..(first + block_rows) * rank], block_rows, *rank);
+            for update in &updates {
+                let rank = update.rank;
+                let up = View::row_major(&update.up[first * rank..(first + block_rows) * rank], block_rows, rank);
                 gemm_into(
                     block,
                     cols,
                     up,
-                    &View::row_major(down, *rank, cols),
-                    *factor,
+                    &View::row_major(&update.down, rank, cols),
+                    update.factor,
                     true,
                     Precision::F32,
                 );
@@ -400,11 +438,13 @@ pub struct ClipLoraNames {
 #[derive(Default)]
 pub struct LoraKeyMap(HashMap<String, PatchTarget>);
 
-/// The model tensor a LoRA layer patches, and which of its rows when it fuses several layers.
+/// The model tensor a LoRA layer patches, which of its rows when it fuses several layers, and
+/// whether the LoRA's halves of rows come in the other order (see [`Difference::SwappedHalves`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct PatchTarget {
     tensor: String,
     rows: Option<(usize, usize)>,
+    swapped_halves: bool,
 }
 
 impl LoraKeyMap {
@@ -511,15 +551,86 @@ impl LoraKeyMap {
         }
     }
 
+    /// The names of a FLUX model's weight matrices, whose tensors lie under `prefix` in `file`
+    /// (ComfyUI's key map for FLUX): kohya's over BFL's names (`lora_unet_double_blocks_0_…`),
+    /// BFL's own (`diffusion_model.…`, and `…linear1_qkv` for the single blocks' query, key and
+    /// value rows), diffusers' (`transformer.…`, also as simpletuner's `lycoris_` and
+    /// OneTrainer's `lora_transformer_`), whose separate query, key and value (and the single
+    /// blocks' MLP input) patch rows of BFL's fused matrices, and XLabs' attention processors
+    /// (`double_blocks.0.processor.qkv_lora1`, …), as ComfyUI converts them for USO.
+    pub fn add_flux(&mut self, file: &dyn TensorShapes, prefix: &str, config: &FluxConfig) {
+        let hidden = config.hidden_size;
+        for name in file.tensor_names() {
+            let Some(key) = name.strip_prefix(prefix).and_then(|k| k.strip_suffix(".weight")) else {
+                continue;
+            };
+            self.insert(format!("lora_unet_{}", key.replace('.', "_")), name);
+            self.insert(format!("diffusion_model.{key}"), name);
+            if key.ends_with(".linear1") {
+                self.insert_rows(format!("diffusion_model.{key}_qkv"), name, Some((0, 3 * hidden)));
+            }
+        }
+        let full = |bfl: &str| format!("{prefix}{bfl}.weight");
+        let matrices = flux_diffusers_matrices(config.double_blocks, config.single_blocks, hidden, config.mlp_hidden);
+        for matrix in matrices {
+            if !file.has(&full(&matrix.bfl)) {
+                continue;
+            }
+            let underscored = matrix.diffusers.replace('.', "_");
+            for lora_name in [
+                format!("transformer.{}", matrix.diffusers),
+                format!("lycoris_{underscored}"),
+                format!("lora_transformer_{underscored}"),
+            ] {
+                let target = PatchTarget {
+                    tensor: full(&matrix.bfl),
+                    rows: matrix.rows,
+                    swapped_halves: matrix.swapped_halves,
+                };
+                self.insert_target(lora_name, target);
+            }
+        }
+        const XLABS: [(&str, &str); 4] = [
+            ("qkv_lora1", "img_attn.qkv"),
+            ("qkv_lora2", "txt_attn.qkv"),
+            ("proj_lora1", "img_attn.proj"),
+            ("proj_lora2", "txt_attn.proj"),
+        ];
+        for block in 0..config.double_blocks {
+            for (xlabs, bfl) in XLABS {
+                let target = full(&format!("double_blocks.{block}.{bfl}"));
+                self.insert(format!("double_blocks.{block}.processor.{xlabs}"), &target);
+            }
+        }
+        for block in 0..config.single_blocks {
+            let linear1 = full(&format!("single_blocks.{block}.linear1"));
+            self.insert_rows(
+                format!("single_blocks.{block}.processor.qkv_lora"),
+                &linear1,
+                Some((0, 3 * hidden)),
+            );
+            let linear2 = full(&format!("single_blocks.{block}.linear2"));
+            self.insert(format!("single_blocks.{block}.processor.proj_lora"), &linear2);
+        }
+    }
+
     fn insert(&mut self, lora_name: String, target: &str) {
         self.insert_rows(lora_name, target, None);
     }
 
     fn insert_rows(&mut self, lora_name: String, target: &str, rows: Option<(usize, usize)>) {
-        self.0.entry(lora_name).or_insert_with(|| PatchTarget {
-            tensor: target.to_string(),
-            rows,
-        });
+        self.insert_target(
+            lora_name,
+            PatchTarget {
+                tensor: target.to_string(),
+                rows,
+                swapped_halves: false,
+            },
+        );
+    }
+
+    fn insert_target(&mut self, lora_name: String, target: PatchTarget) {
+        self.0.entry(lora_name).or_insert(target);
     }
 }
 
@@ -582,7 +693,7 @@ pub struct LoadedLora {
 }
 
 /// The (up, down) tensor name pairs a LoRA may store for layer `name`.
-fn low_rank_names(name: &str) -> [(String, String); 6] {
+fn low_rank_names(name: &str) -> [(String, String); 7] {
     [
         (format!("{name}.lora_up.weight"), format!("{name}.lora_down.weight")),
         (format!("{name}_lora.up.weight"), format!("{name}_lora.down.weight")),
@@ -596,6 +707,8 @@ fn low_rank_names(name: &str) -> [(String, String); 6] {
             format!("{name}.lora_B.default.weight"),
             format!("{name}.lora_A.default.weight"),
         ),
+        // XLabs' FLUX LoRAs.
+        (format!("{name}.up.weight"), format!("{name}.down.weight")),
     ]
 }
 
@@ -619,6 +732,10 @@ pub fn load_lora(lora: &SafetensorsFile, keys: &LoraKeyMap, strength: f32) -> Re
         }
         let Some(difference) = read_difference(lora, lora_name, &mut used)? else {
             continue;
+        };
+        let difference = match target.swapped_halves {
+            true => Difference::SwappedHalves(Box::new(difference)),
+            false => difference,
         };
         let dora_name = format!("{lora_name}.dora_scale");
         let dora_scale = if lora.has(&dora_name) {

@@ -36,8 +36,10 @@ use crate::weights::{MappedWeights, SafetensorsFile};
 
 mod conditioning_models;
 mod control_models;
+mod flux_loras;
 pub use conditioning_models::*;
 pub use control_models::*;
+pub use flux_loras::*;
 
 /// How a tensor is filled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -600,6 +602,7 @@ pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let lora = loras.join(TINY_SD1_LORA);
     write_tiny_lora(&lora, &layout)?;
     written.extend([safetensors_path, pt_path, lora]);
+    written.extend(write_flux_loras(&loras)?);
     written.extend(write_flux_test_models(models_dir)?);
     written.extend(write_conditioning_models(models_dir)?);
     Ok(written)

@@ -678,8 +678,22 @@ impl Weights {
             // Patched in f32, then kept in the file's precision, as ComfyUI rounds patched
             // weights back to their dtype: the patched model needs no more memory than the file.
             // (fp8 weights are kept in f16: ComfyUI rounds them back to fp8 stochastically.)
-            if let (Some((_, elements)), Some(&rows)) = (in_place, dims.first()) {
+            if let (Some((file, elements)), Some(&rows)) = (in_place, dims.first()) {
                 let cols = shape.elem_count() / rows.max(1);
+                // Quantized weights stay in place: their products add the LoRA's update.
+                if let (Elements::Ggml(..), Some(low_rank)) =
+                    (elements, self.patches.low_rank_updates(&full_name, rows, cols)?)
+                {
+                    return Ok(WeightMatrix {
+                        shape: dims.to_vec(),
+                        storage: MatrixStorage::Mapped {
+                            file: file.clone(),
+                            name: full_name,
+                        },
+                        precision: self.precision,
+                        low_rank: Some(Arc::new(low_rank)),
+                    });
+                }
                 if let Some(tensor) = self
                     .patches
                     .apply_low_rank_in_blocks(&full_name, elements, rows, cols)?
@@ -703,6 +717,7 @@ impl Weights {
                     name: full_name,
                 },
                 precision: self.precision,
+                low_rank: None,
             });
         }
         Ok(self.matrix_of(self.builder.get(shape, name)?))
@@ -714,6 +729,7 @@ impl Weights {
             shape: tensor.dims().to_vec(),
             storage: MatrixStorage::Tensor(tensor),
             precision: self.precision,
+            low_rank: None,
         }
     }
 }
@@ -793,11 +809,25 @@ impl From<VarBuilder<'static>> for Weights {
 }
 
 /// A layer's weight matrix ([out, in], or a convolution's [out, in, k, k]) and the precision
-/// the CPU kernels multiply it in.
+/// the CPU kernels multiply it in; for quantized weights a LoRA patches, the low-rank updates
+/// the products add instead of a patched copy.
 pub struct WeightMatrix {
     shape: Vec<usize>,
     storage: MatrixStorage,
     precision: Precision,
+    /// Shared behind one pointer: matrices are many, and all but a few have none.
+    low_rank: Option<Arc<Vec<LowRankUpdate>>>,
+}
+
+/// A low-rank difference `factor·up·down` (up [out, rank], down [rank, in], row-major f32) that
+/// a matrix's products add as `factor·(x·downᵀ)·upᵀ`, so that a LoRA on ggml-quantized weights
+/// (as ComfyUI-GGUF patches them on the fly) needs no dense copy of the matrix.
+#[derive(Clone)]
+pub struct LowRankUpdate {
+    pub up: Vec<f32>,
+    pub down: Vec<f32>,
+    pub rank: usize,
+    pub factor: f32,
 }
 
 enum MatrixStorage {
@@ -818,9 +848,31 @@ impl WeightMatrix {
         self.precision
     }
 
-    /// The matrix as an f32 tensor (a copy where it is mapped or kept in half precision), for
-    /// candle's operations.
+    /// The matrix as an f32 tensor (a copy where it is mapped or kept in half precision, with
+    /// its low-rank updates added), for candle's operations.
     pub fn tensor(&self) -> candle_core::Result<Tensor> {
+        let mut tensor = self.base_tensor()?;
+        for update in self.low_rank() {
+            let rows = self.shape.first().copied().unwrap_or(0);
+            let up = Tensor::from_slice(&update.up, (rows, update.rank), &Device::Cpu)?;
+            let down = Tensor::from_slice(
+                &update.down,
+                (update.rank, update.down.len() / update.rank.max(1)),
+                &Device::Cpu,
+            )?;
+            let difference = (up.matmul(&down)? * f64::from(update.factor))?;
+            tensor = (tensor + difference.reshape(self.shape.as_slice())?)?;
+        }
+        Ok(tensor)
+    }
+
+    /// The low-rank updates the matrix's products add (none but for LoRAs on quantized weights).
+    pub fn low_rank(&self) -> &[LowRankUpdate] {
+        self.low_rank.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    /// The stored matrix as an f32 tensor, without its low-rank updates.
+    fn base_tensor(&self) -> candle_core::Result<Tensor> {
         match &self.storage {
             MatrixStorage::Mapped { file, name } => file.load(name, DType::F32, &Device::Cpu),
             MatrixStorage::Tensor(tensor) => tensor.to_dtype(DType::F32),
@@ -849,8 +901,18 @@ impl WeightMatrix {
     }
 
     /// Runs `f` on the elements where the CPU kernels can read them (mapped data, fp8 bytes, or
-    /// a contiguous CPU tensor in f32, f16 or bf16); `None` for other devices and dtypes.
+    /// a contiguous CPU tensor in f32, f16 or bf16); `None` for other devices and dtypes, and
+    /// for a matrix with low-rank updates (which [`WeightMatrix::tensor`] adds).
     pub fn with_elements<R>(&self, f: impl FnOnce(Elements) -> R) -> candle_core::Result<Option<R>> {
+        if !self.low_rank().is_empty() {
+            return Ok(None);
+        }
+        self.with_base_elements(f)
+    }
+
+    /// [`WeightMatrix::with_elements`] on the stored matrix, for kernels that add its
+    /// [`WeightMatrix::low_rank`] updates themselves.
+    pub fn with_base_elements<R>(&self, f: impl FnOnce(Elements) -> R) -> candle_core::Result<Option<R>> {
         match &self.storage {
             MatrixStorage::Mapped { file, name } => Ok(file.elements(name).map(f)),
             MatrixStorage::Fp8 { bytes, format } => Ok(Some(f(Elements::F8(bytes, *format)))),

@@ -16,7 +16,7 @@ use easel_models::weights::{SafetensorsFile, TensorShapes};
 
 use crate::loaders::model_files_fingerprint;
 use crate::model::clip::{Clip, TextEncoder, TextNetwork};
-use crate::model::diffusion_model::{DiffusionModel, Model};
+use crate::model::diffusion_model::{DiffusionModel, DiffusionNetwork, Model};
 use crate::paths::Paths;
 use crate::runtime::tensor_error;
 
@@ -169,14 +169,12 @@ pub(crate) fn model_lora_patches(
     model: &DiffusionModel,
     strength: f32,
 ) -> Result<LoadedLora, NodeError> {
-    let Some(unet) = model.network.unet() else {
-        return Err(NodeError::new(format!(
-            "LoRAs for {} models are not supported by Easel yet",
-            model.family.name()
-        )));
-    };
     let mut keys = LoraKeyMap::default();
-    keys.add_unet(model.source.file.as_ref(), &model.source.name_prefix(), unet.config());
+    let (file, prefix) = (model.source.file.as_ref(), model.source.name_prefix());
+    match &model.network {
+        DiffusionNetwork::UNet(unet) => keys.add_unet(file, &prefix, unet.config()),
+        DiffusionNetwork::Flux(flux) => keys.add_flux(file, &prefix, flux.config()),
+    }
     load_lora(lora, &keys, strength).map_err(tensor_error)
 }
 

@@ -52,7 +52,7 @@ impl ModelEntry {
     pub fn to_json(&self) -> Json {
         let modes: Vec<_> = self.modes().iter().map(|mode| mode.name()).collect();
         let mut add_ons = vec!["styles"];
-        if matches!(self.family, Family::Sd15 | Family::Sdxl) {
+        if self.family != Family::Sd3 {
             add_ons.push("loras");
         }
         json!({

@@ -30,9 +30,6 @@ pub fn workflow_for(request: &GenerateRequest) -> Result<&'static str, RestError
     if request.ip_adapter.is_some() && request.refiner.is_some() {
         return Err(RestError::not_yet("ip_adapter", "IP-Adapter with a refiner"));
     }
-    if request.family == Family::Flux && !request.loras.is_empty() {
-        return Err(RestError::not_yet("loras", "LoRA for FLUX"));
-    }
     let flux = request.family == Family::Flux;
     Ok(match request.mode {
         Mode::Text2Img if request.refiner.is_some() => "sdxl_refiner_text2img",

@@ -321,7 +321,12 @@ impl Encoder {
             for _ in 0..config.num_res_blocks[level] {
                 let vb = vb.pp(format!("input_blocks.{}", input_blocks.len()));
                 let out = mult * mc;
-                let mut layers = vec![Layer::Res(ResBlock::new(channels, out, time_dim, vb.pp("0"))?)];
+                let mut layers = vec![Layer::Res(Box::new(ResBlock::new(
+                    channels,
+                    out,
+                    time_dim,
+                    vb.pp("0"),
+                )?))];
                 channels = out;
                 let depth = depths.next().copied().unwrap_or(0);
                 if depth > 0 {
@@ -339,12 +344,12 @@ impl Encoder {
             }
         }
 
-        let mut middle_block = vec![Layer::Res(ResBlock::new(
+        let mut middle_block = vec![Layer::Res(Box::new(ResBlock::new(
             channels,
             channels,
             time_dim,
             vb.pp("middle_block.0"),
-        )?)];
+        )?))];
         let last_res = match config.middle_depth {
             Some(depth) => {
                 middle_block.push(Layer::Transformer(transformer(
@@ -356,12 +361,12 @@ impl Encoder {
             }
             None => "middle_block.1",
         };
-        middle_block.push(Layer::Res(ResBlock::new(
+        middle_block.push(Layer::Res(Box::new(ResBlock::new(
             channels,
             channels,
             time_dim,
             vb.pp(last_res),
-        )?));
+        )?)));
         let encoder = Encoder {
             model_channels: mc,
             time_embed,
@@ -422,7 +427,8 @@ struct Block {
 
 enum Layer {
     Conv(Conv2d),
-    Res(ResBlock),
+    /// Boxed: a residual block is several times the size of the other layers.
+    Res(Box<ResBlock>),
     Transformer(SpatialTransformer),
     Downsample(Conv2d),
     Upsample(Conv2d),
@@ -450,7 +456,12 @@ impl UNet {
                 let vb = vb.pp(format!("output_blocks.{}", output_blocks.len()));
                 let skip = skip_channels.pop().unwrap_or(mc);
                 let out = mult * mc;
-                let mut layers = vec![Layer::Res(ResBlock::new(channels + skip, out, time_dim, vb.pp("0"))?)];
+                let mut layers = vec![Layer::Res(Box::new(ResBlock::new(
+                    channels + skip,
+                    out,
+                    time_dim,
+                    vb.pp("0"),
+                )?))];
                 channels = out;
                 let depth = depths.next().copied().unwrap_or(0);
                 if depth > 0 {

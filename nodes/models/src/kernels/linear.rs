@@ -1,14 +1,15 @@
 //! The fully connected layer of the UNet and the text encoders (`weight` [out, in], optional
 //! `bias`): x·Wᵀ + b by the GEMM of [`crate::kernels::sgemm`] on the CPU in f32, split across threads by
-//! input rows or by output columns, reading the weights in place ([`WeightMatrix`]); by candle
-//! elsewhere.
+//! input rows or by output columns, reading the weights in place ([`WeightMatrix`]), plus
+//! `factor·(x·downᵀ)·upᵀ` for each low-rank update of quantized weights a LoRA patches; by
+//! candle elsewhere.
 
 use candle_core::{Device, Module, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::kernels::cpu::with_cpu_f32;
 use crate::kernels::sgemm::{gemm_into, Elements, Precision, View};
-use crate::weights::{WeightMatrix, Weights};
+use crate::weights::{LowRankUpdate, WeightMatrix, Weights};
 
 pub struct Linear {
     weight: WeightMatrix,
@@ -151,6 +152,29 @@ fn forward_by_rows(
     output
 }
 
+/// Adds `factor·(x·downᵀ)·upᵀ` of each update to `output` (x's rows × out_features), the
+/// threads sharing the rows.
+fn add_low_rank(x: &[f32], output: &mut [f32], updates: &[LowRankUpdate], (out_features, in_features): (usize, usize)) {
+    let rows = x.len() / in_features;
+    let rows_per_task = rows.div_ceil(2 * rayon::current_num_threads()).max(MIN_ROWS_PER_TASK);
+    output
+        .par_chunks_mut(rows_per_task * out_features)
+        .zip(x.par_chunks(rows_per_task * in_features))
+        .for_each(|(out, input)| {
+            let count = input.len() / in_features;
+            for update in updates {
+                let rank = update.rank;
+                let mut projected = vec![0f32; count * rank];
+                let down_t = View::transpose_of(Elements::F32(&update.down), rank, in_features);
+                let lhs = View::row_major(input, count, in_features);
+                gemm_into(&mut projected, rank, lhs, &down_t, 1.0, false, Precision::F32);
+                let up_t = View::transpose_of(Elements::F32(&update.up), out_features, rank);
+                let lhs = View::row_major(&projected, count, rank);
+                gemm_into(out, out_features, lhs, &up_t, update.factor, true, Precision::F32);
+            }
+        });
+}
+
 impl Linear {
     /// candle's layer, for other devices and dtypes.
     fn candle_forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -169,15 +193,16 @@ impl Module for Linear {
             return self.candle_forward(x);
         }
         let (features, precision) = ((out_features, in_features), self.weight.precision());
+        let product = |x: &[f32], bias: Option<&[f32]>| {
+            self.weight.with_base_elements(|weight| {
+                let mut output = forward_rows(x, weight, bias, features, precision);
+                add_low_rank(x, &mut output, self.weight.low_rank(), features);
+                output
+            })
+        };
         let values = match &self.bias {
-            Some(bias) => with_cpu_f32([x, bias], |[x, bias]| {
-                self.weight
-                    .with_elements(|weight| forward_rows(x, weight, Some(bias), features, precision))
-            })?,
-            None => with_cpu_f32([x], |[x]| {
-                self.weight
-                    .with_elements(|weight| forward_rows(x, weight, None, features, precision))
-            })?,
+            Some(bias) => with_cpu_f32([x, bias], |[x, bias]| product(x, Some(bias)))?,
+            None => with_cpu_f32([x], |[x]| product(x, None))?,
         }
         .transpose()?
         .flatten();
