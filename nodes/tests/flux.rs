@@ -7,7 +7,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{j, max_abs_difference, setup};
 use easel_engine::Value;
-use easel_models::architectures::flux::{Flux, FluxConfig, FluxControl, FluxInput, ImagePromptAttention};
+use easel_models::architectures::flux::{
+    Flux, FluxConfig, FluxControl, FluxInput, ImagePromptAttention, ReferenceMethod,
+};
 use easel_models::formats::ggml_quants::GgmlType;
 use easel_models::formats::gguf::GgufFile;
 use easel_models::sampling::noise::prepare_noise;
@@ -69,6 +71,8 @@ fn predict_with_image_prompt(flux: &Flux, inputs: &Inputs, image_prompt: Option<
         control: FluxControl::default(),
         image_prompt,
         patches: None,
+        reference_latents: &[],
+        reference_method: ReferenceMethod::default(),
     })
     .unwrap()
 }
@@ -547,6 +551,8 @@ fn expected_euler_step(
             control: FluxControl::default(),
             image_prompt: None,
             patches: None,
+            reference_latents: &[],
+            reference_method: ReferenceMethod::default(),
         })
         .unwrap();
     ((((&noise - &velocity).unwrap()) / 0.3611).unwrap() + 0.1159).unwrap()

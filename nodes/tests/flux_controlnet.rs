@@ -10,7 +10,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::{floats, formula_unet_file, j, max_abs_difference, setup, sizes};
 use easel_engine::Value;
-use easel_models::architectures::flux::{FluxControl, FluxInput};
+use easel_models::architectures::flux::{FluxControl, FluxInput, ReferenceMethod};
 use easel_models::architectures::flux_controlnet::{FluxControlNetConfig, FluxControlNetKind};
 use easel_models::testmodels::{flux_controlnet_layout, tiny_flux, write_checkpoint, TINY_FLUX_DEV, TINY_FLUX_VAE};
 use easel_nodes::conditioning::{CondEntry, Conditioning};
@@ -73,6 +73,8 @@ fn flux_controlnets_give_comfyuis_residuals() {
                     control: FluxControl::default(),
                     image_prompt: None,
                     patches: None,
+                    reference_latents: &[],
+                    reference_method: ReferenceMethod::default(),
                 },
                 &hint,
                 control_type,

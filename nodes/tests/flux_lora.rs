@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use common::{flat, j, setup, tiny_flux_model, Setup};
 use easel_engine::Value;
-use easel_models::architectures::flux::{FluxControl, FluxInput};
+use easel_models::architectures::flux::{FluxControl, FluxInput, ReferenceMethod};
 use easel_models::formats::gguf::GgufFile;
 use easel_models::kernels::sgemm::Elements;
 use easel_models::lora::{load_lora, LoraKeyMap, WeightPatches};
@@ -123,6 +123,8 @@ fn velocity(model: &Value) -> Vec<f32> {
             control: FluxControl::default(),
             image_prompt: None,
             patches: None,
+            reference_latents: &[],
+            reference_method: ReferenceMethod::default(),
         })
         .unwrap();
     flat(&out.to_dtype(DType::F32).unwrap())

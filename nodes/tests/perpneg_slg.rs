@@ -15,7 +15,7 @@ use easel_engine::Value;
 use easel_models::architectures::dit_patches::{
     BlockInputs, BlockOutputs, BlockReplace, BlockSite, CallInfo, DitBlock, DitPatchedCall, DitPatches, OriginalBlock,
 };
-use easel_models::architectures::flux::{Flux, FluxConfig, FluxControl, FluxInput};
+use easel_models::architectures::flux::{Flux, FluxConfig, FluxControl, FluxInput, ReferenceMethod};
 use easel_models::architectures::unet_patches::BatchPart;
 use easel_models::sampling::schedule::SigmaSchedule;
 use easel_models::testmodels::{TINY_CLIP_L, TINY_FLUX_DEV, TINY_SD1_CHECKPOINT, TINY_T5};
@@ -432,6 +432,8 @@ fn flux_blocks_are_replaced_as_comfyuis() {
                 control: FluxControl::default(),
                 image_prompt: None,
                 patches: patches.map(|patches| DitPatchedCall { patches, info: &info }),
+                reference_latents: &[],
+                reference_method: ReferenceMethod::default(),
             })
             .unwrap()
     };

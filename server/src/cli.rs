@@ -93,6 +93,9 @@ pub struct BenchArgs {
     /// measures in a fresh process) instead of writing random ones.
     #[arg(long)]
     pub checkpoint: Option<std::path::PathBuf>,
+    /// flux: with `--checkpoint`, measure the model with this LoRA applied (strength 1).
+    #[arg(long)]
+    pub lora: Option<std::path::PathBuf>,
     /// flux: FLUX.1-dev's full depth (19 double and 38 single blocks) as GGUF Q8_0 only: the
     /// peak memory of a full-size file (12.7 GB of disk; as bf16 it would be 23.8 GB).
     #[arg(long)]

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use easel_engine::{NodeObject, NodeRegistry};
+use easel_models::architectures::flux::ReferenceMethod;
 
 use crate::clip_vision::unclip::UnclipImage;
 use crate::conditioning::gligen::GligenBoxes;
@@ -127,6 +128,11 @@ pub struct CondEntry {
     pub unclip: Vec<UnclipImage>,
     /// GLIGENTextBoxApply's model and boxes (`gligen`).
     pub gligen: Option<GligenBoxes>,
+    /// ReferenceLatent's latents [B, C, h, w], in the order added (`reference_latents`): FLUX
+    /// Kontext attends to their tokens.
+    pub reference_latents: Vec<Tensor>,
+    /// FluxKontextMultiReferenceLatentMethod's placement of them (`reference_latents_method`).
+    pub reference_method: Option<ReferenceMethod>,
 }
 
 /// A prompt encoded for the ControlNets of an entry.
@@ -202,6 +208,8 @@ impl CondEntry {
             attention_mask: None,
             unclip: Vec::new(),
             gligen: None,
+            reference_latents: Vec::new(),
+            reference_method: None,
         }
     }
 }
@@ -225,18 +233,24 @@ pub struct SdxlSizes {
 pub struct Conditioning(pub Vec<CondEntry>);
 
 impl Conditioning {
-    /// Every entry with `guidance` for what a FLUX dev model embeds (FluxGuidance's and
-    /// FluxDisableGuidance's `conditioning_set_values`).
-    pub fn with_guidance(&self, guidance: EmbeddedGuidance) -> Conditioning {
+    /// Every entry changed by `change` (ComfyUI's `conditioning_set_values`).
+    pub fn map_entries(&self, change: impl Fn(&mut CondEntry)) -> Conditioning {
         let entries = self
             .0
             .iter()
-            .map(|entry| CondEntry {
-                guidance,
-                ..entry.clone()
+            .map(|entry| {
+                let mut entry = entry.clone();
+                change(&mut entry);
+                entry
             })
             .collect();
         Conditioning(entries)
+    }
+
+    /// Every entry with `guidance` for what a FLUX dev model embeds (FluxGuidance's and
+    /// FluxDisableGuidance's `conditioning_set_values`).
+    pub fn with_guidance(&self, guidance: EmbeddedGuidance) -> Conditioning {
+        self.map_entries(|entry| entry.guidance = guidance)
     }
 }
 

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::Tensor;
 use easel_engine::{NodeObject, NodeRegistry};
 use easel_models::architectures::controlnet::{ControlNet, ControlNetInput};
-use easel_models::architectures::flux::{FluxControl, FluxInput};
+use easel_models::architectures::flux::{FluxControl, FluxInput, ReferenceMethod};
 use easel_models::architectures::flux_controlnet::FluxControlNet;
 use easel_models::architectures::t2i_adapter::T2IAdapter;
 use easel_models::architectures::unet::ControlResiduals;
@@ -299,6 +299,8 @@ impl ControlApplication {
             control: FluxControl::default(),
             image_prompt: None,
             patches: None,
+            reference_latents: &[],
+            reference_method: ReferenceMethod::default(),
         };
         network
             .forward(&input, &hint, self.model.control_type)?

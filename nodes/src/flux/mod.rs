@@ -1,7 +1,9 @@
 //! FLUX's own nodes (ComfyUI's `comfy_extras/nodes_flux.py`, `advanced/conditioning/flux`):
-//! CLIPTextEncodeFlux, FluxGuidance and FluxDisableGuidance. FLUX models load through the common loaders
+//! CLIPTextEncodeFlux, FluxGuidance and FluxDisableGuidance, and Kontext's ([`kontext`]). FLUX models load through the common loaders
 //! ([`crate::loaders`]) or ComfyUI-GGUF's ([`crate::packs::gguf`]); ModelSamplingFlux is with the
 //! model nodes ([`crate::model::nodes`]), EmptySD3LatentImage with the latent ones.
+
+pub mod kontext;
 
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeRegistry, Services, Value};
@@ -14,6 +16,7 @@ use crate::runtime::tensor_error;
 
 /// Adds the FLUX nodes to `registry`.
 pub fn register(registry: &mut NodeRegistry) {
+    kontext::register(registry);
     registry.register(ClipTextEncodeFlux);
     registry.register(FluxGuidance);
     registry.register(FluxDisableGuidance);

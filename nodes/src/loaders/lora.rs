@@ -124,7 +124,7 @@ impl Node for LoraLoaderModelOnly {
             return Ok(NodeOutput::values(vec![Value::object(model.clone())]));
         }
         let lora = open_lora(ctx, inputs.string("lora_name")?)?;
-        let (model, _) = apply_lora(&lora, model, strength_model as f32, None)?;
+        let model = apply_model_lora(&lora, model, strength_model as f32)?;
         Ok(NodeOutput::values(vec![Value::object(model)]))
     }
 }
@@ -197,6 +197,11 @@ pub(crate) fn encoder_lora_patches(
         clip_lora_names(family, *kind),
     );
     load_lora(lora, &keys, strength).map(Some).map_err(tensor_error)
+}
+
+/// `model` with `lora`'s patches added at `strength` (LoraLoaderModelOnly's work).
+pub fn apply_model_lora(lora: &SafetensorsFile, model: &Model, strength: f32) -> Result<Model, NodeError> {
+    apply_lora(lora, model, strength, None).map(|(model, _)| model)
 }
 
 /// `model` (and `clip`) with `lora`'s patches added at their strengths; logs the LoRA's tensors

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, D};
 use easel_engine::NodeObject;
 use easel_models::architectures::dit_patches::DitPatchedCall;
-use easel_models::architectures::flux::{Flux, FluxControl, FluxInput};
+use easel_models::architectures::flux::{Flux, FluxControl, FluxInput, ReferenceMethod};
 use easel_models::architectures::unet::{timestep_embedding, ControlResiduals, UNet, UNetInput};
 use easel_models::architectures::unet_patches::{BatchPart, CallInfo, PatchedCall};
 use easel_models::checkpoint::Family;
@@ -243,6 +243,11 @@ impl DiffusionModel {
             .as_ref()
             .map(|guidance| repeat_to_batch(guidance, batch))
             .transpose()?;
+        let references = inputs
+            .reference_latents
+            .iter()
+            .map(|latent| repeat_to_batch(latent, batch))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         // The residuals of the entry's control networks for the (scaled) input.
         let control_residuals = |scaled: &Tensor| -> candle_core::Result<Option<ControlResiduals>> {
             let Some(control) = &inputs.control else {
@@ -335,6 +340,8 @@ impl DiffusionModel {
                             patches: patches.as_ref(),
                             info: &info,
                         }),
+                        reference_latents: &references,
+                        reference_method: inputs.reference_method,
                     })?
                 }
             })
@@ -430,6 +437,22 @@ impl DiffusionModel {
         let mask = mask.to_device(&self.device)?.to_dtype(DType::F32)?;
         let image_tokens = latent_size.0.div_ceil(2) * latent_size.1.div_ceil(2);
         image_token_spread(&mask, image_tokens).map(Some)
+    }
+
+    /// An entry's reference latents in model space, for a FLUX model (ComfyUI's
+    /// `process_latent_in` of each); other models take none.
+    pub(crate) fn reference_latents(&self, entry: &CondEntry) -> candle_core::Result<Vec<Tensor>> {
+        if !matches!(self.network, DiffusionNetwork::Flux(_)) {
+            return Ok(Vec::new());
+        }
+        entry
+            .reference_latents
+            .iter()
+            .map(|latent| {
+                self.latent_format
+                    .process_in(&latent.to_device(&self.device)?.to_dtype(DType::F32)?)
+            })
+            .collect()
     }
 
     /// The extra input channels of an IC-Light UNet for an entry (the pack's `ICLight.extra_conds`):
@@ -642,6 +665,9 @@ pub(crate) struct ModelInputs {
     pub(crate) attention_mask: Option<Tensor>,
     /// The entry's GLIGEN boxes; read by the UNet.
     pub(crate) gligen: Option<GligenBoxes>,
+    /// The entry's reference latents in model space (FLUX Kontext's), and their placement.
+    pub(crate) reference_latents: Vec<Tensor>,
+    pub(crate) reference_method: ReferenceMethod,
 }
 
 /// A mask over text tokens and one image token, [T + 1, T + 1], spread over `image_tokens`

@@ -128,6 +128,8 @@ impl ActiveEntry {
             },
             attention_mask: model.attention_bias(entry, (latent_height, latent_width))?,
             gligen: entry.gligen.clone(),
+            reference_latents: model.reference_latents(entry)?,
+            reference_method: entry.reference_method.unwrap_or_default(),
         };
         Ok(ActiveEntry {
             inputs,
@@ -403,6 +405,13 @@ impl Guider<'_> {
                 && negative.attention_mask.is_none()
                 && positive.gligen.is_none()
                 && negative.gligen.is_none()
+                && positive.reference_method == negative.reference_method
+                && positive.reference_latents.len() == negative.reference_latents.len()
+                && positive
+                    .reference_latents
+                    .iter()
+                    .zip(&negative.reference_latents)
+                    .all(|(p, n)| p.dims()[1..] == n.dims()[1..])
             {
                 let batch = x.dim(0)?;
                 let both =
@@ -420,6 +429,13 @@ impl Guider<'_> {
                     control_context: both_optional(&positive.control_context, &negative.control_context)?,
                     attention_mask: None,
                     gligen: None,
+                    reference_latents: positive
+                        .reference_latents
+                        .iter()
+                        .zip(&negative.reference_latents)
+                        .map(|(p, n)| both(p, n))
+                        .collect::<candle_core::Result<_>>()?,
+                    reference_method: positive.reference_method,
                 };
                 let call = ModelCall {
                     parts: &[BatchPart::Cond, BatchPart::Uncond],

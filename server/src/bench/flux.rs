@@ -2,24 +2,29 @@
 //! widths; one double and two single blocks instead of 19 and 38, random weights) written as
 //! bf16 safetensors and as GGUF Q8_0 and Q4_K, each loaded in a fresh process and timed for one
 //! transformer step (batch 1, guidance embedded, 256 T5 tokens) at 256² and 512², with the
-//! process's peak resident memory against the file's size; then a FLUX-sized linear layer with
-//! weights of every ggml type. `--full-depth` measures FLUX.1-dev's whole depth as Q8_0 (a
-//! file of its real size); `--checkpoint FILE` measures one file (a real FLUX model too).
+//! process's peak resident memory against the file's size; the Q8_0 file also with a rank-32
+//! LoRA of every block matrix (kohya names), which stays quantized with the LoRA's update added
+//! to the products; then a FLUX-sized linear layer with weights of every ggml type.
+//! `--full-depth` measures FLUX.1-dev's whole depth as Q8_0 (a file of its real size);
+//! `--checkpoint FILE [--lora FILE]` measures one file (a real FLUX model too).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Module, Tensor};
-use easel_models::architectures::flux::{FluxConfig, FluxControl, FluxInput};
+use easel_models::architectures::flux::{FluxConfig, FluxControl, FluxInput, ReferenceMethod};
 use easel_models::formats::ggml_quants::quantize::{quantize, random_blocks};
 use easel_models::formats::ggml_quants::GgmlType;
 use easel_models::formats::gguf::{write_gguf, GgufFile, GgufTensorEntry};
 use easel_models::kernels::linear::linear_no_bias;
 use easel_models::kernels::sgemm::Precision;
 use easel_models::sampling::noise::CpuGenerator;
-use easel_models::testmodels::{flux_layout, write_checkpoint_in, write_gguf_copy, write_gguf_in};
-use easel_models::weights::{SafetensorsFile, Weights};
+use easel_models::testmodels::{
+    flux_layout, write_checkpoint, write_checkpoint_in, write_gguf_copy, write_gguf_in, Fill, TensorSpec,
+};
+use easel_models::weights::{SafetensorsFile, TensorShapes, Weights};
+use easel_nodes::loaders::lora::apply_model_lora;
 use easel_nodes::loaders::models::load_diffusion_model;
 use easel_nodes::model::diffusion_model::DiffusionNetwork;
 use safetensors::tensor::Dtype as FileDtype;
@@ -53,7 +58,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         if !args.rows_only {
             print_header();
         }
-        measure(checkpoint, args.steps)?;
+        measure(checkpoint, args.lora.as_deref(), args.steps)?;
         return Ok(std::process::ExitCode::SUCCESS);
     }
     let dir = tempfile::tempdir()?;
@@ -76,8 +81,16 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         started.elapsed().as_secs_f64()
     );
     print_header();
-    for file in &files {
-        let status = std::process::Command::new(std::env::current_exe()?)
+    let lora = dir.path().join("flux_rank32_lora.safetensors");
+    write_block_lora(&files[0], &lora)?;
+    let q8 = files.iter().find(|file| file.to_string_lossy().contains("Q8_0"));
+    let runs = files
+        .iter()
+        .map(|file| (file, None))
+        .chain(q8.map(|file| (file, Some(&lora))));
+    for (file, lora) in runs {
+        let mut command = std::process::Command::new(std::env::current_exe()?);
+        command
             .args([
                 "bench",
                 "flux",
@@ -86,8 +99,11 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                 &args.steps.to_string(),
                 "--checkpoint",
             ])
-            .arg(file)
-            .status()?;
+            .arg(file);
+        if let Some(lora) = lora {
+            command.arg("--lora").arg(lora);
+        }
+        let status = command.status()?;
         anyhow::ensure!(status.success(), "measuring {} failed: {status}", file.display());
     }
     if !args.full_depth {
@@ -124,12 +140,44 @@ fn print_header() {
     println!("|---|---:|---:|---|---:|---:|---:|---:|");
 }
 
-/// Loads the FLUX model of `checkpoint` and times a step at each size.
-fn measure(checkpoint: &Path, steps: usize) -> anyhow::Result<()> {
+/// The rank of the benchmark's LoRA.
+const LORA_RANK: usize = 32;
+
+/// Writes a rank-32 LoRA (f16, kohya's names over BFL's) of every block matrix of the FLUX
+/// model in `model` (a safetensors file) to `path`.
+fn write_block_lora(model: &Path, path: &Path) -> anyhow::Result<()> {
+    let file = SafetensorsFile::open(model)?;
+    let mut specs = Vec::new();
+    for name in file.tensor_names() {
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let (Some(&[out, input]), true) = (file.shape(name), module.contains("blocks.")) else {
+            continue;
+        };
+        let lora_name = format!("lora_unet_{}", module.replace('.', "_"));
+        let spec = |suffix: &str, shape: Vec<usize>| TensorSpec {
+            name: format!("{lora_name}.{suffix}"),
+            shape,
+            fill: Fill::Random,
+        };
+        specs.push(spec("lora_up.weight", vec![out, LORA_RANK]));
+        specs.push(spec("lora_down.weight", vec![LORA_RANK, input]));
+    }
+    write_checkpoint(path, &specs)?;
+    Ok(())
+}
+
+/// Loads the FLUX model of `checkpoint` (with `lora` applied) and times a step at each size.
+fn measure(checkpoint: &Path, lora: Option<&Path>, steps: usize) -> anyhow::Result<()> {
     let device = Device::Cpu;
     let started = Instant::now();
-    let (model, file_bytes) =
+    let (mut model, file_bytes) =
         load_diffusion_model(checkpoint, &device, Precision::F32, None).map_err(|error| anyhow::anyhow!("{error}"))?;
+    if let Some(lora) = lora {
+        let lora = SafetensorsFile::open(lora)?;
+        model = apply_model_lora(&lora, &model, 1.0).map_err(|error| anyhow::anyhow!("{error}"))?;
+    }
     let load = started.elapsed().as_secs_f64();
     let DiffusionNetwork::Flux(flux) = &model.0.network else {
         anyhow::bail!("{} is not a FLUX model", checkpoint.display());
@@ -139,11 +187,14 @@ fn measure(checkpoint: &Path, steps: usize) -> anyhow::Result<()> {
     let y = Tensor::randn(0f32, 1.0, (1, config.vector_dim), &device)?;
     let timesteps = Tensor::new(&[0.5f32], &device)?;
     let guidance = Tensor::new(&[3.5f32], &device)?;
-    let name = checkpoint
+    let mut name = checkpoint
         .file_name()
         .context("a file name")?
         .to_string_lossy()
         .into_owned();
+    if lora.is_some() {
+        name.push_str(&format!(" + rank-{LORA_RANK} LoRA"));
+    }
     let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
     for pixels in SIZES {
         let side = pixels / 8;
@@ -159,6 +210,8 @@ fn measure(checkpoint: &Path, steps: usize) -> anyhow::Result<()> {
             control: FluxControl::default(),
             image_prompt: None,
             patches: None,
+            reference_latents: &[],
+            reference_method: ReferenceMethod::default(),
         };
         let (first, fastest) = fastest_seconds(steps, || flux.forward(&input))?;
         let (peak, ratio) = match peak_rss_bytes() {

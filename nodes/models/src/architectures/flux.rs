@@ -142,6 +142,90 @@ pub struct FluxInput<'a> {
     pub image_prompt: Option<&'a dyn ImagePromptAttention>,
     /// Replacements of double and single blocks, with the call's facts.
     pub patches: Option<DitPatchedCall<'a>>,
+    /// Reference latents [B, C, h, w] (FLUX Kontext): their tokens follow the image's, at
+    /// rotary positions `reference_method` gives; only the image's tokens are predicted.
+    pub reference_latents: &'a [Tensor],
+    pub reference_method: ReferenceMethod,
+}
+
+/// Where reference latents sit in the rotary positions (ComfyUI's `ref_latents_method`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReferenceMethod {
+    /// At index 1, each beside the ones before it: to the right or below, whichever keeps
+    /// their layout squarer.
+    #[default]
+    Offset,
+    /// Each at its own index (1, 2, …) from the origin.
+    Index,
+    /// At index 0, each diagonally past the image and the ones before it (UXO/UNO).
+    Uxo,
+}
+
+/// The rotary positions (index, row, column) of an image's 2×2 patches: `rows`×`cols` of them
+/// from (`row_offset`, `col_offset`) (ComfyUI's `process_img` ids).
+fn patch_positions(rows: usize, cols: usize, index: f32, row_offset: usize, col_offset: usize) -> Vec<[f32; 3]> {
+    (0..rows * cols)
+        .map(|p| [index, (p / cols + row_offset) as f32, (p % cols + col_offset) as f32])
+        .collect()
+}
+
+/// The positions of each reference's patches after an image of `rows`×`cols` patches, as
+/// ComfyUI's `Flux._forward` places them (offsets counted in latent pixels, then halved
+/// rounding up).
+fn reference_positions(
+    references: &[(usize, usize)],
+    rows: usize,
+    cols: usize,
+    method: ReferenceMethod,
+) -> Vec<Vec<[f32; 3]>> {
+    let (mut height, mut width, mut index) = (0, 0, 0);
+    references
+        .iter()
+        .map(|&(ref_height, ref_width)| {
+            let (row_offset, col_offset) = match method {
+                ReferenceMethod::Index => {
+                    index += 1;
+                    (0, 0)
+                }
+                ReferenceMethod::Uxo => {
+                    index = 0;
+                    let offsets = (rows * 2 + height, cols * 2 + width);
+                    height += ref_height;
+                    width += ref_width;
+                    offsets
+                }
+                ReferenceMethod::Offset => {
+                    index = 1;
+                    let offsets = if ref_height + height > ref_width + width {
+                        (0, width)
+                    } else {
+                        (height, 0)
+                    };
+                    height = height.max(ref_height + offsets.0);
+                    width = width.max(ref_width + offsets.1);
+                    offsets
+                }
+            };
+            patch_positions(
+                ref_height.div_ceil(2),
+                ref_width.div_ceil(2),
+                index as f32,
+                row_offset.div_ceil(2),
+                col_offset.div_ceil(2),
+            )
+        })
+        .collect()
+}
+
+/// `tokens` with `residual` added to its first tokens (a ControlNet's residual covers the
+/// image's tokens, not the references' after them).
+fn add_to_leading(tokens: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    let (total, covered) = (tokens.dim(1)?, residual.dim(1)?);
+    if covered >= total {
+        return tokens.broadcast_add(residual);
+    }
+    let leading = tokens.narrow(1, 0, covered)?.broadcast_add(residual)?;
+    Tensor::cat(&[&leading, &tokens.narrow(1, covered, total - covered)?], 1)
 }
 
 /// The FLUX transformer.
@@ -162,11 +246,15 @@ pub struct Flux {
 /// `cols` of them), the text through `txt_in`, and the vector of timestep, guidance and pooled
 /// text that modulates every block.
 pub struct FluxTokens {
+    /// The image's patches, then the reference latents'.
     pub img: Tensor,
     pub txt: Tensor,
     pub vec: Tensor,
+    /// The image's patches (its tokens are the first rows·cols of `img`).
     pub rows: usize,
     pub cols: usize,
+    /// The rotary position of each token of `img`.
+    pub positions: Vec<[f32; 3]>,
 }
 
 impl Flux {
@@ -227,7 +315,28 @@ impl Flux {
             None => input.x.clone(),
         };
         let (_, _, height, width) = x.dims4()?;
-        let img = patchify(&pad_circularly(&pad_circularly(&x, 2)?, 3)?)?;
+        let (rows, cols) = (height.div_ceil(2), width.div_ceil(2));
+        let patches = |latent: &Tensor| patchify(&pad_circularly(&pad_circularly(latent, 2)?, 3)?);
+        let mut img = patches(&x)?;
+        let mut positions = patch_positions(rows, cols, 0.0, 0, 0);
+        if !input.reference_latents.is_empty() {
+            let sizes = input
+                .reference_latents
+                .iter()
+                .map(|latent| Ok((latent.dim(2)?, latent.dim(3)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let mut parts = vec![img];
+            for (latent, placed) in
+                input
+                    .reference_latents
+                    .iter()
+                    .zip(reference_positions(&sizes, rows, cols, input.reference_method))
+            {
+                parts.push(patches(latent)?);
+                positions.extend(placed);
+            }
+            img = Tensor::cat(&parts, 1)?;
+        }
         let mut vec = self
             .time_in
             .forward(&timestep_embedding(&(input.timesteps * 1000.0)?, TIME_EMBEDDING)?)?;
@@ -239,8 +348,9 @@ impl Flux {
             img: self.img_in.forward(&img)?,
             txt: self.txt_in.forward(input.context)?,
             vec: (vec + self.vector_in.forward(&y)?)?,
-            rows: height.div_ceil(2),
-            cols: width.div_ceil(2),
+            rows,
+            cols,
+            positions,
         })
     }
 
@@ -256,20 +366,21 @@ impl Flux {
             vec,
             rows,
             cols,
+            positions,
         } = self.embed(input)?;
         let txt_length = txt.dim(1)?;
-        let rope = Rope::new(txt_length, rows, cols, img.device())?;
+        let rope = Rope::new(txt_length, &positions, img.device())?;
         for n in 0..self.double_blocks.len() {
             (img, txt) = self.double_block(n, img, txt, &vec, &rope, input)?;
             if let Some(Some(residual)) = input.control.double.get(n) {
-                img = img.broadcast_add(residual)?;
+                img = add_to_leading(&img, residual)?;
             }
         }
         let mut tokens = Tensor::cat(&[&txt, &img], 1)?;
         for n in 0..self.single_blocks.len() {
             tokens = self.single_block(n, tokens, txt_length, &vec, &rope, input)?;
             if let Some(Some(residual)) = input.control.single.get(n) {
-                let image = tokens.narrow(1, txt_length, rows * cols)?.broadcast_add(residual)?;
+                let image = add_to_leading(&tokens.narrow(1, txt_length, tokens.dim(1)? - txt_length)?, residual)?;
                 tokens = Tensor::cat(&[&tokens.narrow(1, 0, txt_length)?, &image], 1)?;
             }
         }
@@ -292,9 +403,10 @@ impl Flux {
             vec,
             rows,
             cols,
+            positions,
         } = tokens;
         let txt_length = txt.dim(1)?;
-        let rope = Rope::new(txt_length, rows, cols, img.device())?;
+        let rope = Rope::new(txt_length, &positions, img.device())?;
         let mut doubles = Vec::with_capacity(self.double_blocks.len());
         for block in &self.double_blocks {
             (img, txt) = block.forward(&img, &txt, &vec, &rope, None, None)?;
@@ -462,14 +574,14 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(txt_length: usize, rows: usize, cols: usize, device: &Device) -> Result<Self> {
+    /// The angles of `txt_length` text tokens (at the origin) and of image tokens at
+    /// `image_positions`.
+    fn new(txt_length: usize, image_positions: &[[f32; 3]], device: &Device) -> Result<Self> {
         let frequencies: Vec<f64> = AXES
             .iter()
             .flat_map(|&dim| (0..dim / 2).map(move |i| 1.0 / THETA.powf((2 * i) as f64 / dim as f64)))
             .collect();
-        let positions = (0..txt_length)
-            .map(|_| [0.0, 0.0, 0.0])
-            .chain((0..rows * cols).map(|p| [0.0, (p / cols) as f64, (p % cols) as f64]));
+        let positions = std::iter::repeat_n([0.0f32; 3], txt_length).chain(image_positions.iter().copied());
         let pairs = frequencies.len();
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         for position in positions {
@@ -477,14 +589,14 @@ impl Rope {
             for (axis, &dim) in AXES.iter().enumerate() {
                 for _ in 0..dim / 2 {
                     // As PyTorch: f32 positions times f64 frequencies, cos and sin in f64.
-                    let angle = f64::from(position[axis] as f32) * frequencies[pair];
+                    let angle = f64::from(position[axis]) * frequencies[pair];
                     cos.push(angle.cos() as f32);
                     sin.push(angle.sin() as f32);
                     pair += 1;
                 }
             }
         }
-        let length = txt_length + rows * cols;
+        let length = txt_length + image_positions.len();
         Ok(Rope {
             cos: Tensor::from_vec(cos, (length, pairs), device)?,
             sin: Tensor::from_vec(sin, (length, pairs), device)?,
@@ -717,5 +829,49 @@ impl SingleStreamBlock {
         let out = self.linear2.forward(&joined)?;
         drop(joined);
         x + out.broadcast_mul(&modulation[2])?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (index, row, column) of each patch of a `rows`×`cols` grid from `offset`.
+    fn grid(index: f32, rows: usize, cols: usize, offset: (usize, usize)) -> Vec<[f32; 3]> {
+        let mut positions = Vec::new();
+        for row in 0..rows {
+            for col in 0..cols {
+                positions.push([index, (row + offset.0) as f32, (col + offset.1) as f32]);
+            }
+        }
+        positions
+    }
+
+    /// Two references (6×10 and 4×4 latent pixels) after an 8×8 latent (4×4 patches), placed
+    /// by hand as ComfyUI's `Flux._forward` does.
+    #[test]
+    fn references_are_placed_as_comfyui_places_them() {
+        let references = [(6, 10), (4, 4)];
+        // Offset: the first at the origin (it is wider than tall), the second below it (the
+        // layout so far is 6×10: below keeps it squarer), both at index 1.
+        assert_eq!(
+            reference_positions(&references, 4, 4, ReferenceMethod::Offset),
+            vec![grid(1.0, 3, 5, (0, 0)), grid(1.0, 2, 2, (3, 0))]
+        );
+        // Index: each at the origin, at indices 1 and 2.
+        assert_eq!(
+            reference_positions(&references, 4, 4, ReferenceMethod::Index),
+            vec![grid(1.0, 3, 5, (0, 0)), grid(2.0, 2, 2, (0, 0))]
+        );
+        // UXO: index 0, past the image (8 latent pixels = 4 patches) and the first reference.
+        assert_eq!(
+            reference_positions(&references, 4, 4, ReferenceMethod::Uxo),
+            vec![grid(0.0, 3, 5, (4, 4)), grid(0.0, 2, 2, (7, 9))]
+        );
+        // Odd sizes round up, as the patches are padded.
+        assert_eq!(
+            reference_positions(&[(5, 3)], 4, 4, ReferenceMethod::Offset),
+            vec![grid(1.0, 3, 2, (0, 0))]
+        );
     }
 }
