@@ -4,8 +4,9 @@
 //! their images.
 //!
 //! Each template is made small by rules over its own inputs, never by a prompt written for it:
-//! a model file becomes the tiny model of its family ([`stand_in`]), an embedding in a prompt the
-//! tiny embedding, a loaded image the bundled `example.png`, and sizes and step counts shrink
+//! a model file becomes the tiny model of its family ([`stand_in`]; a FLUX template's LoRAs the
+//! tiny FLUX LoRA), an embedding in a prompt the tiny embedding, a loaded image (from the input
+//! or the output folder) the bundled `example.png`, and sizes and step counts shrink
 //! ([`shrink`]) within the bounds of the node's schema.
 
 mod common;
@@ -15,9 +16,9 @@ use easel_engine::events::EventKind;
 use easel_engine::ui_workflow::to_api_prompt;
 use easel_models::testmodels::{
     TINY_CLIP_G, TINY_CLIP_L, TINY_CLIP_VISION_G, TINY_EMBEDDING, TINY_FLUX_CANNY, TINY_FLUX_CHECKPOINT, TINY_FLUX_DEV,
-    TINY_FLUX_FILL, TINY_FLUX_REDUX, TINY_FLUX_SCHNELL, TINY_FLUX_VAE, TINY_SD1_CHECKPOINT, TINY_SD1_CONTROLNET,
-    TINY_SD1_GLIGEN, TINY_SD1_INPAINTING_CHECKPOINT, TINY_SD1_LORA, TINY_SD1_T2I_ADAPTER, TINY_SD2_CHECKPOINT,
-    TINY_SDXL_CHECKPOINT, TINY_SDXL_REFINER_CHECKPOINT, TINY_SDXL_VAE, TINY_SIGLIP, TINY_T5,
+    TINY_FLUX_FILL, TINY_FLUX_LORA_KOHYA, TINY_FLUX_REDUX, TINY_FLUX_SCHNELL, TINY_FLUX_VAE, TINY_SD1_CHECKPOINT,
+    TINY_SD1_CONTROLNET, TINY_SD1_GLIGEN, TINY_SD1_INPAINTING_CHECKPOINT, TINY_SD1_LORA, TINY_SD1_T2I_ADAPTER,
+    TINY_SD2_CHECKPOINT, TINY_SDXL_CHECKPOINT, TINY_SDXL_REFINER_CHECKPOINT, TINY_SDXL_VAE, TINY_SIGLIP, TINY_T5,
 };
 use easel_nodes::paths::Paths;
 use serde_json::{Map, Value as Json};
@@ -38,7 +39,7 @@ const MOST_MEGAPIXELS: f64 = 0.01;
 /// The tiny test model standing in for the model file `value` of input `input`, chosen by the
 /// family the file's name says (a checkpoint whose name says none is an SD1.5 community model,
 /// as the vendoring script assumes); `None` for an input that names no model file.
-fn stand_in(input: &str, value: &str) -> Option<Result<&'static str, String>> {
+fn stand_in(input: &str, value: &str, flux: bool) -> Option<Result<&'static str, String>> {
     let unknown = || Err(format!("no tiny model stands in for {input} = {value:?}"));
     let name = value.to_ascii_lowercase();
     let model = match input {
@@ -72,6 +73,7 @@ fn stand_in(input: &str, value: &str) -> Option<Result<&'static str, String>> {
         "vae_name" if name == "ae.safetensors" => Ok(TINY_FLUX_VAE),
         // The SD VAE (SD1.x, SD2.x and SDXL share its shape).
         "vae_name" if name.starts_with("vae-ft-mse") => Ok(TINY_SDXL_VAE),
+        "lora_name" if flux => Ok(TINY_FLUX_LORA_KOHYA),
         "lora_name" => Ok(TINY_SD1_LORA),
         // The vendored templates' control models are SD1.5's.
         "control_net_name" if name.to_lowercase().contains("t2i") => Ok(TINY_SD1_T2I_ADAPTER),
@@ -168,14 +170,23 @@ fn shrink(setup: &Setup, prompt: &mut Map<String, Json>) {
 fn tiny_prompt(setup: &Setup, name: &str, template: &Json) -> Result<Json, String> {
     let mut prompt = to_api_prompt(template, &setup.registry, &setup.services).map_err(|error| error.to_string())?;
     let nodes = prompt.as_object_mut().ok_or("the converted prompt is not an object")?;
+    // A FLUX template's LoRAs are FLUX's.
+    let flux = nodes.values().any(|node| {
+        ["unet_name", "ckpt_name"].iter().any(|input| {
+            node["inputs"][input]
+                .as_str()
+                .is_some_and(|name| name.to_ascii_lowercase().starts_with("flux"))
+        })
+    });
     for node in nodes.values_mut() {
         let class = node["class_type"].as_str().unwrap_or_default().to_string();
         for (input, value) in node["inputs"].as_object_mut().ok_or("a node without inputs")? {
             let Some(text) = value.as_str() else { continue };
             let replaced = match (class.as_str(), input.as_str()) {
                 ("LoadImage" | "LoadImageMask", "image") => "example.png".to_string(),
+                ("LoadImageOutput", "image") => "example.png [output]".to_string(),
                 ("SaveImage", "filename_prefix") => format!("{name}/{text}"),
-                _ => match stand_in(input, text) {
+                _ => match stand_in(input, text, flux) {
                     Some(model) => model?.to_string(),
                     None => with_tiny_embeddings(text),
                 },
@@ -229,6 +240,8 @@ fn every_vendored_template_validates_runs_and_saves_its_images() {
     let setup = setup();
     let paths = setup.services.get::<Paths>().unwrap();
     std::fs::copy(INPUT_IMAGE, paths.input.join("example.png")).unwrap();
+    // LoadImageOutput reads the output folder.
+    std::fs::copy(INPUT_IMAGE, paths.output.join("example.png")).unwrap();
     let templates = templates();
     // The 21 templates of SD1.x, SD2.x, SDXL and FLUX.1 whose nodes Easel had when vendored.
     assert!(templates.len() >= 21, "{}", templates.len());
@@ -328,10 +341,22 @@ fn a_template_is_made_small_by_rules_over_its_own_inputs() {
     assert_eq!(img2img["18"]["inputs"]["megapixels"], 0.01);
 
     assert_eq!(
-        stand_in("unet_name", "hidream_i1_dev_fp8.safetensors")
+        stand_in("unet_name", "hidream_i1_dev_fp8.safetensors", false)
             .unwrap()
             .unwrap_err(),
         "no tiny model stands in for unet_name = \"hidream_i1_dev_fp8.safetensors\""
     );
-    assert!(stand_in("sampler_name", "euler").is_none());
+    assert!(stand_in("sampler_name", "euler", false).is_none());
+    // A FLUX template's LoRA is the tiny FLUX LoRA.
+    let one_reward = tiny_prompt(&setup, "one_reward", find("image_flux.1_fill_dev_OneReward")).unwrap();
+    let loras: Vec<&Json> = one_reward
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(|node| node["inputs"].get("lora_name"))
+        .collect();
+    assert!(
+        !loras.is_empty() && loras.iter().all(|name| *name == TINY_FLUX_LORA_KOHYA),
+        "{loras:?}"
+    );
 }
