@@ -18,8 +18,8 @@ use easel_models::formats::gguf::GgufFile;
 use easel_models::kernels::sgemm::Elements;
 use easel_models::lora::{load_lora, LoraKeyMap, WeightPatches};
 use easel_models::testmodels::{
-    self, TINY_FLUX_DEV, TINY_FLUX_DEV_Q8_0, TINY_FLUX_LORA_DIFFUSERS, TINY_FLUX_LORA_KOHYA, TINY_FLUX_LORA_LAYERS,
-    TINY_FLUX_LORA_XLABS, TINY_LORA_ALPHA, TINY_LORA_RANK,
+    self, TINY_FLUX_CONTROL_LORA, TINY_FLUX_DEV, TINY_FLUX_DEV_Q8_0, TINY_FLUX_LORA_DIFFUSERS, TINY_FLUX_LORA_KOHYA,
+    TINY_FLUX_LORA_LAYERS, TINY_FLUX_LORA_XLABS, TINY_LORA_ALPHA, TINY_LORA_RANK,
 };
 use easel_models::weights::{MappedWeights, SafetensorsFile, TensorShapes, Weights};
 use easel_nodes::model::diffusion_model::{DiffusionNetwork, Model};
@@ -237,4 +237,61 @@ fn gguf_kohya_matrix(model: &Value) -> bool {
             .with_base_elements(|elements| matches!(elements, Elements::Ggml(..)))
             .expect("elements")
             == Some(true)
+}
+
+/// A control LoRA in BFL's format (flux1-depth-dev-lora's) widens the input layer: the model
+/// takes 128 channels, `img_in` is the base zero-padded plus the LoRA's difference (its bias
+/// moved by `lora_B.bias`), and the single block's norm scales are the LoRA's own.
+#[test]
+fn a_bfl_control_lora_widens_the_input_layer_and_sets_the_norms() {
+    let setup = setup();
+    let model = tiny_flux_model(&setup);
+    let controlled = with_lora(&setup, &model, TINY_FLUX_CONTROL_LORA, 1.0);
+    let controlled = controlled.downcast::<Model>().unwrap();
+    let DiffusionNetwork::Flux(flux) = &controlled.0.network else {
+        panic!("a FLUX model");
+    };
+    assert_eq!(flux.config().in_channels, 128);
+    let models = &setup.services.get::<Paths>().expect("paths").models;
+    let lora = SafetensorsFile::open(&models.join("loras").join(TINY_FLUX_CONTROL_LORA)).unwrap();
+    let base = SafetensorsFile::open(&models.join("diffusion_models").join(TINY_FLUX_DEV)).unwrap();
+    let load = |file: &SafetensorsFile, name: &str| flat(&file.load(name, DType::F32, &Device::Cpu).unwrap());
+    let weights = controlled.0.source.weights();
+    let (hidden, inputs) = (256, 128);
+    let patched = flat(
+        &weights
+            .matrix((hidden, inputs), "img_in.weight")
+            .unwrap()
+            .tensor()
+            .unwrap(),
+    );
+    let (original, up, down) = (
+        load(&base, "img_in.weight"),
+        load(&lora, "img_in.lora_B.weight"),
+        load(&lora, "img_in.lora_A.weight"),
+    );
+    let wanted: Vec<f32> = (0..hidden * inputs)
+        .map(|index| {
+            let (o, i) = (index / inputs, index % inputs);
+            let base = if i < 64 { original[o * 64 + i] } else { 0.0 };
+            let delta: f32 = (0..TINY_LORA_RANK)
+                .map(|r| up[o * TINY_LORA_RANK + r] * down[r * inputs + i])
+                .sum();
+            half::bf16::from_f32(base + delta).to_f32()
+        })
+        .collect();
+    assert_close(&patched, &wanted, "img_in.weight");
+    let bias = flat(&weights.get(hidden, "img_in.bias").unwrap());
+    let bias_wanted: Vec<f32> = load(&base, "img_in.bias")
+        .iter()
+        .zip(load(&lora, "img_in.lora_B.bias"))
+        .map(|(b, d)| half::bf16::from_f32(b + d).to_f32())
+        .collect();
+    assert_close(&bias, &bias_wanted, "img_in.bias");
+    let scale = flat(&weights.get(128, "single_blocks.0.norm.key_norm.scale").unwrap());
+    assert_eq!(
+        scale,
+        load(&lora, "single_blocks.0.norm.key_norm.scale"),
+        "the key norm's scale is set"
+    );
 }

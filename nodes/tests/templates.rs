@@ -15,10 +15,11 @@ use common::{run_prompt, setup, Setup};
 use easel_engine::events::EventKind;
 use easel_engine::ui_workflow::to_api_prompt;
 use easel_models::testmodels::{
-    TINY_CLIP_G, TINY_CLIP_L, TINY_CLIP_VISION_G, TINY_EMBEDDING, TINY_FLUX_CANNY, TINY_FLUX_CHECKPOINT, TINY_FLUX_DEV,
-    TINY_FLUX_FILL, TINY_FLUX_LORA_KOHYA, TINY_FLUX_REDUX, TINY_FLUX_SCHNELL, TINY_FLUX_VAE, TINY_SD1_CHECKPOINT,
-    TINY_SD1_CONTROLNET, TINY_SD1_GLIGEN, TINY_SD1_INPAINTING_CHECKPOINT, TINY_SD1_LORA, TINY_SD1_T2I_ADAPTER,
-    TINY_SD2_CHECKPOINT, TINY_SDXL_CHECKPOINT, TINY_SDXL_REFINER_CHECKPOINT, TINY_SDXL_VAE, TINY_SIGLIP, TINY_T5,
+    TINY_CLIP_G, TINY_CLIP_L, TINY_CLIP_VISION_G, TINY_EMBEDDING, TINY_FLUX_CANNY, TINY_FLUX_CHECKPOINT,
+    TINY_FLUX_CONTROL_LORA, TINY_FLUX_DEV, TINY_FLUX_FILL, TINY_FLUX_LORA_KOHYA, TINY_FLUX_REDUX, TINY_FLUX_SCHNELL,
+    TINY_FLUX_VAE, TINY_SD1_CHECKPOINT, TINY_SD1_CONTROLNET, TINY_SD1_GLIGEN, TINY_SD1_INPAINTING_CHECKPOINT,
+    TINY_SD1_LORA, TINY_SD1_T2I_ADAPTER, TINY_SD2_CHECKPOINT, TINY_SDXL_CHECKPOINT, TINY_SDXL_REFINER_CHECKPOINT,
+    TINY_SDXL_VAE, TINY_SIGLIP, TINY_T5,
 };
 use easel_nodes::paths::Paths;
 use serde_json::{Map, Value as Json};
@@ -73,6 +74,10 @@ fn stand_in(input: &str, value: &str, flux: bool) -> Option<Result<&'static str,
         "vae_name" if name == "ae.safetensors" => Ok(TINY_FLUX_VAE),
         // The SD VAE (SD1.x, SD2.x and SDXL share its shape).
         "vae_name" if name.starts_with("vae-ft-mse") => Ok(TINY_SDXL_VAE),
+        // BFL's control LoRAs (flux1-depth-dev-lora, flux1-canny-dev-lora).
+        "lora_name" if flux && (name.contains("depth-dev-lora") || name.contains("canny-dev-lora")) => {
+            Ok(TINY_FLUX_CONTROL_LORA)
+        }
         "lora_name" if flux => Ok(TINY_FLUX_LORA_KOHYA),
         "lora_name" => Ok(TINY_SD1_LORA),
         // The vendored templates' control models are SD1.5's.

@@ -73,6 +73,11 @@ enum Difference {
     /// A difference whose first and second halves of rows are swapped before it is added
     /// (diffusers' FLUX final modulation holds scale then shift where BFL's holds shift, scale).
     SwappedHalves(Box<Difference>),
+    /// Not a difference: W zero-padded to this shape (at the end of each dimension), as BFL's
+    /// FLUX control LoRAs widen the input layer before their difference is added.
+    PadTo(Vec<usize>),
+    /// Not a difference: W replaced by this tensor (a `set_weight` patch).
+    Set(Tensor),
 }
 
 impl Difference {
@@ -93,7 +98,7 @@ impl Difference {
                 let original = original.weights().get(weight.shape(), name)?.to_dtype(DType::F32)?;
                 (other - original)?
             }
-            Difference::Nothing => return Ok(None),
+            Difference::Nothing | Difference::PadTo(_) | Difference::Set(_) => return Ok(None),
             Difference::SwappedHalves(inner) => {
                 let Some(difference) = inner.shaped_as(weight)? else {
                     return Ok(None);
@@ -181,6 +186,20 @@ impl Patch {
     /// the DoRA magnitudes (over W's output rows when the magnitudes are per output, else over
     /// the patched weight's input columns) and then weighed against W by the strength.
     fn apply_to(&self, weight: &Tensor) -> Result<Tensor> {
+        match &self.difference {
+            Difference::PadTo(shape) => return zero_padded(weight, shape),
+            Difference::Set(tensor) if tensor.elem_count() == weight.elem_count() => {
+                return tensor.reshape(weight.shape())?.to_device(weight.device())
+            }
+            Difference::Set(tensor) => {
+                return Err(candle_core::Error::Msg(format!(
+                    "a LoRA sets a weight of shape {:?} to one of shape {:?}",
+                    weight.dims(),
+                    tensor.dims()
+                )))
+            }
+            _ => {}
+        }
         let Some((start, count)) = self.rows else {
             return self.apply_to_whole(weight);
         };
@@ -245,6 +264,25 @@ impl Patch {
             weight + ((renormalised - weight)? * strength)?
         }
     }
+}
+
+/// `weight` zero-padded at the end of each dimension to `shape` (ComfyUI's
+/// `pad_tensor_to_shape`); a shape smaller anywhere is refused.
+fn zero_padded(weight: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    if shape.len() != weight.rank() || shape.iter().zip(weight.dims()).any(|(to, from)| to < from) {
+        return Err(candle_core::Error::Msg(format!(
+            "a LoRA cannot pad a weight of shape {:?} to {shape:?}",
+            weight.dims()
+        )));
+    }
+    let mut padded = weight.clone();
+    for (dim, &size) in shape.iter().enumerate() {
+        let extra = size - padded.dim(dim)?;
+        if extra > 0 {
+            padded = padded.pad_with_zeros(dim, 0, extra)?;
+        }
+    }
+    Ok(padded)
 }
 
 /// Rows per task when patches are applied in blocks: a multiple of the GEMM's six-row tile, and
@@ -320,6 +358,18 @@ impl WeightPatches {
     /// Whether the tensor `name` has patches.
     pub fn touches(&self, name: &str) -> bool {
         self.0.contains_key(name)
+    }
+
+    /// The shape the patches of `name` pad it to, if they pad it (BFL's FLUX control LoRAs).
+    pub fn padded_shape(&self, name: &str) -> Option<&[usize]> {
+        self.0
+            .get(name)?
+            .iter()
+            .rev()
+            .find_map(|patch| match &patch.difference {
+                Difference::PadTo(shape) => Some(shape.as_slice()),
+                _ => None,
+            })
     }
 
     /// The patches of the [rows, cols] matrix `name` as low-rank updates (`factor = strength ·
@@ -566,8 +616,16 @@ impl LoraKeyMap {
             };
             self.insert(format!("lora_unet_{}", key.replace('.', "_")), name);
             self.insert(format!("diffusion_model.{key}"), name);
+            // BFL's control LoRAs name layers bare.
+            self.insert(key.to_string(), name);
             if key.ends_with(".linear1") {
                 self.insert_rows(format!("diffusion_model.{key}_qkv"), name, Some((0, 3 * hidden)));
+            }
+        }
+        // The norms' scales, which BFL's control LoRAs set.
+        for name in file.tensor_names() {
+            if let Some(key) = name.strip_prefix(prefix).filter(|key| key.ends_with("_norm.scale")) {
+                self.insert(key.to_string(), name);
             }
         }
         let full = |bfl: &str| format!("{prefix}{bfl}.weight");
@@ -716,9 +774,28 @@ fn low_rank_names(name: &str) -> [(String, String); 7] {
 pub fn load_lora(lora: &SafetensorsFile, keys: &LoraKeyMap, strength: f32) -> Result<LoadedLora> {
     let mut used = HashSet::new();
     let mut patches: HashMap<String, Vec<Patch>> = HashMap::new();
+    // BFL's FLUX control LoRAs (ComfyUI's `convert_lora_bfl_control`): the input layer widened
+    // to the LoRA's input, biases as `lora_B.bias`, the norms' scales set outright.
+    let bfl_control = lora.has("img_in.lora_A.weight") && lora.has("single_blocks.0.norm.key_norm.scale");
+    let plain = |difference| Patch {
+        strength,
+        strength_model: 1.0,
+        difference,
+        dora_scale: None,
+        rows: None,
+    };
     for (lora_name, target) in &keys.0 {
-        // A full difference of the layer's bias (`.diff_b`), beside any of its weight.
-        let bias_name = format!("{lora_name}.diff_b");
+        if bfl_control && lora_name.ends_with(".scale") && lora.has(lora_name) {
+            let set = Difference::Set(take(lora, &mut used, lora_name.clone())?);
+            patches.entry(target.tensor.clone()).or_default().push(plain(set));
+            continue;
+        }
+        // A full difference of the layer's bias (`.diff_b`, BFL's `.lora_B.bias`), beside any of
+        // its weight.
+        let bias_name = [format!("{lora_name}.diff_b"), format!("{lora_name}.lora_B.bias")]
+            .into_iter()
+            .find(|name| lora.has(name))
+            .unwrap_or_default();
         let bias_target = target.tensor.strip_suffix("weight").map(|stem| format!("{stem}bias"));
         if let (true, Some(bias_target)) = (lora.has(&bias_name), bias_target) {
             let patch = Patch {
@@ -733,6 +810,13 @@ pub fn load_lora(lora: &SafetensorsFile, keys: &LoraKeyMap, strength: f32) -> Re
         let Some(difference) = read_difference(lora, lora_name, &mut used)? else {
             continue;
         };
+        if let (true, Difference::LowRank { up, down, .. }) = (bfl_control && lora_name == "img_in", &difference) {
+            let shape = vec![up.dim(0)?, down.dim(1)?];
+            patches
+                .entry(target.tensor.clone())
+                .or_default()
+                .push(plain(Difference::PadTo(shape)));
+        }
         let difference = match target.swapped_halves {
             true => Difference::SwappedHalves(Box::new(difference)),
             false => difference,

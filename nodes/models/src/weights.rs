@@ -608,9 +608,14 @@ impl Weights {
         name: &str,
         hints: candle_nn::Init,
     ) -> candle_core::Result<Tensor> {
-        let tensor = self
-            .patches
-            .apply(&self.full_name(name), self.builder.get_with_hints(shape, name, hints)?)?;
+        let shape = shape.into();
+        let full_name = self.full_name(name);
+        // A patch that widens the tensor (to `shape`) reads it at its own shape first.
+        let base = match self.patches.padded_shape(&full_name) {
+            Some(padded) if padded == shape.dims() => self.builder.get_unchecked(name)?,
+            _ => self.builder.get_with_hints(shape, name, hints)?,
+        };
+        let tensor = self.patches.apply(&full_name, base)?;
         match self.stored_as {
             Some(format) => rounded_to(&tensor, format),
             None => Ok(tensor),
@@ -665,7 +670,8 @@ impl Weights {
             .mapped
             .as_ref()
             .and_then(|file| file.elements(&full_name).map(|elements| (file, elements)));
-        if let Some((file, _)) = in_place {
+        let widened = self.patches.padded_shape(&full_name) == Some(dims);
+        if let (Some((file, _)), false) = (in_place, widened) {
             if file.shape(&full_name) != Some(dims) {
                 return Err(candle_core::Error::Msg(format!(
                     "'{}': tensor '{full_name}' has shape {:?}, the model expects {dims:?}",

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, D};
 use easel_engine::NodeObject;
 use easel_models::architectures::dit_patches::DitPatchedCall;
-use easel_models::architectures::flux::{Flux, FluxControl, FluxInput, ReferenceMethod};
+use easel_models::architectures::flux::{Flux, FluxConfig, FluxControl, FluxInput, ReferenceMethod};
 use easel_models::architectures::unet::{timestep_embedding, ControlResiduals, UNet, UNetInput};
 use easel_models::architectures::unet_patches::{BatchPart, CallInfo, PatchedCall};
 use easel_models::checkpoint::Family;
@@ -212,7 +212,17 @@ impl DiffusionModel {
                 DiffusionNetwork::UNet(Arc::new(UNet::new(unet.config().clone(), source.weights())?))
             }
             DiffusionNetwork::Flux(flux) => {
-                DiffusionNetwork::Flux(Arc::new(Flux::new(flux.config().clone(), source.weights())?))
+                // A control LoRA widens the input layer: the model takes more channels.
+                let input_layer = format!("{}img_in.weight", source.name_prefix());
+                let in_channels = match source.patches.padded_shape(&input_layer) {
+                    Some(&[_, width]) => width,
+                    _ => flux.config().in_channels,
+                };
+                let config = FluxConfig {
+                    in_channels,
+                    ..flux.config().clone()
+                };
+                DiffusionNetwork::Flux(Arc::new(Flux::new(config, source.weights())?))
             }
         };
         Ok(DiffusionModel {

@@ -2,7 +2,9 @@
 //! each naming people ship — kohya's over BFL's names (with an alpha), diffusers' PEFT names
 //! (query, key and value apart, the single blocks' MLP input apart, the final modulation's
 //! halves in diffusers' order) and XLabs' attention processors (the layers that format has) —
-//! so that each must patch the same weights by the same amounts.
+//! so that each must patch the same weights by the same amounts; and a control LoRA in BFL's
+//! format (`flux1-depth-dev-lora`'s), which widens the model's input layer to take a control
+//! image's latent beside the noise.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +16,10 @@ use crate::sampling::noise::CpuGenerator;
 pub const TINY_FLUX_LORA_KOHYA: &str = "easel_tiny_flux_lora_kohya.safetensors";
 pub const TINY_FLUX_LORA_DIFFUSERS: &str = "easel_tiny_flux_lora_diffusers.safetensors";
 pub const TINY_FLUX_LORA_XLABS: &str = "easel_tiny_flux_lora_xlabs.safetensors";
+/// BFL's control LoRA format: `img_in` widened from 64 to 128 input channels (with a bias
+/// difference as `lora_B.bias`), the first double block's image qkv, and the first single
+/// block's query and key norm scales set outright.
+pub const TINY_FLUX_CONTROL_LORA: &str = "easel_tiny_flux_depth_dev_lora.safetensors";
 
 /// The matrices the tiny FLUX LoRAs patch (BFL's names, without `.weight`), and whether XLabs'
 /// format reaches them.
@@ -166,11 +172,41 @@ pub(super) fn write_flux_loras(loras: &Path) -> std::io::Result<Vec<PathBuf>> {
         );
     }
 
+    let mut control: Tensors = Vec::new();
+    let mut draw = |count: usize| -> Vec<f32> { generator.randn(count).into_iter().map(|v| v * 0.25).collect() };
+    let hidden_size = config.hidden_size;
+    for (name, rows, cols) in [
+        ("img_in", hidden_size, 2 * config.in_channels),
+        ("double_blocks.0.img_attn.qkv", 3 * hidden_size, hidden_size),
+    ] {
+        let (up, down) = (draw(rows * TINY_LORA_RANK), draw(TINY_LORA_RANK * cols));
+        let names = (format!("{name}.lora_B.weight"), format!("{name}.lora_A.weight"));
+        push_factors(&mut control, names, &up, &down, cols);
+    }
+    let bias = draw(hidden_size);
+    control.push((
+        "img_in.lora_B.bias".into(),
+        FileDtype::F16,
+        vec![hidden_size],
+        half_bytes(bias.into_iter()),
+    ));
+    let head = hidden_size / config.heads;
+    for norm in ["key_norm", "query_norm"] {
+        let scale = draw(head).into_iter().map(|v| 1.0 + v);
+        control.push((
+            format!("single_blocks.0.norm.{norm}.scale"),
+            FileDtype::F16,
+            vec![head],
+            half_bytes(scale),
+        ));
+    }
+
     let mut written = Vec::new();
     for (name, tensors) in [
         (TINY_FLUX_LORA_KOHYA, kohya),
         (TINY_FLUX_LORA_DIFFUSERS, diffusers),
         (TINY_FLUX_LORA_XLABS, xlabs),
+        (TINY_FLUX_CONTROL_LORA, control),
     ] {
         let path = loras.join(name);
         write_safetensors(&path, &tensors, None)?;
