@@ -606,8 +606,9 @@ impl LoraKeyMap {
     /// BFL's own (`diffusion_model.…`, and `…linear1_qkv` for the single blocks' query, key and
     /// value rows), diffusers' (`transformer.…`, also as simpletuner's `lycoris_` and
     /// OneTrainer's `lora_transformer_`), whose separate query, key and value (and the single
-    /// blocks' MLP input) patch rows of BFL's fused matrices, and XLabs' attention processors
-    /// (`double_blocks.0.processor.qkv_lora1`, …), as ComfyUI converts them for USO.
+    /// blocks' MLP input) patch rows of BFL's fused matrices, XLabs' attention processors
+    /// (`double_blocks.0.processor.qkv_lora1`, …, as ComfyUI converts them for USO), and the
+    /// bare names of BFL's control LoRAs (layers, and the norms' scales they set).
     pub fn add_flux(&mut self, file: &dyn TensorShapes, prefix: &str, config: &FluxConfig) {
         let hidden = config.hidden_size;
         for name in file.tensor_names() {

@@ -690,15 +690,7 @@ impl Weights {
                 if let (Elements::Ggml(..), Some(low_rank)) =
                     (elements, self.patches.low_rank_updates(&full_name, rows, cols)?)
                 {
-                    return Ok(WeightMatrix {
-                        shape: dims.to_vec(),
-                        storage: MatrixStorage::Mapped {
-                            file: file.clone(),
-                            name: full_name,
-                        },
-                        precision: self.precision,
-                        low_rank: Some(Arc::new(low_rank)),
-                    });
+                    return Ok(self.mapped_matrix(file, full_name, dims, Some(Arc::new(low_rank))));
                 }
                 if let Some(tensor) = self
                     .patches
@@ -716,17 +708,28 @@ impl Weights {
             return Ok(self.matrix_of(tensor));
         }
         if let Some((file, _)) = in_place {
-            return Ok(WeightMatrix {
-                shape: dims.to_vec(),
-                storage: MatrixStorage::Mapped {
-                    file: file.clone(),
-                    name: full_name,
-                },
-                precision: self.precision,
-                low_rank: None,
-            });
+            return Ok(self.mapped_matrix(file, full_name, dims, None));
         }
         Ok(self.matrix_of(self.builder.get(shape, name)?))
+    }
+
+    /// The matrix `name` of `dims` read in place from `file`, with `low_rank` updates if any.
+    fn mapped_matrix(
+        &self,
+        file: &Arc<dyn MappedWeights>,
+        name: String,
+        dims: &[usize],
+        low_rank: Option<Arc<Vec<LowRankUpdate>>>,
+    ) -> WeightMatrix {
+        WeightMatrix {
+            shape: dims.to_vec(),
+            storage: MatrixStorage::Mapped {
+                file: file.clone(),
+                name,
+            },
+            precision: self.precision,
+            low_rank,
+        }
     }
 
     /// A weight matrix held as `tensor`, multiplied in these weights' precision.

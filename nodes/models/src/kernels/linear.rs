@@ -155,6 +155,9 @@ fn forward_by_rows(
 /// Adds `factor·(x·downᵀ)·upᵀ` of each update to `output` (x's rows × out_features), the
 /// threads sharing the rows.
 fn add_low_rank(x: &[f32], output: &mut [f32], updates: &[LowRankUpdate], (out_features, in_features): (usize, usize)) {
+    if updates.is_empty() {
+        return;
+    }
     let rows = x.len() / in_features;
     let rows_per_task = rows.div_ceil(2 * rayon::current_num_threads()).max(MIN_ROWS_PER_TASK);
     output

@@ -110,21 +110,9 @@ pub fn to_request(family: &str, body: &Map<String, Json>) -> Result<RawRequest, 
     };
     set("family", None, json!(family));
     set("mode", None, json!(mode));
-    set("prompt", given("prompt_positive"), json!("high quality, 4K, expert."));
-    set(
-        "negative_prompt",
-        given("prompt_negative"),
-        json!("Low quality, Blur, artifact"),
-    );
-    set("seed", given("seed"), json!(-1));
     set("width", given("width"), json!(1024));
     set("height", given("height"), json!(1024));
-    set("batch_size", given("batch_size"), json!(1));
-    set("steps", given("steps"), json!(steps));
-    set("cfg", given("cfg"), json!(cfg));
-    set("sampler", given("sampler_name"), json!(sampler));
-    set("scheduler", given("scheduler"), json!(scheduler));
-    set("denoise", given("denoise"), json!(1.0));
+    add_shared_fields(body, &mut fields, (steps, cfg, sampler, scheduler, 1.0));
     for (theirs, ours) in [
         ("checkpoint", "model"),
         ("unet", "unet"),
@@ -198,25 +186,10 @@ pub fn iclight_request(body: &Map<String, Json>) -> Result<RawRequest, RestError
         .collect();
     relight.insert("blends".into(), Json::Array(blends));
     let mut fields = Map::new();
-    let mut set = |name: &str, value: Option<Json>, default: Json| {
-        fields.insert(name.to_string(), value.unwrap_or(default));
-    };
-    set("family", None, json!("sd15"));
-    set("mode", None, json!("relight"));
-    set("prompt", given("prompt_positive"), json!("high quality, 4K, expert."));
-    set(
-        "negative_prompt",
-        given("prompt_negative"),
-        json!("Low quality, Blur, artifact"),
-    );
-    set("seed", given("seed"), json!(-1));
-    set("batch_size", given("batch_size"), json!(1));
-    set("steps", given("steps"), json!(30));
-    set("cfg", given("cfg"), json!(1.5));
-    set("sampler", given("sampler_name"), json!("dpmpp_2m_sde"));
-    set("scheduler", given("scheduler"), json!("karras"));
-    set("denoise", given("denoise"), json!(0.7));
-    set("relight", None, Json::Object(relight));
+    fields.insert("family".into(), json!("sd15"));
+    fields.insert("mode".into(), json!("relight"));
+    fields.insert("relight".into(), Json::Object(relight));
+    add_shared_fields(body, &mut fields, (30, 1.5, "dpmpp_2m_sde", "karras", 0.7));
     for (theirs, ours) in [("checkpoint", "model"), ("init_image", "image"), ("mask", "mask")] {
         if let Some(value) = given(theirs) {
             fields.insert(ours.into(), value);
@@ -226,6 +199,33 @@ pub fn iclight_request(body: &Map<String, Json>) -> Result<RawRequest, RestError
         fields,
         files: Vec::new(),
     })
+}
+
+/// The fields every route of the service reads, as Easel's, with the service's defaults (the
+/// route's steps, cfg, sampler, scheduler and denoise).
+fn add_shared_fields(
+    body: &Map<String, Json>,
+    fields: &mut Map<String, Json>,
+    (steps, cfg, sampler, scheduler, denoise): (u32, f64, &str, &str, f64),
+) {
+    let given = |name: &str| body.get(name).filter(|value| !value.is_null()).cloned();
+    for (theirs, ours, default) in [
+        ("prompt_positive", "prompt", json!("high quality, 4K, expert.")),
+        (
+            "prompt_negative",
+            "negative_prompt",
+            json!("Low quality, Blur, artifact"),
+        ),
+        ("seed", "seed", json!(-1)),
+        ("batch_size", "batch_size", json!(1)),
+        ("steps", "steps", json!(steps)),
+        ("cfg", "cfg", json!(cfg)),
+        ("sampler_name", "sampler", json!(sampler)),
+        ("scheduler", "scheduler", json!(scheduler)),
+        ("denoise", "denoise", json!(denoise)),
+    ] {
+        fields.insert(ours.to_string(), given(theirs).unwrap_or(default));
+    }
 }
 
 async fn generate(
