@@ -6,61 +6,29 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{flat, j, setup, tiny_flux_model};
+use common::{flat, flux_velocity, j, pattern_values, setup, tiny_flux_model};
 use easel_engine::Value;
-use easel_models::architectures::flux::{FluxControl, FluxInput, ReferenceMethod};
+use easel_models::architectures::flux::ReferenceMethod;
 use easel_nodes::conditioning::{CondEntry, Conditioning};
 use easel_nodes::image::Image;
 use easel_nodes::latent::Latent;
-use easel_nodes::model::diffusion_model::{DiffusionNetwork, Model};
 use serde_json::json;
-
-fn wave(count: usize, step: f32) -> Vec<f32> {
-    (0..count).map(|i| (i as f32 * step).sin()).collect()
-}
-
-/// The tiny FLUX's velocity for a fixed 8×8 latent with `references`.
-fn velocity(model: &Value, references: &[Tensor], method: ReferenceMethod) -> Tensor {
-    let model = model.downcast::<Model>().unwrap();
-    let DiffusionNetwork::Flux(flux) = &model.0.network else {
-        panic!("a FLUX model");
-    };
-    let device = Device::Cpu;
-    let x = Tensor::from_vec(wave(16 * 8 * 8, 0.37), (1, 16, 8, 8), &device).unwrap();
-    let context = Tensor::from_vec(wave(5 * 32, 0.11), (1, 5, 32), &device).unwrap();
-    let y = Tensor::from_vec(wave(64, 0.23), (1, 64), &device).unwrap();
-    flux.forward(&FluxInput {
-        x: &x,
-        timesteps: &Tensor::new(&[0.6f32], &device).unwrap(),
-        context: &context,
-        y: &y,
-        guidance: Some(&Tensor::new(&[2.5f32], &device).unwrap()),
-        concat: None,
-        attention_mask: None,
-        control: FluxControl::default(),
-        image_prompt: None,
-        patches: None,
-        reference_latents: references,
-        reference_method: method,
-    })
-    .unwrap()
-}
 
 #[test]
 fn the_transformer_attends_to_reference_latents_where_they_are_placed() {
     let setup = setup();
     let model = tiny_flux_model(&setup);
     let device = Device::Cpu;
-    let first = Tensor::from_vec(wave(16 * 6 * 10, 0.19), (1, 16, 6, 10), &device).unwrap();
-    let second = Tensor::from_vec(wave(16 * 5 * 3, 0.53), (1, 16, 5, 3), &device).unwrap();
-    let plain = velocity(&model, &[], ReferenceMethod::Offset);
-    let one = velocity(&model, std::slice::from_ref(&first), ReferenceMethod::Offset);
+    let first = Tensor::from_vec(pattern_values(16 * 6 * 10, 3, 1.0), (1, 16, 6, 10), &device).unwrap();
+    let second = Tensor::from_vec(pattern_values(16 * 5 * 3, 4, 1.0), (1, 16, 5, 3), &device).unwrap();
+    let plain = flux_velocity(&model, &[], ReferenceMethod::Offset);
+    let one = flux_velocity(&model, std::slice::from_ref(&first), ReferenceMethod::Offset);
     assert_eq!(one.dims(), plain.dims(), "only the image's tokens are predicted");
     assert!(flat(&one) != flat(&plain), "the reference changes the prediction");
     let references = [first, second];
-    let offset = flat(&velocity(&model, &references, ReferenceMethod::Offset));
-    let index = flat(&velocity(&model, &references, ReferenceMethod::Index));
-    let uxo = flat(&velocity(&model, &references, ReferenceMethod::Uxo));
+    let offset = flat(&flux_velocity(&model, &references, ReferenceMethod::Offset));
+    let index = flat(&flux_velocity(&model, &references, ReferenceMethod::Index));
+    let uxo = flat(&flux_velocity(&model, &references, ReferenceMethod::Uxo));
     assert!(
         offset != index && index != uxo && offset != uxo,
         "each placement differs"

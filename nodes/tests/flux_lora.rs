@@ -10,10 +10,10 @@ mod common;
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
-use common::{flat, j, setup, tiny_flux_model, Setup};
+use candle_core::{DType, Device};
+use common::{flat, flux_velocity, j, setup, tiny_flux_model, Setup};
 use easel_engine::Value;
-use easel_models::architectures::flux::{FluxControl, FluxInput, ReferenceMethod};
+use easel_models::architectures::flux::ReferenceMethod;
 use easel_models::formats::gguf::GgufFile;
 use easel_models::kernels::sgemm::Elements;
 use easel_models::lora::{load_lora, LoraKeyMap, WeightPatches};
@@ -100,34 +100,9 @@ fn assert_close(got: &[f32], wanted: &[f32], what: &str) {
     assert_eq!(off, 0, "{what}: {off} of {} values differ", got.len());
 }
 
-/// The FLUX network's velocity for a fixed input.
+/// The FLUX model's velocity for a fixed input, as values.
 fn velocity(model: &Value) -> Vec<f32> {
-    let model = model.downcast::<Model>().unwrap();
-    let DiffusionNetwork::Flux(flux) = &model.0.network else {
-        panic!("a FLUX model");
-    };
-    let device = Device::Cpu;
-    let wave = |count: usize, step: f32| (0..count).map(|i| (i as f32 * step).sin()).collect::<Vec<f32>>();
-    let x = Tensor::from_vec(wave(16 * 8 * 8, 0.37), (1, 16, 8, 8), &device).unwrap();
-    let context = Tensor::from_vec(wave(5 * 32, 0.11), (1, 5, 32), &device).unwrap();
-    let y = Tensor::from_vec(wave(64, 0.23), (1, 64), &device).unwrap();
-    let out = flux
-        .forward(&FluxInput {
-            x: &x,
-            timesteps: &Tensor::new(&[0.6f32], &device).unwrap(),
-            context: &context,
-            y: &y,
-            guidance: Some(&Tensor::new(&[3.5f32], &device).unwrap()),
-            concat: None,
-            attention_mask: None,
-            control: FluxControl::default(),
-            image_prompt: None,
-            patches: None,
-            reference_latents: &[],
-            reference_method: ReferenceMethod::default(),
-        })
-        .unwrap();
-    flat(&out.to_dtype(DType::F32).unwrap())
+    flat(&flux_velocity(model, &[], ReferenceMethod::default()))
 }
 
 fn with_lora(setup: &Setup, model: &Value, lora: &str, strength: f64) -> Value {

@@ -188,6 +188,40 @@ pub fn tiny_flux_model(setup: &Setup) -> Value {
         .remove(0)
 }
 
+/// A FLUX model's velocity for a fixed 8×8 latent, text and pooled vector (σ 0.6, guidance
+/// 2.5), with `references` (Kontext's) placed by `method`.
+pub fn flux_velocity(
+    model: &Value,
+    references: &[Tensor],
+    method: easel_models::architectures::flux::ReferenceMethod,
+) -> Tensor {
+    use easel_models::architectures::flux::{FluxControl, FluxInput};
+    let model = model.downcast::<easel_nodes::model::diffusion_model::Model>().unwrap();
+    let easel_nodes::model::diffusion_model::DiffusionNetwork::Flux(flux) = &model.0.network else {
+        panic!("a FLUX model");
+    };
+    let device = candle_core::Device::Cpu;
+    let wave = |count: usize, step: f32| (0..count).map(|i| (i as f32 * step).sin()).collect::<Vec<f32>>();
+    let x = Tensor::from_vec(wave(16 * 8 * 8, 0.37), (1, 16, 8, 8), &device).unwrap();
+    let context = Tensor::from_vec(wave(5 * 32, 0.11), (1, 5, 32), &device).unwrap();
+    let y = Tensor::from_vec(wave(64, 0.23), (1, 64), &device).unwrap();
+    flux.forward(&FluxInput {
+        x: &x,
+        timesteps: &Tensor::new(&[0.6f32], &device).unwrap(),
+        context: &context,
+        y: &y,
+        guidance: Some(&Tensor::new(&[2.5f32], &device).unwrap()),
+        concat: None,
+        attention_mask: None,
+        control: FluxControl::default(),
+        image_prompt: None,
+        patches: None,
+        reference_latents: references,
+        reference_method: method,
+    })
+    .unwrap()
+}
+
 /// The largest absolute elementwise difference of two tensors of the same shape.
 pub fn max_abs_difference(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     (a - b)

@@ -22,16 +22,14 @@ use easel_models::kernels::linear::linear_no_bias;
 use easel_models::kernels::sgemm::Precision;
 use easel_models::lora::{Patch, WeightPatches};
 use easel_models::sampling::noise::CpuGenerator;
-use easel_models::testmodels::{
-    flux_layout, write_checkpoint, write_checkpoint_in, write_gguf_copy, write_gguf_in, Fill, TensorSpec,
-};
+use easel_models::testmodels::{flux_layout, write_checkpoint, write_checkpoint_in, write_gguf_copy, write_gguf_in};
 use easel_models::weights::{SafetensorsFile, TensorShapes, Weights};
 use easel_nodes::loaders::lora::apply_model_lora;
 use easel_nodes::loaders::models::load_diffusion_model;
 use easel_nodes::model::diffusion_model::DiffusionNetwork;
 use safetensors::tensor::Dtype as FileDtype;
 
-use super::{fastest_seconds, peak_rss_bytes};
+use super::{fastest_seconds, kohya_lora_specs, peak_rss_bytes};
 use crate::cli::BenchArgs;
 
 /// T5 tokens of the prompt (ComfyUI pads FLUX prompts to 256).
@@ -149,24 +147,16 @@ const LORA_RANK: usize = 32;
 /// model in `model` (a safetensors file) to `path`.
 fn write_block_lora(model: &Path, path: &Path) -> anyhow::Result<()> {
     let file = SafetensorsFile::open(model)?;
-    let mut specs = Vec::new();
-    for name in file.tensor_names() {
-        let Some(module) = name.strip_suffix(".weight") else {
-            continue;
-        };
-        let (Some(&[out, input]), true) = (file.shape(name), module.contains("blocks.")) else {
-            continue;
-        };
-        let lora_name = format!("lora_unet_{}", module.replace('.', "_"));
-        let spec = |suffix: &str, shape: Vec<usize>| TensorSpec {
-            name: format!("{lora_name}.{suffix}"),
-            shape,
-            fill: Fill::Random,
-        };
-        specs.push(spec("lora_up.weight", vec![out, LORA_RANK]));
-        specs.push(spec("lora_down.weight", vec![LORA_RANK, input]));
-    }
-    write_checkpoint(path, &specs)?;
+    let modules = file.tensor_names().filter_map(|name| {
+        let module = name
+            .strip_suffix(".weight")
+            .filter(|module| module.contains("blocks."))?;
+        match file.shape(name)? {
+            &[out, input] => Some((module.to_string(), out, input)),
+            _ => None,
+        }
+    });
+    write_checkpoint(path, &kohya_lora_specs(modules, LORA_RANK))?;
     Ok(())
 }
 

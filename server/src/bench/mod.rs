@@ -99,3 +99,27 @@ pub(crate) fn peak_rss_bytes() -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+/// The tensors of a random LoRA of rank `rank` in kohya's names (`lora_unet_<module>`), f16
+/// `lora_up` [out, rank] and `lora_down` [rank, in] for each (module, out, in).
+pub(crate) fn kohya_lora_specs(
+    modules: impl IntoIterator<Item = (String, usize, usize)>,
+    rank: usize,
+) -> Vec<easel_models::testmodels::TensorSpec> {
+    use easel_models::testmodels::{Fill, TensorSpec};
+    let mut specs = Vec::new();
+    for (module, out, input) in modules {
+        let lora_name = format!("lora_unet_{}", module.replace('.', "_"));
+        for (suffix, shape) in [
+            ("lora_up.weight", vec![out, rank]),
+            ("lora_down.weight", vec![rank, input]),
+        ] {
+            specs.push(TensorSpec {
+                name: format!("{lora_name}.{suffix}"),
+                shape,
+                fill: Fill::Random,
+            });
+        }
+    }
+    specs
+}

@@ -14,14 +14,12 @@ use easel_models::architectures::unet::{UNet, UNetInput, TRANSFORMER_BLOCK_MATRI
 use easel_models::checkpoint::UNET_PREFIX;
 use easel_models::kernels::sgemm::Precision;
 use easel_models::lora::{load_lora, LoraKeyMap};
-use easel_models::testmodels::{
-    sdxl_checkpoint_layout, write_checkpoint, write_test_models, Fill, TensorSpec, TINY_SDXL_CHECKPOINT,
-};
+use easel_models::testmodels::{sdxl_checkpoint_layout, write_checkpoint, write_test_models, TINY_SDXL_CHECKPOINT};
 use easel_models::weights::{SafetensorsFile, TensorShapes};
 use easel_nodes::loaders::models::load_checkpoint;
 use easel_nodes::loaders::t5_tokenizer_files::TokenizerSearch;
 
-use super::{mean_seconds, peak_rss_bytes};
+use super::{kohya_lora_specs, mean_seconds, peak_rss_bytes};
 use crate::cli::BenchArgs;
 
 /// The rank of the benchmark's LoRA.
@@ -105,29 +103,18 @@ fn lora_patch_time(checkpoint: &Path) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let lora_path = &dir.path().join("sdxl_rank32_lora.safetensors");
     let file = std::sync::Arc::new(SafetensorsFile::open(checkpoint)?);
-    let mut specs = Vec::new();
-    for name in file.tensor_names() {
-        let Some(module) = name.strip_prefix(UNET_PREFIX).and_then(|n| n.strip_suffix(".weight")) else {
-            continue;
-        };
+    let modules = file.tensor_names().filter_map(|name| {
+        let module = name.strip_prefix(UNET_PREFIX)?.strip_suffix(".weight")?;
         let patched = TRANSFORMER_BLOCK_MATRICES
             .iter()
             .chain(&["proj_in", "proj_out"])
             .any(|suffix| module.ends_with(suffix));
-        let Some(&[out, input]) = file.shape(name) else {
-            continue;
-        };
-        if patched {
-            let lora_name = format!("lora_unet_{}", module.replace('.', "_"));
-            let spec = |suffix: &str, shape: Vec<usize>| TensorSpec {
-                name: format!("{lora_name}.{suffix}"),
-                shape,
-                fill: Fill::Random,
-            };
-            specs.push(spec("lora_up.weight", vec![out, LORA_RANK]));
-            specs.push(spec("lora_down.weight", vec![LORA_RANK, input]));
+        match (file.shape(name)?, patched) {
+            (&[out, input], true) => Some((module.to_string(), out, input)),
+            _ => None,
         }
-    }
+    });
+    let specs = kohya_lora_specs(modules, LORA_RANK);
     write_checkpoint(lora_path, &specs)?;
     let layers = specs.len() / 2;
 
