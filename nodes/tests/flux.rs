@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{j, max_abs_difference, setup};
+use common::{j, max_abs_difference, one_euler_step, setup};
 use easel_engine::Value;
 use easel_models::architectures::flux::{
     Flux, FluxConfig, FluxControl, FluxInput, ImagePromptAttention, ReferenceMethod,
@@ -503,28 +503,6 @@ fn flux_model_and_vae(setup: &common::Setup, unet_name: &str) -> (Value, Value) 
     (model, vae)
 }
 
-/// KSampler's one Euler step (seed 7, σ 1 → 0, cfg 1): the sampled latent.
-fn one_euler_step(setup: &common::Setup, model: &Value, positive: Value, negative: Value, latent: Value) -> Tensor {
-    let sampled = setup
-        .call(
-            "KSampler",
-            vec![
-                ("model", model.clone()),
-                ("seed", j(json!(7))),
-                ("steps", j(json!(1))),
-                ("cfg", j(json!(1.0))),
-                ("sampler_name", j(json!("euler"))),
-                ("scheduler", j(json!("simple"))),
-                ("positive", positive),
-                ("negative", negative),
-                ("latent_image", latent),
-                ("denoise", j(json!(1.0))),
-            ],
-        )
-        .unwrap();
-    sampled[0].downcast::<Latent>().unwrap().samples.clone()
-}
-
 /// What that step gives on FLUX: from seed 7's noise, noise − 1·velocity at `entry`'s text and
 /// `guidance` (with the `concat` channels), out of model space as x/0.3611 + 0.1159.
 fn expected_euler_step(
@@ -592,7 +570,7 @@ fn one_flow_step_through_the_nodes_follows_comfyui() {
         .remove(0);
     assert_eq!(latent.downcast::<Latent>().unwrap().samples.dims(), &[1, 16, 3, 4]);
     let negative = Value::object(Conditioning(vec![entry.clone()]));
-    let sampled = one_euler_step(&setup, &model, positive, negative, latent);
+    let sampled = one_euler_step(&setup, &model, &positive, &negative, &latent, 1.0);
     let expected = expected_euler_step(&model, &entry, 2.5, None, &[1, 16, 3, 4]);
     let difference = max_abs_difference(&sampled, &expected);
     assert!(difference < 1e-5, "{difference}");
@@ -745,7 +723,7 @@ fn flux_fill_sees_the_masked_image_and_the_mask_blocks() {
         .unwrap();
     let entry = conditioned[0].downcast::<Conditioning>().unwrap().0[0].clone();
     let [positive, negative, latent] = [0, 1, 2].map(|index| conditioned[index].clone());
-    let sampled = one_euler_step(&setup, &model, positive, negative, latent);
+    let sampled = one_euler_step(&setup, &model, &positive, &negative, &latent, 1.0);
 
     let inpaint = entry.concat_image.as_ref().unwrap();
     let (latent_height, latent_width) = (height / 8, width / 8);
@@ -832,7 +810,7 @@ fn flux_canny_sees_the_control_images_latent() {
         assert_eq!(max_abs_difference(&concat.latent, &encoded), 0.0);
     }
     let [positive, negative, latent] = [0, 1, 2].map(|index| conditioned[index].clone());
-    let sampled = one_euler_step(&setup, &model, positive, negative, latent);
+    let sampled = one_euler_step(&setup, &model, &positive, &negative, &latent, 1.0);
     let image_latent = ((&encoded - 0.1159).unwrap() * 0.3611).unwrap();
     let expected = expected_euler_step(&model, &text, 3.5, Some(&image_latent), &shape);
     let difference = max_abs_difference(&sampled, &expected);

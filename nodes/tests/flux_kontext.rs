@@ -7,7 +7,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{flat, flux_velocity, j, max_abs_difference, pattern_values, setup, tiny_flux_model};
+use common::{flat, flux_velocity, j, max_abs_difference, one_euler_step, pattern_values, setup, tiny_flux_model};
 use easel_engine::Value;
 use easel_models::architectures::flux::{FluxControl, FluxInput, ReferenceMethod};
 use easel_models::sampling::noise::prepare_noise;
@@ -139,25 +139,14 @@ fn a_guided_step_with_references_on_both_sides_follows_comfyui() {
         batch_index: None,
         noise_mask: None,
     };
-    let sampled = setup
-        .call(
-            "KSampler",
-            vec![
-                ("model", model.clone()),
-                ("seed", j(json!(7))),
-                ("steps", j(json!(1))),
-                ("cfg", j(json!(2.0))),
-                ("sampler_name", j(json!("euler"))),
-                ("scheduler", j(json!("simple"))),
-                ("positive", with_reference(positive.clone())),
-                ("negative", with_reference(negative.clone())),
-                ("latent_image", Value::object(empty)),
-                ("denoise", j(json!(1.0))),
-            ],
-        )
-        .unwrap()
-        .remove(0);
-    let sampled = sampled.downcast::<Latent>().unwrap().samples.clone();
+    let sampled = one_euler_step(
+        &setup,
+        &model,
+        &with_reference(positive.clone()),
+        &with_reference(negative.clone()),
+        &Value::object(empty),
+        2.0,
+    );
 
     let flux_model = model.downcast::<Model>().unwrap();
     let DiffusionNetwork::Flux(flux) = &flux_model.0.network else {

@@ -612,7 +612,14 @@ impl LoraKeyMap {
     pub fn add_flux(&mut self, file: &dyn TensorShapes, prefix: &str, config: &FluxConfig) {
         let hidden = config.hidden_size;
         for name in file.tensor_names() {
-            let Some(key) = name.strip_prefix(prefix).and_then(|k| k.strip_suffix(".weight")) else {
+            let Some(key) = name.strip_prefix(prefix) else {
+                continue;
+            };
+            // The norms' scales, which BFL's control LoRAs set, under their bare names.
+            if key.ends_with("_norm.scale") {
+                self.insert(key.to_string(), name);
+            }
+            let Some(key) = key.strip_suffix(".weight") else {
                 continue;
             };
             self.insert(format!("lora_unet_{}", key.replace('.', "_")), name);
@@ -621,12 +628,6 @@ impl LoraKeyMap {
             self.insert(key.to_string(), name);
             if key.ends_with(".linear1") {
                 self.insert_rows(format!("diffusion_model.{key}_qkv"), name, Some((0, 3 * hidden)));
-            }
-        }
-        // The norms' scales, which BFL's control LoRAs set.
-        for name in file.tensor_names() {
-            if let Some(key) = name.strip_prefix(prefix).filter(|key| key.ends_with("_norm.scale")) {
-                self.insert(key.to_string(), name);
             }
         }
         let full = |bfl: &str| format!("{prefix}{bfl}.weight");

@@ -395,6 +395,40 @@ pub fn ksampler(
     steps: u32,
     cfg: f64,
 ) -> Result<Tensor, easel_engine::NodeError> {
+    ksampler_scheduled(
+        setup,
+        model,
+        [positive, negative],
+        latent,
+        (sampler, "karras"),
+        steps,
+        cfg,
+    )
+}
+
+/// KSampler's one Euler step (seed 7, the `simple` schedule: σ 1 → 0 on a flow model) at
+/// `cfg`: the sampled latent.
+pub fn one_euler_step(
+    setup: &Setup,
+    model: &Value,
+    positive: &Value,
+    negative: &Value,
+    latent: &Value,
+    cfg: f64,
+) -> Tensor {
+    ksampler_scheduled(setup, model, [positive, negative], latent, ("euler", "simple"), 1, cfg).unwrap()
+}
+
+/// KSampler (seed 7, full denoise) with `sampler` on `scheduler`'s sigmas.
+fn ksampler_scheduled(
+    setup: &Setup,
+    model: &Value,
+    [positive, negative]: [&Value; 2],
+    latent: &Value,
+    (sampler, scheduler): (&str, &str),
+    steps: u32,
+    cfg: f64,
+) -> Result<Tensor, easel_engine::NodeError> {
     let out = setup.call(
         "KSampler",
         vec![
@@ -403,7 +437,7 @@ pub fn ksampler(
             ("steps", j(json!(steps))),
             ("cfg", j(json!(cfg))),
             ("sampler_name", j(json!(sampler))),
-            ("scheduler", j(json!("karras"))),
+            ("scheduler", j(json!(scheduler))),
             ("positive", positive.clone()),
             ("negative", negative.clone()),
             ("latent_image", latent.clone()),

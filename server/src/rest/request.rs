@@ -726,6 +726,18 @@ impl Fields<'_> {
         }
     }
 
+    /// The object field `name` as fields of its own, if given; `keys` names its keys in the
+    /// refusal of anything else.
+    fn object(&self, name: &str, keys: &str) -> Result<Option<Fields<'_>>, RestError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(value) => value
+                .as_object()
+                .map(|object| Some(Fields(object)))
+                .ok_or_else(|| RestError::field(name, format!("`{name}` is an object: {keys}"))),
+        }
+    }
+
     /// A non-empty name (a file, a sampler, a style).
     fn name(&self, name: &str) -> Result<Option<String>, RestError> {
         match self.string(name)? {
@@ -928,15 +940,9 @@ impl Fields<'_> {
     /// "weight_type" [linear], "combine_embeds" [concat], "embeds_scaling" [V only]}`.
     fn ip_adapter(&self, max_image_bytes: usize) -> Result<Option<IpAdapterRequest>, RestError> {
         const FIELD: &str = "ip_adapter";
-        let Some(value) = self.get(FIELD) else {
+        let Some(fields) = self.object(FIELD, "{\"ipadapter\", \"clip_vision\", \"images\", \"weight\", …}")? else {
             return Ok(None);
         };
-        let fields = Fields(value.as_object().ok_or_else(|| {
-            RestError::field(
-                FIELD,
-                "`ip_adapter` is an object: {\"ipadapter\", \"clip_vision\", \"images\", \"weight\", …}",
-            )
-        })?);
         let in_field = |error: RestError| RestError::field(FIELD, error.message);
         let file = |keys: &[&str], folder: &str| -> Result<String, RestError> {
             keys.iter()
@@ -1017,15 +1023,9 @@ impl Fields<'_> {
     /// 0.1, then hue at 0.2]}`.
     fn relight(&self, max_image_bytes: usize) -> Result<Option<RelightRequest>, RestError> {
         const FIELD: &str = "relight";
-        let Some(value) = self.get(FIELD) else {
+        let Some(fields) = self.object(FIELD, "{\"model\", \"light_image\", \"light_strength\", …}")? else {
             return Ok(None);
         };
-        let fields = Fields(value.as_object().ok_or_else(|| {
-            RestError::field(
-                FIELD,
-                "`relight` is an object: {\"model\", \"light_image\", \"light_strength\", …}",
-            )
-        })?);
         let in_field = |error: RestError| RestError::field(FIELD, error.message);
         let model = fields.name("model").map_err(in_field)?.ok_or_else(|| {
             RestError::field(
