@@ -5,6 +5,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::reference::{
+    add_gated, assert_close_to_reference, gelu, modulate, silu, sinusoid, softmax_attention, values, wave, FileWeights,
+    Rows,
+};
 use common::{j, max_abs_difference, one_euler_step, setup};
 use easel_engine::Value;
 use easel_models::architectures::flux::{
@@ -23,17 +27,6 @@ use easel_nodes::latent::Latent;
 use easel_nodes::model::diffusion_model::Model;
 use serde_json::json;
 use std::sync::Arc;
-
-/// A deterministic tensor of `shape` with values in [-1, 1].
-fn wave(shape: &[usize], step: f32) -> Tensor {
-    let count = shape.iter().product::<usize>();
-    let values: Vec<f32> = (0..count).map(|i| (i as f32 * step + 0.3).sin()).collect();
-    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-}
-
-fn values(tensor: &Tensor) -> Vec<f32> {
-    tensor.flatten_all().unwrap().to_vec1().unwrap()
-}
 
 /// The inputs of every test: a 16×3×4 latent (odd height: padded), 3 text tokens, σ = 0.7,
 /// guidance 3.5.
@@ -84,48 +77,15 @@ fn load(file: Arc<dyn MappedWeights>) -> Flux {
 
 /// BFL's FLUX forward pass written out in f64 loops over the weights of `file`.
 struct Reference<'a> {
-    file: &'a SafetensorsFile,
+    weights: FileWeights<'a>,
     config: FluxConfig,
 }
 
-type Rows = Vec<Vec<f64>>;
-
 impl Reference<'_> {
-    fn tensor(&self, name: &str) -> Vec<f64> {
-        let tensor = self.file.load(name, DType::F32, &Device::Cpu).unwrap();
-        values(&tensor).into_iter().map(f64::from).collect()
-    }
-
-    fn linear(&self, x: &Rows, name: &str) -> Rows {
-        let weight = self.tensor(&format!("{name}.weight"));
-        let bias = self.tensor(&format!("{name}.bias"));
-        x.iter()
-            .map(|row| {
-                bias.iter()
-                    .enumerate()
-                    .map(|(o, b)| {
-                        b + row
-                            .iter()
-                            .enumerate()
-                            .map(|(i, v)| weight[o * row.len() + i] * v)
-                            .sum::<f64>()
-                    })
-                    .collect()
-            })
-            .collect()
-    }
-
     fn mlp(&self, x: &[f64], name: &str) -> Vec<f64> {
-        let hidden = self.linear(&vec![x.to_vec()], &format!("{name}.in_layer"));
+        let hidden = self.weights.linear(&vec![x.to_vec()], &format!("{name}.in_layer"));
         let hidden = vec![hidden[0].iter().map(|&v| silu(v)).collect()];
-        self.linear(&hidden, &format!("{name}.out_layer")).remove(0)
-    }
-
-    /// `count` modulation vectors from `vec`.
-    fn modulation(&self, vec: &[f64], name: &str, count: usize) -> Rows {
-        let activated: Vec<f64> = vec.iter().map(|&v| silu(v)).collect();
-        let out = self.linear(&vec![activated], name).remove(0);
-        out.chunks(out.len() / count).map(<[f64]>::to_vec).collect()
+        self.weights.linear(&hidden, &format!("{name}.out_layer")).remove(0)
     }
 
     /// Queries (or keys) of `qkv` part `part` for every token, per head, RMS-normalised with
@@ -164,8 +124,8 @@ impl Reference<'_> {
     /// Joint attention of all tokens in `qkv` (with query/key scales under `norm`): [tokens, hidden].
     fn attention(&self, qkv: &Rows, norm: &str, positions: &[[f64; 3]]) -> Rows {
         let (q_scale, k_scale) = (
-            self.tensor(&format!("{norm}.query_norm.scale")),
-            self.tensor(&format!("{norm}.key_norm.scale")),
+            self.weights.tensor(&format!("{norm}.query_norm.scale")),
+            self.weights.tensor(&format!("{norm}.key_norm.scale")),
         );
         let q = self.heads(qkv, 0, Some(&q_scale), positions);
         let k = self.heads(qkv, 1, Some(&k_scale), positions);
@@ -193,18 +153,18 @@ impl Reference<'_> {
         let g = f64::from(values(&inputs.guidance)[0]);
         let y: Vec<f64> = values(&inputs.y).into_iter().map(f64::from).collect();
         let vec: Vec<f64> = self
-            .mlp(&embedding(t), "time_in")
+            .mlp(&sinusoid(1000.0 * t), "time_in")
             .iter()
-            .zip(self.mlp(&embedding(g), "guidance_in"))
+            .zip(self.mlp(&sinusoid(1000.0 * g), "guidance_in"))
             .zip(self.mlp(&y, "vector_in"))
             .map(|((a, b), c)| a + b + c)
             .collect();
-        let mut img = self.linear(&patches, "img_in");
+        let mut img = self.weights.linear(&patches, "img_in");
         let context: Rows = values(&inputs.context)
             .chunks(self.config.context_dim)
             .map(|row| row.iter().map(|&v| f64::from(v)).collect())
             .collect();
-        let mut txt = self.linear(&context, "txt_in");
+        let mut txt = self.weights.linear(&context, "txt_in");
         let positions: Vec<[f64; 3]> = (0..txt.len())
             .map(|_| [0.0; 3])
             .chain((0..rows * cols).map(|p| [0.0, (p / cols) as f64, (p % cols) as f64]))
@@ -212,13 +172,13 @@ impl Reference<'_> {
 
         // The double block.
         let block = "double_blocks.0";
-        let img_mod = self.modulation(&vec, &format!("{block}.img_mod.lin"), 6);
-        let txt_mod = self.modulation(&vec, &format!("{block}.txt_mod.lin"), 6);
-        let img_qkv = self.linear(
+        let img_mod = self.weights.modulation(&vec, &format!("{block}.img_mod.lin"), 6);
+        let txt_mod = self.weights.modulation(&vec, &format!("{block}.txt_mod.lin"), 6);
+        let img_qkv = self.weights.linear(
             &modulate(&img, &img_mod[0], &img_mod[1]),
             &format!("{block}.img_attn.qkv"),
         );
-        let txt_qkv = self.linear(
+        let txt_qkv = self.weights.linear(
             &modulate(&txt, &txt_mod[0], &txt_mod[1]),
             &format!("{block}.txt_attn.qkv"),
         );
@@ -234,9 +194,9 @@ impl Reference<'_> {
             ("img", &mut img, img_attn, &img_mod),
             ("txt", &mut txt, txt_attn.to_vec(), &txt_mod),
         ] {
-            let projected = self.linear(&attn, &format!("{block}.{stream}_attn.proj"));
+            let projected = self.weights.linear(&attn, &format!("{block}.{stream}_attn.proj"));
             add_gated(x, &projected, &modulation[2]);
-            let hidden = self.linear(
+            let hidden = self.weights.linear(
                 &modulate(x, &modulation[3], &modulation[4]),
                 &format!("{block}.{stream}_mlp.0"),
             );
@@ -244,15 +204,15 @@ impl Reference<'_> {
                 .iter()
                 .map(|row| row.iter().map(|&v| gelu(v)).collect())
                 .collect();
-            let out = self.linear(&hidden, &format!("{block}.{stream}_mlp.2"));
+            let out = self.weights.linear(&hidden, &format!("{block}.{stream}_mlp.2"));
             add_gated(x, &out, &modulation[5]);
         }
 
         // The single block.
         let mut tokens: Rows = txt.iter().chain(&img).cloned().collect();
         let block = "single_blocks.0";
-        let modulation = self.modulation(&vec, &format!("{block}.modulation.lin"), 3);
-        let projected = self.linear(
+        let modulation = self.weights.modulation(&vec, &format!("{block}.modulation.lin"), 3);
+        let projected = self.weights.linear(
             &modulate(&tokens, &modulation[0], &modulation[1]),
             &format!("{block}.linear1"),
         );
@@ -269,12 +229,14 @@ impl Reference<'_> {
                     .collect()
             })
             .collect();
-        let out = self.linear(&joined, &format!("{block}.linear2"));
+        let out = self.weights.linear(&joined, &format!("{block}.linear2"));
         add_gated(&mut tokens, &out, &modulation[2]);
 
         let img: Rows = tokens[txt.len()..].to_vec();
-        let final_mod = self.modulation(&vec, "final_layer.adaLN_modulation.1", 2);
-        let out = self.linear(&modulate(&img, &final_mod[0], &final_mod[1]), "final_layer.linear");
+        let final_mod = self.weights.modulation(&vec, "final_layer.adaLN_modulation.1", 2);
+        let out = self
+            .weights
+            .linear(&modulate(&img, &final_mod[0], &final_mod[1]), "final_layer.linear");
         let mut result = vec![0.0; channels * height * width];
         for (p, features) in out.iter().enumerate() {
             let (r, col) = (p / cols, p % cols);
@@ -294,8 +256,14 @@ impl Reference<'_> {
         let (txt_positions, img_positions) = positions.split_at(txt_qkv.len());
         let normalised = |qkv: &Rows, stream: &str, part: usize, stream_positions: &[[f64; 3]]| {
             let scale = match part {
-                0 => Some(self.tensor(&format!("{block}.{stream}_attn.norm.query_norm.scale"))),
-                1 => Some(self.tensor(&format!("{block}.{stream}_attn.norm.key_norm.scale"))),
+                0 => Some(
+                    self.weights
+                        .tensor(&format!("{block}.{stream}_attn.norm.query_norm.scale")),
+                ),
+                1 => Some(
+                    self.weights
+                        .tensor(&format!("{block}.{stream}_attn.norm.key_norm.scale")),
+                ),
                 _ => None,
             };
             self.heads(qkv, part, scale.as_deref(), stream_positions)
@@ -309,75 +277,6 @@ impl Reference<'_> {
                 .collect()
         };
         softmax_attention(&joined(0), &joined(1), &joined(2))
-    }
-}
-
-/// softmax(q·kᵀ/√d)·v per head (`q[h][token]`), the heads joined per token.
-fn softmax_attention(q: &[Rows], k: &[Rows], v: &[Rows]) -> Rows {
-    let tokens = q[0].len();
-    let head_dim = q[0][0].len();
-    (0..tokens)
-        .map(|t| {
-            (0..q.len())
-                .flat_map(|h| {
-                    let scores: Vec<f64> = (0..tokens)
-                        .map(|s| dot(&q[h][t], &k[h][s]) / (head_dim as f64).sqrt())
-                        .collect();
-                    let max = scores.iter().cloned().fold(f64::MIN, f64::max);
-                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                    let total: f64 = weights.iter().sum();
-                    (0..head_dim)
-                        .map(|d| (0..tokens).map(|s| weights[s] / total * v[h][s][d]).sum::<f64>())
-                        .collect::<Vec<_>>()
-                })
-                .collect()
-        })
-        .collect()
-}
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn silu(v: f64) -> f64 {
-    v / (1.0 + (-v).exp())
-}
-
-fn gelu(v: f64) -> f64 {
-    0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())
-}
-
-/// The 256-wide sinusoid of 1000·t, cosines first.
-fn embedding(t: f64) -> Vec<f64> {
-    let arguments: Vec<f64> = (0..128)
-        .map(|i| 1000.0 * t * (-(10000f64.ln()) * i as f64 / 128.0).exp())
-        .collect();
-    arguments
-        .iter()
-        .map(|a| a.cos())
-        .chain(arguments.iter().map(|a| a.sin()))
-        .collect()
-}
-
-/// `(1 + scale)·LayerNorm(x) + shift` per token.
-fn modulate(x: &Rows, shift: &[f64], scale: &[f64]) -> Rows {
-    x.iter()
-        .map(|row| {
-            let mean = row.iter().sum::<f64>() / row.len() as f64;
-            let variance = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / row.len() as f64;
-            row.iter()
-                .zip(shift.iter().zip(scale))
-                .map(|(v, (sh, sc))| (1.0 + sc) * (v - mean) / (variance + 1e-6).sqrt() + sh)
-                .collect()
-        })
-        .collect()
-}
-
-fn add_gated(x: &mut Rows, out: &Rows, gate: &[f64]) {
-    for (row, out) in x.iter_mut().zip(out) {
-        for ((v, o), g) in row.iter_mut().zip(out).zip(gate) {
-            *v += g * o;
-        }
     }
 }
 
@@ -401,21 +300,12 @@ fn flux_forward_matches_the_formulas_written_out() {
     let config = tiny_flux();
     let inputs = inputs(&config);
     let ours = predict(&load(file.clone()), &inputs);
-    let expected = Reference { file: &file, config }.forward(&inputs, None);
-    assert_close_to_reference(&ours, &expected);
-}
-
-/// Each element within 1e-4 of the largest reference value.
-fn assert_close_to_reference(ours: &Tensor, expected: &[f64]) {
-    let ours = values(ours);
-    let scale = expected.iter().fold(0f64, |m, v| m.max(v.abs()));
-    assert!(scale > 1e-3, "a prediction to compare: {scale}");
-    for (i, (ours, expected)) in ours.iter().zip(expected).enumerate() {
-        assert!(
-            (f64::from(*ours) - expected).abs() < 1e-4 * scale,
-            "element {i}: {ours} vs {expected}"
-        );
+    let expected = Reference {
+        weights: FileWeights(&file),
+        config,
     }
+    .forward(&inputs, None);
+    assert_close_to_reference(&ours, &expected);
 }
 
 /// An image prompt that adds a fixed residual in double block 0 and records what it was given.
@@ -452,13 +342,13 @@ fn the_image_prompt_hook_adds_to_the_image_attention_before_its_projection() {
         .map(|row| row.iter().map(|&v| f64::from(v)).collect())
         .collect();
     let expected = Reference {
-        file: &file,
+        weights: FileWeights(&file),
         config: config.clone(),
     }
     .forward(&inputs, Some(&residual));
     assert_close_to_reference(&ours, &expected);
     let without = Reference {
-        file: &file,
+        weights: FileWeights(&file),
         config: config.clone(),
     }
     .forward(&inputs, None);

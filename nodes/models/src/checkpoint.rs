@@ -23,6 +23,11 @@ pub const SDXL_REFINER_CLIP_G_PREFIX: &str = "conditioner.embedders.0.model.";
 pub const FLUX_CLIP_L_PREFIX: &str = "text_encoders.clip_l.transformer.";
 pub const FLUX_T5_PREFIX: &str = "text_encoders.t5xxl.transformer.";
 pub const FLUX_VAE_PREFIX: &str = "vae.";
+/// The text encoders of an SD3 checkpoint (CLIP-G in the transformers layout, as Stability
+/// ships it); CLIP-L and T5-XXL lie where FLUX checkpoints keep them.
+pub const SD3_CLIP_L_PREFIX: &str = FLUX_CLIP_L_PREFIX;
+pub const SD3_CLIP_G_PREFIX: &str = "text_encoders.clip_g.transformer.";
+pub const SD3_T5_PREFIX: &str = FLUX_T5_PREFIX;
 
 /// Why a model file was not understood.
 #[derive(Debug, thiserror::Error)]

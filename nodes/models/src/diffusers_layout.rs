@@ -321,13 +321,14 @@ impl MappedWeights for ConvertedWeights {
     }
 }
 
-/// A FLUX weight matrix as diffusers names it (without `.weight`), the BFL matrix it is or is
-/// part of (without `.weight`), the rows of that matrix it takes when BFL fuses several (query,
-/// key and value; the single blocks' MLP input beside them), and whether its two halves of rows
-/// come in the other order (the final modulation's scale and shift).
-pub struct FluxDiffusersMatrix {
+/// A DiT weight matrix as diffusers names it (without `.weight`), the model's own matrix (BFL's
+/// for FLUX, Stability's for SD3) it is or is part of (without `.weight`), the rows of that
+/// matrix it takes when the model fuses several (query, key and value; FLUX's single blocks' MLP
+/// input beside them), and whether its two halves of rows come in the other order (the final
+/// modulation's scale and shift).
+pub struct DiffusersMatrix {
     pub diffusers: String,
-    pub bfl: String,
+    pub native: String,
     pub rows: Option<(usize, usize)>,
     pub swapped_halves: bool,
 }
@@ -340,15 +341,15 @@ pub fn flux_diffusers_matrices(
     singles: usize,
     hidden: usize,
     mlp_hidden: usize,
-) -> Vec<FluxDiffusersMatrix> {
-    let matrix = |diffusers: String, bfl: String, rows: Option<(usize, usize)>| FluxDiffusersMatrix {
+) -> Vec<DiffusersMatrix> {
+    let matrix = |diffusers: String, native: String, rows: Option<(usize, usize)>| DiffusersMatrix {
         diffusers,
-        bfl,
+        native,
         rows,
         swapped_halves: false,
     };
     let third = |index: usize| Some((index * hidden, hidden));
-    let renamed = |table: &[(&str, &str)], from: &str, to: &str| -> Vec<FluxDiffusersMatrix> {
+    let renamed = |table: &[(&str, &str)], from: &str, to: &str| -> Vec<DiffusersMatrix> {
         table
             .iter()
             .filter_map(|(diffusers, bfl)| {
@@ -404,12 +405,89 @@ pub fn flux_diffusers_matrices(
     }
     matrices.extend(renamed(&FLUX_BASIC, "", ""));
     matrices.push(matrix("proj_out".into(), "final_layer.linear".into(), None));
-    matrices.push(FluxDiffusersMatrix {
+    matrices.push(DiffusersMatrix {
         swapped_halves: true,
         ..matrix("norm_out.linear".into(), "final_layer.adaLN_modulation.1".into(), None)
     });
     matrices
 }
+
+/// Every weight matrix of an MMDiT (SD3) with `blocks` joint blocks of `hidden` width under
+/// its diffusers name (ComfyUI's `mmdit_to_diffusers`, which its LoRA key maps use); the
+/// second self-attention only in the blocks `x_block_self_attention` names.
+pub fn mmdit_diffusers_matrices(
+    blocks: usize,
+    hidden: usize,
+    x_block_self_attention: &[usize],
+) -> Vec<DiffusersMatrix> {
+    let matrix = |diffusers: String, native: String, rows: Option<(usize, usize)>| DiffusersMatrix {
+        diffusers,
+        native,
+        rows,
+        swapped_halves: false,
+    };
+    let third = |index: usize| Some((index * hidden, hidden));
+    let mut matrices = Vec::new();
+    for block in 0..blocks {
+        let (from, to) = (format!("transformer_blocks.{block}."), format!("joint_blocks.{block}."));
+        let mut attentions = vec![("attn", ["to_q", "to_k", "to_v"], "x_block.attn")];
+        attentions.push(("attn", ["add_q_proj", "add_k_proj", "add_v_proj"], "context_block.attn"));
+        if x_block_self_attention.contains(&block) {
+            attentions.push(("attn2", ["to_q", "to_k", "to_v"], "x_block.attn2"));
+        }
+        for (attention, parts, native) in attentions {
+            for (index, part) in parts.into_iter().enumerate() {
+                matrices.push(matrix(
+                    format!("{from}{attention}.{part}"),
+                    format!("{to}{native}.qkv"),
+                    third(index),
+                ));
+            }
+        }
+        let last = block + 1 == blocks;
+        for (diffusers, native) in MMDIT_BLOCK {
+            matrices.push(DiffusersMatrix {
+                // The last text block only modulates its attention: its shift and scale come
+                // the other way round in diffusers.
+                swapped_halves: last && diffusers == "norm1_context.linear",
+                ..matrix(format!("{from}{diffusers}"), format!("{to}{native}"), None)
+            });
+        }
+    }
+    for (diffusers, native) in MMDIT_BASIC {
+        matrices.push(DiffusersMatrix {
+            swapped_halves: diffusers == "norm_out.linear",
+            ..matrix(diffusers.to_string(), native.to_string(), None)
+        });
+    }
+    matrices
+}
+
+/// An MMDiT joint block's weight matrices, diffusers' name → Stability's, but for the fused
+/// attention projections.
+const MMDIT_BLOCK: [(&str, &str); 9] = [
+    ("norm1_context.linear", "context_block.adaLN_modulation.1"),
+    ("attn.to_add_out", "context_block.attn.proj"),
+    ("ff_context.net.0.proj", "context_block.mlp.fc1"),
+    ("ff_context.net.2", "context_block.mlp.fc2"),
+    ("norm1.linear", "x_block.adaLN_modulation.1"),
+    ("attn.to_out.0", "x_block.attn.proj"),
+    ("attn2.to_out.0", "x_block.attn2.proj"),
+    ("ff.net.0.proj", "x_block.mlp.fc1"),
+    ("ff.net.2", "x_block.mlp.fc2"),
+];
+
+/// The MMDiT's other weight matrices.
+const MMDIT_BASIC: [(&str, &str); 8] = [
+    ("context_embedder", "context_embedder"),
+    ("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+    ("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
+    ("pos_embed.proj", "x_embedder.proj"),
+    ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0"),
+    ("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2"),
+    ("norm_out.linear", "final_layer.adaLN_modulation.1"),
+    ("proj_out", "final_layer.linear"),
+];
 
 /// How many numbered blocks the file has under `prefix` (`prefix0.`, `prefix1.`, …): one more
 /// than the highest index found.

@@ -29,8 +29,9 @@ use rayon::prelude::*;
 
 use crate::architectures::clip_encoder::ClipNaming;
 use crate::architectures::flux::FluxConfig;
+use crate::architectures::mmdit::MmditConfig;
 use crate::architectures::unet::{UNetConfig, TRANSFORMER_BLOCK_MATRICES};
-use crate::diffusers_layout::flux_diffusers_matrices;
+use crate::diffusers_layout::{flux_diffusers_matrices, mmdit_diffusers_matrices};
 use crate::kernels::sgemm::{gemm_into, Elements, Precision, View};
 use crate::memory::advise_huge_pages;
 use crate::weights::{LowRankUpdate, MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
@@ -601,6 +602,42 @@ impl LoraKeyMap {
         }
     }
 
+    /// Keys for an SD3 MMDiT under `prefix`, as ComfyUI's `model_lora_keys_unet` makes them:
+    /// kohya's (`lora_unet_joint_blocks_0_x_block_attn_qkv`) and the generic
+    /// (`diffusion_model.…`) names of every weight, and diffusers' (`transformer.…`, also as
+    /// `base_model.model.…`, OneTrainer's `lora_transformer_` and simpletuner's `lycoris_`), whose
+    /// separate query, key and value patch rows of the fused matrices.
+    pub fn add_mmdit(&mut self, file: &dyn TensorShapes, prefix: &str, config: &MmditConfig) {
+        for name in file.tensor_names() {
+            let Some(key) = name.strip_prefix(prefix).and_then(|key| key.strip_suffix(".weight")) else {
+                continue;
+            };
+            self.insert(format!("lora_unet_{}", key.replace('.', "_")), name);
+            self.insert(format!("diffusion_model.{key}"), name);
+        }
+        let full = |native: &str| format!("{prefix}{native}.weight");
+        let matrices = mmdit_diffusers_matrices(config.blocks, config.hidden_size(), &config.x_block_self_attention);
+        for matrix in matrices {
+            if !file.has(&full(&matrix.native)) {
+                continue;
+            }
+            let underscored = matrix.diffusers.replace('.', "_");
+            for lora_name in [
+                format!("transformer.{}", matrix.diffusers),
+                format!("base_model.model.{}", matrix.diffusers),
+                format!("lora_transformer_{underscored}"),
+                format!("lycoris_{underscored}"),
+            ] {
+                let target = PatchTarget {
+                    tensor: full(&matrix.native),
+                    rows: matrix.rows,
+                    swapped_halves: matrix.swapped_halves,
+                };
+                self.insert_target(lora_name, target);
+            }
+        }
+    }
+
     /// The names of a FLUX model's weight matrices, whose tensors lie under `prefix` in `file`
     /// (ComfyUI's key map for FLUX): kohya's over BFL's names (`lora_unet_double_blocks_0_…`),
     /// BFL's own (`diffusion_model.…`, and `…linear1_qkv` for the single blocks' query, key and
@@ -633,7 +670,7 @@ impl LoraKeyMap {
         let full = |bfl: &str| format!("{prefix}{bfl}.weight");
         let matrices = flux_diffusers_matrices(config.double_blocks, config.single_blocks, hidden, config.mlp_hidden);
         for matrix in matrices {
-            if !file.has(&full(&matrix.bfl)) {
+            if !file.has(&full(&matrix.native)) {
                 continue;
             }
             let underscored = matrix.diffusers.replace('.', "_");
@@ -643,7 +680,7 @@ impl LoraKeyMap {
                 format!("lora_transformer_{underscored}"),
             ] {
                 let target = PatchTarget {
-                    tensor: full(&matrix.bfl),
+                    tensor: full(&matrix.native),
                     rows: matrix.rows,
                     swapped_halves: matrix.swapped_halves,
                 };

@@ -37,9 +37,11 @@ use crate::weights::{MappedWeights, SafetensorsFile};
 mod conditioning_models;
 mod control_models;
 mod flux_loras;
+mod sd3_models;
 pub use conditioning_models::*;
 pub use control_models::*;
 pub use flux_loras::*;
+pub use sd3_models::*;
 
 /// How a tensor is filled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -382,6 +384,9 @@ pub const TINY_SDXL_VAE: &str = "easel_tiny_sdxl_vae.safetensors";
 /// A tensor read from a file: dtype, shape and little-endian data.
 type RawTensor = (FileDtype, Vec<usize>, Vec<u8>);
 
+/// A model file to write: its model folder, file name and named tensors.
+type FilePart<'a> = (&'a str, &'a str, Vec<(String, RawTensor)>);
+
 /// The tensors of `checkpoint` under `prefix`, the prefix removed.
 fn tensors_under(checkpoint: &[u8], prefix: &str) -> std::io::Result<Vec<(String, RawTensor)>> {
     let file = safetensors::SafeTensors::deserialize(checkpoint).map_err(std::io::Error::other)?;
@@ -475,7 +480,7 @@ pub fn open_clip_to_transformers(tensors: Vec<(String, RawTensor)>) -> std::io::
 /// [`TINY_SDXL_UNET`]).
 fn write_split_sdxl(checkpoint: &Path, models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let bytes = std::fs::read(checkpoint)?;
-    let parts = [
+    let parts = vec![
         ("diffusion_models", TINY_SDXL_UNET, tensors_under(&bytes, UNET_PREFIX)?),
         ("text_encoders", TINY_CLIP_L, tensors_under(&bytes, SDXL_CLIP_L_PREFIX)?),
         (
@@ -485,6 +490,12 @@ fn write_split_sdxl(checkpoint: &Path, models_dir: &Path) -> std::io::Result<Vec
         ),
         ("vae", TINY_SDXL_VAE, tensors_under(&bytes, VAE_PREFIX)?),
     ];
+    write_parts(models_dir, parts)
+}
+
+/// Writes each part (model folder, file name, tensors) as a safetensors file under
+/// `models_dir`.
+fn write_parts(models_dir: &Path, parts: Vec<FilePart>) -> std::io::Result<Vec<PathBuf>> {
     let mut written = Vec::with_capacity(parts.len());
     for (folder, name, tensors) in parts {
         let dir = models_dir.join(folder);
@@ -604,6 +615,7 @@ pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     written.extend([safetensors_path, pt_path, lora]);
     written.extend(write_flux_loras(&loras)?);
     written.extend(write_flux_test_models(models_dir)?);
+    written.extend(sd3_models::write_sd3_test_models(models_dir)?);
     written.extend(write_conditioning_models(models_dir)?);
     Ok(written)
 }

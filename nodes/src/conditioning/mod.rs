@@ -31,6 +31,7 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(nodes::ClipTextEncode);
     registry.register(nodes::ClipTextEncodeSdxl);
     registry.register(nodes::ClipTextEncodeSdxlRefiner);
+    registry.register(nodes::ClipTextEncodeSd3);
     registry.register(nodes::ClipSetLastLayer);
     registry.register(nodes::ConditioningCombine);
     registry.register(nodes::ConditioningAverage);

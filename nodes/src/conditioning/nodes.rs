@@ -1,5 +1,5 @@
-//! The conditioning nodes: prompts encoded by a CLIP (`CLIPTextEncode`, the SDXL variants,
-//! clip skip) and the operations on CONDITIONING lists: combining, averaging, concatenating,
+//! The conditioning nodes: prompts encoded by a CLIP (`CLIPTextEncode`, the SDXL and SD3
+//! variants, clip skip) and the operations on CONDITIONING lists: combining, averaging, concatenating,
 //! zeroing, timestep ranges, and the areas, masks and strengths that place an entry in the
 //! latent ([`crate::conditioning::regions`]).
 
@@ -11,7 +11,7 @@ use easel_models::checkpoint::TextEncoderKind;
 use crate::conditioning::regions::{AreaSpec, CondRegion, LatentArea};
 use crate::conditioning::{CondEntry, Conditioning, SdxlSizes};
 use crate::image::Mask;
-use crate::model::clip::{Clip, ClipTokens, TextEncoder};
+use crate::model::clip::{Clip, ClipTokens, TextEncoder, TextNetwork};
 use crate::paths::Paths;
 use crate::runtime::tensor_error;
 
@@ -145,6 +145,65 @@ impl Node for ClipTextEncodeSdxl {
             conditioning,
             sizes,
         ))]))
+    }
+}
+
+/// `CLIPTextEncodeSD3`: a prompt for each of SD3's encoders (CLIP-L, CLIP-G, T5-XXL). With
+/// `empty_padding` "none" an empty prompt is left out of its encoder (T5 then gives its end
+/// token alone; both CLIPs empty leaves the CLIP part out); CLIP-L's and CLIP-G's chunks are
+/// evened out with empty-prompt chunks, as ComfyUI's tokenizer counts them whichever encoders
+/// the CLIP has.
+pub struct ClipTextEncodeSd3;
+
+impl Node for ClipTextEncodeSd3 {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v3("CLIPTextEncodeSD3", "comfy_extras.nodes_sd3", "advanced/conditioning")
+            .required("clip", InputSpec::of("CLIP"))
+            .required("clip_l", prompt_spec())
+            .required("clip_g", prompt_spec())
+            .required("t5xxl", prompt_spec())
+            .required("empty_padding", InputSpec::combo(&["none", "empty_prompt"]))
+            .output(OutputSpec::of("CONDITIONING"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let clip = clip_input(inputs)?;
+        let paths = ctx.services.get::<Paths>();
+        let no_padding = inputs.string("empty_padding")? == "none";
+        // Each text's tokens for every encoder; an empty text without padding has none.
+        let tokens_of = |name: &str| -> Result<Option<ClipTokens>, NodeError> {
+            let text = inputs.string(name)?;
+            Ok((!(text.is_empty() && no_padding)).then(|| clip.tokenize(text, paths)))
+        };
+        let (text_l, text_g, text_t5) = (tokens_of("clip_l")?, tokens_of("clip_g")?, tokens_of("t5xxl")?);
+        let empty = clip.tokenize("", paths);
+        // Chunk counts as the CLIP tokenizer makes them (the same for CLIP-L and CLIP-G).
+        let first_clip = clip.encoders.iter().position(|encoder| encoder.clip_kind().is_some());
+        let chunks = |tokens: &Option<ClipTokens>| match (tokens, first_clip) {
+            (Some(tokens), Some(index)) => tokens[index].len(),
+            _ => 0,
+        };
+        let (chunks_l, chunks_g) = (chunks(&text_l), chunks(&text_g));
+        let own =
+            |tokens: &Option<ClipTokens>, index: usize| tokens.as_ref().map_or_else(Vec::new, |t| t[index].clone());
+        let tokens: ClipTokens = clip
+            .encoders
+            .iter()
+            .enumerate()
+            .map(|(index, encoder)| {
+                let (mut own, other_chunks) = match (&encoder.network, encoder.clip_kind()) {
+                    (TextNetwork::T5 { .. }, _) => return own(&text_t5, index),
+                    (_, Some(TextEncoderKind::ClipL)) => (own(&text_l, index), chunks_g),
+                    _ => (own(&text_g, index), chunks_l),
+                };
+                while own.len() < other_chunks {
+                    own.extend(empty[index].iter().cloned());
+                }
+                own
+            })
+            .collect();
+        let conditioning = clip.encode(&tokens).map_err(tensor_error)?;
+        Ok(NodeOutput::values(vec![Value::object(conditioning)]))
     }
 }
 

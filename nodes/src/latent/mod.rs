@@ -152,6 +152,33 @@ impl LatentFormat {
         }
     }
 
+    /// SD3 and SD3.5 (`latent_formats.SD3`).
+    pub fn sd3() -> Self {
+        LatentFormat {
+            scale_factor: 1.5305,
+            shift_factor: 0.0609,
+            rgb_factors: vec![
+                [-0.0922, -0.0175, 0.0749],
+                [0.0311, 0.0633, 0.0954],
+                [0.1994, 0.0927, 0.0458],
+                [0.0856, 0.0339, 0.0902],
+                [0.0587, 0.0272, -0.0496],
+                [-0.0006, 0.1104, 0.0309],
+                [0.0978, 0.0306, 0.0427],
+                [-0.0042, 0.1038, 0.1358],
+                [-0.0194, 0.0020, 0.0669],
+                [-0.0488, 0.0130, -0.0268],
+                [0.0922, 0.0988, 0.0951],
+                [-0.0278, 0.0524, -0.0542],
+                [0.0332, 0.0456, 0.0895],
+                [-0.0069, -0.0030, -0.0810],
+                [-0.0596, -0.0465, -0.0293],
+                [-0.1448, -0.1463, -0.1189],
+            ],
+            rgb_bias: [0.2394, 0.2135, 0.1925],
+        }
+    }
+
     /// ComfyUI's `process_in`: a VAE latent into model space, `(x − shift)·scale`.
     pub fn process_in(&self, latent: &Tensor) -> candle_core::Result<Tensor> {
         (latent - self.shift_factor)? * self.scale_factor
@@ -167,6 +194,7 @@ impl LatentFormat {
         match family {
             Family::Sdxl | Family::SdxlRefiner => LatentFormat::sdxl(),
             Family::Flux => LatentFormat::flux(),
+            Family::Sd3 => LatentFormat::sd3(),
             _ => LatentFormat::sd15(),
         }
     }

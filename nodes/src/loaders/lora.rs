@@ -140,14 +140,14 @@ pub(crate) fn open_lora(ctx: &NodeContext, name: &str) -> Result<SafetensorsFile
     SafetensorsFile::open(&path).map_err(|error| NodeError::new(error.to_string()))
 }
 
-/// How LoRA files name a text encoder of `family` (ComfyUI's `model_lora_keys_clip`): SDXL's
+/// How LoRA files name a text encoder of `family` (ComfyUI's `model_lora_keys_clip`): SDXL's and SD3's
 /// CLIP-L is `lora_te1`, its CLIP-G `lora_te2` / `text_encoder_2`; a lone encoder is
 /// `lora_te` / `text_encoder` (CLIP-L also `lora_te1`, the refiner's CLIP-G also
 /// `lora_prior_te`).
 fn clip_lora_names(family: Family, kind: TextEncoderKind) -> ClipLoraNames {
     let (kohya, diffusers): (&'static [&'static str], _) = match (family, kind) {
         (_, TextEncoderKind::ClipL) => (&["lora_te", "lora_te1"], "text_encoder"),
-        (Family::Sdxl, TextEncoderKind::ClipG) => (&["lora_te2"], "text_encoder_2"),
+        (Family::Sdxl | Family::Sd3, TextEncoderKind::ClipG) => (&["lora_te2"], "text_encoder_2"),
         (_, TextEncoderKind::ClipG) => (&["lora_te", "lora_prior_te"], "text_encoder"),
         (_, TextEncoderKind::ClipH) => (&["lora_te"], "text_encoder"),
     };
@@ -174,6 +174,7 @@ pub(crate) fn model_lora_patches(
     match &model.network {
         DiffusionNetwork::UNet(unet) => keys.add_unet(file, &prefix, unet.config()),
         DiffusionNetwork::Flux(flux) => keys.add_flux(file, &prefix, flux.config()),
+        DiffusionNetwork::Mmdit(mmdit) => keys.add_mmdit(file, &prefix, mmdit.config()),
     }
     load_lora(lora, &keys, strength).map_err(tensor_error)
 }

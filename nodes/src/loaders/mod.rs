@@ -47,6 +47,7 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(models::UnetLoader);
     registry.register(text_encoders::ClipLoader);
     registry.register(text_encoders::DualClipLoader);
+    registry.register(text_encoders::TripleClipLoader);
     registry.register(models::VaeLoader);
     registry.register(diffusers::DiffusersLoader);
     for loader in &pending::PENDING_LOADERS {

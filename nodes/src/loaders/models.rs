@@ -1,5 +1,5 @@
-//! The model loaders: whole checkpoints (`CheckpointLoaderSimple`: SD1.x, SD2.x, SDXL and FLUX as
-//! ComfyUI saves them) and the parts people keep in
+//! The model loaders: whole checkpoints (`CheckpointLoaderSimple`: SD1.x, SD2.x, SDXL, SD3 and
+//! FLUX as ComfyUI saves them) and the parts people keep in
 //! separate files (`UNETLoader`, ComfyUI-GGUF's `UnetLoaderGGUF`, `VAELoader`; the text-encoder
 //! loaders are in [`crate::loaders::text_encoders`]), recognised from their tensors and built over the
 //! files' memory maps. Loaded parts are shared through the [`ModelCache`].
@@ -14,18 +14,20 @@ use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services, Value};
 use easel_models::architectures::clip_text::ClipTextEncoder;
 use easel_models::architectures::flux::{Flux, FluxConfig};
+use easel_models::architectures::mmdit::{Mmdit, MmditConfig};
 use easel_models::architectures::t5::{T5Config, T5Encoder};
 use easel_models::architectures::unet::{UNet, UNetConfig};
 use easel_models::architectures::vae::{Vae, VaeConfig};
 use easel_models::checkpoint::{
     detect_checkpoint, detect_family, detect_unet_family, edm_v_prediction_range, is_v_prediction, DetectError, Family,
-    TextEncoderKind, TextEncoderLayout, FLUX_CLIP_L_PREFIX, FLUX_T5_PREFIX, FLUX_VAE_PREFIX, UNET_PREFIX, VAE_PREFIX,
+    TextEncoderKind, TextEncoderLayout, FLUX_CLIP_L_PREFIX, FLUX_T5_PREFIX, FLUX_VAE_PREFIX, SD3_CLIP_G_PREFIX,
+    SD3_CLIP_L_PREFIX, SD3_T5_PREFIX, UNET_PREFIX, VAE_PREFIX,
 };
 use easel_models::formats::fp8::Fp8Format;
 use easel_models::formats::gguf::GgufFile;
 use easel_models::formats::pth::{is_pth_path, PthFile};
 use easel_models::kernels::sgemm::Precision;
-use easel_models::sampling::schedule::{ContinuousTimestep, SigmaSchedule, FLUX_DEV_SHIFT};
+use easel_models::sampling::schedule::{ContinuousTimestep, SigmaSchedule, FLUX_DEV_SHIFT, SD3_SHIFT};
 use easel_models::weights::{MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
 
 use crate::latent::LatentFormat;
@@ -210,8 +212,10 @@ pub fn load_checkpoint(
     search: TokenizerSearch,
 ) -> Result<(LoadedCheckpoint, u64), NodeError> {
     let file = open(path)?;
-    if matches!(detect_family(file.as_ref()), Ok(Family::Flux)) {
-        return load_flux_checkpoint(path, file, device, precision, search);
+    match detect_family(file.as_ref()) {
+        Ok(Family::Flux) => return load_flux_checkpoint(path, file, device, precision, search),
+        Ok(Family::Sd3) => return load_sd3_checkpoint(path, file, device, precision, search),
+        _ => {}
     }
     let layout = detect_checkpoint(&file).map_err(|error| undetected(path, error))?;
     let source = WeightSource::new(file.clone(), UNET_PREFIX, device, precision);
@@ -271,6 +275,49 @@ fn load_flux_checkpoint(
     let vae = if file.has(&format!("{FLUX_VAE_PREFIX}encoder.conv_in.weight")) {
         let config = VaeConfig::infer(file.as_ref(), FLUX_VAE_PREFIX).map_err(|error| undetected(path, error))?;
         Some(build_vae(&file, FLUX_VAE_PREFIX, config, device)?)
+    } else {
+        None
+    };
+    Ok((LoadedCheckpoint { model, clip, vae }, file_size(path)))
+}
+
+/// An SD3 checkpoint as Stability and ComfyUI save one: the MMDiT under
+/// `model.diffusion_model.`, the text encoders it has (CLIP-L, CLIP-G, T5-XXL: any of them, as
+/// ComfyUI's `sd3_clip` runs with what is there) under `text_encoders.`, the VAE under
+/// `first_stage_model.`; a part that is absent is `None`.
+fn load_sd3_checkpoint(
+    path: &Path,
+    file: Arc<SafetensorsFile>,
+    device: &Device,
+    precision: Precision,
+    search: TokenizerSearch,
+) -> Result<(LoadedCheckpoint, u64), NodeError> {
+    let config = MmditConfig::infer(file.as_ref(), UNET_PREFIX).map_err(|error| undetected(path, error))?;
+    let model = build_mmdit(WeightSource::new(file.clone(), UNET_PREFIX, device, precision), config)?;
+    let mut encoders = Vec::new();
+    for (kind, prefix) in [
+        (TextEncoderKind::ClipL, SD3_CLIP_L_PREFIX),
+        (TextEncoderKind::ClipG, SD3_CLIP_G_PREFIX),
+    ] {
+        if let Some(layout) =
+            TextEncoderLayout::find(file.as_ref(), kind, prefix).map_err(|error| undetected(path, error))?
+        {
+            encoders.push(build_text_encoder(file.clone(), layout, device)?);
+        }
+    }
+    if file.has(&format!("{SD3_T5_PREFIX}encoder.final_layer_norm.weight")) {
+        encoders.push(build_t5(path, file.clone(), SD3_T5_PREFIX, device, search)?);
+    }
+    let clip = (!encoders.is_empty()).then_some(Clip {
+        family: Family::Sd3,
+        encoders,
+        layer_from_end: None,
+        t5_padding: None,
+        hooks: None,
+    });
+    let vae = if file.has(&format!("{VAE_PREFIX}encoder.conv_in.weight")) {
+        let config = VaeConfig::infer(file.as_ref(), VAE_PREFIX).map_err(|error| undetected(path, error))?;
+        Some(build_vae(&file, VAE_PREFIX, config, device)?)
     } else {
         None
     };
@@ -405,6 +452,13 @@ fn flux_prefix(file: &dyn TensorShapes) -> Option<&'static str> {
         .find(|prefix| file.has(&format!("{prefix}double_blocks.0.img_attn.qkv.weight")))
 }
 
+/// Where an MMDiT (SD3) lies in `file`: under `model.diffusion_model.` or at the root.
+fn mmdit_prefix(file: &dyn TensorShapes) -> Option<&'static str> {
+    [UNET_PREFIX, ""]
+        .into_iter()
+        .find(|prefix| file.has(&format!("{prefix}joint_blocks.0.context_block.attn.qkv.weight")))
+}
+
 /// The architectures ComfyUI-GGUF's UNet loader accepts in `general.architecture`.
 const IMAGE_ARCHITECTURES: [&str; 12] = [
     "flux",
@@ -468,8 +522,27 @@ fn build_flux(source: WeightSource, config: FluxConfig) -> Result<Model, NodeErr
     })))
 }
 
-/// Loads a diffusion model file (`UNETLoader`, `UnetLoaderGGUF`): an LDM-layout UNet or a FLUX
-/// model, multiplying in `precision` and stored in `stored_as` where given (its
+/// An SD3 model from `source`: a rectified flow on ComfyUI's `ModelSamplingDiscreteFlow` with
+/// shift 3.
+fn build_mmdit(source: WeightSource, config: MmditConfig) -> Result<Model, NodeError> {
+    let mmdit = Mmdit::new(config, source.weights()).map_err(tensor_error)?;
+    Ok(Model(Arc::new(DiffusionModel {
+        family: Family::Sd3,
+        network: DiffusionNetwork::Mmdit(Arc::new(mmdit)),
+        device: source.device.clone(),
+        source,
+        prediction: Prediction::Flow,
+        schedule: SigmaSchedule::flow(SD3_SHIFT, 1000.0),
+        latent_format: LatentFormat::sd3(),
+        differential_diffusion: None,
+        edm_v_prediction: None,
+        ic_light: false,
+        patches: ModelPatches::default(),
+    })))
+}
+
+/// Loads a diffusion model file (`UNETLoader`, `UnetLoaderGGUF`): an LDM-layout UNet, a FLUX
+/// model or an SD3 MMDiT, multiplying in `precision` and stored in `stored_as` where given (its
 /// `weight_dtype`); also returns the file size.
 pub fn load_diffusion_model(
     path: &Path,
@@ -485,6 +558,14 @@ pub fn load_diffusion_model(
             ..WeightSource::new(file, prefix, device, precision)
         };
         return Ok((build_flux(source, config)?, file_size(path)));
+    }
+    if let Some(prefix) = mmdit_prefix(file.as_ref()) {
+        let config = MmditConfig::infer(file.as_ref(), prefix).map_err(|error| undetected(path, error))?;
+        let source = WeightSource {
+            stored_as,
+            ..WeightSource::new(file, prefix, device, precision)
+        };
+        return Ok((build_mmdit(source, config)?, file_size(path)));
     }
     let prefix = unet_prefix(file.as_ref()).ok_or_else(|| {
         undetected(

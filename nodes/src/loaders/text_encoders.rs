@@ -1,5 +1,6 @@
-//! The text-encoder loaders: `CLIPLoader` and `DualCLIPLoader` (SDXL: CLIP-L and CLIP-G; FLUX:
-//! CLIP-L and T5-XXL), and what ComfyUI-GGUF's `CLIPLoaderGGUF` / `DualCLIPLoaderGGUF`
+//! The text-encoder loaders: `CLIPLoader`, `DualCLIPLoader` (SDXL: CLIP-L and CLIP-G; FLUX:
+//! CLIP-L and T5-XXL; SD3: any two of CLIP-L, CLIP-G and T5-XXL) and `TripleCLIPLoader` (SD3's
+//! three), and what ComfyUI-GGUF's `CLIPLoaderGGUF` / `DualCLIPLoaderGGUF`
 //! ([`crate::packs::gguf`]) share with them: they read GGUF text encoders too (a T5's llama.cpp
 //! tensor names read as transformers' names). What a file holds is told from its tensors, so the
 //! order of the files does not matter.
@@ -145,12 +146,15 @@ fn load_t5(ctx: &NodeContext, encoder: &OpenedEncoder) -> Result<TextEncoder, No
 
 /// A CLIP of one file of `clip_type` (`CLIPLoader`, `CLIPLoaderGGUF`).
 pub(crate) fn single_clip(ctx: &NodeContext, node: &str, path: PathBuf, clip_type: &str) -> Result<Clip, NodeError> {
-    if clip_type != "stable_diffusion" {
+    if !matches!(clip_type, "stable_diffusion" | "sd3") {
         return Err(NodeError::new(format!(
-            "{node} type '{clip_type}' is not supported by Easel yet (supported: stable_diffusion)"
+            "{node} type '{clip_type}' is not supported by Easel yet (supported: stable_diffusion, sd3)"
         )));
     }
     let encoder = OpenedEncoder::open(path)?;
+    if clip_type == "sd3" {
+        return sd3_clip(ctx, node, &[encoder]);
+    }
     let kind = match encoder.contents {
         EncoderFile::Clip(width) => clip_kind_by_width(width),
         EncoderFile::T5 => {
@@ -184,13 +188,16 @@ pub(crate) fn dual_clip(
     paths: [PathBuf; 2],
     clip_type: &str,
 ) -> Result<Clip, NodeError> {
-    if !matches!(clip_type, "sdxl" | "flux") {
+    if !matches!(clip_type, "sdxl" | "sd3" | "flux") {
         return Err(NodeError::new(format!(
-            "{node} type '{clip_type}' is not supported by Easel yet (supported: sdxl, flux)"
+            "{node} type '{clip_type}' is not supported by Easel yet (supported: sdxl, sd3, flux)"
         )));
     }
     let [first, second] = paths;
     let files = [OpenedEncoder::open(first)?, OpenedEncoder::open(second)?];
+    if clip_type == "sd3" {
+        return sd3_clip(ctx, node, &files);
+    }
     let mismatch = |needs: &str| {
         NodeError::new(format!(
             "{node} type '{clip_type}' needs {needs}; the files hold {} and {}",
@@ -234,6 +241,52 @@ pub(crate) fn dual_clip(
             load_clip_encoder(ctx, clip_l, TextEncoderKind::ClipL)?,
             load_clip_encoder(ctx, clip_g, TextEncoderKind::ClipG)?,
         ],
+        layer_from_end: None,
+        t5_padding: None,
+        hooks: None,
+    })
+}
+
+/// SD3's CLIP of `files`, any of CLIP-L, CLIP-G and T5-XXL (ComfyUI's `sd3_clip` with the
+/// encoders that are there), in SD3's order. Of two CLIP files the narrower is CLIP-L; one alone
+/// is CLIP-G if it is 1280 wide, else CLIP-L.
+fn sd3_clip(ctx: &NodeContext, node: &str, files: &[OpenedEncoder]) -> Result<Clip, NodeError> {
+    let widths: Vec<usize> = files
+        .iter()
+        .filter_map(|file| match file.contents {
+            EncoderFile::Clip(width) => Some(width),
+            EncoderFile::T5 => None,
+        })
+        .collect();
+    let t5_files = files.len() - widths.len();
+    let distinct_clips = widths.len() < 2 || widths[0] != widths[1];
+    if widths.len() > 2 || t5_files > 1 || !distinct_clips {
+        let held: Vec<String> = files.iter().map(|file| file.contents.describe()).collect();
+        return Err(NodeError::new(format!(
+            "{node} type 'sd3' needs at most one each of CLIP-L, CLIP-G and T5-XXL; the files hold {}",
+            held.join(", ")
+        )));
+    }
+    let narrowest = widths.iter().copied().min();
+    let kind_of = |width: usize| match (widths.len(), clip_kind_by_width(width)) {
+        (2, _) if Some(width) == narrowest => TextEncoderKind::ClipL,
+        (2, _) | (_, TextEncoderKind::ClipG) => TextEncoderKind::ClipG,
+        _ => TextEncoderKind::ClipL,
+    };
+    let mut encoders = Vec::with_capacity(files.len());
+    for kind in [TextEncoderKind::ClipL, TextEncoderKind::ClipG] {
+        for file in files {
+            if matches!(file.contents, EncoderFile::Clip(width) if kind_of(width) == kind) {
+                encoders.push(load_clip_encoder(ctx, file, kind)?);
+            }
+        }
+    }
+    if let Some(t5) = files.iter().find(|file| file.contents == EncoderFile::T5) {
+        encoders.push(load_t5(ctx, t5)?);
+    }
+    Ok(Clip {
+        family: Family::Sd3,
+        encoders,
         layer_from_end: None,
         t5_padding: None,
         hooks: None,
@@ -338,5 +391,44 @@ impl Node for DualClipLoader {
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         dual_clip_node(ctx, inputs, "DualCLIPLoader")
+    }
+}
+
+/// `TripleCLIPLoader`: SD3's CLIP-L, CLIP-G and T5-XXL files, in any order.
+pub struct TripleClipLoader;
+
+impl Node for TripleClipLoader {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        let names = file_names(services, "text_encoders");
+        NodeSchema::v3("TripleCLIPLoader", "comfy_extras.nodes_sd3", "advanced/loaders")
+            .description("[Recipes]\n\nsd3: clip-l, clip-g, t5")
+            .required("clip_name1", InputSpec::combo(&names))
+            .required("clip_name2", InputSpec::combo(&names))
+            .required("clip_name3", InputSpec::combo(&names))
+            .model_folder("clip_name1", "text_encoders")
+            .model_folder("clip_name2", "text_encoders")
+            .model_folder("clip_name3", "text_encoders")
+            .output(OutputSpec::of("CLIP"))
+    }
+
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+        model_files_fingerprint(
+            services,
+            inputs,
+            &[
+                ("clip_name1", "text_encoders"),
+                ("clip_name2", "text_encoders"),
+                ("clip_name3", "text_encoders"),
+            ],
+        )
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let files = ["clip_name1", "clip_name2", "clip_name3"]
+            .into_iter()
+            .map(|input| OpenedEncoder::open(model_file(ctx, "text_encoders", inputs.string(input)?)?))
+            .collect::<Result<Vec<_>, NodeError>>()?;
+        let clip = sd3_clip(ctx, "TripleCLIPLoader", &files)?;
+        Ok(NodeOutput::values(vec![Value::object(clip)]))
     }
 }

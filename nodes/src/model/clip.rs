@@ -155,7 +155,10 @@ impl Clip {
                         tokenize_with_weights(text, embeddings, self.options(*kind).pad_token)
                     }
                     TextNetwork::T5 { tokenizer, .. } => {
-                        let padding = self.t5_padding.unwrap_or(T5Padding::FLUX);
+                        let padding = self.t5_padding.unwrap_or(match self.family {
+                            Family::Sd3 => T5Padding::to_length(SD3_T5_MIN_LENGTH),
+                            _ => T5Padding::FLUX,
+                        });
                         vec![tokenizer.tokenize_with_weights(text, embeddings, padding)]
                     }
                 }
@@ -214,14 +217,19 @@ impl Clip {
     }
 
     /// Encodes tokens with `encoders` (this CLIP's, or them patched by hooks) into hidden
-    /// states and a pooled vector. FLUX: T5's hidden states and CLIP-L's pooled vector (ComfyUI's
-    /// `FluxClipModel`). Otherwise each CLIP's hidden states, cut to the shortest and joined along
+    /// states and a pooled vector. SD3: see [`Clip::encode_sd3`]. FLUX: T5's hidden states and
+    /// CLIP-L's pooled vector (ComfyUI's `FluxClipModel`). Otherwise each CLIP's hidden states, cut to the shortest and joined along
     /// the channels (SDXL: CLIP-L ⧺ CLIP-G), and the last one's pooled vector.
     fn encode_with(
         &self,
         encoders: &[TextEncoder],
         tokens: &ClipTokens,
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        if self.family == Family::Sd3 {
+            return self
+                .encode_sd3(encoders, tokens)
+                .map(|(hidden, pooled)| (hidden, Some(pooled)));
+        }
         let mut clip_hidden = Vec::with_capacity(encoders.len());
         let mut t5_hidden = None;
         let mut pooled = None;
@@ -252,6 +260,103 @@ impl Clip {
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&hidden, D::Minus1)?
             }
+        };
+        Ok((hidden, pooled))
+    }
+}
+
+/// SD3's T5 prompts are padded to at least this many tokens (ComfyUI's `T5XXLTokenizer`).
+const SD3_T5_MIN_LENGTH: usize = 77;
+/// Widths ComfyUI's `SD3ClipModel` fixes: CLIP-L's and CLIP-G's pooled vectors (zeros for a
+/// missing encoder; CLIP-G's hidden states are placed after CLIP-L's width), and the width the
+/// CLIP hidden states are padded to, T5-XXL's.
+const SD3_CLIP_L_WIDTH: usize = 768;
+const SD3_CLIP_G_WIDTH: usize = 1280;
+const SD3_CONTEXT_WIDTH: usize = 4096;
+/// The tokens of the text SD3 conditions on when no encoder gives any.
+const SD3_EMPTY_TOKENS: usize = 77;
+
+impl Clip {
+    /// SD3's conditioning from whichever of CLIP-L, CLIP-G and T5-XXL the CLIP has (ComfyUI's
+    /// `SD3ClipModel`): when either CLIP has tokens, their hidden states joined along the
+    /// channels (cut to the shorter; CLIP-G alone placed after 768 zero channels) and padded
+    /// with zeros to 4096, and the pooled vectors CLIP-L ⧺ CLIP-G (zeros for a missing one);
+    /// then T5's hidden states appended as more tokens. With nothing encoded, 77 zero tokens
+    /// and a zero pooled vector. An encoder given no chunks (CLIPTextEncodeSD3's empty prompts
+    /// without padding) is left out; T5 then encodes its end token alone.
+    fn encode_sd3(&self, encoders: &[TextEncoder], tokens: &ClipTokens) -> candle_core::Result<(Tensor, Tensor)> {
+        let device = encoders
+            .first()
+            .map_or(candle_core::Device::Cpu, |encoder| encoder.source.device.clone());
+        let clip_tokens = encoders
+            .iter()
+            .zip(tokens)
+            .any(|(encoder, chunks)| encoder.clip_kind().is_some() && !chunks.is_empty());
+        let (mut clip_l, mut clip_g, mut t5) = (None, None, None);
+        for (encoder, chunks) in encoders.iter().zip(tokens) {
+            match &encoder.network {
+                TextNetwork::Clip { kind, encoder } if clip_tokens => {
+                    let encoded = encoder.encode_weighted(chunks, self.options(*kind))?;
+                    match kind {
+                        TextEncoderKind::ClipL => clip_l = Some(encoded),
+                        _ => clip_g = Some(encoded),
+                    }
+                }
+                TextNetwork::Clip { .. } => {}
+                TextNetwork::T5 { encoder, .. } => {
+                    t5 = Some(encoder.encode_weighted(chunks, self.output_layer(OutputLayer::Last))?);
+                }
+            }
+        }
+        let mut pooled = None;
+        let mut hidden = None;
+        if clip_tokens {
+            let zeros = |width: usize| Tensor::zeros((1, width), candle_core::DType::F32, &device);
+            let joined = match (&clip_l, &clip_g) {
+                (Some(l), Some(g)) => {
+                    let cut_to = l.hidden.dim(1)?.min(g.hidden.dim(1)?);
+                    Some(Tensor::cat(
+                        &[l.hidden.narrow(1, 0, cut_to)?, g.hidden.narrow(1, 0, cut_to)?],
+                        D::Minus1,
+                    )?)
+                }
+                (Some(l), None) => Some(l.hidden.clone()),
+                (None, Some(g)) => Some(g.hidden.pad_with_zeros(D::Minus1, SD3_CLIP_L_WIDTH, 0)?),
+                (None, None) => None,
+            };
+            if let Some(joined) = joined {
+                let width = joined.dim(D::Minus1)?;
+                hidden = Some(joined.pad_with_zeros(D::Minus1, 0, SD3_CONTEXT_WIDTH.saturating_sub(width))?);
+            }
+            let l_pooled = clip_l.map_or_else(|| zeros(SD3_CLIP_L_WIDTH), |l| Ok(l.pooled))?;
+            let g_pooled = clip_g.map_or_else(|| zeros(SD3_CLIP_G_WIDTH), |g| Ok(g.pooled))?;
+            pooled = Some(Tensor::cat(&[l_pooled, g_pooled], D::Minus1)?);
+        }
+        let hidden = match (hidden, t5) {
+            (Some(clip), Some(t5)) => {
+                let (clip_width, t5_width) = (clip.dim(D::Minus1)?, t5.dim(D::Minus1)?);
+                if clip_width != t5_width {
+                    return Err(candle_core::Error::Msg(format!(
+                        "SD3 conditioning joins CLIP's hidden states, padded to {clip_width} channels, with T5's,                          which has {t5_width}: SD3 takes T5-XXL (4096 wide)"
+                    )));
+                }
+                Tensor::cat(&[clip, t5], 1)?
+            }
+            (Some(clip), None) => clip,
+            (None, Some(t5)) => t5,
+            (None, None) => Tensor::zeros(
+                (1, SD3_EMPTY_TOKENS, SD3_CONTEXT_WIDTH),
+                candle_core::DType::F32,
+                &device,
+            )?,
+        };
+        let pooled = match pooled {
+            Some(pooled) => pooled,
+            None => Tensor::zeros(
+                (1, SD3_CLIP_L_WIDTH + SD3_CLIP_G_WIDTH),
+                candle_core::DType::F32,
+                &device,
+            )?,
         };
         Ok((hidden, pooled))
     }

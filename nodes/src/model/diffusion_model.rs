@@ -1,4 +1,4 @@
-//! ComfyUI's `MODEL` value: a diffusion network (UNet or FLUX) with its prediction type, σ schedule
+//! ComfyUI's `MODEL` value: a diffusion network (UNet, FLUX or SD3's MMDiT) with its prediction type, σ schedule
 //! and latent format, and the extra inputs each family's network takes (SDXL's size embeddings,
 //! inpainting models' mask and image channels, FLUX's guidance and fill channels), and the
 //! patches nodes added to it ([`ModelPatches`]).
@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor, D};
 use easel_engine::NodeObject;
 use easel_models::architectures::dit_patches::DitPatchedCall;
 use easel_models::architectures::flux::{Flux, FluxConfig, FluxControl, FluxInput, ReferenceMethod};
+use easel_models::architectures::mmdit::{Mmdit, MmditInput};
 use easel_models::architectures::unet::{timestep_embedding, ControlResiduals, UNet, UNetInput};
 use easel_models::architectures::unet_patches::{BatchPart, CallInfo, PatchedCall};
 use easel_models::checkpoint::Family;
@@ -121,6 +122,7 @@ impl Prediction {
 pub enum DiffusionNetwork {
     UNet(Arc<UNet>),
     Flux(Arc<Flux>),
+    Mmdit(Arc<Mmdit>),
 }
 
 impl DiffusionNetwork {
@@ -129,6 +131,7 @@ impl DiffusionNetwork {
         match self {
             DiffusionNetwork::UNet(unet) => unet.config().context_dim,
             DiffusionNetwork::Flux(flux) => flux.config().context_dim,
+            DiffusionNetwork::Mmdit(mmdit) => mmdit.config().context_dim.unwrap_or(mmdit.config().hidden_size()),
         }
     }
 
@@ -137,6 +140,7 @@ impl DiffusionNetwork {
         match self {
             DiffusionNetwork::UNet(unet) => unet.config().out_channels,
             DiffusionNetwork::Flux(flux) => flux.config().out_channels,
+            DiffusionNetwork::Mmdit(mmdit) => mmdit.config().out_channels,
         }
     }
 
@@ -145,6 +149,7 @@ impl DiffusionNetwork {
         match self {
             DiffusionNetwork::UNet(unet) => unet.config().in_channels.saturating_sub(unet.config().out_channels),
             DiffusionNetwork::Flux(flux) => (flux.config().in_channels / 4).saturating_sub(flux.config().out_channels),
+            DiffusionNetwork::Mmdit(mmdit) => mmdit.config().in_channels.saturating_sub(mmdit.config().out_channels),
         }
     }
 
@@ -153,6 +158,7 @@ impl DiffusionNetwork {
         match self {
             DiffusionNetwork::UNet(unet) => unet.working_memory(batch, height, width),
             DiffusionNetwork::Flux(flux) => flux.working_memory(batch, height, width),
+            DiffusionNetwork::Mmdit(mmdit) => mmdit.working_memory(batch, height, width),
         }
     }
 
@@ -160,7 +166,7 @@ impl DiffusionNetwork {
     pub fn unet(&self) -> Option<&Arc<UNet>> {
         match self {
             DiffusionNetwork::UNet(unet) => Some(unet),
-            DiffusionNetwork::Flux(_) => None,
+            DiffusionNetwork::Flux(_) | DiffusionNetwork::Mmdit(_) => None,
         }
     }
 }
@@ -223,6 +229,9 @@ impl DiffusionModel {
                     ..flux.config().clone()
                 };
                 DiffusionNetwork::Flux(Arc::new(Flux::new(config, source.weights())?))
+            }
+            DiffusionNetwork::Mmdit(mmdit) => {
+                DiffusionNetwork::Mmdit(Arc::new(Mmdit::new(mmdit.config().clone(), source.weights())?))
             }
         };
         Ok(DiffusionModel {
@@ -352,6 +361,30 @@ impl DiffusionModel {
                         }),
                         reference_latents: &references,
                         reference_method: inputs.reference_method,
+                    })?
+                }
+                DiffusionNetwork::Mmdit(mmdit) => {
+                    let control = control_residuals(scaled)?.unwrap_or_default();
+                    let patches = match call.extra {
+                        Some(extra) => Cow::Owned(self.patches.dit.and(&extra.dit)),
+                        None => Cow::Borrowed(&self.patches.dit),
+                    };
+                    let (_, channels, height, width) = scaled.dims4()?;
+                    let info = CallInfo {
+                        original_shape: [batch, channels, height, width],
+                        sigma,
+                        parts: call.parts.to_vec(),
+                    };
+                    mmdit.forward(&MmditInput {
+                        x: scaled,
+                        timesteps: &timesteps,
+                        context: &context,
+                        y: y.as_ref(),
+                        control: &control.output,
+                        patches: (!patches.is_empty()).then_some(DitPatchedCall {
+                            patches: patches.as_ref(),
+                            info: &info,
+                        }),
                     })?
                 }
             })
@@ -528,11 +561,26 @@ impl DiffusionModel {
         Ok(Tensor::cat(&[&image, &mask], 1)?)
     }
 
+    /// An entry's pooled vector for a DiT that embeds it as it is: at least `width` wide, or
+    /// (`exact`) just that wide.
+    fn pooled_vector(&self, entry: &CondEntry, width: usize, exact: bool) -> Result<Tensor, ConditioningError> {
+        let pooled = entry.pooled.as_ref().ok_or(ConditioningError::NoPooledOutput)?;
+        let found = pooled.dim(D::Minus1)?;
+        if found < width || (exact && found != width) {
+            return Err(ConditioningError::PooledWidth {
+                family: self.family.name(),
+                found,
+                expected: width,
+            });
+        }
+        Ok(pooled.to_device(&self.device)?.to_dtype(DType::F32)?)
+    }
+
     /// The class-conditioning vector `y` of an entry, [1, adm] (ComfyUI's `encode_adm`): for SDXL
     /// the pooled text vector (or the entry's unCLIP images, "revision") and the embedded sizes,
     /// for the refiner the sizes and the aesthetic score (6 on the positive side, 2.5 on the
     /// negative one by default), for an SD2.1 unCLIP UNet the entry's unCLIP images (zeros
-    /// without), for FLUX the pooled vector itself; `None` for models without class
+    /// without), for FLUX and SD3 the pooled vector itself; `None` for models without class
     /// conditioning. `latent_size` is the latent's (height, width); `seed` the sampling run's,
     /// which unCLIP's noise augmentation draws from.
     pub fn class_conditioning(
@@ -544,18 +592,16 @@ impl DiffusionModel {
     ) -> Result<Option<Tensor>, ConditioningError> {
         let unet = match &self.network {
             DiffusionNetwork::UNet(unet) => unet,
+            // FLUX reads the first `vector_dim` values of a wider vector; the MMDiT's embedder
+            // takes exactly its width.
             DiffusionNetwork::Flux(flux) => {
-                let pooled = entry.pooled.as_ref().ok_or(ConditioningError::NoPooledOutput)?;
-                let (found, expected) = (pooled.dim(D::Minus1)?, flux.config().vector_dim);
-                if found < expected {
-                    let family = self.family.name();
-                    return Err(ConditioningError::PooledWidth {
-                        family,
-                        found,
-                        expected,
-                    });
-                }
-                return Ok(Some(pooled.to_device(&self.device)?.to_dtype(DType::F32)?));
+                return self.pooled_vector(entry, flux.config().vector_dim, false).map(Some);
+            }
+            DiffusionNetwork::Mmdit(mmdit) => {
+                return match mmdit.config().adm_in_channels {
+                    Some(width) => self.pooled_vector(entry, width, true).map(Some),
+                    None => Ok(None),
+                };
             }
         };
         let Some(adm_width) = unet.config().adm_in_channels else {

@@ -1,6 +1,7 @@
 //! The model-specific block merges of ComfyUI's
 //! `comfy_extras/nodes_model_merging_model_specific.py` (`advanced/model_merging/model_specific`):
-//! ModelMergeSD1, ModelMergeSD2, ModelMergeSDXL and ModelMergeFlux1. Each is `ModelMergeBlocks`
+//! ModelMergeSD1, ModelMergeSD2, ModelMergeSDXL, ModelMergeSD3_2B, ModelMergeSD35_Large and
+//! ModelMergeFlux1. Each is `ModelMergeBlocks`
 //! with one ratio input per block of its network, named by the block's tensor-name prefix
 //! (`input_blocks.3.`, `double_blocks.7.`, …): every tensor is merged as
 //! `ratio·model1 + (1 − ratio)·model2` at the ratio of the longest prefix its name starts with
@@ -61,12 +62,29 @@ const FLUX1_BLOCKS: &[Blocks] = &[
     Blocks::One("final_layer."),
 ];
 
+/// SD3's MMDiT blocks, `joint_blocks` of them (24 in SD3 medium, 38 in SD3.5 large).
+const fn sd3_blocks(joint_blocks: usize) -> [Blocks; 7] {
+    [
+        Blocks::One("pos_embed."),
+        Blocks::One("x_embedder."),
+        Blocks::One("context_embedder."),
+        Blocks::One("y_embedder."),
+        Blocks::One("t_embedder."),
+        numbered("joint_blocks.", joint_blocks, "."),
+        Blocks::One("final_layer."),
+    ]
+}
+const SD3_2B_BLOCKS: &[Blocks] = &sd3_blocks(24);
+const SD35_LARGE_BLOCKS: &[Blocks] = &sd3_blocks(38);
+
 /// Which network's blocks a model-specific merge node has a ratio for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockLayout {
     Sd1,
     Sd2,
     Sdxl,
+    Sd3Medium,
+    Sd35Large,
     Flux1,
 }
 
@@ -77,6 +95,8 @@ impl BlockLayout {
             BlockLayout::Sd1 => "ModelMergeSD1",
             BlockLayout::Sd2 => "ModelMergeSD2",
             BlockLayout::Sdxl => "ModelMergeSDXL",
+            BlockLayout::Sd3Medium => "ModelMergeSD3_2B",
+            BlockLayout::Sd35Large => "ModelMergeSD35_Large",
             BlockLayout::Flux1 => "ModelMergeFlux1",
         }
     }
@@ -86,6 +106,8 @@ impl BlockLayout {
         let table = match self {
             BlockLayout::Sd1 | BlockLayout::Sd2 => SD1_BLOCKS,
             BlockLayout::Sdxl => SDXL_BLOCKS,
+            BlockLayout::Sd3Medium => SD3_2B_BLOCKS,
+            BlockLayout::Sd35Large => SD35_LARGE_BLOCKS,
             BlockLayout::Flux1 => FLUX1_BLOCKS,
         };
         table
@@ -100,7 +122,8 @@ impl BlockLayout {
     }
 }
 
-/// `ModelMergeSD1`, `ModelMergeSD2`, `ModelMergeSDXL`, `ModelMergeFlux1`: `ModelMergeBlocks`
+/// `ModelMergeSD1`, `ModelMergeSD2`, `ModelMergeSDXL`, `ModelMergeSD3_2B`,
+/// `ModelMergeSD35_Large`, `ModelMergeFlux1`: `ModelMergeBlocks`
 /// with a ratio per block of `layout`.
 pub struct ModelMergeModelSpecific {
     pub layout: BlockLayout,

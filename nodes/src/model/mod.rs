@@ -50,6 +50,8 @@ use easel_engine::NodeRegistry;
 pub fn register(registry: &mut NodeRegistry) {
     registry.register(nodes::ModelSamplingDiscrete);
     registry.register(nodes::ModelSamplingFlux);
+    registry.register(nodes::MODEL_SAMPLING_SD3);
+    registry.register(nodes::MODEL_SAMPLING_AURA_FLOW);
     registry.register(nodes::ModelSamplingContinuousEdm);
     registry.register(nodes::ModelSamplingContinuousV);
     registry.register(nodes::DifferentialDiffusion);
@@ -71,6 +73,7 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(step_caches::LazyCacheNode);
     registry.register(skip_layer_guidance::SkipLayerGuidanceDitNode);
     registry.register(skip_layer_guidance::SkipLayerGuidanceDitSimpleNode);
+    registry.register(skip_layer_guidance::SkipLayerGuidanceSd3Node);
     registry.register(hypertile::HyperTileNode);
     registry.register(token_merging::TomePatchModelNode);
     registry.register(merging::ModelMergeSimple);
@@ -87,6 +90,8 @@ pub fn register(registry: &mut NodeRegistry) {
         merging_blocks::BlockLayout::Sd1,
         merging_blocks::BlockLayout::Sd2,
         merging_blocks::BlockLayout::Sdxl,
+        merging_blocks::BlockLayout::Sd3Medium,
+        merging_blocks::BlockLayout::Sd35Large,
         merging_blocks::BlockLayout::Flux1,
     ] {
         registry.register(merging_blocks::ModelMergeModelSpecific { layout });

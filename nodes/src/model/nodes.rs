@@ -1,7 +1,8 @@
 //! The nodes that patch a `MODEL` (`advanced/model` and DifferentialDiffusion): ModelSamplingDiscrete
 //! (another parameterisation over the discrete σ schedule), ModelSamplingContinuousEDM and
 //! ModelSamplingContinuousV (continuous σ schedules), ModelSamplingFlux (FLUX's shifted schedule
-//! for the image size) and DifferentialDiffusion (soft inpainting masks).
+//! for the image size), ModelSamplingSD3 and ModelSamplingAuraFlow (the shifted flow schedule)
+//! and DifferentialDiffusion (soft inpainting masks).
 
 use std::sync::Arc;
 
@@ -128,6 +129,51 @@ impl Node for ModelSamplingFlux {
             DiffusionModel {
                 prediction: Prediction::Flow,
                 schedule: SigmaSchedule::flux(shift),
+                ..(*model.0).clone()
+            },
+        )))]))
+    }
+}
+
+/// `ModelSamplingSD3` and `ModelSamplingAuraFlow`: the model as a rectified flow on
+/// `ModelSamplingDiscreteFlow` with the given shift; the network's timestep is σ·`multiplier`
+/// (SD3: 1000, AuraFlow: 1).
+pub struct ModelSamplingShiftedFlow {
+    pub name: &'static str,
+    pub default_shift: f64,
+    pub multiplier: f64,
+}
+
+/// The two nodes of [`ModelSamplingShiftedFlow`].
+pub const MODEL_SAMPLING_SD3: ModelSamplingShiftedFlow = ModelSamplingShiftedFlow {
+    name: "ModelSamplingSD3",
+    default_shift: 3.0,
+    multiplier: 1000.0,
+};
+pub const MODEL_SAMPLING_AURA_FLOW: ModelSamplingShiftedFlow = ModelSamplingShiftedFlow {
+    name: "ModelSamplingAuraFlow",
+    default_shift: 1.73,
+    multiplier: 1.0,
+};
+
+impl Node for ModelSamplingShiftedFlow {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        NodeSchema::v1(self.name, "comfy_extras.nodes_model_advanced", "advanced/model")
+            .display(self.name)
+            .required("model", InputSpec::of("MODEL"))
+            .required(
+                "shift",
+                InputSpec::float(self.default_shift, 0.0, 100.0).opt("step", 0.01),
+            )
+            .output(OutputSpec::of("MODEL"))
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let model = inputs.object::<Model>("model")?;
+        Ok(NodeOutput::values(vec![Value::object(Model(Arc::new(
+            DiffusionModel {
+                prediction: Prediction::Flow,
+                schedule: SigmaSchedule::flow(inputs.float("shift")?, self.multiplier),
                 ..(*model.0).clone()
             },
         )))]))

@@ -6,7 +6,9 @@
 //!   guided prediction plus `scale·(cond − cond with blocks skipped)`, optionally rescaled towards
 //!   the positive prediction's standard deviation;
 //! - SkipLayerGuidanceDiTSimple ([`SkipLayerGuidanceSimple`], a function predicting both sides):
-//!   within its σ range, the negative side predicted with the blocks skipped.
+//!   within its σ range, the negative side predicted with the blocks skipped;
+//! - SkipLayerGuidanceSD3 (`comfy_extras.nodes_sd3`): SkipLayerGuidanceDiT on the MMDiT's joint
+//!   blocks, without rescaling.
 //!
 //! A UNet has no such blocks: as in ComfyUI, the skips then change nothing, but the extra
 //! prediction and the rescaling still happen.
@@ -136,19 +138,29 @@ fn percent_spec(default: f64) -> InputSpec {
     InputSpec::float(default, 0.0, 1.0).opt("step", 0.001)
 }
 
-/// The `model` input with `patch` applied to its patches; the model itself (no new value) when
-/// the layer inputs name no block, as ComfyUI returns it.
+/// The `model` input with `patch` applied to its patches, for the blocks its `double_layers`
+/// and `single_layers` inputs name.
 fn patched(
     inputs: &NodeInputs,
     patch: impl FnOnce(&DiffusionModel, Vec<DitBlock>) -> ModelPatches,
 ) -> std::result::Result<NodeOutput, NodeError> {
     let model = inputs.object::<Model>("model")?;
     let blocks = skipped_blocks(inputs.string("double_layers")?, inputs.string("single_layers")?);
+    with_skip_patch(model, &blocks.clone(), |model| patch(model, blocks))
+}
+
+/// `model` with `patch` applied to its patches; the model itself (no new value) when `blocks`
+/// is empty, as ComfyUI returns it.
+fn with_skip_patch(
+    model: &Model,
+    blocks: &[DitBlock],
+    patch: impl FnOnce(&DiffusionModel) -> ModelPatches,
+) -> std::result::Result<NodeOutput, NodeError> {
     if blocks.is_empty() {
         return Ok(NodeOutput::values(vec![Value::object(model.clone())]));
     }
     let patched = DiffusionModel {
-        patches: patch(&model.0, blocks),
+        patches: patch(&model.0),
         ..(*model.0).clone()
     };
     Ok(NodeOutput::values(vec![Value::object(Model(Arc::new(patched)))]))
@@ -181,6 +193,40 @@ impl Node for SkipLayerGuidanceDitNode {
                 blocks,
                 scale,
                 rescaling_scale,
+                sigma_start: model.schedule.percent_to_sigma(start),
+                sigma_end: model.schedule.percent_to_sigma(end),
+            }))
+        })
+    }
+}
+
+/// `SkipLayerGuidanceSD3`: SkipLayerGuidanceDiT with `layers` as its double (joint) blocks.
+pub struct SkipLayerGuidanceSd3Node;
+
+impl Node for SkipLayerGuidanceSd3Node {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        experimental(
+            NodeSchema::v3("SkipLayerGuidanceSD3", "comfy_extras.nodes_sd3", "advanced/guidance")
+                .description("Generic version of SkipLayerGuidance node that can be used on every DiT model.")
+                .required("model", InputSpec::of("MODEL"))
+                .required("layers", layers_spec())
+                .required("scale", InputSpec::float(3.0, 0.0, 10.0).opt("step", 0.1))
+                .required("start_percent", percent_spec(0.01))
+                .required("end_percent", percent_spec(0.15))
+                .output(OutputSpec::of("MODEL")),
+        )
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> std::result::Result<NodeOutput, NodeError> {
+        let model = inputs.object::<Model>("model")?;
+        let blocks = skipped_blocks(inputs.string("layers")?, "");
+        let scale = inputs.float("scale")?;
+        let (start, end) = (inputs.float("start_percent")?, inputs.float("end_percent")?);
+        with_skip_patch(model, &blocks, |model| {
+            model.patches.with_post_cfg(Arc::new(SkipLayerGuidance {
+                blocks: blocks.clone(),
+                scale,
+                rescaling_scale: 0.0,
                 sigma_start: model.schedule.percent_to_sigma(start),
                 sigma_end: model.schedule.percent_to_sigma(end),
             }))

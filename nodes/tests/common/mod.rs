@@ -1,6 +1,8 @@
 //! Helpers shared by the node tests: reading the reference fixtures, comparing tensors.
 #![allow(dead_code)]
 
+pub mod reference;
+
 use std::sync::Arc;
 
 use base64::Engine;

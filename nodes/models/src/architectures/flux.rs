@@ -523,7 +523,7 @@ fn unpatchify(x: &Tensor, batch: usize, channels: usize, rows: usize, cols: usiz
 }
 
 /// LayerNorm over the last dimension without affine parameters, ε = 1e-6.
-fn layer_norm(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn layer_norm(x: &Tensor) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let centred = x.broadcast_sub(&mean)?;
     let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
@@ -531,17 +531,17 @@ fn layer_norm(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `(1 + scale)·x + shift`, the modulation parameters [B, 1, hidden] broadcast over tokens.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+pub(crate) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
 }
 
 /// RMSNorm over the last dimension with a learnt `scale`, ε = 1e-6.
-struct RmsNorm {
-    scale: Tensor,
+pub(crate) struct RmsNorm {
+    pub(crate) scale: Tensor,
 }
 
 impl RmsNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?;
         x.broadcast_div(&rms)?.broadcast_mul(&self.scale)
     }
@@ -660,9 +660,9 @@ fn rope_attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope, mask: Option<
     )
 }
 
-/// The six modulation vectors of a double block's stream: shift, scale and gate of its
-/// attention and of its MLP, each [B, 1, hidden].
-fn modulation(lin: &Linear, vec: &Tensor, count: usize) -> Result<Vec<Tensor>> {
+/// The `count` modulation vectors `lin` makes of `vec` (a double block's stream: shift, scale and
+/// gate of its attention and of its MLP), each [B, 1, hidden].
+pub(crate) fn modulation(lin: &Linear, vec: &Tensor, count: usize) -> Result<Vec<Tensor>> {
     lin.forward(&vec.silu()?)?
         .unsqueeze(1)?
         .chunk(count, D::Minus1)?

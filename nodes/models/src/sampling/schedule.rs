@@ -241,6 +241,9 @@ impl SigmaSchedule {
 /// FLUX dev's μ (ComfyUI's `Flux` model config), before ModelSamplingFlux changes it.
 pub const FLUX_DEV_SHIFT: f64 = 1.15;
 
+/// The shift of SD3's flow schedule (ComfyUI's `sampling_settings` of SD3 and SD3.5).
+pub const SD3_SHIFT: f64 = 3.0;
+
 /// The μ of the ModelSamplingFlux node: linear in the image area between
 /// (256 latent patches, `base_shift`) and (4096 patches, `max_shift`).
 pub fn flux_shift_for_size(max_shift: f64, base_shift: f64, width: f64, height: f64) -> f64 {
