@@ -355,7 +355,8 @@ fn sd3_conditioning_joins_the_three_encoders_as_comfyui_does() {
         ),
         0.0
     );
-    // T5 alone: its 77 tokens (padded to SD3's minimum) and a zero pooled vector of 2048.
+    // T5 alone: its 77 tokens (padded to SD3's minimum) and the zero pooled vector of CLIP-L
+    // and CLIP-G as ComfyUI sizes them (768 + 1280).
     assert_eq!(t5.cross_attention.dims(), &[1, 77, 4096]);
     assert_eq!(
         max_abs_difference(&narrow(&full.cross_attention, 1, 77, 77), &t5.cross_attention),
@@ -386,8 +387,9 @@ fn clip_text_encode_sd3_leaves_out_empty_prompts_without_padding() {
     };
     let nothing = encode_sd3("", "", "", "none");
     assert_eq!(nothing.cross_attention.dims(), &[1, 1, 4096]);
+    // Zeros as wide as the encoders' pooled vectors (ComfyUI's 768 + 1280 for the real ones).
     let pooled = nothing.pooled.as_ref().unwrap();
-    assert_eq!(pooled.dims(), &[1, 2048]);
+    assert_eq!(pooled.dims(), &[1, 64 + 96]);
     assert_eq!(
         pooled.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(),
         0.0

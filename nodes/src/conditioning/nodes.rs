@@ -162,7 +162,7 @@ impl Node for ClipTextEncodeSd3 {
             .required("clip_l", prompt_spec())
             .required("clip_g", prompt_spec())
             .required("t5xxl", prompt_spec())
-            .required("empty_padding", InputSpec::combo(&["none", "empty_prompt"]))
+            .required("empty_padding", InputSpec::combo_v3(&["none", "empty_prompt"]))
             .output(OutputSpec::of("CONDITIONING"))
     }
 

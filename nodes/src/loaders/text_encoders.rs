@@ -402,9 +402,9 @@ impl Node for TripleClipLoader {
         let names = file_names(services, "text_encoders");
         NodeSchema::v3("TripleCLIPLoader", "comfy_extras.nodes_sd3", "advanced/loaders")
             .description("[Recipes]\n\nsd3: clip-l, clip-g, t5")
-            .required("clip_name1", InputSpec::combo(&names))
-            .required("clip_name2", InputSpec::combo(&names))
-            .required("clip_name3", InputSpec::combo(&names))
+            .required("clip_name1", InputSpec::combo_v3(&names))
+            .required("clip_name2", InputSpec::combo_v3(&names))
+            .required("clip_name3", InputSpec::combo_v3(&names))
             .model_folder("clip_name1", "text_encoders")
             .model_folder("clip_name2", "text_encoders")
             .model_folder("clip_name3", "text_encoders")

@@ -282,7 +282,8 @@ impl Clip {
     /// channels (cut to the shorter; CLIP-G alone placed after 768 zero channels) and padded
     /// with zeros to 4096, and the pooled vectors CLIP-L ⧺ CLIP-G (zeros for a missing one);
     /// then T5's hidden states appended as more tokens. With nothing encoded, 77 zero tokens
-    /// and a zero pooled vector. An encoder given no chunks (CLIPTextEncodeSD3's empty prompts
+    /// and a zero pooled vector. Zero pooled vectors are as wide as the encoder's own (ComfyUI
+    /// fixes the real ones' 768 and 1280, which a missing encoder gets). An encoder given no chunks (CLIPTextEncodeSD3's empty prompts
     /// without padding) is left out; T5 then encodes its end token alone.
     fn encode_sd3(&self, encoders: &[TextEncoder], tokens: &ClipTokens) -> candle_core::Result<(Tensor, Tensor)> {
         let device = encoders
@@ -308,10 +309,21 @@ impl Clip {
                 }
             }
         }
+        let pooled_width = |wanted: TextEncoderKind, missing: usize| {
+            encoders
+                .iter()
+                .find_map(|encoder| match &encoder.network {
+                    TextNetwork::Clip { kind, encoder } if *kind == wanted => Some(encoder.width()),
+                    _ => None,
+                })
+                .unwrap_or(missing)
+        };
+        let l_width = pooled_width(TextEncoderKind::ClipL, SD3_CLIP_L_WIDTH);
+        let g_width = pooled_width(TextEncoderKind::ClipG, SD3_CLIP_G_WIDTH);
+        let zeros = |width: usize| Tensor::zeros((1, width), candle_core::DType::F32, &device);
         let mut pooled = None;
         let mut hidden = None;
         if clip_tokens {
-            let zeros = |width: usize| Tensor::zeros((1, width), candle_core::DType::F32, &device);
             let joined = match (&clip_l, &clip_g) {
                 (Some(l), Some(g)) => {
                     let cut_to = l.hidden.dim(1)?.min(g.hidden.dim(1)?);
@@ -328,8 +340,8 @@ impl Clip {
                 let width = joined.dim(D::Minus1)?;
                 hidden = Some(joined.pad_with_zeros(D::Minus1, 0, SD3_CONTEXT_WIDTH.saturating_sub(width))?);
             }
-            let l_pooled = clip_l.map_or_else(|| zeros(SD3_CLIP_L_WIDTH), |l| Ok(l.pooled))?;
-            let g_pooled = clip_g.map_or_else(|| zeros(SD3_CLIP_G_WIDTH), |g| Ok(g.pooled))?;
+            let l_pooled = clip_l.map_or_else(|| zeros(l_width), |l| Ok(l.pooled))?;
+            let g_pooled = clip_g.map_or_else(|| zeros(g_width), |g| Ok(g.pooled))?;
             pooled = Some(Tensor::cat(&[l_pooled, g_pooled], D::Minus1)?);
         }
         let hidden = match (hidden, t5) {
@@ -352,11 +364,7 @@ impl Clip {
         };
         let pooled = match pooled {
             Some(pooled) => pooled,
-            None => Tensor::zeros(
-                (1, SD3_CLIP_L_WIDTH + SD3_CLIP_G_WIDTH),
-                candle_core::DType::F32,
-                &device,
-            )?,
+            None => zeros(l_width + g_width)?,
         };
         Ok((hidden, pooled))
     }
