@@ -641,7 +641,27 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
         (Some("fill"), json!(["inpaint", "outpaint"]))
     );
     assert_eq!(models["families"]["sd15"]["default"], "easel_tiny_sd1.safetensors");
-    assert_eq!(models["families"]["sd3"]["modes"]["text2img"]["available"], false);
+    assert_eq!(models["families"]["sd3"]["modes"]["text2img"]["available"], true);
+
+    // SD3 from its single file, and SD3.5 from split files (its three text encoders).
+    for mode in ["text2img", "img2img", "inpaint"] {
+        let mut request = tiny("sd3", mode);
+        request["model"] = json!("easel_tiny_sd3_medium_incl_clips_t5xxl.safetensors");
+        let task = generate(api, request).json();
+        assert_eq!(task["status"], "succeeded", "sd3 {mode}: {task}");
+    }
+    let mut split = tiny("sd3", "text2img");
+    split.as_object_mut().unwrap().remove("model");
+    split["unet"] = json!("easel_tiny_sd3.5_medium-Q8_0.gguf");
+    split["clip"] = json!([
+        "easel_tiny_sd3_clip_l.safetensors",
+        "easel_tiny_sd3_clip_g.safetensors",
+        "easel_tiny_sd3_t5xxl.safetensors"
+    ]);
+    split["vae"] = json!("easel_tiny_sd3_vae.safetensors");
+    let task = generate(api, split).json();
+    assert_eq!(task["status"], "succeeded", "sd3.5 split files: {task}");
+    assert_eq!(prompt_nodes(api, &task, "TripleCLIPLoader").len(), 1);
 }
 
 #[test]
@@ -707,7 +727,9 @@ fn bad_requests_name_the_field_and_queue_nothing() {
     refused(with(json!({"unet": "easel_tiny_sdxl_unet.safetensors"})), 400, "model");
     refused(with(json!({"colour": "blue"})), 400, "colour");
     refused(with(json!({"model": "easel_tiny_sdxl.safetensors"})), 400, "model");
-    let body = refused(with(json!({"family": "sd3", "model": null})), 501, "family");
+    let sd3_controlled = json!({"family": "sd3", "model": "easel_tiny_sd3_medium_incl_clips_t5xxl.safetensors",
+        "controlnets": [{"model": "easel_tiny_sd1_controlnet.safetensors", "type": "canny"}]});
+    let body = refused(with(sd3_controlled), 501, "controlnets");
     assert_eq!(body["error"]["code"], "not_implemented");
     refused(with(json!({"mode": "upscale"})), 501, "mode");
     refused(

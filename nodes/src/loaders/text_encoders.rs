@@ -412,23 +412,28 @@ impl Node for TripleClipLoader {
     }
 
     fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
-        model_files_fingerprint(
-            services,
-            inputs,
-            &[
-                ("clip_name1", "text_encoders"),
-                ("clip_name2", "text_encoders"),
-                ("clip_name3", "text_encoders"),
-            ],
-        )
+        model_files_fingerprint(services, inputs, &TRIPLE_CLIP_FILES)
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let files = ["clip_name1", "clip_name2", "clip_name3"]
-            .into_iter()
-            .map(|input| OpenedEncoder::open(model_file(ctx, "text_encoders", inputs.string(input)?)?))
-            .collect::<Result<Vec<_>, NodeError>>()?;
-        let clip = sd3_clip(ctx, "TripleCLIPLoader", &files)?;
-        Ok(NodeOutput::values(vec![Value::object(clip)]))
+        triple_clip_node(ctx, inputs, "TripleCLIPLoader")
     }
+}
+
+/// The file inputs of the three-file CLIP loaders, and their folder.
+pub(crate) const TRIPLE_CLIP_FILES: [(&str, &str); 3] = [
+    ("clip_name1", "text_encoders"),
+    ("clip_name2", "text_encoders"),
+    ("clip_name3", "text_encoders"),
+];
+
+/// A three-file CLIP loader node's work (`TripleCLIPLoader`, `TripleCLIPLoaderGGUF`): SD3's
+/// CLIP of the `clip_name1`, `clip_name2` and `clip_name3` inputs.
+pub(crate) fn triple_clip_node(ctx: &NodeContext, inputs: &NodeInputs, node: &str) -> Result<NodeOutput, NodeError> {
+    let files = TRIPLE_CLIP_FILES
+        .into_iter()
+        .map(|(input, folder)| OpenedEncoder::open(model_file(ctx, folder, inputs.string(input)?)?))
+        .collect::<Result<Vec<_>, NodeError>>()?;
+    let clip = sd3_clip(ctx, node, &files)?;
+    Ok(NodeOutput::values(vec![Value::object(clip)]))
 }

@@ -8,7 +8,9 @@ use serde_json::{Map, Value as Json};
 
 use crate::loaders::model_files_fingerprint;
 use crate::loaders::models::{file_names, load_diffusion_model_node};
-use crate::loaders::text_encoders::{dual_clip_node, single_clip_node, CLIP_TYPES, DUAL_CLIP_TYPES};
+use crate::loaders::text_encoders::{
+    dual_clip_node, single_clip_node, triple_clip_node, CLIP_TYPES, DUAL_CLIP_TYPES, TRIPLE_CLIP_FILES,
+};
 
 /// Adds ComfyUI-GGUF's nodes to `registry`.
 pub fn register(registry: &mut NodeRegistry) {
@@ -16,6 +18,7 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(UnetLoaderGgufAdvanced);
     registry.register(ClipLoaderGguf);
     registry.register(DualClipLoaderGguf);
+    registry.register(TripleClipLoaderGguf);
 }
 
 /// ComfyUI-GGUF's module name, as ComfyUI names a custom node pack's module.
@@ -131,5 +134,34 @@ impl Node for DualClipLoaderGguf {
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
         dual_clip_node(ctx, inputs, "DualCLIPLoaderGGUF")
+    }
+}
+
+/// ComfyUI-GGUF's `TripleCLIPLoaderGGUF`: `TripleCLIPLoader` over safetensors and GGUF text
+/// encoders (SD3's).
+pub struct TripleClipLoaderGguf;
+
+impl Node for TripleClipLoaderGguf {
+    fn schema(&self, services: &Services) -> NodeSchema {
+        let names = gguf_loader_file_names(services);
+        TRIPLE_CLIP_FILES
+            .into_iter()
+            .fold(
+                NodeSchema::v1("TripleCLIPLoaderGGUF", GGUF_MODULE, "bootleg").display("TripleCLIPLoader (GGUF)"),
+                |schema, (input, folder)| {
+                    schema
+                        .required(input, InputSpec::combo(&names))
+                        .model_folder(input, folder)
+                },
+            )
+            .output(OutputSpec::of("CLIP"))
+    }
+
+    fn fingerprint(&self, services: &Services, inputs: &Map<String, Json>) -> Option<Result<Json, String>> {
+        model_files_fingerprint(services, inputs, &TRIPLE_CLIP_FILES)
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        triple_clip_node(ctx, inputs, "TripleCLIPLoaderGGUF")
     }
 }

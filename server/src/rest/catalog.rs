@@ -32,7 +32,6 @@ impl ModelEntry {
     /// The modes this model serves.
     pub fn modes(&self) -> Vec<Mode> {
         match (self.family, self.variant) {
-            (Family::Sd3, _) => Vec::new(),
             (_, "refiner") => Vec::new(),
             (Family::Flux, "fill") => vec![Mode::Inpaint, Mode::Outpaint],
             (Family::Flux, _) => vec![Mode::Text2Img, Mode::Img2Img],
@@ -51,10 +50,7 @@ impl ModelEntry {
     /// `/v1/models`' description of the model.
     pub fn to_json(&self) -> Json {
         let modes: Vec<_> = self.modes().iter().map(|mode| mode.name()).collect();
-        let mut add_ons = vec!["styles"];
-        if self.family != Family::Sd3 {
-            add_ons.push("loras");
-        }
+        let add_ons = ["styles", "loras"];
         json!({
             "name": self.name,
             "folder": self.folder,

@@ -18,8 +18,11 @@ pub const WORKFLOW_VERSION: &str = "v1";
 
 /// The bundled workflow serving a family and mode, or a 501 naming what is missing.
 pub fn workflow_for(request: &GenerateRequest) -> Result<&'static str, RestError> {
-    if request.family == Family::Sd3 {
-        return Err(RestError::not_yet("family", "SD3 generation"));
+    if request.family == Family::Sd3 && !request.controlnets.is_empty() {
+        return Err(RestError::not_yet("controlnets", "ControlNet for SD3"));
+    }
+    if request.family == Family::Sd3 && request.ip_adapter.is_some() {
+        return Err(RestError::not_yet("ip_adapter", "IP-Adapter for SD3"));
     }
     if !request.controlnets.is_empty() && request.refiner.is_some() {
         return Err(RestError::not_yet("controlnets", "ControlNet with a refiner"));
@@ -350,9 +353,26 @@ fn split_loaders(
             let class = if gguf(one) { "CLIPLoaderGGUF" } else { "CLIPLoader" };
             json!({"class_type": class, "inputs": {"clip_name": one, "type": "stable_diffusion", "device": "default"}, "_meta": {"title": "Load CLIP"}})
         }
-        (Family::Sdxl | Family::Flux, [first, second]) => {
+        // SD3 runs with any of its three encoders, as ComfyUI's `sd3_clip` does.
+        (Family::Sd3, [one]) => {
+            let class = if gguf(one) { "CLIPLoaderGGUF" } else { "CLIPLoader" };
+            json!({"class_type": class, "inputs": {"clip_name": one, "type": "sd3", "device": "default"}, "_meta": {"title": "Load CLIP"}})
+        }
+        (Family::Sd3, [first, second, third]) => {
+            let class = if [first, second, third].iter().any(|name| gguf(name)) {
+                "TripleCLIPLoaderGGUF"
+            } else {
+                "TripleCLIPLoader"
+            };
+            json!({"class_type": class, "inputs": {"clip_name1": first, "clip_name2": second, "clip_name3": third}, "_meta": {"title": "TripleCLIPLoader"}})
+        }
+        (Family::Sdxl | Family::Sd3 | Family::Flux, [first, second]) => {
             let any_gguf = gguf(first) || gguf(second);
-            let kind = if request.family == Family::Flux { "flux" } else { "sdxl" };
+            let kind = match request.family {
+                Family::Flux => "flux",
+                Family::Sd3 => "sd3",
+                _ => "sdxl",
+            };
             let mut inputs = json!({"clip_name1": first, "clip_name2": second, "type": kind});
             let class = if any_gguf {
                 "DualCLIPLoaderGGUF"
@@ -363,12 +383,11 @@ fn split_loaders(
             json!({"class_type": class, "inputs": inputs, "_meta": {"title": "DualCLIPLoader"}})
         }
         (family, _) => {
-            let wanted = if family == Family::Sd15 {
-                "one text encoder (CLIP-L)"
-            } else if family == Family::Flux {
-                "two text encoders (CLIP-L and T5-XXL)"
-            } else {
-                "two text encoders (CLIP-L and CLIP-G)"
+            let wanted = match family {
+                Family::Sd15 => "one text encoder (CLIP-L)",
+                Family::Flux => "two text encoders (CLIP-L and T5-XXL)",
+                Family::Sd3 => "one to three text encoders (CLIP-L, CLIP-G, T5-XXL)",
+                Family::Sdxl => "two text encoders (CLIP-L and CLIP-G)",
             };
             return Err(RestError::field(
                 "clip",
@@ -376,7 +395,12 @@ fn split_loaders(
             ));
         }
     };
-    let clip_id = built.add_node(nodes, clip_node, "clip", &["clip_name", "clip_name1", "clip_name2"]);
+    let clip_id = built.add_node(
+        nodes,
+        clip_node,
+        "clip",
+        &["clip_name", "clip_name1", "clip_name2", "clip_name3"],
+    );
     let vae = request.vae.as_deref().unwrap_or_default();
     let vae_id = built.add_node(
         nodes,

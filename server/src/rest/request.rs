@@ -417,12 +417,12 @@ pub fn parse(raw: &RawRequest, max_image_bytes: usize) -> Result<GenerateRequest
     let clip = match raw.fields.get("clip") {
         None | Some(Json::Null) => Vec::new(),
         Some(Json::String(name)) => vec![name.clone()],
-        Some(Json::Array(names)) if (1..=2).contains(&names.len()) => names
+        Some(Json::Array(names)) if (1..=3).contains(&names.len()) => names
             .iter()
             .map(|name| name.as_str().map(str::to_string))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| RestError::field("clip", "`clip` is a file name or a list of two"))?,
-        Some(_) => return Err(RestError::field("clip", "`clip` is a file name or a list of two")),
+            .ok_or_else(|| RestError::field("clip", CLIP_FIELD))?,
+        Some(_) => return Err(RestError::field("clip", CLIP_FIELD)),
     };
     let vae = fields.name("vae")?;
     if model.is_some() && (unet.is_some() || !clip.is_empty() || vae.is_some()) {
@@ -709,6 +709,9 @@ impl Defaults {
         }
     }
 }
+
+/// What the `clip` field takes.
+const CLIP_FIELD: &str = "`clip` is a file name or a list of up to three (SD3: CLIP-L, CLIP-G, T5-XXL)";
 
 /// Typed reads of the raw fields, each refusal naming its field.
 struct Fields<'a>(&'a Map<String, Json>);

@@ -11,12 +11,12 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
-/// One file name, or a pair (two text encoders).
+/// One file name, or a list of up to three (text encoders: a pair, or SD3's three).
 #[derive(Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
-pub enum OneOrTwoNames {
+pub enum FileNames {
     One(String),
-    Two(Vec<String>),
+    Several(Vec<String>),
 }
 
 /// How far an outpainting extends the image, in pixels.
@@ -130,7 +130,7 @@ pub struct GenerateRequestBody {
     /// Split files: the diffusion model (`.safetensors` or `.gguf`), with `clip` and `vae`.
     pub unet: Option<String>,
     /// Split files: the text encoder(s).
-    pub clip: Option<OneOrTwoNames>,
+    pub clip: Option<FileNames>,
     /// Split files: the VAE.
     pub vae: Option<String>,
     /// SDXL text2img: a refiner checkpoint.

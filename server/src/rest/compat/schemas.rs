@@ -1,6 +1,6 @@
 //! The drop-in routes' request and answer shapes, for the OpenAPI document.
 
-use crate::rest::schemas::{GenerateRequestBody, OneOrTwoNames};
+use crate::rest::schemas::{FileNames, GenerateRequestBody};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -28,7 +28,7 @@ pub struct FamilyLora {
 pub struct FamilyRequest {
     pub checkpoint: Option<String>,
     pub unet: Option<String>,
-    pub clip: Option<OneOrTwoNames>,
+    pub clip: Option<FileNames>,
     pub vae: Option<String>,
     pub clip_vision: Option<String>,
     /// Base64.
