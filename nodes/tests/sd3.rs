@@ -12,7 +12,7 @@ use common::reference::{
     add_gated, assert_close_to_reference, gelu, modulate, rms_norm, silu, sinusoid, softmax_attention, values,
     values64, wave, FileWeights, Rows,
 };
-use common::{j, max_abs_difference, one_euler_step, setup, Setup};
+use common::{fixture_json, floats, j, max_abs_difference, one_euler_step, setup, sizes, Setup};
 use easel_engine::Value;
 use easel_models::architectures::mmdit::{Mmdit, MmditConfig, MmditInput};
 use easel_models::sampling::noise::prepare_noise;
@@ -405,6 +405,70 @@ fn clip_text_encode_sd3_leaves_out_empty_prompts_without_padding() {
     let same = encode_sd3("a fox", "a fox", "a fox", "none");
     let plain = encode(&setup, &clip, "a fox");
     assert_eq!(max_abs_difference(&same.cross_attention, &plain.cross_attention), 0.0);
+}
+
+/// CLIPTextEncodeSD3 on the tiny checkpoint's CLIP against ComfyUI's `CLIPTextEncodeSD3` and
+/// `SD3ClipModel` on the same weights (`fixtures/generate_sd3_conditioning.py`): the shapes
+/// (CLIP's chunks evened out, T5's tokens appended, empty prompts left out or padded), the
+/// pooled vector, every token's norm and the channels at the encoders' seams. With nothing
+/// encoded ComfyUI's zero pooled vector is 768 + 1280 wide, the real encoders' widths; Easel's
+/// is as wide as the CLIP's own encoders.
+#[test]
+fn clip_text_encode_sd3_matches_comfyui() {
+    let setup = setup();
+    let clip = checkpoint(&setup).remove(1);
+    let fixture = fixture_json("sd3_conditioning.json");
+    let channels = sizes(&fixture["channels"]);
+    let close = |ours: f32, theirs: f32, what: &str| {
+        assert!(
+            (ours - theirs).abs() <= 1e-4 * theirs.abs().max(1.0),
+            "{what}: {ours} vs ComfyUI's {theirs}"
+        );
+    };
+    for case in fixture["cases"].as_array().unwrap() {
+        let text = |key: &str| case[key].as_str().unwrap();
+        let ours = entry(&output(
+            &setup,
+            "CLIPTextEncodeSD3",
+            vec![
+                ("clip", clip.clone()),
+                ("clip_l", j(json!(text("clip_l")))),
+                ("clip_g", j(json!(text("clip_g")))),
+                ("t5xxl", j(json!(text("t5xxl")))),
+                ("empty_padding", j(json!(text("empty_padding")))),
+            ],
+        ));
+        let label = format!(
+            "{:?}",
+            [text("clip_l"), text("clip_g"), text("t5xxl"), text("empty_padding")]
+        );
+        let hidden = ours.cross_attention.squeeze(0).unwrap();
+        assert_eq!(hidden.dims(), &sizes(&case["shape"])[..], "{label}");
+        let pooled = values(ours.pooled.as_ref().unwrap());
+        let theirs = floats(&case["pooled"]);
+        if theirs.iter().all(|&v| v == 0.0) {
+            assert!(pooled.iter().all(|&v| v == 0.0), "{label}: a zero pooled vector");
+        } else {
+            assert_eq!(pooled.len(), theirs.len(), "{label}");
+            for (ours, theirs) in pooled.iter().zip(&theirs) {
+                close(*ours, *theirs, &format!("{label} pooled"));
+            }
+        }
+        let norms = values(&hidden.sqr().unwrap().sum(1).unwrap().sqrt().unwrap());
+        for (ours, theirs) in norms.iter().zip(floats(&case["token_norms"])) {
+            close(*ours, theirs, &format!("{label} token norm"));
+        }
+        let hidden = hidden.to_vec2::<f32>().unwrap();
+        for (token, theirs) in case["channels"].as_array().unwrap().iter().enumerate() {
+            for (&channel, theirs) in channels.iter().zip(floats(theirs)) {
+                close(
+                    hidden[token][channel],
+                    theirs,
+                    &format!("{label} token {token} channel {channel}"),
+                );
+            }
+        }
+    }
 }
 
 /// KSampler's one Euler step on the tiny SD3 (σ 1 → 0, cfg 1): the denoised latent is

@@ -89,7 +89,7 @@ pub struct BenchArgs {
     /// SD1.5, 7 GB for SDXL).
     #[arg(long)]
     pub tiny_only: bool,
-    /// sdxl, flux: measure this checkpoint (a real one, or a random one the benchmark writes and
+    /// sdxl, sd3, flux: measure this checkpoint (a real one, or a random one the benchmark writes and
     /// measures in a fresh process) instead of writing random ones.
     #[arg(long)]
     pub checkpoint: Option<std::path::PathBuf>,
@@ -125,6 +125,9 @@ pub enum BenchTarget {
     Sd15,
     /// SDXL: load, UNet step at 512² and 1024², rank-32 LoRA patch time, peak memory.
     Sdxl,
+    /// SD3: the tiny SD3 and a full-size SD3.5 medium MMDiT: load, CFG step at 512² and 1024²,
+    /// peak memory against file size.
+    Sd3,
     /// FLUX: a full-width FLUX-shaped model as bf16, GGUF Q8_0 and Q4_K: step at 256² and 512²,
     /// peak memory against file size.
     Flux,

@@ -218,8 +218,9 @@ impl Clip {
 
     /// Encodes tokens with `encoders` (this CLIP's, or them patched by hooks) into hidden
     /// states and a pooled vector. SD3: see [`Clip::encode_sd3`]. FLUX: T5's hidden states and
-    /// CLIP-L's pooled vector (ComfyUI's `FluxClipModel`). Otherwise each CLIP's hidden states, cut to the shortest and joined along
-    /// the channels (SDXL: CLIP-L ⧺ CLIP-G), and the last one's pooled vector.
+    /// CLIP-L's pooled vector (ComfyUI's `FluxClipModel`). Otherwise each CLIP's hidden states,
+    /// cut to the shortest and joined along the channels (SDXL: CLIP-L ⧺ CLIP-G), and the last
+    /// one's pooled vector.
     fn encode_with(
         &self,
         encoders: &[TextEncoder],
@@ -283,8 +284,9 @@ impl Clip {
     /// with zeros to 4096, and the pooled vectors CLIP-L ⧺ CLIP-G (zeros for a missing one);
     /// then T5's hidden states appended as more tokens. With nothing encoded, 77 zero tokens
     /// and a zero pooled vector. Zero pooled vectors are as wide as the encoder's own (ComfyUI
-    /// fixes the real ones' 768 and 1280, which a missing encoder gets). An encoder given no chunks (CLIPTextEncodeSD3's empty prompts
-    /// without padding) is left out; T5 then encodes its end token alone.
+    /// fixes the real ones' 768 and 1280, which a missing encoder gets). An encoder given no
+    /// chunks (CLIPTextEncodeSD3's empty prompts without padding) is left out; T5 then encodes
+    /// its end token alone.
     fn encode_sd3(&self, encoders: &[TextEncoder], tokens: &ClipTokens) -> candle_core::Result<(Tensor, Tensor)> {
         let device = encoders
             .first()
@@ -349,7 +351,8 @@ impl Clip {
                 let (clip_width, t5_width) = (clip.dim(D::Minus1)?, t5.dim(D::Minus1)?);
                 if clip_width != t5_width {
                     return Err(candle_core::Error::Msg(format!(
-                        "SD3 conditioning joins CLIP's hidden states, padded to {clip_width} channels, with T5's,                          which has {t5_width}: SD3 takes T5-XXL (4096 wide)"
+                        "SD3 conditioning joins CLIP's hidden states, padded to {clip_width} channels, with \
+                         T5's, which has {t5_width}: SD3 takes T5-XXL (4096 wide)"
                     )));
                 }
                 Tensor::cat(&[clip, t5], 1)?

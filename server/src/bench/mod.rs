@@ -1,7 +1,7 @@
 //! `easel bench TARGET`: measurements printed as tables — the HTTP API under load (`server`), what
 //! the REST API adds over `POST /prompt` (`rest`),
 //! validation's error body for many failing outputs (`validation`) and diffusion-model compute
-//! (`sd15`, `sdxl`, `flux`), what a ControlNet adds to a step (`controlnet`), what an IP-Adapter
+//! (`sd15`, `sdxl`, `sd3`, `flux`), what a ControlNet adds to a step (`controlnet`), what an IP-Adapter
 //! adds to a step and what encoding an image costs (`ipadapter`), and what EasyCache
 //! and LazyCache save (`step-cache`).
 
@@ -12,6 +12,7 @@ mod ipadapter;
 mod rest;
 mod rest_upload;
 mod sd15;
+mod sd3;
 mod sdxl;
 mod server;
 mod step_cache;
@@ -33,6 +34,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         BenchTarget::Controlnet => controlnet::bench(&args),
         BenchTarget::Ipadapter => ipadapter::bench(&args),
         BenchTarget::Sdxl => sdxl::bench(&args),
+        BenchTarget::Sd3 => sd3::bench(&args),
         BenchTarget::Flux => flux::bench(&args),
         BenchTarget::Validation => validation::bench(&args),
         BenchTarget::StepCache => step_cache::bench(&args),

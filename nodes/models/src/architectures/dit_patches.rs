@@ -1,8 +1,8 @@
-//! The hook points of DiT networks (FLUX's double- and single-stream blocks), as ComfyUI's
-//! `transformer_options["patches_replace"]["dit"]` defines them (`comfy/ldm/flux/model.py`,
-//! `forward_orig`): a replacement of block `("double_block", i)` or `("single_block", i)` is given
-//! the block's inputs and the original block as a callable, and returns the block's outputs in its
-//! place. SkipLayerGuidance returns the inputs unchanged (the block is skipped); an IP-Adapter or
+//! The hook points of DiT networks (FLUX's double- and single-stream blocks, SD3's joint blocks
+//! as double blocks), as ComfyUI's `transformer_options["patches_replace"]["dit"]` defines them
+//! (`comfy/ldm/flux/model.py`, `forward_orig`; `mmdit.py`): a replacement of block
+//! `("double_block", i)` or `("single_block", i)` is given the block's inputs and the original
+//! block as a callable, and returns the block's outputs in its place. SkipLayerGuidance returns the inputs unchanged (the block is skipped); an IP-Adapter or
 //! PuLID-style patch runs the original block and adds to its result, or changes its inputs first.
 //!
 //! [`DitPatches`] keeps one replacement per block (a later one wins, as ComfyUI's

@@ -20,7 +20,7 @@ use crate::architectures::unet::timestep_embedding;
 use crate::checkpoint::DetectError;
 use crate::kernels::attention::attention;
 use crate::kernels::linear::{linear, Linear};
-use crate::weights::{TensorShapes, Weights};
+use crate::weights::{TensorShapes, WeightMatrix, Weights};
 
 /// Width of each head (MMDiT's width is 64 per block of depth).
 const HEAD_DIM: usize = 64;
@@ -138,8 +138,8 @@ pub struct Mmdit {
     /// The patch embedding's convolution as a matrix over patches [hidden, C·2·2], and its bias.
     patch_weight: Tensor,
     patch_bias: Tensor,
-    /// The position table [max·max, hidden].
-    pos_embed: Tensor,
+    /// The position table [1, max·max, hidden], read in place (its crops are copied per call).
+    pos_embed: WeightMatrix,
     t_embedder: MlpEmbedder,
     y_embedder: Option<MlpEmbedder>,
     context_embedder: Option<Linear>,
@@ -160,9 +160,7 @@ impl Mmdit {
         Ok(Mmdit {
             patch_weight: patch_weight.t()?.contiguous()?,
             patch_bias: x_embedder.get(hidden, "bias")?,
-            pos_embed: weights
-                .get((1, positions, hidden), "pos_embed")?
-                .reshape((positions, hidden))?,
+            pos_embed: weights.matrix((1, positions, hidden), "pos_embed")?,
             t_embedder: MlpEmbedder::new(TIME_EMBEDDING, hidden, weights.pp("t_embedder.mlp"))?,
             y_embedder: config
                 .adm_in_channels
@@ -215,12 +213,24 @@ impl Mmdit {
             .broadcast_add(&self.patch_bias)?;
         let (top, left) = ((max - rows) / 2, (max - cols) / 2);
         let hidden = self.config.hidden_size();
-        let positions = self
-            .pos_embed
-            .reshape((max, max, hidden))?
-            .narrow(0, top, rows)?
-            .narrow(1, left, cols)?
-            .reshape((rows * cols, hidden))?;
+        // Each row of the crop is one run of the table.
+        let mut values = vec![0f32; rows * cols * hidden];
+        let read = self.pos_embed.with_elements(|elements| {
+            for (row, out) in values.chunks_mut(cols * hidden).enumerate() {
+                elements.read(((top + row) * max + left) * hidden, 1, out);
+            }
+        })?;
+        let positions = match read {
+            Some(()) => Tensor::from_vec(values, (rows * cols, hidden), x.device())?,
+            None => self
+                .pos_embed
+                .tensor()?
+                .reshape((max, max, hidden))?
+                .narrow(0, top, rows)?
+                .narrow(1, left, cols)?
+                .reshape((rows * cols, hidden))?
+                .to_device(x.device())?,
+        };
         tokens.broadcast_add(&positions)
     }
 

@@ -59,6 +59,22 @@ pub fn tiny_mmdit_35() -> MmditConfig {
     }
 }
 
+/// SD3.5 medium's MMDiT at its real size: depth 24 (1536 wide), a 384×384 position table, RMS
+/// query/key norms, a second self-attention in the image streams of blocks 0–12.
+pub fn sd35_medium_mmdit() -> MmditConfig {
+    MmditConfig {
+        in_channels: 16,
+        out_channels: 16,
+        depth: 24,
+        blocks: 24,
+        adm_in_channels: Some(2048),
+        context_dim: Some(4096),
+        pos_embed_max_size: 384,
+        qk_norm: true,
+        x_block_self_attention: (0..13).collect(),
+    }
+}
+
 /// The tiny CLIP-G of SD3's files: the tiny OpenCLIP-bigG stand-in in the transformers layout
 /// (as Stability ships SD3's `clip_g`), with its projection.
 pub fn tiny_sd3_clip_g() -> ClipTextConfig {
