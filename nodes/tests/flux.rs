@@ -6,8 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::reference::{
-    add_gated, assert_close_to_reference, gelu, modulate, silu, sinusoid, softmax_attention, values, wave, FileWeights,
-    Rows,
+    add_gated, assert_close_to_reference, gelu, modulate, sinusoid, softmax_attention, values, wave, FileWeights, Rows,
 };
 use common::{j, max_abs_difference, one_euler_step, setup};
 use easel_engine::Value;
@@ -83,9 +82,8 @@ struct Reference<'a> {
 
 impl Reference<'_> {
     fn mlp(&self, x: &[f64], name: &str) -> Vec<f64> {
-        let hidden = self.weights.linear(&vec![x.to_vec()], &format!("{name}.in_layer"));
-        let hidden = vec![hidden[0].iter().map(|&v| silu(v)).collect()];
-        self.weights.linear(&hidden, &format!("{name}.out_layer")).remove(0)
+        self.weights
+            .mlp(x, &format!("{name}.in_layer"), &format!("{name}.out_layer"))
     }
 
     /// Queries (or keys) of `qkv` part `part` for every token, per head, RMS-normalised with

@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::reference::{
-    add_gated, assert_close_to_reference, gelu, modulate, rms_norm, silu, sinusoid, softmax_attention, values,
-    values64, wave, FileWeights, Rows,
+    add_gated, assert_close_to_reference, gelu, modulate, rms_norm, sinusoid, softmax_attention, values, values64,
+    wave, FileWeights, Rows,
 };
 use common::{fixture_json, floats, j, max_abs_difference, one_euler_step, setup, sizes, Setup};
 use easel_engine::Value;
+use easel_models::architectures::dit_patches::{CallInfo, DitBlock, DitPatchedCall};
 use easel_models::architectures::mmdit::{Mmdit, MmditConfig, MmditInput};
 use easel_models::sampling::noise::prepare_noise;
 use easel_models::testmodels::{
@@ -24,6 +25,7 @@ use easel_models::weights::{MappedWeights, SafetensorsFile, Weights};
 use easel_nodes::conditioning::{CondEntry, Conditioning};
 use easel_nodes::model::clip::Clip;
 use easel_nodes::model::diffusion_model::{DiffusionNetwork, Model};
+use easel_nodes::model::skip_layer_guidance::skipping;
 use serde_json::json;
 
 /// The inputs of the formula tests: a 16×3×5 latent (odd sides: padded), 3 text tokens of
@@ -76,9 +78,7 @@ struct Reference<'a> {
 
 impl Reference<'_> {
     fn mlp(&self, x: &[f64], name: &str) -> Vec<f64> {
-        let hidden = self.weights.linear(&vec![x.to_vec()], &format!("{name}.0"));
-        let hidden = vec![hidden[0].iter().map(|&v| silu(v)).collect()];
-        self.weights.linear(&hidden, &format!("{name}.2")).remove(0)
+        self.weights.mlp(x, &format!("{name}.0"), &format!("{name}.2"))
     }
 
     /// Queries, keys or values (`part`) of every token per head, RMS-normalised by `norm`'s
@@ -130,7 +130,8 @@ impl Reference<'_> {
         add_gated(x, &out, &modulation[5]);
     }
 
-    fn forward(&self, inputs: &Inputs) -> Vec<f64> {
+    /// The prediction, joint block `skip` passed over where given.
+    fn forward(&self, inputs: &Inputs, skip: Option<usize>) -> Vec<f64> {
         let x = values64(&inputs.x);
         let (channels, height, width) = (16, 3, 5);
         // Padded circularly: row 3 is row 0, column 5 column 0.
@@ -164,7 +165,7 @@ impl Reference<'_> {
             .collect();
         let context: Rows = values64(&inputs.context).chunks(4096).map(<[f64]>::to_vec).collect();
         let mut txt = self.weights.linear(&context, "context_embedder");
-        for n in 0..self.config.blocks {
+        for n in (0..self.config.blocks).filter(|&n| Some(n) != skip) {
             let last = n + 1 == self.config.blocks;
             let second = self.config.x_block_self_attention.contains(&n);
             let (context_block, x_block) = (
@@ -253,9 +254,44 @@ fn mmdit_forward_matches_the_formulas_written_out() {
             weights: FileWeights(&file),
             config,
         }
-        .forward(&inputs);
+        .forward(&inputs, None);
         assert_close_to_reference(&ours, &expected);
     }
+}
+
+/// SkipLayerGuidanceSD3's patch on joint block 0 (ComfyUI's `("double_block", 0)` replacement
+/// returning its inputs) passes the block's image and text tokens through.
+#[test]
+fn a_skipped_joint_block_passes_its_tokens_through() {
+    let config = tiny_mmdit_35();
+    let dir = tempfile::tempdir().unwrap();
+    let file = Arc::new(SafetensorsFile::open(&write_tiny_mmdit(dir.path(), &config)).unwrap());
+    let inputs = inputs(&config);
+    let skipping = skipping(&[DitBlock::Double(0)]);
+    let info = CallInfo {
+        original_shape: [1, 16, 3, 5],
+        sigma: 0.7,
+        parts: Vec::new(),
+    };
+    let ours = load(file.clone())
+        .forward(&MmditInput {
+            x: &inputs.x,
+            timesteps: &inputs.timesteps,
+            context: &inputs.context,
+            y: Some(&inputs.y),
+            control: &[],
+            patches: Some(DitPatchedCall {
+                patches: &skipping.dit,
+                info: &info,
+            }),
+        })
+        .unwrap();
+    let expected = Reference {
+        weights: FileWeights(&file),
+        config,
+    }
+    .forward(&inputs, Some(0));
+    assert_close_to_reference(&ours, &expected);
 }
 
 /// A node's single output.

@@ -333,6 +333,17 @@ pub struct DiffusersMatrix {
     pub swapped_halves: bool,
 }
 
+impl DiffusersMatrix {
+    fn new(diffusers: String, native: String, rows: Option<(usize, usize)>) -> Self {
+        DiffusersMatrix {
+            diffusers,
+            native,
+            rows,
+            swapped_halves: false,
+        }
+    }
+}
+
 /// Every weight matrix of a FLUX model with `doubles` double and `singles` single blocks of
 /// `hidden` width (and `mlp_hidden` wide MLPs) under its diffusers name (ComfyUI's
 /// `flux_to_diffusers`, which its LoRA key maps use).
@@ -342,12 +353,7 @@ pub fn flux_diffusers_matrices(
     hidden: usize,
     mlp_hidden: usize,
 ) -> Vec<DiffusersMatrix> {
-    let matrix = |diffusers: String, native: String, rows: Option<(usize, usize)>| DiffusersMatrix {
-        diffusers,
-        native,
-        rows,
-        swapped_halves: false,
-    };
+    let matrix = DiffusersMatrix::new;
     let third = |index: usize| Some((index * hidden, hidden));
     let renamed = |table: &[(&str, &str)], from: &str, to: &str| -> Vec<DiffusersMatrix> {
         table
@@ -420,12 +426,7 @@ pub fn mmdit_diffusers_matrices(
     hidden: usize,
     x_block_self_attention: &[usize],
 ) -> Vec<DiffusersMatrix> {
-    let matrix = |diffusers: String, native: String, rows: Option<(usize, usize)>| DiffusersMatrix {
-        diffusers,
-        native,
-        rows,
-        swapped_halves: false,
-    };
+    let matrix = DiffusersMatrix::new;
     let third = |index: usize| Some((index * hidden, hidden));
     let mut matrices = Vec::new();
     for block in 0..blocks {

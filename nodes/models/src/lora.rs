@@ -31,7 +31,7 @@ use crate::architectures::clip_encoder::ClipNaming;
 use crate::architectures::flux::FluxConfig;
 use crate::architectures::mmdit::MmditConfig;
 use crate::architectures::unet::{UNetConfig, TRANSFORMER_BLOCK_MATRICES};
-use crate::diffusers_layout::{flux_diffusers_matrices, mmdit_diffusers_matrices};
+use crate::diffusers_layout::{flux_diffusers_matrices, mmdit_diffusers_matrices, DiffusersMatrix};
 use crate::kernels::sgemm::{gemm_into, Elements, Precision, View};
 use crate::memory::advise_huge_pages;
 use crate::weights::{LowRankUpdate, MappedWeights, SafetensorsFile, TensorShapes, WeightSource};
@@ -615,21 +615,37 @@ impl LoraKeyMap {
             self.insert(format!("lora_unet_{}", key.replace('.', "_")), name);
             self.insert(format!("diffusion_model.{key}"), name);
         }
-        let full = |native: &str| format!("{prefix}{native}.weight");
         let matrices = mmdit_diffusers_matrices(config.blocks, config.hidden_size(), &config.x_block_self_attention);
+        self.add_diffusers_matrices(file, prefix, matrices, true);
+    }
+
+    /// Keys for the diffusers names of `matrices` that `file` has under `prefix`:
+    /// `transformer.…`, simpletuner's `lycoris_…`, OneTrainer's `lora_transformer_…` and, with
+    /// `base_model`, `base_model.model.…`; each patches its rows of the model's matrix.
+    fn add_diffusers_matrices(
+        &mut self,
+        file: &dyn TensorShapes,
+        prefix: &str,
+        matrices: Vec<DiffusersMatrix>,
+        base_model: bool,
+    ) {
         for matrix in matrices {
-            if !file.has(&full(&matrix.native)) {
+            let tensor = format!("{prefix}{}.weight", matrix.native);
+            if !file.has(&tensor) {
                 continue;
             }
             let underscored = matrix.diffusers.replace('.', "_");
-            for lora_name in [
+            let mut names = vec![
                 format!("transformer.{}", matrix.diffusers),
-                format!("base_model.model.{}", matrix.diffusers),
-                format!("lora_transformer_{underscored}"),
                 format!("lycoris_{underscored}"),
-            ] {
+                format!("lora_transformer_{underscored}"),
+            ];
+            if base_model {
+                names.push(format!("base_model.model.{}", matrix.diffusers));
+            }
+            for lora_name in names {
                 let target = PatchTarget {
-                    tensor: full(&matrix.native),
+                    tensor: tensor.clone(),
                     rows: matrix.rows,
                     swapped_halves: matrix.swapped_halves,
                 };
@@ -669,24 +685,7 @@ impl LoraKeyMap {
         }
         let full = |bfl: &str| format!("{prefix}{bfl}.weight");
         let matrices = flux_diffusers_matrices(config.double_blocks, config.single_blocks, hidden, config.mlp_hidden);
-        for matrix in matrices {
-            if !file.has(&full(&matrix.native)) {
-                continue;
-            }
-            let underscored = matrix.diffusers.replace('.', "_");
-            for lora_name in [
-                format!("transformer.{}", matrix.diffusers),
-                format!("lycoris_{underscored}"),
-                format!("lora_transformer_{underscored}"),
-            ] {
-                let target = PatchTarget {
-                    tensor: full(&matrix.native),
-                    rows: matrix.rows,
-                    swapped_halves: matrix.swapped_halves,
-                };
-                self.insert_target(lora_name, target);
-            }
-        }
+        self.add_diffusers_matrices(file, prefix, matrices, false);
         const XLABS: [(&str, &str); 4] = [
             ("qkv_lora1", "img_attn.qkv"),
             ("qkv_lora2", "txt_attn.qkv"),

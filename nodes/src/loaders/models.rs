@@ -272,12 +272,7 @@ fn load_flux_checkpoint(
         }),
         _ => None,
     };
-    let vae = if file.has(&format!("{FLUX_VAE_PREFIX}encoder.conv_in.weight")) {
-        let config = VaeConfig::infer(file.as_ref(), FLUX_VAE_PREFIX).map_err(|error| undetected(path, error))?;
-        Some(build_vae(&file, FLUX_VAE_PREFIX, config, device)?)
-    } else {
-        None
-    };
+    let vae = checkpoint_vae(path, &file, FLUX_VAE_PREFIX, device)?;
     Ok((LoadedCheckpoint { model, clip, vae }, file_size(path)))
 }
 
@@ -315,13 +310,22 @@ fn load_sd3_checkpoint(
         t5_padding: None,
         hooks: None,
     });
-    let vae = if file.has(&format!("{VAE_PREFIX}encoder.conv_in.weight")) {
-        let config = VaeConfig::infer(file.as_ref(), VAE_PREFIX).map_err(|error| undetected(path, error))?;
-        Some(build_vae(&file, VAE_PREFIX, config, device)?)
-    } else {
-        None
-    };
+    let vae = checkpoint_vae(path, &file, VAE_PREFIX, device)?;
     Ok((LoadedCheckpoint { model, clip, vae }, file_size(path)))
+}
+
+/// The VAE under `prefix` in the checkpoint `file` (of `path`), if it has one there.
+fn checkpoint_vae(
+    path: &Path,
+    file: &Arc<SafetensorsFile>,
+    prefix: &str,
+    device: &Device,
+) -> Result<Option<VaeModel>, NodeError> {
+    if !file.has(&format!("{prefix}encoder.conv_in.weight")) {
+        return Ok(None);
+    }
+    let config = VaeConfig::infer(file.as_ref(), prefix).map_err(|error| undetected(path, error))?;
+    Ok(Some(build_vae(file, prefix, config, device)?))
 }
 
 pub(crate) fn diffusion_precision(services: &Services) -> Precision {

@@ -46,6 +46,13 @@ impl FileWeights<'_> {
             .collect()
     }
 
+    /// Linear, SiLU, linear: the layers `first` and `second` on the vector `x`.
+    pub fn mlp(&self, x: &[f64], first: &str, second: &str) -> Vec<f64> {
+        let hidden = self.linear(&vec![x.to_vec()], first);
+        let hidden = vec![hidden[0].iter().map(|&v| silu(v)).collect()];
+        self.linear(&hidden, second).remove(0)
+    }
+
     /// `count` modulation vectors from `vec` by the layer `name` (after SiLU).
     pub fn modulation(&self, vec: &[f64], name: &str, count: usize) -> Rows {
         let activated: Vec<f64> = vec.iter().map(|&v| silu(v)).collect();

@@ -547,21 +547,27 @@ impl RmsNorm {
     }
 }
 
-/// Linear, SiLU, linear: the timestep, guidance and vector embedders.
-struct MlpEmbedder {
+/// Linear, SiLU, linear: the timestep, guidance and vector embedders (FLUX's `in_layer` and
+/// `out_layer`, SD3's `mlp.0` and `mlp.2`).
+pub(crate) struct MlpEmbedder {
     in_layer: Linear,
     out_layer: Linear,
 }
 
 impl MlpEmbedder {
     fn new(in_features: usize, hidden: usize, weights: Weights) -> Result<Self> {
+        Self::named(in_features, hidden, weights, ["in_layer", "out_layer"])
+    }
+
+    /// The embedder whose layers are `names` under `weights`.
+    pub(crate) fn named(in_features: usize, hidden: usize, weights: Weights, names: [&str; 2]) -> Result<Self> {
         Ok(MlpEmbedder {
-            in_layer: linear(in_features, hidden, weights.pp("in_layer"))?,
-            out_layer: linear(hidden, hidden, weights.pp("out_layer"))?,
+            in_layer: linear(in_features, hidden, weights.pp(names[0]))?,
+            out_layer: linear(hidden, hidden, weights.pp(names[1]))?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.out_layer.forward(&self.in_layer.forward(x)?.silu()?)
     }
 }

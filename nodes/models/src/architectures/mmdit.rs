@@ -15,7 +15,7 @@
 use candle_core::{Module, Result, Tensor};
 
 use crate::architectures::dit_patches::{BlockInputs, BlockOutputs, BlockSite, DitBlock, DitPatchedCall};
-use crate::architectures::flux::{layer_norm, modulate, modulation, pad_circularly, patchify, RmsNorm};
+use crate::architectures::flux::{layer_norm, modulate, modulation, pad_circularly, patchify, MlpEmbedder, RmsNorm};
 use crate::architectures::unet::timestep_embedding;
 use crate::checkpoint::DetectError;
 use crate::kernels::attention::attention;
@@ -26,6 +26,8 @@ use crate::weights::{TensorShapes, WeightMatrix, Weights};
 const HEAD_DIM: usize = 64;
 /// Width of the sinusoidal timestep embedding.
 const TIME_EMBEDDING: usize = 256;
+/// The layers of the timestep and pooled-vector embedders (`mlp.0`, SiLU, `mlp.2`).
+const EMBEDDER_LAYERS: [&str; 2] = ["0", "2"];
 /// The patch size this implementation reads (every SD3 and SD3.5 model's).
 const PATCH: usize = 2;
 
@@ -161,10 +163,10 @@ impl Mmdit {
             patch_weight: patch_weight.t()?.contiguous()?,
             patch_bias: x_embedder.get(hidden, "bias")?,
             pos_embed: weights.matrix((1, positions, hidden), "pos_embed")?,
-            t_embedder: MlpEmbedder::new(TIME_EMBEDDING, hidden, weights.pp("t_embedder.mlp"))?,
+            t_embedder: MlpEmbedder::named(TIME_EMBEDDING, hidden, weights.pp("t_embedder.mlp"), EMBEDDER_LAYERS)?,
             y_embedder: config
                 .adm_in_channels
-                .map(|adm| MlpEmbedder::new(adm, hidden, weights.pp("y_embedder.mlp")))
+                .map(|adm| MlpEmbedder::named(adm, hidden, weights.pp("y_embedder.mlp"), EMBEDDER_LAYERS))
                 .transpose()?,
             context_embedder: config
                 .context_dim
@@ -303,25 +305,6 @@ impl Mmdit {
             &original,
         )?;
         Ok((out.img, out.txt))
-    }
-}
-
-/// Linear, SiLU, linear (`mlp.0`, `mlp.2`): the timestep and pooled-vector embedders.
-struct MlpEmbedder {
-    first: Linear,
-    second: Linear,
-}
-
-impl MlpEmbedder {
-    fn new(in_features: usize, hidden: usize, weights: Weights) -> Result<Self> {
-        Ok(MlpEmbedder {
-            first: linear(in_features, hidden, weights.pp("0"))?,
-            second: linear(hidden, hidden, weights.pp("2"))?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.second.forward(&self.first.forward(x)?.silu()?)
     }
 }
 
