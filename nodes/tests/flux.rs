@@ -194,16 +194,12 @@ impl Reference<'_> {
         ] {
             let projected = self.weights.linear(&attn, &format!("{block}.{stream}_attn.proj"));
             add_gated(x, &projected, &modulation[2]);
-            let hidden = self.weights.linear(
-                &modulate(x, &modulation[3], &modulation[4]),
+            self.weights.add_gated_mlp(
+                x,
+                modulation,
                 &format!("{block}.{stream}_mlp.0"),
+                &format!("{block}.{stream}_mlp.2"),
             );
-            let hidden: Rows = hidden
-                .iter()
-                .map(|row| row.iter().map(|&v| gelu(v)).collect())
-                .collect();
-            let out = self.weights.linear(&hidden, &format!("{block}.{stream}_mlp.2"));
-            add_gated(x, &out, &modulation[5]);
         }
 
         // The single block.

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::reference::{
-    add_gated, assert_close_to_reference, gelu, modulate, rms_norm, sinusoid, softmax_attention, values, values64,
-    wave, FileWeights, Rows,
+    add_gated, assert_close_to_reference, modulate, rms_norm, sinusoid, softmax_attention, values, values64, wave,
+    FileWeights, Rows,
 };
 use common::{fixture_json, floats, j, max_abs_difference, one_euler_step, setup, sizes, Setup};
 use easel_engine::Value;
@@ -116,20 +116,6 @@ impl Reference<'_> {
         ]
     }
 
-    /// `x` after its gated MLP.
-    fn mlp_residual(&self, x: &mut Rows, modulation: &Rows, stream: &str) {
-        let hidden = self.weights.linear(
-            &modulate(x, &modulation[3], &modulation[4]),
-            &format!("{stream}.mlp.fc1"),
-        );
-        let hidden: Rows = hidden
-            .iter()
-            .map(|row| row.iter().map(|&v| gelu(v)).collect())
-            .collect();
-        let out = self.weights.linear(&hidden, &format!("{stream}.mlp.fc2"));
-        add_gated(x, &out, &modulation[5]);
-    }
-
     /// The prediction, joint block `skip` passed over where given.
     fn forward(&self, inputs: &Inputs, skip: Option<usize>) -> Vec<f64> {
         let x = values64(&inputs.x);
@@ -202,13 +188,23 @@ impl Reference<'_> {
                     .linear(&softmax_attention(&q, &k, &v), &format!("{x_block}.attn2.proj"));
                 add_gated(&mut new_img, &out, &x_mod[8]);
             }
-            self.mlp_residual(&mut new_img, &x_mod, &x_block);
+            self.weights.add_gated_mlp(
+                &mut new_img,
+                &x_mod,
+                &format!("{x_block}.mlp.fc1"),
+                &format!("{x_block}.mlp.fc2"),
+            );
             if !last {
                 let projected = self
                     .weights
                     .linear(&txt_attention.to_vec(), &format!("{context_block}.attn.proj"));
                 add_gated(&mut txt, &projected, &ctx_mod[2]);
-                self.mlp_residual(&mut txt, &ctx_mod, &context_block);
+                self.weights.add_gated_mlp(
+                    &mut txt,
+                    &ctx_mod,
+                    &format!("{context_block}.mlp.fc1"),
+                    &format!("{context_block}.mlp.fc2"),
+                );
             }
             img = new_img;
         }

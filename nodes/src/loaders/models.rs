@@ -511,38 +511,43 @@ fn build_flux(source: WeightSource, config: FluxConfig) -> Result<Model, NodeErr
         SigmaSchedule::flow(1.0, 1.0)
     };
     let flux = Flux::new(config, source.weights()).map_err(tensor_error)?;
-    Ok(Model(Arc::new(DiffusionModel {
-        family: Family::Flux,
-        network: DiffusionNetwork::Flux(Arc::new(flux)),
+    Ok(flow_model(
+        Family::Flux,
+        DiffusionNetwork::Flux(Arc::new(flux)),
+        source,
+        schedule,
+    ))
+}
+
+/// A rectified-flow model of `family` (FLUX, SD3): `network` built from `source`, sampled on
+/// `schedule`, in the family's latent space.
+fn flow_model(family: Family, network: DiffusionNetwork, source: WeightSource, schedule: SigmaSchedule) -> Model {
+    Model(Arc::new(DiffusionModel {
+        family,
+        network,
         device: source.device.clone(),
         source,
         prediction: Prediction::Flow,
         schedule,
-        latent_format: LatentFormat::flux(),
+        latent_format: LatentFormat::of(family),
         differential_diffusion: None,
         edm_v_prediction: None,
         ic_light: false,
         patches: ModelPatches::default(),
-    })))
+    }))
 }
 
 /// An SD3 model from `source`: a rectified flow on ComfyUI's `ModelSamplingDiscreteFlow` with
 /// shift 3.
 fn build_mmdit(source: WeightSource, config: MmditConfig) -> Result<Model, NodeError> {
     let mmdit = Mmdit::new(config, source.weights()).map_err(tensor_error)?;
-    Ok(Model(Arc::new(DiffusionModel {
-        family: Family::Sd3,
-        network: DiffusionNetwork::Mmdit(Arc::new(mmdit)),
-        device: source.device.clone(),
+    let schedule = SigmaSchedule::flow(SD3_SHIFT, 1000.0);
+    Ok(flow_model(
+        Family::Sd3,
+        DiffusionNetwork::Mmdit(Arc::new(mmdit)),
         source,
-        prediction: Prediction::Flow,
-        schedule: SigmaSchedule::flow(SD3_SHIFT, 1000.0),
-        latent_format: LatentFormat::sd3(),
-        differential_diffusion: None,
-        edm_v_prediction: None,
-        ic_light: false,
-        patches: ModelPatches::default(),
-    })))
+        schedule,
+    ))
 }
 
 /// Loads a diffusion model file (`UNETLoader`, `UnetLoaderGGUF`): an LDM-layout UNet, a FLUX

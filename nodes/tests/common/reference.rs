@@ -53,6 +53,18 @@ impl FileWeights<'_> {
         self.linear(&hidden, second).remove(0)
     }
 
+    /// `x += gate·second(GELU(first(modulated x)))` per token: a DiT stream's MLP, modulated by
+    /// `modulation[3]` (shift) and `[4]` (scale), gated by `[5]`.
+    pub fn add_gated_mlp(&self, x: &mut Rows, modulation: &Rows, first: &str, second: &str) {
+        let hidden = self.linear(&modulate(x, &modulation[3], &modulation[4]), first);
+        let hidden: Rows = hidden
+            .iter()
+            .map(|row| row.iter().map(|&v| gelu(v)).collect())
+            .collect();
+        let out = self.linear(&hidden, second);
+        add_gated(x, &out, &modulation[5]);
+    }
+
     /// `count` modulation vectors from `vec` by the layer `name` (after SiLU).
     pub fn modulation(&self, vec: &[f64], name: &str, count: usize) -> Rows {
         let activated: Vec<f64> = vec.iter().map(|&v| silu(v)).collect();
