@@ -5,7 +5,8 @@
 //! process's peak resident memory against the file's size; the Q8_0 file also with a rank-32
 //! LoRA of every block matrix (kohya names), which stays quantized with the LoRA's update added
 //! to the products; then a FLUX-sized linear layer with weights of every ggml type.
-//! `--full-depth` measures FLUX.1-dev's whole depth as Q8_0 (a file of its real size);
+//! `--full-depth` measures FLUX.1-dev's whole depth as Q8_0 (a file of its real size), with and
+//! without the LoRA;
 //! `--checkpoint FILE [--lora FILE]` measures one file (a real FLUX model too).
 
 use std::collections::HashMap;
@@ -23,7 +24,7 @@ use easel_models::kernels::sgemm::Precision;
 use easel_models::lora::{Patch, WeightPatches};
 use easel_models::sampling::noise::CpuGenerator;
 use easel_models::testmodels::{flux_layout, write_checkpoint, write_checkpoint_in, write_gguf_copy, write_gguf_in};
-use easel_models::weights::{SafetensorsFile, TensorShapes, Weights};
+use easel_models::weights::{SafetensorsFile, Weights};
 use easel_nodes::loaders::lora::apply_model_lora;
 use easel_nodes::loaders::models::load_diffusion_model;
 use easel_nodes::model::diffusion_model::DiffusionNetwork;
@@ -82,7 +83,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     );
     print_header();
     let lora = dir.path().join("flux_rank32_lora.safetensors");
-    write_block_lora(&files[0], &lora)?;
+    write_block_lora(&config, &lora)?;
     let q8 = files.iter().find(|file| file.to_string_lossy().contains("Q8_0"));
     let runs = files
         .iter()
@@ -143,16 +144,16 @@ fn print_header() {
 /// The rank of the benchmark's LoRA.
 const LORA_RANK: usize = 32;
 
-/// Writes a rank-32 LoRA (f16, kohya's names over BFL's) of every block matrix of the FLUX
-/// model in `model` (a safetensors file) to `path`.
-fn write_block_lora(model: &Path, path: &Path) -> anyhow::Result<()> {
-    let file = SafetensorsFile::open(model)?;
-    let modules = file.tensor_names().filter_map(|name| {
-        let module = name
+/// Writes a rank-32 LoRA (f16, kohya's names over BFL's) of every block matrix of a FLUX model
+/// of `config` to `path`.
+fn write_block_lora(config: &FluxConfig, path: &Path) -> anyhow::Result<()> {
+    let modules = flux_layout(config, "")?.into_iter().filter_map(|spec| {
+        let module = spec
+            .name
             .strip_suffix(".weight")
             .filter(|module| module.contains("blocks."))?;
-        match file.shape(name)? {
-            &[out, input] => Some((module.to_string(), out, input)),
+        match spec.shape[..] {
+            [out, input] => Some((module.to_string(), out, input)),
             _ => None,
         }
     });
