@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use common::{j, Setup};
 use easel_engine::Value;
-use easel_models::testmodels::{TINY_SD1_CHECKPOINT, TINY_SDXL_CHECKPOINT};
+use easel_models::testmodels::{TINY_SD1_CHECKPOINT, TINY_SD3_CHECKPOINT, TINY_SDXL_CHECKPOINT};
 use easel_models::weights::{SafetensorsFile, TensorShapes};
 use easel_nodes::conditioning::Conditioning;
 use easel_nodes::paths::Paths;
@@ -238,4 +238,44 @@ fn sdxl_text_encoders_are_saved_in_the_transformers_layout_and_load_back() {
         )
         .expect_err("mismatched encoders are refused");
     assert!(error.to_string().contains("no place"), "{error}");
+}
+
+/// An SD3 checkpoint saves its MMDiT, its three text encoders (under `text_encoders.`, CLIP-G in
+/// the transformers layout, as ComfyUI writes them) and its VAE, and loads back with the same
+/// conditioning.
+#[test]
+fn an_sd3_checkpoint_saves_its_three_text_encoders() {
+    let setup = common::setup();
+    let loaded = setup
+        .call(
+            "CheckpointLoaderSimple",
+            vec![("ckpt_name", j(json!(TINY_SD3_CHECKPOINT)))],
+        )
+        .unwrap();
+    setup
+        .call(
+            "CheckpointSave",
+            vec![
+                ("model", loaded[0].clone()),
+                ("clip", loaded[1].clone()),
+                ("vae", loaded[2].clone()),
+                ("filename_prefix", j(json!("checkpoints/sd3"))),
+            ],
+        )
+        .unwrap();
+    let (name, path) = saved_into(&setup, "checkpoints", "sd3_00001_", "checkpoints");
+    let file = SafetensorsFile::open(&path).unwrap();
+    for tensor in [
+        "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight",
+        "text_encoders.clip_g.transformer.text_model.final_layer_norm.weight",
+        "text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight",
+        "first_stage_model.decoder.conv_in.weight",
+        "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
+    ] {
+        assert!(file.has(tensor), "{tensor}");
+    }
+    let reloaded = setup
+        .call("CheckpointLoaderSimple", vec![("ckpt_name", j(json!(name)))])
+        .unwrap();
+    assert_eq!(encoded(&setup, &reloaded[1]), encoded(&setup, &loaded[1]));
 }

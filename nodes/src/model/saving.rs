@@ -12,7 +12,7 @@ use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Service
 use easel_models::architectures::clip_encoder::ClipNaming;
 use easel_models::checkpoint::{
     checkpoint_clip_prefixes, Family, TextEncoderKind, FLUX_CLIP_L_PREFIX, FLUX_T5_PREFIX, FLUX_VAE_PREFIX,
-    UNET_PREFIX, VAE_PREFIX,
+    SD3_CLIP_G_PREFIX, SD3_CLIP_L_PREFIX, SD3_T5_PREFIX, UNET_PREFIX, VAE_PREFIX,
 };
 use easel_models::sampling::schedule::{ContinuousTimestep, SigmaSchedule};
 use easel_models::weights::WeightSource;
@@ -118,7 +118,8 @@ fn write_file(
 }
 
 /// Where a text encoder of `family` lies in a checkpoint, and the naming it has there (CLIP-L
-/// in the transformers layout, CLIP-G and CLIP-H in OpenCLIP's; none for T5).
+/// in the transformers layout, CLIP-G and CLIP-H in OpenCLIP's but SD3's CLIP-G in the
+/// transformers layout, as ComfyUI writes them; none for T5).
 fn checkpoint_clip_prefix(family: Family, encoder: &TextEncoder) -> Option<(&'static str, Option<ClipNaming>)> {
     let naming = |kind: TextEncoderKind| match kind {
         TextEncoderKind::ClipL => ClipNaming::Transformers,
@@ -127,6 +128,9 @@ fn checkpoint_clip_prefix(family: Family, encoder: &TextEncoder) -> Option<(&'st
     match (family, encoder.clip_kind()) {
         (Family::Flux, Some(TextEncoderKind::ClipL)) => Some((FLUX_CLIP_L_PREFIX, Some(ClipNaming::Transformers))),
         (Family::Flux, None) => Some((FLUX_T5_PREFIX, None)),
+        (Family::Sd3, Some(TextEncoderKind::ClipL)) => Some((SD3_CLIP_L_PREFIX, Some(ClipNaming::Transformers))),
+        (Family::Sd3, Some(TextEncoderKind::ClipG)) => Some((SD3_CLIP_G_PREFIX, Some(ClipNaming::Transformers))),
+        (Family::Sd3, None) => Some((SD3_T5_PREFIX, None)),
         (_, Some(kind)) => checkpoint_clip_prefixes(family)
             .iter()
             .find(|(found, _)| *found == kind)
