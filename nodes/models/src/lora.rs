@@ -86,6 +86,7 @@ impl Difference {
     fn shaped_as(&self, weight: &Tensor) -> Result<Option<Tensor>> {
         let difference = match self {
             Difference::LowRank { up, down, scale } => {
+                let (up, down) = (up.to_dtype(DType::F32)?, down.to_dtype(DType::F32)?);
                 (up.flatten_from(1)?.matmul(&down.flatten_from(1)?)? * f64::from(*scale))?
             }
             Difference::Hadamard { first, second, scale } => ((first * second)? * f64::from(*scale))?,
@@ -392,12 +393,7 @@ impl WeightPatches {
             if up_rows != rows || down_rank != rank || down_cols != cols {
                 return Ok(None);
             }
-            updates.push(LowRankUpdate {
-                up: up.flatten_all()?.to_vec1()?,
-                down: down.flatten_all()?.to_vec1()?,
-                rank,
-                factor: patch.strength * scale,
-            });
+            updates.push(LowRankUpdate::new(up, down, patch.strength * scale)?);
         }
         Ok(Some(updates))
     }
@@ -421,42 +417,41 @@ impl WeightPatches {
         if base.len() != rows * cols {
             return Ok(None);
         }
-        let patch_block = |first: usize, block: &mut [f32]| {
-            base.read(first * cols, 1, block);
-            let block_rows = block.len() / cols;
-            for update in &updates {
-                let rank = update.rank;
-                let up = View::row_major(&update.up[first * rank..(first + block_rows) * rank], block_rows, rank);
-                gemm_into(
-                    block,
-                    cols,
-                    up,
-                    &View::row_major(&update.down, rank, cols),
-                    update.factor,
-                    true,
-                    Precision::F32,
-                );
-            }
-        };
-        let tensor = match base {
-            Elements::F16(_) => Tensor::from_vec(
-                patched_blocks::<f16>(rows, cols, &patch_block),
-                (rows, cols),
-                &Device::Cpu,
-            )?,
-            Elements::BF16(_) => Tensor::from_vec(
-                patched_blocks::<bf16>(rows, cols, &patch_block),
-                (rows, cols),
-                &Device::Cpu,
-            )?,
-            Elements::F32(_) => Tensor::from_vec(
-                patched_blocks::<f32>(rows, cols, &patch_block),
-                (rows, cols),
-                &Device::Cpu,
-            )?,
-            Elements::F8(..) | Elements::Ggml(..) => return Ok(None),
-        };
-        Ok(Some(tensor))
+        LowRankUpdate::with_factors(&updates, |factors| {
+            let patch_block = |first: usize, block: &mut [f32]| {
+                base.read(first * cols, 1, block);
+                let block_rows = block.len() / cols;
+                for update in factors {
+                    let rank = update.rank;
+                    // Always in range: the factors' shapes were checked against the matrix's.
+                    let Some(up) = update.up.range(first * rank, block_rows * rank) else {
+                        continue;
+                    };
+                    let down = View::row_major(update.down, rank, cols);
+                    let up = View::row_major(up, block_rows, rank);
+                    gemm_into(block, cols, up, &down, update.factor, true, Precision::F32);
+                }
+            };
+            let tensor = match base {
+                Elements::F16(_) => Tensor::from_vec(
+                    patched_blocks::<f16>(rows, cols, &patch_block),
+                    (rows, cols),
+                    &Device::Cpu,
+                )?,
+                Elements::BF16(_) => Tensor::from_vec(
+                    patched_blocks::<bf16>(rows, cols, &patch_block),
+                    (rows, cols),
+                    &Device::Cpu,
+                )?,
+                Elements::F32(_) => Tensor::from_vec(
+                    patched_blocks::<f32>(rows, cols, &patch_block),
+                    (rows, cols),
+                    &Device::Cpu,
+                )?,
+                Elements::F8(..) | Elements::Ggml(..) => return Ok(None),
+            };
+            Ok(Some(tensor))
+        })?
     }
 
     /// `base` (the tensor `name`) with its patches applied, computed in f32 and returned in
@@ -884,6 +879,20 @@ fn take(lora: &SafetensorsFile, used: &mut HashSet<String>, name: String) -> Res
     Ok(tensor)
 }
 
+/// Loads the low-rank factor `name` as the file stores it where that is f32, f16 or bf16 (the
+/// products widen it exactly, as ComfyUI computes the difference in f32), else in f32, and
+/// records it as used: a model's LoRA factors are held once, in the file's precision.
+fn take_factor(lora: &SafetensorsFile, used: &mut HashSet<String>, name: String) -> Result<Tensor> {
+    let dtype = lora
+        .entry(&name)
+        .and_then(|entry| DType::try_from(entry.dtype).ok())
+        .filter(|dtype| matches!(dtype, DType::F32 | DType::F16 | DType::BF16))
+        .unwrap_or(DType::F32);
+    let tensor = lora.load(&name, dtype, &Device::Cpu)?;
+    used.insert(name);
+    Ok(tensor)
+}
+
 /// The difference `lora` stores for layer `name`, in whichever format it uses (LyCORIS's
 /// CP-decomposed LoHa and LoKr included); `None` when it has none Easel reads.
 fn read_difference(lora: &SafetensorsFile, name: &str, used: &mut HashSet<String>) -> Result<Option<Difference>> {
@@ -904,11 +913,11 @@ fn read_difference(lora: &SafetensorsFile, name: &str, used: &mut HashSet<String
         .into_iter()
         .find(|(up, down)| lora.has(up) && lora.has(down))
     {
-        let up = take(lora, used, up_name)?;
-        let mut down = take(lora, used, down_name)?;
+        let up = take_factor(lora, used, up_name)?;
+        let mut down = take_factor(lora, used, down_name)?;
         let rank = down.dim(0)?;
         if has("lora_mid.weight") {
-            down = tucker_down(&down, &take(lora, used, key("lora_mid.weight"))?)?;
+            down = tucker_down(&down.to_dtype(DType::F32)?, &take(lora, used, key("lora_mid.weight"))?)?;
         }
         let scale = scale(Some(rank), used)?;
         return Ok(Some(Difference::LowRank { up, down, scale }));
@@ -1148,12 +1157,17 @@ mod tests {
     fn low_rank_patches_applied_in_blocks_equal_the_whole_matrix_computation() {
         let (rows, cols, rank) = (2 * PATCH_ROWS_PER_TASK + 5, 37, 3);
         let wave = |count: usize, step: f32| (0..count).map(|i| (i as f32 * step).sin()).collect::<Vec<f32>>();
-        let low_rank = |strength, up_step, down_step, scale| Patch {
+        // Factors as LoRA files store them: f32, and f16 (read in place, widened exactly).
+        let low_rank = |strength, up_step, down_step, scale, dtype| Patch {
             strength,
             strength_model: 1.0,
             difference: Difference::LowRank {
-                up: tensor(&wave(rows * rank, up_step), &[rows, rank]),
-                down: tensor(&wave(rank * cols, down_step), &[rank, cols]),
+                up: tensor(&wave(rows * rank, up_step), &[rows, rank])
+                    .to_dtype(dtype)
+                    .expect("up"),
+                down: tensor(&wave(rank * cols, down_step), &[rank, cols])
+                    .to_dtype(dtype)
+                    .expect("down"),
                 scale,
             },
             dora_scale: None,
@@ -1161,7 +1175,10 @@ mod tests {
         };
         let patches = WeightPatches::default().and(HashMap::from([(
             "w".to_string(),
-            vec![low_rank(0.7, 0.31, 0.17, 0.5), low_rank(-1.2, 0.05, 0.9, 1.0)],
+            vec![
+                low_rank(0.7, 0.31, 0.17, 0.5, DType::F32),
+                low_rank(-1.2, 0.05, 0.9, 1.0, DType::F16),
+            ],
         )]));
         let base: Vec<f16> = wave(rows * cols, 0.013).into_iter().map(f16::from_f32).collect();
         let blocks = patches

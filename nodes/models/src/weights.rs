@@ -828,15 +828,109 @@ pub struct WeightMatrix {
     low_rank: Option<Arc<Vec<LowRankUpdate>>>,
 }
 
-/// A low-rank difference `factor·up·down` (up [out, rank], down [rank, in], row-major f32) that
-/// a matrix's products add as `factor·(x·downᵀ)·upᵀ`, so that a LoRA on ggml-quantized weights
-/// (as ComfyUI-GGUF patches them on the fly) needs no dense copy of the matrix.
+/// A low-rank difference `factor·up·down` (up [out, rank], down [rank, in]) that a matrix's
+/// products add as `factor·(x·downᵀ)·upᵀ`, so that a LoRA on ggml-quantized weights (as
+/// ComfyUI-GGUF patches them on the fly) needs no dense copy of the matrix. The factors are the
+/// LoRA's own tensors (shared with its patches, in the file's precision), contiguous on the CPU
+/// in f32, f16 or bf16, as [`LowRankUpdate::new`] makes them.
 #[derive(Clone)]
 pub struct LowRankUpdate {
-    pub up: Vec<f32>,
-    pub down: Vec<f32>,
+    up: Tensor,
+    down: Tensor,
     pub rank: usize,
     pub factor: f32,
+}
+
+/// One [`LowRankUpdate`] with its factors read in place.
+#[derive(Clone, Copy)]
+pub struct LowRankFactors<'a> {
+    pub up: Elements<'a>,
+    pub down: Elements<'a>,
+    pub rank: usize,
+    pub factor: f32,
+}
+
+impl LowRankUpdate {
+    /// `factor·up·down` for 2-D `up` [rows, rank] and `down` [rank, cols]; factors the CPU
+    /// kernels cannot read in place are copied to the CPU in f32.
+    pub fn new(up: Tensor, down: Tensor, factor: f32) -> candle_core::Result<Self> {
+        let readable = |tensor: Tensor| -> candle_core::Result<Tensor> {
+            let in_place = tensor.device().is_cpu()
+                && tensor.is_contiguous()
+                && matches!(tensor.dtype(), DType::F32 | DType::F16 | DType::BF16);
+            match in_place {
+                true => Ok(tensor),
+                false => tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous(),
+            }
+        };
+        let rank = down.dim(0)?;
+        Ok(LowRankUpdate {
+            up: readable(up)?,
+            down: readable(down)?,
+            rank,
+            factor,
+        })
+    }
+
+    /// `factor·up·down` in f32, of shape [rows, cols].
+    fn difference(&self) -> candle_core::Result<Tensor> {
+        self.up.to_dtype(DType::F32)?.matmul(&self.down.to_dtype(DType::F32)?)? * f64::from(self.factor)
+    }
+
+    /// Runs `f` on the factors of `updates`, read in place.
+    pub fn with_factors<R>(
+        updates: &[LowRankUpdate],
+        f: impl FnOnce(&[LowRankFactors]) -> R,
+    ) -> candle_core::Result<R> {
+        let guards: Vec<_> = updates
+            .iter()
+            .map(|update| [update.up.storage_and_layout(), update.down.storage_and_layout()])
+            .collect();
+        let factors = updates
+            .iter()
+            .zip(&guards)
+            .map(|(update, [(up, up_layout), (down, down_layout)])| {
+                Ok(LowRankFactors {
+                    up: factor_elements(up, up_layout, &update.up)?,
+                    down: factor_elements(down, down_layout, &update.down)?,
+                    rank: update.rank,
+                    factor: update.factor,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(f(&factors))
+    }
+}
+
+/// The elements of a [`LowRankUpdate`]'s factor `tensor` (its storage and layout held).
+fn factor_elements<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+    tensor: &Tensor,
+) -> candle_core::Result<Elements<'a>> {
+    cpu_elements(storage, layout, tensor.elem_count())
+        .ok_or_else(|| candle_core::Error::Msg("a low-rank factor is not readable in place".into()))
+}
+
+/// The `count` elements of contiguous CPU storage in f32, f16 or bf16; `None` for others.
+fn cpu_elements<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+    count: usize,
+) -> Option<Elements<'a>> {
+    let candle_core::Storage::Cpu(cpu) = storage else {
+        return None;
+    };
+    if !layout.is_contiguous() {
+        return None;
+    }
+    let range = layout.start_offset()..layout.start_offset() + count;
+    match cpu {
+        candle_core::CpuStorage::F32(values) => values.get(range).map(Elements::F32),
+        candle_core::CpuStorage::F16(values) => values.get(range).map(Elements::F16),
+        candle_core::CpuStorage::BF16(values) => values.get(range).map(Elements::BF16),
+        _ => None,
+    }
 }
 
 enum MatrixStorage {
@@ -862,15 +956,7 @@ impl WeightMatrix {
     pub fn tensor(&self) -> candle_core::Result<Tensor> {
         let mut tensor = self.base_tensor()?;
         for update in self.low_rank() {
-            let rows = self.shape.first().copied().unwrap_or(0);
-            let up = Tensor::from_slice(&update.up, (rows, update.rank), &Device::Cpu)?;
-            let down = Tensor::from_slice(
-                &update.down,
-                (update.rank, update.down.len() / update.rank.max(1)),
-                &Device::Cpu,
-            )?;
-            let difference = (up.matmul(&down)? * f64::from(update.factor))?;
-            tensor = (tensor + difference.reshape(self.shape.as_slice())?)?;
+            tensor = (tensor + update.difference()?.reshape(self.shape.as_slice())?)?;
         }
         Ok(tensor)
     }
@@ -926,20 +1012,8 @@ impl WeightMatrix {
             MatrixStorage::Mapped { file, name } => Ok(file.elements(name).map(f)),
             MatrixStorage::Fp8 { bytes, format } => Ok(Some(f(Elements::F8(bytes, *format)))),
             MatrixStorage::Tensor(tensor) => {
-                if !tensor.device().is_cpu() || !tensor.is_contiguous() {
-                    return Ok(None);
-                }
                 let (storage, layout) = tensor.storage_and_layout();
-                let candle_core::Storage::Cpu(cpu) = &*storage else {
-                    return Ok(None);
-                };
-                let range = layout.start_offset()..layout.start_offset() + tensor.elem_count();
-                Ok(match tensor.dtype() {
-                    DType::F32 => Some(f(Elements::F32(&cpu.as_slice::<f32>()?[range]))),
-                    DType::F16 => Some(f(Elements::F16(&cpu.as_slice::<f16>()?[range]))),
-                    DType::BF16 => Some(f(Elements::BF16(&cpu.as_slice::<bf16>()?[range]))),
-                    _ => None,
-                })
+                Ok(cpu_elements(&storage, layout, tensor.elem_count()).map(f))
             }
         }
     }

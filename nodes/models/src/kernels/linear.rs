@@ -154,28 +154,35 @@ fn forward_by_rows(
 
 /// Adds `factor·(x·downᵀ)·upᵀ` of each update to `output` (x's rows × out_features), the
 /// threads sharing the rows.
-fn add_low_rank(x: &[f32], output: &mut [f32], updates: &[LowRankUpdate], (out_features, in_features): (usize, usize)) {
+fn add_low_rank(
+    x: &[f32],
+    output: &mut [f32],
+    updates: &[LowRankUpdate],
+    (out_features, in_features): (usize, usize),
+) -> Result<()> {
     if updates.is_empty() {
-        return;
+        return Ok(());
     }
     let rows = x.len() / in_features;
     let rows_per_task = rows.div_ceil(2 * rayon::current_num_threads()).max(MIN_ROWS_PER_TASK);
-    output
-        .par_chunks_mut(rows_per_task * out_features)
-        .zip(x.par_chunks(rows_per_task * in_features))
-        .for_each(|(out, input)| {
-            let count = input.len() / in_features;
-            for update in updates {
-                let rank = update.rank;
-                let mut projected = vec![0f32; count * rank];
-                let down_t = View::transpose_of(Elements::F32(&update.down), rank, in_features);
-                let lhs = View::row_major(input, count, in_features);
-                gemm_into(&mut projected, rank, lhs, &down_t, 1.0, false, Precision::F32);
-                let up_t = View::transpose_of(Elements::F32(&update.up), out_features, rank);
-                let lhs = View::row_major(&projected, count, rank);
-                gemm_into(out, out_features, lhs, &up_t, update.factor, true, Precision::F32);
-            }
-        });
+    LowRankUpdate::with_factors(updates, |factors| {
+        output
+            .par_chunks_mut(rows_per_task * out_features)
+            .zip(x.par_chunks(rows_per_task * in_features))
+            .for_each(|(out, input)| {
+                let count = input.len() / in_features;
+                for update in factors {
+                    let rank = update.rank;
+                    let mut projected = vec![0f32; count * rank];
+                    let down_t = View::transpose_of(update.down, rank, in_features);
+                    let lhs = View::row_major(input, count, in_features);
+                    gemm_into(&mut projected, rank, lhs, &down_t, 1.0, false, Precision::F32);
+                    let up_t = View::transpose_of(update.up, out_features, rank);
+                    let lhs = View::row_major(&projected, count, rank);
+                    gemm_into(out, out_features, lhs, &up_t, update.factor, true, Precision::F32);
+                }
+            })
+    })
 }
 
 impl Linear {
@@ -196,12 +203,15 @@ impl Module for Linear {
             return self.candle_forward(x);
         }
         let (features, precision) = ((out_features, in_features), self.weight.precision());
-        let product = |x: &[f32], bias: Option<&[f32]>| {
-            self.weight.with_base_elements(|weight| {
-                let mut output = forward_rows(x, weight, bias, features, precision);
-                add_low_rank(x, &mut output, self.weight.low_rank(), features);
-                output
-            })
+        let product = |x: &[f32], bias: Option<&[f32]>| -> Result<Option<Vec<f32>>> {
+            let output = self
+                .weight
+                .with_base_elements(|weight| forward_rows(x, weight, bias, features, precision))?;
+            let Some(mut output) = output else {
+                return Ok(None);
+            };
+            add_low_rank(x, &mut output, self.weight.low_rank(), features)?;
+            Ok(Some(output))
         };
         let values = match &self.bias {
             Some(bias) => with_cpu_f32([x, bias], |[x, bias]| product(x, Some(bias)))?,
