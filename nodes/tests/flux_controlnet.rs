@@ -8,7 +8,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{floats, formula_unet_file, j, max_abs_difference, setup, sizes};
+use common::{assert_matches_fixture, floats, formula_unet_file, j, max_abs_difference, setup, sizes, two_euler_steps};
 use easel_engine::Value;
 use easel_models::architectures::flux::{FluxControl, FluxInput, ReferenceMethod};
 use easel_models::architectures::flux_controlnet::{FluxControlNetConfig, FluxControlNetKind};
@@ -17,7 +17,6 @@ use easel_nodes::conditioning::{CondEntry, Conditioning};
 use easel_nodes::controlnet::nodes::load_controlnet;
 use easel_nodes::controlnet::ControlNetwork;
 use easel_nodes::image::Mask;
-use easel_nodes::latent::Latent;
 use serde_json::{json, Value as Json};
 
 fn tensor(value: &Json) -> Tensor {
@@ -85,16 +84,8 @@ fn flux_controlnets_give_comfyuis_residuals() {
             let order = sizes(&case[format!("{key}_order")]);
             assert_eq!(list.len(), order.len(), "{name} {key}");
             for (index, (residual, which)) in list.iter().zip(order).enumerate() {
-                let want = tensor(&expected[which]);
                 let got = residual.as_ref().expect("a residual");
-                let scale = floats(&expected[which]["values"])
-                    .iter()
-                    .fold(1f32, |m, v| m.max(v.abs()));
-                assert!(
-                    max_abs_difference(got, &want) <= 2e-5 * scale,
-                    "{name} residual {index}: differs by {}",
-                    max_abs_difference(got, &want)
-                );
+                assert_matches_fixture(&format!("{name} {key} residual {index}"), got, &expected[which]);
             }
         }
     }
@@ -193,22 +184,7 @@ fn sample_flux_controlled(
         None => "ControlNetApplyAdvanced",
     };
     let applied = setup.call(node, inputs)?;
-    let sampled = setup.call(
-        "KSampler",
-        vec![
-            ("model", model),
-            ("seed", j(json!(7))),
-            ("steps", j(json!(2))),
-            ("cfg", j(json!(1.0))),
-            ("sampler_name", j(json!("euler"))),
-            ("scheduler", j(json!("simple"))),
-            ("positive", applied[0].clone()),
-            ("negative", applied[1].clone()),
-            ("latent_image", latent),
-            ("denoise", j(json!(1.0))),
-        ],
-    )?;
-    Ok(sampled[0].downcast::<Latent>().unwrap().samples.clone())
+    two_euler_steps(setup, &model, &applied, &latent, 1.0)
 }
 
 #[test]

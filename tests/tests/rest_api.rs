@@ -662,6 +662,24 @@ fn sdxl_and_flux_run_text2img_img2img_and_inpaint() {
     let task = generate(api, split).json();
     assert_eq!(task["status"], "succeeded", "sd3.5 split files: {task}");
     assert_eq!(prompt_nodes(api, &task, "TripleCLIPLoader").len(), 1);
+
+    // SD3 ControlNets (diffusers' layout) on canny edges of the request's image, and AliMama's
+    // inpainting one on its masked image.
+    for (mode, controlnet, kind) in [
+        ("img2img", "easel_tiny_sd3_controlnet.safetensors", "canny"),
+        ("inpaint", "easel_tiny_sd3_inpainting_controlnet.safetensors", "inpaint"),
+    ] {
+        let mut controlled = tiny("sd3", mode);
+        controlled["model"] = json!("easel_tiny_sd3_medium_incl_clips_t5xxl.safetensors");
+        controlled["controlnets"] = json!([{"model": controlnet, "type": kind}]);
+        let task = generate(api, controlled).json();
+        assert_eq!(task["status"], "succeeded", "SD3 ControlNet {kind}: {task}");
+        let applies = prompt_nodes(api, &task, "ControlNetApplyAdvanced");
+        assert!(
+            applies[0]["inputs"]["vae"].is_array(),
+            "the workflow's VAE: {applies:?}"
+        );
+    }
 }
 
 #[test]
@@ -727,10 +745,6 @@ fn bad_requests_name_the_field_and_queue_nothing() {
     refused(with(json!({"unet": "easel_tiny_sdxl_unet.safetensors"})), 400, "model");
     refused(with(json!({"colour": "blue"})), 400, "colour");
     refused(with(json!({"model": "easel_tiny_sdxl.safetensors"})), 400, "model");
-    let sd3_controlled = json!({"family": "sd3", "model": "easel_tiny_sd3_medium_incl_clips_t5xxl.safetensors",
-        "controlnets": [{"model": "easel_tiny_sd1_controlnet.safetensors", "type": "canny"}]});
-    let body = refused(with(sd3_controlled), 501, "controlnets");
-    assert_eq!(body["error"]["code"], "not_implemented");
     refused(with(json!({"mode": "upscale"})), 501, "mode");
     refused(
         with(json!({"ip_adapter": {"clip_vision": "a.safetensors", "images": []}})),

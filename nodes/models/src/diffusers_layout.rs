@@ -26,6 +26,9 @@ pub const DIFFUSERS_CONTROLNET_MARKER: &str = "controlnet_cond_embedding.conv_in
 pub const DIFFUSERS_T2I_ADAPTER_MARKER: &str = "adapter.body.0.resnets.0.block1.weight";
 /// The tensor a diffusers FLUX ControlNet has (ComfyUI's test for InstantX's).
 pub const DIFFUSERS_FLUX_CONTROLNET_MARKER: &str = "controlnet_x_embedder.weight";
+/// The tensors a diffusers SD3 ControlNet has (ComfyUI's test in `convert_diffusers_mmdit`).
+pub const DIFFUSERS_SD3_CONTROLNET_MARKERS: [&str; 2] =
+    ["transformer_blocks.0.attn.add_q_proj.weight", "pos_embed.proj.weight"];
 /// The tensor ComfyUI's `VAE` looks for to tell a diffusers VAE.
 pub const DIFFUSERS_VAE_MARKER: &str = "decoder.up_blocks.0.resnets.0.norm1.weight";
 
@@ -46,6 +49,8 @@ pub enum DiffusersLayoutError {
         part: &'static str,
         marker: &'static str,
     },
+    #[error("'{path}': an SD3 ControlNet with as many blocks as its model ({blocks}) is not supported by Easel yet")]
+    FullDepthSd3ControlNet { path: String, blocks: usize },
 }
 
 /// One tensor of a [`ConvertedWeights`]: the file's name for it and the shape it is served in
@@ -254,6 +259,99 @@ impl ConvertedWeights {
             })
             .collect();
         Ok(ConvertedWeights { inner, tensors })
+    }
+
+    /// An SD3 ControlNet in diffusers' layout (InstantX's, AliMama's inpainting one) under
+    /// Stability's names (ComfyUI's `convert_diffusers_mmdit`): the blocks' separate query, key
+    /// and value projections joined, the ControlNet's own layers (`controlnet_blocks`,
+    /// `pos_embed_input`) as they are. ComfyUI swaps the halves of the text modulation of the
+    /// model's last block only, which a ControlNet with fewer blocks has not: one with as many is
+    /// refused.
+    pub fn diffusers_sd3_controlnet(inner: Arc<dyn MappedWeights>) -> Result<Self, DiffusersLayoutError> {
+        if let Some(marker) = DIFFUSERS_SD3_CONTROLNET_MARKERS
+            .iter()
+            .find(|marker| !inner.has(marker))
+        {
+            return Err(not_diffusers(inner.path(), "SD3 ControlNet", marker));
+        }
+        let blocks = count_indices(inner.as_ref(), "transformer_blocks.");
+        let hidden = inner
+            .shape(DIFFUSERS_SD3_CONTROLNET_MARKERS[1])
+            .and_then(<[usize]>::first)
+            .copied()
+            .unwrap_or(0);
+        if blocks == hidden / 64 {
+            return Err(DiffusersLayoutError::FullDepthSd3ControlNet {
+                path: inner.path().display().to_string(),
+                blocks,
+            });
+        }
+        let second_attention: Vec<usize> = (0..blocks)
+            .filter(|n| inner.has(&format!("transformer_blocks.{n}.attn2.to_q.weight")))
+            .collect();
+        let mut joined: Vec<(String, Vec<String>)> = Vec::new();
+        for matrix in mmdit_diffusers_matrices(blocks, hidden, &second_attention) {
+            for end in ["weight", "bias"] {
+                let (native, original) = (
+                    format!("{}.{end}", matrix.native),
+                    format!("{}.{end}", matrix.diffusers),
+                );
+                match joined.iter_mut().find(|(name, _)| *name == native) {
+                    Some((_, originals)) => originals.push(original),
+                    None => joined.push((native, vec![original])),
+                }
+            }
+        }
+        for block in 0..blocks {
+            let (from, to) = (
+                format!("transformer_blocks.{block}.attn"),
+                format!("joint_blocks.{block}"),
+            );
+            for (diffusers, native) in MMDIT_QK_NORMS {
+                joined.push((
+                    format!("{to}.{native}.weight"),
+                    vec![format!("{from}{diffusers}.weight")],
+                ));
+            }
+        }
+        joined.push(("pos_embed".into(), vec!["pos_embed.pos_embed".into()]));
+        let own = ["controlnet_blocks.", "pos_embed_input."];
+        joined.extend(
+            inner
+                .tensor_names()
+                .filter(|name| own.iter().any(|prefix| name.starts_with(prefix)))
+                .map(|name| (name.to_string(), vec![name.to_string()])),
+        );
+        let tensors = joined
+            .into_iter()
+            .filter_map(|(name, originals)| {
+                let shapes: Vec<&[usize]> = originals.iter().map(|o| inner.shape(o)).collect::<Option<_>>()?;
+                let mut shape = shapes.first()?.to_vec();
+                if let Some(rows) = shape.first_mut() {
+                    *rows = shapes.iter().filter_map(|s| s.first()).sum();
+                }
+                Some((name, ConvertedTensor { originals, shape }))
+            })
+            .collect();
+        Ok(ConvertedWeights { inner, tensors })
+    }
+
+    /// Stability's SD3.5 ControlNet with its embedders under Stability's names where the file
+    /// has diffusers' (ComfyUI's `MMDIT_MAP_BASIC` renaming in `load_controlnet_sd35`); its
+    /// other tensors as they are.
+    pub fn sd35_controlnet(inner: Arc<dyn MappedWeights>) -> Self {
+        let names = inner
+            .tensor_names()
+            .map(|name| {
+                let renamed = ["weight", "bias"].iter().find_map(|end| {
+                    let stem = name.strip_suffix(&format!(".{end}"))?;
+                    let (_, native) = MMDIT_BASIC.iter().find(|(diffusers, _)| *diffusers == stem)?;
+                    Some(format!("{native}.{end}"))
+                });
+                (renamed.unwrap_or_else(|| name.to_string()), name.to_string())
+            })
+            .collect();
+        Self::with_names(inner, names)
     }
 
     /// `inner`'s tensors under the names of `names` (served name, file's name), in their shapes.
@@ -476,6 +574,17 @@ const MMDIT_BLOCK: [(&str, &str); 9] = [
     ("attn2.to_out.0", "x_block.attn2.proj"),
     ("ff.net.0.proj", "x_block.mlp.fc1"),
     ("ff.net.2", "x_block.mlp.fc2"),
+];
+
+/// An MMDiT joint block's query and key norms: diffusers' name after `attn` → Stability's
+/// within the block (without `.weight`).
+const MMDIT_QK_NORMS: [(&str, &str); 6] = [
+    (".norm_q", "x_block.attn.ln_q"),
+    (".norm_k", "x_block.attn.ln_k"),
+    (".norm_added_q", "context_block.attn.ln_q"),
+    (".norm_added_k", "context_block.attn.ln_k"),
+    ("2.norm_q", "x_block.attn2.ln_q"),
+    ("2.norm_k", "x_block.attn2.ln_k"),
 ];
 
 /// The MMDiT's other weight matrices.

@@ -7,11 +7,13 @@
 //! samples with it); a T2I-Adapter sees only the hint, once per size, and gives residuals for
 //! the encoder's blocks. A FLUX ControlNet sees the latent, the hint, the timestep, the text,
 //! the pooled text and the guidance, and gives residuals for FLUX's double and single blocks
-//! (`input` and `output`).
+//! (`input` and `output`); an SD3 ControlNet sees the latent, the hint encoded by the VAE, the
+//! timestep and the text, and gives residuals for the MMDiT's joint blocks (`output`).
 //!
 //! - [`control_lora`]: control-LoRAs, built from the model that samples with them.
 //! - [`nodes`]: ControlNetLoader, DiffControlNetLoader, ControlNetApplyAdvanced,
-//!   ControlNetApply, ControlNetInpaintingAliMamaApply and SetUnionControlNetType.
+//!   ControlNetApply, ControlNetApplySD3, ControlNetInpaintingAliMamaApply and
+//!   SetUnionControlNetType.
 
 pub mod control_lora;
 pub mod nodes;
@@ -23,6 +25,7 @@ use easel_engine::{NodeObject, NodeRegistry};
 use easel_models::architectures::controlnet::{ControlNet, ControlNetInput};
 use easel_models::architectures::flux::{FluxControl, FluxInput, ReferenceMethod};
 use easel_models::architectures::flux_controlnet::FluxControlNet;
+use easel_models::architectures::mmdit_controlnet::{MmditControlInput, MmditControlNet};
 use easel_models::architectures::t2i_adapter::T2IAdapter;
 use easel_models::architectures::unet::ControlResiduals;
 use easel_models::architectures::unet::UNet;
@@ -31,7 +34,7 @@ use crate::image::resample::{common_upscale, ResizeMethod};
 use crate::image::Image;
 use crate::latent::vae::encode_image;
 use crate::latent::LatentFormat;
-use crate::model::diffusion_model::DiffusionModel;
+use crate::model::diffusion_model::{DiffusionModel, DiffusionNetwork};
 use crate::model::vae::VaeModel;
 use control_lora::ControlLora;
 
@@ -45,6 +48,7 @@ pub fn register(registry: &mut NodeRegistry) {
     registry.register(nodes::DiffControlNetLoader);
     registry.register(nodes::ControlNetApplyAdvanced);
     registry.register(nodes::ControlNetApply);
+    registry.register(nodes::ControlNetApplySD3);
     registry.register(nodes::ControlNetInpaintingAliMamaApply);
     registry.register(nodes::SetUnionControlNetType);
 }
@@ -83,24 +87,50 @@ pub enum ControlNetwork {
     T2IAdapter(T2IAdapter),
     /// A FLUX ControlNet (XLabs, Mistoline, InstantX and Shakker-Labs union, AliMama inpainting).
     Flux(Box<FluxControlNet>),
+    /// An SD3 ControlNet (InstantX's, AliMama's inpainting one, Stability's SD3.5 ones).
+    Mmdit(Box<MmditControlNet>),
 }
 
 impl ControlNetwork {
-    /// Whether the network takes the hint's latent (InstantX-style FLUX ControlNets).
+    /// Whether the network takes the hint's latent (InstantX-style FLUX ControlNets, SD3's).
     fn takes_latent(&self) -> bool {
-        matches!(self, ControlNetwork::Flux(network) if network.kind().takes_latent())
+        match self {
+            ControlNetwork::Flux(network) => network.kind().takes_latent(),
+            ControlNetwork::Mmdit(_) => true,
+            _ => false,
+        }
     }
 
     /// Whether the network takes a mask after the hint's latent (AliMama's inpainting ones).
     pub fn concat_mask(&self) -> bool {
-        matches!(self, ControlNetwork::Flux(network) if network.kind().concat_mask())
+        match self {
+            ControlNetwork::Flux(network) => network.kind().concat_mask(),
+            ControlNetwork::Mmdit(network) => network.hint_channels() == 17,
+            _ => false,
+        }
+    }
+
+    /// How the encoded hint is brought into the model's space (`latent_format.process_in`):
+    /// FLUX's format, SD3's, or SD3's scale alone for diffusers' SD3 ControlNets.
+    fn hint_latent_format(&self) -> LatentFormat {
+        match self {
+            ControlNetwork::Mmdit(network) if network.shifted_hint() => LatentFormat::sd3(),
+            ControlNetwork::Mmdit(_) => LatentFormat {
+                shift_factor: 0.0,
+                ..LatentFormat::sd3()
+            },
+            _ => LatentFormat::flux(),
+        }
     }
 
     /// The hint's size for a latent of `height × width` × the compression ratio: a T2I-Adapter
     /// rounds it up to a multiple of its unshuffle factor (`scale_image_to`).
     fn hint_size(&self, height: usize, width: usize) -> (usize, usize) {
         match self {
-            ControlNetwork::ControlNet(_) | ControlNetwork::ControlLora(_) | ControlNetwork::Flux(_) => (height, width),
+            ControlNetwork::ControlNet(_)
+            | ControlNetwork::ControlLora(_)
+            | ControlNetwork::Flux(_)
+            | ControlNetwork::Mmdit(_) => (height, width),
             ControlNetwork::T2IAdapter(adapter) => {
                 let factor = adapter.config().unshuffle();
                 (height.div_ceil(factor) * factor, width.div_ceil(factor) * factor)
@@ -240,6 +270,7 @@ impl ControlApplication {
                 self.controlnet_residuals(&network, call)?
             }
             ControlNetwork::Flux(network) => self.flux_residuals(network, call)?,
+            ControlNetwork::Mmdit(network) => self.mmdit_residuals(network, call)?,
             ControlNetwork::T2IAdapter(adapter) => {
                 let features = self
                     .prepared(call.x, |hint| adapter.forward(hint).map(Some))?
@@ -307,6 +338,23 @@ impl ControlApplication {
             .scaled(self.strength)
     }
 
+    /// An SD3 ControlNet's residuals for one call, scaled by the strength.
+    fn mmdit_residuals(&self, network: &MmditControlNet, call: &ControlCall) -> candle_core::Result<ControlResiduals> {
+        let DiffusionNetwork::Mmdit(model) = &call.model.network else {
+            candle_core::bail!("an SD3 ControlNet controls an SD3 model");
+        };
+        let hint = self.prepared(call.x, |_| Ok(None))?.hint;
+        let hint = broadcast_to_batch(&hint, call.x.dim(0)?, call.batched_number)?;
+        let input = MmditControlInput {
+            x: call.x,
+            hint: &hint,
+            timesteps: call.timesteps,
+            context: call.context,
+            y: call.y,
+        };
+        network.forward(&input, model)?.scaled(self.strength)
+    }
+
     /// A control-LoRA's network for the model sampling with it, built on its first call and
     /// kept while that model samples.
     fn control_lora_network(&self, lora: &ControlLora, model: &DiffusionModel) -> candle_core::Result<Arc<ControlNet>> {
@@ -329,8 +377,9 @@ impl ControlApplication {
 
     /// The hint for the latent `x` (kept until a latent of another size comes): the image
     /// resized to the latent's size × the compression ratio (`common_upscale`, nearest-exact,
-    /// centre crop), averaged to one channel for a network that takes one, or encoded by the VAE
-    /// into model space for a network that takes latents; and what `compute` makes of it.
+    /// centre crop) and preprocessed as an SD3.5 ControlNet's type asks, averaged to one channel
+    /// for a network that takes one, or encoded by the VAE into model space for a network that
+    /// takes latents; and what `compute` makes of it.
     fn prepared(
         &self,
         x: &Tensor,
@@ -352,13 +401,16 @@ impl ControlApplication {
         if let Some(prepared) = cached.as_ref().filter(|p| p.size == size) {
             return Ok(prepared.clone());
         }
-        let resized = common_upscale(&self.image, size.1, size.0, ResizeMethod::NearestExact, true, true)
+        let mut resized = common_upscale(&self.image, size.1, size.0, ResizeMethod::NearestExact, true, true)
             .map_err(|error| candle_core::Error::Msg(error.to_string()))?;
+        if let ControlNetwork::Mmdit(network) = network {
+            network.preprocessing().apply(&mut resized.data);
+        }
         let mut hint = match vae {
             Some(vae) => {
                 let latent = encode_image(&vae.network, &resized, x.device())
                     .map_err(|error| candle_core::Error::Msg(error.to_string()))?;
-                let latent = LatentFormat::flux().process_in(&latent)?;
+                let latent = network.hint_latent_format().process_in(&latent)?;
                 if network.concat_mask() {
                     self.with_concatenated(latent)?
                 } else {

@@ -14,6 +14,9 @@ use easel_models::architectures::controlnet::{
 use easel_models::architectures::flux_controlnet::{
     FluxControlNet, FluxControlNetConfig, MISTOLINE_MARKER, MISTOLINE_SINGLE_PREFIX, XLABS_MARKER,
 };
+use easel_models::architectures::mmdit_controlnet::{
+    MmditControlNet, MmditControlNetConfig, SD35_CONTROLNET_MARKER, SD3_CONTROLNET_MARKER,
+};
 use easel_models::architectures::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
 use easel_models::diffusers_layout::{
     ConvertedWeights, DIFFUSERS_CONTROLNET_MARKER, DIFFUSERS_FLUX_CONTROLNET_MARKER, DIFFUSERS_T2I_ADAPTER_MARKER,
@@ -38,12 +41,11 @@ const FOLDER: &str = "controlnet";
 
 /// Control model layouts Easel does not run yet, by a tensor that marks them (ComfyUI's
 /// `load_controlnet_state_dict` and `load_t2i_adapter` checks), and what they are.
-const LATER_FORMATS: [(&str, &str); 5] = [
+const LATER_FORMATS: [(&str, &str); 4] = [
     (
         "transformer_blocks.0.img_mlp.net.0.proj.weight",
         "Qwen-Image ControlNet",
     ),
-    ("pos_embed_input.proj.weight", "SD3 ControlNet"),
     ("after_proj_list.18.bias", "Hunyuan-DiT ControlNet"),
     ("backbone.0.0.weight", "Stable Cascade ControlNet"),
     ("backbone.10.blocks.0.weight", "Stable Cascade ControlNet"),
@@ -65,7 +67,7 @@ pub fn load_controlnet(
     if let Some((_, format)) = LATER_FORMATS.iter().find(|(marker, _)| file.has(marker)) {
         return Err(NodeError::new(format!(
             "{}: a {format} is not supported by Easel yet (SD1.x, SD2.x and SDXL ControlNets, \
-             control-LoRAs, T2I-Adapters and FLUX ControlNets are)",
+             control-LoRAs, T2I-Adapters, FLUX and SD3 ControlNets are)",
             path.display()
         )));
     }
@@ -79,6 +81,9 @@ pub fn load_controlnet(
     }
     if file.has(MISTOLINE_MARKER) || (file.has("controlnet_blocks.0.weight") && file.has(XLABS_MARKER)) {
         return Ok((load_flux_controlnet(path, file, device)?, file_size(path)));
+    }
+    if file.has(SD3_CONTROLNET_MARKER) {
+        return Ok((load_sd3_controlnet(path, file, device)?, file_size(path)));
     }
     if file.has(CONTROL_LORA_MARKER) {
         let lora = ControlLora::new(file).map_err(|error| NodeError::new(format!("{}: {error}", path.display())))?;
@@ -118,6 +123,29 @@ pub fn load_controlnet(
         global_average_pooling: is_shuffle(path),
     };
     Ok((loaded, file_size(path)))
+}
+
+/// An SD3 ControlNet: diffusers' layout (InstantX's, AliMama's inpainting one) read under
+/// Stability's names, or Stability's SD3.5 layout (its embedders under either's names). Its
+/// compression ratio is 1: the hint is the image at the latent's size × the VAE's downscale,
+/// encoded.
+fn load_sd3_controlnet(
+    path: &Path,
+    file: Arc<dyn MappedWeights>,
+    device: &Device,
+) -> Result<LoadedControlNet, NodeError> {
+    let converted = match file.has(SD35_CONTROLNET_MARKER) {
+        true => ConvertedWeights::sd35_controlnet(file),
+        false => ConvertedWeights::diffusers_sd3_controlnet(file).map_err(|error| NodeError::new(error.to_string()))?,
+    };
+    let config = MmditControlNetConfig::infer(&converted).map_err(|error| undetected(path, error))?;
+    let source = WeightSource::new(Arc::new(converted), "", device, Precision::F32);
+    let network = MmditControlNet::new(config, source.weights()).map_err(|error| NodeError::new(error.to_string()))?;
+    Ok(LoadedControlNet {
+        network: ControlNetwork::Mmdit(Box::new(network)),
+        compression_ratio: 1,
+        global_average_pooling: false,
+    })
 }
 
 /// A FLUX ControlNet (Mistoline's single-block layers read under ComfyUI's names). One that
@@ -289,23 +317,29 @@ fn application_inputs(inputs: &NodeInputs) -> Result<(ControlModel, Image, f64),
     ))
 }
 
+/// What the apply nodes end with: the strength and the range of sampling, and the two prompts
+/// with the control applied.
+fn strength_range_and_prompts(schema: NodeSchema) -> NodeSchema {
+    schema
+        .required("strength", InputSpec::float(1.0, 0.0, 10.0).opt("step", 0.01))
+        .required("start_percent", InputSpec::float(0.0, 0.0, 1.0).opt("step", 0.001))
+        .required("end_percent", InputSpec::float(1.0, 0.0, 1.0).opt("step", 0.001))
+        .output(OutputSpec::of("CONDITIONING").named("positive"))
+        .output(OutputSpec::of("CONDITIONING").named("negative"))
+}
+
 /// `ControlNetApplyAdvanced` ("Apply ControlNet").
 pub struct ControlNetApplyAdvanced;
 
 impl Node for ControlNetApplyAdvanced {
     fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1("ControlNetApplyAdvanced", "nodes", "conditioning/controlnet")
+        let schema = NodeSchema::v1("ControlNetApplyAdvanced", "nodes", "conditioning/controlnet")
             .display("Apply ControlNet")
             .required("positive", InputSpec::of("CONDITIONING"))
             .required("negative", InputSpec::of("CONDITIONING"))
             .required("control_net", InputSpec::of("CONTROL_NET"))
-            .required("image", InputSpec::of("IMAGE"))
-            .required("strength", InputSpec::float(1.0, 0.0, 10.0).opt("step", 0.01))
-            .required("start_percent", InputSpec::float(0.0, 0.0, 1.0).opt("step", 0.001))
-            .required("end_percent", InputSpec::float(1.0, 0.0, 1.0).opt("step", 0.001))
-            .optional("vae", InputSpec::of("VAE"))
-            .output(OutputSpec::of("CONDITIONING").named("positive"))
-            .output(OutputSpec::of("CONDITIONING").named("negative"))
+            .required("image", InputSpec::of("IMAGE"));
+        strength_range_and_prompts(schema).optional("vae", InputSpec::of("VAE"))
     }
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
@@ -350,6 +384,33 @@ fn applied_to_both_with(inputs: &NodeInputs, image: Image, extra_concat: Vec<Ima
     ]))
 }
 
+/// `ControlNetApplySD3` ("Apply Controlnet with VAE", deprecated): Apply ControlNet with its VAE
+/// required, as SD3's first ControlNet workflows used it.
+pub struct ControlNetApplySD3;
+
+impl Node for ControlNetApplySD3 {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        let schema = NodeSchema::v3(
+            "ControlNetApplySD3",
+            "comfy_extras.nodes_sd3",
+            "conditioning/controlnet",
+        )
+        .display("Apply Controlnet with VAE")
+        .required("positive", InputSpec::of("CONDITIONING"))
+        .required("negative", InputSpec::of("CONDITIONING"))
+        .required("control_net", InputSpec::of("CONTROL_NET"))
+        .required("vae", InputSpec::of("VAE"))
+        .required("image", InputSpec::of("IMAGE"));
+        let mut schema = strength_range_and_prompts(schema);
+        schema.deprecated = true;
+        schema
+    }
+
+    fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        applied_to_both(inputs)
+    }
+}
+
 /// `ControlNetInpaintingAliMamaApply`: Apply ControlNet with a mask, for AliMama's inpainting
 /// ControlNets (`concat_mask`): they take the image with its masked part cleared (the kept
 /// area, 1 − mask, resized bilinearly and rounded, multiplies it) and the kept area as a channel
@@ -359,7 +420,7 @@ pub struct ControlNetInpaintingAliMamaApply;
 
 impl Node for ControlNetInpaintingAliMamaApply {
     fn schema(&self, _: &Services) -> NodeSchema {
-        NodeSchema::v1(
+        let schema = NodeSchema::v1(
             "ControlNetInpaintingAliMamaApply",
             "comfy_extras.nodes_controlnet",
             "conditioning/controlnet",
@@ -370,12 +431,8 @@ impl Node for ControlNetInpaintingAliMamaApply {
         .required("control_net", InputSpec::of("CONTROL_NET"))
         .required("vae", InputSpec::of("VAE"))
         .required("image", InputSpec::of("IMAGE"))
-        .required("mask", InputSpec::of("MASK"))
-        .required("strength", InputSpec::float(1.0, 0.0, 10.0).opt("step", 0.01))
-        .required("start_percent", InputSpec::float(0.0, 0.0, 1.0).opt("step", 0.001))
-        .required("end_percent", InputSpec::float(1.0, 0.0, 1.0).opt("step", 0.001))
-        .output(OutputSpec::of("CONDITIONING").named("positive"))
-        .output(OutputSpec::of("CONDITIONING").named("negative"))
+        .required("mask", InputSpec::of("MASK"));
+        strength_range_and_prompts(schema)
     }
 
     fn execute(&self, _: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {

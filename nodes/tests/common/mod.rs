@@ -421,6 +421,21 @@ pub fn one_euler_step(
     ksampler_scheduled(setup, model, [positive, negative], latent, ("euler", "simple"), 1, cfg).unwrap()
 }
 
+/// KSampler's two Euler steps (seed 7, the `simple` schedule) at `cfg`, the prompts an apply
+/// node gave: the sampled latent.
+pub fn two_euler_steps(
+    setup: &Setup,
+    model: &Value,
+    applied: &[Value],
+    latent: &Value,
+    cfg: f64,
+) -> Result<Tensor, easel_engine::NodeError> {
+    let [positive, negative] = applied else {
+        panic!("an apply node gives a positive and a negative prompt");
+    };
+    ksampler_scheduled(setup, model, [positive, negative], latent, ("euler", "simple"), 2, cfg)
+}
+
 /// KSampler (seed 7, full denoise) with `sampler` on `scheduler`'s sigmas.
 fn ksampler_scheduled(
     setup: &Setup,

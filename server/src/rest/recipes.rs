@@ -18,9 +18,6 @@ pub const WORKFLOW_VERSION: &str = "v1";
 
 /// The bundled workflow serving a family and mode, or a 501 naming what is missing.
 pub fn workflow_for(request: &GenerateRequest) -> Result<&'static str, RestError> {
-    if request.family == Family::Sd3 && !request.controlnets.is_empty() {
-        return Err(RestError::not_yet("controlnets", "ControlNet for SD3"));
-    }
     if request.family == Family::Sd3 && request.ip_adapter.is_some() {
         return Err(RestError::not_yet("ip_adapter", "IP-Adapter for SD3"));
     }

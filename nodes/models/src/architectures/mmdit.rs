@@ -23,13 +23,13 @@ use crate::kernels::linear::{linear, Linear};
 use crate::weights::{TensorShapes, WeightMatrix, Weights};
 
 /// Width of each head (MMDiT's width is 64 per block of depth).
-const HEAD_DIM: usize = 64;
+pub(crate) const HEAD_DIM: usize = 64;
 /// Width of the sinusoidal timestep embedding.
-const TIME_EMBEDDING: usize = 256;
+pub(crate) const TIME_EMBEDDING: usize = 256;
 /// The layers of the timestep and pooled-vector embedders (`mlp.0`, SiLU, `mlp.2`).
-const EMBEDDER_LAYERS: [&str; 2] = ["0", "2"];
+pub(crate) const EMBEDDER_LAYERS: [&str; 2] = ["0", "2"];
 /// The patch size this implementation reads (every SD3 and SD3.5 model's).
-const PATCH: usize = 2;
+pub(crate) const PATCH: usize = 2;
 
 /// An MMDiT's shape, read from its weights.
 #[derive(Clone, Debug, PartialEq)]
@@ -52,6 +52,9 @@ pub struct MmditConfig {
     pub qk_norm: bool,
     /// The blocks whose image stream has a second self-attention of its own (SD3.5 medium).
     pub x_block_self_attention: Vec<usize>,
+    /// Whether the network ends in the final layer that predicts the velocity (every model; an
+    /// SD3 ControlNet's trunk has none, and its last text block is a whole one).
+    pub final_layer: bool,
 }
 
 impl MmditConfig {
@@ -80,7 +83,11 @@ impl MmditConfig {
                 "MMDiT with a context processor or registers",
             ));
         }
-        let out_channels = match shape("final_layer.linear.weight")?.first() {
+        let final_layer = has("final_layer.linear.weight");
+        let out_channels = match file
+            .shape(&format!("{prefix}final_layer.linear.weight"))
+            .and_then(<[usize]>::first)
+        {
             Some(&rows) => rows / (PATCH * PATCH),
             None => in_channels,
         };
@@ -106,6 +113,7 @@ impl MmditConfig {
             pos_embed_max_size,
             qk_norm: has("joint_blocks.0.context_block.attn.ln_q.weight"),
             x_block_self_attention,
+            final_layer,
         })
     }
 
@@ -137,31 +145,23 @@ pub struct MmditInput<'a> {
 /// The MMDiT.
 pub struct Mmdit {
     config: MmditConfig,
-    /// The patch embedding's convolution as a matrix over patches [hidden, C·2·2], and its bias.
-    patch_weight: Tensor,
-    patch_bias: Tensor,
+    x_embedder: PatchEmbedding,
     /// The position table [1, max·max, hidden], read in place (its crops are copied per call).
     pos_embed: WeightMatrix,
     t_embedder: MlpEmbedder,
     y_embedder: Option<MlpEmbedder>,
     context_embedder: Option<Linear>,
     blocks: Vec<JointBlock>,
-    final_modulation: Linear,
-    final_linear: Linear,
+    /// The final layer's modulation and projection, where the network has one.
+    final_layer: Option<(Linear, Linear)>,
 }
 
 impl Mmdit {
     pub fn new(config: MmditConfig, weights: Weights) -> Result<Self> {
         let hidden = config.hidden_size();
-        let patch_inputs = config.in_channels * PATCH * PATCH;
-        let x_embedder = weights.pp("x_embedder.proj");
-        let patch_weight = x_embedder
-            .get((hidden, config.in_channels, PATCH, PATCH), "weight")?
-            .reshape((hidden, patch_inputs))?;
         let positions = config.pos_embed_max_size * config.pos_embed_max_size;
         Ok(Mmdit {
-            patch_weight: patch_weight.t()?.contiguous()?,
-            patch_bias: x_embedder.get(hidden, "bias")?,
+            x_embedder: PatchEmbedding::new(config.in_channels, hidden, weights.pp("x_embedder.proj"))?,
             pos_embed: weights.matrix((1, positions, hidden), "pos_embed")?,
             t_embedder: MlpEmbedder::named(TIME_EMBEDDING, hidden, weights.pp("t_embedder.mlp"), EMBEDDER_LAYERS)?,
             y_embedder: config
@@ -175,18 +175,28 @@ impl Mmdit {
             blocks: (0..config.blocks)
                 .map(|n| JointBlock::new(&config, n, weights.pp(format!("joint_blocks.{n}"))))
                 .collect::<Result<_>>()?,
-            final_modulation: linear(hidden, 2 * hidden, weights.pp("final_layer.adaLN_modulation.1"))?,
-            final_linear: linear(
-                hidden,
-                PATCH * PATCH * config.out_channels,
-                weights.pp("final_layer.linear"),
-            )?,
+            final_layer: match config.final_layer {
+                true => Some((
+                    linear(hidden, 2 * hidden, weights.pp("final_layer.adaLN_modulation.1"))?,
+                    linear(
+                        hidden,
+                        PATCH * PATCH * config.out_channels,
+                        weights.pp("final_layer.linear"),
+                    )?,
+                )),
+                false => None,
+            },
             config,
         })
     }
 
     pub fn config(&self) -> &MmditConfig {
         &self.config
+    }
+
+    /// The embedding of the latent's 2×2 patches (without positions).
+    pub(crate) fn patch_embedding(&self) -> &PatchEmbedding {
+        &self.x_embedder
     }
 
     /// Bytes of activations one call on a [batch, C, height, width] latent needs at most, with
@@ -200,7 +210,7 @@ impl Mmdit {
 
     /// The image tokens of the latent `x`: its 2×2 patches embedded, plus the centre of the
     /// position table the patch grid covers (ComfyUI's `cropped_pos_embed`).
-    fn embed_patches(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn embed_patches(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, height, width) = x.dims4()?;
         let (rows, cols) = (height.div_ceil(PATCH), width.div_ceil(PATCH));
         let max = self.config.pos_embed_max_size;
@@ -209,10 +219,7 @@ impl Mmdit {
                 "a latent of {height}×{width} is larger than this MMDiT's position table ({max}×{max} patches of 2)"
             );
         }
-        let patches = patchify(&pad_circularly(&pad_circularly(x, 2)?, 3)?)?;
-        let tokens = patches
-            .broadcast_matmul(&self.patch_weight)?
-            .broadcast_add(&self.patch_bias)?;
+        let tokens = self.x_embedder.forward(x)?;
         let (top, left) = ((max - rows) / 2, (max - cols) / 2);
         let hidden = self.config.hidden_size();
         // Each row of the crop is one run of the table.
@@ -240,32 +247,60 @@ impl Mmdit {
     pub fn forward(&self, input: &MmditInput) -> Result<Tensor> {
         let (batch, _, height, width) = input.x.dims4()?;
         let (rows, cols) = (height.div_ceil(PATCH), width.div_ceil(PATCH));
+        let Some((final_modulation, final_linear)) = &self.final_layer else {
+            candle_core::bail!("this MMDiT has no final layer (an SD3 ControlNet's trunk predicts nothing)");
+        };
         let mut img = self.embed_patches(input.x)?;
-        let mut c = self
-            .t_embedder
-            .forward(&timestep_embedding(input.timesteps, TIME_EMBEDDING)?)?;
-        if let (Some(y_embedder), Some(y)) = (&self.y_embedder, input.y) {
-            c = (c + y_embedder.forward(y)?)?;
-        }
-        let mut txt = Some(match &self.context_embedder {
-            Some(embedder) => embedder.forward(input.context)?,
-            None => input.context.clone(),
-        });
+        let c = self.conditioning_vector(input.timesteps, input.y)?;
+        let mut txt = Some(self.text_tokens(input.context)?);
         for n in 0..self.blocks.len() {
             (img, txt) = self.joint_block(n, img, txt, &c, input)?;
             if let Some(Some(residual)) = input.control.get(n) {
                 img = img.broadcast_add(residual)?;
             }
         }
-        let final_modulation = modulation(&self.final_modulation, &c, 2)?;
+        let final_modulation = modulation(final_modulation, &c, 2)?;
         let img = modulate(&layer_norm(&img)?, &final_modulation[0], &final_modulation[1])?;
-        let out = self.final_linear.forward(&img)?;
+        let out = final_linear.forward(&img)?;
         let channels = self.config.out_channels;
         out.reshape((batch, rows, cols, PATCH, PATCH, channels))?
             .permute((0, 5, 1, 3, 2, 4))?
             .reshape((batch, channels, rows * PATCH, cols * PATCH))?
             .narrow(2, 0, height)?
             .narrow(3, 0, width)
+    }
+
+    /// The vector the blocks are modulated by: the timestep's embedding plus the pooled text's.
+    pub(crate) fn conditioning_vector(&self, timesteps: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
+        let c = self
+            .t_embedder
+            .forward(&timestep_embedding(timesteps, TIME_EMBEDDING)?)?;
+        match (&self.y_embedder, y) {
+            (Some(y_embedder), Some(y)) => c + y_embedder.forward(y)?,
+            _ => Ok(c),
+        }
+    }
+
+    /// The text tokens the blocks take: the context embedded where the model embeds it.
+    pub(crate) fn text_tokens(&self, context: &Tensor) -> Result<Tensor> {
+        match &self.context_embedder {
+            Some(embedder) => embedder.forward(context),
+            None => Ok(context.clone()),
+        }
+    }
+
+    /// Joint block `n` on the image and text tokens, as the model has it (no replacement).
+    pub(crate) fn plain_joint_block(
+        &self,
+        n: usize,
+        img: &Tensor,
+        txt: &Tensor,
+        c: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        match self.blocks.get(n) {
+            Some(block) => block.forward(img, txt, c),
+            None => candle_core::bail!("this MMDiT has no joint block {n}"),
+        }
     }
 
     /// Joint block `n` on the image and text tokens, or its replacement where the call has one.
@@ -305,6 +340,57 @@ impl Mmdit {
             &original,
         )?;
         Ok((out.img, out.txt))
+    }
+}
+
+/// A 2×2 patch embedding (a convolution of stride 2, ComfyUI's `PatchEmbed` without positions):
+/// the latent padded circularly to even sides, each patch one token.
+pub(crate) struct PatchEmbedding {
+    /// The convolution as a matrix over patches [C·2·2, hidden], and its bias.
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl PatchEmbedding {
+    pub(crate) fn new(channels: usize, hidden: usize, weights: Weights) -> Result<Self> {
+        let weight = weights
+            .get((hidden, channels, PATCH, PATCH), "weight")?
+            .reshape((hidden, channels * PATCH * PATCH))?;
+        Ok(PatchEmbedding {
+            weight: weight.t()?.contiguous()?,
+            bias: weights.get(hidden, "bias")?,
+        })
+    }
+
+    /// The tokens [B, patches, hidden] of `x` [B, C, H, W], row by row.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let patches = patchify(&pad_circularly(&pad_circularly(x, 2)?, 3)?)?;
+        patches.broadcast_matmul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// One stream of a joint block attending to its own tokens only (ComfyUI's `DismantledBlock`
+/// called alone, as the SD3.5 ControlNets' blocks are).
+pub(crate) struct SelfAttentionBlock {
+    stream: Stream,
+    heads: usize,
+}
+
+impl SelfAttentionBlock {
+    /// The block of `config`'s width under `weights` (`adaLN_modulation.1`, `attn`, `mlp`).
+    pub(crate) fn new(config: &MmditConfig, weights: Weights) -> Result<Self> {
+        Ok(SelfAttentionBlock {
+            stream: Stream::new(config, weights, false, false)?,
+            heads: config.heads(),
+        })
+    }
+
+    /// The tokens `x` after the block, modulated by `c`.
+    pub(crate) fn forward(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
+        let prepared = self.stream.prepare(x, c)?;
+        let [q, k, v] = &prepared.qkv;
+        let out = attention(q, k, v, self.heads, None)?;
+        self.stream.finish(x, &out, None, &prepared.modulation)
     }
 }
 
@@ -450,7 +536,7 @@ struct JointBlock {
 
 impl JointBlock {
     fn new(config: &MmditConfig, n: usize, weights: Weights) -> Result<Self> {
-        let last = n + 1 == config.blocks;
+        let last = n + 1 == config.blocks && config.final_layer;
         let second_attention = config.x_block_self_attention.contains(&n);
         Ok(JointBlock {
             context: Stream::new(config, weights.pp("context_block"), last, false)?,

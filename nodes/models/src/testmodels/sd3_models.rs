@@ -18,8 +18,10 @@ use super::{
 use crate::architectures::clip_encoder::ClipNaming;
 use crate::architectures::clip_text::ClipTextConfig;
 use crate::architectures::mmdit::{Mmdit, MmditConfig};
+use crate::architectures::mmdit_controlnet::{MmditControlNet, MmditControlNetConfig};
 use crate::architectures::t5::T5Config;
 use crate::checkpoint::{SD3_CLIP_G_PREFIX, SD3_CLIP_L_PREFIX, SD3_T5_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use crate::diffusers_layout::mmdit_diffusers_matrices;
 use crate::formats::ggml_quants::GgmlType;
 use crate::weights::SafetensorsFile;
 
@@ -31,6 +33,10 @@ pub const TINY_SD3_CLIP_L: &str = "easel_tiny_sd3_clip_l.safetensors";
 pub const TINY_SD3_CLIP_G: &str = "easel_tiny_sd3_clip_g.safetensors";
 pub const TINY_SD3_T5: &str = "easel_tiny_sd3_t5xxl.safetensors";
 pub const TINY_SD3_VAE: &str = "easel_tiny_sd3_vae.safetensors";
+/// The tiny SD3 ControlNets (in `controlnet`, diffusers' layout as InstantX and AliMama ship
+/// theirs): one taking the hint's latent, one also the inpainting mask.
+pub const TINY_SD3_CONTROLNET: &str = "easel_tiny_sd3_controlnet.safetensors";
+pub const TINY_SD3_INPAINT_CONTROLNET: &str = "easel_tiny_sd3_inpainting_controlnet.safetensors";
 
 /// A tiny SD3 medium: depth 2 (128 wide, two heads of 64), two joint blocks, positions for
 /// latents up to 32×32, the pooled vector of the tiny CLIP-L and CLIP-G, T5-XXL's 4096-wide
@@ -46,6 +52,7 @@ pub fn tiny_mmdit() -> MmditConfig {
         pos_embed_max_size: 16,
         qk_norm: false,
         x_block_self_attention: Vec::new(),
+        final_layer: true,
     }
 }
 
@@ -72,7 +79,58 @@ pub fn sd35_medium_mmdit() -> MmditConfig {
         pos_embed_max_size: 384,
         qk_norm: true,
         x_block_self_attention: (0..13).collect(),
+        final_layer: true,
     }
+}
+
+/// A tiny SD3 ControlNet for the tiny SD3: one joint block (serving the model's first), taking
+/// a hint of `hint_channels` (16, or 17 with the inpainting mask).
+pub fn tiny_sd3_controlnet(hint_channels: usize) -> MmditControlNetConfig {
+    MmditControlNetConfig::Joint {
+        trunk: MmditConfig {
+            blocks: 1,
+            final_layer: false,
+            ..tiny_mmdit()
+        },
+        hint_channels,
+    }
+}
+
+/// Every tensor of a diffusers-layout SD3 ControlNet (`config` a [`MmditControlNetConfig::Joint`]):
+/// the network's tensors under diffusers' names, the fused query, key and value projections
+/// split, as [`crate::diffusers_layout::ConvertedWeights::diffusers_sd3_controlnet`] joins them.
+pub fn sd3_controlnet_diffusers_layout(config: &MmditControlNetConfig) -> candle_core::Result<Vec<TensorSpec>> {
+    let MmditControlNetConfig::Joint { trunk, .. } = config else {
+        candle_core::bail!("only diffusers' SD3 ControlNets have a diffusers layout");
+    };
+    let recorder = Recorder::default();
+    MmditControlNet::new(config.clone(), recorder.var_builder("").into())?;
+    let matrices = mmdit_diffusers_matrices(trunk.blocks, trunk.hidden_size(), &trunk.x_block_self_attention);
+    let mut specs = Vec::new();
+    for spec in recorder.specs() {
+        let (stem, end) = spec.name.rsplit_once('.').unwrap_or((spec.name.as_str(), ""));
+        let parts: Vec<_> = matrices.iter().filter(|matrix| matrix.native == stem).collect();
+        if parts.is_empty() {
+            let name = match spec.name.as_str() {
+                "pos_embed" => "pos_embed.pos_embed".to_string(),
+                name => name.to_string(),
+            };
+            specs.push(TensorSpec { name, ..spec });
+            continue;
+        }
+        for matrix in parts {
+            let mut shape = spec.shape.clone();
+            if let (Some((_, rows)), Some(first)) = (matrix.rows, shape.first_mut()) {
+                *first = rows;
+            }
+            specs.push(TensorSpec {
+                name: format!("{}.{end}", matrix.diffusers),
+                shape,
+                fill: spec.fill,
+            });
+        }
+    }
+    Ok(specs)
 }
 
 /// The tiny CLIP-G of SD3's files: the tiny OpenCLIP-bigG stand-in in the transformers layout
@@ -151,5 +209,16 @@ pub(super) fn write_sd3_test_models(models_dir: &Path) -> std::io::Result<Vec<Pa
             ("vae", TINY_SD3_VAE, tensors_under(&bytes, VAE_PREFIX)?),
         ],
     )?;
-    Ok([checkpoint, sd35, sd35_q8].into_iter().chain(split).collect())
+    let mut controlnets = Vec::new();
+    for (name, hint_channels) in [(TINY_SD3_CONTROLNET, 16), (TINY_SD3_INPAINT_CONTROLNET, 17)] {
+        let path = folder("controlnet")?.join(name);
+        let layout = sd3_controlnet_diffusers_layout(&tiny_sd3_controlnet(hint_channels)).map_err(layout_error)?;
+        write_checkpoint(&path, &layout)?;
+        controlnets.push(path);
+    }
+    Ok([checkpoint, sd35, sd35_q8]
+        .into_iter()
+        .chain(split)
+        .chain(controlnets)
+        .collect())
 }
