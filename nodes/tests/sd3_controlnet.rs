@@ -13,7 +13,10 @@ use common::{assert_matches_fixture, floats, formula_unet_file, j, max_abs_diffe
 use easel_engine::Value;
 use easel_models::architectures::mmdit::{Mmdit, MmditConfig};
 use easel_models::architectures::mmdit_controlnet::{HintPreprocessing, MmditControlInput};
-use easel_models::testmodels::{tiny_mmdit, TINY_SD3_CHECKPOINT, TINY_SD3_CONTROLNET, TINY_SD3_INPAINT_CONTROLNET};
+use easel_models::testmodels::{
+    tiny_mmdit, TINY_SD35, TINY_SD35_CONTROLNET, TINY_SD3_CHECKPOINT, TINY_SD3_CONTROLNET, TINY_SD3_INPAINT_CONTROLNET,
+    TINY_SD3_VAE,
+};
 use easel_models::weights::{SafetensorsFile, Weights};
 use easel_nodes::conditioning::{CondEntry, Conditioning};
 use easel_nodes::controlnet::nodes::load_controlnet;
@@ -94,20 +97,28 @@ enum Applied<'a> {
     Inpainting(&'a Mask),
 }
 
+/// The tiny SD3's model and VAE, from its single file.
+fn tiny_sd3(setup: &common::Setup) -> [Value; 2] {
+    let loaded = setup
+        .call(
+            "CheckpointLoaderSimple",
+            vec![("ckpt_name", j(json!(TINY_SD3_CHECKPOINT)))],
+        )
+        .unwrap();
+    [loaded[0].clone(), loaded[2].clone()]
+}
+
 /// KSampler (two Euler steps, cfg 2: cond and uncond in one batch sharing the hint, seed 7) on
-/// the tiny SD3 at 48×32 with the ControlNet `file` applied at `strength` from 0 % to `end` as
-/// `how` says.
+/// an SD3 `model` (with its `vae`) at 48×32 with the ControlNet `file` applied at `strength`
+/// from 0 % to `end` as `how` says.
 fn sample_sd3_controlled(
     setup: &common::Setup,
+    [model, vae]: &[Value; 2],
     file: &str,
     (strength, end): (f64, f64),
     how: Applied,
 ) -> Result<Tensor, easel_engine::NodeError> {
-    let loaded = setup.call(
-        "CheckpointLoaderSimple",
-        vec![("ckpt_name", j(json!(TINY_SD3_CHECKPOINT)))],
-    )?;
-    let (model, vae) = (loaded[0].clone(), loaded[2].clone());
+    let (model, vae) = (model.clone(), vae.clone());
     let control = setup
         .call("ControlNetLoader", vec![("control_net_name", j(json!(file)))])?
         .remove(0);
@@ -164,8 +175,9 @@ fn sample_sd3_controlled(
 #[test]
 fn an_sd3_controlnet_steers_sd3_sampling() {
     let setup = setup();
+    let sd3 = tiny_sd3(&setup);
     let sample = |strength: f64, end: f64, how: Applied| {
-        sample_sd3_controlled(&setup, TINY_SD3_CONTROLNET, (strength, end), how).unwrap()
+        sample_sd3_controlled(&setup, &sd3, TINY_SD3_CONTROLNET, (strength, end), how).unwrap()
     };
     let uncontrolled = sample(0.0, 1.0, Applied::Sd3Node);
     let controlled = sample(1.0, 1.0, Applied::Sd3Node);
@@ -177,6 +189,7 @@ fn an_sd3_controlnet_steers_sd3_sampling() {
     assert_eq!(max_abs_difference(&advanced, &controlled), 0.0);
     let error = sample_sd3_controlled(
         &setup,
+        &sd3,
         TINY_SD3_CONTROLNET,
         (1.0, 1.0),
         Applied::Advanced { with_vae: false },
@@ -201,11 +214,53 @@ fn an_sd3_inpainting_controlnet_takes_the_kept_area_beside_the_latent() {
         width: 48,
         data: (0..32 * 48).map(|i| if i % 48 < 24 { masked } else { 0.0 }).collect(),
     };
-    let sample = |how: Applied| sample_sd3_controlled(&setup, TINY_SD3_INPAINT_CONTROLNET, (1.0, 1.0), how).unwrap();
+    let sd3 = tiny_sd3(&setup);
+    let sample =
+        |how: Applied| sample_sd3_controlled(&setup, &sd3, TINY_SD3_INPAINT_CONTROLNET, (1.0, 1.0), how).unwrap();
     let plain = sample(Applied::Advanced { with_vae: true });
     assert_eq!(
         max_abs_difference(&sample(Applied::Inpainting(&mask(0.0))), &plain),
         0.0
     );
     assert!(max_abs_difference(&sample(Applied::Inpainting(&mask(1.0))), &plain) > 1e-6);
+}
+
+/// Stability's SD3.5 ControlNet steers the tiny SD3.5 medium (split files: its patch embedding
+/// is the model's), its recorded control type (canny) read from the file.
+#[test]
+fn an_sd35_controlnet_steers_sd35_sampling() {
+    let setup = setup();
+    let paths = setup.services.get::<easel_nodes::paths::Paths>().unwrap();
+    let (loaded, _) = load_controlnet(
+        &paths.models.join("controlnet").join(TINY_SD35_CONTROLNET),
+        None,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ControlNetwork::Mmdit(network) = &loaded.network else {
+        panic!("not loaded as an SD3 ControlNet");
+    };
+    assert_eq!(network.preprocessing(), HintPreprocessing::Canny);
+    let model = setup
+        .call(
+            "UNETLoader",
+            vec![
+                ("unet_name", j(json!(TINY_SD35))),
+                ("weight_dtype", j(json!("default"))),
+            ],
+        )
+        .unwrap()
+        .remove(0);
+    let vae = setup
+        .call("VAELoader", vec![("vae_name", j(json!(TINY_SD3_VAE)))])
+        .unwrap()
+        .remove(0);
+    let sd35 = [model, vae];
+    let sample = |strength: f64| {
+        sample_sd3_controlled(&setup, &sd35, TINY_SD35_CONTROLNET, (strength, 1.0), Applied::Sd3Node).unwrap()
+    };
+    assert!(
+        max_abs_difference(&sample(1.0), &sample(0.0)) > 1e-4,
+        "the ControlNet steers"
+    );
 }

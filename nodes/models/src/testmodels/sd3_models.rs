@@ -13,12 +13,12 @@ use safetensors::tensor::Dtype as FileDtype;
 
 use super::{
     clip_text_layout, ones_where, t5_layout, tensors_under, tiny_clip_l, tiny_flux_vae, tiny_open_clip, vae_layout,
-    write_checkpoint, write_checkpoint_in, write_gguf_copy, write_parts, Recorder, TensorSpec,
+    write_checkpoint, write_checkpoint_in, write_gguf_copy, write_parts, Fill, Recorder, TensorSpec,
 };
 use crate::architectures::clip_encoder::ClipNaming;
 use crate::architectures::clip_text::ClipTextConfig;
 use crate::architectures::mmdit::{Mmdit, MmditConfig};
-use crate::architectures::mmdit_controlnet::{MmditControlNet, MmditControlNetConfig};
+use crate::architectures::mmdit_controlnet::{HintPreprocessing, MmditControlNet, MmditControlNetConfig};
 use crate::architectures::t5::T5Config;
 use crate::checkpoint::{SD3_CLIP_G_PREFIX, SD3_CLIP_L_PREFIX, SD3_T5_PREFIX, UNET_PREFIX, VAE_PREFIX};
 use crate::diffusers_layout::mmdit_diffusers_matrices;
@@ -37,6 +37,9 @@ pub const TINY_SD3_VAE: &str = "easel_tiny_sd3_vae.safetensors";
 /// theirs): one taking the hint's latent, one also the inpainting mask.
 pub const TINY_SD3_CONTROLNET: &str = "easel_tiny_sd3_controlnet.safetensors";
 pub const TINY_SD3_INPAINT_CONTROLNET: &str = "easel_tiny_sd3_inpainting_controlnet.safetensors";
+/// The tiny SD3.5 ControlNet (in `controlnet`, Stability's layout, control type canny) for the
+/// tiny SD3.5 medium.
+pub const TINY_SD35_CONTROLNET: &str = "easel_tiny_sd3.5_controlnet_canny.safetensors";
 
 /// A tiny SD3 medium: depth 2 (128 wide, two heads of 64), two joint blocks, positions for
 /// latents up to 32×32, the pooled vector of the tiny CLIP-L and CLIP-G, T5-XXL's 4096-wide
@@ -94,6 +97,39 @@ pub fn tiny_sd3_controlnet(hint_channels: usize) -> MmditControlNetConfig {
         },
         hint_channels,
     }
+}
+
+/// A tiny SD3.5 ControlNet in Stability's layout for the tiny SD3.5 medium (depth 2): one
+/// self-attention block, the canny control type.
+pub fn tiny_sd35_controlnet() -> MmditControlNetConfig {
+    MmditControlNetConfig::Embedder {
+        depth: tiny_mmdit_35().depth,
+        blocks: 1,
+        adm_in_channels: tiny_mmdit_35().adm_in_channels.unwrap_or(0),
+        preprocessing: HintPreprocessing::Canny,
+    }
+}
+
+/// Every tensor of an SD3.5 ControlNet in Stability's names (without the patch embedding, which
+/// comes from the model), and its control type as Stability's files record it.
+pub fn sd35_controlnet_layout(config: &MmditControlNetConfig) -> candle_core::Result<Vec<TensorSpec>> {
+    let MmditControlNetConfig::Embedder { preprocessing, .. } = config else {
+        candle_core::bail!("only SD3.5 ControlNets have Stability's SD3.5 layout");
+    };
+    let recorder = Recorder::default();
+    MmditControlNet::new(config.clone(), recorder.var_builder("").into())?;
+    let mut specs = recorder.specs();
+    let fill = match preprocessing {
+        HintPreprocessing::None => Fill::Zeros,
+        HintPreprocessing::Canny => Fill::Ones,
+        HintPreprocessing::Depth => candle_core::bail!("a tiny depth control type is not written"),
+    };
+    specs.push(TensorSpec {
+        name: "control_type".into(),
+        shape: vec![1],
+        fill,
+    });
+    Ok(specs)
 }
 
 /// Every tensor of a diffusers-layout SD3 ControlNet (`config` a [`MmditControlNetConfig::Joint`]):
@@ -216,6 +252,12 @@ pub(super) fn write_sd3_test_models(models_dir: &Path) -> std::io::Result<Vec<Pa
         write_checkpoint(&path, &layout)?;
         controlnets.push(path);
     }
+    let sd35_controlnet = folder("controlnet")?.join(TINY_SD35_CONTROLNET);
+    write_checkpoint(
+        &sd35_controlnet,
+        &sd35_controlnet_layout(&tiny_sd35_controlnet()).map_err(layout_error)?,
+    )?;
+    controlnets.push(sd35_controlnet);
     Ok([checkpoint, sd35, sd35_q8]
         .into_iter()
         .chain(split)
