@@ -11,6 +11,7 @@
 //! - [`sampling`]: KSampler, the custom-sampling nodes and the sampling run under them;
 //! - [`loaders`]: checkpoint, diffusion-model, text-encoder, VAE and LoRA loaders;
 //! - [`hooks`]: scheduled LoRA (hooks on conditioning and CLIP);
+//! - [`upscale`]: upscale models (UpscaleModelLoader, ImageUpscaleWithModel);
 //! - [`flux`]: FLUX's own nodes; [`packs`]: nodes of custom-node packs (ComfyUI-GGUF,
 //!   comfyui_controlnet_aux);
 //! - [`utils`]: primitives and string operations (Python's `str` and `re` semantics);
@@ -36,6 +37,7 @@ pub mod paths;
 pub mod runtime;
 pub mod sampling;
 pub mod saved_files;
+pub mod upscale;
 pub mod utils;
 
 use easel_engine::NodeRegistry;
@@ -61,5 +63,6 @@ pub fn register_builtin_nodes(registry: &mut NodeRegistry) {
     flux::register(registry);
     hooks::register(registry);
     packs::register(registry);
+    upscale::register(registry);
     utils::register(registry);
 }

@@ -38,10 +38,12 @@ mod conditioning_models;
 mod control_models;
 mod flux_loras;
 mod sd3_models;
+mod upscale_models;
 pub use conditioning_models::*;
 pub use control_models::*;
 pub use flux_loras::*;
 pub use sd3_models::*;
+pub use upscale_models::*;
 
 /// How a tensor is filled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -617,6 +619,7 @@ pub fn write_test_models(models_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     written.extend(write_flux_test_models(models_dir)?);
     written.extend(sd3_models::write_sd3_test_models(models_dir)?);
     written.extend(write_conditioning_models(models_dir)?);
+    written.extend(upscale_models::write_upscale_test_models(models_dir)?);
     Ok(written)
 }
 

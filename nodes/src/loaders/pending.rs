@@ -1,8 +1,8 @@
-//! Loaders of model kinds Easel cannot run yet — upscale models and
-//! img2vid checkpoints — declared with ComfyUI's exact schemas and file lists, so that
-//! clients see ComfyUI's node set (the official frontend 1.27 builds its model-to-node map from
-//! these classes and fails to create any model-loading widget when one is missing); running one
-//! fails the prompt with an error that says what is not supported yet.
+//! Loaders of model kinds Easel cannot run yet — img2vid checkpoints — declared with ComfyUI's
+//! exact schemas and file lists, so that clients see ComfyUI's node set (the official frontend
+//! 1.27 builds its model-to-node map from these classes and fails to create any model-loading
+//! widget when one is missing); running one fails the prompt with an error that says what is not
+//! supported yet.
 
 use easel_engine::{InputSpec, Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeSchema, OutputSpec, Services};
 
@@ -17,37 +17,24 @@ pub struct PendingLoader {
     input: &'static str,
     folder: &'static str,
     outputs: &'static [&'static str],
-    /// What the model is, for the error: "upscale models".
+    /// What the model is, for the error: "img2vid checkpoints".
     models: &'static str,
     /// A schema-based (V3) node: the files as a `COMBO` with options.
     v3: bool,
 }
 
 /// Every loader of this module.
-pub const PENDING_LOADERS: [PendingLoader; 2] = [
-    PendingLoader {
-        class: "UpscaleModelLoader",
-        display_name: "Load Upscale Model",
-        python_module: "comfy_extras.nodes_upscale_model",
-        category: "loaders",
-        input: "model_name",
-        folder: "upscale_models",
-        outputs: &["UPSCALE_MODEL"],
-        models: "upscale models",
-        v3: true,
-    },
-    PendingLoader {
-        class: "ImageOnlyCheckpointLoader",
-        display_name: "Image Only Checkpoint Loader (img2vid model)",
-        python_module: "comfy_extras.nodes_video_model",
-        category: "loaders/video_models",
-        input: "ckpt_name",
-        folder: "checkpoints",
-        outputs: &["MODEL", "CLIP_VISION", "VAE"],
-        models: "img2vid checkpoints",
-        v3: false,
-    },
-];
+pub const PENDING_LOADERS: [PendingLoader; 1] = [PendingLoader {
+    class: "ImageOnlyCheckpointLoader",
+    display_name: "Image Only Checkpoint Loader (img2vid model)",
+    python_module: "comfy_extras.nodes_video_model",
+    category: "loaders/video_models",
+    input: "ckpt_name",
+    folder: "checkpoints",
+    outputs: &["MODEL", "CLIP_VISION", "VAE"],
+    models: "img2vid checkpoints",
+    v3: false,
+}];
 
 impl Node for &'static PendingLoader {
     fn schema(&self, services: &Services) -> NodeSchema {

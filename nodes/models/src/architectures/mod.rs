@@ -8,7 +8,8 @@
 //! ([`mmdit_controlnet`]); DINOv2's vision transformer ([`dinov2`]) under Depth Anything V2's
 //! depth head ([`depth_anything_v2`]); A1111's hypernetworks, MLPs patching the UNet's attention
 //! inputs ([`hypernetwork`]); GLIGEN's grounding boxes ([`gligen`]); the hook points for model
-//! patches of the UNet ([`unet_patches`]) and of DiTs such as FLUX and SD3 ([`dit_patches`]).
+//! patches of the UNet ([`unet_patches`]) and of DiTs such as FLUX and SD3 ([`dit_patches`]);
+//! ESRGAN's RRDBNet upscaling images ([`esrgan`]).
 
 pub mod clip_encoder;
 pub mod clip_text;
@@ -17,6 +18,7 @@ pub mod controlnet;
 pub mod depth_anything_v2;
 pub mod dinov2;
 pub mod dit_patches;
+pub mod esrgan;
 pub mod flux;
 pub mod flux_controlnet;
 pub mod gligen;

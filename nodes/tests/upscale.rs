@@ -1,0 +1,128 @@
+//! Upscale models: ESRGAN RRDBNets in the original, Real-ESRGAN (pixel-unshuffled x2plus) and
+//! BSRGAN layouts against spandrel's own detection, conversion and network on formula weights
+//! (fixture from `fixtures/generate_esrgan.py`), before and after its clamp; ComfyUI's tiling
+//! (a tiled result equal to the untiled one outside the tiles' overlaps); the nodes on the tiny
+//! model; and files that are not upscale models refused.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::{assert_matches_fixture, floats, formula_unet_file, j, setup, sizes};
+use easel_models::testmodels::{tiny_esrgan, TINY_ESRGAN_4X};
+use easel_nodes::image::Image;
+use easel_nodes::upscale::{load_upscale_model, upscale, UpscaleNetwork};
+use serde_json::{json, Value as Json};
+
+fn tensor(value: &Json) -> Tensor {
+    Tensor::from_vec(floats(&value["values"]), sizes(&value["shape"]), &Device::Cpu).unwrap()
+}
+
+/// `tensor` [1, C, H, W] as an IMAGE.
+fn image_of(tensor: &Tensor) -> Image {
+    let (_, channels, height, width) = tensor.dims4().unwrap();
+    let data = tensor
+        .permute((0, 2, 3, 1))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    Image::new(1, height, width, channels, data).unwrap()
+}
+
+/// An IMAGE as a tensor [1, C, H, W].
+fn tensor_of(image: &Image) -> Tensor {
+    Tensor::from_vec(
+        image.data.clone(),
+        (1, image.height, image.width, image.channels),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .permute((0, 3, 1, 2))
+    .unwrap()
+}
+
+#[test]
+fn esrgan_layouts_give_spandrels_output() {
+    let fixture = common::fixture_json("esrgan.json");
+    let image = tensor(&fixture["image"]);
+    let dir = tempfile::tempdir().unwrap();
+    for case in fixture["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let path = dir.path().join(format!("{name}.safetensors"));
+        std::fs::write(&path, formula_unet_file(case)).unwrap();
+        let (network, _) = load_upscale_model(&path, &Device::Cpu).expect("an upscale model");
+        assert_eq!(network.scale() as u64, case["scale"].as_u64().unwrap(), "{name}");
+        let UpscaleNetwork::Esrgan(esrgan) = &network;
+        assert_matches_fixture(&format!("{name} raw"), &esrgan.forward(&image).unwrap(), &case["raw"]);
+        let upscaled = upscale(&network, &image_of(&image), &Device::Cpu).unwrap();
+        assert_matches_fixture(name, &tensor_of(&upscaled), &case["output"]);
+    }
+}
+
+/// An image wider than a tile (512) is upscaled in two overlapping tiles: outside the 32-pixel
+/// overlap each output pixel is one tile's, which sees all of its receptive field, so it equals
+/// the whole image's; inside, the feathered blend stays close.
+#[test]
+fn tiles_blend_into_the_untiled_result() {
+    let setup = setup();
+    let paths = setup.services.get::<easel_nodes::paths::Paths>().unwrap();
+    let (network, _) =
+        load_upscale_model(&paths.models.join("upscale_models").join(TINY_ESRGAN_4X), &Device::Cpu).unwrap();
+    let (height, width) = (12, 600);
+    let data = common::pattern_values(height * width * 3, 3, 0.5)
+        .iter()
+        .map(|v| v + 0.5)
+        .collect();
+    let image = Image::new(1, height, width, 3, data).unwrap();
+    let tiled = tensor_of(&upscale(&network, &image, &Device::Cpu).unwrap());
+    let UpscaleNetwork::Esrgan(esrgan) = &network;
+    let whole = esrgan.forward(&tensor_of(&image)).unwrap().clamp(0f32, 1f32).unwrap();
+    assert_eq!(tiled.dims(), whole.dims());
+    // Tiles start at 0 and 600 − 512 = 88: they overlap on columns 88..512.
+    let scale = 4;
+    let column = |t: &Tensor, start: usize, count: usize| t.narrow(3, start * scale, count * scale).unwrap();
+    let difference = |a: &Tensor, b: &Tensor| common::max_abs_difference(a, b);
+    assert!(difference(&column(&tiled, 0, 88), &column(&whole, 0, 88)) < 1e-6);
+    assert!(difference(&column(&tiled, 512, 88), &column(&whole, 512, 88)) < 1e-6);
+    assert!(difference(&column(&tiled, 88, 424), &column(&whole, 88, 424)) < 1e-2);
+}
+
+#[test]
+fn the_nodes_upscale_with_the_tiny_model() {
+    let setup = setup();
+    let model = setup
+        .call("UpscaleModelLoader", vec![("model_name", j(json!(TINY_ESRGAN_4X)))])
+        .unwrap()
+        .remove(0);
+    let image = easel_engine::Value::object(common::pattern_image(6, 10, 5));
+    let out = setup
+        .call(
+            "ImageUpscaleWithModel",
+            vec![("upscale_model", model), ("image", image)],
+        )
+        .unwrap();
+    let upscaled = out[0].downcast::<Image>().unwrap();
+    assert_eq!(
+        (upscaled.height, upscaled.width, upscaled.channels),
+        (24, 40, tiny_esrgan().out_channels)
+    );
+    assert!(upscaled.data.iter().all(|v| (0.0..=1.0).contains(v)));
+}
+
+#[test]
+fn files_that_are_not_upscale_models_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("not_an_upscaler.safetensors");
+    let one = 1f32.to_le_bytes();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &one).unwrap();
+    safetensors::serialize_to_file([("encoder.weight", view)], None, &path).unwrap();
+    let error = load_upscale_model(&path, &Device::Cpu)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        error.contains("not an upscale model architecture Easel runs"),
+        "{error}"
+    );
+}
