@@ -1,8 +1,9 @@
 //! Upscale models: ESRGAN RRDBNets in the original, Real-ESRGAN (pixel-unshuffled x2plus) and
-//! BSRGAN layouts against spandrel's own detection, conversion and network on formula weights
-//! (fixture from `fixtures/generate_esrgan.py`), before and after its clamp; ComfyUI's tiling
-//! (a tiled result equal to the untiled one outside the tiles' overlaps); the nodes on the tiny
-//! model; and files that are not upscale models refused.
+//! BSRGAN layouts and Real-ESRGAN's compact network against spandrel's own detection,
+//! conversion and network on formula weights (fixture from
+//! `fixtures/generate_upscale_models.py`), before and after its clamp; ComfyUI's tiling (a tiled
+//! result equal to the untiled one outside the tiles' overlaps); the nodes on the tiny model;
+//! and files that are not upscale models refused.
 
 mod common;
 
@@ -10,7 +11,7 @@ use candle_core::{Device, Tensor};
 use common::{assert_matches_fixture, floats, formula_unet_file, j, setup, sizes};
 use easel_models::testmodels::{tiny_esrgan, TINY_ESRGAN_4X};
 use easel_nodes::image::Image;
-use easel_nodes::upscale::{load_upscale_model, upscale, UpscaleNetwork};
+use easel_nodes::upscale::{load_upscale_model, upscale};
 use serde_json::{json, Value as Json};
 
 fn tensor(value: &Json) -> Tensor {
@@ -43,8 +44,8 @@ fn tensor_of(image: &Image) -> Tensor {
 }
 
 #[test]
-fn esrgan_layouts_give_spandrels_output() {
-    let fixture = common::fixture_json("esrgan.json");
+fn upscale_models_give_spandrels_output() {
+    let fixture = common::fixture_json("upscale_models.json");
     let image = tensor(&fixture["image"]);
     let dir = tempfile::tempdir().unwrap();
     for case in fixture["cases"].as_array().unwrap() {
@@ -53,8 +54,11 @@ fn esrgan_layouts_give_spandrels_output() {
         std::fs::write(&path, formula_unet_file(case)).unwrap();
         let (network, _) = load_upscale_model(&path, &Device::Cpu).expect("an upscale model");
         assert_eq!(network.scale() as u64, case["scale"].as_u64().unwrap(), "{name}");
-        let UpscaleNetwork::Esrgan(esrgan) = &network;
-        assert_matches_fixture(&format!("{name} raw"), &esrgan.forward(&image).unwrap(), &case["raw"]);
+        assert_matches_fixture(
+            &format!("{name} raw"),
+            &network.unclamped(&image).unwrap(),
+            &case["raw"],
+        );
         let upscaled = upscale(&network, &image_of(&image), &Device::Cpu).unwrap();
         assert_matches_fixture(name, &tensor_of(&upscaled), &case["output"]);
     }
@@ -76,8 +80,11 @@ fn tiles_blend_into_the_untiled_result() {
         .collect();
     let image = Image::new(1, height, width, 3, data).unwrap();
     let tiled = tensor_of(&upscale(&network, &image, &Device::Cpu).unwrap());
-    let UpscaleNetwork::Esrgan(esrgan) = &network;
-    let whole = esrgan.forward(&tensor_of(&image)).unwrap().clamp(0f32, 1f32).unwrap();
+    let whole = network
+        .unclamped(&tensor_of(&image))
+        .unwrap()
+        .clamp(0f32, 1f32)
+        .unwrap();
     assert_eq!(tiled.dims(), whole.dims());
     // Tiles start at 0 and 600 − 512 = 88: they overlap on columns 88..512.
     let scale = 4;

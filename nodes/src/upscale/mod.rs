@@ -5,7 +5,7 @@
 //! `tiled_scale`), and clamps the result to 0..1.
 //!
 //! Architectures: ESRGAN's RRDBNet (original, Real-ESRGAN and BSRGAN layouts; Real-ESRGAN's
-//! pixel-unshuffled 1× and 2× models).
+//! pixel-unshuffled 1× and 2× models) and Real-ESRGAN's compact SRVGGNetCompact.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeObject, NodeOutput, NodeRegistry, Services, Value};
+use easel_models::architectures::compact::{is_compact, Compact, CompactConfig};
 use easel_models::architectures::esrgan::{is_esrgan, new_layout_counts, old_layout_name, Esrgan, EsrganConfig};
 use easel_models::kernels::sgemm::Precision;
 use easel_models::tiling::{tiled_scale, Tiling};
@@ -53,7 +54,8 @@ impl NodeObject for UpscaleModel {
 
 /// The architectures an upscale model can have.
 pub enum UpscaleNetwork {
-    Esrgan(Esrgan),
+    Esrgan(Box<Esrgan>),
+    Compact(Box<Compact>),
 }
 
 impl UpscaleNetwork {
@@ -61,6 +63,7 @@ impl UpscaleNetwork {
     pub fn scale(&self) -> usize {
         match self {
             UpscaleNetwork::Esrgan(network) => network.config().scale(),
+            UpscaleNetwork::Compact(network) => network.config().scale,
         }
     }
 
@@ -68,14 +71,21 @@ impl UpscaleNetwork {
     fn channels(&self) -> (usize, usize) {
         match self {
             UpscaleNetwork::Esrgan(network) => (network.config().image_channels(), network.config().out_channels),
+            UpscaleNetwork::Compact(network) => (network.config().in_channels, network.config().out_channels),
         }
     }
 
-    /// The model on `x` [1, C, h, w].
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// The network's output for `x` [B, C, h, w], before spandrel's clamp.
+    pub fn unclamped(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             UpscaleNetwork::Esrgan(network) => network.forward(x),
+            UpscaleNetwork::Compact(network) => network.forward(x),
         }
+    }
+
+    /// The model on `x`, clamped to 0..1 as spandrel's model call clamps it.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.unclamped(x)?.clamp(0f32, 1f32)
     }
 }
 
@@ -83,10 +93,16 @@ impl UpscaleNetwork {
 /// file size.
 pub fn load_upscale_model(path: &Path, device: &Device) -> Result<(UpscaleNetwork, u64), NodeError> {
     let file = open_weight_file(path)?;
+    if is_compact(file.as_ref()) {
+        let config = CompactConfig::infer(file.as_ref()).map_err(|error| undetected(path, error))?;
+        let source = WeightSource::new(file, "", device, Precision::F32);
+        let network = Compact::new(config, source.weights()).map_err(tensor_error)?;
+        return Ok((UpscaleNetwork::Compact(Box::new(network)), file_size(path)));
+    }
     if !is_esrgan(file.as_ref()) {
         return Err(NodeError::new(format!(
-            "{}: not an upscale model architecture Easel runs (ESRGAN / Real-ESRGAN RRDBNet); \
-             ComfyUI's spandrel knows more",
+            "{}: not an upscale model architecture Easel runs (ESRGAN / Real-ESRGAN RRDBNet, \
+             Real-ESRGAN compact); ComfyUI's spandrel knows more",
             path.display()
         )));
     }
@@ -99,7 +115,7 @@ pub fn load_upscale_model(path: &Path, device: &Device) -> Result<(UpscaleNetwor
     let config = EsrganConfig::infer(weights.as_ref()).map_err(|error| undetected(path, error))?;
     let source = WeightSource::new(weights, "", device, Precision::F32);
     let network = Esrgan::new(config, source.weights()).map_err(tensor_error)?;
-    Ok((UpscaleNetwork::Esrgan(network), file_size(path)))
+    Ok((UpscaleNetwork::Esrgan(Box::new(network)), file_size(path)))
 }
 
 /// `UpscaleModelLoader` ("Load Upscale Model").

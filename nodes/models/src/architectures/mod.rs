@@ -9,11 +9,13 @@
 //! depth head ([`depth_anything_v2`]); A1111's hypernetworks, MLPs patching the UNet's attention
 //! inputs ([`hypernetwork`]); GLIGEN's grounding boxes ([`gligen`]); the hook points for model
 //! patches of the UNet ([`unet_patches`]) and of DiTs such as FLUX and SD3 ([`dit_patches`]);
-//! ESRGAN's RRDBNet upscaling images ([`esrgan`]).
+//! the upscale models ESRGAN's RRDBNet ([`esrgan`]) and Real-ESRGAN's compact network
+//! ([`compact`]).
 
 pub mod clip_encoder;
 pub mod clip_text;
 pub mod clip_vision;
+pub mod compact;
 pub mod controlnet;
 pub mod depth_anything_v2;
 pub mod dinov2;
