@@ -100,11 +100,11 @@ pub struct BenchArgs {
     /// peak memory of a full-size file (12.7 GB of disk; as bf16 it would be 23.8 GB).
     #[arg(long)]
     pub full_depth: bool,
-    /// controlnet, ipadapter: also time ComfyUI's own code from this checkout (v0.3.64), on
+    /// controlnet, ipadapter, upscale: also time ComfyUI's own code from this checkout (v0.3.64), on
     /// PyTorch.
     #[arg(long, value_name = "DIR")]
     pub comfyui: Option<std::path::PathBuf>,
-    /// controlnet, ipadapter: the Python (with torch) that runs ComfyUI's side.
+    /// controlnet, ipadapter, upscale: the Python (with torch) that runs ComfyUI's side.
     #[arg(long, value_name = "PATH", default_value = "python3")]
     pub python: std::path::PathBuf,
     /// validation: how many outputs of the prompt fail.
@@ -143,6 +143,9 @@ pub enum BenchTarget {
     /// EasyCache and LazyCache: time, network calls and difference from the uncached latent of
     /// one sampling run on an SD1-shaped model (`--tiny-only`: the tiny test model).
     StepCache,
+    /// Upscale models: a 4× RRDBNet the size of 4x-UltraSharp on a 512² image, time and peak
+    /// memory (`--comfyui DIR`: spandrel's on PyTorch too, from `--python`).
+    Upscale,
 }
 
 /// Where things live: ComfyUI's directory flags.

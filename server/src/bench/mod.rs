@@ -2,8 +2,8 @@
 //! the REST API adds over `POST /prompt` (`rest`),
 //! validation's error body for many failing outputs (`validation`) and diffusion-model compute
 //! (`sd15`, `sdxl`, `sd3`, `flux`), what a ControlNet adds to a step (`controlnet`), what an IP-Adapter
-//! adds to a step and what encoding an image costs (`ipadapter`), and what EasyCache
-//! and LazyCache save (`step-cache`).
+//! adds to a step and what encoding an image costs (`ipadapter`), what an upscale model costs
+//! (`upscale`), and what EasyCache and LazyCache save (`step-cache`).
 
 mod controlnet;
 mod cpu_peak;
@@ -16,6 +16,7 @@ mod sd3;
 mod sdxl;
 mod server;
 mod step_cache;
+mod upscale;
 mod validation;
 
 use std::time::Instant;
@@ -38,6 +39,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         BenchTarget::Flux => flux::bench(&args),
         BenchTarget::Validation => validation::bench(&args),
         BenchTarget::StepCache => step_cache::bench(&args),
+        BenchTarget::Upscale => upscale::bench(&args),
     }
 }
 
