@@ -13,7 +13,6 @@ use easel_engine::Value;
 use easel_models::architectures::flux::{FluxControl, FluxInput, ReferenceMethod};
 use easel_models::architectures::flux_controlnet::{FluxControlNetConfig, FluxControlNetKind};
 use easel_models::testmodels::{flux_controlnet_layout, tiny_flux, write_checkpoint, TINY_FLUX_DEV, TINY_FLUX_VAE};
-use easel_nodes::conditioning::{CondEntry, Conditioning};
 use easel_nodes::controlnet::nodes::load_controlnet;
 use easel_nodes::controlnet::ControlNetwork;
 use easel_nodes::image::Mask;
@@ -148,31 +147,8 @@ fn sample_flux_controlled(
             .remove(0);
     }
     let flux = tiny_flux();
-    let wave = |count: usize, step: f32| -> Vec<f32> { (0..count).map(|i| (i as f32 * step).sin()).collect() };
-    let entry = CondEntry::new(
-        Tensor::from_vec(wave(3 * flux.context_dim, 0.37), (1, 3, flux.context_dim), &Device::Cpu).unwrap(),
-        Some(Tensor::from_vec(wave(flux.vector_dim, 0.53), (1, flux.vector_dim), &Device::Cpu).unwrap()),
-    );
-    let text = Value::object(Conditioning(vec![entry]));
-    let latent = setup
-        .call(
-            "EmptySD3LatentImage",
-            vec![
-                ("width", j(json!(48))),
-                ("height", j(json!(32))),
-                ("batch_size", j(json!(1))),
-            ],
-        )?
-        .remove(0);
-    let mut inputs = vec![
-        ("positive", text.clone()),
-        ("negative", text),
-        ("control_net", control),
-        ("image", Value::object(common::pattern_image(32, 48, 5))),
-        ("strength", j(json!(strength))),
-        ("start_percent", j(json!(0.0))),
-        ("end_percent", j(json!(end))),
-    ];
+    let widths = (flux.context_dim, flux.vector_dim);
+    let (mut inputs, latent) = common::dit_control_inputs(setup, control, widths, (strength, end))?;
     if let Some(vae) = vae {
         inputs.push(("vae", vae.clone()));
     }

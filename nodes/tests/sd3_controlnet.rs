@@ -18,7 +18,6 @@ use easel_models::testmodels::{
     TINY_SD3_VAE,
 };
 use easel_models::weights::{SafetensorsFile, Weights};
-use easel_nodes::conditioning::{CondEntry, Conditioning};
 use easel_nodes::controlnet::nodes::load_controlnet;
 use easel_nodes::controlnet::ControlNetwork;
 use easel_nodes::image::Mask;
@@ -122,32 +121,8 @@ fn sample_sd3_controlled(
     let control = setup
         .call("ControlNetLoader", vec![("control_net_name", j(json!(file)))])?
         .remove(0);
-    let adm = tiny_mmdit().adm_in_channels.unwrap();
-    let wave = |count: usize, step: f32| -> Vec<f32> { (0..count).map(|i| (i as f32 * step).sin()).collect() };
-    let entry = CondEntry::new(
-        Tensor::from_vec(wave(3 * 4096, 0.37), (1, 3, 4096), &Device::Cpu).unwrap(),
-        Some(Tensor::from_vec(wave(adm, 0.53), (1, adm), &Device::Cpu).unwrap()),
-    );
-    let text = Value::object(Conditioning(vec![entry]));
-    let latent = setup
-        .call(
-            "EmptySD3LatentImage",
-            vec![
-                ("width", j(json!(48))),
-                ("height", j(json!(32))),
-                ("batch_size", j(json!(1))),
-            ],
-        )?
-        .remove(0);
-    let mut inputs = vec![
-        ("positive", text.clone()),
-        ("negative", text),
-        ("control_net", control),
-        ("image", Value::object(common::pattern_image(32, 48, 5))),
-        ("strength", j(json!(strength))),
-        ("start_percent", j(json!(0.0))),
-        ("end_percent", j(json!(end))),
-    ];
+    let widths = (4096, tiny_mmdit().adm_in_channels.unwrap());
+    let (mut inputs, latent) = common::dit_control_inputs(setup, control, widths, (strength, end))?;
     let node = match how {
         Applied::Sd3Node => {
             inputs.push(("vae", vae));

@@ -463,3 +463,46 @@ fn ksampler_scheduled(
     )?;
     Ok(out[0].downcast::<Latent>().unwrap().samples.clone())
 }
+
+/// An apply node's named inputs.
+pub type NodeInputList = Vec<(&'static str, Value)>;
+
+/// What the DiT ControlNet tests apply a ControlNet with: one text entry (3 tokens
+/// `context_width` wide and a pooled vector `pooled_width` wide, sine waves) as both prompts,
+/// the 32×48 pattern image, `strength` from 0 % to `end`; and an empty 48×32 latent of 16
+/// channels.
+pub fn dit_control_inputs(
+    setup: &Setup,
+    control: Value,
+    (context_width, pooled_width): (usize, usize),
+    (strength, end): (f64, f64),
+) -> Result<(NodeInputList, Value), easel_engine::NodeError> {
+    use easel_nodes::conditioning::{CondEntry, Conditioning};
+    let wave = |count: usize, step: f32| -> Vec<f32> { (0..count).map(|i| (i as f32 * step).sin()).collect() };
+    let device = candle_core::Device::Cpu;
+    let entry = CondEntry::new(
+        Tensor::from_vec(wave(3 * context_width, 0.37), (1, 3, context_width), &device).unwrap(),
+        Some(Tensor::from_vec(wave(pooled_width, 0.53), (1, pooled_width), &device).unwrap()),
+    );
+    let text = Value::object(Conditioning(vec![entry]));
+    let latent = setup
+        .call(
+            "EmptySD3LatentImage",
+            vec![
+                ("width", j(json!(48))),
+                ("height", j(json!(32))),
+                ("batch_size", j(json!(1))),
+            ],
+        )?
+        .remove(0);
+    let inputs = vec![
+        ("positive", text.clone()),
+        ("negative", text),
+        ("control_net", control),
+        ("image", Value::object(pattern_image(32, 48, 5))),
+        ("strength", j(json!(strength))),
+        ("start_percent", j(json!(0.0))),
+        ("end_percent", j(json!(end))),
+    ];
+    Ok((inputs, latent))
+}
