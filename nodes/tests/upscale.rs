@@ -133,3 +133,20 @@ fn files_that_are_not_upscale_models_are_refused() {
         "{error}"
     );
 }
+
+/// An upscale whose output would not fit in memory fails with ComfyUI's `OutOfMemoryError`
+/// before allocating it.
+#[test]
+fn an_upscale_too_large_for_memory_fails_its_prompt() {
+    let setup = setup();
+    let paths = setup.services.get::<easel_nodes::paths::Paths>().unwrap();
+    let (network, _) =
+        load_upscale_model(&paths.models.join("upscale_models").join(TINY_ESRGAN_4X), &Device::Cpu).unwrap();
+    // 8192² upscaled 4×: 32768² pixels, 36 GiB of output, weights and result.
+    let image = Image::filled(1, 8192, 8192, 3, 0.5);
+    let error = upscale(&network, &image, &Device::Cpu).err().expect("refused");
+    let easel_engine::NodeError::Failed { exception_type, .. } = &error else {
+        panic!("{error}");
+    };
+    assert_eq!(exception_type, "OutOfMemoryError", "{error}");
+}

@@ -23,7 +23,7 @@ use serde_json::{Map, Value as Json};
 use crate::image::Image;
 use crate::loaders::model_files_fingerprint;
 use crate::loaders::models::{cached, file_names, file_size, model_file, open_weight_file, undetected};
-use crate::runtime::{device, tensor_error};
+use crate::runtime::{device, ensure_fits, tensor_error};
 
 const FOLDER: &str = "upscale_models";
 /// ComfyUI's tile side and overlap, in input pixels.
@@ -176,6 +176,11 @@ pub fn upscale(network: &UpscaleNetwork, image: &Image, device: &Device) -> Resu
         )));
     }
     let scale = network.scale();
+    let (height, width) = (image.height * scale, image.width * scale);
+    // The blended output and its weights, and the image as it comes back, at the output size.
+    ensure_fits(&[3, image.batch, out_channels, height, width], || {
+        format!("an upscaled image of {width}×{height}")
+    })?;
     let pixels = Tensor::from_slice(
         &image.data,
         (image.batch, image.height, image.width, image.channels),
@@ -197,11 +202,5 @@ pub fn upscale(network: &UpscaleNetwork, image: &Image, device: &Device) -> Resu
                 .to_vec1::<f32>()
         })
         .map_err(tensor_error)?;
-    Image::new(
-        image.batch,
-        image.height * scale,
-        image.width * scale,
-        out_channels,
-        upscaled,
-    )
+    Image::new(image.batch, height, width, out_channels, upscaled)
 }
