@@ -51,7 +51,8 @@ fn load(file: Arc<dyn MappedWeights>) -> Mmdit {
     Mmdit::new(config, Weights::from_file(file, DType::F32, &Device::Cpu)).unwrap()
 }
 
-fn predict(mmdit: &Mmdit, inputs: &Inputs) -> Tensor {
+/// The model's prediction for `inputs`, with the block replacements of `patches` if any.
+fn predict(mmdit: &Mmdit, inputs: &Inputs, patches: Option<DitPatchedCall>) -> Tensor {
     mmdit
         .forward(&MmditInput {
             x: &inputs.x,
@@ -59,7 +60,7 @@ fn predict(mmdit: &Mmdit, inputs: &Inputs) -> Tensor {
             context: &inputs.context,
             y: Some(&inputs.y),
             control: &[],
-            patches: None,
+            patches,
         })
         .unwrap()
 }
@@ -244,7 +245,7 @@ fn mmdit_forward_matches_the_formulas_written_out() {
         let dir = tempfile::tempdir().unwrap();
         let file = Arc::new(SafetensorsFile::open(&write_tiny_mmdit(dir.path(), &config)).unwrap());
         let inputs = inputs(&config);
-        let ours = predict(&load(file.clone()), &inputs);
+        let ours = predict(&load(file.clone()), &inputs, None);
         assert_eq!(ours.dims(), &[1, 16, 3, 5]);
         let expected = Reference {
             weights: FileWeights(&file),
@@ -269,19 +270,11 @@ fn a_skipped_joint_block_passes_its_tokens_through() {
         sigma: 0.7,
         parts: Vec::new(),
     };
-    let ours = load(file.clone())
-        .forward(&MmditInput {
-            x: &inputs.x,
-            timesteps: &inputs.timesteps,
-            context: &inputs.context,
-            y: Some(&inputs.y),
-            control: &[],
-            patches: Some(DitPatchedCall {
-                patches: &skipping.dit,
-                info: &info,
-            }),
-        })
-        .unwrap();
+    let patches = DitPatchedCall {
+        patches: &skipping.dit,
+        info: &info,
+    };
+    let ours = predict(&load(file.clone()), &inputs, Some(patches));
     let expected = Reference {
         weights: FileWeights(&file),
         config,
@@ -591,7 +584,7 @@ fn split_sd35_files_and_gguf_load() {
             panic!("an MMDiT");
         };
         assert!(mmdit.config().qk_norm && mmdit.config().x_block_self_attention == [0]);
-        predict(mmdit, &inputs(mmdit.config()))
+        predict(mmdit, &inputs(mmdit.config()), None)
     };
     let dense = predict_with("UNETLoader", TINY_SD35);
     let quantized = predict_with("UnetLoaderGGUF", TINY_SD35_Q8_0);
@@ -657,14 +650,14 @@ fn sd3_lora_in_kohya_and_diffusers_names_patch_the_same_weights() {
         let DiffusionNetwork::Mmdit(mmdit) = &model.0.network else {
             panic!("an MMDiT");
         };
-        predict(mmdit, &inputs(mmdit.config()))
+        predict(mmdit, &inputs(mmdit.config()), None)
     };
     let kohya = patched("sd3_kohya.safetensors");
     let diffusers = patched("sd3_diffusers.safetensors");
     let DiffusionNetwork::Mmdit(base) = &model.downcast::<Model>().unwrap().0.network else {
         panic!("an MMDiT");
     };
-    let unpatched = predict(base, &inputs(base.config()));
+    let unpatched = predict(base, &inputs(base.config()), None);
     assert!(max_abs_difference(&kohya, &unpatched) > 1e-4);
     assert!(max_abs_difference(&kohya, &diffusers) < 1e-6);
 }

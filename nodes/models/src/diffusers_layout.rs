@@ -249,16 +249,7 @@ impl ConvertedWeights {
                 .tensor_names()
                 .filter_map(|name| renamed(name).map(|bfl| (bfl, vec![name.to_string()]))),
         );
-        let tensors = names
-            .into_iter()
-            .filter_map(|(name, originals)| {
-                let shapes: Vec<&[usize]> = originals.iter().map(|o| inner.shape(o)).collect::<Option<_>>()?;
-                let mut shape = shapes[0].to_vec();
-                shape[0] = shapes.iter().map(|s| s[0]).sum();
-                Some((name, ConvertedTensor { originals, shape }))
-            })
-            .collect();
-        Ok(ConvertedWeights { inner, tensors })
+        Ok(Self::joined(inner, names))
     }
 
     /// An SD3 ControlNet in diffusers' layout (InstantX's, AliMama's inpainting one) under
@@ -322,18 +313,7 @@ impl ConvertedWeights {
                 .filter(|name| own.iter().any(|prefix| name.starts_with(prefix)))
                 .map(|name| (name.to_string(), vec![name.to_string()])),
         );
-        let tensors = joined
-            .into_iter()
-            .filter_map(|(name, originals)| {
-                let shapes: Vec<&[usize]> = originals.iter().map(|o| inner.shape(o)).collect::<Option<_>>()?;
-                let mut shape = shapes.first()?.to_vec();
-                if let Some(rows) = shape.first_mut() {
-                    *rows = shapes.iter().filter_map(|s| s.first()).sum();
-                }
-                Some((name, ConvertedTensor { originals, shape }))
-            })
-            .collect();
-        Ok(ConvertedWeights { inner, tensors })
+        Ok(Self::joined(inner, joined))
     }
 
     /// Stability's SD3.5 ControlNet with its embedders under Stability's names where the file
@@ -356,17 +336,25 @@ impl ConvertedWeights {
 
     /// `inner`'s tensors under the names of `names` (served name, file's name), in their shapes.
     fn with_names(inner: Arc<dyn MappedWeights>, names: Vec<(String, String)>) -> Self {
+        let names = names
+            .into_iter()
+            .map(|(name, original)| (name, vec![original]))
+            .collect();
+        Self::joined(inner, names)
+    }
+
+    /// `inner`'s tensors joined along their first dimension under the names of `names` (served
+    /// name, the file's tensors in order); a name whose tensors the file lacks is left out.
+    fn joined(inner: Arc<dyn MappedWeights>, names: Vec<(String, Vec<String>)>) -> Self {
         let tensors = names
             .into_iter()
-            .filter_map(|(name, original)| {
-                let shape = inner.shape(&original)?.to_vec();
-                Some((
-                    name,
-                    ConvertedTensor {
-                        originals: vec![original],
-                        shape,
-                    },
-                ))
+            .filter_map(|(name, originals)| {
+                let shapes: Vec<&[usize]> = originals.iter().map(|o| inner.shape(o)).collect::<Option<_>>()?;
+                let mut shape = shapes.first()?.to_vec();
+                if let Some(rows) = shape.first_mut() {
+                    *rows = shapes.iter().filter_map(|s| s.first()).sum();
+                }
+                Some((name, ConvertedTensor { originals, shape }))
             })
             .collect();
         ConvertedWeights { inner, tensors }

@@ -290,8 +290,7 @@ impl ControlApplication {
 
     /// A ControlNet's residuals for one call, scaled by the strength.
     fn controlnet_residuals(&self, network: &ControlNet, call: &ControlCall) -> candle_core::Result<ControlResiduals> {
-        let hint = self.prepared(call.x, |_| Ok(None))?.hint;
-        let hint = broadcast_to_batch(&hint, call.x.dim(0)?, call.batched_number)?;
+        let hint = self.batched_hint(call)?;
         let outputs = network.forward(&ControlNetInput {
             x: call.x,
             hint: &hint,
@@ -314,8 +313,7 @@ impl ControlApplication {
 
     /// A FLUX ControlNet's residuals for one call, scaled by the strength.
     fn flux_residuals(&self, network: &FluxControlNet, call: &ControlCall) -> candle_core::Result<ControlResiduals> {
-        let hint = self.prepared(call.x, |_| Ok(None))?.hint;
-        let hint = broadcast_to_batch(&hint, call.x.dim(0)?, call.batched_number)?;
+        let hint = self.batched_hint(call)?;
         let y = call
             .y
             .ok_or_else(|| candle_core::Error::Msg("a FLUX ControlNet needs the pooled text".into()))?;
@@ -343,8 +341,7 @@ impl ControlApplication {
         let DiffusionNetwork::Mmdit(model) = &call.model.network else {
             candle_core::bail!("an SD3 ControlNet controls an SD3 model");
         };
-        let hint = self.prepared(call.x, |_| Ok(None))?.hint;
-        let hint = broadcast_to_batch(&hint, call.x.dim(0)?, call.batched_number)?;
+        let hint = self.batched_hint(call)?;
         let input = MmditControlInput {
             x: call.x,
             hint: &hint,
@@ -353,6 +350,12 @@ impl ControlApplication {
             y: call.y,
         };
         network.forward(&input, model)?.scaled(self.strength)
+    }
+
+    /// The hint for the call's latent, broadcast to its batch as ComfyUI's `broadcast_image_to`.
+    fn batched_hint(&self, call: &ControlCall) -> candle_core::Result<Tensor> {
+        let hint = self.prepared(call.x, |_| Ok(None))?.hint;
+        broadcast_to_batch(&hint, call.x.dim(0)?, call.batched_number)
     }
 
     /// A control-LoRA's network for the model sampling with it, built on its first call and
