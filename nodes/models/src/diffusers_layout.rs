@@ -94,7 +94,7 @@ impl ConvertedWeights {
             return Err(not_diffusers(inner.path(), "ControlNet", DIFFUSERS_CONTROLNET_MARKER));
         }
         let blocks = UNetBlocks::of(inner.as_ref());
-        let hint_blocks = count_indices(inner.as_ref(), "controlnet_cond_embedding.blocks.");
+        let hint_blocks = inner.count_indices("controlnet_cond_embedding.blocks.");
         let control_name = |name: &str| -> Option<String> {
             if let Some(tail) = name.strip_prefix("controlnet_mid_block.") {
                 return Some(format!("middle_block_out.0.{tail}"));
@@ -170,7 +170,7 @@ impl ConvertedWeights {
         if !inner.has(DIFFUSERS_VAE_MARKER) {
             return Err(not_diffusers(inner.path(), "VAE", DIFFUSERS_VAE_MARKER));
         }
-        let levels = count_indices(inner.as_ref(), "decoder.up_blocks.");
+        let levels = inner.count_indices("decoder.up_blocks.");
         let names = inner
             .tensor_names()
             .map(|name| (vae_ldm_name(name, levels), name.to_string()))
@@ -199,8 +199,8 @@ impl ConvertedWeights {
                 DIFFUSERS_FLUX_CONTROLNET_MARKER,
             ));
         }
-        let doubles = count_indices(inner.as_ref(), "transformer_blocks.");
-        let singles = count_indices(inner.as_ref(), "single_transformer_blocks.");
+        let doubles = inner.count_indices("transformer_blocks.");
+        let singles = inner.count_indices("single_transformer_blocks.");
         let mut names: Vec<(String, Vec<String>)> = Vec::new();
         for end in ["weight", "bias"] {
             for block in 0..doubles {
@@ -265,7 +265,7 @@ impl ConvertedWeights {
         {
             return Err(not_diffusers(inner.path(), "SD3 ControlNet", marker));
         }
-        let blocks = count_indices(inner.as_ref(), "transformer_blocks.");
+        let blocks = inner.count_indices("transformer_blocks.");
         let hidden = inner
             .shape(DIFFUSERS_SD3_CONTROLNET_MARKERS[1])
             .and_then(<[usize]>::first)
@@ -587,15 +587,6 @@ const MMDIT_BASIC: [(&str, &str); 8] = [
     ("proj_out", "final_layer.linear"),
 ];
 
-/// How many numbered blocks the file has under `prefix` (`prefix0.`, `prefix1.`, …): one more
-/// than the highest index found.
-fn count_indices(file: &dyn TensorShapes, prefix: &str) -> usize {
-    file.tensor_names()
-        .filter_map(|name| leading_index(name.strip_prefix(prefix)?).map(|(index, _)| index + 1))
-        .max()
-        .unwrap_or(0)
-}
-
 /// `"3.rest"` → `(3, "rest")`.
 fn leading_index(name: &str) -> Option<(usize, &str)> {
     let (index, rest) = name.split_once('.')?;
@@ -749,9 +740,9 @@ struct UNetBlocks {
 impl UNetBlocks {
     fn of(file: &dyn TensorShapes) -> Self {
         let per_level = |prefix: &str, kind: &str| {
-            let levels = count_indices(file, prefix);
+            let levels = file.count_indices(prefix);
             (0..levels)
-                .map(|level| count_indices(file, &format!("{prefix}{level}.{kind}.")))
+                .map(|level| file.count_indices(&format!("{prefix}{level}.{kind}.")))
                 .collect::<Vec<_>>()
         };
         let up_attentions = file

@@ -53,6 +53,18 @@ pub trait TensorShapes {
     fn has(&self, name: &str) -> bool {
         self.shape(name).is_some()
     }
+
+    /// How many numbered entries the file has under `prefix` (`prefix0.…`, `prefix1.…`): one
+    /// more than the highest number found, 0 for none.
+    fn count_indices(&self, prefix: &str) -> usize {
+        self.tensor_names()
+            .filter_map(|name| {
+                let (index, _) = name.strip_prefix(prefix)?.split_once('.')?;
+                index.parse::<usize>().ok().map(|index| index + 1)
+            })
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 impl TensorShapes for SafetensorsFile {

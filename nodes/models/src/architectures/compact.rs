@@ -38,12 +38,8 @@ impl CompactConfig {
                 "'body.0.weight' has shape {first:?}"
             )));
         };
-        let last = file
-            .tensor_names()
-            .filter_map(|name| name.strip_prefix("body.")?.split('.').next()?.parse::<usize>().ok())
-            .max()
-            .unwrap_or(0);
-        if last < 2 || last % 2 != 0 {
+        let last = file.count_indices("body.").saturating_sub(1);
+        if last < 2 || !last.is_multiple_of(2) {
             return Err(DetectError::Unrecognised(format!(
                 "an SRVGGNetCompact whose last layer is body.{last}"
             )));

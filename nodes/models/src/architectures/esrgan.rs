@@ -85,20 +85,10 @@ pub fn new_layout_counts(file: &dyn TensorShapes) -> Option<(usize, usize)> {
     if !file.has("conv_first.weight") {
         return None;
     }
-    let highest = |prefixes: &[&str]| -> usize {
-        file.tensor_names()
-            .filter_map(|name| {
-                prefixes.iter().find_map(|prefix| {
-                    let rest = name.strip_prefix(prefix)?;
-                    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse::<usize>().ok()
-                })
-            })
-            .max()
-            .map_or(0, |n| n + 1)
-    };
-    let blocks = highest(&["body.", "RRDB_trunk."]);
+    let highest = |prefixes: [&str; 2]| prefixes.map(|prefix| file.count_indices(prefix)).into_iter().max();
+    let blocks = highest(["body.", "RRDB_trunk."]).unwrap_or(0);
     // `conv_up1`, `conv_up2`: the highest number is the count.
-    let upsamplings = highest(&["conv_up", "upconv"]).saturating_sub(1);
+    let upsamplings = highest(["conv_up", "upconv"]).unwrap_or(0).saturating_sub(1);
     Some((blocks, upsamplings))
 }
 
@@ -142,12 +132,8 @@ impl EsrganConfig {
         let blocks = (0..)
             .take_while(|n| file.has(&format!("model.1.sub.{n}.RDB1.conv1.0.weight")))
             .count();
-        let length = file
-            .tensor_names()
-            .filter_map(|name| name.strip_prefix("model.")?.split('.').next()?.parse::<usize>().ok())
-            .max()
-            .map_or(0, |n| n + 1);
-        if length < 5 || (length - 5) % 3 != 0 {
+        let length = file.count_indices("model.");
+        if length < 5 || !(length - 5).is_multiple_of(3) {
             return Err(DetectError::Unrecognised(format!(
                 "an RRDBNet whose sequence has {length} layers"
             )));
