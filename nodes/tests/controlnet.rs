@@ -13,7 +13,7 @@ use common::{
     pattern, sd1_inputs, setup, sizes,
 };
 use easel_engine::Value;
-use easel_models::architectures::controlnet::{ControlNet, ControlNetConfig, ControlNetInput};
+use easel_models::architectures::controlnet::{ControlHint, ControlNet, ControlNetConfig, ControlNetInput};
 use easel_models::architectures::unet::{HeadLayout, UNetInput};
 use easel_models::testmodels::TINY_SD1_CONTROLNET;
 use easel_models::weights::{SafetensorsFile, Weights};
@@ -64,13 +64,24 @@ fn controlnet_residuals_match_comfyuis() {
             assert_eq!(net.config().encoder.heads, expected_heads, "{name}: heads");
             let input = ControlNetInput {
                 x: &x,
-                hint: &hint,
+                hint: ControlHint::Image(&hint),
                 timesteps: &timesteps,
                 context: &context,
                 y: y.as_ref(),
                 control_type: None,
             };
             let outputs = net.forward(&input).expect("forward");
+            // The hint through the hint block once (as the nodes keep it) gives the same.
+            let guided = net.guided_hint(&hint, x.dtype()).expect("hint block");
+            let from_guided = net
+                .forward(&ControlNetInput {
+                    hint: ControlHint::Guided(&guided),
+                    ..input
+                })
+                .expect("forward from the guided hint");
+            for (ours, again) in outputs.encoder.iter().zip(&from_guided.encoder) {
+                assert_eq!(max_abs_difference(ours, again), 0.0, "{name}: guided hint");
+            }
             let expected = case["output"].as_array().expect("output");
             assert_eq!(
                 outputs.encoder.len(),
@@ -99,7 +110,7 @@ fn the_unet_takes_controlnet_residuals_where_comfyuis_does() {
     let outputs = net
         .forward(&ControlNetInput {
             x: &x,
-            hint: &hint,
+            hint: ControlHint::Image(&hint),
             timesteps: &timesteps,
             context: &context,
             y: None,
@@ -120,6 +131,63 @@ fn the_unet_takes_controlnet_residuals_where_comfyuis_does() {
         let shape = Json::from(out.dims().to_vec());
         assert_matches_fixture(name, &out, &serde_json::json!({"shape": shape, "values": expected}));
     }
+}
+
+/// Classifier-free guidance calls the networks on two copies of one latent at one timestep
+/// with two texts: the layers before the first cross-attention run once for both copies, and
+/// each copy's result is the one a call of its own gives.
+#[test]
+fn a_guidance_batch_gives_what_separate_calls_give() {
+    let fixture = fixture_json("controlnet.json");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let case = &fixture["cases"][0];
+    let net = load(case, dir.path(), "");
+    let (_unet_dir, unet) = fixture_unet(&fixture["unet"]);
+    let latent = pattern(&sizes(&fixture["latent"]), 1, 1.0).narrow(0, 0, 1).unwrap();
+    let hint = ((pattern(&sizes(&fixture["hint"]), 3, 1.0) * 0.5).unwrap() + 0.5)
+        .unwrap()
+        .narrow(0, 0, 1)
+        .unwrap();
+    let texts = pattern(&sizes(&case["context"]), 2, 1.0);
+    let pair = Tensor::cat(&[&latent, &latent], 0).unwrap();
+    let timesteps = Tensor::new(&[700f32, 700.0], &Device::Cpu).unwrap();
+    let run = |x: &Tensor, timesteps: &Tensor, text: &Tensor| {
+        let residuals = net
+            .forward(&ControlNetInput {
+                x,
+                hint: ControlHint::Image(&hint),
+                timesteps,
+                context: text,
+                y: None,
+                control_type: None,
+            })
+            .expect("ControlNet")
+            .residuals(0.8)
+            .unwrap();
+        let plain = unet.forward(&UNetInput::new(x, timesteps, text)).expect("UNet");
+        let controlled = unet
+            .forward(&UNetInput {
+                control: Some(&residuals),
+                ..UNetInput::new(x, timesteps, text)
+            })
+            .expect("controlled UNet");
+        (plain, controlled)
+    };
+    let (plain, controlled) = run(&pair, &timesteps, &texts);
+    for row in 0..2 {
+        let (alone, alone_controlled) = run(
+            &latent,
+            &timesteps.narrow(0, row, 1).unwrap(),
+            &texts.narrow(0, row, 1).unwrap(),
+        );
+        let difference = max_abs_difference(&plain.narrow(0, row, 1).unwrap(), &alone);
+        assert!(difference < 1e-5, "copy {row} without control: {difference}");
+        let difference = max_abs_difference(&controlled.narrow(0, row, 1).unwrap(), &alone_controlled);
+        assert!(difference < 1e-5, "copy {row} with control: {difference}");
+    }
+    // The texts differ, so the copies' results do.
+    let rows = |t: &Tensor| max_abs_difference(&t.narrow(0, 0, 1).unwrap(), &t.narrow(0, 1, 1).unwrap());
+    assert!(rows(&plain) > 1e-3 && rows(&controlled) > 1e-3);
 }
 
 /// ControlNetApplyAdvanced on both prompts: the new (positive, negative).
@@ -593,7 +661,7 @@ fn union_controlnets_embed_their_control_type_as_comfyuis() {
     let y = pattern(&[2, fixture["adm"].as_u64().expect("adm") as usize], 4, 1.0);
     let input = |control_type| ControlNetInput {
         x: &x,
-        hint: &hint,
+        hint: ControlHint::Image(&hint),
         timesteps: &timesteps,
         context: &context,
         y: Some(&y),

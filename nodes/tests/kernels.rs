@@ -83,6 +83,10 @@ fn gemm_convolution_matches_candle() {
         // per chunk): packing starts mid-row of the unfolded input.
         (1, 32, 8, 40, 300, 3, 1, 1),
         (1, 30, 4, 60, 181, 3, 2, 1),
+        // Small outputs, shared out by output channels, every task reading across the images.
+        (2, 40, 30, 8, 8, 3, 1, 1),
+        (3, 20, 50, 5, 7, 3, 2, 1),
+        (2, 16, 13, 6, 6, 1, 1, 0),
     ];
     for (batch, in_channels, out_channels, height, width, kernel, stride, padding) in cases {
         let weight = Tensor::randn(0f32, 0.2, (out_channels, in_channels, kernel, kernel), &device).unwrap();

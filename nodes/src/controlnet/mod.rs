@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 use easel_engine::{NodeObject, NodeRegistry};
-use easel_models::architectures::controlnet::{ControlNet, ControlNetInput};
+use easel_models::architectures::controlnet::{ControlHint, ControlNet, ControlNetInput};
 use easel_models::architectures::flux::{FluxControl, FluxInput, ReferenceMethod};
 use easel_models::architectures::flux_controlnet::FluxControlNet;
 use easel_models::architectures::mmdit_controlnet::{MmditControlInput, MmditControlNet};
@@ -173,14 +173,25 @@ pub struct ControlApplication {
     extra_concat: Vec<Image>,
 }
 
-/// An application's hint at one size ([B, C, H, W], ComfyUI's `cond_hint`) and, for a
-/// T2I-Adapter, its features (`control_input`), before strength and batching.
+/// An application's hint at one size ([B, C, H, W], ComfyUI's `cond_hint`) and what its
+/// network computes from the hint alone, before strength and batching.
 #[derive(Clone)]
 struct PreparedHint {
     /// The pixel size the image was resized to.
     size: (usize, usize),
     hint: Tensor,
-    features: Option<ControlResiduals>,
+    features: HintFeatures,
+}
+
+/// What a network computes from the hint alone, once per hint size rather than on every step.
+#[derive(Clone)]
+enum HintFeatures {
+    None,
+    /// A T2I-Adapter's residuals (`control_input`).
+    Adapter(ControlResiduals),
+    /// A ControlNet's hint through its hint block ([`ControlNet::guided_hint`]; ComfyUI
+    /// recomputes it on every call, with the same result).
+    Guided(Tensor),
 }
 
 impl std::fmt::Debug for ControlApplication {
@@ -272,10 +283,10 @@ impl ControlApplication {
             ControlNetwork::Flux(network) => self.flux_residuals(network, call)?,
             ControlNetwork::Mmdit(network) => self.mmdit_residuals(network, call)?,
             ControlNetwork::T2IAdapter(adapter) => {
-                let features = self
-                    .prepared(call.x, |hint| adapter.forward(hint).map(Some))?
-                    .features
-                    .ok_or_else(|| candle_core::Error::Msg("a T2I-Adapter's features are missing".into()))?;
+                let prepared = self.prepared(call.x, |hint| adapter.forward(hint).map(HintFeatures::Adapter))?;
+                let HintFeatures::Adapter(features) = prepared.features else {
+                    candle_core::bail!("a T2I-Adapter's features are missing");
+                };
                 let batch = call.x.dim(0)?;
                 features
                     .map(|residual| broadcast_to_batch(residual, batch, call.batched_number))?
@@ -290,10 +301,16 @@ impl ControlApplication {
 
     /// A ControlNet's residuals for one call, scaled by the strength.
     fn controlnet_residuals(&self, network: &ControlNet, call: &ControlCall) -> candle_core::Result<ControlResiduals> {
-        let hint = self.batched_hint(call)?;
+        let prepared = self.prepared(call.x, |hint| {
+            network.guided_hint(hint, call.x.dtype()).map(HintFeatures::Guided)
+        })?;
+        let HintFeatures::Guided(guided) = prepared.features else {
+            candle_core::bail!("a ControlNet's hint features are missing");
+        };
+        let guided = broadcast_to_batch(&guided, call.x.dim(0)?, call.batched_number)?;
         let outputs = network.forward(&ControlNetInput {
             x: call.x,
-            hint: &hint,
+            hint: ControlHint::Guided(&guided),
             timesteps: call.timesteps,
             context: call.context,
             y: call.y,
@@ -354,7 +371,7 @@ impl ControlApplication {
 
     /// The hint for the call's latent, broadcast to its batch as ComfyUI's `broadcast_image_to`.
     fn batched_hint(&self, call: &ControlCall) -> candle_core::Result<Tensor> {
-        let hint = self.prepared(call.x, |_| Ok(None))?.hint;
+        let hint = self.prepared(call.x, |_| Ok(HintFeatures::None))?.hint;
         broadcast_to_batch(&hint, call.x.dim(0)?, call.batched_number)
     }
 
@@ -386,7 +403,7 @@ impl ControlApplication {
     fn prepared(
         &self,
         x: &Tensor,
-        compute: impl FnOnce(&Tensor) -> candle_core::Result<Option<ControlResiduals>>,
+        compute: impl FnOnce(&Tensor) -> candle_core::Result<HintFeatures>,
     ) -> candle_core::Result<PreparedHint> {
         let (_, _, height, width) = x.dims4()?;
         let network = &self.model.loaded.network;

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{Device, Tensor};
-use easel_models::architectures::controlnet::{ControlNetConfig, ControlNetInput};
+use easel_models::architectures::controlnet::{ControlHint, ControlNetConfig, ControlNetInput};
 use easel_models::architectures::unet::{ControlResiduals, UNetInput};
 use easel_models::kernels::sgemm::Precision;
 use easel_models::testmodels::{controlnet_layout, sd15_unet, write_checkpoint};
@@ -61,12 +61,13 @@ fn measure(checkpoint: &Path, controlnet: &Path, steps: usize) -> anyhow::Result
         .unet()
         .context("an SD1.x checkpoint has a UNet")?;
     let (x, timesteps, context) = super::sd15::guidance_step_inputs(unet, 64, &device)?;
-    let hint = Tensor::rand(0f32, 1.0, (1, 3, 512, 512), &device)?;
+    // The hint through the ControlNet's hint block once, as the nodes keep it for a sampling.
+    let hint = control.guided_hint(&Tensor::rand(0f32, 1.0, (1, 3, 512, 512), &device)?, x.dtype())?;
     let residuals = || -> candle_core::Result<ControlResiduals> {
         control
             .forward(&ControlNetInput {
                 x: &x,
-                hint: &hint,
+                hint: ControlHint::Guided(&hint),
                 timesteps: &timesteps,
                 context: &context,
                 y: None,

@@ -41,7 +41,7 @@ def main():
         for parameter in module.parameters():
             parameter.normal_(0, 0.02)
     control = comfy.controlnet.ControlNet(net, load_device=torch.device("cpu"))
-    x = torch.randn(2, 4, 64, 64)
+    x = torch.randn(1, 4, 64, 64).repeat(2, 1, 1, 1)  # cond and uncond take the same latent
     timesteps = torch.tensor([500.0, 500.0])
     context = torch.zeros(2, 77, 768)
     hint = torch.rand(1, 3, 512, 512)

@@ -78,7 +78,7 @@ def main():
     pack.ipadapter_execute(model, state, None, pos_embed=torch.randn(1, 1024))
     patched = {"patches_replace": model.model_options["transformer_options"]["patches_replace"],
                "cond_or_uncond": [0, 1]}
-    x = torch.randn(2, 4, 64, 64)
+    x = torch.randn(1, 4, 64, 64).repeat(2, 1, 1, 1)  # cond and uncond take the same latent
     timesteps = torch.tensor([500.0, 500.0])
     context = torch.zeros(2, 77, 768)
     plain = timed(lambda: unet(x, timesteps=timesteps, context=context, transformer_options={}))

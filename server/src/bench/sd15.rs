@@ -65,24 +65,27 @@ pub(super) fn write_random_sd15(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Loads `checkpoint` with the UNet in `precision`, then times `steps` UNet passes on a batch of
-/// two `pixels`² latents and one VAE decode (the mean of the timed runs after one warm-up pass
-/// each; the VAE is not timed again for bf16, in which it does not run). The first UNet pass is
-/// shown too: it also reads in the weight matrices, which loading leaves in the file's map.
-/// One classifier-free-guidance step's UNet inputs (batch 2): a random latent `side` × `side`,
-/// timestep 500, an empty 77-token context.
+/// One classifier-free-guidance step's UNet inputs (batch 2): a random latent `side` × `side`
+/// twice (cond and uncond take the same latent, as the samplers batch them), timestep 500, an
+/// empty 77-token context.
 pub(super) fn guidance_step_inputs(
     unet: &UNet,
     side: usize,
     device: &Device,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let latent = Tensor::randn(0f32, 1.0, (1, 4, side, side), device)?;
     Ok((
-        Tensor::randn(0f32, 1.0, (2, 4, side, side), device)?,
+        Tensor::cat(&[&latent, &latent], 0)?,
         Tensor::new(&[500f32, 500.0], device)?,
         Tensor::zeros((2, 77, unet.config().context_dim), DType::F32, device)?,
     ))
 }
 
+/// Loads `checkpoint` with the UNet in `precision`, then times `steps` UNet passes on one
+/// classifier-free-guidance batch of a `pixels`² latent and one VAE decode (the mean of the
+/// timed runs after one warm-up pass each; the VAE is not timed again for bf16, in which it does
+/// not run). The first UNet pass is shown too: it also reads in the weight matrices, which
+/// loading leaves in the file's map.
 fn measure(name: &str, checkpoint: &Path, pixels: usize, steps: usize, precision: Precision) -> anyhow::Result<()> {
     let device = Device::Cpu;
     let started = Instant::now();

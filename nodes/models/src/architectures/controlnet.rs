@@ -14,7 +14,9 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::LayerNorm;
 
-use super::unet::{timestep_embedding, Context, ControlResiduals, Encoder, HeadLayout, UNetConfig};
+use super::unet::{
+    halves_equal, repeated_to, rows_for, timestep_embedding, Context, ControlResiduals, Encoder, HeadLayout, UNetConfig,
+};
 use crate::checkpoint::DetectError;
 use crate::kernels::attention::attention;
 use crate::kernels::conv::Conv2d;
@@ -104,8 +106,7 @@ impl ControlNetConfig {
 pub struct ControlNetInput<'a> {
     /// The latent the UNet is called with, [B, in_channels, H, W].
     pub x: &'a Tensor,
-    /// The control image, [B, hint_channels, 8·H, 8·W], values in 0..1.
-    pub hint: &'a Tensor,
+    pub hint: ControlHint<'a>,
     pub timesteps: &'a Tensor,
     pub context: &'a Tensor,
     /// Class conditioning (SDXL).
@@ -113,6 +114,18 @@ pub struct ControlNetInput<'a> {
     /// A union ControlNet's control type (an index of [`UNION_CONTROL_TYPES`]); `None` is
     /// "auto". Other ControlNets leave it unread.
     pub control_type: Option<usize>,
+}
+
+/// The control image of a call.
+#[derive(Clone, Copy)]
+pub enum ControlHint<'a> {
+    /// The image, [B, hint_channels, 8·H, 8·W], values in 0..1: run through the hint block on
+    /// this call.
+    Image(&'a Tensor),
+    /// The image already through the hint block ([`ControlNet::guided_hint`]), [B,
+    /// model_channels, H, W]: the hint is the same on every step of a sampling, so callers
+    /// compute this once.
+    Guided(&'a Tensor),
 }
 
 /// What a ControlNet gives: a residual per encoder block, in block order (the UNet adds the
@@ -294,9 +307,10 @@ impl ControlNet {
         &self.config
     }
 
-    /// The hint image through its convolutional stack: [B, model_channels, H, W].
-    fn guided_hint(&self, hint: &Tensor) -> Result<Tensor> {
-        let mut h = hint.clone();
+    /// The hint image through its convolutional stack (`input_hint_block`), in `dtype`: [B,
+    /// model_channels, H, W].
+    pub fn guided_hint(&self, hint: &Tensor, dtype: DType) -> Result<Tensor> {
+        let mut h = hint.to_dtype(dtype)?;
         for (n, conv) in self.hint_block.iter().enumerate() {
             h = conv.forward(&h)?;
             if n + 1 < self.hint_block.len() {
@@ -308,7 +322,10 @@ impl ControlNet {
 
     pub fn forward(&self, input: &ControlNetInput) -> Result<ControlOutputs> {
         let dtype = input.x.dtype();
-        let mut hint = self.guided_hint(&input.hint.to_dtype(dtype)?)?;
+        let mut hint = match input.hint {
+            ControlHint::Image(image) => self.guided_hint(image, dtype)?,
+            ControlHint::Guided(guided) => guided.to_dtype(dtype)?,
+        };
         let mut type_embedding = None;
         if let Some(union) = &self.union {
             union.check(input.control_type)?;
@@ -317,6 +334,8 @@ impl ControlNet {
                 hint = union.merged_hint(&hint, control_type)?;
             }
         }
+        // A hint whose items differ tells the copies of a shared batch apart.
+        let may_share = hint.dim(0)? == 1 || halves_equal(&hint)?;
         let mut guided_hint = Some(hint);
         let emb = self
             .encoder
@@ -326,18 +345,21 @@ impl ControlNet {
             text: input.context,
             patches: None,
         };
+        let batch = input.x.dim(0)?;
         let mut residuals = Vec::with_capacity(self.zero_convs.len());
-        let h = self.encoder.forward(input.x.clone(), &context, |index, mut h| {
-            if let Some(hint) = guided_hint.take() {
-                h = h.broadcast_add(&hint)?;
-            }
-            let zero_conv = self
-                .zero_convs
-                .get(index)
-                .ok_or_else(|| candle_core::Error::Msg(format!("the ControlNet has no zero_convs.{index}")))?;
-            residuals.push(zero_conv.forward(&h)?);
-            Ok(h)
-        })?;
+        let h = self
+            .encoder
+            .forward(input.x.clone(), &context, may_share, |index, mut h| {
+                if let Some(hint) = guided_hint.take() {
+                    h = h.broadcast_add(&rows_for(&hint, &h)?)?;
+                }
+                let zero_conv = self
+                    .zero_convs
+                    .get(index)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("the ControlNet has no zero_convs.{index}")))?;
+                residuals.push(repeated_to(&zero_conv.forward(&h)?, batch)?);
+                Ok(h)
+            })?;
         Ok(ControlOutputs {
             encoder: residuals,
             middle: self.middle_out.forward(&h)?,

@@ -197,8 +197,11 @@ impl ControlResiduals {
         Ok(self)
     }
 
-    /// Every residual multiplied by `strength`.
+    /// Every residual multiplied by `strength` (shared as they are at strength 1).
     pub fn scaled(&self, strength: f64) -> Result<Self> {
+        if strength == 1.0 {
+            return Ok(self.clone());
+        }
         self.map(|residual| residual * strength)
     }
 
@@ -402,13 +405,26 @@ impl Encoder {
 
     /// Runs the input blocks, handing each block's output to `after_block` (with its index),
     /// which gives what the next block takes; then the middle block, whose output is returned.
+    ///
+    /// Shared rows: classifier-free guidance batches cond and uncond as two copies of one latent
+    /// at one timestep, which only the text tells apart. Where `may_share`, the model has no
+    /// patches and the batch of `x` and of the embedding is two equal halves, the layers before
+    /// the first cross-attention run on the first half only (with the same result): residual
+    /// blocks take the first rows of the embedding ([`rows_for`]) and the first transformer
+    /// block repeats its rows after its self-attention ([`repeated_to`]). Until then
+    /// `after_block` is handed the first half.
     pub(super) fn forward(
         &self,
         x: Tensor,
         context: &Context,
+        may_share: bool,
         mut after_block: impl FnMut(usize, Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
+        let batch = x.dim(0)?;
         let mut h = x;
+        if may_share && context.patches.is_none() && halves_equal(&h)? && halves_equal(context.emb)? {
+            h = h.narrow(0, 0, batch / 2)?;
+        }
         for (index, block) in self.input_blocks.iter().enumerate() {
             h = block.forward(h, context, BlockPosition::Input(index), None)?;
             h = after_block(index, h)?;
@@ -416,8 +432,40 @@ impl Encoder {
         for layer in &self.middle_block {
             h = layer.forward(h, context, BlockPosition::Middle, None)?;
         }
-        Ok(h)
+        repeated_to(&h, batch)
     }
+}
+
+/// Whether the batch of `t` is two equal halves (see [`Encoder::forward`]).
+pub(super) fn halves_equal(t: &Tensor) -> Result<bool> {
+    let batch = t.dim(0)?;
+    if batch < 2 || !batch.is_multiple_of(2) {
+        return Ok(false);
+    }
+    let half = batch / 2;
+    let equal = t.narrow(0, 0, half)?.eq(&t.narrow(0, half, half)?)?;
+    Ok(equal.flatten_all()?.min(0)?.to_scalar::<u8>()? == 1)
+}
+
+/// The first rows of `t`, as many as `h` has, where `h` holds the first half of a batch of
+/// shared rows (see [`Encoder::forward`]); else `t`.
+pub(super) fn rows_for(t: &Tensor, h: &Tensor) -> Result<Tensor> {
+    let rows = h.dim(0)?;
+    if t.dim(0)? > rows {
+        t.narrow(0, 0, rows)
+    } else {
+        Ok(t.clone())
+    }
+}
+
+/// `h` repeated to `batch` rows where it holds the first half of a batch of shared rows (see
+/// [`Encoder::forward`]); else `h`.
+pub(super) fn repeated_to(h: &Tensor, batch: usize) -> Result<Tensor> {
+    let rows = h.dim(0)?;
+    if rows == 0 || rows >= batch || !batch.is_multiple_of(rows) {
+        return Ok(h.clone());
+    }
+    Tensor::cat(&vec![h; batch / rows], 0)
 }
 
 /// One `input_blocks.N` / `output_blocks.N`: its layers in order.
@@ -505,20 +553,25 @@ impl UNet {
             patches: input.patches,
         };
         let control = input.control;
+        let batch = input.x.dim(0)?;
+        // Residuals added to the input blocks may tell the copies of a shared batch apart.
+        let may_share = control.is_none_or(|c| c.input.iter().all(Option::is_none));
         let mut skips = Vec::with_capacity(self.output_blocks.len());
-        let mut h = self.encoder.forward(input.x.clone(), &context, |index, mut h| {
-            if let Some(residual) = control.and_then(|c| c.input.get(index)).and_then(Option::as_ref) {
-                h = with_control(h, residual)?;
-            }
-            if let Some(call) = input.patches {
-                h = call.patches.input_block(call.info, index, h)?;
-            }
-            skips.push(h.clone());
-            if let Some(call) = input.patches {
-                h = call.patches.input_block_after_skip(call.info, index, h)?;
-            }
-            Ok(h)
-        })?;
+        let mut h = self
+            .encoder
+            .forward(input.x.clone(), &context, may_share, |index, mut h| {
+                if let Some(residual) = control.and_then(|c| c.input.get(index)).and_then(Option::as_ref) {
+                    h = with_control(h, residual)?;
+                }
+                if let Some(call) = input.patches {
+                    h = call.patches.input_block(call.info, index, h)?;
+                }
+                skips.push(repeated_to(&h, batch)?);
+                if let Some(call) = input.patches {
+                    h = call.patches.input_block_after_skip(call.info, index, h)?;
+                }
+                Ok(h)
+            })?;
         if let Some(residual) = control.and_then(|c| c.middle.as_ref()) {
             h = with_control(h, residual)?;
         }
@@ -640,12 +693,13 @@ impl ResBlock {
     }
 
     fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
+        let emb = rows_for(emb, x)?;
         let h = self
             .in_conv
             .forward(&candle_nn::ops::silu(&self.in_norm.forward(x)?)?)?;
         let emb = self
             .emb_linear
-            .forward(&candle_nn::ops::silu(emb)?)?
+            .forward(&candle_nn::ops::silu(&emb)?)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = h.broadcast_add(&emb)?;
@@ -734,14 +788,16 @@ impl SpatialTransformer {
         if let Projection::Linear(linear) = &self.proj_out {
             h = linear.forward(&h)?;
         }
+        // The first block may have repeated shared rows (see `Encoder::forward`).
+        let rows = h.dim(0)?;
         h = h
-            .reshape((batch, height, width, channels))?
+            .reshape((rows, height, width, channels))?
             .permute((0, 3, 1, 2))?
             .contiguous()?;
         if let Projection::Conv(conv) = &self.proj_out {
             h = conv.forward(&h)?;
         }
-        h + x
+        h + repeated_to(x, rows)?
     }
 }
 
@@ -796,7 +852,8 @@ impl TransformerBlock {
             }
             None => self.self_attention.forward(&normed, &normed)?,
         };
-        let x = (x + attended)?;
+        // Shared rows end here: the cross-attention tells the copies apart.
+        let x = repeated_to(&(x + attended)?, text.dim(0)?)?;
         let x = match patches {
             Some((patches, site)) => patches.after_self_attention(site, x)?,
             None => x,

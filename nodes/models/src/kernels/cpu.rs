@@ -71,6 +71,14 @@ impl ConvShape {
 /// written out where the GEMM cannot read it in place, without AVX-512).
 const UNFOLDED_BYTES: usize = 32 << 20;
 
+/// Below this many output pixels per task, the tasks share out the output channels instead of
+/// the pixels: the GEMM packs (and widens) the weights of its rows once per call, so splitting
+/// a small output's pixels would have every task pack all the weights.
+const MIN_TASK_COLUMNS: usize = 256;
+
+/// Output channels per task are rounded to whole register tiles of the GEMM (6 rows).
+const CHANNEL_ALIGN: usize = 6;
+
 /// Convolution of `input` [B, C, H, W] with `weight` [O, C·k·k] and `bias` [O], multiplied in
 /// `precision`: returns [B, O, H_out, W_out] in row-major order.
 pub fn conv2d(input: &[f32], weight: Elements, bias: &[f32], shape: ConvShape, precision: Precision) -> Vec<f32> {
@@ -84,72 +92,141 @@ pub fn conv2d(input: &[f32], weight: Elements, bias: &[f32], shape: ConvShape, p
         stride,
         padding,
     } = shape;
-    let (out_height, out_width) = (shape.out_height(), shape.out_width());
-    let plane = out_height * out_width;
+    let plane = shape.out_height() * shape.out_width();
     let depth = in_channels * kernel * kernel;
     assert_eq!(input.len(), batch * in_channels * height * width, "input size");
     assert_eq!(weight.len(), out_channels * depth, "weight size");
     assert_eq!(bias.len(), out_channels, "bias size");
-    let weights = View::row_major(weight, out_channels, depth);
     let pointwise = kernel == 1 && stride == 1 && padding == 0;
-    // Chunks of output rows: small enough to bound the unfolded input, and at least two per
-    // thread so that every core has work.
-    let splits_per_item = (2 * rayon::current_num_threads()).div_ceil(batch).max(1);
-    let rows_per_chunk = (UNFOLDED_BYTES / (depth * out_width * 4).max(1))
-        .min(out_height.div_ceil(splits_per_item))
-        .max(1);
-    let chunks: Vec<(usize, usize)> = (0..batch)
-        .flat_map(|b| (0..out_height).step_by(rows_per_chunk).map(move |row| (b, row)))
-        .collect();
-    let results: Vec<Vec<f32>> = chunks
+    let tasks = conv_tasks(shape, weight);
+    let results: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|&(b, first_row)| {
-            let image = &input[b * in_channels * height * width..(b + 1) * in_channels * height * width];
-            let rows = rows_per_chunk.min(out_height - first_row);
-            let columns = rows * out_width;
-            let mut result = vec![0f32; out_channels * columns];
-            for (values, value) in result.chunks_mut(columns).zip(bias) {
+        .map(|task| {
+            let mut result = vec![0f32; task.channels * task.columns];
+            for (values, value) in result.chunks_mut(task.columns).zip(&bias[task.first_channel..]) {
                 values.fill(*value);
             }
-            if pointwise {
+            let weights = View::row_major(task.weight, task.channels, depth);
+            let (image, pixel) = (task.first_column / plane, task.first_column % plane);
+            if pointwise && pixel + task.columns <= plane {
                 let pixels = View {
-                    data: image[first_row * out_width..].into(),
+                    data: input[image * in_channels * plane + pixel..].into(),
                     rows: in_channels,
-                    cols: columns,
+                    cols: task.columns,
                     row_stride: plane,
                     col_stride: 1,
                 };
-                gemm_into(&mut result, columns, weights, &pixels, 1.0, true, precision);
-                return result;
+                gemm_into(&mut result, task.columns, weights, &pixels, 1.0, true, precision);
+            } else {
+                let unfolded = UnfoldedInput {
+                    input,
+                    shape,
+                    first_column: task.first_column,
+                    columns: task.columns,
+                };
+                gemm_into(&mut result, task.columns, weights, &unfolded, 1.0, true, precision);
             }
-            let unfolded = UnfoldedInput {
-                image,
-                shape,
-                first_row,
-                columns,
-            };
-            gemm_into(&mut result, columns, weights, &unfolded, 1.0, true, precision);
             result
         })
         .collect();
     let mut output = vec![0f32; batch * out_channels * plane];
-    for (&(b, first_row), result) in chunks.iter().zip(results) {
-        let columns = result.len() / out_channels;
-        for (channel, values) in result.chunks(columns).enumerate() {
-            let start = (b * out_channels + channel) * plane + first_row * out_width;
-            output[start..start + columns].copy_from_slice(values);
+    for (task, result) in tasks.iter().zip(results) {
+        for (offset, values) in result.chunks(task.columns).enumerate() {
+            let channel = task.first_channel + offset;
+            // The task's columns run on across the images of the batch.
+            let mut column = task.first_column;
+            for run in split_at_planes(values, column, plane) {
+                let (image, pixel) = (column / plane, column % plane);
+                let start = (image * out_channels + channel) * plane + pixel;
+                output[start..start + run.len()].copy_from_slice(run);
+                column += run.len();
+            }
         }
     }
     output
 }
 
-/// The unfolded (im2col) input of one image for the output rows from `first_row`, read in place
-/// while the GEMM packs it: row (channel, ky, kx), one column per output pixel, holding the input
-/// pixel that output pixel sees through that kernel tap (0 in the padding).
+/// `values`, the outputs from pixel `first_column` on (counted across the batch's images), cut
+/// where one image's plane ends.
+fn split_at_planes(values: &[f32], first_column: usize, plane: usize) -> impl Iterator<Item = &[f32]> {
+    let mut rest = values;
+    let mut column = first_column;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (run, tail) = rest.split_at((plane - column % plane).min(rest.len()));
+        rest = tail;
+        column += run.len();
+        Some(run)
+    })
+}
+
+/// One GEMM of a convolution: output channels `first_channel..` (their weight rows in `weight`)
+/// at output pixels `first_column..`, counted across the batch's images.
+struct ConvTask<'a> {
+    first_column: usize,
+    columns: usize,
+    first_channel: usize,
+    channels: usize,
+    weight: Elements<'a>,
+}
+
+/// The tasks of a convolution, at least one per thread: a small output (all its pixels under
+/// [`MIN_TASK_COLUMNS`] per task) is shared out by output channels, every task taking all the
+/// pixels; else by rows of output pixels within one image, small enough to bound the unfolded
+/// input and at least two per thread so that every core has work.
+fn conv_tasks(shape: ConvShape, weight: Elements<'_>) -> Vec<ConvTask<'_>> {
+    let (out_height, out_width) = (shape.out_height(), shape.out_width());
+    let plane = out_height * out_width;
+    let depth = shape.in_channels * shape.kernel * shape.kernel;
+    let out_channels = shape.out_channels;
+    let threads = rayon::current_num_threads();
+    let max_columns = (UNFOLDED_BYTES / (depth * 4).max(1)).max(1);
+    let columns = shape.batch * plane;
+    if threads > 1 && columns <= max_columns && columns < 2 * threads * MIN_TASK_COLUMNS {
+        let share = out_channels.div_ceil(threads).next_multiple_of(CHANNEL_ALIGN);
+        let by_channels: Option<Vec<ConvTask>> = (0..out_channels)
+            .step_by(share)
+            .map(|first_channel| {
+                let channels = share.min(out_channels - first_channel);
+                Some(ConvTask {
+                    first_column: 0,
+                    columns,
+                    first_channel,
+                    channels,
+                    weight: weight.range(first_channel * depth, channels * depth)?,
+                })
+            })
+            .collect();
+        if let Some(tasks) = by_channels {
+            return tasks;
+        }
+    }
+    let splits_per_item = (2 * threads).div_ceil(shape.batch).max(1);
+    let rows_per_task = (max_columns / out_width.max(1))
+        .min(out_height.div_ceil(splits_per_item))
+        .max(1);
+    (0..shape.batch)
+        .flat_map(|image| (0..out_height).step_by(rows_per_task).map(move |row| (image, row)))
+        .map(|(image, first_row)| ConvTask {
+            first_column: image * plane + first_row * out_width,
+            columns: rows_per_task.min(out_height - first_row) * out_width,
+            first_channel: 0,
+            channels: out_channels,
+            weight,
+        })
+        .collect()
+}
+
+/// The unfolded (im2col) input of the batch for the output pixels `first_column..` (counted
+/// across its images), read in place while the GEMM packs it: row (channel, ky, kx), one column
+/// per output pixel, holding the input pixel that output pixel sees through that kernel tap (0
+/// in the padding).
 struct UnfoldedInput<'a> {
-    image: &'a [f32],
+    input: &'a [f32],
     shape: ConvShape,
-    first_row: usize,
+    first_column: usize,
     columns: usize,
 }
 
@@ -164,6 +241,7 @@ impl RhsSource for UnfoldedInput<'_> {
 
     fn read_row(&self, index: usize, first_column: usize, out: &mut [f32]) {
         let ConvShape {
+            in_channels,
             height,
             width,
             kernel,
@@ -172,25 +250,27 @@ impl RhsSource for UnfoldedInput<'_> {
             ..
         } = self.shape;
         let out_width = self.shape.out_width();
+        let plane = self.shape.out_height() * out_width;
         let channel = index / (kernel * kernel);
         let ky = (index / kernel) % kernel;
         let kx = index % kernel;
-        let source = &self.image[channel * height * width..(channel + 1) * height * width];
         // Output x reads input x·stride + kx − padding; with stride 1 the valid x are first..last.
         let first = padding.saturating_sub(kx).min(out_width);
         let last = (width + padding).saturating_sub(kx).clamp(first, out_width);
-        let mut column = first_column;
+        let mut column = self.first_column + first_column;
         let mut filled = 0;
         while filled < out.len() {
             // One output row at a time: from x0 to the row's end or the segment's.
-            let x0 = column % out_width;
+            let (image, pixel) = (column / plane, column % plane);
+            let x0 = pixel % out_width;
             let run = (out_width - x0).min(out.len() - filled);
             let values = &mut out[filled..filled + run];
-            let iy = ((self.first_row + column / out_width) * stride + ky) as isize - padding as isize;
+            let iy = ((pixel / out_width) * stride + ky) as isize - padding as isize;
             if iy < 0 || iy >= height as isize {
                 values.fill(0.0);
             } else {
-                let line = &source[iy as usize * width..(iy as usize + 1) * width];
+                let source = (image * in_channels + channel) * height * width + iy as usize * width;
+                let line = &self.input[source..source + width];
                 if stride == 1 {
                     let lo = first.clamp(x0, x0 + run);
                     let hi = last.clamp(lo, x0 + run);
