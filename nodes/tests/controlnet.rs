@@ -402,30 +402,8 @@ fn controlnet_folder(setup: &common::Setup) -> std::path::PathBuf {
     paths.models.join("controlnet")
 }
 
-/// The float16 tensors (all the weights) of the tiny model `file` in the setup's models folder
-/// `folder`, as f32 values.
-fn tiny_model_values(setup: &common::Setup, folder: &str, file: &str) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let paths = setup.services.get::<easel_nodes::paths::Paths>().expect("paths");
-    let bytes = std::fs::read(paths.models.join(folder).join(file)).expect("a tiny model");
-    let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    tensors
-        .tensors()
-        .into_iter()
-        .filter(|(_, view)| view.dtype() == safetensors::Dtype::F16)
-        .map(|(name, view)| {
-            let values = view
-                .data()
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect();
-            (name, view.shape().to_vec(), values)
-        })
-        .collect()
-}
-
-/// The tiny SD1 checkpoint's UNet tensors by their names in the UNet, as f32 values.
 fn tiny_sd1_unet_values(setup: &common::Setup) -> std::collections::HashMap<String, Vec<f32>> {
-    tiny_model_values(setup, "checkpoints", easel_models::testmodels::TINY_SD1_CHECKPOINT)
+    common::tiny_model_values(setup, "checkpoints", easel_models::testmodels::TINY_SD1_CHECKPOINT)
         .into_iter()
         .filter_map(|(name, _, values)| Some((name.strip_prefix("model.diffusion_model.")?.to_string(), values)))
         .collect()
@@ -469,18 +447,9 @@ fn sample_controlled(
 /// as its safetensors twin; a pickle that would call a function is refused, not run.
 #[test]
 fn pickled_controlnets_steer_sampling_as_their_safetensors_twins() {
-    use easel_models::weights::{MappedWeights, TensorShapes};
     let setup = setup();
     let folder = controlnet_folder(&setup);
-    let file = SafetensorsFile::open(&folder.join(TINY_SD1_CONTROLNET)).expect("the tiny ControlNet");
-    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = file
-        .tensor_names()
-        .map(|name| {
-            let tensor = file.load(name, DType::F32, &Device::Cpu).expect("a tensor");
-            let values = tensor.flatten_all().unwrap().to_vec1().unwrap();
-            (name.to_string(), tensor.dims().to_vec(), values)
-        })
-        .collect();
+    let tensors = common::tiny_model_values(&setup, "controlnet", TINY_SD1_CONTROLNET);
     let views: Vec<(&str, &[usize], &[f32])> = tensors
         .iter()
         .map(|(name, shape, values)| (name.as_str(), shape.as_slice(), values.as_slice()))
@@ -498,14 +467,7 @@ fn pickled_controlnets_steer_sampling_as_their_safetensors_twins() {
     let from_pickle = sample_with("tiny_controlnet.pth");
     assert!(max_abs_difference(&from_safetensors, &from_pickle) <= 1e-6);
 
-    // A pickle that would call os.system("echo") when unpickled by Python, and a broken file.
-    let calls_a_function = b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00echo\x85R.";
-    let mut archive = zip::ZipWriter::new(std::fs::File::create(folder.join("calls.pth")).expect("created"));
-    archive
-        .start_file("archive/data.pkl", zip::write::SimpleFileOptions::default())
-        .expect("entry");
-    std::io::Write::write_all(&mut archive, calls_a_function).expect("pickle");
-    archive.finish().expect("archive");
+    common::write_pickle_that_calls_a_function(&folder.join("calls.pth"));
     std::fs::write(folder.join("broken.pth"), b"PK\x03\x04 not a zip").expect("written");
     for (file, expected) in [
         ("calls.pth", "holds no tensors Easel can read"),
@@ -620,7 +582,7 @@ fn a_diff_controlnet_with_its_model_steers_sampling_as_the_whole_one() {
     let unet = tiny_sd1_unet_values(&setup);
     let base = |name: &str| unet.get(name);
     let mut tensors = vec![("difference".to_string(), vec![1], vec![0.0])];
-    for (name, shape, mut values) in tiny_model_values(&setup, "controlnet", TINY_SD1_CONTROLNET) {
+    for (name, shape, mut values) in common::tiny_model_values(&setup, "controlnet", TINY_SD1_CONTROLNET) {
         if let Some(base) = base(&name) {
             values.iter_mut().zip(base).for_each(|(v, b)| *v -= b);
         }
@@ -733,7 +695,7 @@ fn a_control_lora_steers_sampling_as_the_controlnet_it_encodes() {
     // to the model.
     let mut reference = Vec::new();
     let mut lora = vec![("lora_controlnet".to_string(), vec![1], vec![0.0])];
-    for (name, shape, own) in tiny_model_values(&setup, "controlnet", TINY_SD1_CONTROLNET) {
+    for (name, shape, own) in common::tiny_model_values(&setup, "controlnet", TINY_SD1_CONTROLNET) {
         if name.starts_with("time_embed.") {
             let base = base(&name).expect("the model's time embedding");
             reference.push((name, shape, base));

@@ -2,8 +2,9 @@
 //! BSRGAN layouts and Real-ESRGAN's compact network against spandrel's own detection,
 //! conversion and network on formula weights (fixture from
 //! `fixtures/generate_upscale_models.py`), before and after its clamp; ComfyUI's tiling (a tiled
-//! result equal to the untiled one outside the tiles' overlaps); the nodes on the tiny model;
-//! and files that are not upscale models refused.
+//! result equal to the untiled one outside the tiles' overlaps); the nodes on the tiny model and
+//! on its PyTorch pickle; and files that are not upscale models refused, pickles that would run
+//! code among them.
 
 mod common;
 
@@ -115,6 +116,47 @@ fn the_nodes_upscale_with_the_tiny_model() {
         (24, 40, tiny_esrgan().out_channels)
     );
     assert!(upscaled.data.iter().all(|v| (0.0..=1.0).contains(v)));
+}
+
+/// The tiny model saved as a PyTorch pickle the way Real-ESRGAN's releases are (under
+/// `params_ema`) with `DataParallel`'s `module.` before every name upscales as its safetensors
+/// twin; a pickle that would call a function is refused, not run.
+#[test]
+fn pickled_upscale_models_upscale_as_their_safetensors_twins() {
+    let setup = setup();
+    let folder = setup
+        .services
+        .get::<easel_nodes::paths::Paths>()
+        .unwrap()
+        .models
+        .join("upscale_models");
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
+        common::tiny_model_values(&setup, "upscale_models", TINY_ESRGAN_4X)
+            .into_iter()
+            .map(|(name, shape, values)| (format!("module.{name}"), shape, values))
+            .collect();
+    let views: Vec<(&str, &[usize], &[f32])> = tensors
+        .iter()
+        .map(|(name, shape, values)| (name.as_str(), shape.as_slice(), values.as_slice()))
+        .collect();
+    easel_models::testmodels::write_pth(&folder.join("tiny_esrgan.pth"), &views, Some("params_ema")).unwrap();
+    common::write_pickle_that_calls_a_function(&folder.join("calls.pth"));
+
+    let load = |file: &str| setup.call("UpscaleModelLoader", vec![("model_name", j(json!(file)))]);
+    let upscaled = |file: &str| {
+        let model = load(file).unwrap().remove(0);
+        let image = easel_engine::Value::object(common::pattern_image(6, 10, 5));
+        let out = setup
+            .call(
+                "ImageUpscaleWithModel",
+                vec![("upscale_model", model), ("image", image)],
+            )
+            .unwrap();
+        out[0].downcast::<Image>().unwrap().data.clone()
+    };
+    assert_eq!(upscaled(TINY_ESRGAN_4X), upscaled("tiny_esrgan.pth"));
+    let error = load("calls.pth").expect_err("refused").to_string();
+    assert!(error.contains("holds no tensors Easel can read"), "{error}");
 }
 
 #[test]

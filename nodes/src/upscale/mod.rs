@@ -89,10 +89,14 @@ impl UpscaleNetwork {
     }
 }
 
+/// Prefixes spandrel removes when every tensor name has one (`DataParallel`'s `module.`,
+/// training scripts' `netG.`).
+const COMMON_PREFIXES: [&str; 2] = ["module.", "netG."];
+
 /// Loads the upscale model at `path`, its architecture told from its tensors; also returns the
 /// file size.
 pub fn load_upscale_model(path: &Path, device: &Device) -> Result<(UpscaleNetwork, u64), NodeError> {
-    let file = open_weight_file(path)?;
+    let file = without_common_prefixes(open_weight_file(path)?);
     if is_compact(file.as_ref()) {
         let config = CompactConfig::infer(file.as_ref()).map_err(|error| undetected(path, error))?;
         let source = WeightSource::new(file, "", device, Precision::F32);
@@ -116,6 +120,22 @@ pub fn load_upscale_model(path: &Path, device: &Device) -> Result<(UpscaleNetwor
     let source = WeightSource::new(weights, "", device, Precision::F32);
     let network = Esrgan::new(config, source.weights()).map_err(tensor_error)?;
     Ok((UpscaleNetwork::Esrgan(Box::new(network)), file_size(path)))
+}
+
+/// `file` with the [`COMMON_PREFIXES`] every tensor name has taken off, in spandrel's order.
+fn without_common_prefixes(mut file: Arc<dyn MappedWeights>) -> Arc<dyn MappedWeights> {
+    for prefix in COMMON_PREFIXES {
+        let all_prefixed = {
+            let mut names = file.tensor_names().peekable();
+            names.peek().is_some() && names.all(|name| name.starts_with(prefix))
+        };
+        if all_prefixed {
+            file = Arc::new(RenamedWeights::new(file, |name| {
+                name.strip_prefix(prefix).unwrap_or(name).to_string()
+            }));
+        }
+    }
+    file
 }
 
 /// `UpscaleModelLoader` ("Load Upscale Model").

@@ -298,9 +298,46 @@ pub fn flat(tensor: &Tensor) -> Vec<f32> {
     tensor.flatten_all().unwrap().to_vec1().unwrap()
 }
 
-/// Writes the safetensors file `source` again as `target` with every f16 tensor in `dtype`, each
-/// value's bytes appended by `encode` (an fp8 copy of a test model, say); tensors of other dtypes
-/// (integer position ids) are copied as they are.
+/// The float16 and float32 tensors (all the weights) of the tiny model `file` in the setup's
+/// models folder `folder`, as f32 values: name, shape, values.
+pub fn tiny_model_values(setup: &Setup, folder: &str, file: &str) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let paths = setup.services.get::<Paths>().expect("paths");
+    let bytes = std::fs::read(paths.models.join(folder).join(file)).expect("a tiny model");
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    tensors
+        .tensors()
+        .into_iter()
+        .filter_map(|(name, view)| {
+            let values = match view.dtype() {
+                safetensors::Dtype::F16 => view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                safetensors::Dtype::F32 => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                _ => return None,
+            };
+            Some((name, view.shape().to_vec(), values))
+        })
+        .collect()
+}
+
+/// Writes a `torch.save`-style zip whose pickle would call `os.system("echo")` when Python
+/// unpickled it: loaders must refuse it, not run it.
+pub fn write_pickle_that_calls_a_function(path: &std::path::Path) {
+    let calls_a_function = b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00echo\x85R.";
+    let mut archive = zip::ZipWriter::new(std::fs::File::create(path).expect("created"));
+    archive
+        .start_file("archive/data.pkl", zip::write::SimpleFileOptions::default())
+        .expect("entry");
+    std::io::Write::write_all(&mut archive, calls_a_function).expect("pickle");
+    archive.finish().expect("archive");
+}
+
 /// Copies the safetensors file `source` to `target` with float32 scalars added (as a
 /// checkpoint's `edm_vpred.sigma_max`).
 pub fn copy_with_scalars(source: &std::path::Path, target: &std::path::Path, scalars: &[(&str, f32)]) {
@@ -318,6 +355,9 @@ pub fn copy_with_scalars(source: &std::path::Path, target: &std::path::Path, sca
     safetensors::serialize_to_file(views, None, target).expect("written");
 }
 
+/// Writes the safetensors file `source` again as `target` with every f16 tensor in `dtype`, each
+/// value's bytes appended by `encode` (an fp8 copy of a test model, say); tensors of other dtypes
+/// (integer position ids) are copied as they are.
 pub fn rewrite_f16_file(
     source: &std::path::Path,
     target: &std::path::Path,

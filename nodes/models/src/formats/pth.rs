@@ -2,7 +2,8 @@
 //! tensors' storages), read by candle's restricted unpickler: it interprets the pickle's opcodes
 //! into plain values and never imports or calls anything, so a pickle that would run code yields
 //! no tensors rather than running it. The state dict may be the top-level object or sit under
-//! `state_dict` or `model`, as training scripts save it.
+//! one of the keys training scripts save it under (spandrel's list: `params_ema` for
+//! Real-ESRGAN's releases, `state_dict`, `model`, …).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,8 +14,17 @@ use candle_core::{DType, Device, Tensor};
 use crate::kernels::sgemm::Elements;
 use crate::weights::{MappedWeights, TensorShapes};
 
-/// Keys under which training scripts nest the state dict.
-const NESTED_STATE_DICT_KEYS: [&str; 2] = ["state_dict", "model"];
+/// Keys under which training scripts nest the state dict, tried in this order (spandrel's
+/// `canonicalize_state_dict`).
+const NESTED_STATE_DICT_KEYS: [&str; 7] = [
+    "model_state_dict",
+    "state_dict",
+    "params_ema",
+    "params-ema",
+    "params",
+    "model",
+    "net",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PthError {
