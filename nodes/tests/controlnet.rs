@@ -396,12 +396,6 @@ fn diffusers_name(ldm: &str) -> String {
     }
 }
 
-/// The setup's `models/controlnet`.
-fn controlnet_folder(setup: &common::Setup) -> std::path::PathBuf {
-    let paths = setup.services.get::<easel_nodes::paths::Paths>().expect("paths");
-    paths.models.join("controlnet")
-}
-
 fn tiny_sd1_unet_values(setup: &common::Setup) -> std::collections::HashMap<String, Vec<f32>> {
     common::tiny_model_values(setup, "checkpoints", easel_models::testmodels::TINY_SD1_CHECKPOINT)
         .into_iter()
@@ -448,7 +442,7 @@ fn sample_controlled(
 #[test]
 fn pickled_controlnets_steer_sampling_as_their_safetensors_twins() {
     let setup = setup();
-    let folder = controlnet_folder(&setup);
+    let folder = common::models_folder(&setup, "controlnet");
     let tensors = common::tiny_model_values(&setup, "controlnet", TINY_SD1_CONTROLNET);
     let views: Vec<(&str, &[usize], &[f32])> = tensors
         .iter()
@@ -487,7 +481,7 @@ fn pickled_controlnets_steer_sampling_as_their_safetensors_twins() {
 #[test]
 fn diffusers_layout_controlnets_steer_sampling_as_their_ldm_twins() {
     let setup = setup();
-    let folder = controlnet_folder(&setup);
+    let folder = common::models_folder(&setup, "controlnet");
     let union = ControlNetConfig {
         union: Some((8, 32)),
         ..easel_models::testmodels::tiny_sd1_controlnet()
@@ -538,7 +532,7 @@ fn diffusers_layout_controlnets_steer_sampling_as_their_ldm_twins() {
 #[test]
 fn control_models_easel_cannot_run_yet_are_refused_by_name() {
     let setup = setup();
-    let folder = controlnet_folder(&setup);
+    let folder = common::models_folder(&setup, "controlnet");
     let one = 1f32.to_le_bytes();
     for (file, tensor, expected) in [
         (
@@ -578,7 +572,7 @@ fn control_models_easel_cannot_run_yet_are_refused_by_name() {
 #[test]
 fn a_diff_controlnet_with_its_model_steers_sampling_as_the_whole_one() {
     let setup = setup();
-    let folder = controlnet_folder(&setup);
+    let folder = common::models_folder(&setup, "controlnet");
     let unet = tiny_sd1_unet_values(&setup);
     let base = |name: &str| unet.get(name);
     let mut tensors = vec![("difference".to_string(), vec![1], vec![0.0])];
@@ -688,7 +682,7 @@ fn union_controlnets_embed_their_control_type_as_comfyuis() {
 #[test]
 fn a_control_lora_steers_sampling_as_the_controlnet_it_encodes() {
     let setup = setup();
-    let folder = controlnet_folder(&setup);
+    let folder = common::models_folder(&setup, "controlnet");
     let unet = tiny_sd1_unet_values(&setup);
     let base = |name: &str| unet.get(name).cloned();
     // The reference: the ControlNet with the model's time embedding, which the control-LoRA leaves

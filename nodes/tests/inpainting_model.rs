@@ -190,12 +190,7 @@ fn cosxl_edit_sees_the_image_latent_in_model_space() {
     use easel_models::checkpoint::{SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX};
     use easel_models::testmodels::{checkpoint_layout, tiny_clip_g, tiny_sdxl_unet};
     let setup = setup();
-    let folder = setup
-        .services
-        .get::<easel_nodes::paths::Paths>()
-        .unwrap()
-        .models
-        .join("checkpoints");
+    let folder = common::models_folder(&setup, "checkpoints");
     let (clip_l, clip_g) = (tiny_clip_l(), tiny_clip_g());
     let unet = UNetConfig {
         in_channels: 8,

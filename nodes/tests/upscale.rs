@@ -71,9 +71,8 @@ fn upscale_models_give_spandrels_output() {
 #[test]
 fn tiles_blend_into_the_untiled_result() {
     let setup = setup();
-    let paths = setup.services.get::<easel_nodes::paths::Paths>().unwrap();
-    let (network, _) =
-        load_upscale_model(&paths.models.join("upscale_models").join(TINY_ESRGAN_4X), &Device::Cpu).unwrap();
+    let model = common::models_folder(&setup, "upscale_models").join(TINY_ESRGAN_4X);
+    let (network, _) = load_upscale_model(&model, &Device::Cpu).unwrap();
     let (height, width) = (12, 600);
     let data = common::pattern_values(height * width * 3, 3, 0.5)
         .iter()
@@ -96,11 +95,11 @@ fn tiles_blend_into_the_untiled_result() {
     assert!(difference(&column(&tiled, 88, 424), &column(&whole, 88, 424)) < 1e-2);
 }
 
-#[test]
-fn the_nodes_upscale_with_the_tiny_model() {
-    let setup = setup();
+/// A 6×10 pattern upscaled through UpscaleModelLoader and ImageUpscaleWithModel with the model
+/// `file`.
+fn upscaled_by_the_nodes(setup: &common::Setup, file: &str) -> Image {
     let model = setup
-        .call("UpscaleModelLoader", vec![("model_name", j(json!(TINY_ESRGAN_4X)))])
+        .call("UpscaleModelLoader", vec![("model_name", j(json!(file)))])
         .unwrap()
         .remove(0);
     let image = easel_engine::Value::object(common::pattern_image(6, 10, 5));
@@ -110,7 +109,12 @@ fn the_nodes_upscale_with_the_tiny_model() {
             vec![("upscale_model", model), ("image", image)],
         )
         .unwrap();
-    let upscaled = out[0].downcast::<Image>().unwrap();
+    out[0].downcast::<Image>().unwrap().clone()
+}
+
+#[test]
+fn the_nodes_upscale_with_the_tiny_model() {
+    let upscaled = upscaled_by_the_nodes(&setup(), TINY_ESRGAN_4X);
     assert_eq!(
         (upscaled.height, upscaled.width, upscaled.channels),
         (24, 40, tiny_esrgan().out_channels)
@@ -124,12 +128,7 @@ fn the_nodes_upscale_with_the_tiny_model() {
 #[test]
 fn pickled_upscale_models_upscale_as_their_safetensors_twins() {
     let setup = setup();
-    let folder = setup
-        .services
-        .get::<easel_nodes::paths::Paths>()
-        .unwrap()
-        .models
-        .join("upscale_models");
+    let folder = common::models_folder(&setup, "upscale_models");
     let tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
         common::tiny_model_values(&setup, "upscale_models", TINY_ESRGAN_4X)
             .into_iter()
@@ -142,20 +141,14 @@ fn pickled_upscale_models_upscale_as_their_safetensors_twins() {
     easel_models::testmodels::write_pth(&folder.join("tiny_esrgan.pth"), &views, Some("params_ema")).unwrap();
     common::write_pickle_that_calls_a_function(&folder.join("calls.pth"));
 
-    let load = |file: &str| setup.call("UpscaleModelLoader", vec![("model_name", j(json!(file)))]);
-    let upscaled = |file: &str| {
-        let model = load(file).unwrap().remove(0);
-        let image = easel_engine::Value::object(common::pattern_image(6, 10, 5));
-        let out = setup
-            .call(
-                "ImageUpscaleWithModel",
-                vec![("upscale_model", model), ("image", image)],
-            )
-            .unwrap();
-        out[0].downcast::<Image>().unwrap().data.clone()
-    };
-    assert_eq!(upscaled(TINY_ESRGAN_4X), upscaled("tiny_esrgan.pth"));
-    let error = load("calls.pth").expect_err("refused").to_string();
+    assert_eq!(
+        upscaled_by_the_nodes(&setup, TINY_ESRGAN_4X).data,
+        upscaled_by_the_nodes(&setup, "tiny_esrgan.pth").data
+    );
+    let error = setup
+        .call("UpscaleModelLoader", vec![("model_name", j(json!("calls.pth")))])
+        .expect_err("refused")
+        .to_string();
     assert!(error.contains("holds no tensors Easel can read"), "{error}");
 }
 
@@ -181,9 +174,8 @@ fn files_that_are_not_upscale_models_are_refused() {
 #[test]
 fn an_upscale_too_large_for_memory_fails_its_prompt() {
     let setup = setup();
-    let paths = setup.services.get::<easel_nodes::paths::Paths>().unwrap();
-    let (network, _) =
-        load_upscale_model(&paths.models.join("upscale_models").join(TINY_ESRGAN_4X), &Device::Cpu).unwrap();
+    let model = common::models_folder(&setup, "upscale_models").join(TINY_ESRGAN_4X);
+    let (network, _) = load_upscale_model(&model, &Device::Cpu).unwrap();
     // 8192² upscaled 4×: 32768² pixels, 36 GiB of output, weights and result.
     let image = Image::filled(1, 8192, 8192, 3, 0.5);
     let Err(easel_engine::NodeError::Failed {

@@ -298,11 +298,15 @@ pub fn flat(tensor: &Tensor) -> Vec<f32> {
     tensor.flatten_all().unwrap().to_vec1().unwrap()
 }
 
+/// The setup's models folder `folder` (`models/checkpoints`, say).
+pub fn models_folder(setup: &Setup, folder: &str) -> std::path::PathBuf {
+    setup.services.get::<Paths>().expect("paths").models.join(folder)
+}
+
 /// The float16 and float32 tensors (all the weights) of the tiny model `file` in the setup's
 /// models folder `folder`, as f32 values: name, shape, values.
 pub fn tiny_model_values(setup: &Setup, folder: &str, file: &str) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let paths = setup.services.get::<Paths>().expect("paths");
-    let bytes = std::fs::read(paths.models.join(folder).join(file)).expect("a tiny model");
+    let bytes = std::fs::read(models_folder(setup, folder).join(file)).expect("a tiny model");
     let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
     tensors
         .tensors()

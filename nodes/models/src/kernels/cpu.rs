@@ -184,6 +184,9 @@ fn conv_tasks(shape: ConvShape, weight: Elements<'_>) -> Vec<ConvTask<'_>> {
     let threads = rayon::current_num_threads();
     let max_columns = (UNFOLDED_BYTES / (depth * 4).max(1)).max(1);
     let columns = shape.batch * plane;
+    if columns == 0 {
+        return Vec::new();
+    }
     if threads > 1 && columns <= max_columns && columns < 2 * threads * MIN_TASK_COLUMNS {
         let share = out_channels.div_ceil(threads).next_multiple_of(CHANNEL_ALIGN);
         let by_channels: Option<Vec<ConvTask>> = (0..out_channels)
