@@ -7,7 +7,9 @@
 //! could import, which depends on the machine). ComfyUI_IPAdapter_plus's, ComfyUI-IC-Light's and
 //! the relight nodes of ComfyUI-KJNodes and WAS Node Suite (`object_info_ipadapter_nodes.json`,
 //! `object_info_ic_light_nodes.json`, `object_info_light_map_nodes.json`) are copied from
-//! `GET /object_info` of ComfyUI 0.3.64 run with the packs installed.
+//! `GET /object_info` of ComfyUI 0.3.64 run with the packs installed; comfyui-inpaint-nodes'
+//! (`object_info_inpaint_nodes.json`) are its V3 nodes' own `GET_NODE_INFO_V1()`, which that
+//! route returns (written by `fixtures/generate_inpaint_nodes.py`).
 
 use easel_engine::Services;
 use easel_nodes::builtin_registry;
@@ -25,6 +27,7 @@ fn reference() -> Json {
         "object_info_ipadapter_nodes.json",
         "object_info_ic_light_nodes.json",
         "object_info_light_map_nodes.json",
+        "object_info_inpaint_nodes.json",
     ] {
         let Json::Object(entries) = read(pack) else {
             panic!("{pack} is an object");

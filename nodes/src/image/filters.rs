@@ -132,17 +132,25 @@ fn multi_row_sum<T: Copy>(rows: usize, zero: T, add: impl Fn(T, T) -> T, item: i
     total
 }
 
-/// `torch.linspace(-1, 1, steps)` in float32: the first half `−1 + step·i`, the second
-/// `1 − step·(steps − 1 − i)`, each one fused multiply-add.
+/// `torch.linspace(-1, 1, steps)` in float32.
 fn linspace(steps: usize) -> Vec<f32> {
-    let step = 2.0f32 / (steps as f32 - 1.0);
+    torch_linspace(-1.0, 1.0, steps)
+}
+
+/// `torch.linspace(start, end, steps)` in float32: the first half `start + step·i`, the second
+/// `end − step·(steps − 1 − i)`, each one fused multiply-add.
+pub(crate) fn torch_linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    if steps == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (steps as f32 - 1.0);
     let half = steps / 2;
     (0..steps)
         .map(|i| {
             if i < half {
-                step.mul_add(i as f32, -1.0)
+                step.mul_add(i as f32, start)
             } else {
-                (-step).mul_add((steps - 1 - i) as f32, 1.0)
+                (-step).mul_add((steps - 1 - i) as f32, end)
             }
         })
         .collect()
