@@ -2,13 +2,16 @@
 //! INPAINT_DenoiseToCompositingMask, INPAINT_ExpandMask and INPAINT_ShrinkMask equal the pack's
 //! own nodes (1.4.2 on kornia 0.9, fixture from `fixtures/generate_inpaint_nodes.py`) on a
 //! patterned image and a mask with whole, empty and partial areas, errors included; OpenCV's
-//! fills are refused by name.
+//! fills are refused by name; INPAINT_VAEEncodeInpaintConditioning gives InpaintModelConditioning's
+//! outputs and the greyed-out image's latent with the rounded mask.
 
 mod common;
 
-use common::{fixture_json, floats, j, setup, sizes};
+use common::{fixture_json, floats, j, max_abs_difference, sd1_inputs, setup, sizes};
 use easel_engine::Value;
+use easel_nodes::conditioning::Conditioning;
 use easel_nodes::image::{Image, Mask};
+use easel_nodes::latent::Latent;
 use serde_json::{json, Value as Json};
 
 /// The fixture's image [B, H, W, C].
@@ -98,4 +101,60 @@ fn opencv_fills_are_refused_by_name() {
         .expect_err("refused")
         .to_string();
     assert!(error.contains("`telea` fill"), "{error}");
+}
+
+#[test]
+fn vae_encode_inpaint_conditioning_adds_the_greyed_images_latent_to_inpaint_model_conditioning() {
+    let setup = setup();
+    let (loaded, positive, negative, _) = sd1_inputs(&setup, 1);
+    let image = Value::object(common::pattern_image(64, 64, 3));
+    // A soft-edged square: values of 0.5 exactly round to 0 (half to even).
+    let mut mask = Mask::filled(1, 64, 64, 0.0);
+    for y in 16..48 {
+        for x in 16..48 {
+            let edge = y == 16 || y == 47 || x == 16 || x == 47;
+            mask.data[y * 64 + x] = if edge { 0.5 } else { 1.0 };
+        }
+    }
+    let inputs = || {
+        vec![
+            ("positive", positive.clone()),
+            ("negative", negative.clone()),
+            ("vae", loaded[2].clone()),
+            ("pixels", image.clone()),
+            ("mask", Value::object(mask.clone())),
+        ]
+    };
+    let pack = setup
+        .call("INPAINT_VAEEncodeInpaintConditioning", inputs())
+        .expect("the pack's node");
+    let mut core_inputs = inputs();
+    core_inputs.push(("noise_mask", j(json!(true))));
+    let core = setup
+        .call("InpaintModelConditioning", core_inputs)
+        .expect("InpaintModelConditioning");
+
+    let latent = |value: &Value| value.downcast::<Latent>().expect("a latent").clone();
+    let (samples, expected) = (latent(&pack[3]), latent(&core[2]));
+    assert_eq!(max_abs_difference(&samples.samples, &expected.samples), 0.0);
+    assert_eq!(samples.noise_mask, expected.noise_mask);
+    let concat = |value: &Value| {
+        let conditioning = value.downcast::<Conditioning>().expect("conditioning");
+        conditioning.0[0].concat_image.clone().expect("a concat image")
+    };
+    for (pack_side, core_side) in [(&pack[0], &core[0]), (&pack[1], &core[1])] {
+        assert_eq!(
+            max_abs_difference(&concat(pack_side).latent, &concat(core_side).latent),
+            0.0
+        );
+    }
+    let inpaint = latent(&pack[2]);
+    assert_eq!(max_abs_difference(&inpaint.samples, &concat(&core[0]).latent), 0.0);
+    let rounded = inpaint.noise_mask.expect("a noise mask");
+    let resized = expected.noise_mask.expect("a noise mask");
+    assert!(rounded.data.iter().all(|v| *v == 0.0 || *v == 1.0));
+    for (r, v) in rounded.data.iter().zip(&resized.data) {
+        assert_eq!(*r, v.round_ties_even());
+    }
+    assert!(resized.data.contains(&0.5), "the edge stays at 0.5 through the resize");
 }

@@ -128,28 +128,53 @@ impl Node for InpaintModelConditioning {
     }
 
     fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
-        let image = inputs.object::<Image>("pixels")?;
-        let vae = inputs.object::<VaeModel>("vae")?;
-        let mask = inputs.object::<Mask>("mask")?;
-        let device = device(ctx.services);
-        let (greyed, resized_mask) = grey_out_masked(image, mask, vae.network.downscale())?;
-        let concat_latent = encode_image(&vae.network, &greyed, &device)?;
-        let original = encode_image(&vae.network, image, &device)?;
-        let concat = ConcatImage {
-            latent: concat_latent,
-            mask: Some(resized_mask.clone()),
-        };
-        let with_image = |name: &str| with_concat_image(inputs, name, &concat);
+        let conditioned = inpaint_conditioning(ctx, inputs)?;
         let latent = Latent {
-            noise_mask: inputs.bool("noise_mask")?.then(|| resized_mask.clone()),
-            ..Latent::new(original)
+            noise_mask: inputs.bool("noise_mask")?.then(|| conditioned.mask.clone()),
+            ..Latent::new(conditioned.latent)
         };
         Ok(NodeOutput::values(vec![
-            with_image("positive")?,
-            with_image("negative")?,
+            conditioned.positive,
+            conditioned.negative,
             Value::object(latent),
         ]))
     }
+}
+
+/// What InpaintModelConditioning makes of its inputs (`positive`, `negative`, `vae`, `pixels`,
+/// `mask`).
+pub(crate) struct InpaintConditioning {
+    /// Both conditionings with the greyed-out image's latent and the mask as their
+    /// `concat_latent_image` and `concat_mask`.
+    pub positive: Value,
+    pub negative: Value,
+    /// The greyed-out image's latent (`concat_latent_image`).
+    pub concat_latent: Tensor,
+    /// The whole image's latent.
+    pub latent: Tensor,
+    /// The mask resized to the image (not rounded).
+    pub mask: Mask,
+}
+
+/// InpaintModelConditioning's work on the inputs of a node with its inputs.
+pub(crate) fn inpaint_conditioning(ctx: &NodeContext, inputs: &NodeInputs) -> Result<InpaintConditioning, NodeError> {
+    let image = inputs.object::<Image>("pixels")?;
+    let vae = inputs.object::<VaeModel>("vae")?;
+    let mask = inputs.object::<Mask>("mask")?;
+    let device = device(ctx.services);
+    let (greyed, resized_mask) = grey_out_masked(image, mask, vae.network.downscale())?;
+    let concat = ConcatImage {
+        latent: encode_image(&vae.network, &greyed, &device)?,
+        mask: Some(resized_mask.clone()),
+    };
+    let with_image = |name: &str| with_concat_image(inputs, name, &concat);
+    Ok(InpaintConditioning {
+        positive: with_image("positive")?,
+        negative: with_image("negative")?,
+        latent: encode_image(&vae.network, image, &device)?,
+        concat_latent: concat.latent,
+        mask: resized_mask,
+    })
 }
 
 /// `InstructPixToPixConditioning`: the image, encoded, becomes both conditionings'

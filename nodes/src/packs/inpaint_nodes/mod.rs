@@ -1,6 +1,8 @@
 //! Acly's comfyui-inpaint-nodes (`custom_nodes.comfyui-inpaint-nodes`, 1.4.2): the nodes that
 //! prepare a masked area for inpainting and shape masks.
 //!
+//! - INPAINT_VAEEncodeInpaintConditioning: InpaintModelConditioning with a noise mask, and the
+//!   greyed-out image's latent with the rounded mask as a second latent.
 //! - INPAINT_MaskedFill: the area under the mask (its values of at least 0.99) filled with
 //!   neutral grey, its edge softened by `falloff`; OpenCV's Telea and Navier-Stokes fills are
 //!   refused by name.
@@ -17,6 +19,8 @@ use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeRegistry, Services, Value};
 
 use crate::image::{Image, Mask};
+use crate::latent::vae::inpaint_conditioning;
+use crate::latent::Latent;
 use filters::{binary_dilation, binary_erosion, gaussian_blur, make_odd, mask_blur, mask_floor, BlurKernel, Planes};
 
 /// The pack's module name, as ComfyUI names a custom node pack's module (its folder as cloned).
@@ -25,6 +29,7 @@ const CATEGORY: &str = "inpaint";
 
 /// Adds the pack's nodes to `registry`.
 pub fn register(registry: &mut NodeRegistry) {
+    registry.register(VaeEncodeInpaintConditioning);
     registry.register(MaskedFill);
     registry.register(MaskedBlur);
     registry.register(DenoiseToCompositingMask);
@@ -103,6 +108,52 @@ fn size_mismatch(a: usize, b: usize, dimension: usize) -> NodeError {
             "The size of tensor a ({a}) must match the size of tensor b ({b}) at non-singleton dimension {dimension}"
         ),
     )
+}
+
+/// `INPAINT_VAEEncodeInpaintConditioning` ("VAE Encode & Inpaint Conditioning"):
+/// InpaintModelConditioning's conditionings and latent (with the mask as its noise mask), and
+/// the greyed-out image's latent with the mask rounded (half to even, as `torch.round`) as its
+/// noise mask ("latent inpaint", what inpaint models such as the Fooocus patch start from).
+pub struct VaeEncodeInpaintConditioning;
+
+impl Node for VaeEncodeInpaintConditioning {
+    fn schema(&self, _: &Services) -> NodeSchema {
+        schema(
+            "INPAINT_VAEEncodeInpaintConditioning",
+            "VAE Encode & Inpaint Conditioning",
+        )
+        .required("positive", InputSpec::of("CONDITIONING"))
+        .required("negative", InputSpec::of("CONDITIONING"))
+        .required("vae", InputSpec::of("VAE"))
+        .required("pixels", InputSpec::of("IMAGE"))
+        .required("mask", InputSpec::of("MASK"))
+        .output(OutputSpec::of("CONDITIONING").named("positive"))
+        .output(OutputSpec::of("CONDITIONING").named("negative"))
+        .output(OutputSpec::of("LATENT").named("latent inpaint"))
+        .output(OutputSpec::of("LATENT").named("latent samples"))
+    }
+
+    fn execute(&self, ctx: &NodeContext, inputs: &NodeInputs) -> Result<NodeOutput, NodeError> {
+        let conditioned = inpaint_conditioning(ctx, inputs)?;
+        let rounded = Mask {
+            data: conditioned.mask.data.iter().map(|v| v.round_ties_even()).collect(),
+            ..conditioned.mask.clone()
+        };
+        let latent_inpaint = Latent {
+            noise_mask: Some(rounded),
+            ..Latent::new(conditioned.concat_latent)
+        };
+        let latent_samples = Latent {
+            noise_mask: Some(conditioned.mask),
+            ..Latent::new(conditioned.latent)
+        };
+        Ok(NodeOutput::values(vec![
+            conditioned.positive,
+            conditioned.negative,
+            Value::object(latent_inpaint),
+            Value::object(latent_samples),
+        ]))
+    }
 }
 
 /// `INPAINT_MaskedFill` ("Fill Masked Area").
