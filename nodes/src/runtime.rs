@@ -44,13 +44,17 @@ pub(crate) fn broadcast(a: usize, b: usize, dim: usize) -> Result<usize, NodeErr
         _ if a == b => Ok(a),
         (1, _) => Ok(b),
         (_, 1) => Ok(a),
-        _ => Err(NodeError::typed(
-            "RuntimeError",
-            format!(
-                "The size of tensor a ({a}) must match the size of tensor b ({b}) at non-singleton dimension {dim}"
-            ),
-        )),
+        _ => Err(size_mismatch(a, b, dim)),
     }
+}
+
+/// PyTorch's error for operands whose sizes `a` and `b` of dimension `dim` differ where neither
+/// is 1.
+pub(crate) fn size_mismatch(a: usize, b: usize, dim: usize) -> NodeError {
+    NodeError::typed(
+        "RuntimeError",
+        format!("The size of tensor a ({a}) must match the size of tensor b ({b}) at non-singleton dimension {dim}"),
+    )
 }
 
 /// `schema` marked experimental (a V3 node's `is_experimental`).

@@ -35,7 +35,7 @@ use crate::loaders::model_files_fingerprint;
 use crate::loaders::models::{cached, file_names, file_size, model_file, open_weight_file, undetected};
 use crate::model::diffusion_model::{DiffusionModel, Model};
 use crate::model::vae::VaeModel;
-use crate::runtime::device;
+use crate::runtime::{broadcast, device};
 
 const FOLDER: &str = "controlnet";
 
@@ -454,16 +454,7 @@ impl Node for ControlNetInpaintingAliMamaApply {
             mask.data.iter().map(|value| 1.0 - value).collect(),
         )?;
         let apply = common_upscale(&kept, image.width, image.height, ResizeMethod::Bilinear, true, false)?;
-        if apply.batch != image.batch && apply.batch != 1 && image.batch != 1 {
-            return Err(NodeError::typed(
-                "RuntimeError",
-                format!(
-                    "The size of tensor a ({}) must match the size of tensor b ({}) at non-singleton dimension 0",
-                    image.batch, apply.batch
-                ),
-            ));
-        }
-        let batch = image.batch.max(apply.batch);
+        let batch = broadcast(image.batch, apply.batch, 0)?;
         let pixels = image.height * image.width;
         let mut data = Vec::with_capacity(batch * pixels * image.channels);
         for item in 0..batch {

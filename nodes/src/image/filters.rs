@@ -30,6 +30,7 @@ use std::collections::HashMap;
 
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, Services};
+use easel_models::sampling::schedule::linspace_f32;
 
 use crate::image::nodes::image_result;
 use crate::image::resample::{common_upscale, ResizeMethod};
@@ -132,34 +133,10 @@ fn multi_row_sum<T: Copy>(rows: usize, zero: T, add: impl Fn(T, T) -> T, item: i
     total
 }
 
-/// `torch.linspace(-1, 1, steps)` in float32.
-fn linspace(steps: usize) -> Vec<f32> {
-    torch_linspace(-1.0, 1.0, steps)
-}
-
-/// `torch.linspace(start, end, steps)` in float32: the first half `start + step·i`, the second
-/// `end − step·(steps − 1 − i)`, each one fused multiply-add.
-pub(crate) fn torch_linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
-    if steps == 1 {
-        return vec![start];
-    }
-    let step = (end - start) / (steps as f32 - 1.0);
-    let half = steps / 2;
-    (0..steps)
-        .map(|i| {
-            if i < half {
-                step.mul_add(i as f32, start)
-            } else {
-                (-step).mul_add((steps - 1 - i) as f32, end)
-            }
-        })
-        .collect()
-}
-
 /// ComfyUI's `gaussian_kernel(size, sigma)`: `exp(−d²/(2σ²))` at the points of a
 /// `size`×`size` grid spanning −1…1, divided by its sum; row-major float32.
 pub(crate) fn gaussian_kernel(size: usize, sigma: f64) -> Vec<f32> {
-    let positions = linspace(size);
+    let positions = linspace_f32(-1.0, 1.0, size);
     let divisor = (2.0 * sigma * sigma) as f32;
     let weights: Vec<f32> = (0..size * size)
         .map(|n| {

@@ -303,6 +303,24 @@ impl Mask {
     }
 }
 
+/// [B, rows, columns] as [B, columns, rows]: an image's [B, H·W, C] pixels as its [B, C, H·W]
+/// channel planes, and back.
+pub(crate) fn transposed(data: &[f32], batch: usize, rows: usize, columns: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for b in 0..batch {
+        let (from, to) = (
+            &data[b * rows * columns..][..rows * columns],
+            &mut out[b * rows * columns..][..rows * columns],
+        );
+        for r in 0..rows {
+            for c in 0..columns {
+                to[c * rows + r] = from[r * columns + c];
+            }
+        }
+    }
+    out
+}
+
 /// ComfyUI's `np.clip(255. * x, 0, 255).astype(np.uint8)`: float32 product, then truncation.
 pub fn to_u8(value: f32) -> u8 {
     let scaled = 255.0f32 * value;

@@ -12,7 +12,7 @@ use crate::image::resample::interpolate_mask;
 use crate::image::{Image, Mask};
 use crate::latent::Latent;
 use crate::model::vae::VaeModel;
-use crate::runtime::{device, out_of_memory, tensor_error};
+use crate::runtime::{device, out_of_memory, size_mismatch, tensor_error};
 
 /// `VAEDecode`: latents to images.
 pub struct VaeDecode;
@@ -156,7 +156,8 @@ pub(crate) struct InpaintConditioning {
     pub mask: Mask,
 }
 
-/// InpaintModelConditioning's work on the inputs of a node with its inputs.
+/// InpaintModelConditioning's work on a node's `positive`, `negative`, `vae`, `pixels` and
+/// `mask` inputs (its own, and the nodes that build on it).
 pub(crate) fn inpaint_conditioning(ctx: &NodeContext, inputs: &NodeInputs) -> Result<InpaintConditioning, NodeError> {
     let image = inputs.object::<Image>("pixels")?;
     let vae = inputs.object::<VaeModel>("vae")?;
@@ -235,13 +236,7 @@ fn with_concat_image(inputs: &NodeInputs, name: &str, concat: &ConcatImage) -> R
 /// pixels and the resized mask (not rounded).
 pub(crate) fn grey_out_masked(image: &Image, mask: &Mask, multiple: usize) -> Result<(Image, Mask), NodeError> {
     if mask.batch != 1 && mask.batch != image.batch {
-        return Err(NodeError::typed(
-            "RuntimeError",
-            format!(
-                "The size of tensor a ({}) must match the size of tensor b ({}) at non-singleton dimension 0",
-                image.batch, mask.batch
-            ),
-        ));
+        return Err(size_mismatch(image.batch, mask.batch, 0));
     }
     let (height, width) = (image.height / multiple * multiple, image.width / multiple * multiple);
     let (top, left) = ((image.height % multiple) / 2, (image.width % multiple) / 2);

@@ -6,7 +6,9 @@
 use easel_engine::NodeError;
 use rayon::prelude::*;
 
-use crate::image::filters::{check_reflect_padding, torch_linspace, torch_sum};
+use easel_models::sampling::schedule::linspace_f32;
+
+use crate::image::filters::{check_reflect_padding, torch_sum};
 
 /// The pack's `BlurKernel`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -114,7 +116,7 @@ pub(super) fn mask_blur(planes: Planes, size: usize, kind: BlurKernel) -> Result
         BlurKernel::Linear if size == 3 => box_window(size),
         BlurKernel::Linear => {
             let half = size / 2;
-            let ramp = torch_linspace(1.0 / half as f32, (half - 1) as f32 / half as f32, half);
+            let ramp = linspace_f32(1.0 / half as f32, (half - 1) as f32 / half as f32, half);
             let mut window = ramp.clone();
             window.push(1.0);
             window.extend(ramp.iter().rev());

@@ -18,9 +18,10 @@ mod filters;
 use easel_engine::schema::{InputSpec, NodeSchema, OutputSpec};
 use easel_engine::{Node, NodeContext, NodeError, NodeInputs, NodeOutput, NodeRegistry, Services, Value};
 
-use crate::image::{Image, Mask};
+use crate::image::{transposed, Image, Mask};
 use crate::latent::vae::inpaint_conditioning;
 use crate::latent::Latent;
+use crate::runtime::{broadcast, size_mismatch};
 use filters::{binary_dilation, binary_erosion, gaussian_blur, make_odd, mask_blur, mask_floor, BlurKernel, Planes};
 
 /// The pack's module name, as ComfyUI names a custom node pack's module (its folder as cloned).
@@ -56,17 +57,9 @@ fn mask_planes(mask: &Mask) -> Planes {
 /// An image's channels as planes [B, C, H, W].
 fn image_planes(image: &Image) -> Planes {
     let (batch, height, width, channels) = (image.batch, image.height, image.width, image.channels);
-    let plane = height * width;
-    let mut data = vec![0f32; image.data.len()];
-    for (pixel, values) in image.data.chunks(channels).enumerate() {
-        let (item, position) = (pixel / plane, pixel % plane);
-        for (channel, value) in values.iter().enumerate() {
-            data[(item * channels + channel) * plane + position] = *value;
-        }
-    }
     Planes {
         dims: [batch, channels, height, width],
-        data,
+        data: transposed(&image.data, batch, height * width, channels),
     }
 }
 
@@ -98,16 +91,6 @@ fn softened_floor(mask: &Mask, falloff: i64) -> Result<Planes, NodeError> {
     let blurred = gaussian_blur(&eroded, size(falloff))?;
     let data = alpha.data.iter().zip(&blurred.data).map(|(a, b)| a * b).collect();
     Ok(Planes { data, ..alpha })
-}
-
-/// PyTorch's error for operands whose sizes differ where neither is 1.
-fn size_mismatch(a: usize, b: usize, dimension: usize) -> NodeError {
-    NodeError::typed(
-        "RuntimeError",
-        format!(
-            "The size of tensor a ({a}) must match the size of tensor b ({b}) at non-singleton dimension {dimension}"
-        ),
-    )
 }
 
 /// `INPAINT_VAEEncodeInpaintConditioning` ("VAE Encode & Inpaint Conditioning"):
@@ -240,11 +223,7 @@ impl Node for MaskedBlur {
         if image.channels != 3 {
             return Err(size_mismatch(image.channels, 3, 1));
         }
-        let batch = match (image.batch, mask.batch) {
-            (a, b) if a == b || b == 1 => a,
-            (1, b) => b,
-            (a, b) => return Err(size_mismatch(a, b, 0)),
-        };
+        let batch = broadcast(image.batch, mask.batch, 0)?;
         let original = image_planes(image);
         let blurred = gaussian_blur(&original, size(blur))?;
         let (plane, channels) = (image.height * image.width, image.channels);

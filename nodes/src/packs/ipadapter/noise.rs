@@ -24,7 +24,7 @@ use easel_models::sampling::schedule::linspace_f32;
 
 use super::nodes::{square_resized, MODULE};
 use crate::image::filters::{check_reflect_padding, convolve_reflect, torch_sum};
-use crate::image::Image;
+use crate::image::{transposed, Image};
 use crate::runtime::tensor_error;
 
 /// The side of the noise image (CLIP vision's input).
@@ -73,7 +73,7 @@ impl Planes {
 
     fn make_planar(&mut self) {
         if !self.planar {
-            self.data = transpose(&self.data, self.batch, SIDE * SIDE, self.channels);
+            self.data = transposed(&self.data, self.batch, SIDE * SIDE, self.channels);
             self.planar = true;
         }
     }
@@ -88,27 +88,10 @@ impl Planes {
 
     fn into_image(mut self) -> Result<Image, NodeError> {
         if self.planar {
-            self.data = transpose(&self.data, self.batch, self.channels, SIDE * SIDE);
+            self.data = transposed(&self.data, self.batch, self.channels, SIDE * SIDE);
         }
         Image::new(self.batch, SIDE, SIDE, self.channels, self.data)
     }
-}
-
-/// [B, rows, columns] as [B, columns, rows].
-fn transpose(data: &[f32], batch: usize, rows: usize, columns: usize) -> Vec<f32> {
-    let mut out = vec![0.0; data.len()];
-    for b in 0..batch {
-        let (from, to) = (
-            &data[b * rows * columns..][..rows * columns],
-            &mut out[b * rows * columns..][..rows * columns],
-        );
-        for r in 0..rows {
-            for c in 0..columns {
-                to[c * rows + r] = from[r * columns + c];
-            }
-        }
-    }
-    out
 }
 
 /// torchvision's `_get_gaussian_kernel1d`: `exp(−x²/(2σ²))` at `size` points from −(size−1)/2
