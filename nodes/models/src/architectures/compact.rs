@@ -120,18 +120,9 @@ impl Compact {
             h = layer.conv.forward(&h)?;
             h = (h.relu()? + h.minimum(0f32)?.broadcast_mul(&layer.slopes)?)?;
         }
-        let out = pixel_shuffle(&self.last.forward(&h)?, self.config.scale)?;
+        let out = candle_nn::ops::pixel_shuffle(&self.last.forward(&h)?, self.config.scale)?;
         let (_, _, height, width) = x.dims4()?;
         let scale = self.config.scale;
         out + x.upsample_nearest2d(height * scale, width * scale)?
     }
-}
-
-/// torch's `pixel_shuffle`: [B, C·r², H, W] → [B, C, H·r, W·r].
-fn pixel_shuffle(x: &Tensor, factor: usize) -> Result<Tensor> {
-    let (batch, channels, height, width) = x.dims4()?;
-    let out_channels = channels / (factor * factor);
-    x.reshape((batch, out_channels, factor, factor, height, width))?
-        .permute((0, 1, 4, 2, 5, 3))?
-        .reshape((batch, out_channels, height * factor, width * factor))
 }

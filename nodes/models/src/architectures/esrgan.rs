@@ -263,7 +263,7 @@ impl Esrgan {
         let multiple = self.config.unshuffle.map_or(1, |_| UNSHUFFLED_MULTIPLE);
         let padded = pad_to_requirements(x, multiple)?;
         let input = match self.config.unshuffle {
-            Some(factor) => pixel_unshuffle(&padded, factor)?,
+            Some(factor) => candle_nn::ops::pixel_unshuffle(&padded, factor)?,
             None => padded,
         };
         let features = self.first.forward(&input)?;
@@ -306,14 +306,4 @@ fn pad_to_requirements(x: &Tensor, multiple: usize) -> Result<Tensor> {
         padded = Tensor::cat(&parts, dim)?;
     }
     Ok(padded)
-}
-
-/// torch's `pixel_unshuffle`: [B, C, H, W] → [B, C·r², H/r, W/r], channel c·r² + i·r + j
-/// holding the pixels at (i, j) of each r×r cell.
-fn pixel_unshuffle(x: &Tensor, factor: usize) -> Result<Tensor> {
-    let (batch, channels, height, width) = x.dims4()?;
-    let (rows, cols) = (height / factor, width / factor);
-    x.reshape((batch, channels, rows, factor, cols, factor))?
-        .permute((0, 1, 3, 5, 2, 4))?
-        .reshape((batch, channels * factor * factor, rows, cols))
 }

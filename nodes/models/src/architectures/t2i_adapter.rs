@@ -110,15 +110,6 @@ fn average_pool(x: &Tensor) -> Result<Tensor> {
     x.avg_pool2d(2)
 }
 
-/// `PixelUnshuffle(factor)`: [B, C, H·f, W·f] → [B, C·f², H, W].
-fn pixel_unshuffle(x: &Tensor, factor: usize) -> Result<Tensor> {
-    let (batch, channels, height, width) = x.dims4()?;
-    let (h, w) = (height / factor, width / factor);
-    x.reshape((batch, channels, h, factor, w, factor))?
-        .permute((0, 1, 3, 5, 2, 4))?
-        .reshape((batch, channels * factor * factor, h, w))
-}
-
 /// `ResnetBlock` (with ComfyUI's `sk=True`): optionally downsampled, a convolution where the
 /// channels change, then `x + block2(relu(block1(x)))`.
 struct ResidualBlock {
@@ -257,7 +248,7 @@ impl T2IAdapter {
     /// placed where the UNet adds them: `input` by encoder block (`None` where nothing is
     /// added), SDXL's last level as `middle`.
     pub fn forward(&self, hint: &Tensor) -> Result<ControlResiduals> {
-        let x = pixel_unshuffle(hint, self.config.unshuffle())?;
+        let x = candle_nn::ops::pixel_unshuffle(hint, self.config.unshuffle())?;
         let features = match &self.body {
             Body::Full { conv_in, blocks } => {
                 let mut h = conv_in.forward(&x)?;
